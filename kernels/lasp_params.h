@@ -1,0 +1,62 @@
+// Plain parameter struct shared by the op bindings (csrc/) and the kernels (csrc/cpu, kernels/).
+// Free of torch headers, so the kernels compile without torch and GoogleTest can drive them directly.
+//
+// Every tensor is seen through its logical (b, h, n, last) shape with element strides, so both the
+// (B, H, N, D) and the (B, N, H, D) memory layouts reach the kernels without copies.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace lasp {
+
+enum class ScalarType : int { Float32 = 0, Float16 = 1, BFloat16 = 2, Float64 = 3 };
+
+// Accumulation type of a ScalarType: double for Float64, float for everything else.
+// States (S_in, S_out, G, dS_in) and decay rates are stored in this type.
+inline bool acc_is_double(ScalarType t) { return t == ScalarType::Float64; }
+
+// A strided (b, h, n, last) view; strides are in elements.
+struct TensorView4 {
+  void* ptr = nullptr;
+  int64_t stride[4] = {0, 0, 0, 0};
+};
+
+// Notation as in LASP.md: per batch b and query head h, positions t = 0 .. N-1 of this piece,
+// gamma_h = exp(-decay[h]), kv head of query head h is h / (H / Hkv).
+struct AttnParams {
+  ScalarType dtype = ScalarType::Float32;  // of q, k, v, o, dout, dq, dk, dv
+  int64_t B = 0, H = 0, Hkv = 0, N = 0, D = 0, E = 0;
+  double scale = 1.0;
+  const void* decay = nullptr;  // [H] rates lambda >= 0 (acc type); nullptr means gamma = 1
+
+  TensorView4 q, k, v;  // q: (B, H, N, D), k: (B, Hkv, N, D), v: (B, Hkv, N, E)
+  TensorView4 o;        // (B, H, N, E)
+  TensorView4 dout;     // (B, H, N, E)
+  TensorView4 dq;       // (B, H, N, D)
+  TensorView4 dk, dv;   // (B, Hkv, N, D), (B, Hkv, N, E): summed over each kv head's query heads
+
+  // States: contiguous (B, H, D, E) in the acc type.
+  const void* state_in = nullptr;        // S_in, state before position 0; nullptr means zero
+  void* state_out = nullptr;             // forward writes gamma^N S_in + L (nullptr: not wanted)
+  const void* grad_state_out = nullptr;  // G, gradient w.r.t. state_out; nullptr means zero
+  void* grad_state_in = nullptr;         // backward writes gamma^N G + M (nullptr: not wanted)
+
+  // Scratch memory for kernels that need it (see the *_workspace_bytes functions).
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+};
+
+// The four building blocks every backend implements (LASP.md, "Across ranks"):
+//
+//  fwd:       o[t] = scale * (gamma^(t+1) q[t] S_in + sum_{s<=t} gamma^(t-s) (q[t].k[s]) v[s])
+//             state_out = gamma^N S_in + sum_s gamma^(N-1-s) k[s]^T v[s]
+//  fwd_inter: o[t] += scale * gamma^(t+1) q[t] S_in                       (in place on o)
+//  bwd:       dq[t] = scale * (gamma^(t+1) do[t] S_in^T + sum_{s<=t} gamma^(t-s) (do[t].v[s]) k[s])
+//             dk[s] = sum_h [ scale * sum_{t>=s} gamma^(t-s) (do[t].v[s]) q[t] + gamma^(N-1-s) v[s] G^T ]
+//             dv[s] = sum_h [ scale * sum_{t>=s} gamma^(t-s) (q[t].k[s]) do[t] + gamma^(N-1-s) k[s] G ]
+//             grad_state_in = gamma^N G + scale * sum_t gamma^(t+1) q[t]^T do[t]
+//  bwd_inter: dk[s] += sum_h gamma^(N-1-s) v[s] G^T ; dv[s] += sum_h gamma^(N-1-s) k[s] G   (in place)
+//
+// (sum_h runs over the query heads that read the kv head.)
+
+}  // namespace lasp
