@@ -1,0 +1,28 @@
+// CUDA entry points of the lasp kernels. Torch-free: the bindings in csrc/cuda fill an AttnParams
+// and call these on the current stream; tests/cpp drives them directly.
+//
+// Every function only enqueues work on `stream` (no host synchronisation) and returns the first
+// CUDA error met (cudaSuccess otherwise). Semantics of each are in lasp_params.h.
+// Workspace: the caller allocates at least *_workspace_bytes(p) bytes (content undefined) and sets
+// p.workspace / p.workspace_bytes.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include "lasp_params.h"
+
+namespace lasp {
+namespace cuda {
+
+// Whether the kernels support this problem (dtype, head dims); false means the caller must refuse it.
+bool supports(const AttnParams& p);
+
+size_t fwd_workspace_bytes(const AttnParams& p);
+size_t bwd_workspace_bytes(const AttnParams& p);
+
+cudaError_t fwd(const AttnParams& p, cudaStream_t stream);
+cudaError_t fwd_inter(const AttnParams& p, cudaStream_t stream);
+cudaError_t bwd(const AttnParams& p, cudaStream_t stream);
+cudaError_t bwd_inter(const AttnParams& p, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace lasp
