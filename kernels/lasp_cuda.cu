@@ -1,0 +1,357 @@
+// Host entry points of the lasp CUDA kernels (see lasp_cuda.h): planning (segment split, tiles,
+// workspace), dtype dispatch and launches. Torch-free.
+#include "lasp_cuda.h"
+
+#include <algorithm>
+#include <cstdint>
+
+#include "common.cuh"
+#include "fast_path.h"
+#include "generic_kernels.cuh"
+
+namespace lasp {
+namespace cuda {
+
+namespace {
+using namespace detail;
+
+constexpr int kThreads = 256;
+
+struct DevInfo {
+  int sms = 132;
+  size_t smem_optin = 48 * 1024;
+};
+
+DevInfo dev_info() {
+  DevInfo d;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    cudaGetLastError();
+    return d;
+  }
+  int v = 0;
+  if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess && v > 0) d.sms = v;
+  if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess && v > 0)
+    d.smem_optin = (size_t)v;
+  cudaGetLastError();
+  return d;
+}
+
+size_t acc_size(const AttnParams& p) { return acc_is_double(p.dtype) ? 8 : 4; }
+
+// Chunk C and column tile of a generic kernel whose shared memory is smem(C, tile) elements.
+template <typename F>
+bool pick_tile(F smem, int full, size_t esz, size_t limit, int& C, int& tile, size_t& bytes) {
+  for (int c : {32, 16, 8}) {
+    for (int t : {64, 32, 16, 8, 4, 2, 1}) {
+      const int tt = std::min(t, full);
+      const size_t b = (size_t)smem(c, tt) * esz;
+      if (b <= limit) {
+        C = c;
+        tile = tt;
+        bytes = b;
+        return true;
+      }
+    }
+  }
+  return false;
+}
+
+// Segments per (b, h) so that the grid has about two blocks per SM.
+void split_segments(const AttnParams& p, int blocks_per_segment, int sms, int& nseg, int& seglen) {
+  const int64_t pairs = p.B * p.H * (int64_t)blocks_per_segment;
+  const int64_t want = (2 * (int64_t)sms + pairs - 1) / pairs;
+  const int64_t nch64 = (p.N + 63) / 64;
+  int64_t ns = std::min<int64_t>(want, nch64);
+  if (ns <= 1) {
+    nseg = 1;
+    seglen = (int)p.N;
+    return;
+  }
+  const int64_t chunks_per = (nch64 + ns - 1) / ns;
+  seglen = (int)(chunks_per * 64);
+  nseg = (int)((p.N + seglen - 1) / seglen);
+}
+
+struct Plan {
+  bool fast = false;
+  int nseg = 1, seglen = 0;
+  // generic kernels: chunk / tile / shared bytes
+  int C_main = 32, t_main = 64;
+  size_t sm_main = 0;
+  int C_dv = 32, t_dv = 64;
+  size_t sm_dv = 0;
+  int C_loc = 32, t_loc = 64;
+  size_t sm_loc = 0;
+  int C_locq = 32, t_locq = 64;
+  size_t sm_locq = 0;
+  size_t ws_states = 0;  // bytes of one (B,H,nseg,D,E) state array (0 when nseg == 1)
+  size_t ws_gqa = 0;     // bytes of the per-query-head dk + dv (0 without GQA)
+  bool ok = false;
+};
+
+size_t align256(size_t x) { return (x + 255) / 256 * 256; }
+
+Plan plan_fwd(const AttnParams& p) {
+  Plan pl;
+  const DevInfo di = dev_info();
+  const size_t esz = acc_size(p);
+  const int D = (int)p.D, E = (int)p.E;
+  pl.fast = fast::fwd_supported(p);
+  int tiles = 1;
+  if (pl.fast) {
+    tiles = fast::fwd_tiles(p);
+  } else {
+    auto sm_main = [&](int C, int t) { return 2 * C * (D + 1) + C * t + C * C + D * t + C + 1; };
+    if (!pick_tile(sm_main, E, esz, di.smem_optin, pl.C_main, pl.t_main, pl.sm_main)) return pl;
+    tiles = (E + pl.t_main - 1) / pl.t_main;
+  }
+  split_segments(p, tiles, di.sms, pl.nseg, pl.seglen);
+  if (pl.nseg > 1) {
+    auto sm_loc = [&](int C, int t) { return C * (D + 1) + C * t + D * t + C + 1; };
+    if (!pick_tile(sm_loc, E, esz, di.smem_optin, pl.C_loc, pl.t_loc, pl.sm_loc)) return pl;
+    pl.ws_states = align256((size_t)p.B * p.H * pl.nseg * D * E * esz);
+  }
+  pl.ok = true;
+  return pl;
+}
+
+Plan plan_bwd(const AttnParams& p) {
+  Plan pl;
+  const DevInfo di = dev_info();
+  const size_t esz = acc_size(p);
+  const int D = (int)p.D, E = (int)p.E;
+  auto sm_dqdk = [&](int C, int t) { return 2 * C * (E + 1) + C * (t + 1) + C * C + t * E + C + 1; };
+  auto sm_dv = [&](int C, int t) { return 2 * C * (D + 1) + C * t + C * C + D * t + C + 1; };
+  if (!pick_tile(sm_dqdk, D, esz, di.smem_optin, pl.C_main, pl.t_main, pl.sm_main)) return pl;
+  if (!pick_tile(sm_dv, E, esz, di.smem_optin, pl.C_dv, pl.t_dv, pl.sm_dv)) return pl;
+  const int tiles = (D + pl.t_main - 1) / pl.t_main;
+  split_segments(p, tiles, di.sms, pl.nseg, pl.seglen);
+  if (pl.nseg > 1) {
+    auto sm_loc = [&](int C, int t) { return C * (D + 1) + C * t + D * t + C + 1; };
+    if (!pick_tile(sm_loc, E, esz, di.smem_optin, pl.C_loc, pl.t_loc, pl.sm_loc)) return pl;
+    pl.C_locq = pl.C_loc;
+    pl.t_locq = pl.t_loc;
+    pl.sm_locq = pl.sm_loc;
+    pl.ws_states = align256((size_t)p.B * p.H * pl.nseg * D * E * esz);
+  }
+  if (p.H != p.Hkv) pl.ws_gqa = align256((size_t)p.B * p.H * p.N * (D + E) * esz);
+  pl.ok = true;
+  return pl;
+}
+
+template <typename K>
+cudaError_t prepare(K kernel, size_t smem) {
+  if (smem > 48 * 1024) return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  return cudaSuccess;
+}
+
+#define LASP_TRY(expr)                  \
+  do {                                  \
+    cudaError_t err__ = (expr);         \
+    if (err__ != cudaSuccess) return err__; \
+  } while (0)
+#define LASP_LAUNCHED() LASP_TRY(cudaGetLastError())
+
+template <typename A>
+Ctx<A> make_ctx(const AttnParams& p, int nseg, int seglen) {
+  Ctx<A> c;
+  c.B = (int)p.B;
+  c.H = (int)p.H;
+  c.Hkv = (int)p.Hkv;
+  c.group = (int)(p.H / p.Hkv);
+  c.N = (int)p.N;
+  c.D = (int)p.D;
+  c.E = (int)p.E;
+  c.scale = (A)p.scale;
+  c.decay = static_cast<const A*>(p.decay);
+  c.nseg = nseg;
+  c.seglen = seglen;
+  return c;
+}
+
+// Phase 1 + 2 of the forward state recurrence (segment input states into ws), shared by fwd and bwd.
+template <typename T, typename A>
+cudaError_t segment_states_fwd(const AttnParams& p, const Plan& pl, const Ctx<A>& c, A* ws, A* state_out,
+                               cudaStream_t st) {
+  auto kl = state_local_kernel<T, A, false>;
+  LASP_TRY(prepare(kl, pl.sm_loc));
+  dim3 g((unsigned)(p.B * p.H), pl.nseg, (unsigned)((p.E + pl.t_loc - 1) / pl.t_loc));
+  kl<<<g, kThreads, pl.sm_loc, st>>>(c, make_tv<const T>(p.k), make_tv<const T>(p.v), c.D, c.E, pl.C_loc, pl.t_loc, ws);
+  LASP_LAUNCHED();
+  dim3 gs((unsigned)(p.B * p.H), (unsigned)((p.D * p.E + 255) / 256));
+  scan_fwd_kernel<A><<<gs, 256, 0, st>>>(c, ws, static_cast<const A*>(p.state_in), state_out);
+  LASP_LAUNCHED();
+  return cudaSuccess;
+}
+
+template <typename T, typename A>
+cudaError_t run_fwd(const AttnParams& p, cudaStream_t st) {
+  const Plan pl = plan_fwd(p);
+  if (!pl.ok) return cudaErrorInvalidValue;
+  if (pl.ws_states > 0 && (p.workspace == nullptr || p.workspace_bytes < pl.ws_states)) return cudaErrorInvalidValue;
+  const Ctx<A> c = make_ctx<A>(p, pl.nseg, pl.seglen);
+  A* ws = static_cast<A*>(p.workspace);
+  if (pl.nseg > 1) LASP_TRY((segment_states_fwd<T, A>(p, pl, c, ws, static_cast<A*>(p.state_out), st)));
+  if (pl.fast) return fast::fwd_main(p, pl.nseg, pl.seglen, reinterpret_cast<const float*>(ws), st);
+  auto km = fwd_main_kernel<T, A>;
+  LASP_TRY(prepare(km, pl.sm_main));
+  dim3 g((unsigned)(p.B * p.H), pl.nseg, (unsigned)((p.E + pl.t_main - 1) / pl.t_main));
+  km<<<g, kThreads, pl.sm_main, st>>>(c, make_tv<const T>(p.q), make_tv<const T>(p.k), make_tv<const T>(p.v),
+                                      make_tv<T>(p.o), static_cast<const A*>(p.state_in), ws,
+                                      static_cast<A*>(p.state_out), pl.C_main, pl.t_main);
+  LASP_LAUNCHED();
+  return cudaSuccess;
+}
+
+template <typename T, typename A>
+cudaError_t run_bwd(const AttnParams& p, cudaStream_t st) {
+  const Plan pl = plan_bwd(p);
+  if (!pl.ok) return cudaErrorInvalidValue;
+  const size_t need = 2 * pl.ws_states + pl.ws_gqa;
+  if (need > 0 && (p.workspace == nullptr || p.workspace_bytes < need)) return cudaErrorInvalidValue;
+  const Ctx<A> c = make_ctx<A>(p, pl.nseg, pl.seglen);
+  char* wsb = static_cast<char*>(p.workspace);
+  A* wsS = pl.ws_states ? reinterpret_cast<A*>(wsb) : nullptr;
+  A* wsG = pl.ws_states ? reinterpret_cast<A*>(wsb + pl.ws_states) : nullptr;
+  A* wsKV = pl.ws_gqa ? reinterpret_cast<A*>(wsb + 2 * pl.ws_states) : nullptr;
+  const A* state_in = static_cast<const A*>(p.state_in);
+  const A* gso = static_cast<const A*>(p.grad_state_out);
+  A* gsi = static_cast<A*>(p.grad_state_in);
+  if (pl.nseg > 1) {
+    LASP_TRY((segment_states_fwd<T, A>(p, pl, c, wsS, nullptr, st)));
+    auto kl = state_local_kernel<T, A, true>;
+    LASP_TRY(prepare(kl, pl.sm_locq));
+    dim3 g((unsigned)(p.B * p.H), pl.nseg, (unsigned)((p.E + pl.t_locq - 1) / pl.t_locq));
+    kl<<<g, kThreads, pl.sm_locq, st>>>(c, make_tv<const T>(p.q), make_tv<const T>(p.dout), c.D, c.E, pl.C_locq,
+                                        pl.t_locq, wsG);
+    LASP_LAUNCHED();
+    dim3 gs((unsigned)(p.B * p.H), (unsigned)((p.D * p.E + 255) / 256));
+    scan_bwd_kernel<A><<<gs, 256, 0, st>>>(c, wsG, gso, gsi);
+    LASP_LAUNCHED();
+  }
+  const bool gqa = p.H != p.Hkv;
+  const Tv<const T> q = make_tv<const T>(p.q), k = make_tv<const T>(p.k), v = make_tv<const T>(p.v),
+                    dout = make_tv<const T>(p.dout);
+  const Tv<T> dq = make_tv<T>(p.dq);
+  const int gdq = (int)((p.D + pl.t_main - 1) / pl.t_main), gdv = (int)((p.E + pl.t_dv - 1) / pl.t_dv);
+  dim3 g1((unsigned)(p.B * p.H), pl.nseg, gdq), g2((unsigned)(p.B * p.H), pl.nseg, gdv);
+  if (!gqa) {
+    auto k1 = bwd_dqdk_kernel<T, A, T>;
+    LASP_TRY(prepare(k1, pl.sm_main));
+    k1<<<g1, kThreads, pl.sm_main, st>>>(c, q, k, v, dout, dq, make_tv<T>(p.dk), 0, state_in, gso, wsS, wsG, gsi,
+                                         pl.C_main, pl.t_main);
+    LASP_LAUNCHED();
+    auto k2 = bwd_dv_kernel<T, A, T>;
+    LASP_TRY(prepare(k2, pl.sm_dv));
+    k2<<<g2, kThreads, pl.sm_dv, st>>>(c, q, k, dout, make_tv<T>(p.dv), 0, gso, wsG, pl.C_dv, pl.t_dv);
+    LASP_LAUNCHED();
+  } else {
+    A* dkh = wsKV;
+    A* dvh = wsKV + (size_t)p.B * p.H * p.N * p.D;
+    auto k1 = bwd_dqdk_kernel<T, A, A>;
+    LASP_TRY(prepare(k1, pl.sm_main));
+    k1<<<g1, kThreads, pl.sm_main, st>>>(c, q, k, v, dout, dq, make_tv_contig<A>(dkh, p.H, p.N, p.D), 1, state_in, gso,
+                                         wsS, wsG, gsi, pl.C_main, pl.t_main);
+    LASP_LAUNCHED();
+    auto k2 = bwd_dv_kernel<T, A, A>;
+    LASP_TRY(prepare(k2, pl.sm_dv));
+    k2<<<g2, kThreads, pl.sm_dv, st>>>(c, q, k, dout, make_tv_contig<A>(dvh, p.H, p.N, p.E), 1, gso, wsG, pl.C_dv,
+                                       pl.t_dv);
+    LASP_LAUNCHED();
+    const int nb = 132 * 16;
+    gqa_reduce_kernel<T, A><<<nb, 256, 0, st>>>(c, dkh, make_tv<T>(p.dk), c.D);
+    LASP_LAUNCHED();
+    gqa_reduce_kernel<T, A><<<nb, 256, 0, st>>>(c, dvh, make_tv<T>(p.dv), c.E);
+    LASP_LAUNCHED();
+  }
+  return cudaSuccess;
+}
+
+template <typename T, typename A>
+cudaError_t run_fwd_inter(const AttnParams& p, cudaStream_t st) {
+  if (p.state_in == nullptr) return cudaSuccess;  // S_in = 0: nothing to add
+  const DevInfo di = dev_info();
+  const size_t esz = acc_size(p);
+  const int D = (int)p.D;
+  int tile = 0;
+  size_t bytes = 0;
+  for (int t : {64, 32, 16, 8, 4, 2, 1}) {
+    tile = std::min<int>(t, (int)p.E);
+    bytes = ((size_t)D * tile + 32 * (D + 1)) * esz;
+    if (bytes <= di.smem_optin) break;
+  }
+  const Ctx<A> c = make_ctx<A>(p, 1, (int)p.N);
+  auto kf = fwd_inter_kernel<T, A>;
+  LASP_TRY(prepare(kf, bytes));
+  const int64_t tiles = (p.N + 31) / 32;
+  dim3 g((unsigned)(p.B * p.H), (unsigned)std::min<int64_t>(tiles, 65535));
+  kf<<<g, kThreads, bytes, st>>>(c, make_tv<const T>(p.q), make_tv<T>(p.o), static_cast<const A*>(p.state_in), tile);
+  LASP_LAUNCHED();
+  return cudaSuccess;
+}
+
+template <typename T, typename A>
+cudaError_t run_bwd_inter(const AttnParams& p, cudaStream_t st) {
+  if (p.grad_state_out == nullptr) return cudaSuccess;  // G = 0: nothing to add
+  const Ctx<A> c = make_ctx<A>(p, 1, (int)p.N);
+  const int64_t total = p.B * p.Hkv * p.N * (p.D + p.E);
+  const int nb = (int)std::min<int64_t>((total + 255) / 256, 132 * 32);
+  bwd_inter_kernel<T, A><<<nb, 256, 0, st>>>(c, make_tv<const T>(p.k), make_tv<const T>(p.v), make_tv<T>(p.dk),
+                                             make_tv<T>(p.dv), static_cast<const A*>(p.grad_state_out));
+  LASP_LAUNCHED();
+  return cudaSuccess;
+}
+
+template <template <typename, typename> class F>
+cudaError_t dispatch(const AttnParams& p, cudaStream_t st) {
+  if (!supports(p)) return cudaErrorInvalidValue;
+  switch (p.dtype) {
+    case ScalarType::Float32: return F<float, float>::run(p, st);
+    case ScalarType::Float16: return F<__half, float>::run(p, st);
+    case ScalarType::BFloat16: return F<__nv_bfloat16, float>::run(p, st);
+    case ScalarType::Float64: return F<double, double>::run(p, st);
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename T, typename A> struct FwdOp { static cudaError_t run(const AttnParams& p, cudaStream_t s) { return run_fwd<T, A>(p, s); } };
+template <typename T, typename A> struct BwdOp { static cudaError_t run(const AttnParams& p, cudaStream_t s) { return run_bwd<T, A>(p, s); } };
+template <typename T, typename A> struct FwdInterOp { static cudaError_t run(const AttnParams& p, cudaStream_t s) { return run_fwd_inter<T, A>(p, s); } };
+template <typename T, typename A> struct BwdInterOp { static cudaError_t run(const AttnParams& p, cudaStream_t s) { return run_bwd_inter<T, A>(p, s); } };
+
+}  // namespace
+
+bool supports(const AttnParams& p) {
+  switch (p.dtype) {
+    case ScalarType::Float32:
+    case ScalarType::Float16:
+    case ScalarType::BFloat16:
+    case ScalarType::Float64: break;
+    default: return false;
+  }
+  if (p.B < 1 || p.H < 1 || p.Hkv < 1 || p.N < 1 || p.H % p.Hkv != 0) return false;
+  if (p.D < 1 || p.D > 256 || p.E < 1 || p.E > 256) return false;
+  if (p.N > INT32_MAX / 2 || p.B * p.H > INT32_MAX) return false;
+  return true;
+}
+
+size_t fwd_workspace_bytes(const AttnParams& p) {
+  if (!supports(p)) return 0;
+  const Plan pl = plan_fwd(p);
+  return pl.ok ? pl.ws_states : 0;
+}
+
+size_t bwd_workspace_bytes(const AttnParams& p) {
+  if (!supports(p)) return 0;
+  const Plan pl = plan_bwd(p);
+  return pl.ok ? 2 * pl.ws_states + pl.ws_gqa : 0;
+}
+
+cudaError_t fwd(const AttnParams& p, cudaStream_t stream) { return dispatch<FwdOp>(p, stream); }
+cudaError_t fwd_inter(const AttnParams& p, cudaStream_t stream) { return dispatch<FwdInterOp>(p, stream); }
+cudaError_t bwd(const AttnParams& p, cudaStream_t stream) { return dispatch<BwdOp>(p, stream); }
+cudaError_t bwd_inter(const AttnParams& p, cudaStream_t stream) { return dispatch<BwdInterOp>(p, stream); }
+
+}  // namespace cuda
+}  // namespace lasp

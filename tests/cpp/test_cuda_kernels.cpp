@@ -1,0 +1,572 @@
+// GoogleTest of the lasp CUDA kernels (kernels/lasp_cuda.h), driven directly through AttnParams.
+// Every output is compared with a float64 CPU reference computed here from the state recurrences
+// (LASP.md): S[t] = g S[t-1] + k[t]^T v[t] (S[-1] = S_in), o[t] = scale q[t] S[t];
+// R[s] = g R[s+1] + scale q[s]^T do[s] (R at N-1 starts from G), dq[t] = scale do[t] S[t]^T,
+// dk[s] = v[s] R[s]^T, dv[s] = k[s] R[s], grad_state_in = g R[0].
+// Inputs are fresh random numbers every run (the seed is printed on failure); outputs are poisoned with NaN.
+#include <gtest/gtest.h>
+
+#if defined(LASP_WITH_CUDA)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "lasp_cuda.h"
+
+namespace {
+
+using lasp::AttnParams;
+using lasp::ScalarType;
+using lasp::TensorView4;
+
+bool have_device(std::string* why) {
+  int n = 0;
+  cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) {
+    *why = std::string("cudaGetDeviceCount failed: ") + cudaGetErrorString(e);
+    cudaGetLastError();
+    return false;
+  }
+  if (n == 0) {
+    *why = "cudaGetDeviceCount returned 0";
+    return false;
+  }
+  return true;
+}
+
+#define SKIP_WITHOUT_DEVICE()                                               \
+  do {                                                                      \
+    std::string why__;                                                      \
+    if (!have_device(&why__)) GTEST_SKIP() << "no CUDA device: " << why__;  \
+  } while (0)
+
+#define CK(expr)                                                                              \
+  do {                                                                                        \
+    cudaError_t e__ = (expr);                                                                 \
+    ASSERT_EQ(e__, cudaSuccess) << #expr << ": " << cudaGetErrorString(e__);                  \
+  } while (0)
+
+size_t elem_size(ScalarType t) {
+  switch (t) {
+    case ScalarType::Float32: return 4;
+    case ScalarType::Float64: return 8;
+    default: return 2;
+  }
+}
+const char* dtype_name(ScalarType t) {
+  switch (t) {
+    case ScalarType::Float32: return "f32";
+    case ScalarType::Float16: return "f16";
+    case ScalarType::BFloat16: return "bf16";
+    default: return "f64";
+  }
+}
+
+// Round a double to what the dtype holds.
+double quantize(double x, ScalarType t) {
+  switch (t) {
+    case ScalarType::Float32: return (double)(float)x;
+    case ScalarType::Float16: return (double)__half2float(__float2half_rn((float)x));
+    case ScalarType::BFloat16: return (double)__bfloat162float(__float2bfloat16_rn((float)x));
+    default: return x;
+  }
+}
+void store_elem(void* base, int64_t i, double x, ScalarType t) {
+  switch (t) {
+    case ScalarType::Float32: static_cast<float*>(base)[i] = (float)x; break;
+    case ScalarType::Float16: static_cast<__half*>(base)[i] = __float2half_rn((float)x); break;
+    case ScalarType::BFloat16: static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn((float)x); break;
+    default: static_cast<double*>(base)[i] = x;
+  }
+}
+double load_elem(const void* base, int64_t i, ScalarType t) {
+  switch (t) {
+    case ScalarType::Float32: return static_cast<const float*>(base)[i];
+    case ScalarType::Float16: return __half2float(static_cast<const __half*>(base)[i]);
+    case ScalarType::BFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
+    default: return static_cast<const double*>(base)[i];
+  }
+}
+
+struct DevBuf {
+  void* p = nullptr;
+  size_t bytes = 0;
+  DevBuf() = default;
+  explicit DevBuf(size_t n) : bytes(n) {
+    if (n && cudaMalloc(&p, n) != cudaSuccess) p = nullptr;
+  }
+  DevBuf(const DevBuf&) = delete;
+  DevBuf& operator=(const DevBuf&) = delete;
+  DevBuf(DevBuf&& o) noexcept : p(o.p), bytes(o.bytes) { o.p = nullptr; }
+  DevBuf& operator=(DevBuf&& o) noexcept {
+    if (this != &o) {
+      if (p) cudaFree(p);
+      p = o.p;
+      bytes = o.bytes;
+      o.p = nullptr;
+    }
+    return *this;
+  }
+  ~DevBuf() {
+    if (p) cudaFree(p);
+  }
+};
+
+// Layouts of a logical (B, Hx, N, X) tensor.
+enum Layout { kBHNX = 0, kBNHX = 1, kStridedLast = 2 };
+const char* layout_name(int l) { return l == kBHNX ? "BHNX" : l == kBNHX ? "BNHX" : "strided-last"; }
+
+// A logical (B, Hx, N, X) tensor: host values (double, already quantized) + a device copy in a layout.
+struct Tensor {
+  int64_t B, Hx, N, X;
+  std::vector<double> h;  // logical, contiguous (B, Hx, N, X)
+  int64_t st[4];
+  int64_t storage = 0;
+  DevBuf dev;
+  ScalarType t;
+  Tensor(int64_t B_, int64_t Hx_, int64_t N_, int64_t X_, int layout, ScalarType t_)
+      : B(B_), Hx(Hx_), N(N_), X(X_), h(B_ * Hx_ * N_ * X_), t(t_) {
+    if (layout == kBHNX) {
+      st[0] = Hx * N * X; st[1] = N * X; st[2] = X; st[3] = 1;
+      storage = B * Hx * N * X;
+    } else if (layout == kBNHX) {
+      st[0] = N * Hx * X; st[1] = X; st[2] = Hx * X; st[3] = 1;
+      storage = B * N * Hx * X;
+    } else {
+      const int64_t row = 2 * X + 1;
+      st[0] = Hx * N * row; st[1] = N * row; st[2] = row; st[3] = 2;
+      storage = B * Hx * N * row;
+    }
+    dev = DevBuf(storage * elem_size(t));
+  }
+  int64_t li(int64_t b, int64_t hh, int64_t n, int64_t x) const { return ((b * Hx + hh) * N + n) * X + x; }
+  int64_t si(int64_t b, int64_t hh, int64_t n, int64_t x) const { return b * st[0] + hh * st[1] + n * st[2] + x * st[3]; }
+  TensorView4 view() const {
+    TensorView4 v;
+    v.ptr = dev.p;
+    for (int i = 0; i < 4; ++i) v.stride[i] = st[i];
+    return v;
+  }
+  void randomize(std::mt19937_64& rng, double amp) {
+    std::uniform_real_distribution<double> U(-amp, amp);
+    for (auto& x : h) x = quantize(U(rng), t);
+  }
+  // Upload the logical values; gaps of the storage get NaN.
+  void upload() {
+    std::vector<unsigned char> buf(storage * elem_size(t));
+    for (int64_t i = 0; i < storage; ++i) store_elem(buf.data(), i, std::numeric_limits<double>::quiet_NaN(), t);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t hh = 0; hh < Hx; ++hh)
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t x = 0; x < X; ++x) store_elem(buf.data(), si(b, hh, n, x), h[li(b, hh, n, x)], t);
+    cudaMemcpy(dev.p, buf.data(), buf.size(), cudaMemcpyHostToDevice);
+  }
+  void poison() {
+    for (auto& x : h) x = std::numeric_limits<double>::quiet_NaN();
+    upload();
+  }
+  std::vector<double> download() const {
+    std::vector<unsigned char> buf(storage * elem_size(t));
+    cudaMemcpy(buf.data(), dev.p, buf.size(), cudaMemcpyDeviceToHost);
+    std::vector<double> out(h.size());
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t hh = 0; hh < Hx; ++hh)
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t x = 0; x < X; ++x) out[li(b, hh, n, x)] = load_elem(buf.data(), si(b, hh, n, x), t);
+    return out;
+  }
+};
+
+// States: contiguous (B, H, D, E) in the acc type.
+struct State {
+  std::vector<double> h;
+  DevBuf dev;
+  bool dbl;
+  State(size_t n, bool dbl_) : h(n), dev(n * (dbl_ ? 8 : 4)), dbl(dbl_) {}
+  void upload() {
+    if (dbl) {
+      cudaMemcpy(dev.p, h.data(), h.size() * 8, cudaMemcpyHostToDevice);
+    } else {
+      std::vector<float> f(h.begin(), h.end());
+      cudaMemcpy(dev.p, f.data(), f.size() * 4, cudaMemcpyHostToDevice);
+    }
+  }
+  void randomize(std::mt19937_64& rng, double amp) {
+    std::uniform_real_distribution<double> U(-amp, amp);
+    for (auto& x : h) x = dbl ? U(rng) : (double)(float)U(rng);
+    upload();
+  }
+  void poison() {
+    for (auto& x : h) x = std::numeric_limits<double>::quiet_NaN();
+    upload();
+  }
+  std::vector<double> download() const {
+    std::vector<double> out(h.size());
+    if (dbl) {
+      cudaMemcpy(out.data(), dev.p, out.size() * 8, cudaMemcpyDeviceToHost);
+    } else {
+      std::vector<float> f(h.size());
+      cudaMemcpy(f.data(), dev.p, f.size() * 4, cudaMemcpyDeviceToHost);
+      for (size_t i = 0; i < f.size(); ++i) out[i] = f[i];
+    }
+    return out;
+  }
+};
+
+double rel_err(const std::vector<double>& got, const std::vector<double>& ref) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double d = got[i] - ref[i];
+    num += d * d;
+    den += ref[i] * ref[i];
+  }
+  if (!std::isfinite(num)) return std::numeric_limits<double>::infinity();
+  return std::sqrt(num) / std::max(std::sqrt(den), 1e-300);
+}
+
+double tol_for(ScalarType t) {
+  switch (t) {
+    case ScalarType::Float32: return 1e-5;
+    case ScalarType::Float16: return 5e-3;
+    case ScalarType::BFloat16: return 2e-2;
+    default: return 1e-11;
+  }
+}
+
+struct Case {
+  ScalarType dt;
+  int B, H, Hkv, N, D, E;
+  bool decay;
+  int layout;
+  bool with_state_in, with_grad_out, want_state_out, want_grad_in;
+  std::string str() const {
+    std::ostringstream s;
+    s << dtype_name(dt) << " B" << B << " H" << H << " Hkv" << Hkv << " N" << N << " D" << D << " E" << E
+      << (decay ? " decay" : " nodecay") << " " << layout_name(layout) << " Sin=" << with_state_in
+      << " G=" << with_grad_out << " Sout=" << want_state_out << " dSin=" << want_grad_in;
+    return s.str();
+  }
+};
+
+uint64_t fresh_seed() {
+  std::random_device rd;
+  return ((uint64_t)rd() << 32) ^ rd() ^ (uint64_t)std::chrono::high_resolution_clock::now().time_since_epoch().count();
+}
+
+// Run fwd and bwd of one case on the device and compare every output with the float64 reference.
+void run_case(const Case& cs) {
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE(cs.str() + " seed=" + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const int B = cs.B, H = cs.H, Hkv = cs.Hkv, N = cs.N, D = cs.D, E = cs.E, grp = H / Hkv;
+  const bool dbl = cs.dt == ScalarType::Float64;
+  const double scale = 1.0 / std::sqrt((double)D);
+
+  Tensor q(B, H, N, D, cs.layout, cs.dt), k(B, Hkv, N, D, cs.layout, cs.dt), v(B, Hkv, N, E, cs.layout, cs.dt);
+  Tensor o(B, H, N, E, cs.layout, cs.dt), dout(B, H, N, E, cs.layout, cs.dt), dq(B, H, N, D, cs.layout, cs.dt);
+  Tensor dk(B, Hkv, N, D, cs.layout, cs.dt), dv(B, Hkv, N, E, cs.layout, cs.dt);
+  ASSERT_TRUE(q.dev.p && k.dev.p && v.dev.p && o.dev.p && dout.dev.p && dq.dev.p && dk.dev.p && dv.dev.p);
+  q.randomize(rng, 1.0);
+  k.randomize(rng, 1.0);
+  v.randomize(rng, 1.0);
+  dout.randomize(rng, 1.0);
+  q.upload();
+  k.upload();
+  v.upload();
+  dout.upload();
+  o.poison();
+  dq.poison();
+  dk.poison();
+  dv.poison();
+
+  const size_t SN = (size_t)B * H * D * E;
+  State sin(SN, dbl), sout(SN, dbl), gout(SN, dbl), gin(SN, dbl);
+  if (cs.with_state_in) sin.randomize(rng, 1.0);
+  if (cs.with_grad_out) gout.randomize(rng, 1.0);
+  sout.poison();
+  gin.poison();
+
+  std::vector<double> lam(H, 0.0);
+  DevBuf ddecay(H * (dbl ? 8 : 4));
+  if (cs.decay) {
+    std::uniform_real_distribution<double> U(0.0, 1.0);
+    for (int h = 0; h < H; ++h) {
+      lam[h] = std::pow(2.0, -8.0 * (h + 1) / H) * (0.5 + U(rng));  // ALiBi-like, jittered
+      if (!dbl) lam[h] = (double)(float)lam[h];
+    }
+    if (dbl) {
+      cudaMemcpy(ddecay.p, lam.data(), H * 8, cudaMemcpyHostToDevice);
+    } else {
+      std::vector<float> f(lam.begin(), lam.end());
+      cudaMemcpy(ddecay.p, f.data(), H * 4, cudaMemcpyHostToDevice);
+    }
+  }
+
+  AttnParams p;
+  p.dtype = cs.dt;
+  p.B = B; p.H = H; p.Hkv = Hkv; p.N = N; p.D = D; p.E = E;
+  p.scale = scale;
+  p.decay = cs.decay ? ddecay.p : nullptr;
+  p.q = q.view(); p.k = k.view(); p.v = v.view(); p.o = o.view(); p.dout = dout.view();
+  p.dq = dq.view(); p.dk = dk.view(); p.dv = dv.view();
+  p.state_in = cs.with_state_in ? sin.dev.p : nullptr;
+  p.state_out = cs.want_state_out ? sout.dev.p : nullptr;
+  p.grad_state_out = cs.with_grad_out ? gout.dev.p : nullptr;
+  p.grad_state_in = cs.want_grad_in ? gin.dev.p : nullptr;
+  ASSERT_TRUE(lasp::cuda::supports(p));
+
+  // ---- device ----
+  {
+    const size_t wb = lasp::cuda::fwd_workspace_bytes(p);
+    DevBuf ws(wb);
+    if (wb) {
+      ASSERT_NE(ws.p, nullptr);
+      CK(cudaMemset(ws.p, 0xff, wb));  // content undefined on entry: poison it
+    }
+    p.workspace = ws.p;
+    p.workspace_bytes = wb;
+    CK(lasp::cuda::fwd(p, 0));
+    CK(cudaDeviceSynchronize());
+  }
+  {
+    const size_t wb = lasp::cuda::bwd_workspace_bytes(p);
+    DevBuf ws(wb);
+    if (wb) {
+      ASSERT_NE(ws.p, nullptr);
+      CK(cudaMemset(ws.p, 0xff, wb));
+    }
+    p.workspace = ws.p;
+    p.workspace_bytes = wb;
+    CK(lasp::cuda::bwd(p, 0));
+    CK(cudaDeviceSynchronize());
+  }
+  const std::vector<double> o_d = o.download(), dq_d = dq.download(), dk_d = dk.download(), dv_d = dv.download();
+
+  // ---- reference (float64) ----
+  std::vector<double> o_r(o.h.size()), dq_r(dq.h.size()), dk_r(dk.h.size(), 0.0), dv_r(dv.h.size(), 0.0);
+  std::vector<double> sout_r(SN), gin_r(SN);
+  std::vector<double> S(D * E), R(D * E);
+  for (int b = 0; b < B; ++b) {
+    for (int h = 0; h < H; ++h) {
+      const int kh = h / grp;
+      const double g = std::exp(-lam[h]);
+      for (int i = 0; i < D * E; ++i) S[i] = cs.with_state_in ? sin.h[((size_t)b * H + h) * D * E + i] : 0.0;
+      for (int t = 0; t < N; ++t) {
+        for (int d = 0; d < D; ++d) {
+          const double kd = k.h[k.li(b, kh, t, d)];
+          for (int e = 0; e < E; ++e) S[d * E + e] = g * S[d * E + e] + kd * v.h[v.li(b, kh, t, e)];
+        }
+        for (int e = 0; e < E; ++e) {
+          double a = 0;
+          for (int d = 0; d < D; ++d) a += q.h[q.li(b, h, t, d)] * S[d * E + e];
+          o_r[o.li(b, h, t, e)] = scale * a;
+        }
+        for (int d = 0; d < D; ++d) {
+          double a = 0;
+          for (int e = 0; e < E; ++e) a += dout.h[dout.li(b, h, t, e)] * S[d * E + e];
+          dq_r[dq.li(b, h, t, d)] = scale * a;
+        }
+      }
+      std::copy(S.begin(), S.end(), sout_r.begin() + ((size_t)b * H + h) * D * E);
+      for (int i = 0; i < D * E; ++i) R[i] = cs.with_grad_out ? gout.h[((size_t)b * H + h) * D * E + i] : 0.0;
+      for (int s = N - 1; s >= 0; --s) {
+        if (s < N - 1)
+          for (auto& x : R) x *= g;
+        for (int d = 0; d < D; ++d) {
+          const double qd = scale * q.h[q.li(b, h, s, d)];
+          for (int e = 0; e < E; ++e) R[d * E + e] += qd * dout.h[dout.li(b, h, s, e)];
+        }
+        for (int d = 0; d < D; ++d) {
+          double a = 0;
+          for (int e = 0; e < E; ++e) a += v.h[v.li(b, kh, s, e)] * R[d * E + e];
+          dk_r[dk.li(b, kh, s, d)] += a;
+        }
+        for (int e = 0; e < E; ++e) {
+          double a = 0;
+          for (int d = 0; d < D; ++d) a += k.h[k.li(b, kh, s, d)] * R[d * E + e];
+          dv_r[dv.li(b, kh, s, e)] += a;
+        }
+      }
+      for (int i = 0; i < D * E; ++i) gin_r[((size_t)b * H + h) * D * E + i] = g * R[i];
+    }
+  }
+
+  const double tol = tol_for(cs.dt);
+  // States are kept in the acc type: fp32 accuracy at worst.
+  const double tol_state = dbl ? 1e-11 : 1e-5;
+  EXPECT_LT(rel_err(o_d, o_r), tol) << "o";
+  EXPECT_LT(rel_err(dq_d, dq_r), tol) << "dq";
+  EXPECT_LT(rel_err(dk_d, dk_r), tol) << "dk";
+  EXPECT_LT(rel_err(dv_d, dv_r), tol) << "dv";
+  if (cs.want_state_out) EXPECT_LT(rel_err(sout.download(), sout_r), tol_state) << "state_out";
+  if (cs.want_grad_in) EXPECT_LT(rel_err(gin.download(), gin_r), tol_state) << "grad_state_in";
+}
+
+// fwd_inter and bwd_inter: in-place accumulation.
+void run_inter_case(const Case& cs) {
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE(cs.str() + " seed=" + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const int B = cs.B, H = cs.H, Hkv = cs.Hkv, N = cs.N, D = cs.D, E = cs.E, grp = H / Hkv;
+  const bool dbl = cs.dt == ScalarType::Float64;
+  const double scale = 0.7;
+  Tensor q(B, H, N, D, cs.layout, cs.dt), k(B, Hkv, N, D, cs.layout, cs.dt), v(B, Hkv, N, E, cs.layout, cs.dt);
+  Tensor o(B, H, N, E, cs.layout, cs.dt), dk(B, Hkv, N, D, cs.layout, cs.dt), dv(B, Hkv, N, E, cs.layout, cs.dt);
+  for (Tensor* t : {&q, &k, &v, &o, &dk, &dv}) {
+    t->randomize(rng, 1.0);
+    t->upload();
+  }
+  const size_t SN = (size_t)B * H * D * E;
+  State sin(SN, dbl), gout(SN, dbl);
+  sin.randomize(rng, 1.0);
+  gout.randomize(rng, 1.0);
+  std::vector<double> lam(H, 0.0);
+  DevBuf ddecay(H * (dbl ? 8 : 4));
+  if (cs.decay) {
+    std::uniform_real_distribution<double> U(0.0, 0.3);
+    for (int h = 0; h < H; ++h) lam[h] = dbl ? U(rng) : (double)(float)U(rng);
+    if (dbl) {
+      cudaMemcpy(ddecay.p, lam.data(), H * 8, cudaMemcpyHostToDevice);
+    } else {
+      std::vector<float> f(lam.begin(), lam.end());
+      cudaMemcpy(ddecay.p, f.data(), H * 4, cudaMemcpyHostToDevice);
+    }
+  }
+  AttnParams p;
+  p.dtype = cs.dt;
+  p.B = B; p.H = H; p.Hkv = Hkv; p.N = N; p.D = D; p.E = E;
+  p.scale = scale;
+  p.decay = cs.decay ? ddecay.p : nullptr;
+  p.q = q.view(); p.k = k.view(); p.v = v.view(); p.o = o.view(); p.dk = dk.view(); p.dv = dv.view();
+  p.state_in = sin.dev.p;
+  p.grad_state_out = gout.dev.p;
+  ASSERT_TRUE(lasp::cuda::supports(p));
+  CK(lasp::cuda::fwd_inter(p, 0));
+  CK(lasp::cuda::bwd_inter(p, 0));
+  CK(cudaDeviceSynchronize());
+  std::vector<double> o_r = o.h, dk_r = dk.h, dv_r = dv.h;
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h) {
+      const int kh = h / grp;
+      const double* Sh = &sin.h[((size_t)b * H + h) * D * E];
+      const double* Gh = &gout.h[((size_t)b * H + h) * D * E];
+      for (int t = 0; t < N; ++t) {
+        const double w = scale * std::exp(-lam[h] * (t + 1));
+        for (int e = 0; e < E; ++e) {
+          double a = 0;
+          for (int d = 0; d < D; ++d) a += q.h[q.li(b, h, t, d)] * Sh[d * E + e];
+          o_r[o.li(b, h, t, e)] += w * a;
+        }
+        const double w2 = std::exp(-lam[h] * (N - 1 - t));
+        for (int d = 0; d < D; ++d) {
+          double a = 0;
+          for (int e = 0; e < E; ++e) a += v.h[v.li(b, kh, t, e)] * Gh[d * E + e];
+          dk_r[dk.li(b, kh, t, d)] += w2 * a;
+        }
+        for (int e = 0; e < E; ++e) {
+          double a = 0;
+          for (int d = 0; d < D; ++d) a += k.h[k.li(b, kh, t, d)] * Gh[d * E + e];
+          dv_r[dv.li(b, kh, t, e)] += w2 * a;
+        }
+      }
+    }
+  const double tol = tol_for(cs.dt);
+  EXPECT_LT(rel_err(o.download(), o_r), tol) << "o (fwd_inter)";
+  EXPECT_LT(rel_err(dk.download(), dk_r), tol) << "dk (bwd_inter)";
+  EXPECT_LT(rel_err(dv.download(), dv_r), tol) << "dv (bwd_inter)";
+}
+
+const ScalarType kAllTypes[] = {ScalarType::Float32, ScalarType::Float16, ScalarType::BFloat16, ScalarType::Float64};
+
+// Shapes: (B, H, Hkv, D, E, list of N)
+struct Shape {
+  int B, H, Hkv, D, E;
+  std::vector<int> Ns;
+};
+
+std::vector<Case> cases_for(ScalarType dt) {
+  const std::vector<Shape> shapes = {
+      {2, 2, 2, 64, 64, {1, 63, 64, 65, 1000}},
+      {1, 4, 2, 128, 128, {1, 65, 1000}},
+      {1, 4, 1, 32, 48, {63, 64, 1000}},
+      {1, 2, 2, 256, 256, {64, 1000}},
+      {1, 2, 1, 64, 64, {4133}},      // many segments per head
+      {3, 96, 48, 32, 32, {130}},     // enough heads for one segment each
+      {2, 2, 2, 17, 5, {200}},        // odd head dims
+  };
+  std::vector<Case> out;
+  int i = (int)dt;
+  for (const auto& s : shapes) {
+    for (int n : s.Ns) {
+      Case c;
+      c.dt = dt;
+      c.B = s.B; c.H = s.H; c.Hkv = s.Hkv; c.N = n; c.D = s.D; c.E = s.E;
+      c.decay = (i % 2) == 0;
+      c.layout = i % 3;
+      c.with_state_in = (i % 4) < 2;
+      c.with_grad_out = (i % 4) != 1;
+      c.want_state_out = (i % 5) != 3;
+      c.want_grad_in = (i % 5) != 4;
+      out.push_back(c);
+      ++i;
+    }
+  }
+  return out;
+}
+
+class CudaKernels : public ::testing::TestWithParam<ScalarType> {};
+
+TEST_P(CudaKernels, FwdBwdMatchFloat64Reference) {
+  SKIP_WITHOUT_DEVICE();
+  for (const Case& c : cases_for(GetParam())) {
+    run_case(c);
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+}
+
+TEST_P(CudaKernels, InterTermsMatchFloat64Reference) {
+  SKIP_WITHOUT_DEVICE();
+  const ScalarType dt = GetParam();
+  const Case cs[] = {
+      {dt, 2, 4, 2, 100, 64, 64, true, kBNHX, true, true, false, false},
+      {dt, 1, 2, 2, 65, 128, 128, false, kBHNX, true, true, false, false},
+      {dt, 1, 4, 1, 33, 32, 48, true, kStridedLast, true, true, false, false},
+  };
+  for (const Case& c : cs) run_inter_case(c);
+}
+
+TEST(CudaKernelsApi, SupportsRejectsWhatItCannotDo) {
+  AttnParams p;
+  p.dtype = ScalarType::BFloat16;
+  p.B = 1; p.H = 2; p.Hkv = 2; p.N = 10; p.D = 64; p.E = 64;
+  EXPECT_TRUE(lasp::cuda::supports(p));
+  p.D = 257;
+  EXPECT_FALSE(lasp::cuda::supports(p));
+  p.D = 64;
+  p.Hkv = 3;
+  EXPECT_FALSE(lasp::cuda::supports(p));
+  p.Hkv = 2;
+  p.N = 0;
+  EXPECT_FALSE(lasp::cuda::supports(p));
+}
+
+INSTANTIATE_TEST_SUITE_P(AllDtypes, CudaKernels, ::testing::ValuesIn(kAllTypes),
+                         [](const ::testing::TestParamInfo<ScalarType>& i) { return std::string(dtype_name(i.param)); });
+
+}  // namespace
+
+#else  // !LASP_WITH_CUDA
+
+TEST(CudaKernels, Skipped) { GTEST_SKIP() << "no CUDA device: lasp was built without CUDA (LASP_WITH_CUDA unset)"; }
+
+#endif
