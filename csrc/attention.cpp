@@ -1,0 +1,256 @@
+#include "attention.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/SymBool.h>
+
+#include "ring.h"
+
+namespace lasp {
+
+namespace {
+
+bool supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+ScalarType to_lasp(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return ScalarType::Float32;
+    case at::kHalf: return ScalarType::Float16;
+    case at::kBFloat16: return ScalarType::BFloat16;
+    case at::kDouble: return ScalarType::Float64;
+    default: TORCH_CHECK_TYPE(false, "lasp_attention: unsupported dtype ", t);
+  }
+}
+
+TensorView4 view4(const Tensor& t) {
+  TensorView4 v;
+  v.ptr = t.data_ptr();
+  for (int i = 0; i < 4; ++i) v.stride[i] = t.stride(i);
+  return v;
+}
+
+void* ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+// Params shared by forward and backward: sizes, dtype, q/k/v views, decay, scale.
+AttnParams base_params(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay_acc, double scale) {
+  AttnParams p;
+  p.dtype = to_lasp(q.scalar_type());
+  p.B = q.size(0);
+  p.H = q.size(1);
+  p.N = q.size(2);
+  p.D = q.size(3);
+  p.Hkv = k.size(1);
+  p.E = v.size(3);
+  p.scale = scale;
+  p.decay = ptr_or_null(decay_acc);
+  p.q = view4(q);
+  p.k = view4(k);
+  p.v = view4(v);
+  return p;
+}
+
+Tensor decay_in_acc(const std::optional<Tensor>& decay, at::ScalarType acc) {
+  return decay.has_value() ? decay->to(acc).contiguous() : Tensor();
+}
+
+// gamma^n per head, shaped (1, H, 1, 1) to scale a (B, H, D, E) state; undefined when there is no decay.
+Tensor decay_pow(const Tensor& decay_acc, int64_t n) {
+  if (!decay_acc.defined()) return Tensor();
+  return at::exp(decay_acc * static_cast<double>(-n)).view({1, -1, 1, 1});
+}
+
+// gamma^n * s + add (gamma = 1 when there is no decay).
+Tensor decayed_sum(const Tensor& s, const Tensor& gamma_n, const Tensor& add) {
+  return gamma_n.defined() ? at::addcmul(add, s, gamma_n) : s + add;
+}
+
+Tensor state_like(const Tensor& q, int64_t D, int64_t E) {
+  return at::empty({q.size(0), q.size(1), D, E}, q.options().dtype(acc_type(q.scalar_type())));
+}
+
+}  // namespace
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& decay,
+                  const std::optional<Tensor>& initial_state, bool check_values) {
+  TORCH_CHECK(q.defined() && k.defined() && v.defined(), "lasp_attention: q, k and v must be tensors");
+  TORCH_CHECK_VALUE(q.dim() == 4, "lasp_attention: q must be 4-D (batch, heads, tokens, head dim), got a ",
+                    q.dim(), "-D tensor of shape ", q.sym_sizes());
+  TORCH_CHECK_VALUE(k.dim() == 4, "lasp_attention: k must be 4-D (batch, kv heads, tokens, head dim), got a ",
+                    k.dim(), "-D tensor of shape ", k.sym_sizes());
+  TORCH_CHECK_VALUE(v.dim() == 4, "lasp_attention: v must be 4-D (batch, kv heads, tokens, value dim), got a ",
+                    v.dim(), "-D tensor of shape ", v.sym_sizes());
+  TORCH_CHECK_TYPE(supported_dtype(q.scalar_type()),
+                   "lasp_attention: q must be float32, float16, bfloat16 or float64, got ", q.scalar_type());
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), "lasp_attention: k must have the dtype of q (",
+                   q.scalar_type(), "), got ", k.scalar_type());
+  TORCH_CHECK_TYPE(v.scalar_type() == q.scalar_type(), "lasp_attention: v must have the dtype of q (",
+                   q.scalar_type(), "), got ", v.scalar_type());
+  TORCH_CHECK_VALUE(k.device() == q.device(), "lasp_attention: k must be on the device of q (", q.device(),
+                    "), got ", k.device());
+  TORCH_CHECK_VALUE(v.device() == q.device(), "lasp_attention: v must be on the device of q (", q.device(),
+                    "), got ", v.device());
+
+  const auto& B = q.sym_size(0);
+  const auto& H = q.sym_size(1);
+  const auto& N = q.sym_size(2);
+  const auto& D = q.sym_size(3);
+  const auto& Hkv = k.sym_size(1);
+  const auto& E = v.sym_size(3);
+  TORCH_SYM_CHECK(k.sym_size(0).sym_eq(B), "lasp_attention: k must have the batch size of q (", B, "), got ",
+                  k.sym_size(0));
+  TORCH_SYM_CHECK(v.sym_size(0).sym_eq(B), "lasp_attention: v must have the batch size of q (", B, "), got ",
+                  v.sym_size(0));
+  TORCH_SYM_CHECK(k.sym_size(2).sym_eq(N), "lasp_attention: k must have the sequence length of q (", N,
+                  " tokens), got ", k.sym_size(2));
+  TORCH_SYM_CHECK(v.sym_size(2).sym_eq(N), "lasp_attention: v must have the sequence length of q (", N,
+                  " tokens), got ", v.sym_size(2));
+  TORCH_SYM_CHECK(k.sym_size(3).sym_eq(D), "lasp_attention: k must have the head dim of q (", D, "), got ",
+                  k.sym_size(3));
+  TORCH_SYM_CHECK(v.sym_size(1).sym_eq(Hkv), "lasp_attention: v must have the number of kv heads of k (", Hkv,
+                  "), got ", v.sym_size(1));
+  TORCH_SYM_CHECK(Hkv.sym_ge(1), "lasp_attention: k must have at least one head");
+  TORCH_SYM_CHECK((H % Hkv).sym_eq(0), "lasp_attention: the number of q heads (", H,
+                  ") must be a multiple of the number of k/v heads (", Hkv, ")");
+  TORCH_SYM_CHECK(D.sym_ge(1), "lasp_attention: q must have a head dim of at least 1");
+  TORCH_SYM_CHECK(E.sym_ge(1), "lasp_attention: v must have a head dim of at least 1");
+
+  if (decay.has_value()) {
+    const Tensor& d = *decay;
+    TORCH_CHECK_VALUE(d.dim() == 1, "lasp_attention: decay must be 1-D with one rate per q head (", H,
+                      "), got shape ", d.sym_sizes());
+    TORCH_SYM_CHECK(d.sym_size(0).sym_eq(H), "lasp_attention: decay must have one rate per q head (", H,
+                    "), got ", d.sym_size(0));
+    TORCH_CHECK_TYPE(at::isFloatingType(d.scalar_type()), "lasp_attention: decay must be a floating tensor, got ",
+                     d.scalar_type());
+    TORCH_CHECK_VALUE(d.device() == q.device(), "lasp_attention: decay must be on the device of q (", q.device(),
+                      "), got ", d.device());
+    if (check_values && d.device().is_cpu()) {
+      TORCH_CHECK_VALUE(!(d < 0).any().item<bool>(),
+                        "lasp_attention: decay must hold rates >= 0 (gamma = exp(-decay) <= 1), got ", d);
+    }
+  }
+  if (initial_state.has_value()) {
+    const Tensor& s = *initial_state;
+    const auto acc = acc_type(q.scalar_type());
+    TORCH_CHECK_TYPE(s.scalar_type() == acc, "lasp_attention: initial_state must be ", acc, " for ",
+                     q.scalar_type(), " inputs, got ", s.scalar_type());
+    TORCH_CHECK_VALUE(s.device() == q.device(), "lasp_attention: initial_state must be on the device of q (",
+                      q.device(), "), got ", s.device());
+    TORCH_CHECK_VALUE(s.dim() == 4, "lasp_attention: initial_state must have shape (B, H, D, E) = (", B, ", ", H,
+                      ", ", D, ", ", E, "), got ", s.sym_sizes());
+    TORCH_SYM_CHECK(s.sym_size(0).sym_eq(B) & s.sym_size(1).sym_eq(H) & s.sym_size(2).sym_eq(D) &
+                        s.sym_size(3).sym_eq(E),
+                    "lasp_attention: initial_state must have shape (B, H, D, E) = (", B, ", ", H, ", ", D, ", ",
+                    E, "), got ", s.sym_sizes());
+  }
+}
+
+Tensor alloc_out(const Tensor& like, const c10::SymInt& last) {
+  const auto& B = like.sym_size(0);
+  const auto& H = like.sym_size(1);
+  const auto& N = like.sym_size(2);
+  const bool tokens_outer = like.sym_stride(1) < like.sym_stride(2);
+  if (tokens_outer) {
+    return at::empty_symint({B, N, H, last}, like.options()).transpose(1, 2);
+  }
+  return at::empty_symint({B, H, N, last}, like.options());
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& kernels, const Tensor& q, const Tensor& k,
+                                                 const Tensor& v, const std::optional<Tensor>& decay,
+                                                 double scale, const std::optional<Tensor>& initial_state,
+                                                 const std::optional<std::string>& group_name) {
+  check_inputs(q, k, v, decay, initial_state, /*check_values=*/true);
+  const auto acc = acc_type(q.scalar_type());
+  const int64_t N = q.size(2), D = q.size(3), E = v.size(3);
+  const Tensor decay_acc = decay_in_acc(decay, acc);
+  Tensor o = alloc_out(q, E);
+  AttnParams p = base_params(q, k, v, decay_acc, scale);
+  p.o = view4(o);
+
+  const Ring ring(group_name);
+  if (ring.is_first()) {
+    // Alone, or the first piece: the incoming state is the user's initial state; one fused pass.
+    Tensor s_in = initial_state.has_value() ? initial_state->contiguous() : at::zeros_like(state_like(q, D, E));
+    Tensor s_out = state_like(q, D, E);
+    p.state_in = initial_state.has_value() ? s_in.data_ptr() : nullptr;
+    p.state_out = s_out.data_ptr();
+    kernels.fwd(p);
+    if (ring.size() > 1) ring.send_next(s_out, Ring::kForwardTag)->wait();
+    return {o, s_out, s_in};
+  }
+
+  // Rank r > 0: post the receive, do everything that needs no incoming state, then finish.
+  Tensor s_in = state_like(q, D, E);
+  auto recv = ring.recv_prev(s_in, Ring::kForwardTag);
+  Tensor local = state_like(q, D, E);
+  p.state_out = local.data_ptr();
+  kernels.fwd(p);  // o_local and L_r
+  recv->wait();
+  Tensor s_out = decayed_sum(s_in, decay_pow(decay_acc, N), local);  // gamma^n S_in + L_r
+  c10::intrusive_ptr<c10d::Work> send;
+  if (!ring.is_last()) send = ring.send_next(s_out, Ring::kForwardTag);
+  p.state_in = s_in.data_ptr();
+  kernels.fwd_inter(p);  // o += scale gamma^(t+1) q S_in
+  if (send) send->wait();
+  return {o, s_out, s_in};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& kernels, const Tensor& q,
+                                                         const Tensor& k, const Tensor& v, const Tensor& dout,
+                                                         const std::optional<Tensor>& grad_final_state,
+                                                         const std::optional<Tensor>& decay, double scale,
+                                                         const Tensor& state_in,
+                                                         const std::optional<std::string>& group_name) {
+  check_inputs(q, k, v, decay, std::nullopt, /*check_values=*/false);
+  const auto acc = acc_type(q.scalar_type());
+  const int64_t N = q.size(2), D = q.size(3), E = v.size(3);
+  TORCH_CHECK(dout.sizes() == at::IntArrayRef({q.size(0), q.size(1), N, E}) && dout.scalar_type() == q.scalar_type(),
+              "lasp_attention backward: the output gradient must have shape ", at::IntArrayRef({q.size(0), q.size(1), N, E}),
+              " and dtype ", q.scalar_type(), ", got ", dout.sizes(), " ", dout.scalar_type());
+  const Tensor decay_acc = decay_in_acc(decay, acc);
+  const Tensor s_in = state_in.to(acc).contiguous();
+  const Tensor g_user = grad_final_state.has_value() ? grad_final_state->to(acc).contiguous() : Tensor();
+
+  Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  AttnParams p = base_params(q, k, v, decay_acc, scale);
+  p.dout = view4(dout);
+  p.dq = view4(dq);
+  p.dk = view4(dk);
+  p.dv = view4(dv);
+  p.state_in = s_in.data_ptr();
+
+  const Ring ring(group_name);
+  Tensor g_prev;  // gradient w.r.t. this piece's incoming state
+  if (ring.is_last()) {
+    // Alone, or the last piece: G is the gradient of the returned final state; one fused pass.
+    g_prev = state_like(q, D, E);
+    p.grad_state_out = ptr_or_null(g_user);
+    p.grad_state_in = g_prev.data_ptr();
+    kernels.bwd(p);
+    if (ring.size() > 1) ring.send_prev(g_prev, Ring::kBackwardTag)->wait();
+  } else {
+    // Post the receive of G from rank r+1, compute dq and the local dk, dv, M first.
+    Tensor g_next = state_like(q, D, E);
+    auto recv = ring.recv_next(g_next, Ring::kBackwardTag);
+    Tensor m = state_like(q, D, E);
+    p.grad_state_in = m.data_ptr();
+    kernels.bwd(p);
+    recv->wait();
+    Tensor g = g_user.defined() ? g_next + g_user : g_next;
+    g_prev = decayed_sum(g, decay_pow(decay_acc, N), m);  // gamma^n G + M
+    c10::intrusive_ptr<c10d::Work> send;
+    if (!ring.is_first()) send = ring.send_prev(g_prev, Ring::kBackwardTag);
+    p.grad_state_out = g.data_ptr();
+    kernels.bwd_inter(p);  // dk, dv += gamma^(n-1-s) (v G^T, k G)
+    if (send) send->wait();
+  }
+  // Only the first piece reads the user's initial state.
+  Tensor grad_init = ring.is_first() ? g_prev : at::zeros_like(g_prev);
+  return {dq, dk, dv, grad_init};
+}
+
+}  // namespace lasp

@@ -1,0 +1,47 @@
+// Internal: the backend-independent drivers of the lasp_attention op (validation, output allocation,
+// the LASP ring). Backends (CPU, CUDA) supply the four building blocks of lasp_params.h.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <functional>
+#include <string>
+#include <tuple>
+
+#include "lasp_params.h"
+
+namespace lasp {
+
+using at::Tensor;
+
+// The building blocks of one backend. They receive filled params and run (or enqueue) the work.
+struct Kernels {
+  std::function<void(AttnParams&)> fwd, fwd_inter, bwd, bwd_inter;
+};
+
+// Checks shapes, dtypes and devices of the op's inputs (symbolic sizes allowed, so the meta kernels
+// share it). check_values also checks decay >= 0, which reads decay's values (CPU tensors only).
+void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& decay,
+                  const std::optional<Tensor>& initial_state, bool check_values);
+
+// (B, H, N, last) output with the memory order of `like` ((B, H, N, *) or (B, N, H, *)).
+Tensor alloc_out(const Tensor& like, const c10::SymInt& last);
+
+at::ScalarType acc_type(at::ScalarType t);
+
+// Forward: (o, final_state, state_in). state_in is the state this piece started from (cached for
+// backward, so backward needs no second forward ring).
+std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& kernels, const Tensor& q, const Tensor& k,
+                                                 const Tensor& v, const std::optional<Tensor>& decay,
+                                                 double scale, const std::optional<Tensor>& initial_state,
+                                                 const std::optional<std::string>& group_name);
+
+// Backward: (dq, dk, dv, grad_initial_state). grad_initial_state is zero on group ranks > 0.
+std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& kernels, const Tensor& q,
+                                                         const Tensor& k, const Tensor& v, const Tensor& dout,
+                                                         const std::optional<Tensor>& grad_final_state,
+                                                         const std::optional<Tensor>& decay, double scale,
+                                                         const Tensor& state_in,
+                                                         const std::optional<std::string>& group_name);
+
+}  // namespace lasp

@@ -1,0 +1,340 @@
+// Chunked linear attention on the CPU: the reference-quality backend every other backend is held to.
+// One (batch, head) pair per task, chunks of kChunk tokens, the state carried in the accumulation
+// type (float, or double for float64 inputs). See LASP.md "Chunked computation".
+#include "cpu/attention_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace lasp {
+namespace cpu {
+namespace {
+
+constexpr int64_t kChunk = 64;
+
+// Element (b, h, n, i) of a strided view.
+template <typename T>
+inline T* at4(const TensorView4& t, int64_t b, int64_t h, int64_t n, int64_t i) {
+  return static_cast<T*>(t.ptr) + b * t.stride[0] + h * t.stride[1] + n * t.stride[2] + i * t.stride[3];
+}
+
+// Copy rows [n0, n0 + len) of head (b, h) into a dense acc buffer of shape (len, width).
+template <typename scalar_t, typename acc_t>
+void load_rows(const TensorView4& t, int64_t b, int64_t h, int64_t n0, int64_t len, int64_t width, acc_t* out) {
+  for (int64_t r = 0; r < len; ++r) {
+    const scalar_t* row = at4<scalar_t>(t, b, h, n0 + r, 0);
+    for (int64_t i = 0; i < width; ++i) out[r * width + i] = static_cast<acc_t>(row[i * t.stride[3]]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void store_rows(const TensorView4& t, int64_t b, int64_t h, int64_t n0, int64_t len, int64_t width, const acc_t* in) {
+  for (int64_t r = 0; r < len; ++r) {
+    scalar_t* row = at4<scalar_t>(t, b, h, n0 + r, 0);
+    for (int64_t i = 0; i < width; ++i) row[i * t.stride[3]] = static_cast<scalar_t>(in[r * width + i]);
+  }
+}
+
+template <typename acc_t>
+inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
+  acc_t s = 0;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Decay of head h: pw[i] = gamma^i for i = 0 .. kChunk (exp of the exact exponent, no repeated products).
+template <typename acc_t>
+struct Decay {
+  acc_t lambda = 0;
+  acc_t pw[kChunk + 1];
+  Decay(const AttnParams& p, int64_t h) {
+    if (p.decay) lambda = static_cast<const acc_t*>(p.decay)[h];
+    for (int64_t i = 0; i <= kChunk; ++i) pw[i] = std::exp(-lambda * static_cast<acc_t>(i));
+  }
+  acc_t pow(int64_t n) const { return std::exp(-lambda * static_cast<acc_t>(n)); }
+};
+
+inline int64_t group_size(const AttnParams& p) { return p.H / p.Hkv; }
+
+// ---------------------------------------------------------------- forward
+template <typename scalar_t, typename acc_t>
+void fwd_impl(const AttnParams& p) {
+  const int64_t D = p.D, E = p.E, N = p.N, G = group_size(p);
+  at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> S(D * E), Q(kChunk * D), K(kChunk * D), V(kChunk * E), O(kChunk * E), A(kChunk * kChunk);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / p.H, h = bh % p.H, g = h / G;
+      const Decay<acc_t> dec(p, h);
+      const acc_t scale = static_cast<acc_t>(p.scale);
+      if (p.state_in) {
+        std::copy_n(static_cast<const acc_t*>(p.state_in) + bh * D * E, D * E, S.begin());
+      } else {
+        std::fill(S.begin(), S.end(), acc_t(0));
+      }
+      for (int64_t c0 = 0; c0 < N; c0 += kChunk) {
+        const int64_t L = std::min(kChunk, N - c0);
+        load_rows<scalar_t>(p.q, b, h, c0, L, D, Q.data());
+        load_rows<scalar_t>(p.k, b, g, c0, L, D, K.data());
+        load_rows<scalar_t>(p.v, b, g, c0, L, E, V.data());
+        // Inter-chunk part: gamma^(t+1) q[t] S_in.
+        for (int64_t t = 0; t < L; ++t) {
+          acc_t* o = &O[t * E];
+          std::fill(o, o + E, acc_t(0));
+          for (int64_t i = 0; i < D; ++i) {
+            const acc_t qi = Q[t * D + i];
+            const acc_t* srow = &S[i * E];
+            for (int64_t j = 0; j < E; ++j) o[j] += qi * srow[j];
+          }
+          const acc_t w = dec.pw[t + 1];
+          for (int64_t j = 0; j < E; ++j) o[j] *= w;
+        }
+        // Intra-chunk part: ((Q K^T) * M) V.
+        for (int64_t t = 0; t < L; ++t) {
+          for (int64_t s = 0; s <= t; ++s) A[t * kChunk + s] = dot(&Q[t * D], &K[s * D], D) * dec.pw[t - s];
+          acc_t* o = &O[t * E];
+          for (int64_t s = 0; s <= t; ++s) {
+            const acc_t a = A[t * kChunk + s];
+            const acc_t* vs = &V[s * E];
+            for (int64_t j = 0; j < E; ++j) o[j] += a * vs[j];
+          }
+          for (int64_t j = 0; j < E; ++j) o[j] *= scale;
+        }
+        store_rows<scalar_t>(p.o, b, h, c0, L, E, O.data());
+        // State update: S = gamma^L S + sum_s gamma^(L-1-s) k[s]^T v[s].
+        const acc_t wl = dec.pw[L];
+        for (auto& x : S) x *= wl;
+        for (int64_t s = 0; s < L; ++s) {
+          const acc_t w = dec.pw[L - 1 - s];
+          for (int64_t i = 0; i < D; ++i) {
+            const acc_t ki = K[s * D + i] * w;
+            acc_t* srow = &S[i * E];
+            const acc_t* vs = &V[s * E];
+            for (int64_t j = 0; j < E; ++j) srow[j] += ki * vs[j];
+          }
+        }
+      }
+      if (p.state_out) std::copy(S.begin(), S.end(), static_cast<acc_t*>(p.state_out) + bh * D * E);
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void fwd_inter_impl(const AttnParams& p) {
+  const int64_t D = p.D, E = p.E, N = p.N;
+  TORCH_CHECK(p.state_in != nullptr, "lasp: fwd_inter needs state_in");
+  at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> q(D), o(E);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / p.H, h = bh % p.H;
+      const Decay<acc_t> dec(p, h);
+      const acc_t* S = static_cast<const acc_t*>(p.state_in) + bh * D * E;
+      const acc_t scale = static_cast<acc_t>(p.scale);
+      for (int64_t t = 0; t < N; ++t) {
+        load_rows<scalar_t>(p.q, b, h, t, 1, D, q.data());
+        load_rows<scalar_t>(p.o, b, h, t, 1, E, o.data());
+        const acc_t w = scale * dec.pow(t + 1);
+        for (int64_t i = 0; i < D; ++i) {
+          const acc_t qi = q[i] * w;
+          for (int64_t j = 0; j < E; ++j) o[j] += qi * S[i * E + j];
+        }
+        store_rows<scalar_t>(p.o, b, h, t, 1, E, o.data());
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- backward
+// dq: a forward sweep with the state S (dq[t] = scale * do[t] S[t]^T, S[t] including position t).
+template <typename scalar_t, typename acc_t>
+void bwd_dq_impl(const AttnParams& p) {
+  const int64_t D = p.D, E = p.E, N = p.N, G = group_size(p);
+  at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> S(D * E), dO(kChunk * E), K(kChunk * D), V(kChunk * E), dQ(kChunk * D);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / p.H, h = bh % p.H, g = h / G;
+      const Decay<acc_t> dec(p, h);
+      const acc_t scale = static_cast<acc_t>(p.scale);
+      if (p.state_in) {
+        std::copy_n(static_cast<const acc_t*>(p.state_in) + bh * D * E, D * E, S.begin());
+      } else {
+        std::fill(S.begin(), S.end(), acc_t(0));
+      }
+      for (int64_t c0 = 0; c0 < N; c0 += kChunk) {
+        const int64_t L = std::min(kChunk, N - c0);
+        load_rows<scalar_t>(p.dout, b, h, c0, L, E, dO.data());
+        load_rows<scalar_t>(p.k, b, g, c0, L, D, K.data());
+        load_rows<scalar_t>(p.v, b, g, c0, L, E, V.data());
+        for (int64_t t = 0; t < L; ++t) {
+          acc_t* dq = &dQ[t * D];
+          const acc_t* dot_ = &dO[t * E];
+          const acc_t w = dec.pw[t + 1];
+          for (int64_t i = 0; i < D; ++i) dq[i] = w * dot(dot_, &S[i * E], E);
+          for (int64_t s = 0; s <= t; ++s) {
+            const acc_t a = dot(dot_, &V[s * E], E) * dec.pw[t - s];
+            const acc_t* ks = &K[s * D];
+            for (int64_t i = 0; i < D; ++i) dq[i] += a * ks[i];
+          }
+          for (int64_t i = 0; i < D; ++i) dq[i] *= scale;
+        }
+        store_rows<scalar_t>(p.dq, b, h, c0, L, D, dQ.data());
+        const acc_t wl = dec.pw[L];
+        for (auto& x : S) x *= wl;
+        for (int64_t s = 0; s < L; ++s) {
+          const acc_t w = dec.pw[L - 1 - s];
+          for (int64_t i = 0; i < D; ++i) {
+            const acc_t ki = K[s * D + i] * w;
+            for (int64_t j = 0; j < E; ++j) S[i * E + j] += ki * V[s * E + j];
+          }
+        }
+      }
+    }
+  });
+}
+
+// dk, dv, grad_state_in: a reverse sweep per kv head over the query heads that read it, with
+// R = gamma^(N-1-s) G + scale * sum_{t>=s} gamma^(t-s) q[t]^T do[t]; dk[s] = v[s] R^T, dv[s] = k[s] R.
+template <typename scalar_t, typename acc_t>
+void bwd_dkdv_impl(const AttnParams& p) {
+  const int64_t D = p.D, E = p.E, N = p.N, G = group_size(p);
+  at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> R(G * D * E), Q(kChunk * D), dO(kChunk * E), K(kChunk * D), V(kChunk * E),
+        dK(kChunk * D), dV(kChunk * E), A(kChunk * kChunk);
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / p.Hkv, g = bg % p.Hkv;
+      std::vector<Decay<acc_t>> decs;
+      decs.reserve(G);
+      for (int64_t r = 0; r < G; ++r) {
+        const int64_t h = g * G + r;
+        decs.emplace_back(p, h);
+        acc_t* Rh = &R[r * D * E];
+        if (p.grad_state_out) {
+          std::copy_n(static_cast<const acc_t*>(p.grad_state_out) + (b * p.H + h) * D * E, D * E, Rh);
+        } else {
+          std::fill(Rh, Rh + D * E, acc_t(0));
+        }
+      }
+      const int64_t num_chunks = (N + kChunk - 1) / kChunk;
+      for (int64_t c = num_chunks - 1; c >= 0; --c) {
+        const int64_t c0 = c * kChunk, L = std::min(kChunk, N - c0);
+        load_rows<scalar_t>(p.k, b, g, c0, L, D, K.data());
+        load_rows<scalar_t>(p.v, b, g, c0, L, E, V.data());
+        std::fill(dK.begin(), dK.end(), acc_t(0));
+        std::fill(dV.begin(), dV.end(), acc_t(0));
+        for (int64_t r = 0; r < G; ++r) {
+          const int64_t h = g * G + r;
+          const Decay<acc_t>& dec = decs[r];
+          const acc_t scale = static_cast<acc_t>(p.scale);
+          acc_t* Rh = &R[r * D * E];
+          load_rows<scalar_t>(p.q, b, h, c0, L, D, Q.data());
+          load_rows<scalar_t>(p.dout, b, h, c0, L, E, dO.data());
+          for (int64_t s = 0; s < L; ++s) {
+            // Carried part: gamma^(L-1-s) (v[s] R^T, k[s] R).
+            const acc_t w = dec.pw[L - 1 - s];
+            acc_t* dk = &dK[s * D];
+            acc_t* dv = &dV[s * E];
+            for (int64_t i = 0; i < D; ++i) dk[i] += w * dot(&V[s * E], &Rh[i * E], E);
+            for (int64_t i = 0; i < D; ++i) {
+              const acc_t ki = w * K[s * D + i];
+              for (int64_t j = 0; j < E; ++j) dv[j] += ki * Rh[i * E + j];
+            }
+            // Intra-chunk part.
+            for (int64_t t = s; t < L; ++t) {
+              const acc_t wd = scale * dec.pw[t - s];
+              const acc_t a_kv = dot(&dO[t * E], &V[s * E], E) * wd;  // (do[t].v[s])
+              const acc_t a_qk = dot(&Q[t * D], &K[s * D], D) * wd;   // (q[t].k[s])
+              for (int64_t i = 0; i < D; ++i) dk[i] += a_kv * Q[t * D + i];
+              for (int64_t j = 0; j < E; ++j) dv[j] += a_qk * dO[t * E + j];
+            }
+          }
+          // R for the previous chunk: gamma^L R + scale * sum_t gamma^(t+1) q[t]^T do[t].
+          const acc_t wl = dec.pw[L];
+          for (int64_t x = 0; x < D * E; ++x) Rh[x] *= wl;
+          for (int64_t t = 0; t < L; ++t) {
+            const acc_t w = scale * dec.pw[t + 1];
+            for (int64_t i = 0; i < D; ++i) {
+              const acc_t qi = w * Q[t * D + i];
+              for (int64_t j = 0; j < E; ++j) Rh[i * E + j] += qi * dO[t * E + j];
+            }
+          }
+        }
+        store_rows<scalar_t>(p.dk, b, g, c0, L, D, dK.data());
+        store_rows<scalar_t>(p.dv, b, g, c0, L, E, dV.data());
+      }
+      if (p.grad_state_in) {
+        for (int64_t r = 0; r < G; ++r) {
+          const int64_t h = g * G + r;
+          std::copy_n(&R[r * D * E], D * E, static_cast<acc_t*>(p.grad_state_in) + (b * p.H + h) * D * E);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void bwd_inter_impl(const AttnParams& p) {
+  const int64_t D = p.D, E = p.E, N = p.N, G = group_size(p);
+  TORCH_CHECK(p.grad_state_out != nullptr, "lasp: bwd_inter needs grad_state_out");
+  at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> k(D), v(E), dk(D), dv(E);
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / p.Hkv, g = bg % p.Hkv;
+      for (int64_t s = 0; s < N; ++s) {
+        load_rows<scalar_t>(p.k, b, g, s, 1, D, k.data());
+        load_rows<scalar_t>(p.v, b, g, s, 1, E, v.data());
+        load_rows<scalar_t>(p.dk, b, g, s, 1, D, dk.data());
+        load_rows<scalar_t>(p.dv, b, g, s, 1, E, dv.data());
+        for (int64_t r = 0; r < G; ++r) {
+          const int64_t h = g * G + r;
+          const Decay<acc_t> dec(p, h);
+          const acc_t w = dec.pow(N - 1 - s);
+          const acc_t* Gh = static_cast<const acc_t*>(p.grad_state_out) + (b * p.H + h) * D * E;
+          for (int64_t i = 0; i < D; ++i) dk[i] += w * dot(v.data(), &Gh[i * E], E);
+          for (int64_t i = 0; i < D; ++i) {
+            const acc_t ki = w * k[i];
+            for (int64_t j = 0; j < E; ++j) dv[j] += ki * Gh[i * E + j];
+          }
+        }
+        store_rows<scalar_t>(p.dk, b, g, s, 1, D, dk.data());
+        store_rows<scalar_t>(p.dv, b, g, s, 1, E, dv.data());
+      }
+    }
+  });
+}
+
+template <template <typename, typename> class F>
+void dispatch(const AttnParams& p) {
+  switch (p.dtype) {
+    case ScalarType::Float32: return F<float, float>::run(p);
+    case ScalarType::Float64: return F<double, double>::run(p);
+    case ScalarType::Float16: return F<c10::Half, float>::run(p);
+    case ScalarType::BFloat16: return F<c10::BFloat16, float>::run(p);
+  }
+  TORCH_CHECK(false, "lasp: unsupported dtype");
+}
+
+template <typename S, typename A> struct FwdOp { static void run(const AttnParams& p) { fwd_impl<S, A>(p); } };
+template <typename S, typename A> struct FwdInterOp { static void run(const AttnParams& p) { fwd_inter_impl<S, A>(p); } };
+template <typename S, typename A> struct BwdOp {
+  static void run(const AttnParams& p) {
+    bwd_dq_impl<S, A>(p);
+    bwd_dkdv_impl<S, A>(p);
+  }
+};
+template <typename S, typename A> struct BwdInterOp { static void run(const AttnParams& p) { bwd_inter_impl<S, A>(p); } };
+
+}  // namespace
+
+// fwd and bwd run for N == 0 too: they still write state_out = S_in and grad_state_in = G.
+void fwd(const AttnParams& p) { dispatch<FwdOp>(p); }
+void fwd_inter(const AttnParams& p) { if (p.N > 0) dispatch<FwdInterOp>(p); }
+void bwd(const AttnParams& p) { dispatch<BwdOp>(p); }
+void bwd_inter(const AttnParams& p) { if (p.N > 0) dispatch<BwdInterOp>(p); }
+
+}  // namespace cpu
+}  // namespace lasp

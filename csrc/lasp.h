@@ -1,0 +1,27 @@
+// Public C++ API of lasp (for LibTorch programs). Link against liblasp; the op is the same
+// dispatcher op that Python's lasp.lasp_attention calls (torch.ops.lasp.lasp_attention).
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <string>
+#include <tuple>
+
+namespace lasp {
+
+struct AttentionOptions {
+  std::optional<at::Tensor> decay;          // (H,) rates lambda >= 0, gamma = exp(-lambda); none: no decay
+  std::optional<double> scale;              // default 1/sqrt(D)
+  std::optional<at::Tensor> initial_state;  // (B, H, D, E) float32 (float64 for float64 inputs)
+  std::optional<std::string> group_name;    // a registered c10d process group (sequence parallel)
+};
+
+// Linear attention o[t] = scale * sum_{s<=t} gamma^(t-s) (q[t].k[s]) v[s] (+ the initial state's term)
+// on q (B, H, N, D), k (B, Hkv, N, D), v (B, Hkv, N, E). Returns (o, final_state). Differentiable.
+std::tuple<at::Tensor, at::Tensor> lasp_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                  const AttentionOptions& options = {});
+
+// TransNormerLLM / Lightning Attention decay rates for num_heads heads (float32, CPU).
+at::Tensor alibi_slopes(int64_t num_heads);
+
+}  // namespace lasp

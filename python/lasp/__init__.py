@@ -1,0 +1,9 @@
+"""lasp: Linear Attention Sequence Parallel for PyTorch.
+
+Fused kernels for causal linear attention with per-head decay, and the LASP state ring that splits a
+sequence over the ranks of a torch.distributed group while passing only a d x e state between them.
+"""
+from ._ops import alibi_slopes, lasp_attention
+
+__version__ = "0.1.0"
+__all__ = ["lasp_attention", "alibi_slopes"]

@@ -1,0 +1,104 @@
+"""Loads the compiled library (which registers torch.ops.lasp.*) and wraps the op for Python users."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+_PKG = Path(__file__).resolve().parent
+
+
+def _load() -> None:
+    found = sorted(_PKG.glob("liblasp*.so"))
+    path = os.environ.get("LASP_LIBRARY") or (str(found[0]) if found else str(_PKG / "liblasp.so"))
+    if not os.path.exists(path):
+        raise ImportError(
+            f"lasp: compiled library not found at {path}; build it with `pip install -e . --no-build-isolation` "
+            "from the repository root"
+        )
+    torch.ops.load_library(path)
+
+
+_load()
+
+
+def _group_name(group) -> Optional[str]:
+    """The registered name of a sequence-parallel process group (None: no communication)."""
+    if group is None:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "lasp_attention: group was given but torch.distributed is not initialized; "
+            "call torch.distributed.init_process_group first (or pass group=None)"
+        )
+    if group == dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError("lasp_attention: this process is not a member of group")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"lasp_attention: group must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
+    if group.size() == 1:
+        return None
+    return group.group_name
+
+
+def lasp_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    decay: Optional[torch.Tensor] = None,
+    *,
+    scale: Optional[float] = None,
+    group=None,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    layout: str = "bhnd",
+):
+    """Causal linear attention with per-head decay, optionally sequence-parallel over `group`.
+
+    o[t] = scale * sum_{s<=t} exp(-decay[h] (t-s)) (q[t].k[s]) v[s]  (+ the initial state's term)
+
+    Args:
+        q: (B, H, N, D) for layout "bhnd", (B, N, H, D) for layout "bnhd".
+        k: (B, Hkv, N, D) or (B, N, Hkv, D); H must be a multiple of Hkv (MHA, GQA, MQA).
+        v: (B, Hkv, N, E) or (B, N, Hkv, E).
+        decay: None (no decay) or a float tensor (H,) of rates >= 0 (see alibi_slopes); a constant.
+        scale: defaults to 1/sqrt(D).
+        group: a torch.distributed ProcessGroup over which the sequence is split (group rank i holds
+            the i-th contiguous piece; pieces may differ in length). None: the whole sequence is here.
+        initial_state: (B, H, D, E) float32 (float64 for float64 inputs), the state before the
+            sequence; under a group only rank 0's is read (other ranks get a zero gradient).
+        output_final_state: also return the (B, H, D, E) state after this rank's piece.
+        layout: "bhnd" or "bnhd"; both are read through strides, without copies, and the output
+            comes back in the same layout.
+    Returns:
+        o in the layout and dtype of q, or (o, final_state) if output_final_state.
+    """
+    if layout not in ("bhnd", "bnhd"):
+        raise ValueError(f"lasp_attention: layout must be 'bhnd' or 'bnhd', got {layout!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"lasp_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if layout == "bnhd":
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.dim() != 4:
+                raise ValueError(
+                    f"lasp_attention: {name} must be 4-D (batch, tokens, heads, head dim) for layout 'bnhd', "
+                    f"got shape {tuple(t.shape)}"
+                )
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if scale is None:
+        if q.dim() < 1 or q.shape[-1] == 0:
+            raise ValueError(f"lasp_attention: q must have a head dim of at least 1, got shape {tuple(q.shape)}")
+        scale = q.shape[-1] ** -0.5
+    o, final_state = torch.ops.lasp.lasp_attention(q, k, v, decay, float(scale), initial_state, _group_name(group))
+    if layout == "bnhd":
+        o = o.transpose(1, 2)
+    return (o, final_state) if output_final_state else o
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """Per-head decay rates of TransNormerLLM / Lightning Attention (ALiBi slopes), float32 (num_heads,)."""
+    return torch.ops.lasp.alibi_slopes(int(num_heads))
