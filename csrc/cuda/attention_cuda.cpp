@@ -1,0 +1,77 @@
+// CUDA registration of the lasp ops: the backend-independent drivers of attention.cpp (ring included)
+// running the CUDA kernels of kernels/ on the current stream, on the inputs' device.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "attention.h"
+#include "lasp_cuda.h"
+
+namespace lasp {
+namespace {
+
+using Launch = cudaError_t (*)(const AttnParams&, cudaStream_t);
+using Workspace = size_t (*)(const AttnParams&);
+
+const char* dtype_name(ScalarType t) {
+  switch (t) {
+    case ScalarType::Float32: return "float32";
+    case ScalarType::Float16: return "float16";
+    case ScalarType::BFloat16: return "bfloat16";
+    case ScalarType::Float64: return "float64";
+  }
+  return "?";
+}
+
+void launch(Launch fn, Workspace ws, AttnParams& p) {
+  TORCH_CHECK_VALUE(cuda::supports(p), "lasp_attention: the CUDA kernels do not support ", dtype_name(p.dtype),
+                    " inputs with head dims D=", p.D, ", E=", p.E, " (supported: float32, float16, bfloat16; D, E <= 256)");
+  at::Tensor workspace;  // freed at scope end: the caching allocator orders its reuse after this stream's work
+  if (ws != nullptr) {
+    const size_t bytes = ws(p);
+    if (bytes > 0) {
+      workspace = at::empty({static_cast<int64_t>(bytes)},
+                            at::TensorOptions().dtype(at::kByte).device(at::kCUDA, c10::cuda::current_device()));
+      p.workspace = workspace.data_ptr();
+      p.workspace_bytes = bytes;
+    }
+  }
+  C10_CUDA_CHECK(fn(p, at::cuda::getCurrentCUDAStream()));
+}
+
+const Kernels& cuda_kernels() {
+  static const Kernels k{
+      [](AttnParams& p) { launch(cuda::fwd, cuda::fwd_workspace_bytes, p); },
+      [](AttnParams& p) { launch(cuda::fwd_inter, nullptr, p); },
+      [](AttnParams& p) { launch(cuda::bwd, cuda::bwd_workspace_bytes, p); },
+      [](AttnParams& p) { launch(cuda::bwd_inter, nullptr, p); },
+  };
+  return k;
+}
+
+std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
+                                            const std::optional<Tensor>& decay, double scale,
+                                            const std::optional<Tensor>& initial_state,
+                                            const std::optional<std::string>& group_name) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  return attention_fwd(cuda_kernels(), q, k, v, decay, scale, initial_state, group_name);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                    const Tensor& dout, const std::optional<Tensor>& grad_final_state,
+                                                    const std::optional<Tensor>& decay, double scale,
+                                                    const Tensor& state_in,
+                                                    const std::optional<std::string>& group_name) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  return attention_bwd(cuda_kernels(), q, k, v, dout, grad_final_state, decay, scale, state_in, group_name);
+}
+
+}  // namespace
+}  // namespace lasp
+
+TORCH_LIBRARY_IMPL(lasp, CUDA, m) {
+  m.impl("lasp_attention_fwd", &lasp::fwd_cuda);
+  m.impl("lasp_attention_bwd", &lasp::bwd_cuda);
+}
