@@ -1,0 +1,302 @@
+"""The LASP ring across real processes: lasp_attention(group=...) on each rank's piece equals the
+single-process op on the whole sequence and the fp64 reference, outputs and all gradients.
+
+One spawn per (backend, world size) runs several cases; each rank saves what it computed to a
+file and the parent process does every comparison (so a failure names the case, rank and
+quantity). A child that raises fails the test with its traceback; a hang fails at a deadline.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import tempfile
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import (
+    acc_dtype,
+    assert_close_to_ref,
+    gen,
+    import_lasp,
+    make_decay,
+    randn,
+    ref,
+    rel_err,
+)
+
+F32, F64 = torch.float32, torch.float64
+SPAWN_DEADLINE_S = 180  # whole spawn (startup + all cases); a hang fails the test after this
+PG_TIMEOUT_S = 90
+
+# Each case: the sequence of one problem is split into `pieces` (lengths, one per group rank).
+# groups: None -> dist.group.WORLD; else a list of rank lists, one independent problem per group
+#   (created with dist.new_group on every rank).
+# state: None (no initial state), "rank0" (only group rank 0 passes it), "all" (every rank passes
+#   the same tensor; only rank 0's is read, the others must get a zero gradient).
+# final_grads: "none", "last" (cotangent only on the last rank's final_state), "all" (every rank's).
+CASES = {
+    2: [
+        dict(dtype=F32, B=2, H=4, Hkv=2, D=8, E=12, pieces=[7, 9], decay="alibi", state="rank0", final_grads="last", layout="bhnd"),
+        dict(dtype=F64, B=1, H=2, Hkv=1, D=4, E=6, pieces=[1, 12], decay="mixed", state="all", final_grads="all", layout="bnhd"),
+        dict(dtype=F32, B=1, H=2, Hkv=2, D=8, E=8, pieces=[65, 64], decay=None, state=None, final_grads="none", layout="bhnd"),
+    ],
+    3: [
+        dict(dtype=F32, B=2, H=4, Hkv=1, D=8, E=4, pieces=[5, 5, 5], decay="strong", state="rank0", final_grads="all", layout="bhnd"),
+        dict(dtype=F64, B=1, H=4, Hkv=2, D=5, E=7, pieces=[1, 9, 3], decay="alibi", state="all", final_grads="last", layout="bnhd"),
+        dict(dtype=F32, B=1, H=2, Hkv=1, D=6, E=6, pieces=[20, 1, 30], decay=None, state="rank0", final_grads="all", layout="bhnd"),
+    ],
+    4: [
+        dict(dtype=F32, B=2, H=4, Hkv=2, D=8, E=12, pieces=[5, 1, 9, 3], decay="alibi", state="rank0", final_grads="all", layout="bhnd"),
+        dict(dtype=F64, B=1, H=2, Hkv=2, D=4, E=3, pieces=[4, 4, 4, 4], decay=None, state="all", final_grads="last", layout="bnhd"),
+        dict(dtype=F32, B=1, H=4, Hkv=1, D=6, E=8, pieces=[3, 8, 1], decay="mixed", state="rank0", final_grads="all", layout="bhnd", groups=[[1, 2, 3]]),
+        dict(dtype=F64, B=2, H=2, Hkv=1, D=4, E=5, pieces=[6, 2], decay="alibi", state="all", final_grads="all", layout="bhnd", groups=[[0, 1], [2, 3]]),
+    ],
+}
+
+
+def case_for(world, ci, backend):
+    """The case as run on `backend`: the CUDA kernels have no float64, so nccl runs those in float32."""
+    case = dict(CASES[world][ci])
+    if backend == "nccl" and case["dtype"] == F64:
+        case["dtype"] = F32
+    return case
+
+
+def _seed(world, ci, gi):
+    return 4242 + 1000 * world + 37 * ci + 7 * gi
+
+
+def _seq_dim(layout):
+    return 2 if layout == "bhnd" else 1
+
+
+def _slice(x, a, b, layout):
+    return x.narrow(_seq_dim(layout), a, b - a)
+
+
+def make_problem(case, seed):
+    """Full-sequence inputs (CPU), identical in every process."""
+    g = gen(seed)
+    B, H, Hkv, D, E = case["B"], case["H"], case["Hkv"], case["D"], case["E"]
+    N = sum(case["pieces"])
+    dt = case["dtype"]
+    if case["layout"] == "bhnd":
+        shapes = [(B, H, N, D), (B, Hkv, N, D), (B, Hkv, N, E), (B, H, N, E)]
+    else:
+        shapes = [(B, N, H, D), (B, N, Hkv, D), (B, N, Hkv, E), (B, N, H, E)]
+    q, k, v, do = (randn(s, g, dt) for s in shapes)
+    s0 = randn((B, H, D, E), g, acc_dtype(dt)) if case["state"] else None
+    decay = make_decay(case["decay"], H, g=g)
+    W = len(case["pieces"])
+    dS = [randn((B, H, D, E), g, acc_dtype(dt)) for _ in range(W)]
+    if case["final_grads"] == "none":
+        dS = [None] * W
+    elif case["final_grads"] == "last":
+        dS = [None] * (W - 1) + [dS[-1]]
+    return dict(q=q, k=k, v=v, do=do, s0=s0, decay=decay, dS=dS)
+
+
+def _offsets(pieces):
+    out, p = [], 0
+    for n in pieces:
+        out.append(p)
+        p += n
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Child process
+
+
+def _worker(rank, world, port, backend, out_dir):
+    device = torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),
+    )
+    lasp = import_lasp()
+    results = {}
+    for ci in range(len(CASES[world])):
+        case = case_for(world, ci, backend)
+        if case.get("groups") is None:
+            pgs = [(list(range(world)), dist.group.WORLD)]
+        else:
+            pgs = [(ranks, dist.new_group(ranks)) for ranks in case["groups"]]  # all ranks call new_group
+        for gi, (ranks, pg) in enumerate(pgs):
+            if rank not in ranks:
+                continue
+            r = ranks.index(rank)
+            prob = make_problem(case, _seed(world, ci, gi))
+            P, n, layout = _offsets(case["pieces"])[r], case["pieces"][r], case["layout"]
+            q, k, v, do = (_slice(prob[x], P, P + n, layout).clone().to(device) for x in ("q", "k", "v", "do"))
+            for t in (q, k, v):
+                t.requires_grad_(True)
+            s0 = None
+            if prob["s0"] is not None and (r == 0 or case["state"] == "all"):
+                s0 = prob["s0"].clone().to(device).requires_grad_(True)
+            decay = None if prob["decay"] is None else prob["decay"].to(device)
+            o, f = lasp.lasp_attention(
+                q, k, v, decay, group=pg, initial_state=s0, output_final_state=True, layout=layout
+            )
+            dS = prob["dS"][r]
+            outs, gos = [o], [do]
+            if dS is not None:
+                outs.append(f)
+                gos.append(dS.to(device))
+            ins = [q, k, v] + ([s0] if s0 is not None else [])
+            gr = torch.autograd.grad(outs, ins, gos, allow_unused=True)
+            cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
+            results[(ci, gi, r)] = dict(
+                o=cpu(o), f=cpu(f), dq=cpu(gr[0]), dk=cpu(gr[1]), dv=cpu(gr[2]),
+                ds0=cpu(gr[3]) if s0 is not None else "not passed",
+                o_dtype=o.dtype, f_dtype=f.dtype, o_shape=tuple(o.shape),
+            )
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_CACHE = {}
+
+
+def run_world(world, backend):
+    """Spawn `world` processes once per (backend, world); return {(case, group, grank): results}."""
+    key = (backend, world)
+    if key in _CACHE:
+        if isinstance(_CACHE[key], BaseException):
+            raise RuntimeError(f"the {backend} world={world} spawn failed earlier") from _CACHE[key]
+        return _CACHE[key]
+    try:
+        with tempfile.TemporaryDirectory() as out_dir:
+            ctx = mp.spawn(_worker, args=(world, _free_port(), backend, out_dir), nprocs=world, join=False)
+            deadline = time.monotonic() + SPAWN_DEADLINE_S
+            while not ctx.join(timeout=1.0):  # raises ProcessRaisedException with the child's traceback
+                if time.monotonic() > deadline:
+                    for p in ctx.processes:
+                        if p.is_alive():
+                            p.terminate()
+                    for p in ctx.processes:
+                        p.join(5)
+                    raise TimeoutError(f"distributed test ({backend}, world={world}) hung for {SPAWN_DEADLINE_S}s")
+            merged = {}
+            for r in range(world):
+                merged.update(torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False))
+    except BaseException as e:
+        _CACHE[key] = e
+        raise
+    _CACHE[key] = merged
+    return merged
+
+
+# ----------------------------------------------------------------------------------------------
+# Expected values (parent process)
+
+
+def expected(lasp, case, seed):
+    """fp64 reference and single-process op for the same loss the ranks back-propagate:
+    sum_r <o_r, do_r> + sum_r <final_state_r, dS_r>, final_state_r = state after piece r."""
+    prob = make_problem(case, seed)
+    layout, pieces = case["layout"], case["pieces"]
+    ends = [P + n for P, n in zip(_offsets(pieces), pieces)]
+    out = {}
+    for kind in ("ref", "op"):
+        dt = F64 if kind == "ref" else case["dtype"]
+        q, k, v = (prob[x].to(dt).requires_grad_(True) for x in ("q", "k", "v"))
+        s0 = None if prob["s0"] is None else prob["s0"].to(acc_dtype(dt)).requires_grad_(True)
+
+        def call(a, b, _q=q, _k=k, _v=v, _s0=s0, _kind=kind):
+            qs, ks, vs = (_slice(t, a, b, layout) for t in (_q, _k, _v))
+            if _kind == "ref":
+                return ref.attention_ref(qs, ks, vs, prob["decay"], None, _s0, layout)
+            return lasp.lasp_attention(qs, ks, vs, prob["decay"], initial_state=_s0,
+                                       output_final_state=True, layout=layout)
+
+        o, _ = call(0, ends[-1])
+        finals = [call(0, e)[1] for e in ends]  # state after each piece (prefix runs)
+        loss = (o * prob["do"].to(o.dtype)).sum()
+        for f, dS in zip(finals, prob["dS"]):
+            if dS is not None:
+                loss = loss + (f * dS.to(f.dtype)).sum()
+        ins = [q, k, v] + ([s0] if s0 is not None else [])
+        gr = torch.autograd.grad(loss, ins)
+        out[kind] = dict(o=o.detach(), finals=[f.detach() for f in finals],
+                         dq=gr[0], dk=gr[1], dv=gr[2], ds0=gr[3] if s0 is not None else None)
+    return out
+
+
+def check_case(lasp, results, world, ci, backend):
+    case = case_for(world, ci, backend)
+    dt = case["dtype"]
+    tol_sp = 1e-5 if dt == F32 else 1e-12  # distributed vs single-process op (same dtype)
+    groups = case.get("groups") or [list(range(world))]
+    for gi, ranks in enumerate(groups):
+        exp = expected(lasp, case, _seed(world, ci, gi))
+        for r, (P, n) in enumerate(zip(_offsets(case["pieces"]), case["pieces"])):
+            got = results[(ci, gi, r)]
+            where = f"case {ci} group {ranks} group-rank {r} (global {ranks[r]}), piece [{P}, {P + n})"
+            assert got["o_dtype"] == dt and got["f_dtype"] == acc_dtype(dt), where
+            sl = lambda t: _slice(t, P, P + n, case["layout"])  # noqa: E731
+            pairs = [
+                ("o", got["o"], sl(exp["ref"]["o"]), sl(exp["op"]["o"])),
+                ("final_state", got["f"], exp["ref"]["finals"][r], exp["op"]["finals"][r]),
+                ("dq", got["dq"], sl(exp["ref"]["dq"]), sl(exp["op"]["dq"])),
+                ("dk", got["dk"], sl(exp["ref"]["dk"]), sl(exp["op"]["dk"])),
+                ("dv", got["dv"], sl(exp["ref"]["dv"]), sl(exp["op"]["dv"])),
+            ]
+            if case["state"] is not None and r == 0:
+                pairs.append(("d_initial_state", got["ds0"], exp["ref"]["ds0"], exp["op"]["ds0"]))
+            for name, a, want_ref, want_op in pairs:
+                assert a is not None, f"{where}: {name} is None"
+                assert_close_to_ref(f"{where}: {name} vs fp64 reference", a, want_ref, dt)
+                e = rel_err(a, want_op)
+                assert e < tol_sp, f"{where}: {name} vs single-process op: rel err {e:.3e} >= {tol_sp:.0e}"
+            if case["state"] == "all" and r > 0:
+                ds0 = got["ds0"]
+                assert ds0 is None or torch.count_nonzero(ds0) == 0, (
+                    f"{where}: initial_state passed on a rank > 0 must get a zero gradient"
+                )
+
+
+def _params(backend_marks=()):
+    return [
+        pytest.param(w, ci, id=f"w{w}-c{ci}", marks=list(backend_marks))
+        for w in sorted(CASES)
+        for ci in range(len(CASES[w]))
+    ]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="gloo not available")
+@pytest.mark.parametrize("world,ci", _params())
+def test_ring_gloo(lasp, world, ci):
+    results = run_world(world, "gloo")
+    check_case(lasp, results, world, ci, "gloo")
+
+
+_NGPU = torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.parametrize("world,ci", _params())
+def test_ring_nccl(lasp, world, ci):
+    if _NGPU < world:
+        pytest.skip(f"needs {world} CUDA devices for nccl, found {_NGPU}")
+    if not dist.is_nccl_available():
+        pytest.skip("nccl not available")
+    results = run_world(world, "nccl")
+    check_case(lasp, results, world, ci, "nccl")
