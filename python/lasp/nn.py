@@ -1,0 +1,216 @@
+"""Modules built on ``lasp.lasp_attention``: a TransNormerLLM-style linear-attention layer.
+
+:class:`LinearAttention` maps ``(B, N, hidden)`` to ``(B, N, hidden)``:
+
+    q = phi(x Wq), k = phi(x Wk), v = x Wv               (phi: the feature map; k, v with num_kv_heads heads)
+    o = lasp_attention(q, k, v, decay, scale, group)    (causal, decayed, sequence-parallel over group)
+    o = norm_h(o) * gate(x Wg)                          (per-head RMSNorm and output gate, as TransNormerLLM)
+    y = o Wo
+
+Under a sequence-parallel group, every rank passes its contiguous piece of the sequence and the
+module runs the LASP state ring inside the op; everything else in the layer is per token, so no
+other communication is needed. Parameters are replicated over the group: sum their gradients over
+it (see ``examples/train.py``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._ops import alibi_slopes, lasp_attention
+
+__all__ = ["LinearAttention", "HeadRMSNorm", "FEATURE_MAPS"]
+
+
+def _elu1(x: torch.Tensor) -> torch.Tensor:
+    return F.elu(x) + 1.0
+
+
+FEATURE_MAPS: dict = {
+    "silu": F.silu,  # TransNormerLLM / Lightning Attention
+    "elu1": _elu1,  # Katharopoulos et al. (positive)
+    "relu": F.relu,
+    None: None,  # identity
+    "none": None,
+    "identity": None,
+}
+
+_GATES = {"sigmoid": torch.sigmoid, "silu": F.silu, "swish": F.silu}
+
+
+class HeadRMSNorm(nn.Module):
+    """RMSNorm over each head's channels of a (..., H * E) tensor, with one weight per channel
+    (GroupNorm-style with H groups and no mean subtraction). Computed in float32."""
+
+    def __init__(self, num_heads: int, head_dim: int, eps: float = 1e-6, device=None, dtype=None):
+        super().__init__()
+        self.num_heads, self.head_dim, self.eps = num_heads, head_dim, eps
+        self.weight = nn.Parameter(torch.ones(num_heads * head_dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        xf = x.float().reshape(*shape[:-1], self.num_heads, self.head_dim)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf.reshape(shape) * self.weight.float()).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, head_dim={self.head_dim}, eps={self.eps}"
+
+
+class LinearAttention(nn.Module):
+    """Causal linear attention with per-head decay, GQA, output norm and gate; sequence-parallel.
+
+    Args:
+        hidden_size: model width (input and output features).
+        num_heads: query heads H.
+        num_kv_heads: key/value heads (default H); H must be a multiple (GQA / MQA).
+        head_dim: q/k head dim D (default hidden_size // num_heads).
+        value_dim: v/o head dim E (default D).
+        feature_map: "silu" (default), "elu1", "relu" or None, applied to q and k.
+        decay: "alibi" (``lasp.alibi_slopes(H)``), None (no decay) or a float tensor (H,) of rates
+            lambda >= 0 (gamma = exp(-lambda)). Kept as a float32 buffer (also after ``.to(bf16)``).
+        output_norm: per-head RMSNorm of the attention output (TransNormerLLM's normalisation).
+        output_gate: True/"sigmoid", "silu" or False: multiply the normalised output by
+            gate(x Wg) before the output projection (TransNormerLLM's gate).
+        bias: biases on the projections.
+        scale: attention scale (default 1/sqrt(D), the op's default).
+        sp_group: default sequence-parallel process group (a call's ``sp_group`` overrides it).
+        norm_eps: epsilon of the output norm.
+
+    ``attn_impl``: an optional callable ``(q, k, v, decay, scale, group) -> o`` on (B, N, H, *)
+    tensors that replaces ``lasp_attention`` (used by ``benchmarks/bench_model.py`` to put other
+    sequence-parallel methods in the same model); None uses the LASP op.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: Optional[int] = None,
+        head_dim: Optional[int] = None,
+        value_dim: Optional[int] = None,
+        feature_map: Optional[str] = "silu",
+        decay: Union[str, None, torch.Tensor] = "alibi",
+        output_norm: bool = True,
+        output_gate: Union[bool, str] = True,
+        bias: bool = False,
+        scale: Optional[float] = None,
+        sp_group=None,
+        norm_eps: float = 1e-6,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads != 0:
+            raise ValueError(
+                f"LinearAttention: num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})"
+            )
+        if head_dim is None:
+            if hidden_size % num_heads != 0:
+                raise ValueError(
+                    f"LinearAttention: hidden_size ({hidden_size}) is not divisible by num_heads ({num_heads}); pass head_dim"
+                )
+            head_dim = hidden_size // num_heads
+        value_dim = head_dim if value_dim is None else value_dim
+        if feature_map not in FEATURE_MAPS:
+            raise ValueError(f"LinearAttention: feature_map must be one of {list(FEATURE_MAPS)}, got {feature_map!r}")
+        if output_gate is True:
+            output_gate = "sigmoid"
+        if output_gate and output_gate not in _GATES:
+            raise ValueError(f"LinearAttention: output_gate must be a bool or one of {list(_GATES)}, got {output_gate!r}")
+        self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
+        self.head_dim, self.value_dim = head_dim, value_dim
+        self.feature_map_name = feature_map
+        self.feature_map = FEATURE_MAPS[feature_map]
+        self.scale = scale
+        self.sp_group = sp_group
+        self.gate_name = output_gate or None
+        self.attn_impl: Optional[Callable] = None
+        fk = dict(device=device, dtype=dtype)
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias, **fk)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias, **fk)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * value_dim, bias=bias, **fk)
+        self.g_proj = nn.Linear(hidden_size, num_heads * value_dim, bias=bias, **fk) if output_gate else None
+        self.o_norm = HeadRMSNorm(num_heads, value_dim, eps=norm_eps, **fk) if output_norm else None
+        self.o_proj = nn.Linear(num_heads * value_dim, hidden_size, bias=bias, **fk)
+
+        dev = self.q_proj.weight.device
+        if isinstance(decay, str):
+            if decay != "alibi":
+                raise ValueError(f"LinearAttention: decay must be 'alibi', None or a tensor (H,), got {decay!r}")
+            rates = alibi_slopes(num_heads).to(device=dev)
+        elif decay is None:
+            rates = None
+        elif isinstance(decay, torch.Tensor):
+            if decay.numel() != num_heads:
+                raise ValueError(
+                    f"LinearAttention: decay must have num_heads ({num_heads}) entries, got shape {tuple(decay.shape)}"
+                )
+            rates = decay.detach().reshape(num_heads).to(device=dev, dtype=torch.float32).clone()
+        else:
+            raise TypeError(f"LinearAttention: decay must be 'alibi', None or a tensor, got {type(decay).__name__}")
+        self.register_buffer("decay", rates)
+
+    def _apply(self, fn, recurse=True):
+        # The decay rates are constants of the function: keep them float32 when the module is cast
+        # to a low-precision dtype (rounding ALiBi slopes to bf16 would change the model).
+        d = self._buffers.get("decay")
+        out = super()._apply(fn, recurse)
+        new = self._buffers.get("decay")
+        if d is not None and new is not None and new.dtype != torch.float32:
+            self._buffers["decay"] = d.float().to(device=new.device) if d.device.type != "meta" else new.float()
+        return out
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        initial_state: Optional[torch.Tensor] = None,
+        output_final_state: bool = False,
+        sp_group=None,
+    ):
+        """x: (B, N, hidden), this rank's piece of the sequence under a group.
+
+        initial_state: (B, H, D, E) float32 state before the sequence (rank 0's is read under a
+        group). Returns y (B, N, hidden), or (y, final_state) with output_final_state.
+        """
+        B, N, _ = x.shape
+        H, Hkv, D, E = self.num_heads, self.num_kv_heads, self.head_dim, self.value_dim
+        group = sp_group if sp_group is not None else self.sp_group
+        q = self.q_proj(x).view(B, N, H, D)
+        k = self.k_proj(x).view(B, N, Hkv, D)
+        v = self.v_proj(x).view(B, N, Hkv, E)
+        if self.feature_map is not None:
+            q, k = self.feature_map(q), self.feature_map(k)
+        decay = self.decay
+        if decay is not None and decay.dtype != torch.float32:
+            decay = decay.float()
+        final_state = None
+        if self.attn_impl is not None:
+            if initial_state is not None or output_final_state:
+                raise ValueError("LinearAttention: states are not supported with a custom attn_impl")
+            o = self.attn_impl(q, k, v, decay, self.scale, group)
+        else:
+            res = lasp_attention(
+                q, k, v, decay, scale=self.scale, group=group, initial_state=initial_state,
+                output_final_state=output_final_state, layout="bnhd",
+            )
+            o, final_state = res if output_final_state else (res, None)
+        o = o.reshape(B, N, H * E)
+        if self.o_norm is not None:
+            o = self.o_norm(o)
+        if self.g_proj is not None:
+            o = o * _GATES[self.gate_name](self.g_proj(x))
+        y = self.o_proj(o)
+        return (y, final_state) if output_final_state else y
+
+    def extra_repr(self) -> str:
+        return (
+            f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, value_dim={self.value_dim}, "
+            f"feature_map={self.feature_map_name}, decay={'none' if self.decay is None else 'per-head'}, "
+            f"gate={self.gate_name}, scale={self.scale}"
+        )
