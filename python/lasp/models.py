@@ -1,0 +1,276 @@
+"""A small TransNormerLLM-style causal language model on ``lasp.nn.LinearAttention``.
+
+    x = embed(input_ids)
+    for each layer:  x = x + attn(norm(x));  x = x + glu_mlp(norm(x))
+    loss = cross_entropy(lm_head(norm(x)), labels)     (chunked over tokens, recomputed in backward)
+
+Sequence parallelism: pass ``sp_group`` to ``forward`` with this rank's contiguous piece of each
+sequence (``input_ids`` and ``labels``, labels already shifted: ``labels[:, t]`` is the target of
+position t, -100 ignored). Everything but the attention ring is per token. The returned loss is the
+sum over this rank's tokens divided by ``loss_normalizer`` (default: the number of valid labels of the
+whole sequence, over the group), so the sum of the ranks' losses is the loss of the whole sequence and
+the sum of their gradients is its gradient.
+
+Presets: ``LaspConfig.tiny()`` (tests), ``.small()`` (~150M), ``.b1()`` (~1B parameters).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .nn import LinearAttention
+from ._ops import alibi_slopes
+
+__all__ = ["LaspConfig", "LaspForCausalLM", "LaspBlock", "GLUMLP", "CausalLMOutput", "chunked_cross_entropy"]
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LaspConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    num_kv_heads: Optional[int] = None  # None: = num_heads (MHA)
+    head_dim: Optional[int] = None  # None: hidden_size // num_heads
+    value_dim: Optional[int] = None  # None: head_dim
+    mlp_ratio: float = 8.0 / 3.0  # GLU intermediate = mlp_ratio * hidden, rounded up to mlp_multiple_of
+    mlp_multiple_of: int = 64
+    mlp_act: str = "silu"  # GLU activation: "silu" (SwiGLU) or "gelu" (GeGLU)
+    norm: str = "rmsnorm"  # "rmsnorm" or "layernorm"
+    norm_eps: float = 1e-6
+    feature_map: Optional[str] = "silu"
+    decay: Optional[str] = "alibi_layer"  # "alibi_layer" (TransNormerLLM: slopes scaled per layer), "alibi", None
+    output_norm: bool = True
+    output_gate: object = True
+    bias: bool = False
+    attn_scale: Optional[float] = None  # None: 1/sqrt(head_dim)
+    tie_embeddings: bool = False
+    initializer_range: float = 0.02
+    loss_chunk_size: int = 4096  # tokens per cross-entropy chunk (peak logits memory: chunk x vocab)
+    checkpoint_layers: bool = False  # activation checkpointing of every layer
+
+    @classmethod
+    def tiny(cls, **kw) -> "LaspConfig":
+        base = dict(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_ratio=2.0,
+                    mlp_multiple_of=8, loss_chunk_size=64)
+        base.update(kw)
+        return cls(**base)
+
+    @classmethod
+    def small(cls, **kw) -> "LaspConfig":
+        base = dict(vocab_size=32000, hidden_size=768, num_layers=12, num_heads=12)
+        base.update(kw)
+        return cls(**base)
+
+    @classmethod
+    def b1(cls, **kw) -> "LaspConfig":
+        # ~1.0B: 16 layers x (5 x 2048^2 attention + 3 x 2048 x 5504 GLU) + 2 x 32000 x 2048 embeddings.
+        base = dict(vocab_size=32000, hidden_size=2048, num_layers=16, num_heads=16)
+        base.update(kw)
+        return cls(**base)
+
+    @property
+    def intermediate_size(self) -> int:
+        m = self.mlp_multiple_of
+        return int(math.ceil(self.mlp_ratio * self.hidden_size / m) * m)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _make_norm(cfg: LaspConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    raise ValueError(f"LaspConfig: norm must be 'rmsnorm' or 'layernorm', got {cfg.norm!r}")
+
+
+class GLUMLP(nn.Module):
+    """down(act(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str = "silu", bias: bool = False):
+        super().__init__()
+        acts = {"silu": F.silu, "gelu": F.gelu}
+        if act not in acts:
+            raise ValueError(f"GLUMLP: act must be one of {list(acts)}, got {act!r}")
+        self.act = acts[act]
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def layer_decay(cfg: LaspConfig, layer_idx: int) -> Optional[torch.Tensor]:
+    """Decay rates of one layer: TransNormerLLM scales the ALiBi slopes by (1 - l / (L - 1) + 1e-5),
+    so early layers forget fast and the last layer hardly decays."""
+    if cfg.decay is None:
+        return None
+    s = alibi_slopes(cfg.num_heads)
+    if cfg.decay == "alibi":
+        return s
+    if cfg.decay == "alibi_layer":
+        frac = layer_idx / (cfg.num_layers - 1) if cfg.num_layers > 1 else 0.0
+        return s * (1.0 - frac + 1e-5)
+    raise ValueError(f"LaspConfig: decay must be 'alibi_layer', 'alibi' or None, got {cfg.decay!r}")
+
+
+class LaspBlock(nn.Module):
+    def __init__(self, cfg: LaspConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.attn_norm = _make_norm(cfg)
+        decay = layer_decay(cfg, layer_idx)
+        self.attn = LinearAttention(
+            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.value_dim,
+            feature_map=cfg.feature_map, decay=decay, output_norm=cfg.output_norm, output_gate=cfg.output_gate,
+            bias=cfg.bias, scale=cfg.attn_scale, norm_eps=cfg.norm_eps,
+        )
+        self.mlp_norm = _make_norm(cfg)
+        self.mlp = GLUMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_act, cfg.bias)
+
+    def forward(self, x, sp_group=None):
+        x = x + self.attn(self.attn_norm(x), sp_group=sp_group)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def _ce_chunk(h, weight, labels):
+    logits = F.linear(h, weight).float()
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          chunk_size: int = 4096, recompute: bool = True) -> torch.Tensor:
+    """sum_t cross_entropy(hidden[t] @ weight^T, labels[t]) (labels == -100 ignored), never holding
+    more than ``chunk_size x vocab`` logits: each chunk's logits are computed in float32, reduced to
+    a scalar and freed; with ``recompute`` (activation checkpointing per chunk) backward computes
+    them again chunk by chunk instead of keeping them.
+
+    hidden: (T, C); weight: (V, C); labels: (T,) int64. Returns a float32 scalar (a sum, not a mean).
+    """
+    T = hidden.shape[0]
+    if T == 0:
+        return hidden.new_zeros((), dtype=torch.float32) + 0.0 * weight.sum()
+    total = None
+    for s in range(0, T, chunk_size):
+        h, y = hidden[s:s + chunk_size], labels[s:s + chunk_size]
+        if recompute and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            part = checkpoint(_ce_chunk, h, weight, y, use_reentrant=False)
+        else:
+            part = _ce_chunk(h, weight, y)
+        total = part if total is None else total + part
+    return total
+
+
+@dataclass
+class CausalLMOutput:
+    loss: Optional[torch.Tensor] = None  # sum of this rank's token losses / loss_normalizer
+    logits: Optional[torch.Tensor] = None  # (B, n, V), only when asked for
+    num_tokens: Optional[torch.Tensor] = None  # valid labels on this rank
+    hidden_states: Optional[torch.Tensor] = None  # final-norm output (B, n, C), only when asked for
+
+
+class LaspForCausalLM(nn.Module):
+    def __init__(self, config: LaspConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LaspBlock(config, i) for i in range(config.num_layers))
+        self.norm = _make_norm(config)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.gradient_checkpointing = config.checkpoint_layers
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: Optional[int] = None):
+        """Normal(0, initializer_range) weights; output projections (attention o_proj, MLP down_proj)
+        scaled by 1/sqrt(2 * num_layers); norms to one, biases to zero."""
+        g = None
+        if seed is not None:
+            g = torch.Generator(device=self.embed_tokens.weight.device).manual_seed(seed)
+        std = self.config.initializer_range
+        out_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, mod in self.named_modules():
+            if isinstance(mod, nn.Linear):
+                s = out_std if name.endswith(("o_proj", "down_proj")) else std
+                mod.weight.normal_(0.0, s, generator=g)
+                if mod.bias is not None:
+                    mod.bias.zero_()
+            elif isinstance(mod, nn.Embedding):
+                mod.weight.normal_(0.0, std, generator=g)
+            elif isinstance(mod, (nn.RMSNorm, nn.LayerNorm)) or type(mod).__name__ == "HeadRMSNorm":
+                if getattr(mod, "weight", None) is not None:
+                    mod.weight.fill_(1.0)
+                if getattr(mod, "bias", None) is not None:
+                    mod.bias.zero_()
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed_tokens.weight.numel()
+        return n
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        sp_group=None,
+        loss_normalizer=None,
+        return_logits: bool = False,
+        return_hidden_states: bool = False,
+    ) -> CausalLMOutput:
+        """input_ids, labels: (B, n) int64, this rank's piece of each sequence under ``sp_group``;
+        labels already shifted (labels[:, t] is the target of position t; -100 ignored).
+
+        loss_normalizer: number (or tensor) to divide the summed token loss by. Default: the number
+        of valid labels over the whole sequence (all-reduced over ``sp_group``), i.e. the sum of the
+        ranks' losses is the mean over the sequence. (With data parallelism on top, pass the count
+        that makes your reduction exact; ``examples/train.py`` does.)
+        """
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, sp_group, use_reentrant=False)
+            else:
+                x = layer(x, sp_group=sp_group)
+        h = self.norm(x)
+        out = CausalLMOutput()
+        if return_hidden_states:
+            out.hidden_states = h
+        if return_logits:
+            out.logits = F.linear(h, self.output_weight)
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(
+                    f"LaspForCausalLM: labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}"
+                )
+            flat = labels.reshape(-1)
+            count = (flat != IGNORE_INDEX).sum()
+            out.num_tokens = count
+            if loss_normalizer is None:
+                norm = count.detach().clone()
+                if sp_group is not None:
+                    import torch.distributed as dist
+
+                    dist.all_reduce(norm, group=sp_group)
+                loss_normalizer = norm.clamp_min(1).float()
+            loss_sum = chunked_cross_entropy(h.reshape(-1, h.shape[-1]), self.output_weight, flat,
+                                             self.config.loss_chunk_size)
+            out.loss = loss_sum / loss_normalizer
+        return out
