@@ -1,0 +1,366 @@
+"""lasp.nn.LinearAttention and lasp.models.LaspForCausalLM against pure-PyTorch float64 references.
+
+* LinearAttention (float32) vs the same layer written out by hand around ``reference.attention_ref``
+  in float64: outputs and gradients (input and every parameter); GQA/MQA, D != E, feature maps,
+  decay options, norm/gate/bias on and off; states across two calls equal one call.
+* chunked cross-entropy == plain cross-entropy (values and gradients) and keeps no full logits.
+* the model: forward/backward on CPU, loss == plain cross-entropy of its logits, layer
+  checkpointing changes nothing, the 1B preset's parameter count (built on the meta device).
+* sequence parallelism: the model split over 2 gloo processes (spawned, free port, timeouts) gives
+  the loss and the summed gradients of the unsplit model.
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+import sys
+import tempfile
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO, gen, randn, ref, rel_err
+
+
+def _lasp_modules():
+    """lasp.nn / lasp.models, from this repository even when the installed lasp is another checkout."""
+    import lasp
+
+    here = os.path.join(REPO, "python", "lasp")
+    try:
+        import lasp.models  # noqa: F401
+    except ModuleNotFoundError:
+        if here not in list(lasp.__path__):
+            lasp.__path__.append(here)
+        import lasp.models  # noqa: F401
+    import lasp.nn
+
+    return lasp, lasp.nn, lasp.models
+
+
+lasp, lnn, lmodels = _lasp_modules()
+
+
+@pytest.fixture
+def seed(request):
+    return zlib.crc32(request.node.nodeid.encode()) % (2**31)
+
+
+# ----------------------------------------------------------------------------------------------
+# A float64 reference of the layer, written independently of lasp.nn
+
+
+def _feature(name, x):
+    if name == "silu":
+        return x * torch.sigmoid(x)
+    if name == "elu1":
+        return torch.where(x > 0, x + 1.0, torch.exp(x))
+    if name == "relu":
+        return x.clamp_min(0)
+    assert name is None
+    return x
+
+
+def reference_layer(params: dict, x, *, H, Hkv, D, E, feature_map, decay, norm, gate, scale, eps=1e-6):
+    """The layer's function in float64 from a dict of float64 parameters."""
+    B, N, _ = x.shape
+
+    def lin(name, t):
+        y = t @ params[name + ".weight"].T
+        b = params.get(name + ".bias")
+        return y if b is None else y + b
+
+    q = _feature(feature_map, lin("q_proj", x).view(B, N, H, D))
+    k = _feature(feature_map, lin("k_proj", x).view(B, N, Hkv, D))
+    v = lin("v_proj", x).view(B, N, Hkv, E)
+    o, _ = ref.attention_ref(q, k, v, decay, scale, layout="bnhd")  # (B, N, H, E)
+    if norm:
+        o = o / torch.sqrt(o.pow(2).mean(-1, keepdim=True) + eps)
+        o = o.reshape(B, N, H * E) * params["o_norm.weight"]
+    else:
+        o = o.reshape(B, N, H * E)
+    if gate:
+        g = lin("g_proj", x)
+        o = o * (torch.sigmoid(g) if gate in (True, "sigmoid") else g * torch.sigmoid(g))
+    return lin("o_proj", o)
+
+
+LAYER_CASES = [
+    # H, Hkv, D, E, feature_map, decay, norm, gate, bias, scale
+    (4, 4, 8, 8, "silu", "alibi", True, True, False, None),
+    (4, 2, 8, 16, "elu1", None, True, "silu", True, None),
+    (4, 1, 16, 8, "relu", "tensor", False, False, False, 1.0),
+    (6, 3, 8, 8, None, "tensor", True, False, True, 0.5),
+    (2, 2, 4, 12, "silu", "alibi", False, True, False, None),
+]
+
+
+@pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: f"H{c[0]}kv{c[1]}D{c[2]}E{c[3]}-{c[4]}-{c[5]}-n{int(bool(c[6]))}g{c[7]}b{int(c[8])}")
+@pytest.mark.parametrize("N", [2, 37, 130])  # N=1 with the norm: q, k get gradient only through eps
+def test_linear_attention_vs_reference(case, N, seed):
+    H, Hkv, D, E, fmap, decay_kind, norm, gate, bias, scale = case
+    g = gen(seed)
+    C = 24
+    if decay_kind == "tensor":
+        decay = torch.rand(H, generator=g) * 0.5
+        decay[0] = 0.0
+    else:
+        decay = decay_kind
+    torch.manual_seed(seed)
+    mod = lnn.LinearAttention(C, H, Hkv, head_dim=D, value_dim=E, feature_map=fmap, decay=decay,
+                              output_norm=norm, output_gate=gate, bias=bias, scale=scale)
+    with torch.no_grad():  # non-trivial norm weights and biases
+        for name, p in mod.named_parameters():
+            if name.endswith("bias") or name == "o_norm.weight":
+                p.copy_(randn(p.shape, g, scale=0.3) + (1.0 if name == "o_norm.weight" else 0.0))
+    if decay_kind == "alibi":
+        torch.testing.assert_close(mod.decay, lasp.alibi_slopes(H))
+    elif decay_kind is None:
+        assert mod.decay is None
+    else:
+        torch.testing.assert_close(mod.decay, decay)
+    x = randn((2, N, C), g).requires_grad_(True)
+    y = mod(x)
+    gy = randn(y.shape, g)
+    names = [n for n, _ in mod.named_parameters()]
+    got = torch.autograd.grad(y, [x] + list(mod.parameters()), gy)
+
+    p64 = {n: p.detach().double().requires_grad_(True) for n, p in mod.named_parameters()}
+    x64 = x.detach().double().requires_grad_(True)
+    y64 = reference_layer(p64, x64, H=H, Hkv=Hkv, D=D, E=E, feature_map=fmap, decay=mod.decay, norm=norm,
+                          gate=gate, scale=scale)
+    want = torch.autograd.grad(y64, [x64] + [p64[n] for n in names], gy.double())
+    assert rel_err(y, y64) < 1e-4, f"output rel err {rel_err(y, y64):.2e}"
+    for name, a, b in zip(["x"] + names, got, want):
+        err = rel_err(a, b)
+        assert err < 2e-4, f"grad of {name}: rel err {err:.2e}"
+
+
+def test_linear_attention_state_and_options(seed):
+    """Two calls carrying the state == one call; sp_group per call; decay stays float32 under bf16."""
+    torch.manual_seed(seed)
+    g = gen(seed)
+    mod = lnn.LinearAttention(32, 4, 2)
+    x = randn((2, 50, 32), g)
+    full, s_full = mod(x, output_final_state=True)
+    a, s_a = mod(x[:, :20], output_final_state=True)
+    b, s_b = mod(x[:, 20:], initial_state=s_a, output_final_state=True)
+    assert s_full.shape == (2, 4, 8, 8)
+    assert rel_err(torch.cat([a, b], 1), full) < 1e-5
+    assert rel_err(s_b, s_full) < 1e-5
+    assert rel_err(mod(x, sp_group=None), full) < 1e-6
+    assert "decay" in mod.state_dict()
+    m16 = lnn.LinearAttention(32, 4, 2).to(torch.bfloat16)
+    assert m16.decay.dtype == torch.float32 and m16.q_proj.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(m16.decay, lasp.alibi_slopes(4))
+    assert m16(x.bfloat16()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        lnn.LinearAttention(32, 4, 3)
+    with pytest.raises(ValueError, match="feature_map"):
+        lnn.LinearAttention(32, 4, feature_map="tanh")
+    with pytest.raises(ValueError, match="decay"):
+        lnn.LinearAttention(32, 4, decay=torch.ones(3))
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunked cross-entropy
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_chunked_cross_entropy(chunk, seed):
+    g = gen(seed)
+    T, C, V = 64, 16, 50
+    h = randn((T, C), g).requires_grad_(True)
+    w = randn((V, C), g, scale=0.5).requires_grad_(True)
+    y = torch.randint(0, V, (T,), generator=g)
+    y[::5] = -100
+    got = lmodels.chunked_cross_entropy(h, w, y, chunk_size=chunk)
+    want = F.cross_entropy(h.double() @ w.double().T, y, ignore_index=-100, reduction="sum")
+    assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
+    gg = torch.autograd.grad(got, [h, w])
+    gw = torch.autograd.grad(want, [h, w])
+    for a, b in zip(gg, gw):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_chunked_cross_entropy_keeps_no_full_logits(seed):
+    """With recomputation, no tensor as large as the full (T, V) logits is saved for backward."""
+    g = gen(seed)
+    T, C, V, chunk = 256, 8, 300, 32
+    h = randn((T, C), g).requires_grad_(True)
+    w = randn((V, C), g).requires_grad_(True)
+    y = torch.randint(0, V, (T,), generator=g)
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = lmodels.chunked_cross_entropy(h, w, y, chunk_size=chunk)
+    assert max(sizes) < chunk * V, f"a saved tensor of {max(sizes)} elements (chunk x vocab = {chunk * V})"
+    sizes.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        F.cross_entropy(h @ w.T, y, reduction="sum")
+    assert max(sizes) >= T * V  # the hook does see full logits when they are kept
+    loss.backward()
+    assert torch.isfinite(h.grad).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+def _tiny_model(seed, **kw):
+    torch.manual_seed(seed)
+    return lmodels.LaspForCausalLM(lmodels.LaspConfig.tiny(**kw))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(tie_embeddings=True, norm="layernorm", decay="alibi", num_kv_heads=1),
+                                dict(decay=None, output_gate=False, output_norm=False, mlp_act="gelu")],
+                         ids=["default", "tied-ln-mqa", "plain"])
+def test_model_forward_backward(kw, seed):
+    model = _tiny_model(seed, loss_chunk_size=48, **kw)
+    g = gen(seed)
+    V = model.config.vocab_size
+    ids = torch.randint(0, V, (2, 100), generator=g)
+    labels = torch.randint(0, V, (2, 100), generator=g)
+    labels[0, :3] = -100
+    out = model(ids, labels, return_logits=True)
+    assert out.logits.shape == (2, 100, V)
+    want = F.cross_entropy(out.logits.flatten(0, 1).double(), labels.flatten(), ignore_index=-100)
+    assert abs(out.loss.item() - want.item()) < 1e-5 * want.item()
+    assert out.num_tokens.item() == 197
+    model.zero_grad()
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for n, gr in grads.items():
+        assert gr is not None and torch.isfinite(gr).all() and gr.abs().sum() > 0, n
+    # layer checkpointing: same loss and gradients
+    model.gradient_checkpointing = True
+    model.zero_grad()
+    out2 = model(ids, labels)
+    out2.loss.backward()
+    assert abs(out2.loss.item() - out.loss.item()) < 1e-6
+    for n, p in model.named_parameters():
+        assert rel_err(p.grad, grads[n]) < 1e-6, n
+    # a given normaliser divides the summed loss
+    out3 = model(ids, labels, loss_normalizer=1.0)
+    assert abs(out3.loss.item() - out.loss.item() * 197) < 1e-4 * out3.loss.item()
+    assert out3.logits is None
+
+
+def test_model_logits_match_manual_forward(seed):
+    """The model's logits == embed -> blocks (LinearAttention as in test above) -> norm -> head by hand."""
+    model = _tiny_model(seed)
+    ids = torch.randint(0, 128, (1, 40), generator=gen(seed))
+    x = model.embed_tokens(ids)
+    for layer in model.layers:
+        a = layer.attn_norm(x)
+        x = x + layer.attn(a)
+        m = layer.mlp_norm(x)
+        x = x + layer.mlp.down_proj(F.silu(layer.mlp.gate_proj(m)) * layer.mlp.up_proj(m))
+    logits = model.lm_head(model.norm(x))
+    assert rel_err(model(ids, return_logits=True).logits, logits) < 1e-6
+    # TransNormerLLM's per-layer decay: slopes * (1 - l/(L-1) + 1e-5)
+    s = lasp.alibi_slopes(4)
+    torch.testing.assert_close(model.layers[0].attn.decay, s * (1 + 1e-5))
+    torch.testing.assert_close(model.layers[1].attn.decay, s * 1e-5)
+
+
+def test_b1_parameter_count_on_meta():
+    cfg = lmodels.LaspConfig.b1()
+    with torch.device("meta"):
+        model = lmodels.LaspForCausalLM(cfg)
+    n = model.num_parameters()
+    assert 0.95e9 <= n <= 1.1e9, f"b1 has {n / 1e9:.3f}B parameters"
+    assert all(p.is_meta for p in model.parameters())
+    # hand count: per layer q,k,v,g,o (5 C^2) + GLU (3 C I) + 2 norms (2C) + head norm (C)
+    C, I, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
+    assert n == L * (5 * C * C + 3 * C * I + 3 * C) + 2 * V * C + C
+    with torch.device("meta"):
+        small = lmodels.LaspForCausalLM(lmodels.LaspConfig.small())
+    assert 0.1e9 < small.num_parameters() < 0.2e9
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequence parallelism over gloo
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sp_worker(rank, world, port, seed, N, bounds, ckpt, out_path):
+    import torch.distributed as dist
+    from datetime import timedelta
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    _, _, models = _lasp_modules()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        torch.manual_seed(seed)
+        model = models.LaspForCausalLM(models.LaspConfig.tiny(checkpoint_layers=ckpt, loss_chunk_size=16))
+        g = torch.Generator().manual_seed(seed + 1)
+        ids = torch.randint(0, 128, (2, N), generator=g)
+        labels = torch.randint(0, 128, (2, N), generator=g)
+        labels[1, 5] = -100
+        lo, hi = bounds[rank], bounds[rank + 1]
+        out = model(ids[:, lo:hi], labels[:, lo:hi], sp_group=dist.group.WORLD)
+        out.loss.backward()
+        loss = out.loss.detach().clone()
+        dist.all_reduce(loss)
+        grads = {}
+        for n, p in model.named_parameters():
+            dist.all_reduce(p.grad)
+            grads[n] = p.grad
+        if rank == 0:
+            torch.save({"loss": loss, "grads": grads}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("ckpt,uneven", [(False, False), (True, True)], ids=["even", "ckpt-uneven"])
+def test_model_sequence_parallel_equals_unsplit(ckpt, uneven, seed):
+    import torch.multiprocessing as mp
+
+    world, N = 2, 61
+    bounds = [0, 25, N] if uneven else [0, 30, 60]
+    if not uneven:
+        N = 60
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path = os.path.join(tmp, "sp.pt")
+        ctx = mp.get_context("spawn")
+        port = _free_port()
+        procs = [ctx.Process(target=_sp_worker, args=(r, world, port, seed, N, bounds, ckpt, out_path))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=90)
+        alive = [p for p in procs if p.is_alive()]
+        for p in alive:
+            p.kill()
+        assert not alive, "sequence-parallel workers hung (killed after 90 s)"
+        assert all(p.exitcode == 0 for p in procs), f"worker exit codes {[p.exitcode for p in procs]}"
+        res = torch.load(out_path)
+
+    torch.manual_seed(seed)
+    model = lmodels.LaspForCausalLM(lmodels.LaspConfig.tiny(loss_chunk_size=16))
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, 128, (2, N), generator=g)
+    labels = torch.randint(0, 128, (2, N), generator=g)
+    labels[1, 5] = -100
+    out = model(ids, labels)
+    out.loss.backward()
+    assert abs(res["loss"].item() - out.loss.item()) < 1e-5 * out.loss.item(), (res["loss"].item(), out.loss.item())
+    for n, p in model.named_parameters():
+        err = rel_err(res["grads"][n], p.grad)
+        assert err < 1e-4, f"grad of {n}: rel err {err:.2e} between sp=2 and sp=1"
