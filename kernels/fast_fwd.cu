@@ -1,15 +1,480 @@
-// Tensor-core forward (bf16/fp16): see fast_path.h.
+// Tensor-core (mma.sync m16n8k16, bf16/fp16, fp32 accumulate) kernels for D in {64, 128},
+// E a multiple of 64 up to 128: the forward main loop and the per-segment local states (phase 1 of
+// both directions). See fast_path.h and generic_kernels.cuh for the phase structure.
+//
+// Forward main kernel, one block of 4 warps per (b, h, segment, 64-column tile of E), chunks of 64:
+//   per chunk (double-buffered cp.async loads of q, k, v):
+//     O  = diag(scale g^(t+1)) Q S_b  +  ((scale Q K^T) * decay mask) V     (warp w: rows 16w..16w+15)
+//     S  = g^len S + (K^T diag(g^(len-1-s))) V                              (warp w: rows of S, fp32 in registers)
+//   S_b is the bf16/fp16 copy of S in shared memory that the next chunk multiplies with.
+// Bytes: q, k, v read once per column tile (the sibling tiles of one (b, h, segment) run next to
+// each other, so the second read mostly hits L2), o written once.
 #include "common.cuh"
 #include "fast_path.h"
+#include "mma.cuh"
 
 namespace lasp {
 namespace cuda {
 namespace fast {
 
-bool fwd_supported(const AttnParams& p) { return false; }
-int fwd_tiles(const AttnParams& p) { return 1; }
-cudaError_t fwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_states, cudaStream_t stream) {
-  return cudaErrorNotSupported;
+using namespace detail;
+using namespace mma;
+
+namespace {
+
+constexpr int kC = 64;    // chunk
+constexpr int kEt = 64;   // E columns per block
+constexpr int kWarps = 4;
+
+template <typename T>
+__device__ __forceinline__ const T* row_ptr(const Tv<const T>& v, int b, int h, int64_t n) {
+  return v.p + b * v.sb + h * v.sh + n * v.sn;
+}
+
+// cp.async rows [c0, c0+len) x cols [x0, x0+W) of (b, h) into smem [64][LD]; rows >= len zero-filled.
+template <typename T, int W, int LD>
+__device__ __forceinline__ void load_rows(T* sm, const Tv<const T>& v, int b, int h, int64_t c0, int len, int x0) {
+  constexpr int VPR = W / 8;
+  for (int i = threadIdx.x; i < kC * VPR; i += blockDim.x) {
+    const int r = i / VPR, cv = i - r * VPR;
+    const bool ok = r < len;
+    const T* src = row_ptr(v, b, h, c0 + (ok ? r : 0)) + x0 + cv * 8;
+    cp_async16(sm + r * LD + cv * 8, src, ok);
+  }
+}
+
+struct FwdArgs {
+  int B, H, group, N, D, E, nseg, seglen;
+  float scale;
+  const float* decay;
+  const float* state_in;
+  const float* seg_states;
+  float* state_out;
+  float* local_out;  // state kernels: (B, H, nseg, D, E)
+};
+
+template <typename T, int D>
+struct FwdSmem {
+  static constexpr int LDQ = D + 8, LDV = kEt + 8;
+  static constexpr int STAGE = 2 * kC * LDQ + kC * LDV;  // elements of one stage (q, k, v)
+  static constexpr size_t bytes = (2 * STAGE + D * LDV) * sizeof(T) + (kC + 2) * sizeof(float);
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kWarps * 32) fwd_main_kernel(FwdArgs a, Tv<const T> q, Tv<const T> k, Tv<const T> v,
+                                                                Tv<T> o) {
+  using SM = FwdSmem<T, D>;
+  constexpr int LDQ = SM::LDQ, LDV = SM::LDV;
+  constexpr int MT = D / 4 / 16;  // m-tiles of S per warp
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* stage0 = reinterpret_cast<T*>(smem_raw);
+  T* Sb = stage0 + 2 * SM::STAGE;
+  float* Gp = reinterpret_cast<float*>(Sb + D * LDV);
+
+  const int ntile = a.E / kEt;
+  const int et = blockIdx.x % ntile;
+  const int rest = blockIdx.x / ntile;
+  const int seg = rest % a.nseg, bh = rest / a.nseg;
+  const int b = bh / a.H, h = bh % a.H, kh = h / a.group;
+  const int e0 = et * kEt;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
+  const float lg = a.decay ? -a.decay[h] : 0.f;
+  for (int i = threadIdx.x; i <= kC; i += blockDim.x) Gp[i] = expf(lg * (float)i);
+
+  const int64_t n0 = (int64_t)seg * a.seglen;
+  const int64_t n1 = min((int64_t)a.N, n0 + a.seglen);
+  const int nch = (int)((n1 - n0 + kC - 1) / kC);
+
+  // prefetch chunk 0
+  {
+    const int len = (int)min((int64_t)kC, n1 - n0);
+    T* st = stage0;
+    load_rows<T, D, LDQ>(st, q, b, h, n0, len, 0);
+    load_rows<T, D, LDQ>(st + kC * LDQ, k, b, kh, n0, len, 0);
+    load_rows<T, kEt, LDV>(st + 2 * kC * LDQ, v, b, kh, n0, len, e0);
+    cp_async_commit();
+  }
+
+  // state rows owned by this warp: d = warp*(D/4) + mt*16 + {g, g+8}; cols e = nt*8 + 2tc + {0,1}
+  float S[MT][8][4];
+  {
+    const float* S0 = a.nseg > 1 ? a.seg_states + ((size_t)bh * a.nseg + seg) * a.D * a.E
+                                 : (a.state_in ? a.state_in + (size_t)bh * a.D * a.E : nullptr);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int d = warp * (D / 4) + mt * 16 + g + (r >> 1) * 8, e = nt * 8 + 2 * tc + (r & 1);
+          S[mt][nt][r] = S0 ? S0[(size_t)d * a.E + e0 + e] : 0.f;
+        }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int d = warp * (D / 4) + mt * 16 + g + hh * 8, e = nt * 8 + 2 * tc;
+          *reinterpret_cast<uint32_t*>(Sb + d * LDV + e) = pack2<T>(S[mt][nt][2 * hh], S[mt][nt][2 * hh + 1]);
+        }
+  }
+
+  const int r0 = warp * 16;
+  for (int ci = 0; ci < nch; ++ci) {
+    const int64_t c0 = n0 + (int64_t)ci * kC;
+    const int len = (int)min((int64_t)kC, n1 - c0);
+    T* st = stage0 + (ci & 1) * SM::STAGE;
+    T* Qs = st;
+    T* Ks = st + kC * LDQ;
+    T* Vs = st + 2 * kC * LDQ;
+    cp_async_wait<0>();
+    __syncthreads();
+    if (ci + 1 < nch) {
+      const int64_t c1 = c0 + kC;
+      const int len1 = (int)min((int64_t)kC, n1 - c1);
+      T* sn = stage0 + ((ci + 1) & 1) * SM::STAGE;
+      load_rows<T, D, LDQ>(sn, q, b, h, c1, len1, 0);
+      load_rows<T, D, LDQ>(sn + kC * LDQ, k, b, kh, c1, len1, 0);
+      load_rows<T, kEt, LDV>(sn + 2 * kC * LDQ, v, b, kh, c1, len1, e0);
+      cp_async_commit();
+    }
+
+    // ---- O = diag(scale g^(t+1)) Q S_b ----
+    uint32_t qa[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) load_a(qa[kk], Qs, LDQ, r0, kk * 16);
+    float O[8][4];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) O[nt][r] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t bb[4];
+        load_b_kn(bb, Sb, LDV, kk * 16, np * 16);
+        mma16816<T>(O[2 * np], qa[kk], bb[0], bb[1]);
+        mma16816<T>(O[2 * np + 1], qa[kk], bb[2], bb[3]);
+      }
+    {
+      const float f0 = a.scale * Gp[r0 + g + 1], f1 = a.scale * Gp[r0 + g + 9];
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        O[nt][0] *= f0;
+        O[nt][1] *= f0;
+        O[nt][2] *= f1;
+        O[nt][3] *= f1;
+      }
+    }
+    // ---- P = (scale Q K^T) * mask, causal: s-tiles 0 .. 2*warp+1 ----
+    float P[8][4];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) P[nt][r] = 0.f;
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+      if (np > warp) continue;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t bb[4];
+        load_b_nk(bb, Ks, LDQ, kk * 16, np * 16);
+        mma16816<T>(P[2 * np], qa[kk], bb[0], bb[1]);
+        mma16816<T>(P[2 * np + 1], qa[kk], bb[2], bb[3]);
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int t = r0 + g + (r >> 1) * 8, s = nt * 8 + 2 * tc + (r & 1);
+        P[nt][r] = s <= t ? P[nt][r] * a.scale * Gp[t - s] : 0.f;
+      }
+    // ---- O += P V ----
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      if (kk > warp) continue;
+      uint32_t pa[4];
+      pa[0] = pack2<T>(P[2 * kk][0], P[2 * kk][1]);
+      pa[1] = pack2<T>(P[2 * kk][2], P[2 * kk][3]);
+      pa[2] = pack2<T>(P[2 * kk + 1][0], P[2 * kk + 1][1]);
+      pa[3] = pack2<T>(P[2 * kk + 1][2], P[2 * kk + 1][3]);
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t bb[4];
+        load_b_kn(bb, Vs, LDV, kk * 16, np * 16);
+        mma16816<T>(O[2 * np], pa, bb[0], bb[1]);
+        mma16816<T>(O[2 * np + 1], pa, bb[2], bb[3]);
+      }
+    }
+    // ---- store O: through this warp's own q rows in smem, then 16-byte vectors ----
+    __syncwarp();
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      *reinterpret_cast<uint32_t*>(Qs + (r0 + g) * LDQ + nt * 8 + 2 * tc) = pack2<T>(O[nt][0], O[nt][1]);
+      *reinterpret_cast<uint32_t*>(Qs + (r0 + g + 8) * LDQ + nt * 8 + 2 * tc) = pack2<T>(O[nt][2], O[nt][3]);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int idx = lane + 32 * i, rr = idx >> 3, cv = idx & 7;
+      const int t = r0 + rr;
+      if (t < len) {
+        T* dst = o.p + b * o.sb + h * o.sh + (c0 + t) * o.sn + e0 + cv * 8;
+        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(Qs + t * LDQ + cv * 8);
+      }
+    }
+    __syncthreads();  // every warp is done reading S_b
+    // ---- S = g^len S + (K^T diag(w)) V,  w[s] = g^(len-1-s) ----
+    {
+      const float gl = Gp[len];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) S[mt][nt][r] *= gl;
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        if (kk * 16 >= len) continue;
+        const int s0 = kk * 16 + 2 * tc;
+        const float w0 = s0 < len ? Gp[len - 1 - s0] : 0.f, w1 = s0 + 1 < len ? Gp[len - 2 - s0] : 0.f;
+        const float w2 = s0 + 8 < len ? Gp[len - 9 - s0] : 0.f, w3 = s0 + 9 < len ? Gp[len - 10 - s0] : 0.f;
+        uint32_t bv[4][4];
+#pragma unroll
+        for (int np = 0; np < 4; ++np) load_b_kn(bv[np], Vs, LDV, kk * 16, np * 16);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          uint32_t ka[4];
+          load_a_t(ka, Ks, LDQ, warp * (D / 4) + mt * 16, kk * 16);
+          ka[0] = scale2<T>(ka[0], w0, w1);
+          ka[1] = scale2<T>(ka[1], w0, w1);
+          ka[2] = scale2<T>(ka[2], w2, w3);
+          ka[3] = scale2<T>(ka[3], w2, w3);
+#pragma unroll
+          for (int np = 0; np < 4; ++np) {
+            mma16816<T>(S[mt][2 * np], ka, bv[np][0], bv[np][1]);
+            mma16816<T>(S[mt][2 * np + 1], ka, bv[np][2], bv[np][3]);
+          }
+        }
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            const int d = warp * (D / 4) + mt * 16 + g + hh * 8, e = nt * 8 + 2 * tc;
+            *reinterpret_cast<uint32_t*>(Sb + d * LDV + e) = pack2<T>(S[mt][nt][2 * hh], S[mt][nt][2 * hh + 1]);
+          }
+    }
+  }
+  if (a.state_out && a.nseg == 1) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int d = warp * (D / 4) + mt * 16 + g + (r >> 1) * 8, e = nt * 8 + 2 * tc + (r & 1);
+          a.state_out[(size_t)bh * a.D * a.E + (size_t)d * a.E + e0 + e] = S[mt][nt][r];
+        }
+  }
+}
+
+// Local state of a segment (phase 1), columns [e0, e0+64):
+//   REVERSE = false: L = sum_s g^(end-1-s) k[s]^T v[s]           (x = k, y = v, kv head), chunks forward
+//   REVERSE = true:  M = scale sum_t g^(t-start+1) q[t]^T do[t]   (x = q, y = do), chunks backward
+template <typename T, int D, bool REVERSE>
+__global__ void __launch_bounds__(kWarps * 32) state_local_kernel(FwdArgs a, Tv<const T> x, Tv<const T> y) {
+  constexpr int LDX = D + 8, LDV = kEt + 8;
+  constexpr int STAGE = kC * LDX + kC * LDV;
+  constexpr int MT = D / 4 / 16;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* stage0 = reinterpret_cast<T*>(smem_raw);
+  float* Gp = reinterpret_cast<float*>(stage0 + 2 * STAGE);
+  const int ntile = a.E / kEt;
+  const int et = blockIdx.x % ntile;
+  const int rest = blockIdx.x / ntile;
+  const int seg = rest % a.nseg, bh = rest / a.nseg;
+  const int b = bh / a.H, h = bh % a.H, hx = REVERSE ? h : h / a.group;
+  const int e0 = et * kEt;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
+  const float lg = a.decay ? -a.decay[h] : 0.f;
+  for (int i = threadIdx.x; i <= kC; i += blockDim.x) Gp[i] = expf(lg * (float)i);
+  const int64_t n0 = (int64_t)seg * a.seglen;
+  const int64_t n1 = min((int64_t)a.N, n0 + a.seglen);
+  const int nch = (int)((n1 - n0 + kC - 1) / kC);
+  auto chunk_start = [&](int ci) { return n0 + (int64_t)(REVERSE ? nch - 1 - ci : ci) * kC; };
+  {
+    const int64_t c0 = chunk_start(0);
+    const int len = (int)min((int64_t)kC, n1 - c0);
+    load_rows<T, D, LDX>(stage0, x, b, hx, c0, len, 0);
+    load_rows<T, kEt, LDV>(stage0 + kC * LDX, y, b, hx, c0, len, e0);
+    cp_async_commit();
+  }
+  float S[MT][8][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) S[mt][nt][r] = 0.f;
+  for (int ci = 0; ci < nch; ++ci) {
+    const int64_t c0 = chunk_start(ci);
+    const int len = (int)min((int64_t)kC, n1 - c0);
+    T* st = stage0 + (ci & 1) * STAGE;
+    T* Xs = st;
+    T* Ys = st + kC * LDX;
+    cp_async_wait<0>();
+    __syncthreads();
+    if (ci + 1 < nch) {
+      const int64_t c1 = chunk_start(ci + 1);
+      const int len1 = (int)min((int64_t)kC, n1 - c1);
+      T* sn = stage0 + ((ci + 1) & 1) * STAGE;
+      load_rows<T, D, LDX>(sn, x, b, hx, c1, len1, 0);
+      load_rows<T, kEt, LDV>(sn + kC * LDX, y, b, hx, c1, len1, e0);
+      cp_async_commit();
+    }
+    const float gl = Gp[len];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) S[mt][nt][r] *= gl;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      if (kk * 16 >= len) continue;
+      const int s0 = kk * 16 + 2 * tc;
+      float w[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int s = s0 + (j & 1) + (j >> 1) * 8;
+        w[j] = s < len ? (REVERSE ? a.scale * Gp[s + 1] : Gp[len - 1 - s]) : 0.f;
+      }
+      uint32_t bv[4][4];
+#pragma unroll
+      for (int np = 0; np < 4; ++np) load_b_kn(bv[np], Ys, LDV, kk * 16, np * 16);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        uint32_t xa[4];
+        load_a_t(xa, Xs, LDX, warp * (D / 4) + mt * 16, kk * 16);
+        xa[0] = scale2<T>(xa[0], w[0], w[1]);
+        xa[1] = scale2<T>(xa[1], w[0], w[1]);
+        xa[2] = scale2<T>(xa[2], w[2], w[3]);
+        xa[3] = scale2<T>(xa[3], w[2], w[3]);
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+          mma16816<T>(S[mt][2 * np], xa, bv[np][0], bv[np][1]);
+          mma16816<T>(S[mt][2 * np + 1], xa, bv[np][2], bv[np][3]);
+        }
+      }
+    }
+  }
+  float* out = a.local_out + ((size_t)bh * a.nseg + seg) * a.D * a.E;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int d = warp * (D / 4) + mt * 16 + g + (r >> 1) * 8, e = nt * 8 + 2 * tc + (r & 1);
+        out[(size_t)d * a.E + e0 + e] = S[mt][nt][r];
+      }
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+bool view_ok(const TensorView4& t) {
+  // last dim contiguous, rows 16-byte aligned (2-byte elements: strides multiples of 8)
+  return t.ptr && aligned16(t.ptr) && t.stride[3] == 1 && t.stride[0] % 8 == 0 && t.stride[1] % 8 == 0 &&
+         t.stride[2] % 8 == 0;
+}
+
+FwdArgs make_args(const AttnParams& p, int nseg, int seglen) {
+  FwdArgs a;
+  a.B = (int)p.B;
+  a.H = (int)p.H;
+  a.group = (int)(p.H / p.Hkv);
+  a.N = (int)p.N;
+  a.D = (int)p.D;
+  a.E = (int)p.E;
+  a.nseg = nseg;
+  a.seglen = seglen;
+  a.scale = (float)p.scale;
+  a.decay = static_cast<const float*>(p.decay);
+  a.state_in = static_cast<const float*>(p.state_in);
+  a.seg_states = nullptr;
+  a.state_out = static_cast<float*>(p.state_out);
+  a.local_out = nullptr;
+  return a;
+}
+
+template <typename T, int D>
+cudaError_t launch_fwd_main(const AttnParams& p, const FwdArgs& a, cudaStream_t st) {
+  auto kern = fwd_main_kernel<T, D>;
+  const size_t smem = FwdSmem<T, D>::bytes;
+  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (e != cudaSuccess) return e;
+  const unsigned blocks = (unsigned)(p.B * p.H * a.nseg * (p.E / kEt));
+  kern<<<blocks, kWarps * 32, smem, st>>>(a, make_tv<const T>(p.q), make_tv<const T>(p.k), make_tv<const T>(p.v),
+                                          make_tv<T>(p.o));
+  return cudaGetLastError();
+}
+
+template <typename T, int D, bool REV>
+cudaError_t launch_local(const AttnParams& p, const FwdArgs& a, const TensorView4& x, const TensorView4& y,
+                         cudaStream_t st) {
+  auto kern = state_local_kernel<T, D, REV>;
+  const size_t smem = (size_t)2 * (kC * (D + 8) + kC * (kEt + 8)) * sizeof(T) + (kC + 2) * sizeof(float);
+  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (e != cudaSuccess) return e;
+  const unsigned blocks = (unsigned)(p.B * p.H * a.nseg * (p.E / kEt));
+  kern<<<blocks, kWarps * 32, smem, st>>>(a, make_tv<const T>(x), make_tv<const T>(y));
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool fwd_supported(const AttnParams& p) {
+  if (p.dtype != ScalarType::BFloat16 && p.dtype != ScalarType::Float16) return false;
+  if (p.D != 64 && p.D != 128) return false;
+  if (p.E != 64 && p.E != 128) return false;
+  if (p.N > (int64_t)1 << 30) return false;
+  return view_ok(p.q) && view_ok(p.k) && view_ok(p.v) && view_ok(p.o);
+}
+
+bool local_supported(const AttnParams& p, bool reverse) {
+  if (p.dtype != ScalarType::BFloat16 && p.dtype != ScalarType::Float16) return false;
+  if (p.D != 64 && p.D != 128) return false;
+  if (p.E != 64 && p.E != 128) return false;
+  return reverse ? (view_ok(p.q) && view_ok(p.dout)) : (view_ok(p.k) && view_ok(p.v));
+}
+
+int fwd_tiles(const AttnParams& p) { return (int)(p.E / kEt); }
+
+cudaError_t fwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_states, cudaStream_t st) {
+  FwdArgs a = make_args(p, nseg, seglen);
+  a.seg_states = seg_states;
+  const bool bf = p.dtype == ScalarType::BFloat16;
+  if (p.D == 64) return bf ? launch_fwd_main<__nv_bfloat16, 64>(p, a, st) : launch_fwd_main<__half, 64>(p, a, st);
+  return bf ? launch_fwd_main<__nv_bfloat16, 128>(p, a, st) : launch_fwd_main<__half, 128>(p, a, st);
+}
+
+cudaError_t state_local(const AttnParams& p, bool reverse, int nseg, int seglen, float* out, cudaStream_t st) {
+  FwdArgs a = make_args(p, nseg, seglen);
+  a.local_out = out;
+  const bool bf = p.dtype == ScalarType::BFloat16;
+  if (!reverse) {
+    if (p.D == 64)
+      return bf ? launch_local<__nv_bfloat16, 64, false>(p, a, p.k, p.v, st) : launch_local<__half, 64, false>(p, a, p.k, p.v, st);
+    return bf ? launch_local<__nv_bfloat16, 128, false>(p, a, p.k, p.v, st) : launch_local<__half, 128, false>(p, a, p.k, p.v, st);
+  }
+  if (p.D == 64)
+    return bf ? launch_local<__nv_bfloat16, 64, true>(p, a, p.q, p.dout, st) : launch_local<__half, 64, true>(p, a, p.q, p.dout, st);
+  return bf ? launch_local<__nv_bfloat16, 128, true>(p, a, p.q, p.dout, st) : launch_local<__half, 128, true>(p, a, p.q, p.dout, st);
 }
 
 }  // namespace fast

@@ -16,6 +16,18 @@ int fwd_tiles(const AttnParams& p);
 // (B, H, nseg, D, E) fp32 segment input states (used when nseg > 1).
 cudaError_t fwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_states, cudaStream_t stream);
 
+// Phase 1 with tensor cores: local state of every segment into out (B, H, nseg, D, E) fp32.
+// reverse = false: L from (k, v); reverse = true: M from (q, dout).
+bool local_supported(const AttnParams& p, bool reverse);
+cudaError_t state_local(const AttnParams& p, bool reverse, int nseg, int seglen, float* out, cudaStream_t stream);
+
+// Fused tensor-core backward (dq, dk, dv, and grad_state_in with one segment).
+bool bwd_supported(const AttnParams& p);
+// seg_S / seg_G: segment input states / end-of-segment gradients (nseg > 1). dk_ws / dv_ws: with GQA,
+// per-query-head fp32 (B, H, N, D|E) outputs to be reduced by the caller; nullptr writes p.dk / p.dv.
+cudaError_t bwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,
+                     float* dk_ws, float* dv_ws, cudaStream_t stream);
+
 }  // namespace fast
 }  // namespace cuda
 }  // namespace lasp

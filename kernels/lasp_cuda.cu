@@ -58,9 +58,11 @@ bool pick_tile(F smem, int full, size_t esz, size_t limit, int& C, int& tile, si
 }
 
 // Segments per (b, h) so that the grid has about two blocks per SM.
-void split_segments(const AttnParams& p, int blocks_per_segment, int sms, int& nseg, int& seglen) {
+void split_segments(const AttnParams& p, int blocks_per_segment, int sms, int& nseg, int& seglen,
+                    int blocks_per_sm = 2) {
+  // Whole waves: floor(2 * SMs / blocks) segments, so the last wave is not a small tail.
   const int64_t pairs = p.B * p.H * (int64_t)blocks_per_segment;
-  const int64_t want = (2 * (int64_t)sms + pairs - 1) / pairs;
+  const int64_t want = (blocks_per_sm * (int64_t)sms) / pairs;
   const int64_t nch64 = (p.N + 63) / 64;
   int64_t ns = std::min<int64_t>(want, nch64);
   if (ns <= 1) {
@@ -121,12 +123,17 @@ Plan plan_bwd(const AttnParams& p) {
   const DevInfo di = dev_info();
   const size_t esz = acc_size(p);
   const int D = (int)p.D, E = (int)p.E;
-  auto sm_dqdk = [&](int C, int t) { return 2 * C * (E + 1) + C * (t + 1) + C * C + t * E + C + 1; };
-  auto sm_dv = [&](int C, int t) { return 2 * C * (D + 1) + C * t + C * C + D * t + C + 1; };
-  if (!pick_tile(sm_dqdk, D, esz, di.smem_optin, pl.C_main, pl.t_main, pl.sm_main)) return pl;
-  if (!pick_tile(sm_dv, E, esz, di.smem_optin, pl.C_dv, pl.t_dv, pl.sm_dv)) return pl;
-  const int tiles = (D + pl.t_main - 1) / pl.t_main;
-  split_segments(p, tiles, di.sms, pl.nseg, pl.seglen);
+  pl.fast = fast::bwd_supported(p);
+  if (pl.fast) {
+    split_segments(p, 1, di.sms, pl.nseg, pl.seglen, 1);
+  } else {
+    auto sm_dqdk = [&](int C, int t) { return 2 * C * (E + 1) + C * (t + 1) + C * C + t * E + C + 1; };
+    auto sm_dv = [&](int C, int t) { return 2 * C * (D + 1) + C * t + C * C + D * t + C + 1; };
+    if (!pick_tile(sm_dqdk, D, esz, di.smem_optin, pl.C_main, pl.t_main, pl.sm_main)) return pl;
+    if (!pick_tile(sm_dv, E, esz, di.smem_optin, pl.C_dv, pl.t_dv, pl.sm_dv)) return pl;
+    const int tiles = (D + pl.t_main - 1) / pl.t_main;
+    split_segments(p, tiles, di.sms, pl.nseg, pl.seglen);
+  }
   if (pl.nseg > 1) {
     auto sm_loc = [&](int C, int t) { return C * (D + 1) + C * t + D * t + C + 1; };
     if (!pick_tile(sm_loc, E, esz, di.smem_optin, pl.C_loc, pl.t_loc, pl.sm_loc)) return pl;
@@ -174,11 +181,15 @@ Ctx<A> make_ctx(const AttnParams& p, int nseg, int seglen) {
 template <typename T, typename A>
 cudaError_t segment_states_fwd(const AttnParams& p, const Plan& pl, const Ctx<A>& c, A* ws, A* state_out,
                                cudaStream_t st) {
-  auto kl = state_local_kernel<T, A, false>;
-  LASP_TRY(prepare(kl, pl.sm_loc));
-  dim3 g((unsigned)(p.B * p.H), pl.nseg, (unsigned)((p.E + pl.t_loc - 1) / pl.t_loc));
-  kl<<<g, kThreads, pl.sm_loc, st>>>(c, make_tv<const T>(p.k), make_tv<const T>(p.v), c.D, c.E, pl.C_loc, pl.t_loc, ws);
-  LASP_LAUNCHED();
+  if (fast::local_supported(p, false)) {
+    LASP_TRY(fast::state_local(p, false, pl.nseg, pl.seglen, reinterpret_cast<float*>(ws), st));
+  } else {
+    auto kl = state_local_kernel<T, A, false>;
+    LASP_TRY(prepare(kl, pl.sm_loc));
+    dim3 g((unsigned)(p.B * p.H), pl.nseg, (unsigned)((p.E + pl.t_loc - 1) / pl.t_loc));
+    kl<<<g, kThreads, pl.sm_loc, st>>>(c, make_tv<const T>(p.k), make_tv<const T>(p.v), c.D, c.E, pl.C_loc, pl.t_loc, ws);
+    LASP_LAUNCHED();
+  }
   dim3 gs((unsigned)(p.B * p.H), (unsigned)((p.D * p.E + 255) / 256));
   scan_fwd_kernel<A><<<gs, 256, 0, st>>>(c, ws, static_cast<const A*>(p.state_in), state_out);
   LASP_LAUNCHED();
@@ -220,17 +231,35 @@ cudaError_t run_bwd(const AttnParams& p, cudaStream_t st) {
   A* gsi = static_cast<A*>(p.grad_state_in);
   if (pl.nseg > 1) {
     LASP_TRY((segment_states_fwd<T, A>(p, pl, c, wsS, nullptr, st)));
-    auto kl = state_local_kernel<T, A, true>;
-    LASP_TRY(prepare(kl, pl.sm_locq));
-    dim3 g((unsigned)(p.B * p.H), pl.nseg, (unsigned)((p.E + pl.t_locq - 1) / pl.t_locq));
-    kl<<<g, kThreads, pl.sm_locq, st>>>(c, make_tv<const T>(p.q), make_tv<const T>(p.dout), c.D, c.E, pl.C_locq,
-                                        pl.t_locq, wsG);
-    LASP_LAUNCHED();
+    if (fast::local_supported(p, true)) {
+      LASP_TRY(fast::state_local(p, true, pl.nseg, pl.seglen, reinterpret_cast<float*>(wsG), st));
+    } else {
+      auto kl = state_local_kernel<T, A, true>;
+      LASP_TRY(prepare(kl, pl.sm_locq));
+      dim3 g((unsigned)(p.B * p.H), pl.nseg, (unsigned)((p.E + pl.t_locq - 1) / pl.t_locq));
+      kl<<<g, kThreads, pl.sm_locq, st>>>(c, make_tv<const T>(p.q), make_tv<const T>(p.dout), c.D, c.E, pl.C_locq,
+                                          pl.t_locq, wsG);
+      LASP_LAUNCHED();
+    }
     dim3 gs((unsigned)(p.B * p.H), (unsigned)((p.D * p.E + 255) / 256));
     scan_bwd_kernel<A><<<gs, 256, 0, st>>>(c, wsG, gso, gsi);
     LASP_LAUNCHED();
   }
   const bool gqa = p.H != p.Hkv;
+  if (pl.fast) {
+    float* dkh = gqa ? reinterpret_cast<float*>(wsKV) : nullptr;
+    float* dvh = gqa ? dkh + (size_t)p.B * p.H * p.N * p.D : nullptr;
+    LASP_TRY(fast::bwd_main(p, pl.nseg, pl.seglen, reinterpret_cast<const float*>(wsS),
+                            reinterpret_cast<const float*>(wsG), dkh, dvh, st));
+    if (gqa) {
+      const int nb = 132 * 16;
+      gqa_reduce_kernel<T, A><<<nb, 256, 0, st>>>(c, reinterpret_cast<A*>(dkh), make_tv<T>(p.dk), c.D);
+      LASP_LAUNCHED();
+      gqa_reduce_kernel<T, A><<<nb, 256, 0, st>>>(c, reinterpret_cast<A*>(dvh), make_tv<T>(p.dv), c.E);
+      LASP_LAUNCHED();
+    }
+    return cudaSuccess;
+  }
   const Tv<const T> q = make_tv<const T>(p.q), k = make_tv<const T>(p.k), v = make_tv<const T>(p.v),
                     dout = make_tv<const T>(p.dout);
   const Tv<T> dq = make_tv<T>(p.dq);

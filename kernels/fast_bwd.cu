@@ -1,0 +1,560 @@
+// Tensor-core backward (bf16/fp16, fp32 accumulate) for D, E in {64, 128}: one block of 8 warps per
+// (b, h, segment) computes dq, dk, dv of its segment (and grad_state_in with one segment), chunks of 64.
+//
+//  loop A, chunks forward, state S (fp32 registers; S_b its 16-bit copy in smem):
+//     dq = diag(scale g^(t+1)) dO S_b^T + ((scale dO V^T) * causal decay mask) K
+//     S  = g^len S + (K^T diag(g^(len-1-s))) V
+//  loop B, chunks backward, state R (gradient w.r.t. the state at the chunk's end):
+//     dk = diag(g^(len-1-s)) V R_b^T + ((scale V dO^T) * anti-causal mask) Q
+//     dv = diag(g^(len-1-s)) K R_b   + ((scale K Q^T) * anti-causal mask) dO
+//     R  = g^len R + scale Q^T diag(g^(t+1)) dO
+// Warp w: rows 16*(w%4) .. +15 of the chunk, column half w/4 of dq / dk / dv.
+// Reads: dO, V, K (loop A) and Q, K, V, dO (loop B); writes dq, dk, dv once.
+// With GQA, dk / dv of each query head go as fp32 to a workspace that a reduction sums (OT = float).
+#include "common.cuh"
+#include "fast_path.h"
+#include "mma.cuh"
+
+namespace lasp {
+namespace cuda {
+namespace fast {
+
+using namespace detail;
+using namespace mma;
+
+namespace {
+
+constexpr int kC = 64;
+constexpr int kThreadsB = 256;
+
+template <typename T, int W, int LD>
+__device__ __forceinline__ void load_rows_b(T* sm, const Tv<const T>& v, int b, int h, int64_t c0, int len) {
+  constexpr int VPR = W / 8;
+  for (int i = threadIdx.x; i < kC * VPR; i += blockDim.x) {
+    const int r = i / VPR, cv = i - r * VPR;
+    const bool ok = r < len;
+    const T* src = v.p + b * v.sb + h * v.sh + (c0 + (ok ? r : 0)) * v.sn + cv * 8;
+    cp_async16(sm + r * LD + cv * 8, src, ok);
+  }
+}
+
+struct BwdArgs {
+  int B, H, group, N, D, E, nseg, seglen;
+  float scale;
+  const float* decay;
+  const float* state_in;        // nseg == 1
+  const float* grad_state_out;  // nseg == 1
+  const float* seg_S;           // nseg > 1: (B, H, nseg, D, E)
+  const float* seg_G;
+  float* grad_state_in;         // nseg == 1
+  int dkv_per_query_head;
+};
+
+template <typename T, int D, int E>
+struct BwdSmem {
+  static constexpr int LDD = D + 8, LDE = E + 8;
+  // stage: Q [64][LDD], K [64][LDD], V [64][LDE], dO [64][LDE]
+  static constexpr int STAGE = 2 * kC * LDD + 2 * kC * LDE;
+  static constexpr size_t bytes = (size_t)(2 * STAGE + D * LDE) * sizeof(T) + (kC + 2) * sizeof(float);
+};
+
+// Store a 16 x (8*NT) fp32 fragment tile (rows r0.., cols c0..) to a strided row of type OT.
+template <typename OT, int NT>
+__device__ __forceinline__ void store_frag(const float (*acc)[4], OT* base, int64_t row_stride, int r0, int c0,
+                                           int len) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int t = r0 + g + hh * 8;
+    if (t >= len) continue;
+    OT* row = base + t * row_stride + c0 + 2 * tc;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      if constexpr (sizeof(OT) == 4) {
+        *reinterpret_cast<float2*>(row + nt * 8) = make_float2(acc[nt][2 * hh], acc[nt][2 * hh + 1]);
+      } else {
+        *reinterpret_cast<uint32_t*>(row + nt * 8) = pack2<OT>(acc[nt][2 * hh], acc[nt][2 * hh + 1]);
+      }
+    }
+  }
+}
+
+template <typename T, typename OT, int D, int E>
+__global__ void __launch_bounds__(kThreadsB, 1) bwd_kernel(BwdArgs a, Tv<const T> q, Tv<const T> k, Tv<const T> v,
+                                                           Tv<const T> dout, Tv<T> dq, Tv<OT> dk, Tv<OT> dv) {
+  using SM = BwdSmem<T, D, E>;
+  constexpr int LDD = SM::LDD, LDE = SM::LDE;
+  // state fragments owned by a warp
+  constexpr bool SPLIT_E = D < 128;            // D = 64: 4 m-tiles, split E between warp halves
+  constexpr int SNT = SPLIT_E ? E / 16 : E / 8; // n-tiles of the state per warp
+  constexpr int DH = D / 2, EH = E / 2;         // column halves of dq/dk and dv
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* stage0 = reinterpret_cast<T*>(smem_raw);
+  T* Sb = stage0 + 2 * SM::STAGE;  // [D][LDE]
+  float* Gp = reinterpret_cast<float*>(Sb + D * LDE);
+
+  const int seg = blockIdx.x % a.nseg, bh = blockIdx.x / a.nseg;
+  const int b = bh / a.H, h = bh % a.H, kh = h / a.group;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
+  const int rg = warp & 3, ch = warp >> 2;
+  const int r0 = rg * 16;
+  const int sm0 = SPLIT_E ? (warp & 3) * 16 : warp * 16;  // state rows of this warp
+  const int sn0 = SPLIT_E ? (warp >> 2) * (E / 2) : 0;    // state cols of this warp
+  const float lg = a.decay ? -a.decay[h] : 0.f;
+  const float scale = a.scale;
+  for (int i = threadIdx.x; i <= kC; i += blockDim.x) Gp[i] = expf(lg * (float)i);
+
+  const int64_t n0 = (int64_t)seg * a.seglen;
+  const int64_t n1 = min((int64_t)a.N, n0 + a.seglen);
+  const int nch = (int)((n1 - n0 + kC - 1) / kC);
+  const size_t DE = (size_t)a.D * a.E;
+
+  float S[SNT][4];
+  auto load_state = [&](const float* src) {
+#pragma unroll
+    for (int nt = 0; nt < SNT; ++nt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int d = sm0 + g + (r >> 1) * 8, e = sn0 + nt * 8 + 2 * tc + (r & 1);
+        S[nt][r] = src ? src[(size_t)d * E + e] : 0.f;
+      }
+  };
+  auto write_sb = [&]() {
+#pragma unroll
+    for (int nt = 0; nt < SNT; ++nt)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int d = sm0 + g + hh * 8, e = sn0 + nt * 8 + 2 * tc;
+        *reinterpret_cast<uint32_t*>(Sb + d * LDE + e) = pack2<T>(S[nt][2 * hh], S[nt][2 * hh + 1]);
+      }
+  };
+  auto stage_ptr = [&](int i) { return stage0 + (i & 1) * SM::STAGE; };
+  // stage layout
+  auto Qp = [&](T* st) { return st; };
+  auto Kp = [&](T* st) { return st + kC * LDD; };
+  auto Vp = [&](T* st) { return st + 2 * kC * LDD; };
+  auto DOp = [&](T* st) { return st + 2 * kC * LDD + kC * LDE; };
+
+  // ================= loop A: dq =================
+  {
+    const float* S0 = a.nseg > 1 ? a.seg_S + ((size_t)bh * a.nseg + seg) * DE
+                                 : (a.state_in ? a.state_in + (size_t)bh * DE : nullptr);
+    load_state(S0);
+    write_sb();
+  }
+  auto issue_A = [&](int ci) {
+    const int64_t c0 = n0 + (int64_t)ci * kC;
+    const int len = (int)min((int64_t)kC, n1 - c0);
+    T* st = stage_ptr(ci);
+    load_rows_b<T, D, LDD>(Kp(st), k, b, kh, c0, len);
+    load_rows_b<T, E, LDE>(Vp(st), v, b, kh, c0, len);
+    load_rows_b<T, E, LDE>(DOp(st), dout, b, h, c0, len);
+    cp_async_commit();
+  };
+  issue_A(0);
+  for (int ci = 0; ci < nch; ++ci) {
+    const int64_t c0 = n0 + (int64_t)ci * kC;
+    const int len = (int)min((int64_t)kC, n1 - c0);
+    T* st = stage_ptr(ci);
+    const T* Ks = Kp(st);
+    const T* Vs = Vp(st);
+    const T* DOs = DOp(st);
+    cp_async_wait<0>();
+    __syncthreads();
+    if (ci + 1 < nch) issue_A(ci + 1);
+    {
+      uint32_t oa[E / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < E / 16; ++kk) load_a(oa[kk], DOs, LDE, r0, kk * 16);
+      // acc = dO S^T (cols of this warp's half of D)
+      float acc[DH / 8][4];
+#pragma unroll
+      for (int nt = 0; nt < DH / 8; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[nt][r] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < E / 16; ++kk)
+#pragma unroll
+        for (int np = 0; np < DH / 16; ++np) {
+          uint32_t bb[4];
+          load_b_nk(bb, Sb, LDE, kk * 16, ch * DH + np * 16);
+          mma16816<T>(acc[2 * np], oa[kk], bb[0], bb[1]);
+          mma16816<T>(acc[2 * np + 1], oa[kk], bb[2], bb[3]);
+        }
+      {
+        const float f0 = scale * Gp[r0 + g + 1], f1 = scale * Gp[r0 + g + 9];
+#pragma unroll
+        for (int nt = 0; nt < DH / 8; ++nt) {
+          acc[nt][0] *= f0;
+          acc[nt][1] *= f0;
+          acc[nt][2] *= f1;
+          acc[nt][3] *= f1;
+        }
+      }
+      // P = scale dO V^T, causal
+      float P[8][4];
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) P[nt][r] = 0.f;
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        if (np > rg) continue;
+#pragma unroll
+        for (int kk = 0; kk < E / 16; ++kk) {
+          uint32_t bb[4];
+          load_b_nk(bb, Vs, LDE, kk * 16, np * 16);
+          mma16816<T>(P[2 * np], oa[kk], bb[0], bb[1]);
+          mma16816<T>(P[2 * np + 1], oa[kk], bb[2], bb[3]);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int t = r0 + g + (r >> 1) * 8, s = nt * 8 + 2 * tc + (r & 1);
+          P[nt][r] = s <= t ? P[nt][r] * scale * Gp[t - s] : 0.f;
+        }
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        if (kk > rg) continue;
+        uint32_t pa[4];
+        pa[0] = pack2<T>(P[2 * kk][0], P[2 * kk][1]);
+        pa[1] = pack2<T>(P[2 * kk][2], P[2 * kk][3]);
+        pa[2] = pack2<T>(P[2 * kk + 1][0], P[2 * kk + 1][1]);
+        pa[3] = pack2<T>(P[2 * kk + 1][2], P[2 * kk + 1][3]);
+#pragma unroll
+        for (int np = 0; np < DH / 16; ++np) {
+          uint32_t bb[4];
+          load_b_kn(bb, Ks, LDD, kk * 16, ch * DH + np * 16);
+          mma16816<T>(acc[2 * np], pa, bb[0], bb[1]);
+          mma16816<T>(acc[2 * np + 1], pa, bb[2], bb[3]);
+        }
+      }
+      T* base = dq.p + b * dq.sb + h * dq.sh + c0 * dq.sn;
+      store_frag<T, DH / 8>(acc, base, dq.sn, r0, ch * DH, len);
+    }
+    if (ci + 1 < nch) {
+      __syncthreads();  // all warps done reading S_b
+      const float gl = Gp[len];
+#pragma unroll
+      for (int nt = 0; nt < SNT; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) S[nt][r] *= gl;
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        if (kk * 16 >= len) continue;
+        const int s0 = kk * 16 + 2 * tc;
+        float w[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int s = s0 + (j & 1) + (j >> 1) * 8;
+          w[j] = s < len ? Gp[len - 1 - s] : 0.f;
+        }
+        uint32_t ka[4];
+        load_a_t(ka, Ks, LDD, sm0, kk * 16);
+        ka[0] = scale2<T>(ka[0], w[0], w[1]);
+        ka[1] = scale2<T>(ka[1], w[0], w[1]);
+        ka[2] = scale2<T>(ka[2], w[2], w[3]);
+        ka[3] = scale2<T>(ka[3], w[2], w[3]);
+#pragma unroll
+        for (int np = 0; np < SNT / 2; ++np) {
+          uint32_t bb[4];
+          load_b_kn(bb, Vs, LDE, kk * 16, sn0 + np * 16);
+          mma16816<T>(S[2 * np], ka, bb[0], bb[1]);
+          mma16816<T>(S[2 * np + 1], ka, bb[2], bb[3]);
+        }
+      }
+      write_sb();
+    }
+  }
+
+  // ================= loop B: dk, dv =================
+  cp_async_wait<0>();
+  __syncthreads();  // loop A done with every buffer
+  {
+    const float* G0 = a.nseg > 1 ? a.seg_G + ((size_t)bh * a.nseg + seg) * DE
+                                 : (a.grad_state_out ? a.grad_state_out + (size_t)bh * DE : nullptr);
+    load_state(G0);
+    write_sb();
+  }
+  auto issue_B = [&](int ci) {  // ci counts chunks from the end
+    const int cc = nch - 1 - ci;
+    const int64_t c0 = n0 + (int64_t)cc * kC;
+    const int len = (int)min((int64_t)kC, n1 - c0);
+    T* st = stage_ptr(ci);
+    load_rows_b<T, D, LDD>(Qp(st), q, b, h, c0, len);
+    load_rows_b<T, D, LDD>(Kp(st), k, b, kh, c0, len);
+    load_rows_b<T, E, LDE>(Vp(st), v, b, kh, c0, len);
+    load_rows_b<T, E, LDE>(DOp(st), dout, b, h, c0, len);
+    cp_async_commit();
+  };
+  issue_B(0);
+  const int hkv = a.dkv_per_query_head ? h : kh;
+  for (int ci = 0; ci < nch; ++ci) {
+    const int cc = nch - 1 - ci;
+    const int64_t c0 = n0 + (int64_t)cc * kC;
+    const int len = (int)min((int64_t)kC, n1 - c0);
+    T* st = stage_ptr(ci);
+    const T* Qs = Qp(st);
+    const T* Ks = Kp(st);
+    const T* Vs = Vp(st);
+    const T* DOs = DOp(st);
+    cp_async_wait<0>();
+    __syncthreads();
+    if (ci + 1 < nch) issue_B(ci + 1);
+    const float ws0 = r0 + g < len ? Gp[len - 1 - (r0 + g)] : 0.f;
+    const float ws1 = r0 + g + 8 < len ? Gp[len - 9 - (r0 + g)] : 0.f;
+    // ---- dk = diag(w) V R^T + (scale V dO^T masked) Q ----
+    {
+      uint32_t va[E / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < E / 16; ++kk) load_a(va[kk], Vs, LDE, r0, kk * 16);
+      float acc[DH / 8][4];
+#pragma unroll
+      for (int nt = 0; nt < DH / 8; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[nt][r] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < E / 16; ++kk)
+#pragma unroll
+        for (int np = 0; np < DH / 16; ++np) {
+          uint32_t bb[4];
+          load_b_nk(bb, Sb, LDE, kk * 16, ch * DH + np * 16);
+          mma16816<T>(acc[2 * np], va[kk], bb[0], bb[1]);
+          mma16816<T>(acc[2 * np + 1], va[kk], bb[2], bb[3]);
+        }
+#pragma unroll
+      for (int nt = 0; nt < DH / 8; ++nt) {
+        acc[nt][0] *= ws0;
+        acc[nt][1] *= ws0;
+        acc[nt][2] *= ws1;
+        acc[nt][3] *= ws1;
+      }
+      float P[8][4];
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) P[nt][r] = 0.f;
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        if (np < rg) continue;
+#pragma unroll
+        for (int kk = 0; kk < E / 16; ++kk) {
+          uint32_t bb[4];
+          load_b_nk(bb, DOs, LDE, kk * 16, np * 16);
+          mma16816<T>(P[2 * np], va[kk], bb[0], bb[1]);
+          mma16816<T>(P[2 * np + 1], va[kk], bb[2], bb[3]);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int s = r0 + g + (r >> 1) * 8, t = nt * 8 + 2 * tc + (r & 1);
+          P[nt][r] = t >= s ? P[nt][r] * scale * Gp[t - s] : 0.f;
+        }
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        if (kk < rg) continue;
+        uint32_t pa[4];
+        pa[0] = pack2<T>(P[2 * kk][0], P[2 * kk][1]);
+        pa[1] = pack2<T>(P[2 * kk][2], P[2 * kk][3]);
+        pa[2] = pack2<T>(P[2 * kk + 1][0], P[2 * kk + 1][1]);
+        pa[3] = pack2<T>(P[2 * kk + 1][2], P[2 * kk + 1][3]);
+#pragma unroll
+        for (int np = 0; np < DH / 16; ++np) {
+          uint32_t bb[4];
+          load_b_kn(bb, Qs, LDD, kk * 16, ch * DH + np * 16);
+          mma16816<T>(acc[2 * np], pa, bb[0], bb[1]);
+          mma16816<T>(acc[2 * np + 1], pa, bb[2], bb[3]);
+        }
+      }
+      OT* base = dk.p + b * dk.sb + hkv * dk.sh + c0 * dk.sn;
+      store_frag<OT, DH / 8>(acc, base, dk.sn, r0, ch * DH, len);
+    }
+    // ---- dv = diag(w) K R + (scale K Q^T masked) dO ----
+    {
+      uint32_t ka[D / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) load_a(ka[kk], Ks, LDD, r0, kk * 16);
+      float acc[EH / 8][4];
+#pragma unroll
+      for (int nt = 0; nt < EH / 8; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[nt][r] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+        for (int np = 0; np < EH / 16; ++np) {
+          uint32_t bb[4];
+          load_b_kn(bb, Sb, LDE, kk * 16, ch * EH + np * 16);
+          mma16816<T>(acc[2 * np], ka[kk], bb[0], bb[1]);
+          mma16816<T>(acc[2 * np + 1], ka[kk], bb[2], bb[3]);
+        }
+#pragma unroll
+      for (int nt = 0; nt < EH / 8; ++nt) {
+        acc[nt][0] *= ws0;
+        acc[nt][1] *= ws0;
+        acc[nt][2] *= ws1;
+        acc[nt][3] *= ws1;
+      }
+      float P[8][4];
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) P[nt][r] = 0.f;
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        if (np < rg) continue;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          uint32_t bb[4];
+          load_b_nk(bb, Qs, LDD, kk * 16, np * 16);
+          mma16816<T>(P[2 * np], ka[kk], bb[0], bb[1]);
+          mma16816<T>(P[2 * np + 1], ka[kk], bb[2], bb[3]);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int s = r0 + g + (r >> 1) * 8, t = nt * 8 + 2 * tc + (r & 1);
+          P[nt][r] = t >= s ? P[nt][r] * scale * Gp[t - s] : 0.f;
+        }
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        if (kk < rg) continue;
+        uint32_t pa[4];
+        pa[0] = pack2<T>(P[2 * kk][0], P[2 * kk][1]);
+        pa[1] = pack2<T>(P[2 * kk][2], P[2 * kk][3]);
+        pa[2] = pack2<T>(P[2 * kk + 1][0], P[2 * kk + 1][1]);
+        pa[3] = pack2<T>(P[2 * kk + 1][2], P[2 * kk + 1][3]);
+#pragma unroll
+        for (int np = 0; np < EH / 16; ++np) {
+          uint32_t bb[4];
+          load_b_kn(bb, DOs, LDE, kk * 16, ch * EH + np * 16);
+          mma16816<T>(acc[2 * np], pa, bb[0], bb[1]);
+          mma16816<T>(acc[2 * np + 1], pa, bb[2], bb[3]);
+        }
+      }
+      OT* base = dv.p + b * dv.sb + hkv * dv.sh + c0 * dv.sn;
+      store_frag<OT, EH / 8>(acc, base, dv.sn, r0, ch * EH, len);
+    }
+    __syncthreads();  // all warps done reading R_b
+    // ---- R = g^len R + scale Q^T diag(g^(t+1)) dO ----
+    {
+      const float gl = Gp[len];
+#pragma unroll
+      for (int nt = 0; nt < SNT; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) S[nt][r] *= gl;
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        if (kk * 16 >= len) continue;
+        const int t0 = kk * 16 + 2 * tc;
+        float w[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int t = t0 + (j & 1) + (j >> 1) * 8;
+          w[j] = t < len ? scale * Gp[t + 1] : 0.f;
+        }
+        uint32_t qa[4];
+        load_a_t(qa, Qs, LDD, sm0, kk * 16);
+        qa[0] = scale2<T>(qa[0], w[0], w[1]);
+        qa[1] = scale2<T>(qa[1], w[0], w[1]);
+        qa[2] = scale2<T>(qa[2], w[2], w[3]);
+        qa[3] = scale2<T>(qa[3], w[2], w[3]);
+#pragma unroll
+        for (int np = 0; np < SNT / 2; ++np) {
+          uint32_t bb[4];
+          load_b_kn(bb, DOs, LDE, kk * 16, sn0 + np * 16);
+          mma16816<T>(S[2 * np], qa, bb[0], bb[1]);
+          mma16816<T>(S[2 * np + 1], qa, bb[2], bb[3]);
+        }
+      }
+      if (ci + 1 < nch) write_sb();
+    }
+  }
+  if (a.grad_state_in && a.nseg == 1) {
+#pragma unroll
+    for (int nt = 0; nt < SNT; ++nt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int d = sm0 + g + (r >> 1) * 8, e = sn0 + nt * 8 + 2 * tc + (r & 1);
+        a.grad_state_in[(size_t)bh * DE + (size_t)d * E + e] = S[nt][r];
+      }
+  }
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+bool view_ok(const TensorView4& t) {
+  return t.ptr && aligned16(t.ptr) && t.stride[3] == 1 && t.stride[0] % 8 == 0 && t.stride[1] % 8 == 0 &&
+         t.stride[2] % 8 == 0;
+}
+
+template <typename T, typename OT, int D, int E>
+cudaError_t launch_bwd(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st) {
+  auto kern = bwd_kernel<T, OT, D, E>;
+  const size_t smem = BwdSmem<T, D, E>::bytes;
+  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (e != cudaSuccess) return e;
+  const unsigned blocks = (unsigned)(p.B * p.H * a.nseg);
+  kern<<<blocks, kThreadsB, smem, st>>>(a, make_tv<const T>(p.q), make_tv<const T>(p.k), make_tv<const T>(p.v),
+                                        make_tv<const T>(p.dout), make_tv<T>(p.dq), dk, dv);
+  return cudaGetLastError();
+}
+
+template <typename T, typename OT>
+cudaError_t launch_bwd_dims(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st) {
+  if (p.D == 64 && p.E == 64) return launch_bwd<T, OT, 64, 64>(p, a, dk, dv, st);
+  if (p.D == 64 && p.E == 128) return launch_bwd<T, OT, 64, 128>(p, a, dk, dv, st);
+  if (p.D == 128 && p.E == 64) return launch_bwd<T, OT, 128, 64>(p, a, dk, dv, st);
+  return launch_bwd<T, OT, 128, 128>(p, a, dk, dv, st);
+}
+
+}  // namespace
+
+bool bwd_supported(const AttnParams& p) {
+  if (p.dtype != ScalarType::BFloat16 && p.dtype != ScalarType::Float16) return false;
+  if (p.D != 64 && p.D != 128) return false;
+  if (p.E != 64 && p.E != 128) return false;
+  if (p.N > (int64_t)1 << 30) return false;
+  const bool gqa = p.H != p.Hkv;
+  return view_ok(p.q) && view_ok(p.k) && view_ok(p.v) && view_ok(p.dout) && view_ok(p.dq) &&
+         (gqa || (view_ok(p.dk) && view_ok(p.dv)));
+}
+
+cudaError_t bwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,
+                     float* dk_ws, float* dv_ws, cudaStream_t st) {
+  BwdArgs a;
+  a.B = (int)p.B;
+  a.H = (int)p.H;
+  a.group = (int)(p.H / p.Hkv);
+  a.N = (int)p.N;
+  a.D = (int)p.D;
+  a.E = (int)p.E;
+  a.nseg = nseg;
+  a.seglen = seglen;
+  a.scale = (float)p.scale;
+  a.decay = static_cast<const float*>(p.decay);
+  a.state_in = static_cast<const float*>(p.state_in);
+  a.grad_state_out = static_cast<const float*>(p.grad_state_out);
+  a.seg_S = seg_S;
+  a.seg_G = seg_G;
+  a.grad_state_in = static_cast<float*>(p.grad_state_in);
+  const bool bf = p.dtype == ScalarType::BFloat16;
+  if (dk_ws) {  // GQA: per-query-head fp32 dk / dv, contiguous (B, H, N, D|E)
+    a.dkv_per_query_head = 1;
+    Tv<float> dk = make_tv_contig<float>(dk_ws, p.H, p.N, p.D), dv = make_tv_contig<float>(dv_ws, p.H, p.N, p.E);
+    return bf ? launch_bwd_dims<__nv_bfloat16, float>(p, a, dk, dv, st) : launch_bwd_dims<__half, float>(p, a, dk, dv, st);
+  }
+  a.dkv_per_query_head = 0;
+  if (bf)
+    return launch_bwd_dims<__nv_bfloat16, __nv_bfloat16>(p, a, make_tv<__nv_bfloat16>(p.dk), make_tv<__nv_bfloat16>(p.dv), st);
+  return launch_bwd_dims<__half, __half>(p, a, make_tv<__half>(p.dk), make_tv<__half>(p.dv), st);
+}
+
+}  // namespace fast
+}  // namespace cuda
+}  // namespace lasp

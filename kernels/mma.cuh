@@ -1,0 +1,118 @@
+// Warp-level tensor-core helpers (mma.sync m16n8k16, ldmatrix, cp.async) for bf16 / fp16 with
+// fp32 accumulation. sm_80+ (also used on sm_90a).
+//
+// Fragment layouts (g = lane / 4, c = lane % 4):
+//   A 16x16: a[0] (row g, k 2c..2c+1), a[1] (row g+8, k 2c..), a[2] (row g, k 2c+8..), a[3] (row g+8, k 2c+8..)
+//   B 16x8:  b[0] (k 2c..2c+1, col g), b[1] (k 2c+8.., col g)
+//   C 16x8:  c[0], c[1] (row g, cols 2c, 2c+1), c[2], c[3] (row g+8, cols 2c, 2c+1)
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace lasp {
+namespace cuda {
+namespace mma {
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__half>(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t* r, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t* r, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// A fragment (16 x 16) of a row-major [m][k] smem tile with leading dim ld (elements), at (m0, k0).
+template <typename T>
+__device__ __forceinline__ void load_a(uint32_t* a, const T* s, int ld, int m0, int k0) {
+  const int l = threadIdx.x & 31;
+  ldsm_x4(a, s + (m0 + (l & 15)) * ld + k0 + (l >> 4) * 8);
+}
+// A fragment of A = X^T where X is a row-major [k][m] smem tile.
+template <typename T>
+__device__ __forceinline__ void load_a_t(uint32_t* a, const T* s, int ld, int m0, int k0) {
+  const int l = threadIdx.x & 31, j = l >> 3;
+  ldsm_x4_t(a, s + (k0 + (l & 7) + (j >> 1) * 8) * ld + m0 + (j & 1) * 8);
+}
+// B fragments of two n-tiles (n0 .. n0+15) where B^T is a row-major [n][k] smem tile:
+// b[0], b[1] for n-tile n0, b[2], b[3] for n0+8.
+template <typename T>
+__device__ __forceinline__ void load_b_nk(uint32_t* b, const T* s, int ld, int k0, int n0) {
+  const int l = threadIdx.x & 31;
+  ldsm_x4(b, s + (n0 + (l & 7) + (l >> 4) * 8) * ld + k0 + ((l >> 3) & 1) * 8);
+}
+// B fragments of two n-tiles where B is a row-major [k][n] smem tile.
+template <typename T>
+__device__ __forceinline__ void load_b_kn(uint32_t* b, const T* s, int ld, int k0, int n0) {
+  const int l = threadIdx.x & 31;
+  ldsm_x4_t(b, s + (k0 + (l & 7) + ((l >> 3) & 1) * 8) * ld + n0 + (l >> 4) * 8);
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <typename T>
+__device__ __forceinline__ float2 unpack2(uint32_t x);
+template <>
+__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t x) {
+  return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&x));
+}
+template <>
+__device__ __forceinline__ float2 unpack2<__half>(uint32_t x) {
+  return __half22float2(*reinterpret_cast<__half2*>(&x));
+}
+// Multiply both halves of a packed pair by (wlo, whi).
+template <typename T>
+__device__ __forceinline__ uint32_t scale2(uint32_t x, float wlo, float whi) {
+  const float2 f = unpack2<T>(x);
+  return pack2<T>(f.x * wlo, f.y * whi);
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+  const int sz = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(sz));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+}  // namespace mma
+}  // namespace cuda
+}  // namespace lasp
