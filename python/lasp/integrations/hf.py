@@ -1,0 +1,410 @@
+"""HuggingFace transformers MiniMax on lasp: ``patch_minimax(model, sp_group=None)`` / ``unpatch_minimax(model)``.
+
+``patch_minimax`` swaps the linear-attention computation of every ``MiniMaxLightningAttention`` in a
+transformers MiniMax model (``MiniMaxForCausalLM``, ``MiniMaxModel``, ... or any module holding them) for
+``lasp.lasp_attention``, in place. Weights, buffers and results stay those of the model:
+
+* the projections, activation, padding mask, output RMSNorm, sigmoid gate and output projection are
+  transformers' own modules, called exactly as ``MiniMaxLightningAttention.forward`` calls them;
+* the decay of each layer is the model's own ``slope_rate`` buffer (per head, per layer), the scale is
+  1.0 (MiniMax does not scale q.k), q, k, v are read in place (layout ``bnhd``, no copies);
+* MiniMax's block size only organises its loop: the function is the same for any block size, and
+  lasp's kernels choose their own chunking.
+
+Generation (``past_key_values``, a ``MiniMaxCache``): supported without a group. The linear cache of
+a layer is the ``(B, H, D, D)`` state after the tokens seen so far; lasp reads it as ``initial_state``
+and returns the new one (``output_final_state``), so prefill, chunked prefill and one-token decode
+all run through lasp. The state is carried in float32 inside the op and stored in the cache in the
+model's dtype, as transformers stores it.
+
+Sequence parallelism (``sp_group`` = a ``torch.distributed`` group): group rank ``r`` feeds the model
+the ``r``-th contiguous piece of every sequence. The linear layers pass the state along the LASP ring.
+MiniMax interleaves full softmax-attention layers; under a group they are patched too and stay exact,
+LASP-2H style: each rank all-gathers K and V (after rotary) along the sequence with an autograd-aware
+all-gather, and attends its local queries to the gathered keys with a causal mask shifted by its global
+offset (and the model's sliding window, if set). Position ids default to the *global* positions
+(offset + arange): a pre-forward hook on ``MiniMaxModel`` fills them in when the caller passes none.
+Under a group there is no cache (``use_cache`` defaults to False; asking for a cache raises), and a
+padding ``attention_mask`` (one with zeros) is refused where the model has full-attention layers. The
+loss of a sequence is the sum of the ranks' losses, and gradients of replicated parameters are the sum
+over the group (all-reduce them, see ``examples/hf_minimax.py``).
+
+The code reproduced here was read from transformers ``SUPPORTED_TRANSFORMERS`` ("5.17.0"). Another
+version, or a 5.17.0 whose MiniMax source differs (sha256 fingerprints of the reproduced functions),
+raises an error naming it. ``allow_untested_version=True`` skips those two checks, not the structural
+ones (the classes, attributes and forward signatures relied on).
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import lasp_attention
+
+__all__ = ["patch_minimax", "unpatch_minimax", "is_patched", "SUPPORTED_TRANSFORMERS"]
+
+SUPPORTED_TRANSFORMERS = "5.17.0"
+
+# sha256 of inspect.getsource(...) of the transformers functions whose behaviour is reproduced here,
+# in SUPPORTED_TRANSFORMERS. A mismatch means the model code changed under the same version number
+# (a patched install, a dev build): refuse rather than compute something else.
+_FINGERPRINTS = {
+    "MiniMaxLightningAttention.forward": "693a8e8a3970703e99d074ebdb46f2b5932a4f567800a38bd36676b457de2092",
+    "MiniMaxAttention.forward": "98e841a5cfbac69612269a9ee7b0c20f1d20107da7addbdfbce1560e40c77d65",
+    "MiniMaxModel.forward": "382237ec7b266339492904bfca278abeecbce56e88718939f943b280baada9a4",
+    "apply_mask_to_padding_states": "ac70fe1177ec07fffda88e30269d307c4913464f169f12288b831d19a0437207",
+}
+
+_PATCH_ATTR = "_lasp_hf_patch"
+
+_LIGHTNING_FORWARD_PARAMS = ["self", "hidden_states", "position_embeddings", "attention_mask", "past_key_values", "kwargs"]
+_ATTENTION_FORWARD_PARAMS = _LIGHTNING_FORWARD_PARAMS
+_MODEL_FORWARD_PARAMS = [
+    "self", "input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds", "use_cache", "kwargs",
+]
+_LIGHTNING_ATTRS = (
+    "layer_idx", "head_dim", "num_attention_heads", "act_fn", "norm", "qkv_proj", "out_proj", "output_gate",
+    "slope_rate",
+)
+_ATTENTION_ATTRS = (
+    "config", "layer_idx", "head_dim", "num_key_value_groups", "scaling", "attention_dropout", "q_proj", "k_proj",
+    "v_proj", "o_proj",
+)
+
+
+def _err(msg: str) -> str:
+    return f"lasp.integrations.hf: {msg}"
+
+
+# ----------------------------------------------------------------------------------------------
+# transformers and its MiniMax module, checked
+
+
+def _minimax_module(allow_untested_version: bool):
+    try:
+        import transformers
+        from transformers.models.minimax import modeling_minimax as mm
+    except ImportError as e:
+        raise ImportError(
+            _err(f"needs HuggingFace transformers=={SUPPORTED_TRANSFORMERS} (`pip install "
+                 f"transformers=={SUPPORTED_TRANSFORMERS}`): {e}")
+        ) from e
+    version = transformers.__version__
+    if version != SUPPORTED_TRANSFORMERS and not allow_untested_version:
+        raise RuntimeError(
+            _err(f"supports transformers {SUPPORTED_TRANSFORMERS}, found {version}: MiniMax's attention code may "
+                 f"differ. Install transformers=={SUPPORTED_TRANSFORMERS}, or pass allow_untested_version=True to "
+                 "try anyway (the structural checks still run)")
+        )
+    for name in ("MiniMaxLightningAttention", "MiniMaxAttention", "MiniMaxModel", "MiniMaxCache",
+                 "apply_mask_to_padding_states", "apply_rotary_pos_emb", "repeat_kv"):
+        if not hasattr(mm, name):
+            raise RuntimeError(
+                _err(f"transformers {version} has no modeling_minimax.{name}; supported: {SUPPORTED_TRANSFORMERS}")
+            )
+    for cls, want in ((mm.MiniMaxLightningAttention, _LIGHTNING_FORWARD_PARAMS),
+                      (mm.MiniMaxAttention, _ATTENTION_FORWARD_PARAMS),
+                      (mm.MiniMaxModel, _MODEL_FORWARD_PARAMS)):
+        got = list(inspect.signature(cls.forward).parameters)
+        if got != want:
+            raise RuntimeError(
+                _err(f"transformers {version}: {cls.__name__}.forward takes {got}, expected {want} "
+                     f"(transformers {SUPPORTED_TRANSFORMERS})")
+            )
+    for name in ("get_linear_cache", "set_linear_cache"):
+        if not hasattr(mm.MiniMaxCache, name):
+            raise RuntimeError(
+                _err(f"transformers {version}: MiniMaxCache has no {name} (supported: {SUPPORTED_TRANSFORMERS})")
+            )
+    if version == SUPPORTED_TRANSFORMERS:
+        objs = {
+            "MiniMaxLightningAttention.forward": mm.MiniMaxLightningAttention.forward,
+            "MiniMaxAttention.forward": mm.MiniMaxAttention.forward,
+            "MiniMaxModel.forward": mm.MiniMaxModel.forward,
+            "apply_mask_to_padding_states": mm.apply_mask_to_padding_states,
+        }
+        for key, obj in objs.items():
+            want = _FINGERPRINTS.get(key)
+            try:
+                src = inspect.getsource(obj)
+            except (OSError, TypeError):
+                continue  # no source shipped: the version and signatures are all we can check
+            got = hashlib.sha256(src.encode()).hexdigest()
+            if want is not None and got != want and not allow_untested_version:
+                raise RuntimeError(
+                    _err(f"transformers {version}: the source of modeling_minimax.{key} differs from the released "
+                         f"transformers {SUPPORTED_TRANSFORMERS} this integration reproduces (sha256 {got[:12]} vs "
+                         f"{want[:12]}); install the release, or pass allow_untested_version=True")
+                )
+    return mm
+
+
+def _check_lightning(m) -> None:
+    for a in _LIGHTNING_ATTRS:
+        if not hasattr(m, a):
+            raise RuntimeError(
+                _err(f"{type(m).__name__} (layer {getattr(m, 'layer_idx', '?')}) has no attribute {a!r}; "
+                     f"supported: transformers {SUPPORTED_TRANSFORMERS}")
+            )
+    H, D = m.num_attention_heads, m.head_dim
+    if tuple(m.slope_rate.shape) != (H, 1, 1):
+        raise RuntimeError(
+            _err(f"layer {m.layer_idx}: slope_rate has shape {tuple(m.slope_rate.shape)}, expected ({H}, 1, 1) "
+                 f"(transformers {SUPPORTED_TRANSFORMERS})")
+        )
+    if m.qkv_proj.out_features != 3 * H * D:
+        raise RuntimeError(
+            _err(f"layer {m.layer_idx}: qkv_proj has {m.qkv_proj.out_features} outputs, expected 3 * {H} * {D}")
+        )
+
+
+def _check_attention(m) -> None:
+    for a in _ATTENTION_ATTRS:
+        if not hasattr(m, a):
+            raise RuntimeError(
+                _err(f"{type(m).__name__} (layer {getattr(m, 'layer_idx', '?')}) has no attribute {a!r}; "
+                     f"supported: transformers {SUPPORTED_TRANSFORMERS}")
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequence-parallel helpers
+
+
+def _group_rank_size(group):
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(_err("sp_group was given but torch.distributed is not initialized"))
+    if group == dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(_err("this process is not a member of sp_group"))
+    return dist.get_rank(group=group), dist.get_world_size(group=group)
+
+
+def _piece_lengths(group, n: int, device) -> list:
+    """Local sequence lengths of every rank of the group (one small all-gather)."""
+    import torch.distributed as dist
+
+    _, world = _group_rank_size(group)
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    out = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(out, t, group=group)
+    return [int(x.item()) for x in out]
+
+
+def _gather_seq(x: torch.Tensor, lengths: list, group, dim: int) -> torch.Tensor:
+    """All-gather x along `dim` (pieces may differ in length) with autograd: the gradient of each
+    rank's piece is the sum over ranks of the gradients of its gathered copies."""
+    import torch.distributed.nn.functional as dist_nn
+
+    longest = max(lengths)
+    n = x.shape[dim]
+    if n < longest:  # all_gather needs equal shapes: pad, then cut each piece back to its length
+        pad = [0, 0] * (x.dim() - 1 - dim) + [0, longest - n]
+        x = F.pad(x, pad)
+    parts = dist_nn.all_gather(x.contiguous(), group=group)
+    return torch.cat([p.narrow(dim, 0, L) for p, L in zip(parts, lengths)], dim=dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# The patched forwards
+
+
+def _lightning_forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+    """MiniMaxLightningAttention.forward (transformers 5.17.0) with the block loop replaced by lasp."""
+    mm = self._lasp_mm
+    group = self._lasp_sp_group
+    batch_size, seq_len, _ = hidden_states.shape
+    H, D = self.num_attention_heads, self.head_dim
+
+    qkv_states = self.act_fn(self.qkv_proj(hidden_states))
+    qkv_states = mm.apply_mask_to_padding_states(qkv_states, attention_mask)
+    qkv_states = qkv_states.reshape(batch_size, seq_len, H, 3 * D)
+    # (B, N, H, D) strided views of the one qkv tensor; lasp reads them in place (layout "bnhd")
+    query_states, key_states, value_states = torch.split(qkv_states, D, dim=3)
+
+    initial_state = None
+    if past_key_values is not None:
+        if group is not None:
+            raise RuntimeError(
+                _err("past_key_values (generation) is not supported under a sequence-parallel group; "
+                     "generate with a model patched with sp_group=None")
+            )
+        cached = past_key_values.get_linear_cache(self.layer_idx)
+        if cached is not None:
+            acc = torch.float64 if query_states.dtype == torch.float64 else torch.float32
+            initial_state = cached.to(acc)
+
+    attn_output, state = lasp_attention(
+        query_states, key_states, value_states, self.slope_rate.reshape(-1),
+        scale=1.0, group=group, initial_state=initial_state, output_final_state=True, layout="bnhd",
+    )
+    state = state.to(value_states.dtype)  # transformers keeps the state in the model's dtype
+
+    attn_output = attn_output.reshape(batch_size, seq_len, H * D)
+    attn_output = self.norm(attn_output)
+    attn_output = F.sigmoid(self.output_gate(hidden_states)) * attn_output
+    attn_output = self.out_proj(attn_output)
+
+    if past_key_values is not None:
+        past_key_values.set_linear_cache(self.layer_idx, state)
+    return attn_output, state
+
+
+def _sp_attention_forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+    """MiniMaxAttention.forward under a sequence-parallel group: local queries, K and V all-gathered.
+
+    `attention_mask` (built by the model for the local piece only) is not used: the causal (and
+    sliding-window) mask is rebuilt here over global positions; the model-level hook has already
+    refused padding masks.
+    """
+    mm = self._lasp_mm
+    group = self._lasp_sp_group
+    if past_key_values is not None:
+        raise RuntimeError(
+            _err("past_key_values (generation) is not supported under a sequence-parallel group; "
+                 "generate with a model patched with sp_group=None")
+        )
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+    cos, sin = position_embeddings  # from the global position ids
+    query_states, key_states = mm.apply_rotary_pos_emb(query_states, key_states, cos, sin)
+
+    n = hidden_states.shape[1]
+    rank, _ = _group_rank_size(group)
+    lengths = _piece_lengths(group, n, hidden_states.device)
+    offset = sum(lengths[:rank])
+    key_states = _gather_seq(key_states, lengths, group, dim=2)  # (B, Hkv, N_total, D)
+    value_states = _gather_seq(value_states, lengths, group, dim=2)
+    key_states = mm.repeat_kv(key_states, self.num_key_value_groups)
+    value_states = mm.repeat_kv(value_states, self.num_key_value_groups)
+
+    q_pos = torch.arange(offset, offset + n, device=hidden_states.device)[:, None]
+    k_pos = torch.arange(sum(lengths), device=hidden_states.device)[None, :]
+    allowed = k_pos <= q_pos
+    window = getattr(self.config, "sliding_window", None)
+    if window is not None:
+        allowed = allowed & (k_pos > q_pos - window)  # transformers' sliding_window_overlay
+
+    attn_output = F.scaled_dot_product_attention(
+        query_states, key_states, value_states, attn_mask=allowed,
+        dropout_p=0.0 if not self.training else float(self.attention_dropout), scale=self.scaling,
+    )
+    attn_output = attn_output.transpose(1, 2).reshape(*input_shape, -1).contiguous()
+    attn_output = self.o_proj(attn_output)
+    return attn_output, None
+
+
+def _model_pre_hook(module, args, kwargs):
+    """MiniMaxModel pre-forward hook under a group: global position ids, no cache, no padding."""
+    group = module._lasp_sp_group
+    sig = inspect.signature(type(module).forward)
+    bound = sig.bind_partial(module, *args, **kwargs)
+    call = dict(bound.arguments)
+    call.pop("self", None)
+    extra = call.pop("kwargs", {})
+    call.update(extra)
+
+    if call.get("past_key_values") is not None or call.get("use_cache"):
+        raise RuntimeError(
+            _err("use_cache / past_key_values (generation) is not supported under a sequence-parallel group; "
+                 "generate with a model patched with sp_group=None")
+        )
+    call["use_cache"] = False
+
+    mask = call.get("attention_mask")
+    if mask is not None and module._lasp_has_full_attention:
+        if isinstance(mask, dict) or mask.dim() != 2:
+            raise ValueError(
+                _err("under a sequence-parallel group attention_mask must be None or a 2-D (batch, local tokens) "
+                     "padding mask of ones; custom/4-D masks are not supported")
+            )
+        if not bool(torch.all(mask == 1)):
+            raise ValueError(
+                _err("padding attention masks (with zeros) are not supported under a sequence-parallel group when "
+                     "the model has full-attention layers; pack or pad sequences without masking")
+            )
+
+    if call.get("position_ids") is None:
+        ref = call.get("inputs_embeds") if call.get("inputs_embeds") is not None else call.get("input_ids")
+        if ref is None:
+            raise ValueError(_err("input_ids or inputs_embeds is required"))
+        n = ref.shape[1]
+        rank, _ = _group_rank_size(group)
+        offset = sum(_piece_lengths(group, n, ref.device)[:rank])
+        call["position_ids"] = torch.arange(offset, offset + n, device=ref.device).unsqueeze(0)
+    return (), call
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+
+
+def patch_minimax(model: torch.nn.Module, sp_group=None, *, allow_untested_version: bool = False) -> torch.nn.Module:
+    """Run the linear attention of a transformers MiniMax model through lasp (in place; returns the model).
+
+    Args:
+        model: a transformers MiniMax model (MiniMaxForCausalLM, MiniMaxModel, ...) or any module that holds
+            MiniMaxLightningAttention layers.
+        sp_group: None, or a torch.distributed ProcessGroup over which each sequence is split (group rank r
+            passes the r-th contiguous piece). Its full-attention layers then all-gather K and V; position
+            ids default to the global positions; no cache, no padding masks with full-attention layers.
+        allow_untested_version: run on a transformers other than SUPPORTED_TRANSFORMERS (at your own risk).
+    """
+    mm = _minimax_module(allow_untested_version)
+    if getattr(model, _PATCH_ATTR, None) is not None:
+        raise RuntimeError(_err("model is already patched; call unpatch_minimax(model) first"))
+    if sp_group is not None:
+        _group_rank_size(sp_group)
+
+    lightning = [m for m in model.modules() if isinstance(m, mm.MiniMaxLightningAttention)]
+    if not lightning:
+        raise ValueError(_err(f"no MiniMaxLightningAttention found in {type(model).__name__}"))
+    full = [m for m in model.modules() if isinstance(m, mm.MiniMaxAttention)] if sp_group is not None else []
+    bases = [m for m in model.modules() if isinstance(m, mm.MiniMaxModel)] if sp_group is not None else []
+    for m in lightning:
+        _check_lightning(m)
+    for m in full:
+        _check_attention(m)
+
+    patched = []  # (module, original forward attribute or None)
+    for m, fwd in [(m, _lightning_forward) for m in lightning] + [(m, _sp_attention_forward) for m in full]:
+        m._lasp_mm = mm
+        m._lasp_sp_group = sp_group
+        m.forward = fwd.__get__(m, type(m))  # instance attribute: nn.Module.__call__ calls it
+        patched.append(m)
+    handles = []
+    for b in bases:
+        b._lasp_sp_group = sp_group
+        b._lasp_has_full_attention = bool(full)
+        handles.append(b.register_forward_pre_hook(_model_pre_hook, with_kwargs=True))
+        patched.append(b)
+    setattr(model, _PATCH_ATTR, {"modules": patched, "handles": handles, "sp_group": sp_group})
+    return model
+
+
+def unpatch_minimax(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo patch_minimax: the model computes with transformers' own code again (returns the model)."""
+    state = getattr(model, _PATCH_ATTR, None)
+    if state is None:
+        raise ValueError(_err("model is not patched (patch_minimax was not called on it)"))
+    for h in state["handles"]:
+        h.remove()
+    for m in state["modules"]:
+        for a in ("forward", "_lasp_mm", "_lasp_sp_group", "_lasp_has_full_attention"):
+            m.__dict__.pop(a, None)
+    delattr(model, _PATCH_ATTR)
+    return model
+
+
+def is_patched(model: torch.nn.Module) -> bool:
+    return getattr(model, _PATCH_ATTR, None) is not None
+

@@ -1,0 +1,387 @@
+"""lasp.integrations.hf: transformers' MiniMax with its linear attention on lasp equals the unpatched model.
+
+A tiny MiniMaxForCausalLM (random weights from a config, no downloads; 2 experts, both routed so the
+router weights get a real gradient and no routing can flip on rounding) mixing linear and full attention
+layers, block size 16 and lengths that are not multiples of it. Checked against the same model unpatched:
+logits and every parameter gradient (float32 and float64), padding masks, the generation cache (prefill,
+chunked prefill, decode), unpatch, the version checks; and sequence parallelism over 2 and 3 gloo
+processes (uneven contiguous pieces, full-attention layers exact, sliding window), whose logits and
+gradients summed over ranks must equal the single-process unpatched model's.
+
+In float64 the unpatched model's decay tables (query_decay, key_decay, diagonal_decay: float32 at
+init, then cast) are recomputed in float64 first, so both sides are float64 throughout.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib
+import os
+import socket
+import tempfile
+import time
+
+import pytest
+import torch
+
+transformers = pytest.importorskip(
+    "transformers", reason="HuggingFace transformers is not installed (pip install transformers==5.17.0)"
+)
+
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from conftest import import_lasp, rel_err  # noqa: E402
+
+F32, F64 = torch.float32, torch.float64
+TOL = {F32: 1e-4, F64: 1e-10}
+SPAWN_DEADLINE_S = 120  # a hang fails the test after this
+PG_TIMEOUT_S = 60
+
+LIN, FULL = "linear_attention", "full_attention"
+
+
+def _hf():
+    import_lasp()
+    return importlib.import_module("lasp.integrations.hf")
+
+
+def tiny_config(layer_types=(LIN, FULL, LIN, FULL), **over):
+    from transformers import MiniMaxConfig
+
+    kw = dict(
+        vocab_size=128, hidden_size=64, num_hidden_layers=len(layer_types), layer_types=list(layer_types),
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
+        num_local_experts=2, num_experts_per_tok=2, max_position_embeddings=512, block_size=16,
+        experts_implementation="eager",  # the grouped_mm experts path has no float64
+    )
+    kw.update(over)
+    return MiniMaxConfig(**kw)
+
+
+def _exact_decay_tables(model):
+    """Recompute the unpatched model's block decay tables in the model's dtype (they are built in
+    float32 at init and cast): with float64 weights, the reference is then float64 throughout."""
+    from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention
+
+    for m in model.modules():
+        if isinstance(m, MiniMaxLightningAttention):
+            qd, kd, dd = m.decay_factors(m.slope_rate)
+            m.query_decay.copy_(qd)
+            m.key_decay.copy_(kd)
+            m.diagonal_decay.copy_(dd)
+
+
+def make_model(cfg, dtype, seed):
+    from transformers import MiniMaxForCausalLM
+
+    torch.manual_seed(seed)
+    model = MiniMaxForCausalLM(cfg).to(dtype).eval()
+    with torch.no_grad():
+        _exact_decay_tables(model)
+    return model
+
+
+def ids_for(B, N, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 128, (B, N), generator=g)
+
+
+def cotangent(B, N, V, dtype, seed):
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.randn(B, N, V, generator=g, dtype=F64).to(dtype)
+
+
+def run(model, ids, w, **kw):
+    """logits and {name: grad} of <logits, w>."""
+    model.zero_grad(set_to_none=True)
+    logits = model(ids, **kw).logits
+    (logits * w).sum().backward()
+    return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_close(name, got, want, dtype):
+    err = rel_err(got, want)
+    assert err <= TOL[dtype], f"{name}: relative error {err:.3e} > {TOL[dtype]:.0e}"
+
+
+def assert_same_grads(got, want, dtype, what=""):
+    assert set(got) == set(want), f"{what}parameters with gradients differ: {sorted(set(got) ^ set(want))}"
+    for n in want:
+        assert_close(f"{what}grad {n}", got[n], want[n], dtype)
+
+
+@pytest.fixture
+def count_lasp_calls(monkeypatch):
+    """Count calls of lasp_attention made by the integration (proves the patched path ran)."""
+    hf = _hf()
+    calls = []
+    real = hf.lasp_attention
+
+    def counted(*a, **k):
+        calls.append(k.get("group"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(hf, "lasp_attention", counted)
+    return calls
+
+
+# ----------------------------------------------------------------------------------------------
+# Single process
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("N", [1, 16, 37])
+@pytest.mark.parametrize("use_cache", [False, None], ids=["no_cache", "default_cache"])
+def test_logits_and_grads_match_unpatched(dtype, N, use_cache, count_lasp_calls):
+    hf = _hf()
+    cfg = tiny_config()
+    model = make_model(cfg, dtype, seed=11 + N)
+    ids = ids_for(2, N, seed=N)
+    w = cotangent(2, N, cfg.vocab_size, dtype, seed=N)
+    want_logits, want_grads = run(model, ids, w, use_cache=use_cache)
+    assert not count_lasp_calls
+
+    hf.patch_minimax(model)
+    got_logits, got_grads = run(model, ids, w, use_cache=use_cache)
+    assert len(count_lasp_calls) == cfg.layer_types.count(LIN), "the patched forward did not call lasp_attention"
+    assert_close("logits", got_logits, want_logits, dtype)
+    assert_same_grads(got_grads, want_grads, dtype)
+
+
+def test_linear_only_model_and_no_decay_tables_used():
+    """All-linear model; the original's block tables are poisoned after patching: lasp must not read them."""
+    hf = _hf()
+    cfg = tiny_config(layer_types=(LIN, LIN, LIN), block_size=8)
+    model = make_model(cfg, F64, seed=3)
+    ids = ids_for(1, 29, seed=5)
+    w = cotangent(1, 29, cfg.vocab_size, F64, seed=5)
+    want_logits, want_grads = run(model, ids, w, use_cache=False)
+    hf.patch_minimax(model)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "query_decay"):
+                for b in (m.query_decay, m.key_decay, m.diagonal_decay):
+                    b.fill_(float("nan"))
+    got_logits, got_grads = run(model, ids, w, use_cache=False)
+    assert_close("logits", got_logits, want_logits, F64)
+    assert_same_grads(got_grads, want_grads, F64)
+
+
+def test_padding_mask():
+    hf = _hf()
+    cfg = tiny_config()
+    model = make_model(cfg, F64, seed=21)
+    N = 23
+    ids = ids_for(2, N, seed=8)
+    mask = torch.ones(2, N, dtype=torch.long)
+    mask[1, :6] = 0  # left padding on the second row
+    w = cotangent(2, N, cfg.vocab_size, F64, seed=8) * mask[:, :, None]
+    want_logits, want_grads = run(model, ids, w, attention_mask=mask, use_cache=False)
+    hf.patch_minimax(model)
+    got_logits, got_grads = run(model, ids, w, attention_mask=mask, use_cache=False)
+    keep = mask.bool()
+    assert_close("logits (unpadded positions)", got_logits[keep], want_logits[keep], F64)
+    assert_same_grads(got_grads, want_grads, F64)
+
+
+def _steps(model, ids, chunks):
+    """Prefill / chunked prefill / decode through the MiniMax cache; logits of every step."""
+    out, pkv, start = [], None, 0
+    for c in chunks:
+        r = model(ids[:, start : start + c], past_key_values=pkv, use_cache=True)
+        pkv = r.past_key_values
+        out.append(r.logits)
+        start += c
+    return out, pkv
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["fp32", "fp64"])
+def test_generation_cache(dtype, count_lasp_calls):
+    """Prefill (20), chunked prefill from a cache (13), then single-token decode: logits of every step
+    and the cached linear states equal the unpatched model's."""
+    hf = _hf()
+    cfg = tiny_config()
+    model = make_model(cfg, dtype, seed=31)
+    ids = ids_for(2, 36, seed=9)
+    chunks = [20, 13, 1, 1, 1]
+    with torch.no_grad():
+        want, want_pkv = _steps(model, ids, chunks)
+        hf.patch_minimax(model)
+        got, got_pkv = _steps(model, ids, chunks)
+    assert len(count_lasp_calls) == len(chunks) * cfg.layer_types.count(LIN)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_close(f"logits of step {i} ({chunks[i]} tokens)", g, w, dtype)
+    for li, t in enumerate(cfg.layer_types):
+        if t == LIN:
+            gs, ws = got_pkv.get_linear_cache(li), want_pkv.get_linear_cache(li)
+            assert gs.dtype == ws.dtype and gs.shape == ws.shape
+            assert_close(f"linear cache of layer {li}", gs, ws, dtype)
+    # greedy generation through GenerationMixin gives the same tokens
+    prompt = ids[:, :12]
+    kw = dict(max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(prompt), pad_token_id=0)
+    got_tokens = model.generate(prompt, **kw)
+    hf.unpatch_minimax(model)
+    want_tokens = model.generate(prompt, **kw)
+    assert torch.equal(got_tokens, want_tokens)
+
+
+def test_unpatch_restores_original(count_lasp_calls):
+    hf = _hf()
+    cfg = tiny_config()
+    model = make_model(cfg, F32, seed=41)
+    ids = ids_for(1, 19, seed=2)
+    with torch.no_grad():
+        before = model(ids, use_cache=False).logits
+        assert not hf.is_patched(model)
+        hf.patch_minimax(model)
+        assert hf.is_patched(model)
+        with pytest.raises(RuntimeError, match="already patched"):
+            hf.patch_minimax(model)
+        hf.unpatch_minimax(model)
+        assert not hf.is_patched(model)
+        n_calls = len(count_lasp_calls)
+        after = model(ids, use_cache=False).logits
+    assert len(count_lasp_calls) == n_calls == 0
+    assert torch.equal(before, after), "unpatched model does not compute what it did before patching"
+    for m in model.modules():
+        assert "forward" not in m.__dict__ and not any(k.startswith("_lasp") for k in m.__dict__), type(m).__name__
+        assert not m._forward_pre_hooks, type(m).__name__
+    with pytest.raises(ValueError, match="not patched"):
+        hf.unpatch_minimax(model)
+
+
+def test_refuses_other_versions(monkeypatch):
+    hf = _hf()
+    model = make_model(tiny_config(), F32, seed=1)
+    import transformers as tf_now  # transformers' lazy module may have replaced itself in sys.modules
+
+    monkeypatch.setattr(tf_now, "__version__", "4.0.0")
+    with pytest.raises(RuntimeError, match=r"supports transformers 5\.17\.0, found 4\.0\.0"):
+        hf.patch_minimax(model)
+    assert not hf.is_patched(model)
+    hf.patch_minimax(model, allow_untested_version=True)  # structural checks pass on this code
+    hf.unpatch_minimax(model)
+
+
+def test_refuses_changed_model_code(monkeypatch):
+    hf = _hf()
+    from transformers.models.minimax import modeling_minimax as mm
+
+    model = make_model(tiny_config(), F32, seed=1)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(mm.MiniMaxLightningAttention, "forward", forward)
+    with pytest.raises(RuntimeError, match=r"MiniMaxLightningAttention\.forward takes .* 5\.17\.0"):
+        hf.patch_minimax(model, allow_untested_version=True)
+    monkeypatch.undo()
+    del model.model.layers[0].self_attn.slope_rate
+    with pytest.raises(RuntimeError, match="no attribute 'slope_rate'"):
+        hf.patch_minimax(model)
+    assert not hf.is_patched(model)
+
+
+def test_refuses_models_without_lightning_attention():
+    hf = _hf()
+    with pytest.raises(ValueError, match="no MiniMaxLightningAttention"):
+        hf.patch_minimax(torch.nn.Linear(2, 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequence parallel (gloo, CPU)
+
+# Each case: one model and one batch; the sequence is split into `pieces` (one per rank, in order).
+SP_CASES = {
+    2: [
+        dict(dtype=F64, layer_types=(LIN, FULL, LIN, FULL), B=2, pieces=[20, 17], cfg={}),
+        dict(dtype=F32, layer_types=(FULL, LIN, LIN), B=1, pieces=[9, 24], cfg=dict(sliding_window=8)),
+    ],
+    3: [
+        dict(dtype=F64, layer_types=(LIN, FULL, LIN), B=1, pieces=[13, 1, 23], cfg=dict(num_key_value_heads=1)),
+    ],
+}
+
+
+def _sp_setup(world, ci):
+    case = SP_CASES[world][ci]
+    cfg = tiny_config(case["layer_types"], **case["cfg"])
+    seed = 100 * world + ci
+    N = sum(case["pieces"])
+    return case, cfg, make_model(cfg, case["dtype"], seed), ids_for(case["B"], N, seed), cotangent(
+        case["B"], N, cfg.vocab_size, case["dtype"], seed
+    )
+
+
+def _sp_worker(rank, world, port, out_dir):
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),
+    )
+    torch.set_num_threads(1)
+    hf = _hf()
+    results = {}
+    for ci in range(len(SP_CASES[world])):
+        case, cfg, model, ids, w = _sp_setup(world, ci)
+        P = sum(case["pieces"][:rank])
+        n = case["pieces"][rank]
+        hf.patch_minimax(model, sp_group=dist.group.WORLD)
+        logits, grads = run(model, ids[:, P : P + n], w[:, P : P + n])
+        results[ci] = dict(logits=logits, grads=grads)
+        if ci == 0:
+            # what the integration refuses under a group
+            errs = {}
+            for what, kw in (
+                ("use_cache", dict(use_cache=True)),
+                ("padding", dict(attention_mask=torch.cat(
+                    [torch.zeros(case["B"], 1, dtype=torch.long), torch.ones(case["B"], n - 1, dtype=torch.long)], 1))),
+            ):
+                try:
+                    model(ids[:, P : P + n], **kw)
+                    errs[what] = None
+                except (RuntimeError, ValueError) as e:
+                    errs[what] = str(e)
+            results["errors"] = errs
+        hf.unpatch_minimax(model)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world):
+    with tempfile.TemporaryDirectory() as out_dir:
+        ctx = mp.spawn(_sp_worker, args=(world, _free_port(), out_dir), nprocs=world, join=False)
+        deadline = time.monotonic() + SPAWN_DEADLINE_S
+        while not ctx.join(timeout=1.0):  # raises with the child's traceback if a child fails
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.terminate()
+                for p in ctx.processes:
+                    p.join(5)
+                raise TimeoutError(f"sequence-parallel MiniMax test (gloo, world={world}) hung for {SPAWN_DEADLINE_S}s")
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sequence_parallel_matches_single_process(world):
+    ranks = _spawn(world)
+    for ci in range(len(SP_CASES[world])):
+        case, cfg, model, ids, w = _sp_setup(world, ci)
+        dtype = case["dtype"]
+        want_logits, want_grads = run(model, ids, w, use_cache=False)  # unpatched, whole sequence
+        got_logits = torch.cat([r[ci]["logits"] for r in ranks], dim=1)
+        assert_close(f"case {ci}: logits (ranks concatenated)", got_logits, want_logits, dtype)
+        names = set().union(*(r[ci]["grads"] for r in ranks))
+        got_grads = {n: sum(r[ci]["grads"][n] for r in ranks if n in r[ci]["grads"]) for n in names}
+        assert_same_grads(got_grads, want_grads, dtype, what=f"case {ci}: summed over ranks: ")
+    for r, res in enumerate(ranks):
+        errs = res["errors"]
+        assert errs["use_cache"] is not None and "sequence-parallel" in errs["use_cache"], f"rank {r}: {errs}"
+        assert errs["padding"] is not None and "padding" in errs["padding"], f"rank {r}: {errs}"
