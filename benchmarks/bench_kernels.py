@@ -1,0 +1,325 @@
+#!/usr/bin/env python3
+"""Times lasp's linear-attention kernels against flash-linear-attention and a plain PyTorch chunked form.
+
+Forward and forward+backward, bf16, per shape (B, H, N, D) with D = E and per-head decay:
+  lasp        lasp.lasp_attention(q, k, v, decay, scale=...) (autograd op), when the package imports
+  lasp-kern   the raw CUDA kernels (lasp::cuda::fwd / bwd) through a torch-free ctypes shim
+              (benchmarks/kernels_shim.cpp), outputs and workspace preallocated
+  fla         fla.ops.simple_gla.chunk_simple_gla(q, k, v, g_gamma=-decay, scale=...), layout (B, T, H, D)
+  torch       a plain PyTorch chunked implementation (this file), autograd for the backward
+
+CUDA events, warm-up, median of many, inputs rotated among sets larger than L2. Prints GPU, CUDA, torch
+and commit; a table with ms, achieved GB/s (the floor's bytes over the time) and the memory floor
+(fwd reads q, k, v and writes o; bwd reads q, k, v, do and writes dq, dk, dv; at the measured copy rate).
+
+  python3 benchmarks/bench_kernels.py --json bench.json --plot bench.png [--shim liblasp_shim.so]
+"""
+import argparse
+import ctypes
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+SHAPES = [(4, 32, 8192, 128), (1, 16, 65536, 128), (8, 16, 2048, 64)]
+
+
+def alibi_decay(H, device):
+    # ALiBi-like slopes, the rates lambda_h of LASP.md (TransNormerLLM / Lightning Attention)
+    return torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], dtype=torch.float32, device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+# timing
+def bench(fn, nsets, warmup=3, reps=20):
+    """Median ms of fn(i) over reps calls, i rotating over nsets input sets (CUDA events)."""
+    for i in range(warmup):
+        fn(i % nsets)
+    torch.cuda.synchronize()
+    times = []
+    for r in range(reps):
+        s = torch.cuda.Event(enable_timing=True)
+        e = torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn(r % nsets)
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth():
+    """Device-to-device copy rate in bytes/s (bytes read + written), 1 GiB buffers."""
+    n = 1 << 29
+    a = torch.empty(n, dtype=torch.float16, device="cuda")
+    b = torch.empty_like(a)
+    a.normal_()
+    ms = bench(lambda i: b.copy_(a), 1, warmup=3, reps=10)
+    del a, b
+    return 2 * n * 2 / (ms * 1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# lasp kernels through the ctypes shim
+class Shim:
+    DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+    def __init__(self, path):
+        self.lib = ctypes.CDLL(path)
+        self.lib.lasp_shim_workspace.restype = ctypes.c_size_t
+        self.lib.lasp_shim_workspace.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int64)]
+        self.lib.lasp_shim_call.restype = ctypes.c_int
+        self.lib.lasp_shim_call.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.c_double,
+                                            ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64),
+                                            ctypes.c_size_t, ctypes.c_void_p]
+
+    def prepare(self, q, k, v, decay, scale):
+        """q (B,H,N,D), k/v (B,Hkv,N,D|E) views; returns (fwd(), bwd(do)) closures with preallocated outputs."""
+        B, H, N, D = q.shape
+        Hkv, E = k.shape[1], v.shape[3]
+        dims = (ctypes.c_int64 * 7)(self.DT[q.dtype], B, H, Hkv, N, D, E)
+        o = torch.empty(B, H, N, E, dtype=q.dtype, device=q.device)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        wsf = torch.empty(max(1, self.lib.lasp_shim_workspace(0, dims)), dtype=torch.uint8, device=q.device)
+        wsb = torch.empty(max(1, self.lib.lasp_shim_workspace(1, dims)), dtype=torch.uint8, device=q.device)
+        keep = [o, dq, dk, dv, wsf, wsb]
+
+        def call(which, do, ws):
+            ts = [q, k, v, o, do if do is not None else o, dq, dk, dv]
+            strides = (ctypes.c_int64 * 32)(*[s for t in ts for s in t.stride()])
+            ptrs = (ctypes.c_void_p * 14)(decay.data_ptr() if decay is not None else None, *[t.data_ptr() for t in ts],
+                                          None, None, None, None, ws.data_ptr())
+            err = self.lib.lasp_shim_call(which, dims, scale, ptrs, strides, ws.numel(),
+                                          ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+            if err != 0:
+                raise RuntimeError(f"lasp kernel {which} failed with cudaError {err}")
+
+        return (lambda: (call(0, None, wsf), o)[1]), (lambda do: (call(1, do, wsb), (dq, dk, dv))[1]), keep
+
+
+# ----------------------------------------------------------------------------------------------
+# plain PyTorch chunked implementation (bf16 matmuls, fp32 states), (B, H, N, D) layout
+def torch_chunked(q, k, v, decay, scale, C=64):
+    B, H, N, D = q.shape
+    E = v.shape[-1]
+    assert N % C == 0
+    nc = N // C
+    lam = decay.float().view(1, H, 1, 1)
+    idx = torch.arange(C, device=q.device, dtype=torch.float32)
+    diff = idx.view(C, 1) - idx.view(1, C)
+    mask = torch.exp(-lam * diff.clamp(min=0)) * (diff >= 0)  # (1,H,C,C)
+    qc, kc, vc = (x.view(B, H, nc, C, -1) for x in (q, k, v))
+    A = (qc @ kc.transpose(-1, -2)) * (scale * mask.unsqueeze(2)).to(q.dtype)
+    o = A @ vc
+    wk = torch.exp(-lam * (C - 1 - idx)).view(1, H, 1, C, 1)
+    kv = ((kc * wk.to(q.dtype)).transpose(-1, -2) @ vc).float()  # (B,H,nc,D,E)
+    gC = torch.exp(-lam * C).view(1, H, 1, 1)
+    S = torch.zeros(B, H, D, E, device=q.device, dtype=torch.float32)
+    states = []
+    for c in range(nc):
+        states.append(S)
+        S = gC * S + kv[:, :, c]
+    Sx = torch.stack(states, dim=2).to(q.dtype)  # state before each chunk
+    wq = (scale * torch.exp(-lam * (idx + 1))).view(1, H, 1, C, 1)
+    o = o + (qc * wq.to(q.dtype)) @ Sx
+    return o.view(B, H, N, E)
+
+
+# ----------------------------------------------------------------------------------------------
+def git_commit():
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True).strip()
+    except Exception:
+        return os.environ.get("LASP_COMMIT", "unknown")
+
+
+def rel(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None)
+    ap.add_argument("--shim", default=os.environ.get("LASP_SHIM"), help="path of liblasp_shim.so (lasp-kern)")
+    ap.add_argument("--shapes", default=None, help="e.g. 4x32x8192x128,1x16x65536x128")
+    ap.add_argument("--impls", default="lasp,lasp-kern,fla,torch")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--no-decay", action="store_true")
+    args = ap.parse_args()
+
+    shapes = SHAPES if not args.shapes else [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    impls = args.impls.split(",")
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    info = {
+        "gpu": props.name, "sms": props.multi_processor_count, "cuda": torch.version.cuda, "torch": torch.__version__,
+        "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+    lasp_mod = fla_fn = shim = None
+    if "lasp" in impls:
+        try:
+            import lasp as lasp_mod  # noqa: F401
+        except Exception as e:  # the package may not be built here
+            print(f"# lasp package not importable ({type(e).__name__}: {e}); skipping 'lasp'")
+            lasp_mod = None
+    if "fla" in impls:
+        try:
+            from fla.ops.simple_gla import chunk_simple_gla as fla_fn
+            import fla
+            info["fla"] = getattr(fla, "__version__", "?")
+        except Exception as e:
+            print(f"# fla not importable ({type(e).__name__}: {e}); skipping 'fla'")
+    if "lasp-kern" in impls and args.shim:
+        shim = Shim(args.shim)
+    bw = copy_bandwidth()
+    info["copy_GBps"] = bw / 1e9
+    print("# " + "  ".join(f"{k}={v}" for k, v in info.items()))
+
+    rows = []
+    for (B, H, N, D) in shapes:
+        E = D
+        elt = 2
+        tok = B * H * N
+        bytes_fwd = 4 * tok * D * elt
+        bytes_bwd = 7 * tok * D * elt
+        floor = {"fwd": bytes_fwd, "fwd+bwd": bytes_fwd + bytes_bwd}
+        scale = 1.0 / math.sqrt(D)
+        decay = None if args.no_decay else alibi_decay(H, dev)
+        one = 3 * tok * D * elt
+        nsets = max(2, min(4, int(math.ceil(200e6 / one))))  # > L2 in total
+        sets = []
+        for _ in range(nsets):
+            q, k, v, do = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16) for _ in range(4))
+            sets.append((q, k, v, do))
+        results = {}
+
+        def record(impl, mode, ms):
+            gbs = floor[mode] / (ms * 1e-3) / 1e9
+            fl = floor[mode] / bw * 1e3
+            rows.append({"shape": [B, H, N, D], "impl": impl, "mode": mode, "ms": ms, "GBps": gbs,
+                         "floor_ms": fl, "x_floor": ms / fl})
+
+        # ---- lasp raw kernels ----
+        if shim is not None:
+            preps = [shim.prepare(q, k, v, decay, scale) for (q, k, v, _) in sets]
+            record("lasp-kern", "fwd", bench(lambda i: preps[i][0](), nsets, reps=args.reps))
+            record("lasp-kern", "fwd+bwd",
+                   bench(lambda i: (preps[i][0](), preps[i][1](sets[i][3])), nsets, reps=args.reps))
+            results["lasp-kern"] = preps[0][0]().clone()
+            del preps
+        # ---- lasp op ----
+        if lasp_mod is not None:
+            try:
+                gsets = [tuple(x.detach().requires_grad_(True) for x in s[:3]) + (s[3],) for s in sets]
+                f = lambda i: lasp_mod.lasp_attention(gsets[i][0], gsets[i][1], gsets[i][2], decay, scale=scale)
+                with torch.no_grad():
+                    record("lasp", "fwd", bench(f, nsets, reps=args.reps))
+
+                def fb(i):
+                    o = f(i)
+                    torch.autograd.grad(o, gsets[i][:3], gsets[i][3])
+                record("lasp", "fwd+bwd", bench(fb, nsets, reps=args.reps))
+                with torch.no_grad():
+                    results["lasp"] = f(0).detach().clone()
+                del gsets
+            except Exception as e:
+                print(f"# lasp op failed on {B}x{H}x{N}x{D}: {type(e).__name__}: {e}")
+        # ---- fla, layout (B, T, H, D) ----
+        if fla_fn is not None:
+            tsets = [tuple(x.transpose(1, 2).contiguous().requires_grad_(True) for x in s[:3]) +
+                     (s[3].transpose(1, 2).contiguous(),) for s in sets]
+            g_gamma = -decay if decay is not None else torch.zeros(H, device=dev)
+            f = lambda i: fla_fn(tsets[i][0], tsets[i][1], tsets[i][2], g_gamma=g_gamma, scale=scale)[0]
+            with torch.no_grad():
+                record("fla", "fwd", bench(f, nsets, reps=args.reps))
+
+            def fb(i):
+                o = f(i)
+                torch.autograd.grad(o, tsets[i][:3], tsets[i][3])
+            record("fla", "fwd+bwd", bench(fb, nsets, reps=args.reps))
+            with torch.no_grad():
+                results["fla"] = f(0).detach().transpose(1, 2).contiguous()
+            del tsets
+        # ---- plain torch ----
+        if "torch" in impls:
+            lam = decay if decay is not None else torch.zeros(H, device=dev)
+            try:
+                gsets = [tuple(x.detach().requires_grad_(True) for x in s[:3]) + (s[3],) for s in sets[:2]]
+                f = lambda i: torch_chunked(gsets[i][0], gsets[i][1], gsets[i][2], lam, scale)
+                with torch.no_grad():
+                    record("torch", "fwd", bench(f, 2, warmup=1, reps=max(3, args.reps // 4)))
+
+                def fb(i):
+                    o = f(i)
+                    torch.autograd.grad(o, gsets[i][:3], gsets[i][3])
+                record("torch", "fwd+bwd", bench(fb, 2, warmup=1, reps=max(3, args.reps // 4)))
+                with torch.no_grad():
+                    results["torch"] = f(0).detach()
+                del gsets
+            except torch.OutOfMemoryError:
+                print(f"# torch chunked: out of memory at {B}x{H}x{N}x{D}")
+            torch.cuda.empty_cache()
+        # cross-check outputs of the implementations on input set 0
+        ref = results.get("fla", results.get("torch"))
+        if ref is not None:
+            for kname, val in results.items():
+                print(f"# {B}x{H}x{N}x{D} rel. diff {kname} vs {'fla' if 'fla' in results else 'torch'}: "
+                      f"{rel(val, ref):.2e}")
+        del sets, results
+        torch.cuda.empty_cache()
+
+    # ---- table ----
+    print(f"\n{'shape (B,H,N,D)':<20} {'impl':<10} {'mode':<8} {'ms':>9} {'GB/s':>8} {'floor ms':>9} {'x floor':>8}"
+          f" {'vs fla':>7}")
+    for r in rows:
+        fla_ms = next((x["ms"] for x in rows if x["impl"] == "fla" and x["mode"] == r["mode"]
+                       and x["shape"] == r["shape"]), None)
+        sp = f"{fla_ms / r['ms']:.2f}x" if fla_ms else "-"
+        print(f"{'x'.join(map(str, r['shape'])):<20} {r['impl']:<10} {r['mode']:<8} {r['ms']:9.3f} {r['GBps']:8.0f} "
+              f"{r['floor_ms']:9.3f} {r['x_floor']:8.2f} {sp:>7}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "rows": rows}, f, indent=1)
+    if args.plot:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+            modes = ["fwd", "fwd+bwd"]
+            fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+            labels = ["x".join(map(str, s)) for s in shapes]
+            impl_names = sorted({r["impl"] for r in rows})
+            for ax, mode in zip(axes, modes):
+                w = 0.8 / max(1, len(impl_names))
+                for j, im in enumerate(impl_names):
+                    ys = []
+                    for s in shapes:
+                        x = next((r["ms"] for r in rows if r["impl"] == im and r["mode"] == mode
+                                  and tuple(r["shape"]) == tuple(s)), float("nan"))
+                        ys.append(x)
+                    ax.bar([i + j * w for i in range(len(shapes))], ys, w, label=im)
+                fl = [next((r["floor_ms"] for r in rows if r["mode"] == mode and tuple(r["shape"]) == tuple(s)),
+                           float("nan")) for s in shapes]
+                ax.scatter([i + 0.4 - w / 2 for i in range(len(shapes))], fl, color="k", marker="_", s=400,
+                           label="memory floor", zorder=3)
+                ax.set_xticks([i + 0.4 - w / 2 for i in range(len(shapes))])
+                ax.set_xticklabels(labels)
+                ax.set_ylabel("ms (lower is better)")
+                ax.set_title(f"{mode}, bf16, {info['gpu']}")
+                ax.legend()
+            fig.tight_layout()
+            fig.savefig(args.plot, dpi=120)
+        except Exception as e:
+            print(f"# plot failed: {type(e).__name__}: {e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
