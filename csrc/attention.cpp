@@ -69,6 +69,36 @@ Tensor state_like(const Tensor& q, int64_t D, int64_t E) {
   return at::empty({q.size(0), q.size(1), D, E}, q.options().dtype(acc_type(q.scalar_type())));
 }
 
+// gamma^n per head as an (H,) tensor (ones without decay): what the all-gather strategy exchanges.
+Tensor decay_pow_h(const Tensor& decay_acc, int64_t n, int64_t H, const at::TensorOptions& opts) {
+  if (!decay_acc.defined()) return at::ones({H}, opts);
+  return at::exp(decay_acc * static_cast<double>(-n));
+}
+
+enum class Strategy : int64_t { Ring = 0, AllGather = 1 };
+
+Strategy parse_strategy(const std::string& s) {
+  if (s == "ring") return Strategy::Ring;
+  if (s == "allgather") return Strategy::AllGather;
+  TORCH_CHECK_VALUE(false, "lasp_attention: strategy must be 'ring' or 'allgather', got '", s, "'");
+}
+
+// With group checks on: every rank compares what it was called with (one small all-gather).
+void check_group_call(const Ring& ring, const Tensor& q, const Tensor& k, const Tensor& v, bool has_decay,
+                      Strategy strategy, int64_t pass) {
+  if (!ring.checks_on()) return;
+  ring.check_same_call({{"batch size", q.size(0)},
+                        {"q heads", q.size(1)},
+                        {"kv heads", k.size(1)},
+                        {"head dim D", q.size(3)},
+                        {"value dim E", v.size(3)},
+                        {"dtype", static_cast<int64_t>(q.scalar_type())},
+                        {"strategy (0 ring, 1 allgather)", static_cast<int64_t>(strategy)},
+                        {"decay given", has_decay ? 1 : 0},
+                        {"pass (0 forward, 1 backward)", pass}},
+                       pass == 0 ? "the forward call" : "the backward call", q.device());
+}
+
 }  // namespace
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -162,8 +192,10 @@ Tensor alloc_out(const Tensor& like, const c10::SymInt& last) {
 std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& kernels, const Tensor& q, const Tensor& k,
                                                  const Tensor& v, const std::optional<Tensor>& decay,
                                                  double scale, const std::optional<Tensor>& initial_state,
-                                                 const std::optional<std::string>& group_name) {
+                                                 const std::optional<std::string>& group_name,
+                                                 const std::string& strategy_name) {
   check_inputs(q, k, v, decay, initial_state, /*check_values=*/true);
+  const Strategy strategy = parse_strategy(strategy_name);
   const auto acc = acc_type(q.scalar_type());
   const int64_t N = q.size(2), D = q.size(3), E = v.size(3);
   const Tensor decay_acc = decay_in_acc(decay, acc);
@@ -172,6 +204,29 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& kernels, const T
   p.o = view4(o);
 
   const Ring ring(group_name);
+  check_group_call(ring, q, k, v, decay.has_value(), strategy, 0);
+  if (ring.size() > 1 && strategy == Strategy::AllGather) {
+    // LASP-2: one all-gather of (L_j, gamma^n_j); each rank combines the prefix itself.
+    // The first rank folds the initial state into what it contributes (its S_out).
+    const int64_t H = q.size(1);
+    Tensor local = state_like(q, D, E);
+    Tensor init = ring.is_first() && initial_state.has_value() ? initial_state->contiguous() : Tensor();
+    p.state_in = ptr_or_null(init);
+    p.state_out = local.data_ptr();
+    kernels.fwd(p);
+    const Tensor a = decay_pow_h(decay_acc, N, H, local.options());
+    Tensor pack = at::cat({local.flatten(), a});
+    const auto all = ring.allgather(pack, "the all-gather of the local states");
+    const int64_t numel = local.numel();
+    Tensor s_in = at::zeros_like(local);
+    for (int j = 0; j < ring.rank(); ++j) {
+      s_in = at::addcmul(all[j].narrow(0, 0, numel).view_as(local), s_in, all[j].narrow(0, numel, H).view({1, -1, 1, 1}));
+    }
+    if (ring.is_first()) return {o, local, init.defined() ? init : s_in};
+    p.state_in = s_in.data_ptr();
+    kernels.fwd_inter(p);
+    return {o, at::addcmul(local, s_in, a.view({1, -1, 1, 1})), s_in};
+  }
   if (ring.is_first()) {
     // Alone, or the first piece: the incoming state is the user's initial state; one fused pass.
     Tensor s_in = initial_state.has_value() ? initial_state->contiguous() : at::zeros_like(state_like(q, D, E));
@@ -179,7 +234,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& kernels, const T
     p.state_in = initial_state.has_value() ? s_in.data_ptr() : nullptr;
     p.state_out = s_out.data_ptr();
     kernels.fwd(p);
-    if (ring.size() > 1) ring.send_next(s_out, Ring::kForwardTag)->wait();
+    if (ring.size() > 1) Ring::wait(ring.send_next(s_out, Ring::kForwardTag), "sending the state to the next rank");
     return {o, s_out, s_in};
   }
 
@@ -189,13 +244,13 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& kernels, const T
   Tensor local = state_like(q, D, E);
   p.state_out = local.data_ptr();
   kernels.fwd(p);  // o_local and L_r
-  recv->wait();
+  Ring::wait(recv, "receiving the state from the previous rank");
   Tensor s_out = decayed_sum(s_in, decay_pow(decay_acc, N), local);  // gamma^n S_in + L_r
   c10::intrusive_ptr<c10d::Work> send;
   if (!ring.is_last()) send = ring.send_next(s_out, Ring::kForwardTag);
   p.state_in = s_in.data_ptr();
   kernels.fwd_inter(p);  // o += scale gamma^(t+1) q S_in
-  if (send) send->wait();
+  if (send) Ring::wait(send, "sending the state to the next rank");
   return {o, s_out, s_in};
 }
 
@@ -204,8 +259,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& kernels,
                                                          const std::optional<Tensor>& grad_final_state,
                                                          const std::optional<Tensor>& decay, double scale,
                                                          const Tensor& state_in,
-                                                         const std::optional<std::string>& group_name) {
+                                                         const std::optional<std::string>& group_name,
+                                                         const std::string& strategy_name) {
   check_inputs(q, k, v, decay, std::nullopt, /*check_values=*/false);
+  const Strategy strategy = parse_strategy(strategy_name);
   const auto acc = acc_type(q.scalar_type());
   const int64_t N = q.size(2), D = q.size(3), E = v.size(3);
   TORCH_CHECK(dout.sizes() == at::IntArrayRef({q.size(0), q.size(1), N, E}) && dout.scalar_type() == q.scalar_type(),
@@ -224,6 +281,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& kernels,
   p.state_in = s_in.data_ptr();
 
   const Ring ring(group_name);
+  check_group_call(ring, q, k, v, decay.has_value(), strategy, 1);
+  if (ring.size() > 1 && strategy == Strategy::AllGather) {
+    // Mirror of the forward: X_j = gamma^n_j U_j + M_j (U_j: gradient of rank j's returned state) is
+    // all-gathered; rank r's G_r = U_r + sum over j > r of the decayed X_j (suffix combination).
+    const int64_t H = q.size(1);
+    Tensor x = state_like(q, D, E);
+    p.grad_state_out = ptr_or_null(g_user);
+    p.grad_state_in = x.data_ptr();
+    kernels.bwd(p);  // dq, dk and dv with G = U_r, and X_r
+    const Tensor a = decay_pow_h(decay_acc, N, H, x.options());
+    Tensor pack = at::cat({x.flatten(), a});
+    const auto all = ring.allgather(pack, "the all-gather of the local state gradients");
+    const int64_t numel = x.numel();
+    Tensor d = at::zeros_like(x);
+    for (int j = ring.size() - 1; j > ring.rank(); --j) {
+      d = at::addcmul(all[j].narrow(0, 0, numel).view_as(x), d, all[j].narrow(0, numel, H).view({1, -1, 1, 1}));
+    }
+    if (!ring.is_last()) {
+      p.grad_state_out = d.data_ptr();
+      kernels.bwd_inter(p);  // the rest of G_r
+    }
+    Tensor grad_init = ring.is_first() ? at::addcmul(x, d, a.view({1, -1, 1, 1})) : at::zeros_like(x);
+    return {dq, dk, dv, grad_init};
+  }
   Tensor g_prev;  // gradient w.r.t. this piece's incoming state
   if (ring.is_last()) {
     // Alone, or the last piece: G is the gradient of the returned final state; one fused pass.
@@ -231,7 +312,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& kernels,
     p.grad_state_out = ptr_or_null(g_user);
     p.grad_state_in = g_prev.data_ptr();
     kernels.bwd(p);
-    if (ring.size() > 1) ring.send_prev(g_prev, Ring::kBackwardTag)->wait();
+    if (ring.size() > 1) Ring::wait(ring.send_prev(g_prev, Ring::kBackwardTag), "sending the state gradient to the previous rank");
   } else {
     // Post the receive of G from rank r+1, compute dq and the local dk, dv, M first.
     Tensor g_next = state_like(q, D, E);
@@ -239,14 +320,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& kernels,
     Tensor m = state_like(q, D, E);
     p.grad_state_in = m.data_ptr();
     kernels.bwd(p);
-    recv->wait();
+    Ring::wait(recv, "receiving the state gradient from the next rank");
     Tensor g = g_user.defined() ? g_next + g_user : g_next;
     g_prev = decayed_sum(g, decay_pow(decay_acc, N), m);  // gamma^n G + M
     c10::intrusive_ptr<c10d::Work> send;
     if (!ring.is_first()) send = ring.send_prev(g_prev, Ring::kBackwardTag);
     p.grad_state_out = g.data_ptr();
     kernels.bwd_inter(p);  // dk, dv += gamma^(n-1-s) (v G^T, k G)
-    if (send) send->wait();
+    if (send) Ring::wait(send, "sending the state gradient to the previous rank");
   }
   // Only the first piece reads the user's initial state.
   Tensor grad_init = ring.is_first() ? g_prev : at::zeros_like(g_prev);

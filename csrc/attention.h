@@ -29,12 +29,16 @@ Tensor alloc_out(const Tensor& like, const c10::SymInt& last);
 
 at::ScalarType acc_type(at::ScalarType t);
 
+// Strategies across ranks: "ring" (LASP: state passed rank to rank) or "allgather" (LASP-2: one
+// all-gather of the local states, prefix/suffix combination on each rank).
+//
 // Forward: (o, final_state, state_in). state_in is the state this piece started from (cached for
 // backward, so backward needs no second forward ring).
 std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& kernels, const Tensor& q, const Tensor& k,
                                                  const Tensor& v, const std::optional<Tensor>& decay,
                                                  double scale, const std::optional<Tensor>& initial_state,
-                                                 const std::optional<std::string>& group_name);
+                                                 const std::optional<std::string>& group_name,
+                                                 const std::string& strategy);
 
 // Backward: (dq, dk, dv, grad_initial_state). grad_initial_state is zero on group ranks > 0.
 std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& kernels, const Tensor& q,
@@ -42,6 +46,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& kernels,
                                                          const std::optional<Tensor>& grad_final_state,
                                                          const std::optional<Tensor>& decay, double scale,
                                                          const Tensor& state_in,
-                                                         const std::optional<std::string>& group_name);
+                                                         const std::optional<std::string>& group_name,
+                                                 const std::string& strategy);
 
 }  // namespace lasp

@@ -14,12 +14,20 @@ struct AttentionOptions {
   std::optional<double> scale;              // default 1/sqrt(D)
   std::optional<at::Tensor> initial_state;  // (B, H, D, E) float32 (float64 for float64 inputs)
   std::optional<std::string> group_name;    // a registered c10d process group (sequence parallel)
+  std::string strategy = "ring";            // across ranks: "ring" (LASP) or "allgather" (LASP-2)
 };
 
 // Linear attention o[t] = scale * sum_{s<=t} gamma^(t-s) (q[t].k[s]) v[s] (+ the initial state's term)
 // on q (B, H, N, D), k (B, Hkv, N, D), v (B, Hkv, N, E). Returns (o, final_state). Differentiable.
 std::tuple<at::Tensor, at::Tensor> lasp_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                   const AttentionOptions& options = {});
+
+// Distributed checks: before each ring, the ranks compare their calls (shapes, dtype, strategy) with one
+// small all-gather and raise the same error on every rank when they disagree. enabled: true, false, or
+// unset = auto (on for Gloo and other non-NCCL groups, off for NCCL, where it costs a host sync).
+// timeout_s bounds each wait on another rank (unset: the process group's timeout).
+// Start-up defaults: env LASP_CHECK_GROUP (0/1) and LASP_CHECK_TIMEOUT_S.
+void set_group_checks(std::optional<bool> enabled, std::optional<double> timeout_s);
 
 // TransNormerLLM / Lightning Attention decay rates for num_heads heads (float32, CPU).
 at::Tensor alibi_slopes(int64_t num_heads);

@@ -13,6 +13,7 @@
 #include "attention.h"
 #include "cpu/attention_cpu.h"
 #include "lasp.h"
+#include "ring.h"
 
 namespace lasp {
 namespace {
@@ -28,16 +29,18 @@ const Kernels& cpu_kernels() {
 std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                            const std::optional<Tensor>& decay, double scale,
                                            const std::optional<Tensor>& initial_state,
-                                           const std::optional<std::string>& group_name) {
-  return attention_fwd(cpu_kernels(), q, k, v, decay, scale, initial_state, group_name);
+                                           const std::optional<std::string>& group_name,
+    const std::string& strategy) {
+  return attention_fwd(cpu_kernels(), q, k, v, decay, scale, initial_state, group_name, strategy);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                                    const Tensor& dout, const std::optional<Tensor>& grad_final_state,
                                                    const std::optional<Tensor>& decay, double scale,
                                                    const Tensor& state_in,
-                                                   const std::optional<std::string>& group_name) {
-  return attention_bwd(cpu_kernels(), q, k, v, dout, grad_final_state, decay, scale, state_in, group_name);
+                                                   const std::optional<std::string>& group_name,
+    const std::string& strategy) {
+  return attention_bwd(cpu_kernels(), q, k, v, dout, grad_final_state, decay, scale, state_in, group_name, strategy);
 }
 
 // ---- Meta kernels: shapes, dtypes and strides only (what torch.compile traces with) ----
@@ -49,7 +52,8 @@ Tensor state_meta(const Tensor& q, const Tensor& v) {
 std::tuple<Tensor, Tensor, Tensor> fwd_meta(const Tensor& q, const Tensor& k, const Tensor& v,
                                             const std::optional<Tensor>& decay, double scale,
                                             const std::optional<Tensor>& initial_state,
-                                            const std::optional<std::string>& group_name) {
+                                            const std::optional<std::string>& group_name,
+    const std::string& strategy) {
   check_inputs(q, k, v, decay, initial_state, /*check_values=*/false);
   return {alloc_out(q, v.sym_size(3)), state_meta(q, v), state_meta(q, v)};
 }
@@ -58,7 +62,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_meta(const Tensor& q, const Tenso
                                                     const Tensor& dout, const std::optional<Tensor>& grad_final_state,
                                                     const std::optional<Tensor>& decay, double scale,
                                                     const Tensor& state_in,
-                                                    const std::optional<std::string>& group_name) {
+                                                    const std::optional<std::string>& group_name,
+    const std::string& strategy) {
   check_inputs(q, k, v, decay, std::nullopt, /*check_values=*/false);
   return {at::empty_like(q), at::empty_like(k), at::empty_like(v), state_meta(q, v)};
 }
@@ -67,13 +72,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_meta(const Tensor& q, const Tenso
 std::tuple<Tensor, Tensor> call_fwd_op(const Tensor& q, const Tensor& k, const Tensor& v,
                                        const std::optional<Tensor>& decay, double scale,
                                        const std::optional<Tensor>& initial_state,
-                                       const std::optional<std::string>& group_name, Tensor* state_in) {
+                                       const std::optional<std::string>& group_name, const std::string& strategy,
+                                       Tensor* state_in) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("lasp::lasp_attention_fwd", "")
                        .typed<std::tuple<Tensor, Tensor, Tensor>(
                            const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, double,
-                           const std::optional<Tensor>&, const std::optional<std::string>&)>();
-  auto [o, final_state, s_in] = op.call(q, k, v, decay, scale, initial_state, group_name);
+                           const std::optional<Tensor>&, const std::optional<std::string>&, const std::string&)>();
+  auto [o, final_state, s_in] = op.call(q, k, v, decay, scale, initial_state, group_name, strategy);
   if (state_in) *state_in = s_in;
   return {o, final_state};
 }
@@ -82,8 +88,9 @@ std::tuple<Tensor, Tensor> call_fwd_op(const Tensor& q, const Tensor& k, const T
 std::tuple<Tensor, Tensor> attention_noautograd(const Tensor& q, const Tensor& k, const Tensor& v,
                                                 const std::optional<Tensor>& decay, double scale,
                                                 const std::optional<Tensor>& initial_state,
-                                                const std::optional<std::string>& group_name) {
-  return call_fwd_op(q, k, v, decay, scale, initial_state, group_name, nullptr);
+                                                const std::optional<std::string>& group_name,
+    const std::string& strategy) {
+  return call_fwd_op(q, k, v, decay, scale, initial_state, group_name, strategy, nullptr);
 }
 
 class LaspAttentionFunction : public torch::autograd::Function<LaspAttentionFunction> {
@@ -91,14 +98,16 @@ class LaspAttentionFunction : public torch::autograd::Function<LaspAttentionFunc
   static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
                                const std::optional<Tensor>& decay, double scale,
                                const std::optional<Tensor>& initial_state,
-                               const std::optional<std::string>& group_name) {
+                               const std::optional<std::string>& group_name,
+    const std::string& strategy) {
     at::AutoDispatchBelowADInplaceOrView guard;
     Tensor state_in;
-    auto [o, final_state] = call_fwd_op(q, k, v, decay, scale, initial_state, group_name, &state_in);
+    auto [o, final_state] = call_fwd_op(q, k, v, decay, scale, initial_state, group_name, strategy, &state_in);
     ctx->save_for_backward({q, k, v, state_in, decay.has_value() ? *decay : Tensor()});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["has_initial_state"] = initial_state.has_value();
     if (group_name.has_value()) ctx->saved_data["group_name"] = *group_name;
+    ctx->saved_data["strategy"] = strategy;
     return {o, final_state};
   }
 
@@ -110,6 +119,7 @@ class LaspAttentionFunction : public torch::autograd::Function<LaspAttentionFunc
     std::optional<std::string> group_name;
     if (ctx->saved_data.count("group_name")) group_name = ctx->saved_data["group_name"].toStringRef();
     const double scale = ctx->saved_data["scale"].toDouble();
+    const std::string strategy = ctx->saved_data["strategy"].toStringRef();
 
     // An unused output has an undefined gradient; the ring still has to run on every rank.
     Tensor dout = grads[0].defined() ? grads[0] : at::zeros_like(alloc_out(q, v.sym_size(3)));
@@ -121,24 +131,35 @@ class LaspAttentionFunction : public torch::autograd::Function<LaspAttentionFunc
                          .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
                              const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                              const std::optional<Tensor>&, const std::optional<Tensor>&, double, const Tensor&,
-                             const std::optional<std::string>&)>();
-    auto [dq, dk, dv, dinit] = op.call(q, k, v, dout, grad_final, decay, scale, state_in, group_name);
+                             const std::optional<std::string>&, const std::string&)>();
+    auto [dq, dk, dv, dinit] = op.call(q, k, v, dout, grad_final, decay, scale, state_in, group_name, strategy);
     const bool has_init = ctx->saved_data["has_initial_state"].toBool();
-    return {dq, dk, dv, Tensor(), Tensor(), has_init ? dinit : Tensor(), Tensor()};
+    return {dq, dk, dv, Tensor(), Tensor(), has_init ? dinit : Tensor(), Tensor(), Tensor()};
   }
 };
 
 std::tuple<Tensor, Tensor> attention_autograd(const Tensor& q, const Tensor& k, const Tensor& v,
                                               const std::optional<Tensor>& decay, double scale,
                                               const std::optional<Tensor>& initial_state,
-                                              const std::optional<std::string>& group_name) {
+                                              const std::optional<std::string>& group_name,
+    const std::string& strategy) {
   TORCH_CHECK_VALUE(!(decay.has_value() && decay->requires_grad()),
                     "lasp_attention: decay is a constant of the op and takes no gradient; pass decay.detach()");
-  auto out = LaspAttentionFunction::apply(q, k, v, decay, scale, initial_state, group_name);
+  auto out = LaspAttentionFunction::apply(q, k, v, decay, scale, initial_state, group_name, strategy);
   return {out[0], out[1]};
 }
 
 }  // namespace
+
+void set_group_checks(std::optional<bool> enabled, std::optional<double> timeout_s) {
+  TORCH_CHECK_VALUE(!timeout_s.has_value() || *timeout_s > 0, "set_group_checks: timeout_s must be > 0, got ",
+                    *timeout_s);
+  group_checks().enabled = enabled;
+  group_checks().timeout.reset();
+  if (timeout_s.has_value()) {
+    group_checks().timeout = std::chrono::milliseconds(static_cast<int64_t>(*timeout_s * 1000));
+  }
+}
 
 at::Tensor alibi_slopes(int64_t num_heads) {
   TORCH_CHECK_VALUE(num_heads >= 1, "alibi_slopes: num_heads must be >= 1, got ", num_heads);
@@ -165,13 +186,14 @@ at::Tensor alibi_slopes(int64_t num_heads) {
 TORCH_LIBRARY(lasp, m) {
   m.def(
       "lasp_attention(Tensor q, Tensor k, Tensor v, Tensor? decay, float scale, Tensor? initial_state, "
-      "str? group_name) -> (Tensor, Tensor)");
+      "str? group_name, str strategy=\"ring\") -> (Tensor, Tensor)");
   m.def(
       "lasp_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? decay, float scale, Tensor? initial_state, "
-      "str? group_name) -> (Tensor, Tensor, Tensor)");
+      "str? group_name, str strategy=\"ring\") -> (Tensor, Tensor, Tensor)");
   m.def(
       "lasp_attention_bwd(Tensor q, Tensor k, Tensor v, Tensor dout, Tensor? grad_final_state, Tensor? decay, "
-      "float scale, Tensor state_in, str? group_name) -> (Tensor, Tensor, Tensor, Tensor)");
+      "float scale, Tensor state_in, str? group_name, str strategy=\"ring\") -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("set_group_checks(bool? enabled, float? timeout_s) -> ()", &lasp::set_group_checks);
   m.def("alibi_slopes(int num_heads) -> Tensor", &lasp::alibi_slopes);
 }
 

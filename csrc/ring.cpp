@@ -2,6 +2,8 @@
 
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 
+#include <cstdlib>
+#include <sstream>
 #include <vector>
 
 namespace lasp {
@@ -22,6 +24,73 @@ c10::intrusive_ptr<c10d::Work> p2p(const c10::intrusive_ptr<c10d::ProcessGroup>&
   return send ? pg->send(ts, peer, tag) : pg->recv(ts, peer, tag);
 }
 }  // namespace
+
+GroupChecks& group_checks() {
+  static GroupChecks checks = [] {
+    GroupChecks c;
+    if (const char* env = std::getenv("LASP_CHECK_GROUP")) {
+      const std::string v(env);
+      if (v == "0" || v == "1") c.enabled = v == "1";
+    }
+    if (const char* env = std::getenv("LASP_CHECK_TIMEOUT_S")) {
+      c.timeout = std::chrono::milliseconds(static_cast<int64_t>(std::atof(env) * 1000));
+    }
+    return c;
+  }();
+  return checks;
+}
+
+bool Ring::checks_on() const {
+  if (size_ <= 1) return false;
+  return group_checks().enabled.value_or(pg_->getBackendType() != c10d::ProcessGroup::BackendType::NCCL);
+}
+
+void Ring::wait(const c10::intrusive_ptr<c10d::Work>& work, const char* what) {
+  const auto timeout = group_checks().timeout;
+  bool done = false;
+  try {
+    done = timeout.has_value() ? work->wait(*timeout) : work->wait();
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "lasp_attention: ", what, " failed",
+                timeout.has_value() ? " or timed out after " + std::to_string(timeout->count()) + " ms" : "",
+                " (does every rank of the group call lasp_attention, in the same order?): ", e.what());
+  }
+  TORCH_CHECK(done, "lasp_attention: ", what, " timed out",
+              timeout.has_value() ? " after " + std::to_string(timeout->count()) + " ms" : "",
+              "; does every rank of the group call lasp_attention, in the same order?");
+}
+
+std::vector<at::Tensor> Ring::allgather(at::Tensor& t, const char* what) const {
+  TORCH_INTERNAL_ASSERT(t.is_contiguous());
+  std::vector<at::Tensor> in{t};
+  std::vector<std::vector<at::Tensor>> out(1);
+  for (int i = 0; i < size_; ++i) out[0].push_back(at::empty_like(t));
+  wait(pg_->allgather(out, in), what);
+  return out[0];
+}
+
+void Ring::check_same_call(const std::vector<std::pair<const char*, int64_t>>& fields, const char* what,
+                           const at::Device& device) const {
+  if (size_ <= 1) return;
+  std::vector<int64_t> values;
+  for (const auto& f : fields) values.push_back(f.second);
+  // Gathered on the tensors' device for NCCL, on the CPU for other backends; the host reads it (a sync).
+  at::Tensor mine = at::tensor(values, at::TensorOptions().dtype(at::kLong));
+  if (pg_->getBackendType() == c10d::ProcessGroup::BackendType::NCCL) mine = mine.to(device);
+  auto all = allgather(mine, "the all-gather of the call descriptions (group checks)");
+  const at::Tensor first = all[0].cpu();
+  for (int r = 1; r < size_; ++r) {
+    const at::Tensor other = all[r].cpu();
+    std::ostringstream diff;
+    for (size_t i = 0; i < fields.size(); ++i) {
+      const int64_t a = first[i].item<int64_t>(), b = other[i].item<int64_t>();
+      if (a != b) diff << " " << fields[i].first << " (rank 0: " << a << ", rank " << r << ": " << b << ")";
+    }
+    TORCH_CHECK(diff.str().empty(), "lasp_attention: the ranks of the group disagree on ", what, ":", diff.str(),
+                ". Every rank must pass the same batch size, heads, head dims, dtype, strategy and optional "
+                "arguments; only the sequence length may differ.");
+  }
+}
 
 c10::intrusive_ptr<c10d::Work> Ring::send_next(at::Tensor& t, int tag) const { return p2p(pg_, t, rank_ + 1, tag, true); }
 c10::intrusive_ptr<c10d::Work> Ring::recv_prev(at::Tensor& t, int tag) const { return p2p(pg_, t, rank_ - 1, tag, false); }

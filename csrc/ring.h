@@ -5,9 +5,22 @@
 #include <c10/util/Optional.h>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
+#include <chrono>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace lasp {
+
+// Process-wide settings of the distributed checks (lasp.set_group_checks in Python).
+struct GroupChecks {
+  // Exchange and compare call descriptions before each ring. Unset ("auto"): on for groups that are
+  // not NCCL (Gloo: the host waits anyway, so the check is cheap), off for NCCL (it costs a host sync).
+  std::optional<bool> enabled;
+  // Bound on each wait on another rank; unset: the process group's own timeout.
+  std::optional<std::chrono::milliseconds> timeout;
+};
+GroupChecks& group_checks();
 
 class Ring {
  public:
@@ -15,6 +28,7 @@ class Ring {
   explicit Ring(const std::optional<std::string>& group_name);
 
   int rank() const { return rank_; }
+  bool checks_on() const;
   int size() const { return size_; }
   bool is_first() const { return rank_ == 0; }
   bool is_last() const { return rank_ == size_ - 1; }
@@ -25,6 +39,17 @@ class Ring {
   c10::intrusive_ptr<c10d::Work> recv_prev(at::Tensor& t, int tag) const;
   c10::intrusive_ptr<c10d::Work> send_prev(at::Tensor& t, int tag) const;
   c10::intrusive_ptr<c10d::Work> recv_next(at::Tensor& t, int tag) const;
+
+  // Every rank's copy of `t` (same shape on every rank), in group rank order.
+  std::vector<at::Tensor> allgather(at::Tensor& t, const char* what) const;
+
+  // Opt-in group checks (see GroupChecks): every rank exchanges a small description of its call and
+  // raises the same error when they disagree. `what` names the call in the message.
+  void check_same_call(const std::vector<std::pair<const char*, int64_t>>& fields, const char* what,
+                       const at::Device& device) const;
+
+  // Waits for `work`; with group checks on, at most the configured timeout (then raises).
+  static void wait(const c10::intrusive_ptr<c10d::Work>& work, const char* what);
 
   static constexpr int kForwardTag = 0x1A5;
   static constexpr int kBackwardTag = 0x1A6;

@@ -54,18 +54,20 @@ const Kernels& cuda_kernels() {
 std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
                                             const std::optional<Tensor>& decay, double scale,
                                             const std::optional<Tensor>& initial_state,
-                                            const std::optional<std::string>& group_name) {
+                                            const std::optional<std::string>& group_name,
+                                            const std::string& strategy) {
   const c10::cuda::CUDAGuard guard(q.device());
-  return attention_fwd(cuda_kernels(), q, k, v, decay, scale, initial_state, group_name);
+  return attention_fwd(cuda_kernels(), q, k, v, decay, scale, initial_state, group_name, strategy);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
                                                     const Tensor& dout, const std::optional<Tensor>& grad_final_state,
                                                     const std::optional<Tensor>& decay, double scale,
                                                     const Tensor& state_in,
-                                                    const std::optional<std::string>& group_name) {
+                                                    const std::optional<std::string>& group_name,
+                                            const std::string& strategy) {
   const c10::cuda::CUDAGuard guard(q.device());
-  return attention_bwd(cuda_kernels(), q, k, v, dout, grad_final_state, decay, scale, state_in, group_name);
+  return attention_bwd(cuda_kernels(), q, k, v, dout, grad_final_state, decay, scale, state_in, group_name, strategy);
 }
 
 }  // namespace

@@ -55,6 +55,7 @@ def lasp_attention(
     initial_state: Optional[torch.Tensor] = None,
     output_final_state: bool = False,
     layout: str = "bhnd",
+    strategy: str = "ring",
 ):
     """Causal linear attention with per-head decay, optionally sequence-parallel over `group`.
 
@@ -73,6 +74,9 @@ def lasp_attention(
         output_final_state: also return the (B, H, D, E) state after this rank's piece.
         layout: "bhnd" or "bnhd"; both are read through strides, without copies, and the output
             comes back in the same layout.
+        strategy: how states cross ranks under a group: "ring" (LASP: each rank receives the state
+            from rank r-1 and sends its own to r+1) or "allgather" (LASP-2: one all-gather of every
+            rank's local state, combined on each rank). Both are exact.
     Returns:
         o in the layout and dtype of q, or (o, final_state) if output_final_state.
     """
@@ -93,7 +97,11 @@ def lasp_attention(
         if q.dim() < 1 or q.shape[-1] == 0:
             raise ValueError(f"lasp_attention: q must have a head dim of at least 1, got shape {tuple(q.shape)}")
         scale = q.shape[-1] ** -0.5
-    o, final_state = torch.ops.lasp.lasp_attention(q, k, v, decay, float(scale), initial_state, _group_name(group))
+    if strategy not in ("ring", "allgather"):
+        raise ValueError(f"lasp_attention: strategy must be 'ring' or 'allgather', got {strategy!r}")
+    o, final_state = torch.ops.lasp.lasp_attention(
+        q, k, v, decay, float(scale), initial_state, _group_name(group), strategy
+    )
     if layout == "bnhd":
         o = o.transpose(1, 2)
     return (o, final_state) if output_final_state else o
@@ -102,3 +110,24 @@ def lasp_attention(
 def alibi_slopes(num_heads: int) -> torch.Tensor:
     """Per-head decay rates of TransNormerLLM / Lightning Attention (ALiBi slopes), float32 (num_heads,)."""
     return torch.ops.lasp.alibi_slopes(int(num_heads))
+
+
+def set_group_checks(enabled: Optional[bool] = True, timeout_s: Optional[float] = None) -> None:
+    """Checks against distributed misuse.
+
+    While on, every lasp_attention call with a group (forward and backward) first all-gathers a small
+    description of the call (batch size, heads, head dims, dtype, strategy, decay given) and every rank
+    raises the same clear error when the ranks disagree (only sequence lengths may differ).
+
+    enabled: True, False, or None for the default ("auto"): on for Gloo and other non-NCCL groups, where
+        it costs one small collective per call; off for NCCL groups, where it also costs a host
+        synchronisation per call (turn it on to debug). With checks off, ranks that disagree on shapes
+        produce undefined results.
+    timeout_s: bound on every wait on another rank (a rank that never calls then ends in a timeout
+        error naming the step on the ranks that did call); None: the process group's own timeout
+        (init_process_group(timeout=...)).
+
+    Start-up defaults come from the environment: LASP_CHECK_GROUP=0/1, LASP_CHECK_TIMEOUT_S.
+    """
+    torch.ops.lasp.set_group_checks(None if enabled is None else bool(enabled),
+                                    None if timeout_s is None else float(timeout_s))
