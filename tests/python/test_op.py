@@ -6,6 +6,7 @@ error of the reference run in that dtype plus a one-ulp-ish floor.
 """
 
 import math
+import os
 import zlib
 
 import pytest
@@ -454,9 +455,38 @@ def test_gradcheck(lasp, N, H, Hkv, decay_kind, layout, seed):
 # Empty sequence
 
 
+_EMPTY_PROBE = {}
+
+
+def _empty_sequence_survives(device):
+    """N = 0 once in a child process first: if it crashes the interpreter (it segfaulted on CUDA),
+    fail this test alone instead of killing the whole pytest run."""
+    if device == "cpu":
+        return
+    if device not in _EMPTY_PROBE:
+        import subprocess
+        import sys
+
+        code = (
+            "import torch, lasp\n"
+            f"d = '{device}'\n"
+            "q = torch.randn(2, 4, 0, 8, device=d); k = torch.randn(2, 2, 0, 8, device=d)\n"
+            "v = torch.randn(2, 2, 0, 6, device=d)\n"
+            "o = lasp.lasp_attention(q, k, v, output_final_state=True)\n"
+            "torch.cuda.synchronize()\n"
+        )
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+        _EMPTY_PROBE[device] = (r.returncode, r.stderr[-2000:])
+    rc, err = _EMPTY_PROBE[device]
+    if rc != 0:
+        pytest.fail(f"lasp_attention with N=0 on {device} killed the process (exit code {rc}):\n{err}")
+
+
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_sequence(lasp, device, layout, seed):
+    _empty_sequence_survives(device)
     B, H, Hkv, D, E = 2, 4, 2, 8, 6
     q, k, v = make_qkv(B, H, Hkv, 0, D, E, dtype=torch.float32, device=device, seed=seed, layout=layout)
     decay = make_decay("alibi", H, device)
@@ -473,6 +503,7 @@ def test_empty_sequence(lasp, device, layout, seed):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_sequence_backward(lasp, device, seed):
+    _empty_sequence_survives(device)
     B, H, Hkv, D, E = 1, 2, 1, 4, 5
     q, k, v = make_qkv(B, H, Hkv, 0, D, E, dtype=torch.float32, device=device, seed=seed)
     s0 = make_state(B, H, D, E, dtype=torch.float32, device=device, seed=seed)
@@ -608,3 +639,32 @@ def test_alibi_slopes_known_values(lasp):
     s6 = lasp.alibi_slopes(6).double()
     # closest power of 2 is 4: [2^-2, 2^-4, 2^-6, 2^-8], then from H=8 the even-indexed [2^-1, 2^-3]
     assert torch.allclose(s6, torch.tensor([2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3], dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA only: long sequences with few (b, h) pairs, so the kernels split each sequence into
+# segments (LASP.md: the in-device version of the ring), and the tiled fast paths (E in 64..128).
+
+CUDA_LONG = [
+    # dtype, H, Hkv, N, D, E, decay, state
+    (torch.bfloat16, 2, 1, 4096, 128, 128, "alibi", True),
+    (torch.float16, 2, 2, 3001, 64, 128, None, True),
+    (torch.float32, 1, 1, 4099, 128, 64, "alibi", True),
+    (torch.bfloat16, 4, 2, 2113, 64, 64, "strong", False),
+    (torch.float32, 2, 1, 2048, 32, 48, "mixed", True),
+]
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.parametrize(
+    "case", CUDA_LONG, ids=[f"{DTYPE_IDS[c[0]]}-h{c[1]}kv{c[2]}-n{c[3]}-d{c[4]}e{c[5]}-{c[6]}" for c in CUDA_LONG]
+)
+def test_cuda_long_segmented(lasp, case, seed):
+    dtype, H, Hkv, N, D, E, decay_kind, with_state = case
+    B = 1
+    q, k, v = make_qkv(B, H, Hkv, N, D, E, dtype=dtype, device="cuda", seed=seed)
+    s0 = make_state(B, H, D, E, dtype=dtype, device="cuda", seed=seed) if with_state else None
+    check_against_reference(
+        lasp, q, k, v, make_decay(decay_kind, H, "cuda", g=gen(seed)), s0,
+        dtype=dtype, final_grad=with_state, seed=seed,
+    )
