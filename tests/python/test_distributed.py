@@ -1,4 +1,4 @@
-"""The LASP ring across real processes: lasp_attention(group=...) on each rank's piece equals the
+"""The LASP ring (and the LASP-2 all-gather strategy) across real processes: lasp_attention(group=...) on each rank's piece equals the
 single-process op on the whole sequence and the fp64 reference, outputs and all gradients.
 
 One spawn per (backend, world size) runs several cases; each rank saves what it computed to a
@@ -31,6 +31,7 @@ from conftest import (
 )
 
 F32, F64 = torch.float32, torch.float64
+STRATEGIES = ("ring", "allgather")  # LASP ring and the LASP-2 all-gather variant
 SPAWN_DEADLINE_S = 180  # whole spawn (startup + all cases); a hang fails the test after this
 PG_TIMEOUT_S = 90
 
@@ -146,25 +147,33 @@ def _worker(rank, world, port, backend, out_dir):
             if prob["s0"] is not None and (r == 0 or case["state"] == "all"):
                 s0 = prob["s0"].clone().to(device).requires_grad_(True)
             decay = None if prob["decay"] is None else prob["decay"].to(device)
-            o, f = lasp.lasp_attention(
-                q, k, v, decay, group=pg, initial_state=s0, output_final_state=True, layout=layout
-            )
-            dS = prob["dS"][r]
-            outs, gos = [o], [do]
-            if dS is not None:
-                outs.append(f)
-                gos.append(dS.to(device))
-            ins = [q, k, v] + ([s0] if s0 is not None else [])
-            gr = torch.autograd.grad(outs, ins, gos, allow_unused=True)
-            cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
-            results[(ci, gi, r)] = dict(
-                o=cpu(o), f=cpu(f), dq=cpu(gr[0]), dk=cpu(gr[1]), dv=cpu(gr[2]),
-                ds0=cpu(gr[3]) if s0 is not None else "not passed",
-                o_dtype=o.dtype, f_dtype=f.dtype, o_shape=tuple(o.shape),
-            )
+            for strategy in STRATEGIES:
+                o, f = lasp.lasp_attention(
+                    q, k, v, decay, group=pg, initial_state=s0, output_final_state=True, layout=layout,
+                    strategy=strategy,
+                )
+                dS = prob["dS"][r]
+                outs, gos = [o], [do]
+                if dS is not None:
+                    outs.append(f)
+                    gos.append(dS.to(device))
+                ins = [q, k, v] + ([s0] if s0 is not None else [])
+                gr = torch.autograd.grad(outs, ins, gos, allow_unused=True)
+                results[(ci, gi, r, strategy)] = _pack(o, f, gr, s0)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _pack(o, f, gr, s0):
+    def cpu(t):
+        return None if t is None else t.detach().cpu()
+
+    return dict(
+        o=cpu(o), f=cpu(f), dq=cpu(gr[0]), dk=cpu(gr[1]), dv=cpu(gr[2]),
+        ds0=cpu(gr[3]) if s0 is not None else "not passed",
+        o_dtype=o.dtype, f_dtype=f.dtype, o_shape=tuple(o.shape),
+    )
 
 
 def _free_port():
@@ -241,16 +250,22 @@ def expected(lasp, case, seed):
     return out
 
 
-def check_case(lasp, results, world, ci, backend):
+_EXPECTED = {}
+
+
+def check_case(lasp, results, world, ci, backend, strategy):
     case = case_for(world, ci, backend)
     dt = case["dtype"]
     tol_sp = 1e-5 if dt == F32 else 1e-12  # distributed vs single-process op (same dtype)
     groups = case.get("groups") or [list(range(world))]
     for gi, ranks in enumerate(groups):
-        exp = expected(lasp, case, _seed(world, ci, gi))
+        key = (world, ci, gi, backend)
+        if key not in _EXPECTED:
+            _EXPECTED[key] = expected(lasp, case, _seed(world, ci, gi))
+        exp = _EXPECTED[key]
         for r, (P, n) in enumerate(zip(_offsets(case["pieces"]), case["pieces"])):
-            got = results[(ci, gi, r)]
-            where = f"case {ci} group {ranks} group-rank {r} (global {ranks[r]}), piece [{P}, {P + n})"
+            got = results[(ci, gi, r, strategy)]
+            where = f"{strategy}: case {ci} group {ranks} group-rank {r} (global {ranks[r]}), piece [{P}, {P + n})"
             assert got["o_dtype"] == dt and got["f_dtype"] == acc_dtype(dt), where
             sl = lambda t: _slice(t, P, P + n, case["layout"])  # noqa: E731
             pairs = [
@@ -283,20 +298,22 @@ def _params(backend_marks=()):
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="gloo not available")
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("world,ci", _params())
-def test_ring_gloo(lasp, world, ci):
+def test_ring_gloo(lasp, world, ci, strategy):
     results = run_world(world, "gloo")
-    check_case(lasp, results, world, ci, "gloo")
+    check_case(lasp, results, world, ci, "gloo", strategy)
 
 
 _NGPU = torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("world,ci", _params())
-def test_ring_nccl(lasp, world, ci):
+def test_ring_nccl(lasp, world, ci, strategy):
     if _NGPU < world:
         pytest.skip(f"needs {world} CUDA devices for nccl, found {_NGPU}")
     if not dist.is_nccl_available():
         pytest.skip("nccl not available")
     results = run_world(world, "nccl")
-    check_case(lasp, results, world, ci, "nccl")
+    check_case(lasp, results, world, ci, "nccl", strategy)
