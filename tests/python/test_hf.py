@@ -148,6 +148,24 @@ def test_logits_and_grads_match_unpatched(dtype, N, use_cache, count_lasp_calls)
     assert_same_grads(got_grads, want_grads, dtype)
 
 
+def test_bfloat16_no_worse_than_unpatched(count_lasp_calls):
+    """bf16: the patched model's logits are at most 2x as far from the float64 model as the unpatched
+    bf16 model's (plus a small floor), the flash-attention rule (lasp accumulates in float32)."""
+    hf = _hf()
+    cfg = tiny_config()
+    model = make_model(cfg, F64, seed=51)
+    ids = ids_for(2, 45, seed=4)
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits
+        model.to(torch.bfloat16)
+        lowp = model(ids, use_cache=False).logits
+        hf.patch_minimax(model)
+        got = model(ids, use_cache=False).logits
+    assert got.dtype == torch.bfloat16 and len(count_lasp_calls) == cfg.layer_types.count(LIN)
+    err, lowp_err = rel_err(got, want), rel_err(lowp, want)
+    assert err <= 2 * lowp_err + 8e-3, f"bf16 logits: error {err:.3e} vs unpatched bf16 {lowp_err:.3e}"
+
+
 def test_linear_only_model_and_no_decay_tables_used():
     """All-linear model; the original's block tables are poisoned after patching: lasp must not read them."""
     hf = _hf()
@@ -291,7 +309,10 @@ def test_refuses_models_without_lightning_attention():
 # ----------------------------------------------------------------------------------------------
 # Sequence parallel (gloo, CPU)
 
-# Each case: one model and one batch; the sequence is split into `pieces` (one per rank, in order).
+# Each case: one model and one batch; the sequence is split into `pieces` (one per group rank, in order).
+# One spawn of 3 processes runs every case: the 2-way cases on the subgroup {0, 1} (so sp_group need not
+# be WORLD), the 3-way ones on WORLD. (One spawn: each process pays ~4 s of imports on 2 cores.)
+SP_WORLD = 3
 SP_CASES = {
     2: [
         dict(dtype=F64, layer_types=(LIN, FULL, LIN, FULL), B=2, pieces=[20, 17], cfg={}),
@@ -303,10 +324,10 @@ SP_CASES = {
 }
 
 
-def _sp_setup(world, ci):
-    case = SP_CASES[world][ci]
+def _sp_setup(size, ci):
+    case = SP_CASES[size][ci]
     cfg = tiny_config(case["layer_types"], **case["cfg"])
-    seed = 100 * world + ci
+    seed = 100 * size + ci
     N = sum(case["pieces"])
     return case, cfg, make_model(cfg, case["dtype"], seed), ids_for(case["B"], N, seed), cotangent(
         case["B"], N, cfg.vocab_size, case["dtype"], seed
@@ -320,29 +341,31 @@ def _sp_worker(rank, world, port, out_dir):
     )
     torch.set_num_threads(1)
     hf = _hf()
+    groups = {2: dist.new_group([0, 1]), 3: dist.group.WORLD}  # new_group: called by every rank
     results = {}
-    for ci in range(len(SP_CASES[world])):
-        case, cfg, model, ids, w = _sp_setup(world, ci)
-        P = sum(case["pieces"][:rank])
-        n = case["pieces"][rank]
-        hf.patch_minimax(model, sp_group=dist.group.WORLD)
-        logits, grads = run(model, ids[:, P : P + n], w[:, P : P + n])
-        results[ci] = dict(logits=logits, grads=grads)
-        if ci == 0:
-            # what the integration refuses under a group
-            errs = {}
-            for what, kw in (
-                ("use_cache", dict(use_cache=True)),
-                ("padding", dict(attention_mask=torch.cat(
-                    [torch.zeros(case["B"], 1, dtype=torch.long), torch.ones(case["B"], n - 1, dtype=torch.long)], 1))),
-            ):
-                try:
-                    model(ids[:, P : P + n], **kw)
-                    errs[what] = None
-                except (RuntimeError, ValueError) as e:
-                    errs[what] = str(e)
-            results["errors"] = errs
-        hf.unpatch_minimax(model)
+    for size, group in groups.items():
+        if rank >= size:
+            continue
+        for ci in range(len(SP_CASES[size])):
+            case, cfg, model, ids, w = _sp_setup(size, ci)
+            P = sum(case["pieces"][:rank])
+            n = case["pieces"][rank]
+            hf.patch_minimax(model, sp_group=group)
+            logits, grads = run(model, ids[:, P : P + n], w[:, P : P + n])
+            results[(size, ci)] = dict(logits=logits, grads=grads)
+            if ci == 0:
+                # what the integration refuses under a group (raised before any collective, on every rank)
+                errs = {}
+                pad = torch.ones(case["B"], n, dtype=torch.long)
+                pad[:, 0] = 0
+                for what, kw in (("use_cache", dict(use_cache=True)), ("padding", dict(attention_mask=pad))):
+                    try:
+                        model(ids[:, P : P + n], **kw)
+                        errs[what] = None
+                    except (RuntimeError, ValueError) as e:
+                        errs[what] = str(e)
+                results[(size, "errors")] = errs
+            hf.unpatch_minimax(model)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -354,34 +377,50 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _spawn(world):
-    with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.spawn(_sp_worker, args=(world, _free_port(), out_dir), nprocs=world, join=False)
-        deadline = time.monotonic() + SPAWN_DEADLINE_S
-        while not ctx.join(timeout=1.0):  # raises with the child's traceback if a child fails
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.terminate()
-                for p in ctx.processes:
-                    p.join(5)
-                raise TimeoutError(f"sequence-parallel MiniMax test (gloo, world={world}) hung for {SPAWN_DEADLINE_S}s")
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+_SPAWNED = {}
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_sequence_parallel_matches_single_process(world):
-    ranks = _spawn(world)
-    for ci in range(len(SP_CASES[world])):
-        case, cfg, model, ids, w = _sp_setup(world, ci)
+def _spawn():
+    """Run the workers once per session; a failure is re-raised by every test that needs them."""
+    if "error" in _SPAWNED:
+        raise RuntimeError("the sequence-parallel spawn failed earlier") from _SPAWNED["error"]
+    if "ranks" in _SPAWNED:
+        return _SPAWNED["ranks"]
+    try:
+        with tempfile.TemporaryDirectory() as out_dir:
+            ctx = mp.spawn(_sp_worker, args=(SP_WORLD, _free_port(), out_dir), nprocs=SP_WORLD, join=False)
+            deadline = time.monotonic() + SPAWN_DEADLINE_S
+            while not ctx.join(timeout=1.0):  # raises with the child's traceback if a child fails
+                if time.monotonic() > deadline:
+                    for p in ctx.processes:
+                        if p.is_alive():
+                            p.terminate()
+                    for p in ctx.processes:
+                        p.join(5)
+                    raise TimeoutError(f"sequence-parallel MiniMax test (gloo, {SP_WORLD} processes) hung for "
+                                       f"{SPAWN_DEADLINE_S}s")
+            ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(SP_WORLD)]
+    except BaseException as e:
+        _SPAWNED["error"] = e
+        raise
+    _SPAWNED["ranks"] = ranks
+    return ranks
+
+
+@pytest.mark.parametrize("size", [2, 3], ids=["2ranks", "3ranks"])
+def test_sequence_parallel_matches_single_process(size):
+    ranks = _spawn()[:size]
+    for ci in range(len(SP_CASES[size])):
+        case, cfg, model, ids, w = _sp_setup(size, ci)
         dtype = case["dtype"]
         want_logits, want_grads = run(model, ids, w, use_cache=False)  # unpatched, whole sequence
-        got_logits = torch.cat([r[ci]["logits"] for r in ranks], dim=1)
+        got_logits = torch.cat([r[(size, ci)]["logits"] for r in ranks], dim=1)
         assert_close(f"case {ci}: logits (ranks concatenated)", got_logits, want_logits, dtype)
-        names = set().union(*(r[ci]["grads"] for r in ranks))
-        got_grads = {n: sum(r[ci]["grads"][n] for r in ranks if n in r[ci]["grads"]) for n in names}
+        res = [r[(size, ci)]["grads"] for r in ranks]
+        names = set().union(*res)
+        got_grads = {n: sum(g[n] for g in res if n in g) for n in names}
         assert_same_grads(got_grads, want_grads, dtype, what=f"case {ci}: summed over ranks: ")
     for r, res in enumerate(ranks):
-        errs = res["errors"]
+        errs = res[(size, "errors")]
         assert errs["use_cache"] is not None and "sequence-parallel" in errs["use_cache"], f"rank {r}: {errs}"
         assert errs["padding"] is not None and "padding" in errs["padding"], f"rank {r}: {errs}"
