@@ -8,7 +8,7 @@
 //     dk = diag(g^(len-1-s)) V R_b^T + ((scale V dO^T) * anti-causal mask) Q
 //     dv = diag(g^(len-1-s)) K R_b   + ((scale K Q^T) * anti-causal mask) dO
 //     R  = g^len R + scale Q^T diag(g^(t+1)) dO
-// Warp w: rows 16*(w%4) .. +15 of the chunk, column half w/4 of dq / dk / dv.
+// Warp w: rows 16*rg .. +15 of the chunk (rg = w%4, or 3 - w%4 for w >= 4), column half w/4 of dq / dk / dv.
 // Reads: dO, V, K (loop A) and Q, K, V, dO (loop B); writes dq, dk, dv once.
 // With GQA, dk / dv of each query head go as fp32 to a workspace that a reduction sums (OT = float).
 #include "common.cuh"
@@ -96,7 +96,9 @@ __global__ void __launch_bounds__(kThreadsB, 1) bwd_kernel(BwdArgs a, Tv<const T
   const int seg = blockIdx.x % a.nseg, bh = blockIdx.x / a.nseg;
   const int b = bh / a.H, h = bh % a.H, kh = h / a.group;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
-  const int rg = warp & 3, ch = warp >> 2;
+  // Warps w and w+4 share a sub-partition (tensor cores): give them row groups k and 3-k, so that the
+  // causal (loop A) and anti-causal (loop B) work of each sub-partition is the same.
+  const int ch = warp >> 2, rg = ch ? 3 - (warp & 3) : (warp & 3);
   const int r0 = rg * 16;
   const int sm0 = SPLIT_E ? (warp & 3) * 16 : warp * 16;  // state rows of this warp
   const int sn0 = SPLIT_E ? (warp >> 2) * (E / 2) : 0;    // state cols of this warp
@@ -253,10 +255,12 @@ __global__ void __launch_bounds__(kThreadsB, 1) bwd_kernel(BwdArgs a, Tv<const T
         }
         uint32_t ka[4];
         load_a_t(ka, Ks, LDD, sm0, kk * 16);
-        ka[0] = scale2<T>(ka[0], w[0], w[1]);
-        ka[1] = scale2<T>(ka[1], w[0], w[1]);
-        ka[2] = scale2<T>(ka[2], w[2], w[3]);
-        ka[3] = scale2<T>(ka[3], w[2], w[3]);
+        if (lg != 0.f) {  // without decay every weight is 1 (rows past len are zero-filled)
+          ka[0] = scale2<T>(ka[0], w[0], w[1]);
+          ka[1] = scale2<T>(ka[1], w[0], w[1]);
+          ka[2] = scale2<T>(ka[2], w[2], w[3]);
+          ka[3] = scale2<T>(ka[3], w[2], w[3]);
+        }
 #pragma unroll
         for (int np = 0; np < SNT / 2; ++np) {
           uint32_t bb[4];
@@ -516,13 +520,15 @@ cudaError_t launch_bwd_dims(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv
 }  // namespace
 
 bool bwd_supported(const AttnParams& p) {
-  if (p.dtype != ScalarType::BFloat16 && p.dtype != ScalarType::Float16) return false;
-  if (p.D != 64 && p.D != 128) return false;
-  if (p.E != 64 && p.E != 128) return false;
-  if (p.N > (int64_t)1 << 30) return false;
+  if (!shape_supported(p)) return false;
   const bool gqa = p.H != p.Hkv;
   return view_ok(p.q) && view_ok(p.k) && view_ok(p.v) && view_ok(p.dout) && view_ok(p.dq) &&
          (gqa || (view_ok(p.dk) && view_ok(p.dv)));
+}
+
+size_t bwd_smem_bytes(const AttnParams& p) {
+  if (p.D == 64) return p.E == 64 ? BwdSmem<__nv_bfloat16, 64, 64>::bytes : BwdSmem<__nv_bfloat16, 64, 128>::bytes;
+  return p.E == 64 ? BwdSmem<__nv_bfloat16, 128, 64>::bytes : BwdSmem<__nv_bfloat16, 128, 128>::bytes;
 }
 
 cudaError_t bwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,

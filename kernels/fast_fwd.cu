@@ -4,7 +4,7 @@
 //
 // Forward main kernel, one block of 4 warps per (b, h, segment, 64-column tile of E), chunks of 64:
 //   per chunk (double-buffered cp.async loads of q, k, v):
-//     O  = diag(scale g^(t+1)) Q S_b  +  ((scale Q K^T) * decay mask) V     (warp w: rows 16w..16w+15)
+//     O  = diag(scale g^(t+1)) Q S_b  +  ((scale Q K^T) * decay mask) V     (warp w: 16 rows)
 //     S  = g^len S + (K^T diag(g^(len-1-s))) V                              (warp w: rows of S, fp32 in registers)
 //   S_b is the bf16/fp16 copy of S in shared memory that the next chunk multiplies with.
 // Bytes: q, k, v read once per column tile (the sibling tiles of one (b, h, segment) run next to
@@ -120,7 +120,10 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_main_kernel(FwdArgs a, Tv<con
         }
   }
 
-  const int r0 = warp * 16;
+  // Row group of this warp: causal work grows with it. Odd blocks take the groups in reverse order, so that
+  // two co-resident blocks (consecutive indices) give each sub-partition's tensor cores the same work.
+  const int rgrp = (blockIdx.x & 1) ? 3 - warp : warp;
+  const int r0 = rgrp * 16;
   for (int ci = 0; ci < nch; ++ci) {
     const int64_t c0 = n0 + (int64_t)ci * kC;
     const int len = (int)min((int64_t)kC, n1 - c0);
@@ -168,7 +171,7 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_main_kernel(FwdArgs a, Tv<con
         O[nt][3] *= f1;
       }
     }
-    // ---- P = (scale Q K^T) * mask, causal: s-tiles 0 .. 2*warp+1 ----
+    // ---- P = (scale Q K^T) * mask, causal: s-tiles 0 .. 2*rgrp+1 ----
     float P[8][4];
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
@@ -176,7 +179,7 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_main_kernel(FwdArgs a, Tv<con
       for (int r = 0; r < 4; ++r) P[nt][r] = 0.f;
 #pragma unroll
     for (int np = 0; np < 4; ++np) {
-      if (np > warp) continue;
+      if (np > rgrp) continue;
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         uint32_t bb[4];
@@ -195,7 +198,7 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_main_kernel(FwdArgs a, Tv<con
     // ---- O += P V ----
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      if (kk > warp) continue;
+      if (kk > rgrp) continue;
       uint32_t pa[4];
       pa[0] = pack2<T>(P[2 * kk][0], P[2 * kk][1]);
       pa[1] = pack2<T>(P[2 * kk][2], P[2 * kk][3]);
@@ -249,10 +252,12 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_main_kernel(FwdArgs a, Tv<con
         for (int mt = 0; mt < MT; ++mt) {
           uint32_t ka[4];
           load_a_t(ka, Ks, LDQ, warp * (D / 4) + mt * 16, kk * 16);
-          ka[0] = scale2<T>(ka[0], w0, w1);
-          ka[1] = scale2<T>(ka[1], w0, w1);
-          ka[2] = scale2<T>(ka[2], w2, w3);
-          ka[3] = scale2<T>(ka[3], w2, w3);
+          if (lg != 0.f) {  // without decay every weight is 1 (rows past len are zero-filled)
+            ka[0] = scale2<T>(ka[0], w0, w1);
+            ka[1] = scale2<T>(ka[1], w0, w1);
+            ka[2] = scale2<T>(ka[2], w2, w3);
+            ka[3] = scale2<T>(ka[3], w2, w3);
+          }
 #pragma unroll
           for (int np = 0; np < 4; ++np) {
             mma16816<T>(S[mt][2 * np], ka, bv[np][0], bv[np][1]);
@@ -362,10 +367,12 @@ __global__ void __launch_bounds__(kWarps * 32) state_local_kernel(FwdArgs a, Tv<
       for (int mt = 0; mt < MT; ++mt) {
         uint32_t xa[4];
         load_a_t(xa, Xs, LDX, warp * (D / 4) + mt * 16, kk * 16);
-        xa[0] = scale2<T>(xa[0], w[0], w[1]);
-        xa[1] = scale2<T>(xa[1], w[0], w[1]);
-        xa[2] = scale2<T>(xa[2], w[2], w[3]);
-        xa[3] = scale2<T>(xa[3], w[2], w[3]);
+        if (REVERSE || lg != 0.f) {  // forward without decay: every weight is 1
+          xa[0] = scale2<T>(xa[0], w[0], w[1]);
+          xa[1] = scale2<T>(xa[1], w[0], w[1]);
+          xa[2] = scale2<T>(xa[2], w[2], w[3]);
+          xa[3] = scale2<T>(xa[3], w[2], w[3]);
+        }
 #pragma unroll
         for (int np = 0; np < 4; ++np) {
           mma16816<T>(S[mt][2 * np], xa, bv[np][0], bv[np][1]);
@@ -438,19 +445,24 @@ cudaError_t launch_local(const AttnParams& p, const FwdArgs& a, const TensorView
 
 }  // namespace
 
-bool fwd_supported(const AttnParams& p) {
+bool shape_supported(const AttnParams& p) {
   if (p.dtype != ScalarType::BFloat16 && p.dtype != ScalarType::Float16) return false;
   if (p.D != 64 && p.D != 128) return false;
   if (p.E != 64 && p.E != 128) return false;
-  if (p.N > (int64_t)1 << 30) return false;
-  return view_ok(p.q) && view_ok(p.k) && view_ok(p.v) && view_ok(p.o);
+  return p.N <= ((int64_t)1 << 30);
+}
+
+bool fwd_supported(const AttnParams& p) {
+  return shape_supported(p) && view_ok(p.q) && view_ok(p.k) && view_ok(p.v) && view_ok(p.o);
 }
 
 bool local_supported(const AttnParams& p, bool reverse) {
-  if (p.dtype != ScalarType::BFloat16 && p.dtype != ScalarType::Float16) return false;
-  if (p.D != 64 && p.D != 128) return false;
-  if (p.E != 64 && p.E != 128) return false;
+  if (!shape_supported(p)) return false;
   return reverse ? (view_ok(p.q) && view_ok(p.dout)) : (view_ok(p.k) && view_ok(p.v));
+}
+
+size_t fwd_smem_bytes(const AttnParams& p) {
+  return p.D == 64 ? FwdSmem<__nv_bfloat16, 64>::bytes : FwdSmem<__nv_bfloat16, 128>::bytes;
 }
 
 int fwd_tiles(const AttnParams& p) { return (int)(p.E / kEt); }

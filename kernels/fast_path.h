@@ -8,6 +8,12 @@ namespace lasp {
 namespace cuda {
 namespace fast {
 
+// Dtype and head dims the tensor-core kernels handle (bf16/fp16, D and E in {64, 128}); the *_supported
+// functions below also check strides and alignment (last dim contiguous, rows 16-byte aligned).
+bool shape_supported(const AttnParams& p);
+// Shared memory (bytes) of the tensor-core forward main / backward kernels for this problem's D, E.
+size_t fwd_smem_bytes(const AttnParams& p);
+size_t bwd_smem_bytes(const AttnParams& p);
 // Whether the tensor-core forward main kernel handles this problem.
 bool fwd_supported(const AttnParams& p);
 // Blocks per (b, h, segment) of the forward main kernel (column tiles of E).

@@ -94,12 +94,14 @@ struct Plan {
 
 size_t align256(size_t x) { return (x + 255) / 256 * 256; }
 
-Plan plan_fwd(const AttnParams& p) {
+// mode: -1 decide from p (shapes, dtype, strides and pointer alignment), 0 generic kernels, 1 tensor-core kernels.
+Plan plan_fwd(const AttnParams& p, int mode = -1) {
   Plan pl;
   const DevInfo di = dev_info();
   const size_t esz = acc_size(p);
   const int D = (int)p.D, E = (int)p.E;
-  pl.fast = fast::fwd_supported(p);
+  // The tensor-core kernel needs its shared memory (about 106 KB at D = 128): older / smaller GPUs take the generic path.
+  pl.fast = (mode < 0 ? fast::fwd_supported(p) : mode == 1) && fast::fwd_smem_bytes(p) <= di.smem_optin;
   int tiles = 1;
   if (pl.fast) {
     tiles = fast::fwd_tiles(p);
@@ -118,12 +120,13 @@ Plan plan_fwd(const AttnParams& p) {
   return pl;
 }
 
-Plan plan_bwd(const AttnParams& p) {
+Plan plan_bwd(const AttnParams& p, int mode = -1) {
   Plan pl;
   const DevInfo di = dev_info();
   const size_t esz = acc_size(p);
   const int D = (int)p.D, E = (int)p.E;
-  pl.fast = fast::bwd_supported(p);
+  // About 176 KB of shared memory at D = E = 128 (fits sm_90; not sm_80's 163 KB): else the generic kernels.
+  pl.fast = (mode < 0 ? fast::bwd_supported(p) : mode == 1) && fast::bwd_smem_bytes(p) <= di.smem_optin;
   if (pl.fast) {
     split_segments(p, 1, di.sms, pl.nseg, pl.seglen, 1);
   } else {
@@ -365,16 +368,28 @@ bool supports(const AttnParams& p) {
   return true;
 }
 
+// The workspace size must not depend on pointers or strides (a caller may ask before it has them):
+// the larger of the generic and the tensor-core plans.
 size_t fwd_workspace_bytes(const AttnParams& p) {
   if (!supports(p)) return 0;
-  const Plan pl = plan_fwd(p);
-  return pl.ok ? pl.ws_states : 0;
+  size_t bytes = 0;
+  for (int mode : {0, 1}) {
+    if (mode == 1 && !fast::shape_supported(p)) continue;
+    const Plan pl = plan_fwd(p, mode);
+    if (pl.ok) bytes = std::max(bytes, pl.ws_states);
+  }
+  return bytes;
 }
 
 size_t bwd_workspace_bytes(const AttnParams& p) {
   if (!supports(p)) return 0;
-  const Plan pl = plan_bwd(p);
-  return pl.ok ? 2 * pl.ws_states + pl.ws_gqa : 0;
+  size_t bytes = 0;
+  for (int mode : {0, 1}) {
+    if (mode == 1 && !fast::shape_supported(p)) continue;
+    const Plan pl = plan_bwd(p, mode);
+    if (pl.ok) bytes = std::max(bytes, 2 * pl.ws_states + pl.ws_gqa);
+  }
+  return bytes;
 }
 
 cudaError_t fwd(const AttnParams& p, cudaStream_t stream) { return dispatch<FwdOp>(p, stream); }
