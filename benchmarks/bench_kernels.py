@@ -156,7 +156,13 @@ def main():
     ap.add_argument("--no-decay", action="store_true")
     ap.add_argument("--torch-max-chunks", type=int, default=256,
                     help="skip the plain-torch fwd+bwd beyond this many chunks per sequence (its Python loop is slow)")
+    ap.add_argument("--from-json", default=None, help="only redraw --plot from an earlier --json (no GPU needed)")
     args = ap.parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            d = json.load(f)
+        plot(d["rows"], d["info"], args.plot or "bench.png")
+        return 0
 
     shapes = SHAPES if not args.shapes else [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     impls = args.impls.split(",")
@@ -209,6 +215,11 @@ def main():
             fl = floor[mode] / bw * 1e3
             rows.append({"shape": [B, H, N, D], "impl": impl, "mode": mode, "ms": ms, "GBps": gbs,
                          "floor_ms": fl, "x_floor": ms / fl})
+            # as it comes, so that a run cut short still leaves its numbers
+            print(f"# {B}x{H}x{N}x{D} {impl:<10} {mode:<8} {ms:9.3f} ms {gbs:7.0f} GB/s  floor {fl:.3f} ms", flush=True)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"info": info, "rows": rows, "complete": False}, f, indent=1)
 
         # ---- lasp raw kernels ----
         if shim is not None:
@@ -293,38 +304,47 @@ def main():
               f"{r['floor_ms']:9.3f} {r['x_floor']:8.2f} {sp:>7}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"info": info, "rows": rows}, f, indent=1)
+            json.dump({"info": info, "rows": rows, "complete": True}, f, indent=1)
     if args.plot:
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-            modes = ["fwd", "fwd+bwd"]
-            fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-            labels = ["x".join(map(str, s)) for s in shapes]
-            impl_names = sorted({r["impl"] for r in rows})
-            for ax, mode in zip(axes, modes):
-                w = 0.8 / max(1, len(impl_names))
-                for j, im in enumerate(impl_names):
-                    ys = []
-                    for s in shapes:
-                        x = next((r["ms"] for r in rows if r["impl"] == im and r["mode"] == mode
-                                  and tuple(r["shape"]) == tuple(s)), float("nan"))
-                        ys.append(x)
-                    ax.bar([i + j * w for i in range(len(shapes))], ys, w, label=im)
-                fl = [next((r["floor_ms"] for r in rows if r["mode"] == mode and tuple(r["shape"]) == tuple(s)),
-                           float("nan")) for s in shapes]
-                ax.scatter([i + 0.4 - w / 2 for i in range(len(shapes))], fl, color="k", marker="_", s=400,
-                           label="memory floor", zorder=3)
-                ax.set_xticks([i + 0.4 - w / 2 for i in range(len(shapes))])
-                ax.set_xticklabels(labels)
-                ax.set_ylabel("ms (lower is better)")
-                ax.set_title(f"{mode}, bf16, {info['gpu']}")
-                ax.legend()
-            fig.tight_layout()
-            fig.savefig(args.plot, dpi=120)
-        except Exception as e:
-            print(f"# plot failed: {type(e).__name__}: {e}")
+        plot(rows, info, args.plot)
+
+
+def plot(rows, info, path):
+    """Bar chart (log scale) of ms per shape and implementation, with the memory floor, fwd and fwd+bwd."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        shapes = []
+        for r in rows:
+            if tuple(r["shape"]) not in shapes:
+                shapes.append(tuple(r["shape"]))
+        modes = ["fwd", "fwd+bwd"]
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        labels = ["x".join(map(str, s)) for s in shapes]
+        impl_names = sorted({r["impl"] for r in rows})
+        for ax, mode in zip(axes, modes):
+            w = 0.8 / max(1, len(impl_names))
+            for j, im in enumerate(impl_names):
+                ys = [next((r["ms"] for r in rows if r["impl"] == im and r["mode"] == mode
+                            and tuple(r["shape"]) == s), float("nan")) for s in shapes]
+                ax.bar([i + j * w for i in range(len(shapes))], ys, w, label=im)
+            fl = [next((r["floor_ms"] for r in rows if r["mode"] == mode and tuple(r["shape"]) == s), float("nan"))
+                  for s in shapes]
+            centers = [i + 0.4 - w / 2 for i in range(len(shapes))]
+            ax.scatter(centers, fl, color="k", marker="_", s=600, label="memory floor", zorder=3)
+            ax.set_xticks(centers)
+            ax.set_xticklabels(labels)
+            ax.set_yscale("log")
+            ax.set_ylabel("ms (log scale, lower is better)")
+            ax.set_title(f"{mode}, bf16, B x H x N x D, {info.get('gpu', '?')}")
+            ax.legend(fontsize=8)
+        fig.suptitle(f"lasp {info.get('commit', '?')}, fla {info.get('fla', '-')}, torch {info.get('torch', '?')}, "
+                     f"{info.get('date', '')}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    except Exception as e:
+        print(f"# plot failed: {type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":
