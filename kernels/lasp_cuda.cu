@@ -199,8 +199,16 @@ cudaError_t segment_states_fwd(const AttnParams& p, const Plan& pl, const Ctx<A>
   return cudaSuccess;
 }
 
+// N = 0: nothing to attend to; the state passes through (state_out = S_in, grad_state_in = G, or zeros).
+cudaError_t pass_state(const AttnParams& p, const void* src, void* dst, cudaStream_t st) {
+  if (dst == nullptr) return cudaSuccess;
+  const size_t bytes = (size_t)p.B * p.H * p.D * p.E * acc_size(p);
+  return src ? cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, st) : cudaMemsetAsync(dst, 0, bytes, st);
+}
+
 template <typename T, typename A>
 cudaError_t run_fwd(const AttnParams& p, cudaStream_t st) {
+  if (p.N == 0) return pass_state(p, p.state_in, p.state_out, st);
   const Plan pl = plan_fwd(p);
   if (!pl.ok) return cudaErrorInvalidValue;
   if (pl.ws_states > 0 && (p.workspace == nullptr || p.workspace_bytes < pl.ws_states)) return cudaErrorInvalidValue;
@@ -220,6 +228,7 @@ cudaError_t run_fwd(const AttnParams& p, cudaStream_t st) {
 
 template <typename T, typename A>
 cudaError_t run_bwd(const AttnParams& p, cudaStream_t st) {
+  if (p.N == 0) return pass_state(p, p.grad_state_out, p.grad_state_in, st);
   const Plan pl = plan_bwd(p);
   if (!pl.ok) return cudaErrorInvalidValue;
   const size_t need = 2 * pl.ws_states + pl.ws_gqa;
@@ -302,7 +311,7 @@ cudaError_t run_bwd(const AttnParams& p, cudaStream_t st) {
 
 template <typename T, typename A>
 cudaError_t run_fwd_inter(const AttnParams& p, cudaStream_t st) {
-  if (p.state_in == nullptr) return cudaSuccess;  // S_in = 0: nothing to add
+  if (p.state_in == nullptr || p.N == 0) return cudaSuccess;  // S_in = 0 or no tokens: nothing to add
   const DevInfo di = dev_info();
   const size_t esz = acc_size(p);
   const int D = (int)p.D;
@@ -325,7 +334,7 @@ cudaError_t run_fwd_inter(const AttnParams& p, cudaStream_t st) {
 
 template <typename T, typename A>
 cudaError_t run_bwd_inter(const AttnParams& p, cudaStream_t st) {
-  if (p.grad_state_out == nullptr) return cudaSuccess;  // G = 0: nothing to add
+  if (p.grad_state_out == nullptr || p.N == 0) return cudaSuccess;  // G = 0 or no tokens: nothing to add
   const Ctx<A> c = make_ctx<A>(p, 1, (int)p.N);
   const int64_t total = p.B * p.Hkv * p.N * (p.D + p.E);
   const int nb = (int)std::min<int64_t>((total + 255) / 256, 132 * 32);
@@ -362,7 +371,8 @@ bool supports(const AttnParams& p) {
     case ScalarType::Float64: break;
     default: return false;
   }
-  if (p.B < 1 || p.H < 1 || p.Hkv < 1 || p.N < 1 || p.H % p.Hkv != 0) return false;
+  // N = 0 is handled (the state passes through); B, H, Hkv must be positive.
+  if (p.B < 1 || p.H < 1 || p.Hkv < 1 || p.N < 0 || p.H % p.Hkv != 0) return false;
   if (p.D < 1 || p.D > 256 || p.E < 1 || p.E > 256) return false;
   if (p.N > INT32_MAX / 2 || p.B * p.H > INT32_MAX) return false;
   return true;

@@ -569,8 +569,42 @@ TEST(CudaKernelsApi, SupportsRejectsWhatItCannotDo) {
   p.Hkv = 3;
   EXPECT_FALSE(lasp::cuda::supports(p));
   p.Hkv = 2;
-  p.N = 0;
+  p.N = -1;
   EXPECT_FALSE(lasp::cuda::supports(p));
+  p.N = 0;  // an empty piece: the state passes through
+  EXPECT_TRUE(lasp::cuda::supports(p));
+}
+
+// N = 0: state_out = S_in (zeros without S_in), grad_state_in = G; nothing else is touched.
+TEST(CudaKernelsApi, EmptySequencePassesTheStateThrough) {
+  SKIP_WITHOUT_DEVICE();
+  std::mt19937_64 rng(fresh_seed());
+  const int B = 2, H = 4, Hkv = 2, D = 16, E = 8;
+  const size_t SN = (size_t)B * H * D * E;
+  for (bool with_in : {true, false}) {
+    State sin(SN, false), sout(SN, false), gout(SN, false), gin(SN, false);
+    sin.randomize(rng, 1.0);
+    gout.randomize(rng, 1.0);
+    sout.poison();
+    gin.poison();
+    AttnParams p;
+    p.dtype = ScalarType::BFloat16;
+    p.B = B; p.H = H; p.Hkv = Hkv; p.N = 0; p.D = D; p.E = E;
+    p.state_in = with_in ? sin.dev.p : nullptr;
+    p.state_out = sout.dev.p;
+    p.grad_state_out = with_in ? gout.dev.p : nullptr;
+    p.grad_state_in = gin.dev.p;
+    ASSERT_TRUE(lasp::cuda::supports(p));
+    EXPECT_EQ(lasp::cuda::fwd_workspace_bytes(p), 0u);
+    CK(lasp::cuda::fwd(p, 0));
+    CK(lasp::cuda::bwd(p, 0));
+    CK(lasp::cuda::fwd_inter(p, 0));
+    CK(lasp::cuda::bwd_inter(p, 0));
+    CK(cudaDeviceSynchronize());
+    const std::vector<double> zeros(SN, 0.0);
+    EXPECT_EQ(rel_err(sout.download(), with_in ? sin.h : zeros), 0.0) << "state_out";
+    EXPECT_EQ(rel_err(gin.download(), with_in ? gout.h : zeros), 0.0) << "grad_state_in";
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(AllDtypes, CudaKernels, ::testing::ValuesIn(kAllTypes),
