@@ -210,7 +210,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& kernels, const T
     // The first rank folds the initial state into what it contributes (its S_out).
     const int64_t H = q.size(1);
     Tensor local = state_like(q, D, E);
-    Tensor init = ring.is_first() && initial_state.has_value() ? initial_state->contiguous() : Tensor();
+    Tensor init = ring.is_first() && initial_state.has_value() ? initial_state->clone(at::MemoryFormat::Contiguous)
+                                                                : Tensor();
     p.state_in = ptr_or_null(init);
     p.state_out = local.data_ptr();
     kernels.fwd(p);
@@ -229,7 +230,9 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& kernels, const T
   }
   if (ring.is_first()) {
     // Alone, or the first piece: the incoming state is the user's initial state; one fused pass.
-    Tensor s_in = initial_state.has_value() ? initial_state->contiguous() : at::zeros_like(state_like(q, D, E));
+    // A copy, not a view: the op's outputs never alias its inputs (the saved state is an output).
+    Tensor s_in = initial_state.has_value() ? initial_state->clone(at::MemoryFormat::Contiguous)
+                                            : at::zeros_like(state_like(q, D, E));
     Tensor s_out = state_like(q, D, E);
     p.state_in = initial_state.has_value() ? s_in.data_ptr() : nullptr;
     p.state_out = s_out.data_ptr();
