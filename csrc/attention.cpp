@@ -99,6 +99,24 @@ void check_group_call(const Ring& ring, const Tensor& q, const Tensor& k, const 
                        pass == 0 ? "the forward call" : "the backward call", q.device());
 }
 
+// N == 0 (an empty piece, e.g. a rank holding no tokens): no kernel runs; the states pass through
+// (state_out = S_in, grad_state_in = G) so the ring and the returned states stay exact.
+Kernels empty_piece_kernels(const Tensor& q, int64_t D, int64_t E) {
+  const auto opts = q.options().dtype(acc_type(q.scalar_type()));
+  const std::vector<int64_t> shape{q.size(0), q.size(1), D, E};
+  auto pass = [opts, shape](const void* in, void* out) {
+    if (out == nullptr) return;
+    Tensor dst = at::from_blob(out, shape, opts);
+    if (in == nullptr) {
+      dst.zero_();
+    } else {
+      dst.copy_(at::from_blob(const_cast<void*>(in), shape, opts));
+    }
+  };
+  return Kernels{[pass](AttnParams& p) { pass(p.state_in, p.state_out); }, [](AttnParams&) {},
+                 [pass](AttnParams& p) { pass(p.grad_state_out, p.grad_state_in); }, [](AttnParams&) {}};
+}
+
 }  // namespace
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -189,7 +207,7 @@ Tensor alloc_out(const Tensor& like, const c10::SymInt& last) {
   return at::empty_symint({B, H, N, last}, like.options());
 }
 
-std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& kernels, const Tensor& q, const Tensor& k,
+std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels, const Tensor& q, const Tensor& k,
                                                  const Tensor& v, const std::optional<Tensor>& decay,
                                                  double scale, const std::optional<Tensor>& initial_state,
                                                  const std::optional<std::string>& group_name,
@@ -198,6 +216,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& kernels, const T
   const Strategy strategy = parse_strategy(strategy_name);
   const auto acc = acc_type(q.scalar_type());
   const int64_t N = q.size(2), D = q.size(3), E = v.size(3);
+  const Kernels kernels = N == 0 ? empty_piece_kernels(q, D, E) : backend_kernels;
   const Tensor decay_acc = decay_in_acc(decay, acc);
   Tensor o = alloc_out(q, E);
   AttnParams p = base_params(q, k, v, decay_acc, scale);
@@ -257,7 +276,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& kernels, const T
   return {o, s_out, s_in};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& kernels, const Tensor& q,
+std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_kernels, const Tensor& q,
                                                          const Tensor& k, const Tensor& v, const Tensor& dout,
                                                          const std::optional<Tensor>& grad_final_state,
                                                          const std::optional<Tensor>& decay, double scale,
@@ -271,6 +290,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& kernels,
   TORCH_CHECK(dout.sizes() == at::IntArrayRef({q.size(0), q.size(1), N, E}) && dout.scalar_type() == q.scalar_type(),
               "lasp_attention backward: the output gradient must have shape ", at::IntArrayRef({q.size(0), q.size(1), N, E}),
               " and dtype ", q.scalar_type(), ", got ", dout.sizes(), " ", dout.scalar_type());
+  const Kernels kernels = N == 0 ? empty_piece_kernels(q, D, E) : backend_kernels;
   const Tensor decay_acc = decay_in_acc(decay, acc);
   const Tensor s_in = state_in.to(acc).contiguous();
   const Tensor g_user = grad_final_state.has_value() ? grad_final_state->to(acc).contiguous() : Tensor();
