@@ -35,6 +35,7 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
             f"-DPython3_EXECUTABLE={sys.executable}",
             "-DCMAKE_BUILD_TYPE=Release",
+            f"-DLASP_BUILD_TESTS={os.environ.get('LASP_BUILD_TESTS', 'ON')}",
         ]
         if shutil.which("ninja"):
             args.append("-GNinja")
