@@ -62,6 +62,33 @@ struct Decay {
 
 inline int64_t group_size(const AttnParams& p) { return p.H / p.Hkv; }
 
+// S = the given state (at offset `off`), or zero when there is none.
+template <typename acc_t>
+void load_state(const void* state, int64_t off, int64_t size, acc_t* S) {
+  if (state) {
+    std::copy_n(static_cast<const acc_t*>(state) + off, size, S);
+  } else {
+    std::fill(S, S + size, acc_t(0));
+  }
+}
+
+// The state across one chunk of L tokens: S = gamma^L S + sum_s gamma^(L-1-s) k[s]^T v[s].
+template <typename acc_t>
+void advance_state(const Decay<acc_t>& dec, const acc_t* K, const acc_t* V, int64_t L, int64_t D, int64_t E,
+                   acc_t* S) {
+  const acc_t wl = dec.pw[L];
+  for (int64_t x = 0; x < D * E; ++x) S[x] *= wl;
+  for (int64_t s = 0; s < L; ++s) {
+    const acc_t w = dec.pw[L - 1 - s];
+    for (int64_t i = 0; i < D; ++i) {
+      const acc_t ki = K[s * D + i] * w;
+      acc_t* srow = &S[i * E];
+      const acc_t* vs = &V[s * E];
+      for (int64_t j = 0; j < E; ++j) srow[j] += ki * vs[j];
+    }
+  }
+}
+
 // ---------------------------------------------------------------- forward
 template <typename scalar_t, typename acc_t>
 void fwd_impl(const AttnParams& p) {
@@ -72,11 +99,7 @@ void fwd_impl(const AttnParams& p) {
       const int64_t b = bh / p.H, h = bh % p.H, g = h / G;
       const Decay<acc_t> dec(p, h);
       const acc_t scale = static_cast<acc_t>(p.scale);
-      if (p.state_in) {
-        std::copy_n(static_cast<const acc_t*>(p.state_in) + bh * D * E, D * E, S.begin());
-      } else {
-        std::fill(S.begin(), S.end(), acc_t(0));
-      }
+      load_state(p.state_in, bh * D * E, D * E, S.data());
       for (int64_t c0 = 0; c0 < N; c0 += kChunk) {
         const int64_t L = std::min(kChunk, N - c0);
         load_rows<scalar_t>(p.q, b, h, c0, L, D, Q.data());
@@ -107,17 +130,7 @@ void fwd_impl(const AttnParams& p) {
         }
         store_rows<scalar_t>(p.o, b, h, c0, L, E, O.data());
         // State update: S = gamma^L S + sum_s gamma^(L-1-s) k[s]^T v[s].
-        const acc_t wl = dec.pw[L];
-        for (auto& x : S) x *= wl;
-        for (int64_t s = 0; s < L; ++s) {
-          const acc_t w = dec.pw[L - 1 - s];
-          for (int64_t i = 0; i < D; ++i) {
-            const acc_t ki = K[s * D + i] * w;
-            acc_t* srow = &S[i * E];
-            const acc_t* vs = &V[s * E];
-            for (int64_t j = 0; j < E; ++j) srow[j] += ki * vs[j];
-          }
-        }
+        advance_state(dec, K.data(), V.data(), L, D, E, S.data());
       }
       if (p.state_out) std::copy(S.begin(), S.end(), static_cast<acc_t*>(p.state_out) + bh * D * E);
     }
@@ -160,11 +173,7 @@ void bwd_dq_impl(const AttnParams& p) {
       const int64_t b = bh / p.H, h = bh % p.H, g = h / G;
       const Decay<acc_t> dec(p, h);
       const acc_t scale = static_cast<acc_t>(p.scale);
-      if (p.state_in) {
-        std::copy_n(static_cast<const acc_t*>(p.state_in) + bh * D * E, D * E, S.begin());
-      } else {
-        std::fill(S.begin(), S.end(), acc_t(0));
-      }
+      load_state(p.state_in, bh * D * E, D * E, S.data());
       for (int64_t c0 = 0; c0 < N; c0 += kChunk) {
         const int64_t L = std::min(kChunk, N - c0);
         load_rows<scalar_t>(p.dout, b, h, c0, L, E, dO.data());
@@ -183,15 +192,7 @@ void bwd_dq_impl(const AttnParams& p) {
           for (int64_t i = 0; i < D; ++i) dq[i] *= scale;
         }
         store_rows<scalar_t>(p.dq, b, h, c0, L, D, dQ.data());
-        const acc_t wl = dec.pw[L];
-        for (auto& x : S) x *= wl;
-        for (int64_t s = 0; s < L; ++s) {
-          const acc_t w = dec.pw[L - 1 - s];
-          for (int64_t i = 0; i < D; ++i) {
-            const acc_t ki = K[s * D + i] * w;
-            for (int64_t j = 0; j < E; ++j) S[i * E + j] += ki * V[s * E + j];
-          }
-        }
+        advance_state(dec, K.data(), V.data(), L, D, E, S.data());
       }
     }
   });
