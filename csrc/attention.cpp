@@ -266,8 +266,9 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels,
   Tensor local = state_like(q, D, E);
   p.state_out = local.data_ptr();
   kernels.fwd(p);  // o_local and L_r
+  const Tensor gamma_n = decay_pow(decay_acc, N);  // before the wait: the hop's critical path is one update
   Ring::wait(recv, "receiving the state from the previous rank");
-  Tensor s_out = decayed_sum(s_in, decay_pow(decay_acc, N), local);  // gamma^n S_in + L_r
+  Tensor s_out = decayed_sum(s_in, gamma_n, local);  // gamma^n S_in + L_r
   c10::intrusive_ptr<c10d::Work> send;
   if (!ring.is_last()) send = ring.send_next(s_out, Ring::kForwardTag);
   p.state_in = s_in.data_ptr();
@@ -343,11 +344,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_
     Tensor m = state_like(q, D, E);
     p.grad_state_in = m.data_ptr();
     kernels.bwd(p);
+    const Tensor gamma_n = decay_pow(decay_acc, N);  // before the wait, as in the forward
+    if (g_user.defined()) m = decayed_sum(g_user, gamma_n, m);  // gamma^n U + M, before the wait too
     Ring::wait(recv, "receiving the state gradient from the next rank");
-    Tensor g = g_user.defined() ? g_next + g_user : g_next;
-    g_prev = decayed_sum(g, decay_pow(decay_acc, N), m);  // gamma^n G + M
+    g_prev = decayed_sum(g_next, gamma_n, m);  // gamma^n (G_next + U) + M
     c10::intrusive_ptr<c10d::Work> send;
     if (!ring.is_first()) send = ring.send_prev(g_prev, Ring::kBackwardTag);
+    Tensor g = g_user.defined() ? g_next + g_user : g_next;  // off the hop's critical path
     p.grad_state_out = g.data_ptr();
     kernels.bwd_inter(p);  // dk, dv += gamma^(n-1-s) (v G^T, k G)
     if (send) Ring::wait(send, "sending the state gradient to the previous rank");
