@@ -4,7 +4,7 @@ Fused kernels for causal linear attention with per-head decay, and the LASP stat
 sequence over the ranks of a torch.distributed group while passing only a d x e state between them.
 """
 from ._ops import alibi_slopes, lasp_attention, set_group_checks
-from . import models, nn  # noqa: E402  (after the op is loaded)
+from . import distributed, models, nn  # noqa: E402  (after the op is loaded)
 
 __version__ = "0.1.0"
-__all__ = ["lasp_attention", "alibi_slopes", "set_group_checks", "nn", "models"]
+__all__ = ["lasp_attention", "alibi_slopes", "set_group_checks", "nn", "models", "distributed"]

@@ -1,0 +1,350 @@
+"""Data parallel x sequence parallel: the 2-D process layout and the sequence split.
+
+A run over ``world = dp * sp`` ranks is a 2-D :class:`~torch.distributed.device_mesh.DeviceMesh`
+with dims ``("dp", "sp")``: ranks ``[d * sp, (d + 1) * sp)`` (consecutive ranks, so the LASP state
+traffic stays between the closest GPUs) form the sequence-parallel group of data-parallel replica
+``d``. Each replica gets its own batch; inside a replica every sequence is cut into ``sp``
+contiguous pieces, sp rank ``r`` holding piece ``r``::
+
+    mesh = lasp.distributed.init_mesh(sp=4)                 # after init_process_group; dp = world // 4
+    sp, dp = lasp.distributed.sp_group(mesh), lasp.distributed.dp_group(mesh)
+    ids = lasp.distributed.split_sequence(batch_ids, sp)    # (B, N) -> (B, this rank's piece)
+    loss = model(ids, labels, sp_group=sp).loss             # lasp.models: the ring runs inside
+    loss.backward()
+    lasp.distributed.allreduce_grads(model.parameters(), sp)   # sum over the pieces of each sequence
+    # ... then average over dp as usual: DDP(model, process_group=dp) or fully_shard(model, mesh=mesh["dp"])
+
+Sequence dimension: every function takes ``dim``, default 1, the token dim of the ``(B, N, ...)``
+tensors of the models (``input_ids`` (B, N), hidden states (B, N, C)) and of ``lasp_attention``'s
+``layout="bnhd"``. For the default ``layout="bhnd"`` of ``lasp_attention`` (q of shape (B, H, N, D))
+pass ``dim=2``.
+
+Pieces are balanced: with ``n`` tokens over ``W`` ranks, the first ``n % W`` ranks hold one more
+token (as ``torch.tensor_split``); with ``n < W`` the last ranks hold empty pieces, which
+``lasp_attention`` accepts (N = 0 passes the state through).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "SEQ_DIM",
+    "init_mesh",
+    "sp_group",
+    "dp_group",
+    "shard_bounds",
+    "split_sequence",
+    "gather_sequence",
+    "allreduce_grads",
+]
+
+SEQ_DIM = 1  # token dim of (B, N, ...) tensors; lasp_attention's "bhnd" layout has it at 2
+
+
+def _check_initialized(fn: str) -> None:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            f"lasp.distributed.{fn}: torch.distributed is not initialized; call "
+            "torch.distributed.init_process_group first (torchrun sets the environment it reads)"
+        )
+
+
+def _check_int(fn: str, name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"lasp.distributed.{fn}: {name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"lasp.distributed.{fn}: {name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _default_device_type() -> str:
+    backend = str(dist.get_backend()).lower()
+    return "cuda" if "nccl" in backend else "cpu"
+
+
+def init_mesh(sp: int, dp: Optional[int] = None, device_type: Optional[str] = None):
+    """The 2-D DeviceMesh ``(dp, sp)`` with dims named ``("dp", "sp")`` over all ranks.
+
+    Args:
+        sp: sequence-parallel size: the ranks that share each sequence (must divide the world size).
+        dp: data-parallel size; default ``world // sp``. ``dp * sp`` must equal the world size.
+        device_type: the mesh's device type; default ``"cuda"`` when the default process group's
+            backend is NCCL, else ``"cpu"`` (gloo).
+    Returns:
+        ``init_device_mesh(device_type, (dp, sp), mesh_dim_names=("dp", "sp"))``: global rank
+        ``d * sp + r`` is sp rank ``r`` of dp replica ``d`` (consecutive ranks share a sequence).
+        Every rank must call this (it creates the dp and sp process groups).
+    Raises:
+        RuntimeError if torch.distributed is not initialized; ValueError / TypeError naming
+        ``sp`` or ``dp`` when they do not factor the world size.
+    """
+    _check_initialized("init_mesh")
+    world = dist.get_world_size()
+    _check_int("init_mesh", "sp", sp, 1)
+    if world % sp != 0:
+        raise ValueError(f"lasp.distributed.init_mesh: sp ({sp}) must divide the world size ({world})")
+    if dp is None:
+        dp = world // sp
+    _check_int("init_mesh", "dp", dp, 1)
+    if dp * sp != world:
+        raise ValueError(
+            f"lasp.distributed.init_mesh: dp * sp must equal the world size ({world}), "
+            f"got dp ({dp}) * sp ({sp}) = {dp * sp}"
+        )
+    if device_type is None:
+        device_type = _default_device_type()
+    elif not isinstance(device_type, str):
+        raise TypeError(f"lasp.distributed.init_mesh: device_type must be a str or None, got {type(device_type).__name__}")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (dp, sp), mesh_dim_names=("dp", "sp"))
+
+
+def _mesh_group(mesh, name: str, fn: str):
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if not isinstance(mesh, DeviceMesh):
+        raise TypeError(
+            f"lasp.distributed.{fn}: mesh must be a torch DeviceMesh (see lasp.distributed.init_mesh), "
+            f"got {type(mesh).__name__}"
+        )
+    names = tuple(mesh.mesh_dim_names or ())
+    if name not in names:
+        raise ValueError(f"lasp.distributed.{fn}: mesh has no dimension named {name!r} (its dims: {names})")
+    return mesh.get_group(name)
+
+
+def sp_group(mesh):
+    """The sequence-parallel process group of this rank: the mesh's ``"sp"`` dim (pass it to
+    ``lasp_attention(group=...)``, ``LinearAttention`` / ``LaspForCausalLM``'s ``sp_group``)."""
+    return _mesh_group(mesh, "sp", "sp_group")
+
+
+def dp_group(mesh):
+    """The data-parallel process group of this rank: the mesh's ``"dp"`` dim (DDP's
+    ``process_group``; for FSDP2 pass ``mesh["dp"]`` to ``fully_shard``)."""
+    return _mesh_group(mesh, "dp", "dp_group")
+
+
+def shard_bounds(n: int, world: int, rank: int) -> Tuple[int, int]:
+    """``(start, stop)`` of rank ``rank``'s piece when ``n`` tokens are split over ``world`` ranks.
+
+    Balanced and contiguous, as ``torch.tensor_split(x, world)``: the first ``n % world`` ranks get
+    ``n // world + 1`` tokens, the others ``n // world`` (possibly 0: ``n < world`` is allowed).
+    """
+    _check_int("shard_bounds", "n", n, 0)
+    _check_int("shard_bounds", "world", world, 1)
+    _check_int("shard_bounds", "rank", rank, 0)
+    if rank >= world:
+        raise ValueError(f"lasp.distributed.shard_bounds: rank must be < world ({world}), got {rank}")
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def _group_size_rank(group, fn: str) -> Tuple[int, int]:
+    _check_initialized(fn)
+    if group == dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(f"lasp.distributed.{fn}: this process is not a member of group")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"lasp.distributed.{fn}: group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}"
+        )
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _norm_dim(x: torch.Tensor, dim, fn: str) -> int:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"lasp.distributed.{fn}: x must be a torch.Tensor, got {type(x).__name__}")
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"lasp.distributed.{fn}: dim must be an int, got {type(dim).__name__}")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(
+            f"lasp.distributed.{fn}: dim {dim} is out of range for a tensor of shape {tuple(x.shape)}"
+        )
+    return dim % x.dim()
+
+
+def split_sequence(x: torch.Tensor, group, dim: int = SEQ_DIM) -> torch.Tensor:
+    """This rank's contiguous piece of ``x`` along ``dim`` (see :func:`shard_bounds`), as a
+    contiguous copy (the full tensor can be freed). Differentiable. ``group=None``: ``x`` unchanged.
+
+    ``dim``: the token dim; 1 for ``(B, N, ...)`` tensors, 2 for ``lasp_attention``'s ``"bhnd"``.
+    """
+    if group is None:
+        return x
+    W, r = _group_size_rank(group, "split_sequence")
+    d = _norm_dim(x, dim, "split_sequence")
+    start, stop = shard_bounds(x.shape[d], W, r)
+    return x.narrow(d, start, stop - start).clone(memory_format=torch.contiguous_format)
+
+
+# dtypes the shape exchange can name (so ranks that disagree on dtype get a clear error)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
+           torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128)
+_MAX_DIMS = 12
+
+
+def _exchange_shapes(x: torch.Tensor, d: int, group, W: int) -> list:
+    """All-gather (dtype, ndim, dim, shape) of every rank's piece; every rank raises the same
+    ValueError when anything but the sequence length differs. Returns the lengths in rank order."""
+    if x.dim() > _MAX_DIMS:
+        raise ValueError(f"lasp.distributed.gather_sequence: x may have at most {_MAX_DIMS} dims, got {x.dim()}")
+    code = _DTYPES.index(x.dtype) if x.dtype in _DTYPES else -1
+    desc = [code, x.dim(), d] + list(x.shape) + [0] * (_MAX_DIMS - x.dim())
+    mine = torch.tensor(desc, dtype=torch.int64, device=x.device)
+    allv = torch.empty((W * len(desc),), dtype=torch.int64, device=x.device)
+    dist.all_gather_into_tensor(allv, mine, group=group)
+    rows = allv.view(W, len(desc)).tolist()
+    ref = rows[0]
+    for i, row in enumerate(rows):
+        same = row[:3] == ref[:3] and all(
+            a == b for j, (a, b) in enumerate(zip(row[3:], ref[3:])) if j != d
+        )
+        if not same:
+            def fmt(rw):
+                shape = tuple(rw[3:3 + rw[1]])
+                dt = _DTYPES[rw[0]] if 0 <= rw[0] < len(_DTYPES) else "other dtype"
+                return f"shape {shape} {dt} dim {rw[2]}"
+
+            raise ValueError(
+                "lasp.distributed.gather_sequence: the ranks' pieces (x_local) must agree on dtype, number of dims, "
+                f"dim and every size but the sequence length (group rank 0: {fmt(ref)}; group rank {i}: {fmt(row)})"
+            )
+    return [row[3 + d] for row in rows]
+
+
+def _all_gather_uneven(x: torch.Tensor, group, d: int, sizes: Sequence[int]) -> torch.Tensor:
+    W = len(sizes)
+    m = max(sizes)
+    xs = x.movedim(d, 0)
+    rest = tuple(xs.shape[1:])
+    full_shape = list(x.shape)
+    full_shape[d] = sum(sizes)
+    if m == 0:
+        return x.new_empty(full_shape)
+    if xs.shape[0] == m:
+        buf = xs.contiguous()
+    else:  # pad to the longest piece: one equal-size all-gather serves every backend
+        buf = xs.new_zeros((m,) + rest)
+        buf[: xs.shape[0]].copy_(xs)
+    out = xs.new_empty((W * m,) + rest)
+    dist.all_gather_into_tensor(out, buf, group=group)
+    if any(s != m for s in sizes):
+        out = torch.cat([out[i * m: i * m + s] for i, s in enumerate(sizes)], 0)
+    return out.movedim(0, d).contiguous()
+
+
+def _reduce_scatter_uneven(g: torch.Tensor, group, d: int, sizes: Sequence[int], rank: int) -> torch.Tensor:
+    W = len(sizes)
+    m = max(sizes)
+    gs = g.movedim(d, 0)
+    rest = tuple(gs.shape[1:])
+    if m == 0:
+        return g.narrow(d, 0, 0).contiguous()
+    if all(s == m for s in sizes):
+        buf = gs.contiguous()
+    else:
+        buf = gs.new_zeros((W * m,) + rest)
+        off = 0
+        for i, s in enumerate(sizes):
+            buf[i * m: i * m + s].copy_(gs[off: off + s])
+            off += s
+    out = gs.new_empty((m,) + rest)
+    try:
+        dist.reduce_scatter_tensor(out, buf, group=group)
+    except RuntimeError as e:  # backends without reduce-scatter: all-reduce and keep this rank's slice
+        if "not support" not in str(e).lower():
+            raise
+        dist.all_reduce(buf, group=group)
+        out = buf[rank * m: (rank + 1) * m]
+    return out[: sizes[rank]].movedim(0, d).contiguous()
+
+
+class _GatherSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, d, sizes, rank):
+        ctx.group, ctx.d, ctx.sizes, ctx.rank = group, d, sizes, rank
+        return _all_gather_uneven(x, group, d, sizes)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _reduce_scatter_uneven(g, ctx.group, ctx.d, ctx.sizes, ctx.rank), None, None, None, None
+
+
+def gather_sequence(x_local: torch.Tensor, group, dim: int = SEQ_DIM,
+                    sizes: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """The whole sequence from every rank's piece: the concatenation along ``dim`` of the group's
+    pieces in group-rank order (the inverse of :func:`split_sequence`). Pieces may differ in length
+    (also 0) but must agree on every other dim and on dtype. Differentiable: the backward is the
+    adjoint, i.e. each rank receives its slice of the sum over ranks of the output gradients
+    (a reduce-scatter), which is the gradient of the sum of the ranks' losses (the convention of
+    ``lasp.models``, where each rank's loss covers its own tokens).
+
+    Args:
+        x_local: this rank's piece.
+        group: the sequence-parallel process group; None returns ``x_local`` unchanged.
+        dim: the token dim; 1 for ``(B, N, ...)`` tensors, 2 for ``lasp_attention``'s ``"bhnd"``.
+        sizes: every rank's piece length in group-rank order, if known (e.g. from
+            :func:`shard_bounds`); None exchanges them with one small all-gather, which also checks
+            that the other dims agree (every rank raises the same ValueError) but costs a host
+            synchronisation on CUDA.
+    Works on any backend with all-gather and reduce-scatter or all-reduce (gloo, NCCL).
+    """
+    if group is None:
+        return x_local
+    W, r = _group_size_rank(group, "gather_sequence")
+    d = _norm_dim(x_local, dim, "gather_sequence")
+    if sizes is None:
+        sizes = _exchange_shapes(x_local, d, group, W) if W > 1 else [x_local.shape[d]]
+    else:
+        sizes = [int(s) for s in sizes]
+        if len(sizes) != W:
+            raise ValueError(
+                f"lasp.distributed.gather_sequence: sizes must have one entry per group rank ({W}), got {len(sizes)}"
+            )
+        if any(s < 0 for s in sizes):
+            raise ValueError(f"lasp.distributed.gather_sequence: sizes must be >= 0, got {sizes}")
+        if sizes[r] != x_local.shape[d]:
+            raise ValueError(
+                f"lasp.distributed.gather_sequence: sizes[{r}] ({sizes[r]}) is not this rank's piece length "
+                f"(x_local.shape[{d}] = {x_local.shape[d]})"
+            )
+    if W == 1:
+        return x_local
+    return _GatherSequence.apply(x_local, group, d, tuple(sizes), r)
+
+
+def allreduce_grads(parameters: Iterable[torch.Tensor], group) -> None:
+    """Sum the gradients of ``parameters`` over ``group`` in place, one flattened all-reduce per
+    dtype. For parameters replicated over the sp group: each rank's loss covers its own tokens, so
+    the sum over sp ranks is the whole sequence's gradient. Call it after ``backward`` and before
+    clipping / the optimizer step; DDP or FSDP2 on the dp group average over dp as usual.
+
+    Works on plain tensors (no wrapper or DDP) and on FSDP2's DTensor gradients (their local shards:
+    every sp rank of a dp shard holds the same shard, so summing the shards over sp is exact).
+    ``group=None`` or a group of one: nothing to do.
+    """
+    if group is None:
+        return
+    W, _ = _group_size_rank(group, "allreduce_grads")
+    if W == 1:
+        return
+    by_key = {}
+    for p in parameters:
+        if p.grad is None:
+            continue
+        g = p.grad
+        local = g.to_local() if hasattr(g, "to_local") else g
+        by_key.setdefault((local.dtype, local.device), []).append(local)
+    for tensors in by_key.values():
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, group=group)
+        off = 0
+        for t in tensors:
+            n = t.numel()
+            t.copy_(flat[off:off + n].view_as(t))
+            off += n
