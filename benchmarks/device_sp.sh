@@ -12,7 +12,7 @@ nvidia-smi topo -m > "$OUT/topo.txt" 2>&1
 NGPU=$(nvidia-smi -L | wc -l)
 source "$(dirname "$0")/device_env.sh"
 
-timeout 300 "$GTEST" --gtest_filter='Cuda*' > "$OUT/gtest_cuda.log" 2>&1; echo "gtest rc=$?"; tail -3 "$OUT/gtest_cuda.log"
+timeout 300 "$GTEST" --gtest_filter='*Cuda*' > "$OUT/gtest_cuda.log" 2>&1; echo "gtest rc=$?"; tail -3 "$OUT/gtest_cuda.log"
 timeout ${PYTEST_S:-240} python3 -m pytest -q tests/python/test_op.py tests/python/test_distributed.py -k "cuda or nccl" \
   -p no:cacheprovider -rs > "$OUT/pytest_gpu.log" 2>&1; echo "pytest rc=$?"; tail -3 "$OUT/pytest_gpu.log"
 timeout ${BENCH_S:-300} torchrun --standalone --nproc_per_node "$NGPU" benchmarks/bench_sp.py \

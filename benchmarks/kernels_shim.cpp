@@ -46,7 +46,7 @@ int lasp_shim_supports(const int64_t* dims) {
   return lasp::cuda::supports(make(dims, 1.0, ptrs, strides)) ? 1 : 0;
 }
 // ptrs: decay, q, k, v, o, dout, dq, dk, dv, state_in, state_out, grad_state_out, grad_state_in, workspace.
-// strides: 4 per tensor for q, k, v, o, dout, dq, dk, dv. which: 0 fwd, 1 bwd, 2 fwd_inter, 3 bwd_inter.
+// strides: 4 per tensor for q, k, v, o, dout, dq, dk, dv. which: 0 fwd, 1 bwd, 2 fwd_local, 3 bwd_local.
 int lasp_shim_call(int which, const int64_t* dims, double scale, void* const* ptrs, const int64_t* strides,
                    size_t ws_bytes, void* stream) {
   lasp::AttnParams p = make(dims, scale, ptrs, strides);
@@ -55,8 +55,8 @@ int lasp_shim_call(int which, const int64_t* dims, double scale, void* const* pt
   switch (which) {
     case 0: return (int)lasp::cuda::fwd(p, s);
     case 1: return (int)lasp::cuda::bwd(p, s);
-    case 2: return (int)lasp::cuda::fwd_inter(p, s);
-    case 3: return (int)lasp::cuda::bwd_inter(p, s);
+    case 2: return (int)lasp::cuda::fwd_local(p, s);
+    case 3: return (int)lasp::cuda::bwd_local(p, s);
   }
   return -1;
 }

@@ -113,8 +113,10 @@ Kernels empty_piece_kernels(const Tensor& q, int64_t D, int64_t E) {
       dst.copy_(at::from_blob(const_cast<void*>(in), shape, opts));
     }
   };
-  return Kernels{[pass](AttnParams& p) { pass(p.state_in, p.state_out); }, [](AttnParams&) {},
-                 [pass](AttnParams& p) { pass(p.grad_state_out, p.grad_state_in); }, [](AttnParams&) {}};
+  return Kernels{[pass](AttnParams& p) { pass(p.state_in, p.state_out); },
+                 [pass](AttnParams& p) { pass(nullptr, p.state_out); },
+                 [pass](AttnParams& p) { pass(p.grad_state_out, p.grad_state_in); },
+                 [pass](AttnParams& p) { pass(nullptr, p.grad_state_in); }, nullptr};
 }
 
 }  // namespace
@@ -224,31 +226,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels,
 
   const Ring ring(group_name);
   check_group_call(ring, q, k, v, decay.has_value(), strategy, 0);
-  if (ring.size() > 1 && strategy == Strategy::AllGather) {
-    // LASP-2: one all-gather of (L_j, gamma^n_j); each rank combines the prefix itself.
-    // The first rank folds the initial state into what it contributes (its S_out).
-    const int64_t H = q.size(1);
-    Tensor local = state_like(q, D, E);
-    Tensor init = ring.is_first() && initial_state.has_value() ? initial_state->clone(at::MemoryFormat::Contiguous)
-                                                                : Tensor();
-    p.state_in = ptr_or_null(init);
-    p.state_out = local.data_ptr();
-    kernels.fwd(p);
-    const Tensor a = decay_pow_h(decay_acc, N, H, local.options());
-    Tensor pack = at::cat({local.flatten(), a});
-    const auto all = ring.allgather(pack, "the all-gather of the local states");
-    const int64_t numel = local.numel();
-    Tensor s_in = at::zeros_like(local);
-    for (int j = 0; j < ring.rank(); ++j) {
-      s_in = at::addcmul(all[j].narrow(0, 0, numel).view_as(local), s_in, all[j].narrow(0, numel, H).view({1, -1, 1, 1}));
-    }
-    if (ring.is_first()) return {o, local, init.defined() ? init : s_in};
-    p.state_in = s_in.data_ptr();
-    kernels.fwd_inter(p);
-    return {o, at::addcmul(local, s_in, a.view({1, -1, 1, 1})), s_in};
-  }
-  if (ring.is_first()) {
-    // Alone, or the first piece: the incoming state is the user's initial state; one fused pass.
+  if (ring.size() == 1) {
+    // Alone: the incoming state is the user's initial state; one fused pass.
     // A copy, not a view: the op's outputs never alias its inputs (the saved state is an output).
     Tensor s_in = initial_state.has_value() ? initial_state->clone(at::MemoryFormat::Contiguous)
                                             : at::zeros_like(state_like(q, D, E));
@@ -256,23 +235,63 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels,
     p.state_in = initial_state.has_value() ? s_in.data_ptr() : nullptr;
     p.state_out = s_out.data_ptr();
     kernels.fwd(p);
-    if (ring.size() > 1) Ring::wait(ring.send_next(s_out, Ring::kForwardTag), "sending the state to the next rank");
     return {o, s_out, s_in};
   }
 
-  // Rank r > 0: post the receive, do everything that needs no incoming state, then finish.
+  // Several ranks (LASP.md, "Across ranks"): the local state L_r first (reads k and v only), then the
+  // incoming state S_in from the other ranks, then the main pass with S_in, as on one device.
+  // Ring: receive S_in, send gamma^n S_in + L_r on (one small update per hop). All-gather (LASP-2):
+  // one all-gather of (L_j, gamma^n_j); each rank combines its prefix itself.
+  const Tensor ws = kernels.workspace ? kernels.workspace(p, /*backward=*/false) : Tensor();
   Tensor s_in = state_like(q, D, E);
-  auto recv = ring.recv_prev(s_in, Ring::kForwardTag);
+  c10::intrusive_ptr<c10d::Work> recv;
+  if (strategy == Strategy::Ring && !ring.is_first()) recv = ring.recv_prev(s_in, Ring::kForwardTag);
   Tensor local = state_like(q, D, E);
   p.state_out = local.data_ptr();
-  kernels.fwd(p);  // o_local and L_r
-  const Tensor gamma_n = decay_pow(decay_acc, N);  // before the wait: the hop's critical path is one update
-  Ring::wait(recv, "receiving the state from the previous rank");
-  Tensor s_out = decayed_sum(s_in, gamma_n, local);  // gamma^n S_in + L_r
+  kernels.fwd_local(p);  // L_r
+  const Tensor gamma_n = decay_pow(decay_acc, N);  // before any wait: each hop's critical path is one update
+  Tensor s_out;
+  bool zero_in = false;  // S_in is exactly zero (first rank without an initial state)
+  if (strategy == Strategy::AllGather) {
+    const int64_t H = q.size(1);
+    // The first rank folds the initial state into what it contributes (its S_out).
+    if (ring.is_first() && initial_state.has_value()) local = decayed_sum(*initial_state, gamma_n, local);
+    Tensor pack = at::cat({local.flatten(), decay_pow_h(decay_acc, N, H, local.options())});
+    const auto all = ring.allgather(pack, "the all-gather of the local states");
+    const int64_t numel = local.numel();
+    s_in.zero_();
+    for (int j = 0; j < ring.rank(); ++j) {
+      s_in = at::addcmul(all[j].narrow(0, 0, numel).view_as(local), s_in,
+                         all[j].narrow(0, numel, H).view({1, -1, 1, 1}));
+    }
+    if (ring.is_first()) {
+      zero_in = !initial_state.has_value();
+      if (!zero_in) s_in.copy_(*initial_state);
+      s_out = local;  // gamma^n init + L_0, folded above
+    } else {
+      s_out = decayed_sum(s_in, gamma_n, local);
+    }
+  } else {
+    if (ring.is_first()) {
+      zero_in = !initial_state.has_value();
+      if (zero_in) {
+        s_in.zero_();
+        s_out = local;
+      } else {
+        s_in.copy_(*initial_state);
+        s_out = decayed_sum(s_in, gamma_n, local);
+      }
+    } else {
+      Ring::wait(recv, "receiving the state from the previous rank");
+      s_out = decayed_sum(s_in, gamma_n, local);  // gamma^n S_in + L_r
+    }
+  }
   c10::intrusive_ptr<c10d::Work> send;
-  if (!ring.is_last()) send = ring.send_next(s_out, Ring::kForwardTag);
-  p.state_in = s_in.data_ptr();
-  kernels.fwd_inter(p);  // o += scale gamma^(t+1) q S_in
+  if (strategy == Strategy::Ring && !ring.is_last()) send = ring.send_next(s_out, Ring::kForwardTag);
+  p.state_in = zero_in ? nullptr : s_in.data_ptr();
+  p.state_out = nullptr;
+  p.local_ready = true;
+  kernels.fwd(p);  // o, with the incoming state
   if (send) Ring::wait(send, "sending the state to the next rank");
   return {o, s_out, s_in};
 }
@@ -306,55 +325,61 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_
 
   const Ring ring(group_name);
   check_group_call(ring, q, k, v, decay.has_value(), strategy, 1);
-  if (ring.size() > 1 && strategy == Strategy::AllGather) {
-    // Mirror of the forward: X_j = gamma^n_j U_j + M_j (U_j: gradient of rank j's returned state) is
-    // all-gathered; rank r's G_r = U_r + sum over j > r of the decayed X_j (suffix combination).
-    const int64_t H = q.size(1);
-    Tensor x = state_like(q, D, E);
+  if (ring.size() == 1) {
+    // Alone: G is the gradient of the returned final state; one fused pass.
+    Tensor grad_init = state_like(q, D, E);
     p.grad_state_out = ptr_or_null(g_user);
-    p.grad_state_in = x.data_ptr();
-    kernels.bwd(p);  // dq, dk and dv with G = U_r, and X_r
-    const Tensor a = decay_pow_h(decay_acc, N, H, x.options());
-    Tensor pack = at::cat({x.flatten(), a});
-    const auto all = ring.allgather(pack, "the all-gather of the local state gradients");
-    const int64_t numel = x.numel();
-    Tensor d = at::zeros_like(x);
-    for (int j = ring.size() - 1; j > ring.rank(); --j) {
-      d = at::addcmul(all[j].narrow(0, 0, numel).view_as(x), d, all[j].narrow(0, numel, H).view({1, -1, 1, 1}));
-    }
-    if (!ring.is_last()) {
-      p.grad_state_out = d.data_ptr();
-      kernels.bwd_inter(p);  // the rest of G_r
-    }
-    Tensor grad_init = ring.is_first() ? at::addcmul(x, d, a.view({1, -1, 1, 1})) : at::zeros_like(x);
+    p.grad_state_in = grad_init.data_ptr();
+    kernels.bwd(p);
     return {dq, dk, dv, grad_init};
   }
+
+  // Several ranks, the mirror of the forward: the local M_r first (reads q and dout only), then G_r, the
+  // gradient w.r.t. this piece's outgoing state, from the later ranks, then the main pass with G_r.
+  // With U_r the gradient of the state this rank returned: G_r = U_r + (gradient arriving from rank r+1)
+  // and the gradient w.r.t. its incoming state is gamma^n G_r + M_r.
+  // Ring: receive from r+1, send gamma^n G_r + M_r to r-1. All-gather: X_j = gamma^n_j U_j + M_j of every
+  // rank; rank r's G_r = U_r + sum over j > r of the decayed X_j (suffix combination).
+  const Tensor ws = kernels.workspace ? kernels.workspace(p, /*backward=*/true) : Tensor();
+  Tensor g_next = state_like(q, D, E);  // gradient arriving from the later ranks
+  c10::intrusive_ptr<c10d::Work> recv;
+  if (strategy == Strategy::Ring && !ring.is_last()) recv = ring.recv_next(g_next, Ring::kBackwardTag);
+  Tensor m = state_like(q, D, E);
+  p.grad_state_in = m.data_ptr();
+  kernels.bwd_local(p);  // M_r
+  const Tensor gamma_n = decay_pow(decay_acc, N);  // before any wait, as in the forward
+  if (g_user.defined()) m = decayed_sum(g_user, gamma_n, m);  // gamma^n U_r + M_r
   Tensor g_prev;  // gradient w.r.t. this piece's incoming state
-  if (ring.is_last()) {
-    // Alone, or the last piece: G is the gradient of the returned final state; one fused pass.
-    g_prev = state_like(q, D, E);
-    p.grad_state_out = ptr_or_null(g_user);
-    p.grad_state_in = g_prev.data_ptr();
-    kernels.bwd(p);
-    if (ring.size() > 1) Ring::wait(ring.send_prev(g_prev, Ring::kBackwardTag), "sending the state gradient to the previous rank");
+  bool zero_next = false;  // nothing arrives from later ranks (the last rank)
+  if (strategy == Strategy::AllGather) {
+    const int64_t H = q.size(1);
+    Tensor pack = at::cat({m.flatten(), decay_pow_h(decay_acc, N, H, m.options())});
+    const auto all = ring.allgather(pack, "the all-gather of the local state gradients");
+    const int64_t numel = m.numel();
+    g_next.zero_();
+    for (int j = ring.size() - 1; j > ring.rank(); --j) {
+      g_next = at::addcmul(all[j].narrow(0, 0, numel).view_as(m), g_next,
+                           all[j].narrow(0, numel, H).view({1, -1, 1, 1}));
+    }
+    zero_next = ring.is_last();
+    g_prev = zero_next ? m : decayed_sum(g_next, gamma_n, m);
+  } else if (ring.is_last()) {
+    zero_next = true;
+    g_prev = m;
   } else {
-    // Post the receive of G from rank r+1, compute dq and the local dk, dv, M first.
-    Tensor g_next = state_like(q, D, E);
-    auto recv = ring.recv_next(g_next, Ring::kBackwardTag);
-    Tensor m = state_like(q, D, E);
-    p.grad_state_in = m.data_ptr();
-    kernels.bwd(p);
-    const Tensor gamma_n = decay_pow(decay_acc, N);  // before the wait, as in the forward
-    if (g_user.defined()) m = decayed_sum(g_user, gamma_n, m);  // gamma^n U + M, before the wait too
     Ring::wait(recv, "receiving the state gradient from the next rank");
     g_prev = decayed_sum(g_next, gamma_n, m);  // gamma^n (G_next + U) + M
-    c10::intrusive_ptr<c10d::Work> send;
-    if (!ring.is_first()) send = ring.send_prev(g_prev, Ring::kBackwardTag);
-    Tensor g = g_user.defined() ? g_next + g_user : g_next;  // off the hop's critical path
-    p.grad_state_out = g.data_ptr();
-    kernels.bwd_inter(p);  // dk, dv += gamma^(n-1-s) (v G^T, k G)
-    if (send) Ring::wait(send, "sending the state gradient to the previous rank");
   }
+  c10::intrusive_ptr<c10d::Work> send;
+  if (strategy == Strategy::Ring && !ring.is_first()) send = ring.send_prev(g_prev, Ring::kBackwardTag);
+  Tensor g;  // G_r = U_r + G_next, off the hops' critical path
+  if (!zero_next) g = g_user.defined() ? g_next + g_user : g_next;
+  else if (g_user.defined()) g = g_user;
+  p.grad_state_out = ptr_or_null(g);
+  p.grad_state_in = nullptr;
+  p.local_ready = true;
+  kernels.bwd(p);  // dq, dk, dv with G_r
+  if (send) Ring::wait(send, "sending the state gradient to the previous rank");
   // Only the first piece reads the user's initial state.
   Tensor grad_init = ring.is_first() ? g_prev : at::zeros_like(g_prev);
   return {dq, dk, dv, grad_init};

@@ -80,10 +80,10 @@ __global__ void state_local_kernel(Ctx<A> c, Tv<const T> x, Tv<const T> y, int D
 }
 
 // ---------------------------------------------------------------------------------------------
-// Phase 2, forward direction, in place: W[j] holds L_j on entry and S_in(j) on exit.
+// Phase 2, forward direction: W[j] holds L_j on entry and (in_place) S_in(j) on exit.
 // S_in(0) = state_in (or 0); S_in(j) = gamma^len(j-1) S_in(j-1) + L_(j-1); state_out = gamma^len(last) S_in(last) + L_last.
 template <typename A>
-__global__ void scan_fwd_kernel(Ctx<A> c, A* W, const A* state_in, A* state_out) {
+__global__ void scan_fwd_kernel(Ctx<A> c, A* W, const A* state_in, A* state_out, bool in_place) {
   const int DE = c.D * c.E;
   const int bh = blockIdx.x;
   const int i = blockIdx.y * blockDim.x + threadIdx.x;
@@ -94,17 +94,17 @@ __global__ void scan_fwd_kernel(Ctx<A> c, A* W, const A* state_in, A* state_out)
   for (int j = 0; j < c.nseg; ++j) {
     const int len = min(c.seglen, c.N - j * c.seglen);
     const A l = w[(size_t)j * DE];
-    w[(size_t)j * DE] = run;
+    if (in_place) w[(size_t)j * DE] = run;
     run = exp_acc(lg * A(len)) * run + l;
   }
   if (state_out) state_out[(size_t)bh * DE + i] = run;
 }
 
-// Phase 2, backward direction, in place: W[j] holds M_j on entry and G_j (gradient w.r.t. the state
+// Phase 2, backward direction: W[j] holds M_j on entry and (in_place) G_j (gradient w.r.t. the state
 // at the end of segment j) on exit. G_last = grad_state_out (or 0); G_j = gamma^len(j+1) G_(j+1) + M_(j+1);
 // grad_state_in = gamma^len(0) G_0 + M_0.
 template <typename A>
-__global__ void scan_bwd_kernel(Ctx<A> c, A* W, const A* grad_state_out, A* grad_state_in) {
+__global__ void scan_bwd_kernel(Ctx<A> c, A* W, const A* grad_state_out, A* grad_state_in, bool in_place) {
   const int DE = c.D * c.E;
   const int bh = blockIdx.x;
   const int i = blockIdx.y * blockDim.x + threadIdx.x;
@@ -115,7 +115,7 @@ __global__ void scan_bwd_kernel(Ctx<A> c, A* W, const A* grad_state_out, A* grad
   for (int j = c.nseg - 1; j >= 0; --j) {
     const int len = min(c.seglen, c.N - j * c.seglen);
     const A m = w[(size_t)j * DE];
-    w[(size_t)j * DE] = run;
+    if (in_place) w[(size_t)j * DE] = run;
     run = exp_acc(lg * A(len)) * run + m;
   }
   if (grad_state_in) grad_state_in[(size_t)bh * DE + i] = run;
@@ -384,75 +384,6 @@ __global__ void gqa_reduce_kernel(Ctx<A> c, const A* ws, Tv<T> out, int X) {
     A acc = 0;
     for (int g = 0; g < c.group; ++g) acc += ws[(((int64_t)b * c.H + kh * c.group + g) * c.N + n) * X + x];
     out.at(b, kh, n, x) = from_acc<T>(acc);
-  }
-}
-
-// fwd_inter: o[t] += scale * g^(t+1) q[t] S_in. Block: (token tile of 32, bh); S_in column tile in smem.
-template <typename T, typename A>
-__global__ void fwd_inter_kernel(Ctx<A> c, Tv<const T> q, Tv<T> o, const A* state_in, int tile) {
-  extern __shared__ unsigned char smem_raw[];
-  A* Ss = reinterpret_cast<A*>(smem_raw);  // D x tile
-  A* Qs = Ss + c.D * tile;                 // 32 x (D+1)
-  const int D = c.D, E = c.E, ld = D + 1;
-  const int bh = blockIdx.x, b = bh / c.H, h = bh % c.H;
-  const A lg = log_gamma(c, h);
-  for (int n0 = blockIdx.y * 32; n0 < c.N; n0 += gridDim.y * 32) {
-  const int len = min(32, c.N - n0);
-  __syncthreads();
-  load_tile<A>(Qs, ld, q, b, h, n0, len, 0, D);
-  for (int e0 = 0; e0 < E; e0 += tile) {
-    const int te = min(tile, E - e0);
-    __syncthreads();
-    for (int i = threadIdx.x; i < D * te; i += blockDim.x) {
-      const int d = i / te, e = i - d * te;
-      Ss[i] = state_in[(size_t)bh * D * E + (size_t)d * E + e0 + e];
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < len * te; i += blockDim.x) {
-      const int t = i / te, e = i - t * te;
-      A acc = 0;
-      for (int d = 0; d < D; ++d) acc += Qs[t * ld + d] * Ss[d * tile + e];
-      T& dst = o.at(b, h, n0 + t, e0 + e);
-      dst = from_acc<T>(to_acc<A>(dst) + c.scale * exp_acc(lg * A(n0 + t + 1)) * acc);
-    }
-  }
-  }
-}
-
-// bwd_inter: dk[s] += sum_h g_h^(N-1-s) v[s] G_h^T ; dv[s] += sum_h g_h^(N-1-s) k[s] G_h.
-// One thread per output element; G read through the cache (small).
-template <typename T, typename A>
-__global__ void bwd_inter_kernel(Ctx<A> c, Tv<const T> k, Tv<const T> v, Tv<T> dk, Tv<T> dv, const A* G) {
-  const int D = c.D, E = c.E;
-  const int64_t per = (int64_t)c.N * (D + E);
-  const int64_t total = (int64_t)c.B * c.Hkv * per;
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
-    int64_t r = i % per;
-    const int64_t bk = i / per;
-    const int kh = (int)(bk % c.Hkv), b = (int)(bk / c.Hkv);
-    const int n = (int)(r / (D + E));
-    const int x = (int)(r % (D + E));
-    A acc = 0;
-    for (int g = 0; g < c.group; ++g) {
-      const int h = kh * c.group + g;
-      const A w = exp_acc(log_gamma(c, h) * A(c.N - 1 - n));
-      const A* Gh = G + ((size_t)b * c.H + h) * D * E;
-      A a = 0;
-      if (x < D) {  // dk[n][x] += w * sum_e v[n][e] G[x][e]
-        for (int e = 0; e < E; ++e) a += to_acc<A>(v.at(b, kh, n, e)) * Gh[(size_t)x * E + e];
-      } else {      // dv[n][e] += w * sum_d k[n][d] G[d][e]
-        const int e = x - D;
-        for (int d = 0; d < D; ++d) a += to_acc<A>(k.at(b, kh, n, d)) * Gh[(size_t)d * E + e];
-      }
-      acc += w * a;
-    }
-    if (x < D) {
-      T& dst = dk.at(b, kh, n, x);
-      dst = from_acc<T>(to_acc<A>(dst) + acc);
-    } else {
-      T& dst = dv.at(b, kh, n, x - D);
-      dst = from_acc<T>(to_acc<A>(dst) + acc);
-    }
   }
 }
 

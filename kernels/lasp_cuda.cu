@@ -111,11 +111,9 @@ Plan plan_fwd(const AttnParams& p, int mode = -1) {
     tiles = (E + pl.t_main - 1) / pl.t_main;
   }
   split_segments(p, tiles, di.sms, pl.nseg, pl.seglen);
-  if (pl.nseg > 1) {
-    auto sm_loc = [&](int C, int t) { return C * (D + 1) + C * t + D * t + C + 1; };
-    if (!pick_tile(sm_loc, E, esz, di.smem_optin, pl.C_loc, pl.t_loc, pl.sm_loc)) return pl;
-    pl.ws_states = align256((size_t)p.B * p.H * pl.nseg * D * E * esz);
-  }
+  auto sm_loc = [&](int C, int t) { return C * (D + 1) + C * t + D * t + C + 1; };
+  if (!pick_tile(sm_loc, E, esz, di.smem_optin, pl.C_loc, pl.t_loc, pl.sm_loc)) return pl;
+  if (pl.nseg > 1) pl.ws_states = align256((size_t)p.B * p.H * pl.nseg * D * E * esz);
   pl.ok = true;
   return pl;
 }
@@ -137,14 +135,12 @@ Plan plan_bwd(const AttnParams& p, int mode = -1) {
     const int tiles = (D + pl.t_main - 1) / pl.t_main;
     split_segments(p, tiles, di.sms, pl.nseg, pl.seglen);
   }
-  if (pl.nseg > 1) {
-    auto sm_loc = [&](int C, int t) { return C * (D + 1) + C * t + D * t + C + 1; };
-    if (!pick_tile(sm_loc, E, esz, di.smem_optin, pl.C_loc, pl.t_loc, pl.sm_loc)) return pl;
-    pl.C_locq = pl.C_loc;
-    pl.t_locq = pl.t_loc;
-    pl.sm_locq = pl.sm_loc;
-    pl.ws_states = align256((size_t)p.B * p.H * pl.nseg * D * E * esz);
-  }
+  auto sm_loc = [&](int C, int t) { return C * (D + 1) + C * t + D * t + C + 1; };
+  if (!pick_tile(sm_loc, E, esz, di.smem_optin, pl.C_loc, pl.t_loc, pl.sm_loc)) return pl;
+  pl.C_locq = pl.C_loc;
+  pl.t_locq = pl.t_loc;
+  pl.sm_locq = pl.sm_loc;
+  if (pl.nseg > 1) pl.ws_states = align256((size_t)p.B * p.H * pl.nseg * D * E * esz);
   if (p.H != p.Hkv) pl.ws_gqa = align256((size_t)p.B * p.H * p.N * (D + E) * esz);
   pl.ok = true;
   return pl;
@@ -180,23 +176,52 @@ Ctx<A> make_ctx(const AttnParams& p, int nseg, int seglen) {
   return c;
 }
 
+// Phase 1: the local state of each of the c.nseg segments into ws ((B, H, nseg, D, E)); forward: L from
+// k, v (reverse = false); backward: M from q, dout (reverse = true). With one segment, ws may be the
+// (B, H, D, E) output itself.
+template <typename T, typename A>
+cudaError_t local_states(const AttnParams& p, const Plan& pl, const Ctx<A>& c, bool reverse, A* ws,
+                         cudaStream_t st) {
+  if (fast::local_supported(p, reverse)) {
+    return fast::state_local(p, reverse, c.nseg, c.seglen, reinterpret_cast<float*>(ws), st);
+  }
+  dim3 g((unsigned)(p.B * p.H), c.nseg, (unsigned)((p.E + pl.t_loc - 1) / pl.t_loc));
+  if (!reverse) {
+    auto kl = state_local_kernel<T, A, false>;
+    LASP_TRY(prepare(kl, pl.sm_loc));
+    kl<<<g, kThreads, pl.sm_loc, st>>>(c, make_tv<const T>(p.k), make_tv<const T>(p.v), c.D, c.E, pl.C_loc, pl.t_loc, ws);
+  } else {
+    auto kl = state_local_kernel<T, A, true>;
+    LASP_TRY(prepare(kl, pl.sm_locq));
+    kl<<<g, kThreads, pl.sm_locq, st>>>(c, make_tv<const T>(p.q), make_tv<const T>(p.dout), c.D, c.E, pl.C_locq,
+                                        pl.t_locq, ws);
+  }
+  LASP_LAUNCHED();
+  return cudaSuccess;
+}
+
+// Phase 2 over the segments' local states in ws. in_place: ws ends up holding each segment's incoming
+// state (forward) or outgoing-state gradient (backward); otherwise ws is only read (the combined
+// state alone is wanted: L with state_in = null, M with grad_state_out = null).
+template <typename A>
+cudaError_t combine_states(const AttnParams& p, const Ctx<A>& c, bool reverse, A* ws, const A* in, A* out,
+                           bool in_place, cudaStream_t st) {
+  dim3 gs((unsigned)(p.B * p.H), (unsigned)((p.D * p.E + 255) / 256));
+  if (!reverse) {
+    scan_fwd_kernel<A><<<gs, 256, 0, st>>>(c, ws, in, out, in_place);
+  } else {
+    scan_bwd_kernel<A><<<gs, 256, 0, st>>>(c, ws, in, out, in_place);
+  }
+  LASP_LAUNCHED();
+  return cudaSuccess;
+}
+
 // Phase 1 + 2 of the forward state recurrence (segment input states into ws), shared by fwd and bwd.
 template <typename T, typename A>
 cudaError_t segment_states_fwd(const AttnParams& p, const Plan& pl, const Ctx<A>& c, A* ws, A* state_out,
                                cudaStream_t st) {
-  if (fast::local_supported(p, false)) {
-    LASP_TRY(fast::state_local(p, false, pl.nseg, pl.seglen, reinterpret_cast<float*>(ws), st));
-  } else {
-    auto kl = state_local_kernel<T, A, false>;
-    LASP_TRY(prepare(kl, pl.sm_loc));
-    dim3 g((unsigned)(p.B * p.H), pl.nseg, (unsigned)((p.E + pl.t_loc - 1) / pl.t_loc));
-    kl<<<g, kThreads, pl.sm_loc, st>>>(c, make_tv<const T>(p.k), make_tv<const T>(p.v), c.D, c.E, pl.C_loc, pl.t_loc, ws);
-    LASP_LAUNCHED();
-  }
-  dim3 gs((unsigned)(p.B * p.H), (unsigned)((p.D * p.E + 255) / 256));
-  scan_fwd_kernel<A><<<gs, 256, 0, st>>>(c, ws, static_cast<const A*>(p.state_in), state_out);
-  LASP_LAUNCHED();
-  return cudaSuccess;
+  LASP_TRY((local_states<T, A>(p, pl, c, false, ws, st)));
+  return combine_states<A>(p, c, false, ws, static_cast<const A*>(p.state_in), state_out, true, st);
 }
 
 // N = 0: nothing to attend to; the state passes through (state_out = S_in, grad_state_in = G, or zeros).
@@ -214,7 +239,14 @@ cudaError_t run_fwd(const AttnParams& p, cudaStream_t st) {
   if (pl.ws_states > 0 && (p.workspace == nullptr || p.workspace_bytes < pl.ws_states)) return cudaErrorInvalidValue;
   const Ctx<A> c = make_ctx<A>(p, pl.nseg, pl.seglen);
   A* ws = static_cast<A*>(p.workspace);
-  if (pl.nseg > 1) LASP_TRY((segment_states_fwd<T, A>(p, pl, c, ws, static_cast<A*>(p.state_out), st)));
+  if (pl.nseg > 1) {
+    if (p.local_ready) {  // phase 1 ran in fwd_local with this workspace
+      LASP_TRY(combine_states<A>(p, c, false, ws, static_cast<const A*>(p.state_in), static_cast<A*>(p.state_out),
+                                 true, st));
+    } else {
+      LASP_TRY((segment_states_fwd<T, A>(p, pl, c, ws, static_cast<A*>(p.state_out), st)));
+    }
+  }
   if (pl.fast) return fast::fwd_main(p, pl.nseg, pl.seglen, reinterpret_cast<const float*>(ws), st);
   auto km = fwd_main_kernel<T, A>;
   LASP_TRY(prepare(km, pl.sm_main));
@@ -242,20 +274,11 @@ cudaError_t run_bwd(const AttnParams& p, cudaStream_t st) {
   const A* gso = static_cast<const A*>(p.grad_state_out);
   A* gsi = static_cast<A*>(p.grad_state_in);
   if (pl.nseg > 1) {
-    LASP_TRY((segment_states_fwd<T, A>(p, pl, c, wsS, nullptr, st)));
-    if (fast::local_supported(p, true)) {
-      LASP_TRY(fast::state_local(p, true, pl.nseg, pl.seglen, reinterpret_cast<float*>(wsG), st));
-    } else {
-      auto kl = state_local_kernel<T, A, true>;
-      LASP_TRY(prepare(kl, pl.sm_locq));
-      dim3 g((unsigned)(p.B * p.H), pl.nseg, (unsigned)((p.E + pl.t_locq - 1) / pl.t_locq));
-      kl<<<g, kThreads, pl.sm_locq, st>>>(c, make_tv<const T>(p.q), make_tv<const T>(p.dout), c.D, c.E, pl.C_locq,
-                                          pl.t_locq, wsG);
-      LASP_LAUNCHED();
+    if (!p.local_ready) {  // else bwd_local ran phase 1 (and the forward states) with this workspace
+      LASP_TRY((segment_states_fwd<T, A>(p, pl, c, wsS, nullptr, st)));
+      LASP_TRY((local_states<T, A>(p, pl, c, true, wsG, st)));
     }
-    dim3 gs((unsigned)(p.B * p.H), (unsigned)((p.D * p.E + 255) / 256));
-    scan_bwd_kernel<A><<<gs, 256, 0, st>>>(c, wsG, gso, gsi);
-    LASP_LAUNCHED();
+    LASP_TRY(combine_states<A>(p, c, true, wsG, gso, gsi, true, st));
   }
   const bool gqa = p.H != p.Hkv;
   if (pl.fast) {
@@ -309,39 +332,41 @@ cudaError_t run_bwd(const AttnParams& p, cudaStream_t st) {
   return cudaSuccess;
 }
 
+// fwd_local: state_out = L (the state with no incoming state); with several segments, phase 1 stays
+// in the workspace for the fwd call with local_ready that follows.
 template <typename T, typename A>
-cudaError_t run_fwd_inter(const AttnParams& p, cudaStream_t st) {
-  if (p.state_in == nullptr || p.N == 0) return cudaSuccess;  // S_in = 0 or no tokens: nothing to add
-  const DevInfo di = dev_info();
-  const size_t esz = acc_size(p);
-  const int D = (int)p.D;
-  int tile = 0;
-  size_t bytes = 0;
-  for (int t : {64, 32, 16, 8, 4, 2, 1}) {
-    tile = std::min<int>(t, (int)p.E);
-    bytes = ((size_t)D * tile + 32 * (D + 1)) * esz;
-    if (bytes <= di.smem_optin) break;
-  }
-  const Ctx<A> c = make_ctx<A>(p, 1, (int)p.N);
-  auto kf = fwd_inter_kernel<T, A>;
-  LASP_TRY(prepare(kf, bytes));
-  const int64_t tiles = (p.N + 31) / 32;
-  dim3 g((unsigned)(p.B * p.H), (unsigned)std::min<int64_t>(tiles, 65535));
-  kf<<<g, kThreads, bytes, st>>>(c, make_tv<const T>(p.q), make_tv<T>(p.o), static_cast<const A*>(p.state_in), tile);
-  LASP_LAUNCHED();
-  return cudaSuccess;
+cudaError_t run_fwd_local(const AttnParams& p, cudaStream_t st) {
+  if (p.N == 0) return pass_state(p, nullptr, p.state_out, st);
+  const Plan pl = plan_fwd(p);
+  if (!pl.ok) return cudaErrorInvalidValue;
+  if (pl.ws_states > 0 && (p.workspace == nullptr || p.workspace_bytes < pl.ws_states)) return cudaErrorInvalidValue;
+  const Ctx<A> c = make_ctx<A>(p, pl.nseg, pl.seglen);
+  A* out = static_cast<A*>(p.state_out);
+  if (pl.nseg == 1) return out ? local_states<T, A>(p, pl, c, false, out, st) : cudaSuccess;
+  A* ws = static_cast<A*>(p.workspace);
+  LASP_TRY((local_states<T, A>(p, pl, c, false, ws, st)));
+  return out ? combine_states<A>(p, c, false, ws, nullptr, out, false, st) : cudaSuccess;
 }
 
+// bwd_local: grad_state_in = M (the gradient with no outgoing-state gradient); with several segments,
+// phase 1 of both directions stays in the workspace for the bwd call with local_ready that follows.
 template <typename T, typename A>
-cudaError_t run_bwd_inter(const AttnParams& p, cudaStream_t st) {
-  if (p.grad_state_out == nullptr || p.N == 0) return cudaSuccess;  // G = 0 or no tokens: nothing to add
-  const Ctx<A> c = make_ctx<A>(p, 1, (int)p.N);
-  const int64_t total = p.B * p.Hkv * p.N * (p.D + p.E);
-  const int nb = (int)std::min<int64_t>((total + 255) / 256, 132 * 32);
-  bwd_inter_kernel<T, A><<<nb, 256, 0, st>>>(c, make_tv<const T>(p.k), make_tv<const T>(p.v), make_tv<T>(p.dk),
-                                             make_tv<T>(p.dv), static_cast<const A*>(p.grad_state_out));
-  LASP_LAUNCHED();
-  return cudaSuccess;
+cudaError_t run_bwd_local(const AttnParams& p, cudaStream_t st) {
+  if (p.N == 0) return pass_state(p, nullptr, p.grad_state_in, st);
+  const Plan pl = plan_bwd(p);
+  if (!pl.ok) return cudaErrorInvalidValue;
+  const size_t need = 2 * pl.ws_states + pl.ws_gqa;
+  if (need > 0 && (p.workspace == nullptr || p.workspace_bytes < need)) return cudaErrorInvalidValue;
+  const Ctx<A> c = make_ctx<A>(p, pl.nseg, pl.seglen);
+  A* out = static_cast<A*>(p.grad_state_in);
+  if (pl.nseg == 1) return out ? local_states<T, A>(p, pl, c, true, out, st) : cudaSuccess;
+  char* wsb = static_cast<char*>(p.workspace);
+  A* wsS = reinterpret_cast<A*>(wsb);
+  A* wsG = reinterpret_cast<A*>(wsb + pl.ws_states);
+  LASP_TRY((local_states<T, A>(p, pl, c, true, wsG, st)));
+  if (out) LASP_TRY(combine_states<A>(p, c, true, wsG, nullptr, out, false, st));
+  // The forward segment states need only S_in (known): computed here, off the ring's critical path.
+  return segment_states_fwd<T, A>(p, pl, c, wsS, nullptr, st);
 }
 
 template <template <typename, typename> class F>
@@ -358,8 +383,8 @@ cudaError_t dispatch(const AttnParams& p, cudaStream_t st) {
 
 template <typename T, typename A> struct FwdOp { static cudaError_t run(const AttnParams& p, cudaStream_t s) { return run_fwd<T, A>(p, s); } };
 template <typename T, typename A> struct BwdOp { static cudaError_t run(const AttnParams& p, cudaStream_t s) { return run_bwd<T, A>(p, s); } };
-template <typename T, typename A> struct FwdInterOp { static cudaError_t run(const AttnParams& p, cudaStream_t s) { return run_fwd_inter<T, A>(p, s); } };
-template <typename T, typename A> struct BwdInterOp { static cudaError_t run(const AttnParams& p, cudaStream_t s) { return run_bwd_inter<T, A>(p, s); } };
+template <typename T, typename A> struct FwdLocalOp { static cudaError_t run(const AttnParams& p, cudaStream_t s) { return run_fwd_local<T, A>(p, s); } };
+template <typename T, typename A> struct BwdLocalOp { static cudaError_t run(const AttnParams& p, cudaStream_t s) { return run_bwd_local<T, A>(p, s); } };
 
 }  // namespace
 
@@ -403,9 +428,9 @@ size_t bwd_workspace_bytes(const AttnParams& p) {
 }
 
 cudaError_t fwd(const AttnParams& p, cudaStream_t stream) { return dispatch<FwdOp>(p, stream); }
-cudaError_t fwd_inter(const AttnParams& p, cudaStream_t stream) { return dispatch<FwdInterOp>(p, stream); }
+cudaError_t fwd_local(const AttnParams& p, cudaStream_t stream) { return dispatch<FwdLocalOp>(p, stream); }
 cudaError_t bwd(const AttnParams& p, cudaStream_t stream) { return dispatch<BwdOp>(p, stream); }
-cudaError_t bwd_inter(const AttnParams& p, cudaStream_t stream) { return dispatch<BwdInterOp>(p, stream); }
+cudaError_t bwd_local(const AttnParams& p, cudaStream_t stream) { return dispatch<BwdLocalOp>(p, stream); }
 
 }  // namespace cuda
 }  // namespace lasp

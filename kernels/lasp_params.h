@@ -44,19 +44,24 @@ struct AttnParams {
   // Scratch memory for kernels that need it (see the *_workspace_bytes functions).
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
+
+  // Set on a fwd (bwd) that follows a fwd_local (bwd_local) of the same problem with the same
+  // workspace: the work those already did is reused (only state_in / grad_state_out may differ).
+  bool local_ready = false;
 };
 
 // The four building blocks every backend implements (LASP.md, "Across ranks"):
 //
 //  fwd:       o[t] = scale * (gamma^(t+1) q[t] S_in + sum_{s<=t} gamma^(t-s) (q[t].k[s]) v[s])
-//             state_out = gamma^N S_in + sum_s gamma^(N-1-s) k[s]^T v[s]
-//  fwd_inter: o[t] += scale * gamma^(t+1) q[t] S_in                       (in place on o)
+//             state_out = gamma^N S_in + L,  L = sum_s gamma^(N-1-s) k[s]^T v[s]
+//  fwd_local: state_out = L                 (o untouched; no incoming state needed)
 //  bwd:       dq[t] = scale * (gamma^(t+1) do[t] S_in^T + sum_{s<=t} gamma^(t-s) (do[t].v[s]) k[s])
 //             dk[s] = sum_h [ scale * sum_{t>=s} gamma^(t-s) (do[t].v[s]) q[t] + gamma^(N-1-s) v[s] G^T ]
 //             dv[s] = sum_h [ scale * sum_{t>=s} gamma^(t-s) (q[t].k[s]) do[t] + gamma^(N-1-s) k[s] G ]
-//             grad_state_in = gamma^N G + scale * sum_t gamma^(t+1) q[t]^T do[t]
-//  bwd_inter: dk[s] += sum_h gamma^(N-1-s) v[s] G^T ; dv[s] += sum_h gamma^(N-1-s) k[s] G   (in place)
+//             grad_state_in = gamma^N G + M,  M = scale * sum_t gamma^(t+1) q[t]^T do[t]
+//  bwd_local: grad_state_in = M             (dq, dk, dv untouched; no outgoing-state gradient needed)
 //
-// (sum_h runs over the query heads that read the kv head.)
-
+// (sum_h runs over the query heads that read the kv head.) The ring runs fwd_local, passes states,
+// then fwd with the incoming state (local_ready): the local pass is all that stands between a rank and
+// its outgoing state, and the main pass is the single-device one.
 }  // namespace lasp

@@ -137,26 +137,22 @@ void fwd_impl(const AttnParams& p) {
   });
 }
 
+// fwd_local: L = sum_s gamma^(N-1-s) k[s]^T v[s], the chunked state recurrence of fwd_impl from zero.
 template <typename scalar_t, typename acc_t>
-void fwd_inter_impl(const AttnParams& p) {
-  const int64_t D = p.D, E = p.E, N = p.N;
-  TORCH_CHECK(p.state_in != nullptr, "lasp: fwd_inter needs state_in");
+void fwd_local_impl(const AttnParams& p) {
+  const int64_t D = p.D, E = p.E, N = p.N, G = group_size(p);
   at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> q(D), o(E);
+    std::vector<acc_t> K(kChunk * D), V(kChunk * E);
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / p.H, h = bh % p.H;
+      const int64_t b = bh / p.H, h = bh % p.H, g = h / G;
       const Decay<acc_t> dec(p, h);
-      const acc_t* S = static_cast<const acc_t*>(p.state_in) + bh * D * E;
-      const acc_t scale = static_cast<acc_t>(p.scale);
-      for (int64_t t = 0; t < N; ++t) {
-        load_rows<scalar_t>(p.q, b, h, t, 1, D, q.data());
-        load_rows<scalar_t>(p.o, b, h, t, 1, E, o.data());
-        const acc_t w = scale * dec.pow(t + 1);
-        for (int64_t i = 0; i < D; ++i) {
-          const acc_t qi = q[i] * w;
-          for (int64_t j = 0; j < E; ++j) o[j] += qi * S[i * E + j];
-        }
-        store_rows<scalar_t>(p.o, b, h, t, 1, E, o.data());
+      acc_t* S = static_cast<acc_t*>(p.state_out) + bh * D * E;
+      std::fill(S, S + D * E, acc_t(0));
+      for (int64_t c0 = 0; c0 < N; c0 += kChunk) {
+        const int64_t L = std::min(kChunk, N - c0);
+        load_rows<scalar_t>(p.k, b, g, c0, L, D, K.data());
+        load_rows<scalar_t>(p.v, b, g, c0, L, E, V.data());
+        advance_state(dec, K.data(), V.data(), L, D, E, S);
       }
     }
   });
@@ -277,32 +273,32 @@ void bwd_dkdv_impl(const AttnParams& p) {
   });
 }
 
+// bwd_local: M = scale * sum_t gamma^(t+1) q[t]^T do[t], per query head.
 template <typename scalar_t, typename acc_t>
-void bwd_inter_impl(const AttnParams& p) {
-  const int64_t D = p.D, E = p.E, N = p.N, G = group_size(p);
-  TORCH_CHECK(p.grad_state_out != nullptr, "lasp: bwd_inter needs grad_state_out");
-  at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> k(D), v(E), dk(D), dv(E);
-    for (int64_t bg = begin; bg < end; ++bg) {
-      const int64_t b = bg / p.Hkv, g = bg % p.Hkv;
-      for (int64_t s = 0; s < N; ++s) {
-        load_rows<scalar_t>(p.k, b, g, s, 1, D, k.data());
-        load_rows<scalar_t>(p.v, b, g, s, 1, E, v.data());
-        load_rows<scalar_t>(p.dk, b, g, s, 1, D, dk.data());
-        load_rows<scalar_t>(p.dv, b, g, s, 1, E, dv.data());
-        for (int64_t r = 0; r < G; ++r) {
-          const int64_t h = g * G + r;
-          const Decay<acc_t> dec(p, h);
-          const acc_t w = dec.pow(N - 1 - s);
-          const acc_t* Gh = static_cast<const acc_t*>(p.grad_state_out) + (b * p.H + h) * D * E;
-          for (int64_t i = 0; i < D; ++i) dk[i] += w * dot(v.data(), &Gh[i * E], E);
+void bwd_local_impl(const AttnParams& p) {
+  const int64_t D = p.D, E = p.E, N = p.N;
+  at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> Q(kChunk * D), dO(kChunk * E);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / p.H, h = bh % p.H;
+      const Decay<acc_t> dec(p, h);
+      const acc_t scale = static_cast<acc_t>(p.scale);
+      acc_t* M = static_cast<acc_t*>(p.grad_state_in) + bh * D * E;
+      std::fill(M, M + D * E, acc_t(0));
+      for (int64_t c0 = 0; c0 < N; c0 += kChunk) {
+        const int64_t L = std::min(kChunk, N - c0);
+        load_rows<scalar_t>(p.q, b, h, c0, L, D, Q.data());
+        load_rows<scalar_t>(p.dout, b, h, c0, L, E, dO.data());
+        const acc_t wc = scale * dec.pow(c0);
+        for (int64_t t = 0; t < L; ++t) {
+          const acc_t w = wc * dec.pw[t + 1];
           for (int64_t i = 0; i < D; ++i) {
-            const acc_t ki = w * k[i];
-            for (int64_t j = 0; j < E; ++j) dv[j] += ki * Gh[i * E + j];
+            const acc_t qi = Q[t * D + i] * w;
+            acc_t* mrow = &M[i * E];
+            const acc_t* dot_row = &dO[t * E];
+            for (int64_t j = 0; j < E; ++j) mrow[j] += qi * dot_row[j];
           }
         }
-        store_rows<scalar_t>(p.dk, b, g, s, 1, D, dk.data());
-        store_rows<scalar_t>(p.dv, b, g, s, 1, E, dv.data());
       }
     }
   });
@@ -320,22 +316,23 @@ void dispatch(const AttnParams& p) {
 }
 
 template <typename S, typename A> struct FwdOp { static void run(const AttnParams& p) { fwd_impl<S, A>(p); } };
-template <typename S, typename A> struct FwdInterOp { static void run(const AttnParams& p) { fwd_inter_impl<S, A>(p); } };
+template <typename S, typename A> struct FwdLocalOp { static void run(const AttnParams& p) { fwd_local_impl<S, A>(p); } };
 template <typename S, typename A> struct BwdOp {
   static void run(const AttnParams& p) {
     bwd_dq_impl<S, A>(p);
     bwd_dkdv_impl<S, A>(p);
   }
 };
-template <typename S, typename A> struct BwdInterOp { static void run(const AttnParams& p) { bwd_inter_impl<S, A>(p); } };
+template <typename S, typename A> struct BwdLocalOp { static void run(const AttnParams& p) { bwd_local_impl<S, A>(p); } };
 
 }  // namespace
 
-// fwd and bwd run for N == 0 too: they still write state_out = S_in and grad_state_in = G.
+// fwd and bwd run for N == 0 too: they still write state_out = S_in and grad_state_in = G (the local
+// ones write zeros). local_ready changes nothing here: fwd and bwd are one fused pass each.
 void fwd(const AttnParams& p) { dispatch<FwdOp>(p); }
-void fwd_inter(const AttnParams& p) { if (p.N > 0) dispatch<FwdInterOp>(p); }
+void fwd_local(const AttnParams& p) { if (p.state_out) dispatch<FwdLocalOp>(p); }
 void bwd(const AttnParams& p) { dispatch<BwdOp>(p); }
-void bwd_inter(const AttnParams& p) { if (p.N > 0) dispatch<BwdInterOp>(p); }
+void bwd_local(const AttnParams& p) { if (p.grad_state_in) dispatch<BwdLocalOp>(p); }
 
 }  // namespace cpu
 }  // namespace lasp

@@ -7,9 +7,9 @@ namespace lasp {
 namespace cpu {
 
 void fwd(const AttnParams& p);
-void fwd_inter(const AttnParams& p);
+void fwd_local(const AttnParams& p);
 void bwd(const AttnParams& p);
-void bwd_inter(const AttnParams& p);
+void bwd_local(const AttnParams& p);
 
 }  // namespace cpu
 }  // namespace lasp

@@ -25,28 +25,34 @@ const char* dtype_name(ScalarType t) {
   return "?";
 }
 
+// Scratch memory of ws(p) bytes on the current device (none when 0), pointed to by p.workspace.
+at::Tensor alloc_workspace(Workspace ws, AttnParams& p) {
+  const size_t bytes = ws(p);
+  if (bytes == 0) return at::Tensor();
+  at::Tensor t = at::empty({static_cast<int64_t>(bytes)},
+                           at::TensorOptions().dtype(at::kByte).device(at::kCUDA, c10::cuda::current_device()));
+  p.workspace = t.data_ptr();
+  p.workspace_bytes = bytes;
+  return t;
+}
+
 void launch(Launch fn, Workspace ws, AttnParams& p) {
   TORCH_CHECK_VALUE(cuda::supports(p), "lasp_attention: the CUDA kernels do not support ", dtype_name(p.dtype),
                     " inputs with head dims D=", p.D, ", E=", p.E, " (supported: float32, float16, bfloat16; D, E <= 256)");
   at::Tensor workspace;  // freed at scope end: the caching allocator orders its reuse after this stream's work
-  if (ws != nullptr) {
-    const size_t bytes = ws(p);
-    if (bytes > 0) {
-      workspace = at::empty({static_cast<int64_t>(bytes)},
-                            at::TensorOptions().dtype(at::kByte).device(at::kCUDA, c10::cuda::current_device()));
-      p.workspace = workspace.data_ptr();
-      p.workspace_bytes = bytes;
-    }
-  }
+  if (p.workspace == nullptr) workspace = alloc_workspace(ws, p);  // else the caller's (shared by a pair)
   C10_CUDA_CHECK(fn(p, at::cuda::getCurrentCUDAStream()));
 }
 
 const Kernels& cuda_kernels() {
   static const Kernels k{
       [](AttnParams& p) { launch(cuda::fwd, cuda::fwd_workspace_bytes, p); },
-      [](AttnParams& p) { launch(cuda::fwd_inter, nullptr, p); },
+      [](AttnParams& p) { launch(cuda::fwd_local, cuda::fwd_workspace_bytes, p); },
       [](AttnParams& p) { launch(cuda::bwd, cuda::bwd_workspace_bytes, p); },
-      [](AttnParams& p) { launch(cuda::bwd_inter, nullptr, p); },
+      [](AttnParams& p) { launch(cuda::bwd_local, cuda::bwd_workspace_bytes, p); },
+      [](AttnParams& p, bool backward) {
+        return alloc_workspace(backward ? cuda::bwd_workspace_bytes : cuda::fwd_workspace_bytes, p);
+      },
   };
   return k;
 }

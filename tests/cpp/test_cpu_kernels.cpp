@@ -167,8 +167,10 @@ TEST_P(CpuKernels, FusedForwardAndBackwardMatchDirectSums) {
   EXPECT_LT(rel_err(ds, rds), 1e-12);
 }
 
-// The LASP split: local pass with no incoming state, then the inter terms, equals the fused pass.
-TEST_P(CpuKernels, LocalPlusInterEqualsFused) {
+// The LASP split: the local states L and M (no incoming state, no outgoing gradient), then the main
+// passes with S_in and G (local_ready), give the fused results; S_out = gamma^N S_in + L and
+// dS_in = gamma^N G + M.
+TEST_P(CpuKernels, LocalThenMainEqualsFused) {
   const auto [N, with_decay, hkv] = GetParam();
   Problem pr(N, with_decay, 99u + static_cast<unsigned>(N), hkv);
   AttnParams p = params_for(pr);
@@ -178,14 +180,19 @@ TEST_P(CpuKernels, LocalPlusInterEqualsFused) {
   p.dq = dense(dq.data(), pr.H, N, pr.D);
   p.dk = dense(dk.data(), pr.Hkv, N, pr.D);
   p.dv = dense(dv.data(), pr.Hkv, N, pr.E);
+  p.state_in = nullptr;
   p.state_out = local.data();
-  lasp::cpu::fwd(p);  // o_local, L
+  lasp::cpu::fwd_local(p);  // L
   p.state_in = pr.s_in.data();
-  lasp::cpu::fwd_inter(p);
+  p.state_out = nullptr;
+  p.local_ready = true;
+  lasp::cpu::fwd(p);  // o with S_in
+  p.grad_state_out = nullptr;
   p.grad_state_in = m.data();
-  lasp::cpu::bwd(p);  // dq (with S_in), local dk, dv, M
+  lasp::cpu::bwd_local(p);  // M
   p.grad_state_out = pr.g.data();
-  lasp::cpu::bwd_inter(p);
+  p.grad_state_in = nullptr;
+  lasp::cpu::bwd(p);  // dq, dk, dv with S_in and G
 
   std::vector<double> ro, rs, rdq, rdk, rdv, rds;
   reference(pr, p.scale, ro, rs, rdq, rdk, rdv, rds);

@@ -266,9 +266,11 @@ uint64_t fresh_seed() {
 }
 
 // Run fwd and bwd of one case on the device and compare every output with the float64 reference.
-void run_case(const Case& cs) {
+// split: the ring's order instead, fwd_local then fwd with local_ready (bwd_local then bwd), sharing a
+// poisoned workspace; L and M are checked too.
+void run_case(const Case& cs, bool split) {
   const uint64_t seed = fresh_seed();
-  SCOPED_TRACE(cs.str() + " seed=" + std::to_string(seed));
+  SCOPED_TRACE(cs.str() + (split ? " split" : "") + " seed=" + std::to_string(seed));
   std::mt19937_64 rng(seed);
   const int B = cs.B, H = cs.H, Hkv = cs.Hkv, N = cs.N, D = cs.D, E = cs.E, grp = H / Hkv;
   const bool dbl = cs.dt == ScalarType::Float64;
@@ -327,6 +329,10 @@ void run_case(const Case& cs) {
   p.grad_state_in = cs.want_grad_in ? gin.dev.p : nullptr;
   ASSERT_TRUE(lasp::cuda::supports(p));
 
+  State loc(SN, dbl), locm(SN, dbl);  // split: L and M
+  loc.poison();
+  locm.poison();
+
   // ---- device ----
   {
     const size_t wb = lasp::cuda::fwd_workspace_bytes(p);
@@ -337,8 +343,16 @@ void run_case(const Case& cs) {
     }
     p.workspace = ws.p;
     p.workspace_bytes = wb;
+    if (split) {
+      AttnParams pl = p;
+      pl.state_in = nullptr;
+      pl.state_out = loc.dev.p;
+      CK(lasp::cuda::fwd_local(pl, 0));
+      p.local_ready = true;
+    }
     CK(lasp::cuda::fwd(p, 0));
     CK(cudaDeviceSynchronize());
+    p.local_ready = false;
   }
   {
     const size_t wb = lasp::cuda::bwd_workspace_bytes(p);
@@ -349,8 +363,16 @@ void run_case(const Case& cs) {
     }
     p.workspace = ws.p;
     p.workspace_bytes = wb;
+    if (split) {
+      AttnParams pl = p;
+      pl.grad_state_out = nullptr;
+      pl.grad_state_in = locm.dev.p;
+      CK(lasp::cuda::bwd_local(pl, 0));
+      p.local_ready = true;
+    }
     CK(lasp::cuda::bwd(p, 0));
     CK(cudaDeviceSynchronize());
+    p.local_ready = false;
   }
   const std::vector<double> o_d = o.download(), dq_d = dq.download(), dk_d = dk.download(), dv_d = dv.download();
 
@@ -420,80 +442,19 @@ void run_case(const Case& cs) {
   EXPECT_LT(rel_err(dv_d, dv_r), tol) << "dv";
   if (cs.want_state_out) EXPECT_LT(rel_err(sout.download(), sout_r), tol_state) << "state_out";
   if (cs.want_grad_in) EXPECT_LT(rel_err(gin.download(), gin_r), tol_state) << "grad_state_in";
-}
-
-// fwd_inter and bwd_inter: in-place accumulation.
-void run_inter_case(const Case& cs) {
-  const uint64_t seed = fresh_seed();
-  SCOPED_TRACE(cs.str() + " seed=" + std::to_string(seed));
-  std::mt19937_64 rng(seed);
-  const int B = cs.B, H = cs.H, Hkv = cs.Hkv, N = cs.N, D = cs.D, E = cs.E, grp = H / Hkv;
-  const bool dbl = cs.dt == ScalarType::Float64;
-  const double scale = 0.7;
-  Tensor q(B, H, N, D, cs.layout, cs.dt), k(B, Hkv, N, D, cs.layout, cs.dt), v(B, Hkv, N, E, cs.layout, cs.dt);
-  Tensor o(B, H, N, E, cs.layout, cs.dt), dk(B, Hkv, N, D, cs.layout, cs.dt), dv(B, Hkv, N, E, cs.layout, cs.dt);
-  for (Tensor* t : {&q, &k, &v, &o, &dk, &dv}) {
-    t->randomize(rng, 1.0);
-    t->upload();
+  if (split) {  // L = S_out - gamma^N S_in and M = dS_in - gamma^N G, from the reference
+    std::vector<double> l_r(SN), m_r(SN);
+    for (int b = 0; b < B; ++b)
+      for (int h = 0; h < H; ++h)
+        for (int i = 0; i < D * E; ++i) {
+          const size_t x = ((size_t)b * H + h) * D * E + i;
+          const double gn = std::exp(-lam[h] * N);
+          l_r[x] = sout_r[x] - (cs.with_state_in ? gn * sin.h[x] : 0.0);
+          m_r[x] = gin_r[x] - (cs.with_grad_out ? gn * gout.h[x] : 0.0);
+        }
+    EXPECT_LT(rel_err(loc.download(), l_r), tol_state) << "L (fwd_local)";
+    EXPECT_LT(rel_err(locm.download(), m_r), tol_state) << "M (bwd_local)";
   }
-  const size_t SN = (size_t)B * H * D * E;
-  State sin(SN, dbl), gout(SN, dbl);
-  sin.randomize(rng, 1.0);
-  gout.randomize(rng, 1.0);
-  std::vector<double> lam(H, 0.0);
-  DevBuf ddecay(H * (dbl ? 8 : 4));
-  if (cs.decay) {
-    std::uniform_real_distribution<double> U(0.0, 0.3);
-    for (int h = 0; h < H; ++h) lam[h] = dbl ? U(rng) : (double)(float)U(rng);
-    if (dbl) {
-      cudaMemcpy(ddecay.p, lam.data(), H * 8, cudaMemcpyHostToDevice);
-    } else {
-      std::vector<float> f(lam.begin(), lam.end());
-      cudaMemcpy(ddecay.p, f.data(), H * 4, cudaMemcpyHostToDevice);
-    }
-  }
-  AttnParams p;
-  p.dtype = cs.dt;
-  p.B = B; p.H = H; p.Hkv = Hkv; p.N = N; p.D = D; p.E = E;
-  p.scale = scale;
-  p.decay = cs.decay ? ddecay.p : nullptr;
-  p.q = q.view(); p.k = k.view(); p.v = v.view(); p.o = o.view(); p.dk = dk.view(); p.dv = dv.view();
-  p.state_in = sin.dev.p;
-  p.grad_state_out = gout.dev.p;
-  ASSERT_TRUE(lasp::cuda::supports(p));
-  CK(lasp::cuda::fwd_inter(p, 0));
-  CK(lasp::cuda::bwd_inter(p, 0));
-  CK(cudaDeviceSynchronize());
-  std::vector<double> o_r = o.h, dk_r = dk.h, dv_r = dv.h;
-  for (int b = 0; b < B; ++b)
-    for (int h = 0; h < H; ++h) {
-      const int kh = h / grp;
-      const double* Sh = &sin.h[((size_t)b * H + h) * D * E];
-      const double* Gh = &gout.h[((size_t)b * H + h) * D * E];
-      for (int t = 0; t < N; ++t) {
-        const double w = scale * std::exp(-lam[h] * (t + 1));
-        for (int e = 0; e < E; ++e) {
-          double a = 0;
-          for (int d = 0; d < D; ++d) a += q.h[q.li(b, h, t, d)] * Sh[d * E + e];
-          o_r[o.li(b, h, t, e)] += w * a;
-        }
-        const double w2 = std::exp(-lam[h] * (N - 1 - t));
-        for (int d = 0; d < D; ++d) {
-          double a = 0;
-          for (int e = 0; e < E; ++e) a += v.h[v.li(b, kh, t, e)] * Gh[d * E + e];
-          dk_r[dk.li(b, kh, t, d)] += w2 * a;
-        }
-        for (int e = 0; e < E; ++e) {
-          double a = 0;
-          for (int d = 0; d < D; ++d) a += k.h[k.li(b, kh, t, d)] * Gh[d * E + e];
-          dv_r[dv.li(b, kh, t, e)] += w2 * a;
-        }
-      }
-    }
-  const double tol = tol_for(cs.dt);
-  EXPECT_LT(rel_err(o.download(), o_r), tol) << "o (fwd_inter)";
-  EXPECT_LT(rel_err(dk.download(), dk_r), tol) << "dk (bwd_inter)";
-  EXPECT_LT(rel_err(dv.download(), dv_r), tol) << "dv (bwd_inter)";
 }
 
 const ScalarType kAllTypes[] = {ScalarType::Float32, ScalarType::Float16, ScalarType::BFloat16, ScalarType::Float64};
@@ -542,20 +503,18 @@ class CudaKernels : public ::testing::TestWithParam<ScalarType> {};
 TEST_P(CudaKernels, FwdBwdMatchFloat64Reference) {
   SKIP_WITHOUT_DEVICE();
   for (const Case& c : cases_for(GetParam())) {
-    run_case(c);
+    run_case(c, /*split=*/false);
     if (::testing::Test::HasFatalFailure()) return;
   }
 }
 
-TEST_P(CudaKernels, InterTermsMatchFloat64Reference) {
+// The ring's order: fwd_local / bwd_local, then the main passes with the incoming state and gradient.
+TEST_P(CudaKernels, LocalThenMainMatchFloat64Reference) {
   SKIP_WITHOUT_DEVICE();
-  const ScalarType dt = GetParam();
-  const Case cs[] = {
-      {dt, 2, 4, 2, 100, 64, 64, true, kBNHX, true, true, false, false},
-      {dt, 1, 2, 2, 65, 128, 128, false, kBHNX, true, true, false, false},
-      {dt, 1, 4, 1, 33, 32, 48, true, kStridedLast, true, true, false, false},
-  };
-  for (const Case& c : cs) run_inter_case(c);
+  for (const Case& c : cases_for(GetParam())) {
+    run_case(c, /*split=*/true);
+    if (::testing::Test::HasFatalFailure()) return;
+  }
 }
 
 TEST(CudaKernelsApi, SupportsRejectsWhatItCannotDo) {
@@ -598,12 +557,17 @@ TEST(CudaKernelsApi, EmptySequencePassesTheStateThrough) {
     EXPECT_EQ(lasp::cuda::fwd_workspace_bytes(p), 0u);
     CK(lasp::cuda::fwd(p, 0));
     CK(lasp::cuda::bwd(p, 0));
-    CK(lasp::cuda::fwd_inter(p, 0));
-    CK(lasp::cuda::bwd_inter(p, 0));
     CK(cudaDeviceSynchronize());
     const std::vector<double> zeros(SN, 0.0);
     EXPECT_EQ(rel_err(sout.download(), with_in ? sin.h : zeros), 0.0) << "state_out";
     EXPECT_EQ(rel_err(gin.download(), with_in ? gout.h : zeros), 0.0) << "grad_state_in";
+    sout.poison();
+    gin.poison();
+    CK(lasp::cuda::fwd_local(p, 0));  // L = M = 0 without tokens
+    CK(lasp::cuda::bwd_local(p, 0));
+    CK(cudaDeviceSynchronize());
+    EXPECT_EQ(rel_err(sout.download(), zeros), 0.0) << "state_out (fwd_local)";
+    EXPECT_EQ(rel_err(gin.download(), zeros), 0.0) << "grad_state_in (bwd_local)";
   }
 }
 
