@@ -73,6 +73,8 @@ def make_method(lasp, name, group):
 
 
 def git_commit():
+    if os.environ.get("LASP_COMMIT"):  # set by the device scripts: the copy there may carry a stale .git
+        return os.environ["LASP_COMMIT"]
     try:
         c = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                            timeout=10).stdout.strip()
@@ -159,6 +161,46 @@ def check_methods(lasp, groups, methods, args, device, dtype, rank):
     return results
 
 
+def comm_floor(groups, args, device, rank):
+    """The state exchange of one forward+backward with no attention compute: the ring's two chains (each
+    rank receives, adds, sends on) and the all-gather strategy's two all-gathers of (state, gamma^n)."""
+    B, H, D = args.batch, args.heads, args.dim
+    out = []
+    for W, group in groups.items():
+        if W == 1:
+            continue
+        if rank < W:
+            s = torch.randn(B, H, D, D, device=device)
+            r_in = torch.empty_like(s)
+            pack = torch.cat([s.flatten(), torch.ones(H, device=device)])
+            gathered = [torch.empty_like(pack) for _ in range(W)]
+            timer = Timer(device, group)
+            ranks = dist.get_process_group_ranks(group)
+
+            def chain(forward):
+                src = rank - 1 if forward else rank + 1
+                dst = rank + 1 if forward else rank - 1
+                x = s
+                if 0 <= src < W:
+                    dist.recv(r_in, ranks[src], group=group)
+                    x = r_in + s
+                if 0 <= dst < W:
+                    dist.send(x, ranks[dst], group=group)
+
+            def ring():
+                chain(True)
+                chain(False)
+
+            def allgather():
+                for _ in range(2):
+                    dist.all_gather(gathered, pack, group=group)
+
+            out.append({"W": W, "state_MiB": s.numel() * 4 / 2**20, "ring_ms": timer(ring, args.warmup, args.reps),
+                        "allgather_ms": timer(allgather, args.warmup, args.reps)})
+        dist.barrier()
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -227,6 +269,12 @@ def main(argv=None):
     if bad:
         raise SystemExit(f"bench_sp: methods disagree with the single-device op: {bad}")
 
+    comm = comm_floor(groups, args, device, rank)
+    if rank == 0:
+        for c in comm:
+            print(f"# state exchange alone, W={c['W']}: ring forward+backward chains {c['ring_ms']:.3f} ms, "
+                  f"two all-gathers {c['allgather_ms']:.3f} ms (state {c['state_MiB']:.2f} MiB)", flush=True)
+
     decay = alibi_decay(H, device)
     scale = 1.0 / math.sqrt(D)
     configs = [("weak", int(n), W) for n in args.weak.split(",") if n for W in worlds]
@@ -270,7 +318,7 @@ def main(argv=None):
     if rank == 0:
         summary = summarize(rows)
         print_table(rows, summary, info)
-        out = {"info": info, "checks": checks, "rows": rows, "summary": summary}
+        out = {"info": info, "checks": checks, "comm_floor": comm, "rows": rows, "summary": summary}
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(out, f, indent=1)

@@ -11,6 +11,7 @@ nvidia-smi -L | tee "$OUT/gpus.txt"
 nvidia-smi topo -m > "$OUT/topo.txt" 2>&1
 NGPU=$(nvidia-smi -L | wc -l)
 source "$(dirname "$0")/device_env.sh"
+export LASP_COMMIT=${LASP_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
 
 timeout 300 "$GTEST" --gtest_filter='*Cuda*' > "$OUT/gtest_cuda.log" 2>&1; echo "gtest rc=$?"; tail -3 "$OUT/gtest_cuda.log"
 timeout ${PYTEST_S:-240} python3 -m pytest -q tests/python/test_op.py tests/python/test_distributed.py -k "cuda or nccl" \

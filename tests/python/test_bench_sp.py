@@ -1,0 +1,29 @@
+"""benchmarks/bench_sp.py runs end to end (gloo, 2 ranks, tiny shapes): its correctness check of every
+method against the single-process op passes, and it writes the table's rows and the JSON."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch.distributed as dist
+
+from conftest import REPO
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="gloo not available")
+def test_bench_sp_smoke(tmp_path):
+    out = tmp_path / "sp.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(REPO, "benchmarks", "bench_sp.py"), "--device", "cpu", "--heads", "4", "--dim", "16",
+           "--weak", "128", "--strong", "256", "--check-tokens", "96", "--reps", "2", "--warmup", "1",
+           "--json", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert {c["method"] for c in d["checks"]} == {"ring", "allgather", "ulysses", "allgather-kv"}
+    assert all(c["max_rel_err"] < 1e-4 for c in d["checks"]), d["checks"]
+    got = {(r["scaling"], r["W"], r["method"]) for r in d["rows"] if "fwd_bwd_ms" in r}
+    assert ("weak", 1, "single") in got and ("weak", 2, "ring") in got and ("strong", 2, "allgather") in got
+    assert d["comm_floor"] and d["comm_floor"][0]["W"] == 2
