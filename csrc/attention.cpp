@@ -116,7 +116,7 @@ Kernels empty_piece_kernels(const Tensor& q, int64_t D, int64_t E) {
   return Kernels{[pass](AttnParams& p) { pass(p.state_in, p.state_out); },
                  [pass](AttnParams& p) { pass(nullptr, p.state_out); },
                  [pass](AttnParams& p) { pass(p.grad_state_out, p.grad_state_in); },
-                 [pass](AttnParams& p) { pass(nullptr, p.grad_state_in); }, nullptr};
+                 [pass](AttnParams& p) { pass(nullptr, p.grad_state_in); }, [](AttnParams&) {}, nullptr};
 }
 
 }  // namespace
@@ -242,13 +242,16 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels,
   // incoming state S_in from the other ranks, then the main pass with S_in, as on one device.
   // Ring: receive S_in, send gamma^n S_in + L_r on (one small update per hop). All-gather (LASP-2):
   // one all-gather of (L_j, gamma^n_j); each rank combines its prefix itself.
+  //
+  // Communication kernels never run beside the compute kernels (they would take SMs from grids sized
+  // in whole waves): receives are posted after the local pass, and the main pass waits for the send.
   const Tensor ws = kernels.workspace ? kernels.workspace(p, /*backward=*/false) : Tensor();
   Tensor s_in = state_like(q, D, E);
-  c10::intrusive_ptr<c10d::Work> recv;
-  if (strategy == Strategy::Ring && !ring.is_first()) recv = ring.recv_prev(s_in, Ring::kForwardTag);
   Tensor local = state_like(q, D, E);
   p.state_out = local.data_ptr();
   kernels.fwd_local(p);  // L_r
+  c10::intrusive_ptr<c10d::Work> recv;
+  if (strategy == Strategy::Ring && !ring.is_first()) recv = ring.recv_prev(s_in, Ring::kForwardTag);
   const Tensor gamma_n = decay_pow(decay_acc, N);  // before any wait: each hop's critical path is one update
   Tensor s_out;
   bool zero_in = false;  // S_in is exactly zero (first rank without an initial state)
@@ -286,13 +289,13 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels,
       s_out = decayed_sum(s_in, gamma_n, local);  // gamma^n S_in + L_r
     }
   }
-  c10::intrusive_ptr<c10d::Work> send;
-  if (strategy == Strategy::Ring && !ring.is_last()) send = ring.send_next(s_out, Ring::kForwardTag);
+  if (strategy == Strategy::Ring && !ring.is_last()) {
+    Ring::wait(ring.send_next(s_out, Ring::kForwardTag), "sending the state to the next rank");
+  }
   p.state_in = zero_in ? nullptr : s_in.data_ptr();
   p.state_out = nullptr;
   p.local_ready = true;
   kernels.fwd(p);  // o, with the incoming state
-  if (send) Ring::wait(send, "sending the state to the next rank");
   return {o, s_out, s_in};
 }
 
@@ -340,21 +343,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_
   // and the gradient w.r.t. its incoming state is gamma^n G_r + M_r.
   // Ring: receive from r+1, send gamma^n G_r + M_r to r-1. All-gather: X_j = gamma^n_j U_j + M_j of every
   // rank; rank r's G_r = U_r + sum over j > r of the decayed X_j (suffix combination).
+  // bwd_prepare (the rest of the work that needs neither G nor M) runs while the gradients travel.
   const Tensor ws = kernels.workspace ? kernels.workspace(p, /*backward=*/true) : Tensor();
   Tensor g_next = state_like(q, D, E);  // gradient arriving from the later ranks
-  c10::intrusive_ptr<c10d::Work> recv;
-  if (strategy == Strategy::Ring && !ring.is_last()) recv = ring.recv_next(g_next, Ring::kBackwardTag);
   Tensor m = state_like(q, D, E);
   p.grad_state_in = m.data_ptr();
   kernels.bwd_local(p);  // M_r
-  const Tensor gamma_n = decay_pow(decay_acc, N);  // before any wait, as in the forward
+  const Tensor gamma_n = decay_pow(decay_acc, N);
   if (g_user.defined()) m = decayed_sum(g_user, gamma_n, m);  // gamma^n U_r + M_r
+  p.grad_state_in = nullptr;
   Tensor g_prev;  // gradient w.r.t. this piece's incoming state
   bool zero_next = false;  // nothing arrives from later ranks (the last rank)
   if (strategy == Strategy::AllGather) {
     const int64_t H = q.size(1);
     Tensor pack = at::cat({m.flatten(), decay_pow_h(decay_acc, N, H, m.options())});
-    const auto all = ring.allgather(pack, "the all-gather of the local state gradients");
+    std::vector<std::vector<Tensor>> gathered;
+    auto work = ring.allgather_start(pack, gathered);
+    kernels.bwd_prepare(p);  // beside the all-gather
+    Ring::wait(work, "the all-gather of the local state gradients");
+    const auto& all = gathered[0];
     const int64_t numel = m.numel();
     g_next.zero_();
     for (int j = ring.size() - 1; j > ring.rank(); --j) {
@@ -366,20 +373,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_
   } else if (ring.is_last()) {
     zero_next = true;
     g_prev = m;
+    c10::intrusive_ptr<c10d::Work> send;
+    if (!ring.is_first()) send = ring.send_prev(g_prev, Ring::kBackwardTag);
+    kernels.bwd_prepare(p);
+    if (send) Ring::wait(send, "sending the state gradient to the previous rank");
   } else {
+    auto recv = ring.recv_next(g_next, Ring::kBackwardTag);
+    kernels.bwd_prepare(p);
     Ring::wait(recv, "receiving the state gradient from the next rank");
     g_prev = decayed_sum(g_next, gamma_n, m);  // gamma^n (G_next + U) + M
+    if (!ring.is_first()) {
+      Ring::wait(ring.send_prev(g_prev, Ring::kBackwardTag), "sending the state gradient to the previous rank");
+    }
   }
-  c10::intrusive_ptr<c10d::Work> send;
-  if (strategy == Strategy::Ring && !ring.is_first()) send = ring.send_prev(g_prev, Ring::kBackwardTag);
-  Tensor g;  // G_r = U_r + G_next, off the hops' critical path
+  Tensor g;  // G_r = U_r + G_next
   if (!zero_next) g = g_user.defined() ? g_next + g_user : g_next;
   else if (g_user.defined()) g = g_user;
   p.grad_state_out = ptr_or_null(g);
-  p.grad_state_in = nullptr;
   p.local_ready = true;
   kernels.bwd(p);  // dq, dk, dv with G_r
-  if (send) Ring::wait(send, "sending the state gradient to the previous rank");
   // Only the first piece reads the user's initial state.
   Tensor grad_init = ring.is_first() ? g_prev : at::zeros_like(g_prev);
   return {dq, dk, dv, grad_init};

@@ -16,7 +16,7 @@ using at::Tensor;
 
 // The building blocks of one backend. They receive filled params and run (or enqueue) the work.
 struct Kernels {
-  std::function<void(AttnParams&)> fwd, fwd_local, bwd, bwd_local;
+  std::function<void(AttnParams&)> fwd, fwd_local, bwd, bwd_local, bwd_prepare;
   // Allocates the scratch memory a fwd_local + fwd (backward: bwd_local + bwd) pair shares and points
   // p.workspace at it; the returned tensor owns it. Empty for backends that need none.
   std::function<Tensor(AttnParams&, bool backward)> workspace;

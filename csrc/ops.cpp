@@ -22,7 +22,7 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 const Kernels& cpu_kernels() {
-  static const Kernels k{cpu::fwd, cpu::fwd_local, cpu::bwd, cpu::bwd_local, nullptr};
+  static const Kernels k{cpu::fwd, cpu::fwd_local, cpu::bwd, cpu::bwd_local, cpu::bwd_prepare, nullptr};
   return k;
 }
 

@@ -60,12 +60,22 @@ void Ring::wait(const c10::intrusive_ptr<c10d::Work>& work, const char* what) {
               "; does every rank of the group call lasp_attention, in the same order?");
 }
 
-std::vector<at::Tensor> Ring::allgather(at::Tensor& t, const char* what) const {
+c10::intrusive_ptr<c10d::Work> Ring::allgather_start(at::Tensor& t, std::vector<std::vector<at::Tensor>>& out) const {
   TORCH_INTERNAL_ASSERT(t.is_contiguous());
+  out.assign(1, {});
+  if (size_ <= 1) {
+    out[0].push_back(t);
+    return {};
+  }
   std::vector<at::Tensor> in{t};
-  std::vector<std::vector<at::Tensor>> out(1);
   for (int i = 0; i < size_; ++i) out[0].push_back(at::empty_like(t));
-  wait(pg_->allgather(out, in), what);
+  return pg_->allgather(out, in);
+}
+
+std::vector<at::Tensor> Ring::allgather(at::Tensor& t, const char* what) const {
+  std::vector<std::vector<at::Tensor>> out;
+  auto work = allgather_start(t, out);
+  if (work) wait(work, what);
   return out[0];
 }
 

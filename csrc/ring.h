@@ -42,6 +42,8 @@ class Ring {
 
   // Every rank's copy of `t` (same shape on every rank), in group rank order.
   std::vector<at::Tensor> allgather(at::Tensor& t, const char* what) const;
+  // The same, started: fills `out` once the returned work is waited on (work is null for one rank).
+  c10::intrusive_ptr<c10d::Work> allgather_start(at::Tensor& t, std::vector<std::vector<at::Tensor>>& out) const;
 
   // Opt-in group checks (see GroupChecks): every rank exchanges a small description of its call and
   // raises the same error when they disagree. `what` names the call in the message.

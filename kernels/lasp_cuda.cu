@@ -349,7 +349,7 @@ cudaError_t run_fwd_local(const AttnParams& p, cudaStream_t st) {
 }
 
 // bwd_local: grad_state_in = M (the gradient with no outgoing-state gradient); with several segments,
-// phase 1 of both directions stays in the workspace for the bwd call with local_ready that follows.
+// its phase 1 stays in the workspace for the bwd call with local_ready that follows.
 template <typename T, typename A>
 cudaError_t run_bwd_local(const AttnParams& p, cudaStream_t st) {
   if (p.N == 0) return pass_state(p, nullptr, p.grad_state_in, st);
@@ -360,13 +360,21 @@ cudaError_t run_bwd_local(const AttnParams& p, cudaStream_t st) {
   const Ctx<A> c = make_ctx<A>(p, pl.nseg, pl.seglen);
   A* out = static_cast<A*>(p.grad_state_in);
   if (pl.nseg == 1) return out ? local_states<T, A>(p, pl, c, true, out, st) : cudaSuccess;
-  char* wsb = static_cast<char*>(p.workspace);
-  A* wsS = reinterpret_cast<A*>(wsb);
-  A* wsG = reinterpret_cast<A*>(wsb + pl.ws_states);
+  A* wsG = reinterpret_cast<A*>(static_cast<char*>(p.workspace) + pl.ws_states);
   LASP_TRY((local_states<T, A>(p, pl, c, true, wsG, st)));
-  if (out) LASP_TRY(combine_states<A>(p, c, true, wsG, nullptr, out, false, st));
-  // The forward segment states need only S_in (known): computed here, off the ring's critical path.
-  return segment_states_fwd<T, A>(p, pl, c, wsS, nullptr, st);
+  return out ? combine_states<A>(p, c, true, wsG, nullptr, out, false, st) : cudaSuccess;
+}
+
+// bwd_prepare: the forward segment states (they need only S_in) into the workspace.
+template <typename T, typename A>
+cudaError_t run_bwd_prepare(const AttnParams& p, cudaStream_t st) {
+  if (p.N == 0) return cudaSuccess;
+  const Plan pl = plan_bwd(p);
+  if (!pl.ok) return cudaErrorInvalidValue;
+  if (pl.nseg == 1) return cudaSuccess;
+  if (p.workspace == nullptr || p.workspace_bytes < 2 * pl.ws_states + pl.ws_gqa) return cudaErrorInvalidValue;
+  const Ctx<A> c = make_ctx<A>(p, pl.nseg, pl.seglen);
+  return segment_states_fwd<T, A>(p, pl, c, static_cast<A*>(p.workspace), nullptr, st);
 }
 
 template <template <typename, typename> class F>
@@ -384,6 +392,7 @@ cudaError_t dispatch(const AttnParams& p, cudaStream_t st) {
 template <typename T, typename A> struct FwdOp { static cudaError_t run(const AttnParams& p, cudaStream_t s) { return run_fwd<T, A>(p, s); } };
 template <typename T, typename A> struct BwdOp { static cudaError_t run(const AttnParams& p, cudaStream_t s) { return run_bwd<T, A>(p, s); } };
 template <typename T, typename A> struct FwdLocalOp { static cudaError_t run(const AttnParams& p, cudaStream_t s) { return run_fwd_local<T, A>(p, s); } };
+template <typename T, typename A> struct BwdPrepareOp { static cudaError_t run(const AttnParams& p, cudaStream_t s) { return run_bwd_prepare<T, A>(p, s); } };
 template <typename T, typename A> struct BwdLocalOp { static cudaError_t run(const AttnParams& p, cudaStream_t s) { return run_bwd_local<T, A>(p, s); } };
 
 }  // namespace
@@ -431,6 +440,7 @@ cudaError_t fwd(const AttnParams& p, cudaStream_t stream) { return dispatch<FwdO
 cudaError_t fwd_local(const AttnParams& p, cudaStream_t stream) { return dispatch<FwdLocalOp>(p, stream); }
 cudaError_t bwd(const AttnParams& p, cudaStream_t stream) { return dispatch<BwdOp>(p, stream); }
 cudaError_t bwd_local(const AttnParams& p, cudaStream_t stream) { return dispatch<BwdLocalOp>(p, stream); }
+cudaError_t bwd_prepare(const AttnParams& p, cudaStream_t stream) { return dispatch<BwdPrepareOp>(p, stream); }
 
 }  // namespace cuda
 }  // namespace lasp

@@ -5,7 +5,8 @@
 // CUDA error met (cudaSuccess otherwise). Semantics of each are in lasp_params.h.
 // Workspace: the caller allocates at least *_workspace_bytes(p) bytes (content undefined) and sets
 // p.workspace / p.workspace_bytes. fwd_local / bwd_local and the fwd / bwd with local_ready that
-// follows them must get the same workspace (fwd_local: fwd_workspace_bytes, bwd_local: bwd_workspace_bytes).
+// follows them must get the same workspace (fwd_local: fwd_workspace_bytes; bwd_local and bwd_prepare:
+// bwd_workspace_bytes).
 #pragma once
 #include <cuda_runtime_api.h>
 
@@ -24,6 +25,7 @@ cudaError_t fwd(const AttnParams& p, cudaStream_t stream);
 cudaError_t fwd_local(const AttnParams& p, cudaStream_t stream);
 cudaError_t bwd(const AttnParams& p, cudaStream_t stream);
 cudaError_t bwd_local(const AttnParams& p, cudaStream_t stream);
+cudaError_t bwd_prepare(const AttnParams& p, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace lasp

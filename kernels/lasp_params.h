@@ -45,12 +45,13 @@ struct AttnParams {
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
 
-  // Set on a fwd (bwd) that follows a fwd_local (bwd_local) of the same problem with the same
-  // workspace: the work those already did is reused (only state_in / grad_state_out may differ).
+  // Set on a fwd that follows a fwd_local (on a bwd that follows a bwd_local and a bwd_prepare) of the
+  // same problem with the same workspace: the work those did is reused (only state_in / grad_state_out
+  // / the state outputs may differ).
   bool local_ready = false;
 };
 
-// The four building blocks every backend implements (LASP.md, "Across ranks"):
+// The building blocks every backend implements (LASP.md, "Across ranks"):
 //
 //  fwd:       o[t] = scale * (gamma^(t+1) q[t] S_in + sum_{s<=t} gamma^(t-s) (q[t].k[s]) v[s])
 //             state_out = gamma^N S_in + L,  L = sum_s gamma^(N-1-s) k[s]^T v[s]
@@ -60,6 +61,8 @@ struct AttnParams {
 //             dv[s] = sum_h [ scale * sum_{t>=s} gamma^(t-s) (q[t].k[s]) do[t] + gamma^(N-1-s) k[s] G ]
 //             grad_state_in = gamma^N G + M,  M = scale * sum_t gamma^(t+1) q[t]^T do[t]
 //  bwd_local: grad_state_in = M             (dq, dk, dv untouched; no outgoing-state gradient needed)
+//  bwd_prepare: no output; whatever else of bwd needs neither G nor M (the CUDA kernels: the forward
+//             segment states from k, v and S_in), into the workspace, for a bwd with local_ready
 //
 // (sum_h runs over the query heads that read the kv head.) The ring runs fwd_local, passes states,
 // then fwd with the incoming state (local_ready): the local pass is all that stands between a rank and

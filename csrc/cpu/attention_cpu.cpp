@@ -333,6 +333,7 @@ void fwd(const AttnParams& p) { dispatch<FwdOp>(p); }
 void fwd_local(const AttnParams& p) { if (p.state_out) dispatch<FwdLocalOp>(p); }
 void bwd(const AttnParams& p) { dispatch<BwdOp>(p); }
 void bwd_local(const AttnParams& p) { if (p.grad_state_in) dispatch<BwdLocalOp>(p); }
+void bwd_prepare(const AttnParams&) {}  // bwd is one fused pass here: nothing to prepare
 
 }  // namespace cpu
 }  // namespace lasp

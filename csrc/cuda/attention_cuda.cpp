@@ -50,6 +50,7 @@ const Kernels& cuda_kernels() {
       [](AttnParams& p) { launch(cuda::fwd_local, cuda::fwd_workspace_bytes, p); },
       [](AttnParams& p) { launch(cuda::bwd, cuda::bwd_workspace_bytes, p); },
       [](AttnParams& p) { launch(cuda::bwd_local, cuda::bwd_workspace_bytes, p); },
+      [](AttnParams& p) { launch(cuda::bwd_prepare, cuda::bwd_workspace_bytes, p); },
       [](AttnParams& p, bool backward) {
         return alloc_workspace(backward ? cuda::bwd_workspace_bytes : cuda::fwd_workspace_bytes, p);
       },

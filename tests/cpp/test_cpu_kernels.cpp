@@ -190,6 +190,7 @@ TEST_P(CpuKernels, LocalThenMainEqualsFused) {
   p.grad_state_out = nullptr;
   p.grad_state_in = m.data();
   lasp::cpu::bwd_local(p);  // M
+  lasp::cpu::bwd_prepare(p);
   p.grad_state_out = pr.g.data();
   p.grad_state_in = nullptr;
   lasp::cpu::bwd(p);  // dq, dk, dv with S_in and G

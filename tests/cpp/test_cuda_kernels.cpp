@@ -266,7 +266,7 @@ uint64_t fresh_seed() {
 }
 
 // Run fwd and bwd of one case on the device and compare every output with the float64 reference.
-// split: the ring's order instead, fwd_local then fwd with local_ready (bwd_local then bwd), sharing a
+// split: the ring's order instead, fwd_local then fwd with local_ready (bwd_local, bwd_prepare, then bwd), sharing a
 // poisoned workspace; L and M are checked too.
 void run_case(const Case& cs, bool split) {
   const uint64_t seed = fresh_seed();
@@ -368,6 +368,7 @@ void run_case(const Case& cs, bool split) {
       pl.grad_state_out = nullptr;
       pl.grad_state_in = locm.dev.p;
       CK(lasp::cuda::bwd_local(pl, 0));
+      CK(lasp::cuda::bwd_prepare(p, 0));
       p.local_ready = true;
     }
     CK(lasp::cuda::bwd(p, 0));
@@ -565,6 +566,7 @@ TEST(CudaKernelsApi, EmptySequencePassesTheStateThrough) {
     gin.poison();
     CK(lasp::cuda::fwd_local(p, 0));  // L = M = 0 without tokens
     CK(lasp::cuda::bwd_local(p, 0));
+    CK(lasp::cuda::bwd_prepare(p, 0));
     CK(cudaDeviceSynchronize());
     EXPECT_EQ(rel_err(sout.download(), zeros), 0.0) << "state_out (fwd_local)";
     EXPECT_EQ(rel_err(gin.download(), zeros), 0.0) << "grad_state_in (bwd_local)";
