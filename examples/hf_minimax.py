@@ -73,7 +73,8 @@ def main():
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    dist.init_process_group("nccl" if use_nccl else "gloo")
+    # NCCL: bind the process group to this rank's GPU (barriers and destroy then know the device)
+    dist.init_process_group("nccl" if use_nccl else "gloo", **(dict(device_id=device) if use_nccl else {}))
     rank, world = dist.get_rank(), dist.get_world_size()
     group = dist.group.WORLD
 

@@ -424,3 +424,125 @@ def test_sequence_parallel_matches_single_process(size):
         errs = res[(size, "errors")]
         assert errs["use_cache"] is not None and "sequence-parallel" in errs["use_cache"], f"rank {r}: {errs}"
         assert errs["padding"] is not None and "padding" in errs["padding"], f"rank {r}: {errs}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequence parallel (nccl, one GPU per rank)
+
+# One spawn per group size over all of its GPUs (WORLD). float32 cases check logits and every gradient at
+# the float32 tolerance; the bfloat16 case (head_dim 64: lasp's tensor-core path) checks logits with the
+# rule of test_bfloat16_no_worse_than_unpatched (at most 2x the unpatched bf16 model's distance to the
+# float64 model, plus 8e-3). The unpatched whole-sequence models run on cuda:0 in this process.
+_NGPU = torch.cuda.device_count() if torch.cuda.is_available() else 0
+NCCL_SP_CASES = {
+    2: [
+        dict(dtype=F32, layer_types=(LIN, FULL, LIN, FULL), B=2, pieces=[70, 59], cfg={}),
+        dict(dtype=F32, layer_types=(FULL, LIN, LIN), B=1, pieces=[9, 56], cfg=dict(sliding_window=8)),
+        dict(dtype=torch.bfloat16, layer_types=(LIN, FULL, LIN), B=2, pieces=[130, 67],
+             cfg=dict(head_dim=64, hidden_size=128, num_attention_heads=2)),
+    ],
+    4: [
+        dict(dtype=F32, layer_types=(LIN, FULL, LIN), B=1, pieces=[13, 1, 23, 40], cfg=dict(num_key_value_heads=1)),
+        dict(dtype=F32, layer_types=(LIN, LIN, FULL, LIN), B=2, pieces=[64, 65, 17, 33], cfg=dict(sliding_window=20)),
+        dict(dtype=torch.bfloat16, layer_types=(LIN, FULL, LIN), B=1, pieces=[100, 64, 1, 90],
+             cfg=dict(head_dim=64, hidden_size=128, num_attention_heads=2)),
+    ],
+}
+
+
+def _nccl_setup(size, ci, device):
+    case = NCCL_SP_CASES[size][ci]
+    cfg = tiny_config(case["layer_types"], **case["cfg"])
+    seed = 1000 + 100 * size + ci
+    N = sum(case["pieces"])
+    build_dtype = F64 if case["dtype"] == torch.bfloat16 else case["dtype"]  # bf16: cast from the float64 model
+    model = make_model(cfg, build_dtype, seed).to(device)
+    ids = ids_for(case["B"], N, seed).to(device)
+    w = cotangent(case["B"], N, cfg.vocab_size, F32, seed).to(device)
+    return case, cfg, model, ids, w
+
+
+def _sp_worker_nccl(rank, world, port, out_dir):
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S), device_id=device)
+    hf = _hf()
+    results = {}
+    for ci, case in enumerate(NCCL_SP_CASES[world]):
+        case, cfg, model, ids, w = _nccl_setup(world, ci, device)
+        P, n = sum(case["pieces"][:rank]), case["pieces"][rank]
+        if case["dtype"] == torch.bfloat16:
+            model.to(torch.bfloat16)
+        hf.patch_minimax(model, sp_group=dist.group.WORLD)
+        if case["dtype"] == torch.bfloat16:
+            with torch.no_grad():
+                logits = model(ids[:, P : P + n]).logits
+            results[ci] = dict(logits=logits.cpu(), grads=None)
+        else:
+            logits, grads = run(model, ids[:, P : P + n], w[:, P : P + n].to(case["dtype"]))
+            results[ci] = dict(logits=logits.cpu(), grads={k: g.cpu() for k, g in grads.items()})
+        hf.unpatch_minimax(model)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _spawn_nccl(world):
+    key = ("nccl", world)
+    if key in _SPAWNED:
+        if isinstance(_SPAWNED[key], BaseException):
+            raise RuntimeError(f"the nccl sequence-parallel spawn ({world} GPUs) failed earlier") from _SPAWNED[key]
+        return _SPAWNED[key]
+    try:
+        with tempfile.TemporaryDirectory() as out_dir:
+            ctx = mp.spawn(_sp_worker_nccl, args=(world, _free_port(), out_dir), nprocs=world, join=False)
+            deadline = time.monotonic() + 2 * SPAWN_DEADLINE_S
+            while not ctx.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    for p in ctx.processes:
+                        if p.is_alive():
+                            p.terminate()
+                    for p in ctx.processes:
+                        p.join(5)
+                    raise TimeoutError(f"sequence-parallel MiniMax test (nccl, {world} GPUs) hung for "
+                                       f"{2 * SPAWN_DEADLINE_S}s")
+            ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    except BaseException as e:
+        _SPAWNED[key] = e
+        raise
+    _SPAWNED[key] = ranks
+    return ranks
+
+
+@pytest.mark.parametrize("size", [2, 4], ids=["sp2", "sp4"])
+def test_sequence_parallel_nccl_matches_unpatched(size):
+    """sp=2 and sp=4 over NCCL (one GPU per rank): logits concatenated over ranks and gradients summed over
+    ranks equal the unpatched model on the whole sequence (cuda:0)."""
+    if _NGPU < size:
+        pytest.skip(f"needs {size} CUDA devices for nccl, found {_NGPU}")
+    if not dist.is_nccl_available():
+        pytest.skip("nccl not available")
+    ranks = _spawn_nccl(size)
+    device = torch.device("cuda", 0)
+    for ci, case in enumerate(NCCL_SP_CASES[size]):
+        case, cfg, model, ids, w = _nccl_setup(size, ci, device)
+        got_logits = torch.cat([r[ci]["logits"] for r in ranks], dim=1)
+        if case["dtype"] == torch.bfloat16:
+            with torch.no_grad():
+                want = model(ids, use_cache=False).logits  # float64, unpatched
+                model.to(torch.bfloat16)
+                lowp = model(ids, use_cache=False).logits  # bfloat16, unpatched
+            err, lowp_err = rel_err(got_logits, want), rel_err(lowp, want)
+            assert err <= 2 * lowp_err + 8e-3, (
+                f"case {ci} (bf16, sp={size}): logits error {err:.3e} vs unpatched bf16 {lowp_err:.3e}")
+            continue
+        dtype = case["dtype"]
+        want_logits, want_grads = run(model, ids, w.to(dtype), use_cache=False)
+        assert_close(f"case {ci} (sp={size}): logits (ranks concatenated)", got_logits, want_logits, dtype)
+        res = [r[ci]["grads"] for r in ranks]
+        names = set().union(*res)
+        got_grads = {n: sum(g[n] for g in res if n in g) for n in names}
+        assert_same_grads(got_grads, {n: g.cpu() for n, g in want_grads.items()}, dtype,
+                          what=f"case {ci} (sp={size}): summed over ranks: ")

@@ -49,7 +49,7 @@ EXAMPLE_TIMEOUT_S = 60  # one example on every member, both strategies
 CHECK_WAIT_S = 8.0  # bounded wait of lasp's group checks on another rank
 
 SETTINGS = settings(
-    max_examples=400,
+    max_examples=250,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
 )
