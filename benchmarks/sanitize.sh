@@ -1,0 +1,238 @@
+#!/usr/bin/env bash
+# compute-sanitizer (memcheck, racecheck, initcheck, synccheck) on lasp's CUDA kernels, tiny shapes.
+#
+#   bash benchmarks/sanitize.sh            # on the GPU machine, extension built in place
+#
+# Two programs run under each tool:
+#  * a Python driver (written to $OUT/sanitize_driver.py) that calls lasp.lasp_attention forward +
+#    backward on CUDA for every code path of the single-device op: tensor-core path (bf16/fp16, D, E in
+#    {64, 128}, D != E), generic path (fp32, fp64, bf16 with odd dims, D = E = 256, strided last dim),
+#    GQA/MQA (the per-query-head backward workspace and its reduction), decay on/off, initial state and
+#    final-state gradient, several segments per head (B*H small, N of a few chunks), N = 1, N = 0. Inputs
+#    are made on the host and copied (few non-lasp kernels); PYTORCH_NO_CUDA_MEMORY_CACHING=1 makes every
+#    tensor its own cudaMalloc, so memcheck sees tensor bounds (not the allocator's 2 MiB blocks) and
+#    initcheck sees fresh memory. Each case is checked loosely against the float64 reference on the CPU
+#    (a garbage result fails even where the tools see nothing).
+#  * the GoogleTest binary build/cmake/lasp_cpp_tests (if built), filtered to the API tests (N = 0 state
+#    pass-through) and LocalThenMainMatchFloat64Reference for bf16 and f32: the kernels the sequence-
+#    parallel ring uses (fwd_local, bwd_local, bwd_prepare, main passes with the incoming state), driven
+#    directly with workspaces from cudaMalloc ("content undefined": initcheck checks they are written
+#    before being read).
+#
+# Exit status: 0 clean; 1 a sanitizer reported errors (or a program failed its own checks under it);
+# 3 no errors but some step timed out or was skipped for the time budget. Logs: $OUT/sanitize_*.
+# Time: SANITIZE_BUDGET_S (default 240 s) over all steps; each step also has its own cap; steps run in
+# priority order and later ones are skipped when the budget is spent.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-device_out}
+mkdir -p "$OUT"
+BUDGET=${SANITIZE_BUDGET_S:-240}
+START=$(date +%s)
+
+CS=${COMPUTE_SANITIZER:-}
+if [ -z "$CS" ]; then
+  CS=$(command -v compute-sanitizer 2>/dev/null || true)
+  [ -z "$CS" ] && CS=$(ls -d /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer 2>/dev/null | tail -1)
+fi
+if [ -z "$CS" ] || [ ! -x "$CS" ]; then
+  echo "sanitize: compute-sanitizer not found (PATH, /usr/local/cuda*/bin); set COMPUTE_SANITIZER=/path/to/it"
+  exit 2
+fi
+"$CS" --version 2>&1 | tail -1 | tee "$OUT/sanitize_version.txt"
+
+export PYTORCH_NO_CUDA_MEMORY_CACHING=1 CUDA_MODULE_LOADING=LAZY PYTHONUNBUFFERED=1
+
+DRIVER="$OUT/sanitize_driver.py"
+cat > "$DRIVER" <<'PY'
+"""lasp_attention forward + backward on CUDA for each code path, tiny shapes (run under compute-sanitizer)."""
+import sys
+
+import torch
+
+import lasp
+from lasp.reference import attention_ref
+
+F32, F64, F16, BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
+# (name, B, H, Hkv, N, D, E, dtype, decay, initial state, layout, strided last dim)
+CASES = [
+    ("tc bf16 64x64 segments decay state", 1, 2, 2, 200, 64, 64, BF16, "alibi", True, "bhnd", False),
+    ("tc fp16 128x128 gqa segments", 1, 2, 1, 130, 128, 128, F16, None, False, "bnhd", False),
+    ("tc bf16 D128 E64 one chunk strong decay", 2, 2, 2, 64, 128, 64, BF16, "strong", True, "bhnd", False),
+    ("tc bf16 D64 E128 partial chunk", 1, 1, 1, 65, 64, 128, BF16, None, True, "bnhd", False),
+    ("tc fp16 many segments B*H=1", 1, 1, 1, 1000, 64, 64, F16, "strong", True, "bhnd", False),
+    ("tc bf16 N=1", 1, 2, 2, 1, 64, 64, BF16, "alibi", True, "bhnd", False),
+    ("generic fp32 odd dims gqa segments", 1, 4, 2, 150, 17, 5, F32, "mixed", True, "bhnd", False),
+    ("generic fp32 64x64 segments", 1, 1, 1, 300, 64, 64, F32, None, False, "bhnd", False),
+    ("generic bf16 48x32 mqa", 1, 2, 1, 100, 48, 32, BF16, "alibi", True, "bnhd", False),
+    ("generic fp64", 1, 2, 2, 70, 16, 16, F64, "mixed", True, "bhnd", False),
+    ("generic fp32 256x256", 1, 2, 2, 33, 256, 256, F32, "alibi", True, "bhnd", False),
+    ("generic bf16 strided last dim", 1, 2, 2, 80, 64, 64, BF16, "alibi", True, "bhnd", True),
+    ("empty N=0", 2, 4, 2, 0, 16, 8, BF16, "alibi", True, "bhnd", False),
+]
+
+
+def decay_for(kind, H):
+    if kind is None:
+        return None
+    if kind == "alibi":
+        return lasp.alibi_slopes(H)
+    if kind == "strong":
+        return torch.full((H,), 2.0)
+    g = torch.Generator().manual_seed(H)
+    d = torch.rand(H, generator=g) * 3.0
+    d[0] = 0.0
+    return d
+
+
+def run(case, dev):
+    name, B, H, Hkv, N, D, E, dt, dk, with_state, layout, strided = case
+    g = torch.Generator().manual_seed(N * 31 + D)
+    acc = F64 if dt == F64 else F32
+
+    def host(*shape, dtype=dt):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    shapes = [(B, H, N, D), (B, Hkv, N, D), (B, Hkv, N, E), (B, H, N, E)]
+    if layout == "bnhd":
+        shapes = [(s[0], s[2], s[1], s[3]) for s in shapes]
+    q, k, v, do = (host(*s) for s in shapes)
+    s0 = host(B, H, D, E, dtype=acc) if with_state else None
+    dS = host(B, H, D, E, dtype=acc)
+    decay = decay_for(dk, H)
+
+    def to_dev(t):
+        if t is None:
+            return None
+        if strided and t.dim() == 4 and t.dtype == dt:  # last dim stride 2: the generic path
+            big = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+            big[..., ::2] = t
+            return big.to(dev)[..., ::2]
+        return t.to(dev)
+
+    dq_, dk_, dv_ = (to_dev(t).requires_grad_(True) for t in (q, k, v))
+    ds0 = None if s0 is None else s0.to(dev).requires_grad_(True)
+    o, f = lasp.lasp_attention(dq_, dk_, dv_, None if decay is None else decay.to(dev), initial_state=ds0,
+                               output_final_state=True, layout=layout)
+    ins = [dq_, dk_, dv_] + ([ds0] if ds0 is not None else [])
+    gr = torch.autograd.grad([o, f], ins, [do.to(dev), dS.to(dev)])
+    torch.cuda.synchronize()
+    got = [o, f] + list(gr)
+
+    # float64 reference on the host (the same rounded inputs)
+    rq, rk, rv = (t.double().requires_grad_(True) for t in (q, k, v))
+    rs0 = None if s0 is None else s0.double().requires_grad_(True)
+    ro, rf = attention_ref(rq, rk, rv, decay, None, rs0, layout)
+    rins = [rq, rk, rv] + ([rs0] if rs0 is not None else [])
+    rg = torch.autograd.grad([ro, rf], rins, [do.double(), dS.double()])
+    want = [ro, rf] + list(rg)
+    tol = {F64: 1e-10, F32: 1e-4}.get(dt, 5e-2)  # loose for 16-bit: this driver hunts garbage, not ulps
+    for qname, a, b in zip(["o", "final_state", "dq", "dk", "dv", "d_initial_state"], got, want):
+        a = a.detach().cpu().double()
+        if not torch.isfinite(a).all():
+            raise AssertionError(f"{name}: {qname} has non-finite entries")
+        den = b.norm().item()
+        err = (a - b).norm().item() / den if den > 0 else (a - b).norm().item()
+        if err > tol:
+            raise AssertionError(f"{name}: {qname} relative error {err:.3e} > {tol:.0e}")
+    print(f"ok  {name}", flush=True)
+
+
+def main():
+    assert torch.cuda.is_available(), "no CUDA device"
+    dev = torch.device("cuda", 0)
+    failed = 0
+    for case in CASES:
+        try:
+            run(case, dev)
+        except Exception as e:  # noqa: BLE001 - report every case, fail at the end
+            failed += 1
+            print(f"FAIL {case[0]}: {type(e).__name__}: {e}", flush=True)
+    print(f"driver: {len(CASES) - failed}/{len(CASES)} cases ok", flush=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
+PY
+
+GTEST=build/cmake/lasp_cpp_tests
+GT_FILTER='CudaKernelsApi.*:AllDtypes/CudaKernels.LocalThenMainMatchFloat64Reference/bf16:AllDtypes/CudaKernels.LocalThenMainMatchFloat64Reference/f32'
+GT_FILTER_RACE='CudaKernelsApi.*:AllDtypes/CudaKernels.LocalThenMainMatchFloat64Reference/bf16'
+
+declare -a SUMMARY
+ERRORS=0
+INCOMPLETE=0
+
+# step NAME TOOL CAP_S PROGRAM...
+step() {
+  local name=$1 tool=$2 cap=$3
+  shift 3
+  local left=$((BUDGET - ($(date +%s) - START)))
+  if [ "$left" -lt 15 ]; then
+    SUMMARY+=("$(printf '%-22s SKIPPED (time budget of %ss spent)' "$name" "$BUDGET")")
+    INCOMPLETE=1
+    return
+  fi
+  local t=$((cap < left ? cap : left))
+  local log="$OUT/sanitize_${name}.log" out="$OUT/sanitize_${name}.out"
+  local extra=()
+  [ "$tool" = racecheck ] && extra=(--racecheck-report all)
+  local t0=$(date +%s)
+  timeout --kill-after=10 "$t" "$CS" --tool "$tool" --error-exitcode 86 --print-limit 100 \
+    --log-file "$log" ${extra[@]+"${extra[@]}"} "$@" > "$out" 2>&1
+  local rc=$?
+  local secs=$(($(date +%s) - t0))
+  local found
+  found=$(grep -hE "ERROR SUMMARY|RACECHECK SUMMARY" "$log" 2>/dev/null | sed 's/=========//' | tr -s ' ' | paste -sd';' -)
+  local status
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    # no summary is printed when killed: look for individual reports
+    if grep -qE "^========= (Invalid|Uninitialized|Error|Program hit|Barrier|Race|Out-of-range|Misaligned)" "$log" 2>/dev/null; then
+      status="ERRORS (and timed out after ${t}s)"
+      ERRORS=1
+    else
+      status="TIMEOUT after ${t}s, no report so far (raise SANITIZE_BUDGET_S)"
+      INCOMPLETE=1
+    fi
+  elif [ $rc -eq 86 ]; then
+    status="ERRORS"
+    ERRORS=1
+  elif [ $rc -ne 0 ]; then
+    status="FAILED (exit $rc; program output in $out)"
+    ERRORS=1
+  elif grep -q "\[  SKIPPED \]" "$out" 2>/dev/null; then
+    status="clean, but tests were skipped (see $out)"
+    INCOMPLETE=1
+  else
+    status="clean"
+  fi
+  SUMMARY+=("$(printf '%-22s %-9s %4ss  %s  %s' "$name" "$tool" "$secs" "$status" "${found:-}")")
+  echo "sanitize: $name ($tool): $status ${found:-} [${secs}s]"
+}
+
+# the driver alone first: a failure here is the op's (or the driver's), not a sanitizer finding
+if timeout 90 python3 "$DRIVER" > "$OUT/sanitize_driver-plain.out" 2>&1; then
+  SUMMARY+=("$(printf '%-22s %-9s %4s   %s' driver-plain none - "ok: $(tail -1 "$OUT/sanitize_driver-plain.out")")")
+else
+  SUMMARY+=("$(printf '%-22s %-9s %4s   %s' driver-plain none - "FAILED without a sanitizer, see $OUT/sanitize_driver-plain.out")")
+  ERRORS=1
+  tail -20 "$OUT/sanitize_driver-plain.out"
+fi
+step driver-memcheck memcheck 60 python3 "$DRIVER"
+if [ -x "$GTEST" ]; then
+  step gtest-memcheck memcheck 50 "$GTEST" --gtest_filter="$GT_FILTER"
+else
+  SUMMARY+=("$(printf '%-22s SKIPPED (%s not built)' gtest "$GTEST")")
+fi
+step driver-racecheck racecheck 75 python3 "$DRIVER"
+step driver-initcheck initcheck 50 python3 "$DRIVER"
+[ -x "$GTEST" ] && step gtest-initcheck initcheck 40 "$GTEST" --gtest_filter="$GT_FILTER"
+[ -x "$GTEST" ] && step gtest-racecheck racecheck 50 "$GTEST" --gtest_filter="$GT_FILTER_RACE"
+step driver-synccheck synccheck 35 python3 "$DRIVER"
+
+echo "== compute-sanitizer summary ($(($(date +%s) - START)) s, logs in $OUT/sanitize_*)"
+printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/sanitize_summary.txt"
+if [ $ERRORS -ne 0 ]; then exit 1; fi
+if [ $INCOMPLETE -ne 0 ]; then exit 3; fi
+exit 0
