@@ -176,11 +176,9 @@ step() {
   fi
   local t=$((cap < left ? cap : left))
   local log="$OUT/sanitize_${name}.log" out="$OUT/sanitize_${name}.out"
-  local extra=()
-  [ "$tool" = racecheck ] && extra=(--racecheck-report all)
   local t0=$(date +%s)
   timeout --kill-after=10 "$t" "$CS" --tool "$tool" --error-exitcode 86 --print-limit 100 \
-    --log-file "$log" ${extra[@]+"${extra[@]}"} "$@" > "$out" 2>&1
+    --log-file "$log" "$@" > "$out" 2>&1
   local rc=$?
   local secs=$(($(date +%s) - t0))
   local found
