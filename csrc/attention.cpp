@@ -50,8 +50,11 @@ AttnParams base_params(const Tensor& q, const Tensor& k, const Tensor& v, const 
   return p;
 }
 
+// The rates in the accumulation type. +inf (gamma = 0: no memory) is clamped to a large finite rate with
+// the same gammas (gamma^0 = 1, gamma^n = 0 for n >= 1), so that exp(-rate * 0) is never exp(NaN).
+// A NaN rate stays NaN and poisons its own head only, as a PyTorch op would.
 Tensor decay_in_acc(const std::optional<Tensor>& decay, at::ScalarType acc) {
-  return decay.has_value() ? decay->to(acc).contiguous() : Tensor();
+  return decay.has_value() ? decay->to(acc).clamp_max(1e30).contiguous() : Tensor();
 }
 
 // gamma^n per head, shaped (1, H, 1, 1) to scale a (B, H, D, E) state; undefined when there is no decay.
