@@ -52,7 +52,7 @@ if [[ $DEV == cuda ]]; then
   CONV=(--preset small --hidden-size 512 --num-layers 6 --num-heads 8 --vocab-size 4096 --loss-chunk-size 8192
         --seq-len 8192 --batch-size 4 --steps 200 --lr 1e-3 --warmup 20 --log-every 50)
   BENCH=(--preset small --seq-lens 65536,262144,1048576 --warmup 1 --iters 3)
-  PROBE=(--preset b1 --lean-chunk 65536 --seq-lens 1048576,1572864,2097152)
+  PROBE=(--preset b1 --lean-chunk 65536 --seq-lens 1048576,2097152)
 else
   CONV=(--preset tiny --seq-len 128 --batch-size 2 --steps 10 --log-every 5)
   BENCH=(--preset tiny --seq-lens 64,256 --warmup 0 --iters 1)
