@@ -19,7 +19,10 @@ import importlib
 import importlib.util
 import math
 import os
+import socket
 import sys
+import tempfile
+import time
 from typing import Optional
 
 import pytest
@@ -226,3 +229,36 @@ def grads(outputs, inputs, grad_outputs):
     for i, r in zip(idx, res):
         out[i] = r
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-process tests
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a process group's rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_world(worker, world, extra_args, deadline_s, what):
+    """Runs worker(rank, world, port, *extra_args, out_dir) in `world` spawned processes, each of which
+    torch.save()s its results to out_dir/rank{rank}.pt; returns those results in rank order.
+
+    A child's exception is re-raised here with its traceback; past `deadline_s` the children are
+    terminated and a TimeoutError names `what`."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        ctx = mp.spawn(worker, args=(world, free_port(), *extra_args, out_dir), nprocs=world, join=False)
+        deadline = time.monotonic() + deadline_s
+        while not ctx.join(timeout=1.0):  # raises ProcessRaisedException with the child's traceback
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.terminate()
+                for p in ctx.processes:
+                    p.join(5)
+                raise TimeoutError(f"{what} hung for {deadline_s}s")
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
-import tempfile
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from conftest import (
+    spawn_world,
     acc_dtype,
     assert_close_to_ref,
     gen,
@@ -176,11 +173,6 @@ def _pack(o, f, gr, s0):
     )
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 _CACHE = {}
 
@@ -193,20 +185,10 @@ def run_world(world, backend):
             raise RuntimeError(f"the {backend} world={world} spawn failed earlier") from _CACHE[key]
         return _CACHE[key]
     try:
-        with tempfile.TemporaryDirectory() as out_dir:
-            ctx = mp.spawn(_worker, args=(world, _free_port(), backend, out_dir), nprocs=world, join=False)
-            deadline = time.monotonic() + SPAWN_DEADLINE_S
-            while not ctx.join(timeout=1.0):  # raises ProcessRaisedException with the child's traceback
-                if time.monotonic() > deadline:
-                    for p in ctx.processes:
-                        if p.is_alive():
-                            p.terminate()
-                    for p in ctx.processes:
-                        p.join(5)
-                    raise TimeoutError(f"distributed test ({backend}, world={world}) hung for {SPAWN_DEADLINE_S}s")
-            merged = {}
-            for r in range(world):
-                merged.update(torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False))
+        merged = {}
+        for res in spawn_world(_worker, world, (backend,), SPAWN_DEADLINE_S,
+                               f"distributed test ({backend}, world={world})"):
+            merged.update(res)
     except BaseException as e:
         _CACHE[key] = e
         raise

@@ -3,7 +3,6 @@ on every calling rank (gloo, real processes), never in a silent wrong answer or 
 import datetime
 import os
 import queue
-import socket
 import time
 import traceback
 
@@ -12,11 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import free_port
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, port, case, results):
@@ -49,7 +45,7 @@ def _worker(rank, world, port, case, results):
 def _run(case, world=3, deadline=90):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, case, results)) for r in range(world)]
     for p in procs:
         p.start()

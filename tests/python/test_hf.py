@@ -16,9 +16,6 @@ from __future__ import annotations
 import datetime
 import importlib
 import os
-import socket
-import tempfile
-import time
 
 import pytest
 import torch
@@ -28,9 +25,8 @@ transformers = pytest.importorskip(
 )
 
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
-from conftest import import_lasp, rel_err  # noqa: E402
+from conftest import import_lasp, rel_err, spawn_world  # noqa: E402
 
 F32, F64 = torch.float32, torch.float64
 TOL = {F32: 1e-4, F64: 1e-10}
@@ -371,11 +367,6 @@ def _sp_worker(rank, world, port, out_dir):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 _SPAWNED = {}
 
@@ -387,19 +378,8 @@ def _spawn():
     if "ranks" in _SPAWNED:
         return _SPAWNED["ranks"]
     try:
-        with tempfile.TemporaryDirectory() as out_dir:
-            ctx = mp.spawn(_sp_worker, args=(SP_WORLD, _free_port(), out_dir), nprocs=SP_WORLD, join=False)
-            deadline = time.monotonic() + SPAWN_DEADLINE_S
-            while not ctx.join(timeout=1.0):  # raises with the child's traceback if a child fails
-                if time.monotonic() > deadline:
-                    for p in ctx.processes:
-                        if p.is_alive():
-                            p.terminate()
-                    for p in ctx.processes:
-                        p.join(5)
-                    raise TimeoutError(f"sequence-parallel MiniMax test (gloo, {SP_WORLD} processes) hung for "
-                                       f"{SPAWN_DEADLINE_S}s")
-            ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(SP_WORLD)]
+        ranks = spawn_world(_sp_worker, SP_WORLD, (), SPAWN_DEADLINE_S,
+                            f"sequence-parallel MiniMax test (gloo, {SP_WORLD} processes)")
     except BaseException as e:
         _SPAWNED["error"] = e
         raise
@@ -496,19 +476,8 @@ def _spawn_nccl(world):
             raise RuntimeError(f"the nccl sequence-parallel spawn ({world} GPUs) failed earlier") from _SPAWNED[key]
         return _SPAWNED[key]
     try:
-        with tempfile.TemporaryDirectory() as out_dir:
-            ctx = mp.spawn(_sp_worker_nccl, args=(world, _free_port(), out_dir), nprocs=world, join=False)
-            deadline = time.monotonic() + 2 * SPAWN_DEADLINE_S
-            while not ctx.join(timeout=1.0):
-                if time.monotonic() > deadline:
-                    for p in ctx.processes:
-                        if p.is_alive():
-                            p.terminate()
-                    for p in ctx.processes:
-                        p.join(5)
-                    raise TimeoutError(f"sequence-parallel MiniMax test (nccl, {world} GPUs) hung for "
-                                       f"{2 * SPAWN_DEADLINE_S}s")
-            ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+        ranks = spawn_world(_sp_worker_nccl, world, (), 2 * SPAWN_DEADLINE_S,
+                            f"sequence-parallel MiniMax test (nccl, {world} GPUs)")
     except BaseException as e:
         _SPAWNED[key] = e
         raise

@@ -22,16 +22,12 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
-import tempfile
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from conftest import assert_close_to_ref, gen, import_lasp, make_decay, randn, ref, rel_err
+from conftest import assert_close_to_ref, gen, import_lasp, make_decay, randn, ref, rel_err, spawn_world
 
 F32, F64 = torch.float32, torch.float64
 WORLD, SP = 4, 2  # dp = 2
@@ -198,11 +194,6 @@ def _worker(rank, world, port, backend, out_dir):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 _SPAWNED = {}
 
@@ -214,18 +205,8 @@ def _spawn(backend):
     if backend in _SPAWNED:
         return _SPAWNED[backend]
     try:
-        with tempfile.TemporaryDirectory() as out_dir:
-            ctx = mp.spawn(_worker, args=(WORLD, _free_port(), backend, out_dir), nprocs=WORLD, join=False)
-            deadline = time.monotonic() + SPAWN_DEADLINE_S
-            while not ctx.join(timeout=1.0):  # raises with the child's traceback if a child fails
-                if time.monotonic() > deadline:
-                    for p in ctx.processes:
-                        if p.is_alive():
-                            p.terminate()
-                    for p in ctx.processes:
-                        p.join(5)
-                    raise TimeoutError(f"lasp.distributed test ({backend}, {WORLD} processes) hung for {SPAWN_DEADLINE_S}s")
-            ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+        ranks = spawn_world(_worker, WORLD, (backend,), SPAWN_DEADLINE_S,
+                            f"lasp.distributed test ({backend}, {WORLD} processes)")
     except BaseException as e:
         _SPAWNED[(backend, "error")] = e
         raise

@@ -25,7 +25,6 @@ import datetime
 import io
 import os
 import queue
-import socket
 import time
 import traceback
 
@@ -36,7 +35,7 @@ import torch.multiprocessing as mp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import acc_dtype, assert_close_to_ref, gen, import_lasp, randn, ref
+from conftest import acc_dtype, assert_close_to_ref, gen, import_lasp, randn, ref, free_port
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="gloo not available")
 
@@ -134,11 +133,6 @@ def _pool_worker(rank, world, port, cmd_q, res_q):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class Pool:
     """4 gloo processes serving examples; restarted after any error or timeout."""
@@ -151,7 +145,7 @@ class Pool:
         ctx = mp.get_context("spawn")
         self.res_q = ctx.Queue()
         self.cmd_qs = [ctx.Queue() for _ in range(POOL)]
-        port = _free_port()
+        port = free_port()
         self.procs = [ctx.Process(target=_pool_worker, args=(r, POOL, port, self.cmd_qs[r], self.res_q), daemon=True)
                       for r in range(POOL)]
         for p in self.procs:

@@ -34,16 +34,14 @@ import datetime
 import gc
 import math
 import os
-import socket
-import tempfile
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from conftest import (
+    spawn_world,
     HAS_CUDA,
     NO_CUDA_REASON,
     acc_dtype,
@@ -683,11 +681,6 @@ def _worker(rank, world, port, backend, job, out_dir):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 _SPAWNS = {}
 
@@ -700,18 +693,7 @@ def run_job(job, world, backend, deadline_s):
             raise RuntimeError(f"the {backend} world={world} '{job}' spawn failed earlier") from _SPAWNS[key]
         return _SPAWNS[key]
     try:
-        with tempfile.TemporaryDirectory() as out_dir:
-            ctx = mp.spawn(_worker, args=(world, _free_port(), backend, job, out_dir), nprocs=world, join=False)
-            deadline = time.monotonic() + deadline_s
-            while not ctx.join(timeout=1.0):  # raises ProcessRaisedException with the child's traceback
-                if time.monotonic() > deadline:
-                    for p in ctx.processes:
-                        if p.is_alive():
-                            p.terminate()
-                    for p in ctx.processes:
-                        p.join(5)
-                    raise TimeoutError(f"'{job}' ({backend}, world={world}) did not finish in {deadline_s} s")
-            res = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+        res = spawn_world(_worker, world, (backend, job), deadline_s, f"'{job}' ({backend}, world={world})")
     except BaseException as e:
         _SPAWNS[key] = e
         raise
