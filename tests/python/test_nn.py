@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import sys
 import tempfile
 import zlib
@@ -22,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, gen, randn, ref, rel_err
+from conftest import REPO, gen, randn, ref, rel_err, free_port
 
 
 def _lasp_modules():
@@ -290,11 +289,6 @@ def test_b1_parameter_count_on_meta():
 # Sequence parallelism over gloo
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _sp_worker(rank, world, port, seed, N, bounds, ckpt, out_path):
     import torch.distributed as dist
@@ -323,8 +317,14 @@ def _sp_worker(rank, world, port, seed, N, bounds, ckpt, out_path):
             grads[n] = p.grad
         if rank == 0:
             torch.save({"loss": loss, "grads": grads}, out_path)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Success: leave without interpreter finalization. A Gloo worker thread of torch may still drop its
+    # reference to a Python-owned tensor (the gradients all-reduced above) while the interpreter shuts
+    # down; it then needs the GIL, pthread_exit unwinds through a noexcept frame and the process aborts
+    # ("terminate called without an active exception", exit code -6) after all its work is done.
+    os._exit(0)
 
 
 @pytest.mark.parametrize("ckpt,uneven", [(False, False), (True, True)], ids=["even", "ckpt-uneven"])
@@ -338,7 +338,7 @@ def test_model_sequence_parallel_equals_unsplit(ckpt, uneven, seed):
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "sp.pt")
         ctx = mp.get_context("spawn")
-        port = _free_port()
+        port = free_port()
         procs = [ctx.Process(target=_sp_worker, args=(r, world, port, seed, N, bounds, ckpt, out_path))
                  for r in range(world)]
         for p in procs:
