@@ -78,6 +78,22 @@ Tensor decay_pow_h(const Tensor& decay_acc, int64_t n, int64_t H, const at::Tens
   return at::exp(decay_acc * static_cast<double>(-n));
 }
 
+// What a rank contributes to the all-gather strategy: its (B, H, D, E) state, flattened, then gamma^n per head.
+Tensor pack_state(const Tensor& x, const Tensor& decay_acc, int64_t n) {
+  return at::cat({x.flatten(), decay_pow_h(decay_acc, n, x.size(1), x.options())});
+}
+
+// LASP-2's combination of the gathered packs of ranks j = first, first + step, ... (not `end`):
+// s = gamma^n_j s + X_j from s = 0 (forward: the prefix before a rank; backward: the suffix after it).
+Tensor combine_packs(const std::vector<Tensor>& all, const Tensor& like, int first, int end, int step) {
+  const int64_t numel = like.numel(), H = like.size(1);
+  Tensor s = at::zeros_like(like);
+  for (int j = first; j != end; j += step) {
+    s = at::addcmul(all[j].narrow(0, 0, numel).view_as(like), s, all[j].narrow(0, numel, H).view({1, -1, 1, 1}));
+  }
+  return s;
+}
+
 enum class Strategy : int64_t { Ring = 0, AllGather = 1 };
 
 Strategy parse_strategy(const std::string& s) {
@@ -259,17 +275,11 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels,
   Tensor s_out;
   bool zero_in = false;  // S_in is exactly zero (first rank without an initial state)
   if (strategy == Strategy::AllGather) {
-    const int64_t H = q.size(1);
     // The first rank folds the initial state into what it contributes (its S_out).
     if (ring.is_first() && initial_state.has_value()) local = decayed_sum(*initial_state, gamma_n, local);
-    Tensor pack = at::cat({local.flatten(), decay_pow_h(decay_acc, N, H, local.options())});
+    Tensor pack = pack_state(local, decay_acc, N);
     const auto all = ring.allgather(pack, "the all-gather of the local states");
-    const int64_t numel = local.numel();
-    s_in.zero_();
-    for (int j = 0; j < ring.rank(); ++j) {
-      s_in = at::addcmul(all[j].narrow(0, 0, numel).view_as(local), s_in,
-                         all[j].narrow(0, numel, H).view({1, -1, 1, 1}));
-    }
+    s_in = combine_packs(all, local, 0, ring.rank(), 1);
     if (ring.is_first()) {
       zero_in = !initial_state.has_value();
       if (!zero_in) s_in.copy_(*initial_state);
@@ -358,19 +368,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_
   Tensor g_prev;  // gradient w.r.t. this piece's incoming state
   bool zero_next = false;  // nothing arrives from later ranks (the last rank)
   if (strategy == Strategy::AllGather) {
-    const int64_t H = q.size(1);
-    Tensor pack = at::cat({m.flatten(), decay_pow_h(decay_acc, N, H, m.options())});
+    Tensor pack = pack_state(m, decay_acc, N);
     std::vector<std::vector<Tensor>> gathered;
     auto work = ring.allgather_start(pack, gathered);
     kernels.bwd_prepare(p);  // beside the all-gather
     Ring::wait(work, "the all-gather of the local state gradients");
-    const auto& all = gathered[0];
-    const int64_t numel = m.numel();
-    g_next.zero_();
-    for (int j = ring.size() - 1; j > ring.rank(); --j) {
-      g_next = at::addcmul(all[j].narrow(0, 0, numel).view_as(m), g_next,
-                           all[j].narrow(0, numel, H).view({1, -1, 1, 1}));
-    }
+    g_next = combine_packs(gathered[0], m, ring.size() - 1, ring.rank(), -1);
     zero_next = ring.is_last();
     g_prev = zero_next ? m : decayed_sum(g_next, gamma_n, m);
   } else if (ring.is_last()) {
