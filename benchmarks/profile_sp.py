@@ -14,6 +14,43 @@ import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
 
+def timeline(trace_path, strategy):
+    """Per-stream kernel timeline of the last profiled step: start, duration and gap before each kernel
+    (microseconds), and the step's span. NCCL kernels are what the exchange costs on the GPU."""
+    import json
+
+    with open(trace_path) as f:
+        ev = [e for e in json.load(f)["traceEvents"] if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    ev.sort(key=lambda e: e["ts"])
+    sleeps = [i for i, e in enumerate(ev) if "spin_kernel" in e["name"] or "sleep" in e["name"].lower()]
+    out = {"sp": [], "single": []}
+
+    def table(events, t0):
+        rows, last_end = [], {}
+        for e in events:
+            st = e["args"].get("stream", 0)
+            gap = e["ts"] - last_end.get(st, e["ts"])
+            last_end[st] = e["ts"] + e["dur"]
+            rows.append(f"{e['ts'] - t0:9.1f} {e['dur']:8.1f} {gap:7.1f}  s{st:<3} {e['name'][:90]}")
+        span = max(e["ts"] + e["dur"] for e in events) - t0 if events else 0.0
+        return ["    start      dur     gap  stream kernel"] + rows + [f"  step span {span:.1f} us"]
+
+    if len(sleeps) < 3:
+        return {"sp": [f"(no step found in {trace_path})"], "single": []}
+    # sequence-parallel steps: sleep, all_reduce, step; the 3rd sleep starts the last one
+    third = sleeps[2]
+    nxt = sleeps[3] if len(sleeps) > 3 else len(ev)
+    seg = ev[third + 1:nxt]
+    ar = next((i for i, e in enumerate(seg) if "AllReduce" in e["name"]), None)
+    if ar is not None:
+        t0 = seg[ar]["ts"] + seg[ar]["dur"]
+        out["sp"] = table(seg[ar + 1:], t0)
+    if len(sleeps) >= 6:  # rank 0: three single-device steps after that
+        seg = ev[sleeps[-1] + 1:]
+        out["single"] = table(seg, ev[sleeps[-1]]["ts"] + ev[sleeps[-1]]["dur"])
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n-local", type=int, default=16384)
@@ -56,7 +93,17 @@ def main():
                 torch.cuda._sleep(2_000_000)
                 step(None)
             torch.cuda.synchronize()
-    prof.export_chrome_trace(os.path.join(args.out, f"trace_rank{rank}.json"))
+    trace = os.path.join(args.out, f"trace_rank{rank}.json")
+    prof.export_chrome_trace(trace)
+    lines = timeline(trace, args.strategy)
+    for r in range(W):  # one rank at a time, in rank order
+        if r == rank:
+            print(f"== rank {rank}: last sequence-parallel step (t = 0 at the end of the step's all_reduce)")
+            print("\n".join(lines["sp"]), flush=True)
+            if rank == 0:
+                print("== rank 0: last single-device step (t = 0 at the end of the sleep)")
+                print("\n".join(lines["single"]), flush=True)
+        dist.barrier()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
     with open(os.path.join(args.out, f"table_rank{rank}.txt"), "w") as f:
         f.write(table)

@@ -41,7 +41,8 @@ if [ -z "$CS" ] || [ ! -x "$CS" ]; then
 fi
 "$CS" --version 2>&1 | tail -1 | tee "$OUT/sanitize_version.txt"
 
-export PYTORCH_NO_CUDA_MEMORY_CACHING=1 CUDA_MODULE_LOADING=LAZY PYTHONUNBUFFERED=1
+# LASP_TEST_SMALL: the GoogleTest cases up to 9000 token-heads (every path, sanitizer-sized)
+export PYTORCH_NO_CUDA_MEMORY_CACHING=1 CUDA_MODULE_LOADING=LAZY PYTHONUNBUFFERED=1 LASP_TEST_SMALL=1
 
 DRIVER="$OUT/sanitize_driver.py"
 cat > "$DRIVER" <<'PY'
@@ -226,8 +227,8 @@ fi
 step driver-racecheck racecheck 75 python3 "$DRIVER"
 step driver-initcheck initcheck 50 python3 "$DRIVER"
 [ -x "$GTEST" ] && step gtest-initcheck initcheck 40 "$GTEST" --gtest_filter="$GT_FILTER"
-[ -x "$GTEST" ] && step gtest-racecheck racecheck 50 "$GTEST" --gtest_filter="$GT_FILTER_RACE"
-step driver-synccheck synccheck 35 python3 "$DRIVER"
+[ -x "$GTEST" ] && step gtest-racecheck racecheck 200 "$GTEST" --gtest_filter="$GT_FILTER_RACE"
+step driver-synccheck synccheck 90 python3 "$DRIVER"
 
 echo "== compute-sanitizer summary ($(($(date +%s) - START)) s, logs in $OUT/sanitize_*)"
 printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/sanitize_summary.txt"
