@@ -90,7 +90,14 @@ struct Plan {
   size_t ws_states = 0;  // bytes of one (B,H,nseg,D,E) state array (0 when nseg == 1)
   size_t ws_gqa = 0;     // bytes of the per-query-head dk + dv (0 without GQA)
   bool ok = false;
+  size_t fwd_bytes() const { return ws_states; }                  // the segments' states
+  size_t bwd_bytes() const { return 2 * ws_states + ws_gqa; }     // S and G per segment, GQA partials
 };
+
+// A plan the kernels can run: valid, and the caller's workspace holds `need` bytes.
+bool runnable(const Plan& pl, const AttnParams& p, size_t need) {
+  return pl.ok && (need == 0 || (p.workspace != nullptr && p.workspace_bytes >= need));
+}
 
 size_t align256(size_t x) { return (x + 255) / 256 * 256; }
 
@@ -235,8 +242,7 @@ template <typename T, typename A>
 cudaError_t run_fwd(const AttnParams& p, cudaStream_t st) {
   if (p.N == 0) return pass_state(p, p.state_in, p.state_out, st);
   const Plan pl = plan_fwd(p);
-  if (!pl.ok) return cudaErrorInvalidValue;
-  if (pl.ws_states > 0 && (p.workspace == nullptr || p.workspace_bytes < pl.ws_states)) return cudaErrorInvalidValue;
+  if (!runnable(pl, p, pl.fwd_bytes())) return cudaErrorInvalidValue;
   const Ctx<A> c = make_ctx<A>(p, pl.nseg, pl.seglen);
   A* ws = static_cast<A*>(p.workspace);
   if (pl.nseg > 1) {
@@ -262,9 +268,7 @@ template <typename T, typename A>
 cudaError_t run_bwd(const AttnParams& p, cudaStream_t st) {
   if (p.N == 0) return pass_state(p, p.grad_state_out, p.grad_state_in, st);
   const Plan pl = plan_bwd(p);
-  if (!pl.ok) return cudaErrorInvalidValue;
-  const size_t need = 2 * pl.ws_states + pl.ws_gqa;
-  if (need > 0 && (p.workspace == nullptr || p.workspace_bytes < need)) return cudaErrorInvalidValue;
+  if (!runnable(pl, p, pl.bwd_bytes())) return cudaErrorInvalidValue;
   const Ctx<A> c = make_ctx<A>(p, pl.nseg, pl.seglen);
   char* wsb = static_cast<char*>(p.workspace);
   A* wsS = pl.ws_states ? reinterpret_cast<A*>(wsb) : nullptr;
@@ -338,8 +342,7 @@ template <typename T, typename A>
 cudaError_t run_fwd_local(const AttnParams& p, cudaStream_t st) {
   if (p.N == 0) return pass_state(p, nullptr, p.state_out, st);
   const Plan pl = plan_fwd(p);
-  if (!pl.ok) return cudaErrorInvalidValue;
-  if (pl.ws_states > 0 && (p.workspace == nullptr || p.workspace_bytes < pl.ws_states)) return cudaErrorInvalidValue;
+  if (!runnable(pl, p, pl.fwd_bytes())) return cudaErrorInvalidValue;
   const Ctx<A> c = make_ctx<A>(p, pl.nseg, pl.seglen);
   A* out = static_cast<A*>(p.state_out);
   if (pl.nseg == 1) return out ? local_states<T, A>(p, pl, c, false, out, st) : cudaSuccess;
@@ -354,9 +357,7 @@ template <typename T, typename A>
 cudaError_t run_bwd_local(const AttnParams& p, cudaStream_t st) {
   if (p.N == 0) return pass_state(p, nullptr, p.grad_state_in, st);
   const Plan pl = plan_bwd(p);
-  if (!pl.ok) return cudaErrorInvalidValue;
-  const size_t need = 2 * pl.ws_states + pl.ws_gqa;
-  if (need > 0 && (p.workspace == nullptr || p.workspace_bytes < need)) return cudaErrorInvalidValue;
+  if (!runnable(pl, p, pl.bwd_bytes())) return cudaErrorInvalidValue;
   const Ctx<A> c = make_ctx<A>(p, pl.nseg, pl.seglen);
   A* out = static_cast<A*>(p.grad_state_in);
   if (pl.nseg == 1) return out ? local_states<T, A>(p, pl, c, true, out, st) : cudaSuccess;
@@ -372,7 +373,7 @@ cudaError_t run_bwd_prepare(const AttnParams& p, cudaStream_t st) {
   const Plan pl = plan_bwd(p);
   if (!pl.ok) return cudaErrorInvalidValue;
   if (pl.nseg == 1) return cudaSuccess;
-  if (p.workspace == nullptr || p.workspace_bytes < 2 * pl.ws_states + pl.ws_gqa) return cudaErrorInvalidValue;
+  if (!runnable(pl, p, pl.bwd_bytes())) return cudaErrorInvalidValue;
   const Ctx<A> c = make_ctx<A>(p, pl.nseg, pl.seglen);
   return segment_states_fwd<T, A>(p, pl, c, static_cast<A*>(p.workspace), nullptr, st);
 }
@@ -420,7 +421,7 @@ size_t fwd_workspace_bytes(const AttnParams& p) {
   for (int mode : {0, 1}) {
     if (mode == 1 && !fast::shape_supported(p)) continue;
     const Plan pl = plan_fwd(p, mode);
-    if (pl.ok) bytes = std::max(bytes, pl.ws_states);
+    if (pl.ok) bytes = std::max(bytes, pl.fwd_bytes());
   }
   return bytes;
 }
@@ -431,7 +432,7 @@ size_t bwd_workspace_bytes(const AttnParams& p) {
   for (int mode : {0, 1}) {
     if (mode == 1 && !fast::shape_supported(p)) continue;
     const Plan pl = plan_bwd(p, mode);
-    if (pl.ok) bytes = std::max(bytes, 2 * pl.ws_states + pl.ws_gqa);
+    if (pl.ok) bytes = std::max(bytes, pl.bwd_bytes());
   }
   return bytes;
 }
