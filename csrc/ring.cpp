@@ -2,8 +2,10 @@
 
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 
+#include <chrono>
 #include <cstdlib>
 #include <sstream>
+#include <thread>
 #include <vector>
 
 namespace lasp {
@@ -49,7 +51,23 @@ void Ring::wait(const c10::intrusive_ptr<c10d::Work>& work, const char* what) {
   const auto timeout = group_checks().timeout;
   bool done = false;
   try {
-    done = timeout.has_value() ? work->wait(*timeout) : work->wait();
+    if (timeout.has_value()) {
+      // With a timeout the host waits for the work itself, polling (a host sync: the documented cost of
+      // the opt-in timeout), so a rank that never calls ends in an error here on every backend. (NCCL's
+      // own wait only orders the current stream after the work.)
+      const auto deadline = std::chrono::steady_clock::now() + *timeout;
+      bool finished = true;
+      while (!work->isCompleted()) {
+        if (std::chrono::steady_clock::now() > deadline) {
+          finished = false;
+          break;
+        }
+        std::this_thread::sleep_for(std::chrono::microseconds(50));
+      }
+      done = finished && work->wait();  // at once; raises the work's own error
+    } else {
+      done = work->wait();
+    }
   } catch (const std::exception& e) {
     TORCH_CHECK(false, "lasp_attention: ", what, " failed",
                 timeout.has_value() ? " or timed out after " + std::to_string(timeout->count()) + " ms" : "",

@@ -124,8 +124,9 @@ def set_group_checks(enabled: Optional[bool] = True, timeout_s: Optional[float] 
         synchronisation per call (turn it on to debug). With checks off, ranks that disagree on shapes
         produce undefined results.
     timeout_s: bound on every wait on another rank (a rank that never calls then ends in a timeout
-        error naming the step on the ranks that did call); None: the process group's own timeout
-        (init_process_group(timeout=...)).
+        error naming the step on the ranks that did call). The host then polls each exchange until it
+        finishes (on NCCL a host synchronisation per exchange: for debugging). None: the process
+        group's own timeout (init_process_group(timeout=...)).
 
     Start-up defaults come from the environment: LASP_CHECK_GROUP=0/1, LASP_CHECK_TIMEOUT_S.
     """

@@ -1,5 +1,6 @@
 """Distributed misuse: ranks that disagree on shapes, or a rank that never calls, end in a clear error
-on every calling rank (gloo, real processes), never in a silent wrong answer or an endless hang."""
+on every calling rank (real processes; gloo, and NCCL where 2 GPUs exist), never in a silent wrong answer
+or an endless hang."""
 import datetime
 import os
 import queue
@@ -15,18 +16,27 @@ from conftest import free_port
 
 
 
-def _worker(rank, world, port, case, results):
+def _worker(rank, world, port, case, backend, results):
     try:
         import lasp
 
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(port)
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+        dev = torch.device("cpu")
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+            dev = torch.device("cuda", rank)
+        # NCCL: the communicator is made here (device_id), as in a training job whose group has been used,
+        # so that the case tests lasp's waits rather than a communicator that is never completed
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60),
+                                device_id=dev if backend == "nccl" else None)
         torch.manual_seed(rank)
         D = 4
         if case == "mismatch_d" and rank == 1:
             D = 5
-        q, k, v = torch.randn(1, 2, 6, D), torch.randn(1, 2, 6, D), torch.randn(1, 2, 6, 3)
+        q, k, v = (torch.randn(1, 2, 6, d, device=dev) for d in (D, D, 3))
+        if backend == "nccl":
+            lasp.set_group_checks(True)  # opt-in for NCCL (auto: off)
         if case == "missing_rank":
             lasp.set_group_checks(True, timeout_s=3.0)
             if rank == world - 1:
@@ -35,18 +45,32 @@ def _worker(rank, world, port, case, results):
                 return
         try:
             lasp.lasp_attention(q, k, v, group=dist.group.WORLD)
+            if backend == "nccl":
+                torch.cuda.synchronize()
             results.put((rank, "ok", ""))
         except RuntimeError as e:
             results.put((rank, "error", str(e)))
+        if backend == "nccl":
+            # a rank whose NCCL work can never finish would hang in teardown: deliver the verdict, then leave
+            results.close()
+            results.join_thread()
+            os._exit(0)
     except Exception:
         results.put((rank, "crash", traceback.format_exc()))
 
 
-def _run(case, world=3, deadline=90):
+BACKENDS = [
+    pytest.param("gloo", 3, id="gloo"),
+    pytest.param("nccl", 2, id="nccl", marks=pytest.mark.skipif(
+        torch.cuda.device_count() < 2, reason=f"needs 2 CUDA devices for nccl, found {torch.cuda.device_count()}")),
+]
+
+
+def _run(case, backend="gloo", world=3, deadline=90):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, case, results)) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, case, backend, results)) for r in range(world)]
     for p in procs:
         p.start()
     out = {}
@@ -64,18 +88,20 @@ def _run(case, world=3, deadline=90):
     return out
 
 
-def test_mismatched_head_dim_raises_on_every_rank():
-    out = _run("mismatch_d")
+@pytest.mark.parametrize("backend,world", BACKENDS)
+def test_mismatched_head_dim_raises_on_every_rank(backend, world):
+    out = _run("mismatch_d", backend, world)
     for rank, (status, msg) in out.items():
         assert status == "error", (rank, status, msg)
         assert "lasp_attention: the ranks of the group disagree" in msg, msg
         assert "head dim D (rank 0: 4, rank 1: 5)" in msg, msg
 
 
-def test_rank_that_never_calls_times_out_on_the_others():
-    out = _run("missing_rank")
-    assert out[2][0] == "skipped"
-    for rank in (0, 1):
+@pytest.mark.parametrize("backend,world", BACKENDS)
+def test_rank_that_never_calls_times_out_on_the_others(backend, world):
+    out = _run("missing_rank", backend, world)
+    assert out[world - 1][0] == "skipped"
+    for rank in range(world - 1):
         status, msg = out[rank]
         assert status == "error", (rank, status, msg)
         assert "timed out" in msg and "lasp_attention" in msg, msg
