@@ -298,12 +298,12 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels,
         s_out = decayed_sum(s_in, gamma_n, local);
       }
     } else {
-      Ring::wait(recv, "receiving the state from the previous rank");
+      ring.wait(recv, "receiving the state from the previous rank");
       s_out = decayed_sum(s_in, gamma_n, local);  // gamma^n S_in + L_r
     }
   }
   if (strategy == Strategy::Ring && !ring.is_last()) {
-    Ring::wait(ring.send_next(s_out, Ring::kForwardTag), "sending the state to the next rank");
+    ring.wait(ring.send_next(s_out, Ring::kForwardTag), "sending the state to the next rank");
   }
   p.state_in = zero_in ? nullptr : s_in.data_ptr();
   p.state_out = nullptr;
@@ -372,7 +372,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_
     std::vector<std::vector<Tensor>> gathered;
     auto work = ring.allgather_start(pack, gathered);
     kernels.bwd_prepare(p);  // beside the all-gather
-    Ring::wait(work, "the all-gather of the local state gradients");
+    ring.wait(work, "the all-gather of the local state gradients");
     g_next = combine_packs(gathered[0], m, ring.size() - 1, ring.rank(), -1);
     zero_next = ring.is_last();
     g_prev = zero_next ? m : decayed_sum(g_next, gamma_n, m);
@@ -382,14 +382,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_
     c10::intrusive_ptr<c10d::Work> send;
     if (!ring.is_first()) send = ring.send_prev(g_prev, Ring::kBackwardTag);
     kernels.bwd_prepare(p);
-    if (send) Ring::wait(send, "sending the state gradient to the previous rank");
+    if (send) ring.wait(send, "sending the state gradient to the previous rank");
   } else {
     auto recv = ring.recv_next(g_next, Ring::kBackwardTag);
     kernels.bwd_prepare(p);
-    Ring::wait(recv, "receiving the state gradient from the next rank");
+    ring.wait(recv, "receiving the state gradient from the next rank");
     g_prev = decayed_sum(g_next, gamma_n, m);  // gamma^n (G_next + U) + M
     if (!ring.is_first()) {
-      Ring::wait(ring.send_prev(g_prev, Ring::kBackwardTag), "sending the state gradient to the previous rank");
+      ring.wait(ring.send_prev(g_prev, Ring::kBackwardTag), "sending the state gradient to the previous rank");
     }
   }
   Tensor g;  // G_r = U_r + G_next

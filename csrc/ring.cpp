@@ -47,26 +47,24 @@ bool Ring::checks_on() const {
   return group_checks().enabled.value_or(pg_->getBackendType() != c10d::ProcessGroup::BackendType::NCCL);
 }
 
-void Ring::wait(const c10::intrusive_ptr<c10d::Work>& work, const char* what) {
+void Ring::wait(const c10::intrusive_ptr<c10d::Work>& work, const char* what) const {
   const auto timeout = group_checks().timeout;
   bool done = false;
   try {
-    if (timeout.has_value()) {
-      // With a timeout the host waits for the work itself, polling (a host sync: the documented cost of
-      // the opt-in timeout), so a rank that never calls ends in an error here on every backend. (NCCL's
-      // own wait only orders the current stream after the work.)
+    done = timeout.has_value() ? work->wait(*timeout) : work->wait();
+    if (done && timeout.has_value() && pg_ && pg_->getBackendType() == c10d::ProcessGroup::BackendType::NCCL) {
+      // NCCL's wait only orders the current stream after the work (Gloo's returns once the work is done,
+      // or throws at the timeout). With a timeout the host then polls until the NCCL work has finished (a
+      // host sync: the documented cost of the opt-in timeout), so a rank that never calls ends in an
+      // error here instead of a kernel that waits forever.
       const auto deadline = std::chrono::steady_clock::now() + *timeout;
-      bool finished = true;
       while (!work->isCompleted()) {
         if (std::chrono::steady_clock::now() > deadline) {
-          finished = false;
+          done = false;
           break;
         }
         std::this_thread::sleep_for(std::chrono::microseconds(50));
       }
-      done = finished && work->wait();  // at once; raises the work's own error
-    } else {
-      done = work->wait();
     }
   } catch (const std::exception& e) {
     TORCH_CHECK(false, "lasp_attention: ", what, " failed",

@@ -51,7 +51,7 @@ class Ring {
                        const at::Device& device) const;
 
   // Waits for `work`; with group checks on, at most the configured timeout (then raises).
-  static void wait(const c10::intrusive_ptr<c10d::Work>& work, const char* what);
+  void wait(const c10::intrusive_ptr<c10d::Work>& work, const char* what) const;
 
   static constexpr int kForwardTag = 0x1A5;
   static constexpr int kBackwardTag = 0x1A6;
