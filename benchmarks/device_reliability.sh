@@ -2,6 +2,8 @@
 # Reliability pass on a 4-GPU machine (issues 6 and 7), about 6 minutes:
 #   tests   - the CUDA/NCCL cases of tests/python/test_reliability.py: non-finite propagation, decay edge
 #             cases, bitwise determinism, memory over 1000 iterations, 1M tokens over 2 and 4 GPUs
+#   groupchecks - the NCCL cases of tests/python/test_group_checks.py (2 GPUs: mismatched shapes, a rank
+#             that never calls, with checks and a timeout on)
 #   hf      - the NCCL sequence-parallel cases of tests/python/test_hf.py (sp=2, sp=4)
 #   example - examples/hf_minimax.py under torchrun on 2 and 4 GPUs (split vs unsplit losses)
 #   sanitize- benchmarks/sanitize.sh (compute-sanitizer on the kernels)
@@ -19,7 +21,7 @@ OUT=${OUT:-device_out}
 mkdir -p "$OUT"
 export OUT
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
-PARTS=${*:-tests hf example sanitize}
+PARTS=${*:-tests groupchecks hf example sanitize}
 START=$(date +%s)
 BUDGET=${DEVICE_BUDGET_S:-570}
 left() { echo $((BUDGET - ($(date +%s) - START))); }
@@ -72,6 +74,9 @@ for part in $PARTS; do
         "${PYTEST[@]}" tests/python/test_reliability.py -k "cuda or nccl" --junitxml="$OUT/test_reliability_gpu.xml"
       # what failed or was skipped, with the reason
       grep -E "^(FAILED|ERROR|SKIPPED)|AssertionError" "$OUT/test_reliability_gpu.log" | cut -c1-240 | head -30 ;;
+    groupchecks)
+      run group_checks 200 "$OUT/test_group_checks_nccl.log" "${PYTEST[@]}" tests/python/test_group_checks.py -k nccl
+      grep -E "^(FAILED|ERROR|SKIPPED)|AssertionError" "$OUT/test_group_checks_nccl.log" | cut -c1-240 | head -10 ;;
     hf)
       run hf_nccl 120 "$OUT/test_hf_nccl.log" "${PYTEST[@]}" tests/python/test_hf.py -k nccl
       grep -E "^(FAILED|ERROR|SKIPPED)|AssertionError" "$OUT/test_hf_nccl.log" | cut -c1-240 | head -10 ;;
@@ -85,7 +90,7 @@ for part in $PARTS; do
       export SANITIZE_BUDGET_S=${SANITIZE_BUDGET_S:-$b}
       run sanitize $((SANITIZE_BUDGET_S + 35)) "$OUT/sanitize.log" bash benchmarks/sanitize.sh
       [ -f "$OUT/sanitize_summary.txt" ] && cat "$OUT/sanitize_summary.txt" ;;
-    *) echo "unknown part '$part' (tests, hf, example, sanitize)"; exit 2 ;;
+    *) echo "unknown part '$part' (tests, groupchecks, hf, example, sanitize)"; exit 2 ;;
   esac
 done
 
