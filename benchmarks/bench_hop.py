@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
 """Latency of one forward state chain of the LASP ring (rank r: receive, one update, send on) over W
-GPUs: through the process group's NCCL send/recv (what lasp uses) and through a raw NCCL communicator
-driven on the current stream (ctypes, libnccl.so.2 as loaded by torch). Answers whether a raw
-communicator would shorten the ring's hops. Default: the 1 MiB fp32 state of B=1, H=16, D=E=128.
+GPUs, by three transports:
+  pg    the process group's NCCL send/recv (what lasp uses)
+  raw   a raw NCCL communicator driven on the current stream (ctypes, libnccl.so.2 as loaded by torch)
+  symm  peer memory (torch symmetric memory): rank r waits for rank r-1's signal, reads its state over
+        NVLink inside the update kernel, and signals rank r+1 (no copy kernel, no NCCL kernel)
+Answers whether another transport would shorten the ring's hops. Default: the 1 MiB fp32 state of B=1,
+H=16, D=E=128. Each transport's chain is first checked against the states of the previous ranks.
 
   NCCL_NVLS_ENABLE=0 torchrun --standalone --nproc_per_node 4 benchmarks/bench_hop.py
   NUMEL=65536 ...   # another state size (fp32 elements)
@@ -70,13 +74,47 @@ def timeit(fn, reps=50):
             ts.append(x.item() * 1000)
     return statistics.median(ts)
 
-# correctness of the raw chain: rank r received rank r-1's s_out
-chain_raw(); torch.cuda.synchronize()
-outs = [torch.empty_like(s_out) for _ in range(W)]
-dist.all_gather(outs, s_out)
-if rank > 0:
-    assert torch.equal(s_in, outs[rank - 1]), "raw chain delivered the wrong state"
-for name, fn in (("pg", chain_pg), ("raw", chain_raw), ("pg", chain_pg), ("raw", chain_raw)):
+# peer memory: each rank's outgoing state lives in a symmetric buffer the next rank reads directly
+symm = None
+try:
+    import torch.distributed._symmetric_memory as symm_mem
+
+    sbuf = symm_mem.empty(n, device="cuda")
+    symm = symm_mem.rendezvous(sbuf, dist.group.WORLD.group_name)
+    prev_view = symm.get_buffer(rank - 1, (n,), torch.float32) if rank > 0 else None
+except Exception as e:  # noqa: BLE001 - report and measure the others
+    if rank == 0:
+        print(f"symm: not available here ({type(e).__name__}: {e})", flush=True)
+
+
+def chain_symm():
+    if rank > 0:
+        symm.wait_signal(rank - 1)  # rank r-1's state is complete in its buffer
+        torch.addcmul(local, prev_view, g, out=sbuf)  # read over NVLink inside the update
+    else:
+        sbuf.copy_(local)
+    if rank < W - 1:
+        symm.put_signal(rank + 1)
+
+
+def check(name, fn, out):
+    """out on every rank must be local + g * (out of the previous rank); rank 0's out is local."""
+    fn()
+    torch.cuda.synchronize()
+    dist.barrier()
+    outs = [torch.empty_like(out) for _ in range(W)]
+    dist.all_gather(outs, out)
+    want = local if rank == 0 else torch.addcmul(local, outs[rank - 1], g)
+    ok = torch.tensor([float(torch.equal(out, want))], device="cuda")
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if ok.item() != 1.0:
+        raise SystemExit(f"bench_hop: the {name} chain delivered wrong states")
+
+
+transports = [("pg", chain_pg, s_out), ("raw", chain_raw, s_out)] + ([("symm", chain_symm, sbuf)] if symm else [])
+for name, fn, out in transports:
+    check(name, fn, out)
+for name, fn, _ in transports + transports:
     us = timeit(fn)
     if rank == 0:
         print(f"W={W} numel={n} {name:4s} chain median {us:7.1f} us", flush=True)
