@@ -17,18 +17,7 @@
 set -uo pipefail
 OUT=${OUT:-device_out}; mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
-export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
-# where the carried library finds torch's and CUDA's runtime libraries (as benchmarks/device_env.sh)
-_torch_lib=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
-_cudart=$(python3 - <<'EOF'
-import glob, os, site
-for d in site.getsitepackages() + ["/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib"]:
-    hits = glob.glob(os.path.join(d, "nvidia", "**", "libcudart.so.13"), recursive=True) + glob.glob(os.path.join(d, "libcudart.so.13"))
-    if hits:
-        print(os.path.dirname(hits[0])); break
-EOF
-)
-export LD_LIBRARY_PATH=$PWD/build/cmake:$_torch_lib${_cudart:+:$_cudart}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+source "$(dirname "$0")/device_paths.sh"
 
 if [[ "${SMOKE:-0}" == 1 ]]; then  # the script itself, on a CPU box: gloo, tiny sizes, 2 processes
   DEV=cpu NP=2; echo "0, cpu (smoke), 0 MiB" > "$OUT/gpus.txt"
