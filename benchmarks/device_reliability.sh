@@ -2,7 +2,7 @@
 # Reliability pass on a 4-GPU machine (issues 6 and 7), about 6 minutes:
 #   tests   - the CUDA/NCCL cases of tests/python/test_reliability.py: non-finite propagation, decay edge
 #             cases, bitwise determinism, memory over 1000 iterations, 1M tokens over 2 and 4 GPUs
-#   groupchecks - the NCCL cases of tests/python/test_group_checks.py (2 GPUs: mismatched shapes, a rank
+#   groupchecks - the NCCL cases of tests/python/test_group_checks.py, output not captured (2 GPUs: mismatched shapes, a rank
 #             that never calls, with checks and a timeout on)
 #   hf      - the NCCL sequence-parallel cases of tests/python/test_hf.py (sp=2, sp=4)
 #   example - examples/hf_minimax.py under torchrun on 2 and 4 GPUs (split vs unsplit losses)
@@ -75,7 +75,7 @@ for part in $PARTS; do
       # what failed or was skipped, with the reason
       grep -E "^(FAILED|ERROR|SKIPPED)|AssertionError" "$OUT/test_reliability_gpu.log" | cut -c1-240 | head -30 ;;
     groupchecks)
-      run group_checks 200 "$OUT/test_group_checks_nccl.log" "${PYTEST[@]}" tests/python/test_group_checks.py -k nccl
+      run group_checks 200 "$OUT/test_group_checks_nccl.log" "${PYTEST[@]}" -s tests/python/test_group_checks.py -k nccl
       grep -E "^(FAILED|ERROR|SKIPPED)|AssertionError" "$OUT/test_group_checks_nccl.log" | cut -c1-240 | head -10 ;;
     hf)
       run hf_nccl 120 "$OUT/test_hf_nccl.log" "${PYTEST[@]}" tests/python/test_hf.py -k nccl

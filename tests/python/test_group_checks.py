@@ -2,6 +2,7 @@
 on every calling rank (real processes; gloo, and NCCL where 2 GPUs exist), never in a silent wrong answer
 or an endless hang."""
 import datetime
+import faulthandler
 import os
 import queue
 import time
@@ -17,6 +18,8 @@ from conftest import free_port
 
 
 def _worker(rank, world, port, case, backend, results):
+    # a rank still running after 60 s prints every thread's stack (stderr), so a hang names its place
+    faulthandler.dump_traceback_later(60, exit=False)
     try:
         import lasp
 
