@@ -9,7 +9,8 @@ Run under torchrun with the largest world size; smaller worlds W run on the subg
 
 Methods (all on the same local kernels, layout (B, tokens, H, D), bf16, ALiBi-like decay):
   single        W = 1: lasp_attention on one GPU (group=None); the weak-scaling reference
-  ring          lasp_attention(..., group, strategy="ring")       (LASP: the state ring)
+  ring          lasp_attention(..., group, strategy="ring")       (LASP: the state ring, NCCL send/recv)
+  ring-peer     the same over the peer-memory transport (lasp.set_ring_transport("peer"))
   allgather     lasp_attention(..., group, strategy="allgather")  (LASP-2: one all-gather of states)
   ulysses       all-to-all tokens -> heads, the op over the whole sequence on H/W heads, all-to-all back
   allgather-kv  all-gather k and v (Megatron-SP style); each rank runs the op over its causal prefix
@@ -43,7 +44,7 @@ sys.path.insert(0, HERE)
 
 from bench_model import make_allgather_kv, make_ulysses  # noqa: E402  (the same baselines as the model benchmark)
 
-METHODS = ["ring", "allgather", "ulysses", "allgather-kv"]
+METHODS = ["ring", "ring-peer", "allgather", "ulysses", "allgather-kv"]
 
 
 def _import_lasp():
@@ -57,11 +58,13 @@ def alibi_decay(H, device):
 
 
 def make_method(lasp, name, group):
-    if name in ("single", "ring", "allgather"):
+    if name in ("single", "ring", "ring-peer", "allgather"):
         strategy = "allgather" if name == "allgather" else "ring"
         grp = None if name == "single" else group
+        transport = "peer" if name == "ring-peer" else "nccl"
 
         def attn(q, k, v, decay, scale, _g):
+            lasp.set_ring_transport(transport)  # read by this call's forward and backward
             return lasp.lasp_attention(q, k, v, decay, scale=scale, group=grp, layout="bnhd", strategy=strategy)
 
         return attn
@@ -398,7 +401,7 @@ def plot(d, path):
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
     for ax, (kind, key, lab, size) in zip(axes[0], panels):
-        for m in ["ring", "allgather", "ulysses", "allgather-kv"]:
+        for m in METHODS:
             pts = [(r["W"], r["fwd_bwd_ms"]) for r in rows if r["scaling"] == kind and r[key] == size
                    and (r["method"] == m or (r["W"] == 1 and r["method"] == "single")) and "fwd_bwd_ms" in r]
             if len(pts) > 1:

@@ -75,7 +75,7 @@ for part in $PARTS; do
       # what failed or was skipped, with the reason
       grep -E "^(FAILED|ERROR|SKIPPED)|AssertionError" "$OUT/test_reliability_gpu.log" | cut -c1-240 | head -30 ;;
     groupchecks)
-      run group_checks 200 "$OUT/test_group_checks_nccl.log" "${PYTEST[@]}" -s tests/python/test_group_checks.py -k nccl
+      run group_checks 200 "$OUT/test_group_checks_nccl.log" "${PYTEST[@]}" -s tests/python/test_group_checks.py -k "nccl or peer"
       grep -E "^(FAILED|ERROR|SKIPPED)|AssertionError" "$OUT/test_group_checks_nccl.log" | cut -c1-240 | head -10 ;;
     hf)
       run hf_nccl 120 "$OUT/test_hf_nccl.log" "${PYTEST[@]}" tests/python/test_hf.py -k nccl

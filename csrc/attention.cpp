@@ -102,6 +102,14 @@ Strategy parse_strategy(const std::string& s) {
   TORCH_CHECK_VALUE(false, "lasp_attention: strategy must be 'ring' or 'allgather', got '", s, "'");
 }
 
+// Whether this call's ring uses the peer-memory hop. Decided from what every rank of the group shares
+// (the backend, the strategy, the dtype and the process-wide transport), never from the piece's length,
+// so that the ranks agree.
+bool use_peer(const Kernels& backend_kernels, const Ring& ring, Strategy strategy, at::ScalarType acc) {
+  return strategy == Strategy::Ring && ring.size() > 1 && backend_kernels.peer_hop &&
+         ring_transport() == Transport::Peer && acc == at::kFloat;
+}
+
 // With group checks on: every rank compares what it was called with (one small all-gather).
 void check_group_call(const Ring& ring, const Tensor& q, const Tensor& k, const Tensor& v, bool has_decay,
                       Strategy strategy, int64_t pass) {
@@ -114,6 +122,7 @@ void check_group_call(const Ring& ring, const Tensor& q, const Tensor& k, const 
                         {"dtype", static_cast<int64_t>(q.scalar_type())},
                         {"strategy (0 ring, 1 allgather)", static_cast<int64_t>(strategy)},
                         {"decay given", has_decay ? 1 : 0},
+                        {"ring transport (0 nccl, 1 peer)", static_cast<int64_t>(ring_transport())},
                         {"pass (0 forward, 1 backward)", pass}},
                        pass == 0 ? "the forward call" : "the backward call", q.device());
 }
@@ -135,7 +144,7 @@ Kernels empty_piece_kernels(const Tensor& q, int64_t D, int64_t E) {
   return Kernels{[pass](AttnParams& p) { pass(p.state_in, p.state_out); },
                  [pass](AttnParams& p) { pass(nullptr, p.state_out); },
                  [pass](AttnParams& p) { pass(p.grad_state_out, p.grad_state_in); },
-                 [pass](AttnParams& p) { pass(nullptr, p.grad_state_in); }, [](AttnParams&) {}, nullptr};
+                 [pass](AttnParams& p) { pass(nullptr, p.grad_state_in); }, [](AttnParams&) {}, nullptr, nullptr};
 }
 
 }  // namespace
@@ -269,8 +278,9 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels,
   Tensor local = state_like(q, D, E);
   p.state_out = local.data_ptr();
   kernels.fwd_local(p);  // L_r
+  const bool peer = use_peer(backend_kernels, ring, strategy, acc);
   c10::intrusive_ptr<c10d::Work> recv;
-  if (strategy == Strategy::Ring && !ring.is_first()) recv = ring.recv_prev(s_in, Ring::kForwardTag);
+  if (strategy == Strategy::Ring && !peer && !ring.is_first()) recv = ring.recv_prev(s_in, Ring::kForwardTag);
   const Tensor gamma_n = decay_pow(decay_acc, N);  // before any wait: each hop's critical path is one update
   Tensor s_out;
   bool zero_in = false;  // S_in is exactly zero (first rank without an initial state)
@@ -297,12 +307,27 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels,
         s_in.copy_(*initial_state);
         s_out = decayed_sum(s_in, gamma_n, local);
       }
+    } else if (peer) {
+      s_out = state_like(q, D, E);  // filled by the hop
     } else {
       ring.wait(recv, "receiving the state from the previous rank");
       s_out = decayed_sum(s_in, gamma_n, local);  // gamma^n S_in + L_r
     }
+    if (peer) {  // receive S_in, S_out = gamma^n S_in + L_r, send S_out on: one kernel
+      PeerHop h;
+      h.ring = &ring;
+      h.dir = 0;
+      h.recv = !ring.is_first();
+      h.send = !ring.is_last();
+      h.add = ring.is_first() ? s_out : local;
+      h.gamma_h = decay_acc.defined() ? decay_pow_h(decay_acc, N, q.size(1), decay_acc.options()) : Tensor();
+      h.in_copy = s_in;
+      h.out = s_out;
+      h.what = "the forward state ring (peer transport)";
+      backend_kernels.peer_hop(h);
+    }
   }
-  if (strategy == Strategy::Ring && !ring.is_last()) {
+  if (strategy == Strategy::Ring && !peer && !ring.is_last()) {
     ring.wait(ring.send_next(s_out, Ring::kForwardTag), "sending the state to the next rank");
   }
   p.state_in = zero_in ? nullptr : s_in.data_ptr();
@@ -376,6 +401,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_
     g_next = combine_packs(gathered[0], m, ring.size() - 1, ring.rank(), -1);
     zero_next = ring.is_last();
     g_prev = zero_next ? m : decayed_sum(g_next, gamma_n, m);
+  } else if (use_peer(backend_kernels, ring, strategy, acc)) {
+    // The last rank sends M before its prepare pass; the others receive, update and send on after it.
+    PeerHop h;
+    h.ring = &ring;
+    h.dir = 1;
+    h.recv = !ring.is_last();
+    h.send = !ring.is_first();
+    h.add = m;
+    h.what = "the backward state ring (peer transport)";
+    zero_next = ring.is_last();
+    if (zero_next) {
+      g_prev = m;
+      backend_kernels.peer_hop(h);
+      kernels.bwd_prepare(p);
+    } else {
+      kernels.bwd_prepare(p);
+      g_prev = state_like(q, D, E);
+      h.gamma_h = decay_acc.defined() ? decay_pow_h(decay_acc, N, q.size(1), decay_acc.options()) : Tensor();
+      h.in_copy = g_next;
+      h.out = g_prev;  // gamma^n (G_next + U) + M
+      backend_kernels.peer_hop(h);
+    }
   } else if (ring.is_last()) {
     zero_next = true;
     g_prev = m;

@@ -14,12 +14,27 @@ namespace lasp {
 
 using at::Tensor;
 
+class Ring;
+
+// One hop of the ring through peer memory (Transport::Peer): with recv, out = gamma_h[h] * (the state the
+// upstream rank sent) + add and in_copy = that state; without, `add` itself is what travels. With send,
+// the result goes on to the downstream rank. dir 0: forward (rank r-1 -> r -> r+1), 1: backward.
+struct PeerHop {
+  const Ring* ring = nullptr;
+  int dir = 0;
+  bool recv = false, send = false;
+  Tensor add, gamma_h, in_copy, out;  // float32 (B, H, D, E) states; gamma_h (H,) or undefined (no decay)
+  const char* what = "";
+};
+
 // The building blocks of one backend. They receive filled params and run (or enqueue) the work.
 struct Kernels {
   std::function<void(AttnParams&)> fwd, fwd_local, bwd, bwd_local, bwd_prepare;
   // Allocates the scratch memory a fwd_local + fwd (backward: bwd_local + bwd) pair shares and points
   // p.workspace at it; the returned tensor owns it. Empty for backends that need none.
   std::function<Tensor(AttnParams&, bool backward)> workspace;
+  // The peer-memory hop; empty for backends without one (the ring then uses the process group).
+  std::function<void(const PeerHop&)> peer_hop;
 };
 
 // Checks shapes, dtypes and devices of the op's inputs (symbolic sizes allowed, so the meta kernels

@@ -22,7 +22,7 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 const Kernels& cpu_kernels() {
-  static const Kernels k{cpu::fwd, cpu::fwd_local, cpu::bwd, cpu::bwd_local, cpu::bwd_prepare, nullptr};
+  static const Kernels k{cpu::fwd, cpu::fwd_local, cpu::bwd, cpu::bwd_local, cpu::bwd_prepare, nullptr, nullptr};
   return k;
 }
 
@@ -161,6 +161,14 @@ void set_group_checks(std::optional<bool> enabled, std::optional<double> timeout
   }
 }
 
+void set_ring_transport(const std::string& transport) {
+  TORCH_CHECK_VALUE(transport == "nccl" || transport == "peer",
+                    "set_ring_transport: transport must be 'nccl' or 'peer', got '", transport, "'");
+  ring_transport() = transport == "peer" ? Transport::Peer : Transport::Nccl;
+}
+
+std::string get_ring_transport() { return ring_transport() == Transport::Peer ? "peer" : "nccl"; }
+
 at::Tensor alibi_slopes(int64_t num_heads) {
   TORCH_CHECK_VALUE(num_heads >= 1, "alibi_slopes: num_heads must be >= 1, got ", num_heads);
   // 2^(-8/n)^(i+1) for a power of two n; otherwise the closest lower power of two, then every other
@@ -194,6 +202,8 @@ TORCH_LIBRARY(lasp, m) {
       "lasp_attention_bwd(Tensor q, Tensor k, Tensor v, Tensor dout, Tensor? grad_final_state, Tensor? decay, "
       "float scale, Tensor state_in, str? group_name, str strategy=\"ring\") -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("set_group_checks(bool? enabled, float? timeout_s) -> ()", &lasp::set_group_checks);
+  m.def("set_ring_transport(str transport) -> ()", &lasp::set_ring_transport);
+  m.def("get_ring_transport() -> str", &lasp::get_ring_transport);
   m.def("alibi_slopes(int num_heads) -> Tensor", &lasp::alibi_slopes);
 }
 

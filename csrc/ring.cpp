@@ -13,6 +13,7 @@ namespace lasp {
 Ring::Ring(const std::optional<std::string>& group_name) {
   if (!group_name.has_value()) return;
   pg_ = c10d::resolve_process_group(*group_name);
+  group_name_ = *group_name;
   TORCH_CHECK(pg_, "lasp_attention: group '", *group_name, "' is not a registered process group");
   rank_ = pg_->getRank();
   size_ = pg_->getSize();
@@ -42,6 +43,17 @@ GroupChecks& group_checks() {
   return checks;
 }
 
+Transport& ring_transport() {
+  static Transport transport = [] {
+    const char* env = std::getenv("LASP_RING_TRANSPORT");
+    const std::string v = env == nullptr ? "nccl" : env;
+    TORCH_CHECK_VALUE(v == "nccl" || v == "peer", "lasp: env LASP_RING_TRANSPORT must be 'nccl' or 'peer', got '",
+                      v, "'");
+    return v == "peer" ? Transport::Peer : Transport::Nccl;
+  }();
+  return transport;
+}
+
 bool Ring::checks_on() const {
   if (size_ <= 1) return false;
   return group_checks().enabled.value_or(pg_->getBackendType() != c10d::ProcessGroup::BackendType::NCCL);
@@ -51,20 +63,19 @@ void Ring::wait(const c10::intrusive_ptr<c10d::Work>& work, const char* what) co
   const auto timeout = group_checks().timeout;
   bool done = false;
   try {
-    done = timeout.has_value() ? work->wait(*timeout) : work->wait();
-    if (done && timeout.has_value() && pg_ && pg_->getBackendType() == c10d::ProcessGroup::BackendType::NCCL) {
-      // NCCL's wait only orders the current stream after the work (Gloo's returns once the work is done,
-      // or throws at the timeout). With a timeout the host then polls until the NCCL work has finished (a
-      // host sync: the documented cost of the opt-in timeout), so a rank that never calls ends in an
-      // error here instead of a kernel that waits forever.
+    if (timeout.has_value() && pg_ && pg_->getBackendType() == c10d::ProcessGroup::BackendType::NCCL) {
+      // NCCL's wait(timeout) would abort the communicator when the time is up (and that can block while
+      // a peer holds it open). The host polls instead (a host sync: the documented cost of the opt-in
+      // timeout); a rank that never calls then ends in the error below, and the communicator is left to
+      // the process group's own watchdog.
       const auto deadline = std::chrono::steady_clock::now() + *timeout;
-      while (!work->isCompleted()) {
-        if (std::chrono::steady_clock::now() > deadline) {
-          done = false;
-          break;
-        }
+      while (!(done = work->isCompleted()) && std::chrono::steady_clock::now() < deadline) {
         std::this_thread::sleep_for(std::chrono::microseconds(50));
       }
+      if (done) work->wait();  // orders the current stream after the work (and rethrows its error)
+    } else {
+      // Gloo's wait returns once the work is done, or throws at the timeout.
+      done = timeout.has_value() ? work->wait(*timeout) : work->wait();
     }
   } catch (const std::exception& e) {
     TORCH_CHECK(false, "lasp_attention: ", what, " failed",

@@ -22,12 +22,22 @@ struct GroupChecks {
 };
 GroupChecks& group_checks();
 
+// How the ring's states travel between ranks holding CUDA tensors (lasp.set_ring_transport in Python;
+// start-up default from env LASP_RING_TRANSPORT=nccl|peer).
+//   Nccl: the process group's send/recv (any backend, any topology).
+//   Peer: one kernel per hop that writes the state straight into the next rank's memory (torch
+//         symmetric memory; every rank of the group on one node with peer access). float32 states of
+//         the ring strategy only; other calls use the process group.
+enum class Transport { Nccl, Peer };
+Transport& ring_transport();
+
 class Ring {
  public:
   // No group name (or a group of one rank): a ring of size 1, which never communicates.
   explicit Ring(const std::optional<std::string>& group_name);
 
   int rank() const { return rank_; }
+  const std::string& group_name() const { return group_name_; }
   bool checks_on() const;
   int size() const { return size_; }
   bool is_first() const { return rank_ == 0; }
@@ -58,6 +68,7 @@ class Ring {
 
  private:
   c10::intrusive_ptr<c10d::ProcessGroup> pg_;
+  std::string group_name_;
   int rank_ = 0;
   int size_ = 1;
 };

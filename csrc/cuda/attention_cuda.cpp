@@ -8,6 +8,7 @@
 
 #include "attention.h"
 #include "lasp_cuda.h"
+#include "peer_cuda.h"
 
 namespace lasp {
 namespace {
@@ -54,6 +55,7 @@ const Kernels& cuda_kernels() {
       [](AttnParams& p, bool backward) {
         return alloc_workspace(backward ? cuda::bwd_workspace_bytes : cuda::fwd_workspace_bytes, p);
       },
+      peer_hop_cuda,
   };
   return k;
 }

@@ -3,8 +3,8 @@
 Fused kernels for causal linear attention with per-head decay, and the LASP state ring that splits a
 sequence over the ranks of a torch.distributed group while passing only a d x e state between them.
 """
-from ._ops import alibi_slopes, lasp_attention, set_group_checks
+from ._ops import alibi_slopes, get_ring_transport, lasp_attention, set_group_checks, set_ring_transport
 from . import distributed, models, nn  # noqa: E402  (after the op is loaded)
 
 __version__ = "0.1.0"
-__all__ = ["lasp_attention", "alibi_slopes", "set_group_checks", "nn", "models", "distributed"]
+__all__ = ["lasp_attention", "alibi_slopes", "set_group_checks", "set_ring_transport", "get_ring_transport", "nn", "models", "distributed"]

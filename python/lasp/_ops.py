@@ -132,3 +132,28 @@ def set_group_checks(enabled: Optional[bool] = True, timeout_s: Optional[float] 
     """
     torch.ops.lasp.set_group_checks(None if enabled is None else bool(enabled),
                                     None if timeout_s is None else float(timeout_s))
+
+
+def set_ring_transport(transport: str) -> None:
+    """How the ring's states travel between ranks that hold CUDA tensors.
+
+    "nccl" (default): the process group's send/recv, for any backend and topology.
+    "peer": one small kernel per hop receives the state, updates it and writes it straight into the next
+        rank's GPU memory (torch symmetric memory; no NCCL kernel, no copy). Every rank of the group
+        must be on one node with peer access (NVLink or PCIe P2P). It applies to the "ring" strategy
+        with float32 states (float16, bfloat16 and float32 inputs); other calls use the process group.
+        The first call per (group, device, state size) maps the memory (a collective).
+        A rank that never calls makes the others give up after the timeout of set_group_checks (then a
+        clear error) or, without one, after 10 minutes (then a CUDA error, as NCCL's watchdog would).
+
+    Every rank of a group must use the same transport (group checks compare it). Start-up default:
+    env LASP_RING_TRANSPORT=nccl|peer.
+    """
+    if transport not in ("nccl", "peer"):
+        raise ValueError(f"lasp.set_ring_transport: transport must be 'nccl' or 'peer', got {transport!r}")
+    torch.ops.lasp.set_ring_transport(transport)
+
+
+def get_ring_transport() -> str:
+    """The ring transport in use ("nccl" or "peer"); see set_ring_transport."""
+    return torch.ops.lasp.get_ring_transport()

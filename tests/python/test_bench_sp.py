@@ -22,7 +22,7 @@ def test_bench_sp_smoke(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     d = json.loads(out.read_text())
-    assert {c["method"] for c in d["checks"]} == {"ring", "allgather", "ulysses", "allgather-kv"}
+    assert {c["method"] for c in d["checks"]} == {"ring", "ring-peer", "allgather", "ulysses", "allgather-kv"}
     assert all(c["max_rel_err"] < 1e-4 for c in d["checks"]), d["checks"]
     got = {(r["scaling"], r["W"], r["method"]) for r in d["rows"] if "fwd_bwd_ms" in r}
     assert ("weak", 1, "single") in got and ("weak", 2, "ring") in got and ("strong", 2, "allgather") in got

@@ -29,6 +29,8 @@ from conftest import (
 
 F32, F64 = torch.float32, torch.float64
 STRATEGIES = ("ring", "allgather")  # LASP ring and the LASP-2 all-gather variant
+# On NCCL also the ring over the peer-memory transport (lasp.set_ring_transport("peer"))
+NCCL_STRATEGIES = STRATEGIES + ("ring/peer",)
 SPAWN_DEADLINE_S = 180  # whole spawn (startup + all cases); a hang fails the test after this
 PG_TIMEOUT_S = 90
 
@@ -144,10 +146,11 @@ def _worker(rank, world, port, backend, out_dir):
             if prob["s0"] is not None and (r == 0 or case["state"] == "all"):
                 s0 = prob["s0"].clone().to(device).requires_grad_(True)
             decay = None if prob["decay"] is None else prob["decay"].to(device)
-            for strategy in STRATEGIES:
+            for strategy in NCCL_STRATEGIES if backend == "nccl" else STRATEGIES:
+                lasp.set_ring_transport("peer" if strategy == "ring/peer" else "nccl")
                 o, f = lasp.lasp_attention(
                     q, k, v, decay, group=pg, initial_state=s0, output_final_state=True, layout=layout,
-                    strategy=strategy,
+                    strategy=strategy.split("/")[0],
                 )
                 dS = prob["dS"][r]
                 outs, gos = [o], [do]
@@ -156,6 +159,7 @@ def _worker(rank, world, port, backend, out_dir):
                     gos.append(dS.to(device))
                 ins = [q, k, v] + ([s0] if s0 is not None else [])
                 gr = torch.autograd.grad(outs, ins, gos, allow_unused=True)
+                lasp.set_ring_transport("nccl")
                 results[(ci, gi, r, strategy)] = _pack(o, f, gr, s0)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
@@ -290,7 +294,7 @@ def test_ring_gloo(lasp, world, ci, strategy):
 _NGPU = torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", NCCL_STRATEGIES)
 @pytest.mark.parametrize("world,ci", _params())
 def test_ring_nccl(lasp, world, ci, strategy):
     if _NGPU < world:
@@ -299,3 +303,56 @@ def test_ring_nccl(lasp, world, ci, strategy):
         pytest.skip("nccl not available")
     results = run_world(world, "nccl")
     check_case(lasp, results, world, ci, "nccl", strategy)
+
+
+# ----------------------------------------------------------------------------------------------
+# The peer transport under load: many calls back to back with no host synchronisation, two state
+# sizes (two sets of inboxes), forward and backward interleaved as in a layer stack. Each rank runs
+# the same stack over the peer transport and over NCCL; the two must agree.
+
+def _stack_worker(rank, world, port, out_dir):
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S), device_id=torch.device("cuda", rank))
+    lasp = import_lasp()
+    g = torch.Generator().manual_seed(1234 + rank)
+    dev = torch.device("cuda", rank)
+    n = 100 + 37 * rank  # uneven pieces
+    shapes = [(2, 4, 32, 32), (1, 8, 64, 16)]  # (B, H, D, E): two state sizes, alternating per layer
+    layers = 6
+    xs = [torch.randn(B, H, n, D, generator=g).to(dev) for (B, H, D, E) in shapes]
+    ws = [torch.randn(D, E, generator=g).to(dev) / D**0.5 for (B, H, D, E) in shapes]
+    decay = [lasp.alibi_slopes(H).to(dev) for (B, H, D, E) in shapes]
+    out = {}
+    for transport in ("peer", "nccl"):
+        lasp.set_ring_transport(transport)
+        for it in range(3):
+            x = [t.clone().requires_grad_(True) for t in xs]
+            loss = 0
+            h = list(x)
+            for layer in range(layers):
+                i = layer % 2
+                B, H, D, E = shapes[i]
+                o = lasp.lasp_attention(h[i], h[i], h[i] @ ws[i], decay[i] if layer % 3 else None,
+                                        group=dist.group.WORLD)
+                h[i] = torch.tanh(o @ ws[i].T) + h[i]
+                loss = loss + h[i].float().pow(2).mean()
+            loss.backward()
+            out[(transport, it)] = [h[0].detach().cpu(), h[1].detach().cpu()] + [t.grad.cpu() for t in x]
+    lasp.set_ring_transport("nccl")
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_peer_transport_layer_stack_matches_nccl(lasp, world):
+    if _NGPU < world:
+        pytest.skip(f"needs {world} CUDA devices for the peer transport, found {_NGPU}")
+    results = spawn_world(_stack_worker, world, (), SPAWN_DEADLINE_S, f"peer layer stack (world={world})")
+    for r, res in enumerate(results):
+        for it in range(3):
+            for j, (a, b) in enumerate(zip(res[("peer", it)], res[("nccl", it)])):
+                assert torch.isfinite(a).all(), f"rank {r} iteration {it} tensor {j}: non-finite over peer"
+                e = rel_err(a, b)
+                assert e < 1e-5, f"rank {r} iteration {it} tensor {j}: peer vs nccl rel err {e:.3e}"

@@ -25,6 +25,10 @@ def _worker(rank, world, port, case, backend, results):
 
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(port)
+        transport = "nccl"
+        if backend == "peer":  # NCCL group, states over the peer-memory ring transport
+            backend, transport = "nccl", "peer"
+        lasp.set_ring_transport(transport)
         dev = torch.device("cpu")
         if backend == "nccl":
             torch.cuda.set_device(rank)
@@ -37,7 +41,7 @@ def _worker(rank, world, port, case, backend, results):
         D = 4
         if case == "mismatch_d" and rank == 1:
             D = 5
-        q, k, v = (torch.randn(1, 2, 6, d, device=dev) for d in (D, D, 3))
+        q, k, v = (torch.randn(1, 2, 6, d, device=dev, requires_grad=True) for d in (D, D, 3))
         if backend == "nccl":
             lasp.set_group_checks(True)  # opt-in for NCCL (auto: off)
         if case == "missing_rank":
@@ -47,7 +51,9 @@ def _worker(rank, world, port, case, backend, results):
                 time.sleep(12)  # stays alive (its connections open) but never calls lasp_attention
                 return
         try:
-            lasp.lasp_attention(q, k, v, group=dist.group.WORLD)
+            # forward and backward: with the peer transport the first rank's forward only sends, so it
+            # can finish; its backward must receive
+            lasp.lasp_attention(q, k, v, group=dist.group.WORLD).sum().backward()
             if backend == "nccl":
                 torch.cuda.synchronize()
             results.put((rank, "ok", ""))
@@ -66,6 +72,9 @@ BACKENDS = [
     pytest.param("gloo", 3, id="gloo"),
     pytest.param("nccl", 2, id="nccl", marks=pytest.mark.skipif(
         torch.cuda.device_count() < 2, reason=f"needs 2 CUDA devices for nccl, found {torch.cuda.device_count()}")),
+    pytest.param("peer", 2, id="peer", marks=pytest.mark.skipif(
+        torch.cuda.device_count() < 2,
+        reason=f"needs 2 CUDA devices for the peer transport, found {torch.cuda.device_count()}")),
 ]
 
 
