@@ -54,16 +54,20 @@ Transport& ring_transport() {
   return transport;
 }
 
+bool Ring::backend_is_nccl() const {
+  return pg_ && pg_->getBackendType() == c10d::ProcessGroup::BackendType::NCCL;
+}
+
 bool Ring::checks_on() const {
   if (size_ <= 1) return false;
-  return group_checks().enabled.value_or(pg_->getBackendType() != c10d::ProcessGroup::BackendType::NCCL);
+  return group_checks().enabled.value_or(!backend_is_nccl());
 }
 
 void Ring::wait(const c10::intrusive_ptr<c10d::Work>& work, const char* what) const {
   const auto timeout = group_checks().timeout;
   bool done = false;
   try {
-    if (timeout.has_value() && pg_ && pg_->getBackendType() == c10d::ProcessGroup::BackendType::NCCL) {
+    if (timeout.has_value() && backend_is_nccl()) {
       // NCCL's wait(timeout) would abort the communicator when the time is up (and that can block while
       // a peer holds it open). The host polls instead (a host sync: the documented cost of the opt-in
       // timeout); a rank that never calls then ends in the error below, and the communicator is left to
@@ -113,7 +117,7 @@ void Ring::check_same_call(const std::vector<std::pair<const char*, int64_t>>& f
   for (const auto& f : fields) values.push_back(f.second);
   // Gathered on the tensors' device for NCCL, on the CPU for other backends; the host reads it (a sync).
   at::Tensor mine = at::tensor(values, at::TensorOptions().dtype(at::kLong));
-  if (pg_->getBackendType() == c10d::ProcessGroup::BackendType::NCCL) mine = mine.to(device);
+  if (backend_is_nccl()) mine = mine.to(device);
   auto all = allgather(mine, "the all-gather of the call descriptions (group checks)");
   const at::Tensor first = all[0].cpu();
   for (int r = 1; r < size_; ++r) {

@@ -25,8 +25,8 @@ GroupChecks& group_checks();
 // How the ring's states travel between ranks holding CUDA tensors (lasp.set_ring_transport in Python;
 // start-up default from env LASP_RING_TRANSPORT=nccl|peer).
 //   Nccl: the process group's send/recv (any backend, any topology).
-//   Peer: one kernel per hop that writes the state straight into the next rank's memory (torch
-//         symmetric memory; every rank of the group on one node with peer access). float32 states of
+//   Peer: one kernel per hop that writes the state straight into the next rank's memory (mapped with
+//         CUDA IPC; every rank of the group on one node with peer access). float32 states of
 //         the ring strategy only; other calls use the process group.
 enum class Transport { Nccl, Peer };
 Transport& ring_transport();
@@ -39,6 +39,7 @@ class Ring {
   int rank() const { return rank_; }
   const std::string& group_name() const { return group_name_; }
   bool checks_on() const;
+  bool backend_is_nccl() const;
   int size() const { return size_; }
   bool is_first() const { return rank_ == 0; }
   bool is_last() const { return rank_ == size_ - 1; }

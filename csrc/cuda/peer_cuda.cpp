@@ -1,15 +1,18 @@
-// The peer-memory transport of the ring (Transport::Peer): per (group, device, state size) one symmetric
-// allocation (torch symmetric memory) that holds this rank's two inboxes and their flags, and the
-// hop kernel of kernels/peer_hop.cu launched on the current stream.
+// The peer-memory transport of the ring (Transport::Peer): per (group, device, state size) one buffer
+// that holds this rank's two inboxes and their flags, mapped into the neighbouring ranks with CUDA IPC,
+// and the hop kernel of kernels/peer_hop.cu launched on the current stream.
 #include "peer_cuda.h"
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <torch/csrc/distributed/c10d/symm_mem/SymmetricMemory.hpp>
+#include <unistd.h>
 
 #include <chrono>
+#include <cstring>
+#include <fstream>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
@@ -20,24 +23,38 @@
 namespace lasp {
 namespace {
 
-namespace symm = c10d::symmetric_memory;
-
 // A wait on another rank inside the hop kernel gives up after this long without a configured timeout
 // (the default timeout of an NCCL process group), then traps: the job ends in a CUDA error, not a hang.
 constexpr uint64_t kDefaultTimeoutNs = 600ull * 1000 * 1000 * 1000;
 
 struct Channel {
-  at::Tensor buf;  // this rank's symmetric allocation
-  c10::intrusive_ptr<symm::SymmetricMemory> handle;
-  std::vector<char*> bases;  // every group rank's allocation, as this device addresses it
+  char* base = nullptr;      // this rank's buffer (cudaMalloc: its own allocation, so it can be shared)
+  std::vector<char*> bases;  // every group rank's buffer as this device addresses it (neighbours only)
   uint32_t seq[2] = {0, 0};  // calls so far, per direction (the same on every rank)
   int* timed_out = nullptr;  // host-mapped, set by the kernel when a wait gave up
   int* timed_out_dev = nullptr;
   std::string broken;        // set once a hop timed out: the flags no longer match across ranks
 };
 
-// One channel per (group, device, state floats). Channels live as long as the process: their memory is
-// mapped into the other ranks.
+// What a rank tells the others when a channel is made: its buffer's IPC handle and its host.
+struct Hello {
+  cudaIpcMemHandle_t handle;
+  uint64_t host;
+};
+
+uint64_t host_id() {
+  char name[256] = {0};
+  gethostname(name, sizeof(name) - 1);
+  std::string id(name);
+  std::ifstream boot("/proc/sys/kernel/random/boot_id");
+  std::string boot_id;
+  if (boot >> boot_id) id += "/" + boot_id;
+  return std::hash<std::string>()(id);
+}
+
+// One channel per (group, device, state floats), made by the first call that needs it on every rank of
+// the group (one all-gather of IPC handles, under the group checks' timeout). Channels live as long as
+// the process: their memory is mapped into the neighbours.
 Channel& channel(const Ring& ring, const at::Tensor& like) {
   static std::mutex mu;
   static auto* channels = new std::map<std::tuple<std::string, int, int64_t>, Channel*>();
@@ -46,42 +63,45 @@ Channel& channel(const Ring& ring, const at::Tensor& like) {
   auto it = channels->find(key);
   if (it != channels->end()) return *it->second;
 
-  // Every rank first meets in the process group, under the configured timeout: a rank that never calls
-  // then ends in the group's timeout error here rather than in the rendezvous's store waits.
-  at::Tensor hello = at::ones({1}, like.options());
-  ring.allgather(hello, "the start of the peer ring transport (every rank of the group must call)");
-
-  auto* ch = new Channel();
-  const int64_t bytes = static_cast<int64_t>(cuda::peer_buffer_bytes(like.numel()));
-  try {
-    ch->buf = symm::empty_strided_p2p({bytes}, {1}, at::kByte, like.device(), std::nullopt, std::nullopt);
-    ch->buf.zero_();
-    // The zeroed flags must be in place before any peer can write them: every rank finishes its memset
-    // before the rendezvous (a collective) returns anywhere.
-    C10_CUDA_CHECK(cudaStreamSynchronize(at::cuda::getCurrentCUDAStream()));
-    ch->handle = symm::rendezvous(ch->buf, ring.group_name());
-  } catch (const std::exception& e) {
-    delete ch;
-    TORCH_CHECK(false, "lasp_attention: the peer ring transport could not map the memory of group '",
-                ring.group_name(), "' (", e.what(),
-                "). It needs every rank of the group on one node with peer access; use "
-                "lasp.set_ring_transport('nccl') otherwise.");
+  auto ch = std::make_unique<Channel>();
+  const size_t bytes = cuda::peer_buffer_bytes(like.numel());
+  C10_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&ch->base), bytes));
+  // Zero flags before any neighbour can see the buffer: the memset finishes before this rank joins the
+  // all-gather below, and a neighbour writes only after it.
+  C10_CUDA_CHECK(cudaMemset(ch->base, 0, bytes));
+  C10_CUDA_CHECK(cudaDeviceSynchronize());
+  Hello mine{};
+  C10_CUDA_CHECK(cudaIpcGetMemHandle(&mine.handle, ch->base));
+  mine.host = host_id();
+  at::Tensor t = at::empty({static_cast<int64_t>(sizeof(Hello))}, at::TensorOptions().dtype(at::kByte));
+  std::memcpy(t.data_ptr(), &mine, sizeof(Hello));
+  if (ring.backend_is_nccl()) t = t.to(like.device());
+  const auto all = ring.allgather(t, "the exchange that starts the peer ring transport (every rank must call)");
+  ch->bases.assign(ring.size(), nullptr);
+  ch->bases[ring.rank()] = ch->base;
+  for (int r : {ring.rank() - 1, ring.rank() + 1}) {
+    if (r < 0 || r >= ring.size()) continue;
+    Hello other{};
+    const at::Tensor o = all[r].cpu();
+    std::memcpy(&other, o.data_ptr(), sizeof(Hello));
+    TORCH_CHECK(other.host == mine.host, "lasp_attention: ranks ", ring.rank(), " and ", r, " of group '",
+                ring.group_name(), "' are on different hosts; the peer ring transport needs every rank of the "
+                "group on one node. Use lasp.set_ring_transport('nccl').");
+    void* ptr = nullptr;
+    const cudaError_t err = cudaIpcOpenMemHandle(&ptr, other.handle, cudaIpcMemLazyEnablePeerAccess);
+    if (err != cudaSuccess) cudaGetLastError();
+    TORCH_CHECK(err == cudaSuccess, "lasp_attention: rank ", ring.rank(), " of group '", ring.group_name(),
+                "' cannot map the memory of rank ", r, " (", cudaGetErrorString(err),
+                "); the peer ring transport needs peer access between the GPUs of the group. "
+                "Use lasp.set_ring_transport('nccl').");
+    ch->bases[r] = static_cast<char*>(ptr);
   }
-  TORCH_CHECK(ch->handle->world_within_direct_access(), "lasp_attention: the ranks of group '", ring.group_name(),
-              "' cannot all reach each other's memory; the peer ring transport needs every rank on one node "
-              "with peer access. Use lasp.set_ring_transport('nccl').");
-  const auto ptrs = ch->handle->get_buffer_ptrs();
-  TORCH_CHECK(static_cast<int>(ptrs.size()) == ring.size() && ch->handle->get_rank() == ring.rank(),
-              "lasp_attention: the peer memory of group '", ring.group_name(), "' has ", ptrs.size(),
-              " ranks (this one ", ch->handle->get_rank(), "), expected ", ring.size(), " (this one ", ring.rank(),
-              ")");
-  const ptrdiff_t offset = static_cast<char*>(ch->buf.data_ptr()) - static_cast<char*>(ptrs[ring.rank()]);
-  for (void* ptr : ptrs) ch->bases.push_back(static_cast<char*>(ptr) + offset);
   C10_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&ch->timed_out), sizeof(int), cudaHostAllocMapped));
   *ch->timed_out = 0;
   C10_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&ch->timed_out_dev), ch->timed_out, 0));
-  channels->emplace(key, ch);
-  return *ch;
+  Channel* raw = ch.release();
+  channels->emplace(key, raw);
+  return *raw;
 }
 
 const float* fptr(const at::Tensor& t) {

@@ -139,10 +139,11 @@ def set_ring_transport(transport: str) -> None:
 
     "nccl" (default): the process group's send/recv, for any backend and topology.
     "peer": one small kernel per hop receives the state, updates it and writes it straight into the next
-        rank's GPU memory (torch symmetric memory; no NCCL kernel, no copy). Every rank of the group
+        rank's GPU memory (mapped with CUDA IPC; no NCCL kernel, no copy). Every rank of the group
         must be on one node with peer access (NVLink or PCIe P2P). It applies to the "ring" strategy
         with float32 states (float16, bfloat16 and float32 inputs); other calls use the process group.
-        The first call per (group, device, state size) maps the memory (a collective).
+        The first call per (group, device, state size) maps the memory (one small all-gather over the
+        group) and keeps it for the life of the process (2 states of B*H*D*E floats).
         A rank that never calls makes the others give up after the timeout of set_group_checks (then a
         clear error) or, without one, after 10 minutes (then a CUDA error, as NCCL's watchdog would).
 

@@ -23,6 +23,9 @@ def _worker(rank, world, port, case, backend, results):
     try:
         import lasp
 
+        # NCCL connects its channels at init instead of at their first use (where a launch blocks the host
+        # until every peer joins, before lasp's timeout can apply): the state of a group a job has used
+        os.environ["NCCL_RUNTIME_CONNECT"] = "0"
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(port)
         transport = "nccl"
