@@ -281,12 +281,19 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels,
   const bool peer = use_peer(backend_kernels, ring, strategy, acc);
   c10::intrusive_ptr<c10d::Work> recv;
   if (strategy == Strategy::Ring && !peer && !ring.is_first()) recv = ring.recv_prev(s_in, Ring::kForwardTag);
-  const Tensor gamma_n = decay_pow(decay_acc, N);  // before any wait: each hop's critical path is one update
+  // gamma^n per head, made when first needed. Over NCCL: now, before any wait (each hop's critical path is
+  // one update). The peer hop computes it inside its kernel.
+  Tensor gamma_n;
+  auto gamma = [&]() -> const Tensor& {
+    if (!gamma_n.defined() && decay_acc.defined()) gamma_n = decay_pow(decay_acc, N);
+    return gamma_n;
+  };
+  if (!peer) gamma();
   Tensor s_out;
   bool zero_in = false;  // S_in is exactly zero (first rank without an initial state)
   if (strategy == Strategy::AllGather) {
     // The first rank folds the initial state into what it contributes (its S_out).
-    if (ring.is_first() && initial_state.has_value()) local = decayed_sum(*initial_state, gamma_n, local);
+    if (ring.is_first() && initial_state.has_value()) local = decayed_sum(*initial_state, gamma(), local);
     Tensor pack = pack_state(local, decay_acc, N);
     const auto all = ring.allgather(pack, "the all-gather of the local states");
     s_in = combine_packs(all, local, 0, ring.rank(), 1);
@@ -295,7 +302,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels,
       if (!zero_in) s_in.copy_(*initial_state);
       s_out = local;  // gamma^n init + L_0, folded above
     } else {
-      s_out = decayed_sum(s_in, gamma_n, local);
+      s_out = decayed_sum(s_in, gamma(), local);
     }
   } else {
     if (ring.is_first()) {
@@ -305,13 +312,13 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels,
         s_out = local;
       } else {
         s_in.copy_(*initial_state);
-        s_out = decayed_sum(s_in, gamma_n, local);
+        s_out = decayed_sum(s_in, gamma(), local);
       }
     } else if (peer) {
       s_out = state_like(q, D, E);  // filled by the hop
     } else {
       ring.wait(recv, "receiving the state from the previous rank");
-      s_out = decayed_sum(s_in, gamma_n, local);  // gamma^n S_in + L_r
+      s_out = decayed_sum(s_in, gamma(), local);  // gamma^n S_in + L_r
     }
     if (peer) {  // receive S_in, S_out = gamma^n S_in + L_r, send S_out on: one kernel
       PeerHop h;
@@ -320,7 +327,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels,
       h.recv = !ring.is_first();
       h.send = !ring.is_last();
       h.add = ring.is_first() ? s_out : local;
-      h.gamma_h = decay_acc.defined() ? decay_pow_h(decay_acc, N, q.size(1), decay_acc.options()) : Tensor();
+      h.decay = decay_acc;
+      h.n = N;
       h.in_copy = s_in;
       h.out = s_out;
       h.what = "the forward state ring (peer transport)";
@@ -387,8 +395,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_
   Tensor m = state_like(q, D, E);
   p.grad_state_in = m.data_ptr();
   kernels.bwd_local(p);  // M_r
-  const Tensor gamma_n = decay_pow(decay_acc, N);
-  if (g_user.defined()) m = decayed_sum(g_user, gamma_n, m);  // gamma^n U_r + M_r
+  const bool peer = use_peer(backend_kernels, ring, strategy, acc);
+  Tensor gamma_n;  // gamma^n per head, made when first needed (see the forward)
+  auto gamma = [&]() -> const Tensor& {
+    if (!gamma_n.defined() && decay_acc.defined()) gamma_n = decay_pow(decay_acc, N);
+    return gamma_n;
+  };
+  if (!peer) gamma();
+  if (g_user.defined()) m = decayed_sum(g_user, gamma(), m);  // gamma^n U_r + M_r
   p.grad_state_in = nullptr;
   Tensor g_prev;  // gradient w.r.t. this piece's incoming state
   bool zero_next = false;  // nothing arrives from later ranks (the last rank)
@@ -400,8 +414,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_
     ring.wait(work, "the all-gather of the local state gradients");
     g_next = combine_packs(gathered[0], m, ring.size() - 1, ring.rank(), -1);
     zero_next = ring.is_last();
-    g_prev = zero_next ? m : decayed_sum(g_next, gamma_n, m);
-  } else if (use_peer(backend_kernels, ring, strategy, acc)) {
+    g_prev = zero_next ? m : decayed_sum(g_next, gamma(), m);
+  } else if (peer) {
     // The last rank sends M before its prepare pass; the others receive, update and send on after it.
     PeerHop h;
     h.ring = &ring;
@@ -418,7 +432,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_
     } else {
       kernels.bwd_prepare(p);
       g_prev = state_like(q, D, E);
-      h.gamma_h = decay_acc.defined() ? decay_pow_h(decay_acc, N, q.size(1), decay_acc.options()) : Tensor();
+      h.decay = decay_acc;
+      h.n = N;
       h.in_copy = g_next;
       h.out = g_prev;  // gamma^n (G_next + U) + M
       backend_kernels.peer_hop(h);
@@ -434,7 +449,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_
     auto recv = ring.recv_next(g_next, Ring::kBackwardTag);
     kernels.bwd_prepare(p);
     ring.wait(recv, "receiving the state gradient from the next rank");
-    g_prev = decayed_sum(g_next, gamma_n, m);  // gamma^n (G_next + U) + M
+    g_prev = decayed_sum(g_next, gamma(), m);  // gamma^n (G_next + U) + M
     if (!ring.is_first()) {
       ring.wait(ring.send_prev(g_prev, Ring::kBackwardTag), "sending the state gradient to the previous rank");
     }

@@ -16,14 +16,17 @@ using at::Tensor;
 
 class Ring;
 
-// One hop of the ring through peer memory (Transport::Peer): with recv, out = gamma_h[h] * (the state the
-// upstream rank sent) + add and in_copy = that state; without, `add` itself is what travels. With send,
-// the result goes on to the downstream rank. dir 0: forward (rank r-1 -> r -> r+1), 1: backward.
+// One hop of the ring through peer memory (Transport::Peer): with recv, out = gamma^n * (the state the
+// upstream rank sent) + add and in_copy = that state, gamma^n = exp(-decay[h] * n); without, `add`
+// itself is what travels. With send, the result goes on to the downstream rank.
+// dir 0: forward (rank r-1 -> r -> r+1), 1: backward.
 struct PeerHop {
   const Ring* ring = nullptr;
   int dir = 0;
   bool recv = false, send = false;
-  Tensor add, gamma_h, in_copy, out;  // float32 (B, H, D, E) states; gamma_h (H,) or undefined (no decay)
+  Tensor add, in_copy, out;  // float32 (B, H, D, E) states
+  Tensor decay;              // float32 (H,) rates, or undefined (no decay)
+  int64_t n = 0;             // tokens of this rank's piece
   const char* what = "";
 };
 

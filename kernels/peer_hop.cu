@@ -38,6 +38,14 @@ __device__ __forceinline__ float4 fma4(float g, float4 a, float4 b) {
   return make_float4(fmaf(g, a.x, b.x), fmaf(g, a.y, b.y), fmaf(g, a.z, b.z), fmaf(g, a.w, b.w));
 }
 
+// gamma^n of element i's head: exp(-rate * n), the product rounded to float32 as the ops' decay_pow does,
+// the exponential in double (the kernels build with fast math, whose expf is approximate)
+__device__ __forceinline__ float gamma_of(const PeerHopParams& p, int64_t i) {
+  if (!p.decay) return 1.f;
+  const float x = p.decay[(i / p.per_head) % p.H] * static_cast<float>(-p.n);
+  return static_cast<float>(exp(static_cast<double>(x)));
+}
+
 template <bool kVec>
 __global__ void __launch_bounds__(kHopThreads) peer_hop_kernel(PeerHopParams p, int64_t chunk) {
   const int b = blockIdx.x;
@@ -64,8 +72,7 @@ __global__ void __launch_bounds__(kHopThreads) peer_hop_kernel(PeerHopParams p, 
       float4 x = __ldg(reinterpret_cast<const float4*>(p.add + i));
       if (p.recv) {
         const float4 in = __ldcg(reinterpret_cast<const float4*>(p.inbox + i));
-        const float g = p.gamma ? p.gamma[(i / p.per_head) % p.H] : 1.f;
-        x = fma4(g, in, x);
+        x = fma4(gamma_of(p, i), in, x);
         if (p.in_copy) *reinterpret_cast<float4*>(p.in_copy + i) = in;
         *reinterpret_cast<float4*>(p.out + i) = x;
       }
@@ -76,8 +83,7 @@ __global__ void __launch_bounds__(kHopThreads) peer_hop_kernel(PeerHopParams p, 
       float x = p.add[i];
       if (p.recv) {
         const float in = __ldcg(p.inbox + i);
-        const float g = p.gamma ? p.gamma[(i / p.per_head) % p.H] : 1.f;
-        x = fmaf(g, in, x);
+        x = fmaf(gamma_of(p, i), in, x);
         if (p.in_copy) p.in_copy[i] = in;
         p.out[i] = x;
       }

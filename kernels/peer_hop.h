@@ -19,7 +19,8 @@ struct PeerHopParams {
   int64_t numel = 0;        // floats in the state
   int64_t per_head = 0;     // D * E: head h of element i is (i / per_head) % H
   int64_t H = 1;
-  const float* gamma = nullptr;  // (H,) gamma^n of this piece; null: 1 (no decay)
+  const float* decay = nullptr;  // (H,) rates: gamma^n = exp(-decay[h] * n) for this piece; null: 1
+  int64_t n = 0;                 // tokens of this piece
   const float* add = nullptr;    // this rank's contribution (recv) or the state to send (no recv)
   float* in_copy = nullptr;      // recv: the received state (may be null)
   float* out = nullptr;          // recv: gamma * received + add
@@ -40,7 +41,7 @@ struct PeerHopParams {
   bool trap_on_timeout = true;
 };
 
-constexpr int kPeerSlices = 64;
+constexpr int kPeerSlices = 128;
 
 // Bytes of one rank's peer buffer for a state of `numel` floats: two inboxes (forward, backward) and
 // their flags. inbox(d) at d * inbox_bytes, flags after both: in[d], ack[d] for d = 0, 1.

@@ -130,7 +130,8 @@ void peer_hop_cuda(const PeerHop& h) {
   p.numel = h.add.numel();
   p.H = h.add.size(1);
   p.per_head = h.add.size(2) * h.add.size(3);
-  p.gamma = fptr(h.gamma_h);
+  p.decay = fptr(h.decay);
+  p.n = h.n;
   p.add = fptr(h.add);
   p.recv = h.recv;
   p.send = h.send;
