@@ -103,11 +103,17 @@ Strategy parse_strategy(const std::string& s) {
 }
 
 // Whether this call's ring uses the peer-memory hop. Decided from what every rank of the group shares
-// (the backend, the strategy, the dtype and the process-wide transport), never from the piece's length,
-// so that the ranks agree.
-bool use_peer(const Kernels& backend_kernels, const Ring& ring, Strategy strategy, at::ScalarType acc) {
-  return strategy == Strategy::Ring && ring.size() > 1 && backend_kernels.peer_hop &&
-         ring_transport() == Transport::Peer && acc == at::kFloat;
+// (the backend, the strategy, the dtype, the state size and the process-wide transport), never from the
+// piece's length, so that the ranks agree.
+bool use_peer(const Kernels& backend_kernels, const Ring& ring, Strategy strategy, const Tensor& q, int64_t D,
+              int64_t E) {
+  const Transport t = ring_transport();
+  if (t == Transport::Nccl || strategy != Strategy::Ring || ring.size() <= 1 || !backend_kernels.peer_ready ||
+      acc_type(q.scalar_type()) != at::kFloat) {
+    return false;
+  }
+  if (t == Transport::Auto && !ring.backend_is_nccl()) return false;
+  return backend_kernels.peer_ready(ring, q.device(), q.size(0) * q.size(1) * D * E, t == Transport::Peer);
 }
 
 // With group checks on: every rank compares what it was called with (one small all-gather).
@@ -122,7 +128,7 @@ void check_group_call(const Ring& ring, const Tensor& q, const Tensor& k, const 
                         {"dtype", static_cast<int64_t>(q.scalar_type())},
                         {"strategy (0 ring, 1 allgather)", static_cast<int64_t>(strategy)},
                         {"decay given", has_decay ? 1 : 0},
-                        {"ring transport (0 nccl, 1 peer)", static_cast<int64_t>(ring_transport())},
+                        {"ring transport (0 nccl, 1 peer, 2 auto)", static_cast<int64_t>(ring_transport())},
                         {"pass (0 forward, 1 backward)", pass}},
                        pass == 0 ? "the forward call" : "the backward call", q.device());
 }
@@ -144,7 +150,7 @@ Kernels empty_piece_kernels(const Tensor& q, int64_t D, int64_t E) {
   return Kernels{[pass](AttnParams& p) { pass(p.state_in, p.state_out); },
                  [pass](AttnParams& p) { pass(nullptr, p.state_out); },
                  [pass](AttnParams& p) { pass(p.grad_state_out, p.grad_state_in); },
-                 [pass](AttnParams& p) { pass(nullptr, p.grad_state_in); }, [](AttnParams&) {}, nullptr, nullptr};
+                 [pass](AttnParams& p) { pass(nullptr, p.grad_state_in); }, [](AttnParams&) {}, nullptr, nullptr, nullptr};
 }
 
 }  // namespace
@@ -278,7 +284,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels,
   Tensor local = state_like(q, D, E);
   p.state_out = local.data_ptr();
   kernels.fwd_local(p);  // L_r
-  const bool peer = use_peer(backend_kernels, ring, strategy, acc);
+  const bool peer = use_peer(backend_kernels, ring, strategy, q, D, E);
   c10::intrusive_ptr<c10d::Work> recv;
   if (strategy == Strategy::Ring && !peer && !ring.is_first()) recv = ring.recv_prev(s_in, Ring::kForwardTag);
   // gamma^n per head, made when first needed. Over NCCL: now, before any wait (each hop's critical path is
@@ -395,7 +401,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_
   Tensor m = state_like(q, D, E);
   p.grad_state_in = m.data_ptr();
   kernels.bwd_local(p);  // M_r
-  const bool peer = use_peer(backend_kernels, ring, strategy, acc);
+  const bool peer = use_peer(backend_kernels, ring, strategy, q, D, E);
   Tensor gamma_n;  // gamma^n per head, made when first needed (see the forward)
   auto gamma = [&]() -> const Tensor& {
     if (!gamma_n.defined() && decay_acc.defined()) gamma_n = decay_pow(decay_acc, N);

@@ -38,6 +38,10 @@ struct Kernels {
   std::function<Tensor(AttnParams&, bool backward)> workspace;
   // The peer-memory hop; empty for backends without one (the ring then uses the process group).
   std::function<void(const PeerHop&)> peer_hop;
+  // Whether the peer hop can run for this group, device and state size (the first call per triple is a
+  // collective that maps the neighbours' memory; every rank gets the same answer). required: raise
+  // instead of answering false.
+  std::function<bool(const Ring&, const at::Device&, int64_t state_numel, bool required)> peer_ready;
 };
 
 // Checks shapes, dtypes and devices of the op's inputs (symbolic sizes allowed, so the meta kernels

@@ -29,10 +29,11 @@ std::tuple<at::Tensor, at::Tensor> lasp_attention(const at::Tensor& q, const at:
 // Start-up defaults: env LASP_CHECK_GROUP (0/1) and LASP_CHECK_TIMEOUT_S.
 void set_group_checks(std::optional<bool> enabled, std::optional<double> timeout_s);
 
-// How the ring's states travel between ranks with CUDA tensors: "nccl" (the process group's send/recv,
-// the default) or "peer" (one kernel per hop writes the state into the next rank's memory; every rank
-// of the group on one node with peer access; float32 states, ring strategy). Start-up default: env
-// LASP_RING_TRANSPORT. Every rank of a group must use the same transport.
+// How the ring's states travel between ranks with CUDA tensors: "auto" (the default: "peer" where every
+// rank of an NCCL group can use it, else "nccl"), "nccl" (the process group's send/recv) or "peer" (one
+// kernel per hop writes the state into the next rank's memory; every rank of the group on one node with
+// peer access; float32 states, ring strategy). Start-up default: env LASP_RING_TRANSPORT. Every rank of
+// a group must use the same setting.
 void set_ring_transport(const std::string& transport);
 std::string get_ring_transport();
 

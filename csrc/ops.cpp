@@ -22,7 +22,7 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 const Kernels& cpu_kernels() {
-  static const Kernels k{cpu::fwd, cpu::fwd_local, cpu::bwd, cpu::bwd_local, cpu::bwd_prepare, nullptr, nullptr};
+  static const Kernels k{cpu::fwd, cpu::fwd_local, cpu::bwd, cpu::bwd_local, cpu::bwd_prepare, nullptr, nullptr, nullptr};
   return k;
 }
 
@@ -162,12 +162,19 @@ void set_group_checks(std::optional<bool> enabled, std::optional<double> timeout
 }
 
 void set_ring_transport(const std::string& transport) {
-  TORCH_CHECK_VALUE(transport == "nccl" || transport == "peer",
-                    "set_ring_transport: transport must be 'nccl' or 'peer', got '", transport, "'");
-  ring_transport() = transport == "peer" ? Transport::Peer : Transport::Nccl;
+  TORCH_CHECK_VALUE(transport == "auto" || transport == "nccl" || transport == "peer",
+                    "set_ring_transport: transport must be 'auto', 'nccl' or 'peer', got '", transport, "'");
+  ring_transport() = transport == "peer" ? Transport::Peer : transport == "nccl" ? Transport::Nccl : Transport::Auto;
 }
 
-std::string get_ring_transport() { return ring_transport() == Transport::Peer ? "peer" : "nccl"; }
+std::string get_ring_transport() {
+  switch (ring_transport()) {
+    case Transport::Peer: return "peer";
+    case Transport::Nccl: return "nccl";
+    case Transport::Auto: break;
+  }
+  return "auto";
+}
 
 at::Tensor alibi_slopes(int64_t num_heads) {
   TORCH_CHECK_VALUE(num_heads >= 1, "alibi_slopes: num_heads must be >= 1, got ", num_heads);

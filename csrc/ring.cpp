@@ -46,10 +46,10 @@ GroupChecks& group_checks() {
 Transport& ring_transport() {
   static Transport transport = [] {
     const char* env = std::getenv("LASP_RING_TRANSPORT");
-    const std::string v = env == nullptr ? "nccl" : env;
-    TORCH_CHECK_VALUE(v == "nccl" || v == "peer", "lasp: env LASP_RING_TRANSPORT must be 'nccl' or 'peer', got '",
-                      v, "'");
-    return v == "peer" ? Transport::Peer : Transport::Nccl;
+    const std::string v = env == nullptr ? "auto" : env;
+    TORCH_CHECK_VALUE(v == "auto" || v == "nccl" || v == "peer",
+                      "lasp: env LASP_RING_TRANSPORT must be 'auto', 'nccl' or 'peer', got '", v, "'");
+    return v == "peer" ? Transport::Peer : v == "nccl" ? Transport::Nccl : Transport::Auto;
   }();
   return transport;
 }

@@ -23,12 +23,14 @@ struct GroupChecks {
 GroupChecks& group_checks();
 
 // How the ring's states travel between ranks holding CUDA tensors (lasp.set_ring_transport in Python;
-// start-up default from env LASP_RING_TRANSPORT=nccl|peer).
+// start-up default from env LASP_RING_TRANSPORT=auto|nccl|peer).
 //   Nccl: the process group's send/recv (any backend, any topology).
 //   Peer: one kernel per hop that writes the state straight into the next rank's memory (mapped with
-//         CUDA IPC; every rank of the group on one node with peer access). float32 states of
-//         the ring strategy only; other calls use the process group.
-enum class Transport { Nccl, Peer };
+//         CUDA IPC; every rank of the group on one node with peer access). float32 states of the ring
+//         strategy only; other calls use the process group. Raises when the group cannot use it.
+//   Auto (default): Peer for NCCL groups whose ranks can all use it (decided together, once per group
+//         and state size), else Nccl.
+enum class Transport { Nccl = 0, Peer = 1, Auto = 2 };
 Transport& ring_transport();
 
 class Ring {

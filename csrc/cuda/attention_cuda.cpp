@@ -56,6 +56,7 @@ const Kernels& cuda_kernels() {
         return alloc_workspace(backward ? cuda::bwd_workspace_bytes : cuda::fwd_workspace_bytes, p);
       },
       peer_hop_cuda,
+      peer_ready_cuda,
   };
   return k;
 }

@@ -53,18 +53,12 @@ uint64_t host_id() {
 }
 
 // One channel per (group, device, state floats), made by the first call that needs it on every rank of
-// the group (one all-gather of IPC handles, under the group checks' timeout). Channels live as long as
-// the process: their memory is mapped into the neighbours.
-Channel& channel(const Ring& ring, const at::Tensor& like) {
-  static std::mutex mu;
-  static auto* channels = new std::map<std::tuple<std::string, int, int64_t>, Channel*>();
-  const auto key = std::make_tuple(ring.group_name(), static_cast<int>(like.get_device()), like.numel());
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = channels->find(key);
-  if (it != channels->end()) return *it->second;
-
+// the group: one all-gather of IPC handles and hosts, then one of whether each rank could map its
+// neighbours (both under the group checks' timeout), so that every rank reaches the same verdict.
+// Channels live as long as the process: their memory is mapped into the neighbours.
+Channel* make_channel(const Ring& ring, const at::Device& device, int64_t numel, bool required) {
   auto ch = std::make_unique<Channel>();
-  const size_t bytes = cuda::peer_buffer_bytes(like.numel());
+  const size_t bytes = cuda::peer_buffer_bytes(numel);
   C10_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&ch->base), bytes));
   // Zero flags before any neighbour can see the buffer: the memset finishes before this rank joins the
   // all-gather below, and a neighbour writes only after it.
@@ -73,35 +67,72 @@ Channel& channel(const Ring& ring, const at::Tensor& like) {
   Hello mine{};
   C10_CUDA_CHECK(cudaIpcGetMemHandle(&mine.handle, ch->base));
   mine.host = host_id();
-  at::Tensor t = at::empty({static_cast<int64_t>(sizeof(Hello))}, at::TensorOptions().dtype(at::kByte));
-  std::memcpy(t.data_ptr(), &mine, sizeof(Hello));
-  if (ring.backend_is_nccl()) t = t.to(like.device());
-  const auto all = ring.allgather(t, "the exchange that starts the peer ring transport (every rank must call)");
+  auto gather = [&](const void* data, size_t n, const char* what) {
+    at::Tensor t = at::empty({static_cast<int64_t>(n)}, at::TensorOptions().dtype(at::kByte));
+    std::memcpy(t.data_ptr(), data, n);
+    if (ring.backend_is_nccl()) t = t.to(device);
+    std::vector<at::Tensor> all = ring.allgather(t, what);
+    for (auto& a : all) a = a.cpu();
+    return all;
+  };
+  const auto hellos = gather(&mine, sizeof(Hello), "the exchange that starts the peer ring transport (every rank must call)");
+  auto hello = [&](int r) {
+    Hello h{};
+    std::memcpy(&h, hellos[r].data_ptr(), sizeof(Hello));
+    return h;
+  };
+  for (int r = 0; r < ring.size(); ++r) {
+    if (hello(r).host == mine.host) continue;
+    TORCH_CHECK(!required, "lasp_attention: ranks ", ring.rank(), " and ", r, " of group '", ring.group_name(),
+                "' are on different hosts; the peer ring transport needs every rank of the group on one node. "
+                "Use lasp.set_ring_transport('nccl') or 'auto'.");
+    return nullptr;  // every rank sees the same hosts: all fall back together
+  }
   ch->bases.assign(ring.size(), nullptr);
   ch->bases[ring.rank()] = ch->base;
+  std::string failure;
   for (int r : {ring.rank() - 1, ring.rank() + 1}) {
     if (r < 0 || r >= ring.size()) continue;
-    Hello other{};
-    const at::Tensor o = all[r].cpu();
-    std::memcpy(&other, o.data_ptr(), sizeof(Hello));
-    TORCH_CHECK(other.host == mine.host, "lasp_attention: ranks ", ring.rank(), " and ", r, " of group '",
-                ring.group_name(), "' are on different hosts; the peer ring transport needs every rank of the "
-                "group on one node. Use lasp.set_ring_transport('nccl').");
     void* ptr = nullptr;
-    const cudaError_t err = cudaIpcOpenMemHandle(&ptr, other.handle, cudaIpcMemLazyEnablePeerAccess);
-    if (err != cudaSuccess) cudaGetLastError();
-    TORCH_CHECK(err == cudaSuccess, "lasp_attention: rank ", ring.rank(), " of group '", ring.group_name(),
-                "' cannot map the memory of rank ", r, " (", cudaGetErrorString(err),
-                "); the peer ring transport needs peer access between the GPUs of the group. "
-                "Use lasp.set_ring_transport('nccl').");
+    const cudaError_t err = cudaIpcOpenMemHandle(&ptr, hello(r).handle, cudaIpcMemLazyEnablePeerAccess);
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      failure = "rank " + std::to_string(ring.rank()) + " cannot map the memory of rank " + std::to_string(r) +
+                " (" + cudaGetErrorString(err) + ")";
+      break;
+    }
     ch->bases[r] = static_cast<char*>(ptr);
+  }
+  const uint8_t ok = failure.empty() ? 1 : 0;
+  const auto oks = gather(&ok, 1, "the exchange that starts the peer ring transport (every rank must call)");
+  for (int r = 0; r < ring.size(); ++r) {
+    if (oks[r].data_ptr<uint8_t>()[0] == 1) continue;
+    TORCH_CHECK(!required, "lasp_attention: the peer ring transport cannot run on group '", ring.group_name(),
+                "': rank ", r, " cannot map its neighbours' memory",
+                failure.empty() ? std::string() : " (here: " + failure + ")",
+                ". It needs peer access between the GPUs of the group; use lasp.set_ring_transport('nccl') or "
+                "'auto'.");
+    return nullptr;
   }
   C10_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&ch->timed_out), sizeof(int), cudaHostAllocMapped));
   *ch->timed_out = 0;
   C10_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&ch->timed_out_dev), ch->timed_out, 0));
-  Channel* raw = ch.release();
-  channels->emplace(key, raw);
-  return *raw;
+  return ch.release();
+}
+
+using ChannelKey = std::tuple<std::string, int, int64_t>;
+
+std::map<ChannelKey, Channel*>& channels() {
+  static auto* map = new std::map<ChannelKey, Channel*>();  // null entries: the group cannot use peer memory
+  return *map;
+}
+std::mutex& channels_mutex() {
+  static std::mutex mu;
+  return mu;
+}
+
+ChannelKey channel_key(const Ring& ring, const at::Device& device, int64_t numel) {
+  return std::make_tuple(ring.group_name(), static_cast<int>(device.index()), numel);
 }
 
 const float* fptr(const at::Tensor& t) {
@@ -112,10 +143,28 @@ const float* fptr(const at::Tensor& t) {
 
 }  // namespace
 
+bool peer_ready_cuda(const Ring& ring, const at::Device& device, int64_t numel, bool required) {
+  const auto key = channel_key(ring, device, numel);
+  std::lock_guard<std::mutex> lock(channels_mutex());
+  auto it = channels().find(key);
+  if (it == channels().end()) it = channels().emplace(key, make_channel(ring, device, numel, required)).first;
+  TORCH_CHECK(it->second != nullptr || !required, "lasp_attention: the peer ring transport cannot run on group '",
+              ring.group_name(), "' (its ranks are on several hosts or lack peer access); use "
+              "lasp.set_ring_transport('nccl') or 'auto'.");
+  return it->second != nullptr;
+}
+
 void peer_hop_cuda(const PeerHop& h) {
   const Ring& ring = *h.ring;
   TORCH_INTERNAL_ASSERT(h.dir == 0 || h.dir == 1);
-  Channel& ch = channel(ring, h.add);
+  Channel* found = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(channels_mutex());
+    auto it = channels().find(channel_key(ring, h.add.device(), h.add.numel()));
+    if (it != channels().end()) found = it->second;
+  }
+  TORCH_INTERNAL_ASSERT(found != nullptr, "peer hop without a ready channel");
+  Channel& ch = *found;
   TORCH_CHECK(ch.broken.empty(), "lasp_attention: ", h.what, ": ", ch.broken);
   const size_t inbox_bytes = cuda::peer_inbox_bytes(h.add.numel());
   auto inbox = [&](int rank) { return reinterpret_cast<float*>(ch.bases[rank] + h.dir * inbox_bytes); };

@@ -137,24 +137,27 @@ def set_group_checks(enabled: Optional[bool] = True, timeout_s: Optional[float] 
 def set_ring_transport(transport: str) -> None:
     """How the ring's states travel between ranks that hold CUDA tensors.
 
-    "nccl" (default): the process group's send/recv, for any backend and topology.
+    "auto" (default): "peer" for NCCL groups whose ranks can all use it, else "nccl". The ranks decide
+        together at the first ring call per (group, device, state size): all on one host, and each able
+        to map its neighbours' memory.
+    "nccl": the process group's send/recv, for any backend and topology.
     "peer": one small kernel per hop receives the state, updates it and writes it straight into the next
-        rank's GPU memory (mapped with CUDA IPC; no NCCL kernel, no copy). Every rank of the group
-        must be on one node with peer access (NVLink or PCIe P2P). It applies to the "ring" strategy
-        with float32 states (float16, bfloat16 and float32 inputs); other calls use the process group.
-        The first call per (group, device, state size) maps the memory (one small all-gather over the
-        group) and keeps it for the life of the process (2 states of B*H*D*E floats).
-        A rank that never calls makes the others give up after the timeout of set_group_checks (then a
-        clear error) or, without one, after 10 minutes (then a CUDA error, as NCCL's watchdog would).
+        rank's GPU memory (mapped with CUDA IPC; no NCCL kernel, no copy). Every rank of the group must
+        be on one node with peer access (NVLink or PCIe P2P); otherwise the call raises on every rank.
+    The peer path applies to the "ring" strategy with float32 states (float16, bfloat16 and float32
+    inputs); other calls use the process group. Mapping costs two small all-gathers over the group, once
+    per (group, device, state size), and two states of B*H*D*E floats kept for the life of the process.
+    A rank that never calls makes the others give up after the timeout of set_group_checks (then a clear
+    error) or, without one, after 10 minutes (then a CUDA error, as NCCL's watchdog would end the job).
 
-    Every rank of a group must use the same transport (group checks compare it). Start-up default:
-    env LASP_RING_TRANSPORT=nccl|peer.
+    Every rank of a group must use the same setting (group checks compare it). Start-up default:
+    env LASP_RING_TRANSPORT=auto|nccl|peer.
     """
-    if transport not in ("nccl", "peer"):
-        raise ValueError(f"lasp.set_ring_transport: transport must be 'nccl' or 'peer', got {transport!r}")
+    if transport not in ("auto", "nccl", "peer"):
+        raise ValueError(f"lasp.set_ring_transport: transport must be 'auto', 'nccl' or 'peer', got {transport!r}")
     torch.ops.lasp.set_ring_transport(transport)
 
 
 def get_ring_transport() -> str:
-    """The ring transport in use ("nccl" or "peer"); see set_ring_transport."""
+    """The ring transport setting ("auto", "nccl" or "peer"); see set_ring_transport."""
     return torch.ops.lasp.get_ring_transport()

@@ -29,8 +29,9 @@ from conftest import (
 
 F32, F64 = torch.float32, torch.float64
 STRATEGIES = ("ring", "allgather")  # LASP ring and the LASP-2 all-gather variant
-# On NCCL also the ring over the peer-memory transport (lasp.set_ring_transport("peer"))
-NCCL_STRATEGIES = STRATEGIES + ("ring/peer",)
+# On NCCL the ring also over each transport named (lasp.set_ring_transport); plain "ring" uses the
+# default ("auto": the peer transport on one node)
+NCCL_STRATEGIES = STRATEGIES + ("ring/nccl", "ring/peer")
 SPAWN_DEADLINE_S = 180  # whole spawn (startup + all cases); a hang fails the test after this
 PG_TIMEOUT_S = 90
 
@@ -147,7 +148,7 @@ def _worker(rank, world, port, backend, out_dir):
                 s0 = prob["s0"].clone().to(device).requires_grad_(True)
             decay = None if prob["decay"] is None else prob["decay"].to(device)
             for strategy in NCCL_STRATEGIES if backend == "nccl" else STRATEGIES:
-                lasp.set_ring_transport("peer" if strategy == "ring/peer" else "nccl")
+                lasp.set_ring_transport(strategy.split("/")[1] if "/" in strategy else "auto")
                 o, f = lasp.lasp_attention(
                     q, k, v, decay, group=pg, initial_state=s0, output_final_state=True, layout=layout,
                     strategy=strategy.split("/")[0],
@@ -159,7 +160,7 @@ def _worker(rank, world, port, backend, out_dir):
                     gos.append(dS.to(device))
                 ins = [q, k, v] + ([s0] if s0 is not None else [])
                 gr = torch.autograd.grad(outs, ins, gos, allow_unused=True)
-                lasp.set_ring_transport("nccl")
+                lasp.set_ring_transport("auto")
                 results[(ci, gi, r, strategy)] = _pack(o, f, gr, s0)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
@@ -360,7 +361,7 @@ def _stack_worker(rank, world, port, out_dir):
         lasp.set_ring_transport(transport)
         for it in range(3):
             out[(transport, it)] = _stack(lasp, xs, ws, decay, dist.group.WORLD, [(0, b - a)])
-    lasp.set_ring_transport("nccl")
+    lasp.set_ring_transport("auto")
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
