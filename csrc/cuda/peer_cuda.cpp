@@ -144,6 +144,14 @@ const float* fptr(const at::Tensor& t) {
 }  // namespace
 
 bool peer_ready_cuda(const Ring& ring, const at::Device& device, int64_t numel, bool required) {
+  // A captured hop would replay its call number: CUDA graphs keep to NCCL ("auto") or are refused ("peer").
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &capture));
+  if (capture != cudaStreamCaptureStatusNone) {
+    TORCH_CHECK(!required, "lasp_attention: the peer ring transport cannot be captured in a CUDA graph; use "
+                "lasp.set_ring_transport('nccl') or 'auto' (which uses NCCL while capturing).");
+    return false;
+  }
   const auto key = channel_key(ring, device, numel);
   std::lock_guard<std::mutex> lock(channels_mutex());
   auto it = channels().find(key);

@@ -149,6 +149,7 @@ def set_ring_transport(transport: str) -> None:
     per (group, device, state size), and two states of B*H*D*E floats kept for the life of the process.
     A rank that never calls makes the others give up after the timeout of set_group_checks (then a clear
     error) or, without one, after 10 minutes (then a CUDA error, as NCCL's watchdog would end the job).
+    While a CUDA graph is being captured, "auto" uses NCCL and "peer" raises.
 
     Every rank of a group must use the same setting (group checks compare it). Start-up default:
     env LASP_RING_TRANSPORT=auto|nccl|peer.
