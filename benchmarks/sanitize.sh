@@ -164,8 +164,8 @@ if __name__ == "__main__":
 PY
 
 GTEST=build/cmake/lasp_cpp_tests
-GT_FILTER='CudaKernelsApi.*:AllDtypes/CudaKernels.LocalThenMainMatchFloat64Reference/bf16:AllDtypes/CudaKernels.LocalThenMainMatchFloat64Reference/f32'
-GT_FILTER_RACE='CudaKernelsApi.*:AllDtypes/CudaKernels.LocalThenMainMatchFloat64Reference/bf16'
+GT_FILTER='CudaKernelsApi.*:PeerHop.ChainMatchesFloat64InLaunchOrder:AllDtypes/CudaKernels.LocalThenMainMatchFloat64Reference/bf16:AllDtypes/CudaKernels.LocalThenMainMatchFloat64Reference/f32'
+GT_FILTER_RACE='CudaKernelsApi.*:PeerHop.ChainMatchesFloat64InLaunchOrder:AllDtypes/CudaKernels.LocalThenMainMatchFloat64Reference/bf16'
 
 declare -a SUMMARY
 ERRORS=0

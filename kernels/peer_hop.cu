@@ -106,6 +106,29 @@ size_t peer_inbox_bytes(int64_t numel) { return (static_cast<size_t>(numel) * si
 
 size_t peer_buffer_bytes(int64_t numel) { return 2 * peer_inbox_bytes(numel) + 4 * kPeerSlices * sizeof(uint32_t); }
 
+void peer_hop_addresses(PeerHopParams& p, char* const* bases, int64_t numel, int rank, int world, int dir) {
+  const size_t inbox_bytes = peer_inbox_bytes(numel);
+  auto inbox = [&](int r) { return reinterpret_cast<float*>(bases[r] + dir * inbox_bytes); };
+  // flags of a rank: in[0], ack[0], in[1], ack[1], kPeerSlices each
+  auto flags = [&](int r, int which) {
+    return reinterpret_cast<uint32_t*>(bases[r] + 2 * inbox_bytes) + (2 * dir + which) * kPeerSlices;
+  };
+  const int up = dir == 0 ? rank - 1 : rank + 1;
+  const int down = dir == 0 ? rank + 1 : rank - 1;
+  p.recv = up >= 0 && up < world;
+  p.send = down >= 0 && down < world;
+  if (p.recv) {
+    p.inbox = inbox(rank);
+    p.in_flags = flags(rank, 0);
+    p.up_ack_flags = flags(up, 1);
+  }
+  if (p.send) {
+    p.ack_flags = flags(rank, 1);
+    p.next_inbox = inbox(down);
+    p.next_in_flags = flags(down, 0);
+  }
+}
+
 cudaError_t peer_hop(const PeerHopParams& p, cudaStream_t stream) {
   if (!p.recv && !p.send) return cudaSuccess;
   const bool vec = p.numel % 4 == 0 && p.per_head % 4 == 0 && aligned16(p.add) && aligned16(p.in_copy) &&

@@ -48,6 +48,11 @@ constexpr int kPeerSlices = 128;
 size_t peer_inbox_bytes(int64_t numel);
 size_t peer_buffer_bytes(int64_t numel);
 
+// Fills the recv/send roles and the buffer addresses of `rank`'s hop in direction `dir` (0: towards
+// rank + 1, 1: towards rank - 1) of a ring of `world` ranks whose peer buffers this device addresses as
+// bases[0..world) (only the neighbours' entries are read).
+void peer_hop_addresses(PeerHopParams& p, char* const* bases, int64_t numel, int rank, int world, int dir);
+
 cudaError_t peer_hop(const PeerHopParams& p, cudaStream_t stream);
 
 }  // namespace cuda

@@ -174,35 +174,21 @@ void peer_hop_cuda(const PeerHop& h) {
   TORCH_INTERNAL_ASSERT(found != nullptr, "peer hop without a ready channel");
   Channel& ch = *found;
   TORCH_CHECK(ch.broken.empty(), "lasp_attention: ", h.what, ": ", ch.broken);
-  const size_t inbox_bytes = cuda::peer_inbox_bytes(h.add.numel());
-  auto inbox = [&](int rank) { return reinterpret_cast<float*>(ch.bases[rank] + h.dir * inbox_bytes); };
-  // flags of a rank: in[0], ack[0], in[1], ack[1], kPeerSlices each
-  auto flags = [&](int rank, int which) {
-    return reinterpret_cast<uint32_t*>(ch.bases[rank] + 2 * inbox_bytes) + (2 * h.dir + which) * cuda::kPeerSlices;
-  };
   const int up = h.dir == 0 ? ring.rank() - 1 : ring.rank() + 1;
   const int down = h.dir == 0 ? ring.rank() + 1 : ring.rank() - 1;
 
   cuda::PeerHopParams p;
+  cuda::peer_hop_addresses(p, ch.bases.data(), h.add.numel(), ring.rank(), ring.size(), h.dir);
+  TORCH_INTERNAL_ASSERT(p.recv == h.recv && p.send == h.send, "peer hop roles");
   p.numel = h.add.numel();
   p.H = h.add.size(1);
   p.per_head = h.add.size(2) * h.add.size(3);
   p.decay = fptr(h.decay);
   p.n = h.n;
   p.add = fptr(h.add);
-  p.recv = h.recv;
-  p.send = h.send;
   if (h.recv) {
     p.in_copy = const_cast<float*>(fptr(h.in_copy));
     p.out = const_cast<float*>(fptr(h.out));
-    p.inbox = inbox(ring.rank());
-    p.in_flags = flags(ring.rank(), 0);
-    p.up_ack_flags = flags(up, 1);
-  }
-  if (h.send) {
-    p.ack_flags = flags(ring.rank(), 1);
-    p.next_inbox = inbox(down);
-    p.next_in_flags = flags(down, 0);
   }
   p.seq = ++ch.seq[h.dir];
   const auto timeout = group_checks().timeout;
