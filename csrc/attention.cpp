@@ -94,6 +94,22 @@ Tensor combine_packs(const std::vector<Tensor>& all, const Tensor& like, int fir
   return s;
 }
 
+// gamma^n per head, made on first use (undefined without decay): the NCCL ring makes it before its waits,
+// the peer hop computes it inside its kernel and never asks.
+class LazyDecayPow {
+ public:
+  LazyDecayPow(const Tensor& decay_acc, int64_t n) : decay_acc_(decay_acc), n_(n) {}
+  const Tensor& operator()() {
+    if (!value_.defined() && decay_acc_.defined()) value_ = decay_pow(decay_acc_, n_);
+    return value_;
+  }
+
+ private:
+  const Tensor& decay_acc_;
+  int64_t n_;
+  Tensor value_;
+};
+
 enum class Strategy : int64_t { Ring = 0, AllGather = 1 };
 
 Strategy parse_strategy(const std::string& s) {
@@ -287,14 +303,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels,
   const bool peer = use_peer(backend_kernels, ring, strategy, q, D, E);
   c10::intrusive_ptr<c10d::Work> recv;
   if (strategy == Strategy::Ring && !peer && !ring.is_first()) recv = ring.recv_prev(s_in, Ring::kForwardTag);
-  // gamma^n per head, made when first needed. Over NCCL: now, before any wait (each hop's critical path is
-  // one update). The peer hop computes it inside its kernel.
-  Tensor gamma_n;
-  auto gamma = [&]() -> const Tensor& {
-    if (!gamma_n.defined() && decay_acc.defined()) gamma_n = decay_pow(decay_acc, N);
-    return gamma_n;
-  };
-  if (!peer) gamma();
+  LazyDecayPow gamma(decay_acc, N);
+  if (!peer) gamma();  // before any wait: each NCCL hop's critical path is one update
   Tensor s_out;
   bool zero_in = false;  // S_in is exactly zero (first rank without an initial state)
   if (strategy == Strategy::AllGather) {
@@ -327,17 +337,10 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels,
       s_out = decayed_sum(s_in, gamma(), local);  // gamma^n S_in + L_r
     }
     if (peer) {  // receive S_in, S_out = gamma^n S_in + L_r, send S_out on: one kernel
-      PeerHop h;
-      h.ring = &ring;
-      h.dir = 0;
-      h.recv = !ring.is_first();
-      h.send = !ring.is_last();
+      PeerHop h(ring, 0, decay_acc, N, "the forward state ring (peer transport)");
       h.add = ring.is_first() ? s_out : local;
-      h.decay = decay_acc;
-      h.n = N;
       h.in_copy = s_in;
       h.out = s_out;
-      h.what = "the forward state ring (peer transport)";
       backend_kernels.peer_hop(h);
     }
   }
@@ -402,11 +405,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_
   p.grad_state_in = m.data_ptr();
   kernels.bwd_local(p);  // M_r
   const bool peer = use_peer(backend_kernels, ring, strategy, q, D, E);
-  Tensor gamma_n;  // gamma^n per head, made when first needed (see the forward)
-  auto gamma = [&]() -> const Tensor& {
-    if (!gamma_n.defined() && decay_acc.defined()) gamma_n = decay_pow(decay_acc, N);
-    return gamma_n;
-  };
+  LazyDecayPow gamma(decay_acc, N);
   if (!peer) gamma();
   if (g_user.defined()) m = decayed_sum(g_user, gamma(), m);  // gamma^n U_r + M_r
   p.grad_state_in = nullptr;
@@ -423,13 +422,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_
     g_prev = zero_next ? m : decayed_sum(g_next, gamma(), m);
   } else if (peer) {
     // The last rank sends M before its prepare pass; the others receive, update and send on after it.
-    PeerHop h;
-    h.ring = &ring;
-    h.dir = 1;
-    h.recv = !ring.is_last();
-    h.send = !ring.is_first();
+    PeerHop h(ring, 1, decay_acc, N, "the backward state ring (peer transport)");
     h.add = m;
-    h.what = "the backward state ring (peer transport)";
     zero_next = ring.is_last();
     if (zero_next) {
       g_prev = m;
@@ -438,8 +432,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_
     } else {
       kernels.bwd_prepare(p);
       g_prev = state_like(q, D, E);
-      h.decay = decay_acc;
-      h.n = N;
       h.in_copy = g_next;
       h.out = g_prev;  // gamma^n (G_next + U) + M
       backend_kernels.peer_hop(h);

@@ -7,6 +7,7 @@
 #include <functional>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "lasp_params.h"
 
@@ -16,18 +17,19 @@ using at::Tensor;
 
 class Ring;
 
-// One hop of the ring through peer memory (Transport::Peer): with recv, out = gamma^n * (the state the
-// upstream rank sent) + add and in_copy = that state, gamma^n = exp(-decay[h] * n); without, `add`
-// itself is what travels. With send, the result goes on to the downstream rank.
-// dir 0: forward (rank r-1 -> r -> r+1), 1: backward.
+// One hop of the ring through peer memory (Transport::Peer). dir 0: forward (rank r-1 -> r -> r+1), 1:
+// backward. A rank with an upstream neighbour receives: out = gamma^n * (the state that rank sent) + add
+// and in_copy = that state, gamma^n = exp(-decay[h] * n); the first rank of the direction sends `add`
+// itself. A rank with a downstream neighbour sends the result on.
 struct PeerHop {
-  const Ring* ring = nullptr;
-  int dir = 0;
-  bool recv = false, send = false;
-  Tensor add, in_copy, out;  // float32 (B, H, D, E) states
+  PeerHop(const Ring& ring, int dir, Tensor decay, int64_t n, const char* what)
+      : ring(&ring), dir(dir), decay(std::move(decay)), n(n), what(what) {}
+  const Ring* ring;
+  int dir;
   Tensor decay;              // float32 (H,) rates, or undefined (no decay)
-  int64_t n = 0;             // tokens of this rank's piece
-  const char* what = "";
+  int64_t n;                 // tokens of this rank's piece
+  const char* what;
+  Tensor add, in_copy, out;  // float32 (B, H, D, E) states (in_copy, out: receiving ranks only)
 };
 
 // The building blocks of one backend. They receive filled params and run (or enqueue) the work.

@@ -179,14 +179,13 @@ void peer_hop_cuda(const PeerHop& h) {
 
   cuda::PeerHopParams p;
   cuda::peer_hop_addresses(p, ch.bases.data(), h.add.numel(), ring.rank(), ring.size(), h.dir);
-  TORCH_INTERNAL_ASSERT(p.recv == h.recv && p.send == h.send, "peer hop roles");
   p.numel = h.add.numel();
   p.H = h.add.size(1);
   p.per_head = h.add.size(2) * h.add.size(3);
   p.decay = fptr(h.decay);
   p.n = h.n;
   p.add = fptr(h.add);
-  if (h.recv) {
+  if (p.recv) {
     p.in_copy = const_cast<float*>(fptr(h.in_copy));
     p.out = const_cast<float*>(fptr(h.out));
   }
