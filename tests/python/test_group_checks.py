@@ -120,3 +120,16 @@ def test_rank_that_never_calls_times_out_on_the_others(backend, world):
         status, msg = out[rank]
         assert status == "error", (rank, status, msg)
         assert "timed out" in msg and "lasp_attention" in msg, msg
+
+
+def test_ring_transport_setting_round_trips_and_rejects_unknown_values(lasp):
+    before = lasp.get_ring_transport()
+    try:
+        for t in ("nccl", "peer", "auto"):
+            lasp.set_ring_transport(t)
+            assert lasp.get_ring_transport() == t
+        with pytest.raises(ValueError, match="transport must be 'auto', 'nccl' or 'peer', got 'fast'"):
+            lasp.set_ring_transport("fast")
+        assert lasp.get_ring_transport() == "auto"  # unchanged by the refused call
+    finally:
+        lasp.set_ring_transport(before)
