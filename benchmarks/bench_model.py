@@ -348,6 +348,9 @@ def main(argv=None):
                     help="layer checkpointing with the checkpoints in pinned CPU memory (replaces --checkpoint)")
     ap.add_argument("--pg-timeout", type=int, default=900, help="process-group timeout, seconds")
     ap.add_argument("--checkpoint", action="store_true", help="activation checkpointing of every layer")
+    ap.add_argument("--compile", action="store_true",
+                    help="LaspConfig.compile: torch.compile each layer's per-token stages and the loss chunks "
+                         "(every method runs the same compiled model; the attention calls stay outside)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--find-max", action="store_true", help="double the length until OOM for each method")
@@ -359,6 +362,8 @@ def main(argv=None):
     ap.add_argument("--plot", help="write a PNG (tokens/s and memory vs length) here")
     args = ap.parse_args(argv)
 
+    if args.compile and (args.lean or args.offload):
+        ap.error("--compile does not combine with --lean or --offload (they wrap the modules it compiles)")
     lasp = _import_lasp()
     if "RANK" not in os.environ:  # plain `python bench_model.py`: a group of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
@@ -381,6 +386,7 @@ def main(argv=None):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
     cfg.checkpoint_layers = args.checkpoint
+    cfg.compile = args.compile
     torch.manual_seed(0)
     if device.type == "cuda":  # built on the GPU: a 1B model's init on one CPU thread per rank takes long
         with torch.device(device):
@@ -418,13 +424,15 @@ def main(argv=None):
     info = env_info(device)
     info.update(model_params=model.num_parameters(), config=cfg.to_dict(), dtype=args.dtype,
                 batch_size=args.batch_size, checkpoint=args.checkpoint, has_strategy=has_strategy,
-                param_dtype=args.param_dtype, lean=args.lean, lean_chunk=args.lean_chunk if args.lean else None,
+                param_dtype=args.param_dtype, compile=args.compile, lean=args.lean,
+                lean_chunk=args.lean_chunk if args.lean else None,
                 offload=args.offload,
                 autocast=args.dtype if args.param_dtype == "fp32" and args.dtype != "fp32" else "off")
     if rank == 0:
         print(f"device {info['device']} x {W}, torch {info['torch']}, CUDA {info['cuda']}, commit {info['commit']}; "
               f"model {info['model_params'] / 1e6:.1f}M params, weights {args.param_dtype}, autocast {info['autocast']}, "
-              f"batch {args.batch_size}, checkpoint {args.checkpoint}{', lean' if args.lean else ''}"
+              f"batch {args.batch_size}, checkpoint {args.checkpoint}{', compiled' if args.compile else ''}"
+              f"{', lean' if args.lean else ''}"
               f"{', offloaded checkpoints' if args.offload else ''}; "
               f"a step = forward + backward (no optimizer)", flush=True)
 

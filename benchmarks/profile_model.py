@@ -45,6 +45,7 @@ def main():
     ap.add_argument("--seq-len", type=int, default=262144)
     ap.add_argument("--methods", default="lasp,ulysses")
     ap.add_argument("--checkpoint", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="LaspConfig.compile (as bench_model.py --compile)")
     ap.add_argument("--param-dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--top", type=int, default=12, help="kernels listed per method")
@@ -59,6 +60,7 @@ def main():
     group = lasp.distributed.sp_group(lasp.distributed.init_mesh(sp=W, device_type="cuda"))
     cfg = getattr(lasp.models.LaspConfig, args.preset)()
     cfg.checkpoint_layers = args.checkpoint
+    cfg.compile = args.compile
     torch.manual_seed(0)
     with torch.device(device):
         model = lasp.models.LaspForCausalLM(cfg)
@@ -80,7 +82,8 @@ def main():
         out.loss.backward()
         model.zero_grad(set_to_none=True)
 
-    report = {"world": W, "seq_len": args.seq_len, "preset": args.preset, "device": torch.cuda.get_device_name(),
+    report = {"world": W, "seq_len": args.seq_len, "preset": args.preset, "compile": args.compile,
+              "param_dtype": args.param_dtype, "device": torch.cuda.get_device_name(),
               "commit": os.environ.get("LASP_COMMIT", ""), "methods": {}}
     for m in args.methods.split(","):
         attn = makers[m]()

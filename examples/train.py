@@ -113,6 +113,8 @@ def parse_args(argv=None):
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, fp32 master weights")
     ap.add_argument("--checkpoint", action="store_true", help="activation checkpointing of every layer")
+    ap.add_argument("--compile", action="store_true",
+                    help="LaspConfig.compile: torch.compile each layer's per-token stages and the loss chunks")
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bar (log lines only)")
     ap.add_argument("--loss-log", help="rank 0 writes {'config', 'losses'} JSON here")
@@ -137,6 +139,7 @@ def build_config(args):
         if val is not None:
             setattr(cfg, key, val)
     cfg.checkpoint_layers = args.checkpoint
+    cfg.compile = args.compile
     return cfg
 
 
@@ -233,7 +236,7 @@ def train(args) -> int:
     if rank == 0:
         print(f"train.py: {n_params / 1e6:.2f}M params, world {world} = dp {dp} x sp {sp}, dp-mode {args.dp_mode}, "
               f"{device_type} ({backend}), seq {args.seq_len} (local {hi - lo}), batch/dp {B}, "
-              f"dtype {args.dtype}, checkpoint {args.checkpoint}", flush=True)
+              f"dtype {args.dtype}, checkpoint {args.checkpoint}, compile {args.compile}", flush=True)
     bar = None
     if rank == 0 and not args.no_progress:
         try:

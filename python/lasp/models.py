@@ -16,6 +16,7 @@ Presets: ``LaspConfig.tiny()`` (tests), ``.small()`` (~150M), ``.b1()`` (~1B par
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -57,6 +58,11 @@ class LaspConfig:
     initializer_range: float = 0.02
     loss_chunk_size: int = 4096  # tokens per cross-entropy chunk (peak logits memory: chunk x vocab)
     checkpoint_layers: bool = False  # activation checkpointing of every layer
+    # Fuse the per-token work around each attention call (norms, projections' epilogues, feature map,
+    # output norm and gate, residuals, GLU) and the loss chunks with torch.compile (inductor). The op
+    # and its ring stay outside the compiled graphs. The first steps at a new length compile (tens of
+    # seconds); the results match the eager model up to the rounding of fused float ops.
+    compile: bool = False
 
     @classmethod
     def tiny(cls, **kw) -> "LaspConfig":
@@ -140,9 +146,30 @@ class LaspBlock(nn.Module):
         self.mlp_norm = _make_norm(cfg)
         self.mlp = GLUMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_act, cfg.bias)
 
-    def forward(self, x, sp_group=None):
-        x = x + self.attn(self.attn_norm(x), sp_group=sp_group)
+    # forward = attn_in -> attention (the op, with its ring) -> attn_out_mlp. The two per-token stages are
+    # what ``compile`` fuses; they are methods so that every layer shares one compiled graph of each.
+
+    def attn_in(self, x):
+        h = self.attn_norm(x)
+        q, k, v = self.attn.project(h)
+        return h, q, k, v
+
+    def attn_out_mlp(self, x, h, o):
+        x = x + self.attn.output(o, h)
         return x + self.mlp(self.mlp_norm(x))
+
+    _fused_in = None  # compiled attn_in / attn_out_mlp, set by fuse()
+    _fused_out = None
+
+    def forward(self, x, sp_group=None):
+        h, q, k, v = (self._fused_in or self.attn_in)(x)
+        o = self.attn.attend(q, k, v, sp_group)
+        return (self._fused_out or self.attn_out_mlp)(x, h, o)
+
+    def fuse(self, compiler):
+        """Run the two per-token stages through ``compiler`` (e.g. ``torch.compile``)."""
+        self._fused_in = compiler(self.attn_in)
+        self._fused_out = compiler(self.attn_out_mlp)
 
 
 def _ce_chunk(h, weight, labels):
@@ -151,14 +178,17 @@ def _ce_chunk(h, weight, labels):
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                          chunk_size: int = 4096, recompute: bool = True) -> torch.Tensor:
+                          chunk_size: int = 4096, recompute: bool = True, chunk_fn=None) -> torch.Tensor:
     """sum_t cross_entropy(hidden[t] @ weight^T, labels[t]) (labels == -100 ignored), never holding
     more than ``chunk_size x vocab`` logits: each chunk's logits are computed in float32, reduced to
     a scalar and freed; with ``recompute`` (activation checkpointing per chunk) backward computes
     them again chunk by chunk instead of keeping them.
 
     hidden: (T, C); weight: (V, C); labels: (T,) int64. Returns a float32 scalar (a sum, not a mean).
+    chunk_fn: what computes one chunk's sum (default: linear, float32 cast, cross_entropy; the model
+    passes a compiled one under ``LaspConfig.compile``).
     """
+    chunk_fn = chunk_fn or _ce_chunk
     T = hidden.shape[0]
     if T == 0:
         return hidden.new_zeros((), dtype=torch.float32) + 0.0 * weight.sum()
@@ -166,9 +196,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     for s in range(0, T, chunk_size):
         h, y = hidden[s:s + chunk_size], labels[s:s + chunk_size]
         if recompute and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            part = checkpoint(_ce_chunk, h, weight, y, use_reentrant=False)
+            part = checkpoint(chunk_fn, h, weight, y, use_reentrant=False)
         else:
-            part = _ce_chunk(h, weight, y)
+            part = chunk_fn(h, weight, y)
         total = part if total is None else total + part
     return total
 
@@ -190,8 +220,21 @@ class LaspForCausalLM(nn.Module):
         self.norm = _make_norm(config)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = config.checkpoint_layers
+        self._ce_fn = None
+        if config.compile:
+            self.fuse()
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
+
+    def fuse(self, compiler=None):
+        """Compile each layer's per-token stages and the loss chunk (``LaspConfig.compile`` calls
+        this; ``compiler`` defaults to ``torch.compile(fullgraph=True)``). Every layer shares the
+        compiled graphs; the attention op and its ring run between them, uncompiled."""
+        if compiler is None:
+            compiler = functools.partial(torch.compile, fullgraph=True)
+        for layer in self.layers:
+            layer.fuse(compiler)
+        self._ce_fn = compiler(_ce_chunk)
 
     @torch.no_grad()
     def reset_parameters(self, seed: Optional[int] = None):
@@ -271,6 +314,6 @@ class LaspForCausalLM(nn.Module):
                     dist.all_reduce(norm, group=sp_group)
                 loss_normalizer = norm.clamp_min(1).float()
             loss_sum = chunked_cross_entropy(h.reshape(-1, h.shape[-1]), self.output_weight, flat,
-                                             self.config.loss_chunk_size)
+                                             self.config.loss_chunk_size, chunk_fn=self._ce_fn)
             out.loss = loss_sum / loss_normalizer
         return out

@@ -178,35 +178,55 @@ class LinearAttention(nn.Module):
         initial_state: (B, H, D, E) float32 state before the sequence (rank 0's is read under a
         group). Returns y (B, N, hidden), or (y, final_state) with output_final_state.
         """
-        B, N, _ = x.shape
-        H, Hkv, D, E = self.num_heads, self.num_kv_heads, self.head_dim, self.value_dim
-        group = sp_group if sp_group is not None else self.sp_group
-        q = self.q_proj(x).view(B, N, H, D)
-        k = self.k_proj(x).view(B, N, Hkv, D)
-        v = self.v_proj(x).view(B, N, Hkv, E)
-        if self.feature_map is not None:
-            q, k = self.feature_map(q), self.feature_map(k)
-        decay = self.decay
-        if decay is not None and decay.dtype != torch.float32:
-            decay = decay.float()
+        q, k, v = self.project(x)
         final_state = None
-        if self.attn_impl is not None:
-            if initial_state is not None or output_final_state:
-                raise ValueError("LinearAttention: states are not supported with a custom attn_impl")
-            o = self.attn_impl(q, k, v, decay, self.scale, group)
+        if initial_state is None and not output_final_state:
+            o = self.attend(q, k, v, sp_group)
+        elif self.attn_impl is not None:
+            raise ValueError("LinearAttention: states are not supported with a custom attn_impl")
         else:
+            group = sp_group if sp_group is not None else self.sp_group
             res = lasp_attention(
-                q, k, v, decay, scale=self.scale, group=group, initial_state=initial_state,
+                q, k, v, self._decay_rates(), scale=self.scale, group=group, initial_state=initial_state,
                 output_final_state=output_final_state, layout="bnhd",
             )
             o, final_state = res if output_final_state else (res, None)
-        o = o.reshape(B, N, H * E)
+        y = self.output(o, x)
+        return (y, final_state) if output_final_state else y
+
+    # The three stages of ``forward``, for callers that fuse the per-token ones (``lasp.models`` compiles
+    # ``project`` and ``output`` with the norms and residuals around them when asked to).
+
+    def project(self, x: torch.Tensor):
+        """x (B, N, hidden) -> q (B, N, H, D), k (B, N, Hkv, D), v (B, N, Hkv, E), feature map applied."""
+        B, N, _ = x.shape
+        q = self.q_proj(x).view(B, N, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, N, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, N, self.num_kv_heads, self.value_dim)
+        if self.feature_map is not None:
+            q, k = self.feature_map(q), self.feature_map(k)
+        return q, k, v
+
+    def _decay_rates(self):
+        decay = self.decay
+        return decay.float() if decay is not None and decay.dtype != torch.float32 else decay
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp_group=None) -> torch.Tensor:
+        """The attention itself (``attn_impl`` if set, else ``lasp_attention``), o (B, N, H, E)."""
+        group = sp_group if sp_group is not None else self.sp_group
+        if self.attn_impl is not None:
+            return self.attn_impl(q, k, v, self._decay_rates(), self.scale, group)
+        return lasp_attention(q, k, v, self._decay_rates(), scale=self.scale, group=group, layout="bnhd")
+
+    def output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """o (B, N, H, E) and the layer input x -> y (B, N, hidden): output norm, gate, projection."""
+        B, N = o.shape[:2]
+        o = o.reshape(B, N, self.num_heads * self.value_dim)
         if self.o_norm is not None:
             o = self.o_norm(o)
         if self.g_proj is not None:
             o = o * _GATES[self.gate_name](self.g_proj(x))
-        y = self.o_proj(o)
-        return (y, final_state) if output_final_state else y
+        return self.o_proj(o)
 
     def extra_repr(self) -> str:
         return (
