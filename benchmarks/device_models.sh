@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Model-level device pass (issue 5) on a 4-GPU H100/H200 machine, about 8 minutes in all (each step
+# Model-level device pass (issue 5) on a 4-GPU H100/H200 machine, about 10 minutes in all (each step
 # under `timeout`, clamped to what is left of BUDGET_S):
 #   a. convergence: the same seed trained with sp=1 and sp=4 for 200 steps in bf16, plus sp=1 in fp32
 #      (the bf16-noise reference): examples/train.py --convergence-check --noise-ref.
 #      -> $OUT/convergence.png, $OUT/convergence.json (all three loss curves, verdict), convergence.log
 #   b. benchmarks/bench_model.py on 4 GPUs, a 150M model (LaspConfig.small), 64K / 256K / 1M tokens:
-#      lasp ring, lasp allgather, ulysses, allgather-kv; tokens/s and peak memory per GPU.
-#      -> $OUT/bench_model.{json,png,log}
+#      lasp ring, lasp allgather, ulysses, allgather-kv; tokens/s and peak memory per GPU; the model with
+#      --compile (LaspConfig.compile), then with bf16 weights (lasp, ulysses), then eager at 256K.
+#      -> $OUT/bench_model.{json,png,log}, bench_model_bf16.*, bench_model_eager.*
 #   c. the longest-sequence probe of the ~1B model (LaspConfig.b1): 1M -> 2048K tokens over 4 GPUs,
 #      layer checkpointing + lean token-chunked checkpoints, bf16 weights, chunked loss; stops at the
 #      first out-of-memory length (caught, reported as OOM).  -> $OUT/probe_b1.{json,png,log}
@@ -40,15 +41,15 @@ git log -1 --format='commit %h %cd' --date=iso >> "$OUT/versions.txt" 2>/dev/nul
 if [[ $DEV == cuda ]]; then
   CONV=(--preset small --hidden-size 512 --num-layers 6 --num-heads 8 --vocab-size 4096 --loss-chunk-size 8192
         --seq-len 8192 --batch-size 4 --steps 200 --lr 1e-3 --warmup 20 --log-every 50)
-  BENCH=(--preset small --seq-lens 65536,262144,1048576 --warmup 1 --iters 3)
+  BENCH=(--preset small --seq-lens 65536,262144,1048576 --warmup 2 --iters 5); EAGER_LENS=262144
   PROBE=(--preset b1 --lean-chunk 65536 --seq-lens 1048576,2097152)
 else
   CONV=(--preset tiny --seq-len 128 --batch-size 2 --steps 10 --log-every 5)
-  BENCH=(--preset tiny --seq-lens 64,256 --warmup 0 --iters 1)
+  BENCH=(--preset tiny --seq-lens 64,256 --warmup 0 --iters 1); EAGER_LENS=256
   PROBE=(--preset tiny --lean-chunk 16 --seq-lens 64,128)
 fi
 
-START=$(date +%s); BUDGET_S=${BUDGET_S:-520}
+START=$(date +%s); BUDGET_S=${BUDGET_S:-600}
 # seconds for the next step: min(wanted, what is left of the budget); 0 = skip
 step_s() { local want=$1 left=$(( BUDGET_S - ($(date +%s) - START) )); (( left < want )) && want=$left; (( want < 20 )) && want=0; echo "$want"; }
 run_step() {  # name, wanted seconds, log, command...
@@ -71,11 +72,22 @@ run_step convergence "${CONV_S:-200}" "$OUT/convergence.log" \
 cp "$OUT/convergence/convergence.json" "$OUT/convergence.json" 2>/dev/null
 grep -E "convergence check|step 200/200|Error|error" "$OUT/convergence.log" | tail -6
 
-# b. methods side by side, 150M model, 64K / 256K / 1M tokens over NP GPUs (layer checkpointing, bf16 autocast).
-run_step bench_model "${BENCH_S:-150}" "$OUT/bench_model.log" \
+# b. methods side by side, 150M model, 64K / 256K / 1M tokens over NP GPUs (layer checkpointing, bf16 autocast
+#    over fp32 weights, the per-token stages compiled: LaspConfig.compile), then b2: bf16 weights, lasp and
+#    Ulysses only, and b3: the eager model (no --compile) at 256K, lasp and Ulysses.
+run_step bench_model "${BENCH_S:-170}" "$OUT/bench_model.log" \
   torchrun --standalone --nproc_per_node "$NP" benchmarks/bench_model.py --device "$DEV" "${BENCH[@]}" --checkpoint \
-    --dtype bf16 --methods lasp,lasp-allgather,ulysses,allgather-kv --pg-timeout 120 --json "$OUT/bench_model.json" --plot "$OUT/bench_model.png"
+    --compile --dtype bf16 --methods lasp,lasp-allgather,ulysses,allgather-kv --pg-timeout 120 \
+    --json "$OUT/bench_model.json" --plot "$OUT/bench_model.png"
 grep -E "^\||longest|Error" "$OUT/bench_model.log" | tail -20
+run_step bench_model_bf16 "${BENCH_BF16_S:-110}" "$OUT/bench_model_bf16.log" \
+  torchrun --standalone --nproc_per_node "$NP" benchmarks/bench_model.py --device "$DEV" "${BENCH[@]}" --checkpoint \
+    --compile --param-dtype bf16 --methods lasp,ulysses --pg-timeout 120 --json "$OUT/bench_model_bf16.json"
+grep -E "^\||Error" "$OUT/bench_model_bf16.log" | tail -8
+run_step bench_model_eager "${BENCH_EAGER_S:-60}" "$OUT/bench_model_eager.log" \
+  torchrun --standalone --nproc_per_node "$NP" benchmarks/bench_model.py --device "$DEV" "${BENCH[@]}" --checkpoint \
+    --dtype bf16 --methods lasp,ulysses --seq-lens "${EAGER_LENS}" --pg-timeout 120 --json "$OUT/bench_model_eager.json"
+grep -E "^\||Error" "$OUT/bench_model_eager.log" | tail -4
 
 # c. the 1B probe: 1M, 1.5M, 2M tokens (256K .. 512K per GPU), bf16 weights, layer + lean token-chunked
 #    checkpoints, until one runs out of memory; if 2M did not fit, 2M again with the layer checkpoints
@@ -122,7 +134,9 @@ if c:
           f"{'OK' if c['ok'] else 'MISMATCH'}. Plot: convergence.png"]
 else:
     L.append("no result (see convergence.log)")
-for name, title in (("bench_model.json", "b. Methods side by side"), ("probe_b1.json", "c. ~1B longest-sequence probe"),
+for name, title in (("bench_model.json", "b. Methods side by side (compiled per-token stages)"),
+                    ("bench_model_bf16.json", "b2. bf16 weights (compiled per-token stages)"),
+                    ("bench_model_eager.json", "b3. The eager model"), ("probe_b1.json", "c. ~1B longest-sequence probe"),
                     ("probe_b1_offload.json", "c'. ~1B at the target length, checkpoints offloaded to host memory")):
     r = load(name)
     if name == "probe_b1_offload.json" and not r and not os.path.exists(os.path.join(out, "probe_b1_offload.log")):
@@ -132,7 +146,7 @@ for name, title in (("bench_model.json", "b. Methods side by side"), ("probe_b1.
         L.append(f"no result (see {name[:-5]}.log)")
         continue
     i = r["info"]
-    L += ["", f"{i['model_params'] / 1e6:.0f}M params, weights {i.get('param_dtype', 'fp32')}, autocast {i.get('autocast', i['dtype'])}, "
+    L += ["", f"{i['model_params'] / 1e6:.0f}M params, compile {i.get('compile', False)}, weights {i.get('param_dtype', 'fp32')}, autocast {i.get('autocast', i['dtype'])}, "
           f"checkpoint {i['checkpoint']}, lean {i.get('lean', False)}, offload {i.get('offload', False)}, batch {i['batch_size']}, {i['world']} x {i['device']}, "
           f"commit {i['commit']}; a step = forward + backward", "",
           "| method | tokens | s/step | tokens/s/GPU | peak GiB/GPU (alloc / reserved) | vs ulysses |",
