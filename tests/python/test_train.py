@@ -212,6 +212,10 @@ GPU_CASES = [
                  id="dp2xsp2-fsdp-checkpoint-bf16"),
     pytest.param(4, ["--sp", "4", "--batch-size", "2"], "bf16", id="sp4-bf16"),
     pytest.param(4, ["--sp", "4", "--batch-size", "2"], "fp32", id="sp4-fp32"),
+    # LaspConfig.compile (inductor per-token stages) against the eager sp=1 curve
+    pytest.param(4, ["--sp", "4", "--batch-size", "2", "--compile"], "fp32", id="sp4-compile-fp32"),
+    pytest.param(4, ["--sp", "2", "--dp-mode", "fsdp", "--batch-size", "1", "--checkpoint", "--compile"], "bf16",
+                 id="dp2xsp2-fsdp-checkpoint-compile-bf16"),
 ]
 
 
