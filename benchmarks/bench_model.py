@@ -250,6 +250,8 @@ def run_one(model, cfg, attn, seq_len, args, device, group):
     labels = lasp.distributed.split_sequence(tokens[:, 1:], group).to(device)
     del tokens
     norm = float(args.batch_size * seq_len)
+    if cfg.compile:  # each length compiled afresh for its own static shapes, as a run at that one length is
+        torch._dynamo.reset()
     # bf16 weights: the model runs in bf16 without autocast (which would only add fp32 outputs of the ops it
     # keeps in fp32, and a bf16 copy of each per consumer)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,

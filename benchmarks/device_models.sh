@@ -41,7 +41,7 @@ git log -1 --format='commit %h %cd' --date=iso >> "$OUT/versions.txt" 2>/dev/nul
 if [[ $DEV == cuda ]]; then
   CONV=(--preset small --hidden-size 512 --num-layers 6 --num-heads 8 --vocab-size 4096 --loss-chunk-size 8192
         --seq-len 8192 --batch-size 4 --steps 200 --lr 1e-3 --warmup 20 --log-every 50)
-  BENCH=(--preset small --seq-lens 65536,262144,1048576 --warmup 2 --iters 5); EAGER_LENS=262144
+  BENCH=(--preset small --seq-lens 65536,262144,1048576 --warmup 2 --iters 7); EAGER_LENS=262144
   PROBE=(--preset b1 --lean-chunk 65536 --seq-lens 1048576,2097152)
 else
   CONV=(--preset tiny --seq-len 128 --batch-size 2 --steps 10 --log-every 5)
@@ -75,7 +75,7 @@ grep -E "convergence check|step 200/200|Error|error" "$OUT/convergence.log" | ta
 # b. methods side by side, 150M model, 64K / 256K / 1M tokens over NP GPUs (layer checkpointing, bf16 autocast
 #    over fp32 weights, the per-token stages compiled: LaspConfig.compile), then b2: bf16 weights, lasp and
 #    Ulysses only, and b3: the eager model (no --compile) at 256K, lasp and Ulysses.
-run_step bench_model "${BENCH_S:-170}" "$OUT/bench_model.log" \
+run_step bench_model "${BENCH_S:-240}" "$OUT/bench_model.log" \
   torchrun --standalone --nproc_per_node "$NP" benchmarks/bench_model.py --device "$DEV" "${BENCH[@]}" --checkpoint \
     --compile --dtype bf16 --methods lasp,lasp-allgather,ulysses,allgather-kv --pg-timeout 120 \
     --json "$OUT/bench_model.json" --plot "$OUT/bench_model.png"
