@@ -225,11 +225,15 @@ def make_offloaded(model):
 
 def env_info(device):
     try:
+        if os.environ.get("LASP_COMMIT"):  # set by the device scripts: the copy there may carry a stale .git
+            raise LookupError(os.environ["LASP_COMMIT"])
         commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
         commit += "-dirty" if dirty else ""
+    except LookupError as given:
+        commit = given.args[0]
     except Exception:  # noqa: BLE001
         commit = "unknown"
     info = {"torch": torch.__version__, "cuda": torch.version.cuda, "commit": commit, "host": platform.node(),

@@ -35,7 +35,8 @@ else
 fi
 python3 -c "import lasp, torch; print('lasp', lasp.__version__, 'torch', torch.__version__, 'CUDA', torch.version.cuda)" \
   | tee "$OUT/versions.txt"
-git log -1 --format='commit %h %cd' --date=iso >> "$OUT/versions.txt" 2>/dev/null || true
+if [[ -n "${LASP_COMMIT:-}" ]]; then echo "commit $LASP_COMMIT" >> "$OUT/versions.txt"  # the device copy's .git may be stale
+else git log -1 --format='commit %h %cd' --date=iso >> "$OUT/versions.txt" 2>/dev/null || true; fi
 
 # sizes (SMOKE: tiny versions of the same runs)
 if [[ $DEV == cuda ]]; then
