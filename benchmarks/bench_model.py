@@ -223,19 +223,20 @@ def make_offloaded(model):
 # ----------------------------------------------------------------------------------------------
 
 
-def env_info(device):
+def _git_commit():
     try:
-        if os.environ.get("LASP_COMMIT"):  # set by the device scripts: the copy there may carry a stale .git
-            raise LookupError(os.environ["LASP_COMMIT"])
         commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
-        commit += "-dirty" if dirty else ""
-    except LookupError as given:
-        commit = given.args[0]
+        return commit + ("-dirty" if dirty else "")
     except Exception:  # noqa: BLE001
-        commit = "unknown"
+        return "unknown"
+
+
+def env_info(device):
+    # LASP_COMMIT is set by the device scripts: the copy of the tree there may carry a stale .git
+    commit = os.environ.get("LASP_COMMIT") or _git_commit()
     info = {"torch": torch.__version__, "cuda": torch.version.cuda, "commit": commit, "host": platform.node(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "world": dist.get_world_size()}
