@@ -158,18 +158,20 @@ class LaspBlock(nn.Module):
         x = x + self.attn.output(o, h)
         return x + self.mlp(self.mlp_norm(x))
 
-    _fused_in = None  # compiled attn_in / attn_out_mlp, set by fuse()
+    # Compiled attn_in / attn_out_mlp, set by fuse(). They wrap the class's functions, not this module's
+    # bound methods, and take the module as an argument: a deep copy of the model runs its own weights.
+    _fused_in = None
     _fused_out = None
 
     def forward(self, x, sp_group=None):
-        h, q, k, v = (self._fused_in or self.attn_in)(x)
+        h, q, k, v = self._fused_in(self, x) if self._fused_in is not None else self.attn_in(x)
         o = self.attn.attend(q, k, v, sp_group)
-        return (self._fused_out or self.attn_out_mlp)(x, h, o)
+        return self._fused_out(self, x, h, o) if self._fused_out is not None else self.attn_out_mlp(x, h, o)
 
     def fuse(self, compiler):
         """Run the two per-token stages through ``compiler`` (e.g. ``torch.compile``)."""
-        self._fused_in = compiler(self.attn_in)
-        self._fused_out = compiler(self.attn_out_mlp)
+        self._fused_in = compiler(LaspBlock.attn_in)
+        self._fused_out = compiler(LaspBlock.attn_out_mlp)
 
 
 def _ce_chunk(h, weight, labels):

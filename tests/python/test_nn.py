@@ -301,6 +301,16 @@ def test_model_compile_matches_eager(seed):
     # 3 layers x 2 lengths: attn_in, attn_out_mlp and the loss chunk compiled for the first length and
     # once more (dynamic) for the second, plus the last, shorter loss chunk of each length: not per layer
     assert counters["stats"]["unique_graphs"] <= 8, dict(counters["stats"])
+    # a deep copy runs its own weights through the compiled stages (not the original's)
+    import copy
+
+    twin = copy.deepcopy(fused)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    eager.load_state_dict(twin.state_dict())
+    ids = torch.randint(0, 128, (1, 61), generator=g)
+    assert rel_err(twin(ids, return_logits=True).logits, eager(ids, return_logits=True).logits) < 1e-5
 
 
 def test_b1_parameter_count_on_meta():
