@@ -126,6 +126,28 @@ def test_bench_model_smoke(tmp_path):
     assert "| method |" in r.stdout
 
 
+def test_bench_model_compiled_matches_eager(tmp_path):
+    """bench_model.py --compile (each length compiled afresh): the same losses and gradient norms as the
+    eager model, for lasp and Ulysses, at two lengths."""
+    res = {}
+    for tag, extra in (("eager", []), ("compiled", ["--compile"])):
+        out = str(tmp_path / f"{tag}.json")
+        r = _torchrun(2, BENCH, "--device", "cpu", "--preset", "tiny", "--dtype", "fp32", "--seq-lens", "64,96",
+                      "--methods", "lasp,ulysses", "--iters", "1", "--warmup", "1", "--check-grads", "--json", out,
+                      *extra, timeout=600)
+        assert r.returncode == 0, r.stdout[-4000:] + "\n--- stderr (tail) ---\n" + r.stderr[-6000:]
+        with open(out) as f:
+            res[tag] = json.load(f)
+    assert res["compiled"]["info"]["compile"] is True and res["eager"]["info"]["compile"] is False
+    eager = {(row["method"], row["seq_len"]): row for row in res["eager"]["rows"]}
+    got = [row for row in res["compiled"]["rows"] if not row["oom"]]
+    assert len(got) == 4
+    for row in got:
+        ref = eager[(row["method"], row["seq_len"])]
+        assert abs(row["loss"] - ref["loss"]) <= 1e-5 * ref["loss"], (row, ref)
+        assert abs(row["grad_norm"] - ref["grad_norm"]) <= 1e-4 * ref["grad_norm"], (row, ref)
+
+
 def test_convergence_check_driver(tmp_path):
     """--convergence-check --noise-ref: three torchrun jobs, JSON with the three curves, a verdict."""
     out = tmp_path / "cc"
