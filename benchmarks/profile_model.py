@@ -17,6 +17,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -110,9 +111,17 @@ def main():
             c = classify(e.key)
             classes[c] = classes.get(c, 0.0) + t
             kernels[e.key] = (t, e.count, c)
-        report["methods"][m] = {"wall_ms": wall_plain * 1e3, "classes_ms": {k: v / 1e3 for k, v in classes.items()},
+        # every rank's class totals, and its ring-hop kernels one by one in launch order (the forward's,
+        # then the recomputed forward's and the backward's, layer by layer): where the hops wait
+        hops = sorted((e.time_range.start, e.time_range.elapsed_us()) for e in prof.events()
+                      if e.device_type == DeviceType.CUDA and "peer_hop" in e.name)
+        mine = {"classes_ms": {k: v / 1e3 for k, v in classes.items()}, "hop_us": [round(d, 1) for _, d in hops]}
+        per_rank = [None] * W
+        dist.all_gather_object(per_rank, mine)
+        report["methods"][m] = {"wall_ms": wall_plain * 1e3, "classes_ms": mine["classes_ms"],
                                 "top": [(k[:120], v[0] / 1e3, v[1], v[2]) for k, v in
-                                        sorted(kernels.items(), key=lambda kv: -kv[1][0])[:args.top]]}
+                                        sorted(kernels.items(), key=lambda kv: -kv[1][0])[:args.top]],
+                                "per_rank": per_rank}
         if rank == 0:
             r = report["methods"][m]
             print(f"\n== {m}: step {r['wall_ms']:.1f} ms (unprofiled), kernel time by class (rank 0):")
@@ -121,6 +130,12 @@ def main():
             print(f"   {'sum':22s} {sum(r['classes_ms'].values()):9.2f} ms")
             for name, ms, n, c in r["top"]:
                 print(f"     {ms:8.2f} ms {n:5d}x  [{c}] {name}")
+            names = sorted({c for pr in per_rank for c in pr["classes_ms"]})
+            print("   per rank (ms): " + " | ".join(f"{c}" for c in names))
+            for i, pr in enumerate(per_rank):
+                print(f"     rank {i}: " + " | ".join(f"{pr['classes_ms'].get(c, 0.0):.2f}" for c in names))
+                if pr["hop_us"]:
+                    print(f"       hops (us, launch order): {pr['hop_us']}")
         del attn
     if rank == 0 and args.json:
         with open(args.json, "w") as f:
