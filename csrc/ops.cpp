@@ -162,19 +162,10 @@ void set_group_checks(std::optional<bool> enabled, std::optional<double> timeout
 }
 
 void set_ring_transport(const std::string& transport) {
-  TORCH_CHECK_VALUE(transport == "auto" || transport == "nccl" || transport == "peer",
-                    "set_ring_transport: transport must be 'auto', 'nccl' or 'peer', got '", transport, "'");
-  ring_transport() = transport == "peer" ? Transport::Peer : transport == "nccl" ? Transport::Nccl : Transport::Auto;
+  ring_transport() = parse_transport(transport, "set_ring_transport: transport");
 }
 
-std::string get_ring_transport() {
-  switch (ring_transport()) {
-    case Transport::Peer: return "peer";
-    case Transport::Nccl: return "nccl";
-    case Transport::Auto: break;
-  }
-  return "auto";
-}
+std::string get_ring_transport() { return transport_name(ring_transport()); }
 
 at::Tensor alibi_slopes(int64_t num_heads) {
   TORCH_CHECK_VALUE(num_heads >= 1, "alibi_slopes: num_heads must be >= 1, got ", num_heads);

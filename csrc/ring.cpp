@@ -43,13 +43,26 @@ GroupChecks& group_checks() {
   return checks;
 }
 
+Transport parse_transport(const std::string& value, const char* what) {
+  for (Transport t : {Transport::Auto, Transport::Nccl, Transport::Peer}) {
+    if (value == transport_name(t)) return t;
+  }
+  TORCH_CHECK_VALUE(false, what, " must be 'auto', 'nccl' or 'peer', got '", value, "'");
+}
+
+const char* transport_name(Transport t) {
+  switch (t) {
+    case Transport::Peer: return "peer";
+    case Transport::Nccl: return "nccl";
+    case Transport::Auto: break;
+  }
+  return "auto";
+}
+
 Transport& ring_transport() {
   static Transport transport = [] {
     const char* env = std::getenv("LASP_RING_TRANSPORT");
-    const std::string v = env == nullptr ? "auto" : env;
-    TORCH_CHECK_VALUE(v == "auto" || v == "nccl" || v == "peer",
-                      "lasp: env LASP_RING_TRANSPORT must be 'auto', 'nccl' or 'peer', got '", v, "'");
-    return v == "peer" ? Transport::Peer : v == "nccl" ? Transport::Nccl : Transport::Auto;
+    return parse_transport(env == nullptr ? "auto" : env, "lasp: env LASP_RING_TRANSPORT");
   }();
   return transport;
 }

@@ -32,6 +32,10 @@ GroupChecks& group_checks();
 //         and state size), else Nccl.
 enum class Transport { Nccl = 0, Peer = 1, Auto = 2 };
 Transport& ring_transport();
+// "auto" | "nccl" | "peer" -> Transport; any other value raises "<what> must be 'auto', 'nccl' or 'peer',
+// got '<value>'" (a ValueError in Python).
+Transport parse_transport(const std::string& value, const char* what);
+const char* transport_name(Transport t);
 
 class Ring {
  public:
