@@ -145,6 +145,36 @@ def make_lasp(lasp, group, **kw):
     return attn
 
 
+def method_makers(lasp, group):
+    """Method name -> a function making its attention (None: not in this build of lasp)."""
+    has_strategy = "strategy" in inspect.signature(lasp.lasp_attention).parameters
+    return {
+        "lasp": lambda: make_lasp(lasp, group),
+        "lasp-allgather": (lambda: make_lasp(lasp, group, strategy="allgather")) if has_strategy else None,
+        "ulysses": lambda: make_ulysses(lasp, group),
+        "allgather-kv": lambda: make_allgather_kv(lasp, group),
+    }
+
+
+def use_attn(lasp, model, attn):
+    """Every LinearAttention of the model runs `attn` (see LinearAttention.attn_impl)."""
+    for m in model.modules():
+        if isinstance(m, lasp.nn.LinearAttention):
+            m.attn_impl = attn
+
+
+def build_model(lasp, cfg, device, param_dtype):
+    torch.manual_seed(0)
+    if device.type == "cuda":  # built on the GPU: a 1B model's init on one CPU thread per rank takes long
+        with torch.device(device):
+            model = lasp.models.LaspForCausalLM(cfg)
+    else:
+        model = lasp.models.LaspForCausalLM(cfg)
+    if param_dtype == "bf16":
+        model = model.to(torch.bfloat16)  # LinearAttention keeps its decay rates in fp32
+    return model
+
+
 class TokenChunkCheckpoint(torch.nn.Module):
     """Runs a per-token module on (B, N, C) inputs in chunks of `chunk` tokens, each chunk under
     activation checkpointing: backward keeps the input, not the module's activations (the MLP's
@@ -246,9 +276,7 @@ def env_info(device):
 def run_one(model, cfg, attn, seq_len, args, device, group):
     """Median step time (s), peak memory (bytes or None), loss; raises torch.cuda.OutOfMemoryError."""
     lasp = _import_lasp()
-    for m in model.modules():
-        if isinstance(m, lasp.nn.LinearAttention):
-            m.attn_impl = attn
+    use_attn(lasp, model, attn)
     g = torch.Generator().manual_seed(1234)
     tokens = torch.randint(0, cfg.vocab_size, (args.batch_size, seq_len + 1), generator=g)
     ids = lasp.distributed.split_sequence(tokens[:, :-1], group).to(device)
@@ -394,26 +422,14 @@ def main(argv=None):
             setattr(cfg, key, getattr(args, key))
     cfg.checkpoint_layers = args.checkpoint
     cfg.compile = args.compile
-    torch.manual_seed(0)
-    if device.type == "cuda":  # built on the GPU: a 1B model's init on one CPU thread per rank takes long
-        with torch.device(device):
-            model = lasp.models.LaspForCausalLM(cfg)
-    else:
-        model = lasp.models.LaspForCausalLM(cfg)
-    if args.param_dtype == "bf16":
-        model = model.to(torch.bfloat16)  # LinearAttention keeps its decay rates in fp32
+    model = build_model(lasp, cfg, device, args.param_dtype)
     if args.lean:
         make_lean(model, args.lean_chunk)
     if args.offload:
         make_offloaded(model)
 
-    has_strategy = "strategy" in inspect.signature(lasp.lasp_attention).parameters
-    makers = {
-        "lasp": lambda: make_lasp(lasp, group),
-        "lasp-allgather": (lambda: make_lasp(lasp, group, strategy="allgather")) if has_strategy else None,
-        "ulysses": lambda: make_ulysses(lasp, group),
-        "allgather-kv": lambda: make_allgather_kv(lasp, group),
-    }
+    makers = method_makers(lasp, group)
+    has_strategy = makers["lasp-allgather"] is not None
     methods = []
     for m in args.methods.split(","):
         if m not in makers:

@@ -62,15 +62,8 @@ def main():
     cfg = getattr(lasp.models.LaspConfig, args.preset)()
     cfg.checkpoint_layers = args.checkpoint
     cfg.compile = args.compile
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = lasp.models.LaspForCausalLM(cfg)
-    if args.param_dtype == "bf16":
-        model = model.to(torch.bfloat16)
-    makers = {"lasp": lambda: bench_model.make_lasp(lasp, group),
-              "lasp-allgather": lambda: bench_model.make_lasp(lasp, group, strategy="allgather"),
-              "ulysses": lambda: bench_model.make_ulysses(lasp, group),
-              "allgather-kv": lambda: bench_model.make_allgather_kv(lasp, group)}
+    model = bench_model.build_model(lasp, cfg, device, args.param_dtype)
+    makers = bench_model.method_makers(lasp, group)
     g = torch.Generator().manual_seed(1234)
     tokens = torch.randint(0, cfg.vocab_size, (1, args.seq_len + 1), generator=g)
     ids = lasp.distributed.split_sequence(tokens[:, :-1], group).to(device)
@@ -83,14 +76,11 @@ def main():
         out.loss.backward()
         model.zero_grad(set_to_none=True)
 
-    report = {"world": W, "seq_len": args.seq_len, "preset": args.preset, "compile": args.compile,
-              "param_dtype": args.param_dtype, "device": torch.cuda.get_device_name(),
-              "commit": os.environ.get("LASP_COMMIT", ""), "methods": {}}
+    report = dict(bench_model.env_info(device), seq_len=args.seq_len, preset=args.preset, compile=args.compile,
+                  param_dtype=args.param_dtype, methods={})
     for m in args.methods.split(","):
         attn = makers[m]()
-        for mod in model.modules():
-            if isinstance(mod, lasp.nn.LinearAttention):
-                mod.attn_impl = attn
+        bench_model.use_attn(lasp, model, attn)
         for _ in range(args.warmup):
             step()
         torch.cuda.synchronize()
