@@ -383,6 +383,9 @@ def main(argv=None):
                     help="layer checkpointing with the checkpoints in pinned CPU memory (replaces --checkpoint)")
     ap.add_argument("--pg-timeout", type=int, default=900, help="process-group timeout, seconds")
     ap.add_argument("--checkpoint", action="store_true", help="activation checkpointing of every layer")
+    ap.add_argument("--chunked-loss", action="store_true",
+                    help="the loss recomputed chunk by chunk in backward (LaspConfig.fused_loss=False) instead of "
+                         "the fused loss, whose forward computes the gradients")
     ap.add_argument("--compile", action="store_true",
                     help="LaspConfig.compile: torch.compile each layer's per-token stages and the loss chunks "
                          "(every method runs the same compiled model; the attention calls stay outside)")
@@ -422,6 +425,7 @@ def main(argv=None):
             setattr(cfg, key, getattr(args, key))
     cfg.checkpoint_layers = args.checkpoint
     cfg.compile = args.compile
+    cfg.fused_loss = not args.chunked_loss
     model = build_model(lasp, cfg, device, args.param_dtype)
     if args.lean:
         make_lean(model, args.lean_chunk)
@@ -454,7 +458,8 @@ def main(argv=None):
     if rank == 0:
         print(f"device {info['device']} x {W}, torch {info['torch']}, CUDA {info['cuda']}, commit {info['commit']}; "
               f"model {info['model_params'] / 1e6:.1f}M params, weights {args.param_dtype}, autocast {info['autocast']}, "
-              f"batch {args.batch_size}, checkpoint {args.checkpoint}{', compiled' if args.compile else ''}"
+              f"batch {args.batch_size}, checkpoint {args.checkpoint}{', compiled' if args.compile else ''}, "
+              f"loss {'chunked' if args.chunked_loss else 'fused'}"
               f"{', lean' if args.lean else ''}"
               f"{', offloaded checkpoints' if args.offload else ''}; "
               f"a step = forward + backward (no optimizer)", flush=True)

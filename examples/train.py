@@ -16,8 +16,9 @@ attention layer passes the d x e state between pieces. Gradients of the (sp-repl
 Each rank's loss is its tokens' summed cross-entropy divided by the tokens of one dp replica's
 batch (batch x seq_len), so the sum over sp is that replica's mean and the dp average is the global
 mean: the steps are exactly those of the same model trained on one process (up to float rounding).
-The loss never materialises full-vocabulary logits for the whole sequence (chunked, recomputed
-cross-entropy: see ``lasp.models.chunked_cross_entropy``); ``--checkpoint`` keeps only each layer's input.
+The loss never materialises full-vocabulary logits for the whole sequence (chunked cross-entropy whose
+forward also computes its gradients: see ``lasp.models.fused_linear_cross_entropy``); ``--checkpoint``
+keeps only each layer's input.
 
 Convergence check (runs torchrun twice, same seed: sp=1 and sp=--sp; writes both loss curves to
 JSON and a PNG, fails if they differ by more than the tolerance):

@@ -26,6 +26,11 @@ namespace {
 
 constexpr int kC = 64;
 constexpr int kThreadsB = 256;
+// Blocks per SM the register budget is cut for: at D = E = 64 two 8-warp blocks fit (128 registers per
+// thread, no spills; shared memory about 83 KB each), which hides the latency one block leaves exposed.
+// Larger heads keep one block (up to 255 registers).
+template <int D, int E>
+constexpr int kBwdMinBlocks = (D == 64 && E == 64) ? 2 : 1;
 
 template <typename T, int W, int LD>
 __device__ __forceinline__ void load_rows_b(T* sm, const Tv<const T>& v, int b, int h, int64_t c0, int len) {
@@ -80,7 +85,7 @@ __device__ __forceinline__ void store_frag(const float (*acc)[4], OT* base, int6
 }
 
 template <typename T, typename OT, int D, int E>
-__global__ void __launch_bounds__(kThreadsB, 1) bwd_kernel(BwdArgs a, Tv<const T> q, Tv<const T> k, Tv<const T> v,
+__global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(BwdArgs a, Tv<const T> q, Tv<const T> k, Tv<const T> v,
                                                            Tv<const T> dout, Tv<T> dq, Tv<OT> dk, Tv<OT> dv) {
   using SM = BwdSmem<T, D, E>;
   constexpr int LDD = SM::LDD, LDE = SM::LDE;
@@ -509,6 +514,27 @@ cudaError_t launch_bwd(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> 
   return cudaGetLastError();
 }
 
+template <typename T, typename OT, int D, int E>
+int resident_blocks() {
+  auto kern = bwd_kernel<T, OT, D, E>;
+  const size_t smem = BwdSmem<T, D, E>::bytes;
+  int n = 0;
+  if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kern, kThreadsB, smem) != cudaSuccess) {
+    (void)cudaGetLastError();  // planning falls back to one block per SM; the launch reports real errors
+    return 1;
+  }
+  return n < 1 ? 1 : n;
+}
+
+template <typename T, typename OT>
+int resident_blocks_dims(const AttnParams& p) {
+  if (p.D == 64 && p.E == 64) return resident_blocks<T, OT, 64, 64>();
+  if (p.D == 64 && p.E == 128) return resident_blocks<T, OT, 64, 128>();
+  if (p.D == 128 && p.E == 64) return resident_blocks<T, OT, 128, 64>();
+  return resident_blocks<T, OT, 128, 128>();
+}
+
 template <typename T, typename OT>
 cudaError_t launch_bwd_dims(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st) {
   if (p.D == 64 && p.E == 64) return launch_bwd<T, OT, 64, 64>(p, a, dk, dv, st);
@@ -524,6 +550,12 @@ bool bwd_supported(const AttnParams& p) {
   const bool gqa = p.H != p.Hkv;
   return view_ok(p.q) && view_ok(p.k) && view_ok(p.v) && view_ok(p.dout) && view_ok(p.dq) &&
          (gqa || (view_ok(p.dk) && view_ok(p.dv)));
+}
+
+int bwd_blocks_per_sm(const AttnParams& p) {
+  const bool bf = p.dtype == ScalarType::BFloat16, gqa = p.H != p.Hkv;
+  if (gqa) return bf ? resident_blocks_dims<__nv_bfloat16, float>(p) : resident_blocks_dims<__half, float>(p);
+  return bf ? resident_blocks_dims<__nv_bfloat16, __nv_bfloat16>(p) : resident_blocks_dims<__half, __half>(p);
 }
 
 size_t bwd_smem_bytes(const AttnParams& p) {

@@ -29,6 +29,9 @@ cudaError_t state_local(const AttnParams& p, bool reverse, int nseg, int seglen,
 
 // Fused tensor-core backward (dq, dk, dv, and grad_state_in with one segment).
 bool bwd_supported(const AttnParams& p);
+// Blocks of the backward kernel for this problem's dtype, D, E and GQA that one SM of the current device
+// holds at once (registers and shared memory; at least 1): the segment split plans whole waves of them.
+int bwd_blocks_per_sm(const AttnParams& p);
 // seg_S / seg_G: segment input states / end-of-segment gradients (nseg > 1). dk_ws / dv_ws: with GQA,
 // per-query-head fp32 (B, H, N, D|E) outputs to be reduced by the caller; nullptr writes p.dk / p.dv.
 cudaError_t bwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,

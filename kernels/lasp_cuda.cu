@@ -57,10 +57,10 @@ bool pick_tile(F smem, int full, size_t esz, size_t limit, int& C, int& tile, si
   return false;
 }
 
-// Segments per (b, h) so that the grid has about two blocks per SM.
+// Segments per (b, h) so that the grid has about blocks_per_sm blocks per SM.
 void split_segments(const AttnParams& p, int blocks_per_segment, int sms, int& nseg, int& seglen,
                     int blocks_per_sm = 2) {
-  // Whole waves: floor(2 * SMs / blocks) segments, so the last wave is not a small tail.
+  // Whole waves: floor(blocks_per_sm * SMs / blocks) segments, so the last wave is not a small tail.
   const int64_t pairs = p.B * p.H * (int64_t)blocks_per_segment;
   const int64_t want = (blocks_per_sm * (int64_t)sms) / pairs;
   const int64_t nch64 = (p.N + 63) / 64;
@@ -133,7 +133,7 @@ Plan plan_bwd(const AttnParams& p, int mode = -1) {
   // About 176 KB of shared memory at D = E = 128 (fits sm_90; not sm_80's 163 KB): else the generic kernels.
   pl.fast = (mode < 0 ? fast::bwd_supported(p) : mode == 1) && fast::bwd_smem_bytes(p) <= di.smem_optin;
   if (pl.fast) {
-    split_segments(p, 1, di.sms, pl.nseg, pl.seglen, 1);
+    split_segments(p, 1, di.sms, pl.nseg, pl.seglen, fast::bwd_blocks_per_sm(p));
   } else {
     auto sm_dqdk = [&](int C, int t) { return 2 * C * (E + 1) + C * (t + 1) + C * C + t * E + C + 1; };
     auto sm_dv = [&](int C, int t) { return 2 * C * (D + 1) + C * t + C * C + D * t + C + 1; };

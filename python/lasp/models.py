@@ -2,7 +2,8 @@
 
     x = embed(input_ids)
     for each layer:  x = x + attn(norm(x));  x = x + glu_mlp(norm(x))
-    loss = cross_entropy(lm_head(norm(x)), labels)     (chunked over tokens, recomputed in backward)
+    loss = cross_entropy(lm_head(norm(x)), labels)     (chunked over tokens; by default the gradient
+                                                        is computed with the loss, see fused_loss)
 
 Sequence parallelism: pass ``sp_group`` to ``forward`` with this rank's contiguous piece of each
 sequence (``input_ids`` and ``labels``, labels already shifted: ``labels[:, t]`` is the target of
@@ -29,7 +30,8 @@ from torch.utils.checkpoint import checkpoint
 from .nn import LinearAttention
 from ._ops import alibi_slopes
 
-__all__ = ["LaspConfig", "LaspForCausalLM", "LaspBlock", "GLUMLP", "CausalLMOutput", "chunked_cross_entropy"]
+__all__ = ["LaspConfig", "LaspForCausalLM", "LaspBlock", "GLUMLP", "CausalLMOutput", "chunked_cross_entropy",
+           "fused_linear_cross_entropy"]
 
 IGNORE_INDEX = -100
 
@@ -58,6 +60,10 @@ class LaspConfig:
     initializer_range: float = 0.02
     loss_chunk_size: int = 4096  # tokens per cross-entropy chunk (peak logits memory: chunk x vocab)
     checkpoint_layers: bool = False  # activation checkpointing of every layer
+    # Training loss through fused_linear_cross_entropy: each chunk's logits give the loss and their
+    # gradient at once, so backward does no logits matmul or softmax again (False: chunked_cross_entropy,
+    # which recomputes each chunk in backward). Without gradients the plain chunked loss runs.
+    fused_loss: bool = True
     # Fuse the per-token work around each attention call (norms, projections' epilogues, feature map,
     # output norm and gate, residuals, GLU) and the loss chunks with torch.compile (inductor). The op
     # and its ring stay outside the compiled graphs. The first steps at a new length compile (tens of
@@ -174,9 +180,106 @@ class LaspBlock(nn.Module):
         self._fused_out = compiler(LaspBlock.attn_out_mlp)
 
 
+def _loss_dtype(dtype):
+    return torch.promote_types(dtype, torch.float32)  # float32, or float64 for float64 inputs
+
+
 def _ce_chunk(h, weight, labels):
-    logits = F.linear(h, weight).float()
+    logits = F.linear(h, weight)
+    logits = logits.to(_loss_dtype(logits.dtype))
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _ce_loss_grad(logits, labels):
+    """One chunk: (sum of cross-entropy over valid labels in float32 (float64 for float64 logits),
+    d(sum)/d(logits) in logits' dtype)."""
+    lf = logits.to(_loss_dtype(logits.dtype))
+    valid = labels != IGNORE_INDEX
+    y = torch.where(valid, labels, 0).unsqueeze(1)
+    lse = torch.logsumexp(lf, dim=-1)
+    loss = torch.where(valid, lse - lf.gather(1, y).squeeze(1), 0.0).sum()
+    grad = torch.exp(lf - lse.unsqueeze(1))
+    grad = grad - (torch.arange(lf.shape[1], device=lf.device) == y).to(lf.dtype)
+    grad = grad * valid.unsqueeze(1).to(lf.dtype)
+    return loss, grad.to(logits.dtype)
+
+
+def _mm_acc(a, b, acc_dtype):
+    """a @ b accumulated and returned in acc_dtype (16-bit CUDA inputs: fp32 output straight from the GEMM)."""
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and acc_dtype == torch.float32:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a, b).to(acc_dtype)
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    """sum_t cross_entropy(hidden[t] @ weight^T, labels[t]); forward also computes both gradients, chunk
+    by chunk, and backward scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size, dtype, grad_fn):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        dev = hidden.device.type
+        with torch.autocast(dev, enabled=False):
+            h_all = hidden.to(dtype)
+            w = weight.to(dtype)
+            dh = torch.empty_like(h_all) if need_h else None
+            acc = _loss_dtype(weight.dtype)
+            dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+            total = torch.zeros((), dtype=_loss_dtype(dtype), device=hidden.device)
+            for s in range(0, h_all.shape[0], chunk_size):
+                h, y = h_all[s:s + chunk_size], labels[s:s + chunk_size]
+                loss, g = grad_fn(torch.mm(h, w.t()), y)
+                total += loss
+                if need_h:
+                    torch.mm(g, w, out=dh[s:s + chunk_size])
+                if need_w:
+                    dw += _mm_acc(g.t(), h, acc)
+        ctx.save_for_backward(dh, dw)
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        dh, dw = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        gh = (dh * grad.to(dh.dtype)).to(h_dtype) if dh is not None else None
+        gw = (dw * grad).to(w_dtype) if dw is not None else None
+        return gh, gw, None, None, None, None
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                               chunk_size: int = 4096, grad_fn=None) -> torch.Tensor:
+    """What ``chunked_cross_entropy`` returns (a float32 sum over tokens, labels == -100 ignored), for
+    training: each chunk's ``chunk_size x vocab`` logits give the loss and, at once, the gradients of
+    ``hidden`` and ``weight``, which forward keeps (``hidden``'s size, and ``weight``'s in float32, summed
+    over chunks in float32) and
+    backward scales by the loss's gradient. So backward runs no logits matmul or softmax, and forward
+    runs two more matmuls per chunk (three in all, against four with recomputation). Under autocast the
+    matmuls run in the autocast dtype, else in the promoted dtype of ``hidden`` and ``weight``; logits
+    and softmax are float32 (float64 for float64 inputs), their gradient is rounded to the matmul dtype
+    (as autograd of the plain loss does). Not twice differentiable. Without gradients it is
+    ``chunked_cross_entropy``.
+
+    grad_fn: ``(logits, labels) -> (loss sum, d loss / d logits)`` for one chunk (default: eager; the
+    model passes a compiled one under ``LaspConfig.compile``).
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"fused_linear_cross_entropy: hidden (T, C) and weight (V, C) must share C, got "
+                         f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)}")
+    if labels.shape != hidden.shape[:1]:
+        raise ValueError(f"fused_linear_cross_entropy: labels must have shape ({hidden.shape[0]},), got {tuple(labels.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"fused_linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
+    needs = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if not needs or hidden.shape[0] == 0:
+        return chunked_cross_entropy(hidden, weight, labels, chunk_size, recompute=False)
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+    else:
+        dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    return _FusedLinearCE.apply(hidden, weight, labels, chunk_size, dtype, grad_fn or _ce_loss_grad)
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -186,7 +289,8 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     a scalar and freed; with ``recompute`` (activation checkpointing per chunk) backward computes
     them again chunk by chunk instead of keeping them.
 
-    hidden: (T, C); weight: (V, C); labels: (T,) int64. Returns a float32 scalar (a sum, not a mean).
+    hidden: (T, C); weight: (V, C); labels: (T,) int64. Returns a float32 scalar (float64 for float64
+    inputs; a sum, not a mean).
     chunk_fn: what computes one chunk's sum (default: linear, float32 cast, cross_entropy; the model
     passes a compiled one under ``LaspConfig.compile``).
     """
@@ -223,6 +327,7 @@ class LaspForCausalLM(nn.Module):
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = config.checkpoint_layers
         self._ce_fn = None
+        self._ce_grad_fn = None
         if config.compile:
             self.fuse()
         if not any(p.is_meta for p in self.parameters()):
@@ -237,6 +342,7 @@ class LaspForCausalLM(nn.Module):
         for layer in self.layers:
             layer.fuse(compiler)
         self._ce_fn = compiler(_ce_chunk)
+        self._ce_grad_fn = compiler(_ce_loss_grad)
 
     @torch.no_grad()
     def reset_parameters(self, seed: Optional[int] = None):
@@ -315,7 +421,12 @@ class LaspForCausalLM(nn.Module):
 
                     dist.all_reduce(norm, group=sp_group)
                 loss_normalizer = norm.clamp_min(1).float()
-            loss_sum = chunked_cross_entropy(h.reshape(-1, h.shape[-1]), self.output_weight, flat,
-                                             self.config.loss_chunk_size, chunk_fn=self._ce_fn)
+            hf = h.reshape(-1, h.shape[-1])
+            if self.config.fused_loss and torch.is_grad_enabled():
+                loss_sum = fused_linear_cross_entropy(hf, self.output_weight, flat, self.config.loss_chunk_size,
+                                                      grad_fn=self._ce_grad_fn)
+            else:
+                loss_sum = chunked_cross_entropy(hf, self.output_weight, flat, self.config.loss_chunk_size,
+                                                 chunk_fn=self._ce_fn)
             out.loss = loss_sum / loss_normalizer
         return out

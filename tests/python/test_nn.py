@@ -3,7 +3,8 @@
 * LinearAttention (float32) vs the same layer written out by hand around ``reference.attention_ref``
   in float64: outputs and gradients (input and every parameter); GQA/MQA, D != E, feature maps,
   decay options, norm/gate/bias on and off; states across two calls equal one call.
-* chunked cross-entropy == plain cross-entropy (values and gradients) and keeps no full logits.
+* chunked and fused linear cross-entropy == plain cross-entropy in float64 (values and gradients),
+  under autocast no worse than the chunked one, and neither keeps full logits.
 * the model: forward/backward on CPU, loss == plain cross-entropy of its logits, layer
   checkpointing changes nothing, the 1B preset's parameter count (built on the meta device).
 * sequence parallelism: the model split over 2 gloo processes (spawned, free port, timeouts) gives
@@ -21,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, gen, randn, ref, rel_err, free_port
+from conftest import HAS_CUDA, NO_CUDA_REASON, REPO, gen, randn, ref, rel_err, free_port
 
 
 def _lasp_modules():
@@ -209,6 +210,129 @@ def test_chunked_cross_entropy_keeps_no_full_logits(seed):
     assert torch.isfinite(h.grad).all()
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_linear_cross_entropy(chunk, dtype, seed):
+    """Loss and both gradients (computed in forward, scaled in backward) == plain cross-entropy in
+    float64; an incoming gradient other than 1 scales them; either input alone may need a gradient."""
+    g = gen(seed)
+    T, C, V = 64, 16, 50
+    h0 = randn((T, C), g).detach().to(dtype)
+    w0 = (randn((V, C), g) * 0.5).detach().to(dtype)
+    y = torch.randint(0, V, (T,), generator=g)
+    y[::5] = -100
+    y[-3:] = -100
+    hd, wd = h0.double().clone().requires_grad_(True), w0.double().clone().requires_grad_(True)
+    want = F.cross_entropy(hd @ wd.T, y, ignore_index=-100, reduction="sum")
+    want_gh, want_gw = torch.autograd.grad(want * 0.3, [hd, wd])
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    h, w = h0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+    got = lmodels.fused_linear_cross_entropy(h, w, y, chunk_size=chunk)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert abs(got.item() - want.item()) <= tol * abs(want.item())
+    (got * 0.3).backward()
+    assert h.grad.dtype == dtype and w.grad.dtype == dtype
+    assert rel_err(h.grad, want_gh) < tol and rel_err(w.grad, want_gw) < tol
+    # only one input needs a gradient
+    h1 = h0.clone().requires_grad_(True)
+    (gh1,) = torch.autograd.grad(lmodels.fused_linear_cross_entropy(h1, w0, y, chunk_size=chunk) * 0.3, [h1])
+    assert rel_err(gh1, want_gh) < tol
+    w1 = w0.clone().requires_grad_(True)
+    (gw1,) = torch.autograd.grad(lmodels.fused_linear_cross_entropy(h0, w1, y, chunk_size=chunk) * 0.3, [w1])
+    assert rel_err(gw1, want_gw) < tol
+    # without gradients: the plain chunked loss, no graph
+    with torch.no_grad():
+        plain = lmodels.fused_linear_cross_entropy(h, w, y, chunk_size=chunk)
+    assert not plain.requires_grad and abs(plain.item() - want.item()) <= tol * abs(want.item())
+
+
+def test_fused_linear_cross_entropy_autocast(seed):
+    """Under bf16 autocast with float32 weights: the gradients come back in float32 and are no further
+    from the float64 loss's than the plain chunked loss's under the same autocast (bf16 matmuls)."""
+    g = gen(seed)
+    T, C, V = 256, 32, 300
+    h0, w0 = randn((T, C), g).detach(), randn((V, C), g).detach() * 0.3
+    y = torch.randint(0, V, (T,), generator=g)
+    y[::9] = -100
+    hd, wd = h0.double().requires_grad_(True), w0.double().requires_grad_(True)
+    want = F.cross_entropy(hd @ wd.T, y, ignore_index=-100, reduction="sum")
+    want_g = torch.autograd.grad(want, [hd, wd])
+    errs = {}
+    for name, fn in (("fused", lmodels.fused_linear_cross_entropy), ("chunked", lmodels.chunked_cross_entropy)):
+        h, w = h0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fn(h, w, y, chunk_size=48)
+        loss.backward()
+        assert loss.dtype == torch.float32 and h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+        errs[name] = (abs(loss.item() - want.item()) / abs(want.item()), rel_err(h.grad, want_g[0]),
+                      rel_err(w.grad, want_g[1]))
+    for i in range(3):
+        assert errs["fused"][i] <= 1.05 * errs["chunked"][i] + 1e-7, errs
+    assert max(errs["fused"]) < 2e-2, errs  # bf16 matmuls: a few units of bf16 rounding
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.parametrize("mode", ["bf16-weights", "fp32-autocast", "fp32"])
+def test_fused_linear_cross_entropy_cuda(mode, seed):
+    """On the GPU (fp32-accumulating bf16 GEMMs for the weight gradient): loss and gradients against the
+    float64 loss, no further off than the chunked loss in the same precision; 3 chunks, one partial."""
+    g = gen(seed)
+    T, C, V = 2 * 1024 + 300, 256, 32000
+    h0, w0 = randn((T, C), g).detach(), randn((V, C), g).detach() * 0.05
+    y = torch.randint(0, V, (T,), generator=g)
+    y[::11] = -100
+    hd, wd = h0.double().cuda().requires_grad_(True), w0.double().cuda().requires_grad_(True)
+    want = F.cross_entropy(hd @ wd.T, y.cuda(), ignore_index=-100, reduction="sum")
+    want_g = torch.autograd.grad(want, [hd, wd])
+    pdt = torch.bfloat16 if mode == "bf16-weights" else torch.float32
+    errs = {}
+    for name, fn in (("fused", lmodels.fused_linear_cross_entropy), ("chunked", lmodels.chunked_cross_entropy)):
+        h = h0.to("cuda", pdt).requires_grad_(True)
+        w = w0.to("cuda", pdt).requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode == "fp32-autocast"):
+            loss = fn(h, w, y.cuda(), chunk_size=1024)
+        loss.backward()
+        assert h.grad.dtype == pdt and w.grad.dtype == pdt
+        errs[name] = (abs(loss.item() - want.item()) / abs(want.item()), rel_err(h.grad, want_g[0]),
+                      rel_err(w.grad, want_g[1]))
+    for i in range(3):
+        assert errs["fused"][i] <= 1.05 * errs["chunked"][i] + 1e-6, errs
+    assert max(errs["fused"]) < (1e-4 if mode == "fp32" else 2e-2), errs
+
+
+def test_fused_linear_cross_entropy_errors():
+    h, w, y = torch.zeros(4, 3, requires_grad=True), torch.zeros(5, 3), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="hidden .* and weight .* must share C"):
+        lmodels.fused_linear_cross_entropy(h, torch.zeros(5, 2), y)
+    with pytest.raises(ValueError, match=r"labels must have shape \(4,\)"):
+        lmodels.fused_linear_cross_entropy(h, w, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        lmodels.fused_linear_cross_entropy(h, w, y, chunk_size=0)
+    # no tokens: a zero that still reaches the weight
+    w2 = torch.ones(5, 3, requires_grad=True)
+    out = lmodels.fused_linear_cross_entropy(torch.zeros(0, 3, requires_grad=True), w2, torch.zeros(0, dtype=torch.long))
+    out.backward()
+    assert out.item() == 0.0 and w2.grad is not None and not w2.grad.any()
+
+
+@pytest.mark.parametrize("fused_loss", [True, False])
+def test_fused_loss_keeps_no_full_logits(fused_loss, seed):
+    """The model's training loss never keeps (T, V) logits for backward, fused or chunked."""
+    model = _tiny_model(seed, loss_chunk_size=16, fused_loss=fused_loss)
+    V = model.config.vocab_size
+    ids = torch.randint(0, V, (1, 96), generator=gen(seed))
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids, ids).loss
+    assert max(sizes) < 96 * V
+    loss.backward()
+
+
 # ----------------------------------------------------------------------------------------------
 # The model
 
@@ -246,6 +370,17 @@ def test_model_forward_backward(kw, seed):
     assert abs(out2.loss.item() - out.loss.item()) < 1e-6
     for n, p in model.named_parameters():
         assert rel_err(p.grad, grads[n]) < 1e-6, n
+    # the chunked loss (recomputed in backward) instead of the fused one: same loss and gradients
+    assert model.config.fused_loss
+    model.config.fused_loss = False
+    model.gradient_checkpointing = False
+    model.zero_grad()
+    out4 = model(ids, labels)
+    out4.loss.backward()
+    model.config.fused_loss = True
+    assert abs(out4.loss.item() - out.loss.item()) < 1e-6
+    for n, p in model.named_parameters():
+        assert rel_err(p.grad, grads[n]) < 1e-5, n
     # a given normaliser divides the summed loss
     out3 = model(ids, labels, loss_normalizer=1.0)
     assert abs(out3.loss.item() - out.loss.item() * 197) < 1e-4 * out3.loss.item()
@@ -280,6 +415,7 @@ def test_model_compile_matches_eager(seed):
     fused = _tiny_model(seed, num_layers=3, loss_chunk_size=48, compile=True, checkpoint_layers=True)
     fused.load_state_dict(eager.state_dict())
     assert all(layer._fused_in is not None for layer in fused.layers) and fused._ce_fn is not None
+    assert fused._ce_grad_fn is not None and eager._ce_grad_fn is None
     assert all(layer._fused_in is None for layer in eager.layers) and eager._ce_fn is None
     torch._dynamo.reset()
     counters.clear()
