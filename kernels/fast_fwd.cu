@@ -467,6 +467,27 @@ size_t fwd_smem_bytes(const AttnParams& p) {
 
 int fwd_tiles(const AttnParams& p) { return (int)(p.E / kEt); }
 
+namespace {
+template <typename T, int D>
+int fwd_resident_blocks() {
+  auto kern = fwd_main_kernel<T, D>;
+  const size_t smem = FwdSmem<T, D>::bytes;
+  int n = 0;
+  if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kern, kWarps * 32, smem) != cudaSuccess) {
+    (void)cudaGetLastError();  // planning falls back to two blocks per SM; the launch reports real errors
+    return 2;
+  }
+  return n < 1 ? 1 : n;
+}
+}  // namespace
+
+int fwd_blocks_per_sm(const AttnParams& p) {
+  const bool bf = p.dtype == ScalarType::BFloat16;
+  if (p.D == 64) return bf ? fwd_resident_blocks<__nv_bfloat16, 64>() : fwd_resident_blocks<__half, 64>();
+  return bf ? fwd_resident_blocks<__nv_bfloat16, 128>() : fwd_resident_blocks<__half, 128>();
+}
+
 cudaError_t fwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_states, cudaStream_t st) {
   FwdArgs a = make_args(p, nseg, seglen);
   a.seg_states = seg_states;

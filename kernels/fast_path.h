@@ -18,6 +18,9 @@ size_t bwd_smem_bytes(const AttnParams& p);
 bool fwd_supported(const AttnParams& p);
 // Blocks per (b, h, segment) of the forward main kernel (column tiles of E).
 int fwd_tiles(const AttnParams& p);
+// Blocks of the forward main kernel for this problem's dtype and D that one SM of the current device
+// holds at once (at least 1): the segment split plans whole waves of them (D = 64: 3, D = 128: 2 on sm_90).
+int fwd_blocks_per_sm(const AttnParams& p);
 // Phase 3 of the forward: o (and state_out when nseg == 1) of every segment. seg_states: the
 // (B, H, nseg, D, E) fp32 segment input states (used when nseg > 1).
 cudaError_t fwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_states, cudaStream_t stream);

@@ -117,7 +117,7 @@ Plan plan_fwd(const AttnParams& p, int mode = -1) {
     if (!pick_tile(sm_main, E, esz, di.smem_optin, pl.C_main, pl.t_main, pl.sm_main)) return pl;
     tiles = (E + pl.t_main - 1) / pl.t_main;
   }
-  split_segments(p, tiles, di.sms, pl.nseg, pl.seglen);
+  split_segments(p, tiles, di.sms, pl.nseg, pl.seglen, pl.fast ? fast::fwd_blocks_per_sm(p) : 2);
   auto sm_loc = [&](int C, int t) { return C * (D + 1) + C * t + D * t + C + 1; };
   if (!pick_tile(sm_loc, E, esz, di.smem_optin, pl.C_loc, pl.t_loc, pl.sm_loc)) return pl;
   if (pl.nseg > 1) pl.ws_states = align256((size_t)p.B * p.H * pl.nseg * D * E * esz);
