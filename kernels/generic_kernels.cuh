@@ -80,63 +80,41 @@ __global__ void state_local_kernel(Ctx<A> c, Tv<const T> x, Tv<const T> y, int D
 }
 
 // ---------------------------------------------------------------------------------------------
-// Phase 2, forward direction: W[j] holds L_j on entry and (in_place) S_in(j) on exit.
-// S_in(0) = state_in (or 0); S_in(j) = gamma^len(j-1) S_in(j-1) + L_(j-1); state_out = gamma^len(last) S_in(last) + L_last.
+// Phase 2: the segments' local states combined in segment order, one thread per state element.
+// Forward (kReverse = false): W[j] holds L_j on entry and (in_place) S_in(j) on exit;
+//   S_in(0) = start (state_in, or 0); S_in(j) = gamma^len(j-1) S_in(j-1) + L_(j-1);
+//   end (state_out) = gamma^len(last) S_in(last) + L_last.
+// Backward (kReverse = true): W[j] holds M_j on entry and (in_place) G_j (gradient w.r.t. the state at
+//   the end of segment j) on exit; G_last = start (grad_state_out, or 0); G_j = gamma^len(j+1) G_(j+1) +
+//   M_(j+1); end (grad_state_in) = gamma^len(0) G_0 + M_0.
 constexpr int kScanBatch = 8;
 
-template <typename A>
-__global__ void scan_fwd_kernel(Ctx<A> c, A* W, const A* state_in, A* state_out, bool in_place) {
+template <typename A, bool kReverse>
+__global__ void scan_kernel(Ctx<A> c, A* W, const A* start, A* end, bool in_place) {
   const int DE = c.D * c.E;
   const int bh = blockIdx.x;
   const int i = blockIdx.y * blockDim.x + threadIdx.x;
   if (i >= DE) return;
   const A lg = log_gamma(c, bh % c.H);
-  A run = state_in ? state_in[(size_t)bh * DE + i] : A(0);
+  A run = start ? start[(size_t)bh * DE + i] : A(0);
   A* w = W + (size_t)bh * c.nseg * DE + i;
+  auto seg = [&](int t) { return kReverse ? c.nseg - 1 - t : t; };  // the t-th segment visited
   // kScanBatch loads in flight before the batch's stores (in place, a store would otherwise order every
   // next load behind it: one memory latency per segment)
-  for (int j0 = 0; j0 < c.nseg; j0 += kScanBatch) {
+  for (int t0 = 0; t0 < c.nseg; t0 += kScanBatch) {
     A l[kScanBatch];
 #pragma unroll
-    for (int u = 0; u < kScanBatch; ++u) l[u] = j0 + u < c.nseg ? w[(size_t)(j0 + u) * DE] : A(0);
+    for (int u = 0; u < kScanBatch; ++u) l[u] = t0 + u < c.nseg ? w[(size_t)seg(t0 + u) * DE] : A(0);
 #pragma unroll
     for (int u = 0; u < kScanBatch; ++u) {
-      const int j = j0 + u;
-      if (j >= c.nseg) break;
+      if (t0 + u >= c.nseg) break;
+      const int j = seg(t0 + u);
       const int len = min(c.seglen, c.N - j * c.seglen);
       if (in_place) w[(size_t)j * DE] = run;
       run = exp_acc(lg * A(len)) * run + l[u];
     }
   }
-  if (state_out) state_out[(size_t)bh * DE + i] = run;
-}
-
-// Phase 2, backward direction: W[j] holds M_j on entry and (in_place) G_j (gradient w.r.t. the state
-// at the end of segment j) on exit. G_last = grad_state_out (or 0); G_j = gamma^len(j+1) G_(j+1) + M_(j+1);
-// grad_state_in = gamma^len(0) G_0 + M_0.
-template <typename A>
-__global__ void scan_bwd_kernel(Ctx<A> c, A* W, const A* grad_state_out, A* grad_state_in, bool in_place) {
-  const int DE = c.D * c.E;
-  const int bh = blockIdx.x;
-  const int i = blockIdx.y * blockDim.x + threadIdx.x;
-  if (i >= DE) return;
-  const A lg = log_gamma(c, bh % c.H);
-  A run = grad_state_out ? grad_state_out[(size_t)bh * DE + i] : A(0);
-  A* w = W + (size_t)bh * c.nseg * DE + i;
-  for (int j0 = c.nseg - 1; j0 >= 0; j0 -= kScanBatch) {  // batches of loads, as in scan_fwd_kernel
-    A m[kScanBatch];
-#pragma unroll
-    for (int u = 0; u < kScanBatch; ++u) m[u] = j0 - u >= 0 ? w[(size_t)(j0 - u) * DE] : A(0);
-#pragma unroll
-    for (int u = 0; u < kScanBatch; ++u) {
-      const int j = j0 - u;
-      if (j < 0) break;
-      const int len = min(c.seglen, c.N - j * c.seglen);
-      if (in_place) w[(size_t)j * DE] = run;
-      run = exp_acc(lg * A(len)) * run + m[u];
-    }
-  }
-  if (grad_state_in) grad_state_in[(size_t)bh * DE + i] = run;
+  if (end) end[(size_t)bh * DE + i] = run;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -215,9 +215,9 @@ cudaError_t combine_states(const AttnParams& p, const Ctx<A>& c, bool reverse, A
                            bool in_place, cudaStream_t st) {
   dim3 gs((unsigned)(p.B * p.H), (unsigned)((p.D * p.E + 255) / 256));
   if (!reverse) {
-    scan_fwd_kernel<A><<<gs, 256, 0, st>>>(c, ws, in, out, in_place);
+    scan_kernel<A, false><<<gs, 256, 0, st>>>(c, ws, in, out, in_place);
   } else {
-    scan_bwd_kernel<A><<<gs, 256, 0, st>>>(c, ws, in, out, in_place);
+    scan_kernel<A, true><<<gs, 256, 0, st>>>(c, ws, in, out, in_place);
   }
   LASP_LAUNCHED();
   return cudaSuccess;
@@ -336,34 +336,21 @@ cudaError_t run_bwd(const AttnParams& p, cudaStream_t st) {
   return cudaSuccess;
 }
 
-// fwd_local: state_out = L (the state with no incoming state); with several segments, phase 1 stays
-// in the workspace for the fwd call with local_ready that follows.
+// fwd_local (reverse = false): state_out = L (the state with no incoming state); bwd_local (reverse =
+// true): grad_state_in = M (the gradient with no outgoing-state gradient). With several segments, phase 1
+// stays in the workspace (bwd: after the forward states) for the fwd / bwd call with local_ready that follows.
 template <typename T, typename A>
-cudaError_t run_fwd_local(const AttnParams& p, cudaStream_t st) {
-  if (p.N == 0) return pass_state(p, nullptr, p.state_out, st);
-  const Plan pl = plan_fwd(p);
-  if (!runnable(pl, p, pl.fwd_bytes())) return cudaErrorInvalidValue;
+cudaError_t run_local(const AttnParams& p, bool reverse, cudaStream_t st) {
+  void* out_ptr = reverse ? p.grad_state_in : p.state_out;
+  if (p.N == 0) return pass_state(p, nullptr, out_ptr, st);
+  const Plan pl = reverse ? plan_bwd(p) : plan_fwd(p);
+  if (!runnable(pl, p, reverse ? pl.bwd_bytes() : pl.fwd_bytes())) return cudaErrorInvalidValue;
   const Ctx<A> c = make_ctx<A>(p, pl.nseg, pl.seglen);
-  A* out = static_cast<A*>(p.state_out);
-  if (pl.nseg == 1) return out ? local_states<T, A>(p, pl, c, false, out, st) : cudaSuccess;
-  A* ws = static_cast<A*>(p.workspace);
-  LASP_TRY((local_states<T, A>(p, pl, c, false, ws, st)));
-  return out ? combine_states<A>(p, c, false, ws, nullptr, out, false, st) : cudaSuccess;
-}
-
-// bwd_local: grad_state_in = M (the gradient with no outgoing-state gradient); with several segments,
-// its phase 1 stays in the workspace for the bwd call with local_ready that follows.
-template <typename T, typename A>
-cudaError_t run_bwd_local(const AttnParams& p, cudaStream_t st) {
-  if (p.N == 0) return pass_state(p, nullptr, p.grad_state_in, st);
-  const Plan pl = plan_bwd(p);
-  if (!runnable(pl, p, pl.bwd_bytes())) return cudaErrorInvalidValue;
-  const Ctx<A> c = make_ctx<A>(p, pl.nseg, pl.seglen);
-  A* out = static_cast<A*>(p.grad_state_in);
-  if (pl.nseg == 1) return out ? local_states<T, A>(p, pl, c, true, out, st) : cudaSuccess;
-  A* wsG = reinterpret_cast<A*>(static_cast<char*>(p.workspace) + pl.ws_states);
-  LASP_TRY((local_states<T, A>(p, pl, c, true, wsG, st)));
-  return out ? combine_states<A>(p, c, true, wsG, nullptr, out, false, st) : cudaSuccess;
+  A* out = static_cast<A*>(out_ptr);
+  if (pl.nseg == 1) return out ? local_states<T, A>(p, pl, c, reverse, out, st) : cudaSuccess;
+  A* ws = reinterpret_cast<A*>(static_cast<char*>(p.workspace) + (reverse ? pl.ws_states : 0));
+  LASP_TRY((local_states<T, A>(p, pl, c, reverse, ws, st)));
+  return out ? combine_states<A>(p, c, reverse, ws, nullptr, out, false, st) : cudaSuccess;
 }
 
 // bwd_prepare: the forward segment states (they need only S_in) into the workspace.
@@ -392,9 +379,9 @@ cudaError_t dispatch(const AttnParams& p, cudaStream_t st) {
 
 template <typename T, typename A> struct FwdOp { static cudaError_t run(const AttnParams& p, cudaStream_t s) { return run_fwd<T, A>(p, s); } };
 template <typename T, typename A> struct BwdOp { static cudaError_t run(const AttnParams& p, cudaStream_t s) { return run_bwd<T, A>(p, s); } };
-template <typename T, typename A> struct FwdLocalOp { static cudaError_t run(const AttnParams& p, cudaStream_t s) { return run_fwd_local<T, A>(p, s); } };
+template <typename T, typename A> struct FwdLocalOp { static cudaError_t run(const AttnParams& p, cudaStream_t s) { return run_local<T, A>(p, false, s); } };
 template <typename T, typename A> struct BwdPrepareOp { static cudaError_t run(const AttnParams& p, cudaStream_t s) { return run_bwd_prepare<T, A>(p, s); } };
-template <typename T, typename A> struct BwdLocalOp { static cudaError_t run(const AttnParams& p, cudaStream_t s) { return run_bwd_local<T, A>(p, s); } };
+template <typename T, typename A> struct BwdLocalOp { static cudaError_t run(const AttnParams& p, cudaStream_t s) { return run_local<T, A>(p, true, s); } };
 
 }  // namespace
 

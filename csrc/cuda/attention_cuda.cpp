@@ -75,7 +75,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda(const Tensor& q, const Tenso
                                                     const std::optional<Tensor>& decay, double scale,
                                                     const Tensor& state_in,
                                                     const std::optional<std::string>& group_name,
-                                            const std::string& strategy) {
+                                                    const std::string& strategy) {
   const c10::cuda::CUDAGuard guard(q.device());
   return attention_bwd(cuda_kernels(), q, k, v, dout, grad_final_state, decay, scale, state_in, group_name, strategy);
 }
