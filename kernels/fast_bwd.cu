@@ -32,10 +32,15 @@ constexpr int kThreadsB = 256;
 template <int D, int E>
 constexpr int kBwdMinBlocks = (D == 64 && E == 64) ? 2 : 1;
 
-// cp.async rows [c0, c0+len) x all W columns of (b, h) into smem [64][LD]; rows >= len zero-filled.
 template <typename T, int W, int LD>
 __device__ __forceinline__ void load_rows_b(T* sm, const Tv<const T>& v, int b, int h, int64_t c0, int len) {
-  cp_async_rows<kC, W, LD>(sm, v.p + b * v.sb + h * v.sh + c0 * v.sn, v.sn, len);
+  constexpr int VPR = W / 8;
+  for (int i = threadIdx.x; i < kC * VPR; i += blockDim.x) {
+    const int r = i / VPR, cv = i - r * VPR;
+    const bool ok = r < len;
+    const T* src = v.p + b * v.sb + h * v.sh + (c0 + (ok ? r : 0)) * v.sn + cv * 8;
+    cp_async16(sm + r * LD + cv * 8, src, ok);
+  }
 }
 
 struct BwdArgs {

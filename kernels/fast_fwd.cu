@@ -34,7 +34,13 @@ __device__ __forceinline__ const T* row_ptr(const Tv<const T>& v, int b, int h, 
 // cp.async rows [c0, c0+len) x cols [x0, x0+W) of (b, h) into smem [64][LD]; rows >= len zero-filled.
 template <typename T, int W, int LD>
 __device__ __forceinline__ void load_rows(T* sm, const Tv<const T>& v, int b, int h, int64_t c0, int len, int x0) {
-  cp_async_rows<kC, W, LD>(sm, row_ptr(v, b, h, c0) + x0, v.sn, len);
+  constexpr int VPR = W / 8;
+  for (int i = threadIdx.x; i < kC * VPR; i += blockDim.x) {
+    const int r = i / VPR, cv = i - r * VPR;
+    const bool ok = r < len;
+    const T* src = row_ptr(v, b, h, c0 + (ok ? r : 0)) + x0 + cv * 8;
+    cp_async16(sm + r * LD + cv * 8, src, ok);
+  }
 }
 
 struct FwdArgs {

@@ -113,20 +113,6 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-// cp.async of rows [0, len) x W columns of 16-bit elements from base (row stride `stride` elements, 16-byte
-// aligned rows) into shared memory [kRows][LD]; rows len..kRows-1 are zero-filled (their source address
-// stays at row 0, which is valid).
-template <int kRows, int W, int LD, typename T>
-__device__ __forceinline__ void cp_async_rows(T* sm, const T* base, int64_t stride, int len) {
-  static_assert(sizeof(T) == 2, "16-bit elements: 8 per 16-byte copy");
-  constexpr int VPR = W / 8;
-  for (int i = threadIdx.x; i < kRows * VPR; i += blockDim.x) {
-    const int r = i / VPR, cv = i - r * VPR;
-    const bool ok = r < len;
-    cp_async16(sm + r * LD + cv * 8, base + (ok ? r : 0) * stride + cv * 8, ok);
-  }
-}
-
 }  // namespace mma
 }  // namespace cuda
 }  // namespace lasp
