@@ -223,7 +223,7 @@ class _FusedLinearCE(torch.autograd.Function):
         with torch.autocast(dev, enabled=False):
             h_all = hidden.to(dtype)
             w = weight.to(dtype)
-            dh = torch.empty_like(h_all) if need_h else None
+            dh = torch.empty(h_all.shape, dtype=dtype, device=h_all.device) if need_h else None  # contiguous: mm(out=) slices
             acc = _loss_dtype(weight.dtype)
             dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
             total = torch.zeros((), dtype=_loss_dtype(dtype), device=hidden.device)
@@ -269,6 +269,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                          f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)}")
     if labels.shape != hidden.shape[:1]:
         raise ValueError(f"fused_linear_cross_entropy: labels must have shape ({hidden.shape[0]},), got {tuple(labels.shape)}")
+    if labels.dtype != torch.int64 or labels.device != hidden.device:
+        raise ValueError(f"fused_linear_cross_entropy: labels must be int64 on {hidden.device} (hidden's device), "
+                         f"got {labels.dtype} on {labels.device}")
     if chunk_size < 1:
         raise ValueError(f"fused_linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
     needs = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)

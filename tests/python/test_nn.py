@@ -240,6 +240,18 @@ def test_fused_linear_cross_entropy(chunk, dtype, seed):
     w1 = w0.clone().requires_grad_(True)
     (gw1,) = torch.autograd.grad(lmodels.fused_linear_cross_entropy(h0, w1, y, chunk_size=chunk) * 0.3, [w1])
     assert rel_err(gw1, want_gw) < tol
+    # non-contiguous hidden (a strided slice; a transposed, dense one) gives the same
+    hleaf = torch.zeros(T, 2 * C, dtype=dtype)
+    hleaf[:, ::2] = h0
+    hleaf.requires_grad_(True)
+    got_s = lmodels.fused_linear_cross_entropy(hleaf[:, ::2], w0, y, chunk_size=chunk)
+    (got_s * 0.3).backward()
+    assert abs(got_s.item() - want.item()) <= tol * abs(want.item())
+    assert rel_err(hleaf.grad[:, ::2], want_gh) < tol and not hleaf.grad[:, 1::2].any()
+    ht = h0.t().contiguous().requires_grad_(True)
+    got_t = lmodels.fused_linear_cross_entropy(ht.t(), w0, y, chunk_size=chunk)
+    (got_t * 0.3).backward()
+    assert abs(got_t.item() - want.item()) <= tol * abs(want.item()) and rel_err(ht.grad.t(), want_gh) < tol
     # without gradients: the plain chunked loss, no graph
     with torch.no_grad():
         plain = lmodels.fused_linear_cross_entropy(h, w, y, chunk_size=chunk)
@@ -308,6 +320,8 @@ def test_fused_linear_cross_entropy_errors():
         lmodels.fused_linear_cross_entropy(h, w, torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         lmodels.fused_linear_cross_entropy(h, w, y, chunk_size=0)
+    with pytest.raises(ValueError, match="labels must be int64 on cpu"):
+        lmodels.fused_linear_cross_entropy(h, w, y.int())
     # no tokens: a zero that still reaches the weight
     w2 = torch.ones(5, 3, requires_grad=True)
     out = lmodels.fused_linear_cross_entropy(torch.zeros(0, 3, requires_grad=True), w2, torch.zeros(0, dtype=torch.long))
