@@ -289,23 +289,24 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_main_kernel(FwdArgs a, Tv<con
   }
 }
 
-// Local state of a segment (phase 1), columns [e0, e0+64):
+// Local state of a segment (phase 1), all E columns in one block of D / 16 warps (warp w: rows
+// 16w .. 16w+15 of the D x E state), so x is read once whatever E is:
 //   REVERSE = false: L = sum_s g^(end-1-s) k[s]^T v[s]           (x = k, y = v, kv head), chunks forward
 //   REVERSE = true:  M = scale sum_t g^(t-start+1) q[t]^T do[t]   (x = q, y = do), chunks backward
-template <typename T, int D, bool REVERSE>
-__global__ void __launch_bounds__(kWarps * 32) state_local_kernel(FwdArgs a, Tv<const T> x, Tv<const T> y) {
-  constexpr int LDX = D + 8, LDV = kEt + 8;
-  constexpr int STAGE = kC * LDX + kC * LDV;
-  constexpr int MT = D / 4 / 16;
+template <int D>
+constexpr int kLocalThreads = D / 16 * 32;
+
+template <typename T, int D, int E, bool REVERSE>
+__global__ void __launch_bounds__(kLocalThreads<D>, D == 128 ? 2 : 1) state_local_kernel(FwdArgs a, Tv<const T> x,
+                                                                                          Tv<const T> y) {
+  constexpr int LDX = D + 8, LDY = E + 8;
+  constexpr int STAGE = kC * LDX + kC * LDY;
+  constexpr int NP = E / 16;  // pairs of 8-column n-tiles
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* stage0 = reinterpret_cast<T*>(smem_raw);
   float* Gp = reinterpret_cast<float*>(stage0 + 2 * STAGE);
-  const int ntile = a.E / kEt;
-  const int et = blockIdx.x % ntile;
-  const int rest = blockIdx.x / ntile;
-  const int seg = rest % a.nseg, bh = rest / a.nseg;
+  const int seg = blockIdx.x % a.nseg, bh = blockIdx.x / a.nseg;
   const int b = bh / a.H, h = bh % a.H, hx = REVERSE ? h : h / a.group;
-  const int e0 = et * kEt;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
   const float lg = a.decay ? -a.decay[h] : 0.f;
   for (int i = threadIdx.x; i <= kC; i += blockDim.x) Gp[i] = expf(lg * (float)i);
@@ -317,16 +318,14 @@ __global__ void __launch_bounds__(kWarps * 32) state_local_kernel(FwdArgs a, Tv<
     const int64_t c0 = chunk_start(0);
     const int len = (int)min((int64_t)kC, n1 - c0);
     load_rows<T, D, LDX>(stage0, x, b, hx, c0, len, 0);
-    load_rows<T, kEt, LDV>(stage0 + kC * LDX, y, b, hx, c0, len, e0);
+    load_rows<T, E, LDY>(stage0 + kC * LDX, y, b, hx, c0, len, 0);
     cp_async_commit();
   }
-  float S[MT][8][4];
+  float S[2 * NP][4];
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
+  for (int nt = 0; nt < 2 * NP; ++nt)
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) S[mt][nt][r] = 0.f;
+    for (int r = 0; r < 4; ++r) S[nt][r] = 0.f;
   for (int ci = 0; ci < nch; ++ci) {
     const int64_t c0 = chunk_start(ci);
     const int len = (int)min((int64_t)kC, n1 - c0);
@@ -340,16 +339,14 @@ __global__ void __launch_bounds__(kWarps * 32) state_local_kernel(FwdArgs a, Tv<
       const int len1 = (int)min((int64_t)kC, n1 - c1);
       T* sn = stage0 + ((ci + 1) & 1) * STAGE;
       load_rows<T, D, LDX>(sn, x, b, hx, c1, len1, 0);
-      load_rows<T, kEt, LDV>(sn + kC * LDX, y, b, hx, c1, len1, e0);
+      load_rows<T, E, LDY>(sn + kC * LDX, y, b, hx, c1, len1, 0);
       cp_async_commit();
     }
     const float gl = Gp[len];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+    for (int nt = 0; nt < 2 * NP; ++nt)
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) S[mt][nt][r] *= gl;
+      for (int r = 0; r < 4; ++r) S[nt][r] *= gl;
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       if (kk * 16 >= len) continue;
@@ -360,37 +357,38 @@ __global__ void __launch_bounds__(kWarps * 32) state_local_kernel(FwdArgs a, Tv<
         const int s = s0 + (j & 1) + (j >> 1) * 8;
         w[j] = s < len ? (REVERSE ? a.scale * Gp[s + 1] : Gp[len - 1 - s]) : 0.f;
       }
-      uint32_t bv[4][4];
+      // y's fragments of this k-step: all loaded up front for E = 64, one pair at a time for E = 128
+      constexpr int NB = NP <= 4 ? NP : 1;
+      uint32_t bv[NB][4];
+      if constexpr (NB == NP) {
 #pragma unroll
-      for (int np = 0; np < 4; ++np) load_b_kn(bv[np], Ys, LDV, kk * 16, np * 16);
+        for (int np = 0; np < NP; ++np) load_b_kn(bv[np], Ys, LDY, kk * 16, np * 16);
+      }
+      uint32_t xa[4];
+      load_a_t(xa, Xs, LDX, warp * 16, kk * 16);
+      if (REVERSE || lg != 0.f) {  // forward without decay: every weight is 1
+        xa[0] = scale2<T>(xa[0], w[0], w[1]);
+        xa[1] = scale2<T>(xa[1], w[0], w[1]);
+        xa[2] = scale2<T>(xa[2], w[2], w[3]);
+        xa[3] = scale2<T>(xa[3], w[2], w[3]);
+      }
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        uint32_t xa[4];
-        load_a_t(xa, Xs, LDX, warp * (D / 4) + mt * 16, kk * 16);
-        if (REVERSE || lg != 0.f) {  // forward without decay: every weight is 1
-          xa[0] = scale2<T>(xa[0], w[0], w[1]);
-          xa[1] = scale2<T>(xa[1], w[0], w[1]);
-          xa[2] = scale2<T>(xa[2], w[2], w[3]);
-          xa[3] = scale2<T>(xa[3], w[2], w[3]);
-        }
-#pragma unroll
-        for (int np = 0; np < 4; ++np) {
-          mma16816<T>(S[mt][2 * np], xa, bv[np][0], bv[np][1]);
-          mma16816<T>(S[mt][2 * np + 1], xa, bv[np][2], bv[np][3]);
-        }
+      for (int np = 0; np < NP; ++np) {
+        const int ib = NB == NP ? np : 0;
+        if constexpr (NB != NP) load_b_kn(bv[0], Ys, LDY, kk * 16, np * 16);
+        mma16816<T>(S[2 * np], xa, bv[ib][0], bv[ib][1]);
+        mma16816<T>(S[2 * np + 1], xa, bv[ib][2], bv[ib][3]);
       }
     }
   }
   float* out = a.local_out + ((size_t)bh * a.nseg + seg) * a.D * a.E;
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
+  for (int nt = 0; nt < 2 * NP; ++nt)
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int d = warp * (D / 4) + mt * 16 + g + (r >> 1) * 8, e = nt * 8 + 2 * tc + (r & 1);
-        out[(size_t)d * a.E + e0 + e] = S[mt][nt][r];
-      }
+    for (int r = 0; r < 4; ++r) {
+      const int d = warp * 16 + g + (r >> 1) * 8, e = nt * 8 + 2 * tc + (r & 1);
+      out[(size_t)d * a.E + e] = S[nt][r];
+    }
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
@@ -431,16 +429,23 @@ cudaError_t launch_fwd_main(const AttnParams& p, const FwdArgs& a, cudaStream_t 
   return cudaGetLastError();
 }
 
-template <typename T, int D, bool REV>
+template <typename T, int D, int E, bool REV>
 cudaError_t launch_local(const AttnParams& p, const FwdArgs& a, const TensorView4& x, const TensorView4& y,
                          cudaStream_t st) {
-  auto kern = state_local_kernel<T, D, REV>;
-  const size_t smem = (size_t)2 * (kC * (D + 8) + kC * (kEt + 8)) * sizeof(T) + (kC + 2) * sizeof(float);
+  auto kern = state_local_kernel<T, D, E, REV>;
+  const size_t smem = (size_t)2 * (kC * (D + 8) + kC * (E + 8)) * sizeof(T) + (kC + 2) * sizeof(float);
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (e != cudaSuccess) return e;
-  const unsigned blocks = (unsigned)(p.B * p.H * a.nseg * (p.E / kEt));
-  kern<<<blocks, kWarps * 32, smem, st>>>(a, make_tv<const T>(x), make_tv<const T>(y));
+  const unsigned blocks = (unsigned)(p.B * p.H * a.nseg);
+  kern<<<blocks, kLocalThreads<D>, smem, st>>>(a, make_tv<const T>(x), make_tv<const T>(y));
   return cudaGetLastError();
+}
+
+template <typename T, bool REV>
+cudaError_t launch_local_dims(const AttnParams& p, const FwdArgs& a, const TensorView4& x, const TensorView4& y,
+                              cudaStream_t st) {
+  if (p.D == 64) return p.E == 64 ? launch_local<T, 64, 64, REV>(p, a, x, y, st) : launch_local<T, 64, 128, REV>(p, a, x, y, st);
+  return p.E == 64 ? launch_local<T, 128, 64, REV>(p, a, x, y, st) : launch_local<T, 128, 128, REV>(p, a, x, y, st);
 }
 
 }  // namespace
@@ -500,14 +505,9 @@ cudaError_t state_local(const AttnParams& p, bool reverse, int nseg, int seglen,
   FwdArgs a = make_args(p, nseg, seglen);
   a.local_out = out;
   const bool bf = p.dtype == ScalarType::BFloat16;
-  if (!reverse) {
-    if (p.D == 64)
-      return bf ? launch_local<__nv_bfloat16, 64, false>(p, a, p.k, p.v, st) : launch_local<__half, 64, false>(p, a, p.k, p.v, st);
-    return bf ? launch_local<__nv_bfloat16, 128, false>(p, a, p.k, p.v, st) : launch_local<__half, 128, false>(p, a, p.k, p.v, st);
-  }
-  if (p.D == 64)
-    return bf ? launch_local<__nv_bfloat16, 64, true>(p, a, p.q, p.dout, st) : launch_local<__half, 64, true>(p, a, p.q, p.dout, st);
-  return bf ? launch_local<__nv_bfloat16, 128, true>(p, a, p.q, p.dout, st) : launch_local<__half, 128, true>(p, a, p.q, p.dout, st);
+  if (!reverse)
+    return bf ? launch_local_dims<__nv_bfloat16, false>(p, a, p.k, p.v, st) : launch_local_dims<__half, false>(p, a, p.k, p.v, st);
+  return bf ? launch_local_dims<__nv_bfloat16, true>(p, a, p.q, p.dout, st) : launch_local_dims<__half, true>(p, a, p.q, p.dout, st);
 }
 
 }  // namespace fast
