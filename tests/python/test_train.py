@@ -174,12 +174,13 @@ def test_convergence_check_driver(tmp_path):
 
 
 def test_bench_model_lean_offload_and_bf16_weights(tmp_path):
-    """--lean (token-chunked checkpoints) and --offload (checkpoints in host memory): the plain model's loss
-    and gradient norm; --param-dtype bf16 runs and stays within bf16 rounding of it. One process each (the
-    options are independent of sp)."""
-    res = {}
+    """--lean (token-chunked checkpoints), --offload (checkpoints in host memory) and --chunked-loss (the
+    loss recomputed in backward instead of the fused one): the plain model's loss and gradient norm;
+    --param-dtype bf16 runs and stays within bf16 rounding of it. One process each (the options are
+    independent of sp)."""
+    res, cfgs = {}, {}
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    for name, extra in (("plain", []), ("lean", ["--lean", "--lean-chunk", "24"]),
+    for name, extra in (("plain", []), ("chunked", ["--chunked-loss"]), ("lean", ["--lean", "--lean-chunk", "24"]),
                         ("lean_offload", ["--lean", "--lean-chunk", "24", "--offload"]),
                         ("lean_bf16", ["--lean", "--lean-chunk", "24", "--param-dtype", "bf16"])):
         out = str(tmp_path / f"{name}.json")
@@ -189,10 +190,12 @@ def test_bench_model_lean_offload_and_bf16_weights(tmp_path):
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stdout[-4000:] + "\n--- stderr (tail) ---\n" + r.stderr[-6000:]
         with open(out) as f:
-            res[name] = json.load(f)["rows"][0]
+            d = json.load(f)
+        res[name], cfgs[name] = d["rows"][0], d["info"]["config"]
     plain, lb = res["plain"], res["lean_bf16"]
+    assert cfgs["plain"]["fused_loss"] is True and cfgs["chunked"]["fused_loss"] is False
     assert res["lean"]["lean"] and not plain["lean"] and res["lean_offload"]["offload"] and lb["param_dtype"] == "bf16"
-    for name in ("lean", "lean_offload"):
+    for name in ("chunked", "lean", "lean_offload"):
         assert abs(res[name]["loss"] - plain["loss"]) <= 1e-5 * plain["loss"], (name, res)
         assert abs(res[name]["grad_norm"] - plain["grad_norm"]) <= 1e-4 * plain["grad_norm"], (name, res)
     assert lb["loss"] != plain["loss"] and abs(lb["loss"] - plain["loss"]) <= 1e-2 * plain["loss"], res
