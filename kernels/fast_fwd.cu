@@ -9,8 +9,14 @@
 //   S_b is the bf16/fp16 copy of S in shared memory that the next chunk multiplies with.
 // Bytes: q, k, v read once per column tile (the sibling tiles of one (b, h, segment) run next to
 // each other, so the second read mostly hits L2), o written once.
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
 #include "common.cuh"
 #include "fast_path.h"
+#include "lasp_cuda.h"
 #include "mma.cuh"
 
 namespace lasp {
@@ -467,6 +473,7 @@ bool local_supported(const AttnParams& p, bool reverse) {
 }
 
 size_t fwd_smem_bytes(const AttnParams& p) {
+  if (fwd_uses_wgmma()) return wgmma_fwd_smem_bytes(p);
   return p.D == 64 ? FwdSmem<__nv_bfloat16, 64>::bytes : FwdSmem<__nv_bfloat16, 128>::bytes;
 }
 
@@ -488,12 +495,14 @@ int fwd_resident_blocks() {
 }  // namespace
 
 int fwd_blocks_per_sm(const AttnParams& p) {
+  if (fwd_uses_wgmma()) return wgmma_fwd_blocks_per_sm(p);
   const bool bf = p.dtype == ScalarType::BFloat16;
   if (p.D == 64) return bf ? fwd_resident_blocks<__nv_bfloat16, 64>() : fwd_resident_blocks<__half, 64>();
   return bf ? fwd_resident_blocks<__nv_bfloat16, 128>() : fwd_resident_blocks<__half, 128>();
 }
 
 cudaError_t fwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_states, cudaStream_t st) {
+  if (fwd_uses_wgmma()) return wgmma_fwd_main(p, nseg, seglen, seg_states, st);
   FwdArgs a = make_args(p, nseg, seglen);
   a.seg_states = seg_states;
   const bool bf = p.dtype == ScalarType::BFloat16;
@@ -510,6 +519,44 @@ cudaError_t state_local(const AttnParams& p, bool reverse, int nseg, int seglen,
   return bf ? launch_local_dims<__nv_bfloat16, true>(p, a, p.q, p.dout, st) : launch_local_dims<__half, true>(p, a, p.q, p.dout, st);
 }
 
+namespace {
+// -1: not yet read from LASP_FWD_KERNEL.
+std::atomic<int> g_fwd_kernel{-1};
+int fwd_kernel_value() {
+  int v = g_fwd_kernel.load(std::memory_order_relaxed);
+  if (v >= 0) return v;
+  const char* env = std::getenv("LASP_FWD_KERNEL");
+  v = 0;
+  if (env && std::strcmp(env, "wgmma") == 0) {
+    v = 1;
+  } else if (env && *env && std::strcmp(env, "mma") != 0) {
+    std::fprintf(stderr, "lasp: LASP_FWD_KERNEL must be \"mma\" or \"wgmma\" (got \"%s\"); using \"mma\"\n", env);
+  }
+  g_fwd_kernel.store(v, std::memory_order_relaxed);
+  return v;
+}
+}  // namespace
+
+bool fwd_uses_wgmma() { return fwd_kernel_value() == 1 && wgmma_available(); }
+
 }  // namespace fast
+
+void set_fwd_kernel(FwdKernel which) { fast::g_fwd_kernel.store((int)which, std::memory_order_relaxed); }
+FwdKernel fwd_kernel() { return static_cast<FwdKernel>(fast::fwd_kernel_value()); }
+
+bool wgmma_available() {
+#if defined(LASP_HAVE_SM90A)
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return major == 9 && minor == 0;
+#else
+  return false;
+#endif
+}
+
 }  // namespace cuda
 }  // namespace lasp

@@ -30,6 +30,13 @@ cudaError_t fwd_main(const AttnParams& p, int nseg, int seglen, const float* seg
 bool local_supported(const AttnParams& p, bool reverse);
 cudaError_t state_local(const AttnParams& p, bool reverse, int nseg, int seglen, float* out, cudaStream_t stream);
 
+// The sm_90a forward main kernel (wgmma_fwd.cu): same contract as fwd_main, chosen by fwd_main,
+// fwd_blocks_per_sm and fwd_smem_bytes when fwd_uses_wgmma().
+bool fwd_uses_wgmma();
+size_t wgmma_fwd_smem_bytes(const AttnParams& p);
+int wgmma_fwd_blocks_per_sm(const AttnParams& p);
+cudaError_t wgmma_fwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_states, cudaStream_t stream);
+
 // Fused tensor-core backward (dq, dk, dv, and grad_state_in with one segment).
 bool bwd_supported(const AttnParams& p);
 // Blocks of the backward kernel for this problem's dtype, D, E and GQA that one SM of the current device

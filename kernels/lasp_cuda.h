@@ -21,6 +21,19 @@ bool supports(const AttnParams& p);
 size_t fwd_workspace_bytes(const AttnParams& p);
 size_t bwd_workspace_bytes(const AttnParams& p);
 
+// Which kernel runs the tensor-core forward main pass on sm_90 devices: FwdKernel::Mma (mma.sync, the
+// default) or FwdKernel::Wgmma (warpgroup MMAs; needs a build for sm_90a and a compute capability 9.0
+// device, else the mma.sync kernel runs). The first value comes from the environment variable
+// LASP_FWD_KERNEL ("mma" or "wgmma"). Change it only between problems: a fwd_local and the fwd with
+// local_ready that follows it must run under the same setting (their segment plans must agree).
+enum class FwdKernel : int { Mma = 0, Wgmma = 1 };
+void set_fwd_kernel(FwdKernel which);
+FwdKernel fwd_kernel();
+// Whether the wgmma kernels can run on the current device (sm_90a code built in, compute capability 9.0).
+bool wgmma_available();
+// The kernel family the forward main pass of p would use: "wgmma", "mma" or "generic" (for tests and benchmarks).
+const char* fwd_main_kernel_name(const AttnParams& p);
+
 cudaError_t fwd(const AttnParams& p, cudaStream_t stream);
 cudaError_t fwd_local(const AttnParams& p, cudaStream_t stream);
 cudaError_t bwd(const AttnParams& p, cudaStream_t stream);

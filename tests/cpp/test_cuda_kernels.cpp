@@ -525,6 +525,40 @@ TEST_P(CudaKernels, LocalThenMainMatchFloat64Reference) {
   }
 }
 
+// The same checks with the sm_90a forward main kernel (lasp::cuda::FwdKernel::Wgmma) for the 16-bit dtypes.
+class CudaKernelsWgmma : public ::testing::TestWithParam<ScalarType> {};
+
+struct FwdKernelGuard {
+  lasp::cuda::FwdKernel saved = lasp::cuda::fwd_kernel();
+  explicit FwdKernelGuard(lasp::cuda::FwdKernel k) { lasp::cuda::set_fwd_kernel(k); }
+  ~FwdKernelGuard() { lasp::cuda::set_fwd_kernel(saved); }
+};
+
+TEST_P(CudaKernelsWgmma, FwdBwdMatchFloat64Reference) {
+  SKIP_WITHOUT_DEVICE();
+  if (!lasp::cuda::wgmma_available()) GTEST_SKIP() << "wgmma needs a build for sm_90a and a compute capability 9.0 device";
+  FwdKernelGuard guard(lasp::cuda::FwdKernel::Wgmma);
+  {  // the cases below really run the wgmma kernel
+    AttnParams p;
+    p.dtype = GetParam();
+    p.B = 1; p.H = 2; p.Hkv = 2; p.N = 1000; p.D = 128; p.E = 128;
+    ASSERT_STREQ(lasp::cuda::fwd_main_kernel_name(p), "wgmma");
+    lasp::cuda::set_fwd_kernel(lasp::cuda::FwdKernel::Mma);
+    ASSERT_STREQ(lasp::cuda::fwd_main_kernel_name(p), "mma");
+    lasp::cuda::set_fwd_kernel(lasp::cuda::FwdKernel::Wgmma);
+  }
+  for (const Case& c : cases_for(GetParam())) {
+    if (c.D != 64 && c.D != 128) continue;  // other head dims take the generic kernels either way
+    run_case(c, /*split=*/false);
+    if (::testing::Test::HasFatalFailure()) return;
+    run_case(c, /*split=*/true);
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes16, CudaKernelsWgmma, ::testing::Values(ScalarType::Float16, ScalarType::BFloat16),
+                         [](const ::testing::TestParamInfo<ScalarType>& i) { return std::string(dtype_name(i.param)); });
+
 TEST(CudaKernelsApi, SupportsRejectsWhatItCannotDo) {
   AttnParams p;
   p.dtype = ScalarType::BFloat16;

@@ -1,0 +1,162 @@
+// Hopper warpgroup MMA (wgmma.mma_async, sm_90a) helpers for bf16 / fp16 with fp32 accumulation.
+//
+// Shared-memory operands use the 128-byte swizzle: a tile is stored as "atoms" of 8 rows x 128 bytes
+// (64 16-bit elements per row), the 16-byte chunk c of row r at r * 128 + ((c ^ (r % 8)) * 16) from a
+// 1024-byte aligned atom base (sw128_offset). Two operand forms are used (CUTLASS's canonical GMMA
+// layouts, cute/atom/mma_traits_sm90_gmma.hpp):
+//   K-major (the reduction dim contiguous, e.g. Q or K as [rows][D]): rows 128 B apart, 8-row groups
+//     SBO = 1024 B apart; a k-step of 16 elements advances the start address by 32 B inside the atom;
+//     D > 64 is a second atom of (rows x 128 B).
+//   MN-major (the output dim contiguous, e.g. V as [s][E] used as B with K = s): 64 MN-elements per
+//     128-B row, rows = the K index; SBO = 1024 B (next 8 K-rows), LBO = the stride between 64-wide
+//     MN atoms; a k-step of 16 advances the start address by 16 rows = 2048 B.
+// Accumulator layout of m64nN (per warp w of the warpgroup, g = lane / 4, c = lane % 4):
+//   d[4j + 0..1] = (row 16w + g, cols 8j + 2c, +1), d[4j + 2..3] = (row 16w + g + 8, same cols),
+// i.e. the mma.sync m16n8 C layout per 16-row slab; register A operands (RS form) use the mma.sync
+// m16n8k16 A layout (mma.cuh).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+// wgmma exists only in the sm_90a target; other targets compile the kernels to a trap.
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define LASP_WGMMA 1
+#else
+#define LASP_WGMMA 0
+#endif
+
+namespace lasp {
+namespace cuda {
+namespace wg {
+
+// Byte offset of 16-byte chunk `chunk` (0..7) of row `row` inside a 128B-swizzled atom.
+__device__ __forceinline__ uint32_t sw128_offset(int row, int chunk) {
+  return (uint32_t)(row * 128 + (((chunk ^ row) & 7) << 4));
+}
+
+// Shared-memory matrix descriptor, 128-byte swizzle (layout type 1).
+__device__ __forceinline__ uint64_t make_desc(uint32_t smem_byte_addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+  uint64_t d = 0;
+  d |= (uint64_t)((smem_byte_addr & 0x3FFFF) >> 4);
+  d |= (uint64_t)((lbo_bytes & 0x3FFFF) >> 4) << 16;
+  d |= (uint64_t)((sbo_bytes & 0x3FFFF) >> 4) << 32;
+  d |= (uint64_t)1 << 62;
+  return d;
+}
+
+__device__ __forceinline__ void fence() {
+#if LASP_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void commit() {
+#if LASP_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wait() {
+#if LASP_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// Generic-proxy shared-memory writes (st.shared, cp.async) made visible to wgmma's async proxy.
+__device__ __forceinline__ void fence_async_smem() {
+#if LASP_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+// Keeps the compiler from moving accesses of accumulator registers across wgmma issue / wait.
+template <int R>
+__device__ __forceinline__ void fence_regs(float (&d)[R]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// ldmatrix of 16-bit elements at shared-memory byte address `saddr` (4 8x8 matrices, transposed).
+__device__ __forceinline__ void ldsm_x4_t_addr(uint32_t (&r)[4], uint32_t saddr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(saddr));
+}
+
+// mma.sync / RS-form A fragment (16 x 16) of A = X^T, X a [k][m] tile in 128B-swizzled atoms of 64 m-columns
+// (atom a at tile + a * atom_bytes, row k at k * 128 inside it): rows m0 .. m0+15, k0 .. k0+15.
+__device__ __forceinline__ void load_a_t_sw128(uint32_t (&a)[4], uint32_t tile, uint32_t atom_bytes, int m0, int k0) {
+  const int l = threadIdx.x & 31, j = l >> 3;
+  const int row = k0 + (l & 7) + (j >> 1) * 8, m = m0 + (j & 1) * 8;
+  ldsm_x4_t_addr(a, tile + (uint32_t)(m >> 6) * atom_bytes + sw128_offset(row, (m & 63) >> 3));
+}
+
+template <typename T>
+struct Kind;
+template <>
+struct Kind<__nv_bfloat16> {
+  static constexpr bool bf16 = true;
+};
+template <>
+struct Kind<__half> {
+  static constexpr bool bf16 = false;
+};
+
+#define LASP_WG_D32                                                                                       \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, " \
+  "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define LASP_WG_OUT32(d)                                                                                   \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),          \
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]),           \
+      "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),           \
+      "+f"(d[30]), "+f"(d[31])
+
+// D(64 x 64) (+)= A(64 x 16) B(16 x 64), both from shared memory. TA / TB: 0 K-major, 1 MN-major.
+// accumulate = 0 overwrites D.
+template <typename T, int TA, int TB>
+__device__ __forceinline__ void mma_ss_n64(float (&d)[32], uint64_t da, uint64_t db, int accumulate) {
+#if LASP_WGMMA
+  if constexpr (Kind<T>::bf16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " LASP_WG_D32 ", %32, %33, p, 1, 1, %35, %36;\n}\n"
+        : LASP_WG_OUT32(d)
+        : "l"(da), "l"(db), "r"(accumulate), "n"(TA), "n"(TB));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " LASP_WG_D32 ", %32, %33, p, 1, 1, %35, %36;\n}\n"
+        : LASP_WG_OUT32(d)
+        : "l"(da), "l"(db), "r"(accumulate), "n"(TA), "n"(TB));
+  }
+#endif
+}
+
+// D(64 x 64) (+)= A(64 x 16, registers: the mma.sync A fragment of this warp's 16 rows) B(16 x 64, smem).
+template <typename T, int TB>
+__device__ __forceinline__ void mma_rs_n64(float (&d)[32], const uint32_t (&a)[4], uint64_t db, int accumulate) {
+#if LASP_WGMMA
+  if constexpr (Kind<T>::bf16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " LASP_WG_D32
+        ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+        : LASP_WG_OUT32(d)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate), "n"(TB));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " LASP_WG_D32
+        ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+        : LASP_WG_OUT32(d)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate), "n"(TB));
+  }
+#endif
+}
+
+#undef LASP_WG_D32
+#undef LASP_WG_OUT32
+
+}  // namespace wg
+}  // namespace cuda
+}  // namespace lasp

@@ -1,0 +1,331 @@
+// Forward main kernel with Hopper warpgroup MMAs (wgmma, sm_90a), bf16/fp16, D in {64, 128}, E a
+// multiple of 64 up to 128: the same contract, grid and segment plan as fwd_main_kernel (fast_fwd.cu),
+// chosen by fast::fwd_main where the device is sm_90 and lasp::cuda::fwd_kernel() asks for it.
+//
+// One block = one warpgroup (4 warps) per (b, h, segment, 64-column tile of E), chunks of 64, double-buffered
+// cp.async loads of q, k, v into 128B-swizzled shared memory (wgmma.cuh). Per chunk:
+//   O = Q S_b            (SS: Q K-major, S_b = the 16-bit state copy, [d][e] MN-major)
+//   P = Q K^T            (SS: Q and K K-major)
+//   O = diag(scale g^(t+1)) O + ((scale P) * decay mask) V      (RS: P from registers, V MN-major)
+//   S = g^len S + (K^T diag(g^(len-1-s))) V                      (RS: K^T by ldmatrix.trans, V MN-major)
+// S lives in fp32 registers (warp w: rows 64i + 16w .. of the D x 64 state), S_b is rewritten after
+// each chunk. Bytes as the mma.sync kernel: q, k, v read once per column tile, o written once.
+#include "common.cuh"
+#include "fast_path.h"
+#include "mma.cuh"
+#include "wgmma.cuh"
+
+namespace lasp {
+namespace cuda {
+namespace fast {
+
+namespace {
+
+using namespace detail;
+
+constexpr int kC = 64;
+constexpr int kEt = 64;
+constexpr int kThreads = 128;  // one warpgroup
+constexpr uint32_t kAtom = 64 * 128;  // one 64-row x 128-byte swizzle column of a 64-row tile
+
+struct WgArgs {
+  int B, H, group, N, D, E, nseg, seglen;
+  float scale;
+  const float* decay;
+  const float* state_in;
+  const float* seg_states;
+  float* state_out;
+};
+
+// Shared memory (bytes, from a 1024-aligned base): 2 stages of Q, K (D / 64 atoms each) and V (1 atom),
+// S_b (D rows x 128 B), the O staging rows [64][72] and the decay powers.
+template <int D>
+struct WgSmem {
+  static constexpr uint32_t Q = 0, K = (D / 64) * kAtom, V = 2 * (D / 64) * kAtom;
+  static constexpr uint32_t STAGE = V + kAtom;
+  static constexpr uint32_t SB = 2 * STAGE;
+  static constexpr uint32_t OST = SB + D * 128;
+  static constexpr int LDO = kEt + 8;
+  static constexpr uint32_t GP = OST + kC * LDO * 2;
+  static constexpr size_t bytes = GP + (kC + 2) * sizeof(float) + 1024;  // + alignment slack
+};
+
+// cp.async rows [c0, c0 + len) of (b, h), W columns from x0, into swizzled atoms at `dst` (shared byte
+// address); rows >= len are zero-filled.
+template <typename T, int W>
+__device__ __forceinline__ void load_tile(uint32_t dst, const Tv<const T>& v, int b, int h, int64_t c0, int len, int x0) {
+  constexpr int CPR = W / 8;  // 16-byte chunks per row
+  for (int i = threadIdx.x; i < kC * CPR; i += kThreads) {
+    const int r = i / CPR, c = i - r * CPR;
+    const bool ok = r < len;
+    const T* src = v.p + b * v.sb + h * v.sh + (c0 + (ok ? r : 0)) * v.sn + x0 + c * 8;
+    const uint32_t d = dst + (uint32_t)(c >> 3) * kAtom + wg::sw128_offset(r, c & 7);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(ok ? 16 : 0));
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
+    wgmma_fwd_kernel(WgArgs a, Tv<const T> q, Tv<const T> k, Tv<const T> v, Tv<T> o) {
+#if LASP_WGMMA
+  using SM = WgSmem<D>;
+  constexpr int MI = D / 64;  // 64-row blocks of the state
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t raw = mma::smem_addr(smem_raw);
+  const uint32_t pad = (1024u - (raw & 1023u)) & 1023u;
+  unsigned char* sm = smem_raw + pad;
+  const uint32_t base = raw + pad;
+  T* Ost = reinterpret_cast<T*>(sm + SM::OST);
+  float* Gp = reinterpret_cast<float*>(sm + SM::GP);
+
+  const int ntile = a.E / kEt;
+  const int et = blockIdx.x % ntile;
+  const int rest = blockIdx.x / ntile;
+  const int seg = rest % a.nseg, bh = rest / a.nseg;
+  const int b = bh / a.H, h = bh % a.H, kh = h / a.group;
+  const int e0 = et * kEt;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
+  const float lg = a.decay ? -a.decay[h] : 0.f;
+  for (int i = threadIdx.x; i <= kC; i += kThreads) Gp[i] = expf(lg * (float)i);
+
+  const int64_t n0 = (int64_t)seg * a.seglen;
+  const int64_t n1 = min((int64_t)a.N, n0 + a.seglen);
+  const int nch = (int)((n1 - n0 + kC - 1) / kC);
+
+  auto issue = [&](int ci) {
+    const int64_t c0 = n0 + (int64_t)ci * kC;
+    const int len = (int)min((int64_t)kC, n1 - c0);
+    const uint32_t st = base + (uint32_t)(ci & 1) * SM::STAGE;
+    load_tile<T, D>(st + SM::Q, q, b, h, c0, len, 0);
+    load_tile<T, D>(st + SM::K, k, b, kh, c0, len, 0);
+    load_tile<T, kEt>(st + SM::V, v, b, kh, c0, len, e0);
+    mma::cp_async_commit();
+  };
+  if (nch > 0) issue(0);
+
+  // State rows of this warp: d = 64i + 16 warp + g (+8); columns e0 + 8j + 2tc (+1).
+  float S[MI][32];
+  auto write_sb = [&]() {
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int d = 64 * i + 16 * warp + g + 8 * hh;
+          *reinterpret_cast<uint32_t*>(sm + SM::SB + wg::sw128_offset(d, j) + 4 * tc) =
+              mma::pack2<T>(S[i][4 * j + 2 * hh], S[i][4 * j + 2 * hh + 1]);
+        }
+  };
+  {
+    const float* S0 = a.nseg > 1 ? a.seg_states + ((size_t)bh * a.nseg + seg) * a.D * a.E
+                                 : (a.state_in ? a.state_in + (size_t)bh * a.D * a.E : nullptr);
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int d = 64 * i + 16 * warp + g + (r >> 1) * 8, e = 8 * j + 2 * tc + (r & 1);
+          S[i][4 * j + r] = S0 ? S0[(size_t)d * a.E + e0 + e] : 0.f;
+        }
+    write_sb();
+  }
+
+  const int r0 = 16 * warp;
+  for (int ci = 0; ci < nch; ++ci) {
+    const int64_t c0 = n0 + (int64_t)ci * kC;
+    const int len = (int)min((int64_t)kC, n1 - c0);
+    const uint32_t st = base + (uint32_t)(ci & 1) * SM::STAGE;
+    mma::cp_async_wait<0>();
+    wg::fence_async_smem();  // this thread's cp.async data and S_b stores, for the async proxy
+    __syncthreads();
+    if (ci + 1 < nch) issue(ci + 1);
+
+    // ---- O = Q S_b, P = Q K^T ----
+    float O[32], P[32];
+#pragma unroll
+    for (int i = 0; i < 32; ++i) O[i] = P[i] = 0.f;
+    wg::fence_regs(O);
+    wg::fence_regs(P);
+    wg::fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint64_t dq = wg::make_desc(st + SM::Q + (uint32_t)(kk >> 2) * kAtom + (uint32_t)(kk & 3) * 32, 16, 1024);
+      const uint64_t ds = wg::make_desc(base + SM::SB + (uint32_t)kk * 2048, kAtom, 1024);
+      wg::mma_ss_n64<T, 0, 1>(O, dq, ds, 1);
+    }
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint64_t dq = wg::make_desc(st + SM::Q + (uint32_t)(kk >> 2) * kAtom + (uint32_t)(kk & 3) * 32, 16, 1024);
+      const uint64_t dk = wg::make_desc(st + SM::K + (uint32_t)(kk >> 2) * kAtom + (uint32_t)(kk & 3) * 32, 16, 1024);
+      wg::mma_ss_n64<T, 0, 0>(P, dq, dk, 1);
+    }
+    wg::commit();
+    wg::wait<0>();
+    wg::fence_regs(O);
+    wg::fence_regs(P);
+
+    // ---- O *= scale g^(t+1) per row; P = (scale P) * mask, packed as RS A fragments ----
+    {
+      const float f0 = a.scale * Gp[r0 + g + 1], f1 = a.scale * Gp[r0 + g + 9];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        O[4 * j] *= f0;
+        O[4 * j + 1] *= f0;
+        O[4 * j + 2] *= f1;
+        O[4 * j + 3] *= f1;
+      }
+    }
+    uint32_t pa[4][4];
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int t = r0 + g + (r >> 1) * 8, s = 8 * j + 2 * tc + (r & 1);
+        P[4 * j + r] = s <= t ? P[4 * j + r] * a.scale * Gp[t - s] : 0.f;
+      }
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      pa[kk][0] = mma::pack2<T>(P[8 * kk + 0], P[8 * kk + 1]);
+      pa[kk][1] = mma::pack2<T>(P[8 * kk + 2], P[8 * kk + 3]);
+      pa[kk][2] = mma::pack2<T>(P[8 * kk + 4], P[8 * kk + 5]);
+      pa[kk][3] = mma::pack2<T>(P[8 * kk + 6], P[8 * kk + 7]);
+    }
+    // ---- K^T diag(w) fragments for the state update, S *= g^len ----
+    uint32_t ka[4][MI][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const int s0 = kk * 16 + 2 * tc;
+      const float w0 = s0 < len ? Gp[len - 1 - s0] : 0.f, w1 = s0 + 1 < len ? Gp[len - 2 - s0] : 0.f;
+      const float w2 = s0 + 8 < len ? Gp[len - 9 - s0] : 0.f, w3 = s0 + 9 < len ? Gp[len - 10 - s0] : 0.f;
+#pragma unroll
+      for (int i = 0; i < MI; ++i) {
+        wg::load_a_t_sw128(ka[kk][i], st + SM::K, kAtom, 64 * i + r0, kk * 16);
+        if (lg != 0.f) {  // without decay every weight is 1 (rows past len are zero-filled)
+          ka[kk][i][0] = mma::scale2<T>(ka[kk][i][0], w0, w1);
+          ka[kk][i][1] = mma::scale2<T>(ka[kk][i][1], w0, w1);
+          ka[kk][i][2] = mma::scale2<T>(ka[kk][i][2], w2, w3);
+          ka[kk][i][3] = mma::scale2<T>(ka[kk][i][3], w2, w3);
+        }
+      }
+    }
+    {
+      const float gl = Gp[len];
+#pragma unroll
+      for (int i = 0; i < MI; ++i)
+#pragma unroll
+        for (int r = 0; r < 32; ++r) S[i][r] *= gl;
+    }
+#pragma unroll
+    for (int i = 0; i < MI; ++i) wg::fence_regs(S[i]);
+    wg::fence_regs(O);
+    wg::fence();
+    // ---- O += P V, S += (K^T diag(w)) V ----
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint64_t dv = wg::make_desc(st + SM::V + (uint32_t)kk * 2048, kAtom, 1024);
+      wg::mma_rs_n64<T, 1>(O, pa[kk], dv, 1);
+#pragma unroll
+      for (int i = 0; i < MI; ++i) wg::mma_rs_n64<T, 1>(S[i], ka[kk][i], dv, 1);
+    }
+    wg::commit();
+    wg::wait<0>();
+    wg::fence_regs(O);
+#pragma unroll
+    for (int i = 0; i < MI; ++i) wg::fence_regs(S[i]);
+
+    // ---- store O: this warp's 16 rows through the staging rows, then 16-byte vectors ----
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      *reinterpret_cast<uint32_t*>(Ost + (r0 + g) * SM::LDO + 8 * j + 2 * tc) = mma::pack2<T>(O[4 * j], O[4 * j + 1]);
+      *reinterpret_cast<uint32_t*>(Ost + (r0 + g + 8) * SM::LDO + 8 * j + 2 * tc) =
+          mma::pack2<T>(O[4 * j + 2], O[4 * j + 3]);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int idx = lane + 32 * i, rr = idx >> 3, cv = idx & 7;
+      const int t = r0 + rr;
+      if (t < len) {
+        T* dst = o.p + b * o.sb + h * o.sh + (c0 + t) * o.sn + e0 + cv * 8;
+        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(Ost + t * SM::LDO + cv * 8);
+      }
+    }
+    __syncthreads();  // every warp's wgmmas of this chunk (S_b reads) are done
+    if (ci + 1 < nch) write_sb();
+  }
+  if (a.state_out && a.nseg == 1) {
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int d = 64 * i + 16 * warp + g + (r >> 1) * 8, e = 8 * j + 2 * tc + (r & 1);
+          a.state_out[(size_t)bh * a.D * a.E + (size_t)d * a.E + e0 + e] = S[i][4 * j + r];
+        }
+  }
+#else
+  __trap();  // built for a target without wgmma; the host never launches this there
+#endif
+}
+
+template <typename T, int D>
+cudaError_t launch(const AttnParams& p, const WgArgs& a, cudaStream_t st) {
+  auto kern = wgmma_fwd_kernel<T, D>;
+  const size_t smem = WgSmem<D>::bytes;
+  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (e != cudaSuccess) return e;
+  const unsigned blocks = (unsigned)(p.B * p.H * a.nseg * (p.E / kEt));
+  kern<<<blocks, kThreads, smem, st>>>(a, make_tv<const T>(p.q), make_tv<const T>(p.k), make_tv<const T>(p.v),
+                                       make_tv<T>(p.o));
+  return cudaGetLastError();
+}
+
+template <typename T, int D>
+int resident() {
+  auto kern = wgmma_fwd_kernel<T, D>;
+  const size_t smem = WgSmem<D>::bytes;
+  int n = 0;
+  if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kern, kThreads, smem) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 2;
+  }
+  return n < 1 ? 1 : n;
+}
+
+}  // namespace
+
+size_t wgmma_fwd_smem_bytes(const AttnParams& p) { return p.D == 64 ? WgSmem<64>::bytes : WgSmem<128>::bytes; }
+
+int wgmma_fwd_blocks_per_sm(const AttnParams& p) {
+  const bool bf = p.dtype == ScalarType::BFloat16;
+  if (p.D == 64) return bf ? resident<__nv_bfloat16, 64>() : resident<__half, 64>();
+  return bf ? resident<__nv_bfloat16, 128>() : resident<__half, 128>();
+}
+
+cudaError_t wgmma_fwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_states, cudaStream_t st) {
+  WgArgs a;
+  a.B = (int)p.B;
+  a.H = (int)p.H;
+  a.group = (int)(p.H / p.Hkv);
+  a.N = (int)p.N;
+  a.D = (int)p.D;
+  a.E = (int)p.E;
+  a.nseg = nseg;
+  a.seglen = seglen;
+  a.scale = (float)p.scale;
+  a.decay = static_cast<const float*>(p.decay);
+  a.state_in = static_cast<const float*>(p.state_in);
+  a.seg_states = seg_states;
+  a.state_out = static_cast<float*>(p.state_out);
+  const bool bf = p.dtype == ScalarType::BFloat16;
+  if (p.D == 64) return bf ? launch<__nv_bfloat16, 64>(p, a, st) : launch<__half, 64>(p, a, st);
+  return bf ? launch<__nv_bfloat16, 128>(p, a, st) : launch<__half, 128>(p, a, st);
+}
+
+}  // namespace fast
+}  // namespace cuda
+}  // namespace lasp

@@ -1,0 +1,182 @@
+// GoogleTest of the wgmma building blocks (kernels/wgmma.cuh) on their own, against a float64 product of
+// the same 16-bit inputs: the swizzled shared-memory layouts, the K-major and MN-major descriptors, the
+// register A operand (RS form), the transposed A fragments by ldmatrix.trans and the accumulator layout.
+// If the forward kernel built from them fails, these say which convention is off. Needs a build for
+// sm_90a and a compute capability 9.0 device; skips with the reason otherwise.
+#include <gtest/gtest.h>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "lasp_cuda.h"
+#include "mma.cuh"
+#include "wgmma.cuh"
+
+namespace {
+
+using bf16 = __nv_bfloat16;
+namespace wg = lasp::cuda::wg;
+namespace mm = lasp::cuda::mma;
+
+constexpr uint32_t kAtom = 64 * 128;
+
+#if LASP_WGMMA
+// Copy a row-major [64][W] bf16 matrix into 128B-swizzled atoms of 64 columns at smem byte offset `off`.
+template <int W>
+__device__ void to_swizzled(unsigned char* sm, uint32_t off, const bf16* src) {
+  for (int i = threadIdx.x; i < 64 * (W / 8); i += blockDim.x) {
+    const int r = i / (W / 8), c = i % (W / 8);
+    *reinterpret_cast<uint4*>(sm + off + (c >> 3) * kAtom + wg::sw128_offset(r, c & 7)) =
+        *reinterpret_cast<const uint4*>(src + r * W + c * 8);
+  }
+}
+
+// Accumulator (64 x 64) of this thread to a row-major fp32 matrix.
+__device__ void store_acc(const float (&d)[32], float* out) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) out[(16 * warp + g + 8 * (r >> 1)) * 64 + 8 * j + 2 * tc + (r & 1)] = d[4 * j + r];
+}
+
+#endif
+
+// A: [64][128] (m x k), Bn: [64][128] (n x k), X: [64][64] (k x n), Y: [64][64] (k x m).
+// out[0] = A Bn^T (K = 128, SS, both K-major), out[1] = A[:, :64] X (SS, X MN-major),
+// out[2] = A[:, :64] X (RS: A fragments read from global in the mma.sync layout), out[3] = Y^T X (RS: A by
+// ldmatrix.trans from swizzled Y).
+__global__ void probe_kernel(const bf16* A, const bf16* Bn, const bf16* X, const bf16* Y, float* out) {
+#if LASP_WGMMA
+  extern __shared__ __align__(1024) unsigned char raw[];
+  const uint32_t r0 = mm::smem_addr(raw), pad = (1024u - (r0 & 1023u)) & 1023u;
+  unsigned char* sm = raw + pad;
+  const uint32_t base = r0 + pad;
+  const uint32_t oA = 0, oB = 2 * kAtom, oX = 4 * kAtom, oY = 5 * kAtom;
+  to_swizzled<128>(sm, oA, A);
+  to_swizzled<128>(sm, oB, Bn);
+  to_swizzled<64>(sm, oX, X);
+  to_swizzled<64>(sm, oY, Y);
+  wg::fence_async_smem();
+  __syncthreads();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
+  float d0[32], d1[32], d2[32], d3[32];
+#pragma unroll
+  for (int i = 0; i < 32; ++i) d0[i] = d1[i] = d2[i] = d3[i] = 0.f;
+  uint32_t ar[4][4], at[4][4];
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    const int m = 16 * warp + g, k = 16 * kk + 2 * tc;
+    auto pair = [&](int mm_, int kk_) { return *reinterpret_cast<const uint32_t*>(A + mm_ * 128 + kk_); };
+    ar[kk][0] = pair(m, k);
+    ar[kk][1] = pair(m + 8, k);
+    ar[kk][2] = pair(m, k + 8);
+    ar[kk][3] = pair(m + 8, k + 8);
+    wg::load_a_t_sw128(at[kk], base + oY, kAtom, 16 * warp, 16 * kk);
+  }
+  wg::fence_regs(d0);
+  wg::fence_regs(d1);
+  wg::fence_regs(d2);
+  wg::fence_regs(d3);
+  wg::fence();
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    const uint64_t da = wg::make_desc(base + oA + (kk >> 2) * kAtom + (kk & 3) * 32, 16, 1024);
+    const uint64_t db = wg::make_desc(base + oB + (kk >> 2) * kAtom + (kk & 3) * 32, 16, 1024);
+    wg::mma_ss_n64<bf16, 0, 0>(d0, da, db, 1);
+  }
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    const uint64_t da = wg::make_desc(base + oA + kk * 32, 16, 1024);
+    const uint64_t dx = wg::make_desc(base + oX + kk * 2048, kAtom, 1024);
+    wg::mma_ss_n64<bf16, 0, 1>(d1, da, dx, 1);
+    wg::mma_rs_n64<bf16, 1>(d2, ar[kk], dx, 1);
+    wg::mma_rs_n64<bf16, 1>(d3, at[kk], dx, 1);
+  }
+  wg::commit();
+  wg::wait<0>();
+  wg::fence_regs(d0);
+  wg::fence_regs(d1);
+  wg::fence_regs(d2);
+  wg::fence_regs(d3);
+  store_acc(d0, out);
+  store_acc(d1, out + 4096);
+  store_acc(d2, out + 2 * 4096);
+  store_acc(d3, out + 3 * 4096);
+#else
+  __trap();
+#endif
+}
+
+struct Dev {
+  void* p = nullptr;
+  explicit Dev(size_t n) { cudaMalloc(&p, n); }
+  ~Dev() { cudaFree(p); }
+};
+
+TEST(Wgmma, BuildingBlocksMatchFloat64) {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    cudaGetLastError();
+    GTEST_SKIP() << "no CUDA device";
+  }
+  if (!lasp::cuda::wgmma_available()) GTEST_SKIP() << "wgmma needs a build for sm_90a and a compute capability 9.0 device";
+  std::mt19937_64 rng(std::random_device{}());
+  std::normal_distribution<float> nd;
+  auto make = [&](size_t count) {
+    std::vector<bf16> h(count);
+    for (auto& x : h) x = __float2bfloat16(nd(rng));
+    return h;
+  };
+  std::vector<bf16> A = make(64 * 128), Bn = make(64 * 128), X = make(64 * 64), Y = make(64 * 64);
+  Dev dA(A.size() * 2), dB(Bn.size() * 2), dX(X.size() * 2), dY(Y.size() * 2), dO(4 * 4096 * 4);
+  ASSERT_EQ(cudaMemcpy(dA.p, A.data(), A.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(dB.p, Bn.data(), Bn.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(dX.p, X.data(), X.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(dY.p, Y.data(), Y.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemset(dO.p, 0xff, 4 * 4096 * 4), cudaSuccess);  // NaN
+  const int smem = 6 * kAtom + 1024;
+  ASSERT_EQ(cudaFuncSetAttribute(probe_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), cudaSuccess);
+  probe_kernel<<<1, 128, smem>>>((const bf16*)dA.p, (const bf16*)dB.p, (const bf16*)dX.p, (const bf16*)dY.p,
+                                 (float*)dO.p);
+  ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<float> got(4 * 4096);
+  ASSERT_EQ(cudaMemcpy(got.data(), dO.p, got.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  auto f = [](bf16 x) { return (double)__bfloat162float(x); };
+  std::vector<double> ref(4 * 4096, 0.0);
+  for (int m = 0; m < 64; ++m)
+    for (int c = 0; c < 64; ++c) {
+      double s0 = 0, s1 = 0, s3 = 0;
+      for (int k = 0; k < 128; ++k) s0 += f(A[m * 128 + k]) * f(Bn[c * 128 + k]);
+      for (int k = 0; k < 64; ++k) s1 += f(A[m * 128 + k]) * f(X[k * 64 + c]);
+      for (int k = 0; k < 64; ++k) s3 += f(Y[k * 64 + m]) * f(X[k * 64 + c]);
+      ref[m * 64 + c] = s0;
+      ref[4096 + m * 64 + c] = s1;
+      ref[2 * 4096 + m * 64 + c] = s1;
+      ref[3 * 4096 + m * 64 + c] = s3;
+    }
+  const char* what[4] = {"SS K-major x K-major (A B^T, K = 128)", "SS K-major x MN-major (A X)",
+                         "RS registers x MN-major (A X)", "RS ldmatrix.trans x MN-major (Y^T X)"};
+  for (int t = 0; t < 4; ++t) {
+    double num = 0, den = 0;
+    int first_bad = -1;
+    for (int i = 0; i < 4096; ++i) {
+      const double d = got[t * 4096 + i] - ref[t * 4096 + i];
+      num += d * d;
+      den += ref[t * 4096 + i] * ref[t * 4096 + i];
+      if (first_bad < 0 && !(std::fabs(d) <= 1e-3 * (1 + std::fabs(ref[t * 4096 + i])))) first_bad = i;
+    }
+    const double rel = std::sqrt(num / den);
+    EXPECT_LT(rel, 1e-5) << what[t] << ": relative error " << rel << ", first bad element (row, col) = ("
+                         << first_bad / 64 << ", " << first_bad % 64 << ") got " << got[t * 4096 + std::max(first_bad, 0)]
+                         << " want " << ref[t * 4096 + std::max(first_bad, 0)];
+  }
+}
+
+}  // namespace
