@@ -526,18 +526,19 @@ int fwd_kernel_value() {
   int v = g_fwd_kernel.load(std::memory_order_relaxed);
   if (v >= 0) return v;
   const char* env = std::getenv("LASP_FWD_KERNEL");
-  v = 0;
-  if (env && std::strcmp(env, "wgmma") == 0) {
-    v = 1;
-  } else if (env && *env && std::strcmp(env, "mma") != 0) {
-    std::fprintf(stderr, "lasp: LASP_FWD_KERNEL must be \"mma\" or \"wgmma\" (got \"%s\"); using \"mma\"\n", env);
+  v = (int)FwdKernel::Wgmma;
+  if (env && std::strcmp(env, "mma") == 0) {
+    v = (int)FwdKernel::Mma;
+  } else if (env && *env && std::strcmp(env, "wgmma") != 0 && std::strcmp(env, "auto") != 0) {
+    std::fprintf(stderr, "lasp: LASP_FWD_KERNEL must be \"auto\", \"wgmma\" or \"mma\" (got \"%s\"); using \"auto\"\n",
+                 env);
   }
   g_fwd_kernel.store(v, std::memory_order_relaxed);
   return v;
 }
 }  // namespace
 
-bool fwd_uses_wgmma() { return fwd_kernel_value() == 1 && wgmma_available(); }
+bool fwd_uses_wgmma() { return fwd_kernel_value() == (int)FwdKernel::Wgmma && wgmma_available(); }
 
 }  // namespace fast
 

@@ -21,11 +21,12 @@ bool supports(const AttnParams& p);
 size_t fwd_workspace_bytes(const AttnParams& p);
 size_t bwd_workspace_bytes(const AttnParams& p);
 
-// Which kernel runs the tensor-core forward main pass on sm_90 devices: FwdKernel::Mma (mma.sync, the
-// default) or FwdKernel::Wgmma (warpgroup MMAs; needs a build for sm_90a and a compute capability 9.0
-// device, else the mma.sync kernel runs). The first value comes from the environment variable
-// LASP_FWD_KERNEL ("mma" or "wgmma"). Change it only between problems: a fwd_local and the fwd with
-// local_ready that follows it must run under the same setting (their segment plans must agree).
+// Which kernel runs the tensor-core forward main pass: FwdKernel::Wgmma (Hopper warpgroup MMAs, the
+// default; used where the build has sm_90a code and the device is compute capability 9.0, else the
+// mma.sync kernel runs) or FwdKernel::Mma (mma.sync everywhere). The first value comes from the
+// environment variable LASP_FWD_KERNEL ("wgmma" or "auto": the default; "mma"). Change it only between
+// problems: a fwd_local and the fwd with local_ready that follows it must run under the same setting
+// (their segment plans must agree).
 enum class FwdKernel : int { Mma = 0, Wgmma = 1 };
 void set_fwd_kernel(FwdKernel which);
 FwdKernel fwd_kernel();
