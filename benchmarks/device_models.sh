@@ -12,6 +12,9 @@
 #      layer checkpointing + lean token-chunked checkpoints, bf16 weights, chunked loss; stops at the
 #      first out-of-memory length (caught, reported as OOM).  -> $OUT/probe_b1.{json,png,log}
 #      If 2048K did not fit: 2048K again with the checkpoints in host memory. -> $OUT/probe_b1_offload.*
+#   d. the longest sequence each method trains at: the 150M model (eager, layer checkpointing, bf16
+#      autocast), every method doubling from 1M tokens until it runs out of memory (at most 16M).
+#      -> $OUT/findmax.{json,log}
 #   $OUT/summary.md: one table of everything, with card and date (also printed at the end).
 # Needs the extension built in place (python/lasp/liblasp*.so); if it does not load here, the shared
 # benchmarks/device_env.sh builds it first (minutes, outside the budget).
@@ -44,10 +47,12 @@ if [[ $DEV == cuda ]]; then
         --seq-len 8192 --batch-size 4 --steps 200 --lr 1e-3 --warmup 20 --log-every 50)
   BENCH=(--preset small --seq-lens 65536,262144,1048576 --warmup 2 --iters 7); EAGER_LENS=262144
   PROBE=(--preset b1 --lean-chunk 65536 --seq-lens 1048576,2097152)
+  FINDMAX=(--preset small --seq-lens 1048576 --max-seq-len 16777216)
 else
   CONV=(--preset tiny --seq-len 128 --batch-size 2 --steps 10 --log-every 5)
   BENCH=(--preset tiny --seq-lens 64,256 --warmup 0 --iters 1); EAGER_LENS=256
   PROBE=(--preset tiny --lean-chunk 16 --seq-lens 64,128)
+  FINDMAX=(--preset tiny --seq-lens 64 --max-seq-len 256)
 fi
 
 START=$(date +%s); BUDGET_S=${BUDGET_S:-600}
@@ -108,6 +113,13 @@ if ! python3 -c "import json, sys; sys.exit(0 if (json.load(open('$OUT/probe_b1.
   grep -E "^\||longest|Error" "$OUT/probe_b1_offload.log" | tail -6
 fi
 
+# d. the longest sequence per method (each doubles until out of memory; one step per length).
+run_step findmax "${FINDMAX_S:-200}" "$OUT/findmax.log" env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+  torchrun --standalone --nproc_per_node "$NP" benchmarks/bench_model.py --device "$DEV" "${FINDMAX[@]}" --find-max \
+    --checkpoint --dtype bf16 --methods lasp,lasp-allgather,ulysses,allgather-kv --warmup 0 --iters 1 --pg-timeout 120 \
+    --json "$OUT/findmax.json"
+grep -E "^\||longest|Error" "$OUT/findmax.log" | tail -24
+
 python3 - "$OUT" <<'EOF'
 import json, os, sys, datetime
 out = sys.argv[1]
@@ -138,7 +150,8 @@ else:
 for name, title in (("bench_model.json", "b. Methods side by side (compiled per-token stages)"),
                     ("bench_model_bf16.json", "b2. bf16 weights (compiled per-token stages)"),
                     ("bench_model_eager.json", "b3. The eager model"), ("probe_b1.json", "c. ~1B longest-sequence probe"),
-                    ("probe_b1_offload.json", "c'. ~1B at the target length, checkpoints offloaded to host memory")):
+                    ("probe_b1_offload.json", "c'. ~1B at the target length, checkpoints offloaded to host memory"),
+                    ("findmax.json", "d. Longest sequence per method (doubling until out of memory)")):
     r = load(name)
     if name == "probe_b1_offload.json" and not r and not os.path.exists(os.path.join(out, "probe_b1_offload.log")):
         continue  # not needed: the target length fit without offloading
@@ -164,7 +177,9 @@ for name, title in (("bench_model.json", "b. Methods side by side (compiled per-
         ratio = f"{row['tokens_per_s'] / u['tokens_per_s']:.2f}x" if u else ""
         L.append(f"| {row['method']} | {n} | {row['step_s']:.3f} | {row['tokens_per_s_per_gpu']:,.0f} | {mem} | {ratio} |")
     L.append("")
-    L.append("longest run: " + ", ".join(f"{m} {tok(v) if v else 'none'}" for m, v in r["max_seq_len"].items()))
+    oom = {row["method"] for row in r["rows"] if row["oom"]}
+    capped = lambda m: " (the search's cap, no out-of-memory)" if r.get("find_max") and m not in oom else ""
+    L.append("longest run: " + ", ".join(f"{m} {tok(v) if v else 'none'}{capped(m)}" for m, v in r["max_seq_len"].items()))
 text = "\n".join(L) + "\n"
 with open(os.path.join(out, "summary.md"), "w") as f:
     f.write(text)

@@ -1,0 +1,53 @@
+"""The README's demo command (examples/run_demo.sh, whose engine is examples/train.py) and the bare-op demo
+(examples/demo.py), run as they are documented, on the CPU (Gloo; NCCL where the machine has the GPUs)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def _run(cmd, timeout=240, **env):
+    e = dict(os.environ, OMP_NUM_THREADS="1", **env)
+    try:
+        return subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    except subprocess.TimeoutExpired as ex:
+        pytest.fail(f"timed out after {timeout} s: {' '.join(cmd)}\n{ex.stdout}\n{ex.stderr}")
+
+
+def test_run_demo_sh(tmp_path):
+    """bash examples/run_demo.sh (install skipped: the suite runs after it): sp=1 and sp=2 runs of train.py,
+    the same curve, a verdict, the JSON and the plot."""
+    out = tmp_path / "demo"
+    r = _run(["bash", "examples/run_demo.sh", "--steps", "12", "--no-progress"], LASP_SKIP_INSTALL="1",
+             DEMO_OUT=str(out))
+    assert r.returncode == 0, r.stdout[-4000:] + "\n--- stderr (tail) ---\n" + r.stderr[-4000:]
+    assert "convergence check: sp=1 vs sp=2 over 12 steps" in r.stdout and "-> OK" in r.stdout, r.stdout[-2000:]
+    with open(out / "convergence.json") as f:
+        rec = json.load(f)
+    assert rec["ok"] and rec["sp"] == 2 and set(rec["losses"]) == {"sp1", "sp2"}
+    a, b = rec["losses"]["sp1"], rec["losses"]["sp2"]
+    assert len(a) == len(b) == 12
+    assert all(abs(x - y) <= 1e-4 * abs(x) for x, y in zip(a, b))
+    assert a[-1] < a[0], f"the demo's loss does not fall: {a}"
+    assert (out / "convergence.png").stat().st_size > 0
+
+
+def test_demo_py_split_matches_unsplit():
+    r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+              "examples/demo.py", "--steps", "3"])
+    assert r.returncode == 0, r.stdout[-4000:] + "\n--- stderr (tail) ---\n" + r.stderr[-4000:]
+    assert "2 ranks: largest relative loss difference" in r.stdout and "-> OK" in r.stdout, r.stdout
+    assert r.stdout.count("step ") == 3
+
+
+def test_demo_py_reports_a_mismatch():
+    """A tolerance below float32 rounding makes the comparison fail: the check is live."""
+    r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+              "examples/demo.py", "--steps", "3", "--tolerance", "1e-12"])
+    assert r.returncode != 0 and "-> MISMATCH" in r.stdout, r.stdout[-2000:]
