@@ -51,3 +51,19 @@ def test_demo_py_reports_a_mismatch():
     r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
               "examples/demo.py", "--steps", "3", "--tolerance", "1e-12"])
     assert r.returncode != 0 and "-> MISMATCH" in r.stdout, r.stdout[-2000:]
+
+
+def test_device_models_findmax_smoke(tmp_path):
+    """benchmarks/device_models.sh on the CPU (SMOKE=1), only its part d: every method searched up to the cap,
+    the summary's table and its longest-run line, which says when the cap (not memory) ended the search."""
+    out = tmp_path / "dm"
+    skip = {k: "0" for k in ("CONV_S", "BENCH_S", "BENCH_BF16_S", "BENCH_EAGER_S", "PROBE_S", "PROBE_OFFLOAD_S")}
+    r = _run(["bash", "benchmarks/device_models.sh"], SMOKE="1", OUT=str(out), **skip)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    with open(out / "findmax.json") as f:
+        rec = json.load(f)
+    assert rec["find_max"] and set(rec["max_seq_len"]) == {"lasp", "lasp-allgather", "ulysses", "allgather-kv"}
+    assert all(v == 256 for v in rec["max_seq_len"].values()), rec["max_seq_len"]
+    summary = (out / "summary.md").read_text()
+    assert "## d. Longest sequence per method" in summary
+    assert "longest run: lasp 256 (the search's cap, no out-of-memory)" in summary, summary[-1500:]
