@@ -553,18 +553,21 @@ bool bwd_supported(const AttnParams& p) {
 }
 
 int bwd_blocks_per_sm(const AttnParams& p) {
+  if (bwd_uses_wgmma()) return wgmma_bwd_blocks_per_sm(p);
   const bool bf = p.dtype == ScalarType::BFloat16, gqa = p.H != p.Hkv;
   if (gqa) return bf ? resident_blocks_dims<__nv_bfloat16, float>(p) : resident_blocks_dims<__half, float>(p);
   return bf ? resident_blocks_dims<__nv_bfloat16, __nv_bfloat16>(p) : resident_blocks_dims<__half, __half>(p);
 }
 
 size_t bwd_smem_bytes(const AttnParams& p) {
+  if (bwd_uses_wgmma()) return wgmma_bwd_smem_bytes(p);
   if (p.D == 64) return p.E == 64 ? BwdSmem<__nv_bfloat16, 64, 64>::bytes : BwdSmem<__nv_bfloat16, 64, 128>::bytes;
   return p.E == 64 ? BwdSmem<__nv_bfloat16, 128, 64>::bytes : BwdSmem<__nv_bfloat16, 128, 128>::bytes;
 }
 
 cudaError_t bwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,
                      float* dk_ws, float* dv_ws, cudaStream_t st) {
+  if (bwd_uses_wgmma()) return wgmma_bwd_main(p, nseg, seglen, seg_S, seg_G, dk_ws, dv_ws, st);
   BwdArgs a;
   a.B = (int)p.B;
   a.H = (int)p.H;

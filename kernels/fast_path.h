@@ -47,6 +47,14 @@ int bwd_blocks_per_sm(const AttnParams& p);
 cudaError_t bwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,
                      float* dk_ws, float* dv_ws, cudaStream_t stream);
 
+// The sm_90a backward main kernel (wgmma_bwd.cu): same contract as bwd_main, chosen by bwd_main,
+// bwd_blocks_per_sm and bwd_smem_bytes when bwd_uses_wgmma().
+bool bwd_uses_wgmma();
+size_t wgmma_bwd_smem_bytes(const AttnParams& p);
+int wgmma_bwd_blocks_per_sm(const AttnParams& p);
+cudaError_t wgmma_bwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,
+                           float* dk_ws, float* dv_ws, cudaStream_t stream);
+
 }  // namespace fast
 }  // namespace cuda
 }  // namespace lasp

@@ -431,6 +431,13 @@ const char* fwd_main_kernel_name(const AttnParams& p) {
   return fast::fwd_uses_wgmma() ? "wgmma" : "mma";
 }
 
+const char* bwd_main_kernel_name(const AttnParams& p) {
+  if (!supports(p) || p.N == 0) return "generic";
+  const Plan pl = plan_bwd(p);
+  if (!pl.ok || !pl.fast) return "generic";
+  return fast::bwd_uses_wgmma() ? "wgmma" : "mma";
+}
+
 cudaError_t fwd(const AttnParams& p, cudaStream_t stream) { return dispatch<FwdOp>(p, stream); }
 cudaError_t fwd_local(const AttnParams& p, cudaStream_t stream) { return dispatch<FwdLocalOp>(p, stream); }
 cudaError_t bwd(const AttnParams& p, cudaStream_t stream) { return dispatch<BwdOp>(p, stream); }

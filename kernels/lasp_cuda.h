@@ -35,6 +35,16 @@ bool wgmma_available();
 // The kernel family the forward main pass of p would use: "wgmma", "mma" or "generic" (for tests and benchmarks).
 const char* fwd_main_kernel_name(const AttnParams& p);
 
+// The same choice for the tensor-core backward main pass: BwdKernel::Mma (mma.sync, the default) or
+// BwdKernel::Wgmma (warpgroup MMAs where they can run, experimental: not yet run on a GPU). First value
+// from LASP_BWD_KERNEL ("mma" or "wgmma"); the same rule about changing it between problems (bwd_local,
+// bwd_prepare and the bwd that follows them share one plan).
+enum class BwdKernel : int { Mma = 0, Wgmma = 1 };
+void set_bwd_kernel(BwdKernel which);
+BwdKernel bwd_kernel();
+// The kernel family the backward main pass of p would use: "wgmma", "mma" or "generic".
+const char* bwd_main_kernel_name(const AttnParams& p);
+
 cudaError_t fwd(const AttnParams& p, cudaStream_t stream);
 cudaError_t fwd_local(const AttnParams& p, cudaStream_t stream);
 cudaError_t bwd(const AttnParams& p, cudaStream_t stream);

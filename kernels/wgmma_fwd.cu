@@ -48,8 +48,10 @@ struct WgSmem {
   static constexpr int LDO = kEt + 8;
   static constexpr uint32_t GP = OST + kC * LDO * 2;
   static constexpr size_t bytes = GP + (kC + 2) * sizeof(float) + 1024;  // + alignment slack
+  static_assert(Q == 0 && K % 1024 == 0 && V % 1024 == 0 && SB % 1024 == 0, "atoms are 1024-byte aligned");
 };
 
+#if LASP_WGMMA  // device helpers of the kernel below (its body is empty in other targets)
 // cp.async rows [c0, c0 + len) of (b, h), W columns from x0, into swizzled atoms at `dst` (shared byte
 // address); rows >= len are zero-filled.
 template <typename T, int W>
@@ -63,6 +65,8 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const Tv<const T>& v, in
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(ok ? 16 : 0));
   }
 }
+
+#endif
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)

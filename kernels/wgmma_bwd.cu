@@ -1,0 +1,598 @@
+// Backward main kernel with Hopper warpgroup MMAs (wgmma, sm_90a), bf16/fp16, D, E in {64, 128}: the
+// contract, grid and segment plan of bwd_kernel (fast_bwd.cu), chosen by fast::bwd_main where the device
+// is compute capability 9.0 and lasp::cuda::bwd_kernel() asks for it. Building blocks: wgmma.cuh.
+//
+// One block of two warpgroups (256 threads) per (b, h, segment), chunks of 64, double-buffered cp.async
+// loads into 128B-swizzled shared memory, one block-wide barrier per chunk. The two warpgroups split the
+// work by role, so each holds only its own accumulators:
+//   loop A (chunks forward):
+//     WG0: dq = diag(scale g^(t+1)) dO S_b^T + ((scale dO V^T) * causal decay mask) K
+//     WG1: S  = g^len S + (K^T diag(g^(len-1-s))) V  -> the next chunk's S_b (double-buffered)
+//   loop B (chunks backward), R = gradient w.r.t. the state at the chunk's end, R_b its 16-bit copy:
+//     WG0: dk = diag(g^(len-1-s)) V R_b^T + ((scale V dO^T) * anti-causal mask) Q
+//     WG1: dv = diag(g^(len-1-s)) K R_b   + ((scale K Q^T) * anti-causal mask) dO
+//     R = g^len R + scale Q^T diag(g^(t+1)) dO: rows 64w .. of R in warpgroup w at D = 128, all of R in
+//     WG0 at D = 64
+// SS wgmmas read the tiles and S_b / R_b from shared memory; the masked products return as RS operands;
+// the state updates are RS wgmmas with K^T / Q^T fragments from ldmatrix.trans, scaled by the decay
+// weights in registers. Reads: dO, V, K (loop A) and Q, K, V, dO (loop B); writes dq, dk, dv once.
+// With GQA, dk / dv of each query head go as fp32 to a workspace that the caller reduces (OT = float).
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+#include "common.cuh"
+#include "fast_path.h"
+#include "lasp_cuda.h"
+#include "mma.cuh"
+#include "wgmma.cuh"
+
+namespace lasp {
+namespace cuda {
+namespace fast {
+
+namespace {
+
+using namespace detail;
+
+constexpr int kC = 64;
+constexpr int kThreads = 256;         // two warpgroups
+constexpr uint32_t kAtom = 64 * 128;  // one 64-row x 128-byte swizzle column of a 64-row tile
+
+struct WgBwdArgs {
+  int B, H, group, N, D, E, nseg, seglen;
+  float scale;
+  const float* decay;
+  const float* state_in;        // nseg == 1
+  const float* grad_state_out;  // nseg == 1
+  const float* seg_S;           // nseg > 1: (B, H, nseg, D, E)
+  const float* seg_G;
+  float* grad_state_in;         // nseg == 1
+  int dkv_per_query_head;
+};
+
+// Shared memory (bytes from a 1024-aligned base): two stages of Q, K (D / 64 atoms each), V, dO (E / 64
+// atoms each); two state copies [d][e] (E / 64 atoms of D rows x 128 B); the decay powers.
+template <int D, int E>
+struct WgBwdSmem {
+  static constexpr uint32_t Q = 0, K = (D / 64) * kAtom, V = 2 * (D / 64) * kAtom, DO = V + (E / 64) * kAtom;
+  static constexpr uint32_t STAGE = DO + (E / 64) * kAtom;
+  static constexpr uint32_t SBUF = D * E * 2;  // one 16-bit D x E state
+  static constexpr uint32_t SB = 2 * STAGE;
+  static constexpr uint32_t GP = SB + 2 * SBUF;
+  static constexpr size_t bytes = GP + (kC + 2) * sizeof(float) + 1024;  // + alignment slack
+  static_assert(Q == 0 && K % 1024 == 0 && V % 1024 == 0 && DO % 1024 == 0 && SB % 1024 == 0, "1024-byte atoms");
+};
+
+#if LASP_WGMMA  // device helpers of the kernel below (its body is empty in other targets)
+template <typename T, int W>
+__device__ __forceinline__ void load_tile(uint32_t dst, const Tv<const T>& v, int b, int h, int64_t c0, int len) {
+  constexpr int CPR = W / 8;
+  for (int i = threadIdx.x; i < kC * CPR; i += kThreads) {
+    const int r = i / CPR, c = i - r * CPR;
+    const bool ok = r < len;
+    const T* src = v.p + b * v.sb + h * v.sh + (c0 + (ok ? r : 0)) * v.sn + c * 8;
+    const uint32_t d = dst + (uint32_t)(c >> 3) * kAtom + wg::sw128_offset(r, c & 7);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(ok ? 16 : 0));
+  }
+}
+
+// K-major operand descriptor of a 64-row swizzled tile at k-step kk (16 elements).
+__device__ __forceinline__ uint64_t kmajor(uint32_t tile, int kk) {
+  return wg::make_desc(tile + (uint32_t)(kk >> 2) * kAtom + (uint32_t)(kk & 3) * 32, 16, 1024);
+}
+// MN-major operand descriptor: rows = the K index (k-step kk = 16 rows), 64 MN-columns per 128-B row,
+// `atom` = the 64-column block.
+__device__ __forceinline__ uint64_t mnmajor(uint32_t tile, uint32_t atom_bytes, int atom, int kk) {
+  return wg::make_desc(tile + (uint32_t)atom * atom_bytes + (uint32_t)kk * 2048, atom_bytes, 1024);
+}
+
+// The 16-bit state [d][e] at `buf` (E / 64 atoms of D rows x 128 B) as the K-major B operand of
+// X S^T (N = the 64 rows d of block nb, K = e, k-step kk). D is the state's row count.
+template <int D>
+__device__ __forceinline__ uint64_t state_kmajor_d(uint32_t buf, int nb, int kk) {
+  return wg::make_desc(buf + (uint32_t)(kk >> 2) * (D * 128) + (uint32_t)nb * 8192 + (uint32_t)(kk & 3) * 32, 16, 1024);
+}
+
+// All 256 threads (named barrier 1: the two warpgroups reach it from their own loops).
+__device__ __forceinline__ void block_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
+
+// Store a 64 x 64 accumulator block (this thread's rows r0 + g, r0 + g + 8; columns c0 + 8j + 2tc) to
+// rows of stride `rs` (elements) from `base`; rows >= len are skipped.
+template <typename OT>
+__device__ __forceinline__ void store_acc(const float (&d)[32], OT* base, int64_t rs, int r0, int c0, int len) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int t = r0 + g + 8 * hh;
+    if (t >= len) continue;
+    OT* row = base + t * rs + c0 + 2 * tc;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      if constexpr (sizeof(OT) == 4) {
+        *reinterpret_cast<float2*>(row + 8 * j) = make_float2(d[4 * j + 2 * hh], d[4 * j + 2 * hh + 1]);
+      } else {
+        *reinterpret_cast<uint32_t*>(row + 8 * j) = mma::pack2<OT>(d[4 * j + 2 * hh], d[4 * j + 2 * hh + 1]);
+      }
+    }
+  }
+}
+
+template <int R>
+__device__ __forceinline__ void zero(float (&d)[R]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) d[i] = 0.f;
+}
+
+// The masked product P (64 x 64 accumulator of this warp's 16 rows r0..) scaled by scale * g^|t - s| where
+// the mask keeps it (causal: s <= t with rows t; anti-causal: t >= s with rows s), packed as 4 RS A
+// fragments (k-steps of 16 columns).
+template <typename T, bool CAUSAL>
+__device__ __forceinline__ void mask_pack(float (&P)[32], uint32_t (&pa)[4][4], int r0, float scale, const float* Gp) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int row = r0 + g + (r >> 1) * 8, col = 8 * j + 2 * tc + (r & 1);
+      const bool keep = CAUSAL ? col <= row : col >= row;
+      P[4 * j + r] = keep ? P[4 * j + r] * scale * Gp[CAUSAL ? row - col : col - row] : 0.f;
+    }
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    pa[kk][0] = mma::pack2<T>(P[8 * kk + 0], P[8 * kk + 1]);
+    pa[kk][1] = mma::pack2<T>(P[8 * kk + 2], P[8 * kk + 3]);
+    pa[kk][2] = mma::pack2<T>(P[8 * kk + 4], P[8 * kk + 5]);
+    pa[kk][3] = mma::pack2<T>(P[8 * kk + 6], P[8 * kk + 7]);
+  }
+}
+
+// st (64 rows of block mb of a D x E fp32 state) = g^len st + X^T diag(w) Y over the chunk (K = its 64 rows):
+// X = the tile at xt (rows s, 64-column atoms), Y = the tile at yt, MN-major (NE atoms). w[s] = g^(len-1-s)
+// (REV = false: the forward state, from K and V) or scale g^(s+1) (REV = true: R, from Q and dO); rows past
+// len get 0 (their tiles are zero-filled too). Issues the wgmmas; the caller commits and waits.
+template <typename T, int NE, bool REV>
+__device__ __forceinline__ void state_update(float (&st)[NE][32], uint32_t xt, uint32_t yt, int mb, int r0, int len,
+                                             bool weigh, float scale, const float* Gp) {
+  const int tc = threadIdx.x & 3;
+  uint32_t xa[4][4];
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    wg::load_a_t_sw128(xa[kk], xt, kAtom, 64 * mb + r0, kk * 16);
+    if (weigh) {
+      float w[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int s = kk * 16 + 2 * tc + (j & 1) + (j >> 1) * 8;
+        w[j] = s < len ? (REV ? scale * Gp[s + 1] : Gp[len - 1 - s]) : 0.f;
+      }
+      xa[kk][0] = mma::scale2<T>(xa[kk][0], w[0], w[1]);
+      xa[kk][1] = mma::scale2<T>(xa[kk][1], w[0], w[1]);
+      xa[kk][2] = mma::scale2<T>(xa[kk][2], w[2], w[3]);
+      xa[kk][3] = mma::scale2<T>(xa[kk][3], w[2], w[3]);
+    }
+  }
+  const float gl = Gp[len];
+#pragma unroll
+  for (int nb = 0; nb < NE; ++nb) {
+#pragma unroll
+    for (int r = 0; r < 32; ++r) st[nb][r] *= gl;
+    wg::fence_regs(st[nb]);
+  }
+  wg::fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+    for (int nb = 0; nb < NE; ++nb)
+      wg::mma_rs_n64<T, 1>(st[nb], xa[kk], wg::make_desc(yt + (uint32_t)nb * kAtom + (uint32_t)kk * 2048, kAtom, 1024), 1);
+}
+
+#endif
+
+template <typename T, typename OT, int D, int E>
+__global__ void __launch_bounds__(kThreads, 1)
+    wgmma_bwd_kernel(WgBwdArgs a, Tv<const T> q, Tv<const T> k, Tv<const T> v, Tv<const T> dout, Tv<T> dq,
+                     Tv<OT> dk, Tv<OT> dv) {
+#if LASP_WGMMA
+  using SM = WgBwdSmem<D, E>;
+  constexpr int ND = D / 64, NE = E / 64;  // 64-column blocks of D and E
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t raw = mma::smem_addr(smem_raw);
+  const uint32_t pad = (1024u - (raw & 1023u)) & 1023u;
+  unsigned char* sm = smem_raw + pad;
+  const uint32_t base = raw + pad;
+  float* Gp = reinterpret_cast<float*>(sm + SM::GP);
+
+  const int seg = blockIdx.x % a.nseg, bh = blockIdx.x / a.nseg;
+  const int b = bh / a.H, h = bh % a.H, kh = h / a.group;
+  const int wgi = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const int g = lane >> 2, tc = lane & 3;
+  const int r0 = 16 * warp;  // this warp's rows of the chunk (and of a 64-row block of the state)
+  const float lg = a.decay ? -a.decay[h] : 0.f;
+  const float scale = a.scale;
+  for (int i = threadIdx.x; i <= kC; i += kThreads) Gp[i] = expf(lg * (float)i);
+
+  const int64_t n0 = (int64_t)seg * a.seglen;
+  const int64_t n1 = min((int64_t)a.N, n0 + a.seglen);
+  const int nch = (int)((n1 - n0 + kC - 1) / kC);
+  const size_t DE = (size_t)D * E;
+  auto stage = [&](int i) { return base + (uint32_t)(i & 1) * SM::STAGE; };
+  auto sbuf = [&](int i) { return base + SM::SB + (uint32_t)(i & 1) * SM::SBUF; };
+  auto state_kmajor = [&](uint32_t buf, int nb, int kk) { return state_kmajor_d<D>(buf, nb, kk); };
+
+  // A 64 x E block (rows 64 mb ..) of a D x E fp32 state in registers: st[nb][32], columns 64 nb + 8j + 2tc.
+  // State element (d, e) of this thread: d = 64 mb + r0 + g + 8 (r >> 1), e = 64 nb + 8j + 2tc + (r & 1).
+  auto load_rows = [&](float (&st)[NE][32], const float* src, int mb) {
+#pragma unroll
+    for (int nb = 0; nb < NE; ++nb)
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int d = 64 * mb + r0 + g + (r >> 1) * 8, e = 64 * nb + 8 * j + 2 * tc + (r & 1);
+          st[nb][4 * j + r] = src ? src[(size_t)d * E + e] : 0.f;
+        }
+  };
+  // ... and its 16-bit copy into the state buffer at `buf` ([d][e], E / 64 atoms of D rows x 128 B).
+  auto write_rows = [&](const float (&st)[NE][32], uint32_t buf, int mb) {
+    unsigned char* p = sm + (buf - base);
+#pragma unroll
+    for (int nb = 0; nb < NE; ++nb)
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int d = 64 * mb + r0 + g + 8 * hh;
+          *reinterpret_cast<uint32_t*>(p + nb * (D * 128) + wg::sw128_offset(d, j) + 4 * tc) =
+              mma::pack2<T>(st[nb][4 * j + 2 * hh], st[nb][4 * j + 2 * hh + 1]);
+        }
+  };
+  // ================= loop A: dq (WG0), forward states (WG1) =================
+  // Each warpgroup runs its own loop (its own registers); both meet at one named barrier per chunk.
+  auto issue_A = [&](int ci) {
+    const int64_t c0 = n0 + (int64_t)ci * kC;
+    const int len = (int)min((int64_t)kC, n1 - c0);
+    const uint32_t st = stage(ci);
+    load_tile<T, D>(st + SM::K, k, b, kh, c0, len);
+    load_tile<T, E>(st + SM::V, v, b, kh, c0, len);
+    load_tile<T, E>(st + SM::DO, dout, b, h, c0, len);
+    mma::cp_async_commit();
+  };
+  auto chunk_top = [&](int ci) {  // this chunk's tiles (and S_b) visible to every thread and to wgmma
+    mma::cp_async_wait<0>();
+    wg::fence_async_smem();
+    block_sync();
+    if (ci + 1 < nch) issue_A(ci + 1);
+  };
+  if (nch > 0) issue_A(0);
+  if (wgi == 0) {
+    for (int ci = 0; ci < nch; ++ci) {
+      const int64_t c0 = n0 + (int64_t)ci * kC;
+      const int len = (int)min((int64_t)kC, n1 - c0);
+      const uint32_t st = stage(ci);
+      chunk_top(ci);
+      float acc[ND][32], P[32];
+#pragma unroll
+      for (int nb = 0; nb < ND; ++nb) {
+        zero(acc[nb]);
+        wg::fence_regs(acc[nb]);
+      }
+      zero(P);
+      wg::fence_regs(P);
+      wg::fence();
+      // acc = dO S_b^T (B = S_b's rows d, K-major over e); P = dO V^T
+#pragma unroll
+      for (int kk = 0; kk < E / 16; ++kk) {
+        const uint64_t da = kmajor(st + SM::DO, kk);
+#pragma unroll
+        for (int nb = 0; nb < ND; ++nb) wg::mma_ss_n64<T, 0, 0>(acc[nb], da, state_kmajor(sbuf(ci), nb, kk), 1);
+        wg::mma_ss_n64<T, 0, 0>(P, da, kmajor(st + SM::V, kk), 1);
+      }
+      wg::commit();
+      wg::wait<0>();
+#pragma unroll
+      for (int nb = 0; nb < ND; ++nb) wg::fence_regs(acc[nb]);
+      wg::fence_regs(P);
+      {
+        const float f0 = scale * Gp[r0 + g + 1], f1 = scale * Gp[r0 + g + 9];
+#pragma unroll
+        for (int nb = 0; nb < ND; ++nb)
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            acc[nb][4 * j] *= f0;
+            acc[nb][4 * j + 1] *= f0;
+            acc[nb][4 * j + 2] *= f1;
+            acc[nb][4 * j + 3] *= f1;
+          }
+      }
+      uint32_t pa[4][4];
+      mask_pack<T, true>(P, pa, r0, scale, Gp);
+#pragma unroll
+      for (int nb = 0; nb < ND; ++nb) wg::fence_regs(acc[nb]);
+      wg::fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+        for (int nb = 0; nb < ND; ++nb) wg::mma_rs_n64<T, 1>(acc[nb], pa[kk], mnmajor(st + SM::K, kAtom, nb, kk), 1);
+      wg::commit();
+      wg::wait<0>();
+#pragma unroll
+      for (int nb = 0; nb < ND; ++nb) {
+        wg::fence_regs(acc[nb]);
+        store_acc<T>(acc[nb], dq.p + b * dq.sb + h * dq.sh + c0 * dq.sn, dq.sn, r0, 64 * nb, len);
+      }
+    }
+  } else {
+    float S[ND][NE][32];  // the state, 64-row blocks mb of d
+    {
+      const float* S0 = a.nseg > 1 ? a.seg_S + ((size_t)bh * a.nseg + seg) * DE
+                                   : (a.state_in ? a.state_in + (size_t)bh * DE : nullptr);
+#pragma unroll
+      for (int mb = 0; mb < ND; ++mb) {
+        load_rows(S[mb], S0, mb);
+        write_rows(S[mb], sbuf(0), mb);
+      }
+    }
+    for (int ci = 0; ci < nch; ++ci) {
+      const int64_t c0 = n0 + (int64_t)ci * kC;
+      const int len = (int)min((int64_t)kC, n1 - c0);
+      const uint32_t st = stage(ci);
+      chunk_top(ci);
+      if (ci + 1 == nch) continue;  // the state after the last chunk is not needed
+      const bool weigh = lg != 0.f;  // without decay every weight is 1 (rows past len are zero-filled)
+#pragma unroll
+      for (int mb = 0; mb < ND; ++mb) state_update<T, NE, false>(S[mb], st + SM::K, st + SM::V, mb, r0, len, weigh, scale, Gp);
+      wg::commit();
+      wg::wait<0>();
+#pragma unroll
+      for (int mb = 0; mb < ND; ++mb) {
+#pragma unroll
+        for (int nb = 0; nb < NE; ++nb) wg::fence_regs(S[mb][nb]);
+        write_rows(S[mb], sbuf(ci + 1), mb);
+      }
+    }
+  }
+
+  // ================= loop B: dk (WG0), dv (WG1), R (by 64-row blocks) =================
+  mma::cp_async_wait<0>();
+  block_sync();  // loop A is done with every buffer
+  // The 64-row block of R this warpgroup owns (-1: none): D = 128: block wgi; D = 64: WG0 block 0.
+  const int rmb = D == 128 ? wgi : (wgi == 0 ? 0 : -1);
+  float R[NE][32];
+  {
+    const float* G0 = a.nseg > 1 ? a.seg_G + ((size_t)bh * a.nseg + seg) * DE
+                                 : (a.grad_state_out ? a.grad_state_out + (size_t)bh * DE : nullptr);
+    if (rmb >= 0) {
+      load_rows(R, G0, rmb);
+      write_rows(R, sbuf(0), rmb);
+    }
+  }
+  auto issue_B = [&](int ci) {  // ci counts chunks from the end
+    const int64_t c0 = n0 + (int64_t)(nch - 1 - ci) * kC;
+    const int len = (int)min((int64_t)kC, n1 - c0);
+    const uint32_t st = stage(ci);
+    load_tile<T, D>(st + SM::Q, q, b, h, c0, len);
+    load_tile<T, D>(st + SM::K, k, b, kh, c0, len);
+    load_tile<T, E>(st + SM::V, v, b, kh, c0, len);
+    load_tile<T, E>(st + SM::DO, dout, b, h, c0, len);
+    mma::cp_async_commit();
+  };
+  if (nch > 0) issue_B(0);
+  const int hkv = a.dkv_per_query_head ? h : kh;
+  for (int ci = 0; ci < nch; ++ci) {
+    const int64_t c0 = n0 + (int64_t)(nch - 1 - ci) * kC;
+    const int len = (int)min((int64_t)kC, n1 - c0);
+    const uint32_t st = stage(ci);
+    mma::cp_async_wait<0>();
+    wg::fence_async_smem();
+    block_sync();
+    if (ci + 1 < nch) issue_B(ci + 1);
+    // WG0: dk (N = D) from V (A), R_b^T, V dO^T, Q;  WG1: dv (N = E) from K (A), R_b, K Q^T, dO.
+    constexpr int NO = ND > NE ? ND : NE;
+    const int nout = wgi == 0 ? ND : NE;
+    float acc[NO][32], P[32];
+#pragma unroll
+    for (int nb = 0; nb < NO; ++nb) {
+      zero(acc[nb]);
+      wg::fence_regs(acc[nb]);
+    }
+    zero(P);
+    wg::fence_regs(P);
+    wg::fence();
+    if (wgi == 0) {
+#pragma unroll
+      for (int kk = 0; kk < E / 16; ++kk) {
+        const uint64_t da = kmajor(st + SM::V, kk);
+#pragma unroll
+        for (int nb = 0; nb < ND; ++nb) wg::mma_ss_n64<T, 0, 0>(acc[nb], da, state_kmajor(sbuf(ci), nb, kk), 1);
+        wg::mma_ss_n64<T, 0, 0>(P, da, kmajor(st + SM::DO, kk), 1);
+      }
+    } else {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint64_t da = kmajor(st + SM::K, kk);
+#pragma unroll
+        for (int nb = 0; nb < NE; ++nb) wg::mma_ss_n64<T, 0, 1>(acc[nb], da, mnmajor(sbuf(ci), D * 128, nb, kk), 1);
+        wg::mma_ss_n64<T, 0, 0>(P, da, kmajor(st + SM::Q, kk), 1);
+      }
+    }
+    wg::commit();
+    wg::wait<0>();
+#pragma unroll
+    for (int nb = 0; nb < NO; ++nb) wg::fence_regs(acc[nb]);
+    wg::fence_regs(P);
+    {
+      const float ws0 = r0 + g < len ? Gp[len - 1 - (r0 + g)] : 0.f;
+      const float ws1 = r0 + g + 8 < len ? Gp[len - 9 - (r0 + g)] : 0.f;
+#pragma unroll
+      for (int nb = 0; nb < NO; ++nb)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          acc[nb][4 * j] *= ws0;
+          acc[nb][4 * j + 1] *= ws0;
+          acc[nb][4 * j + 2] *= ws1;
+          acc[nb][4 * j + 3] *= ws1;
+        }
+    }
+    uint32_t pa[4][4];
+    mask_pack<T, false>(P, pa, r0, scale, Gp);
+#pragma unroll
+    for (int nb = 0; nb < NO; ++nb) wg::fence_regs(acc[nb]);
+    wg::fence();
+    {
+      const uint32_t bt = wgi == 0 ? st + SM::Q : st + SM::DO;  // dk += P Q, dv += P dO
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+        for (int nb = 0; nb < NO; ++nb)
+          if (nb < nout) wg::mma_rs_n64<T, 1>(acc[nb], pa[kk], mnmajor(bt, kAtom, nb, kk), 1);
+    }
+    // R = g^len R + scale Q^T diag(g^(t+1)) dO (this warpgroup's block of rows)
+    if (rmb >= 0) {
+      state_update<T, NE, true>(R, st + SM::Q, st + SM::DO, rmb, r0, len, true, scale, Gp);
+    }
+    wg::commit();
+    wg::wait<0>();
+#pragma unroll
+    for (int nb = 0; nb < NO; ++nb) wg::fence_regs(acc[nb]);
+    if (wgi == 0) {
+#pragma unroll
+      for (int nb = 0; nb < ND; ++nb)
+        store_acc<OT>(acc[nb], dk.p + b * dk.sb + hkv * dk.sh + c0 * dk.sn, dk.sn, r0, 64 * nb, len);
+    } else {
+#pragma unroll
+      for (int nb = 0; nb < NE; ++nb)
+        store_acc<OT>(acc[nb], dv.p + b * dv.sb + hkv * dv.sh + c0 * dv.sn, dv.sn, r0, 64 * nb, len);
+    }
+    if (rmb >= 0) {
+#pragma unroll
+      for (int nb = 0; nb < NE; ++nb) wg::fence_regs(R[nb]);
+      if (ci + 1 < nch) write_rows(R, sbuf(ci + 1), rmb);
+    }
+  }
+  if (a.grad_state_in && a.nseg == 1 && rmb >= 0) {
+#pragma unroll
+    for (int nb = 0; nb < NE; ++nb)
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int d = 64 * rmb + r0 + g + (r >> 1) * 8, e = 64 * nb + 8 * j + 2 * tc + (r & 1);
+          a.grad_state_in[(size_t)bh * DE + (size_t)d * E + e] = R[nb][4 * j + r];
+        }
+  }
+#else
+  __trap();  // built for a target without wgmma; the host never launches this there
+#endif
+}
+
+template <typename T, typename OT, int D, int E>
+cudaError_t launch(const AttnParams& p, const WgBwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st) {
+  auto kern = wgmma_bwd_kernel<T, OT, D, E>;
+  const size_t smem = WgBwdSmem<D, E>::bytes;
+  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (e != cudaSuccess) return e;
+  const unsigned blocks = (unsigned)(p.B * p.H * a.nseg);
+  kern<<<blocks, kThreads, smem, st>>>(a, make_tv<const T>(p.q), make_tv<const T>(p.k), make_tv<const T>(p.v),
+                                       make_tv<const T>(p.dout), make_tv<T>(p.dq), dk, dv);
+  return cudaGetLastError();
+}
+
+template <typename T, typename OT>
+cudaError_t launch_dims(const AttnParams& p, const WgBwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st) {
+  if (p.D == 64 && p.E == 64) return launch<T, OT, 64, 64>(p, a, dk, dv, st);
+  if (p.D == 64 && p.E == 128) return launch<T, OT, 64, 128>(p, a, dk, dv, st);
+  if (p.D == 128 && p.E == 64) return launch<T, OT, 128, 64>(p, a, dk, dv, st);
+  return launch<T, OT, 128, 128>(p, a, dk, dv, st);
+}
+
+template <typename T, typename OT, int D, int E>
+int resident() {
+  auto kern = wgmma_bwd_kernel<T, OT, D, E>;
+  const size_t smem = WgBwdSmem<D, E>::bytes;
+  int n = 0;
+  if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kern, kThreads, smem) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 1;
+  }
+  return n < 1 ? 1 : n;
+}
+
+template <typename T, typename OT>
+int resident_dims(const AttnParams& p) {
+  if (p.D == 64 && p.E == 64) return resident<T, OT, 64, 64>();
+  if (p.D == 64 && p.E == 128) return resident<T, OT, 64, 128>();
+  if (p.D == 128 && p.E == 64) return resident<T, OT, 128, 64>();
+  return resident<T, OT, 128, 128>();
+}
+
+// -1: not yet read from LASP_BWD_KERNEL.
+std::atomic<int> g_bwd_kernel{-1};
+int bwd_kernel_value() {
+  int v = g_bwd_kernel.load(std::memory_order_relaxed);
+  if (v >= 0) return v;
+  const char* env = std::getenv("LASP_BWD_KERNEL");
+  v = (int)BwdKernel::Mma;
+  if (env && std::strcmp(env, "wgmma") == 0) {
+    v = (int)BwdKernel::Wgmma;
+  } else if (env && *env && std::strcmp(env, "mma") != 0) {
+    std::fprintf(stderr, "lasp: LASP_BWD_KERNEL must be \"mma\" or \"wgmma\" (got \"%s\"); using \"mma\"\n", env);
+  }
+  g_bwd_kernel.store(v, std::memory_order_relaxed);
+  return v;
+}
+
+}  // namespace
+
+bool bwd_uses_wgmma() { return bwd_kernel_value() == (int)BwdKernel::Wgmma && wgmma_available(); }
+
+size_t wgmma_bwd_smem_bytes(const AttnParams& p) {
+  if (p.D == 64) return p.E == 64 ? WgBwdSmem<64, 64>::bytes : WgBwdSmem<64, 128>::bytes;
+  return p.E == 64 ? WgBwdSmem<128, 64>::bytes : WgBwdSmem<128, 128>::bytes;
+}
+
+int wgmma_bwd_blocks_per_sm(const AttnParams& p) {
+  const bool bf = p.dtype == ScalarType::BFloat16, gqa = p.H != p.Hkv;
+  if (gqa) return bf ? resident_dims<__nv_bfloat16, float>(p) : resident_dims<__half, float>(p);
+  return bf ? resident_dims<__nv_bfloat16, __nv_bfloat16>(p) : resident_dims<__half, __half>(p);
+}
+
+cudaError_t wgmma_bwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,
+                           float* dk_ws, float* dv_ws, cudaStream_t st) {
+  WgBwdArgs a;
+  a.B = (int)p.B;
+  a.H = (int)p.H;
+  a.group = (int)(p.H / p.Hkv);
+  a.N = (int)p.N;
+  a.D = (int)p.D;
+  a.E = (int)p.E;
+  a.nseg = nseg;
+  a.seglen = seglen;
+  a.scale = (float)p.scale;
+  a.decay = static_cast<const float*>(p.decay);
+  a.state_in = static_cast<const float*>(p.state_in);
+  a.grad_state_out = static_cast<const float*>(p.grad_state_out);
+  a.seg_S = seg_S;
+  a.seg_G = seg_G;
+  a.grad_state_in = static_cast<float*>(p.grad_state_in);
+  const bool bf = p.dtype == ScalarType::BFloat16;
+  if (dk_ws) {
+    a.dkv_per_query_head = 1;
+    Tv<float> dk = make_tv_contig<float>(dk_ws, p.H, p.N, p.D), dv = make_tv_contig<float>(dv_ws, p.H, p.N, p.E);
+    return bf ? launch_dims<__nv_bfloat16, float>(p, a, dk, dv, st) : launch_dims<__half, float>(p, a, dk, dv, st);
+  }
+  a.dkv_per_query_head = 0;
+  if (bf)
+    return launch_dims<__nv_bfloat16, __nv_bfloat16>(p, a, make_tv<__nv_bfloat16>(p.dk), make_tv<__nv_bfloat16>(p.dv), st);
+  return launch_dims<__half, __half>(p, a, make_tv<__half>(p.dk), make_tv<__half>(p.dv), st);
+}
+
+}  // namespace fast
+
+void set_bwd_kernel(BwdKernel which) { fast::g_bwd_kernel.store((int)which, std::memory_order_relaxed); }
+BwdKernel bwd_kernel() { return static_cast<BwdKernel>(fast::bwd_kernel_value()); }
+
+}  // namespace cuda
+}  // namespace lasp
