@@ -12,6 +12,7 @@
 // Reads: dO, V, K (loop A) and Q, K, V, dO (loop B); writes dq, dk, dv once.
 // With GQA, dk / dv of each query head go as fp32 to a workspace that a reduction sums (OT = float).
 #include "common.cuh"
+#include "fast_args.h"
 #include "fast_path.h"
 #include "mma.cuh"
 
@@ -42,18 +43,6 @@ __device__ __forceinline__ void load_rows_b(T* sm, const Tv<const T>& v, int b, 
     cp_async16(sm + r * LD + cv * 8, src, ok);
   }
 }
-
-struct BwdArgs {
-  int B, H, group, N, D, E, nseg, seglen;
-  float scale;
-  const float* decay;
-  const float* state_in;        // nseg == 1
-  const float* grad_state_out;  // nseg == 1
-  const float* seg_S;           // nseg > 1: (B, H, nseg, D, E)
-  const float* seg_G;
-  float* grad_state_in;         // nseg == 1
-  int dkv_per_query_head;
-};
 
 template <typename T, int D, int E>
 struct BwdSmem {
@@ -568,29 +557,12 @@ size_t bwd_smem_bytes(const AttnParams& p) {
 cudaError_t bwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,
                      float* dk_ws, float* dv_ws, cudaStream_t st) {
   if (bwd_uses_wgmma()) return wgmma_bwd_main(p, nseg, seglen, seg_S, seg_G, dk_ws, dv_ws, st);
-  BwdArgs a;
-  a.B = (int)p.B;
-  a.H = (int)p.H;
-  a.group = (int)(p.H / p.Hkv);
-  a.N = (int)p.N;
-  a.D = (int)p.D;
-  a.E = (int)p.E;
-  a.nseg = nseg;
-  a.seglen = seglen;
-  a.scale = (float)p.scale;
-  a.decay = static_cast<const float*>(p.decay);
-  a.state_in = static_cast<const float*>(p.state_in);
-  a.grad_state_out = static_cast<const float*>(p.grad_state_out);
-  a.seg_S = seg_S;
-  a.seg_G = seg_G;
-  a.grad_state_in = static_cast<float*>(p.grad_state_in);
+  BwdArgs a = make_bwd_args(p, nseg, seglen, seg_S, seg_G, dk_ws != nullptr);
   const bool bf = p.dtype == ScalarType::BFloat16;
   if (dk_ws) {  // GQA: per-query-head fp32 dk / dv, contiguous (B, H, N, D|E)
-    a.dkv_per_query_head = 1;
     Tv<float> dk = make_tv_contig<float>(dk_ws, p.H, p.N, p.D), dv = make_tv_contig<float>(dv_ws, p.H, p.N, p.E);
     return bf ? launch_bwd_dims<__nv_bfloat16, float>(p, a, dk, dv, st) : launch_bwd_dims<__half, float>(p, a, dk, dv, st);
   }
-  a.dkv_per_query_head = 0;
   if (bf)
     return launch_bwd_dims<__nv_bfloat16, __nv_bfloat16>(p, a, make_tv<__nv_bfloat16>(p.dk), make_tv<__nv_bfloat16>(p.dv), st);
   return launch_bwd_dims<__half, __half>(p, a, make_tv<__half>(p.dk), make_tv<__half>(p.dv), st);

@@ -10,11 +10,9 @@
 // Bytes: q, k, v read once per column tile (the sibling tiles of one (b, h, segment) run next to
 // each other, so the second read mostly hits L2), o written once.
 #include <atomic>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
 
 #include "common.cuh"
+#include "fast_args.h"
 #include "fast_path.h"
 #include "lasp_cuda.h"
 #include "mma.cuh"
@@ -48,16 +46,6 @@ __device__ __forceinline__ void load_rows(T* sm, const Tv<const T>& v, int b, in
     cp_async16(sm + r * LD + cv * 8, src, ok);
   }
 }
-
-struct FwdArgs {
-  int B, H, group, N, D, E, nseg, seglen;
-  float scale;
-  const float* decay;
-  const float* state_in;
-  const float* seg_states;
-  float* state_out;
-  float* local_out;  // state kernels: (B, H, nseg, D, E)
-};
 
 template <typename T, int D>
 struct FwdSmem {
@@ -404,24 +392,6 @@ bool view_ok(const TensorView4& t) {
          t.stride[2] % 8 == 0;
 }
 
-FwdArgs make_args(const AttnParams& p, int nseg, int seglen) {
-  FwdArgs a;
-  a.B = (int)p.B;
-  a.H = (int)p.H;
-  a.group = (int)(p.H / p.Hkv);
-  a.N = (int)p.N;
-  a.D = (int)p.D;
-  a.E = (int)p.E;
-  a.nseg = nseg;
-  a.seglen = seglen;
-  a.scale = (float)p.scale;
-  a.decay = static_cast<const float*>(p.decay);
-  a.state_in = static_cast<const float*>(p.state_in);
-  a.seg_states = nullptr;
-  a.state_out = static_cast<float*>(p.state_out);
-  a.local_out = nullptr;
-  return a;
-}
 
 template <typename T, int D>
 cudaError_t launch_fwd_main(const AttnParams& p, const FwdArgs& a, cudaStream_t st) {
@@ -503,15 +473,14 @@ int fwd_blocks_per_sm(const AttnParams& p) {
 
 cudaError_t fwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_states, cudaStream_t st) {
   if (fwd_uses_wgmma()) return wgmma_fwd_main(p, nseg, seglen, seg_states, st);
-  FwdArgs a = make_args(p, nseg, seglen);
-  a.seg_states = seg_states;
+  FwdArgs a = make_fwd_args(p, nseg, seglen, seg_states);
   const bool bf = p.dtype == ScalarType::BFloat16;
   if (p.D == 64) return bf ? launch_fwd_main<__nv_bfloat16, 64>(p, a, st) : launch_fwd_main<__half, 64>(p, a, st);
   return bf ? launch_fwd_main<__nv_bfloat16, 128>(p, a, st) : launch_fwd_main<__half, 128>(p, a, st);
 }
 
 cudaError_t state_local(const AttnParams& p, bool reverse, int nseg, int seglen, float* out, cudaStream_t st) {
-  FwdArgs a = make_args(p, nseg, seglen);
+  FwdArgs a = make_fwd_args(p, nseg, seglen);
   a.local_out = out;
   const bool bf = p.dtype == ScalarType::BFloat16;
   if (!reverse)
@@ -524,16 +493,10 @@ namespace {
 std::atomic<int> g_fwd_kernel{-1};
 int fwd_kernel_value() {
   int v = g_fwd_kernel.load(std::memory_order_relaxed);
-  if (v >= 0) return v;
-  const char* env = std::getenv("LASP_FWD_KERNEL");
-  v = (int)FwdKernel::Wgmma;
-  if (env && std::strcmp(env, "mma") == 0) {
-    v = (int)FwdKernel::Mma;
-  } else if (env && *env && std::strcmp(env, "wgmma") != 0 && std::strcmp(env, "auto") != 0) {
-    std::fprintf(stderr, "lasp: LASP_FWD_KERNEL must be \"auto\", \"wgmma\" or \"mma\" (got \"%s\"); using \"auto\"\n",
-                 env);
+  if (v < 0) {
+    v = kernel_choice_from_env("LASP_FWD_KERNEL", (int)FwdKernel::Wgmma);
+    g_fwd_kernel.store(v, std::memory_order_relaxed);
   }
-  g_fwd_kernel.store(v, std::memory_order_relaxed);
   return v;
 }
 }  // namespace

@@ -90,6 +90,45 @@ __device__ __forceinline__ void load_a_t_sw128(uint32_t (&a)[4], uint32_t tile, 
   ldsm_x4_t_addr(a, tile + (uint32_t)(m >> 6) * atom_bytes + sw128_offset(row, (m & 63) >> 3));
 }
 
+// One swizzle column of a 64-row tile: 64 rows x 128 bytes (64 16-bit elements per row).
+constexpr uint32_t kTileAtom = 64 * 128;
+
+// Descriptor of a 64-row swizzled tile (atoms of kTileAtom bytes along its columns) as a K-major operand,
+// k-step kk of 16 elements.
+__device__ __forceinline__ uint64_t kmajor(uint32_t tile, int kk) {
+  return make_desc(tile + (uint32_t)(kk >> 2) * kTileAtom + (uint32_t)(kk & 3) * 32, 16, 1024);
+}
+// Descriptor of a swizzled tile as an MN-major operand: its rows are the K index (k-step kk = 16 rows),
+// 64 MN-columns per 128-byte row, `atom` the 64-column block, atoms `atom_bytes` apart.
+__device__ __forceinline__ uint64_t mnmajor(uint32_t tile, uint32_t atom_bytes, int atom, int kk) {
+  return make_desc(tile + (uint32_t)atom * atom_bytes + (uint32_t)kk * 2048, atom_bytes, 1024);
+}
+
+// cp.async of a 64-row tile, W 16-bit columns, into swizzled atoms at `dst` (shared byte address) by NT
+// threads: row r from rows + r * row_stride (elements) for r < len, zero-filled rows from len on.
+template <int W, int NT, typename T>
+__device__ __forceinline__ void cp_async_tile(uint32_t dst, const T* rows, int64_t row_stride, int len) {
+  constexpr int CPR = W / 8;  // 16-byte chunks per row
+  for (int i = threadIdx.x; i < 64 * CPR; i += NT) {
+    const int r = i / CPR, c = i - r * CPR;
+    const bool ok = r < len;
+    const T* src = rows + (ok ? r : 0) * row_stride + c * 8;
+    const uint32_t d = dst + (uint32_t)(c >> 3) * kTileAtom + sw128_offset(r, c & 7);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(ok ? 16 : 0));
+  }
+}
+
+// Multiply this thread's two rows of a 64 x 64 accumulator (rows g and g + 8 of its warp's slab) by f0, f1.
+__device__ __forceinline__ void scale_rows(float (&d)[32], float f0, float f1) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    d[4 * j] *= f0;
+    d[4 * j + 1] *= f0;
+    d[4 * j + 2] *= f1;
+    d[4 * j + 3] *= f1;
+  }
+}
+
 template <typename T>
 struct Kind;
 template <>

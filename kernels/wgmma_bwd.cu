@@ -18,11 +18,9 @@
 // weights in registers. Reads: dO, V, K (loop A) and Q, K, V, dO (loop B); writes dq, dk, dv once.
 // With GQA, dk / dv of each query head go as fp32 to a workspace that the caller reduces (OT = float).
 #include <atomic>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
 
 #include "common.cuh"
+#include "fast_args.h"
 #include "fast_path.h"
 #include "lasp_cuda.h"
 #include "mma.cuh"
@@ -38,19 +36,7 @@ using namespace detail;
 
 constexpr int kC = 64;
 constexpr int kThreads = 256;         // two warpgroups
-constexpr uint32_t kAtom = 64 * 128;  // one 64-row x 128-byte swizzle column of a 64-row tile
-
-struct WgBwdArgs {
-  int B, H, group, N, D, E, nseg, seglen;
-  float scale;
-  const float* decay;
-  const float* state_in;        // nseg == 1
-  const float* grad_state_out;  // nseg == 1
-  const float* seg_S;           // nseg > 1: (B, H, nseg, D, E)
-  const float* seg_G;
-  float* grad_state_in;         // nseg == 1
-  int dkv_per_query_head;
-};
+constexpr uint32_t kAtom = wg::kTileAtom;
 
 // Shared memory (bytes from a 1024-aligned base): two stages of Q, K (D / 64 atoms each), V, dO (E / 64
 // atoms each); two state copies [d][e] (E / 64 atoms of D rows x 128 B); the decay powers.
@@ -66,28 +52,6 @@ struct WgBwdSmem {
 };
 
 #if LASP_WGMMA  // device helpers of the kernel below (its body is empty in other targets)
-template <typename T, int W>
-__device__ __forceinline__ void load_tile(uint32_t dst, const Tv<const T>& v, int b, int h, int64_t c0, int len) {
-  constexpr int CPR = W / 8;
-  for (int i = threadIdx.x; i < kC * CPR; i += kThreads) {
-    const int r = i / CPR, c = i - r * CPR;
-    const bool ok = r < len;
-    const T* src = v.p + b * v.sb + h * v.sh + (c0 + (ok ? r : 0)) * v.sn + c * 8;
-    const uint32_t d = dst + (uint32_t)(c >> 3) * kAtom + wg::sw128_offset(r, c & 7);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(ok ? 16 : 0));
-  }
-}
-
-// K-major operand descriptor of a 64-row swizzled tile at k-step kk (16 elements).
-__device__ __forceinline__ uint64_t kmajor(uint32_t tile, int kk) {
-  return wg::make_desc(tile + (uint32_t)(kk >> 2) * kAtom + (uint32_t)(kk & 3) * 32, 16, 1024);
-}
-// MN-major operand descriptor: rows = the K index (k-step kk = 16 rows), 64 MN-columns per 128-B row,
-// `atom` = the 64-column block.
-__device__ __forceinline__ uint64_t mnmajor(uint32_t tile, uint32_t atom_bytes, int atom, int kk) {
-  return wg::make_desc(tile + (uint32_t)atom * atom_bytes + (uint32_t)kk * 2048, atom_bytes, 1024);
-}
-
 // The 16-bit state [d][e] at `buf` (E / 64 atoms of D rows x 128 B) as the K-major B operand of
 // X S^T (N = the 64 rows d of block nb, K = e, k-step kk). D is the state's row count.
 template <int D>
@@ -185,14 +149,14 @@ __device__ __forceinline__ void state_update(float (&st)[NE][32], uint32_t xt, u
   for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
     for (int nb = 0; nb < NE; ++nb)
-      wg::mma_rs_n64<T, 1>(st[nb], xa[kk], wg::make_desc(yt + (uint32_t)nb * kAtom + (uint32_t)kk * 2048, kAtom, 1024), 1);
+      wg::mma_rs_n64<T, 1>(st[nb], xa[kk], wg::mnmajor(yt, kAtom, nb, kk), 1);
 }
 
 #endif
 
 template <typename T, typename OT, int D, int E>
 __global__ void __launch_bounds__(kThreads, 1)
-    wgmma_bwd_kernel(WgBwdArgs a, Tv<const T> q, Tv<const T> k, Tv<const T> v, Tv<const T> dout, Tv<T> dq,
+    wgmma_bwd_kernel(BwdArgs a, Tv<const T> q, Tv<const T> k, Tv<const T> v, Tv<const T> dout, Tv<T> dq,
                      Tv<OT> dk, Tv<OT> dv) {
 #if LASP_WGMMA
   using SM = WgBwdSmem<D, E>;
@@ -254,9 +218,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t c0 = n0 + (int64_t)ci * kC;
     const int len = (int)min((int64_t)kC, n1 - c0);
     const uint32_t st = stage(ci);
-    load_tile<T, D>(st + SM::K, k, b, kh, c0, len);
-    load_tile<T, E>(st + SM::V, v, b, kh, c0, len);
-    load_tile<T, E>(st + SM::DO, dout, b, h, c0, len);
+    wg::cp_async_tile<D, kThreads>(st + SM::K, k.row(b, kh, c0), k.sn, len);
+    wg::cp_async_tile<E, kThreads>(st + SM::V, v.row(b, kh, c0), v.sn, len);
+    wg::cp_async_tile<E, kThreads>(st + SM::DO, dout.row(b, h, c0), dout.sn, len);
     mma::cp_async_commit();
   };
   auto chunk_top = [&](int ci) {  // this chunk's tiles (and S_b) visible to every thread and to wgmma
@@ -284,10 +248,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       // acc = dO S_b^T (B = S_b's rows d, K-major over e); P = dO V^T
 #pragma unroll
       for (int kk = 0; kk < E / 16; ++kk) {
-        const uint64_t da = kmajor(st + SM::DO, kk);
+        const uint64_t da = wg::kmajor(st + SM::DO, kk);
 #pragma unroll
         for (int nb = 0; nb < ND; ++nb) wg::mma_ss_n64<T, 0, 0>(acc[nb], da, state_kmajor(sbuf(ci), nb, kk), 1);
-        wg::mma_ss_n64<T, 0, 0>(P, da, kmajor(st + SM::V, kk), 1);
+        wg::mma_ss_n64<T, 0, 0>(P, da, wg::kmajor(st + SM::V, kk), 1);
       }
       wg::commit();
       wg::wait<0>();
@@ -297,14 +261,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       {
         const float f0 = scale * Gp[r0 + g + 1], f1 = scale * Gp[r0 + g + 9];
 #pragma unroll
-        for (int nb = 0; nb < ND; ++nb)
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            acc[nb][4 * j] *= f0;
-            acc[nb][4 * j + 1] *= f0;
-            acc[nb][4 * j + 2] *= f1;
-            acc[nb][4 * j + 3] *= f1;
-          }
+        for (int nb = 0; nb < ND; ++nb) wg::scale_rows(acc[nb], f0, f1);
       }
       uint32_t pa[4][4];
       mask_pack<T, true>(P, pa, r0, scale, Gp);
@@ -314,7 +271,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
-        for (int nb = 0; nb < ND; ++nb) wg::mma_rs_n64<T, 1>(acc[nb], pa[kk], mnmajor(st + SM::K, kAtom, nb, kk), 1);
+        for (int nb = 0; nb < ND; ++nb) wg::mma_rs_n64<T, 1>(acc[nb], pa[kk], wg::mnmajor(st + SM::K, kAtom, nb, kk), 1);
       wg::commit();
       wg::wait<0>();
 #pragma unroll
@@ -372,10 +329,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t c0 = n0 + (int64_t)(nch - 1 - ci) * kC;
     const int len = (int)min((int64_t)kC, n1 - c0);
     const uint32_t st = stage(ci);
-    load_tile<T, D>(st + SM::Q, q, b, h, c0, len);
-    load_tile<T, D>(st + SM::K, k, b, kh, c0, len);
-    load_tile<T, E>(st + SM::V, v, b, kh, c0, len);
-    load_tile<T, E>(st + SM::DO, dout, b, h, c0, len);
+    wg::cp_async_tile<D, kThreads>(st + SM::Q, q.row(b, h, c0), q.sn, len);
+    wg::cp_async_tile<D, kThreads>(st + SM::K, k.row(b, kh, c0), k.sn, len);
+    wg::cp_async_tile<E, kThreads>(st + SM::V, v.row(b, kh, c0), v.sn, len);
+    wg::cp_async_tile<E, kThreads>(st + SM::DO, dout.row(b, h, c0), dout.sn, len);
     mma::cp_async_commit();
   };
   if (nch > 0) issue_B(0);
@@ -403,18 +360,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (wgi == 0) {
 #pragma unroll
       for (int kk = 0; kk < E / 16; ++kk) {
-        const uint64_t da = kmajor(st + SM::V, kk);
+        const uint64_t da = wg::kmajor(st + SM::V, kk);
 #pragma unroll
         for (int nb = 0; nb < ND; ++nb) wg::mma_ss_n64<T, 0, 0>(acc[nb], da, state_kmajor(sbuf(ci), nb, kk), 1);
-        wg::mma_ss_n64<T, 0, 0>(P, da, kmajor(st + SM::DO, kk), 1);
+        wg::mma_ss_n64<T, 0, 0>(P, da, wg::kmajor(st + SM::DO, kk), 1);
       }
     } else {
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        const uint64_t da = kmajor(st + SM::K, kk);
+        const uint64_t da = wg::kmajor(st + SM::K, kk);
 #pragma unroll
-        for (int nb = 0; nb < NE; ++nb) wg::mma_ss_n64<T, 0, 1>(acc[nb], da, mnmajor(sbuf(ci), D * 128, nb, kk), 1);
-        wg::mma_ss_n64<T, 0, 0>(P, da, kmajor(st + SM::Q, kk), 1);
+        for (int nb = 0; nb < NE; ++nb) wg::mma_ss_n64<T, 0, 1>(acc[nb], da, wg::mnmajor(sbuf(ci), D * 128, nb, kk), 1);
+        wg::mma_ss_n64<T, 0, 0>(P, da, wg::kmajor(st + SM::Q, kk), 1);
       }
     }
     wg::commit();
@@ -426,14 +383,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const float ws0 = r0 + g < len ? Gp[len - 1 - (r0 + g)] : 0.f;
       const float ws1 = r0 + g + 8 < len ? Gp[len - 9 - (r0 + g)] : 0.f;
 #pragma unroll
-      for (int nb = 0; nb < NO; ++nb)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          acc[nb][4 * j] *= ws0;
-          acc[nb][4 * j + 1] *= ws0;
-          acc[nb][4 * j + 2] *= ws1;
-          acc[nb][4 * j + 3] *= ws1;
-        }
+      for (int nb = 0; nb < NO; ++nb) wg::scale_rows(acc[nb], ws0, ws1);
     }
     uint32_t pa[4][4];
     mask_pack<T, false>(P, pa, r0, scale, Gp);
@@ -446,7 +396,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
         for (int nb = 0; nb < NO; ++nb)
-          if (nb < nout) wg::mma_rs_n64<T, 1>(acc[nb], pa[kk], mnmajor(bt, kAtom, nb, kk), 1);
+          if (nb < nout) wg::mma_rs_n64<T, 1>(acc[nb], pa[kk], wg::mnmajor(bt, kAtom, nb, kk), 1);
     }
     // R = g^len R + scale Q^T diag(g^(t+1)) dO (this warpgroup's block of rows)
     if (rmb >= 0) {
@@ -488,7 +438,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 template <typename T, typename OT, int D, int E>
-cudaError_t launch(const AttnParams& p, const WgBwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st) {
+cudaError_t launch(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st) {
   auto kern = wgmma_bwd_kernel<T, OT, D, E>;
   const size_t smem = WgBwdSmem<D, E>::bytes;
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
@@ -500,7 +450,7 @@ cudaError_t launch(const AttnParams& p, const WgBwdArgs& a, Tv<OT> dk, Tv<OT> dv
 }
 
 template <typename T, typename OT>
-cudaError_t launch_dims(const AttnParams& p, const WgBwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st) {
+cudaError_t launch_dims(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st) {
   if (p.D == 64 && p.E == 64) return launch<T, OT, 64, 64>(p, a, dk, dv, st);
   if (p.D == 64 && p.E == 128) return launch<T, OT, 64, 128>(p, a, dk, dv, st);
   if (p.D == 128 && p.E == 64) return launch<T, OT, 128, 64>(p, a, dk, dv, st);
@@ -532,15 +482,10 @@ int resident_dims(const AttnParams& p) {
 std::atomic<int> g_bwd_kernel{-1};
 int bwd_kernel_value() {
   int v = g_bwd_kernel.load(std::memory_order_relaxed);
-  if (v >= 0) return v;
-  const char* env = std::getenv("LASP_BWD_KERNEL");
-  v = (int)BwdKernel::Mma;
-  if (env && std::strcmp(env, "wgmma") == 0) {
-    v = (int)BwdKernel::Wgmma;
-  } else if (env && *env && std::strcmp(env, "mma") != 0) {
-    std::fprintf(stderr, "lasp: LASP_BWD_KERNEL must be \"mma\" or \"wgmma\" (got \"%s\"); using \"mma\"\n", env);
+  if (v < 0) {
+    v = kernel_choice_from_env("LASP_BWD_KERNEL", (int)BwdKernel::Mma);
+    g_bwd_kernel.store(v, std::memory_order_relaxed);
   }
-  g_bwd_kernel.store(v, std::memory_order_relaxed);
   return v;
 }
 
@@ -561,29 +506,12 @@ int wgmma_bwd_blocks_per_sm(const AttnParams& p) {
 
 cudaError_t wgmma_bwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,
                            float* dk_ws, float* dv_ws, cudaStream_t st) {
-  WgBwdArgs a;
-  a.B = (int)p.B;
-  a.H = (int)p.H;
-  a.group = (int)(p.H / p.Hkv);
-  a.N = (int)p.N;
-  a.D = (int)p.D;
-  a.E = (int)p.E;
-  a.nseg = nseg;
-  a.seglen = seglen;
-  a.scale = (float)p.scale;
-  a.decay = static_cast<const float*>(p.decay);
-  a.state_in = static_cast<const float*>(p.state_in);
-  a.grad_state_out = static_cast<const float*>(p.grad_state_out);
-  a.seg_S = seg_S;
-  a.seg_G = seg_G;
-  a.grad_state_in = static_cast<float*>(p.grad_state_in);
+  BwdArgs a = make_bwd_args(p, nseg, seglen, seg_S, seg_G, dk_ws != nullptr);
   const bool bf = p.dtype == ScalarType::BFloat16;
   if (dk_ws) {
-    a.dkv_per_query_head = 1;
     Tv<float> dk = make_tv_contig<float>(dk_ws, p.H, p.N, p.D), dv = make_tv_contig<float>(dv_ws, p.H, p.N, p.E);
     return bf ? launch_dims<__nv_bfloat16, float>(p, a, dk, dv, st) : launch_dims<__half, float>(p, a, dk, dv, st);
   }
-  a.dkv_per_query_head = 0;
   if (bf)
     return launch_dims<__nv_bfloat16, __nv_bfloat16>(p, a, make_tv<__nv_bfloat16>(p.dk), make_tv<__nv_bfloat16>(p.dv), st);
   return launch_dims<__half, __half>(p, a, make_tv<__half>(p.dk), make_tv<__half>(p.dv), st);

@@ -11,6 +11,7 @@
 // S lives in fp32 registers (warp w: rows 64i + 16w .. of the D x 64 state), S_b is rewritten after
 // each chunk. Bytes as the mma.sync kernel: q, k, v read once per column tile, o written once.
 #include "common.cuh"
+#include "fast_args.h"
 #include "fast_path.h"
 #include "mma.cuh"
 #include "wgmma.cuh"
@@ -26,16 +27,7 @@ using namespace detail;
 constexpr int kC = 64;
 constexpr int kEt = 64;
 constexpr int kThreads = 128;  // one warpgroup
-constexpr uint32_t kAtom = 64 * 128;  // one 64-row x 128-byte swizzle column of a 64-row tile
-
-struct WgArgs {
-  int B, H, group, N, D, E, nseg, seglen;
-  float scale;
-  const float* decay;
-  const float* state_in;
-  const float* seg_states;
-  float* state_out;
-};
+constexpr uint32_t kAtom = wg::kTileAtom;
 
 // Shared memory (bytes, from a 1024-aligned base): 2 stages of Q, K (D / 64 atoms each) and V (1 atom),
 // S_b (D rows x 128 B), the O staging rows [64][72] and the decay powers.
@@ -52,25 +44,11 @@ struct WgSmem {
 };
 
 #if LASP_WGMMA  // device helpers of the kernel below (its body is empty in other targets)
-// cp.async rows [c0, c0 + len) of (b, h), W columns from x0, into swizzled atoms at `dst` (shared byte
-// address); rows >= len are zero-filled.
-template <typename T, int W>
-__device__ __forceinline__ void load_tile(uint32_t dst, const Tv<const T>& v, int b, int h, int64_t c0, int len, int x0) {
-  constexpr int CPR = W / 8;  // 16-byte chunks per row
-  for (int i = threadIdx.x; i < kC * CPR; i += kThreads) {
-    const int r = i / CPR, c = i - r * CPR;
-    const bool ok = r < len;
-    const T* src = v.p + b * v.sb + h * v.sh + (c0 + (ok ? r : 0)) * v.sn + x0 + c * 8;
-    const uint32_t d = dst + (uint32_t)(c >> 3) * kAtom + wg::sw128_offset(r, c & 7);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(ok ? 16 : 0));
-  }
-}
-
 #endif
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
-    wgmma_fwd_kernel(WgArgs a, Tv<const T> q, Tv<const T> k, Tv<const T> v, Tv<T> o) {
+    wgmma_fwd_kernel(FwdArgs a, Tv<const T> q, Tv<const T> k, Tv<const T> v, Tv<T> o) {
 #if LASP_WGMMA
   using SM = WgSmem<D>;
   constexpr int MI = D / 64;  // 64-row blocks of the state
@@ -100,9 +78,9 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
     const int64_t c0 = n0 + (int64_t)ci * kC;
     const int len = (int)min((int64_t)kC, n1 - c0);
     const uint32_t st = base + (uint32_t)(ci & 1) * SM::STAGE;
-    load_tile<T, D>(st + SM::Q, q, b, h, c0, len, 0);
-    load_tile<T, D>(st + SM::K, k, b, kh, c0, len, 0);
-    load_tile<T, kEt>(st + SM::V, v, b, kh, c0, len, e0);
+    wg::cp_async_tile<D, kThreads>(st + SM::Q, q.row(b, h, c0), q.sn, len);
+    wg::cp_async_tile<D, kThreads>(st + SM::K, k.row(b, kh, c0), k.sn, len);
+    wg::cp_async_tile<kEt, kThreads>(st + SM::V, v.row(b, kh, c0) + e0, v.sn, len);
     mma::cp_async_commit();
   };
   if (nch > 0) issue(0);
@@ -155,15 +133,11 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
     wg::fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      const uint64_t dq = wg::make_desc(st + SM::Q + (uint32_t)(kk >> 2) * kAtom + (uint32_t)(kk & 3) * 32, 16, 1024);
-      const uint64_t ds = wg::make_desc(base + SM::SB + (uint32_t)kk * 2048, kAtom, 1024);
-      wg::mma_ss_n64<T, 0, 1>(O, dq, ds, 1);
+      wg::mma_ss_n64<T, 0, 1>(O, wg::kmajor(st + SM::Q, kk), wg::mnmajor(base + SM::SB, kAtom, 0, kk), 1);
     }
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      const uint64_t dq = wg::make_desc(st + SM::Q + (uint32_t)(kk >> 2) * kAtom + (uint32_t)(kk & 3) * 32, 16, 1024);
-      const uint64_t dk = wg::make_desc(st + SM::K + (uint32_t)(kk >> 2) * kAtom + (uint32_t)(kk & 3) * 32, 16, 1024);
-      wg::mma_ss_n64<T, 0, 0>(P, dq, dk, 1);
+      wg::mma_ss_n64<T, 0, 0>(P, wg::kmajor(st + SM::Q, kk), wg::kmajor(st + SM::K, kk), 1);
     }
     wg::commit();
     wg::wait<0>();
@@ -173,13 +147,7 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
     // ---- O *= scale g^(t+1) per row; P = (scale P) * mask, packed as RS A fragments ----
     {
       const float f0 = a.scale * Gp[r0 + g + 1], f1 = a.scale * Gp[r0 + g + 9];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        O[4 * j] *= f0;
-        O[4 * j + 1] *= f0;
-        O[4 * j + 2] *= f1;
-        O[4 * j + 3] *= f1;
-      }
+      wg::scale_rows(O, f0, f1);
     }
     uint32_t pa[4][4];
 #pragma unroll
@@ -228,7 +196,7 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
     // ---- O += P V, S += (K^T diag(w)) V ----
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      const uint64_t dv = wg::make_desc(st + SM::V + (uint32_t)kk * 2048, kAtom, 1024);
+      const uint64_t dv = wg::mnmajor(st + SM::V, kAtom, 0, kk);
       wg::mma_rs_n64<T, 1>(O, pa[kk], dv, 1);
 #pragma unroll
       for (int i = 0; i < MI; ++i) wg::mma_rs_n64<T, 1>(S[i], ka[kk][i], dv, 1);
@@ -276,7 +244,7 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
 }
 
 template <typename T, int D>
-cudaError_t launch(const AttnParams& p, const WgArgs& a, cudaStream_t st) {
+cudaError_t launch(const AttnParams& p, const FwdArgs& a, cudaStream_t st) {
   auto kern = wgmma_fwd_kernel<T, D>;
   const size_t smem = WgSmem<D>::bytes;
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
@@ -311,20 +279,7 @@ int wgmma_fwd_blocks_per_sm(const AttnParams& p) {
 }
 
 cudaError_t wgmma_fwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_states, cudaStream_t st) {
-  WgArgs a;
-  a.B = (int)p.B;
-  a.H = (int)p.H;
-  a.group = (int)(p.H / p.Hkv);
-  a.N = (int)p.N;
-  a.D = (int)p.D;
-  a.E = (int)p.E;
-  a.nseg = nseg;
-  a.seglen = seglen;
-  a.scale = (float)p.scale;
-  a.decay = static_cast<const float*>(p.decay);
-  a.state_in = static_cast<const float*>(p.state_in);
-  a.seg_states = seg_states;
-  a.state_out = static_cast<float*>(p.state_out);
+  const FwdArgs a = make_fwd_args(p, nseg, seglen, seg_states);
   const bool bf = p.dtype == ScalarType::BFloat16;
   if (p.D == 64) return bf ? launch<__nv_bfloat16, 64>(p, a, st) : launch<__half, 64>(p, a, st);
   return bf ? launch<__nv_bfloat16, 128>(p, a, st) : launch<__half, 128>(p, a, st);

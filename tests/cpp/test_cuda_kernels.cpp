@@ -550,6 +550,17 @@ AttnParams plan_only_params(ScalarType dt, int D, int E) {
   return p;
 }
 
+// Every case of cases_for(dt) the tensor-core kernels take (D in {64, 128}), whole-sequence and split.
+void run_tensor_core_cases(ScalarType dt) {
+  for (const Case& c : cases_for(dt)) {
+    if (c.D != 64 && c.D != 128) continue;  // other head dims take the generic kernels either way
+    run_case(c, /*split=*/false);
+    if (::testing::Test::HasFatalFailure()) return;
+    run_case(c, /*split=*/true);
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+}
+
 TEST(CudaKernelsApi, ForwardKernelChoice) {
   SKIP_WITHOUT_DEVICE();
   FwdKernelGuard guard(lasp::cuda::FwdKernel::Wgmma);
@@ -590,13 +601,7 @@ TEST_P(CudaKernelsWgmmaBwd, FwdBwdMatchFloat64Reference) {
   if (!lasp::cuda::wgmma_available()) GTEST_SKIP() << "wgmma needs a build for sm_90a and a compute capability 9.0 device";
   BwdKernelGuard guard(lasp::cuda::BwdKernel::Wgmma);
   ASSERT_STREQ(lasp::cuda::bwd_main_kernel_name(plan_only_params(GetParam(), 128, 128)), "wgmma");
-  for (const Case& c : cases_for(GetParam())) {
-    if (c.D != 64 && c.D != 128) continue;  // other head dims take the generic kernels either way
-    run_case(c, /*split=*/false);
-    if (::testing::Test::HasFatalFailure()) return;
-    run_case(c, /*split=*/true);
-    if (::testing::Test::HasFatalFailure()) return;
-  }
+  run_tensor_core_cases(GetParam());
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes16, CudaKernelsWgmmaBwd, ::testing::Values(ScalarType::Float16, ScalarType::BFloat16),
@@ -607,13 +612,7 @@ TEST_P(CudaKernelsMmaFwd, FwdBwdMatchFloat64Reference) {
   if (!lasp::cuda::wgmma_available()) GTEST_SKIP() << "the default suites already run the mma.sync forward here (no wgmma)";
   FwdKernelGuard guard(lasp::cuda::FwdKernel::Mma);
   ASSERT_STREQ(lasp::cuda::fwd_main_kernel_name(plan_only_params(GetParam(), 128, 128)), "mma");
-  for (const Case& c : cases_for(GetParam())) {
-    if (c.D != 64 && c.D != 128) continue;  // other head dims take the generic kernels either way
-    run_case(c, /*split=*/false);
-    if (::testing::Test::HasFatalFailure()) return;
-    run_case(c, /*split=*/true);
-    if (::testing::Test::HasFatalFailure()) return;
-  }
+  run_tensor_core_cases(GetParam());
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes16, CudaKernelsMmaFwd, ::testing::Values(ScalarType::Float16, ScalarType::BFloat16),

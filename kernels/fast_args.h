@@ -1,0 +1,90 @@
+// Kernel arguments of the tensor-core paths (mma.sync: fast_fwd.cu / fast_bwd.cu; wgmma: wgmma_fwd.cu /
+// wgmma_bwd.cu), filled once from AttnParams, and the environment switch that picks between the two.
+#pragma once
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+#include "lasp_params.h"
+
+namespace lasp {
+namespace cuda {
+namespace fast {
+
+struct FwdArgs {
+  int B, H, group, N, D, E, nseg, seglen;
+  float scale;
+  const float* decay;
+  const float* state_in;
+  const float* seg_states;  // nseg > 1: (B, H, nseg, D, E) segment input states
+  float* state_out;
+  float* local_out;  // state kernels: (B, H, nseg, D, E)
+};
+
+inline FwdArgs make_fwd_args(const AttnParams& p, int nseg, int seglen, const float* seg_states = nullptr) {
+  FwdArgs a;
+  a.B = (int)p.B;
+  a.H = (int)p.H;
+  a.group = (int)(p.H / p.Hkv);
+  a.N = (int)p.N;
+  a.D = (int)p.D;
+  a.E = (int)p.E;
+  a.nseg = nseg;
+  a.seglen = seglen;
+  a.scale = (float)p.scale;
+  a.decay = static_cast<const float*>(p.decay);
+  a.state_in = static_cast<const float*>(p.state_in);
+  a.seg_states = seg_states;
+  a.state_out = static_cast<float*>(p.state_out);
+  a.local_out = nullptr;
+  return a;
+}
+
+struct BwdArgs {
+  int B, H, group, N, D, E, nseg, seglen;
+  float scale;
+  const float* decay;
+  const float* state_in;        // nseg == 1
+  const float* grad_state_out;  // nseg == 1
+  const float* seg_S;           // nseg > 1: (B, H, nseg, D, E)
+  const float* seg_G;
+  float* grad_state_in;         // nseg == 1
+  int dkv_per_query_head;       // dk / dv go per query head to an fp32 workspace (GQA)
+};
+
+inline BwdArgs make_bwd_args(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,
+                             bool dkv_per_query_head) {
+  BwdArgs a;
+  a.B = (int)p.B;
+  a.H = (int)p.H;
+  a.group = (int)(p.H / p.Hkv);
+  a.N = (int)p.N;
+  a.D = (int)p.D;
+  a.E = (int)p.E;
+  a.nseg = nseg;
+  a.seglen = seglen;
+  a.scale = (float)p.scale;
+  a.decay = static_cast<const float*>(p.decay);
+  a.state_in = static_cast<const float*>(p.state_in);
+  a.grad_state_out = static_cast<const float*>(p.grad_state_out);
+  a.seg_S = seg_S;
+  a.seg_G = seg_G;
+  a.grad_state_in = static_cast<float*>(p.grad_state_in);
+  a.dkv_per_query_head = dkv_per_query_head ? 1 : 0;
+  return a;
+}
+
+// The kernel family an environment variable asks for: "mma" -> 0, "wgmma" -> 1, unset, empty or "auto" ->
+// `dflt`; anything else is reported on stderr and gives `dflt`.
+inline int kernel_choice_from_env(const char* var, int dflt) {
+  const char* env = std::getenv(var);
+  if (!env || !*env || std::strcmp(env, "auto") == 0) return dflt;
+  if (std::strcmp(env, "mma") == 0) return 0;
+  if (std::strcmp(env, "wgmma") == 0) return 1;
+  std::fprintf(stderr, "lasp: %s must be \"auto\", \"wgmma\" or \"mma\" (got \"%s\"); using \"auto\"\n", var, env);
+  return dflt;
+}
+
+}  // namespace fast
+}  // namespace cuda
+}  // namespace lasp
