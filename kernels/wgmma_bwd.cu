@@ -154,8 +154,10 @@ __device__ __forceinline__ void state_update(float (&st)[NE][32], uint32_t xt, u
 
 #endif
 
+// D = E = 64: registers cut for two blocks per SM (128, 52 bytes of spills; 166 uncapped, one block),
+// as the mma.sync backward does there; its 80 KB of shared memory allow two.
 template <typename T, typename OT, int D, int E>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kThreads, (D == 64 && E == 64) ? 2 : 1)
     wgmma_bwd_kernel(BwdArgs a, Tv<const T> q, Tv<const T> k, Tv<const T> v, Tv<const T> dout, Tv<T> dq,
                      Tv<OT> dk, Tv<OT> dv) {
 #if LASP_WGMMA
