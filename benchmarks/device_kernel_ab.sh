@@ -11,6 +11,7 @@
 set -uo pipefail
 OUT=${OUT:-device_out}; mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
+export LASP_COMMIT=${LASP_COMMIT:-$(git log -1 --format=%h 2>/dev/null)}  # set it here when the copy's .git is stale
 source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 T0=$(date +%s)
