@@ -172,8 +172,9 @@ def main():
         "gpu": props.name, "sms": props.multi_processor_count, "cuda": torch.version.cuda, "torch": torch.__version__,
         "commit": os.environ.get("LASP_COMMIT") or git_commit(),  # LASP_COMMIT: the device copy's .git may be stale
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        # which lasp main kernels ran (lasp::cuda::set_fwd_kernel / set_bwd_kernel read these at first use)
-        "LASP_FWD_KERNEL": os.environ.get("LASP_FWD_KERNEL", "auto"), "LASP_BWD_KERNEL": os.environ.get("LASP_BWD_KERNEL", "mma"),
+        # the kernel choice asked for (the library reads these at first use; unset: its default)
+        "LASP_FWD_KERNEL": os.environ.get("LASP_FWD_KERNEL", "unset"),
+        "LASP_BWD_KERNEL": os.environ.get("LASP_BWD_KERNEL", "unset"),
     }
     lasp_mod = fla_fn = shim = None
     if "lasp" in impls:

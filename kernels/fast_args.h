@@ -1,6 +1,7 @@
 // Kernel arguments of the tensor-core paths (mma.sync: fast_fwd.cu / fast_bwd.cu; wgmma: wgmma_fwd.cu /
 // wgmma_bwd.cu), filled once from AttnParams, and the environment switch that picks between the two.
 #pragma once
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -11,18 +12,15 @@ namespace lasp {
 namespace cuda {
 namespace fast {
 
-struct FwdArgs {
+// What every tensor-core kernel gets: sizes, the segment split, scale, decay rates, the incoming state.
+struct ArgsBase {
   int B, H, group, N, D, E, nseg, seglen;
   float scale;
   const float* decay;
-  const float* state_in;
-  const float* seg_states;  // nseg > 1: (B, H, nseg, D, E) segment input states
-  float* state_out;
-  float* local_out;  // state kernels: (B, H, nseg, D, E)
+  const float* state_in;  // nseg == 1 (segments read their own input states)
 };
 
-inline FwdArgs make_fwd_args(const AttnParams& p, int nseg, int seglen, const float* seg_states = nullptr) {
-  FwdArgs a;
+inline void fill_base(ArgsBase& a, const AttnParams& p, int nseg, int seglen) {
   a.B = (int)p.B;
   a.H = (int)p.H;
   a.group = (int)(p.H / p.Hkv);
@@ -34,17 +32,24 @@ inline FwdArgs make_fwd_args(const AttnParams& p, int nseg, int seglen, const fl
   a.scale = (float)p.scale;
   a.decay = static_cast<const float*>(p.decay);
   a.state_in = static_cast<const float*>(p.state_in);
+}
+
+struct FwdArgs : ArgsBase {
+  const float* seg_states;  // nseg > 1: (B, H, nseg, D, E) segment input states
+  float* state_out;
+  float* local_out;  // state kernels: (B, H, nseg, D, E)
+};
+
+inline FwdArgs make_fwd_args(const AttnParams& p, int nseg, int seglen, const float* seg_states = nullptr) {
+  FwdArgs a;
+  fill_base(a, p, nseg, seglen);
   a.seg_states = seg_states;
   a.state_out = static_cast<float*>(p.state_out);
   a.local_out = nullptr;
   return a;
 }
 
-struct BwdArgs {
-  int B, H, group, N, D, E, nseg, seglen;
-  float scale;
-  const float* decay;
-  const float* state_in;        // nseg == 1
+struct BwdArgs : ArgsBase {
   const float* grad_state_out;  // nseg == 1
   const float* seg_S;           // nseg > 1: (B, H, nseg, D, E)
   const float* seg_G;
@@ -55,17 +60,7 @@ struct BwdArgs {
 inline BwdArgs make_bwd_args(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,
                              bool dkv_per_query_head) {
   BwdArgs a;
-  a.B = (int)p.B;
-  a.H = (int)p.H;
-  a.group = (int)(p.H / p.Hkv);
-  a.N = (int)p.N;
-  a.D = (int)p.D;
-  a.E = (int)p.E;
-  a.nseg = nseg;
-  a.seglen = seglen;
-  a.scale = (float)p.scale;
-  a.decay = static_cast<const float*>(p.decay);
-  a.state_in = static_cast<const float*>(p.state_in);
+  fill_base(a, p, nseg, seglen);
   a.grad_state_out = static_cast<const float*>(p.grad_state_out);
   a.seg_S = seg_S;
   a.seg_G = seg_G;
@@ -84,6 +79,26 @@ inline int kernel_choice_from_env(const char* var, int dflt) {
   std::fprintf(stderr, "lasp: %s must be \"auto\", \"wgmma\" or \"mma\" (got \"%s\"); using \"auto\"\n", var, env);
   return dflt;
 }
+
+// One kernel-family setting (0 mma.sync, 1 wgmma): read from `var` at first use, changed by set().
+class KernelSwitch {
+ public:
+  constexpr KernelSwitch(const char* var, int dflt) : var_(var), dflt_(dflt) {}
+  int get() {
+    int v = v_.load(std::memory_order_relaxed);
+    if (v < 0) {
+      v = kernel_choice_from_env(var_, dflt_);
+      v_.store(v, std::memory_order_relaxed);
+    }
+    return v;
+  }
+  void set(int v) { v_.store(v, std::memory_order_relaxed); }
+
+ private:
+  const char* var_;
+  int dflt_;
+  std::atomic<int> v_{-1};
+};
 
 }  // namespace fast
 }  // namespace cuda

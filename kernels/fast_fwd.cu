@@ -392,7 +392,6 @@ bool view_ok(const TensorView4& t) {
          t.stride[2] % 8 == 0;
 }
 
-
 template <typename T, int D>
 cudaError_t launch_fwd_main(const AttnParams& p, const FwdArgs& a, cudaStream_t st) {
   auto kern = fwd_main_kernel<T, D>;
@@ -489,34 +488,40 @@ cudaError_t state_local(const AttnParams& p, bool reverse, int nseg, int seglen,
 }
 
 namespace {
-// -1: not yet read from LASP_FWD_KERNEL.
-std::atomic<int> g_fwd_kernel{-1};
-int fwd_kernel_value() {
-  int v = g_fwd_kernel.load(std::memory_order_relaxed);
-  if (v < 0) {
-    v = kernel_choice_from_env("LASP_FWD_KERNEL", (int)FwdKernel::Wgmma);
-    g_fwd_kernel.store(v, std::memory_order_relaxed);
-  }
-  return v;
-}
+KernelSwitch g_fwd_kernel("LASP_FWD_KERNEL", (int)FwdKernel::Wgmma);
 }  // namespace
 
-bool fwd_uses_wgmma() { return fwd_kernel_value() == (int)FwdKernel::Wgmma && wgmma_available(); }
+bool fwd_uses_wgmma() { return g_fwd_kernel.get() == (int)FwdKernel::Wgmma && wgmma_available(); }
 
 }  // namespace fast
 
-void set_fwd_kernel(FwdKernel which) { fast::g_fwd_kernel.store((int)which, std::memory_order_relaxed); }
-FwdKernel fwd_kernel() { return static_cast<FwdKernel>(fast::fwd_kernel_value()); }
+void set_fwd_kernel(FwdKernel which) { fast::g_fwd_kernel.set((int)which); }
+FwdKernel fwd_kernel() { return static_cast<FwdKernel>(fast::g_fwd_kernel.get()); }
 
 bool wgmma_available() {
 #if defined(LASP_HAVE_SM90A)
-  int dev = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+  // Per device: 0 not asked yet (static storage starts zeroed), 1 not compute capability 9.0, 2 9.0.
+  // A device's capability never changes, so the driver is asked once per device, not on every call.
+  constexpr int kDevices = 64;
+  static std::atomic<int> cache[kDevices];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  if (dev >= 0 && dev < kDevices) {
+    const int c = cache[dev].load(std::memory_order_relaxed);
+    if (c != 0) return c == 2;
+  }
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
     (void)cudaGetLastError();
     return false;
   }
-  return major == 9 && minor == 0;
+  const bool ok = major == 9 && minor == 0;
+  if (dev >= 0 && dev < kDevices) cache[dev].store(ok ? 2 : 1, std::memory_order_relaxed);
+  return ok;
 #else
   return false;
 #endif

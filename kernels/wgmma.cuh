@@ -129,6 +129,14 @@ __device__ __forceinline__ void scale_rows(float (&d)[32], float f0, float f1) {
   }
 }
 
+// Zero an accumulator before the wgmmas that accumulate into it (fenced like any register access).
+template <int R>
+__device__ __forceinline__ void zero_acc(float (&d)[R]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) d[i] = 0.f;
+  fence_regs(d);
+}
+
 template <typename T>
 struct Kind;
 template <>

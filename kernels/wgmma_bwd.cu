@@ -83,12 +83,6 @@ __device__ __forceinline__ void store_acc(const float (&d)[32], OT* base, int64_
   }
 }
 
-template <int R>
-__device__ __forceinline__ void zero(float (&d)[R]) {
-#pragma unroll
-  for (int i = 0; i < R; ++i) d[i] = 0.f;
-}
-
 // The masked product P (64 x 64 accumulator of this warp's 16 rows r0..) scaled by scale * g^|t - s| where
 // the mask keeps it (causal: s <= t with rows t; anti-causal: t >= s with rows s), packed as 4 RS A
 // fragments (k-steps of 16 columns).
@@ -240,12 +234,8 @@ __global__ void __launch_bounds__(kThreads, (D == 64 && E == 64) ? 2 : 1)
       chunk_top(ci);
       float acc[ND][32], P[32];
 #pragma unroll
-      for (int nb = 0; nb < ND; ++nb) {
-        zero(acc[nb]);
-        wg::fence_regs(acc[nb]);
-      }
-      zero(P);
-      wg::fence_regs(P);
+      for (int nb = 0; nb < ND; ++nb) wg::zero_acc(acc[nb]);
+      wg::zero_acc(P);
       wg::fence();
       // acc = dO S_b^T (B = S_b's rows d, K-major over e); P = dO V^T
 #pragma unroll
@@ -352,12 +342,8 @@ __global__ void __launch_bounds__(kThreads, (D == 64 && E == 64) ? 2 : 1)
     const int nout = wgi == 0 ? ND : NE;
     float acc[NO][32], P[32];
 #pragma unroll
-    for (int nb = 0; nb < NO; ++nb) {
-      zero(acc[nb]);
-      wg::fence_regs(acc[nb]);
-    }
-    zero(P);
-    wg::fence_regs(P);
+    for (int nb = 0; nb < NO; ++nb) wg::zero_acc(acc[nb]);
+    wg::zero_acc(P);
     wg::fence();
     if (wgi == 0) {
 #pragma unroll
@@ -480,20 +466,11 @@ int resident_dims(const AttnParams& p) {
   return resident<T, OT, 128, 128>();
 }
 
-// -1: not yet read from LASP_BWD_KERNEL.
-std::atomic<int> g_bwd_kernel{-1};
-int bwd_kernel_value() {
-  int v = g_bwd_kernel.load(std::memory_order_relaxed);
-  if (v < 0) {
-    v = kernel_choice_from_env("LASP_BWD_KERNEL", (int)BwdKernel::Mma);
-    g_bwd_kernel.store(v, std::memory_order_relaxed);
-  }
-  return v;
-}
+KernelSwitch g_bwd_kernel("LASP_BWD_KERNEL", (int)BwdKernel::Mma);
 
 }  // namespace
 
-bool bwd_uses_wgmma() { return bwd_kernel_value() == (int)BwdKernel::Wgmma && wgmma_available(); }
+bool bwd_uses_wgmma() { return g_bwd_kernel.get() == (int)BwdKernel::Wgmma && wgmma_available(); }
 
 size_t wgmma_bwd_smem_bytes(const AttnParams& p) {
   if (p.D == 64) return p.E == 64 ? WgBwdSmem<64, 64>::bytes : WgBwdSmem<64, 128>::bytes;
@@ -521,8 +498,8 @@ cudaError_t wgmma_bwd_main(const AttnParams& p, int nseg, int seglen, const floa
 
 }  // namespace fast
 
-void set_bwd_kernel(BwdKernel which) { fast::g_bwd_kernel.store((int)which, std::memory_order_relaxed); }
-BwdKernel bwd_kernel() { return static_cast<BwdKernel>(fast::bwd_kernel_value()); }
+void set_bwd_kernel(BwdKernel which) { fast::g_bwd_kernel.set((int)which); }
+BwdKernel bwd_kernel() { return static_cast<BwdKernel>(fast::g_bwd_kernel.get()); }
 
 }  // namespace cuda
 }  // namespace lasp

@@ -126,10 +126,8 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
 
     // ---- O = Q S_b, P = Q K^T ----
     float O[32], P[32];
-#pragma unroll
-    for (int i = 0; i < 32; ++i) O[i] = P[i] = 0.f;
-    wg::fence_regs(O);
-    wg::fence_regs(P);
+    wg::zero_acc(O);
+    wg::zero_acc(P);
     wg::fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {

@@ -23,19 +23,9 @@ using bf16 = __nv_bfloat16;
 namespace wg = lasp::cuda::wg;
 namespace mm = lasp::cuda::mma;
 
-constexpr uint32_t kAtom = 64 * 128;
+constexpr uint32_t kAtom = wg::kTileAtom;
 
 #if LASP_WGMMA
-// Copy a row-major [64][W] bf16 matrix into 128B-swizzled atoms of 64 columns at smem byte offset `off`.
-template <int W>
-__device__ void to_swizzled(unsigned char* sm, uint32_t off, const bf16* src) {
-  for (int i = threadIdx.x; i < 64 * (W / 8); i += blockDim.x) {
-    const int r = i / (W / 8), c = i % (W / 8);
-    *reinterpret_cast<uint4*>(sm + off + (c >> 3) * kAtom + wg::sw128_offset(r, c & 7)) =
-        *reinterpret_cast<const uint4*>(src + r * W + c * 8);
-  }
-}
-
 // Accumulator (64 x 64) of this thread to a row-major fp32 matrix.
 __device__ void store_acc(const float (&d)[32], float* out) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
@@ -55,19 +45,23 @@ __global__ void probe_kernel(const bf16* A, const bf16* Bn, const bf16* X, const
 #if LASP_WGMMA
   extern __shared__ __align__(1024) unsigned char raw[];
   const uint32_t r0 = mm::smem_addr(raw), pad = (1024u - (r0 & 1023u)) & 1023u;
-  unsigned char* sm = raw + pad;
   const uint32_t base = r0 + pad;
   const uint32_t oA = 0, oB = 2 * kAtom, oX = 4 * kAtom, oY = 5 * kAtom;
-  to_swizzled<128>(sm, oA, A);
-  to_swizzled<128>(sm, oB, Bn);
-  to_swizzled<64>(sm, oX, X);
-  to_swizzled<64>(sm, oY, Y);
+  // the kernels' loader (wg::cp_async_tile), so the test covers the layout they really write
+  wg::cp_async_tile<128, 128>(base + oA, A, 128, 64);
+  wg::cp_async_tile<128, 128>(base + oB, Bn, 128, 64);
+  wg::cp_async_tile<64, 128>(base + oX, X, 64, 64);
+  wg::cp_async_tile<64, 128>(base + oY, Y, 64, 64);
+  mm::cp_async_commit();
+  mm::cp_async_wait<0>();
   wg::fence_async_smem();
   __syncthreads();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
   float d0[32], d1[32], d2[32], d3[32];
-#pragma unroll
-  for (int i = 0; i < 32; ++i) d0[i] = d1[i] = d2[i] = d3[i] = 0.f;
+  wg::zero_acc(d0);
+  wg::zero_acc(d1);
+  wg::zero_acc(d2);
+  wg::zero_acc(d3);
   uint32_t ar[4][4], at[4][4];
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
@@ -79,21 +73,17 @@ __global__ void probe_kernel(const bf16* A, const bf16* Bn, const bf16* X, const
     ar[kk][3] = pair(m + 8, k + 8);
     wg::load_a_t_sw128(at[kk], base + oY, kAtom, 16 * warp, 16 * kk);
   }
-  wg::fence_regs(d0);
-  wg::fence_regs(d1);
-  wg::fence_regs(d2);
-  wg::fence_regs(d3);
   wg::fence();
 #pragma unroll
   for (int kk = 0; kk < 8; ++kk) {
-    const uint64_t da = wg::make_desc(base + oA + (kk >> 2) * kAtom + (kk & 3) * 32, 16, 1024);
-    const uint64_t db = wg::make_desc(base + oB + (kk >> 2) * kAtom + (kk & 3) * 32, 16, 1024);
+    const uint64_t da = wg::kmajor(base + oA, kk);
+    const uint64_t db = wg::kmajor(base + oB, kk);
     wg::mma_ss_n64<bf16, 0, 0>(d0, da, db, 1);
   }
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
-    const uint64_t da = wg::make_desc(base + oA + kk * 32, 16, 1024);
-    const uint64_t dx = wg::make_desc(base + oX + kk * 2048, kAtom, 1024);
+    const uint64_t da = wg::kmajor(base + oA, kk);
+    const uint64_t dx = wg::mnmajor(base + oX, kAtom, 0, kk);
     wg::mma_ss_n64<bf16, 0, 1>(d1, da, dx, 1);
     wg::mma_rs_n64<bf16, 1>(d2, ar[kk], dx, 1);
     wg::mma_rs_n64<bf16, 1>(d3, at[kk], dx, 1);
