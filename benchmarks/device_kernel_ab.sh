@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One-GPU device pass for the tensor-core main kernels (mma.sync and wgmma, forward and backward):
 #   1. GoogleTest: the wgmma building blocks, the kernel-choice tests, the float64 checks with the
-#      mma.sync forward (CudaKernelsMmaFwd) and with the wgmma backward (CudaKernelsWgmmaBwd), then the
-#      default suites (bf16, f16) with LASP_BWD_KERNEL=wgmma;
-#   2. with PYTEST=1: pytest test_op -k cuda with the wgmma backward;
+#      mma.sync forward (CudaKernelsMmaFwd) and with the mma.sync backward (CudaKernelsMmaBwd), then the
+#      default suites (bf16, f16: the wgmma forward and backward on sm_90a);
+#   2. with PYTEST=1: pytest test_op -k cuda (the defaults);
 #   3. bench_kernels.py --impls lasp with the kernel pairs of VARIANTS alternating in separate processes
 #      (same build, same card), ROUNDS rounds.
 # Logs and JSON under $OUT. SHAPES, REPS, ROUNDS (default 1), VARIANTS (default "mma/mma wgmma/mma
@@ -16,18 +16,18 @@ source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 T0=$(date +%s)
 el() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
-timeout 120 "$GTEST" --gtest_filter='Wgmma.*:CudaKernelsApi.*:Dtypes16/CudaKernelsMmaFwd.*:Dtypes16/CudaKernelsWgmmaBwd.*' \
+timeout 120 "$GTEST" --gtest_filter='Wgmma.*:CudaKernelsApi.*:Dtypes16/CudaKernelsMmaFwd.*:Dtypes16/CudaKernelsMmaBwd.*' \
   > "$OUT/gtest_wgmma.log" 2>&1
 el "gtest (wgmma suites) rc=$?" | tee -a "$OUT/gtest_wgmma.log"
 grep -E "relative error|Failure|FAILED|PASSED|SKIPPED|OK \]" "$OUT/gtest_wgmma.log" | head -30
-LASP_BWD_KERNEL=wgmma timeout 120 "$GTEST" --gtest_filter='AllDtypes/CudaKernels.*/bf16:AllDtypes/CudaKernels.*/f16' \
-  > "$OUT/gtest_default_wgmma_bwd.log" 2>&1
-el "gtest (default suites, LASP_BWD_KERNEL=wgmma) rc=$?" | tee -a "$OUT/gtest_default_wgmma_bwd.log"
-grep -E "Failure|FAILED|PASSED|OK \]" "$OUT/gtest_default_wgmma_bwd.log" | head -12
+timeout 120 "$GTEST" --gtest_filter='AllDtypes/CudaKernels.*/bf16:AllDtypes/CudaKernels.*/f16' \
+  > "$OUT/gtest_default.log" 2>&1
+el "gtest (default suites) rc=$?" | tee -a "$OUT/gtest_default.log"
+grep -E "Failure|FAILED|PASSED|OK \]" "$OUT/gtest_default.log" | head -12
 if [ "${PYTEST:-0}" = 1 ]; then
-  LASP_BWD_KERNEL=wgmma timeout 200 python3 -m pytest -q -x tests/python/test_op.py -k "cuda and not float64" \
-    -p no:cacheprovider > "$OUT/test_op_cuda_wgmma_bwd.log" 2>&1
-  el "pytest test_op -k cuda (LASP_BWD_KERNEL=wgmma) rc=$?"; tail -3 "$OUT/test_op_cuda_wgmma_bwd.log"
+  timeout 200 python3 -m pytest -q -x tests/python/test_op.py -k "cuda and not float64" \
+    -p no:cacheprovider > "$OUT/test_op_cuda.log" 2>&1
+  el "pytest test_op -k cuda rc=$?"; tail -3 "$OUT/test_op_cuda.log"
 fi
 S=${SHAPES:-4x32x8192x128,1x16x65536x128,8x16x2048x64,1x12x65536x64}
 for r in $(seq 1 "${ROUNDS:-1}"); do

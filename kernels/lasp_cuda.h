@@ -35,9 +35,9 @@ bool wgmma_available();
 // The kernel family the forward main pass of p would use: "wgmma", "mma" or "generic" (for tests and benchmarks).
 const char* fwd_main_kernel_name(const AttnParams& p);
 
-// The same choice for the tensor-core backward main pass: BwdKernel::Mma (mma.sync, the default) or
-// BwdKernel::Wgmma (warpgroup MMAs where they can run, experimental: not yet run on a GPU). First value
-// from LASP_BWD_KERNEL ("mma" or "wgmma"); the same rule about changing it between problems (bwd_local,
+// The same choice for the tensor-core backward main pass: BwdKernel::Wgmma (warpgroup MMAs, the default,
+// where they can run) or BwdKernel::Mma (mma.sync everywhere). First value from LASP_BWD_KERNEL ("wgmma"
+// or "auto": the default; "mma"); the same rule about changing it between problems (bwd_local,
 // bwd_prepare and the bwd that follows them share one plan).
 enum class BwdKernel : int { Mma = 0, Wgmma = 1 };
 void set_bwd_kernel(BwdKernel which);

@@ -466,7 +466,7 @@ int resident_dims(const AttnParams& p) {
   return resident<T, OT, 128, 128>();
 }
 
-KernelSwitch g_bwd_kernel("LASP_BWD_KERNEL", (int)BwdKernel::Mma);
+KernelSwitch g_bwd_kernel("LASP_BWD_KERNEL", (int)BwdKernel::Wgmma);
 
 }  // namespace
 

@@ -583,28 +583,30 @@ struct BwdKernelGuard {
 
 TEST(CudaKernelsApi, BackwardKernelChoice) {
   SKIP_WITHOUT_DEVICE();
-  BwdKernelGuard guard(lasp::cuda::BwdKernel::Mma);
-  EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(plan_only_params(ScalarType::BFloat16, 128, 128)), "mma");
-  EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(plan_only_params(ScalarType::Float32, 128, 128)), "generic");
-  lasp::cuda::set_bwd_kernel(lasp::cuda::BwdKernel::Wgmma);
+  BwdKernelGuard guard(lasp::cuda::BwdKernel::Wgmma);
   const char* fast = lasp::cuda::wgmma_available() ? "wgmma" : "mma";
   for (ScalarType dt : {ScalarType::BFloat16, ScalarType::Float16})
     for (int D : {64, 128})
       for (int E : {64, 128}) EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(plan_only_params(dt, D, E)), fast);
+  EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(plan_only_params(ScalarType::BFloat16, 32, 32)), "generic");
+  EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(plan_only_params(ScalarType::Float32, 128, 128)), "generic");
+  lasp::cuda::set_bwd_kernel(lasp::cuda::BwdKernel::Mma);
+  EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(plan_only_params(ScalarType::BFloat16, 128, 128)), "mma");
 }
 
-// The float64 checks with the wgmma backward (BwdKernel::Wgmma, opt-in) and the default forward.
-class CudaKernelsWgmmaBwd : public ::testing::TestWithParam<ScalarType> {};
+// The float64 checks with the mma.sync backward (BwdKernel::Mma) and the default forward, so the mma.sync
+// backward stays checked on sm_90 where the default suites run the wgmma one.
+class CudaKernelsMmaBwd : public ::testing::TestWithParam<ScalarType> {};
 
-TEST_P(CudaKernelsWgmmaBwd, FwdBwdMatchFloat64Reference) {
+TEST_P(CudaKernelsMmaBwd, FwdBwdMatchFloat64Reference) {
   SKIP_WITHOUT_DEVICE();
-  if (!lasp::cuda::wgmma_available()) GTEST_SKIP() << "wgmma needs a build for sm_90a and a compute capability 9.0 device";
-  BwdKernelGuard guard(lasp::cuda::BwdKernel::Wgmma);
-  ASSERT_STREQ(lasp::cuda::bwd_main_kernel_name(plan_only_params(GetParam(), 128, 128)), "wgmma");
+  if (!lasp::cuda::wgmma_available()) GTEST_SKIP() << "the default suites already run the mma.sync backward here (no wgmma)";
+  BwdKernelGuard guard(lasp::cuda::BwdKernel::Mma);
+  ASSERT_STREQ(lasp::cuda::bwd_main_kernel_name(plan_only_params(GetParam(), 128, 128)), "mma");
   run_tensor_core_cases(GetParam());
 }
 
-INSTANTIATE_TEST_SUITE_P(Dtypes16, CudaKernelsWgmmaBwd, ::testing::Values(ScalarType::Float16, ScalarType::BFloat16),
+INSTANTIATE_TEST_SUITE_P(Dtypes16, CudaKernelsMmaBwd, ::testing::Values(ScalarType::Float16, ScalarType::BFloat16),
                          [](const ::testing::TestParamInfo<ScalarType>& i) { return std::string(dtype_name(i.param)); });
 
 TEST_P(CudaKernelsMmaFwd, FwdBwdMatchFloat64Reference) {

@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""Where one lasp_attention forward+backward spends its GPU time: every CUDA kernel (and memset / copy)
+of a few profiled calls after warm-up, per call, beside the call's CUDA-event time.
+
+Same inputs as bench_kernels.py (bf16, ALiBi-like decay, D = E, dO random). The gap between the event
+time and the summed kernel time is time the GPU sat idle between kernels (host launches, allocation).
+
+  python3 benchmarks/profile_kernels.py --shapes 4x32x8192x128,1x16x65536x128 --json prof.json
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kernels import SHAPES, alibi_decay, bench, git_commit  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=None, help="e.g. 4x32x8192x128,1x16x65536x128 (default: bench_kernels' shapes)")
+    ap.add_argument("--iters", type=int, default=5, help="profiled calls per shape")
+    ap.add_argument("--mode", choices=("fwd", "fwd+bwd"), default="fwd+bwd")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("profile_kernels.py needs a CUDA device", file=sys.stderr)
+        return 2
+    import lasp
+
+    shapes = SHAPES if not args.shapes else [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    dev = torch.device("cuda")
+    info = {"gpu": torch.cuda.get_device_name(dev), "torch": torch.__version__,
+            "commit": os.environ.get("LASP_COMMIT") or git_commit(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "mode": args.mode,
+            "LASP_FWD_KERNEL": os.environ.get("LASP_FWD_KERNEL", "unset"),
+            "LASP_BWD_KERNEL": os.environ.get("LASP_BWD_KERNEL", "unset")}
+    print("# " + "  ".join(f"{k}={v}" for k, v in info.items()))
+    out = []
+    for (B, H, N, D) in shapes:
+        q, k, v, do = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16) for _ in range(4))
+        q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+        decay, scale = alibi_decay(H, dev), 1.0 / math.sqrt(D)
+
+        def call(_i=0):
+            if args.mode == "fwd":
+                with torch.no_grad():
+                    lasp.lasp_attention(q, k, v, decay, scale=scale)
+            else:
+                o = lasp.lasp_attention(q, k, v, decay, scale=scale)
+                torch.autograd.grad(o, (q, k, v), do)
+
+        event_ms = bench(call, 1, warmup=3, reps=20)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.iters):
+                call()
+            torch.cuda.synchronize()
+        per = {}
+        for e in prof.events():
+            if e.device_type != DeviceType.CUDA:
+                continue
+            d = per.setdefault(e.name, [0.0, 0])
+            d[0] += e.device_time / 1e3 / args.iters  # ms per call
+            d[1] += 1
+        total = sum(v[0] for v in per.values())
+        print(f"\n## {B}x{H}x{N}x{D} {args.mode}: event time {event_ms:.3f} ms, kernels {total:.3f} ms, "
+              f"idle {event_ms - total:.3f} ms")
+        print(f"{'ms/call':>8} {'share':>6} {'n/call':>6}  kernel")
+        rows = []
+        for name, (ms, n) in sorted(per.items(), key=lambda kv: -kv[1][0]):
+            print(f"{ms:8.3f} {100 * ms / max(total, 1e-9):5.1f}% {n / args.iters:6.1f}  {name[:110]}")
+            rows.append({"kernel": name, "ms_per_call": ms, "launches_per_call": n / args.iters})
+        out.append({"shape": [B, H, N, D], "event_ms": event_ms, "kernel_ms": total, "kernels": rows})
+        del q, k, v, do
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "shapes": out}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
