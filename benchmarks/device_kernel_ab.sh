@@ -7,7 +7,10 @@
 #   3. bench_kernels.py --impls lasp with the kernel pairs of VARIANTS alternating in separate processes
 #      (same build, same card), ROUNDS rounds.
 # Logs and JSON under $OUT. SHAPES, REPS, ROUNDS (default 1), VARIANTS (default "mma/mma wgmma/mma
-# wgmma/wgmma": LASP_FWD_KERNEL/LASP_BWD_KERNEL) tune it.
+# wgmma/wgmma": LASP_FWD_KERNEL/LASP_BWD_KERNEL; an entry may add "/NAME=VALUE" for one more setting,
+# e.g. "wgmma/wgmma/LASP_WGMMA_BWD_D64_BLOCKS=1") tune it. BASE_PKG: a folder holding another build of
+# the package (lasp/ with its liblasp*.so, e.g. of the previous commit): it runs as variant "base" in
+# every round, before the others, for a same-card A/B of two trees. TESTS=0 skips steps 1 and 2.
 set -uo pipefail
 OUT=${OUT:-device_out}; mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
@@ -16,6 +19,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 T0=$(date +%s)
 el() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
+if [ "${TESTS:-1}" = 1 ]; then
 timeout 120 "$GTEST" --gtest_filter='Wgmma.*:CudaKernelsApi.*:Dtypes16/CudaKernelsMmaFwd.*:Dtypes16/CudaKernelsMmaBwd.*' \
   > "$OUT/gtest_wgmma.log" 2>&1
 el "gtest (wgmma suites) rc=$?" | tee -a "$OUT/gtest_wgmma.log"
@@ -29,13 +33,20 @@ if [ "${PYTEST:-0}" = 1 ]; then
     -p no:cacheprovider > "$OUT/test_op_cuda.log" 2>&1
   el "pytest test_op -k cuda rc=$?"; tail -3 "$OUT/test_op_cuda.log"
 fi
+fi
 S=${SHAPES:-4x32x8192x128,1x16x65536x128,8x16x2048x64,1x12x65536x64}
+bench() {  # tag, then env assignments
+  local tag=$1; shift
+  env "$@" timeout 60 python3 benchmarks/bench_kernels.py --impls lasp --shapes "$S" --reps "${REPS:-20}" \
+    --json "$OUT/bk_${tag}.json" > "$OUT/bk_${tag}.log" 2>&1
+  el "== $tag ($*) rc=$?"
+  grep -E "^# [0-9]+x|failed|Error" "$OUT/bk_${tag}.log" | head -12
+}
 for r in $(seq 1 "${ROUNDS:-1}"); do
+  if [ -n "${BASE_PKG:-}" ]; then bench "base_$r" PYTHONPATH="$BASE_PKG:$PYTHONPATH"; fi
   for pair in ${VARIANTS:-mma/mma wgmma/mma wgmma/wgmma}; do
-    f=${pair%/*} bk=${pair#*/} tag="${pair%/*}-${pair#*/}"
-    LASP_FWD_KERNEL=$f LASP_BWD_KERNEL=$bk timeout 60 python3 benchmarks/bench_kernels.py --impls lasp --shapes "$S" \
-      --reps "${REPS:-20}" --json "$OUT/bk_${tag}_$r.json" > "$OUT/bk_${tag}_$r.log" 2>&1
-    el "== fwd $f bwd $bk round $r rc=$?"
-    grep -E "^# [0-9]+x|failed|Error" "$OUT/bk_${tag}_$r.log" | head -12
+    IFS=/ read -r f bk extra <<< "$pair"
+    tag="${f}-${bk}${extra:+-${extra//[^A-Za-z0-9]/}}_$r"
+    bench "$tag" LASP_FWD_KERNEL="$f" LASP_BWD_KERNEL="$bk" ${extra:+"$extra"}
   done
 done

@@ -27,6 +27,8 @@ def main():
     ap.add_argument("--shapes", default=None, help="e.g. 4x32x8192x128,1x16x65536x128 (default: bench_kernels' shapes)")
     ap.add_argument("--iters", type=int, default=5, help="profiled calls per shape")
     ap.add_argument("--mode", choices=("fwd", "fwd+bwd"), default="fwd+bwd")
+    ap.add_argument("--host", action="store_true",
+                    help="also the host side: issue time per call and the top host events (ops, CUDA runtime calls)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -58,7 +60,13 @@ def main():
 
         event_ms = bench(call, 1, warmup=3, reps=20)
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(20):
+            call()
+        issue_ms = (time.perf_counter() - t0) / 20 * 1e3  # host time to issue one call (GPU queue not full)
+        torch.cuda.synchronize()
+        acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.host else [])
+        with profile(activities=acts) as prof:
             for _ in range(args.iters):
                 call()
             torch.cuda.synchronize()
@@ -71,13 +79,23 @@ def main():
             d[1] += 1
         total = sum(v[0] for v in per.values())
         print(f"\n## {B}x{H}x{N}x{D} {args.mode}: event time {event_ms:.3f} ms, kernels {total:.3f} ms, "
-              f"idle {event_ms - total:.3f} ms")
+              f"idle {event_ms - total:.3f} ms; host issue {issue_ms:.3f} ms/call")
         print(f"{'ms/call':>8} {'share':>6} {'n/call':>6}  kernel")
         rows = []
         for name, (ms, n) in sorted(per.items(), key=lambda kv: -kv[1][0]):
             print(f"{ms:8.3f} {100 * ms / max(total, 1e-9):5.1f}% {n / args.iters:6.1f}  {name[:110]}")
             rows.append({"kernel": name, "ms_per_call": ms, "launches_per_call": n / args.iters})
-        out.append({"shape": [B, H, N, D], "event_ms": event_ms, "kernel_ms": total, "kernels": rows})
+        host = []
+        if args.host:
+            cpu = [a for a in prof.key_averages() if a.self_cpu_time_total > 0]
+            cpu.sort(key=lambda a: -a.self_cpu_time_total)
+            print(f"{'host us/call':>12} {'n/call':>6}  host event (self time)")
+            for a in cpu[:25]:
+                us = a.self_cpu_time_total / args.iters
+                print(f"{us:12.1f} {a.count / args.iters:6.1f}  {a.key[:100]}")
+                host.append({"event": a.key, "self_us_per_call": us, "count_per_call": a.count / args.iters})
+        out.append({"shape": [B, H, N, D], "event_ms": event_ms, "kernel_ms": total, "issue_ms": issue_ms,
+                    "kernels": rows, "host": host})
         del q, k, v, do
         torch.cuda.empty_cache()
     if args.json:

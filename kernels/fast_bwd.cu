@@ -14,6 +14,7 @@
 #include "common.cuh"
 #include "fast_args.h"
 #include "fast_path.h"
+#include "launch_cache.h"
 #include "mma.cuh"
 
 namespace lasp {
@@ -495,7 +496,7 @@ template <typename T, typename OT, int D, int E>
 cudaError_t launch_bwd(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st) {
   auto kern = bwd_kernel<T, OT, D, E>;
   const size_t smem = BwdSmem<T, D, E>::bytes;
-  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  cudaError_t e = opt_in_smem<bwd_kernel<T, OT, D, E>>(smem);
   if (e != cudaSuccess) return e;
   const unsigned blocks = (unsigned)(p.B * p.H * a.nseg);
   kern<<<blocks, kThreadsB, smem, st>>>(a, make_tv<const T>(p.q), make_tv<const T>(p.k), make_tv<const T>(p.v),
@@ -505,15 +506,8 @@ cudaError_t launch_bwd(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> 
 
 template <typename T, typename OT, int D, int E>
 int resident_blocks() {
-  auto kern = bwd_kernel<T, OT, D, E>;
-  const size_t smem = BwdSmem<T, D, E>::bytes;
-  int n = 0;
-  if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kern, kThreadsB, smem) != cudaSuccess) {
-    (void)cudaGetLastError();  // planning falls back to one block per SM; the launch reports real errors
-    return 1;
-  }
-  return n < 1 ? 1 : n;
+  // planning falls back to one block per SM where the runtime cannot say; the launch reports real errors
+  return fast::resident_blocks<bwd_kernel<T, OT, D, E>>(kThreadsB, BwdSmem<T, D, E>::bytes, 1);
 }
 
 template <typename T, typename OT>

@@ -14,6 +14,7 @@
 #include "common.cuh"
 #include "fast_args.h"
 #include "fast_path.h"
+#include "launch_cache.h"
 #include "lasp_cuda.h"
 #include "mma.cuh"
 
@@ -287,10 +288,18 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_main_kernel(FwdArgs a, Tv<con
 // 16w .. 16w+15 of the D x E state), so x is read once whatever E is:
 //   REVERSE = false: L = sum_s g^(end-1-s) k[s]^T v[s]           (x = k, y = v, kv head), chunks forward
 //   REVERSE = true:  M = scale sum_t g^(t-start+1) q[t]^T do[t]   (x = q, y = do), chunks backward
+// The chunks stream through NS cp.async stages (loads issued NS - 1 chunks ahead; NS = 4 where the
+// device's shared memory allows, else 2): the grid has at most one block per SM at D = 128 (it is the
+// main pass's segment count), and the kernel is bound by the bytes each SM keeps in flight.
 template <int D>
 constexpr int kLocalThreads = D / 16 * 32;
 
-template <typename T, int D, int E, bool REVERSE>
+template <typename T, int D, int E, int NS>
+constexpr size_t local_smem_bytes() {
+  return (size_t)NS * (kC * (D + 8) + kC * (E + 8)) * sizeof(T) + (kC + 2) * sizeof(float);
+}
+
+template <typename T, int D, int E, bool REVERSE, int NS>
 __global__ void __launch_bounds__(kLocalThreads<D>, D == 128 ? 2 : 1) state_local_kernel(FwdArgs a, Tv<const T> x,
                                                                                           Tv<const T> y) {
   constexpr int LDX = D + 8, LDY = E + 8;
@@ -298,7 +307,7 @@ __global__ void __launch_bounds__(kLocalThreads<D>, D == 128 ? 2 : 1) state_loca
   constexpr int NP = E / 16;  // pairs of 8-column n-tiles
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* stage0 = reinterpret_cast<T*>(smem_raw);
-  float* Gp = reinterpret_cast<float*>(stage0 + 2 * STAGE);
+  float* Gp = reinterpret_cast<float*>(stage0 + NS * STAGE);
   const int seg = blockIdx.x % a.nseg, bh = blockIdx.x / a.nseg;
   const int b = bh / a.H, h = bh % a.H, hx = REVERSE ? h : h / a.group;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
@@ -308,13 +317,20 @@ __global__ void __launch_bounds__(kLocalThreads<D>, D == 128 ? 2 : 1) state_loca
   const int64_t n1 = min((int64_t)a.N, n0 + a.seglen);
   const int nch = (int)((n1 - n0 + kC - 1) / kC);
   auto chunk_start = [&](int ci) { return n0 + (int64_t)(REVERSE ? nch - 1 - ci : ci) * kC; };
-  {
-    const int64_t c0 = chunk_start(0);
-    const int len = (int)min((int64_t)kC, n1 - c0);
-    load_rows<T, D, LDX>(stage0, x, b, hx, c0, len, 0);
-    load_rows<T, E, LDY>(stage0 + kC * LDX, y, b, hx, c0, len, 0);
+  // One commit group per chunk slot, empty past the last chunk, so that wait_group<NS - 2> at chunk ci
+  // always means "chunk ci has landed".
+  auto issue = [&](int ci) {
+    if (ci < nch) {
+      const int64_t c0 = chunk_start(ci);
+      const int len = (int)min((int64_t)kC, n1 - c0);
+      T* sn = stage0 + (ci % NS) * STAGE;
+      load_rows<T, D, LDX>(sn, x, b, hx, c0, len, 0);
+      load_rows<T, E, LDY>(sn + kC * LDX, y, b, hx, c0, len, 0);
+    }
     cp_async_commit();
-  }
+  };
+#pragma unroll
+  for (int i = 0; i < NS - 1; ++i) issue(i);
   float S[2 * NP][4];
 #pragma unroll
   for (int nt = 0; nt < 2 * NP; ++nt)
@@ -323,19 +339,12 @@ __global__ void __launch_bounds__(kLocalThreads<D>, D == 128 ? 2 : 1) state_loca
   for (int ci = 0; ci < nch; ++ci) {
     const int64_t c0 = chunk_start(ci);
     const int len = (int)min((int64_t)kC, n1 - c0);
-    T* st = stage0 + (ci & 1) * STAGE;
+    T* st = stage0 + (ci % NS) * STAGE;
     T* Xs = st;
     T* Ys = st + kC * LDX;
-    cp_async_wait<0>();
-    __syncthreads();
-    if (ci + 1 < nch) {
-      const int64_t c1 = chunk_start(ci + 1);
-      const int len1 = (int)min((int64_t)kC, n1 - c1);
-      T* sn = stage0 + ((ci + 1) & 1) * STAGE;
-      load_rows<T, D, LDX>(sn, x, b, hx, c1, len1, 0);
-      load_rows<T, E, LDY>(sn + kC * LDX, y, b, hx, c1, len1, 0);
-      cp_async_commit();
-    }
+    cp_async_wait<NS - 2>();
+    __syncthreads();       // chunk ci visible to all; every warp is done with chunk ci - 1's stage
+    issue(ci + NS - 1);    // into the stage chunk ci - 1 used
     const float gl = Gp[len];
 #pragma unroll
     for (int nt = 0; nt < 2 * NP; ++nt)
@@ -396,7 +405,7 @@ template <typename T, int D>
 cudaError_t launch_fwd_main(const AttnParams& p, const FwdArgs& a, cudaStream_t st) {
   auto kern = fwd_main_kernel<T, D>;
   const size_t smem = FwdSmem<T, D>::bytes;
-  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  cudaError_t e = opt_in_smem<fwd_main_kernel<T, D>>(smem);
   if (e != cudaSuccess) return e;
   const unsigned blocks = (unsigned)(p.B * p.H * a.nseg * (p.E / kEt));
   kern<<<blocks, kWarps * 32, smem, st>>>(a, make_tv<const T>(p.q), make_tv<const T>(p.k), make_tv<const T>(p.v),
@@ -404,16 +413,23 @@ cudaError_t launch_fwd_main(const AttnParams& p, const FwdArgs& a, cudaStream_t 
   return cudaGetLastError();
 }
 
+template <typename T, int D, int E, bool REV, int NS>
+cudaError_t launch_local_stages(const FwdArgs& a, unsigned blocks, const TensorView4& x, const TensorView4& y,
+                                cudaStream_t st) {
+  constexpr size_t smem = local_smem_bytes<T, D, E, NS>();
+  cudaError_t e = opt_in_smem<state_local_kernel<T, D, E, REV, NS>>(smem);
+  if (e != cudaSuccess) return e;
+  state_local_kernel<T, D, E, REV, NS><<<blocks, kLocalThreads<D>, smem, st>>>(a, make_tv<const T>(x), make_tv<const T>(y));
+  return cudaGetLastError();
+}
+
 template <typename T, int D, int E, bool REV>
 cudaError_t launch_local(const AttnParams& p, const FwdArgs& a, const TensorView4& x, const TensorView4& y,
                          cudaStream_t st) {
-  auto kern = state_local_kernel<T, D, E, REV>;
-  const size_t smem = (size_t)2 * (kC * (D + 8) + kC * (E + 8)) * sizeof(T) + (kC + 2) * sizeof(float);
-  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  if (e != cudaSuccess) return e;
   const unsigned blocks = (unsigned)(p.B * p.H * a.nseg);
-  kern<<<blocks, kLocalThreads<D>, smem, st>>>(a, make_tv<const T>(x), make_tv<const T>(y));
-  return cudaGetLastError();
+  const size_t optin = (size_t)device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(48 * 1024);
+  if (local_smem_bytes<T, D, E, 4>() <= optin) return launch_local_stages<T, D, E, REV, 4>(a, blocks, x, y, st);
+  return launch_local_stages<T, D, E, REV, 2>(a, blocks, x, y, st);
 }
 
 template <typename T, bool REV>
@@ -451,15 +467,8 @@ int fwd_tiles(const AttnParams& p) { return (int)(p.E / kEt); }
 namespace {
 template <typename T, int D>
 int fwd_resident_blocks() {
-  auto kern = fwd_main_kernel<T, D>;
-  const size_t smem = FwdSmem<T, D>::bytes;
-  int n = 0;
-  if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kern, kWarps * 32, smem) != cudaSuccess) {
-    (void)cudaGetLastError();  // planning falls back to two blocks per SM; the launch reports real errors
-    return 2;
-  }
-  return n < 1 ? 1 : n;
+  // planning falls back to two blocks per SM where the runtime cannot say; the launch reports real errors
+  return resident_blocks<fwd_main_kernel<T, D>>(kWarps * 32, FwdSmem<T, D>::bytes, 2);
 }
 }  // namespace
 
@@ -500,28 +509,9 @@ FwdKernel fwd_kernel() { return static_cast<FwdKernel>(fast::g_fwd_kernel.get())
 
 bool wgmma_available() {
 #if defined(LASP_HAVE_SM90A)
-  // Per device: 0 not asked yet (static storage starts zeroed), 1 not compute capability 9.0, 2 9.0.
-  // A device's capability never changes, so the driver is asked once per device, not on every call.
-  constexpr int kDevices = 64;
-  static std::atomic<int> cache[kDevices];
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  if (dev >= 0 && dev < kDevices) {
-    const int c = cache[dev].load(std::memory_order_relaxed);
-    if (c != 0) return c == 2;
-  }
-  int major = 0, minor = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  const bool ok = major == 9 && minor == 0;
-  if (dev >= 0 && dev < kDevices) cache[dev].store(ok ? 2 : 1, std::memory_order_relaxed);
-  return ok;
+  // A device's capability never changes: the driver is asked once per device, not on every call.
+  return fast::device_attribute<cudaDevAttrComputeCapabilityMajor>(0) == 9 &&
+         fast::device_attribute<cudaDevAttrComputeCapabilityMinor>(0) == 0;
 #else
   return false;
 #endif

@@ -7,6 +7,7 @@
 
 #include "common.cuh"
 #include "fast_path.h"
+#include "launch_cache.h"
 #include "generic_kernels.cuh"
 
 namespace lasp {
@@ -22,18 +23,12 @@ struct DevInfo {
   size_t smem_optin = 48 * 1024;
 };
 
-DevInfo dev_info() {
+DevInfo dev_info() {  // asked of the runtime once per device (launch_cache.h)
   DevInfo d;
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) {
-    cudaGetLastError();
-    return d;
-  }
-  int v = 0;
-  if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess && v > 0) d.sms = v;
-  if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess && v > 0)
-    d.smem_optin = (size_t)v;
-  cudaGetLastError();
+  const int sms = fast::device_attribute<cudaDevAttrMultiProcessorCount>(0);
+  const int optin = fast::device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(0);
+  if (sms > 0) d.sms = sms;
+  if (optin > 0) d.smem_optin = (size_t)optin;
   return d;
 }
 

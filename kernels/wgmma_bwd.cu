@@ -18,10 +18,14 @@
 // weights in registers. Reads: dO, V, K (loop A) and Q, K, V, dO (loop B); writes dq, dk, dv once.
 // With GQA, dk / dv of each query head go as fp32 to a workspace that the caller reduces (OT = float).
 #include <atomic>
+#include <cstring>
+#include <cstdlib>
+#include <type_traits>
 
 #include "common.cuh"
 #include "fast_args.h"
 #include "fast_path.h"
+#include "launch_cache.h"
 #include "lasp_cuda.h"
 #include "mma.cuh"
 #include "wgmma.cuh"
@@ -87,34 +91,39 @@ __device__ __forceinline__ void store_acc(const float (&d)[32], OT* base, int64_
 // the mask keeps it (causal: s <= t with rows t; anti-causal: t >= s with rows s), packed as 4 RS A
 // fragments (k-steps of 16 columns).
 template <typename T, bool CAUSAL>
-__device__ __forceinline__ void mask_pack(float (&P)[32], uint32_t (&pa)[4][4], int r0, float scale, const float* Gp) {
+__device__ __forceinline__ void mask_pack(const float (&P)[32], uint32_t (&pa)[4][4], int r0, float scale,
+                                          const float* Gp) {
+  // P is only read: it may be an accumulator of the group just completed while another is in flight
+  // (the compiler would wait for that one before a write to P).
   const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
+  float pm[32];
 #pragma unroll
   for (int j = 0; j < 8; ++j)
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int row = r0 + g + (r >> 1) * 8, col = 8 * j + 2 * tc + (r & 1);
       const bool keep = CAUSAL ? col <= row : col >= row;
-      P[4 * j + r] = keep ? P[4 * j + r] * scale * Gp[CAUSAL ? row - col : col - row] : 0.f;
+      pm[4 * j + r] = keep ? P[4 * j + r] * scale * Gp[CAUSAL ? row - col : col - row] : 0.f;
     }
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
-    pa[kk][0] = mma::pack2<T>(P[8 * kk + 0], P[8 * kk + 1]);
-    pa[kk][1] = mma::pack2<T>(P[8 * kk + 2], P[8 * kk + 3]);
-    pa[kk][2] = mma::pack2<T>(P[8 * kk + 4], P[8 * kk + 5]);
-    pa[kk][3] = mma::pack2<T>(P[8 * kk + 6], P[8 * kk + 7]);
+    pa[kk][0] = mma::pack2<T>(pm[8 * kk + 0], pm[8 * kk + 1]);
+    pa[kk][1] = mma::pack2<T>(pm[8 * kk + 2], pm[8 * kk + 3]);
+    pa[kk][2] = mma::pack2<T>(pm[8 * kk + 4], pm[8 * kk + 5]);
+    pa[kk][3] = mma::pack2<T>(pm[8 * kk + 6], pm[8 * kk + 7]);
   }
 }
 
 // st (64 rows of block mb of a D x E fp32 state) = g^len st + X^T diag(w) Y over the chunk (K = its 64 rows):
 // X = the tile at xt (rows s, 64-column atoms), Y = the tile at yt, MN-major (NE atoms). w[s] = g^(len-1-s)
 // (REV = false: the forward state, from K and V) or scale g^(s+1) (REV = true: R, from Q and dO); rows past
-// len get 0 (their tiles are zero-filled too). Issues the wgmmas; the caller commits and waits.
-template <typename T, int NE, bool REV>
-__device__ __forceinline__ void state_update(float (&st)[NE][32], uint32_t xt, uint32_t yt, int mb, int r0, int len,
-                                             bool weigh, float scale, const float* Gp) {
+// len get 0 (their tiles are zero-filled too). In three parts, so that a caller can make the X^T fragments
+// (state_frags) while other wgmmas run, scale st (state_decay) once none is in flight, and issue the
+// wgmmas (state_issue) after the wg::fence() that opens their stage.
+template <typename T, bool REV>
+__device__ __forceinline__ void state_frags(uint32_t (&xa)[4][4], uint32_t xt, int mb, int r0, int len, bool weigh,
+                                            float scale, const float* Gp) {
   const int tc = threadIdx.x & 3;
-  uint32_t xa[4][4];
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
     wg::load_a_t_sw128(xa[kk], xt, kAtom, 64 * mb + r0, kk * 16);
@@ -131,14 +140,21 @@ __device__ __forceinline__ void state_update(float (&st)[NE][32], uint32_t xt, u
       xa[kk][3] = mma::scale2<T>(xa[kk][3], w[2], w[3]);
     }
   }
-  const float gl = Gp[len];
+}
+
+// st *= g^len (st is written: only with no wgmma in flight, see above).
+template <int NE>
+__device__ __forceinline__ void state_decay(float (&st)[NE][32], float gl) {
 #pragma unroll
   for (int nb = 0; nb < NE; ++nb) {
 #pragma unroll
     for (int r = 0; r < 32; ++r) st[nb][r] *= gl;
     wg::fence_regs(st[nb]);
   }
-  wg::fence();
+}
+
+template <typename T, int NE>
+__device__ __forceinline__ void state_issue(float (&st)[NE][32], const uint32_t (&xa)[4][4], uint32_t yt) {
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
@@ -150,8 +166,8 @@ __device__ __forceinline__ void state_update(float (&st)[NE][32], uint32_t xt, u
 
 // D = E = 64: registers cut for two blocks per SM (128, 52 bytes of spills; 166 uncapped, one block),
 // as the mma.sync backward does there; its 80 KB of shared memory allow two.
-template <typename T, typename OT, int D, int E>
-__global__ void __launch_bounds__(kThreads, (D == 64 && E == 64) ? 2 : 1)
+template <typename T, typename OT, int D, int E, int MINB>
+__global__ void __launch_bounds__(kThreads, MINB)
     wgmma_bwd_kernel(BwdArgs a, Tv<const T> q, Tv<const T> k, Tv<const T> v, Tv<const T> dout, Tv<T> dq,
                      Tv<OT> dk, Tv<OT> dv) {
 #if LASP_WGMMA
@@ -166,7 +182,10 @@ __global__ void __launch_bounds__(kThreads, (D == 64 && E == 64) ? 2 : 1)
 
   const int seg = blockIdx.x % a.nseg, bh = blockIdx.x / a.nseg;
   const int b = bh / a.H, h = bh % a.H, kh = h / a.group;
-  const int wgi = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  // The warpgroup index through a warp shuffle, so the compiler knows it is warp-uniform: wgmma code in
+  // branches on it would otherwise count as divergent and be serialized.
+  const int wgi = __shfl_sync(0xffffffffu, (int)(threadIdx.x >> 7), 0);
+  const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
   const int g = lane >> 2, tc = lane & 3;
   const int r0 = 16 * warp;  // this warp's rows of the chunk (and of a 64-row block of the state)
   const float lg = a.decay ? -a.decay[h] : 0.f;
@@ -237,26 +256,29 @@ __global__ void __launch_bounds__(kThreads, (D == 64 && E == 64) ? 2 : 1)
       for (int nb = 0; nb < ND; ++nb) wg::zero_acc(acc[nb]);
       wg::zero_acc(P);
       wg::fence();
-      // acc = dO S_b^T (B = S_b's rows d, K-major over e); P = dO V^T
+      // P = dO V^T (first group: masked while the second runs), acc = dO S_b^T (B = S_b's rows d, K-major over e)
+#pragma unroll
+      for (int kk = 0; kk < E / 16; ++kk) wg::mma_ss_n64<T, 0, 0>(P, wg::kmajor(st + SM::DO, kk), wg::kmajor(st + SM::V, kk), 1);
+      wg::commit();
 #pragma unroll
       for (int kk = 0; kk < E / 16; ++kk) {
         const uint64_t da = wg::kmajor(st + SM::DO, kk);
 #pragma unroll
         for (int nb = 0; nb < ND; ++nb) wg::mma_ss_n64<T, 0, 0>(acc[nb], da, state_kmajor(sbuf(ci), nb, kk), 1);
-        wg::mma_ss_n64<T, 0, 0>(P, da, wg::kmajor(st + SM::V, kk), 1);
       }
       wg::commit();
+      wg::wait<1>();
+      wg::fence_regs(P);
+      uint32_t pa[4][4];
+      mask_pack<T, true>(P, pa, r0, scale, Gp);
       wg::wait<0>();
 #pragma unroll
       for (int nb = 0; nb < ND; ++nb) wg::fence_regs(acc[nb]);
-      wg::fence_regs(P);
       {
         const float f0 = scale * Gp[r0 + g + 1], f1 = scale * Gp[r0 + g + 9];
 #pragma unroll
         for (int nb = 0; nb < ND; ++nb) wg::scale_rows(acc[nb], f0, f1);
       }
-      uint32_t pa[4][4];
-      mask_pack<T, true>(P, pa, r0, scale, Gp);
 #pragma unroll
       for (int nb = 0; nb < ND; ++nb) wg::fence_regs(acc[nb]);
       wg::fence();
@@ -290,8 +312,15 @@ __global__ void __launch_bounds__(kThreads, (D == 64 && E == 64) ? 2 : 1)
       chunk_top(ci);
       if (ci + 1 == nch) continue;  // the state after the last chunk is not needed
       const bool weigh = lg != 0.f;  // without decay every weight is 1 (rows past len are zero-filled)
+      uint32_t xa[ND][4][4];
 #pragma unroll
-      for (int mb = 0; mb < ND; ++mb) state_update<T, NE, false>(S[mb], st + SM::K, st + SM::V, mb, r0, len, weigh, scale, Gp);
+      for (int mb = 0; mb < ND; ++mb) {
+        state_frags<T, false>(xa[mb], st + SM::K, mb, r0, len, weigh, scale, Gp);
+        state_decay(S[mb], Gp[len]);
+      }
+      wg::fence();
+#pragma unroll
+      for (int mb = 0; mb < ND; ++mb) state_issue<T, NE>(S[mb], xa[mb], st + SM::V);
       wg::commit();
       wg::wait<0>();
 #pragma unroll
@@ -304,19 +333,11 @@ __global__ void __launch_bounds__(kThreads, (D == 64 && E == 64) ? 2 : 1)
   }
 
   // ================= loop B: dk (WG0), dv (WG1), R (by 64-row blocks) =================
+  // As in loop A, each warpgroup runs its own copy of the loop (role W a compile-time constant), so that
+  // no wgmma sits in a branch on the warpgroup and no register of an open pipeline stage is written by
+  // anything but its wgmmas; the two meet at the named barrier at the top of each chunk.
   mma::cp_async_wait<0>();
   block_sync();  // loop A is done with every buffer
-  // The 64-row block of R this warpgroup owns (-1: none): D = 128: block wgi; D = 64: WG0 block 0.
-  const int rmb = D == 128 ? wgi : (wgi == 0 ? 0 : -1);
-  float R[NE][32];
-  {
-    const float* G0 = a.nseg > 1 ? a.seg_G + ((size_t)bh * a.nseg + seg) * DE
-                                 : (a.grad_state_out ? a.grad_state_out + (size_t)bh * DE : nullptr);
-    if (rmb >= 0) {
-      load_rows(R, G0, rmb);
-      write_rows(R, sbuf(0), rmb);
-    }
-  }
   auto issue_B = [&](int ci) {  // ci counts chunks from the end
     const int64_t c0 = n0 + (int64_t)(nch - 1 - ci) * kC;
     const int len = (int)min((int64_t)kC, n1 - c0);
@@ -329,112 +350,155 @@ __global__ void __launch_bounds__(kThreads, (D == 64 && E == 64) ? 2 : 1)
   };
   if (nch > 0) issue_B(0);
   const int hkv = a.dkv_per_query_head ? h : kh;
-  for (int ci = 0; ci < nch; ++ci) {
-    const int64_t c0 = n0 + (int64_t)(nch - 1 - ci) * kC;
-    const int len = (int)min((int64_t)kC, n1 - c0);
-    const uint32_t st = stage(ci);
-    mma::cp_async_wait<0>();
-    wg::fence_async_smem();
-    block_sync();
-    if (ci + 1 < nch) issue_B(ci + 1);
+  auto loop_B = [&](auto role) {
+    constexpr int W = decltype(role)::value;
     // WG0: dk (N = D) from V (A), R_b^T, V dO^T, Q;  WG1: dv (N = E) from K (A), R_b, K Q^T, dO.
-    constexpr int NO = ND > NE ? ND : NE;
-    const int nout = wgi == 0 ? ND : NE;
-    float acc[NO][32], P[32];
+    constexpr int NOUT = W == 0 ? ND : NE;
+    // The 64-row block of R this warpgroup owns (-1: none): D = 128: block W; D = 64: WG0 block 0.
+    constexpr int RMB = D == 128 ? W : (W == 0 ? 0 : -1);
+    float R[NE][32];
+    if constexpr (RMB >= 0) {
+      const float* G0 = a.nseg > 1 ? a.seg_G + ((size_t)bh * a.nseg + seg) * DE
+                                   : (a.grad_state_out ? a.grad_state_out + (size_t)bh * DE : nullptr);
+      load_rows(R, G0, RMB);
+      write_rows(R, sbuf(0), RMB);
+    }
+    for (int ci = 0; ci < nch; ++ci) {
+      const int64_t c0 = n0 + (int64_t)(nch - 1 - ci) * kC;
+      const int len = (int)min((int64_t)kC, n1 - c0);
+      const uint32_t st = stage(ci);
+      mma::cp_async_wait<0>();
+      wg::fence_async_smem();
+      block_sync();
+      if (ci + 1 < nch) issue_B(ci + 1);
+      float acc[NOUT][32], P[32];
 #pragma unroll
-    for (int nb = 0; nb < NO; ++nb) wg::zero_acc(acc[nb]);
-    wg::zero_acc(P);
-    wg::fence();
-    if (wgi == 0) {
+      for (int nb = 0; nb < NOUT; ++nb) wg::zero_acc(acc[nb]);
+      wg::zero_acc(P);
+      wg::fence();
+      // P first (V dO^T / K Q^T: masked while the second group runs), then acc (V R_b^T / K R_b)
+      {
+        const uint32_t at = W == 0 ? st + SM::V : st + SM::K, bt = W == 0 ? st + SM::DO : st + SM::Q;
+        constexpr int KS = (W == 0 ? E : D) / 16;
 #pragma unroll
-      for (int kk = 0; kk < E / 16; ++kk) {
-        const uint64_t da = wg::kmajor(st + SM::V, kk);
-#pragma unroll
-        for (int nb = 0; nb < ND; ++nb) wg::mma_ss_n64<T, 0, 0>(acc[nb], da, state_kmajor(sbuf(ci), nb, kk), 1);
-        wg::mma_ss_n64<T, 0, 0>(P, da, wg::kmajor(st + SM::DO, kk), 1);
+        for (int kk = 0; kk < KS; ++kk) wg::mma_ss_n64<T, 0, 0>(P, wg::kmajor(at, kk), wg::kmajor(bt, kk), 1);
       }
-    } else {
+      wg::commit();
+      if constexpr (W == 0) {
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const uint64_t da = wg::kmajor(st + SM::K, kk);
+        for (int kk = 0; kk < E / 16; ++kk) {
+          const uint64_t da = wg::kmajor(st + SM::V, kk);
 #pragma unroll
-        for (int nb = 0; nb < NE; ++nb) wg::mma_ss_n64<T, 0, 1>(acc[nb], da, wg::mnmajor(sbuf(ci), D * 128, nb, kk), 1);
-        wg::mma_ss_n64<T, 0, 0>(P, da, wg::kmajor(st + SM::Q, kk), 1);
-      }
-    }
-    wg::commit();
-    wg::wait<0>();
-#pragma unroll
-    for (int nb = 0; nb < NO; ++nb) wg::fence_regs(acc[nb]);
-    wg::fence_regs(P);
-    {
-      const float ws0 = r0 + g < len ? Gp[len - 1 - (r0 + g)] : 0.f;
-      const float ws1 = r0 + g + 8 < len ? Gp[len - 9 - (r0 + g)] : 0.f;
-#pragma unroll
-      for (int nb = 0; nb < NO; ++nb) wg::scale_rows(acc[nb], ws0, ws1);
-    }
-    uint32_t pa[4][4];
-    mask_pack<T, false>(P, pa, r0, scale, Gp);
-#pragma unroll
-    for (int nb = 0; nb < NO; ++nb) wg::fence_regs(acc[nb]);
-    wg::fence();
-    {
-      const uint32_t bt = wgi == 0 ? st + SM::Q : st + SM::DO;  // dk += P Q, dv += P dO
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-        for (int nb = 0; nb < NO; ++nb)
-          if (nb < nout) wg::mma_rs_n64<T, 1>(acc[nb], pa[kk], wg::mnmajor(bt, kAtom, nb, kk), 1);
-    }
-    // R = g^len R + scale Q^T diag(g^(t+1)) dO (this warpgroup's block of rows)
-    if (rmb >= 0) {
-      state_update<T, NE, true>(R, st + SM::Q, st + SM::DO, rmb, r0, len, true, scale, Gp);
-    }
-    wg::commit();
-    wg::wait<0>();
-#pragma unroll
-    for (int nb = 0; nb < NO; ++nb) wg::fence_regs(acc[nb]);
-    if (wgi == 0) {
-#pragma unroll
-      for (int nb = 0; nb < ND; ++nb)
-        store_acc<OT>(acc[nb], dk.p + b * dk.sb + hkv * dk.sh + c0 * dk.sn, dk.sn, r0, 64 * nb, len);
-    } else {
-#pragma unroll
-      for (int nb = 0; nb < NE; ++nb)
-        store_acc<OT>(acc[nb], dv.p + b * dv.sb + hkv * dv.sh + c0 * dv.sn, dv.sn, r0, 64 * nb, len);
-    }
-    if (rmb >= 0) {
-#pragma unroll
-      for (int nb = 0; nb < NE; ++nb) wg::fence_regs(R[nb]);
-      if (ci + 1 < nch) write_rows(R, sbuf(ci + 1), rmb);
-    }
-  }
-  if (a.grad_state_in && a.nseg == 1 && rmb >= 0) {
-#pragma unroll
-    for (int nb = 0; nb < NE; ++nb)
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int d = 64 * rmb + r0 + g + (r >> 1) * 8, e = 64 * nb + 8 * j + 2 * tc + (r & 1);
-          a.grad_state_in[(size_t)bh * DE + (size_t)d * E + e] = R[nb][4 * j + r];
+          for (int nb = 0; nb < ND; ++nb) wg::mma_ss_n64<T, 0, 0>(acc[nb], da, state_kmajor(sbuf(ci), nb, kk), 1);
         }
+      } else {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          const uint64_t da = wg::kmajor(st + SM::K, kk);
+#pragma unroll
+          for (int nb = 0; nb < NE; ++nb) wg::mma_ss_n64<T, 0, 1>(acc[nb], da, wg::mnmajor(sbuf(ci), D * 128, nb, kk), 1);
+        }
+      }
+      wg::commit();
+      // R = g^len R + scale Q^T diag(g^(t+1)) dO (this warpgroup's block of rows): its fragments now,
+      // its scaling once no wgmma is in flight, its wgmmas beside dk's / dv's
+      uint32_t xa[4][4];
+      if constexpr (RMB >= 0) state_frags<T, true>(xa, st + SM::Q, RMB, r0, len, true, scale, Gp);
+      wg::wait<1>();
+      wg::fence_regs(P);
+      uint32_t pa[4][4];
+      mask_pack<T, false>(P, pa, r0, scale, Gp);
+      wg::wait<0>();
+#pragma unroll
+      for (int nb = 0; nb < NOUT; ++nb) wg::fence_regs(acc[nb]);
+      {
+        const float ws0 = r0 + g < len ? Gp[len - 1 - (r0 + g)] : 0.f;
+        const float ws1 = r0 + g + 8 < len ? Gp[len - 9 - (r0 + g)] : 0.f;
+#pragma unroll
+        for (int nb = 0; nb < NOUT; ++nb) wg::scale_rows(acc[nb], ws0, ws1);
+      }
+      if constexpr (RMB >= 0) state_decay(R, Gp[len]);
+#pragma unroll
+      for (int nb = 0; nb < NOUT; ++nb) wg::fence_regs(acc[nb]);
+      wg::fence();
+      {
+        const uint32_t bt = W == 0 ? st + SM::Q : st + SM::DO;  // dk += P Q, dv += P dO
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+          for (int nb = 0; nb < NOUT; ++nb) wg::mma_rs_n64<T, 1>(acc[nb], pa[kk], wg::mnmajor(bt, kAtom, nb, kk), 1);
+      }
+      if constexpr (RMB >= 0) state_issue<T, NE>(R, xa, st + SM::DO);
+      wg::commit();
+      wg::wait<0>();
+#pragma unroll
+      for (int nb = 0; nb < NOUT; ++nb) {
+        wg::fence_regs(acc[nb]);
+        if constexpr (W == 0) {
+          store_acc<OT>(acc[nb], dk.p + b * dk.sb + hkv * dk.sh + c0 * dk.sn, dk.sn, r0, 64 * nb, len);
+        } else {
+          store_acc<OT>(acc[nb], dv.p + b * dv.sb + hkv * dv.sh + c0 * dv.sn, dv.sn, r0, 64 * nb, len);
+        }
+      }
+      if constexpr (RMB >= 0) {
+#pragma unroll
+        for (int nb = 0; nb < NE; ++nb) wg::fence_regs(R[nb]);
+        if (ci + 1 < nch) write_rows(R, sbuf(ci + 1), RMB);
+      }
+    }
+    if constexpr (RMB >= 0) {
+      if (a.grad_state_in && a.nseg == 1) {
+#pragma unroll
+        for (int nb = 0; nb < NE; ++nb)
+#pragma unroll
+          for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+              const int d = 64 * RMB + r0 + g + (r >> 1) * 8, e = 64 * nb + 8 * j + 2 * tc + (r & 1);
+              a.grad_state_in[(size_t)bh * DE + (size_t)d * E + e] = R[nb][4 * j + r];
+            }
+      }
+    }
+  };
+  if (wgi == 0) {
+    loop_B(std::integral_constant<int, 0>{});
+  } else {
+    loop_B(std::integral_constant<int, 1>{});
   }
 #else
   __trap();  // built for a target without wgmma; the host never launches this there
 #endif
 }
 
-template <typename T, typename OT, int D, int E>
-cudaError_t launch(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st) {
-  auto kern = wgmma_bwd_kernel<T, OT, D, E>;
-  const size_t smem = WgBwdSmem<D, E>::bytes;
-  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+// D = E = 64: two blocks per SM (registers capped at 128, with spills) or one (uncapped). Which is faster
+// is measured, not derived: LASP_WGMMA_BWD_D64_BLOCKS=1 or 2 picks it (read once; default 2) until the
+// measurement decides and the other goes.
+int d64_min_blocks() {
+  static const int v = [] {
+    const char* e = std::getenv("LASP_WGMMA_BWD_D64_BLOCKS");
+    return (e && std::strcmp(e, "1") == 0) ? 1 : 2;
+  }();
+  return v;
+}
+
+template <typename T, typename OT, int D, int E, int MINB>
+cudaError_t launch_minb(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st) {
+  constexpr size_t smem = WgBwdSmem<D, E>::bytes;
+  cudaError_t e = opt_in_smem<wgmma_bwd_kernel<T, OT, D, E, MINB>>(smem);
   if (e != cudaSuccess) return e;
   const unsigned blocks = (unsigned)(p.B * p.H * a.nseg);
-  kern<<<blocks, kThreads, smem, st>>>(a, make_tv<const T>(p.q), make_tv<const T>(p.k), make_tv<const T>(p.v),
-                                       make_tv<const T>(p.dout), make_tv<T>(p.dq), dk, dv);
+  wgmma_bwd_kernel<T, OT, D, E, MINB><<<blocks, kThreads, smem, st>>>(
+      a, make_tv<const T>(p.q), make_tv<const T>(p.k), make_tv<const T>(p.v), make_tv<const T>(p.dout),
+      make_tv<T>(p.dq), dk, dv);
   return cudaGetLastError();
+}
+
+template <typename T, typename OT, int D, int E>
+cudaError_t launch(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st) {
+  if constexpr (D == 64 && E == 64) {
+    if (d64_min_blocks() == 2) return launch_minb<T, OT, D, E, 2>(p, a, dk, dv, st);
+  }
+  return launch_minb<T, OT, D, E, 1>(p, a, dk, dv, st);
 }
 
 template <typename T, typename OT>
@@ -447,15 +511,10 @@ cudaError_t launch_dims(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT>
 
 template <typename T, typename OT, int D, int E>
 int resident() {
-  auto kern = wgmma_bwd_kernel<T, OT, D, E>;
-  const size_t smem = WgBwdSmem<D, E>::bytes;
-  int n = 0;
-  if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kern, kThreads, smem) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 1;
+  if constexpr (D == 64 && E == 64) {
+    if (d64_min_blocks() == 2) return resident_blocks<wgmma_bwd_kernel<T, OT, D, E, 2>>(kThreads, WgBwdSmem<D, E>::bytes, 1);
   }
-  return n < 1 ? 1 : n;
+  return resident_blocks<wgmma_bwd_kernel<T, OT, D, E, 1>>(kThreads, WgBwdSmem<D, E>::bytes, 1);
 }
 
 template <typename T, typename OT>

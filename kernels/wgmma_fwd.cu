@@ -13,6 +13,7 @@
 #include "common.cuh"
 #include "fast_args.h"
 #include "fast_path.h"
+#include "launch_cache.h"
 #include "mma.cuh"
 #include "wgmma.cuh"
 
@@ -124,45 +125,24 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
     __syncthreads();
     if (ci + 1 < nch) issue(ci + 1);
 
-    // ---- O = Q S_b, P = Q K^T ----
+    // ---- P = Q K^T, then O = Q S_b: two commit groups, so that the mask of P and the state update's
+    // K^T fragments are made while the tensor cores still work on O ----
     float O[32], P[32];
     wg::zero_acc(O);
     wg::zero_acc(P);
     wg::fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      wg::mma_ss_n64<T, 0, 1>(O, wg::kmajor(st + SM::Q, kk), wg::mnmajor(base + SM::SB, kAtom, 0, kk), 1);
-    }
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
       wg::mma_ss_n64<T, 0, 0>(P, wg::kmajor(st + SM::Q, kk), wg::kmajor(st + SM::K, kk), 1);
     }
     wg::commit();
-    wg::wait<0>();
-    wg::fence_regs(O);
-    wg::fence_regs(P);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      wg::mma_ss_n64<T, 0, 1>(O, wg::kmajor(st + SM::Q, kk), wg::mnmajor(base + SM::SB, kAtom, 0, kk), 1);
+    }
+    wg::commit();
 
-    // ---- O *= scale g^(t+1) per row; P = (scale P) * mask, packed as RS A fragments ----
-    {
-      const float f0 = a.scale * Gp[r0 + g + 1], f1 = a.scale * Gp[r0 + g + 9];
-      wg::scale_rows(O, f0, f1);
-    }
-    uint32_t pa[4][4];
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int t = r0 + g + (r >> 1) * 8, s = 8 * j + 2 * tc + (r & 1);
-        P[4 * j + r] = s <= t ? P[4 * j + r] * a.scale * Gp[t - s] : 0.f;
-      }
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      pa[kk][0] = mma::pack2<T>(P[8 * kk + 0], P[8 * kk + 1]);
-      pa[kk][1] = mma::pack2<T>(P[8 * kk + 2], P[8 * kk + 3]);
-      pa[kk][2] = mma::pack2<T>(P[8 * kk + 4], P[8 * kk + 5]);
-      pa[kk][3] = mma::pack2<T>(P[8 * kk + 6], P[8 * kk + 7]);
-    }
-    // ---- K^T diag(w) fragments for the state update, S *= g^len ----
+    // ---- K^T diag(w) fragments for the state update (no wgmma in flight touches them) ----
     uint32_t ka[4][MI][4];
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
@@ -180,7 +160,35 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
         }
       }
     }
+
+    // ---- P's group done: (scale P) * mask, packed as RS A fragments (P itself is only read) ----
+    wg::wait<1>();
+    wg::fence_regs(P);
+    uint32_t pa[4][4];
     {
+      float pm[32];
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int t = r0 + g + (r >> 1) * 8, s = 8 * j + 2 * tc + (r & 1);
+          pm[4 * j + r] = s <= t ? P[4 * j + r] * a.scale * Gp[t - s] : 0.f;
+        }
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        pa[kk][0] = mma::pack2<T>(pm[8 * kk + 0], pm[8 * kk + 1]);
+        pa[kk][1] = mma::pack2<T>(pm[8 * kk + 2], pm[8 * kk + 3]);
+        pa[kk][2] = mma::pack2<T>(pm[8 * kk + 4], pm[8 * kk + 5]);
+        pa[kk][3] = mma::pack2<T>(pm[8 * kk + 6], pm[8 * kk + 7]);
+      }
+    }
+    // ---- O's group done: O *= scale g^(t+1) per row; S *= g^len (here: the compiler waits for every
+    // wgmma in flight before it writes a register any wgmma wrote) ----
+    wg::wait<0>();
+    wg::fence_regs(O);
+    {
+      const float f0 = a.scale * Gp[r0 + g + 1], f1 = a.scale * Gp[r0 + g + 9];
+      wg::scale_rows(O, f0, f1);
       const float gl = Gp[len];
 #pragma unroll
       for (int i = 0; i < MI; ++i)
@@ -191,19 +199,19 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
     for (int i = 0; i < MI; ++i) wg::fence_regs(S[i]);
     wg::fence_regs(O);
     wg::fence();
-    // ---- O += P V, S += (K^T diag(w)) V ----
+    // ---- O += P V (first group), S += (K^T diag(w)) V (second: it runs while O is stored) ----
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) wg::mma_rs_n64<T, 1>(O, pa[kk], wg::mnmajor(st + SM::V, kAtom, 0, kk), 1);
+    wg::commit();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       const uint64_t dv = wg::mnmajor(st + SM::V, kAtom, 0, kk);
-      wg::mma_rs_n64<T, 1>(O, pa[kk], dv, 1);
 #pragma unroll
       for (int i = 0; i < MI; ++i) wg::mma_rs_n64<T, 1>(S[i], ka[kk][i], dv, 1);
     }
     wg::commit();
-    wg::wait<0>();
+    wg::wait<1>();
     wg::fence_regs(O);
-#pragma unroll
-    for (int i = 0; i < MI; ++i) wg::fence_regs(S[i]);
 
     // ---- store O: this warp's 16 rows through the staging rows, then 16-byte vectors ----
 #pragma unroll
@@ -222,6 +230,9 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
         *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(Ost + t * SM::LDO + cv * 8);
       }
     }
+    wg::wait<0>();
+#pragma unroll
+    for (int i = 0; i < MI; ++i) wg::fence_regs(S[i]);
     __syncthreads();  // every warp's wgmmas of this chunk (S_b reads) are done
     if (ci + 1 < nch) write_sb();
   }
@@ -245,7 +256,7 @@ template <typename T, int D>
 cudaError_t launch(const AttnParams& p, const FwdArgs& a, cudaStream_t st) {
   auto kern = wgmma_fwd_kernel<T, D>;
   const size_t smem = WgSmem<D>::bytes;
-  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  cudaError_t e = opt_in_smem<wgmma_fwd_kernel<T, D>>(smem);
   if (e != cudaSuccess) return e;
   const unsigned blocks = (unsigned)(p.B * p.H * a.nseg * (p.E / kEt));
   kern<<<blocks, kThreads, smem, st>>>(a, make_tv<const T>(p.q), make_tv<const T>(p.k), make_tv<const T>(p.v),
@@ -255,15 +266,7 @@ cudaError_t launch(const AttnParams& p, const FwdArgs& a, cudaStream_t st) {
 
 template <typename T, int D>
 int resident() {
-  auto kern = wgmma_fwd_kernel<T, D>;
-  const size_t smem = WgSmem<D>::bytes;
-  int n = 0;
-  if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kern, kThreads, smem) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 2;
-  }
-  return n < 1 ? 1 : n;
+  return resident_blocks<wgmma_fwd_kernel<T, D>>(kThreads, WgSmem<D>::bytes, 2);
 }
 
 }  // namespace
