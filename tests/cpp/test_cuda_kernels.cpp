@@ -11,6 +11,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -23,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "launch_cache.h"
 #include "lasp_cuda.h"
 
 namespace {
@@ -619,6 +621,27 @@ TEST_P(CudaKernelsMmaFwd, FwdBwdMatchFloat64Reference) {
 
 INSTANTIATE_TEST_SUITE_P(Dtypes16, CudaKernelsMmaFwd, ::testing::Values(ScalarType::Float16, ScalarType::BFloat16),
                          [](const ::testing::TestParamInfo<ScalarType>& i) { return std::string(dtype_name(i.param)); });
+
+// The per-device launch cache: computed once per device, the runtime's own answer, errors not kept.
+TEST(CudaKernelsApi, LaunchCacheAsksOncePerDevice) {
+  SKIP_WITHOUT_DEVICE();
+  int dev = 0, sms = 0;
+  CK(cudaGetDevice(&dev));
+  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  EXPECT_EQ(lasp::cuda::fast::device_attribute<cudaDevAttrMultiProcessorCount>(-1), sms);
+  static std::atomic<int> slots[lasp::cuda::fast::kMaxDevices];
+  int calls = 0;
+  auto f = [&] { ++calls; return 41 + calls; };
+  EXPECT_EQ(lasp::cuda::fast::memo_per_device(slots, f), 42);
+  EXPECT_EQ(lasp::cuda::fast::memo_per_device(slots, f), 42);
+  EXPECT_EQ(calls, 1);
+  static std::atomic<int> failing[lasp::cuda::fast::kMaxDevices];
+  int tries = 0;
+  auto bad = [&] { ++tries; return -1; };
+  EXPECT_EQ(lasp::cuda::fast::memo_per_device(failing, bad), -1);
+  EXPECT_EQ(lasp::cuda::fast::memo_per_device(failing, bad), -1);
+  EXPECT_EQ(tries, 2);  // a failure is asked again, never cached
+}
 
 TEST(CudaKernelsApi, SupportsRejectsWhatItCannotDo) {
   AttnParams p;
