@@ -288,18 +288,10 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_main_kernel(FwdArgs a, Tv<con
 // 16w .. 16w+15 of the D x E state), so x is read once whatever E is:
 //   REVERSE = false: L = sum_s g^(end-1-s) k[s]^T v[s]           (x = k, y = v, kv head), chunks forward
 //   REVERSE = true:  M = scale sum_t g^(t-start+1) q[t]^T do[t]   (x = q, y = do), chunks backward
-// The chunks stream through NS cp.async stages (loads issued NS - 1 chunks ahead; NS = 4 where the
-// device's shared memory allows, else 2): the grid has at most one block per SM at D = 128 (it is the
-// main pass's segment count), and the kernel is bound by the bytes each SM keeps in flight.
 template <int D>
 constexpr int kLocalThreads = D / 16 * 32;
 
-template <typename T, int D, int E, int NS>
-constexpr size_t local_smem_bytes() {
-  return (size_t)NS * (kC * (D + 8) + kC * (E + 8)) * sizeof(T) + (kC + 2) * sizeof(float);
-}
-
-template <typename T, int D, int E, bool REVERSE, int NS>
+template <typename T, int D, int E, bool REVERSE>
 __global__ void __launch_bounds__(kLocalThreads<D>, D == 128 ? 2 : 1) state_local_kernel(FwdArgs a, Tv<const T> x,
                                                                                           Tv<const T> y) {
   constexpr int LDX = D + 8, LDY = E + 8;
@@ -307,7 +299,7 @@ __global__ void __launch_bounds__(kLocalThreads<D>, D == 128 ? 2 : 1) state_loca
   constexpr int NP = E / 16;  // pairs of 8-column n-tiles
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* stage0 = reinterpret_cast<T*>(smem_raw);
-  float* Gp = reinterpret_cast<float*>(stage0 + NS * STAGE);
+  float* Gp = reinterpret_cast<float*>(stage0 + 2 * STAGE);
   const int seg = blockIdx.x % a.nseg, bh = blockIdx.x / a.nseg;
   const int b = bh / a.H, h = bh % a.H, hx = REVERSE ? h : h / a.group;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
@@ -317,20 +309,13 @@ __global__ void __launch_bounds__(kLocalThreads<D>, D == 128 ? 2 : 1) state_loca
   const int64_t n1 = min((int64_t)a.N, n0 + a.seglen);
   const int nch = (int)((n1 - n0 + kC - 1) / kC);
   auto chunk_start = [&](int ci) { return n0 + (int64_t)(REVERSE ? nch - 1 - ci : ci) * kC; };
-  // One commit group per chunk slot, empty past the last chunk, so that wait_group<NS - 2> at chunk ci
-  // always means "chunk ci has landed".
-  auto issue = [&](int ci) {
-    if (ci < nch) {
-      const int64_t c0 = chunk_start(ci);
-      const int len = (int)min((int64_t)kC, n1 - c0);
-      T* sn = stage0 + (ci % NS) * STAGE;
-      load_rows<T, D, LDX>(sn, x, b, hx, c0, len, 0);
-      load_rows<T, E, LDY>(sn + kC * LDX, y, b, hx, c0, len, 0);
-    }
+  {
+    const int64_t c0 = chunk_start(0);
+    const int len = (int)min((int64_t)kC, n1 - c0);
+    load_rows<T, D, LDX>(stage0, x, b, hx, c0, len, 0);
+    load_rows<T, E, LDY>(stage0 + kC * LDX, y, b, hx, c0, len, 0);
     cp_async_commit();
-  };
-#pragma unroll
-  for (int i = 0; i < NS - 1; ++i) issue(i);
+  }
   float S[2 * NP][4];
 #pragma unroll
   for (int nt = 0; nt < 2 * NP; ++nt)
@@ -339,12 +324,19 @@ __global__ void __launch_bounds__(kLocalThreads<D>, D == 128 ? 2 : 1) state_loca
   for (int ci = 0; ci < nch; ++ci) {
     const int64_t c0 = chunk_start(ci);
     const int len = (int)min((int64_t)kC, n1 - c0);
-    T* st = stage0 + (ci % NS) * STAGE;
+    T* st = stage0 + (ci & 1) * STAGE;
     T* Xs = st;
     T* Ys = st + kC * LDX;
-    cp_async_wait<NS - 2>();
-    __syncthreads();       // chunk ci visible to all; every warp is done with chunk ci - 1's stage
-    issue(ci + NS - 1);    // into the stage chunk ci - 1 used
+    cp_async_wait<0>();
+    __syncthreads();
+    if (ci + 1 < nch) {
+      const int64_t c1 = chunk_start(ci + 1);
+      const int len1 = (int)min((int64_t)kC, n1 - c1);
+      T* sn = stage0 + ((ci + 1) & 1) * STAGE;
+      load_rows<T, D, LDX>(sn, x, b, hx, c1, len1, 0);
+      load_rows<T, E, LDY>(sn + kC * LDX, y, b, hx, c1, len1, 0);
+      cp_async_commit();
+    }
     const float gl = Gp[len];
 #pragma unroll
     for (int nt = 0; nt < 2 * NP; ++nt)
@@ -413,23 +405,16 @@ cudaError_t launch_fwd_main(const AttnParams& p, const FwdArgs& a, cudaStream_t 
   return cudaGetLastError();
 }
 
-template <typename T, int D, int E, bool REV, int NS>
-cudaError_t launch_local_stages(const FwdArgs& a, unsigned blocks, const TensorView4& x, const TensorView4& y,
-                                cudaStream_t st) {
-  constexpr size_t smem = local_smem_bytes<T, D, E, NS>();
-  cudaError_t e = opt_in_smem<state_local_kernel<T, D, E, REV, NS>>(smem);
-  if (e != cudaSuccess) return e;
-  state_local_kernel<T, D, E, REV, NS><<<blocks, kLocalThreads<D>, smem, st>>>(a, make_tv<const T>(x), make_tv<const T>(y));
-  return cudaGetLastError();
-}
-
 template <typename T, int D, int E, bool REV>
 cudaError_t launch_local(const AttnParams& p, const FwdArgs& a, const TensorView4& x, const TensorView4& y,
                          cudaStream_t st) {
+  auto kern = state_local_kernel<T, D, E, REV>;
+  const size_t smem = (size_t)2 * (kC * (D + 8) + kC * (E + 8)) * sizeof(T) + (kC + 2) * sizeof(float);
+  cudaError_t e = opt_in_smem<state_local_kernel<T, D, E, REV>>(smem);
+  if (e != cudaSuccess) return e;
   const unsigned blocks = (unsigned)(p.B * p.H * a.nseg);
-  const size_t optin = (size_t)device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(48 * 1024);
-  if (local_smem_bytes<T, D, E, 4>() <= optin) return launch_local_stages<T, D, E, REV, 4>(a, blocks, x, y, st);
-  return launch_local_stages<T, D, E, REV, 2>(a, blocks, x, y, st);
+  kern<<<blocks, kLocalThreads<D>, smem, st>>>(a, make_tv<const T>(x), make_tv<const T>(y));
+  return cudaGetLastError();
 }
 
 template <typename T, bool REV>

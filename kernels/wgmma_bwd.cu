@@ -18,8 +18,6 @@
 // weights in registers. Reads: dO, V, K (loop A) and Q, K, V, dO (loop B); writes dq, dk, dv once.
 // With GQA, dk / dv of each query head go as fp32 to a workspace that the caller reduces (OT = float).
 #include <atomic>
-#include <cstring>
-#include <cstdlib>
 #include <type_traits>
 
 #include "common.cuh"
@@ -164,8 +162,9 @@ __device__ __forceinline__ void state_issue(float (&st)[NE][32], const uint32_t 
 
 #endif
 
-// D = E = 64: registers cut for two blocks per SM (128, 52 bytes of spills; 166 uncapped, one block),
-// as the mma.sync backward does there; its 80 KB of shared memory allow two.
+// MINB = kBwdMinBlocks<D, E> (below): at D = E = 64 registers are cut for two blocks per SM (128, 60 bytes
+// of spills; 189-196 uncapped, one block), as the mma.sync backward does there; its 80 KB of shared memory
+// allow two.
 template <typename T, typename OT, int D, int E, int MINB>
 __global__ void __launch_bounds__(kThreads, MINB)
     wgmma_bwd_kernel(BwdArgs a, Tv<const T> q, Tv<const T> k, Tv<const T> v, Tv<const T> dout, Tv<T> dq,
@@ -470,16 +469,12 @@ __global__ void __launch_bounds__(kThreads, MINB)
 #endif
 }
 
-// D = E = 64: two blocks per SM (registers capped at 128, with spills) or one (uncapped). Which is faster
-// is measured, not derived: LASP_WGMMA_BWD_D64_BLOCKS=1 or 2 picks it (read once; default 2) until the
-// measurement decides and the other goes.
-int d64_min_blocks() {
-  static const int v = [] {
-    const char* e = std::getenv("LASP_WGMMA_BWD_D64_BLOCKS");
-    return (e && std::strcmp(e, "1") == 0) ? 1 : 2;
-  }();
-  return v;
-}
+// D = E = 64: two blocks per SM (registers capped at 128, with spills; ptxas serializes some wgmmas for
+// want of registers). Measured against one uncapped block (192-196 registers, no spills) on one H200
+// (2026-12-01, benchmarks/results/wgmma_bwd_d64_blocks_h200_2026-12-01.md): the kernel is 3-11% faster
+// with two, at 8x16x2048, 1x12x65536 and 1x3x262144.
+template <int D, int E>
+constexpr int kBwdMinBlocks = (D == 64 && E == 64) ? 2 : 1;
 
 template <typename T, typename OT, int D, int E, int MINB>
 cudaError_t launch_minb(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st) {
@@ -495,10 +490,7 @@ cudaError_t launch_minb(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT>
 
 template <typename T, typename OT, int D, int E>
 cudaError_t launch(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st) {
-  if constexpr (D == 64 && E == 64) {
-    if (d64_min_blocks() == 2) return launch_minb<T, OT, D, E, 2>(p, a, dk, dv, st);
-  }
-  return launch_minb<T, OT, D, E, 1>(p, a, dk, dv, st);
+  return launch_minb<T, OT, D, E, kBwdMinBlocks<D, E>>(p, a, dk, dv, st);
 }
 
 template <typename T, typename OT>
@@ -511,10 +503,7 @@ cudaError_t launch_dims(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT>
 
 template <typename T, typename OT, int D, int E>
 int resident() {
-  if constexpr (D == 64 && E == 64) {
-    if (d64_min_blocks() == 2) return resident_blocks<wgmma_bwd_kernel<T, OT, D, E, 2>>(kThreads, WgBwdSmem<D, E>::bytes, 1);
-  }
-  return resident_blocks<wgmma_bwd_kernel<T, OT, D, E, 1>>(kThreads, WgBwdSmem<D, E>::bytes, 1);
+  return resident_blocks<wgmma_bwd_kernel<T, OT, D, E, kBwdMinBlocks<D, E>>>(kThreads, WgBwdSmem<D, E>::bytes, 1);
 }
 
 template <typename T, typename OT>
