@@ -85,33 +85,6 @@ __device__ __forceinline__ void store_acc(const float (&d)[32], OT* base, int64_
   }
 }
 
-// The masked product P (64 x 64 accumulator of this warp's 16 rows r0..) scaled by scale * g^|t - s| where
-// the mask keeps it (causal: s <= t with rows t; anti-causal: t >= s with rows s), packed as 4 RS A
-// fragments (k-steps of 16 columns).
-template <typename T, bool CAUSAL>
-__device__ __forceinline__ void mask_pack(const float (&P)[32], uint32_t (&pa)[4][4], int r0, float scale,
-                                          const float* Gp) {
-  // P is only read: it may be an accumulator of the group just completed while another is in flight
-  // (the compiler would wait for that one before a write to P).
-  const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
-  float pm[32];
-#pragma unroll
-  for (int j = 0; j < 8; ++j)
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int row = r0 + g + (r >> 1) * 8, col = 8 * j + 2 * tc + (r & 1);
-      const bool keep = CAUSAL ? col <= row : col >= row;
-      pm[4 * j + r] = keep ? P[4 * j + r] * scale * Gp[CAUSAL ? row - col : col - row] : 0.f;
-    }
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-    pa[kk][0] = mma::pack2<T>(pm[8 * kk + 0], pm[8 * kk + 1]);
-    pa[kk][1] = mma::pack2<T>(pm[8 * kk + 2], pm[8 * kk + 3]);
-    pa[kk][2] = mma::pack2<T>(pm[8 * kk + 4], pm[8 * kk + 5]);
-    pa[kk][3] = mma::pack2<T>(pm[8 * kk + 6], pm[8 * kk + 7]);
-  }
-}
-
 // st (64 rows of block mb of a D x E fp32 state) = g^len st + X^T diag(w) Y over the chunk (K = its 64 rows):
 // X = the tile at xt (rows s, 64-column atoms), Y = the tile at yt, MN-major (NE atoms). w[s] = g^(len-1-s)
 // (REV = false: the forward state, from K and V) or scale g^(s+1) (REV = true: R, from Q and dO); rows past
@@ -269,7 +242,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
       wg::wait<1>();
       wg::fence_regs(P);
       uint32_t pa[4][4];
-      mask_pack<T, true>(P, pa, r0, scale, Gp);
+      wg::mask_pack<T, true>(P, pa, r0, scale, Gp);
       wg::wait<0>();
 #pragma unroll
       for (int nb = 0; nb < ND; ++nb) wg::fence_regs(acc[nb]);
@@ -406,7 +379,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
       wg::wait<1>();
       wg::fence_regs(P);
       uint32_t pa[4][4];
-      mask_pack<T, false>(P, pa, r0, scale, Gp);
+      wg::mask_pack<T, false>(P, pa, r0, scale, Gp);
       wg::wait<0>();
 #pragma unroll
       for (int nb = 0; nb < NOUT; ++nb) wg::fence_regs(acc[nb]);

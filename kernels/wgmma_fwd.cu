@@ -165,23 +165,7 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
     wg::wait<1>();
     wg::fence_regs(P);
     uint32_t pa[4][4];
-    {
-      float pm[32];
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int t = r0 + g + (r >> 1) * 8, s = 8 * j + 2 * tc + (r & 1);
-          pm[4 * j + r] = s <= t ? P[4 * j + r] * a.scale * Gp[t - s] : 0.f;
-        }
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        pa[kk][0] = mma::pack2<T>(pm[8 * kk + 0], pm[8 * kk + 1]);
-        pa[kk][1] = mma::pack2<T>(pm[8 * kk + 2], pm[8 * kk + 3]);
-        pa[kk][2] = mma::pack2<T>(pm[8 * kk + 4], pm[8 * kk + 5]);
-        pa[kk][3] = mma::pack2<T>(pm[8 * kk + 6], pm[8 * kk + 7]);
-      }
-    }
+    wg::mask_pack<T, true>(P, pa, r0, a.scale, Gp);
     // ---- O's group done: O *= scale g^(t+1) per row; S *= g^len (here: the compiler waits for every
     // wgmma in flight before it writes a register any wgmma wrote) ----
     wg::wait<0>();
