@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "fast_args.h"
 #include "launch_cache.h"
 #include "lasp_cuda.h"
 
@@ -621,6 +622,31 @@ TEST_P(CudaKernelsMmaFwd, FwdBwdMatchFloat64Reference) {
 
 INSTANTIATE_TEST_SUITE_P(Dtypes16, CudaKernelsMmaFwd, ::testing::Values(ScalarType::Float16, ScalarType::BFloat16),
                          [](const ::testing::TestParamInfo<ScalarType>& i) { return std::string(dtype_name(i.param)); });
+
+// LASP_FWD_KERNEL / LASP_BWD_KERNEL parsing (no device needed): unset, empty and "auto" give the default,
+// "mma" 0, "wgmma" 1, anything else the default with a message on stderr naming the variable.
+TEST(CudaKernelsApi, KernelChoiceFromEnv) {
+  const char* var = "LASP_TEST_KERNEL_CHOICE";
+  using lasp::cuda::fast::kernel_choice_from_env;
+  unsetenv(var);
+  EXPECT_EQ(kernel_choice_from_env(var, 1), 1);
+  EXPECT_EQ(kernel_choice_from_env(var, 0), 0);
+  setenv(var, "", 1);
+  EXPECT_EQ(kernel_choice_from_env(var, 1), 1);
+  setenv(var, "auto", 1);
+  EXPECT_EQ(kernel_choice_from_env(var, 1), 1);
+  setenv(var, "mma", 1);
+  EXPECT_EQ(kernel_choice_from_env(var, 1), 0);
+  setenv(var, "wgmma", 1);
+  EXPECT_EQ(kernel_choice_from_env(var, 0), 1);
+  setenv(var, "WGMMA!", 1);
+  ::testing::internal::CaptureStderr();
+  EXPECT_EQ(kernel_choice_from_env(var, 1), 1);
+  const std::string err = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(err.find(var), std::string::npos) << err;
+  EXPECT_NE(err.find("WGMMA!"), std::string::npos) << err;
+  unsetenv(var);
+}
 
 // The per-device launch cache: computed once per device, the runtime's own answer, errors not kept.
 TEST(CudaKernelsApi, LaunchCacheAsksOncePerDevice) {
