@@ -505,17 +505,17 @@ cudaError_t launch_bwd(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> 
 }
 
 template <typename T, typename OT, int D, int E>
-int resident_blocks() {
+int bwd_resident() {
   // planning falls back to one block per SM where the runtime cannot say; the launch reports real errors
-  return fast::resident_blocks<bwd_kernel<T, OT, D, E>>(kThreadsB, BwdSmem<T, D, E>::bytes, 1);
+  return resident_blocks<bwd_kernel<T, OT, D, E>>(kThreadsB, BwdSmem<T, D, E>::bytes, 1);
 }
 
 template <typename T, typename OT>
-int resident_blocks_dims(const AttnParams& p) {
-  if (p.D == 64 && p.E == 64) return resident_blocks<T, OT, 64, 64>();
-  if (p.D == 64 && p.E == 128) return resident_blocks<T, OT, 64, 128>();
-  if (p.D == 128 && p.E == 64) return resident_blocks<T, OT, 128, 64>();
-  return resident_blocks<T, OT, 128, 128>();
+int bwd_resident_dims(const AttnParams& p) {
+  if (p.D == 64 && p.E == 64) return bwd_resident<T, OT, 64, 64>();
+  if (p.D == 64 && p.E == 128) return bwd_resident<T, OT, 64, 128>();
+  if (p.D == 128 && p.E == 64) return bwd_resident<T, OT, 128, 64>();
+  return bwd_resident<T, OT, 128, 128>();
 }
 
 template <typename T, typename OT>
@@ -538,8 +538,8 @@ bool bwd_supported(const AttnParams& p) {
 int bwd_blocks_per_sm(const AttnParams& p) {
   if (bwd_uses_wgmma()) return wgmma_bwd_blocks_per_sm(p);
   const bool bf = p.dtype == ScalarType::BFloat16, gqa = p.H != p.Hkv;
-  if (gqa) return bf ? resident_blocks_dims<__nv_bfloat16, float>(p) : resident_blocks_dims<__half, float>(p);
-  return bf ? resident_blocks_dims<__nv_bfloat16, __nv_bfloat16>(p) : resident_blocks_dims<__half, __half>(p);
+  if (gqa) return bf ? bwd_resident_dims<__nv_bfloat16, float>(p) : bwd_resident_dims<__half, float>(p);
+  return bf ? bwd_resident_dims<__nv_bfloat16, __nv_bfloat16>(p) : bwd_resident_dims<__half, __half>(p);
 }
 
 size_t bwd_smem_bytes(const AttnParams& p) {

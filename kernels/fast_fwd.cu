@@ -9,7 +9,6 @@
 //   S_b is the bf16/fp16 copy of S in shared memory that the next chunk multiplies with.
 // Bytes: q, k, v read once per column tile (the sibling tiles of one (b, h, segment) run next to
 // each other, so the second read mostly hits L2), o written once.
-#include <atomic>
 
 #include "common.cuh"
 #include "fast_args.h"

@@ -17,7 +17,6 @@
 // the state updates are RS wgmmas with K^T / Q^T fragments from ldmatrix.trans, scaled by the decay
 // weights in registers. Reads: dO, V, K (loop A) and Q, K, V, dO (loop B); writes dq, dk, dv once.
 // With GQA, dk / dv of each query head go as fp32 to a workspace that the caller reduces (OT = float).
-#include <atomic>
 #include <type_traits>
 
 #include "common.cuh"
@@ -89,7 +88,7 @@ __device__ __forceinline__ void store_acc(const float (&d)[32], OT* base, int64_
 // X = the tile at xt (rows s, 64-column atoms), Y = the tile at yt, MN-major (NE atoms). w[s] = g^(len-1-s)
 // (REV = false: the forward state, from K and V) or scale g^(s+1) (REV = true: R, from Q and dO); rows past
 // len get 0 (their tiles are zero-filled too). In three parts, so that a caller can make the X^T fragments
-// (state_frags) while other wgmmas run, scale st (state_decay) once none is in flight, and issue the
+// (state_frags) while other wgmmas run, scale st (wg::scale_state) once none is in flight, and issue the
 // wgmmas (state_issue) after the wg::fence() that opens their stage.
 template <typename T, bool REV>
 __device__ __forceinline__ void state_frags(uint32_t (&xa)[4][4], uint32_t xt, int mb, int r0, int len, bool weigh,
@@ -110,17 +109,6 @@ __device__ __forceinline__ void state_frags(uint32_t (&xa)[4][4], uint32_t xt, i
       xa[kk][2] = mma::scale2<T>(xa[kk][2], w[2], w[3]);
       xa[kk][3] = mma::scale2<T>(xa[kk][3], w[2], w[3]);
     }
-  }
-}
-
-// st *= g^len (st is written: only with no wgmma in flight, see above).
-template <int NE>
-__device__ __forceinline__ void state_decay(float (&st)[NE][32], float gl) {
-#pragma unroll
-  for (int nb = 0; nb < NE; ++nb) {
-#pragma unroll
-    for (int r = 0; r < 32; ++r) st[nb][r] *= gl;
-    wg::fence_regs(st[nb]);
   }
 }
 
@@ -176,14 +164,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
   // State element (d, e) of this thread: d = 64 mb + r0 + g + 8 (r >> 1), e = 64 nb + 8j + 2tc + (r & 1).
   auto load_rows = [&](float (&st)[NE][32], const float* src, int mb) {
 #pragma unroll
-    for (int nb = 0; nb < NE; ++nb)
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int d = 64 * mb + r0 + g + (r >> 1) * 8, e = 64 * nb + 8 * j + 2 * tc + (r & 1);
-          st[nb][4 * j + r] = src ? src[(size_t)d * E + e] : 0.f;
-        }
+    for (int nb = 0; nb < NE; ++nb) wg::load_acc(st[nb], src, E, 64 * mb + r0, 64 * nb);
   };
   // ... and its 16-bit copy into the state buffer at `buf` ([d][e], E / 64 atoms of D rows x 128 B).
   auto write_rows = [&](const float (&st)[NE][32], uint32_t buf, int mb) {
@@ -288,7 +269,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
 #pragma unroll
       for (int mb = 0; mb < ND; ++mb) {
         state_frags<T, false>(xa[mb], st + SM::K, mb, r0, len, weigh, scale, Gp);
-        state_decay(S[mb], Gp[len]);
+        wg::scale_state(S[mb], Gp[len]);
       }
       wg::fence();
 #pragma unroll
@@ -389,7 +370,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
 #pragma unroll
         for (int nb = 0; nb < NOUT; ++nb) wg::scale_rows(acc[nb], ws0, ws1);
       }
-      if constexpr (RMB >= 0) state_decay(R, Gp[len]);
+      if constexpr (RMB >= 0) wg::scale_state(R, Gp[len]);
 #pragma unroll
       for (int nb = 0; nb < NOUT; ++nb) wg::fence_regs(acc[nb]);
       wg::fence();
@@ -421,14 +402,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
     if constexpr (RMB >= 0) {
       if (a.grad_state_in && a.nseg == 1) {
 #pragma unroll
-        for (int nb = 0; nb < NE; ++nb)
-#pragma unroll
-          for (int j = 0; j < 8; ++j)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) {
-              const int d = 64 * RMB + r0 + g + (r >> 1) * 8, e = 64 * nb + 8 * j + 2 * tc + (r & 1);
-              a.grad_state_in[(size_t)bh * DE + (size_t)d * E + e] = R[nb][4 * j + r];
-            }
+        for (int nb = 0; nb < NE; ++nb) wg::store_acc_f32(R[nb], a.grad_state_in + (size_t)bh * DE, E, 64 * RMB + r0, 64 * nb);
       }
     }
   };

@@ -103,6 +103,7 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
   {
     const float* S0 = a.nseg > 1 ? a.seg_states + ((size_t)bh * a.nseg + seg) * a.D * a.E
                                  : (a.state_in ? a.state_in + (size_t)bh * a.D * a.E : nullptr);
+    // wg::load_acc's loop, written out: through the helper ptxas spills 20 bytes at D = 64 instead of 8
 #pragma unroll
     for (int i = 0; i < MI; ++i)
 #pragma unroll
@@ -173,14 +174,8 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
     {
       const float f0 = a.scale * Gp[r0 + g + 1], f1 = a.scale * Gp[r0 + g + 9];
       wg::scale_rows(O, f0, f1);
-      const float gl = Gp[len];
-#pragma unroll
-      for (int i = 0; i < MI; ++i)
-#pragma unroll
-        for (int r = 0; r < 32; ++r) S[i][r] *= gl;
+      wg::scale_state(S, Gp[len]);
     }
-#pragma unroll
-    for (int i = 0; i < MI; ++i) wg::fence_regs(S[i]);
     wg::fence_regs(O);
     wg::fence();
     // ---- O += P V (first group), S += (K^T diag(w)) V (second: it runs while O is stored) ----
@@ -222,14 +217,7 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
   }
   if (a.state_out && a.nseg == 1) {
 #pragma unroll
-    for (int i = 0; i < MI; ++i)
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int d = 64 * i + 16 * warp + g + (r >> 1) * 8, e = 8 * j + 2 * tc + (r & 1);
-          a.state_out[(size_t)bh * a.D * a.E + (size_t)d * a.E + e0 + e] = S[i][4 * j + r];
-        }
+    for (int i = 0; i < MI; ++i) wg::store_acc_f32(S[i], a.state_out + (size_t)bh * a.D * a.E, a.E, 64 * i + 16 * warp, e0);
   }
 #else
   __trap();  // built for a target without wgmma; the host never launches this there
