@@ -69,7 +69,7 @@ def main():
         with profile(activities=acts) as prof:
             for _ in range(args.iters):
                 call()
-            torch.cuda.synchronize()
+                torch.cuda.synchronize()  # as bench() does between its timed calls
         per = {}
         for e in prof.events():
             if e.device_type != DeviceType.CUDA:
@@ -85,6 +85,26 @@ def main():
         for name, (ms, n) in sorted(per.items(), key=lambda kv: -kv[1][0]):
             print(f"{ms:8.3f} {100 * ms / max(total, 1e-9):5.1f}% {n / args.iters:6.1f}  {name[:110]}")
             rows.append({"kernel": name, "ms_per_call": ms, "launches_per_call": n / args.iters})
+        # GPU idle inside a call: gaps between consecutive device activities (calls are separated by the
+        # host synchronisation after each, far longer than any gap inside one)
+        spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                       if e.device_type == DeviceType.CUDA)
+        gaps, call_gaps = [], []
+        for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
+            g = s1 - max(e0, s0)
+            if g > 200:  # us: between two calls
+                continue
+            if g > 1:
+                gaps.append((g, n0, n1))
+        inside_ms = sum(g for g, _, _ in gaps) / 1e3 / args.iters
+        print(f"idle between kernels inside a call {inside_ms:.3f} ms; before the first / after the last "
+              f"kernel {event_ms - total - inside_ms:.3f} ms")
+        big = {}
+        for g, n0, n1 in gaps:
+            key = (n0[:50], n1[:50])
+            big[key] = big.get(key, 0.0) + g / 1e3 / args.iters
+        for (n0, n1), ms in sorted(big.items(), key=lambda kv: -kv[1])[:6]:
+            print(f"{ms:8.3f} ms/call idle after {n0} before {n1}")
         host = []
         if args.host:
             cpu = [a for a in prof.key_averages() if a.self_cpu_time_total > 0]
@@ -95,6 +115,7 @@ def main():
                 print(f"{us:12.1f} {a.count / args.iters:6.1f}  {a.key[:100]}")
                 host.append({"event": a.key, "self_us_per_call": us, "count_per_call": a.count / args.iters})
         out.append({"shape": [B, H, N, D], "event_ms": event_ms, "kernel_ms": total, "issue_ms": issue_ms,
+                    "idle_inside_ms": inside_ms,
                     "kernels": rows, "host": host})
         del q, k, v, do
         torch.cuda.empty_cache()

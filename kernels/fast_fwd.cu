@@ -472,6 +472,7 @@ cudaError_t fwd_main(const AttnParams& p, int nseg, int seglen, const float* seg
 }
 
 cudaError_t state_local(const AttnParams& p, bool reverse, int nseg, int seglen, float* out, cudaStream_t st) {
+  if (reverse ? bwd_uses_wgmma() : fwd_uses_wgmma()) return wgmma_state_local(p, reverse, nseg, seglen, out, st);
   FwdArgs a = make_fwd_args(p, nseg, seglen);
   a.local_out = out;
   const bool bf = p.dtype == ScalarType::BFloat16;

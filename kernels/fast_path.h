@@ -29,6 +29,10 @@ cudaError_t fwd_main(const AttnParams& p, int nseg, int seglen, const float* seg
 // reverse = false: L from (k, v); reverse = true: M from (q, dout).
 bool local_supported(const AttnParams& p, bool reverse);
 cudaError_t state_local(const AttnParams& p, bool reverse, int nseg, int seglen, float* out, cudaStream_t stream);
+// The sm_90a phase-1 kernel (wgmma_state.cu), chosen by state_local where the main kernel of the same
+// direction runs with wgmma (L: fwd_uses_wgmma(), M: bwd_uses_wgmma()).
+cudaError_t wgmma_state_local(const AttnParams& p, bool reverse, int nseg, int seglen, float* out,
+                              cudaStream_t stream);
 
 // The sm_90a forward main kernel (wgmma_fwd.cu): same contract as fwd_main, chosen by fwd_main,
 // fwd_blocks_per_sm and fwd_smem_bytes when fwd_uses_wgmma().

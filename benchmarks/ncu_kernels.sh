@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Nsight Compute profile of the lasp kernels of one forward+backward call (GPU machine):
+#   SHAPE=4x32x8192x128 KERNELS="wgmma_bwd wgmma_fwd" bash benchmarks/ncu_kernels.sh
+# For each kernel name (a regex): the details page (speed of light, occupancy, warp stalls, ...) and the
+# SASS source page with per-instruction stall samples, as text under $OUT. Inputs as bench_kernels.py.
+# ncu runs with --clock-control none (the clocks a benchmark sees).
+set -uo pipefail
+OUT=${OUT:-ncu_out}; mkdir -p "$OUT"
+source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
+SHAPE=${SHAPE:-4x32x8192x128}
+cat > /tmp/lasp_ncu_drive.py <<'EOF'
+import math, os, sys, torch
+sys.path.insert(0, "benchmarks")
+import lasp
+from bench_kernels import alibi_decay
+B, H, N, D = (int(x) for x in os.environ["SHAPE"].split("x"))
+q, k, v, do = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+decay = alibi_decay(H, "cuda")
+for _ in range(int(os.environ.get("CALLS", "2"))):
+    o = lasp.lasp_attention(q, k, v, decay, scale=1.0 / math.sqrt(D))
+    torch.autograd.grad(o, (q, k, v), do)
+torch.cuda.synchronize()
+EOF
+for kn in ${KERNELS:-wgmma_bwd wgmma_fwd}; do
+  tag=${kn//[^A-Za-z0-9_]/}
+  SHAPE=$SHAPE timeout ${NCU_TIMEOUT:-200} ncu --clock-control none -k "regex:$kn" --launch-skip 1 --launch-count 1 \
+    --set full --import-source yes -f -o "/tmp/ncu_$tag" python3 /tmp/lasp_ncu_drive.py > "$OUT/ncu_${tag}_run.log" 2>&1
+  echo "ncu $kn rc=$?"
+  ncu --import "/tmp/ncu_$tag.ncu-rep" --page details > "$OUT/ncu_${tag}_details.txt" 2>&1
+  ncu --import "/tmp/ncu_$tag.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_${tag}_sass.csv" 2>&1
+  grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Registers Per|Achieved Occupancy|Issue Slots Busy|No Eligible" \
+    "$OUT/ncu_${tag}_details.txt" | head -20
+done

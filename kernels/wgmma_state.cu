@@ -1,0 +1,182 @@
+// Phase 1 (the local state of each segment) with Hopper warpgroup MMAs (wgmma, sm_90a), bf16/fp16, D, E in
+// {64, 128}: the contract of state_local_kernel (fast_fwd.cu), chosen by fast::state_local where the wgmma
+// main kernels run.
+//
+//   REV = false: L = sum_s g^(n1-1-s) k[s]^T v[s]            over the segment [n0, n1)   (x = k, y = v)
+//   REV = true:  M = scale sum_t g^(t-n0+1) q[t]^T do[t]                                  (x = q, y = do)
+//
+// Every token's weight is taken relative to the segment's end (L) or start (M), exp(-rate * distance) in
+// fp32, so the state is one long accumulation: no per-chunk rescaling of the accumulators, and no wgmma
+// group ever waits for ordinary code. One block of D / 64 warpgroups per (b, h, segment); warpgroup w holds
+// rows 64w .. 64w+63 of the D x E fp32 state in registers. Per chunk of 64 tokens: the A operand X^T
+// (ldmatrix.trans from the swizzled x tile, scaled by the weights) and y as the MN-major B operand from
+// shared memory. kStages cp.async stages keep kStages - 2 chunks in flight while one is multiplied.
+#include <cstdlib>
+
+#include "common.cuh"
+#include "fast_args.h"
+#include "fast_path.h"
+#include "launch_cache.h"
+#include "mma.cuh"
+#include "wgmma.cuh"
+
+namespace lasp {
+namespace cuda {
+namespace fast {
+
+namespace {
+
+using namespace detail;
+
+constexpr int kC = 64;
+constexpr uint32_t kAtom = wg::kTileAtom;
+
+template <int D, int E, int ST>
+struct WgStateSmem {
+  static constexpr uint32_t X = 0, Y = (D / 64) * kAtom;
+  static constexpr uint32_t STAGE = Y + (E / 64) * kAtom;
+  static constexpr size_t bytes = (size_t)ST * STAGE + 1024;  // + alignment slack
+};
+
+template <int D>
+constexpr int kStateThreads = (D / 64) * 128;
+
+template <typename T, int D, int E, bool REV, int ST>
+__global__ void __launch_bounds__(kStateThreads<D>, 1)
+    wgmma_state_kernel(FwdArgs a, Tv<const T> x, Tv<const T> y) {
+#if LASP_WGMMA
+  using SM = WgStateSmem<D, E, ST>;
+  constexpr int NT = kStateThreads<D>, NE = E / 64;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t raw = mma::smem_addr(smem_raw);
+  const uint32_t base = raw + ((1024u - (raw & 1023u)) & 1023u);
+
+  const int seg = blockIdx.x % a.nseg, bh = blockIdx.x / a.nseg;
+  const int b = bh / a.H, h = bh % a.H, hx = REV ? h : h / a.group;
+  const int wgi = __shfl_sync(0xffffffffu, (int)(threadIdx.x >> 7), 0);  // warp-uniform to the compiler
+  const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, tc = lane & 3;
+  const int m0 = 64 * wgi + 16 * warp;  // this warp's 16 rows d of the state
+  const float lg = a.decay ? -a.decay[h] : 0.f;
+  const bool weigh = REV || lg != 0.f;  // L without decay: every weight is 1
+
+  const int64_t n0 = (int64_t)seg * a.seglen;
+  const int64_t n1 = min((int64_t)a.N, n0 + a.seglen);
+  const int nch = (int)((n1 - n0 + kC - 1) / kC);
+  auto stage = [&](int i) { return base + (uint32_t)(i % ST) * SM::STAGE; };
+  auto issue = [&](int ci) {  // chunk ci's x and y tiles (rows past the segment zero-filled)
+    const int64_t c0 = n0 + (int64_t)ci * kC;
+    const int len = (int)min((int64_t)kC, n1 - c0);
+    wg::cp_async_tile<D, NT>(stage(ci) + SM::X, x.row(b, hx, c0), x.sn, len);
+    wg::cp_async_tile<E, NT>(stage(ci) + SM::Y, y.row(b, hx, c0), y.sn, len);
+  };
+  // Prologue: chunks 0 .. ST-3 in flight (one commit group each, empty groups past the end keep the count).
+#pragma unroll
+  for (int i = 0; i < ST - 2; ++i) {
+    if (i < nch) issue(i);
+    mma::cp_async_commit();
+  }
+  float acc[NE][32];
+#pragma unroll
+  for (int nb = 0; nb < NE; ++nb) wg::zero_acc(acc[nb]);
+  for (int ci = 0; ci < nch; ++ci) {
+    mma::cp_async_wait<ST - 3>();  // chunk ci (this thread's copies)
+    wg::fence_async_smem();
+    // Every thread's copies of chunk ci have landed, and every warpgroup has finished the wgmmas of chunk
+    // ci - 2 (it waited for them in the previous iteration): its stage may be refilled.
+    __syncthreads();
+    if (ci + ST - 2 < nch) issue(ci + ST - 2);
+    mma::cp_async_commit();
+    const int64_t c0 = n0 + (int64_t)ci * kC;
+    const uint32_t xt = stage(ci) + SM::X, yt = stage(ci) + SM::Y;
+    uint32_t xa[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      wg::load_a_t_sw128(xa[kk], xt, kAtom, m0, kk * 16);
+      if (weigh) {
+        float w[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int64_t t = c0 + kk * 16 + 2 * tc + (j & 1) + (j >> 1) * 8;
+          // rows past n1 are zero-filled, and their weight is never used to scale anything but zeros
+          const float dist = REV ? (float)(t - n0 + 1) : (float)(n1 - 1 - t);
+          w[j] = (REV ? a.scale : 1.f) * expf(lg * fmaxf(dist, 0.f));
+        }
+        xa[kk][0] = mma::scale2<T>(xa[kk][0], w[0], w[1]);
+        xa[kk][1] = mma::scale2<T>(xa[kk][1], w[0], w[1]);
+        xa[kk][2] = mma::scale2<T>(xa[kk][2], w[2], w[3]);
+        xa[kk][3] = mma::scale2<T>(xa[kk][3], w[2], w[3]);
+      }
+    }
+    wg::fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+      for (int nb = 0; nb < NE; ++nb) wg::mma_rs_n64<T, 1>(acc[nb], xa[kk], wg::mnmajor(yt, kAtom, nb, kk), 1);
+    wg::commit();
+    wg::wait<1>();  // chunk ci - 1's group is done: its stage is free after the next barrier
+  }
+  wg::wait<0>();
+  mma::cp_async_wait<0>();
+#pragma unroll
+  for (int nb = 0; nb < NE; ++nb) wg::fence_regs(acc[nb]);
+  float* out = a.local_out + ((size_t)bh * a.nseg + seg) * D * E;
+#pragma unroll
+  for (int nb = 0; nb < NE; ++nb) wg::store_acc_f32(acc[nb], out, E, m0, 64 * nb);
+#else
+  __trap();  // built for a target without wgmma; the host never launches this there
+#endif
+}
+
+// Stages of the cp.async pipeline (chunks in flight = stages - 2): LASP_WGMMA_STATE_STAGES (3, 4 or 5),
+// default 4; read once.
+int state_stages() {
+  static const int s = [] {
+    const char* e = std::getenv("LASP_WGMMA_STATE_STAGES");
+    const int v = e ? std::atoi(e) : 4;
+    return (v >= 3 && v <= 5) ? v : 4;
+  }();
+  return s;
+}
+
+template <typename T, int D, int E, bool REV, int ST>
+cudaError_t launch_st(const AttnParams& p, const FwdArgs& a, const TensorView4& x, const TensorView4& y,
+                      cudaStream_t st) {
+  constexpr size_t smem = WgStateSmem<D, E, ST>::bytes;
+  cudaError_t e = opt_in_smem<wgmma_state_kernel<T, D, E, REV, ST>>(smem);
+  if (e != cudaSuccess) return e;
+  const unsigned blocks = (unsigned)(p.B * p.H * a.nseg);
+  wgmma_state_kernel<T, D, E, REV, ST><<<blocks, kStateThreads<D>, smem, st>>>(a, make_tv<const T>(x), make_tv<const T>(y));
+  return cudaGetLastError();
+}
+
+template <typename T, int D, int E, bool REV>
+cudaError_t launch(const AttnParams& p, const FwdArgs& a, const TensorView4& x, const TensorView4& y,
+                   cudaStream_t st) {
+  switch (state_stages()) {
+    case 3: return launch_st<T, D, E, REV, 3>(p, a, x, y, st);
+    case 5: return launch_st<T, D, E, REV, 5>(p, a, x, y, st);
+    default: return launch_st<T, D, E, REV, 4>(p, a, x, y, st);
+  }
+}
+
+template <typename T, bool REV>
+cudaError_t launch_dims(const AttnParams& p, const FwdArgs& a, const TensorView4& x, const TensorView4& y,
+                        cudaStream_t st) {
+  if (p.D == 64) return p.E == 64 ? launch<T, 64, 64, REV>(p, a, x, y, st) : launch<T, 64, 128, REV>(p, a, x, y, st);
+  return p.E == 64 ? launch<T, 128, 64, REV>(p, a, x, y, st) : launch<T, 128, 128, REV>(p, a, x, y, st);
+}
+
+}  // namespace
+
+cudaError_t wgmma_state_local(const AttnParams& p, bool reverse, int nseg, int seglen, float* out, cudaStream_t st) {
+  FwdArgs a = make_fwd_args(p, nseg, seglen);
+  a.local_out = out;
+  const bool bf = p.dtype == ScalarType::BFloat16;
+  if (!reverse)
+    return bf ? launch_dims<__nv_bfloat16, false>(p, a, p.k, p.v, st) : launch_dims<__half, false>(p, a, p.k, p.v, st);
+  return bf ? launch_dims<__nv_bfloat16, true>(p, a, p.q, p.dout, st) : launch_dims<__half, true>(p, a, p.q, p.dout, st);
+}
+
+}  // namespace fast
+}  // namespace cuda
+}  // namespace lasp
