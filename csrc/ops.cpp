@@ -101,6 +101,9 @@ class LaspAttentionFunction : public torch::autograd::Function<LaspAttentionFunc
                                const std::optional<std::string>& group_name,
     const std::string& strategy) {
     at::AutoDispatchBelowADInplaceOrView guard;
+    // An output the loss does not use (usually the final state) gets an undefined gradient instead of
+    // a zero-filled (B, H, D, E) tensor that the kernels would then read: one fill and its bytes saved.
+    ctx->set_materialize_grads(false);
     Tensor state_in;
     auto [o, final_state] = call_fwd_op(q, k, v, decay, scale, initial_state, group_name, strategy, &state_in);
     ctx->save_for_backward({q, k, v, state_in, decay.has_value() ? *decay : Tensor()});

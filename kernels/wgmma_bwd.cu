@@ -3,7 +3,8 @@
 // is compute capability 9.0 and lasp::cuda::bwd_kernel() asks for it. Building blocks: wgmma.cuh.
 //
 // One block of two warpgroups (256 threads) per (b, h, segment), chunks of 64, double-buffered cp.async
-// loads into 128B-swizzled shared memory, one block-wide barrier per chunk. The two warpgroups split the
+// loads into 128B-swizzled shared memory, one block-wide barrier per chunk; 16-bit dq, dk, dv leave
+// through a staging tile in 16-byte row pieces. The two warpgroups split the
 // work by role, so each holds only its own accumulators:
 //   loop A (chunks forward):
 //     WG0: dq = diag(scale g^(t+1)) dO S_b^T + ((scale dO V^T) * causal decay mask) K
@@ -40,14 +41,19 @@ constexpr int kThreads = 256;         // two warpgroups
 constexpr uint32_t kAtom = wg::kTileAtom;
 
 // Shared memory (bytes from a 1024-aligned base): two stages of Q, K (D / 64 atoms each), V, dO (E / 64
-// atoms each); two state copies [d][e] (E / 64 atoms of D rows x 128 B); the decay powers.
+// atoms each); two state copies [d][e] (E / 64 atoms of D rows x 128 B); one output staging tile per
+// warpgroup (64 rows x kLdo 16-bit elements: the padding keeps the fragment stores free of bank
+// conflicts); the decay powers.
+constexpr int kLdo = 72;
+constexpr uint32_t kOstBytes = kC * kLdo * 2;
 template <int D, int E>
 struct WgBwdSmem {
   static constexpr uint32_t Q = 0, K = (D / 64) * kAtom, V = 2 * (D / 64) * kAtom, DO = V + (E / 64) * kAtom;
   static constexpr uint32_t STAGE = DO + (E / 64) * kAtom;
   static constexpr uint32_t SBUF = D * E * 2;  // one 16-bit D x E state
   static constexpr uint32_t SB = 2 * STAGE;
-  static constexpr uint32_t GP = SB + 2 * SBUF;
+  static constexpr uint32_t OST = SB + 2 * SBUF;
+  static constexpr uint32_t GP = OST + 2 * kOstBytes;
   static constexpr size_t bytes = GP + (kC + 2) * sizeof(float) + 1024;  // + alignment slack
   static_assert(Q == 0 && K % 1024 == 0 && V % 1024 == 0 && DO % 1024 == 0 && SB % 1024 == 0, "1024-byte atoms");
 };
@@ -81,6 +87,46 @@ __device__ __forceinline__ void store_acc(const float (&d)[32], OT* base, int64_
         *reinterpret_cast<uint32_t*>(row + 8 * j) = mma::pack2<OT>(d[4 * j + 2 * hh], d[4 * j + 2 * hh + 1]);
       }
     }
+  }
+}
+
+// The same block through this warpgroup's staging tile `stg` (kC x kLdo 16-bit elements): the fragments go
+// to shared memory, then every thread of the warpgroup stores 16-byte pieces of whole rows, so a warp writes
+// four full 128-byte rows per instruction instead of scattered 4-byte pieces (the scattered stores were the
+// kernel's largest stall, ncu's "lg throttle"). `bar` is the warpgroup's named barrier (the tile is
+// rewritten by the next call only after every thread has read it).
+template <typename T>
+__device__ __forceinline__ void store_acc_staged(const float (&d)[32], T* base, int64_t rs, int r0, int c0, int len,
+                                                 unsigned char* stg, int bar) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      *reinterpret_cast<uint32_t*>(stg + ((r0 + g + 8 * hh) * kLdo + 8 * j + 2 * tc) * 2) =
+          mma::pack2<T>(d[4 * j + 2 * hh], d[4 * j + 2 * hh + 1]);
+  asm volatile("bar.sync %0, 128;\n" ::"r"(bar) : "memory");
+  const int t = threadIdx.x & 127;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int piece = t + 128 * i, row = piece >> 3, c = piece & 7;
+    if (row < len) {
+      *reinterpret_cast<uint4*>(base + row * rs + c0 + 8 * c) =
+          *reinterpret_cast<const uint4*>(stg + (row * kLdo + 8 * c) * 2);
+    }
+  }
+  asm volatile("bar.sync %0, 128;\n" ::"r"(bar) : "memory");
+}
+
+// The output block as the kernel writes it: 16-bit outputs through the staging tile, fp32 (the GQA
+// workspace) directly.
+template <typename OT>
+__device__ __forceinline__ void store_out(const float (&d)[32], OT* base, int64_t rs, int r0, int c0, int len,
+                                          unsigned char* stg, int bar) {
+  if constexpr (sizeof(OT) == 4) {
+    store_acc<OT>(d, base, rs, r0, c0, len);
+  } else {
+    store_acc_staged<OT>(d, base, rs, r0, c0, len, stg, bar);
   }
 }
 
@@ -244,7 +290,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
 #pragma unroll
       for (int nb = 0; nb < ND; ++nb) {
         wg::fence_regs(acc[nb]);
-        store_acc<T>(acc[nb], dq.p + b * dq.sb + h * dq.sh + c0 * dq.sn, dq.sn, r0, 64 * nb, len);
+        store_out<T>(acc[nb], dq.p + b * dq.sb + h * dq.sh + c0 * dq.sn, dq.sn, r0, 64 * nb, len, sm + SM::OST, 2);
       }
     }
   } else {
@@ -387,10 +433,11 @@ __global__ void __launch_bounds__(kThreads, MINB)
 #pragma unroll
       for (int nb = 0; nb < NOUT; ++nb) {
         wg::fence_regs(acc[nb]);
+        unsigned char* stg = sm + SM::OST + W * kOstBytes;
         if constexpr (W == 0) {
-          store_acc<OT>(acc[nb], dk.p + b * dk.sb + hkv * dk.sh + c0 * dk.sn, dk.sn, r0, 64 * nb, len);
+          store_out<OT>(acc[nb], dk.p + b * dk.sb + hkv * dk.sh + c0 * dk.sn, dk.sn, r0, 64 * nb, len, stg, 2);
         } else {
-          store_acc<OT>(acc[nb], dv.p + b * dv.sb + hkv * dv.sh + c0 * dv.sn, dv.sn, r0, 64 * nb, len);
+          store_out<OT>(acc[nb], dv.p + b * dv.sb + hkv * dv.sh + c0 * dv.sn, dv.sn, r0, 64 * nb, len, stg, 3);
         }
       }
       if constexpr (RMB >= 0) {

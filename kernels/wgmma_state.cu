@@ -10,7 +10,8 @@
 // group ever waits for ordinary code. One block of D / 64 warpgroups per (b, h, segment); warpgroup w holds
 // rows 64w .. 64w+63 of the D x E fp32 state in registers. Per chunk of 64 tokens: the A operand X^T
 // (ldmatrix.trans from the swizzled x tile, scaled by the weights) and y as the MN-major B operand from
-// shared memory. kStages cp.async stages keep kStages - 2 chunks in flight while one is multiplied.
+// shared memory. ST cp.async stages keep ST - 2 chunks in flight while one is multiplied; one wgmma group
+// (the previous chunk's) stays in flight while the next chunk's fragments are made.
 #include <cstdlib>
 
 #include "common.cuh"
@@ -78,17 +79,19 @@ __global__ void __launch_bounds__(kStateThreads<D>, 1)
   float acc[NE][32];
 #pragma unroll
   for (int nb = 0; nb < NE; ++nb) wg::zero_acc(acc[nb]);
-  for (int ci = 0; ci < nch; ++ci) {
+  // One chunk. Its A fragments `xa` are read by the wgmmas after they are issued, so a chunk may not reuse
+  // the registers of the chunk before it (whose group is still in flight): chunks alternate between two
+  // fragment sets, and each waits for all but its own group, so the set it will overwrite next is free.
+  auto chunk = [&](int ci, uint32_t (&xa)[4][4]) {
     mma::cp_async_wait<ST - 3>();  // chunk ci (this thread's copies)
     wg::fence_async_smem();
     // Every thread's copies of chunk ci have landed, and every warpgroup has finished the wgmmas of chunk
-    // ci - 2 (it waited for them in the previous iteration): its stage may be refilled.
+    // ci - 2 (it waited for them in the previous chunk): its stage may be refilled.
     __syncthreads();
     if (ci + ST - 2 < nch) issue(ci + ST - 2);
     mma::cp_async_commit();
     const int64_t c0 = n0 + (int64_t)ci * kC;
     const uint32_t xt = stage(ci) + SM::X, yt = stage(ci) + SM::Y;
-    uint32_t xa[4][4];
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       wg::load_a_t_sw128(xa[kk], xt, kAtom, m0, kk * 16);
@@ -113,7 +116,12 @@ __global__ void __launch_bounds__(kStateThreads<D>, 1)
 #pragma unroll
       for (int nb = 0; nb < NE; ++nb) wg::mma_rs_n64<T, 1>(acc[nb], xa[kk], wg::mnmajor(yt, kAtom, nb, kk), 1);
     wg::commit();
-    wg::wait<1>();  // chunk ci - 1's group is done: its stage is free after the next barrier
+    wg::wait<1>();  // chunk ci - 1's group is done: its fragments and (after the next barrier) its stage are free
+  };
+  uint32_t xa0[4][4], xa1[4][4];
+  for (int ci = 0; ci < nch; ci += 2) {
+    chunk(ci, xa0);
+    if (ci + 1 < nch) chunk(ci + 1, xa1);
   }
   wg::wait<0>();
   mma::cp_async_wait<0>();
