@@ -66,8 +66,10 @@ __device__ __forceinline__ uint64_t state_kmajor_d(uint32_t buf, int nb, int kk)
   return wg::make_desc(buf + (uint32_t)(kk >> 2) * (D * 128) + (uint32_t)nb * 8192 + (uint32_t)(kk & 3) * 32, 16, 1024);
 }
 
-// All 256 threads (named barrier 1: the two warpgroups reach it from their own loops).
-__device__ __forceinline__ void block_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
+// All 256 threads (named barrier 1). The two warpgroups reach it from their own loops, i.e. from different
+// instructions: the non-aligned form (bar.sync is barrier.sync.aligned, which requires every thread to
+// execute the same instruction; compute-sanitizer synccheck reported that use as divergent).
+__device__ __forceinline__ void block_sync() { asm volatile("barrier.sync 1, 256;\n" ::: "memory"); }
 
 // Store a 64 x 64 accumulator block (this thread's rows r0 + g, r0 + g + 8; columns c0 + 8j + 2tc) to
 // rows of stride `rs` (elements) from `base`; rows >= len are skipped.
