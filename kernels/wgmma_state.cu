@@ -12,8 +12,6 @@
 // (ldmatrix.trans from the swizzled x tile, scaled by the weights) and y as the MN-major B operand from
 // shared memory. ST cp.async stages keep ST - 2 chunks in flight while one is multiplied; one wgmma group
 // (the previous chunk's) stays in flight while the next chunk's fragments are made.
-#include <cstdlib>
-
 #include "common.cuh"
 #include "fast_args.h"
 #include "fast_path.h"
@@ -135,17 +133,6 @@ __global__ void __launch_bounds__(kStateThreads<D>, 1)
 #endif
 }
 
-// Stages of the cp.async pipeline (chunks in flight = stages - 2): LASP_WGMMA_STATE_STAGES (3, 4 or 5),
-// default 4; read once.
-int state_stages() {
-  static const int s = [] {
-    const char* e = std::getenv("LASP_WGMMA_STATE_STAGES");
-    const int v = e ? std::atoi(e) : 4;
-    return (v >= 3 && v <= 5) ? v : 4;
-  }();
-  return s;
-}
-
 template <typename T, int D, int E, bool REV, int ST>
 cudaError_t launch_st(const AttnParams& p, const FwdArgs& a, const TensorView4& x, const TensorView4& y,
                       cudaStream_t st) {
@@ -157,14 +144,14 @@ cudaError_t launch_st(const AttnParams& p, const FwdArgs& a, const TensorView4& 
   return cudaGetLastError();
 }
 
+// Four stages (two chunks in flight): 1x16x65536x128 on one H200 measured 0.174 ms per L call with four,
+// 0.172 with five, 0.184 with three (benchmarks/results/kernels_ab_h200_2026-12-01c.md).
+constexpr int kStages = 4;
+
 template <typename T, int D, int E, bool REV>
 cudaError_t launch(const AttnParams& p, const FwdArgs& a, const TensorView4& x, const TensorView4& y,
                    cudaStream_t st) {
-  switch (state_stages()) {
-    case 3: return launch_st<T, D, E, REV, 3>(p, a, x, y, st);
-    case 5: return launch_st<T, D, E, REV, 5>(p, a, x, y, st);
-    default: return launch_st<T, D, E, REV, 4>(p, a, x, y, st);
-  }
+  return launch_st<T, D, E, REV, kStages>(p, a, x, y, st);
 }
 
 template <typename T, bool REV>
