@@ -133,6 +133,10 @@ __global__ void __launch_bounds__(kStateThreads<D>, 1)
 #endif
 }
 
+// Four stages (two chunks in flight): 1x16x65536x128 on one H200 measured 0.174 ms per L call with four,
+// 0.172 with five, 0.184 with three (before the fragment fix above; benchmarks/results/kernels_ab_h200_2026-12-01c.md).
+constexpr int kStages = 4;
+
 template <typename T, int D, int E, bool REV, int ST>
 cudaError_t launch_st(const AttnParams& p, const FwdArgs& a, const TensorView4& x, const TensorView4& y,
                       cudaStream_t st) {
@@ -144,21 +148,11 @@ cudaError_t launch_st(const AttnParams& p, const FwdArgs& a, const TensorView4& 
   return cudaGetLastError();
 }
 
-// Four stages (two chunks in flight): 1x16x65536x128 on one H200 measured 0.174 ms per L call with four,
-// 0.172 with five, 0.184 with three (benchmarks/results/kernels_ab_h200_2026-12-01c.md).
-constexpr int kStages = 4;
-
-template <typename T, int D, int E, bool REV>
-cudaError_t launch(const AttnParams& p, const FwdArgs& a, const TensorView4& x, const TensorView4& y,
-                   cudaStream_t st) {
-  return launch_st<T, D, E, REV, kStages>(p, a, x, y, st);
-}
-
 template <typename T, bool REV>
 cudaError_t launch_dims(const AttnParams& p, const FwdArgs& a, const TensorView4& x, const TensorView4& y,
                         cudaStream_t st) {
-  if (p.D == 64) return p.E == 64 ? launch<T, 64, 64, REV>(p, a, x, y, st) : launch<T, 64, 128, REV>(p, a, x, y, st);
-  return p.E == 64 ? launch<T, 128, 64, REV>(p, a, x, y, st) : launch<T, 128, 128, REV>(p, a, x, y, st);
+  if (p.D == 64) return p.E == 64 ? launch_st<T, 64, 64, REV, kStages>(p, a, x, y, st) : launch_st<T, 64, 128, REV, kStages>(p, a, x, y, st);
+  return p.E == 64 ? launch_st<T, 128, 64, REV, kStages>(p, a, x, y, st) : launch_st<T, 128, 128, REV, kStages>(p, a, x, y, st);
 }
 
 }  // namespace
