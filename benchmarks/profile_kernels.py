@@ -85,20 +85,20 @@ def main():
         for name, (ms, n) in sorted(per.items(), key=lambda kv: -kv[1][0]):
             print(f"{ms:8.3f} {100 * ms / max(total, 1e-9):5.1f}% {n / args.iters:6.1f}  {name[:110]}")
             rows.append({"kernel": name, "ms_per_call": ms, "launches_per_call": n / args.iters})
-        # GPU idle inside a call: gaps between consecutive device activities (calls are separated by the
-        # host synchronisation after each, far longer than any gap inside one)
+        # GPU idle inside a call: gaps between consecutive device activities of the same call. Every call
+        # issues the same activities, so the time-sorted list splits into `iters` equal runs.
         spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                        if e.device_type == DeviceType.CUDA)
-        gaps, call_gaps = [], []
-        for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
-            g = s1 - max(e0, s0)
-            if g > 200:  # us: between two calls
-                continue
-            if g > 1:
-                gaps.append((g, n0, n1))
+        gaps = []
+        per_call = len(spans) // args.iters if spans and len(spans) % args.iters == 0 else 0
+        for c in range(args.iters if per_call else 0):
+            run = spans[c * per_call:(c + 1) * per_call]
+            for (s0, e0, n0), (s1, _, n1) in zip(run, run[1:]):
+                if s1 - e0 > 1:  # us
+                    gaps.append((s1 - e0, n0, n1))
         inside_ms = sum(g for g, _, _ in gaps) / 1e3 / args.iters
         print(f"idle between kernels inside a call {inside_ms:.3f} ms; before the first / after the last "
-              f"kernel {event_ms - total - inside_ms:.3f} ms")
+              f"kernel {event_ms - total - inside_ms:.3f} ms" + ("" if per_call else " (calls differ: not split)"))
         big = {}
         for g, n0, n1 in gaps:
             key = (n0[:50], n1[:50])
