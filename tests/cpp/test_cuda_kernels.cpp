@@ -481,6 +481,9 @@ std::vector<Case> cases_for(ScalarType dt) {
       {1, 4, 4, 128, 64, {300}},      // D != E on the tensor-core path
       {2, 4, 2, 64, 128, {129}},
       {2, 8, 8, 128, 128, {2000}},    // several segments, tensor-core path
+      // several chunks in each of many segments, GQA, D = 128 (the phase-1 wgmma kernel's chunk-to-chunk
+      // register hand-over: its first version failed only here)
+      {1, 4, 2, 128, 128, {4133}},
   };
   // LASP_TEST_SMALL=1 (the compute-sanitizer runs): only problems of at most 9000 token-heads, which
   // still cover every path (tensor-core and generic, GQA, several segments per head, partial chunks).
