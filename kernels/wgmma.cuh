@@ -161,27 +161,24 @@ __device__ __forceinline__ void mask_pack(const float (&P)[32], uint32_t (&pa)[4
 
 // One 64 x 64 fp32 accumulator block against a row-major fp32 matrix (leading dimension ld): this thread's
 // element 4j + r is at row row0 + g + 8 (r >> 1), column col0 + 8j + 2tc + (r & 1), where row0 holds the
-// warp's 16-row offset. load_acc: from src (zeros when src is null); store_acc_f32: to dst.
-__device__ __forceinline__ void load_acc(float (&d)[32], const float* src, int ld, int row0, int col0) {
+// warp's 16-row offset (acc_offset). load_acc: from src (zeros when src is null); store_acc_f32: to dst.
+__device__ __forceinline__ size_t acc_offset(int j, int r, int ld, int row0, int col0) {
   const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
+  return (size_t)(row0 + g + (r >> 1) * 8) * ld + col0 + 8 * j + 2 * tc + (r & 1);
+}
+
+__device__ __forceinline__ void load_acc(float (&d)[32], const float* src, int ld, int row0, int col0) {
 #pragma unroll
   for (int j = 0; j < 8; ++j)
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int row = row0 + g + (r >> 1) * 8, col = col0 + 8 * j + 2 * tc + (r & 1);
-      d[4 * j + r] = src ? src[(size_t)row * ld + col] : 0.f;
-    }
+    for (int r = 0; r < 4; ++r) d[4 * j + r] = src ? src[acc_offset(j, r, ld, row0, col0)] : 0.f;
 }
 
 __device__ __forceinline__ void store_acc_f32(const float (&d)[32], float* dst, int ld, int row0, int col0) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
 #pragma unroll
   for (int j = 0; j < 8; ++j)
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int row = row0 + g + (r >> 1) * 8, col = col0 + 8 * j + 2 * tc + (r & 1);
-      dst[(size_t)row * ld + col] = d[4 * j + r];
-    }
+    for (int r = 0; r < 4; ++r) dst[acc_offset(j, r, ld, row0, col0)] = d[4 * j + r];
 }
 
 // st *= gl, block by block, each pinned after (a state's decay over a chunk). It writes registers that

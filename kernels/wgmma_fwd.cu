@@ -103,16 +103,8 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
   {
     const float* S0 = a.nseg > 1 ? a.seg_states + ((size_t)bh * a.nseg + seg) * a.D * a.E
                                  : (a.state_in ? a.state_in + (size_t)bh * a.D * a.E : nullptr);
-    // wg::load_acc's loop, written out: through the helper ptxas spills 20 bytes at D = 64 instead of 8
 #pragma unroll
-    for (int i = 0; i < MI; ++i)
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int d = 64 * i + 16 * warp + g + (r >> 1) * 8, e = 8 * j + 2 * tc + (r & 1);
-          S[i][4 * j + r] = S0 ? S0[(size_t)d * a.E + e0 + e] : 0.f;
-        }
+    for (int i = 0; i < MI; ++i) wg::load_acc(S[i], S0, a.E, 64 * i + 16 * warp, e0);
     write_sb();
   }
 
