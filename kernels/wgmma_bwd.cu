@@ -71,28 +71,23 @@ __device__ __forceinline__ uint64_t state_kmajor_d(uint32_t buf, int nb, int kk)
 // execute the same instruction; compute-sanitizer synccheck reported that use as divergent).
 __device__ __forceinline__ void block_sync() { asm volatile("barrier.sync 1, 256;\n" ::: "memory"); }
 
-// Store a 64 x 64 accumulator block (this thread's rows r0 + g, r0 + g + 8; columns c0 + 8j + 2tc) to
-// rows of stride `rs` (elements) from `base`; rows >= len are skipped.
-template <typename OT>
-__device__ __forceinline__ void store_acc(const float (&d)[32], OT* base, int64_t rs, int r0, int c0, int len) {
+// Store a 64 x 64 fp32 accumulator block (this thread's rows r0 + g, r0 + g + 8; columns c0 + 8j + 2tc) to
+// fp32 rows of stride `rs` (elements) from `base` (the GQA workspace); rows >= len are skipped.
+__device__ __forceinline__ void store_acc_f32_rows(const float (&d)[32], float* base, int64_t rs, int r0, int c0,
+                                                   int len) {
   const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const int t = r0 + g + 8 * hh;
     if (t >= len) continue;
-    OT* row = base + t * rs + c0 + 2 * tc;
+    float* row = base + t * rs + c0 + 2 * tc;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      if constexpr (sizeof(OT) == 4) {
-        *reinterpret_cast<float2*>(row + 8 * j) = make_float2(d[4 * j + 2 * hh], d[4 * j + 2 * hh + 1]);
-      } else {
-        *reinterpret_cast<uint32_t*>(row + 8 * j) = mma::pack2<OT>(d[4 * j + 2 * hh], d[4 * j + 2 * hh + 1]);
-      }
-    }
+    for (int j = 0; j < 8; ++j)
+      *reinterpret_cast<float2*>(row + 8 * j) = make_float2(d[4 * j + 2 * hh], d[4 * j + 2 * hh + 1]);
   }
 }
 
-// The same block through this warpgroup's staging tile `stg` (kC x kLdo 16-bit elements): the fragments go
+// A 16-bit block through this warpgroup's staging tile `stg` (kC x kLdo 16-bit elements): the fragments go
 // to shared memory, then every thread of the warpgroup stores 16-byte pieces of whole rows, so a warp writes
 // four full 128-byte rows per instruction instead of scattered 4-byte pieces (the scattered stores were the
 // kernel's largest stall, ncu's "lg throttle"). `bar` is the warpgroup's named barrier (the tile is
@@ -126,7 +121,7 @@ template <typename OT>
 __device__ __forceinline__ void store_out(const float (&d)[32], OT* base, int64_t rs, int r0, int c0, int len,
                                           unsigned char* stg, int bar) {
   if constexpr (sizeof(OT) == 4) {
-    store_acc<OT>(d, base, rs, r0, c0, len);
+    store_acc_f32_rows(d, base, rs, r0, c0, len);
   } else {
     store_acc_staged<OT>(d, base, rs, r0, c0, len, stg, bar);
   }
