@@ -50,11 +50,14 @@ AttnParams base_params(const Tensor& q, const Tensor& k, const Tensor& v, const 
   return p;
 }
 
-// The rates in the accumulation type. +inf (gamma = 0: no memory) is clamped to a large finite rate with
-// the same gammas (gamma^0 = 1, gamma^n = 0 for n >= 1), so that exp(-rate * 0) is never exp(NaN).
-// A NaN rate stays NaN and poisons its own head only, as a PyTorch op would.
-Tensor decay_in_acc(const std::optional<Tensor>& decay, at::ScalarType acc) {
-  return decay.has_value() ? decay->to(acc).clamp_max(1e30).contiguous() : Tensor();
+// The rates in the accumulation type (the caller's tensor itself when it already is: no copy). The kernels
+// clamp +inf themselves (finite_rate, lasp_params.h); clamp: also here, for the ring's powers computed with
+// ATen ops (gamma^n of each piece), where exp(-inf * 0) would be NaN. A NaN rate stays NaN and poisons its
+// own head only, as a PyTorch op would.
+Tensor decay_in_acc(const std::optional<Tensor>& decay, at::ScalarType acc, bool clamp) {
+  if (!decay.has_value()) return Tensor();
+  Tensor d = decay->to(acc).contiguous();
+  return clamp ? d.clamp_max(1e30) : d;
 }
 
 // gamma^n per head, shaped (1, H, 1, 1) to scale a (B, H, D, E) state; undefined when there is no decay.
@@ -269,12 +272,12 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels,
   const auto acc = acc_type(q.scalar_type());
   const int64_t N = q.size(2), D = q.size(3), E = v.size(3);
   const Kernels kernels = N == 0 ? empty_piece_kernels(q, D, E) : backend_kernels;
-  const Tensor decay_acc = decay_in_acc(decay, acc);
+  const Ring ring(group_name);
+  const Tensor decay_acc = decay_in_acc(decay, acc, /*clamp=*/ring.size() > 1);
   Tensor o = alloc_out(q, E);
   AttnParams p = base_params(q, k, v, decay_acc, scale);
   p.o = view4(o);
 
-  const Ring ring(group_name);
   check_group_call(ring, q, k, v, decay.has_value(), strategy, 0);
   if (ring.size() == 1) {
     // Alone: the incoming state is the user's initial state; one fused pass.
@@ -369,7 +372,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_
               "lasp_attention backward: the output gradient must have shape ", at::IntArrayRef({q.size(0), q.size(1), N, E}),
               " and dtype ", q.scalar_type(), ", got ", dout.sizes(), " ", dout.scalar_type());
   const Kernels kernels = N == 0 ? empty_piece_kernels(q, D, E) : backend_kernels;
-  const Tensor decay_acc = decay_in_acc(decay, acc);
+  const Ring ring(group_name);
+  const Tensor decay_acc = decay_in_acc(decay, acc, /*clamp=*/ring.size() > 1);
   const Tensor s_in = state_in.to(acc).contiguous();
   const Tensor g_user = grad_final_state.has_value() ? grad_final_state->to(acc).contiguous() : Tensor();
 
@@ -381,7 +385,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_
   p.dv = view4(dv);
   p.state_in = s_in.data_ptr();
 
-  const Ring ring(group_name);
   check_group_call(ring, q, k, v, decay.has_value(), strategy, 1);
   if (ring.size() == 1) {
     // Alone: G is the gradient of the returned final state; one fused pass.

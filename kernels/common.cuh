@@ -60,7 +60,7 @@ struct Ctx {
 
 template <typename A>
 __device__ __forceinline__ A log_gamma(const Ctx<A>& c, int h) {
-  return c.decay ? -c.decay[h] : A(0);
+  return c.decay ? -finite_rate(c.decay[h]) : A(0);
 }
 
 }  // namespace detail

@@ -7,7 +7,22 @@
 #include <cstddef>
 #include <cstdint>
 
+#if defined(__CUDACC__)
+#define LASP_HOST_DEVICE __host__ __device__
+#else
+#define LASP_HOST_DEVICE
+#endif
+
 namespace lasp {
+
+// A decay rate as every kernel reads it: +inf (gamma = 0: no memory) becomes the large finite 1e30, which
+// has the same powers (gamma^0 = 1, gamma^n = 0 for n >= 1), so that exp(-rate * 0) is never exp(NaN); a
+// NaN rate stays NaN (it poisons its own head only, as a PyTorch op would). The kernels apply it, so the op
+// passes the caller's rates without a clamping kernel per call.
+template <typename A>
+LASP_HOST_DEVICE inline A finite_rate(A rate) {
+  return rate > A(1e30) ? A(1e30) : rate;
+}
 
 enum class ScalarType : int { Float32 = 0, Float16 = 1, BFloat16 = 2, Float64 = 3 };
 

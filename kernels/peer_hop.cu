@@ -1,6 +1,8 @@
 // The peer-memory hop of the LASP state ring (see peer_hop.h for the protocol).
 #include "peer_hop.h"
 
+#include "lasp_params.h"
+
 namespace lasp {
 namespace cuda {
 namespace {
@@ -42,7 +44,7 @@ __device__ __forceinline__ float4 fma4(float g, float4 a, float4 b) {
 // the exponential in double (the kernels build with fast math, whose expf is approximate)
 __device__ __forceinline__ float gamma_of(const PeerHopParams& p, int64_t i) {
   if (!p.decay) return 1.f;
-  const float x = p.decay[(i / p.per_head) % p.H] * static_cast<float>(-p.n);
+  const float x = finite_rate(p.decay[(i / p.per_head) % p.H]) * static_cast<float>(-p.n);
   return static_cast<float>(exp(static_cast<double>(x)));
 }
 

@@ -54,7 +54,7 @@ struct Decay {
   acc_t lambda = 0;
   acc_t pw[kChunk + 1];
   Decay(const AttnParams& p, int64_t h) {
-    if (p.decay) lambda = static_cast<const acc_t*>(p.decay)[h];
+    if (p.decay) lambda = finite_rate(static_cast<const acc_t*>(p.decay)[h]);
     for (int64_t i = 0; i <= kChunk; ++i) pw[i] = std::exp(-lambda * static_cast<acc_t>(i));
   }
   acc_t pow(int64_t n) const { return std::exp(-lambda * static_cast<acc_t>(n)); }
