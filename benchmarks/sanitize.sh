@@ -27,6 +27,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device_out}
 mkdir -p "$OUT"
+# The package importable (and built for sm_90a when the carried build does not load), as the other device scripts.
+source benchmarks/device_env.sh
 BUDGET=${SANITIZE_BUDGET_S:-240}
 START=$(date +%s)
 
