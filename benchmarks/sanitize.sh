@@ -165,7 +165,6 @@ if __name__ == "__main__":
     main()
 PY
 
-GTEST=build/cmake/lasp_cpp_tests
 GT_FILTER='CudaKernelsApi.*:PeerHop.ChainMatchesFloat64InLaunchOrder:AllDtypes/CudaKernels.LocalThenMainMatchFloat64Reference/bf16:AllDtypes/CudaKernels.LocalThenMainMatchFloat64Reference/f32'
 GT_FILTER_RACE='CudaKernelsApi.*:PeerHop.ChainMatchesFloat64InLaunchOrder:AllDtypes/CudaKernels.LocalThenMainMatchFloat64Reference/bf16'
 

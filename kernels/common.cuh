@@ -58,9 +58,15 @@ struct Ctx {
   int seglen;      // tokens per segment (last may be shorter)
 };
 
+// log gamma_h = -rate_h (finite_rate: +inf read as 1e30), 0 without decay: where every kernel's decay
+// powers start from.
+template <typename A>
+__device__ __forceinline__ A log_gamma(const A* decay, int h) {
+  return decay ? -finite_rate(decay[h]) : A(0);
+}
 template <typename A>
 __device__ __forceinline__ A log_gamma(const Ctx<A>& c, int h) {
-  return c.decay ? -finite_rate(c.decay[h]) : A(0);
+  return log_gamma(c.decay, h);
 }
 
 }  // namespace detail

@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(Bwd
   const int r0 = rg * 16;
   const int sm0 = SPLIT_E ? (warp & 3) * 16 : warp * 16;  // state rows of this warp
   const int sn0 = SPLIT_E ? (warp >> 2) * (E / 2) : 0;    // state cols of this warp
-  const float lg = a.decay ? -finite_rate(a.decay[h]) : 0.f;
+  const float lg = log_gamma(a.decay, h);
   const float scale = a.scale;
   for (int i = threadIdx.x; i <= kC; i += blockDim.x) Gp[i] = expf(lg * (float)i);
 

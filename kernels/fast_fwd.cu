@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_main_kernel(FwdArgs a, Tv<con
   const int b = bh / a.H, h = bh % a.H, kh = h / a.group;
   const int e0 = et * kEt;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
-  const float lg = a.decay ? -finite_rate(a.decay[h]) : 0.f;
+  const float lg = log_gamma(a.decay, h);
   for (int i = threadIdx.x; i <= kC; i += blockDim.x) Gp[i] = expf(lg * (float)i);
 
   const int64_t n0 = (int64_t)seg * a.seglen;
@@ -302,7 +302,7 @@ __global__ void __launch_bounds__(kLocalThreads<D>, D == 128 ? 2 : 1) state_loca
   const int seg = blockIdx.x % a.nseg, bh = blockIdx.x / a.nseg;
   const int b = bh / a.H, h = bh % a.H, hx = REVERSE ? h : h / a.group;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
-  const float lg = a.decay ? -finite_rate(a.decay[h]) : 0.f;
+  const float lg = log_gamma(a.decay, h);
   for (int i = threadIdx.x; i <= kC; i += blockDim.x) Gp[i] = expf(lg * (float)i);
   const int64_t n0 = (int64_t)seg * a.seglen;
   const int64_t n1 = min((int64_t)a.N, n0 + a.seglen);

@@ -191,7 +191,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
   const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
   const int g = lane >> 2, tc = lane & 3;
   const int r0 = 16 * warp;  // this warp's rows of the chunk (and of a 64-row block of the state)
-  const float lg = a.decay ? -finite_rate(a.decay[h]) : 0.f;
+  const float lg = log_gamma(a.decay, h);
   const float scale = a.scale;
   for (int i = threadIdx.x; i <= kC; i += kThreads) Gp[i] = expf(lg * (float)i);
 

@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
   const int b = bh / a.H, h = bh % a.H, kh = h / a.group;
   const int e0 = et * kEt;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
-  const float lg = a.decay ? -finite_rate(a.decay[h]) : 0.f;
+  const float lg = log_gamma(a.decay, h);
   for (int i = threadIdx.x; i <= kC; i += kThreads) Gp[i] = expf(lg * (float)i);
 
   const int64_t n0 = (int64_t)seg * a.seglen;

@@ -55,7 +55,7 @@ __global__ void __launch_bounds__(kStateThreads<D>, 1)
   const int wgi = __shfl_sync(0xffffffffu, (int)(threadIdx.x >> 7), 0);  // warp-uniform to the compiler
   const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, tc = lane & 3;
   const int m0 = 64 * wgi + 16 * warp;  // this warp's 16 rows d of the state
-  const float lg = a.decay ? -finite_rate(a.decay[h]) : 0.f;
+  const float lg = log_gamma(a.decay, h);
   const bool weigh = REV || lg != 0.f;  // L without decay: every weight is 1
 
   const int64_t n0 = (int64_t)seg * a.seglen;
