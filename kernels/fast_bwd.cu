@@ -486,12 +486,6 @@ __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(Bwd
   }
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-bool view_ok(const TensorView4& t) {
-  return t.ptr && aligned16(t.ptr) && t.stride[3] == 1 && t.stride[0] % 8 == 0 && t.stride[1] % 8 == 0 &&
-         t.stride[2] % 8 == 0;
-}
-
 template <typename T, typename OT, int D, int E>
 cudaError_t launch_bwd(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st) {
   auto kern = bwd_kernel<T, OT, D, E>;
@@ -531,8 +525,8 @@ cudaError_t launch_bwd_dims(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv
 bool bwd_supported(const AttnParams& p) {
   if (!shape_supported(p)) return false;
   const bool gqa = p.H != p.Hkv;
-  return view_ok(p.q) && view_ok(p.k) && view_ok(p.v) && view_ok(p.dout) && view_ok(p.dq) &&
-         (gqa || (view_ok(p.dk) && view_ok(p.dv)));
+  return view_ok(p.q, p, p.H) && view_ok(p.k, p, p.Hkv) && view_ok(p.v, p, p.Hkv) && view_ok(p.dout, p, p.H) &&
+         view_ok(p.dq, p, p.H) && (gqa || (view_ok(p.dk, p, p.Hkv) && view_ok(p.dv, p, p.Hkv)));
 }
 
 int bwd_blocks_per_sm(const AttnParams& p) {

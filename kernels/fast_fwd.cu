@@ -385,13 +385,6 @@ __global__ void __launch_bounds__(kLocalThreads<D>, D == 128 ? 2 : 1) state_loca
     }
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-bool view_ok(const TensorView4& t) {
-  // last dim contiguous, rows 16-byte aligned (2-byte elements: strides multiples of 8)
-  return t.ptr && aligned16(t.ptr) && t.stride[3] == 1 && t.stride[0] % 8 == 0 && t.stride[1] % 8 == 0 &&
-         t.stride[2] % 8 == 0;
-}
-
 template <typename T, int D>
 cudaError_t launch_fwd_main(const AttnParams& p, const FwdArgs& a, cudaStream_t st) {
   auto kern = fwd_main_kernel<T, D>;
@@ -425,6 +418,18 @@ cudaError_t launch_local_dims(const AttnParams& p, const FwdArgs& a, const Tenso
 
 }  // namespace
 
+bool view_ok(const TensorView4& t, const AttnParams& p, int64_t heads) {
+  // last dim contiguous, rows 16-byte aligned (2-byte elements: strides multiples of 8); no zero stride
+  // along a dim of more than one element (a broadcast view: the TMA maps of the wgmma kernels need
+  // distinct rows), such views take the generic kernels
+  const bool aligned = (reinterpret_cast<uintptr_t>(t.ptr) & 15) == 0;
+  if (!t.ptr || !aligned || t.stride[3] != 1) return false;
+  const int64_t sizes[3] = {p.B, heads, p.N};
+  for (int i = 0; i < 3; ++i)
+    if (t.stride[i] % 8 != 0 || (sizes[i] > 1 && t.stride[i] == 0)) return false;
+  return true;
+}
+
 bool shape_supported(const AttnParams& p) {
   if (p.dtype != ScalarType::BFloat16 && p.dtype != ScalarType::Float16) return false;
   if (p.D != 64 && p.D != 128) return false;
@@ -433,12 +438,13 @@ bool shape_supported(const AttnParams& p) {
 }
 
 bool fwd_supported(const AttnParams& p) {
-  return shape_supported(p) && view_ok(p.q) && view_ok(p.k) && view_ok(p.v) && view_ok(p.o);
+  return shape_supported(p) && view_ok(p.q, p, p.H) && view_ok(p.k, p, p.Hkv) && view_ok(p.v, p, p.Hkv) &&
+         view_ok(p.o, p, p.H);
 }
 
 bool local_supported(const AttnParams& p, bool reverse) {
   if (!shape_supported(p)) return false;
-  return reverse ? (view_ok(p.q) && view_ok(p.dout)) : (view_ok(p.k) && view_ok(p.v));
+  return reverse ? (view_ok(p.q, p, p.H) && view_ok(p.dout, p, p.H)) : (view_ok(p.k, p, p.Hkv) && view_ok(p.v, p, p.Hkv));
 }
 
 size_t fwd_smem_bytes(const AttnParams& p) {

@@ -11,6 +11,9 @@ namespace fast {
 // Dtype and head dims the tensor-core kernels handle (bf16/fp16, D and E in {64, 128}); the *_supported
 // functions below also check strides and alignment (last dim contiguous, rows 16-byte aligned).
 bool shape_supported(const AttnParams& p);
+// Whether the tensor-core kernels read or write view t (sizes B, heads, N) directly: its last dim
+// contiguous, rows 16-byte aligned, no zero stride along a dim of more than one element.
+bool view_ok(const TensorView4& t, const AttnParams& p, int64_t heads);
 // Shared memory (bytes) of the tensor-core forward main / backward kernels for this problem's D, E.
 size_t fwd_smem_bytes(const AttnParams& p);
 size_t bwd_smem_bytes(const AttnParams& p);

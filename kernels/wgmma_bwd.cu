@@ -2,9 +2,10 @@
 // contract, grid and segment plan of bwd_kernel (fast_bwd.cu), chosen by fast::bwd_main where the device
 // is compute capability 9.0 and lasp::cuda::bwd_kernel() asks for it. Building blocks: wgmma.cuh.
 //
-// One block of two warpgroups (256 threads) per (b, h, segment), chunks of 64, double-buffered cp.async
-// loads into 128B-swizzled shared memory, one block-wide barrier per chunk; 16-bit dq, dk, dv leave
-// through a staging tile in 16-byte row pieces. The two warpgroups split the
+// One block of two warpgroups (256 threads) per (b, h, segment), chunks of 64, double-buffered TMA loads
+// into 128B-swizzled shared memory (thread 0 issues them; an mbarrier per stage and loop says when they
+// have landed), one block-wide barrier per chunk; 16-bit dq, dk, dv leave by TMA stores of each warp's
+// 16 rows from swizzled staging atoms. The two warpgroups split the
 // work by role, so each holds only its own accumulators:
 //   loop A (chunks forward):
 //     WG0: dq = diag(scale g^(t+1)) dO S_b^T + ((scale dO V^T) * causal decay mask) K
@@ -18,6 +19,7 @@
 // the state updates are RS wgmmas with K^T / Q^T fragments from ldmatrix.trans, scaled by the decay
 // weights in registers. Reads: dO, V, K (loop A) and Q, K, V, dO (loop B); writes dq, dk, dv once.
 // With GQA, dk / dv of each query head go as fp32 to a workspace that the caller reduces (OT = float).
+#include <cstring>
 #include <type_traits>
 
 #include "common.cuh"
@@ -26,6 +28,7 @@
 #include "launch_cache.h"
 #include "lasp_cuda.h"
 #include "mma.cuh"
+#include "tma.cuh"
 #include "wgmma.cuh"
 
 namespace lasp {
@@ -41,21 +44,26 @@ constexpr int kThreads = 256;         // two warpgroups
 constexpr uint32_t kAtom = wg::kTileAtom;
 
 // Shared memory (bytes from a 1024-aligned base): two stages of Q, K (D / 64 atoms each), V, dO (E / 64
-// atoms each); two state copies [d][e] (E / 64 atoms of D rows x 128 B); one output staging tile per
-// warpgroup (64 rows x kLdo 16-bit elements: the padding keeps the fragment stores free of bank
-// conflicts); the decay powers.
-constexpr int kLdo = 72;
-constexpr uint32_t kOstBytes = kC * kLdo * 2;
+// atoms each); two state copies [d][e] (E / 64 atoms of D rows x 128 B); NSTG output staging atoms per
+// warpgroup (swizzled 64 x 64 16-bit tiles, the sources of the TMA stores: two where they fit, so that a
+// warp writes one while the store of the other is still reading it); the decay powers; the mbarriers of
+// the two stages in loop A and in loop B.
 template <int D, int E>
 struct WgBwdSmem {
   static constexpr uint32_t Q = 0, K = (D / 64) * kAtom, V = 2 * (D / 64) * kAtom, DO = V + (E / 64) * kAtom;
   static constexpr uint32_t STAGE = DO + (E / 64) * kAtom;
+  static constexpr uint32_t BYTES_A = K + 2 * (E / 64) * kAtom;  // loop A loads K, V, dO
   static constexpr uint32_t SBUF = D * E * 2;  // one 16-bit D x E state
   static constexpr uint32_t SB = 2 * STAGE;
   static constexpr uint32_t OST = SB + 2 * SBUF;
-  static constexpr uint32_t GP = OST + 2 * kOstBytes;
-  static constexpr size_t bytes = GP + (kC + 2) * sizeof(float) + 1024;  // + alignment slack
-  static_assert(Q == 0 && K % 1024 == 0 && V % 1024 == 0 && DO % 1024 == 0 && SB % 1024 == 0, "1024-byte atoms");
+  static constexpr int NSTG = (D == 64 && E == 64) ? 1 : 2;  // D = E = 64: two blocks per SM must fit
+  static constexpr uint32_t GP = OST + 2 * NSTG * kAtom;
+  static constexpr uint32_t BAR = GP + (kC + 2) * sizeof(float);
+  static constexpr size_t bytes = BAR + 4 * 8 + 1024;  // + alignment slack
+  static_assert(Q == 0 && K % 1024 == 0 && V % 1024 == 0 && DO % 1024 == 0 && SB % 1024 == 0 && OST % 1024 == 0 &&
+                    BAR % 8 == 0,
+                "1024-byte atoms");
+  static_assert(bytes <= 232448, "the opt-in shared memory of one sm_90 block");
 };
 
 #if LASP_WGMMA  // device helpers of the kernel below (its body is empty in other targets)
@@ -87,43 +95,33 @@ __device__ __forceinline__ void store_acc_f32_rows(const float (&d)[32], float* 
   }
 }
 
-// A 16-bit block through this warpgroup's staging tile `stg` (kC x kLdo 16-bit elements): the fragments go
-// to shared memory, then every thread of the warpgroup stores 16-byte pieces of whole rows, so a warp writes
-// four full 128-byte rows per instruction instead of scattered 4-byte pieces (the scattered stores were the
-// kernel's largest stall, ncu's "lg throttle"). `bar` is the warpgroup's named barrier (the tile is
-// rewritten by the next call only after every thread has read it).
-template <typename T>
-__device__ __forceinline__ void store_acc_staged(const float (&d)[32], T* base, int64_t rs, int r0, int c0, int len,
-                                                 unsigned char* stg, int bar) {
+// A 16-bit 64 x 64 output block by TMA: this warp's 16 rows go into its rows of the next staging atom of its
+// warpgroup (swizzled, so the fragment stores are free of bank conflicts), then lane 0 stores them as one
+// box (x0, row0 = the chunk's first row + r0) of head h, batch b; rows past N are dropped. `cnt` counts this
+// warp's stores (the atoms are used in turn; lane 0 first waits until the store that last read the atom has
+// read it). Warps whose rows all lie past the chunk's end (len) store nothing.
+template <typename T, int NSTG>
+__device__ __forceinline__ void store_acc_tma(const float (&d)[32], const CUtensorMap* map, unsigned char* sm,
+                                              uint32_t base, uint32_t stg, int& cnt, int r0, int len, int x0,
+                                              int row0, int h, int b) {
   const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
+  const uint32_t atom = stg + (uint32_t)(cnt % NSTG) * kAtom;
+  if (lane == 0) tma::store_wait_read<NSTG - 1>();
+  __syncwarp();
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh)
 #pragma unroll
     for (int j = 0; j < 8; ++j)
-      *reinterpret_cast<uint32_t*>(stg + ((r0 + g + 8 * hh) * kLdo + 8 * j + 2 * tc) * 2) =
+      *reinterpret_cast<uint32_t*>(sm + atom + wg::sw128_offset(r0 + g + 8 * hh, j) + 4 * tc) =
           mma::pack2<T>(d[4 * j + 2 * hh], d[4 * j + 2 * hh + 1]);
-  asm volatile("bar.sync %0, 128;\n" ::"r"(bar) : "memory");
-  const int t = threadIdx.x & 127;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int piece = t + 128 * i, row = piece >> 3, c = piece & 7;
-    if (row < len) {
-      *reinterpret_cast<uint4*>(base + row * rs + c0 + 8 * c) =
-          *reinterpret_cast<const uint4*>(stg + (row * kLdo + 8 * c) * 2);
+  wg::fence_async_smem();
+  __syncwarp();
+  if (r0 < len) {
+    if (lane == 0) {
+      tma::store(map, base + atom + (uint32_t)r0 * 128u, x0, row0, h, b);
+      tma::store_commit();
     }
-  }
-  asm volatile("bar.sync %0, 128;\n" ::"r"(bar) : "memory");
-}
-
-// The output block as the kernel writes it: 16-bit outputs through the staging tile, fp32 (the GQA
-// workspace) directly.
-template <typename OT>
-__device__ __forceinline__ void store_out(const float (&d)[32], OT* base, int64_t rs, int r0, int c0, int len,
-                                          unsigned char* stg, int bar) {
-  if constexpr (sizeof(OT) == 4) {
-    store_acc_f32_rows(d, base, rs, r0, c0, len);
-  } else {
-    store_acc_staged<OT>(d, base, rs, r0, c0, len, stg, bar);
+    ++cnt;
   }
 }
 
@@ -169,10 +167,14 @@ __device__ __forceinline__ void state_issue(float (&st)[NE][32], const uint32_t 
 // MINB = kBwdMinBlocks<D, E> (below): at D = E = 64 registers are cut for two blocks per SM (128, 60 bytes
 // of spills; 189-196 uncapped, one block), as the mma.sync backward does there; its 80 KB of shared memory
 // allow two.
+// The tensor maps of one launch: the inputs, dq, and dk, dv where they are 16-bit (not the GQA workspace).
+struct BwdMaps {
+  CUtensorMap q, k, v, dout, dq, dk, dv;
+};
+
 template <typename T, typename OT, int D, int E, int MINB>
 __global__ void __launch_bounds__(kThreads, MINB)
-    wgmma_bwd_kernel(BwdArgs a, Tv<const T> q, Tv<const T> k, Tv<const T> v, Tv<const T> dout, Tv<T> dq,
-                     Tv<OT> dk, Tv<OT> dv) {
+    wgmma_bwd_kernel(BwdArgs a, const __grid_constant__ BwdMaps tm, Tv<OT> dk, Tv<OT> dv) {
 #if LASP_WGMMA
   using SM = WgBwdSmem<D, E>;
   constexpr int ND = D / 64, NE = E / 64;  // 64-column blocks of D and E
@@ -195,10 +197,23 @@ __global__ void __launch_bounds__(kThreads, MINB)
   const float scale = a.scale;
   for (int i = threadIdx.x; i <= kC; i += kThreads) Gp[i] = expf(lg * (float)i);
 
-  const int64_t n0 = (int64_t)seg * a.seglen;
-  const int64_t n1 = min((int64_t)a.N, n0 + a.seglen);
-  const int nch = (int)((n1 - n0 + kC - 1) / kC);
+  const int n0 = seg * a.seglen;
+  const int n1 = min(a.N, n0 + a.seglen);
+  const int nch = (n1 - n0 + kC - 1) / kC;
   const size_t DE = (size_t)D * E;
+  const uint32_t barA = base + SM::BAR, barB = barA + 16;  // + 8 (i & 1): stage i of loop A / B
+  const uint32_t stg = SM::OST + (uint32_t)wgi * SM::NSTG * kAtom;  // this warpgroup's staging atoms
+  int nstore = 0;  // this warp's TMA stores (store_acc_tma)
+  if (threadIdx.x == 0) {
+    tma::prefetch_map(&tm.q);
+    tma::prefetch_map(&tm.k);
+    tma::prefetch_map(&tm.v);
+    tma::prefetch_map(&tm.dout);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) tma::mbar_init(barA + 8 * i, 1);
+    tma::fence_mbar_init();
+  }
+  __syncthreads();
   auto stage = [&](int i) { return base + (uint32_t)(i & 1) * SM::STAGE; };
   auto sbuf = [&](int i) { return base + SM::SB + (uint32_t)(i & 1) * SM::SBUF; };
   auto state_kmajor = [&](uint32_t buf, int nb, int kk) { return state_kmajor_d<D>(buf, nb, kk); };
@@ -225,26 +240,30 @@ __global__ void __launch_bounds__(kThreads, MINB)
   };
   // ================= loop A: dq (WG0), forward states (WG1) =================
   // Each warpgroup runs its own loop (its own registers); both meet at one named barrier per chunk.
+  // Thread 0 only: chunk ci's tiles into stage ci & 1, rows past N as zeros (loop A: K, V, dO; loop B,
+  // chunk ci from the end: Q, K, V, dO).
+  auto load_tiles = [&](uint32_t st, const CUtensorMap* map, uint32_t off, int atoms, uint32_t bar, int c0, int head) {
+    for (int i = 0; i < atoms; ++i) tma::load(st + off + (uint32_t)i * kAtom, map, bar, 64 * i, c0, head, b);
+  };
   auto issue_A = [&](int ci) {
-    const int64_t c0 = n0 + (int64_t)ci * kC;
-    const int len = (int)min((int64_t)kC, n1 - c0);
-    const uint32_t st = stage(ci);
-    wg::cp_async_tile<D, kThreads>(st + SM::K, k.row(b, kh, c0), k.sn, len);
-    wg::cp_async_tile<E, kThreads>(st + SM::V, v.row(b, kh, c0), v.sn, len);
-    wg::cp_async_tile<E, kThreads>(st + SM::DO, dout.row(b, h, c0), dout.sn, len);
-    mma::cp_async_commit();
+    const int c0 = n0 + ci * kC;
+    const uint32_t st = stage(ci), bar = barA + 8u * (uint32_t)(ci & 1);
+    tma::arrive_expect_tx(bar, SM::BYTES_A);
+    load_tiles(st, &tm.k, SM::K, ND, bar, c0, kh);
+    load_tiles(st, &tm.v, SM::V, NE, bar, c0, kh);
+    load_tiles(st, &tm.dout, SM::DO, NE, bar, c0, h);
   };
   auto chunk_top = [&](int ci) {  // this chunk's tiles (and S_b) visible to every thread and to wgmma
-    mma::cp_async_wait<0>();
+    tma::wait(barA + 8u * (uint32_t)(ci & 1), (uint32_t)(ci >> 1) & 1u);
     wg::fence_async_smem();
     block_sync();
-    if (ci + 1 < nch) issue_A(ci + 1);
+    if (threadIdx.x == 0 && ci + 1 < nch) issue_A(ci + 1);
   };
-  if (nch > 0) issue_A(0);
+  if (threadIdx.x == 0 && nch > 0) issue_A(0);
   if (wgi == 0) {
     for (int ci = 0; ci < nch; ++ci) {
-      const int64_t c0 = n0 + (int64_t)ci * kC;
-      const int len = (int)min((int64_t)kC, n1 - c0);
+      const int c0 = n0 + ci * kC;
+      const int len = min(kC, n1 - c0);
       const uint32_t st = stage(ci);
       chunk_top(ci);
       float acc[ND][32], P[32];
@@ -287,7 +306,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
 #pragma unroll
       for (int nb = 0; nb < ND; ++nb) {
         wg::fence_regs(acc[nb]);
-        store_out<T>(acc[nb], dq.p + b * dq.sb + h * dq.sh + c0 * dq.sn, dq.sn, r0, 64 * nb, len, sm + SM::OST, 2);
+        store_acc_tma<T, SM::NSTG>(acc[nb], &tm.dq, sm, base, stg, nstore, r0, len, 64 * nb, c0 + r0, h, b);
       }
     }
   } else {
@@ -302,8 +321,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
       }
     }
     for (int ci = 0; ci < nch; ++ci) {
-      const int64_t c0 = n0 + (int64_t)ci * kC;
-      const int len = (int)min((int64_t)kC, n1 - c0);
+      const int len = min(kC, n1 - (n0 + ci * kC));
       const uint32_t st = stage(ci);
       chunk_top(ci);
       if (ci + 1 == nch) continue;  // the state after the last chunk is not needed
@@ -332,19 +350,17 @@ __global__ void __launch_bounds__(kThreads, MINB)
   // As in loop A, each warpgroup runs its own copy of the loop (role W a compile-time constant), so that
   // no wgmma sits in a branch on the warpgroup and no register of an open pipeline stage is written by
   // anything but its wgmmas; the two meet at the named barrier at the top of each chunk.
-  mma::cp_async_wait<0>();
   block_sync();  // loop A is done with every buffer
   auto issue_B = [&](int ci) {  // ci counts chunks from the end
-    const int64_t c0 = n0 + (int64_t)(nch - 1 - ci) * kC;
-    const int len = (int)min((int64_t)kC, n1 - c0);
-    const uint32_t st = stage(ci);
-    wg::cp_async_tile<D, kThreads>(st + SM::Q, q.row(b, h, c0), q.sn, len);
-    wg::cp_async_tile<D, kThreads>(st + SM::K, k.row(b, kh, c0), k.sn, len);
-    wg::cp_async_tile<E, kThreads>(st + SM::V, v.row(b, kh, c0), v.sn, len);
-    wg::cp_async_tile<E, kThreads>(st + SM::DO, dout.row(b, h, c0), dout.sn, len);
-    mma::cp_async_commit();
+    const int c0 = n0 + (nch - 1 - ci) * kC;
+    const uint32_t st = stage(ci), bar = barB + 8u * (uint32_t)(ci & 1);
+    tma::arrive_expect_tx(bar, SM::STAGE);
+    load_tiles(st, &tm.q, SM::Q, ND, bar, c0, h);
+    load_tiles(st, &tm.k, SM::K, ND, bar, c0, kh);
+    load_tiles(st, &tm.v, SM::V, NE, bar, c0, kh);
+    load_tiles(st, &tm.dout, SM::DO, NE, bar, c0, h);
   };
-  if (nch > 0) issue_B(0);
+  if (threadIdx.x == 0 && nch > 0) issue_B(0);
   const int hkv = a.dkv_per_query_head ? h : kh;
   auto loop_B = [&](auto role) {
     constexpr int W = decltype(role)::value;
@@ -360,13 +376,13 @@ __global__ void __launch_bounds__(kThreads, MINB)
       write_rows(R, sbuf(0), RMB);
     }
     for (int ci = 0; ci < nch; ++ci) {
-      const int64_t c0 = n0 + (int64_t)(nch - 1 - ci) * kC;
-      const int len = (int)min((int64_t)kC, n1 - c0);
+      const int c0 = n0 + (nch - 1 - ci) * kC;
+      const int len = min(kC, n1 - c0);
       const uint32_t st = stage(ci);
-      mma::cp_async_wait<0>();
+      tma::wait(barB + 8u * (uint32_t)(ci & 1), (uint32_t)(ci >> 1) & 1u);
       wg::fence_async_smem();
       block_sync();
-      if (ci + 1 < nch) issue_B(ci + 1);
+      if (threadIdx.x == 0 && ci + 1 < nch) issue_B(ci + 1);
       float acc[NOUT][32], P[32];
 #pragma unroll
       for (int nb = 0; nb < NOUT; ++nb) wg::zero_acc(acc[nb]);
@@ -430,11 +446,12 @@ __global__ void __launch_bounds__(kThreads, MINB)
 #pragma unroll
       for (int nb = 0; nb < NOUT; ++nb) {
         wg::fence_regs(acc[nb]);
-        unsigned char* stg = sm + SM::OST + W * kOstBytes;
-        if constexpr (W == 0) {
-          store_out<OT>(acc[nb], dk.p + b * dk.sb + hkv * dk.sh + c0 * dk.sn, dk.sn, r0, 64 * nb, len, stg, 2);
+        if constexpr (sizeof(OT) == 4) {  // the GQA workspace: fp32, written directly
+          const Tv<OT>& o = W == 0 ? dk : dv;
+          store_acc_f32_rows(acc[nb], o.p + b * o.sb + hkv * o.sh + (int64_t)c0 * o.sn, o.sn, r0, 64 * nb, len);
         } else {
-          store_out<OT>(acc[nb], dv.p + b * dv.sb + hkv * dv.sh + c0 * dv.sn, dv.sn, r0, 64 * nb, len, stg, 3);
+          store_acc_tma<T, SM::NSTG>(acc[nb], W == 0 ? &tm.dk : &tm.dv, sm, base, stg, nstore, r0, len, 64 * nb,
+                                     c0 + r0, hkv, b);
         }
       }
       if constexpr (RMB >= 0) {
@@ -455,6 +472,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
   } else {
     loop_B(std::integral_constant<int, 1>{});
   }
+  if (lane == 0) tma::store_wait_all();  // the staging atoms stay valid until the stores have read them
 #else
   __trap();  // built for a target without wgmma; the host never launches this there
 #endif
@@ -473,9 +491,17 @@ cudaError_t launch_minb(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT>
   cudaError_t e = opt_in_smem<wgmma_bwd_kernel<T, OT, D, E, MINB>>(smem);
   if (e != cudaSuccess) return e;
   const unsigned blocks = (unsigned)(p.B * p.H * a.nseg);
-  wgmma_bwd_kernel<T, OT, D, E, MINB><<<blocks, kThreads, smem, st>>>(
-      a, make_tv<const T>(p.q), make_tv<const T>(p.k), make_tv<const T>(p.v), make_tv<const T>(p.dout),
-      make_tv<T>(p.dq), dk, dv);
+  const bool bf = std::is_same<T, __nv_bfloat16>::value;
+  BwdMaps tm;
+  std::memset(&tm, 0, sizeof tm);
+  bool ok = tma::make_map(&tm.q, p.q, bf, p.B, p.H, p.N, p.D, kC) && tma::make_map(&tm.k, p.k, bf, p.B, p.Hkv, p.N, p.D, kC) &&
+            tma::make_map(&tm.v, p.v, bf, p.B, p.Hkv, p.N, p.E, kC) &&
+            tma::make_map(&tm.dout, p.dout, bf, p.B, p.H, p.N, p.E, kC) &&
+            tma::make_map(&tm.dq, p.dq, bf, p.B, p.H, p.N, p.D, 16);
+  if (ok && sizeof(OT) == 2)
+    ok = tma::make_map(&tm.dk, p.dk, bf, p.B, p.Hkv, p.N, p.D, 16) && tma::make_map(&tm.dv, p.dv, bf, p.B, p.Hkv, p.N, p.E, 16);
+  if (!ok) return cudaErrorNotSupported;  // fast::view_ok admits only views the driver maps
+  wgmma_bwd_kernel<T, OT, D, E, MINB><<<blocks, kThreads, smem, st>>>(a, tm, dk, dv);
   return cudaGetLastError();
 }
 

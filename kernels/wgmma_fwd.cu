@@ -3,18 +3,22 @@
 // chosen by fast::fwd_main on compute capability 9.0 devices unless lasp::cuda::fwd_kernel() is Mma.
 //
 // One block = one warpgroup (4 warps) per (b, h, segment, 64-column tile of E), chunks of 64, double-buffered
-// cp.async loads of q, k, v into 128B-swizzled shared memory (wgmma.cuh). Per chunk:
+// TMA loads of q, k, v into 128B-swizzled shared memory (tma.cuh: thread 0 issues them, an mbarrier per
+// stage says when they have landed); o leaves by TMA stores of each warp's 16 rows. Per chunk:
 //   O = Q S_b            (SS: Q K-major, S_b = the 16-bit state copy, [d][e] MN-major)
 //   P = Q K^T            (SS: Q and K K-major)
 //   O = diag(scale g^(t+1)) O + ((scale P) * decay mask) V      (RS: P from registers, V MN-major)
 //   S = g^len S + (K^T diag(g^(len-1-s))) V                      (RS: K^T by ldmatrix.trans, V MN-major)
 // S lives in fp32 registers (warp w: rows 64i + 16w .. of the D x 64 state), S_b is rewritten after
 // each chunk. Bytes as the mma.sync kernel: q, k, v read once per column tile, o written once.
+#include <type_traits>
+
 #include "common.cuh"
 #include "fast_args.h"
 #include "fast_path.h"
 #include "launch_cache.h"
 #include "mma.cuh"
+#include "tma.cuh"
 #include "wgmma.cuh"
 
 namespace lasp {
@@ -31,17 +35,19 @@ constexpr int kThreads = 128;  // one warpgroup
 constexpr uint32_t kAtom = wg::kTileAtom;
 
 // Shared memory (bytes, from a 1024-aligned base): 2 stages of Q, K (D / 64 atoms each) and V (1 atom),
-// S_b (D rows x 128 B), the O staging rows [64][72] and the decay powers.
+// S_b (D rows x 128 B), the O staging tile (one swizzled atom, the TMA store's source), the decay powers
+// and the two stages' mbarriers.
 template <int D>
 struct WgSmem {
   static constexpr uint32_t Q = 0, K = (D / 64) * kAtom, V = 2 * (D / 64) * kAtom;
   static constexpr uint32_t STAGE = V + kAtom;
   static constexpr uint32_t SB = 2 * STAGE;
   static constexpr uint32_t OST = SB + D * 128;
-  static constexpr int LDO = kEt + 8;
-  static constexpr uint32_t GP = OST + kC * LDO * 2;
-  static constexpr size_t bytes = GP + (kC + 2) * sizeof(float) + 1024;  // + alignment slack
-  static_assert(Q == 0 && K % 1024 == 0 && V % 1024 == 0 && SB % 1024 == 0, "atoms are 1024-byte aligned");
+  static constexpr uint32_t GP = OST + kAtom;
+  static constexpr uint32_t BAR = GP + (kC + 2) * sizeof(float);
+  static constexpr size_t bytes = BAR + 2 * 8 + 1024;  // + alignment slack
+  static_assert(Q == 0 && K % 1024 == 0 && V % 1024 == 0 && SB % 1024 == 0 && OST % 1024 == 0 && BAR % 8 == 0,
+                "atoms are 1024-byte aligned");
 };
 
 #if LASP_WGMMA  // device helpers of the kernel below (its body is empty in other targets)
@@ -49,7 +55,8 @@ struct WgSmem {
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
-    wgmma_fwd_kernel(FwdArgs a, Tv<const T> q, Tv<const T> k, Tv<const T> v, Tv<T> o) {
+    wgmma_fwd_kernel(FwdArgs a, const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
+                     const __grid_constant__ CUtensorMap tv, const __grid_constant__ CUtensorMap to) {
 #if LASP_WGMMA
   using SM = WgSmem<D>;
   constexpr int MI = D / 64;  // 64-row blocks of the state
@@ -58,7 +65,6 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
   const uint32_t pad = (1024u - (raw & 1023u)) & 1023u;
   unsigned char* sm = smem_raw + pad;
   const uint32_t base = raw + pad;
-  T* Ost = reinterpret_cast<T*>(sm + SM::OST);
   float* Gp = reinterpret_cast<float*>(sm + SM::GP);
 
   const int ntile = a.E / kEt;
@@ -71,20 +77,33 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
   const float lg = log_gamma(a.decay, h);
   for (int i = threadIdx.x; i <= kC; i += kThreads) Gp[i] = expf(lg * (float)i);
 
-  const int64_t n0 = (int64_t)seg * a.seglen;
-  const int64_t n1 = min((int64_t)a.N, n0 + a.seglen);
-  const int nch = (int)((n1 - n0 + kC - 1) / kC);
+  const int n0 = seg * a.seglen;
+  const int n1 = min(a.N, n0 + a.seglen);
+  const int nch = (n1 - n0 + kC - 1) / kC;
+  const uint32_t bar0 = base + SM::BAR;
 
+  // Thread 0 only: chunk ci's tiles into stage ci & 1 (rows past N arrive as zeros).
   auto issue = [&](int ci) {
-    const int64_t c0 = n0 + (int64_t)ci * kC;
-    const int len = (int)min((int64_t)kC, n1 - c0);
-    const uint32_t st = base + (uint32_t)(ci & 1) * SM::STAGE;
-    wg::cp_async_tile<D, kThreads>(st + SM::Q, q.row(b, h, c0), q.sn, len);
-    wg::cp_async_tile<D, kThreads>(st + SM::K, k.row(b, kh, c0), k.sn, len);
-    wg::cp_async_tile<kEt, kThreads>(st + SM::V, v.row(b, kh, c0) + e0, v.sn, len);
-    mma::cp_async_commit();
+    const int c0 = n0 + ci * kC;
+    const uint32_t st = base + (uint32_t)(ci & 1) * SM::STAGE, bar = bar0 + 8u * (uint32_t)(ci & 1);
+    tma::arrive_expect_tx(bar, SM::STAGE);
+#pragma unroll
+    for (int i = 0; i < MI; ++i) tma::load(st + SM::Q + i * kAtom, &tq, bar, 64 * i, c0, h, b);
+#pragma unroll
+    for (int i = 0; i < MI; ++i) tma::load(st + SM::K + i * kAtom, &tk, bar, 64 * i, c0, kh, b);
+    tma::load(st + SM::V, &tv, bar, e0, c0, kh, b);
   };
-  if (nch > 0) issue(0);
+  if (threadIdx.x == 0) {
+    tma::prefetch_map(&tq);
+    tma::prefetch_map(&tk);
+    tma::prefetch_map(&tv);
+    tma::prefetch_map(&to);
+    tma::mbar_init(bar0, 1);
+    tma::mbar_init(bar0 + 8, 1);
+    tma::fence_mbar_init();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0 && nch > 0) issue(0);
 
   // State rows of this warp: d = 64i + 16 warp + g (+8); columns e0 + 8j + 2tc (+1).
   float S[MI][32];
@@ -110,13 +129,13 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
 
   const int r0 = 16 * warp;
   for (int ci = 0; ci < nch; ++ci) {
-    const int64_t c0 = n0 + (int64_t)ci * kC;
-    const int len = (int)min((int64_t)kC, n1 - c0);
+    const int c0 = n0 + ci * kC;
+    const int len = min(kC, n1 - c0);
     const uint32_t st = base + (uint32_t)(ci & 1) * SM::STAGE;
-    mma::cp_async_wait<0>();
-    wg::fence_async_smem();  // this thread's cp.async data and S_b stores, for the async proxy
+    tma::wait(bar0 + 8u * (uint32_t)(ci & 1), (uint32_t)(ci >> 1) & 1u);
+    wg::fence_async_smem();  // this thread's S_b stores, for the async proxy
     __syncthreads();
-    if (ci + 1 < nch) issue(ci + 1);
+    if (threadIdx.x == 0 && ci + 1 < nch) issue(ci + 1);
 
     // ---- P = Q K^T, then O = Q S_b: two commit groups, so that the mask of P and the state update's
     // K^T fragments are made while the tensor cores still work on O ----
@@ -184,22 +203,22 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
     wg::wait<1>();
     wg::fence_regs(O);
 
-    // ---- store O: this warp's 16 rows through the staging rows, then 16-byte vectors ----
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      *reinterpret_cast<uint32_t*>(Ost + (r0 + g) * SM::LDO + 8 * j + 2 * tc) = mma::pack2<T>(O[4 * j], O[4 * j + 1]);
-      *reinterpret_cast<uint32_t*>(Ost + (r0 + g + 8) * SM::LDO + 8 * j + 2 * tc) =
-          mma::pack2<T>(O[4 * j + 2], O[4 * j + 3]);
-    }
+    // ---- store O: this warp's 16 rows into its part of the swizzled staging atom (conflict-free), then
+    // one TMA store by lane 0 (rows past N are dropped); the previous chunk's store must have read them ----
+    if (lane == 0) tma::store_wait_read();
     __syncwarp();
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int idx = lane + 32 * i, rr = idx >> 3, cv = idx & 7;
-      const int t = r0 + rr;
-      if (t < len) {
-        T* dst = o.p + b * o.sb + h * o.sh + (c0 + t) * o.sn + e0 + cv * 8;
-        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(Ost + t * SM::LDO + cv * 8);
-      }
+    for (int j = 0; j < 8; ++j) {
+      *reinterpret_cast<uint32_t*>(sm + SM::OST + wg::sw128_offset(r0 + g, j) + 4 * tc) =
+          mma::pack2<T>(O[4 * j], O[4 * j + 1]);
+      *reinterpret_cast<uint32_t*>(sm + SM::OST + wg::sw128_offset(r0 + g + 8, j) + 4 * tc) =
+          mma::pack2<T>(O[4 * j + 2], O[4 * j + 3]);
+    }
+    wg::fence_async_smem();
+    __syncwarp();
+    if (lane == 0 && r0 < len) {
+      tma::store(&to, base + SM::OST + (uint32_t)r0 * 128u, e0, c0 + r0, h, b);
+      tma::store_commit();
     }
     wg::wait<0>();
 #pragma unroll
@@ -211,6 +230,7 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
 #pragma unroll
     for (int i = 0; i < MI; ++i) wg::store_acc_f32(S[i], a.state_out + (size_t)bh * a.D * a.E, a.E, 64 * i + 16 * warp, e0);
   }
+  if (lane == 0) tma::store_wait_all();  // the staging atom stays valid until the stores have read it
 #else
   __trap();  // built for a target without wgmma; the host never launches this there
 #endif
@@ -223,8 +243,12 @@ cudaError_t launch(const AttnParams& p, const FwdArgs& a, cudaStream_t st) {
   cudaError_t e = opt_in_smem<wgmma_fwd_kernel<T, D>>(smem);
   if (e != cudaSuccess) return e;
   const unsigned blocks = (unsigned)(p.B * p.H * a.nseg * (p.E / kEt));
-  kern<<<blocks, kThreads, smem, st>>>(a, make_tv<const T>(p.q), make_tv<const T>(p.k), make_tv<const T>(p.v),
-                                       make_tv<T>(p.o));
+  const bool bf = std::is_same<T, __nv_bfloat16>::value;
+  CUtensorMap tq, tk, tv, to;
+  if (!tma::make_map(&tq, p.q, bf, p.B, p.H, p.N, p.D, kC) || !tma::make_map(&tk, p.k, bf, p.B, p.Hkv, p.N, p.D, kC) ||
+      !tma::make_map(&tv, p.v, bf, p.B, p.Hkv, p.N, p.E, kC) || !tma::make_map(&to, p.o, bf, p.B, p.H, p.N, p.E, 16))
+    return cudaErrorNotSupported;  // fast::view_ok admits only views the driver maps
+  kern<<<blocks, kThreads, smem, st>>>(a, tq, tk, tv, to);
   return cudaGetLastError();
 }
 

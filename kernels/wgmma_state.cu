@@ -10,13 +10,17 @@
 // group ever waits for ordinary code. One block of D / 64 warpgroups per (b, h, segment); warpgroup w holds
 // rows 64w .. 64w+63 of the D x E fp32 state in registers. Per chunk of 64 tokens: the A operand X^T
 // (ldmatrix.trans from the swizzled x tile, scaled by the weights) and y as the MN-major B operand from
-// shared memory. ST cp.async stages keep ST - 2 chunks in flight while one is multiplied; one wgmma group
-// (the previous chunk's) stays in flight while the next chunk's fragments are made.
+// shared memory. ST stages of TMA loads (thread 0 issues them, an mbarrier per stage says when they have
+// landed; tma.cuh) keep ST - 2 chunks in flight while one is multiplied; one wgmma group (the previous
+// chunk's) stays in flight while the next chunk's fragments are made.
+#include <type_traits>
+
 #include "common.cuh"
 #include "fast_args.h"
 #include "fast_path.h"
 #include "launch_cache.h"
 #include "mma.cuh"
+#include "tma.cuh"
 #include "wgmma.cuh"
 
 namespace lasp {
@@ -34,7 +38,8 @@ template <int D, int E, int ST>
 struct WgStateSmem {
   static constexpr uint32_t X = 0, Y = (D / 64) * kAtom;
   static constexpr uint32_t STAGE = Y + (E / 64) * kAtom;
-  static constexpr size_t bytes = (size_t)ST * STAGE + 1024;  // + alignment slack
+  static constexpr uint32_t BAR = ST * STAGE;  // ST mbarriers
+  static constexpr size_t bytes = (size_t)BAR + ST * 8 + 1024;  // + alignment slack
 };
 
 template <int D>
@@ -42,7 +47,7 @@ constexpr int kStateThreads = (D / 64) * 128;
 
 template <typename T, int D, int E, bool REV, int ST>
 __global__ void __launch_bounds__(kStateThreads<D>, 1)
-    wgmma_state_kernel(FwdArgs a, Tv<const T> x, Tv<const T> y) {
+    wgmma_state_kernel(FwdArgs a, const __grid_constant__ CUtensorMap tx, const __grid_constant__ CUtensorMap ty) {
 #if LASP_WGMMA
   using SM = WgStateSmem<D, E, ST>;
   constexpr int NT = kStateThreads<D>, NE = E / 64;
@@ -62,17 +67,28 @@ __global__ void __launch_bounds__(kStateThreads<D>, 1)
   const int64_t n1 = min((int64_t)a.N, n0 + a.seglen);
   const int nch = (int)((n1 - n0 + kC - 1) / kC);
   auto stage = [&](int i) { return base + (uint32_t)(i % ST) * SM::STAGE; };
-  auto issue = [&](int ci) {  // chunk ci's x and y tiles (rows past the segment zero-filled)
-    const int64_t c0 = n0 + (int64_t)ci * kC;
-    const int len = (int)min((int64_t)kC, n1 - c0);
-    wg::cp_async_tile<D, NT>(stage(ci) + SM::X, x.row(b, hx, c0), x.sn, len);
-    wg::cp_async_tile<E, NT>(stage(ci) + SM::Y, y.row(b, hx, c0), y.sn, len);
-  };
-  // Prologue: chunks 0 .. ST-3 in flight (one commit group each, empty groups past the end keep the count).
+  auto bar = [&](int i) { return base + SM::BAR + 8u * (uint32_t)(i % ST); };
+  auto issue = [&](int ci) {  // thread 0 only: chunk ci's x and y tiles (rows past N arrive as zeros)
+    const int c0 = (int)n0 + ci * kC;
+    tma::arrive_expect_tx(bar(ci), SM::STAGE);
 #pragma unroll
-  for (int i = 0; i < ST - 2; ++i) {
-    if (i < nch) issue(i);
-    mma::cp_async_commit();
+    for (int i = 0; i < D / 64; ++i) tma::load(stage(ci) + SM::X + i * kAtom, &tx, bar(ci), 64 * i, c0, hx, b);
+#pragma unroll
+    for (int i = 0; i < NE; ++i) tma::load(stage(ci) + SM::Y + i * kAtom, &ty, bar(ci), 64 * i, c0, hx, b);
+  };
+  if (threadIdx.x == 0) {
+    tma::prefetch_map(&tx);
+    tma::prefetch_map(&ty);
+#pragma unroll
+    for (int i = 0; i < ST; ++i) tma::mbar_init(bar(i), 1);
+    tma::fence_mbar_init();
+  }
+  __syncthreads();
+  // Prologue: chunks 0 .. ST-3 in flight.
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int i = 0; i < ST - 2; ++i)
+      if (i < nch) issue(i);
   }
   float acc[NE][32];
 #pragma unroll
@@ -81,13 +97,11 @@ __global__ void __launch_bounds__(kStateThreads<D>, 1)
   // the registers of the chunk before it (whose group is still in flight): chunks alternate between two
   // fragment sets, and each waits for all but its own group, so the set it will overwrite next is free.
   auto chunk = [&](int ci, uint32_t (&xa)[4][4]) {
-    mma::cp_async_wait<ST - 3>();  // chunk ci (this thread's copies)
-    wg::fence_async_smem();
-    // Every thread's copies of chunk ci have landed, and every warpgroup has finished the wgmmas of chunk
-    // ci - 2 (it waited for them in the previous chunk): its stage may be refilled.
+    tma::wait(bar(ci), (uint32_t)(ci / ST) & 1u);  // chunk ci has landed
+    // Every warpgroup has finished the wgmmas of chunk ci - 2 (it waited for them in the previous chunk):
+    // its stage may be refilled.
     __syncthreads();
-    if (ci + ST - 2 < nch) issue(ci + ST - 2);
-    mma::cp_async_commit();
+    if (threadIdx.x == 0 && ci + ST - 2 < nch) issue(ci + ST - 2);
     const int64_t c0 = n0 + (int64_t)ci * kC;
     const uint32_t xt = stage(ci) + SM::X, yt = stage(ci) + SM::Y;
 #pragma unroll
@@ -122,7 +136,6 @@ __global__ void __launch_bounds__(kStateThreads<D>, 1)
     if (ci + 1 < nch) chunk(ci + 1, xa1);
   }
   wg::wait<0>();
-  mma::cp_async_wait<0>();
 #pragma unroll
   for (int nb = 0; nb < NE; ++nb) wg::fence_regs(acc[nb]);
   float* out = a.local_out + ((size_t)bh * a.nseg + seg) * D * E;
@@ -144,7 +157,12 @@ cudaError_t launch_st(const AttnParams& p, const FwdArgs& a, const TensorView4& 
   cudaError_t e = opt_in_smem<wgmma_state_kernel<T, D, E, REV, ST>>(smem);
   if (e != cudaSuccess) return e;
   const unsigned blocks = (unsigned)(p.B * p.H * a.nseg);
-  wgmma_state_kernel<T, D, E, REV, ST><<<blocks, kStateThreads<D>, smem, st>>>(a, make_tv<const T>(x), make_tv<const T>(y));
+  const bool bf = std::is_same<T, __nv_bfloat16>::value;
+  const int64_t heads = REV ? p.H : p.Hkv;
+  CUtensorMap tx, ty;
+  if (!tma::make_map(&tx, x, bf, p.B, heads, p.N, p.D, kC) || !tma::make_map(&ty, y, bf, p.B, heads, p.N, p.E, kC))
+    return cudaErrorNotSupported;  // fast::view_ok admits only views the driver maps
+  wgmma_state_kernel<T, D, E, REV, ST><<<blocks, kStateThreads<D>, smem, st>>>(a, tx, ty);
   return cudaGetLastError();
 }
 

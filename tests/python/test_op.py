@@ -668,3 +668,44 @@ def test_cuda_long_segmented(lasp, case, seed):
         lasp, q, k, v, make_decay(decay_kind, H, "cuda", g=gen(seed)), s0,
         dtype=dtype, final_grad=with_state, seed=seed,
     )
+
+
+# CUDA only: the tensor-core kernels (TMA tensor maps over the views on Hopper) on strided views of
+# every kind a model hands them; a broadcast (stride-0) view takes the generic kernels and must agree too.
+CUDA_VIEWS = ["qkv_slice", "transposed", "n_stride2", "head_slice", "broadcast_b"]
+
+
+def _cuda_views(kind, B, H, N, D, E, g):
+    dt, dev = torch.bfloat16, "cuda"
+    if kind == "qkv_slice":  # one fused projection (B, N, 3, H, D), layout bnhd
+        x = randn((B, N, 3, H, max(D, E)), g, dt, dev).requires_grad_(True)
+        return x[:, :, 0, :, :D], x[:, :, 1, :, :D], x[:, :, 2, :, :E], "bnhd"
+    if kind == "transposed":  # (B, N, H, D) memory seen as (B, H, N, D)
+        q, k, v = (randn((B, N, H, X), g, dt, dev).requires_grad_(True) for X in (D, D, E))
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), "bhnd"
+    if kind == "n_stride2":  # every other position of a longer sequence
+        q, k, v = (randn((B, H, 2 * N, X), g, dt, dev).requires_grad_(True) for X in (D, D, E))
+        return q[:, :, ::2], k[:, :, ::2], v[:, :, ::2], "bhnd"
+    if kind == "head_slice":  # every other head
+        q, k, v = (randn((B, 2 * H, N, X), g, dt, dev).requires_grad_(True) for X in (D, D, E))
+        return q[:, ::2], k[:, ::2], v[:, ::2], "bhnd"
+    assert kind == "broadcast_b"  # k, v shared by the batch: stride 0 along B
+    q = randn((B, H, N, D), g, dt, dev).requires_grad_(True)
+    k, v = (randn((1, H, N, X), g, dt, dev).requires_grad_(True) for X in (D, E))
+    return q, k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1), "bhnd"
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.parametrize("D,E", [(64, 64), (128, 128), (128, 64)], ids=["d64e64", "d128e128", "d128e64"])
+@pytest.mark.parametrize("N", [131, 1000])
+@pytest.mark.parametrize("kind", CUDA_VIEWS)
+def test_cuda_tensor_core_views(lasp, kind, N, D, E, seed):
+    B, H = 2, 3
+    g = gen(seed)
+    q, k, v, layout = _cuda_views(kind, B, H, N, D, E, g)
+    assert not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous())
+    s0 = make_state(B, H, D, E, dtype=torch.bfloat16, device="cuda", seed=seed)
+    o, f = check_against_reference(
+        lasp, q, k, v, make_decay("alibi", H, "cuda", g=g), s0, dtype=torch.bfloat16, layout=layout, seed=seed,
+        grad_inputs=[q, k, v, s0],
+    )

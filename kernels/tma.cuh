@@ -1,0 +1,143 @@
+// Hopper tensor-memory-accelerator (TMA) helpers: host-side tensor maps over the (b, h, n, x) views of the
+// tensor-core paths, and the device-side bulk tensor copies and mbarriers that use them (sm_90a).
+//
+// A map describes one 16-bit (B, H, N, X) view with X contiguous as a 4-d tensor of dims (X, N, H, B) and
+// boxes of 64 X-elements (128 bytes: one swizzle atom row) by `rows` N-rows, 128-byte swizzle: a box lands
+// in shared memory exactly as wg::cp_async_tile lays out one 64-column atom (16-byte chunk c of row r at
+// r * 128 + ((c ^ (r % 8)) * 16) from a 1024-byte aligned base). Rows past N read as zeros and are not
+// written by stores, so the tile of a sequence's last, partial chunk needs no bounds code.
+#pragma once
+#include <cuda.h>
+#include <cuda_runtime_api.h>
+#include <cudaTypedefs.h>
+
+#include <cstdint>
+
+#include "lasp_params.h"
+
+namespace lasp {
+namespace cuda {
+namespace tma {
+
+// ---- host ----
+
+// cuTensorMapEncodeTiled from the driver (through the runtime: no link against libcuda); null where the
+// driver has none.
+inline PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();  // leave no sticky error behind
+      f = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// The map of view t (sizes B, H, N, X; 16-bit elements, bf16 or fp16) with boxes of 64 x `rows`.
+// Strides of size-1 dims are never used, so any valid value stands in for them. False where the driver
+// refuses (the tensor-core paths only pass views with 16-byte aligned rows and nonzero strides).
+inline bool make_map(CUtensorMap* m, const TensorView4& t, bool bf16, int64_t B, int64_t H, int64_t N, int64_t X,
+                     int rows) {
+  const PFN_cuTensorMapEncodeTiled_v12000 enc = encode_fn();
+  if (!enc || !t.ptr || t.stride[3] != 1) return false;
+  const cuuint64_t dims[4] = {(cuuint64_t)X, (cuuint64_t)N, (cuuint64_t)H, (cuuint64_t)B};
+  const int64_t sizes[3] = {N, H, B};
+  const int64_t el[3] = {t.stride[2], t.stride[1], t.stride[0]};
+  cuuint64_t strides[3];
+  for (int i = 0; i < 3; ++i) strides[i] = (cuuint64_t)((sizes[i] == 1 ? 8 * X : el[i]) * 2);
+  const cuuint32_t box[4] = {64, (cuuint32_t)rows, 1, 1};
+  const cuuint32_t estr[4] = {1, 1, 1, 1};
+  const CUresult r = enc(m, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4, t.ptr, dims,
+                         strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                         CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS;
+}
+
+// ---- device (sm_90a; other targets never run the kernels that call these) ----
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define LASP_TMA 1
+#else
+#define LASP_TMA 0
+#endif
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+#if LASP_TMA
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+#endif
+}
+// Makes the barriers' initialisation visible to the async proxy (before the block barrier that follows).
+__device__ __forceinline__ void fence_mbar_init() {
+#if LASP_TMA
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+// The producer's arrival: the phase completes once `bytes` more bytes have landed.
+__device__ __forceinline__ void arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+#if LASP_TMA
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+#endif
+}
+// Wait until the phase of parity `parity` of the barrier has completed.
+__device__ __forceinline__ void wait(uint32_t bar, uint32_t parity) {
+#if LASP_TMA
+  asm volatile(
+      "{\n.reg .pred P1;\nLASP_TMA_WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+      "@P1 bra LASP_TMA_DONE;\nbra LASP_TMA_WAIT;\nLASP_TMA_DONE:\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+#endif
+}
+// Box (x0, n0) of head h, batch b into shared memory at dst (1024-byte aligned), completing on bar.
+__device__ __forceinline__ void load(uint32_t dst, const CUtensorMap* map, uint32_t bar, int x0, int n0, int h, int b) {
+#if LASP_TMA
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+      "[%6];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(x0), "r"(n0), "r"(h), "r"(b), "r"(bar)
+      : "memory");
+#endif
+}
+// Shared memory at src (1024-byte aligned, written by this thread's block and fenced with
+// wg::fence_async_smem) to box (x0, n0) of head h, batch b; rows past N are dropped.
+__device__ __forceinline__ void store(const CUtensorMap* map, uint32_t src, int x0, int n0, int h, int b) {
+#if LASP_TMA
+  asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(src), "r"(x0), "r"(n0), "r"(h), "r"(b)
+               : "memory");
+#endif
+}
+__device__ __forceinline__ void store_commit() {
+#if LASP_TMA
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+#endif
+}
+// All but the newest `pending` of this thread's committed stores have read their shared memory (it may
+// be rewritten).
+template <int pending = 0>
+__device__ __forceinline__ void store_wait_read() {
+#if LASP_TMA
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(pending) : "memory");
+#endif
+}
+// This thread's committed stores are complete.
+__device__ __forceinline__ void store_wait_all() {
+#if LASP_TMA
+  asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void prefetch_map(const CUtensorMap* map) {
+#if LASP_TMA
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+#endif
+}
+
+}  // namespace tma
+}  // namespace cuda
+}  // namespace lasp
