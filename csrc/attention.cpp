@@ -169,7 +169,7 @@ Kernels empty_piece_kernels(const Tensor& q, int64_t D, int64_t E) {
   return Kernels{[pass](AttnParams& p) { pass(p.state_in, p.state_out); },
                  [pass](AttnParams& p) { pass(nullptr, p.state_out); },
                  [pass](AttnParams& p) { pass(p.grad_state_out, p.grad_state_in); },
-                 [pass](AttnParams& p) { pass(nullptr, p.grad_state_in); }, [](AttnParams&) {}, nullptr, nullptr, nullptr};
+                 [pass](AttnParams& p) { pass(nullptr, p.grad_state_in); }, [](AttnParams&) {}, nullptr, nullptr, nullptr, nullptr};
 }
 
 }  // namespace
@@ -262,11 +262,32 @@ Tensor alloc_out(const Tensor& like, const c10::SymInt& last) {
   return at::empty_symint({B, H, N, last}, like.options());
 }
 
+namespace {
+thread_local SegStates* tl_seg_request = nullptr;
+thread_local const SegStates* tl_seg_provide = nullptr;
+
+size_t acc_bytes(at::ScalarType t) { return acc_type(t) == at::kDouble ? 8 : 4; }
+
+// The forward's workspace becomes the kept segment states when the caller asked and there are segments.
+Tensor seg_states_workspace(const Kernels& kernels, AttnParams& p, SegStates* keep, int64_t& nseg, int64_t& seglen) {
+  if (!keep || !kernels.split || !kernels.workspace || !kernels.split(p, false, &nseg, &seglen) || nseg <= 1) {
+    return Tensor();
+  }
+  return kernels.workspace(p, /*backward=*/false);
+}
+}  // namespace
+
+SegStatesRequest::SegStatesRequest(SegStates* target) { tl_seg_request = target; }
+SegStatesRequest::~SegStatesRequest() { tl_seg_request = nullptr; }
+SegStatesProvide::SegStatesProvide(const SegStates* states) { tl_seg_provide = states; }
+SegStatesProvide::~SegStatesProvide() { tl_seg_provide = nullptr; }
+
 std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels, const Tensor& q, const Tensor& k,
                                                  const Tensor& v, const std::optional<Tensor>& decay,
                                                  double scale, const std::optional<Tensor>& initial_state,
                                                  const std::optional<std::string>& group_name,
                                                  const std::string& strategy_name) {
+  SegStates* const keep = std::exchange(tl_seg_request, nullptr);
   check_inputs(q, k, v, decay, initial_state, /*check_values=*/true);
   const Strategy strategy = parse_strategy(strategy_name);
   const auto acc = acc_type(q.scalar_type());
@@ -275,6 +296,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels,
   const Ring ring(group_name);
   const Tensor decay_acc = decay_in_acc(decay, acc, /*clamp=*/ring.size() > 1);
   Tensor o = alloc_out(q, E);
+  int64_t nseg = 0, seglen = 0;
   AttnParams p = base_params(q, k, v, decay_acc, scale);
   p.o = view4(o);
 
@@ -287,7 +309,9 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels,
     Tensor s_out = state_like(q, D, E);
     p.state_in = initial_state.has_value() ? s_in.data_ptr() : nullptr;
     p.state_out = s_out.data_ptr();
+    const Tensor ws = seg_states_workspace(kernels, p, keep, nseg, seglen);
     kernels.fwd(p);
+    if (ws.defined()) *keep = SegStates{ws, nseg, seglen};
     return {o, s_out, s_in};
   }
 
@@ -353,6 +377,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels,
   p.state_in = zero_in ? nullptr : s_in.data_ptr();
   p.state_out = nullptr;
   p.local_ready = true;
+  // Across ranks the backward computes the segment states again (bwd_prepare, beside the gradient
+  // exchange): keeping them is done on one device only, where it has been checked on a GPU.
   kernels.fwd(p);  // o, with the incoming state
   return {o, s_out, s_in};
 }
@@ -364,6 +390,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_
                                                          const Tensor& state_in,
                                                          const std::optional<std::string>& group_name,
                                                          const std::string& strategy_name) {
+  const SegStates* const given = std::exchange(tl_seg_provide, nullptr);
   check_inputs(q, k, v, decay, std::nullopt, /*check_values=*/false);
   const Strategy strategy = parse_strategy(strategy_name);
   const auto acc = acc_type(q.scalar_type());
@@ -384,6 +411,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_
   p.dk = view4(dk);
   p.dv = view4(dv);
   p.state_in = s_in.data_ptr();
+  if (given && given->states.defined() && kernels.split) {  // the forward's segment states, if they fit
+    int64_t nseg = 0, seglen = 0;
+    const size_t need = (size_t)(q.size(0) * q.size(1) * given->nseg * D * E) * acc_bytes(q.scalar_type());
+    if (kernels.split(p, true, &nseg, &seglen) && nseg == given->nseg && seglen == given->seglen &&
+        given->states.device() == q.device() && given->states.nbytes() >= need) {
+      p.seg_states = given->states.data_ptr();
+    }
+  }
 
   check_group_call(ring, q, k, v, decay.has_value(), strategy, 1);
   if (ring.size() == 1) {

@@ -44,6 +44,31 @@ struct Kernels {
   // collective that maps the neighbours' memory; every rank gets the same answer). required: raise
   // instead of answering false.
   std::function<bool(const Ring&, const at::Device&, int64_t state_numel, bool required)> peer_ready;
+  // How the forward (backward = false) or the backward of p cuts each sequence into segments (false:
+  // unknown); empty for backends that keep no segment states (lasp_cuda.h, fwd_split / bwd_split).
+  std::function<bool(const AttnParams&, bool backward, int64_t* nseg, int64_t* seglen)> split;
+};
+
+// The segment input states a forward computed (its workspace, acc type (B, H, nseg, D, E)), kept for the
+// backward of the same call so that it need not compute them again (CUDA, long sequences cut in segments).
+// The autograd function asks for them around its forward op call and hands them back around its backward
+// op call; attention_fwd / attention_bwd take the request on entry (thread-local, so only the op call made
+// right after it sees it). A backward uses them only where its own split is the same.
+struct SegStates {
+  Tensor states;  // undefined: none kept
+  int64_t nseg = 0, seglen = 0;
+};
+// While alive, the next attention_fwd on this thread fills *target (or leaves it empty).
+class SegStatesRequest {
+ public:
+  explicit SegStatesRequest(SegStates* target);
+  ~SegStatesRequest();
+};
+// While alive, the next attention_bwd on this thread may use *states.
+class SegStatesProvide {
+ public:
+  explicit SegStatesProvide(const SegStates* states);
+  ~SegStatesProvide();
 };
 
 // Checks shapes, dtypes and devices of the op's inputs (symbolic sizes allowed, so the meta kernels

@@ -22,7 +22,7 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 const Kernels& cpu_kernels() {
-  static const Kernels k{cpu::fwd, cpu::fwd_local, cpu::bwd, cpu::bwd_local, cpu::bwd_prepare, nullptr, nullptr, nullptr};
+  static const Kernels k{cpu::fwd, cpu::fwd_local, cpu::bwd, cpu::bwd_local, cpu::bwd_prepare, nullptr, nullptr, nullptr, nullptr};
   return k;
 }
 
@@ -105,7 +105,16 @@ class LaspAttentionFunction : public torch::autograd::Function<LaspAttentionFunc
     // a zero-filled (B, H, D, E) tensor that the kernels would then read: one fill and its bytes saved.
     ctx->set_materialize_grads(false);
     Tensor state_in;
-    auto [o, final_state] = call_fwd_op(q, k, v, decay, scale, initial_state, group_name, strategy, &state_in);
+    SegStates kept;  // the forward's segment states, for the backward (attention.h)
+    auto [o, final_state] = [&] {
+      const SegStatesRequest request(&kept);
+      return call_fwd_op(q, k, v, decay, scale, initial_state, group_name, strategy, &state_in);
+    }();
+    if (kept.states.defined()) {
+      ctx->saved_data["seg_states"] = kept.states;
+      ctx->saved_data["seg_nseg"] = kept.nseg;
+      ctx->saved_data["seg_seglen"] = kept.seglen;
+    }
     ctx->save_for_backward({q, k, v, state_in, decay.has_value() ? *decay : Tensor()});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["has_initial_state"] = initial_state.has_value();
@@ -135,7 +144,16 @@ class LaspAttentionFunction : public torch::autograd::Function<LaspAttentionFunc
                              const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                              const std::optional<Tensor>&, const std::optional<Tensor>&, double, const Tensor&,
                              const std::optional<std::string>&, const std::string&)>();
-    auto [dq, dk, dv, dinit] = op.call(q, k, v, dout, grad_final, decay, scale, state_in, group_name, strategy);
+    SegStates kept;
+    if (ctx->saved_data.count("seg_states")) {
+      kept.states = ctx->saved_data["seg_states"].toTensor();
+      kept.nseg = ctx->saved_data["seg_nseg"].toInt();
+      kept.seglen = ctx->saved_data["seg_seglen"].toInt();
+    }
+    auto [dq, dk, dv, dinit] = [&] {
+      const SegStatesProvide provide(&kept);
+      return op.call(q, k, v, dout, grad_final, decay, scale, state_in, group_name, strategy);
+    }();
     const bool has_init = ctx->saved_data["has_initial_state"].toBool();
     return {dq, dk, dv, Tensor(), Tensor(), has_init ? dinit : Tensor(), Tensor(), Tensor()};
   }

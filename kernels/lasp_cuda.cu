@@ -266,7 +266,9 @@ cudaError_t run_bwd(const AttnParams& p, cudaStream_t st) {
   if (!runnable(pl, p, pl.bwd_bytes())) return cudaErrorInvalidValue;
   const Ctx<A> c = make_ctx<A>(p, pl.nseg, pl.seglen);
   char* wsb = static_cast<char*>(p.workspace);
-  A* wsS = pl.ws_states ? reinterpret_cast<A*>(wsb) : nullptr;
+  // The forward's segment states when the caller kept them (same split), else this call's workspace.
+  A* wsS = pl.ws_states ? (p.seg_states ? static_cast<A*>(const_cast<void*>(p.seg_states)) : reinterpret_cast<A*>(wsb))
+                        : nullptr;
   A* wsG = pl.ws_states ? reinterpret_cast<A*>(wsb + pl.ws_states) : nullptr;
   A* wsKV = pl.ws_gqa ? reinterpret_cast<A*>(wsb + 2 * pl.ws_states) : nullptr;
   const A* state_in = static_cast<const A*>(p.state_in);
@@ -274,7 +276,7 @@ cudaError_t run_bwd(const AttnParams& p, cudaStream_t st) {
   A* gsi = static_cast<A*>(p.grad_state_in);
   if (pl.nseg > 1) {
     if (!p.local_ready) {  // else bwd_local ran phase 1 (and the forward states) with this workspace
-      LASP_TRY((segment_states_fwd<T, A>(p, pl, c, wsS, nullptr, st)));
+      if (!p.seg_states) LASP_TRY((segment_states_fwd<T, A>(p, pl, c, wsS, nullptr, st)));
       LASP_TRY((local_states<T, A>(p, pl, c, true, wsG, st)));
     }
     LASP_TRY(combine_states<A>(p, c, true, wsG, gso, gsi, true, st));
@@ -354,7 +356,7 @@ cudaError_t run_bwd_prepare(const AttnParams& p, cudaStream_t st) {
   if (p.N == 0) return cudaSuccess;
   const Plan pl = plan_bwd(p);
   if (!pl.ok) return cudaErrorInvalidValue;
-  if (pl.nseg == 1) return cudaSuccess;
+  if (pl.nseg == 1 || p.seg_states) return cudaSuccess;  // nothing to do, or the forward's states are kept
   if (!runnable(pl, p, pl.bwd_bytes())) return cudaErrorInvalidValue;
   const Ctx<A> c = make_ctx<A>(p, pl.nseg, pl.seglen);
   return segment_states_fwd<T, A>(p, pl, c, static_cast<A*>(p.workspace), nullptr, st);
@@ -431,6 +433,24 @@ const char* bwd_main_kernel_name(const AttnParams& p) {
   const Plan pl = plan_bwd(p);
   if (!pl.ok || !pl.fast) return "generic";
   return fast::bwd_uses_wgmma() ? "wgmma" : "mma";
+}
+
+bool fwd_split(const AttnParams& p, int64_t* nseg, int64_t* seglen) {
+  if (!supports(p) || p.N == 0) return false;
+  const Plan pl = plan_fwd(p);
+  if (!pl.ok) return false;
+  *nseg = pl.nseg;
+  *seglen = pl.seglen;
+  return true;
+}
+
+bool bwd_split(const AttnParams& p, int64_t* nseg, int64_t* seglen) {
+  if (!supports(p) || p.N == 0) return false;
+  const Plan pl = plan_bwd(p);
+  if (!pl.ok) return false;
+  *nseg = pl.nseg;
+  *seglen = pl.seglen;
+  return true;
 }
 
 cudaError_t fwd(const AttnParams& p, cudaStream_t stream) { return dispatch<FwdOp>(p, stream); }

@@ -45,6 +45,13 @@ BwdKernel bwd_kernel();
 // The kernel family the backward main pass of p would use: "wgmma", "mma" or "generic".
 const char* bwd_main_kernel_name(const AttnParams& p);
 
+// How the forward (backward) of p cuts each sequence: nseg segments of seglen tokens (the last may be
+// shorter); false where p is not supported. With nseg > 1, the workspace of a fwd holds each segment's
+// input state afterwards ((B, H, nseg, D, E), acc type, from offset 0): a bwd of the same problem whose
+// split is the same may take it as p.seg_states instead of computing it again.
+bool fwd_split(const AttnParams& p, int64_t* nseg, int64_t* seglen);
+bool bwd_split(const AttnParams& p, int64_t* nseg, int64_t* seglen);
+
 cudaError_t fwd(const AttnParams& p, cudaStream_t stream);
 cudaError_t fwd_local(const AttnParams& p, cudaStream_t stream);
 cudaError_t bwd(const AttnParams& p, cudaStream_t stream);

@@ -60,6 +60,11 @@ struct AttnParams {
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
 
+  // bwd (and bwd_prepare): the segment input states a fwd of the same problem left in its workspace
+  // ((B, H, nseg, D, E) in the acc type), or nullptr (the bwd computes them again from k, v, S_in). Only
+  // valid where the fwd and the bwd split the sequence alike (fwd_split and bwd_split agree).
+  const void* seg_states = nullptr;
+
   // Set on a fwd that follows a fwd_local (on a bwd that follows a bwd_local and a bwd_prepare) of the
   // same problem with the same workspace: the work those did is reused (only state_in / grad_state_out
   // / the state outputs may differ).

@@ -57,6 +57,9 @@ const Kernels& cuda_kernels() {
       },
       peer_hop_cuda,
       peer_ready_cuda,
+      [](const AttnParams& p, bool backward, int64_t* nseg, int64_t* seglen) {
+        return backward ? cuda::bwd_split(p, nseg, seglen) : cuda::fwd_split(p, nseg, seglen);
+      },
   };
   return k;
 }

@@ -709,3 +709,26 @@ def test_cuda_tensor_core_views(lasp, kind, N, D, E, seed):
         lasp, q, k, v, make_decay("alibi", H, "cuda", g=g), s0, dtype=torch.bfloat16, layout=layout, seed=seed,
         grad_inputs=[q, k, v, s0],
     )
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.parametrize("D", [64, 128])
+def test_cuda_backward_reuses_forward_segment_states(lasp, D, seed):
+    """A long sequence with few heads is cut into segments; the backward takes the segment input states the
+    forward computed (csrc/attention.h, SegStates) instead of computing them again: its only phase-1 launch
+    is the state-gradient one. The gradients stay those of the float64 reference."""
+    B, H, N = 1, 2, 8192
+    g = gen(seed)
+    q, k, v = make_qkv(B, H, H, N, D, D, dtype=torch.bfloat16, device="cuda", seed=seed)
+    s0 = make_state(B, H, D, D, dtype=torch.bfloat16, device="cuda", seed=seed)
+    decay = make_decay("alibi", H, "cuda", g=g)
+    o, f = lasp.lasp_attention(q, k, v, decay, initial_state=s0, output_final_state=True)
+    do = torch.randn_like(o)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        torch.autograd.backward([o], [do])
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    state_launches = [n for n in names if "state_kernel" in n or "state_local_kernel" in n]
+    assert len(state_launches) == 1, f"backward phase-1 launches: {state_launches}"
+    q2, k2, v2, s02 = (t.detach().clone().requires_grad_(True) for t in (q, k, v, s0))
+    check_against_reference(lasp, q2, k2, v2, decay, s02, dtype=torch.bfloat16, seed=seed)
