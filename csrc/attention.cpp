@@ -296,7 +296,6 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels,
   const Ring ring(group_name);
   const Tensor decay_acc = decay_in_acc(decay, acc, /*clamp=*/ring.size() > 1);
   Tensor o = alloc_out(q, E);
-  int64_t nseg = 0, seglen = 0;
   AttnParams p = base_params(q, k, v, decay_acc, scale);
   p.o = view4(o);
 
@@ -309,6 +308,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels,
     Tensor s_out = state_like(q, D, E);
     p.state_in = initial_state.has_value() ? s_in.data_ptr() : nullptr;
     p.state_out = s_out.data_ptr();
+    int64_t nseg = 0, seglen = 0;
     const Tensor ws = seg_states_workspace(kernels, p, keep, nseg, seglen);
     kernels.fwd(p);
     if (ws.defined()) *keep = SegStates{ws, nseg, seglen};
@@ -378,7 +378,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels,
   p.state_out = nullptr;
   p.local_ready = true;
   // Across ranks the backward computes the segment states again (bwd_prepare, beside the gradient
-  // exchange): keeping them is done on one device only, where it has been checked on a GPU.
+  // exchange): they are kept on one device only (this path has not yet run with them on GPUs).
   kernels.fwd(p);  // o, with the incoming state
   return {o, s_out, s_in};
 }

@@ -107,7 +107,9 @@ __device__ __forceinline__ uint64_t mnmajor(uint32_t tile, uint32_t atom_bytes, 
 }
 
 // cp.async of a 64-row tile, W 16-bit columns, into swizzled atoms at `dst` (shared byte address) by NT
-// threads: row r from rows + r * row_stride (elements) for r < len, zero-filled rows from len on.
+// threads: row r from rows + r * row_stride (elements) for r < len, zero-filled rows from len on. The same
+// layout as a 64-column TMA box with the 128-byte swizzle (tma.cuh), which the sm_90a kernels load with;
+// this loader serves the building-block tests.
 template <int W, int NT, typename T>
 __device__ __forceinline__ void cp_async_tile(uint32_t dst, const T* rows, int64_t row_stride, int len) {
   constexpr int CPR = W / 8;  // 16-byte chunks per row

@@ -47,7 +47,7 @@ __global__ void probe_kernel(const bf16* A, const bf16* Bn, const bf16* X, const
   const uint32_t r0 = mm::smem_addr(raw), pad = (1024u - (r0 & 1023u)) & 1023u;
   const uint32_t base = r0 + pad;
   const uint32_t oA = 0, oB = 2 * kAtom, oX = 4 * kAtom, oY = 5 * kAtom;
-  // the kernels' loader (wg::cp_async_tile), so the test covers the layout they really write
+  // wg::cp_async_tile writes the swizzled layout the kernels' TMA boxes land in (tma.cuh)
   wg::cp_async_tile<128, 128>(base + oA, A, 128, 64);
   wg::cp_async_tile<128, 128>(base + oB, Bn, 128, 64);
   wg::cp_async_tile<64, 128>(base + oX, X, 64, 64);
