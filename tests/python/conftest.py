@@ -126,10 +126,12 @@ def tolerance(dtype: torch.dtype, lowp_err: Optional[float]) -> float:
     return 2.0 * lowp_err + LOWP_FLOOR[dtype]
 
 
-def assert_close_to_ref(name, out, ref64, dtype, lowp=None):
+def assert_close_to_ref(name, out, ref64, dtype, lowp=None, atol=0.0):
     """Check ``out`` (the op's result) against the fp64 reference ``ref64``.
 
     ``lowp``: the same quantity from the reference computed in ``dtype`` (needed for fp16/bf16).
+    ``atol``: an absolute allowance on ||out - ref64|| beside the relative bound, for results whose terms
+    cancel (the caller derives it from the magnitudes of the terms; 0: the relative bound alone).
     """
     assert out is not None, f"{name}: op returned None (expected a tensor)"
     assert tuple(out.shape) == tuple(ref64.shape), f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
@@ -137,6 +139,12 @@ def assert_close_to_ref(name, out, ref64, dtype, lowp=None):
     lowp_err = rel_err(lowp, ref64) if (lowp is not None and dtype not in FIXED_REL_TOL) else None
     tol = tolerance(dtype, lowp_err)
     extra = f", reference-in-{DTYPE_IDS.get(dtype, dtype)} err {lowp_err:.3e}" if lowp_err is not None else ""
+    if atol > 0 and err > tol:
+        den = torch.linalg.vector_norm(ref64.detach().double().cpu()).item()
+        num = err * den if den > 0 else err
+        assert num <= tol * den + atol, (
+            f"{name}: error {num:.3e} > {tol:.1e} x |ref| {den:.3e} + allowance {atol:.3e}{extra}")
+        return err
     assert err <= tol, f"{name}: relative error {err:.3e} > tol {tol:.3e}{extra}"
     return err
 

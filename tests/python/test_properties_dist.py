@@ -32,7 +32,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import acc_dtype, assert_close_to_ref, gen, import_lasp, randn, ref, free_port
@@ -254,20 +254,26 @@ def examples(draw):
     )
 
 
-def expected(ex):
-    """float64 reference for the loss <o, do> + sum_r <final_state_r, dS_r> over the whole sequence."""
+def expected(ex, magnitudes=False):
+    """float64 reference for the loss <o, do> + sum_r <final_state_r, dS_r> over the whole sequence.
+
+    magnitudes: the same computation on the absolute values of q, k, v, the states, do and dS. Every result
+    is multilinear in those with nonnegative weights (scale > 0, decay >= 0), so this gives, per element,
+    the sum of the absolute values of the terms the result adds up: the scale of float32's rounding error
+    in any order of evaluation, also where the terms cancel."""
     prob = make_problem(ex)
+    mag = (lambda t: t.abs()) if magnitudes else (lambda t: t)
     layout, sd = ex["layout"], _seq_dim(ex["layout"])
     ends = [P + n for P, n in zip(_offsets(ex["pieces"]), ex["pieces"])]
-    q, k, v = (prob[x].double().requires_grad_(True) for x in ("q", "k", "v"))
-    s0 = None if prob["s0"] is None else prob["s0"].double().requires_grad_(True)
+    q, k, v = (mag(prob[x].double()).requires_grad_(True) for x in ("q", "k", "v"))
+    s0 = None if prob["s0"] is None else mag(prob["s0"].double()).requires_grad_(True)
     o, _ = ref.attention_ref(q, k, v, prob["decay"], ex["scale"], s0, layout)
     finals = [ref.attention_ref(q.narrow(sd, 0, e), k.narrow(sd, 0, e), v.narrow(sd, 0, e), prob["decay"],
                                 ex["scale"], s0, layout)[1] for e in ends]
-    loss = (o * prob["do"].double()).sum()
+    loss = (o * mag(prob["do"].double())).sum()
     for f, dS in zip(finals, prob["dS"]):
         if dS is not None:
-            loss = loss + (f * dS.double()).sum()
+            loss = loss + (f * mag(dS.double())).sum()
     ins = [q, k, v] + ([s0] if s0 is not None else [])
     gr = torch.autograd.grad(loss, ins, allow_unused=True)
     zero = [torch.zeros_like(t) for t in ins]
@@ -278,22 +284,43 @@ def expected(ex):
 
 @SETTINGS
 @given(ex=examples())
+# Found by the search (CI, 2026-12-02): dv is one element whose two query heads' terms nearly cancel; the
+# op and a float32 reference both land about 1e-3 (relative) from float64 there.
+@example(ex={"ranks": (0,), "pieces": [1], "B": 1, "H": 2, "Hkv": 1, "D": 23, "E": 1, "dtype": "float32",
+             "layout": "bhnd", "decay": None, "scale": 1.3515625, "state": "rank0", "final_grads": [True],
+             "seed": 4240})
 def test_group_matches_reference(pool, ex):
     results = pool.run(ex)
     exp = expected(ex)
     dt = DTYPES[ex["dtype"]]
     sd = _seq_dim(ex["layout"])
+    # float32 beside the relative bound: an absolute allowance of (sum of the pieces + D + E + 8) unit
+    # roundoffs times the terms' magnitudes, the classic bound for sums of products in any order. It only
+    # matters where a result's terms cancel (the relative bound alone fails such a result for any float32
+    # evaluation, the float32 reference included).
+    mags = expected(ex, magnitudes=True) if dt == torch.float32 else None
+    depth = sum(ex["pieces"]) + ex["D"] + ex["E"] + 8
+
+    def atol(name, r=None, P=0, n=0):
+        if mags is None or mags.get(name) is None:
+            return 0.0
+        m = mags[name][r] if r is not None else mags[name].narrow(sd, P, n)
+        return depth * 2.0**-24 * torch.linalg.vector_norm(m).item()
+
     for r, (P, n) in enumerate(zip(_offsets(ex["pieces"]), ex["pieces"])):
         for strategy in STRATEGIES:
             got = results[r][strategy]
             where = f"{strategy}, group {ex['ranks']} rank {r}, piece [{P}, {P + n}): "
             assert got["o"].dtype == dt and got["final_state"].dtype == acc_dtype(dt), where + "dtypes"
             for name in ("o", "dq", "dk", "dv"):
-                assert_close_to_ref(where + name, got[name], exp[name].narrow(sd, P, n), dt)
-            assert_close_to_ref(where + "final_state", got["final_state"], exp["finals"][r], dt)
+                assert_close_to_ref(where + name, got[name], exp[name].narrow(sd, P, n), dt,
+                                    atol=atol(name, P=P, n=n))
+            assert_close_to_ref(where + "final_state", got["final_state"], exp["finals"][r], dt,
+                                atol=atol("finals", r))
             ds0 = got["d_initial_state"]
             if r == 0 and ex["state"]:
-                assert_close_to_ref(where + "d_initial_state", ds0, exp["d_initial_state"], dt)
+                assert_close_to_ref(where + "d_initial_state", ds0, exp["d_initial_state"], dt,
+                                    atol=atol("d_initial_state"))
             elif ex["state"] == "all":
                 assert ds0 is None or torch.count_nonzero(ds0) == 0, (
                     where + "an initial_state passed on a rank > 0 must get a zero gradient")
