@@ -435,23 +435,19 @@ const char* bwd_main_kernel_name(const AttnParams& p) {
   return fast::bwd_uses_wgmma() ? "wgmma" : "mma";
 }
 
-bool fwd_split(const AttnParams& p, int64_t* nseg, int64_t* seglen) {
+namespace {
+bool split_of(const AttnParams& p, bool backward, int64_t* nseg, int64_t* seglen) {
   if (!supports(p) || p.N == 0) return false;
-  const Plan pl = plan_fwd(p);
+  const Plan pl = backward ? plan_bwd(p) : plan_fwd(p);
   if (!pl.ok) return false;
   *nseg = pl.nseg;
   *seglen = pl.seglen;
   return true;
 }
+}  // namespace
 
-bool bwd_split(const AttnParams& p, int64_t* nseg, int64_t* seglen) {
-  if (!supports(p) || p.N == 0) return false;
-  const Plan pl = plan_bwd(p);
-  if (!pl.ok) return false;
-  *nseg = pl.nseg;
-  *seglen = pl.seglen;
-  return true;
-}
+bool fwd_split(const AttnParams& p, int64_t* nseg, int64_t* seglen) { return split_of(p, false, nseg, seglen); }
+bool bwd_split(const AttnParams& p, int64_t* nseg, int64_t* seglen) { return split_of(p, true, nseg, seglen); }
 
 cudaError_t fwd(const AttnParams& p, cudaStream_t stream) { return dispatch<FwdOp>(p, stream); }
 cudaError_t fwd_local(const AttnParams& p, cudaStream_t stream) { return dispatch<FwdLocalOp>(p, stream); }

@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "lasp_params.h"
+#include "wgmma.cuh"  // LASP_WGMMA (the sm_90a target, where TMA exists too), wg::kTileAtom
 
 namespace lasp {
 namespace cuda {
@@ -59,32 +60,26 @@ inline bool make_map(CUtensorMap* m, const TensorView4& t, bool bf16, int64_t B,
 
 // ---- device (sm_90a; other targets never run the kernels that call these) ----
 
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define LASP_TMA 1
-#else
-#define LASP_TMA 0
-#endif
-
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-#if LASP_TMA
+#if LASP_WGMMA
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 #endif
 }
 // Makes the barriers' initialisation visible to the async proxy (before the block barrier that follows).
 __device__ __forceinline__ void fence_mbar_init() {
-#if LASP_TMA
+#if LASP_WGMMA
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
 #endif
 }
 // The producer's arrival: the phase completes once `bytes` more bytes have landed.
 __device__ __forceinline__ void arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-#if LASP_TMA
+#if LASP_WGMMA
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 #endif
 }
 // Wait until the phase of parity `parity` of the barrier has completed.
 __device__ __forceinline__ void wait(uint32_t bar, uint32_t parity) {
-#if LASP_TMA
+#if LASP_WGMMA
   asm volatile(
       "{\n.reg .pred P1;\nLASP_TMA_WAIT:\n"
       "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
@@ -93,9 +88,15 @@ __device__ __forceinline__ void wait(uint32_t bar, uint32_t parity) {
       : "memory");
 #endif
 }
+// Thread 0 of the block: `count` mbarriers at bar, bar + 8, ... (one arrival each), visible to the async
+// proxy once the block barrier that must follow has passed.
+__device__ __forceinline__ void init_barriers(uint32_t bar, int count) {
+  for (int i = 0; i < count; ++i) mbar_init(bar + 8u * (uint32_t)i, 1);
+  fence_mbar_init();
+}
 // Box (x0, n0) of head h, batch b into shared memory at dst (1024-byte aligned), completing on bar.
 __device__ __forceinline__ void load(uint32_t dst, const CUtensorMap* map, uint32_t bar, int x0, int n0, int h, int b) {
-#if LASP_TMA
+#if LASP_WGMMA
   asm volatile(
       "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
       "[%6];\n" ::"r"(dst),
@@ -103,10 +104,17 @@ __device__ __forceinline__ void load(uint32_t dst, const CUtensorMap* map, uint3
       : "memory");
 #endif
 }
+// `atoms` boxes side by side, columns x0 + 64 i of the rows from n0, into the consecutive swizzle atoms
+// dst + i * wg::kTileAtom: a 64-row tile of 64 * atoms columns as the wgmma operands read it.
+__device__ __forceinline__ void load_atoms(uint32_t dst, const CUtensorMap* map, uint32_t bar, int atoms, int x0,
+                                           int n0, int h, int b) {
+#pragma unroll
+  for (int i = 0; i < atoms; ++i) load(dst + (uint32_t)i * wg::kTileAtom, map, bar, x0 + 64 * i, n0, h, b);
+}
 // Shared memory at src (1024-byte aligned, written by this thread's block and fenced with
 // wg::fence_async_smem) to box (x0, n0) of head h, batch b; rows past N are dropped.
 __device__ __forceinline__ void store(const CUtensorMap* map, uint32_t src, int x0, int n0, int h, int b) {
-#if LASP_TMA
+#if LASP_WGMMA
   asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n" ::"l"(
                    reinterpret_cast<uint64_t>(map)),
                "r"(src), "r"(x0), "r"(n0), "r"(h), "r"(b)
@@ -114,7 +122,7 @@ __device__ __forceinline__ void store(const CUtensorMap* map, uint32_t src, int 
 #endif
 }
 __device__ __forceinline__ void store_commit() {
-#if LASP_TMA
+#if LASP_WGMMA
   asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
 #endif
 }
@@ -122,18 +130,18 @@ __device__ __forceinline__ void store_commit() {
 // be rewritten).
 template <int pending = 0>
 __device__ __forceinline__ void store_wait_read() {
-#if LASP_TMA
+#if LASP_WGMMA
   asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(pending) : "memory");
 #endif
 }
 // This thread's committed stores are complete.
 __device__ __forceinline__ void store_wait_all() {
-#if LASP_TMA
+#if LASP_WGMMA
   asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 #endif
 }
 __device__ __forceinline__ void prefetch_map(const CUtensorMap* map) {
-#if LASP_TMA
+#if LASP_WGMMA
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 #endif
 }

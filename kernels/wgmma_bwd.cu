@@ -209,9 +209,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
     tma::prefetch_map(&tm.k);
     tma::prefetch_map(&tm.v);
     tma::prefetch_map(&tm.dout);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) tma::mbar_init(barA + 8 * i, 1);
-    tma::fence_mbar_init();
+    tma::init_barriers(barA, 4);
   }
   __syncthreads();
   auto stage = [&](int i) { return base + (uint32_t)(i & 1) * SM::STAGE; };
@@ -242,16 +240,13 @@ __global__ void __launch_bounds__(kThreads, MINB)
   // Each warpgroup runs its own loop (its own registers); both meet at one named barrier per chunk.
   // Thread 0 only: chunk ci's tiles into stage ci & 1, rows past N as zeros (loop A: K, V, dO; loop B,
   // chunk ci from the end: Q, K, V, dO).
-  auto load_tiles = [&](uint32_t st, const CUtensorMap* map, uint32_t off, int atoms, uint32_t bar, int c0, int head) {
-    for (int i = 0; i < atoms; ++i) tma::load(st + off + (uint32_t)i * kAtom, map, bar, 64 * i, c0, head, b);
-  };
   auto issue_A = [&](int ci) {
     const int c0 = n0 + ci * kC;
     const uint32_t st = stage(ci), bar = barA + 8u * (uint32_t)(ci & 1);
     tma::arrive_expect_tx(bar, SM::BYTES_A);
-    load_tiles(st, &tm.k, SM::K, ND, bar, c0, kh);
-    load_tiles(st, &tm.v, SM::V, NE, bar, c0, kh);
-    load_tiles(st, &tm.dout, SM::DO, NE, bar, c0, h);
+    tma::load_atoms(st + SM::K, &tm.k, bar, ND, 0, c0, kh, b);
+    tma::load_atoms(st + SM::V, &tm.v, bar, NE, 0, c0, kh, b);
+    tma::load_atoms(st + SM::DO, &tm.dout, bar, NE, 0, c0, h, b);
   };
   auto chunk_top = [&](int ci) {  // this chunk's tiles (and S_b) visible to every thread and to wgmma
     tma::wait(barA + 8u * (uint32_t)(ci & 1), (uint32_t)(ci >> 1) & 1u);
@@ -355,10 +350,10 @@ __global__ void __launch_bounds__(kThreads, MINB)
     const int c0 = n0 + (nch - 1 - ci) * kC;
     const uint32_t st = stage(ci), bar = barB + 8u * (uint32_t)(ci & 1);
     tma::arrive_expect_tx(bar, SM::STAGE);
-    load_tiles(st, &tm.q, SM::Q, ND, bar, c0, h);
-    load_tiles(st, &tm.k, SM::K, ND, bar, c0, kh);
-    load_tiles(st, &tm.v, SM::V, NE, bar, c0, kh);
-    load_tiles(st, &tm.dout, SM::DO, NE, bar, c0, h);
+    tma::load_atoms(st + SM::Q, &tm.q, bar, ND, 0, c0, h, b);
+    tma::load_atoms(st + SM::K, &tm.k, bar, ND, 0, c0, kh, b);
+    tma::load_atoms(st + SM::V, &tm.v, bar, NE, 0, c0, kh, b);
+    tma::load_atoms(st + SM::DO, &tm.dout, bar, NE, 0, c0, h, b);
   };
   if (threadIdx.x == 0 && nch > 0) issue_B(0);
   const int hkv = a.dkv_per_query_head ? h : kh;

@@ -87,10 +87,8 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
     const int c0 = n0 + ci * kC;
     const uint32_t st = base + (uint32_t)(ci & 1) * SM::STAGE, bar = bar0 + 8u * (uint32_t)(ci & 1);
     tma::arrive_expect_tx(bar, SM::STAGE);
-#pragma unroll
-    for (int i = 0; i < MI; ++i) tma::load(st + SM::Q + i * kAtom, &tq, bar, 64 * i, c0, h, b);
-#pragma unroll
-    for (int i = 0; i < MI; ++i) tma::load(st + SM::K + i * kAtom, &tk, bar, 64 * i, c0, kh, b);
+    tma::load_atoms(st + SM::Q, &tq, bar, MI, 0, c0, h, b);
+    tma::load_atoms(st + SM::K, &tk, bar, MI, 0, c0, kh, b);
     tma::load(st + SM::V, &tv, bar, e0, c0, kh, b);
   };
   if (threadIdx.x == 0) {
@@ -98,9 +96,7 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
     tma::prefetch_map(&tk);
     tma::prefetch_map(&tv);
     tma::prefetch_map(&to);
-    tma::mbar_init(bar0, 1);
-    tma::mbar_init(bar0 + 8, 1);
-    tma::fence_mbar_init();
+    tma::init_barriers(bar0, 2);
   }
   __syncthreads();
   if (threadIdx.x == 0 && nch > 0) issue(0);

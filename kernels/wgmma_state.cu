@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(kStateThreads<D>, 1)
     wgmma_state_kernel(FwdArgs a, const __grid_constant__ CUtensorMap tx, const __grid_constant__ CUtensorMap ty) {
 #if LASP_WGMMA
   using SM = WgStateSmem<D, E, ST>;
-  constexpr int NT = kStateThreads<D>, NE = E / 64;
+  constexpr int NE = E / 64;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t raw = mma::smem_addr(smem_raw);
   const uint32_t base = raw + ((1024u - (raw & 1023u)) & 1023u);
@@ -71,17 +71,13 @@ __global__ void __launch_bounds__(kStateThreads<D>, 1)
   auto issue = [&](int ci) {  // thread 0 only: chunk ci's x and y tiles (rows past N arrive as zeros)
     const int c0 = (int)n0 + ci * kC;
     tma::arrive_expect_tx(bar(ci), SM::STAGE);
-#pragma unroll
-    for (int i = 0; i < D / 64; ++i) tma::load(stage(ci) + SM::X + i * kAtom, &tx, bar(ci), 64 * i, c0, hx, b);
-#pragma unroll
-    for (int i = 0; i < NE; ++i) tma::load(stage(ci) + SM::Y + i * kAtom, &ty, bar(ci), 64 * i, c0, hx, b);
+    tma::load_atoms(stage(ci) + SM::X, &tx, bar(ci), D / 64, 0, c0, hx, b);
+    tma::load_atoms(stage(ci) + SM::Y, &ty, bar(ci), NE, 0, c0, hx, b);
   };
   if (threadIdx.x == 0) {
     tma::prefetch_map(&tx);
     tma::prefetch_map(&ty);
-#pragma unroll
-    for (int i = 0; i < ST; ++i) tma::mbar_init(bar(i), 1);
-    tma::fence_mbar_init();
+    tma::init_barriers(bar(0), ST);
   }
   __syncthreads();
   // Prologue: chunks 0 .. ST-3 in flight.
