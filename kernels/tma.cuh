@@ -146,6 +146,38 @@ __device__ __forceinline__ void prefetch_map(const CUtensorMap* map) {
 #endif
 }
 
+// A 16-bit 64 x 64 output block (a warpgroup's wgmma accumulator) by TMA: this warp's 16 rows r0.. go into
+// its rows of the next of its warpgroup's NSTG staging atoms from `stg` (a byte offset from the 1024-aligned
+// shared base, `sm` as a pointer, `base` as an address; swizzled, so the fragment stores are free of bank
+// conflicts), then lane 0 stores them as one box (x0, row0 = the chunk's first row + r0) of head h, batch b;
+// rows past N are dropped. `cnt` counts this warp's stores (the atoms are used in turn; lane 0 first waits
+// until the store that last read the atom has read it). Warps whose rows all lie past the chunk's end (len)
+// store nothing.
+template <typename T, int NSTG>
+__device__ __forceinline__ void store_acc_rows(const float (&d)[32], const CUtensorMap* map, unsigned char* sm,
+                                               uint32_t base, uint32_t stg, int& cnt, int r0, int len, int x0,
+                                               int row0, int h, int b) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
+  const uint32_t atom = stg + (uint32_t)(cnt % NSTG) * wg::kTileAtom;
+  if (lane == 0) store_wait_read<NSTG - 1>();
+  __syncwarp();
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      *reinterpret_cast<uint32_t*>(sm + atom + wg::sw128_offset(r0 + g + 8 * hh, j) + 4 * tc) =
+          mma::pack2<T>(d[4 * j + 2 * hh], d[4 * j + 2 * hh + 1]);
+  wg::fence_async_smem();
+  __syncwarp();
+  if (r0 < len) {
+    if (lane == 0) {
+      store(map, base + atom + (uint32_t)r0 * 128u, x0, row0, h, b);
+      store_commit();
+    }
+    ++cnt;
+  }
+}
+
 }  // namespace tma
 }  // namespace cuda
 }  // namespace lasp

@@ -95,36 +95,6 @@ __device__ __forceinline__ void store_acc_f32_rows(const float (&d)[32], float* 
   }
 }
 
-// A 16-bit 64 x 64 output block by TMA: this warp's 16 rows go into its rows of the next staging atom of its
-// warpgroup (swizzled, so the fragment stores are free of bank conflicts), then lane 0 stores them as one
-// box (x0, row0 = the chunk's first row + r0) of head h, batch b; rows past N are dropped. `cnt` counts this
-// warp's stores (the atoms are used in turn; lane 0 first waits until the store that last read the atom has
-// read it). Warps whose rows all lie past the chunk's end (len) store nothing.
-template <typename T, int NSTG>
-__device__ __forceinline__ void store_acc_tma(const float (&d)[32], const CUtensorMap* map, unsigned char* sm,
-                                              uint32_t base, uint32_t stg, int& cnt, int r0, int len, int x0,
-                                              int row0, int h, int b) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
-  const uint32_t atom = stg + (uint32_t)(cnt % NSTG) * kAtom;
-  if (lane == 0) tma::store_wait_read<NSTG - 1>();
-  __syncwarp();
-#pragma unroll
-  for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-      *reinterpret_cast<uint32_t*>(sm + atom + wg::sw128_offset(r0 + g + 8 * hh, j) + 4 * tc) =
-          mma::pack2<T>(d[4 * j + 2 * hh], d[4 * j + 2 * hh + 1]);
-  wg::fence_async_smem();
-  __syncwarp();
-  if (r0 < len) {
-    if (lane == 0) {
-      tma::store(map, base + atom + (uint32_t)r0 * 128u, x0, row0, h, b);
-      tma::store_commit();
-    }
-    ++cnt;
-  }
-}
-
 // st (64 rows of block mb of a D x E fp32 state) = g^len st + X^T diag(w) Y over the chunk (K = its 64 rows):
 // X = the tile at xt (rows s, 64-column atoms), Y = the tile at yt, MN-major (NE atoms). w[s] = g^(len-1-s)
 // (REV = false: the forward state, from K and V) or scale g^(s+1) (REV = true: R, from Q and dO); rows past
@@ -203,7 +173,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
   const size_t DE = (size_t)D * E;
   const uint32_t barA = base + SM::BAR, barB = barA + 16;  // + 8 (i & 1): stage i of loop A / B
   const uint32_t stg = SM::OST + (uint32_t)wgi * SM::NSTG * kAtom;  // this warpgroup's staging atoms
-  int nstore = 0;  // this warp's TMA stores (store_acc_tma)
+  int nstore = 0;  // this warp's TMA stores (tma::store_acc_rows)
   if (threadIdx.x == 0) {
     tma::prefetch_map(&tm.q);
     tma::prefetch_map(&tm.k);
@@ -301,7 +271,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
 #pragma unroll
       for (int nb = 0; nb < ND; ++nb) {
         wg::fence_regs(acc[nb]);
-        store_acc_tma<T, SM::NSTG>(acc[nb], &tm.dq, sm, base, stg, nstore, r0, len, 64 * nb, c0 + r0, h, b);
+        tma::store_acc_rows<T, SM::NSTG>(acc[nb], &tm.dq, sm, base, stg, nstore, r0, len, 64 * nb, c0 + r0, h, b);
       }
     }
   } else {
@@ -445,7 +415,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
           const Tv<OT>& o = W == 0 ? dk : dv;
           store_acc_f32_rows(acc[nb], o.p + b * o.sb + hkv * o.sh + (int64_t)c0 * o.sn, o.sn, r0, 64 * nb, len);
         } else {
-          store_acc_tma<T, SM::NSTG>(acc[nb], W == 0 ? &tm.dk : &tm.dv, sm, base, stg, nstore, r0, len, 64 * nb,
+          tma::store_acc_rows<T, SM::NSTG>(acc[nb], W == 0 ? &tm.dk : &tm.dv, sm, base, stg, nstore, r0, len, 64 * nb,
                                      c0 + r0, hkv, b);
         }
       }

@@ -124,6 +124,7 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
   }
 
   const int r0 = 16 * warp;
+  int nstore = 0;  // this warp's TMA stores (tma::store_acc_rows)
   for (int ci = 0; ci < nch; ++ci) {
     const int c0 = n0 + ci * kC;
     const int len = min(kC, n1 - c0);
@@ -199,23 +200,9 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
     wg::wait<1>();
     wg::fence_regs(O);
 
-    // ---- store O: this warp's 16 rows into its part of the swizzled staging atom (conflict-free), then
-    // one TMA store by lane 0 (rows past N are dropped); the previous chunk's store must have read them ----
-    if (lane == 0) tma::store_wait_read();
-    __syncwarp();
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      *reinterpret_cast<uint32_t*>(sm + SM::OST + wg::sw128_offset(r0 + g, j) + 4 * tc) =
-          mma::pack2<T>(O[4 * j], O[4 * j + 1]);
-      *reinterpret_cast<uint32_t*>(sm + SM::OST + wg::sw128_offset(r0 + g + 8, j) + 4 * tc) =
-          mma::pack2<T>(O[4 * j + 2], O[4 * j + 3]);
-    }
-    wg::fence_async_smem();
-    __syncwarp();
-    if (lane == 0 && r0 < len) {
-      tma::store(&to, base + SM::OST + (uint32_t)r0 * 128u, e0, c0 + r0, h, b);
-      tma::store_commit();
-    }
+    // ---- store O: this warp's 16 rows through the staging atom, one TMA store (the previous chunk's store
+    // must have read the atom first) ----
+    tma::store_acc_rows<T, 1>(O, &to, sm, base, SM::OST, nstore, r0, len, e0, c0 + r0, h, b);
     wg::wait<0>();
 #pragma unroll
     for (int i = 0; i < MI; ++i) wg::fence_regs(S[i]);
