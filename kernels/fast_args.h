@@ -36,8 +36,9 @@ inline void fill_base(ArgsBase& a, const AttnParams& p, int nseg, int seglen) {
 
 struct FwdArgs : ArgsBase {
   const float* seg_states;  // nseg > 1: (B, H, nseg, D, E) segment input states
-  float* state_out;
-  float* local_out;  // state kernels: (B, H, nseg, D, E)
+  float* state_out;         // written by the last segment's blocks
+  float* local_out;         // state kernels: (B, H, nseg, D, E)
+  int loc_first, loc_count;  // state kernels: the segments [loc_first, loc_first + loc_count) only
 };
 
 inline FwdArgs make_fwd_args(const AttnParams& p, int nseg, int seglen, const float* seg_states = nullptr) {
@@ -46,6 +47,8 @@ inline FwdArgs make_fwd_args(const AttnParams& p, int nseg, int seglen, const fl
   a.seg_states = seg_states;
   a.state_out = static_cast<float*>(p.state_out);
   a.local_out = nullptr;
+  a.loc_first = 0;
+  a.loc_count = nseg;
   return a;
 }
 
@@ -53,7 +56,7 @@ struct BwdArgs : ArgsBase {
   const float* grad_state_out;  // nseg == 1
   const float* seg_S;           // nseg > 1: (B, H, nseg, D, E)
   const float* seg_G;
-  float* grad_state_in;         // nseg == 1
+  float* grad_state_in;         // written by the first segment's blocks
   int dkv_per_query_head;       // dk / dv go per query head to an fp32 workspace (GQA)
 };
 

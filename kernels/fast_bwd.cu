@@ -475,7 +475,7 @@ __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(Bwd
       if (ci + 1 < nch) write_sb();
     }
   }
-  if (a.grad_state_in && a.nseg == 1) {
+  if (a.grad_state_in && seg == 0) {  // the state gradient before the sequence's first chunk
 #pragma unroll
     for (int nt = 0; nt < SNT; ++nt)
 #pragma unroll

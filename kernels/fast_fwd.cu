@@ -270,7 +270,7 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_main_kernel(FwdArgs a, Tv<con
           }
     }
   }
-  if (a.state_out && a.nseg == 1) {
+  if (a.state_out && seg == a.nseg - 1) {  // the state after the sequence's last chunk
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -299,7 +299,7 @@ __global__ void __launch_bounds__(kLocalThreads<D>, D == 128 ? 2 : 1) state_loca
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* stage0 = reinterpret_cast<T*>(smem_raw);
   float* Gp = reinterpret_cast<float*>(stage0 + 2 * STAGE);
-  const int seg = blockIdx.x % a.nseg, bh = blockIdx.x / a.nseg;
+  const int seg = a.loc_first + (int)(blockIdx.x % a.loc_count), bh = (int)(blockIdx.x / a.loc_count);
   const int b = bh / a.H, h = bh % a.H, hx = REVERSE ? h : h / a.group;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
   const float lg = log_gamma(a.decay, h);
@@ -404,7 +404,7 @@ cudaError_t launch_local(const AttnParams& p, const FwdArgs& a, const TensorView
   const size_t smem = (size_t)2 * (kC * (D + 8) + kC * (E + 8)) * sizeof(T) + (kC + 2) * sizeof(float);
   cudaError_t e = opt_in_smem<state_local_kernel<T, D, E, REV>>(smem);
   if (e != cudaSuccess) return e;
-  const unsigned blocks = (unsigned)(p.B * p.H * a.nseg);
+  const unsigned blocks = (unsigned)(p.B * p.H * a.loc_count);
   kern<<<blocks, kLocalThreads<D>, smem, st>>>(a, make_tv<const T>(x), make_tv<const T>(y));
   return cudaGetLastError();
 }
@@ -477,10 +477,13 @@ cudaError_t fwd_main(const AttnParams& p, int nseg, int seglen, const float* seg
   return bf ? launch_fwd_main<__nv_bfloat16, 128>(p, a, st) : launch_fwd_main<__half, 128>(p, a, st);
 }
 
-cudaError_t state_local(const AttnParams& p, bool reverse, int nseg, int seglen, float* out, cudaStream_t st) {
-  if (reverse ? bwd_uses_wgmma() : fwd_uses_wgmma()) return wgmma_state_local(p, reverse, nseg, seglen, out, st);
+cudaError_t state_local(const AttnParams& p, bool reverse, int nseg, int seglen, int skip, float* out,
+                        cudaStream_t st) {
+  if (reverse ? bwd_uses_wgmma() : fwd_uses_wgmma()) return wgmma_state_local(p, reverse, nseg, seglen, skip, out, st);
   FwdArgs a = make_fwd_args(p, nseg, seglen);
   a.local_out = out;
+  a.loc_first = reverse ? skip : 0;
+  a.loc_count = nseg - skip;
   const bool bf = p.dtype == ScalarType::BFloat16;
   if (!reverse)
     return bf ? launch_local_dims<__nv_bfloat16, false>(p, a, p.k, p.v, st) : launch_local_dims<__half, false>(p, a, p.k, p.v, st);

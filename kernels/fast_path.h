@@ -29,12 +29,14 @@ int fwd_blocks_per_sm(const AttnParams& p);
 cudaError_t fwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_states, cudaStream_t stream);
 
 // Phase 1 with tensor cores: local state of every segment into out (B, H, nseg, D, E) fp32.
-// reverse = false: L from (k, v); reverse = true: M from (q, dout).
+// reverse = false: L from (k, v); reverse = true: M from (q, dout). skip = 1 leaves out the segment whose
+// state the in-place scan does not read (forward: the last, backward: the first; generic_kernels.cuh).
 bool local_supported(const AttnParams& p, bool reverse);
-cudaError_t state_local(const AttnParams& p, bool reverse, int nseg, int seglen, float* out, cudaStream_t stream);
+cudaError_t state_local(const AttnParams& p, bool reverse, int nseg, int seglen, int skip, float* out,
+                        cudaStream_t stream);
 // The sm_90a phase-1 kernel (wgmma_state.cu), chosen by state_local where the main kernel of the same
 // direction runs with wgmma (L: fwd_uses_wgmma(), M: bwd_uses_wgmma()).
-cudaError_t wgmma_state_local(const AttnParams& p, bool reverse, int nseg, int seglen, float* out,
+cudaError_t wgmma_state_local(const AttnParams& p, bool reverse, int nseg, int seglen, int skip, float* out,
                               cudaStream_t stream);
 
 // The sm_90a forward main kernel (wgmma_fwd.cu): same contract as fwd_main, chosen by fwd_main,

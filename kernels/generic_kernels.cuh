@@ -8,6 +8,10 @@
 //   phase 2 (scan_*_kernel):      prefix combination over segments (S_in of each segment, G of each),
 //   phase 3 (*_main kernels):     each segment, chunk by chunk, with its carried state.
 // With one segment, phases 1 and 2 are skipped and phase 3 reads state_in / grad_state_out itself.
+// Phase 3 also writes the state the call returns: state_out from the last segment's block (its state
+// after its last chunk), grad_state_in from the first segment's (its state gradient after its first
+// chunk). So phase 1 of fwd / bwd skips the segment whose local state nothing else reads (forward: the
+// last, backward: the first); only fwd_local / bwd_local (the ring's local states) need every one.
 #pragma once
 #include "common.cuh"
 
@@ -35,9 +39,11 @@ __device__ __forceinline__ void load_tile(A* dst, int ld, const Tv<const T>& v, 
 // Phase 1: local state of one segment, columns [y0, y0+ty) of the (Dx x Ey) state.
 //  REVERSE = false: L = sum_s gamma^(end-1-s) x[s]^T y[s]       (x = k, y = v; kv head)
 //  REVERSE = true:  M = scale * sum_t gamma^(t-start+1) x[t]^T y[t] (x = q, y = dout; query head)
-// Output: W[((b*H + h)*nseg + seg) * Dx*Ey + d*Ey + e].
+// Output: W[((b*H + h)*nseg + seg) * Dx*Ey + d*Ey + e] for seg = seg0 + blockIdx.y (the grid may cover a
+// subset of the segments).
 template <typename T, typename A, bool REVERSE>
-__global__ void state_local_kernel(Ctx<A> c, Tv<const T> x, Tv<const T> y, int Dx, int Ey, int C, int tile, A* W) {
+__global__ void state_local_kernel(Ctx<A> c, Tv<const T> x, Tv<const T> y, int Dx, int Ey, int C, int tile, A* W,
+                                   int seg0) {
   extern __shared__ unsigned char smem_raw[];
   A* sm = reinterpret_cast<A*>(smem_raw);
   const int ldx = Dx + 1;
@@ -45,7 +51,7 @@ __global__ void state_local_kernel(Ctx<A> c, Tv<const T> x, Tv<const T> y, int D
   A* Ys = Xs + C * ldx;
   A* Ss = Ys + C * tile;
   A* Gp = Ss + Dx * tile;
-  const int seg = blockIdx.y, bh = blockIdx.x, b = bh / c.H, h = bh % c.H;
+  const int seg = seg0 + blockIdx.y, bh = blockIdx.x, b = bh / c.H, h = bh % c.H;
   const int hx = REVERSE ? h : h / c.group;
   const int y0 = blockIdx.z * tile, ty = min(tile, Ey - y0);
   const A lg = log_gamma(c, h);
@@ -87,10 +93,12 @@ __global__ void state_local_kernel(Ctx<A> c, Tv<const T> x, Tv<const T> y, int D
 // Backward (kReverse = true): W[j] holds M_j on entry and (in_place) G_j (gradient w.r.t. the state at
 //   the end of segment j) on exit; G_last = start (grad_state_out, or 0); G_j = gamma^len(j+1) G_(j+1) +
 //   M_(j+1); end (grad_state_in) = gamma^len(0) G_0 + M_0.
+// skip = 1: the local state of the last segment visited (forward: the last, backward: the first) is not
+// read (phase 1 did not compute it); end must then be null, since it needs that state.
 constexpr int kScanBatch = 8;
 
 template <typename A, bool kReverse>
-__global__ void scan_kernel(Ctx<A> c, A* W, const A* start, A* end, bool in_place) {
+__global__ void scan_kernel(Ctx<A> c, A* W, const A* start, A* end, bool in_place, int skip) {
   const int DE = c.D * c.E;
   const int bh = blockIdx.x;
   const int i = blockIdx.y * blockDim.x + threadIdx.x;
@@ -104,7 +112,7 @@ __global__ void scan_kernel(Ctx<A> c, A* W, const A* start, A* end, bool in_plac
   for (int t0 = 0; t0 < c.nseg; t0 += kScanBatch) {
     A l[kScanBatch];
 #pragma unroll
-    for (int u = 0; u < kScanBatch; ++u) l[u] = t0 + u < c.nseg ? w[(size_t)seg(t0 + u) * DE] : A(0);
+    for (int u = 0; u < kScanBatch; ++u) l[u] = t0 + u < c.nseg - skip ? w[(size_t)seg(t0 + u) * DE] : A(0);
 #pragma unroll
     for (int u = 0; u < kScanBatch; ++u) {
       if (t0 + u >= c.nseg) break;
@@ -174,7 +182,7 @@ __global__ void fwd_main_kernel(Ctx<A> c, Tv<const T> q, Tv<const T> k, Tv<const
       Ss[i] = Gp[len] * Ss[i] + acc;
     }
   }
-  if (state_out && c.nseg == 1) {
+  if (state_out && seg == c.nseg - 1) {  // the state after the sequence's last chunk
     __syncthreads();
     for (int i = threadIdx.x; i < D * te; i += blockDim.x) {
       const int d = i / te, e = i - d * te;
@@ -293,7 +301,7 @@ __global__ void bwd_dqdk_kernel(Ctx<A> c, Tv<const T> q, Tv<const T> k, Tv<const
       Ss[i] = Gp[len] * Ss[i] + c.scale * acc;
     }
   }
-  if (grad_state_in && c.nseg == 1) {
+  if (grad_state_in && seg == 0) {  // the state gradient before the sequence's first chunk
     __syncthreads();
     for (int i = threadIdx.x; i < td * E; i += blockDim.x) {
       const int d = i / E, e = i - d * E;

@@ -180,23 +180,26 @@ Ctx<A> make_ctx(const AttnParams& p, int nseg, int seglen) {
 
 // Phase 1: the local state of each of the c.nseg segments into ws ((B, H, nseg, D, E)); forward: L from
 // k, v (reverse = false); backward: M from q, dout (reverse = true). With one segment, ws may be the
-// (B, H, D, E) output itself.
+// (B, H, D, E) output itself. skip = 1: all but the last segment visited (forward: the last, backward:
+// the first), whose state only the call's returned state needs, and the main kernel writes that one.
 template <typename T, typename A>
-cudaError_t local_states(const AttnParams& p, const Plan& pl, const Ctx<A>& c, bool reverse, A* ws,
+cudaError_t local_states(const AttnParams& p, const Plan& pl, const Ctx<A>& c, bool reverse, A* ws, int skip,
                          cudaStream_t st) {
   if (fast::local_supported(p, reverse)) {
-    return fast::state_local(p, reverse, c.nseg, c.seglen, reinterpret_cast<float*>(ws), st);
+    return fast::state_local(p, reverse, c.nseg, c.seglen, skip, reinterpret_cast<float*>(ws), st);
   }
-  dim3 g((unsigned)(p.B * p.H), c.nseg, (unsigned)((p.E + pl.t_loc - 1) / pl.t_loc));
+  dim3 g((unsigned)(p.B * p.H), c.nseg - skip, (unsigned)((p.E + pl.t_loc - 1) / pl.t_loc));
+  const int seg0 = reverse ? skip : 0;
   if (!reverse) {
     auto kl = state_local_kernel<T, A, false>;
     LASP_TRY(prepare(kl, pl.sm_loc));
-    kl<<<g, kThreads, pl.sm_loc, st>>>(c, make_tv<const T>(p.k), make_tv<const T>(p.v), c.D, c.E, pl.C_loc, pl.t_loc, ws);
+    kl<<<g, kThreads, pl.sm_loc, st>>>(c, make_tv<const T>(p.k), make_tv<const T>(p.v), c.D, c.E, pl.C_loc, pl.t_loc, ws,
+                                       seg0);
   } else {
     auto kl = state_local_kernel<T, A, true>;
     LASP_TRY(prepare(kl, pl.sm_locq));
     kl<<<g, kThreads, pl.sm_locq, st>>>(c, make_tv<const T>(p.q), make_tv<const T>(p.dout), c.D, c.E, pl.C_locq,
-                                        pl.t_locq, ws);
+                                        pl.t_locq, ws, seg0);
   }
   LASP_LAUNCHED();
   return cudaSuccess;
@@ -204,26 +207,27 @@ cudaError_t local_states(const AttnParams& p, const Plan& pl, const Ctx<A>& c, b
 
 // Phase 2 over the segments' local states in ws. in_place: ws ends up holding each segment's incoming
 // state (forward) or outgoing-state gradient (backward); otherwise ws is only read (the combined
-// state alone is wanted: L with state_in = null, M with grad_state_out = null).
+// state alone is wanted: L with state_in = null, M with grad_state_out = null). skip = 1: the last
+// segment visited has no local state in ws (out must be null; the main kernel writes the call's state).
 template <typename A>
 cudaError_t combine_states(const AttnParams& p, const Ctx<A>& c, bool reverse, A* ws, const A* in, A* out,
-                           bool in_place, cudaStream_t st) {
+                           bool in_place, int skip, cudaStream_t st) {
   dim3 gs((unsigned)(p.B * p.H), (unsigned)((p.D * p.E + 255) / 256));
   if (!reverse) {
-    scan_kernel<A, false><<<gs, 256, 0, st>>>(c, ws, in, out, in_place);
+    scan_kernel<A, false><<<gs, 256, 0, st>>>(c, ws, in, out, in_place, skip);
   } else {
-    scan_kernel<A, true><<<gs, 256, 0, st>>>(c, ws, in, out, in_place);
+    scan_kernel<A, true><<<gs, 256, 0, st>>>(c, ws, in, out, in_place, skip);
   }
   LASP_LAUNCHED();
   return cudaSuccess;
 }
 
 // Phase 1 + 2 of the forward state recurrence (segment input states into ws), shared by fwd and bwd.
+// The last segment's local state is not computed: the forward's main kernel writes state_out itself.
 template <typename T, typename A>
-cudaError_t segment_states_fwd(const AttnParams& p, const Plan& pl, const Ctx<A>& c, A* ws, A* state_out,
-                               cudaStream_t st) {
-  LASP_TRY((local_states<T, A>(p, pl, c, false, ws, st)));
-  return combine_states<A>(p, c, false, ws, static_cast<const A*>(p.state_in), state_out, true, st);
+cudaError_t segment_states_fwd(const AttnParams& p, const Plan& pl, const Ctx<A>& c, A* ws, cudaStream_t st) {
+  LASP_TRY((local_states<T, A>(p, pl, c, false, ws, 1, st)));
+  return combine_states<A>(p, c, false, ws, static_cast<const A*>(p.state_in), nullptr, true, 1, st);
 }
 
 // N = 0: nothing to attend to; the state passes through (state_out = S_in, grad_state_in = G, or zeros).
@@ -240,12 +244,11 @@ cudaError_t run_fwd(const AttnParams& p, cudaStream_t st) {
   if (!runnable(pl, p, pl.fwd_bytes())) return cudaErrorInvalidValue;
   const Ctx<A> c = make_ctx<A>(p, pl.nseg, pl.seglen);
   A* ws = static_cast<A*>(p.workspace);
-  if (pl.nseg > 1) {
+  if (pl.nseg > 1) {  // the segments' input states into ws (state_out comes from the last segment's blocks)
     if (p.local_ready) {  // phase 1 ran in fwd_local with this workspace
-      LASP_TRY(combine_states<A>(p, c, false, ws, static_cast<const A*>(p.state_in), static_cast<A*>(p.state_out),
-                                 true, st));
+      LASP_TRY(combine_states<A>(p, c, false, ws, static_cast<const A*>(p.state_in), nullptr, true, 1, st));
     } else {
-      LASP_TRY((segment_states_fwd<T, A>(p, pl, c, ws, static_cast<A*>(p.state_out), st)));
+      LASP_TRY((segment_states_fwd<T, A>(p, pl, c, ws, st)));
     }
   }
   if (pl.fast) return fast::fwd_main(p, pl.nseg, pl.seglen, reinterpret_cast<const float*>(ws), st);
@@ -274,12 +277,12 @@ cudaError_t run_bwd(const AttnParams& p, cudaStream_t st) {
   const A* state_in = static_cast<const A*>(p.state_in);
   const A* gso = static_cast<const A*>(p.grad_state_out);
   A* gsi = static_cast<A*>(p.grad_state_in);
-  if (pl.nseg > 1) {
+  if (pl.nseg > 1) {  // grad_state_in comes from the first segment's blocks
     if (!p.local_ready) {  // else bwd_local ran phase 1 (and the forward states) with this workspace
-      if (!p.seg_states) LASP_TRY((segment_states_fwd<T, A>(p, pl, c, wsS, nullptr, st)));
-      LASP_TRY((local_states<T, A>(p, pl, c, true, wsG, st)));
+      if (!p.seg_states) LASP_TRY((segment_states_fwd<T, A>(p, pl, c, wsS, st)));
+      LASP_TRY((local_states<T, A>(p, pl, c, true, wsG, 1, st)));
     }
-    LASP_TRY(combine_states<A>(p, c, true, wsG, gso, gsi, true, st));
+    LASP_TRY(combine_states<A>(p, c, true, wsG, gso, nullptr, true, 1, st));
   }
   const bool gqa = p.H != p.Hkv;
   if (pl.fast) {
@@ -344,10 +347,10 @@ cudaError_t run_local(const AttnParams& p, bool reverse, cudaStream_t st) {
   if (!runnable(pl, p, reverse ? pl.bwd_bytes() : pl.fwd_bytes())) return cudaErrorInvalidValue;
   const Ctx<A> c = make_ctx<A>(p, pl.nseg, pl.seglen);
   A* out = static_cast<A*>(out_ptr);
-  if (pl.nseg == 1) return out ? local_states<T, A>(p, pl, c, reverse, out, st) : cudaSuccess;
+  if (pl.nseg == 1) return out ? local_states<T, A>(p, pl, c, reverse, out, 0, st) : cudaSuccess;
   A* ws = reinterpret_cast<A*>(static_cast<char*>(p.workspace) + (reverse ? pl.ws_states : 0));
-  LASP_TRY((local_states<T, A>(p, pl, c, reverse, ws, st)));
-  return out ? combine_states<A>(p, c, reverse, ws, nullptr, out, false, st) : cudaSuccess;
+  LASP_TRY((local_states<T, A>(p, pl, c, reverse, ws, 0, st)));  // the ring needs every segment's
+  return out ? combine_states<A>(p, c, reverse, ws, nullptr, out, false, 0, st) : cudaSuccess;
 }
 
 // bwd_prepare: the forward segment states (they need only S_in) into the workspace.
@@ -359,7 +362,7 @@ cudaError_t run_bwd_prepare(const AttnParams& p, cudaStream_t st) {
   if (pl.nseg == 1 || p.seg_states) return cudaSuccess;  // nothing to do, or the forward's states are kept
   if (!runnable(pl, p, pl.bwd_bytes())) return cudaErrorInvalidValue;
   const Ctx<A> c = make_ctx<A>(p, pl.nseg, pl.seglen);
-  return segment_states_fwd<T, A>(p, pl, c, static_cast<A*>(p.workspace), nullptr, st);
+  return segment_states_fwd<T, A>(p, pl, c, static_cast<A*>(p.workspace), st);
 }
 
 template <template <typename, typename> class F>

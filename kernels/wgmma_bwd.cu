@@ -426,7 +426,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
       }
     }
     if constexpr (RMB >= 0) {
-      if (a.grad_state_in && a.nseg == 1) {
+      if (a.grad_state_in && seg == 0) {  // the state gradient before the sequence's first chunk
 #pragma unroll
         for (int nb = 0; nb < NE; ++nb) wg::store_acc_f32(R[nb], a.grad_state_in + (size_t)bh * DE, E, 64 * RMB + r0, 64 * nb);
       }

@@ -209,7 +209,7 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
     __syncthreads();  // every warp's wgmmas of this chunk (S_b reads) are done
     if (ci + 1 < nch) write_sb();
   }
-  if (a.state_out && a.nseg == 1) {
+  if (a.state_out && seg == a.nseg - 1) {  // the state after the sequence's last chunk
 #pragma unroll
     for (int i = 0; i < MI; ++i) wg::store_acc_f32(S[i], a.state_out + (size_t)bh * a.D * a.E, a.E, 64 * i + 16 * warp, e0);
   }

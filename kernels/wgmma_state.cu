@@ -55,7 +55,7 @@ __global__ void __launch_bounds__(kStateThreads<D>, 1)
   const uint32_t raw = mma::smem_addr(smem_raw);
   const uint32_t base = raw + ((1024u - (raw & 1023u)) & 1023u);
 
-  const int seg = blockIdx.x % a.nseg, bh = blockIdx.x / a.nseg;
+  const int seg = a.loc_first + (int)(blockIdx.x % a.loc_count), bh = (int)(blockIdx.x / a.loc_count);
   const int b = bh / a.H, h = bh % a.H, hx = REV ? h : h / a.group;
   const int wgi = __shfl_sync(0xffffffffu, (int)(threadIdx.x >> 7), 0);  // warp-uniform to the compiler
   const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, tc = lane & 3;
@@ -152,7 +152,7 @@ cudaError_t launch_st(const AttnParams& p, const FwdArgs& a, const TensorView4& 
   constexpr size_t smem = WgStateSmem<D, E, ST>::bytes;
   cudaError_t e = opt_in_smem<wgmma_state_kernel<T, D, E, REV, ST>>(smem);
   if (e != cudaSuccess) return e;
-  const unsigned blocks = (unsigned)(p.B * p.H * a.nseg);
+  const unsigned blocks = (unsigned)(p.B * p.H * a.loc_count);
   const bool bf = std::is_same<T, __nv_bfloat16>::value;
   const int64_t heads = REV ? p.H : p.Hkv;
   CUtensorMap tx, ty;
@@ -171,9 +171,12 @@ cudaError_t launch_dims(const AttnParams& p, const FwdArgs& a, const TensorView4
 
 }  // namespace
 
-cudaError_t wgmma_state_local(const AttnParams& p, bool reverse, int nseg, int seglen, float* out, cudaStream_t st) {
+cudaError_t wgmma_state_local(const AttnParams& p, bool reverse, int nseg, int seglen, int skip, float* out,
+                              cudaStream_t st) {
   FwdArgs a = make_fwd_args(p, nseg, seglen);
   a.local_out = out;
+  a.loc_first = reverse ? skip : 0;
+  a.loc_count = nseg - skip;
   const bool bf = p.dtype == ScalarType::BFloat16;
   if (!reverse)
     return bf ? launch_dims<__nv_bfloat16, false>(p, a, p.k, p.v, st) : launch_dims<__half, false>(p, a, p.k, p.v, st);
