@@ -4,6 +4,9 @@ of a few profiled calls after warm-up, per call, beside the call's CUDA-event ti
 
 Same inputs as bench_kernels.py (bf16, ALiBi-like decay, D = E, dO random). The gap between the event
 time and the summed kernel time is time the GPU sat idle between kernels (host launches, allocation).
+"Event time with the host ahead" times the same call behind a queued sleep kernel: what is left of the
+gap there is launch latency, and the difference to the plain event time is host issue time on the GPU's
+critical path (bench_kernels.py times each call from an idle GPU, so it includes that).
 
   python3 benchmarks/profile_kernels.py --shapes 4x32x8192x128,1x16x65536x128 --json prof.json
 """
@@ -29,6 +32,8 @@ def main():
     ap.add_argument("--mode", choices=("fwd", "fwd+bwd"), default="fwd+bwd")
     ap.add_argument("--host", action="store_true",
                     help="also the host side: issue time per call and the top host events (ops, CUDA runtime calls)")
+    ap.add_argument("--timeline", action="store_true",
+                    help="also one call's host and device events in time order (offsets from the call's start)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -59,6 +64,18 @@ def main():
                 torch.autograd.grad(o, (q, k, v), do)
 
         event_ms = bench(call, 1, warmup=3, reps=20)
+        # The same call with the host ahead: a sleep kernel queued before the start event gives the host a
+        # head start, so the events see the GPU's own time (kernels and launch gaps, no host issue time).
+        queued = []
+        for _ in range(20):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(4_000_000)  # about 2 ms at Hopper clocks: longer than the host needs to issue a call
+            s.record()
+            call()
+            e.record()
+            torch.cuda.synchronize()
+            queued.append(s.elapsed_time(e))
+        queued_ms = sorted(queued)[len(queued) // 2]
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(20):
@@ -79,7 +96,8 @@ def main():
             d[1] += 1
         total = sum(v[0] for v in per.values())
         print(f"\n## {B}x{H}x{N}x{D} {args.mode}: event time {event_ms:.3f} ms, kernels {total:.3f} ms, "
-              f"idle {event_ms - total:.3f} ms; host issue {issue_ms:.3f} ms/call")
+              f"idle {event_ms - total:.3f} ms; host issue {issue_ms:.3f} ms/call; event time with the host "
+              f"ahead {queued_ms:.3f} ms")
         print(f"{'ms/call':>8} {'share':>6} {'n/call':>6}  kernel")
         rows = []
         for name, (ms, n) in sorted(per.items(), key=lambda kv: -kv[1][0]):
@@ -114,7 +132,27 @@ def main():
                 us = a.self_cpu_time_total / args.iters
                 print(f"{us:12.1f} {a.count / args.iters:6.1f}  {a.key[:100]}")
                 host.append({"event": a.key, "self_us_per_call": us, "count_per_call": a.count / args.iters})
-        out.append({"shape": [B, H, N, D], "event_ms": event_ms, "kernel_ms": total, "issue_ms": issue_ms,
+        timeline = []
+        if args.timeline:
+            # One call's host ops, CUDA runtime calls and device activities in time order: where the host
+            # time before each launch goes, and when each kernel starts relative to the call.
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as tprof:
+                with torch.profiler.record_function("profile_kernels.call"):
+                    call()
+                torch.cuda.synchronize()
+            evs = list(tprof.events())
+            t0 = min((e.time_range.start for e in evs if e.name == "profile_kernels.call"), default=0)
+            print(f"{'start us':>9} {'dur us':>8}  where  event (one call, from the call's start)")
+            for e in sorted(evs, key=lambda e: e.time_range.start):
+                if e.name == "profile_kernels.call" or "Synchronize" in e.name:
+                    continue
+                where = "gpu" if e.device_type == DeviceType.CUDA else "host"
+                st, du = e.time_range.start - t0, e.time_range.end - e.time_range.start
+                print(f"{st:9.1f} {du:8.1f}  {where:<5}  {e.name[:100]}")
+                timeline.append({"start_us": st, "dur_us": du, "where": where, "event": e.name})
+        out.append({"shape": [B, H, N, D], "timeline": timeline, "event_ms": event_ms, "kernel_ms": total, "issue_ms": issue_ms,
+                    "queued_ms": queued_ms,
                     "idle_inside_ms": inside_ms,
                     "kernels": rows, "host": host})
         del q, k, v, do

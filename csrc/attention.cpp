@@ -303,8 +303,11 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels,
   if (ring.size() == 1) {
     // Alone: the incoming state is the user's initial state; one fused pass.
     // A copy, not a view: the op's outputs never alias its inputs (the saved state is an output).
+    // No initial state: a 0-element state_in (zero; attention.h) without a group, zeros under a group of
+    // one rank (the shape fwd_meta gives either way).
     Tensor s_in = initial_state.has_value() ? initial_state->clone(at::MemoryFormat::Contiguous)
-                                            : at::zeros_like(state_like(q, D, E));
+                  : group_name.has_value() ? at::zeros_like(state_like(q, D, E))
+                                           : at::empty({0}, q.options().dtype(acc));
     Tensor s_out = state_like(q, D, E);
     p.state_in = initial_state.has_value() ? s_in.data_ptr() : nullptr;
     p.state_out = s_out.data_ptr();
@@ -398,10 +401,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_
   TORCH_CHECK(dout.sizes() == at::IntArrayRef({q.size(0), q.size(1), N, E}) && dout.scalar_type() == q.scalar_type(),
               "lasp_attention backward: the output gradient must have shape ", at::IntArrayRef({q.size(0), q.size(1), N, E}),
               " and dtype ", q.scalar_type(), ", got ", dout.sizes(), " ", dout.scalar_type());
+  TORCH_CHECK_VALUE(state_in.numel() == 0 || state_in.sizes() == at::IntArrayRef({q.size(0), q.size(1), D, E}),
+                    "lasp_attention backward: state_in must be the forward's third output, of shape (B, H, D, E) = ",
+                    at::IntArrayRef({q.size(0), q.size(1), D, E}), " or with 0 elements (no incoming state), got ",
+                    state_in.sizes());
+  TORCH_CHECK_VALUE(state_in.numel() == 0 || state_in.device() == q.device(),
+                    "lasp_attention backward: state_in must be on the device of q (", q.device(), "), got ",
+                    state_in.device());
   const Kernels kernels = N == 0 ? empty_piece_kernels(q, D, E) : backend_kernels;
   const Ring ring(group_name);
   const Tensor decay_acc = decay_in_acc(decay, acc, /*clamp=*/ring.size() > 1);
-  const Tensor s_in = state_in.to(acc).contiguous();
+  const Tensor s_in = state_in.to(acc).contiguous();  // 0 elements: a zero incoming state
   const Tensor g_user = grad_final_state.has_value() ? grad_final_state->to(acc).contiguous() : Tensor();
 
   Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
@@ -410,7 +420,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_
   p.dq = view4(dq);
   p.dk = view4(dk);
   p.dv = view4(dv);
-  p.state_in = s_in.data_ptr();
+  p.state_in = s_in.numel() > 0 ? s_in.data_ptr() : nullptr;
   if (given && given->states.defined() && kernels.split) {  // the forward's segment states, if they fit
     int64_t nseg = 0, seglen = 0;
     const size_t need = (size_t)(q.size(0) * q.size(1) * given->nseg * D * E) * acc_bytes(q.scalar_type());

@@ -85,14 +85,17 @@ at::ScalarType acc_type(at::ScalarType t);
 // all-gather of the local states, prefix/suffix combination on each rank).
 //
 // Forward: (o, final_state, state_in). state_in is the state this piece started from (cached for
-// backward, so backward needs no second forward ring).
+// backward, so backward needs no second forward ring); without a group and without initial_state it
+// is a 0-element tensor ("no incoming state", which the backward reads as zero), so that no zero-filled
+// (B, H, D, E) state is made, launched and kept for each call.
 std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& kernels, const Tensor& q, const Tensor& k,
                                                  const Tensor& v, const std::optional<Tensor>& decay,
                                                  double scale, const std::optional<Tensor>& initial_state,
                                                  const std::optional<std::string>& group_name,
                                                  const std::string& strategy);
 
-// Backward: (dq, dk, dv, grad_initial_state). grad_initial_state is zero on group ranks > 0.
+// Backward: (dq, dk, dv, grad_initial_state). grad_initial_state is zero on group ranks > 0. state_in:
+// the forward's third output (0 elements: a zero incoming state).
 std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& kernels, const Tensor& q,
                                                          const Tensor& k, const Tensor& v, const Tensor& dout,
                                                          const std::optional<Tensor>& grad_final_state,

@@ -55,7 +55,11 @@ std::tuple<Tensor, Tensor, Tensor> fwd_meta(const Tensor& q, const Tensor& k, co
                                             const std::optional<std::string>& group_name,
     const std::string& strategy) {
   check_inputs(q, k, v, decay, initial_state, /*check_values=*/false);
-  return {alloc_out(q, v.sym_size(3)), state_meta(q, v), state_meta(q, v)};
+  // state_in: 0 elements without a group and without an initial state (attention.h)
+  Tensor s_in = initial_state.has_value() || group_name.has_value()
+                    ? state_meta(q, v)
+                    : at::empty({0}, q.options().dtype(acc_type(q.scalar_type())));
+  return {alloc_out(q, v.sym_size(3)), state_meta(q, v), s_in};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_meta(const Tensor& q, const Tensor& k, const Tensor& v,

@@ -12,6 +12,8 @@
 #include <cudaTypedefs.h>
 
 #include <cstdint>
+#include <cstring>
+#include <memory>
 
 #include "lasp_params.h"
 #include "wgmma.cuh"  // LASP_WGMMA (the sm_90a target, where TMA exists too), wg::kTileAtom
@@ -41,8 +43,8 @@ inline PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
 // The map of view t (sizes B, H, N, X; 16-bit elements, bf16 or fp16) with boxes of 64 x `rows`.
 // Strides of size-1 dims are never used, so any valid value stands in for them. False where the driver
 // refuses (the tensor-core paths only pass views with 16-byte aligned rows and nonzero strides).
-inline bool make_map(CUtensorMap* m, const TensorView4& t, bool bf16, int64_t B, int64_t H, int64_t N, int64_t X,
-                     int rows) {
+inline bool encode_map(CUtensorMap* m, const TensorView4& t, bool bf16, int64_t B, int64_t H, int64_t N, int64_t X,
+                       int rows) {
   const PFN_cuTensorMapEncodeTiled_v12000 enc = encode_fn();
   if (!enc || !t.ptr || t.stride[3] != 1) return false;
   const cuuint64_t dims[4] = {(cuuint64_t)X, (cuuint64_t)N, (cuuint64_t)H, (cuuint64_t)B};
@@ -57,6 +59,52 @@ inline bool make_map(CUtensorMap* m, const TensorView4& t, bool bf16, int64_t B,
                          CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS;
 }
+
+// Everything encode_map reads, as plain words (no padding), so that equal keys compare equal bytewise.
+struct MapKey {
+  const void* ptr;
+  int64_t size[4];    // B, H, N, X
+  int64_t stride[3];  // of b, h, n (x is contiguous)
+  int32_t rows, bf16;
+};
+
+// The map is a pure function of its key, and an op call's views come back call after call (the caching
+// allocator returns the same blocks), while an encode costs microseconds of host time before a launch. So
+// each host thread keeps the maps it made in a small direct-mapped table (256 entries, allocated on first
+// use); a hit copies the stored map, a miss encodes and replaces the entry.
+inline bool make_map(CUtensorMap* m, const TensorView4& t, bool bf16, int64_t B, int64_t H, int64_t N, int64_t X,
+                     int rows) {
+  struct Entry {
+    MapKey key;
+    CUtensorMap map;
+    bool used;
+  };
+  constexpr size_t kSlots = 256;
+  thread_local std::unique_ptr<Entry[]> table;
+  MapKey key;
+  std::memset(&key, 0, sizeof key);
+  key.ptr = t.ptr;
+  key.size[0] = B, key.size[1] = H, key.size[2] = N, key.size[3] = X;
+  for (int i = 0; i < 3; ++i) key.stride[i] = t.stride[i];
+  key.rows = rows;
+  key.bf16 = bf16 ? 1 : 0;
+  if (t.stride[3] != 1) return false;
+  uint64_t h = 1469598103934665603ull;  // FNV-1a over the key's words
+  const uint64_t* w = reinterpret_cast<const uint64_t*>(&key);
+  for (size_t i = 0; i < sizeof key / 8; ++i) h = (h ^ w[i]) * 1099511628211ull;
+  if (!table) table.reset(new Entry[kSlots]());
+  Entry& e = table[(h ^ (h >> 29)) % kSlots];
+  if (e.used && std::memcmp(&e.key, &key, sizeof key) == 0) {
+    *m = e.map;
+    return true;
+  }
+  if (!encode_map(m, t, bf16, B, H, N, X, rows)) return false;
+  e.key = key;
+  e.map = *m;
+  e.used = true;
+  return true;
+}
+static_assert(sizeof(MapKey) == 72, "MapKey must have no padding (it is compared bytewise)");
 
 // ---- device (sm_90a; other targets never run the kernels that call these) ----
 

@@ -9,12 +9,14 @@
 #include <cuda_runtime_api.h>
 
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "lasp_cuda.h"
 #include "mma.cuh"
+#include "tma.cuh"
 #include "wgmma.cuh"
 
 namespace {
@@ -167,6 +169,59 @@ TEST(Wgmma, BuildingBlocksMatchFloat64) {
                          << first_bad / 64 << ", " << first_bad % 64 << ") got " << got[t * 4096 + std::max(first_bad, 0)]
                          << " want " << ref[t * 4096 + std::max(first_bad, 0)];
   }
+}
+
+// tma::make_map keeps the maps it encoded per host thread (tma.cuh); every map it hands out must be the
+// one the driver's encoder makes for that view, whether it comes from the table or not: the same view
+// again, a view that differs in one field only, and more views than the table has slots (replacements).
+TEST(Tma, MapTableHandsOutTheEncodersMaps) {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    cudaGetLastError();
+    GTEST_SKIP() << "no CUDA device";
+  }
+  if (!lasp::cuda::tma::encode_fn()) GTEST_SKIP() << "the driver has no cuTensorMapEncodeTiled";
+  namespace tma = lasp::cuda::tma;
+  const int64_t B = 2, H = 3, N = 1000, X = 128;
+  Dev buf((size_t)B * H * N * X * 2 * 4);
+  ASSERT_NE(buf.p, nullptr);
+  auto view = [&](int64_t offset_rows, int64_t row_stride) {
+    lasp::TensorView4 t;
+    t.ptr = static_cast<char*>(buf.p) + offset_rows * row_stride * 2;
+    t.stride[3] = 1;
+    t.stride[2] = row_stride;
+    t.stride[1] = N * row_stride;
+    t.stride[0] = H * N * row_stride;
+    return t;
+  };
+  auto same = [](const CUtensorMap& a, const CUtensorMap& b) { return std::memcmp(&a, &b, sizeof a) == 0; };
+  auto check = [&](const lasp::TensorView4& t, bool bf, int64_t nn, int rows) {
+    CUtensorMap got, want;
+    std::memset(&got, 0xab, sizeof got);
+    std::memset(&want, 0, sizeof want);
+    ASSERT_TRUE(tma::make_map(&got, t, bf, B, H, nn, X, rows));
+    ASSERT_TRUE(tma::encode_map(&want, t, bf, B, H, nn, X, rows));
+    EXPECT_TRUE(same(got, want)) << "offset " << t.ptr << " rows " << rows << " N " << nn << " bf16 " << bf;
+  };
+  const auto a = view(0, X), b = view(8, X), c = view(0, 2 * X);
+  for (int rep = 0; rep < 3; ++rep) {  // the first of each is a miss, the others hits
+    check(a, true, N, 64);
+    check(a, false, N, 64);  // dtype differs
+    check(a, true, N, 16);   // box rows differ
+    check(a, true, N - 1, 64);  // length differs
+    check(b, true, N, 64);   // pointer differs
+    check(c, true, N, 64);   // strides differ
+  }
+  CUtensorMap ma, mb;
+  ASSERT_TRUE(tma::make_map(&ma, a, true, B, H, N, X, 64));
+  ASSERT_TRUE(tma::make_map(&mb, b, true, B, H, N, X, 64));
+  EXPECT_FALSE(same(ma, mb)) << "two views got the same map";
+  for (int i = 0; i < 2000; ++i) check(view(8 * (i % 500), X), i % 3 != 0, N - i / 500, i % 2 ? 64 : 16);
+  // a view with a non-unit last stride is refused, as the encoder path refuses it
+  lasp::TensorView4 bad = a;
+  bad.stride[3] = 2;
+  CUtensorMap m;
+  EXPECT_FALSE(tma::make_map(&m, bad, true, B, H, N, X, 64));
 }
 
 }  // namespace

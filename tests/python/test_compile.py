@@ -93,6 +93,28 @@ def test_fwd_bwd_ops_match_reference(lasp, device, seed):
         assert_close_to_ref(name, a, r, torch.float32)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_fwd_op_without_initial_state_saves_no_state(lasp, device, seed):
+    """Without a group and an initial state the forward's third output has 0 elements (no zero-filled state
+    per call); the backward reads it as the zero state, and refuses a state_in of any other shape."""
+    B, H, Hkv, N, D, E = 2, 4, 2, 13, 4, 6
+    q, k, v = make_qkv(B, H, Hkv, N, D, E, dtype=torch.float32, device=device, seed=seed, requires_grad=False)
+    decay = make_decay("alibi", H, device)
+    o, f, state_in = torch.ops.lasp.lasp_attention_fwd(q, k, v, decay, 0.7, None, None)
+    assert state_in.numel() == 0 and state_in.dtype == torch.float32
+    zeros = torch.zeros(B, H, D, E, dtype=torch.float32, device=device)
+    o0, f0, _ = torch.ops.lasp.lasp_attention_fwd(q, k, v, decay, 0.7, zeros, None)
+    assert torch.equal(o, o0) and torch.equal(f, f0)
+    g = gen(seed + 1)
+    do, dS = randn(o.shape, g, torch.float32, device), randn(f.shape, g, torch.float32, device)
+    got = torch.ops.lasp.lasp_attention_bwd(q, k, v, do, dS, decay, 0.7, state_in, None)
+    want = torch.ops.lasp.lasp_attention_bwd(q, k, v, do, dS, decay, 0.7, zeros, None)
+    for name, a, b in zip(["dq", "dk", "dv", "d_initial_state"], got, want):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="state_in must be the forward's third output"):
+        torch.ops.lasp.lasp_attention_bwd(q, k, v, do, dS, decay, 0.7, zeros[:, :1], None)
+
+
 def _meta_like(t):
     return None if t is None else torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 

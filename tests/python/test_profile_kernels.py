@@ -24,11 +24,13 @@ def test_profile_kernels_refuses_without_cuda():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="profile_kernels.py profiles CUDA kernels (no CUDA device here)")
 def test_profile_kernels_names_lasp_kernels(tmp_path):
     out = tmp_path / "prof.json"
-    r = subprocess.run([sys.executable, SCRIPT, "--shapes", "1x2x1024x64", "--iters", "2", "--host", "--json",
+    r = subprocess.run([sys.executable, SCRIPT, "--shapes", "1x2x1024x64", "--iters", "2", "--host", "--timeline", "--json",
                         str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     d = json.loads(out.read_text())
     (shape,) = d["shapes"]
     assert shape["shape"] == [1, 2, 1024, 64]
     assert any("lasp::cuda" in k["kernel"] for k in shape["kernels"]), shape["kernels"]
-    assert shape["kernel_ms"] > 0 and shape["event_ms"] > 0
+    assert shape["kernel_ms"] > 0 and shape["event_ms"] > 0 and shape["queued_ms"] > 0
+    gpu = [e for e in shape["timeline"] if e["where"] == "gpu"]
+    assert any("lasp::cuda" in e["event"] for e in gpu), shape["timeline"]
