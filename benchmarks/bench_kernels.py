@@ -35,8 +35,9 @@ def alibi_decay(H, device):
 
 # ----------------------------------------------------------------------------------------------
 # timing
-def bench(fn, nsets, warmup=3, reps=20):
-    """Median ms of fn(i) over reps calls, i rotating over nsets input sets (CUDA events)."""
+def bench(fn, nsets, warmup=3, reps=20, before=None):
+    """Median ms of fn(i) over reps calls, i rotating over nsets input sets (CUDA events). before: called
+    ahead of each timed call's start event (e.g. to queue GPU work that gives the host a head start)."""
     for i in range(warmup):
         fn(i % nsets)
     torch.cuda.synchronize()
@@ -44,6 +45,8 @@ def bench(fn, nsets, warmup=3, reps=20):
     for r in range(reps):
         s = torch.cuda.Event(enable_timing=True)
         e = torch.cuda.Event(enable_timing=True)
+        if before is not None:
+            before()
         s.record()
         fn(r % nsets)
         e.record()

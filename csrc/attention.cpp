@@ -305,9 +305,9 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels,
     // A copy, not a view: the op's outputs never alias its inputs (the saved state is an output).
     // No initial state: a 0-element state_in (zero; attention.h) without a group, zeros under a group of
     // one rank (the shape fwd_meta gives either way).
-    Tensor s_in = initial_state.has_value() ? initial_state->clone(at::MemoryFormat::Contiguous)
-                  : group_name.has_value() ? at::zeros_like(state_like(q, D, E))
-                                           : at::empty({0}, q.options().dtype(acc));
+    Tensor s_in = fwd_saves_no_state(initial_state, group_name) ? at::empty({0}, q.options().dtype(acc))
+                  : initial_state.has_value() ? initial_state->clone(at::MemoryFormat::Contiguous)
+                                              : at::zeros_like(state_like(q, D, E));
     Tensor s_out = state_like(q, D, E);
     p.state_in = initial_state.has_value() ? s_in.data_ptr() : nullptr;
     p.state_out = s_out.data_ptr();

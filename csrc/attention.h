@@ -88,6 +88,10 @@ at::ScalarType acc_type(at::ScalarType t);
 // backward, so backward needs no second forward ring); without a group and without initial_state it
 // is a 0-element tensor ("no incoming state", which the backward reads as zero), so that no zero-filled
 // (B, H, D, E) state is made, launched and kept for each call.
+inline bool fwd_saves_no_state(const std::optional<Tensor>& initial_state,
+                               const std::optional<std::string>& group_name) {
+  return !initial_state.has_value() && !group_name.has_value();
+}
 std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& kernels, const Tensor& q, const Tensor& k,
                                                  const Tensor& v, const std::optional<Tensor>& decay,
                                                  double scale, const std::optional<Tensor>& initial_state,

@@ -56,9 +56,9 @@ std::tuple<Tensor, Tensor, Tensor> fwd_meta(const Tensor& q, const Tensor& k, co
     const std::string& strategy) {
   check_inputs(q, k, v, decay, initial_state, /*check_values=*/false);
   // state_in: 0 elements without a group and without an initial state (attention.h)
-  Tensor s_in = initial_state.has_value() || group_name.has_value()
-                    ? state_meta(q, v)
-                    : at::empty({0}, q.options().dtype(acc_type(q.scalar_type())));
+  Tensor s_in = fwd_saves_no_state(initial_state, group_name)
+                    ? at::empty({0}, q.options().dtype(acc_type(q.scalar_type())))
+                    : state_meta(q, v);
   return {alloc_out(q, v.sym_size(3)), state_meta(q, v), s_in};
 }
 

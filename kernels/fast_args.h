@@ -52,6 +52,16 @@ inline FwdArgs make_fwd_args(const AttnParams& p, int nseg, int seglen, const fl
   return a;
 }
 
+// The state kernels' arguments (phase 1): local states into out, skip = 1 leaving out the segment the
+// in-place scan does not read (forward: the last, backward: the first).
+inline FwdArgs make_local_args(const AttnParams& p, bool reverse, int nseg, int seglen, int skip, float* out) {
+  FwdArgs a = make_fwd_args(p, nseg, seglen);
+  a.local_out = out;
+  a.loc_first = reverse ? skip : 0;
+  a.loc_count = nseg - skip;
+  return a;
+}
+
 struct BwdArgs : ArgsBase {
   const float* grad_state_out;  // nseg == 1
   const float* seg_S;           // nseg > 1: (B, H, nseg, D, E)

@@ -480,10 +480,7 @@ cudaError_t fwd_main(const AttnParams& p, int nseg, int seglen, const float* seg
 cudaError_t state_local(const AttnParams& p, bool reverse, int nseg, int seglen, int skip, float* out,
                         cudaStream_t st) {
   if (reverse ? bwd_uses_wgmma() : fwd_uses_wgmma()) return wgmma_state_local(p, reverse, nseg, seglen, skip, out, st);
-  FwdArgs a = make_fwd_args(p, nseg, seglen);
-  a.local_out = out;
-  a.loc_first = reverse ? skip : 0;
-  a.loc_count = nseg - skip;
+  const FwdArgs a = make_local_args(p, reverse, nseg, seglen, skip, out);
   const bool bf = p.dtype == ScalarType::BFloat16;
   if (!reverse)
     return bf ? launch_local_dims<__nv_bfloat16, false>(p, a, p.k, p.v, st) : launch_local_dims<__half, false>(p, a, p.k, p.v, st);

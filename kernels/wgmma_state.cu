@@ -173,10 +173,7 @@ cudaError_t launch_dims(const AttnParams& p, const FwdArgs& a, const TensorView4
 
 cudaError_t wgmma_state_local(const AttnParams& p, bool reverse, int nseg, int seglen, int skip, float* out,
                               cudaStream_t st) {
-  FwdArgs a = make_fwd_args(p, nseg, seglen);
-  a.local_out = out;
-  a.loc_first = reverse ? skip : 0;
-  a.loc_count = nseg - skip;
+  const FwdArgs a = make_local_args(p, reverse, nseg, seglen, skip, out);
   const bool bf = p.dtype == ScalarType::BFloat16;
   if (!reverse)
     return bf ? launch_dims<__nv_bfloat16, false>(p, a, p.k, p.v, st) : launch_dims<__half, false>(p, a, p.k, p.v, st);
