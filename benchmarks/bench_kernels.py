@@ -200,6 +200,7 @@ def main():
     print("# " + "  ".join(f"{k}={v}" for k, v in info.items()))
 
     rows = []
+    t_start = time.perf_counter()  # each row's line says when it came (a run under a time limit shows what took long)
     for (B, H, N, D) in shapes:
         E = D
         elt = 2
@@ -223,7 +224,8 @@ def main():
             rows.append({"shape": [B, H, N, D], "impl": impl, "mode": mode, "ms": ms, "GBps": gbs,
                          "floor_ms": fl, "x_floor": ms / fl})
             # as it comes, so that a run cut short still leaves its numbers
-            print(f"# {B}x{H}x{N}x{D} {impl:<10} {mode:<8} {ms:9.3f} ms {gbs:7.0f} GB/s  floor {fl:.3f} ms", flush=True)
+            print(f"# {B}x{H}x{N}x{D} {impl:<10} {mode:<8} {ms:9.3f} ms {gbs:7.0f} GB/s  floor {fl:.3f} ms"
+                  f"  [{time.perf_counter() - t_start:.0f} s]", flush=True)
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump({"info": info, "rows": rows, "complete": False}, f, indent=1)
