@@ -81,6 +81,12 @@ Tensor alloc_out(const Tensor& like, const c10::SymInt& last);
 
 at::ScalarType acc_type(at::ScalarType t);
 
+// Whether the forward's third output (state_in) has 0 elements: no group and no initial_state (below).
+inline bool fwd_saves_no_state(const std::optional<Tensor>& initial_state,
+                               const std::optional<std::string>& group_name) {
+  return !initial_state.has_value() && !group_name.has_value();
+}
+
 // Strategies across ranks: "ring" (LASP: state passed rank to rank) or "allgather" (LASP-2: one
 // all-gather of the local states, prefix/suffix combination on each rank).
 //
@@ -88,10 +94,6 @@ at::ScalarType acc_type(at::ScalarType t);
 // backward, so backward needs no second forward ring); without a group and without initial_state it
 // is a 0-element tensor ("no incoming state", which the backward reads as zero), so that no zero-filled
 // (B, H, D, E) state is made, launched and kept for each call.
-inline bool fwd_saves_no_state(const std::optional<Tensor>& initial_state,
-                               const std::optional<std::string>& group_name) {
-  return !initial_state.has_value() && !group_name.has_value();
-}
 std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& kernels, const Tensor& q, const Tensor& k,
                                                  const Tensor& v, const std::optional<Tensor>& decay,
                                                  double scale, const std::optional<Tensor>& initial_state,
