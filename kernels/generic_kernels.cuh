@@ -138,7 +138,7 @@ __global__ void fwd_main_kernel(Ctx<A> c, Tv<const T> q, Tv<const T> k, Tv<const
   A* Ks = Qs + C * ld;
   A* Vs = Ks + C * ld;
   A* Ps = Vs + C * tile;
-  A* Ss = Ps + C * C;
+  A* Ss = Ps + C * C;     // the carried state's columns [e0, e0+te): D x te, row-major (leading dim te)
   A* Gp = Ss + D * tile;
   const int seg = blockIdx.y, bh = blockIdx.x, b = bh / c.H, h = bh % c.H, kh = h / c.group;
   const int e0 = blockIdx.z * tile, te = min(tile, E - e0);
@@ -170,7 +170,7 @@ __global__ void fwd_main_kernel(Ctx<A> c, Tv<const T> q, Tv<const T> k, Tv<const
       A acc = 0;
       for (int s = 0; s <= t; ++s) acc += Ps[t * C + s] * Vs[s * tile + e];
       A inter = 0;
-      for (int d = 0; d < D; ++d) inter += Qs[t * ld + d] * Ss[d * tile + e];
+      for (int d = 0; d < D; ++d) inter += Qs[t * ld + d] * Ss[d * te + e];
       acc += c.scale * Gp[t + 1] * inter;
       o.at(b, h, c0 + t, e0 + e) = from_acc<T>(acc);
     }
@@ -322,7 +322,7 @@ __global__ void bwd_dv_kernel(Ctx<A> c, Tv<const T> q, Tv<const T> k, Tv<const T
   A* Ks = Qs + C * ld;
   A* DOs = Ks + C * ld;
   A* Ps = DOs + C * tile;
-  A* Rs = Ps + C * C;
+  A* Rs = Ps + C * C;     // the state gradient's columns [e0, e0+te): D x te, row-major (leading dim te)
   A* Gp = Rs + D * tile;
   const int seg = blockIdx.y, bh = blockIdx.x, b = bh / c.H, h = bh % c.H, kh = h / c.group;
   const int e0 = blockIdx.z * tile, te = min(tile, E - e0);
@@ -359,7 +359,7 @@ __global__ void bwd_dv_kernel(Ctx<A> c, Tv<const T> q, Tv<const T> k, Tv<const T
       A acc = 0;
       for (int t = s; t < len; ++t) acc += Ps[s * C + t] * DOs[t * tile + e];
       A inter = 0;
-      for (int d = 0; d < D; ++d) inter += Ks[s * ld + d] * Rs[d * tile + e];
+      for (int d = 0; d < D; ++d) inter += Ks[s * ld + d] * Rs[d * te + e];
       acc += Gp[len - 1 - s] * inter;
       dv.at(b, hv, c0 + s, e0 + e) = from_acc<OT>(acc);
     }

@@ -1,4 +1,4 @@
-"""Pure-PyTorch references for ``lasp.lasp_attention`` (see /work/shared/LASP.md).
+"""Pure-PyTorch references for ``lasp.lasp_attention`` (the math: docs/design.md).
 
 Everything here is plain, slow, obviously-correct PyTorch, computed in float64 by default,
 and differentiable with autograd (the tests take reference gradients from it). This module must
@@ -16,6 +16,9 @@ Two independent formulations are given so that they can check each other:
 
 * :func:`attention_ref` -- the direct masked sum ``((Q K^T) * M) V`` (quadratic in N).
 * :func:`attention_recurrent_ref` -- the state recurrence ``S = gamma S + k^T v, o = scale q S``.
+* :func:`attention_recurrent_grads` -- the same recurrence run forward and backward by hand (no
+  autograd), token by token: outputs and every gradient at O(D E) memory per head, for long or wide
+  problems.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["attention_ref", "attention_recurrent_ref", "decay_matrix"]
+__all__ = ["attention_ref", "attention_recurrent_ref", "attention_recurrent_grads", "decay_matrix"]
 
 _LAYOUTS = ("bhnd", "bnhd")
 
@@ -167,3 +170,71 @@ def attention_recurrent_ref(
     else:
         o = q.new_zeros(B, H, 0, E)
     return _from_bhnd(o, layout), S
+
+
+def attention_recurrent_grads(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    decay: Optional[torch.Tensor],
+    scale: Optional[float],
+    initial_state: Optional[torch.Tensor],
+    do: torch.Tensor,
+    d_final: Optional[torch.Tensor] = None,
+    layout: str = "bhnd",
+) -> dict:
+    """The op and its gradients from the token-by-token recurrences, in float64, without autograd.
+
+    Forward: ``S[t] = gamma S[t-1] + k[t]^T v[t]`` (``S[-1]`` = initial state), ``o[t] = scale q[t] S[t]``.
+    Backward, with ``R[t]`` the gradient of the loss with respect to ``S[t]``:
+    ``R[N-1] = d_final + scale q[N-1]^T do[N-1]``, ``R[t] = gamma R[t+1] + scale q[t]^T do[t]``;
+    ``dq[t] = scale do[t] S[t]^T``, ``dk[s] = v[s] R[s]^T``, ``dv[s] = k[s] R[s]``,
+    ``d_initial_state = gamma R[0]``. With GQA, dk and dv sum over the query heads of each kv head.
+
+    Returns a dict with ``o`` (in ``layout``), ``final_state``, ``dq``, ``dk``, ``dv`` (in ``layout``)
+    and ``d_initial_state`` ((B, H, D, E); zeros when there is no initial state).
+    """
+    q, k_rep, v_rep, lam, scale, s0, (B, H, N, D, E) = _prepare(
+        q, k, v, decay, scale, initial_state, layout, torch.float64
+    )
+    Hkv = _to_bhnd(k, layout).shape[1]
+    group = H // Hkv
+    do = _to_bhnd(do, layout).to(torch.float64)
+    dev = q.device
+    gamma = torch.exp(-lam).to(device=dev)[None, :, None, None]  # (1, H, 1, 1)
+    S = s0.clone() if s0 is not None else torch.zeros(B, H, D, E, dtype=torch.float64, device=dev)
+    o = torch.empty(B, H, N, E, dtype=torch.float64, device=dev)
+    dq = torch.empty(B, H, N, D, dtype=torch.float64, device=dev)
+    for t in range(N):
+        S.mul_(gamma).addcmul_(k_rep[:, :, t, :, None], v_rep[:, :, t, None, :])
+        torch.matmul(q[:, :, t, None, :], S, out=o[:, :, t, None, :])
+        torch.matmul(do[:, :, t, None, :], S.transpose(-1, -2), out=dq[:, :, t, None, :])
+    o.mul_(scale)
+    dq.mul_(scale)
+    final = S
+    R = (
+        d_final.to(device=dev, dtype=torch.float64).clone()
+        if d_final is not None
+        else torch.zeros(B, H, D, E, dtype=torch.float64, device=dev)
+    )
+    dk = torch.empty(B, H, N, D, dtype=torch.float64, device=dev)
+    dv = torch.empty(B, H, N, E, dtype=torch.float64, device=dev)
+    q_scaled = scale * q
+    for s in range(N - 1, -1, -1):
+        if s < N - 1:
+            R.mul_(gamma)
+        R.addcmul_(q_scaled[:, :, s, :, None], do[:, :, s, None, :])
+        torch.matmul(v_rep[:, :, s, None, :], R.transpose(-1, -2), out=dk[:, :, s, None, :])
+        torch.matmul(k_rep[:, :, s, None, :], R, out=dv[:, :, s, None, :])
+    d_s0 = gamma * R if N > 0 else R
+    # Per query head -> per kv head (query head h reads kv head h // group).
+    dk = dk.reshape(B, Hkv, group, N, D).sum(2)
+    dv = dv.reshape(B, Hkv, group, N, E).sum(2)
+    return {
+        "o": _from_bhnd(o, layout),
+        "final_state": final,
+        "dq": _from_bhnd(dq, layout),
+        "dk": _from_bhnd(dk, layout),
+        "dv": _from_bhnd(dv, layout),
+        "d_initial_state": d_s0,
+    }

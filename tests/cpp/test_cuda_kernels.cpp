@@ -531,6 +531,48 @@ TEST_P(CudaKernels, LocalThenMainMatchFloat64Reference) {
   }
 }
 
+// Head dims across 1..256 as D and as E: primes, odd dims and non-multiples of 16 / 32 / 64, whose last
+// column tile (generic kernels) is partial. E = dims[(i + 11) % n] pairs each value once as D and once as
+// E. Two problem sizes: one head pair cut into several segments of a few chunks, and enough heads that
+// each sequence is one or two segments of many chunks. Every case runs whole and in the ring's order.
+std::vector<Case> head_dim_sweep_cases(ScalarType dt) {
+  const int dims[] = {1,  2,  3,   5,   7,   11,  13,  16,  17,  24,  31,  33,  40,  47,  63,  65,  72, 80,
+                      96, 97, 100, 112, 127, 129, 144, 160, 176, 191, 193, 200, 224, 241, 251, 255, 256};
+  const int n = (int)(sizeof(dims) / sizeof(dims[0]));
+  std::vector<Case> out;
+  for (int i = 0; i < n; ++i) {
+    Case c;
+    c.dt = dt;
+    c.D = dims[i];
+    c.E = dims[(i + 11) % n];
+    const bool wide = i % 4 == 3;  // B * H = 40: one or two segments per head, several chunks each
+    c.B = wide ? 2 : 1;
+    c.H = wide ? 20 : 2;
+    c.Hkv = wide ? 5 : 1;
+    c.N = wide ? 230 : 200;
+    c.decay = true;
+    c.layout = i % 3;
+    c.with_state_in = c.with_grad_out = c.want_state_out = c.want_grad_in = true;
+    out.push_back(c);
+  }
+  for (int de : {80, 96, 160}) {  // equal dims, E a multiple of 16 / 32 but not of 64
+    Case c = out.front();
+    c.D = c.E = de;
+    out.push_back(c);
+  }
+  return out;
+}
+
+TEST_P(CudaKernels, HeadDimSweepMatchFloat64Reference) {
+  SKIP_WITHOUT_DEVICE();
+  for (const Case& c : head_dim_sweep_cases(GetParam())) {
+    for (bool split : {false, true}) {
+      run_case(c, split);
+      if (::testing::Test::HasFatalFailure()) return;
+    }
+  }
+}
+
 // The forward main kernel the 16-bit cases take: wgmma by default where it can run, mma.sync when asked
 // (FwdKernel::Mma) or elsewhere. The suites above run the default; this one runs the same cases with the
 // mma.sync forward, so both kernels stay checked on sm_90.

@@ -46,11 +46,15 @@ CASES = {
         dict(dtype=F32, B=2, H=4, Hkv=2, D=8, E=12, pieces=[7, 9], decay="alibi", state="rank0", final_grads="last", layout="bhnd"),
         dict(dtype=F64, B=1, H=2, Hkv=1, D=4, E=6, pieces=[1, 12], decay="mixed", state="all", final_grads="all", layout="bnhd"),
         dict(dtype=F32, B=1, H=2, Hkv=2, D=8, E=8, pieces=[65, 64], decay=None, state=None, final_grads="none", layout="bhnd"),
+        # head dims whose last CUDA column tile is partial (E = 80, 96 with tiles of 64), several chunks per piece
+        dict(dtype=F32, B=1, H=2, Hkv=1, D=96, E=80, pieces=[150, 70], decay="alibi", state="rank0", final_grads="all", layout="bhnd"),
     ],
     3: [
         dict(dtype=F32, B=2, H=4, Hkv=1, D=8, E=4, pieces=[5, 5, 5], decay="strong", state="rank0", final_grads="all", layout="bhnd"),
         dict(dtype=F64, B=1, H=4, Hkv=2, D=5, E=7, pieces=[1, 9, 3], decay="alibi", state="all", final_grads="last", layout="bnhd"),
         dict(dtype=F32, B=1, H=2, Hkv=1, D=6, E=6, pieces=[20, 1, 30], decay=None, state="rank0", final_grads="all", layout="bhnd"),
+        dict(dtype=F32, B=1, H=2, Hkv=2, D=17, E=160, pieces=[1, 130, 97], decay="alibi", state="rank0", final_grads="last", layout="bnhd"),
+        dict(dtype=F64, B=1, H=2, Hkv=1, D=131, E=96, pieces=[70, 0, 129], decay="mixed", state="all", final_grads="all", layout="bhnd"),
     ],
     4: [
         dict(dtype=F32, B=2, H=4, Hkv=2, D=8, E=12, pieces=[5, 1, 9, 3], decay="alibi", state="rank0", final_grads="all", layout="bhnd"),

@@ -66,10 +66,15 @@ def check_against_reference(
     final_grad=True,
     seed=0,
     grad_inputs=None,
+    recurrent64=False,
 ):
     """Run the op and the references on the same (rounded) inputs; compare o, final_state and
     the gradients with respect to ``grad_inputs`` (default q, k, v, s0) for a random cotangent on
-    o and (if final_grad) on final_state. Returns the op's (o, final_state)."""
+    o and (if final_grad) on final_state. Returns the op's (o, final_state).
+
+    The float64 truth is the masked sum with autograd, or with ``recurrent64`` the token-by-token
+    recurrence run forward and backward by hand (reference.attention_recurrent_grads). The
+    low-precision reference of the tolerance rule is the masked sum in the op's dtype."""
     device = q.device
     grad_inputs = list(grad_inputs) if grad_inputs is not None else [q, k, v, s0]
     before = [t.detach().clone() for t in (q, k, v) + ((s0,) if s0 is not None else ())]
@@ -117,7 +122,18 @@ def check_against_reference(
         )
         return ro, rf, rg
 
-    ro, rf, rg = run_ref(torch.float64)
+    if recurrent64:
+        r = ref.attention_recurrent_grads(
+            q.detach(), k.detach(), v.detach(), decay, scale, None if s0 is None else s0.detach(), do, dS, layout
+        )
+        ro, rf = r["o"], r["final_state"]
+        by_id = {id(q): r["dq"], id(k): r["dk"], id(v): r["dv"]}
+        if s0 is not None:
+            by_id[id(s0)] = r["d_initial_state"]
+        assert all(t is None or id(t) in by_id for t in grad_inputs), "recurrent64: gradients of q, k, v, s0 only"
+        rg = [None if t is None else by_id[id(t)] for t in grad_inputs]
+    else:
+        ro, rf, rg = run_ref(torch.float64)
     lo = lf = None
     lg = [None] * len(grad_inputs)
     if dtype in LOWP:
@@ -199,6 +215,56 @@ def test_head_dims(lasp, device, D, E, seed):
     q, k, v = make_qkv(B, H, Hkv, N, D, E, dtype=torch.float32, device=device, seed=seed)
     s0 = make_state(B, H, D, E, dtype=torch.float32, device=device, seed=seed)
     check_against_reference(lasp, q, k, v, make_decay("alibi", H, device), s0, dtype=torch.float32, seed=seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Every head dim from 1 to 256, as D and as E, against the float64 token-by-token recurrence.
+#
+# E = 97 D mod 257 is a permutation of 1..256 (257 is prime), so across the sweep every value occurs
+# once as D and once as E: primes, odd dims, and non-multiples of 16 / 32 / 64 beside the tensor-core
+# dims. The CUDA kernels work on column tiles of E (and row tiles of D) whose last one is partial for
+# most of these; several chunks and several segments per head make the carried state matter.
+
+
+def _sweep_dims():
+    return [(d, (97 * d) % 257) for d in range(1, 257)]
+
+
+# Equal and tensor-core-adjacent pairs the permutation does not produce.
+HEAD_DIM_PAIRS = [(96, 96), (80, 80), (112, 112), (160, 160), (192, 192), (256, 256), (128, 96), (96, 128),
+                  (64, 80), (128, 192), (256, 64), (32, 160), (200, 17), (251, 241)]
+SWEEP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _sweep_case(lasp, D, E, seed, *, device, dtype, B, H, Hkv, N, layout):
+    q, k, v = make_qkv(B, H, Hkv, N, D, E, dtype=dtype, device=device, seed=seed, layout=layout)
+    s0 = make_state(B, H, D, E, dtype=dtype, device=device, seed=seed)
+    decay = make_decay("alibi", H, device)
+    check_against_reference(lasp, q, k, v, decay, s0, dtype=dtype, layout=layout, seed=seed, recurrent64=True)
+
+
+@pytest.mark.parametrize("D,E", _sweep_dims() + HEAD_DIM_PAIRS, ids=lambda x: str(x))
+@pytest.mark.parametrize("device", DEVICES)
+def test_head_dim_sweep(lasp, device, D, E, seed):
+    """One (D, E) per test, the dtype and layout cycling with it: B = 1, H = 2 (one kv head), N = 200
+    (on CUDA several segments per head; on the CPU four chunks)."""
+    i = D + E
+    dtype = SWEEP_DTYPES[i % 3]
+    layout = ("bhnd", "bnhd")[(i // 3) % 2]
+    _sweep_case(lasp, D, E, seed, device=device, dtype=dtype, B=1, H=2, Hkv=1, N=200, layout=layout)
+
+
+WIDE_DIMS = [(17, 96), (96, 96), (80, 200), (160, 160), (255, 33), (112, 256), (192, 80), (256, 144),
+             (64, 96), (128, 160), (33, 63), (129, 129)]
+
+
+@pytest.mark.parametrize("dtype", [_dtype_param(d) for d in SWEEP_DTYPES])
+@pytest.mark.parametrize("D,E", WIDE_DIMS, ids=lambda x: str(x))
+@pytest.mark.parametrize("device", [d for d in DEVICES if d.values[0] == "cuda"])
+def test_head_dim_sweep_many_heads(lasp, device, D, E, dtype, seed):
+    """Enough heads (B = 2, H = 48, Hkv = 16) that the CUDA plan cuts each sequence in one or two
+    segments of several chunks each: the carried state crosses many chunk boundaries in one block."""
+    _sweep_case(lasp, D, E, seed, device=device, dtype=dtype, B=2, H=48, Hkv=16, N=260, layout="bhnd")
 
 
 # ----------------------------------------------------------------------------------------------
