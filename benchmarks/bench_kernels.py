@@ -29,7 +29,7 @@ SHAPES = [(4, 32, 8192, 128), (1, 16, 65536, 128), (8, 16, 2048, 64)]
 
 
 def alibi_decay(H, device):
-    # ALiBi-like slopes, the rates lambda_h of LASP.md (TransNormerLLM / Lightning Attention)
+    # ALiBi-like slopes, the rates lambda_h of docs/design.md (TransNormerLLM / Lightning Attention)
     return torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], dtype=torch.float32, device=device)
 
 

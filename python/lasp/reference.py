@@ -1,4 +1,4 @@
-"""Pure-PyTorch references for ``lasp.lasp_attention`` (see /work/shared/LASP.md).
+"""Pure-PyTorch references for ``lasp.lasp_attention`` (the math: docs/design.md).
 
 Everything here is plain, slow, obviously-correct PyTorch, computed in float64 by default,
 and differentiable with autograd (the tests take reference gradients from it). This module must
