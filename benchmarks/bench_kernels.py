@@ -173,7 +173,7 @@ def main():
     props = torch.cuda.get_device_properties(dev)
     info = {
         "gpu": props.name, "sms": props.multi_processor_count, "cuda": torch.version.cuda, "torch": torch.__version__,
-        "commit": os.environ.get("LASP_COMMIT") or git_commit(),  # LASP_COMMIT: the device copy's .git may be stale
+        "commit": os.environ.get("LASP_COMMIT") or git_commit(),  # LASP_COMMIT: for a copy of the tree whose .git is not current (gpu_suite.sh sets it)
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         # the kernel choice asked for (the library reads these at first use; unset: its default)
         "LASP_FWD_KERNEL": os.environ.get("LASP_FWD_KERNEL", "unset"),
