@@ -29,7 +29,7 @@ SHAPES = [(4, 32, 8192, 128), (1, 16, 65536, 128), (8, 16, 2048, 64)]
 
 
 def alibi_decay(H, device):
-    # ALiBi-like slopes, the rates lambda_h of LASP.md (TransNormerLLM / Lightning Attention)
+    # ALiBi-like slopes, the rates lambda_h of docs/design.md (TransNormerLLM / Lightning Attention)
     return torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], dtype=torch.float32, device=device)
 
 
@@ -173,7 +173,7 @@ def main():
     props = torch.cuda.get_device_properties(dev)
     info = {
         "gpu": props.name, "sms": props.multi_processor_count, "cuda": torch.version.cuda, "torch": torch.__version__,
-        "commit": os.environ.get("LASP_COMMIT") or git_commit(),  # LASP_COMMIT: the device copy's .git may be stale
+        "commit": os.environ.get("LASP_COMMIT") or git_commit(),  # LASP_COMMIT: for a copy of the tree whose .git is not current (gpu_suite.sh sets it)
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         # the kernel choice asked for (the library reads these at first use; unset: its default)
         "LASP_FWD_KERNEL": os.environ.get("LASP_FWD_KERNEL", "unset"),

@@ -265,7 +265,7 @@ def _git_commit():
 
 
 def env_info(device):
-    # LASP_COMMIT is set by the device scripts: the copy of the tree there may carry a stale .git
+    # LASP_COMMIT (set by gpu_suite.sh): a copy of the tree may carry a .git that is not current
     commit = os.environ.get("LASP_COMMIT") or _git_commit()
     info = {"torch": torch.__version__, "cuda": torch.version.cuda, "commit": commit, "host": platform.node(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

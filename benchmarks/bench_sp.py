@@ -76,7 +76,7 @@ def make_method(lasp, name, group):
 
 
 def git_commit():
-    if os.environ.get("LASP_COMMIT"):  # set by the device scripts: the copy there may carry a stale .git
+    if os.environ.get("LASP_COMMIT"):  # set by gpu_suite.sh: a copy of the tree may carry a .git that is not current
         return os.environ["LASP_COMMIT"]
     try:
         c = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

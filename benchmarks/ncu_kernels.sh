@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Nsight Compute profile of the lasp kernels of one forward+backward call (GPU machine):
 #   SHAPE=4x32x8192x128 KERNELS="wgmma_bwd wgmma_fwd" bash benchmarks/ncu_kernels.sh
+#   (or: bash benchmarks/gpu_suite.sh ncu)
 # For each kernel name (a regex): the details page (speed of light, occupancy, warp stalls, ...) and the
-# SASS source page with per-instruction stall samples, as text under $OUT. Inputs as bench_kernels.py.
+# SASS source page with per-instruction stall samples, as text under LASP_RESULTS_DIR (default
+# bench_out/). Inputs as bench_kernels.py.
 # ncu runs with --clock-control none (the clocks a benchmark sees).
 set -uo pipefail
-OUT=${OUT:-ncu_out}; mkdir -p "$OUT"
-source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
+cd "$(dirname "$0")/.." || exit 2
+# shellcheck source=benchmarks/gpu_env.sh
+source benchmarks/gpu_env.sh
+lasp_ensure_built || exit 2
 SHAPE=${SHAPE:-4x32x8192x128}
 cat > /tmp/lasp_ncu_drive.py <<'EOF'
 import math, os, sys, torch
@@ -25,10 +29,10 @@ EOF
 for kn in ${KERNELS:-wgmma_bwd wgmma_fwd}; do
   tag=${kn//[^A-Za-z0-9_]/}
   SHAPE=$SHAPE timeout ${NCU_TIMEOUT:-200} ncu --clock-control none -k "regex:$kn" --launch-skip 1 --launch-count 1 \
-    --set full --import-source yes -f -o "/tmp/ncu_$tag" python3 /tmp/lasp_ncu_drive.py > "$OUT/ncu_${tag}_run.log" 2>&1
+    --set full --import-source yes -f -o "/tmp/ncu_$tag" python3 /tmp/lasp_ncu_drive.py > "$RESULTS/ncu_${tag}_run.log" 2>&1
   echo "ncu $kn rc=$?"
-  ncu --import "/tmp/ncu_$tag.ncu-rep" --page details > "$OUT/ncu_${tag}_details.txt" 2>&1
-  ncu --import "/tmp/ncu_$tag.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_${tag}_sass.csv" 2>&1
+  ncu --import "/tmp/ncu_$tag.ncu-rep" --page details > "$RESULTS/ncu_${tag}_details.txt" 2>&1
+  ncu --import "/tmp/ncu_$tag.ncu-rep" --page source --csv --print-source sass > "$RESULTS/ncu_${tag}_sass.csv" 2>&1
   grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Registers Per|Achieved Occupancy|Issue Slots Busy|No Eligible" \
-    "$OUT/ncu_${tag}_details.txt" | head -20
+    "$RESULTS/ncu_${tag}_details.txt" | head -20
 done

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # compute-sanitizer (memcheck, racecheck, initcheck, synccheck) on lasp's CUDA kernels, tiny shapes.
 #
-#   bash benchmarks/sanitize.sh            # on the GPU machine, extension built in place
+#   bash benchmarks/sanitize.sh            # on a GPU machine (or: bash benchmarks/gpu_suite.sh sanitize)
 #
 # Two programs run under each tool:
-#  * a Python driver (written to $OUT/sanitize_driver.py) that calls lasp.lasp_attention forward +
+#  * a Python driver (written to $RESULTS/sanitize_driver.py) that calls lasp.lasp_attention forward +
 #    backward on CUDA for every code path of the single-device op: tensor-core path (bf16/fp16, D, E in
 #    {64, 128}, D != E), generic path (fp32, fp64, bf16 with odd dims, D = E = 256, strided last dim),
 #    GQA/MQA (the per-query-head backward workspace and its reduction), decay on/off, initial state and
@@ -23,16 +23,17 @@
 # initcheck with the mma.sync kernels; the sm_90a kernels' outputs are covered by the poisoned-output tests.
 #
 # Exit status: 0 clean; 1 a sanitizer reported errors (or a program failed its own checks under it);
-# 3 no errors but some step timed out or was skipped for the time budget. Logs: $OUT/sanitize_*.
+# 3 no errors but some step timed out or was skipped for the time budget. Logs: $RESULTS/sanitize_*.
 # Time: SANITIZE_BUDGET_S (default 240 s) over all steps; each step also has its own cap; steps run in
 # priority order and later ones are skipped when the budget is spent.
 # SANITIZE_ONLY: a regular expression; only the steps whose names match it run (e.g. driver-initcheck).
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-device_out}
-mkdir -p "$OUT"
-# The package importable (and built for sm_90a when the carried build does not load), as the other device scripts.
-source benchmarks/device_env.sh
+cd "$(dirname "$0")/.." || exit 2
+# RESULTS (LASP_RESULTS_DIR, default bench_out/), the package importable, and built in place for sm_90a
+# when the build in the tree does not load here (benchmarks/gpu_env.sh).
+# shellcheck source=benchmarks/gpu_env.sh
+source benchmarks/gpu_env.sh
+lasp_ensure_built || exit 2
 BUDGET=${SANITIZE_BUDGET_S:-240}
 START=$(date +%s)
 
@@ -45,12 +46,12 @@ if [ -z "$CS" ] || [ ! -x "$CS" ]; then
   echo "sanitize: compute-sanitizer not found (PATH, /usr/local/cuda*/bin); set COMPUTE_SANITIZER=/path/to/it"
   exit 2
 fi
-"$CS" --version 2>&1 | tail -1 | tee "$OUT/sanitize_version.txt"
+"$CS" --version 2>&1 | tail -1 | tee "$RESULTS/sanitize_version.txt"
 
 # LASP_TEST_SMALL: the GoogleTest cases up to 9000 token-heads (every path, sanitizer-sized)
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1 CUDA_MODULE_LOADING=LAZY PYTHONUNBUFFERED=1 LASP_TEST_SMALL=1
 
-DRIVER="$OUT/sanitize_driver.py"
+DRIVER="$RESULTS/sanitize_driver.py"
 cat > "$DRIVER" <<'PY'
 """lasp_attention forward + backward on CUDA for each code path, tiny shapes (run under compute-sanitizer)."""
 import os
@@ -188,7 +189,7 @@ step() {
     return
   fi
   local t=$((cap < left ? cap : left))
-  local log="$OUT/sanitize_${name}.log" out="$OUT/sanitize_${name}.out"
+  local log="$RESULTS/sanitize_${name}.log" out="$RESULTS/sanitize_${name}.out"
   local t0=$(date +%s)
   timeout --kill-after=10 "$t" "$CS" --tool "$tool" --error-exitcode 86 --print-limit 100 \
     --log-file "$log" "$@" > "$out" 2>&1
@@ -223,12 +224,12 @@ step() {
 }
 
 # the driver alone first: a failure here is the op's (or the driver's), not a sanitizer finding
-if timeout 90 python3 "$DRIVER" > "$OUT/sanitize_driver-plain.out" 2>&1; then
-  SUMMARY+=("$(printf '%-22s %-9s %4s   %s' driver-plain none - "ok: $(tail -1 "$OUT/sanitize_driver-plain.out")")")
+if timeout 90 python3 "$DRIVER" > "$RESULTS/sanitize_driver-plain.out" 2>&1; then
+  SUMMARY+=("$(printf '%-22s %-9s %4s   %s' driver-plain none - "ok: $(tail -1 "$RESULTS/sanitize_driver-plain.out")")")
 else
-  SUMMARY+=("$(printf '%-22s %-9s %4s   %s' driver-plain none - "FAILED without a sanitizer, see $OUT/sanitize_driver-plain.out")")
+  SUMMARY+=("$(printf '%-22s %-9s %4s   %s' driver-plain none - "FAILED without a sanitizer, see $RESULTS/sanitize_driver-plain.out")")
   ERRORS=1
-  tail -20 "$OUT/sanitize_driver-plain.out"
+  tail -20 "$RESULTS/sanitize_driver-plain.out"
 fi
 step driver-memcheck memcheck 60 python3 "$DRIVER"
 if [ -x "$GTEST" ]; then
@@ -245,8 +246,8 @@ step driver-racecheck racecheck 75 python3 "$DRIVER"
 # also runs on the default (wgmma / TMA) kernels.
 TMA_TRACKED=0
 if command -v nvcc > /dev/null 2>&1 && nvcc -std=c++17 -arch=sm_90a -I kernels benchmarks/tma_initcheck.cu \
-     -o "$OUT/tma_initcheck" > "$OUT/sanitize_tma-probe.out" 2>&1 && "$OUT/tma_initcheck" >> "$OUT/sanitize_tma-probe.out" 2>&1; then
-  n=$(timeout 60 "$CS" --tool initcheck --show-backtrace no "$OUT/tma_initcheck" 2>&1 | grep -oE "ERROR SUMMARY: [0-9]+" | head -1 | grep -oE "[0-9]+")
+     -o "$RESULTS/tma_initcheck" > "$RESULTS/sanitize_tma-probe.out" 2>&1 && "$RESULTS/tma_initcheck" >> "$RESULTS/sanitize_tma-probe.out" 2>&1; then
+  n=$(timeout 60 "$CS" --tool initcheck --show-backtrace no "$RESULTS/tma_initcheck" 2>&1 | grep -oE "ERROR SUMMARY: [0-9]+" | head -1 | grep -oE "[0-9]+")
   if [ "${n:-x}" = 0 ]; then
     TMA_TRACKED=1
     SUMMARY+=("$(printf '%-22s %-9s %4s   %s' tma-probe initcheck - "initcheck tracks TMA stores")")
@@ -254,7 +255,7 @@ if command -v nvcc > /dev/null 2>&1 && nvcc -std=c++17 -arch=sm_90a -I kernels b
     SUMMARY+=("$(printf '%-22s %-9s %4s   %s' tma-probe initcheck - "initcheck does not track TMA stores (${n:-?} reports on the TMA-written tile)")")
   fi
 else
-  SUMMARY+=("$(printf '%-22s %-9s %4s   %s' tma-probe initcheck - "not run (no nvcc, or no sm_90a GPU: see $OUT/sanitize_tma-probe.out)")")
+  SUMMARY+=("$(printf '%-22s %-9s %4s   %s' tma-probe initcheck - "not run (no nvcc, or no sm_90a GPU: see $RESULTS/sanitize_tma-probe.out)")")
 fi
 step driver-initcheck initcheck 60 env LASP_FWD_KERNEL=mma LASP_BWD_KERNEL=mma python3 "$DRIVER"
 [ "$TMA_TRACKED" = 1 ] && step driver-initcheck-tma initcheck 150 python3 "$DRIVER"
@@ -262,8 +263,8 @@ step driver-initcheck initcheck 60 env LASP_FWD_KERNEL=mma LASP_BWD_KERNEL=mma p
 [ -x "$GTEST" ] && step gtest-racecheck racecheck 200 "$GTEST" --gtest_filter="$GT_FILTER_RACE"
 step driver-synccheck synccheck 90 python3 "$DRIVER"
 
-echo "== compute-sanitizer summary ($(($(date +%s) - START)) s, logs in $OUT/sanitize_*)"
-printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/sanitize_summary.txt"
+echo "== compute-sanitizer summary ($(($(date +%s) - START)) s, logs in $RESULTS/sanitize_*)"
+printf '%s\n' "${SUMMARY[@]}" | tee "$RESULTS/sanitize_summary.txt"
 if [ $ERRORS -ne 0 ]; then exit 1; fi
 if [ $INCOMPLETE -ne 0 ]; then exit 3; fi
 exit 0

@@ -318,7 +318,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels,
     return {o, s_out, s_in};
   }
 
-  // Several ranks (LASP.md, "Across ranks"): the local state L_r first (reads k and v only), then the
+  // Several ranks (docs/design.md, "Across ranks"): the local state L_r first (reads k and v only), then the
   // incoming state S_in from the other ranks, then the main pass with S_in, as on one device.
   // Ring: receive S_in, send gamma^n S_in + L_r on (one small update per hop). All-gather (LASP-2):
   // one all-gather of (L_j, gamma^n_j); each rank combines its prefix itself.

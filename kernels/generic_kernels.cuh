@@ -3,7 +3,7 @@
 // These are the reference-quality path: correct for every supported case, not tuned.
 //
 // The sequence of each (b, h) is split into c.nseg segments of c.seglen tokens, processed by
-// different blocks (LASP.md, "The same split works inside one GPU"):
+// different blocks (docs/design.md, "The segment split inside one GPU"):
 //   phase 1 (state_local_kernel): local state of each segment (forward: L, backward: M),
 //   phase 2 (scan_*_kernel):      prefix combination over segments (S_in of each segment, G of each),
 //   phase 3 (*_main kernels):     each segment, chunk by chunk, with its carried state.

@@ -36,7 +36,7 @@ struct TensorView4 {
   int64_t stride[4] = {0, 0, 0, 0};
 };
 
-// Notation as in LASP.md: per batch b and query head h, positions t = 0 .. N-1 of this piece,
+// Notation as in docs/design.md: per batch b and query head h, positions t = 0 .. N-1 of this piece,
 // gamma_h = exp(-decay[h]), kv head of query head h is h / (H / Hkv).
 struct AttnParams {
   ScalarType dtype = ScalarType::Float32;  // of q, k, v, o, dout, dq, dk, dv
@@ -71,7 +71,7 @@ struct AttnParams {
   bool local_ready = false;
 };
 
-// The building blocks every backend implements (LASP.md, "Across ranks"):
+// The building blocks every backend implements (docs/design.md, "Across ranks"):
 //
 //  fwd:       o[t] = scale * (gamma^(t+1) q[t] S_in + sum_{s<=t} gamma^(t-s) (q[t].k[s]) v[s])
 //             state_out = gamma^N S_in + L,  L = sum_s gamma^(N-1-s) k[s]^T v[s]

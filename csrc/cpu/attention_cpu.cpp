@@ -1,6 +1,6 @@
 // Chunked linear attention on the CPU: the reference-quality backend every other backend is held to.
 // One (batch, head) pair per task, chunks of kChunk tokens, the state carried in the accumulation
-// type (float, or double for float64 inputs). See LASP.md "Chunked computation".
+// type (float, or double for float64 inputs). See docs/design.md, "Chunked form".
 #include "cpu/attention_cpu.h"
 
 #include <ATen/Parallel.h>

@@ -1,6 +1,6 @@
 // GoogleTest of the lasp CUDA kernels (kernels/lasp_cuda.h), driven directly through AttnParams.
 // Every output is compared with a float64 CPU reference computed here from the state recurrences
-// (LASP.md): S[t] = g S[t-1] + k[t]^T v[t] (S[-1] = S_in), o[t] = scale q[t] S[t];
+// (docs/design.md): S[t] = g S[t-1] + k[t]^T v[t] (S[-1] = S_in), o[t] = scale q[t] S[t];
 // R[s] = g R[s+1] + scale q[s]^T do[s] (R at N-1 starts from G), dq[t] = scale do[t] S[t]^T,
 // dk[s] = v[s] R[s]^T, dv[s] = k[s] R[s], grad_state_in = g R[0].
 // Inputs are fresh random numbers every run (the seed is printed on failure); outputs are poisoned with NaN.

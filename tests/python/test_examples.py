@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -53,12 +54,12 @@ def test_demo_py_reports_a_mismatch():
     assert r.returncode != 0 and "-> MISMATCH" in r.stdout, r.stdout[-2000:]
 
 
-def test_device_models_findmax_smoke(tmp_path):
-    """benchmarks/device_models.sh on the CPU (SMOKE=1), only its part d: every method searched up to the cap,
-    the summary's table and its longest-run line, which says when the cap (not memory) ended the search."""
+def test_gpu_suite_models_findmax_smoke(tmp_path):
+    """benchmarks/gpu_suite.sh models on the CPU (SMOKE=1), only its step d: every method searched up to the
+    cap, the summary's table and its longest-run line, which says when the cap (not memory) ended the search."""
     out = tmp_path / "dm"
     skip = {k: "0" for k in ("CONV_S", "BENCH_S", "BENCH_BF16_S", "BENCH_EAGER_S", "PROBE_S", "PROBE_OFFLOAD_S")}
-    r = _run(["bash", "benchmarks/device_models.sh"], SMOKE="1", OUT=str(out), **skip)
+    r = _run(["bash", "benchmarks/gpu_suite.sh", "models"], SMOKE="1", LASP_RESULTS_DIR=str(out), **skip)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     with open(out / "findmax.json") as f:
         rec = json.load(f)
@@ -67,3 +68,24 @@ def test_device_models_findmax_smoke(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "## d. Longest sequence per method" in summary
     assert "longest run: lasp 256 (the search's cap, no out-of-memory)" in summary, summary[-1500:]
+
+
+def test_gpu_suite_arguments(tmp_path):
+    """gpu_suite.sh lists its parts in --help, refuses unknown parts, and refuses a GPU part where there are
+    too few GPUs with a message naming the part (checked before anything is built or run)."""
+    r = _run(["bash", "benchmarks/gpu_suite.sh", "--help"])
+    assert r.returncode == 0 and "parts (GPUs needed):" in r.stdout, r.stdout + r.stderr
+    for part in ("gtest", "pytest", "demo", "kernels", "ab", "sp", "models", "reliability", "groupchecks", "hf",
+                 "hf-example", "sanitize", "ncu"):
+        assert f"\n  {part} " in r.stdout, part
+    r = _run(["bash", "benchmarks/gpu_suite.sh", "no-such-part"])
+    assert r.returncode == 2 and "unknown part 'no-such-part'" in r.stderr, r.stderr
+    # no nvidia-smi on PATH: no GPUs, whatever the machine has
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("dirname", "grep", "sed"):
+        found = shutil.which(tool)
+        assert found, tool
+        (bin_dir / tool).symlink_to(found)
+    r = _run([shutil.which("bash"), "benchmarks/gpu_suite.sh", "gtest", "sp"], PATH=str(bin_dir))
+    assert r.returncode == 2 and "part 'gtest' needs at least 1 CUDA GPU(s); found 0" in r.stderr, r.stderr

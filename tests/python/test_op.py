@@ -709,7 +709,7 @@ def test_alibi_slopes_known_values(lasp):
 
 # ----------------------------------------------------------------------------------------------
 # CUDA only: long sequences with few (b, h) pairs, so the kernels split each sequence into
-# segments (LASP.md: the in-device version of the ring), and the tiled fast paths (E in 64..128).
+# segments (docs/design.md: the in-device version of the ring), and the tiled fast paths (E in 64..128).
 
 CUDA_LONG = [
     # dtype, H, Hkv, N, D, E, decay, state

@@ -14,7 +14,7 @@ F64 = torch.float64
 
 
 def brute_force(q, k, v, decay, scale, s0):
-    """Token-by-token scalar loop straight from the formula in LASP.md (bhnd, python floats)."""
+    """Token-by-token scalar loop straight from the formula in docs/design.md (bhnd, python floats)."""
     B, H, N, D = q.shape
     Hkv, E = k.shape[1], v.shape[-1]
     group = H // Hkv
