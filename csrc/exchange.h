@@ -1,5 +1,5 @@
-// Internal: the exchange of the small (B, H, D, E) states between the ranks of a group (LASP.md, "Across
-// ranks"). The drivers of attention.cpp run, on several ranks: local pass -> exchange -> main pass.
+// Internal: the exchange of the small (B, H, D, E) states between the ranks of a group. The drivers of
+// attention.cpp run, on several ranks: local pass -> exchange -> main pass.
 //
 // Each rank r holds one piece of the sequence, of n tokens; gamma^n = exp(-decay[h] * n) per head (1
 // without decay). The update of a state S by a piece, gamma^n S + X, is written once on the host
