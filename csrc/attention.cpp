@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <c10/core/SymBool.h>
 
+#include "exchange.h"
 #include "ring.h"
 
 namespace lasp {
@@ -60,79 +61,8 @@ Tensor decay_in_acc(const std::optional<Tensor>& decay, at::ScalarType acc, bool
   return clamp ? d.clamp_max(1e30) : d;
 }
 
-// gamma^n per head, shaped (1, H, 1, 1) to scale a (B, H, D, E) state; undefined when there is no decay.
-Tensor decay_pow(const Tensor& decay_acc, int64_t n) {
-  if (!decay_acc.defined()) return Tensor();
-  return at::exp(decay_acc * static_cast<double>(-n)).view({1, -1, 1, 1});
-}
-
-// gamma^n * s + add (gamma = 1 when there is no decay).
-Tensor decayed_sum(const Tensor& s, const Tensor& gamma_n, const Tensor& add) {
-  return gamma_n.defined() ? at::addcmul(add, s, gamma_n) : s + add;
-}
-
 Tensor state_like(const Tensor& q, int64_t D, int64_t E) {
   return at::empty({q.size(0), q.size(1), D, E}, q.options().dtype(acc_type(q.scalar_type())));
-}
-
-// gamma^n per head as an (H,) tensor (ones without decay): what the all-gather strategy exchanges.
-Tensor decay_pow_h(const Tensor& decay_acc, int64_t n, int64_t H, const at::TensorOptions& opts) {
-  if (!decay_acc.defined()) return at::ones({H}, opts);
-  return at::exp(decay_acc * static_cast<double>(-n));
-}
-
-// What a rank contributes to the all-gather strategy: its (B, H, D, E) state, flattened, then gamma^n per head.
-Tensor pack_state(const Tensor& x, const Tensor& decay_acc, int64_t n) {
-  return at::cat({x.flatten(), decay_pow_h(decay_acc, n, x.size(1), x.options())});
-}
-
-// LASP-2's combination of the gathered packs of ranks j = first, first + step, ... (not `end`):
-// s = gamma^n_j s + X_j from s = 0 (forward: the prefix before a rank; backward: the suffix after it).
-Tensor combine_packs(const std::vector<Tensor>& all, const Tensor& like, int first, int end, int step) {
-  const int64_t numel = like.numel(), H = like.size(1);
-  Tensor s = at::zeros_like(like);
-  for (int j = first; j != end; j += step) {
-    s = at::addcmul(all[j].narrow(0, 0, numel).view_as(like), s, all[j].narrow(0, numel, H).view({1, -1, 1, 1}));
-  }
-  return s;
-}
-
-// gamma^n per head, made on first use (undefined without decay): the NCCL ring makes it before its waits,
-// the peer hop computes it inside its kernel and never asks.
-class LazyDecayPow {
- public:
-  LazyDecayPow(const Tensor& decay_acc, int64_t n) : decay_acc_(decay_acc), n_(n) {}
-  const Tensor& operator()() {
-    if (!value_.defined() && decay_acc_.defined()) value_ = decay_pow(decay_acc_, n_);
-    return value_;
-  }
-
- private:
-  const Tensor& decay_acc_;
-  int64_t n_;
-  Tensor value_;
-};
-
-enum class Strategy : int64_t { Ring = 0, AllGather = 1 };
-
-Strategy parse_strategy(const std::string& s) {
-  if (s == "ring") return Strategy::Ring;
-  if (s == "allgather") return Strategy::AllGather;
-  TORCH_CHECK_VALUE(false, "lasp_attention: strategy must be 'ring' or 'allgather', got '", s, "'");
-}
-
-// Whether this call's ring uses the peer-memory hop. Decided from what every rank of the group shares
-// (the backend, the strategy, the dtype, the state size and the process-wide transport), never from the
-// piece's length, so that the ranks agree.
-bool use_peer(const Kernels& backend_kernels, const Ring& ring, Strategy strategy, const Tensor& q, int64_t D,
-              int64_t E) {
-  const Transport t = ring_transport();
-  if (t == Transport::Nccl || strategy != Strategy::Ring || ring.size() <= 1 || !backend_kernels.peer_ready ||
-      acc_type(q.scalar_type()) != at::kFloat) {
-    return false;
-  }
-  if (t == Transport::Auto && !ring.backend_is_nccl()) return false;
-  return backend_kernels.peer_ready(ring, q.device(), q.size(0) * q.size(1) * D * E, t == Transport::Peer);
 }
 
 // With group checks on: every rank compares what it was called with (one small all-gather).
@@ -318,72 +248,21 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels,
     return {o, s_out, s_in};
   }
 
-  // Several ranks (docs/design.md, "Across ranks"): the local state L_r first (reads k and v only), then the
-  // incoming state S_in from the other ranks, then the main pass with S_in, as on one device.
-  // Ring: receive S_in, send gamma^n S_in + L_r on (one small update per hop). All-gather (LASP-2):
-  // one all-gather of (L_j, gamma^n_j); each rank combines its prefix itself.
-  //
-  // Communication kernels never run beside the compute kernels (they would take SMs from grids sized
-  // in whole waves): receives are posted after the local pass, and the main pass waits for the send.
+  // Several ranks (exchange.h): the local state L_r (reads k and v only), the exchange that gives the
+  // incoming state S_in, then the main pass with S_in, as on one device.
   const Tensor ws = kernels.workspace ? kernels.workspace(p, /*backward=*/false) : Tensor();
-  Tensor s_in = state_like(q, D, E);
   Tensor local = state_like(q, D, E);
   p.state_out = local.data_ptr();
   kernels.fwd_local(p);  // L_r
-  const bool peer = use_peer(backend_kernels, ring, strategy, q, D, E);
-  c10::intrusive_ptr<c10d::Work> recv;
-  if (strategy == Strategy::Ring && !peer && !ring.is_first()) recv = ring.recv_prev(s_in, Ring::kForwardTag);
-  LazyDecayPow gamma(decay_acc, N);
-  if (!peer) gamma();  // before any wait: each NCCL hop's critical path is one update
-  Tensor s_out;
-  bool zero_in = false;  // S_in is exactly zero (first rank without an initial state)
-  if (strategy == Strategy::AllGather) {
-    // The first rank folds the initial state into what it contributes (its S_out).
-    if (ring.is_first() && initial_state.has_value()) local = decayed_sum(*initial_state, gamma(), local);
-    Tensor pack = pack_state(local, decay_acc, N);
-    const auto all = ring.allgather(pack, "the all-gather of the local states");
-    s_in = combine_packs(all, local, 0, ring.rank(), 1);
-    if (ring.is_first()) {
-      zero_in = !initial_state.has_value();
-      if (!zero_in) s_in.copy_(*initial_state);
-      s_out = local;  // gamma^n init + L_0, folded above
-    } else {
-      s_out = decayed_sum(s_in, gamma(), local);
-    }
-  } else {
-    if (ring.is_first()) {
-      zero_in = !initial_state.has_value();
-      if (zero_in) {
-        s_in.zero_();
-        s_out = local;
-      } else {
-        s_in.copy_(*initial_state);
-        s_out = decayed_sum(s_in, gamma(), local);
-      }
-    } else if (peer) {
-      s_out = state_like(q, D, E);  // filled by the hop
-    } else {
-      ring.wait(recv, "receiving the state from the previous rank");
-      s_out = decayed_sum(s_in, gamma(), local);  // gamma^n S_in + L_r
-    }
-    if (peer) {  // receive S_in, S_out = gamma^n S_in + L_r, send S_out on: one kernel
-      PeerHop h(ring, 0, decay_acc, N, "the forward state ring (peer transport)");
-      h.add = ring.is_first() ? s_out : local;
-      h.in_copy = s_in;
-      h.out = s_out;
-      backend_kernels.peer_hop(h);
-    }
-  }
-  if (strategy == Strategy::Ring && !peer && !ring.is_last()) {
-    ring.wait(ring.send_next(s_out, Ring::kForwardTag), "sending the state to the next rank");
-  }
-  p.state_in = zero_in ? nullptr : s_in.data_ptr();
+  const ForwardStates st =
+      make_exchange(backend_kernels, ring, strategy, q, D, E, decay_acc, N)->forward(local, initial_state);
+  p.state_in = st.zero_in ? nullptr : st.s_in.data_ptr();
   p.state_out = nullptr;
   p.local_ready = true;
   // Across ranks the backward computes the segment states again (bwd_prepare, beside the gradient
   // exchange): they are kept on one device only (this path has not yet run with them on GPUs).
   kernels.fwd(p);  // o, with the incoming state
-  return {o, s_out, s_in};
+  return {o, st.s_out, st.s_in};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_kernels, const Tensor& q,
@@ -440,74 +319,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_
     return {dq, dk, dv, grad_init};
   }
 
-  // Several ranks, the mirror of the forward: the local M_r first (reads q and dout only), then G_r, the
-  // gradient w.r.t. this piece's outgoing state, from the later ranks, then the main pass with G_r.
-  // With U_r the gradient of the state this rank returned: G_r = U_r + (gradient arriving from rank r+1)
-  // and the gradient w.r.t. its incoming state is gamma^n G_r + M_r.
-  // Ring: receive from r+1, send gamma^n G_r + M_r to r-1. All-gather: X_j = gamma^n_j U_j + M_j of every
-  // rank; rank r's G_r = U_r + sum over j > r of the decayed X_j (suffix combination).
-  // bwd_prepare (the rest of the work that needs neither G nor M) runs while the gradients travel.
+  // Several ranks, the mirror of the forward (exchange.h): the local M_r (reads q and dout only), the
+  // exchange that gives G_r, the gradient w.r.t. this piece's outgoing state (with U_r, the gradient of
+  // the state this rank returned, folded in), then the main pass with G_r. bwd_prepare (the rest of the
+  // work that needs neither G nor M) runs during the exchange, beside the communication where it can.
   const Tensor ws = kernels.workspace ? kernels.workspace(p, /*backward=*/true) : Tensor();
-  Tensor g_next = state_like(q, D, E);  // gradient arriving from the later ranks
   Tensor m = state_like(q, D, E);
   p.grad_state_in = m.data_ptr();
   kernels.bwd_local(p);  // M_r
-  const bool peer = use_peer(backend_kernels, ring, strategy, q, D, E);
-  LazyDecayPow gamma(decay_acc, N);
-  if (!peer) gamma();
-  if (g_user.defined()) m = decayed_sum(g_user, gamma(), m);  // gamma^n U_r + M_r
   p.grad_state_in = nullptr;
-  Tensor g_prev;  // gradient w.r.t. this piece's incoming state
-  bool zero_next = false;  // nothing arrives from later ranks (the last rank)
-  if (strategy == Strategy::AllGather) {
-    Tensor pack = pack_state(m, decay_acc, N);
-    std::vector<std::vector<Tensor>> gathered;
-    auto work = ring.allgather_start(pack, gathered);
-    kernels.bwd_prepare(p);  // beside the all-gather
-    ring.wait(work, "the all-gather of the local state gradients");
-    g_next = combine_packs(gathered[0], m, ring.size() - 1, ring.rank(), -1);
-    zero_next = ring.is_last();
-    g_prev = zero_next ? m : decayed_sum(g_next, gamma(), m);
-  } else if (peer) {
-    // The last rank sends M before its prepare pass; the others receive, update and send on after it.
-    PeerHop h(ring, 1, decay_acc, N, "the backward state ring (peer transport)");
-    h.add = m;
-    zero_next = ring.is_last();
-    if (zero_next) {
-      g_prev = m;
-      backend_kernels.peer_hop(h);
-      kernels.bwd_prepare(p);
-    } else {
-      kernels.bwd_prepare(p);
-      g_prev = state_like(q, D, E);
-      h.in_copy = g_next;
-      h.out = g_prev;  // gamma^n (G_next + U) + M
-      backend_kernels.peer_hop(h);
-    }
-  } else if (ring.is_last()) {
-    zero_next = true;
-    g_prev = m;
-    c10::intrusive_ptr<c10d::Work> send;
-    if (!ring.is_first()) send = ring.send_prev(g_prev, Ring::kBackwardTag);
-    kernels.bwd_prepare(p);
-    if (send) ring.wait(send, "sending the state gradient to the previous rank");
-  } else {
-    auto recv = ring.recv_next(g_next, Ring::kBackwardTag);
-    kernels.bwd_prepare(p);
-    ring.wait(recv, "receiving the state gradient from the next rank");
-    g_prev = decayed_sum(g_next, gamma(), m);  // gamma^n (G_next + U) + M
-    if (!ring.is_first()) {
-      ring.wait(ring.send_prev(g_prev, Ring::kBackwardTag), "sending the state gradient to the previous rank");
-    }
-  }
-  Tensor g;  // G_r = U_r + G_next
-  if (!zero_next) g = g_user.defined() ? g_next + g_user : g_next;
-  else if (g_user.defined()) g = g_user;
-  p.grad_state_out = ptr_or_null(g);
+  const BackwardStates st = make_exchange(backend_kernels, ring, strategy, q, D, E, decay_acc, N)
+                                ->backward(m, g_user, [&] { kernels.bwd_prepare(p); });
+  p.grad_state_out = ptr_or_null(st.g);
   p.local_ready = true;
   kernels.bwd(p);  // dq, dk, dv with G_r
   // Only the first piece reads the user's initial state.
-  Tensor grad_init = ring.is_first() ? g_prev : at::zeros_like(g_prev);
+  Tensor grad_init = ring.is_first() ? st.g_prev : at::zeros_like(st.g_prev);
   return {dq, dk, dv, grad_init};
 }
 

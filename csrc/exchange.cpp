@@ -1,0 +1,249 @@
+#include "exchange.h"
+
+#include <ATen/ATen.h>
+
+#include <utility>
+#include <vector>
+
+#include "ring.h"
+
+namespace lasp {
+
+namespace {
+
+// gamma^n * s + add (gamma = 1 when there is no decay): the state update, for every host exchange.
+Tensor decayed_sum(const Tensor& s, const Tensor& gamma_n, const Tensor& add) {
+  return gamma_n.defined() ? at::addcmul(add, s, gamma_n) : s + add;
+}
+
+// gamma^n per head as an (H,) tensor (ones without decay): what the all-gather strategy exchanges.
+Tensor decay_pow_h(const Tensor& decay_acc, int64_t n, int64_t H, const at::TensorOptions& opts) {
+  if (!decay_acc.defined()) return at::ones({H}, opts);
+  return at::exp(decay_acc * static_cast<double>(-n));
+}
+
+// What a rank contributes to the all-gather strategy: its (B, H, D, E) state, flattened, then gamma^n per head.
+Tensor pack_state(const Tensor& x, const Tensor& decay_acc, int64_t n) {
+  return at::cat({x.flatten(), decay_pow_h(decay_acc, n, x.size(1), x.options())});
+}
+
+// LASP-2's combination of the gathered packs of ranks j = first, first + step, ... (not `end`):
+// s = gamma^n_j s + X_j from s = 0 (forward: the prefix before a rank; backward: the suffix after it).
+Tensor combine_packs(const std::vector<Tensor>& all, const Tensor& like, int first, int end, int step) {
+  const int64_t numel = like.numel(), H = like.size(1);
+  Tensor s = at::zeros_like(like);
+  for (int j = first; j != end; j += step) {
+    s = decayed_sum(s, all[j].narrow(0, numel, H).view({1, -1, 1, 1}), all[j].narrow(0, 0, numel).view_as(like));
+  }
+  return s;
+}
+
+// Strategy "ring" over the process group's send/recv (NCCL or Gloo).
+class C10dRing final : public StateExchange {
+ public:
+  C10dRing(const Ring& ring, Tensor decay_acc, int64_t n)
+      : StateExchange(ring, std::move(decay_acc), n, /*gamma_before_waits=*/true) {}
+
+  ForwardStates forward(Tensor local, const std::optional<Tensor>& initial_state) override {
+    ForwardStates f;
+    if (ring_.is_first()) {
+      gamma();
+      f = first_rank(local, initial_state);
+    } else {
+      f.s_in = at::empty_like(local);
+      auto recv = ring_.recv_prev(f.s_in, Ring::kForwardTag);
+      gamma();  // before any wait: each hop's critical path is one update
+      ring_.wait(recv, "receiving the state from the previous rank");
+      f.s_out = update(f.s_in, local);  // gamma^n S_in + L_r
+    }
+    if (!ring_.is_last()) {
+      ring_.wait(ring_.send_next(f.s_out, Ring::kForwardTag), "sending the state to the next rank");
+    }
+    return f;
+  }
+
+ protected:
+  Suffix backward_exchange(Tensor x, const std::function<void()>& overlap) override {
+    Suffix s;
+    if (ring_.is_last()) {
+      s.g_prev = x;
+      c10::intrusive_ptr<c10d::Work> send;
+      if (!ring_.is_first()) send = ring_.send_prev(s.g_prev, Ring::kBackwardTag);
+      overlap();
+      if (send) ring_.wait(send, "sending the state gradient to the previous rank");
+      return s;
+    }
+    s.g_next = at::empty_like(x);
+    auto recv = ring_.recv_next(s.g_next, Ring::kBackwardTag);
+    overlap();
+    ring_.wait(recv, "receiving the state gradient from the next rank");
+    s.g_prev = update(s.g_next, x);
+    if (!ring_.is_first()) {
+      ring_.wait(ring_.send_prev(s.g_prev, Ring::kBackwardTag), "sending the state gradient to the previous rank");
+    }
+    return s;
+  }
+};
+
+// Strategy "ring" over peer memory: one PeerHop kernel per direction and call.
+class PeerRing final : public StateExchange {
+ public:
+  PeerRing(const Ring& ring, Tensor decay_acc, int64_t n, const std::function<void(const PeerHop&)>& hop)
+      : StateExchange(ring, std::move(decay_acc), n, /*gamma_before_waits=*/false), hop_(hop) {}
+
+  ForwardStates forward(Tensor local, const std::optional<Tensor>& initial_state) override {
+    ForwardStates f;
+    if (ring_.is_first()) {
+      f = first_rank(local, initial_state);
+    } else {
+      f.s_in = at::empty_like(local);   // filled by the hop
+      f.s_out = at::empty_like(local);  // filled by the hop
+    }
+    // Receive S_in, S_out = gamma^n S_in + L_r, send S_out on: one kernel (the first rank only sends).
+    PeerHop h(ring_, 0, decay_acc_, n_, "the forward state ring (peer transport)");
+    h.add = ring_.is_first() ? f.s_out : local;
+    h.in_copy = f.s_in;
+    h.out = f.s_out;
+    hop_(h);
+    return f;
+  }
+
+ protected:
+  Suffix backward_exchange(Tensor x, const std::function<void()>& overlap) override {
+    PeerHop h(ring_, 1, decay_acc_, n_, "the backward state ring (peer transport)");
+    h.add = x;
+    Suffix s;
+    if (ring_.is_last()) {  // sends X_r before its prepare pass
+      s.g_prev = x;
+      hop_(h);
+      overlap();
+    } else {  // receives, updates and sends on after it
+      overlap();
+      s.g_next = at::empty_like(x);
+      s.g_prev = at::empty_like(x);
+      h.in_copy = s.g_next;
+      h.out = s.g_prev;  // gamma^n G_in(r + 1) + X_r
+      hop_(h);
+    }
+    return s;
+  }
+
+ private:
+  const std::function<void(const PeerHop&)>& hop_;
+};
+
+// Strategy "allgather" (LASP-2): one all-gather of (state, gamma^n) per direction.
+class AllGather final : public StateExchange {
+ public:
+  AllGather(const Ring& ring, Tensor decay_acc, int64_t n)
+      : StateExchange(ring, std::move(decay_acc), n, /*gamma_before_waits=*/true) {}
+
+  ForwardStates forward(Tensor local, const std::optional<Tensor>& initial_state) override {
+    gamma();
+    // The first rank folds the initial state into what it contributes (its S_out).
+    if (ring_.is_first() && initial_state.has_value()) local = update(*initial_state, local);
+    Tensor pack = pack_state(local, decay_acc_, n_);
+    const auto all = ring_.allgather(pack, "the all-gather of the local states");
+    ForwardStates f;
+    f.s_in = combine_packs(all, local, 0, ring_.rank(), 1);
+    if (ring_.is_first()) {
+      f.zero_in = !initial_state.has_value();
+      if (!f.zero_in) f.s_in.copy_(*initial_state);
+      f.s_out = local;  // gamma^n init + L_0, folded above
+    } else {
+      f.s_out = update(f.s_in, local);
+    }
+    return f;
+  }
+
+ protected:
+  Suffix backward_exchange(Tensor x, const std::function<void()>& overlap) override {
+    Tensor pack = pack_state(x, decay_acc_, n_);
+    std::vector<std::vector<Tensor>> gathered;
+    auto work = ring_.allgather_start(pack, gathered);
+    overlap();  // beside the all-gather
+    ring_.wait(work, "the all-gather of the local state gradients");
+    Suffix s;
+    if (ring_.is_last()) {
+      s.g_prev = x;
+    } else {
+      s.g_next = combine_packs(gathered[0], x, ring_.size() - 1, ring_.rank(), -1);
+      s.g_prev = update(s.g_next, x);
+    }
+    return s;
+  }
+};
+
+// Whether this call's ring uses the peer-memory hop. Decided from what every rank of the group shares
+// (the backend, the strategy, the dtype, the state size and the process-wide transport), never from the
+// piece's length, so that the ranks agree.
+bool use_peer(const Kernels& backend_kernels, const Ring& ring, Strategy strategy, const Tensor& q, int64_t D,
+              int64_t E) {
+  const Transport t = ring_transport();
+  if (t == Transport::Nccl || strategy != Strategy::Ring || ring.size() <= 1 || !backend_kernels.peer_ready ||
+      acc_type(q.scalar_type()) != at::kFloat) {
+    return false;
+  }
+  if (t == Transport::Auto && !ring.backend_is_nccl()) return false;
+  return backend_kernels.peer_ready(ring, q.device(), q.size(0) * q.size(1) * D * E, t == Transport::Peer);
+}
+
+}  // namespace
+
+Strategy parse_strategy(const std::string& s) {
+  if (s == "ring") return Strategy::Ring;
+  if (s == "allgather") return Strategy::AllGather;
+  TORCH_CHECK_VALUE(false, "lasp_attention: strategy must be 'ring' or 'allgather', got '", s, "'");
+}
+
+StateExchange::StateExchange(const Ring& ring, Tensor decay_acc, int64_t n, bool gamma_before_waits)
+    : ring_(ring), decay_acc_(std::move(decay_acc)), n_(n), gamma_before_waits_(gamma_before_waits) {}
+
+const Tensor& StateExchange::gamma() {
+  if (!gamma_.defined() && decay_acc_.defined()) {
+    gamma_ = at::exp(decay_acc_ * static_cast<double>(-n_)).view({1, -1, 1, 1});
+  }
+  return gamma_;
+}
+
+Tensor StateExchange::update(const Tensor& s, const Tensor& add) { return decayed_sum(s, gamma(), add); }
+
+ForwardStates StateExchange::first_rank(const Tensor& local, const std::optional<Tensor>& initial_state) {
+  ForwardStates f;
+  f.s_in = at::empty_like(local);
+  f.zero_in = !initial_state.has_value();
+  if (f.zero_in) {
+    f.s_in.zero_();
+    f.s_out = local;
+  } else {
+    f.s_in.copy_(*initial_state);
+    f.s_out = update(f.s_in, local);
+  }
+  return f;
+}
+
+BackwardStates StateExchange::backward(Tensor m, const Tensor& g_user, const std::function<void()>& overlap) {
+  if (gamma_before_waits_) gamma();
+  // X_r = gamma^n U_r + M_r: what leaves this rank (U_r is part of G_r, which gamma^n scales).
+  const Tensor x = g_user.defined() ? update(g_user, m) : m;
+  Suffix s = backward_exchange(x, overlap);
+  BackwardStates b;
+  b.g_prev = s.g_prev;
+  // G_r = U_r + G_in(r + 1)
+  if (s.g_next.defined()) {
+    b.g = g_user.defined() ? s.g_next + g_user : s.g_next;
+  } else if (g_user.defined()) {
+    b.g = g_user;
+  }
+  return b;
+}
+
+std::unique_ptr<StateExchange> make_exchange(const Kernels& backend, const Ring& ring, Strategy strategy,
+                                             const Tensor& q, int64_t D, int64_t E, const Tensor& decay_acc,
+                                             int64_t n) {
+  if (use_peer(backend, ring, strategy, q, D, E)) return std::make_unique<PeerRing>(ring, decay_acc, n, backend.peer_hop);
+  if (strategy == Strategy::AllGather) return std::make_unique<AllGather>(ring, decay_acc, n);
+  return std::make_unique<C10dRing>(ring, decay_acc, n);
+}
+
+}  // namespace lasp

@@ -1,0 +1,110 @@
+// Internal: the exchange of the small (B, H, D, E) states between the ranks of a group. The drivers of
+// attention.cpp run, on several ranks: local pass -> exchange -> main pass.
+//
+// Each rank r holds one piece of the sequence, of n tokens; gamma^n = exp(-decay[h] * n) per head (1
+// without decay). The update of a state S by a piece, gamma^n S + X, is written once on the host
+// (decayed_sum in exchange.cpp); the peer hop's kernel (kernels/peer_hop.cu) does it on the device.
+//
+// Forward: L_r is the piece's local state (fwd_local: reads k and v only). The first rank starts from
+// the user's initial state (or exactly zero); S_in(r) = S_out(r - 1) and S_out(r) = gamma^n S_in(r) + L_r.
+// Backward: M_r is the piece's local state gradient (bwd_local: reads q and dout only) and U_r the
+// gradient of the state rank r returned (the user's grad_final_state, maybe none). Rank r's
+// G_r = U_r + G_in(r + 1) (the gradient w.r.t. its outgoing state; the last rank: U_r alone) and
+// G_in(r) = gamma^n G_r + M_r (w.r.t. its incoming state) = gamma^n G_in(r + 1) + X_r, X_r = gamma^n U_r + M_r.
+//
+// Implementations (make_exchange picks one; every rank of the group picks the same):
+//   C10dRing  strategy "ring" over the process group's send/recv (NCCL or Gloo). Forward: the receive
+//             from r - 1 is posted first; gamma^n is made before any wait, so each hop's critical path is
+//             one update; then receive, update, send to r + 1 (waited before the main pass). Backward:
+//             the last rank sends X_r to r - 1 and runs bwd_prepare beside the send; the others post the
+//             receive from r + 1, run bwd_prepare beside it, then update and send to r - 1.
+//   PeerRing  strategy "ring" over peer memory (Transport::Peer): one kernel per hop (PeerHop) receives,
+//             updates and sends on; gamma^n is made in the kernel (the host makes it only to fold a
+//             state in). The hop runs on the stream, in order with the passes: forward, between the
+//             local and the main pass; backward, the last rank sends X_r before its bwd_prepare pass
+//             (the chain starts at once), the others run bwd_prepare first, then their hop (which waits
+//             for the upstream rank, and would hold the prepare pass back behind it).
+//   AllGather strategy "allgather" (LASP-2): one all-gather of (L_j, gamma^n_j), the first rank's L
+//             folded with the initial state; each rank combines its prefix (forward) or the suffix of the
+//             (X_j, gamma^n_j) (backward, bwd_prepare beside the all-gather) itself.
+// Communication never runs beside the forward's compute kernels (it would take SMs from grids sized in
+// whole waves): receives are posted after the local pass, and the main pass waits for the send.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "attention.h"
+
+namespace lasp {
+
+class Ring;
+
+enum class Strategy : int64_t { Ring = 0, AllGather = 1 };
+// "ring" | "allgather"; any other value raises a ValueError.
+Strategy parse_strategy(const std::string& s);
+
+// What the forward exchange gives the main pass.
+struct ForwardStates {
+  Tensor s_in;           // S_in: the state this piece starts from (the forward's third output)
+  Tensor s_out;          // S_out = gamma^n S_in + L_r (the forward's second output)
+  bool zero_in = false;  // S_in is exactly zero (first rank without an initial state): the main pass may skip it
+};
+
+// What the backward exchange gives the main pass.
+struct BackwardStates {
+  Tensor g;       // G_r, the gradient w.r.t. this piece's outgoing state; undefined: exactly zero
+  Tensor g_prev;  // G_in(r) = gamma^n G_r + M_r, the gradient w.r.t. its incoming state
+};
+
+class StateExchange {
+ public:
+  // decay_acc: (H,) rates in the accumulation type (clamped), or undefined; n: tokens of this rank's
+  // piece. gamma_before_waits: backward() makes gamma^n before anything else (the host implementations;
+  // their forward() makes it itself, before its first wait).
+  StateExchange(const Ring& ring, Tensor decay_acc, int64_t n, bool gamma_before_waits);
+  virtual ~StateExchange() = default;
+
+  // local: L_r (contiguous (B, H, D, E), accumulation type); initial_state: read by the first rank only.
+  virtual ForwardStates forward(Tensor local, const std::optional<Tensor>& initial_state) = 0;
+
+  // m: M_r; g_user: U_r (undefined: none). overlap runs bwd_prepare, beside the communication where
+  // the implementation can (header comment).
+  BackwardStates backward(Tensor m, const Tensor& g_user, const std::function<void()>& overlap);
+
+ protected:
+  // What arrives from the later ranks for X_r = gamma^n U_r + M_r.
+  struct Suffix {
+    Tensor g_next;  // G_in(r + 1); undefined on the last rank (nothing arrives)
+    Tensor g_prev;  // G_in(r) = gamma^n G_in(r + 1) + X_r (X_r itself on the last rank)
+  };
+  virtual Suffix backward_exchange(Tensor x, const std::function<void()>& overlap) = 0;
+
+  // gamma^n per head, (1, H, 1, 1), made on first use; undefined without decay.
+  const Tensor& gamma();
+  // gamma^n s + add: the one update of a state by this piece.
+  Tensor update(const Tensor& s, const Tensor& add);
+  // The first rank of a ring: S_in is the initial state (a copy) or zero, S_out = gamma^n S_in + L.
+  ForwardStates first_rank(const Tensor& local, const std::optional<Tensor>& initial_state);
+
+  const Ring& ring_;
+  const Tensor decay_acc_;
+  const int64_t n_;
+
+ private:
+  const bool gamma_before_waits_;
+  Tensor gamma_;
+};
+
+// The exchange for this call (a group of two or more ranks): PeerRing when the ring may use the peer
+// hop (decided from what every rank shares: backend, strategy, dtype, state size, transport; the first
+// decision per group and state size is a collective), else C10dRing or AllGather by strategy.
+// backend: the backend's kernels (not the empty-piece ones), so that every rank decides alike.
+std::unique_ptr<StateExchange> make_exchange(const Kernels& backend, const Ring& ring, Strategy strategy,
+                                             const Tensor& q, int64_t D, int64_t E, const Tensor& decay_acc,
+                                             int64_t n);
+
+}  // namespace lasp
