@@ -5,7 +5,7 @@
 #   * exports the settings every GPU run here uses: NCCL_NVLS_ENABLE=0 (no NVLink multicast; the
 #     published sequence-parallel numbers were taken with it off), TORCH_SYMM_MEM_DISABLE_MULTICAST=1,
 #     PYTHONUNBUFFERED=1;
-#   * makes the package and the library built in place findable: PYTHONPATH=python/, LD_LIBRARY_PATH
+#   * makes the package and the library built in place findable: PYTHONPATH=python/ (unless this python has lasp installed), LD_LIBRARY_PATH
 #     with build/cmake, torch's lib/ and the CUDA 13 runtime (a pip wheel's or /usr/local/cuda's), so a
 #     build made on another machine with nvcc and copied with the tree loads without installing;
 #   * sets GTEST (the GoogleTest binary, build/cmake/lasp_cpp_tests) and defines lasp_ensure_built,
@@ -14,7 +14,11 @@ RESULTS=${LASP_RESULTS_DIR:-bench_out}
 mkdir -p "$RESULTS"
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0} TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 
-export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
+# The tree's package unless this python has lasp installed (the rule tests/python/conftest.py follows): a
+# regular install in a virtual environment has its own library, built for that environment's torch.
+if ! python3 -c 'import importlib.util, sys; sys.exit(0 if importlib.util.find_spec("lasp") else 1)' 2>/dev/null; then
+  export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
+fi
 _torch_lib=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 _cudart=$(python3 - <<'EOF'
 import glob, os, site

@@ -15,6 +15,8 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi
 
+# torch from tests/requirements.txt (the version the GPU machines run); lasp is then compiled against that
+# torch, hence --no-build-isolation (an isolated build would fetch a torch of its own: see setup.py).
 "$PY" -m pip install -q --disable-pip-version-check -r tests/requirements.txt
 "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation -e .
 "$PY" -c "import lasp, torch; print('lasp', lasp.__version__, 'built against torch', torch.__version__)"

@@ -10,6 +10,20 @@ import torch
 _PKG = Path(__file__).resolve().parent
 
 
+def _check_torch_version() -> None:
+    """The library only works under the torch it was compiled against (C++ ABI): say so before loading it."""
+    try:
+        from ._build_info import TORCH_VERSION as built
+    except ImportError:
+        return  # not built by setup.py (e.g. CMake alone): nothing recorded to check against
+    if built != torch.__version__:
+        raise ImportError(
+            f"lasp: the compiled library was built against torch {built}, but this environment runs torch "
+            f"{torch.__version__}; rebuild lasp against this torch: `pip install -e . --no-build-isolation` from "
+            "the repository root (or `pip install . --no-build-isolation --force-reinstall --no-deps`)"
+        )
+
+
 def _load() -> None:
     found = sorted(_PKG.glob("liblasp*.so"))
     path = os.environ.get("LASP_LIBRARY") or (str(found[0]) if found else str(_PKG / "liblasp.so"))
@@ -18,6 +32,8 @@ def _load() -> None:
             f"lasp: compiled library not found at {path}; build it with `pip install -e . --no-build-isolation` "
             "from the repository root"
         )
+    if not os.environ.get("LASP_LIBRARY"):  # a library given by path was not built by setup.py
+        _check_torch_version()
     torch.ops.load_library(path)
 
 
