@@ -42,4 +42,8 @@ ctest --test-dir "$BUILD" --output-on-failure --no-tests=error -j2
 step "pytest (CPU)"
 # The environment's bin first, as if activated: scripts the tests run by name (python3, torchrun) are its own.
 export VIRTUAL_ENV=$VENV PATH=$VENV/bin:$PATH
-exec "$PY" -m pytest tests/python -q -rs "$@"
+# test_examples.py (the end-to-end torchrun scripts: demo, training, benchmarks' CPU smoke runs) runs in the
+# main stage only: under torch 2.10 a torchrun child was once seen to abort in its interpreter shutdown
+# ("terminate called without an active exception") after finishing its work and checks.
+echo "pytest: tests/python/test_examples.py runs in the main stage (tests/run_all.sh) only"
+exec "$PY" -m pytest tests/python -q -rs --ignore=tests/python/test_examples.py "$@"
