@@ -16,7 +16,7 @@
 #                    (PYTEST_FILES, PYTEST_K override; 2-, 3- and 4-rank NCCL cases where the GPUs exist)
 #   demo         (2) examples/demo.py under torchrun on 2 GPUs (split vs unsplit losses)
 #   kernels      (1) benchmarks/bench_kernels.py --impls lasp,fla,torch, the headline shapes
-#                    (KERNELS_SHAPES, KERNELS_REPS; give it 500 s: fla autotunes for minutes)
+#                    (KERNELS_SHAPES, KERNELS_IMPLS, KERNELS_REPS; give it 500 s: fla autotunes for minutes)
 #   ab           (1) kernel A/B: the wgmma / mma.sync GoogleTest suites (TESTS=0 skips them; AB_PYTEST=1
 #                    adds pytest test_op -k cuda), then bench_kernels.py --impls lasp for each kernel pair
 #                    of VARIANTS (default "mma/mma wgmma/mma wgmma/wgmma" = LASP_FWD_KERNEL/LASP_BWD_KERNEL;
@@ -186,7 +186,7 @@ part_kernels() {
   local shapes=()
   [ -n "${KERNELS_SHAPES:-}" ] && shapes=(--shapes "$KERNELS_SHAPES")
   step kernels "${KERNELS_S:-500}" "$RESULTS/bench_kernels.log" python3 benchmarks/bench_kernels.py \
-    --impls lasp,fla,torch --reps "${KERNELS_REPS:-20}" "${shapes[@]}" \
+    --impls "${KERNELS_IMPLS:-lasp,fla,torch}" --reps "${KERNELS_REPS:-20}" "${shapes[@]}" \
     --json "$RESULTS/bench_kernels.json" --plot "$RESULTS/bench_kernels.png"
   show "^# [0-9]+x|^\||failed|Error" "$RESULTS/bench_kernels.log" 30
 }
