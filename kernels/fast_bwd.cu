@@ -529,22 +529,19 @@ bool bwd_supported(const AttnParams& p) {
          view_ok(p.dq, p, p.H) && (gqa || (view_ok(p.dk, p, p.Hkv) && view_ok(p.dv, p, p.Hkv)));
 }
 
-int bwd_blocks_per_sm(const AttnParams& p) {
-  if (bwd_uses_wgmma()) return wgmma_bwd_blocks_per_sm(p);
+int mma_bwd_blocks_per_sm(const AttnParams& p) {
   const bool bf = p.dtype == ScalarType::BFloat16, gqa = p.H != p.Hkv;
   if (gqa) return bf ? bwd_resident_dims<__nv_bfloat16, float>(p) : bwd_resident_dims<__half, float>(p);
   return bf ? bwd_resident_dims<__nv_bfloat16, __nv_bfloat16>(p) : bwd_resident_dims<__half, __half>(p);
 }
 
-size_t bwd_smem_bytes(const AttnParams& p) {
-  if (bwd_uses_wgmma()) return wgmma_bwd_smem_bytes(p);
+size_t mma_bwd_smem_bytes(const AttnParams& p) {
   if (p.D == 64) return p.E == 64 ? BwdSmem<__nv_bfloat16, 64, 64>::bytes : BwdSmem<__nv_bfloat16, 64, 128>::bytes;
   return p.E == 64 ? BwdSmem<__nv_bfloat16, 128, 64>::bytes : BwdSmem<__nv_bfloat16, 128, 128>::bytes;
 }
 
-cudaError_t bwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,
-                     float* dk_ws, float* dv_ws, cudaStream_t st) {
-  if (bwd_uses_wgmma()) return wgmma_bwd_main(p, nseg, seglen, seg_S, seg_G, dk_ws, dv_ws, st);
+cudaError_t mma_bwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,
+                         float* dk_ws, float* dv_ws, cudaStream_t st) {
   BwdArgs a = make_bwd_args(p, nseg, seglen, seg_S, seg_G, dk_ws != nullptr);
   const bool bf = p.dtype == ScalarType::BFloat16;
   if (dk_ws) {  // GQA: per-query-head fp32 dk / dv, contiguous (B, H, N, D|E)

@@ -447,8 +447,7 @@ bool local_supported(const AttnParams& p, bool reverse) {
   return reverse ? (view_ok(p.q, p, p.H) && view_ok(p.dout, p, p.H)) : (view_ok(p.k, p, p.Hkv) && view_ok(p.v, p, p.Hkv));
 }
 
-size_t fwd_smem_bytes(const AttnParams& p) {
-  if (fwd_uses_wgmma()) return wgmma_fwd_smem_bytes(p);
+size_t mma_fwd_smem_bytes(const AttnParams& p) {
   return p.D == 64 ? FwdSmem<__nv_bfloat16, 64>::bytes : FwdSmem<__nv_bfloat16, 128>::bytes;
 }
 
@@ -462,24 +461,21 @@ int fwd_resident_blocks() {
 }
 }  // namespace
 
-int fwd_blocks_per_sm(const AttnParams& p) {
-  if (fwd_uses_wgmma()) return wgmma_fwd_blocks_per_sm(p);
+int mma_fwd_blocks_per_sm(const AttnParams& p) {
   const bool bf = p.dtype == ScalarType::BFloat16;
   if (p.D == 64) return bf ? fwd_resident_blocks<__nv_bfloat16, 64>() : fwd_resident_blocks<__half, 64>();
   return bf ? fwd_resident_blocks<__nv_bfloat16, 128>() : fwd_resident_blocks<__half, 128>();
 }
 
-cudaError_t fwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_states, cudaStream_t st) {
-  if (fwd_uses_wgmma()) return wgmma_fwd_main(p, nseg, seglen, seg_states, st);
+cudaError_t mma_fwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_states, cudaStream_t st) {
   FwdArgs a = make_fwd_args(p, nseg, seglen, seg_states);
   const bool bf = p.dtype == ScalarType::BFloat16;
   if (p.D == 64) return bf ? launch_fwd_main<__nv_bfloat16, 64>(p, a, st) : launch_fwd_main<__half, 64>(p, a, st);
   return bf ? launch_fwd_main<__nv_bfloat16, 128>(p, a, st) : launch_fwd_main<__half, 128>(p, a, st);
 }
 
-cudaError_t state_local(const AttnParams& p, bool reverse, int nseg, int seglen, int skip, float* out,
-                        cudaStream_t st) {
-  if (reverse ? bwd_uses_wgmma() : fwd_uses_wgmma()) return wgmma_state_local(p, reverse, nseg, seglen, skip, out, st);
+cudaError_t mma_state_local(const AttnParams& p, bool reverse, int nseg, int seglen, int skip, float* out,
+                            cudaStream_t st) {
   const FwdArgs a = make_local_args(p, reverse, nseg, seglen, skip, out);
   const bool bf = p.dtype == ScalarType::BFloat16;
   if (!reverse)
@@ -487,26 +483,6 @@ cudaError_t state_local(const AttnParams& p, bool reverse, int nseg, int seglen,
   return bf ? launch_local_dims<__nv_bfloat16, true>(p, a, p.q, p.dout, st) : launch_local_dims<__half, true>(p, a, p.q, p.dout, st);
 }
 
-namespace {
-KernelSwitch g_fwd_kernel("LASP_FWD_KERNEL", (int)FwdKernel::Wgmma);
-}  // namespace
-
-bool fwd_uses_wgmma() { return g_fwd_kernel.get() == (int)FwdKernel::Wgmma && wgmma_available(); }
-
 }  // namespace fast
-
-void set_fwd_kernel(FwdKernel which) { fast::g_fwd_kernel.set((int)which); }
-FwdKernel fwd_kernel() { return static_cast<FwdKernel>(fast::g_fwd_kernel.get()); }
-
-bool wgmma_available() {
-#if defined(LASP_HAVE_SM90A)
-  // A device's capability never changes: the driver is asked once per device, not on every call.
-  return fast::device_attribute<cudaDevAttrComputeCapabilityMajor>(0) == 9 &&
-         fast::device_attribute<cudaDevAttrComputeCapabilityMinor>(0) == 0;
-#else
-  return false;
-#endif
-}
-
 }  // namespace cuda
 }  // namespace lasp

@@ -1,5 +1,5 @@
-// Host entry points of the lasp CUDA kernels (see lasp_cuda.h): planning (segment split, tiles,
-// workspace), dtype dispatch and launches. Torch-free.
+// Host entry points of the lasp CUDA kernels (see lasp_cuda.h): the drivers of the three phases, each
+// launching the family its role got in the plan (plan.h), dtype dispatch and workspace sizes. Torch-free.
 #include "lasp_cuda.h"
 
 #include <algorithm>
@@ -7,8 +7,8 @@
 
 #include "common.cuh"
 #include "fast_path.h"
-#include "launch_cache.h"
 #include "generic_kernels.cuh"
+#include "plan.h"
 
 namespace lasp {
 namespace cuda {
@@ -18,135 +18,12 @@ using namespace detail;
 
 constexpr int kThreads = 256;
 
-struct DevInfo {
-  int sms = 132;
-  size_t smem_optin = 48 * 1024;
-};
-
-DevInfo dev_info() {  // asked of the runtime once per device (launch_cache.h)
-  DevInfo d;
-  const int sms = fast::device_attribute<cudaDevAttrMultiProcessorCount>(0);
-  const int optin = fast::device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(0);
-  if (sms > 0) d.sms = sms;
-  if (optin > 0) d.smem_optin = (size_t)optin;
-  return d;
-}
-
-size_t acc_size(const AttnParams& p) { return acc_is_double(p.dtype) ? 8 : 4; }
-
-// Chunk C and column tile of a generic kernel whose shared memory is smem(C, tile) elements.
-template <typename F>
-bool pick_tile(F smem, int full, size_t esz, size_t limit, int& C, int& tile, size_t& bytes) {
-  for (int c : {32, 16, 8}) {
-    for (int t : {64, 32, 16, 8, 4, 2, 1}) {
-      const int tt = std::min(t, full);
-      const size_t b = (size_t)smem(c, tt) * esz;
-      if (b <= limit) {
-        C = c;
-        tile = tt;
-        bytes = b;
-        return true;
-      }
-    }
-  }
-  return false;
-}
-
-// Segments per (b, h) so that the grid has about blocks_per_sm blocks per SM.
-void split_segments(const AttnParams& p, int blocks_per_segment, int sms, int& nseg, int& seglen,
-                    int blocks_per_sm = 2) {
-  // Whole waves: floor(blocks_per_sm * SMs / blocks) segments, so the last wave is not a small tail.
-  const int64_t pairs = p.B * p.H * (int64_t)blocks_per_segment;
-  const int64_t want = (blocks_per_sm * (int64_t)sms) / pairs;
-  const int64_t nch64 = (p.N + 63) / 64;
-  int64_t ns = std::min<int64_t>(want, nch64);
-  if (ns <= 1) {
-    nseg = 1;
-    seglen = (int)p.N;
-    return;
-  }
-  const int64_t chunks_per = (nch64 + ns - 1) / ns;
-  seglen = (int)(chunks_per * 64);
-  nseg = (int)((p.N + seglen - 1) / seglen);
-}
-
-struct Plan {
-  bool fast = false;
-  int nseg = 1, seglen = 0;
-  // generic kernels: chunk / tile / shared bytes
-  int C_main = 32, t_main = 64;
-  size_t sm_main = 0;
-  int C_dv = 32, t_dv = 64;
-  size_t sm_dv = 0;
-  int C_loc = 32, t_loc = 64;
-  size_t sm_loc = 0;
-  int C_locq = 32, t_locq = 64;
-  size_t sm_locq = 0;
-  size_t ws_states = 0;  // bytes of one (B,H,nseg,D,E) state array (0 when nseg == 1)
-  size_t ws_gqa = 0;     // bytes of the per-query-head dk + dv (0 without GQA)
-  bool ok = false;
-  size_t fwd_bytes() const { return ws_states; }                  // the segments' states
-  size_t bwd_bytes() const { return 2 * ws_states + ws_gqa; }     // S and G per segment, GQA partials
-};
-
 // A plan the kernels can run: valid, and the caller's workspace holds `need` bytes.
 bool runnable(const Plan& pl, const AttnParams& p, size_t need) {
   return pl.ok && (need == 0 || (p.workspace != nullptr && p.workspace_bytes >= need));
 }
 
-size_t align256(size_t x) { return (x + 255) / 256 * 256; }
-
-// mode: -1 decide from p (shapes, dtype, strides and pointer alignment), 0 generic kernels, 1 tensor-core kernels.
-Plan plan_fwd(const AttnParams& p, int mode = -1) {
-  Plan pl;
-  const DevInfo di = dev_info();
-  const size_t esz = acc_size(p);
-  const int D = (int)p.D, E = (int)p.E;
-  // The tensor-core kernel needs its shared memory (about 106 KB at D = 128): older / smaller GPUs take the generic path.
-  pl.fast = (mode < 0 ? fast::fwd_supported(p) : mode == 1) && fast::fwd_smem_bytes(p) <= di.smem_optin;
-  int tiles = 1;
-  if (pl.fast) {
-    tiles = fast::fwd_tiles(p);
-  } else {
-    auto sm_main = [&](int C, int t) { return 2 * C * (D + 1) + C * t + C * C + D * t + C + 1; };
-    if (!pick_tile(sm_main, E, esz, di.smem_optin, pl.C_main, pl.t_main, pl.sm_main)) return pl;
-    tiles = (E + pl.t_main - 1) / pl.t_main;
-  }
-  split_segments(p, tiles, di.sms, pl.nseg, pl.seglen, pl.fast ? fast::fwd_blocks_per_sm(p) : 2);
-  auto sm_loc = [&](int C, int t) { return C * (D + 1) + C * t + D * t + C + 1; };
-  if (!pick_tile(sm_loc, E, esz, di.smem_optin, pl.C_loc, pl.t_loc, pl.sm_loc)) return pl;
-  if (pl.nseg > 1) pl.ws_states = align256((size_t)p.B * p.H * pl.nseg * D * E * esz);
-  pl.ok = true;
-  return pl;
-}
-
-Plan plan_bwd(const AttnParams& p, int mode = -1) {
-  Plan pl;
-  const DevInfo di = dev_info();
-  const size_t esz = acc_size(p);
-  const int D = (int)p.D, E = (int)p.E;
-  // About 176 KB of shared memory at D = E = 128 (fits sm_90; not sm_80's 163 KB): else the generic kernels.
-  pl.fast = (mode < 0 ? fast::bwd_supported(p) : mode == 1) && fast::bwd_smem_bytes(p) <= di.smem_optin;
-  if (pl.fast) {
-    split_segments(p, 1, di.sms, pl.nseg, pl.seglen, fast::bwd_blocks_per_sm(p));
-  } else {
-    auto sm_dqdk = [&](int C, int t) { return 2 * C * (E + 1) + C * (t + 1) + C * C + t * E + C + 1; };
-    auto sm_dv = [&](int C, int t) { return 2 * C * (D + 1) + C * t + C * C + D * t + C + 1; };
-    if (!pick_tile(sm_dqdk, D, esz, di.smem_optin, pl.C_main, pl.t_main, pl.sm_main)) return pl;
-    if (!pick_tile(sm_dv, E, esz, di.smem_optin, pl.C_dv, pl.t_dv, pl.sm_dv)) return pl;
-    const int tiles = (D + pl.t_main - 1) / pl.t_main;
-    split_segments(p, tiles, di.sms, pl.nseg, pl.seglen);
-  }
-  auto sm_loc = [&](int C, int t) { return C * (D + 1) + C * t + D * t + C + 1; };
-  if (!pick_tile(sm_loc, E, esz, di.smem_optin, pl.C_loc, pl.t_loc, pl.sm_loc)) return pl;
-  pl.C_locq = pl.C_loc;
-  pl.t_locq = pl.t_loc;
-  pl.sm_locq = pl.sm_loc;
-  if (pl.nseg > 1) pl.ws_states = align256((size_t)p.B * p.H * pl.nseg * D * E * esz);
-  if (p.H != p.Hkv) pl.ws_gqa = align256((size_t)p.B * p.H * p.N * (D + E) * esz);
-  pl.ok = true;
-  return pl;
-}
+size_t acc_size(const AttnParams& p) { return acc_is_double(p.dtype) ? 8 : 4; }
 
 template <typename K>
 cudaError_t prepare(K kernel, size_t smem) {
@@ -183,11 +60,11 @@ Ctx<A> make_ctx(const AttnParams& p, int nseg, int seglen) {
 // (B, H, D, E) output itself. skip = 1: all but the last segment visited (forward: the last, backward:
 // the first), whose state only the call's returned state needs, and the main kernel writes that one.
 template <typename T, typename A>
-cudaError_t local_states(const AttnParams& p, const Plan& pl, const Ctx<A>& c, bool reverse, A* ws, int skip,
-                         cudaStream_t st) {
-  if (fast::local_supported(p, reverse)) {
-    return fast::state_local(p, reverse, c.nseg, c.seglen, skip, reinterpret_cast<float*>(ws), st);
-  }
+cudaError_t local_states(const AttnParams& p, const Plan& pl, Family family, const Ctx<A>& c, bool reverse, A* ws,
+                         int skip, cudaStream_t st) {
+  float* out = reinterpret_cast<float*>(ws);
+  if (family == Family::Wgmma) return fast::wgmma_state_local(p, reverse, c.nseg, c.seglen, skip, out, st);
+  if (family == Family::Mma) return fast::mma_state_local(p, reverse, c.nseg, c.seglen, skip, out, st);
   dim3 g((unsigned)(p.B * p.H), c.nseg - skip, (unsigned)((p.E + pl.t_loc - 1) / pl.t_loc));
   const int seg0 = reverse ? skip : 0;
   if (!reverse) {
@@ -197,9 +74,9 @@ cudaError_t local_states(const AttnParams& p, const Plan& pl, const Ctx<A>& c, b
                                        seg0);
   } else {
     auto kl = state_local_kernel<T, A, true>;
-    LASP_TRY(prepare(kl, pl.sm_locq));
-    kl<<<g, kThreads, pl.sm_locq, st>>>(c, make_tv<const T>(p.q), make_tv<const T>(p.dout), c.D, c.E, pl.C_locq,
-                                        pl.t_locq, ws, seg0);
+    LASP_TRY(prepare(kl, pl.sm_loc));
+    kl<<<g, kThreads, pl.sm_loc, st>>>(c, make_tv<const T>(p.q), make_tv<const T>(p.dout), c.D, c.E, pl.C_loc,
+                                       pl.t_loc, ws, seg0);
   }
   LASP_LAUNCHED();
   return cudaSuccess;
@@ -226,7 +103,7 @@ cudaError_t combine_states(const AttnParams& p, const Ctx<A>& c, bool reverse, A
 // The last segment's local state is not computed: the forward's main kernel writes state_out itself.
 template <typename T, typename A>
 cudaError_t segment_states_fwd(const AttnParams& p, const Plan& pl, const Ctx<A>& c, A* ws, cudaStream_t st) {
-  LASP_TRY((local_states<T, A>(p, pl, c, false, ws, 1, st)));
+  LASP_TRY((local_states<T, A>(p, pl, pl.local_fwd, c, false, ws, 1, st)));
   return combine_states<A>(p, c, false, ws, static_cast<const A*>(p.state_in), nullptr, true, 1, st);
 }
 
@@ -251,7 +128,9 @@ cudaError_t run_fwd(const AttnParams& p, cudaStream_t st) {
       LASP_TRY((segment_states_fwd<T, A>(p, pl, c, ws, st)));
     }
   }
-  if (pl.fast) return fast::fwd_main(p, pl.nseg, pl.seglen, reinterpret_cast<const float*>(ws), st);
+  const float* seg = reinterpret_cast<const float*>(ws);
+  if (pl.main == Family::Wgmma) return fast::wgmma_fwd_main(p, pl.nseg, pl.seglen, seg, st);
+  if (pl.main == Family::Mma) return fast::mma_fwd_main(p, pl.nseg, pl.seglen, seg, st);
   auto km = fwd_main_kernel<T, A>;
   LASP_TRY(prepare(km, pl.sm_main));
   dim3 g((unsigned)(p.B * p.H), pl.nseg, (unsigned)((p.E + pl.t_main - 1) / pl.t_main));
@@ -280,16 +159,17 @@ cudaError_t run_bwd(const AttnParams& p, cudaStream_t st) {
   if (pl.nseg > 1) {  // grad_state_in comes from the first segment's blocks
     if (!p.local_ready) {  // else bwd_local ran phase 1 (and the forward states) with this workspace
       if (!p.seg_states) LASP_TRY((segment_states_fwd<T, A>(p, pl, c, wsS, st)));
-      LASP_TRY((local_states<T, A>(p, pl, c, true, wsG, 1, st)));
+      LASP_TRY((local_states<T, A>(p, pl, pl.local, c, true, wsG, 1, st)));
     }
     LASP_TRY(combine_states<A>(p, c, true, wsG, gso, nullptr, true, 1, st));
   }
   const bool gqa = p.H != p.Hkv;
-  if (pl.fast) {
+  if (pl.main != Family::Generic) {
     float* dkh = gqa ? reinterpret_cast<float*>(wsKV) : nullptr;
     float* dvh = gqa ? dkh + (size_t)p.B * p.H * p.N * p.D : nullptr;
-    LASP_TRY(fast::bwd_main(p, pl.nseg, pl.seglen, reinterpret_cast<const float*>(wsS),
-                            reinterpret_cast<const float*>(wsG), dkh, dvh, st));
+    const float *segS = reinterpret_cast<const float*>(wsS), *segG = reinterpret_cast<const float*>(wsG);
+    LASP_TRY(pl.main == Family::Wgmma ? fast::wgmma_bwd_main(p, pl.nseg, pl.seglen, segS, segG, dkh, dvh, st)
+                                      : fast::mma_bwd_main(p, pl.nseg, pl.seglen, segS, segG, dkh, dvh, st));
     if (gqa) {
       const int nb = 132 * 16;
       gqa_reduce_kernel<T, A><<<nb, 256, 0, st>>>(c, reinterpret_cast<A*>(dkh), make_tv<T>(p.dk), c.D);
@@ -347,9 +227,9 @@ cudaError_t run_local(const AttnParams& p, bool reverse, cudaStream_t st) {
   if (!runnable(pl, p, reverse ? pl.bwd_bytes() : pl.fwd_bytes())) return cudaErrorInvalidValue;
   const Ctx<A> c = make_ctx<A>(p, pl.nseg, pl.seglen);
   A* out = static_cast<A*>(out_ptr);
-  if (pl.nseg == 1) return out ? local_states<T, A>(p, pl, c, reverse, out, 0, st) : cudaSuccess;
+  if (pl.nseg == 1) return out ? local_states<T, A>(p, pl, pl.local, c, reverse, out, 0, st) : cudaSuccess;
   A* ws = reinterpret_cast<A*>(static_cast<char*>(p.workspace) + (reverse ? pl.ws_states : 0));
-  LASP_TRY((local_states<T, A>(p, pl, c, reverse, ws, 0, st)));  // the ring needs every segment's
+  LASP_TRY((local_states<T, A>(p, pl, pl.local, c, reverse, ws, 0, st)));  // the ring needs every segment's
   return out ? combine_states<A>(p, c, reverse, ws, nullptr, out, false, 0, st) : cudaSuccess;
 }
 
@@ -427,15 +307,13 @@ size_t bwd_workspace_bytes(const AttnParams& p) {
 const char* fwd_main_kernel_name(const AttnParams& p) {
   if (!supports(p) || p.N == 0) return "generic";
   const Plan pl = plan_fwd(p);
-  if (!pl.ok || !pl.fast) return "generic";
-  return fast::fwd_uses_wgmma() ? "wgmma" : "mma";
+  return family_name(pl.ok ? pl.main : Family::Generic);
 }
 
 const char* bwd_main_kernel_name(const AttnParams& p) {
   if (!supports(p) || p.N == 0) return "generic";
   const Plan pl = plan_bwd(p);
-  if (!pl.ok || !pl.fast) return "generic";
-  return fast::bwd_uses_wgmma() ? "wgmma" : "mma";
+  return family_name(pl.ok ? pl.main : Family::Generic);
 }
 
 namespace {

@@ -1,5 +1,5 @@
 // Backward main kernel with Hopper warpgroup MMAs (wgmma, sm_90a), bf16/fp16, D, E in {64, 128}: the
-// contract, grid and segment plan of bwd_kernel (fast_bwd.cu), chosen by fast::bwd_main where the device
+// contract, grid and segment plan of bwd_kernel (fast_bwd.cu), chosen by the plan (plan.cu) where the device
 // is compute capability 9.0 and lasp::cuda::bwd_kernel() asks for it. Building blocks: wgmma.cuh.
 //
 // One block of two warpgroups (256 threads) per (b, h, segment), chunks of 64, double-buffered TMA loads
@@ -496,11 +496,7 @@ int resident_dims(const AttnParams& p) {
   return resident<T, OT, 128, 128>();
 }
 
-KernelSwitch g_bwd_kernel("LASP_BWD_KERNEL", (int)BwdKernel::Wgmma);
-
 }  // namespace
-
-bool bwd_uses_wgmma() { return g_bwd_kernel.get() == (int)BwdKernel::Wgmma && wgmma_available(); }
 
 size_t wgmma_bwd_smem_bytes(const AttnParams& p) {
   if (p.D == 64) return p.E == 64 ? WgBwdSmem<64, 64>::bytes : WgBwdSmem<64, 128>::bytes;
@@ -527,9 +523,5 @@ cudaError_t wgmma_bwd_main(const AttnParams& p, int nseg, int seglen, const floa
 }
 
 }  // namespace fast
-
-void set_bwd_kernel(BwdKernel which) { fast::g_bwd_kernel.set((int)which); }
-BwdKernel bwd_kernel() { return static_cast<BwdKernel>(fast::g_bwd_kernel.get()); }
-
 }  // namespace cuda
 }  // namespace lasp

@@ -1,6 +1,6 @@
 // Forward main kernel with Hopper warpgroup MMAs (wgmma, sm_90a), bf16/fp16, D in {64, 128}, E a
 // multiple of 64 up to 128: the same contract, grid and segment plan as fwd_main_kernel (fast_fwd.cu),
-// chosen by fast::fwd_main on compute capability 9.0 devices unless lasp::cuda::fwd_kernel() is Mma.
+// chosen by the plan (plan.cu) on compute capability 9.0 devices unless lasp::cuda::fwd_kernel() is Mma.
 //
 // One block = one warpgroup (4 warps) per (b, h, segment, 64-column tile of E), chunks of 64, double-buffered
 // TMA loads of q, k, v into 128B-swizzled shared memory (tma.cuh: thread 0 issues them, an mbarrier per

@@ -1,5 +1,5 @@
 // Phase 1 (the local state of each segment) with Hopper warpgroup MMAs (wgmma, sm_90a), bf16/fp16, D, E in
-// {64, 128}: the contract of state_local_kernel (fast_fwd.cu), chosen by fast::state_local where the wgmma
+// {64, 128}: the contract of state_local_kernel (fast_fwd.cu), chosen by the plan (plan.cu) where the wgmma
 // main kernels run.
 //
 //   REV = false: L = sum_s g^(n1-1-s) k[s]^T v[s]            over the segment [n0, n1)   (x = k, y = v)

@@ -1,0 +1,175 @@
+// The launch plan (plan.h): which family runs each role, the segment split, the generic kernels' tiles.
+#include "plan.h"
+
+#include <algorithm>
+#include <cstdint>
+
+#include "fast_args.h"
+#include "fast_path.h"
+#include "launch_cache.h"
+#include "lasp_cuda.h"
+
+namespace lasp {
+namespace cuda {
+
+namespace {
+
+// The tensor-core family settings (LASP_FWD_KERNEL / LASP_BWD_KERNEL; lasp_cuda.h).
+fast::KernelSwitch g_fwd_kernel("LASP_FWD_KERNEL", (int)FwdKernel::Wgmma);
+fast::KernelSwitch g_bwd_kernel("LASP_BWD_KERNEL", (int)BwdKernel::Wgmma);
+
+// The tensor-core family of the forward (backward) passes on this device under the current setting.
+Family tc_family(bool backward) {
+  const int want = backward ? g_bwd_kernel.get() : g_fwd_kernel.get();
+  return want == 1 && wgmma_available() ? Family::Wgmma : Family::Mma;
+}
+
+struct DevInfo {
+  int sms = 132;
+  size_t smem_optin = 48 * 1024;
+};
+
+DevInfo dev_info() {  // asked of the runtime once per device (launch_cache.h)
+  DevInfo d;
+  const int sms = fast::device_attribute<cudaDevAttrMultiProcessorCount>(0);
+  const int optin = fast::device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(0);
+  if (sms > 0) d.sms = sms;
+  if (optin > 0) d.smem_optin = (size_t)optin;
+  return d;
+}
+
+size_t acc_size(const AttnParams& p) { return acc_is_double(p.dtype) ? 8 : 4; }
+size_t align256(size_t x) { return (x + 255) / 256 * 256; }
+
+// Chunk C and column tile of a generic kernel whose shared memory is smem(C, tile) elements.
+template <typename F>
+bool pick_tile(F smem, int full, size_t esz, size_t limit, int& C, int& tile, size_t& bytes) {
+  for (int c : {32, 16, 8}) {
+    for (int t : {64, 32, 16, 8, 4, 2, 1}) {
+      const int tt = std::min(t, full);
+      const size_t b = (size_t)smem(c, tt) * esz;
+      if (b <= limit) {
+        C = c;
+        tile = tt;
+        bytes = b;
+        return true;
+      }
+    }
+  }
+  return false;
+}
+
+// Segments per (b, h) so that the grid has about blocks_per_sm blocks per SM.
+void split_segments(const AttnParams& p, int blocks_per_segment, int sms, int& nseg, int& seglen,
+                    int blocks_per_sm = 2) {
+  // Whole waves: floor(blocks_per_sm * SMs / blocks) segments, so the last wave is not a small tail.
+  const int64_t pairs = p.B * p.H * (int64_t)blocks_per_segment;
+  const int64_t want = (blocks_per_sm * (int64_t)sms) / pairs;
+  const int64_t nch64 = (p.N + 63) / 64;
+  int64_t ns = std::min<int64_t>(want, nch64);
+  if (ns <= 1) {
+    nseg = 1;
+    seglen = (int)p.N;
+    return;
+  }
+  const int64_t chunks_per = (nch64 + ns - 1) / ns;
+  seglen = (int)(chunks_per * 64);
+  nseg = (int)((p.N + seglen - 1) / seglen);
+}
+
+// Phase 1 of one direction (reverse: M from q, dout; else L from k, v): a tensor-core family where its
+// views allow, whatever the main pass takes; the generic kernel's tile in pl.
+bool plan_local(const AttnParams& p, bool reverse, const DevInfo& di, Plan& pl, Family& family) {
+  family = fast::local_supported(p, reverse) ? tc_family(reverse) : Family::Generic;
+  const int D = (int)p.D;
+  auto sm_loc = [&](int C, int t) { return C * (D + 1) + C * t + D * t + C + 1; };
+  return pick_tile(sm_loc, (int)p.E, acc_size(p), di.smem_optin, pl.C_loc, pl.t_loc, pl.sm_loc);
+}
+
+}  // namespace
+
+const char* family_name(Family f) {
+  switch (f) {
+    case Family::Wgmma: return "wgmma";
+    case Family::Mma: return "mma";
+    case Family::Generic: break;
+  }
+  return "generic";
+}
+
+void set_fwd_kernel(FwdKernel which) { g_fwd_kernel.set((int)which); }
+FwdKernel fwd_kernel() { return static_cast<FwdKernel>(g_fwd_kernel.get()); }
+void set_bwd_kernel(BwdKernel which) { g_bwd_kernel.set((int)which); }
+BwdKernel bwd_kernel() { return static_cast<BwdKernel>(g_bwd_kernel.get()); }
+
+bool wgmma_available() {
+#if defined(LASP_HAVE_SM90A)
+  // A device's capability never changes: the driver is asked once per device, not on every call.
+  return fast::device_attribute<cudaDevAttrComputeCapabilityMajor>(0) == 9 &&
+         fast::device_attribute<cudaDevAttrComputeCapabilityMinor>(0) == 0;
+#else
+  return false;
+#endif
+}
+
+Plan plan_fwd(const AttnParams& p, int mode) {
+  Plan pl;
+  const DevInfo di = dev_info();
+  const size_t esz = acc_size(p);
+  const int D = (int)p.D, E = (int)p.E;
+  // The tensor-core kernels need their shared memory (about 106 KB at D = 128): smaller GPUs take the
+  // generic kernels.
+  const Family tc = tc_family(false);
+  const bool fast = (mode < 0 ? fast::fwd_supported(p) : mode == 1) &&
+                    (tc == Family::Wgmma ? fast::wgmma_fwd_smem_bytes(p) : fast::mma_fwd_smem_bytes(p)) <=
+                        di.smem_optin;
+  int tiles = 1, blocks_per_sm = 2;
+  if (fast) {
+    pl.main = tc;
+    tiles = fast::fwd_tiles(p);
+    blocks_per_sm = tc == Family::Wgmma ? fast::wgmma_fwd_blocks_per_sm(p) : fast::mma_fwd_blocks_per_sm(p);
+  } else {
+    auto sm_main = [&](int C, int t) { return 2 * C * (D + 1) + C * t + C * C + D * t + C + 1; };
+    if (!pick_tile(sm_main, E, esz, di.smem_optin, pl.C_main, pl.t_main, pl.sm_main)) return pl;
+    tiles = (E + pl.t_main - 1) / pl.t_main;
+  }
+  split_segments(p, tiles, di.sms, pl.nseg, pl.seglen, blocks_per_sm);
+  if (!plan_local(p, false, di, pl, pl.local)) return pl;
+  pl.local_fwd = pl.local;
+  if (pl.nseg > 1) pl.ws_states = align256((size_t)p.B * p.H * pl.nseg * D * E * esz);
+  pl.ok = true;
+  return pl;
+}
+
+Plan plan_bwd(const AttnParams& p, int mode) {
+  Plan pl;
+  const DevInfo di = dev_info();
+  const size_t esz = acc_size(p);
+  const int D = (int)p.D, E = (int)p.E;
+  // About 176 KB of shared memory at D = E = 128 (fits sm_90; not sm_80's 163 KB): else the generic kernels.
+  const Family tc = tc_family(true);
+  const bool fast = (mode < 0 ? fast::bwd_supported(p) : mode == 1) &&
+                    (tc == Family::Wgmma ? fast::wgmma_bwd_smem_bytes(p) : fast::mma_bwd_smem_bytes(p)) <=
+                        di.smem_optin;
+  if (fast) {
+    pl.main = tc;
+    split_segments(p, 1, di.sms, pl.nseg, pl.seglen,
+                   tc == Family::Wgmma ? fast::wgmma_bwd_blocks_per_sm(p) : fast::mma_bwd_blocks_per_sm(p));
+  } else {
+    auto sm_dqdk = [&](int C, int t) { return 2 * C * (E + 1) + C * (t + 1) + C * C + t * E + C + 1; };
+    auto sm_dv = [&](int C, int t) { return 2 * C * (D + 1) + C * t + C * C + D * t + C + 1; };
+    if (!pick_tile(sm_dqdk, D, esz, di.smem_optin, pl.C_main, pl.t_main, pl.sm_main)) return pl;
+    if (!pick_tile(sm_dv, E, esz, di.smem_optin, pl.C_dv, pl.t_dv, pl.sm_dv)) return pl;
+    const int tiles = (D + pl.t_main - 1) / pl.t_main;
+    split_segments(p, tiles, di.sms, pl.nseg, pl.seglen);
+  }
+  // M and the forward's L share the generic phase-1 tile (same shared-memory formula).
+  if (!plan_local(p, true, di, pl, pl.local) || !plan_local(p, false, di, pl, pl.local_fwd)) return pl;
+  if (pl.nseg > 1) pl.ws_states = align256((size_t)p.B * p.H * pl.nseg * D * E * esz);
+  if (p.H != p.Hkv) pl.ws_gqa = align256((size_t)p.B * p.H * p.N * (D + E) * esz);
+  pl.ok = true;
+  return pl;
+}
+
+}  // namespace cuda
+}  // namespace lasp

@@ -1,0 +1,47 @@
+// The launch plan of one call: for each role (phase 1 local states, the main forward, the backward), which
+// kernel family runs it, and how each sequence is cut into segments. The one place these choices are made;
+// the drivers (lasp_cuda.cu) launch what the plan names. Torch-free.
+//
+// Families (kernels/DESIGN.md):
+//   Wgmma   bf16/fp16, D and E in {64, 128}, sm_90a builds on compute capability 9.0 (TMA + warpgroup MMAs);
+//   Mma     the same problems on sm_80 and later (mma.sync), or on sm_90 when LASP_FWD_KERNEL /
+//           LASP_BWD_KERNEL asks for it;
+//   Generic every dtype (fp32 and fp64 always) and head dims 1..256 that no tensor-core family takes, and
+//           strided views those cannot read (SIMT, shared-memory tiles).
+#pragma once
+#include <cstddef>
+
+#include "lasp_params.h"
+
+namespace lasp {
+namespace cuda {
+
+enum class Family : int { Generic = 0, Mma = 1, Wgmma = 2 };
+const char* family_name(Family f);  // "generic", "mma", "wgmma"
+
+struct Plan {
+  bool ok = false;
+  // forward: o (main) and L (local); backward: dq, dk, dv (main), M (local) and the forward's segment
+  // states it recomputes (local_fwd, as a forward plan's local)
+  Family main = Family::Generic, local = Family::Generic, local_fwd = Family::Generic;
+  int nseg = 1, seglen = 0;  // segments per (b, h), tokens per segment (the last may be shorter)
+  // Generic kernels: chunk, column (forward, dv, local) or row (dq/dk) tile, dynamic shared bytes.
+  int C_main = 32, t_main = 64;
+  size_t sm_main = 0;
+  int C_dv = 32, t_dv = 64;
+  size_t sm_dv = 0;
+  int C_loc = 32, t_loc = 64;
+  size_t sm_loc = 0;
+  size_t ws_states = 0;  // bytes of one (B, H, nseg, D, E) state array (0 when nseg == 1)
+  size_t ws_gqa = 0;     // bytes of the per-query-head dk + dv (0 without GQA)
+  size_t fwd_bytes() const { return ws_states; }               // the segments' states
+  size_t bwd_bytes() const { return 2 * ws_states + ws_gqa; }  // S and G per segment, GQA partials
+};
+
+// mode: -1 decide from p (shapes, dtype, strides, pointer alignment, device), 0 generic kernels only,
+// 1 tensor-core kernels for the main pass (workspace sizing asks both, see *_workspace_bytes).
+Plan plan_fwd(const AttnParams& p, int mode = -1);
+Plan plan_bwd(const AttnParams& p, int mode = -1);
+
+}  // namespace cuda
+}  // namespace lasp
