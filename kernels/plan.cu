@@ -77,6 +77,18 @@ void split_segments(const AttnParams& p, int blocks_per_segment, int sms, int& n
   nseg = (int)((p.N + seglen - 1) / seglen);
 }
 
+// The tensor-core family of the main pass of one direction, or Generic where it cannot take p: the dtype,
+// head dims and views (mode -1; mode 1 assumes them, mode 0 refuses) and the kernel's shared memory.
+Family main_family(const AttnParams& p, int mode, bool backward, const DevInfo& di) {
+  const bool views = mode < 0 ? (backward ? fast::bwd_supported(p) : fast::fwd_supported(p)) : mode == 1;
+  if (!views) return Family::Generic;
+  const Family tc = tc_family(backward);
+  const bool wg = tc == Family::Wgmma;
+  const size_t smem = backward ? (wg ? fast::wgmma_bwd_smem_bytes(p) : fast::mma_bwd_smem_bytes(p))
+                               : (wg ? fast::wgmma_fwd_smem_bytes(p) : fast::mma_fwd_smem_bytes(p));
+  return smem <= di.smem_optin ? tc : Family::Generic;
+}
+
 // Phase 1 of one direction (reverse: M from q, dout; else L from k, v): a tensor-core family where its
 // views allow, whatever the main pass takes; the generic kernel's tile in pl.
 bool plan_local(const AttnParams& p, bool reverse, const DevInfo& di, Plan& pl, Family& family) {
@@ -119,15 +131,11 @@ Plan plan_fwd(const AttnParams& p, int mode) {
   const int D = (int)p.D, E = (int)p.E;
   // The tensor-core kernels need their shared memory (about 106 KB at D = 128): smaller GPUs take the
   // generic kernels.
-  const Family tc = tc_family(false);
-  const bool fast = (mode < 0 ? fast::fwd_supported(p) : mode == 1) &&
-                    (tc == Family::Wgmma ? fast::wgmma_fwd_smem_bytes(p) : fast::mma_fwd_smem_bytes(p)) <=
-                        di.smem_optin;
+  pl.main = main_family(p, mode, false, di);
   int tiles = 1, blocks_per_sm = 2;
-  if (fast) {
-    pl.main = tc;
+  if (pl.main != Family::Generic) {
     tiles = fast::fwd_tiles(p);
-    blocks_per_sm = tc == Family::Wgmma ? fast::wgmma_fwd_blocks_per_sm(p) : fast::mma_fwd_blocks_per_sm(p);
+    blocks_per_sm = pl.main == Family::Wgmma ? fast::wgmma_fwd_blocks_per_sm(p) : fast::mma_fwd_blocks_per_sm(p);
   } else {
     auto sm_main = [&](int C, int t) { return 2 * C * (D + 1) + C * t + C * C + D * t + C + 1; };
     if (!pick_tile(sm_main, E, esz, di.smem_optin, pl.C_main, pl.t_main, pl.sm_main)) return pl;
@@ -147,14 +155,10 @@ Plan plan_bwd(const AttnParams& p, int mode) {
   const size_t esz = acc_size(p);
   const int D = (int)p.D, E = (int)p.E;
   // About 176 KB of shared memory at D = E = 128 (fits sm_90; not sm_80's 163 KB): else the generic kernels.
-  const Family tc = tc_family(true);
-  const bool fast = (mode < 0 ? fast::bwd_supported(p) : mode == 1) &&
-                    (tc == Family::Wgmma ? fast::wgmma_bwd_smem_bytes(p) : fast::mma_bwd_smem_bytes(p)) <=
-                        di.smem_optin;
-  if (fast) {
-    pl.main = tc;
+  pl.main = main_family(p, mode, true, di);
+  if (pl.main != Family::Generic) {
     split_segments(p, 1, di.sms, pl.nseg, pl.seglen,
-                   tc == Family::Wgmma ? fast::wgmma_bwd_blocks_per_sm(p) : fast::mma_bwd_blocks_per_sm(p));
+                   pl.main == Family::Wgmma ? fast::wgmma_bwd_blocks_per_sm(p) : fast::mma_bwd_blocks_per_sm(p));
   } else {
     auto sm_dqdk = [&](int C, int t) { return 2 * C * (E + 1) + C * (t + 1) + C * C + t * E + C + 1; };
     auto sm_dv = [&](int C, int t) { return 2 * C * (D + 1) + C * t + C * C + D * t + C + 1; };
