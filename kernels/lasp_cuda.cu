@@ -23,8 +23,6 @@ bool runnable(const Plan& pl, const AttnParams& p, size_t need) {
   return pl.ok && (need == 0 || (p.workspace != nullptr && p.workspace_bytes >= need));
 }
 
-size_t acc_size(const AttnParams& p) { return acc_is_double(p.dtype) ? 8 : 4; }
-
 template <typename K>
 cudaError_t prepare(K kernel, size_t smem) {
   if (smem > 48 * 1024) return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
@@ -110,7 +108,7 @@ cudaError_t segment_states_fwd(const AttnParams& p, const Plan& pl, const Ctx<A>
 // N = 0: nothing to attend to; the state passes through (state_out = S_in, grad_state_in = G, or zeros).
 cudaError_t pass_state(const AttnParams& p, const void* src, void* dst, cudaStream_t st) {
   if (dst == nullptr) return cudaSuccess;
-  const size_t bytes = (size_t)p.B * p.H * p.D * p.E * acc_size(p);
+  const size_t bytes = (size_t)p.B * p.H * p.D * p.E * acc_size(p.dtype);
   return src ? cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, st) : cudaMemsetAsync(dst, 0, bytes, st);
 }
 

@@ -29,6 +29,8 @@ enum class ScalarType : int { Float32 = 0, Float16 = 1, BFloat16 = 2, Float64 = 
 // Accumulation type of a ScalarType: double for Float64, float for everything else.
 // States (S_in, S_out, G, dS_in) and decay rates are stored in this type.
 inline bool acc_is_double(ScalarType t) { return t == ScalarType::Float64; }
+// Bytes of one accumulation-type element.
+inline size_t acc_size(ScalarType t) { return acc_is_double(t) ? 8 : 4; }
 
 // A strided (b, h, n, last) view; strides are in elements.
 struct TensorView4 {

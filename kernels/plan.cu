@@ -38,7 +38,6 @@ DevInfo dev_info() {  // asked of the runtime once per device (launch_cache.h)
   return d;
 }
 
-size_t acc_size(const AttnParams& p) { return acc_is_double(p.dtype) ? 8 : 4; }
 size_t align256(size_t x) { return (x + 255) / 256 * 256; }
 
 // Chunk C and column tile of a generic kernel whose shared memory is smem(C, tile) elements.
@@ -95,7 +94,7 @@ bool plan_local(const AttnParams& p, bool reverse, const DevInfo& di, Plan& pl, 
   family = fast::local_supported(p, reverse) ? tc_family(reverse) : Family::Generic;
   const int D = (int)p.D;
   auto sm_loc = [&](int C, int t) { return C * (D + 1) + C * t + D * t + C + 1; };
-  return pick_tile(sm_loc, (int)p.E, acc_size(p), di.smem_optin, pl.C_loc, pl.t_loc, pl.sm_loc);
+  return pick_tile(sm_loc, (int)p.E, acc_size(p.dtype), di.smem_optin, pl.C_loc, pl.t_loc, pl.sm_loc);
 }
 
 }  // namespace
@@ -127,7 +126,7 @@ bool wgmma_available() {
 Plan plan_fwd(const AttnParams& p, int mode) {
   Plan pl;
   const DevInfo di = dev_info();
-  const size_t esz = acc_size(p);
+  const size_t esz = acc_size(p.dtype);
   const int D = (int)p.D, E = (int)p.E;
   // The tensor-core kernels need their shared memory (about 106 KB at D = 128): smaller GPUs take the
   // generic kernels.
@@ -152,7 +151,7 @@ Plan plan_fwd(const AttnParams& p, int mode) {
 Plan plan_bwd(const AttnParams& p, int mode) {
   Plan pl;
   const DevInfo di = dev_info();
-  const size_t esz = acc_size(p);
+  const size_t esz = acc_size(p.dtype);
   const int D = (int)p.D, E = (int)p.E;
   // About 176 KB of shared memory at D = E = 128 (fits sm_90; not sm_80's 163 KB): else the generic kernels.
   pl.main = main_family(p, mode, true, di);
