@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Times lasp's linear-attention kernels against flash-linear-attention and a plain PyTorch chunked form.
 
-Forward and forward+backward, bf16, per shape (B, H, N, D) with D = E and per-head decay:
+Forward and forward+backward, bf16, per shape B x H x N x D (E = D) or B x H x N x D x E, per-head decay:
   lasp        lasp.lasp_attention(q, k, v, decay, scale=...) (autograd op), when the package imports
   lasp-kern   the raw CUDA kernels (lasp::cuda::fwd / bwd) through a torch-free ctypes shim
               (benchmarks/kernels_shim.cpp), outputs and workspace preallocated
@@ -11,6 +11,9 @@ Forward and forward+backward, bf16, per shape (B, H, N, D) with D = E and per-he
 CUDA events, warm-up, median of many, inputs rotated among sets larger than L2. Prints GPU, CUDA, torch
 and commit; a table with ms, achieved GB/s (the floor's bytes over the time) and the memory floor
 (fwd reads q, k, v and writes o; bwd reads q, k, v, do and writes dq, dk, dv; at the measured copy rate).
+The head-dim shapes of the design's target (every D, E in {32, 64, 96, 128, 192, 256} on tensor cores):
+
+  --shapes 2x16x8192x256,4x16x8192x32,4x16x8192x96,2x16x8192x192,4x16x8192x128x64,4x16x8192x256x64
 
   python3 benchmarks/bench_kernels.py --json bench.json --plot bench.png [--shim liblasp_shim.so]
 """
@@ -153,7 +156,7 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--shim", default=os.environ.get("LASP_SHIM"), help="path of liblasp_shim.so (lasp-kern)")
-    ap.add_argument("--shapes", default=None, help="e.g. 4x32x8192x128,1x16x65536x128")
+    ap.add_argument("--shapes", default=None, help="e.g. 4x32x8192x128,1x16x65536x128,4x16x8192x128x64 (BxHxNxD[xE])")
     ap.add_argument("--impls", default="lasp,lasp-kern,fla,torch")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-decay", action="store_true")
@@ -201,30 +204,35 @@ def main():
 
     rows = []
     t_start = time.perf_counter()  # each row's line says when it came (a run under a time limit shows what took long)
-    for (B, H, N, D) in shapes:
-        E = D
+    for shape in shapes:
+        if len(shape) not in (4, 5):
+            raise SystemExit(f"--shapes: expected BxHxNxD or BxHxNxDxE, got {'x'.join(map(str, shape))}")
+        B, H, N, D = shape[:4]
+        E = shape[4] if len(shape) == 5 else D
+        name = "x".join(map(str, shape if E != D else shape[:4]))
         elt = 2
         tok = B * H * N
-        bytes_fwd = 4 * tok * D * elt
-        bytes_bwd = 7 * tok * D * elt
+        bytes_fwd = tok * (2 * D + 2 * E) * elt  # q, k, v read, o written
+        bytes_bwd = tok * (4 * D + 3 * E) * elt  # q, k, v, do read, dq, dk, dv written
         floor = {"fwd": bytes_fwd, "fwd+bwd": bytes_fwd + bytes_bwd}
         scale = 1.0 / math.sqrt(D)
         decay = None if args.no_decay else alibi_decay(H, dev)
-        one = 3 * tok * D * elt
+        one = tok * (2 * D + 2 * E) * elt
         nsets = max(2, min(4, int(math.ceil(200e6 / one))))  # > L2 in total
         sets = []
         for _ in range(nsets):
-            q, k, v, do = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16) for _ in range(4))
+            q, k = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
+            v, do = (torch.randn(B, H, N, E, device=dev, dtype=torch.bfloat16) for _ in range(2))
             sets.append((q, k, v, do))
         results = {}
 
         def record(impl, mode, ms):
             gbs = floor[mode] / (ms * 1e-3) / 1e9
             fl = floor[mode] / bw * 1e3
-            rows.append({"shape": [B, H, N, D], "impl": impl, "mode": mode, "ms": ms, "GBps": gbs,
+            rows.append({"shape": [B, H, N, D] + ([E] if E != D else []), "impl": impl, "mode": mode, "ms": ms, "GBps": gbs,
                          "floor_ms": fl, "x_floor": ms / fl})
             # as it comes, so that a run cut short still leaves its numbers
-            print(f"# {B}x{H}x{N}x{D} {impl:<10} {mode:<8} {ms:9.3f} ms {gbs:7.0f} GB/s  floor {fl:.3f} ms"
+            print(f"# {name} {impl:<10} {mode:<8} {ms:9.3f} ms {gbs:7.0f} GB/s  floor {fl:.3f} ms"
                   f"  [{time.perf_counter() - t_start:.0f} s]", flush=True)
             if args.json:
                 with open(args.json, "w") as f:
@@ -254,7 +262,7 @@ def main():
                     results["lasp"] = f(0).detach().clone()
                 del gsets
             except Exception as e:
-                print(f"# lasp op failed on {B}x{H}x{N}x{D}: {type(e).__name__}: {e}")
+                print(f"# lasp op failed on {name}: {type(e).__name__}: {e}")
         # ---- fla, layout (B, T, H, D) ----
         if fla_fn is not None:
             tsets = [tuple(x.transpose(1, 2).contiguous().requires_grad_(True) for x in s[:3]) +
@@ -291,19 +299,19 @@ def main():
                     results["torch"] = f(0).detach()
                 del gsets
             except torch.OutOfMemoryError:
-                print(f"# torch chunked: out of memory at {B}x{H}x{N}x{D}")
+                print(f"# torch chunked: out of memory at {name}")
             torch.cuda.empty_cache()
         # cross-check outputs of the implementations on input set 0
         ref = results.get("fla", results.get("torch"))
         if ref is not None:
             for kname, val in results.items():
-                print(f"# {B}x{H}x{N}x{D} rel. diff {kname} vs {'fla' if 'fla' in results else 'torch'}: "
+                print(f"# {name} rel. diff {kname} vs {'fla' if 'fla' in results else 'torch'}: "
                       f"{rel(val, ref):.2e}")
         del sets, results
         torch.cuda.empty_cache()
 
     # ---- table ----
-    print(f"\n{'shape (B,H,N,D)':<20} {'impl':<10} {'mode':<8} {'ms':>9} {'GB/s':>8} {'floor ms':>9} {'x floor':>8}"
+    print(f"\n{'shape (B,H,N,D[,E])':<20} {'impl':<10} {'mode':<8} {'ms':>9} {'GB/s':>8} {'floor ms':>9} {'x floor':>8}"
           f" {'vs fla':>7}")
     for r in rows:
         fla_ms = next((x["ms"] for x in rows if x["impl"] == "fla" and x["mode"] == r["mode"]

@@ -1,5 +1,7 @@
-// Tensor-core backward (bf16/fp16, fp32 accumulate) for D, E in {64, 128}: one block of 8 warps per
-// (b, h, segment) computes dq, dk, dv of its segment (and grad_state_in with one segment), chunks of 64.
+// Tensor-core backward (bf16/fp16, fp32 accumulate) for D, E multiples of 8 up to 128 (compiled for
+// {64, 128} and padded at run time as in fast_fwd.cu: zero-filled loads, masked stores): one block of 8
+// warps per (b, h, segment) computes dq, dk, dv of its segment (and grad_state_in with one segment),
+// chunks of 64.
 //
 //  loop A, chunks forward, state S (fp32 registers; S_b its 16-bit copy in smem):
 //     dq = diag(scale g^(t+1)) dO S_b^T + ((scale dO V^T) * causal decay mask) K
@@ -34,13 +36,14 @@ constexpr int kThreadsB = 256;
 template <int D, int E>
 constexpr int kBwdMinBlocks = (D == 64 && E == 64) ? 2 : 1;
 
+// rows >= len and columns >= lim (the true head dim, a multiple of 8) zero-filled
 template <typename T, int W, int LD>
-__device__ __forceinline__ void load_rows_b(T* sm, const Tv<const T>& v, int b, int h, int64_t c0, int len) {
+__device__ __forceinline__ void load_rows_b(T* sm, const Tv<const T>& v, int b, int h, int64_t c0, int len, int lim) {
   constexpr int VPR = W / 8;
   for (int i = threadIdx.x; i < kC * VPR; i += blockDim.x) {
     const int r = i / VPR, cv = i - r * VPR;
-    const bool ok = r < len;
-    const T* src = v.p + b * v.sb + h * v.sh + (c0 + (ok ? r : 0)) * v.sn + cv * 8;
+    const bool ok = r < len && cv * 8 < lim;
+    const T* src = v.p + b * v.sb + h * v.sh + (c0 + (ok ? r : 0)) * v.sn + (ok ? cv * 8 : 0);
     cp_async16(sm + r * LD + cv * 8, src, ok);
   }
 }
@@ -53,10 +56,11 @@ struct BwdSmem {
   static constexpr size_t bytes = (size_t)(2 * STAGE + D * LDE) * sizeof(T) + (kC + 2) * sizeof(float);
 };
 
-// Store a 16 x (8*NT) fp32 fragment tile (rows r0.., cols c0..) to a strided row of type OT.
+// Store a 16 x (8*NT) fp32 fragment tile (rows r0.., cols c0..) to a strided row of type OT; rows >= len
+// and columns >= cols (a multiple of 8) are left out.
 template <typename OT, int NT>
 __device__ __forceinline__ void store_frag(const float (*acc)[4], OT* base, int64_t row_stride, int r0, int c0,
-                                           int len) {
+                                           int len, int cols) {
   const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
@@ -65,6 +69,7 @@ __device__ __forceinline__ void store_frag(const float (*acc)[4], OT* base, int6
     OT* row = base + t * row_stride + c0 + 2 * tc;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
+      if (c0 + nt * 8 >= cols) continue;
       if constexpr (sizeof(OT) == 4) {
         *reinterpret_cast<float2*>(row + nt * 8) = make_float2(acc[nt][2 * hh], acc[nt][2 * hh + 1]);
       } else {
@@ -113,7 +118,7 @@ __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(Bwd
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
         const int d = sm0 + g + (r >> 1) * 8, e = sn0 + nt * 8 + 2 * tc + (r & 1);
-        S[nt][r] = src ? src[(size_t)d * E + e] : 0.f;
+        S[nt][r] = src && d < a.D && e < a.E ? src[(size_t)d * a.E + e] : 0.f;
       }
   };
   auto write_sb = [&]() {
@@ -143,9 +148,9 @@ __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(Bwd
     const int64_t c0 = n0 + (int64_t)ci * kC;
     const int len = (int)min((int64_t)kC, n1 - c0);
     T* st = stage_ptr(ci);
-    load_rows_b<T, D, LDD>(Kp(st), k, b, kh, c0, len);
-    load_rows_b<T, E, LDE>(Vp(st), v, b, kh, c0, len);
-    load_rows_b<T, E, LDE>(DOp(st), dout, b, h, c0, len);
+    load_rows_b<T, D, LDD>(Kp(st), k, b, kh, c0, len, a.D);
+    load_rows_b<T, E, LDE>(Vp(st), v, b, kh, c0, len, a.E);
+    load_rows_b<T, E, LDE>(DOp(st), dout, b, h, c0, len, a.E);
     cp_async_commit();
   };
   issue_A(0);
@@ -229,7 +234,7 @@ __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(Bwd
         }
       }
       T* base = dq.p + b * dq.sb + h * dq.sh + c0 * dq.sn;
-      store_frag<T, DH / 8>(acc, base, dq.sn, r0, ch * DH, len);
+      store_frag<T, DH / 8>(acc, base, dq.sn, r0, ch * DH, len, a.D);
     }
     if (ci + 1 < nch) {
       __syncthreads();  // all warps done reading S_b
@@ -282,10 +287,10 @@ __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(Bwd
     const int64_t c0 = n0 + (int64_t)cc * kC;
     const int len = (int)min((int64_t)kC, n1 - c0);
     T* st = stage_ptr(ci);
-    load_rows_b<T, D, LDD>(Qp(st), q, b, h, c0, len);
-    load_rows_b<T, D, LDD>(Kp(st), k, b, kh, c0, len);
-    load_rows_b<T, E, LDE>(Vp(st), v, b, kh, c0, len);
-    load_rows_b<T, E, LDE>(DOp(st), dout, b, h, c0, len);
+    load_rows_b<T, D, LDD>(Qp(st), q, b, h, c0, len, a.D);
+    load_rows_b<T, D, LDD>(Kp(st), k, b, kh, c0, len, a.D);
+    load_rows_b<T, E, LDE>(Vp(st), v, b, kh, c0, len, a.E);
+    load_rows_b<T, E, LDE>(DOp(st), dout, b, h, c0, len, a.E);
     cp_async_commit();
   };
   issue_B(0);
@@ -370,7 +375,7 @@ __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(Bwd
         }
       }
       OT* base = dk.p + b * dk.sb + hkv * dk.sh + c0 * dk.sn;
-      store_frag<OT, DH / 8>(acc, base, dk.sn, r0, ch * DH, len);
+      store_frag<OT, DH / 8>(acc, base, dk.sn, r0, ch * DH, len, a.D);
     }
     // ---- dv = diag(w) K R + (scale K Q^T masked) dO ----
     {
@@ -438,7 +443,7 @@ __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(Bwd
         }
       }
       OT* base = dv.p + b * dv.sb + hkv * dv.sh + c0 * dv.sn;
-      store_frag<OT, EH / 8>(acc, base, dv.sn, r0, ch * EH, len);
+      store_frag<OT, EH / 8>(acc, base, dv.sn, r0, ch * EH, len, a.E);
     }
     __syncthreads();  // all warps done reading R_b
     // ---- R = g^len R + scale Q^T diag(g^(t+1)) dO ----
@@ -481,7 +486,7 @@ __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(Bwd
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
         const int d = sm0 + g + (r >> 1) * 8, e = sn0 + nt * 8 + 2 * tc + (r & 1);
-        a.grad_state_in[(size_t)bh * DE + (size_t)d * E + e] = S[nt][r];
+        if (d < a.D && e < a.E) a.grad_state_in[(size_t)bh * DE + (size_t)d * a.E + e] = S[nt][r];
       }
   }
 }
@@ -506,17 +511,17 @@ int bwd_resident() {
 
 template <typename T, typename OT>
 int bwd_resident_dims(const AttnParams& p) {
-  if (p.D == 64 && p.E == 64) return bwd_resident<T, OT, 64, 64>();
-  if (p.D == 64 && p.E == 128) return bwd_resident<T, OT, 64, 128>();
-  if (p.D == 128 && p.E == 64) return bwd_resident<T, OT, 128, 64>();
+  if (p.D <= 64 && p.E <= 64) return bwd_resident<T, OT, 64, 64>();
+  if (p.D <= 64) return bwd_resident<T, OT, 64, 128>();
+  if (p.E <= 64) return bwd_resident<T, OT, 128, 64>();
   return bwd_resident<T, OT, 128, 128>();
 }
 
 template <typename T, typename OT>
 cudaError_t launch_bwd_dims(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st) {
-  if (p.D == 64 && p.E == 64) return launch_bwd<T, OT, 64, 64>(p, a, dk, dv, st);
-  if (p.D == 64 && p.E == 128) return launch_bwd<T, OT, 64, 128>(p, a, dk, dv, st);
-  if (p.D == 128 && p.E == 64) return launch_bwd<T, OT, 128, 64>(p, a, dk, dv, st);
+  if (p.D <= 64 && p.E <= 64) return launch_bwd<T, OT, 64, 64>(p, a, dk, dv, st);
+  if (p.D <= 64) return launch_bwd<T, OT, 64, 128>(p, a, dk, dv, st);
+  if (p.E <= 64) return launch_bwd<T, OT, 128, 64>(p, a, dk, dv, st);
   return launch_bwd<T, OT, 128, 128>(p, a, dk, dv, st);
 }
 
@@ -536,8 +541,8 @@ int mma_bwd_blocks_per_sm(const AttnParams& p) {
 }
 
 size_t mma_bwd_smem_bytes(const AttnParams& p) {
-  if (p.D == 64) return p.E == 64 ? BwdSmem<__nv_bfloat16, 64, 64>::bytes : BwdSmem<__nv_bfloat16, 64, 128>::bytes;
-  return p.E == 64 ? BwdSmem<__nv_bfloat16, 128, 64>::bytes : BwdSmem<__nv_bfloat16, 128, 128>::bytes;
+  if (p.D <= 64) return p.E <= 64 ? BwdSmem<__nv_bfloat16, 64, 64>::bytes : BwdSmem<__nv_bfloat16, 64, 128>::bytes;
+  return p.E <= 64 ? BwdSmem<__nv_bfloat16, 128, 64>::bytes : BwdSmem<__nv_bfloat16, 128, 128>::bytes;
 }
 
 cudaError_t mma_bwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,

@@ -1,6 +1,11 @@
-// Tensor-core (mma.sync m16n8k16, bf16/fp16, fp32 accumulate) kernels for D in {64, 128},
-// E a multiple of 64 up to 128: the forward main loop and the per-segment local states (phase 1 of
-// both directions). See fast_path.h and generic_kernels.cuh for the phase structure.
+// Tensor-core (mma.sync m16n8k16, bf16/fp16, fp32 accumulate) kernels for D and E multiples of 8 up to
+// 128: the forward main loop and the per-segment local states (phase 1 of both directions). See
+// fast_path.h and generic_kernels.cuh for the phase structure.
+//
+// Head dims are padded, not copied: a kernel is compiled for D in {64, 128} (and, where it holds all of
+// E, E in {64, 128}) and takes the true a.D, a.E at run time. Loads zero-fill the columns past them, so
+// the padded rows of k^T v and of the state stay zero and every product is the unpadded one; stores and
+// state writes skip them.
 //
 // Forward main kernel, one block of 4 warps per (b, h, segment, 64-column tile of E), chunks of 64:
 //   per chunk (double-buffered cp.async loads of q, k, v):
@@ -35,14 +40,16 @@ __device__ __forceinline__ const T* row_ptr(const Tv<const T>& v, int b, int h, 
   return v.p + b * v.sb + h * v.sh + n * v.sn;
 }
 
-// cp.async rows [c0, c0+len) x cols [x0, x0+W) of (b, h) into smem [64][LD]; rows >= len zero-filled.
+// cp.async rows [c0, c0+len) x cols [x0, x0+W) of (b, h) into smem [64][LD]; rows >= len and columns
+// >= lim (the true head dim; a multiple of 8) zero-filled.
 template <typename T, int W, int LD>
-__device__ __forceinline__ void load_rows(T* sm, const Tv<const T>& v, int b, int h, int64_t c0, int len, int x0) {
+__device__ __forceinline__ void load_rows(T* sm, const Tv<const T>& v, int b, int h, int64_t c0, int len, int x0,
+                                          int lim) {
   constexpr int VPR = W / 8;
   for (int i = threadIdx.x; i < kC * VPR; i += blockDim.x) {
     const int r = i / VPR, cv = i - r * VPR;
-    const bool ok = r < len;
-    const T* src = row_ptr(v, b, h, c0 + (ok ? r : 0)) + x0 + cv * 8;
+    const bool ok = r < len && x0 + cv * 8 < lim;
+    const T* src = row_ptr(v, b, h, c0 + (ok ? r : 0)) + (ok ? x0 + cv * 8 : 0);
     cp_async16(sm + r * LD + cv * 8, src, ok);
   }
 }
@@ -65,7 +72,7 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_main_kernel(FwdArgs a, Tv<con
   T* Sb = stage0 + 2 * SM::STAGE;
   float* Gp = reinterpret_cast<float*>(Sb + D * LDV);
 
-  const int ntile = a.E / kEt;
+  const int ntile = (a.E + kEt - 1) / kEt;
   const int et = blockIdx.x % ntile;
   const int rest = blockIdx.x / ntile;
   const int seg = rest % a.nseg, bh = rest / a.nseg;
@@ -83,9 +90,9 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_main_kernel(FwdArgs a, Tv<con
   {
     const int len = (int)min((int64_t)kC, n1 - n0);
     T* st = stage0;
-    load_rows<T, D, LDQ>(st, q, b, h, n0, len, 0);
-    load_rows<T, D, LDQ>(st + kC * LDQ, k, b, kh, n0, len, 0);
-    load_rows<T, kEt, LDV>(st + 2 * kC * LDQ, v, b, kh, n0, len, e0);
+    load_rows<T, D, LDQ>(st, q, b, h, n0, len, 0, a.D);
+    load_rows<T, D, LDQ>(st + kC * LDQ, k, b, kh, n0, len, 0, a.D);
+    load_rows<T, kEt, LDV>(st + 2 * kC * LDQ, v, b, kh, n0, len, e0, a.E);
     cp_async_commit();
   }
 
@@ -101,7 +108,7 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_main_kernel(FwdArgs a, Tv<con
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
           const int d = warp * (D / 4) + mt * 16 + g + (r >> 1) * 8, e = nt * 8 + 2 * tc + (r & 1);
-          S[mt][nt][r] = S0 ? S0[(size_t)d * a.E + e0 + e] : 0.f;
+          S[mt][nt][r] = S0 && d < a.D && e0 + e < a.E ? S0[(size_t)d * a.E + e0 + e] : 0.f;
         }
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -131,9 +138,9 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_main_kernel(FwdArgs a, Tv<con
       const int64_t c1 = c0 + kC;
       const int len1 = (int)min((int64_t)kC, n1 - c1);
       T* sn = stage0 + ((ci + 1) & 1) * SM::STAGE;
-      load_rows<T, D, LDQ>(sn, q, b, h, c1, len1, 0);
-      load_rows<T, D, LDQ>(sn + kC * LDQ, k, b, kh, c1, len1, 0);
-      load_rows<T, kEt, LDV>(sn + 2 * kC * LDQ, v, b, kh, c1, len1, e0);
+      load_rows<T, D, LDQ>(sn, q, b, h, c1, len1, 0, a.D);
+      load_rows<T, D, LDQ>(sn + kC * LDQ, k, b, kh, c1, len1, 0, a.D);
+      load_rows<T, kEt, LDV>(sn + 2 * kC * LDQ, v, b, kh, c1, len1, e0, a.E);
       cp_async_commit();
     }
 
@@ -218,7 +225,7 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_main_kernel(FwdArgs a, Tv<con
     for (int i = 0; i < 4; ++i) {
       const int idx = lane + 32 * i, rr = idx >> 3, cv = idx & 7;
       const int t = r0 + rr;
-      if (t < len) {
+      if (t < len && e0 + cv * 8 < a.E) {
         T* dst = o.p + b * o.sb + h * o.sh + (c0 + t) * o.sn + e0 + cv * 8;
         *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(Qs + t * LDQ + cv * 8);
       }
@@ -278,7 +285,7 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_main_kernel(FwdArgs a, Tv<con
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
           const int d = warp * (D / 4) + mt * 16 + g + (r >> 1) * 8, e = nt * 8 + 2 * tc + (r & 1);
-          a.state_out[(size_t)bh * a.D * a.E + (size_t)d * a.E + e0 + e] = S[mt][nt][r];
+          if (d < a.D && e0 + e < a.E) a.state_out[(size_t)bh * a.D * a.E + (size_t)d * a.E + e0 + e] = S[mt][nt][r];
         }
   }
 }
@@ -311,8 +318,8 @@ __global__ void __launch_bounds__(kLocalThreads<D>, D == 128 ? 2 : 1) state_loca
   {
     const int64_t c0 = chunk_start(0);
     const int len = (int)min((int64_t)kC, n1 - c0);
-    load_rows<T, D, LDX>(stage0, x, b, hx, c0, len, 0);
-    load_rows<T, E, LDY>(stage0 + kC * LDX, y, b, hx, c0, len, 0);
+    load_rows<T, D, LDX>(stage0, x, b, hx, c0, len, 0, a.D);
+    load_rows<T, E, LDY>(stage0 + kC * LDX, y, b, hx, c0, len, 0, a.E);
     cp_async_commit();
   }
   float S[2 * NP][4];
@@ -332,8 +339,8 @@ __global__ void __launch_bounds__(kLocalThreads<D>, D == 128 ? 2 : 1) state_loca
       const int64_t c1 = chunk_start(ci + 1);
       const int len1 = (int)min((int64_t)kC, n1 - c1);
       T* sn = stage0 + ((ci + 1) & 1) * STAGE;
-      load_rows<T, D, LDX>(sn, x, b, hx, c1, len1, 0);
-      load_rows<T, E, LDY>(sn + kC * LDX, y, b, hx, c1, len1, 0);
+      load_rows<T, D, LDX>(sn, x, b, hx, c1, len1, 0, a.D);
+      load_rows<T, E, LDY>(sn + kC * LDX, y, b, hx, c1, len1, 0, a.E);
       cp_async_commit();
     }
     const float gl = Gp[len];
@@ -381,7 +388,7 @@ __global__ void __launch_bounds__(kLocalThreads<D>, D == 128 ? 2 : 1) state_loca
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int d = warp * 16 + g + (r >> 1) * 8, e = nt * 8 + 2 * tc + (r & 1);
-      out[(size_t)d * a.E + e] = S[nt][r];
+      if (d < a.D && e < a.E) out[(size_t)d * a.E + e] = S[nt][r];
     }
 }
 
@@ -391,7 +398,7 @@ cudaError_t launch_fwd_main(const AttnParams& p, const FwdArgs& a, cudaStream_t 
   const size_t smem = FwdSmem<T, D>::bytes;
   cudaError_t e = opt_in_smem<fwd_main_kernel<T, D>>(smem);
   if (e != cudaSuccess) return e;
-  const unsigned blocks = (unsigned)(p.B * p.H * a.nseg * (p.E / kEt));
+  const unsigned blocks = (unsigned)(p.B * p.H * a.nseg * ((p.E + kEt - 1) / kEt));
   kern<<<blocks, kWarps * 32, smem, st>>>(a, make_tv<const T>(p.q), make_tv<const T>(p.k), make_tv<const T>(p.v),
                                           make_tv<T>(p.o));
   return cudaGetLastError();
@@ -412,8 +419,8 @@ cudaError_t launch_local(const AttnParams& p, const FwdArgs& a, const TensorView
 template <typename T, bool REV>
 cudaError_t launch_local_dims(const AttnParams& p, const FwdArgs& a, const TensorView4& x, const TensorView4& y,
                               cudaStream_t st) {
-  if (p.D == 64) return p.E == 64 ? launch_local<T, 64, 64, REV>(p, a, x, y, st) : launch_local<T, 64, 128, REV>(p, a, x, y, st);
-  return p.E == 64 ? launch_local<T, 128, 64, REV>(p, a, x, y, st) : launch_local<T, 128, 128, REV>(p, a, x, y, st);
+  if (p.D <= 64) return p.E <= 64 ? launch_local<T, 64, 64, REV>(p, a, x, y, st) : launch_local<T, 64, 128, REV>(p, a, x, y, st);
+  return p.E <= 64 ? launch_local<T, 128, 64, REV>(p, a, x, y, st) : launch_local<T, 128, 128, REV>(p, a, x, y, st);
 }
 
 }  // namespace
@@ -432,9 +439,13 @@ bool view_ok(const TensorView4& t, const AttnParams& p, int64_t heads) {
 
 bool shape_supported(const AttnParams& p) {
   if (p.dtype != ScalarType::BFloat16 && p.dtype != ScalarType::Float16) return false;
-  if (p.D != 64 && p.D != 128) return false;
-  if (p.E != 64 && p.E != 128) return false;
+  if (p.D < 8 || p.D > 128 || p.D % 8 != 0) return false;
+  if (p.E < 8 || p.E > 128 || p.E % 8 != 0) return false;
   return p.N <= ((int64_t)1 << 30);
+}
+
+bool wgmma_shape(const AttnParams& p) {
+  return shape_supported(p) && (p.D == 64 || p.D == 128) && (p.E == 64 || p.E == 128);
 }
 
 bool fwd_supported(const AttnParams& p) {
@@ -448,10 +459,10 @@ bool local_supported(const AttnParams& p, bool reverse) {
 }
 
 size_t mma_fwd_smem_bytes(const AttnParams& p) {
-  return p.D == 64 ? FwdSmem<__nv_bfloat16, 64>::bytes : FwdSmem<__nv_bfloat16, 128>::bytes;
+  return p.D <= 64 ? FwdSmem<__nv_bfloat16, 64>::bytes : FwdSmem<__nv_bfloat16, 128>::bytes;
 }
 
-int fwd_tiles(const AttnParams& p) { return (int)(p.E / kEt); }
+int fwd_tiles(const AttnParams& p) { return (int)((p.E + kEt - 1) / kEt); }
 
 namespace {
 template <typename T, int D>
@@ -463,14 +474,14 @@ int fwd_resident_blocks() {
 
 int mma_fwd_blocks_per_sm(const AttnParams& p) {
   const bool bf = p.dtype == ScalarType::BFloat16;
-  if (p.D == 64) return bf ? fwd_resident_blocks<__nv_bfloat16, 64>() : fwd_resident_blocks<__half, 64>();
+  if (p.D <= 64) return bf ? fwd_resident_blocks<__nv_bfloat16, 64>() : fwd_resident_blocks<__half, 64>();
   return bf ? fwd_resident_blocks<__nv_bfloat16, 128>() : fwd_resident_blocks<__half, 128>();
 }
 
 cudaError_t mma_fwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_states, cudaStream_t st) {
   FwdArgs a = make_fwd_args(p, nseg, seglen, seg_states);
   const bool bf = p.dtype == ScalarType::BFloat16;
-  if (p.D == 64) return bf ? launch_fwd_main<__nv_bfloat16, 64>(p, a, st) : launch_fwd_main<__half, 64>(p, a, st);
+  if (p.D <= 64) return bf ? launch_fwd_main<__nv_bfloat16, 64>(p, a, st) : launch_fwd_main<__half, 64>(p, a, st);
   return bf ? launch_fwd_main<__nv_bfloat16, 128>(p, a, st) : launch_fwd_main<__half, 128>(p, a, st);
 }
 

@@ -1,4 +1,4 @@
-// The tensor-core kernels for bf16/fp16 with D, E in {64, 128} (mma.sync and wgmma families): declarations
+// The tensor-core kernels for bf16/fp16 (mma.sync and wgmma families): declarations
 // used by the plan (plan.cu) and the drivers (lasp_cuda.cu).
 #pragma once
 #include <cuda_runtime_api.h>
@@ -9,9 +9,13 @@ namespace lasp {
 namespace cuda {
 namespace fast {
 
-// Dtype and head dims the tensor-core kernels handle (bf16/fp16, D and E in {64, 128}); the *_supported
-// functions below also check strides and alignment (last dim contiguous, rows 16-byte aligned).
+// Dtype and head dims the tensor-core kernels handle: bf16/fp16, D and E multiples of 8 up to 128 (the
+// mma.sync family pads them to {64, 128} at run time); the *_supported functions below also check strides
+// and alignment (last dim contiguous, rows 16-byte aligned).
 bool shape_supported(const AttnParams& p);
+// The wgmma family's subset of shape_supported: D and E in {64, 128} exactly (its TMA boxes are the head
+// dims); other dims take the mma.sync family on sm_90 too.
+bool wgmma_shape(const AttnParams& p);
 // Whether the tensor-core kernels read or write view t (sizes B, heads, N) directly: its last dim
 // contiguous, rows 16-byte aligned, no zero stride along a dim of more than one element.
 bool view_ok(const TensorView4& t, const AttnParams& p, int64_t heads);

@@ -18,10 +18,11 @@ namespace {
 fast::KernelSwitch g_fwd_kernel("LASP_FWD_KERNEL", (int)FwdKernel::Wgmma);
 fast::KernelSwitch g_bwd_kernel("LASP_BWD_KERNEL", (int)BwdKernel::Wgmma);
 
-// The tensor-core family of the forward (backward) passes on this device under the current setting.
-Family tc_family(bool backward) {
+// The tensor-core family of the forward (backward) passes of p on this device under the current setting:
+// wgmma where it is asked for, available and takes the head dims, else mma.sync.
+Family tc_family(const AttnParams& p, bool backward) {
   const int want = backward ? g_bwd_kernel.get() : g_fwd_kernel.get();
-  return want == 1 && wgmma_available() ? Family::Wgmma : Family::Mma;
+  return want == 1 && wgmma_available() && fast::wgmma_shape(p) ? Family::Wgmma : Family::Mma;
 }
 
 struct DevInfo {
@@ -81,7 +82,7 @@ void split_segments(const AttnParams& p, int blocks_per_segment, int sms, int& n
 Family main_family(const AttnParams& p, int mode, bool backward, const DevInfo& di) {
   const bool views = mode < 0 ? (backward ? fast::bwd_supported(p) : fast::fwd_supported(p)) : mode == 1;
   if (!views) return Family::Generic;
-  const Family tc = tc_family(backward);
+  const Family tc = tc_family(p, backward);
   const bool wg = tc == Family::Wgmma;
   const size_t smem = backward ? (wg ? fast::wgmma_bwd_smem_bytes(p) : fast::mma_bwd_smem_bytes(p))
                                : (wg ? fast::wgmma_fwd_smem_bytes(p) : fast::mma_fwd_smem_bytes(p));
@@ -91,7 +92,7 @@ Family main_family(const AttnParams& p, int mode, bool backward, const DevInfo& 
 // Phase 1 of one direction (reverse: M from q, dout; else L from k, v): a tensor-core family where its
 // views allow, whatever the main pass takes; the generic kernel's tile in pl.
 bool plan_local(const AttnParams& p, bool reverse, const DevInfo& di, Plan& pl, Family& family) {
-  family = fast::local_supported(p, reverse) ? tc_family(reverse) : Family::Generic;
+  family = fast::local_supported(p, reverse) ? tc_family(p, reverse) : Family::Generic;
   const int D = (int)p.D;
   auto sm_loc = [&](int C, int t) { return C * (D + 1) + C * t + D * t + C + 1; };
   return pick_tile(sm_loc, (int)p.E, acc_size(p.dtype), di.smem_optin, pl.C_loc, pl.t_loc, pl.sm_loc);

@@ -4,8 +4,9 @@
 //
 // Families (kernels/DESIGN.md):
 //   Wgmma   bf16/fp16, D and E in {64, 128}, sm_90a builds on compute capability 9.0 (TMA + warpgroup MMAs);
-//   Mma     the same problems on sm_80 and later (mma.sync), or on sm_90 when LASP_FWD_KERNEL /
-//           LASP_BWD_KERNEL asks for it;
+//   Mma     bf16/fp16, D and E multiples of 8 up to 128 (padded to {64, 128} inside the kernels) on sm_80
+//           and later (mma.sync): on sm_90 the dims wgmma does not take, or every dim when
+//           LASP_FWD_KERNEL / LASP_BWD_KERNEL asks for it;
 //   Generic every dtype (fp32 and fp64 always) and head dims 1..256 that no tensor-core family takes, and
 //           strided views those cannot read (SIMT, shared-memory tiles).
 #pragma once

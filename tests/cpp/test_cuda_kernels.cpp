@@ -560,6 +560,25 @@ std::vector<Case> head_dim_sweep_cases(ScalarType dt) {
     c.D = c.E = de;
     out.push_back(c);
   }
+  // Multiples of 8 up to 128 in 16-bit dtypes take the mma.sync kernels padded to {64, 128}: each side of
+  // the 64 boundary for D and E, both sizes, GQA.
+  const int padded[][2] = {{8, 8},   {24, 40},  {32, 32},  {32, 128}, {40, 24},  {56, 120}, {72, 16},
+                           {96, 64}, {96, 96},  {104, 72}, {120, 128}, {128, 96}, {64, 32},  {128, 8}};
+  int j = 0;
+  for (const auto& de : padded) {
+    Case c = out.front();
+    c.D = de[0];
+    c.E = de[1];
+    const bool wide = j % 2 == 1;
+    c.B = wide ? 2 : 1;
+    c.H = wide ? 20 : 2;
+    c.Hkv = wide ? 5 : 1;
+    c.N = wide ? 230 : 200;
+    c.layout = j % 3;
+    c.decay = j % 4 != 2;
+    out.push_back(c);
+    ++j;
+  }
   return out;
 }
 
@@ -598,10 +617,11 @@ AttnParams plan_only_params(ScalarType dt, int D, int E) {
   return p;
 }
 
-// Every case of cases_for(dt) the tensor-core kernels take (D in {64, 128}), whole-sequence and split.
+// Every case of cases_for(dt) the tensor-core kernels take (D and E multiples of 8 up to 128),
+// whole-sequence and split.
 void run_tensor_core_cases(ScalarType dt) {
   for (const Case& c : cases_for(dt)) {
-    if (c.D != 64 && c.D != 128) continue;  // other head dims take the generic kernels either way
+    if (c.D % 8 != 0 || c.D > 128 || c.E % 8 != 0 || c.E > 128) continue;  // the generic kernels either way
     run_case(c, /*split=*/false);
     if (::testing::Test::HasFatalFailure()) return;
     run_case(c, /*split=*/true);
@@ -616,7 +636,15 @@ TEST(CudaKernelsApi, ForwardKernelChoice) {
   for (ScalarType dt : {ScalarType::BFloat16, ScalarType::Float16}) {
     EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(plan_only_params(dt, 128, 128)), fast);
     EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(plan_only_params(dt, 64, 128)), fast);
-    EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(plan_only_params(dt, 32, 32)), "generic");
+    // other multiples of 8 up to 128: mma.sync, padded (wgmma takes 64 and 128 only)
+    for (int D : {8, 32, 96, 120})
+      for (int E : {16, 40, 64, 128}) EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(plan_only_params(dt, D, E)), "mma");
+    EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(plan_only_params(dt, 128, 96)), "mma");
+    // no tensor-core kernel: not a multiple of 8, or above 128
+    EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(plan_only_params(dt, 33, 64)), "generic");
+    EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(plan_only_params(dt, 64, 100)), "generic");
+    EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(plan_only_params(dt, 256, 64)), "generic");
+    EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(plan_only_params(dt, 64, 192)), "generic");
   }
   EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(plan_only_params(ScalarType::Float32, 128, 128)), "generic");
   lasp::cuda::set_fwd_kernel(lasp::cuda::FwdKernel::Mma);
@@ -636,7 +664,12 @@ TEST(CudaKernelsApi, BackwardKernelChoice) {
   for (ScalarType dt : {ScalarType::BFloat16, ScalarType::Float16})
     for (int D : {64, 128})
       for (int E : {64, 128}) EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(plan_only_params(dt, D, E)), fast);
-  EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(plan_only_params(ScalarType::BFloat16, 32, 32)), "generic");
+  for (ScalarType dt : {ScalarType::BFloat16, ScalarType::Float16}) {
+    for (int D : {8, 32, 96, 120})
+      for (int E : {16, 40, 64, 128}) EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(plan_only_params(dt, D, E)), "mma");
+    EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(plan_only_params(dt, 64, 100)), "generic");
+    EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(plan_only_params(dt, 256, 256)), "generic");
+  }
   EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(plan_only_params(ScalarType::Float32, 128, 128)), "generic");
   lasp::cuda::set_bwd_kernel(lasp::cuda::BwdKernel::Mma);
   EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(plan_only_params(ScalarType::BFloat16, 128, 128)), "mma");

@@ -267,6 +267,21 @@ def test_head_dim_sweep_many_heads(lasp, device, D, E, dtype, seed):
     _sweep_case(lasp, D, E, seed, device=device, dtype=dtype, B=2, H=48, Hkv=16, N=260, layout="bhnd")
 
 
+# Multiples of 8 up to 128 in bf16 / fp16: the mma.sync kernels padded to {64, 128} inside (zero-filled
+# loads, masked stores). D = 8 i with E = 8 (5 i mod 17) pairs each multiple once as D and once as E, on
+# both sides of 64; several segments per head and GQA.
+TC_PADDED_DIMS = [(8 * i, 8 * ((5 * i) % 17)) for i in range(1, 17)]
+
+
+@pytest.mark.parametrize("D,E", TC_PADDED_DIMS, ids=lambda x: str(x))
+@pytest.mark.parametrize("device", [d for d in DEVICES if d.values[0] == "cuda"])
+def test_head_dim_padded_tensor_cores(lasp, device, D, E, seed):
+    i = D // 8
+    dtype = (torch.bfloat16, torch.float16)[i % 2]
+    layout = ("bhnd", "bnhd")[(i // 2) % 2]
+    _sweep_case(lasp, D, E, seed, device=device, dtype=dtype, B=2, H=12, Hkv=4, N=333, layout=layout)
+
+
 # ----------------------------------------------------------------------------------------------
 # Layouts and strides
 
