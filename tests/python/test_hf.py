@@ -13,8 +13,10 @@ init, then cast) are recomputed in float64 first, so both sides are float64 thro
 """
 from __future__ import annotations
 
+import copy
 import datetime
 import importlib
+import io
 import os
 
 import pytest
@@ -264,6 +266,54 @@ def test_unpatch_restores_original(count_lasp_calls):
         hf.unpatch_minimax(model)
 
 
+def test_patched_model_copies_and_pickles(count_lasp_calls):
+    """A patched model survives copy.deepcopy (EMA / reference copies) and torch.save / torch.load: the copy
+    is patched, computes what the original computes, through lasp, and unpatches on its own."""
+    hf = _hf()
+    model = make_model(tiny_config(), F32, seed=43)
+    ids = ids_for(2, 21, seed=3)
+    hf.patch_minimax(model)
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    copies = {"deepcopy": copy.deepcopy(model), "torch.save/load": torch.load(buf, weights_only=False)}
+    for how, other in copies.items():
+        assert hf.is_patched(other), how
+        n = len(count_lasp_calls)
+        with torch.no_grad():
+            got = other(ids, use_cache=False).logits
+        assert len(count_lasp_calls) > n, f"{how}: the copy did not run lasp"
+        assert torch.equal(got, want), f"{how}: the copy computes something else"
+        # the copy's layers are its own (a deepcopy must not drive the original's modules)
+        mods = {id(m) for m in model.modules()}
+        assert not any(id(m) in mods for m in other.modules()), how
+        hf.unpatch_minimax(other)
+        assert not hf.is_patched(other) and hf.is_patched(model), how
+        with torch.no_grad():  # transformers' own code again: equal up to the rounding of another algorithm
+            assert_close(f"{how}, unpatched: logits", other(ids, use_cache=False).logits, want, F32)
+    with torch.no_grad():
+        assert torch.equal(model(ids, use_cache=False).logits, want), "copying changed the original"
+
+
+def test_patch_entry_point_dispatches(count_lasp_calls):
+    hf = _hf()
+    model = make_model(tiny_config(), F32, seed=44)
+    ids = ids_for(1, 23, seed=4)
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits
+        assert hf.patch(model) is model and hf.is_patched(model)
+        got = model(ids, use_cache=False).logits
+    assert count_lasp_calls, "patch() did not swap in lasp"
+    assert_close("logits through patch()", got, want, F32)
+    assert hf.unpatch(model) is model and not hf.is_patched(model)
+    with pytest.raises(ValueError, match="minimax"):
+        hf.patch(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        hf.patch("model")
+
+
 def test_refuses_other_versions(monkeypatch):
     hf = _hf()
     model = make_model(tiny_config(), F32, seed=1)
@@ -307,7 +357,9 @@ def test_refuses_models_without_lightning_attention():
 
 # Each case: one model and one batch; the sequence is split into `pieces` (one per group rank, in order).
 # One spawn of 3 processes runs every case: the 2-way cases on the subgroup {0, 1} (so sp_group need not
-# be WORLD), the 3-way ones on WORLD. (One spawn: each process pays ~4 s of imports on 2 cores.)
+# be WORLD), the 3-way ones on WORLD, and the first 2-way case again on the subgroup {1, 2}, whose group
+# ranks are not the global ones (the backward of the K/V gather must address the group's members).
+# (One spawn: each process pays ~4 s of imports on 2 cores.)
 SP_WORLD = 3
 SP_CASES = {
     2: [
@@ -337,8 +389,19 @@ def _sp_worker(rank, world, port, out_dir):
     )
     torch.set_num_threads(1)
     hf = _hf()
-    groups = {2: dist.new_group([0, 1]), 3: dist.group.WORLD}  # new_group: called by every rank
+    sub12 = dist.new_group([1, 2])  # new_group: called by every rank
+    groups = {2: dist.new_group([0, 1]), 3: dist.group.WORLD}
     results = {}
+    if rank in (1, 2):  # the subgroup {1, 2}: group rank = global rank - 1
+        case, cfg, model, ids, w = _sp_setup(2, 0)
+        gr = rank - 1
+        P, n = sum(case["pieces"][:gr]), case["pieces"][gr]
+        hf.patch_minimax(model, sp_group=sub12)
+        try:
+            results[("sub12", 0)] = dict(zip(("logits", "grads"), run(model, ids[:, P : P + n], w[:, P : P + n])))
+        except Exception as e:  # recorded, so that the test reports it (and the other rank is not left waiting)
+            results[("sub12", 0)] = dict(error=f"{type(e).__name__}: {e}")
+        hf.unpatch_minimax(model)
     for size, group in groups.items():
         if rank >= size:
             continue
@@ -350,6 +413,30 @@ def _sp_worker(rank, world, port, out_dir):
             logits, grads = run(model, ids[:, P : P + n], w[:, P : P + n])
             results[(size, ci)] = dict(logits=logits, grads=grads)
             if ci == 0:
+                # a deepcopy (EMA / reference model) runs patched on the same group and computes the same
+                twin = copy.deepcopy(model)
+                with torch.no_grad():
+                    results[(size, "copy")] = twin(ids[:, P : P + n]).logits
+                # pickled: the group does not survive, and the loaded model says so instead of running alone
+                buf = io.BytesIO()
+                torch.save(model, buf)
+                buf.seek(0)
+                loaded = torch.load(buf, weights_only=False)
+                try:
+                    loaded(ids[:, P : P + n])
+                    results[(size, "pickled")] = None
+                except RuntimeError as e:
+                    results[(size, "pickled")] = str(e)
+                # padding on group rank 0 only: every rank must raise (before the fix the others waited in
+                # the next collective until the process-group timeout)
+                mask = torch.ones(case["B"], n, dtype=torch.long)
+                if rank == 0:
+                    mask[:, 0] = 0
+                try:
+                    model(ids[:, P : P + n], attention_mask=mask)
+                    results[(size, "pad_one")] = None
+                except (RuntimeError, ValueError) as e:
+                    results[(size, "pad_one")] = str(e)
                 # what the integration refuses under a group (raised before any collective, on every rank)
                 errs = {}
                 pad = torch.ones(case["B"], n, dtype=torch.long)
@@ -404,6 +491,26 @@ def test_sequence_parallel_matches_single_process(size):
         errs = res[(size, "errors")]
         assert errs["use_cache"] is not None and "sequence-parallel" in errs["use_cache"], f"rank {r}: {errs}"
         assert errs["padding"] is not None and "padding" in errs["padding"], f"rank {r}: {errs}"
+        assert torch.equal(res[(size, "copy")], res[(size, 0)]["logits"]), f"rank {r}: the deepcopy computes otherwise"
+        assert res[(size, "pickled")] is not None and "pickled" in res[(size, "pickled")], f"rank {r}"
+        pad = res[(size, "pad_one")]
+        assert pad is not None and "padding" in pad and "group ranks [0]" in pad, f"rank {r}: {pad}"
+
+
+def test_sequence_parallel_subgroup_without_rank0():
+    """sp_group = global ranks {1, 2}: forward and backward (the K/V gather's backward) match the
+    single-process model."""
+    ranks = _spawn()[1:3]
+    case, cfg, model, ids, w = _sp_setup(2, 0)
+    for r, res in zip((1, 2), ranks):
+        assert "error" not in res[("sub12", 0)], f"global rank {r}: {res[('sub12', 0)]['error']}"
+    want_logits, want_grads = run(model, ids, w, use_cache=False)
+    got_logits = torch.cat([r[("sub12", 0)]["logits"] for r in ranks], dim=1)
+    assert_close("logits (ranks concatenated)", got_logits, want_logits, case["dtype"])
+    res = [r[("sub12", 0)]["grads"] for r in ranks]
+    names = set().union(*res)
+    got_grads = {n: sum(g[n] for g in res if n in g) for n in names}
+    assert_same_grads(got_grads, want_grads, case["dtype"], what="summed over ranks: ")
 
 
 # ----------------------------------------------------------------------------------------------

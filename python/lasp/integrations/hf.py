@@ -1,4 +1,7 @@
-"""HuggingFace transformers MiniMax on lasp: ``patch_minimax(model, sp_group=None)`` / ``unpatch_minimax(model)``.
+"""HuggingFace transformers models on lasp: ``patch(model, sp_group=None)`` / ``unpatch(model)``.
+
+``patch`` dispatches on the model: today the MiniMax family (``patch_minimax``, also callable by name;
+``SUPPORTED_MODELS`` lists what ``patch`` takes). The rest of this docstring is MiniMax's.
 
 ``patch_minimax`` swaps the linear-attention computation of every ``MiniMaxLightningAttention`` in a
 transformers MiniMax model (``MiniMaxForCausalLM``, ``MiniMaxModel``, ... or any module holding them) for
@@ -25,9 +28,16 @@ all-gather, and attends its local queries to the gathered keys with a causal mas
 offset (and the model's sliding window, if set). Position ids default to the *global* positions
 (offset + arange): a pre-forward hook on ``MiniMaxModel`` fills them in when the caller passes none.
 Under a group there is no cache (``use_cache`` defaults to False; asking for a cache raises), and a
-padding ``attention_mask`` (one with zeros) is refused where the model has full-attention layers. The
-loss of a sequence is the sum of the ranks' losses, and gradients of replicated parameters are the sum
-over the group (all-reduce them, see ``examples/hf_minimax.py``).
+padding ``attention_mask`` (one with zeros) is refused where the model has full-attention layers. These
+refusals are agreed over the group before the first collective of a forward: when any rank's call is
+refused, every rank raises the same error (naming the ranks), so none waits in a collective. The loss of
+a sequence is the sum of the ranks' losses, and gradients of replicated parameters are the sum over the
+group (all-reduce them, see ``examples/hf_minimax.py``).
+
+A patched model can be ``copy.deepcopy``'d (an EMA or reference copy: the copy is patched too and shares
+the sp group) and pickled with ``torch.save``. A process group does not survive pickling: a model saved
+while patched with a group loads patched without one, and its forward raises until it is unpatched and
+patched again with a group of the new process (a state dict is the usual way to save weights).
 
 The code reproduced here was read from transformers ``SUPPORTED_TRANSFORMERS`` ("5.17.0"). Another
 version, or a 5.17.0 whose MiniMax source differs (sha256 fingerprints of the reproduced functions),
@@ -36,6 +46,7 @@ ones (the classes, attributes and forward signatures relied on).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 from typing import Optional
@@ -44,8 +55,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import lasp_attention
+from ..distributed import gather_sequence
 
-__all__ = ["patch_minimax", "unpatch_minimax", "is_patched", "SUPPORTED_TRANSFORMERS"]
+__all__ = ["patch", "unpatch", "patch_minimax", "unpatch_minimax", "is_patched", "SUPPORTED_TRANSFORMERS",
+           "SUPPORTED_MODELS"]
 
 SUPPORTED_TRANSFORMERS = "5.17.0"
 
@@ -143,6 +156,40 @@ def _minimax_module(allow_untested_version: bool):
     return mm
 
 
+def _mm():
+    """transformers' modeling_minimax (checked by patch_minimax; looked up per call rather than kept on the
+    layers, so that a patched model can be copied and pickled)."""
+    from transformers.models.minimax import modeling_minimax as mm
+
+    return mm
+
+
+class _SpGroup:
+    """The sp group of a patched model. A deepcopy shares it (a copy runs in the same processes); pickling
+    keeps only whether there was one: a process group cannot be saved, and a model loaded from a pickle
+    refuses to run as if it had none."""
+
+    def __init__(self, group, lost: bool = False):
+        self._group = group
+        self._lost = lost
+
+    @property
+    def group(self):
+        if self._lost:
+            raise RuntimeError(
+                _err("this model was pickled while patched with an sp_group, and a process group does not survive "
+                     "pickling; call unpatch_minimax(model), then patch_minimax(model, sp_group=...) with a group "
+                     "of this process")
+            )
+        return self._group
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return (_SpGroup, (None, self._lost or self._group is not None))
+
+
 def _check_lightning(m) -> None:
     for a in _LIGHTNING_ATTRS:
         if not hasattr(m, a):
@@ -196,18 +243,41 @@ def _piece_lengths(group, n: int, device) -> list:
     return [int(x.item()) for x in out]
 
 
-def _gather_seq(x: torch.Tensor, lengths: list, group, dim: int) -> torch.Tensor:
-    """All-gather x along `dim` (pieces may differ in length) with autograd: the gradient of each
-    rank's piece is the sum over ranks of the gradients of its gathered copies."""
-    import torch.distributed.nn.functional as dist_nn
+# What a rank's call to the model asks for under a group, exchanged before the model's first collective
+# so that a refusal raises on every rank (not on one while the others wait in a collective).
+_CALL_OK, _CALL_CACHE, _CALL_MASK_KIND, _CALL_PADDING = 0, 1, 2, 3
 
-    longest = max(lengths)
-    n = x.shape[dim]
-    if n < longest:  # all_gather needs equal shapes: pad, then cut each piece back to its length
-        pad = [0, 0] * (x.dim() - 1 - dim) + [0, longest - n]
-        x = F.pad(x, pad)
-    parts = dist_nn.all_gather(x.contiguous(), group=group)
-    return torch.cat([p.narrow(dim, 0, L) for p, L in zip(parts, lengths)], dim=dim)
+
+def _agree_call(group, n: int, status: int, device) -> list:
+    """One small all-gather of (local length, status) over the group; raises the same error on every rank
+    when any rank's status is not _CALL_OK. Returns the local lengths in group-rank order."""
+    import torch.distributed as dist
+
+    _, world = _group_rank_size(group)
+    mine = torch.tensor([n, status], dtype=torch.int64, device=device)
+    allv = torch.empty(2 * world, dtype=torch.int64, device=device)
+    dist.all_gather_into_tensor(allv, mine, group=group)
+    rows = allv.view(world, 2).tolist()
+    bad = {code: [r for r, (_, st) in enumerate(rows) if st == code] for code in
+           (_CALL_CACHE, _CALL_MASK_KIND, _CALL_PADDING)}
+    if bad[_CALL_CACHE]:
+        raise RuntimeError(
+            _err(f"use_cache / past_key_values (generation) is not supported under a sequence-parallel group "
+                 f"(asked on group ranks {bad[_CALL_CACHE]}); generate with a model patched with sp_group=None")
+        )
+    if bad[_CALL_MASK_KIND]:
+        raise ValueError(
+            _err(f"under a sequence-parallel group attention_mask must be None or a 2-D (batch, local tokens) "
+                 f"padding mask of ones; custom/4-D masks are not supported (given on group ranks "
+                 f"{bad[_CALL_MASK_KIND]})")
+        )
+    if bad[_CALL_PADDING]:
+        raise ValueError(
+            _err(f"padding attention masks (with zeros) are not supported under a sequence-parallel group when "
+                 f"the model has full-attention layers (zeros on group ranks {bad[_CALL_PADDING]}); pack or pad "
+                 f"sequences without masking")
+        )
+    return [int(r[0]) for r in rows]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,8 +286,8 @@ def _gather_seq(x: torch.Tensor, lengths: list, group, dim: int) -> torch.Tensor
 
 def _lightning_forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
     """MiniMaxLightningAttention.forward (transformers 5.17.0) with the block loop replaced by lasp."""
-    mm = self._lasp_mm
-    group = self._lasp_sp_group
+    mm = _mm()
+    group = self._lasp_sp.group
     batch_size, seq_len, _ = hidden_states.shape
     H, D = self.num_attention_heads, self.head_dim
 
@@ -262,8 +332,8 @@ def _sp_attention_forward(self, hidden_states, position_embeddings, attention_ma
     sliding-window) mask is rebuilt here over global positions; the model-level hook has already
     refused padding masks.
     """
-    mm = self._lasp_mm
-    group = self._lasp_sp_group
+    mm = _mm()
+    group = self._lasp_sp.group
     if past_key_values is not None:
         raise RuntimeError(
             _err("past_key_values (generation) is not supported under a sequence-parallel group; "
@@ -282,8 +352,9 @@ def _sp_attention_forward(self, hidden_states, position_embeddings, attention_ma
     rank, _ = _group_rank_size(group)
     lengths = _piece_lengths(group, n, hidden_states.device)
     offset = sum(lengths[:rank])
-    key_states = _gather_seq(key_states, lengths, group, dim=2)  # (B, Hkv, N_total, D)
-    value_states = _gather_seq(value_states, lengths, group, dim=2)
+    # (B, Hkv, N_total, D); the backward sums each piece's gradients over the ranks (a reduce-scatter)
+    key_states = gather_sequence(key_states, group, dim=2, sizes=lengths)
+    value_states = gather_sequence(value_states, group, dim=2, sizes=lengths)
     key_states = mm.repeat_kv(key_states, self.num_key_value_groups)
     value_states = mm.repeat_kv(value_states, self.num_key_value_groups)
 
@@ -304,8 +375,9 @@ def _sp_attention_forward(self, hidden_states, position_embeddings, attention_ma
 
 
 def _model_pre_hook(module, args, kwargs):
-    """MiniMaxModel pre-forward hook under a group: global position ids, no cache, no padding."""
-    group = module._lasp_sp_group
+    """MiniMaxModel pre-forward hook under a group: global position ids, no cache, no padding. What the
+    call asks for is agreed over the group first (_agree_call): a refusal raises on every rank."""
+    group = module._lasp_sp.group
     sig = inspect.signature(type(module).forward)
     bound = sig.bind_partial(module, *args, **kwargs)
     call = dict(bound.arguments)
@@ -313,33 +385,25 @@ def _model_pre_hook(module, args, kwargs):
     extra = call.pop("kwargs", {})
     call.update(extra)
 
+    ref = call.get("inputs_embeds") if call.get("inputs_embeds") is not None else call.get("input_ids")
+    if ref is None:
+        raise ValueError(_err("input_ids or inputs_embeds is required"))
+    status = _CALL_OK
+    mask = call.get("attention_mask")
     if call.get("past_key_values") is not None or call.get("use_cache"):
-        raise RuntimeError(
-            _err("use_cache / past_key_values (generation) is not supported under a sequence-parallel group; "
-                 "generate with a model patched with sp_group=None")
-        )
+        status = _CALL_CACHE
+    elif mask is not None and module._lasp_has_full_attention:
+        if isinstance(mask, dict) or mask.dim() != 2:
+            status = _CALL_MASK_KIND
+        elif not bool(torch.all(mask == 1)):
+            status = _CALL_PADDING
+    n = ref.shape[1]
+    lengths = _agree_call(group, n, status, ref.device)
     call["use_cache"] = False
 
-    mask = call.get("attention_mask")
-    if mask is not None and module._lasp_has_full_attention:
-        if isinstance(mask, dict) or mask.dim() != 2:
-            raise ValueError(
-                _err("under a sequence-parallel group attention_mask must be None or a 2-D (batch, local tokens) "
-                     "padding mask of ones; custom/4-D masks are not supported")
-            )
-        if not bool(torch.all(mask == 1)):
-            raise ValueError(
-                _err("padding attention masks (with zeros) are not supported under a sequence-parallel group when "
-                     "the model has full-attention layers; pack or pad sequences without masking")
-            )
-
     if call.get("position_ids") is None:
-        ref = call.get("inputs_embeds") if call.get("inputs_embeds") is not None else call.get("input_ids")
-        if ref is None:
-            raise ValueError(_err("input_ids or inputs_embeds is required"))
-        n = ref.shape[1]
         rank, _ = _group_rank_size(group)
-        offset = sum(_piece_lengths(group, n, ref.device)[:rank])
+        offset = sum(lengths[:rank])
         call["position_ids"] = torch.arange(offset, offset + n, device=ref.device).unsqueeze(0)
     return (), call
 
@@ -376,18 +440,20 @@ def patch_minimax(model: torch.nn.Module, sp_group=None, *, allow_untested_versi
         _check_attention(m)
 
     patched = []  # (module, original forward attribute or None)
+    holder = _SpGroup(sp_group)
     for m, fwd in [(m, _lightning_forward) for m in lightning] + [(m, _sp_attention_forward) for m in full]:
-        m._lasp_mm = mm
-        m._lasp_sp_group = sp_group
-        m.forward = fwd.__get__(m, type(m))  # instance attribute: nn.Module.__call__ calls it
+        m._lasp_sp = holder
+        # instance attribute that nn.Module.__call__ calls; a partial of a module-level function (not a bound
+        # method), so that deepcopy rebinds it to the copied layer and pickling finds it by name
+        m.forward = functools.partial(fwd, m)
         patched.append(m)
     handles = []
     for b in bases:
-        b._lasp_sp_group = sp_group
+        b._lasp_sp = holder
         b._lasp_has_full_attention = bool(full)
         handles.append(b.register_forward_pre_hook(_model_pre_hook, with_kwargs=True))
         patched.append(b)
-    setattr(model, _PATCH_ATTR, {"modules": patched, "handles": handles, "sp_group": sp_group})
+    setattr(model, _PATCH_ATTR, {"modules": patched, "handles": handles, "sp_group": holder})
     return model
 
 
@@ -399,7 +465,7 @@ def unpatch_minimax(model: torch.nn.Module) -> torch.nn.Module:
     for h in state["handles"]:
         h.remove()
     for m in state["modules"]:
-        for a in ("forward", "_lasp_mm", "_lasp_sp_group", "_lasp_has_full_attention"):
+        for a in ("forward", "_lasp_sp", "_lasp_has_full_attention"):
             m.__dict__.pop(a, None)
     delattr(model, _PATCH_ATTR)
     return model
@@ -407,4 +473,29 @@ def unpatch_minimax(model: torch.nn.Module) -> torch.nn.Module:
 
 def is_patched(model: torch.nn.Module) -> bool:
     return getattr(model, _PATCH_ATTR, None) is not None
+
+
+# The model families patch() takes: family -> (the transformers layer class it swaps, the patch function).
+SUPPORTED_MODELS = {"minimax": "MiniMaxLightningAttention"}
+
+
+def patch(model: torch.nn.Module, sp_group=None, *, allow_untested_version: bool = False) -> torch.nn.Module:
+    """Run the linear-attention layers of a supported transformers model through lasp (in place; returns
+    the model). Dispatches on the layers the model holds (``SUPPORTED_MODELS``); for MiniMax this is
+    :func:`patch_minimax`, whose arguments it takes. Raises ValueError naming the supported families when
+    the model holds none of their layers."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(_err(f"patch: model must be a torch.nn.Module, got {type(model).__name__}"))
+    names = {type(m).__name__ for m in model.modules()}
+    if SUPPORTED_MODELS["minimax"] in names:
+        return patch_minimax(model, sp_group, allow_untested_version=allow_untested_version)
+    raise ValueError(
+        _err(f"patch: {type(model).__name__} holds no layer lasp can swap; supported families (layer class): "
+             + ", ".join(f"{k} ({v})" for k, v in SUPPORTED_MODELS.items()))
+    )
+
+
+def unpatch(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo :func:`patch` (returns the model)."""
+    return unpatch_minimax(model)
 
