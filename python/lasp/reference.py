@@ -19,6 +19,8 @@ Two independent formulations are given so that they can check each other:
 * :func:`attention_recurrent_grads` -- the same recurrence run forward and backward by hand (no
   autograd), token by token: outputs and every gradient at O(D E) memory per head, for long or wide
   problems.
+* :func:`gated_recurrent_grads` -- the per-token gated recurrence with separate q, k and v head counts
+  (value-head groups), forward and backward by hand, the gates' gradient included (see its docstring).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["attention_ref", "attention_recurrent_ref", "attention_recurrent_grads", "decay_matrix"]
+__all__ = ["attention_ref", "attention_recurrent_ref", "attention_recurrent_grads", "gated_recurrent_grads",
+           "decay_matrix"]
 
 _LAYOUTS = ("bhnd", "bnhd")
 
@@ -236,5 +239,96 @@ def attention_recurrent_grads(
         "dq": _from_bhnd(dq, layout),
         "dk": _from_bhnd(dk, layout),
         "dv": _from_bhnd(dv, layout),
+        "d_initial_state": d_s0,
+    }
+
+
+def gated_recurrent_grads(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: Optional[torch.Tensor],
+    decay: Optional[torch.Tensor],
+    scale: Optional[float],
+    initial_state: Optional[torch.Tensor],
+    do: torch.Tensor,
+    d_final: Optional[torch.Tensor] = None,
+) -> dict:
+    """Per-token gates and head groups, forward and backward by hand, token by token, in float64
+    (layout ``bhnd``; no autograd).
+
+    Shapes: q (B, Hq, N, D), k (B, Hk, N, D), v (B, Hv, N, E); output heads ``H = max(Hq, Hv)``, each of
+    Hq, Hk, Hv dividing H; output head h reads q head ``h // (H / Hq)``, k head ``h // (H / Hk)`` and v
+    head ``h // (H / Hv)``. g: (B, H, N) log gates (<= 0; ``-inf`` resets the state; None: zeros),
+    decay: (H,) rates (None: zeros). With ``a[t] = exp(g[t] - decay[h])``:
+
+        S[t] = a[t] S[t-1] + k[t]^T v[t]     (S[-1] = initial_state, (B, H, D, E); None: zeros)
+        o[t] = scale q[t] S[t]
+
+    Backward, with R[t] the gradient of the loss with respect to S[t]:
+    ``R[N-1] = d_final + scale q[N-1]^T do[N-1]``, ``R[t] = a[t+1] R[t+1] + scale q[t]^T do[t]``;
+    ``dq[t] = scale do[t] S[t]^T``, ``dk[t] = v[t] R[t]^T``, ``dv[t] = k[t] R[t]``,
+    ``dg[t] = a[t] <R[t], S[t-1]>`` (Frobenius), ``d_initial_state = a[0] R[0]``. dq, dk, dv sum over the
+    output heads that read each input head.
+
+    Returns a dict with ``o`` (B, H, N, E), ``final_state``, ``dq``, ``dk``, ``dv`` (each in its input's
+    shape), ``dg`` (B, H, N) and ``d_initial_state`` (zeros when there is no initial state).
+    """
+    f64 = torch.float64
+    B, Hq, N, D = q.shape
+    Hk, Hv, E = k.shape[1], v.shape[1], v.shape[3]
+    H = max(Hq, Hv)
+    for name, n in (("q", Hq), ("k", Hk), ("v", Hv)):
+        if H % n != 0:
+            raise ValueError(f"gated_recurrent_grads: {name} has {n} heads, which does not divide H = {H}")
+    dev = q.device
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+
+    def expand(x, n):  # input heads -> output heads
+        return x.to(f64).repeat_interleave(H // n, dim=1)
+
+    qh, kh, vh = expand(q, Hq), expand(k, Hk), expand(v, Hv)
+    dor = do.to(f64)
+    lg = torch.zeros(B, H, N, dtype=f64, device=dev) if g is None else g.to(f64).clone()
+    if decay is not None:
+        lg = lg - decay.to(device=dev, dtype=f64)[None, :, None]
+    a = torch.exp(lg)  # (B, H, N)
+    S = (initial_state.to(f64).clone() if initial_state is not None
+         else torch.zeros(B, H, D, E, dtype=f64, device=dev))
+    prev = []  # S[t-1] for the gates' gradient
+    o = torch.empty(B, H, N, E, dtype=f64, device=dev)
+    dq = torch.empty(B, H, N, D, dtype=f64, device=dev)
+    for t in range(N):
+        prev.append(S.clone())
+        S = a[:, :, t, None, None] * S + kh[:, :, t, :, None] * vh[:, :, t, None, :]
+        o[:, :, t] = (qh[:, :, t, None, :] @ S)[:, :, 0]
+        dq[:, :, t] = (dor[:, :, t, None, :] @ S.transpose(-1, -2))[:, :, 0]
+    o.mul_(scale)
+    dq.mul_(scale)
+    final = S
+    R = (d_final.to(device=dev, dtype=f64).clone() if d_final is not None
+         else torch.zeros(B, H, D, E, dtype=f64, device=dev))
+    dk = torch.empty(B, H, N, D, dtype=f64, device=dev)
+    dv = torch.empty(B, H, N, E, dtype=f64, device=dev)
+    dg = torch.zeros(B, H, N, dtype=f64, device=dev)
+    for t in range(N - 1, -1, -1):
+        if t < N - 1:
+            R = a[:, :, t + 1, None, None] * R
+        R = R + scale * qh[:, :, t, :, None] * dor[:, :, t, None, :]
+        dk[:, :, t] = (vh[:, :, t, None, :] @ R.transpose(-1, -2))[:, :, 0]
+        dv[:, :, t] = (kh[:, :, t, None, :] @ R)[:, :, 0]
+        dg[:, :, t] = a[:, :, t] * (R * prev[t]).sum((-1, -2))
+    d_s0 = a[:, :, 0, None, None] * R if N > 0 else R
+
+    def reduce(x, n):  # output heads -> input heads
+        return x.reshape(B, n, H // n, *x.shape[2:]).sum(2)
+
+    return {
+        "o": o,
+        "final_state": final,
+        "dq": reduce(dq, Hq),
+        "dk": reduce(dk, Hk),
+        "dv": reduce(dv, Hv),
+        "dg": dg,
         "d_initial_state": d_s0,
     }

@@ -211,3 +211,78 @@ def test_low_precision_reference_error_is_small_but_nonzero(dtype, lo, hi):
     assert olp.dtype == dtype
     assert lo < rel_err(olp, o64) < hi
     assert lo < rel_err(flp, f64) < hi
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-token gates and head groups: the hand-written backward against autograd through the recurrence
+
+
+def _gated_autograd(q, k, v, g, decay, scale, s0):
+    """The gated recurrence written plainly, differentiated by autograd (the check of the hand-written one)."""
+    B, Hq, N, D = q.shape
+    Hk, Hv, E = k.shape[1], v.shape[1], v.shape[3]
+    H = max(Hq, Hv)
+    qh, kh, vh = (x.repeat_interleave(H // x.shape[1], dim=1) for x in (q, k, v))
+    lg = g - decay[None, :, None]
+    S = s0
+    outs = []
+    for t in range(N):
+        S = torch.exp(lg[:, :, t])[..., None, None] * S + kh[:, :, t, :, None] * vh[:, :, t, None, :]
+        outs.append(scale * (qh[:, :, t, None, :] @ S)[:, :, 0])
+    return torch.stack(outs, 2), S
+
+
+@pytest.mark.parametrize("heads", [(4, 4, 4), (4, 2, 4), (2, 2, 4), (1, 1, 4), (4, 1, 2), (2, 4, 4)],
+                         ids=lambda h: "q{}k{}v{}".format(*h))
+@pytest.mark.parametrize("resets", [False, True])
+def test_gated_recurrent_grads_match_autograd(heads, resets):
+    from lasp.reference import gated_recurrent_grads
+
+    Hq, Hk, Hv = heads
+    H = max(Hq, Hv)
+    B, N, D, E = 2, 23, 5, 7
+    g0 = gen(11 + Hq + 3 * Hk + 7 * Hv + resets)
+    q = torch.randn(B, Hq, N, D, dtype=torch.float64, generator=g0).requires_grad_()
+    k = torch.randn(B, Hk, N, D, dtype=torch.float64, generator=g0).requires_grad_()
+    v = torch.randn(B, Hv, N, E, dtype=torch.float64, generator=g0).requires_grad_()
+    gates = -torch.rand(B, H, N, dtype=torch.float64, generator=g0) * 0.5
+    if resets:  # a reset at the first token, one inside, and one at the last
+        gates[0, :, 0] = -math.inf
+        gates[1, 0, 9] = -math.inf
+        gates[:, -1, N - 1] = -math.inf
+    gates.requires_grad_()
+    decay = torch.rand(H, dtype=torch.float64, generator=g0) * 0.1
+    s0 = torch.randn(B, H, D, E, dtype=torch.float64, generator=g0).requires_grad_()
+    do = torch.randn(B, H, N, E, dtype=torch.float64, generator=g0)
+    dfin = torch.randn(B, H, D, E, dtype=torch.float64, generator=g0)
+    scale = 0.37
+
+    got = gated_recurrent_grads(q.detach(), k.detach(), v.detach(), gates.detach(), decay, scale, s0.detach(),
+                                do, dfin)
+    o, fin = _gated_autograd(q, k, v, gates, decay, scale, s0)
+    dq, dk, dv, dg, ds0 = torch.autograd.grad((o * do).sum() + (fin * dfin).sum(), (q, k, v, gates, s0))
+    want = {"o": o, "final_state": fin, "dq": dq, "dk": dk, "dv": dv, "dg": dg, "d_initial_state": ds0}
+    for name, w in want.items():
+        assert got[name].shape == w.shape, name
+        assert rel_err(got[name], w.detach()) < 1e-12, f"{name}: {rel_err(got[name], w.detach()):.2e}"
+    if resets:  # a reset cuts the chain: the gate there gets no gradient, and nothing before it reaches o after
+        assert torch.all(got["dg"][0, :, 0] == 0) and got["dg"][1, 0, 9] == 0
+
+
+def test_gated_recurrent_grads_without_gates_is_the_decay_recurrence():
+    from lasp.reference import attention_recurrent_grads, gated_recurrent_grads
+
+    g0 = gen(5)
+    B, H, Hkv, N, D, E = 1, 4, 2, 17, 6, 3
+    q = torch.randn(B, H, N, D, dtype=torch.float64, generator=g0)
+    k = torch.randn(B, Hkv, N, D, dtype=torch.float64, generator=g0)
+    v = torch.randn(B, Hkv, N, E, dtype=torch.float64, generator=g0)
+    decay = torch.rand(H, dtype=torch.float64, generator=g0)
+    s0 = torch.randn(B, H, D, E, dtype=torch.float64, generator=g0)
+    do = torch.randn(B, H, N, E, dtype=torch.float64, generator=g0)
+    a = attention_recurrent_grads(q, k, v, decay, 0.5, s0, do)
+    b = gated_recurrent_grads(q, k, v, None, decay, 0.5, s0, do)
+    for name in ("o", "final_state", "dq", "dk", "dv", "d_initial_state"):
+        assert rel_err(b[name], a[name]) < 1e-12, name
+    with pytest.raises(ValueError, match="k has 3 heads"):
+        gated_recurrent_grads(q, torch.zeros(B, 3, N, D), v, None, None, None, None, do)
