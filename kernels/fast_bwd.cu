@@ -13,6 +13,10 @@
 // Warp w: rows 16*rg .. +15 of the chunk (rg = w%4, or 3 - w%4 for w >= 4), column half w/4 of dq / dk / dv.
 // Reads: dO, V, K (loop A) and Q, K, V, dO (loop B); writes dq, dk, dv once.
 // With GQA, dk / dv of each query head go as fp32 to a workspace that a reduction sums (OT = float).
+// ACC (head dims above 128, split into blocks by the driver): dq, dk and dv of each query head are added
+// in fp32 to the driver's accumulators (OT = float), which it converts once every block has run.
+#include <type_traits>
+
 #include "common.cuh"
 #include "fast_args.h"
 #include "fast_path.h"
@@ -56,9 +60,9 @@ struct BwdSmem {
   static constexpr size_t bytes = (size_t)(2 * STAGE + D * LDE) * sizeof(T) + (kC + 2) * sizeof(float);
 };
 
-// Store a 16 x (8*NT) fp32 fragment tile (rows r0.., cols c0..) to a strided row of type OT; rows >= len
-// and columns >= cols (a multiple of 8) are left out.
-template <typename OT, int NT>
+// Store a 16 x (8*NT) fp32 fragment tile (rows r0.., cols c0..) to a strided row of type OT (ACC: add it to
+// the fp32 values there); rows >= len and columns >= cols (a multiple of 8) are left out.
+template <typename OT, int NT, bool ACC = false>
 __device__ __forceinline__ void store_frag(const float (*acc)[4], OT* base, int64_t row_stride, int r0, int c0,
                                            int len, int cols) {
   const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
@@ -70,7 +74,13 @@ __device__ __forceinline__ void store_frag(const float (*acc)[4], OT* base, int6
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       if (c0 + nt * 8 >= cols) continue;
-      if constexpr (sizeof(OT) == 4) {
+      if constexpr (ACC) {
+        float2* dst = reinterpret_cast<float2*>(row + nt * 8);
+        float2 cur = *dst;
+        cur.x += acc[nt][2 * hh];
+        cur.y += acc[nt][2 * hh + 1];
+        *dst = cur;
+      } else if constexpr (sizeof(OT) == 4) {
         *reinterpret_cast<float2*>(row + nt * 8) = make_float2(acc[nt][2 * hh], acc[nt][2 * hh + 1]);
       } else {
         *reinterpret_cast<uint32_t*>(row + nt * 8) = pack2<OT>(acc[nt][2 * hh], acc[nt][2 * hh + 1]);
@@ -79,9 +89,12 @@ __device__ __forceinline__ void store_frag(const float (*acc)[4], OT* base, int6
   }
 }
 
-template <typename T, typename OT, int D, int E>
+template <typename T, typename OT, int D, int E, bool ACC = false>
 __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(BwdArgs a, Tv<const T> q, Tv<const T> k, Tv<const T> v,
-                                                           Tv<const T> dout, Tv<T> dq, Tv<OT> dk, Tv<OT> dv) {
+                                                           Tv<const T> dout, Tv<std::conditional_t<ACC, float, T>> dq,
+                                                           Tv<OT> dk, Tv<OT> dv) {
+  static_assert(!ACC || sizeof(OT) == 4, "accumulated outputs are fp32");
+  using QT = std::conditional_t<ACC, float, T>;
   using SM = BwdSmem<T, D, E>;
   constexpr int LDD = SM::LDD, LDE = SM::LDE;
   // state fragments owned by a warp
@@ -233,8 +246,8 @@ __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(Bwd
           mma16816<T>(acc[2 * np + 1], pa, bb[2], bb[3]);
         }
       }
-      T* base = dq.p + b * dq.sb + h * dq.sh + c0 * dq.sn;
-      store_frag<T, DH / 8>(acc, base, dq.sn, r0, ch * DH, len, a.D);
+      QT* base = dq.p + b * dq.sb + h * dq.sh + c0 * dq.sn;
+      store_frag<QT, DH / 8, ACC>(acc, base, dq.sn, r0, ch * DH, len, a.D);
     }
     if (ci + 1 < nch) {
       __syncthreads();  // all warps done reading S_b
@@ -375,7 +388,7 @@ __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(Bwd
         }
       }
       OT* base = dk.p + b * dk.sb + hkv * dk.sh + c0 * dk.sn;
-      store_frag<OT, DH / 8>(acc, base, dk.sn, r0, ch * DH, len, a.D);
+      store_frag<OT, DH / 8, ACC>(acc, base, dk.sn, r0, ch * DH, len, a.D);
     }
     // ---- dv = diag(w) K R + (scale K Q^T masked) dO ----
     {
@@ -443,7 +456,7 @@ __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(Bwd
         }
       }
       OT* base = dv.p + b * dv.sb + hkv * dv.sh + c0 * dv.sn;
-      store_frag<OT, EH / 8>(acc, base, dv.sn, r0, ch * EH, len, a.E);
+      store_frag<OT, EH / 8, ACC>(acc, base, dv.sn, r0, ch * EH, len, a.E);
     }
     __syncthreads();  // all warps done reading R_b
     // ---- R = g^len R + scale Q^T diag(g^(t+1)) dO ----
@@ -491,15 +504,18 @@ __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(Bwd
   }
 }
 
-template <typename T, typename OT, int D, int E>
-cudaError_t launch_bwd(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st) {
-  auto kern = bwd_kernel<T, OT, D, E>;
+template <typename T, typename OT, int D, int E, bool ACC = false>
+cudaError_t launch_bwd(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st,
+                       const TensorView4* dq_acc = nullptr) {
+  auto kern = bwd_kernel<T, OT, D, E, ACC>;
   const size_t smem = BwdSmem<T, D, E>::bytes;
-  cudaError_t e = opt_in_smem<bwd_kernel<T, OT, D, E>>(smem);
+  cudaError_t e = opt_in_smem<bwd_kernel<T, OT, D, E, ACC>>(smem);
   if (e != cudaSuccess) return e;
   const unsigned blocks = (unsigned)(p.B * p.H * a.nseg);
+  using QT = std::conditional_t<ACC, float, T>;
+  const Tv<QT> dq = ACC ? make_tv<QT>(*dq_acc) : make_tv<QT>(p.dq);
   kern<<<blocks, kThreadsB, smem, st>>>(a, make_tv<const T>(p.q), make_tv<const T>(p.k), make_tv<const T>(p.v),
-                                        make_tv<const T>(p.dout), make_tv<T>(p.dq), dk, dv);
+                                        make_tv<const T>(p.dout), dq, dk, dv);
   return cudaGetLastError();
 }
 
@@ -517,12 +533,13 @@ int bwd_resident_dims(const AttnParams& p) {
   return bwd_resident<T, OT, 128, 128>();
 }
 
-template <typename T, typename OT>
-cudaError_t launch_bwd_dims(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st) {
-  if (p.D <= 64 && p.E <= 64) return launch_bwd<T, OT, 64, 64>(p, a, dk, dv, st);
-  if (p.D <= 64) return launch_bwd<T, OT, 64, 128>(p, a, dk, dv, st);
-  if (p.E <= 64) return launch_bwd<T, OT, 128, 64>(p, a, dk, dv, st);
-  return launch_bwd<T, OT, 128, 128>(p, a, dk, dv, st);
+template <typename T, typename OT, bool ACC = false>
+cudaError_t launch_bwd_dims(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st,
+                            const TensorView4* dq_acc = nullptr) {
+  if (p.D <= 64 && p.E <= 64) return launch_bwd<T, OT, 64, 64, ACC>(p, a, dk, dv, st, dq_acc);
+  if (p.D <= 64) return launch_bwd<T, OT, 64, 128, ACC>(p, a, dk, dv, st, dq_acc);
+  if (p.E <= 64) return launch_bwd<T, OT, 128, 64, ACC>(p, a, dk, dv, st, dq_acc);
+  return launch_bwd<T, OT, 128, 128, ACC>(p, a, dk, dv, st, dq_acc);
 }
 
 }  // namespace
@@ -546,9 +563,15 @@ size_t mma_bwd_smem_bytes(const AttnParams& p) {
 }
 
 cudaError_t mma_bwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,
-                         float* dk_ws, float* dv_ws, cudaStream_t st) {
-  BwdArgs a = make_bwd_args(p, nseg, seglen, seg_S, seg_G, dk_ws != nullptr);
+                         float* dk_ws, float* dv_ws, cudaStream_t st, const TensorView4* acc) {
   const bool bf = p.dtype == ScalarType::BFloat16;
+  if (acc) {  // head-dim blocks: every output added in fp32, per query head
+    BwdArgs a = make_bwd_args(p, nseg, seglen, seg_S, seg_G, true);
+    const Tv<float> dk = make_tv<float>(acc[1]), dv = make_tv<float>(acc[2]);
+    return bf ? launch_bwd_dims<__nv_bfloat16, float, true>(p, a, dk, dv, st, &acc[0])
+              : launch_bwd_dims<__half, float, true>(p, a, dk, dv, st, &acc[0]);
+  }
+  BwdArgs a = make_bwd_args(p, nseg, seglen, seg_S, seg_G, dk_ws != nullptr);
   if (dk_ws) {  // GQA: per-query-head fp32 dk / dv, contiguous (B, H, N, D|E)
     Tv<float> dk = make_tv_contig<float>(dk_ws, p.H, p.N, p.D), dv = make_tv_contig<float>(dv_ws, p.H, p.N, p.E);
     return bf ? launch_bwd_dims<__nv_bfloat16, float>(p, a, dk, dv, st) : launch_bwd_dims<__half, float>(p, a, dk, dv, st);

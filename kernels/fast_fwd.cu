@@ -14,6 +14,8 @@
 //   S_b is the bf16/fp16 copy of S in shared memory that the next chunk multiplies with.
 // Bytes: q, k, v read once per column tile (the sibling tiles of one (b, h, segment) run next to
 // each other, so the second read mostly hits L2), o written once.
+// ACC (head dims above 128, split into blocks by the driver): o is instead added in fp32 to oacc, the
+// sum over the blocks of D that the driver converts at the end.
 
 #include "common.cuh"
 #include "fast_args.h"
@@ -61,9 +63,9 @@ struct FwdSmem {
   static constexpr size_t bytes = (2 * STAGE + D * LDV) * sizeof(T) + (kC + 2) * sizeof(float);
 };
 
-template <typename T, int D>
+template <typename T, int D, bool ACC>
 __global__ void __launch_bounds__(kWarps * 32) fwd_main_kernel(FwdArgs a, Tv<const T> q, Tv<const T> k, Tv<const T> v,
-                                                                Tv<T> o) {
+                                                                Tv<T> o, Tv<float> oacc) {
   using SM = FwdSmem<T, D>;
   constexpr int LDQ = SM::LDQ, LDV = SM::LDV;
   constexpr int MT = D / 4 / 16;  // m-tiles of S per warp
@@ -213,6 +215,23 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_main_kernel(FwdArgs a, Tv<con
         mma16816<T>(O[2 * np + 1], pa, bb[2], bb[3]);
       }
     }
+    if constexpr (ACC) {  // ---- o += O in fp32 (each element owned by one thread of one block) ----
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        if (e0 + nt * 8 >= a.E) continue;
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int t = r0 + g + hh * 8;
+          if (t >= len) continue;
+          float2* dst = reinterpret_cast<float2*>(oacc.p + b * oacc.sb + h * oacc.sh + (c0 + t) * oacc.sn + e0 + nt * 8 + 2 * tc);
+          float2 cur = *dst;
+          cur.x += O[nt][2 * hh];
+          cur.y += O[nt][2 * hh + 1];
+          *dst = cur;
+        }
+      }
+      __syncthreads();  // every warp is done reading S_b
+    } else {
     // ---- store O: through this warp's own q rows in smem, then 16-byte vectors ----
     __syncwarp();
 #pragma unroll
@@ -231,6 +250,7 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_main_kernel(FwdArgs a, Tv<con
       }
     }
     __syncthreads();  // every warp is done reading S_b
+    }
     // ---- S = g^len S + (K^T diag(w)) V,  w[s] = g^(len-1-s) ----
     {
       const float gl = Gp[len];
@@ -392,16 +412,21 @@ __global__ void __launch_bounds__(kLocalThreads<D>, D == 128 ? 2 : 1) state_loca
     }
 }
 
-template <typename T, int D>
-cudaError_t launch_fwd_main(const AttnParams& p, const FwdArgs& a, cudaStream_t st) {
-  auto kern = fwd_main_kernel<T, D>;
+template <typename T, int D, bool ACC>
+cudaError_t launch_fwd_main(const AttnParams& p, const FwdArgs& a, const TensorView4* oacc, cudaStream_t st) {
+  auto kern = fwd_main_kernel<T, D, ACC>;
   const size_t smem = FwdSmem<T, D>::bytes;
-  cudaError_t e = opt_in_smem<fwd_main_kernel<T, D>>(smem);
+  cudaError_t e = opt_in_smem<fwd_main_kernel<T, D, ACC>>(smem);
   if (e != cudaSuccess) return e;
   const unsigned blocks = (unsigned)(p.B * p.H * a.nseg * ((p.E + kEt - 1) / kEt));
   kern<<<blocks, kWarps * 32, smem, st>>>(a, make_tv<const T>(p.q), make_tv<const T>(p.k), make_tv<const T>(p.v),
-                                          make_tv<T>(p.o));
+                                          make_tv<T>(p.o), oacc ? make_tv<float>(*oacc) : Tv<float>{});
   return cudaGetLastError();
+}
+
+template <typename T, int D>
+cudaError_t launch_fwd_main_acc(const AttnParams& p, const FwdArgs& a, const TensorView4* oacc, cudaStream_t st) {
+  return oacc ? launch_fwd_main<T, D, true>(p, a, oacc, st) : launch_fwd_main<T, D, false>(p, a, oacc, st);
 }
 
 template <typename T, int D, int E, bool REV>
@@ -468,7 +493,7 @@ namespace {
 template <typename T, int D>
 int fwd_resident_blocks() {
   // planning falls back to two blocks per SM where the runtime cannot say; the launch reports real errors
-  return resident_blocks<fwd_main_kernel<T, D>>(kWarps * 32, FwdSmem<T, D>::bytes, 2);
+  return resident_blocks<fwd_main_kernel<T, D, false>>(kWarps * 32, FwdSmem<T, D>::bytes, 2);
 }
 }  // namespace
 
@@ -478,11 +503,13 @@ int mma_fwd_blocks_per_sm(const AttnParams& p) {
   return bf ? fwd_resident_blocks<__nv_bfloat16, 128>() : fwd_resident_blocks<__half, 128>();
 }
 
-cudaError_t mma_fwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_states, cudaStream_t st) {
+cudaError_t mma_fwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_states, cudaStream_t st,
+                         const TensorView4* o_acc) {
   FwdArgs a = make_fwd_args(p, nseg, seglen, seg_states);
   const bool bf = p.dtype == ScalarType::BFloat16;
-  if (p.D <= 64) return bf ? launch_fwd_main<__nv_bfloat16, 64>(p, a, st) : launch_fwd_main<__half, 64>(p, a, st);
-  return bf ? launch_fwd_main<__nv_bfloat16, 128>(p, a, st) : launch_fwd_main<__half, 128>(p, a, st);
+  if (p.D <= 64)
+    return bf ? launch_fwd_main_acc<__nv_bfloat16, 64>(p, a, o_acc, st) : launch_fwd_main_acc<__half, 64>(p, a, o_acc, st);
+  return bf ? launch_fwd_main_acc<__nv_bfloat16, 128>(p, a, o_acc, st) : launch_fwd_main_acc<__half, 128>(p, a, o_acc, st);
 }
 
 cudaError_t mma_state_local(const AttnParams& p, bool reverse, int nseg, int seglen, int skip, float* out,

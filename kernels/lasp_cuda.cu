@@ -112,11 +112,12 @@ cudaError_t pass_state(const AttnParams& p, const void* src, void* dst, cudaStre
   return src ? cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, st) : cudaMemsetAsync(dst, 0, bytes, st);
 }
 
+// mode, o_acc: as for the head-dim blocks below (plan mode 2, o added in fp32 to o_acc); else -1, nullptr.
 template <typename T, typename A>
-cudaError_t run_fwd(const AttnParams& p, cudaStream_t st) {
+cudaError_t run_fwd(const AttnParams& p, cudaStream_t st, int mode = -1, const TensorView4* o_acc = nullptr) {
   if (p.N == 0) return pass_state(p, p.state_in, p.state_out, st);
-  const Plan pl = plan_fwd(p);
-  if (!runnable(pl, p, pl.fwd_bytes())) return cudaErrorInvalidValue;
+  const Plan pl = plan_fwd(p, mode);
+  if (!runnable(pl, p, pl.fwd_bytes()) || (o_acc && pl.main != Family::Mma)) return cudaErrorInvalidValue;
   const Ctx<A> c = make_ctx<A>(p, pl.nseg, pl.seglen);
   A* ws = static_cast<A*>(p.workspace);
   if (pl.nseg > 1) {  // the segments' input states into ws (state_out comes from the last segment's blocks)
@@ -128,7 +129,7 @@ cudaError_t run_fwd(const AttnParams& p, cudaStream_t st) {
   }
   const float* seg = reinterpret_cast<const float*>(ws);
   if (pl.main == Family::Wgmma) return fast::wgmma_fwd_main(p, pl.nseg, pl.seglen, seg, st);
-  if (pl.main == Family::Mma) return fast::mma_fwd_main(p, pl.nseg, pl.seglen, seg, st);
+  if (pl.main == Family::Mma) return fast::mma_fwd_main(p, pl.nseg, pl.seglen, seg, st, o_acc);
   auto km = fwd_main_kernel<T, A>;
   LASP_TRY(prepare(km, pl.sm_main));
   dim3 g((unsigned)(p.B * p.H), pl.nseg, (unsigned)((p.E + pl.t_main - 1) / pl.t_main));
@@ -139,11 +140,13 @@ cudaError_t run_fwd(const AttnParams& p, cudaStream_t st) {
   return cudaSuccess;
 }
 
+// mode, acc: as for the head-dim blocks below (plan mode 2; dq, dk, dv added in fp32 to acc[0..2], per
+// query head); else -1, nullptr.
 template <typename T, typename A>
-cudaError_t run_bwd(const AttnParams& p, cudaStream_t st) {
+cudaError_t run_bwd(const AttnParams& p, cudaStream_t st, int mode = -1, const TensorView4* acc = nullptr) {
   if (p.N == 0) return pass_state(p, p.grad_state_out, p.grad_state_in, st);
-  const Plan pl = plan_bwd(p);
-  if (!runnable(pl, p, pl.bwd_bytes())) return cudaErrorInvalidValue;
+  const Plan pl = plan_bwd(p, mode);
+  if (!runnable(pl, p, pl.bwd_bytes()) || (acc && pl.main != Family::Mma)) return cudaErrorInvalidValue;
   const Ctx<A> c = make_ctx<A>(p, pl.nseg, pl.seglen);
   char* wsb = static_cast<char*>(p.workspace);
   // The forward's segment states when the caller kept them (same split), else this call's workspace.
@@ -162,6 +165,10 @@ cudaError_t run_bwd(const AttnParams& p, cudaStream_t st) {
     LASP_TRY(combine_states<A>(p, c, true, wsG, gso, nullptr, true, 1, st));
   }
   const bool gqa = p.H != p.Hkv;
+  if (acc) {
+    const float *segS = reinterpret_cast<const float*>(wsS), *segG = reinterpret_cast<const float*>(wsG);
+    return fast::mma_bwd_main(p, pl.nseg, pl.seglen, segS, segG, nullptr, nullptr, st, acc);
+  }
   if (pl.main != Family::Generic) {
     float* dkh = gqa ? reinterpret_cast<float*>(wsKV) : nullptr;
     float* dvh = gqa ? dkh + (size_t)p.B * p.H * p.N * p.D : nullptr;
@@ -243,6 +250,283 @@ cudaError_t run_bwd_prepare(const AttnParams& p, cudaStream_t st) {
   return segment_states_fwd<T, A>(p, pl, c, static_cast<A*>(p.workspace), st);
 }
 
+// ---- Head dims above 128 on the tensor cores: blocks of D and of E ---------------------------------
+//
+// The function is additive over blocks of D (q and k cut alike: q[t].k[s] is a sum over d) and separable
+// over blocks of E (v's columns are independent), and each block of the D x E state is its own recurrence.
+// So a problem with D or E in (128, 256] runs as up to 2 x 2 problems of at most 128 x 128 on the
+// tensor-core kernels, on column slices of q, k, v (no copies) and on each state's (d, e) block:
+//   o[:, e-block]      = sum over D blocks            (fp32 accumulator, converted at the end)
+//   dq, dk[:, d-block] = sum over E blocks,  dv[:, e-block] = sum over D blocks   (fp32, per query head)
+// Same FLOPs as one kernel over the whole dims. The blocks run the mma.sync kernels where a sum is needed
+// (they accumulate fp32 outputs, plan mode 2); a forward with one block of D writes o directly. They do not
+// reuse a previous call's phase 1 (local_ready) or the forward's segment states: each block recomputes them.
+namespace {
+
+size_t align256(size_t x) { return (x + 255) / 256 * 256; }
+
+struct DimBlocks {
+  int n = 1;
+  int start[2] = {0, 0};
+  int size[2] = {0, 0};
+};
+
+DimBlocks dim_blocks(int64_t X) {
+  DimBlocks b;
+  if (X <= 128) {
+    b.size[0] = (int)X;
+  } else {
+    b.n = 2;
+    b.size[0] = 128;
+    b.start[1] = 128;
+    b.size[1] = (int)X - 128;
+  }
+  return b;
+}
+
+// dtype and head dims the blocks take (any pointers or strides): bf16 / fp16, D and E multiples of 8 up to
+// 256, one of them above 128.
+bool blocks_shape(const AttnParams& p) {
+  if (p.dtype != ScalarType::BFloat16 && p.dtype != ScalarType::Float16) return false;
+  if (p.D % 8 != 0 || p.E % 8 != 0 || p.D > 256 || p.E > 256) return false;
+  return p.D > 128 || p.E > 128;
+}
+
+// Block (d0, Ds) x (e0, Es) of p: column slices of the 16-bit views (last dim contiguous), no states, no
+// workspace, nothing reused from an earlier call.
+AttnParams sub_params(const AttnParams& p, int d0, int Ds, int e0, int Es) {
+  AttnParams s = p;
+  s.D = Ds;
+  s.E = Es;
+  auto shift = [](TensorView4& t, int x0) {
+    if (t.ptr) t.ptr = static_cast<char*>(t.ptr) + (size_t)x0 * 2 * t.stride[3];
+  };
+  shift(s.q, d0);
+  shift(s.k, d0);
+  shift(s.dq, d0);
+  shift(s.dk, d0);
+  shift(s.v, e0);
+  shift(s.o, e0);
+  shift(s.dout, e0);
+  shift(s.dv, e0);
+  s.state_in = s.grad_state_out = nullptr;
+  s.state_out = s.grad_state_in = nullptr;
+  s.seg_states = nullptr;
+  s.local_ready = false;
+  s.workspace = nullptr;
+  s.workspace_bytes = 0;
+  return s;
+}
+
+// Every block's params, in the order the drivers run them.
+template <typename F>
+void for_blocks(const AttnParams& p, F f) {
+  const DimBlocks bd = dim_blocks(p.D), be = dim_blocks(p.E);
+  for (int i = 0; i < bd.n; ++i)
+    for (int j = 0; j < be.n; ++j) f(sub_params(p, bd.start[i], bd.size[i], be.start[j], be.size[j]));
+}
+
+// Workspace bytes of one (unblocked) problem: the largest plan over the modes it may run in.
+size_t plan_bytes(const AttnParams& p, bool backward) {
+  size_t bytes = 0;
+  for (int mode : {0, 1, 2}) {
+    if (mode >= 1 && !fast::shape_supported(p)) continue;
+    const Plan pl = backward ? plan_bwd(p, mode) : plan_fwd(p, mode);
+    if (pl.ok) bytes = std::max(bytes, backward ? pl.bwd_bytes() : pl.fwd_bytes());
+  }
+  return bytes;
+}
+
+struct BlockLayout {  // byte offsets into the workspace of a blocked call
+  size_t sub = 0;          // each block's own workspace (they run one after another)
+  size_t state[3] = {};    // (B, H, Ds, Es) fp32 state blocks: forward S_in, S_out; backward S_in, G, dS_in
+  size_t acc[3] = {};      // forward: o (with two blocks of D); backward: dq, dk, dv per query head
+  size_t total = 0;
+};
+
+BlockLayout block_layout(const AttnParams& p, bool backward) {
+  BlockLayout L;
+  size_t sub = 0;
+  for_blocks(p, [&](const AttnParams& s) { sub = std::max(sub, plan_bytes(s, backward)); });
+  size_t off = align256(sub);
+  const size_t blk = align256((size_t)p.B * p.H * std::min<int64_t>(p.D, 128) * std::min<int64_t>(p.E, 128) * 4);
+  for (int i = 0; i < (backward ? 3 : 2); ++i) {
+    L.state[i] = off;
+    off += blk;
+  }
+  const size_t tok = (size_t)p.B * p.H * p.N * 4;
+  if (backward) {
+    const int64_t widths[3] = {p.D, p.D, p.E};
+    for (int i = 0; i < 3; ++i) {
+      L.acc[i] = off;
+      off += align256(tok * widths[i]);
+    }
+  } else if (p.D > 128) {
+    L.acc[0] = off;
+    off += align256(tok * p.E);
+  }
+  L.total = off;
+  return L;
+}
+
+// Whether this call runs as blocks: the shape, the views the tensor-core kernels read, and every block
+// able to take the mma.sync main kernels where it must accumulate.
+bool use_blocks(const AttnParams& p, bool backward) {
+  if (!blocks_shape(p) || p.N == 0) return false;
+  const bool views = fast::view_ok(p.q, p, p.H) && fast::view_ok(p.k, p, p.Hkv) && fast::view_ok(p.v, p, p.Hkv) &&
+                     (backward ? fast::view_ok(p.dout, p, p.H) : fast::view_ok(p.o, p, p.H));
+  if (!views) return false;
+  const bool acc = backward || p.D > 128;
+  bool ok = true;
+  for_blocks(p, [&](const AttnParams& s) {
+    const Plan pl = backward ? plan_bwd(s, 2) : plan_fwd(s, acc ? 2 : -1);
+    ok = ok && pl.ok && (!acc || pl.main == Family::Mma);
+  });
+  return ok;
+}
+
+// Copy a state's (d0, e0, Ds, Es) block between the (BH, D, E) state and a contiguous (BH, Ds, Es) one.
+__global__ void state_block_kernel(const float* src, float* dst, int64_t BH, int D, int E, int d0, int e0, int Ds,
+                                   int Es, bool to_block) {
+  const int64_t total = BH * Ds * Es;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+    const int e = (int)(i % Es);
+    const int64_t r = i / Es;
+    const int d = (int)(r % Ds);
+    const int64_t bh = r / Ds;
+    const int64_t full = (bh * D + d0 + d) * E + e0 + e;
+    if (to_block) {
+      dst[i] = src[full];
+    } else {
+      dst[full] = src[i];
+    }
+  }
+}
+
+// The offsets of block s within p.
+int block_d0(const AttnParams& p, const AttnParams& s) {
+  return (int)((static_cast<const char*>(s.q.ptr) - static_cast<const char*>(p.q.ptr)) / 2 / p.q.stride[3]);
+}
+int block_e0(const AttnParams& p, const AttnParams& s) {
+  return (int)((static_cast<const char*>(s.v.ptr) - static_cast<const char*>(p.v.ptr)) / 2 / p.v.stride[3]);
+}
+
+cudaError_t state_block(const AttnParams& p, const AttnParams& s, const void* src, void* dst, bool to_block,
+                        cudaStream_t st) {
+  const int64_t BH = p.B * p.H, total = BH * s.D * s.E;
+  const int d0 = block_d0(p, s), e0 = block_e0(p, s);
+  const unsigned nb = (unsigned)std::min<int64_t>((total + 255) / 256, 132 * 8);
+  state_block_kernel<<<nb, 256, 0, st>>>(static_cast<const float*>(src), static_cast<float*>(dst), BH, (int)p.D,
+                                         (int)p.E, d0, e0, (int)s.D, (int)s.E, to_block);
+  return cudaGetLastError();
+}
+
+TensorView4 acc_view(char* ws, size_t off, const AttnParams& p, int64_t X, int x0) {
+  TensorView4 t;
+  t.ptr = reinterpret_cast<float*>(ws + off) + x0;
+  t.stride[0] = p.H * p.N * X;
+  t.stride[1] = p.N * X;
+  t.stride[2] = X;
+  t.stride[3] = 1;
+  return t;
+}
+
+// fp32 (B, H, N, X) accumulator -> the 16-bit output view (per kv head with kv_heads: the sum of each
+// group's query heads).
+template <typename T, typename A>
+cudaError_t convert_acc(const AttnParams& p, const float* acc, const TensorView4& out, int64_t X, bool kv_heads,
+                        cudaStream_t st) {
+  Ctx<A> c = make_ctx<A>(p, 1, (int)p.N);
+  if (!kv_heads) {
+    c.Hkv = c.H;
+    c.group = 1;
+  }
+  gqa_reduce_kernel<T, A><<<132 * 16, 256, 0, st>>>(c, reinterpret_cast<const A*>(acc), make_tv<T>(out), (int)X);
+  return cudaGetLastError();
+}
+
+template <typename T, typename A>
+cudaError_t run_fwd_blocks(const AttnParams& p, cudaStream_t st) {
+  const BlockLayout L = block_layout(p, false);
+  if (!p.workspace || p.workspace_bytes < L.total) return cudaErrorInvalidValue;
+  char* ws = static_cast<char*>(p.workspace);
+  const bool acc = p.D > 128;
+  if (acc) LASP_TRY(cudaMemsetAsync(ws + L.acc[0], 0, (size_t)p.B * p.H * p.N * p.E * 4, st));
+  cudaError_t err = cudaSuccess;
+  for_blocks(p, [&](AttnParams s) {
+    if (err != cudaSuccess) return;
+    s.workspace = ws;
+    s.workspace_bytes = L.state[0];
+    if (p.state_in) {
+      err = state_block(p, s, p.state_in, ws + L.state[0], true, st);
+      s.state_in = ws + L.state[0];
+    }
+    if (p.state_out) s.state_out = ws + L.state[1];
+    const TensorView4 ov = acc_view(ws, L.acc[0], p, p.E, block_e0(p, s));
+    if (err == cudaSuccess) err = run_fwd<T, A>(s, st, acc ? 2 : -1, acc ? &ov : nullptr);
+    if (err == cudaSuccess && p.state_out) err = state_block(p, s, ws + L.state[1], p.state_out, false, st);
+  });
+  LASP_TRY(err);
+  if (acc) return convert_acc<T, A>(p, reinterpret_cast<const float*>(ws + L.acc[0]), p.o, p.E, false, st);
+  return cudaSuccess;
+}
+
+template <typename T, typename A>
+cudaError_t run_bwd_blocks(const AttnParams& p, cudaStream_t st) {
+  const BlockLayout L = block_layout(p, true);
+  if (!p.workspace || p.workspace_bytes < L.total) return cudaErrorInvalidValue;
+  char* ws = static_cast<char*>(p.workspace);
+  const int64_t widths[3] = {p.D, p.D, p.E};
+  for (int i = 0; i < 3; ++i)
+    LASP_TRY(cudaMemsetAsync(ws + L.acc[i], 0, (size_t)p.B * p.H * p.N * widths[i] * 4, st));
+  cudaError_t err = cudaSuccess;
+  for_blocks(p, [&](AttnParams s) {
+    if (err != cudaSuccess) return;
+    s.workspace = ws;
+    s.workspace_bytes = L.state[0];
+    if (p.state_in) {
+      err = state_block(p, s, p.state_in, ws + L.state[0], true, st);
+      s.state_in = ws + L.state[0];
+    }
+    if (err == cudaSuccess && p.grad_state_out) {
+      err = state_block(p, s, p.grad_state_out, ws + L.state[1], true, st);
+      s.grad_state_out = ws + L.state[1];
+    }
+    if (p.grad_state_in) s.grad_state_in = ws + L.state[2];
+    const int d0 = block_d0(p, s), e0 = block_e0(p, s);
+    const TensorView4 acc[3] = {acc_view(ws, L.acc[0], p, p.D, d0), acc_view(ws, L.acc[1], p, p.D, d0),
+                                acc_view(ws, L.acc[2], p, p.E, e0)};
+    if (err == cudaSuccess) err = run_bwd<T, A>(s, st, 2, acc);
+    if (err == cudaSuccess && p.grad_state_in) err = state_block(p, s, ws + L.state[2], p.grad_state_in, false, st);
+  });
+  LASP_TRY(err);
+  LASP_TRY((convert_acc<T, A>(p, reinterpret_cast<const float*>(ws + L.acc[0]), p.dq, p.D, false, st)));
+  LASP_TRY((convert_acc<T, A>(p, reinterpret_cast<const float*>(ws + L.acc[1]), p.dk, p.D, true, st)));
+  return convert_acc<T, A>(p, reinterpret_cast<const float*>(ws + L.acc[2]), p.dv, p.E, true, st);
+}
+
+// fwd_local / bwd_local by blocks: each block's local state into its block of the output.
+template <typename T, typename A>
+cudaError_t run_local_blocks(const AttnParams& p, bool reverse, cudaStream_t st) {
+  void* out = reverse ? p.grad_state_in : p.state_out;
+  if (!out) return cudaSuccess;
+  const BlockLayout L = block_layout(p, reverse);
+  if (!p.workspace || p.workspace_bytes < L.total) return cudaErrorInvalidValue;
+  char* ws = static_cast<char*>(p.workspace);
+  cudaError_t err = cudaSuccess;
+  for_blocks(p, [&](AttnParams s) {
+    if (err != cudaSuccess) return;
+    s.workspace = ws;
+    s.workspace_bytes = L.state[0];
+    (reverse ? s.grad_state_in : s.state_out) = ws + L.state[0];
+    err = run_local<T, A>(s, reverse, st);
+    if (err == cudaSuccess) err = state_block(p, s, ws + L.state[0], out, false, st);
+  });
+  return err;
+}
+
+}  // namespace
+
 template <template <typename, typename> class F>
 cudaError_t dispatch(const AttnParams& p, cudaStream_t st) {
   if (!supports(p)) return cudaErrorInvalidValue;
@@ -255,11 +539,32 @@ cudaError_t dispatch(const AttnParams& p, cudaStream_t st) {
   return cudaErrorInvalidValue;
 }
 
-template <typename T, typename A> struct FwdOp { static cudaError_t run(const AttnParams& p, cudaStream_t s) { return run_fwd<T, A>(p, s); } };
-template <typename T, typename A> struct BwdOp { static cudaError_t run(const AttnParams& p, cudaStream_t s) { return run_bwd<T, A>(p, s); } };
-template <typename T, typename A> struct FwdLocalOp { static cudaError_t run(const AttnParams& p, cudaStream_t s) { return run_local<T, A>(p, false, s); } };
-template <typename T, typename A> struct BwdPrepareOp { static cudaError_t run(const AttnParams& p, cudaStream_t s) { return run_bwd_prepare<T, A>(p, s); } };
-template <typename T, typename A> struct BwdLocalOp { static cudaError_t run(const AttnParams& p, cudaStream_t s) { return run_local<T, A>(p, true, s); } };
+// Each entry point: by head-dim blocks where use_blocks says so, else one problem.
+template <typename T, typename A> struct FwdOp {
+  static cudaError_t run(const AttnParams& p, cudaStream_t s) {
+    return use_blocks(p, false) ? run_fwd_blocks<T, A>(p, s) : run_fwd<T, A>(p, s);
+  }
+};
+template <typename T, typename A> struct BwdOp {
+  static cudaError_t run(const AttnParams& p, cudaStream_t s) {
+    return use_blocks(p, true) ? run_bwd_blocks<T, A>(p, s) : run_bwd<T, A>(p, s);
+  }
+};
+template <typename T, typename A> struct FwdLocalOp {
+  static cudaError_t run(const AttnParams& p, cudaStream_t s) {
+    return use_blocks(p, false) ? run_local_blocks<T, A>(p, false, s) : run_local<T, A>(p, false, s);
+  }
+};
+template <typename T, typename A> struct BwdPrepareOp {  // blocks recompute everything in the bwd itself
+  static cudaError_t run(const AttnParams& p, cudaStream_t s) {
+    return use_blocks(p, true) ? cudaSuccess : run_bwd_prepare<T, A>(p, s);
+  }
+};
+template <typename T, typename A> struct BwdLocalOp {
+  static cudaError_t run(const AttnParams& p, cudaStream_t s) {
+    return use_blocks(p, true) ? run_local_blocks<T, A>(p, true, s) : run_local<T, A>(p, true, s);
+  }
+};
 
 }  // namespace
 
@@ -282,34 +587,30 @@ bool supports(const AttnParams& p) {
 // the larger of the generic and the tensor-core plans.
 size_t fwd_workspace_bytes(const AttnParams& p) {
   if (!supports(p)) return 0;
-  size_t bytes = 0;
-  for (int mode : {0, 1}) {
-    if (mode == 1 && !fast::shape_supported(p)) continue;
-    const Plan pl = plan_fwd(p, mode);
-    if (pl.ok) bytes = std::max(bytes, pl.fwd_bytes());
-  }
-  return bytes;
+  const size_t one = plan_bytes(p, false);
+  return blocks_shape(p) && p.N > 0 ? std::max(one, block_layout(p, false).total) : one;
 }
 
 size_t bwd_workspace_bytes(const AttnParams& p) {
   if (!supports(p)) return 0;
-  size_t bytes = 0;
-  for (int mode : {0, 1}) {
-    if (mode == 1 && !fast::shape_supported(p)) continue;
-    const Plan pl = plan_bwd(p, mode);
-    if (pl.ok) bytes = std::max(bytes, pl.bwd_bytes());
-  }
-  return bytes;
+  const size_t one = plan_bytes(p, true);
+  return blocks_shape(p) && p.N > 0 ? std::max(one, block_layout(p, true).total) : one;
 }
 
 const char* fwd_main_kernel_name(const AttnParams& p) {
   if (!supports(p) || p.N == 0) return "generic";
+  if (use_blocks(p, false)) {  // the first block's (the others have the same or smaller dims)
+    const DimBlocks bd = dim_blocks(p.D), be = dim_blocks(p.E);
+    const Plan pl = plan_fwd(sub_params(p, 0, bd.size[0], 0, be.size[0]), p.D > 128 ? 2 : -1);
+    return family_name(pl.ok ? pl.main : Family::Generic);
+  }
   const Plan pl = plan_fwd(p);
   return family_name(pl.ok ? pl.main : Family::Generic);
 }
 
 const char* bwd_main_kernel_name(const AttnParams& p) {
   if (!supports(p) || p.N == 0) return "generic";
+  if (use_blocks(p, true)) return family_name(Family::Mma);
   const Plan pl = plan_bwd(p);
   return family_name(pl.ok ? pl.main : Family::Generic);
 }
@@ -317,6 +618,11 @@ const char* bwd_main_kernel_name(const AttnParams& p) {
 namespace {
 bool split_of(const AttnParams& p, bool backward, int64_t* nseg, int64_t* seglen) {
   if (!supports(p) || p.N == 0) return false;
+  if (use_blocks(p, backward)) {  // the blocks keep no segment states between the passes
+    *nseg = 1;
+    *seglen = p.N;
+    return true;
+  }
   const Plan pl = backward ? plan_bwd(p) : plan_fwd(p);
   if (!pl.ok) return false;
   *nseg = pl.nseg;

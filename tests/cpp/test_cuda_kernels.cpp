@@ -562,8 +562,11 @@ std::vector<Case> head_dim_sweep_cases(ScalarType dt) {
   }
   // Multiples of 8 up to 128 in 16-bit dtypes take the mma.sync kernels padded to {64, 128}: each side of
   // the 64 boundary for D and E, both sizes, GQA.
-  const int padded[][2] = {{8, 8},   {24, 40},  {32, 32},  {32, 128}, {40, 24},  {56, 120}, {72, 16},
-                           {96, 64}, {96, 96},  {104, 72}, {120, 128}, {128, 96}, {64, 32},  {128, 8}};
+  // Above 128 (multiples of 8): blocks of D and E on the same kernels, sums in fp32.
+  const int padded[][2] = {{8, 8},    {24, 40},   {32, 32},   {32, 128},  {40, 24},   {56, 120},  {72, 16},
+                           {96, 64},  {96, 96},   {104, 72},  {120, 128}, {128, 96},  {64, 32},   {128, 8},
+                           {256, 256}, {192, 192}, {136, 64},  {64, 136},  {256, 40},  {24, 256},  {200, 160},
+                           {160, 248}, {128, 256}, {256, 128}};
   int j = 0;
   for (const auto& de : padded) {
     Case c = out.front();
@@ -617,11 +620,11 @@ AttnParams plan_only_params(ScalarType dt, int D, int E) {
   return p;
 }
 
-// Every case of cases_for(dt) the tensor-core kernels take (D and E multiples of 8 up to 128),
+// Every case of cases_for(dt) the tensor-core kernels take (D and E multiples of 8; above 128 as blocks),
 // whole-sequence and split.
 void run_tensor_core_cases(ScalarType dt) {
   for (const Case& c : cases_for(dt)) {
-    if (c.D % 8 != 0 || c.D > 128 || c.E % 8 != 0 || c.E > 128) continue;  // the generic kernels either way
+    if (c.D % 8 != 0 || c.E % 8 != 0) continue;  // the generic kernels either way
     run_case(c, /*split=*/false);
     if (::testing::Test::HasFatalFailure()) return;
     run_case(c, /*split=*/true);
@@ -640,11 +643,15 @@ TEST(CudaKernelsApi, ForwardKernelChoice) {
     for (int D : {8, 32, 96, 120})
       for (int E : {16, 40, 64, 128}) EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(plan_only_params(dt, D, E)), "mma");
     EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(plan_only_params(dt, 128, 96)), "mma");
-    // no tensor-core kernel: not a multiple of 8, or above 128
+    // no tensor-core kernel: not a multiple of 8
     EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(plan_only_params(dt, 33, 64)), "generic");
     EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(plan_only_params(dt, 64, 100)), "generic");
-    EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(plan_only_params(dt, 256, 64)), "generic");
-    EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(plan_only_params(dt, 64, 192)), "generic");
+    EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(plan_only_params(dt, 201, 64)), "generic");
+    // above 128: blocks of at most 128; mma.sync where D is cut (o summed in fp32), else the first block's
+    for (int D : {136, 192, 256})
+      for (int E : {64, 96, 256}) EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(plan_only_params(dt, D, E)), "mma");
+    EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(plan_only_params(dt, 64, 192)), fast);
+    EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(plan_only_params(dt, 96, 256)), "mma");
   }
   EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(plan_only_params(ScalarType::Float32, 128, 128)), "generic");
   lasp::cuda::set_fwd_kernel(lasp::cuda::FwdKernel::Mma);
@@ -668,7 +675,9 @@ TEST(CudaKernelsApi, BackwardKernelChoice) {
     for (int D : {8, 32, 96, 120})
       for (int E : {16, 40, 64, 128}) EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(plan_only_params(dt, D, E)), "mma");
     EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(plan_only_params(dt, 64, 100)), "generic");
-    EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(plan_only_params(dt, 256, 256)), "generic");
+    EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(plan_only_params(dt, 256, 257)), "generic");
+    for (int D : {64, 192, 256})  // above 128: blocks on mma.sync (dq, dk, dv summed in fp32)
+      for (int E : {136, 256}) EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(plan_only_params(dt, D, E)), "mma");
   }
   EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(plan_only_params(ScalarType::Float32, 128, 128)), "generic");
   lasp::cuda::set_bwd_kernel(lasp::cuda::BwdKernel::Mma);

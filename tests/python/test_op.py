@@ -271,12 +271,15 @@ def test_head_dim_sweep_many_heads(lasp, device, D, E, dtype, seed):
 # loads, masked stores). D = 8 i with E = 8 (5 i mod 17) pairs each multiple once as D and once as E, on
 # both sides of 64; several segments per head and GQA.
 TC_PADDED_DIMS = [(8 * i, 8 * ((5 * i) % 17)) for i in range(1, 17)]
+# Above 128: blocks of D and E (at most 128 each) on the same kernels, o / dq / dk / dv summed in fp32.
+TC_PADDED_DIMS += [(256, 256), (192, 192), (136, 64), (64, 136), (256, 8), (24, 256), (200, 160), (160, 248),
+                   (128, 256), (256, 128), (248, 96)]
 
 
 @pytest.mark.parametrize("D,E", TC_PADDED_DIMS, ids=lambda x: str(x))
 @pytest.mark.parametrize("device", [d for d in DEVICES if d.values[0] == "cuda"])
 def test_head_dim_padded_tensor_cores(lasp, device, D, E, seed):
-    i = D // 8
+    i = D // 8 + E // 8
     dtype = (torch.bfloat16, torch.float16)[i % 2]
     layout = ("bhnd", "bnhd")[(i // 2) % 2]
     _sweep_case(lasp, D, E, seed, device=device, dtype=dtype, B=2, H=12, Hkv=4, N=333, layout=layout)
