@@ -19,6 +19,11 @@ tensors of the models (``input_ids`` (B, N), hidden states (B, N, C)) and of ``l
 ``layout="bnhd"``. For the default ``layout="bhnd"`` of ``lasp_attention`` (q of shape (B, H, N, D))
 pass ``dim=2``.
 
+Packed documents (one row of B = 1 holding several documents, ``cu_seqlens`` = ``[0, ..., N]`` their
+global offsets, the same on every rank): :func:`split_packed` gives this rank's piece and the position
+of each of its tokens inside its document (position ids that restart at every document, as
+transformers' ``DataCollatorWithFlattening`` makes them); documents may span any number of ranks.
+
 Pieces are balanced: with ``n`` tokens over ``W`` ranks, the first ``n % W`` ranks hold one more
 token (as ``torch.tensor_split``); with ``n < W`` the last ranks hold empty pieces, which
 ``lasp_attention`` accepts (N = 0 passes the state through).
@@ -39,6 +44,9 @@ __all__ = [
     "split_sequence",
     "gather_sequence",
     "allreduce_grads",
+    "check_cu_seqlens",
+    "document_position_ids",
+    "split_packed",
 ]
 
 SEQ_DIM = 1  # token dim of (B, N, ...) tensors; lasp_attention's "bhnd" layout has it at 2
@@ -348,3 +356,108 @@ def allreduce_grads(parameters: Iterable[torch.Tensor], group) -> None:
             n = t.numel()
             t.copy_(flat[off:off + n].view_as(t))
             off += n
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed documents
+
+
+def check_cu_seqlens(cu_seqlens, total: int, fn: str = "check_cu_seqlens") -> torch.Tensor:
+    """Checks document offsets ``cu_seqlens`` of a packed row of ``total`` tokens and returns them as a CPU
+    int64 tensor. They must be a 1-D int32 or int64 tensor ``[0, ..., total]``, strictly increasing (every
+    document has at least one token). Each violation raises a ValueError / TypeError naming ``cu_seqlens``."""
+    where = f"lasp.distributed.{fn}"
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{where}: cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{where}: cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(
+            f"{where}: cu_seqlens must be 1-D with at least 2 offsets [0, ..., N], got shape {tuple(cu_seqlens.shape)}"
+        )
+    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    if int(cu[0]) != 0:
+        raise ValueError(f"{where}: cu_seqlens must start at 0, got {int(cu[0])}")
+    steps = cu[1:] - cu[:-1]
+    if bool((steps <= 0).any()):
+        i = int(torch.nonzero(steps <= 0)[0])
+        raise ValueError(
+            f"{where}: cu_seqlens must be strictly increasing (no empty documents), got cu_seqlens[{i}] = "
+            f"{int(cu[i])} and cu_seqlens[{i + 1}] = {int(cu[i + 1])}"
+        )
+    if int(cu[-1]) != total:
+        raise ValueError(
+            f"{where}: the last offset of cu_seqlens ({int(cu[-1])}) must equal the packed length ({total})"
+        )
+    return cu
+
+
+def document_position_ids(cu_seqlens, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+    """Position of each token ``start .. stop-1`` of a packed row inside its document (0 at every document
+    start), as a 1-D int64 CPU tensor. ``stop`` defaults to the packed length ``cu_seqlens[-1]``."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"lasp.distributed.document_position_ids: cu_seqlens must be a torch.Tensor, got "
+                        f"{type(cu_seqlens).__name__}")
+    total = int(cu_seqlens[-1]) if cu_seqlens.numel() else 0
+    cu = check_cu_seqlens(cu_seqlens, total, "document_position_ids")
+    stop = total if stop is None else stop
+    _check_int("document_position_ids", "start", start, 0)
+    _check_int("document_position_ids", "stop", stop, start)
+    if stop > total:
+        raise ValueError(f"lasp.distributed.document_position_ids: stop ({stop}) must be <= the packed length ({total})")
+    t = torch.arange(start, stop, dtype=torch.int64)
+    doc = torch.searchsorted(cu, t, right=True) - 1
+    return t - cu[doc]
+
+
+def _check_same_offsets(cu: torch.Tensor, group, device) -> None:
+    """Every rank of the group raises the same error when the ranks' cu_seqlens differ."""
+    W, _ = _group_size_rank(group, "split_packed")
+    if W == 1:
+        return
+    w = torch.arange(1, cu.numel() + 1, dtype=torch.int64)
+    mine = torch.tensor([cu.numel(), int(cu.sum()), int((cu * w).sum() % (1 << 61))], dtype=torch.int64, device=device)
+    allv = torch.empty(3 * W, dtype=torch.int64, device=device)
+    dist.all_gather_into_tensor(allv, mine, group=group)
+    rows = allv.view(W, 3).tolist()
+    differ = [i for i, row in enumerate(rows) if row != rows[0]]
+    if differ:
+        raise ValueError(
+            "lasp.distributed.split_packed: cu_seqlens must be the same on every rank of the group (the global "
+            f"document offsets); group ranks {differ} differ from group rank 0"
+        )
+
+
+def split_packed(x: torch.Tensor, cu_seqlens, group, dim: int = SEQ_DIM) -> Tuple[torch.Tensor, torch.Tensor]:
+    """This rank's contiguous piece of a packed row and the position ids of its tokens inside their documents.
+
+    Args:
+        x: the packed row, batch size 1: ``input_ids`` (1, N), hidden states (1, N, C), ... (``dim``: the
+            token dim, default 1).
+        cu_seqlens: the global document offsets ``[0, ..., N]`` (int32 / int64), the same on every rank
+            (checked with one small all-gather; a difference raises on every rank). Pass the same tensor to
+            ``lasp_attention``: it stays global.
+        group: the sequence-parallel group; None: the whole row (one rank).
+    Returns:
+        ``(x_local, position_ids)``: the piece of :func:`split_sequence` (balanced, contiguous; documents may
+        span any number of ranks, pieces may be empty) and a (1, n_local) int64 tensor on ``x``'s device with
+        each token's position inside its document.
+    Raises:
+        ValueError naming ``x`` when the batch size is not 1, and the errors of :func:`check_cu_seqlens`.
+    """
+    d = _norm_dim(x, dim, "split_packed")
+    if d == 0 or x.shape[0] != 1:
+        raise ValueError(
+            f"lasp.distributed.split_packed: x must be one packed row (batch size 1, tokens along dim {d} != 0), "
+            f"got shape {tuple(x.shape)}"
+        )
+    total = x.shape[d]
+    cu = check_cu_seqlens(cu_seqlens, total, "split_packed")
+    if group is None:
+        W, r = 1, 0
+    else:
+        W, r = _group_size_rank(group, "split_packed")
+        _check_same_offsets(cu, group, x.device)
+    start, stop = shard_bounds(total, W, r)
+    piece = x.narrow(d, start, stop - start).clone(memory_format=torch.contiguous_format)
+    return piece, document_position_ids(cu, start, stop).unsqueeze(0).to(x.device)
