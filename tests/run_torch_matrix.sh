@@ -6,6 +6,8 @@
 # build in python/lasp/ (tests/install.sh) is left as it is. Then ctest on that build and pytest with the
 # environment's python, which imports the environment's lasp. Needs the build tools tests/install.sh installs
 # (cmake, g++, GoogleTest). Usage: bash tests/run_torch_matrix.sh [TORCH_VERSION [pytest args...]]
+# The environment also takes a second transformers release (LASP_MATRIX_TRANSFORMERS, default 5.22.2; the main
+# stage has tests/requirements.txt's 5.17.0), so the HuggingFace integration is tested on two releases.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH=${1:-2.10.0}
@@ -19,8 +21,10 @@ step() { echo "== torch $TORCH: $* ($((SECONDS - start)) s)"; }
 step "environment $VENV"
 [ -x "$PY" ] || python3 -m venv "$VENV"
 mkdir -p "$BUILD"
-grep -v '^torch[=<>!~ ]' tests/requirements.txt > "$BUILD/requirements-without-torch.txt"
-"$PY" -m pip install -q --disable-pip-version-check "torch==$TORCH" -r "$BUILD/requirements-without-torch.txt"
+TRANSFORMERS=${LASP_MATRIX_TRANSFORMERS:-5.22.2}
+grep -v '^torch[=<>!~ ]' tests/requirements.txt | grep -v '^transformers[=<>!~ ]' > "$BUILD/requirements-without-torch.txt"
+"$PY" -m pip install -q --disable-pip-version-check "torch==$TORCH" "transformers==$TRANSFORMERS" \
+  -r "$BUILD/requirements-without-torch.txt"
 
 step "build (CPU only) and install lasp"
 LASP_WITH_CUDA=0 LASP_BUILD_DIR=$BUILD "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation \
@@ -28,10 +32,11 @@ LASP_WITH_CUDA=0 LASP_BUILD_DIR=$BUILD "$PY" -m pip install -q --disable-pip-ver
 # The suite must test this build: lasp from the environment's site-packages, under this torch.
 "$PY" - "$TORCH" "$VENV" <<'EOF'
 import os, sys
-import torch, lasp
+import torch, lasp, transformers
 want, venv = sys.argv[1], os.path.realpath(sys.argv[2])
 where = os.path.realpath(lasp.__file__)
-print("lasp", lasp.__version__, "from", where, "under torch", torch.__version__)
+print("lasp", lasp.__version__, "from", where, "under torch", torch.__version__, "and transformers",
+      transformers.__version__)
 assert torch.__version__.split("+")[0] == want, f"torch {torch.__version__} in the environment, expected {want}"
 assert where.startswith(venv + os.sep), f"lasp imported from {where}, not from the environment {venv}"
 EOF

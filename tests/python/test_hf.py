@@ -320,11 +320,30 @@ def test_refuses_other_versions(monkeypatch):
     import transformers as tf_now  # transformers' lazy module may have replaced itself in sys.modules
 
     monkeypatch.setattr(tf_now, "__version__", "4.0.0")
-    with pytest.raises(RuntimeError, match=r"supports transformers 5\.17\.0, found 4\.0\.0"):
+    with pytest.raises(RuntimeError, match=r"supports transformers 5\.16\.0, .*5\.17\.0, .*5\.22\.2, found 4\.0\.0"):
         hf.patch_minimax(model)
     assert not hf.is_patched(model)
     hf.patch_minimax(model, allow_untested_version=True)  # structural checks pass on this code
     hf.unpatch_minimax(model)
+
+
+def test_fingerprints_per_release(monkeypatch):
+    """Each supported release has its own fingerprints: the installed MiniMax code passes under its own
+    version number and is refused under a release whose code differs (5.17.0 and 5.22.2 differ in
+    MiniMaxLightningAttention.forward)."""
+    hf = _hf()
+    import transformers as tf_now
+
+    assert set(hf.SUPPORTED_TRANSFORMERS) >= {"5.16.0", "5.17.0", "5.18.0", "5.22.2"}
+    assert all(len(fp) == 4 for fp in hf._FINGERPRINTS.values())
+    installed = tf_now.__version__
+    assert installed in hf.SUPPORTED_TRANSFORMERS, f"the test environment's transformers {installed} is not supported"
+    other = "5.22.2" if hf._FINGERPRINTS[installed] == hf._FINGERPRINTS["5.17.0"] else "5.17.0"
+    model = make_model(tiny_config(), F32, seed=1)
+    monkeypatch.setattr(tf_now, "__version__", other)
+    with pytest.raises(RuntimeError, match=rf"MiniMaxLightningAttention\.forward differs from the released transformers {other}"):
+        hf.patch_minimax(model)
+    assert not hf.is_patched(model)
 
 
 def test_refuses_changed_model_code(monkeypatch):

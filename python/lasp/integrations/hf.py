@@ -39,9 +39,11 @@ the sp group) and pickled with ``torch.save``. A process group does not survive 
 while patched with a group loads patched without one, and its forward raises until it is unpatched and
 patched again with a group of the new process (a state dict is the usual way to save weights).
 
-The code reproduced here was read from transformers ``SUPPORTED_TRANSFORMERS`` ("5.17.0"). Another
-version, or a 5.17.0 whose MiniMax source differs (sha256 fingerprints of the reproduced functions),
-raises an error naming it. ``allow_untested_version=True`` skips those two checks, not the structural
+The code reproduced here was read from transformers 5.17.0 and checked against the MiniMax source of
+the releases in ``SUPPORTED_TRANSFORMERS`` (5.16.0 to 5.22.2: from 5.18.0 on, only the zero initial
+state of the block loop is built differently, which lasp does not run). Another version, or a listed
+one whose MiniMax source differs (sha256 fingerprints of the reproduced functions, per release),
+raises an error naming them. ``allow_untested_version=True`` skips those two checks, not the structural
 ones (the classes, attributes and forward signatures relied on).
 """
 from __future__ import annotations
@@ -60,17 +62,24 @@ from ..distributed import gather_sequence
 __all__ = ["patch", "unpatch", "patch_minimax", "unpatch_minimax", "is_patched", "SUPPORTED_TRANSFORMERS",
            "SUPPORTED_MODELS"]
 
-SUPPORTED_TRANSFORMERS = "5.17.0"
-
-# sha256 of inspect.getsource(...) of the transformers functions whose behaviour is reproduced here,
-# in SUPPORTED_TRANSFORMERS. A mismatch means the model code changed under the same version number
-# (a patched install, a dev build): refuse rather than compute something else.
-_FINGERPRINTS = {
+# sha256 of inspect.getsource(...) of the transformers functions whose behaviour is reproduced here, per
+# release. A mismatch means the model code changed under the same version number (a patched install, a
+# dev build): refuse rather than compute something else.
+_FP_516 = {  # 5.16.0 - 5.17.0
     "MiniMaxLightningAttention.forward": "693a8e8a3970703e99d074ebdb46f2b5932a4f567800a38bd36676b457de2092",
     "MiniMaxAttention.forward": "98e841a5cfbac69612269a9ee7b0c20f1d20107da7addbdfbce1560e40c77d65",
     "MiniMaxModel.forward": "382237ec7b266339492904bfca278abeecbce56e88718939f943b280baada9a4",
     "apply_mask_to_padding_states": "ac70fe1177ec07fffda88e30269d307c4913464f169f12288b831d19a0437207",
 }
+# 5.18.0 - 5.22.2: the zero initial state of the block loop is built with device= / dtype= instead of .to()
+_FP_518 = dict(_FP_516, **{
+    "MiniMaxLightningAttention.forward": "69bc3f622840097cfc6810b4640b50455db872e89ee2a49d8bb326b65a9f88c5",
+})
+_FINGERPRINTS = {"5.16.0": _FP_516, "5.16.1": _FP_516, "5.17.0": _FP_516, "5.18.0": _FP_518, "5.19.0": _FP_518,
+                 "5.20.2": _FP_518, "5.21.1": _FP_518, "5.22.2": _FP_518}
+# The transformers releases the MiniMax integration supports (CI tests 5.17.0 and 5.22.2).
+SUPPORTED_TRANSFORMERS = tuple(_FINGERPRINTS)
+_SUPPORTED = ", ".join(SUPPORTED_TRANSFORMERS)
 
 _PATCH_ATTR = "_lasp_hf_patch"
 
@@ -103,21 +112,21 @@ def _minimax_module(allow_untested_version: bool):
         from transformers.models.minimax import modeling_minimax as mm
     except ImportError as e:
         raise ImportError(
-            _err(f"needs HuggingFace transformers=={SUPPORTED_TRANSFORMERS} (`pip install "
-                 f"transformers=={SUPPORTED_TRANSFORMERS}`): {e}")
+            _err(f"needs HuggingFace transformers, one of {_SUPPORTED} (`pip install "
+                 f"transformers=={SUPPORTED_TRANSFORMERS[-1]}`): {e}")
         ) from e
     version = transformers.__version__
-    if version != SUPPORTED_TRANSFORMERS and not allow_untested_version:
+    if version not in _FINGERPRINTS and not allow_untested_version:
         raise RuntimeError(
-            _err(f"supports transformers {SUPPORTED_TRANSFORMERS}, found {version}: MiniMax's attention code may "
-                 f"differ. Install transformers=={SUPPORTED_TRANSFORMERS}, or pass allow_untested_version=True to "
+            _err(f"supports transformers {_SUPPORTED}, found {version}: MiniMax's attention code may "
+                 f"differ. Install one of those, or pass allow_untested_version=True to "
                  "try anyway (the structural checks still run)")
         )
     for name in ("MiniMaxLightningAttention", "MiniMaxAttention", "MiniMaxModel", "MiniMaxCache",
                  "apply_mask_to_padding_states", "apply_rotary_pos_emb", "repeat_kv"):
         if not hasattr(mm, name):
             raise RuntimeError(
-                _err(f"transformers {version} has no modeling_minimax.{name}; supported: {SUPPORTED_TRANSFORMERS}")
+                _err(f"transformers {version} has no modeling_minimax.{name}; supported: {_SUPPORTED}")
             )
     for cls, want in ((mm.MiniMaxLightningAttention, _LIGHTNING_FORWARD_PARAMS),
                       (mm.MiniMaxAttention, _ATTENTION_FORWARD_PARAMS),
@@ -126,14 +135,14 @@ def _minimax_module(allow_untested_version: bool):
         if got != want:
             raise RuntimeError(
                 _err(f"transformers {version}: {cls.__name__}.forward takes {got}, expected {want} "
-                     f"(transformers {SUPPORTED_TRANSFORMERS})")
+                     f"(transformers {_SUPPORTED})")
             )
     for name in ("get_linear_cache", "set_linear_cache"):
         if not hasattr(mm.MiniMaxCache, name):
             raise RuntimeError(
-                _err(f"transformers {version}: MiniMaxCache has no {name} (supported: {SUPPORTED_TRANSFORMERS})")
+                _err(f"transformers {version}: MiniMaxCache has no {name} (supported: {_SUPPORTED})")
             )
-    if version == SUPPORTED_TRANSFORMERS:
+    if version in _FINGERPRINTS:
         objs = {
             "MiniMaxLightningAttention.forward": mm.MiniMaxLightningAttention.forward,
             "MiniMaxAttention.forward": mm.MiniMaxAttention.forward,
@@ -141,7 +150,7 @@ def _minimax_module(allow_untested_version: bool):
             "apply_mask_to_padding_states": mm.apply_mask_to_padding_states,
         }
         for key, obj in objs.items():
-            want = _FINGERPRINTS.get(key)
+            want = _FINGERPRINTS[version].get(key)
             try:
                 src = inspect.getsource(obj)
             except (OSError, TypeError):
@@ -150,7 +159,7 @@ def _minimax_module(allow_untested_version: bool):
             if want is not None and got != want and not allow_untested_version:
                 raise RuntimeError(
                     _err(f"transformers {version}: the source of modeling_minimax.{key} differs from the released "
-                         f"transformers {SUPPORTED_TRANSFORMERS} this integration reproduces (sha256 {got[:12]} vs "
+                         f"transformers {version} this integration reproduces (sha256 {got[:12]} vs "
                          f"{want[:12]}); install the release, or pass allow_untested_version=True")
                 )
     return mm
@@ -195,13 +204,13 @@ def _check_lightning(m) -> None:
         if not hasattr(m, a):
             raise RuntimeError(
                 _err(f"{type(m).__name__} (layer {getattr(m, 'layer_idx', '?')}) has no attribute {a!r}; "
-                     f"supported: transformers {SUPPORTED_TRANSFORMERS}")
+                     f"supported: transformers {_SUPPORTED}")
             )
     H, D = m.num_attention_heads, m.head_dim
     if tuple(m.slope_rate.shape) != (H, 1, 1):
         raise RuntimeError(
             _err(f"layer {m.layer_idx}: slope_rate has shape {tuple(m.slope_rate.shape)}, expected ({H}, 1, 1) "
-                 f"(transformers {SUPPORTED_TRANSFORMERS})")
+                 f"(transformers {_SUPPORTED})")
         )
     if m.qkv_proj.out_features != 3 * H * D:
         raise RuntimeError(
@@ -214,7 +223,7 @@ def _check_attention(m) -> None:
         if not hasattr(m, a):
             raise RuntimeError(
                 _err(f"{type(m).__name__} (layer {getattr(m, 'layer_idx', '?')}) has no attribute {a!r}; "
-                     f"supported: transformers {SUPPORTED_TRANSFORMERS}")
+                     f"supported: transformers {_SUPPORTED}")
             )
 
 
@@ -421,7 +430,7 @@ def patch_minimax(model: torch.nn.Module, sp_group=None, *, allow_untested_versi
         sp_group: None, or a torch.distributed ProcessGroup over which each sequence is split (group rank r
             passes the r-th contiguous piece). Its full-attention layers then all-gather K and V; position
             ids default to the global positions; no cache, no padding masks with full-attention layers.
-        allow_untested_version: run on a transformers other than SUPPORTED_TRANSFORMERS (at your own risk).
+        allow_untested_version: run on a transformers not in SUPPORTED_TRANSFORMERS (at your own risk).
     """
     mm = _minimax_module(allow_untested_version)
     if getattr(model, _PATCH_ATTR, None) is not None:
