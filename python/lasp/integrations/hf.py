@@ -241,17 +241,6 @@ def _group_rank_size(group):
     return dist.get_rank(group=group), dist.get_world_size(group=group)
 
 
-def _piece_lengths(group, n: int, device) -> list:
-    """Local sequence lengths of every rank of the group (one small all-gather)."""
-    import torch.distributed as dist
-
-    _, world = _group_rank_size(group)
-    t = torch.tensor([n], dtype=torch.int64, device=device)
-    out = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(out, t, group=group)
-    return [int(x.item()) for x in out]
-
-
 # What a rank's call to the model asks for under a group, exchanged before the model's first collective
 # so that a refusal raises on every rank (not on one while the others wait in a collective).
 _CALL_OK, _CALL_CACHE, _CALL_MASK_KIND, _CALL_PADDING = 0, 1, 2, 3
@@ -359,7 +348,7 @@ def _sp_attention_forward(self, hidden_states, position_embeddings, attention_ma
 
     n = hidden_states.shape[1]
     rank, _ = _group_rank_size(group)
-    lengths = _piece_lengths(group, n, hidden_states.device)
+    lengths = _agree_call(group, n, _CALL_OK, hidden_states.device)  # every rank's local length
     offset = sum(lengths[:rank])
     # (B, Hkv, N_total, D); the backward sums each piece's gradients over the ranks (a reduce-scatter)
     key_states = gather_sequence(key_states, group, dim=2, sizes=lengths)
