@@ -405,6 +405,11 @@ def document_position_ids(cu_seqlens, start: int = 0, stop: Optional[int] = None
     _check_int("document_position_ids", "stop", stop, start)
     if stop > total:
         raise ValueError(f"lasp.distributed.document_position_ids: stop ({stop}) must be <= the packed length ({total})")
+    return _positions(cu, start, stop)
+
+
+def _positions(cu: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """document_position_ids on offsets check_cu_seqlens has passed."""
     t = torch.arange(start, stop, dtype=torch.int64)
     doc = torch.searchsorted(cu, t, right=True) - 1
     return t - cu[doc]
@@ -460,4 +465,4 @@ def split_packed(x: torch.Tensor, cu_seqlens, group, dim: int = SEQ_DIM) -> Tupl
         _check_same_offsets(cu, group, x.device)
     start, stop = shard_bounds(total, W, r)
     piece = x.narrow(d, start, stop - start).clone(memory_format=torch.contiguous_format)
-    return piece, document_position_ids(cu, start, stop).unsqueeze(0).to(x.device)
+    return piece, _positions(cu, start, stop).unsqueeze(0).to(x.device)
