@@ -263,8 +263,6 @@ cudaError_t run_bwd_prepare(const AttnParams& p, cudaStream_t st) {
 // reuse a previous call's phase 1 (local_ready) or the forward's segment states: each block recomputes them.
 namespace {
 
-size_t align256(size_t x) { return (x + 255) / 256 * 256; }
-
 struct DimBlocks {
   int n = 1;
   int start[2] = {0, 0};
@@ -318,12 +316,29 @@ AttnParams sub_params(const AttnParams& p, int d0, int Ds, int e0, int Es) {
   return s;
 }
 
-// Every block's params, in the order the drivers run them.
+// One block: its params and where its columns start in p (d0 in q / k, e0 in v / o).
+struct Block {
+  AttnParams s;
+  int d0, e0;
+};
+
+// Every block, in the order the drivers run them.
 template <typename F>
 void for_blocks(const AttnParams& p, F f) {
   const DimBlocks bd = dim_blocks(p.D), be = dim_blocks(p.E);
   for (int i = 0; i < bd.n; ++i)
-    for (int j = 0; j < be.n; ++j) f(sub_params(p, bd.start[i], bd.size[i], be.start[j], be.size[j]));
+    for (int j = 0; j < be.n; ++j)
+      f(Block{sub_params(p, bd.start[i], bd.size[i], be.start[j], be.size[j]), bd.start[i], be.start[j]});
+}
+
+// Runs f on every block until one returns an error (returned).
+template <typename F>
+cudaError_t run_blocks(const AttnParams& p, F f) {
+  cudaError_t err = cudaSuccess;
+  for_blocks(p, [&](Block b) {
+    if (err == cudaSuccess) err = f(b);
+  });
+  return err;
 }
 
 // Workspace bytes of one (unblocked) problem: the largest plan over the modes it may run in.
@@ -341,13 +356,14 @@ struct BlockLayout {  // byte offsets into the workspace of a blocked call
   size_t sub = 0;          // each block's own workspace (they run one after another)
   size_t state[3] = {};    // (B, H, Ds, Es) fp32 state blocks: forward S_in, S_out; backward S_in, G, dS_in
   size_t acc[3] = {};      // forward: o (with two blocks of D); backward: dq, dk, dv per query head
+  size_t acc_bytes[3] = {};  // their sizes (0: not used)
   size_t total = 0;
 };
 
 BlockLayout block_layout(const AttnParams& p, bool backward) {
   BlockLayout L;
   size_t sub = 0;
-  for_blocks(p, [&](const AttnParams& s) { sub = std::max(sub, plan_bytes(s, backward)); });
+  for_blocks(p, [&](const Block& b) { sub = std::max(sub, plan_bytes(b.s, backward)); });
   size_t off = align256(sub);
   const size_t blk = align256((size_t)p.B * p.H * std::min<int64_t>(p.D, 128) * std::min<int64_t>(p.E, 128) * 4);
   for (int i = 0; i < (backward ? 3 : 2); ++i) {
@@ -356,14 +372,14 @@ BlockLayout block_layout(const AttnParams& p, bool backward) {
   }
   const size_t tok = (size_t)p.B * p.H * p.N * 4;
   if (backward) {
-    const int64_t widths[3] = {p.D, p.D, p.E};
-    for (int i = 0; i < 3; ++i) {
-      L.acc[i] = off;
-      off += align256(tok * widths[i]);
-    }
+    L.acc_bytes[0] = L.acc_bytes[1] = tok * p.D;
+    L.acc_bytes[2] = tok * p.E;
   } else if (p.D > 128) {
-    L.acc[0] = off;
-    off += align256(tok * p.E);
+    L.acc_bytes[0] = tok * p.E;
+  }
+  for (int i = 0; i < 3; ++i) {
+    L.acc[i] = off;
+    off += align256(L.acc_bytes[i]);
   }
   L.total = off;
   return L;
@@ -378,8 +394,8 @@ bool use_blocks(const AttnParams& p, bool backward) {
   if (!views) return false;
   const bool acc = backward || p.D > 128;
   bool ok = true;
-  for_blocks(p, [&](const AttnParams& s) {
-    const Plan pl = backward ? plan_bwd(s, 2) : plan_fwd(s, acc ? 2 : -1);
+  for_blocks(p, [&](const Block& b) {
+    const Plan pl = backward ? plan_bwd(b.s, 2) : plan_fwd(b.s, acc ? 2 : -1);
     ok = ok && pl.ok && (!acc || pl.main == Family::Mma);
   });
   return ok;
@@ -403,22 +419,23 @@ __global__ void state_block_kernel(const float* src, float* dst, int64_t BH, int
   }
 }
 
-// The offsets of block s within p.
-int block_d0(const AttnParams& p, const AttnParams& s) {
-  return (int)((static_cast<const char*>(s.q.ptr) - static_cast<const char*>(p.q.ptr)) / 2 / p.q.stride[3]);
-}
-int block_e0(const AttnParams& p, const AttnParams& s) {
-  return (int)((static_cast<const char*>(s.v.ptr) - static_cast<const char*>(p.v.ptr)) / 2 / p.v.stride[3]);
-}
-
-cudaError_t state_block(const AttnParams& p, const AttnParams& s, const void* src, void* dst, bool to_block,
+cudaError_t state_block(const AttnParams& p, const Block& b, const void* src, void* dst, bool to_block,
                         cudaStream_t st) {
-  const int64_t BH = p.B * p.H, total = BH * s.D * s.E;
-  const int d0 = block_d0(p, s), e0 = block_e0(p, s);
+  const int64_t BH = p.B * p.H, total = BH * b.s.D * b.s.E;
   const unsigned nb = (unsigned)std::min<int64_t>((total + 255) / 256, 132 * 8);
   state_block_kernel<<<nb, 256, 0, st>>>(static_cast<const float*>(src), static_cast<float*>(dst), BH, (int)p.D,
-                                         (int)p.E, d0, e0, (int)s.D, (int)s.E, to_block);
+                                         (int)p.E, b.d0, b.e0, (int)b.s.D, (int)b.s.E, to_block);
   return cudaGetLastError();
+}
+
+// A block's workspace (the front of the call's: blocks run one after another) and, where the call has one,
+// its block of the incoming state, copied to the first state slot.
+cudaError_t block_start(const AttnParams& p, Block& b, char* ws, const BlockLayout& L, cudaStream_t st) {
+  b.s.workspace = ws;
+  b.s.workspace_bytes = L.state[0];
+  if (!p.state_in) return cudaSuccess;
+  b.s.state_in = ws + L.state[0];
+  return state_block(p, b, p.state_in, ws + L.state[0], true, st);
 }
 
 TensorView4 acc_view(char* ws, size_t off, const AttnParams& p, int64_t X, int x0) {
@@ -451,22 +468,14 @@ cudaError_t run_fwd_blocks(const AttnParams& p, cudaStream_t st) {
   if (!p.workspace || p.workspace_bytes < L.total) return cudaErrorInvalidValue;
   char* ws = static_cast<char*>(p.workspace);
   const bool acc = p.D > 128;
-  if (acc) LASP_TRY(cudaMemsetAsync(ws + L.acc[0], 0, (size_t)p.B * p.H * p.N * p.E * 4, st));
-  cudaError_t err = cudaSuccess;
-  for_blocks(p, [&](AttnParams s) {
-    if (err != cudaSuccess) return;
-    s.workspace = ws;
-    s.workspace_bytes = L.state[0];
-    if (p.state_in) {
-      err = state_block(p, s, p.state_in, ws + L.state[0], true, st);
-      s.state_in = ws + L.state[0];
-    }
-    if (p.state_out) s.state_out = ws + L.state[1];
-    const TensorView4 ov = acc_view(ws, L.acc[0], p, p.E, block_e0(p, s));
-    if (err == cudaSuccess) err = run_fwd<T, A>(s, st, acc ? 2 : -1, acc ? &ov : nullptr);
-    if (err == cudaSuccess && p.state_out) err = state_block(p, s, ws + L.state[1], p.state_out, false, st);
-  });
-  LASP_TRY(err);
+  if (acc) LASP_TRY(cudaMemsetAsync(ws + L.acc[0], 0, L.acc_bytes[0], st));
+  LASP_TRY(run_blocks(p, [&](Block b) {
+    LASP_TRY(block_start(p, b, ws, L, st));
+    if (p.state_out) b.s.state_out = ws + L.state[1];
+    const TensorView4 ov = acc_view(ws, L.acc[0], p, p.E, b.e0);
+    LASP_TRY((run_fwd<T, A>(b.s, st, acc ? 2 : -1, acc ? &ov : nullptr)));
+    return p.state_out ? state_block(p, b, ws + L.state[1], p.state_out, false, st) : cudaSuccess;
+  }));
   if (acc) return convert_acc<T, A>(p, reinterpret_cast<const float*>(ws + L.acc[0]), p.o, p.E, false, st);
   return cudaSuccess;
 }
@@ -476,30 +485,19 @@ cudaError_t run_bwd_blocks(const AttnParams& p, cudaStream_t st) {
   const BlockLayout L = block_layout(p, true);
   if (!p.workspace || p.workspace_bytes < L.total) return cudaErrorInvalidValue;
   char* ws = static_cast<char*>(p.workspace);
-  const int64_t widths[3] = {p.D, p.D, p.E};
-  for (int i = 0; i < 3; ++i)
-    LASP_TRY(cudaMemsetAsync(ws + L.acc[i], 0, (size_t)p.B * p.H * p.N * widths[i] * 4, st));
-  cudaError_t err = cudaSuccess;
-  for_blocks(p, [&](AttnParams s) {
-    if (err != cudaSuccess) return;
-    s.workspace = ws;
-    s.workspace_bytes = L.state[0];
-    if (p.state_in) {
-      err = state_block(p, s, p.state_in, ws + L.state[0], true, st);
-      s.state_in = ws + L.state[0];
+  for (int i = 0; i < 3; ++i) LASP_TRY(cudaMemsetAsync(ws + L.acc[i], 0, L.acc_bytes[i], st));
+  LASP_TRY(run_blocks(p, [&](Block b) {
+    LASP_TRY(block_start(p, b, ws, L, st));
+    if (p.grad_state_out) {
+      LASP_TRY(state_block(p, b, p.grad_state_out, ws + L.state[1], true, st));
+      b.s.grad_state_out = ws + L.state[1];
     }
-    if (err == cudaSuccess && p.grad_state_out) {
-      err = state_block(p, s, p.grad_state_out, ws + L.state[1], true, st);
-      s.grad_state_out = ws + L.state[1];
-    }
-    if (p.grad_state_in) s.grad_state_in = ws + L.state[2];
-    const int d0 = block_d0(p, s), e0 = block_e0(p, s);
-    const TensorView4 acc[3] = {acc_view(ws, L.acc[0], p, p.D, d0), acc_view(ws, L.acc[1], p, p.D, d0),
-                                acc_view(ws, L.acc[2], p, p.E, e0)};
-    if (err == cudaSuccess) err = run_bwd<T, A>(s, st, 2, acc);
-    if (err == cudaSuccess && p.grad_state_in) err = state_block(p, s, ws + L.state[2], p.grad_state_in, false, st);
-  });
-  LASP_TRY(err);
+    if (p.grad_state_in) b.s.grad_state_in = ws + L.state[2];
+    const TensorView4 acc[3] = {acc_view(ws, L.acc[0], p, p.D, b.d0), acc_view(ws, L.acc[1], p, p.D, b.d0),
+                                acc_view(ws, L.acc[2], p, p.E, b.e0)};
+    LASP_TRY((run_bwd<T, A>(b.s, st, 2, acc)));
+    return p.grad_state_in ? state_block(p, b, ws + L.state[2], p.grad_state_in, false, st) : cudaSuccess;
+  }));
   LASP_TRY((convert_acc<T, A>(p, reinterpret_cast<const float*>(ws + L.acc[0]), p.dq, p.D, false, st)));
   LASP_TRY((convert_acc<T, A>(p, reinterpret_cast<const float*>(ws + L.acc[1]), p.dk, p.D, true, st)));
   return convert_acc<T, A>(p, reinterpret_cast<const float*>(ws + L.acc[2]), p.dv, p.E, true, st);
@@ -513,16 +511,13 @@ cudaError_t run_local_blocks(const AttnParams& p, bool reverse, cudaStream_t st)
   const BlockLayout L = block_layout(p, reverse);
   if (!p.workspace || p.workspace_bytes < L.total) return cudaErrorInvalidValue;
   char* ws = static_cast<char*>(p.workspace);
-  cudaError_t err = cudaSuccess;
-  for_blocks(p, [&](AttnParams s) {
-    if (err != cudaSuccess) return;
-    s.workspace = ws;
-    s.workspace_bytes = L.state[0];
-    (reverse ? s.grad_state_in : s.state_out) = ws + L.state[0];
-    err = run_local<T, A>(s, reverse, st);
-    if (err == cudaSuccess) err = state_block(p, s, ws + L.state[0], out, false, st);
+  return run_blocks(p, [&](Block b) {
+    b.s.workspace = ws;  // phase 1 reads no incoming state
+    b.s.workspace_bytes = L.state[0];
+    (reverse ? b.s.grad_state_in : b.s.state_out) = ws + L.state[0];
+    LASP_TRY((run_local<T, A>(b.s, reverse, st)));
+    return state_block(p, b, ws + L.state[0], out, false, st);
   });
-  return err;
 }
 
 }  // namespace

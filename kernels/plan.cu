@@ -39,8 +39,6 @@ DevInfo dev_info() {  // asked of the runtime once per device (launch_cache.h)
   return d;
 }
 
-size_t align256(size_t x) { return (x + 255) / 256 * 256; }
-
 // Chunk C and column tile of a generic kernel whose shared memory is smem(C, tile) elements.
 template <typename F>
 bool pick_tile(F smem, int full, size_t esz, size_t limit, int& C, int& tile, size_t& bytes) {

@@ -20,6 +20,9 @@ namespace lasp {
 namespace cuda {
 
 enum class Family : int { Generic = 0, Mma = 1, Wgmma = 2 };
+
+// Workspace regions start on 256-byte boundaries.
+inline size_t align256(size_t x) { return (x + 255) / 256 * 256; }
 const char* family_name(Family f);  // "generic", "mma", "wgmma"
 
 struct Plan {
