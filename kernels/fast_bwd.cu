@@ -22,6 +22,7 @@
 #include "fast_path.h"
 #include "launch_cache.h"
 #include "mma.cuh"
+#include "mma_tiles.cuh"
 
 namespace lasp {
 namespace cuda {
@@ -40,18 +41,6 @@ constexpr int kThreadsB = 256;
 template <int D, int E>
 constexpr int kBwdMinBlocks = (D == 64 && E == 64) ? 2 : 1;
 
-// rows >= len and columns >= lim (the true head dim, a multiple of 8) zero-filled
-template <typename T, int W, int LD>
-__device__ __forceinline__ void load_rows_b(T* sm, const Tv<const T>& v, int b, int h, int64_t c0, int len, int lim) {
-  constexpr int VPR = W / 8;
-  for (int i = threadIdx.x; i < kC * VPR; i += blockDim.x) {
-    const int r = i / VPR, cv = i - r * VPR;
-    const bool ok = r < len && cv * 8 < lim;
-    const T* src = v.p + b * v.sb + h * v.sh + (c0 + (ok ? r : 0)) * v.sn + (ok ? cv * 8 : 0);
-    cp_async16(sm + r * LD + cv * 8, src, ok);
-  }
-}
-
 template <typename T, int D, int E>
 struct BwdSmem {
   static constexpr int LDD = D + 8, LDE = E + 8;
@@ -59,35 +48,6 @@ struct BwdSmem {
   static constexpr int STAGE = 2 * kC * LDD + 2 * kC * LDE;
   static constexpr size_t bytes = (size_t)(2 * STAGE + D * LDE) * sizeof(T) + (kC + 2) * sizeof(float);
 };
-
-// Store a 16 x (8*NT) fp32 fragment tile (rows r0.., cols c0..) to a strided row of type OT (ACC: add it to
-// the fp32 values there); rows >= len and columns >= cols (a multiple of 8) are left out.
-template <typename OT, int NT, bool ACC = false>
-__device__ __forceinline__ void store_frag(const float (*acc)[4], OT* base, int64_t row_stride, int r0, int c0,
-                                           int len, int cols) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
-#pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    const int t = r0 + g + hh * 8;
-    if (t >= len) continue;
-    OT* row = base + t * row_stride + c0 + 2 * tc;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      if (c0 + nt * 8 >= cols) continue;
-      if constexpr (ACC) {
-        float2* dst = reinterpret_cast<float2*>(row + nt * 8);
-        float2 cur = *dst;
-        cur.x += acc[nt][2 * hh];
-        cur.y += acc[nt][2 * hh + 1];
-        *dst = cur;
-      } else if constexpr (sizeof(OT) == 4) {
-        *reinterpret_cast<float2*>(row + nt * 8) = make_float2(acc[nt][2 * hh], acc[nt][2 * hh + 1]);
-      } else {
-        *reinterpret_cast<uint32_t*>(row + nt * 8) = pack2<OT>(acc[nt][2 * hh], acc[nt][2 * hh + 1]);
-      }
-    }
-  }
-}
 
 template <typename T, typename OT, int D, int E, bool ACC = false>
 __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(BwdArgs a, Tv<const T> q, Tv<const T> k, Tv<const T> v,
@@ -161,9 +121,9 @@ __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(Bwd
     const int64_t c0 = n0 + (int64_t)ci * kC;
     const int len = (int)min((int64_t)kC, n1 - c0);
     T* st = stage_ptr(ci);
-    load_rows_b<T, D, LDD>(Kp(st), k, b, kh, c0, len, a.D);
-    load_rows_b<T, E, LDE>(Vp(st), v, b, kh, c0, len, a.E);
-    load_rows_b<T, E, LDE>(DOp(st), dout, b, h, c0, len, a.E);
+    load_rows<T, D, LDD>(Kp(st), k, b, kh, c0, len, 0, a.D);
+    load_rows<T, E, LDE>(Vp(st), v, b, kh, c0, len, 0, a.E);
+    load_rows<T, E, LDE>(DOp(st), dout, b, h, c0, len, 0, a.E);
     cp_async_commit();
   };
   issue_A(0);
@@ -300,10 +260,10 @@ __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(Bwd
     const int64_t c0 = n0 + (int64_t)cc * kC;
     const int len = (int)min((int64_t)kC, n1 - c0);
     T* st = stage_ptr(ci);
-    load_rows_b<T, D, LDD>(Qp(st), q, b, h, c0, len, a.D);
-    load_rows_b<T, D, LDD>(Kp(st), k, b, kh, c0, len, a.D);
-    load_rows_b<T, E, LDE>(Vp(st), v, b, kh, c0, len, a.E);
-    load_rows_b<T, E, LDE>(DOp(st), dout, b, h, c0, len, a.E);
+    load_rows<T, D, LDD>(Qp(st), q, b, h, c0, len, 0, a.D);
+    load_rows<T, D, LDD>(Kp(st), k, b, kh, c0, len, 0, a.D);
+    load_rows<T, E, LDE>(Vp(st), v, b, kh, c0, len, 0, a.E);
+    load_rows<T, E, LDE>(DOp(st), dout, b, h, c0, len, 0, a.E);
     cp_async_commit();
   };
   issue_B(0);

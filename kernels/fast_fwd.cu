@@ -23,6 +23,7 @@
 #include "launch_cache.h"
 #include "lasp_cuda.h"
 #include "mma.cuh"
+#include "mma_tiles.cuh"
 
 namespace lasp {
 namespace cuda {
@@ -36,25 +37,6 @@ namespace {
 constexpr int kC = 64;    // chunk
 constexpr int kEt = 64;   // E columns per block
 constexpr int kWarps = 4;
-
-template <typename T>
-__device__ __forceinline__ const T* row_ptr(const Tv<const T>& v, int b, int h, int64_t n) {
-  return v.p + b * v.sb + h * v.sh + n * v.sn;
-}
-
-// cp.async rows [c0, c0+len) x cols [x0, x0+W) of (b, h) into smem [64][LD]; rows >= len and columns
-// >= lim (the true head dim; a multiple of 8) zero-filled.
-template <typename T, int W, int LD>
-__device__ __forceinline__ void load_rows(T* sm, const Tv<const T>& v, int b, int h, int64_t c0, int len, int x0,
-                                          int lim) {
-  constexpr int VPR = W / 8;
-  for (int i = threadIdx.x; i < kC * VPR; i += blockDim.x) {
-    const int r = i / VPR, cv = i - r * VPR;
-    const bool ok = r < len && x0 + cv * 8 < lim;
-    const T* src = row_ptr(v, b, h, c0 + (ok ? r : 0)) + (ok ? x0 + cv * 8 : 0);
-    cp_async16(sm + r * LD + cv * 8, src, ok);
-  }
-}
 
 template <typename T, int D>
 struct FwdSmem {
@@ -216,20 +198,7 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_main_kernel(FwdArgs a, Tv<con
       }
     }
     if constexpr (ACC) {  // ---- o += O in fp32 (each element owned by one thread of one block) ----
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        if (e0 + nt * 8 >= a.E) continue;
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          const int t = r0 + g + hh * 8;
-          if (t >= len) continue;
-          float2* dst = reinterpret_cast<float2*>(oacc.p + b * oacc.sb + h * oacc.sh + (c0 + t) * oacc.sn + e0 + nt * 8 + 2 * tc);
-          float2 cur = *dst;
-          cur.x += O[nt][2 * hh];
-          cur.y += O[nt][2 * hh + 1];
-          *dst = cur;
-        }
-      }
+      store_frag<float, 8, true>(O, oacc.p + b * oacc.sb + h * oacc.sh + c0 * oacc.sn, oacc.sn, r0, e0, len, a.E);
       __syncthreads();  // every warp is done reading S_b
     } else {
     // ---- store O: through this warp's own q rows in smem, then 16-byte vectors ----

@@ -1,0 +1,57 @@
+// Global <-> tile transfers shared by the mma.sync kernels (fast_fwd.cu, fast_bwd.cu): the cp.async load of
+// a chunk's rows into shared memory and the store of an mma fragment tile to a strided output.
+#pragma once
+#include "common.cuh"
+#include "mma.cuh"
+
+namespace lasp {
+namespace cuda {
+namespace mma {
+
+// cp.async rows [c0, c0+len) x cols [x0, x0+W) of (b, h) into smem [ROWS][LD]; rows >= len and columns
+// >= lim (the true head dim; a multiple of 8) zero-filled, so a kernel compiled for a larger head dim
+// computes with zero padding.
+template <typename T, int W, int LD, int ROWS = 64>
+__device__ __forceinline__ void load_rows(T* sm, const detail::Tv<const T>& v, int b, int h, int64_t c0, int len,
+                                          int x0, int lim) {
+  constexpr int VPR = W / 8;
+  for (int i = threadIdx.x; i < ROWS * VPR; i += blockDim.x) {
+    const int r = i / VPR, cv = i - r * VPR;
+    const bool ok = r < len && x0 + cv * 8 < lim;
+    const T* src = v.p + b * v.sb + h * v.sh + (c0 + (ok ? r : 0)) * v.sn + (ok ? x0 + cv * 8 : 0);
+    cp_async16(sm + r * LD + cv * 8, src, ok);
+  }
+}
+
+// Store a 16 x (8*NT) fp32 fragment tile (rows r0.., cols c0..) to a strided row of type OT (ACC: add it to
+// the fp32 values there); rows >= len and columns >= cols (a multiple of 8) are left out.
+template <typename OT, int NT, bool ACC = false>
+__device__ __forceinline__ void store_frag(const float (*acc)[4], OT* base, int64_t row_stride, int r0, int c0,
+                                           int len, int cols) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int t = r0 + g + hh * 8;
+    if (t >= len) continue;
+    OT* row = base + t * row_stride + c0 + 2 * tc;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      if (c0 + nt * 8 >= cols) continue;
+      if constexpr (ACC) {
+        float2* dst = reinterpret_cast<float2*>(row + nt * 8);
+        float2 cur = *dst;
+        cur.x += acc[nt][2 * hh];
+        cur.y += acc[nt][2 * hh + 1];
+        *dst = cur;
+      } else if constexpr (sizeof(OT) == 4) {
+        *reinterpret_cast<float2*>(row + nt * 8) = make_float2(acc[nt][2 * hh], acc[nt][2 * hh + 1]);
+      } else {
+        *reinterpret_cast<uint32_t*>(row + nt * 8) = pack2<OT>(acc[nt][2 * hh], acc[nt][2 * hh + 1]);
+      }
+    }
+  }
+}
+
+}  // namespace mma
+}  // namespace cuda
+}  // namespace lasp
