@@ -12,6 +12,26 @@ namespace lasp {
 namespace cuda {
 namespace fast {
 
+// One output that the head-dim blocks of lasp_cuda.cu sum over blocks (o over the blocks of D; dq, dk over
+// those of E; dv over those of D), as an accumulating main kernel (ACC) leaves it. acc: the fp32 running
+// sum, (b, h, n, x) with one head per query head and x contiguous; out: the 16-bit output view (x
+// contiguous). Each element is written by one thread of one launch, so the modes need no atomics:
+//   Store:  acc = value   (the first block of several)
+//   Add:    acc += value  (a middle block, or any later block where a reduction over kv heads follows)
+//   Finish: out = acc + value, rounded once  (the last block)
+//   Direct: out = value   (the only block)
+enum AccMode : int { kAccStore = 0, kAccAdd = 1, kAccFinish = 2, kAccDirect = 3 };
+struct AccOut {
+  float* acc;
+  int64_t asb, ash, asn;
+  void* out;
+  int64_t osb, osh, osn;
+  int mode;
+};
+struct AccOuts {  // dq, dk, dv of an accumulating backward
+  AccOut x[3];
+};
+
 // What every tensor-core kernel gets: sizes, the segment split, scale, decay rates, the incoming state.
 struct ArgsBase {
   int B, H, group, N, D, E, nseg, seglen;

@@ -13,8 +13,9 @@
 // Warp w: rows 16*rg .. +15 of the chunk (rg = w%4, or 3 - w%4 for w >= 4), column half w/4 of dq / dk / dv.
 // Reads: dO, V, K (loop A) and Q, K, V, dO (loop B); writes dq, dk, dv once.
 // With GQA, dk / dv of each query head go as fp32 to a workspace that a reduction sums (OT = float).
-// ACC (head dims above 128, split into blocks by the driver): dq, dk and dv of each query head are added
-// in fp32 to the driver's accumulators (OT = float), which it converts once every block has run.
+// ACC (head dims above 128, split into blocks by the driver): dq, dk and dv of each query head are terms
+// of sums over blocks, left as the driver's AccOuts say (fast_args.h: stored or added in fp32, or added
+// and written as the 16-bit output).
 #include <type_traits>
 
 #include "common.cuh"
@@ -51,10 +52,8 @@ struct BwdSmem {
 
 template <typename T, typename OT, int D, int E, bool ACC = false>
 __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(BwdArgs a, Tv<const T> q, Tv<const T> k, Tv<const T> v,
-                                                           Tv<const T> dout, Tv<std::conditional_t<ACC, float, T>> dq,
-                                                           Tv<OT> dk, Tv<OT> dv) {
-  static_assert(!ACC || sizeof(OT) == 4, "accumulated outputs are fp32");
-  using QT = std::conditional_t<ACC, float, T>;
+                                                           Tv<const T> dout, Tv<T> dq, Tv<OT> dk, Tv<OT> dv,
+                                                           AccOuts accs) {
   using SM = BwdSmem<T, D, E>;
   constexpr int LDD = SM::LDD, LDE = SM::LDE;
   // state fragments owned by a warp
@@ -206,8 +205,11 @@ __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(Bwd
           mma16816<T>(acc[2 * np + 1], pa, bb[2], bb[3]);
         }
       }
-      QT* base = dq.p + b * dq.sb + h * dq.sh + c0 * dq.sn;
-      store_frag<QT, DH / 8, ACC>(acc, base, dq.sn, r0, ch * DH, len, a.D);
+      if constexpr (ACC) {
+        store_frag_acc<T, DH / 8>(acc, accs.x[0], b, h, c0, r0, ch * DH, len, a.D);
+      } else {
+        store_frag<T, DH / 8>(acc, dq.p + b * dq.sb + h * dq.sh + c0 * dq.sn, dq.sn, r0, ch * DH, len, a.D);
+      }
     }
     if (ci + 1 < nch) {
       __syncthreads();  // all warps done reading S_b
@@ -347,8 +349,11 @@ __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(Bwd
           mma16816<T>(acc[2 * np + 1], pa, bb[2], bb[3]);
         }
       }
-      OT* base = dk.p + b * dk.sb + hkv * dk.sh + c0 * dk.sn;
-      store_frag<OT, DH / 8, ACC>(acc, base, dk.sn, r0, ch * DH, len, a.D);
+      if constexpr (ACC) {  // per query head (the driver finishes in the kernel only without GQA)
+        store_frag_acc<T, DH / 8>(acc, accs.x[1], b, h, c0, r0, ch * DH, len, a.D);
+      } else {
+        store_frag<OT, DH / 8>(acc, dk.p + b * dk.sb + hkv * dk.sh + c0 * dk.sn, dk.sn, r0, ch * DH, len, a.D);
+      }
     }
     // ---- dv = diag(w) K R + (scale K Q^T masked) dO ----
     {
@@ -415,8 +420,11 @@ __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(Bwd
           mma16816<T>(acc[2 * np + 1], pa, bb[2], bb[3]);
         }
       }
-      OT* base = dv.p + b * dv.sb + hkv * dv.sh + c0 * dv.sn;
-      store_frag<OT, EH / 8, ACC>(acc, base, dv.sn, r0, ch * EH, len, a.E);
+      if constexpr (ACC) {
+        store_frag_acc<T, EH / 8>(acc, accs.x[2], b, h, c0, r0, ch * EH, len, a.E);
+      } else {
+        store_frag<OT, EH / 8>(acc, dv.p + b * dv.sb + hkv * dv.sh + c0 * dv.sn, dv.sn, r0, ch * EH, len, a.E);
+      }
     }
     __syncthreads();  // all warps done reading R_b
     // ---- R = g^len R + scale Q^T diag(g^(t+1)) dO ----
@@ -466,16 +474,17 @@ __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(Bwd
 
 template <typename T, typename OT, int D, int E, bool ACC = false>
 cudaError_t launch_bwd(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st,
-                       const TensorView4* dq_acc = nullptr) {
+                       const AccOut* acc = nullptr) {
   auto kern = bwd_kernel<T, OT, D, E, ACC>;
   const size_t smem = BwdSmem<T, D, E>::bytes;
   cudaError_t e = opt_in_smem<bwd_kernel<T, OT, D, E, ACC>>(smem);
   if (e != cudaSuccess) return e;
   const unsigned blocks = (unsigned)(p.B * p.H * a.nseg);
-  using QT = std::conditional_t<ACC, float, T>;
-  const Tv<QT> dq = ACC ? make_tv<QT>(*dq_acc) : make_tv<QT>(p.dq);
+  AccOuts accs{};
+  if (acc)
+    for (int i = 0; i < 3; ++i) accs.x[i] = acc[i];
   kern<<<blocks, kThreadsB, smem, st>>>(a, make_tv<const T>(p.q), make_tv<const T>(p.k), make_tv<const T>(p.v),
-                                        make_tv<const T>(p.dout), dq, dk, dv);
+                                        make_tv<const T>(p.dout), make_tv<T>(p.dq), dk, dv, accs);
   return cudaGetLastError();
 }
 
@@ -495,11 +504,11 @@ int bwd_resident_dims(const AttnParams& p) {
 
 template <typename T, typename OT, bool ACC = false>
 cudaError_t launch_bwd_dims(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st,
-                            const TensorView4* dq_acc = nullptr) {
-  if (p.D <= 64 && p.E <= 64) return launch_bwd<T, OT, 64, 64, ACC>(p, a, dk, dv, st, dq_acc);
-  if (p.D <= 64) return launch_bwd<T, OT, 64, 128, ACC>(p, a, dk, dv, st, dq_acc);
-  if (p.E <= 64) return launch_bwd<T, OT, 128, 64, ACC>(p, a, dk, dv, st, dq_acc);
-  return launch_bwd<T, OT, 128, 128, ACC>(p, a, dk, dv, st, dq_acc);
+                            const AccOut* acc = nullptr) {
+  if (p.D <= 64 && p.E <= 64) return launch_bwd<T, OT, 64, 64, ACC>(p, a, dk, dv, st, acc);
+  if (p.D <= 64) return launch_bwd<T, OT, 64, 128, ACC>(p, a, dk, dv, st, acc);
+  if (p.E <= 64) return launch_bwd<T, OT, 128, 64, ACC>(p, a, dk, dv, st, acc);
+  return launch_bwd<T, OT, 128, 128, ACC>(p, a, dk, dv, st, acc);
 }
 
 }  // namespace
@@ -523,13 +532,12 @@ size_t mma_bwd_smem_bytes(const AttnParams& p) {
 }
 
 cudaError_t mma_bwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,
-                         float* dk_ws, float* dv_ws, cudaStream_t st, const TensorView4* acc) {
+                         float* dk_ws, float* dv_ws, cudaStream_t st, const AccOut* acc) {
   const bool bf = p.dtype == ScalarType::BFloat16;
-  if (acc) {  // head-dim blocks: every output added in fp32, per query head
+  if (acc) {  // head-dim blocks: dq, dk, dv as acc[0..2] say, per query head
     BwdArgs a = make_bwd_args(p, nseg, seglen, seg_S, seg_G, true);
-    const Tv<float> dk = make_tv<float>(acc[1]), dv = make_tv<float>(acc[2]);
-    return bf ? launch_bwd_dims<__nv_bfloat16, float, true>(p, a, dk, dv, st, &acc[0])
-              : launch_bwd_dims<__half, float, true>(p, a, dk, dv, st, &acc[0]);
+    return bf ? launch_bwd_dims<__nv_bfloat16, __nv_bfloat16, true>(p, a, {}, {}, st, acc)
+              : launch_bwd_dims<__half, __half, true>(p, a, {}, {}, st, acc);
   }
   BwdArgs a = make_bwd_args(p, nseg, seglen, seg_S, seg_G, dk_ws != nullptr);
   if (dk_ws) {  // GQA: per-query-head fp32 dk / dv, contiguous (B, H, N, D|E)

@@ -14,8 +14,8 @@
 //   S_b is the bf16/fp16 copy of S in shared memory that the next chunk multiplies with.
 // Bytes: q, k, v read once per column tile (the sibling tiles of one (b, h, segment) run next to
 // each other, so the second read mostly hits L2), o written once.
-// ACC (head dims above 128, split into blocks by the driver): o is instead added in fp32 to oacc, the
-// sum over the blocks of D that the driver converts at the end.
+// ACC (head dims above 128, split into blocks by the driver): o is one term of a sum over the blocks of D,
+// left as oacc says (fast_args.h, AccOut: stored or added in fp32, or added and written as o).
 
 #include "common.cuh"
 #include "fast_args.h"
@@ -47,7 +47,7 @@ struct FwdSmem {
 
 template <typename T, int D, bool ACC>
 __global__ void __launch_bounds__(kWarps * 32) fwd_main_kernel(FwdArgs a, Tv<const T> q, Tv<const T> k, Tv<const T> v,
-                                                                Tv<T> o, Tv<float> oacc) {
+                                                                Tv<T> o, AccOut oacc) {
   using SM = FwdSmem<T, D>;
   constexpr int LDQ = SM::LDQ, LDV = SM::LDV;
   constexpr int MT = D / 4 / 16;  // m-tiles of S per warp
@@ -197,8 +197,8 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_main_kernel(FwdArgs a, Tv<con
         mma16816<T>(O[2 * np + 1], pa, bb[2], bb[3]);
       }
     }
-    if constexpr (ACC) {  // ---- o += O in fp32 (each element owned by one thread of one block) ----
-      store_frag<float, 8, true>(O, oacc.p + b * oacc.sb + h * oacc.sh + c0 * oacc.sn, oacc.sn, r0, e0, len, a.E);
+    if constexpr (ACC) {  // ---- o summed over the blocks of D (oacc.mode; each element owned by one thread) ----
+      store_frag_acc<T, 8>(O, oacc, b, h, c0, r0, e0, len, a.E);
       __syncthreads();  // every warp is done reading S_b
     } else {
     // ---- store O: through this warp's own q rows in smem, then 16-byte vectors ----
@@ -382,19 +382,19 @@ __global__ void __launch_bounds__(kLocalThreads<D>, D == 128 ? 2 : 1) state_loca
 }
 
 template <typename T, int D, bool ACC>
-cudaError_t launch_fwd_main(const AttnParams& p, const FwdArgs& a, const TensorView4* oacc, cudaStream_t st) {
+cudaError_t launch_fwd_main(const AttnParams& p, const FwdArgs& a, const AccOut* oacc, cudaStream_t st) {
   auto kern = fwd_main_kernel<T, D, ACC>;
   const size_t smem = FwdSmem<T, D>::bytes;
   cudaError_t e = opt_in_smem<fwd_main_kernel<T, D, ACC>>(smem);
   if (e != cudaSuccess) return e;
   const unsigned blocks = (unsigned)(p.B * p.H * a.nseg * ((p.E + kEt - 1) / kEt));
   kern<<<blocks, kWarps * 32, smem, st>>>(a, make_tv<const T>(p.q), make_tv<const T>(p.k), make_tv<const T>(p.v),
-                                          make_tv<T>(p.o), oacc ? make_tv<float>(*oacc) : Tv<float>{});
+                                          make_tv<T>(p.o), oacc ? *oacc : AccOut{});
   return cudaGetLastError();
 }
 
 template <typename T, int D>
-cudaError_t launch_fwd_main_acc(const AttnParams& p, const FwdArgs& a, const TensorView4* oacc, cudaStream_t st) {
+cudaError_t launch_fwd_main_acc(const AttnParams& p, const FwdArgs& a, const AccOut* oacc, cudaStream_t st) {
   return oacc ? launch_fwd_main<T, D, true>(p, a, oacc, st) : launch_fwd_main<T, D, false>(p, a, oacc, st);
 }
 
@@ -473,7 +473,7 @@ int mma_fwd_blocks_per_sm(const AttnParams& p) {
 }
 
 cudaError_t mma_fwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_states, cudaStream_t st,
-                         const TensorView4* o_acc) {
+                         const AccOut* o_acc) {
   FwdArgs a = make_fwd_args(p, nseg, seglen, seg_states);
   const bool bf = p.dtype == ScalarType::BFloat16;
   if (p.D <= 64)

@@ -3,6 +3,7 @@
 #pragma once
 #include <cuda_runtime_api.h>
 
+#include "fast_args.h"
 #include "lasp_params.h"
 
 namespace lasp {
@@ -34,10 +35,10 @@ bool fwd_supported(const AttnParams& p);
 int fwd_tiles(const AttnParams& p);
 // Phase 3 of the forward: o (and state_out from the last segment's blocks) of every segment. seg_states:
 // the (B, H, nseg, D, E) fp32 segment input states (used when nseg > 1).
-// o_acc: nullptr writes p.o; else o is added in fp32 to that (b, h, n, e) view instead (the head-dim
-// blocks of lasp_cuda.cu sum the blocks of D there).
+// o_acc: nullptr writes p.o; else o is one term of a sum over the head-dim blocks of lasp_cuda.cu, left
+// as o_acc says (fast_args.h, AccOut).
 cudaError_t mma_fwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_states, cudaStream_t stream,
-                         const TensorView4* o_acc = nullptr);
+                         const AccOut* o_acc = nullptr);
 
 // Phase 1 with tensor cores: local state of every segment into out (B, H, nseg, D, E) fp32.
 // reverse = false: L from (k, v); reverse = true: M from (q, dout). skip = 1 leaves out the segment whose
@@ -53,21 +54,22 @@ size_t mma_bwd_smem_bytes(const AttnParams& p);
 int mma_bwd_blocks_per_sm(const AttnParams& p);
 // seg_S / seg_G: segment input states / end-of-segment gradients (nseg > 1). dk_ws / dv_ws: with GQA,
 // per-query-head fp32 (B, H, N, D|E) outputs to be reduced by the caller; nullptr writes p.dk / p.dv.
-// acc (head-dim blocks): nullptr as above; else dq, dk and dv are added in fp32 to acc[0..2], (b, h, n, x)
-// views with one head per query head (dk_ws / dv_ws unused).
+// acc (head-dim blocks): nullptr as above; else dq, dk and dv are terms of sums over the blocks, left as
+// acc[0..2] say (fast_args.h, AccOut: one head per query head; dk_ws / dv_ws unused).
 cudaError_t mma_bwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,
-                         float* dk_ws, float* dv_ws, cudaStream_t stream, const TensorView4* acc = nullptr);
+                         float* dk_ws, float* dv_ws, cudaStream_t stream, const AccOut* acc = nullptr);
 
 // --- wgmma + TMA (wgmma_fwd.cu, wgmma_bwd.cu, wgmma_state.cu): sm_90a; same contracts as above ---
 size_t wgmma_fwd_smem_bytes(const AttnParams& p);
 int wgmma_fwd_blocks_per_sm(const AttnParams& p);
-cudaError_t wgmma_fwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_states, cudaStream_t stream);
+cudaError_t wgmma_fwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_states, cudaStream_t stream,
+                           const AccOut* o_acc = nullptr);
 cudaError_t wgmma_state_local(const AttnParams& p, bool reverse, int nseg, int seglen, int skip, float* out,
                               cudaStream_t stream);
 size_t wgmma_bwd_smem_bytes(const AttnParams& p);
 int wgmma_bwd_blocks_per_sm(const AttnParams& p);
 cudaError_t wgmma_bwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,
-                           float* dk_ws, float* dv_ws, cudaStream_t stream);
+                           float* dk_ws, float* dv_ws, cudaStream_t stream, const AccOut* acc = nullptr);
 
 }  // namespace fast
 }  // namespace cuda

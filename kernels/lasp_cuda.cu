@@ -8,6 +8,7 @@
 #include "common.cuh"
 #include "fast_path.h"
 #include "generic_kernels.cuh"
+#include "mma.cuh"
 #include "plan.h"
 
 namespace lasp {
@@ -112,12 +113,13 @@ cudaError_t pass_state(const AttnParams& p, const void* src, void* dst, cudaStre
   return src ? cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, st) : cudaMemsetAsync(dst, 0, bytes, st);
 }
 
-// mode, o_acc: as for the head-dim blocks below (plan mode 2, o added in fp32 to o_acc); else -1, nullptr.
+// mode, o_acc: as for the head-dim blocks below (plan mode 1; o one term of a sum over blocks, left as o_acc
+// says: fast_args.h, AccOut); else -1, nullptr.
 template <typename T, typename A>
-cudaError_t run_fwd(const AttnParams& p, cudaStream_t st, int mode = -1, const TensorView4* o_acc = nullptr) {
+cudaError_t run_fwd(const AttnParams& p, cudaStream_t st, int mode = -1, const fast::AccOut* o_acc = nullptr) {
   if (p.N == 0) return pass_state(p, p.state_in, p.state_out, st);
   const Plan pl = plan_fwd(p, mode);
-  if (!runnable(pl, p, pl.fwd_bytes()) || (o_acc && pl.main != Family::Mma)) return cudaErrorInvalidValue;
+  if (!runnable(pl, p, pl.fwd_bytes()) || (o_acc && pl.main == Family::Generic)) return cudaErrorInvalidValue;
   const Ctx<A> c = make_ctx<A>(p, pl.nseg, pl.seglen);
   A* ws = static_cast<A*>(p.workspace);
   if (pl.nseg > 1) {  // the segments' input states into ws (state_out comes from the last segment's blocks)
@@ -128,7 +130,7 @@ cudaError_t run_fwd(const AttnParams& p, cudaStream_t st, int mode = -1, const T
     }
   }
   const float* seg = reinterpret_cast<const float*>(ws);
-  if (pl.main == Family::Wgmma) return fast::wgmma_fwd_main(p, pl.nseg, pl.seglen, seg, st);
+  if (pl.main == Family::Wgmma) return fast::wgmma_fwd_main(p, pl.nseg, pl.seglen, seg, st, o_acc);
   if (pl.main == Family::Mma) return fast::mma_fwd_main(p, pl.nseg, pl.seglen, seg, st, o_acc);
   auto km = fwd_main_kernel<T, A>;
   LASP_TRY(prepare(km, pl.sm_main));
@@ -140,13 +142,13 @@ cudaError_t run_fwd(const AttnParams& p, cudaStream_t st, int mode = -1, const T
   return cudaSuccess;
 }
 
-// mode, acc: as for the head-dim blocks below (plan mode 2; dq, dk, dv added in fp32 to acc[0..2], per
-// query head); else -1, nullptr.
+// mode, acc: as for the head-dim blocks below (plan mode 1; dq, dk, dv terms of sums over blocks, left as
+// acc[0..2] say, per query head); else -1, nullptr.
 template <typename T, typename A>
-cudaError_t run_bwd(const AttnParams& p, cudaStream_t st, int mode = -1, const TensorView4* acc = nullptr) {
+cudaError_t run_bwd(const AttnParams& p, cudaStream_t st, int mode = -1, const fast::AccOut* acc = nullptr) {
   if (p.N == 0) return pass_state(p, p.grad_state_out, p.grad_state_in, st);
   const Plan pl = plan_bwd(p, mode);
-  if (!runnable(pl, p, pl.bwd_bytes()) || (acc && pl.main != Family::Mma)) return cudaErrorInvalidValue;
+  if (!runnable(pl, p, pl.bwd_bytes()) || (acc && pl.main == Family::Generic)) return cudaErrorInvalidValue;
   const Ctx<A> c = make_ctx<A>(p, pl.nseg, pl.seglen);
   char* wsb = static_cast<char*>(p.workspace);
   // The forward's segment states when the caller kept them (same split), else this call's workspace.
@@ -167,7 +169,8 @@ cudaError_t run_bwd(const AttnParams& p, cudaStream_t st, int mode = -1, const T
   const bool gqa = p.H != p.Hkv;
   if (acc) {
     const float *segS = reinterpret_cast<const float*>(wsS), *segG = reinterpret_cast<const float*>(wsG);
-    return fast::mma_bwd_main(p, pl.nseg, pl.seglen, segS, segG, nullptr, nullptr, st, acc);
+    return pl.main == Family::Wgmma ? fast::wgmma_bwd_main(p, pl.nseg, pl.seglen, segS, segG, nullptr, nullptr, st, acc)
+                                    : fast::mma_bwd_main(p, pl.nseg, pl.seglen, segS, segG, nullptr, nullptr, st, acc);
   }
   if (pl.main != Family::Generic) {
     float* dkh = gqa ? reinterpret_cast<float*>(wsKV) : nullptr;
@@ -344,7 +347,7 @@ cudaError_t run_blocks(const AttnParams& p, F f) {
 // Workspace bytes of one (unblocked) problem: the largest plan over the modes it may run in.
 size_t plan_bytes(const AttnParams& p, bool backward) {
   size_t bytes = 0;
-  for (int mode : {0, 1, 2}) {
+  for (int mode : {0, 1}) {
     if (mode >= 1 && !fast::shape_supported(p)) continue;
     const Plan pl = backward ? plan_bwd(p, mode) : plan_fwd(p, mode);
     if (pl.ok) bytes = std::max(bytes, backward ? pl.bwd_bytes() : pl.fwd_bytes());
@@ -355,7 +358,9 @@ size_t plan_bytes(const AttnParams& p, bool backward) {
 struct BlockLayout {  // byte offsets into the workspace of a blocked call
   size_t sub = 0;          // each block's own workspace (they run one after another)
   size_t state[3] = {};    // (B, H, Ds, Es) fp32 state blocks: forward S_in, S_out; backward S_in, G, dS_in
-  size_t acc[3] = {};      // forward: o (with two blocks of D); backward: dq, dk, dv per query head
+  // fp32 sums (B, H, N, X) per query head: forward o (two blocks of D); backward dq, dk (two blocks of E),
+  // dv (two blocks of D); dk and dv with GQA also (summed over each kv head's query heads at the end)
+  size_t acc[3] = {};
   size_t acc_bytes[3] = {};  // their sizes (0: not used)
   size_t total = 0;
 };
@@ -371,10 +376,12 @@ BlockLayout block_layout(const AttnParams& p, bool backward) {
     off += blk;
   }
   const size_t tok = (size_t)p.B * p.H * p.N * 4;
+  const bool gqa = p.H != p.Hkv, cut_d = p.D > 128, cut_e = p.E > 128;
   if (backward) {
-    L.acc_bytes[0] = L.acc_bytes[1] = tok * p.D;
-    L.acc_bytes[2] = tok * p.E;
-  } else if (p.D > 128) {
+    L.acc_bytes[0] = cut_e ? tok * p.D : 0;
+    L.acc_bytes[1] = cut_e || gqa ? tok * p.D : 0;
+    L.acc_bytes[2] = cut_d || gqa ? tok * p.E : 0;
+  } else if (cut_d) {
     L.acc_bytes[0] = tok * p.E;
   }
   for (int i = 0; i < 3; ++i) {
@@ -385,18 +392,19 @@ BlockLayout block_layout(const AttnParams& p, bool backward) {
   return L;
 }
 
-// Whether this call runs as blocks: the shape, the views the tensor-core kernels read, and every block
-// able to take the mma.sync main kernels where it must accumulate.
+// Whether this call runs as blocks: the shape, the views the tensor-core kernels read and write (the
+// outputs too: the blocks write them by rows of pairs), and every block on a tensor-core family.
 bool use_blocks(const AttnParams& p, bool backward) {
   if (!blocks_shape(p) || p.N == 0) return false;
   const bool views = fast::view_ok(p.q, p, p.H) && fast::view_ok(p.k, p, p.Hkv) && fast::view_ok(p.v, p, p.Hkv) &&
-                     (backward ? fast::view_ok(p.dout, p, p.H) : fast::view_ok(p.o, p, p.H));
+                     (backward ? fast::view_ok(p.dout, p, p.H) && fast::view_ok(p.dq, p, p.H) &&
+                                     fast::view_ok(p.dk, p, p.Hkv) && fast::view_ok(p.dv, p, p.Hkv)
+                               : fast::view_ok(p.o, p, p.H));
   if (!views) return false;
-  const bool acc = backward || p.D > 128;
   bool ok = true;
   for_blocks(p, [&](const Block& b) {
-    const Plan pl = backward ? plan_bwd(b.s, 2) : plan_fwd(b.s, acc ? 2 : -1);
-    ok = ok && pl.ok && (!acc || pl.main == Family::Mma);
+    const Plan pl = backward ? plan_bwd(b.s, 1) : plan_fwd(b.s, 1);
+    ok = ok && pl.ok && pl.main != Family::Generic;
   });
   return ok;
 }
@@ -438,28 +446,76 @@ cudaError_t block_start(const AttnParams& p, Block& b, char* ws, const BlockLayo
   return state_block(p, b, p.state_in, ws + L.state[0], true, st);
 }
 
-TensorView4 acc_view(char* ws, size_t off, const AttnParams& p, int64_t X, int x0) {
-  TensorView4 t;
-  t.ptr = reinterpret_cast<float*>(ws + off) + x0;
-  t.stride[0] = p.H * p.N * X;
-  t.stride[1] = p.N * X;
-  t.stride[2] = X;
-  t.stride[3] = 1;
-  return t;
+// An output of the blocks (fast_args.h, AccOut): its fp32 (B, H, N, X) sum at ws + off from column x0
+// (null where the mode writes `out` only), the block's 16-bit view of it, the mode.
+fast::AccOut acc_out(char* ws, size_t off, const AttnParams& p, int64_t X, int x0, const TensorView4& out, int mode) {
+  fast::AccOut a;
+  a.acc = mode == fast::kAccDirect ? nullptr : reinterpret_cast<float*>(ws + off) + x0;
+  a.asb = p.H * p.N * X;
+  a.ash = p.N * X;
+  a.asn = X;
+  a.out = out.ptr;
+  a.osb = out.stride[0];
+  a.osh = out.stride[1];
+  a.osn = out.stride[2];
+  a.mode = mode;
+  return a;
 }
 
-// fp32 (B, H, N, X) accumulator -> the 16-bit output view (per kv head with kv_heads: the sum of each
-// group's query heads).
-template <typename T, typename A>
-cudaError_t convert_acc(const AttnParams& p, const float* acc, const TensorView4& out, int64_t X, bool kv_heads,
-                        cudaStream_t st) {
-  Ctx<A> c = make_ctx<A>(p, 1, (int)p.N);
-  if (!kv_heads) {
-    c.Hkv = c.H;
-    c.group = 1;
+// The mode of a block's term of a sum over n blocks (k: the block's index in it), where the sum is written
+// by the kernels (first: Store, last: Finish, only one: Direct) or, with reduce (a sum over the query heads
+// of each kv head follows), left in fp32 (first: Store, later: Add).
+int acc_mode(int k, int n, bool reduce) {
+  if (reduce) return k == 0 ? fast::kAccStore : fast::kAccAdd;
+  if (n == 1) return fast::kAccDirect;
+  return k == 0 ? fast::kAccStore : (k == n - 1 ? fast::kAccFinish : fast::kAccAdd);
+}
+
+// dk or dv of every query head, fp32 (B, H, N, X) -> the 16-bit (B, Hkv, N, X) view: the sum of each kv
+// head's group. Four columns per thread (X is a multiple of 8 here), 32-bit indexing where it fits.
+template <typename T, typename I>
+__global__ void reduce_heads_kernel(const float* acc, Tv<T> out, int H, int Hkv, int N, int X, I total) {
+  const int group = H / Hkv, quads = X / 4;
+  for (I i = blockIdx.x * (I)blockDim.x + threadIdx.x; i < total; i += (I)gridDim.x * blockDim.x) {
+    const int q = (int)(i % quads);
+    const I row = i / quads;  // (b, kv head, n)
+    const int n = (int)(row % N);
+    const I bk = row / N;
+    const int kh = (int)(bk % Hkv);
+    const I b = bk / Hkv;
+    const float* src = acc + ((size_t)(b * H + (I)kh * group) * N + n) * X + 4 * q;
+    float4 s = *reinterpret_cast<const float4*>(src);
+    for (int g = 1; g < group; ++g) {
+      const float4 t = *reinterpret_cast<const float4*>(src + (size_t)g * N * X);
+      s.x += t.x;
+      s.y += t.y;
+      s.z += t.z;
+      s.w += t.w;
+    }
+    T* dst = out.row(b, kh, n) + 4 * q;  // 16-bit, x contiguous: 8-byte aligned (view_ok)
+    uint2 v;
+    v.x = mma::pack2<T>(s.x, s.y);
+    v.y = mma::pack2<T>(s.z, s.w);
+    *reinterpret_cast<uint2*>(dst) = v;
   }
-  gqa_reduce_kernel<T, A><<<132 * 16, 256, 0, st>>>(c, reinterpret_cast<const A*>(acc), make_tv<T>(out), (int)X);
+}
+
+template <typename T>
+cudaError_t reduce_heads(const AttnParams& p, const float* acc, const TensorView4& out, int64_t X, cudaStream_t st) {
+  if constexpr (sizeof(T) != 2) {
+    return cudaErrorInvalidValue;  // the blocks run bf16 / fp16 only
+  } else {
+  const int64_t total = p.B * p.Hkv * p.N * (X / 4);
+  const unsigned nb = (unsigned)std::min<int64_t>((total + 255) / 256, 132 * 16);
+  if (total < INT32_MAX) {
+    reduce_heads_kernel<T, int32_t><<<nb, 256, 0, st>>>(acc, make_tv<T>(out), (int)p.H, (int)p.Hkv, (int)p.N, (int)X,
+                                                        (int32_t)total);
+  } else {
+    reduce_heads_kernel<T, int64_t><<<nb, 256, 0, st>>>(acc, make_tv<T>(out), (int)p.H, (int)p.Hkv, (int)p.N, (int)X,
+                                                        total);
+  }
   return cudaGetLastError();
+  }
 }
 
 template <typename T, typename A>
@@ -467,17 +523,15 @@ cudaError_t run_fwd_blocks(const AttnParams& p, cudaStream_t st) {
   const BlockLayout L = block_layout(p, false);
   if (!p.workspace || p.workspace_bytes < L.total) return cudaErrorInvalidValue;
   char* ws = static_cast<char*>(p.workspace);
-  const bool acc = p.D > 128;
-  if (acc) LASP_TRY(cudaMemsetAsync(ws + L.acc[0], 0, L.acc_bytes[0], st));
-  LASP_TRY(run_blocks(p, [&](Block b) {
+  const DimBlocks bd = dim_blocks(p.D);
+  return run_blocks(p, [&](Block b) {
     LASP_TRY(block_start(p, b, ws, L, st));
     if (p.state_out) b.s.state_out = ws + L.state[1];
-    const TensorView4 ov = acc_view(ws, L.acc[0], p, p.E, b.e0);
-    LASP_TRY((run_fwd<T, A>(b.s, st, acc ? 2 : -1, acc ? &ov : nullptr)));
+    // o: a sum over the blocks of D where there are two, else written by the block directly
+    const fast::AccOut o = acc_out(ws, L.acc[0], p, p.E, b.e0, b.s.o, acc_mode(b.d0 > 0, bd.n, false));
+    LASP_TRY((run_fwd<T, A>(b.s, st, 1, bd.n > 1 ? &o : nullptr)));
     return p.state_out ? state_block(p, b, ws + L.state[1], p.state_out, false, st) : cudaSuccess;
-  }));
-  if (acc) return convert_acc<T, A>(p, reinterpret_cast<const float*>(ws + L.acc[0]), p.o, p.E, false, st);
-  return cudaSuccess;
+  });
 }
 
 template <typename T, typename A>
@@ -485,7 +539,8 @@ cudaError_t run_bwd_blocks(const AttnParams& p, cudaStream_t st) {
   const BlockLayout L = block_layout(p, true);
   if (!p.workspace || p.workspace_bytes < L.total) return cudaErrorInvalidValue;
   char* ws = static_cast<char*>(p.workspace);
-  for (int i = 0; i < 3; ++i) LASP_TRY(cudaMemsetAsync(ws + L.acc[i], 0, L.acc_bytes[i], st));
+  const DimBlocks bd = dim_blocks(p.D), be = dim_blocks(p.E);
+  const bool gqa = p.H != p.Hkv;
   LASP_TRY(run_blocks(p, [&](Block b) {
     LASP_TRY(block_start(p, b, ws, L, st));
     if (p.grad_state_out) {
@@ -493,14 +548,16 @@ cudaError_t run_bwd_blocks(const AttnParams& p, cudaStream_t st) {
       b.s.grad_state_out = ws + L.state[1];
     }
     if (p.grad_state_in) b.s.grad_state_in = ws + L.state[2];
-    const TensorView4 acc[3] = {acc_view(ws, L.acc[0], p, p.D, b.d0), acc_view(ws, L.acc[1], p, p.D, b.d0),
-                                acc_view(ws, L.acc[2], p, p.E, b.e0)};
-    LASP_TRY((run_bwd<T, A>(b.s, st, 2, acc)));
+    const int i = b.d0 > 0, j = b.e0 > 0;  // dq, dk: sums over the blocks of E; dv: over those of D
+    const fast::AccOut acc[3] = {acc_out(ws, L.acc[0], p, p.D, b.d0, b.s.dq, acc_mode(j, be.n, false)),
+                                 acc_out(ws, L.acc[1], p, p.D, b.d0, b.s.dk, acc_mode(j, be.n, gqa)),
+                                 acc_out(ws, L.acc[2], p, p.E, b.e0, b.s.dv, acc_mode(i, bd.n, gqa))};
+    LASP_TRY((run_bwd<T, A>(b.s, st, 1, acc)));
     return p.grad_state_in ? state_block(p, b, ws + L.state[2], p.grad_state_in, false, st) : cudaSuccess;
   }));
-  LASP_TRY((convert_acc<T, A>(p, reinterpret_cast<const float*>(ws + L.acc[0]), p.dq, p.D, false, st)));
-  LASP_TRY((convert_acc<T, A>(p, reinterpret_cast<const float*>(ws + L.acc[1]), p.dk, p.D, true, st)));
-  return convert_acc<T, A>(p, reinterpret_cast<const float*>(ws + L.acc[2]), p.dv, p.E, true, st);
+  if (!gqa) return cudaSuccess;
+  LASP_TRY(reduce_heads<T>(p, reinterpret_cast<const float*>(ws + L.acc[1]), p.dk, p.D, st));
+  return reduce_heads<T>(p, reinterpret_cast<const float*>(ws + L.acc[2]), p.dv, p.E, st);
 }
 
 // fwd_local / bwd_local by blocks: each block's local state into its block of the output.
@@ -592,23 +649,27 @@ size_t bwd_workspace_bytes(const AttnParams& p) {
   return blocks_shape(p) && p.N > 0 ? std::max(one, block_layout(p, true).total) : one;
 }
 
-const char* fwd_main_kernel_name(const AttnParams& p) {
+namespace {
+// The main-pass family of a call: its plan's, or by blocks the blocks' ("wgmma+mma" where they differ,
+// e.g. D = 136 as 128 + 8: wgmma takes 64 and 128 only).
+const char* main_kernel_name(const AttnParams& p, bool backward) {
   if (!supports(p) || p.N == 0) return "generic";
-  if (use_blocks(p, false)) {  // the first block's (the others have the same or smaller dims)
-    const DimBlocks bd = dim_blocks(p.D), be = dim_blocks(p.E);
-    const Plan pl = plan_fwd(sub_params(p, 0, bd.size[0], 0, be.size[0]), p.D > 128 ? 2 : -1);
-    return family_name(pl.ok ? pl.main : Family::Generic);
+  if (use_blocks(p, backward)) {
+    bool wg = false, mma = false;
+    for_blocks(p, [&](const Block& b) {
+      const Family f = (backward ? plan_bwd(b.s, 1) : plan_fwd(b.s, 1)).main;
+      wg = wg || f == Family::Wgmma;
+      mma = mma || f == Family::Mma;
+    });
+    return wg && mma ? "wgmma+mma" : family_name(wg ? Family::Wgmma : Family::Mma);
   }
-  const Plan pl = plan_fwd(p);
+  const Plan pl = backward ? plan_bwd(p) : plan_fwd(p);
   return family_name(pl.ok ? pl.main : Family::Generic);
 }
+}  // namespace
 
-const char* bwd_main_kernel_name(const AttnParams& p) {
-  if (!supports(p) || p.N == 0) return "generic";
-  if (use_blocks(p, true)) return family_name(Family::Mma);
-  const Plan pl = plan_bwd(p);
-  return family_name(pl.ok ? pl.main : Family::Generic);
-}
+const char* fwd_main_kernel_name(const AttnParams& p) { return main_kernel_name(p, false); }
+const char* bwd_main_kernel_name(const AttnParams& p) { return main_kernel_name(p, true); }
 
 namespace {
 bool split_of(const AttnParams& p, bool backward, int64_t* nseg, int64_t* seglen) {

@@ -32,7 +32,8 @@ void set_fwd_kernel(FwdKernel which);
 FwdKernel fwd_kernel();
 // Whether the wgmma kernels can run on the current device (sm_90a code built in, compute capability 9.0).
 bool wgmma_available();
-// The kernel family the forward main pass of p would use: "wgmma", "mma" or "generic" (for tests and benchmarks).
+// The kernel family the forward main pass of p would use: "wgmma", "mma" or "generic" (for tests and benchmarks);
+// head dims above 128 run as blocks of at most 128 (lasp_cuda.cu), "wgmma+mma" where the blocks differ.
 const char* fwd_main_kernel_name(const AttnParams& p);
 
 // The same choice for the tensor-core backward main pass: BwdKernel::Wgmma (warpgroup MMAs, the default,
@@ -42,7 +43,7 @@ const char* fwd_main_kernel_name(const AttnParams& p);
 enum class BwdKernel : int { Mma = 0, Wgmma = 1 };
 void set_bwd_kernel(BwdKernel which);
 BwdKernel bwd_kernel();
-// The kernel family the backward main pass of p would use: "wgmma", "mma" or "generic".
+// The kernel family the backward main pass of p would use: "wgmma", "mma", "wgmma+mma" or "generic".
 const char* bwd_main_kernel_name(const AttnParams& p);
 
 // How the forward (backward) of p cuts each sequence: nseg segments of seglen tokens (the last may be

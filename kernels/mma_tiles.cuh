@@ -2,6 +2,7 @@
 // a chunk's rows into shared memory and the store of an mma fragment tile to a strided output.
 #pragma once
 #include "common.cuh"
+#include "fast_args.h"
 #include "mma.cuh"
 
 namespace lasp {
@@ -23,9 +24,9 @@ __device__ __forceinline__ void load_rows(T* sm, const detail::Tv<const T>& v, i
   }
 }
 
-// Store a 16 x (8*NT) fp32 fragment tile (rows r0.., cols c0..) to a strided row of type OT (ACC: add it to
-// the fp32 values there); rows >= len and columns >= cols (a multiple of 8) are left out.
-template <typename OT, int NT, bool ACC = false>
+// Store a 16 x (8*NT) fp32 fragment tile (rows r0.., cols c0..) to a strided row of type OT; rows >= len
+// and columns >= cols (a multiple of 8) are left out.
+template <typename OT, int NT>
 __device__ __forceinline__ void store_frag(const float (*acc)[4], OT* base, int64_t row_stride, int r0, int c0,
                                            int len, int cols) {
   const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
@@ -37,16 +38,46 @@ __device__ __forceinline__ void store_frag(const float (*acc)[4], OT* base, int6
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       if (c0 + nt * 8 >= cols) continue;
-      if constexpr (ACC) {
-        float2* dst = reinterpret_cast<float2*>(row + nt * 8);
-        float2 cur = *dst;
-        cur.x += acc[nt][2 * hh];
-        cur.y += acc[nt][2 * hh + 1];
-        *dst = cur;
-      } else if constexpr (sizeof(OT) == 4) {
+      if constexpr (sizeof(OT) == 4) {
         *reinterpret_cast<float2*>(row + nt * 8) = make_float2(acc[nt][2 * hh], acc[nt][2 * hh + 1]);
       } else {
         *reinterpret_cast<uint32_t*>(row + nt * 8) = pack2<OT>(acc[nt][2 * hh], acc[nt][2 * hh + 1]);
+      }
+    }
+  }
+}
+
+// Store a 16 x (8*NT) fp32 fragment tile (rows r0.. of the chunk starting at token n0, cols c0..) as the
+// head-dim blocks' output o of (b, h) in o.mode (fast_args.h, AccOut); rows >= len and columns >= cols are
+// left out. The wgmma accumulators (float[32], 64 columns) have this layout with NT = 8.
+template <typename T, int NT>
+__device__ __forceinline__ void store_frag_acc(const float (*f)[4], const fast::AccOut& o, int64_t b, int64_t h,
+                                               int64_t n0, int r0, int c0, int len, int cols) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
+  const int mode = o.mode;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int t = r0 + g + hh * 8;
+    if (t >= len) continue;
+    float* arow = o.acc + b * o.asb + h * o.ash + (n0 + t) * o.asn + c0 + 2 * tc;
+    T* orow = static_cast<T*>(o.out) + b * o.osb + h * o.osh + (n0 + t) * o.osn + c0 + 2 * tc;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      if (c0 + nt * 8 >= cols) continue;
+      float2 v = make_float2(f[nt][2 * hh], f[nt][2 * hh + 1]);
+      if (mode == fast::kAccStore) {
+        *reinterpret_cast<float2*>(arow + nt * 8) = v;
+        continue;
+      }
+      if (mode != fast::kAccDirect) {
+        const float2 cur = *reinterpret_cast<const float2*>(arow + nt * 8);
+        v.x += cur.x;
+        v.y += cur.y;
+      }
+      if (mode == fast::kAccAdd) {
+        *reinterpret_cast<float2*>(arow + nt * 8) = v;
+      } else {
+        *reinterpret_cast<uint32_t*>(orow + nt * 8) = pack2<T>(v.x, v.y);
       }
     }
   }

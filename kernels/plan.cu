@@ -76,12 +76,11 @@ void split_segments(const AttnParams& p, int blocks_per_segment, int sms, int& n
 }
 
 // The tensor-core family of the main pass of one direction, or Generic where it cannot take p: the dtype,
-// head dims and views (mode -1; modes 1 and 2 assume them, mode 0 refuses) and the kernel's shared memory.
-// Mode 2 takes mma.sync whatever the setting (its main kernels can accumulate fp32 outputs).
+// head dims and views (mode -1; mode 1 assumes them, mode 0 refuses) and the kernel's shared memory.
 Family main_family(const AttnParams& p, int mode, bool backward, const DevInfo& di) {
   const bool views = mode < 0 ? (backward ? fast::bwd_supported(p) : fast::fwd_supported(p)) : mode >= 1;
   if (!views) return Family::Generic;
-  const Family tc = mode == 2 ? Family::Mma : tc_family(p, backward);
+  const Family tc = tc_family(p, backward);
   const bool wg = tc == Family::Wgmma;
   const size_t smem = backward ? (wg ? fast::wgmma_bwd_smem_bytes(p) : fast::mma_bwd_smem_bytes(p))
                                : (wg ? fast::wgmma_fwd_smem_bytes(p) : fast::mma_fwd_smem_bytes(p));

@@ -45,9 +45,9 @@ struct Plan {
 };
 
 // mode: -1 decide from p (shapes, dtype, strides, pointer alignment, device), 0 generic kernels only,
-// 1 tensor-core kernels for the main pass (workspace sizing asks every mode, see *_workspace_bytes), 2 the
-// mma.sync kernels for the main pass (the head-dim blocks of lasp_cuda.cu, which accumulate fp32 outputs).
-// Modes 1 and 2 fall back to the generic kernels where the kernel's shared memory does not fit.
+// 1 tensor-core kernels for the main pass, the views assumed to suit them (workspace sizing asks every
+// mode, see *_workspace_bytes; the head-dim blocks of lasp_cuda.cu check their views once for the call).
+// Mode 1 falls back to the generic kernels where the kernel's shared memory does not fit.
 Plan plan_fwd(const AttnParams& p, int mode = -1);
 Plan plan_bwd(const AttnParams& p, int mode = -1);
 

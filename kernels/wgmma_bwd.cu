@@ -19,6 +19,8 @@
 // the state updates are RS wgmmas with K^T / Q^T fragments from ldmatrix.trans, scaled by the decay
 // weights in registers. Reads: dO, V, K (loop A) and Q, K, V, dO (loop B); writes dq, dk, dv once.
 // With GQA, dk / dv of each query head go as fp32 to a workspace that the caller reduces (OT = float).
+// ACC (head dims above 128, cut into blocks by lasp_cuda.cu): dq, dk and dv of each query head are terms
+// of sums over the blocks, left as the AccOuts say (fast_args.h) by direct stores from the registers.
 #include <cstring>
 #include <type_traits>
 
@@ -28,6 +30,7 @@
 #include "launch_cache.h"
 #include "lasp_cuda.h"
 #include "mma.cuh"
+#include "mma_tiles.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
 
@@ -142,9 +145,9 @@ struct BwdMaps {
   CUtensorMap q, k, v, dout, dq, dk, dv;
 };
 
-template <typename T, typename OT, int D, int E, int MINB>
+template <typename T, typename OT, int D, int E, int MINB, bool ACC>
 __global__ void __launch_bounds__(kThreads, MINB)
-    wgmma_bwd_kernel(BwdArgs a, const __grid_constant__ BwdMaps tm, Tv<OT> dk, Tv<OT> dv) {
+    wgmma_bwd_kernel(BwdArgs a, const __grid_constant__ BwdMaps tm, Tv<OT> dk, Tv<OT> dv, AccOuts accs) {
 #if LASP_WGMMA
   using SM = WgBwdSmem<D, E>;
   constexpr int ND = D / 64, NE = E / 64;  // 64-column blocks of D and E
@@ -271,7 +274,12 @@ __global__ void __launch_bounds__(kThreads, MINB)
 #pragma unroll
       for (int nb = 0; nb < ND; ++nb) {
         wg::fence_regs(acc[nb]);
-        tma::store_acc_rows<T, SM::NSTG>(acc[nb], &tm.dq, sm, base, stg, nstore, r0, len, 64 * nb, c0 + r0, h, b);
+        if constexpr (ACC) {
+          mma::store_frag_acc<T, 8>(reinterpret_cast<const float(*)[4]>(acc[nb]), accs.x[0], b, h, c0, r0, 64 * nb,
+                                    len, a.D);
+        } else {
+          tma::store_acc_rows<T, SM::NSTG>(acc[nb], &tm.dq, sm, base, stg, nstore, r0, len, 64 * nb, c0 + r0, h, b);
+        }
       }
     }
   } else {
@@ -411,7 +419,10 @@ __global__ void __launch_bounds__(kThreads, MINB)
 #pragma unroll
       for (int nb = 0; nb < NOUT; ++nb) {
         wg::fence_regs(acc[nb]);
-        if constexpr (sizeof(OT) == 4) {  // the GQA workspace: fp32, written directly
+        if constexpr (ACC) {  // per query head (the driver finishes in the kernel only without GQA)
+          mma::store_frag_acc<T, 8>(reinterpret_cast<const float(*)[4]>(acc[nb]), accs.x[W == 0 ? 1 : 2], b, h, c0,
+                                    r0, 64 * nb, len, W == 0 ? a.D : a.E);
+        } else if constexpr (sizeof(OT) == 4) {  // the GQA workspace: fp32, written directly
           const Tv<OT>& o = W == 0 ? dk : dv;
           store_acc_f32_rows(acc[nb], o.p + b * o.sb + hkv * o.sh + (int64_t)c0 * o.sn, o.sn, r0, 64 * nb, len);
         } else {
@@ -450,10 +461,11 @@ __global__ void __launch_bounds__(kThreads, MINB)
 template <int D, int E>
 constexpr int kBwdMinBlocks = (D == 64 && E == 64) ? 2 : 1;
 
-template <typename T, typename OT, int D, int E, int MINB>
-cudaError_t launch_minb(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st) {
+template <typename T, typename OT, int D, int E, int MINB, bool ACC>
+cudaError_t launch_minb(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, const AccOut* acc,
+                        cudaStream_t st) {
   constexpr size_t smem = WgBwdSmem<D, E>::bytes;
-  cudaError_t e = opt_in_smem<wgmma_bwd_kernel<T, OT, D, E, MINB>>(smem);
+  cudaError_t e = opt_in_smem<wgmma_bwd_kernel<T, OT, D, E, MINB, ACC>>(smem);
   if (e != cudaSuccess) return e;
   const unsigned blocks = (unsigned)(p.B * p.H * a.nseg);
   const bool bf = std::is_same<T, __nv_bfloat16>::value;
@@ -463,29 +475,33 @@ cudaError_t launch_minb(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT>
             tma::make_map(&tm.v, p.v, bf, p.B, p.Hkv, p.N, p.E, kC) &&
             tma::make_map(&tm.dout, p.dout, bf, p.B, p.H, p.N, p.E, kC) &&
             tma::make_map(&tm.dq, p.dq, bf, p.B, p.H, p.N, p.D, 16);
-  if (ok && sizeof(OT) == 2)
+  if (ok && sizeof(OT) == 2 && !ACC)
     ok = tma::make_map(&tm.dk, p.dk, bf, p.B, p.Hkv, p.N, p.D, 16) && tma::make_map(&tm.dv, p.dv, bf, p.B, p.Hkv, p.N, p.E, 16);
   if (!ok) return cudaErrorNotSupported;  // fast::view_ok admits only views the driver maps
-  wgmma_bwd_kernel<T, OT, D, E, MINB><<<blocks, kThreads, smem, st>>>(a, tm, dk, dv);
+  AccOuts accs{};
+  if (acc)
+    for (int i = 0; i < 3; ++i) accs.x[i] = acc[i];
+  wgmma_bwd_kernel<T, OT, D, E, MINB, ACC><<<blocks, kThreads, smem, st>>>(a, tm, dk, dv, accs);
   return cudaGetLastError();
 }
 
-template <typename T, typename OT, int D, int E>
-cudaError_t launch(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st) {
-  return launch_minb<T, OT, D, E, kBwdMinBlocks<D, E>>(p, a, dk, dv, st);
+template <typename T, typename OT, int D, int E, bool ACC>
+cudaError_t launch(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, const AccOut* acc, cudaStream_t st) {
+  return launch_minb<T, OT, D, E, kBwdMinBlocks<D, E>, ACC>(p, a, dk, dv, acc, st);
 }
 
-template <typename T, typename OT>
-cudaError_t launch_dims(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st) {
-  if (p.D == 64 && p.E == 64) return launch<T, OT, 64, 64>(p, a, dk, dv, st);
-  if (p.D == 64 && p.E == 128) return launch<T, OT, 64, 128>(p, a, dk, dv, st);
-  if (p.D == 128 && p.E == 64) return launch<T, OT, 128, 64>(p, a, dk, dv, st);
-  return launch<T, OT, 128, 128>(p, a, dk, dv, st);
+template <typename T, typename OT, bool ACC = false>
+cudaError_t launch_dims(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st,
+                        const AccOut* acc = nullptr) {
+  if (p.D == 64 && p.E == 64) return launch<T, OT, 64, 64, ACC>(p, a, dk, dv, acc, st);
+  if (p.D == 64 && p.E == 128) return launch<T, OT, 64, 128, ACC>(p, a, dk, dv, acc, st);
+  if (p.D == 128 && p.E == 64) return launch<T, OT, 128, 64, ACC>(p, a, dk, dv, acc, st);
+  return launch<T, OT, 128, 128, ACC>(p, a, dk, dv, acc, st);
 }
 
 template <typename T, typename OT, int D, int E>
 int resident() {
-  return resident_blocks<wgmma_bwd_kernel<T, OT, D, E, kBwdMinBlocks<D, E>>>(kThreads, WgBwdSmem<D, E>::bytes, 1);
+  return resident_blocks<wgmma_bwd_kernel<T, OT, D, E, kBwdMinBlocks<D, E>, false>>(kThreads, WgBwdSmem<D, E>::bytes, 1);
 }
 
 template <typename T, typename OT>
@@ -510,9 +526,14 @@ int wgmma_bwd_blocks_per_sm(const AttnParams& p) {
 }
 
 cudaError_t wgmma_bwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,
-                           float* dk_ws, float* dv_ws, cudaStream_t st) {
-  BwdArgs a = make_bwd_args(p, nseg, seglen, seg_S, seg_G, dk_ws != nullptr);
+                           float* dk_ws, float* dv_ws, cudaStream_t st, const AccOut* acc) {
   const bool bf = p.dtype == ScalarType::BFloat16;
+  if (acc) {  // head-dim blocks: dq, dk, dv as acc[0..2] say, per query head
+    const BwdArgs a = make_bwd_args(p, nseg, seglen, seg_S, seg_G, true);
+    return bf ? launch_dims<__nv_bfloat16, __nv_bfloat16, true>(p, a, {}, {}, st, acc)
+              : launch_dims<__half, __half, true>(p, a, {}, {}, st, acc);
+  }
+  BwdArgs a = make_bwd_args(p, nseg, seglen, seg_S, seg_G, dk_ws != nullptr);
   if (dk_ws) {
     Tv<float> dk = make_tv_contig<float>(dk_ws, p.H, p.N, p.D), dv = make_tv_contig<float>(dv_ws, p.H, p.N, p.E);
     return bf ? launch_dims<__nv_bfloat16, float>(p, a, dk, dv, st) : launch_dims<__half, float>(p, a, dk, dv, st);

@@ -11,6 +11,8 @@
 //   S = g^len S + (K^T diag(g^(len-1-s))) V                      (RS: K^T by ldmatrix.trans, V MN-major)
 // S lives in fp32 registers (warp w: rows 64i + 16w .. of the D x 64 state), S_b is rewritten after
 // each chunk. Bytes as the mma.sync kernel: q, k, v read once per column tile, o written once.
+// ACC (head dims above 128, cut into blocks by lasp_cuda.cu): o is one term of a sum over the blocks of D,
+// left as the AccOut says (fast_args.h) by direct stores from the accumulator registers.
 #include <type_traits>
 
 #include "common.cuh"
@@ -18,6 +20,7 @@
 #include "fast_path.h"
 #include "launch_cache.h"
 #include "mma.cuh"
+#include "mma_tiles.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
 
@@ -53,10 +56,10 @@ struct WgSmem {
 #if LASP_WGMMA  // device helpers of the kernel below (its body is empty in other targets)
 #endif
 
-template <typename T, int D>
+template <typename T, int D, bool ACC>
 __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
     wgmma_fwd_kernel(FwdArgs a, const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
-                     const __grid_constant__ CUtensorMap tv, const __grid_constant__ CUtensorMap to) {
+                     const __grid_constant__ CUtensorMap tv, const __grid_constant__ CUtensorMap to, AccOut oacc) {
 #if LASP_WGMMA
   using SM = WgSmem<D>;
   constexpr int MI = D / 64;  // 64-row blocks of the state
@@ -202,7 +205,11 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
 
     // ---- store O: this warp's 16 rows through the staging atom, one TMA store (the previous chunk's store
     // must have read the atom first) ----
-    tma::store_acc_rows<T, 1>(O, &to, sm, base, SM::OST, nstore, r0, len, e0, c0 + r0, h, b);
+    if constexpr (ACC) {  // o summed over the blocks of D (fast_args.h, AccOut), without the staging atom
+      mma::store_frag_acc<T, 8>(reinterpret_cast<const float(*)[4]>(O), oacc, b, h, c0, r0, e0, len, a.E);
+    } else {
+      tma::store_acc_rows<T, 1>(O, &to, sm, base, SM::OST, nstore, r0, len, e0, c0 + r0, h, b);
+    }
     wg::wait<0>();
 #pragma unroll
     for (int i = 0; i < MI; ++i) wg::fence_regs(S[i]);
@@ -219,11 +226,11 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
 #endif
 }
 
-template <typename T, int D>
-cudaError_t launch(const AttnParams& p, const FwdArgs& a, cudaStream_t st) {
-  auto kern = wgmma_fwd_kernel<T, D>;
+template <typename T, int D, bool ACC>
+cudaError_t launch(const AttnParams& p, const FwdArgs& a, const AccOut* oacc, cudaStream_t st) {
+  auto kern = wgmma_fwd_kernel<T, D, ACC>;
   const size_t smem = WgSmem<D>::bytes;
-  cudaError_t e = opt_in_smem<wgmma_fwd_kernel<T, D>>(smem);
+  cudaError_t e = opt_in_smem<wgmma_fwd_kernel<T, D, ACC>>(smem);
   if (e != cudaSuccess) return e;
   const unsigned blocks = (unsigned)(p.B * p.H * a.nseg * (p.E / kEt));
   const bool bf = std::is_same<T, __nv_bfloat16>::value;
@@ -231,13 +238,18 @@ cudaError_t launch(const AttnParams& p, const FwdArgs& a, cudaStream_t st) {
   if (!tma::make_map(&tq, p.q, bf, p.B, p.H, p.N, p.D, kC) || !tma::make_map(&tk, p.k, bf, p.B, p.Hkv, p.N, p.D, kC) ||
       !tma::make_map(&tv, p.v, bf, p.B, p.Hkv, p.N, p.E, kC) || !tma::make_map(&to, p.o, bf, p.B, p.H, p.N, p.E, 16))
     return cudaErrorNotSupported;  // fast::view_ok admits only views the driver maps
-  kern<<<blocks, kThreads, smem, st>>>(a, tq, tk, tv, to);
+  kern<<<blocks, kThreads, smem, st>>>(a, tq, tk, tv, to, oacc ? *oacc : AccOut{});
   return cudaGetLastError();
 }
 
 template <typename T, int D>
+cudaError_t launch_acc(const AttnParams& p, const FwdArgs& a, const AccOut* oacc, cudaStream_t st) {
+  return oacc ? launch<T, D, true>(p, a, oacc, st) : launch<T, D, false>(p, a, nullptr, st);
+}
+
+template <typename T, int D>
 int resident() {
-  return resident_blocks<wgmma_fwd_kernel<T, D>>(kThreads, WgSmem<D>::bytes, 2);
+  return resident_blocks<wgmma_fwd_kernel<T, D, false>>(kThreads, WgSmem<D>::bytes, 2);
 }
 
 }  // namespace
@@ -250,11 +262,12 @@ int wgmma_fwd_blocks_per_sm(const AttnParams& p) {
   return bf ? resident<__nv_bfloat16, 128>() : resident<__half, 128>();
 }
 
-cudaError_t wgmma_fwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_states, cudaStream_t st) {
+cudaError_t wgmma_fwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_states, cudaStream_t st,
+                           const AccOut* o_acc) {
   const FwdArgs a = make_fwd_args(p, nseg, seglen, seg_states);
   const bool bf = p.dtype == ScalarType::BFloat16;
-  if (p.D == 64) return bf ? launch<__nv_bfloat16, 64>(p, a, st) : launch<__half, 64>(p, a, st);
-  return bf ? launch<__nv_bfloat16, 128>(p, a, st) : launch<__half, 128>(p, a, st);
+  if (p.D == 64) return bf ? launch_acc<__nv_bfloat16, 64>(p, a, o_acc, st) : launch_acc<__half, 64>(p, a, o_acc, st);
+  return bf ? launch_acc<__nv_bfloat16, 128>(p, a, o_acc, st) : launch_acc<__half, 128>(p, a, o_acc, st);
 }
 
 }  // namespace fast

@@ -647,11 +647,16 @@ TEST(CudaKernelsApi, ForwardKernelChoice) {
     EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(plan_only_params(dt, 33, 64)), "generic");
     EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(plan_only_params(dt, 64, 100)), "generic");
     EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(plan_only_params(dt, 201, 64)), "generic");
-    // above 128: blocks of at most 128; mma.sync where D is cut (o summed in fp32), else the first block's
-    for (int D : {136, 192, 256})
-      for (int E : {64, 96, 256}) EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(plan_only_params(dt, D, E)), "mma");
-    EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(plan_only_params(dt, 64, 192)), fast);
-    EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(plan_only_params(dt, 96, 256)), "mma");
+    // above 128: blocks of at most 128, each on its own family (wgmma where both its dims are 64 or 128)
+    const char* mix = lasp::cuda::wgmma_available() ? "wgmma+mma" : "mma";
+    const struct {
+      int D, E;
+      const char* want;
+    } blocks[] = {{136, 64, mix},   {136, 96, "mma"}, {136, 256, mix},  {192, 64, fast}, {192, 96, "mma"},
+                  {192, 256, fast}, {256, 64, fast},  {256, 96, "mma"}, {256, 256, fast}, {64, 192, fast},
+                  {96, 256, "mma"}, {256, 40, "mma"}};
+    for (const auto& c : blocks)
+      EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(plan_only_params(dt, c.D, c.E)), c.want) << c.D << "x" << c.E;
   }
   EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(plan_only_params(ScalarType::Float32, 128, 128)), "generic");
   lasp::cuda::set_fwd_kernel(lasp::cuda::FwdKernel::Mma);
@@ -676,8 +681,13 @@ TEST(CudaKernelsApi, BackwardKernelChoice) {
       for (int E : {16, 40, 64, 128}) EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(plan_only_params(dt, D, E)), "mma");
     EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(plan_only_params(dt, 64, 100)), "generic");
     EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(plan_only_params(dt, 256, 257)), "generic");
-    for (int D : {64, 192, 256})  // above 128: blocks on mma.sync (dq, dk, dv summed in fp32)
-      for (int E : {136, 256}) EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(plan_only_params(dt, D, E)), "mma");
+    // above 128: blocks of at most 128, each on its own family (dq, dk, dv summed over blocks)
+    const char* mix = lasp::cuda::wgmma_available() ? "wgmma+mma" : "mma";
+    for (int D : {64, 192, 256}) {
+      EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(plan_only_params(dt, D, 136)), mix) << D;
+      EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(plan_only_params(dt, D, 256)), fast) << D;
+    }
+    EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(plan_only_params(dt, 256, 96)), "mma");
   }
   EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(plan_only_params(ScalarType::Float32, 128, 128)), "generic");
   lasp::cuda::set_bwd_kernel(lasp::cuda::BwdKernel::Mma);
