@@ -3,6 +3,9 @@
 #include <ATen/ATen.h>
 #include <c10/core/SymBool.h>
 
+#include <array>
+#include <cstdint>
+
 #include "exchange.h"
 #include "ring.h"
 
@@ -181,49 +184,105 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::
   }
 }
 
+namespace {
+// Whether alloc_out lays (B, H, N, last) out as (B, N, H, last) in memory: like's tokens outside its heads.
+bool tokens_outer(const Tensor& like) { return like.sym_stride(1) < like.sym_stride(2); }
+}  // namespace
+
 Tensor alloc_out(const Tensor& like, const c10::SymInt& last) {
   const auto& B = like.sym_size(0);
   const auto& H = like.sym_size(1);
   const auto& N = like.sym_size(2);
-  const bool tokens_outer = like.sym_stride(1) < like.sym_stride(2);
-  if (tokens_outer) {
+  if (tokens_outer(like)) {
     return at::empty_symint({B, N, H, last}, like.options()).transpose(1, 2);
   }
   return at::empty_symint({B, H, N, last}, like.options());
 }
 
 namespace {
-thread_local SegStates* tl_seg_request = nullptr;
-thread_local const SegStates* tl_seg_provide = nullptr;
 
-size_t acc_bytes(at::ScalarType t) { return acc_type(t) == at::kDouble ? 8 : 4; }
-
-// The forward's workspace becomes the kept segment states when the caller asked and there are segments.
-Tensor seg_states_workspace(const Kernels& kernels, AttnParams& p, SegStates* keep, int64_t& nseg, int64_t& seglen) {
-  if (!keep || !kernels.split || !kernels.workspace || !kernels.split(p, false, &nseg, &seglen) || nseg <= 1) {
-    return Tensor();
-  }
-  return kernels.workspace(p, /*backward=*/false);
+std::array<SplitFn, static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)>& split_registry() {
+  static std::array<SplitFn, static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)> fns{};
+  return fns;
 }
+
+// An address as aligned as the forward's freshly allocated o (the CUDA caching allocator hands out 512-byte
+// aligned blocks; the tensor-core kernels ask for 16): forward_split stands in for o with it (never read).
+constexpr uintptr_t kFreshAlignment = 256;
+
 }  // namespace
 
-SegStatesRequest::SegStatesRequest(SegStates* target) { tl_seg_request = target; }
-SegStatesRequest::~SegStatesRequest() { tl_seg_request = nullptr; }
-SegStatesProvide::SegStatesProvide(const SegStates* states) { tl_seg_provide = states; }
-SegStatesProvide::~SegStatesProvide() { tl_seg_provide = nullptr; }
+bool register_split(c10::DeviceType type, SplitFn fn) {
+  split_registry().at(static_cast<size_t>(type)) = fn;
+  return true;
+}
 
-std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels, const Tensor& q, const Tensor& k,
-                                                 const Tensor& v, const std::optional<Tensor>& decay,
-                                                 double scale, const std::optional<Tensor>& initial_state,
-                                                 const std::optional<std::string>& group_name,
-                                                 const std::string& strategy_name) {
-  SegStates* const keep = std::exchange(tl_seg_request, nullptr);
+bool forward_split(const Tensor& q, const Tensor& k, const Tensor& v, int64_t* nseg, int64_t* seglen) {
+  check_inputs(q, k, v, std::nullopt, std::nullopt, /*check_values=*/false);
+  const SplitFn fn = split_registry().at(static_cast<size_t>(q.device().type()));
+  if (fn == nullptr || q.size(2) == 0) return false;  // N = 0: the forward runs no kernel (no segments)
+  AttnParams p = base_params(q, k, v, Tensor(), 1.0);
+  // o as the forward op allocates it (alloc_out's layout; no tensor made, no op dispatched).
+  const int64_t H = q.size(1), N = q.size(2), E = v.size(3);
+  const std::array<int64_t, 4> o_strides = tokens_outer(q) ? std::array<int64_t, 4>{N * H * E, E, H * E, 1}
+                                                           : std::array<int64_t, 4>{H * N * E, N * E, E, 1};
+  for (int i = 0; i < 4; ++i) p.o.stride[i] = o_strides[i];
+  p.o.ptr = reinterpret_cast<void*>(kFreshAlignment);
+  return fn(q.device(), p, /*backward=*/false, nseg, seglen);
+}
+
+void check_seg_split_args(int64_t seg_nseg, int64_t seg_seglen) {
+  TORCH_CHECK_VALUE(seg_nseg >= 0, "lasp_attention_fwd: seg_nseg must be >= 0 (the forward's number of segments, "
+                    "or 0: keep no segment states), got ", seg_nseg);
+  TORCH_CHECK_VALUE(seg_seglen >= 0, "lasp_attention_fwd: seg_seglen must be >= 0 (the forward's segment length, "
+                    "or 0: keep no segment states), got ", seg_seglen);
+}
+
+void check_seg_states(const Tensor& q, const Tensor& v, const std::optional<Tensor>& seg_states,
+                      int64_t seg_seglen) {
+  TORCH_CHECK_VALUE(seg_seglen >= 0, "lasp_attention_bwd: seg_seglen must be >= 0 (the forward's segment length, "
+                    "or 0 without segment states), got ", seg_seglen);
+  if (!seg_states.has_value()) return;
+  const Tensor& s = *seg_states;
+  const auto acc = acc_type(q.scalar_type());
+  TORCH_CHECK_TYPE(s.scalar_type() == acc, "lasp_attention_bwd: seg_states must be ", acc, " (the forward's fourth "
+                   "output) for ", q.scalar_type(), " inputs, got ", s.scalar_type());
+  TORCH_CHECK_VALUE(s.device() == q.device(), "lasp_attention_bwd: seg_states must be on the device of q (",
+                    q.device(), "), got ", s.device());
+  if (s.dim() == 1 && s.sym_numel() == 0) return;  // the forward kept none
+  const auto &B = q.sym_size(0), &H = q.sym_size(1), &D = q.sym_size(3), &E = v.sym_size(3);
+  TORCH_CHECK_VALUE(s.dim() == 5, "lasp_attention_bwd: seg_states must be the forward's fourth output, of shape "
+                    "(B, H, nseg, D, E) = (", B, ", ", H, ", nseg, ", D, ", ", E, ") or with 0 elements (none kept), "
+                    "got shape ", s.sym_sizes());
+  TORCH_CHECK_VALUE((s.sym_size(0).sym_eq(B) & s.sym_size(1).sym_eq(H) & s.sym_size(2).sym_ge(1) &
+                     s.sym_size(3).sym_eq(D) & s.sym_size(4).sym_eq(E))
+                        .guard_bool(__FILE__, __LINE__),
+                    "lasp_attention_bwd: seg_states must be the forward's fourth output, of shape (B, H, nseg, D, E) = (",
+                    B, ", ", H, ", nseg >= 1, ", D, ", ", E, ") or with 0 elements (none kept), got shape ",
+                    s.sym_sizes());
+  TORCH_CHECK_VALUE(seg_seglen >= 1, "lasp_attention_bwd: seg_seglen must be the forward's segment length (>= 1) "
+                    "when seg_states are given, got ", seg_seglen);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels, const Tensor& q,
+                                                         const Tensor& k, const Tensor& v,
+                                                         const std::optional<Tensor>& decay, double scale,
+                                                         const std::optional<Tensor>& initial_state,
+                                                         const std::optional<std::string>& group_name,
+                                                         const std::string& strategy_name, int64_t seg_nseg,
+                                                         int64_t seg_seglen) {
   check_inputs(q, k, v, decay, initial_state, /*check_values=*/true);
+  check_seg_split_args(seg_nseg, seg_seglen);
   const Strategy strategy = parse_strategy(strategy_name);
   const auto acc = acc_type(q.scalar_type());
   const int64_t N = q.size(2), D = q.size(3), E = v.size(3);
   const Kernels kernels = N == 0 ? empty_piece_kernels(q, D, E) : backend_kernels;
   const Ring ring(group_name);
+  // Before any collective, so that every rank of a call made alike raises here.
+  TORCH_CHECK_VALUE(seg_nseg <= 1 || ring.size() == 1, "lasp_attention_fwd: seg_nseg > 1 keeps the segment states "
+                    "of a call on one rank; across the ", ring.size(), " ranks of group '", ring.group_name(),
+                    "' the backward computes them again: pass seg_nseg = 0, got seg_nseg = ", seg_nseg);
+  Tensor seg_states = at::empty({0}, q.options().dtype(acc));  // none kept
   const Tensor decay_acc = decay_in_acc(decay, acc, /*clamp=*/ring.size() > 1);
   Tensor o = alloc_out(q, E);
   AttnParams p = base_params(q, k, v, decay_acc, scale);
@@ -241,11 +300,26 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels,
     Tensor s_out = state_like(q, D, E);
     p.state_in = initial_state.has_value() ? s_in.data_ptr() : nullptr;
     p.state_out = s_out.data_ptr();
-    int64_t nseg = 0, seglen = 0;
-    const Tensor ws = seg_states_workspace(kernels, p, keep, nseg, seglen);
+    Tensor ws;
+    if (seg_nseg > 1) {  // keep the segment input states: the front of the workspace (lasp_cuda.h, fwd_split)
+      int64_t nseg = 0, seglen = 0;
+      const bool known = kernels.split && kernels.workspace && kernels.split(p, false, &nseg, &seglen);
+      TORCH_CHECK_VALUE(known, "lasp_attention_fwd: seg_nseg > 1 asks to keep the segment states, but the forward of "
+                        "this call on ", q.device(), " cuts no segments (no segment split for these inputs): pass "
+                        "seg_nseg = 0; got seg_nseg = ", seg_nseg, ", seg_seglen = ", seg_seglen);
+      TORCH_CHECK_VALUE(nseg == seg_nseg && seglen == seg_seglen, "lasp_attention_fwd: seg_nseg, seg_seglen must be "
+                        "the forward's split of this call, (", nseg, ", ", seglen, ") (or seg_nseg = 0: keep none), "
+                        "got (", seg_nseg, ", ", seg_seglen, ")");
+      ws = kernels.workspace(p, /*backward=*/false);
+      const int64_t numel = q.size(0) * q.size(1) * nseg * D * E;
+      const int64_t bytes = numel * static_cast<int64_t>(acc_size(p.dtype));
+      TORCH_INTERNAL_ASSERT(ws.defined() && ws.numel() >= bytes, "lasp_attention_fwd: the forward's workspace (",
+                            ws.defined() ? ws.numel() : 0, " bytes) is smaller than its ", bytes,
+                            " bytes of segment states");
+      seg_states = ws.narrow(0, 0, bytes).view(acc).view({q.size(0), q.size(1), nseg, D, E});
+    }
     kernels.fwd(p);
-    if (ws.defined()) *keep = SegStates{ws, nseg, seglen};
-    return {o, s_out, s_in};
+    return {o, s_out, s_in, seg_states};
   }
 
   // Several ranks (exchange.h): the local state L_r (reads k and v only), the exchange that gives the
@@ -260,9 +334,9 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_kernels,
   p.state_out = nullptr;
   p.local_ready = true;
   // Across ranks the backward computes the segment states again (bwd_prepare, beside the gradient
-  // exchange): they are kept on one device only (this path has not yet run with them on GPUs).
+  // exchange): they are kept on one rank only (seg_nseg > 1 raised above).
   kernels.fwd(p);  // o, with the incoming state
-  return {o, st.s_out, st.s_in};
+  return {o, st.s_out, st.s_in, seg_states};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_kernels, const Tensor& q,
@@ -271,9 +345,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_
                                                          const std::optional<Tensor>& decay, double scale,
                                                          const Tensor& state_in,
                                                          const std::optional<std::string>& group_name,
-                                                         const std::string& strategy_name) {
-  const SegStates* const given = std::exchange(tl_seg_provide, nullptr);
+                                                         const std::string& strategy_name,
+                                                         const std::optional<Tensor>& seg_states,
+                                                         int64_t seg_seglen) {
   check_inputs(q, k, v, decay, std::nullopt, /*check_values=*/false);
+  check_seg_states(q, v, seg_states, seg_seglen);
+  const bool seg_given = seg_states.has_value() && seg_states->numel() > 0;
   const Strategy strategy = parse_strategy(strategy_name);
   const auto acc = acc_type(q.scalar_type());
   const int64_t N = q.size(2), D = q.size(3), E = v.size(3);
@@ -289,6 +366,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_
                     state_in.device());
   const Kernels kernels = N == 0 ? empty_piece_kernels(q, D, E) : backend_kernels;
   const Ring ring(group_name);
+  // Before any collective, so that every rank of a call made alike raises here.
+  TORCH_CHECK_VALUE(!seg_given || ring.size() == 1, "lasp_attention_bwd: seg_states are the segment states a "
+                    "forward on one rank kept; across the ", ring.size(), " ranks of group '", ring.group_name(),
+                    "' none are kept (the backward computes them): pass seg_states = None, got a tensor of shape ",
+                    seg_states->sizes());
   const Tensor decay_acc = decay_in_acc(decay, acc, /*clamp=*/ring.size() > 1);
   const Tensor s_in = state_in.to(acc).contiguous();  // 0 elements: a zero incoming state
   const Tensor g_user = grad_final_state.has_value() ? grad_final_state->to(acc).contiguous() : Tensor();
@@ -300,12 +382,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_
   p.dk = view4(dk);
   p.dv = view4(dv);
   p.state_in = s_in.numel() > 0 ? s_in.data_ptr() : nullptr;
-  if (given && given->states.defined() && kernels.split) {  // the forward's segment states, if they fit
+  Tensor seg_in;  // the forward's segment states where the backward cuts the sequence alike (else recomputed)
+  if (seg_given && kernels.split) {
     int64_t nseg = 0, seglen = 0;
-    const size_t need = (size_t)(q.size(0) * q.size(1) * given->nseg * D * E) * acc_bytes(q.scalar_type());
-    if (kernels.split(p, true, &nseg, &seglen) && nseg == given->nseg && seglen == given->seglen &&
-        given->states.device() == q.device() && given->states.nbytes() >= need) {
-      p.seg_states = given->states.data_ptr();
+    if (kernels.split(p, true, &nseg, &seglen) && nseg > 1 && nseg == seg_states->size(2) && seglen == seg_seglen) {
+      seg_in = seg_states->contiguous();  // the forward's output is; a copy for any other layout
+      p.seg_states = seg_in.data_ptr();
     }
   }
 

@@ -49,27 +49,23 @@ struct Kernels {
   std::function<bool(const AttnParams&, bool backward, int64_t* nseg, int64_t* seglen)> split;
 };
 
-// The segment input states a forward computed (its workspace, acc type (B, H, nseg, D, E)), kept for the
-// backward of the same call so that it need not compute them again (CUDA, long sequences cut in segments).
-// The autograd function asks for them around its forward op call and hands them back around its backward
-// op call; attention_fwd / attention_bwd take the request on entry (thread-local, so only the op call made
-// right after it sees it). A backward uses them only where its own split is the same.
-struct SegStates {
-  Tensor states;  // undefined: none kept
-  int64_t nseg = 0, seglen = 0;
-};
-// While alive, the next attention_fwd on this thread fills *target (or leaves it empty).
-class SegStatesRequest {
- public:
-  explicit SegStatesRequest(SegStates* target);
-  ~SegStatesRequest();
-};
-// While alive, the next attention_bwd on this thread may use *states.
-class SegStatesProvide {
- public:
-  explicit SegStatesProvide(const SegStates* states);
-  ~SegStatesProvide();
-};
+// How a backend cuts each sequence into segments, asked on `device` (Kernels::split's contract; the
+// function makes `device` current itself). Registered per device type by the backends that keep segment
+// states (csrc/cuda/attention_cuda.cpp, at static initialisation), so that the autograd function can pass
+// the forward op the split it will use without code of that backend.
+using SplitFn = bool (*)(const at::Device& device, const AttnParams& p, bool backward, int64_t* nseg,
+                         int64_t* seglen);
+// Registers fn for device type `type` (the last registration wins); returns true (to initialise a static).
+bool register_split(c10::DeviceType type, SplitFn fn);
+
+// The split (nseg, seglen) the forward op would use for q, k, v on one rank (no group), or false where the
+// backend of q's device has no split function or cannot say (N = 0, an unsupported problem). It reads the
+// sizes, strides, dtypes and the alignment of the data pointers (the tensor-core kernels need aligned
+// rows), and assumes o in the layout alloc_out gives at a fresh allocation's alignment, which is what the
+// forward op allocates; decay, scale and the initial state do not change the split. q, k, v must be
+// concrete tensors with memory (not symbolic, fake or functional ones of a trace). Raises check_inputs'
+// errors for inputs the op would refuse.
+bool forward_split(const Tensor& q, const Tensor& k, const Tensor& v, int64_t* nseg, int64_t* seglen);
 
 // Checks shapes, dtypes and devices of the op's inputs (symbolic sizes allowed, so the meta kernels
 // share it). check_values also checks decay >= 0, which reads decay's values (CPU tensors only).
@@ -87,27 +83,48 @@ inline bool fwd_saves_no_state(const std::optional<Tensor>& initial_state,
   return !initial_state.has_value() && !group_name.has_value();
 }
 
+// Checks the forward op's seg_nseg and seg_seglen: both >= 0 (what they must equal is attention_fwd's).
+void check_seg_split_args(int64_t seg_nseg, int64_t seg_seglen);
+
+// Checks the segment-state arguments of the backward op (symbolic sizes allowed, so the meta kernel shares
+// it): seg_states none, 0 elements, or an acc-type (B, H, nseg, D, E) tensor on q's device; seg_seglen >= 0,
+// and >= 1 with segment states.
+void check_seg_states(const Tensor& q, const Tensor& v, const std::optional<Tensor>& seg_states,
+                      int64_t seg_seglen);
+
 // Strategies across ranks: "ring" (LASP: state passed rank to rank) or "allgather" (LASP-2: one
 // all-gather of the local states, prefix/suffix combination on each rank).
 //
-// Forward: (o, final_state, state_in). state_in is the state this piece started from (cached for
-// backward, so backward needs no second forward ring); without a group and without initial_state it
+// Forward: (o, final_state, state_in, seg_states). state_in is the state this piece started from (cached
+// for backward, so backward needs no second forward ring); without a group and without initial_state it
 // is a 0-element tensor ("no incoming state", which the backward reads as zero), so that no zero-filled
 // (B, H, D, E) state is made, launched and kept for each call.
-std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Kernels& kernels, const Tensor& q, const Tensor& k,
-                                                 const Tensor& v, const std::optional<Tensor>& decay,
-                                                 double scale, const std::optional<Tensor>& initial_state,
-                                                 const std::optional<std::string>& group_name,
-                                                 const std::string& strategy);
+// seg_nseg > 1 asks the forward to keep its segment input states for the backward: (seg_nseg, seg_seglen)
+// must be its split (Kernels::split, else a ValueError), and seg_states is then the acc-type
+// (B, H, seg_nseg, D, E) front of the forward's workspace (a view: no copy, no extra kernel). On one rank
+// only: with a group of more than one rank the backward computes them again, and seg_nseg > 1 raises.
+// seg_nseg 0 or 1: seg_states is a 0-element acc-type tensor.
+std::tuple<Tensor, Tensor, Tensor, Tensor> attention_fwd(const Kernels& kernels, const Tensor& q,
+                                                         const Tensor& k, const Tensor& v,
+                                                         const std::optional<Tensor>& decay, double scale,
+                                                         const std::optional<Tensor>& initial_state,
+                                                         const std::optional<std::string>& group_name,
+                                                         const std::string& strategy, int64_t seg_nseg,
+                                                         int64_t seg_seglen);
 
 // Backward: (dq, dk, dv, grad_initial_state). grad_initial_state is zero on group ranks > 0. state_in:
-// the forward's third output (0 elements: a zero incoming state).
+// the forward's third output (0 elements: a zero incoming state). seg_states / seg_seglen: the forward's
+// fourth output of the same call and the seg_seglen it was given (none, or 0 elements: none kept); used
+// where the backward's own split is (seg_states.size(2), seg_seglen), else the backward computes the
+// segment states again. With a group of more than one rank, segment states raise (none can have been kept).
 std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& kernels, const Tensor& q,
                                                          const Tensor& k, const Tensor& v, const Tensor& dout,
                                                          const std::optional<Tensor>& grad_final_state,
                                                          const std::optional<Tensor>& decay, double scale,
                                                          const Tensor& state_in,
                                                          const std::optional<std::string>& group_name,
-                                                 const std::string& strategy);
+                                                         const std::string& strategy,
+                                                         const std::optional<Tensor>& seg_states,
+                                                         int64_t seg_seglen);
 
 }  // namespace lasp

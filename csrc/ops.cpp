@@ -1,8 +1,8 @@
 // Op registration: schemas (once), CPU and Meta kernels, the C++ autograd function under the Autograd key.
 //
 //   lasp::lasp_attention      the user-facing op: (o, final_state); autograd through LaspAttentionFunction
-//   lasp::lasp_attention_fwd  forward with the ring: (o, final_state, state_in)
-//   lasp::lasp_attention_bwd  backward with the ring: (dq, dk, dv, grad_initial_state)
+//   lasp::lasp_attention_fwd  forward with the ring: (o, final_state, state_in, seg_states)
+//   lasp::lasp_attention_bwd  backward with the ring: (dq, dk, dv, grad_initial_state), seg_states in
 //   lasp::alibi_slopes        TransNormerLLM / Lightning Attention decay rates
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
@@ -26,12 +26,14 @@ const Kernels& cpu_kernels() {
   return k;
 }
 
-std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
-                                           const std::optional<Tensor>& decay, double scale,
-                                           const std::optional<Tensor>& initial_state,
-                                           const std::optional<std::string>& group_name,
-    const std::string& strategy) {
-  return attention_fwd(cpu_kernels(), q, k, v, decay, scale, initial_state, group_name, strategy);
+std::tuple<Tensor, Tensor, Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                   const std::optional<Tensor>& decay, double scale,
+                                                   const std::optional<Tensor>& initial_state,
+                                                   const std::optional<std::string>& group_name,
+                                                   const std::string& strategy, int64_t seg_nseg,
+                                                   int64_t seg_seglen) {
+  return attention_fwd(cpu_kernels(), q, k, v, decay, scale, initial_state, group_name, strategy, seg_nseg,
+                       seg_seglen);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -39,8 +41,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(const Tensor& q, const Tensor
                                                    const std::optional<Tensor>& decay, double scale,
                                                    const Tensor& state_in,
                                                    const std::optional<std::string>& group_name,
-    const std::string& strategy) {
-  return attention_bwd(cpu_kernels(), q, k, v, dout, grad_final_state, decay, scale, state_in, group_name, strategy);
+                                                   const std::string& strategy,
+                                                   const std::optional<Tensor>& seg_states, int64_t seg_seglen) {
+  return attention_bwd(cpu_kernels(), q, k, v, dout, grad_final_state, decay, scale, state_in, group_name, strategy,
+                       seg_states, seg_seglen);
 }
 
 // ---- Meta kernels: shapes, dtypes and strides only (what torch.compile traces with) ----
@@ -49,17 +53,23 @@ Tensor state_meta(const Tensor& q, const Tensor& v) {
                           q.options().dtype(acc_type(q.scalar_type())));
 }
 
-std::tuple<Tensor, Tensor, Tensor> fwd_meta(const Tensor& q, const Tensor& k, const Tensor& v,
-                                            const std::optional<Tensor>& decay, double scale,
-                                            const std::optional<Tensor>& initial_state,
-                                            const std::optional<std::string>& group_name,
-    const std::string& strategy) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> fwd_meta(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                    const std::optional<Tensor>& decay, double scale,
+                                                    const std::optional<Tensor>& initial_state,
+                                                    const std::optional<std::string>& group_name,
+                                                    const std::string& strategy, int64_t seg_nseg,
+                                                    int64_t seg_seglen) {
   check_inputs(q, k, v, decay, initial_state, /*check_values=*/false);
+  check_seg_split_args(seg_nseg, seg_seglen);
+  const auto acc_opts = q.options().dtype(acc_type(q.scalar_type()));
   // state_in: 0 elements without a group and without an initial state (attention.h)
-  Tensor s_in = fwd_saves_no_state(initial_state, group_name)
-                    ? at::empty({0}, q.options().dtype(acc_type(q.scalar_type())))
-                    : state_meta(q, v);
-  return {alloc_out(q, v.sym_size(3)), state_meta(q, v), s_in};
+  Tensor s_in = fwd_saves_no_state(initial_state, group_name) ? at::empty({0}, acc_opts) : state_meta(q, v);
+  // seg_states: (B, H, seg_nseg, D, E) when kept, else 0 elements (whether the split fits is the device's to say)
+  Tensor seg = seg_nseg > 1 ? at::empty_symint({q.sym_size(0), q.sym_size(1), c10::SymInt(seg_nseg), q.sym_size(3),
+                                                v.sym_size(3)},
+                                               acc_opts)
+                            : at::empty({0}, acc_opts);
+  return {alloc_out(q, v.sym_size(3)), state_meta(q, v), s_in, seg};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_meta(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -67,34 +77,57 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_meta(const Tensor& q, const Tenso
                                                     const std::optional<Tensor>& decay, double scale,
                                                     const Tensor& state_in,
                                                     const std::optional<std::string>& group_name,
-    const std::string& strategy) {
+                                                    const std::string& strategy,
+                                                    const std::optional<Tensor>& seg_states, int64_t seg_seglen) {
   check_inputs(q, k, v, decay, std::nullopt, /*check_values=*/false);
+  check_seg_states(q, v, seg_states, seg_seglen);
   return {at::empty_like(q), at::empty_like(k), at::empty_like(v), state_meta(q, v)};
 }
 
 // ---- The user-facing op ----
-std::tuple<Tensor, Tensor> call_fwd_op(const Tensor& q, const Tensor& k, const Tensor& v,
-                                       const std::optional<Tensor>& decay, double scale,
-                                       const std::optional<Tensor>& initial_state,
-                                       const std::optional<std::string>& group_name, const std::string& strategy,
-                                       Tensor* state_in) {
+using FwdOut = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+FwdOut call_fwd_op(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& decay,
+                   double scale, const std::optional<Tensor>& initial_state,
+                   const std::optional<std::string>& group_name, const std::string& strategy, int64_t seg_nseg,
+                   int64_t seg_seglen) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("lasp::lasp_attention_fwd", "")
-                       .typed<std::tuple<Tensor, Tensor, Tensor>(
-                           const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, double,
-                           const std::optional<Tensor>&, const std::optional<std::string>&, const std::string&)>();
-  auto [o, final_state, s_in] = op.call(q, k, v, decay, scale, initial_state, group_name, strategy);
-  if (state_in) *state_in = s_in;
-  return {o, final_state};
+                       .typed<FwdOut(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                                     double, const std::optional<Tensor>&, const std::optional<std::string>&,
+                                     const std::string&, int64_t, int64_t)>();
+  return op.call(q, k, v, decay, scale, initial_state, group_name, strategy, seg_nseg, seg_seglen);
 }
 
-// Below autograd (and for inference): the forward op without the cached state.
+// Below autograd (and for inference): the forward op, keeping nothing for a backward.
 std::tuple<Tensor, Tensor> attention_noautograd(const Tensor& q, const Tensor& k, const Tensor& v,
                                                 const std::optional<Tensor>& decay, double scale,
                                                 const std::optional<Tensor>& initial_state,
                                                 const std::optional<std::string>& group_name,
-    const std::string& strategy) {
-  return call_fwd_op(q, k, v, decay, scale, initial_state, group_name, strategy, nullptr);
+                                                const std::string& strategy) {
+  auto out = call_fwd_op(q, k, v, decay, scale, initial_state, group_name, strategy, 0, 0);
+  return {std::get<0>(out), std::get<1>(out)};
+}
+
+// Whether t's sizes, strides and offset are plain numbers and it has memory of its own: not a symbolic,
+// fake, functional or meta tensor of a trace (torch.compile), where the forward's split cannot be asked.
+bool concrete(const Tensor& t) {
+  for (const auto& s : t.sym_sizes())
+    if (s.is_symbolic()) return false;
+  for (const auto& s : t.sym_strides())
+    if (s.is_symbolic()) return false;
+  if (t.sym_storage_offset().is_symbolic() || t.is_meta()) return false;
+  return !t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize}));
+}
+
+// The split the forward op is to keep its segment states with: the device backend's (forward_split), for
+// one rank (no group) and concrete inputs; (0, 0) otherwise or with one segment (nothing to keep).
+std::pair<int64_t, int64_t> split_to_keep(const Tensor& q, const Tensor& k, const Tensor& v,
+                                          const std::optional<std::string>& group_name) {
+  if (group_name.has_value() || !concrete(q) || !concrete(k) || !concrete(v)) return {0, 0};
+  int64_t nseg = 0, seglen = 0;
+  if (!forward_split(q, k, v, &nseg, &seglen) || nseg <= 1) return {0, 0};
+  return {nseg, seglen};
 }
 
 class LaspAttentionFunction : public torch::autograd::Function<LaspAttentionFunction> {
@@ -108,18 +141,14 @@ class LaspAttentionFunction : public torch::autograd::Function<LaspAttentionFunc
     // An output the loss does not use (usually the final state) gets an undefined gradient instead of
     // a zero-filled (B, H, D, E) tensor that the kernels would then read: one fill and its bytes saved.
     ctx->set_materialize_grads(false);
-    Tensor state_in;
-    SegStates kept;  // the forward's segment states, for the backward (attention.h)
-    auto [o, final_state] = [&] {
-      const SegStatesRequest request(&kept);
-      return call_fwd_op(q, k, v, decay, scale, initial_state, group_name, strategy, &state_in);
-    }();
-    if (kept.states.defined()) {
-      ctx->saved_data["seg_states"] = kept.states;
-      ctx->saved_data["seg_nseg"] = kept.nseg;
-      ctx->saved_data["seg_seglen"] = kept.seglen;
-    }
-    ctx->save_for_backward({q, k, v, state_in, decay.has_value() ? *decay : Tensor()});
+    // Long sequences on one rank: the forward keeps its segment input states and the backward takes them
+    // (where its own split is the same) instead of computing them again.
+    const auto [seg_nseg, seg_seglen] = split_to_keep(q, k, v, group_name);
+    auto [o, final_state, state_in, seg_states] =
+        call_fwd_op(q, k, v, decay, scale, initial_state, group_name, strategy, seg_nseg, seg_seglen);
+    ctx->save_for_backward(
+        {q, k, v, state_in, decay.has_value() ? *decay : Tensor(), seg_nseg > 1 ? seg_states : Tensor()});
+    ctx->saved_data["seg_seglen"] = seg_seglen;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["has_initial_state"] = initial_state.has_value();
     if (group_name.has_value()) ctx->saved_data["group_name"] = *group_name;
@@ -132,6 +161,9 @@ class LaspAttentionFunction : public torch::autograd::Function<LaspAttentionFunc
     const Tensor &q = saved[0], &k = saved[1], &v = saved[2], &state_in = saved[3];
     std::optional<Tensor> decay;
     if (saved[4].defined()) decay = saved[4];
+    std::optional<Tensor> seg_states;  // the forward's segment states, if it kept them
+    if (saved[5].defined()) seg_states = saved[5];
+    const int64_t seg_seglen = ctx->saved_data["seg_seglen"].toInt();
     std::optional<std::string> group_name;
     if (ctx->saved_data.count("group_name")) group_name = ctx->saved_data["group_name"].toStringRef();
     const double scale = ctx->saved_data["scale"].toDouble();
@@ -147,17 +179,10 @@ class LaspAttentionFunction : public torch::autograd::Function<LaspAttentionFunc
                          .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
                              const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                              const std::optional<Tensor>&, const std::optional<Tensor>&, double, const Tensor&,
-                             const std::optional<std::string>&, const std::string&)>();
-    SegStates kept;
-    if (ctx->saved_data.count("seg_states")) {
-      kept.states = ctx->saved_data["seg_states"].toTensor();
-      kept.nseg = ctx->saved_data["seg_nseg"].toInt();
-      kept.seglen = ctx->saved_data["seg_seglen"].toInt();
-    }
-    auto [dq, dk, dv, dinit] = [&] {
-      const SegStatesProvide provide(&kept);
-      return op.call(q, k, v, dout, grad_final, decay, scale, state_in, group_name, strategy);
-    }();
+                             const std::optional<std::string>&, const std::string&, const std::optional<Tensor>&,
+                             int64_t)>();
+    auto [dq, dk, dv, dinit] =
+        op.call(q, k, v, dout, grad_final, decay, scale, state_in, group_name, strategy, seg_states, seg_seglen);
     const bool has_init = ctx->saved_data["has_initial_state"].toBool();
     return {dq, dk, dv, Tensor(), Tensor(), has_init ? dinit : Tensor(), Tensor(), Tensor()};
   }
@@ -218,12 +243,23 @@ TORCH_LIBRARY(lasp, m) {
   m.def(
       "lasp_attention(Tensor q, Tensor k, Tensor v, Tensor? decay, float scale, Tensor? initial_state, "
       "str? group_name, str strategy=\"ring\") -> (Tensor, Tensor)");
+  // The forward: (o, final_state, state_in, seg_states). seg_nseg > 1 keeps the forward's segment input
+  // states for the backward of the same call: (seg_nseg, seg_seglen) must be the split the forward uses
+  // (lasp_cuda.h, fwd_split; else a ValueError saying which), and seg_states is then the acc-type
+  // (B, H, seg_nseg, D, E) states at the segment starts (a view of the forward's workspace). Only on one
+  // rank: with a group of more than one rank seg_nseg > 1 raises (across ranks the backward computes them
+  // again), and on CPU too (no segments). seg_nseg 0 or 1: seg_states has 0 elements.
   m.def(
       "lasp_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? decay, float scale, Tensor? initial_state, "
-      "str? group_name, str strategy=\"ring\") -> (Tensor, Tensor, Tensor)");
+      "str? group_name, str strategy=\"ring\", int seg_nseg=0, int seg_seglen=0) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The backward: (dq, dk, dv, grad_initial_state). seg_states / seg_seglen: the forward's fourth output and
+  // the seg_seglen it was given (None or 0 elements: none); used where the backward's own split is
+  // (seg_states.size(2), seg_seglen), else computed again. A seg_states of another dtype, device or shape
+  // raises, and so does one with a group of more than one rank.
   m.def(
       "lasp_attention_bwd(Tensor q, Tensor k, Tensor v, Tensor dout, Tensor? grad_final_state, Tensor? decay, "
-      "float scale, Tensor state_in, str? group_name, str strategy=\"ring\") -> (Tensor, Tensor, Tensor, Tensor)");
+      "float scale, Tensor state_in, str? group_name, str strategy=\"ring\", Tensor? seg_states=None, "
+      "int seg_seglen=0) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("set_group_checks(bool? enabled, float? timeout_s) -> ()", &lasp::set_group_checks);
   m.def("set_ring_transport(str transport) -> ()", &lasp::set_ring_transport);
   m.def("get_ring_transport() -> str", &lasp::get_ring_transport);

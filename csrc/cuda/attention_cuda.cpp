@@ -64,13 +64,22 @@ const Kernels& cuda_kernels() {
   return k;
 }
 
-std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
-                                            const std::optional<Tensor>& decay, double scale,
-                                            const std::optional<Tensor>& initial_state,
-                                            const std::optional<std::string>& group_name,
-                                            const std::string& strategy) {
+// The split registry's entry for CUDA (attention.h, forward_split): the kernels' split on `device`.
+bool split_on(const at::Device& device, const AttnParams& p, bool backward, int64_t* nseg, int64_t* seglen) {
+  const c10::cuda::CUDAGuard guard(device);
+  return cuda_kernels().split(p, backward, nseg, seglen);
+}
+const bool split_registered = register_split(c10::DeviceType::CUDA, split_on);
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                    const std::optional<Tensor>& decay, double scale,
+                                                    const std::optional<Tensor>& initial_state,
+                                                    const std::optional<std::string>& group_name,
+                                                    const std::string& strategy, int64_t seg_nseg,
+                                                    int64_t seg_seglen) {
   const c10::cuda::CUDAGuard guard(q.device());
-  return attention_fwd(cuda_kernels(), q, k, v, decay, scale, initial_state, group_name, strategy);
+  return attention_fwd(cuda_kernels(), q, k, v, decay, scale, initial_state, group_name, strategy, seg_nseg,
+                       seg_seglen);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -78,9 +87,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda(const Tensor& q, const Tenso
                                                     const std::optional<Tensor>& decay, double scale,
                                                     const Tensor& state_in,
                                                     const std::optional<std::string>& group_name,
-                                                    const std::string& strategy) {
+                                                    const std::string& strategy,
+                                                    const std::optional<Tensor>& seg_states, int64_t seg_seglen) {
   const c10::cuda::CUDAGuard guard(q.device());
-  return attention_bwd(cuda_kernels(), q, k, v, dout, grad_final_state, decay, scale, state_in, group_name, strategy);
+  return attention_bwd(cuda_kernels(), q, k, v, dout, grad_final_state, decay, scale, state_in, group_name, strategy,
+                       seg_states, seg_seglen);
 }
 
 }  // namespace

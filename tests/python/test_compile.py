@@ -6,8 +6,13 @@ applicable: lasp_attention is differentiable and registers its C++ autograd func
 Autograd key, which is exactly what that check verifies when inputs require grad. For the internal
 lasp_attention_fwd / lasp_attention_bwd ops (no autograd formula of their own) we call opcheck
 with inputs that do not require grad, where the check is a no-op by design.
+
+The forward hands the backward its segment states as op data: lasp_attention_fwd's fourth output
+(seg_states, kept when seg_nseg > 1) and lasp_attention_bwd's seg_states / seg_seglen arguments; the
+tests below check both ops with them, their errors, their meta shapes, and what a compiled graph passes.
 """
 
+import re
 import zlib
 
 import pytest
@@ -16,6 +21,8 @@ from torch.library import opcheck
 
 from conftest import (
     DEVICES,
+    HAS_CUDA,
+    NO_CUDA_REASON,
     assert_close_to_ref,
     gen,
     make_decay,
@@ -63,13 +70,160 @@ def test_opcheck_fwd_bwd(lasp, device, with_state, seed):
     decay = make_decay("alibi", H, device)
     fwd_args = (q, k, v, decay, 0.7, s0, None)
     opcheck(torch.ops.lasp.lasp_attention_fwd, fwd_args)
-    o, f, state_in = torch.ops.lasp.lasp_attention_fwd(*fwd_args)
+    opcheck(torch.ops.lasp.lasp_attention_fwd, fwd_args + ("ring", 1, N))  # one segment: nothing kept
+    o, f, state_in, seg = torch.ops.lasp.lasp_attention_fwd(*fwd_args)
+    assert seg.shape == (0,) and seg.dtype == torch.float32 and seg.device == q.device
     g = gen(seed + 1)
     do = randn(o.shape, g, torch.float32, device)
     dS = randn(f.shape, g, torch.float32, device)
     bwd_args = (q, k, v, do, dS, decay, 0.7, state_in.clone(), None)
     opcheck(torch.ops.lasp.lasp_attention_bwd, bwd_args)
     opcheck(torch.ops.lasp.lasp_attention_bwd, (q, k, v, do, None, None, 0.7, state_in.clone(), None))
+    # the forward's 0-element seg_states ("none kept") passed on, as the backward takes them
+    opcheck(torch.ops.lasp.lasp_attention_bwd, bwd_args + ("ring", seg.clone(), 0))
+
+
+def _forward_split(q, k, v, decay):
+    """The (nseg, seglen) the CUDA forward uses for these inputs, read off the error of a wrong request (a
+    segment length of 1 is never one: segments are whole 64-token chunks)."""
+    with pytest.raises(ValueError, match=r"seg_nseg, seg_seglen must be the forward's split of this call") as e:
+        torch.ops.lasp.lasp_attention_fwd(q, k, v, decay, 0.5, None, None, "ring", 2, 1)
+    m = re.search(r"the forward's split of this call, \((\d+), (\d+)\)", str(e.value))
+    assert m, str(e.value)
+    assert str(e.value).rstrip().endswith("got (2, 1)"), str(e.value)
+    return int(m.group(1)), int(m.group(2))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+def test_opcheck_fwd_bwd_cuda_segment_states(lasp, seed):
+    """seg_nseg > 1 on CUDA: the forward returns its segment states, the backward takes them; opcheck on both."""
+    B, H, N, D = 1, 2, 4096, 64
+    q, k, v = make_qkv(B, H, H, N, D, D, dtype=torch.bfloat16, device="cuda", seed=seed, requires_grad=False)
+    s0 = make_state(B, H, D, D, dtype=torch.bfloat16, device="cuda", seed=seed, requires_grad=False)
+    decay = make_decay("alibi", H, "cuda")
+    nseg, seglen = _forward_split(q, k, v, decay)
+    assert nseg > 1, f"B * H = {B * H} heads of {N} tokens should be cut into segments, got ({nseg}, {seglen})"
+    fwd_args = (q, k, v, decay, 0.5, s0, None, "ring", nseg, seglen)
+    opcheck(torch.ops.lasp.lasp_attention_fwd, fwd_args)
+    o, f, state_in, seg = torch.ops.lasp.lasp_attention_fwd(*fwd_args)
+    assert seg.shape == (B, H, nseg, D, D) and seg.dtype == torch.float32 and seg.is_contiguous()
+    g = gen(seed + 1)
+    do, dS = randn(o.shape, g, torch.bfloat16, "cuda"), randn(f.shape, g, torch.float32, "cuda")
+    opcheck(torch.ops.lasp.lasp_attention_bwd, (q, k, v, do, dS, decay, 0.5, state_in, None, "ring", seg, seglen))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fwd_op_segment_split_args_cpu(lasp, dtype, seed):
+    """CPU cuts no segments: seg_nseg 0 or 1 gives a 0-element seg_states (acc dtype), seg_nseg > 1 raises
+    naming it, and negative values raise naming the argument."""
+    B, H, N, D, E = 1, 2, 9, 4, 6
+    q, k, v = make_qkv(B, H, H, N, D, E, dtype=dtype, device="cpu", seed=seed, requires_grad=False)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    want = torch.ops.lasp.lasp_attention_fwd(q, k, v, None, 0.5, None, None)
+    for nseg, seglen in [(0, 0), (1, 0), (1, N), (0, 64)]:
+        got = torch.ops.lasp.lasp_attention_fwd(q, k, v, None, 0.5, None, None, "ring", nseg, seglen)
+        assert got[3].shape == (0,) and got[3].dtype == acc, (nseg, seglen)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (nseg, seglen)
+    with pytest.raises(ValueError, match=r"seg_nseg > 1 asks to keep the segment states, but the forward of this "
+                       r"call on cpu cuts no segments .*got seg_nseg = 2, seg_seglen = 8"):
+        torch.ops.lasp.lasp_attention_fwd(q, k, v, None, 0.5, None, None, "ring", 2, 8)
+    with pytest.raises(ValueError, match=r"seg_nseg must be >= 0 .*got -1"):
+        torch.ops.lasp.lasp_attention_fwd(q, k, v, None, 0.5, None, None, "ring", -1, 0)
+    with pytest.raises(ValueError, match=r"seg_seglen must be >= 0 .*got -3"):
+        torch.ops.lasp.lasp_attention_fwd(q, k, v, None, 0.5, None, None, "ring", 0, -3)
+
+
+ATEN_NAME = {torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16"}  # as C++ prints them
+
+
+def _bwd_seg_errors(q, B, H, D, E, acc):
+    """(seg_states, seg_seglen, exception type, message pattern) for each bad segment-state argument."""
+    dev = q.device
+    other = torch.float64 if acc == torch.float32 else torch.float32
+    shape = rf"\(B, H, nseg, D, E\) = \({B}, {H}, nseg(?: >= 1)?, {D}, {E}\)"
+    return [
+        (torch.zeros(B, H, 2, D, E, dtype=other, device=dev), 64, TypeError,
+         rf"seg_states must be {ATEN_NAME[acc]} \(the forward's fourth output\) for {ATEN_NAME[q.dtype]} inputs, "
+         rf"got {ATEN_NAME[other]}"),
+        (torch.zeros(B, H, 2, D, dtype=acc, device=dev), 64, ValueError,
+         rf"seg_states must be the forward's fourth output, of shape {shape} .*got shape \[{B}, {H}, 2, {D}\]"),
+        (torch.zeros(B, H + 1, 2, D, E, dtype=acc, device=dev), 64, ValueError,
+         rf"seg_states must be the forward's fourth output, of shape {shape} .*got shape \[{B}, {H + 1}, 2, {D}, {E}\]"),
+        (torch.zeros(B, H, 2, E, D, dtype=acc, device=dev), 64, ValueError,
+         rf"seg_states must be the forward's fourth output, of shape {shape} .*got shape \[{B}, {H}, 2, {E}, {D}\]"),
+        (torch.zeros(B, H, 0, D, E, dtype=acc, device=dev), 64, ValueError,
+         rf"seg_states must be the forward's fourth output, of shape {shape} .*got shape \[{B}, {H}, 0, {D}, {E}\]"),
+        (torch.zeros(3, dtype=acc, device=dev), 64, ValueError,
+         rf"seg_states must be the forward's fourth output, of shape {shape} .*got shape \[3\]"),
+        (torch.zeros(B, H, 2, D, E, dtype=acc, device="meta"), 64, ValueError,
+         rf"seg_states must be on the device of q \({dev}\), got meta"),
+        (torch.zeros(B, H, 2, D, E, dtype=acc, device=dev), 0, ValueError,
+         r"seg_seglen must be the forward's segment length \(>= 1\) when seg_states are given, got 0"),
+        (None, -1, ValueError, r"seg_seglen must be >= 0 .*got -1"),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bwd_op_segment_states_errors_cpu(lasp, dtype, seed):
+    """Every bad seg_states / seg_seglen of the backward op raises, naming the argument, what it must be and
+    what came; a 0-element seg_states (the forward kept none) is None, and so is a well-formed one that the
+    backend cannot use (CPU cuts no segments: it computes everything itself)."""
+    B, H, Hkv, N, D, E = 2, 4, 2, 11, 4, 6
+    q, k, v = make_qkv(B, H, Hkv, N, D, E, dtype=dtype, device="cpu", seed=seed, requires_grad=False)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    decay = make_decay("alibi", H)
+    o, f, state_in, seg = torch.ops.lasp.lasp_attention_fwd(q, k, v, decay, 0.7, None, None)
+    g = gen(seed + 1)
+    do, dS = randn(o.shape, g, dtype), randn(f.shape, g, acc)
+    args = (q, k, v, do, dS, decay, 0.7, state_in, None, "ring")
+    want = torch.ops.lasp.lasp_attention_bwd(*args[:9])
+    for seg_states, seglen in [(seg, 0), (None, 0), (torch.full((B, H, 2, D, E), float("nan"), dtype=acc), 8)]:
+        got = torch.ops.lasp.lasp_attention_bwd(*args, seg_states, seglen)
+        for name, a, b in zip(["dq", "dk", "dv", "d_initial_state"], got, want):
+            assert torch.equal(a, b), (name, None if seg_states is None else seg_states.shape)
+    for seg_states, seglen, exc, pattern in _bwd_seg_errors(q, B, H, D, E, acc):
+        with pytest.raises(exc, match="lasp_attention_bwd: " + pattern):
+            torch.ops.lasp.lasp_attention_bwd(*args, seg_states, seglen)
+
+
+def test_meta_kernels_segment_states(lasp):
+    """The meta kernels (what torch.compile and opcheck trace with): seg_states is (B, H, seg_nseg, D, E) in the
+    acc dtype when seg_nseg > 1, else 0 elements; the backward's meta kernel refuses what the real one does."""
+    B, H, Hkv, N, D, E = 2, 4, 2, 37, 8, 12
+    for dtype, acc in [(torch.bfloat16, torch.float32), (torch.float64, torch.float64)]:
+        q = torch.empty(B, H, N, D, dtype=dtype, device="meta")
+        k = torch.empty(B, Hkv, N, D, dtype=dtype, device="meta")
+        v = torch.empty(B, Hkv, N, E, dtype=dtype, device="meta")
+        for nseg, want in [(0, (0,)), (1, (0,)), (3, (B, H, 3, D, E))]:
+            out = torch.ops.lasp.lasp_attention_fwd(q, k, v, None, 0.5, None, None, "ring", nseg, 13)
+            assert out[3].shape == want and out[3].dtype == acc and out[3].device.type == "meta", (dtype, nseg)
+        with pytest.raises(ValueError, match="lasp_attention_fwd: seg_nseg must be >= 0"):
+            torch.ops.lasp.lasp_attention_fwd(q, k, v, None, 0.5, None, None, "ring", -2, 0)
+        do = torch.empty(B, H, N, E, dtype=dtype, device="meta")
+        s_in = torch.empty(0, dtype=acc, device="meta")
+        seg = torch.empty(B, H, 3, D, E, dtype=acc, device="meta")
+        dq, dk, dv, ds = torch.ops.lasp.lasp_attention_bwd(q, k, v, do, None, None, 0.5, s_in, None, "ring", seg, 13)
+        assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape and ds.shape == (B, H, D, E)
+        for seg_states, seglen, exc, pattern in _bwd_seg_errors(q, B, H, D, E, acc):
+            if seg_states is not None and seg_states.device.type == "meta" and q.device.type == "meta":
+                continue  # the wrong-device case needs two devices
+            with pytest.raises(exc, match="lasp_attention_bwd: " + pattern):
+                torch.ops.lasp.lasp_attention_bwd(q, k, v, do, None, None, 0.5, s_in, None, "ring", seg_states, seglen)
+
+
+def test_fake_tensor_segment_states_shape(lasp):
+    """Under FakeTensorMode (torch.compile's tracing) the forward op's fourth output has the meta kernel's shape."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    B, H, N, D, E = 1, 2, 300, 8, 16
+    with FakeTensorMode():
+        q = torch.empty(B, H, N, D, dtype=torch.bfloat16)
+        k = torch.empty(B, H, N, D, dtype=torch.bfloat16)
+        v = torch.empty(B, H, N, E, dtype=torch.bfloat16)
+        kept = torch.ops.lasp.lasp_attention_fwd(q, k, v, None, 0.5, None, None, "ring", 5, 64)[3]
+        none = torch.ops.lasp.lasp_attention_fwd(q, k, v, None, 0.5, None, None)[3]
+    assert kept.shape == (B, H, 5, D, E) and kept.dtype == torch.float32
+    assert none.shape == (0,) and none.dtype == torch.float32
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -79,8 +233,9 @@ def test_fwd_bwd_ops_match_reference(lasp, device, seed):
     q, k, v = make_qkv(B, H, Hkv, N, D, E, dtype=torch.float32, device=device, seed=seed, requires_grad=False)
     s0 = make_state(B, H, D, E, dtype=torch.float32, device=device, seed=seed, requires_grad=False)
     decay = make_decay("alibi", H, device)
-    o, f, state_in = torch.ops.lasp.lasp_attention_fwd(q, k, v, decay, 0.7, s0, None)
+    o, f, state_in, seg = torch.ops.lasp.lasp_attention_fwd(q, k, v, decay, 0.7, s0, None)
     assert torch.equal(state_in, s0), "without a group, state_in is the initial state"
+    assert seg.numel() == 0, "seg_nseg = 0: no segment states kept"
     rq, rk, rv, rs0 = (t.double().requires_grad_() for t in (q, k, v, s0))
     ro, rf = ref.attention_ref(rq, rk, rv, decay, 0.7, rs0)
     assert_close_to_ref("o", o, ro, torch.float32)
@@ -100,10 +255,10 @@ def test_fwd_op_without_initial_state_saves_no_state(lasp, device, seed):
     B, H, Hkv, N, D, E = 2, 4, 2, 13, 4, 6
     q, k, v = make_qkv(B, H, Hkv, N, D, E, dtype=torch.float32, device=device, seed=seed, requires_grad=False)
     decay = make_decay("alibi", H, device)
-    o, f, state_in = torch.ops.lasp.lasp_attention_fwd(q, k, v, decay, 0.7, None, None)
+    o, f, state_in, _ = torch.ops.lasp.lasp_attention_fwd(q, k, v, decay, 0.7, None, None)
     assert state_in.numel() == 0 and state_in.dtype == torch.float32
     zeros = torch.zeros(B, H, D, E, dtype=torch.float32, device=device)
-    o0, f0, _ = torch.ops.lasp.lasp_attention_fwd(q, k, v, decay, 0.7, zeros, None)
+    o0, f0, _, _ = torch.ops.lasp.lasp_attention_fwd(q, k, v, decay, 0.7, zeros, None)
     assert torch.equal(o, o0) and torch.equal(f, f0)
     g = gen(seed + 1)
     do, dS = randn(o.shape, g, torch.float32, device), randn(f.shape, g, torch.float32, device)
@@ -190,3 +345,97 @@ def test_compile_aot_eager_fp64(lasp, seed):
 
 def test_compile_inductor(lasp, seed):
     _compare_compiled(lasp, "inductor", "bhnd", seed)
+
+
+def _capturing_backend(graphs):
+    """aot_eager that keeps the forward and backward graphs AOTAutograd traced."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def compiler(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    return aot_autograd(fw_compiler=compiler, bw_compiler=compiler)
+
+
+def _op_calls(graphs, op):
+    """The calls of op in the graphs, each as {argument name: value} (defaults filled in)."""
+    calls = []
+    for gm in graphs:
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and n.target is op:
+                calls.append({a.name: n.args[i] if i < len(n.args) else n.kwargs.get(a.name, a.default_value)
+                              for i, a in enumerate(op._schema.arguments)})
+    return calls
+
+
+def _compiled_graph_case(lasp, device, dtype, N, dynamic, seed):
+    """Compiles lasp_attention (fullgraph), runs it forward and backward with random cotangents; returns the
+    op calls of the traced graphs, the inputs, the cotangents, the outputs and the gradients."""
+    torch._dynamo.reset()
+    B, H, D, E = 1, 2, 64, 64
+    graphs = []
+
+    def f(q, k, v, decay, s0):
+        return lasp.lasp_attention(q, k, v, decay, initial_state=s0, output_final_state=True)
+
+    cf = torch.compile(f, backend=_capturing_backend(graphs), fullgraph=True, dynamic=dynamic)
+    q, k, v = make_qkv(B, H, H, N, D, E, dtype=dtype, device=device, seed=seed)
+    s0 = make_state(B, H, D, E, dtype=dtype, device=device, seed=seed)
+    decay = make_decay("alibi", H, device)
+    o, fs = cf(q, k, v, decay, s0)
+    g = gen(seed + 1)
+    cot = (randn(o.shape, g, dtype, device), randn(fs.shape, g, fs.dtype, device))
+    gr = torch.autograd.grad([o, fs], [q, k, v, s0], cot)
+    fwd = _op_calls(graphs, torch.ops.lasp.lasp_attention_fwd.default)
+    bwd = _op_calls(graphs, torch.ops.lasp.lasp_attention_bwd.default)
+    return fwd, bwd, (q, k, v, s0, decay), cot, (o, fs), gr
+
+
+def _check_graph_keeps_nothing(fwd, bwd):
+    """The traced graph passes the segment-state data explicitly and keeps none: the forward's split is asked
+    only of concrete tensors with memory, never of the trace's fake or symbolic ones."""
+    assert len(fwd) == 1 and len(bwd) == 1, (fwd, bwd)
+    assert fwd[0]["seg_nseg"] == 0 and fwd[0]["seg_seglen"] == 0, fwd[0]
+    assert bwd[0]["seg_states"] is None and bwd[0]["seg_seglen"] == 0, bwd[0]
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_compiled_graph_segment_state_args_cpu(lasp, dynamic, seed):
+    """torch.compile(fullgraph=True) of forward+backward traces the two ops with their new arguments, and
+    the compiled outputs and gradients are those of eager."""
+    fwd, bwd, ins, cot, outs, gr = _compiled_graph_case(lasp, "cpu", torch.float32, 70, dynamic, seed)
+    _check_graph_keeps_nothing(fwd, bwd)
+    q, k, v, s0, decay = (t.detach().clone().requires_grad_(t.requires_grad) for t in ins)
+    o, fs = lasp.lasp_attention(q, k, v, decay, initial_state=s0, output_final_state=True)
+    ge = torch.autograd.grad([o, fs], [q, k, v, s0], cot)
+    assert torch.equal(outs[0], o) and torch.equal(outs[1], fs)
+    for name, a, b in zip(["dq", "dk", "dv", "d_initial_state"], gr, ge):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_compiled_graph_segment_state_args_cuda(lasp, dynamic, seed):
+    """On CUDA, for a sequence the forward cuts into segments: the compiled graph keeps no segment states
+    (symbolic sizes under dynamic=True, fake tensors either way) and traces; its outputs and gradients are
+    those of the float64 reference, by the bf16 rule."""
+    N = 4096
+    fwd, bwd, ins, cot, outs, gr = _compiled_graph_case(lasp, "cuda", torch.bfloat16, N, dynamic, seed)
+    _check_graph_keeps_nothing(fwd, bwd)
+    q, k, v, s0, decay = ins
+    assert _forward_split(q.detach(), k.detach(), v.detach(), decay)[0] > 1, "eager would keep segment states here"
+
+    def run_ref(dt):
+        rq, rk, rv = (t.detach().to(dt).requires_grad_() for t in (q, k, v))
+        rs0 = s0.detach().clone().requires_grad_()
+        ro, rf = ref.attention_ref(rq, rk, rv, decay, None, rs0, compute_dtype=dt)
+        return ro, rf, torch.autograd.grad([ro, rf], [rq, rk, rv, rs0], [c.to(dt) for c in cot])
+
+    ro, rf, rg = run_ref(torch.float64)
+    lo, lf, lg = run_ref(torch.bfloat16)
+    assert_close_to_ref("o", outs[0], ro, torch.bfloat16, lo)
+    assert_close_to_ref("final_state", outs[1], rf, torch.bfloat16, lf)
+    for name, a, r, lp in zip(["dq", "dk", "dv", "d_initial_state"], gr, rg, lg):
+        assert_close_to_ref(name, a, r, torch.bfloat16, lp)

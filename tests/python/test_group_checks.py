@@ -47,6 +47,26 @@ def _worker(rank, world, port, case, backend, results):
         q, k, v = (torch.randn(1, 2, 6, d, device=dev, requires_grad=True) for d in (D, D, 3))
         if backend == "nccl":
             lasp.set_group_checks(True)  # opt-in for NCCL (auto: off)
+        if case == "seg_states_group":
+            # the ops' segment-state arguments are for one rank: with a group of several, each rank raises
+            # before any communication (so none waits on another), and the group still works afterwards
+            name, msgs = dist.group.WORLD.group_name, []
+            qd, kd, vd = q.detach(), k.detach(), v.detach()
+            do, s_in = torch.ones(1, 2, 6, 3, device=dev), torch.empty(0, device=dev)
+            calls = [
+                lambda: torch.ops.lasp.lasp_attention_fwd(qd, kd, vd, None, 0.5, None, name, "ring", 2, 3),
+                lambda: torch.ops.lasp.lasp_attention_bwd(qd, kd, vd, do, None, None, 0.5, s_in, name, "ring",
+                                                          torch.zeros(1, 2, 2, D, 3, device=dev), 3),
+            ]
+            for call in calls:
+                try:
+                    call()
+                    msgs.append("no error")
+                except ValueError as e:
+                    msgs.append(str(e))
+            lasp.lasp_attention(q, k, v, group=dist.group.WORLD).sum().backward()
+            results.put((rank, "ok", "\n".join(msgs)))
+            return
         if case == "missing_rank":
             lasp.set_group_checks(True, timeout_s=3.0)
             if rank == world - 1:
@@ -120,6 +140,23 @@ def test_rank_that_never_calls_times_out_on_the_others(backend, world):
         status, msg = out[rank]
         assert status == "error", (rank, status, msg)
         assert "timed out" in msg and "lasp_attention" in msg, msg
+
+
+@pytest.mark.parametrize("backend,world", BACKENDS)
+def test_segment_states_with_a_group_raise_on_every_rank(backend, world):
+    """seg_nseg > 1 on the forward op and seg_states on the backward op are for calls on one rank; with a group
+    of several ranks both raise a ValueError on every rank, before any communication (the group then runs
+    lasp_attention forward and backward as usual)."""
+    out = _run("seg_states_group", backend, world)
+    for rank, (status, msg) in out.items():
+        assert status == "ok", (rank, status, msg)
+        fwd, bwd = msg.split("\n")
+        assert fwd.startswith("lasp_attention_fwd: seg_nseg > 1 keeps the segment states of a call on one rank; "
+                              f"across the {world} ranks of group "), fwd
+        assert fwd.endswith("pass seg_nseg = 0, got seg_nseg = 2"), fwd
+        assert bwd.startswith("lasp_attention_bwd: seg_states are the segment states a forward on one rank kept; "
+                              f"across the {world} ranks of group "), bwd
+        assert bwd.endswith("pass seg_states = None, got a tensor of shape [1, 2, 2, 4, 3]"), bwd
 
 
 def test_ring_transport_setting_round_trips_and_rejects_unknown_values(lasp):

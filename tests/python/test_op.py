@@ -7,6 +7,7 @@ error of the reference run in that dtype plus a one-ulp-ish floor.
 
 import math
 import os
+import re
 import zlib
 
 import pytest
@@ -798,8 +799,9 @@ def test_cuda_tensor_core_views(lasp, kind, N, D, E, seed):
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
 @pytest.mark.parametrize("D", [64, 128])
 def test_cuda_backward_reuses_forward_segment_states(lasp, D, seed):
-    """A long sequence with few heads is cut into segments; the backward takes the segment input states the
-    forward computed (csrc/attention.h, SegStates) instead of computing them again: its only phase-1 launch
+    """A long sequence with few heads is cut into segments; the autograd function asks the forward op to keep
+    its segment input states (seg_nseg, seg_seglen: lasp_attention_fwd's fourth output) and passes them to
+    the backward op (seg_states), which takes them instead of computing them again: its only phase-1 launch
     is the state-gradient one. The gradients stay those of the float64 reference."""
     B, H, N = 1, 2, 8192
     g = gen(seed)
@@ -816,3 +818,79 @@ def test_cuda_backward_reuses_forward_segment_states(lasp, D, seed):
     assert len(state_launches) == 1, f"backward phase-1 launches: {state_launches}"
     q2, k2, v2, s02 = (t.detach().clone().requires_grad_(True) for t in (q, k, v, s0))
     check_against_reference(lasp, q2, k2, v2, decay, s02, dtype=torch.bfloat16, seed=seed)
+
+
+def _states_at_closed_form(k, v, decay, s0, starts, dtype):
+    """The state before each position T of starts, gamma^T s0 + sum_{s<T} gamma^(T-1-s) k[s]^T v[s], computed
+    in dtype as reference.attention_ref forms its final state (weights in float64, rounded once): the
+    low-precision reference of the tolerance rule. (B, H, len(starts), D, E)."""
+    lam = decay.detach().double().cpu()
+    kk, vv, ss = k.detach().to(dtype), v.detach().to(dtype), s0.detach().to(dtype)
+    out = []
+    for T in starts:
+        pos = torch.arange(T, dtype=torch.float64)
+        w = torch.exp(-lam[:, None] * (T - 1 - pos)[None, :]).to(device=k.device, dtype=dtype)  # (H, T)
+        st = torch.matmul((kk[:, :, :T] * w[None, :, :, None]).transpose(-1, -2), vv[:, :, :T])
+        out.append(st + torch.exp(-lam * T).to(device=k.device, dtype=dtype)[None, :, None, None] * ss)
+    return torch.stack(out, dim=2)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.parametrize("D", [64, 128])
+def test_cuda_fwd_op_returns_segment_states(lasp, D, seed):
+    """lasp_attention_fwd with the forward's split (seg_nseg > 1) returns the states at the segment starts: the
+    float64 recurrence's (reference.attention_recurrent_ref, run segment after segment), by the bf16 rule,
+    the first exactly the initial state; o and final_state are those of the call that keeps nothing. A split
+    other than the forward's raises, naming both; the backward op takes the states and its gradients are
+    those of the float64 reference."""
+    B, H, N = 1, 2, 8192
+    g = gen(seed)
+    q, k, v = make_qkv(B, H, H, N, D, D, dtype=torch.bfloat16, device="cuda", seed=seed, requires_grad=False)
+    s0 = make_state(B, H, D, D, dtype=torch.bfloat16, device="cuda", seed=seed, requires_grad=False)
+    decay = make_decay("alibi", H, "cuda", g=g)
+    scale = 0.5
+
+    with pytest.raises(ValueError, match=r"lasp_attention_fwd: seg_nseg, seg_seglen must be the forward's split of "
+                       r"this call, \((\d+), (\d+)\) \(or seg_nseg = 0: keep none\), got \(2, 1\)") as e:
+        torch.ops.lasp.lasp_attention_fwd(q, k, v, decay, scale, s0, None, "ring", 2, 1)
+    nseg, seglen = (int(x) for x in re.search(r"call, \((\d+), (\d+)\)", str(e.value)).groups())
+    assert nseg > 1 and (nseg - 1) * seglen < N <= nseg * seglen, (nseg, seglen)
+    with pytest.raises(ValueError, match=rf"split of this call, \({nseg}, {seglen}\) .*got \({nseg + 1}, {seglen}\)"):
+        torch.ops.lasp.lasp_attention_fwd(q, k, v, decay, scale, s0, None, "ring", nseg + 1, seglen)
+
+    poison_allocator("cuda")
+    o, f, s_in, seg = torch.ops.lasp.lasp_attention_fwd(q, k, v, decay, scale, s0, None, "ring", nseg, seglen)
+    o0, f0, _, none = torch.ops.lasp.lasp_attention_fwd(q, k, v, decay, scale, s0, None)
+    assert none.numel() == 0
+    assert torch.equal(o, o0) and torch.equal(f, f0), "keeping the segment states changed o or final_state"
+    assert seg.shape == (B, H, nseg, D, D) and seg.dtype == torch.float32 and seg.device == q.device
+    assert seg.is_contiguous()
+    assert torch.equal(seg[:, :, 0], s0), "the first segment starts from the initial state"
+
+    # float64 truth: the token-by-token recurrence, carried from one segment to the next
+    starts = [i * seglen for i in range(nseg)]
+    S = s0.detach().double().cpu()
+    truth = []
+    for T in starts:
+        truth.append(S)
+        end = min(N, T + seglen)
+        _, S = ref.attention_recurrent_ref(*(t.detach().cpu()[:, :, T:end] for t in (q, k, v)), decay.cpu(), scale, S)
+    truth = torch.stack(truth, dim=2)
+    lowp = _states_at_closed_form(k, v, decay, s0, starts, torch.bfloat16)
+    for i in range(1, nseg):
+        assert_close_to_ref(f"seg_states[:, :, {i}] (token {starts[i]})", seg[:, :, i], truth[:, :, i],
+                            torch.bfloat16, lowp[:, :, i])
+
+    # the backward op with them (and its gradients against the float64 reference)
+    do, dS = randn(o.shape, g, torch.bfloat16, "cuda"), randn(f.shape, g, torch.float32, "cuda")
+    got = torch.ops.lasp.lasp_attention_bwd(q, k, v, do, dS, decay, scale, s_in, None, "ring", seg, seglen)
+
+    def run_ref(dt):
+        rq, rk, rv = (t.to(dt).requires_grad_() for t in (q, k, v))
+        rs0 = s0.clone().requires_grad_()
+        ro, rf = ref.attention_ref(rq, rk, rv, decay, scale, rs0, compute_dtype=dt)
+        return torch.autograd.grad([ro, rf], [rq, rk, rv, rs0], [do.to(dt), dS.to(dt)])
+
+    rg, lg = run_ref(torch.float64), run_ref(torch.bfloat16)
+    for name, a, r, lp in zip(["dq", "dk", "dv", "d_initial_state"], got, rg, lg):
+        assert_close_to_ref(name, a, r, torch.bfloat16, lp)
