@@ -19,6 +19,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "dispatch.h"
 #include "fast_args.h"
 #include "fast_path.h"
 #include "launch_cache.h"
@@ -496,19 +497,15 @@ int bwd_resident() {
 
 template <typename T, typename OT>
 int bwd_resident_dims(const AttnParams& p) {
-  if (p.D <= 64 && p.E <= 64) return bwd_resident<T, OT, 64, 64>();
-  if (p.D <= 64) return bwd_resident<T, OT, 64, 128>();
-  if (p.E <= 64) return bwd_resident<T, OT, 128, 64>();
-  return bwd_resident<T, OT, 128, 128>();
+  return with_dims(p, [](auto d, auto e) { return bwd_resident<T, OT, decltype(d)::value, decltype(e)::value>(); });
 }
 
 template <typename T, typename OT, bool ACC = false>
 cudaError_t launch_bwd_dims(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st,
                             const AccOut* acc = nullptr) {
-  if (p.D <= 64 && p.E <= 64) return launch_bwd<T, OT, 64, 64, ACC>(p, a, dk, dv, st, acc);
-  if (p.D <= 64) return launch_bwd<T, OT, 64, 128, ACC>(p, a, dk, dv, st, acc);
-  if (p.E <= 64) return launch_bwd<T, OT, 128, 64, ACC>(p, a, dk, dv, st, acc);
-  return launch_bwd<T, OT, 128, 128, ACC>(p, a, dk, dv, st, acc);
+  return with_dims(p, [&](auto d, auto e) {
+    return launch_bwd<T, OT, decltype(d)::value, decltype(e)::value, ACC>(p, a, dk, dv, st, acc);
+  });
 }
 
 }  // namespace
@@ -521,32 +518,28 @@ bool bwd_supported(const AttnParams& p) {
 }
 
 int mma_bwd_blocks_per_sm(const AttnParams& p) {
-  const bool bf = p.dtype == ScalarType::BFloat16, gqa = p.H != p.Hkv;
-  if (gqa) return bf ? bwd_resident_dims<__nv_bfloat16, float>(p) : bwd_resident_dims<__half, float>(p);
-  return bf ? bwd_resident_dims<__nv_bfloat16, __nv_bfloat16>(p) : bwd_resident_dims<__half, __half>(p);
+  return with_type(p, [&](auto t) {
+    using T = typename decltype(t)::type;
+    return p.H != p.Hkv ? bwd_resident_dims<T, float>(p) : bwd_resident_dims<T, T>(p);
+  });
 }
 
 size_t mma_bwd_smem_bytes(const AttnParams& p) {
-  if (p.D <= 64) return p.E <= 64 ? BwdSmem<__nv_bfloat16, 64, 64>::bytes : BwdSmem<__nv_bfloat16, 64, 128>::bytes;
-  return p.E <= 64 ? BwdSmem<__nv_bfloat16, 128, 64>::bytes : BwdSmem<__nv_bfloat16, 128, 128>::bytes;
+  return with_dims(p, [](auto d, auto e) { return BwdSmem<__nv_bfloat16, decltype(d)::value, decltype(e)::value>::bytes; });
 }
 
 cudaError_t mma_bwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,
                          float* dk_ws, float* dv_ws, cudaStream_t st, const AccOut* acc) {
-  const bool bf = p.dtype == ScalarType::BFloat16;
-  if (acc) {  // head-dim blocks: dq, dk, dv as acc[0..2] say, per query head
-    BwdArgs a = make_bwd_args(p, nseg, seglen, seg_S, seg_G, true);
-    return bf ? launch_bwd_dims<__nv_bfloat16, __nv_bfloat16, true>(p, a, {}, {}, st, acc)
-              : launch_bwd_dims<__half, __half, true>(p, a, {}, {}, st, acc);
-  }
-  BwdArgs a = make_bwd_args(p, nseg, seglen, seg_S, seg_G, dk_ws != nullptr);
-  if (dk_ws) {  // GQA: per-query-head fp32 dk / dv, contiguous (B, H, N, D|E)
-    Tv<float> dk = make_tv_contig<float>(dk_ws, p.H, p.N, p.D), dv = make_tv_contig<float>(dv_ws, p.H, p.N, p.E);
-    return bf ? launch_bwd_dims<__nv_bfloat16, float>(p, a, dk, dv, st) : launch_bwd_dims<__half, float>(p, a, dk, dv, st);
-  }
-  if (bf)
-    return launch_bwd_dims<__nv_bfloat16, __nv_bfloat16>(p, a, make_tv<__nv_bfloat16>(p.dk), make_tv<__nv_bfloat16>(p.dv), st);
-  return launch_bwd_dims<__half, __half>(p, a, make_tv<__half>(p.dk), make_tv<__half>(p.dv), st);
+  return with_type(p, [&](auto t) {
+    using T = typename decltype(t)::type;
+    if (acc)  // head-dim blocks: dq, dk, dv as acc[0..2] say, per query head
+      return launch_bwd_dims<T, T, true>(p, make_bwd_args(p, nseg, seglen, seg_S, seg_G, true), {}, {}, st, acc);
+    const BwdArgs a = make_bwd_args(p, nseg, seglen, seg_S, seg_G, dk_ws != nullptr);
+    if (dk_ws)  // GQA: per-query-head fp32 dk / dv, contiguous (B, H, N, D|E)
+      return launch_bwd_dims<T, float>(p, a, make_tv_contig<float>(dk_ws, p.H, p.N, p.D),
+                                       make_tv_contig<float>(dv_ws, p.H, p.N, p.E), st);
+    return launch_bwd_dims<T, T>(p, a, make_tv<T>(p.dk), make_tv<T>(p.dv), st);
+  });
 }
 
 }  // namespace fast

@@ -18,6 +18,7 @@
 // left as oacc says (fast_args.h, AccOut: stored or added in fp32, or added and written as o).
 
 #include "common.cuh"
+#include "dispatch.h"
 #include "fast_args.h"
 #include "fast_path.h"
 #include "launch_cache.h"
@@ -410,13 +411,6 @@ cudaError_t launch_local(const AttnParams& p, const FwdArgs& a, const TensorView
   return cudaGetLastError();
 }
 
-template <typename T, bool REV>
-cudaError_t launch_local_dims(const AttnParams& p, const FwdArgs& a, const TensorView4& x, const TensorView4& y,
-                              cudaStream_t st) {
-  if (p.D <= 64) return p.E <= 64 ? launch_local<T, 64, 64, REV>(p, a, x, y, st) : launch_local<T, 64, 128, REV>(p, a, x, y, st);
-  return p.E <= 64 ? launch_local<T, 128, 64, REV>(p, a, x, y, st) : launch_local<T, 128, 128, REV>(p, a, x, y, st);
-}
-
 }  // namespace
 
 bool view_ok(const TensorView4& t, const AttnParams& p, int64_t heads) {
@@ -453,7 +447,7 @@ bool local_supported(const AttnParams& p, bool reverse) {
 }
 
 size_t mma_fwd_smem_bytes(const AttnParams& p) {
-  return p.D <= 64 ? FwdSmem<__nv_bfloat16, 64>::bytes : FwdSmem<__nv_bfloat16, 128>::bytes;
+  return with_dim(p.D, [](auto d) { return FwdSmem<__nv_bfloat16, decltype(d)::value>::bytes; });
 }
 
 int fwd_tiles(const AttnParams& p) { return (int)((p.E + kEt - 1) / kEt); }
@@ -467,27 +461,29 @@ int fwd_resident_blocks() {
 }  // namespace
 
 int mma_fwd_blocks_per_sm(const AttnParams& p) {
-  const bool bf = p.dtype == ScalarType::BFloat16;
-  if (p.D <= 64) return bf ? fwd_resident_blocks<__nv_bfloat16, 64>() : fwd_resident_blocks<__half, 64>();
-  return bf ? fwd_resident_blocks<__nv_bfloat16, 128>() : fwd_resident_blocks<__half, 128>();
+  return with_type(p, [&](auto t) {
+    return with_dim(p.D, [&](auto d) { return fwd_resident_blocks<typename decltype(t)::type, decltype(d)::value>(); });
+  });
 }
 
 cudaError_t mma_fwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_states, cudaStream_t st,
                          const AccOut* o_acc) {
   FwdArgs a = make_fwd_args(p, nseg, seglen, seg_states);
-  const bool bf = p.dtype == ScalarType::BFloat16;
-  if (p.D <= 64)
-    return bf ? launch_fwd_main_acc<__nv_bfloat16, 64>(p, a, o_acc, st) : launch_fwd_main_acc<__half, 64>(p, a, o_acc, st);
-  return bf ? launch_fwd_main_acc<__nv_bfloat16, 128>(p, a, o_acc, st) : launch_fwd_main_acc<__half, 128>(p, a, o_acc, st);
+  return with_type(p, [&](auto t) {
+    return with_dim(p.D, [&](auto d) {
+      return launch_fwd_main_acc<typename decltype(t)::type, decltype(d)::value>(p, a, o_acc, st);
+    });
+  });
 }
 
 cudaError_t mma_state_local(const AttnParams& p, bool reverse, int nseg, int seglen, int skip, float* out,
                             cudaStream_t st) {
   const FwdArgs a = make_local_args(p, reverse, nseg, seglen, skip, out);
-  const bool bf = p.dtype == ScalarType::BFloat16;
-  if (!reverse)
-    return bf ? launch_local_dims<__nv_bfloat16, false>(p, a, p.k, p.v, st) : launch_local_dims<__half, false>(p, a, p.k, p.v, st);
-  return bf ? launch_local_dims<__nv_bfloat16, true>(p, a, p.q, p.dout, st) : launch_local_dims<__half, true>(p, a, p.q, p.dout, st);
+  return with_type_dims(p, [&](auto t, auto d, auto e) {
+    using T = typename decltype(t)::type;
+    constexpr int D = decltype(d)::value, E = decltype(e)::value;
+    return reverse ? launch_local<T, D, E, true>(p, a, p.q, p.dout, st) : launch_local<T, D, E, false>(p, a, p.k, p.v, st);
+  });
 }
 
 }  // namespace fast

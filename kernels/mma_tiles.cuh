@@ -49,37 +49,59 @@ __device__ __forceinline__ void store_frag(const float (*acc)[4], OT* base, int6
 
 // Store a 16 x (8*NT) fp32 fragment tile (rows r0.. of the chunk starting at token n0, cols c0..) as the
 // head-dim blocks' output o of (b, h) in o.mode (fast_args.h, AccOut); rows >= len and columns >= cols are
-// left out. The wgmma accumulators (float[32], 64 columns) have this layout with NT = 8.
+// left out. The wgmma accumulators (float[32], 64 columns) have this layout with NT = 8. Every read of the
+// running sum is issued before the first store (the compiler cannot move a load above a store that may
+// alias it), so a call waits for memory once, not once per pair.
 template <typename T, int NT>
 __device__ __forceinline__ void store_frag_acc(const float (*f)[4], const fast::AccOut& o, int64_t b, int64_t h,
                                                int64_t n0, int r0, int c0, int len, int cols) {
   const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
   const int mode = o.mode;
+  const bool rd = mode == fast::kAccAdd || mode == fast::kAccFinish;
+  float* arow[2];
+  T* orow[2];
+  float2 cur[2][NT];
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int64_t t = n0 + r0 + g + hh * 8;
+    arow[hh] = o.acc + b * o.asb + h * o.ash + t * o.asn + c0 + 2 * tc;
+    orow[hh] = static_cast<T*>(o.out) + b * o.osb + h * o.osh + t * o.osn + c0 + 2 * tc;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const bool ok = rd && r0 + g + hh * 8 < len && c0 + nt * 8 < cols;
+      cur[hh][nt] = ok ? *reinterpret_cast<const float2*>(arow[hh] + nt * 8) : make_float2(0.f, 0.f);
+    }
+  }
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    if (r0 + g + hh * 8 >= len) continue;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      if (c0 + nt * 8 >= cols) continue;
+      const float2 v = make_float2(f[nt][2 * hh] + cur[hh][nt].x, f[nt][2 * hh + 1] + cur[hh][nt].y);
+      if (mode == fast::kAccStore || mode == fast::kAccAdd) {
+        *reinterpret_cast<float2*>(arow[hh] + nt * 8) = v;
+      } else {
+        *reinterpret_cast<uint32_t*>(orow[hh] + nt * 8) = pack2<T>(v.x, v.y);
+      }
+    }
+  }
+}
+
+// Ask L2 for the running sum that store_frag_acc<T, NT> with the same arguments will read (Add and Finish
+// modes), so that its reads, issued later in the chunk, find it there: a row's 8 * NT fp32 columns span
+// NT / 4 lines of 128 B, taken by the row's four threads in turn.
+template <int NT>
+__device__ __forceinline__ void prefetch_frag_acc(const fast::AccOut& o, int64_t b, int64_t h, int64_t n0, int r0,
+                                                  int c0, int len) {
+  if (o.mode != fast::kAccAdd && o.mode != fast::kAccFinish) return;
+  const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const int t = r0 + g + hh * 8;
     if (t >= len) continue;
-    float* arow = o.acc + b * o.asb + h * o.ash + (n0 + t) * o.asn + c0 + 2 * tc;
-    T* orow = static_cast<T*>(o.out) + b * o.osb + h * o.osh + (n0 + t) * o.osn + c0 + 2 * tc;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      if (c0 + nt * 8 >= cols) continue;
-      float2 v = make_float2(f[nt][2 * hh], f[nt][2 * hh + 1]);
-      if (mode == fast::kAccStore) {
-        *reinterpret_cast<float2*>(arow + nt * 8) = v;
-        continue;
-      }
-      if (mode != fast::kAccDirect) {
-        const float2 cur = *reinterpret_cast<const float2*>(arow + nt * 8);
-        v.x += cur.x;
-        v.y += cur.y;
-      }
-      if (mode == fast::kAccAdd) {
-        *reinterpret_cast<float2*>(arow + nt * 8) = v;
-      } else {
-        *reinterpret_cast<uint32_t*>(orow + nt * 8) = pack2<T>(v.x, v.y);
-      }
-    }
+    const float* row = o.acc + b * o.asb + h * o.ash + (n0 + t) * o.asn + c0;
+    for (int l = tc; l < (NT + 3) / 4; l += 4) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + 32 * l));
   }
 }
 

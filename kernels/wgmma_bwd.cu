@@ -25,6 +25,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "dispatch.h"
 #include "fast_args.h"
 #include "fast_path.h"
 #include "launch_cache.h"
@@ -233,6 +234,10 @@ __global__ void __launch_bounds__(kThreads, MINB)
       const int c0 = n0 + ci * kC;
       const int len = min(kC, n1 - c0);
       const uint32_t st = stage(ci);
+      if constexpr (ACC) {  // the running sum of dq, read at the chunk's end
+#pragma unroll
+        for (int nb = 0; nb < ND; ++nb) mma::prefetch_frag_acc<8>(accs.x[0], b, h, c0, r0, 64 * nb, len);
+      }
       chunk_top(ci);
       float acc[ND][32], P[32];
 #pragma unroll
@@ -352,6 +357,10 @@ __global__ void __launch_bounds__(kThreads, MINB)
       const int c0 = n0 + (nch - 1 - ci) * kC;
       const int len = min(kC, n1 - c0);
       const uint32_t st = stage(ci);
+      if constexpr (ACC) {  // the running sum of dk / dv, read at the chunk's end
+#pragma unroll
+        for (int nb = 0; nb < NOUT; ++nb) mma::prefetch_frag_acc<8>(accs.x[W == 0 ? 1 : 2], b, h, c0, r0, 64 * nb, len);
+      }
       tma::wait(barB + 8u * (uint32_t)(ci & 1), (uint32_t)(ci >> 1) & 1u);
       wg::fence_async_smem();
       block_sync();
@@ -493,10 +502,9 @@ cudaError_t launch(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, 
 template <typename T, typename OT, bool ACC = false>
 cudaError_t launch_dims(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st,
                         const AccOut* acc = nullptr) {
-  if (p.D == 64 && p.E == 64) return launch<T, OT, 64, 64, ACC>(p, a, dk, dv, acc, st);
-  if (p.D == 64 && p.E == 128) return launch<T, OT, 64, 128, ACC>(p, a, dk, dv, acc, st);
-  if (p.D == 128 && p.E == 64) return launch<T, OT, 128, 64, ACC>(p, a, dk, dv, acc, st);
-  return launch<T, OT, 128, 128, ACC>(p, a, dk, dv, acc, st);
+  return with_dims(p, [&](auto d, auto e) {
+    return launch<T, OT, decltype(d)::value, decltype(e)::value, ACC>(p, a, dk, dv, acc, st);
+  });
 }
 
 template <typename T, typename OT, int D, int E>
@@ -506,41 +514,34 @@ int resident() {
 
 template <typename T, typename OT>
 int resident_dims(const AttnParams& p) {
-  if (p.D == 64 && p.E == 64) return resident<T, OT, 64, 64>();
-  if (p.D == 64 && p.E == 128) return resident<T, OT, 64, 128>();
-  if (p.D == 128 && p.E == 64) return resident<T, OT, 128, 64>();
-  return resident<T, OT, 128, 128>();
+  return with_dims(p, [](auto d, auto e) { return resident<T, OT, decltype(d)::value, decltype(e)::value>(); });
 }
 
 }  // namespace
 
 size_t wgmma_bwd_smem_bytes(const AttnParams& p) {
-  if (p.D == 64) return p.E == 64 ? WgBwdSmem<64, 64>::bytes : WgBwdSmem<64, 128>::bytes;
-  return p.E == 64 ? WgBwdSmem<128, 64>::bytes : WgBwdSmem<128, 128>::bytes;
+  return with_dims(p, [](auto d, auto e) { return WgBwdSmem<decltype(d)::value, decltype(e)::value>::bytes; });
 }
 
 int wgmma_bwd_blocks_per_sm(const AttnParams& p) {
-  const bool bf = p.dtype == ScalarType::BFloat16, gqa = p.H != p.Hkv;
-  if (gqa) return bf ? resident_dims<__nv_bfloat16, float>(p) : resident_dims<__half, float>(p);
-  return bf ? resident_dims<__nv_bfloat16, __nv_bfloat16>(p) : resident_dims<__half, __half>(p);
+  return with_type(p, [&](auto t) {
+    using T = typename decltype(t)::type;
+    return p.H != p.Hkv ? resident_dims<T, float>(p) : resident_dims<T, T>(p);
+  });
 }
 
 cudaError_t wgmma_bwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,
                            float* dk_ws, float* dv_ws, cudaStream_t st, const AccOut* acc) {
-  const bool bf = p.dtype == ScalarType::BFloat16;
-  if (acc) {  // head-dim blocks: dq, dk, dv as acc[0..2] say, per query head
-    const BwdArgs a = make_bwd_args(p, nseg, seglen, seg_S, seg_G, true);
-    return bf ? launch_dims<__nv_bfloat16, __nv_bfloat16, true>(p, a, {}, {}, st, acc)
-              : launch_dims<__half, __half, true>(p, a, {}, {}, st, acc);
-  }
-  BwdArgs a = make_bwd_args(p, nseg, seglen, seg_S, seg_G, dk_ws != nullptr);
-  if (dk_ws) {
-    Tv<float> dk = make_tv_contig<float>(dk_ws, p.H, p.N, p.D), dv = make_tv_contig<float>(dv_ws, p.H, p.N, p.E);
-    return bf ? launch_dims<__nv_bfloat16, float>(p, a, dk, dv, st) : launch_dims<__half, float>(p, a, dk, dv, st);
-  }
-  if (bf)
-    return launch_dims<__nv_bfloat16, __nv_bfloat16>(p, a, make_tv<__nv_bfloat16>(p.dk), make_tv<__nv_bfloat16>(p.dv), st);
-  return launch_dims<__half, __half>(p, a, make_tv<__half>(p.dk), make_tv<__half>(p.dv), st);
+  return with_type(p, [&](auto t) {
+    using T = typename decltype(t)::type;
+    if (acc)  // head-dim blocks: dq, dk, dv as acc[0..2] say, per query head
+      return launch_dims<T, T, true>(p, make_bwd_args(p, nseg, seglen, seg_S, seg_G, true), {}, {}, st, acc);
+    const BwdArgs a = make_bwd_args(p, nseg, seglen, seg_S, seg_G, dk_ws != nullptr);
+    if (dk_ws)  // GQA: per-query-head fp32 dk / dv, contiguous (B, H, N, D|E)
+      return launch_dims<T, float>(p, a, make_tv_contig<float>(dk_ws, p.H, p.N, p.D),
+                                   make_tv_contig<float>(dv_ws, p.H, p.N, p.E), st);
+    return launch_dims<T, T>(p, a, make_tv<T>(p.dk), make_tv<T>(p.dv), st);
+  });
 }
 
 }  // namespace fast

@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "dispatch.h"
 #include "fast_args.h"
 #include "fast_path.h"
 #include "launch_cache.h"
@@ -132,6 +133,7 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
     const int c0 = n0 + ci * kC;
     const int len = min(kC, n1 - c0);
     const uint32_t st = base + (uint32_t)(ci & 1) * SM::STAGE;
+    if constexpr (ACC) mma::prefetch_frag_acc<8>(oacc, b, h, c0, r0, e0, len);  // read at the chunk's end
     tma::wait(bar0 + 8u * (uint32_t)(ci & 1), (uint32_t)(ci >> 1) & 1u);
     wg::fence_async_smem();  // this thread's S_b stores, for the async proxy
     __syncthreads();
@@ -254,20 +256,22 @@ int resident() {
 
 }  // namespace
 
-size_t wgmma_fwd_smem_bytes(const AttnParams& p) { return p.D == 64 ? WgSmem<64>::bytes : WgSmem<128>::bytes; }
+size_t wgmma_fwd_smem_bytes(const AttnParams& p) {
+  return with_dim(p.D, [](auto d) { return WgSmem<decltype(d)::value>::bytes; });
+}
 
 int wgmma_fwd_blocks_per_sm(const AttnParams& p) {
-  const bool bf = p.dtype == ScalarType::BFloat16;
-  if (p.D == 64) return bf ? resident<__nv_bfloat16, 64>() : resident<__half, 64>();
-  return bf ? resident<__nv_bfloat16, 128>() : resident<__half, 128>();
+  return with_type(p, [&](auto t) {
+    return with_dim(p.D, [&](auto d) { return resident<typename decltype(t)::type, decltype(d)::value>(); });
+  });
 }
 
 cudaError_t wgmma_fwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_states, cudaStream_t st,
                            const AccOut* o_acc) {
   const FwdArgs a = make_fwd_args(p, nseg, seglen, seg_states);
-  const bool bf = p.dtype == ScalarType::BFloat16;
-  if (p.D == 64) return bf ? launch_acc<__nv_bfloat16, 64>(p, a, o_acc, st) : launch_acc<__half, 64>(p, a, o_acc, st);
-  return bf ? launch_acc<__nv_bfloat16, 128>(p, a, o_acc, st) : launch_acc<__half, 128>(p, a, o_acc, st);
+  return with_type(p, [&](auto t) {
+    return with_dim(p.D, [&](auto d) { return launch_acc<typename decltype(t)::type, decltype(d)::value>(p, a, o_acc, st); });
+  });
 }
 
 }  // namespace fast

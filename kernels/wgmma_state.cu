@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "dispatch.h"
 #include "fast_args.h"
 #include "fast_path.h"
 #include "launch_cache.h"
@@ -162,22 +163,17 @@ cudaError_t launch_st(const AttnParams& p, const FwdArgs& a, const TensorView4& 
   return cudaGetLastError();
 }
 
-template <typename T, bool REV>
-cudaError_t launch_dims(const AttnParams& p, const FwdArgs& a, const TensorView4& x, const TensorView4& y,
-                        cudaStream_t st) {
-  if (p.D == 64) return p.E == 64 ? launch_st<T, 64, 64, REV, kStages>(p, a, x, y, st) : launch_st<T, 64, 128, REV, kStages>(p, a, x, y, st);
-  return p.E == 64 ? launch_st<T, 128, 64, REV, kStages>(p, a, x, y, st) : launch_st<T, 128, 128, REV, kStages>(p, a, x, y, st);
-}
-
 }  // namespace
 
 cudaError_t wgmma_state_local(const AttnParams& p, bool reverse, int nseg, int seglen, int skip, float* out,
                               cudaStream_t st) {
   const FwdArgs a = make_local_args(p, reverse, nseg, seglen, skip, out);
-  const bool bf = p.dtype == ScalarType::BFloat16;
-  if (!reverse)
-    return bf ? launch_dims<__nv_bfloat16, false>(p, a, p.k, p.v, st) : launch_dims<__half, false>(p, a, p.k, p.v, st);
-  return bf ? launch_dims<__nv_bfloat16, true>(p, a, p.q, p.dout, st) : launch_dims<__half, true>(p, a, p.q, p.dout, st);
+  return with_type_dims(p, [&](auto t, auto d, auto e) {
+    using T = typename decltype(t)::type;
+    constexpr int D = decltype(d)::value, E = decltype(e)::value;
+    return reverse ? launch_st<T, D, E, true, kStages>(p, a, p.q, p.dout, st)
+                   : launch_st<T, D, E, false, kStages>(p, a, p.k, p.v, st);
+  });
 }
 
 }  // namespace fast
