@@ -259,11 +259,13 @@ cudaError_t run_bwd_prepare(const AttnParams& p, cudaStream_t st) {
 // over blocks of E (v's columns are independent), and each block of the D x E state is its own recurrence.
 // So a problem with D or E in (128, 256] runs as up to 2 x 2 problems of at most 128 x 128 on the
 // tensor-core kernels, on column slices of q, k, v (no copies) and on each state's (d, e) block:
-//   o[:, e-block]      = sum over D blocks            (fp32 accumulator, converted at the end)
-//   dq, dk[:, d-block] = sum over E blocks,  dv[:, e-block] = sum over D blocks   (fp32, per query head)
-// Same FLOPs as one kernel over the whole dims. The blocks run the mma.sync kernels where a sum is needed
-// (they accumulate fp32 outputs, plan mode 2); a forward with one block of D writes o directly. They do not
-// reuse a previous call's phase 1 (local_ready) or the forward's segment states: each block recomputes them.
+//   o[:, e-block]      = sum over D blocks
+//   dq, dk[:, d-block] = sum over E blocks,  dv[:, e-block] = sum over D blocks   (per query head)
+// Same FLOPs as one kernel over the whole dims. Each block runs on its own tensor-core family (plan mode 1);
+// the main kernels' accumulate mode leaves each term as the block's AccOut says (fast_args.h: the first
+// stores fp32, the last adds and writes the 16-bit output; GQA dk / dv stay fp32 until reduce_heads). They do
+// not reuse a previous call's phase 1 (local_ready) or the forward's segment states: each block recomputes
+// them.
 namespace {
 
 struct DimBlocks {
