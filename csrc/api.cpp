@@ -13,10 +13,10 @@ std::tuple<at::Tensor, at::Tensor> lasp_attention(const at::Tensor& q, const at:
                        .typed<std::tuple<at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                            double, const std::optional<at::Tensor>&, const std::optional<std::string>&,
-                           const std::string&)>();
+                           const std::string&, const std::optional<at::Tensor>&)>();
   const double scale = options.scale.value_or(q.dim() == 4 ? 1.0 / std::sqrt(static_cast<double>(q.size(3))) : 1.0);
-  return op.call(q, k, v, options.decay, scale, options.initial_state, options.group_name,
-                 options.strategy);
+  return op.call(q, k, v, options.decay, scale, options.initial_state, options.group_name, options.strategy,
+                 options.g);
 }
 
 }  // namespace lasp

@@ -37,7 +37,8 @@ TensorView4 view4(const Tensor& t) {
 void* ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
 // Params shared by forward and backward: sizes, dtype, q/k/v views, decay, scale.
-AttnParams base_params(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay_acc, double scale) {
+AttnParams base_params(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay_acc, double scale,
+                       const Tensor& g_acc = Tensor()) {
   AttnParams p;
   p.dtype = to_lasp(q.scalar_type());
   p.B = q.size(0);
@@ -48,6 +49,7 @@ AttnParams base_params(const Tensor& q, const Tensor& k, const Tensor& v, const 
   p.E = v.size(3);
   p.scale = scale;
   p.decay = ptr_or_null(decay_acc);
+  p.g = ptr_or_null(g_acc);
   p.q = view4(q);
   p.k = view4(k);
   p.v = view4(v);
@@ -64,13 +66,17 @@ Tensor decay_in_acc(const std::optional<Tensor>& decay, at::ScalarType acc, bool
   return clamp ? d.clamp_max(1e30) : d;
 }
 
+// The sum of each (b, h)'s log gates over the piece, (B, H) (undefined without gates): the state that crosses
+// the piece is scaled by exp(this - n lambda_h). -inf (a reset inside the piece) gives exactly 0.
+Tensor gate_sums(const Tensor& g_acc) { return g_acc.defined() ? g_acc.sum(-1) : Tensor(); }
+
 Tensor state_like(const Tensor& q, int64_t D, int64_t E) {
   return at::empty({q.size(0), q.size(1), D, E}, q.options().dtype(acc_type(q.scalar_type())));
 }
 
 // With group checks on: every rank compares what it was called with (one small all-gather).
 void check_group_call(const Ring& ring, const Tensor& q, const Tensor& k, const Tensor& v, bool has_decay,
-                      Strategy strategy, int64_t pass) {
+                      bool has_g, Strategy strategy, int64_t pass) {
   if (!ring.checks_on()) return;
   ring.check_same_call({{"batch size", q.size(0)},
                         {"q heads", q.size(1)},
@@ -80,6 +86,7 @@ void check_group_call(const Ring& ring, const Tensor& q, const Tensor& k, const 
                         {"dtype", static_cast<int64_t>(q.scalar_type())},
                         {"strategy (0 ring, 1 allgather)", static_cast<int64_t>(strategy)},
                         {"decay given", has_decay ? 1 : 0},
+                        {"g given", has_g ? 1 : 0},
                         {"ring transport (0 nccl, 1 peer, 2 auto)", static_cast<int64_t>(ring_transport())},
                         {"pass (0 forward, 1 backward)", pass}},
                        pass == 0 ? "the forward call" : "the backward call", q.device());
@@ -99,10 +106,24 @@ Kernels empty_piece_kernels(const Tensor& q, int64_t D, int64_t E) {
       dst.copy_(at::from_blob(const_cast<void*>(in), shape, opts));
     }
   };
-  return Kernels{[pass](AttnParams& p) { pass(p.state_in, p.state_out); },
-                 [pass](AttnParams& p) { pass(nullptr, p.state_out); },
-                 [pass](AttnParams& p) { pass(p.grad_state_out, p.grad_state_in); },
-                 [pass](AttnParams& p) { pass(nullptr, p.grad_state_in); }, [](AttnParams&) {}, nullptr, nullptr, nullptr, nullptr};
+  Kernels k{[pass](AttnParams& p) { pass(p.state_in, p.state_out); },
+            [pass](AttnParams& p) { pass(nullptr, p.state_out); },
+            [pass](AttnParams& p) { pass(p.grad_state_out, p.grad_state_in); },
+            [pass](AttnParams& p) { pass(nullptr, p.grad_state_in); }, [](AttnParams&) {}, nullptr, nullptr, nullptr, nullptr};
+  k.gates = true;  // no tokens: no gates to apply (dg has 0 elements)
+  return k;
+}
+
+// The log gates in the accumulation type, contiguous (B, H, N) (the caller's tensor when it already is).
+Tensor gates_in_acc(const std::optional<Tensor>& g, at::ScalarType acc) {
+  return g.has_value() ? g->to(acc).contiguous() : Tensor();
+}
+
+// Before any collective, on every rank alike (the backend is the same on every rank of a group).
+void check_backend_takes(const Kernels& kernels, const std::optional<Tensor>& g, const Tensor& q) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!g.has_value() || kernels.gates, "lasp_attention: g (per-token gates) is not "
+                              "supported for ", q.device().type(), " tensors yet; it runs on CPU tensors (got q on ",
+                              q.device(), ")");
 }
 
 }  // namespace
@@ -110,7 +131,7 @@ Kernels empty_piece_kernels(const Tensor& q, int64_t D, int64_t E) {
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& decay,
-                  const std::optional<Tensor>& initial_state, bool check_values) {
+                  const std::optional<Tensor>& initial_state, bool check_values, const std::optional<Tensor>& g) {
   TORCH_CHECK(q.defined() && k.defined() && v.defined(), "lasp_attention: q, k and v must be tensors");
   TORCH_CHECK_VALUE(q.dim() == 4, "lasp_attention: q must be 4-D (batch, heads, tokens, head dim), got a ",
                     q.dim(), "-D tensor of shape ", q.sym_sizes());
@@ -166,6 +187,25 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::
     if (check_values && d.device().is_cpu()) {
       TORCH_CHECK_VALUE(!(d < 0).any().item<bool>(),
                         "lasp_attention: decay must hold rates >= 0 (gamma = exp(-decay) <= 1), got ", d);
+    }
+  }
+  if (g.has_value()) {
+    const Tensor& gt = *g;
+    TORCH_CHECK_VALUE(gt.dim() == 3, "lasp_attention: g must be 3-D, one log gate per (batch, q head, token): shape "
+                      "(B, H, N) = (", B, ", ", H, ", ", N, ") for layout 'bhnd' ((B, N, H) for 'bnhd'), got shape ",
+                      gt.sym_sizes());
+    TORCH_SYM_CHECK(gt.sym_size(0).sym_eq(B) & gt.sym_size(1).sym_eq(H) & gt.sym_size(2).sym_eq(N),
+                    "lasp_attention: g must have shape (B, H, N) = (", B, ", ", H, ", ", N, ") for layout 'bhnd' "
+                    "((B, N, H) for 'bnhd'), got shape ", gt.sym_sizes());
+    TORCH_CHECK_TYPE(at::isFloatingType(gt.scalar_type()), "lasp_attention: g must be a floating tensor, got ",
+                     gt.scalar_type());
+    TORCH_CHECK_VALUE(gt.device() == q.device(), "lasp_attention: g must be on the device of q (", q.device(),
+                      "), got ", gt.device());
+    if (check_values && gt.device().is_cpu() && gt.numel() > 0) {
+      TORCH_CHECK_VALUE(!(gt > 0).any().item<bool>(), "lasp_attention: g must hold log gates <= 0 (-inf: a reset), "
+                        "got a largest value of ", gt.max().item<double>());
+      TORCH_CHECK_VALUE(!gt.isnan().any().item<bool>(), "lasp_attention: g must hold log gates <= 0 (-inf: a reset), "
+                        "got NaN");
     }
   }
   if (initial_state.has_value()) {
@@ -270,9 +310,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_
                                                          const std::optional<Tensor>& initial_state,
                                                          const std::optional<std::string>& group_name,
                                                          const std::string& strategy_name, int64_t seg_nseg,
-                                                         int64_t seg_seglen) {
-  check_inputs(q, k, v, decay, initial_state, /*check_values=*/true);
+                                                         int64_t seg_seglen, const std::optional<Tensor>& g) {
+  check_inputs(q, k, v, decay, initial_state, /*check_values=*/true, g);
   check_seg_split_args(seg_nseg, seg_seglen);
+  check_backend_takes(backend_kernels, g, q);
   const Strategy strategy = parse_strategy(strategy_name);
   const auto acc = acc_type(q.scalar_type());
   const int64_t N = q.size(2), D = q.size(3), E = v.size(3);
@@ -284,11 +325,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_
                     "' the backward computes them again: pass seg_nseg = 0, got seg_nseg = ", seg_nseg);
   Tensor seg_states = at::empty({0}, q.options().dtype(acc));  // none kept
   const Tensor decay_acc = decay_in_acc(decay, acc, /*clamp=*/ring.size() > 1);
+  const Tensor g_acc = gates_in_acc(g, acc);
   Tensor o = alloc_out(q, E);
-  AttnParams p = base_params(q, k, v, decay_acc, scale);
+  AttnParams p = base_params(q, k, v, decay_acc, scale, g_acc);
   p.o = view4(o);
 
-  check_group_call(ring, q, k, v, decay.has_value(), strategy, 0);
+  check_group_call(ring, q, k, v, decay.has_value(), g.has_value(), strategy, 0);
   if (ring.size() == 1) {
     // Alone: the incoming state is the user's initial state; one fused pass.
     // A copy, not a view: the op's outputs never alias its inputs (the saved state is an output).
@@ -328,8 +370,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_
   Tensor local = state_like(q, D, E);
   p.state_out = local.data_ptr();
   kernels.fwd_local(p);  // L_r
-  const ForwardStates st =
-      make_exchange(backend_kernels, ring, strategy, q, D, E, decay_acc, N)->forward(local, initial_state);
+  const ForwardStates st = make_exchange(backend_kernels, ring, strategy, q, D, E, decay_acc, N, gate_sums(g_acc))
+                               ->forward(local, initial_state);
   p.state_in = st.zero_in ? nullptr : st.s_in.data_ptr();
   p.state_out = nullptr;
   p.local_ready = true;
@@ -339,7 +381,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_
   return {o, st.s_out, st.s_in, seg_states};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_kernels, const Tensor& q,
+void check_gate_bwd_args(const Tensor& q, const Tensor& v, const std::optional<Tensor>& g,
+                         const std::optional<Tensor>& final_state) {
+  if (!g.has_value()) return;
+  TORCH_CHECK_VALUE(final_state.has_value(), "lasp_attention_bwd: final_state (the forward's second output) is "
+                    "required with g: the gradient of g reads it");
+  const Tensor& s = *final_state;
+  const auto acc = acc_type(q.scalar_type());
+  TORCH_CHECK_TYPE(s.scalar_type() == acc, "lasp_attention_bwd: final_state must be ", acc, " (the forward's second "
+                   "output) for ", q.scalar_type(), " inputs, got ", s.scalar_type());
+  TORCH_CHECK_VALUE(s.device() == q.device(), "lasp_attention_bwd: final_state must be on the device of q (",
+                    q.device(), "), got ", s.device());
+  const auto &B = q.sym_size(0), &H = q.sym_size(1), &D = q.sym_size(3), &E = v.sym_size(3);
+  TORCH_CHECK_VALUE(s.dim() == 4 && (s.sym_size(0).sym_eq(B) & s.sym_size(1).sym_eq(H) & s.sym_size(2).sym_eq(D) &
+                                     s.sym_size(3).sym_eq(E)).guard_bool(__FILE__, __LINE__),
+                    "lasp_attention_bwd: final_state must have shape (B, H, D, E) = (", B, ", ", H, ", ", D, ", ", E,
+                    "), got ", s.sym_sizes());
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_kernels, const Tensor& q,
                                                          const Tensor& k, const Tensor& v, const Tensor& dout,
                                                          const std::optional<Tensor>& grad_final_state,
                                                          const std::optional<Tensor>& decay, double scale,
@@ -347,9 +407,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_
                                                          const std::optional<std::string>& group_name,
                                                          const std::string& strategy_name,
                                                          const std::optional<Tensor>& seg_states,
-                                                         int64_t seg_seglen) {
-  check_inputs(q, k, v, decay, std::nullopt, /*check_values=*/false);
+                                                         int64_t seg_seglen, const std::optional<Tensor>& g,
+                                                         const std::optional<Tensor>& final_state) {
+  check_inputs(q, k, v, decay, std::nullopt, /*check_values=*/false, g);
   check_seg_states(q, v, seg_states, seg_seglen);
+  check_gate_bwd_args(q, v, g, final_state);
+  check_backend_takes(backend_kernels, g, q);
   const bool seg_given = seg_states.has_value() && seg_states->numel() > 0;
   const Strategy strategy = parse_strategy(strategy_name);
   const auto acc = acc_type(q.scalar_type());
@@ -372,11 +435,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_
                     "' none are kept (the backward computes them): pass seg_states = None, got a tensor of shape ",
                     seg_states->sizes());
   const Tensor decay_acc = decay_in_acc(decay, acc, /*clamp=*/ring.size() > 1);
+  const Tensor g_acc = gates_in_acc(g, acc);
   const Tensor s_in = state_in.to(acc).contiguous();  // 0 elements: a zero incoming state
   const Tensor g_user = grad_final_state.has_value() ? grad_final_state->to(acc).contiguous() : Tensor();
 
   Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  AttnParams p = base_params(q, k, v, decay_acc, scale);
+  // dg: the kernels' part (q.dq_h - k.dk_h summed from each token to the piece's end), then <G_r, S_out>
+  Tensor dg = g.has_value() ? at::empty({q.size(0), q.size(1), N}, q.options().dtype(acc)) : at::empty({0}, q.options().dtype(acc));
+  auto add_state_term = [&](const Tensor& G) {
+    if (!g.has_value() || !G.defined() || N == 0) return;
+    dg.add_((G * final_state->to(acc)).sum({2, 3}).unsqueeze(-1));
+  };
+  AttnParams p = base_params(q, k, v, decay_acc, scale, g_acc);
+  p.dg_part = g.has_value() ? dg.data_ptr() : nullptr;
   p.dout = view4(dout);
   p.dq = view4(dq);
   p.dk = view4(dk);
@@ -391,14 +462,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_
     }
   }
 
-  check_group_call(ring, q, k, v, decay.has_value(), strategy, 1);
+  check_group_call(ring, q, k, v, decay.has_value(), g.has_value(), strategy, 1);
   if (ring.size() == 1) {
     // Alone: G is the gradient of the returned final state; one fused pass.
     Tensor grad_init = state_like(q, D, E);
     p.grad_state_out = ptr_or_null(g_user);
     p.grad_state_in = grad_init.data_ptr();
     kernels.bwd(p);
-    return {dq, dk, dv, grad_init};
+    add_state_term(g_user);
+    return {dq, dk, dv, grad_init, dg};
   }
 
   // Several ranks, the mirror of the forward (exchange.h): the local M_r (reads q and dout only), the
@@ -410,14 +482,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_
   p.grad_state_in = m.data_ptr();
   kernels.bwd_local(p);  // M_r
   p.grad_state_in = nullptr;
-  const BackwardStates st = make_exchange(backend_kernels, ring, strategy, q, D, E, decay_acc, N)
+  const BackwardStates st = make_exchange(backend_kernels, ring, strategy, q, D, E, decay_acc, N, gate_sums(g_acc))
                                 ->backward(m, g_user, [&] { kernels.bwd_prepare(p); });
   p.grad_state_out = ptr_or_null(st.g);
   p.local_ready = true;
   kernels.bwd(p);  // dq, dk, dv with G_r
+  add_state_term(st.g);
   // Only the first piece reads the user's initial state.
   Tensor grad_init = ring.is_first() ? st.g_prev : at::zeros_like(st.g_prev);
-  return {dq, dk, dv, grad_init};
+  return {dq, dk, dv, grad_init, dg};
 }
 
 }  // namespace lasp

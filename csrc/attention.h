@@ -47,6 +47,9 @@ struct Kernels {
   // How the forward (backward = false) or the backward of p cuts each sequence into segments (false:
   // unknown); empty for backends that keep no segment states (lasp_cuda.h, fwd_split / bwd_split).
   std::function<bool(const AttnParams&, bool backward, int64_t* nseg, int64_t* seglen)> split;
+  // Whether the building blocks take per-token gates (AttnParams::g, dg_part). A call with g on a backend
+  // without them raises NotImplementedError (on every rank, before any collective).
+  bool gates = false;
 };
 
 // How a backend cuts each sequence into segments, asked on `device` (Kernels::split's contract; the
@@ -68,9 +71,11 @@ bool register_split(c10::DeviceType type, SplitFn fn);
 bool forward_split(const Tensor& q, const Tensor& k, const Tensor& v, int64_t* nseg, int64_t* seglen);
 
 // Checks shapes, dtypes and devices of the op's inputs (symbolic sizes allowed, so the meta kernels
-// share it). check_values also checks decay >= 0, which reads decay's values (CPU tensors only).
+// share it). check_values also checks decay >= 0 and g <= 0 (no NaN), which reads their values (CPU
+// tensors only). g: per-token log gates, (B, H, N), any floating dtype.
 void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& decay,
-                  const std::optional<Tensor>& initial_state, bool check_values);
+                  const std::optional<Tensor>& initial_state, bool check_values,
+                  const std::optional<Tensor>& g = std::nullopt);
 
 // (B, H, N, last) output with the memory order of `like` ((B, H, N, *) or (B, N, H, *)).
 Tensor alloc_out(const Tensor& like, const c10::SymInt& last);
@@ -104,20 +109,25 @@ void check_seg_states(const Tensor& q, const Tensor& v, const std::optional<Tens
 // (B, H, seg_nseg, D, E) front of the forward's workspace (a view: no copy, no extra kernel). On one rank
 // only: with a group of more than one rank the backward computes them again, and seg_nseg > 1 raises.
 // seg_nseg 0 or 1: seg_states is a 0-element acc-type tensor.
+// g: per-token log gates (B, H, N) (lasp_params.h); the state crossing a piece is then scaled by
+// exp(sum of the piece's log gates) per (b, h) instead of gamma^n per head.
 std::tuple<Tensor, Tensor, Tensor, Tensor> attention_fwd(const Kernels& kernels, const Tensor& q,
                                                          const Tensor& k, const Tensor& v,
                                                          const std::optional<Tensor>& decay, double scale,
                                                          const std::optional<Tensor>& initial_state,
                                                          const std::optional<std::string>& group_name,
                                                          const std::string& strategy, int64_t seg_nseg,
-                                                         int64_t seg_seglen);
+                                                         int64_t seg_seglen, const std::optional<Tensor>& g);
 
-// Backward: (dq, dk, dv, grad_initial_state). grad_initial_state is zero on group ranks > 0. state_in:
+// Backward: (dq, dk, dv, grad_initial_state, dg). grad_initial_state is zero on group ranks > 0. dg: with
+// g, the gradient of g, acc type, contiguous (B, H, N) (exact across ranks: the piece's reverse sum of
+// q.dq_h - k.dk_h plus <G_r, final_state>); without g, a 0-element acc-type tensor. final_state: the
+// forward's second output (this piece's outgoing state), required with g. state_in:
 // the forward's third output (0 elements: a zero incoming state). seg_states / seg_seglen: the forward's
 // fourth output of the same call and the seg_seglen it was given (none, or 0 elements: none kept); used
 // where the backward's own split is (seg_states.size(2), seg_seglen), else the backward computes the
 // segment states again. With a group of more than one rank, segment states raise (none can have been kept).
-std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& kernels, const Tensor& q,
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& kernels, const Tensor& q,
                                                          const Tensor& k, const Tensor& v, const Tensor& dout,
                                                          const std::optional<Tensor>& grad_final_state,
                                                          const std::optional<Tensor>& decay, double scale,
@@ -125,6 +135,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& kernels,
                                                          const std::optional<std::string>& group_name,
                                                          const std::string& strategy,
                                                          const std::optional<Tensor>& seg_states,
-                                                         int64_t seg_seglen);
+                                                         int64_t seg_seglen, const std::optional<Tensor>& g,
+                                                         const std::optional<Tensor>& final_state);
+
+// Checks the backward's g / final_state pair (symbolic sizes allowed): final_state is required with g and
+// must be an acc-type (B, H, D, E) tensor on q's device.
+void check_gate_bwd_args(const Tensor& q, const Tensor& v, const std::optional<Tensor>& g,
+                         const std::optional<Tensor>& final_state);
 
 }  // namespace lasp

@@ -16,24 +16,18 @@ Tensor decayed_sum(const Tensor& s, const Tensor& gamma_n, const Tensor& add) {
   return gamma_n.defined() ? at::addcmul(add, s, gamma_n) : s + add;
 }
 
-// gamma^n per head as an (H,) tensor (ones without decay): what the all-gather strategy exchanges.
-Tensor decay_pow_h(const Tensor& decay_acc, int64_t n, int64_t H, const at::TensorOptions& opts) {
-  if (!decay_acc.defined()) return at::ones({H}, opts);
-  return at::exp(decay_acc * static_cast<double>(-n));
-}
-
-// What a rank contributes to the all-gather strategy: its (B, H, D, E) state, flattened, then gamma^n per head.
-Tensor pack_state(const Tensor& x, const Tensor& decay_acc, int64_t n) {
-  return at::cat({x.flatten(), decay_pow_h(decay_acc, n, x.size(1), x.options())});
-}
+// What a rank contributes to the all-gather strategy: its (B, H, D, E) state, flattened, then gamma^n
+// (StateExchange::gamma_flat: per head, or per (b, h) with gates; every rank packs alike).
+Tensor pack_state(const Tensor& x, const Tensor& gamma_flat) { return at::cat({x.flatten(), gamma_flat}); }
 
 // LASP-2's combination of the gathered packs of ranks j = first, first + step, ... (not `end`):
 // s = gamma^n_j s + X_j from s = 0 (forward: the prefix before a rank; backward: the suffix after it).
-Tensor combine_packs(const std::vector<Tensor>& all, const Tensor& like, int first, int end, int step) {
+// ng: the entries of gamma^n in each pack (H, or B * H with gates).
+Tensor combine_packs(const std::vector<Tensor>& all, const Tensor& like, int first, int end, int step, int64_t ng) {
   const int64_t numel = like.numel(), H = like.size(1);
   Tensor s = at::zeros_like(like);
   for (int j = first; j != end; j += step) {
-    s = decayed_sum(s, all[j].narrow(0, numel, H).view({1, -1, 1, 1}), all[j].narrow(0, 0, numel).view_as(like));
+    s = decayed_sum(s, all[j].narrow(0, numel, ng).view({ng / H, H, 1, 1}), all[j].narrow(0, 0, numel).view_as(like));
   }
   return s;
 }
@@ -41,8 +35,8 @@ Tensor combine_packs(const std::vector<Tensor>& all, const Tensor& like, int fir
 // Strategy "ring" over the process group's send/recv (NCCL or Gloo).
 class C10dRing final : public StateExchange {
  public:
-  C10dRing(const Ring& ring, Tensor decay_acc, int64_t n)
-      : StateExchange(ring, std::move(decay_acc), n, /*gamma_before_waits=*/true) {}
+  C10dRing(const Ring& ring, Tensor decay_acc, int64_t n, Tensor gate_sum)
+      : StateExchange(ring, std::move(decay_acc), n, std::move(gate_sum), /*gamma_before_waits=*/true) {}
 
   ForwardStates forward(Tensor local, const std::optional<Tensor>& initial_state) override {
     ForwardStates f;
@@ -89,7 +83,7 @@ class C10dRing final : public StateExchange {
 class PeerRing final : public StateExchange {
  public:
   PeerRing(const Ring& ring, Tensor decay_acc, int64_t n, const std::function<void(const PeerHop&)>& hop)
-      : StateExchange(ring, std::move(decay_acc), n, /*gamma_before_waits=*/false), hop_(hop) {}
+      : StateExchange(ring, std::move(decay_acc), n, Tensor(), /*gamma_before_waits=*/false), hop_(hop) {}
 
   ForwardStates forward(Tensor local, const std::optional<Tensor>& initial_state) override {
     ForwardStates f;
@@ -135,17 +129,18 @@ class PeerRing final : public StateExchange {
 // Strategy "allgather" (LASP-2): one all-gather of (state, gamma^n) per direction.
 class AllGather final : public StateExchange {
  public:
-  AllGather(const Ring& ring, Tensor decay_acc, int64_t n)
-      : StateExchange(ring, std::move(decay_acc), n, /*gamma_before_waits=*/true) {}
+  AllGather(const Ring& ring, Tensor decay_acc, int64_t n, Tensor gate_sum)
+      : StateExchange(ring, std::move(decay_acc), n, std::move(gate_sum), /*gamma_before_waits=*/true) {}
 
   ForwardStates forward(Tensor local, const std::optional<Tensor>& initial_state) override {
     gamma();
     // The first rank folds the initial state into what it contributes (its S_out).
     if (ring_.is_first() && initial_state.has_value()) local = update(*initial_state, local);
-    Tensor pack = pack_state(local, decay_acc_, n_);
+    const Tensor gf = gamma_flat(local);
+    Tensor pack = pack_state(local, gf);
     const auto all = ring_.allgather(pack, "the all-gather of the local states");
     ForwardStates f;
-    f.s_in = combine_packs(all, local, 0, ring_.rank(), 1);
+    f.s_in = combine_packs(all, local, 0, ring_.rank(), 1, gf.numel());
     if (ring_.is_first()) {
       f.zero_in = !initial_state.has_value();
       if (!f.zero_in) f.s_in.copy_(*initial_state);
@@ -158,7 +153,8 @@ class AllGather final : public StateExchange {
 
  protected:
   Suffix backward_exchange(Tensor x, const std::function<void()>& overlap) override {
-    Tensor pack = pack_state(x, decay_acc_, n_);
+    const Tensor gf = gamma_flat(x);
+    Tensor pack = pack_state(x, gf);
     std::vector<std::vector<Tensor>> gathered;
     auto work = ring_.allgather_start(pack, gathered);
     overlap();  // beside the all-gather
@@ -167,7 +163,7 @@ class AllGather final : public StateExchange {
     if (ring_.is_last()) {
       s.g_prev = x;
     } else {
-      s.g_next = combine_packs(gathered[0], x, ring_.size() - 1, ring_.rank(), -1);
+      s.g_next = combine_packs(gathered[0], x, ring_.size() - 1, ring_.rank(), -1, gf.numel());
       s.g_prev = update(s.g_next, x);
     }
     return s;
@@ -178,8 +174,13 @@ class AllGather final : public StateExchange {
 // (the backend, the strategy, the dtype, the state size and the process-wide transport), never from the
 // piece's length, so that the ranks agree.
 bool use_peer(const Kernels& backend_kernels, const Ring& ring, Strategy strategy, const Tensor& q, int64_t D,
-              int64_t E) {
+              int64_t E, bool gates) {
   const Transport t = ring_transport();
+  // The peer hop scales by gamma^n per head; per-(b, h) gate transitions travel over the process group.
+  TORCH_CHECK_NOT_IMPLEMENTED(!gates || t != Transport::Peer || strategy != Strategy::Ring || ring.size() <= 1,
+                              "lasp_attention: the peer ring transport does not take g (per-token gates) yet; use "
+                              "set_ring_transport('nccl') or 'auto'");
+  if (gates) return false;
   if (t == Transport::Nccl || strategy != Strategy::Ring || ring.size() <= 1 || !backend_kernels.peer_ready ||
       acc_type(q.scalar_type()) != at::kFloat) {
     return false;
@@ -196,14 +197,29 @@ Strategy parse_strategy(const std::string& s) {
   TORCH_CHECK_VALUE(false, "lasp_attention: strategy must be 'ring' or 'allgather', got '", s, "'");
 }
 
-StateExchange::StateExchange(const Ring& ring, Tensor decay_acc, int64_t n, bool gamma_before_waits)
-    : ring_(ring), decay_acc_(std::move(decay_acc)), n_(n), gamma_before_waits_(gamma_before_waits) {}
+StateExchange::StateExchange(const Ring& ring, Tensor decay_acc, int64_t n, Tensor gate_sum, bool gamma_before_waits)
+    : ring_(ring),
+      decay_acc_(std::move(decay_acc)),
+      n_(n),
+      gate_sum_(std::move(gate_sum)),
+      gamma_before_waits_(gamma_before_waits) {}
 
 const Tensor& StateExchange::gamma() {
-  if (!gamma_.defined() && decay_acc_.defined()) {
+  if (gamma_.defined()) return gamma_;
+  if (gate_sum_.defined()) {
+    // exp(sum g - n lambda): a sum of log gates, then one exp (a -inf gate gives exactly 0)
+    Tensor log_t = decay_acc_.defined() ? gate_sum_ - decay_acc_.view({1, -1}) * static_cast<double>(n_) : gate_sum_;
+    gamma_ = at::exp(log_t).view({gate_sum_.size(0), gate_sum_.size(1), 1, 1});
+  } else if (decay_acc_.defined()) {
     gamma_ = at::exp(decay_acc_ * static_cast<double>(-n_)).view({1, -1, 1, 1});
   }
   return gamma_;
+}
+
+Tensor StateExchange::gamma_flat(const Tensor& like) {
+  const Tensor& gm = gamma();
+  if (gm.defined()) return gm.flatten();
+  return at::ones({like.size(1)}, like.options());
 }
 
 Tensor StateExchange::update(const Tensor& s, const Tensor& add) { return decayed_sum(s, gamma(), add); }
@@ -240,10 +256,12 @@ BackwardStates StateExchange::backward(Tensor m, const Tensor& g_user, const std
 
 std::unique_ptr<StateExchange> make_exchange(const Kernels& backend, const Ring& ring, Strategy strategy,
                                              const Tensor& q, int64_t D, int64_t E, const Tensor& decay_acc,
-                                             int64_t n) {
-  if (use_peer(backend, ring, strategy, q, D, E)) return std::make_unique<PeerRing>(ring, decay_acc, n, backend.peer_hop);
-  if (strategy == Strategy::AllGather) return std::make_unique<AllGather>(ring, decay_acc, n);
-  return std::make_unique<C10dRing>(ring, decay_acc, n);
+                                             int64_t n, const Tensor& gate_sum) {
+  if (use_peer(backend, ring, strategy, q, D, E, gate_sum.defined())) {
+    return std::make_unique<PeerRing>(ring, decay_acc, n, backend.peer_hop);
+  }
+  if (strategy == Strategy::AllGather) return std::make_unique<AllGather>(ring, decay_acc, n, gate_sum);
+  return std::make_unique<C10dRing>(ring, decay_acc, n, gate_sum);
 }
 
 }  // namespace lasp

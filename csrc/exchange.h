@@ -2,7 +2,7 @@
 // attention.cpp run, on several ranks: local pass -> exchange -> main pass.
 //
 // Each rank r holds one piece of the sequence, of n tokens; gamma^n = exp(-decay[h] * n) per head (1
-// without decay). The update of a state S by a piece, gamma^n S + X, is written once on the host
+// without decay), and with per-token gates exp(sum of the piece's log gates - decay[h] * n) per (b, h). The update of a state S by a piece, gamma^n S + X, is written once on the host
 // (decayed_sum in exchange.cpp); the peer hop's kernel (kernels/peer_hop.cu) does it on the device.
 //
 // Forward: L_r is the piece's local state (fwd_local: reads k and v only). The first rank starts from
@@ -63,9 +63,10 @@ struct BackwardStates {
 class StateExchange {
  public:
   // decay_acc: (H,) rates in the accumulation type (clamped), or undefined; n: tokens of this rank's
-  // piece. gamma_before_waits: backward() makes gamma^n before anything else (the host implementations;
-  // their forward() makes it itself, before its first wait).
-  StateExchange(const Ring& ring, Tensor decay_acc, int64_t n, bool gamma_before_waits);
+  // piece; gate_sum: (B, H) sums of the piece's log gates, or undefined (no gates). gamma_before_waits:
+  // backward() makes gamma^n before anything else (the host implementations; their forward() makes it
+  // itself, before its first wait).
+  StateExchange(const Ring& ring, Tensor decay_acc, int64_t n, Tensor gate_sum, bool gamma_before_waits);
   virtual ~StateExchange() = default;
 
   // local: L_r (contiguous (B, H, D, E), accumulation type); initial_state: read by the first rank only.
@@ -83,8 +84,12 @@ class StateExchange {
   };
   virtual Suffix backward_exchange(Tensor x, const std::function<void()>& overlap) = 0;
 
-  // gamma^n per head, (1, H, 1, 1), made on first use; undefined without decay.
+  // gamma^n per head, (1, H, 1, 1), or with gates per (b, h), (B, H, 1, 1); made on first use; undefined
+  // without decay and gates.
   const Tensor& gamma();
+  // gamma^n flattened, with one entry per head (no gates: ones without decay) or per (b, h) (gates): what
+  // the all-gather exchanges beside each state.
+  Tensor gamma_flat(const Tensor& like);  // like: a (B, H, D, E) state
   // gamma^n s + add: the one update of a state by this piece.
   Tensor update(const Tensor& s, const Tensor& add);
   // The first rank of a ring: S_in is the initial state (a copy) or zero, S_out = gamma^n S_in + L.
@@ -93,6 +98,7 @@ class StateExchange {
   const Ring& ring_;
   const Tensor decay_acc_;
   const int64_t n_;
+  const Tensor gate_sum_;
 
  private:
   const bool gamma_before_waits_;
@@ -105,6 +111,6 @@ class StateExchange {
 // backend: the backend's kernels (not the empty-piece ones), so that every rank decides alike.
 std::unique_ptr<StateExchange> make_exchange(const Kernels& backend, const Ring& ring, Strategy strategy,
                                              const Tensor& q, int64_t D, int64_t E, const Tensor& decay_acc,
-                                             int64_t n);
+                                             int64_t n, const Tensor& gate_sum);
 
 }  // namespace lasp

@@ -15,9 +15,13 @@ struct AttentionOptions {
   std::optional<at::Tensor> initial_state;  // (B, H, D, E) float32 (float64 for float64 inputs)
   std::optional<std::string> group_name;    // a registered c10d process group (sequence parallel)
   std::string strategy = "ring";            // across ranks: "ring" (LASP) or "allgather" (LASP-2)
+  // (B, H, N) per-token log gates <= 0 (-inf: a reset), any floating dtype; differentiable. The log gate of
+  // token t, head h is g[b, h, t] - decay[h]. CPU tensors (CUDA raises NotImplementedError for now).
+  std::optional<at::Tensor> g;
 };
 
-// Linear attention o[t] = scale * sum_{s<=t} gamma^(t-s) (q[t].k[s]) v[s] (+ the initial state's term)
+// Linear attention o[t] = scale * sum_{s<=t} gamma^(t-s) (q[t].k[s]) v[s] (+ the initial state's term), with
+// gamma^(t-s) = exp(sum_{s<i<=t} g[i] - (t-s) decay[h]) when g is given
 // on q (B, H, N, D), k (B, Hkv, N, D), v (B, Hkv, N, E). Returns (o, final_state). Differentiable.
 std::tuple<at::Tensor, at::Tensor> lasp_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                   const AttentionOptions& options = {});

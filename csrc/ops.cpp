@@ -2,7 +2,7 @@
 //
 //   lasp::lasp_attention      the user-facing op: (o, final_state); autograd through LaspAttentionFunction
 //   lasp::lasp_attention_fwd  forward with the ring: (o, final_state, state_in, seg_states)
-//   lasp::lasp_attention_bwd  backward with the ring: (dq, dk, dv, grad_initial_state), seg_states in
+//   lasp::lasp_attention_bwd  backward with the ring: (dq, dk, dv, grad_initial_state, dg), seg_states in
 //   lasp::alibi_slopes        TransNormerLLM / Lightning Attention decay rates
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
@@ -22,7 +22,11 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 const Kernels& cpu_kernels() {
-  static const Kernels k{cpu::fwd, cpu::fwd_local, cpu::bwd, cpu::bwd_local, cpu::bwd_prepare, nullptr, nullptr, nullptr, nullptr};
+  static const Kernels k = [] {
+    Kernels c{cpu::fwd, cpu::fwd_local, cpu::bwd, cpu::bwd_local, cpu::bwd_prepare, nullptr, nullptr, nullptr, nullptr};
+    c.gates = true;
+    return c;
+  }();
   return k;
 }
 
@@ -31,20 +35,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor
                                                    const std::optional<Tensor>& initial_state,
                                                    const std::optional<std::string>& group_name,
                                                    const std::string& strategy, int64_t seg_nseg,
-                                                   int64_t seg_seglen) {
+                                                   int64_t seg_seglen, const std::optional<Tensor>& g) {
   return attention_fwd(cpu_kernels(), q, k, v, decay, scale, initial_state, group_name, strategy, seg_nseg,
-                       seg_seglen);
+                       seg_seglen, g);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
-                                                   const Tensor& dout, const std::optional<Tensor>& grad_final_state,
-                                                   const std::optional<Tensor>& decay, double scale,
-                                                   const Tensor& state_in,
-                                                   const std::optional<std::string>& group_name,
-                                                   const std::string& strategy,
-                                                   const std::optional<Tensor>& seg_states, int64_t seg_seglen) {
+using BwdOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+BwdOut bwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout,
+               const std::optional<Tensor>& grad_final_state, const std::optional<Tensor>& decay, double scale,
+               const Tensor& state_in, const std::optional<std::string>& group_name, const std::string& strategy,
+               const std::optional<Tensor>& seg_states, int64_t seg_seglen, const std::optional<Tensor>& g,
+               const std::optional<Tensor>& final_state) {
   return attention_bwd(cpu_kernels(), q, k, v, dout, grad_final_state, decay, scale, state_in, group_name, strategy,
-                       seg_states, seg_seglen);
+                       seg_states, seg_seglen, g, final_state);
 }
 
 // ---- Meta kernels: shapes, dtypes and strides only (what torch.compile traces with) ----
@@ -58,8 +62,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fwd_meta(const Tensor& q, const Tenso
                                                     const std::optional<Tensor>& initial_state,
                                                     const std::optional<std::string>& group_name,
                                                     const std::string& strategy, int64_t seg_nseg,
-                                                    int64_t seg_seglen) {
-  check_inputs(q, k, v, decay, initial_state, /*check_values=*/false);
+                                                    int64_t seg_seglen, const std::optional<Tensor>& g) {
+  check_inputs(q, k, v, decay, initial_state, /*check_values=*/false, g);
   check_seg_split_args(seg_nseg, seg_seglen);
   const auto acc_opts = q.options().dtype(acc_type(q.scalar_type()));
   // state_in: 0 elements without a group and without an initial state (attention.h)
@@ -72,16 +76,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fwd_meta(const Tensor& q, const Tenso
   return {alloc_out(q, v.sym_size(3)), state_meta(q, v), s_in, seg};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_meta(const Tensor& q, const Tensor& k, const Tensor& v,
-                                                    const Tensor& dout, const std::optional<Tensor>& grad_final_state,
-                                                    const std::optional<Tensor>& decay, double scale,
-                                                    const Tensor& state_in,
-                                                    const std::optional<std::string>& group_name,
-                                                    const std::string& strategy,
-                                                    const std::optional<Tensor>& seg_states, int64_t seg_seglen) {
-  check_inputs(q, k, v, decay, std::nullopt, /*check_values=*/false);
+BwdOut bwd_meta(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout,
+                const std::optional<Tensor>& grad_final_state, const std::optional<Tensor>& decay, double scale,
+                const Tensor& state_in, const std::optional<std::string>& group_name, const std::string& strategy,
+                const std::optional<Tensor>& seg_states, int64_t seg_seglen, const std::optional<Tensor>& g,
+                const std::optional<Tensor>& final_state) {
+  check_inputs(q, k, v, decay, std::nullopt, /*check_values=*/false, g);
   check_seg_states(q, v, seg_states, seg_seglen);
-  return {at::empty_like(q), at::empty_like(k), at::empty_like(v), state_meta(q, v)};
+  check_gate_bwd_args(q, v, g, final_state);
+  const auto acc_opts = q.options().dtype(acc_type(q.scalar_type()));
+  Tensor dg = g.has_value() ? at::empty_symint({q.sym_size(0), q.sym_size(1), q.sym_size(2)}, acc_opts)
+                            : at::empty({0}, acc_opts);
+  return {at::empty_like(q), at::empty_like(k), at::empty_like(v), state_meta(q, v), dg};
 }
 
 // ---- The user-facing op ----
@@ -90,13 +96,13 @@ using FwdOut = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 FwdOut call_fwd_op(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& decay,
                    double scale, const std::optional<Tensor>& initial_state,
                    const std::optional<std::string>& group_name, const std::string& strategy, int64_t seg_nseg,
-                   int64_t seg_seglen) {
+                   int64_t seg_seglen, const std::optional<Tensor>& g) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("lasp::lasp_attention_fwd", "")
                        .typed<FwdOut(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
                                      double, const std::optional<Tensor>&, const std::optional<std::string>&,
-                                     const std::string&, int64_t, int64_t)>();
-  return op.call(q, k, v, decay, scale, initial_state, group_name, strategy, seg_nseg, seg_seglen);
+                                     const std::string&, int64_t, int64_t, const std::optional<Tensor>&)>();
+  return op.call(q, k, v, decay, scale, initial_state, group_name, strategy, seg_nseg, seg_seglen, g);
 }
 
 // Below autograd (and for inference): the forward op, keeping nothing for a backward.
@@ -104,8 +110,8 @@ std::tuple<Tensor, Tensor> attention_noautograd(const Tensor& q, const Tensor& k
                                                 const std::optional<Tensor>& decay, double scale,
                                                 const std::optional<Tensor>& initial_state,
                                                 const std::optional<std::string>& group_name,
-                                                const std::string& strategy) {
-  auto out = call_fwd_op(q, k, v, decay, scale, initial_state, group_name, strategy, 0, 0);
+                                                const std::string& strategy, const std::optional<Tensor>& g) {
+  auto out = call_fwd_op(q, k, v, decay, scale, initial_state, group_name, strategy, 0, 0, g);
   return {std::get<0>(out), std::get<1>(out)};
 }
 
@@ -136,7 +142,7 @@ class LaspAttentionFunction : public torch::autograd::Function<LaspAttentionFunc
                                const std::optional<Tensor>& decay, double scale,
                                const std::optional<Tensor>& initial_state,
                                const std::optional<std::string>& group_name,
-    const std::string& strategy) {
+                               const std::string& strategy, const std::optional<Tensor>& g) {
     at::AutoDispatchBelowADInplaceOrView guard;
     // An output the loss does not use (usually the final state) gets an undefined gradient instead of
     // a zero-filled (B, H, D, E) tensor that the kernels would then read: one fill and its bytes saved.
@@ -145,9 +151,12 @@ class LaspAttentionFunction : public torch::autograd::Function<LaspAttentionFunc
     // (where its own split is the same) instead of computing them again.
     const auto [seg_nseg, seg_seglen] = split_to_keep(q, k, v, group_name);
     auto [o, final_state, state_in, seg_states] =
-        call_fwd_op(q, k, v, decay, scale, initial_state, group_name, strategy, seg_nseg, seg_seglen);
-    ctx->save_for_backward(
-        {q, k, v, state_in, decay.has_value() ? *decay : Tensor(), seg_nseg > 1 ? seg_states : Tensor()});
+        call_fwd_op(q, k, v, decay, scale, initial_state, group_name, strategy, seg_nseg, seg_seglen, g);
+    // With gates the backward also reads g and this piece's outgoing state (the gradient of g's
+    // cross-piece term <G, final_state>).
+    ctx->save_for_backward({q, k, v, state_in, decay.has_value() ? *decay : Tensor(),
+                            seg_nseg > 1 ? seg_states : Tensor(), g.has_value() ? *g : Tensor(),
+                            g.has_value() ? final_state : Tensor()});
     ctx->saved_data["seg_seglen"] = seg_seglen;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["has_initial_state"] = initial_state.has_value();
@@ -163,6 +172,11 @@ class LaspAttentionFunction : public torch::autograd::Function<LaspAttentionFunc
     if (saved[4].defined()) decay = saved[4];
     std::optional<Tensor> seg_states;  // the forward's segment states, if it kept them
     if (saved[5].defined()) seg_states = saved[5];
+    std::optional<Tensor> g, final_state;
+    if (saved[6].defined()) {
+      g = saved[6];
+      final_state = saved[7];
+    }
     const int64_t seg_seglen = ctx->saved_data["seg_seglen"].toInt();
     std::optional<std::string> group_name;
     if (ctx->saved_data.count("group_name")) group_name = ctx->saved_data["group_name"].toStringRef();
@@ -176,15 +190,16 @@ class LaspAttentionFunction : public torch::autograd::Function<LaspAttentionFunc
 
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("lasp::lasp_attention_bwd", "")
-                         .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
-                             const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                             const std::optional<Tensor>&, const std::optional<Tensor>&, double, const Tensor&,
-                             const std::optional<std::string>&, const std::string&, const std::optional<Tensor>&,
-                             int64_t)>();
-    auto [dq, dk, dv, dinit] =
-        op.call(q, k, v, dout, grad_final, decay, scale, state_in, group_name, strategy, seg_states, seg_seglen);
+                         .typed<BwdOut(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                       const std::optional<Tensor>&, const std::optional<Tensor>&, double, const Tensor&,
+                                       const std::optional<std::string>&, const std::string&,
+                                       const std::optional<Tensor>&, int64_t, const std::optional<Tensor>&,
+                                       const std::optional<Tensor>&)>();
+    auto [dq, dk, dv, dinit, dg] = op.call(q, k, v, dout, grad_final, decay, scale, state_in, group_name, strategy,
+                                           seg_states, seg_seglen, g, final_state);
     const bool has_init = ctx->saved_data["has_initial_state"].toBool();
-    return {dq, dk, dv, Tensor(), Tensor(), has_init ? dinit : Tensor(), Tensor(), Tensor()};
+    return {dq,       dk,       dv,      Tensor(), Tensor(), has_init ? dinit : Tensor(), Tensor(), Tensor(),
+            g.has_value() ? dg.to(g->scalar_type()) : Tensor()};
   }
 };
 
@@ -192,10 +207,11 @@ std::tuple<Tensor, Tensor> attention_autograd(const Tensor& q, const Tensor& k, 
                                               const std::optional<Tensor>& decay, double scale,
                                               const std::optional<Tensor>& initial_state,
                                               const std::optional<std::string>& group_name,
-    const std::string& strategy) {
+                                              const std::string& strategy, const std::optional<Tensor>& g) {
   TORCH_CHECK_VALUE(!(decay.has_value() && decay->requires_grad()),
-                    "lasp_attention: decay is a constant of the op and takes no gradient; pass decay.detach()");
-  auto out = LaspAttentionFunction::apply(q, k, v, decay, scale, initial_state, group_name, strategy);
+                    "lasp_attention: decay is a constant of the op and takes no gradient; pass decay.detach() "
+                    "(or learn per-token gates through g)");
+  auto out = LaspAttentionFunction::apply(q, k, v, decay, scale, initial_state, group_name, strategy, g);
   return {out[0], out[1]};
 }
 
@@ -242,7 +258,7 @@ at::Tensor alibi_slopes(int64_t num_heads) {
 TORCH_LIBRARY(lasp, m) {
   m.def(
       "lasp_attention(Tensor q, Tensor k, Tensor v, Tensor? decay, float scale, Tensor? initial_state, "
-      "str? group_name, str strategy=\"ring\") -> (Tensor, Tensor)");
+      "str? group_name, str strategy=\"ring\", Tensor? g=None) -> (Tensor, Tensor)");
   // The forward: (o, final_state, state_in, seg_states). seg_nseg > 1 keeps the forward's segment input
   // states for the backward of the same call: (seg_nseg, seg_seglen) must be the split the forward uses
   // (lasp_cuda.h, fwd_split; else a ValueError saying which), and seg_states is then the acc-type
@@ -251,15 +267,18 @@ TORCH_LIBRARY(lasp, m) {
   // again), and on CPU too (no segments). seg_nseg 0 or 1: seg_states has 0 elements.
   m.def(
       "lasp_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? decay, float scale, Tensor? initial_state, "
-      "str? group_name, str strategy=\"ring\", int seg_nseg=0, int seg_seglen=0) -> (Tensor, Tensor, Tensor, Tensor)");
-  // The backward: (dq, dk, dv, grad_initial_state). seg_states / seg_seglen: the forward's fourth output and
+      "str? group_name, str strategy=\"ring\", int seg_nseg=0, int seg_seglen=0, Tensor? g=None) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
+  // The backward: (dq, dk, dv, grad_initial_state, dg). g / final_state: the log gates and the forward's
+  // second output (required with g); dg is then the acc-type (B, H, N) gradient of g, else 0 elements.
+  // seg_states / seg_seglen: the forward's fourth output and
   // the seg_seglen it was given (None or 0 elements: none); used where the backward's own split is
   // (seg_states.size(2), seg_seglen), else computed again. A seg_states of another dtype, device or shape
   // raises, and so does one with a group of more than one rank.
   m.def(
       "lasp_attention_bwd(Tensor q, Tensor k, Tensor v, Tensor dout, Tensor? grad_final_state, Tensor? decay, "
       "float scale, Tensor state_in, str? group_name, str strategy=\"ring\", Tensor? seg_states=None, "
-      "int seg_seglen=0) -> (Tensor, Tensor, Tensor, Tensor)");
+      "int seg_seglen=0, Tensor? g=None, Tensor? final_state=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("set_group_checks(bool? enabled, float? timeout_s) -> ()", &lasp::set_group_checks);
   m.def("set_ring_transport(str transport) -> ()", &lasp::set_ring_transport);
   m.def("get_ring_transport() -> str", &lasp::get_ring_transport);

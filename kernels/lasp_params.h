@@ -45,6 +45,14 @@ struct AttnParams {
   int64_t B = 0, H = 0, Hkv = 0, N = 0, D = 0, E = 0;
   double scale = 1.0;
   const void* decay = nullptr;  // [H] rates lambda >= 0 (acc type); nullptr means gamma = 1
+  // Per-token log gates g <= 0 (-inf: a reset), contiguous (B, H, N) in the acc type, or nullptr (none).
+  // The log gate of token t, head h is g[b, h, t] - lambda_h: every gamma^n below then reads
+  // exp(sum of the log gates of those n tokens). Backends without gates refuse params with g set.
+  const void* g = nullptr;
+  // bwd with g: writes dg_part[b, h, t] = sum_{t' >= t} (q[t'].dq_h[t'] - k[t'].dk_h[t']) (acc type,
+  // contiguous (B, H, N)), where dq_h and dk_h are the parts of dq and dk that come from query head h
+  // (state terms included). The gradient of g is dg_part + <G, state_out> (the driver adds the second term).
+  void* dg_part = nullptr;
 
   TensorView4 q, k, v;  // q: (B, H, N, D), k: (B, Hkv, N, D), v: (B, Hkv, N, E)
   TensorView4 o;        // (B, H, N, E)

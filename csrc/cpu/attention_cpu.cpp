@@ -48,16 +48,69 @@ inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
   return s;
 }
 
-// Decay of head h: pw[i] = gamma^i for i = 0 .. kChunk (exp of the exact exponent, no repeated products).
+// The log gates of one (b, h): lam[t] = g[b, h, t] - lambda_h, or -lambda_h for every token without g
+// (lasp_params.h). Per chunk of L tokens starting at c0 (set_chunk), the weights every pass reads:
+//   w(t, s) = exp(sum_{s < i <= t} lam[i])  (s <= t: the decay from token s to token t)
+//   pre(t)  = exp(sum_{i <= t} lam[i])      (the chunk's incoming state seen at token t)
+//   suf(s)  = exp(sum_{s < i < L} lam[i])   (token s seen at the chunk's end)
+//   tot()   = exp(sum_{i < L} lam[i])       (the chunk's transition)
+// Constant decay reads a table of gamma^i (exp of the exact exponent, no repeated products). With gates
+// every weight is the exp of a sum over its own range, never a difference of cumulative sums, so a -inf
+// gate (a reset) gives exact zeros and never inf - inf.
 template <typename acc_t>
-struct Decay {
+struct Gates {
   acc_t lambda = 0;
+  const acc_t* g = nullptr;  // row (b, h) of g, or null
   acc_t pw[kChunk + 1];
-  Decay(const AttnParams& p, int64_t h) {
+  int64_t L = 0;
+  std::vector<acc_t> W, pre_, suf_;
+  acc_t tot_ = 1, log_tot = 0;
+
+  Gates(const AttnParams& p, int64_t b, int64_t h) {
     if (p.decay) lambda = finite_rate(static_cast<const acc_t*>(p.decay)[h]);
     for (int64_t i = 0; i <= kChunk; ++i) pw[i] = std::exp(-lambda * static_cast<acc_t>(i));
+    if (p.g) {
+      g = static_cast<const acc_t*>(p.g) + (b * p.H + h) * p.N;
+      W.resize(kChunk * kChunk);
+      pre_.resize(kChunk);
+      suf_.resize(kChunk);
+    }
   }
-  acc_t pow(int64_t n) const { return std::exp(-lambda * static_cast<acc_t>(n)); }
+  // Fills the weights of the chunk [c0, c0 + len).
+  void set_chunk(int64_t c0, int64_t len) {
+    L = len;
+    if (!g) {
+      log_tot = -lambda * static_cast<acc_t>(len);
+      tot_ = pw[len];
+      return;
+    }
+    acc_t lam[kChunk];
+    for (int64_t t = 0; t < len; ++t) lam[t] = g[c0 + t] - lambda;
+    for (int64_t t = 0; t < len; ++t) {
+      acc_t run = 0;
+      W[t * kChunk + t] = 1;
+      for (int64_t s = t - 1; s >= 0; --s) {
+        run += lam[s + 1];
+        W[t * kChunk + s] = std::exp(run);
+      }
+    }
+    acc_t run = 0;
+    for (int64_t t = 0; t < len; ++t) {
+      run += lam[t];
+      pre_[t] = std::exp(run);
+    }
+    log_tot = run;
+    tot_ = std::exp(run);
+    run = 0;
+    for (int64_t s = len - 1; s >= 0; --s) {
+      suf_[s] = std::exp(run);
+      run += lam[s];
+    }
+  }
+  acc_t w(int64_t t, int64_t s) const { return g ? W[t * kChunk + s] : pw[t - s]; }
+  acc_t pre(int64_t t) const { return g ? pre_[t] : pw[t + 1]; }
+  acc_t suf(int64_t s) const { return g ? suf_[s] : pw[L - 1 - s]; }
+  acc_t tot() const { return tot_; }
 };
 
 inline int64_t group_size(const AttnParams& p) { return p.H / p.Hkv; }
@@ -72,14 +125,14 @@ void load_state(const void* state, int64_t off, int64_t size, acc_t* S) {
   }
 }
 
-// The state across one chunk of L tokens: S = gamma^L S + sum_s gamma^(L-1-s) k[s]^T v[s].
+// The state across one chunk of L tokens (gates set to it): S = tot S + sum_s suf(s) k[s]^T v[s].
 template <typename acc_t>
-void advance_state(const Decay<acc_t>& dec, const acc_t* K, const acc_t* V, int64_t L, int64_t D, int64_t E,
+void advance_state(const Gates<acc_t>& dec, const acc_t* K, const acc_t* V, int64_t L, int64_t D, int64_t E,
                    acc_t* S) {
-  const acc_t wl = dec.pw[L];
+  const acc_t wl = dec.tot();
   for (int64_t x = 0; x < D * E; ++x) S[x] *= wl;
   for (int64_t s = 0; s < L; ++s) {
-    const acc_t w = dec.pw[L - 1 - s];
+    const acc_t w = dec.suf(s);
     for (int64_t i = 0; i < D; ++i) {
       const acc_t ki = K[s * D + i] * w;
       acc_t* srow = &S[i * E];
@@ -97,11 +150,12 @@ void fwd_impl(const AttnParams& p) {
     std::vector<acc_t> S(D * E), Q(kChunk * D), K(kChunk * D), V(kChunk * E), O(kChunk * E), A(kChunk * kChunk);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H, g = h / G;
-      const Decay<acc_t> dec(p, h);
+      Gates<acc_t> dec(p, b, h);
       const acc_t scale = static_cast<acc_t>(p.scale);
       load_state(p.state_in, bh * D * E, D * E, S.data());
       for (int64_t c0 = 0; c0 < N; c0 += kChunk) {
         const int64_t L = std::min(kChunk, N - c0);
+        dec.set_chunk(c0, L);
         load_rows<scalar_t>(p.q, b, h, c0, L, D, Q.data());
         load_rows<scalar_t>(p.k, b, g, c0, L, D, K.data());
         load_rows<scalar_t>(p.v, b, g, c0, L, E, V.data());
@@ -114,12 +168,12 @@ void fwd_impl(const AttnParams& p) {
             const acc_t* srow = &S[i * E];
             for (int64_t j = 0; j < E; ++j) o[j] += qi * srow[j];
           }
-          const acc_t w = dec.pw[t + 1];
+          const acc_t w = dec.pre(t);
           for (int64_t j = 0; j < E; ++j) o[j] *= w;
         }
         // Intra-chunk part: ((Q K^T) * M) V.
         for (int64_t t = 0; t < L; ++t) {
-          for (int64_t s = 0; s <= t; ++s) A[t * kChunk + s] = dot(&Q[t * D], &K[s * D], D) * dec.pw[t - s];
+          for (int64_t s = 0; s <= t; ++s) A[t * kChunk + s] = dot(&Q[t * D], &K[s * D], D) * dec.w(t, s);
           acc_t* o = &O[t * E];
           for (int64_t s = 0; s <= t; ++s) {
             const acc_t a = A[t * kChunk + s];
@@ -145,11 +199,12 @@ void fwd_local_impl(const AttnParams& p) {
     std::vector<acc_t> K(kChunk * D), V(kChunk * E);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H, g = h / G;
-      const Decay<acc_t> dec(p, h);
+      Gates<acc_t> dec(p, b, h);
       acc_t* S = static_cast<acc_t*>(p.state_out) + bh * D * E;
       std::fill(S, S + D * E, acc_t(0));
       for (int64_t c0 = 0; c0 < N; c0 += kChunk) {
         const int64_t L = std::min(kChunk, N - c0);
+        dec.set_chunk(c0, L);
         load_rows<scalar_t>(p.k, b, g, c0, L, D, K.data());
         load_rows<scalar_t>(p.v, b, g, c0, L, E, V.data());
         advance_state(dec, K.data(), V.data(), L, D, E, S);
@@ -164,28 +219,32 @@ template <typename scalar_t, typename acc_t>
 void bwd_dq_impl(const AttnParams& p) {
   const int64_t D = p.D, E = p.E, N = p.N, G = group_size(p);
   at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> S(D * E), dO(kChunk * E), K(kChunk * D), V(kChunk * E), dQ(kChunk * D);
+    std::vector<acc_t> S(D * E), dO(kChunk * E), K(kChunk * D), V(kChunk * E), dQ(kChunk * D), Q(kChunk * D);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H, g = h / G;
-      const Decay<acc_t> dec(p, h);
+      Gates<acc_t> dec(p, b, h);
       const acc_t scale = static_cast<acc_t>(p.scale);
+      acc_t* dg = p.dg_part ? static_cast<acc_t*>(p.dg_part) + bh * N : nullptr;
       load_state(p.state_in, bh * D * E, D * E, S.data());
       for (int64_t c0 = 0; c0 < N; c0 += kChunk) {
         const int64_t L = std::min(kChunk, N - c0);
+        dec.set_chunk(c0, L);
+        if (dg) load_rows<scalar_t>(p.q, b, h, c0, L, D, Q.data());
         load_rows<scalar_t>(p.dout, b, h, c0, L, E, dO.data());
         load_rows<scalar_t>(p.k, b, g, c0, L, D, K.data());
         load_rows<scalar_t>(p.v, b, g, c0, L, E, V.data());
         for (int64_t t = 0; t < L; ++t) {
           acc_t* dq = &dQ[t * D];
           const acc_t* dot_ = &dO[t * E];
-          const acc_t w = dec.pw[t + 1];
+          const acc_t w = dec.pre(t);
           for (int64_t i = 0; i < D; ++i) dq[i] = w * dot(dot_, &S[i * E], E);
           for (int64_t s = 0; s <= t; ++s) {
-            const acc_t a = dot(dot_, &V[s * E], E) * dec.pw[t - s];
+            const acc_t a = dot(dot_, &V[s * E], E) * dec.w(t, s);
             const acc_t* ks = &K[s * D];
             for (int64_t i = 0; i < D; ++i) dq[i] += a * ks[i];
           }
           for (int64_t i = 0; i < D; ++i) dq[i] *= scale;
+          if (dg) dg[c0 + t] = dot(&Q[t * D], dq, D);  // q[t].dq_h[t]; bwd_dkdv_impl subtracts k[t].dk_h[t]
         }
         store_rows<scalar_t>(p.dq, b, h, c0, L, D, dQ.data());
         advance_state(dec, K.data(), V.data(), L, D, E, S.data());
@@ -201,14 +260,14 @@ void bwd_dkdv_impl(const AttnParams& p) {
   const int64_t D = p.D, E = p.E, N = p.N, G = group_size(p);
   at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> R(G * D * E), Q(kChunk * D), dO(kChunk * E), K(kChunk * D), V(kChunk * E),
-        dK(kChunk * D), dV(kChunk * E), A(kChunk * kChunk);
+        dK(kChunk * D), dV(kChunk * E), dKh(kChunk * D);
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / p.Hkv, g = bg % p.Hkv;
-      std::vector<Decay<acc_t>> decs;
+      std::vector<Gates<acc_t>> decs;
       decs.reserve(G);
       for (int64_t r = 0; r < G; ++r) {
         const int64_t h = g * G + r;
-        decs.emplace_back(p, h);
+        decs.emplace_back(p, b, h);
         acc_t* Rh = &R[r * D * E];
         if (p.grad_state_out) {
           std::copy_n(static_cast<const acc_t*>(p.grad_state_out) + (b * p.H + h) * D * E, D * E, Rh);
@@ -225,15 +284,19 @@ void bwd_dkdv_impl(const AttnParams& p) {
         std::fill(dV.begin(), dV.end(), acc_t(0));
         for (int64_t r = 0; r < G; ++r) {
           const int64_t h = g * G + r;
-          const Decay<acc_t>& dec = decs[r];
+          Gates<acc_t>& dec = decs[r];
+          dec.set_chunk(c0, L);
           const acc_t scale = static_cast<acc_t>(p.scale);
           acc_t* Rh = &R[r * D * E];
+          acc_t* dg = p.dg_part ? static_cast<acc_t*>(p.dg_part) + (b * p.H + h) * N : nullptr;
           load_rows<scalar_t>(p.q, b, h, c0, L, D, Q.data());
           load_rows<scalar_t>(p.dout, b, h, c0, L, E, dO.data());
           for (int64_t s = 0; s < L; ++s) {
-            // Carried part: gamma^(L-1-s) (v[s] R^T, k[s] R).
-            const acc_t w = dec.pw[L - 1 - s];
-            acc_t* dk = &dK[s * D];
+            // Carried part: suf(s) (v[s] R^T, k[s] R). With gates, dk of this head alone first (dKh),
+            // for k[s].dk_h[s].
+            const acc_t w = dec.suf(s);
+            acc_t* dk = dg ? &dKh[s * D] : &dK[s * D];
+            if (dg) std::fill(dk, dk + D, acc_t(0));
             acc_t* dv = &dV[s * E];
             for (int64_t i = 0; i < D; ++i) dk[i] += w * dot(&V[s * E], &Rh[i * E], E);
             for (int64_t i = 0; i < D; ++i) {
@@ -242,18 +305,22 @@ void bwd_dkdv_impl(const AttnParams& p) {
             }
             // Intra-chunk part.
             for (int64_t t = s; t < L; ++t) {
-              const acc_t wd = scale * dec.pw[t - s];
+              const acc_t wd = scale * dec.w(t, s);
               const acc_t a_kv = dot(&dO[t * E], &V[s * E], E) * wd;  // (do[t].v[s])
               const acc_t a_qk = dot(&Q[t * D], &K[s * D], D) * wd;   // (q[t].k[s])
               for (int64_t i = 0; i < D; ++i) dk[i] += a_kv * Q[t * D + i];
               for (int64_t j = 0; j < E; ++j) dv[j] += a_qk * dO[t * E + j];
             }
+            if (dg) {
+              dg[c0 + s] -= dot(&K[s * D], dk, D);
+              for (int64_t i = 0; i < D; ++i) dK[s * D + i] += dk[i];
+            }
           }
-          // R for the previous chunk: gamma^L R + scale * sum_t gamma^(t+1) q[t]^T do[t].
-          const acc_t wl = dec.pw[L];
+          // R for the previous chunk: tot R + scale * sum_t pre(t) q[t]^T do[t].
+          const acc_t wl = dec.tot();
           for (int64_t x = 0; x < D * E; ++x) Rh[x] *= wl;
           for (int64_t t = 0; t < L; ++t) {
-            const acc_t w = scale * dec.pw[t + 1];
+            const acc_t w = scale * dec.pre(t);
             for (int64_t i = 0; i < D; ++i) {
               const acc_t qi = w * Q[t * D + i];
               for (int64_t j = 0; j < E; ++j) Rh[i * E + j] += qi * dO[t * E + j];
@@ -281,17 +348,20 @@ void bwd_local_impl(const AttnParams& p) {
     std::vector<acc_t> Q(kChunk * D), dO(kChunk * E);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H;
-      const Decay<acc_t> dec(p, h);
+      Gates<acc_t> dec(p, b, h);
       const acc_t scale = static_cast<acc_t>(p.scale);
       acc_t* M = static_cast<acc_t*>(p.grad_state_in) + bh * D * E;
       std::fill(M, M + D * E, acc_t(0));
+      acc_t before = 0;  // log of the transition of the tokens before the chunk (gates)
       for (int64_t c0 = 0; c0 < N; c0 += kChunk) {
         const int64_t L = std::min(kChunk, N - c0);
+        dec.set_chunk(c0, L);
         load_rows<scalar_t>(p.q, b, h, c0, L, D, Q.data());
         load_rows<scalar_t>(p.dout, b, h, c0, L, E, dO.data());
-        const acc_t wc = scale * dec.pow(c0);
+        const acc_t wc = scale * (dec.g ? std::exp(before) : std::exp(-dec.lambda * static_cast<acc_t>(c0)));
+        before += dec.log_tot;
         for (int64_t t = 0; t < L; ++t) {
-          const acc_t w = wc * dec.pw[t + 1];
+          const acc_t w = wc * dec.pre(t);
           for (int64_t i = 0; i < D; ++i) {
             const acc_t qi = Q[t * D + i] * w;
             acc_t* mrow = &M[i * E];
@@ -317,10 +387,23 @@ void dispatch(const AttnParams& p) {
 
 template <typename S, typename A> struct FwdOp { static void run(const AttnParams& p) { fwd_impl<S, A>(p); } };
 template <typename S, typename A> struct FwdLocalOp { static void run(const AttnParams& p) { fwd_local_impl<S, A>(p); } };
+// dg_part[t] = sum_{t' >= t} (q.dq_h - k.dk_h)[t']: the two sweeps left the summands in place.
+template <typename acc_t>
+void reverse_cumsum_rows(void* x, int64_t rows, int64_t n) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      acc_t* row = static_cast<acc_t*>(x) + r * n;
+      acc_t run = 0;
+      for (int64_t t = n - 1; t >= 0; --t) row[t] = run += row[t];
+    }
+  });
+}
+
 template <typename S, typename A> struct BwdOp {
   static void run(const AttnParams& p) {
     bwd_dq_impl<S, A>(p);
     bwd_dkdv_impl<S, A>(p);
+    if (p.dg_part) reverse_cumsum_rows<A>(p.dg_part, p.B * p.H, p.N);
   }
 };
 template <typename S, typename A> struct BwdLocalOp { static void run(const AttnParams& p) { bwd_local_impl<S, A>(p); } };

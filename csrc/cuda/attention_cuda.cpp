@@ -76,22 +76,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q, const Tenso
                                                     const std::optional<Tensor>& initial_state,
                                                     const std::optional<std::string>& group_name,
                                                     const std::string& strategy, int64_t seg_nseg,
-                                                    int64_t seg_seglen) {
+                                                    int64_t seg_seglen, const std::optional<Tensor>& g) {
   const c10::cuda::CUDAGuard guard(q.device());
   return attention_fwd(cuda_kernels(), q, k, v, decay, scale, initial_state, group_name, strategy, seg_nseg,
-                       seg_seglen);
+                       seg_seglen, g);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
-                                                    const Tensor& dout, const std::optional<Tensor>& grad_final_state,
-                                                    const std::optional<Tensor>& decay, double scale,
-                                                    const Tensor& state_in,
-                                                    const std::optional<std::string>& group_name,
-                                                    const std::string& strategy,
-                                                    const std::optional<Tensor>& seg_states, int64_t seg_seglen) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_cuda(
+    const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout,
+    const std::optional<Tensor>& grad_final_state, const std::optional<Tensor>& decay, double scale,
+    const Tensor& state_in, const std::optional<std::string>& group_name, const std::string& strategy,
+    const std::optional<Tensor>& seg_states, int64_t seg_seglen, const std::optional<Tensor>& g,
+    const std::optional<Tensor>& final_state) {
   const c10::cuda::CUDAGuard guard(q.device());
   return attention_bwd(cuda_kernels(), q, k, v, dout, grad_final_state, decay, scale, state_in, group_name, strategy,
-                       seg_states, seg_seglen);
+                       seg_states, seg_seglen, g, final_state);
 }
 
 }  // namespace

@@ -66,6 +66,7 @@ def lasp_attention(
     v: torch.Tensor,
     decay: Optional[torch.Tensor] = None,
     *,
+    g: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
     group=None,
     initial_state: Optional[torch.Tensor] = None,
@@ -73,15 +74,21 @@ def lasp_attention(
     layout: str = "bhnd",
     strategy: str = "ring",
 ):
-    """Causal linear attention with per-head decay, optionally sequence-parallel over `group`.
+    """Causal linear attention with per-head decay and per-token gates, optionally sequence-parallel over `group`.
 
-    o[t] = scale * sum_{s<=t} exp(-decay[h] (t-s)) (q[t].k[s]) v[s]  (+ the initial state's term)
+    o[t] = scale * sum_{s<=t} exp(sum_{s<i<=t} g[i] - decay[h] (t-s)) (q[t].k[s]) v[s]  (+ the initial state's term)
+
+    that is, S[t] = exp(g[t] - decay[h]) S[t-1] + k[t]^T v[t] and o[t] = scale q[t] S[t].
 
     Args:
         q: (B, H, N, D) for layout "bhnd", (B, N, H, D) for layout "bnhd".
         k: (B, Hkv, N, D) or (B, N, Hkv, D); H must be a multiple of Hkv (MHA, GQA, MQA).
         v: (B, Hkv, N, E) or (B, N, Hkv, E).
         decay: None (no decay) or a float tensor (H,) of rates >= 0 (see alibi_slopes); a constant.
+        g: None or per-token log gates (B, H, N) for layout "bhnd", (B, N, H) for "bnhd", values <= 0
+            (-inf resets the state), any float dtype, computed in float32 (float64 for float64 inputs);
+            differentiable, also across ranks. Under a group each rank passes the gates of its piece.
+            CPU tensors only for now (CUDA raises NotImplementedError).
         scale: defaults to 1/sqrt(D).
         group: a torch.distributed ProcessGroup over which the sequence is split (group rank i holds
             the i-th contiguous piece; pieces may differ in length). None: the whole sequence is here.
@@ -109,6 +116,16 @@ def lasp_attention(
                     f"got shape {tuple(t.shape)}"
                 )
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if g is not None:
+        if not isinstance(g, torch.Tensor):
+            raise TypeError(f"lasp_attention: g must be a torch.Tensor or None, got {type(g).__name__}")
+        if layout == "bnhd":
+            if g.dim() != 3:
+                raise ValueError(
+                    "lasp_attention: g must be 3-D, one log gate per (batch, token, head) for layout 'bnhd', "
+                    f"got shape {tuple(g.shape)}"
+                )
+            g = g.transpose(1, 2)
     if scale is None:
         if q.dim() < 1 or q.shape[-1] == 0:
             raise ValueError(f"lasp_attention: q must have a head dim of at least 1, got shape {tuple(q.shape)}")
@@ -116,7 +133,7 @@ def lasp_attention(
     if strategy not in ("ring", "allgather"):
         raise ValueError(f"lasp_attention: strategy must be 'ring' or 'allgather', got {strategy!r}")
     o, final_state = torch.ops.lasp.lasp_attention(
-        q, k, v, decay, float(scale), initial_state, _group_name(group), strategy
+        q, k, v, decay, float(scale), initial_state, _group_name(group), strategy, g
     )
     if layout == "bnhd":
         o = o.transpose(1, 2)
@@ -132,7 +149,7 @@ def set_group_checks(enabled: Optional[bool] = True, timeout_s: Optional[float] 
     """Checks against distributed misuse.
 
     While on, every lasp_attention call with a group (forward and backward) first all-gathers a small
-    description of the call (batch size, heads, head dims, dtype, strategy, decay given) and every rank
+    description of the call (batch size, heads, head dims, dtype, strategy, decay and g given) and every rank
     raises the same clear error when the ranks disagree (only sequence lengths may differ).
 
     enabled: True, False, or None for the default ("auto"): on for Gloo and other non-NCCL groups, where

@@ -202,8 +202,9 @@ def test_meta_kernels_segment_states(lasp):
         do = torch.empty(B, H, N, E, dtype=dtype, device="meta")
         s_in = torch.empty(0, dtype=acc, device="meta")
         seg = torch.empty(B, H, 3, D, E, dtype=acc, device="meta")
-        dq, dk, dv, ds = torch.ops.lasp.lasp_attention_bwd(q, k, v, do, None, None, 0.5, s_in, None, "ring", seg, 13)
+        dq, dk, dv, ds, dg = torch.ops.lasp.lasp_attention_bwd(q, k, v, do, None, None, 0.5, s_in, None, "ring", seg, 13)
         assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape and ds.shape == (B, H, D, E)
+        assert dg.shape == (0,) and dg.dtype == acc  # no gates: no gradient of g
         for seg_states, seglen, exc, pattern in _bwd_seg_errors(q, B, H, D, E, acc):
             if seg_states is not None and seg_states.device.type == "meta" and q.device.type == "meta":
                 continue  # the wrong-device case needs two devices
@@ -242,7 +243,7 @@ def test_fwd_bwd_ops_match_reference(lasp, device, seed):
     assert_close_to_ref("final_state", f, rf, torch.float32)
     g = gen(seed + 1)
     do, dS = randn(o.shape, g, torch.float32, device), randn(f.shape, g, torch.float32, device)
-    dq, dk, dv, ds0 = torch.ops.lasp.lasp_attention_bwd(q, k, v, do, dS, decay, 0.7, state_in, None)
+    dq, dk, dv, ds0, _ = torch.ops.lasp.lasp_attention_bwd(q, k, v, do, dS, decay, 0.7, state_in, None)
     rg = torch.autograd.grad([ro, rf], [rq, rk, rv, rs0], [do.double(), dS.double()])
     for name, a, r in zip(["dq", "dk", "dv", "d_initial_state"], (dq, dk, dv, ds0), rg):
         assert_close_to_ref(name, a, r, torch.float32)
