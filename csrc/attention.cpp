@@ -42,7 +42,9 @@ AttnParams base_params(const Tensor& q, const Tensor& k, const Tensor& v, const 
   AttnParams p;
   p.dtype = to_lasp(q.scalar_type());
   p.B = q.size(0);
-  p.H = q.size(1);
+  p.Hq = q.size(1);
+  p.Hv = v.size(1);
+  p.H = std::max(p.Hq, p.Hv);
   p.N = q.size(2);
   p.D = q.size(3);
   p.Hkv = k.size(1);
@@ -70,8 +72,9 @@ Tensor decay_in_acc(const std::optional<Tensor>& decay, at::ScalarType acc, bool
 // the piece is scaled by exp(this - n lambda_h). -inf (a reset inside the piece) gives exactly 0.
 Tensor gate_sums(const Tensor& g_acc) { return g_acc.defined() ? g_acc.sum(-1) : Tensor(); }
 
-Tensor state_like(const Tensor& q, int64_t D, int64_t E) {
-  return at::empty({q.size(0), q.size(1), D, E}, q.options().dtype(acc_type(q.scalar_type())));
+// An acc-type (B, H, D, E) state, H the output heads.
+Tensor state_like(const Tensor& q, int64_t H, int64_t D, int64_t E) {
+  return at::empty({q.size(0), H, D, E}, q.options().dtype(acc_type(q.scalar_type())));
 }
 
 // With group checks on: every rank compares what it was called with (one small all-gather).
@@ -80,7 +83,8 @@ void check_group_call(const Ring& ring, const Tensor& q, const Tensor& k, const 
   if (!ring.checks_on()) return;
   ring.check_same_call({{"batch size", q.size(0)},
                         {"q heads", q.size(1)},
-                        {"kv heads", k.size(1)},
+                        {"k heads", k.size(1)},
+                        {"v heads", v.size(1)},
                         {"head dim D", q.size(3)},
                         {"value dim E", v.size(3)},
                         {"dtype", static_cast<int64_t>(q.scalar_type())},
@@ -94,9 +98,9 @@ void check_group_call(const Ring& ring, const Tensor& q, const Tensor& k, const 
 
 // N == 0 (an empty piece, e.g. a rank holding no tokens): no kernel runs; the states pass through
 // (state_out = S_in, grad_state_in = G) so the ring and the returned states stay exact.
-Kernels empty_piece_kernels(const Tensor& q, int64_t D, int64_t E) {
+Kernels empty_piece_kernels(const Tensor& q, int64_t H, int64_t D, int64_t E) {
   const auto opts = q.options().dtype(acc_type(q.scalar_type()));
-  const std::vector<int64_t> shape{q.size(0), q.size(1), D, E};
+  const std::vector<int64_t> shape{q.size(0), H, D, E};
   auto pass = [opts, shape](const void* in, void* out) {
     if (out == nullptr) return;
     Tensor dst = at::from_blob(out, shape, opts);
@@ -110,7 +114,7 @@ Kernels empty_piece_kernels(const Tensor& q, int64_t D, int64_t E) {
             [pass](AttnParams& p) { pass(nullptr, p.state_out); },
             [pass](AttnParams& p) { pass(p.grad_state_out, p.grad_state_in); },
             [pass](AttnParams& p) { pass(nullptr, p.grad_state_in); }, [](AttnParams&) {}, nullptr, nullptr, nullptr, nullptr};
-  k.gates = true;  // no tokens: no gates to apply (dg has 0 elements)
+  k.gates = k.head_maps = true;  // no tokens: nothing to apply (dg has 0 elements)
   return k;
 }
 
@@ -120,10 +124,16 @@ Tensor gates_in_acc(const std::optional<Tensor>& g, at::ScalarType acc) {
 }
 
 // Before any collective, on every rank alike (the backend is the same on every rank of a group).
-void check_backend_takes(const Kernels& kernels, const std::optional<Tensor>& g, const Tensor& q) {
+void check_backend_takes(const Kernels& kernels, const std::optional<Tensor>& g, const Tensor& q, const Tensor& k,
+                         const Tensor& v) {
   TORCH_CHECK_NOT_IMPLEMENTED(!g.has_value() || kernels.gates, "lasp_attention: g (per-token gates) is not "
                               "supported for ", q.device().type(), " tensors yet; it runs on CPU tensors (got q on ",
                               q.device(), ")");
+  const bool plain_groups = q.size(1) >= v.size(1) && v.size(1) == k.size(1);  // MHA, GQA, MQA
+  TORCH_CHECK_NOT_IMPLEMENTED(plain_groups || kernels.head_maps, "lasp_attention: q, k and v with ", q.size(1), ", ",
+                              k.size(1), " and ", v.size(1), " heads (v heads != k heads) are not supported for ",
+                              q.device().type(), " tensors yet; they run on CPU tensors (CUDA takes q heads a "
+                              "multiple of k heads = v heads)");
 }
 
 }  // namespace
@@ -151,10 +161,11 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::
                     "), got ", v.device());
 
   const auto& B = q.sym_size(0);
-  const auto& H = q.sym_size(1);
+  const auto& Hq = q.sym_size(1);
   const auto& N = q.sym_size(2);
   const auto& D = q.sym_size(3);
   const auto& Hkv = k.sym_size(1);
+  const auto& Hv = v.sym_size(1);
   const auto& E = v.sym_size(3);
   TORCH_SYM_CHECK(k.sym_size(0).sym_eq(B), "lasp_attention: k must have the batch size of q (", B, "), got ",
                   k.sym_size(0));
@@ -166,19 +177,24 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::
                   " tokens), got ", v.sym_size(2));
   TORCH_SYM_CHECK(k.sym_size(3).sym_eq(D), "lasp_attention: k must have the head dim of q (", D, "), got ",
                   k.sym_size(3));
-  TORCH_SYM_CHECK(v.sym_size(1).sym_eq(Hkv), "lasp_attention: v must have the number of kv heads of k (", Hkv,
-                  "), got ", v.sym_size(1));
+  TORCH_SYM_CHECK(Hq.sym_ge(1), "lasp_attention: q must have at least one head");
   TORCH_SYM_CHECK(Hkv.sym_ge(1), "lasp_attention: k must have at least one head");
-  TORCH_SYM_CHECK((H % Hkv).sym_eq(0), "lasp_attention: the number of q heads (", H,
-                  ") must be a multiple of the number of k/v heads (", Hkv, ")");
+  TORCH_SYM_CHECK(Hv.sym_ge(1), "lasp_attention: v must have at least one head");
+  // Output heads H = max(Hq, Hv); each head count divides H (MHA, GQA, MQA, and GVA: Hq = Hk < Hv).
+  const c10::SymInt H = out_heads(q, v);
+  TORCH_SYM_CHECK((H % Hq).sym_eq(0) & (H % Hv).sym_eq(0), "lasp_attention: the number of q heads (", Hq,
+                  ") and the number of v heads (", Hv, ") must divide each other (the output has the larger, H = ", H,
+                  ")");
+  TORCH_SYM_CHECK((H % Hkv).sym_eq(0), "lasp_attention: the number of k heads (", Hkv,
+                  ") must divide the number of output heads H = max(q heads, v heads) = ", H);
   TORCH_SYM_CHECK(D.sym_ge(1), "lasp_attention: q must have a head dim of at least 1");
   TORCH_SYM_CHECK(E.sym_ge(1), "lasp_attention: v must have a head dim of at least 1");
 
   if (decay.has_value()) {
     const Tensor& d = *decay;
-    TORCH_CHECK_VALUE(d.dim() == 1, "lasp_attention: decay must be 1-D with one rate per q head (", H,
+    TORCH_CHECK_VALUE(d.dim() == 1, "lasp_attention: decay must be 1-D with one rate per output head (H = ", H,
                       "), got shape ", d.sym_sizes());
-    TORCH_SYM_CHECK(d.sym_size(0).sym_eq(H), "lasp_attention: decay must have one rate per q head (", H,
+    TORCH_SYM_CHECK(d.sym_size(0).sym_eq(H), "lasp_attention: decay must have one rate per output head (H = ", H,
                     "), got ", d.sym_size(0));
     TORCH_CHECK_TYPE(at::isFloatingType(d.scalar_type()), "lasp_attention: decay must be a floating tensor, got ",
                      d.scalar_type());
@@ -191,11 +207,12 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::
   }
   if (g.has_value()) {
     const Tensor& gt = *g;
-    TORCH_CHECK_VALUE(gt.dim() == 3, "lasp_attention: g must be 3-D, one log gate per (batch, q head, token): shape "
+    TORCH_CHECK_VALUE(gt.dim() == 3, "lasp_attention: g must be 3-D, one log gate per (batch, output head, token): shape "
                       "(B, H, N) = (", B, ", ", H, ", ", N, ") for layout 'bhnd' ((B, N, H) for 'bnhd'), got shape ",
                       gt.sym_sizes());
-    TORCH_SYM_CHECK(gt.sym_size(0).sym_eq(B) & gt.sym_size(1).sym_eq(H) & gt.sym_size(2).sym_eq(N),
-                    "lasp_attention: g must have shape (B, H, N) = (", B, ", ", H, ", ", N, ") for layout 'bhnd' "
+    TORCH_CHECK_VALUE((gt.sym_size(0).sym_eq(B) & gt.sym_size(1).sym_eq(H) & gt.sym_size(2).sym_eq(N))
+                          .guard_bool(__FILE__, __LINE__),
+                      "lasp_attention: g must have shape (B, H, N) = (", B, ", ", H, ", ", N, ") for layout 'bhnd' "
                     "((B, N, H) for 'bnhd'), got shape ", gt.sym_sizes());
     TORCH_CHECK_TYPE(at::isFloatingType(gt.scalar_type()), "lasp_attention: g must be a floating tensor, got ",
                      gt.scalar_type());
@@ -229,9 +246,14 @@ namespace {
 bool tokens_outer(const Tensor& like) { return like.sym_stride(1) < like.sym_stride(2); }
 }  // namespace
 
-Tensor alloc_out(const Tensor& like, const c10::SymInt& last) {
+const Tensor& out_layout_like(const Tensor& q, const Tensor& v) {
+  return v.sym_size(1) > q.sym_size(1) ? v : q;
+}
+
+c10::SymInt out_heads(const Tensor& q, const Tensor& v) { return q.sym_size(1).max(v.sym_size(1)); }
+
+Tensor alloc_out(const Tensor& like, const c10::SymInt& H, const c10::SymInt& last) {
   const auto& B = like.sym_size(0);
-  const auto& H = like.sym_size(1);
   const auto& N = like.sym_size(2);
   if (tokens_outer(like)) {
     return at::empty_symint({B, N, H, last}, like.options()).transpose(1, 2);
@@ -263,8 +285,8 @@ bool forward_split(const Tensor& q, const Tensor& k, const Tensor& v, int64_t* n
   if (fn == nullptr || q.size(2) == 0) return false;  // N = 0: the forward runs no kernel (no segments)
   AttnParams p = base_params(q, k, v, Tensor(), 1.0);
   // o as the forward op allocates it (alloc_out's layout; no tensor made, no op dispatched).
-  const int64_t H = q.size(1), N = q.size(2), E = v.size(3);
-  const std::array<int64_t, 4> o_strides = tokens_outer(q) ? std::array<int64_t, 4>{N * H * E, E, H * E, 1}
+  const int64_t H = p.H, N = q.size(2), E = v.size(3);
+  const std::array<int64_t, 4> o_strides = tokens_outer(out_layout_like(q, v)) ? std::array<int64_t, 4>{N * H * E, E, H * E, 1}
                                                            : std::array<int64_t, 4>{H * N * E, N * E, E, 1};
   for (int i = 0; i < 4; ++i) p.o.stride[i] = o_strides[i];
   p.o.ptr = reinterpret_cast<void*>(kFreshAlignment);
@@ -290,7 +312,8 @@ void check_seg_states(const Tensor& q, const Tensor& v, const std::optional<Tens
   TORCH_CHECK_VALUE(s.device() == q.device(), "lasp_attention_bwd: seg_states must be on the device of q (",
                     q.device(), "), got ", s.device());
   if (s.dim() == 1 && s.sym_numel() == 0) return;  // the forward kept none
-  const auto &B = q.sym_size(0), &H = q.sym_size(1), &D = q.sym_size(3), &E = v.sym_size(3);
+  const auto &B = q.sym_size(0), &D = q.sym_size(3), &E = v.sym_size(3);
+  const c10::SymInt H = out_heads(q, v);
   TORCH_CHECK_VALUE(s.dim() == 5, "lasp_attention_bwd: seg_states must be the forward's fourth output, of shape "
                     "(B, H, nseg, D, E) = (", B, ", ", H, ", nseg, ", D, ", ", E, ") or with 0 elements (none kept), "
                     "got shape ", s.sym_sizes());
@@ -313,11 +336,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_
                                                          int64_t seg_seglen, const std::optional<Tensor>& g) {
   check_inputs(q, k, v, decay, initial_state, /*check_values=*/true, g);
   check_seg_split_args(seg_nseg, seg_seglen);
-  check_backend_takes(backend_kernels, g, q);
+  check_backend_takes(backend_kernels, g, q, k, v);
   const Strategy strategy = parse_strategy(strategy_name);
   const auto acc = acc_type(q.scalar_type());
-  const int64_t N = q.size(2), D = q.size(3), E = v.size(3);
-  const Kernels kernels = N == 0 ? empty_piece_kernels(q, D, E) : backend_kernels;
+  const int64_t N = q.size(2), D = q.size(3), E = v.size(3), H = std::max(q.size(1), v.size(1));
+  const Kernels kernels = N == 0 ? empty_piece_kernels(q, H, D, E) : backend_kernels;
   const Ring ring(group_name);
   // Before any collective, so that every rank of a call made alike raises here.
   TORCH_CHECK_VALUE(seg_nseg <= 1 || ring.size() == 1, "lasp_attention_fwd: seg_nseg > 1 keeps the segment states "
@@ -326,7 +349,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_
   Tensor seg_states = at::empty({0}, q.options().dtype(acc));  // none kept
   const Tensor decay_acc = decay_in_acc(decay, acc, /*clamp=*/ring.size() > 1);
   const Tensor g_acc = gates_in_acc(g, acc);
-  Tensor o = alloc_out(q, E);
+  Tensor o = alloc_out(out_layout_like(q, v), H, E);
   AttnParams p = base_params(q, k, v, decay_acc, scale, g_acc);
   p.o = view4(o);
 
@@ -338,8 +361,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_
     // one rank (the shape fwd_meta gives either way).
     Tensor s_in = fwd_saves_no_state(initial_state, group_name) ? at::empty({0}, q.options().dtype(acc))
                   : initial_state.has_value() ? initial_state->clone(at::MemoryFormat::Contiguous)
-                                              : at::zeros_like(state_like(q, D, E));
-    Tensor s_out = state_like(q, D, E);
+                                              : at::zeros_like(state_like(q, H, D, E));
+    Tensor s_out = state_like(q, H, D, E);
     p.state_in = initial_state.has_value() ? s_in.data_ptr() : nullptr;
     p.state_out = s_out.data_ptr();
     Tensor ws;
@@ -353,12 +376,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_
                         "the forward's split of this call, (", nseg, ", ", seglen, ") (or seg_nseg = 0: keep none), "
                         "got (", seg_nseg, ", ", seg_seglen, ")");
       ws = kernels.workspace(p, /*backward=*/false);
-      const int64_t numel = q.size(0) * q.size(1) * nseg * D * E;
+      const int64_t numel = q.size(0) * H * nseg * D * E;
       const int64_t bytes = numel * static_cast<int64_t>(acc_size(p.dtype));
       TORCH_INTERNAL_ASSERT(ws.defined() && ws.numel() >= bytes, "lasp_attention_fwd: the forward's workspace (",
                             ws.defined() ? ws.numel() : 0, " bytes) is smaller than its ", bytes,
                             " bytes of segment states");
-      seg_states = ws.narrow(0, 0, bytes).view(acc).view({q.size(0), q.size(1), nseg, D, E});
+      seg_states = ws.narrow(0, 0, bytes).view(acc).view({q.size(0), H, nseg, D, E});
     }
     kernels.fwd(p);
     return {o, s_out, s_in, seg_states};
@@ -367,7 +390,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_
   // Several ranks (exchange.h): the local state L_r (reads k and v only), the exchange that gives the
   // incoming state S_in, then the main pass with S_in, as on one device.
   const Tensor ws = kernels.workspace ? kernels.workspace(p, /*backward=*/false) : Tensor();
-  Tensor local = state_like(q, D, E);
+  Tensor local = state_like(q, H, D, E);
   p.state_out = local.data_ptr();
   kernels.fwd_local(p);  // L_r
   const ForwardStates st = make_exchange(backend_kernels, ring, strategy, q, D, E, decay_acc, N, gate_sums(g_acc))
@@ -381,24 +404,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_
   return {o, st.s_out, st.s_in, seg_states};
 }
 
-void check_gate_bwd_args(const Tensor& q, const Tensor& v, const std::optional<Tensor>& g,
-                         const std::optional<Tensor>& final_state) {
-  if (!g.has_value()) return;
-  TORCH_CHECK_VALUE(final_state.has_value(), "lasp_attention_bwd: final_state (the forward's second output) is "
-                    "required with g: the gradient of g reads it");
-  const Tensor& s = *final_state;
-  const auto acc = acc_type(q.scalar_type());
-  TORCH_CHECK_TYPE(s.scalar_type() == acc, "lasp_attention_bwd: final_state must be ", acc, " (the forward's second "
-                   "output) for ", q.scalar_type(), " inputs, got ", s.scalar_type());
-  TORCH_CHECK_VALUE(s.device() == q.device(), "lasp_attention_bwd: final_state must be on the device of q (",
-                    q.device(), "), got ", s.device());
-  const auto &B = q.sym_size(0), &H = q.sym_size(1), &D = q.sym_size(3), &E = v.sym_size(3);
-  TORCH_CHECK_VALUE(s.dim() == 4 && (s.sym_size(0).sym_eq(B) & s.sym_size(1).sym_eq(H) & s.sym_size(2).sym_eq(D) &
-                                     s.sym_size(3).sym_eq(E)).guard_bool(__FILE__, __LINE__),
-                    "lasp_attention_bwd: final_state must have shape (B, H, D, E) = (", B, ", ", H, ", ", D, ", ", E,
-                    "), got ", s.sym_sizes());
-}
-
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& backend_kernels, const Tensor& q,
                                                          const Tensor& k, const Tensor& v, const Tensor& dout,
                                                          const std::optional<Tensor>& grad_final_state,
@@ -407,27 +412,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& 
                                                          const std::optional<std::string>& group_name,
                                                          const std::string& strategy_name,
                                                          const std::optional<Tensor>& seg_states,
-                                                         int64_t seg_seglen, const std::optional<Tensor>& g,
-                                                         const std::optional<Tensor>& final_state) {
+                                                         int64_t seg_seglen, const std::optional<Tensor>& g) {
   check_inputs(q, k, v, decay, std::nullopt, /*check_values=*/false, g);
   check_seg_states(q, v, seg_states, seg_seglen);
-  check_gate_bwd_args(q, v, g, final_state);
-  check_backend_takes(backend_kernels, g, q);
+  check_backend_takes(backend_kernels, g, q, k, v);
   const bool seg_given = seg_states.has_value() && seg_states->numel() > 0;
   const Strategy strategy = parse_strategy(strategy_name);
   const auto acc = acc_type(q.scalar_type());
-  const int64_t N = q.size(2), D = q.size(3), E = v.size(3);
-  TORCH_CHECK(dout.sizes() == at::IntArrayRef({q.size(0), q.size(1), N, E}) && dout.scalar_type() == q.scalar_type(),
-              "lasp_attention backward: the output gradient must have shape ", at::IntArrayRef({q.size(0), q.size(1), N, E}),
+  const int64_t N = q.size(2), D = q.size(3), E = v.size(3), H = std::max(q.size(1), v.size(1));
+  TORCH_CHECK(dout.sizes() == at::IntArrayRef({q.size(0), H, N, E}) && dout.scalar_type() == q.scalar_type(),
+              "lasp_attention backward: the output gradient must have shape ", at::IntArrayRef({q.size(0), H, N, E}),
               " and dtype ", q.scalar_type(), ", got ", dout.sizes(), " ", dout.scalar_type());
-  TORCH_CHECK_VALUE(state_in.numel() == 0 || state_in.sizes() == at::IntArrayRef({q.size(0), q.size(1), D, E}),
+  TORCH_CHECK_VALUE(state_in.numel() == 0 || state_in.sizes() == at::IntArrayRef({q.size(0), H, D, E}),
                     "lasp_attention backward: state_in must be the forward's third output, of shape (B, H, D, E) = ",
-                    at::IntArrayRef({q.size(0), q.size(1), D, E}), " or with 0 elements (no incoming state), got ",
+                    at::IntArrayRef({q.size(0), H, D, E}), " or with 0 elements (no incoming state), got ",
                     state_in.sizes());
   TORCH_CHECK_VALUE(state_in.numel() == 0 || state_in.device() == q.device(),
                     "lasp_attention backward: state_in must be on the device of q (", q.device(), "), got ",
                     state_in.device());
-  const Kernels kernels = N == 0 ? empty_piece_kernels(q, D, E) : backend_kernels;
+  const Kernels kernels = N == 0 ? empty_piece_kernels(q, H, D, E) : backend_kernels;
   const Ring ring(group_name);
   // Before any collective, so that every rank of a call made alike raises here.
   TORCH_CHECK_VALUE(!seg_given || ring.size() == 1, "lasp_attention_bwd: seg_states are the segment states a "
@@ -440,12 +443,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& 
   const Tensor g_user = grad_final_state.has_value() ? grad_final_state->to(acc).contiguous() : Tensor();
 
   Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  // dg: the kernels' part (q.dq_h - k.dk_h summed from each token to the piece's end), then <G_r, S_out>
-  Tensor dg = g.has_value() ? at::empty({q.size(0), q.size(1), N}, q.options().dtype(acc)) : at::empty({0}, q.options().dtype(acc));
-  auto add_state_term = [&](const Tensor& G) {
-    if (!g.has_value() || !G.defined() || N == 0) return;
-    dg.add_((G * final_state->to(acc)).sum({2, 3}).unsqueeze(-1));
-  };
+  // dg: written by the main pass (bwd), which has S_in and G_r
+  Tensor dg = g.has_value() ? at::empty({q.size(0), H, N}, q.options().dtype(acc)) : at::empty({0}, q.options().dtype(acc));
   AttnParams p = base_params(q, k, v, decay_acc, scale, g_acc);
   p.dg_part = g.has_value() ? dg.data_ptr() : nullptr;
   p.dout = view4(dout);
@@ -465,11 +464,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& 
   check_group_call(ring, q, k, v, decay.has_value(), g.has_value(), strategy, 1);
   if (ring.size() == 1) {
     // Alone: G is the gradient of the returned final state; one fused pass.
-    Tensor grad_init = state_like(q, D, E);
+    Tensor grad_init = state_like(q, H, D, E);
     p.grad_state_out = ptr_or_null(g_user);
     p.grad_state_in = grad_init.data_ptr();
     kernels.bwd(p);
-    add_state_term(g_user);
     return {dq, dk, dv, grad_init, dg};
   }
 
@@ -478,7 +476,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& 
   // the state this rank returned, folded in), then the main pass with G_r. bwd_prepare (the rest of the
   // work that needs neither G nor M) runs during the exchange, beside the communication where it can.
   const Tensor ws = kernels.workspace ? kernels.workspace(p, /*backward=*/true) : Tensor();
-  Tensor m = state_like(q, D, E);
+  Tensor m = state_like(q, H, D, E);
   p.grad_state_in = m.data_ptr();
   kernels.bwd_local(p);  // M_r
   p.grad_state_in = nullptr;
@@ -487,7 +485,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& 
   p.grad_state_out = ptr_or_null(st.g);
   p.local_ready = true;
   kernels.bwd(p);  // dq, dk, dv with G_r
-  add_state_term(st.g);
   // Only the first piece reads the user's initial state.
   Tensor grad_init = ring.is_first() ? st.g_prev : at::zeros_like(st.g_prev);
   return {dq, dk, dv, grad_init, dg};

@@ -47,9 +47,11 @@ struct Kernels {
   // How the forward (backward = false) or the backward of p cuts each sequence into segments (false:
   // unknown); empty for backends that keep no segment states (lasp_cuda.h, fwd_split / bwd_split).
   std::function<bool(const AttnParams&, bool backward, int64_t* nseg, int64_t* seglen)> split;
-  // Whether the building blocks take per-token gates (AttnParams::g, dg_part). A call with g on a backend
-  // without them raises NotImplementedError (on every rank, before any collective).
+  // Whether the building blocks take per-token gates (AttnParams::g, dg_part) and general head maps
+  // (Hq != H or Hv != Hkv). A call that needs one on a backend without it raises NotImplementedError (on
+  // every rank, before any collective).
   bool gates = false;
+  bool head_maps = false;
 };
 
 // How a backend cuts each sequence into segments, asked on `device` (Kernels::split's contract; the
@@ -70,6 +72,11 @@ bool register_split(c10::DeviceType type, SplitFn fn);
 // errors for inputs the op would refuse.
 bool forward_split(const Tensor& q, const Tensor& k, const Tensor& v, int64_t* nseg, int64_t* seglen);
 
+// Output heads H = max(q heads, v heads) (lasp_params.h, head maps).
+c10::SymInt out_heads(const Tensor& q, const Tensor& v);
+// The input whose memory order the output takes (alloc_out): q, or v where v has more heads (GVA).
+const Tensor& out_layout_like(const Tensor& q, const Tensor& v);
+
 // Checks shapes, dtypes and devices of the op's inputs (symbolic sizes allowed, so the meta kernels
 // share it). check_values also checks decay >= 0 and g <= 0 (no NaN), which reads their values (CPU
 // tensors only). g: per-token log gates, (B, H, N), any floating dtype.
@@ -77,8 +84,8 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::
                   const std::optional<Tensor>& initial_state, bool check_values,
                   const std::optional<Tensor>& g = std::nullopt);
 
-// (B, H, N, last) output with the memory order of `like` ((B, H, N, *) or (B, N, H, *)).
-Tensor alloc_out(const Tensor& like, const c10::SymInt& last);
+// (B, H, N, last) output with the memory order of `like` ((B, *, N, *) or (B, N, *, *)).
+Tensor alloc_out(const Tensor& like, const c10::SymInt& H, const c10::SymInt& last);
 
 at::ScalarType acc_type(at::ScalarType t);
 
@@ -120,9 +127,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_fwd(const Kernels& kernels,
                                                          int64_t seg_seglen, const std::optional<Tensor>& g);
 
 // Backward: (dq, dk, dv, grad_initial_state, dg). grad_initial_state is zero on group ranks > 0. dg: with
-// g, the gradient of g, acc type, contiguous (B, H, N) (exact across ranks: the piece's reverse sum of
-// q.dq_h - k.dk_h plus <G_r, final_state>); without g, a 0-element acc-type tensor. final_state: the
-// forward's second output (this piece's outgoing state), required with g. state_in:
+// g, the gradient of g, acc type, contiguous (B, H, N) (exact across ranks: the backend's main pass with
+// G_r and S_in has every pair that spans a token); without g, a 0-element acc-type tensor. state_in:
 // the forward's third output (0 elements: a zero incoming state). seg_states / seg_seglen: the forward's
 // fourth output of the same call and the seg_seglen it was given (none, or 0 elements: none kept); used
 // where the backward's own split is (seg_states.size(2), seg_seglen), else the backward computes the
@@ -135,12 +141,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& 
                                                          const std::optional<std::string>& group_name,
                                                          const std::string& strategy,
                                                          const std::optional<Tensor>& seg_states,
-                                                         int64_t seg_seglen, const std::optional<Tensor>& g,
-                                                         const std::optional<Tensor>& final_state);
-
-// Checks the backward's g / final_state pair (symbolic sizes allowed): final_state is required with g and
-// must be an acc-type (B, H, D, E) tensor on q's device.
-void check_gate_bwd_args(const Tensor& q, const Tensor& v, const std::optional<Tensor>& g,
-                         const std::optional<Tensor>& final_state);
+                                                         int64_t seg_seglen, const std::optional<Tensor>& g);
 
 }  // namespace lasp

@@ -24,7 +24,7 @@ using torch::autograd::variable_list;
 const Kernels& cpu_kernels() {
   static const Kernels k = [] {
     Kernels c{cpu::fwd, cpu::fwd_local, cpu::bwd, cpu::bwd_local, cpu::bwd_prepare, nullptr, nullptr, nullptr, nullptr};
-    c.gates = true;
+    c.gates = c.head_maps = true;
     return c;
   }();
   return k;
@@ -45,15 +45,14 @@ using BwdOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 BwdOut bwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout,
                const std::optional<Tensor>& grad_final_state, const std::optional<Tensor>& decay, double scale,
                const Tensor& state_in, const std::optional<std::string>& group_name, const std::string& strategy,
-               const std::optional<Tensor>& seg_states, int64_t seg_seglen, const std::optional<Tensor>& g,
-               const std::optional<Tensor>& final_state) {
+               const std::optional<Tensor>& seg_states, int64_t seg_seglen, const std::optional<Tensor>& g) {
   return attention_bwd(cpu_kernels(), q, k, v, dout, grad_final_state, decay, scale, state_in, group_name, strategy,
-                       seg_states, seg_seglen, g, final_state);
+                       seg_states, seg_seglen, g);
 }
 
 // ---- Meta kernels: shapes, dtypes and strides only (what torch.compile traces with) ----
 Tensor state_meta(const Tensor& q, const Tensor& v) {
-  return at::empty_symint({q.sym_size(0), q.sym_size(1), q.sym_size(3), v.sym_size(3)},
+  return at::empty_symint({q.sym_size(0), out_heads(q, v), q.sym_size(3), v.sym_size(3)},
                           q.options().dtype(acc_type(q.scalar_type())));
 }
 
@@ -69,23 +68,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fwd_meta(const Tensor& q, const Tenso
   // state_in: 0 elements without a group and without an initial state (attention.h)
   Tensor s_in = fwd_saves_no_state(initial_state, group_name) ? at::empty({0}, acc_opts) : state_meta(q, v);
   // seg_states: (B, H, seg_nseg, D, E) when kept, else 0 elements (whether the split fits is the device's to say)
-  Tensor seg = seg_nseg > 1 ? at::empty_symint({q.sym_size(0), q.sym_size(1), c10::SymInt(seg_nseg), q.sym_size(3),
+  Tensor seg = seg_nseg > 1 ? at::empty_symint({q.sym_size(0), out_heads(q, v), c10::SymInt(seg_nseg), q.sym_size(3),
                                                 v.sym_size(3)},
                                                acc_opts)
                             : at::empty({0}, acc_opts);
-  return {alloc_out(q, v.sym_size(3)), state_meta(q, v), s_in, seg};
+  return {alloc_out(out_layout_like(q, v), out_heads(q, v), v.sym_size(3)), state_meta(q, v), s_in, seg};
 }
 
 BwdOut bwd_meta(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout,
                 const std::optional<Tensor>& grad_final_state, const std::optional<Tensor>& decay, double scale,
                 const Tensor& state_in, const std::optional<std::string>& group_name, const std::string& strategy,
-                const std::optional<Tensor>& seg_states, int64_t seg_seglen, const std::optional<Tensor>& g,
-                const std::optional<Tensor>& final_state) {
+                const std::optional<Tensor>& seg_states, int64_t seg_seglen, const std::optional<Tensor>& g) {
   check_inputs(q, k, v, decay, std::nullopt, /*check_values=*/false, g);
   check_seg_states(q, v, seg_states, seg_seglen);
-  check_gate_bwd_args(q, v, g, final_state);
   const auto acc_opts = q.options().dtype(acc_type(q.scalar_type()));
-  Tensor dg = g.has_value() ? at::empty_symint({q.sym_size(0), q.sym_size(1), q.sym_size(2)}, acc_opts)
+  Tensor dg = g.has_value() ? at::empty_symint({q.sym_size(0), out_heads(q, v), q.sym_size(2)}, acc_opts)
                             : at::empty({0}, acc_opts);
   return {at::empty_like(q), at::empty_like(k), at::empty_like(v), state_meta(q, v), dg};
 }
@@ -152,11 +149,8 @@ class LaspAttentionFunction : public torch::autograd::Function<LaspAttentionFunc
     const auto [seg_nseg, seg_seglen] = split_to_keep(q, k, v, group_name);
     auto [o, final_state, state_in, seg_states] =
         call_fwd_op(q, k, v, decay, scale, initial_state, group_name, strategy, seg_nseg, seg_seglen, g);
-    // With gates the backward also reads g and this piece's outgoing state (the gradient of g's
-    // cross-piece term <G, final_state>).
     ctx->save_for_backward({q, k, v, state_in, decay.has_value() ? *decay : Tensor(),
-                            seg_nseg > 1 ? seg_states : Tensor(), g.has_value() ? *g : Tensor(),
-                            g.has_value() ? final_state : Tensor()});
+                            seg_nseg > 1 ? seg_states : Tensor(), g.has_value() ? *g : Tensor()});
     ctx->saved_data["seg_seglen"] = seg_seglen;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["has_initial_state"] = initial_state.has_value();
@@ -172,11 +166,8 @@ class LaspAttentionFunction : public torch::autograd::Function<LaspAttentionFunc
     if (saved[4].defined()) decay = saved[4];
     std::optional<Tensor> seg_states;  // the forward's segment states, if it kept them
     if (saved[5].defined()) seg_states = saved[5];
-    std::optional<Tensor> g, final_state;
-    if (saved[6].defined()) {
-      g = saved[6];
-      final_state = saved[7];
-    }
+    std::optional<Tensor> g;
+    if (saved[6].defined()) g = saved[6];
     const int64_t seg_seglen = ctx->saved_data["seg_seglen"].toInt();
     std::optional<std::string> group_name;
     if (ctx->saved_data.count("group_name")) group_name = ctx->saved_data["group_name"].toStringRef();
@@ -184,7 +175,7 @@ class LaspAttentionFunction : public torch::autograd::Function<LaspAttentionFunc
     const std::string strategy = ctx->saved_data["strategy"].toStringRef();
 
     // An unused output has an undefined gradient; the ring still has to run on every rank.
-    Tensor dout = grads[0].defined() ? grads[0] : at::zeros_like(alloc_out(q, v.sym_size(3)));
+    Tensor dout = grads[0].defined() ? grads[0] : at::zeros_like(alloc_out(out_layout_like(q, v), out_heads(q, v), v.sym_size(3)));
     std::optional<Tensor> grad_final;
     if (grads[1].defined()) grad_final = grads[1];
 
@@ -193,10 +184,9 @@ class LaspAttentionFunction : public torch::autograd::Function<LaspAttentionFunc
                          .typed<BwdOut(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                        const std::optional<Tensor>&, const std::optional<Tensor>&, double, const Tensor&,
                                        const std::optional<std::string>&, const std::string&,
-                                       const std::optional<Tensor>&, int64_t, const std::optional<Tensor>&,
-                                       const std::optional<Tensor>&)>();
+                                       const std::optional<Tensor>&, int64_t, const std::optional<Tensor>&)>();
     auto [dq, dk, dv, dinit, dg] = op.call(q, k, v, dout, grad_final, decay, scale, state_in, group_name, strategy,
-                                           seg_states, seg_seglen, g, final_state);
+                                           seg_states, seg_seglen, g);
     const bool has_init = ctx->saved_data["has_initial_state"].toBool();
     return {dq,       dk,       dv,      Tensor(), Tensor(), has_init ? dinit : Tensor(), Tensor(), Tensor(),
             g.has_value() ? dg.to(g->scalar_type()) : Tensor()};
@@ -269,8 +259,8 @@ TORCH_LIBRARY(lasp, m) {
       "lasp_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? decay, float scale, Tensor? initial_state, "
       "str? group_name, str strategy=\"ring\", int seg_nseg=0, int seg_seglen=0, Tensor? g=None) -> "
       "(Tensor, Tensor, Tensor, Tensor)");
-  // The backward: (dq, dk, dv, grad_initial_state, dg). g / final_state: the log gates and the forward's
-  // second output (required with g); dg is then the acc-type (B, H, N) gradient of g, else 0 elements.
+  // The backward: (dq, dk, dv, grad_initial_state, dg). g: the log gates; dg is then the acc-type (B, H, N)
+  // gradient of g, else 0 elements.
   // seg_states / seg_seglen: the forward's fourth output and
   // the seg_seglen it was given (None or 0 elements: none); used where the backward's own split is
   // (seg_states.size(2), seg_seglen), else computed again. A seg_states of another dtype, device or shape
@@ -278,7 +268,7 @@ TORCH_LIBRARY(lasp, m) {
   m.def(
       "lasp_attention_bwd(Tensor q, Tensor k, Tensor v, Tensor dout, Tensor? grad_final_state, Tensor? decay, "
       "float scale, Tensor state_in, str? group_name, str strategy=\"ring\", Tensor? seg_states=None, "
-      "int seg_seglen=0, Tensor? g=None, Tensor? final_state=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int seg_seglen=0, Tensor? g=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("set_group_checks(bool? enabled, float? timeout_s) -> ()", &lasp::set_group_checks);
   m.def("set_ring_transport(str transport) -> ()", &lasp::set_ring_transport);
   m.def("get_ring_transport() -> str", &lasp::get_ring_transport);

@@ -38,27 +38,31 @@ struct TensorView4 {
   int64_t stride[4] = {0, 0, 0, 0};
 };
 
-// Notation as in docs/design.md: per batch b and query head h, positions t = 0 .. N-1 of this piece,
-// gamma_h = exp(-decay[h]), kv head of query head h is h / (H / Hkv).
+// Notation as in docs/design.md: per batch b and output head h, positions t = 0 .. N-1 of this piece,
+// gamma_h = exp(-decay[h]). Head maps: output head h reads q head h / (H / Hq), k head h / (H / Hkv) and
+// v head h / (H / Hv), where H = max(Hq, Hv) and each of Hq, Hkv, Hv divides H (MHA, GQA, MQA: Hq = H,
+// Hv = Hkv; GVA: Hq = Hkv < Hv = H). States, decay, g and o are per output head.
 struct AttnParams {
   ScalarType dtype = ScalarType::Float32;  // of q, k, v, o, dout, dq, dk, dv
   int64_t B = 0, H = 0, Hkv = 0, N = 0, D = 0, E = 0;
+  int64_t Hq = 0, Hv = 0;  // q and v heads (base_params sets both; backends without head maps need Hq == H, Hv == Hkv)
   double scale = 1.0;
   const void* decay = nullptr;  // [H] rates lambda >= 0 (acc type); nullptr means gamma = 1
   // Per-token log gates g <= 0 (-inf: a reset), contiguous (B, H, N) in the acc type, or nullptr (none).
   // The log gate of token t, head h is g[b, h, t] - lambda_h: every gamma^n below then reads
   // exp(sum of the log gates of those n tokens). Backends without gates refuse params with g set.
   const void* g = nullptr;
-  // bwd with g: writes dg_part[b, h, t] = sum_{t' >= t} (q[t'].dq_h[t'] - k[t'].dk_h[t']) (acc type,
-  // contiguous (B, H, N)), where dq_h and dk_h are the parts of dq and dk that come from query head h
-  // (state terms included). The gradient of g is dg_part + <G, state_out> (the driver adds the second term).
+  // bwd with g: writes the gradient of g (acc type, contiguous (B, H, N)). In exact arithmetic
+  // dg[t] = sum_{t' >= t} (q[t'].dq_h[t'] - k[t'].dk_h[t']) + <G, state_out>, with dq_h, dk_h the parts of
+  // dq and dk from output head h (state terms included): the sum of the decay-weighted pairs that span
+  // token t. Backends sum the spanning pairs without cancelling terms (csrc/cpu, bwd_dkdv_impl).
   void* dg_part = nullptr;
 
-  TensorView4 q, k, v;  // q: (B, H, N, D), k: (B, Hkv, N, D), v: (B, Hkv, N, E)
+  TensorView4 q, k, v;  // q: (B, Hq, N, D), k: (B, Hkv, N, D), v: (B, Hv, N, E)
   TensorView4 o;        // (B, H, N, E)
   TensorView4 dout;     // (B, H, N, E)
-  TensorView4 dq;       // (B, H, N, D)
-  TensorView4 dk, dv;   // (B, Hkv, N, D), (B, Hkv, N, E): summed over each kv head's query heads
+  TensorView4 dq;       // (B, Hq, N, D): summed over the output heads that read each q head
+  TensorView4 dk, dv;   // (B, Hkv, N, D), (B, Hv, N, E): summed over the output heads that read each head
 
   // States: contiguous (B, H, D, E) in the acc type.
   const void* state_in = nullptr;        // S_in, state before position 0; nullptr means zero

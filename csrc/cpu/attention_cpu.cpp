@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <vector>
 
 namespace lasp {
@@ -113,7 +114,11 @@ struct Gates {
   acc_t tot() const { return tot_; }
 };
 
-inline int64_t group_size(const AttnParams& p) { return p.H / p.Hkv; }
+// The q, k and v heads output head h reads (lasp_params.h, head maps).
+struct Heads {
+  int64_t q, k, v;
+  Heads(const AttnParams& p, int64_t h) : q(h / (p.H / p.Hq)), k(h / (p.H / p.Hkv)), v(h / (p.H / p.Hv)) {}
+};
 
 // S = the given state (at offset `off`), or zero when there is none.
 template <typename acc_t>
@@ -145,20 +150,21 @@ void advance_state(const Gates<acc_t>& dec, const acc_t* K, const acc_t* V, int6
 // ---------------------------------------------------------------- forward
 template <typename scalar_t, typename acc_t>
 void fwd_impl(const AttnParams& p) {
-  const int64_t D = p.D, E = p.E, N = p.N, G = group_size(p);
+  const int64_t D = p.D, E = p.E, N = p.N;
   at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> S(D * E), Q(kChunk * D), K(kChunk * D), V(kChunk * E), O(kChunk * E), A(kChunk * kChunk);
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / p.H, h = bh % p.H, g = h / G;
+      const int64_t b = bh / p.H, h = bh % p.H;
+      const Heads hd(p, h);
       Gates<acc_t> dec(p, b, h);
       const acc_t scale = static_cast<acc_t>(p.scale);
       load_state(p.state_in, bh * D * E, D * E, S.data());
       for (int64_t c0 = 0; c0 < N; c0 += kChunk) {
         const int64_t L = std::min(kChunk, N - c0);
         dec.set_chunk(c0, L);
-        load_rows<scalar_t>(p.q, b, h, c0, L, D, Q.data());
-        load_rows<scalar_t>(p.k, b, g, c0, L, D, K.data());
-        load_rows<scalar_t>(p.v, b, g, c0, L, E, V.data());
+        load_rows<scalar_t>(p.q, b, hd.q, c0, L, D, Q.data());
+        load_rows<scalar_t>(p.k, b, hd.k, c0, L, D, K.data());
+        load_rows<scalar_t>(p.v, b, hd.v, c0, L, E, V.data());
         // Inter-chunk part: gamma^(t+1) q[t] S_in.
         for (int64_t t = 0; t < L; ++t) {
           acc_t* o = &O[t * E];
@@ -194,19 +200,20 @@ void fwd_impl(const AttnParams& p) {
 // fwd_local: L = sum_s gamma^(N-1-s) k[s]^T v[s], the chunked state recurrence of fwd_impl from zero.
 template <typename scalar_t, typename acc_t>
 void fwd_local_impl(const AttnParams& p) {
-  const int64_t D = p.D, E = p.E, N = p.N, G = group_size(p);
+  const int64_t D = p.D, E = p.E, N = p.N;
   at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> K(kChunk * D), V(kChunk * E);
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / p.H, h = bh % p.H, g = h / G;
+      const int64_t b = bh / p.H, h = bh % p.H;
+      const Heads hd(p, h);
       Gates<acc_t> dec(p, b, h);
       acc_t* S = static_cast<acc_t*>(p.state_out) + bh * D * E;
       std::fill(S, S + D * E, acc_t(0));
       for (int64_t c0 = 0; c0 < N; c0 += kChunk) {
         const int64_t L = std::min(kChunk, N - c0);
         dec.set_chunk(c0, L);
-        load_rows<scalar_t>(p.k, b, g, c0, L, D, K.data());
-        load_rows<scalar_t>(p.v, b, g, c0, L, E, V.data());
+        load_rows<scalar_t>(p.k, b, hd.k, c0, L, D, K.data());
+        load_rows<scalar_t>(p.v, b, hd.v, c0, L, E, V.data());
         advance_state(dec, K.data(), V.data(), L, D, E, S);
       }
     }
@@ -214,111 +221,162 @@ void fwd_local_impl(const AttnParams& p) {
 }
 
 // ---------------------------------------------------------------- backward
-// dq: a forward sweep with the state S (dq[t] = scale * do[t] S[t]^T, S[t] including position t).
+// dq: a forward sweep with the state S of each output head (dq[t] = scale * do[t] S[t]^T, S[t] including
+// position t), one task per q head over the output heads that read it (their dq summed in the acc type).
+// With gates, also dg_part[t] = q[t].dq_h[t] per output head (bwd_dkdv_impl subtracts k[t].dk_h[t]).
 template <typename scalar_t, typename acc_t>
 void bwd_dq_impl(const AttnParams& p) {
-  const int64_t D = p.D, E = p.E, N = p.N, G = group_size(p);
-  at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> S(D * E), dO(kChunk * E), K(kChunk * D), V(kChunk * E), dQ(kChunk * D), Q(kChunk * D);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / p.H, h = bh % p.H, g = h / G;
-      Gates<acc_t> dec(p, b, h);
+  const int64_t D = p.D, E = p.E, N = p.N, Gq = p.H / p.Hq;
+  at::parallel_for(0, p.B * p.Hq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> S(Gq * D * E), dO(kChunk * E), K(kChunk * D), V(kChunk * E), dQ(kChunk * D), dQh(kChunk * D),
+        Q(kChunk * D);
+    for (int64_t bq = begin; bq < end; ++bq) {
+      const int64_t b = bq / p.Hq, hq = bq % p.Hq;
+      std::vector<Gates<acc_t>> decs;
+      decs.reserve(Gq);
+      for (int64_t r = 0; r < Gq; ++r) {
+        const int64_t h = hq * Gq + r;
+        decs.emplace_back(p, b, h);
+        load_state(p.state_in, (b * p.H + h) * D * E, D * E, &S[r * D * E]);
+      }
       const acc_t scale = static_cast<acc_t>(p.scale);
-      acc_t* dg = p.dg_part ? static_cast<acc_t*>(p.dg_part) + bh * N : nullptr;
-      load_state(p.state_in, bh * D * E, D * E, S.data());
       for (int64_t c0 = 0; c0 < N; c0 += kChunk) {
         const int64_t L = std::min(kChunk, N - c0);
-        dec.set_chunk(c0, L);
-        if (dg) load_rows<scalar_t>(p.q, b, h, c0, L, D, Q.data());
-        load_rows<scalar_t>(p.dout, b, h, c0, L, E, dO.data());
-        load_rows<scalar_t>(p.k, b, g, c0, L, D, K.data());
-        load_rows<scalar_t>(p.v, b, g, c0, L, E, V.data());
-        for (int64_t t = 0; t < L; ++t) {
-          acc_t* dq = &dQ[t * D];
-          const acc_t* dot_ = &dO[t * E];
-          const acc_t w = dec.pre(t);
-          for (int64_t i = 0; i < D; ++i) dq[i] = w * dot(dot_, &S[i * E], E);
-          for (int64_t s = 0; s <= t; ++s) {
-            const acc_t a = dot(dot_, &V[s * E], E) * dec.w(t, s);
-            const acc_t* ks = &K[s * D];
-            for (int64_t i = 0; i < D; ++i) dq[i] += a * ks[i];
+        if (p.dg_part) load_rows<scalar_t>(p.q, b, hq, c0, L, D, Q.data());
+        std::fill(dQ.begin(), dQ.end(), acc_t(0));
+        for (int64_t r = 0; r < Gq; ++r) {
+          const int64_t h = hq * Gq + r, hk = h / (p.H / p.Hkv), hv = h / (p.H / p.Hv);
+          Gates<acc_t>& dec = decs[r];
+          dec.set_chunk(c0, L);
+          acc_t* Sh = &S[r * D * E];
+          acc_t* dg = p.dg_part ? static_cast<acc_t*>(p.dg_part) + (b * p.H + h) * N : nullptr;
+          load_rows<scalar_t>(p.dout, b, h, c0, L, E, dO.data());
+          load_rows<scalar_t>(p.k, b, hk, c0, L, D, K.data());
+          load_rows<scalar_t>(p.v, b, hv, c0, L, E, V.data());
+          for (int64_t t = 0; t < L; ++t) {
+            acc_t* dq = &dQh[t * D];
+            const acc_t* dot_ = &dO[t * E];
+            const acc_t w = dec.pre(t);
+            for (int64_t i = 0; i < D; ++i) dq[i] = w * dot(dot_, &Sh[i * E], E);
+            for (int64_t s = 0; s < t; ++s) {
+              const acc_t a = dot(dot_, &V[s * E], E) * dec.w(t, s);
+              const acc_t* ks = &K[s * D];
+              for (int64_t i = 0; i < D; ++i) dq[i] += a * ks[i];
+            }
+            // dg reads q[t].dq_h[t] without the s = t term: that term, scale (q[t].k[t]) (do[t].v[t]), is also
+            // in k[t].dk_h[t] (bwd_dkdv_impl leaves it out too), and the two would cancel in rounding only,
+            // leaving an error of the size of the term where dg is small (strong gates).
+            if (dg) dg[c0 + t] = scale * dot(&Q[t * D], dq, D);
+            const acc_t a_tt = dot(dot_, &V[t * E], E);
+            for (int64_t i = 0; i < D; ++i) dq[i] = (dq[i] + a_tt * K[t * D + i]) * scale;
+            for (int64_t i = 0; i < D; ++i) dQ[t * D + i] += dq[i];
           }
-          for (int64_t i = 0; i < D; ++i) dq[i] *= scale;
-          if (dg) dg[c0 + t] = dot(&Q[t * D], dq, D);  // q[t].dq_h[t]; bwd_dkdv_impl subtracts k[t].dk_h[t]
+          advance_state(dec, K.data(), V.data(), L, D, E, Sh);
         }
-        store_rows<scalar_t>(p.dq, b, h, c0, L, D, dQ.data());
-        advance_state(dec, K.data(), V.data(), L, D, E, S.data());
+        store_rows<scalar_t>(p.dq, b, hq, c0, L, D, dQ.data());
       }
     }
   });
 }
 
-// dk, dv, grad_state_in: a reverse sweep per kv head over the query heads that read it, with
-// R = gamma^(N-1-s) G + scale * sum_{t>=s} gamma^(t-s) q[t]^T do[t]; dk[s] = v[s] R^T, dv[s] = k[s] R.
+// dk, dv, grad_state_in: a reverse sweep per output head with
+// R = suf G + scale * sum_{t>=s} w(t, s) q[t]^T do[t]; dk_h[s] = v[s] R^T, dv_h[s] = k[s] R. One task per
+// block of U = lcm(H / Hkv, H / Hv) output heads: every head that reads one of the block's k or v heads is in
+// it, so each task owns the rows of dk and dv it writes (summed over those heads in the acc type).
+//
+// With gates it also finishes dg_part (bwd_dq_impl left q[t].dq_h[t] in it, both without the s = t term):
+//   dg[s] = sum_{t >= s} (q[t].dq_h[t] - k[t].dk'_h[t]) + sum_{j < s} P_G(j) + P_G(S_in),
+// the decay weights that span token s: pairs of tokens (j < s <= t), pairs of a token j < s and the outgoing
+// state's gradient G (P_G(j) = suf k[j] G v[j]^T, weighted to the piece's end), and the pair (S_in, G). dk'
+// is dk without its G term: R is carried as R' (from the tokens) and R_G (from G) apart, so that no term
+// enters dg twice with opposite signs (each would leave its rounding error where the true dg is small).
 template <typename scalar_t, typename acc_t>
 void bwd_dkdv_impl(const AttnParams& p) {
-  const int64_t D = p.D, E = p.E, N = p.N, G = group_size(p);
-  at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> R(G * D * E), Q(kChunk * D), dO(kChunk * E), K(kChunk * D), V(kChunk * E),
-        dK(kChunk * D), dV(kChunk * E), dKh(kChunk * D);
-    for (int64_t bg = begin; bg < end; ++bg) {
-      const int64_t b = bg / p.Hkv, g = bg % p.Hkv;
+  const int64_t D = p.D, E = p.E, N = p.N, Gk = p.H / p.Hkv, Gv = p.H / p.Hv;
+  const int64_t U = std::lcm(Gk, Gv), nk = U / Gk, nv = U / Gv;
+  const bool split_g = p.dg_part && p.grad_state_out;  // R_G apart from R'
+  at::parallel_for(0, p.B * (p.H / U), 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> R(U * D * E), RG(split_g ? U * D * E : 0), GP(split_g ? U * N : 0), Q(kChunk * D),
+        dO(kChunk * E), K(kChunk * D), V(kChunk * E), dK(nk * kChunk * D), dV(nv * kChunk * E), dKh(kChunk * D),
+        dVh(kChunk * E);
+    for (int64_t bu = begin; bu < end; ++bu) {
+      const int64_t b = bu / (p.H / U), u = bu % (p.H / U), h0 = u * U, k0 = h0 / Gk, v0 = h0 / Gv;
       std::vector<Gates<acc_t>> decs;
-      decs.reserve(G);
-      for (int64_t r = 0; r < G; ++r) {
-        const int64_t h = g * G + r;
+      decs.reserve(U);
+      for (int64_t r = 0; r < U; ++r) {
+        const int64_t h = h0 + r;
         decs.emplace_back(p, b, h);
         acc_t* Rh = &R[r * D * E];
+        acc_t* Gh = split_g ? &RG[r * D * E] : Rh;
         if (p.grad_state_out) {
-          std::copy_n(static_cast<const acc_t*>(p.grad_state_out) + (b * p.H + h) * D * E, D * E, Rh);
-        } else {
-          std::fill(Rh, Rh + D * E, acc_t(0));
+          std::copy_n(static_cast<const acc_t*>(p.grad_state_out) + (b * p.H + h) * D * E, D * E, Gh);
         }
+        if (Gh != Rh || !p.grad_state_out) std::fill(Rh, Rh + D * E, acc_t(0));
       }
       const int64_t num_chunks = (N + kChunk - 1) / kChunk;
       for (int64_t c = num_chunks - 1; c >= 0; --c) {
         const int64_t c0 = c * kChunk, L = std::min(kChunk, N - c0);
-        load_rows<scalar_t>(p.k, b, g, c0, L, D, K.data());
-        load_rows<scalar_t>(p.v, b, g, c0, L, E, V.data());
         std::fill(dK.begin(), dK.end(), acc_t(0));
         std::fill(dV.begin(), dV.end(), acc_t(0));
-        for (int64_t r = 0; r < G; ++r) {
-          const int64_t h = g * G + r;
+        for (int64_t r = 0; r < U; ++r) {
+          const int64_t h = h0 + r, hq = h / (p.H / p.Hq), hk = h / Gk, hv = h / Gv;
           Gates<acc_t>& dec = decs[r];
           dec.set_chunk(c0, L);
           const acc_t scale = static_cast<acc_t>(p.scale);
           acc_t* Rh = &R[r * D * E];
+          acc_t* RGh = split_g ? &RG[r * D * E] : nullptr;
           acc_t* dg = p.dg_part ? static_cast<acc_t*>(p.dg_part) + (b * p.H + h) * N : nullptr;
-          load_rows<scalar_t>(p.q, b, h, c0, L, D, Q.data());
+          load_rows<scalar_t>(p.q, b, hq, c0, L, D, Q.data());
           load_rows<scalar_t>(p.dout, b, h, c0, L, E, dO.data());
+          load_rows<scalar_t>(p.k, b, hk, c0, L, D, K.data());
+          load_rows<scalar_t>(p.v, b, hv, c0, L, E, V.data());
+          std::fill(dKh.begin(), dKh.end(), acc_t(0));
+          std::fill(dVh.begin(), dVh.end(), acc_t(0));
           for (int64_t s = 0; s < L; ++s) {
-            // Carried part: suf(s) (v[s] R^T, k[s] R). With gates, dk of this head alone first (dKh),
-            // for k[s].dk_h[s].
+            // Carried part: suf(s) (v[s] R^T, k[s] R).
             const acc_t w = dec.suf(s);
-            acc_t* dk = dg ? &dKh[s * D] : &dK[s * D];
-            if (dg) std::fill(dk, dk + D, acc_t(0));
-            acc_t* dv = &dV[s * E];
+            acc_t* dk = &dKh[s * D];
+            acc_t* dv = &dVh[s * E];
             for (int64_t i = 0; i < D; ++i) dk[i] += w * dot(&V[s * E], &Rh[i * E], E);
             for (int64_t i = 0; i < D; ++i) {
               const acc_t ki = w * K[s * D + i];
               for (int64_t j = 0; j < E; ++j) dv[j] += ki * Rh[i * E + j];
             }
-            // Intra-chunk part.
-            for (int64_t t = s; t < L; ++t) {
+            // Intra-chunk part: t > s, then (after dg's read) t = s.
+            for (int64_t t = s + 1; t < L; ++t) {
               const acc_t wd = scale * dec.w(t, s);
               const acc_t a_kv = dot(&dO[t * E], &V[s * E], E) * wd;  // (do[t].v[s])
               const acc_t a_qk = dot(&Q[t * D], &K[s * D], D) * wd;   // (q[t].k[s])
               for (int64_t i = 0; i < D; ++i) dk[i] += a_kv * Q[t * D + i];
               for (int64_t j = 0; j < E; ++j) dv[j] += a_qk * dO[t * E + j];
             }
-            if (dg) {
-              dg[c0 + s] -= dot(&K[s * D], dk, D);
-              for (int64_t i = 0; i < D; ++i) dK[s * D + i] += dk[i];
+            if (dg) dg[c0 + s] -= dot(&K[s * D], dk, D);
+            const acc_t a_kv = dot(&dO[s * E], &V[s * E], E) * scale;
+            const acc_t a_qk = dot(&Q[s * D], &K[s * D], D) * scale;
+            for (int64_t i = 0; i < D; ++i) dk[i] += a_kv * Q[s * D + i];
+            for (int64_t j = 0; j < E; ++j) dv[j] += a_qk * dO[s * E + j];
+            if (RGh) {  // G's term, and P_G(s) = suf k[s] G v[s]^T = k[s].(its dk term)
+              acc_t pg = 0;
+              for (int64_t i = 0; i < D; ++i) {
+                const acc_t gi = w * dot(&V[s * E], &RGh[i * E], E);
+                dk[i] += gi;
+                pg += K[s * D + i] * gi;
+              }
+              GP[r * N + c0 + s] = pg;
+              for (int64_t i = 0; i < D; ++i) {
+                const acc_t ki = w * K[s * D + i];
+                for (int64_t j = 0; j < E; ++j) dv[j] += ki * RGh[i * E + j];
+              }
             }
           }
-          // R for the previous chunk: tot R + scale * sum_t pre(t) q[t]^T do[t].
+          acc_t* dKo = &dK[(hk - k0) * kChunk * D];
+          acc_t* dVo = &dV[(hv - v0) * kChunk * E];
+          for (int64_t x = 0; x < L * D; ++x) dKo[x] += dKh[x];
+          for (int64_t x = 0; x < L * E; ++x) dVo[x] += dVh[x];
+          // R for the previous chunk: tot R + scale * sum_t pre(t) q[t]^T do[t]; R_G: tot R_G.
           const acc_t wl = dec.tot();
           for (int64_t x = 0; x < D * E; ++x) Rh[x] *= wl;
+          if (RGh) for (int64_t x = 0; x < D * E; ++x) RGh[x] *= wl;
           for (int64_t t = 0; t < L; ++t) {
             const acc_t w = scale * dec.pre(t);
             for (int64_t i = 0; i < D; ++i) {
@@ -327,14 +385,28 @@ void bwd_dkdv_impl(const AttnParams& p) {
             }
           }
         }
-        store_rows<scalar_t>(p.dk, b, g, c0, L, D, dK.data());
-        store_rows<scalar_t>(p.dv, b, g, c0, L, E, dV.data());
+        for (int64_t x = 0; x < nk; ++x) store_rows<scalar_t>(p.dk, b, k0 + x, c0, L, D, &dK[x * kChunk * D]);
+        for (int64_t x = 0; x < nv; ++x) store_rows<scalar_t>(p.dv, b, v0 + x, c0, L, E, &dV[x * kChunk * E]);
       }
-      if (p.grad_state_in) {
-        for (int64_t r = 0; r < G; ++r) {
-          const int64_t h = g * G + r;
-          std::copy_n(&R[r * D * E], D * E, static_cast<acc_t*>(p.grad_state_in) + (b * p.H + h) * D * E);
+      for (int64_t r = 0; r < U; ++r) {
+        const int64_t h = h0 + r;
+        acc_t* Rh = &R[r * D * E];
+        const acc_t* RGh = split_g ? &RG[r * D * E] : nullptr;
+        if (p.dg_part) {
+          // R_G is now exp(sum of the piece's log gates) G: the pair (S_in, G) spans every token.
+          acc_t sin_g = 0;
+          if (RGh && p.state_in) sin_g = dot(static_cast<const acc_t*>(p.state_in) + (b * p.H + h) * D * E, RGh, D * E);
+          acc_t* dg = static_cast<acc_t*>(p.dg_part) + (b * p.H + h) * N;
+          acc_t run = 0;
+          for (int64_t t = N - 1; t >= 0; --t) dg[t] = run += dg[t];
+          acc_t pre = 0;
+          for (int64_t t = 0; t < N; ++t) {
+            dg[t] += pre + sin_g;
+            if (RGh) pre += GP[r * N + t];
+          }
         }
+        if (RGh) for (int64_t x = 0; x < D * E; ++x) Rh[x] += RGh[x];  // the whole state gradient
+        if (p.grad_state_in) std::copy_n(Rh, D * E, static_cast<acc_t*>(p.grad_state_in) + (b * p.H + h) * D * E);
       }
     }
   });
@@ -356,7 +428,7 @@ void bwd_local_impl(const AttnParams& p) {
       for (int64_t c0 = 0; c0 < N; c0 += kChunk) {
         const int64_t L = std::min(kChunk, N - c0);
         dec.set_chunk(c0, L);
-        load_rows<scalar_t>(p.q, b, h, c0, L, D, Q.data());
+        load_rows<scalar_t>(p.q, b, Heads(p, h).q, c0, L, D, Q.data());
         load_rows<scalar_t>(p.dout, b, h, c0, L, E, dO.data());
         const acc_t wc = scale * (dec.g ? std::exp(before) : std::exp(-dec.lambda * static_cast<acc_t>(c0)));
         before += dec.log_tot;
@@ -375,7 +447,10 @@ void bwd_local_impl(const AttnParams& p) {
 }
 
 template <template <typename, typename> class F>
-void dispatch(const AttnParams& p) {
+void dispatch(const AttnParams& params) {
+  AttnParams p = params;  // head maps left unset (0): MHA / GQA (Hq = H, Hv = Hkv)
+  if (p.Hq == 0) p.Hq = p.H;
+  if (p.Hv == 0) p.Hv = p.Hkv;
   switch (p.dtype) {
     case ScalarType::Float32: return F<float, float>::run(p);
     case ScalarType::Float64: return F<double, double>::run(p);
@@ -387,23 +462,10 @@ void dispatch(const AttnParams& p) {
 
 template <typename S, typename A> struct FwdOp { static void run(const AttnParams& p) { fwd_impl<S, A>(p); } };
 template <typename S, typename A> struct FwdLocalOp { static void run(const AttnParams& p) { fwd_local_impl<S, A>(p); } };
-// dg_part[t] = sum_{t' >= t} (q.dq_h - k.dk_h)[t']: the two sweeps left the summands in place.
-template <typename acc_t>
-void reverse_cumsum_rows(void* x, int64_t rows, int64_t n) {
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      acc_t* row = static_cast<acc_t*>(x) + r * n;
-      acc_t run = 0;
-      for (int64_t t = n - 1; t >= 0; --t) row[t] = run += row[t];
-    }
-  });
-}
-
 template <typename S, typename A> struct BwdOp {
   static void run(const AttnParams& p) {
     bwd_dq_impl<S, A>(p);
-    bwd_dkdv_impl<S, A>(p);
-    if (p.dg_part) reverse_cumsum_rows<A>(p.dg_part, p.B * p.H, p.N);
+    bwd_dkdv_impl<S, A>(p);  // finishes dg
   }
 };
 template <typename S, typename A> struct BwdLocalOp { static void run(const AttnParams& p) { bwd_local_impl<S, A>(p); } };

@@ -86,11 +86,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_cuda(
     const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout,
     const std::optional<Tensor>& grad_final_state, const std::optional<Tensor>& decay, double scale,
     const Tensor& state_in, const std::optional<std::string>& group_name, const std::string& strategy,
-    const std::optional<Tensor>& seg_states, int64_t seg_seglen, const std::optional<Tensor>& g,
-    const std::optional<Tensor>& final_state) {
+    const std::optional<Tensor>& seg_states, int64_t seg_seglen, const std::optional<Tensor>& g) {
   const c10::cuda::CUDAGuard guard(q.device());
   return attention_bwd(cuda_kernels(), q, k, v, dout, grad_final_state, decay, scale, state_in, group_name, strategy,
-                       seg_states, seg_seglen, g, final_state);
+                       seg_states, seg_seglen, g);
 }
 
 }  // namespace

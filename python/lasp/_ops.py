@@ -81,9 +81,13 @@ def lasp_attention(
     that is, S[t] = exp(g[t] - decay[h]) S[t-1] + k[t]^T v[t] and o[t] = scale q[t] S[t].
 
     Args:
-        q: (B, H, N, D) for layout "bhnd", (B, N, H, D) for layout "bnhd".
-        k: (B, Hkv, N, D) or (B, N, Hkv, D); H must be a multiple of Hkv (MHA, GQA, MQA).
-        v: (B, Hkv, N, E) or (B, N, Hkv, E).
+        q: (B, Hq, N, D) for layout "bhnd", (B, N, Hq, D) for layout "bnhd".
+        k: (B, Hk, N, D) or (B, N, Hk, D).
+        v: (B, Hv, N, E) or (B, N, Hv, E). The output has H = max(Hq, Hv) heads; Hq, Hk and Hv each
+            divide H, and output head h reads q head h // (H / Hq), k head h // (H / Hk) and v head
+            h // (H / Hv): MHA, GQA and MQA (Hq = H, Hk = Hv), and GVA (Hq = Hk < Hv, as Mamba-2's
+            shared B and C). States, decay and g are per output head. CUDA tensors take Hk = Hv for now
+            (other head maps raise NotImplementedError there).
         decay: None (no decay) or a float tensor (H,) of rates >= 0 (see alibi_slopes); a constant.
         g: None or per-token log gates (B, H, N) for layout "bhnd", (B, N, H) for "bnhd", values <= 0
             (-inf resets the state), any float dtype, computed in float32 (float64 for float64 inputs);
