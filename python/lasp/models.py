@@ -54,6 +54,9 @@ class LaspConfig:
     decay: Optional[str] = "alibi_layer"  # "alibi_layer" (TransNormerLLM: slopes scaled per layer), "alibi", None
     output_norm: bool = True
     output_gate: object = True
+    # Per-token state gates (LinearAttention's state_gate): None, "logsigmoid" (GLA-style) or "mamba2" (Mamba-2's
+    # -exp(A_log) softplus(dt)); they add to the decay (set decay=None for gates alone: LaspConfig.gated).
+    state_gate: Optional[str] = None
     bias: bool = False
     attn_scale: Optional[float] = None  # None: 1/sqrt(head_dim)
     tie_embeddings: bool = False
@@ -74,6 +77,14 @@ class LaspConfig:
     def tiny(cls, **kw) -> "LaspConfig":
         base = dict(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_ratio=2.0,
                     mlp_multiple_of=8, loss_chunk_size=64)
+        base.update(kw)
+        return cls(**base)
+
+    @classmethod
+    def gated(cls, **kw) -> "LaspConfig":
+        """Mamba-2-style gates in place of the fixed decay (state_gate="mamba2", decay=None); other fields as
+        given (e.g. ``LaspConfig.gated(**dataclasses.asdict(LaspConfig.tiny()))``)."""
+        base = dict(state_gate="mamba2", decay=None)
         base.update(kw)
         return cls(**base)
 
@@ -147,7 +158,7 @@ class LaspBlock(nn.Module):
         self.attn = LinearAttention(
             cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.value_dim,
             feature_map=cfg.feature_map, decay=decay, output_norm=cfg.output_norm, output_gate=cfg.output_gate,
-            bias=cfg.bias, scale=cfg.attn_scale, norm_eps=cfg.norm_eps,
+            bias=cfg.bias, scale=cfg.attn_scale, norm_eps=cfg.norm_eps, state_gate=cfg.state_gate,
         )
         self.mlp_norm = _make_norm(cfg)
         self.mlp = GLUMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_act, cfg.bias)
@@ -158,7 +169,7 @@ class LaspBlock(nn.Module):
     def attn_in(self, x):
         h = self.attn_norm(x)
         q, k, v = self.attn.project(h)
-        return h, q, k, v
+        return h, q, k, v, self.attn.gates(h)
 
     def attn_out_mlp(self, x, h, o):
         x = x + self.attn.output(o, h)
@@ -170,8 +181,8 @@ class LaspBlock(nn.Module):
     _fused_out = None
 
     def forward(self, x, sp_group=None):
-        h, q, k, v = self._fused_in(self, x) if self._fused_in is not None else self.attn_in(x)
-        o = self.attn.attend(q, k, v, sp_group)
+        h, q, k, v, g = self._fused_in(self, x) if self._fused_in is not None else self.attn_in(x)
+        o = self.attn.attend(q, k, v, sp_group, g=g)
         return self._fused_out(self, x, h, o) if self._fused_out is not None else self.attn_out_mlp(x, h, o)
 
     def fuse(self, compiler):

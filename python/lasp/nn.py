@@ -76,6 +76,12 @@ class LinearAttention(nn.Module):
         output_norm: per-head RMSNorm of the attention output (TransNormerLLM's normalisation).
         output_gate: True/"sigmoid", "silu" or False: multiply the normalised output by
             gate(x Wg) before the output projection (TransNormerLLM's gate).
+        state_gate: per-token gates of the state (the op's ``g``, one per head and token), or None:
+            "logsigmoid" (GLA-style: g = logsigmoid(x W_gk + b) / gate_logit_normalizer) or "mamba2"
+            (Mamba-2's SSD: g = -exp(A_log) * softplus(x W_dt + dt_bias), with A_log and dt_bias per
+            head). The gates add to the decay (``g - decay``); pass decay=None for gates alone.
+            The op takes gates on CPU tensors for now.
+        gate_logit_normalizer: the divisor of the "logsigmoid" gates.
         bias: biases on the projections.
         scale: attention scale (default 1/sqrt(D), the op's default).
         sp_group: default sequence-parallel process group (a call's ``sp_group`` overrides it).
@@ -101,6 +107,8 @@ class LinearAttention(nn.Module):
         scale: Optional[float] = None,
         sp_group=None,
         norm_eps: float = 1e-6,
+        state_gate: Optional[str] = None,
+        gate_logit_normalizer: float = 16.0,
         device=None,
         dtype=None,
     ):
@@ -123,6 +131,10 @@ class LinearAttention(nn.Module):
             output_gate = "sigmoid"
         if output_gate and output_gate not in _GATES:
             raise ValueError(f"LinearAttention: output_gate must be a bool or one of {list(_GATES)}, got {output_gate!r}")
+        if state_gate not in (None, "logsigmoid", "mamba2"):
+            raise ValueError(f"LinearAttention: state_gate must be None, 'logsigmoid' or 'mamba2', got {state_gate!r}")
+        if not gate_logit_normalizer > 0:
+            raise ValueError(f"LinearAttention: gate_logit_normalizer must be > 0, got {gate_logit_normalizer!r}")
         self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
         self.head_dim, self.value_dim = head_dim, value_dim
         self.feature_map_name = feature_map
@@ -138,6 +150,16 @@ class LinearAttention(nn.Module):
         self.g_proj = nn.Linear(hidden_size, num_heads * value_dim, bias=bias, **fk) if output_gate else None
         self.o_norm = HeadRMSNorm(num_heads, value_dim, eps=norm_eps, **fk) if output_norm else None
         self.o_proj = nn.Linear(num_heads * value_dim, hidden_size, bias=bias, **fk)
+        self.state_gate, self.gate_logit_normalizer = state_gate, float(gate_logit_normalizer)
+        if state_gate == "logsigmoid":
+            self.gk_proj = nn.Linear(hidden_size, num_heads, bias=True, **fk)
+        elif state_gate == "mamba2":
+            self.dt_proj = nn.Linear(hidden_size, num_heads, bias=False, **fk)
+            # Mamba-2's initialisation: A in [1, 16], dt log-uniform in [1e-3, 1e-1] through softplus.
+            pk = dict(device=device, dtype=torch.float32)
+            self.A_log = nn.Parameter(torch.log(torch.empty(num_heads, **pk).uniform_(1.0, 16.0)))
+            dt = torch.exp(torch.empty(num_heads, **pk).uniform_(math.log(1e-3), math.log(1e-1))).clamp_min(1e-4)
+            self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
 
         dev = self.q_proj.weight.device
         if isinstance(decay, str):
@@ -179,15 +201,16 @@ class LinearAttention(nn.Module):
         group). Returns y (B, N, hidden), or (y, final_state) with output_final_state.
         """
         q, k, v = self.project(x)
+        g = self.gates(x)
         final_state = None
         if initial_state is None and not output_final_state:
-            o = self.attend(q, k, v, sp_group)
+            o = self.attend(q, k, v, sp_group, g=g)
         elif self.attn_impl is not None:
             raise ValueError("LinearAttention: states are not supported with a custom attn_impl")
         else:
             group = sp_group if sp_group is not None else self.sp_group
             res = lasp_attention(
-                q, k, v, self._decay_rates(), scale=self.scale, group=group, initial_state=initial_state,
+                q, k, v, self._decay_rates(), g=g, scale=self.scale, group=group, initial_state=initial_state,
                 output_final_state=output_final_state, layout="bnhd",
             )
             o, final_state = res if output_final_state else (res, None)
@@ -207,16 +230,30 @@ class LinearAttention(nn.Module):
             q, k = self.feature_map(q), self.feature_map(k)
         return q, k, v
 
+    def gates(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """x (B, N, hidden) -> the per-token log gates g (B, N, H) in float32 (float64 for float64 x)
+        (state_gate), or None."""
+        ct = torch.promote_types(x.dtype, torch.float32)
+        if self.state_gate == "logsigmoid":
+            return F.logsigmoid(self.gk_proj(x).to(ct)) / self.gate_logit_normalizer
+        if self.state_gate == "mamba2":
+            return -torch.exp(self.A_log.to(ct)) * F.softplus(self.dt_proj(x).to(ct) + self.dt_bias.to(ct))
+        return None
+
     def _decay_rates(self):
         decay = self.decay
         return decay.float() if decay is not None and decay.dtype != torch.float32 else decay
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp_group=None) -> torch.Tensor:
-        """The attention itself (``attn_impl`` if set, else ``lasp_attention``), o (B, N, H, E)."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp_group=None,
+               g: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The attention itself (``attn_impl`` if set, else ``lasp_attention``), o (B, N, H, E); g: the
+        gates of ``gates(x)`` (B, N, H), or None."""
         group = sp_group if sp_group is not None else self.sp_group
         if self.attn_impl is not None:
+            if g is not None:
+                raise ValueError("LinearAttention: state gates are not supported with a custom attn_impl")
             return self.attn_impl(q, k, v, self._decay_rates(), self.scale, group)
-        return lasp_attention(q, k, v, self._decay_rates(), scale=self.scale, group=group, layout="bnhd")
+        return lasp_attention(q, k, v, self._decay_rates(), g=g, scale=self.scale, group=group, layout="bnhd")
 
     def output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """o (B, N, H, E) and the layer input x -> y (B, N, hidden): output norm, gate, projection."""
@@ -232,5 +269,5 @@ class LinearAttention(nn.Module):
         return (
             f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, value_dim={self.value_dim}, "
             f"feature_map={self.feature_map_name}, decay={'none' if self.decay is None else 'per-head'}, "
-            f"gate={self.gate_name}, scale={self.scale}"
+            f"gate={self.gate_name}, state_gate={self.state_gate}, scale={self.scale}"
         )

@@ -483,7 +483,14 @@ def test_b1_parameter_count_on_meta():
 
 
 
-def _sp_worker(rank, world, port, seed, N, bounds, ckpt, out_path):
+def _sp_config(models, ckpt, gated):
+    kw = dict(checkpoint_layers=ckpt, loss_chunk_size=16)
+    if gated:  # Mamba-2-style per-token gates instead of the fixed decay
+        kw.update(state_gate="mamba2", decay=None)
+    return models.LaspConfig.tiny(**kw)
+
+
+def _sp_worker(rank, world, port, seed, N, bounds, ckpt, gated, out_path):
     import torch.distributed as dist
     from datetime import timedelta
 
@@ -494,7 +501,7 @@ def _sp_worker(rank, world, port, seed, N, bounds, ckpt, out_path):
                             timeout=timedelta(seconds=60))
     try:
         torch.manual_seed(seed)
-        model = models.LaspForCausalLM(models.LaspConfig.tiny(checkpoint_layers=ckpt, loss_chunk_size=16))
+        model = models.LaspForCausalLM(_sp_config(models, ckpt, gated))
         g = torch.Generator().manual_seed(seed + 1)
         ids = torch.randint(0, 128, (2, N), generator=g)
         labels = torch.randint(0, 128, (2, N), generator=g)
@@ -520,8 +527,9 @@ def _sp_worker(rank, world, port, seed, N, bounds, ckpt, out_path):
     os._exit(0)
 
 
-@pytest.mark.parametrize("ckpt,uneven", [(False, False), (True, True)], ids=["even", "ckpt-uneven"])
-def test_model_sequence_parallel_equals_unsplit(ckpt, uneven, seed):
+@pytest.mark.parametrize("ckpt,uneven,gated", [(False, False, False), (True, True, False), (False, True, True)],
+                         ids=["even", "ckpt-uneven", "gated-uneven"])
+def test_model_sequence_parallel_equals_unsplit(ckpt, uneven, gated, seed):
     import torch.multiprocessing as mp
 
     world, N = 2, 61
@@ -532,7 +540,7 @@ def test_model_sequence_parallel_equals_unsplit(ckpt, uneven, seed):
         out_path = os.path.join(tmp, "sp.pt")
         ctx = mp.get_context("spawn")
         port = free_port()
-        procs = [ctx.Process(target=_sp_worker, args=(r, world, port, seed, N, bounds, ckpt, out_path))
+        procs = [ctx.Process(target=_sp_worker, args=(r, world, port, seed, N, bounds, ckpt, gated, out_path))
                  for r in range(world)]
         for p in procs:
             p.start()
@@ -546,7 +554,7 @@ def test_model_sequence_parallel_equals_unsplit(ckpt, uneven, seed):
         res = torch.load(out_path)
 
     torch.manual_seed(seed)
-    model = lmodels.LaspForCausalLM(lmodels.LaspConfig.tiny(loss_chunk_size=16))
+    model = lmodels.LaspForCausalLM(_sp_config(lmodels, False, gated))
     g = torch.Generator().manual_seed(seed + 1)
     ids = torch.randint(0, 128, (2, N), generator=g)
     labels = torch.randint(0, 128, (2, N), generator=g)
@@ -557,3 +565,71 @@ def test_model_sequence_parallel_equals_unsplit(ckpt, uneven, seed):
     for n, p in model.named_parameters():
         err = rel_err(res["grads"][n], p.grad)
         assert err < 1e-4, f"grad of {n}: rel err {err:.2e} between sp=2 and sp=1"
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-token state gates (LinearAttention(state_gate=...), LaspConfig.gated)
+
+
+def _gated_attention_f64(q, k, v, g, decay, scale):
+    """(B, N, H, *) inputs, g (B, N, H): the gated masked sum ((Q K^T) * M) V in float64 with autograd,
+    M[t, s] = exp(sum_{s < i <= t} (g[i] - decay)) for s <= t (finite gates)."""
+    q, k, v = (x.double().transpose(1, 2) for x in (q, k, v))
+    lg = g.double().transpose(1, 2)
+    if decay is not None:
+        lg = lg - decay.double()[None, :, None]
+    cum = lg.cumsum(-1)
+    N = q.shape[2]
+    mask = torch.ones(N, N, dtype=torch.bool).tril()
+    M = torch.exp((cum[..., :, None] - cum[..., None, :]).masked_fill(~mask, -float("inf")))
+    o = ((q @ k.transpose(-1, -2)) * M * scale) @ v
+    return o.transpose(1, 2)
+
+
+@pytest.mark.parametrize("kind", ["logsigmoid", "mamba2"])
+def test_linear_attention_state_gates(kind, seed):
+    """The layer with state gates equals project -> the gated recurrence (float64 masked sum) -> output, and
+    every parameter, the gate's included, gets the same gradient."""
+    _, lnn, _ = _lasp_modules()
+    torch.manual_seed(seed)
+    m = lnn.LinearAttention(32, 4, 2, state_gate=kind, decay="alibi").double()
+    x = torch.randn(2, 70, 32, dtype=torch.float64, generator=gen(seed))
+    y = m(x)
+    grads = torch.autograd.grad(y.square().sum(), list(m.parameters()))
+    q, k, v = m.project(x)
+    g = m.gates(x)
+    assert g.shape == (2, 70, 4) and g.dtype == torch.float64 and bool((g <= 0).all())
+    o = _gated_attention_f64(q, k.repeat_interleave(2, 2), v.repeat_interleave(2, 2), g, m.decay, m.head_dim ** -0.5)
+    y_ref = m.output(o, x)
+    assert rel_err(y, y_ref) < 1e-10
+    want = torch.autograd.grad(y_ref.square().sum(), list(m.parameters()))
+    names = [n for n, _ in m.named_parameters()]
+    assert any(n in ("A_log", "dt_bias", "dt_proj.weight", "gk_proj.weight") for n in names)
+    for n, a, b in zip(names, grads, want):
+        assert rel_err(a, b) < 1e-8, f"grad of {n}: rel err {rel_err(a, b):.2e}"
+
+
+def test_linear_attention_state_gate_errors():
+    _, lnn, _ = _lasp_modules()
+    with pytest.raises(ValueError, match="state_gate"):
+        lnn.LinearAttention(32, 4, state_gate="sigmoid")
+    with pytest.raises(ValueError, match="gate_logit_normalizer"):
+        lnn.LinearAttention(32, 4, state_gate="logsigmoid", gate_logit_normalizer=0.0)
+    m = lnn.LinearAttention(32, 4, state_gate="mamba2")
+    m.attn_impl = lambda q, k, v, decay, scale, group: v
+    with pytest.raises(ValueError, match="state gates are not supported with a custom attn_impl"):
+        m(torch.randn(1, 8, 32))
+
+
+def test_gated_model_forward_backward(seed):
+    _, _, lmodels = _lasp_modules()
+    torch.manual_seed(seed)
+    cfg = lmodels.LaspConfig.gated(**{**lmodels.LaspConfig.tiny().to_dict(), "state_gate": "mamba2", "decay": None})
+    assert cfg.state_gate == "mamba2" and cfg.decay is None
+    model = lmodels.LaspForCausalLM(cfg)
+    ids = torch.randint(0, 128, (2, 40), generator=gen(seed))
+    out = model(ids, ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    gate_grads = [p.grad for n, p in model.named_parameters() if n.endswith(("A_log", "dt_bias"))]
+    assert gate_grads and all(gr is not None and torch.isfinite(gr).all() and gr.abs().sum() > 0 for gr in gate_grads)
