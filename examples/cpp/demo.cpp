@@ -28,10 +28,19 @@ int main() {
   const double err_o = (torch::cat({o1, o2}, 2) - o).abs().max().item<double>();
   const double err_s = (s2 - final_state).abs().max().item<double>();
 
+  // Per-token log gates (differentiable): constant gates -decay[h] give the decayed attention above.
+  lasp::AttentionOptions gated;
+  auto g = (-lasp::alibi_slopes(H)).view({1, H, 1}).expand({B, H, N}).clone().requires_grad_();
+  gated.g = g;
+  auto [og, sg] = lasp::lasp_attention(q, k, v, gated);
+  og.square().sum().backward();
+  const double err_g = (og - o).abs().max().item<double>();
+
   std::cout << "o " << o.sizes() << ", final_state " << final_state.sizes() << ", |dq| "
             << q.grad().norm().item<double>() << ", split-vs-whole max error o " << err_o << ", state " << err_s
-            << "\n";
-  if (!q.grad().defined() || !k.grad().defined() || !v.grad().defined() || err_o > 1e-4 || err_s > 1e-3) {
+            << ", gates-vs-decay max error o " << err_g << "\n";
+  if (!q.grad().defined() || !k.grad().defined() || !v.grad().defined() || !g.grad().defined() || err_o > 1e-4 ||
+      err_s > 1e-3 || err_g > 1e-4) {
     std::cout << "lasp C++ demo: FAILED\n";
     return 1;
   }

@@ -2,8 +2,8 @@
 
 Output head h reads q head h // (H / Hq), k head h // (H / Hk) and v head h // (H / Hv), H = max(Hq, Hv).
 Checked against the float64 token-by-token recurrence (reference.gated_recurrent_grads, which expands and
-reduces heads itself), single process and across Gloo ranks; CUDA tensors refuse head maps they do not
-take with a named error.
+reduces heads itself), single process (fixed cases and a hypothesis property over head maps, lengths and
+gates) and across Gloo ranks; CUDA tensors refuse head maps they do not take with a named error.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import assert_close_to_ref, gen, randn, ref, spawn_world
 
@@ -218,3 +220,40 @@ def test_head_maps_ring_gloo(lasp, world):
             for name, dim in (("dg", 2), ("dq", 2), ("dk", 2), ("dv", 2)):
                 assert_close_to_ref(f"{name} {what}", torch.cat([x[name] for x in got], dim), r[name], dt)
             assert_close_to_ref(f"d_initial_state {what}", got[0]["d_initial_state"], r["d_initial_state"], dt)
+
+
+# ------------------------------------------------------------------ hypothesis over head maps
+
+
+@st.composite
+def _head_map(draw):
+    """(Hq, Hk, Hv): H = max(Hq, Hv), every count a divisor of H."""
+    H = draw(st.sampled_from([1, 2, 3, 4, 6]))
+    divisors = [d for d in range(1, H + 1) if H % d == 0]
+    if draw(st.booleans()):
+        Hq, Hv = H, draw(st.sampled_from(divisors))
+    else:
+        Hq, Hv = draw(st.sampled_from(divisors)), H
+    return Hq, draw(st.sampled_from(divisors)), Hv
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(heads=_head_map(), N=st.integers(0, 140), D=st.integers(1, 9), E=st.integers(1, 9),
+       gate_scale=st.sampled_from([0.0, 0.1, 3.0]), layout=st.sampled_from(["bhnd", "bnhd"]),
+       init=st.booleans())
+def test_head_maps_property(lasp, heads, N, D, E, gate_scale, layout, init):
+    Hq, Hk, Hv = heads
+    B, H = 1, max(Hq, Hv)
+    seed = 1000 + 7 * N + 13 * D + E
+    q, k, v, g, rates, s0 = _problem(B, Hq, Hk, Hv, N, D, E, dtype=F64, seed=seed, gates=True, decay=False,
+                                     init=init, resets=gate_scale > 1)
+    g = g * gate_scale
+    gd = gen(seed + 1)
+    do, df = randn((B, H, N, E), gd, F64), randn((B, H, D, E), gd, F64)
+    o, f, gr = _run(lasp, q, k, v, g, rates, s0, layout, do, df)
+    r = ref.gated_recurrent_grads(q, k, v, g, rates, None, s0, do, df)
+    what = f"heads={heads} N={N} D={D} E={E} gates x{gate_scale} {layout} init={init}"
+    assert_close_to_ref(f"o {what}", o, r["o"], F64)
+    assert_close_to_ref(f"final_state {what}", f, r["final_state"], F64)
+    for name, got in gr.items():
+        assert_close_to_ref(f"{name} {what}", got, r[name], F64)
