@@ -46,6 +46,7 @@ __all__ = [
     "allreduce_grads",
     "check_cu_seqlens",
     "document_position_ids",
+    "document_reset_gates",
     "split_packed",
 ]
 
@@ -406,6 +407,35 @@ def document_position_ids(cu_seqlens, start: int = 0, stop: Optional[int] = None
     if stop > total:
         raise ValueError(f"lasp.distributed.document_position_ids: stop ({stop}) must be <= the packed length ({total})")
     return _positions(cu, start, stop)
+
+
+def document_reset_gates(cu_seqlens, num_heads: int, start: int = 0, stop: Optional[int] = None,
+                         layout: str = "bhnd") -> torch.Tensor:
+    """Log gates that cut a packed row's state at every document start: ``-inf`` at the first token of every
+    document but the first, 0 elsewhere, for tokens ``start .. stop-1`` (a rank's piece; ``stop`` defaults to
+    the packed length). Pass them as ``lasp_attention(..., g=...)`` (add them to a model's own gates), and
+    each document attends only to itself, across ranks too; ``initial_state`` then feeds the first document
+    only, and the final state is the last document's. Returns a float32 CPU tensor (1, num_heads, n) for
+    layout "bhnd" or (1, n, num_heads) for "bnhd"."""
+    fn = "lasp.distributed.document_reset_gates"
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{fn}: cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    total = int(cu_seqlens[-1]) if cu_seqlens.numel() else 0
+    cu = check_cu_seqlens(cu_seqlens, total, "document_reset_gates")
+    stop = total if stop is None else stop
+    _check_int("document_reset_gates", "num_heads", num_heads, 1)
+    _check_int("document_reset_gates", "start", start, 0)
+    _check_int("document_reset_gates", "stop", stop, start)
+    if stop > total:
+        raise ValueError(f"{fn}: stop ({stop}) must be <= the packed length ({total})")
+    if layout not in ("bhnd", "bnhd"):
+        raise ValueError(f"{fn}: layout must be 'bhnd' or 'bnhd', got {layout!r}")
+    g = torch.zeros(stop - start, dtype=torch.float32)
+    starts = cu[1:-1]
+    starts = starts[(starts >= start) & (starts < stop)] - start
+    g[starts] = float("-inf")
+    g = g.view(1, 1, -1).expand(1, num_heads, -1)
+    return (g.transpose(1, 2) if layout == "bnhd" else g).contiguous()
 
 
 def _positions(cu: torch.Tensor, start: int, stop: int) -> torch.Tensor:
