@@ -147,17 +147,65 @@ def run(case, dev):
     print(f"ok  {name}", flush=True)
 
 
+# Per-token gates (resets included) and head maps: (name, B, Hq, Hk, Hv, N, D, E, dtype, gates)
+GATED_CASES = [
+    ("gates fp32 segments resets", 1, 2, 2, 2, 300, 16, 8, F32, True),
+    ("gates bf16 GVA segments", 1, 1, 1, 4, 200, 64, 32, BF16, True),
+    ("gates fp64 mixed maps", 1, 6, 2, 3, 70, 8, 5, F64, True),
+    ("head maps fp16 GVA no gates", 2, 2, 2, 4, 130, 32, 16, F16, False),
+]
+
+
+def run_gated(case, dev):
+    from lasp.reference import gated_recurrent_grads
+
+    name, B, Hq, Hk, Hv, N, D, E, dt, gates = case
+    H = max(Hq, Hv)
+    g = torch.Generator().manual_seed(N * 7 + D)
+    acc = F64 if dt == F64 else F32
+    q, k, v = (torch.randn(B, h, N, x, generator=g).to(dt) for h, x in ((Hq, D), (Hk, D), (Hv, E)))
+    do = torch.randn(B, H, N, E, generator=g).to(dt)
+    s0, dS = (torch.randn(B, H, D, E, generator=g).to(acc) for _ in range(2))
+    lg = None
+    if gates:
+        lg = -torch.nn.functional.softplus(torch.randn(B, H, N, generator=g)).to(acc)
+        lg[:, :, N // 2] = float("-inf")
+        lg[0, 0, 0] = float("-inf")
+    ins = [t.to(dev).requires_grad_(True) for t in (q, k, v, s0)] + ([lg.to(dev).requires_grad_(True)] if gates else [])
+    o, f = lasp.lasp_attention(ins[0], ins[1], ins[2], g=ins[4] if gates else None, initial_state=ins[3],
+                               output_final_state=True)
+    gr = torch.autograd.grad([o, f], ins, [do.to(dev), dS.to(dev)])
+    torch.cuda.synchronize()
+    r = gated_recurrent_grads(q.double(), k.double(), v.double(), None if lg is None else lg.double(), None, None,
+                              s0.double(), do.double(), dS.double())
+    names = ["o", "final_state", "dq", "dk", "dv", "d_initial_state"] + (["dg"] if gates else [])
+    got = [o, f] + list(gr)  # o, final state, dq, dk, dv, d_initial_state, (dg)
+    tol = {F64: 1e-10, F32: 1e-4}.get(dt, 5e-2)
+    for qname, a in zip(names, got):
+        b = r[qname]
+        a = a.detach().cpu().double()
+        if not torch.isfinite(a).all():
+            raise AssertionError(f"{name}: {qname} has non-finite entries")
+        den = b.norm().item()
+        err = (a - b).norm().item() / den if den > 0 else (a - b).norm().item()
+        if err > tol:
+            raise AssertionError(f"{name}: {qname} relative error {err:.3e} > {tol:.0e}")
+    print(f"ok  {name}", flush=True)
+
+
 def main():
     assert torch.cuda.is_available(), "no CUDA device"
     dev = torch.device("cuda", 0)
     failed = 0
-    for case in CASES:
-        try:
-            run(case, dev)
-        except Exception as e:  # noqa: BLE001 - report every case, fail at the end
-            failed += 1
-            print(f"FAIL {case[0]}: {type(e).__name__}: {e}", flush=True)
-    print(f"driver: {len(CASES) - failed}/{len(CASES)} cases ok", flush=True)
+    for fn, cases in ((run, CASES), (run_gated, GATED_CASES)):
+        for case in cases:
+            try:
+                fn(case, dev)
+            except Exception as e:  # noqa: BLE001 - report every case, fail at the end
+                failed += 1
+                print(f"FAIL {case[0]}: {type(e).__name__}: {e}", flush=True)
+    total = len(CASES) + len(GATED_CASES)
+    print(f"driver: {total - failed}/{total} cases ok", flush=True)
     torch.cuda.synchronize()
     sys.stdout.flush()
     # Leave without interpreter teardown: once, under initcheck, the process aborted in teardown

@@ -52,8 +52,11 @@ inline Tv<T> make_tv_contig(void* p, int64_t H, int64_t N, int64_t X) {
 template <typename A>
 struct Ctx {
   int B, H, Hkv, group, N, D, E;
+  int Hq, Hv;      // q and v heads (head maps, lasp_params.h)
+  int gq, gk, gv;  // output heads per q, k and v head: H / Hq, H / Hkv (= group), H / Hv
   A scale;
   const A* decay;  // [H] or nullptr
+  const A* g;      // per-token log gates, contiguous (B, H, N), or nullptr
   int nseg;        // segments per (b, h)
   int seglen;      // tokens per segment (last may be shorter)
 };

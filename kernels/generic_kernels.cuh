@@ -19,10 +19,78 @@ namespace lasp {
 namespace cuda {
 namespace detail {
 
-// Powers gamma^i for i = 0 .. C into smem.
+// Shared-memory elements of a ChunkDecay for chunks of up to C tokens.
+__host__ __device__ constexpr int decay_smem_elems(int C) { return 4 * C + 2; }
+
+// The decay weights of one chunk of len tokens (lasp_params.h), with lam[i] the log gate of its token i
+// (g[i] - lambda with gates, -lambda without):
+//   w(t, s) = exp(sum_{s < i <= t} lam[i])   (s <= t: token s seen at token t)
+//   pre(t)  = exp(sum_{i <= t} lam[i])       (the chunk's incoming state seen at token t)
+//   suf(s)  = exp(sum_{s < i < len} lam[i])  (token s seen at the chunk's end)
+//   tot()   = exp(sum_{i < len} lam[i])      (the chunk's transition)
+// Constant decay reads a table of gamma^i filled once. With gates every weight is the exp of a sum over its
+// own range, never a difference of prefix sums, so a -inf gate (a reset) gives exact zeros, never inf - inf.
+// Lives in decay_smem_elems(C) elements of shared memory; set_chunk syncs the block (call it from every
+// thread, after the sync that ends the previous chunk's reads, and sync again before reading).
 template <typename A>
-__device__ __forceinline__ void fill_pow(A* Gp, int C, A lg) {
-  for (int i = threadIdx.x; i <= C; i += blockDim.x) Gp[i] = exp_acc(lg * A(i));
+struct ChunkDecay {
+  A* pw;        // C + 1 powers gamma^i (no gates)
+  A* lam;       // C log gates of the chunk (gates)
+  A* pre_;      // C
+  A* suf_;      // C
+  A* tot_;      // 1
+  const A* g;   // row (b, h) of the gates, or null
+  A lg;         // -lambda_h
+  int len;
+
+  __device__ void init(A* base, int C, const Ctx<A>& c, int bh, int h) {
+    pw = base;
+    lam = pw + C + 1;
+    pre_ = lam + C;
+    suf_ = pre_ + C;
+    tot_ = suf_ + C;
+    g = c.g ? c.g + (size_t)bh * c.N : nullptr;
+    lg = log_gamma(c, h);
+    len = 0;
+    if (!g) {
+      for (int i = threadIdx.x; i <= C; i += blockDim.x) pw[i] = exp_acc(lg * A(i));
+    }
+  }
+  __device__ void set_chunk(int c0, int n) {
+    len = n;
+    if (!g) return;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) lam[i] = g[c0 + i] + lg;
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      A r = 0;
+      for (int j = 0; j <= i; ++j) r += lam[j];
+      pre_[i] = exp_acc(r);
+      if (i == n - 1) *tot_ = exp_acc(r);
+      A u = 0;
+      for (int j = i + 1; j < n; ++j) u += lam[j];
+      suf_[i] = exp_acc(u);
+    }
+  }
+  __device__ __forceinline__ A w(int t, int s) const {
+    if (!g) return pw[t - s];
+    A r = 0;
+    for (int i = s + 1; i <= t; ++i) r += lam[i];
+    return exp_acc(r);
+  }
+  __device__ __forceinline__ A pre(int t) const { return g ? pre_[t] : pw[t + 1]; }
+  __device__ __forceinline__ A suf(int s) const { return g ? suf_[s] : pw[len - 1 - s]; }
+  __device__ __forceinline__ A tot() const { return g ? *tot_ : pw[len]; }
+};
+
+// The transition of the tokens after segment seg of (b, h) to the piece's end: exp(sum of their log gates),
+// from the segments' log sums (null: one segment, or no gates: gamma^(tokens after)).
+template <typename A>
+__device__ __forceinline__ A after_segment(const Ctx<A>& c, const A* seglog, int bh, int h, int seg) {
+  if (!c.g) return exp_acc(log_gamma(c, h) * A(c.N - min(c.N, (seg + 1) * c.seglen)));
+  if (!seglog) return A(1);
+  A r = 0;
+  for (int j = seg + 1; j < c.nseg; ++j) r += seglog[(size_t)bh * c.nseg + j];
+  return exp_acc(r);
 }
 
 // Load rows [n0, n0+len) x cols [x0, x0+w) of view v (b, h) into smem tile (leading dim ld).
@@ -36,9 +104,10 @@ __device__ __forceinline__ void load_tile(A* dst, int ld, const Tv<const T>& v, 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Phase 1: local state of one segment, columns [y0, y0+ty) of the (Dx x Ey) state.
-//  REVERSE = false: L = sum_s gamma^(end-1-s) x[s]^T y[s]       (x = k, y = v; kv head)
-//  REVERSE = true:  M = scale * sum_t gamma^(t-start+1) x[t]^T y[t] (x = q, y = dout; query head)
+// Phase 1: local state of one segment, columns [y0, y0+ty) of the (Dx x Ey) state of output head h.
+//  REVERSE = false: L = sum_s suf_seg(s) x[s]^T y[s]          (x = k, y = v)
+//  REVERSE = true:  M = scale * sum_t pre_seg(t) x[t]^T y[t]  (x = q, y = dout)
+// (suf_seg, pre_seg: the ChunkDecay weights over the whole segment.)
 // Output: W[((b*H + h)*nseg + seg) * Dx*Ey + d*Ey + e] for seg = seg0 + blockIdx.y (the grid may cover a
 // subset of the segments).
 template <typename T, typename A, bool REVERSE>
@@ -50,12 +119,11 @@ __global__ void state_local_kernel(Ctx<A> c, Tv<const T> x, Tv<const T> y, int D
   A* Xs = sm;
   A* Ys = Xs + C * ldx;
   A* Ss = Ys + C * tile;
-  A* Gp = Ss + Dx * tile;
   const int seg = seg0 + blockIdx.y, bh = blockIdx.x, b = bh / c.H, h = bh % c.H;
-  const int hx = REVERSE ? h : h / c.group;
+  const int hx = REVERSE ? h / c.gq : h / c.gk, hy = REVERSE ? h : h / c.gv;
   const int y0 = blockIdx.z * tile, ty = min(tile, Ey - y0);
-  const A lg = log_gamma(c, h);
-  fill_pow(Gp, C, lg);
+  ChunkDecay<A> dec;
+  dec.init(Ss + Dx * tile, C, c, bh, h);
   for (int i = threadIdx.x; i < Dx * ty; i += blockDim.x) Ss[i] = A(0);
   const int n0 = seg * c.seglen, n1 = min(c.N, n0 + c.seglen);
   const int nch = (n1 - n0 + C - 1) / C;
@@ -63,18 +131,20 @@ __global__ void state_local_kernel(Ctx<A> c, Tv<const T> x, Tv<const T> y, int D
     const int cc = REVERSE ? nch - 1 - ci : ci;
     const int c0 = n0 + cc * C, len = min(C, n1 - c0);
     __syncthreads();
+    dec.set_chunk(c0, len);
     load_tile<A>(Xs, ldx, x, b, hx, c0, len, 0, Dx);
-    load_tile<A>(Ys, tile, y, b, hx, c0, len, y0, ty);
+    load_tile<A>(Ys, tile, y, b, hy, c0, len, y0, ty);
     __syncthreads();
+    const A tot = dec.tot();
     for (int i = threadIdx.x; i < Dx * ty; i += blockDim.x) {
       const int d = i / ty, e = i - d * ty;
       A acc = 0;
       for (int s = 0; s < len; ++s) {
-        const A w = REVERSE ? Gp[s + 1] : Gp[len - 1 - s];
+        const A w = REVERSE ? dec.pre(s) : dec.suf(s);
         acc += w * Xs[s * ldx + d] * Ys[s * tile + e];
       }
       if (REVERSE) acc *= c.scale;
-      Ss[i] = Gp[len] * Ss[i] + acc;
+      Ss[i] = tot * Ss[i] + acc;
     }
   }
   __syncthreads();
@@ -85,20 +155,37 @@ __global__ void state_local_kernel(Ctx<A> c, Tv<const T> x, Tv<const T> y, int D
   }
 }
 
+// With gates: the sum of each segment's log gates, seglog[(b*H + h)*nseg + j] (-inf where it holds a reset).
+template <typename A>
+__global__ void segment_gate_logs_kernel(Ctx<A> c, A* seglog) {
+  const int64_t total = (int64_t)c.B * c.H * c.nseg;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+    const int j = (int)(i % c.nseg);
+    const int64_t bh = i / c.nseg;
+    const int h = (int)(bh % c.H);
+    const int n0 = j * c.seglen, n1 = min(c.N, n0 + c.seglen);
+    const A* g = c.g + bh * c.N;
+    A r = log_gamma(c, h) * A(n1 - n0);
+    for (int t = n0; t < n1; ++t) r += g[t];
+    seglog[i] = r;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Phase 2: the segments' local states combined in segment order, one thread per state element.
+// T_j: segment j's transition, gamma^len(j), or with gates exp(seglog[j]).
 // Forward (kReverse = false): W[j] holds L_j on entry and (in_place) S_in(j) on exit;
-//   S_in(0) = start (state_in, or 0); S_in(j) = gamma^len(j-1) S_in(j-1) + L_(j-1);
-//   end (state_out) = gamma^len(last) S_in(last) + L_last.
+//   S_in(0) = start (state_in, or 0); S_in(j) = T_(j-1) S_in(j-1) + L_(j-1);
+//   end (state_out) = T_last S_in(last) + L_last.
 // Backward (kReverse = true): W[j] holds M_j on entry and (in_place) G_j (gradient w.r.t. the state at
-//   the end of segment j) on exit; G_last = start (grad_state_out, or 0); G_j = gamma^len(j+1) G_(j+1) +
-//   M_(j+1); end (grad_state_in) = gamma^len(0) G_0 + M_0.
+//   the end of segment j) on exit; G_last = start (grad_state_out, or 0); G_j = T_(j+1) G_(j+1) +
+//   M_(j+1); end (grad_state_in) = T_0 G_0 + M_0.
 // skip = 1: the local state of the last segment visited (forward: the last, backward: the first) is not
 // read (phase 1 did not compute it); end must then be null, since it needs that state.
 constexpr int kScanBatch = 8;
 
 template <typename A, bool kReverse>
-__global__ void scan_kernel(Ctx<A> c, A* W, const A* start, A* end, bool in_place, int skip) {
+__global__ void scan_kernel(Ctx<A> c, A* W, const A* start, A* end, bool in_place, int skip, const A* seglog) {
   const int DE = c.D * c.E;
   const int bh = blockIdx.x;
   const int i = blockIdx.y * blockDim.x + threadIdx.x;
@@ -119,15 +206,16 @@ __global__ void scan_kernel(Ctx<A> c, A* W, const A* start, A* end, bool in_plac
       const int j = seg(t0 + u);
       const int len = min(c.seglen, c.N - j * c.seglen);
       if (in_place) w[(size_t)j * DE] = run;
-      run = exp_acc(lg * A(len)) * run + l[u];
+      const A tr = seglog ? exp_acc(seglog[(size_t)bh * c.nseg + j]) : exp_acc(lg * A(len));
+      run = tr * run + l[u];
     }
   }
   if (end) end[(size_t)bh * DE + i] = run;
 }
 
 // ---------------------------------------------------------------------------------------------
-// Phase 3, forward: o for columns [e0, e0+tile) of one segment.
-// S0: the segment's carried state (B,H,D,E)-indexed base (segment-resolved by the caller's layout), or null.
+// Phase 3, forward: o for columns [e0, e0+tile) of one segment, output head h.
+// The segment's carried state: segS (its phase-2 input state) with several segments, else state_in (or 0).
 template <typename T, typename A>
 __global__ void fwd_main_kernel(Ctx<A> c, Tv<const T> q, Tv<const T> k, Tv<const T> v, Tv<T> o, const A* state_in,
                                 const A* segS, A* state_out, int C, int tile) {
@@ -139,11 +227,11 @@ __global__ void fwd_main_kernel(Ctx<A> c, Tv<const T> q, Tv<const T> k, Tv<const
   A* Vs = Ks + C * ld;
   A* Ps = Vs + C * tile;
   A* Ss = Ps + C * C;     // the carried state's columns [e0, e0+te): D x te, row-major (leading dim te)
-  A* Gp = Ss + D * tile;
-  const int seg = blockIdx.y, bh = blockIdx.x, b = bh / c.H, h = bh % c.H, kh = h / c.group;
+  const int seg = blockIdx.y, bh = blockIdx.x, b = bh / c.H, h = bh % c.H;
+  const int hq = h / c.gq, hk = h / c.gk, hv = h / c.gv;
   const int e0 = blockIdx.z * tile, te = min(tile, E - e0);
-  const A lg = log_gamma(c, h);
-  fill_pow(Gp, C, lg);
+  ChunkDecay<A> dec;
+  dec.init(Ss + D * tile, C, c, bh, h);
   const A* S0 = c.nseg > 1 ? segS + ((size_t)bh * c.nseg + seg) * D * E : (state_in ? state_in + (size_t)bh * D * E : nullptr);
   for (int i = threadIdx.x; i < D * te; i += blockDim.x) {
     const int d = i / te, e = i - d * te;
@@ -153,16 +241,17 @@ __global__ void fwd_main_kernel(Ctx<A> c, Tv<const T> q, Tv<const T> k, Tv<const
   for (int c0 = n0; c0 < n1; c0 += C) {
     const int len = min(C, n1 - c0);
     __syncthreads();
-    load_tile<A>(Qs, ld, q, b, h, c0, len, 0, D);
-    load_tile<A>(Ks, ld, k, b, kh, c0, len, 0, D);
-    load_tile<A>(Vs, tile, v, b, kh, c0, len, e0, te);
+    dec.set_chunk(c0, len);
+    load_tile<A>(Qs, ld, q, b, hq, c0, len, 0, D);
+    load_tile<A>(Ks, ld, k, b, hk, c0, len, 0, D);
+    load_tile<A>(Vs, tile, v, b, hv, c0, len, e0, te);
     __syncthreads();
     for (int i = threadIdx.x; i < len * len; i += blockDim.x) {
       const int t = i / len, s = i - t * len;
       if (s > t) continue;
       A acc = 0;
       for (int d = 0; d < D; ++d) acc += Qs[t * ld + d] * Ks[s * ld + d];
-      Ps[t * C + s] = c.scale * Gp[t - s] * acc;
+      Ps[t * C + s] = c.scale * dec.w(t, s) * acc;
     }
     __syncthreads();
     for (int i = threadIdx.x; i < len * te; i += blockDim.x) {
@@ -171,15 +260,16 @@ __global__ void fwd_main_kernel(Ctx<A> c, Tv<const T> q, Tv<const T> k, Tv<const
       for (int s = 0; s <= t; ++s) acc += Ps[t * C + s] * Vs[s * tile + e];
       A inter = 0;
       for (int d = 0; d < D; ++d) inter += Qs[t * ld + d] * Ss[d * te + e];
-      acc += c.scale * Gp[t + 1] * inter;
+      acc += c.scale * dec.pre(t) * inter;
       o.at(b, h, c0 + t, e0 + e) = from_acc<T>(acc);
     }
     __syncthreads();
+    const A tot = dec.tot();
     for (int i = threadIdx.x; i < D * te; i += blockDim.x) {
       const int d = i / te, e = i - d * te;
       A acc = 0;
-      for (int s = 0; s < len; ++s) acc += Gp[len - 1 - s] * Ks[s * ld + d] * Vs[s * tile + e];
-      Ss[i] = Gp[len] * Ss[i] + acc;
+      for (int s = 0; s < len; ++s) acc += dec.suf(s) * Ks[s * ld + d] * Vs[s * tile + e];
+      Ss[i] = tot * Ss[i] + acc;
     }
   }
   if (state_out && seg == c.nseg - 1) {  // the state after the sequence's last chunk
@@ -191,30 +281,50 @@ __global__ void fwd_main_kernel(Ctx<A> c, Tv<const T> q, Tv<const T> k, Tv<const
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Phase 3, backward, dq and dk for rows [d0, d0+tile) of the head dim D (per query head h).
-//  loop 1 (forward over chunks, state S):  dq[t] = sum_{s<=t} scale g^(t-s) (do[t].v[s]) k[s] + scale g^(t+1) do[t] S^T
-//  loop 2 (backward over chunks, state R): dk[s] = sum_{t>=s} scale g^(t-s) (do[t].v[s]) q[t] + g^(len-1-s) v[s] R^T
-// dk goes to dkv (OT = T when H == Hkv, else a per-query-head fp32 workspace reduced later).
+// The gradient of the gates (lasp_params.h, dg_part; the CPU backward sums the same terms). Per output head:
+//   dg[j] = sum_{t >= j} a[t] - sum_{s >= j} b[s] + sum_{s < j} p[s] + <S_in, T G>
+// a[t] = q[t].dq_h[t] without the s = t pair (the pairs (x, t), x < t a token or S_in), b[s] = k[s].dk_h[s]
+// without the s = t pair and without G's term (the pairs (s, t), t > s a token), p[s] = k[s].(G's term of
+// dk_h[s]) (the pair (s, G)), T the piece's transition. Each sum reads only pairs that span token j, and G's
+// part is carried apart from the tokens' (split below), so no term enters twice with opposite signs.
+// bwd_dqdk_kernel adds a[t] - b[s] into dg (zeroed first) and p[s] into gp; dg_finish_kernel forms the sums.
+
+// Phase 3, backward, dq and dk for rows [d0, d0+tile) of the head dim D (per output head h).
+//  loop 1 (forward over chunks, state S):  dq[t] = sum_{s<=t} scale w(t,s) (do[t].v[s]) k[s] + scale pre(t) do[t] S^T
+//  loop 2 (backward over chunks, state R): dk[s] = sum_{t>=s} scale w(t,s) (do[t].v[s]) q[t] + suf(s) v[s] R^T
+// dq, dk go to views of output-head rows (OT = T where each q / k head has one output head, else a
+// per-output-head workspace in the acc type, reduced later). split (gates with a G): the scan ran without
+// G, R carries the tokens' part (R'), and G's part is added per token as sufp(s) v[s] G^T, sufp(s) the
+// transition from token s to the piece's end.
 template <typename T, typename A, typename OT>
-__global__ void bwd_dqdk_kernel(Ctx<A> c, Tv<const T> q, Tv<const T> k, Tv<const T> v, Tv<const T> dout, Tv<T> dq,
-                                Tv<OT> dk, int dk_per_query_head, const A* state_in, const A* grad_state_out,
-                                const A* segS, const A* segG, A* grad_state_in, int C, int tile) {
+__global__ void bwd_dqdk_kernel(Ctx<A> c, Tv<const T> q, Tv<const T> k, Tv<const T> v, Tv<const T> dout, Tv<OT> dq,
+                                Tv<OT> dk, const A* state_in, const A* grad_state_out, const A* segS,
+                                const A* segG, A* grad_state_in, A* dg, A* gp, const A* seglog, int split, int C,
+                                int tile) {
   extern __shared__ unsigned char smem_raw[];
   A* sm = reinterpret_cast<A*>(smem_raw);
   const int D = c.D, E = c.E, lde = E + 1, ldx = tile + 1;
   A* DOs = sm;
   A* Vs = DOs + C * lde;
-  A* Xs = Vs + C * lde;   // k or q, columns [d0, d0+td)
+  A* Xs = Vs + C * lde;   // k (loop 1) or q (loop 2), columns [d0, d0+td)
   A* Ps = Xs + C * ldx;
   A* Ss = Ps + C * C;     // td x E: S, then R
-  A* Gp = Ss + tile * E;
-  const int seg = blockIdx.y, bh = blockIdx.x, b = bh / c.H, h = bh % c.H, kh = h / c.group;
+  A* Dc = Ss + tile * E;  // decay
+  // with dg: q (loop 1) or k (loop 2) columns [d0, d0+td), the chunk's a / b and p sums, G's rows
+  A* Ys = Dc + decay_smem_elems(C);
+  A* dgs = Ys + C * ldx;
+  A* gps = dgs + C;
+  A* Gs = gps + C;
+  const int seg = blockIdx.y, bh = blockIdx.x, b = bh / c.H, h = bh % c.H;
+  const int hq = h / c.gq, hk = h / c.gk, hv = h / c.gv;
   const int d0 = blockIdx.z * tile, td = min(tile, D - d0);
-  const A lg = log_gamma(c, h);
-  fill_pow(Gp, C, lg);
+  ChunkDecay<A> dec;
+  dec.init(Dc, C, c, bh, h);
   const int n0 = seg * c.seglen, n1 = min(c.N, n0 + c.seglen);
   const int nch = (n1 - n0 + C - 1) / C;
+  if (dg) {
+    for (int i = threadIdx.x; i < C; i += blockDim.x) dgs[i] = gps[i] = A(0);
+  }
   // ---- loop 1: dq ----
   {
     const A* S0 = c.nseg > 1 ? segS + ((size_t)bh * c.nseg + seg) * D * E : (state_in ? state_in + (size_t)bh * D * E : nullptr);
@@ -226,34 +336,45 @@ __global__ void bwd_dqdk_kernel(Ctx<A> c, Tv<const T> q, Tv<const T> k, Tv<const
   for (int ci = 0; ci < nch; ++ci) {
     const int c0 = n0 + ci * C, len = min(C, n1 - c0);
     __syncthreads();
+    dec.set_chunk(c0, len);
     load_tile<A>(DOs, lde, dout, b, h, c0, len, 0, E);
-    load_tile<A>(Vs, lde, v, b, kh, c0, len, 0, E);
-    load_tile<A>(Xs, ldx, k, b, kh, c0, len, d0, td);
+    load_tile<A>(Vs, lde, v, b, hv, c0, len, 0, E);
+    load_tile<A>(Xs, ldx, k, b, hk, c0, len, d0, td);
+    if (dg) load_tile<A>(Ys, ldx, q, b, hq, c0, len, d0, td);
     __syncthreads();
     for (int i = threadIdx.x; i < len * len; i += blockDim.x) {
       const int t = i / len, s = i - t * len;
       if (s > t) continue;
       A acc = 0;
       for (int e = 0; e < E; ++e) acc += DOs[t * lde + e] * Vs[s * lde + e];
-      Ps[t * C + s] = c.scale * Gp[t - s] * acc;
+      Ps[t * C + s] = c.scale * dec.w(t, s) * acc;
     }
     __syncthreads();
     for (int i = threadIdx.x; i < len * td; i += blockDim.x) {
       const int t = i / td, d = i - t * td;
       A acc = 0;
-      for (int s = 0; s <= t; ++s) acc += Ps[t * C + s] * Xs[s * ldx + d];
+      for (int s = 0; s < t; ++s) acc += Ps[t * C + s] * Xs[s * ldx + d];
       A inter = 0;
       for (int e = 0; e < E; ++e) inter += DOs[t * lde + e] * Ss[d * E + e];
-      acc += c.scale * Gp[t + 1] * inter;
-      dq.at(b, h, c0 + t, d0 + d) = from_acc<T>(acc);
+      acc += c.scale * dec.pre(t) * inter;  // the pairs (x, t), x < t
+      if (dg) atomicAdd(&dgs[t], Ys[t * ldx + d] * acc);
+      acc += Ps[t * C + t] * Xs[t * ldx + d];
+      dq.at(b, h, c0 + t, d0 + d) = from_acc<OT>(acc);
     }
     __syncthreads();
+    if (dg) {
+      for (int t = threadIdx.x; t < len; t += blockDim.x) {
+        atomicAdd(&dg[(size_t)bh * c.N + c0 + t], dgs[t]);
+        dgs[t] = A(0);
+      }
+    }
     if (ci + 1 < nch) {
+      const A tot = dec.tot();
       for (int i = threadIdx.x; i < td * E; i += blockDim.x) {
         const int d = i / E, e = i - d * E;
         A acc = 0;
-        for (int s = 0; s < len; ++s) acc += Gp[len - 1 - s] * Xs[s * ldx + d] * Vs[s * lde + e];
-        Ss[i] = Gp[len] * Ss[i] + acc;
+        for (int s = 0; s < len; ++s) acc += dec.suf(s) * Xs[s * ldx + d] * Vs[s * lde + e];
+        Ss[i] = tot * Ss[i] + acc;
       }
     }
   }
@@ -261,60 +382,86 @@ __global__ void bwd_dqdk_kernel(Ctx<A> c, Tv<const T> q, Tv<const T> k, Tv<const
   __syncthreads();
   {
     const A* G0 = c.nseg > 1 ? segG + ((size_t)bh * c.nseg + seg) * D * E
-                             : (grad_state_out ? grad_state_out + (size_t)bh * D * E : nullptr);
+                             : (split ? nullptr : (grad_state_out ? grad_state_out + (size_t)bh * D * E : nullptr));
     for (int i = threadIdx.x; i < td * E; i += blockDim.x) {
       const int d = i / E, e = i - d * E;
       Ss[i] = G0 ? G0[(size_t)(d0 + d) * E + e] : A(0);
+      if (split) Gs[i] = grad_state_out[(size_t)bh * D * E + (size_t)(d0 + d) * E + e];
     }
   }
-  const int hk = dk_per_query_head ? h : kh;
+  A after = split ? after_segment(c, seglog, bh, h, seg) : A(0);  // transition from the chunk's end to the piece's
   for (int ci = nch - 1; ci >= 0; --ci) {
     const int c0 = n0 + ci * C, len = min(C, n1 - c0);
     __syncthreads();
+    dec.set_chunk(c0, len);
     load_tile<A>(DOs, lde, dout, b, h, c0, len, 0, E);
-    load_tile<A>(Vs, lde, v, b, kh, c0, len, 0, E);
-    load_tile<A>(Xs, ldx, q, b, h, c0, len, d0, td);
+    load_tile<A>(Vs, lde, v, b, hv, c0, len, 0, E);
+    load_tile<A>(Xs, ldx, q, b, hq, c0, len, d0, td);
+    if (dg) load_tile<A>(Ys, ldx, k, b, hk, c0, len, d0, td);
     __syncthreads();
-    // Ps[s][t] = scale g^(t-s) (do[t].v[s]) for t >= s
+    // Ps[s][t] = scale w(t,s) (do[t].v[s]) for t >= s
     for (int i = threadIdx.x; i < len * len; i += blockDim.x) {
       const int s = i / len, t = i - s * len;
       if (t < s) continue;
       A acc = 0;
       for (int e = 0; e < E; ++e) acc += DOs[t * lde + e] * Vs[s * lde + e];
-      Ps[s * C + t] = c.scale * Gp[t - s] * acc;
+      Ps[s * C + t] = c.scale * dec.w(t, s) * acc;
     }
     __syncthreads();
     for (int i = threadIdx.x; i < len * td; i += blockDim.x) {
       const int s = i / td, d = i - s * td;
       A acc = 0;
-      for (int t = s; t < len; ++t) acc += Ps[s * C + t] * Xs[t * ldx + d];
+      for (int t = s + 1; t < len; ++t) acc += Ps[s * C + t] * Xs[t * ldx + d];
       A inter = 0;
       for (int e = 0; e < E; ++e) inter += Vs[s * lde + e] * Ss[d * E + e];
-      acc += Gp[len - 1 - s] * inter;
-      dk.at(b, hk, c0 + s, d0 + d) = from_acc<OT>(acc);
+      acc += dec.suf(s) * inter;  // the pairs (s, t), t > s a token
+      if (dg) atomicAdd(&dgs[s], -Ys[s * ldx + d] * acc);
+      acc += Ps[s * C + s] * Xs[s * ldx + d];
+      if (split) {  // G's term, and the pair (s, G)
+        A gi = 0;
+        for (int e = 0; e < E; ++e) gi += Vs[s * lde + e] * Gs[d * E + e];
+        gi *= dec.suf(s) * after;
+        atomicAdd(&gps[s], Ys[s * ldx + d] * gi);
+        acc += gi;
+      }
+      dk.at(b, h, c0 + s, d0 + d) = from_acc<OT>(acc);
     }
     __syncthreads();
+    if (dg) {
+      for (int t = threadIdx.x; t < len; t += blockDim.x) {
+        atomicAdd(&dg[(size_t)bh * c.N + c0 + t], dgs[t]);
+        dgs[t] = A(0);
+        if (split) {
+          atomicAdd(&gp[(size_t)bh * c.N + c0 + t], gps[t]);
+          gps[t] = A(0);
+        }
+      }
+    }
+    const A tot = dec.tot();
     for (int i = threadIdx.x; i < td * E; i += blockDim.x) {
       const int d = i / E, e = i - d * E;
       A acc = 0;
-      for (int t = 0; t < len; ++t) acc += Gp[t + 1] * Xs[t * ldx + d] * DOs[t * lde + e];
-      Ss[i] = Gp[len] * Ss[i] + c.scale * acc;
+      for (int t = 0; t < len; ++t) acc += dec.pre(t) * Xs[t * ldx + d] * DOs[t * lde + e];
+      Ss[i] = tot * Ss[i] + c.scale * acc;
     }
+    after *= tot;
   }
   if (grad_state_in && seg == 0) {  // the state gradient before the sequence's first chunk
     __syncthreads();
     for (int i = threadIdx.x; i < td * E; i += blockDim.x) {
       const int d = i / E, e = i - d * E;
-      grad_state_in[(size_t)bh * D * E + (size_t)(d0 + d) * E + e] = Ss[i];
+      const A r = split ? Ss[i] + after * Gs[i] : Ss[i];
+      grad_state_in[(size_t)bh * D * E + (size_t)(d0 + d) * E + e] = r;
     }
   }
 }
 
-// Phase 3, backward, dv for columns [e0, e0+tile) (per query head h; backward over chunks, state R):
-//  dv[s] = sum_{t>=s} scale g^(t-s) (q[t].k[s]) do[t] + g^(len-1-s) k[s] R
+// Phase 3, backward, dv for columns [e0, e0+tile) (per output head h; backward over chunks, state R):
+//  dv[s] = sum_{t>=s} scale w(t,s) (q[t].k[s]) do[t] + suf(s) k[s] R
+// split: the scan ran without G; R starts from the segment's G' plus G seen from the segment's end.
 template <typename T, typename A, typename OT>
-__global__ void bwd_dv_kernel(Ctx<A> c, Tv<const T> q, Tv<const T> k, Tv<const T> dout, Tv<OT> dv, int dv_per_query_head,
-                              const A* grad_state_out, const A* segG, int C, int tile) {
+__global__ void bwd_dv_kernel(Ctx<A> c, Tv<const T> q, Tv<const T> k, Tv<const T> dout, Tv<OT> dv,
+                              const A* grad_state_out, const A* segG, const A* seglog, int split, int C, int tile) {
   extern __shared__ unsigned char smem_raw[];
   A* sm = reinterpret_cast<A*>(smem_raw);
   const int D = c.D, E = c.E, ld = D + 1;
@@ -323,27 +470,30 @@ __global__ void bwd_dv_kernel(Ctx<A> c, Tv<const T> q, Tv<const T> k, Tv<const T
   A* DOs = Ks + C * ld;
   A* Ps = DOs + C * tile;
   A* Rs = Ps + C * C;     // the state gradient's columns [e0, e0+te): D x te, row-major (leading dim te)
-  A* Gp = Rs + D * tile;
-  const int seg = blockIdx.y, bh = blockIdx.x, b = bh / c.H, h = bh % c.H, kh = h / c.group;
+  const int seg = blockIdx.y, bh = blockIdx.x, b = bh / c.H, h = bh % c.H;
+  const int hq = h / c.gq, hk = h / c.gk;
   const int e0 = blockIdx.z * tile, te = min(tile, E - e0);
-  const A lg = log_gamma(c, h);
-  fill_pow(Gp, C, lg);
+  ChunkDecay<A> dec;
+  dec.init(Rs + D * tile, C, c, bh, h);
   {
     const A* G0 = c.nseg > 1 ? segG + ((size_t)bh * c.nseg + seg) * D * E
-                             : (grad_state_out ? grad_state_out + (size_t)bh * D * E : nullptr);
+                             : (split ? nullptr : (grad_state_out ? grad_state_out + (size_t)bh * D * E : nullptr));
+    const A after = split ? after_segment(c, seglog, bh, h, seg) : A(0);
     for (int i = threadIdx.x; i < D * te; i += blockDim.x) {
       const int d = i / te, e = i - d * te;
-      Rs[i] = G0 ? G0[(size_t)d * E + e0 + e] : A(0);
+      A r = G0 ? G0[(size_t)d * E + e0 + e] : A(0);
+      if (split) r += after * grad_state_out[(size_t)bh * D * E + (size_t)d * E + e0 + e];
+      Rs[i] = r;
     }
   }
-  const int hv = dv_per_query_head ? h : kh;
   const int n0 = seg * c.seglen, n1 = min(c.N, n0 + c.seglen);
   const int nch = (n1 - n0 + C - 1) / C;
   for (int ci = nch - 1; ci >= 0; --ci) {
     const int c0 = n0 + ci * C, len = min(C, n1 - c0);
     __syncthreads();
-    load_tile<A>(Qs, ld, q, b, h, c0, len, 0, D);
-    load_tile<A>(Ks, ld, k, b, kh, c0, len, 0, D);
+    dec.set_chunk(c0, len);
+    load_tile<A>(Qs, ld, q, b, hq, c0, len, 0, D);
+    load_tile<A>(Ks, ld, k, b, hk, c0, len, 0, D);
     load_tile<A>(DOs, tile, dout, b, h, c0, len, e0, te);
     __syncthreads();
     for (int i = threadIdx.x; i < len * len; i += blockDim.x) {
@@ -351,7 +501,7 @@ __global__ void bwd_dv_kernel(Ctx<A> c, Tv<const T> q, Tv<const T> k, Tv<const T
       if (t < s) continue;
       A acc = 0;
       for (int d = 0; d < D; ++d) acc += Qs[t * ld + d] * Ks[s * ld + d];
-      Ps[s * C + t] = c.scale * Gp[t - s] * acc;
+      Ps[s * C + t] = c.scale * dec.w(t, s) * acc;
     }
     __syncthreads();
     for (int i = threadIdx.x; i < len * te; i += blockDim.x) {
@@ -360,34 +510,108 @@ __global__ void bwd_dv_kernel(Ctx<A> c, Tv<const T> q, Tv<const T> k, Tv<const T
       for (int t = s; t < len; ++t) acc += Ps[s * C + t] * DOs[t * tile + e];
       A inter = 0;
       for (int d = 0; d < D; ++d) inter += Ks[s * ld + d] * Rs[d * te + e];
-      acc += Gp[len - 1 - s] * inter;
-      dv.at(b, hv, c0 + s, e0 + e) = from_acc<OT>(acc);
+      acc += dec.suf(s) * inter;
+      dv.at(b, h, c0 + s, e0 + e) = from_acc<OT>(acc);
     }
     __syncthreads();
+    const A tot = dec.tot();
     for (int i = threadIdx.x; i < D * te; i += blockDim.x) {
       const int d = i / te, e = i - d * te;
       A acc = 0;
-      for (int t = 0; t < len; ++t) acc += Gp[t + 1] * Qs[t * ld + d] * DOs[t * tile + e];
-      Rs[i] = Gp[len] * Rs[i] + c.scale * acc;
+      for (int t = 0; t < len; ++t) acc += dec.pre(t) * Qs[t * ld + d] * DOs[t * tile + e];
+      Rs[i] = tot * Rs[i] + c.scale * acc;
     }
   }
 }
 
+// dg from the per-token sums the dq / dk kernel left (see above), one block per (b, h):
+//   dg[j] = sum_{t >= j} dg_in[t] + sum_{s < j} gp[s] + exp(sum of the piece's log gates) <S_in, G>
+constexpr int kFinishThreads = 256;
+
+template <typename A>
+__global__ void dg_finish_kernel(Ctx<A> c, A* dg, const A* gp, const A* state_in, const A* grad_state_out) {
+  __shared__ A tot_dg[kFinishThreads], tot_gp[kFinishThreads], red[kFinishThreads];
+  const int bh = blockIdx.x, h = bh % c.H, tid = threadIdx.x;
+  const int N = c.N, per = (N + kFinishThreads - 1) / kFinishThreads;
+  const int t0 = min(N, tid * per), t1 = min(N, t0 + per);
+  A* row = dg + (size_t)bh * N;
+  const A* prow = gp ? gp + (size_t)bh * N : nullptr;
+  // <S_in, G> and the piece's log transition
+  A dot = 0, lsum = 0;
+  if (state_in && grad_state_out) {
+    const size_t DE = (size_t)c.D * c.E;
+    for (size_t i = tid; i < DE; i += kFinishThreads) dot += state_in[bh * DE + i] * grad_state_out[bh * DE + i];
+  }
+  const A* grow = c.g + (size_t)bh * N;
+  for (int t = tid; t < N; t += kFinishThreads) lsum += grow[t];
+  A sd = 0, sp = 0;
+  for (int t = t0; t < t1; ++t) {
+    sd += row[t];
+    if (prow) sp += prow[t];
+  }
+  tot_dg[tid] = sd;
+  tot_gp[tid] = sp;
+  red[tid] = dot;
+  __syncthreads();
+  if (tid == 0) {
+    A d = 0;
+    for (int i = 0; i < kFinishThreads; ++i) d += red[i];
+    red[0] = d;
+  }
+  __syncthreads();
+  const A sdot = red[0];
+  __syncthreads();
+  red[tid] = lsum;
+  __syncthreads();
+  if (tid == 0) {
+    A l = 0;
+    for (int i = 0; i < kFinishThreads; ++i) l += red[i];
+    red[0] = l + log_gamma(c, h) * A(N);
+    // exclusive scans: suffix of the dg sums (threads after), prefix of the gp sums (threads before)
+    A run = 0;
+    for (int i = kFinishThreads - 1; i >= 0; --i) {
+      const A x = tot_dg[i];
+      tot_dg[i] = run;
+      run += x;
+    }
+    run = 0;
+    for (int i = 0; i < kFinishThreads; ++i) {
+      const A x = tot_gp[i];
+      tot_gp[i] = run;
+      run += x;
+    }
+  }
+  __syncthreads();
+  const A sin_g = sdot == A(0) ? A(0) : exp_acc(red[0]) * sdot;
+  A run = tot_dg[tid];
+  for (int t = t1 - 1; t >= t0; --t) {
+    run += row[t];
+    row[t] = run;
+  }
+  A pre = tot_gp[tid];
+  for (int t = t0; t < t1; ++t) {
+    row[t] += pre + sin_g;
+    if (prow) pre += prow[t];
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
-// GQA: out[b, kh, n, x] = sum_{g < group} ws[b, kh*group + g, n, x]   (ws contiguous (B, H, N, X) in A)
+// Head maps: out[b, x, n, :] = sum_{r < H / Hout} ws[b, x * (H / Hout) + r, n, :]   (ws contiguous (B, H, N, X)
+// in A, one row per output head; out the (B, Hout, N, X) view of q, k or v heads).
 template <typename T, typename A>
-__global__ void gqa_reduce_kernel(Ctx<A> c, const A* ws, Tv<T> out, int X) {
-  const int64_t total = (int64_t)c.B * c.Hkv * c.N * X;
+__global__ void reduce_heads_generic_kernel(Ctx<A> c, const A* ws, Tv<T> out, int Hout, int X) {
+  const int group = c.H / Hout;
+  const int64_t total = (int64_t)c.B * Hout * c.N * X;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
     const int x = (int)(i % X);
     int64_t r = i / X;
     const int n = (int)(r % c.N);
     r /= c.N;
-    const int kh = (int)(r % c.Hkv);
-    const int b = (int)(r / c.Hkv);
+    const int ho = (int)(r % Hout);
+    const int b = (int)(r / Hout);
     A acc = 0;
-    for (int g = 0; g < c.group; ++g) acc += ws[(((int64_t)b * c.H + kh * c.group + g) * c.N + n) * X + x];
-    out.at(b, kh, n, x) = from_acc<T>(acc);
+    for (int g = 0; g < group; ++g) acc += ws[(((int64_t)b * c.H + ho * group + g) * c.N + n) * X + x];
+    out.at(b, ho, n, x) = from_acc<T>(acc);
   }
 }
 

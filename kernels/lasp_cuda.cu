@@ -44,6 +44,12 @@ Ctx<A> make_ctx(const AttnParams& p, int nseg, int seglen) {
   c.H = (int)p.H;
   c.Hkv = (int)p.Hkv;
   c.group = (int)(p.H / p.Hkv);
+  c.Hq = (int)p.Hq;
+  c.Hv = (int)p.Hv;
+  c.gq = (int)(p.H / p.Hq);
+  c.gk = c.group;
+  c.gv = (int)(p.H / p.Hv);
+  c.g = static_cast<const A*>(p.g);
   c.N = (int)p.N;
   c.D = (int)p.D;
   c.E = (int)p.E;
@@ -85,25 +91,39 @@ cudaError_t local_states(const AttnParams& p, const Plan& pl, Family family, con
 // state (forward) or outgoing-state gradient (backward); otherwise ws is only read (the combined
 // state alone is wanted: L with state_in = null, M with grad_state_out = null). skip = 1: the last
 // segment visited has no local state in ws (out must be null; the main kernel writes the call's state).
+// seglog: the segments' log-gate sums (with gates; segment_gate_logs), else null.
 template <typename A>
 cudaError_t combine_states(const AttnParams& p, const Ctx<A>& c, bool reverse, A* ws, const A* in, A* out,
-                           bool in_place, int skip, cudaStream_t st) {
+                           bool in_place, int skip, const A* seglog, cudaStream_t st) {
   dim3 gs((unsigned)(p.B * p.H), (unsigned)((p.D * p.E + 255) / 256));
   if (!reverse) {
-    scan_kernel<A, false><<<gs, 256, 0, st>>>(c, ws, in, out, in_place, skip);
+    scan_kernel<A, false><<<gs, 256, 0, st>>>(c, ws, in, out, in_place, skip, seglog);
   } else {
-    scan_kernel<A, true><<<gs, 256, 0, st>>>(c, ws, in, out, in_place, skip);
+    scan_kernel<A, true><<<gs, 256, 0, st>>>(c, ws, in, out, in_place, skip, seglog);
   }
   LASP_LAUNCHED();
   return cudaSuccess;
 }
 
+// With gates and several segments: each segment's log-gate sum into the plan's gate region at off (bytes
+// into the workspace); returns it (null: none needed).
+template <typename A>
+A* segment_gate_logs(const AttnParams& p, const Ctx<A>& c, size_t off, cudaStream_t st) {
+  if (!p.g || c.nseg <= 1) return nullptr;
+  A* out = reinterpret_cast<A*>(static_cast<char*>(p.workspace) + off);
+  const int64_t total = (int64_t)c.B * c.H * c.nseg;
+  const unsigned nb = (unsigned)std::min<int64_t>((total + 255) / 256, 132 * 8);
+  segment_gate_logs_kernel<A><<<nb, 256, 0, st>>>(c, out);
+  return out;
+}
+
 // Phase 1 + 2 of the forward state recurrence (segment input states into ws), shared by fwd and bwd.
 // The last segment's local state is not computed: the forward's main kernel writes state_out itself.
 template <typename T, typename A>
-cudaError_t segment_states_fwd(const AttnParams& p, const Plan& pl, const Ctx<A>& c, A* ws, cudaStream_t st) {
+cudaError_t segment_states_fwd(const AttnParams& p, const Plan& pl, const Ctx<A>& c, A* ws, const A* seglog,
+                               cudaStream_t st) {
   LASP_TRY((local_states<T, A>(p, pl, pl.local_fwd, c, false, ws, 1, st)));
-  return combine_states<A>(p, c, false, ws, static_cast<const A*>(p.state_in), nullptr, true, 1, st);
+  return combine_states<A>(p, c, false, ws, static_cast<const A*>(p.state_in), nullptr, true, 1, seglog, st);
 }
 
 // N = 0: nothing to attend to; the state passes through (state_out = S_in, grad_state_in = G, or zeros).
@@ -123,10 +143,12 @@ cudaError_t run_fwd(const AttnParams& p, cudaStream_t st, int mode = -1, const f
   const Ctx<A> c = make_ctx<A>(p, pl.nseg, pl.seglen);
   A* ws = static_cast<A*>(p.workspace);
   if (pl.nseg > 1) {  // the segments' input states into ws (state_out comes from the last segment's blocks)
+    const A* seglog = segment_gate_logs<A>(p, c, pl.ws_states, st);
+    LASP_LAUNCHED();
     if (p.local_ready) {  // phase 1 ran in fwd_local with this workspace
-      LASP_TRY(combine_states<A>(p, c, false, ws, static_cast<const A*>(p.state_in), nullptr, true, 1, st));
+      LASP_TRY(combine_states<A>(p, c, false, ws, static_cast<const A*>(p.state_in), nullptr, true, 1, seglog, st));
     } else {
-      LASP_TRY((segment_states_fwd<T, A>(p, pl, c, ws, st)));
+      LASP_TRY((segment_states_fwd<T, A>(p, pl, c, ws, seglog, st)));
     }
   }
   const float* seg = reinterpret_cast<const float*>(ws);
@@ -155,16 +177,23 @@ cudaError_t run_bwd(const AttnParams& p, cudaStream_t st, int mode = -1, const f
   A* wsS = pl.ws_states ? (p.seg_states ? static_cast<A*>(const_cast<void*>(p.seg_states)) : reinterpret_cast<A*>(wsb))
                         : nullptr;
   A* wsG = pl.ws_states ? reinterpret_cast<A*>(wsb + pl.ws_states) : nullptr;
-  A* wsKV = pl.ws_gqa ? reinterpret_cast<A*>(wsb + 2 * pl.ws_states) : nullptr;
+  A* wsKV = pl.ws_heads ? reinterpret_cast<A*>(wsb + 2 * pl.ws_states) : nullptr;
   const A* state_in = static_cast<const A*>(p.state_in);
   const A* gso = static_cast<const A*>(p.grad_state_out);
   A* gsi = static_cast<A*>(p.grad_state_in);
+  // dg with a G: G's part is carried apart from the tokens' (generic_kernels.cuh, bwd_dqdk_kernel), so the
+  // segments' state gradients leave it out.
+  A* dg = static_cast<A*>(p.dg_part);
+  const bool split = dg != nullptr && gso != nullptr;
+  A* seglog = nullptr;
   if (pl.nseg > 1) {  // grad_state_in comes from the first segment's blocks
+    seglog = segment_gate_logs<A>(p, c, pl.bwd_gates_offset(), st);
+    LASP_LAUNCHED();
     if (!p.local_ready) {  // else bwd_local ran phase 1 (and the forward states) with this workspace
-      if (!p.seg_states) LASP_TRY((segment_states_fwd<T, A>(p, pl, c, wsS, st)));
+      if (!p.seg_states) LASP_TRY((segment_states_fwd<T, A>(p, pl, c, wsS, seglog, st)));
       LASP_TRY((local_states<T, A>(p, pl, pl.local, c, true, wsG, 1, st)));
     }
-    LASP_TRY(combine_states<A>(p, c, true, wsG, gso, nullptr, true, 1, st));
+    LASP_TRY(combine_states<A>(p, c, true, wsG, split ? nullptr : gso, nullptr, true, 1, seglog, st));
   }
   const bool gqa = p.H != p.Hkv;
   if (acc) {
@@ -172,6 +201,7 @@ cudaError_t run_bwd(const AttnParams& p, cudaStream_t st, int mode = -1, const f
     return pl.main == Family::Wgmma ? fast::wgmma_bwd_main(p, pl.nseg, pl.seglen, segS, segG, nullptr, nullptr, st, acc)
                                     : fast::mma_bwd_main(p, pl.nseg, pl.seglen, segS, segG, nullptr, nullptr, st, acc);
   }
+  const int nb = 132 * 16;
   if (pl.main != Family::Generic) {
     float* dkh = gqa ? reinterpret_cast<float*>(wsKV) : nullptr;
     float* dvh = gqa ? dkh + (size_t)p.B * p.H * p.N * p.D : nullptr;
@@ -179,46 +209,54 @@ cudaError_t run_bwd(const AttnParams& p, cudaStream_t st, int mode = -1, const f
     LASP_TRY(pl.main == Family::Wgmma ? fast::wgmma_bwd_main(p, pl.nseg, pl.seglen, segS, segG, dkh, dvh, st)
                                       : fast::mma_bwd_main(p, pl.nseg, pl.seglen, segS, segG, dkh, dvh, st));
     if (gqa) {
-      const int nb = 132 * 16;
-      gqa_reduce_kernel<T, A><<<nb, 256, 0, st>>>(c, reinterpret_cast<A*>(dkh), make_tv<T>(p.dk), c.D);
+      reduce_heads_generic_kernel<T, A><<<nb, 256, 0, st>>>(c, reinterpret_cast<A*>(dkh), make_tv<T>(p.dk), c.Hkv, c.D);
       LASP_LAUNCHED();
-      gqa_reduce_kernel<T, A><<<nb, 256, 0, st>>>(c, reinterpret_cast<A*>(dvh), make_tv<T>(p.dv), c.E);
+      reduce_heads_generic_kernel<T, A><<<nb, 256, 0, st>>>(c, reinterpret_cast<A*>(dvh), make_tv<T>(p.dv), c.Hkv, c.E);
       LASP_LAUNCHED();
     }
     return cudaSuccess;
   }
   const Tv<const T> q = make_tv<const T>(p.q), k = make_tv<const T>(p.k), v = make_tv<const T>(p.v),
                     dout = make_tv<const T>(p.dout);
-  const Tv<T> dq = make_tv<T>(p.dq);
   const int gdq = (int)((p.D + pl.t_main - 1) / pl.t_main), gdv = (int)((p.E + pl.t_dv - 1) / pl.t_dv);
   dim3 g1((unsigned)(p.B * p.H), pl.nseg, gdq), g2((unsigned)(p.B * p.H), pl.nseg, gdv);
-  if (!gqa) {
+  A* gp = split ? reinterpret_cast<A*>(wsb + pl.bwd_gates_offset() + pl.ws_gates) : nullptr;
+  if (dg) LASP_TRY(cudaMemsetAsync(dg, 0, (size_t)p.B * p.H * p.N * sizeof(A), st));
+  if (gp) LASP_TRY(cudaMemsetAsync(gp, 0, (size_t)p.B * p.H * p.N * sizeof(A), st));
+  if (!pl.ws_heads) {  // each q, k and v head has one output head: the kernels write dq, dk, dv
     auto k1 = bwd_dqdk_kernel<T, A, T>;
     LASP_TRY(prepare(k1, pl.sm_main));
-    k1<<<g1, kThreads, pl.sm_main, st>>>(c, q, k, v, dout, dq, make_tv<T>(p.dk), 0, state_in, gso, wsS, wsG, gsi,
-                                         pl.C_main, pl.t_main);
+    k1<<<g1, kThreads, pl.sm_main, st>>>(c, q, k, v, dout, make_tv<T>(p.dq), make_tv<T>(p.dk), state_in, gso, wsS, wsG,
+                                         gsi, dg, gp, seglog, split, pl.C_main, pl.t_main);
     LASP_LAUNCHED();
     auto k2 = bwd_dv_kernel<T, A, T>;
     LASP_TRY(prepare(k2, pl.sm_dv));
-    k2<<<g2, kThreads, pl.sm_dv, st>>>(c, q, k, dout, make_tv<T>(p.dv), 0, gso, wsG, pl.C_dv, pl.t_dv);
+    k2<<<g2, kThreads, pl.sm_dv, st>>>(c, q, k, dout, make_tv<T>(p.dv), gso, wsG, seglog, split, pl.C_dv, pl.t_dv);
     LASP_LAUNCHED();
-  } else {
-    A* dkh = wsKV;
-    A* dvh = wsKV + (size_t)p.B * p.H * p.N * p.D;
+  } else {  // per output head into the workspace, then summed into each q, k, v head
+    A* dqh = wsKV;
+    A* dkh = dqh + (size_t)p.B * p.H * p.N * p.D;
+    A* dvh = dkh + (size_t)p.B * p.H * p.N * p.D;
     auto k1 = bwd_dqdk_kernel<T, A, A>;
     LASP_TRY(prepare(k1, pl.sm_main));
-    k1<<<g1, kThreads, pl.sm_main, st>>>(c, q, k, v, dout, dq, make_tv_contig<A>(dkh, p.H, p.N, p.D), 1, state_in, gso,
-                                         wsS, wsG, gsi, pl.C_main, pl.t_main);
+    k1<<<g1, kThreads, pl.sm_main, st>>>(c, q, k, v, dout, make_tv_contig<A>(dqh, p.H, p.N, p.D),
+                                         make_tv_contig<A>(dkh, p.H, p.N, p.D), state_in, gso, wsS, wsG, gsi, dg, gp,
+                                         seglog, split, pl.C_main, pl.t_main);
     LASP_LAUNCHED();
     auto k2 = bwd_dv_kernel<T, A, A>;
     LASP_TRY(prepare(k2, pl.sm_dv));
-    k2<<<g2, kThreads, pl.sm_dv, st>>>(c, q, k, dout, make_tv_contig<A>(dvh, p.H, p.N, p.E), 1, gso, wsG, pl.C_dv,
-                                       pl.t_dv);
+    k2<<<g2, kThreads, pl.sm_dv, st>>>(c, q, k, dout, make_tv_contig<A>(dvh, p.H, p.N, p.E), gso, wsG, seglog, split,
+                                       pl.C_dv, pl.t_dv);
     LASP_LAUNCHED();
-    const int nb = 132 * 16;
-    gqa_reduce_kernel<T, A><<<nb, 256, 0, st>>>(c, dkh, make_tv<T>(p.dk), c.D);
+    reduce_heads_generic_kernel<T, A><<<nb, 256, 0, st>>>(c, dqh, make_tv<T>(p.dq), c.Hq, c.D);
     LASP_LAUNCHED();
-    gqa_reduce_kernel<T, A><<<nb, 256, 0, st>>>(c, dvh, make_tv<T>(p.dv), c.E);
+    reduce_heads_generic_kernel<T, A><<<nb, 256, 0, st>>>(c, dkh, make_tv<T>(p.dk), c.Hkv, c.D);
+    LASP_LAUNCHED();
+    reduce_heads_generic_kernel<T, A><<<nb, 256, 0, st>>>(c, dvh, make_tv<T>(p.dv), c.Hv, c.E);
+    LASP_LAUNCHED();
+  }
+  if (dg) {
+    dg_finish_kernel<A><<<(unsigned)(p.B * p.H), kFinishThreads, 0, st>>>(c, dg, gp, state_in, gso);
     LASP_LAUNCHED();
   }
   return cudaSuccess;
@@ -238,7 +276,10 @@ cudaError_t run_local(const AttnParams& p, bool reverse, cudaStream_t st) {
   if (pl.nseg == 1) return out ? local_states<T, A>(p, pl, pl.local, c, reverse, out, 0, st) : cudaSuccess;
   A* ws = reinterpret_cast<A*>(static_cast<char*>(p.workspace) + (reverse ? pl.ws_states : 0));
   LASP_TRY((local_states<T, A>(p, pl, pl.local, c, reverse, ws, 0, st)));  // the ring needs every segment's
-  return out ? combine_states<A>(p, c, reverse, ws, nullptr, out, false, 0, st) : cudaSuccess;
+  if (!out) return cudaSuccess;
+  const A* seglog = segment_gate_logs<A>(p, c, reverse ? pl.bwd_gates_offset() : pl.ws_states, st);
+  LASP_LAUNCHED();
+  return combine_states<A>(p, c, reverse, ws, nullptr, out, false, 0, seglog, st);
 }
 
 // bwd_prepare: the forward segment states (they need only S_in) into the workspace.
@@ -250,7 +291,9 @@ cudaError_t run_bwd_prepare(const AttnParams& p, cudaStream_t st) {
   if (pl.nseg == 1 || p.seg_states) return cudaSuccess;  // nothing to do, or the forward's states are kept
   if (!runnable(pl, p, pl.bwd_bytes())) return cudaErrorInvalidValue;
   const Ctx<A> c = make_ctx<A>(p, pl.nseg, pl.seglen);
-  return segment_states_fwd<T, A>(p, pl, c, static_cast<A*>(p.workspace), st);
+  const A* seglog = segment_gate_logs<A>(p, c, pl.bwd_gates_offset(), st);
+  LASP_LAUNCHED();
+  return segment_states_fwd<T, A>(p, pl, c, static_cast<A*>(p.workspace), seglog, st);
 }
 
 // ---- Head dims above 128 on the tensor cores: blocks of D and of E ---------------------------------
@@ -290,6 +333,7 @@ DimBlocks dim_blocks(int64_t X) {
 // dtype and head dims the blocks take (any pointers or strides): bf16 / fp16, D and E multiples of 8 up to
 // 256, one of them above 128.
 bool blocks_shape(const AttnParams& p) {
+  if (!tensor_core_maps(p)) return false;
   if (p.dtype != ScalarType::BFloat16 && p.dtype != ScalarType::Float16) return false;
   if (p.D % 8 != 0 || p.E % 8 != 0 || p.D > 256 || p.E > 256) return false;
   return p.D > 128 || p.E > 128;
@@ -581,8 +625,17 @@ cudaError_t run_local_blocks(const AttnParams& p, bool reverse, cudaStream_t st)
 
 }  // namespace
 
+// Head maps left unset (0) read as MHA / GQA / MQA: Hq = H, Hv = Hkv.
+AttnParams with_heads(const AttnParams& params) {
+  AttnParams p = params;
+  if (p.Hq == 0) p.Hq = p.H;
+  if (p.Hv == 0) p.Hv = p.Hkv;
+  return p;
+}
+
 template <template <typename, typename> class F>
-cudaError_t dispatch(const AttnParams& p, cudaStream_t st) {
+cudaError_t dispatch(const AttnParams& params, cudaStream_t st) {
+  const AttnParams p = with_heads(params);
   if (!supports(p)) return cudaErrorInvalidValue;
   switch (p.dtype) {
     case ScalarType::Float32: return F<float, float>::run(p, st);
@@ -622,7 +675,8 @@ template <typename T, typename A> struct BwdLocalOp {
 
 }  // namespace
 
-bool supports(const AttnParams& p) {
+bool supports(const AttnParams& params) {
+  const AttnParams p = with_heads(params);
   switch (p.dtype) {
     case ScalarType::Float32:
     case ScalarType::Float16:
@@ -631,7 +685,8 @@ bool supports(const AttnParams& p) {
     default: return false;
   }
   // N = 0 is handled (the state passes through); B, H, Hkv must be positive.
-  if (p.B < 1 || p.H < 1 || p.Hkv < 1 || p.N < 0 || p.H % p.Hkv != 0) return false;
+  if (p.B < 1 || p.H < 1 || p.Hkv < 1 || p.Hq < 1 || p.Hv < 1 || p.N < 0) return false;
+  if (p.H % p.Hkv != 0 || p.H % p.Hq != 0 || p.H % p.Hv != 0 || p.H != std::max(p.Hq, p.Hv)) return false;
   if (p.D < 1 || p.D > 256 || p.E < 1 || p.E > 256) return false;
   if (p.N > INT32_MAX / 2 || p.B * p.H > INT32_MAX) return false;
   return true;
@@ -639,13 +694,15 @@ bool supports(const AttnParams& p) {
 
 // The workspace size must not depend on pointers or strides (a caller may ask before it has them):
 // the larger of the generic and the tensor-core plans.
-size_t fwd_workspace_bytes(const AttnParams& p) {
+size_t fwd_workspace_bytes(const AttnParams& params) {
+  const AttnParams p = with_heads(params);
   if (!supports(p)) return 0;
   const size_t one = plan_bytes(p, false);
   return blocks_shape(p) && p.N > 0 ? std::max(one, block_layout(p, false).total) : one;
 }
 
-size_t bwd_workspace_bytes(const AttnParams& p) {
+size_t bwd_workspace_bytes(const AttnParams& params) {
+  const AttnParams p = with_heads(params);
   if (!supports(p)) return 0;
   const size_t one = plan_bytes(p, true);
   return blocks_shape(p) && p.N > 0 ? std::max(one, block_layout(p, true).total) : one;
@@ -654,7 +711,8 @@ size_t bwd_workspace_bytes(const AttnParams& p) {
 namespace {
 // The main-pass family of a call: its plan's, or by blocks the blocks' ("wgmma+mma" where they differ,
 // e.g. D = 136 as 128 + 8: wgmma takes 64 and 128 only).
-const char* main_kernel_name(const AttnParams& p, bool backward) {
+const char* main_kernel_name(const AttnParams& params, bool backward) {
+  const AttnParams p = with_heads(params);
   if (!supports(p) || p.N == 0) return "generic";
   if (use_blocks(p, backward)) {
     bool wg = false, mma = false;
@@ -674,7 +732,8 @@ const char* fwd_main_kernel_name(const AttnParams& p) { return main_kernel_name(
 const char* bwd_main_kernel_name(const AttnParams& p) { return main_kernel_name(p, true); }
 
 namespace {
-bool split_of(const AttnParams& p, bool backward, int64_t* nseg, int64_t* seglen) {
+bool split_of(const AttnParams& params, bool backward, int64_t* nseg, int64_t* seglen) {
+  const AttnParams p = with_heads(params);
   if (!supports(p) || p.N == 0) return false;
   if (use_blocks(p, backward)) {  // the blocks keep no segment states between the passes
     *nseg = 1;

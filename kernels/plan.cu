@@ -39,6 +39,9 @@ DevInfo dev_info() {  // asked of the runtime once per device (launch_cache.h)
   return d;
 }
 
+// Shared-memory elements of the chunk decay weights (generic_kernels.cuh, ChunkDecay).
+int decay_elems(int C) { return 4 * C + 2; }
+
 // Chunk C and column tile of a generic kernel whose shared memory is smem(C, tile) elements.
 template <typename F>
 bool pick_tile(F smem, int full, size_t esz, size_t limit, int& C, int& tile, size_t& bytes) {
@@ -78,6 +81,7 @@ void split_segments(const AttnParams& p, int blocks_per_segment, int sms, int& n
 // The tensor-core family of the main pass of one direction, or Generic where it cannot take p: the dtype,
 // head dims and views (mode -1; mode 1 assumes them, mode 0 refuses) and the kernel's shared memory.
 Family main_family(const AttnParams& p, int mode, bool backward, const DevInfo& di) {
+  if (!tensor_core_maps(p)) return Family::Generic;
   const bool views = mode < 0 ? (backward ? fast::bwd_supported(p) : fast::fwd_supported(p)) : mode >= 1;
   if (!views) return Family::Generic;
   const Family tc = tc_family(p, backward);
@@ -90,9 +94,9 @@ Family main_family(const AttnParams& p, int mode, bool backward, const DevInfo& 
 // Phase 1 of one direction (reverse: M from q, dout; else L from k, v): a tensor-core family where its
 // views allow, whatever the main pass takes; the generic kernel's tile in pl.
 bool plan_local(const AttnParams& p, bool reverse, const DevInfo& di, Plan& pl, Family& family) {
-  family = fast::local_supported(p, reverse) ? tc_family(p, reverse) : Family::Generic;
+  family = tensor_core_maps(p) && fast::local_supported(p, reverse) ? tc_family(p, reverse) : Family::Generic;
   const int D = (int)p.D;
-  auto sm_loc = [&](int C, int t) { return C * (D + 1) + C * t + D * t + C + 1; };
+  auto sm_loc = [&](int C, int t) { return C * (D + 1) + C * t + D * t + decay_elems(C); };
   return pick_tile(sm_loc, (int)p.E, acc_size(p.dtype), di.smem_optin, pl.C_loc, pl.t_loc, pl.sm_loc);
 }
 
@@ -135,14 +139,17 @@ Plan plan_fwd(const AttnParams& p, int mode) {
     tiles = fast::fwd_tiles(p);
     blocks_per_sm = pl.main == Family::Wgmma ? fast::wgmma_fwd_blocks_per_sm(p) : fast::mma_fwd_blocks_per_sm(p);
   } else {
-    auto sm_main = [&](int C, int t) { return 2 * C * (D + 1) + C * t + C * C + D * t + C + 1; };
+    auto sm_main = [&](int C, int t) { return 2 * C * (D + 1) + C * t + C * C + D * t + decay_elems(C); };
     if (!pick_tile(sm_main, E, esz, di.smem_optin, pl.C_main, pl.t_main, pl.sm_main)) return pl;
     tiles = (E + pl.t_main - 1) / pl.t_main;
   }
   split_segments(p, tiles, di.sms, pl.nseg, pl.seglen, blocks_per_sm);
   if (!plan_local(p, false, di, pl, pl.local)) return pl;
   pl.local_fwd = pl.local;
-  if (pl.nseg > 1) pl.ws_states = align256((size_t)p.B * p.H * pl.nseg * D * E * esz);
+  if (pl.nseg > 1) {
+    pl.ws_states = align256((size_t)p.B * p.H * pl.nseg * D * E * esz);
+    pl.ws_gates = align256((size_t)p.B * p.H * pl.nseg * esz);
+  }
   pl.ok = true;
   return pl;
 }
@@ -158,8 +165,12 @@ Plan plan_bwd(const AttnParams& p, int mode) {
     split_segments(p, 1, di.sms, pl.nseg, pl.seglen,
                    pl.main == Family::Wgmma ? fast::wgmma_bwd_blocks_per_sm(p) : fast::mma_bwd_blocks_per_sm(p));
   } else {
-    auto sm_dqdk = [&](int C, int t) { return 2 * C * (E + 1) + C * (t + 1) + C * C + t * E + C + 1; };
-    auto sm_dv = [&](int C, int t) { return 2 * C * (D + 1) + C * t + C * C + D * t + C + 1; };
+    // with gates also q / k columns, the chunk's dg sums and G's rows
+    const bool dg = p.g != nullptr;
+    auto sm_dqdk = [&](int C, int t) {
+      return 2 * C * (E + 1) + C * (t + 1) + C * C + t * E + decay_elems(C) + (dg ? C * (t + 1) + 2 * C + t * E : 0);
+    };
+    auto sm_dv = [&](int C, int t) { return 2 * C * (D + 1) + C * t + C * C + D * t + decay_elems(C); };
     if (!pick_tile(sm_dqdk, D, esz, di.smem_optin, pl.C_main, pl.t_main, pl.sm_main)) return pl;
     if (!pick_tile(sm_dv, E, esz, di.smem_optin, pl.C_dv, pl.t_dv, pl.sm_dv)) return pl;
     const int tiles = (D + pl.t_main - 1) / pl.t_main;
@@ -167,8 +178,12 @@ Plan plan_bwd(const AttnParams& p, int mode) {
   }
   // M and the forward's L share the generic phase-1 tile (same shared-memory formula).
   if (!plan_local(p, true, di, pl, pl.local) || !plan_local(p, false, di, pl, pl.local_fwd)) return pl;
-  if (pl.nseg > 1) pl.ws_states = align256((size_t)p.B * p.H * pl.nseg * D * E * esz);
-  if (p.H != p.Hkv) pl.ws_gqa = align256((size_t)p.B * p.H * p.N * (D + E) * esz);
+  if (pl.nseg > 1) {
+    pl.ws_states = align256((size_t)p.B * p.H * pl.nseg * D * E * esz);
+    pl.ws_gates = align256((size_t)p.B * p.H * pl.nseg * esz);
+  }
+  if (p.Hq != p.H || p.Hkv != p.H || p.Hv != p.H) pl.ws_heads = align256((size_t)p.B * p.H * p.N * (2 * D + E) * esz);
+  if (p.g) pl.ws_dg = align256((size_t)p.B * p.H * p.N * esz);
   pl.ok = true;
   return pl;
 }

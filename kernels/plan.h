@@ -9,6 +9,8 @@
 //           LASP_FWD_KERNEL / LASP_BWD_KERNEL asks for it;
 //   Generic every dtype (fp32 and fp64 always) and head dims 1..256 that no tensor-core family takes, and
 //           strided views those cannot read (SIMT, shared-memory tiles).
+// Per-token gates (AttnParams::g) and head maps beyond MHA / GQA / MQA (Hq != H or Hv != Hkv) run on the
+// generic kernels for every role.
 // Head dims above 128 (bf16/fp16, multiples of 8) are cut by the drivers into blocks of at most 128, each
 // planned on its own (lasp_cuda.cu, "head-dim blocks").
 #pragma once
@@ -39,9 +41,15 @@ struct Plan {
   int C_loc = 32, t_loc = 64;
   size_t sm_loc = 0;
   size_t ws_states = 0;  // bytes of one (B, H, nseg, D, E) state array (0 when nseg == 1)
-  size_t ws_gqa = 0;     // bytes of the per-query-head dk + dv (0 without GQA)
-  size_t fwd_bytes() const { return ws_states; }               // the segments' states
-  size_t bwd_bytes() const { return 2 * ws_states + ws_gqa; }  // S and G per segment, GQA partials
+  // bytes of the per-output-head dq, dk, dv (0 where each q, k and v head has one output head): the
+  // tensor-core families use the dk and dv parts (GQA), the generic kernels all three (any head map)
+  size_t ws_heads = 0;
+  size_t ws_gates = 0;   // the segments' log-gate sums, (B, H, nseg) (0 when nseg == 1)
+  size_t ws_dg = 0;      // backward with gates: the per-token (s, G) pair sums, (B, H, N)
+  // Layouts: forward [S | gate sums], backward [S | G | heads | gate sums | dg pairs].
+  size_t fwd_bytes() const { return ws_states + ws_gates; }
+  size_t bwd_bytes() const { return 2 * ws_states + ws_heads + ws_gates + ws_dg; }
+  size_t bwd_gates_offset() const { return 2 * ws_states + ws_heads; }
 };
 
 // mode: -1 decide from p (shapes, dtype, strides, pointer alignment, device), 0 generic kernels only,
@@ -49,6 +57,8 @@ struct Plan {
 // mode, see *_workspace_bytes; the head-dim blocks of lasp_cuda.cu check their views once for the call).
 // Mode 1 falls back to the generic kernels where the kernel's shared memory does not fit.
 Plan plan_fwd(const AttnParams& p, int mode = -1);
+// Whether the tensor-core families may take p: no gates, and q, k, v heads of MHA / GQA / MQA.
+inline bool tensor_core_maps(const AttnParams& p) { return p.g == nullptr && p.Hq == p.H && p.Hv == p.Hkv; }
 Plan plan_bwd(const AttnParams& p, int mode = -1);
 
 }  // namespace cuda

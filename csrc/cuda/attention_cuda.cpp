@@ -45,8 +45,8 @@ void launch(Launch fn, Workspace ws, AttnParams& p) {
   C10_CUDA_CHECK(fn(p, at::cuda::getCurrentCUDAStream()));
 }
 
-const Kernels& cuda_kernels() {
-  static const Kernels k{
+Kernels make_cuda_kernels() {
+  Kernels k{
       [](AttnParams& p) { launch(cuda::fwd, cuda::fwd_workspace_bytes, p); },
       [](AttnParams& p) { launch(cuda::fwd_local, cuda::fwd_workspace_bytes, p); },
       [](AttnParams& p) { launch(cuda::bwd, cuda::bwd_workspace_bytes, p); },
@@ -61,6 +61,12 @@ const Kernels& cuda_kernels() {
         return backward ? cuda::bwd_split(p, nseg, seglen) : cuda::fwd_split(p, nseg, seglen);
       },
   };
+  k.gates = k.head_maps = true;  // per-token gates and any head map run on the generic kernels (kernels/plan.h)
+  return k;
+}
+
+const Kernels& cuda_kernels() {
+  static const Kernels k = make_cuda_kernels();
   return k;
 }
 

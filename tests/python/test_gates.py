@@ -13,8 +13,8 @@ against gated_recurrent_grads below, so the two formulations check each other.
 Covered: values and every gradient (o, final_state, dq, dk, dv, dg, d_initial_state) over chunk
 boundaries, odd head dims, MHA/GQA/MQA, decay, states, layouts and dtypes, strong / zero / -inf gates;
 g = 0 against g = None and g = -c against decay = c; gradcheck; a hypothesis property; the ring and the
-all-gather over Gloo with uneven (1-token, empty) pieces; opcheck and torch.compile; bad gates; CUDA
-(not supported yet: NotImplementedError).
+all-gather over Gloo with uneven (1-token, empty) pieces; opcheck and torch.compile; bad gates. The same
+cases on CUDA tensors: test_gates_cuda.py.
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ from torch.library import opcheck
 
 from conftest import (
     FIXED_REL_TOL,
-    HAS_CUDA,
-    NO_CUDA_REASON,
     acc_dtype,
     assert_close_to_ref,
     gen,
@@ -826,7 +824,7 @@ def test_compile_fullgraph_with_gates_dynamic(lasp, seed):
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Bad gates; CUDA
+# 7. Bad gates
 
 
 def _small(layout="bhnd", dtype=F32):
@@ -907,14 +905,3 @@ def test_decay_takes_no_gradient_with_gates(lasp):
     decay = torch.full((H,), 0.3, requires_grad=True)
     with pytest.raises((ValueError, RuntimeError), match="decay"):
         lasp.lasp_attention(q, k, v, decay, g=torch.zeros(B, H, N, requires_grad=True))
-
-
-@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
-def test_gates_on_cuda_not_implemented(lasp):
-    q, k, v, (B, H, N) = _small()
-    q, k, v = (t.cuda() for t in (q, k, v))
-    g = -torch.rand(B, H, N, device="cuda")
-    with pytest.raises(NotImplementedError, match=G_WORD):
-        lasp.lasp_attention(q, k, v, g=g)
-    with pytest.raises(NotImplementedError, match=G_WORD):
-        lasp.lasp_attention(q.requires_grad_(True), k, v, g=g.requires_grad_(True))
