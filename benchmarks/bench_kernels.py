@@ -15,6 +15,13 @@ The head-dim shapes of the design's target (every D, E in {32, 64, 96, 128, 192,
 
   --shapes 2x16x8192x256,4x16x8192x32,4x16x8192x96,2x16x8192x192,4x16x8192x128x64,4x16x8192x256x64
 
+--gates: per-token log gates g = logsigmoid(x) / 16 (fp32, (B, H, N)) on top of the decay, with their gradient:
+lasp_attention(..., decay, g=g) against fla chunk_simple_gla(..., g=g - decay) (the same effective gates; the
+plain-torch form and the raw-kernel shim have none and are skipped). fla 0.6.0 refuses its gated backward on
+Hopper under Triton 3.4 to 3.7.0 (its issue 640: wrong gradients); this script lifts that refusal to time it
+(its gradients are not used) and records so in the JSON ("fla_hopper_refusal_lifted").
+The floor then also counts the read of g (forward and backward) and the write of dg.
+
   python3 benchmarks/bench_kernels.py --json bench.json --plot bench.png [--shim liblasp_shim.so]
 """
 import argparse
@@ -160,6 +167,7 @@ def main():
     ap.add_argument("--impls", default="lasp,lasp-kern,fla,torch")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-decay", action="store_true")
+    ap.add_argument("--gates", action="store_true", help="per-token log gates g (see above)")
     ap.add_argument("--torch-max-chunks", type=int, default=256,
                     help="skip the plain-torch fwd+bwd beyond this many chunks per sequence (its Python loop is slow)")
     ap.add_argument("--from-json", default=None, help="only redraw --plot from an earlier --json (no GPU needed)")
@@ -194,10 +202,16 @@ def main():
             from fla.ops.simple_gla import chunk_simple_gla as fla_fn
             import fla
             info["fla"] = getattr(fla, "__version__", "?")
+            if args.gates:
+                import fla.ops.common.chunk_o as fla_chunk_o
+                if getattr(fla_chunk_o, "IS_NVIDIA_HOPPER", False):
+                    fla_chunk_o.IS_NVIDIA_HOPPER = False  # the refusal's switch (read at call time)
+                    info["fla_hopper_refusal_lifted"] = True
         except Exception as e:
             print(f"# fla not importable ({type(e).__name__}: {e}); skipping 'fla'")
-    if "lasp-kern" in impls and args.shim:
+    if "lasp-kern" in impls and args.shim and not args.gates:
         shim = Shim(args.shim)
+    info["gates"] = bool(args.gates)
     bw = copy_bandwidth()
     info["copy_GBps"] = bw / 1e9
     print("# " + "  ".join(f"{k}={v}" for k, v in info.items()))
@@ -214,6 +228,9 @@ def main():
         tok = B * H * N
         bytes_fwd = tok * (2 * D + 2 * E) * elt  # q, k, v read, o written
         bytes_bwd = tok * (4 * D + 3 * E) * elt  # q, k, v, do read, dq, dk, dv written
+        if args.gates:  # g read (fp32) by the forward and the backward, dg written
+            bytes_fwd += tok * 4
+            bytes_bwd += tok * 8
         floor = {"fwd": bytes_fwd, "fwd+bwd": bytes_fwd + bytes_bwd}
         scale = 1.0 / math.sqrt(D)
         decay = None if args.no_decay else alibi_decay(H, dev)
@@ -223,7 +240,8 @@ def main():
         for _ in range(nsets):
             q, k = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
             v, do = (torch.randn(B, H, N, E, device=dev, dtype=torch.bfloat16) for _ in range(2))
-            sets.append((q, k, v, do))
+            g = torch.nn.functional.logsigmoid(torch.randn(B, H, N, device=dev)) / 16 if args.gates else None
+            sets.append((q, k, v, do, g))
         results = {}
 
         def record(impl, mode, ms):
@@ -240,7 +258,7 @@ def main():
 
         # ---- lasp raw kernels ----
         if shim is not None:
-            preps = [shim.prepare(q, k, v, decay, scale) for (q, k, v, _) in sets]
+            preps = [shim.prepare(q, k, v, decay, scale) for (q, k, v, *_) in sets]
             record("lasp-kern", "fwd", bench(lambda i: preps[i][0](), nsets, reps=args.reps))
             record("lasp-kern", "fwd+bwd",
                    bench(lambda i: (preps[i][0](), preps[i][1](sets[i][3])), nsets, reps=args.reps))
@@ -249,14 +267,17 @@ def main():
         # ---- lasp op ----
         if lasp_mod is not None:
             try:
-                gsets = [tuple(x.detach().requires_grad_(True) for x in s[:3]) + (s[3],) for s in sets]
-                f = lambda i: lasp_mod.lasp_attention(gsets[i][0], gsets[i][1], gsets[i][2], decay, scale=scale)
+                # (q, k, v[, g]) leaves, do
+                gsets = [(tuple(x.detach().requires_grad_(True) for x in s[:3] + ((s[4],) if args.gates else ())),
+                          s[3]) for s in sets]
+                f = lambda i: lasp_mod.lasp_attention(*gsets[i][0][:3], decay, scale=scale,
+                                                      g=gsets[i][0][3] if args.gates else None)
                 with torch.no_grad():
                     record("lasp", "fwd", bench(f, nsets, reps=args.reps))
 
                 def fb(i):
                     o = f(i)
-                    torch.autograd.grad(o, gsets[i][:3], gsets[i][3])
+                    torch.autograd.grad(o, gsets[i][0], gsets[i][1])
                 record("lasp", "fwd+bwd", bench(fb, nsets, reps=args.reps))
                 with torch.no_grad():
                     results["lasp"] = f(0).detach().clone()
@@ -265,22 +286,30 @@ def main():
                 print(f"# lasp op failed on {name}: {type(e).__name__}: {e}")
         # ---- fla, layout (B, T, H, D) ----
         if fla_fn is not None:
-            tsets = [tuple(x.transpose(1, 2).contiguous().requires_grad_(True) for x in s[:3]) +
-                     (s[3].transpose(1, 2).contiguous(),) for s in sets]
             g_gamma = -decay if decay is not None else torch.zeros(H, device=dev)
-            f = lambda i: fla_fn(tsets[i][0], tsets[i][1], tsets[i][2], g_gamma=g_gamma, scale=scale)[0]
+
+            def fla_gates(g):  # (B, T, H): the same effective log gates as lasp's g - decay
+                lg = g.transpose(1, 2) - (decay if decay is not None else 0.0)
+                return lg.contiguous().requires_grad_(True)
+            # (q, k, v[, g]) leaves in (B, T, H, .), do
+            tsets = [(tuple(x.transpose(1, 2).contiguous().requires_grad_(True) for x in s[:3]) +
+                      ((fla_gates(s[4]),) if args.gates else ()), s[3].transpose(1, 2).contiguous()) for s in sets]
+            if args.gates:
+                f = lambda i: fla_fn(*tsets[i][0][:3], g=tsets[i][0][3], scale=scale)[0]
+            else:
+                f = lambda i: fla_fn(*tsets[i][0][:3], g_gamma=g_gamma, scale=scale)[0]
             with torch.no_grad():
                 record("fla", "fwd", bench(f, nsets, reps=args.reps))
 
             def fb(i):
                 o = f(i)
-                torch.autograd.grad(o, tsets[i][:3], tsets[i][3])
+                torch.autograd.grad(o, tsets[i][0], tsets[i][1])
             record("fla", "fwd+bwd", bench(fb, nsets, reps=args.reps))
             with torch.no_grad():
                 results["fla"] = f(0).detach().transpose(1, 2).contiguous()
             del tsets
         # ---- plain torch ----
-        if "torch" in impls:
+        if "torch" in impls and not args.gates:
             lam = decay if decay is not None else torch.zeros(H, device=dev)
             try:
                 gsets = [tuple(x.detach().requires_grad_(True) for x in s[:3]) + (s[3],) for s in sets[:2]]

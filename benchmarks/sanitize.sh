@@ -150,6 +150,7 @@ def run(case, dev):
 # Per-token gates (resets included) and head maps: (name, B, Hq, Hk, Hv, N, D, E, dtype, gates)
 GATED_CASES = [
     ("gates fp32 segments resets", 1, 2, 2, 2, 300, 16, 8, F32, True),
+    ("gates bf16 tensor-core fwd segments", 1, 2, 2, 2, 300, 64, 128, BF16, True),
     ("gates bf16 GVA segments", 1, 1, 1, 4, 200, 64, 32, BF16, True),
     ("gates fp64 mixed maps", 1, 6, 2, 3, 70, 8, 5, F64, True),
     ("head maps fp16 GVA no gates", 2, 2, 2, 4, 130, 32, 16, F16, False),

@@ -38,6 +38,7 @@ struct ArgsBase {
   float scale;
   const float* decay;
   const float* state_in;  // nseg == 1 (segments read their own input states)
+  const float* g;         // per-token log gates, contiguous (B, H, N), or null (the kernels that take them: plan.cu)
 };
 
 inline void fill_base(ArgsBase& a, const AttnParams& p, int nseg, int seglen) {
@@ -52,6 +53,7 @@ inline void fill_base(ArgsBase& a, const AttnParams& p, int nseg, int seglen) {
   a.scale = (float)p.scale;
   a.decay = static_cast<const float*>(p.decay);
   a.state_in = static_cast<const float*>(p.state_in);
+  a.g = static_cast<const float*>(p.g);
 }
 
 struct FwdArgs : ArgsBase {

@@ -81,7 +81,12 @@ void split_segments(const AttnParams& p, int blocks_per_segment, int sms, int& n
 // The tensor-core family of the main pass of one direction, or Generic where it cannot take p: the dtype,
 // head dims and views (mode -1; mode 1 assumes them, mode 0 refuses) and the kernel's shared memory.
 Family main_family(const AttnParams& p, int mode, bool backward, const DevInfo& di) {
-  if (!tensor_core_maps(p)) return Family::Generic;
+  if (!tensor_core_maps(p)) {
+    // per-token gates: the wgmma forward takes them (MHA / GQA / MQA heads); every other role runs generic
+    const bool wg_gates = p.g != nullptr && !backward && p.Hq == p.H && p.Hv == p.Hkv &&
+                          tc_family(p, false) == Family::Wgmma;
+    if (!wg_gates) return Family::Generic;
+  }
   const bool views = mode < 0 ? (backward ? fast::bwd_supported(p) : fast::fwd_supported(p)) : mode >= 1;
   if (!views) return Family::Generic;
   const Family tc = tc_family(p, backward);

@@ -161,6 +161,71 @@ __device__ __forceinline__ void mask_pack(const float (&P)[32], uint32_t (&pa)[4
   }
 }
 
+// A chunk's per-token gates (lasp_params.h, g), as the tensor-core kernels read them: with lam[i] the log
+// gate of the chunk's token i (g - lambda; 0 past the chunk's end), cf[t] = the sum of the finite lam[i],
+// i <= t, and rs[t] = the last i <= t with lam[i] = -inf (a reset), or -1. Then
+//   w(t, s) = rs[t] > s ? 0 : exp(cf[t] - cf[s])   (s <= t),   pre(t) = rs[t] >= 0 ? 0 : exp(cf[t]),
+//   suf(s) = w(len - 1, s),   tot = pre(len - 1).
+// A reset gives exact zeros (never inf - inf); differences of chunk-local sums lose at most |cf| eps.
+struct GateTile {
+  float cf[64];
+  int rs[64];
+};
+
+// The GateTile of one chunk from warp 0: lane l holds the log gates lam[2l], lam[2l + 1].
+__device__ __forceinline__ void gate_tile_scan(GateTile& gt, float x0, float x1) {
+  const int lane = threadIdx.x & 31;
+  const bool z0 = x0 == -INFINITY, z1 = x1 == -INFINITY;
+  const float f0 = z0 ? 0.f : x0, f1 = z1 ? 0.f : x1;
+  float inc = f0 + f1;
+  int last = z1 ? 2 * lane + 1 : (z0 ? 2 * lane : -1);
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const float y = __shfl_up_sync(0xffffffffu, inc, o);
+    const int m = __shfl_up_sync(0xffffffffu, last, o);
+    if (lane >= o) {
+      inc += y;
+      last = max(last, m);
+    }
+  }
+  float ex = __shfl_up_sync(0xffffffffu, inc, 1);
+  int mex = __shfl_up_sync(0xffffffffu, last, 1);
+  if (lane == 0) {
+    ex = 0.f;
+    mex = -1;
+  }
+  gt.cf[2 * lane] = ex + f0;
+  gt.cf[2 * lane + 1] = inc;
+  gt.rs[2 * lane] = z0 ? 2 * lane : mex;
+  gt.rs[2 * lane + 1] = last;
+}
+__device__ __forceinline__ float gate_w(const GateTile& gt, int t, int s) {
+  return gt.rs[t] > s ? 0.f : expf(gt.cf[t] - gt.cf[s]);
+}
+__device__ __forceinline__ float gate_pre(const GateTile& gt, int t) { return gt.rs[t] >= 0 ? 0.f : expf(gt.cf[t]); }
+
+// mask_pack (causal) with the chunk's gate weights w(row, col) instead of the powers of gamma.
+template <typename T>
+__device__ __forceinline__ void mask_pack_gated(const float (&P)[32], uint32_t (&pa)[4][4], int r0, float scale,
+                                                const GateTile& gt) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
+  float pm[32];
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int row = r0 + g + (r >> 1) * 8, col = 8 * j + 2 * tc + (r & 1);
+      pm[4 * j + r] = col <= row ? P[4 * j + r] * scale * gate_w(gt, row, col) : 0.f;
+    }
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    pa[kk][0] = mma::pack2<T>(pm[8 * kk + 0], pm[8 * kk + 1]);
+    pa[kk][1] = mma::pack2<T>(pm[8 * kk + 2], pm[8 * kk + 3]);
+    pa[kk][2] = mma::pack2<T>(pm[8 * kk + 4], pm[8 * kk + 5]);
+    pa[kk][3] = mma::pack2<T>(pm[8 * kk + 6], pm[8 * kk + 7]);
+  }
+}
+
 // One 64 x 64 fp32 accumulator block against a row-major fp32 matrix (leading dimension ld): this thread's
 // element 4j + r is at row row0 + g + 8 (r >> 1), column col0 + 8j + 2tc + (r & 1), where row0 holds the
 // warp's 16-row offset (acc_offset). load_acc: from src (zeros when src is null); store_acc_f32: to dst.

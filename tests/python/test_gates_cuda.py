@@ -65,6 +65,16 @@ LONG = [
       gates="soft"),
     C(dtype=F16, B=2, H=2, Hkv=2, N=1500, D=64, E=128, decay="alibi", state=True, dS=False, layout="bhnd",
       gates="mixed"),
+    # 16-bit, D and E in {64, 128}: the forward main pass on the tensor cores (wgmma on sm_90), resets on
+    # and beside chunk boundaries, strong gates, zero gates with a decay
+    C(dtype=BF16, B=2, H=4, Hkv=2, N=1000, D=128, E=128, decay="alibi", state=True, dS=True, layout="bhnd",
+      gates="mixed", resets=[(63, None), (64, 1), (999, 0)]),
+    C(dtype=F16, B=1, H=2, Hkv=2, N=4100, D=64, E=64, decay=None, state=True, dS=True, layout="bnhd",
+      gates="strong"),
+    C(dtype=BF16, B=1, H=1, Hkv=1, N=65, D=64, E=128, decay="strong", state=False, dS=True, layout="bhnd",
+      gates="zero"),
+    C(dtype=BF16, B=3, H=2, Hkv=1, N=129, D=128, E=64, decay="mixed", state=True, dS=False, layout="bnhd",
+      gates="soft"),
     # head dims up to 256 (odd ones too)
     C(dtype=BF16, B=1, H=2, Hkv=1, N=300, D=256, E=256, decay="alibi", state=True, dS=True, layout="bhnd",
       gates="soft"),
