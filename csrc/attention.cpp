@@ -452,6 +452,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& 
   p.dk = view4(dk);
   p.dv = view4(dv);
   p.state_in = s_in.numel() > 0 ? s_in.data_ptr() : nullptr;
+  // Every backward call below runs without an outgoing-state gradient: alone, with none given (before any
+  // plan is asked for: the kernels may plan on it, lasp_params.h)
+  p.no_state_grad = ring.size() == 1 && !g_user.defined();
   Tensor seg_in;  // the forward's segment states where the backward cuts the sequence alike (else recomputed)
   if (seg_given && kernels.split) {
     int64_t nseg = 0, seglen = 0;

@@ -90,6 +90,9 @@ struct BwdArgs : ArgsBase {
   const float* seg_G;
   float* grad_state_in;         // written by the first segment's blocks
   int dkv_per_query_head;       // dk / dv go per query head to an fp32 workspace (GQA)
+  // with gates (wgmma backward, no grad_state_out): dg (B, H, N) gets q[t].dq_h[t] - k[t].dk_h[t] per token,
+  // each without its pair (t, t)
+  float* dg;
 };
 
 inline BwdArgs make_bwd_args(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,
@@ -101,6 +104,7 @@ inline BwdArgs make_bwd_args(const AttnParams& p, int nseg, int seglen, const fl
   a.seg_G = seg_G;
   a.grad_state_in = static_cast<float*>(p.grad_state_in);
   a.dkv_per_query_head = dkv_per_query_head ? 1 : 0;
+  a.dg = nullptr;
   return a;
 }
 

@@ -526,6 +526,7 @@ __global__ void bwd_dv_kernel(Ctx<A> c, Tv<const T> q, Tv<const T> k, Tv<const T
 
 // dg from the per-token sums the dq / dk kernel left (see above), one block per (b, h):
 //   dg[j] = sum_{t >= j} dg_in[t] + sum_{s < j} gp[s] + exp(sum of the piece's log gates) <S_in, G>
+// (The wgmma backward, which runs without G, leaves dg_in alone: dg[j] = sum_{t >= j} dg_in[t].)
 constexpr int kFinishThreads = 256;
 
 template <typename A>

@@ -184,7 +184,7 @@ cudaError_t run_bwd(const AttnParams& p, cudaStream_t st, int mode = -1, const f
   // dg with a G: G's part is carried apart from the tokens' (generic_kernels.cuh, bwd_dqdk_kernel), so the
   // segments' state gradients leave it out.
   A* dg = static_cast<A*>(p.dg_part);
-  const bool split = dg != nullptr && gso != nullptr;
+  const bool split = dg != nullptr && gso != nullptr && pl.main == Family::Generic;
   A* seglog = nullptr;
   if (pl.nseg > 1) {  // grad_state_in comes from the first segment's blocks
     seglog = segment_gate_logs<A>(p, c, pl.bwd_gates_offset(), st);
@@ -208,6 +208,10 @@ cudaError_t run_bwd(const AttnParams& p, cudaStream_t st, int mode = -1, const f
     const float *segS = reinterpret_cast<const float*>(wsS), *segG = reinterpret_cast<const float*>(wsG);
     LASP_TRY(pl.main == Family::Wgmma ? fast::wgmma_bwd_main(p, pl.nseg, pl.seglen, segS, segG, dkh, dvh, st)
                                       : fast::mma_bwd_main(p, pl.nseg, pl.seglen, segS, segG, dkh, dvh, st));
+    if (dg) {  // gates (wgmma, no G): the suffix sums
+      dg_finish_kernel<A><<<(unsigned)(p.B * p.H), kFinishThreads, 0, st>>>(c, dg, nullptr, nullptr, nullptr);
+      LASP_LAUNCHED();
+    }
     if (gqa) {
       reduce_heads_generic_kernel<T, A><<<nb, 256, 0, st>>>(c, reinterpret_cast<A*>(dkh), make_tv<T>(p.dk), c.Hkv, c.D);
       LASP_LAUNCHED();

@@ -79,6 +79,10 @@ struct AttnParams {
   // valid where the fwd and the bwd split the sequence alike (fwd_split and bwd_split agree).
   const void* seg_states = nullptr;
 
+  // Set on every backward call of one problem (bwd_prepare, bwd_local, bwd) when none of them has a
+  // grad_state_out: the plan may then choose kernels that take only that case (kernels/plan.h).
+  bool no_state_grad = false;
+
   // Set on a fwd that follows a fwd_local (on a bwd that follows a bwd_local and a bwd_prepare) of the
   // same problem with the same workspace: the work those did is reused (only state_in / grad_state_out
   // / the state outputs may differ).

@@ -82,9 +82,11 @@ void split_segments(const AttnParams& p, int blocks_per_segment, int sms, int& n
 // head dims and views (mode -1; mode 1 assumes them, mode 0 refuses) and the kernel's shared memory.
 Family main_family(const AttnParams& p, int mode, bool backward, const DevInfo& di) {
   if (!tensor_core_maps(p)) {
-    // per-token gates: the wgmma forward takes them (MHA / GQA / MQA heads); every other role runs generic
-    const bool wg_gates = p.g != nullptr && !backward && p.Hq == p.H && p.Hv == p.Hkv &&
-                          tc_family(p, false) == Family::Wgmma;
+    // per-token gates: the wgmma main passes take them (MHA / GQA / MQA heads); every other role runs generic
+    // (the backward only without an outgoing-state gradient: with one, its dg would read G's terms through
+    // the 16-bit state copy and lose them where dg is small)
+    const bool wg_gates = p.g != nullptr && p.Hq == p.H && p.Hv == p.Hkv && tc_family(p, backward) == Family::Wgmma &&
+                          (!backward || (p.no_state_grad && p.grad_state_out == nullptr));
     if (!wg_gates) return Family::Generic;
   }
   const bool views = mode < 0 ? (backward ? fast::bwd_supported(p) : fast::fwd_supported(p)) : mode >= 1;

@@ -9,8 +9,9 @@
 //           LASP_FWD_KERNEL / LASP_BWD_KERNEL asks for it;
 //   Generic every dtype (fp32 and fp64 always) and head dims 1..256 that no tensor-core family takes, and
 //           strided views those cannot read (SIMT, shared-memory tiles).
-// Per-token gates (AttnParams::g) run the forward main pass on wgmma where it takes the problem (MHA / GQA /
-// MQA heads) and every other role on the generic kernels; head maps beyond MHA / GQA / MQA (Hq != H or
+// Per-token gates (AttnParams::g) run the main passes on wgmma where it takes the problem (MHA / GQA / MQA
+// heads; the backward only with no_state_grad: no outgoing-state gradient) and every other role on the
+// generic kernels; head maps beyond MHA / GQA / MQA (Hq != H or
 // Hv != Hkv) run on the generic kernels for every role.
 // Head dims above 128 (bf16/fp16, multiples of 8) are cut by the drivers into blocks of at most 128, each
 // planned on its own (lasp_cuda.cu, "head-dim blocks").

@@ -204,8 +204,9 @@ __device__ __forceinline__ float gate_w(const GateTile& gt, int t, int s) {
 }
 __device__ __forceinline__ float gate_pre(const GateTile& gt, int t) { return gt.rs[t] >= 0 ? 0.f : expf(gt.cf[t]); }
 
-// mask_pack (causal) with the chunk's gate weights w(row, col) instead of the powers of gamma.
-template <typename T>
+// mask_pack with the chunk's gate weights instead of the powers of gamma: CAUSAL keeps col <= row with
+// w(row, col), else col >= row with w(col, row).
+template <typename T, bool CAUSAL>
 __device__ __forceinline__ void mask_pack_gated(const float (&P)[32], uint32_t (&pa)[4][4], int r0, float scale,
                                                 const GateTile& gt) {
   const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
@@ -215,7 +216,8 @@ __device__ __forceinline__ void mask_pack_gated(const float (&P)[32], uint32_t (
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int row = r0 + g + (r >> 1) * 8, col = 8 * j + 2 * tc + (r & 1);
-      pm[4 * j + r] = col <= row ? P[4 * j + r] * scale * gate_w(gt, row, col) : 0.f;
+      const bool keep = CAUSAL ? col <= row : col >= row;
+      pm[4 * j + r] = keep ? P[4 * j + r] * scale * (CAUSAL ? gate_w(gt, row, col) : gate_w(gt, col, row)) : 0.f;
     }
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
@@ -224,6 +226,91 @@ __device__ __forceinline__ void mask_pack_gated(const float (&P)[32], uint32_t (
     pa[kk][2] = mma::pack2<T>(pm[8 * kk + 4], pm[8 * kk + 5]);
     pa[kk][3] = mma::pack2<T>(pm[8 * kk + 6], pm[8 * kk + 7]);
   }
+}
+
+// x[t] . acc[t] for this thread's rows t = r0 + g and r0 + g + 8 (d0, d1), acc NB 64-column accumulator
+// blocks and x the 16-bit chunk tile at `tile` ([t][x] K-major: NB atoms of 64 columns, 128B-swizzled),
+// summed over the four threads of each row (every one of them gets the sums).
+template <typename T, int NB>
+__device__ __forceinline__ void row_dots(const float (&acc)[NB][32], const unsigned char* tile, int r0, float& d0,
+                                         float& d1) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
+  d0 = d1 = 0.f;
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const uint32_t v = *reinterpret_cast<const uint32_t*>(tile + nb * kTileAtom + sw128_offset(r0 + g + 8 * hh, j) + 4 * tc);
+        const float2 x = mma::unpack2<T>(v);
+        const float s = x.x * acc[nb][4 * j + 2 * hh] + x.y * acc[nb][4 * j + 2 * hh + 1];
+        if (hh == 0) {
+          d0 += s;
+        } else {
+          d1 += s;
+        }
+      }
+  d0 += __shfl_xor_sync(0xffffffffu, d0, 1);
+  d0 += __shfl_xor_sync(0xffffffffu, d0, 2);
+  d1 += __shfl_xor_sync(0xffffffffu, d1, 1);
+  d1 += __shfl_xor_sync(0xffffffffu, d1, 2);
+}
+
+// a[t] . b[t] for this thread's rows t = r0 + g and r0 + g + 8 (d0, d1), a and b 16-bit chunk tiles as in
+// row_dots (NB atoms of 64 columns), summed over the four threads of each row.
+template <typename T, int NB>
+__device__ __forceinline__ void row_dots_tiles(const unsigned char* ta, const unsigned char* tb, int r0, float& d0,
+                                               float& d1) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
+  d0 = d1 = 0.f;
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const uint32_t off = nb * kTileAtom + sw128_offset(r0 + g + 8 * hh, j) + 4 * tc;
+        const float2 x = mma::unpack2<T>(*reinterpret_cast<const uint32_t*>(ta + off));
+        const float2 y = mma::unpack2<T>(*reinterpret_cast<const uint32_t*>(tb + off));
+        const float s = x.x * y.x + x.y * y.y;
+        if (hh == 0) {
+          d0 += s;
+        } else {
+          d1 += s;
+        }
+      }
+  d0 += __shfl_xor_sync(0xffffffffu, d0, 1);
+  d0 += __shfl_xor_sync(0xffffffffu, d0, 2);
+  d1 += __shfl_xor_sync(0xffffffffu, d1, 1);
+  d1 += __shfl_xor_sync(0xffffffffu, d1, 2);
+}
+
+// The diagonal of a masked 64 x 64 P as mask_pack / mask_pack_gated pack it (the weight of (t, t) is 1): the
+// 16-bit value of scale * P[t][t] for this thread's rows t = r0 + g (d0) and r0 + g + 8 (d1), shared by the
+// four threads of each row.
+template <typename T>
+__device__ __forceinline__ void diag_rounded(const float (&P)[32], int r0, float scale, float& d0, float& d1) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
+  d0 = d1 = 0.f;
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int row = r0 + g + (r >> 1) * 8, col = 8 * j + 2 * tc + (r & 1);
+      if (row == col) {
+        const float v = mma::unpack2<T>(mma::pack2<T>(P[4 * j + r] * scale, 0.f)).x;
+        if (r >> 1) {
+          d1 = v;
+        } else {
+          d0 = v;
+        }
+      }
+    }
+  d0 += __shfl_xor_sync(0xffffffffu, d0, 1);
+  d0 += __shfl_xor_sync(0xffffffffu, d0, 2);
+  d1 += __shfl_xor_sync(0xffffffffu, d1, 1);
+  d1 += __shfl_xor_sync(0xffffffffu, d1, 2);
 }
 
 // One 64 x 64 fp32 accumulator block against a row-major fp32 matrix (leading dimension ld): this thread's

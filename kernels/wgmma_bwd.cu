@@ -19,6 +19,12 @@
 // the state updates are RS wgmmas with K^T / Q^T fragments from ldmatrix.trans, scaled by the decay
 // weights in registers. Reads: dO, V, K (loop A) and Q, K, V, dO (loop B); writes dq, dk, dv once.
 // With GQA, dk / dv of each query head go as fp32 to a workspace that the caller reduces (OT = float).
+// GATED (per-token gates, planned only without an outgoing-state gradient G): the powers of g become the
+// chunk's gate weights (wgmma.cuh, GateTile), which warp 0 scans into one of two tiles before each chunk's
+// barrier; loop A also loads Q, and WG0's threads of each row leave q[t].dq_h[t] in dg (loop A) and take
+// k[t].dk_h[t] from it (loop B), each without the pair (t, t) (its 16-bit P value, diag_rounded, times
+// q[t].k[t]); dg_finish_kernel then forms the suffix sums. (With G, its terms would come through the 16-bit
+// state copy R_b, whose rounding dg cannot afford where it is small: the plan runs those on the generic kernels.)
 // ACC (head dims above 128, cut into blocks by lasp_cuda.cu): dq, dk and dv of each query head are terms
 // of sums over the blocks, left as the AccOuts say (fast_args.h) by direct stores from the registers.
 #include <cstring>
@@ -50,8 +56,8 @@ constexpr uint32_t kAtom = wg::kTileAtom;
 // Shared memory (bytes from a 1024-aligned base): two stages of Q, K (D / 64 atoms each), V, dO (E / 64
 // atoms each); two state copies [d][e] (E / 64 atoms of D rows x 128 B); NSTG output staging atoms per
 // warpgroup (swizzled 64 x 64 16-bit tiles, the sources of the TMA stores: two where they fit, so that a
-// warp writes one while the store of the other is still reading it); the decay powers; the mbarriers of
-// the two stages in loop A and in loop B.
+// warp writes one while the store of the other is still reading it); the decay powers; two chunks' gates;
+// the mbarriers of the two stages in loop A and in loop B.
 template <int D, int E>
 struct WgBwdSmem {
   static constexpr uint32_t Q = 0, K = (D / 64) * kAtom, V = 2 * (D / 64) * kAtom, DO = V + (E / 64) * kAtom;
@@ -62,7 +68,8 @@ struct WgBwdSmem {
   static constexpr uint32_t OST = SB + 2 * SBUF;
   static constexpr int NSTG = (D == 64 && E == 64) ? 1 : 2;  // D = E = 64: two blocks per SM must fit
   static constexpr uint32_t GP = OST + 2 * NSTG * kAtom;
-  static constexpr uint32_t BAR = GP + (kC + 2) * sizeof(float);
+  static constexpr uint32_t GT = GP + (kC + 2) * sizeof(float);  // two GateTiles (GATED: chunk ci in ci & 1)
+  static constexpr uint32_t BAR = GT + 2 * sizeof(wg::GateTile);
   static constexpr size_t bytes = BAR + 4 * 8 + 1024;  // + alignment slack
   static_assert(Q == 0 && K % 1024 == 0 && V % 1024 == 0 && DO % 1024 == 0 && SB % 1024 == 0 && OST % 1024 == 0 &&
                     BAR % 8 == 0,
@@ -101,13 +108,14 @@ __device__ __forceinline__ void store_acc_f32_rows(const float (&d)[32], float* 
 
 // st (64 rows of block mb of a D x E fp32 state) = g^len st + X^T diag(w) Y over the chunk (K = its 64 rows):
 // X = the tile at xt (rows s, 64-column atoms), Y = the tile at yt, MN-major (NE atoms). w[s] = g^(len-1-s)
-// (REV = false: the forward state, from K and V) or scale g^(s+1) (REV = true: R, from Q and dO); rows past
+// (REV = false: the forward state, from K and V) or scale g^(s+1) (REV = true: R, from Q and dO), with gates
+// (gt) suf(s) or scale pre(s); rows past
 // len get 0 (their tiles are zero-filled too). In three parts, so that a caller can make the X^T fragments
 // (state_frags) while other wgmmas run, scale st (wg::scale_state) once none is in flight, and issue the
 // wgmmas (state_issue) after the wg::fence() that opens their stage.
 template <typename T, bool REV>
 __device__ __forceinline__ void state_frags(uint32_t (&xa)[4][4], uint32_t xt, int mb, int r0, int len, bool weigh,
-                                            float scale, const float* Gp) {
+                                            float scale, const float* Gp, const wg::GateTile* gt = nullptr) {
   const int tc = threadIdx.x & 3;
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
@@ -117,7 +125,11 @@ __device__ __forceinline__ void state_frags(uint32_t (&xa)[4][4], uint32_t xt, i
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int s = kk * 16 + 2 * tc + (j & 1) + (j >> 1) * 8;
-        w[j] = s < len ? (REV ? scale * Gp[s + 1] : Gp[len - 1 - s]) : 0.f;
+        if (gt) {  // gates: pre(s), suf(s)
+          w[j] = s < len ? (REV ? scale * wg::gate_pre(*gt, s) : wg::gate_w(*gt, len - 1, s)) : 0.f;
+        } else {
+          w[j] = s < len ? (REV ? scale * Gp[s + 1] : Gp[len - 1 - s]) : 0.f;
+        }
       }
       xa[kk][0] = mma::scale2<T>(xa[kk][0], w[0], w[1]);
       xa[kk][1] = mma::scale2<T>(xa[kk][1], w[0], w[1]);
@@ -146,7 +158,7 @@ struct BwdMaps {
   CUtensorMap q, k, v, dout, dq, dk, dv;
 };
 
-template <typename T, typename OT, int D, int E, int MINB, bool ACC>
+template <typename T, typename OT, int D, int E, int MINB, bool ACC, bool GATED>
 __global__ void __launch_bounds__(kThreads, MINB)
     wgmma_bwd_kernel(BwdArgs a, const __grid_constant__ BwdMaps tm, Tv<OT> dk, Tv<OT> dv, AccOuts accs) {
 #if LASP_WGMMA
@@ -158,6 +170,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
   unsigned char* sm = smem_raw + pad;
   const uint32_t base = raw + pad;
   float* Gp = reinterpret_cast<float*>(sm + SM::GP);
+  wg::GateTile* gts = reinterpret_cast<wg::GateTile*>(sm + SM::GT);
 
   const int seg = blockIdx.x % a.nseg, bh = blockIdx.x / a.nseg;
   const int b = bh / a.H, h = bh % a.H, kh = h / a.group;
@@ -186,6 +199,24 @@ __global__ void __launch_bounds__(kThreads, MINB)
     tma::init_barriers(barA, 4);
   }
   __syncthreads();
+  // GATED: warp 0 scans chunk ci's gates into gts[ci & 1] before the chunk's barrier (so a tile is
+  // rewritten only after every reader of the chunk two back passed the barrier of the one between), from
+  // log gates it loaded a chunk ahead (lane l: tokens 2l, 2l + 1 of the chunk; 0 past the segment's end).
+  const float* grow = GATED ? a.g + (size_t)bh * a.N : nullptr;
+  float gn0 = 0.f, gn1 = 0.f;
+  auto load_gates = [&](int c0) {
+    const int t = c0 + 2 * lane;
+    gn0 = t < n1 ? grow[t] + lg : 0.f;
+    gn1 = t + 1 < n1 ? grow[t + 1] + lg : 0.f;
+  };
+  auto gate_chunk = [&](int i, int next_c0) {  // chunk i's tile; next_c0 < 0: no next chunk
+    if (threadIdx.x < 32) {
+      wg::gate_tile_scan(gts[i & 1], gn0, gn1);
+      if (next_c0 >= 0) load_gates(next_c0);
+    }
+  };
+  // dg rows of this thread (GATED, WG0, tc == 0): loop A stores q[t].dq_h[t], loop B subtracts k[t].dk_h[t]
+  float* dgrow = GATED && a.dg ? a.dg + (size_t)bh * a.N : nullptr;
   auto stage = [&](int i) { return base + (uint32_t)(i & 1) * SM::STAGE; };
   auto sbuf = [&](int i) { return base + SM::SB + (uint32_t)(i & 1) * SM::SBUF; };
   auto state_kmajor = [&](uint32_t buf, int nb, int kk) { return state_kmajor_d<D>(buf, nb, kk); };
@@ -217,7 +248,8 @@ __global__ void __launch_bounds__(kThreads, MINB)
   auto issue_A = [&](int ci) {
     const int c0 = n0 + ci * kC;
     const uint32_t st = stage(ci), bar = barA + 8u * (uint32_t)(ci & 1);
-    tma::arrive_expect_tx(bar, SM::BYTES_A);
+    tma::arrive_expect_tx(bar, SM::BYTES_A + (dgrow ? SM::K : 0u));  // dg: Q too (its bytes: K's offset)
+    if (dgrow) tma::load_atoms(st + SM::Q, &tm.q, bar, ND, 0, c0, h, b);
     tma::load_atoms(st + SM::K, &tm.k, bar, ND, 0, c0, kh, b);
     tma::load_atoms(st + SM::V, &tm.v, bar, NE, 0, c0, kh, b);
     tma::load_atoms(st + SM::DO, &tm.dout, bar, NE, 0, c0, h, b);
@@ -229,6 +261,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
     if (threadIdx.x == 0 && ci + 1 < nch) issue_A(ci + 1);
   };
   if (threadIdx.x == 0 && nch > 0) issue_A(0);
+  if (GATED && threadIdx.x < 32 && nch > 0) load_gates(n0);
   if (wgi == 0) {
     for (int ci = 0; ci < nch; ++ci) {
       const int c0 = n0 + ci * kC;
@@ -238,7 +271,9 @@ __global__ void __launch_bounds__(kThreads, MINB)
 #pragma unroll
         for (int nb = 0; nb < ND; ++nb) mma::prefetch_frag_acc<8>(accs.x[0], b, h, c0, r0, 64 * nb, len);
       }
+      if constexpr (GATED) gate_chunk(ci, ci + 1 < nch ? c0 + kC : -1);
       chunk_top(ci);
+      const wg::GateTile& gt = gts[ci & 1];
       float acc[ND][32], P[32];
 #pragma unroll
       for (int nb = 0; nb < ND; ++nb) wg::zero_acc(acc[nb]);
@@ -258,12 +293,25 @@ __global__ void __launch_bounds__(kThreads, MINB)
       wg::wait<1>();
       wg::fence_regs(P);
       uint32_t pa[4][4];
-      wg::mask_pack<T, true>(P, pa, r0, scale, Gp);
+      float pd0 = 0.f, pd1 = 0.f;  // GATED: the diagonal of the masked P (dg leaves the pairs (t, t) out)
+      if constexpr (GATED) {
+        wg::mask_pack_gated<T, true>(P, pa, r0, scale, gt);
+        if (dgrow) wg::diag_rounded<T>(P, r0, scale, pd0, pd1);
+      } else {
+        wg::mask_pack<T, true>(P, pa, r0, scale, Gp);
+      }
       wg::wait<0>();
 #pragma unroll
       for (int nb = 0; nb < ND; ++nb) wg::fence_regs(acc[nb]);
       {
-        const float f0 = scale * Gp[r0 + g + 1], f1 = scale * Gp[r0 + g + 9];
+        float f0, f1;
+        if constexpr (GATED) {
+          f0 = scale * wg::gate_pre(gt, r0 + g);
+          f1 = scale * wg::gate_pre(gt, r0 + g + 8);
+        } else {
+          f0 = scale * Gp[r0 + g + 1];
+          f1 = scale * Gp[r0 + g + 9];
+        }
 #pragma unroll
         for (int nb = 0; nb < ND; ++nb) wg::scale_rows(acc[nb], f0, f1);
       }
@@ -277,8 +325,20 @@ __global__ void __launch_bounds__(kThreads, MINB)
       wg::commit();
       wg::wait<0>();
 #pragma unroll
+      for (int nb = 0; nb < ND; ++nb) wg::fence_regs(acc[nb]);
+      if constexpr (GATED) {
+        if (dgrow) {  // q[t].dq_h[t] without the pair (t, t): its term in dq[t] is pd k[t]
+          float d0, d1, x0, x1;
+          wg::row_dots<T, ND>(acc, sm + (st - base) + SM::Q, r0, d0, d1);
+          wg::row_dots_tiles<T, ND>(sm + (st - base) + SM::Q, sm + (st - base) + SM::K, r0, x0, x1);
+          d0 -= pd0 * x0;
+          d1 -= pd1 * x1;
+          if (tc == 0 && r0 + g < len) dgrow[c0 + r0 + g] = d0;
+          if (tc == 0 && r0 + g + 8 < len) dgrow[c0 + r0 + g + 8] = d1;
+        }
+      }
+#pragma unroll
       for (int nb = 0; nb < ND; ++nb) {
-        wg::fence_regs(acc[nb]);
         if constexpr (ACC) {
           mma::store_frag_acc<T, 8>(reinterpret_cast<const float(*)[4]>(acc[nb]), accs.x[0], b, h, c0, r0, 64 * nb,
                                     len, a.D);
@@ -303,12 +363,13 @@ __global__ void __launch_bounds__(kThreads, MINB)
       const uint32_t st = stage(ci);
       chunk_top(ci);
       if (ci + 1 == nch) continue;  // the state after the last chunk is not needed
-      const bool weigh = lg != 0.f;  // without decay every weight is 1 (rows past len are zero-filled)
+      const wg::GateTile* gtp = GATED ? &gts[ci & 1] : nullptr;
+      const bool weigh = GATED || lg != 0.f;  // without decay every weight is 1 (rows past len are zero-filled)
       uint32_t xa[ND][4][4];
 #pragma unroll
       for (int mb = 0; mb < ND; ++mb) {
-        state_frags<T, false>(xa[mb], st + SM::K, mb, r0, len, weigh, scale, Gp);
-        wg::scale_state(S[mb], Gp[len]);
+        state_frags<T, false>(xa[mb], st + SM::K, mb, r0, len, weigh, scale, Gp, gtp);
+        wg::scale_state(S[mb], GATED ? wg::gate_pre(*gtp, len - 1) : Gp[len]);
       }
       wg::fence();
 #pragma unroll
@@ -339,6 +400,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
     tma::load_atoms(st + SM::DO, &tm.dout, bar, NE, 0, c0, h, b);
   };
   if (threadIdx.x == 0 && nch > 0) issue_B(0);
+  if (GATED && threadIdx.x < 32 && nch > 0) load_gates(n0 + (nch - 1) * kC);
   const int hkv = a.dkv_per_query_head ? h : kh;
   auto loop_B = [&](auto role) {
     constexpr int W = decltype(role)::value;
@@ -361,9 +423,11 @@ __global__ void __launch_bounds__(kThreads, MINB)
 #pragma unroll
         for (int nb = 0; nb < NOUT; ++nb) mma::prefetch_frag_acc<8>(accs.x[W == 0 ? 1 : 2], b, h, c0, r0, 64 * nb, len);
       }
+      if constexpr (GATED && W == 0) gate_chunk(ci, ci + 1 < nch ? c0 - kC : -1);
       tma::wait(barB + 8u * (uint32_t)(ci & 1), (uint32_t)(ci >> 1) & 1u);
       wg::fence_async_smem();
       block_sync();
+      const wg::GateTile& gt = gts[ci & 1];
       if (threadIdx.x == 0 && ci + 1 < nch) issue_B(ci + 1);
       float acc[NOUT][32], P[32];
 #pragma unroll
@@ -397,21 +461,33 @@ __global__ void __launch_bounds__(kThreads, MINB)
       // R = g^len R + scale Q^T diag(g^(t+1)) dO (this warpgroup's block of rows): its fragments now,
       // its scaling once no wgmma is in flight, its wgmmas beside dk's / dv's
       uint32_t xa[4][4];
-      if constexpr (RMB >= 0) state_frags<T, true>(xa, st + SM::Q, RMB, r0, len, true, scale, Gp);
+      if constexpr (RMB >= 0) state_frags<T, true>(xa, st + SM::Q, RMB, r0, len, true, scale, Gp, GATED ? &gt : nullptr);
       wg::wait<1>();
       wg::fence_regs(P);
       uint32_t pa[4][4];
-      wg::mask_pack<T, false>(P, pa, r0, scale, Gp);
+      float pd0 = 0.f, pd1 = 0.f;  // GATED, WG0: the diagonal of the masked P (as in loop A)
+      if constexpr (GATED) {
+        wg::mask_pack_gated<T, false>(P, pa, r0, scale, gt);
+        if (W == 0 && dgrow) wg::diag_rounded<T>(P, r0, scale, pd0, pd1);
+      } else {
+        wg::mask_pack<T, false>(P, pa, r0, scale, Gp);
+      }
       wg::wait<0>();
 #pragma unroll
       for (int nb = 0; nb < NOUT; ++nb) wg::fence_regs(acc[nb]);
       {
-        const float ws0 = r0 + g < len ? Gp[len - 1 - (r0 + g)] : 0.f;
-        const float ws1 = r0 + g + 8 < len ? Gp[len - 9 - (r0 + g)] : 0.f;
+        float ws0, ws1;
+        if constexpr (GATED) {
+          ws0 = r0 + g < len ? wg::gate_w(gt, len - 1, r0 + g) : 0.f;
+          ws1 = r0 + g + 8 < len ? wg::gate_w(gt, len - 1, r0 + g + 8) : 0.f;
+        } else {
+          ws0 = r0 + g < len ? Gp[len - 1 - (r0 + g)] : 0.f;
+          ws1 = r0 + g + 8 < len ? Gp[len - 9 - (r0 + g)] : 0.f;
+        }
 #pragma unroll
         for (int nb = 0; nb < NOUT; ++nb) wg::scale_rows(acc[nb], ws0, ws1);
       }
-      if constexpr (RMB >= 0) wg::scale_state(R, Gp[len]);
+      if constexpr (RMB >= 0) wg::scale_state(R, GATED ? wg::gate_pre(gt, len - 1) : Gp[len]);
 #pragma unroll
       for (int nb = 0; nb < NOUT; ++nb) wg::fence_regs(acc[nb]);
       wg::fence();
@@ -426,8 +502,20 @@ __global__ void __launch_bounds__(kThreads, MINB)
       wg::commit();
       wg::wait<0>();
 #pragma unroll
+      for (int nb = 0; nb < NOUT; ++nb) wg::fence_regs(acc[nb]);
+      if constexpr (GATED && W == 0) {
+        if (dgrow) {  // - k[s].dk_h[s] without the pair (s, s) (the thread that stored q[s].dq_h[s] in loop A)
+          float d0, d1, x0, x1;
+          wg::row_dots<T, NOUT>(acc, sm + (st - base) + SM::K, r0, d0, d1);
+          wg::row_dots_tiles<T, ND>(sm + (st - base) + SM::K, sm + (st - base) + SM::Q, r0, x0, x1);
+          d0 -= pd0 * x0;
+          d1 -= pd1 * x1;
+          if (tc == 0 && r0 + g < len) dgrow[c0 + r0 + g] -= d0;
+          if (tc == 0 && r0 + g + 8 < len) dgrow[c0 + r0 + g + 8] -= d1;
+        }
+      }
+#pragma unroll
       for (int nb = 0; nb < NOUT; ++nb) {
-        wg::fence_regs(acc[nb]);
         if constexpr (ACC) {  // per query head (the driver finishes in the kernel only without GQA)
           mma::store_frag_acc<T, 8>(reinterpret_cast<const float(*)[4]>(acc[nb]), accs.x[W == 0 ? 1 : 2], b, h, c0,
                                     r0, 64 * nb, len, W == 0 ? a.D : a.E);
@@ -470,11 +558,11 @@ __global__ void __launch_bounds__(kThreads, MINB)
 template <int D, int E>
 constexpr int kBwdMinBlocks = (D == 64 && E == 64) ? 2 : 1;
 
-template <typename T, typename OT, int D, int E, int MINB, bool ACC>
+template <typename T, typename OT, int D, int E, int MINB, bool ACC, bool GATED>
 cudaError_t launch_minb(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, const AccOut* acc,
                         cudaStream_t st) {
   constexpr size_t smem = WgBwdSmem<D, E>::bytes;
-  cudaError_t e = opt_in_smem<wgmma_bwd_kernel<T, OT, D, E, MINB, ACC>>(smem);
+  cudaError_t e = opt_in_smem<wgmma_bwd_kernel<T, OT, D, E, MINB, ACC, GATED>>(smem);
   if (e != cudaSuccess) return e;
   const unsigned blocks = (unsigned)(p.B * p.H * a.nseg);
   const bool bf = std::is_same<T, __nv_bfloat16>::value;
@@ -490,13 +578,18 @@ cudaError_t launch_minb(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT>
   AccOuts accs{};
   if (acc)
     for (int i = 0; i < 3; ++i) accs.x[i] = acc[i];
-  wgmma_bwd_kernel<T, OT, D, E, MINB, ACC><<<blocks, kThreads, smem, st>>>(a, tm, dk, dv, accs);
+  wgmma_bwd_kernel<T, OT, D, E, MINB, ACC, GATED><<<blocks, kThreads, smem, st>>>(a, tm, dk, dv, accs);
   return cudaGetLastError();
 }
 
 template <typename T, typename OT, int D, int E, bool ACC>
 cudaError_t launch(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, const AccOut* acc, cudaStream_t st) {
-  return launch_minb<T, OT, D, E, kBwdMinBlocks<D, E>, ACC>(p, a, dk, dv, acc, st);
+  if constexpr (ACC) {  // gates never come with head-dim blocks (blocks_shape refuses them)
+    return a.g ? cudaErrorInvalidValue : launch_minb<T, OT, D, E, kBwdMinBlocks<D, E>, true, false>(p, a, dk, dv, acc, st);
+  } else {
+    return a.g ? launch_minb<T, OT, D, E, kBwdMinBlocks<D, E>, false, true>(p, a, dk, dv, acc, st)
+               : launch_minb<T, OT, D, E, kBwdMinBlocks<D, E>, false, false>(p, a, dk, dv, acc, st);
+  }
 }
 
 template <typename T, typename OT, bool ACC = false>
@@ -509,7 +602,7 @@ cudaError_t launch_dims(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT>
 
 template <typename T, typename OT, int D, int E>
 int resident() {
-  return resident_blocks<wgmma_bwd_kernel<T, OT, D, E, kBwdMinBlocks<D, E>, false>>(kThreads, WgBwdSmem<D, E>::bytes, 1);
+  return resident_blocks<wgmma_bwd_kernel<T, OT, D, E, kBwdMinBlocks<D, E>, false, false>>(kThreads, WgBwdSmem<D, E>::bytes, 1);
 }
 
 template <typename T, typename OT>
@@ -536,7 +629,8 @@ cudaError_t wgmma_bwd_main(const AttnParams& p, int nseg, int seglen, const floa
     using T = typename decltype(t)::type;
     if (acc)  // head-dim blocks: dq, dk, dv as acc[0..2] say, per query head
       return launch_dims<T, T, true>(p, make_bwd_args(p, nseg, seglen, seg_S, seg_G, true), {}, {}, st, acc);
-    const BwdArgs a = make_bwd_args(p, nseg, seglen, seg_S, seg_G, dk_ws != nullptr);
+    BwdArgs a = make_bwd_args(p, nseg, seglen, seg_S, seg_G, dk_ws != nullptr);
+    a.dg = static_cast<float*>(p.dg_part);
     if (dk_ws)  // GQA: per-query-head fp32 dk / dv, contiguous (B, H, N, D|E)
       return launch_dims<T, float>(p, a, make_tv_contig<float>(dk_ws, p.H, p.N, p.D),
                                    make_tv_contig<float>(dv_ws, p.H, p.N, p.E), st);

@@ -211,7 +211,7 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
     wg::fence_regs(P);
     uint32_t pa[4][4];
     if constexpr (GATED) {
-      wg::mask_pack_gated<T>(P, pa, r0, a.scale, gt);
+      wg::mask_pack_gated<T, true>(P, pa, r0, a.scale, gt);
     } else {
       wg::mask_pack<T, true>(P, pa, r0, a.scale, Gp);
     }

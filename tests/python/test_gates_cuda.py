@@ -75,6 +75,14 @@ LONG = [
       gates="zero"),
     C(dtype=BF16, B=3, H=2, Hkv=1, N=129, D=128, E=64, decay="mixed", state=True, dS=False, layout="bnhd",
       gates="soft"),
+    # without a final-state cotangent the backward runs on the tensor cores too (with one, on the generic
+    # kernels): strong gates, where dg is small beside the pairs (t, t) it leaves out
+    C(dtype=F16, B=1, H=2, Hkv=2, N=4100, D=64, E=64, decay=None, state=True, dS=False, layout="bnhd",
+      gates="strong"),
+    C(dtype=BF16, B=1, H=1, Hkv=1, N=65, D=64, E=128, decay="strong", state=False, dS=False, layout="bhnd",
+      gates="zero"),
+    C(dtype=BF16, B=2, H=4, Hkv=2, N=1000, D=128, E=128, decay="alibi", state=True, dS=False, layout="bnhd",
+      gates="mixed", resets=[(63, None), (64, 1), (999, 0)]),
     # head dims up to 256 (odd ones too)
     C(dtype=BF16, B=1, H=2, Hkv=1, N=300, D=256, E=256, decay="alibi", state=True, dS=True, layout="bhnd",
       gates="soft"),
