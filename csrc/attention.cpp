@@ -339,7 +339,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_
   check_backend_takes(backend_kernels, g, q, k, v);
   const Strategy strategy = parse_strategy(strategy_name);
   const auto acc = acc_type(q.scalar_type());
-  const int64_t N = q.size(2), D = q.size(3), E = v.size(3), H = std::max(q.size(1), v.size(1));
+  const int64_t N = q.size(2), D = q.size(3), E = v.size(3), H = out_heads(q, v).expect_int();
   const Kernels kernels = N == 0 ? empty_piece_kernels(q, H, D, E) : backend_kernels;
   const Ring ring(group_name);
   // Before any collective, so that every rank of a call made alike raises here.
@@ -419,7 +419,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& 
   const bool seg_given = seg_states.has_value() && seg_states->numel() > 0;
   const Strategy strategy = parse_strategy(strategy_name);
   const auto acc = acc_type(q.scalar_type());
-  const int64_t N = q.size(2), D = q.size(3), E = v.size(3), H = std::max(q.size(1), v.size(1));
+  const int64_t N = q.size(2), D = q.size(3), E = v.size(3), H = out_heads(q, v).expect_int();
   TORCH_CHECK(dout.sizes() == at::IntArrayRef({q.size(0), H, N, E}) && dout.scalar_type() == q.scalar_type(),
               "lasp_attention backward: the output gradient must have shape ", at::IntArrayRef({q.size(0), H, N, E}),
               " and dtype ", q.scalar_type(), ", got ", dout.sizes(), " ", dout.scalar_type());

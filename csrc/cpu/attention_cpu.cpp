@@ -114,6 +114,17 @@ struct Gates {
   acc_t tot() const { return tot_; }
 };
 
+// Which input head a chunk buffer holds: take(x) says whether head x must be loaded into it (the output
+// heads a task walks in order read their q, k, v heads in order, so each is loaded once per chunk).
+struct HeadRows {
+  int64_t head = -1;
+  bool take(int64_t x) {
+    if (x == head) return false;
+    head = x;
+    return true;
+  }
+};
+
 // The q, k and v heads output head h reads (lasp_params.h, head maps).
 struct Heads {
   int64_t q, k, v;
@@ -244,6 +255,7 @@ void bwd_dq_impl(const AttnParams& p) {
         const int64_t L = std::min(kChunk, N - c0);
         if (p.dg_part) load_rows<scalar_t>(p.q, b, hq, c0, L, D, Q.data());
         std::fill(dQ.begin(), dQ.end(), acc_t(0));
+        HeadRows rows_k, rows_v;  // the k and v heads loaded for this chunk (consecutive output heads share them)
         for (int64_t r = 0; r < Gq; ++r) {
           const int64_t h = hq * Gq + r, hk = h / (p.H / p.Hkv), hv = h / (p.H / p.Hv);
           Gates<acc_t>& dec = decs[r];
@@ -251,8 +263,8 @@ void bwd_dq_impl(const AttnParams& p) {
           acc_t* Sh = &S[r * D * E];
           acc_t* dg = p.dg_part ? static_cast<acc_t*>(p.dg_part) + (b * p.H + h) * N : nullptr;
           load_rows<scalar_t>(p.dout, b, h, c0, L, E, dO.data());
-          load_rows<scalar_t>(p.k, b, hk, c0, L, D, K.data());
-          load_rows<scalar_t>(p.v, b, hv, c0, L, E, V.data());
+          if (rows_k.take(hk)) load_rows<scalar_t>(p.k, b, hk, c0, L, D, K.data());
+          if (rows_v.take(hv)) load_rows<scalar_t>(p.v, b, hv, c0, L, E, V.data());
           for (int64_t t = 0; t < L; ++t) {
             acc_t* dq = &dQh[t * D];
             const acc_t* dot_ = &dO[t * E];
@@ -318,6 +330,7 @@ void bwd_dkdv_impl(const AttnParams& p) {
         const int64_t c0 = c * kChunk, L = std::min(kChunk, N - c0);
         std::fill(dK.begin(), dK.end(), acc_t(0));
         std::fill(dV.begin(), dV.end(), acc_t(0));
+        HeadRows rows_q, rows_k, rows_v;  // the heads loaded for this chunk (consecutive output heads share them)
         for (int64_t r = 0; r < U; ++r) {
           const int64_t h = h0 + r, hq = h / (p.H / p.Hq), hk = h / Gk, hv = h / Gv;
           Gates<acc_t>& dec = decs[r];
@@ -326,10 +339,10 @@ void bwd_dkdv_impl(const AttnParams& p) {
           acc_t* Rh = &R[r * D * E];
           acc_t* RGh = split_g ? &RG[r * D * E] : nullptr;
           acc_t* dg = p.dg_part ? static_cast<acc_t*>(p.dg_part) + (b * p.H + h) * N : nullptr;
-          load_rows<scalar_t>(p.q, b, hq, c0, L, D, Q.data());
+          if (rows_q.take(hq)) load_rows<scalar_t>(p.q, b, hq, c0, L, D, Q.data());
           load_rows<scalar_t>(p.dout, b, h, c0, L, E, dO.data());
-          load_rows<scalar_t>(p.k, b, hk, c0, L, D, K.data());
-          load_rows<scalar_t>(p.v, b, hv, c0, L, E, V.data());
+          if (rows_k.take(hk)) load_rows<scalar_t>(p.k, b, hk, c0, L, D, K.data());
+          if (rows_v.take(hv)) load_rows<scalar_t>(p.v, b, hv, c0, L, E, V.data());
           std::fill(dKh.begin(), dKh.end(), acc_t(0));
           std::fill(dVh.begin(), dVh.end(), acc_t(0));
           for (int64_t s = 0; s < L; ++s) {

@@ -94,6 +94,12 @@ def gate_values(B, H, N, kind, g, resets=()):
     return out
 
 
+def layout_shapes(B, H, Hkv, N, D, E, layout):
+    """Shapes of q, k, v and do in the layout ("bhnd": (B, H, N, X); "bnhd": (B, N, H, X))."""
+    bhnd_shapes = [(B, H, N, D), (B, Hkv, N, D), (B, Hkv, N, E), (B, H, N, E)]
+    return bhnd_shapes if layout == "bhnd" else [(s[0], s[2], s[1], s[3]) for s in bhnd_shapes]
+
+
 def to_layout_g(g_bhn, layout):
     """(B, H, N) gates in the layout's own shape, contiguous."""
     return g_bhn if layout == "bhnd" else g_bhn.transpose(1, 2).contiguous()
@@ -111,10 +117,7 @@ def make_case_inputs(c, seed):
     """Leaf q, k, v, g, s0 (or None) in the case's dtype and layout, cotangents do and dS (or None), decay."""
     gg = gen(seed)
     B, H, Hkv, N, D, E, dt, layout = c["B"], c["H"], c["Hkv"], c["N"], c["D"], c["E"], c["dtype"], c["layout"]
-    if layout == "bhnd":
-        shapes = [(B, H, N, D), (B, Hkv, N, D), (B, Hkv, N, E), (B, H, N, E)]
-    else:
-        shapes = [(B, N, H, D), (B, N, Hkv, D), (B, N, Hkv, E), (B, N, H, E)]
+    shapes = layout_shapes(B, H, Hkv, N, D, E, layout)
     q, k, v, do = (randn(s, gg, dt) for s in shapes)
     gdt = c.get("gdtype") or dt
     gv = to_layout_g(gate_values(B, H, N, c["gates"], gg, c.get("resets", ())), layout).to(gdt)
@@ -360,10 +363,7 @@ def test_constant_gates_equal_decay(lasp, dtype, layout, extra_decay, seed):
     gg = gen(seed)
     c = make_decay("mixed", H, g=gg)  # head 0 exactly 0
     d = make_decay("alibi", H) if extra_decay else None
-    if layout == "bhnd":
-        shapes = [(B, H, N, D), (B, Hkv, N, D), (B, Hkv, N, E), (B, H, N, E)]
-    else:
-        shapes = [(B, N, H, D), (B, N, Hkv, D), (B, N, Hkv, E), (B, N, H, E)]
+    shapes = layout_shapes(B, H, Hkv, N, D, E, layout)
     q, k, v, do = (randn(s, gg, dtype) for s in shapes)
     s0 = randn((B, H, D, E), gg, acc_dtype(dtype))
     dS = randn((B, H, D, E), gg, acc_dtype(dtype))
@@ -413,10 +413,7 @@ GRADCHECK = [
 @pytest.mark.parametrize("B,H,Hkv,N,D,E,decay_kind,layout", GRADCHECK)
 def test_gradcheck(lasp, B, H, Hkv, N, D, E, decay_kind, layout, seed):
     gg = gen(seed)
-    if layout == "bhnd":
-        shapes = [(B, H, N, D), (B, Hkv, N, D), (B, Hkv, N, E)]
-    else:
-        shapes = [(B, N, H, D), (B, N, Hkv, D), (B, N, Hkv, E)]
+    shapes = layout_shapes(B, H, Hkv, N, D, E, layout)[:3]
     q, k, v = (randn(s, gg, F64).requires_grad_(True) for s in shapes)
     gv = -0.1 - 1.9 * torch.rand(B, H, N, generator=gg, dtype=F64)  # in [-2, -0.1]: away from 0, finite
     g = to_layout_g(gv, layout).requires_grad_(True)
@@ -460,10 +457,7 @@ def problems(draw):
 def test_property_matches_reference(lasp, p):
     gg = gen(p["seed"])
     B, H, Hkv, N, D, E, dt, layout = p["B"], p["H"], p["Hkv"], p["N"], p["D"], p["E"], p["dtype"], p["layout"]
-    if layout == "bhnd":
-        shapes = [(B, H, N, D), (B, Hkv, N, D), (B, Hkv, N, E), (B, H, N, E)]
-    else:
-        shapes = [(B, N, H, D), (B, N, Hkv, D), (B, N, Hkv, E), (B, N, H, E)]
+    shapes = layout_shapes(B, H, Hkv, N, D, E, layout)
     q, k, v, do = (randn(s, gg, dt) for s in shapes)
     gv = -p["gate_scale"] * F.softplus(torch.randn(B, H, N, generator=gg, dtype=F64))
     for t in p["resets"]:
@@ -539,10 +533,7 @@ def make_dist_problem(case, seed):
     B, H, Hkv, D, E = case["B"], case["H"], case["Hkv"], case["D"], case["E"]
     N = sum(case["pieces"])
     dt, layout = case["dtype"], case["layout"]
-    if layout == "bhnd":
-        shapes = [(B, H, N, D), (B, Hkv, N, D), (B, Hkv, N, E), (B, H, N, E)]
-    else:
-        shapes = [(B, N, H, D), (B, N, Hkv, D), (B, N, Hkv, E), (B, N, H, E)]
+    shapes = layout_shapes(B, H, Hkv, N, D, E, layout)
     q, k, v, do = (randn(s, gg, dt) for s in shapes)
     g = to_layout_g(gate_values(B, H, N, case["gates"], gg, case["resets"]), layout).to(dt)
     s0 = randn((B, H, D, E), gg, acc_dtype(dt)) if case["state"] else None
