@@ -21,6 +21,12 @@ an all-reduce behind a sleep kernel (so host skew does not count), the slowest r
 --reps. Before timing, every method's output and input gradients on a short sequence are compared with
 the single-GPU op on the whole sequence.
 
+--gates: per-token log gates g = logsigmoid(x) / 16 ((B, tokens, H), fp32, with their gradient) on top of the
+decay, for the methods that take them (ring, allgather: the peer transport and the two baselines do not).
+--fla (CUDA, W = 1): fla's chunk_simple_gla on the same inputs beside "single" (g_gamma = -decay, or
+g = g - decay with --gates; fla 0.6.0 refuses its gated backward on Hopper under Triton 3.4 to 3.7.0, its
+issue 640: the refusal is lifted to time it, and the JSON says so).
+
 --device cpu (gloo) runs the same script on tiny shapes (wall-clock timing): a smoke test, not a benchmark.
 """
 from __future__ import annotations
@@ -45,6 +51,7 @@ sys.path.insert(0, HERE)
 from bench_model import make_allgather_kv, make_ulysses  # noqa: E402  (the same baselines as the model benchmark)
 
 METHODS = ["ring", "ring-peer", "allgather", "ulysses", "allgather-kv"]
+GATED_METHODS = ["ring", "allgather"]  # the methods that take per-token gates
 
 
 def _import_lasp():
@@ -63,9 +70,10 @@ def make_method(lasp, name, group):
         grp = None if name == "single" else group
         transport = "peer" if name == "ring-peer" else "nccl"
 
-        def attn(q, k, v, decay, scale, _g):
+        def attn(q, k, v, decay, scale, _g, lg=None):
             lasp.set_ring_transport(transport)  # read by this call's forward and backward
-            return lasp.lasp_attention(q, k, v, decay, scale=scale, group=grp, layout="bnhd", strategy=strategy)
+            return lasp.lasp_attention(q, k, v, decay, scale=scale, group=grp, layout="bnhd", strategy=strategy,
+                                       g=lg)
 
         return attn
     if name == "ulysses":
@@ -73,6 +81,11 @@ def make_method(lasp, name, group):
     if name == "allgather-kv":
         return make_allgather_kv(lasp, group)
     raise ValueError(f"unknown method {name!r}")
+
+
+def call(attn, q, k, v, decay, scale, group, lg):
+    """A method on one rank's piece; the gates only where there are (the baselines take none)."""
+    return attn(q, k, v, decay, scale, group) if lg is None else attn(q, k, v, decay, scale, group, lg=lg)
 
 
 def git_commit():
@@ -121,13 +134,36 @@ class Timer:
         return statistics.median(tt.tolist())
 
 
-def local_inputs(B, n, H, D, dtype, device, seed, requires_grad=True):
+def local_inputs(B, n, H, D, dtype, device, seed, requires_grad=True, gates=False):
+    """q, k, v, do (B, n, H, D) and, with gates, log gates lg (B, n, H) fp32 (else None)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     mk = lambda: torch.randn(B, n, H, D, generator=g, dtype=torch.float32).to(device, dtype)  # noqa: E731
     q, k, v, do = mk(), mk(), mk(), mk()
-    for t in (q, k, v):
+    lg = torch.nn.functional.logsigmoid(torch.randn(B, n, H, generator=g)).div(16).to(device) if gates else None
+    for t in (q, k, v) + ((lg,) if gates else ()):
         t.requires_grad_(requires_grad)
-    return q, k, v, do
+    return q, k, v, do, lg
+
+
+def fla_method(decay):
+    """fla's chunk_simple_gla as a method (layout (B, T, H, D), as here), or None where fla does not import."""
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+        import fla.ops.common.chunk_o as fla_chunk_o
+    except Exception as e:  # noqa: BLE001
+        print(f"# fla not importable ({type(e).__name__}: {e}); no fla rows")
+        return None, False
+    lifted = False
+    if getattr(fla_chunk_o, "IS_NVIDIA_HOPPER", False):
+        fla_chunk_o.IS_NVIDIA_HOPPER = False  # the gated backward's Hopper refusal (read at call time)
+        lifted = True
+
+    def attn(q, k, v, decay_, scale, _g, lg=None):
+        if lg is None:
+            return chunk_simple_gla(q, k, v, g_gamma=-decay_, scale=scale)[0]
+        return chunk_simple_gla(q, k, v, g=lg - decay_, scale=scale)[0]
+
+    return attn, lifted
 
 
 def check_methods(lasp, groups, methods, args, device, dtype, rank):
@@ -142,19 +178,20 @@ def check_methods(lasp, groups, methods, args, device, dtype, rank):
             continue
         if rank < W:
             torch.manual_seed(0)
-            full = [t.detach() for t in local_inputs(B, W * n, H, D, dtype, device, seed=1234)]
-            qf, kf, vf, dof = (t.clone().requires_grad_(i < 3) for i, t in enumerate(full))
-            of = lasp.lasp_attention(qf, kf, vf, decay, scale=scale, layout="bnhd")
+            full = [None if t is None else t.detach()
+                    for t in local_inputs(B, W * n, H, D, dtype, device, seed=1234, gates=args.gates)]
+            qf, kf, vf, dof, lgf = (None if t is None else t.clone().requires_grad_(i != 3) for i, t in enumerate(full))
+            of = lasp.lasp_attention(qf, kf, vf, decay, scale=scale, layout="bnhd", g=lgf)
             of.backward(dof)
-            want = [of.detach(), qf.grad, kf.grad, vf.grad]
+            want = [of.detach(), qf.grad, kf.grad, vf.grad] + ([lgf.grad] if args.gates else [])
             sl = slice(rank * n, (rank + 1) * n)
             for m in methods:
-                q, k, v, do = (t[:, sl].clone().contiguous() for t in full)
-                for t in (q, k, v):
+                q, k, v, do, lg = (None if t is None else t[:, sl].clone().contiguous() for t in full)
+                for t in (q, k, v) + ((lg,) if args.gates else ()):
                     t.requires_grad_(True)
-                o = make_method(lasp, m, group)(q, k, v, decay, scale, group)
+                o = call(make_method(lasp, m, group), q, k, v, decay, scale, group, lg)
                 o.backward(do)
-                got = [o.detach(), q.grad, k.grad, v.grad]
+                got = [o.detach(), q.grad, k.grad, v.grad] + ([lg.grad] if args.gates else [])
                 err = max(float((a.float() - b[:, sl].float()).norm() / b[:, sl].float().norm().clamp_min(1e-30))
                           for a, b in zip(got, want))
                 e = torch.tensor([err], dtype=torch.float64, device=device)
@@ -220,6 +257,8 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--from-json", default=None, help="only redraw --plot from an earlier --json")
+    ap.add_argument("--gates", action="store_true", help="per-token log gates (see above)")
+    ap.add_argument("--fla", action="store_true", help="fla's chunk_simple_gla beside 'single' at W = 1 (CUDA)")
     args = ap.parse_args(argv)
     if args.from_json:
         with open(args.from_json) as f:
@@ -242,6 +281,11 @@ def main(argv=None):
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"bench_sp: --methods: unknown method {m!r}; expected some of {METHODS}")
+    if args.gates:
+        dropped = [m for m in methods if m not in GATED_METHODS]
+        methods = [m for m in methods if m in GATED_METHODS]
+        if dropped and rank == 0:
+            print(f"# --gates: {', '.join(dropped)} take no per-token gates; measuring {', '.join(methods)}")
     if args.worlds:
         worlds = sorted({int(w) for w in args.worlds.split(",")})
     else:
@@ -258,8 +302,12 @@ def main(argv=None):
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "B": B, "H": H, "D": D, "dtype": str(dtype).replace("torch.", ""), "decay": "alibi",
-        "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE"),
+        "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE"), "gates": bool(args.gates),
     }
+    fla_attn = None
+    if args.fla and cuda:
+        fla_attn, lifted = fla_method(alibi_decay(H, device))
+        info["fla_hopper_refusal_lifted"] = lifted
     if rank == 0:
         print("# " + "  ".join(f"{k}={v}" for k, v in info.items()), flush=True)
 
@@ -285,22 +333,25 @@ def main(argv=None):
     rows = []
     for kind, size, W in configs:
         n_local = size if kind == "weak" else size // W
-        names = ["single"] if W == 1 else [m for m in methods if not (m == "ulysses" and H % W)]
+        names = (["single"] + (["fla"] if fla_attn else [])) if W == 1 else \
+            [m for m in methods if not (m == "ulysses" and H % W)]
         for name in names:
             row = {"scaling": kind, "W": W, "n_local": n_local, "n_total": n_local * W, "method": name}
             if rank < W:
                 group = groups[W]
-                q, k, v, do = local_inputs(B, n_local, H, D, dtype, device, seed=rank)
-                attn = make_method(lasp, name, group)
+                q, k, v, do, lg = local_inputs(B, n_local, H, D, dtype, device, seed=rank, gates=args.gates)
+                attn = fla_attn if name == "fla" else make_method(lasp, name, group)
                 timer = Timer(device, group)
 
                 def fwd():
                     with torch.no_grad():
-                        attn(q, k, v, decay, scale, group)
+                        call(attn, q, k, v, decay, scale, group, lg)
 
                 def fwd_bwd():
                     q.grad = k.grad = v.grad = None
-                    attn(q, k, v, decay, scale, group).backward(do)
+                    if lg is not None:
+                        lg.grad = None
+                    call(attn, q, k, v, decay, scale, group, lg).backward(do)
 
                 try:
                     row["fwd_ms"] = timer(fwd, args.warmup, args.reps)
@@ -309,7 +360,7 @@ def main(argv=None):
                         row["peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
                 except torch.OutOfMemoryError:
                     row["error"] = "out of memory"
-                del q, k, v, do
+                del q, k, v, do, lg
                 if cuda:
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats(device)
@@ -356,7 +407,9 @@ def summarize(rows):
             base = _find(rows, scaling="weak", W=1, n_local=r["n_local"], method="single")
         else:
             base = _find(rows, scaling="strong", W=1, n_total=r["n_total"], method="single")
-        if base:
+        if base and r["method"] == "fla":
+            s["lasp_over_fla"] = r["fwd_bwd_ms"] / base["fwd_bwd_ms"]  # how much faster lasp's single is
+        elif base:
             s["vs_single"] = base["fwd_bwd_ms"] / r["fwd_bwd_ms"]  # weak: efficiency; strong: speed-up
         ring = _find(rows, scaling=r["scaling"], W=r["W"], n_local=r["n_local"], method="ring")
         if ring and r["method"] != "ring":
@@ -379,6 +432,8 @@ def print_table(rows, summary, info):
         s = next((x for x in summary if x["scaling"] == r["scaling"] and x["W"] == r["W"]
                   and x["n_local"] == r["n_local"] and x["method"] == r["method"]), {})
         vs = f"{s['vs_single']:.2f}" if "vs_single" in s else "-"
+        if "lasp_over_fla" in s:
+            vs = f"single {s['lasp_over_fla']:.2f}x faster"
         rs = f"{s['ring_speedup']:.2f}x" if "ring_speedup" in s else "-"
         print(f"| {r['scaling']} | {r['W']} | {r['n_local']} | {r['n_total']} | {r['method']} | {r['fwd_ms']:.3f} | "
               f"{r['fwd_bwd_ms']:.3f} | {vs} | {rs} |")
