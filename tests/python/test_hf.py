@@ -384,11 +384,21 @@ SP_CASES = {
     2: [
         dict(dtype=F64, layer_types=(LIN, FULL, LIN, FULL), B=2, pieces=[20, 17], cfg={}),
         dict(dtype=F32, layer_types=(FULL, LIN, LIN), B=1, pieces=[9, 24], cfg=dict(sliding_window=8)),
+        # packed documents (position ids restarting at 0): one starts exactly on the rank boundary, one has 1 token
+        dict(dtype=F64, layer_types=(LIN, FULL, LIN), B=1, pieces=[15, 14], cfg={}, docs=[4, 11, 1, 9, 4]),
     ],
     3: [
         dict(dtype=F64, layer_types=(LIN, FULL, LIN), B=1, pieces=[13, 1, 23], cfg=dict(num_key_value_heads=1)),
+        # a document over all three pieces (the middle one of 1 token)
+        dict(dtype=F64, layer_types=(LIN, FULL, LIN), B=2, pieces=[12, 1, 20], cfg={}, docs=[3, 20, 10]),
     ],
 }
+
+
+def packed_positions(docs, B):
+    """(B, sum(docs)) position ids restarting at 0 at every document, as DataCollatorWithFlattening makes them."""
+    pos = torch.cat([torch.arange(n) for n in docs])
+    return pos.unsqueeze(0).expand(B, -1).contiguous()
 
 
 def _sp_setup(size, ci):
@@ -429,7 +439,10 @@ def _sp_worker(rank, world, port, out_dir):
             P = sum(case["pieces"][:rank])
             n = case["pieces"][rank]
             hf.patch_minimax(model, sp_group=group)
-            logits, grads = run(model, ids[:, P : P + n], w[:, P : P + n])
+            kw = {}
+            if "docs" in case:
+                kw["position_ids"] = packed_positions(case["docs"], case["B"])[:, P : P + n]
+            logits, grads = run(model, ids[:, P : P + n], w[:, P : P + n], **kw)
             results[(size, ci)] = dict(logits=logits, grads=grads)
             if ci == 0:
                 # a deepcopy (EMA / reference model) runs patched on the same group and computes the same
@@ -499,7 +512,13 @@ def test_sequence_parallel_matches_single_process(size):
     for ci in range(len(SP_CASES[size])):
         case, cfg, model, ids, w = _sp_setup(size, ci)
         dtype = case["dtype"]
-        want_logits, want_grads = run(model, ids, w, use_cache=False)  # unpatched, whole sequence
+        if "docs" in case:  # packed: the model patched without a group (test_packed_documents_match_separate_runs)
+            _hf().patch_minimax(model)
+            want_logits, want_grads = run(model, ids, w, use_cache=False,
+                                          position_ids=packed_positions(case["docs"], case["B"]))
+            _hf().unpatch_minimax(model)
+        else:
+            want_logits, want_grads = run(model, ids, w, use_cache=False)  # unpatched, whole sequence
         got_logits = torch.cat([r[(size, ci)]["logits"] for r in ranks], dim=1)
         assert_close(f"case {ci}: logits (ranks concatenated)", got_logits, want_logits, dtype)
         res = [r[(size, ci)]["grads"] for r in ranks]
@@ -514,6 +533,43 @@ def test_sequence_parallel_matches_single_process(size):
         assert res[(size, "pickled")] is not None and "pickled" in res[(size, "pickled")], f"rank {r}"
         pad = res[(size, "pad_one")]
         assert pad is not None and "padding" in pad and "group ranks [0]" in pad, f"rank {r}: {pad}"
+
+
+@pytest.mark.parametrize("layer_types", [(LIN, FULL, LIN), (LIN, LIN)], ids=["hybrid", "linear-only"])
+def test_packed_documents_match_separate_runs(layer_types, count_lasp_calls):
+    """Documents packed into a row (position ids restarting at 0) give the logits of each document run alone,
+    and the gradients of the sum of their losses: the lightning layers reset their state at every document
+    start (transformers' own full-attention mask separates them too). Row 1 is not packed."""
+    hf = _hf()
+    dtype = F64
+    cfg = tiny_config(layer_types)
+    model = make_model(cfg, dtype, seed=7)
+    docs = [5, 1, 9, 2, 17]
+    N = sum(docs)
+    ids = ids_for(2, N, seed=8)
+    w = cotangent(2, N, cfg.vocab_size, dtype, seed=9)
+    pos = torch.stack([packed_positions(docs, 1)[0], torch.arange(N)])
+    hf.patch_minimax(model)
+    # use_cache=False: transformers reads packed position ids only without a cache (masking_utils)
+    got_logits, got_grads = run(model, ids, w, position_ids=pos, use_cache=False)
+    assert len(count_lasp_calls) == layer_types.count(LIN)
+    want_logits = torch.empty_like(got_logits)
+    want_grads = {}
+    starts = [0]
+    for n in docs:
+        starts.append(starts[-1] + n)
+    pieces = [(0, starts[i], n) for i, n in enumerate(docs)] + [(1, 0, N)]
+    for row, c0, n in pieces:
+        logits, grads = run(model, ids[row : row + 1, c0 : c0 + n], w[row : row + 1, c0 : c0 + n])
+        want_logits[row, c0 : c0 + n] = logits[0]
+        for k, v in grads.items():
+            want_grads[k] = want_grads[k] + v if k in want_grads else v
+    assert_close("logits (packed vs each document alone)", got_logits, want_logits, dtype)
+    assert_same_grads(got_grads, want_grads, dtype, what="packed vs documents alone: ")
+    # the check can fail: transformers' own lightning attention lets the packed documents see each other
+    hf.unpatch_minimax(model)
+    leaky, _ = run(model, ids, w, position_ids=pos, use_cache=False)
+    assert rel_err(leaky[0], want_logits[0]) > 100 * TOL[dtype]
 
 
 def test_sequence_parallel_subgroup_without_rank0():

@@ -246,17 +246,21 @@ def _group_rank_size(group):
 _CALL_OK, _CALL_CACHE, _CALL_MASK_KIND, _CALL_PADDING = 0, 1, 2, 3
 
 
-def _agree_call(group, n: int, status: int, device) -> list:
-    """One small all-gather of (local length, status) over the group; raises the same error on every rank
-    when any rank's status is not _CALL_OK. Returns the local lengths in group-rank order."""
+def _agree_call(group, n: int, status: int, device, batch: int = -1) -> list:
+    """One small all-gather of (local length, status, batch size) over the group; raises the same error on
+    every rank when any rank's status is not _CALL_OK or (batch >= 0) the batch sizes differ. Returns the
+    local lengths in group-rank order."""
     import torch.distributed as dist
 
     _, world = _group_rank_size(group)
-    mine = torch.tensor([n, status], dtype=torch.int64, device=device)
-    allv = torch.empty(2 * world, dtype=torch.int64, device=device)
+    mine = torch.tensor([n, status, batch], dtype=torch.int64, device=device)
+    allv = torch.empty(3 * world, dtype=torch.int64, device=device)
     dist.all_gather_into_tensor(allv, mine, group=group)
-    rows = allv.view(world, 2).tolist()
-    bad = {code: [r for r, (_, st) in enumerate(rows) if st == code] for code in
+    rows = allv.view(world, 3).tolist()
+    if len({r[2] for r in rows}) > 1:
+        raise ValueError(_err(f"every rank of the sequence-parallel group must pass the same batch size; got "
+                              f"{[r[2] for r in rows]} in group-rank order"))
+    bad = {code: [r for r, (_, st, _) in enumerate(rows) if st == code] for code in
            (_CALL_CACHE, _CALL_MASK_KIND, _CALL_PADDING)}
     if bad[_CALL_CACHE]:
         raise RuntimeError(
@@ -279,6 +283,60 @@ def _agree_call(group, n: int, status: int, device) -> list:
 
 
 # ----------------------------------------------------------------------------------------------
+# Packed documents: several documents in one row, told apart by their position ids (transformers' rule,
+# masking_utils.find_packed_sequence_indices: a document starts where a position id is not one past the
+# previous token's, as DataCollatorWithFlattening makes them by restarting at 0). The lightning layers
+# reset their state at every document start (log gates of -inf there: lasp_attention's g); under a group,
+# the full-attention layers also mask across documents.
+
+
+def _doc_starts(position_ids, B):
+    """(B, n) bool: the tokens t >= 1 of each row that start a document."""
+    pos = position_ids.expand(B, -1)
+    starts = torch.zeros(pos.shape, dtype=torch.bool, device=pos.device)
+    starts[:, 1:] = (pos[:, 1:] - pos[:, :-1]) != 1
+    return starts
+
+
+def _reset_gates(starts, H):
+    """(B, n, H) float32 log gates for layout "bnhd": -inf at the document starts, 0 elsewhere."""
+    g = torch.zeros(*starts.shape, H, dtype=torch.float32, device=starts.device)
+    return g.masked_fill_(starts[..., None], float("-inf"))
+
+
+def _sp_documents(group, position_ids, B, lengths):
+    """Under a group (every rank calls it alike): this rank's document starts (B, n), its tokens' document
+    indices (B, n) and those of every token of the sequence (B, N_total), or None where no row of any piece
+    holds a document start (one sequence per row). A piece's first token starts a document where its position
+    id is not one past the last one of the nearest earlier non-empty piece."""
+    import torch.distributed as dist
+
+    rank, world = _group_rank_size(group)
+    n = position_ids.shape[-1]
+    pos = position_ids.expand(B, -1)
+    dev = pos.device
+    ends = torch.zeros(B, 2, dtype=torch.int64, device=dev)  # first, last position id of each row
+    if n > 0:
+        ends[:, 0], ends[:, 1] = pos[:, 0], pos[:, -1]
+    allv = torch.empty(world * B, 2, dtype=torch.int64, device=dev)
+    dist.all_gather_into_tensor(allv, ends, group=group)
+    allv = allv.view(world, B, 2)
+    starts = _doc_starts(pos, B)
+    prev = [r for r in range(rank) if lengths[r] > 0]
+    if n > 0 and prev:
+        starts[:, 0] = (pos[:, 0] - allv[prev[-1], :, 1]) != 1
+    counts = torch.empty(world * B, dtype=torch.int64, device=dev)
+    dist.all_gather_into_tensor(counts, starts.sum(1), group=group)
+    counts = counts.view(world, B)
+    if int(counts.sum()) == 0:
+        return None
+    before = counts[:rank].sum(0)  # (B,) document starts in the earlier pieces
+    ids = before[:, None] + starts.to(torch.int64).cumsum(1)
+    ids_all = gather_sequence(ids, group, dim=1, sizes=lengths)
+    return starts, ids, ids_all
+
+
+# ----------------------------------------------------------------------------------------------
 # The patched forwards
 
 
@@ -295,6 +353,17 @@ def _lightning_forward(self, hidden_states, position_embeddings, attention_mask,
     # (B, N, H, D) strided views of the one qkv tensor; lasp reads them in place (layout "bnhd")
     query_states, key_states, value_states = torch.split(qkv_states, D, dim=3)
 
+    # packed documents (see above): resets at every document start
+    if "lasp_documents" in kwargs:  # under a group: agreed by the model's pre-hook
+        docs = kwargs["lasp_documents"]
+        starts = None if docs is None else docs[0]
+    else:
+        pos = kwargs.get("position_ids")
+        starts = _doc_starts(pos, batch_size) if pos is not None and seq_len > 1 and group is None else None
+        if starts is not None and not bool(starts.any()):
+            starts = None
+    g = None if starts is None else _reset_gates(starts, H)
+
     initial_state = None
     if past_key_values is not None:
         if group is not None:
@@ -309,7 +378,7 @@ def _lightning_forward(self, hidden_states, position_embeddings, attention_mask,
 
     attn_output, state = lasp_attention(
         query_states, key_states, value_states, self.slope_rate.reshape(-1),
-        scale=1.0, group=group, initial_state=initial_state, output_final_state=True, layout="bnhd",
+        scale=1.0, group=group, initial_state=initial_state, output_final_state=True, layout="bnhd", g=g,
     )
     state = state.to(value_states.dtype)  # transformers keeps the state in the model's dtype
 
@@ -362,6 +431,10 @@ def _sp_attention_forward(self, hidden_states, position_embeddings, attention_ma
     window = getattr(self.config, "sliding_window", None)
     if window is not None:
         allowed = allowed & (k_pos > q_pos - window)  # transformers' sliding_window_overlay
+    docs = kwargs.get("lasp_documents")
+    if docs is not None:  # packed documents: a query sees its own document only, (B, 1, n, N_total)
+        _, ids, ids_all = docs
+        allowed = (allowed[None] & (ids[:, :, None] == ids_all[:, None, :]))[:, None]
 
     attn_output = F.scaled_dot_product_attention(
         query_states, key_states, value_states, attn_mask=allowed,
@@ -396,13 +469,15 @@ def _model_pre_hook(module, args, kwargs):
         elif not bool(torch.all(mask == 1)):
             status = _CALL_PADDING
     n = ref.shape[1]
-    lengths = _agree_call(group, n, status, ref.device)
+    lengths = _agree_call(group, n, status, ref.device, batch=ref.shape[0])
     call["use_cache"] = False
 
     if call.get("position_ids") is None:
         rank, _ = _group_rank_size(group)
         offset = sum(lengths[:rank])
         call["position_ids"] = torch.arange(offset, offset + n, device=ref.device).unsqueeze(0)
+    # packed documents, agreed over the group (every layer reads them from its kwargs)
+    call["lasp_documents"] = _sp_documents(group, call["position_ids"], ref.shape[0], lengths)
     return (), call
 
 
