@@ -32,6 +32,14 @@ curve; ``--tolerance`` is the floor).
 
 Data: a deterministic synthetic stream (from --seed and the step), a mixture of repeated random
 motifs and a noisy drift chain, so the loss falls; nothing is downloaded.
+
+Packed documents (``--pack``): every row is filled with whole documents (the last one cut at the row's
+end), each document's state is reset at its start in every layer (``LaspForCausalLM(doc_starts=...)``, also
+across the sp pieces), and the label that would predict a document's first token from the previous one is
+ignored. Documents come from ``--data FILE`` (a tokenized text file: one document per line, token ids
+separated by spaces, read once with a progress bar, taken in order and cycled) or, without it, from the
+synthetic stream cut into documents of 8 to --max-doc-len tokens. The loss divides by the valid labels of
+each dp replica's batch, so with dp > 1 the step averages the replicas' means.
 """
 from __future__ import annotations
 
@@ -89,6 +97,65 @@ def synthetic_batch(seed: int, step: int, batch: int, seq_len: int, vocab: int) 
     return out
 
 
+class DocumentSource:
+    """Documents (1-D int64 tensors) for --pack: the lines of a tokenized text file in order (cycled), or
+    synthetic ones (deterministic in --seed: the rows of synthetic_batch cut to random lengths)."""
+
+    def __init__(self, path, seed: int, vocab: int, max_len: int, progress: bool):
+        self.docs, self.i, self.seed, self.vocab, self.max_len, self.n_made = None, 0, seed, vocab, max_len, 0
+        self.gen = torch.Generator().manual_seed(seed * 7919 + 1)
+        if path:
+            lines = open(path).read().splitlines()
+            it = lines
+            if progress:
+                try:
+                    from tqdm import tqdm
+
+                    it = tqdm(lines, desc=f"reading {os.path.basename(path)}", unit="doc")
+                except ImportError:
+                    pass
+            docs = []
+            for ln, line in enumerate(it, 1):
+                if not line.strip():
+                    continue
+                try:
+                    doc = torch.tensor([int(t) for t in line.split()], dtype=torch.int64)
+                except ValueError:
+                    raise SystemExit(f"train.py: --data {path}, line {ln}: expected token ids separated by spaces")
+                if (doc < 0).any() or (doc >= vocab).any():
+                    raise SystemExit(f"train.py: --data {path}, line {ln}: token ids must be in [0, {vocab})")
+                docs.append(doc)
+            if not docs:
+                raise SystemExit(f"train.py: --data {path} holds no documents")
+            self.docs = docs
+
+    def next(self) -> torch.Tensor:
+        if self.docs is not None:
+            doc = self.docs[self.i % len(self.docs)]
+            self.i += 1
+            return doc
+        n = int(torch.randint(8, self.max_len + 1, (1,), generator=self.gen))
+        row = synthetic_batch(self.seed, 10_000_000 + self.n_made, 2, n - 1, self.vocab)[self.n_made % 2]
+        self.n_made += 1
+        return row
+
+
+def packed_batch(source: DocumentSource, batch: int, seq_len: int):
+    """(batch, seq_len + 1) tokens filled with whole documents (the last cut at the row's end) and the bool
+    (batch, seq_len + 1) document starts (position 0 not marked: nothing comes before it)."""
+    T = seq_len + 1
+    tokens = torch.empty(batch, T, dtype=torch.int64)
+    starts = torch.zeros(batch, T, dtype=torch.bool)
+    for b in range(batch):
+        t = 0
+        while t < T:
+            doc = source.next()[: T - t]
+            tokens[b, t : t + len(doc)] = doc
+            starts[b, t] = t > 0
+            t += len(doc)
+    return tokens, starts
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -129,6 +196,9 @@ def parse_args(argv=None):
                          "bf16-vs-fp32 difference (floor: --tolerance)")
     ap.add_argument("--out-dir", default="runs/convergence", help="where --convergence-check writes its files")
     ap.add_argument("--timeout", type=int, default=600, help="process-group timeout, seconds")
+    ap.add_argument("--pack", action="store_true", help="pack documents into the rows (see above)")
+    ap.add_argument("--data", help="with --pack: a tokenized text file, one document per line")
+    ap.add_argument("--max-doc-len", type=int, default=96, help="with --pack, synthetic documents: longest length")
     return ap.parse_args(argv)
 
 
@@ -232,6 +302,11 @@ def train(args) -> int:
     lo, hi = ldist.shard_bounds(args.seq_len, sp, sp_rank)  # this rank's piece (for the log line)
     B = args.batch_size
     normaliser = float(B * args.seq_len)  # tokens of one dp replica's batch (no ignored labels here)
+    if args.data and not args.pack:
+        raise SystemExit("train.py: --data needs --pack")
+    # every rank reads the whole global batch's documents in the same order (then takes its rows and piece)
+    source = DocumentSource(args.data, args.seed, cfg.vocab_size, args.max_doc_len,
+                            progress=rank == 0 and not args.no_progress) if args.pack else None
     autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
     if rank == 0:
@@ -253,14 +328,23 @@ def train(args) -> int:
         torch.cuda.reset_peak_memory_stats(device)
     for step in range(args.steps):
         # The global batch: dp replica d takes rows [d*B, (d+1)*B); sp rank r its piece [lo, hi).
-        tokens = synthetic_batch(args.seed, step, B * dp, args.seq_len, cfg.vocab_size)[dp_rank * B:(dp_rank + 1) * B]
+        doc_starts = None
+        if source is not None:
+            tokens, starts = packed_batch(source, B * dp, args.seq_len)
+            tokens, starts = tokens[dp_rank * B:(dp_rank + 1) * B], starts[dp_rank * B:(dp_rank + 1) * B]
+            targets = tokens[:, 1:].masked_fill(starts[:, 1:], -100)  # no label across a document boundary
+            normaliser = float((targets != -100).sum().clamp_min(1))  # valid labels of this replica's batch
+            doc_starts = ldist.split_sequence(starts[:, :-1], sp_group).to(device)
+        else:
+            tokens = synthetic_batch(args.seed, step, B * dp, args.seq_len, cfg.vocab_size)[dp_rank * B:(dp_rank + 1) * B]
+            targets = tokens[:, 1:]
         ids = ldist.split_sequence(tokens[:, :-1], sp_group).to(device)
-        labels = ldist.split_sequence(tokens[:, 1:], sp_group).to(device)
+        labels = ldist.split_sequence(targets, sp_group).to(device)
         for gparam in opt.param_groups:
             gparam["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
         with autocast:
-            out = wrapped(ids, labels, sp_group=sp_group, loss_normalizer=normaliser)
+            out = wrapped(ids, labels, sp_group=sp_group, loss_normalizer=normaliser, doc_starts=doc_starts)
         out.loss.backward()
         ldist.allreduce_grads(model.parameters(), sp_group)  # DDP/FSDP already reduced over dp
         if args.grad_clip > 0:

@@ -180,8 +180,11 @@ class LaspBlock(nn.Module):
     _fused_in = None
     _fused_out = None
 
-    def forward(self, x, sp_group=None):
+    def forward(self, x, sp_group=None, resets=None):
+        """resets: None, or (B, n, 1) log gates, -inf at the tokens that start a document (0 elsewhere)."""
         h, q, k, v, g = self._fused_in(self, x) if self._fused_in is not None else self.attn_in(x)
+        if resets is not None:
+            g = resets.expand(-1, -1, self.attn.num_heads) if g is None else g + resets
         o = self.attn.attend(q, k, v, sp_group, g=g)
         return self._fused_out(self, x, h, o) if self._fused_out is not None else self.attn_out_mlp(x, h, o)
 
@@ -399,6 +402,7 @@ class LaspForCausalLM(nn.Module):
         loss_normalizer=None,
         return_logits: bool = False,
         return_hidden_states: bool = False,
+        doc_starts: Optional[torch.Tensor] = None,
     ) -> CausalLMOutput:
         """input_ids, labels: (B, n) int64, this rank's piece of each sequence under ``sp_group``;
         labels already shifted (labels[:, t] is the target of position t; -100 ignored).
@@ -407,13 +411,24 @@ class LaspForCausalLM(nn.Module):
         of valid labels over the whole sequence (all-reduced over ``sp_group``), i.e. the sum of the
         ranks' losses is the mean over the sequence. (With data parallelism on top, pass the count
         that makes your reduction exact; ``examples/train.py`` does.)
+
+        doc_starts: None, or (B, n) bool marking this rank's tokens that start a document of a packed row
+        (a document starting on this piece's first token included): every layer's state resets there, so no
+        document sees another (across ranks too). Mask the labels that cross a boundary yourself (-100).
         """
+        resets = None
+        if doc_starts is not None:
+            if doc_starts.shape != input_ids.shape or doc_starts.dtype != torch.bool:
+                raise ValueError(f"LaspForCausalLM: doc_starts must be a bool tensor of the shape of input_ids "
+                                 f"{tuple(input_ids.shape)}, got {doc_starts.dtype} {tuple(doc_starts.shape)}")
+            resets = torch.zeros(*doc_starts.shape, 1, dtype=torch.float32, device=input_ids.device)
+            resets.masked_fill_(doc_starts[..., None], float("-inf"))
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, sp_group, use_reentrant=False)
+                x = checkpoint(layer, x, sp_group, resets, use_reentrant=False)
             else:
-                x = layer(x, sp_group=sp_group)
+                x = layer(x, sp_group=sp_group, resets=resets)
         h = self.norm(x)
         out = CausalLMOutput()
         if return_hidden_states:

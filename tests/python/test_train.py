@@ -89,6 +89,54 @@ def test_train_dp2_sp2_fsdp_checkpoint_matches_sp1(sp1_log, tmp_path):
     _check_against_sp1(sp1_log, tmp_path, 4, "--sp", "2", "--dp-mode", "fsdp", "--batch-size", "1", "--checkpoint")
 
 
+def test_train_packed_sp2_matches_sp1(tmp_path):
+    """--pack --data FILE: documents packed into rows with resets at their starts; sp=2 gives sp=1's losses."""
+    g = torch.Generator().manual_seed(5)
+    lines = []
+    for _ in range(60):
+        n = int(torch.randint(1, 70, (1,), generator=g))  # 1-token documents too
+        start = int(torch.randint(0, 200, (1,), generator=g))
+        lines.append(" ".join(str((start + 3 * i) % 128) for i in range(n)))  # the tiny preset: 128 tokens
+    data = tmp_path / "docs.txt"
+    data.write_text("\n".join(lines) + "\n")
+    log1 = str(tmp_path / "packed_sp1.json")
+    r = _torchrun(1, TRAIN, *COMMON, "--sp", "1", "--batch-size", "2", "--pack", "--data", str(data),
+                  "--loss-log", log1)
+    assert r.returncode == 0, r.stdout[-4000:] + "\n--- stderr (tail) ---\n" + r.stderr[-6000:]
+    _check_against_sp1(log1, tmp_path, 2, "--sp", "2", "--batch-size", "2", "--pack", "--data", str(data))
+
+
+def test_packed_rows_match_documents_alone():
+    """LaspForCausalLM(doc_starts=...): the logits of a packed row are those of each document run alone
+    (float64; a gated and a decay-only model); without doc_starts they are not (the check can fail)."""
+    sys.path.insert(0, os.path.join(REPO, "python"))
+    import lasp.models as models
+
+    for gated in (False, True):
+        cfg = models.LaspConfig.tiny()
+        if gated:
+            cfg.state_gate = "mamba2"
+        torch.manual_seed(0)
+        model = models.LaspForCausalLM(cfg).double().eval()
+        docs = [7, 1, 30, 12]
+        ids = torch.randint(0, cfg.vocab_size, (1, sum(docs)))
+        starts = torch.zeros(1, sum(docs), dtype=torch.bool)
+        c0 = 0
+        for n in docs[:-1]:
+            c0 += n
+            starts[0, c0] = True
+        with torch.no_grad():
+            got = model(ids, doc_starts=starts, return_logits=True).logits
+            leaky = model(ids, return_logits=True).logits
+            c0 = 0
+            for n in docs:
+                alone = model(ids[:, c0 : c0 + n], return_logits=True).logits
+                err = (got[:, c0 : c0 + n] - alone).abs().max().item() / alone.abs().max().item()
+                assert err < 1e-12, f"gated={gated}: document at {c0}: rel err {err:.3e}"
+                c0 += n
+        assert (leaky - got).abs().max().item() > 1e-3, "the documents did not see each other without doc_starts"
+
+
 def test_train_compare_can_fail(sp1_log):
     """The comparison train.py runs flags a difference of 2e-4 at one step (in process, no torchrun)."""
     import importlib.util
