@@ -424,11 +424,12 @@ class LaspForCausalLM(nn.Module):
             resets = torch.zeros(*doc_starts.shape, 1, dtype=torch.float32, device=input_ids.device)
             resets.masked_fill_(doc_starts[..., None], float("-inf"))
         x = self.embed_tokens(input_ids)
+        extra = {} if resets is None else {"resets": resets}  # (layers wrapped without it still run unpacked)
         for layer in self.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, sp_group, resets, use_reentrant=False)
+                x = checkpoint(layer, x, sp_group, use_reentrant=False, **extra)
             else:
-                x = layer(x, sp_group=sp_group, resets=resets)
+                x = layer(x, sp_group=sp_group, **extra)
         h = self.norm(x)
         out = CausalLMOutput()
         if return_hidden_states:
