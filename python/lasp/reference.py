@@ -21,6 +21,8 @@ Two independent formulations are given so that they can check each other:
   problems.
 * :func:`gated_recurrent_grads` -- the per-token gated recurrence with separate q, k and v head counts
   (value-head groups), forward and backward by hand, the gates' gradient included (see its docstring).
+* :func:`gated_delta_recurrent` -- the gated delta rule (Gated DeltaNet), token by token, with head
+  maps; gradients by autograd through the loop.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Optional, Tuple
 import torch
 
 __all__ = ["attention_ref", "attention_recurrent_ref", "attention_recurrent_grads", "gated_recurrent_grads",
-           "decay_matrix"]
+           "gated_delta_recurrent", "decay_matrix"]
 
 _LAYOUTS = ("bhnd", "bnhd")
 
@@ -332,3 +334,60 @@ def gated_recurrent_grads(
         "dg": dg,
         "d_initial_state": d_s0,
     }
+
+
+def gated_delta_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: Optional[float] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    use_qk_l2norm: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule, token by token in float64 (layout ``bhnd``; differentiable by autograd).
+
+    Shapes: q (B, Hq, N, D), k (B, Hk, N, D), v (B, Hv, N, E); output heads ``H = max(Hq, Hv)``, each of Hq,
+    Hk, Hv dividing H (head maps as in :func:`gated_recurrent_grads`); g, beta (B, H, N): per-token log decay
+    (<= 0) and write strength. With ``a[t] = exp(g[t])`` and S (D x E):
+
+        S[t] = a[t] (I - beta[t] k[t]^T k[t]) S[t-1] + beta[t] k[t]^T v[t],     o[t] = scale q[t] S[t]
+
+    (``S[-1]`` = initial_state (B, H, D, E), None: zeros; scale None: D^-0.5). ``use_qk_l2norm``: q and k are
+    first divided by sqrt(sum of squares + 1e-6) over D. This is fla's ``chunk_gated_delta_rule`` (and its
+    ``naive_recurrent_gated_delta_rule``): the same recurrence with fla's layout (B, N, H, .) for q, k, v,
+    g, beta and (B, H, D, E) for the state. Returns (o (B, H, N, E), final_state (B, H, D, E)).
+    """
+    f64 = torch.float64
+    B, Hq, N, D = q.shape
+    Hk, Hv, E = k.shape[1], v.shape[1], v.shape[3]
+    H = max(Hq, Hv)
+    for name, n in (("q", Hq), ("k", Hk), ("v", Hv)):
+        if H % n != 0:
+            raise ValueError(f"gated_delta_recurrent: {name} has {n} heads, which does not divide H = {H}")
+    for name, x in (("g", g), ("beta", beta)):
+        if tuple(x.shape) != (B, H, N):
+            raise ValueError(f"gated_delta_recurrent: {name} must have shape (B, H, N) = {(B, H, N)}, got "
+                             f"{tuple(x.shape)}")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+
+    def expand(x, n):  # input heads -> output heads
+        return x.to(f64).repeat_interleave(H // n, dim=1)
+
+    qh, kh, vh = expand(q, Hq), expand(k, Hk), expand(v, Hv)
+    if use_qk_l2norm:
+        qh = qh / torch.sqrt((qh * qh).sum(-1, keepdim=True) + 1e-6)
+        kh = kh / torch.sqrt((kh * kh).sum(-1, keepdim=True) + 1e-6)
+    a, bt = torch.exp(g.to(f64)), beta.to(f64)
+    S = (initial_state.to(f64) if initial_state is not None
+         else torch.zeros(B, H, D, E, dtype=f64, device=q.device))
+    outs = []
+    for t in range(N):
+        kt, vt = kh[:, :, t], vh[:, :, t]  # (B, H, D), (B, H, E)
+        S = a[:, :, t, None, None] * S
+        u = bt[:, :, t, None] * (vt - (kt[..., None] * S).sum(-2))  # beta (v - k S), (B, H, E)
+        S = S + kt[..., None] * u[..., None, :]
+        outs.append(scale * (qh[:, :, t, :, None] * S).sum(-2))
+    o = torch.stack(outs, dim=2) if N > 0 else torch.zeros(B, H, 0, E, dtype=f64, device=q.device)
+    return o, S
