@@ -228,6 +228,12 @@ __device__ __forceinline__ void mask_pack_gated(const float (&P)[32], uint32_t (
   }
 }
 
+// The sum of x over the four threads of a row of an accumulator fragment (lanes 4g .. 4g + 3), in each of them.
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
 // x[t] . acc[t] for this thread's rows t = r0 + g and r0 + g + 8 (d0, d1), acc NB 64-column accumulator
 // blocks and x the 16-bit chunk tile at `tile` ([t][x] K-major: NB atoms of 64 columns, 128B-swizzled),
 // summed over the four threads of each row (every one of them gets the sums).
@@ -251,10 +257,8 @@ __device__ __forceinline__ void row_dots(const float (&acc)[NB][32], const unsig
           d1 += s;
         }
       }
-  d0 += __shfl_xor_sync(0xffffffffu, d0, 1);
-  d0 += __shfl_xor_sync(0xffffffffu, d0, 2);
-  d1 += __shfl_xor_sync(0xffffffffu, d1, 1);
-  d1 += __shfl_xor_sync(0xffffffffu, d1, 2);
+  d0 = quad_sum(d0);
+  d1 = quad_sum(d1);
 }
 
 // a[t] . b[t] for this thread's rows t = r0 + g and r0 + g + 8 (d0, d1), a and b 16-bit chunk tiles as in
@@ -280,10 +284,8 @@ __device__ __forceinline__ void row_dots_tiles(const unsigned char* ta, const un
           d1 += s;
         }
       }
-  d0 += __shfl_xor_sync(0xffffffffu, d0, 1);
-  d0 += __shfl_xor_sync(0xffffffffu, d0, 2);
-  d1 += __shfl_xor_sync(0xffffffffu, d1, 1);
-  d1 += __shfl_xor_sync(0xffffffffu, d1, 2);
+  d0 = quad_sum(d0);
+  d1 = quad_sum(d1);
 }
 
 // The diagonal of a masked 64 x 64 P as mask_pack / mask_pack_gated pack it (the weight of (t, t) is 1): the
@@ -307,10 +309,8 @@ __device__ __forceinline__ void diag_rounded(const float (&P)[32], int r0, float
         }
       }
     }
-  d0 += __shfl_xor_sync(0xffffffffu, d0, 1);
-  d0 += __shfl_xor_sync(0xffffffffu, d0, 2);
-  d1 += __shfl_xor_sync(0xffffffffu, d1, 1);
-  d1 += __shfl_xor_sync(0xffffffffu, d1, 2);
+  d0 = quad_sum(d0);
+  d1 = quad_sum(d1);
 }
 
 // One 64 x 64 fp32 accumulator block against a row-major fp32 matrix (leading dimension ld): this thread's
