@@ -245,6 +245,20 @@ def attention_recurrent_grads(
     }
 
 
+def _output_heads(fn: str, Hq: int, Hk: int, Hv: int) -> int:
+    """H = max(Hq, Hv), each of the three head counts dividing it (else a ValueError naming the tensor)."""
+    H = max(Hq, Hv)
+    for name, n in (("q", Hq), ("k", Hk), ("v", Hv)):
+        if H % n != 0:
+            raise ValueError(f"{fn}: {name} has {n} heads, which does not divide H = {H}")
+    return H
+
+
+def _to_output_heads(x: torch.Tensor, H: int) -> torch.Tensor:
+    """(B, n, N, X) input heads -> (B, H, N, X) float64, output head h reading input head h // (H / n)."""
+    return x.to(torch.float64).repeat_interleave(H // x.shape[1], dim=1)
+
+
 def gated_recurrent_grads(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -279,17 +293,11 @@ def gated_recurrent_grads(
     f64 = torch.float64
     B, Hq, N, D = q.shape
     Hk, Hv, E = k.shape[1], v.shape[1], v.shape[3]
-    H = max(Hq, Hv)
-    for name, n in (("q", Hq), ("k", Hk), ("v", Hv)):
-        if H % n != 0:
-            raise ValueError(f"gated_recurrent_grads: {name} has {n} heads, which does not divide H = {H}")
+    H = _output_heads("gated_recurrent_grads", Hq, Hk, Hv)
     dev = q.device
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
 
-    def expand(x, n):  # input heads -> output heads
-        return x.to(f64).repeat_interleave(H // n, dim=1)
-
-    qh, kh, vh = expand(q, Hq), expand(k, Hk), expand(v, Hv)
+    qh, kh, vh = (_to_output_heads(x, H) for x in (q, k, v))
     dor = do.to(f64)
     lg = torch.zeros(B, H, N, dtype=f64, device=dev) if g is None else g.to(f64).clone()
     if decay is not None:
@@ -362,20 +370,14 @@ def gated_delta_recurrent(
     f64 = torch.float64
     B, Hq, N, D = q.shape
     Hk, Hv, E = k.shape[1], v.shape[1], v.shape[3]
-    H = max(Hq, Hv)
-    for name, n in (("q", Hq), ("k", Hk), ("v", Hv)):
-        if H % n != 0:
-            raise ValueError(f"gated_delta_recurrent: {name} has {n} heads, which does not divide H = {H}")
+    H = _output_heads("gated_delta_recurrent", Hq, Hk, Hv)
     for name, x in (("g", g), ("beta", beta)):
         if tuple(x.shape) != (B, H, N):
             raise ValueError(f"gated_delta_recurrent: {name} must have shape (B, H, N) = {(B, H, N)}, got "
                              f"{tuple(x.shape)}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
 
-    def expand(x, n):  # input heads -> output heads
-        return x.to(f64).repeat_interleave(H // n, dim=1)
-
-    qh, kh, vh = expand(q, Hq), expand(k, Hk), expand(v, Hv)
+    qh, kh, vh = (_to_output_heads(x, H) for x in (q, k, v))
     if use_qk_l2norm:
         qh = qh / torch.sqrt((qh * qh).sum(-1, keepdim=True) + 1e-6)
         kh = kh / torch.sqrt((kh * kh).sum(-1, keepdim=True) + 1e-6)
