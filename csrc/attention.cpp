@@ -72,6 +72,53 @@ Tensor decay_in_acc(const std::optional<Tensor>& decay, at::ScalarType acc, bool
 // the piece is scaled by exp(this - n lambda_h). -inf (a reset inside the piece) gives exactly 0.
 Tensor gate_sums(const Tensor& g_acc) { return g_acc.defined() ? g_acc.sum(-1) : Tensor(); }
 
+// With per-token gates, the terms of a backward that a cotangent G of the piece's outgoing state adds,
+// applied after a main pass that ran without it (its dq, dk, dv, dg and grad_state_in are those of the
+// outputs alone). With lam = g - lambda_h and suf_t = exp(sum_{u > t} lam_u) (token t seen at the end):
+//   S_out = sum_t suf_t k_t^T v_t + exp(sum_u lam_u) S_in
+//   dk_t += suf_t v_t G^T,   dv_t += suf_t k_t G,   grad S_in += exp(sum_u lam_u) G   (the caller's)
+//   dg_s += sum_{t < s} suf_t k_t G v_t^T + exp(sum_u lam_u) <G, S_in>
+// Every weight is the exp of a sum over its own range (a -inf gate, a reset, gives exact zeros), and the
+// dg terms are formed from these products directly, not as differences of the large q.dq and k.dk sums
+// that carry G inside a fused pass (where 16-bit state copies would lose them where dg is small). The
+// products run on the tensor cores in the input dtype, against G scaled per (b, h) to at most 1 (fp16's
+// range), in fp32 otherwise. Returns exp(sum_u lam_u), (B, H) in the accumulation type.
+Tensor add_gated_state_grad(const Tensor& k, const Tensor& v, const Tensor& g_acc, const Tensor& decay_acc,
+                            const Tensor& G, const Tensor& s_in, const Tensor& dk, const Tensor& dv, const Tensor& dg) {
+  const int64_t B = g_acc.size(0), H = g_acc.size(1), N = g_acc.size(2);
+  if (N == 0) return at::ones({B, H}, G.options());
+  Tensor lam = decay_acc.defined() ? g_acc - decay_acc.clamp_max(1e30).view({1, H, 1}) : g_acc;
+  const Tensor incl = lam.flip(-1).cumsum(-1).flip(-1);  // sum_{u >= t}
+  const Tensor suf = at::constant_pad_nd(incl.narrow(-1, 1, N - 1), {0, 1}, 0).exp();  // (B, H, N)
+  const Tensor total = incl.select(-1, 0).exp();                                        // (B, H)
+  auto to_out_heads = [&](const Tensor& x) {  // (B, Hx, N, X) -> (B, H, N, X), a view where Hx = H
+    const int64_t hx = x.size(1);
+    if (hx == H) return x;
+    return x.unsqueeze(2).expand({B, hx, H / hx, N, x.size(3)}).reshape({B, H, N, x.size(3)});
+  };
+  const bool low = k.scalar_type() == at::kHalf || k.scalar_type() == at::kBFloat16;
+  Tensor gs = low ? G.abs().amax({-2, -1}, true).clamp_min(1e-30) : Tensor();  // (B, H, 1, 1)
+  const Tensor Gm = low ? (G / gs).to(k.scalar_type()) : G.to(k.scalar_type());
+  const Tensor w = low ? suf.unsqueeze(-1) * gs.view({B, H, 1, 1}) : suf.unsqueeze(-1);  // (B, H, N, 1)
+  const Tensor ke = to_out_heads(k), ve = to_out_heads(v);
+  const Tensor vG = at::matmul(ve, Gm.transpose(-1, -2));  // (B, H, N, D): v_t G^T
+  const Tensor kG = at::matmul(ke, Gm);                     // (B, H, N, E): k_t G
+  auto add_to = [&](const Tensor& out, const Tensor& term) {  // out (B, Hx, N, X) += sum over its heads' group
+    const int64_t hx = out.size(1);
+    if (hx == H) {
+      out.addcmul_(term, w);
+    } else {
+      out.add_((term.to(w.scalar_type()) * w).view({B, hx, H / hx, N, term.size(3)}).sum(2));
+    }
+  };
+  add_to(dk, vG);
+  add_to(dv, kG);
+  const Tensor pt = (kG.to(w.scalar_type()) * ve.to(w.scalar_type())).sum(-1) * w.squeeze(-1);  // (B, H, N)
+  dg.add_(at::constant_pad_nd(pt.cumsum(-1).narrow(-1, 0, N - 1), {1, 0}, 0));                  // sum_{t < s}
+  if (s_in.numel() > 0) dg.add_((total * (G * s_in).sum({-2, -1})).unsqueeze(-1));
+  return total;
+}
+
 // An acc-type (B, H, D, E) state, H the output heads.
 Tensor state_like(const Tensor& q, int64_t H, int64_t D, int64_t E) {
   return at::empty({q.size(0), H, D, E}, q.options().dtype(acc_type(q.scalar_type())));
@@ -452,9 +499,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& 
   p.dk = view4(dk);
   p.dv = view4(dv);
   p.state_in = s_in.numel() > 0 ? s_in.data_ptr() : nullptr;
-  // Every backward call below runs without an outgoing-state gradient: alone, with none given (before any
-  // plan is asked for: the kernels may plan on it, lasp_params.h)
-  p.no_state_grad = ring.size() == 1 && !g_user.defined();
+  // Every backward call below runs without an outgoing-state gradient: alone, with none given, and with
+  // gates always (add_gated_state_grad adds G's terms after it). Set before any plan is asked for: the
+  // kernels may plan on it (lasp_params.h).
+  const bool gated = g.has_value();
+  p.no_state_grad = gated || (ring.size() == 1 && !g_user.defined());
   Tensor seg_in;  // the forward's segment states where the backward cuts the sequence alike (else recomputed)
   if (seg_given && kernels.split) {
     int64_t nseg = 0, seglen = 0;
@@ -465,6 +514,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& 
   }
 
   check_group_call(ring, q, k, v, decay.has_value(), g.has_value(), strategy, 1);
+  if (gated) {
+    // The main pass without G: dq, dk, dv, dg of the outputs and M_r (grad_state_in), with S_in. Alone, G
+    // is the gradient of the returned final state; across ranks the exchange gives G_r from M_r and the
+    // later pieces (its grad S_in is exp(sum lam) G_r + M_r). Then G's terms.
+    Tensor m = state_like(q, H, D, E);
+    p.grad_state_out = nullptr;
+    p.grad_state_in = m.data_ptr();
+    kernels.bwd(p);
+    if (ring.size() == 1) {
+      if (!g_user.defined()) return {dq, dk, dv, m, dg};
+      const Tensor total = add_gated_state_grad(k, v, g_acc, decay_acc, g_user, s_in, dk, dv, dg);
+      return {dq, dk, dv, m + total.view({q.size(0), H, 1, 1}) * g_user, dg};
+    }
+    const BackwardStates st = make_exchange(backend_kernels, ring, strategy, q, D, E, decay_acc, N, gate_sums(g_acc))
+                                  ->backward(m, g_user, [] {});
+    if (st.g.defined()) add_gated_state_grad(k, v, g_acc, decay_acc, st.g, s_in, dk, dv, dg);
+    Tensor grad_init = ring.is_first() ? st.g_prev : at::zeros_like(st.g_prev);
+    return {dq, dk, dv, grad_init, dg};
+  }
   if (ring.size() == 1) {
     // Alone: G is the gradient of the returned final state; one fused pass.
     Tensor grad_init = state_like(q, H, D, E);

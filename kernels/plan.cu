@@ -82,9 +82,10 @@ void split_segments(const AttnParams& p, int blocks_per_segment, int sms, int& n
 // head dims and views (mode -1; mode 1 assumes them, mode 0 refuses) and the kernel's shared memory.
 Family main_family(const AttnParams& p, int mode, bool backward, const DevInfo& di) {
   if (!tensor_core_maps(p)) {
-    // per-token gates: the wgmma main passes take them (MHA / GQA / MQA heads); every other role runs generic
-    // (the backward only without an outgoing-state gradient: with one, its dg would read G's terms through
-    // the 16-bit state copy and lose them where dg is small)
+    // per-token gates: the wgmma main passes take them (MHA / GQA / MQA heads; phase 1 too: plan_local),
+    // mma.sync and other head maps run generic. The backward only without an outgoing-state gradient,
+    // which is how the driver always calls it with gates (it adds G's terms itself, attention.cpp): with
+    // G inside, dg would read G's terms through the 16-bit state copy and lose them where dg is small.
     const bool wg_gates = p.g != nullptr && p.Hq == p.H && p.Hv == p.Hkv && tc_family(p, backward) == Family::Wgmma &&
                           (!backward || (p.no_state_grad && p.grad_state_out == nullptr));
     if (!wg_gates) return Family::Generic;
@@ -101,7 +102,10 @@ Family main_family(const AttnParams& p, int mode, bool backward, const DevInfo& 
 // Phase 1 of one direction (reverse: M from q, dout; else L from k, v): a tensor-core family where its
 // views allow, whatever the main pass takes; the generic kernel's tile in pl.
 bool plan_local(const AttnParams& p, bool reverse, const DevInfo& di, Plan& pl, Family& family) {
-  family = tensor_core_maps(p) && fast::local_supported(p, reverse) ? tc_family(p, reverse) : Family::Generic;
+  // per-token gates: the wgmma state kernel takes them (MHA / GQA / MQA heads), mma.sync's does not
+  const bool heads = p.Hq == p.H && p.Hv == p.Hkv;
+  family = heads && fast::local_supported(p, reverse) ? tc_family(p, reverse) : Family::Generic;
+  if (p.g && family != Family::Wgmma) family = Family::Generic;
   const int D = (int)p.D;
   auto sm_loc = [&](int C, int t) { return C * (D + 1) + C * t + D * t + decay_elems(C); };
   return pick_tile(sm_loc, (int)p.E, acc_size(p.dtype), di.smem_optin, pl.C_loc, pl.t_loc, pl.sm_loc);

@@ -7,7 +7,12 @@
 //
 // Every token's weight is taken relative to the segment's end (L) or start (M), exp(-rate * distance) in
 // fp32, so the state is one long accumulation: no per-chunk rescaling of the accumulators, and no wgmma
-// group ever waits for ordinary code. One block of D / 64 warpgroups per (b, h, segment); warpgroup w holds
+// group ever waits for ordinary code. With per-token gates (lam = g - rate) the weight is the exp of a sum
+// over the token's own range, never a difference of prefix sums (a -inf gate, a reset, gives exact zeros):
+// L visits the chunks last to first and M first to last, each warp carrying the sum over the chunks it
+// has visited and scanning the chunk's 64 gates (two per lane) for the sums inside it.
+//
+// One block of D / 64 warpgroups per (b, h, segment); warpgroup w holds
 // rows 64w .. 64w+63 of the D x E fp32 state in registers. Per chunk of 64 tokens: the A operand X^T
 // (ldmatrix.trans from the swizzled x tile, scaled by the weights) and y as the MN-major B operand from
 // shared memory. ST stages of TMA loads (thread 0 issues them, an mbarrier per stage says when they have
@@ -62,18 +67,21 @@ __global__ void __launch_bounds__(kStateThreads<D>, 1)
   const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, tc = lane & 3;
   const int m0 = 64 * wgi + 16 * warp;  // this warp's 16 rows d of the state
   const float lg = log_gamma(a.decay, h);
-  const bool weigh = REV || lg != 0.f;  // L without decay: every weight is 1
+  const float* gates = a.g ? a.g + (size_t)bh * a.N : nullptr;  // row (b, h) of the gates, or null
+  const bool weigh = REV || lg != 0.f || gates;  // L without decay or gates: every weight is 1
 
   const int64_t n0 = (int64_t)seg * a.seglen;
   const int64_t n1 = min((int64_t)a.N, n0 + a.seglen);
   const int nch = (int)((n1 - n0 + kC - 1) / kC);
+  // visit i reads chunk order(i): with gates L goes from the segment's end (its weights are suffix sums)
+  auto order = [&](int i) { return gates && !REV ? nch - 1 - i : i; };
   auto stage = [&](int i) { return base + (uint32_t)(i % ST) * SM::STAGE; };
   auto bar = [&](int i) { return base + SM::BAR + 8u * (uint32_t)(i % ST); };
-  auto issue = [&](int ci) {  // thread 0 only: chunk ci's x and y tiles (rows past N arrive as zeros)
-    const int c0 = (int)n0 + ci * kC;
-    tma::arrive_expect_tx(bar(ci), SM::STAGE);
-    tma::load_atoms(stage(ci) + SM::X, &tx, bar(ci), D / 64, 0, c0, hx, b);
-    tma::load_atoms(stage(ci) + SM::Y, &ty, bar(ci), NE, 0, c0, hx, b);
+  auto issue = [&](int i) {  // thread 0 only: visit i's x and y tiles (rows past N arrive as zeros)
+    const int c0 = (int)n0 + order(i) * kC;
+    tma::arrive_expect_tx(bar(i), SM::STAGE);
+    tma::load_atoms(stage(i) + SM::X, &tx, bar(i), D / 64, 0, c0, hx, b);
+    tma::load_atoms(stage(i) + SM::Y, &ty, bar(i), NE, 0, c0, hx, b);
   };
   if (threadIdx.x == 0) {
     tma::prefetch_map(&tx);
@@ -93,13 +101,37 @@ __global__ void __launch_bounds__(kStateThreads<D>, 1)
   // One chunk. Its A fragments `xa` are read by the wgmmas after they are issued, so a chunk may not reuse
   // the registers of the chunk before it (whose group is still in flight): chunks alternate between two
   // fragment sets, and each waits for all but its own group, so the set it will overwrite next is free.
+  float carry = 0.f;  // with gates: the sum of lam over the chunks visited so far (the same in every lane)
   auto chunk = [&](int ci, uint32_t (&xa)[4][4]) {
-    tma::wait(bar(ci), (uint32_t)(ci / ST) & 1u);  // chunk ci has landed
-    // Every warpgroup has finished the wgmmas of chunk ci - 2 (it waited for them in the previous chunk):
+    const int64_t c0 = n0 + (int64_t)order(ci) * kC;
+    // With gates, lane l's two log gates lam[c0 + 2l], lam[c0 + 2l + 1] (0 past n1), read before the wait.
+    float x0 = 0.f, x1 = 0.f;
+    if (gates) {
+      const int64_t t0 = c0 + 2 * lane;
+      if (t0 < n1) x0 = gates[t0] + lg;
+      if (t0 + 1 < n1) x1 = gates[t0 + 1] + lg;
+    }
+    tma::wait(bar(ci), (uint32_t)(ci / ST) & 1u);  // visit ci's tiles have landed
+    // Every warpgroup has finished the wgmmas of visit ci - 2 (it waited for them in the previous one):
     // its stage may be refilled.
     __syncthreads();
     if (threadIdx.x == 0 && ci + ST - 2 < nch) issue(ci + ST - 2);
-    const int64_t c0 = n0 + (int64_t)ci * kC;
+    // With gates, each lane's log weights of its tokens 2l, 2l + 1: M the sum of lam from n0 through the
+    // token, L the sum over the tokens after it up to n1. Sums of ranges only (see the top of the file).
+    float lw0 = 0.f, lw1 = 0.f;
+    if (gates) {
+      float inc = x0 + x1;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {  // inclusive scan over lanes: M upwards, L downwards
+        const float y = REV ? __shfl_up_sync(0xffffffffu, inc, o) : __shfl_down_sync(0xffffffffu, inc, o);
+        if (REV ? lane >= o : lane + o < 32) inc += y;
+      }
+      float ex = REV ? __shfl_up_sync(0xffffffffu, inc, 1) : __shfl_down_sync(0xffffffffu, inc, 1);
+      if (lane == (REV ? 0 : 31)) ex = 0.f;
+      lw0 = REV ? carry + ex + x0 : carry + ex + x1;
+      lw1 = REV ? carry + inc : carry + ex;
+      carry += __shfl_sync(0xffffffffu, inc, REV ? 31 : 0);
+    }
     const uint32_t xt = stage(ci) + SM::X, yt = stage(ci) + SM::Y;
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
@@ -108,10 +140,16 @@ __global__ void __launch_bounds__(kStateThreads<D>, 1)
         float w[4];
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const int64_t t = c0 + kk * 16 + 2 * tc + (j & 1) + (j >> 1) * 8;
-          // rows past n1 are zero-filled, and their weight is never used to scale anything but zeros
-          const float dist = REV ? (float)(t - n0 + 1) : (float)(n1 - 1 - t);
-          w[j] = (REV ? a.scale : 1.f) * expf(lg * fmaxf(dist, 0.f));
+          const int tl = kk * 16 + 2 * tc + (j & 1) + (j >> 1) * 8;  // the token's row in the chunk
+          if (gates) {
+            const float e0 = __shfl_sync(0xffffffffu, lw0, tl >> 1), e1 = __shfl_sync(0xffffffffu, lw1, tl >> 1);
+            w[j] = (REV ? a.scale : 1.f) * expf((tl & 1) ? e1 : e0);
+          } else {
+            const int64_t t = c0 + tl;
+            // rows past n1 are zero-filled, and their weight is never used to scale anything but zeros
+            const float dist = REV ? (float)(t - n0 + 1) : (float)(n1 - 1 - t);
+            w[j] = (REV ? a.scale : 1.f) * expf(lg * fmaxf(dist, 0.f));
+          }
         }
         xa[kk][0] = mma::scale2<T>(xa[kk][0], w[0], w[1]);
         xa[kk][1] = mma::scale2<T>(xa[kk][1], w[0], w[1]);

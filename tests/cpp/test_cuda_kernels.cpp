@@ -27,6 +27,7 @@
 #include "fast_args.h"
 #include "launch_cache.h"
 #include "lasp_cuda.h"
+#include "plan.h"
 
 namespace {
 
@@ -668,6 +669,41 @@ struct BwdKernelGuard {
   explicit BwdKernelGuard(lasp::cuda::BwdKernel k) { lasp::cuda::set_bwd_kernel(k); }
   ~BwdKernelGuard() { lasp::cuda::set_bwd_kernel(saved); }
 };
+
+// Per-token gates: wgmma takes the main passes (the backward only without an outgoing-state gradient, as
+// the driver calls it with gates) and phase 1 (the local states of a split sequence); mma.sync does not.
+TEST(CudaKernelsApi, GatedKernelChoice) {
+  SKIP_WITHOUT_DEVICE();
+  if (!lasp::cuda::wgmma_available()) GTEST_SKIP() << "wgmma is not available on this device (sm_90a only)";
+  FwdKernelGuard fg(lasp::cuda::FwdKernel::Wgmma);
+  BwdKernelGuard bg(lasp::cuda::BwdKernel::Wgmma);
+  void* const gates = reinterpret_cast<void*>(uintptr_t{1} << 21);
+  for (ScalarType dt : {ScalarType::BFloat16, ScalarType::Float16})
+    for (int D : {64, 128})
+      for (int E : {64, 128}) {
+        AttnParams p = plan_only_params(dt, D, E);
+        p.g = gates;
+        p.N = 1 << 16;  // long rows of few (b, h): the plans split them into segments
+        EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(p), "wgmma") << D << "x" << E;
+        EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(p), "generic") << D << "x" << E;
+        p.no_state_grad = true;
+        EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(p), "wgmma") << D << "x" << E;
+        const lasp::cuda::Plan f = lasp::cuda::plan_fwd(p), b = lasp::cuda::plan_bwd(p);
+        EXPECT_GT(f.nseg, 1);
+        EXPECT_GT(b.nseg, 1);
+        EXPECT_EQ(f.local, lasp::cuda::Family::Wgmma) << D << "x" << E;
+        EXPECT_EQ(b.local, lasp::cuda::Family::Wgmma) << D << "x" << E;
+        EXPECT_EQ(b.local_fwd, lasp::cuda::Family::Wgmma) << D << "x" << E;
+        p.grad_state_out = gates;
+        EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(p), "generic") << D << "x" << E;
+      }
+  AttnParams p = plan_only_params(ScalarType::BFloat16, 96, 64);  // mma.sync's dims: generic with gates
+  p.g = gates;
+  p.no_state_grad = true;
+  EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(p), "generic");
+  EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(p), "generic");
+  EXPECT_EQ(lasp::cuda::plan_fwd(p).local, lasp::cuda::Family::Generic);
+}
 
 TEST(CudaKernelsApi, BackwardKernelChoice) {
   SKIP_WITHOUT_DEVICE();

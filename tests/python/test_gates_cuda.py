@@ -8,7 +8,8 @@ dtype (test_gates.reference_in_dtype), as the CPU tests do.
 Covered: the CPU gate cases of test_gates.py; sequences long enough for the kernels to cut each (b, h)
 into several segments (the segments' transitions and the gate gradient's terms across them); head maps
 (GVA as Mamba-2's shared B and C, GQA with gates, mixed maps), head dims up to 256, strong gates and resets
-on segment boundaries; the op against itself on the CPU; the fused plan names the family it runs.
+on segment boundaries; the op against itself on the CPU. Which family each role runs is checked by the
+GoogleTest CudaKernelsApi.GatedKernelChoice.
 """
 
 from __future__ import annotations
@@ -75,14 +76,21 @@ LONG = [
       gates="zero"),
     C(dtype=BF16, B=3, H=2, Hkv=1, N=129, D=128, E=64, decay="mixed", state=True, dS=False, layout="bnhd",
       gates="soft"),
-    # without a final-state cotangent the backward runs on the tensor cores too (with one, on the generic
-    # kernels): strong gates, where dg is small beside the pairs (t, t) it leaves out
+    # without a final-state cotangent: the backward's fused pass alone (with one, the same pass and then
+    # the cotangent's terms, attention.cpp): strong gates, where dg is small beside the pairs (t, t) it
+    # leaves out
     C(dtype=F16, B=1, H=2, Hkv=2, N=4100, D=64, E=64, decay=None, state=True, dS=False, layout="bnhd",
       gates="strong"),
     C(dtype=BF16, B=1, H=1, Hkv=1, N=65, D=64, E=128, decay="strong", state=False, dS=False, layout="bhnd",
       gates="zero"),
     C(dtype=BF16, B=2, H=4, Hkv=2, N=1000, D=128, E=128, decay="alibi", state=True, dS=False, layout="bnhd",
       gates="mixed", resets=[(63, None), (64, 1), (999, 0)]),
+    # long rows: many segments of phase 1 (the local states, on wgmma where the main passes are) and
+    # chunks; resets on a segment boundary and beside one
+    C(dtype=BF16, B=1, H=2, Hkv=1, N=4001, D=128, E=128, decay="mixed", state=True, dS=True, layout="bhnd",
+      gates="mixed", resets=[(2047, 0), (3072, 1)]),
+    C(dtype=F16, B=1, H=1, Hkv=1, N=3000, D=64, E=128, decay=None, state=False, dS=True, layout="bnhd",
+      gates="soft"),
     # head dims up to 256 (odd ones too)
     C(dtype=BF16, B=1, H=2, Hkv=1, N=300, D=256, E=256, decay="alibi", state=True, dS=True, layout="bhnd",
       gates="soft"),
