@@ -91,8 +91,12 @@ struct BwdArgs : ArgsBase {
   float* grad_state_in;         // written by the first segment's blocks
   int dkv_per_query_head;       // dk / dv go per query head to an fp32 workspace (GQA)
   // with gates (wgmma backward, no grad_state_out): dg (B, H, N) gets q[t].dq_h[t] - k[t].dk_h[t] per token,
-  // each without its pair (t, t)
+  // each without its pair (t, t); chunk_S (16-bit, the state after each 64-token chunk, in the fragment
+  // order of the kernel's registers) and chunk_T ((B, H, ceil(N / 64)) fp32, zeroed: <S, R> at each
+  // chunk's end, the sum of those per-token terms over every later token), or null
   float* dg;
+  void* chunk_S;
+  float* chunk_T;
 };
 
 inline BwdArgs make_bwd_args(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,
@@ -105,6 +109,8 @@ inline BwdArgs make_bwd_args(const AttnParams& p, int nseg, int seglen, const fl
   a.grad_state_in = static_cast<float*>(p.grad_state_in);
   a.dkv_per_query_head = dkv_per_query_head ? 1 : 0;
   a.dg = nullptr;
+  a.chunk_S = nullptr;
+  a.chunk_T = nullptr;
   return a;
 }
 

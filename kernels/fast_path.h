@@ -69,9 +69,11 @@ cudaError_t wgmma_state_local(const AttnParams& p, bool reverse, int nseg, int s
 size_t wgmma_bwd_smem_bytes(const AttnParams& p);
 int wgmma_bwd_blocks_per_sm(const AttnParams& p);
 // With gates (p.g; no grad_state_out): p.dg_part gets q[t].dq_h[t] - k[t].dk_h[t] per token, each without
-// its pair (t, t) (dg_finish_kernel forms dg from them).
+// its pair (t, t); with chunk_S / chunk_T (fast_args.h, BwdArgs; chunk_T zeroed) also <S, R> at each chunk's
+// end (dg_chunk_finish_kernel forms dg from both; without them dg_finish_kernel from the tokens' terms).
 cudaError_t wgmma_bwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,
-                           float* dk_ws, float* dv_ws, cudaStream_t stream, const AccOut* acc = nullptr);
+                           float* dk_ws, float* dv_ws, cudaStream_t stream, const AccOut* acc = nullptr,
+                           void* chunk_S = nullptr, float* chunk_T = nullptr);
 
 }  // namespace fast
 }  // namespace cuda

@@ -529,6 +529,30 @@ __global__ void bwd_dv_kernel(Ctx<A> c, Tv<const T> q, Tv<const T> k, Tv<const T
 // (The wgmma backward, which runs without G, leaves dg_in alone: dg[j] = sum_{t >= j} dg_in[t].)
 constexpr int kFinishThreads = 256;
 
+// dg of the wgmma backward with gates (wgmma_bwd.cu), in place, one warp per 64-token chunk of a row:
+// row[s] = sum of row[t] over the tokens t >= s of s's chunk + T[chunk] (row held each token's
+// q.dq - k.dk; T, (rows, ceil(N / 64)), the same sum over every token after the chunk).
+template <typename A>
+__global__ void dg_chunk_finish_kernel(int64_t rows, int N, A* dg, const float* T) {
+  const int nct = (N + 63) / 64, lane = threadIdx.x & 31;
+  const int64_t w = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (w >= rows * nct) return;
+  A* row = dg + (w / nct) * N;
+  const int t0 = (int)(w % nct) * 64 + 2 * lane;
+  const A x0 = t0 < N ? row[t0] : A(0), x1 = t0 + 1 < N ? row[t0 + 1] : A(0);
+  A inc = x0 + x1;  // suffix sums over the lanes
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const A y = __shfl_down_sync(0xffffffffu, inc, o);
+    if (lane + o < 32) inc += y;
+  }
+  A ex = __shfl_down_sync(0xffffffffu, inc, 1);
+  if (lane == 31) ex = A(0);
+  const A tail = A(T[w]) + ex;
+  if (t0 < N) row[t0] = tail + x1 + x0;
+  if (t0 + 1 < N) row[t0 + 1] = tail + x1;
+}
+
 template <typename A>
 __global__ void dg_finish_kernel(Ctx<A> c, A* dg, const A* gp, const A* state_in, const A* grad_state_out) {
   __shared__ A tot_dg[kFinishThreads], tot_gp[kFinishThreads], red[kFinishThreads];

@@ -206,9 +206,19 @@ cudaError_t run_bwd(const AttnParams& p, cudaStream_t st, int mode = -1, const f
     float* dkh = gqa ? reinterpret_cast<float*>(wsKV) : nullptr;
     float* dvh = gqa ? dkh + (size_t)p.B * p.H * p.N * p.D : nullptr;
     const float *segS = reinterpret_cast<const float*>(wsS), *segG = reinterpret_cast<const float*>(wsG);
-    LASP_TRY(pl.main == Family::Wgmma ? fast::wgmma_bwd_main(p, pl.nseg, pl.seglen, segS, segG, dkh, dvh, st)
-                                      : fast::mma_bwd_main(p, pl.nseg, pl.seglen, segS, segG, dkh, dvh, st));
-    if (dg) {  // gates (wgmma, no G): the suffix sums
+    // gates (wgmma, no G): the chunk states and the chunks' <S, R> (zeroed: the kernel adds to them)
+    void* chunk_S = pl.ws_chunk_states ? wsb + pl.bwd_chunks_offset() : nullptr;
+    float* chunk_T = pl.ws_chunk_states ? reinterpret_cast<float*>(wsb + pl.bwd_chunks_offset() + pl.ws_chunk_states)
+                                        : nullptr;
+    if (chunk_T) LASP_TRY(cudaMemsetAsync(chunk_T, 0, pl.ws_chunk_sums, st));
+    LASP_TRY(pl.main == Family::Wgmma
+                 ? fast::wgmma_bwd_main(p, pl.nseg, pl.seglen, segS, segG, dkh, dvh, st, nullptr, chunk_S, chunk_T)
+                 : fast::mma_bwd_main(p, pl.nseg, pl.seglen, segS, segG, dkh, dvh, st));
+    if (dg && chunk_T) {  // gates (wgmma, no G): sums within each chunk, plus <S, R> at its end
+      const int64_t rows = p.B * p.H, warps = rows * ((p.N + 63) / 64);
+      dg_chunk_finish_kernel<A><<<(unsigned)((warps + 7) / 8), 256, 0, st>>>(rows, (int)p.N, dg, chunk_T);
+      LASP_LAUNCHED();
+    } else if (dg) {  // the suffix sums of the tokens' terms
       dg_finish_kernel<A><<<(unsigned)(p.B * p.H), kFinishThreads, 0, st>>>(c, dg, nullptr, nullptr, nullptr);
       LASP_LAUNCHED();
     }

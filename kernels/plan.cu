@@ -195,6 +195,11 @@ Plan plan_bwd(const AttnParams& p, int mode) {
   }
   if (p.Hq != p.H || p.Hkv != p.H || p.Hv != p.H) pl.ws_heads = align256((size_t)p.B * p.H * p.N * (2 * D + E) * esz);
   if (p.g) pl.ws_dg = align256((size_t)p.B * p.H * p.N * esz);
+  if (p.g && pl.main == Family::Wgmma) {
+    const size_t nct = (size_t)(p.N + 63) / 64;
+    pl.ws_chunk_states = align256((size_t)p.B * p.H * nct * D * E * 2);
+    pl.ws_chunk_sums = align256((size_t)p.B * p.H * nct * sizeof(float));
+  }
   pl.ok = true;
   return pl;
 }

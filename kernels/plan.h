@@ -48,10 +48,14 @@ struct Plan {
   size_t ws_heads = 0;
   size_t ws_gates = 0;   // the segments' log-gate sums, (B, H, nseg) (0 when nseg == 1)
   size_t ws_dg = 0;      // backward with gates: the per-token (s, G) pair sums, (B, H, N)
-  // Layouts: forward [S | gate sums], backward [S | G | heads | gate sums | dg pairs].
+  // wgmma backward with gates: the 16-bit state after every 64-token chunk, (B, H, ceil(N / 64), D, E),
+  // and the fp32 <S, R> at each chunk's end, (B, H, ceil(N / 64)) (wgmma_bwd.cu: dg's terms across chunks)
+  size_t ws_chunk_states = 0, ws_chunk_sums = 0;
+  // Layouts: forward [S | gate sums], backward [S | G | heads | gate sums | dg pairs | chunk states | chunk sums].
   size_t fwd_bytes() const { return ws_states + ws_gates; }
-  size_t bwd_bytes() const { return 2 * ws_states + ws_heads + ws_gates + ws_dg; }
+  size_t bwd_bytes() const { return 2 * ws_states + ws_heads + ws_gates + ws_dg + ws_chunk_states + ws_chunk_sums; }
   size_t bwd_gates_offset() const { return 2 * ws_states + ws_heads; }
+  size_t bwd_chunks_offset() const { return 2 * ws_states + ws_heads + ws_gates + ws_dg; }
 };
 
 // mode: -1 decide from p (shapes, dtype, strides, pointer alignment, device), 0 generic kernels only,

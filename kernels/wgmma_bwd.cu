@@ -23,8 +23,11 @@
 // chunk's gate weights (wgmma.cuh, GateTile), which warp 0 scans into one of two tiles before each chunk's
 // barrier; loop A also loads Q, and WG0's threads of each row leave q[t].dq_h[t] in dg (loop A) and take
 // k[t].dk_h[t] from it (loop B), each without the pair (t, t) (its 16-bit P value, diag_rounded, times
-// q[t].k[t]); dg_finish_kernel then forms the suffix sums. (With G, its terms would come through the 16-bit
-// state copy R_b, whose rounding dg cannot afford where it is small: the plan runs those on the generic kernels.)
+// q[t].k[t]). The suffix sums of those terms over a whole row would add up their 16-bit rounding token by
+// token; instead WG1 keeps the state after each chunk (chunk_S) and loop B adds <S, R> at each chunk's end
+// (chunk_T: exactly the sum over every later token), so dg_chunk_finish_kernel sums within a chunk only.
+// (With G, its terms would come through the 16-bit state copy R_b: the driver adds them itself, and the
+// plan takes this kernel with gates only without G.)
 // ACC (head dims above 128, cut into blocks by lasp_cuda.cu): dq, dk and dv of each query head are terms
 // of sums over the blocks, left as the AccOuts say (fast_args.h) by direct stores from the registers.
 #include <cstring>
@@ -217,6 +220,14 @@ __global__ void __launch_bounds__(kThreads, MINB)
   };
   // dg rows of this thread (GATED, WG0, tc == 0): loop A stores q[t].dq_h[t], loop B subtracts k[t].dk_h[t]
   float* dgrow = GATED && a.dg ? a.dg + (size_t)bh * a.N : nullptr;
+  // GATED with chunk_S: loop A's WG1 keeps the state after each chunk (16-bit, in its registers' fragment
+  // order: 16-byte words (mb, nb, j4) of 128 threads each), loop B dots it with R at the chunk's end into
+  // chunk_T, so that dg's sums reach across chunks through <S, R> and not through the per-token terms of
+  // every later token (whose 16-bit rounding would add up along the row).
+  const int nct = (a.N + kC - 1) / kC, gc0 = n0 / kC;  // chunks of the row; this segment's first
+  constexpr size_t kChunkWords = (size_t)ND * NE * 4 * 128;  // 16-byte words per chunk state
+  uint4* const crow = GATED && dgrow && a.chunk_S ? reinterpret_cast<uint4*>(a.chunk_S) + (size_t)bh * nct * kChunkWords
+                                                  : nullptr;
   auto stage = [&](int i) { return base + (uint32_t)(i & 1) * SM::STAGE; };
   auto sbuf = [&](int i) { return base + SM::SB + (uint32_t)(i & 1) * SM::SBUF; };
   auto state_kmajor = [&](uint32_t buf, int nb, int kk) { return state_kmajor_d<D>(buf, nb, kk); };
@@ -382,6 +393,20 @@ __global__ void __launch_bounds__(kThreads, MINB)
         for (int nb = 0; nb < NE; ++nb) wg::fence_regs(S[mb][nb]);
         write_rows(S[mb], sbuf(ci + 1), mb);
       }
+      if (GATED && crow) {  // the state after chunk ci, for loop B's <S, R>
+        uint4* dst = crow + (size_t)(gc0 + ci) * kChunkWords + (threadIdx.x & 127);
+#pragma unroll
+        for (int mb = 0; mb < ND; ++mb)
+#pragma unroll
+          for (int nb = 0; nb < NE; ++nb)
+#pragma unroll
+            for (int j4 = 0; j4 < 4; ++j4) {
+              const float* s = &S[mb][nb][8 * j4];
+              dst[((mb * NE + nb) * 4 + j4) * 128] =
+                  make_uint4(mma::pack2<T>(s[0], s[1]), mma::pack2<T>(s[2], s[3]), mma::pack2<T>(s[4], s[5]),
+                             mma::pack2<T>(s[6], s[7]));
+            }
+      }
     }
   }
 
@@ -424,6 +449,38 @@ __global__ void __launch_bounds__(kThreads, MINB)
         for (int nb = 0; nb < NOUT; ++nb) mma::prefetch_frag_acc<8>(accs.x[W == 0 ? 1 : 2], b, h, c0, r0, 64 * nb, len);
       }
       if constexpr (GATED && W == 0) gate_chunk(ci, ci + 1 < nch ? c0 - kC : -1);
+      if constexpr (GATED && RMB >= 0) {
+        if (crow) {  // <S, R> at this chunk's end (R: the gradient there), over this warpgroup's rows
+          const int c = nch - 1 - ci;
+          float part = 0.f;
+          if (c + 1 < nch) {
+            const uint4* src = crow + (size_t)(gc0 + c) * kChunkWords + (threadIdx.x & 127);
+#pragma unroll
+            for (int nb = 0; nb < NE; ++nb)
+#pragma unroll
+              for (int j4 = 0; j4 < 4; ++j4) {
+                const uint4 u = src[((RMB * NE + nb) * 4 + j4) * 128];
+                const float* r = &R[nb][8 * j4];
+                const float2 s0 = mma::unpack2<T>(u.x), s1 = mma::unpack2<T>(u.y), s2 = mma::unpack2<T>(u.z),
+                             s3 = mma::unpack2<T>(u.w);
+                part += s0.x * r[0] + s0.y * r[1] + s1.x * r[2] + s1.y * r[3] + s2.x * r[4] + s2.y * r[5] +
+                        s3.x * r[6] + s3.y * r[7];
+              }
+          } else if (seg + 1 < a.nseg) {  // the segment's last chunk: the next segment's incoming state (fp32)
+            const float* sx = a.seg_S + ((size_t)bh * a.nseg + seg + 1) * DE;
+#pragma unroll
+            for (int nb = 0; nb < NE; ++nb) {
+              float s[32];
+              wg::load_acc(s, sx, E, 64 * RMB + r0, 64 * nb);
+#pragma unroll
+              for (int i = 0; i < 32; ++i) part += s[i] * R[nb][i];
+            }
+          }  // (the row's last chunk: no gradient after it; chunk_T stays 0)
+#pragma unroll
+          for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+          if (lane == 0 && part != 0.f) atomicAdd(a.chunk_T + (size_t)bh * nct + gc0 + c, part);
+        }
+      }
       tma::wait(barB + 8u * (uint32_t)(ci & 1), (uint32_t)(ci >> 1) & 1u);
       wg::fence_async_smem();
       block_sync();
@@ -624,13 +681,16 @@ int wgmma_bwd_blocks_per_sm(const AttnParams& p) {
 }
 
 cudaError_t wgmma_bwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,
-                           float* dk_ws, float* dv_ws, cudaStream_t st, const AccOut* acc) {
+                           float* dk_ws, float* dv_ws, cudaStream_t st, const AccOut* acc, void* chunk_S,
+                           float* chunk_T) {
   return with_type(p, [&](auto t) {
     using T = typename decltype(t)::type;
     if (acc)  // head-dim blocks: dq, dk, dv as acc[0..2] say, per query head
       return launch_dims<T, T, true>(p, make_bwd_args(p, nseg, seglen, seg_S, seg_G, true), {}, {}, st, acc);
     BwdArgs a = make_bwd_args(p, nseg, seglen, seg_S, seg_G, dk_ws != nullptr);
     a.dg = static_cast<float*>(p.dg_part);
+    a.chunk_S = chunk_S;
+    a.chunk_T = chunk_T;
     if (dk_ws)  // GQA: per-query-head fp32 dk / dv, contiguous (B, H, N, D|E)
       return launch_dims<T, float>(p, a, make_tv_contig<float>(dk_ws, p.H, p.N, p.D),
                                    make_tv_contig<float>(dv_ws, p.H, p.N, p.E), st);

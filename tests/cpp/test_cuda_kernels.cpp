@@ -682,6 +682,7 @@ TEST(CudaKernelsApi, GatedKernelChoice) {
     for (int D : {64, 128})
       for (int E : {64, 128}) {
         AttnParams p = plan_only_params(dt, D, E);
+        p.Hq = p.Hv = p.H;  // as the driver fills them (MHA)
         p.g = gates;
         p.N = 1 << 16;  // long rows of few (b, h): the plans split them into segments
         EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(p), "wgmma") << D << "x" << E;
@@ -698,6 +699,7 @@ TEST(CudaKernelsApi, GatedKernelChoice) {
         EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(p), "generic") << D << "x" << E;
       }
   AttnParams p = plan_only_params(ScalarType::BFloat16, 96, 64);  // mma.sync's dims: generic with gates
+  p.Hq = p.Hv = p.H;
   p.g = gates;
   p.no_state_grad = true;
   EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(p), "generic");
