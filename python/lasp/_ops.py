@@ -73,6 +73,7 @@ def lasp_attention(
     output_final_state: bool = False,
     layout: str = "bhnd",
     strategy: str = "ring",
+    cu_seqlens: Optional[torch.Tensor] = None,
 ):
     """Causal linear attention with per-head decay and per-token gates, optionally sequence-parallel over `group`.
 
@@ -86,13 +87,12 @@ def lasp_attention(
         v: (B, Hv, N, E) or (B, N, Hv, E). The output has H = max(Hq, Hv) heads; Hq, Hk and Hv each
             divide H, and output head h reads q head h // (H / Hq), k head h // (H / Hk) and v head
             h // (H / Hv): MHA, GQA and MQA (Hq = H, Hk = Hv), and GVA (Hq = Hk < Hv, as Mamba-2's
-            shared B and C). States, decay and g are per output head. CUDA tensors take Hk = Hv for now
-            (other head maps raise NotImplementedError there).
+            shared B and C). States, decay and g are per output head. On CUDA the tensor-core kernels
+            take MHA, GQA and MQA; other maps run on the generic kernels.
         decay: None (no decay) or a float tensor (H,) of rates >= 0 (see alibi_slopes); a constant.
         g: None or per-token log gates (B, H, N) for layout "bhnd", (B, N, H) for "bnhd", values <= 0
             (-inf resets the state), any float dtype, computed in float32 (float64 for float64 inputs);
             differentiable, also across ranks. Under a group each rank passes the gates of its piece.
-            CPU tensors only for now (CUDA raises NotImplementedError).
         scale: defaults to 1/sqrt(D).
         group: a torch.distributed ProcessGroup over which the sequence is split (group rank i holds
             the i-th contiguous piece; pieces may differ in length). None: the whole sequence is here.
@@ -104,6 +104,15 @@ def lasp_attention(
         strategy: how states cross ranks under a group: "ring" (LASP: each rank receives the state
             from rank r-1 and sends its own to r+1) or "allgather" (LASP-2: one all-gather of every
             rank's local state, combined on each rank). Both are exact.
+        cu_seqlens: None, or the packed documents of one row (batch size 1): their global offsets
+            [0, ..., N_total] (int32 / int64, any device), the same on every rank of the group, where
+            each rank passes its contiguous piece (any length; a document may span any number of ranks,
+            pieces may be empty). The state restarts at every document start: no token sees another
+            document's. Works with decay, g and every head map; the op then runs with gates (-inf at
+            each document start in the piece; the given g's values there get a zero gradient). Under a
+            group it costs one small all-gather (the pieces' lengths and the call's description: every
+            rank raises the same error on a bad call). Not yet with initial_state or output_final_state
+            (one state per document): NotImplementedError.
     Returns:
         o in the layout and dtype of q, or (o, final_state) if output_final_state.
     """
@@ -136,12 +145,79 @@ def lasp_attention(
         scale = q.shape[-1] ** -0.5
     if strategy not in ("ring", "allgather"):
         raise ValueError(f"lasp_attention: strategy must be 'ring' or 'allgather', got {strategy!r}")
+    if cu_seqlens is not None:
+        g = _document_gates(q, v, g, cu_seqlens, group, initial_state is not None, bool(output_final_state))
     o, final_state = torch.ops.lasp.lasp_attention(
         q, k, v, decay, float(scale), initial_state, _group_name(group), strategy, g
     )
     if layout == "bnhd":
         o = o.transpose(1, 2)
     return (o, final_state) if output_final_state else o
+
+
+def _document_gates(q, v, g, cu_seqlens, group, has_initial, wants_final):
+    """The log gates of a packed call (bhnd view, (B, H, n)): g (or zeros) with -inf at every document start
+    in this rank's piece. One all-gather under a group gives the piece's offset and lets every rank check
+    the same things, so that all raise alike."""
+    from .distributed import check_cu_seqlens
+
+    fn = "lasp_attention"
+    n, B = int(q.shape[2]), int(q.shape[0])
+    cu, local_err = None, None
+    try:
+        cu = check_cu_seqlens(cu_seqlens, None, fn)
+    except (TypeError, ValueError) as e:
+        local_err = e
+    w = None if cu is None else torch.arange(1, cu.numel() + 1, dtype=torch.int64)
+    mine = [n, B, int(has_initial), int(wants_final), int(cu is not None),
+            0 if cu is None else cu.numel(), 0 if cu is None else int(cu[-1]),
+            0 if cu is None else int((cu * w).sum() % (1 << 61))]
+    name = _group_name(group)
+    if name is None:
+        rows, rank = [mine], 0
+    else:
+        import torch.distributed as dist
+
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        W, rank = group.size(), dist.get_rank(group)
+        allv = torch.empty(len(mine) * W, dtype=torch.int64, device=dev)
+        dist.all_gather_into_tensor(allv, torch.tensor(mine, dtype=torch.int64, device=dev), group=group)
+        rows = allv.view(W, len(mine)).tolist()
+    bad = [i for i, r in enumerate(rows) if r[4] == 0]
+    if bad:
+        if local_err is not None:
+            raise type(local_err)(f"{local_err}" + (f" (group ranks {bad})" if len(rows) > 1 else ""))
+        raise ValueError(f"lasp_attention: cu_seqlens is not valid on group ranks {bad} (see their errors)")
+    if any(r[1] != 1 for r in rows):
+        raise ValueError("lasp_attention: cu_seqlens needs one packed row (batch size 1), got batch sizes "
+                         f"{[r[1] for r in rows]} (per group rank)")
+    if any(r[2] or r[3] for r in rows):
+        raise NotImplementedError(
+            "lasp_attention: initial_state and output_final_state with cu_seqlens (one state per document) are "
+            "not supported yet; without cu_seqlens, lasp.distributed.document_reset_gates gives the gates that "
+            "keep documents apart, with the initial state feeding the first document and the final state the "
+            "last one's")
+    if any(r[5:] != rows[0][5:] for r in rows):
+        raise ValueError("lasp_attention: cu_seqlens must be the same on every rank of the group (the global "
+                         f"document offsets); group ranks {[i for i, r in enumerate(rows) if r[5:] != rows[0][5:]]} "
+                         "differ from group rank 0")
+    total = sum(r[0] for r in rows)
+    if rows[0][6] != total:
+        raise ValueError(f"lasp_attention: the last offset of cu_seqlens ({rows[0][6]}) must equal the packed "
+                         f"length, the sum of the pieces' lengths over the group ({total})")
+    offset = sum(r[0] for r in rows[:rank])
+    starts = cu[:-1]
+    starts = starts[(starts >= offset) & (starts < offset + n)] - offset
+    H = max(int(q.shape[1]), int(v.shape[1]))
+    reset = torch.zeros(n, dtype=torch.bool)
+    reset[starts] = True
+    reset = reset.to(q.device).view(1, 1, n)
+    if g is None:
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return torch.zeros(1, H, n, dtype=acc, device=q.device).masked_fill(reset, float("-inf"))
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"lasp_attention: g must be a torch.Tensor or None, got {type(g).__name__}")
+    return g.masked_fill(reset, float("-inf"))
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:

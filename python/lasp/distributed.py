@@ -363,11 +363,13 @@ def allreduce_grads(parameters: Iterable[torch.Tensor], group) -> None:
 # Packed documents
 
 
-def check_cu_seqlens(cu_seqlens, total: int, fn: str = "check_cu_seqlens") -> torch.Tensor:
+def check_cu_seqlens(cu_seqlens, total: Optional[int], fn: str = "check_cu_seqlens") -> torch.Tensor:
     """Checks document offsets ``cu_seqlens`` of a packed row of ``total`` tokens and returns them as a CPU
     int64 tensor. They must be a 1-D int32 or int64 tensor ``[0, ..., total]``, strictly increasing (every
-    document has at least one token). Each violation raises a ValueError / TypeError naming ``cu_seqlens``."""
-    where = f"lasp.distributed.{fn}"
+    document has at least one token). Each violation raises a ValueError / TypeError naming ``cu_seqlens``.
+    ``total`` None: any last offset. ``fn``: the function named in the errors (``lasp.distributed.fn``, or
+    ``fn`` itself where it has a dot)."""
+    where = fn if "." in fn else f"lasp.distributed.{fn}"
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{where}: cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -386,7 +388,7 @@ def check_cu_seqlens(cu_seqlens, total: int, fn: str = "check_cu_seqlens") -> to
             f"{where}: cu_seqlens must be strictly increasing (no empty documents), got cu_seqlens[{i}] = "
             f"{int(cu[i])} and cu_seqlens[{i + 1}] = {int(cu[i + 1])}"
         )
-    if int(cu[-1]) != total:
+    if total is not None and int(cu[-1]) != total:
         raise ValueError(
             f"{where}: the last offset of cu_seqlens ({int(cu[-1])}) must equal the packed length ({total})"
         )

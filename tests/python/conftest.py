@@ -23,6 +23,7 @@ import socket
 import sys
 import tempfile
 import time
+import zlib
 from typing import Optional
 
 import pytest
@@ -71,6 +72,12 @@ def import_lasp():
 @pytest.fixture(scope="session")
 def lasp():
     return import_lasp()
+
+
+@pytest.fixture
+def seed(request):
+    """A different, reproducible seed for every test (and every parametrization)."""
+    return zlib.crc32(request.node.nodeid.encode()) % (2**31)
 
 
 # ----------------------------------------------------------------------------------------------

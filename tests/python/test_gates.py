@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import zlib
 
 import pytest
 import torch
@@ -48,12 +47,6 @@ F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float6
 LOWP = (F16, BF16)
 NEG_INF = float("-inf")
 GRAD_NAMES = ["dq", "dk", "dv", "dg", "d_initial_state"]
-
-
-@pytest.fixture
-def seed(request):
-    """A different, reproducible seed for every test (and every parametrization)."""
-    return zlib.crc32(request.node.nodeid.encode()) % (2**31)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ GoogleTest CudaKernelsApi.GatedKernelChoice.
 
 from __future__ import annotations
 
-import zlib
 
 import pytest
 import torch
@@ -28,11 +27,6 @@ pytestmark = pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 NEG_INF = float("-inf")
-
-
-@pytest.fixture
-def seed(request):
-    return zlib.crc32(request.node.nodeid.encode()) % (2**31)
 
 
 def to_cuda_leaf(t):

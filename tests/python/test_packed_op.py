@@ -1,0 +1,209 @@
+"""lasp_attention(..., cu_seqlens=...): packed documents of one row, on one rank and across ranks (Gloo).
+
+The reference of a packed call is the op run on each document alone (no cu_seqlens), concatenated: every
+output and every gradient (q, k, v, g) must match it, in float64 on the CPU. Across ranks each rank passes
+its contiguous piece (uneven, empty pieces, documents spanning ranks, a boundary exactly on a rank
+boundary, documents of one token) and must match the same slice of the one-rank packed call. Bad calls
+raise a named error, the same on every rank.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import gen, import_lasp, randn, spawn_world
+
+F64 = torch.float64
+SPAWN_DEADLINE_S = 180
+PG_TIMEOUT_S = 90
+
+
+def _problem(seed, N, Hq, Hk, Hv, D, E, gates, layout):
+    g_ = gen(seed)
+    H = max(Hq, Hv)
+    shp = (lambda h, x: (1, h, N, x)) if layout == "bhnd" else (lambda h, x: (1, N, h, x))
+    q, k, v = randn(shp(Hq, D), g_, F64), randn(shp(Hk, D), g_, F64), randn(shp(Hv, E), g_, F64)
+    do = randn(shp(H, E), g_, F64)
+    g = None
+    if gates:
+        g = -torch.nn.functional.softplus(randn((1, H, N), g_, F64) - 1.0)
+        if layout == "bnhd":
+            g = g.transpose(1, 2).contiguous()
+    decay = (torch.rand(H, generator=g_, dtype=F64) * 0.2).float()
+    return q, k, v, g, decay, do
+
+
+def _seq(layout):
+    return 2 if layout == "bhnd" else 1
+
+
+def _grads(lasp, q, k, v, g, decay, do, layout, **kw):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    gl = None if g is None else g.detach().clone().requires_grad_()
+    o = lasp.lasp_attention(*leaves, decay, g=gl, layout=layout, **kw)
+    ins = leaves + ([gl] if gl is not None else [])
+    gr = torch.autograd.grad(o, ins, do)
+    out = dict(o=o.detach(), dq=gr[0], dk=gr[1], dv=gr[2])
+    if gl is not None:
+        out["dg"] = gr[3]
+    return out
+
+
+def _per_document(lasp, q, k, v, g, decay, do, layout, cu):
+    """The reference: each document alone, concatenated along the tokens."""
+    d, parts = _seq(layout), []
+    gd = 2 if layout == "bhnd" else 1
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        sl = lambda t: t.narrow(d, a, b - a)  # noqa: E731
+        parts.append(_grads(lasp, sl(q), sl(k), sl(v), None if g is None else g.narrow(gd, a, b - a), decay,
+                            sl(do), layout))
+    out = {}
+    for key in parts[0]:
+        out[key] = torch.cat([p[key] for p in parts], dim=gd if key == "dg" else d)
+    return out
+
+
+CASES = [
+    # (doc lengths, Hq, Hk, Hv, D, E, gates, layout)
+    ([5, 1, 9, 1, 1, 20], 2, 2, 2, 8, 6, "gates", "bhnd"),
+    ([37], 4, 2, 2, 16, 8, "gates", "bnhd"),              # one document: the plain call
+    ([1, 1, 1, 1], 2, 1, 1, 4, 4, "nogates", "bhnd"),     # documents of one token, MQA, decay only
+    ([30, 70, 3, 29], 1, 1, 4, 8, 12, "gates", "bnhd"),   # GVA (Mamba-2-like shared q, k)
+    ([64, 64, 1, 63], 2, 2, 2, 16, 16, "nogates", "bnhd"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"docs{len(c[0])}-q{c[1]}k{c[2]}v{c[3]}-{c[6]}-{c[7]}" for c in CASES])
+def test_packed_matches_each_document_alone(lasp, case, seed):
+    lens, Hq, Hk, Hv, D, E, gates, layout = case
+    N = sum(lens)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v, g, decay, do = _problem(seed, N, Hq, Hk, Hv, D, E, gates == "gates", layout)
+    got = _grads(lasp, q, k, v, g, decay, do, layout, cu_seqlens=cu)
+    want = _per_document(lasp, q, k, v, g, decay, do, layout, cu)
+    for key, w in want.items():
+        torch.testing.assert_close(got[key], w, rtol=1e-10, atol=1e-10, msg=lambda m: f"{key}: {m}")
+    # and the documents really are cut: the same call without cu_seqlens differs (more than one document)
+    if len(lens) > 1:
+        plain = _grads(lasp, q, k, v, g, decay, do, layout)
+        assert not torch.allclose(plain["o"], got["o"])
+
+
+def test_packed_gradient_at_document_starts_is_zero(lasp, seed):
+    """The given g at a document start has no effect (the state there is zero): its gradient is exactly 0."""
+    cu = torch.tensor([0, 7, 8, 20], dtype=torch.int64)
+    q, k, v, g, decay, do = _problem(seed, 20, 2, 2, 2, 4, 4, True, "bhnd")
+    got = _grads(lasp, q, k, v, g, decay, do, "bhnd", cu_seqlens=cu)
+    assert torch.all(got["dg"][:, :, [0, 7, 8]] == 0)
+    assert torch.any(got["dg"][:, :, 9:] != 0)
+
+
+def test_packed_bad_calls(lasp):
+    q = torch.randn(1, 2, 10, 4, dtype=F64)
+    k, v = q.clone(), q.clone()
+    good = torch.tensor([0, 4, 10])
+    with pytest.raises(ValueError, match="cu_seqlens needs one packed row .batch size 1."):
+        q2 = torch.randn(2, 2, 10, 4, dtype=F64)
+        lasp.lasp_attention(q2, q2, q2, cu_seqlens=good)
+    with pytest.raises(ValueError, match="cu_seqlens must be strictly increasing"):
+        lasp.lasp_attention(q, k, v, cu_seqlens=torch.tensor([0, 6, 4, 10]))
+    with pytest.raises(ValueError, match=r"last offset of cu_seqlens \(9\) must equal the packed length"):
+        lasp.lasp_attention(q, k, v, cu_seqlens=torch.tensor([0, 4, 9]))
+    with pytest.raises(TypeError, match="cu_seqlens must be int32 or int64"):
+        lasp.lasp_attention(q, k, v, cu_seqlens=torch.tensor([0.0, 4.0, 10.0]))
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0"):
+        lasp.lasp_attention(q, k, v, cu_seqlens=torch.tensor([1, 4, 10]))
+    with pytest.raises(NotImplementedError, match="initial_state and output_final_state with cu_seqlens"):
+        lasp.lasp_attention(q, k, v, cu_seqlens=good, initial_state=torch.zeros(1, 2, 4, 4, dtype=F64))
+    with pytest.raises(NotImplementedError, match="initial_state and output_final_state with cu_seqlens"):
+        lasp.lasp_attention(q, k, v, cu_seqlens=good, output_final_state=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Across ranks (Gloo)
+
+# (doc lengths, pieces per rank, layout, strategy list)
+DIST = {
+    2: [([5, 1, 9, 1, 4], [10, 10], "bhnd"),       # a document boundary exactly on the rank boundary
+        ([3, 17], [0, 20], "bnhd"),                # an empty piece
+        ([20], [7, 13], "bhnd")],                  # one document spanning both ranks
+    3: [([2, 1, 1, 30, 6], [3, 1, 36], "bnhd"),    # a rank holding one token, documents of one token
+        ([11, 11, 11], [11, 0, 22], "bhnd")],      # boundaries on rank boundaries, an empty middle piece
+    4: [([40, 1, 1, 8], [5, 5, 5, 35], "bhnd")],   # a document across three ranks
+}
+
+
+def _dist_worker(rank, world, port, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
+    lasp = import_lasp()
+    results = {}
+    for ci, (lens, pieces, layout) in enumerate(DIST[world]):
+        N = sum(lens)
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int64)
+        q, k, v, g, decay, do = _problem(1000 + 10 * world + ci, N, 2, 1, 2, 8, 4, True, layout)
+        P, n = sum(pieces[:rank]), pieces[rank]
+        d, gd = _seq(layout), (2 if layout == "bhnd" else 1)
+        sl = lambda t: t.narrow(d, P, n).contiguous()  # noqa: E731
+        for strategy in ("ring", "allgather"):
+            results[(ci, strategy)] = _grads(lasp, sl(q), sl(k), sl(v), g.narrow(gd, P, n).contiguous(), decay,
+                                             sl(do), layout, cu_seqlens=cu, group=dist.group.WORLD,
+                                             strategy=strategy)
+    # misuse: every rank raises the same error
+    errs = {}
+    q1 = torch.randn(1, 2, 3, 4, dtype=F64)
+    calls = {
+        "batch": lambda: lasp.lasp_attention(*(torch.randn(1 + (rank == world - 1), 2, 3, 4, dtype=F64),) * 3,
+                                             cu_seqlens=torch.tensor([0, 3 * world]), group=dist.group.WORLD),
+        "differ": lambda: lasp.lasp_attention(q1, q1, q1, group=dist.group.WORLD,
+                                              cu_seqlens=torch.tensor([0, 1 + (rank == 0), 3 * world])),
+        "total": lambda: lasp.lasp_attention(q1, q1, q1, group=dist.group.WORLD, cu_seqlens=torch.tensor([0, 5])),
+        "final": lambda: lasp.lasp_attention(q1, q1, q1, group=dist.group.WORLD, cu_seqlens=torch.tensor([0, 3 * world]),
+                                             output_final_state=(rank == 1)),
+        "invalid": lambda: lasp.lasp_attention(q1, q1, q1, group=dist.group.WORLD,
+                                               cu_seqlens=torch.tensor([0, 3 * world]) if rank else torch.tensor([2, 3])),
+    }
+    for name, call in calls.items():
+        try:
+            call()
+            errs[name] = None
+        except Exception as e:  # noqa: BLE001 - recorded for the parent's checks
+            errs[name] = (type(e).__name__, str(e))
+    results["errors"] = errs
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_packed_across_ranks_matches_one_rank(lasp, world):
+    res = spawn_world(_dist_worker, world, (), SPAWN_DEADLINE_S, f"packed documents (gloo, world={world})")
+    for ci, (lens, pieces, layout) in enumerate(DIST[world]):
+        N = sum(lens)
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int64)
+        q, k, v, g, decay, do = _problem(1000 + 10 * world + ci, N, 2, 1, 2, 8, 4, True, layout)
+        want = _grads(lasp, q, k, v, g, decay, do, layout, cu_seqlens=cu)
+        d, gd = _seq(layout), (2 if layout == "bhnd" else 1)
+        for strategy in ("ring", "allgather"):
+            for key in ("o", "dq", "dg"):  # per token: the rank's slice
+                got = torch.cat([res[r][(ci, strategy)][key] for r in range(world)], dim=gd if key == "dg" else d)
+                torch.testing.assert_close(got, want[key], rtol=1e-10, atol=1e-10,
+                                           msg=lambda m: f"case {ci} {strategy} {key}: {m}")
+            for key in ("dk", "dv"):
+                got = torch.cat([res[r][(ci, strategy)][key] for r in range(world)], dim=d)
+                torch.testing.assert_close(got, want[key], rtol=1e-10, atol=1e-10,
+                                           msg=lambda m: f"case {ci} {strategy} {key}: {m}")
+    errs = [res[r]["errors"] for r in range(world)]
+    expect = {"batch": ("ValueError", "batch size 1"), "differ": ("ValueError", "the same on every rank"),
+              "total": ("ValueError", "must equal the packed"), "final": ("NotImplementedError", "output_final_state"),
+              "invalid": ("ValueError", "cu_seqlens")}
+    for name, (typ, text) in expect.items():
+        for r in range(world):
+            assert errs[r][name] is not None, f"{name}: group rank {r} did not raise"
+            assert errs[r][name][0] == typ and text in errs[r][name][1], (name, r, errs[r][name])
