@@ -1,0 +1,164 @@
+"""lasp.gated_delta_attention (the gated delta rule in chunked WY form) against the float64 token-by-token
+recurrence (lasp.reference.gated_delta_recurrent): outputs, final states and the gradients of q, k, v, g,
+beta and the initial state, on fresh random inputs over head maps, odd head dims, several chunks (and a
+partial last one), resets (g = -inf), both layouts and qk l2-normalisation; gradcheck in float64; packed
+documents against each document alone; bad inputs raise errors that name the argument."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import gen, randn
+
+lasp_ref = pytest.importorskip("lasp.reference")
+F64 = torch.float64
+
+
+def _inputs(seed, B, Hq, Hk, Hv, N, D, E, dtype=F64, device="cpu", resets=True):
+    g_ = gen(seed)
+    H = max(Hq, Hv)
+    q = randn((B, Hq, N, D), g_, dtype)
+    k = randn((B, Hk, N, D), g_, dtype, scale=D ** -0.5)
+    v = randn((B, Hv, N, E), g_, dtype)
+    g = -F.softplus(randn((B, H, N), g_, F64) - 1.0)
+    if resets and N > 2:
+        g[:, :, N // 3] = float("-inf")
+        g[0, 0, N - 1] = float("-inf")
+    beta = torch.sigmoid(randn((B, H, N), g_, F64))
+    s0 = randn((B, H, D, E), g_, F64)
+    do = randn((B, H, N, E), g_, F64)
+    dS = randn((B, H, D, E), g_, F64)
+    return [t.to(device) for t in (q, k, v, g.to(dtype), beta.to(dtype), s0, do, dS)]
+
+
+def _run(fn, q, k, v, g, beta, s0, do, dS, **kw):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, g, beta, s0)]
+    o, f = fn(*leaves[:5], initial_state=leaves[5], **kw)
+    gr = torch.autograd.grad([o, f], leaves, [do.to(o.dtype), dS.to(f.dtype)])
+    return dict(o=o.detach(), f=f.detach(), dq=gr[0], dk=gr[1], dv=gr[2], dg=gr[3], dbeta=gr[4], ds0=gr[5])
+
+
+def _ours(lasp, **kw):
+    return lambda *a, **k2: lasp.gated_delta_attention(*a, output_final_state=True, **kw, **k2)
+
+
+def _ref(**kw):
+    return lambda *a, **k2: lasp_ref.gated_delta_recurrent(*a, **kw, **k2)
+
+
+SHAPES = [
+    # (B, Hq, Hk, Hv, N, D, E)
+    (2, 2, 2, 2, 150, 8, 6),     # three chunks, the last partial
+    (1, 1, 1, 4, 70, 5, 7),      # GVA, odd dims
+    (1, 4, 2, 2, 64, 16, 16),    # GQA, one full chunk
+    (1, 2, 2, 2, 1, 3, 3),       # one token
+    (1, 6, 2, 3, 129, 9, 4),     # mixed head map, a chunk of one token at the end
+]
+
+
+@pytest.mark.parametrize("l2", [False, True], ids=["raw", "l2norm"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"B{s[0]}q{s[1]}k{s[2]}v{s[3]}-N{s[4]}-D{s[5]}E{s[6]}" for s in SHAPES])
+def test_matches_recurrence(lasp, shape, l2, seed):
+    ins = _inputs(seed, *shape)
+    got = _run(_ours(lasp, use_qk_l2norm=l2, scale=0.7), *ins)
+    want = _run(_ref(use_qk_l2norm=l2, scale=0.7), *ins)
+    for key, w in want.items():
+        torch.testing.assert_close(got[key], w, rtol=1e-9, atol=1e-9, msg=lambda m: f"{key}: {m}")
+
+
+def test_layout_bnhd_is_fla_layout(lasp, seed):
+    q, k, v, g, beta, s0, do, dS = _inputs(seed, 2, 2, 2, 2, 90, 8, 8)
+    o, f = lasp.gated_delta_attention(q, k, v, g, beta, initial_state=s0, output_final_state=True)
+    t = lambda x: x.transpose(1, 2).contiguous()  # noqa: E731
+    o2, f2 = lasp.gated_delta_attention(t(q), t(k), t(v), t(g), t(beta), initial_state=s0, output_final_state=True,
+                                        layout="bnhd")
+    torch.testing.assert_close(o2, t(o), rtol=0, atol=0)
+    torch.testing.assert_close(f2, f, rtol=0, atol=0)
+
+
+def test_float32_close_to_recurrence(lasp, seed):
+    q, k, v, g, beta, s0, do, dS = _inputs(seed, 1, 2, 2, 2, 200, 32, 32, dtype=torch.float32, resets=False)
+    got = _run(_ours(lasp), q, k, v, g, beta, s0.float(), do, dS)
+    want = _run(_ref(), *(t.double() for t in (q, k, v, g, beta, s0, do, dS)))
+    for key, w in want.items():
+        err = ((got[key].double() - w).norm() / w.norm()).item()
+        assert err < 1e-5, f"{key}: relative error {err:.2e}"
+
+
+def test_gradcheck(lasp, seed):
+    q, k, v, g, beta, s0, _, _ = _inputs(seed, 1, 1, 1, 2, 67, 3, 2, resets=False)
+    g[:, :, 5] = float("-inf")  # a reset; its own entry is left out of the perturbed inputs below
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, beta, s0)]
+    gfin = g.detach().clone()
+    gmask = torch.isfinite(gfin)
+    gv = gfin[gmask].clone().requires_grad_()
+
+    def f(q, k, v, beta, s0, gv):
+        gg = torch.full_like(gfin, float("-inf")).masked_scatter(gmask, gv)
+        o, fs = lasp.gated_delta_attention(q, k, v, gg, beta, initial_state=s0, output_final_state=True)
+        return o, fs
+
+    assert torch.autograd.gradcheck(f, leaves + [gv], eps=1e-6, atol=1e-6)
+
+
+def test_packed_documents_match_each_alone(lasp, seed):
+    lens = [5, 1, 70, 1, 30]
+    N = sum(lens)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist())
+    q, k, v, g, beta, _, do, _ = _inputs(seed, 1, 2, 1, 2, N, 6, 5, resets=False)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, g, beta)]
+    o = lasp.gated_delta_attention(*leaves, cu_seqlens=cu)
+    got = torch.autograd.grad(o, leaves, do)
+    parts, grads = [], [[] for _ in leaves]
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        ls = [t.detach().narrow(2, a, b - a).clone().requires_grad_() for t in (q, k, v, g, beta)]
+        od = lasp.gated_delta_attention(*ls)
+        parts.append(od.detach())
+        for i, gr in enumerate(torch.autograd.grad(od, ls, do.narrow(2, a, b - a))):
+            grads[i].append(gr)
+    torch.testing.assert_close(o.detach(), torch.cat(parts, 2), rtol=1e-10, atol=1e-10)
+    for i, name in enumerate(["dq", "dk", "dv", "dg", "dbeta"]):
+        want = torch.cat(grads[i], 2)
+        if name == "dg":  # the given g at a document start has no effect
+            starts = cu[:-1]
+            want[:, :, starts] = 0
+        torch.testing.assert_close(got[i], want, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+def test_bad_inputs_name_the_argument(lasp):
+    q = torch.randn(1, 2, 10, 4)
+    g, beta = -torch.rand(1, 2, 10), torch.rand(1, 2, 10)
+    with pytest.raises(ValueError, match="g must have shape"):
+        lasp.gated_delta_attention(q, q, q, g[:, :1], beta)
+    with pytest.raises(ValueError, match="beta must have shape"):
+        lasp.gated_delta_attention(q, q, q, g, beta[..., :5])
+    with pytest.raises(ValueError, match="g must be <= 0"):
+        lasp.gated_delta_attention(q, q, q, -g, beta)
+    with pytest.raises(ValueError, match="k heads .3. must divide"):
+        lasp.gated_delta_attention(q, torch.randn(1, 3, 10, 4), q, g, beta)
+    with pytest.raises(ValueError, match="layout must be"):
+        lasp.gated_delta_attention(q, q, q, g, beta, layout="nbhd")
+    with pytest.raises(ValueError, match="initial_state must have shape"):
+        lasp.gated_delta_attention(q, q, q, g, beta, initial_state=torch.zeros(1, 2, 4, 5))
+    with pytest.raises(ValueError, match="cu_seqlens needs one packed row"):
+        q2 = torch.randn(2, 2, 10, 4)
+        lasp.gated_delta_attention(q2, q2, q2, -torch.rand(2, 2, 10), torch.rand(2, 2, 10),
+                                   cu_seqlens=torch.tensor([0, 10]))
+    with pytest.raises(NotImplementedError, match="with cu_seqlens"):
+        lasp.gated_delta_attention(q, q, q, g, beta, cu_seqlens=torch.tensor([0, 10]), output_final_state=True)
+    with pytest.raises(TypeError, match="beta must be a floating-point tensor"):
+        lasp.gated_delta_attention(q, q, q, g, torch.ones(1, 2, 10, dtype=torch.int64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_matches_recurrence(lasp, dtype, seed):
+    ins = _inputs(seed, 2, 2, 1, 2, 300, 64, 64, dtype=dtype, device="cuda")
+    got = _run(_ours(lasp), *ins)
+    want = _run(_ref(), *(t.double().cpu() for t in ins))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for key, w in want.items():
+        err = ((got[key].double().cpu() - w).norm() / w.norm()).item()
+        assert err < tol, f"{key}: relative error {err:.2e}"
