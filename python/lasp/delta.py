@@ -43,6 +43,119 @@ def _check(fn, name, t, shape):
         raise ValueError(f"{fn}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
+def _checked(fn, q, k, v, g, beta, layout, strategy, initial_state):
+    """The rank-local checks; returns q, k, v, g, beta in the bhnd view."""
+    if layout not in ("bhnd", "bnhd"):
+        raise ValueError(f"{fn}: layout must be 'bhnd' or 'bnhd', got {layout!r}")
+    if strategy not in ("ring", "allgather"):
+        raise ValueError(f"{fn}: strategy must be 'ring' or 'allgather', got {strategy!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{fn}: {name} must be a 4-D tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    for name, t in (("g", g), ("beta", beta)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{fn}: {name} must be a 3-D tensor (one value per batch, head and token), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if layout == "bnhd":
+        q, k, v, g, beta = (t.transpose(1, 2) for t in (q, k, v, g, beta))
+    B, Hq, N, D = q.shape
+    Hk, Hv, E = k.shape[1], v.shape[1], v.shape[3]
+    H = max(Hq, Hv)
+    for name, h in (("q", Hq), ("k", Hk), ("v", Hv)):
+        if h < 1 or H % h:
+            raise ValueError(f"{fn}: the {name} heads ({h}) must divide the output heads max(Hq, Hv) = {H}")
+    _check(fn, "k", k, (B, Hk, N, D))
+    _check(fn, "v", v, (B, Hv, N, E))
+    _check(fn, "g", g, (B, H, N))
+    _check(fn, "beta", beta, (B, H, N))
+    for name, t in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
+        if not t.is_floating_point():
+            raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{fn}: {name} must be on q's device {q.device}, got {t.device}")
+    gd = g.detach()
+    if bool(torch.isnan(gd).any()) or bool((gd > 0).any()):
+        raise ValueError(f"{fn}: g must be <= 0 (log decay; -inf resets) and not NaN")
+    if initial_state is not None:
+        _check(fn, "initial_state", initial_state, (B, H, D, E))
+    return q, k, v, g, beta
+
+
+class _Tie(torch.autograd.Function):
+    """x itself, with `anchor` (any tensor of the call's inputs) as one more input: the node that makes x then
+    exists in every rank's graph, and a backward run for those inputs reaches it, even where x depends on
+    none of them (an empty piece). The anchor's gradient is zero."""
+
+    @staticmethod
+    def forward(ctx, x, anchor):
+        ctx.anchor_like = (anchor.shape, anchor.dtype, anchor.device)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, gx):
+        shape, dtype, device = ctx.anchor_like
+        return gx, torch.zeros(shape, dtype=dtype, device=device)
+
+
+class _RingHop(torch.autograd.Function):
+    """S_in of this rank from the one before (rank 0: its initial state), and S_out = T S_in + L to the one
+    after; backward: G_out from the one after, grad S_in + T^T G_out to the one before."""
+
+    @staticmethod
+    def forward(ctx, T, L, s0, group, rank, world):
+        import torch.distributed as dist
+
+        if rank == 0:
+            s_in = s0.detach().clone()
+        else:
+            s_in = torch.empty_like(L)
+            dist.recv(s_in, src=dist.get_global_rank(group, rank - 1), group=group)
+        if rank < world - 1:
+            dist.send((T @ s_in + L).contiguous(), dst=dist.get_global_rank(group, rank + 1), group=group)
+        ctx.save_for_backward(T, s_in)
+        ctx.group, ctx.rank, ctx.world = group, rank, world
+        return s_in
+
+    @staticmethod
+    def backward(ctx, g_in):
+        import torch.distributed as dist
+
+        T, s_in = ctx.saved_tensors
+        group, rank, world = ctx.group, ctx.rank, ctx.world
+        g_in = torch.zeros_like(s_in) if g_in is None else g_in
+        g_out = torch.zeros_like(s_in)
+        if rank < world - 1:
+            dist.recv(g_out, src=dist.get_global_rank(group, rank + 1), group=group)
+        total = g_in + T.transpose(-1, -2) @ g_out
+        if rank > 0:
+            dist.send(total.contiguous(), dst=dist.get_global_rank(group, rank - 1), group=group)
+        # only rank 0 reads its initial state: the others' get a zero gradient (a sum over the group is exact)
+        return g_out @ s_in.transpose(-1, -2), g_out, total if rank == 0 else torch.zeros_like(total), None, None, None
+
+
+def _exchange(group, strategy, rank, world):
+    """(T, L, s0, anchor) -> S_in of this rank (differentiable), by the ring or by one all-gather of every
+    (T, L). Every rank must run the exchange's backward (a chain of point-to-point messages, or a
+    collective): `anchor` ties it to the call's inputs (_Tie)."""
+    if strategy == "ring":
+        return lambda T, L, s0, anchor: _RingHop.apply(_Tie.apply(T, anchor), L, s0, group, rank, world)
+
+    def allgather(T, L, s0, anchor):
+        from torch.distributed.nn.functional import all_gather
+
+        # One all-gather of [T | L | s0]: every rank reads rank 0's part (its initial state), so every
+        # rank runs the gather's backward (a collective) once.
+        D = T.shape[-1]
+        parts = all_gather(_Tie.apply(torch.cat([T, L, s0], dim=-1).contiguous(), anchor), group=group)
+        s = parts[0][..., D + L.shape[-1]:]  # rank 0's initial state
+        for j in range(rank):
+            s = parts[j][..., :D] @ s + parts[j][..., D:D + L.shape[-1]]
+        return s
+
+    return allgather
+
+
 def gated_delta_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -68,12 +181,17 @@ def gated_delta_attention(
             state); differentiable.
         beta: the write strength (B, H, N) or (B, N, H), usually in (0, 1); differentiable.
         scale: default D^-0.5.
-        group: sequence parallelism is not available for this op yet: a group of more than one rank
-            raises NotImplementedError.
-        initial_state: (B, H, D, E), the state before the sequence (differentiable); None: zeros.
-        output_final_state: also return the (B, H, D, E) state after the sequence.
+        group: a torch.distributed group over which the sequence is split (group rank i holds the i-th
+            contiguous piece, any length, empty too); each piece maps its incoming state affinely,
+            S_out = T S_in + L (T: D x D per head), and the exchange passes S_in along (strategy "ring":
+            rank to rank, point to point; "allgather": one all-gather of every (T, L)). Every rank must
+            run the backward (the gradients pass the chain back, with T^T). One small all-gather first
+            checks that the ranks call alike (every rank raises the same error otherwise).
+        initial_state: (B, H, D, E), the state before the sequence (differentiable); None: zeros. Under a
+            group only rank 0's is read (the others get a zero gradient).
+        output_final_state: also return the (B, H, D, E) state after this rank's piece.
         layout: "bhnd" or "bnhd" (fla's layout); the output comes back in it.
-        strategy: "ring" or "allgather" (for the sequence-parallel path, once there is one).
+        strategy: "ring" or "allgather" (see group).
         cu_seqlens: packed documents of one row (batch size 1), global offsets [0, ..., N]: the state
             restarts at every document start (g = -inf there; the given g there gets a zero gradient).
             Not with initial_state / output_final_state (one state per document) yet.
@@ -87,59 +205,79 @@ def gated_delta_attention(
     Computed with PyTorch operations (any device; float32 inside for 16-bit inputs), chunks of 64.
     """
     fn = "lasp.gated_delta_attention"
-    if layout not in ("bhnd", "bnhd"):
-        raise ValueError(f"{fn}: layout must be 'bhnd' or 'bnhd', got {layout!r}")
-    if strategy not in ("ring", "allgather"):
-        raise ValueError(f"{fn}: strategy must be 'ring' or 'allgather', got {strategy!r}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{fn}: {name} must be a 4-D tensor, got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    name = None
     if group is not None:
         from ._ops import _group_name
 
-        if _group_name(group) is not None:
-            raise NotImplementedError(f"{fn}: sequence parallelism (a group of more than one rank) is not "
-                                      "available for the gated delta rule yet; pass group=None")
-    if layout == "bnhd":
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        for name, t in (("g", g), ("beta", beta)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 3:
-                raise ValueError(f"{fn}: {name} must be 3-D (batch, tokens, heads) for layout 'bnhd'")
-        g, beta = g.transpose(1, 2), beta.transpose(1, 2)
-    B, Hq, N, D = q.shape
-    Hk, Hv, E = k.shape[1], v.shape[1], v.shape[3]
-    H = max(Hq, Hv)
-    for name, h in (("q", Hq), ("k", Hk), ("v", Hv)):
-        if h < 1 or H % h:
-            raise ValueError(f"{fn}: the {name} heads ({h}) must divide the output heads max(Hq, Hv) = {H}")
-    _check(fn, "k", k, (B, Hk, N, D))
-    _check(fn, "v", v, (B, Hv, N, E))
-    _check(fn, "g", g, (B, H, N))
-    _check(fn, "beta", beta, (B, H, N))
-    for name, t in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
-        if not t.is_floating_point():
-            raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{fn}: {name} must be on q's device {q.device}, got {t.device}")
-    gd = g.detach()
-    if bool(torch.isnan(gd).any()) or bool((gd > 0).any()):
-        raise ValueError(f"{fn}: g must be <= 0 (log decay; -inf resets) and not NaN")
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    if initial_state is not None:
-        _check(fn, "initial_state", initial_state, (B, H, D, E))
-    if cu_seqlens is not None:
+        name = _group_name(group)  # None: a group of one rank
+    # Checks that need no other rank first; under a group their outcome travels with the call's
+    # description, so that every rank raises alike (no rank waits for one that has raised).
+    try:
+        q, k, v, g, beta = _checked(fn, q, k, v, g, beta, layout, strategy, initial_state)
+        local_err = None
+    except (TypeError, ValueError) as e:
+        local_err = e
+    cu = None
+    if cu_seqlens is not None and local_err is None:
         from .distributed import check_cu_seqlens
 
-        cu = check_cu_seqlens(cu_seqlens, N, fn)
+        try:
+            cu = check_cu_seqlens(cu_seqlens, None, fn)
+        except (TypeError, ValueError) as e:
+            local_err = e
+    ok = local_err is None
+    B, H, N, D = (q.shape[0], max(q.shape[1], v.shape[1]), q.shape[2], q.shape[3]) if ok else (0, 0, 0, 0)
+    E = v.shape[3] if ok else 0
+    states_with_cu = int(cu is not None and (initial_state is not None or bool(output_final_state)))
+    # [N, ok, states with cu_seqlens, then what every rank must share]
+    heads3 = [q.shape[1], k.shape[1], v.shape[1]] if ok else [0, 0, 0]
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    dcode = dtypes.index(q.dtype) if ok and q.dtype in dtypes else -1
+    desc = [int(ok), states_with_cu, B, H, D, E, *heads3, dcode, int(cu is not None), int(bool(use_qk_l2norm)),
+            ("ring", "allgather").index(strategy) if strategy in ("ring", "allgather") else -1]
+    if cu is not None:
+        w = torch.arange(1, cu.numel() + 1, dtype=torch.int64)
+        desc += [cu.numel(), int(cu[-1]), int((cu * w).sum() % (1 << 61))]
+    else:
+        desc += [0, 0, 0]
+    rows, rank = [[N] + desc], 0
+    if name is not None:
+        import torch.distributed as dist
+
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        W, rank = group.size(), dist.get_rank(group)
+        allv = torch.empty((len(desc) + 1) * W, dtype=torch.int64, device=dev)
+        dist.all_gather_into_tensor(allv, torch.tensor([N] + desc, dtype=torch.int64, device=dev), group=group)
+        rows = allv.view(W, len(desc) + 1).tolist()
+    bad = [i for i, r in enumerate(rows) if r[1] == 0]
+    if bad:
+        if local_err is not None:
+            raise type(local_err)(f"{local_err}" + (f" (group ranks {bad})" if len(rows) > 1 else ""))
+        raise ValueError(f"{fn}: the call is not valid on group ranks {bad} (see their errors)")
+    differ = [i for i, r in enumerate(rows) if r[3:] != rows[0][3:]]
+    if differ:
+        raise ValueError(f"{fn}: every rank of the group must call alike (batch size, q / k / v heads, head dims, "
+                         "dtype, cu_seqlens, use_qk_l2norm, strategy; only the pieces' lengths may differ): group ranks "
+                         f"{differ} differ from group rank 0")
+    if any(r[2] for r in rows):
+        raise NotImplementedError(f"{fn}: initial_state and output_final_state with cu_seqlens (one state per "
+                                  "document) are not supported yet")
+    total, offset = sum(r[0] for r in rows), sum(r[0] for r in rows[:rank])
+    if cu is not None:
         if B != 1:
             raise ValueError(f"{fn}: cu_seqlens needs one packed row (batch size 1), got batch size {B}")
-        if initial_state is not None or output_final_state:
-            raise NotImplementedError(f"{fn}: initial_state and output_final_state with cu_seqlens (one state "
-                                      "per document) are not supported yet")
+        if int(cu[-1]) != total:
+            raise ValueError(f"{fn}: the last offset of cu_seqlens ({int(cu[-1])}) must equal the packed length "
+                             f"({total}{', the sum of the pieces over the group' if len(rows) > 1 else ''})")
+        starts = cu[:-1]
+        starts = starts[(starts >= offset) & (starts < offset + N)] - offset
         reset = torch.zeros(N, dtype=torch.bool)
-        reset[cu[:-1]] = True
+        reset[starts] = True
         g = g.masked_fill(reset.to(g.device).view(1, 1, N), float("-inf"))
+    ring = None
+    if name is not None:
+        ring = _exchange(group, strategy, rank, len(rows))
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = D ** -0.5 if scale is None else float(scale)
 
     def heads(x):  # (B, Hx, N, X) -> (B, H, N, X) in acc
@@ -171,14 +309,30 @@ def gated_delta_attention(
     w = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
     wv, wk = w[..., :E], w[..., E:]
     qk = (qc @ kc.transpose(-1, -2)) * gam                     # causal, decayed
-    S = (initial_state.to(acc) if initial_state is not None
-         else torch.zeros(B, H, D, E, dtype=acc, device=q.device))
+    s0 = (initial_state.to(acc) if initial_state is not None
+          else torch.zeros(B, H, D, E, dtype=acc, device=q.device))
+    if ring is not None:
+        # The piece maps its incoming state affinely, S_out = T S_in + L: compose the chunks' maps, then
+        # the exchange gives S_in (rank 0: the initial state), with T^T carrying gradients back.
+        T = torch.eye(D, dtype=acc, device=q.device).expand(B, H, D, D)
+        L = torch.zeros(B, H, D, E, dtype=acc, device=q.device)
+        for c in range(nc):
+            ks = (suf[:, :, c].unsqueeze(-1) * kc[:, :, c]).transpose(-1, -2)  # (B, H, D, C)
+            p_end = pre[:, :, c, C - 1, None, None]
+            T = p_end * T - ks @ (wk[:, :, c] @ T)
+            L = p_end * L + ks @ (wv[:, :, c] - wk[:, :, c] @ L)
+        s0 = ring(T, L, s0, qh if qh.requires_grad else (kh if kh.requires_grad else (vh if vh.requires_grad
+                                                             else (gl if gl.requires_grad else bt))))
+    S = s0
     outs = []
     for c in range(nc):
         u = wv[:, :, c] - wk[:, :, c] @ S                      # (B, H, C, E)
         outs.append(scale * (pre[:, :, c].unsqueeze(-1) * (qc[:, :, c] @ S) + qk[:, :, c] @ u))
         S = pre[:, :, c, C - 1, None, None] * S + (suf[:, :, c].unsqueeze(-1) * kc[:, :, c]).transpose(-1, -2) @ u
     o = torch.cat(outs, dim=2)[:, :, :N] if nc else torch.zeros(B, H, 0, E, dtype=acc, device=q.device)
+    if nc == 0:  # an empty piece: o still leads back to every input (empty gradients, not None) and to the
+        # exchange, whose backward every rank must run for the chain's gradients to pass it
+        o = o + 0.0 * (s0.sum() + qh.sum() + kh.sum() + vh.sum() + gl.sum() + bt.sum())
     o = o.to(q.dtype)
     if layout == "bnhd":
         o = o.transpose(1, 2)

@@ -162,3 +162,121 @@ def test_cuda_matches_recurrence(lasp, dtype, seed):
     for key, w in want.items():
         err = ((got[key].double().cpu() - w).norm() / w.norm()).item()
         assert err < tol, f"{key}: relative error {err:.2e}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Across ranks (Gloo): each rank's piece against the same slice of the one-rank call
+
+import datetime  # noqa: E402
+import os  # noqa: E402
+
+import torch.distributed as dist  # noqa: E402
+
+from conftest import import_lasp, spawn_world  # noqa: E402
+
+# (pieces, layout, packed document lengths or None)
+DIST = {
+    2: [([70, 61], "bhnd", None), ([0, 40], "bnhd", None), ([64, 64], "bhnd", [10, 54, 1, 63])],
+    3: [([1, 100, 30], "bnhd", None), ([50, 0, 20], "bhnd", [50, 20])],
+    4: [([20, 1, 65, 7], "bhnd", None), ([33, 33, 0, 34], "bnhd", [1, 1, 98])],
+}
+
+
+def _dist_problem(world, ci, N):
+    return _inputs(2000 + 10 * world + ci, 1, 2, 1, 2, N, 6, 5, resets=False)
+
+
+def _to_layout(x, layout):
+    return x if layout == "bhnd" else x.transpose(1, 2).contiguous()
+
+
+def _dist_worker(rank, world, port, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=90))
+    lasp = import_lasp()
+    results = {}
+    for ci, (pieces, layout, docs) in enumerate(DIST[world]):
+        N = sum(pieces)
+        q, k, v, g, beta, s0, do, dS = _dist_problem(world, ci, N)
+        P, n = sum(pieces[:rank]), pieces[rank]
+        sl = lambda t: _to_layout(t.narrow(2, P, n), layout)  # noqa: E731
+        for strategy in ("ring", "allgather"):
+            leaves = [sl(t).clone().requires_grad_() for t in (q, k, v, g.unsqueeze(-1), beta.unsqueeze(-1))]
+            leaves[3], leaves[4] = (x.detach().squeeze(-1).clone().requires_grad_() for x in leaves[3:5])
+            kw = dict(group=dist.group.WORLD, strategy=strategy, layout=layout)
+            if docs is None:
+                st = s0.clone().requires_grad_()
+                o, f = lasp.gated_delta_attention(*leaves, initial_state=st, output_final_state=True, **kw)
+                outs, cots = [o, f], [sl(do), dS if rank == world - 1 else torch.zeros_like(dS)]
+                gr = torch.autograd.grad(outs, leaves + [st], cots)
+            else:
+                cu = torch.tensor([0] + torch.tensor(docs).cumsum(0).tolist())
+                o = lasp.gated_delta_attention(*leaves, cu_seqlens=cu, **kw)
+                gr = torch.autograd.grad(o, leaves, sl(do)) + (None,)
+            results[(ci, strategy)] = dict(o=o.detach(), grads=[None if x is None else x.detach() for x in gr])
+    q1, g1, b1 = torch.randn(1, 2, 3, 4), -torch.rand(1, 2, 3), torch.rand(1, 2, 3)
+    calls = {
+        "heads": lambda: lasp.gated_delta_attention(
+            q1, q1, q1 if rank else torch.randn(1, 1, 3, 4), g1, b1, group=dist.group.WORLD),
+        "local": lambda: lasp.gated_delta_attention(q1, q1, q1, g1 if rank else -g1, b1, group=dist.group.WORLD),
+        "states": lambda: lasp.gated_delta_attention(q1, q1, q1, g1, b1, group=dist.group.WORLD,
+                                                     cu_seqlens=torch.tensor([0, 3 * world]),
+                                                     output_final_state=(rank == world - 1)),
+    }
+    errs = {}
+    for name, call in calls.items():
+        try:
+            call()
+            errs[name] = None
+        except Exception as e:  # noqa: BLE001 - the parent checks them
+            errs[name] = (type(e).__name__, str(e))
+    results["errors"] = errs
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_across_ranks_matches_one_rank(lasp, world):
+    res = spawn_world(_dist_worker, world, (), 180, f"gated delta rule (gloo, world={world})")
+    for ci, (pieces, layout, docs) in enumerate(DIST[world]):
+        N = sum(pieces)
+        q, k, v, g, beta, s0, do, dS = _dist_problem(world, ci, N)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, g, beta)]
+        if docs is None:
+            st = s0.clone().requires_grad_()
+            o, f = lasp.gated_delta_attention(*leaves, initial_state=st, output_final_state=True)
+            want = torch.autograd.grad([o, f], leaves + [st], [do, dS])
+        else:
+            cu = torch.tensor([0] + torch.tensor(docs).cumsum(0).tolist())
+            o = lasp.gated_delta_attention(*leaves, cu_seqlens=cu)
+            want = torch.autograd.grad(o, leaves, do)
+        for strategy in ("ring", "allgather"):
+            parts = [res[r][(ci, strategy)] for r in range(world)]
+            back = lambda x: x if layout == "bhnd" else x.transpose(1, 2)  # noqa: E731
+            got_o = torch.cat([back(p["o"]) for p in parts], dim=2)
+            torch.testing.assert_close(got_o, o.detach(), rtol=1e-9, atol=1e-9,
+                                       msg=lambda m: f"case {ci} {strategy} o: {m}")
+            for i, nm in enumerate(["dq", "dk", "dv"]):
+                got = torch.cat([back(p["grads"][i]) for p in parts], dim=2)
+                torch.testing.assert_close(got, want[i], rtol=1e-9, atol=1e-9,
+                                           msg=lambda m: f"case {ci} {strategy} {nm}: {m}")
+            for i, nm in ((3, "dg"), (4, "dbeta")):
+                got = torch.cat([p["grads"][i] if layout == "bhnd" else p["grads"][i].transpose(1, 2)
+                                 for p in parts], dim=2)
+                torch.testing.assert_close(got, want[i], rtol=1e-9, atol=1e-9,
+                                           msg=lambda m: f"case {ci} {strategy} {nm}: {m}")
+            if docs is None:  # the initial state's gradient: rank 0's, the others zero
+                torch.testing.assert_close(parts[0]["grads"][5], want[5], rtol=1e-9, atol=1e-9)
+                for p in parts[1:]:
+                    assert torch.all(p["grads"][5] == 0)
+    # the rank whose input is bad says why, every other rank names it
+    expect = {"heads": lambda r: ("ValueError", "must call alike"),
+              "local": lambda r: ("ValueError", "g must be <= 0" if r == 0 else "not valid on group ranks [0]"),
+              "states": lambda r: ("NotImplementedError", "with cu_seqlens")}
+    for name, want_of in expect.items():
+        for r in range(world):
+            typ, text = want_of(r)
+            e = res[r]["errors"][name]
+            assert e is not None and e[0] == typ and text in e[1], (name, r, e)
