@@ -15,6 +15,9 @@ Every weight is the exp of a sum over its own range (never a difference of cumul
 (a reset, as at a packed document's start) gives exact zeros.
 
 This module computes it with PyTorch operations (any device, autograd through them), chunk after chunk.
+Under a group each rank composes its chunks' maps into its piece's (T, L), the exchange gives S_in (the
+ring: S_in(r) = T(r-1) S_in(r-1) + L(r-1), rank to rank; or one all-gather of every (T, L)), and the
+backward returns T^T G along the same chain (autograd through _RingHop / the all-gather).
 """
 
 from __future__ import annotations
