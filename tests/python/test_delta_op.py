@@ -280,3 +280,34 @@ def test_across_ranks_matches_one_rank(lasp, world):
             typ, text = want_of(r)
             e = res[r]["errors"][name]
             assert e is not None and e[0] == typ and text in e[1], (name, r, e)
+
+
+# ----------------------------------------------------------------------------------------------
+# Random shapes over the whole domain: head maps, head dims (odd ones), lengths around the chunk size
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def _delta_shapes(draw):
+    H = draw(st.sampled_from([1, 2, 4, 6]))
+    divisors = [d for d in range(1, H + 1) if H % d == 0]
+    Hq = draw(st.sampled_from(divisors))
+    Hk = draw(st.sampled_from(divisors))
+    Hv = H if Hq < H else draw(st.sampled_from(divisors))
+    N = draw(st.sampled_from([1, 2, 63, 64, 65, 127, 130, 200]))
+    D = draw(st.integers(1, 24))
+    E = draw(st.integers(1, 24))
+    B = draw(st.integers(1, 2))
+    return B, Hq, Hk, Hv, N, D, E
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=_delta_shapes(), l2=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_random_shapes_match_recurrence(lasp, shape, l2, seed):
+    ins = _inputs(seed, *shape)
+    got = _run(_ours(lasp, use_qk_l2norm=l2), *ins)
+    want = _run(_ref(use_qk_l2norm=l2), *ins)
+    for key, w in want.items():
+        torch.testing.assert_close(got[key], w, rtol=1e-8, atol=1e-8, msg=lambda m: f"{shape} {key}: {m}")

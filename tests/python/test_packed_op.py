@@ -207,3 +207,27 @@ def test_packed_across_ranks_matches_one_rank(lasp, world):
         for r in range(world):
             assert errs[r][name] is not None, f"{name}: group rank {r} did not raise"
             assert errs[r][name][0] == typ and text in errs[r][name][1], (name, r, errs[r][name])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_packed_cuda_is_the_gated_call_with_resets(lasp, dtype, seed):
+    """On the GPU (bf16: the tensor-core kernels with gates, whose resets test_gates_cuda checks against the
+    float64 recurrence): a packed call is exactly the call with -inf gates at the document starts, except
+    that the given g there gets a zero gradient."""
+    lens = [700, 1, 64, 2000, 63, 1]
+    N = sum(lens)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v, g, decay, do = _problem(seed, N, 4, 2, 2, 128, 64, True, "bhnd")
+    dev = [t.to("cuda", dtype) for t in (q, k, v)]
+    gc, dc, doc = g.to("cuda", torch.float32), decay.cuda(), do.to("cuda", dtype)
+    got = _grads(lasp, *dev, gc, dc, doc, "bhnd", cu_seqlens=cu.cuda())
+    starts = cu[:-1].long()
+    g_reset = gc.clone()
+    g_reset[:, :, starts] = float("-inf")
+    want = _grads(lasp, *dev, g_reset, dc, doc, "bhnd")
+    want["dg"][:, :, starts] = 0
+    for key, w in want.items():
+        # dg: the backward adds <S, R> of a chunk from several warps with atomics (the order may differ)
+        tol = dict(rtol=1e-5, atol=1e-6) if key == "dg" else dict(rtol=0, atol=0)
+        torch.testing.assert_close(got[key], w, **tol, msg=lambda m: f"{key}: {m}")
