@@ -3,8 +3,10 @@
 #include <ATen/ATen.h>
 #include <c10/core/SymBool.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstdlib>
 
 #include "exchange.h"
 #include "ring.h"
@@ -91,29 +93,40 @@ Tensor add_gated_state_grad(const Tensor& k, const Tensor& v, const Tensor& g_ac
   const Tensor incl = lam.flip(-1).cumsum(-1).flip(-1);  // sum_{u >= t}
   const Tensor suf = at::constant_pad_nd(incl.narrow(-1, 1, N - 1), {0, 1}, 0).exp();  // (B, H, N)
   const Tensor total = incl.select(-1, 0).exp();                                        // (B, H)
-  auto to_out_heads = [&](const Tensor& x) {  // (B, Hx, N, X) -> (B, H, N, X), a view where Hx = H
-    const int64_t hx = x.size(1);
+  auto to_out_heads = [&](const Tensor& x) {  // (B, Hx, n, X) -> (B, H, n, X), a view where Hx = H
+    const int64_t hx = x.size(1), n = x.size(2);
     if (hx == H) return x;
-    return x.unsqueeze(2).expand({B, hx, H / hx, N, x.size(3)}).reshape({B, H, N, x.size(3)});
+    return x.unsqueeze(2).expand({B, hx, H / hx, n, x.size(3)}).reshape({B, H, n, x.size(3)});
   };
   const bool low = k.scalar_type() == at::kHalf || k.scalar_type() == at::kBFloat16;
   Tensor gs = low ? G.abs().amax({-2, -1}, true).clamp_min(1e-30) : Tensor();  // (B, H, 1, 1)
   const Tensor Gm = low ? (G / gs).to(k.scalar_type()) : G.to(k.scalar_type());
   const Tensor w = low ? suf.unsqueeze(-1) * gs.view({B, H, 1, 1}) : suf.unsqueeze(-1);  // (B, H, N, 1)
-  const Tensor ke = to_out_heads(k), ve = to_out_heads(v);
-  const Tensor vG = at::matmul(ve, Gm.transpose(-1, -2));  // (B, H, N, D): v_t G^T
-  const Tensor kG = at::matmul(ke, Gm);                     // (B, H, N, E): k_t G
-  auto add_to = [&](const Tensor& out, const Tensor& term) {  // out (B, Hx, N, X) += sum over its heads' group
-    const int64_t hx = out.size(1);
-    if (hx == H) {
-      out.addcmul_(term, w);
-    } else {
-      out.add_((term.to(w.scalar_type()) * w).view({B, hx, H / hx, N, term.size(3)}).sum(2));
-    }
-  };
-  add_to(dk, vG);
-  add_to(dv, kG);
-  const Tensor pt = (kG.to(w.scalar_type()) * ve.to(w.scalar_type())).sum(-1) * w.squeeze(-1);  // (B, H, N)
+  // By blocks of tokens whose per-output-head temporaries stay within a budget (256 MiB of fp32
+  // (B, H, n, max(D, E)); LASP_GATED_G_BLOCK_BYTES sets another), never a whole (B, H, N, D) copy.
+  const char* env = std::getenv("LASP_GATED_G_BLOCK_BYTES");
+  const int64_t budget = env ? std::max<int64_t>(1, std::atoll(env)) : (int64_t{256} << 20);
+  const int64_t per_token = B * H * std::max(k.size(3), v.size(3)) * 4;
+  const int64_t nb = std::max<int64_t>(1, budget / std::max<int64_t>(1, per_token));
+  Tensor pt = at::empty({B, H, N}, w.options());  // suf_t k_t G v_t^T
+  for (int64_t t0 = 0; t0 < N; t0 += nb) {
+    const int64_t n = std::min(nb, N - t0);
+    const Tensor ke = to_out_heads(k.narrow(2, t0, n)), ve = to_out_heads(v.narrow(2, t0, n));
+    const Tensor wb = w.narrow(2, t0, n);
+    const Tensor vG = at::matmul(ve, Gm.transpose(-1, -2));  // (B, H, n, D): v_t G^T
+    const Tensor kG = at::matmul(ke, Gm);                     // (B, H, n, E): k_t G
+    auto add_to = [&](const Tensor& out, const Tensor& term) {  // out (B, Hx, n, X) += the sum over its group
+      const int64_t hx = out.size(1);
+      if (hx == H) {
+        out.addcmul_(term, wb);
+      } else {
+        out.add_((term.to(wb.scalar_type()) * wb).view({B, hx, H / hx, n, term.size(3)}).sum(2));
+      }
+    };
+    add_to(dk.narrow(2, t0, n), vG);
+    add_to(dv.narrow(2, t0, n), kG);
+    pt.narrow(2, t0, n).copy_((kG.to(wb.scalar_type()) * ve.to(wb.scalar_type())).sum(-1) * wb.squeeze(-1));
+  }
   dg.add_(at::constant_pad_nd(pt.cumsum(-1).narrow(-1, 0, N - 1), {1, 0}, 0));                  // sum_{t < s}
   if (s_in.numel() > 0) dg.add_((total * (G * s_in).sum({-2, -1})).unsqueeze(-1));
   return total;

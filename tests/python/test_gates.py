@@ -889,3 +889,29 @@ def test_decay_takes_no_gradient_with_gates(lasp):
     decay = torch.full((H,), 0.3, requires_grad=True)
     with pytest.raises((ValueError, RuntimeError), match="decay"):
         lasp.lasp_attention(q, k, v, decay, g=torch.zeros(B, H, N, requires_grad=True))
+
+
+@pytest.mark.parametrize("maps", [(4, 4, 4), (4, 2, 2), (2, 2, 4)], ids=["mha", "gqa", "gva"])
+def test_final_state_terms_by_token_blocks(lasp, maps, seed, monkeypatch):
+    """The final-state cotangent's terms (added after the fused backward, by blocks of tokens) do not depend
+    on the block size: one token per block against the default (one block here)."""
+    Hq, Hk, Hv = maps
+    H = max(Hq, Hv)
+    g_ = gen(seed)
+    N, D, E = 37, 5, 3
+    q, k, v = randn((1, Hq, N, D), g_, F64), randn((1, Hk, N, D), g_, F64), randn((1, Hv, N, E), g_, F64)
+    g = -F.softplus(randn((1, H, N), g_, F64))
+    g[:, :, 11] = NEG_INF
+    s0, dS, do = randn((1, H, D, E), g_, F64), randn((1, H, D, E), g_, F64), randn((1, H, N, E), g_, F64)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, g, s0)]
+        o, f = lasp.lasp_attention(*leaves[:3], torch.rand(H, generator=gen(1), dtype=torch.float32) * 0.1,
+                                   g=leaves[3], initial_state=leaves[4], output_final_state=True)
+        return torch.autograd.grad([o, f], leaves, [do, dS])
+
+    whole = run()
+    monkeypatch.setenv("LASP_GATED_G_BLOCK_BYTES", "1")
+    blocked = run()
+    for name, a, b in zip(["dq", "dk", "dv", "dg", "ds0"], blocked, whole):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
