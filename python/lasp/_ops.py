@@ -159,7 +159,7 @@ def _document_gates(q, v, g, cu_seqlens, group, has_initial, wants_final):
     """The log gates of a packed call (bhnd view, (B, H, n)): g (or zeros) with -inf at every document start
     in this rank's piece. One all-gather under a group gives the piece's offset and lets every rank check
     the same things, so that all raise alike."""
-    from .distributed import check_cu_seqlens
+    from .distributed import _cu_signature, _document_resets, _gather_rows, _raise_if_invalid, check_cu_seqlens
 
     fn = "lasp_attention"
     n, B = int(q.shape[2]), int(q.shape[0])
@@ -168,51 +168,31 @@ def _document_gates(q, v, g, cu_seqlens, group, has_initial, wants_final):
         cu = check_cu_seqlens(cu_seqlens, None, fn)
     except (TypeError, ValueError) as e:
         local_err = e
-    w = None if cu is None else torch.arange(1, cu.numel() + 1, dtype=torch.int64)
-    mine = [n, B, int(has_initial), int(wants_final), int(cu is not None),
-            0 if cu is None else cu.numel(), 0 if cu is None else int(cu[-1]),
-            0 if cu is None else int((cu * w).sum() % (1 << 61))]
-    name = _group_name(group)
-    if name is None:
-        rows, rank = [mine], 0
-    else:
-        import torch.distributed as dist
-
-        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
-        W, rank = group.size(), dist.get_rank(group)
-        allv = torch.empty(len(mine) * W, dtype=torch.int64, device=dev)
-        dist.all_gather_into_tensor(allv, torch.tensor(mine, dtype=torch.int64, device=dev), group=group)
-        rows = allv.view(W, len(mine)).tolist()
-    bad = [i for i, r in enumerate(rows) if r[4] == 0]
-    if bad:
-        if local_err is not None:
-            raise type(local_err)(f"{local_err}" + (f" (group ranks {bad})" if len(rows) > 1 else ""))
-        raise ValueError(f"lasp_attention: cu_seqlens is not valid on group ranks {bad} (see their errors)")
+    # [n, B, states asked for, valid, then cu_seqlens' signature, the same on every rank]
+    mine = [n, B, int(has_initial or wants_final), int(cu is not None)] + _cu_signature(cu)
+    rows, rank = _gather_rows(group if _group_name(group) is not None else None, mine)
+    _raise_if_invalid(rows, 3, local_err, "lasp_attention: cu_seqlens")
     if any(r[1] != 1 for r in rows):
         raise ValueError("lasp_attention: cu_seqlens needs one packed row (batch size 1), got batch sizes "
                          f"{[r[1] for r in rows]} (per group rank)")
-    if any(r[2] or r[3] for r in rows):
+    if any(r[2] for r in rows):
         raise NotImplementedError(
             "lasp_attention: initial_state and output_final_state with cu_seqlens (one state per document) are "
             "not supported yet; without cu_seqlens, lasp.distributed.document_reset_gates gives the gates that "
             "keep documents apart, with the initial state feeding the first document and the final state the "
             "last one's")
-    if any(r[5:] != rows[0][5:] for r in rows):
+    if any(r[4:] != rows[0][4:] for r in rows):
         raise ValueError("lasp_attention: cu_seqlens must be the same on every rank of the group (the global "
-                         f"document offsets); group ranks {[i for i, r in enumerate(rows) if r[5:] != rows[0][5:]]} "
+                         f"document offsets); group ranks {[i for i, r in enumerate(rows) if r[4:] != rows[0][4:]]} "
                          "differ from group rank 0")
     total = sum(r[0] for r in rows)
-    if rows[0][6] != total:
-        raise ValueError(f"lasp_attention: the last offset of cu_seqlens ({rows[0][6]}) must equal the packed "
+    if int(cu[-1]) != total:
+        raise ValueError(f"lasp_attention: the last offset of cu_seqlens ({int(cu[-1])}) must equal the packed "
                          f"length, the sum of the pieces' lengths over the group ({total})")
     offset = sum(r[0] for r in rows[:rank])
-    starts = cu[:-1]
-    starts = starts[(starts >= offset) & (starts < offset + n)] - offset
-    H = max(int(q.shape[1]), int(v.shape[1]))
-    reset = torch.zeros(n, dtype=torch.bool)
-    reset[starts] = True
-    reset = reset.to(q.device).view(1, 1, n)
+    reset = _document_resets(cu, offset, offset + n, q.device)
     if g is None:
+        H = max(int(q.shape[1]), int(v.shape[1]))
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         return torch.zeros(1, H, n, dtype=acc, device=q.device).masked_fill(reset, float("-inf"))
     if not isinstance(g, torch.Tensor):

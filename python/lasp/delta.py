@@ -220,10 +220,10 @@ def gated_delta_attention(
         local_err = None
     except (TypeError, ValueError) as e:
         local_err = e
+    from .distributed import _cu_signature, _document_resets, _gather_rows, _raise_if_invalid, check_cu_seqlens
+
     cu = None
     if cu_seqlens is not None and local_err is None:
-        from .distributed import check_cu_seqlens
-
         try:
             cu = check_cu_seqlens(cu_seqlens, None, fn)
         except (TypeError, ValueError) as e:
@@ -238,25 +238,8 @@ def gated_delta_attention(
     dcode = dtypes.index(q.dtype) if ok and q.dtype in dtypes else -1
     desc = [int(ok), states_with_cu, B, H, D, E, *heads3, dcode, int(cu is not None), int(bool(use_qk_l2norm)),
             ("ring", "allgather").index(strategy) if strategy in ("ring", "allgather") else -1]
-    if cu is not None:
-        w = torch.arange(1, cu.numel() + 1, dtype=torch.int64)
-        desc += [cu.numel(), int(cu[-1]), int((cu * w).sum() % (1 << 61))]
-    else:
-        desc += [0, 0, 0]
-    rows, rank = [[N] + desc], 0
-    if name is not None:
-        import torch.distributed as dist
-
-        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
-        W, rank = group.size(), dist.get_rank(group)
-        allv = torch.empty((len(desc) + 1) * W, dtype=torch.int64, device=dev)
-        dist.all_gather_into_tensor(allv, torch.tensor([N] + desc, dtype=torch.int64, device=dev), group=group)
-        rows = allv.view(W, len(desc) + 1).tolist()
-    bad = [i for i, r in enumerate(rows) if r[1] == 0]
-    if bad:
-        if local_err is not None:
-            raise type(local_err)(f"{local_err}" + (f" (group ranks {bad})" if len(rows) > 1 else ""))
-        raise ValueError(f"{fn}: the call is not valid on group ranks {bad} (see their errors)")
+    rows, rank = _gather_rows(group if name is not None else None, [N] + desc + _cu_signature(cu))
+    _raise_if_invalid(rows, 1, local_err, f"{fn}: the call")
     differ = [i for i, r in enumerate(rows) if r[3:] != rows[0][3:]]
     if differ:
         raise ValueError(f"{fn}: every rank of the group must call alike (batch size, q / k / v heads, head dims, "
@@ -272,11 +255,7 @@ def gated_delta_attention(
         if int(cu[-1]) != total:
             raise ValueError(f"{fn}: the last offset of cu_seqlens ({int(cu[-1])}) must equal the packed length "
                              f"({total}{', the sum of the pieces over the group' if len(rows) > 1 else ''})")
-        starts = cu[:-1]
-        starts = starts[(starts >= offset) & (starts < offset + N)] - offset
-        reset = torch.zeros(N, dtype=torch.bool)
-        reset[starts] = True
-        g = g.masked_fill(reset.to(g.device).view(1, 1, N), float("-inf"))
+        g = g.masked_fill(_document_resets(cu, offset, offset + N, g.device), float("-inf"))
     ring = None
     if name is not None:
         ring = _exchange(group, strategy, rank, len(rows))

@@ -433,9 +433,7 @@ def document_reset_gates(cu_seqlens, num_heads: int, start: int = 0, stop: Optio
     if layout not in ("bhnd", "bnhd"):
         raise ValueError(f"{fn}: layout must be 'bhnd' or 'bnhd', got {layout!r}")
     g = torch.zeros(stop - start, dtype=torch.float32)
-    starts = cu[1:-1]
-    starts = starts[(starts >= start) & (starts < stop)] - start
-    g[starts] = float("-inf")
+    g[_piece_starts(cu[1:-1], start, stop)] = float("-inf")
     g = g.view(1, 1, -1).expand(1, num_heads, -1)
     return (g.transpose(1, 2) if layout == "bnhd" else g).contiguous()
 
@@ -447,16 +445,55 @@ def _positions(cu: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return t - cu[doc]
 
 
-def _check_same_offsets(cu: torch.Tensor, group, device) -> None:
+def _piece_starts(starts: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """The global positions ``starts`` that fall in the piece [start, stop), as positions in the piece."""
+    return starts[(starts >= start) & (starts < stop)] - start
+
+
+def _document_resets(cu: torch.Tensor, start: int, stop: int, device) -> torch.Tensor:
+    """(1, 1, stop - start) bool on ``device``: True at every document start in the piece [start, stop)."""
+    reset = torch.zeros(stop - start, dtype=torch.bool)
+    reset[_piece_starts(cu[:-1], start, stop)] = True
+    return reset.to(device).view(1, 1, -1)
+
+
+def _cu_signature(cu: Optional[torch.Tensor]) -> list:
+    """Three integers that differ when two ranks' checked offsets differ ([0, 0, 0] for None)."""
+    if cu is None:
+        return [0, 0, 0]
+    w = torch.arange(1, cu.numel() + 1, dtype=torch.int64)
+    return [cu.numel(), int(cu.sum()), int((cu * w).sum() % (1 << 61))]
+
+
+def _gather_rows(group, row: Sequence[int]) -> Tuple[list, int]:
+    """Every group rank's ``row`` of integers (one small all-gather; on the CPU for Gloo, on this process's
+    GPU for NCCL) and this rank's index. group None: ``[row]``, 0."""
+    if group is None:
+        return [list(row)], 0
+    W, rank = _group_size_rank(group, "gather")
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    allv = torch.empty(len(row) * W, dtype=torch.int64, device=dev)
+    dist.all_gather_into_tensor(allv, torch.tensor(list(row), dtype=torch.int64, device=dev), group=group)
+    return allv.view(W, len(row)).tolist(), rank
+
+
+def _raise_if_invalid(rows: list, col: int, local_err: Optional[BaseException], what: str) -> None:
+    """Every rank raises when row[col] is 0 on some rank (its rank-local checks failed): that rank its own
+    error, the others one that names it."""
+    bad = [i for i, r in enumerate(rows) if r[col] == 0]
+    if not bad:
+        return
+    if local_err is not None:
+        raise type(local_err)(f"{local_err}" + (f" (group ranks {bad})" if len(rows) > 1 else ""))
+    raise ValueError(f"{what} is not valid on group ranks {bad} (see their errors)")
+
+
+def _check_same_offsets(cu: torch.Tensor, group) -> None:
     """Every rank of the group raises the same error when the ranks' cu_seqlens differ."""
     W, _ = _group_size_rank(group, "split_packed")
     if W == 1:
         return
-    w = torch.arange(1, cu.numel() + 1, dtype=torch.int64)
-    mine = torch.tensor([cu.numel(), int(cu.sum()), int((cu * w).sum() % (1 << 61))], dtype=torch.int64, device=device)
-    allv = torch.empty(3 * W, dtype=torch.int64, device=device)
-    dist.all_gather_into_tensor(allv, mine, group=group)
-    rows = allv.view(W, 3).tolist()
+    rows, _ = _gather_rows(group, _cu_signature(cu))
     differ = [i for i, row in enumerate(rows) if row != rows[0]]
     if differ:
         raise ValueError(
@@ -494,7 +531,7 @@ def split_packed(x: torch.Tensor, cu_seqlens, group, dim: int = SEQ_DIM) -> Tupl
         W, r = 1, 0
     else:
         W, r = _group_size_rank(group, "split_packed")
-        _check_same_offsets(cu, group, x.device)
+        _check_same_offsets(cu, group)
     start, stop = shard_bounds(total, W, r)
     piece = x.narrow(d, start, stop - start).clone(memory_format=torch.contiguous_format)
     return piece, _positions(cu, start, stop).unsqueeze(0).to(x.device)

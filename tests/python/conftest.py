@@ -257,6 +257,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def record_errors(calls):
+    """{name: None, or (exception type name, message)} for each call() of `calls` (a rank's misuse cases, for
+    the parent process to compare across ranks)."""
+    errs = {}
+    for name, call in calls.items():
+        try:
+            call()
+            errs[name] = None
+        except Exception as e:  # noqa: BLE001 - recorded for the parent's checks
+            errs[name] = (type(e).__name__, str(e))
+    return errs
+
+
 def spawn_world(worker, world, extra_args, deadline_s, what):
     """Runs worker(rank, world, port, *extra_args, out_dir) in `world` spawned processes, each of which
     torch.save()s its results to out_dir/rank{rank}.pt; returns those results in rank order.

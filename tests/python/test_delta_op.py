@@ -172,7 +172,7 @@ import os  # noqa: E402
 
 import torch.distributed as dist  # noqa: E402
 
-from conftest import import_lasp, spawn_world  # noqa: E402
+from conftest import import_lasp, record_errors, spawn_world  # noqa: E402
 
 # (pieces, layout, packed document lengths or None)
 DIST = {
@@ -224,14 +224,7 @@ def _dist_worker(rank, world, port, out_dir):
                                                      cu_seqlens=torch.tensor([0, 3 * world]),
                                                      output_final_state=(rank == world - 1)),
     }
-    errs = {}
-    for name, call in calls.items():
-        try:
-            call()
-            errs[name] = None
-        except Exception as e:  # noqa: BLE001 - the parent checks them
-            errs[name] = (type(e).__name__, str(e))
-    results["errors"] = errs
+    results["errors"] = record_errors(calls)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()

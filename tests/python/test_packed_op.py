@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import gen, import_lasp, randn, spawn_world
+from conftest import gen, import_lasp, randn, record_errors, spawn_world
 
 F64 = torch.float64
 SPAWN_DEADLINE_S = 180
@@ -156,7 +156,6 @@ def _dist_worker(rank, world, port, out_dir):
                                              sl(do), layout, cu_seqlens=cu, group=dist.group.WORLD,
                                              strategy=strategy)
     # misuse: every rank raises the same error
-    errs = {}
     q1 = torch.randn(1, 2, 3, 4, dtype=F64)
     calls = {
         "batch": lambda: lasp.lasp_attention(*(torch.randn(1 + (rank == world - 1), 2, 3, 4, dtype=F64),) * 3,
@@ -169,13 +168,7 @@ def _dist_worker(rank, world, port, out_dir):
         "invalid": lambda: lasp.lasp_attention(q1, q1, q1, group=dist.group.WORLD,
                                                cu_seqlens=torch.tensor([0, 3 * world]) if rank else torch.tensor([2, 3])),
     }
-    for name, call in calls.items():
-        try:
-            call()
-            errs[name] = None
-        except Exception as e:  # noqa: BLE001 - recorded for the parent's checks
-            errs[name] = (type(e).__name__, str(e))
-    results["errors"] = errs
+    results["errors"] = record_errors(calls)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
