@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import HAS_CUDA, NO_CUDA_REASON, acc_dtype, assert_close_to_ref, gen, randn, ref
+from conftest import HAS_CUDA, NO_CUDA_REASON, acc_dtype, assert_close_to_ref, gen, poison_allocator, randn, ref
 from test_gates import (CASES, LOWP, _case_id, check_all, gated_quadratic, make_case_inputs, reference64,
                         reference_in_dtype, run_op)
 
@@ -38,9 +38,11 @@ def cpu(res):
 
 
 def run_cuda(lasp, q, k, v, g, decay, scale, s0, do, dS, layout):
-    """run_op on CUDA copies of the (CPU) leaves; results back on the CPU."""
+    """run_op on CUDA copies of the (CPU) leaves, after the allocator's free memory is filled with NaN (an
+    output element left unwritten then shows); results back on the CPU."""
     qc, kc, vc, gc, sc = (to_cuda_leaf(t) for t in (q, k, v, g, s0))
     dc = None if decay is None else decay.cuda()
+    poison_allocator("cuda")
     got = run_op(lasp, qc, kc, vc, gc, dc, scale, sc, do.cuda(), None if dS is None else dS.cuda(), layout)
     return cpu(got)
 
