@@ -34,6 +34,17 @@ refused, every rank raises the same error (naming the ranks), so none waits in a
 a sequence is the sum of the ranks' losses, and gradients of replicated parameters are the sum over the
 group (all-reduce them, see ``examples/hf_minimax.py``).
 
+Packed documents (several documents in one row): told apart by position ids that restart at every document,
+or by transformers' flash-attention keyword arguments ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (with
+``max_length_q`` / ``max_length_k``, accepted and not read), as ``DataCollatorWithFlattening`` makes them. The
+lightning layers reset their state at every document start; the full-attention layers keep documents apart
+(without a group through transformers' own mask, under a group through lasp's). With ``cu_seq_lens_q``: one
+row (batch size 1), ``cu_seq_lens_k`` equal to it where given, position ids (where given) restarting exactly
+at its offsets and otherwise made from them, no cache and, with full-attention layers, no padding; each rule
+broken raises an error naming the argument. Under a group ``cu_seq_lens_q`` holds the *global* offsets of the
+whole packed row (as ``lasp_attention``'s ``cu_seqlens``), the same tensor on every rank, and the checks are
+agreed over the group: a bad call raises on every rank. See docs/hf.md.
+
 A patched model can be ``copy.deepcopy``'d (an EMA or reference copy: the copy is patched too and shares
 the sp group) and pickled with ``torch.save``. A process group does not survive pickling: a model saved
 while patched with a group loads patched without one, and its forward raises until it is unpatched and
@@ -57,7 +68,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import lasp_attention
-from ..distributed import gather_sequence
+from ..distributed import _cu_signature, _gather_rows, _raise_if_invalid, gather_sequence
 
 __all__ = ["patch", "unpatch", "patch_minimax", "unpatch_minimax", "is_patched", "SUPPORTED_TRANSFORMERS",
            "SUPPORTED_MODELS"]
@@ -246,21 +257,22 @@ def _group_rank_size(group):
 _CALL_OK, _CALL_CACHE, _CALL_MASK_KIND, _CALL_PADDING = 0, 1, 2, 3
 
 
-def _agree_call(group, n: int, status: int, device, batch: int = -1) -> list:
-    """One small all-gather of (local length, status, batch size) over the group; raises the same error on
-    every rank when any rank's status is not _CALL_OK or (batch >= 0) the batch sizes differ. Returns the
-    local lengths in group-rank order."""
+def _agree_call(group, n: int, status: int, device, batch: int = -1, packed: int = 0) -> list:
+    """One small all-gather of (local length, status, batch size, packed) over the group; raises the same error
+    on every rank when any rank's status is not _CALL_OK, (batch >= 0) the batch sizes differ, or some ranks
+    pass packed-document offsets (cu_seq_lens_q / cu_seq_lens_k; packed=1) and others do not. Returns the local
+    lengths in group-rank order."""
     import torch.distributed as dist
 
     _, world = _group_rank_size(group)
-    mine = torch.tensor([n, status, batch], dtype=torch.int64, device=device)
-    allv = torch.empty(3 * world, dtype=torch.int64, device=device)
+    mine = torch.tensor([n, status, batch, packed], dtype=torch.int64, device=device)
+    allv = torch.empty(4 * world, dtype=torch.int64, device=device)
     dist.all_gather_into_tensor(allv, mine, group=group)
-    rows = allv.view(world, 3).tolist()
+    rows = allv.view(world, 4).tolist()
     if len({r[2] for r in rows}) > 1:
         raise ValueError(_err(f"every rank of the sequence-parallel group must pass the same batch size; got "
                               f"{[r[2] for r in rows]} in group-rank order"))
-    bad = {code: [r for r, (_, st, _) in enumerate(rows) if st == code] for code in
+    bad = {code: [r for r, (_, st, _, _) in enumerate(rows) if st == code] for code in
            (_CALL_CACHE, _CALL_MASK_KIND, _CALL_PADDING)}
     if bad[_CALL_CACHE]:
         raise RuntimeError(
@@ -279,7 +291,20 @@ def _agree_call(group, n: int, status: int, device, batch: int = -1) -> list:
                  f"the model has full-attention layers (zeros on group ranks {bad[_CALL_PADDING]}); pack or pad "
                  f"sequences without masking")
         )
+    _agree_packed([r[3] for r in rows])
     return [int(r[0]) for r in rows]
+
+
+def _agree_packed(flags: list) -> bool:
+    """Whether the call is packed (cu_seq_lens_q given), from every group rank's flag; raises the same error on
+    every rank when the ranks disagree."""
+    given = [r for r, f in enumerate(flags) if f]
+    if given and len(given) != len(flags):
+        raise ValueError(
+            _err(f"cu_seq_lens_q / cu_seq_lens_k (packed documents) must be passed on every rank of the "
+                 f"sequence-parallel group or on none; given on group ranks {given} of {len(flags)}")
+        )
+    return bool(given)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,6 +362,142 @@ def _sp_documents(group, position_ids, B, lengths):
 
 
 # ----------------------------------------------------------------------------------------------
+# Packed documents given by their offsets: transformers' flash-attention keyword arguments cu_seq_lens_q /
+# cu_seq_lens_k (and max_length_q / max_length_k, which lasp does not need), as
+# DataCollatorWithFlattening(return_flash_attn_kwargs=True) makes them for one flattened row: int32 offsets
+# [0, n_1, n_1 + n_2, ..., N]. They are the *global* offsets of the whole packed row, also under a group
+# (as lasp_attention's cu_seqlens): every rank passes the same tensor along with its piece of the row.
+
+
+def _offsets(name: str, t) -> torch.Tensor:
+    """Document offsets ``t`` (the argument ``name``), checked: a CPU int64 tensor [0, ..., N], strictly
+    increasing. Each violation raises an error naming ``name``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(_err(f"{name} must be a torch.Tensor of document offsets [0, ..., N] (int32 or int64), "
+                             f"got {type(t).__name__}"))
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(_err(f"{name} must hold int32 or int64 document offsets, got {t.dtype}"))
+    if t.dim() != 1 or t.numel() < 2:
+        raise ValueError(_err(f"{name} must be 1-D with at least 2 offsets [0, ..., N], got shape {tuple(t.shape)}"))
+    cu = t.detach().to("cpu", torch.int64)
+    if int(cu[0]) != 0:
+        raise ValueError(_err(f"{name} must start at 0, got {int(cu[0])}"))
+    steps = cu[1:] - cu[:-1]
+    if bool((steps <= 0).any()):
+        i = int(torch.nonzero(steps <= 0)[0])
+        raise ValueError(_err(f"{name} must be strictly increasing (no empty documents), got {name}[{i}] = "
+                              f"{int(cu[i])} and {name}[{i + 1}] = {int(cu[i + 1])}"))
+    return cu
+
+
+def _check_packed_args(cu_q, cu_k, B: int) -> torch.Tensor:
+    """The checked offsets of a packed call (from cu_seq_lens_q; cu_seq_lens_k, where given, must equal them)."""
+    if cu_q is None:
+        raise ValueError(_err("cu_seq_lens_k was given without cu_seq_lens_q; pass both (equal: the linear "
+                              "layers are causal self-attention over one packed row)"))
+    cu = _offsets("cu_seq_lens_q", cu_q)
+    if B != 1:
+        raise ValueError(_err(f"cu_seq_lens_q (packed documents) needs one packed row, batch size 1; got batch "
+                              f"size {B}. Flatten the batch into one row (DataCollatorWithFlattening does)"))
+    if cu_k is not None:
+        cuk = _offsets("cu_seq_lens_k", cu_k)
+        if cuk.shape != cu.shape or not torch.equal(cuk, cu):
+            raise ValueError(_err(f"cu_seq_lens_q and cu_seq_lens_k must be equal for lasp's layers (causal "
+                                  f"self-attention over the same packed documents); got {cu.tolist()} and "
+                                  f"{cuk.tolist()}"))
+    return cu
+
+
+def _packed_documents(group, cu_q, cu_k, position_ids, B: int, n: int, device):
+    """The documents of a packed call with offsets cu_seq_lens_q (global, the same on every rank of ``group``).
+
+    Under a group every rank calls it alike; its checks are agreed over the group (one small all-gather, and a
+    second one where position ids are given), so that a bad call raises on every rank. Returns ``(docs,
+    positions)``: ``docs`` is ``lasp_documents`` (this piece's document starts (1, n) bool, its tokens'
+    document indices (1, n) and those of every token of the row (1, N)), None for a single document;
+    ``positions`` (1, n) are the tokens' positions inside their documents (the position ids
+    DataCollatorWithFlattening makes), on ``device``."""
+    cu, err = None, None
+    try:
+        cu = _check_packed_args(cu_q, cu_k, B)
+    except (TypeError, ValueError) as e:
+        err = e
+    pos = None
+    if err is None and position_ids is not None:
+        pos = position_ids.expand(B, -1)[0].detach().to("cpu", torch.int64)
+    if group is None:
+        if err is not None:
+            raise err
+        rows, rank = [[n, 1, int(pos is not None), 0, 0]], 0
+    else:
+        ends = [int(pos[0]), int(pos[-1])] if pos is not None and n > 0 else [0, 0]
+        rows, rank = _gather_rows(group, [n, int(err is None), int(pos is not None)] + ends + _cu_signature(cu))
+        _raise_if_invalid(rows, 1, err, _err("cu_seq_lens_q"))
+        differ = [i for i, r in enumerate(rows) if r[5:] != rows[0][5:]]
+        if differ:
+            raise ValueError(_err(f"cu_seq_lens_q must be the same on every rank of the sequence-parallel group (the "
+                                  f"global document offsets of the whole packed row); group ranks {differ} differ "
+                                  f"from group rank 0"))
+    lengths = [int(r[0]) for r in rows]
+    total, offset = sum(lengths), sum(lengths[:rank])
+    if int(cu[-1]) != total:  # cu and the lengths are the same on every rank: all raise alike
+        where = "" if group is None else ", the sum of the pieces' lengths over the group"
+        raise ValueError(_err(f"the last offset of cu_seq_lens_q ({int(cu[-1])}) must equal the packed length "
+                              f"({total}{where}); cu_seq_lens_q holds the offsets of the whole packed row"))
+    tokens = torch.arange(total, dtype=torch.int64)
+    ids_all = torch.searchsorted(cu, tokens, right=True) - 1  # every token's document
+    ids = ids_all[offset:offset + n]
+    positions = tokens[offset:offset + n] - cu[ids]
+    starts = (positions == 0) & (tokens[offset:offset + n] > 0)
+
+    if any(r[2] for r in rows):  # position ids given (on some rank): they must start documents where cu does
+        bad = -1
+        if pos is not None and n > 0:
+            pos_starts = torch.zeros(n, dtype=torch.bool)
+            pos_starts[1:] = (pos[1:] - pos[:-1]) != 1
+            prev = [r for r in range(rank) if lengths[r] > 0]
+            check_first = bool(prev) and rows[prev[-1]][2] == 1
+            if check_first:
+                pos_starts[0] = int(pos[0]) - rows[prev[-1]][4] != 1
+            differ = torch.nonzero(pos_starts != starts).flatten()
+            differ = differ[differ > 0] if not check_first else differ
+            if differ.numel():
+                bad = offset + int(differ[0])
+        verdict = [[bad]] if group is None else _gather_rows(group, [bad])[0]
+        wrong = [(i, v[0]) for i, v in enumerate(verdict) if v[0] >= 0]
+        if wrong:
+            t = wrong[0][1]
+            d = int(ids_all[t])
+            says = (f"cu_seq_lens_q starts document {d} there" if int(cu[d]) == t else
+                    f"cu_seq_lens_q puts it inside document {d}, which starts at token {int(cu[d])}")
+            ranks = "" if group is None else f" (on group ranks {[i for i, _ in wrong]})"
+            raise ValueError(_err(f"position_ids and cu_seq_lens_q disagree about where the packed documents "
+                                  f"start{ranks}: at token {t} of the packed row the position ids "
+                                  f"{'do not ' if int(cu[d]) == t else ''}restart (a document starts where a "
+                                  f"position id is not one past the previous token's), while {says}. Pass "
+                                  f"position ids that restart at every document (or none: they are then made "
+                                  f"from cu_seq_lens_q)"))
+    positions = positions[None].to(device)
+    if cu.numel() <= 2:
+        return None, positions
+    return (starts[None].to(device), ids[None].to(device), ids_all[None].to(device)), positions
+
+
+def _layer_documents(group, kwargs, B: int, n: int, device):
+    """A patched layer called with cu_seq_lens_q / cu_seq_lens_k but without the model's pre-hook (the layer
+    called on its own): ``(packed, docs)``. Under a group whether the call is packed is agreed first."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    packed = cu_q is not None or cu_k is not None
+    if group is not None:
+        rows, _ = _gather_rows(group, [int(packed)])
+        packed = _agree_packed([r[0] for r in rows])
+    if not packed:
+        return False, None
+    docs, _ = _packed_documents(group, cu_q, cu_k, kwargs.get("position_ids"), B, n, device)
+    return True, docs
+
+
+# ----------------------------------------------------------------------------------------------
 # The patched forwards
 
 
@@ -354,14 +515,21 @@ def _lightning_forward(self, hidden_states, position_embeddings, attention_mask,
     query_states, key_states, value_states = torch.split(qkv_states, D, dim=3)
 
     # packed documents (see above): resets at every document start
-    if "lasp_documents" in kwargs:  # under a group: agreed by the model's pre-hook
+    if "lasp_documents" in kwargs:  # set by the model's pre-hook (under a group: agreed over it)
         docs = kwargs["lasp_documents"]
         starts = None if docs is None else docs[0]
     else:
-        pos = kwargs.get("position_ids")
-        starts = _doc_starts(pos, batch_size) if pos is not None and seq_len > 1 and group is None else None
-        if starts is not None and not bool(starts.any()):
-            starts = None
+        packed, docs = _layer_documents(group, kwargs, batch_size, seq_len, hidden_states.device)
+        if packed:  # cu_seq_lens_q given to the layer itself
+            if past_key_values is not None:
+                raise ValueError(_err("cu_seq_lens_q (packed documents) cannot be used with past_key_values: a "
+                                      "cache holds one state per row, a packed row holds several documents"))
+            starts = None if docs is None else docs[0]
+        else:
+            pos = kwargs.get("position_ids")
+            starts = _doc_starts(pos, batch_size) if pos is not None and seq_len > 1 and group is None else None
+            if starts is not None and not bool(starts.any()):
+                starts = None
     g = None if starts is None else _reset_gates(starts, H)
 
     initial_state = None
@@ -431,7 +599,10 @@ def _sp_attention_forward(self, hidden_states, position_embeddings, attention_ma
     window = getattr(self.config, "sliding_window", None)
     if window is not None:
         allowed = allowed & (k_pos > q_pos - window)  # transformers' sliding_window_overlay
-    docs = kwargs.get("lasp_documents")
+    if "lasp_documents" in kwargs:  # set by the model's pre-hook
+        docs = kwargs["lasp_documents"]
+    else:  # the layer called on its own: cu_seq_lens_q, where given, tells the documents apart
+        docs = _layer_documents(group, kwargs, hidden_states.shape[0], n, hidden_states.device)[1]
     if docs is not None:  # packed documents: a query sees its own document only, (B, 1, n, N_total)
         _, ids, ids_all = docs
         allowed = (allowed[None] & (ids[:, :, None] == ids_all[:, None, :]))[:, None]
@@ -446,8 +617,17 @@ def _sp_attention_forward(self, hidden_states, position_embeddings, attention_ma
 
 
 def _model_pre_hook(module, args, kwargs):
-    """MiniMaxModel pre-forward hook under a group: global position ids, no cache, no padding. What the
-    call asks for is agreed over the group first (_agree_call): a refusal raises on every rank."""
+    """MiniMaxModel pre-forward hook.
+
+    Under a group: global position ids, no cache, no padding; what the call asks for is agreed over the group
+    first (_agree_call): a refusal raises on every rank. Packed documents (position ids restarting, or
+    cu_seq_lens_q) are agreed over the group and handed to every layer as ``lasp_documents``.
+
+    Without a group it acts on packed calls with cu_seq_lens_q / cu_seq_lens_k only (other calls pass
+    unchanged): it checks them, makes the position ids from them where none are given (so that transformers'
+    own full-attention layers, which read packed documents from the position ids, mask across documents), turns
+    the cache off and drops an all-ones padding mask (transformers' mask reads packed position ids only without
+    either), and hands the documents to the linear layers."""
     group = module._lasp_sp.group
     sig = inspect.signature(type(module).forward)
     bound = sig.bind_partial(module, *args, **kwargs)
@@ -455,29 +635,59 @@ def _model_pre_hook(module, args, kwargs):
     call.pop("self", None)
     extra = call.pop("kwargs", {})
     call.update(extra)
+    packed = call.get("cu_seq_lens_q") is not None or call.get("cu_seq_lens_k") is not None
+    if group is None and not packed:
+        return None
 
     ref = call.get("inputs_embeds") if call.get("inputs_embeds") is not None else call.get("input_ids")
     if ref is None:
         raise ValueError(_err("input_ids or inputs_embeds is required"))
-    status = _CALL_OK
+    B, n = ref.shape[0], ref.shape[1]
     mask = call.get("attention_mask")
+
+    if group is None:
+        if call.get("past_key_values") is not None or call.get("use_cache"):
+            raise ValueError(_err("cu_seq_lens_q (packed documents) cannot be used with a cache (use_cache=True / "
+                                  "past_key_values): a cache holds one state per row, a packed row holds several "
+                                  "documents; leave use_cache unset or False"))
+        if mask is not None and module._lasp_has_full_attention:
+            if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or not bool(torch.all(mask == 1)):
+                raise ValueError(_err("with cu_seq_lens_q (packed documents), attention_mask must be None or a 2-D "
+                                      "mask of ones: the documents are told apart by cu_seq_lens_q, and a packed "
+                                      "row has no padding"))
+            call["attention_mask"] = None  # no padding; transformers reads packed position ids only without a mask
+        call["use_cache"] = False
+        docs, positions = _packed_documents(None, call.get("cu_seq_lens_q"), call.get("cu_seq_lens_k"),
+                                            call.get("position_ids"), B, n, ref.device)
+        if call.get("position_ids") is None:
+            call["position_ids"] = positions
+        call["lasp_documents"] = docs
+        return (), call
+
+    status = _CALL_OK
     if call.get("past_key_values") is not None or call.get("use_cache"):
         status = _CALL_CACHE
     elif mask is not None and module._lasp_has_full_attention:
-        if isinstance(mask, dict) or mask.dim() != 2:
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
             status = _CALL_MASK_KIND
         elif not bool(torch.all(mask == 1)):
             status = _CALL_PADDING
-    n = ref.shape[1]
-    lengths = _agree_call(group, n, status, ref.device, batch=ref.shape[0])
+    lengths = _agree_call(group, n, status, ref.device, batch=B, packed=int(packed))
     call["use_cache"] = False
 
+    if packed:  # every rank: global offsets; position ids made from them where not given
+        docs, positions = _packed_documents(group, call.get("cu_seq_lens_q"), call.get("cu_seq_lens_k"),
+                                            call.get("position_ids"), B, n, ref.device)
+        if call.get("position_ids") is None:
+            call["position_ids"] = positions
+        call["lasp_documents"] = docs
+        return (), call
     if call.get("position_ids") is None:
         rank, _ = _group_rank_size(group)
         offset = sum(lengths[:rank])
         call["position_ids"] = torch.arange(offset, offset + n, device=ref.device).unsqueeze(0)
     # packed documents, agreed over the group (every layer reads them from its kwargs)
-    call["lasp_documents"] = _sp_documents(group, call["position_ids"], ref.shape[0], lengths)
+    call["lasp_documents"] = _sp_documents(group, call["position_ids"], B, lengths)
     return (), call
 
 
@@ -505,8 +715,10 @@ def patch_minimax(model: torch.nn.Module, sp_group=None, *, allow_untested_versi
     lightning = [m for m in model.modules() if isinstance(m, mm.MiniMaxLightningAttention)]
     if not lightning:
         raise ValueError(_err(f"no MiniMaxLightningAttention found in {type(model).__name__}"))
-    full = [m for m in model.modules() if isinstance(m, mm.MiniMaxAttention)] if sp_group is not None else []
-    bases = [m for m in model.modules() if isinstance(m, mm.MiniMaxModel)] if sp_group is not None else []
+    all_full = [m for m in model.modules() if isinstance(m, mm.MiniMaxAttention)]
+    full = all_full if sp_group is not None else []  # without a group transformers' own full attention runs
+    # the pre-forward hook: under a group on every call; without one on packed calls (cu_seq_lens_q) only
+    bases = [m for m in model.modules() if isinstance(m, mm.MiniMaxModel)]
     for m in lightning:
         _check_lightning(m)
     for m in full:
@@ -523,7 +735,7 @@ def patch_minimax(model: torch.nn.Module, sp_group=None, *, allow_untested_versi
     handles = []
     for b in bases:
         b._lasp_sp = holder
-        b._lasp_has_full_attention = bool(full)
+        b._lasp_has_full_attention = bool(all_full)
         handles.append(b.register_forward_pre_hook(_model_pre_hook, with_kwargs=True))
         patched.append(b)
     setattr(model, _PATCH_ATTR, {"modules": patched, "handles": handles, "sp_group": holder})
