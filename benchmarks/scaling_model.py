@@ -6,8 +6,11 @@ size W (weak scaling: n tokens per rank), for three ways of passing the states:
              state arrives after W - 1 hops, once forward and once backward;
   allgather  every rank gathers all W local states (NCCL's ring all-gather moves W - 1 states through
              each link) and combines them itself;
-  scan       a recursive-doubling prefix scan (not implemented in lasp yet): log2(W) rounds, each one
+  scan       a recursive-doubling prefix scan (not implemented in lasp): log2(W) rounds, each one
              state sent and one combine (T S + L), once forward and once backward.
+
+The model itself (its formulas, calibration and calibrated constants) is python/lasp/scaling.py, which
+strategy="auto" also uses; this script prints its predictions, checks it and plots it.
 
 Per call, T(W) = T1(n) + O + E(W): T1 the one-device time at n tokens, O the fixed cost of the split
 (phase 1 of each direction, the exchange's set-up), E(W) the exposed exchange. Within a node a hop costs
@@ -31,6 +34,7 @@ prediction past one node rests on them.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -38,7 +42,21 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MEASURED = os.path.join(HERE, "results", "bench_sp_h200x4_2026-11-26c.json")
-STRATEGIES = ("ring", "allgather", "scan")
+
+
+def _load_scaling():
+    """lasp.scaling from this tree, by file: the model needs neither torch nor a build of lasp."""
+    path = os.path.join(os.path.dirname(HERE), "python", "lasp", "scaling.py")
+    spec = importlib.util.spec_from_file_location("lasp_scaling_model", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+scaling = _load_scaling()
+STRATEGIES = scaling.STRATEGIES
+Topology, Network = scaling.Topology, scaling.Network
 
 
 def load(path):
@@ -47,69 +65,16 @@ def load(path):
 
 
 def calibrate(rec, n_local):
-    """Model parameters from one bench_sp.py record at n_local tokens per rank."""
-    info = rec["info"]
-    state_bytes = info["B"] * info["H"] * info["D"] * info["D"] * 4  # fp32 (B, H, D, E) state, D = E there
-    weak = [r for r in rec["rows"] if r["scaling"] == "weak" and r["n_local"] == n_local]
-    single = [r for r in weak if r["method"] == "single"]
-    if not single:
-        raise SystemExit(f"scaling_model: no W = 1 row at n_local = {n_local} in the record")
-    t1 = single[0]["fwd_bwd_ms"]
-    floors = rec.get("comm_floor", [])
-    if not floors:
-        raise SystemExit("scaling_model: the record has no 'comm_floor' (state exchange alone) rows")
-    hops = [f["ring_ms"] / (2 * (f["W"] - 1)) for f in floors]
-    h_intra = sum(hops) / len(hops)
-    # two all-gathers (forward, backward) alone: 2 (a + b (W - 1)), least squares through the points
-    xs = [f["W"] - 1 for f in floors]
-    ys = [f["allgather_ms"] / 2 for f in floors]
-    if len(xs) >= 2:
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(1e-12, sum((x - mx) ** 2 for x in xs))
-        a = my - b * mx
-    else:
-        a, b = 0.0, ys[0] / xs[0]
-    measured = {}
-    for r in weak:
-        if r["method"] in ("ring", "allgather"):
-            measured.setdefault(r["method"], {})[r["W"]] = r["fwd_bwd_ms"]
-    return dict(t1=t1, h_intra=h_intra, ag_a=max(a, 0.0), ag_b=max(b, 0.0), state_bytes=state_bytes,
-                measured=measured, n_local=n_local, device=info.get("device"), date=info.get("date"),
-                commit=info.get("commit"))
+    """Model parameters from one bench_sp.py record at n_local tokens per rank (lasp.scaling.calibrate)."""
+    try:
+        return scaling.calibrate(rec, n_local)
+    except ValueError as e:
+        raise SystemExit(f"scaling_model: {e}") from None
 
 
-def exchange_ms(strategy, W, p, g, h_net):
-    """The exposed exchange of one forward+backward (both directions) at world size W."""
-    if W <= 1:
-        return 0.0
-    nodes = max(1, math.ceil(W / g))
-    if strategy == "ring":
-        cross = nodes - 1
-        return 2 * ((W - 1 - cross) * p["h_intra"] + cross * h_net)
-    if strategy == "allgather":
-        if nodes == 1:
-            return 2 * (p["ag_a"] + p["ag_b"] * (W - 1))
-        # NCCL's ring all-gather: W - 1 steps of one state each, paced by the slowest (network) link
-        return 2 * (p["ag_a"] + (W - 1) * h_net)
-    if strategy == "scan":
-        inner = math.ceil(math.log2(min(W, g))) if min(W, g) > 1 else 0
-        outer = math.ceil(math.log2(nodes)) if nodes > 1 else 0
-        return 2 * (inner * p["h_intra"] + outer * h_net)
-    raise ValueError(strategy)
-
-
-def overhead_ms(strategy, p, g, h_net):
-    """O from the smallest measured W > 1 (the scan, unmeasured, takes the ring's)."""
-    key = "ring" if strategy == "scan" else strategy
-    pts = p["measured"].get(key, {})
-    if not pts:
-        return 0.0
-    w0 = min(pts)
-    return pts[w0] - p["t1"] - exchange_ms(key, w0, p, g, h_net)
-
-
-def predict(strategy, W, p, g, h_net):
-    return p["t1"] + (overhead_ms(strategy, p, g, h_net) if W > 1 else 0.0) + exchange_ms(strategy, W, p, g, h_net)
+def predict(strategy, W, p, g, net):
+    """T(W) with the group filling nodes of g ranks in order."""
+    return scaling.predict(strategy, Topology.filled(W, g), p, net)
 
 
 def main(argv=None):
@@ -131,16 +96,19 @@ def main(argv=None):
         gpus_per_node=args.gpus_per_node, net_latency_us=args.net_latency_us, net_GBps=args.net_GBps),
         checks=[], predictions=[])
     worst = 0.0
+    net = Network(args.net_latency_us, args.net_GBps)
+    info = rec["info"]
     for n in args.n_local:
         p = calibrate(rec, n)
-        h_net = args.net_latency_us * 1e-3 + p["state_bytes"] / (args.net_GBps * 1e9) * 1e3
+        h_net = net.hop_ms(p["state_bytes"])
         print(f"# n_local={n}: T1 {p['t1']:.3f} ms, hop within a node {p['h_intra'] * 1e3:.1f} us, across nodes "
               f"{h_net * 1e3:.1f} us (assumed), all-gather alone {p['ag_a'] * 1e3:.1f} + {p['ag_b'] * 1e3:.1f} (W-1) us, "
-              f"state {p['state_bytes'] / 2 ** 20:.2f} MiB ({p['device']}, {p['date']}, commit {p['commit']})")
+              f"state {p['state_bytes'] / 2 ** 20:.2f} MiB ({info.get('device')}, {info.get('date')}, "
+              f"commit {info.get('commit')})")
         for s in ("ring", "allgather"):
             pts = p["measured"].get(s, {})
             for W in sorted(pts)[1:]:  # held out: every W past the one O came from
-                pred = predict(s, W, p, args.gpus_per_node, h_net)
+                pred = predict(s, W, p, args.gpus_per_node, net)
                 err = abs(pred - pts[W]) / pts[W]
                 worst = max(worst, err)
                 out["checks"].append(dict(n_local=n, strategy=s, W=W, measured_ms=pts[W], predicted_ms=pred, rel_err=err))
@@ -151,7 +119,7 @@ def main(argv=None):
             row = dict(n_local=n, W=W)
             cells = []
             for s in STRATEGIES:
-                t = predict(s, W, p, args.gpus_per_node, h_net)
+                t = predict(s, W, p, args.gpus_per_node, net)
                 row[s + "_ms"] = t
                 row[s + "_weak_eff"] = p["t1"] / t
                 cells.append(f"{t:13.3f} {p['t1'] / t:5.2f}")

@@ -102,8 +102,11 @@ def lasp_attention(
         layout: "bhnd" or "bnhd"; both are read through strides, without copies, and the output
             comes back in the same layout.
         strategy: how states cross ranks under a group: "ring" (LASP: each rank receives the state
-            from rank r-1 and sends its own to r+1) or "allgather" (LASP-2: one all-gather of every
-            rank's local state, combined on each rank). Both are exact.
+            from rank r-1 and sends its own to r+1), "allgather" (LASP-2: one all-gather of every
+            rank's local state, combined on each rank), or "auto": the one lasp.scaling's cost model
+            predicts to be faster for this group's size and node layout and this call's state size and
+            transport (lasp.distributed.choose_strategy says which and why; the same on every rank, whatever
+            the pieces' lengths; the first call on a group gathers its ranks' host names). All are exact.
         cu_seqlens: None, or the packed documents of one row (batch size 1): their global offsets
             [0, ..., N_total] (int32 / int64, any device), the same on every rank of the group, where
             each rank passes its contiguous piece (any length; a document may span any number of ranks,
@@ -143,8 +146,10 @@ def lasp_attention(
         if q.dim() < 1 or q.shape[-1] == 0:
             raise ValueError(f"lasp_attention: q must have a head dim of at least 1, got shape {tuple(q.shape)}")
         scale = q.shape[-1] ** -0.5
-    if strategy not in ("ring", "allgather"):
-        raise ValueError(f"lasp_attention: strategy must be 'ring' or 'allgather', got {strategy!r}")
+    from .distributed import _resolve_strategy
+
+    strategy = _resolve_strategy("lasp_attention", strategy, group, q, v, gates=g is not None or cu_seqlens is not None,
+                                 op="lasp_attention")
     if cu_seqlens is not None:
         g = _document_gates(q, v, g, cu_seqlens, group, initial_state is not None, bool(output_final_state))
     o, final_state = torch.ops.lasp.lasp_attention(

@@ -50,8 +50,8 @@ def _checked(fn, q, k, v, g, beta, layout, strategy, initial_state):
     """The rank-local checks; returns q, k, v, g, beta in the bhnd view."""
     if layout not in ("bhnd", "bnhd"):
         raise ValueError(f"{fn}: layout must be 'bhnd' or 'bnhd', got {layout!r}")
-    if strategy not in ("ring", "allgather"):
-        raise ValueError(f"{fn}: strategy must be 'ring' or 'allgather', got {strategy!r}")
+    if not isinstance(strategy, str) or strategy not in ("ring", "allgather", "auto"):
+        raise ValueError(f"{fn}: strategy must be 'ring', 'allgather' or 'auto', got {strategy!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{fn}: {name} must be a 4-D tensor, got "
@@ -194,7 +194,9 @@ def gated_delta_attention(
             group only rank 0's is read (the others get a zero gradient).
         output_final_state: also return the (B, H, D, E) state after this rank's piece.
         layout: "bhnd" or "bnhd" (fla's layout); the output comes back in it.
-        strategy: "ring" or "allgather" (see group).
+        strategy: "ring", "allgather" (see group) or "auto": the one the cost model of lasp.scaling predicts
+            to be faster for this group and state size (lasp.distributed.choose_strategy with
+            op="gated_delta_attention" says which and why; the same on every rank).
         cu_seqlens: packed documents of one row (batch size 1), global offsets [0, ..., N]: the state
             restarts at every document start (g = -inf there; the given g there gets a zero gradient).
             Not with initial_state / output_final_state (one state per document) yet.
@@ -220,7 +222,8 @@ def gated_delta_attention(
         local_err = None
     except (TypeError, ValueError) as e:
         local_err = e
-    from .distributed import _cu_signature, _document_resets, _gather_rows, _raise_if_invalid, check_cu_seqlens
+    from .distributed import (_cu_signature, _document_resets, _gather_rows, _raise_if_invalid, _resolve_strategy,
+                              check_cu_seqlens)
 
     cu = None
     if cu_seqlens is not None and local_err is None:
@@ -237,7 +240,7 @@ def gated_delta_attention(
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     dcode = dtypes.index(q.dtype) if ok and q.dtype in dtypes else -1
     desc = [int(ok), states_with_cu, B, H, D, E, *heads3, dcode, int(cu is not None), int(bool(use_qk_l2norm)),
-            ("ring", "allgather").index(strategy) if strategy in ("ring", "allgather") else -1]
+            ("ring", "allgather", "auto").index(strategy) if ok else -1]
     rows, rank = _gather_rows(group if name is not None else None, [N] + desc + _cu_signature(cu))
     _raise_if_invalid(rows, 1, local_err, f"{fn}: the call")
     differ = [i for i, r in enumerate(rows) if r[3:] != rows[0][3:]]
@@ -258,6 +261,8 @@ def gated_delta_attention(
         g = g.masked_fill(_document_resets(cu, offset, offset + N, g.device), float("-inf"))
     ring = None
     if name is not None:
+        # every value "auto" reads is the same on every rank (compared above): the ranks pick alike
+        strategy = _resolve_strategy(fn, strategy, group, q, v, gates=True, op="gated_delta_attention")
         ring = _exchange(group, strategy, rank, len(rows))
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = D ** -0.5 if scale is None else float(scale)

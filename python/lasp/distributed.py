@@ -24,16 +24,25 @@ global offsets, the same on every rank): :func:`split_packed` gives this rank's 
 of each of its tokens inside its document (position ids that restart at every document, as
 transformers' ``DataCollatorWithFlattening`` makes them); documents may span any number of ranks.
 
+Strategy: :func:`choose_strategy` gives what ``strategy="auto"`` of ``lasp_attention`` and
+``gated_delta_attention`` runs on a group, "ring" or "allgather", with the predicted times behind the choice
+(``lasp.scaling``'s cost model, from the group's size and node layout; see docs/design.md).
+
 Pieces are balanced: with ``n`` tokens over ``W`` ranks, the first ``n % W`` ranks hold one more
 token (as ``torch.tensor_split``); with ``n < W`` the last ranks hold empty pieces, which
 ``lasp_attention`` accepts (N = 0 passes the state through).
 """
 from __future__ import annotations
 
+import os
+import socket
+import weakref
 from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
+
+from . import scaling
 
 __all__ = [
     "SEQ_DIM",
@@ -48,6 +57,7 @@ __all__ = [
     "document_position_ids",
     "document_reset_gates",
     "split_packed",
+    "choose_strategy",
 ]
 
 SEQ_DIM = 1  # token dim of (B, N, ...) tensors; lasp_attention's "bhnd" layout has it at 2
@@ -535,3 +545,131 @@ def split_packed(x: torch.Tensor, cu_seqlens, group, dim: int = SEQ_DIM) -> Tupl
     start, stop = shard_bounds(total, W, r)
     piece = x.narrow(d, start, stop - start).clone(memory_format=torch.contiguous_format)
     return piece, _positions(cu, start, stop).unsqueeze(0).to(x.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# strategy="auto"
+
+STRATEGY_CHOICES = ("ring", "allgather", "auto")
+_OPS = ("lasp_attention", "gated_delta_attention")
+_HOSTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # group -> host of each group rank
+
+
+def _node_size_env() -> Optional[int]:
+    raw = os.environ.get("LASP_NODE_SIZE", "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"lasp: env LASP_NODE_SIZE must be a positive integer (ranks per node), got {raw!r}")
+    return int(raw)
+
+
+def _group_hosts(group) -> tuple:
+    """The host of each group rank, in group rank order.
+
+    Found once per group, with one all_gather_object of the host names over the group (a collective: the
+    first call on a group must be made by all its ranks, as every lasp call on it is), then cached for the
+    group's lifetime. With env LASP_NODE_SIZE=k the node of a rank is its global rank // k instead (nodes
+    of k consecutive ranks, no collective): a multi-node layout on one host, for tests.
+    """
+    W = dist.get_world_size(group)
+    k = _node_size_env()
+    if k is not None:
+        return tuple(dist.get_global_rank(group, i) // k for i in range(W))
+    hosts = _HOSTS.get(group)
+    if hosts is None:
+        names = [None] * W
+        dist.all_gather_object(names, socket.gethostname(), group=group)
+        hosts = _HOSTS[group] = tuple(names)
+    return hosts
+
+
+def _ring_transport(group, device_type: str, float32_states: bool, gates: bool, one_node: bool) -> Tuple[str, bool]:
+    """How lasp_attention's ring would pass the states on ``group`` ("nccl": the process group's send/recv,
+    "peer": peer memory) and whether the ring can run at all. The exchange's own rule (use_peer in
+    csrc/exchange.cpp), from values that every rank shares; with the "auto" transport it assumes that
+    ranks on one host can map each other's memory (where they cannot, the ring falls back to the process
+    group on every rank)."""
+    from ._ops import get_ring_transport
+
+    setting = get_ring_transport()
+    if gates and setting == "peer":
+        return "nccl", False  # the peer ring does not take gates: a ring call raises
+    if gates or setting == "nccl" or device_type != "cuda" or not float32_states:
+        return "nccl", True
+    if setting == "auto" and dist.get_backend(group) != "nccl":
+        return "nccl", True
+    if not one_node:
+        return "nccl", setting == "auto"  # an explicit "peer" across nodes raises
+    return "peer", True
+
+
+def choose_strategy(group, *, batch: int, heads: int, head_dim: int, value_dim: Optional[int] = None,
+                    dtype: torch.dtype = torch.bfloat16, device_type: Optional[str] = None, gates: bool = False,
+                    op: str = "lasp_attention") -> "scaling.Choice":
+    """The strategy that ``strategy="auto"`` runs for a call on ``group``, and the predicted times behind it.
+
+    The choice depends only on what every rank of the group shares, never on a piece's length, so all ranks
+    pick the same: the group's size and node layout (the host of each rank: one all_gather_object of the
+    host names the first time a group is seen, then cached; env LASP_NODE_SIZE=k makes nodes of k
+    consecutive global ranks instead), the state's size (batch x heads x head_dim x value_dim, float32, or
+    float64 for float64 inputs), how the ring would pass it (:func:`lasp.set_ring_transport`, the device
+    type, the backend, gates) and the op. Among "ring" and "allgather" it takes the one whose exchange
+    ``lasp.scaling`` predicts to add the least time to a forward+backward (ties: "ring"), never one that
+    would raise (the peer transport set explicitly does not take gates or span nodes). The model is
+    calibrated on GPUs; CPU (Gloo) groups follow the same rule.
+
+    Args:
+        group: the sequence-parallel process group; None (or one rank): "ring", nothing is exchanged. The
+            first call on a group is a collective over it.
+        batch, heads, head_dim, value_dim: B, the output heads H = max(Hq, Hv), D and E (default D).
+        dtype: the inputs' dtype. device_type: "cuda" or "cpu" (default: "cuda" for NCCL groups).
+        gates: whether the call has per-token gates (``g`` or ``cu_seqlens``), which the peer ring does not take.
+        op: "lasp_attention" or "gated_delta_attention" (whose ring is the process group's send/recv and
+            whose all-gather carries each piece's D x (D + 2E) map per head).
+    Returns:
+        a :class:`lasp.scaling.Choice`: ``.strategy``, ``.split_ms`` (per strategy, the predicted ms its
+        exchange adds to one forward+backward), ``.topology``, ``.transport`` and the sizes it used;
+        ``str()`` of it says all of that in one line.
+    """
+    fn = "choose_strategy"
+    for name, value in (("batch", batch), ("heads", heads), ("head_dim", head_dim)):
+        _check_int(fn, name, value, 1)
+    value_dim = head_dim if value_dim is None else _check_int(fn, "value_dim", value_dim, 1)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"lasp.distributed.{fn}: dtype must be a floating torch.dtype, got {dtype!r}")
+    if op not in _OPS:
+        raise ValueError(f"lasp.distributed.{fn}: op must be one of {_OPS}, got {op!r}")
+    W = 1 if group is None else _group_size_rank(group, fn)[0]
+    if device_type is None:
+        device_type = "cuda" if W > 1 and dist.get_backend(group) == "nccl" else "cpu"
+    acc_bytes = 8 if dtype == torch.float64 else 4
+    state_bytes = batch * heads * head_dim * value_dim * acc_bytes
+    topo = scaling.Topology.from_hosts(_group_hosts(group)) if W > 1 else scaling.Topology(1)
+    if op == "gated_delta_attention":
+        return scaling.choose(topo, state_bytes, gather_bytes=batch * heads * head_dim * (head_dim + 2 * value_dim)
+                              * acc_bytes)
+    transport, ring_runs = ("nccl", True)
+    if W > 1:
+        transport, ring_runs = _ring_transport(group, device_type, acc_bytes == 4, bool(gates), topo.nodes == 1)
+    return scaling.choose(topo, state_bytes, transport=transport,
+                          candidates=scaling.IMPLEMENTED if ring_runs else ("allgather",))
+
+
+def _resolve_strategy(fn: str, strategy, group, q: torch.Tensor, v: torch.Tensor, *, gates: bool, op: str) -> str:
+    """The strategy a call runs: an explicit one as given, "auto" by :func:`choose_strategy` (``q``, ``v`` in
+    the "bhnd" view). Raises a ValueError naming the choices for anything else."""
+    if not isinstance(strategy, str) or strategy not in STRATEGY_CHOICES:
+        raise ValueError(f"{fn}: strategy must be 'ring', 'allgather' or 'auto', got {strategy!r}")
+    if strategy != "auto":
+        return strategy
+    if group is None:
+        return "ring"  # the whole sequence is here: nothing is exchanged
+    from ._ops import _group_name
+
+    if (_group_name(group) is None or q.dim() != 4 or v.dim() != 4 or not q.dtype.is_floating_point
+            or min(q.shape[0], q.shape[1], q.shape[3], v.shape[1], v.shape[3]) == 0):
+        return "ring"  # one rank, an empty state; or a malformed call, which the op rejects with its own error
+    return choose_strategy(group, batch=int(q.shape[0]), heads=max(int(q.shape[1]), int(v.shape[1])),
+                           head_dim=int(q.shape[3]), value_dim=int(v.shape[3]), dtype=q.dtype,
+                           device_type=q.device.type, gates=gates, op=op).strategy

@@ -45,17 +45,48 @@ def test_model_fails_on_a_point_it_cannot_match(model, tmp_path):
 def test_predictions_follow_hop_counts(model):
     rec = json.load(open(model.DEFAULT_MEASURED))
     p = model.calibrate(rec, 16384)
-    h_net = 0.057
+    S = model.scaling
+    net = S.Network()
     prev = {}
     for W in [1, 2, 4, 8, 16, 64, 256, 1024]:
+        topo = S.Topology.filled(W, 8)
         for s in model.STRATEGIES:
-            t = model.predict(s, W, p, 8, h_net)
+            t = S.predict(s, topo, p, net)
             assert t >= p["t1"] - 1e-12 or W > 1
             if s in prev:
                 assert t >= prev[s] - 1e-12, (s, W)  # more ranks never predict less time
             prev[s] = t
         # within one node the ring's chain is W - 1 hops each way
         if 1 < W <= 8:
-            assert math.isclose(model.exchange_ms("ring", W, p, 8, h_net), 2 * (W - 1) * p["h_intra"])
+            assert math.isclose(S.exchange_ms("ring", topo, p, net), 2 * (W - 1) * p["h_intra"])
     # the scan's rounds grow with log2(W), the ring's hops with W
-    assert model.exchange_ms("scan", 1024, p, 8, h_net) < model.exchange_ms("ring", 1024, p, 8, h_net) / 10
+    big = S.Topology.filled(1024, 8)
+    assert S.exchange_ms("scan", big, p, net) < S.exchange_ms("ring", big, p, net) / 10
+
+
+def test_package_constants_are_the_records_calibration(model):
+    """lasp.scaling carries the constants calibrate() derives from the default record, so that the library's
+    choice and the saved results of this script rest on the same numbers."""
+    rec = json.load(open(model.DEFAULT_MEASURED))
+    assert set(model.scaling.CALIBRATIONS) == {16384, 65536}
+    for n, want in model.scaling.CALIBRATIONS.items():
+        assert model.calibrate(rec, n) == want, n
+
+
+def test_peer_ring_matches_its_held_out_point(model):
+    """The ring over peer memory (hop from bench_hop.py, fixed cost from the W = 2 run) predicts W = 4."""
+    S = model.scaling
+    for n, p in S.CALIBRATIONS.items():
+        pred = S.predict("ring", S.Topology.filled(4, 8), p, transport="peer")
+        meas = p["measured"]["ring-peer"][4]
+        assert abs(pred - meas) / meas <= 0.15, (n, pred, meas)
+
+
+def test_node_layouts(model):
+    T = model.scaling.Topology
+    assert T.filled(20, 8) == T(20, 3, 2, 8)
+    assert T.from_hosts(["a"] * 8 + ["b"] * 8 + ["c"] * 4) == T(20, 3, 2, 8)
+    assert T.from_hosts(["a", "b", "a", "b"]) == T(4, 2, 3, 2)  # interleaved: every ring hop crosses
+    assert T.from_hosts(["a"]) == T(1)
+    with pytest.raises(ValueError):
+        T(4, 1, 0, 2)  # 4 ranks cannot sit on one node of at most 2
