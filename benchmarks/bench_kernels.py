@@ -22,6 +22,13 @@ Hopper under Triton 3.4 to 3.7.0 (its issue 640: wrong gradients); this script l
 (its gradients are not used) and records so in the JSON ("fla_hopper_refusal_lifted").
 The floor then also counts the read of g (forward and backward) and the write of dg.
 
+--qk-heads HQ: value-head groups (GVA, as Mamba-2's B and C shared by a group of heads): q and k have HQ
+heads, v, the output and the gates H. lasp reads the shared heads in place; fla is given q and k repeated to
+H heads (the repeat and the sum of their gradients are not timed), the plain-torch form and the shim are
+skipped. The floor counts q, k, dq, dk at HQ heads. Mamba-2-2.7B's shape:
+
+  --gates --qk-heads 1 --shapes 2x80x16384x128x64
+
   python3 benchmarks/bench_kernels.py --json bench.json --plot bench.png [--shim liblasp_shim.so]
 """
 import argparse
@@ -168,6 +175,8 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-decay", action="store_true")
     ap.add_argument("--gates", action="store_true", help="per-token log gates g (see above)")
+    ap.add_argument("--qk-heads", type=int, default=0,
+                    help="GVA (see above): q and k with this many heads, v and the output with H")
     ap.add_argument("--torch-max-chunks", type=int, default=256,
                     help="skip the plain-torch fwd+bwd beyond this many chunks per sequence (its Python loop is slow)")
     ap.add_argument("--from-json", default=None, help="only redraw --plot from an earlier --json (no GPU needed)")
@@ -223,11 +232,15 @@ def main():
             raise SystemExit(f"--shapes: expected BxHxNxD or BxHxNxDxE, got {'x'.join(map(str, shape))}")
         B, H, N, D = shape[:4]
         E = shape[4] if len(shape) == 5 else D
-        name = "x".join(map(str, shape if E != D else shape[:4]))
+        HQ = args.qk_heads or H
+        if H % HQ != 0:
+            raise SystemExit(f"--qk-heads: must divide the shape's heads {H}, got {HQ}")
+        name = "x".join(map(str, shape if E != D else shape[:4])) + (f"-qk{HQ}" if HQ != H else "")
         elt = 2
         tok = B * H * N
-        bytes_fwd = tok * (2 * D + 2 * E) * elt  # q, k, v read, o written
-        bytes_bwd = tok * (4 * D + 3 * E) * elt  # q, k, v, do read, dq, dk, dv written
+        qk_tok = B * HQ * N
+        bytes_fwd = (qk_tok * 2 * D + tok * 2 * E) * elt  # q, k, v read, o written
+        bytes_bwd = (qk_tok * 4 * D + tok * 3 * E) * elt  # q, k, v, do read, dq, dk, dv written
         if args.gates:  # g read (fp32) by the forward and the backward, dg written
             bytes_fwd += tok * 4
             bytes_bwd += tok * 8
@@ -238,7 +251,7 @@ def main():
         nsets = max(2, min(4, int(math.ceil(200e6 / one))))  # > L2 in total
         sets = []
         for _ in range(nsets):
-            q, k = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
+            q, k = (torch.randn(B, HQ, N, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
             v, do = (torch.randn(B, H, N, E, device=dev, dtype=torch.bfloat16) for _ in range(2))
             g = torch.nn.functional.logsigmoid(torch.randn(B, H, N, device=dev)) / 16 if args.gates else None
             sets.append((q, k, v, do, g))
@@ -248,7 +261,7 @@ def main():
             gbs = floor[mode] / (ms * 1e-3) / 1e9
             fl = floor[mode] / bw * 1e3
             rows.append({"shape": [B, H, N, D] + ([E] if E != D else []), "impl": impl, "mode": mode, "ms": ms, "GBps": gbs,
-                         "floor_ms": fl, "x_floor": ms / fl})
+                         "floor_ms": fl, "x_floor": ms / fl, **({"qk_heads": HQ} if HQ != H else {})})
             # as it comes, so that a run cut short still leaves its numbers
             print(f"# {name} {impl:<10} {mode:<8} {ms:9.3f} ms {gbs:7.0f} GB/s  floor {fl:.3f} ms"
                   f"  [{time.perf_counter() - t_start:.0f} s]", flush=True)
@@ -257,7 +270,7 @@ def main():
                     json.dump({"info": info, "rows": rows, "complete": False}, f, indent=1)
 
         # ---- lasp raw kernels ----
-        if shim is not None:
+        if shim is not None and HQ == H:
             preps = [shim.prepare(q, k, v, decay, scale) for (q, k, v, *_) in sets]
             record("lasp-kern", "fwd", bench(lambda i: preps[i][0](), nsets, reps=args.reps))
             record("lasp-kern", "fwd+bwd",
@@ -292,7 +305,8 @@ def main():
                 lg = g.transpose(1, 2) - (decay if decay is not None else 0.0)
                 return lg.contiguous().requires_grad_(True)
             # (q, k, v[, g]) leaves in (B, T, H, .), do
-            tsets = [(tuple(x.transpose(1, 2).contiguous().requires_grad_(True) for x in s[:3]) +
+            rep = lambda x: x.repeat_interleave(H // x.shape[1], dim=1)  # noqa: E731 (GVA: q, k to H heads)
+            tsets = [(tuple(rep(x).transpose(1, 2).contiguous().requires_grad_(True) for x in s[:3]) +
                       ((fla_gates(s[4]),) if args.gates else ()), s[3].transpose(1, 2).contiguous()) for s in sets]
             if args.gates:
                 f = lambda i: fla_fn(*tsets[i][0][:3], g=tsets[i][0][3], scale=scale)[0]
@@ -309,7 +323,7 @@ def main():
                 results["fla"] = f(0).detach().transpose(1, 2).contiguous()
             del tsets
         # ---- plain torch ----
-        if "torch" in impls and not args.gates:
+        if "torch" in impls and not args.gates and HQ == H:
             lam = decay if decay is not None else torch.zeros(H, device=dev)
             try:
                 gsets = [tuple(x.detach().requires_grad_(True) for x in s[:3]) + (s[3],) for s in sets[:2]]

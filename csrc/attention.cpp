@@ -339,7 +339,7 @@ bool register_split(c10::DeviceType type, SplitFn fn) {
   return true;
 }
 
-bool forward_split(const Tensor& q, const Tensor& k, const Tensor& v, int64_t* nseg, int64_t* seglen) {
+bool forward_split(const Tensor& q, const Tensor& k, const Tensor& v, bool gated, int64_t* nseg, int64_t* seglen) {
   check_inputs(q, k, v, std::nullopt, std::nullopt, /*check_values=*/false);
   const SplitFn fn = split_registry().at(static_cast<size_t>(q.device().type()));
   if (fn == nullptr || q.size(2) == 0) return false;  // N = 0: the forward runs no kernel (no segments)
@@ -350,6 +350,8 @@ bool forward_split(const Tensor& q, const Tensor& k, const Tensor& v, int64_t* n
                                                            : std::array<int64_t, 4>{H * N * E, N * E, E, 1};
   for (int i = 0; i < 4; ++i) p.o.stride[i] = o_strides[i];
   p.o.ptr = reinterpret_cast<void*>(kFreshAlignment);
+  // gates change the plan (which families take the passes): stand in for them too (never read)
+  if (gated) p.g = reinterpret_cast<const void*>(kFreshAlignment);
   return fn(q.device(), p, /*backward=*/false, nseg, seglen);
 }
 

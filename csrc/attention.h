@@ -67,10 +67,11 @@ bool register_split(c10::DeviceType type, SplitFn fn);
 // backend of q's device has no split function or cannot say (N = 0, an unsupported problem). It reads the
 // sizes, strides, dtypes and the alignment of the data pointers (the tensor-core kernels need aligned
 // rows), and assumes o in the layout alloc_out gives at a fresh allocation's alignment, which is what the
-// forward op allocates; decay, scale and the initial state do not change the split. q, k, v must be
-// concrete tensors with memory (not symbolic, fake or functional ones of a trace). Raises check_inputs'
-// errors for inputs the op would refuse.
-bool forward_split(const Tensor& q, const Tensor& k, const Tensor& v, int64_t* nseg, int64_t* seglen);
+// forward op allocates; decay, scale and the initial state do not change the split, whether per-token
+// gates are given (gated) does (it changes which kernel families run). q, k, v must be concrete tensors
+// with memory (not symbolic, fake or functional ones of a trace). Raises check_inputs' errors for inputs
+// the op would refuse.
+bool forward_split(const Tensor& q, const Tensor& k, const Tensor& v, bool gated, int64_t* nseg, int64_t* seglen);
 
 // Output heads H = max(q heads, v heads) (lasp_params.h, head maps).
 c10::SymInt out_heads(const Tensor& q, const Tensor& v);

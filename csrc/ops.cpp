@@ -126,10 +126,10 @@ bool concrete(const Tensor& t) {
 // The split the forward op is to keep its segment states with: the device backend's (forward_split), for
 // one rank (no group) and concrete inputs; (0, 0) otherwise or with one segment (nothing to keep).
 std::pair<int64_t, int64_t> split_to_keep(const Tensor& q, const Tensor& k, const Tensor& v,
-                                          const std::optional<std::string>& group_name) {
+                                          const std::optional<std::string>& group_name, bool gated) {
   if (group_name.has_value() || !concrete(q) || !concrete(k) || !concrete(v)) return {0, 0};
   int64_t nseg = 0, seglen = 0;
-  if (!forward_split(q, k, v, &nseg, &seglen) || nseg <= 1) return {0, 0};
+  if (!forward_split(q, k, v, gated, &nseg, &seglen) || nseg <= 1) return {0, 0};
   return {nseg, seglen};
 }
 
@@ -146,7 +146,7 @@ class LaspAttentionFunction : public torch::autograd::Function<LaspAttentionFunc
     ctx->set_materialize_grads(false);
     // Long sequences on one rank: the forward keeps its segment input states and the backward takes them
     // (where its own split is the same) instead of computing them again.
-    const auto [seg_nseg, seg_seglen] = split_to_keep(q, k, v, group_name);
+    const auto [seg_nseg, seg_seglen] = split_to_keep(q, k, v, group_name, g.has_value());
     auto [o, final_state, state_in, seg_states] =
         call_fwd_op(q, k, v, decay, scale, initial_state, group_name, strategy, seg_nseg, seg_seglen, g);
     ctx->save_for_backward({q, k, v, state_in, decay.has_value() ? *decay : Tensor(),

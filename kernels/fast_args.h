@@ -33,8 +33,14 @@ struct AccOuts {  // dq, dk, dv of an accumulating backward
 };
 
 // What every tensor-core kernel gets: sizes, the segment split, scale, decay rates, the incoming state.
+// q and v heads of p (0 in params that predate head maps: those of MHA / GQA / MQA).
+inline int64_t q_heads(const AttnParams& p) { return p.Hq > 0 ? p.Hq : p.H; }
+inline int64_t v_heads(const AttnParams& p) { return p.Hv > 0 ? p.Hv : p.Hkv; }
+
+// Head maps (lasp_params.h): output head h reads q head h / qgroup, k head h / group, v head h / vgroup.
 struct ArgsBase {
   int B, H, group, N, D, E, nseg, seglen;
+  int qgroup, vgroup;
   float scale;
   const float* decay;
   const float* state_in;  // nseg == 1 (segments read their own input states)
@@ -45,6 +51,8 @@ inline void fill_base(ArgsBase& a, const AttnParams& p, int nseg, int seglen) {
   a.B = (int)p.B;
   a.H = (int)p.H;
   a.group = (int)(p.H / p.Hkv);
+  a.qgroup = (int)(p.H / q_heads(p));
+  a.vgroup = (int)(p.H / v_heads(p));
   a.N = (int)p.N;
   a.D = (int)p.D;
   a.E = (int)p.E;
@@ -89,7 +97,8 @@ struct BwdArgs : ArgsBase {
   const float* seg_S;           // nseg > 1: (B, H, nseg, D, E)
   const float* seg_G;
   float* grad_state_in;         // written by the first segment's blocks
-  int dkv_per_query_head;       // dk / dv go per query head to an fp32 workspace (GQA)
+  int dkv_per_query_head;       // dk / dv go per output head to an fp32 workspace (GQA, GVA)
+  float* dq_ws;                 // GVA: dq per output head, fp32 contiguous (B, H, N, D), or null (dq direct)
   // with gates (wgmma backward, no grad_state_out): dg (B, H, N) gets q[t].dq_h[t] - k[t].dk_h[t] per token,
   // each without its pair (t, t); chunk_S (16-bit, the state after each 64-token chunk, in the fragment
   // order of the kernel's registers) and chunk_T ((B, H, ceil(N / 64)) fp32, zeroed: <S, R> at each
@@ -108,6 +117,7 @@ inline BwdArgs make_bwd_args(const AttnParams& p, int nseg, int seglen, const fl
   a.seg_G = seg_G;
   a.grad_state_in = static_cast<float*>(p.grad_state_in);
   a.dkv_per_query_head = dkv_per_query_head ? 1 : 0;
+  a.dq_ws = nullptr;
   a.dg = nullptr;
   a.chunk_S = nullptr;
   a.chunk_T = nullptr;

@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(Bwd
   float* Gp = reinterpret_cast<float*>(Sb + D * LDE);
 
   const int seg = blockIdx.x % a.nseg, bh = blockIdx.x / a.nseg;
-  const int b = bh / a.H, h = bh % a.H, kh = h / a.group;
+  const int b = bh / a.H, h = bh % a.H, qh = h / a.qgroup, kh = h / a.group, vh = h / a.vgroup;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
   // Warps w and w+4 share a sub-partition (tensor cores): give them row groups k and 3-k, so that the
   // causal (loop A) and anti-causal (loop B) work of each sub-partition is the same.
@@ -122,7 +122,7 @@ __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(Bwd
     const int len = (int)min((int64_t)kC, n1 - c0);
     T* st = stage_ptr(ci);
     load_rows<T, D, LDD>(Kp(st), k, b, kh, c0, len, 0, a.D);
-    load_rows<T, E, LDE>(Vp(st), v, b, kh, c0, len, 0, a.E);
+    load_rows<T, E, LDE>(Vp(st), v, b, vh, c0, len, 0, a.E);
     load_rows<T, E, LDE>(DOp(st), dout, b, h, c0, len, 0, a.E);
     cp_async_commit();
   };
@@ -208,6 +208,8 @@ __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(Bwd
       }
       if constexpr (ACC) {
         store_frag_acc<T, DH / 8>(acc, accs.x[0], b, h, c0, r0, ch * DH, len, a.D);
+      } else if (a.dq_ws) {  // GVA: per output head, fp32 (the caller sums each q head's)
+        store_frag<float, DH / 8>(acc, a.dq_ws + ((size_t)bh * a.N + c0) * a.D, a.D, r0, ch * DH, len, a.D);
       } else {
         store_frag<T, DH / 8>(acc, dq.p + b * dq.sb + h * dq.sh + c0 * dq.sn, dq.sn, r0, ch * DH, len, a.D);
       }
@@ -263,14 +265,15 @@ __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(Bwd
     const int64_t c0 = n0 + (int64_t)cc * kC;
     const int len = (int)min((int64_t)kC, n1 - c0);
     T* st = stage_ptr(ci);
-    load_rows<T, D, LDD>(Qp(st), q, b, h, c0, len, 0, a.D);
+    load_rows<T, D, LDD>(Qp(st), q, b, qh, c0, len, 0, a.D);
     load_rows<T, D, LDD>(Kp(st), k, b, kh, c0, len, 0, a.D);
-    load_rows<T, E, LDE>(Vp(st), v, b, kh, c0, len, 0, a.E);
+    load_rows<T, E, LDE>(Vp(st), v, b, vh, c0, len, 0, a.E);
     load_rows<T, E, LDE>(DOp(st), dout, b, h, c0, len, 0, a.E);
     cp_async_commit();
   };
   issue_B(0);
-  const int hkv = a.dkv_per_query_head ? h : kh;
+  // dk / dv: per output head into the fp32 workspace (GQA, GVA), else the k / v head
+  const int hk = a.dkv_per_query_head ? h : kh, hv = a.dkv_per_query_head ? h : vh;
   for (int ci = 0; ci < nch; ++ci) {
     const int cc = nch - 1 - ci;
     const int64_t c0 = n0 + (int64_t)cc * kC;
@@ -353,7 +356,7 @@ __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(Bwd
       if constexpr (ACC) {  // per query head (the driver finishes in the kernel only without GQA)
         store_frag_acc<T, DH / 8>(acc, accs.x[1], b, h, c0, r0, ch * DH, len, a.D);
       } else {
-        store_frag<OT, DH / 8>(acc, dk.p + b * dk.sb + hkv * dk.sh + c0 * dk.sn, dk.sn, r0, ch * DH, len, a.D);
+        store_frag<OT, DH / 8>(acc, dk.p + b * dk.sb + hk * dk.sh + c0 * dk.sn, dk.sn, r0, ch * DH, len, a.D);
       }
     }
     // ---- dv = diag(w) K R + (scale K Q^T masked) dO ----
@@ -424,7 +427,7 @@ __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(Bwd
       if constexpr (ACC) {
         store_frag_acc<T, EH / 8>(acc, accs.x[2], b, h, c0, r0, ch * EH, len, a.E);
       } else {
-        store_frag<OT, EH / 8>(acc, dv.p + b * dv.sb + hkv * dv.sh + c0 * dv.sn, dv.sn, r0, ch * EH, len, a.E);
+        store_frag<OT, EH / 8>(acc, dv.p + b * dv.sb + hv * dv.sh + c0 * dv.sn, dv.sn, r0, ch * EH, len, a.E);
       }
     }
     __syncthreads();  // all warps done reading R_b
@@ -512,15 +515,17 @@ cudaError_t launch_bwd_dims(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv
 
 bool bwd_supported(const AttnParams& p) {
   if (!shape_supported(p)) return false;
-  const bool gqa = p.H != p.Hkv;
-  return view_ok(p.q, p, p.H) && view_ok(p.k, p, p.Hkv) && view_ok(p.v, p, p.Hkv) && view_ok(p.dout, p, p.H) &&
-         view_ok(p.dq, p, p.H) && (gqa || (view_ok(p.dk, p, p.Hkv) && view_ok(p.dv, p, p.Hkv)));
+  // dq, dk, dv that go through the per-output-head workspace are not read as views
+  const int64_t Hq = q_heads(p), Hv = v_heads(p);
+  const bool ws = p.H != p.Hkv || Hq != p.H || Hv != p.H;
+  return view_ok(p.q, p, Hq) && view_ok(p.k, p, p.Hkv) && view_ok(p.v, p, Hv) && view_ok(p.dout, p, p.H) &&
+         (Hq != p.H || view_ok(p.dq, p, Hq)) && (ws || (view_ok(p.dk, p, p.Hkv) && view_ok(p.dv, p, Hv)));
 }
 
 int mma_bwd_blocks_per_sm(const AttnParams& p) {
   return with_type(p, [&](auto t) {
     using T = typename decltype(t)::type;
-    return p.H != p.Hkv ? bwd_resident_dims<T, float>(p) : bwd_resident_dims<T, T>(p);
+    return p.H != p.Hkv || v_heads(p) != p.H ? bwd_resident_dims<T, float>(p) : bwd_resident_dims<T, T>(p);
   });
 }
 
@@ -529,13 +534,15 @@ size_t mma_bwd_smem_bytes(const AttnParams& p) {
 }
 
 cudaError_t mma_bwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,
-                         float* dk_ws, float* dv_ws, cudaStream_t st, const AccOut* acc) {
+                         const HeadWs& ws, cudaStream_t st, const AccOut* acc) {
+  float *dk_ws = ws.dk, *dv_ws = ws.dv;
   return with_type(p, [&](auto t) {
     using T = typename decltype(t)::type;
     if (acc)  // head-dim blocks: dq, dk, dv as acc[0..2] say, per query head
       return launch_bwd_dims<T, T, true>(p, make_bwd_args(p, nseg, seglen, seg_S, seg_G, true), {}, {}, st, acc);
-    const BwdArgs a = make_bwd_args(p, nseg, seglen, seg_S, seg_G, dk_ws != nullptr);
-    if (dk_ws)  // GQA: per-query-head fp32 dk / dv, contiguous (B, H, N, D|E)
+    BwdArgs a = make_bwd_args(p, nseg, seglen, seg_S, seg_G, dk_ws != nullptr);
+    a.dq_ws = ws.dq;
+    if (dk_ws)  // GQA, GVA: per-output-head fp32 dk / dv, contiguous (B, H, N, D|E)
       return launch_bwd_dims<T, float>(p, a, make_tv_contig<float>(dk_ws, p.H, p.N, p.D),
                                        make_tv_contig<float>(dv_ws, p.H, p.N, p.E), st);
     return launch_bwd_dims<T, T>(p, a, make_tv<T>(p.dk), make_tv<T>(p.dv), st);

@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_main_kernel(FwdArgs a, Tv<con
   const int et = blockIdx.x % ntile;
   const int rest = blockIdx.x / ntile;
   const int seg = rest % a.nseg, bh = rest / a.nseg;
-  const int b = bh / a.H, h = bh % a.H, kh = h / a.group;
+  const int b = bh / a.H, h = bh % a.H, qh = h / a.qgroup, kh = h / a.group, vh = h / a.vgroup;
   const int e0 = et * kEt;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
   const float lg = log_gamma(a.decay, h);
@@ -75,9 +75,9 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_main_kernel(FwdArgs a, Tv<con
   {
     const int len = (int)min((int64_t)kC, n1 - n0);
     T* st = stage0;
-    load_rows<T, D, LDQ>(st, q, b, h, n0, len, 0, a.D);
+    load_rows<T, D, LDQ>(st, q, b, qh, n0, len, 0, a.D);
     load_rows<T, D, LDQ>(st + kC * LDQ, k, b, kh, n0, len, 0, a.D);
-    load_rows<T, kEt, LDV>(st + 2 * kC * LDQ, v, b, kh, n0, len, e0, a.E);
+    load_rows<T, kEt, LDV>(st + 2 * kC * LDQ, v, b, vh, n0, len, e0, a.E);
     cp_async_commit();
   }
 
@@ -123,9 +123,9 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_main_kernel(FwdArgs a, Tv<con
       const int64_t c1 = c0 + kC;
       const int len1 = (int)min((int64_t)kC, n1 - c1);
       T* sn = stage0 + ((ci + 1) & 1) * SM::STAGE;
-      load_rows<T, D, LDQ>(sn, q, b, h, c1, len1, 0, a.D);
+      load_rows<T, D, LDQ>(sn, q, b, qh, c1, len1, 0, a.D);
       load_rows<T, D, LDQ>(sn + kC * LDQ, k, b, kh, c1, len1, 0, a.D);
-      load_rows<T, kEt, LDV>(sn + 2 * kC * LDQ, v, b, kh, c1, len1, e0, a.E);
+      load_rows<T, kEt, LDV>(sn + 2 * kC * LDQ, v, b, vh, c1, len1, e0, a.E);
       cp_async_commit();
     }
 
@@ -297,7 +297,8 @@ __global__ void __launch_bounds__(kLocalThreads<D>, D == 128 ? 2 : 1) state_loca
   T* stage0 = reinterpret_cast<T*>(smem_raw);
   float* Gp = reinterpret_cast<float*>(stage0 + 2 * STAGE);
   const int seg = a.loc_first + (int)(blockIdx.x % a.loc_count), bh = (int)(blockIdx.x / a.loc_count);
-  const int b = bh / a.H, h = bh % a.H, hx = REVERSE ? h : h / a.group;
+  // x: q (REVERSE) or k; y: dout (REVERSE, per output head) or v
+  const int b = bh / a.H, h = bh % a.H, hx = h / (REVERSE ? a.qgroup : a.group), hy = REVERSE ? h : h / a.vgroup;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
   const float lg = log_gamma(a.decay, h);
   for (int i = threadIdx.x; i <= kC; i += blockDim.x) Gp[i] = expf(lg * (float)i);
@@ -309,7 +310,7 @@ __global__ void __launch_bounds__(kLocalThreads<D>, D == 128 ? 2 : 1) state_loca
     const int64_t c0 = chunk_start(0);
     const int len = (int)min((int64_t)kC, n1 - c0);
     load_rows<T, D, LDX>(stage0, x, b, hx, c0, len, 0, a.D);
-    load_rows<T, E, LDY>(stage0 + kC * LDX, y, b, hx, c0, len, 0, a.E);
+    load_rows<T, E, LDY>(stage0 + kC * LDX, y, b, hy, c0, len, 0, a.E);
     cp_async_commit();
   }
   float S[2 * NP][4];
@@ -330,7 +331,7 @@ __global__ void __launch_bounds__(kLocalThreads<D>, D == 128 ? 2 : 1) state_loca
       const int len1 = (int)min((int64_t)kC, n1 - c1);
       T* sn = stage0 + ((ci + 1) & 1) * STAGE;
       load_rows<T, D, LDX>(sn, x, b, hx, c1, len1, 0, a.D);
-      load_rows<T, E, LDY>(sn + kC * LDX, y, b, hx, c1, len1, 0, a.E);
+      load_rows<T, E, LDY>(sn + kC * LDX, y, b, hy, c1, len1, 0, a.E);
       cp_async_commit();
     }
     const float gl = Gp[len];
@@ -437,13 +438,14 @@ bool wgmma_shape(const AttnParams& p) {
 }
 
 bool fwd_supported(const AttnParams& p) {
-  return shape_supported(p) && view_ok(p.q, p, p.H) && view_ok(p.k, p, p.Hkv) && view_ok(p.v, p, p.Hkv) &&
+  return shape_supported(p) && view_ok(p.q, p, q_heads(p)) && view_ok(p.k, p, p.Hkv) && view_ok(p.v, p, v_heads(p)) &&
          view_ok(p.o, p, p.H);
 }
 
 bool local_supported(const AttnParams& p, bool reverse) {
   if (!shape_supported(p)) return false;
-  return reverse ? (view_ok(p.q, p, p.H) && view_ok(p.dout, p, p.H)) : (view_ok(p.k, p, p.Hkv) && view_ok(p.v, p, p.Hkv));
+  return reverse ? (view_ok(p.q, p, q_heads(p)) && view_ok(p.dout, p, p.H))
+                 : (view_ok(p.k, p, p.Hkv) && view_ok(p.v, p, v_heads(p)));
 }
 
 size_t mma_fwd_smem_bytes(const AttnParams& p) {

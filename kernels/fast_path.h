@@ -47,17 +47,26 @@ bool local_supported(const AttnParams& p, bool reverse);
 cudaError_t mma_state_local(const AttnParams& p, bool reverse, int nseg, int seglen, int skip, float* out,
                             cudaStream_t stream);
 
+// Per-output-head fp32 outputs of the backward, contiguous (B, H, N, D|E), that the caller sums into each
+// q, k, v head: dq where q heads are shared (GVA), dk and dv together where k or v heads are (GQA, MQA,
+// GVA); null: written directly to p.dq / p.dk / p.dv.
+struct HeadWs {
+  float* dq = nullptr;
+  float* dk = nullptr;
+  float* dv = nullptr;
+};
+
 // Fused tensor-core backward (dq, dk, dv, and grad_state_in from the first segment's blocks).
 bool bwd_supported(const AttnParams& p);
 size_t mma_bwd_smem_bytes(const AttnParams& p);
 // Resident blocks per SM for this problem's dtype, D, E and GQA (registers and shared memory; at least 1).
 int mma_bwd_blocks_per_sm(const AttnParams& p);
-// seg_S / seg_G: segment input states / end-of-segment gradients (nseg > 1). dk_ws / dv_ws: with GQA,
-// per-query-head fp32 (B, H, N, D|E) outputs to be reduced by the caller; nullptr writes p.dk / p.dv.
+// seg_S / seg_G: segment input states / end-of-segment gradients (nseg > 1). ws: the per-output-head
+// outputs (HeadWs; dk and dv both or neither).
 // acc (head-dim blocks): nullptr as above; else dq, dk and dv are terms of sums over the blocks, left as
-// acc[0..2] say (fast_args.h, AccOut: one head per query head; dk_ws / dv_ws unused).
+// acc[0..2] say (fast_args.h, AccOut: one head per output head; ws unused).
 cudaError_t mma_bwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,
-                         float* dk_ws, float* dv_ws, cudaStream_t stream, const AccOut* acc = nullptr);
+                         const HeadWs& ws, cudaStream_t stream, const AccOut* acc = nullptr);
 
 // --- wgmma + TMA (wgmma_fwd.cu, wgmma_bwd.cu, wgmma_state.cu): sm_90a; same contracts as above ---
 size_t wgmma_fwd_smem_bytes(const AttnParams& p);
@@ -72,7 +81,7 @@ int wgmma_bwd_blocks_per_sm(const AttnParams& p);
 // its pair (t, t); with chunk_S / chunk_T (fast_args.h, BwdArgs; chunk_T zeroed) also <S, R> at each chunk's
 // end (dg_chunk_finish_kernel forms dg from both; without them dg_finish_kernel from the tokens' terms).
 cudaError_t wgmma_bwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,
-                           float* dk_ws, float* dv_ws, cudaStream_t stream, const AccOut* acc = nullptr,
+                           const HeadWs& ws, cudaStream_t stream, const AccOut* acc = nullptr,
                            void* chunk_S = nullptr, float* chunk_T = nullptr);
 
 }  // namespace fast

@@ -195,16 +195,23 @@ cudaError_t run_bwd(const AttnParams& p, cudaStream_t st, int mode = -1, const f
     }
     LASP_TRY(combine_states<A>(p, c, true, wsG, split ? nullptr : gso, nullptr, true, 1, seglog, st));
   }
-  const bool gqa = p.H != p.Hkv;
   if (acc) {
     const float *segS = reinterpret_cast<const float*>(wsS), *segG = reinterpret_cast<const float*>(wsG);
-    return pl.main == Family::Wgmma ? fast::wgmma_bwd_main(p, pl.nseg, pl.seglen, segS, segG, nullptr, nullptr, st, acc)
-                                    : fast::mma_bwd_main(p, pl.nseg, pl.seglen, segS, segG, nullptr, nullptr, st, acc);
+    return pl.main == Family::Wgmma ? fast::wgmma_bwd_main(p, pl.nseg, pl.seglen, segS, segG, {}, st, acc)
+                                    : fast::mma_bwd_main(p, pl.nseg, pl.seglen, segS, segG, {}, st, acc);
   }
   const int nb = 132 * 16;
   if (pl.main != Family::Generic) {
-    float* dkh = gqa ? reinterpret_cast<float*>(wsKV) : nullptr;
-    float* dvh = gqa ? dkh + (size_t)p.B * p.H * p.N * p.D : nullptr;
+    // per output head (ws_heads: [dq | dk | dv], fp32): dq where q heads are shared, dk and dv together
+    // where k or v heads are
+    const size_t bhn = (size_t)p.B * p.H * p.N;
+    const bool dq_ws = p.Hq != p.H, dkv_ws = p.Hkv != p.H || p.Hv != p.H;
+    fast::HeadWs hw;
+    if (dq_ws) hw.dq = reinterpret_cast<float*>(wsKV);
+    if (dkv_ws) {
+      hw.dk = reinterpret_cast<float*>(wsKV) + bhn * p.D;
+      hw.dv = hw.dk + bhn * p.D;
+    }
     const float *segS = reinterpret_cast<const float*>(wsS), *segG = reinterpret_cast<const float*>(wsG);
     // gates (wgmma, no G): the chunk states and the chunks' <S, R> (zeroed: the kernel adds to them)
     void* chunk_S = pl.ws_chunk_states ? wsb + pl.bwd_chunks_offset() : nullptr;
@@ -212,8 +219,8 @@ cudaError_t run_bwd(const AttnParams& p, cudaStream_t st, int mode = -1, const f
                                         : nullptr;
     if (chunk_T) LASP_TRY(cudaMemsetAsync(chunk_T, 0, pl.ws_chunk_sums, st));
     LASP_TRY(pl.main == Family::Wgmma
-                 ? fast::wgmma_bwd_main(p, pl.nseg, pl.seglen, segS, segG, dkh, dvh, st, nullptr, chunk_S, chunk_T)
-                 : fast::mma_bwd_main(p, pl.nseg, pl.seglen, segS, segG, dkh, dvh, st));
+                 ? fast::wgmma_bwd_main(p, pl.nseg, pl.seglen, segS, segG, hw, st, nullptr, chunk_S, chunk_T)
+                 : fast::mma_bwd_main(p, pl.nseg, pl.seglen, segS, segG, hw, st));
     if (dg && chunk_T) {  // gates (wgmma, no G): sums within each chunk, plus <S, R> at its end
       const int64_t rows = p.B * p.H, warps = rows * ((p.N + 63) / 64);
       dg_chunk_finish_kernel<A><<<(unsigned)((warps + 7) / 8), 256, 0, st>>>(rows, (int)p.N, dg, chunk_T);
@@ -222,10 +229,14 @@ cudaError_t run_bwd(const AttnParams& p, cudaStream_t st, int mode = -1, const f
       dg_finish_kernel<A><<<(unsigned)(p.B * p.H), kFinishThreads, 0, st>>>(c, dg, nullptr, nullptr, nullptr);
       LASP_LAUNCHED();
     }
-    if (gqa) {
-      reduce_heads_generic_kernel<T, A><<<nb, 256, 0, st>>>(c, reinterpret_cast<A*>(dkh), make_tv<T>(p.dk), c.Hkv, c.D);
+    if (dq_ws) {
+      reduce_heads_generic_kernel<T, A><<<nb, 256, 0, st>>>(c, reinterpret_cast<A*>(hw.dq), make_tv<T>(p.dq), c.Hq, c.D);
       LASP_LAUNCHED();
-      reduce_heads_generic_kernel<T, A><<<nb, 256, 0, st>>>(c, reinterpret_cast<A*>(dvh), make_tv<T>(p.dv), c.Hkv, c.E);
+    }
+    if (dkv_ws) {
+      reduce_heads_generic_kernel<T, A><<<nb, 256, 0, st>>>(c, reinterpret_cast<A*>(hw.dk), make_tv<T>(p.dk), c.Hkv, c.D);
+      LASP_LAUNCHED();
+      reduce_heads_generic_kernel<T, A><<<nb, 256, 0, st>>>(c, reinterpret_cast<A*>(hw.dv), make_tv<T>(p.dv), c.Hv, c.E);
       LASP_LAUNCHED();
     }
     return cudaSuccess;
@@ -347,7 +358,8 @@ DimBlocks dim_blocks(int64_t X) {
 // dtype and head dims the blocks take (any pointers or strides): bf16 / fp16, D and E multiples of 8 up to
 // 256, one of them above 128.
 bool blocks_shape(const AttnParams& p) {
-  if (!tensor_core_maps(p)) return false;
+  // no gates; q heads not shared and v heads = k heads (MHA, GQA, MQA: the blocks' AccOuts and reduce_heads)
+  if (p.g || p.Hq != p.H || p.Hv != p.Hkv) return false;
   if (p.dtype != ScalarType::BFloat16 && p.dtype != ScalarType::Float16) return false;
   if (p.D % 8 != 0 || p.E % 8 != 0 || p.D > 256 || p.E > 256) return false;
   return p.D > 128 || p.E > 128;

@@ -81,18 +81,17 @@ void split_segments(const AttnParams& p, int blocks_per_segment, int sms, int& n
 // The tensor-core family of the main pass of one direction, or Generic where it cannot take p: the dtype,
 // head dims and views (mode -1; mode 1 assumes them, mode 0 refuses) and the kernel's shared memory.
 Family main_family(const AttnParams& p, int mode, bool backward, const DevInfo& di) {
-  if (!tensor_core_maps(p)) {
-    // per-token gates: the wgmma main passes take them (MHA / GQA / MQA heads; phase 1 too: plan_local),
-    // mma.sync and other head maps run generic. The backward only without an outgoing-state gradient,
-    // which is how the driver always calls it with gates (it adds G's terms itself, attention.cpp): with
-    // G inside, dg would read G's terms through the 16-bit state copy and lose them where dg is small.
-    const bool wg_gates = p.g != nullptr && p.Hq == p.H && p.Hv == p.Hkv && tc_family(p, backward) == Family::Wgmma &&
-                          (!backward || (p.no_state_grad && p.grad_state_out == nullptr));
-    if (!wg_gates) return Family::Generic;
+  const Family tc = tc_family(p, backward);
+  if (tc == Family::Wgmma) {
+    // every head map; per-token gates too, the backward only without an outgoing-state gradient, which is
+    // how the driver always calls it with gates (it adds G's terms itself, attention.cpp): with G inside,
+    // dg would read G's terms through the 16-bit state copy and lose them where dg is small
+    if (p.g && backward && !(p.no_state_grad && p.grad_state_out == nullptr)) return Family::Generic;
+  } else if (!tensor_core_maps(p)) {  // mma.sync: no gates; every head map
+    return Family::Generic;
   }
   const bool views = mode < 0 ? (backward ? fast::bwd_supported(p) : fast::fwd_supported(p)) : mode >= 1;
   if (!views) return Family::Generic;
-  const Family tc = tc_family(p, backward);
   const bool wg = tc == Family::Wgmma;
   const size_t smem = backward ? (wg ? fast::wgmma_bwd_smem_bytes(p) : fast::mma_bwd_smem_bytes(p))
                                : (wg ? fast::wgmma_fwd_smem_bytes(p) : fast::mma_fwd_smem_bytes(p));
@@ -102,9 +101,8 @@ Family main_family(const AttnParams& p, int mode, bool backward, const DevInfo& 
 // Phase 1 of one direction (reverse: M from q, dout; else L from k, v): a tensor-core family where its
 // views allow, whatever the main pass takes; the generic kernel's tile in pl.
 bool plan_local(const AttnParams& p, bool reverse, const DevInfo& di, Plan& pl, Family& family) {
-  // per-token gates: the wgmma state kernel takes them (MHA / GQA / MQA heads), mma.sync's does not
-  const bool heads = p.Hq == p.H && p.Hv == p.Hkv;
-  family = heads && fast::local_supported(p, reverse) ? tc_family(p, reverse) : Family::Generic;
+  // every head map; per-token gates on the wgmma state kernel only
+  family = fast::local_supported(p, reverse) ? tc_family(p, reverse) : Family::Generic;
   if (p.g && family != Family::Wgmma) family = Family::Generic;
   const int D = (int)p.D;
   auto sm_loc = [&](int C, int t) { return C * (D + 1) + C * t + D * t + decay_elems(C); };

@@ -9,10 +9,10 @@
 //           LASP_FWD_KERNEL / LASP_BWD_KERNEL asks for it;
 //   Generic every dtype (fp32 and fp64 always) and head dims 1..256 that no tensor-core family takes, and
 //           strided views those cannot read (SIMT, shared-memory tiles).
-// Per-token gates (AttnParams::g) run the main passes on wgmma where it takes the problem (MHA / GQA / MQA
-// heads; the backward only with no_state_grad: no outgoing-state gradient) and every other role on the
-// generic kernels; head maps beyond MHA / GQA / MQA (Hq != H or
-// Hv != Hkv) run on the generic kernels for every role.
+// Head maps: both tensor-core families take every map (MHA, GQA, MQA, GVA, three head counts); where q,
+// k or v heads are shared, the backward writes those gradients per output head in fp32 and sums them
+// (Plan::ws_heads). Per-token gates (AttnParams::g) run every role on wgmma where it takes the problem
+// (the backward only with no_state_grad: no outgoing-state gradient), else on the generic kernels.
 // Head dims above 128 (bf16/fp16, multiples of 8) are cut by the drivers into blocks of at most 128, each
 // planned on its own (lasp_cuda.cu, "head-dim blocks").
 #pragma once
@@ -44,7 +44,8 @@ struct Plan {
   size_t sm_loc = 0;
   size_t ws_states = 0;  // bytes of one (B, H, nseg, D, E) state array (0 when nseg == 1)
   // bytes of the per-output-head dq, dk, dv (0 where each q, k and v head has one output head): the
-  // tensor-core families use the dk and dv parts (GQA), the generic kernels all three (any head map)
+  // tensor-core families use the dq part where q heads are shared and the dk, dv parts where k or v heads
+  // are; the generic kernels all three
   size_t ws_heads = 0;
   size_t ws_gates = 0;   // the segments' log-gate sums, (B, H, nseg) (0 when nseg == 1)
   size_t ws_dg = 0;      // backward with gates: the per-token (s, G) pair sums, (B, H, N)
@@ -63,8 +64,8 @@ struct Plan {
 // mode, see *_workspace_bytes; the head-dim blocks of lasp_cuda.cu check their views once for the call).
 // Mode 1 falls back to the generic kernels where the kernel's shared memory does not fit.
 Plan plan_fwd(const AttnParams& p, int mode = -1);
-// Whether the tensor-core families may take p: no gates, and q, k, v heads of MHA / GQA / MQA.
-inline bool tensor_core_maps(const AttnParams& p) { return p.g == nullptr && p.Hq == p.H && p.Hv == p.Hkv; }
+// Whether every tensor-core family may take p: no gates (wgmma takes them, main_family). Any head map.
+inline bool tensor_core_maps(const AttnParams& p) { return p.g == nullptr; }
 Plan plan_bwd(const AttnParams& p, int mode = -1);
 
 }  // namespace cuda

@@ -176,7 +176,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
   wg::GateTile* gts = reinterpret_cast<wg::GateTile*>(sm + SM::GT);
 
   const int seg = blockIdx.x % a.nseg, bh = blockIdx.x / a.nseg;
-  const int b = bh / a.H, h = bh % a.H, kh = h / a.group;
+  const int b = bh / a.H, h = bh % a.H, qh = h / a.qgroup, kh = h / a.group, vh = h / a.vgroup;
   // The warpgroup index through a warp shuffle, so the compiler knows it is warp-uniform: wgmma code in
   // branches on it would otherwise count as divergent and be serialized.
   const int wgi = __shfl_sync(0xffffffffu, (int)(threadIdx.x >> 7), 0);
@@ -260,9 +260,9 @@ __global__ void __launch_bounds__(kThreads, MINB)
     const int c0 = n0 + ci * kC;
     const uint32_t st = stage(ci), bar = barA + 8u * (uint32_t)(ci & 1);
     tma::arrive_expect_tx(bar, SM::BYTES_A + (dgrow ? SM::K : 0u));  // dg: Q too (its bytes: K's offset)
-    if (dgrow) tma::load_atoms(st + SM::Q, &tm.q, bar, ND, 0, c0, h, b);
+    if (dgrow) tma::load_atoms(st + SM::Q, &tm.q, bar, ND, 0, c0, qh, b);
     tma::load_atoms(st + SM::K, &tm.k, bar, ND, 0, c0, kh, b);
-    tma::load_atoms(st + SM::V, &tm.v, bar, NE, 0, c0, kh, b);
+    tma::load_atoms(st + SM::V, &tm.v, bar, NE, 0, c0, vh, b);
     tma::load_atoms(st + SM::DO, &tm.dout, bar, NE, 0, c0, h, b);
   };
   auto chunk_top = [&](int ci) {  // this chunk's tiles (and S_b) visible to every thread and to wgmma
@@ -353,6 +353,8 @@ __global__ void __launch_bounds__(kThreads, MINB)
         if constexpr (ACC) {
           mma::store_frag_acc<T, 8>(reinterpret_cast<const float(*)[4]>(acc[nb]), accs.x[0], b, h, c0, r0, 64 * nb,
                                     len, a.D);
+        } else if (a.dq_ws) {  // GVA: per output head, fp32 (the caller sums each q head's)
+          store_acc_f32_rows(acc[nb], a.dq_ws + ((size_t)bh * a.N + c0) * a.D, a.D, r0, 64 * nb, len);
         } else {
           tma::store_acc_rows<T, SM::NSTG>(acc[nb], &tm.dq, sm, base, stg, nstore, r0, len, 64 * nb, c0 + r0, h, b);
         }
@@ -419,14 +421,15 @@ __global__ void __launch_bounds__(kThreads, MINB)
     const int c0 = n0 + (nch - 1 - ci) * kC;
     const uint32_t st = stage(ci), bar = barB + 8u * (uint32_t)(ci & 1);
     tma::arrive_expect_tx(bar, SM::STAGE);
-    tma::load_atoms(st + SM::Q, &tm.q, bar, ND, 0, c0, h, b);
+    tma::load_atoms(st + SM::Q, &tm.q, bar, ND, 0, c0, qh, b);
     tma::load_atoms(st + SM::K, &tm.k, bar, ND, 0, c0, kh, b);
-    tma::load_atoms(st + SM::V, &tm.v, bar, NE, 0, c0, kh, b);
+    tma::load_atoms(st + SM::V, &tm.v, bar, NE, 0, c0, vh, b);
     tma::load_atoms(st + SM::DO, &tm.dout, bar, NE, 0, c0, h, b);
   };
   if (threadIdx.x == 0 && nch > 0) issue_B(0);
   if (GATED && threadIdx.x < 32 && nch > 0) load_gates(n0 + (nch - 1) * kC);
-  const int hkv = a.dkv_per_query_head ? h : kh;
+  // dk / dv: per output head into the fp32 workspace (GQA, GVA), else the k / v head
+  const int hk = a.dkv_per_query_head ? h : kh, hv = a.dkv_per_query_head ? h : vh;
   auto loop_B = [&](auto role) {
     constexpr int W = decltype(role)::value;
     // WG0: dk (N = D) from V (A), R_b^T, V dO^T, Q;  WG1: dv (N = E) from K (A), R_b, K Q^T, dO.
@@ -578,10 +581,11 @@ __global__ void __launch_bounds__(kThreads, MINB)
                                     r0, 64 * nb, len, W == 0 ? a.D : a.E);
         } else if constexpr (sizeof(OT) == 4) {  // the GQA workspace: fp32, written directly
           const Tv<OT>& o = W == 0 ? dk : dv;
-          store_acc_f32_rows(acc[nb], o.p + b * o.sb + hkv * o.sh + (int64_t)c0 * o.sn, o.sn, r0, 64 * nb, len);
+          store_acc_f32_rows(acc[nb], o.p + b * o.sb + (W == 0 ? hk : hv) * o.sh + (int64_t)c0 * o.sn, o.sn, r0,
+                             64 * nb, len);
         } else {
           tma::store_acc_rows<T, SM::NSTG>(acc[nb], W == 0 ? &tm.dk : &tm.dv, sm, base, stg, nstore, r0, len, 64 * nb,
-                                     c0 + r0, hkv, b);
+                                     c0 + r0, W == 0 ? hk : hv, b);
         }
       }
       if constexpr (RMB >= 0) {
@@ -625,12 +629,14 @@ cudaError_t launch_minb(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT>
   const bool bf = std::is_same<T, __nv_bfloat16>::value;
   BwdMaps tm;
   std::memset(&tm, 0, sizeof tm);
-  bool ok = tma::make_map(&tm.q, p.q, bf, p.B, p.H, p.N, p.D, kC) && tma::make_map(&tm.k, p.k, bf, p.B, p.Hkv, p.N, p.D, kC) &&
-            tma::make_map(&tm.v, p.v, bf, p.B, p.Hkv, p.N, p.E, kC) &&
-            tma::make_map(&tm.dout, p.dout, bf, p.B, p.H, p.N, p.E, kC) &&
-            tma::make_map(&tm.dq, p.dq, bf, p.B, p.H, p.N, p.D, 16);
+  bool ok = tma::make_map(&tm.q, p.q, bf, p.B, q_heads(p), p.N, p.D, kC) &&
+            tma::make_map(&tm.k, p.k, bf, p.B, p.Hkv, p.N, p.D, kC) &&
+            tma::make_map(&tm.v, p.v, bf, p.B, v_heads(p), p.N, p.E, kC) &&
+            tma::make_map(&tm.dout, p.dout, bf, p.B, p.H, p.N, p.E, kC);
+  // dq by TMA where each q head has one output head (else a.dq_ws, or the AccOuts)
+  if (ok && !a.dq_ws && !ACC) ok = tma::make_map(&tm.dq, p.dq, bf, p.B, p.H, p.N, p.D, 16);
   if (ok && sizeof(OT) == 2 && !ACC)
-    ok = tma::make_map(&tm.dk, p.dk, bf, p.B, p.Hkv, p.N, p.D, 16) && tma::make_map(&tm.dv, p.dv, bf, p.B, p.Hkv, p.N, p.E, 16);
+    ok = tma::make_map(&tm.dk, p.dk, bf, p.B, p.Hkv, p.N, p.D, 16) && tma::make_map(&tm.dv, p.dv, bf, p.B, v_heads(p), p.N, p.E, 16);
   if (!ok) return cudaErrorNotSupported;  // fast::view_ok admits only views the driver maps
   AccOuts accs{};
   if (acc)
@@ -676,22 +682,24 @@ size_t wgmma_bwd_smem_bytes(const AttnParams& p) {
 int wgmma_bwd_blocks_per_sm(const AttnParams& p) {
   return with_type(p, [&](auto t) {
     using T = typename decltype(t)::type;
-    return p.H != p.Hkv ? resident_dims<T, float>(p) : resident_dims<T, T>(p);
+    return p.H != p.Hkv || v_heads(p) != p.H ? resident_dims<T, float>(p) : resident_dims<T, T>(p);
   });
 }
 
 cudaError_t wgmma_bwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,
-                           float* dk_ws, float* dv_ws, cudaStream_t st, const AccOut* acc, void* chunk_S,
+                           const HeadWs& ws, cudaStream_t st, const AccOut* acc, void* chunk_S,
                            float* chunk_T) {
   return with_type(p, [&](auto t) {
     using T = typename decltype(t)::type;
     if (acc)  // head-dim blocks: dq, dk, dv as acc[0..2] say, per query head
       return launch_dims<T, T, true>(p, make_bwd_args(p, nseg, seglen, seg_S, seg_G, true), {}, {}, st, acc);
+    float *dk_ws = ws.dk, *dv_ws = ws.dv;
     BwdArgs a = make_bwd_args(p, nseg, seglen, seg_S, seg_G, dk_ws != nullptr);
+    a.dq_ws = ws.dq;
     a.dg = static_cast<float*>(p.dg_part);
     a.chunk_S = chunk_S;
     a.chunk_T = chunk_T;
-    if (dk_ws)  // GQA: per-query-head fp32 dk / dv, contiguous (B, H, N, D|E)
+    if (dk_ws)  // GQA, GVA: per-output-head fp32 dk / dv, contiguous (B, H, N, D|E)
       return launch_dims<T, float>(p, a, make_tv_contig<float>(dk_ws, p.H, p.N, p.D),
                                    make_tv_contig<float>(dv_ws, p.H, p.N, p.E), st);
     return launch_dims<T, T>(p, a, make_tv<T>(p.dk), make_tv<T>(p.dv), st);

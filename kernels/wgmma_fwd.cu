@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
   const int et = blockIdx.x % ntile;
   const int rest = blockIdx.x / ntile;
   const int seg = rest % a.nseg, bh = rest / a.nseg;
-  const int b = bh / a.H, h = bh % a.H, kh = h / a.group;
+  const int b = bh / a.H, h = bh % a.H, qh = h / a.qgroup, kh = h / a.group, vh = h / a.vgroup;
   const int e0 = et * kEt;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
   const float lg = log_gamma(a.decay, h);
@@ -105,9 +105,9 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
     const int c0 = n0 + ci * kC;
     const uint32_t st = base + (uint32_t)(ci & 1) * SM::STAGE, bar = bar0 + 8u * (uint32_t)(ci & 1);
     tma::arrive_expect_tx(bar, SM::STAGE);
-    tma::load_atoms(st + SM::Q, &tq, bar, MI, 0, c0, h, b);
+    tma::load_atoms(st + SM::Q, &tq, bar, MI, 0, c0, qh, b);
     tma::load_atoms(st + SM::K, &tk, bar, MI, 0, c0, kh, b);
-    tma::load(st + SM::V, &tv, bar, e0, c0, kh, b);
+    tma::load(st + SM::V, &tv, bar, e0, c0, vh, b);
   };
   if (threadIdx.x == 0) {
     tma::prefetch_map(&tq);
@@ -275,8 +275,9 @@ cudaError_t launch(const AttnParams& p, const FwdArgs& a, const AccOut* oacc, cu
   const unsigned blocks = (unsigned)(p.B * p.H * a.nseg * (p.E / kEt));
   const bool bf = std::is_same<T, __nv_bfloat16>::value;
   CUtensorMap tq, tk, tv, to;
-  if (!tma::make_map(&tq, p.q, bf, p.B, p.H, p.N, p.D, kC) || !tma::make_map(&tk, p.k, bf, p.B, p.Hkv, p.N, p.D, kC) ||
-      !tma::make_map(&tv, p.v, bf, p.B, p.Hkv, p.N, p.E, kC) || !tma::make_map(&to, p.o, bf, p.B, p.H, p.N, p.E, 16))
+  if (!tma::make_map(&tq, p.q, bf, p.B, q_heads(p), p.N, p.D, kC) ||
+      !tma::make_map(&tk, p.k, bf, p.B, p.Hkv, p.N, p.D, kC) ||
+      !tma::make_map(&tv, p.v, bf, p.B, v_heads(p), p.N, p.E, kC) || !tma::make_map(&to, p.o, bf, p.B, p.H, p.N, p.E, 16))
     return cudaErrorNotSupported;  // fast::view_ok admits only views the driver maps
   kern<<<blocks, kThreads, smem, st>>>(a, tq, tk, tv, to, oacc ? *oacc : AccOut{});
   return cudaGetLastError();

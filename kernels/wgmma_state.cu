@@ -62,7 +62,8 @@ __global__ void __launch_bounds__(kStateThreads<D>, 1)
   const uint32_t base = raw + ((1024u - (raw & 1023u)) & 1023u);
 
   const int seg = a.loc_first + (int)(blockIdx.x % a.loc_count), bh = (int)(blockIdx.x / a.loc_count);
-  const int b = bh / a.H, h = bh % a.H, hx = REV ? h : h / a.group;
+  // x: q (REV) or k; y: dout (REV, per output head) or v
+  const int b = bh / a.H, h = bh % a.H, hx = h / (REV ? a.qgroup : a.group), hy = REV ? h : h / a.vgroup;
   const int wgi = __shfl_sync(0xffffffffu, (int)(threadIdx.x >> 7), 0);  // warp-uniform to the compiler
   const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, tc = lane & 3;
   const int m0 = 64 * wgi + 16 * warp;  // this warp's 16 rows d of the state
@@ -81,7 +82,7 @@ __global__ void __launch_bounds__(kStateThreads<D>, 1)
     const int c0 = (int)n0 + order(i) * kC;
     tma::arrive_expect_tx(bar(i), SM::STAGE);
     tma::load_atoms(stage(i) + SM::X, &tx, bar(i), D / 64, 0, c0, hx, b);
-    tma::load_atoms(stage(i) + SM::Y, &ty, bar(i), NE, 0, c0, hx, b);
+    tma::load_atoms(stage(i) + SM::Y, &ty, bar(i), NE, 0, c0, hy, b);
   };
   if (threadIdx.x == 0) {
     tma::prefetch_map(&tx);
@@ -193,9 +194,9 @@ cudaError_t launch_st(const AttnParams& p, const FwdArgs& a, const TensorView4& 
   if (e != cudaSuccess) return e;
   const unsigned blocks = (unsigned)(p.B * p.H * a.loc_count);
   const bool bf = std::is_same<T, __nv_bfloat16>::value;
-  const int64_t heads = REV ? p.H : p.Hkv;
+  const int64_t xheads = REV ? q_heads(p) : p.Hkv, yheads = REV ? p.H : v_heads(p);
   CUtensorMap tx, ty;
-  if (!tma::make_map(&tx, x, bf, p.B, heads, p.N, p.D, kC) || !tma::make_map(&ty, y, bf, p.B, heads, p.N, p.E, kC))
+  if (!tma::make_map(&tx, x, bf, p.B, xheads, p.N, p.D, kC) || !tma::make_map(&ty, y, bf, p.B, yheads, p.N, p.E, kC))
     return cudaErrorNotSupported;  // fast::view_ok admits only views the driver maps
   wgmma_state_kernel<T, D, E, REV, ST><<<blocks, kStateThreads<D>, smem, st>>>(a, tx, ty);
   return cudaGetLastError();

@@ -707,6 +707,37 @@ TEST(CudaKernelsApi, GatedKernelChoice) {
   EXPECT_EQ(lasp::cuda::plan_fwd(p).local, lasp::cuda::Family::Generic);
 }
 
+// Head maps (GVA as Mamba-2's, q heads shared alone, three head counts): every role on the tensor cores,
+// with and without gates on wgmma; mma.sync without gates.
+TEST(CudaKernelsApi, HeadMapKernelChoice) {
+  SKIP_WITHOUT_DEVICE();
+  if (!lasp::cuda::wgmma_available()) GTEST_SKIP() << "wgmma is not available on this device (sm_90a only)";
+  void* const gates = reinterpret_cast<void*>(uintptr_t{1} << 21);
+  struct Map { int H, Hq, Hkv, Hv; };
+  for (const Map m : {Map{8, 1, 1, 8}, Map{6, 2, 2, 6}, Map{4, 2, 4, 4}, Map{6, 6, 2, 3}})
+    for (bool gated : {false, true}) {
+      FwdKernelGuard fg(lasp::cuda::FwdKernel::Wgmma);
+      BwdKernelGuard bg(lasp::cuda::BwdKernel::Wgmma);
+      AttnParams p = plan_only_params(ScalarType::BFloat16, 128, 64);
+      p.H = m.H; p.Hq = m.Hq; p.Hkv = m.Hkv; p.Hv = m.Hv;
+      p.N = 1 << 16;
+      p.no_state_grad = true;
+      if (gated) p.g = gates;
+      const std::string id = std::to_string(m.Hq) + "/" + std::to_string(m.Hkv) + "/" + std::to_string(m.Hv) +
+                             (gated ? " gated" : "");
+      EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(p), "wgmma") << id;
+      EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(p), "wgmma") << id;
+      const lasp::cuda::Plan f = lasp::cuda::plan_fwd(p), b = lasp::cuda::plan_bwd(p);
+      EXPECT_EQ(f.local, lasp::cuda::Family::Wgmma) << id;
+      EXPECT_EQ(b.local, lasp::cuda::Family::Wgmma) << id;
+      EXPECT_GT(b.ws_heads, 0u) << id;  // the shared heads' gradients are summed
+      lasp::cuda::set_fwd_kernel(lasp::cuda::FwdKernel::Mma);
+      lasp::cuda::set_bwd_kernel(lasp::cuda::BwdKernel::Mma);
+      EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(p), gated ? "generic" : "mma") << id;
+      EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(p), gated ? "generic" : "mma") << id;
+    }
+}
+
 TEST(CudaKernelsApi, BackwardKernelChoice) {
   SKIP_WITHOUT_DEVICE();
   BwdKernelGuard guard(lasp::cuda::BwdKernel::Wgmma);

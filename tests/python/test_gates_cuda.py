@@ -129,6 +129,12 @@ HEAD_MAPS = [
     (1, 6, 2, 3, 300, 8, 12),     # k blocks of 3, v blocks of 2 (not nested)
     (1, 4, 1, 1, 257, 9, 5),      # MQA
     (1, 4, 2, 2, 2100, 64, 64),   # GQA, several segments
+    # on the tensor cores (16-bit; wgmma on sm_90 at D, E in {64, 128}, mma.sync at other multiples of 8)
+    (2, 1, 1, 8, 1100, 128, 64),  # GVA, Mamba-2-like
+    (1, 2, 2, 6, 700, 64, 128),   # GVA with grouped q/k
+    (1, 6, 2, 3, 300, 64, 64),    # three head counts
+    (1, 2, 4, 4, 520, 128, 128),  # only q heads shared
+    (2, 1, 1, 4, 600, 96, 32),    # GVA at mma.sync's dims
 ]
 
 

@@ -208,7 +208,8 @@ def test_packed_cuda_is_the_gated_call_with_resets(lasp, dtype, seed):
     """On the GPU (bf16: the tensor-core kernels with gates, whose resets test_gates_cuda checks against the
     float64 recurrence): a packed call is exactly the call with -inf gates at the document starts, except
     that the given g there gets a zero gradient. dg sums some terms with atomics (their order differs from
-    run to run): it must differ from the reset call's dg by less than that one differs from float64."""
+    run to run): it must differ from the reset call's dg by no more than that one differs from float64, or
+    than float32's tolerance of the suite (1e-4), whichever is larger."""
     lens = [700, 1, 64, 2000, 63, 1]
     N = sum(lens)
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
@@ -231,4 +232,5 @@ def test_packed_cuda_is_the_gated_call_with_resets(lasp, dtype, seed):
                         / torch.linalg.vector_norm(b.double().cpu())).item()
     own, apart = rel(want["dg"], exact), rel(got["dg"], want["dg"])
     assert own < 5e-2, f"dg of the reset call: relative error {own:.2e} against float64"
-    assert apart <= own, f"dg: packed vs reset call differ by {apart:.2e} (relative), more than the call's own error {own:.2e}"
+    assert apart <= max(own, 1e-4), (f"dg: packed vs reset call differ by {apart:.2e} (relative), more than the "
+                                      f"call's own error {own:.2e} and 1e-4")
