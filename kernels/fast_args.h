@@ -97,8 +97,10 @@ struct BwdArgs : ArgsBase {
   const float* seg_S;           // nseg > 1: (B, H, nseg, D, E)
   const float* seg_G;
   float* grad_state_in;         // written by the first segment's blocks
-  int dkv_per_query_head;       // dk / dv go per output head to an fp32 workspace (GQA, GVA)
-  float* dq_ws;                 // GVA: dq per output head, fp32 contiguous (B, H, N, D), or null (dq direct)
+  // dk / dv go per output head (head h, not its k / v head) to the workspace views the launch gets (GQA,
+  // MQA, GVA: summed by the caller); dq always goes to output head h (its view is the workspace where q
+  // heads are shared)
+  int dk_per_head, dv_per_head;
   // with gates (wgmma backward, no grad_state_out): dg (B, H, N) gets q[t].dq_h[t] - k[t].dk_h[t] per token,
   // each without its pair (t, t); chunk_S (16-bit, the state after each 64-token chunk, in the fragment
   // order of the kernel's registers) and chunk_T ((B, H, ceil(N / 64)) fp32, zeroed: <S, R> at each
@@ -109,15 +111,15 @@ struct BwdArgs : ArgsBase {
 };
 
 inline BwdArgs make_bwd_args(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,
-                             bool dkv_per_query_head) {
+                             bool dk_per_head, bool dv_per_head) {
   BwdArgs a;
   fill_base(a, p, nseg, seglen);
   a.grad_state_out = static_cast<const float*>(p.grad_state_out);
   a.seg_S = seg_S;
   a.seg_G = seg_G;
   a.grad_state_in = static_cast<float*>(p.grad_state_in);
-  a.dkv_per_query_head = dkv_per_query_head ? 1 : 0;
-  a.dq_ws = nullptr;
+  a.dk_per_head = dk_per_head ? 1 : 0;
+  a.dv_per_head = dv_per_head ? 1 : 0;
   a.dg = nullptr;
   a.chunk_S = nullptr;
   a.chunk_T = nullptr;

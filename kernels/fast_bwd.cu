@@ -12,7 +12,8 @@
 //     R  = g^len R + scale Q^T diag(g^(t+1)) dO
 // Warp w: rows 16*rg .. +15 of the chunk (rg = w%4, or 3 - w%4 for w >= 4), column half w/4 of dq / dk / dv.
 // Reads: dO, V, K (loop A) and Q, K, V, dO (loop B); writes dq, dk, dv once.
-// With GQA, dk / dv of each query head go as fp32 to a workspace that a reduction sums (OT = float).
+// Where k or v heads (q heads) are shared, dk / dv (dq) of each output head go to a 16-bit workspace that the
+// caller sums (fast_path.h, HeadWs).
 // ACC (head dims above 128, split into blocks by the driver): dq, dk and dv of each query head are terms
 // of sums over blocks, left as the driver's AccOuts say (fast_args.h: stored or added in fp32, or added
 // and written as the 16-bit output).
@@ -51,9 +52,9 @@ struct BwdSmem {
   static constexpr size_t bytes = (size_t)(2 * STAGE + D * LDE) * sizeof(T) + (kC + 2) * sizeof(float);
 };
 
-template <typename T, typename OT, int D, int E, bool ACC = false>
+template <typename T, int D, int E, bool ACC = false>
 __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(BwdArgs a, Tv<const T> q, Tv<const T> k, Tv<const T> v,
-                                                           Tv<const T> dout, Tv<T> dq, Tv<OT> dk, Tv<OT> dv,
+                                                           Tv<const T> dout, Tv<T> dq, Tv<T> dk, Tv<T> dv,
                                                            AccOuts accs) {
   using SM = BwdSmem<T, D, E>;
   constexpr int LDD = SM::LDD, LDE = SM::LDE;
@@ -208,8 +209,6 @@ __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(Bwd
       }
       if constexpr (ACC) {
         store_frag_acc<T, DH / 8>(acc, accs.x[0], b, h, c0, r0, ch * DH, len, a.D);
-      } else if (a.dq_ws) {  // GVA: per output head, fp32 (the caller sums each q head's)
-        store_frag<float, DH / 8>(acc, a.dq_ws + ((size_t)bh * a.N + c0) * a.D, a.D, r0, ch * DH, len, a.D);
       } else {
         store_frag<T, DH / 8>(acc, dq.p + b * dq.sb + h * dq.sh + c0 * dq.sn, dq.sn, r0, ch * DH, len, a.D);
       }
@@ -272,8 +271,8 @@ __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(Bwd
     cp_async_commit();
   };
   issue_B(0);
-  // dk / dv: per output head into the fp32 workspace (GQA, GVA), else the k / v head
-  const int hk = a.dkv_per_query_head ? h : kh, hv = a.dkv_per_query_head ? h : vh;
+  // dk / dv: per output head into the workspace (shared k / v heads), else the k / v head
+  const int hk = a.dk_per_head ? h : kh, hv = a.dv_per_head ? h : vh;
   for (int ci = 0; ci < nch; ++ci) {
     const int cc = nch - 1 - ci;
     const int64_t c0 = n0 + (int64_t)cc * kC;
@@ -356,7 +355,7 @@ __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(Bwd
       if constexpr (ACC) {  // per query head (the driver finishes in the kernel only without GQA)
         store_frag_acc<T, DH / 8>(acc, accs.x[1], b, h, c0, r0, ch * DH, len, a.D);
       } else {
-        store_frag<OT, DH / 8>(acc, dk.p + b * dk.sb + hk * dk.sh + c0 * dk.sn, dk.sn, r0, ch * DH, len, a.D);
+        store_frag<T, DH / 8>(acc, dk.p + b * dk.sb + hk * dk.sh + c0 * dk.sn, dk.sn, r0, ch * DH, len, a.D);
       }
     }
     // ---- dv = diag(w) K R + (scale K Q^T masked) dO ----
@@ -427,7 +426,7 @@ __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(Bwd
       if constexpr (ACC) {
         store_frag_acc<T, EH / 8>(acc, accs.x[2], b, h, c0, r0, ch * EH, len, a.E);
       } else {
-        store_frag<OT, EH / 8>(acc, dv.p + b * dv.sb + hv * dv.sh + c0 * dv.sn, dv.sn, r0, ch * EH, len, a.E);
+        store_frag<T, EH / 8>(acc, dv.p + b * dv.sb + hv * dv.sh + c0 * dv.sn, dv.sn, r0, ch * EH, len, a.E);
       }
     }
     __syncthreads();  // all warps done reading R_b
@@ -476,38 +475,38 @@ __global__ void __launch_bounds__(kThreadsB, kBwdMinBlocks<D, E>) bwd_kernel(Bwd
   }
 }
 
-template <typename T, typename OT, int D, int E, bool ACC = false>
-cudaError_t launch_bwd(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st,
+template <typename T, int D, int E, bool ACC = false>
+cudaError_t launch_bwd(const AttnParams& p, const BwdArgs& a, Tv<T> dq, Tv<T> dk, Tv<T> dv, cudaStream_t st,
                        const AccOut* acc = nullptr) {
-  auto kern = bwd_kernel<T, OT, D, E, ACC>;
+  auto kern = bwd_kernel<T, D, E, ACC>;
   const size_t smem = BwdSmem<T, D, E>::bytes;
-  cudaError_t e = opt_in_smem<bwd_kernel<T, OT, D, E, ACC>>(smem);
+  cudaError_t e = opt_in_smem<bwd_kernel<T, D, E, ACC>>(smem);
   if (e != cudaSuccess) return e;
   const unsigned blocks = (unsigned)(p.B * p.H * a.nseg);
   AccOuts accs{};
   if (acc)
     for (int i = 0; i < 3; ++i) accs.x[i] = acc[i];
   kern<<<blocks, kThreadsB, smem, st>>>(a, make_tv<const T>(p.q), make_tv<const T>(p.k), make_tv<const T>(p.v),
-                                        make_tv<const T>(p.dout), make_tv<T>(p.dq), dk, dv, accs);
+                                        make_tv<const T>(p.dout), dq, dk, dv, accs);
   return cudaGetLastError();
 }
 
-template <typename T, typename OT, int D, int E>
+template <typename T, int D, int E>
 int bwd_resident() {
   // planning falls back to one block per SM where the runtime cannot say; the launch reports real errors
-  return resident_blocks<bwd_kernel<T, OT, D, E>>(kThreadsB, BwdSmem<T, D, E>::bytes, 1);
+  return resident_blocks<bwd_kernel<T, D, E>>(kThreadsB, BwdSmem<T, D, E>::bytes, 1);
 }
 
-template <typename T, typename OT>
+template <typename T>
 int bwd_resident_dims(const AttnParams& p) {
-  return with_dims(p, [](auto d, auto e) { return bwd_resident<T, OT, decltype(d)::value, decltype(e)::value>(); });
+  return with_dims(p, [](auto d, auto e) { return bwd_resident<T, decltype(d)::value, decltype(e)::value>(); });
 }
 
-template <typename T, typename OT, bool ACC = false>
-cudaError_t launch_bwd_dims(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st,
+template <typename T, bool ACC = false>
+cudaError_t launch_bwd_dims(const AttnParams& p, const BwdArgs& a, Tv<T> dq, Tv<T> dk, Tv<T> dv, cudaStream_t st,
                             const AccOut* acc = nullptr) {
   return with_dims(p, [&](auto d, auto e) {
-    return launch_bwd<T, OT, decltype(d)::value, decltype(e)::value, ACC>(p, a, dk, dv, st, acc);
+    return launch_bwd<T, decltype(d)::value, decltype(e)::value, ACC>(p, a, dq, dk, dv, st, acc);
   });
 }
 
@@ -517,15 +516,15 @@ bool bwd_supported(const AttnParams& p) {
   if (!shape_supported(p)) return false;
   // dq, dk, dv that go through the per-output-head workspace are not read as views
   const int64_t Hq = q_heads(p), Hv = v_heads(p);
-  const bool ws = p.H != p.Hkv || Hq != p.H || Hv != p.H;
   return view_ok(p.q, p, Hq) && view_ok(p.k, p, p.Hkv) && view_ok(p.v, p, Hv) && view_ok(p.dout, p, p.H) &&
-         (Hq != p.H || view_ok(p.dq, p, Hq)) && (ws || (view_ok(p.dk, p, p.Hkv) && view_ok(p.dv, p, Hv)));
+         (Hq != p.H || view_ok(p.dq, p, Hq)) && (p.Hkv != p.H || view_ok(p.dk, p, p.Hkv)) &&
+         (Hv != p.H || view_ok(p.dv, p, Hv));
 }
 
 int mma_bwd_blocks_per_sm(const AttnParams& p) {
   return with_type(p, [&](auto t) {
     using T = typename decltype(t)::type;
-    return p.H != p.Hkv || v_heads(p) != p.H ? bwd_resident_dims<T, float>(p) : bwd_resident_dims<T, T>(p);
+    return bwd_resident_dims<T>(p);
   });
 }
 
@@ -535,17 +534,16 @@ size_t mma_bwd_smem_bytes(const AttnParams& p) {
 
 cudaError_t mma_bwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,
                          const HeadWs& ws, cudaStream_t st, const AccOut* acc) {
-  float *dk_ws = ws.dk, *dv_ws = ws.dv;
   return with_type(p, [&](auto t) {
     using T = typename decltype(t)::type;
-    if (acc)  // head-dim blocks: dq, dk, dv as acc[0..2] say, per query head
-      return launch_bwd_dims<T, T, true>(p, make_bwd_args(p, nseg, seglen, seg_S, seg_G, true), {}, {}, st, acc);
-    BwdArgs a = make_bwd_args(p, nseg, seglen, seg_S, seg_G, dk_ws != nullptr);
-    a.dq_ws = ws.dq;
-    if (dk_ws)  // GQA, GVA: per-output-head fp32 dk / dv, contiguous (B, H, N, D|E)
-      return launch_bwd_dims<T, float>(p, a, make_tv_contig<float>(dk_ws, p.H, p.N, p.D),
-                                       make_tv_contig<float>(dv_ws, p.H, p.N, p.E), st);
-    return launch_bwd_dims<T, T>(p, a, make_tv<T>(p.dk), make_tv<T>(p.dv), st);
+    if (acc)  // head-dim blocks: dq, dk, dv as acc[0..2] say, per output head
+      return launch_bwd_dims<T, true>(p, make_bwd_args(p, nseg, seglen, seg_S, seg_G, true, true), {}, {}, {}, st,
+                                      acc);
+    const BwdArgs a = make_bwd_args(p, nseg, seglen, seg_S, seg_G, ws.dk != nullptr, ws.dv != nullptr);
+    // per output head into the workspace where heads are shared (HeadWs), else the outputs
+    return launch_bwd_dims<T>(p, a, ws.dq ? make_tv_contig<T>(ws.dq, p.H, p.N, p.D) : make_tv<T>(p.dq),
+                              ws.dk ? make_tv_contig<T>(ws.dk, p.H, p.N, p.D) : make_tv<T>(p.dk),
+                              ws.dv ? make_tv_contig<T>(ws.dv, p.H, p.N, p.E) : make_tv<T>(p.dv), st);
   });
 }
 

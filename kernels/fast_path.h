@@ -47,13 +47,13 @@ bool local_supported(const AttnParams& p, bool reverse);
 cudaError_t mma_state_local(const AttnParams& p, bool reverse, int nseg, int seglen, int skip, float* out,
                             cudaStream_t stream);
 
-// Per-output-head fp32 outputs of the backward, contiguous (B, H, N, D|E), that the caller sums into each
-// q, k, v head: dq where q heads are shared (GVA), dk and dv together where k or v heads are (GQA, MQA,
-// GVA); null: written directly to p.dq / p.dk / p.dv.
+// Per-output-head outputs of the backward in the input dtype (16-bit), contiguous (B, H, N, D|E), that the
+// caller sums into each q, k, v head (in fp32, rounded once): dq where q heads are shared (GVA), dk where k
+// heads are (GQA, MQA, GVA), dv where v heads are; null: written directly to p.dq / p.dk / p.dv.
 struct HeadWs {
-  float* dq = nullptr;
-  float* dk = nullptr;
-  float* dv = nullptr;
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
 };
 
 // Fused tensor-core backward (dq, dk, dv, and grad_state_in from the first segment's blocks).
@@ -62,7 +62,7 @@ size_t mma_bwd_smem_bytes(const AttnParams& p);
 // Resident blocks per SM for this problem's dtype, D, E and GQA (registers and shared memory; at least 1).
 int mma_bwd_blocks_per_sm(const AttnParams& p);
 // seg_S / seg_G: segment input states / end-of-segment gradients (nseg > 1). ws: the per-output-head
-// outputs (HeadWs; dk and dv both or neither).
+// outputs (HeadWs).
 // acc (head-dim blocks): nullptr as above; else dq, dk and dv are terms of sums over the blocks, left as
 // acc[0..2] say (fast_args.h, AccOut: one head per output head; ws unused).
 cudaError_t mma_bwd_main(const AttnParams& p, int nseg, int seglen, const float* seg_S, const float* seg_G,

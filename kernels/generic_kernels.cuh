@@ -621,10 +621,11 @@ __global__ void dg_finish_kernel(Ctx<A> c, A* dg, const A* gp, const A* state_in
 }
 
 // ---------------------------------------------------------------------------------------------
-// Head maps: out[b, x, n, :] = sum_{r < H / Hout} ws[b, x * (H / Hout) + r, n, :]   (ws contiguous (B, H, N, X)
-// in A, one row per output head; out the (B, Hout, N, X) view of q, k or v heads).
-template <typename T, typename A>
-__global__ void reduce_heads_generic_kernel(Ctx<A> c, const A* ws, Tv<T> out, int Hout, int X) {
+// Head maps: out[b, x, n, :] = sum_{r < H / Hout} ws[b, x * (H / Hout) + r, n, :]   (ws contiguous (B, H, N, X),
+// one row per output head: in A from the generic kernels, in T from the tensor-core ones; summed in A;
+// out the (B, Hout, N, X) view of q, k or v heads).
+template <typename T, typename A, typename W>
+__global__ void reduce_heads_generic_kernel(Ctx<A> c, const W* ws, Tv<T> out, int Hout, int X) {
   const int group = c.H / Hout;
   const int64_t total = (int64_t)c.B * Hout * c.N * X;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
@@ -635,7 +636,7 @@ __global__ void reduce_heads_generic_kernel(Ctx<A> c, const A* ws, Tv<T> out, in
     const int ho = (int)(r % Hout);
     const int b = (int)(r / Hout);
     A acc = 0;
-    for (int g = 0; g < group; ++g) acc += ws[(((int64_t)b * c.H + ho * group + g) * c.N + n) * X + x];
+    for (int g = 0; g < group; ++g) acc += to_acc<A>(ws[(((int64_t)b * c.H + ho * group + g) * c.N + n) * X + x]);
     out.at(b, ho, n, x) = from_acc<T>(acc);
   }
 }

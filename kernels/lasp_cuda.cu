@@ -202,16 +202,13 @@ cudaError_t run_bwd(const AttnParams& p, cudaStream_t st, int mode = -1, const f
   }
   const int nb = 132 * 16;
   if (pl.main != Family::Generic) {
-    // per output head (ws_heads: [dq | dk | dv], fp32): dq where q heads are shared, dk and dv together
-    // where k or v heads are
+    // per output head where heads are shared (ws_heads: [dq | dk | dv] in T), summed below
     const size_t bhn = (size_t)p.B * p.H * p.N;
-    const bool dq_ws = p.Hq != p.H, dkv_ws = p.Hkv != p.H || p.Hv != p.H;
+    T* const wsT = reinterpret_cast<T*>(wsKV);
     fast::HeadWs hw;
-    if (dq_ws) hw.dq = reinterpret_cast<float*>(wsKV);
-    if (dkv_ws) {
-      hw.dk = reinterpret_cast<float*>(wsKV) + bhn * p.D;
-      hw.dv = hw.dk + bhn * p.D;
-    }
+    if (p.Hq != p.H) hw.dq = wsT;
+    if (p.Hkv != p.H) hw.dk = wsT + bhn * p.D;
+    if (p.Hv != p.H) hw.dv = wsT + 2 * bhn * p.D;
     const float *segS = reinterpret_cast<const float*>(wsS), *segG = reinterpret_cast<const float*>(wsG);
     // gates (wgmma, no G): the chunk states and the chunks' <S, R> (zeroed: the kernel adds to them)
     void* chunk_S = pl.ws_chunk_states ? wsb + pl.bwd_chunks_offset() : nullptr;
@@ -229,14 +226,13 @@ cudaError_t run_bwd(const AttnParams& p, cudaStream_t st, int mode = -1, const f
       dg_finish_kernel<A><<<(unsigned)(p.B * p.H), kFinishThreads, 0, st>>>(c, dg, nullptr, nullptr, nullptr);
       LASP_LAUNCHED();
     }
-    if (dq_ws) {
-      reduce_heads_generic_kernel<T, A><<<nb, 256, 0, st>>>(c, reinterpret_cast<A*>(hw.dq), make_tv<T>(p.dq), c.Hq, c.D);
-      LASP_LAUNCHED();
-    }
-    if (dkv_ws) {
-      reduce_heads_generic_kernel<T, A><<<nb, 256, 0, st>>>(c, reinterpret_cast<A*>(hw.dk), make_tv<T>(p.dk), c.Hkv, c.D);
-      LASP_LAUNCHED();
-      reduce_heads_generic_kernel<T, A><<<nb, 256, 0, st>>>(c, reinterpret_cast<A*>(hw.dv), make_tv<T>(p.dv), c.Hv, c.E);
+    const void* wss[3] = {hw.dq, hw.dk, hw.dv};
+    const TensorView4* outs[3] = {&p.dq, &p.dk, &p.dv};
+    const int houts[3] = {c.Hq, c.Hkv, c.Hv}, xs[3] = {c.D, c.D, c.E};
+    for (int i = 0; i < 3; ++i) {
+      if (!wss[i]) continue;
+      reduce_heads_generic_kernel<T, A, T>
+          <<<nb, 256, 0, st>>>(c, static_cast<const T*>(wss[i]), make_tv<T>(*outs[i]), houts[i], xs[i]);
       LASP_LAUNCHED();
     }
     return cudaSuccess;
@@ -273,11 +269,11 @@ cudaError_t run_bwd(const AttnParams& p, cudaStream_t st, int mode = -1, const f
     k2<<<g2, kThreads, pl.sm_dv, st>>>(c, q, k, dout, make_tv_contig<A>(dvh, p.H, p.N, p.E), gso, wsG, seglog, split,
                                        pl.C_dv, pl.t_dv);
     LASP_LAUNCHED();
-    reduce_heads_generic_kernel<T, A><<<nb, 256, 0, st>>>(c, dqh, make_tv<T>(p.dq), c.Hq, c.D);
+    reduce_heads_generic_kernel<T, A, A><<<nb, 256, 0, st>>>(c, dqh, make_tv<T>(p.dq), c.Hq, c.D);
     LASP_LAUNCHED();
-    reduce_heads_generic_kernel<T, A><<<nb, 256, 0, st>>>(c, dkh, make_tv<T>(p.dk), c.Hkv, c.D);
+    reduce_heads_generic_kernel<T, A, A><<<nb, 256, 0, st>>>(c, dkh, make_tv<T>(p.dk), c.Hkv, c.D);
     LASP_LAUNCHED();
-    reduce_heads_generic_kernel<T, A><<<nb, 256, 0, st>>>(c, dvh, make_tv<T>(p.dv), c.Hv, c.E);
+    reduce_heads_generic_kernel<T, A, A><<<nb, 256, 0, st>>>(c, dvh, make_tv<T>(p.dv), c.Hv, c.E);
     LASP_LAUNCHED();
   }
   if (dg) {

@@ -60,14 +60,33 @@ bool pick_tile(F smem, int full, size_t esz, size_t limit, int& C, int& tile, si
   return false;
 }
 
+// The extra time of a segment split, relative to the main pass it cuts: phase 1 (the local states of every
+// segment) and the scan of the segments' states, which the unsplit pass does not run.
+constexpr double kSplitCost = 0.35;
+
 // Segments per (b, h) so that the grid has about blocks_per_sm blocks per SM.
 void split_segments(const AttnParams& p, int blocks_per_segment, int sms, int& nseg, int& seglen,
                     int blocks_per_sm = 2) {
   // Whole waves: floor(blocks_per_sm * SMs / blocks) segments, so the last wave is not a small tail.
   const int64_t pairs = p.B * p.H * (int64_t)blocks_per_segment;
-  const int64_t want = (blocks_per_sm * (int64_t)sms) / pairs;
+  const int64_t slots = blocks_per_sm * (int64_t)sms;
+  const int64_t want = slots / pairs;
   const int64_t nch64 = (p.N + 63) / 64;
   int64_t ns = std::min<int64_t>(want, nch64);
+  if (want == 0) {
+    // More blocks than one wave holds: unsplit, the last wave may be a small tail that takes as long as a
+    // full one (160 blocks on 132 slots: two waves of work for 1.2). Cut into the segments whose waves,
+    // plus the split's own cost, take least time.
+    double best = (double)((pairs + slots - 1) / slots);
+    ns = 1;
+    for (int64_t s = 2; s <= std::min<int64_t>(8, nch64); ++s) {
+      const double t = (double)((pairs * s + slots - 1) / slots) / (double)s * (1.0 + kSplitCost);
+      if (t < best - 1e-9) {
+        best = t;
+        ns = s;
+      }
+    }
+  }
   if (ns <= 1) {
     nseg = 1;
     seglen = (int)p.N;
@@ -191,7 +210,10 @@ Plan plan_bwd(const AttnParams& p, int mode) {
     pl.ws_states = align256((size_t)p.B * p.H * pl.nseg * D * E * esz);
     pl.ws_gates = align256((size_t)p.B * p.H * pl.nseg * esz);
   }
-  if (p.Hq != p.H || p.Hkv != p.H || p.Hv != p.H) pl.ws_heads = align256((size_t)p.B * p.H * p.N * (2 * D + E) * esz);
+  // per-output-head dq, dk, dv: in the accumulation type for the generic kernels, in the 16-bit input
+  // dtype for the tensor-core ones (written by their usual stores; lasp_cuda.cu sums them in fp32)
+  if (p.Hq != p.H || p.Hkv != p.H || p.Hv != p.H)
+    pl.ws_heads = align256((size_t)p.B * p.H * p.N * (2 * D + E) * (pl.main == Family::Generic ? esz : 2));
   if (p.g) pl.ws_dg = align256((size_t)p.B * p.H * p.N * esz);
   if (p.g && pl.main == Family::Wgmma) {
     const size_t nct = (size_t)(p.N + 63) / 64;

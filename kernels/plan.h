@@ -44,8 +44,8 @@ struct Plan {
   size_t sm_loc = 0;
   size_t ws_states = 0;  // bytes of one (B, H, nseg, D, E) state array (0 when nseg == 1)
   // bytes of the per-output-head dq, dk, dv (0 where each q, k and v head has one output head): the
-  // tensor-core families use the dq part where q heads are shared and the dk, dv parts where k or v heads
-  // are; the generic kernels all three
+  // tensor-core families write the parts of the shared heads in the 16-bit input dtype, the generic
+  // kernels all three in the accumulation type
   size_t ws_heads = 0;
   size_t ws_gates = 0;   // the segments' log-gate sums, (B, H, nseg) (0 when nseg == 1)
   size_t ws_dg = 0;      // backward with gates: the per-token (s, G) pair sums, (B, H, N)

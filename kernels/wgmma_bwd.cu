@@ -18,7 +18,8 @@
 // SS wgmmas read the tiles and S_b / R_b from shared memory; the masked products return as RS operands;
 // the state updates are RS wgmmas with K^T / Q^T fragments from ldmatrix.trans, scaled by the decay
 // weights in registers. Reads: dO, V, K (loop A) and Q, K, V, dO (loop B); writes dq, dk, dv once.
-// With GQA, dk / dv of each query head go as fp32 to a workspace that the caller reduces (OT = float).
+// Where k or v heads (q heads) are shared, dk / dv (dq) of each output head go by the same TMA stores to a
+// 16-bit workspace that the caller sums (fast_path.h, HeadWs).
 // GATED (per-token gates, planned only without an outgoing-state gradient G): the powers of g become the
 // chunk's gate weights (wgmma.cuh, GateTile), which warp 0 scans into one of two tiles before each chunk's
 // barrier; loop A also loads Q, and WG0's threads of each row leave q[t].dq_h[t] in dg (loop A) and take
@@ -93,21 +94,6 @@ __device__ __forceinline__ uint64_t state_kmajor_d(uint32_t buf, int nb, int kk)
 // execute the same instruction; compute-sanitizer synccheck reported that use as divergent).
 __device__ __forceinline__ void block_sync() { asm volatile("barrier.sync 1, 256;\n" ::: "memory"); }
 
-// Store a 64 x 64 fp32 accumulator block (this thread's rows r0 + g, r0 + g + 8; columns c0 + 8j + 2tc) to
-// fp32 rows of stride `rs` (elements) from `base` (the GQA workspace); rows >= len are skipped.
-__device__ __forceinline__ void store_acc_f32_rows(const float (&d)[32], float* base, int64_t rs, int r0, int c0,
-                                                   int len) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
-#pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    const int t = r0 + g + 8 * hh;
-    if (t >= len) continue;
-    float* row = base + t * rs + c0 + 2 * tc;
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-      *reinterpret_cast<float2*>(row + 8 * j) = make_float2(d[4 * j + 2 * hh], d[4 * j + 2 * hh + 1]);
-  }
-}
 
 // st (64 rows of block mb of a D x E fp32 state) = g^len st + X^T diag(w) Y over the chunk (K = its 64 rows):
 // X = the tile at xt (rows s, 64-column atoms), Y = the tile at yt, MN-major (NE atoms). w[s] = g^(len-1-s)
@@ -161,9 +147,9 @@ struct BwdMaps {
   CUtensorMap q, k, v, dout, dq, dk, dv;
 };
 
-template <typename T, typename OT, int D, int E, int MINB, bool ACC, bool GATED>
+template <typename T, int D, int E, int MINB, bool ACC, bool GATED>
 __global__ void __launch_bounds__(kThreads, MINB)
-    wgmma_bwd_kernel(BwdArgs a, const __grid_constant__ BwdMaps tm, Tv<OT> dk, Tv<OT> dv, AccOuts accs) {
+    wgmma_bwd_kernel(BwdArgs a, const __grid_constant__ BwdMaps tm, AccOuts accs) {
 #if LASP_WGMMA
   using SM = WgBwdSmem<D, E>;
   constexpr int ND = D / 64, NE = E / 64;  // 64-column blocks of D and E
@@ -353,8 +339,6 @@ __global__ void __launch_bounds__(kThreads, MINB)
         if constexpr (ACC) {
           mma::store_frag_acc<T, 8>(reinterpret_cast<const float(*)[4]>(acc[nb]), accs.x[0], b, h, c0, r0, 64 * nb,
                                     len, a.D);
-        } else if (a.dq_ws) {  // GVA: per output head, fp32 (the caller sums each q head's)
-          store_acc_f32_rows(acc[nb], a.dq_ws + ((size_t)bh * a.N + c0) * a.D, a.D, r0, 64 * nb, len);
         } else {
           tma::store_acc_rows<T, SM::NSTG>(acc[nb], &tm.dq, sm, base, stg, nstore, r0, len, 64 * nb, c0 + r0, h, b);
         }
@@ -428,8 +412,8 @@ __global__ void __launch_bounds__(kThreads, MINB)
   };
   if (threadIdx.x == 0 && nch > 0) issue_B(0);
   if (GATED && threadIdx.x < 32 && nch > 0) load_gates(n0 + (nch - 1) * kC);
-  // dk / dv: per output head into the fp32 workspace (GQA, GVA), else the k / v head
-  const int hk = a.dkv_per_query_head ? h : kh, hv = a.dkv_per_query_head ? h : vh;
+  // dk / dv: per output head into the workspace (shared k / v heads), else the k / v head
+  const int hk = a.dk_per_head ? h : kh, hv = a.dv_per_head ? h : vh;
   auto loop_B = [&](auto role) {
     constexpr int W = decltype(role)::value;
     // WG0: dk (N = D) from V (A), R_b^T, V dO^T, Q;  WG1: dv (N = E) from K (A), R_b, K Q^T, dO.
@@ -579,10 +563,6 @@ __global__ void __launch_bounds__(kThreads, MINB)
         if constexpr (ACC) {  // per query head (the driver finishes in the kernel only without GQA)
           mma::store_frag_acc<T, 8>(reinterpret_cast<const float(*)[4]>(acc[nb]), accs.x[W == 0 ? 1 : 2], b, h, c0,
                                     r0, 64 * nb, len, W == 0 ? a.D : a.E);
-        } else if constexpr (sizeof(OT) == 4) {  // the GQA workspace: fp32, written directly
-          const Tv<OT>& o = W == 0 ? dk : dv;
-          store_acc_f32_rows(acc[nb], o.p + b * o.sb + (W == 0 ? hk : hv) * o.sh + (int64_t)c0 * o.sn, o.sn, r0,
-                             64 * nb, len);
         } else {
           tma::store_acc_rows<T, SM::NSTG>(acc[nb], W == 0 ? &tm.dk : &tm.dv, sm, base, stg, nstore, r0, len, 64 * nb,
                                      c0 + r0, W == 0 ? hk : hv, b);
@@ -619,11 +599,11 @@ __global__ void __launch_bounds__(kThreads, MINB)
 template <int D, int E>
 constexpr int kBwdMinBlocks = (D == 64 && E == 64) ? 2 : 1;
 
-template <typename T, typename OT, int D, int E, int MINB, bool ACC, bool GATED>
-cudaError_t launch_minb(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, const AccOut* acc,
-                        cudaStream_t st) {
+template <typename T, int D, int E, int MINB, bool ACC, bool GATED>
+cudaError_t launch_minb(const AttnParams& p, const BwdArgs& a, const AccOut* acc,
+                        const HeadWs& ws, cudaStream_t st) {
   constexpr size_t smem = WgBwdSmem<D, E>::bytes;
-  cudaError_t e = opt_in_smem<wgmma_bwd_kernel<T, OT, D, E, MINB, ACC, GATED>>(smem);
+  cudaError_t e = opt_in_smem<wgmma_bwd_kernel<T, D, E, MINB, ACC, GATED>>(smem);
   if (e != cudaSuccess) return e;
   const unsigned blocks = (unsigned)(p.B * p.H * a.nseg);
   const bool bf = std::is_same<T, __nv_bfloat16>::value;
@@ -633,44 +613,56 @@ cudaError_t launch_minb(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT>
             tma::make_map(&tm.k, p.k, bf, p.B, p.Hkv, p.N, p.D, kC) &&
             tma::make_map(&tm.v, p.v, bf, p.B, v_heads(p), p.N, p.E, kC) &&
             tma::make_map(&tm.dout, p.dout, bf, p.B, p.H, p.N, p.E, kC);
-  // dq by TMA where each q head has one output head (else a.dq_ws, or the AccOuts)
-  if (ok && !a.dq_ws && !ACC) ok = tma::make_map(&tm.dq, p.dq, bf, p.B, p.H, p.N, p.D, 16);
-  if (ok && sizeof(OT) == 2 && !ACC)
-    ok = tma::make_map(&tm.dk, p.dk, bf, p.B, p.Hkv, p.N, p.D, 16) && tma::make_map(&tm.dv, p.dv, bf, p.B, v_heads(p), p.N, p.E, 16);
+  // dq, dk, dv by TMA into the outputs, or per output head into the workspace (HeadWs) where heads are shared
+  auto contig = [&](void* ptr, int64_t X) {  // a contiguous (B, H, N, X) 16-bit workspace
+    TensorView4 t;
+    t.ptr = ptr;
+    t.stride[0] = p.H * p.N * X;
+    t.stride[1] = p.N * X;
+    t.stride[2] = X;
+    t.stride[3] = 1;
+    return t;
+  };
+  if (ok && !ACC)
+    ok = tma::make_map(&tm.dq, ws.dq ? contig(ws.dq, p.D) : p.dq, bf, p.B, p.H, p.N, p.D, 16);
+  if (ok && !ACC)
+    ok = tma::make_map(&tm.dk, ws.dk ? contig(ws.dk, p.D) : p.dk, bf, p.B, ws.dk ? p.H : p.Hkv, p.N, p.D, 16) &&
+         tma::make_map(&tm.dv, ws.dv ? contig(ws.dv, p.E) : p.dv, bf, p.B, ws.dv ? p.H : v_heads(p), p.N, p.E, 16);
   if (!ok) return cudaErrorNotSupported;  // fast::view_ok admits only views the driver maps
   AccOuts accs{};
   if (acc)
     for (int i = 0; i < 3; ++i) accs.x[i] = acc[i];
-  wgmma_bwd_kernel<T, OT, D, E, MINB, ACC, GATED><<<blocks, kThreads, smem, st>>>(a, tm, dk, dv, accs);
+  wgmma_bwd_kernel<T, D, E, MINB, ACC, GATED><<<blocks, kThreads, smem, st>>>(a, tm, accs);
   return cudaGetLastError();
 }
 
-template <typename T, typename OT, int D, int E, bool ACC>
-cudaError_t launch(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, const AccOut* acc, cudaStream_t st) {
+template <typename T, int D, int E, bool ACC>
+cudaError_t launch(const AttnParams& p, const BwdArgs& a, const AccOut* acc, const HeadWs& ws, cudaStream_t st) {
   if constexpr (ACC) {  // gates never come with head-dim blocks (blocks_shape refuses them)
-    return a.g ? cudaErrorInvalidValue : launch_minb<T, OT, D, E, kBwdMinBlocks<D, E>, true, false>(p, a, dk, dv, acc, st);
+    return a.g ? cudaErrorInvalidValue
+               : launch_minb<T, D, E, kBwdMinBlocks<D, E>, true, false>(p, a, acc, ws, st);
   } else {
-    return a.g ? launch_minb<T, OT, D, E, kBwdMinBlocks<D, E>, false, true>(p, a, dk, dv, acc, st)
-               : launch_minb<T, OT, D, E, kBwdMinBlocks<D, E>, false, false>(p, a, dk, dv, acc, st);
+    return a.g ? launch_minb<T, D, E, kBwdMinBlocks<D, E>, false, true>(p, a, acc, ws, st)
+               : launch_minb<T, D, E, kBwdMinBlocks<D, E>, false, false>(p, a, acc, ws, st);
   }
 }
 
-template <typename T, typename OT, bool ACC = false>
-cudaError_t launch_dims(const AttnParams& p, const BwdArgs& a, Tv<OT> dk, Tv<OT> dv, cudaStream_t st,
-                        const AccOut* acc = nullptr) {
+template <typename T, bool ACC = false>
+cudaError_t launch_dims(const AttnParams& p, const BwdArgs& a, cudaStream_t st, const AccOut* acc = nullptr,
+                        const HeadWs& ws = HeadWs{}) {
   return with_dims(p, [&](auto d, auto e) {
-    return launch<T, OT, decltype(d)::value, decltype(e)::value, ACC>(p, a, dk, dv, acc, st);
+    return launch<T, decltype(d)::value, decltype(e)::value, ACC>(p, a, acc, ws, st);
   });
 }
 
-template <typename T, typename OT, int D, int E>
+template <typename T, int D, int E>
 int resident() {
-  return resident_blocks<wgmma_bwd_kernel<T, OT, D, E, kBwdMinBlocks<D, E>, false, false>>(kThreads, WgBwdSmem<D, E>::bytes, 1);
+  return resident_blocks<wgmma_bwd_kernel<T, D, E, kBwdMinBlocks<D, E>, false, false>>(kThreads, WgBwdSmem<D, E>::bytes, 1);
 }
 
-template <typename T, typename OT>
+template <typename T>
 int resident_dims(const AttnParams& p) {
-  return with_dims(p, [](auto d, auto e) { return resident<T, OT, decltype(d)::value, decltype(e)::value>(); });
+  return with_dims(p, [](auto d, auto e) { return resident<T, decltype(d)::value, decltype(e)::value>(); });
 }
 
 }  // namespace
@@ -682,7 +674,7 @@ size_t wgmma_bwd_smem_bytes(const AttnParams& p) {
 int wgmma_bwd_blocks_per_sm(const AttnParams& p) {
   return with_type(p, [&](auto t) {
     using T = typename decltype(t)::type;
-    return p.H != p.Hkv || v_heads(p) != p.H ? resident_dims<T, float>(p) : resident_dims<T, T>(p);
+    return resident_dims<T>(p);
   });
 }
 
@@ -691,18 +683,13 @@ cudaError_t wgmma_bwd_main(const AttnParams& p, int nseg, int seglen, const floa
                            float* chunk_T) {
   return with_type(p, [&](auto t) {
     using T = typename decltype(t)::type;
-    if (acc)  // head-dim blocks: dq, dk, dv as acc[0..2] say, per query head
-      return launch_dims<T, T, true>(p, make_bwd_args(p, nseg, seglen, seg_S, seg_G, true), {}, {}, st, acc);
-    float *dk_ws = ws.dk, *dv_ws = ws.dv;
-    BwdArgs a = make_bwd_args(p, nseg, seglen, seg_S, seg_G, dk_ws != nullptr);
-    a.dq_ws = ws.dq;
+    if (acc)  // head-dim blocks: dq, dk, dv as acc[0..2] say, per output head
+      return launch_dims<T, true>(p, make_bwd_args(p, nseg, seglen, seg_S, seg_G, true, true), st, acc);
+    BwdArgs a = make_bwd_args(p, nseg, seglen, seg_S, seg_G, ws.dk != nullptr, ws.dv != nullptr);
     a.dg = static_cast<float*>(p.dg_part);
     a.chunk_S = chunk_S;
     a.chunk_T = chunk_T;
-    if (dk_ws)  // GQA, GVA: per-output-head fp32 dk / dv, contiguous (B, H, N, D|E)
-      return launch_dims<T, float>(p, a, make_tv_contig<float>(dk_ws, p.H, p.N, p.D),
-                                   make_tv_contig<float>(dv_ws, p.H, p.N, p.E), st);
-    return launch_dims<T, T>(p, a, make_tv<T>(p.dk), make_tv<T>(p.dv), st);
+    return launch_dims<T>(p, a, st, nullptr, ws);
   });
 }
 
