@@ -1,7 +1,8 @@
 """HuggingFace transformers models on lasp: ``patch(model, sp_group=None)`` / ``unpatch(model)``.
 
-``patch`` dispatches on the model: today the MiniMax family (``patch_minimax``, also callable by name;
-``SUPPORTED_MODELS`` lists what ``patch`` takes). The rest of this docstring is MiniMax's.
+``patch`` dispatches on the model: the MiniMax family (``patch_minimax``, also callable by name) and the
+Gated DeltaNet families Qwen3-Next, Qwen3.5 / Qwen3.5-MoE and OLMo hybrid (``hf_delta.patch_gated_deltanet``,
+see that module); ``SUPPORTED_MODELS`` lists what ``patch`` takes. The rest of this docstring is MiniMax's.
 
 ``patch_minimax`` swaps the linear-attention computation of every ``MiniMaxLightningAttention`` in a
 transformers MiniMax model (``MiniMaxForCausalLM``, ``MiniMaxModel``, ... or any module holding them) for
@@ -198,8 +199,7 @@ class _SpGroup:
         if self._lost:
             raise RuntimeError(
                 _err("this model was pickled while patched with an sp_group, and a process group does not survive "
-                     "pickling; call unpatch_minimax(model), then patch_minimax(model, sp_group=...) with a group "
-                     "of this process")
+                     "pickling; call unpatch(model), then patch(model, sp_group=...) with a group of this process")
             )
         return self._group
 
@@ -583,37 +583,60 @@ def _sp_attention_forward(self, hidden_states, position_embeddings, attention_ma
     cos, sin = position_embeddings  # from the global position ids
     query_states, key_states = mm.apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
-    n = hidden_states.shape[1]
+    attn_output = _sp_sdpa(self, group, query_states, key_states, value_states, kwargs,
+                           window=getattr(self.config, "sliding_window", None))
+    attn_output = attn_output.transpose(1, 2).reshape(*input_shape, -1).contiguous()
+    attn_output = self.o_proj(attn_output)
+    return attn_output, None
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, Hkv, N, D) -> (B, Hkv * n_rep, N, D), each head repeated n_rep times in place (transformers' repeat_kv)."""
+    if n_rep == 1:
+        return x
+    B, H, N, D = x.shape
+    return x[:, :, None].expand(B, H, n_rep, N, D).reshape(B, H * n_rep, N, D)
+
+
+def _sp_sdpa(self, group, query_states, key_states, value_states, kwargs, *, window=None, lengths=None):
+    """Softmax attention of this rank's queries (B, H, n, D) over the whole sequence's keys and values, under
+    a sequence-parallel group (LASP-2H): K and V (B, Hkv, n, D), after any rotary, are all-gathered along the
+    sequence with an autograd-aware all-gather (its backward sums each piece's gradients over the ranks), and
+    the causal mask (with the sliding ``window``, if any, and packed documents) is built over global positions.
+
+    ``self`` supplies ``num_key_value_groups``, ``scaling``, ``attention_dropout`` and ``training``;
+    ``lengths``: every rank's local length (None: agreed here with one small all-gather); ``kwargs``: the
+    layer's keyword arguments (``lasp_documents`` from the model's pre-hook, or ``cu_seq_lens_q``).
+    Returns the (B, H, n, D) attention output."""
+    B, _, n, _ = query_states.shape
+    device = query_states.device
     rank, _ = _group_rank_size(group)
-    lengths = _agree_call(group, n, _CALL_OK, hidden_states.device)  # every rank's local length
+    if lengths is None:
+        lengths = _agree_call(group, n, _CALL_OK, device)  # every rank's local length
     offset = sum(lengths[:rank])
     # (B, Hkv, N_total, D); the backward sums each piece's gradients over the ranks (a reduce-scatter)
     key_states = gather_sequence(key_states, group, dim=2, sizes=lengths)
     value_states = gather_sequence(value_states, group, dim=2, sizes=lengths)
-    key_states = mm.repeat_kv(key_states, self.num_key_value_groups)
-    value_states = mm.repeat_kv(value_states, self.num_key_value_groups)
+    key_states = _repeat_kv(key_states, self.num_key_value_groups)
+    value_states = _repeat_kv(value_states, self.num_key_value_groups)
 
-    q_pos = torch.arange(offset, offset + n, device=hidden_states.device)[:, None]
-    k_pos = torch.arange(sum(lengths), device=hidden_states.device)[None, :]
+    q_pos = torch.arange(offset, offset + n, device=device)[:, None]
+    k_pos = torch.arange(sum(lengths), device=device)[None, :]
     allowed = k_pos <= q_pos
-    window = getattr(self.config, "sliding_window", None)
     if window is not None:
         allowed = allowed & (k_pos > q_pos - window)  # transformers' sliding_window_overlay
     if "lasp_documents" in kwargs:  # set by the model's pre-hook
         docs = kwargs["lasp_documents"]
     else:  # the layer called on its own: cu_seq_lens_q, where given, tells the documents apart
-        docs = _layer_documents(group, kwargs, hidden_states.shape[0], n, hidden_states.device)[1]
+        docs = _layer_documents(group, kwargs, B, n, device)[1]
     if docs is not None:  # packed documents: a query sees its own document only, (B, 1, n, N_total)
         _, ids, ids_all = docs
         allowed = (allowed[None] & (ids[:, :, None] == ids_all[:, None, :]))[:, None]
 
-    attn_output = F.scaled_dot_product_attention(
+    return F.scaled_dot_product_attention(
         query_states, key_states, value_states, attn_mask=allowed,
         dropout_p=0.0 if not self.training else float(self.attention_dropout), scale=self.scaling,
     )
-    attn_output = attn_output.transpose(1, 2).reshape(*input_shape, -1).contiguous()
-    attn_output = self.o_proj(attn_output)
-    return attn_output, None
 
 
 def _model_pre_hook(module, args, kwargs):
@@ -747,10 +770,18 @@ def unpatch_minimax(model: torch.nn.Module) -> torch.nn.Module:
     state = getattr(model, _PATCH_ATTR, None)
     if state is None:
         raise ValueError(_err("model is not patched (patch_minimax was not called on it)"))
+    return _unpatch(model, state)
+
+
+# Instance attributes a patch sets on the modules it swaps (removed again by unpatch)
+_PATCH_MODULE_ATTRS = ("forward", "_lasp_sp", "_lasp_has_full_attention", "_lasp_family")
+
+
+def _unpatch(model: torch.nn.Module, state: dict) -> torch.nn.Module:
     for h in state["handles"]:
         h.remove()
     for m in state["modules"]:
-        for a in ("forward", "_lasp_sp", "_lasp_has_full_attention"):
+        for a in _PATCH_MODULE_ATTRS:
             m.__dict__.pop(a, None)
     delattr(model, _PATCH_ATTR)
     return model
@@ -760,20 +791,32 @@ def is_patched(model: torch.nn.Module) -> bool:
     return getattr(model, _PATCH_ATTR, None) is not None
 
 
-# The model families patch() takes: family -> (the transformers layer class it swaps, the patch function).
-SUPPORTED_MODELS = {"minimax": "MiniMaxLightningAttention"}
+# The model families patch() takes: family -> the transformers layer class it swaps for lasp. MiniMax:
+# patch_minimax; the Gated DeltaNet families: lasp.integrations.hf_delta.patch_gated_deltanet.
+SUPPORTED_MODELS = {
+    "minimax": "MiniMaxLightningAttention",
+    "qwen3_next": "Qwen3NextGatedDeltaNet",
+    "qwen3_5": "Qwen3_5GatedDeltaNet",
+    "qwen3_5_moe": "Qwen3_5MoeGatedDeltaNet",
+    "olmo_hybrid": "OlmoHybridGatedDeltaNet",
+}
 
 
 def patch(model: torch.nn.Module, sp_group=None, *, allow_untested_version: bool = False) -> torch.nn.Module:
     """Run the linear-attention layers of a supported transformers model through lasp (in place; returns
-    the model). Dispatches on the layers the model holds (``SUPPORTED_MODELS``); for MiniMax this is
-    :func:`patch_minimax`, whose arguments it takes. Raises ValueError naming the supported families when
-    the model holds none of their layers."""
+    the model). Dispatches on the layers the model holds (``SUPPORTED_MODELS``): MiniMax to
+    :func:`patch_minimax`, the Gated DeltaNet families (Qwen3-Next, Qwen3.5 / Qwen3.5-MoE, OLMo hybrid) to
+    :func:`lasp.integrations.hf_delta.patch_gated_deltanet`; both take these arguments. Raises ValueError
+    naming the supported families when the model holds none of their layers."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(_err(f"patch: model must be a torch.nn.Module, got {type(model).__name__}"))
     names = {type(m).__name__ for m in model.modules()}
     if SUPPORTED_MODELS["minimax"] in names:
         return patch_minimax(model, sp_group, allow_untested_version=allow_untested_version)
+    if any(SUPPORTED_MODELS[f] in names for f in SUPPORTED_MODELS if f != "minimax"):
+        from .hf_delta import patch_gated_deltanet
+
+        return patch_gated_deltanet(model, sp_group, allow_untested_version=allow_untested_version)
     raise ValueError(
         _err(f"patch: {type(model).__name__} holds no layer lasp can swap; supported families (layer class): "
              + ", ".join(f"{k} ({v})" for k, v in SUPPORTED_MODELS.items()))
@@ -782,5 +825,7 @@ def patch(model: torch.nn.Module, sp_group=None, *, allow_untested_version: bool
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     """Undo :func:`patch` (returns the model)."""
-    return unpatch_minimax(model)
-
+    state = getattr(model, _PATCH_ATTR, None)
+    if state is None:
+        raise ValueError(_err("model is not patched (patch was not called on it)"))
+    return _unpatch(model, state)
