@@ -22,6 +22,14 @@ Hopper under Triton 3.4 to 3.7.0 (its issue 640: wrong gradients); this script l
 (its gradients are not used) and records so in the JSON ("fla_hopper_refusal_lifted").
 The floor then also counts the read of g (forward and backward) and the write of dg.
 
+--docs K: packed documents. Each shape's B rows of N tokens become one row of B * N tokens holding K
+documents of random lengths (seed 0; at least one token each): lasp_attention(..., cu_seqlens=...) against
+fla chunk_simple_gla(..., cu_seqlens=...), and "lasp-dense", the same row as one sequence (the cost of
+packing is lasp's ratio to it). fla's refusal is lifted as for --gates (its varlen backward takes the same
+kernels). 14 documents in 4 x 8192 tokens:
+
+  --docs 14 --shapes 4x32x8192x128
+
 --qk-heads HQ: value-head groups (GVA, as Mamba-2's B and C shared by a group of heads): q and k have HQ
 heads, v, the output and the gates H. lasp reads the shared heads in place; fla is given q and k repeated to
 H heads (the repeat and the sum of their gradients are not timed), the plain-torch form and the shim are
@@ -175,6 +183,8 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-decay", action="store_true")
     ap.add_argument("--gates", action="store_true", help="per-token log gates g (see above)")
+    ap.add_argument("--docs", type=int, default=0,
+                    help="packed documents (see above): the B rows of each shape as one row of this many documents")
     ap.add_argument("--qk-heads", type=int, default=0,
                     help="GVA (see above): q and k with this many heads, v and the output with H")
     ap.add_argument("--torch-max-chunks", type=int, default=256,
@@ -211,7 +221,7 @@ def main():
             from fla.ops.simple_gla import chunk_simple_gla as fla_fn
             import fla
             info["fla"] = getattr(fla, "__version__", "?")
-            if args.gates:
+            if args.gates or args.docs:
                 import fla.ops.common.chunk_o as fla_chunk_o
                 if getattr(fla_chunk_o, "IS_NVIDIA_HOPPER", False):
                     fla_chunk_o.IS_NVIDIA_HOPPER = False  # the refusal's switch (read at call time)
@@ -232,10 +242,19 @@ def main():
             raise SystemExit(f"--shapes: expected BxHxNxD or BxHxNxDxE, got {'x'.join(map(str, shape))}")
         B, H, N, D = shape[:4]
         E = shape[4] if len(shape) == 5 else D
+        cu = cu_cpu = None
+        if args.docs:  # one row of B * N tokens, args.docs documents
+            B, N = 1, B * N
+            if not 1 <= args.docs <= N:
+                raise SystemExit(f"--docs: must be in 1..{N} (the row's tokens), got {args.docs}")
+            cuts = torch.randperm(N - 1, generator=torch.Generator().manual_seed(0))[: args.docs - 1] + 1
+            cu_cpu = torch.cat([torch.tensor([0]), cuts.sort().values, torch.tensor([N])]).to(torch.int64)
+            cu = cu_cpu.to(dev)
         HQ = args.qk_heads or H
         if H % HQ != 0:
             raise SystemExit(f"--qk-heads: must divide the shape's heads {H}, got {HQ}")
-        name = "x".join(map(str, shape if E != D else shape[:4])) + (f"-qk{HQ}" if HQ != H else "")
+        name = ("x".join(map(str, shape if E != D else shape[:4])) + (f"-qk{HQ}" if HQ != H else "")
+                + (f"-docs{args.docs}" if args.docs else ""))
         elt = 2
         tok = B * H * N
         qk_tok = B * HQ * N
@@ -261,7 +280,8 @@ def main():
             gbs = floor[mode] / (ms * 1e-3) / 1e9
             fl = floor[mode] / bw * 1e3
             rows.append({"shape": [B, H, N, D] + ([E] if E != D else []), "impl": impl, "mode": mode, "ms": ms, "GBps": gbs,
-                         "floor_ms": fl, "x_floor": ms / fl, **({"qk_heads": HQ} if HQ != H else {})})
+                         "floor_ms": fl, "x_floor": ms / fl, **({"qk_heads": HQ} if HQ != H else {}),
+                         **({"docs": args.docs, "row": [B, N]} if args.docs else {})})
             # as it comes, so that a run cut short still leaves its numbers
             print(f"# {name} {impl:<10} {mode:<8} {ms:9.3f} ms {gbs:7.0f} GB/s  floor {fl:.3f} ms"
                   f"  [{time.perf_counter() - t_start:.0f} s]", flush=True)
@@ -270,7 +290,7 @@ def main():
                     json.dump({"info": info, "rows": rows, "complete": False}, f, indent=1)
 
         # ---- lasp raw kernels ----
-        if shim is not None and HQ == H:
+        if shim is not None and HQ == H and not args.docs:
             preps = [shim.prepare(q, k, v, decay, scale) for (q, k, v, *_) in sets]
             record("lasp-kern", "fwd", bench(lambda i: preps[i][0](), nsets, reps=args.reps))
             record("lasp-kern", "fwd+bwd",
@@ -283,17 +303,20 @@ def main():
                 # (q, k, v[, g]) leaves, do
                 gsets = [(tuple(x.detach().requires_grad_(True) for x in s[:3] + ((s[4],) if args.gates else ())),
                           s[3]) for s in sets]
-                f = lambda i: lasp_mod.lasp_attention(*gsets[i][0][:3], decay, scale=scale,
-                                                      g=gsets[i][0][3] if args.gates else None)
-                with torch.no_grad():
-                    record("lasp", "fwd", bench(f, nsets, reps=args.reps))
+                for impl, cus in (("lasp", cu),) + ((("lasp-dense", None),) if args.docs else ()):
+                    f = lambda i, cus=cus: lasp_mod.lasp_attention(*gsets[i][0][:3], decay, scale=scale,  # noqa: E731
+                                                                   g=gsets[i][0][3] if args.gates else None,
+                                                                   cu_seqlens=cus)
+                    with torch.no_grad():
+                        record(impl, "fwd", bench(f, nsets, reps=args.reps))
 
-                def fb(i):
-                    o = f(i)
-                    torch.autograd.grad(o, gsets[i][0], gsets[i][1])
-                record("lasp", "fwd+bwd", bench(fb, nsets, reps=args.reps))
-                with torch.no_grad():
-                    results["lasp"] = f(0).detach().clone()
+                    def fb(i, f=f):
+                        o = f(i)
+                        torch.autograd.grad(o, gsets[i][0], gsets[i][1])
+                    record(impl, "fwd+bwd", bench(fb, nsets, reps=args.reps))
+                    if impl == "lasp":
+                        with torch.no_grad():
+                            results["lasp"] = f(0).detach().clone()
                 del gsets
             except Exception as e:
                 print(f"# lasp op failed on {name}: {type(e).__name__}: {e}")
@@ -308,10 +331,11 @@ def main():
             rep = lambda x: x.repeat_interleave(H // x.shape[1], dim=1)  # noqa: E731 (GVA: q, k to H heads)
             tsets = [(tuple(rep(x).transpose(1, 2).contiguous().requires_grad_(True) for x in s[:3]) +
                       ((fla_gates(s[4]),) if args.gates else ()), s[3].transpose(1, 2).contiguous()) for s in sets]
+            varlen = dict(cu_seqlens=cu, cu_seqlens_cpu=cu_cpu) if args.docs else {}
             if args.gates:
-                f = lambda i: fla_fn(*tsets[i][0][:3], g=tsets[i][0][3], scale=scale)[0]
+                f = lambda i: fla_fn(*tsets[i][0][:3], g=tsets[i][0][3], scale=scale, **varlen)[0]
             else:
-                f = lambda i: fla_fn(*tsets[i][0][:3], g_gamma=g_gamma, scale=scale)[0]
+                f = lambda i: fla_fn(*tsets[i][0][:3], g_gamma=g_gamma, scale=scale, **varlen)[0]
             with torch.no_grad():
                 record("fla", "fwd", bench(f, nsets, reps=args.reps))
 
@@ -323,7 +347,7 @@ def main():
                 results["fla"] = f(0).detach().transpose(1, 2).contiguous()
             del tsets
         # ---- plain torch ----
-        if "torch" in impls and not args.gates and HQ == H:
+        if "torch" in impls and not args.gates and HQ == H and not args.docs:
             lam = decay if decay is not None else torch.zeros(H, device=dev)
             try:
                 gsets = [tuple(x.detach().requires_grad_(True) for x in s[:3]) + (s[3],) for s in sets[:2]]

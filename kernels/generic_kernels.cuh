@@ -156,18 +156,26 @@ __global__ void state_local_kernel(Ctx<A> c, Tv<const T> x, Tv<const T> y, int D
 }
 
 // With gates: the sum of each segment's log gates, seglog[(b*H + h)*nseg + j] (-inf where it holds a reset).
+// One block per segment (blockDim.x a multiple of 32, at most 1024): a strided sum per thread, then the
+// block's sum (a serial loop per segment would take milliseconds on long rows: 16K dependent loads).
 template <typename A>
 __global__ void segment_gate_logs_kernel(Ctx<A> c, A* seglog) {
-  const int64_t total = (int64_t)c.B * c.H * c.nseg;
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
-    const int j = (int)(i % c.nseg);
-    const int64_t bh = i / c.nseg;
-    const int h = (int)(bh % c.H);
-    const int n0 = j * c.seglen, n1 = min(c.N, n0 + c.seglen);
-    const A* g = c.g + bh * c.N;
-    A r = log_gamma(c, h) * A(n1 - n0);
-    for (int t = n0; t < n1; ++t) r += g[t];
-    seglog[i] = r;
+  const int64_t i = blockIdx.x;  // (b * H + h) * nseg + j
+  const int j = (int)(i % c.nseg);
+  const int64_t bh = i / c.nseg;
+  const int h = (int)(bh % c.H);
+  const int n0 = j * c.seglen, n1 = min(c.N, n0 + c.seglen);
+  const A* g = c.g + bh * c.N;
+  A r = 0;
+  for (int t = n0 + (int)threadIdx.x; t < n1; t += (int)blockDim.x) r += g[t];
+  __shared__ A warp_sums[32];
+  for (int o = 16; o > 0; o >>= 1) r += __shfl_xor_sync(0xffffffffu, r, o);
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = r;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    r = threadIdx.x < (blockDim.x >> 5) ? warp_sums[threadIdx.x] : A(0);
+    for (int o = 16; o > 0; o >>= 1) r += __shfl_xor_sync(0xffffffffu, r, o);
+    if (threadIdx.x == 0) seglog[i] = log_gamma(c, h) * A(n1 - n0) + r;
   }
 }
 

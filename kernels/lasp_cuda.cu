@@ -111,9 +111,8 @@ template <typename A>
 A* segment_gate_logs(const AttnParams& p, const Ctx<A>& c, size_t off, cudaStream_t st) {
   if (!p.g || c.nseg <= 1) return nullptr;
   A* out = reinterpret_cast<A*>(static_cast<char*>(p.workspace) + off);
-  const int64_t total = (int64_t)c.B * c.H * c.nseg;
-  const unsigned nb = (unsigned)std::min<int64_t>((total + 255) / 256, 132 * 8);
-  segment_gate_logs_kernel<A><<<nb, 256, 0, st>>>(c, out);
+  const int64_t total = (int64_t)c.B * c.H * c.nseg;  // one block per segment
+  segment_gate_logs_kernel<A><<<(unsigned)total, 256, 0, st>>>(c, out);
   return out;
 }
 
