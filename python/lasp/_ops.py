@@ -114,8 +114,16 @@ def lasp_attention(
             document's. Works with decay, g and every head map; the op then runs with gates (-inf at
             each document start in the piece; the given g's values there get a zero gradient). Under a
             group it costs one small all-gather (the pieces' lengths and the call's description: every
-            rank raises the same error on a bad call). Not yet with initial_state or output_final_state
-            (one state per document): NotImplementedError.
+            rank raises the same error on a bad call). Per-document states: initial_state is then
+            (num_docs, H, D, E) in the accumulation dtype, the same shape on every rank, document j's row
+            read on the rank where j starts (the others get a zero gradient for it; the gate of j's first
+            token multiplies it, as in the plain op); output_final_state returns (num_docs, H, D, E): the
+            final states of the documents ending in this rank's piece, zeros elsewhere (their sum over the
+            group is every document's). Each document is then exactly the op on it alone with its initial
+            state, with exact gradients (also across ranks). The op then runs on each piece alone, after one
+            more all-gather of one (H, D, E) state per rank (strategy is not used); PyTorch operations over
+            the piece's documents add the states' terms. initial_state (or None) and output_final_state
+            must be alike on every rank.
     Returns:
         o in the layout and dtype of q, or (o, final_state) if output_final_state.
     """
@@ -151,7 +159,13 @@ def lasp_attention(
     strategy = _resolve_strategy("lasp_attention", strategy, group, q, v, gates=g is not None or cu_seqlens is not None,
                                  op="lasp_attention")
     if cu_seqlens is not None:
-        g = _document_gates(q, v, g, cu_seqlens, group, initial_state is not None, bool(output_final_state))
+        if initial_state is not None or output_final_state:
+            o, final_state = _packed_with_states(q, k, v, decay, g, float(scale), cu_seqlens, group, strategy,
+                                                 initial_state, bool(output_final_state))
+            if layout == "bnhd":
+                o = o.transpose(1, 2)
+            return (o, final_state) if output_final_state else o
+        g = _document_gates(q, v, g, cu_seqlens, group, False, False)
     o, final_state = torch.ops.lasp.lasp_attention(
         q, k, v, decay, float(scale), initial_state, _group_name(group), strategy, g
     )
@@ -164,45 +178,224 @@ def _document_gates(q, v, g, cu_seqlens, group, has_initial, wants_final):
     """The log gates of a packed call (bhnd view, (B, H, n)): g (or zeros) with -inf at every document start
     in this rank's piece. One all-gather under a group gives the piece's offset and lets every rank check
     the same things, so that all raise alike."""
-    from .distributed import _cu_signature, _document_resets, _gather_rows, _raise_if_invalid, check_cu_seqlens
+    from .distributed import _document_resets
 
-    fn = "lasp_attention"
+    cu, offset, _, _ = _packed_plan(q, None, v, None, g, None, cu_seqlens, group, None, None, has_initial,
+                                    wants_final)
+    n = int(q.shape[2])
+    reset = _document_resets(cu, offset, offset + n, q.device)
+    if g is None:
+        H = max(int(q.shape[1]), int(v.shape[1]))
+        return torch.zeros(1, H, n, dtype=_acc_dtype(q), device=q.device).masked_fill(reset, float("-inf"))
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"lasp_attention: g must be a torch.Tensor or None, got {type(g).__name__}")
+    return g.masked_fill(reset, float("-inf"))
+
+
+def _acc_dtype(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _check_states_call(q, k, v, decay, g, scale, strategy, initial_state, num_docs):
+    """Rank-local checks of a packed call with per-document states (raises what the op would raise, and
+    names initial_state's expected shape and dtype): the op itself then runs without the group, whose
+    checks it would otherwise make."""
+    n = int(q.shape[2])
+    cut = lambda t: t.narrow(2, 0, 0) if t.dim() >= 3 and int(t.shape[2]) == n else t  # noqa: E731
+    with torch.no_grad():
+        torch.ops.lasp.lasp_attention(cut(q), cut(k), cut(v), decay, scale, None, None, strategy,
+                                      None if g is None else cut(g))
+    if initial_state is None:
+        return
+    if not isinstance(initial_state, torch.Tensor):
+        raise TypeError(f"lasp_attention: initial_state must be a torch.Tensor or None, got "
+                        f"{type(initial_state).__name__}")
+    H = max(int(q.shape[1]), int(v.shape[1]))
+    want = (num_docs, H, int(q.shape[3]), int(v.shape[3]))
+    if tuple(initial_state.shape) != want:
+        raise ValueError(f"lasp_attention: with cu_seqlens, initial_state must have shape (num_docs, H, D, E) = "
+                         f"{want} (one state per document), got {tuple(initial_state.shape)}")
+    if initial_state.dtype != _acc_dtype(q):
+        raise TypeError(f"lasp_attention: initial_state must be {_acc_dtype(q)} (the accumulation dtype of "
+                        f"{q.dtype} inputs), got {initial_state.dtype}")
+    if initial_state.device != q.device:
+        raise ValueError(f"lasp_attention: initial_state must be on q's device ({q.device}), got "
+                         f"{initial_state.device}")
+
+
+def _packed_plan(q, k, v, decay, g, scale, cu_seqlens, group, strategy, initial_state, has_initial, wants_final):
+    """The checks of a packed call, alike on every rank (one small all-gather under a group): returns the
+    checked offsets (CPU int64), this rank's piece offset, every rank's row and this rank's index."""
+    from .distributed import _cu_signature, _gather_rows, _raise_if_invalid, check_cu_seqlens
+
     n, B = int(q.shape[2]), int(q.shape[0])
-    cu, local_err = None, None
+    cu, local_err, states_err = None, None, None
     try:
-        cu = check_cu_seqlens(cu_seqlens, None, fn)
+        cu = check_cu_seqlens(cu_seqlens, None, "lasp_attention")
     except (TypeError, ValueError) as e:
         local_err = e
-    # [n, B, states asked for, valid, then cu_seqlens' signature, the same on every rank]
-    mine = [n, B, int(has_initial or wants_final), int(cu is not None)] + _cu_signature(cu)
+    if (has_initial or wants_final) and cu is not None and B == 1:
+        try:
+            _check_states_call(q, k, v, decay, g, scale, strategy, initial_state, cu.numel() - 1)
+        except (TypeError, ValueError, RuntimeError, IndexError, NotImplementedError) as e:
+            states_err = e
+    # [n, B, initial_state given, final states asked for, cu valid, states' call valid, then cu_seqlens'
+    # signature, the same on every rank]
+    mine = [n, B, int(has_initial), int(wants_final), int(cu is not None), int(states_err is None)] + _cu_signature(cu)
     rows, rank = _gather_rows(group if _group_name(group) is not None else None, mine)
-    _raise_if_invalid(rows, 3, local_err, "lasp_attention: cu_seqlens")
+    _raise_if_invalid(rows, 4, local_err, "lasp_attention: cu_seqlens")
     if any(r[1] != 1 for r in rows):
         raise ValueError("lasp_attention: cu_seqlens needs one packed row (batch size 1), got batch sizes "
                          f"{[r[1] for r in rows]} (per group rank)")
-    if any(r[2] for r in rows):
-        raise NotImplementedError(
-            "lasp_attention: initial_state and output_final_state with cu_seqlens (one state per document) are "
-            "not supported yet; without cu_seqlens, lasp.distributed.document_reset_gates gives the gates that "
-            "keep documents apart, with the initial state feeding the first document and the final state the "
-            "last one's")
-    if any(r[4:] != rows[0][4:] for r in rows):
+    for col, what in ((2, "initial_state given (or None)"), (3, "output_final_state")):
+        if any(r[col] != rows[0][col] for r in rows):
+            raise ValueError(f"lasp_attention: with cu_seqlens, {what} must be the same on every rank of the group; "
+                             f"group ranks {[i for i, r in enumerate(rows) if r[col] != rows[0][col]]} differ from "
+                             "group rank 0")
+    if any(r[6:] != rows[0][6:] for r in rows):
         raise ValueError("lasp_attention: cu_seqlens must be the same on every rank of the group (the global "
-                         f"document offsets); group ranks {[i for i, r in enumerate(rows) if r[4:] != rows[0][4:]]} "
+                         f"document offsets); group ranks {[i for i, r in enumerate(rows) if r[6:] != rows[0][6:]]} "
                          "differ from group rank 0")
     total = sum(r[0] for r in rows)
     if int(cu[-1]) != total:
         raise ValueError(f"lasp_attention: the last offset of cu_seqlens ({int(cu[-1])}) must equal the packed "
                          f"length, the sum of the pieces' lengths over the group ({total})")
+    _raise_if_invalid(rows, 5, states_err, "lasp_attention: the call with per-document states (initial_state, "
+                                           "q, k, v, decay, g)")
     offset = sum(r[0] for r in rows[:rank])
-    reset = _document_resets(cu, offset, offset + n, q.device)
-    if g is None:
-        H = max(int(q.shape[1]), int(v.shape[1]))
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        return torch.zeros(1, H, n, dtype=acc, device=q.device).masked_fill(reset, float("-inf"))
-    if not isinstance(g, torch.Tensor):
-        raise TypeError(f"lasp_attention: g must be a torch.Tensor or None, got {type(g).__name__}")
-    return g.masked_fill(reset, float("-inf"))
+    return cu, offset, rows, rank
+
+
+def _start_mask(local_starts, n, dev):
+    """(n,) bool on dev: True at the local positions of local_starts [(document, position)]."""
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[[s for _, s in local_starts]] = True
+    return mask.to(dev)
+
+
+def _heads(x, H, acc):
+    """(1, h, m, d) -> (H, m, d) in acc: output head i reads head i // (H / h)."""
+    x = x[0].to(acc)
+    return x if x.shape[0] == H else x.repeat_interleave(H // x.shape[0], dim=0)
+
+
+def _packed_with_states(q, k, v, decay, g, scale, cu_seqlens, group, strategy, initial_state, wants_final):
+    """A packed call with per-document states (bhnd view): returns (o, final_states).
+
+    The state is linear, so each rank (1) forms the state open at its piece's end from its own tokens after
+    the piece's last document start (plus that document's initial state) and the piece's transition (the
+    exp of its summed log gates without a start, else 0); (2) one differentiable all-gather of these pairs
+    and a scan over the ranks before it give its incoming state; (3) the op runs on the piece alone with
+    that incoming state (a document's own initial state when one starts exactly at the piece's start) and
+    -inf gates at the other starts; (4) documents starting inside the piece get their initial state's term
+    q[t] exp(G[s..t]) S0 added; (5) the final states of the documents ending in the piece are formed from
+    their tokens in the piece. Steps (1), (4), (5) loop over the piece's documents (batched over heads and
+    tokens); together they cost about two dense passes over the piece's q, k, v (no per-token loop)."""
+    from torch.distributed.nn.functional import all_gather
+
+    has_initial = initial_state is not None
+    cu, P, rows, rank = _packed_plan(q, k, v, decay, g, scale, cu_seqlens, group, strategy, initial_state,
+                                     has_initial, wants_final)
+    acc, dev = _acc_dtype(q), q.device
+    n, D, E = int(q.shape[2]), int(q.shape[3]), int(v.shape[3])
+    H = max(int(q.shape[1]), int(v.shape[1]))
+    num_docs = cu.numel() - 1
+    starts, ends = cu[:-1].tolist(), cu[1:].tolist()
+    Q = P + n
+    # log gates a = g - decay of the piece, (H, n); sums over [i, j) from prefix sums of the finite part (in
+    # float64: differences of prefix sums keep their precision) and counts of -inf (a reset inside the span)
+    a = torch.zeros(H, n, dtype=acc, device=dev) if g is None else g[0].to(acc)
+    if decay is not None:
+        a = a - decay.to(dev, acc).view(H, 1)
+    local_starts = [(j, starts[j] - P) for j in range(num_docs) if P <= starts[j] < Q]
+    if not has_initial and local_starts:  # the gate at a start only ever multiplies a zero state: exact zero
+        a = a.masked_fill(_start_mask(local_starts, n, dev), 0.0)  # gradient, as without states
+    neginf = torch.isneginf(a)
+    fin = a.masked_fill(neginf, 0.0).double()
+    zero_col = torch.zeros(H, 1, dtype=torch.float64, device=dev)
+    Fz = torch.cat([zero_col, fin.cumsum(-1)], -1)  # (H, n + 1)
+    Kz = torch.cat([zero_col, neginf.double().cumsum(-1)], -1)
+
+    def decays(i, j):
+        """exp(sum of a over [i, j)) for broadcast indices (ints or 1-D tensors), (H, m) in acc (m = 1 for
+        two ints)."""
+        i, j = (torch.as_tensor(x, device=dev).view(-1) for x in (i, j))
+        w = torch.exp(Fz[:, j] - Fz[:, i])
+        return w.masked_fill(Kz[:, j] - Kz[:, i] > 0, 0.0).to(acc)
+
+    def kv_state(s, e):
+        """sum over t in [s, e) of exp(a over (t, e)) k[t]^T v[t], (H, D, E)."""
+        w = decays(torch.arange(s + 1, e + 1, device=dev), e)  # (H, e - s)
+        kk = _heads(k[:, :, s:e], H, acc) * w.unsqueeze(-1)
+        return kk.transpose(1, 2) @ _heads(v[:, :, s:e], H, acc)
+
+    # (1) the piece's transition and the state open at its end, without the incoming state
+    if local_starts:
+        j_last, s_last = local_starts[-1]
+        L = kv_state(s_last, n)
+        if has_initial:
+            L = L + decays(s_last, n).view(H, 1, 1) * initial_state[j_last]
+        T = torch.zeros(H, dtype=acc, device=dev)
+    else:
+        L, T = kv_state(0, n), decays(0, n).view(H)
+    # (2) one all-gather of (T, L) per rank; this rank's incoming state is the scan over the ranks before it
+    pack = torch.cat([T.view(H, 1), L.reshape(H, D * E)], 1)
+    gathered = list(all_gather(pack, group=group)) if _group_name(group) is not None else [pack]
+    out = torch.zeros(H, D, E, dtype=acc, device=dev)
+    for p in range(rank):
+        out = gathered[p][:, :1].view(H, 1, 1) * out + gathered[p][:, 1:].view(H, D, E)
+    # every rank's outputs depend on the gathered pairs and on initial_state (with a zero gradient where
+    # unused), so that every rank's backward runs the all-gather's backward collective, and initial_state gets
+    # a (zero) gradient on ranks where no document starts
+    never = torch.zeros((), dtype=torch.bool, device=dev)
+    link = torch.stack(gathered).sum() + (initial_state.sum() if has_initial else 0.0)
+    start_here = n > 0 and local_starts and local_starts[0][1] == 0
+    if start_here:
+        incoming = initial_state[local_starts[0][0]] if has_initial else torch.zeros(H, D, E, dtype=acc, device=dev)
+    else:
+        incoming = out
+    incoming = torch.where(never, link, incoming)
+    # (3) the op on the piece alone: -inf gates at the starts in the piece, except one at the piece's start
+    # when that document's initial state is the incoming state
+    reset = _start_mask([(j, s) for j, s in local_starts if s > 0 or not has_initial], n, dev).view(1, 1, n)
+    if g is None and not bool(reset.any()):
+        gop = None  # the plain (ungated) op
+    else:
+        gop = (torch.zeros(1, H, n, dtype=acc, device=dev) if g is None else g).masked_fill(reset, float("-inf"))
+    o, _ = torch.ops.lasp.lasp_attention(q, k, v, decay, scale, incoming.unsqueeze(0).contiguous(), None,
+                                         strategy, gop)
+    # (4) the initial-state terms of the documents starting inside the piece
+    inside = [(j, s) for j, s in local_starts if s > 0]
+    if has_initial and inside:
+        terms = []
+        for j, s in inside:
+            e = min(ends[j], Q) - P
+            w = decays(s, torch.arange(s + 1, e + 1, device=dev))  # (H, e - s)
+            terms.append((scale * w).unsqueeze(-1) * (_heads(q[:, :, s:e], H, acc) @ initial_state[j]))
+        s0 = inside[0][1]
+        o = torch.cat([o[:, :, :s0], (o[:, :, s0:].to(acc) + torch.cat(terms, 1).unsqueeze(0)).to(o.dtype)], 2)
+    if not wants_final:
+        return o, None
+    # (5) the final states of the documents ending in the piece, zeros elsewhere
+    rows_idx, states = [], []
+    for j in range(num_docs):
+        if not P < ends[j] <= Q:
+            continue
+        e, s = ends[j] - P, starts[j] - P
+        if e == n:
+            Fj = T.view(H, 1, 1) * incoming + L
+        elif s > 0:
+            Fj = kv_state(s, e)
+            if has_initial:
+                Fj = Fj + decays(s, e).view(H, 1, 1) * initial_state[j]
+        else:
+            Fj = kv_state(0, e) + decays(0, e).view(H, 1, 1) * incoming
+        rows_idx.append(j)
+        states.append(Fj)
+    final = torch.zeros(num_docs, H, D, E, dtype=acc, device=dev)
+    if states:
+        final = final.index_copy(0, torch.tensor(rows_idx, device=dev), torch.stack(states))
+    return o, torch.where(never, link, final)
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:

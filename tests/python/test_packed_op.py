@@ -1,9 +1,12 @@
 """lasp_attention(..., cu_seqlens=...): packed documents of one row, on one rank and across ranks (Gloo).
 
 The reference of a packed call is the op run on each document alone (no cu_seqlens), concatenated: every
-output and every gradient (q, k, v, g) must match it, in float64 on the CPU. Across ranks each rank passes
+output and every gradient (q, k, v, g) must match it, in float64 on the CPU; with per-document states
+(initial_state (num_docs, H, D, E), output_final_state) also the final states and dS0, under nonzero
+final-state cotangents. Across ranks each rank passes
 its contiguous piece (uneven, empty pieces, documents spanning ranks, a boundary exactly on a rank
-boundary, documents of one token) and must match the same slice of the one-rank packed call. Bad calls
+boundary, documents of one token) and must match the same slice of the one-rank packed call (final states
+and dS0: their sum over the ranks). Bad calls
 raise a named error, the same on every rank.
 """
 
@@ -118,10 +121,125 @@ def test_packed_bad_calls(lasp):
         lasp.lasp_attention(q, k, v, cu_seqlens=torch.tensor([0.0, 4.0, 10.0]))
     with pytest.raises(ValueError, match="cu_seqlens must start at 0"):
         lasp.lasp_attention(q, k, v, cu_seqlens=torch.tensor([1, 4, 10]))
-    with pytest.raises(NotImplementedError, match="initial_state and output_final_state with cu_seqlens"):
+    with pytest.raises(ValueError, match=r"initial_state must have shape \(num_docs, H, D, E\) = \(2, 2, 4, 4\)"):
         lasp.lasp_attention(q, k, v, cu_seqlens=good, initial_state=torch.zeros(1, 2, 4, 4, dtype=F64))
-    with pytest.raises(NotImplementedError, match="initial_state and output_final_state with cu_seqlens"):
-        lasp.lasp_attention(q, k, v, cu_seqlens=good, output_final_state=True)
+    with pytest.raises(TypeError, match="initial_state must be torch.float64"):
+        lasp.lasp_attention(q, k, v, cu_seqlens=good, initial_state=torch.zeros(2, 2, 4, 4))
+    with pytest.raises(TypeError, match="initial_state must be torch.float32"):
+        lasp.lasp_attention(q.float(), k.float(), v.float(), cu_seqlens=good, initial_state=torch.zeros(2, 2, 4, 4,
+                                                                                                     dtype=F64))
+    with pytest.raises(RuntimeError, match="decay must have one rate per output head"):
+        lasp.lasp_attention(q, k, v, torch.zeros(3), cu_seqlens=good, output_final_state=True)
+    with pytest.raises(RuntimeError, match="k must have the sequence length of q"):
+        lasp.lasp_attention(q, k[:, :, :9], v, cu_seqlens=good, output_final_state=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-document states: initial_state (num_docs, H, D, E) and output_final_state with cu_seqlens
+
+
+def _states(seed, num_docs, H, D, E):
+    g_ = gen(seed + 7)
+    return randn((num_docs, H, D, E), g_, F64), randn((num_docs, H, D, E), g_, F64)
+
+
+def _grads_states(lasp, q, k, v, g, S0, decay, do, dF, layout, **kw):
+    """Outputs, final states and the gradients of <o, do> + <final, dF> (S0 None: no initial state)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    gl = None if g is None else g.detach().clone().requires_grad_()
+    sl = None if S0 is None else S0.detach().clone().requires_grad_()
+    o, f = lasp.lasp_attention(*leaves, decay, g=gl, layout=layout, initial_state=sl, output_final_state=True, **kw)
+    ins = leaves + [t for t in (gl, sl) if t is not None]
+    gr = list(torch.autograd.grad((o * do).sum() + (f * dF).sum(), ins))
+    out = dict(o=o.detach(), final=f.detach(), dq=gr[0], dk=gr[1], dv=gr[2])
+    if gl is not None:
+        out["dg"] = gr[3]
+    if sl is not None:
+        out["dS0"] = gr[-1]
+    return out
+
+
+def _per_document_states(lasp, q, k, v, g, S0, decay, do, dF, layout, cu):
+    """The reference: each document alone (no cu_seqlens) with its initial state and final state."""
+    d, gd, parts = _seq(layout), (2 if layout == "bhnd" else 1), []
+    for j, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        sl = lambda t: t.narrow(d, a, b - a)  # noqa: E731
+        parts.append(_grads_states(lasp, sl(q), sl(k), sl(v), None if g is None else g.narrow(gd, a, b - a),
+                                   None if S0 is None else S0[j:j + 1], decay, sl(do), dF[j:j + 1], layout))
+    out = {}
+    for key in parts[0]:
+        dim = {"dg": gd, "final": 0, "dS0": 0}.get(key, d)
+        out[key] = torch.cat([p[key] for p in parts], dim=dim)
+    return out
+
+
+def _check_all(got, want, what, tol=1e-10):
+    assert set(got) == set(want), (what, sorted(got), sorted(want))
+    for key, w in want.items():
+        torch.testing.assert_close(got[key], w, rtol=tol, atol=tol, msg=lambda m: f"{what} {key}: {m}")
+
+
+STATE_CASES = [
+    # (doc lengths, Hq, Hk, Hv, D, E, gates, layout, initial_state given)
+    ([5, 1, 9, 1, 1, 20], 2, 2, 2, 8, 6, "gates", "bhnd", True),
+    ([5, 1, 9, 1, 1, 20], 2, 2, 2, 8, 6, "gates", "bnhd", False),  # final states only
+    ([37], 4, 2, 2, 16, 8, "gates", "bnhd", True),                 # one document: the plain call
+    ([1, 1, 1, 1], 2, 1, 1, 4, 4, "nogates", "bhnd", True),        # documents of one token, MQA, decay only
+    ([30, 70, 3, 29], 1, 1, 4, 8, 12, "gates", "bnhd", True),      # GVA (Mamba-2-like shared q, k)
+    ([64, 64, 1, 63], 2, 2, 2, 16, 16, "nogates", "bnhd", False),
+    ([12, 20, 8], 4, 2, 4, 8, 8, "resets", "bhnd", True),          # g = -inf inside documents too
+]
+
+
+@pytest.mark.parametrize("case", STATE_CASES,
+                         ids=[f"docs{len(c[0])}-q{c[1]}k{c[2]}v{c[3]}-{c[6]}-{c[7]}-{'S0' if c[8] else 'noS0'}"
+                              for c in STATE_CASES])
+def test_packed_states_match_each_document_alone(lasp, case, seed):
+    lens, Hq, Hk, Hv, D, E, gates, layout, init = case
+    N, H = sum(lens), max(Hq, Hv)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v, g, decay, do = _problem(seed, N, Hq, Hk, Hv, D, E, gates != "nogates", layout)
+    if gates == "resets":  # a reset inside a document and one at a document's start
+        g[:, :, [4, 13, 32]] = float("-inf")
+    S0, dF = _states(seed, len(lens), H, D, E)
+    S0 = S0 if init else None
+    got = _grads_states(lasp, q, k, v, g, S0, decay, do, dF, layout, cu_seqlens=cu)
+    want = _per_document_states(lasp, q, k, v, g, S0, decay, do, dF, layout, cu)
+    _check_all(got, want, "packed")
+
+
+def test_packed_states_random_documents(lasp, seed):
+    """Random document lengths (many of one token), head maps and layouts, against each document alone."""
+    g_ = gen(seed)
+    for trial in range(6):
+        ndocs = int(torch.randint(1, 7, (1,), generator=g_))
+        lens = [int(x) for x in torch.randint(1, 12, (ndocs,), generator=g_)]
+        lens = [1 if x > 8 else x for x in lens]
+        Hq, Hk, Hv = [(2, 2, 2), (4, 2, 2), (2, 1, 1), (1, 1, 2)][trial % 4]
+        layout = ("bhnd", "bnhd")[trial % 2]
+        N, H = sum(lens), max(Hq, Hv)
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int64)
+        q, k, v, g, decay, do = _problem(seed + trial, N, Hq, Hk, Hv, 4, 6, trial % 3 != 2, layout)
+        S0, dF = _states(seed + trial, ndocs, H, 4, 6)
+        S0 = S0 if trial % 4 != 3 else None
+        got = _grads_states(lasp, q, k, v, g, S0, decay, do, dF, layout, cu_seqlens=cu)
+        want = _per_document_states(lasp, q, k, v, g, S0, decay, do, dF, layout, cu)
+        _check_all(got, want, f"trial {trial} lens {lens}")
+
+
+def test_packed_states_gradient_at_document_starts(lasp, seed):
+    """With an initial state the gate at a document start multiplies it (a real gradient); without one (only
+    output_final_state) the state before the start is zero and the given g there gets exactly 0."""
+    cu = torch.tensor([0, 7, 8, 20], dtype=torch.int64)
+    q, k, v, g, decay, do = _problem(seed, 20, 2, 2, 2, 4, 4, True, "bhnd")
+    S0, dF = _states(seed, 3, 2, 4, 4)
+    with_s0 = _grads_states(lasp, q, k, v, g, S0, decay, do, dF, "bhnd", cu_seqlens=cu)
+    assert torch.all(with_s0["dg"][:, :, [0, 7, 8]] != 0)
+    without = _grads_states(lasp, q, k, v, g, None, decay, do, dF, "bhnd", cu_seqlens=cu)
+    assert torch.all(without["dg"][:, :, [0, 7, 8]] == 0)
+    # output_final_state alone leaves the outputs of the plain packed call unchanged
+    plain = _grads(lasp, q, k, v, g, decay, do, "bhnd", cu_seqlens=cu)
+    torch.testing.assert_close(without["o"], plain["o"], rtol=1e-12, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,6 +254,10 @@ DIST = {
         ([11, 11, 11], [11, 0, 22], "bhnd")],      # boundaries on rank boundaries, an empty middle piece
     4: [([40, 1, 1, 8], [5, 5, 5, 35], "bhnd")],   # a document across three ranks
 }
+
+
+# (strategy, initial_state given) of the per-document states' runs ("auto" resolves to one of the two)
+STATE_RUNS = [("ring", True), ("allgather", True), ("auto", False)]
 
 
 def _dist_worker(rank, world, port, out_dir):
@@ -155,6 +277,11 @@ def _dist_worker(rank, world, port, out_dir):
             results[(ci, strategy)] = _grads(lasp, sl(q), sl(k), sl(v), g.narrow(gd, P, n).contiguous(), decay,
                                              sl(do), layout, cu_seqlens=cu, group=dist.group.WORLD,
                                              strategy=strategy)
+        S0, dF = _states(1000 + 10 * world + ci, len(lens), 2, 8, 4)
+        for strategy, init in STATE_RUNS:
+            results[(ci, strategy, init)] = _grads_states(
+                lasp, sl(q), sl(k), sl(v), g.narrow(gd, P, n).contiguous(), S0 if init else None, decay, sl(do),
+                dF, layout, cu_seqlens=cu, group=dist.group.WORLD, strategy=strategy)
     # misuse: every rank raises the same error
     q1 = torch.randn(1, 2, 3, 4, dtype=F64)
     calls = {
@@ -165,6 +292,14 @@ def _dist_worker(rank, world, port, out_dir):
         "total": lambda: lasp.lasp_attention(q1, q1, q1, group=dist.group.WORLD, cu_seqlens=torch.tensor([0, 5])),
         "final": lambda: lasp.lasp_attention(q1, q1, q1, group=dist.group.WORLD, cu_seqlens=torch.tensor([0, 3 * world]),
                                              output_final_state=(rank == 1)),
+        "initial": lambda: lasp.lasp_attention(q1, q1, q1, group=dist.group.WORLD, cu_seqlens=torch.tensor([0, 3 * world]),
+                                               initial_state=torch.zeros(1, 2, 4, 4, dtype=F64) if rank == 0 else None),
+        "state_shape": lambda: lasp.lasp_attention(q1, q1, q1, group=dist.group.WORLD,
+                                                   cu_seqlens=torch.tensor([0, 2, 3 * world]),
+                                                   initial_state=torch.zeros(2 + (rank == world - 1), 2, 4, 4,
+                                                                             dtype=F64)),
+        "state_decay": lambda: lasp.lasp_attention(q1, q1, q1, torch.zeros(2 + (rank == 0)), group=dist.group.WORLD,
+                                                   cu_seqlens=torch.tensor([0, 3 * world]), output_final_state=True),
         "invalid": lambda: lasp.lasp_attention(q1, q1, q1, group=dist.group.WORLD,
                                                cu_seqlens=torch.tensor([0, 3 * world]) if rank else torch.tensor([2, 3])),
     }
@@ -192,14 +327,45 @@ def test_packed_across_ranks_matches_one_rank(lasp, world):
                 got = torch.cat([res[r][(ci, strategy)][key] for r in range(world)], dim=d)
                 torch.testing.assert_close(got, want[key], rtol=1e-10, atol=1e-10,
                                            msg=lambda m: f"case {ci} {strategy} {key}: {m}")
+        # per-document states: outputs and per-token gradients by slice, final states and dS0 summed over the
+        # ranks (each rank returns the documents ending in its piece, reads the ones starting in it)
+        S0, dF = _states(1000 + 10 * world + ci, len(lens), 2, 8, 4)
+        cu_l = cu.tolist()
+        P = [sum(pieces[:r]) for r in range(world)]
+        owner = lambda pos: next(r for r in range(world) if P[r] <= pos < P[r] + pieces[r])  # noqa: E731
+        for strategy, init in STATE_RUNS:
+            want = _grads_states(lasp, q, k, v, g, S0 if init else None, decay, do, dF, layout, cu_seqlens=cu)
+            runs = [res[r][(ci, strategy, init)] for r in range(world)]
+            what = f"case {ci} {strategy} S0={init}"
+            for key in ("o", "dq", "dk", "dv", "dg"):
+                got = torch.cat([x[key] for x in runs], dim=gd if key == "dg" else d)
+                torch.testing.assert_close(got, want[key], rtol=1e-10, atol=1e-10, msg=lambda m: f"{what} {key}: {m}")
+            for key in ("final", "dS0") if init else ("final",):
+                got = sum(x[key] for x in runs)
+                torch.testing.assert_close(got, want[key], rtol=1e-10, atol=1e-10, msg=lambda m: f"{what} {key}: {m}")
+            for j in range(len(lens)):
+                end_rank = owner(cu_l[j + 1] - 1)
+                for r in range(world):
+                    if r != end_rank:
+                        assert torch.all(runs[r]["final"][j] == 0), (what, "final", j, r)
+                    if init and r != owner(cu_l[j]):
+                        assert torch.all(runs[r]["dS0"][j] == 0), (what, "dS0", j, r)
     errs = [res[r]["errors"] for r in range(world)]
     expect = {"batch": ("ValueError", "batch size 1"), "differ": ("ValueError", "the same on every rank"),
-              "total": ("ValueError", "must equal the packed"), "final": ("NotImplementedError", "output_final_state"),
+              "total": ("ValueError", "must equal the packed"),
+              "final": ("ValueError", "output_final_state must be the same on every rank"),
+              "initial": ("ValueError", "initial_state given (or None) must be the same on every rank"),
+              "state_shape": ("ValueError", "initial_state"),
               "invalid": ("ValueError", "cu_seqlens")}
     for name, (typ, text) in expect.items():
         for r in range(world):
             assert errs[r][name] is not None, f"{name}: group rank {r} did not raise"
             assert errs[r][name][0] == typ and text in errs[r][name][1], (name, r, errs[r][name])
+    # a bad decay on one rank: that rank raises the op's own error, every other rank names it
+    for r in range(world):
+        assert errs[r]["state_decay"] is not None, f"state_decay: group rank {r} did not raise"
+        assert "group ranks [0]" in errs[r]["state_decay"][1], (r, errs[r]["state_decay"])
+    assert "decay must have one rate per output head" in errs[0]["state_decay"][1]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
