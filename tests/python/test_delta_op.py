@@ -127,6 +127,30 @@ def test_packed_documents_match_each_alone(lasp, seed):
         torch.testing.assert_close(got[i], want, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
 
 
+def test_meta_tensors_give_shapes(lasp):
+    """On meta tensors (shape inference, as torch.compile's fake tensors need): the output and final-state
+    shapes of both layouts, GVA heads, without value checks."""
+    mk = lambda *s: torch.empty(*s, device="meta", dtype=torch.float32)  # noqa: E731
+    q, k, v, g, beta = mk(1, 2, 70, 16), mk(1, 2, 70, 16), mk(1, 4, 70, 8), mk(1, 4, 70), mk(1, 4, 70)
+    o, f = lasp.gated_delta_attention(q, k, v, g, beta, output_final_state=True, use_qk_l2norm=True)
+    assert o.device.type == "meta" and o.shape == (1, 4, 70, 8) and f.shape == (1, 4, 16, 8)
+    t = lambda x: x.transpose(1, 2)  # noqa: E731
+    o = lasp.gated_delta_attention(t(q), t(k), t(v), t(g), t(beta), layout="bnhd")
+    assert o.shape == (1, 70, 4, 8)
+
+
+def test_torch_compile_matches_eager(lasp, seed):
+    """torch.compile (one device): outputs and every gradient equal the eager call. (One graph break: the
+    check that g holds no positive or NaN value reads the values, so fullgraph=True refuses it.)"""
+    torch._dynamo.reset()
+    ins = _inputs(seed, 1, 1, 1, 2, 150, 16, 8)
+    want = _run(_ours(lasp, use_qk_l2norm=True), *ins)
+    fn = torch.compile(lasp.gated_delta_attention)
+    got = _run(lambda *a, **kw: fn(*a, output_final_state=True, use_qk_l2norm=True, **kw), *ins)
+    for name, w in want.items():
+        torch.testing.assert_close(got[name], w, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
 def test_bad_inputs_name_the_argument(lasp):
     q = torch.randn(1, 2, 10, 4)
     g, beta = -torch.rand(1, 2, 10), torch.rand(1, 2, 10)
