@@ -10,7 +10,8 @@
 //   Generic every dtype (fp32 and fp64 always) and head dims 1..256 that no tensor-core family takes, and
 //           strided views those cannot read (SIMT, shared-memory tiles).
 // Head maps: both tensor-core families take every map (MHA, GQA, MQA, GVA, three head counts); where q,
-// k or v heads are shared, the backward writes those gradients per output head in fp32 and sums them
+// k or v heads are shared, the backward writes those gradients per output head (tensor-core families: in
+// the 16-bit input dtype; generic kernels: in the accumulation type) and sums them in fp32
 // (Plan::ws_heads). Per-token gates (AttnParams::g) run every role on wgmma where it takes the problem
 // (the backward only with no_state_grad: no outgoing-state gradient), else on the generic kernels.
 // Head dims above 128 (bf16/fp16, multiples of 8) are cut by the drivers into blocks of at most 128, each

@@ -142,7 +142,8 @@ __device__ __forceinline__ void state_issue(float (&st)[NE][32], const uint32_t 
 // MINB = kBwdMinBlocks<D, E> (below): at D = E = 64 registers are cut for two blocks per SM (128, 60 bytes
 // of spills; 189-196 uncapped, one block), as the mma.sync backward does there; its 80 KB of shared memory
 // allow two.
-// The tensor maps of one launch: the inputs, dq, and dk, dv where they are 16-bit (not the GQA workspace).
+// The tensor maps of one launch: the inputs, and dq, dk, dv (over the outputs, or over the 16-bit per-output-head
+// workspace where heads are shared; unset in accumulate mode, which stores from the registers).
 struct BwdMaps {
   CUtensorMap q, k, v, dout, dq, dk, dv;
 };

@@ -61,7 +61,7 @@ Kernels make_cuda_kernels() {
         return backward ? cuda::bwd_split(p, nseg, seglen) : cuda::fwd_split(p, nseg, seglen);
       },
   };
-  k.gates = k.head_maps = true;  // every family takes per-token gates or any head map where it takes the dims (kernels/plan.h)
+  k.gates = k.head_maps = true;  // per-token gates and any head map: on the family kernels/plan.h picks (generic where none other takes them)
   return k;
 }
 

@@ -87,8 +87,9 @@ def lasp_attention(
         v: (B, Hv, N, E) or (B, N, Hv, E). The output has H = max(Hq, Hv) heads; Hq, Hk and Hv each
             divide H, and output head h reads q head h // (H / Hq), k head h // (H / Hk) and v head
             h // (H / Hv): MHA, GQA and MQA (Hq = H, Hk = Hv), and GVA (Hq = Hk < Hv, as Mamba-2's
-            shared B and C). States, decay and g are per output head. On CUDA the tensor-core kernels
-            take MHA, GQA and MQA; other maps run on the generic kernels.
+            shared B and C). States, decay and g are per output head. On CUDA every map runs on the
+            tensor-core kernels (bf16 / fp16; with g only on wgmma, D, E in {64, 128}, sm_90); at head dims
+            above 128 only MHA, GQA and MQA without g do, other maps there run on the generic kernels.
         decay: None (no decay) or a float tensor (H,) of rates >= 0 (see alibi_slopes); a constant.
         g: None or per-token log gates (B, H, N) for layout "bhnd", (B, N, H) for "bnhd", values <= 0
             (-inf resets the state), any float dtype, computed in float32 (float64 for float64 inputs);
