@@ -290,3 +290,37 @@ def spawn_world(worker, world, extra_args, deadline_s, what):
                     p.join(5)
                 raise TimeoutError(f"{what} hung for {deadline_s}s")
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+_SPAWNED = {}
+
+
+def spawn_once(worker, world, deadline_s, what):
+    """spawn_world(worker, world, (), deadline_s, what) once per test session (per `what`): later calls return
+    the same results, and a failure is re-raised by every later call (chained to the first error)."""
+    if what in _SPAWNED:
+        got = _SPAWNED[what]
+        if isinstance(got, BaseException):
+            raise RuntimeError(f"the spawn of the {what} failed earlier") from got
+        return got
+    try:
+        ranks = spawn_world(worker, world, (), deadline_s, what)
+    except BaseException as e:
+        _SPAWNED[what] = e
+        raise
+    _SPAWNED[what] = ranks
+    return ranks
+
+
+def count_calls(monkeypatch, module, name):
+    """Wraps module.<name> (for the test) to record the ``group`` keyword of each call; returns that list, which
+    proves the wrapped path ran."""
+    calls = []
+    real = getattr(module, name)
+
+    def counted(*a, **k):
+        calls.append(k.get("group"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls

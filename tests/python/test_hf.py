@@ -28,7 +28,7 @@ transformers = pytest.importorskip(
 
 import torch.distributed as dist  # noqa: E402
 
-from conftest import import_lasp, rel_err, spawn_world  # noqa: E402
+from conftest import count_calls, import_lasp, rel_err, spawn_once  # noqa: E402
 
 F32, F64 = torch.float32, torch.float64
 TOL = {F32: 1e-4, F64: 1e-10}
@@ -102,25 +102,17 @@ def assert_close(name, got, want, dtype):
     assert err <= TOL[dtype], f"{name}: relative error {err:.3e} > {TOL[dtype]:.0e}"
 
 
-def assert_same_grads(got, want, dtype, what=""):
+def assert_same_grads(got, want, dtype, what="", f32_names=()):
+    """``f32_names``: parameters compared at float32's tolerance whatever ``dtype``."""
     assert set(got) == set(want), f"{what}parameters with gradients differ: {sorted(set(got) ^ set(want))}"
     for n in want:
-        assert_close(f"{what}grad {n}", got[n], want[n], dtype)
+        assert_close(f"{what}grad {n}", got[n], want[n], F32 if n in f32_names else dtype)
 
 
 @pytest.fixture
 def count_lasp_calls(monkeypatch):
     """Count calls of lasp_attention made by the integration (proves the patched path ran)."""
-    hf = _hf()
-    calls = []
-    real = hf.lasp_attention
-
-    def counted(*a, **k):
-        calls.append(k.get("group"))
-        return real(*a, **k)
-
-    monkeypatch.setattr(hf, "lasp_attention", counted)
-    return calls
+    return count_calls(monkeypatch, _hf(), "lasp_attention")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,24 +478,10 @@ def _sp_worker(rank, world, port, out_dir):
     dist.destroy_process_group()
 
 
-
-_SPAWNED = {}
-
-
 def _spawn():
     """Run the workers once per session; a failure is re-raised by every test that needs them."""
-    if "error" in _SPAWNED:
-        raise RuntimeError("the sequence-parallel spawn failed earlier") from _SPAWNED["error"]
-    if "ranks" in _SPAWNED:
-        return _SPAWNED["ranks"]
-    try:
-        ranks = spawn_world(_sp_worker, SP_WORLD, (), SPAWN_DEADLINE_S,
-                            f"sequence-parallel MiniMax test (gloo, {SP_WORLD} processes)")
-    except BaseException as e:
-        _SPAWNED["error"] = e
-        raise
-    _SPAWNED["ranks"] = ranks
-    return ranks
+    return spawn_once(_sp_worker, SP_WORLD, SPAWN_DEADLINE_S,
+                      f"sequence-parallel MiniMax test (gloo, {SP_WORLD} processes)")
 
 
 @pytest.mark.parametrize("size", [2, 3], ids=["2ranks", "3ranks"])
@@ -652,19 +630,8 @@ def _sp_worker_nccl(rank, world, port, out_dir):
 
 
 def _spawn_nccl(world):
-    key = ("nccl", world)
-    if key in _SPAWNED:
-        if isinstance(_SPAWNED[key], BaseException):
-            raise RuntimeError(f"the nccl sequence-parallel spawn ({world} GPUs) failed earlier") from _SPAWNED[key]
-        return _SPAWNED[key]
-    try:
-        ranks = spawn_world(_sp_worker_nccl, world, (), 2 * SPAWN_DEADLINE_S,
-                            f"sequence-parallel MiniMax test (nccl, {world} GPUs)")
-    except BaseException as e:
-        _SPAWNED[key] = e
-        raise
-    _SPAWNED[key] = ranks
-    return ranks
+    return spawn_once(_sp_worker_nccl, world, 2 * SPAWN_DEADLINE_S,
+                      f"sequence-parallel MiniMax test (nccl, {world} GPUs)")
 
 
 @pytest.mark.parametrize("size", [2, 4], ids=["sp2", "sp4"])

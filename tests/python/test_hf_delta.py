@@ -33,19 +33,14 @@ transformers = pytest.importorskip(
 
 import torch.distributed as dist  # noqa: E402
 
-from conftest import import_lasp, rel_err, spawn_world  # noqa: E402
+from conftest import count_calls as _count_calls, import_lasp, rel_err, spawn_once  # noqa: E402
+from test_hf import (  # noqa: E402
+    F32, F64, FULL, LIN, PG_TIMEOUT_S, TOL, _hf, assert_close, assert_same_grads, cotangent, ids_for,
+    packed_positions, run,
+)
 
-F32, F64 = torch.float32, torch.float64
-TOL = {F32: 1e-4, F64: 1e-10}
 SPAWN_DEADLINE_S = 150
-PG_TIMEOUT_S = 60
-LIN, FULL = "linear_attention", "full_attention"
 FAMILIES = ["qwen3_next", "qwen3_5", "qwen3_5_moe", "olmo_hybrid"]
-
-
-def _hf():
-    import_lasp()
-    return importlib.import_module("lasp.integrations.hf")
 
 
 def _hf_delta():
@@ -124,37 +119,7 @@ def f64_reference(monkeypatch):
 @pytest.fixture
 def count_calls(monkeypatch):
     """Count the integration's calls of gated_delta_attention (proves the patched path ran)."""
-    d = _hf_delta()
-    calls = []
-    real = d.gated_delta_attention
-
-    def counted(*a, **k):
-        calls.append(k.get("group"))
-        return real(*a, **k)
-
-    monkeypatch.setattr(d, "gated_delta_attention", counted)
-    return calls
-
-
-def ids_for(B, N, seed):
-    return torch.randint(0, 128, (B, N), generator=torch.Generator().manual_seed(seed))
-
-
-def cotangent(B, N, V, dtype, seed):
-    return torch.randn(B, N, V, generator=torch.Generator().manual_seed(seed + 1), dtype=F64).to(dtype)
-
-
-def run(model, ids, w, **kw):
-    """logits and {name: grad} of <logits, w>."""
-    model.zero_grad(set_to_none=True)
-    logits = model(ids, **kw).logits
-    (logits * w).sum().backward()
-    return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def assert_close(name, got, want, dtype):
-    err = rel_err(got, want)
-    assert err <= TOL[dtype], f"{name}: relative error {err:.3e} > {TOL[dtype]:.0e}"
+    return _count_calls(monkeypatch, _hf_delta(), "gated_delta_attention")
 
 
 def float32_grads(model):
@@ -169,17 +134,6 @@ def float32_grads(model):
             if pname == "A_log" or (type(m).__name__.startswith("Qwen") and type(m).__name__.endswith("RMSNorm")):
                 names.add(full)
     return names
-
-
-def assert_same_grads(got, want, dtype, what="", f32_names=()):
-    assert set(got) == set(want), f"{what}parameters with gradients differ: {sorted(set(got) ^ set(want))}"
-    for n in want:
-        assert_close(f"{what}grad {n}", got[n], want[n], F32 if n in f32_names else dtype)
-
-
-def packed_positions(docs, B):
-    pos = torch.cat([torch.arange(n) for n in docs])
-    return pos.unsqueeze(0).expand(B, -1).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -535,20 +489,9 @@ def _sp_worker(rank, world, port, out_dir):
     dist.destroy_process_group()
 
 
-_SPAWNED = {}
-
-
 def _spawn():
-    if "error" in _SPAWNED:
-        raise RuntimeError("the sequence-parallel spawn failed earlier") from _SPAWNED["error"]
-    if "ranks" not in _SPAWNED:
-        try:
-            _SPAWNED["ranks"] = spawn_world(_sp_worker, SP_WORLD, (), SPAWN_DEADLINE_S,
-                                            f"sequence-parallel Gated DeltaNet test (gloo, {SP_WORLD} processes)")
-        except BaseException as e:
-            _SPAWNED["error"] = e
-            raise
-    return _SPAWNED["ranks"]
+    return spawn_once(_sp_worker, SP_WORLD, SPAWN_DEADLINE_S,
+                      f"sequence-parallel Gated DeltaNet test (gloo, {SP_WORLD} processes)")
 
 
 @pytest.mark.parametrize("size", [2, 3], ids=["2ranks", "3ranks"])

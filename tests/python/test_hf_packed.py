@@ -21,26 +21,12 @@ pytest.importorskip(
 
 import torch.distributed as dist  # noqa: E402
 
-from conftest import rel_err, spawn_world  # noqa: E402
+from conftest import rel_err, spawn_once  # noqa: E402
 from test_hf import (  # noqa: E402
     F64, FULL, LIN, PG_TIMEOUT_S, SPAWN_DEADLINE_S, TOL, _hf, assert_close, assert_same_grads, cotangent, ids_for,
     make_model, packed_positions, run, tiny_config,
 )
-
-
-@pytest.fixture
-def count_lasp_calls(monkeypatch):
-    """Count calls of lasp_attention made by the integration (proves the patched path ran)."""
-    hf = _hf()
-    calls = []
-    real = hf.lasp_attention
-
-    def counted(*a, **k):
-        calls.append(k.get("group"))
-        return real(*a, **k)
-
-    monkeypatch.setattr(hf, "lasp_attention", counted)
-    return calls
+from test_hf import count_lasp_calls  # noqa: E402, F401 (a fixture)
 
 
 def offsets(docs, dtype=torch.int32):
@@ -306,20 +292,9 @@ def _sp_worker(rank, world, port, out_dir):
     dist.destroy_process_group()
 
 
-_SPAWNED = {}
-
-
 def _spawn():
-    if "error" in _SPAWNED:
-        raise RuntimeError("the sequence-parallel spawn failed earlier") from _SPAWNED["error"]
-    if "ranks" not in _SPAWNED:
-        try:
-            _SPAWNED["ranks"] = spawn_world(_sp_worker, SP_WORLD, (), SPAWN_DEADLINE_S,
-                                            f"sequence-parallel packed MiniMax test (gloo, {SP_WORLD} processes)")
-        except BaseException as e:
-            _SPAWNED["error"] = e
-            raise
-    return _SPAWNED["ranks"]
+    return spawn_once(_sp_worker, SP_WORLD, SPAWN_DEADLINE_S,
+                      f"sequence-parallel packed MiniMax test (gloo, {SP_WORLD} processes)")
 
 
 @pytest.mark.parametrize("ci", range(len(SP_CASES)))

@@ -639,6 +639,76 @@ def _sp_sdpa(self, group, query_states, key_states, value_states, kwargs, *, win
     )
 
 
+def _hook_call(module, args, kwargs):
+    """The arguments of a call of a hooked model's forward as one dict (its ``**kwargs`` merged in), whether the
+    call is packed (cu_seq_lens_q / cu_seq_lens_k given) and the input it reads (inputs_embeds, else input_ids;
+    None where neither is given)."""
+    sig = inspect.signature(type(module).forward)
+    call = dict(sig.bind_partial(module, *args, **kwargs).arguments)
+    call.pop("self", None)
+    call.update(call.pop("kwargs", {}))
+    packed = call.get("cu_seq_lens_q") is not None or call.get("cu_seq_lens_k") is not None
+    ref = call.get("inputs_embeds") if call.get("inputs_embeds") is not None else call.get("input_ids")
+    return call, packed, ref
+
+
+def _settle_call(module, group, call, packed: bool, B: int, n: int, device, cache_advice: str):
+    """The checks of a model pre-forward hook on a packed call or a call under a group; updates ``call`` in place.
+
+    Without a group (a packed call): a cache is refused (``cache_advice`` ends the error) and, where the model has
+    full-attention layers, any mask but a 2-D mask of ones, which is dropped (transformers' mask reads packed
+    position ids only without one). Under a group: what the call asks for (cache, mask kind, padding) is agreed
+    over the group (_agree_call): a refusal raises on every rank. Then the cache is turned off. Returns every
+    rank's local length (None without a group)."""
+    mask = call.get("attention_mask")
+    if group is None:
+        if call.get("past_key_values") is not None or call.get("use_cache"):
+            raise ValueError(_err("cu_seq_lens_q (packed documents) cannot be used with a cache (use_cache=True / "
+                                  "past_key_values): a cache holds one state per row, a packed row holds several "
+                                  f"documents; {cache_advice}"))
+        if mask is not None and module._lasp_has_full_attention:
+            if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or not bool(torch.all(mask == 1)):
+                raise ValueError(_err("with cu_seq_lens_q (packed documents), attention_mask must be None or a 2-D "
+                                      "mask of ones: the documents are told apart by cu_seq_lens_q, and a packed "
+                                      "row has no padding"))
+            call["attention_mask"] = None  # no padding; transformers reads packed position ids only without a mask
+        lengths = None
+    else:
+        status = _CALL_OK
+        if call.get("past_key_values") is not None or call.get("use_cache"):
+            status = _CALL_CACHE
+        elif mask is not None and module._lasp_has_full_attention:
+            if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+                status = _CALL_MASK_KIND
+            elif not bool(torch.all(mask == 1)):
+                status = _CALL_PADDING
+        lengths = _agree_call(group, n, status, device, batch=B, packed=int(packed))
+    call["use_cache"] = False
+    return lengths
+
+
+def _call_documents(group, call, packed: bool, positions, B: int, n: int, lengths, device):
+    """The documents of a settled call (_settle_call) for the layers, as ``call["lasp_documents"]``; returns the
+    hook's ``(args, kwargs)``. ``positions``: the (text) position ids given, or None.
+
+    Packed (cu_seq_lens_q): the documents from the offsets (global under a group), and the position ids made
+    from them where none are given. Otherwise (under a group): position ids default to the global positions,
+    and documents where they restart, agreed over the group."""
+    if packed:
+        docs, made = _packed_documents(group, call.get("cu_seq_lens_q"), call.get("cu_seq_lens_k"), positions, B, n,
+                                       device)
+        if call.get("position_ids") is None:
+            call["position_ids"] = made
+        call["lasp_documents"] = docs
+        return (), call
+    if positions is None:
+        rank, _ = _group_rank_size(group)
+        offset = sum(lengths[:rank])
+        positions = call["position_ids"] = torch.arange(offset, offset + n, device=device).unsqueeze(0)
+    call["lasp_documents"] = _sp_documents(group, positions, B, lengths)
+    return (), call
+
+
 def _model_pre_hook(module, args, kwargs):
     """MiniMaxModel pre-forward hook.
 
@@ -652,66 +722,14 @@ def _model_pre_hook(module, args, kwargs):
     the cache off and drops an all-ones padding mask (transformers' mask reads packed position ids only without
     either), and hands the documents to the linear layers."""
     group = module._lasp_sp.group
-    sig = inspect.signature(type(module).forward)
-    bound = sig.bind_partial(module, *args, **kwargs)
-    call = dict(bound.arguments)
-    call.pop("self", None)
-    extra = call.pop("kwargs", {})
-    call.update(extra)
-    packed = call.get("cu_seq_lens_q") is not None or call.get("cu_seq_lens_k") is not None
+    call, packed, ref = _hook_call(module, args, kwargs)
     if group is None and not packed:
         return None
-
-    ref = call.get("inputs_embeds") if call.get("inputs_embeds") is not None else call.get("input_ids")
     if ref is None:
         raise ValueError(_err("input_ids or inputs_embeds is required"))
     B, n = ref.shape[0], ref.shape[1]
-    mask = call.get("attention_mask")
-
-    if group is None:
-        if call.get("past_key_values") is not None or call.get("use_cache"):
-            raise ValueError(_err("cu_seq_lens_q (packed documents) cannot be used with a cache (use_cache=True / "
-                                  "past_key_values): a cache holds one state per row, a packed row holds several "
-                                  "documents; leave use_cache unset or False"))
-        if mask is not None and module._lasp_has_full_attention:
-            if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or not bool(torch.all(mask == 1)):
-                raise ValueError(_err("with cu_seq_lens_q (packed documents), attention_mask must be None or a 2-D "
-                                      "mask of ones: the documents are told apart by cu_seq_lens_q, and a packed "
-                                      "row has no padding"))
-            call["attention_mask"] = None  # no padding; transformers reads packed position ids only without a mask
-        call["use_cache"] = False
-        docs, positions = _packed_documents(None, call.get("cu_seq_lens_q"), call.get("cu_seq_lens_k"),
-                                            call.get("position_ids"), B, n, ref.device)
-        if call.get("position_ids") is None:
-            call["position_ids"] = positions
-        call["lasp_documents"] = docs
-        return (), call
-
-    status = _CALL_OK
-    if call.get("past_key_values") is not None or call.get("use_cache"):
-        status = _CALL_CACHE
-    elif mask is not None and module._lasp_has_full_attention:
-        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-            status = _CALL_MASK_KIND
-        elif not bool(torch.all(mask == 1)):
-            status = _CALL_PADDING
-    lengths = _agree_call(group, n, status, ref.device, batch=B, packed=int(packed))
-    call["use_cache"] = False
-
-    if packed:  # every rank: global offsets; position ids made from them where not given
-        docs, positions = _packed_documents(group, call.get("cu_seq_lens_q"), call.get("cu_seq_lens_k"),
-                                            call.get("position_ids"), B, n, ref.device)
-        if call.get("position_ids") is None:
-            call["position_ids"] = positions
-        call["lasp_documents"] = docs
-        return (), call
-    if call.get("position_ids") is None:
-        rank, _ = _group_rank_size(group)
-        offset = sum(lengths[:rank])
-        call["position_ids"] = torch.arange(offset, offset + n, device=ref.device).unsqueeze(0)
-    # packed documents, agreed over the group (every layer reads them from its kwargs)
-    call["lasp_documents"] = _sp_documents(group, call["position_ids"], B, lengths)
-    return (), call
+    lengths = _settle_call(module, group, call, packed, B, n, ref.device, "leave use_cache unset or False")
+    return _call_documents(group, call, packed, call.get("position_ids"), B, n, lengths, ref.device)
 
 
 # ----------------------------------------------------------------------------------------------

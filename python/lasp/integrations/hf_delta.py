@@ -61,8 +61,8 @@ import torch.nn.functional as F
 
 from .. import gated_delta_attention
 from . import hf as _hf
-from .hf import (_CALL_CACHE, _CALL_MASK_KIND, _CALL_OK, _CALL_PADDING, _PATCH_ATTR, _SpGroup, _agree_call,
-                 _doc_starts, _err, _group_rank_size, _layer_documents, _packed_documents, _sp_documents, _sp_sdpa)
+from .hf import (_CALL_OK, _PATCH_ATTR, _SpGroup, _agree_call, _call_documents, _doc_starts, _err, _group_rank_size,
+                 _hook_call, _layer_documents, _settle_call, _sp_sdpa)
 
 __all__ = ["patch_gated_deltanet", "unpatch_gated_deltanet", "FAMILIES", "SUPPORTED_TRANSFORMERS"]
 
@@ -81,77 +81,46 @@ FAMILIES = {
 
 # sha256 of inspect.getsource(...) of the functions reproduced here, per release and family (see hf.py). From 5.17.0
 # to 5.22.2 only the layers' forwards changed (how they read the cache: _has_state covers both).
+_FP_SHARED = {  # the functions every family calls
+    "causal_conv1d_fn": "f932149bdf42900c8cdd95cce7adaa6270a337906c3e018534e0e28c83d820fd",
+    "torch_chunk_gated_delta_rule": "e4116a769851c6a455d1a277f0b5ad777090d73c9da491a84e4e9773e17c45d6",
+    "apply_mask_to_padding_states": "ac70fe1177ec07fffda88e30269d307c4913464f169f12288b831d19a0437207",
+}
+_FP_QWEN_ATTENTION = "282e26183eb923131affae687e924eab5cda69c6128b4956a76ecc2230bec424"
+_FP_517 = {
+    "qwen3_next": dict(_FP_SHARED, **{
+        "Qwen3NextGatedDeltaNet.forward": "fc80496fd00b799282c7fa25fe2bd60951ebb5546683d31463debdf7bef61165",
+        "Qwen3NextAttention.forward": _FP_QWEN_ATTENTION,
+        "Qwen3NextModel.forward": "dbee71d7b0bf2fb40a7c08d14adfc03541e225433b9e91f6244e7a834e7702a3",
+        "Qwen3NextGatedDeltaNet.fix_query_key_value_ordering": "1b706d1f9a490a63c40fa7e35378758c7d66eb02762a5d60238b2f9942bc25a2",
+    }),
+    "qwen3_5": dict(_FP_SHARED, **{
+        "Qwen3_5GatedDeltaNet.forward": "bd25761e1031fff0f6b24115dff8175ee9c8fb585287a4026b73a12bb0b5d816",
+        "Qwen3_5Attention.forward": _FP_QWEN_ATTENTION,
+        "Qwen3_5TextModel.forward": "8059c2ff169e914a0fe184fbb24a45129a5d75f91594165130532be9d337d8da",
+    }),
+    "qwen3_5_moe": dict(_FP_SHARED, **{
+        "Qwen3_5MoeGatedDeltaNet.forward": "bd25761e1031fff0f6b24115dff8175ee9c8fb585287a4026b73a12bb0b5d816",
+        "Qwen3_5MoeAttention.forward": _FP_QWEN_ATTENTION,
+        "Qwen3_5MoeTextModel.forward": "27f0c97adcc3ea173a67d27f7113a9fe9e19b51600e4ba95dd966592242330d0",
+    }),
+    "olmo_hybrid": dict(_FP_SHARED, **{
+        "OlmoHybridGatedDeltaNet.forward": "2cf524e0f1f4b6092737e879d697f269cfee4d4c8eb6155f387d3abfd7735d9f",
+        "OlmoHybridAttention.forward": "09c9aa54eedd208eb4b6e95ef3a8572e340df88758b84166277dfc9de5d88723",
+        "OlmoHybridModel.forward": "010d70611b265bfeddf64ee4748efee5f48a2cb2d5389b25fd726ed186dfa973",
+    }),
+}
+# 5.22.2: the layers' forwards (family -> sha256 of its Gated DeltaNet layer's forward)
+_FP_522_LAYERS = {
+    "qwen3_next": "2850a3856efa1c94af53440e05e7cd1ed1ec3a12d87b39b39fc4220569c2c247",
+    "qwen3_5": "43718d6c3e7255e63fc7a79d60c242912b48dbe00f351b9d80814ca0fb603037",
+    "qwen3_5_moe": "43718d6c3e7255e63fc7a79d60c242912b48dbe00f351b9d80814ca0fb603037",
+    "olmo_hybrid": "5e351648aa49864299c836517679600c4c1a4f629cf77bcca6321553963bb802",
+}
 _FINGERPRINTS = {
-    "5.17.0": {
-        "qwen3_next": {
-            "Qwen3NextGatedDeltaNet.forward": "fc80496fd00b799282c7fa25fe2bd60951ebb5546683d31463debdf7bef61165",
-            "Qwen3NextAttention.forward": "282e26183eb923131affae687e924eab5cda69c6128b4956a76ecc2230bec424",
-            "Qwen3NextModel.forward": "dbee71d7b0bf2fb40a7c08d14adfc03541e225433b9e91f6244e7a834e7702a3",
-            "causal_conv1d_fn": "f932149bdf42900c8cdd95cce7adaa6270a337906c3e018534e0e28c83d820fd",
-            "torch_chunk_gated_delta_rule": "e4116a769851c6a455d1a277f0b5ad777090d73c9da491a84e4e9773e17c45d6",
-            "apply_mask_to_padding_states": "ac70fe1177ec07fffda88e30269d307c4913464f169f12288b831d19a0437207",
-            "Qwen3NextGatedDeltaNet.fix_query_key_value_ordering": "1b706d1f9a490a63c40fa7e35378758c7d66eb02762a5d60238b2f9942bc25a2",
-        },
-        "qwen3_5": {
-            "Qwen3_5GatedDeltaNet.forward": "bd25761e1031fff0f6b24115dff8175ee9c8fb585287a4026b73a12bb0b5d816",
-            "Qwen3_5Attention.forward": "282e26183eb923131affae687e924eab5cda69c6128b4956a76ecc2230bec424",
-            "Qwen3_5TextModel.forward": "8059c2ff169e914a0fe184fbb24a45129a5d75f91594165130532be9d337d8da",
-            "causal_conv1d_fn": "f932149bdf42900c8cdd95cce7adaa6270a337906c3e018534e0e28c83d820fd",
-            "torch_chunk_gated_delta_rule": "e4116a769851c6a455d1a277f0b5ad777090d73c9da491a84e4e9773e17c45d6",
-            "apply_mask_to_padding_states": "ac70fe1177ec07fffda88e30269d307c4913464f169f12288b831d19a0437207",
-        },
-        "qwen3_5_moe": {
-            "Qwen3_5MoeGatedDeltaNet.forward": "bd25761e1031fff0f6b24115dff8175ee9c8fb585287a4026b73a12bb0b5d816",
-            "Qwen3_5MoeAttention.forward": "282e26183eb923131affae687e924eab5cda69c6128b4956a76ecc2230bec424",
-            "Qwen3_5MoeTextModel.forward": "27f0c97adcc3ea173a67d27f7113a9fe9e19b51600e4ba95dd966592242330d0",
-            "causal_conv1d_fn": "f932149bdf42900c8cdd95cce7adaa6270a337906c3e018534e0e28c83d820fd",
-            "torch_chunk_gated_delta_rule": "e4116a769851c6a455d1a277f0b5ad777090d73c9da491a84e4e9773e17c45d6",
-            "apply_mask_to_padding_states": "ac70fe1177ec07fffda88e30269d307c4913464f169f12288b831d19a0437207",
-        },
-        "olmo_hybrid": {
-            "OlmoHybridGatedDeltaNet.forward": "2cf524e0f1f4b6092737e879d697f269cfee4d4c8eb6155f387d3abfd7735d9f",
-            "OlmoHybridAttention.forward": "09c9aa54eedd208eb4b6e95ef3a8572e340df88758b84166277dfc9de5d88723",
-            "OlmoHybridModel.forward": "010d70611b265bfeddf64ee4748efee5f48a2cb2d5389b25fd726ed186dfa973",
-            "causal_conv1d_fn": "f932149bdf42900c8cdd95cce7adaa6270a337906c3e018534e0e28c83d820fd",
-            "torch_chunk_gated_delta_rule": "e4116a769851c6a455d1a277f0b5ad777090d73c9da491a84e4e9773e17c45d6",
-            "apply_mask_to_padding_states": "ac70fe1177ec07fffda88e30269d307c4913464f169f12288b831d19a0437207",
-        },
-    },
-    "5.22.2": {
-        "qwen3_next": {
-            "Qwen3NextGatedDeltaNet.forward": "2850a3856efa1c94af53440e05e7cd1ed1ec3a12d87b39b39fc4220569c2c247",
-            "Qwen3NextAttention.forward": "282e26183eb923131affae687e924eab5cda69c6128b4956a76ecc2230bec424",
-            "Qwen3NextModel.forward": "dbee71d7b0bf2fb40a7c08d14adfc03541e225433b9e91f6244e7a834e7702a3",
-            "causal_conv1d_fn": "f932149bdf42900c8cdd95cce7adaa6270a337906c3e018534e0e28c83d820fd",
-            "torch_chunk_gated_delta_rule": "e4116a769851c6a455d1a277f0b5ad777090d73c9da491a84e4e9773e17c45d6",
-            "apply_mask_to_padding_states": "ac70fe1177ec07fffda88e30269d307c4913464f169f12288b831d19a0437207",
-            "Qwen3NextGatedDeltaNet.fix_query_key_value_ordering": "1b706d1f9a490a63c40fa7e35378758c7d66eb02762a5d60238b2f9942bc25a2",
-        },
-        "qwen3_5": {
-            "Qwen3_5GatedDeltaNet.forward": "43718d6c3e7255e63fc7a79d60c242912b48dbe00f351b9d80814ca0fb603037",
-            "Qwen3_5Attention.forward": "282e26183eb923131affae687e924eab5cda69c6128b4956a76ecc2230bec424",
-            "Qwen3_5TextModel.forward": "8059c2ff169e914a0fe184fbb24a45129a5d75f91594165130532be9d337d8da",
-            "causal_conv1d_fn": "f932149bdf42900c8cdd95cce7adaa6270a337906c3e018534e0e28c83d820fd",
-            "torch_chunk_gated_delta_rule": "e4116a769851c6a455d1a277f0b5ad777090d73c9da491a84e4e9773e17c45d6",
-            "apply_mask_to_padding_states": "ac70fe1177ec07fffda88e30269d307c4913464f169f12288b831d19a0437207",
-        },
-        "qwen3_5_moe": {
-            "Qwen3_5MoeGatedDeltaNet.forward": "43718d6c3e7255e63fc7a79d60c242912b48dbe00f351b9d80814ca0fb603037",
-            "Qwen3_5MoeAttention.forward": "282e26183eb923131affae687e924eab5cda69c6128b4956a76ecc2230bec424",
-            "Qwen3_5MoeTextModel.forward": "27f0c97adcc3ea173a67d27f7113a9fe9e19b51600e4ba95dd966592242330d0",
-            "causal_conv1d_fn": "f932149bdf42900c8cdd95cce7adaa6270a337906c3e018534e0e28c83d820fd",
-            "torch_chunk_gated_delta_rule": "e4116a769851c6a455d1a277f0b5ad777090d73c9da491a84e4e9773e17c45d6",
-            "apply_mask_to_padding_states": "ac70fe1177ec07fffda88e30269d307c4913464f169f12288b831d19a0437207",
-        },
-        "olmo_hybrid": {
-            "OlmoHybridGatedDeltaNet.forward": "5e351648aa49864299c836517679600c4c1a4f629cf77bcca6321553963bb802",
-            "OlmoHybridAttention.forward": "09c9aa54eedd208eb4b6e95ef3a8572e340df88758b84166277dfc9de5d88723",
-            "OlmoHybridModel.forward": "010d70611b265bfeddf64ee4748efee5f48a2cb2d5389b25fd726ed186dfa973",
-            "causal_conv1d_fn": "f932149bdf42900c8cdd95cce7adaa6270a337906c3e018534e0e28c83d820fd",
-            "torch_chunk_gated_delta_rule": "e4116a769851c6a455d1a277f0b5ad777090d73c9da491a84e4e9773e17c45d6",
-            "apply_mask_to_padding_states": "ac70fe1177ec07fffda88e30269d307c4913464f169f12288b831d19a0437207",
-        },
-    },
+    "5.17.0": _FP_517,
+    "5.22.2": {fam: dict(fps, **{f"{FAMILIES[fam]['layer']}.forward": _FP_522_LAYERS[fam]})
+               for fam, fps in _FP_517.items()},
 }
 SUPPORTED_TRANSFORMERS = tuple(_FINGERPRINTS)
 _SUPPORTED = ", ".join(SUPPORTED_TRANSFORMERS)
@@ -302,6 +271,31 @@ def _halo_plan(lengths, rank: int, k1: int):
     return sends, recvs
 
 
+def _exchange(t, group, outgoing, incoming, out, accumulate: bool) -> None:
+    """One round of point-to-point messages over ``group`` on (B, C, .) tensors: ``t[..., a:b]`` goes to group rank
+    r for each (r, a, b) of ``outgoing``; what group rank r sends fills ``out[..., c:d]`` (``accumulate``: is
+    added to it) for each (r, c, d) of ``incoming``."""
+    import torch.distributed as dist
+
+    B, C = t.shape[0], t.shape[1]
+    reqs, keep, bufs = [], [], []
+    for dst, a, b in outgoing:
+        piece = t[..., a:b].contiguous()
+        keep.append(piece)
+        reqs.append(dist.isend(piece, dst=dist.get_global_rank(group, dst), group=group))
+    for src, c, d in incoming:
+        buf = t.new_empty(B, C, d - c)
+        bufs.append((buf, c, d))
+        reqs.append(dist.irecv(buf, src=dist.get_global_rank(group, src), group=group))
+    for r in reqs:
+        r.wait()
+    for buf, c, d in bufs:
+        if accumulate:
+            out[..., c:d] += buf
+        else:
+            out[..., c:d] = buf
+
+
 class _Halo(torch.autograd.Function):
     """x (B, C, n), this rank's pre-convolution features -> its (B, C, K - 1) halo (zeros where no token
     precedes the piece), by one round of point-to-point messages (_halo_plan). Backward: the halo's gradient
@@ -309,49 +303,21 @@ class _Halo(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group, sends, recvs, k1):
-        import torch.distributed as dist
-
         B, C, _ = x.shape
         halo = x.new_zeros(B, C, k1)
-        reqs, keep, bufs = [], [], []
-        for dst, a, b in sends:
-            t = x[..., a:b].contiguous()
-            keep.append(t)
-            reqs.append(dist.isend(t, dst=dist.get_global_rank(group, dst), group=group))
-        for src, c, d in recvs:
-            buf = x.new_empty(B, C, d - c)
-            bufs.append((buf, c, d))
-            reqs.append(dist.irecv(buf, src=dist.get_global_rank(group, src), group=group))
-        for r in reqs:
-            r.wait()
-        for buf, c, d in bufs:
-            halo[..., c:d] = buf
+        _exchange(x, group, sends, recvs, halo, accumulate=False)
         ctx.group, ctx.sends, ctx.recvs, ctx.shape, ctx.k1 = group, sends, recvs, x.shape, k1
         ctx.like = (x.dtype, x.device)
         return halo
 
     @staticmethod
     def backward(ctx, g):
-        import torch.distributed as dist
-
-        group = ctx.group
         B, C, n = ctx.shape
         if g is None:
             g = torch.zeros(B, C, ctx.k1, dtype=ctx.like[0], device=ctx.like[1])
         grad_x = g.new_zeros(B, C, n)
-        reqs, keep, bufs = [], [], []
-        for src, c, d in ctx.recvs:
-            t = g[..., c:d].contiguous()
-            keep.append(t)
-            reqs.append(dist.isend(t, dst=dist.get_global_rank(group, src), group=group))
-        for dst, a, b in ctx.sends:
-            buf = g.new_empty(B, C, b - a)
-            bufs.append((buf, a, b))
-            reqs.append(dist.irecv(buf, src=dist.get_global_rank(group, dst), group=group))
-        for r in reqs:
-            r.wait()
-        for buf, a, b in bufs:
-            grad_x[..., a:b] += buf
+        # the reverse round: halo slots go back to their senders, sent tokens' gradients come back (summed)
+        _exchange(g, ctx.group, ctx.recvs, ctx.sends, grad_x, accumulate=True)
         return grad_x, None, None, None, None
 
 
@@ -598,39 +564,15 @@ def _model_pre_hook(module, args, kwargs):
     (``lasp_lengths``), and, without a group, packed documents from restarting position ids (the linear
     layers of these models are not handed the position ids)."""
     group = module._lasp_sp.group
-    sig = inspect.signature(type(module).forward)
-    call = dict(sig.bind_partial(module, *args, **kwargs).arguments)
-    call.pop("self", None)
-    call.update(call.pop("kwargs", {}))
-    packed = call.get("cu_seq_lens_q") is not None or call.get("cu_seq_lens_k") is not None
-    ref = call.get("inputs_embeds") if call.get("inputs_embeds") is not None else call.get("input_ids")
+    call, packed, ref = _hook_call(module, args, kwargs)
     if ref is None:
         if group is None and not packed:
             return None  # transformers raises its own error
         raise ValueError(_err("input_ids or inputs_embeds is required"))
     B, n = ref.shape[0], ref.shape[1]
-    mask = call.get("attention_mask")
     pos = call.get("position_ids")
 
-    if group is None:
-        if packed:
-            if call.get("past_key_values") is not None or call.get("use_cache"):
-                raise ValueError(_err("cu_seq_lens_q (packed documents) cannot be used with a cache (use_cache=True "
-                                      "/ past_key_values): a cache holds one state per row, a packed row holds "
-                                      "several documents; pass use_cache=False"))
-            if mask is not None and module._lasp_has_full_attention:
-                if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or not bool(torch.all(mask == 1)):
-                    raise ValueError(_err("with cu_seq_lens_q (packed documents), attention_mask must be None or a "
-                                          "2-D mask of ones: the documents are told apart by cu_seq_lens_q, and a "
-                                          "packed row has no padding"))
-                call["attention_mask"] = None
-            call["use_cache"] = False
-            docs, positions = _packed_documents(None, call.get("cu_seq_lens_q"), call.get("cu_seq_lens_k"),
-                                                None if pos is None else _text_positions(pos, B), B, n, ref.device)
-            if pos is None:
-                call["position_ids"] = positions
-            call["lasp_documents"] = docs
-            return (), call
+    if group is None and not packed:
         if pos is None or n < 2 or not isinstance(pos, torch.Tensor):
             return None
         starts = _doc_starts(_text_positions(pos, B), B)
@@ -640,35 +582,16 @@ def _model_pre_hook(module, args, kwargs):
         call["lasp_documents"] = (starts, ids, ids)
         return (), call
 
-    status = _CALL_OK
-    if call.get("past_key_values") is not None or call.get("use_cache"):
-        status = _CALL_CACHE
-    elif mask is not None and module._lasp_has_full_attention:
-        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-            status = _CALL_MASK_KIND
-        elif not bool(torch.all(mask == 1)):
-            status = _CALL_PADDING
-    lengths = _agree_call(group, n, status, ref.device, batch=B, packed=int(packed))
-    empty = [r for r, m in enumerate(lengths) if m == 0]
-    if empty:  # the same on every rank: all raise alike
-        raise ValueError(_err(f"input_ids / inputs_embeds: the pieces of group ranks {empty} are empty; transformers' "
-                              "mask creation needs at least one token per rank (the layers themselves take empty "
-                              "pieces)"))
-    call["use_cache"] = False
-    call["lasp_lengths"] = lengths
-    if packed:
-        docs, positions = _packed_documents(group, call.get("cu_seq_lens_q"), call.get("cu_seq_lens_k"),
-                                            None if pos is None else _text_positions(pos, B), B, n, ref.device)
-        if pos is None:
-            call["position_ids"] = positions
-        call["lasp_documents"] = docs
-        return (), call
-    if pos is None:
-        rank, _ = _group_rank_size(group)
-        offset = sum(lengths[:rank])
-        pos = call["position_ids"] = torch.arange(offset, offset + n, device=ref.device).unsqueeze(0)
-    call["lasp_documents"] = _sp_documents(group, _text_positions(pos, B), B, lengths)
-    return (), call
+    lengths = _settle_call(module, group, call, packed, B, n, ref.device, "pass use_cache=False")
+    if group is not None:
+        empty = [r for r, m in enumerate(lengths) if m == 0]
+        if empty:  # the same on every rank: all raise alike
+            raise ValueError(_err(f"input_ids / inputs_embeds: the pieces of group ranks {empty} are empty; "
+                                  "transformers' mask creation needs at least one token per rank (the layers "
+                                  "themselves take empty pieces)"))
+        call["lasp_lengths"] = lengths
+    return _call_documents(group, call, packed, None if pos is None else _text_positions(pos, B), B, n, lengths,
+                           ref.device)
 
 
 # ----------------------------------------------------------------------------------------------
