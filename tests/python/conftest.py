@@ -270,6 +270,17 @@ def record_errors(calls):
     return errs
 
 
+def _run_and_exit(rank, worker, *args):
+    """A spawned child: worker(rank, *args), then a hard exit once it has returned (its results are saved and
+    it has left the group): the interpreter's teardown of c10d's threads has, rarely, aborted the process
+    ("terminate called without an active exception") after the work was complete. Exceptions propagate as
+    usual (mp.spawn reports them with their traceback)."""
+    worker(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def spawn_world(worker, world, extra_args, deadline_s, what):
     """Runs worker(rank, world, port, *extra_args, out_dir) in `world` spawned processes, each of which
     torch.save()s its results to out_dir/rank{rank}.pt; returns those results in rank order.
@@ -279,7 +290,8 @@ def spawn_world(worker, world, extra_args, deadline_s, what):
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.spawn(worker, args=(world, free_port(), *extra_args, out_dir), nprocs=world, join=False)
+        ctx = mp.spawn(_run_and_exit, args=(worker, world, free_port(), *extra_args, out_dir), nprocs=world,
+                       join=False)
         deadline = time.monotonic() + deadline_s
         while not ctx.join(timeout=1.0):  # raises ProcessRaisedException with the child's traceback
             if time.monotonic() > deadline:
