@@ -106,7 +106,7 @@ Family main_family(const AttnParams& p, int mode, bool backward, const DevInfo& 
     // how the driver always calls it with gates (it adds G's terms itself, attention.cpp): with G inside,
     // dg would read G's terms through the 16-bit state copy and lose them where dg is small
     if (p.g && backward && !(p.no_state_grad && p.grad_state_out == nullptr)) return Family::Generic;
-  } else if (!tensor_core_maps(p)) {  // mma.sync: no gates; every head map
+  } else if (p.g) {  // mma.sync: every head map, no gates
     return Family::Generic;
   }
   const bool views = mode < 0 ? (backward ? fast::bwd_supported(p) : fast::fwd_supported(p)) : mode >= 1;

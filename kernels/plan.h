@@ -65,8 +65,6 @@ struct Plan {
 // mode, see *_workspace_bytes; the head-dim blocks of lasp_cuda.cu check their views once for the call).
 // Mode 1 falls back to the generic kernels where the kernel's shared memory does not fit.
 Plan plan_fwd(const AttnParams& p, int mode = -1);
-// Whether every tensor-core family may take p: no gates (wgmma takes them, main_family). Any head map.
-inline bool tensor_core_maps(const AttnParams& p) { return p.g == nullptr; }
 Plan plan_bwd(const AttnParams& p, int mode = -1);
 
 }  // namespace cuda
