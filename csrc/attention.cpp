@@ -4,6 +4,7 @@
 #include <c10/core/SymBool.h>
 
 #include <algorithm>
+#include <cmath>
 #include <array>
 #include <cstdint>
 #include <cstdlib>
@@ -84,7 +85,8 @@ Tensor gate_sums(const Tensor& g_acc) { return g_acc.defined() ? g_acc.sum(-1) :
 // dg terms are formed from these products directly, not as differences of the large q.dq and k.dk sums
 // that carry G inside a fused pass (where 16-bit state copies would lose them where dg is small). The
 // products run on the tensor cores in the input dtype, against G scaled per (b, h) to at most 1 (fp16's
-// range), in fp32 otherwise. Returns exp(sum_u lam_u), (B, H) in the accumulation type.
+// range), in fp32 otherwise. dg with 0 elements (document starts, which take no gradient): dk, dv only.
+// Returns exp(sum_u lam_u), (B, H) in the accumulation type.
 Tensor add_gated_state_grad(const Tensor& k, const Tensor& v, const Tensor& g_acc, const Tensor& decay_acc,
                             const Tensor& G, const Tensor& s_in, const Tensor& dk, const Tensor& dv, const Tensor& dg) {
   const int64_t B = g_acc.size(0), H = g_acc.size(1), N = g_acc.size(2);
@@ -108,7 +110,8 @@ Tensor add_gated_state_grad(const Tensor& k, const Tensor& v, const Tensor& g_ac
   const int64_t budget = env ? std::max<int64_t>(1, std::atoll(env)) : (int64_t{256} << 20);
   const int64_t per_token = B * H * std::max(k.size(3), v.size(3)) * 4;
   const int64_t nb = std::max<int64_t>(1, budget / std::max<int64_t>(1, per_token));
-  Tensor pt = at::empty({B, H, N}, w.options());  // suf_t k_t G v_t^T
+  const bool want_dg = dg.numel() > 0;
+  Tensor pt = want_dg ? at::empty({B, H, N}, w.options()) : Tensor();  // suf_t k_t G v_t^T
   for (int64_t t0 = 0; t0 < N; t0 += nb) {
     const int64_t n = std::min(nb, N - t0);
     const Tensor ke = to_out_heads(k.narrow(2, t0, n)), ve = to_out_heads(v.narrow(2, t0, n));
@@ -125,8 +128,9 @@ Tensor add_gated_state_grad(const Tensor& k, const Tensor& v, const Tensor& g_ac
     };
     add_to(dk.narrow(2, t0, n), vG);
     add_to(dv.narrow(2, t0, n), kG);
-    pt.narrow(2, t0, n).copy_((kG.to(wb.scalar_type()) * ve.to(wb.scalar_type())).sum(-1) * wb.squeeze(-1));
+    if (want_dg) pt.narrow(2, t0, n).copy_((kG.to(wb.scalar_type()) * ve.to(wb.scalar_type())).sum(-1) * wb.squeeze(-1));
   }
+  if (!want_dg) return total;
   dg.add_(at::constant_pad_nd(pt.cumsum(-1).narrow(-1, 0, N - 1), {1, 0}, 0));                  // sum_{t < s}
   if (s_in.numel() > 0) dg.add_((total * (G * s_in).sum({-2, -1})).unsqueeze(-1));
   return total;
@@ -178,9 +182,15 @@ Kernels empty_piece_kernels(const Tensor& q, int64_t H, int64_t D, int64_t E) {
   return k;
 }
 
-// The log gates in the accumulation type, contiguous (B, H, N) (the caller's tensor when it already is).
+// Whether g holds document starts (bool: True where a document starts) rather than log gates.
+bool is_starts(const std::optional<Tensor>& g) { return g.has_value() && g->scalar_type() == at::kBool; }
+
+// The log gates in the accumulation type, contiguous (B, H, N) (the caller's tensor when it already is);
+// document starts become 0 with -inf at each start.
 Tensor gates_in_acc(const std::optional<Tensor>& g, at::ScalarType acc) {
-  return g.has_value() ? g->to(acc).contiguous() : Tensor();
+  if (!g.has_value()) return Tensor();
+  if (is_starts(g)) return at::zeros(g->sizes(), g->options().dtype(acc)).masked_fill_(*g, -INFINITY);
+  return g->to(acc).contiguous();
 }
 
 // Before any collective, on every rank alike (the backend is the same on every rank of a group).
@@ -274,11 +284,12 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::
                           .guard_bool(__FILE__, __LINE__),
                       "lasp_attention: g must have shape (B, H, N) = (", B, ", ", H, ", ", N, ") for layout 'bhnd' "
                     "((B, N, H) for 'bnhd'), got shape ", gt.sym_sizes());
-    TORCH_CHECK_TYPE(at::isFloatingType(gt.scalar_type()), "lasp_attention: g must be a floating tensor, got ",
+    TORCH_CHECK_TYPE(at::isFloatingType(gt.scalar_type()) || gt.scalar_type() == at::kBool,
+                     "lasp_attention: g must be a floating tensor (log gates) or bool (document starts), got ",
                      gt.scalar_type());
     TORCH_CHECK_VALUE(gt.device() == q.device(), "lasp_attention: g must be on the device of q (", q.device(),
                       "), got ", gt.device());
-    if (check_values && gt.device().is_cpu() && gt.numel() > 0) {
+    if (check_values && gt.device().is_cpu() && gt.numel() > 0 && gt.scalar_type() != at::kBool) {
       TORCH_CHECK_VALUE(!(gt > 0).any().item<bool>(), "lasp_attention: g must hold log gates <= 0 (-inf: a reset), "
                         "got a largest value of ", gt.max().item<double>());
       TORCH_CHECK_VALUE(!gt.isnan().any().item<bool>(), "lasp_attention: g must hold log gates <= 0 (-inf: a reset), "
@@ -413,6 +424,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_
   const Tensor g_acc = gates_in_acc(g, acc);
   Tensor o = alloc_out(out_layout_like(q, v), H, E);
   AttnParams p = base_params(q, k, v, decay_acc, scale, g_acc);
+  p.g_resets = is_starts(g);
   p.o = view4(o);
 
   check_group_call(ring, q, k, v, decay.has_value(), g.has_value(), strategy, 0);
@@ -505,10 +517,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& 
   const Tensor g_user = grad_final_state.has_value() ? grad_final_state->to(acc).contiguous() : Tensor();
 
   Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  // dg: written by the main pass (bwd), which has S_in and G_r
-  Tensor dg = g.has_value() ? at::empty({q.size(0), H, N}, q.options().dtype(acc)) : at::empty({0}, q.options().dtype(acc));
+  // dg: written by the main pass (bwd), which has S_in and G_r (document starts take none)
+  const bool starts = is_starts(g);
+  Tensor dg = g.has_value() && !starts ? at::empty({q.size(0), H, N}, q.options().dtype(acc))
+                                       : at::empty({0}, q.options().dtype(acc));
   AttnParams p = base_params(q, k, v, decay_acc, scale, g_acc);
-  p.dg_part = g.has_value() ? dg.data_ptr() : nullptr;
+  p.dg_part = g.has_value() && !starts ? dg.data_ptr() : nullptr;
+  p.g_resets = starts;
   p.dout = view4(dout);
   p.dq = view4(dq);
   p.dk = view4(dk);

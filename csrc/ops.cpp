@@ -82,8 +82,9 @@ BwdOut bwd_meta(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
   check_inputs(q, k, v, decay, std::nullopt, /*check_values=*/false, g);
   check_seg_states(q, v, seg_states, seg_seglen);
   const auto acc_opts = q.options().dtype(acc_type(q.scalar_type()));
-  Tensor dg = g.has_value() ? at::empty_symint({q.sym_size(0), out_heads(q, v), q.sym_size(2)}, acc_opts)
-                            : at::empty({0}, acc_opts);
+  Tensor dg = g.has_value() && g->scalar_type() != at::kBool
+                  ? at::empty_symint({q.sym_size(0), out_heads(q, v), q.sym_size(2)}, acc_opts)
+                  : at::empty({0}, acc_opts);
   return {at::empty_like(q), at::empty_like(k), at::empty_like(v), state_meta(q, v), dg};
 }
 
@@ -189,7 +190,7 @@ class LaspAttentionFunction : public torch::autograd::Function<LaspAttentionFunc
                                            seg_states, seg_seglen, g);
     const bool has_init = ctx->saved_data["has_initial_state"].toBool();
     return {dq,       dk,       dv,      Tensor(), Tensor(), has_init ? dinit : Tensor(), Tensor(), Tensor(),
-            g.has_value() ? dg.to(g->scalar_type()) : Tensor()};
+            g.has_value() && g->scalar_type() != at::kBool ? dg.to(g->scalar_type()) : Tensor()};
   }
 };
 
@@ -246,6 +247,10 @@ at::Tensor alibi_slopes(int64_t num_heads) {
 }  // namespace lasp
 
 TORCH_LIBRARY(lasp, m) {
+  // g: per-token log gates (B, H, N), any floating dtype, with a gradient; or bool (B, H, N), document starts
+  // of packed rows (True: the state is dropped before that token, as a log gate of -inf), with none (the
+  // backward's dg has 0 elements and the autograd function returns no gradient for it). lasp_attention
+  // (python) passes the starts of cu_seqlens so when no log gates come with them.
   m.def(
       "lasp_attention(Tensor q, Tensor k, Tensor v, Tensor? decay, float scale, Tensor? initial_state, "
       "str? group_name, str strategy=\"ring\", Tensor? g=None) -> (Tensor, Tensor)");

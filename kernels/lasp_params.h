@@ -57,6 +57,10 @@ struct AttnParams {
   // dq and dk from output head h (state terms included): the sum of the decay-weighted pairs that span
   // token t. Backends sum the spanning pairs without cancelling terms (csrc/cpu, bwd_dkdv_impl).
   void* dg_part = nullptr;
+  // Set where every log gate is 0 or -inf (document starts of a packed row, no per-token gates) and no dg
+  // is wanted (dg_part null): the sm_90a main kernels then take the powers of gamma cut at the starts
+  // instead of gate weights (wgmma.cuh, ResetTile). Every other kernel reads g as gates, which is the same.
+  bool g_resets = false;
 
   TensorView4 q, k, v;  // q: (B, Hq, N, D), k: (B, Hkv, N, D), v: (B, Hv, N, E)
   TensorView4 o;        // (B, H, N, E)

@@ -214,8 +214,9 @@ Plan plan_bwd(const AttnParams& p, int mode) {
   // dtype for the tensor-core ones (written by their usual stores; lasp_cuda.cu sums them in fp32)
   if (p.Hq != p.H || p.Hkv != p.H || p.Hv != p.H)
     pl.ws_heads = align256((size_t)p.B * p.H * p.N * (2 * D + E) * (pl.main == Family::Generic ? esz : 2));
-  if (p.g) pl.ws_dg = align256((size_t)p.B * p.H * p.N * esz);
-  if (p.g && pl.main == Family::Wgmma) {
+  const bool wants_dg = p.g && !p.g_resets;  // document starts alone take no dg (lasp_params.h)
+  if (wants_dg) pl.ws_dg = align256((size_t)p.B * p.H * p.N * esz);
+  if (wants_dg && pl.main == Family::Wgmma) {
     const size_t nct = (size_t)(p.N + 63) / 64;
     pl.ws_chunk_states = align256((size_t)p.B * p.H * nct * D * E * 2);
     pl.ws_chunk_sums = align256((size_t)p.B * p.H * nct * sizeof(float));

@@ -228,6 +228,106 @@ __device__ __forceinline__ void mask_pack_gated(const float (&P)[32], uint32_t (
   }
 }
 
+// A chunk's document starts (AttnParams::g_resets: every log gate is 0 or -inf, and the decay is per head):
+// bit i of m is set where token i of the chunk starts a document (its gate is -inf). The weights are then
+// the powers of gamma (Gp[n] = gamma^n) cut at the starts, with no exp and no scan:
+//   w(t, s) = Gp[t - s] where no start lies in (s, t], else 0;   pre(t) = Gp[t + 1] where none lies in [0, t].
+struct ResetTile {
+  unsigned long long m;
+};
+
+// The 32 bits of x at the even bit positions of a 64-bit word.
+__device__ __forceinline__ unsigned long long spread_bits(unsigned x) {
+  unsigned long long v = x;
+  v = (v | (v << 16)) & 0x0000FFFF0000FFFFull;
+  v = (v | (v << 8)) & 0x00FF00FF00FF00FFull;
+  v = (v | (v << 4)) & 0x0F0F0F0F0F0F0F0Full;
+  v = (v | (v << 2)) & 0x3333333333333333ull;
+  return (v | (v << 1)) & 0x5555555555555555ull;
+}
+
+// The ResetTile of one chunk from one whole warp: lane l holds the log gates of tokens 2l, 2l + 1.
+__device__ __forceinline__ void reset_tile_build(ResetTile& rt, float x0, float x1) {
+  const unsigned a = __ballot_sync(0xffffffffu, x0 == -INFINITY), b = __ballot_sync(0xffffffffu, x1 == -INFINITY);
+  if ((threadIdx.x & 31) == 0) rt.m = spread_bits(a) | (spread_bits(b) << 1);
+}
+
+// The last start at or before token t (0 <= t < 64), or -1.
+__device__ __forceinline__ int last_start(unsigned long long m, int t) {
+  return 63 - __clzll(m & (~0ull >> (63 - t)));
+}
+// The first start after token s (0 <= s < 64), or 64.
+__device__ __forceinline__ int next_start(unsigned long long m, int s) {
+  const unsigned long long x = s >= 63 ? 0ull : m >> (s + 1);
+  return x ? s + __ffsll(x) : 64;
+}
+
+// mask_pack with the powers of gamma cut at the document starts: CAUSAL keeps row's columns
+// last_start(row) <= col <= row, else row's columns row <= col < next_start(row).
+template <typename T, bool CAUSAL>
+__device__ __forceinline__ void mask_pack_reset(const float (&P)[32], uint32_t (&pa)[4][4], int r0, float scale,
+                                                const float* Gp, unsigned long long m) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
+  const int b0 = CAUSAL ? last_start(m, r0 + g) : next_start(m, r0 + g);
+  const int b1 = CAUSAL ? last_start(m, r0 + g + 8) : next_start(m, r0 + g + 8);
+  float pm[32];
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int row = r0 + g + (r >> 1) * 8, col = 8 * j + 2 * tc + (r & 1), bound = (r >> 1) ? b1 : b0;
+      const bool keep = CAUSAL ? (col <= row && col >= bound) : (col >= row && col < bound);
+      pm[4 * j + r] = keep ? P[4 * j + r] * scale * Gp[CAUSAL ? row - col : col - row] : 0.f;
+    }
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    pa[kk][0] = mma::pack2<T>(pm[8 * kk + 0], pm[8 * kk + 1]);
+    pa[kk][1] = mma::pack2<T>(pm[8 * kk + 2], pm[8 * kk + 3]);
+    pa[kk][2] = mma::pack2<T>(pm[8 * kk + 4], pm[8 * kk + 5]);
+    pa[kk][3] = mma::pack2<T>(pm[8 * kk + 6], pm[8 * kk + 7]);
+  }
+}
+
+// The decay view of one chunk, as the main kernels read it, by gate mode GM (0: powers of gamma, 1: per-token
+// gates, GateTile; 2: document starts, ResetTile): the weights w(t, s) (s <= t), pre(t), and the masked
+// product packed as RS A fragments. `tile` is the chunk's tile in shared memory (unused for GM = 0).
+template <int GM>
+struct ChunkView {
+  const float* Gp;
+  const void* tile;
+  __device__ __forceinline__ float w(int t, int s) const {
+    if constexpr (GM == 1) return gate_w(*static_cast<const GateTile*>(tile), t, s);
+    if constexpr (GM == 2) {
+      if (last_start(static_cast<const ResetTile*>(tile)->m, t) > s) return 0.f;
+    }
+    return Gp[t - s];
+  }
+  __device__ __forceinline__ float pre(int t) const {
+    if constexpr (GM == 1) return gate_pre(*static_cast<const GateTile*>(tile), t);
+    if constexpr (GM == 2) {
+      if (last_start(static_cast<const ResetTile*>(tile)->m, t) >= 0) return 0.f;
+    }
+    return Gp[t + 1];
+  }
+  template <typename T, bool CAUSAL>
+  __device__ __forceinline__ void pack(const float (&P)[32], uint32_t (&pa)[4][4], int r0, float scale) const {
+    if constexpr (GM == 1) {
+      mask_pack_gated<T, CAUSAL>(P, pa, r0, scale, *static_cast<const GateTile*>(tile));
+    } else if constexpr (GM == 2) {
+      mask_pack_reset<T, CAUSAL>(P, pa, r0, scale, Gp, static_cast<const ResetTile*>(tile)->m);
+    } else {
+      mask_pack<T, CAUSAL>(P, pa, r0, scale, Gp);
+    }
+  }
+};
+
+// The chunk's tile (GM 1 or 2) from one whole warp holding the log gates of tokens 2l, 2l + 1 in lane l.
+template <int GM>
+__device__ __forceinline__ void build_tile(void* tile, float x0, float x1) {
+  if constexpr (GM == 1) gate_tile_scan(*static_cast<GateTile*>(tile), x0, x1);
+  if constexpr (GM == 2) reset_tile_build(*static_cast<ResetTile*>(tile), x0, x1);
+}
+
 // The sum of x over the four threads of a row of an accumulator fragment (lanes 4g .. 4g + 3), in each of them.
 __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);

@@ -20,15 +20,17 @@
 // weights in registers. Reads: dO, V, K (loop A) and Q, K, V, dO (loop B); writes dq, dk, dv once.
 // Where k or v heads (q heads) are shared, dk / dv (dq) of each output head go by the same TMA stores to a
 // 16-bit workspace that the caller sums (fast_path.h, HeadWs).
-// GATED (per-token gates, planned only without an outgoing-state gradient G): the powers of g become the
-// chunk's gate weights (wgmma.cuh, GateTile), which warp 0 scans into one of two tiles before each chunk's
-// barrier; loop A also loads Q, and WG0's threads of each row leave q[t].dq_h[t] in dg (loop A) and take
+// GM = 1 (per-token gates, planned only without an outgoing-state gradient G): the powers of g become the
+// chunk's gate weights (wgmma.cuh, ChunkView over a GateTile), which warp 0 scans into one of two tiles before
+// each chunk's barrier; loop A also loads Q, and WG0's threads of each row leave q[t].dq_h[t] in dg (loop A) and take
 // k[t].dk_h[t] from it (loop B), each without the pair (t, t) (its 16-bit P value, diag_rounded, times
 // q[t].k[t]). The suffix sums of those terms over a whole row would add up their 16-bit rounding token by
 // token; instead WG1 keeps the state after each chunk (chunk_S) and loop B adds <S, R> at each chunk's end
 // (chunk_T: exactly the sum over every later token), so dg_chunk_finish_kernel sums within a chunk only.
 // (With G, its terms would come through the 16-bit state copy R_b: the driver adds them itself, and the
 // plan takes this kernel with gates only without G.)
+// GM = 2 (document starts only, AttnParams::g_resets; no dg): the powers of g cut at the starts (ResetTile, a
+// 64-bit mask of the chunk's starts made by warp 0 from the same loads), as in the forward; no Q in loop A.
 // ACC (head dims above 128, cut into blocks by lasp_cuda.cu): dq, dk and dv of each query head are terms
 // of sums over the blocks, left as the AccOuts say (fast_args.h) by direct stores from the registers.
 #include <cstring>
@@ -72,7 +74,7 @@ struct WgBwdSmem {
   static constexpr uint32_t OST = SB + 2 * SBUF;
   static constexpr int NSTG = (D == 64 && E == 64) ? 1 : 2;  // D = E = 64: two blocks per SM must fit
   static constexpr uint32_t GP = OST + 2 * NSTG * kAtom;
-  static constexpr uint32_t GT = GP + (kC + 2) * sizeof(float);  // two GateTiles (GATED: chunk ci in ci & 1)
+  static constexpr uint32_t GT = GP + (kC + 2) * sizeof(float);  // two gate tiles (GM > 0: chunk ci in ci & 1)
   static constexpr uint32_t BAR = GT + 2 * sizeof(wg::GateTile);
   static constexpr size_t bytes = BAR + 4 * 8 + 1024;  // + alignment slack
   static_assert(Q == 0 && K % 1024 == 0 && V % 1024 == 0 && DO % 1024 == 0 && SB % 1024 == 0 && OST % 1024 == 0 &&
@@ -97,14 +99,14 @@ __device__ __forceinline__ void block_sync() { asm volatile("barrier.sync 1, 256
 
 // st (64 rows of block mb of a D x E fp32 state) = g^len st + X^T diag(w) Y over the chunk (K = its 64 rows):
 // X = the tile at xt (rows s, 64-column atoms), Y = the tile at yt, MN-major (NE atoms). w[s] = g^(len-1-s)
-// (REV = false: the forward state, from K and V) or scale g^(s+1) (REV = true: R, from Q and dO), with gates
-// (gt) suf(s) or scale pre(s); rows past
+// (REV = false: the forward state, from K and V) or scale g^(s+1) (REV = true: R, from Q and dO), in general (the chunk's
+// view) suf(s) or scale pre(s); rows past
 // len get 0 (their tiles are zero-filled too). In three parts, so that a caller can make the X^T fragments
 // (state_frags) while other wgmmas run, scale st (wg::scale_state) once none is in flight, and issue the
 // wgmmas (state_issue) after the wg::fence() that opens their stage.
-template <typename T, bool REV>
+template <typename T, bool REV, int GM>
 __device__ __forceinline__ void state_frags(uint32_t (&xa)[4][4], uint32_t xt, int mb, int r0, int len, bool weigh,
-                                            float scale, const float* Gp, const wg::GateTile* gt = nullptr) {
+                                            float scale, const wg::ChunkView<GM>& view) {
   const int tc = threadIdx.x & 3;
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
@@ -114,11 +116,7 @@ __device__ __forceinline__ void state_frags(uint32_t (&xa)[4][4], uint32_t xt, i
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int s = kk * 16 + 2 * tc + (j & 1) + (j >> 1) * 8;
-        if (gt) {  // gates: pre(s), suf(s)
-          w[j] = s < len ? (REV ? scale * wg::gate_pre(*gt, s) : wg::gate_w(*gt, len - 1, s)) : 0.f;
-        } else {
-          w[j] = s < len ? (REV ? scale * Gp[s + 1] : Gp[len - 1 - s]) : 0.f;
-        }
+        w[j] = s < len ? (REV ? scale * view.pre(s) : view.w(len - 1, s)) : 0.f;  // pre(s), suf(s)
       }
       xa[kk][0] = mma::scale2<T>(xa[kk][0], w[0], w[1]);
       xa[kk][1] = mma::scale2<T>(xa[kk][1], w[0], w[1]);
@@ -148,7 +146,7 @@ struct BwdMaps {
   CUtensorMap q, k, v, dout, dq, dk, dv;
 };
 
-template <typename T, int D, int E, int MINB, bool ACC, bool GATED>
+template <typename T, int D, int E, int MINB, bool ACC, int GM>
 __global__ void __launch_bounds__(kThreads, MINB)
     wgmma_bwd_kernel(BwdArgs a, const __grid_constant__ BwdMaps tm, AccOuts accs) {
 #if LASP_WGMMA
@@ -160,7 +158,9 @@ __global__ void __launch_bounds__(kThreads, MINB)
   unsigned char* sm = smem_raw + pad;
   const uint32_t base = raw + pad;
   float* Gp = reinterpret_cast<float*>(sm + SM::GP);
-  wg::GateTile* gts = reinterpret_cast<wg::GateTile*>(sm + SM::GT);
+  // GM (wgmma.cuh, ChunkView): 1 gates (and dg), 2 document starts only (no dg)
+  constexpr bool VIEW = GM != 0, DG = GM == 1;
+  auto tile = [&](int i) { return static_cast<void*>(sm + SM::GT + (uint32_t)(i & 1) * sizeof(wg::GateTile)); };
 
   const int seg = blockIdx.x % a.nseg, bh = blockIdx.x / a.nseg;
   const int b = bh / a.H, h = bh % a.H, qh = h / a.qgroup, kh = h / a.group, vh = h / a.vgroup;
@@ -189,10 +189,10 @@ __global__ void __launch_bounds__(kThreads, MINB)
     tma::init_barriers(barA, 4);
   }
   __syncthreads();
-  // GATED: warp 0 scans chunk ci's gates into gts[ci & 1] before the chunk's barrier (so a tile is
+  // GM > 0: warp 0 makes chunk ci's tile (tile(ci)) before the chunk's barrier (so a tile is
   // rewritten only after every reader of the chunk two back passed the barrier of the one between), from
   // log gates it loaded a chunk ahead (lane l: tokens 2l, 2l + 1 of the chunk; 0 past the segment's end).
-  const float* grow = GATED ? a.g + (size_t)bh * a.N : nullptr;
+  const float* grow = VIEW ? a.g + (size_t)bh * a.N : nullptr;
   float gn0 = 0.f, gn1 = 0.f;
   auto load_gates = [&](int c0) {
     const int t = c0 + 2 * lane;
@@ -201,19 +201,19 @@ __global__ void __launch_bounds__(kThreads, MINB)
   };
   auto gate_chunk = [&](int i, int next_c0) {  // chunk i's tile; next_c0 < 0: no next chunk
     if (threadIdx.x < 32) {
-      wg::gate_tile_scan(gts[i & 1], gn0, gn1);
+      wg::build_tile<GM>(tile(i), gn0, gn1);
       if (next_c0 >= 0) load_gates(next_c0);
     }
   };
-  // dg rows of this thread (GATED, WG0, tc == 0): loop A stores q[t].dq_h[t], loop B subtracts k[t].dk_h[t]
-  float* dgrow = GATED && a.dg ? a.dg + (size_t)bh * a.N : nullptr;
-  // GATED with chunk_S: loop A's WG1 keeps the state after each chunk (16-bit, in its registers' fragment
+  // dg rows of this thread (DG, WG0, tc == 0): loop A stores q[t].dq_h[t], loop B subtracts k[t].dk_h[t]
+  float* dgrow = DG && a.dg ? a.dg + (size_t)bh * a.N : nullptr;
+  // DG with chunk_S: loop A's WG1 keeps the state after each chunk (16-bit, in its registers' fragment
   // order: 16-byte words (mb, nb, j4) of 128 threads each), loop B dots it with R at the chunk's end into
   // chunk_T, so that dg's sums reach across chunks through <S, R> and not through the per-token terms of
   // every later token (whose 16-bit rounding would add up along the row).
   const int nct = (a.N + kC - 1) / kC, gc0 = n0 / kC;  // chunks of the row; this segment's first
   constexpr size_t kChunkWords = (size_t)ND * NE * 4 * 128;  // 16-byte words per chunk state
-  uint4* const crow = GATED && dgrow && a.chunk_S ? reinterpret_cast<uint4*>(a.chunk_S) + (size_t)bh * nct * kChunkWords
+  uint4* const crow = DG && dgrow && a.chunk_S ? reinterpret_cast<uint4*>(a.chunk_S) + (size_t)bh * nct * kChunkWords
                                                   : nullptr;
   auto stage = [&](int i) { return base + (uint32_t)(i & 1) * SM::STAGE; };
   auto sbuf = [&](int i) { return base + SM::SB + (uint32_t)(i & 1) * SM::SBUF; };
@@ -259,7 +259,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
     if (threadIdx.x == 0 && ci + 1 < nch) issue_A(ci + 1);
   };
   if (threadIdx.x == 0 && nch > 0) issue_A(0);
-  if (GATED && threadIdx.x < 32 && nch > 0) load_gates(n0);
+  if (VIEW && threadIdx.x < 32 && nch > 0) load_gates(n0);
   if (wgi == 0) {
     for (int ci = 0; ci < nch; ++ci) {
       const int c0 = n0 + ci * kC;
@@ -269,9 +269,9 @@ __global__ void __launch_bounds__(kThreads, MINB)
 #pragma unroll
         for (int nb = 0; nb < ND; ++nb) mma::prefetch_frag_acc<8>(accs.x[0], b, h, c0, r0, 64 * nb, len);
       }
-      if constexpr (GATED) gate_chunk(ci, ci + 1 < nch ? c0 + kC : -1);
+      if constexpr (VIEW) gate_chunk(ci, ci + 1 < nch ? c0 + kC : -1);
       chunk_top(ci);
-      const wg::GateTile& gt = gts[ci & 1];
+      const wg::ChunkView<GM> view{Gp, tile(ci)};
       float acc[ND][32], P[32];
 #pragma unroll
       for (int nb = 0; nb < ND; ++nb) wg::zero_acc(acc[nb]);
@@ -291,25 +291,16 @@ __global__ void __launch_bounds__(kThreads, MINB)
       wg::wait<1>();
       wg::fence_regs(P);
       uint32_t pa[4][4];
-      float pd0 = 0.f, pd1 = 0.f;  // GATED: the diagonal of the masked P (dg leaves the pairs (t, t) out)
-      if constexpr (GATED) {
-        wg::mask_pack_gated<T, true>(P, pa, r0, scale, gt);
+      float pd0 = 0.f, pd1 = 0.f;  // DG: the diagonal of the masked P (dg leaves the pairs (t, t) out)
+      view.template pack<T, true>(P, pa, r0, scale);
+      if constexpr (DG) {
         if (dgrow) wg::diag_rounded<T>(P, r0, scale, pd0, pd1);
-      } else {
-        wg::mask_pack<T, true>(P, pa, r0, scale, Gp);
       }
       wg::wait<0>();
 #pragma unroll
       for (int nb = 0; nb < ND; ++nb) wg::fence_regs(acc[nb]);
       {
-        float f0, f1;
-        if constexpr (GATED) {
-          f0 = scale * wg::gate_pre(gt, r0 + g);
-          f1 = scale * wg::gate_pre(gt, r0 + g + 8);
-        } else {
-          f0 = scale * Gp[r0 + g + 1];
-          f1 = scale * Gp[r0 + g + 9];
-        }
+        const float f0 = scale * view.pre(r0 + g), f1 = scale * view.pre(r0 + g + 8);
 #pragma unroll
         for (int nb = 0; nb < ND; ++nb) wg::scale_rows(acc[nb], f0, f1);
       }
@@ -324,7 +315,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
       wg::wait<0>();
 #pragma unroll
       for (int nb = 0; nb < ND; ++nb) wg::fence_regs(acc[nb]);
-      if constexpr (GATED) {
+      if constexpr (DG) {
         if (dgrow) {  // q[t].dq_h[t] without the pair (t, t): its term in dq[t] is pd k[t]
           float d0, d1, x0, x1;
           wg::row_dots<T, ND>(acc, sm + (st - base) + SM::Q, r0, d0, d1);
@@ -361,13 +352,13 @@ __global__ void __launch_bounds__(kThreads, MINB)
       const uint32_t st = stage(ci);
       chunk_top(ci);
       if (ci + 1 == nch) continue;  // the state after the last chunk is not needed
-      const wg::GateTile* gtp = GATED ? &gts[ci & 1] : nullptr;
-      const bool weigh = GATED || lg != 0.f;  // without decay every weight is 1 (rows past len are zero-filled)
+      const wg::ChunkView<GM> view{Gp, tile(ci)};
+      const bool weigh = VIEW || lg != 0.f;  // without decay every weight is 1 (rows past len are zero-filled)
       uint32_t xa[ND][4][4];
 #pragma unroll
       for (int mb = 0; mb < ND; ++mb) {
-        state_frags<T, false>(xa[mb], st + SM::K, mb, r0, len, weigh, scale, Gp, gtp);
-        wg::scale_state(S[mb], GATED ? wg::gate_pre(*gtp, len - 1) : Gp[len]);
+        state_frags<T, false>(xa[mb], st + SM::K, mb, r0, len, weigh, scale, view);
+        wg::scale_state(S[mb], view.pre(len - 1));
       }
       wg::fence();
 #pragma unroll
@@ -380,7 +371,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
         for (int nb = 0; nb < NE; ++nb) wg::fence_regs(S[mb][nb]);
         write_rows(S[mb], sbuf(ci + 1), mb);
       }
-      if (GATED && crow) {  // the state after chunk ci, for loop B's <S, R>
+      if (DG && crow) {  // the state after chunk ci, for loop B's <S, R>
         uint4* dst = crow + (size_t)(gc0 + ci) * kChunkWords + (threadIdx.x & 127);
 #pragma unroll
         for (int mb = 0; mb < ND; ++mb)
@@ -412,7 +403,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
     tma::load_atoms(st + SM::DO, &tm.dout, bar, NE, 0, c0, h, b);
   };
   if (threadIdx.x == 0 && nch > 0) issue_B(0);
-  if (GATED && threadIdx.x < 32 && nch > 0) load_gates(n0 + (nch - 1) * kC);
+  if (VIEW && threadIdx.x < 32 && nch > 0) load_gates(n0 + (nch - 1) * kC);
   // dk / dv: per output head into the workspace (shared k / v heads), else the k / v head
   const int hk = a.dk_per_head ? h : kh, hv = a.dv_per_head ? h : vh;
   auto loop_B = [&](auto role) {
@@ -436,8 +427,8 @@ __global__ void __launch_bounds__(kThreads, MINB)
 #pragma unroll
         for (int nb = 0; nb < NOUT; ++nb) mma::prefetch_frag_acc<8>(accs.x[W == 0 ? 1 : 2], b, h, c0, r0, 64 * nb, len);
       }
-      if constexpr (GATED && W == 0) gate_chunk(ci, ci + 1 < nch ? c0 - kC : -1);
-      if constexpr (GATED && RMB >= 0) {
+      if constexpr (VIEW && W == 0) gate_chunk(ci, ci + 1 < nch ? c0 - kC : -1);
+      if constexpr (DG && RMB >= 0) {
         if (crow) {  // <S, R> at this chunk's end (R: the gradient there), over this warpgroup's rows
           const int c = nch - 1 - ci;
           float part = 0.f;
@@ -472,7 +463,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
       tma::wait(barB + 8u * (uint32_t)(ci & 1), (uint32_t)(ci >> 1) & 1u);
       wg::fence_async_smem();
       block_sync();
-      const wg::GateTile& gt = gts[ci & 1];
+      const wg::ChunkView<GM> view{Gp, tile(ci)};
       if (threadIdx.x == 0 && ci + 1 < nch) issue_B(ci + 1);
       float acc[NOUT][32], P[32];
 #pragma unroll
@@ -506,33 +497,25 @@ __global__ void __launch_bounds__(kThreads, MINB)
       // R = g^len R + scale Q^T diag(g^(t+1)) dO (this warpgroup's block of rows): its fragments now,
       // its scaling once no wgmma is in flight, its wgmmas beside dk's / dv's
       uint32_t xa[4][4];
-      if constexpr (RMB >= 0) state_frags<T, true>(xa, st + SM::Q, RMB, r0, len, true, scale, Gp, GATED ? &gt : nullptr);
+      if constexpr (RMB >= 0) state_frags<T, true>(xa, st + SM::Q, RMB, r0, len, true, scale, view);
       wg::wait<1>();
       wg::fence_regs(P);
       uint32_t pa[4][4];
-      float pd0 = 0.f, pd1 = 0.f;  // GATED, WG0: the diagonal of the masked P (as in loop A)
-      if constexpr (GATED) {
-        wg::mask_pack_gated<T, false>(P, pa, r0, scale, gt);
+      float pd0 = 0.f, pd1 = 0.f;  // DG, WG0: the diagonal of the masked P (as in loop A)
+      view.template pack<T, false>(P, pa, r0, scale);
+      if constexpr (DG) {
         if (W == 0 && dgrow) wg::diag_rounded<T>(P, r0, scale, pd0, pd1);
-      } else {
-        wg::mask_pack<T, false>(P, pa, r0, scale, Gp);
       }
       wg::wait<0>();
 #pragma unroll
       for (int nb = 0; nb < NOUT; ++nb) wg::fence_regs(acc[nb]);
       {
-        float ws0, ws1;
-        if constexpr (GATED) {
-          ws0 = r0 + g < len ? wg::gate_w(gt, len - 1, r0 + g) : 0.f;
-          ws1 = r0 + g + 8 < len ? wg::gate_w(gt, len - 1, r0 + g + 8) : 0.f;
-        } else {
-          ws0 = r0 + g < len ? Gp[len - 1 - (r0 + g)] : 0.f;
-          ws1 = r0 + g + 8 < len ? Gp[len - 9 - (r0 + g)] : 0.f;
-        }
+        const float ws0 = r0 + g < len ? view.w(len - 1, r0 + g) : 0.f;
+        const float ws1 = r0 + g + 8 < len ? view.w(len - 1, r0 + g + 8) : 0.f;
 #pragma unroll
         for (int nb = 0; nb < NOUT; ++nb) wg::scale_rows(acc[nb], ws0, ws1);
       }
-      if constexpr (RMB >= 0) wg::scale_state(R, GATED ? wg::gate_pre(gt, len - 1) : Gp[len]);
+      if constexpr (RMB >= 0) wg::scale_state(R, view.pre(len - 1));
 #pragma unroll
       for (int nb = 0; nb < NOUT; ++nb) wg::fence_regs(acc[nb]);
       wg::fence();
@@ -548,7 +531,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
       wg::wait<0>();
 #pragma unroll
       for (int nb = 0; nb < NOUT; ++nb) wg::fence_regs(acc[nb]);
-      if constexpr (GATED && W == 0) {
+      if constexpr (DG && W == 0) {
         if (dgrow) {  // - k[s].dk_h[s] without the pair (s, s) (the thread that stored q[s].dq_h[s] in loop A)
           float d0, d1, x0, x1;
           wg::row_dots<T, NOUT>(acc, sm + (st - base) + SM::K, r0, d0, d1);
@@ -600,11 +583,11 @@ __global__ void __launch_bounds__(kThreads, MINB)
 template <int D, int E>
 constexpr int kBwdMinBlocks = (D == 64 && E == 64) ? 2 : 1;
 
-template <typename T, int D, int E, int MINB, bool ACC, bool GATED>
+template <typename T, int D, int E, int MINB, bool ACC, int GM>
 cudaError_t launch_minb(const AttnParams& p, const BwdArgs& a, const AccOut* acc,
                         const HeadWs& ws, cudaStream_t st) {
   constexpr size_t smem = WgBwdSmem<D, E>::bytes;
-  cudaError_t e = opt_in_smem<wgmma_bwd_kernel<T, D, E, MINB, ACC, GATED>>(smem);
+  cudaError_t e = opt_in_smem<wgmma_bwd_kernel<T, D, E, MINB, ACC, GM>>(smem);
   if (e != cudaSuccess) return e;
   const unsigned blocks = (unsigned)(p.B * p.H * a.nseg);
   const bool bf = std::is_same<T, __nv_bfloat16>::value;
@@ -633,7 +616,7 @@ cudaError_t launch_minb(const AttnParams& p, const BwdArgs& a, const AccOut* acc
   AccOuts accs{};
   if (acc)
     for (int i = 0; i < 3; ++i) accs.x[i] = acc[i];
-  wgmma_bwd_kernel<T, D, E, MINB, ACC, GATED><<<blocks, kThreads, smem, st>>>(a, tm, accs);
+  wgmma_bwd_kernel<T, D, E, MINB, ACC, GM><<<blocks, kThreads, smem, st>>>(a, tm, accs);
   return cudaGetLastError();
 }
 
@@ -641,10 +624,11 @@ template <typename T, int D, int E, bool ACC>
 cudaError_t launch(const AttnParams& p, const BwdArgs& a, const AccOut* acc, const HeadWs& ws, cudaStream_t st) {
   if constexpr (ACC) {  // gates never come with head-dim blocks (blocks_shape refuses them)
     return a.g ? cudaErrorInvalidValue
-               : launch_minb<T, D, E, kBwdMinBlocks<D, E>, true, false>(p, a, acc, ws, st);
+               : launch_minb<T, D, E, kBwdMinBlocks<D, E>, true, 0>(p, a, acc, ws, st);
   } else {
-    return a.g ? launch_minb<T, D, E, kBwdMinBlocks<D, E>, false, true>(p, a, acc, ws, st)
-               : launch_minb<T, D, E, kBwdMinBlocks<D, E>, false, false>(p, a, acc, ws, st);
+    if (!a.g) return launch_minb<T, D, E, kBwdMinBlocks<D, E>, false, 0>(p, a, acc, ws, st);
+    return p.g_resets ? launch_minb<T, D, E, kBwdMinBlocks<D, E>, false, 2>(p, a, acc, ws, st)
+                      : launch_minb<T, D, E, kBwdMinBlocks<D, E>, false, 1>(p, a, acc, ws, st);
   }
 }
 
@@ -658,7 +642,7 @@ cudaError_t launch_dims(const AttnParams& p, const BwdArgs& a, cudaStream_t st, 
 
 template <typename T, int D, int E>
 int resident() {
-  return resident_blocks<wgmma_bwd_kernel<T, D, E, kBwdMinBlocks<D, E>, false, false>>(kThreads, WgBwdSmem<D, E>::bytes, 1);
+  return resident_blocks<wgmma_bwd_kernel<T, D, E, kBwdMinBlocks<D, E>, false, 0>>(kThreads, WgBwdSmem<D, E>::bytes, 1);
 }
 
 template <typename T>

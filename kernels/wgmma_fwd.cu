@@ -9,8 +9,10 @@
 //   P = Q K^T            (SS: Q and K K-major)
 //   O = diag(scale g^(t+1)) O + ((scale P) * decay mask) V      (RS: P from registers, V MN-major)
 //   S = g^len S + (K^T diag(g^(len-1-s))) V                      (RS: K^T by ldmatrix.trans, V MN-major)
-// GATED (per-token gates, lasp_params.h): the powers of g become the chunk's gate weights (wgmma.cuh,
-// GateTile: w(t, s), pre(t), suf(s), tot), which warp 0 scans from the log gates it loaded a chunk ahead.
+// GM (gate mode, wgmma.cuh ChunkView): 0 the powers of g; 1 per-token gates (lasp_params.h), whose chunk
+// weights w(t, s), pre(t), suf(s), tot warp 0 scans (GateTile) from the log gates it loaded a chunk ahead;
+// 2 document starts only (AttnParams::g_resets): the powers of g cut at the starts, from a 64-bit mask of
+// the chunk's starts that warp 0 makes from the same loads (ResetTile).
 // S lives in fp32 registers (warp w: rows 64i + 16w .. of the D x 64 state), S_b is rewritten after
 // each chunk. Bytes as the mma.sync kernel: q, k, v read once per column tile, o written once.
 // ACC (head dims above 128, cut into blocks by lasp_cuda.cu): o is one term of a sum over the blocks of D,
@@ -42,7 +44,7 @@ constexpr uint32_t kAtom = wg::kTileAtom;
 
 // Shared memory (bytes, from a 1024-aligned base): 2 stages of Q, K (D / 64 atoms each) and V (1 atom),
 // S_b (D rows x 128 B), the O staging tile (one swizzled atom, the TMA store's source), the decay powers,
-// the chunk's gates (GATED)
+// the chunk's gate tile (GM > 0)
 // and the two stages' mbarriers.
 template <int D>
 struct WgSmem {
@@ -51,7 +53,7 @@ struct WgSmem {
   static constexpr uint32_t SB = 2 * STAGE;
   static constexpr uint32_t OST = SB + D * 128;
   static constexpr uint32_t GP = OST + kAtom;
-  static constexpr uint32_t GT = GP + (kC + 2) * sizeof(float);  // the chunk's GateTile (GATED)
+  static constexpr uint32_t GT = GP + (kC + 2) * sizeof(float);  // the chunk's GateTile / ResetTile (GM > 0)
   static constexpr uint32_t BAR = GT + sizeof(wg::GateTile);
   static constexpr size_t bytes = BAR + 2 * 8 + 1024;  // + alignment slack
   static_assert(Q == 0 && K % 1024 == 0 && V % 1024 == 0 && SB % 1024 == 0 && OST % 1024 == 0 && BAR % 8 == 0,
@@ -61,7 +63,7 @@ struct WgSmem {
 #if LASP_WGMMA  // device helpers of the kernel below (its body is empty in other targets)
 #endif
 
-template <typename T, int D, bool ACC, bool GATED>
+template <typename T, int D, bool ACC, int GM>
 __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
     wgmma_fwd_kernel(FwdArgs a, const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
                      const __grid_constant__ CUtensorMap tv, const __grid_constant__ CUtensorMap to, AccOut oacc) {
@@ -74,7 +76,9 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
   unsigned char* sm = smem_raw + pad;
   const uint32_t base = raw + pad;
   float* Gp = reinterpret_cast<float*>(sm + SM::GP);
-  wg::GateTile& gt = *reinterpret_cast<wg::GateTile*>(sm + SM::GT);
+  constexpr bool GATED = GM != 0;
+  void* const tile = sm + SM::GT;
+  const wg::ChunkView<GM> view{Gp, tile};
 
   const int ntile = a.E / kEt;
   const int et = blockIdx.x % ntile;
@@ -90,7 +94,7 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
   const int n1 = min(a.N, n0 + a.seglen);
   const int nch = (n1 - n0 + kC - 1) / kC;
   const uint32_t bar0 = base + SM::BAR;
-  // GATED: warp 0 holds the next chunk's log gates (lane l: tokens 2l, 2l + 1; 0 past the segment's end)
+  // GM > 0: warp 0 holds the next chunk's log gates (lane l: tokens 2l, 2l + 1; 0 past the segment's end)
   const float* grow = GATED ? a.g + (size_t)bh * a.N : nullptr;
   float gn0 = 0.f, gn1 = 0.f;
   auto load_gates = [&](int ci) {
@@ -150,7 +154,7 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
     if constexpr (ACC) mma::prefetch_frag_acc<8>(oacc, b, h, c0, r0, e0, len);  // read at the chunk's end
     if constexpr (GATED) {  // the chunk's gate tile (the previous chunk's readers passed its last sync)
       if (warp == 0) {
-        wg::gate_tile_scan(gt, gn0, gn1);
+        wg::build_tile<GM>(tile, gn0, gn1);
         if (ci + 1 < nch) load_gates(ci + 1);
       }
     }
@@ -181,19 +185,8 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       const int s0 = kk * 16 + 2 * tc;
-      float w0, w1, w2, w3;
-      if constexpr (GATED) {  // suf(s) = w(len - 1, s)
-        auto suf = [&](int s) { return s < len ? wg::gate_w(gt, len - 1, s) : 0.f; };
-        w0 = suf(s0);
-        w1 = suf(s0 + 1);
-        w2 = suf(s0 + 8);
-        w3 = suf(s0 + 9);
-      } else {
-        w0 = s0 < len ? Gp[len - 1 - s0] : 0.f;
-        w1 = s0 + 1 < len ? Gp[len - 2 - s0] : 0.f;
-        w2 = s0 + 8 < len ? Gp[len - 9 - s0] : 0.f;
-        w3 = s0 + 9 < len ? Gp[len - 10 - s0] : 0.f;
-      }
+      auto suf = [&](int s) { return s < len ? view.w(len - 1, s) : 0.f; };  // suf(s) = w(len - 1, s)
+      const float w0 = suf(s0), w1 = suf(s0 + 1), w2 = suf(s0 + 8), w3 = suf(s0 + 9);
 #pragma unroll
       for (int i = 0; i < MI; ++i) {
         wg::load_a_t_sw128(ka[kk][i], st + SM::K, kAtom, 64 * i + r0, kk * 16);
@@ -210,23 +203,13 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
     wg::wait<1>();
     wg::fence_regs(P);
     uint32_t pa[4][4];
-    if constexpr (GATED) {
-      wg::mask_pack_gated<T, true>(P, pa, r0, a.scale, gt);
-    } else {
-      wg::mask_pack<T, true>(P, pa, r0, a.scale, Gp);
-    }
+    view.template pack<T, true>(P, pa, r0, a.scale);
     // ---- O's group done: O *= scale g^(t+1) per row; S *= g^len (here: the compiler waits for every
     // wgmma in flight before it writes a register any wgmma wrote) ----
     wg::wait<0>();
     wg::fence_regs(O);
-    if constexpr (GATED) {
-      wg::scale_rows(O, a.scale * wg::gate_pre(gt, r0 + g), a.scale * wg::gate_pre(gt, r0 + g + 8));
-      wg::scale_state(S, wg::gate_pre(gt, len - 1));
-    } else {
-      const float f0 = a.scale * Gp[r0 + g + 1], f1 = a.scale * Gp[r0 + g + 9];
-      wg::scale_rows(O, f0, f1);
-      wg::scale_state(S, Gp[len]);
-    }
+    wg::scale_rows(O, a.scale * view.pre(r0 + g), a.scale * view.pre(r0 + g + 8));
+    wg::scale_state(S, view.pre(len - 1));
     wg::fence_regs(O);
     wg::fence();
     // ---- O += P V (first group), S += (K^T diag(w)) V (second: it runs while O is stored) ----
@@ -266,11 +249,11 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
 #endif
 }
 
-template <typename T, int D, bool ACC, bool GATED>
+template <typename T, int D, bool ACC, int GM>
 cudaError_t launch(const AttnParams& p, const FwdArgs& a, const AccOut* oacc, cudaStream_t st) {
-  auto kern = wgmma_fwd_kernel<T, D, ACC, GATED>;
+  auto kern = wgmma_fwd_kernel<T, D, ACC, GM>;
   const size_t smem = WgSmem<D>::bytes;
-  cudaError_t e = opt_in_smem<wgmma_fwd_kernel<T, D, ACC, GATED>>(smem);
+  cudaError_t e = opt_in_smem<wgmma_fwd_kernel<T, D, ACC, GM>>(smem);
   if (e != cudaSuccess) return e;
   const unsigned blocks = (unsigned)(p.B * p.H * a.nseg * (p.E / kEt));
   const bool bf = std::is_same<T, __nv_bfloat16>::value;
@@ -286,13 +269,16 @@ cudaError_t launch(const AttnParams& p, const FwdArgs& a, const AccOut* oacc, cu
 template <typename T, int D>
 cudaError_t launch_acc(const AttnParams& p, const FwdArgs& a, const AccOut* oacc, cudaStream_t st) {
   // gates never come with head-dim blocks (blocks_shape refuses them)
-  if (a.g) return oacc ? cudaErrorInvalidValue : launch<T, D, false, true>(p, a, nullptr, st);
-  return oacc ? launch<T, D, true, false>(p, a, oacc, st) : launch<T, D, false, false>(p, a, nullptr, st);
+  if (a.g) {
+    if (oacc) return cudaErrorInvalidValue;
+    return p.g_resets ? launch<T, D, false, 2>(p, a, nullptr, st) : launch<T, D, false, 1>(p, a, nullptr, st);
+  }
+  return oacc ? launch<T, D, true, 0>(p, a, oacc, st) : launch<T, D, false, 0>(p, a, nullptr, st);
 }
 
 template <typename T, int D>
 int resident() {
-  return resident_blocks<wgmma_fwd_kernel<T, D, false, false>>(kThreads, WgSmem<D>::bytes, 2);
+  return resident_blocks<wgmma_fwd_kernel<T, D, false, 0>>(kThreads, WgSmem<D>::bytes, 2);
 }
 
 }  // namespace

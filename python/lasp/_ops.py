@@ -144,6 +144,9 @@ def lasp_attention(
     if g is not None:
         if not isinstance(g, torch.Tensor):
             raise TypeError(f"lasp_attention: g must be a torch.Tensor or None, got {type(g).__name__}")
+        if not g.is_floating_point():
+            raise TypeError(f"lasp_attention: g must be a floating tensor (log gates), got {g.dtype} (documents "
+                            "packed into a row are given by cu_seqlens)")
         if layout == "bnhd":
             if g.dim() != 3:
                 raise ValueError(
@@ -176,9 +179,10 @@ def lasp_attention(
 
 
 def _document_gates(q, v, g, cu_seqlens, group, has_initial, wants_final):
-    """The log gates of a packed call (bhnd view, (B, H, n)): g (or zeros) with -inf at every document start
-    in this rank's piece. One all-gather under a group gives the piece's offset and lets every rank check
-    the same things, so that all raise alike."""
+    """The log gates of a packed call (bhnd view, (B, H, n)): g with -inf at every document start in this
+    rank's piece; without g, the starts themselves (bool, the op's document starts, which take no gradient).
+    One all-gather under a group gives the piece's offset and lets every rank check the same things, so that
+    all raise alike."""
     from .distributed import _document_resets
 
     cu, offset, _, _ = _packed_plan(q, None, v, None, g, None, cu_seqlens, group, None, None, has_initial,
@@ -186,8 +190,7 @@ def _document_gates(q, v, g, cu_seqlens, group, has_initial, wants_final):
     n = int(q.shape[2])
     reset = _document_resets(cu, offset, offset + n, q.device)
     if g is None:
-        H = max(int(q.shape[1]), int(v.shape[1]))
-        return torch.zeros(1, H, n, dtype=_acc_dtype(q), device=q.device).masked_fill(reset, float("-inf"))
+        return reset.expand(1, max(int(q.shape[1]), int(v.shape[1])), n)
     if not isinstance(g, torch.Tensor):
         raise TypeError(f"lasp_attention: g must be a torch.Tensor or None, got {type(g).__name__}")
     return g.masked_fill(reset, float("-inf"))
@@ -362,7 +365,7 @@ def _packed_with_states(q, k, v, decay, g, scale, cu_seqlens, group, strategy, i
     if g is None and not bool(reset.any()):
         gop = None  # the plain (ungated) op
     else:
-        gop = (torch.zeros(1, H, n, dtype=acc, device=dev) if g is None else g).masked_fill(reset, float("-inf"))
+        gop = reset.expand(1, H, n) if g is None else g.masked_fill(reset, float("-inf"))
     o, _ = torch.ops.lasp.lasp_attention(q, k, v, decay, scale, incoming.unsqueeze(0).contiguous(), None,
                                          strategy, gop)
     # (4) the initial-state terms of the documents starting inside the piece

@@ -400,3 +400,46 @@ def test_packed_cuda_is_the_gated_call_with_resets(lasp, dtype, seed):
     assert own < 5e-2, f"dg of the reset call: relative error {own:.2e} against float64"
     assert apart <= max(own, 1e-4), (f"dg: packed vs reset call differ by {apart:.2e} (relative), more than the "
                                       f"call's own error {own:.2e} and 1e-4")
+
+
+CUDA_DOC_CASES = [
+    # (doc lengths, Hq, Hk, Hv, D, E): long rows (cut into segments on one GPU), documents of one token,
+    # starts on and beside chunk edges (64), head maps
+    ([700, 1, 64, 2000, 63, 1, 1267], 4, 2, 2, 128, 64),
+    ([64, 128, 1, 1, 3000, 1], 2, 2, 2, 64, 128),
+    ([129, 4000, 5, 900], 1, 1, 4, 128, 64),   # GVA (Mamba-2-like shared q, k)
+    ([4096], 2, 2, 2, 64, 64),                 # one document: the plain call
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("case", CUDA_DOC_CASES, ids=[f"docs{len(c[0])}-q{c[1]}k{c[2]}v{c[3]}-d{c[4]}e{c[5]}"
+                                                      for c in CUDA_DOC_CASES])
+def test_packed_cuda_without_gates_matches_float64(lasp, case, dtype, seed):
+    """Packed documents without g on the GPU (bf16 / fp16 on sm_90: the tensor-core kernels' document starts,
+    the powers of gamma cut at the starts; elsewhere the gated kernels with -inf at the starts) against the
+    float64 packed call on the CPU (itself checked against each document alone above), from the same rounded
+    inputs: o, dq, dk, dv within the error of the gated call with -inf at the starts on the same GPU, and
+    within an absolute bound of the dtype."""
+    lens, Hq, Hk, Hv, D, E = case
+    N = sum(lens)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v, _, decay, do = _problem(seed, N, Hq, Hk, Hv, D, E, False, "bhnd")
+    dev = [t.to("cuda", dtype) for t in (q, k, v)]
+    dc, doc = decay.cuda(), do.to("cuda", dtype)
+    got = _grads(lasp, *dev, None, dc, doc, "bhnd", cu_seqlens=cu.cuda())
+    H = max(Hq, Hv)
+    g_reset = torch.zeros(1, H, N, device="cuda")
+    g_reset[:, :, cu[:-1].long()] = float("-inf")
+    gated = _grads(lasp, *dev, g_reset, dc, doc, "bhnd")
+    exact = _grads(lasp, *(t.double().cpu() for t in dev), None, decay, doc.double().cpu(), "bhnd",
+                   cu_seqlens=cu)
+    rel = lambda a, b: (torch.linalg.vector_norm(a.double().cpu() - b.double().cpu())  # noqa: E731
+                        / torch.linalg.vector_norm(b.double().cpu())).item()
+    bound = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}[dtype]
+    for key in ("o", "dq", "dk", "dv"):
+        mine, theirs = rel(got[key], exact[key]), rel(gated[key], exact[key])
+        assert mine <= max(1.5 * theirs, bound / 4), (f"{key}: relative error {mine:.2e} against float64, the gated "
+                                                      f"call with -inf starts has {theirs:.2e}")
+        assert mine < bound, f"{key}: relative error {mine:.2e} against float64 (bound {bound:.0e})"
