@@ -185,6 +185,15 @@ Kernels empty_piece_kernels(const Tensor& q, int64_t H, int64_t D, int64_t E) {
 // Whether g holds document starts (bool: True where a document starts) rather than log gates.
 bool is_starts(const std::optional<Tensor>& g) { return g.has_value() && g->scalar_type() == at::kBool; }
 
+// Whether document starts run as such (AttnParams::g_resets: the sm_90a kernels' gate mode 2, no dg):
+// LASP_DOC_STARTS=1, read at every call. Otherwise (the default) they run as -inf log gates whose dg is
+// computed and dropped, which is the same function.
+bool starts_as_resets(const std::optional<Tensor>& g) {
+  if (!is_starts(g)) return false;
+  const char* env = std::getenv("LASP_DOC_STARTS");
+  return env != nullptr && std::string(env) == "1";
+}
+
 // The log gates in the accumulation type, contiguous (B, H, N) (the caller's tensor when it already is);
 // document starts become 0 with -inf at each start.
 Tensor gates_in_acc(const std::optional<Tensor>& g, at::ScalarType acc) {
@@ -424,7 +433,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_
   const Tensor g_acc = gates_in_acc(g, acc);
   Tensor o = alloc_out(out_layout_like(q, v), H, E);
   AttnParams p = base_params(q, k, v, decay_acc, scale, g_acc);
-  p.g_resets = is_starts(g);
+  p.g_resets = starts_as_resets(g);
   p.o = view4(o);
 
   check_group_call(ring, q, k, v, decay.has_value(), g.has_value(), strategy, 0);
@@ -517,13 +526,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& 
   const Tensor g_user = grad_final_state.has_value() ? grad_final_state->to(acc).contiguous() : Tensor();
 
   Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  // dg: written by the main pass (bwd), which has S_in and G_r (document starts take none)
-  const bool starts = is_starts(g);
-  Tensor dg = g.has_value() && !starts ? at::empty({q.size(0), H, N}, q.options().dtype(acc))
-                                       : at::empty({0}, q.options().dtype(acc));
+  // dg: written by the main pass (bwd), which has S_in and G_r. Document starts take none: returned with 0
+  // elements, and not computed where they run as such (starts_as_resets).
+  const bool resets = starts_as_resets(g);
+  Tensor dg_work = g.has_value() && !resets ? at::empty({q.size(0), H, N}, q.options().dtype(acc)) : Tensor();
+  const Tensor dg = g.has_value() && !is_starts(g) ? dg_work : at::empty({0}, q.options().dtype(acc));
   AttnParams p = base_params(q, k, v, decay_acc, scale, g_acc);
-  p.dg_part = g.has_value() && !starts ? dg.data_ptr() : nullptr;
-  p.g_resets = starts;
+  p.dg_part = ptr_or_null(dg_work);
+  p.g_resets = resets;
   p.dout = view4(dout);
   p.dq = view4(dq);
   p.dk = view4(dk);

@@ -83,6 +83,37 @@ def test_opcheck_fwd_bwd(lasp, device, with_state, seed):
     opcheck(torch.ops.lasp.lasp_attention_bwd, bwd_args + ("ring", seg.clone(), 0))
 
 
+@pytest.mark.parametrize("as_resets", ["0", "1"], ids=["starts-as-gates", "starts-as-resets"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_document_starts(lasp, device, as_resets, seed, monkeypatch):
+    """g as bool document starts (what lasp_attention passes for cu_seqlens without log gates), run as -inf
+    gates or as such (LASP_DOC_STARTS=1): the op, its forward and its backward (whose dg has 0 elements)
+    pass opcheck, and the op's outputs and gradients equal those of -inf log gates at the starts (exactly:
+    these inputs take the CPU or generic kernels, which read the starts as gates either way)."""
+    monkeypatch.setenv("LASP_DOC_STARTS", as_resets)
+    B, H, Hkv, N, D, E = 1, 4, 2, 77, 8, 6
+    q, k, v = make_qkv(B, H, Hkv, N, D, E, dtype=torch.float32, device=device, seed=seed, requires_grad=True)
+    decay = make_decay("alibi", H, device)
+    starts = torch.zeros(B, 1, N, dtype=torch.bool, device=device)
+    starts[..., [0, 5, 6, 64, 70]] = True
+    starts = starts.expand(B, H, N)
+    opcheck(torch.ops.lasp.lasp_attention, (q, k, v, decay, 0.7, None, None, "ring", starts))
+    fwd = torch.ops.lasp.lasp_attention_fwd(q.detach(), k.detach(), v.detach(), decay, 0.7, None, None, "ring", 0, 0,
+                                            starts)
+    do = randn(fwd[0].shape, gen(seed + 1), torch.float32, device)
+    bwd_args = (q.detach(), k.detach(), v.detach(), do, None, decay, 0.7, fwd[2], None, "ring", None, 0, starts)
+    opcheck(torch.ops.lasp.lasp_attention_bwd, bwd_args)
+    assert torch.ops.lasp.lasp_attention_bwd(*bwd_args)[4].numel() == 0
+    g = torch.zeros(B, H, N, device=device).masked_fill(starts, float("-inf"))
+    got = torch.ops.lasp.lasp_attention(q, k, v, decay, 0.7, None, None, "ring", starts)[0]
+    want = torch.ops.lasp.lasp_attention(q, k, v, decay, 0.7, None, None, "ring", g)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    gg = torch.autograd.grad(got, (q, k, v), do)
+    gw = torch.autograd.grad(want, (q, k, v), do)
+    for a, b in zip(gg, gw):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def _forward_split(q, k, v, decay):
     """The (nseg, seglen) the CUDA forward uses for these inputs, read off the error of a wrong request (a
     segment length of 1 is never one: segments are whole 64-token chunks)."""

@@ -416,12 +416,14 @@ CUDA_DOC_CASES = [
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("case", CUDA_DOC_CASES, ids=[f"docs{len(c[0])}-q{c[1]}k{c[2]}v{c[3]}-d{c[4]}e{c[5]}"
                                                       for c in CUDA_DOC_CASES])
-def test_packed_cuda_without_gates_matches_float64(lasp, case, dtype, seed):
-    """Packed documents without g on the GPU (bf16 / fp16 on sm_90: the tensor-core kernels' document starts,
-    the powers of gamma cut at the starts; elsewhere the gated kernels with -inf at the starts) against the
-    float64 packed call on the CPU (itself checked against each document alone above), from the same rounded
-    inputs: o, dq, dk, dv within the error of the gated call with -inf at the starts on the same GPU, and
-    within an absolute bound of the dtype."""
+@pytest.mark.parametrize("as_resets", ["0", "1"], ids=["starts-as-gates", "starts-as-resets"])
+def test_packed_cuda_without_gates_matches_float64(lasp, case, dtype, as_resets, seed, monkeypatch):
+    """Packed documents without g on the GPU, the starts run as -inf gates (default) or as such
+    (LASP_DOC_STARTS=1: on sm_90, bf16 / fp16, the tensor-core kernels' gate mode 2, the powers of gamma cut
+    at the starts), against the float64 packed call on the CPU (itself checked against each document alone
+    above), from the same rounded inputs: o, dq, dk, dv within the error of the gated call with -inf at the
+    starts on the same GPU, and within a relative bound of the dtype."""
+    monkeypatch.setenv("LASP_DOC_STARTS", as_resets)
     lens, Hq, Hk, Hv, D, E = case
     N = sum(lens)
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
