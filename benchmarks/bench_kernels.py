@@ -25,8 +25,9 @@ The floor then also counts the read of g (forward and backward) and the write of
 --docs K: packed documents. Each shape's B rows of N tokens become one row of B * N tokens holding K
 documents of random lengths (seed 0; at least one token each): lasp_attention(..., cu_seqlens=...) against
 fla chunk_simple_gla(..., cu_seqlens=...), and "lasp-dense", the same row as one sequence (the cost of
-packing is lasp's ratio to it). fla's refusal is lifted as for --gates (its varlen backward takes the same
-kernels). 14 documents in 4 x 8192 tokens:
+packing is lasp's ratio to it). Without --gates also "lasp-starts": the packed call with LASP_DOC_STARTS=1
+(the document starts run as such, README kernel options; "lasp" takes the default). fla's refusal is lifted
+as for --gates (its varlen backward takes the same kernels). 14 documents in 4 x 8192 tokens:
 
   --docs 14 --shapes 4x32x8192x128
 
@@ -303,7 +304,18 @@ def main():
                 # (q, k, v[, g]) leaves, do
                 gsets = [(tuple(x.detach().requires_grad_(True) for x in s[:3] + ((s[4],) if args.gates else ())),
                           s[3]) for s in sets]
-                for impl, cus in (("lasp", cu),) + ((("lasp-dense", None),) if args.docs else ()):
+                variants = [("lasp", cu, None)]
+                if args.docs:
+                    variants += ([] if args.gates else [("lasp-starts", cu, "1")]) + [("lasp-dense", None, None)]
+                before = os.environ.get("LASP_DOC_STARTS")
+                for impl, cus, starts in variants:
+                    # read by the op (forward and backward) at every call
+                    if starts is not None:
+                        os.environ["LASP_DOC_STARTS"] = starts
+                    elif before is None:
+                        os.environ.pop("LASP_DOC_STARTS", None)
+                    else:
+                        os.environ["LASP_DOC_STARTS"] = before
                     f = lambda i, cus=cus: lasp_mod.lasp_attention(*gsets[i][0][:3], decay, scale=scale,  # noqa: E731
                                                                    g=gsets[i][0][3] if args.gates else None,
                                                                    cu_seqlens=cus)
@@ -314,9 +326,13 @@ def main():
                         o = f(i)
                         torch.autograd.grad(o, gsets[i][0], gsets[i][1])
                     record(impl, "fwd+bwd", bench(fb, nsets, reps=args.reps))
-                    if impl == "lasp":
+                    if impl in ("lasp", "lasp-starts"):
                         with torch.no_grad():
-                            results["lasp"] = f(0).detach().clone()
+                            results[impl] = f(0).detach().clone()
+                if before is None:
+                    os.environ.pop("LASP_DOC_STARTS", None)
+                else:
+                    os.environ["LASP_DOC_STARTS"] = before
                 del gsets
             except Exception as e:
                 print(f"# lasp op failed on {name}: {type(e).__name__}: {e}")
