@@ -63,7 +63,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -118,63 +117,88 @@ def _err(msg: str) -> str:
 # transformers and its MiniMax module, checked
 
 
-def _minimax_module(allow_untested_version: bool):
+def _checked_module(module: str, *, for_what: str, untested: str, names, signatures, fingerprints, objects,
+                    allow_untested_version: bool, source_of=inspect.getsource):
+    """transformers' ``transformers.models.<module>``, checked before any patch: the installed version is a
+    supported one (``untested``: the error's text otherwise, unless allow_untested_version), the module has
+    ``names``, each ``(class name, expected forward parameters)`` of ``signatures`` matches, and on a
+    supported version the source of each of ``objects(mod)`` (a dict key -> object) hashes to
+    ``fingerprints[version][key]`` (sha256); the supported versions are the keys of ``fingerprints``.
+    ``for_what``: what the import error says it is needed for."""
+    import importlib
+
+    supported = ", ".join(fingerprints)
     try:
         import transformers
-        from transformers.models.minimax import modeling_minimax as mm
+
+        mod = importlib.import_module("transformers.models." + module)
     except ImportError as e:
         raise ImportError(
-            _err(f"needs HuggingFace transformers, one of {_SUPPORTED} (`pip install "
-                 f"transformers=={SUPPORTED_TRANSFORMERS[-1]}`): {e}")
+            _err(f"needs HuggingFace transformers, one of {supported}{for_what} (`pip install "
+                 f"transformers=={list(fingerprints)[-1]}`): {e}")
         ) from e
     version = transformers.__version__
-    if version not in _FINGERPRINTS and not allow_untested_version:
-        raise RuntimeError(
-            _err(f"supports transformers {_SUPPORTED}, found {version}: MiniMax's attention code may "
-                 f"differ. Install one of those, or pass allow_untested_version=True to "
-                 "try anyway (the structural checks still run)")
-        )
-    for name in ("MiniMaxLightningAttention", "MiniMaxAttention", "MiniMaxModel", "MiniMaxCache",
-                 "apply_mask_to_padding_states", "apply_rotary_pos_emb", "repeat_kv"):
-        if not hasattr(mm, name):
-            raise RuntimeError(
-                _err(f"transformers {version} has no modeling_minimax.{name}; supported: {_SUPPORTED}")
-            )
-    for cls, want in ((mm.MiniMaxLightningAttention, _LIGHTNING_FORWARD_PARAMS),
-                      (mm.MiniMaxAttention, _ATTENTION_FORWARD_PARAMS),
-                      (mm.MiniMaxModel, _MODEL_FORWARD_PARAMS)):
+    if version not in fingerprints and not allow_untested_version:
+        raise RuntimeError(_err(untested.format(version=version)))
+    short = module.rsplit(".", 1)[-1]
+    for name in names:
+        if not hasattr(mod, name):
+            raise RuntimeError(_err(f"transformers {version} has no {short}.{name}; supported: {supported}"))
+    for cls_name, want in signatures:
+        cls = getattr(mod, cls_name)
         got = list(inspect.signature(cls.forward).parameters)
         if got != want:
             raise RuntimeError(
                 _err(f"transformers {version}: {cls.__name__}.forward takes {got}, expected {want} "
-                     f"(transformers {_SUPPORTED})")
+                     f"(transformers {supported})")
             )
-    for name in ("get_linear_cache", "set_linear_cache"):
-        if not hasattr(mm.MiniMaxCache, name):
-            raise RuntimeError(
-                _err(f"transformers {version}: MiniMaxCache has no {name} (supported: {_SUPPORTED})")
-            )
-    if version in _FINGERPRINTS:
-        objs = {
-            "MiniMaxLightningAttention.forward": mm.MiniMaxLightningAttention.forward,
-            "MiniMaxAttention.forward": mm.MiniMaxAttention.forward,
-            "MiniMaxModel.forward": mm.MiniMaxModel.forward,
-            "apply_mask_to_padding_states": mm.apply_mask_to_padding_states,
-        }
-        for key, obj in objs.items():
-            want = _FINGERPRINTS[version].get(key)
+    if version in fingerprints:
+        for key, obj in objects(mod).items():
+            want = fingerprints[version].get(key)
             try:
-                src = inspect.getsource(obj)
+                src = source_of(obj)
             except (OSError, TypeError):
                 continue  # no source shipped: the version and signatures are all we can check
             got = hashlib.sha256(src.encode()).hexdigest()
             if want is not None and got != want and not allow_untested_version:
                 raise RuntimeError(
-                    _err(f"transformers {version}: the source of modeling_minimax.{key} differs from the released "
+                    _err(f"transformers {version}: the source of {short}.{key} differs from the released "
                          f"transformers {version} this integration reproduces (sha256 {got[:12]} vs "
                          f"{want[:12]}); install the release, or pass allow_untested_version=True")
                 )
+    return mod
+
+
+def _minimax_module(allow_untested_version: bool):
+    mm = _checked_module(
+        "minimax.modeling_minimax", for_what="",
+        untested=(f"supports transformers {_SUPPORTED}, found {{version}}: MiniMax's attention code may differ. "
+                  "Install one of those, or pass allow_untested_version=True to try anyway (the structural "
+                  "checks still run)"),
+        names=("MiniMaxLightningAttention", "MiniMaxAttention", "MiniMaxModel", "MiniMaxCache",
+               "apply_mask_to_padding_states", "apply_rotary_pos_emb", "repeat_kv"),
+        signatures=(("MiniMaxLightningAttention", _LIGHTNING_FORWARD_PARAMS),
+                    ("MiniMaxAttention", _ATTENTION_FORWARD_PARAMS), ("MiniMaxModel", _MODEL_FORWARD_PARAMS)),
+        fingerprints=_FINGERPRINTS,
+        objects=lambda mm: {
+            "MiniMaxLightningAttention.forward": mm.MiniMaxLightningAttention.forward,
+            "MiniMaxAttention.forward": mm.MiniMaxAttention.forward,
+            "MiniMaxModel.forward": mm.MiniMaxModel.forward,
+            "apply_mask_to_padding_states": mm.apply_mask_to_padding_states,
+        },
+        allow_untested_version=allow_untested_version)
+    for name in ("get_linear_cache", "set_linear_cache"):
+        if not hasattr(mm.MiniMaxCache, name):
+            raise RuntimeError(
+                _err(f"transformers {_transformers_version()}: MiniMaxCache has no {name} (supported: {_SUPPORTED})")
+            )
     return mm
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def _mm():

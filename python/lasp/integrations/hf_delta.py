@@ -52,7 +52,6 @@ naming the supported ones (``allow_untested_version=True`` skips those two check
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib
 import inspect
 
@@ -167,50 +166,18 @@ def _source_of(obj):
 
 def _family_module(family: str, allow_untested_version: bool):
     """transformers' modeling module of ``family``, checked (version, classes, signatures, fingerprints)."""
-    try:
-        import transformers
-
-        mod = importlib.import_module("transformers.models." + FAMILIES[family]["module"])
-    except ImportError as e:
-        raise ImportError(
-            _err(f"needs HuggingFace transformers, one of {_SUPPORTED} for {family} (`pip install "
-                 f"transformers=={SUPPORTED_TRANSFORMERS[-1]}`): {e}")
-        ) from e
-    version = transformers.__version__
-    if version not in _FINGERPRINTS and not allow_untested_version:
-        raise RuntimeError(
-            _err(f"the Gated DeltaNet integration ({family}) supports transformers {_SUPPORTED}, found {version}: "
-                 "the layer code may differ. Install one of those, or pass allow_untested_version=True to try "
-                 "anyway (the structural checks still run)")
-        )
     f = FAMILIES[family]
-    for name in (f["layer"], f["attention"], f["model"], "apply_mask_to_padding_states", "apply_rotary_pos_emb"):
-        if not hasattr(mod, name):
-            raise RuntimeError(_err(f"transformers {version} has no {f['module']}.{name}; supported: {_SUPPORTED}"))
-    for cls, want in ((getattr(mod, f["layer"]), _LAYER_FORWARD_PARAMS),
-                      (getattr(mod, f["attention"]), _ATTENTION_FORWARD_PARAMS),
-                      (getattr(mod, f["model"]), _MODEL_FORWARD_PARAMS)):
-        got = list(inspect.signature(cls.forward).parameters)
-        if got != want:
-            raise RuntimeError(
-                _err(f"transformers {version}: {cls.__name__}.forward takes {got}, expected {want} "
-                     f"(transformers {_SUPPORTED})")
-            )
-    if version in _FINGERPRINTS:
-        for key, obj in _fingerprint_objects(family, mod).items():
-            want = _FINGERPRINTS[version][family].get(key)
-            try:
-                src = _source_of(obj)
-            except (OSError, TypeError):
-                continue  # no source shipped: the version and signatures are all we can check
-            got = hashlib.sha256(src.encode()).hexdigest()
-            if want is not None and got != want and not allow_untested_version:
-                raise RuntimeError(
-                    _err(f"transformers {version}: the source of {f['module']}.{key} differs from the released "
-                         f"transformers {version} this integration reproduces (sha256 {got[:12]} vs {want[:12]}); "
-                         "install the release, or pass allow_untested_version=True")
-                )
-    return mod
+    return _hf._checked_module(
+        f["module"], for_what=f" for {family}",
+        untested=(f"the Gated DeltaNet integration ({family}) supports transformers {_SUPPORTED}, found "
+                  "{version}: the layer code may differ. Install one of those, or pass allow_untested_version=True "
+                  "to try anyway (the structural checks still run)"),
+        names=(f["layer"], f["attention"], f["model"], "apply_mask_to_padding_states", "apply_rotary_pos_emb"),
+        signatures=((f["layer"], _LAYER_FORWARD_PARAMS), (f["attention"], _ATTENTION_FORWARD_PARAMS),
+                    (f["model"], _MODEL_FORWARD_PARAMS)),
+        fingerprints={v: fp[family] for v, fp in _FINGERPRINTS.items()},
+        objects=lambda mod: _fingerprint_objects(family, mod), allow_untested_version=allow_untested_version,
+        source_of=_source_of)
 
 
 def _mod(family: str):
@@ -632,7 +599,7 @@ def patch_gated_deltanet(model: torch.nn.Module, sp_group=None, *,
         raise RuntimeError(_err("model is already patched; call unpatch(model) first"))
     families = _family_of(model)
     if not families:
-        raise ValueError(_err(f"patch_gated_deltanet: no Gated DeltaNet layer ("
+        raise ValueError(_err("patch_gated_deltanet: no Gated DeltaNet layer ("
                               + ", ".join(f["layer"] for f in FAMILIES.values()) + f") found in {type(model).__name__}"))
     if len(families) > 1:
         raise ValueError(_err(f"patch_gated_deltanet: {type(model).__name__} mixes the layers of {families}"))
