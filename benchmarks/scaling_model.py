@@ -6,8 +6,10 @@ size W (weak scaling: n tokens per rank), for three ways of passing the states:
              state arrives after W - 1 hops, once forward and once backward;
   allgather  every rank gathers all W local states (NCCL's ring all-gather moves W - 1 states through
              each link) and combines them itself;
-  scan       a recursive-doubling prefix scan (not implemented in lasp): log2(W) rounds, each one
-             state sent and one combine (T S + L), once forward and once backward.
+  scan       a recursive-doubling prefix scan (lasp_attention's strategy "scan"): ceil(log2 W) rounds,
+             each one state sent and one combine (T S + L), once forward and once backward; every round
+             crosses the network once the group spans nodes;
+  hscan      a hierarchical scan (modelled only): log2(g) rounds inside nodes, log2(W / g) across them.
 
 The model itself (its formulas, calibration and calibrated constants) is python/lasp/scaling.py, which
 strategy="auto" also uses; this script prints its predictions, checks it and plots it.
@@ -15,8 +17,7 @@ strategy="auto" also uses; this script prints its predictions, checks it and plo
 Per call, T(W) = T1(n) + O + E(W): T1 the one-device time at n tokens, O the fixed cost of the split
 (phase 1 of each direction, the exchange's set-up), E(W) the exposed exchange. Within a node a hop costs
 h_intra; across nodes h_net = alpha_net + state_bytes / bw_net. Groups fill nodes of --gpus-per-node
-ranks in order, so a ring crosses W / g - 1 node boundaries and a hierarchical scan spends log2(g) rounds
-inside nodes and log2(W / g) across them.
+ranks in order, so a ring crosses W / g - 1 node boundaries.
 
 Calibration, from a bench_sp.py JSON (default: benchmarks/results/bench_sp_h200x4_2026-11-26c.json):
   T1(n)      its "single" rows (W = 1);

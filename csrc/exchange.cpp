@@ -170,6 +170,92 @@ class AllGather final : public StateExchange {
   }
 };
 
+// Strategy "scan": a recursive-doubling (Hillis-Steele) scan of the pieces' affine maps S -> A S + L
+// (A = gamma^n, per head or per (b, h)), over the process group's send/recv; exchange.h.
+class C10dScan final : public StateExchange {
+ public:
+  C10dScan(const Ring& ring, Tensor decay_acc, int64_t n, Tensor gate_sum)
+      : StateExchange(ring, std::move(decay_acc), n, std::move(gate_sum), /*gamma_before_waits=*/true) {}
+
+  ForwardStates forward(Tensor local, const std::optional<Tensor>& initial_state) override {
+    gamma();
+    // The first rank folds the initial state into its map's L (no state enters before it).
+    if (ring_.is_first() && initial_state.has_value()) local = update(*initial_state, local);
+    Tensor before = scan(local, /*dir=*/1, Ring::kForwardTag, "the forward state scan", [] {});
+    ForwardStates f;
+    if (ring_.is_first()) {
+      f.zero_in = !initial_state.has_value();
+      f.s_in = f.zero_in ? at::zeros_like(local) : initial_state->clone(at::MemoryFormat::Contiguous);
+      f.s_out = local;
+    } else {
+      f.s_in = before;
+      f.s_out = update(f.s_in, local);
+    }
+    return f;
+  }
+
+ protected:
+  Suffix backward_exchange(Tensor x, const std::function<void()>& overlap) override {
+    Tensor after = scan(x, /*dir=*/-1, Ring::kBackwardTag, "the backward state gradient scan", overlap);
+    Suffix s;
+    if (ring_.is_last()) {
+      s.g_prev = x;
+    } else {
+      s.g_next = after;
+      s.g_prev = update(s.g_next, x);
+    }
+    return s;
+  }
+
+ private:
+  // The composed map of every rank before this one in direction dir (1: lower ranks, the forward; -1:
+  // higher ranks, the backward) applied to a zero state: its L. Undefined where there is none (the first
+  // rank of the direction). overlap runs once the first round's messages are posted.
+  Tensor scan(const Tensor& own_l, int dir, int tag, const char* what, const std::function<void()>& overlap) {
+    const int W = ring_.size(), r = ring_.rank();
+    const int pos = dir > 0 ? r : W - 1 - r;  // position along the direction
+    const Tensor own_a = gamma_flat(own_l);
+    const int64_t numel = own_l.numel(), ng = own_a.numel(), H = own_l.size(1);
+    auto a_of = [&](const Tensor& pack) { return pack.narrow(0, numel, ng).view({ng / H, H, 1, 1}); };
+    auto l_of = [&](const Tensor& pack) { return pack.narrow(0, 0, numel).view_as(own_l); };
+    const Tensor own_a4 = own_a.view({ng / H, H, 1, 1});
+    Tensor ex_a, ex_l;  // the composed map of the ranks before (undefined: none yet)
+    bool overlapped = false;
+    for (int d = 1; d < W; d *= 2) {
+      // what this rank has composed so far, ranks (pos - d, pos]: its own map after the ones before it
+      Tensor send_pack;
+      std::vector<c10::intrusive_ptr<c10d::Work>> works;
+      Tensor recv_pack;
+      if (pos - d >= 0) {
+        recv_pack = at::empty({numel + ng}, own_l.options());
+        works.push_back(ring_.recv_from(recv_pack, r - dir * d, tag));
+      }
+      if (pos + d < W) {
+        send_pack = ex_l.defined() ? at::cat({decayed_sum(ex_l, own_a4, own_l).flatten(), (own_a4 * ex_a).flatten()})
+                                   : pack_state(own_l, own_a);
+        works.push_back(ring_.send_to(send_pack, r + dir * d, tag));
+      }
+      if (!overlapped) {
+        overlap();
+        overlapped = true;
+      }
+      for (const auto& w : works) ring_.wait(w, what);
+      if (recv_pack.defined()) {  // ranks (pos - 2d, pos - d] come before the ones composed so far
+        const Tensor ra = a_of(recv_pack), rl = l_of(recv_pack);
+        if (ex_l.defined()) {
+          ex_l = decayed_sum(rl, ex_a, ex_l);
+          ex_a = ex_a * ra;
+        } else {
+          ex_l = rl.clone();
+          ex_a = ra.clone();
+        }
+      }
+    }
+    if (!overlapped) overlap();
+    return ex_l;
+  }
+};
+
 // Whether this call's ring uses the peer-memory hop. Decided from what every rank of the group shares
 // (the backend, the strategy, the dtype, the state size and the process-wide transport), never from the
 // piece's length, so that the ranks agree.
@@ -194,7 +280,8 @@ bool use_peer(const Kernels& backend_kernels, const Ring& ring, Strategy strateg
 Strategy parse_strategy(const std::string& s) {
   if (s == "ring") return Strategy::Ring;
   if (s == "allgather") return Strategy::AllGather;
-  TORCH_CHECK_VALUE(false, "lasp_attention: strategy must be 'ring' or 'allgather', got '", s, "'");
+  if (s == "scan") return Strategy::Scan;
+  TORCH_CHECK_VALUE(false, "lasp_attention: strategy must be 'ring', 'allgather' or 'scan', got '", s, "'");
 }
 
 StateExchange::StateExchange(const Ring& ring, Tensor decay_acc, int64_t n, Tensor gate_sum, bool gamma_before_waits)
@@ -261,6 +348,7 @@ std::unique_ptr<StateExchange> make_exchange(const Kernels& backend, const Ring&
     return std::make_unique<PeerRing>(ring, decay_acc, n, backend.peer_hop);
   }
   if (strategy == Strategy::AllGather) return std::make_unique<AllGather>(ring, decay_acc, n, gate_sum);
+  if (strategy == Strategy::Scan) return std::make_unique<C10dScan>(ring, decay_acc, n, gate_sum);
   return std::make_unique<C10dRing>(ring, decay_acc, n, gate_sum);
 }
 

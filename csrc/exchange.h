@@ -27,6 +27,13 @@
 //   AllGather strategy "allgather" (LASP-2): one all-gather of (L_j, gamma^n_j), the first rank's L
 //             folded with the initial state; each rank combines its prefix (forward) or the suffix of the
 //             (X_j, gamma^n_j) (backward, bwd_prepare beside the all-gather) itself.
+//   C10dScan  strategy "scan": a recursive-doubling prefix scan of the affine maps S -> gamma^n S + L over the
+//             process group's send/recv: in round k (d = 2^k) rank r sends the map of ranks (r - 2d, r] it
+//             has composed so far to r + d and composes the one of ranks (r - 2d, r - d] from r - d into
+//             the map of the ranks before it; after ceil(log2 W) rounds that map is S_in (the first rank's
+//             L folded with the initial state). One (state, gamma^n) message per round and direction,
+//             instead of W - 1 hops in a chain or W - 1 states through every link of an all-gather. The
+//             backward scans the suffixes (X_j, gamma^n_j) the same way, bwd_prepare beside the first round.
 // Communication never runs beside the forward's compute kernels (it would take SMs from grids sized in
 // whole waves): receives are posted after the local pass, and the main pass waits for the send.
 #pragma once
@@ -43,8 +50,8 @@ namespace lasp {
 
 class Ring;
 
-enum class Strategy : int64_t { Ring = 0, AllGather = 1 };
-// "ring" | "allgather"; any other value raises a ValueError.
+enum class Strategy : int64_t { Ring = 0, AllGather = 1, Scan = 2 };
+// "ring" | "allgather" | "scan"; any other value raises a ValueError.
 Strategy parse_strategy(const std::string& s);
 
 // What the forward exchange gives the main pass.

@@ -150,5 +150,7 @@ c10::intrusive_ptr<c10d::Work> Ring::send_next(at::Tensor& t, int tag) const { r
 c10::intrusive_ptr<c10d::Work> Ring::recv_prev(at::Tensor& t, int tag) const { return p2p(pg_, t, rank_ - 1, tag, false); }
 c10::intrusive_ptr<c10d::Work> Ring::send_prev(at::Tensor& t, int tag) const { return p2p(pg_, t, rank_ - 1, tag, true); }
 c10::intrusive_ptr<c10d::Work> Ring::recv_next(at::Tensor& t, int tag) const { return p2p(pg_, t, rank_ + 1, tag, false); }
+c10::intrusive_ptr<c10d::Work> Ring::send_to(at::Tensor& t, int peer, int tag) const { return p2p(pg_, t, peer, tag, true); }
+c10::intrusive_ptr<c10d::Work> Ring::recv_from(at::Tensor& t, int peer, int tag) const { return p2p(pg_, t, peer, tag, false); }
 
 }  // namespace lasp

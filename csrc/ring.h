@@ -56,6 +56,9 @@ class Ring {
   c10::intrusive_ptr<c10d::Work> recv_prev(at::Tensor& t, int tag) const;
   c10::intrusive_ptr<c10d::Work> send_prev(at::Tensor& t, int tag) const;
   c10::intrusive_ptr<c10d::Work> recv_next(at::Tensor& t, int tag) const;
+  // Point-to-point with any group rank (the scan strategy's partners).
+  c10::intrusive_ptr<c10d::Work> send_to(at::Tensor& t, int peer, int tag) const;
+  c10::intrusive_ptr<c10d::Work> recv_from(at::Tensor& t, int peer, int tag) const;
 
   // Every rank's copy of `t` (same shape on every rank), in group rank order.
   std::vector<at::Tensor> allgather(at::Tensor& t, const char* what) const;

@@ -104,7 +104,9 @@ def lasp_attention(
             comes back in the same layout.
         strategy: how states cross ranks under a group: "ring" (LASP: each rank receives the state
             from rank r-1 and sends its own to r+1), "allgather" (LASP-2: one all-gather of every
-            rank's local state, combined on each rank), or "auto": the one lasp.scaling's cost model
+            rank's local state, combined on each rank), "scan" (a recursive-doubling prefix scan of the
+            pieces' maps: ceil(log2 W) rounds of one state per rank), or "auto": of the ring and the
+            all-gather, the one lasp.scaling's cost model
             predicts to be faster for this group's size and node layout and this call's state size and
             transport (lasp.distributed.choose_strategy says which and why; the same on every rank, whatever
             the pieces' lengths; the first call on a group gathers its ranks' host names). All are exact.

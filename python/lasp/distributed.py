@@ -550,7 +550,7 @@ def split_packed(x: torch.Tensor, cu_seqlens, group, dim: int = SEQ_DIM) -> Tupl
 # ----------------------------------------------------------------------------------------------
 # strategy="auto"
 
-STRATEGY_CHOICES = ("ring", "allgather", "auto")
+STRATEGY_CHOICES = ("ring", "allgather", "scan", "auto")
 _OPS = ("lasp_attention", "gated_delta_attention")
 _HOSTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # group -> host of each group rank
 
@@ -653,14 +653,14 @@ def choose_strategy(group, *, batch: int, heads: int, head_dim: int, value_dim: 
     if W > 1:
         transport, ring_runs = _ring_transport(group, device_type, acc_bytes == 4, bool(gates), topo.nodes == 1)
     return scaling.choose(topo, state_bytes, transport=transport,
-                          candidates=scaling.IMPLEMENTED if ring_runs else ("allgather",))
+                          candidates=scaling.AUTO if ring_runs else ("allgather",))
 
 
 def _resolve_strategy(fn: str, strategy, group, q: torch.Tensor, v: torch.Tensor, *, gates: bool, op: str) -> str:
     """The strategy a call runs: an explicit one as given, "auto" by :func:`choose_strategy` (``q``, ``v`` in
     the "bhnd" view). Raises a ValueError naming the choices for anything else."""
     if not isinstance(strategy, str) or strategy not in STRATEGY_CHOICES:
-        raise ValueError(f"{fn}: strategy must be 'ring', 'allgather' or 'auto', got {strategy!r}")
+        raise ValueError(f"{fn}: strategy must be 'ring', 'allgather', 'scan' or 'auto', got {strategy!r}")
     if strategy != "auto":
         return strategy
     if group is None:

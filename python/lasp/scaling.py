@@ -7,15 +7,20 @@ states, from the group's size and node layout:
              W - 1 hops, once forward and once backward;
   allgather  LASP-2: every rank gathers all W local states (NCCL's ring all-gather moves W - 1 states
              through each link) and combines them itself;
-  scan       a recursive-doubling prefix scan (modelled only, not implemented): log2(W) rounds, each one
-             state sent and one combine, once forward and once backward.
+  scan       a recursive-doubling prefix scan of the pieces' maps S -> gamma^n S + L (lasp_attention's
+             strategy "scan"): ceil(log2 W) rounds, each one state sent and one combine, once forward and
+             once backward. A round whose pairs (r, r + 2^k) all lie within nodes costs a hop within a
+             node, else one over the network: in a group over several nodes every round does;
+  hscan      a hierarchical scan (modelled only, not implemented): log2(ranks per node) rounds within
+             nodes, then log2(nodes) across them.
 
 Per call, T(W) = T1(n) + O + E(W): T1 the one-device time at n tokens per rank, O the fixed cost of the
 split (the local passes, the exchange's set-up), E(W) the exposed exchange. Within a node a hop costs
 h_intra (h_peer over peer memory); across nodes h_net = alpha_net + state_bytes / bw_net, and no less
 than h_intra. The ring crosses the network once per pair of consecutive group ranks on different nodes;
 the all-gather, once the group spans nodes, is paced by its network steps; a hierarchical scan spends
-log2(ranks per node) rounds inside nodes and log2(nodes) across them.
+log2(ranks per node) rounds inside nodes and log2(nodes) across them (hscan; lasp's scan is the flat one,
+whose rounds all cross the network once the group spans nodes).
 
 The constants (``CALIBRATIONS``) are those that ``calibrate`` derives from one ``benchmarks/bench_sp.py``
 record (4 x NVIDIA H200 on NVLink, NCCL 2.28.9, B=1, H=16, D=E=128, bf16: 1 MiB float32 states); the peer
@@ -24,8 +29,9 @@ the network figures are assumptions (``Network``), and so is the bandwidth that 
 within-node costs to other state sizes (``INTRA_GBPS``). ``benchmarks/scaling_model.py`` prints the
 model's predictions and checks it against the measured points it was not fitted to.
 
-``choose`` compares the strategies that exist (ring, allgather) by O + E, the time the split adds to a
-forward+backward (T1 is the same for both). O varies a little with the tokens per rank; unless told, it
+``choose`` compares strategies by O + E, the time the split adds to a forward+backward (T1 is the same for
+all); ``strategy="auto"`` takes the measured ones (``AUTO``: ring, allgather), not the scan until its costs
+are measured on GPUs. O varies a little with the tokens per rank; unless told, it
 takes the calibration at REFERENCE_TOKENS, so that the length of a piece, which may differ from rank to
 rank, never enters. :func:`lasp.distributed.choose_strategy` applies it to a process group.
 """
@@ -38,6 +44,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 __all__ = [
     "STRATEGIES",
     "IMPLEMENTED",
+    "AUTO",
     "TRANSPORTS",
     "CALIBRATIONS",
     "REFERENCE_TOKENS",
@@ -53,8 +60,9 @@ __all__ = [
     "choose",
 ]
 
-STRATEGIES = ("ring", "allgather", "scan")  # modelled
-IMPLEMENTED = ("ring", "allgather")  # what lasp_attention and gated_delta_attention run
+STRATEGIES = ("ring", "allgather", "scan", "hscan")  # modelled
+IMPLEMENTED = ("ring", "allgather", "scan")  # what lasp_attention runs (gated_delta_attention: ring, allgather)
+AUTO = ("ring", "allgather")  # what strategy="auto" chooses from: the strategies with measured costs
 TRANSPORTS = ("nccl", "peer")  # how the ring's states travel: the process group's send/recv, or peer memory
 
 NET_LATENCY_US = 15.0  # assumed: one message between nodes
@@ -213,6 +221,8 @@ def exchange_ms(strategy: str, topo: Topology, p: dict, net: Network = Network()
             return 2 * (p["ag_a"] + _at_size(p, "ag_b", nbytes) * (W - 1))
         # NCCL's ring all-gather: W - 1 steps of one state each, paced by the slowest (network) link
         return 2 * (p["ag_a"] + (W - 1) * h_net)
+    if strategy == "scan":
+        return 2 * math.ceil(math.log2(W)) * (h_net if topo.nodes > 1 else h_intra)
     inner = math.ceil(math.log2(topo.per_node)) if topo.per_node > 1 else 0
     outer = math.ceil(math.log2(topo.nodes)) if topo.nodes > 1 else 0
     return 2 * (inner * h_intra + outer * h_net)
@@ -220,9 +230,9 @@ def exchange_ms(strategy: str, topo: Topology, p: dict, net: Network = Network()
 
 def overhead_ms(strategy: str, p: dict, *, transport: str = "nccl") -> float:
     """O: the fixed cost of the split, from the method's smallest measured W > 1 (measured - T1 - E there,
-    on the calibration's own node); the scan, unmeasured, takes the ring's."""
+    on the calibration's own node); the scans, unmeasured, take the ring's."""
     _check(strategy, transport)
-    base = "ring" if strategy == "scan" else strategy
+    base = "ring" if strategy in ("scan", "hscan") else strategy
     key = "ring-peer" if base == "ring" and transport == "peer" else base
     pts = p["measured"].get(key, {})
     if not pts:
@@ -273,7 +283,7 @@ class Choice:
 
 
 def choose(topo: Topology, state_bytes: int, *, transport: str = "nccl", gather_bytes: Optional[int] = None,
-           candidates: Sequence[str] = IMPLEMENTED, tokens_per_rank: Optional[int] = None,
+           candidates: Sequence[str] = AUTO, tokens_per_rank: Optional[int] = None,
            net: Network = Network()) -> Choice:
     """The candidate with the smallest predicted O + E(W) (ties: the earlier candidate, so "ring").
 

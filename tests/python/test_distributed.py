@@ -28,7 +28,7 @@ from conftest import (
 )
 
 F32, F64 = torch.float32, torch.float64
-STRATEGIES = ("ring", "allgather")  # LASP ring and the LASP-2 all-gather variant
+STRATEGIES = ("ring", "allgather", "scan")  # LASP ring, the LASP-2 all-gather, the recursive-doubling scan
 # On NCCL the ring also over each transport named (lasp.set_ring_transport); plain "ring" uses the
 # default ("auto": the peer transport on one node)
 NCCL_STRATEGIES = STRATEGIES + ("ring/nccl", "ring/peer")
@@ -391,3 +391,96 @@ def test_peer_transport_layer_stack(lasp, world):
                 e_peer, e_nccl = rel_err(peer, ref_t), rel_err(nccl, ref_t)
                 assert e_peer <= 2 * e_nccl + 1e-6, (
                     f"rank {r} iteration {it} {name}: peer rel err {e_peer:.3e} vs float64, nccl {e_nccl:.3e}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The scan strategy past four ranks (its rounds of distance 4; a world that is no power of two): every
+# output and gradient of each rank's piece equals the one-rank call's slice, in float64, with per-token gates
+# or decay alone, an initial state and final-state cotangents on every rank, uneven and empty pieces.
+
+SCAN_WORLDS = {5: [3, 0, 17, 1, 9], 8: [4, 1, 6, 0, 9, 2, 5, 3]}
+SCAN_CONFIGS = [("gates", True), ("decay", False)]  # (decay or gates, initial state)
+
+
+def _scan_problem(world, gates, with_state):
+    g_ = gen(9000 + world)
+    B, H, Hkv, D, E = 2, 4, 2, 5, 3
+    N = sum(SCAN_WORLDS[world])
+    q, k = randn((B, H, N, D), g_, F64), randn((B, Hkv, N, D), g_, F64)
+    v, do = randn((B, Hkv, N, E), g_, F64), randn((B, H, N, E), g_, F64)
+    decay = make_decay("alibi", H)
+    g = -torch.nn.functional.softplus(randn((B, H, N), g_, F64)) if gates else None
+    s0 = randn((B, H, D, E), g_, F64) if with_state else None
+    dF = randn((B, H, D, E), g_, F64)
+    return q, k, v, do, decay, g, s0, dF
+
+
+def _scan_call(lasp, q, k, v, do, decay, g, s0, dF, group, strategy):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    gl = None if g is None else g.detach().clone().requires_grad_()
+    sl = None if s0 is None else s0.detach().clone().requires_grad_()
+    o, f = lasp.lasp_attention(*leaves, decay, g=gl, initial_state=sl, output_final_state=True, group=group,
+                               strategy=strategy)
+    ins = leaves + [x for x in (gl, sl) if x is not None]
+    gr = torch.autograd.grad((o, f), ins, (do, dF))
+    out = dict(o=o.detach(), f=f.detach(), dq=gr[0], dk=gr[1], dv=gr[2])
+    if gl is not None:
+        out["dg"] = gr[3]
+    if sl is not None:
+        out["ds0"] = gr[-1]
+    return out
+
+
+def _scan_worker(rank, world, port, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
+    lasp = import_lasp()
+    pieces = SCAN_WORLDS[world]
+    P, n = sum(pieces[:rank]), pieces[rank]
+    results = {}
+    for gates, with_state in SCAN_CONFIGS:
+        q, k, v, do, decay, g, s0, dF = _scan_problem(world, gates == "gates", with_state)
+        cut = lambda t: t.narrow(-2 if t.dim() == 4 else -1, P, n).contiguous()  # noqa: E731
+        # every rank passes the cotangent of its own returned state (the last rank's is the sequence's)
+        results[(gates, with_state)] = _scan_call(lasp, cut(q), cut(k), cut(v), cut(do), decay,
+                                                  None if g is None else cut(g), s0, dF, dist.group.WORLD, "scan")
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="gloo not available")
+@pytest.mark.parametrize("world", sorted(SCAN_WORLDS))
+def test_scan_gloo_larger_worlds(lasp, world):
+    res = spawn_world(_scan_worker, world, (), SPAWN_DEADLINE_S, f"the scan strategy (gloo, world={world})")
+    pieces = SCAN_WORLDS[world]
+    starts = [sum(pieces[:r]) for r in range(world)]
+    for gates, with_state in SCAN_CONFIGS:
+        q, k, v, do, decay, g, s0, dF = _scan_problem(world, gates == "gates", with_state)
+        what = f"world {world}, {gates}, initial state {with_state}"
+        # the one-rank reference: the final-state cotangents of every rank's returned state, each applied to
+        # the state after that rank's piece: the sum of the one-rank calls cut at each piece's end
+        o_ref = _scan_call(lasp, q, k, v, do, decay, g, s0, torch.zeros_like(dF), None, "ring")
+        totals = {key: val.clone() for key, val in o_ref.items()}
+        for r in range(world):
+            end = starts[r] + pieces[r]
+            cut = lambda t: t.narrow(-2 if t.dim() == 4 else -1, 0, end)  # noqa: E731
+            part = _scan_call(lasp, cut(q), cut(k), cut(v), torch.zeros_like(cut(do)), decay,
+                              None if g is None else cut(g), s0, dF, None, "ring")
+            for key in ("dq", "dk", "dv", "dg"):
+                if key in part:
+                    totals[key].narrow(-2 if totals[key].dim() == 4 else -1, 0, end).add_(part[key])
+            if "ds0" in part:
+                totals["ds0"] += part["ds0"]
+            torch.testing.assert_close(res[r][(gates, with_state)]["f"], part["f"], rtol=1e-10, atol=1e-10,
+                                       msg=lambda m: f"{what} rank {r} final state: {m}")
+        for key in ("o", "dq", "dk", "dv", "dg"):
+            if key not in totals:
+                continue
+            dim = -2 if totals[key].dim() == 4 else -1
+            got = torch.cat([res[r][(gates, with_state)][key] for r in range(world)], dim=dim)
+            torch.testing.assert_close(got, totals[key], rtol=1e-10, atol=1e-10, msg=lambda m: f"{what} {key}: {m}")
+        if with_state:
+            got = sum(res[r][(gates, with_state)]["ds0"] for r in range(world))
+            torch.testing.assert_close(got, totals["ds0"], rtol=1e-10, atol=1e-10, msg=lambda m: f"{what} ds0: {m}")

@@ -469,7 +469,7 @@ def test_property_matches_reference(lasp, p):
 # ----------------------------------------------------------------------------------------------
 # 5. The ring (and the all-gather) over Gloo
 
-STRATEGIES = ("ring", "allgather")
+STRATEGIES = ("ring", "allgather", "scan")
 SPAWN_DEADLINE_S = 180
 PG_TIMEOUT_S = 90
 

@@ -132,7 +132,7 @@ RING_CASES = {
     3: [dict(B=2, Hq=2, Hk=1, Hv=4, D=4, E=3, pieces=[9, 0, 66], dtype=F32, layout="bnhd")],
     4: [dict(B=1, Hq=6, Hk=2, Hv=3, D=4, E=5, pieces=[5, 1, 64, 3], dtype=F64, layout="bhnd")],
 }
-STRATEGIES = ("ring", "allgather")
+STRATEGIES = ("ring", "allgather", "scan")
 
 
 def _ring_problem(case, seed):

@@ -273,7 +273,7 @@ def _dist_worker(rank, world, port, out_dir):
         P, n = sum(pieces[:rank]), pieces[rank]
         d, gd = _seq(layout), (2 if layout == "bhnd" else 1)
         sl = lambda t: t.narrow(d, P, n).contiguous()  # noqa: E731
-        for strategy in ("ring", "allgather"):
+        for strategy in ("ring", "allgather", "scan"):
             results[(ci, strategy)] = _grads(lasp, sl(q), sl(k), sl(v), g.narrow(gd, P, n).contiguous(), decay,
                                              sl(do), layout, cu_seqlens=cu, group=dist.group.WORLD,
                                              strategy=strategy)
@@ -318,7 +318,7 @@ def test_packed_across_ranks_matches_one_rank(lasp, world):
         q, k, v, g, decay, do = _problem(1000 + 10 * world + ci, N, 2, 1, 2, 8, 4, True, layout)
         want = _grads(lasp, q, k, v, g, decay, do, layout, cu_seqlens=cu)
         d, gd = _seq(layout), (2 if layout == "bhnd" else 1)
-        for strategy in ("ring", "allgather"):
+        for strategy in ("ring", "allgather", "scan"):
             for key in ("o", "dq", "dg"):  # per token: the rank's slice
                 got = torch.cat([res[r][(ci, strategy)][key] for r in range(world)], dim=gd if key == "dg" else d)
                 torch.testing.assert_close(got, want[key], rtol=1e-10, atol=1e-10,
