@@ -12,6 +12,7 @@ Methods (all on the same local kernels, layout (B, tokens, H, D), bf16, ALiBi-li
   ring          lasp_attention(..., group, strategy="ring")       (LASP: the state ring, NCCL send/recv)
   ring-peer     the same over the peer-memory transport (lasp.set_ring_transport("peer"))
   allgather     lasp_attention(..., group, strategy="allgather")  (LASP-2: one all-gather of states)
+  scan          lasp_attention(..., group, strategy="scan")       (recursive-doubling scan, NCCL send/recv)
   ulysses       all-to-all tokens -> heads, the op over the whole sequence on H/W heads, all-to-all back
   allgather-kv  all-gather k and v (Megatron-SP style); each rank runs the op over its causal prefix
 
@@ -22,7 +23,8 @@ an all-reduce behind a sleep kernel (so host skew does not count), the slowest r
 the single-GPU op on the whole sequence.
 
 --gates: per-token log gates g = logsigmoid(x) / 16 ((B, tokens, H), fp32, with their gradient) on top of the
-decay, for the methods that take them (ring, allgather: the peer transport and the two baselines do not).
+decay, for the methods that take them (ring, allgather, scan: the peer transport and the two baselines do
+not).
 --fla (CUDA, W = 1): fla's chunk_simple_gla on the same inputs beside "single" (g_gamma = -decay, or
 g = g - decay with --gates; fla 0.6.0 refuses its gated backward on Hopper under Triton 3.4 to 3.7.0, its
 issue 640: the refusal is lifted to time it, and the JSON says so).
@@ -50,8 +52,8 @@ sys.path.insert(0, HERE)
 
 from bench_model import make_allgather_kv, make_ulysses  # noqa: E402  (the same baselines as the model benchmark)
 
-METHODS = ["ring", "ring-peer", "allgather", "ulysses", "allgather-kv"]
-GATED_METHODS = ["ring", "allgather"]  # the methods that take per-token gates
+METHODS = ["ring", "ring-peer", "allgather", "scan", "ulysses", "allgather-kv"]
+GATED_METHODS = ["ring", "allgather", "scan"]  # the methods that take per-token gates
 
 
 def _import_lasp():
@@ -65,8 +67,8 @@ def alibi_decay(H, device):
 
 
 def make_method(lasp, name, group):
-    if name in ("single", "ring", "ring-peer", "allgather"):
-        strategy = "allgather" if name == "allgather" else "ring"
+    if name in ("single", "ring", "ring-peer", "allgather", "scan"):
+        strategy = name if name in ("allgather", "scan") else "ring"
         grp = None if name == "single" else group
         transport = "peer" if name == "ring-peer" else "nccl"
 

@@ -22,7 +22,7 @@ def test_bench_sp_smoke(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     d = json.loads(out.read_text())
-    assert {c["method"] for c in d["checks"]} == {"ring", "ring-peer", "allgather", "ulysses", "allgather-kv"}
+    assert {c["method"] for c in d["checks"]} == {"ring", "ring-peer", "allgather", "scan", "ulysses", "allgather-kv"}
     assert all(c["max_rel_err"] < 1e-4 for c in d["checks"]), d["checks"]
     got = {(r["scaling"], r["W"], r["method"]) for r in d["rows"] if "fwd_bwd_ms" in r}
     assert ("weak", 1, "single") in got and ("weak", 2, "ring") in got and ("strong", 2, "allgather") in got
@@ -31,7 +31,7 @@ def test_bench_sp_smoke(tmp_path):
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="gloo not available")
 def test_bench_sp_gates_smoke(tmp_path):
-    """--gates: the methods that take per-token gates (ring, allgather) agree with the single-process op on o,
+    """--gates: the methods that take per-token gates (ring, allgather, scan) agree with the single-process op on o,
     dq, dk, dv and dg; the others are left out."""
     out = tmp_path / "sp_gates.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -43,7 +43,7 @@ def test_bench_sp_gates_smoke(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     d = json.loads(out.read_text())
     assert d["info"]["gates"] is True
-    assert {c["method"] for c in d["checks"]} == {"ring", "allgather"}
+    assert {c["method"] for c in d["checks"]} == {"ring", "allgather", "scan"}
     assert all(c["max_rel_err"] < 1e-4 for c in d["checks"]), d["checks"]
     got = {(r["scaling"], r["W"], r["method"]) for r in d["rows"] if "fwd_bwd_ms" in r}
-    assert got == {("weak", 1, "single"), ("weak", 2, "ring"), ("weak", 2, "allgather")}, got
+    assert got == {("weak", 1, "single"), ("weak", 2, "ring"), ("weak", 2, "allgather"), ("weak", 2, "scan")}, got
