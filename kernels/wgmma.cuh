@@ -133,7 +133,19 @@ __device__ __forceinline__ void scale_rows(float (&d)[32], float f0, float f1) {
   }
 }
 
-// Zero an accumulator before the wgmmas that accumulate into it (fenced like any register access).
+// A masked 64 x 64 product in accumulator order (pm[4j + r]: row r0 + g + 8 (r >> 1), column 8j + 2tc + (r & 1))
+// as the four k-steps' RS A fragments.
+template <typename T>
+__device__ __forceinline__ void pack_a_frags(const float (&pm)[32], uint32_t (&pa)[4][4]) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    pa[kk][0] = mma::pack2<T>(pm[8 * kk + 0], pm[8 * kk + 1]);
+    pa[kk][1] = mma::pack2<T>(pm[8 * kk + 2], pm[8 * kk + 3]);
+    pa[kk][2] = mma::pack2<T>(pm[8 * kk + 4], pm[8 * kk + 5]);
+    pa[kk][3] = mma::pack2<T>(pm[8 * kk + 6], pm[8 * kk + 7]);
+  }
+}
+
 // The masked product P (64 x 64 accumulator of this warp's 16 rows r0..) scaled by scale * g^|t - s| where
 // the mask keeps it (causal: s <= t with rows t; anti-causal: t >= s with rows s), packed as 4 RS A
 // fragments (k-steps of 16 columns).
@@ -152,13 +164,7 @@ __device__ __forceinline__ void mask_pack(const float (&P)[32], uint32_t (&pa)[4
       const bool keep = CAUSAL ? col <= row : col >= row;
       pm[4 * j + r] = keep ? P[4 * j + r] * scale * Gp[CAUSAL ? row - col : col - row] : 0.f;
     }
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-    pa[kk][0] = mma::pack2<T>(pm[8 * kk + 0], pm[8 * kk + 1]);
-    pa[kk][1] = mma::pack2<T>(pm[8 * kk + 2], pm[8 * kk + 3]);
-    pa[kk][2] = mma::pack2<T>(pm[8 * kk + 4], pm[8 * kk + 5]);
-    pa[kk][3] = mma::pack2<T>(pm[8 * kk + 6], pm[8 * kk + 7]);
-  }
+  pack_a_frags<T>(pm, pa);
 }
 
 // A chunk's per-token gates (lasp_params.h, g), as the tensor-core kernels read them: with lam[i] the log
@@ -219,13 +225,7 @@ __device__ __forceinline__ void mask_pack_gated(const float (&P)[32], uint32_t (
       const bool keep = CAUSAL ? col <= row : col >= row;
       pm[4 * j + r] = keep ? P[4 * j + r] * scale * (CAUSAL ? gate_w(gt, row, col) : gate_w(gt, col, row)) : 0.f;
     }
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-    pa[kk][0] = mma::pack2<T>(pm[8 * kk + 0], pm[8 * kk + 1]);
-    pa[kk][1] = mma::pack2<T>(pm[8 * kk + 2], pm[8 * kk + 3]);
-    pa[kk][2] = mma::pack2<T>(pm[8 * kk + 4], pm[8 * kk + 5]);
-    pa[kk][3] = mma::pack2<T>(pm[8 * kk + 6], pm[8 * kk + 7]);
-  }
+  pack_a_frags<T>(pm, pa);
 }
 
 // A chunk's document starts (AttnParams::g_resets: every log gate is 0 or -inf, and the decay is per head):
@@ -279,13 +279,7 @@ __device__ __forceinline__ void mask_pack_reset(const float (&P)[32], uint32_t (
       const bool keep = CAUSAL ? (col <= row && col >= bound) : (col >= row && col < bound);
       pm[4 * j + r] = keep ? P[4 * j + r] * scale * Gp[CAUSAL ? row - col : col - row] : 0.f;
     }
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-    pa[kk][0] = mma::pack2<T>(pm[8 * kk + 0], pm[8 * kk + 1]);
-    pa[kk][1] = mma::pack2<T>(pm[8 * kk + 2], pm[8 * kk + 3]);
-    pa[kk][2] = mma::pack2<T>(pm[8 * kk + 4], pm[8 * kk + 5]);
-    pa[kk][3] = mma::pack2<T>(pm[8 * kk + 6], pm[8 * kk + 7]);
-  }
+  pack_a_frags<T>(pm, pa);
 }
 
 // The decay view of one chunk, as the main kernels read it, by gate mode GM (0: powers of gamma, 1: per-token
@@ -447,6 +441,7 @@ __device__ __forceinline__ void scale_state(float (&st)[N][32], float gl) {
   }
 }
 
+// Zero an accumulator before the wgmmas that accumulate into it (fenced like any register access).
 template <int R>
 __device__ __forceinline__ void zero_acc(float (&d)[R]) {
 #pragma unroll
