@@ -50,8 +50,8 @@ def _checked(fn, q, k, v, g, beta, layout, strategy, initial_state):
     """The rank-local checks; returns q, k, v, g, beta in the bhnd view."""
     if layout not in ("bhnd", "bnhd"):
         raise ValueError(f"{fn}: layout must be 'bhnd' or 'bnhd', got {layout!r}")
-    if not isinstance(strategy, str) or strategy not in ("ring", "allgather", "auto"):
-        raise ValueError(f"{fn}: strategy must be 'ring', 'allgather' or 'auto', got {strategy!r}")
+    if not isinstance(strategy, str) or strategy not in ("ring", "allgather", "scan", "auto"):
+        raise ValueError(f"{fn}: strategy must be 'ring', 'allgather', 'scan' or 'auto', got {strategy!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{fn}: {name} must be a 4-D tensor, got "
@@ -138,12 +138,77 @@ class _RingHop(torch.autograd.Function):
         return g_out @ s_in.transpose(-1, -2), g_out, total if rank == 0 else torch.zeros_like(total), None, None, None
 
 
+def _scan_maps(A, X, group, rank, world, direction, tag):
+    """The recursive-doubling scan of the affine maps Z -> A_j Z + X_j (A_j: (B, H, D, D), X_j: (B, H, D, E))
+    of the ranks before this one along ``direction`` (1: lower ranks first, the forward; -1: higher ranks
+    first, the backward), composed and applied to a zero state: ceil(log2 W) rounds of one [A | X] message
+    per rank (round d: the map of the d ranks up to this one to the rank d further, the one of the d before
+    those from the rank d back). None where no rank comes before."""
+    import torch.distributed as dist
+
+    pos = rank if direction > 0 else world - 1 - rank
+    E = X.shape[-1]
+    ex_a = ex_x = None
+    d = 1
+    while d < world:
+        reqs, recv = [], None
+        if pos - d >= 0:
+            recv = torch.empty(X.shape[:-1] + (A.shape[-1] + E,), dtype=X.dtype, device=X.device)
+            reqs.append(dist.irecv(recv, src=dist.get_global_rank(group, rank - direction * d), group=group,
+                                   tag=tag))
+        if pos + d < world:
+            if ex_x is None:
+                msg = torch.cat([A, X], dim=-1)
+            else:  # this rank's map after the ones composed so far
+                msg = torch.cat([A @ ex_a, A @ ex_x + X], dim=-1)
+            reqs.append(dist.isend(msg.contiguous(), dst=dist.get_global_rank(group, rank + direction * d),
+                                   group=group, tag=tag))
+        for r in reqs:
+            r.wait()
+        if recv is not None:  # the d ranks before the ones composed so far
+            ra, rx = recv[..., :A.shape[-1]], recv[..., A.shape[-1]:]
+            if ex_x is None:
+                ex_a, ex_x = ra, rx
+            else:
+                ex_a, ex_x = ex_a @ ra, ex_a @ rx + ex_x
+        d *= 2
+    return ex_x
+
+
+class _ScanHop(torch.autograd.Function):
+    """S_in of this rank by the recursive-doubling scan of the pieces' maps S -> T S + L (rank 0: its
+    initial state, folded into its L); backward: the suffix scan of G -> T^T G + g_in gives G_out, the
+    gradient w.r.t. this rank's outgoing state."""
+
+    @staticmethod
+    def forward(ctx, T, L, s0, group, rank, world):
+        own = T @ s0 + L if rank == 0 else L
+        before = _scan_maps(T, own, group, rank, world, 1, 0x1D5)  # every rank takes part (rank 0 sends only)
+        s_in = s0.detach().clone() if rank == 0 else before
+        ctx.save_for_backward(T, s_in)
+        ctx.group, ctx.rank, ctx.world = group, rank, world
+        return s_in
+
+    @staticmethod
+    def backward(ctx, g_in):
+        T, s_in = ctx.saved_tensors
+        group, rank, world = ctx.group, ctx.rank, ctx.world
+        g_in = torch.zeros_like(s_in) if g_in is None else g_in
+        g_out = _scan_maps(T.transpose(-1, -2).contiguous(), g_in, group, rank, world, -1, 0x1D6)
+        if g_out is None:  # the last rank: nothing after it
+            g_out = torch.zeros_like(s_in)
+        total = g_in + T.transpose(-1, -2) @ g_out
+        return g_out @ s_in.transpose(-1, -2), g_out, total if rank == 0 else torch.zeros_like(total), None, None, None
+
+
 def _exchange(group, strategy, rank, world):
     """(T, L, s0, anchor) -> S_in of this rank (differentiable), by the ring or by one all-gather of every
     (T, L). Every rank must run the exchange's backward (a chain of point-to-point messages, or a
     collective): `anchor` ties it to the call's inputs (_Tie)."""
     if strategy == "ring":
         return lambda T, L, s0, anchor: _RingHop.apply(_Tie.apply(T, anchor), L, s0, group, rank, world)
+    if strategy == "scan":
+        return lambda T, L, s0, anchor: _ScanHop.apply(_Tie.apply(T, anchor), L, s0, group, rank, world)
 
     def allgather(T, L, s0, anchor):
         from torch.distributed.nn.functional import all_gather
@@ -195,7 +260,9 @@ def gated_delta_attention(
             group only rank 0's is read (the others get a zero gradient).
         output_final_state: also return the (B, H, D, E) state after this rank's piece.
         layout: "bhnd" or "bnhd" (fla's layout); the output comes back in it.
-        strategy: "ring", "allgather" (see group) or "auto": the one the cost model of lasp.scaling predicts
+        strategy: "ring", "allgather" (see group), "scan" (a recursive-doubling scan of the pieces' maps:
+            ceil(log2 W) rounds of one (T, L) message per rank) or "auto": of the ring and the all-gather,
+            the one the cost model of lasp.scaling predicts
             to be faster for this group and state size (lasp.distributed.choose_strategy with
             op="gated_delta_attention" says which and why; the same on every rank).
         cu_seqlens: packed documents of one row (batch size 1), global offsets [0, ..., N]: the state
@@ -241,7 +308,7 @@ def gated_delta_attention(
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     dcode = dtypes.index(q.dtype) if ok and q.dtype in dtypes else -1
     desc = [int(ok), states_with_cu, B, H, D, E, *heads3, dcode, int(cu is not None), int(bool(use_qk_l2norm)),
-            ("ring", "allgather", "auto").index(strategy) if ok else -1]
+            ("ring", "allgather", "scan", "auto").index(strategy) if ok else -1]
     rows, rank = _gather_rows(group if name is not None else None, [N] + desc + _cu_signature(cu))
     _raise_if_invalid(rows, 1, local_err, f"{fn}: the call")
     differ = [i for i, r in enumerate(rows) if r[3:] != rows[0][3:]]

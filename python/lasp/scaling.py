@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 STRATEGIES = ("ring", "allgather", "scan", "hscan")  # modelled
-IMPLEMENTED = ("ring", "allgather", "scan")  # what lasp_attention runs (gated_delta_attention: ring, allgather)
+IMPLEMENTED = ("ring", "allgather", "scan")  # what lasp_attention and gated_delta_attention run
 AUTO = ("ring", "allgather")  # what strategy="auto" chooses from: the strategies with measured costs
 TRANSPORTS = ("nccl", "peer")  # how the ring's states travel: the process group's send/recv, or peer memory
 

@@ -225,7 +225,7 @@ def _dist_worker(rank, world, port, out_dir):
         q, k, v, g, beta, s0, do, dS = _dist_problem(world, ci, N)
         P, n = sum(pieces[:rank]), pieces[rank]
         sl = lambda t: _to_layout(t.narrow(2, P, n), layout)  # noqa: E731
-        for strategy in ("ring", "allgather"):
+        for strategy in ("ring", "allgather", "scan"):
             leaves = [sl(t).clone().requires_grad_() for t in (q, k, v, g.unsqueeze(-1), beta.unsqueeze(-1))]
             leaves[3], leaves[4] = (x.detach().squeeze(-1).clone().requires_grad_() for x in leaves[3:5])
             kw = dict(group=dist.group.WORLD, strategy=strategy, layout=layout)
@@ -269,7 +269,7 @@ def test_across_ranks_matches_one_rank(lasp, world):
             cu = torch.tensor([0] + torch.tensor(docs).cumsum(0).tolist())
             o = lasp.gated_delta_attention(*leaves, cu_seqlens=cu)
             want = torch.autograd.grad(o, leaves, do)
-        for strategy in ("ring", "allgather"):
+        for strategy in ("ring", "allgather", "scan"):
             parts = [res[r][(ci, strategy)] for r in range(world)]
             back = lambda x: x if layout == "bhnd" else x.transpose(1, 2)  # noqa: E731
             got_o = torch.cat([back(p["o"]) for p in parts], dim=2)
