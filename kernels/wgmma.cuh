@@ -20,6 +20,7 @@
 
 #include <cstdint>
 
+#include "doc_starts.h"
 #include "mma.cuh"
 
 // wgmma exists only in the sm_90a target; other targets compile the kernels to a trap.
@@ -236,30 +237,11 @@ struct ResetTile {
   unsigned long long m;
 };
 
-// The 32 bits of x at the even bit positions of a 64-bit word.
-__device__ __forceinline__ unsigned long long spread_bits(unsigned x) {
-  unsigned long long v = x;
-  v = (v | (v << 16)) & 0x0000FFFF0000FFFFull;
-  v = (v | (v << 8)) & 0x00FF00FF00FF00FFull;
-  v = (v | (v << 4)) & 0x0F0F0F0F0F0F0F0Full;
-  v = (v | (v << 2)) & 0x3333333333333333ull;
-  return (v | (v << 1)) & 0x5555555555555555ull;
-}
-
-// The ResetTile of one chunk from one whole warp: lane l holds the log gates of tokens 2l, 2l + 1.
+// The ResetTile of one chunk from one whole warp: lane l holds the log gates of tokens 2l, 2l + 1 (the bit
+// logic: doc_starts.h).
 __device__ __forceinline__ void reset_tile_build(ResetTile& rt, float x0, float x1) {
   const unsigned a = __ballot_sync(0xffffffffu, x0 == -INFINITY), b = __ballot_sync(0xffffffffu, x1 == -INFINITY);
-  if ((threadIdx.x & 31) == 0) rt.m = spread_bits(a) | (spread_bits(b) << 1);
-}
-
-// The last start at or before token t (0 <= t < 64), or -1.
-__device__ __forceinline__ int last_start(unsigned long long m, int t) {
-  return 63 - __clzll(m & (~0ull >> (63 - t)));
-}
-// The first start after token s (0 <= s < 64), or 64.
-__device__ __forceinline__ int next_start(unsigned long long m, int s) {
-  const unsigned long long x = s >= 63 ? 0ull : m >> (s + 1);
-  return x ? s + __ffsll(x) : 64;
+  if ((threadIdx.x & 31) == 0) rt.m = starts_mask(a, b);
 }
 
 // mask_pack with the powers of gamma cut at the document starts: CAUSAL keeps row's columns

@@ -174,6 +174,47 @@ TEST(Wgmma, BuildingBlocksMatchFloat64) {
 // tma::make_map keeps the maps it encoded per host thread (tma.cuh); every map it hands out must be the
 // one the driver's encoder makes for that view, whether it comes from the table or not: the same view
 // again, a view that differs in one field only, and more views than the table has slots (replacements).
+// The bit logic of gate mode 2 (doc_starts.h), on the host against brute force over random and edge masks:
+// the mask from two ballots, and the starts that cut w(t, s), pre(t) and the masked products' bounds.
+TEST(DocStarts, MaskAndBoundsMatchBruteForce) {
+  std::mt19937_64 rng(7);
+  std::vector<unsigned long long> masks = {0ull, ~0ull, 1ull, 1ull << 63, 0x8000000000000001ull, 0x5555555555555555ull};
+  for (int i = 0; i < 400; ++i) {
+    unsigned long long m = rng();
+    if (i % 4 == 1) m &= rng();  // sparser
+    if (i % 4 == 2) m &= rng() & rng() & rng();
+    masks.push_back(m);
+  }
+  for (unsigned long long m : masks) {
+    // the two ballots of a warp whose lane l holds tokens 2l, 2l + 1
+    unsigned even = 0, odd = 0;
+    for (int l = 0; l < 32; ++l) {
+      even |= static_cast<unsigned>((m >> (2 * l)) & 1ull) << l;
+      odd |= static_cast<unsigned>((m >> (2 * l + 1)) & 1ull) << l;
+    }
+    ASSERT_EQ(wg::starts_mask(even, odd), m);
+    auto start = [&](int i) { return ((m >> i) & 1ull) != 0; };
+    for (int t = 0; t < 64; ++t) {
+      int last = -1, next = 64;
+      for (int i = 0; i <= t; ++i)
+        if (start(i)) last = i;
+      for (int i = 63; i > t; --i)
+        if (start(i)) next = i;
+      ASSERT_EQ(wg::last_start(m, t), last) << std::hex << m << std::dec << " t=" << t;
+      ASSERT_EQ(wg::next_start(m, t), next) << std::hex << m << std::dec << " s=" << t;
+      // pre(t) survives iff no start in [0, t]; w(t, s) (s <= t) iff none in (s, t], read both ways the
+      // kernels read it (the causal bound from t's row, the anti-causal one from s's row)
+      ASSERT_EQ(wg::last_start(m, t) < 0, last == -1);
+      for (int s = 0; s <= t; ++s) {
+        bool none = true;
+        for (int i = s + 1; i <= t; ++i) none = none && !start(i);
+        ASSERT_EQ(wg::last_start(m, t) <= s, none) << std::hex << m << std::dec << " t=" << t << " s=" << s;
+        ASSERT_EQ(t < wg::next_start(m, s), none) << std::hex << m << std::dec << " t=" << t << " s=" << s;
+      }
+    }
+  }
+}
+
 TEST(Tma, MapTableHandsOutTheEncodersMaps) {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
