@@ -12,7 +12,11 @@ states, from the group's size and node layout:
              once backward. A round whose pairs (r, r + 2^k) all lie within nodes costs a hop within a
              node, else one over the network: in a group over several nodes every round does;
   hscan      a hierarchical scan (modelled only, not implemented): log2(ranks per node) rounds within
-             nodes, then log2(nodes) across them.
+             nodes, then log2(nodes) across them;
+  pipelined  the ring with each state cut into P parts (along heads) that travel one behind the other,
+             the main pass of a part starting when it arrives (the All-Scan idea of arXiv 2507.01004;
+             modelled only): the first part reaches the last rank after W - 1 hops of a part, and each
+             later part adds what the compute of one part does not hide; P in 1..64 at its best.
 
 Per call, T(W) = T1(n) + O + E(W): T1 the one-device time at n tokens per rank, O the fixed cost of the
 split (the local passes, the exchange's set-up), E(W) the exposed exchange. Within a node a hop costs
@@ -60,7 +64,7 @@ __all__ = [
     "choose",
 ]
 
-STRATEGIES = ("ring", "allgather", "scan", "hscan")  # modelled
+STRATEGIES = ("ring", "allgather", "scan", "hscan", "pipelined")  # modelled
 IMPLEMENTED = ("ring", "allgather", "scan")  # what lasp_attention and gated_delta_attention run
 AUTO = ("ring", "allgather")  # what strategy="auto" chooses from: the strategies with measured costs
 TRANSPORTS = ("nccl", "peer")  # how the ring's states travel: the process group's send/recv, or peer memory
@@ -223,6 +227,17 @@ def exchange_ms(strategy: str, topo: Topology, p: dict, net: Network = Network()
         return 2 * (p["ag_a"] + (W - 1) * h_net)
     if strategy == "scan":
         return 2 * math.ceil(math.log2(W)) * (h_net if topo.nodes > 1 else h_intra)
+    if strategy == "pipelined":
+        compute = p["t1"] / 2  # one direction's passes, spread over the parts
+        best = math.inf
+        for P in (1, 2, 4, 8, 16, 32, 64):
+            part = nbytes / P
+            hi = _at_size(p, "h_intra", part)
+            hn = max(net.hop_ms(part), hi)
+            chain = (W - 1 - topo.crossings) * hi + topo.crossings * hn
+            slowest = hn if topo.crossings else hi
+            best = min(best, chain + (P - 1) * max(0.0, slowest - compute / P))
+        return 2 * best
     inner = math.ceil(math.log2(topo.per_node)) if topo.per_node > 1 else 0
     outer = math.ceil(math.log2(topo.nodes)) if topo.nodes > 1 else 0
     return 2 * (inner * h_intra + outer * h_net)
@@ -232,7 +247,7 @@ def overhead_ms(strategy: str, p: dict, *, transport: str = "nccl") -> float:
     """O: the fixed cost of the split, from the method's smallest measured W > 1 (measured - T1 - E there,
     on the calibration's own node); the scans, unmeasured, take the ring's."""
     _check(strategy, transport)
-    base = "ring" if strategy in ("scan", "hscan") else strategy
+    base = "ring" if strategy in ("scan", "hscan", "pipelined") else strategy
     key = "ring-peer" if base == "ring" and transport == "peer" else base
     pts = p["measured"].get(key, {})
     if not pts:
