@@ -6,10 +6,9 @@ size W (weak scaling: n tokens per rank), for three ways of passing the states:
              state arrives after W - 1 hops, once forward and once backward;
   allgather  every rank gathers all W local states (NCCL's ring all-gather moves W - 1 states through
              each link) and combines them itself;
-  scan       a recursive-doubling prefix scan (lasp_attention's strategy "scan"): ceil(log2 W) rounds,
-             each one state sent and one combine (T S + L), once forward and once backward; every round
-             crosses the network once the group spans nodes;
-  hscan      a hierarchical scan (modelled only): log2(g) rounds inside nodes, log2(W / g) across them;
+  scan       a recursive-doubling prefix scan (strategy "scan"): ceil(log2 W) rounds, each one state sent
+             and one combine (T S + L), once forward and once backward; over nodes log2(g) rounds inside
+             nodes, log2(W / g) across them and one more inside;
   pipelined  the ring with the state cut into P parts along heads, each part's main pass starting when it
              arrives (All-Scan, arXiv 2507.01004; modelled only): W - 1 hops of a part, then what the
              compute does not hide of the later parts, at the best P.

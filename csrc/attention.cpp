@@ -143,7 +143,7 @@ Tensor state_like(const Tensor& q, int64_t H, int64_t D, int64_t E) {
 
 // With group checks on: every rank compares what it was called with (one small all-gather).
 void check_group_call(const Ring& ring, const Tensor& q, const Tensor& k, const Tensor& v, bool has_decay,
-                      bool has_g, Strategy strategy, int64_t pass) {
+                      bool has_g, Strategy strategy, int64_t scan_nodes, int64_t pass) {
   if (!ring.checks_on()) return;
   ring.check_same_call({{"batch size", q.size(0)},
                         {"q heads", q.size(1)},
@@ -152,7 +152,8 @@ void check_group_call(const Ring& ring, const Tensor& q, const Tensor& k, const 
                         {"head dim D", q.size(3)},
                         {"value dim E", v.size(3)},
                         {"dtype", static_cast<int64_t>(q.scalar_type())},
-                        {"strategy (0 ring, 1 allgather)", static_cast<int64_t>(strategy)},
+                        {"strategy (0 ring, 1 allgather, 2 scan)", static_cast<int64_t>(strategy)},
+                        {"scan's ranks per node (0: one level)", scan_nodes},
                         {"decay given", has_decay ? 1 : 0},
                         {"g given", has_g ? 1 : 0},
                         {"ring transport (0 nccl, 1 peer, 2 auto)", static_cast<int64_t>(ring_transport())},
@@ -420,6 +421,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_
   check_seg_split_args(seg_nseg, seg_seglen);
   check_backend_takes(backend_kernels, g, q, k, v);
   const Strategy strategy = parse_strategy(strategy_name);
+  const int64_t scan_nodes = scan_node_size(strategy_name);
   const auto acc = acc_type(q.scalar_type());
   const int64_t N = q.size(2), D = q.size(3), E = v.size(3), H = out_heads(q, v).expect_int();
   const Kernels kernels = N == 0 ? empty_piece_kernels(q, H, D, E) : backend_kernels;
@@ -436,7 +438,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_
   p.g_resets = starts_as_resets(g);
   p.o = view4(o);
 
-  check_group_call(ring, q, k, v, decay.has_value(), g.has_value(), strategy, 0);
+  check_group_call(ring, q, k, v, decay.has_value(), g.has_value(), strategy, scan_nodes, 0);
   if (ring.size() == 1) {
     // Alone: the incoming state is the user's initial state; one fused pass.
     // A copy, not a view: the op's outputs never alias its inputs (the saved state is an output).
@@ -476,7 +478,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_
   Tensor local = state_like(q, H, D, E);
   p.state_out = local.data_ptr();
   kernels.fwd_local(p);  // L_r
-  const ForwardStates st = make_exchange(backend_kernels, ring, strategy, q, D, E, decay_acc, N, gate_sums(g_acc))
+  const ForwardStates st = make_exchange(backend_kernels, ring, strategy, q, D, E, decay_acc, N, gate_sums(g_acc),
+                                                  scan_nodes)
                                ->forward(local, initial_state);
   p.state_in = st.zero_in ? nullptr : st.s_in.data_ptr();
   p.state_out = nullptr;
@@ -501,6 +504,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& 
   check_backend_takes(backend_kernels, g, q, k, v);
   const bool seg_given = seg_states.has_value() && seg_states->numel() > 0;
   const Strategy strategy = parse_strategy(strategy_name);
+  const int64_t scan_nodes = scan_node_size(strategy_name);
   const auto acc = acc_type(q.scalar_type());
   const int64_t N = q.size(2), D = q.size(3), E = v.size(3), H = out_heads(q, v).expect_int();
   TORCH_CHECK(dout.sizes() == at::IntArrayRef({q.size(0), H, N, E}) && dout.scalar_type() == q.scalar_type(),
@@ -553,7 +557,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& 
     }
   }
 
-  check_group_call(ring, q, k, v, decay.has_value(), g.has_value(), strategy, 1);
+  check_group_call(ring, q, k, v, decay.has_value(), g.has_value(), strategy, scan_nodes, 1);
   if (gated) {
     // The main pass without G: dq, dk, dv, dg of the outputs and M_r (grad_state_in), with S_in. Alone, G
     // is the gradient of the returned final state; across ranks the exchange gives G_r from M_r and the
@@ -567,7 +571,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& 
       const Tensor total = add_gated_state_grad(k, v, g_acc, decay_acc, g_user, s_in, dk, dv, dg);
       return {dq, dk, dv, m + total.view({q.size(0), H, 1, 1}) * g_user, dg};
     }
-    const BackwardStates st = make_exchange(backend_kernels, ring, strategy, q, D, E, decay_acc, N, gate_sums(g_acc))
+    const BackwardStates st = make_exchange(backend_kernels, ring, strategy, q, D, E, decay_acc, N, gate_sums(g_acc),
+                                                  scan_nodes)
                                   ->backward(m, g_user, [] {});
     if (st.g.defined()) add_gated_state_grad(k, v, g_acc, decay_acc, st.g, s_in, dk, dv, dg);
     Tensor grad_init = ring.is_first() ? st.g_prev : at::zeros_like(st.g_prev);
@@ -591,7 +596,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& 
   p.grad_state_in = m.data_ptr();
   kernels.bwd_local(p);  // M_r
   p.grad_state_in = nullptr;
-  const BackwardStates st = make_exchange(backend_kernels, ring, strategy, q, D, E, decay_acc, N, gate_sums(g_acc))
+  const BackwardStates st = make_exchange(backend_kernels, ring, strategy, q, D, E, decay_acc, N, gate_sums(g_acc),
+                                                  scan_nodes)
                                 ->backward(m, g_user, [&] { kernels.bwd_prepare(p); });
   p.grad_state_out = ptr_or_null(st.g);
   p.local_ready = true;

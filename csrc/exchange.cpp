@@ -171,11 +171,13 @@ class AllGather final : public StateExchange {
 };
 
 // Strategy "scan": a recursive-doubling (Hillis-Steele) scan of the pieces' affine maps S -> A S + L
-// (A = gamma^n, per head or per (b, h)), over the process group's send/recv; exchange.h.
+// (A = gamma^n, per head or per (b, h)), over the process group's send/recv; with nodes ("scan:<m>"), within
+// nodes first, then across them; exchange.h.
 class C10dScan final : public StateExchange {
  public:
-  C10dScan(const Ring& ring, Tensor decay_acc, int64_t n, Tensor gate_sum)
-      : StateExchange(ring, std::move(decay_acc), n, std::move(gate_sum), /*gamma_before_waits=*/true) {}
+  C10dScan(const Ring& ring, Tensor decay_acc, int64_t n, Tensor gate_sum, int64_t node_size)
+      : StateExchange(ring, std::move(decay_acc), n, std::move(gate_sum), /*gamma_before_waits=*/true),
+        node_size_(node_size) {}
 
   ForwardStates forward(Tensor local, const std::optional<Tensor>& initial_state) override {
     gamma();
@@ -208,52 +210,91 @@ class C10dScan final : public StateExchange {
   }
 
  private:
-  // The composed map of every rank before this one in direction dir (1: lower ranks, the forward; -1:
-  // higher ranks, the backward) applied to a zero state: its L. Undefined where there is none (the first
-  // rank of the direction). overlap runs once the first round's messages are posted.
-  Tensor scan(const Tensor& own_l, int dir, int tag, const char* what, const std::function<void()>& overlap) {
-    const int W = ring_.size(), r = ring_.rank();
-    const int pos = dir > 0 ? r : W - 1 - r;  // position along the direction
-    const Tensor own_a = gamma_flat(own_l);
-    const int64_t numel = own_l.numel(), ng = own_a.numel(), H = own_l.size(1);
-    auto a_of = [&](const Tensor& pack) { return pack.narrow(0, numel, ng).view({ng / H, H, 1, 1}); };
-    auto l_of = [&](const Tensor& pack) { return pack.narrow(0, 0, numel).view_as(own_l); };
-    const Tensor own_a4 = own_a.view({ng / H, H, 1, 1});
-    Tensor ex_a, ex_l;  // the composed map of the ranks before (undefined: none yet)
-    bool overlapped = false;
-    for (int d = 1; d < W; d *= 2) {
-      // what this rank has composed so far, ranks (pos - d, pos]: its own map after the ones before it
-      Tensor send_pack;
+  // An affine map S -> a S + l (a: (B or 1, H, 1, 1); l: a state); undefined l: none (the identity).
+  struct Map {
+    Tensor a, l;
+  };
+
+  // The rounds of a recursive-doubling scan among `count` members, this one at position pos, member q being
+  // group rank rank_of(q): returns the composed map of the members before pos (none for pos 0). own: this
+  // member's map. overlap (if not null) runs once the first round's messages are posted.
+  Map rounds(const Map& own, int pos, int count, const std::function<int(int)>& rank_of, int tag, const char* what,
+             const std::function<void()>* overlap) {
+    const int64_t numel = own.l.numel(), ng = own.a.numel(), H = own.l.size(1);
+    Map ex;
+    for (int d = 1; d < count; d *= 2) {
       std::vector<c10::intrusive_ptr<c10d::Work>> works;
-      Tensor recv_pack;
+      Tensor recv_pack, send_pack;
       if (pos - d >= 0) {
-        recv_pack = at::empty({numel + ng}, own_l.options());
-        works.push_back(ring_.recv_from(recv_pack, r - dir * d, tag));
+        recv_pack = at::empty({numel + ng}, own.l.options());
+        works.push_back(ring_.recv_from(recv_pack, rank_of(pos - d), tag));
       }
-      if (pos + d < W) {
-        send_pack = ex_l.defined() ? at::cat({decayed_sum(ex_l, own_a4, own_l).flatten(), (own_a4 * ex_a).flatten()})
-                                   : pack_state(own_l, own_a);
-        works.push_back(ring_.send_to(send_pack, r + dir * d, tag));
+      if (pos + d < count) {  // the map of members (pos - d, pos]: this one's after the ones composed so far
+        send_pack = ex.l.defined() ? at::cat({decayed_sum(ex.l, own.a, own.l).flatten(), (own.a * ex.a).flatten()})
+                                   : pack_state(own.l, own.a.flatten());
+        works.push_back(ring_.send_to(send_pack, rank_of(pos + d), tag));
       }
-      if (!overlapped) {
-        overlap();
-        overlapped = true;
-      }
+      if (overlap != nullptr && d == 1) (*overlap)();
       for (const auto& w : works) ring_.wait(w, what);
-      if (recv_pack.defined()) {  // ranks (pos - 2d, pos - d] come before the ones composed so far
-        const Tensor ra = a_of(recv_pack), rl = l_of(recv_pack);
-        if (ex_l.defined()) {
-          ex_l = decayed_sum(rl, ex_a, ex_l);
-          ex_a = ex_a * ra;
+      if (recv_pack.defined()) {  // members (pos - 2d, pos - d] come before the ones composed so far
+        const Tensor ra = recv_pack.narrow(0, numel, ng).view({ng / H, H, 1, 1});
+        const Tensor rl = recv_pack.narrow(0, 0, numel).view_as(own.l);
+        if (ex.l.defined()) {
+          ex.l = decayed_sum(rl, ex.a, ex.l);
+          ex.a = ex.a * ra;
         } else {
-          ex_l = rl.clone();
-          ex_a = ra.clone();
+          ex = Map{ra.clone(), rl.clone()};
         }
       }
     }
-    if (!overlapped) overlap();
-    return ex_l;
+    return ex;
   }
+
+  // The composed map of every rank before this one in direction dir (1: lower ranks, the forward; -1: higher
+  // ranks, the backward) applied to a zero state: its L. Undefined where there is none (the first rank of the
+  // direction). overlap runs once, after the first messages are posted.
+  Tensor scan(const Tensor& own_l, int dir, int tag, const char* what, const std::function<void()>& overlap) {
+    const int W = ring_.size(), r = ring_.rank();
+    const int m = node_size_ >= 1 && node_size_ < W ? static_cast<int>(node_size_) : W;
+    const int K = (W + m - 1) / m, node = r / m;
+    const int n0 = node * m, n1 = std::min(W, n0 + m), size = n1 - n0;
+    const Tensor own_a = gamma_flat(own_l);
+    const Map own{own_a.view({own_a.numel() / own_l.size(1), own_l.size(1), 1, 1}), own_l};
+    bool overlapped = size == 1;  // phase 1 posts nothing in a node of one rank
+    if (overlapped) overlap();
+    // Phase 1: within the node, in direction order (node-local position j).
+    const int j = dir > 0 ? r - n0 : n1 - 1 - r;
+    auto mate = [&](int q) { return dir > 0 ? n0 + q : n1 - 1 - q; };
+    const Map ex = rounds(own, j, size, mate, tag, what, overlapped ? nullptr : &overlap);
+    if (K == 1) return ex.l;
+    // Phase 2: the nodes' last ranks (in direction order) scan the nodes' composed maps.
+    const int ni = dir > 0 ? node : K - 1 - node;  // this node's position along dir
+    auto leader = [&](int q) {  // the last rank along dir of the node at position q
+      const int p = dir > 0 ? q : K - 1 - q;
+      return dir > 0 ? std::min(W, (p + 1) * m) - 1 : p * m;
+    };
+    Tensor entering;  // the state entering this node (undefined for the first node along dir)
+    const bool is_leader = j == size - 1;
+    if (is_leader) {
+      const Map inc = ex.l.defined() ? Map{own.a * ex.a, decayed_sum(ex.l, own.a, own.l)} : own;
+      entering = rounds(inc, ni, K, leader, tag + 0x100, what, nullptr).l;
+    }
+    // Phase 3: the node's last rank sends it to the others.
+    if (ni > 0) {
+      if (is_leader) {
+        std::vector<c10::intrusive_ptr<c10d::Work>> works;
+        for (int q = 0; q < size - 1; ++q) works.push_back(ring_.send_to(entering, mate(q), tag + 0x200));
+        for (const auto& w : works) ring_.wait(w, what);
+      } else {
+        entering = at::empty_like(own_l);
+        ring_.wait(ring_.recv_from(entering, leader(ni), tag + 0x200), what);
+      }
+    }
+    if (!entering.defined()) return ex.l;
+    return ex.l.defined() ? decayed_sum(entering, ex.a, ex.l) : entering;
+  }
+
+  const int64_t node_size_;
 };
 
 // Whether this call's ring uses the peer-memory hop. Decided from what every rank of the group shares
@@ -280,8 +321,20 @@ bool use_peer(const Kernels& backend_kernels, const Ring& ring, Strategy strateg
 Strategy parse_strategy(const std::string& s) {
   if (s == "ring") return Strategy::Ring;
   if (s == "allgather") return Strategy::AllGather;
-  if (s == "scan") return Strategy::Scan;
-  TORCH_CHECK_VALUE(false, "lasp_attention: strategy must be 'ring', 'allgather' or 'scan', got '", s, "'");
+  if (s == "scan" || scan_node_size(s) > 0) return Strategy::Scan;
+  TORCH_CHECK_VALUE(false, "lasp_attention: strategy must be 'ring', 'allgather', 'scan' or 'scan:<ranks per "
+                    "node>', got '", s, "'");
+}
+
+int64_t scan_node_size(const std::string& s) {
+  const std::string prefix = "scan:";
+  if (s.compare(0, prefix.size(), prefix) != 0 || s.size() == prefix.size() || s.size() > prefix.size() + 9) return 0;
+  int64_t m = 0;
+  for (size_t i = prefix.size(); i < s.size(); ++i) {
+    if (s[i] < '0' || s[i] > '9') return 0;
+    m = 10 * m + (s[i] - '0');
+  }
+  return m;
 }
 
 StateExchange::StateExchange(const Ring& ring, Tensor decay_acc, int64_t n, Tensor gate_sum, bool gamma_before_waits)
@@ -343,12 +396,12 @@ BackwardStates StateExchange::backward(Tensor m, const Tensor& g_user, const std
 
 std::unique_ptr<StateExchange> make_exchange(const Kernels& backend, const Ring& ring, Strategy strategy,
                                              const Tensor& q, int64_t D, int64_t E, const Tensor& decay_acc,
-                                             int64_t n, const Tensor& gate_sum) {
+                                             int64_t n, const Tensor& gate_sum, int64_t scan_nodes) {
   if (use_peer(backend, ring, strategy, q, D, E, gate_sum.defined())) {
     return std::make_unique<PeerRing>(ring, decay_acc, n, backend.peer_hop);
   }
   if (strategy == Strategy::AllGather) return std::make_unique<AllGather>(ring, decay_acc, n, gate_sum);
-  if (strategy == Strategy::Scan) return std::make_unique<C10dScan>(ring, decay_acc, n, gate_sum);
+  if (strategy == Strategy::Scan) return std::make_unique<C10dScan>(ring, decay_acc, n, gate_sum, scan_nodes);
   return std::make_unique<C10dRing>(ring, decay_acc, n, gate_sum);
 }
 

@@ -34,6 +34,10 @@
 //             L folded with the initial state). One (state, gamma^n) message per round and direction,
 //             instead of W - 1 hops in a chain or W - 1 states through every link of an all-gather. The
 //             backward scans the suffixes (X_j, gamma^n_j) the same way, bwd_prepare beside the first round.
+//             "scan:<m>" (nodes of m consecutive ranks): the same rounds within each node, then among the
+//             nodes' last ranks (along the direction) over the nodes' composed maps, then each node's last
+//             rank sends the state entering its node to the others: log2(m) rounds within nodes, log2(W / m)
+//             across them, and one more within.
 // Communication never runs beside the forward's compute kernels (it would take SMs from grids sized in
 // whole waves): receives are posted after the local pass, and the main pass waits for the send.
 #pragma once
@@ -51,8 +55,11 @@ namespace lasp {
 class Ring;
 
 enum class Strategy : int64_t { Ring = 0, AllGather = 1, Scan = 2 };
-// "ring" | "allgather" | "scan"; any other value raises a ValueError.
+// "ring" | "allgather" | "scan" | "scan:<m>"; any other value raises a ValueError.
 Strategy parse_strategy(const std::string& s);
+// The node size of "scan:<m>" (m >= 1: the group's ranks fill nodes of m consecutive ranks; the scan then runs
+// within nodes first, then across them, exchange.h); 0 for any other strategy.
+int64_t scan_node_size(const std::string& s);
 
 // What the forward exchange gives the main pass.
 struct ForwardStates {
@@ -116,8 +123,9 @@ class StateExchange {
 // hop (decided from what every rank shares: backend, strategy, dtype, state size, transport; the first
 // decision per group and state size is a collective), else C10dRing or AllGather by strategy.
 // backend: the backend's kernels (not the empty-piece ones), so that every rank decides alike.
+// scan_nodes: scan_node_size of the strategy's name (0: the flat scan).
 std::unique_ptr<StateExchange> make_exchange(const Kernels& backend, const Ring& ring, Strategy strategy,
                                              const Tensor& q, int64_t D, int64_t E, const Tensor& decay_acc,
-                                             int64_t n, const Tensor& gate_sum);
+                                             int64_t n, const Tensor& gate_sum, int64_t scan_nodes = 0);
 
 }  // namespace lasp

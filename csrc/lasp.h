@@ -14,7 +14,9 @@ struct AttentionOptions {
   std::optional<double> scale;              // default 1/sqrt(D)
   std::optional<at::Tensor> initial_state;  // (B, H, D, E) float32 (float64 for float64 inputs)
   std::optional<std::string> group_name;    // a registered c10d process group (sequence parallel)
-  std::string strategy = "ring";            // across ranks: "ring" (LASP), "allgather" (LASP-2) or "scan"
+  // across ranks: "ring" (LASP), "allgather" (LASP-2), "scan", or "scan:<m>" (ranks filling nodes of m
+  // consecutive ranks: the scan runs within nodes first; exchange.h)
+  std::string strategy = "ring";
   // (B, H, N) per-token log gates <= 0 (-inf: a reset), any floating dtype; differentiable. The log gate of
   // token t, head h is g[b, h, t] - decay[h]. CPU tensors (CUDA raises NotImplementedError for now).
   std::optional<at::Tensor> g;

@@ -656,11 +656,33 @@ def choose_strategy(group, *, batch: int, heads: int, head_dim: int, value_dim: 
                           candidates=scaling.AUTO if ring_runs else ("allgather",))
 
 
+def _scan_layout(group) -> str:
+    """lasp_attention's name of the scan on ``group``: "scan:<m>" where the group's ranks fill nodes of m > 1
+    consecutive ranks (the last node may hold fewer) on two or more nodes, which the op then scans within
+    nodes first (csrc/exchange.h); "scan" (one level) otherwise. The layout as :func:`choose_strategy` reads
+    it (host names gathered once per group; env LASP_NODE_SIZE)."""
+    blocks: list = []
+    for h in _group_hosts(group):
+        if blocks and blocks[-1][0] == h:
+            blocks[-1][1] += 1
+        else:
+            blocks.append([h, 1])
+    m = blocks[0][1]
+    filled = (len({b[0] for b in blocks}) == len(blocks) and all(b[1] == m for b in blocks[:-1])
+              and blocks[-1][1] <= m)
+    return f"scan:{m}" if len(blocks) > 1 and m > 1 and filled else "scan"
+
+
 def _resolve_strategy(fn: str, strategy, group, q: torch.Tensor, v: torch.Tensor, *, gates: bool, op: str) -> str:
-    """The strategy a call runs: an explicit one as given, "auto" by :func:`choose_strategy` (``q``, ``v`` in
-    the "bhnd" view). Raises a ValueError naming the choices for anything else."""
+    """The strategy a call runs: an explicit one as given (lasp_attention's "scan" with the group's node
+    layout, :func:`_scan_layout`), "auto" by :func:`choose_strategy` (``q``, ``v`` in the "bhnd" view).
+    Raises a ValueError naming the choices for anything else."""
     if not isinstance(strategy, str) or strategy not in STRATEGY_CHOICES:
         raise ValueError(f"{fn}: strategy must be 'ring', 'allgather', 'scan' or 'auto', got {strategy!r}")
+    if strategy == "scan" and op == "lasp_attention" and group is not None:
+        from ._ops import _group_name
+
+        return _scan_layout(group) if _group_name(group) is not None else strategy
     if strategy != "auto":
         return strategy
     if group is None:

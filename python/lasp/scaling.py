@@ -7,12 +7,10 @@ states, from the group's size and node layout:
              W - 1 hops, once forward and once backward;
   allgather  LASP-2: every rank gathers all W local states (NCCL's ring all-gather moves W - 1 states
              through each link) and combines them itself;
-  scan       a recursive-doubling prefix scan of the pieces' maps S -> gamma^n S + L (lasp_attention's
-             strategy "scan"): ceil(log2 W) rounds, each one state sent and one combine, once forward and
-             once backward. A round whose pairs (r, r + 2^k) all lie within nodes costs a hop within a
-             node, else one over the network: in a group over several nodes every round does;
-  hscan      a hierarchical scan (modelled only, not implemented): log2(ranks per node) rounds within
-             nodes, then log2(nodes) across them;
+  scan       a recursive-doubling prefix scan of the pieces' maps S -> gamma^n S + L (strategy "scan"):
+             on one node ceil(log2 W) rounds, each one state sent and one combine, once forward and once
+             backward; over nodes of consecutive ranks ceil(log2 ranks per node) rounds within nodes, then
+             ceil(log2 nodes) across them, then one more within (the state entering each node);
   pipelined  the ring with each state cut into P parts (along heads) that travel one behind the other,
              the main pass of a part starting when it arrives (the All-Scan idea of arXiv 2507.01004;
              modelled only): the first part reaches the last rank after W - 1 hops of a part, and each
@@ -23,8 +21,7 @@ split (the local passes, the exchange's set-up), E(W) the exposed exchange. With
 h_intra (h_peer over peer memory); across nodes h_net = alpha_net + state_bytes / bw_net, and no less
 than h_intra. The ring crosses the network once per pair of consecutive group ranks on different nodes;
 the all-gather, once the group spans nodes, is paced by its network steps; a hierarchical scan spends
-log2(ranks per node) rounds inside nodes and log2(nodes) across them (hscan; lasp's scan is the flat one,
-whose rounds all cross the network once the group spans nodes).
+log2(ranks per node) rounds inside nodes and log2(nodes) across them.
 
 The constants (``CALIBRATIONS``) are those that ``calibrate`` derives from one ``benchmarks/bench_sp.py``
 record (4 x NVIDIA H200 on NVLink, NCCL 2.28.9, B=1, H=16, D=E=128, bf16: 1 MiB float32 states); the peer
@@ -64,7 +61,7 @@ __all__ = [
     "choose",
 ]
 
-STRATEGIES = ("ring", "allgather", "scan", "hscan", "pipelined")  # modelled
+STRATEGIES = ("ring", "allgather", "scan", "pipelined")  # modelled
 IMPLEMENTED = ("ring", "allgather", "scan")  # what lasp_attention and gated_delta_attention run
 AUTO = ("ring", "allgather")  # what strategy="auto" chooses from: the strategies with measured costs
 TRANSPORTS = ("nccl", "peer")  # how the ring's states travel: the process group's send/recv, or peer memory
@@ -226,7 +223,10 @@ def exchange_ms(strategy: str, topo: Topology, p: dict, net: Network = Network()
         # NCCL's ring all-gather: W - 1 steps of one state each, paced by the slowest (network) link
         return 2 * (p["ag_a"] + (W - 1) * h_net)
     if strategy == "scan":
-        return 2 * math.ceil(math.log2(W)) * (h_net if topo.nodes > 1 else h_intra)
+        if topo.nodes == 1:
+            return 2 * math.ceil(math.log2(W)) * h_intra
+        inner = math.ceil(math.log2(topo.per_node)) if topo.per_node > 1 else 0
+        return 2 * ((inner + (1 if topo.per_node > 1 else 0)) * h_intra + math.ceil(math.log2(topo.nodes)) * h_net)
     if strategy == "pipelined":
         compute = p["t1"] / 2  # one direction's passes, spread over the parts
         best = math.inf
@@ -238,16 +238,14 @@ def exchange_ms(strategy: str, topo: Topology, p: dict, net: Network = Network()
             slowest = hn if topo.crossings else hi
             best = min(best, chain + (P - 1) * max(0.0, slowest - compute / P))
         return 2 * best
-    inner = math.ceil(math.log2(topo.per_node)) if topo.per_node > 1 else 0
-    outer = math.ceil(math.log2(topo.nodes)) if topo.nodes > 1 else 0
-    return 2 * (inner * h_intra + outer * h_net)
+    raise AssertionError(strategy)  # _check admits only the strategies above
 
 
 def overhead_ms(strategy: str, p: dict, *, transport: str = "nccl") -> float:
     """O: the fixed cost of the split, from the method's smallest measured W > 1 (measured - T1 - E there,
-    on the calibration's own node); the scans, unmeasured, take the ring's."""
+    on the calibration's own node); the scan and the pipelined ring, unmeasured, take the ring's."""
     _check(strategy, transport)
-    base = "ring" if strategy in ("scan", "hscan", "pipelined") else strategy
+    base = "ring" if strategy in ("scan", "pipelined") else strategy
     key = "ring-peer" if base == "ring" and transport == "peer" else base
     pts = p["measured"].get(key, {})
     if not pts:

@@ -394,12 +394,15 @@ def test_peer_transport_layer_stack(lasp, world):
 
 
 # ----------------------------------------------------------------------------------------------
-# The scan strategy past four ranks (its rounds of distance 4; a world that is no power of two): every
-# output and gradient of each rank's piece equals the one-rank call's slice, in float64, with per-token gates
-# or decay alone, an initial state and final-state cotangents on every rank, uneven and empty pieces.
+# The scan strategy past four ranks (its rounds of distance 4; a world that is no power of two), in one
+# level and over nodes (env LASP_NODE_SIZE: nodes of 2 and 3 consecutive ranks, the last one partial; the
+# scan runs within nodes, across them, then within again): every output and gradient of each rank's piece
+# equals the one-rank call's slice, in float64, with per-token gates or decay alone, an initial state and
+# final-state cotangents on every rank, uneven and empty pieces.
 
 SCAN_WORLDS = {5: [3, 0, 17, 1, 9], 8: [4, 1, 6, 0, 9, 2, 5, 3]}
 SCAN_CONFIGS = [("gates", True), ("decay", False)]  # (decay or gates, initial state)
+SCAN_NODES = [None, 2, 3]  # LASP_NODE_SIZE (None: one node)
 
 
 def _scan_problem(world, gates, with_state):
@@ -439,12 +442,22 @@ def _scan_worker(rank, world, port, out_dir):
     pieces = SCAN_WORLDS[world]
     P, n = sum(pieces[:rank]), pieces[rank]
     results = {}
-    for gates, with_state in SCAN_CONFIGS:
-        q, k, v, do, decay, g, s0, dF = _scan_problem(world, gates == "gates", with_state)
-        cut = lambda t: t.narrow(-2 if t.dim() == 4 else -1, P, n).contiguous()  # noqa: E731
-        # every rank passes the cotangent of its own returned state (the last rank's is the sequence's)
-        results[(gates, with_state)] = _scan_call(lasp, cut(q), cut(k), cut(v), cut(do), decay,
-                                                  None if g is None else cut(g), s0, dF, dist.group.WORLD, "scan")
+    for nodes in SCAN_NODES:
+        if nodes is None:
+            os.environ.pop("LASP_NODE_SIZE", None)
+        else:
+            os.environ["LASP_NODE_SIZE"] = str(nodes)
+        q0 = torch.zeros(1, 1, 1, 1, dtype=F64)
+        results[("resolved", nodes)] = lasp.distributed._resolve_strategy(
+            "test", "scan", dist.group.WORLD, q0, q0, gates=False, op="lasp_attention")
+        for gates, with_state in SCAN_CONFIGS:
+            q, k, v, do, decay, g, s0, dF = _scan_problem(world, gates == "gates", with_state)
+            cut = lambda t: t.narrow(-2 if t.dim() == 4 else -1, P, n).contiguous()  # noqa: E731
+            # every rank passes the cotangent of its own returned state (the last rank's is the sequence's)
+            results[(gates, with_state, nodes)] = _scan_call(lasp, cut(q), cut(k), cut(v), cut(do), decay,
+                                                             None if g is None else cut(g), s0, dF,
+                                                             dist.group.WORLD, "scan")
+    os.environ.pop("LASP_NODE_SIZE", None)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -456,9 +469,11 @@ def test_scan_gloo_larger_worlds(lasp, world):
     res = spawn_world(_scan_worker, world, (), SPAWN_DEADLINE_S, f"the scan strategy (gloo, world={world})")
     pieces = SCAN_WORLDS[world]
     starts = [sum(pieces[:r]) for r in range(world)]
-    for gates, with_state in SCAN_CONFIGS:
+    for r in range(world):
+        assert [res[r][("resolved", nodes)] for nodes in SCAN_NODES] == ["scan", "scan:2", "scan:3"], r
+    for (gates, with_state), nodes in [(c, nd) for c in SCAN_CONFIGS for nd in SCAN_NODES]:
         q, k, v, do, decay, g, s0, dF = _scan_problem(world, gates == "gates", with_state)
-        what = f"world {world}, {gates}, initial state {with_state}"
+        what = f"world {world}, {gates}, initial state {with_state}, nodes of {nodes}"
         # the one-rank reference: the final-state cotangents of every rank's returned state, each applied to
         # the state after that rank's piece: the sum of the one-rank calls cut at each piece's end
         o_ref = _scan_call(lasp, q, k, v, do, decay, g, s0, torch.zeros_like(dF), None, "ring")
@@ -473,14 +488,14 @@ def test_scan_gloo_larger_worlds(lasp, world):
                     totals[key].narrow(-2 if totals[key].dim() == 4 else -1, 0, end).add_(part[key])
             if "ds0" in part:
                 totals["ds0"] += part["ds0"]
-            torch.testing.assert_close(res[r][(gates, with_state)]["f"], part["f"], rtol=1e-10, atol=1e-10,
+            torch.testing.assert_close(res[r][(gates, with_state, nodes)]["f"], part["f"], rtol=1e-10, atol=1e-10,
                                        msg=lambda m: f"{what} rank {r} final state: {m}")
         for key in ("o", "dq", "dk", "dv", "dg"):
             if key not in totals:
                 continue
             dim = -2 if totals[key].dim() == 4 else -1
-            got = torch.cat([res[r][(gates, with_state)][key] for r in range(world)], dim=dim)
+            got = torch.cat([res[r][(gates, with_state, nodes)][key] for r in range(world)], dim=dim)
             torch.testing.assert_close(got, totals[key], rtol=1e-10, atol=1e-10, msg=lambda m: f"{what} {key}: {m}")
         if with_state:
-            got = sum(res[r][(gates, with_state)]["ds0"] for r in range(world))
+            got = sum(res[r][(gates, with_state, nodes)]["ds0"] for r in range(world))
             torch.testing.assert_close(got, totals["ds0"], rtol=1e-10, atol=1e-10, msg=lambda m: f"{what} ds0: {m}")

@@ -65,7 +65,7 @@ def test_the_rule(lasp):
             assert S.choose(T.filled(W, g), mib).strategy == "ring", (W, g)
     assert S.choose(T.filled(8, 8), mib, candidates=("allgather",)).strategy == "allgather"
     with pytest.raises(ValueError, match="candidates"):
-        S.choose(T.filled(8, 8), mib, candidates=("hscan",))  # modelled, not implemented
+        S.choose(T.filled(8, 8), mib, candidates=("pipelined",))  # modelled, not implemented
     # the scan is implemented but "auto" leaves it out until its costs are measured; asked for, it is priced
     # like the model says (log2 W rounds): cheaper than the ring and the all-gather at W = 64 over 8 nodes
     c = S.choose(T.filled(64, 8), mib, candidates=S.IMPLEMENTED)
@@ -94,9 +94,14 @@ def test_bad_strategy_names_the_choices(lasp, seed):
         with pytest.raises(ValueError, match=r"gated_delta_attention: strategy must be 'ring', 'allgather', 'scan' "
                                              r"or 'auto'"):
             lasp.gated_delta_attention(q, k, v, g, beta, strategy=bad)
-    # the C++ op names its three
-    with pytest.raises(ValueError, match=r"strategy must be 'ring', 'allgather' or 'scan', got 'auto'"):
-        torch.ops.lasp.lasp_attention(q, k, v, None, 0.5, None, None, "auto")
+    # the C++ op names its own (the scan with a node size too, which Python passes for groups over nodes)
+    for bad in ("auto", "scan:", "scan:0", "scan:x", "scan:2:3"):
+        with pytest.raises(ValueError, match=r"strategy must be 'ring', 'allgather', 'scan' or 'scan:<ranks per "
+                                             rf"node>', got '{bad}'"):
+            torch.ops.lasp.lasp_attention(q, k, v, None, 0.5, None, None, bad)
+    # "scan:<m>" without a group is the single-device op
+    torch.testing.assert_close(torch.ops.lasp.lasp_attention(q, k, v, None, 0.5, None, None, "scan:4")[0],
+                               torch.ops.lasp.lasp_attention(q, k, v, None, 0.5, None, None, "ring")[0], rtol=0, atol=0)
     # without a group "auto" is the single-device op
     torch.testing.assert_close(lasp.lasp_attention(q, k, v, strategy="auto"), lasp.lasp_attention(q, k, v),
                                rtol=0, atol=0)
