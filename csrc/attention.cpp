@@ -478,9 +478,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_
   Tensor local = state_like(q, H, D, E);
   p.state_out = local.data_ptr();
   kernels.fwd_local(p);  // L_r
-  const ForwardStates st = make_exchange(backend_kernels, ring, strategy, q, D, E, decay_acc, N, gate_sums(g_acc),
-                                                  scan_nodes)
-                               ->forward(local, initial_state);
+  const ForwardStates st =
+      make_exchange(backend_kernels, ring, strategy, q, D, E, decay_acc, N, gate_sums(g_acc), scan_nodes)
+          ->forward(local, initial_state);
   p.state_in = st.zero_in ? nullptr : st.s_in.data_ptr();
   p.state_out = nullptr;
   p.local_ready = true;
@@ -571,9 +571,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& 
       const Tensor total = add_gated_state_grad(k, v, g_acc, decay_acc, g_user, s_in, dk, dv, dg);
       return {dq, dk, dv, m + total.view({q.size(0), H, 1, 1}) * g_user, dg};
     }
-    const BackwardStates st = make_exchange(backend_kernels, ring, strategy, q, D, E, decay_acc, N, gate_sums(g_acc),
-                                                  scan_nodes)
-                                  ->backward(m, g_user, [] {});
+    const BackwardStates st =
+        make_exchange(backend_kernels, ring, strategy, q, D, E, decay_acc, N, gate_sums(g_acc), scan_nodes)
+            ->backward(m, g_user, [] {});
     if (st.g.defined()) add_gated_state_grad(k, v, g_acc, decay_acc, st.g, s_in, dk, dv, dg);
     Tensor grad_init = ring.is_first() ? st.g_prev : at::zeros_like(st.g_prev);
     return {dq, dk, dv, grad_init, dg};
@@ -596,9 +596,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& 
   p.grad_state_in = m.data_ptr();
   kernels.bwd_local(p);  // M_r
   p.grad_state_in = nullptr;
-  const BackwardStates st = make_exchange(backend_kernels, ring, strategy, q, D, E, decay_acc, N, gate_sums(g_acc),
-                                                  scan_nodes)
-                                ->backward(m, g_user, [&] { kernels.bwd_prepare(p); });
+  const BackwardStates st =
+      make_exchange(backend_kernels, ring, strategy, q, D, E, decay_acc, N, gate_sums(g_acc), scan_nodes)
+          ->backward(m, g_user, [&] { kernels.bwd_prepare(p); });
   p.grad_state_out = ptr_or_null(st.g);
   p.local_ready = true;
   kernels.bwd(p);  // dq, dk, dv with G_r
