@@ -97,6 +97,21 @@ def test_packed_matches_each_document_alone(lasp, case, seed):
         assert not torch.allclose(plain["o"], got["o"])
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c[6] == "nogates"],
+                         ids=[f"docs{len(c[0])}-q{c[1]}k{c[2]}v{c[3]}-{c[7]}" for c in CASES if c[6] == "nogates"])
+def test_packed_starts_as_resets_match_each_document_alone(lasp, case, seed, monkeypatch):
+    """LASP_DOC_STARTS=1 (the starts run as such, no dg) on the CPU: every output and gradient equals each
+    document alone in float64, as with the default."""
+    monkeypatch.setenv("LASP_DOC_STARTS", "1")
+    lens, Hq, Hk, Hv, D, E, _, layout = case
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v, g, decay, do = _problem(seed, sum(lens), Hq, Hk, Hv, D, E, False, layout)
+    got = _grads(lasp, q, k, v, g, decay, do, layout, cu_seqlens=cu)
+    want = _per_document(lasp, q, k, v, g, decay, do, layout, cu)
+    for key, w in want.items():
+        torch.testing.assert_close(got[key], w, rtol=1e-10, atol=1e-10, msg=lambda m: f"{key}: {m}")
+
+
 def test_packed_gradient_at_document_starts_is_zero(lasp, seed):
     """The given g at a document start has no effect (the state there is zero): its gradient is exactly 0."""
     cu = torch.tensor([0, 7, 8, 20], dtype=torch.int64)

@@ -41,10 +41,10 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 POOL = 4
 GROUPS = [(0,), (3,), (0, 1), (2, 3), (1, 3), (0, 1, 2), (1, 2, 3), (0, 2, 3), (0, 1, 2, 3)]
-STRATEGIES = ("ring", "allgather")
+STRATEGIES = ("ring", "allgather", "scan")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 START_TIMEOUT_S = 180  # pool start-up (4 imports of torch on 2 cores, the groups)
-EXAMPLE_TIMEOUT_S = 60  # one example on every member, both strategies
+EXAMPLE_TIMEOUT_S = 60  # one example on every member, every strategy
 CHECK_WAIT_S = 8.0  # bounded wait of lasp's group checks on another rank
 
 SETTINGS = settings(
