@@ -138,41 +138,76 @@ class _RingHop(torch.autograd.Function):
         return g_out @ s_in.transpose(-1, -2), g_out, total if rank == 0 else torch.zeros_like(total), None, None, None
 
 
-def _scan_maps(A, X, group, rank, world, direction, tag):
-    """The recursive-doubling scan of the affine maps Z -> A_j Z + X_j (A_j: (B, H, D, D), X_j: (B, H, D, E))
-    of the ranks before this one along ``direction`` (1: lower ranks first, the forward; -1: higher ranks
-    first, the backward), composed and applied to a zero state: ceil(log2 W) rounds of one [A | X] message
-    per rank (round d: the map of the d ranks up to this one to the rank d further, the one of the d before
-    those from the rank d back). None where no rank comes before."""
+def _scan_rounds(own, pos, count, rank_of, group, tag):
+    """The rounds of a recursive-doubling scan of affine maps Z -> A Z + X among ``count`` members, this one at
+    position ``pos`` (member q is group rank rank_of(q)) with map ``own`` = (A, X): the composed map of the
+    members before it, (A, X), or None (pos 0). Round d: the map of the d members up to this one to the
+    member d further, the one of the d before those from the member d back."""
     import torch.distributed as dist
 
-    pos = rank if direction > 0 else world - 1 - rank
-    E = X.shape[-1]
-    ex_a = ex_x = None
+    A, X = own
+    ex = None
     d = 1
-    while d < world:
+    while d < count:
         reqs, recv = [], None
         if pos - d >= 0:
-            recv = torch.empty(X.shape[:-1] + (A.shape[-1] + E,), dtype=X.dtype, device=X.device)
-            reqs.append(dist.irecv(recv, src=dist.get_global_rank(group, rank - direction * d), group=group,
-                                   tag=tag))
-        if pos + d < world:
-            if ex_x is None:
-                msg = torch.cat([A, X], dim=-1)
-            else:  # this rank's map after the ones composed so far
-                msg = torch.cat([A @ ex_a, A @ ex_x + X], dim=-1)
-            reqs.append(dist.isend(msg.contiguous(), dst=dist.get_global_rank(group, rank + direction * d),
-                                   group=group, tag=tag))
+            recv = torch.empty(X.shape[:-1] + (A.shape[-1] + X.shape[-1],), dtype=X.dtype, device=X.device)
+            reqs.append(dist.irecv(recv, src=dist.get_global_rank(group, rank_of(pos - d)), group=group, tag=tag))
+        if pos + d < count:  # this member's map after the ones composed so far
+            msg = torch.cat([A, X] if ex is None else [A @ ex[0], A @ ex[1] + X], dim=-1).contiguous()
+            reqs.append(dist.isend(msg, dst=dist.get_global_rank(group, rank_of(pos + d)), group=group, tag=tag))
         for r in reqs:
             r.wait()
-        if recv is not None:  # the d ranks before the ones composed so far
+        if recv is not None:  # the d members before the ones composed so far
             ra, rx = recv[..., :A.shape[-1]], recv[..., A.shape[-1]:]
-            if ex_x is None:
-                ex_a, ex_x = ra, rx
-            else:
-                ex_a, ex_x = ex_a @ ra, ex_a @ rx + ex_x
+            ex = (ra, rx) if ex is None else (ex[0] @ ra, ex[0] @ rx + ex[1])
         d *= 2
-    return ex_x
+    return ex
+
+
+def _scan_maps(A, X, group, rank, world, direction, tag, node_size=0):
+    """The scan of the affine maps Z -> A_j Z + X_j (A_j: (B, H, D, D), X_j: (B, H, D, E)) of the ranks before
+    this one along ``direction`` (1: lower ranks first, the forward; -1: higher ranks first, the backward),
+    composed and applied to a zero state; None where no rank comes before. node_size m (1 < m < world):
+    ranks fill nodes of m consecutive ranks, and the scan runs within each node, then among the nodes' last
+    ranks (along the direction) over the nodes' maps, then each node's last rank sends the state entering its
+    node to the others (as lasp_attention's "scan:<m>", csrc/exchange.h)."""
+    import torch.distributed as dist
+
+    m = node_size if 1 < node_size < world else world
+    K, node = -(-world // m), rank // m
+    n0, n1 = node * m, min(world, node * m + m)
+    size = n1 - n0
+    j = rank - n0 if direction > 0 else n1 - 1 - rank
+
+    def mate(q):
+        return n0 + q if direction > 0 else n1 - 1 - q
+
+    ex = _scan_rounds((A, X), j, size, mate, group, tag)
+    if K == 1:
+        return None if ex is None else ex[1]
+    ni = node if direction > 0 else K - 1 - node
+
+    def leader(q):  # the last rank along the direction of the node at position q
+        p = q if direction > 0 else K - 1 - q
+        return min(world, (p + 1) * m) - 1 if direction > 0 else p * m
+
+    entering = None
+    if j == size - 1:
+        inc = (A, X) if ex is None else (A @ ex[0], A @ ex[1] + X)
+        nodes_before = _scan_rounds(inc, ni, K, leader, group, tag + 0x100)
+        entering = None if nodes_before is None else nodes_before[1].contiguous()
+        if ni > 0:
+            reqs = [dist.isend(entering, dst=dist.get_global_rank(group, mate(q)), group=group, tag=tag + 0x200)
+                    for q in range(size - 1)]
+            for r in reqs:
+                r.wait()
+    elif ni > 0:
+        entering = torch.empty_like(X)
+        dist.recv(entering, src=dist.get_global_rank(group, leader(ni)), group=group, tag=tag + 0x200)
+    if entering is None:
+        return None if ex is None else ex[1]
+    return entering if ex is None else ex[0] @ entering + ex[1]
 
 
 class _ScanHop(torch.autograd.Function):
@@ -181,12 +216,13 @@ class _ScanHop(torch.autograd.Function):
     gradient w.r.t. this rank's outgoing state."""
 
     @staticmethod
-    def forward(ctx, T, L, s0, group, rank, world):
+    def forward(ctx, T, L, s0, group, rank, world, node_size):
         own = T @ s0 + L if rank == 0 else L
-        before = _scan_maps(T, own, group, rank, world, 1, 0x1D5)  # every rank takes part (rank 0 sends only)
+        # every rank takes part (rank 0 sends only)
+        before = _scan_maps(T, own, group, rank, world, 1, 0x1D5, node_size)
         s_in = s0.detach().clone() if rank == 0 else before
         ctx.save_for_backward(T, s_in)
-        ctx.group, ctx.rank, ctx.world = group, rank, world
+        ctx.group, ctx.rank, ctx.world, ctx.node_size = group, rank, world, node_size
         return s_in
 
     @staticmethod
@@ -194,11 +230,12 @@ class _ScanHop(torch.autograd.Function):
         T, s_in = ctx.saved_tensors
         group, rank, world = ctx.group, ctx.rank, ctx.world
         g_in = torch.zeros_like(s_in) if g_in is None else g_in
-        g_out = _scan_maps(T.transpose(-1, -2).contiguous(), g_in, group, rank, world, -1, 0x1D6)
+        g_out = _scan_maps(T.transpose(-1, -2).contiguous(), g_in, group, rank, world, -1, 0x1D6, ctx.node_size)
         if g_out is None:  # the last rank: nothing after it
             g_out = torch.zeros_like(s_in)
         total = g_in + T.transpose(-1, -2) @ g_out
-        return g_out @ s_in.transpose(-1, -2), g_out, total if rank == 0 else torch.zeros_like(total), None, None, None
+        return (g_out @ s_in.transpose(-1, -2), g_out, total if rank == 0 else torch.zeros_like(total), None, None,
+                None, None)
 
 
 def _exchange(group, strategy, rank, world):
@@ -207,8 +244,9 @@ def _exchange(group, strategy, rank, world):
     collective): `anchor` ties it to the call's inputs (_Tie)."""
     if strategy == "ring":
         return lambda T, L, s0, anchor: _RingHop.apply(_Tie.apply(T, anchor), L, s0, group, rank, world)
-    if strategy == "scan":
-        return lambda T, L, s0, anchor: _ScanHop.apply(_Tie.apply(T, anchor), L, s0, group, rank, world)
+    if strategy == "scan" or strategy.startswith("scan:"):
+        nodes = int(strategy[5:]) if strategy.startswith("scan:") else 0
+        return lambda T, L, s0, anchor: _ScanHop.apply(_Tie.apply(T, anchor), L, s0, group, rank, world, nodes)
 
     def allgather(T, L, s0, anchor):
         from torch.distributed.nn.functional import all_gather

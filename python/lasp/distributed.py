@@ -657,8 +657,8 @@ def choose_strategy(group, *, batch: int, heads: int, head_dim: int, value_dim: 
 
 
 def _scan_layout(group) -> str:
-    """lasp_attention's name of the scan on ``group``: "scan:<m>" where the group's ranks fill nodes of m > 1
-    consecutive ranks (the last node may hold fewer) on two or more nodes, which the op then scans within
+    """The name of the scan on ``group`` that the ops run: "scan:<m>" where the group's ranks fill nodes of
+    m > 1 consecutive ranks (the last node may hold fewer) on two or more nodes, which they then scan within
     nodes first (csrc/exchange.h); "scan" (one level) otherwise. The layout as :func:`choose_strategy` reads
     it (host names gathered once per group; env LASP_NODE_SIZE)."""
     blocks: list = []
@@ -674,12 +674,12 @@ def _scan_layout(group) -> str:
 
 
 def _resolve_strategy(fn: str, strategy, group, q: torch.Tensor, v: torch.Tensor, *, gates: bool, op: str) -> str:
-    """The strategy a call runs: an explicit one as given (lasp_attention's "scan" with the group's node
-    layout, :func:`_scan_layout`), "auto" by :func:`choose_strategy` (``q``, ``v`` in the "bhnd" view).
+    """The strategy a call runs: an explicit one as given ("scan" with the group's node layout,
+    :func:`_scan_layout`), "auto" by :func:`choose_strategy` (``q``, ``v`` in the "bhnd" view).
     Raises a ValueError naming the choices for anything else."""
     if not isinstance(strategy, str) or strategy not in STRATEGY_CHOICES:
         raise ValueError(f"{fn}: strategy must be 'ring', 'allgather', 'scan' or 'auto', got {strategy!r}")
-    if strategy == "scan" and op == "lasp_attention" and group is not None:
+    if strategy == "scan" and group is not None:
         from ._ops import _group_name
 
         return _scan_layout(group) if _group_name(group) is not None else strategy

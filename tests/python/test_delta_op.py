@@ -225,10 +225,13 @@ def _dist_worker(rank, world, port, out_dir):
         q, k, v, g, beta, s0, do, dS = _dist_problem(world, ci, N)
         P, n = sum(pieces[:rank]), pieces[rank]
         sl = lambda t: _to_layout(t.narrow(2, P, n), layout)  # noqa: E731
-        for strategy in ("ring", "allgather", "scan"):
+        for strategy in ("ring", "allgather", "scan", "scan/nodes2"):
+            # "scan/nodes2": the scan over nodes of 2 consecutive ranks (env LASP_NODE_SIZE)
+            if strategy == "scan/nodes2":
+                os.environ["LASP_NODE_SIZE"] = "2"
             leaves = [sl(t).clone().requires_grad_() for t in (q, k, v, g.unsqueeze(-1), beta.unsqueeze(-1))]
             leaves[3], leaves[4] = (x.detach().squeeze(-1).clone().requires_grad_() for x in leaves[3:5])
-            kw = dict(group=dist.group.WORLD, strategy=strategy, layout=layout)
+            kw = dict(group=dist.group.WORLD, strategy=strategy.split("/")[0], layout=layout)
             if docs is None:
                 st = s0.clone().requires_grad_()
                 o, f = lasp.gated_delta_attention(*leaves, initial_state=st, output_final_state=True, **kw)
@@ -239,6 +242,7 @@ def _dist_worker(rank, world, port, out_dir):
                 o = lasp.gated_delta_attention(*leaves, cu_seqlens=cu, **kw)
                 gr = torch.autograd.grad(o, leaves, sl(do)) + (None,)
             results[(ci, strategy)] = dict(o=o.detach(), grads=[None if x is None else x.detach() for x in gr])
+            os.environ.pop("LASP_NODE_SIZE", None)
     q1, g1, b1 = torch.randn(1, 2, 3, 4), -torch.rand(1, 2, 3), torch.rand(1, 2, 3)
     calls = {
         "heads": lambda: lasp.gated_delta_attention(
@@ -269,7 +273,7 @@ def test_across_ranks_matches_one_rank(lasp, world):
             cu = torch.tensor([0] + torch.tensor(docs).cumsum(0).tolist())
             o = lasp.gated_delta_attention(*leaves, cu_seqlens=cu)
             want = torch.autograd.grad(o, leaves, do)
-        for strategy in ("ring", "allgather", "scan"):
+        for strategy in ("ring", "allgather", "scan", "scan/nodes2"):
             parts = [res[r][(ci, strategy)] for r in range(world)]
             back = lambda x: x if layout == "bhnd" else x.transpose(1, 2)  # noqa: E731
             got_o = torch.cat([back(p["o"]) for p in parts], dim=2)
