@@ -139,16 +139,8 @@ class AllGather final : public StateExchange {
     const Tensor gf = gamma_flat(local);
     Tensor pack = pack_state(local, gf);
     const auto all = ring_.allgather(pack, "the all-gather of the local states");
-    ForwardStates f;
-    f.s_in = combine_packs(all, local, 0, ring_.rank(), 1, gf.numel());
-    if (ring_.is_first()) {
-      f.zero_in = !initial_state.has_value();
-      if (!f.zero_in) f.s_in.copy_(*initial_state);
-      f.s_out = local;  // gamma^n init + L_0, folded above
-    } else {
-      f.s_out = update(f.s_in, local);
-    }
-    return f;
+    return from_prefix(local, ring_.is_first() ? Tensor() : combine_packs(all, local, 0, ring_.rank(), 1, gf.numel()),
+                       initial_state);
   }
 
  protected:
@@ -159,14 +151,8 @@ class AllGather final : public StateExchange {
     auto work = ring_.allgather_start(pack, gathered);
     overlap();  // beside the all-gather
     ring_.wait(work, "the all-gather of the local state gradients");
-    Suffix s;
-    if (ring_.is_last()) {
-      s.g_prev = x;
-    } else {
-      s.g_next = combine_packs(gathered[0], x, ring_.size() - 1, ring_.rank(), -1, gf.numel());
-      s.g_prev = update(s.g_next, x);
-    }
-    return s;
+    return from_suffix(x, ring_.is_last() ? Tensor()
+                                          : combine_packs(gathered[0], x, ring_.size() - 1, ring_.rank(), -1, gf.numel()));
   }
 };
 
@@ -183,30 +169,13 @@ class C10dScan final : public StateExchange {
     gamma();
     // The first rank folds the initial state into its map's L (no state enters before it).
     if (ring_.is_first() && initial_state.has_value()) local = update(*initial_state, local);
-    Tensor before = scan(local, /*dir=*/1, Ring::kForwardTag, "the forward state scan", [] {});
-    ForwardStates f;
-    if (ring_.is_first()) {
-      f.zero_in = !initial_state.has_value();
-      f.s_in = f.zero_in ? at::zeros_like(local) : initial_state->clone(at::MemoryFormat::Contiguous);
-      f.s_out = local;
-    } else {
-      f.s_in = before;
-      f.s_out = update(f.s_in, local);
-    }
-    return f;
+    return from_prefix(local, scan(local, /*dir=*/1, Ring::kForwardTag, "the forward state scan", [] {}),
+                       initial_state);
   }
 
  protected:
   Suffix backward_exchange(Tensor x, const std::function<void()>& overlap) override {
-    Tensor after = scan(x, /*dir=*/-1, Ring::kBackwardTag, "the backward state gradient scan", overlap);
-    Suffix s;
-    if (ring_.is_last()) {
-      s.g_prev = x;
-    } else {
-      s.g_next = after;
-      s.g_prev = update(s.g_next, x);
-    }
-    return s;
+    return from_suffix(x, scan(x, /*dir=*/-1, Ring::kBackwardTag, "the backward state gradient scan", overlap));
   }
 
  private:
@@ -376,6 +345,31 @@ ForwardStates StateExchange::first_rank(const Tensor& local, const std::optional
     f.s_out = update(f.s_in, local);
   }
   return f;
+}
+
+ForwardStates StateExchange::from_prefix(const Tensor& local, const Tensor& before,
+                                         const std::optional<Tensor>& initial_state) {
+  ForwardStates f;
+  if (ring_.is_first()) {
+    f.zero_in = !initial_state.has_value();
+    f.s_in = f.zero_in ? at::zeros_like(local) : initial_state->clone(at::MemoryFormat::Contiguous);
+    f.s_out = local;  // gamma^n init + L_0, folded by the caller
+  } else {
+    f.s_in = before;
+    f.s_out = update(f.s_in, local);
+  }
+  return f;
+}
+
+StateExchange::Suffix StateExchange::from_suffix(const Tensor& x, const Tensor& after) {
+  Suffix s;
+  if (ring_.is_last()) {
+    s.g_prev = x;
+  } else {
+    s.g_next = after;
+    s.g_prev = update(s.g_next, x);
+  }
+  return s;
 }
 
 BackwardStates StateExchange::backward(Tensor m, const Tensor& g_user, const std::function<void()>& overlap) {

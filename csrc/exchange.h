@@ -108,6 +108,11 @@ class StateExchange {
   Tensor update(const Tensor& s, const Tensor& add);
   // The first rank of a ring: S_in is the initial state (a copy) or zero, S_out = gamma^n S_in + L.
   ForwardStates first_rank(const Tensor& local, const std::optional<Tensor>& initial_state);
+  // The strategies that combine a prefix themselves: `before` is S_in (unused on the first rank, whose
+  // `local` has the initial state folded in), S_out = gamma^n S_in + local.
+  ForwardStates from_prefix(const Tensor& local, const Tensor& before, const std::optional<Tensor>& initial_state);
+  // ... and a suffix: `after` is G_in(r + 1) (unused on the last rank), G_in(r) = gamma^n G_in(r + 1) + x.
+  Suffix from_suffix(const Tensor& x, const Tensor& after);
 
   const Ring& ring_;
   const Tensor decay_acc_;

@@ -16,8 +16,9 @@ Every weight is the exp of a sum over its own range (never a difference of cumul
 
 This module computes it with PyTorch operations (any device, autograd through them), chunk after chunk.
 Under a group each rank composes its chunks' maps into its piece's (T, L), the exchange gives S_in (the
-ring: S_in(r) = T(r-1) S_in(r-1) + L(r-1), rank to rank; or one all-gather of every (T, L)), and the
-backward returns T^T G along the same chain (autograd through _RingHop / the all-gather).
+ring: S_in(r) = T(r-1) S_in(r-1) + L(r-1), rank to rank; the scan of the maps; or one all-gather of every
+(T, L)), and the
+backward returns T^T G along the same chain (autograd through _Hop: the ring or the scan, or the all-gather).
 """
 
 from __future__ import annotations
@@ -102,42 +103,6 @@ class _Tie(torch.autograd.Function):
         return gx, torch.zeros(shape, dtype=dtype, device=device)
 
 
-class _RingHop(torch.autograd.Function):
-    """S_in of this rank from the one before (rank 0: its initial state), and S_out = T S_in + L to the one
-    after; backward: G_out from the one after, grad S_in + T^T G_out to the one before."""
-
-    @staticmethod
-    def forward(ctx, T, L, s0, group, rank, world):
-        import torch.distributed as dist
-
-        if rank == 0:
-            s_in = s0.detach().clone()
-        else:
-            s_in = torch.empty_like(L)
-            dist.recv(s_in, src=dist.get_global_rank(group, rank - 1), group=group)
-        if rank < world - 1:
-            dist.send((T @ s_in + L).contiguous(), dst=dist.get_global_rank(group, rank + 1), group=group)
-        ctx.save_for_backward(T, s_in)
-        ctx.group, ctx.rank, ctx.world = group, rank, world
-        return s_in
-
-    @staticmethod
-    def backward(ctx, g_in):
-        import torch.distributed as dist
-
-        T, s_in = ctx.saved_tensors
-        group, rank, world = ctx.group, ctx.rank, ctx.world
-        g_in = torch.zeros_like(s_in) if g_in is None else g_in
-        g_out = torch.zeros_like(s_in)
-        if rank < world - 1:
-            dist.recv(g_out, src=dist.get_global_rank(group, rank + 1), group=group)
-        total = g_in + T.transpose(-1, -2) @ g_out
-        if rank > 0:
-            dist.send(total.contiguous(), dst=dist.get_global_rank(group, rank - 1), group=group)
-        # only rank 0 reads its initial state: the others' get a zero gradient (a sum over the group is exact)
-        return g_out @ s_in.transpose(-1, -2), g_out, total if rank == 0 else torch.zeros_like(total), None, None, None
-
-
 def _scan_rounds(own, pos, count, rank_of, group, tag):
     """The rounds of a recursive-doubling scan of affine maps Z -> A Z + X among ``count`` members, this one at
     position ``pos`` (member q is group rank rank_of(q)) with map ``own`` = (A, X): the composed map of the
@@ -210,30 +175,52 @@ def _scan_maps(A, X, group, rank, world, direction, tag, node_size=0):
     return entering if ex is None else ex[0] @ entering + ex[1]
 
 
-class _ScanHop(torch.autograd.Function):
-    """S_in of this rank by the recursive-doubling scan of the pieces' maps S -> T S + L (rank 0: its
-    initial state, folded into its L); backward: the suffix scan of G -> T^T G + g_in gives G_out, the
-    gradient w.r.t. this rank's outgoing state."""
+class _Hop(torch.autograd.Function):
+    """S_in of this rank (rank 0: its initial state) in the chain of the pieces' maps S -> T S + L, and its
+    backward: G_out, the gradient w.r.t. this rank's outgoing state, from the ranks after it, and
+    total = grad S_in + T^T G_out to the ones before. ``scan`` None: the ring (S_in from the rank before, T S_in
+    + L to the one after; backward: G_out from the one after, total to the one before); else the recursive-
+    doubling scan over nodes of ``scan`` ranks (0: one level; _scan_maps), rank 0's initial state folded into
+    its L, and in the backward the suffix scan of G -> T^T G + grad S_in."""
 
     @staticmethod
-    def forward(ctx, T, L, s0, group, rank, world, node_size):
-        own = T @ s0 + L if rank == 0 else L
-        # every rank takes part (rank 0 sends only)
-        before = _scan_maps(T, own, group, rank, world, 1, 0x1D5, node_size)
-        s_in = s0.detach().clone() if rank == 0 else before
+    def forward(ctx, T, L, s0, group, rank, world, scan):
+        import torch.distributed as dist
+
+        if scan is not None:  # every rank takes part (rank 0 sends only)
+            before = _scan_maps(T, T @ s0 + L if rank == 0 else L, group, rank, world, 1, 0x1D5, scan)
+            s_in = s0.detach().clone() if rank == 0 else before
+        else:
+            if rank == 0:
+                s_in = s0.detach().clone()
+            else:
+                s_in = torch.empty_like(L)
+                dist.recv(s_in, src=dist.get_global_rank(group, rank - 1), group=group)
+            if rank < world - 1:
+                dist.send((T @ s_in + L).contiguous(), dst=dist.get_global_rank(group, rank + 1), group=group)
         ctx.save_for_backward(T, s_in)
-        ctx.group, ctx.rank, ctx.world, ctx.node_size = group, rank, world, node_size
+        ctx.group, ctx.rank, ctx.world, ctx.scan = group, rank, world, scan
         return s_in
 
     @staticmethod
     def backward(ctx, g_in):
+        import torch.distributed as dist
+
         T, s_in = ctx.saved_tensors
         group, rank, world = ctx.group, ctx.rank, ctx.world
         g_in = torch.zeros_like(s_in) if g_in is None else g_in
-        g_out = _scan_maps(T.transpose(-1, -2).contiguous(), g_in, group, rank, world, -1, 0x1D6, ctx.node_size)
-        if g_out is None:  # the last rank: nothing after it
+        if ctx.scan is not None:
+            g_out = _scan_maps(T.transpose(-1, -2).contiguous(), g_in, group, rank, world, -1, 0x1D6, ctx.scan)
+            g_out = torch.zeros_like(s_in) if g_out is None else g_out  # the last rank: nothing after it
+            total = g_in + T.transpose(-1, -2) @ g_out
+        else:
             g_out = torch.zeros_like(s_in)
-        total = g_in + T.transpose(-1, -2) @ g_out
+            if rank < world - 1:
+                dist.recv(g_out, src=dist.get_global_rank(group, rank + 1), group=group)
+            total = g_in + T.transpose(-1, -2) @ g_out
+            if rank > 0:
+                dist.send(total.contiguous(), dst=dist.get_global_rank(group, rank - 1), group=group)
+        # only rank 0 reads its initial state: the others' get a zero gradient (a sum over the group is exact)
         return (g_out @ s_in.transpose(-1, -2), g_out, total if rank == 0 else torch.zeros_like(total), None, None,
                 None, None)
 
@@ -242,11 +229,9 @@ def _exchange(group, strategy, rank, world):
     """(T, L, s0, anchor) -> S_in of this rank (differentiable), by the ring or by one all-gather of every
     (T, L). Every rank must run the exchange's backward (a chain of point-to-point messages, or a
     collective): `anchor` ties it to the call's inputs (_Tie)."""
-    if strategy == "ring":
-        return lambda T, L, s0, anchor: _RingHop.apply(_Tie.apply(T, anchor), L, s0, group, rank, world)
-    if strategy == "scan" or strategy.startswith("scan:"):
-        nodes = int(strategy[5:]) if strategy.startswith("scan:") else 0
-        return lambda T, L, s0, anchor: _ScanHop.apply(_Tie.apply(T, anchor), L, s0, group, rank, world, nodes)
+    if strategy == "ring" or strategy.startswith("scan"):
+        scan = None if strategy == "ring" else (int(strategy[5:]) if strategy.startswith("scan:") else 0)
+        return lambda T, L, s0, anchor: _Hop.apply(_Tie.apply(T, anchor), L, s0, group, rank, world, scan)
 
     def allgather(T, L, s0, anchor):
         from torch.distributed.nn.functional import all_gather
