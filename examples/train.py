@@ -503,13 +503,21 @@ def convergence_check(args, argv) -> int:
     return 0 if ok else 1
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.convergence_check and "RANK" not in os.environ:
-        sys.exit(convergence_check(args, argv))
-    sys.exit(train(args))
+        return convergence_check(args, argv)
+    return train(args)
 
 
 if __name__ == "__main__":
-    main()
+    code = main()
+    if "RANK" in os.environ:
+        # A training process (under torchrun) has written its logs and left its process group: it ends here
+        # without the interpreter's teardown, in which the process group's threads have (rarely) aborted the
+        # process ("terminate called without an active exception") after the work was complete.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
