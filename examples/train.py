@@ -170,6 +170,8 @@ def parse_args(argv=None):
     ap.add_argument("--loss-chunk-size", type=int)
     ap.add_argument("--sp", type=int, default=None, help="sequence-parallel size (default: world size)")
     ap.add_argument("--dp-mode", choices=["ddp", "fsdp"], default="ddp")
+    ap.add_argument("--sp-strategy", choices=["ring", "allgather", "scan", "auto"], default="ring",
+                    help="how the layers pass states across the sp group (LaspConfig.sp_strategy)")
     ap.add_argument("--seq-len", type=int, default=256, help="global sequence length (split over sp)")
     ap.add_argument("--batch-size", type=int, default=2, help="sequences per dp replica per step")
     ap.add_argument("--steps", type=int, default=20)
@@ -211,6 +213,7 @@ def build_config(args):
             setattr(cfg, key, val)
     cfg.checkpoint_layers = args.checkpoint
     cfg.compile = args.compile
+    cfg.sp_strategy = args.sp_strategy
     return cfg
 
 

@@ -57,6 +57,9 @@ class LaspConfig:
     # Per-token state gates (LinearAttention's state_gate): None, "logsigmoid" (GLA-style) or "mamba2" (Mamba-2's
     # -exp(A_log) softplus(dt)); they add to the decay (set decay=None for gates alone: LaspConfig.gated).
     state_gate: Optional[str] = None
+    # How each layer's op passes states across the sequence-parallel group: "ring", "allgather", "scan" or
+    # "auto" (lasp_attention's strategy).
+    sp_strategy: str = "ring"
     bias: bool = False
     attn_scale: Optional[float] = None  # None: 1/sqrt(head_dim)
     tie_embeddings: bool = False
@@ -159,6 +162,7 @@ class LaspBlock(nn.Module):
             cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.value_dim,
             feature_map=cfg.feature_map, decay=decay, output_norm=cfg.output_norm, output_gate=cfg.output_gate,
             bias=cfg.bias, scale=cfg.attn_scale, norm_eps=cfg.norm_eps, state_gate=cfg.state_gate,
+            sp_strategy=cfg.sp_strategy,
         )
         self.mlp_norm = _make_norm(cfg)
         self.mlp = GLUMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_act, cfg.bias)

@@ -80,11 +80,12 @@ class LinearAttention(nn.Module):
             "logsigmoid" (GLA-style: g = logsigmoid(x W_gk + b) / gate_logit_normalizer) or "mamba2"
             (Mamba-2's SSD: g = -exp(A_log) * softplus(x W_dt + dt_bias), with A_log and dt_bias per
             head). The gates add to the decay (``g - decay``); pass decay=None for gates alone.
-            The op takes gates on CPU tensors for now.
         gate_logit_normalizer: the divisor of the "logsigmoid" gates.
         bias: biases on the projections.
         scale: attention scale (default 1/sqrt(D), the op's default).
         sp_group: default sequence-parallel process group (a call's ``sp_group`` overrides it).
+        sp_strategy: how the op passes states across the group: "ring" (default), "allgather", "scan" or
+            "auto" (``lasp_attention``'s ``strategy``).
         norm_eps: epsilon of the output norm.
 
     ``attn_impl``: an optional callable ``(q, k, v, decay, scale, group) -> o`` on (B, N, H, *)
@@ -106,6 +107,7 @@ class LinearAttention(nn.Module):
         bias: bool = False,
         scale: Optional[float] = None,
         sp_group=None,
+        sp_strategy: str = "ring",
         norm_eps: float = 1e-6,
         state_gate: Optional[str] = None,
         gate_logit_normalizer: float = 16.0,
@@ -133,6 +135,10 @@ class LinearAttention(nn.Module):
             raise ValueError(f"LinearAttention: output_gate must be a bool or one of {list(_GATES)}, got {output_gate!r}")
         if state_gate not in (None, "logsigmoid", "mamba2"):
             raise ValueError(f"LinearAttention: state_gate must be None, 'logsigmoid' or 'mamba2', got {state_gate!r}")
+        from .distributed import STRATEGY_CHOICES
+
+        if sp_strategy not in STRATEGY_CHOICES:
+            raise ValueError(f"LinearAttention: sp_strategy must be one of {STRATEGY_CHOICES}, got {sp_strategy!r}")
         if not gate_logit_normalizer > 0:
             raise ValueError(f"LinearAttention: gate_logit_normalizer must be > 0, got {gate_logit_normalizer!r}")
         self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
@@ -141,6 +147,7 @@ class LinearAttention(nn.Module):
         self.feature_map = FEATURE_MAPS[feature_map]
         self.scale = scale
         self.sp_group = sp_group
+        self.sp_strategy = sp_strategy
         self.gate_name = output_gate or None
         self.attn_impl: Optional[Callable] = None
         fk = dict(device=device, dtype=dtype)
@@ -211,7 +218,7 @@ class LinearAttention(nn.Module):
             group = sp_group if sp_group is not None else self.sp_group
             res = lasp_attention(
                 q, k, v, self._decay_rates(), g=g, scale=self.scale, group=group, initial_state=initial_state,
-                output_final_state=output_final_state, layout="bnhd",
+                output_final_state=output_final_state, layout="bnhd", strategy=self.sp_strategy,
             )
             o, final_state = res if output_final_state else (res, None)
         y = self.output(o, x)
@@ -253,7 +260,8 @@ class LinearAttention(nn.Module):
             if g is not None:
                 raise ValueError("LinearAttention: state gates are not supported with a custom attn_impl")
             return self.attn_impl(q, k, v, self._decay_rates(), self.scale, group)
-        return lasp_attention(q, k, v, self._decay_rates(), g=g, scale=self.scale, group=group, layout="bnhd")
+        return lasp_attention(q, k, v, self._decay_rates(), g=g, scale=self.scale, group=group, layout="bnhd",
+                              strategy=self.sp_strategy)
 
     def output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """o (B, N, H, E) and the layer input x -> y (B, N, hidden): output norm, gate, projection."""

@@ -81,6 +81,12 @@ def test_train_sp2_matches_sp1(sp1_log, tmp_path):
     _check_against_sp1(sp1_log, tmp_path, 2, "--sp", "2", "--batch-size", "2")
 
 
+@pytest.mark.parametrize("strategy", ["allgather", "scan"])
+def test_train_sp3_strategies_match_sp1(sp1_log, tmp_path, strategy):
+    """--sp-strategy: every layer's op passes its states by the all-gather or the scan; sp=1's losses."""
+    _check_against_sp1(sp1_log, tmp_path, 3, "--sp", "3", "--batch-size", "2", "--sp-strategy", strategy)
+
+
 def test_train_dp2_sp2_ddp_matches_sp1(sp1_log, tmp_path):
     _check_against_sp1(sp1_log, tmp_path, 4, "--sp", "2", "--dp-mode", "ddp", "--batch-size", "1")
 
