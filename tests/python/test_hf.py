@@ -363,6 +363,15 @@ def test_refuses_models_without_lightning_attention():
         hf.patch_minimax(torch.nn.Linear(2, 2))
 
 
+def test_refuses_bad_sp_strategy():
+    hf = _hf()
+    model = make_model(tiny_config(), F32, seed=1)
+    for bad in ("rnig", "scan:2", None):
+        with pytest.raises(ValueError, match=r"sp_strategy must be one of .*'scan', 'auto'\), got"):
+            hf.patch(model, sp_strategy=bad)
+        assert not hf.is_patched(model)
+
+
 # ----------------------------------------------------------------------------------------------
 # Sequence parallel (gloo, CPU)
 
@@ -437,6 +446,12 @@ def _sp_worker(rank, world, port, out_dir):
             logits, grads = run(model, ids[:, P : P + n], w[:, P : P + n], **kw)
             results[(size, ci)] = dict(logits=logits, grads=grads)
             if ci == 0:
+                # the lightning layers' states passed by the scan instead of the ring
+                hf.unpatch_minimax(model)
+                hf.patch_minimax(model, sp_group=group, sp_strategy="scan")
+                results[(size, "scan")] = run(model, ids[:, P : P + n], w[:, P : P + n], **kw)[0]
+                hf.unpatch_minimax(model)
+                hf.patch_minimax(model, sp_group=group)
                 # a deepcopy (EMA / reference model) runs patched on the same group and computes the same
                 twin = copy.deepcopy(model)
                 with torch.no_grad():
@@ -508,6 +523,8 @@ def test_sequence_parallel_matches_single_process(size):
         assert errs["use_cache"] is not None and "sequence-parallel" in errs["use_cache"], f"rank {r}: {errs}"
         assert errs["padding"] is not None and "padding" in errs["padding"], f"rank {r}: {errs}"
         assert torch.equal(res[(size, "copy")], res[(size, 0)]["logits"]), f"rank {r}: the deepcopy computes otherwise"
+        assert_close(f"rank {r}: logits with sp_strategy='scan'", res[(size, "scan")], res[(size, 0)]["logits"],
+                     SP_CASES[size][0]["dtype"])
         assert res[(size, "pickled")] is not None and "pickled" in res[(size, "pickled")], f"rank {r}"
         pad = res[(size, "pad_one")]
         assert pad is not None and "padding" in pad and "group ranks [0]" in pad, f"rank {r}: {pad}"

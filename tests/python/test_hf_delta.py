@@ -460,6 +460,12 @@ def _sp_worker(rank, world, port, out_dir):
             except Exception as e:  # recorded, so that the test reports it
                 results[(size, ci)] = dict(error=f"{type(e).__name__}: {e}")
             if ci == 0:
+                # the delta-rule layers' states passed by the scan instead of the ring
+                hf.unpatch(model)
+                hf.patch(model, sp_group=group, sp_strategy="scan")
+                results[(size, "scan")] = run(model, ids[:, P:P + n], w[:, P:P + n], **kw)[0]
+                hf.unpatch(model)
+                hf.patch(model, sp_group=group)
                 errs = {}
                 pad = torch.ones(case["B"], n, dtype=torch.long)
                 pad[:, 0] = int(rank != 0)  # padding on group rank 0 only: every rank raises
@@ -518,6 +524,7 @@ def test_sequence_parallel_matches_single_process(size, f64_reference):
         assert_same_grads(got_grads, want_grads, F64, what=f"{what}: summed over ranks: ",
                           f32_names=float32_grads(model))
     for r, res in enumerate(ranks):
+        assert_close(f"rank {r}: logits with sp_strategy='scan'", res[(size, "scan")], res[(size, 0)]["logits"], F64)
         errs = res[(size, "errors")]
         assert errs["use_cache"] is not None and "sequence-parallel" in errs["use_cache"], f"rank {r}: {errs}"
         pad = errs["padding"]

@@ -214,9 +214,10 @@ class _SpGroup:
     keeps only whether there was one: a process group cannot be saved, and a model loaded from a pickle
     refuses to run as if it had none."""
 
-    def __init__(self, group, lost: bool = False):
+    def __init__(self, group, lost: bool = False, strategy: str = "ring"):
         self._group = group
         self._lost = lost
+        self.strategy = strategy  # how the linear-attention ops pass states across the group
 
     @property
     def group(self):
@@ -231,7 +232,14 @@ class _SpGroup:
         return self
 
     def __reduce__(self):
-        return (_SpGroup, (None, self._lost or self._group is not None))
+        return (_SpGroup, (None, self._lost or self._group is not None, self.strategy))
+
+
+def _check_strategy(sp_strategy) -> None:
+    from ..distributed import STRATEGY_CHOICES
+
+    if not isinstance(sp_strategy, str) or sp_strategy not in STRATEGY_CHOICES:
+        raise ValueError(_err(f"sp_strategy must be one of {STRATEGY_CHOICES}, got {sp_strategy!r}"))
 
 
 def _check_lightning(m) -> None:
@@ -571,6 +579,7 @@ def _lightning_forward(self, hidden_states, position_embeddings, attention_mask,
     attn_output, state = lasp_attention(
         query_states, key_states, value_states, self.slope_rate.reshape(-1),
         scale=1.0, group=group, initial_state=initial_state, output_final_state=True, layout="bnhd", g=g,
+        strategy=self._lasp_sp.strategy,
     )
     state = state.to(value_states.dtype)  # transformers keeps the state in the model's dtype
 
@@ -760,7 +769,8 @@ def _model_pre_hook(module, args, kwargs):
 # Public API
 
 
-def patch_minimax(model: torch.nn.Module, sp_group=None, *, allow_untested_version: bool = False) -> torch.nn.Module:
+def patch_minimax(model: torch.nn.Module, sp_group=None, *, sp_strategy: str = "ring",
+                  allow_untested_version: bool = False) -> torch.nn.Module:
     """Run the linear attention of a transformers MiniMax model through lasp (in place; returns the model).
 
     Args:
@@ -769,11 +779,14 @@ def patch_minimax(model: torch.nn.Module, sp_group=None, *, allow_untested_versi
         sp_group: None, or a torch.distributed ProcessGroup over which each sequence is split (group rank r
             passes the r-th contiguous piece). Its full-attention layers then all-gather K and V; position
             ids default to the global positions; no cache, no padding masks with full-attention layers.
+        sp_strategy: how the lightning layers pass their states across sp_group: "ring" (default),
+            "allgather", "scan" or "auto" (lasp_attention's strategy).
         allow_untested_version: run on a transformers not in SUPPORTED_TRANSFORMERS (at your own risk).
     """
     mm = _minimax_module(allow_untested_version)
     if getattr(model, _PATCH_ATTR, None) is not None:
         raise RuntimeError(_err("model is already patched; call unpatch_minimax(model) first"))
+    _check_strategy(sp_strategy)
     if sp_group is not None:
         _group_rank_size(sp_group)
 
@@ -790,7 +803,7 @@ def patch_minimax(model: torch.nn.Module, sp_group=None, *, allow_untested_versi
         _check_attention(m)
 
     patched = []  # (module, original forward attribute or None)
-    holder = _SpGroup(sp_group)
+    holder = _SpGroup(sp_group, strategy=sp_strategy)
     for m, fwd in [(m, _lightning_forward) for m in lightning] + [(m, _sp_attention_forward) for m in full]:
         m._lasp_sp = holder
         # instance attribute that nn.Module.__call__ calls; a partial of a module-level function (not a bound
@@ -844,7 +857,8 @@ SUPPORTED_MODELS = {
 }
 
 
-def patch(model: torch.nn.Module, sp_group=None, *, allow_untested_version: bool = False) -> torch.nn.Module:
+def patch(model: torch.nn.Module, sp_group=None, *, sp_strategy: str = "ring",
+          allow_untested_version: bool = False) -> torch.nn.Module:
     """Run the linear-attention layers of a supported transformers model through lasp (in place; returns
     the model). Dispatches on the layers the model holds (``SUPPORTED_MODELS``): MiniMax to
     :func:`patch_minimax`, the Gated DeltaNet families (Qwen3-Next, Qwen3.5 / Qwen3.5-MoE, OLMo hybrid) to
@@ -854,11 +868,12 @@ def patch(model: torch.nn.Module, sp_group=None, *, allow_untested_version: bool
         raise TypeError(_err(f"patch: model must be a torch.nn.Module, got {type(model).__name__}"))
     names = {type(m).__name__ for m in model.modules()}
     if SUPPORTED_MODELS["minimax"] in names:
-        return patch_minimax(model, sp_group, allow_untested_version=allow_untested_version)
+        return patch_minimax(model, sp_group, sp_strategy=sp_strategy, allow_untested_version=allow_untested_version)
     if any(SUPPORTED_MODELS[f] in names for f in SUPPORTED_MODELS if f != "minimax"):
         from .hf_delta import patch_gated_deltanet
 
-        return patch_gated_deltanet(model, sp_group, allow_untested_version=allow_untested_version)
+        return patch_gated_deltanet(model, sp_group, sp_strategy=sp_strategy,
+                                    allow_untested_version=allow_untested_version)
     raise ValueError(
         _err(f"patch: {type(model).__name__} holds no layer lasp can swap; supported families (layer class): "
              + ", ".join(f"{k} ({v})" for k, v in SUPPORTED_MODELS.items()))

@@ -60,8 +60,8 @@ import torch.nn.functional as F
 
 from .. import gated_delta_attention
 from . import hf as _hf
-from .hf import (_CALL_OK, _PATCH_ATTR, _SpGroup, _agree_call, _call_documents, _doc_starts, _err, _group_rank_size,
-                 _hook_call, _layer_documents, _settle_call, _sp_sdpa)
+from .hf import (_CALL_OK, _PATCH_ATTR, _SpGroup, _agree_call, _call_documents, _check_strategy, _doc_starts, _err,
+                 _group_rank_size, _hook_call, _layer_documents, _settle_call, _sp_sdpa)
 
 __all__ = ["patch_gated_deltanet", "unpatch_gated_deltanet", "FAMILIES", "SUPPORTED_TRANSFORMERS"]
 
@@ -475,7 +475,7 @@ def _delta_forward(self, hidden_states, cache_params=None, attention_mask=None, 
         g = g.masked_fill(starts[..., None], float("-inf"))  # the state restarts at every document start
 
     out = gated_delta_attention(query, key, value, g, beta, group=group, layout="bnhd", use_qk_l2norm=True,
-                                output_final_state=cache_params is not None)
+                                output_final_state=cache_params is not None, strategy=self._lasp_sp.strategy)
     if cache_params is not None:
         out, state = out
         cache_params.update_recurrent_state(state.to(torch.float32), self.layer_idx)  # as transformers keeps it
@@ -578,7 +578,7 @@ def _family_of(model):
     return found
 
 
-def patch_gated_deltanet(model: torch.nn.Module, sp_group=None, *,
+def patch_gated_deltanet(model: torch.nn.Module, sp_group=None, *, sp_strategy: str = "ring",
                          allow_untested_version: bool = False) -> torch.nn.Module:
     """Run the Gated DeltaNet layers of a transformers Qwen3-Next, Qwen3.5 / Qwen3.5-MoE or OLMo hybrid model
     through lasp (in place; returns the model). See the module docstring.
@@ -591,12 +591,15 @@ def patch_gated_deltanet(model: torch.nn.Module, sp_group=None, *,
             the global positions; no cache, no padding masks with full-attention layers. Qwen3.5's
             vision-language model (``Qwen3_5Model``, ``Qwen3_5ForConditionalGeneration``) is not supported under
             a group (its multimodal position ids are made per piece): patch its text model.
+        sp_strategy: how the delta-rule layers pass their states across sp_group: "ring" (default),
+            "allgather", "scan" or "auto" (gated_delta_attention's strategy).
         allow_untested_version: run on a transformers not in SUPPORTED_TRANSFORMERS (at your own risk).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(_err(f"patch_gated_deltanet: model must be a torch.nn.Module, got {type(model).__name__}"))
     if getattr(model, _PATCH_ATTR, None) is not None:
         raise RuntimeError(_err("model is already patched; call unpatch(model) first"))
+    _check_strategy(sp_strategy)
     families = _family_of(model)
     if not families:
         raise ValueError(_err("patch_gated_deltanet: no Gated DeltaNet layer ("
@@ -628,7 +631,7 @@ def patch_gated_deltanet(model: torch.nn.Module, sp_group=None, *,
         _check_attention(m)
 
     patched = []
-    holder = _SpGroup(sp_group)
+    holder = _SpGroup(sp_group, strategy=sp_strategy)
     for m, fwd in [(m, _delta_forward) for m in layers] + [(m, _sp_attention_forward) for m in full]:
         m._lasp_sp = holder
         m._lasp_family = family
