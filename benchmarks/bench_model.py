@@ -563,3 +563,4 @@ def plot(path, rows, info):
 
 if __name__ == "__main__":
     main()
+    _import_lasp().distributed._end_torchrun_process(0)

@@ -477,4 +477,5 @@ def plot(d, path):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    _import_lasp().distributed._end_torchrun_process(code)

@@ -124,3 +124,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    lasp.distributed._end_torchrun_process(0)

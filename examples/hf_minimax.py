@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import lasp
 from lasp.integrations.hf import patch_minimax
 
 
@@ -130,3 +131,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    lasp.distributed._end_torchrun_process(0)

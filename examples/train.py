@@ -516,11 +516,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     code = main()
-    if "RANK" in os.environ:
-        # A training process (under torchrun) has written its logs and left its process group: it ends here
-        # without the interpreter's teardown, in which the process group's threads have (rarely) aborted the
-        # process ("terminate called without an active exception") after the work was complete.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    _import_lasp().distributed._end_torchrun_process(code)

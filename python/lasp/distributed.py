@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import weakref
 from typing import Iterable, Optional, Sequence, Tuple
 
@@ -553,6 +554,19 @@ def split_packed(x: torch.Tensor, cu_seqlens, group, dim: int = SEQ_DIM) -> Tupl
 STRATEGY_CHOICES = ("ring", "allgather", "scan", "auto")
 _OPS = ("lasp_attention", "gated_delta_attention")
 _HOSTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # group -> host of each group rank
+
+
+def _end_torchrun_process(code: Optional[int] = 0) -> None:
+    """The end of our example and benchmark scripts: under torchrun (env RANK set), once the work is done and
+    the process group destroyed, flush the standard streams and leave with os._exit(code), skipping the
+    interpreter's teardown, in which the process group's threads have (rarely) aborted a finished process
+    ("terminate called without an active exception"); otherwise sys.exit(code)."""
+    code = 0 if code is None else int(code)
+    if "RANK" not in os.environ:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _node_size_env() -> Optional[int]:
