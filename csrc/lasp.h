@@ -18,7 +18,7 @@ struct AttentionOptions {
   // consecutive ranks: the scan runs within nodes first; exchange.h)
   std::string strategy = "ring";
   // (B, H, N) per-token log gates <= 0 (-inf: a reset), any floating dtype; differentiable. The log gate of
-  // token t, head h is g[b, h, t] - decay[h]. CPU tensors (CUDA raises NotImplementedError for now).
+  // token t, head h is g[b, h, t] - decay[h]. CPU and CUDA tensors.
   std::optional<at::Tensor> g;
 };
 

@@ -210,13 +210,16 @@ def exchange_ms(strategy: str, topo: Topology, p: dict, net: Network = Network()
     nbytes = p["state_bytes"] if nbytes is None else nbytes
     h_intra = _at_size(p, "h_intra", nbytes)
     h_net = max(net.hop_ms(nbytes), h_intra)  # a message between nodes costs no less than one within a node
+
+    def chain(hi, hn):  # the ring's W - 1 hops, those between nodes at hn
+        return (W - 1 - topo.crossings) * hi + topo.crossings * hn
+
     if strategy == "ring":
         if transport == "peer":
             if topo.nodes > 1:
                 raise ValueError("lasp.scaling.exchange_ms: the peer transport needs every rank on one node")
             return 2 * (W - 1) * _at_size(p, "h_peer", nbytes)
-        cross = topo.crossings
-        return 2 * ((W - 1 - cross) * h_intra + cross * h_net)
+        return 2 * chain(h_intra, h_net)
     if strategy == "allgather":
         if topo.nodes == 1:
             return 2 * (p["ag_a"] + _at_size(p, "ag_b", nbytes) * (W - 1))
@@ -225,8 +228,8 @@ def exchange_ms(strategy: str, topo: Topology, p: dict, net: Network = Network()
     if strategy == "scan":
         if topo.nodes == 1:
             return 2 * math.ceil(math.log2(W)) * h_intra
-        inner = math.ceil(math.log2(topo.per_node)) if topo.per_node > 1 else 0
-        return 2 * ((inner + (1 if topo.per_node > 1 else 0)) * h_intra + math.ceil(math.log2(topo.nodes)) * h_net)
+        inner = math.ceil(math.log2(topo.per_node)) + (topo.per_node > 1)  # the rounds, then the entering state
+        return 2 * (inner * h_intra + math.ceil(math.log2(topo.nodes)) * h_net)
     if strategy == "pipelined":
         compute = p["t1"] / 2  # one direction's passes, spread over the parts
         best = math.inf
@@ -234,9 +237,8 @@ def exchange_ms(strategy: str, topo: Topology, p: dict, net: Network = Network()
             part = nbytes / P
             hi = _at_size(p, "h_intra", part)
             hn = max(net.hop_ms(part), hi)
-            chain = (W - 1 - topo.crossings) * hi + topo.crossings * hn
             slowest = hn if topo.crossings else hi
-            best = min(best, chain + (P - 1) * max(0.0, slowest - compute / P))
+            best = min(best, chain(hi, hn) + (P - 1) * max(0.0, slowest - compute / P))
         return 2 * best
     raise AssertionError(strategy)  # _check admits only the strategies above
 

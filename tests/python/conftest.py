@@ -307,16 +307,16 @@ def spawn_world(worker, world, extra_args, deadline_s, what):
 _SPAWNED = {}
 
 
-def spawn_once(worker, world, deadline_s, what):
-    """spawn_world(worker, world, (), deadline_s, what) once per test session (per `what`): later calls return
-    the same results, and a failure is re-raised by every later call (chained to the first error)."""
+def spawn_once(worker, world, deadline_s, what, extra_args=()):
+    """spawn_world(worker, world, extra_args, deadline_s, what) once per test session (per `what`): later calls
+    return the same results, and a failure is re-raised by every later call (chained to the first error)."""
     if what in _SPAWNED:
         got = _SPAWNED[what]
         if isinstance(got, BaseException):
             raise RuntimeError(f"the spawn of the {what} failed earlier") from got
         return got
     try:
-        ranks = spawn_world(worker, world, (), deadline_s, what)
+        ranks = spawn_world(worker, world, extra_args, deadline_s, what)
     except BaseException as e:
         _SPAWNED[what] = e
         raise

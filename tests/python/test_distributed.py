@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 
 from conftest import (
-    spawn_world,
     acc_dtype,
     assert_close_to_ref,
     gen,
@@ -25,6 +24,8 @@ from conftest import (
     randn,
     ref,
     rel_err,
+    spawn_once,
+    spawn_world,
 )
 
 F32, F64 = torch.float32, torch.float64
@@ -183,25 +184,12 @@ def _pack(o, f, gr, s0):
 
 
 
-_CACHE = {}
-
-
 def run_world(world, backend):
     """Spawn `world` processes once per (backend, world); return {(case, group, grank): results}."""
-    key = (backend, world)
-    if key in _CACHE:
-        if isinstance(_CACHE[key], BaseException):
-            raise RuntimeError(f"the {backend} world={world} spawn failed earlier") from _CACHE[key]
-        return _CACHE[key]
-    try:
-        merged = {}
-        for res in spawn_world(_worker, world, (backend,), SPAWN_DEADLINE_S,
-                               f"distributed test ({backend}, world={world})"):
-            merged.update(res)
-    except BaseException as e:
-        _CACHE[key] = e
-        raise
-    _CACHE[key] = merged
+    merged = {}
+    for res in spawn_once(_worker, world, SPAWN_DEADLINE_S, f"distributed test ({backend}, world={world})",
+                          (backend,)):
+        merged.update(res)
     return merged
 
 

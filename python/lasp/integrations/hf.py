@@ -187,18 +187,14 @@ def _minimax_module(allow_untested_version: bool):
             "apply_mask_to_padding_states": mm.apply_mask_to_padding_states,
         },
         allow_untested_version=allow_untested_version)
+    import transformers
+
     for name in ("get_linear_cache", "set_linear_cache"):
         if not hasattr(mm.MiniMaxCache, name):
             raise RuntimeError(
-                _err(f"transformers {_transformers_version()}: MiniMaxCache has no {name} (supported: {_SUPPORTED})")
+                _err(f"transformers {transformers.__version__}: MiniMaxCache has no {name} (supported: {_SUPPORTED})")
             )
     return mm
-
-
-def _transformers_version() -> str:
-    import transformers
-
-    return transformers.__version__
 
 
 def _mm():
