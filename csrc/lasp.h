@@ -28,6 +28,23 @@ struct AttentionOptions {
 std::tuple<at::Tensor, at::Tensor> lasp_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                   const AttentionOptions& options = {});
 
+struct DeltaOptions {
+  std::optional<double> scale;              // default 1/sqrt(D)
+  std::optional<at::Tensor> initial_state;  // (B, H, D, E), any floating dtype; differentiable
+  bool use_qk_l2norm = false;               // divide q and k by sqrt(sum of squares + 1e-6) over D first
+};
+
+// The gated delta rule (Gated DeltaNet; fla's chunk_gated_delta_rule), on one device:
+//   S[t] = exp(g[t]) (I - beta[t] k[t]^T k[t]) S[t-1] + beta[t] k[t]^T v[t],   o[t] = scale q[t] S[t]
+// q (B, Hq, N, D), k (B, Hk, N, D), v (B, Hv, N, E); g (log decay <= 0, -inf resets) and beta (B, H, N) with
+// H = max(Hq, Hv), each head count dividing H (output head h reads q head h / (H / Hq), and so on). Returns
+// (o (B, H, N, E) in q's dtype, final_state (B, H, D, E) float32, float64 for float64 inputs).
+// Differentiable in q, k, v, g, beta and the initial state. (Sequence parallelism for this op is Python's
+// lasp.gated_delta_attention(group=...), built on the same dispatcher ops.)
+std::tuple<at::Tensor, at::Tensor> gated_delta_attention(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v, const at::Tensor& g,
+                                                         const at::Tensor& beta, const DeltaOptions& options = {});
+
 // Distributed checks: before each ring, the ranks compare their calls (shapes, dtype, strategy) with one
 // small all-gather and raise the same error on every rank when they disagree. enabled: true, false, or
 // unset = auto (on for Gloo and other non-NCCL groups, off for NCCL, where it costs a host sync).

@@ -1,0 +1,467 @@
+// The gated delta rule (Gated DeltaNet) on one piece of the sequence: the ops, their meta kernels and the
+// C++ autograd function. docs/design.md, "The gated delta rule", derives the chunked form and its backward.
+//
+//   lasp::gated_delta_attention  the user-facing op (one device): (o, final_state); autograd through
+//                                GatedDeltaFunction, q / k l2-normalised first when asked (autograd ops)
+//   lasp::gated_delta_fwd        the forward from a given incoming state: (o, final_state)
+//   lasp::gated_delta_bwd        its backward: (dq, dk, dv, dg, dbeta, grad_initial_state); or only the
+//                                gradient of the incoming state (state_grad_only), the one number the
+//                                exchange across ranks needs before the gradient of the outgoing state is known
+//   lasp::gated_delta_map        the piece's affine map of states, S_out = T S_in + L: (T, L)
+//
+// Per chunk of C = 64 tokens, entered with state S0, in the accumulation type (float32; float64 for float64):
+//   Gam[i, j] = exp(g[j+1] + ... + g[i]) (j <= i), pre[i] = exp(g[0] + ... + g[i]), suf[j] = Gam[C-1, j]
+//   M = I + A, A[i, j] = beta[i] Gam[i, j] (k[i] . k[j]) (j < i);  M [Wv | Wk] = [diag(beta) V | diag(beta pre) K]
+//   U = Wv - Wk S0;  O = scale (diag(pre) Q S0 + (Q K^T * Gam) U);  S_end = pre[C-1] S0 + (diag(suf) K)^T U
+// Everything but the chain of states is batched over all chunks; the chain is one small product per chunk.
+// Every weight is the exp of a sum over its own range, so g = -inf (a reset) gives exact zeros, and the
+// gradient of g is a sum of (weight x gradient of the weight) over the weights whose range holds the token.
+// These ATen compositions serve every device; a device with kernels of its own registers them for its key.
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "lasp.h"
+
+namespace lasp {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr int64_t kChunk = 64;
+constexpr const char* kOp = "gated_delta_attention";
+
+at::ScalarType delta_acc(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+// float64 where any of q, k, v is float64 (q, k come in float32 after the l2 normalisation of 16-bit inputs)
+at::ScalarType delta_acc(const Tensor& q, const Tensor& k, const Tensor& v) {
+  const bool f64 = q.scalar_type() == at::kDouble || k.scalar_type() == at::kDouble || v.scalar_type() == at::kDouble;
+  return f64 ? at::kDouble : at::kFloat;
+}
+
+// Shapes, dtypes and devices (symbolic sizes allowed: the meta kernels share it). check_values also reads g
+// (no value above 0, no NaN), which costs a device sync on accelerators.
+void check_delta_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta,
+                        const std::optional<Tensor>& initial_state, bool check_values) {
+  const char* names[] = {"q", "k", "v"};
+  const Tensor* qkv[] = {&q, &k, &v};
+  for (int i = 0; i < 3; ++i)
+    TORCH_CHECK_VALUE(qkv[i]->dim() == 4, kOp, ": ", names[i],
+                      " must be a 4-D tensor (batch, heads, tokens, head dim), got ", qkv[i]->dim(), "-D");
+  TORCH_CHECK_VALUE(g.dim() == 3, kOp, ": g must be a 3-D tensor (one value per batch, head and token), got ",
+                    g.dim(), "-D");
+  TORCH_CHECK_VALUE(beta.dim() == 3, kOp,
+                    ": beta must be a 3-D tensor (one value per batch, head and token), got ", beta.dim(), "-D");
+  const auto B = q.sym_size(0), N = q.sym_size(2), D = q.sym_size(3);
+  const auto Hq = q.sym_size(1), Hk = k.sym_size(1), Hv = v.sym_size(1);
+  const auto H = Hq.max(Hv);
+  const c10::SymInt heads[] = {Hq, Hk, Hv};
+  for (int i = 0; i < 3; ++i)
+    TORCH_CHECK_VALUE(heads[i] >= 1 && H % heads[i] == 0, kOp, ": the ", names[i], " heads (", heads[i],
+                      ") must divide the output heads max(Hq, Hv) = ", H);
+  TORCH_CHECK_VALUE(k.sym_size(0) == B && k.sym_size(2) == N && k.sym_size(3) == D, kOp,
+                    ": k must have shape (B, Hk, N, D) = (", B, ", ", Hk, ", ", N, ", ", D, "), got ", k.sym_sizes());
+  TORCH_CHECK_VALUE(v.sym_size(0) == B && v.sym_size(2) == N, kOp, ": v must have shape (B, Hv, N, E) with (B, N) = (",
+                    B, ", ", N, "), got ", v.sym_sizes());
+  TORCH_CHECK_VALUE(g.sym_size(0) == B && g.sym_size(1) == H && g.sym_size(2) == N, kOp,
+                    ": g must have shape (B, H, N) = (", B, ", ", H, ", ", N, "), got ", g.sym_sizes());
+  TORCH_CHECK_VALUE(beta.sym_size(0) == B && beta.sym_size(1) == H && beta.sym_size(2) == N, kOp,
+                    ": beta must have shape (B, H, N) = (", B, ", ", H, ", ", N, "), got ", beta.sym_sizes());
+  const char* all_names[] = {"q", "k", "v", "g", "beta"};
+  const Tensor* all[] = {&q, &k, &v, &g, &beta};
+  for (int i = 0; i < 5; ++i) {
+    TORCH_CHECK_TYPE(at::isFloatingType(all[i]->scalar_type()), kOp, ": ", all_names[i],
+                     " must be a floating-point tensor, got ", all[i]->scalar_type());
+    TORCH_CHECK_VALUE(all[i]->device() == q.device(), kOp, ": ", all_names[i], " must be on q's device ",
+                      q.device(), ", got ", all[i]->device());
+  }
+  if (initial_state.has_value()) {
+    const auto& s = *initial_state;
+    TORCH_CHECK_VALUE(s.dim() == 4 && s.sym_size(0) == B && s.sym_size(1) == H && s.sym_size(2) == D &&
+                          s.sym_size(3) == v.sym_size(3),
+                      kOp, ": initial_state must have shape (B, H, D, E) = (", B, ", ", H, ", ", D, ", ",
+                      v.sym_size(3), "), got ", s.sym_sizes());
+    TORCH_CHECK_TYPE(at::isFloatingType(s.scalar_type()), kOp, ": initial_state must be a floating-point tensor, got ",
+                     s.scalar_type());
+    TORCH_CHECK_VALUE(s.device() == q.device(), kOp, ": initial_state must be on q's device ", q.device(), ", got ",
+                      s.device());
+  }
+  if (check_values && g.numel() > 0) {
+    const bool bad = (g.isnan() | (g > 0)).any().item<bool>();
+    TORCH_CHECK_VALUE(!bad, kOp, ": g must be <= 0 (log decay; -inf resets) and not NaN");
+  }
+}
+
+// x (B, Hx, N, X) -> (B, H, N, X) in acc: the output heads' view of a shared head.
+Tensor to_out_heads(const Tensor& x, int64_t H, at::ScalarType acc) {
+  Tensor y = x.to(acc);
+  const int64_t hx = y.size(1);
+  return hx == H ? y : y.repeat_interleave(H / hx, 1);
+}
+
+// dx (B, H, N, X) -> (B, Hx, N, X) in dtype: the sum over the output heads that read each head.
+Tensor to_in_heads(const Tensor& dx, int64_t hx, at::ScalarType dtype) {
+  const int64_t H = dx.size(1);
+  Tensor y = hx == H ? dx : dx.view({dx.size(0), hx, H / hx, dx.size(2), dx.size(3)}).sum(2);
+  return y.to(dtype);
+}
+
+// (..., C) -> (..., C, C): x[j+1] + ... + x[i] for j <= i (0 on the diagonal), -inf above it.
+Tensor segsum(const Tensor& x) {
+  const int64_t C = x.size(-1);
+  auto sizes = x.sizes().vec();
+  sizes.push_back(C);
+  const auto bopts = x.options().dtype(at::kBool);
+  const Tensor strict = at::ones({C, C}, bopts).tril(-1);
+  Tensor out = x.unsqueeze(-1).expand(sizes).masked_fill(strict.logical_not(), 0.0).cumsum(-2);
+  return out.masked_fill(at::ones({C, C}, bopts).tril().logical_not(), -std::numeric_limits<double>::infinity());
+}
+
+// The chunked quantities of one piece that do not depend on the incoming state, (B, H, nc, C, .) in acc.
+struct Chunks {
+  int64_t B = 0, H = 0, N = 0, nc = 0, D = 0, E = 0;
+  at::ScalarType acc = at::kFloat;
+  Tensor q, k, v, beta;  // output heads, padded to whole chunks (q, k, v = 0, beta = 0, g = 0: no effect)
+  Tensor gam, pre, suf;  // (.., C, C) lower with the diagonal; (.., C); (.., C)
+  Tensor kk, m;          // K K^T; M = I + A (unit lower)
+  Tensor wv, wk;         // (.., C, E), (.., C, D)
+  Tensor plast;          // (B, H, nc, 1, 1): pre[C-1]
+  Tensor ks;             // (B, H, nc, D, C): (diag(suf) K)^T
+};
+
+Chunks prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta,
+               bool need_q) {
+  Chunks c;
+  c.acc = delta_acc(q, k, v);
+  c.B = q.size(0);
+  c.H = std::max(q.size(1), v.size(1));
+  c.N = q.size(2);
+  c.D = q.size(3);
+  c.E = v.size(3);
+  const int64_t C = kChunk;
+  c.nc = (c.N + C - 1) / C;
+  const int64_t pad = c.nc * C - c.N;
+  auto chunked = [&](const Tensor& x) {  // (B, H, N, X) -> (B, H, nc, C, X), zero-padded
+    Tensor y = pad ? at::constant_pad_nd(x, {0, 0, 0, pad}) : x;
+    return y.reshape({c.B, c.H, c.nc, C, x.size(3)});
+  };
+  auto chunked3 = [&](const Tensor& x) {  // (B, H, N) -> (B, H, nc, C)
+    Tensor y = x.to(c.acc);
+    y = pad ? at::constant_pad_nd(y, {0, pad}) : y;
+    return y.reshape({c.B, c.H, c.nc, C});
+  };
+  if (need_q) c.q = chunked(to_out_heads(q, c.H, c.acc));
+  c.k = chunked(to_out_heads(k, c.H, c.acc));
+  c.v = chunked(to_out_heads(v, c.H, c.acc));
+  const Tensor gc = chunked3(g);
+  c.beta = chunked3(beta);
+  c.gam = segsum(gc).exp();
+  c.pre = gc.cumsum(-1).exp();
+  c.suf = c.gam.select(-2, C - 1);
+  c.plast = c.pre.narrow(-1, C - 1, 1).unsqueeze(-1);
+  c.kk = at::matmul(c.k, c.k.transpose(-1, -2));
+  const auto bopts = q.options().dtype(at::kBool);
+  const Tensor strict = at::ones({C, C}, bopts).tril(-1);
+  Tensor A = (c.beta.unsqueeze(-1) * c.gam * c.kk).masked_fill(strict.logical_not(), 0.0);
+  c.m = A + at::eye(C, q.options().dtype(c.acc));
+  const Tensor rhs = at::cat({c.beta.unsqueeze(-1) * c.v, (c.beta * c.pre).unsqueeze(-1) * c.k}, -1);
+  const Tensor w = at::linalg_solve_triangular(c.m, rhs, /*upper=*/false, /*left=*/true, /*unitriangular=*/true);
+  c.wv = w.narrow(-1, 0, c.E);
+  c.wk = w.narrow(-1, c.E, c.D);
+  c.ks = (c.suf.unsqueeze(-1) * c.k).transpose(-1, -2);
+  return c;
+}
+
+Tensor state_or_zeros(const std::optional<Tensor>& s, const Chunks& c, const Tensor& like) {
+  return s.has_value() ? s->to(c.acc) : at::zeros({c.B, c.H, c.D, c.E}, like.options().dtype(c.acc));
+}
+
+// The chain of states: the state entering each chunk (B, H, nc, D, E), U (B, H, nc, C, E), the final state.
+std::tuple<Tensor, Tensor, Tensor> state_chain(const Chunks& c, Tensor S) {
+  Tensor states = at::empty({c.B, c.H, c.nc, c.D, c.E}, S.options());
+  Tensor u = at::empty({c.B, c.H, c.nc, kChunk, c.E}, S.options());
+  for (int64_t j = 0; j < c.nc; ++j) {
+    states.select(2, j).copy_(S);
+    Tensor uj = c.wv.select(2, j) - at::matmul(c.wk.select(2, j), S);
+    u.select(2, j).copy_(uj);
+    S = c.plast.select(2, j) * S + at::matmul(c.ks.select(2, j), uj);
+  }
+  return {states, u, S};
+}
+
+// (B, H, nc, C, X) -> (B, H, N, X)
+Tensor unchunk(const Tensor& x, int64_t N) {
+  return x.reshape({x.size(0), x.size(1), x.size(2) * x.size(3), x.size(4)}).narrow(2, 0, N);
+}
+
+std::tuple<Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                                    const Tensor& beta, double scale, const std::optional<Tensor>& initial_state) {
+  check_delta_inputs(q, k, v, g, beta, initial_state, /*check_values=*/true);
+  const Chunks c = prepare(q, k, v, g, beta, /*need_q=*/true);
+  auto [states, u, fin] = state_chain(c, state_or_zeros(initial_state, c, q));
+  if (c.nc == 0) return {at::empty({c.B, c.H, 0, c.E}, q.options()), fin};
+  const Tensor qk = at::matmul(c.q, c.k.transpose(-1, -2)) * c.gam;
+  const Tensor o = (c.pre.unsqueeze(-1) * at::matmul(c.q, states) + at::matmul(qk, u)) * scale;
+  return {unchunk(o, c.N).to(q.scalar_type()).contiguous(), fin};
+}
+
+using BwdOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta, double scale,
+                const std::optional<Tensor>& initial_state, const std::optional<Tensor>& dout,
+                const std::optional<Tensor>& grad_final_state, bool state_grad_only) {
+  check_delta_inputs(q, k, v, g, beta, initial_state, /*check_values=*/false);
+  const Chunks c = prepare(q, k, v, g, beta, /*need_q=*/true);
+  const int64_t C = kChunk;
+  const auto aopts = q.options().dtype(c.acc);
+  auto [states, u, fin] = state_chain(c, state_or_zeros(initial_state, c, q));
+  // dO chunked (zeros where the loss does not use o)
+  Tensor dO;
+  if (dout.has_value()) {
+    TORCH_CHECK_VALUE(dout->dim() == 4 && dout->size(0) == c.B && dout->size(1) == c.H && dout->size(2) == c.N &&
+                          dout->size(3) == c.E,
+                      kOp, ": dout must have shape (B, H, N, E) = (", c.B, ", ", c.H, ", ", c.N, ", ", c.E, "), got ",
+                      dout->sizes());
+    const int64_t pad = c.nc * C - c.N;
+    Tensor d = dout->to(c.acc);
+    dO = (pad ? at::constant_pad_nd(d, {0, 0, 0, pad}) : d).reshape({c.B, c.H, c.nc, C, c.E});
+  } else {
+    dO = at::zeros({c.B, c.H, c.nc, C, c.E}, aopts);
+  }
+  Tensor dS = grad_final_state.has_value() ? grad_final_state->to(c.acc).clone() : at::zeros_like(fin);
+  TORCH_CHECK_VALUE(dS.sizes() == fin.sizes(), kOp, ": grad_final_state must have shape ", fin.sizes(), ", got ",
+                    dS.sizes());
+  const Tensor qkraw = at::matmul(c.q, c.k.transpose(-1, -2));
+  const Tensor P = qkraw * c.gam;
+  // The parts of dU and dS that the chain does not carry, for all chunks at once.
+  const Tensor pdo = at::matmul(P.transpose(-1, -2), dO) * scale;                                // (.., C, E)
+  const Tensor qdo = at::matmul(c.q.transpose(-1, -2), c.pre.unsqueeze(-1) * dO) * scale;      // (.., D, E)
+  const Tensor sk = c.ks.transpose(-1, -2);                                                    // (.., C, D)
+  Tensor dU = at::empty({c.B, c.H, c.nc, C, c.E}, aopts);
+  Tensor dSe = at::empty({c.B, c.H, c.nc, c.D, c.E}, aopts);  // the gradient of the state leaving each chunk
+  for (int64_t j = c.nc - 1; j >= 0; --j) {
+    dSe.select(2, j).copy_(dS);
+    Tensor du = pdo.select(2, j) + at::matmul(sk.select(2, j), dS);
+    dU.select(2, j).copy_(du);
+    dS = qdo.select(2, j) + c.plast.select(2, j) * dS - at::matmul(c.wk.select(2, j).transpose(-1, -2), du);
+  }
+  Tensor dinit = initial_state.has_value() ? dS.to(initial_state->scalar_type()) : dS;
+  if (state_grad_only) {
+    const auto none = q.options().dtype(c.acc);
+    return {at::empty({0}, none), at::empty({0}, none), at::empty({0}, none), at::empty({0}, none),
+            at::empty({0}, none), dinit};
+  }
+  // Through the triangular solve: M [Wv | Wk] = R, dW = [dU | -dU S0^T], dR = M^-T dW, dA = -dR W^T.
+  const Tensor w = at::cat({c.wv, c.wk}, -1);
+  const Tensor dW = at::cat({dU, -at::matmul(dU, states.transpose(-1, -2))}, -1);
+  const Tensor dR = at::linalg_solve_triangular(c.m.transpose(-1, -2), dW, /*upper=*/true, /*left=*/true,
+                                                /*unitriangular=*/true);
+  const auto bopts = q.options().dtype(at::kBool);
+  const Tensor strict = at::ones({C, C}, bopts).tril(-1);
+  const Tensor dA = (-at::matmul(dR, w.transpose(-1, -2))).masked_fill(strict.logical_not(), 0.0);
+  const Tensor dRv = dR.narrow(-1, 0, c.E), dRk = dR.narrow(-1, c.E, c.D);
+  const Tensor bcol = c.beta.unsqueeze(-1);
+  const Tensor dRk_k = (dRk * c.k).sum(-1);  // (.., C)
+  // o: dP = scale dO U^T (masked by Gam)
+  const Tensor dP = at::matmul(dO, u.transpose(-1, -2)) * scale;
+  const Tensor dPg = dP * c.gam;
+  const Tensor dkk = dA * bcol * c.gam;
+  const Tensor udS = at::matmul(u, dSe.transpose(-1, -2));  // (.., C, D): U dS_end^T
+  Tensor dq = c.pre.unsqueeze(-1) * at::matmul(dO, states.transpose(-1, -2)) * scale + at::matmul(dPg, c.k);
+  Tensor dk = at::matmul(dkk + dkk.transpose(-1, -2), c.k) + at::matmul(dPg.transpose(-1, -2), c.q) +
+              c.suf.unsqueeze(-1) * udS + (c.beta * c.pre).unsqueeze(-1) * dRk;
+  Tensor dv = bcol * dRv;
+  Tensor dbeta = (dRv * c.v).sum(-1) + c.pre * dRk_k + (dA * c.gam * c.kk).sum(-1);
+  // Gates: weight x gradient of the weight, summed over each weight's range of tokens.
+  const Tensor XG = c.gam * (dP * qkraw + dA * bcol * c.kk);                        // Gam[i, j]: j+1 .. i
+  Tensor dpre = (dO * at::matmul(c.q, states)).sum(-1) * scale + c.beta * dRk_k;    // pre[i]: 0 .. i
+  dpre.narrow(-1, C - 1, 1).add_((dSe * states).sum({-2, -1}).unsqueeze(-1));
+  const Tensor Xp = c.pre * dpre;
+  const Tensor Xs = c.suf * (c.k * udS).sum(-1);                                    // suf[j]: j+1 .. C-1
+  const Tensor dc = Xp + XG.sum(-1) - XG.sum(-2);
+  Tensor dg = dc.flip(-1).cumsum(-1).flip(-1) + (Xs.cumsum(-1) - Xs);
+  auto flat3 = [&](const Tensor& x) { return x.reshape({c.B, c.H, c.nc * C}).narrow(2, 0, c.N); };
+  return {to_in_heads(unchunk(dq, c.N), q.size(1), q.scalar_type()).contiguous(),
+          to_in_heads(unchunk(dk, c.N), k.size(1), k.scalar_type()).contiguous(),
+          to_in_heads(unchunk(dv, c.N), v.size(1), v.scalar_type()).contiguous(),
+          flat3(dg).to(g.scalar_type()).contiguous(),
+          flat3(dbeta).to(beta.scalar_type()).contiguous(),
+          dinit};
+}
+
+std::tuple<Tensor, Tensor> map_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                                    const Tensor& beta) {
+  check_delta_inputs(q, k, v, g, beta, std::nullopt, /*check_values=*/true);
+  const Chunks c = prepare(q, k, v, g, beta, /*need_q=*/false);
+  const auto aopts = q.options().dtype(c.acc);
+  Tensor T = at::eye(c.D, aopts).expand({c.B, c.H, c.D, c.D}).contiguous();
+  Tensor L = at::zeros({c.B, c.H, c.D, c.E}, aopts);
+  for (int64_t j = 0; j < c.nc; ++j) {
+    const Tensor ks = c.ks.select(2, j), wk = c.wk.select(2, j), p = c.plast.select(2, j);
+    T = p * T - at::matmul(ks, at::matmul(wk, T));
+    L = p * L + at::matmul(ks, c.wv.select(2, j) - at::matmul(wk, L));
+  }
+  return {T, L};
+}
+
+// ---- Meta kernels ----
+Tensor state_meta(const Tensor& q, const Tensor& k, const Tensor& v, const c10::SymInt& cols) {
+  return at::empty_symint({q.sym_size(0), q.sym_size(1).max(v.sym_size(1)), q.sym_size(3), cols},
+                          q.options().dtype(delta_acc(q, k, v)));
+}
+
+std::tuple<Tensor, Tensor> fwd_meta(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                                    const Tensor& beta, double scale, const std::optional<Tensor>& initial_state) {
+  check_delta_inputs(q, k, v, g, beta, initial_state, false);
+  return {at::empty_symint({q.sym_size(0), q.sym_size(1).max(v.sym_size(1)), q.sym_size(2), v.sym_size(3)},
+                           q.options()),
+          state_meta(q, k, v, v.sym_size(3))};
+}
+
+BwdOut bwd_meta(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta, double scale,
+                const std::optional<Tensor>& initial_state, const std::optional<Tensor>& dout,
+                const std::optional<Tensor>& grad_final_state, bool state_grad_only) {
+  check_delta_inputs(q, k, v, g, beta, initial_state, false);
+  Tensor ds = state_meta(q, k, v, v.sym_size(3));
+  if (initial_state.has_value()) ds = ds.to(initial_state->scalar_type());
+  if (state_grad_only) {
+    const auto none = q.options().dtype(delta_acc(q, k, v));
+    return {at::empty({0}, none), at::empty({0}, none), at::empty({0}, none), at::empty({0}, none),
+            at::empty({0}, none), ds};
+  }
+  return {at::empty_like(q, at::MemoryFormat::Contiguous), at::empty_like(k, at::MemoryFormat::Contiguous),
+          at::empty_like(v, at::MemoryFormat::Contiguous), at::empty_like(g, at::MemoryFormat::Contiguous),
+          at::empty_like(beta, at::MemoryFormat::Contiguous), ds};
+}
+
+std::tuple<Tensor, Tensor> map_meta(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                                    const Tensor& beta) {
+  check_delta_inputs(q, k, v, g, beta, std::nullopt, false);
+  return {state_meta(q, k, v, q.sym_size(3)), state_meta(q, k, v, v.sym_size(3))};
+}
+
+// ---- The user-facing op ----
+std::tuple<Tensor, Tensor> call_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                                    const Tensor& beta, double scale, const std::optional<Tensor>& initial_state) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lasp::gated_delta_fwd", "")
+                       .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                         const Tensor&, double, const std::optional<Tensor>&)>();
+  return op.call(q, k, v, g, beta, scale, initial_state);
+}
+
+// q / sqrt(sum of squares over the head dim + 1e-6) (fla's use_qk_l2norm_in_kernel); ATen ops, so that
+// autograd differentiates it where the caller records.
+// The result is in the accumulation type (the op computes in it anyway).
+Tensor l2norm(const Tensor& x) {
+  const Tensor xf = x.to(delta_acc(x.scalar_type()));
+  return xf * (xf * xf).sum(-1, true).add(1e-6).rsqrt();
+}
+
+std::tuple<Tensor, Tensor> delta_noautograd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                                            const Tensor& beta, double scale,
+                                            const std::optional<Tensor>& initial_state, bool use_qk_l2norm) {
+  if (!use_qk_l2norm) return call_fwd(q, k, v, g, beta, scale, initial_state);
+  auto [o, fin] = call_fwd(l2norm(q), l2norm(k), v, g, beta, scale, initial_state);
+  return {o.to(q.scalar_type()), fin};
+}
+
+class GatedDeltaFunction : public torch::autograd::Function<GatedDeltaFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+                               const Tensor& g, const Tensor& beta, double scale,
+                               const std::optional<Tensor>& initial_state) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->set_materialize_grads(false);
+    auto [o, fin] = call_fwd(q, k, v, g, beta, scale, initial_state);
+    ctx->save_for_backward({q, k, v, g, beta, initial_state.has_value() ? *initial_state : Tensor()});
+    ctx->saved_data["scale"] = scale;
+    return {o, fin};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    std::optional<Tensor> init, dout, dfin;
+    if (s[5].defined()) init = s[5];
+    if (grads[0].defined()) dout = grads[0];
+    if (grads[1].defined()) dfin = grads[1];
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("lasp::gated_delta_bwd", "")
+                         .typed<BwdOut(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                       double, const std::optional<Tensor>&, const std::optional<Tensor>&,
+                                       const std::optional<Tensor>&, bool)>();
+    auto [dq, dk, dv, dg, dbeta, dinit] =
+        op.call(s[0], s[1], s[2], s[3], s[4], ctx->saved_data["scale"].toDouble(), init, dout, dfin, false);
+    return {dq, dk, dv, dg, dbeta, Tensor(), init.has_value() ? dinit : Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor> delta_autograd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                                          const Tensor& beta, double scale,
+                                          const std::optional<Tensor>& initial_state, bool use_qk_l2norm) {
+  if (!use_qk_l2norm) {
+    auto out = GatedDeltaFunction::apply(q, k, v, g, beta, scale, initial_state);
+    return {out[0], out[1]};
+  }
+  auto out = GatedDeltaFunction::apply(l2norm(q), l2norm(k), v, g, beta, scale, initial_state);
+  return {out[0].to(q.scalar_type()), out[1]};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> gated_delta_attention(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v, const at::Tensor& g,
+                                                         const at::Tensor& beta, const DeltaOptions& options) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lasp::gated_delta_attention", "")
+                       .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                         const Tensor&, double, const std::optional<Tensor>&, bool)>();
+  const double scale = options.scale.value_or(q.dim() == 4 ? 1.0 / std::sqrt(static_cast<double>(q.size(3))) : 1.0);
+  return op.call(q, k, v, g, beta, scale, options.initial_state, options.use_qk_l2norm);
+}
+
+}  // namespace lasp
+
+TORCH_LIBRARY_FRAGMENT(lasp, m) {
+  // q (B, Hq, N, D), k (B, Hk, N, D), v (B, Hv, N, E); g (log decay <= 0, -inf resets) and beta (B, H, N),
+  // H = max(Hq, Hv); initial_state (B, H, D, E). Returns (o (B, H, N, E) in q's dtype, final_state in the
+  // accumulation type). One device: sequence parallelism is python's lasp.gated_delta_attention, which
+  // composes the ops below.
+  m.def(
+      "gated_delta_attention(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, float scale, "
+      "Tensor? initial_state=None, bool use_qk_l2norm=False) -> (Tensor, Tensor)");
+  m.def(
+      "gated_delta_fwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, float scale, "
+      "Tensor? initial_state=None) -> (Tensor, Tensor)");
+  // (dq, dk, dv, dg, dbeta, grad_initial_state) in the inputs' dtypes (grad_initial_state: initial_state's,
+  // the accumulation type without one); dout / grad_final_state None: zero. state_grad_only: only
+  // grad_initial_state (the others have 0 elements).
+  m.def(
+      "gated_delta_bwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, float scale, Tensor? initial_state, "
+      "Tensor? dout, Tensor? grad_final_state, bool state_grad_only=False) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The piece's map of states S_out = T S_in + L: (T (B, H, D, D), L (B, H, D, E)), accumulation type.
+  m.def("gated_delta_map(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(lasp, CompositeExplicitAutograd, m) {
+  m.impl("gated_delta_attention", &lasp::delta_noautograd);
+  m.impl("gated_delta_fwd", &lasp::fwd_impl);
+  m.impl("gated_delta_bwd", &lasp::bwd_impl);
+  m.impl("gated_delta_map", &lasp::map_impl);
+}
+
+TORCH_LIBRARY_IMPL(lasp, Meta, m) {
+  m.impl("gated_delta_fwd", &lasp::fwd_meta);
+  m.impl("gated_delta_bwd", &lasp::bwd_meta);
+  m.impl("gated_delta_map", &lasp::map_meta);
+}
+
+TORCH_LIBRARY_IMPL(lasp, Autograd, m) { m.impl("gated_delta_attention", &lasp::delta_autograd); }
