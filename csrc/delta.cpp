@@ -180,7 +180,8 @@ Chunks prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
 }
 
 Tensor state_or_zeros(const std::optional<Tensor>& s, const Chunks& c, const Tensor& like) {
-  return s.has_value() ? s->to(c.acc) : at::zeros({c.B, c.H, c.D, c.E}, like.options().dtype(c.acc));
+  // a copy: with no chunk (an empty piece) the final state is this tensor, which must not alias the input
+  return s.has_value() ? s->to(c.acc, /*non_blocking=*/false, /*copy=*/true) : at::zeros({c.B, c.H, c.D, c.E}, like.options().dtype(c.acc));
 }
 
 // The chain of states: the state entering each chunk (B, H, nc, D, E), U (B, H, nc, C, E), the final state.
@@ -285,8 +286,11 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
   dpre.narrow(-1, C - 1, 1).add_((dSe * states).sum({-2, -1}).unsqueeze(-1));
   const Tensor Xp = c.pre * dpre;
   const Tensor Xs = c.suf * (c.k * udS).sum(-1);                                    // suf[j]: j+1 .. C-1
-  const Tensor dc = Xp + XG.sum(-1) - XG.sum(-2);
-  Tensor dg = dc.flip(-1).cumsum(-1).flip(-1) + (Xs.cumsum(-1) - Xs);
+  // dg[t] = sum_{i >= t} (Xp[i] + sum_{j < t} XG[i, j]) + sum_{j < t} Xs[j], each a sum of the terms
+  // themselves (a row-sum-minus-column-sum shortcut loses digits to cancellation)
+  const Tensor Z = XG.flip(-2).cumsum(-2).flip(-2);  // Z[t, j] = sum_{i >= t} XG[i, j]
+  Tensor dg = Xp.flip(-1).cumsum(-1).flip(-1) + Z.masked_fill(strict.logical_not(), 0.0).sum(-1) +
+              at::constant_pad_nd(Xs.narrow(-1, 0, C - 1), {1, 0}).cumsum(-1);
   auto flat3 = [&](const Tensor& x) { return x.reshape({c.B, c.H, c.nc * C}).narrow(2, 0, c.N); };
   return {to_in_heads(unchunk(dq, c.N), q.size(1), q.scalar_type()).contiguous(),
           to_in_heads(unchunk(dk, c.N), k.size(1), k.scalar_type()).contiguous(),

@@ -14,11 +14,13 @@ the chunk maps S0 affinely: S_end = T S0 + L with the d x d transition T = pre[C
 Every weight is the exp of a sum over its own range (never a difference of cumulative sums), so g = -inf
 (a reset, as at a packed document's start) gives exact zeros.
 
-This module computes it with PyTorch operations (any device, autograd through them), chunk after chunk.
-Under a group each rank composes its chunks' maps into its piece's (T, L), the exchange gives S_in (the
-ring: S_in(r) = T(r-1) S_in(r-1) + L(r-1), rank to rank; the scan of the maps; or one all-gather of every
-(T, L)), and the
-backward returns T^T G along the same chain (autograd through _Hop: the ring or the scan, or the all-gather).
+The dispatcher ops of csrc/delta.cpp compute it (torch.ops.lasp.gated_delta_attention on one device, with
+its C++ autograd function; gated_delta_fwd / gated_delta_bwd / gated_delta_map under a group). Under a group
+each rank computes its piece's map (T, L) of states, the exchange gives S_in (the ring: S_in(r) =
+T(r-1) S_in(r-1) + L(r-1), rank to rank; the scan of the maps; or one all-gather of every (T, L)), then the
+piece runs from S_in. The backward first computes the gradient of S_in from this piece alone, passes the
+gradients back along the same chain with T^T, and then runs the piece's backward once with the gradient of
+its outgoing state from the ranks after it.
 """
 
 from __future__ import annotations
@@ -27,19 +29,6 @@ from typing import Optional
 
 import torch
 
-CHUNK = 64
-
-
-def _segsum(x: torch.Tensor) -> torch.Tensor:
-    """(..., C) -> (..., C, C): out[..., i, j] = x[j+1] + ... + x[i] for j <= i (0 on the diagonal), -inf above."""
-    C = x.shape[-1]
-    xx = x.unsqueeze(-1).expand(*x.shape, C)  # xx[..., i, j] = x[i]
-    lower = torch.tril(torch.ones(C, C, dtype=torch.bool, device=x.device), diagonal=-1)
-    xx = xx.masked_fill(~lower, 0.0)
-    out = torch.cumsum(xx, dim=-2)
-    return out.masked_fill(~torch.tril(torch.ones(C, C, dtype=torch.bool, device=x.device)), float("-inf"))
-
-
 def _check(fn, name, t, shape):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -47,8 +36,9 @@ def _check(fn, name, t, shape):
         raise ValueError(f"{fn}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
-def _checked(fn, q, k, v, g, beta, layout, strategy, initial_state):
-    """The rank-local checks; returns q, k, v, g, beta in the bhnd view."""
+def _checked(fn, q, k, v, g, beta, layout, strategy, initial_state, check_values):
+    """The rank-local checks; returns q, k, v, g, beta in the bhnd view. check_values: also that g holds no
+    positive or NaN value (under a group, so that every rank raises alike; on one device the op checks)."""
     if layout not in ("bhnd", "bnhd"):
         raise ValueError(f"{fn}: layout must be 'bhnd' or 'bnhd', got {layout!r}")
     if not isinstance(strategy, str) or strategy not in ("ring", "allgather", "scan", "auto"):
@@ -80,27 +70,11 @@ def _checked(fn, q, k, v, g, beta, layout, strategy, initial_state):
             raise ValueError(f"{fn}: {name} must be on q's device {q.device}, got {t.device}")
     gd = g.detach()
     # values are checked where there are values (not on meta tensors: shapes only)
-    if gd.device.type != "meta" and (bool(torch.isnan(gd).any()) or bool((gd > 0).any())):
+    if check_values and gd.device.type != "meta" and (bool(torch.isnan(gd).any()) or bool((gd > 0).any())):
         raise ValueError(f"{fn}: g must be <= 0 (log decay; -inf resets) and not NaN")
     if initial_state is not None:
         _check(fn, "initial_state", initial_state, (B, H, D, E))
     return q, k, v, g, beta
-
-
-class _Tie(torch.autograd.Function):
-    """x itself, with `anchor` (any tensor of the call's inputs) as one more input: the node that makes x then
-    exists in every rank's graph, and a backward run for those inputs reaches it, even where x depends on
-    none of them (an empty piece). The anchor's gradient is zero."""
-
-    @staticmethod
-    def forward(ctx, x, anchor):
-        ctx.anchor_like = (anchor.shape, anchor.dtype, anchor.device)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, gx):
-        shape, dtype, device = ctx.anchor_like
-        return gx, torch.zeros(shape, dtype=dtype, device=device)
 
 
 def _scan_rounds(own, pos, count, rank_of, group, tag):
@@ -175,77 +149,106 @@ def _scan_maps(A, X, group, rank, world, direction, tag, node_size=0):
     return entering if ex is None else ex[0] @ entering + ex[1]
 
 
-class _Hop(torch.autograd.Function):
-    """S_in of this rank (rank 0: its initial state) in the chain of the pieces' maps S -> T S + L, and its
-    backward: G_out, the gradient w.r.t. this rank's outgoing state, from the ranks after it, and
-    total = grad S_in + T^T G_out to the ones before. ``scan`` None: the ring (S_in from the rank before, T S_in
-    + L to the one after; backward: G_out from the one after, total to the one before); else the recursive-
-    doubling scan over nodes of ``scan`` ranks (0: one level; _scan_maps), rank 0's initial state folded into
-    its L, and in the backward the suffix scan of G -> T^T G + grad S_in."""
+class _Exchange:
+    """The chain of the pieces' maps S -> T S + L across the group's ranks, without autograd (_DeltaPiece
+    calls it in its forward and backward). forward(T, L, s0): this rank's S_in (rank 0: s0). backward(T,
+    g_in): G_out, the gradient of this rank's outgoing state from the ranks after it (None on the last),
+    given g_in, the gradient of S_in from this rank's own piece; the chain passes g_in + T^T G_out back."""
 
-    @staticmethod
-    def forward(ctx, T, L, s0, group, rank, world, scan):
+    def __init__(self, group, strategy, rank, world):
+        self.group, self.rank, self.world = group, rank, world
+        self.kind = "ring" if strategy == "ring" else ("allgather" if strategy == "allgather" else "scan")
+        self.scan = int(strategy[5:]) if strategy.startswith("scan:") else 0
+
+    def _peer(self, r):
         import torch.distributed as dist
 
-        if scan is not None:  # every rank takes part (rank 0 sends only)
-            before = _scan_maps(T, T @ s0 + L if rank == 0 else L, group, rank, world, 1, 0x1D5, scan)
-            s_in = s0.detach().clone() if rank == 0 else before
+        return dist.get_global_rank(self.group, r)
+
+    def forward(self, T, L, s0):
+        import torch.distributed as dist
+
+        group, rank, world = self.group, self.rank, self.world
+        if self.kind == "scan":  # every rank takes part (rank 0 sends only)
+            before = _scan_maps(T, T @ s0 + L if rank == 0 else L, group, rank, world, 1, 0x1D5, self.scan)
+            return s0.clone() if rank == 0 else before
+        if self.kind == "allgather":  # one all-gather of [T | L | s0]; every rank reads rank 0's initial state
+            D, E = T.shape[-1], L.shape[-1]
+            parts = [torch.empty(T.shape[:-1] + (D + 2 * E,), dtype=T.dtype, device=T.device) for _ in range(world)]
+            dist.all_gather(parts, torch.cat([T, L, s0], dim=-1).contiguous(), group=group)
+            s = parts[0][..., D + E:]
+            for j in range(rank):
+                s = parts[j][..., :D] @ s + parts[j][..., D:D + E]
+            return s.contiguous()
+        if rank == 0:
+            s_in = s0.clone()
         else:
-            if rank == 0:
-                s_in = s0.detach().clone()
-            else:
-                s_in = torch.empty_like(L)
-                dist.recv(s_in, src=dist.get_global_rank(group, rank - 1), group=group)
-            if rank < world - 1:
-                dist.send((T @ s_in + L).contiguous(), dst=dist.get_global_rank(group, rank + 1), group=group)
-        ctx.save_for_backward(T, s_in)
-        ctx.group, ctx.rank, ctx.world, ctx.scan = group, rank, world, scan
+            s_in = torch.empty_like(L)
+            dist.recv(s_in, src=self._peer(rank - 1), group=group)
+        if rank < world - 1:
+            dist.send((T @ s_in + L).contiguous(), dst=self._peer(rank + 1), group=group)
         return s_in
 
-    @staticmethod
-    def backward(ctx, g_in):
+    def backward(self, T, g_in):
         import torch.distributed as dist
 
-        T, s_in = ctx.saved_tensors
-        group, rank, world = ctx.group, ctx.rank, ctx.world
-        g_in = torch.zeros_like(s_in) if g_in is None else g_in
-        if ctx.scan is not None:
-            g_out = _scan_maps(T.transpose(-1, -2).contiguous(), g_in, group, rank, world, -1, 0x1D6, ctx.scan)
-            g_out = torch.zeros_like(s_in) if g_out is None else g_out  # the last rank: nothing after it
-            total = g_in + T.transpose(-1, -2) @ g_out
-        else:
-            g_out = torch.zeros_like(s_in)
-            if rank < world - 1:
-                dist.recv(g_out, src=dist.get_global_rank(group, rank + 1), group=group)
-            total = g_in + T.transpose(-1, -2) @ g_out
-            if rank > 0:
-                dist.send(total.contiguous(), dst=dist.get_global_rank(group, rank - 1), group=group)
-        # only rank 0 reads its initial state: the others' get a zero gradient (a sum over the group is exact)
-        return (g_out @ s_in.transpose(-1, -2), g_out, total if rank == 0 else torch.zeros_like(total), None, None,
-                None, None)
+        group, rank, world = self.group, self.rank, self.world
+        Tt = T.transpose(-1, -2)
+        if self.kind == "scan":
+            return _scan_maps(Tt.contiguous(), g_in, group, rank, world, -1, 0x1D6, self.scan)
+        if self.kind == "allgather":  # one all-gather of [T^T | g_in]; fold the ranks after this one
+            D, E = T.shape[-1], g_in.shape[-1]
+            parts = [torch.empty(T.shape[:-1] + (D + E,), dtype=T.dtype, device=T.device) for _ in range(world)]
+            dist.all_gather(parts, torch.cat([Tt, g_in], dim=-1).contiguous(), group=group)
+            g_out = None
+            for j in range(world - 1, rank, -1):
+                gj = parts[j][..., D:]
+                g_out = gj if g_out is None else parts[j][..., :D] @ g_out + gj
+            return None if g_out is None else g_out.contiguous()
+        g_out = None
+        if rank < world - 1:
+            g_out = torch.empty_like(g_in)
+            dist.recv(g_out, src=self._peer(rank + 1), group=group)
+        if rank > 0:
+            total = g_in if g_out is None else g_in + Tt @ g_out
+            dist.send(total.contiguous(), dst=self._peer(rank - 1), group=group)
+        return g_out
 
 
-def _exchange(group, strategy, rank, world):
-    """(T, L, s0, anchor) -> S_in of this rank (differentiable), by the ring or by one all-gather of every
-    (T, L). Every rank must run the exchange's backward (a chain of point-to-point messages, or a
-    collective): `anchor` ties it to the call's inputs (_Tie)."""
-    if strategy == "ring" or strategy.startswith("scan"):
-        scan = None if strategy == "ring" else (int(strategy[5:]) if strategy.startswith("scan:") else 0)
-        return lambda T, L, s0, anchor: _Hop.apply(_Tie.apply(T, anchor), L, s0, group, rank, world, scan)
+class _DeltaPiece(torch.autograd.Function):
+    """One rank's piece under a group: its map (T, L) (gated_delta_map), S_in from the exchange, the piece
+    from S_in (gated_delta_fwd) -> (o, S_out). Backward: the gradient of S_in from this piece alone
+    (gated_delta_bwd, state_grad_only) goes into the exchange's backward, which returns G_out, the gradient
+    of S_out from the ranks after this one; then one gated_delta_bwd with grad S_out + G_out gives every
+    gradient (S_out = T S_in + L is the state the piece ends with). Only rank 0 reads its initial state: the
+    others get a zero gradient for it (a sum over the group is exact)."""
 
-    def allgather(T, L, s0, anchor):
-        from torch.distributed.nn.functional import all_gather
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, s0, scale, exchange):
+        ops = torch.ops.lasp
+        T, L = ops.gated_delta_map(q, k, v, g, beta)
+        s_in = exchange.forward(T, L, s0.to(T.dtype))
+        o, fin = ops.gated_delta_fwd(q, k, v, g, beta, scale, s_in)
+        ctx.save_for_backward(q, k, v, g, beta, s_in, T)
+        ctx.scale, ctx.exchange, ctx.s0_dtype = scale, exchange, s0.dtype
+        return o, fin
 
-        # One all-gather of [T | L | s0]: every rank reads rank 0's part (its initial state), so every
-        # rank runs the gather's backward (a collective) once.
-        D = T.shape[-1]
-        parts = all_gather(_Tie.apply(torch.cat([T, L, s0], dim=-1).contiguous(), anchor), group=group)
-        s = parts[0][..., D + L.shape[-1]:]  # rank 0's initial state
-        for j in range(rank):
-            s = parts[j][..., :D] @ s + parts[j][..., D:D + L.shape[-1]]
-        return s
+    @staticmethod
+    def backward(ctx, do, dfin):
+        ops = torch.ops.lasp
+        q, k, v, g, beta, s_in, T = ctx.saved_tensors
+        g_in = ops.gated_delta_bwd(q, k, v, g, beta, ctx.scale, s_in, do, dfin, True)[5]
+        g_out = ctx.exchange.backward(T, g_in)
+        if g_out is not None:
+            dfin = g_out if dfin is None else dfin + g_out
+        dq, dk, dv, dg, dbeta, ds = ops.gated_delta_bwd(q, k, v, g, beta, ctx.scale, s_in, do, dfin, False)
+        ds0 = ds if ctx.exchange.rank == 0 else torch.zeros_like(ds)
+        return dq, dk, dv, dg, dbeta, ds0.to(ctx.s0_dtype), None, None
 
-    return allgather
+
+def _l2norm(x, acc):
+    x = x.to(acc)
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6)
 
 
 def gated_delta_attention(
@@ -298,7 +301,8 @@ def gated_delta_attention(
 
     Mapping to fla: ``chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
     cu_seqlens, use_qk_l2norm_in_kernel)`` with fla's (B, N, H, .) tensors is this op with layout="bnhd".
-    Computed with PyTorch operations (any device; float32 inside for 16-bit inputs), chunks of 64.
+    Computed by the ops of csrc/delta.cpp (float32 inside for 16-bit inputs; chunks of 64). On one device
+    (no group) it is torch.ops.lasp.gated_delta_attention, which torch.compile traces whole.
     """
     fn = "lasp.gated_delta_attention"
     name = None
@@ -309,7 +313,7 @@ def gated_delta_attention(
     # Checks that need no other rank first; under a group their outcome travels with the call's
     # description, so that every rank raises alike (no rank waits for one that has raised).
     try:
-        q, k, v, g, beta = _checked(fn, q, k, v, g, beta, layout, strategy, initial_state)
+        q, k, v, g, beta = _checked(fn, q, k, v, g, beta, layout, strategy, initial_state, name is not None)
         local_err = None
     except (TypeError, ValueError) as e:
         local_err = e
@@ -350,68 +354,19 @@ def gated_delta_attention(
             raise ValueError(f"{fn}: the last offset of cu_seqlens ({int(cu[-1])}) must equal the packed length "
                              f"({total}{', the sum of the pieces over the group' if len(rows) > 1 else ''})")
         g = g.masked_fill(_document_resets(cu, offset, offset + N, g.device), float("-inf"))
-    ring = None
-    if name is not None:
+    scale = D ** -0.5 if scale is None else float(scale)
+    if name is None:  # one device: the op with its C++ autograd (it checks the values of g itself)
+        o, S = torch.ops.lasp.gated_delta_attention(q, k, v, g, beta, scale, initial_state, bool(use_qk_l2norm))
+    else:
         # every value "auto" reads is the same on every rank (compared above): the ranks pick alike
         strategy = _resolve_strategy(fn, strategy, group, q, v, gates=True, op="gated_delta_attention")
-        ring = _exchange(group, strategy, rank, len(rows))
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scale = D ** -0.5 if scale is None else float(scale)
-
-    def heads(x):  # (B, Hx, N, X) -> (B, H, N, X) in acc
-        x = x.to(acc)
-        hx = x.shape[1]
-        return x if hx == H else x.repeat_interleave(H // hx, dim=1)
-
-    qh, kh, vh = heads(q), heads(k), heads(v)
-    if use_qk_l2norm:
-        qh = qh / torch.sqrt((qh * qh).sum(-1, keepdim=True) + 1e-6)
-        kh = kh / torch.sqrt((kh * kh).sum(-1, keepdim=True) + 1e-6)
-    gl, bt = g.to(acc), beta.to(acc)
-    C = CHUNK
-    nc = (N + C - 1) // C
-    pad = nc * C - N
-    if pad:  # padded tokens: k = v = q = 0, beta = 0, g = 0: they change nothing
-        qh, kh, vh = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (qh, kh, vh))
-        gl, bt = (torch.nn.functional.pad(x, (0, pad)) for x in (gl, bt))
-    qc, kc, vc = (x.view(B, H, nc, C, x.shape[-1]) for x in (qh, kh, vh))
-    gc, bc = gl.view(B, H, nc, C), bt.view(B, H, nc, C)
-    gam = torch.exp(_segsum(gc))                               # (B, H, nc, C, C), lower incl. diagonal
-    pre = torch.exp(torch.cumsum(gc, dim=-1))                  # (B, H, nc, C)
-    suf = gam[..., C - 1, :]                                   # exp(g[j+1] + ... + g[C-1])
-    strict = torch.tril(torch.ones(C, C, dtype=torch.bool, device=q.device), diagonal=-1)
-    kk = kc @ kc.transpose(-1, -2)
-    A = (bc.unsqueeze(-1) * gam * kk).masked_fill(~strict, 0.0)
-    eye = torch.eye(C, dtype=acc, device=q.device)
-    rhs = torch.cat([bc.unsqueeze(-1) * vc, (bc * pre).unsqueeze(-1) * kc], dim=-1)  # [beta V | beta pre K]
-    w = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
-    wv, wk = w[..., :E], w[..., E:]
-    qk = (qc @ kc.transpose(-1, -2)) * gam                     # causal, decayed
-    s0 = (initial_state.to(acc) if initial_state is not None
-          else torch.zeros(B, H, D, E, dtype=acc, device=q.device))
-    if ring is not None:
-        # The piece maps its incoming state affinely, S_out = T S_in + L: compose the chunks' maps, then
-        # the exchange gives S_in (rank 0: the initial state), with T^T carrying gradients back.
-        T = torch.eye(D, dtype=acc, device=q.device).expand(B, H, D, D)
-        L = torch.zeros(B, H, D, E, dtype=acc, device=q.device)
-        for c in range(nc):
-            ks = (suf[:, :, c].unsqueeze(-1) * kc[:, :, c]).transpose(-1, -2)  # (B, H, D, C)
-            p_end = pre[:, :, c, C - 1, None, None]
-            T = p_end * T - ks @ (wk[:, :, c] @ T)
-            L = p_end * L + ks @ (wv[:, :, c] - wk[:, :, c] @ L)
-        s0 = ring(T, L, s0, qh if qh.requires_grad else (kh if kh.requires_grad else (vh if vh.requires_grad
-                                                             else (gl if gl.requires_grad else bt))))
-    S = s0
-    outs = []
-    for c in range(nc):
-        u = wv[:, :, c] - wk[:, :, c] @ S                      # (B, H, C, E)
-        outs.append(scale * (pre[:, :, c].unsqueeze(-1) * (qc[:, :, c] @ S) + qk[:, :, c] @ u))
-        S = pre[:, :, c, C - 1, None, None] * S + (suf[:, :, c].unsqueeze(-1) * kc[:, :, c]).transpose(-1, -2) @ u
-    o = torch.cat(outs, dim=2)[:, :, :N] if nc else torch.zeros(B, H, 0, E, dtype=acc, device=q.device)
-    if nc == 0:  # an empty piece: o still leads back to every input (empty gradients, not None) and to the
-        # exchange, whose backward every rank must run for the chain's gradients to pass it
-        o = o + 0.0 * (s0.sum() + qh.sum() + kh.sum() + vh.sum() + gl.sum() + bt.sum())
-    o = o.to(q.dtype)
+        exchange = _Exchange(group, strategy, rank, len(rows))
+        acc = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else torch.float32
+        s0 = (initial_state if initial_state is not None
+              else torch.zeros(B, H, D, E, dtype=acc, device=q.device))
+        qq, kk = (_l2norm(q, acc), _l2norm(k, acc)) if use_qk_l2norm else (q, k)
+        o, S = _DeltaPiece.apply(qq, kk, v, g, beta, s0, scale, exchange)
+        o = o.to(q.dtype)
     if layout == "bnhd":
         o = o.transpose(1, 2)
     return (o, S) if output_final_state else o

@@ -140,15 +140,62 @@ def test_meta_tensors_give_shapes(lasp):
 
 
 def test_torch_compile_matches_eager(lasp, seed):
-    """torch.compile (one device): outputs and every gradient equal the eager call. (One graph break: the
-    check that g holds no positive or NaN value reads the values, so fullgraph=True refuses it.)"""
+    """torch.compile(fullgraph=True) on one device: outputs and every gradient equal the eager call (the op
+    and its C++ autograd function are one node of the graph; the op checks g's values itself)."""
     torch._dynamo.reset()
     ins = _inputs(seed, 1, 1, 1, 2, 150, 16, 8)
     want = _run(_ours(lasp, use_qk_l2norm=True), *ins)
-    fn = torch.compile(lasp.gated_delta_attention)
+    fn = torch.compile(lasp.gated_delta_attention, fullgraph=True)
     got = _run(lambda *a, **kw: fn(*a, output_final_state=True, use_qk_l2norm=True, **kw), *ins)
     for name, w in want.items():
         torch.testing.assert_close(got[name], w, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+OPCHECK = [
+    # B, Hq, Hk, Hv, N, D, E, dtype, with initial state
+    pytest.param(1, 2, 1, 2, 70, 5, 3, F64, True, id="gqa-f64-state"),
+    pytest.param(2, 1, 1, 3, 9, 4, 6, torch.float32, False, id="gva-f32"),
+    pytest.param(1, 2, 2, 2, 65, 8, 8, torch.bfloat16, True, id="bf16-state"),
+    pytest.param(1, 2, 2, 2, 0, 4, 4, torch.float32, True, id="empty-piece"),
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hk,Hv,N,D,E,dtype,with_state", OPCHECK)
+def test_opcheck_delta_ops(lasp, B, Hq, Hk, Hv, N, D, E, dtype, with_state, seed):
+    """torch.library.opcheck (schema, autograd registration, fake tensors, AOT dispatch) on the user-facing op
+    with inputs that require grad, and on the internal fwd / bwd / map ops (no autograd of their own)."""
+    from torch.library import opcheck
+
+    q, k, v, g, beta, s0, do, dS = _inputs(seed, B, Hq, Hk, Hv, N, D, E, dtype=dtype, resets=N > 2)
+    s0 = s0.to(torch.float64 if dtype == F64 else torch.float32) if with_state else None
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, g, beta)]
+    sl = s0.detach().clone().requires_grad_() if with_state else None
+    for l2 in (False, True):
+        opcheck(torch.ops.lasp.gated_delta_attention.default, (*leaves, 0.5, sl, l2))
+    ops = torch.ops.lasp
+    opcheck(ops.gated_delta_fwd.default, (q, k, v, g, beta, 0.5, s0))
+    opcheck(ops.gated_delta_map.default, (q, k, v, g, beta))
+    for only in (False, True):
+        opcheck(ops.gated_delta_bwd.default, (q, k, v, g, beta, 0.5, s0, do.to(dtype), dS.float(), only))
+    opcheck(ops.gated_delta_bwd.default, (q, k, v, g, beta, 0.5, None, None, None, False))
+
+
+def test_piece_map_and_state_gradient(lasp, seed):
+    """The exchange's two quantities: gated_delta_map's (T, L) gives the piece's final state from any incoming
+    state, S_out = T S_in + L; gated_delta_bwd's state_grad_only output is the full backward's gradient of the
+    incoming state."""
+    q, k, v, g, beta, s0, do, dS = _inputs(seed, 2, 2, 1, 2, 150, 6, 5)
+    ops = torch.ops.lasp
+    T, L = ops.gated_delta_map(q, k, v, g, beta)
+    _, fin = ops.gated_delta_fwd(q, k, v, g, beta, 0.3, s0)
+    torch.testing.assert_close(T @ s0 + L, fin, rtol=1e-12, atol=1e-12)
+    full = ops.gated_delta_bwd(q, k, v, g, beta, 0.3, s0, do, dS, False)
+    only = ops.gated_delta_bwd(q, k, v, g, beta, 0.3, s0, do, dS, True)
+    torch.testing.assert_close(only[5], full[5], rtol=0, atol=0)
+    assert all(t.numel() == 0 for t in only[:5])
+    # with dout = 0 the state gradient is T^T grad_final_state
+    zero = ops.gated_delta_bwd(q, k, v, g, beta, 0.3, s0, None, dS, True)[5]
+    torch.testing.assert_close(zero, T.transpose(-1, -2) @ dS, rtol=1e-12, atol=1e-12)
 
 
 def test_bad_inputs_name_the_argument(lasp):
