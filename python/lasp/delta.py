@@ -216,34 +216,101 @@ class _Exchange:
 
 
 class _DeltaPiece(torch.autograd.Function):
-    """One rank's piece under a group: its map (T, L) (gated_delta_map), S_in from the exchange, the piece
-    from S_in (gated_delta_fwd) -> (o, S_out). Backward: the gradient of S_in from this piece alone
-    (gated_delta_bwd, state_grad_only) goes into the exchange's backward, which returns G_out, the gradient
-    of S_out from the ranks after this one; then one gated_delta_bwd with grad S_out + G_out gives every
-    gradient (S_out = T S_in + L is the state the piece ends with). Only rank 0 reads its initial state: the
-    others get a zero gradient for it (a sum over the group is exact)."""
+    """One rank's piece as segments, each run by the ops from its own starting state. segs: [(a, b, j)],
+    tokens [a, b) of the piece starting from ``states[j]`` (the initial state of document j, which starts at a;
+    zeros where states is None) or, for j = -1 (first segment only), from S_in: the state the exchange brings
+    (exchange None: s0). Returns (o, F) with F (len(segs), B, H, D, E) the segments' final states.
+
+    Under a group the piece maps the state it receives to the one it sends, S_out = T S_in + L: with one
+    segment from S_in, (T, L) is gated_delta_map's; where a document starts in the piece, T = 0 and L is the
+    last segment's final state. The exchange passes S_in along; then each segment runs (gated_delta_fwd).
+    Backward: the gradient of S_in from this piece alone (one segment: gated_delta_bwd's state_grad_only; else
+    the first segment's full backward) goes into the exchange's backward, which returns G_out, the gradient
+    of S_out from the ranks after this one; the last segment's backward then takes it with its own. Only
+    rank 0 reads s0: the others get a zero gradient for it (a sum over the group is exact)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, s0, scale, exchange):
+    def forward(ctx, q, k, v, g, beta, s0, states, scale, exchange, segs):
         ops = torch.ops.lasp
-        T, L = ops.gated_delta_map(q, k, v, g, beta)
-        s_in = exchange.forward(T, L, s0.to(T.dtype))
-        o, fin = ops.gated_delta_fwd(q, k, v, g, beta, scale, s_in)
-        ctx.save_for_backward(q, k, v, g, beta, s_in, T)
-        ctx.scale, ctx.exchange, ctx.s0_dtype = scale, exchange, s0.dtype
-        return o, fin
+        parts = [tuple(t.narrow(2, a, b - a) for t in (q, k, v, g, beta)) for a, b, _ in segs]
+
+        def start(j, s_in):
+            if j < 0:
+                return s_in
+            return states[j:j + 1] if states is not None else torch.zeros_like(s0)
+
+        chain = len(segs) == 1 and segs[0][2] < 0
+        s_in, T, last = s0, None, None
+        if exchange is not None:
+            if chain:
+                T, L = ops.gated_delta_map(q, k, v, g, beta)
+            else:  # a document starts in the piece: the state sent on is its last segment's, whatever S_in is
+                last = ops.gated_delta_fwd(*parts[-1], scale, start(segs[-1][2], None))
+                L = last[1]
+                T = torch.zeros(L.shape[:-1] + (L.shape[-2],), dtype=L.dtype, device=L.device)
+            s_in = exchange.forward(T, L, s0.to(L.dtype))
+        res = [last if i == len(segs) - 1 and last is not None else
+               ops.gated_delta_fwd(*parts[i], scale, start(j, s_in)) for i, (_, _, j) in enumerate(segs)]
+        o = res[0][0] if len(res) == 1 else torch.cat([r[0] for r in res], dim=2)
+        F = torch.stack([r[1] for r in res])
+        ctx.save_for_backward(q, k, v, g, beta, s_in, T, states)
+        ctx.scale, ctx.exchange, ctx.segs, ctx.s0_like = scale, exchange, segs, (s0.dtype, s0.shape)
+        return o, F
 
     @staticmethod
-    def backward(ctx, do, dfin):
+    def backward(ctx, do, dF):
         ops = torch.ops.lasp
-        q, k, v, g, beta, s_in, T = ctx.saved_tensors
-        g_in = ops.gated_delta_bwd(q, k, v, g, beta, ctx.scale, s_in, do, dfin, True)[5]
-        g_out = ctx.exchange.backward(T, g_in)
-        if g_out is not None:
-            dfin = g_out if dfin is None else dfin + g_out
-        dq, dk, dv, dg, dbeta, ds = ops.gated_delta_bwd(q, k, v, g, beta, ctx.scale, s_in, do, dfin, False)
-        ds0 = ds if ctx.exchange.rank == 0 else torch.zeros_like(ds)
-        return dq, dk, dv, dg, dbeta, ds0.to(ctx.s0_dtype), None, None
+        q, k, v, g, beta, s_in, T, states = ctx.saved_tensors
+        segs, exchange, scale = ctx.segs, ctx.exchange, ctx.scale
+        parts = [tuple(t.narrow(2, a, b - a) for t in (q, k, v, g, beta, do)) for a, b, _ in segs]
+
+        def start(j):
+            if j < 0:
+                return s_in
+            return states[j:j + 1] if states is not None else torch.zeros_like(s_in)
+
+        def bwd(i, dfin, state_only=False):
+            *ins, dos = parts[i]
+            return ops.gated_delta_bwd(*ins, scale, start(segs[i][2]), dos, dfin, state_only)
+
+        res = [None] * len(segs)
+        from_s_in = segs[0][2] < 0
+        if len(segs) == 1 and from_s_in:
+            g_in = bwd(0, dF[0], True)[5] if exchange is not None else None
+        else:
+            if from_s_in:
+                res[0] = bwd(0, dF[0])
+            g_in = res[0][5] if from_s_in else torch.zeros_like(s_in)
+        g_out = exchange.backward(T, g_in) if exchange is not None else None
+        for i in range(len(segs)):
+            if res[i] is None:
+                dfin = dF[i] if g_out is None or i < len(segs) - 1 else dF[i] + g_out
+                res[i] = bwd(i, dfin)
+        grads = [res[0][c] if len(res) == 1 else torch.cat([x[c] for x in res], dim=2) for c in range(5)]
+        dtype, shape = ctx.s0_like
+        ds0 = torch.zeros(shape, dtype=dtype, device=q.device)
+        if from_s_in and (exchange is None or exchange.rank == 0):
+            ds0 = res[0][5].to(dtype)
+        dstates = None
+        if states is not None and ctx.needs_input_grad[6]:
+            dstates = torch.zeros_like(states)
+            for (_, _, j), r in zip(segs, res):
+                if j >= 0:
+                    dstates[j] += r[5][0].to(states.dtype)
+        return (*grads, ds0, dstates, None, None, None)
+
+
+def _check_doc_states(fn, initial_state, num_docs, q, v):
+    if not isinstance(initial_state, torch.Tensor):
+        raise TypeError(f"{fn}: initial_state must be a torch.Tensor or None, got {type(initial_state).__name__}")
+    want = (num_docs, max(q.shape[1], v.shape[1]), q.shape[3], v.shape[3])
+    if tuple(initial_state.shape) != want:
+        raise ValueError(f"{fn}: with cu_seqlens, initial_state must have shape (num_docs, H, D, E) = {want} (one "
+                         f"state per document), got {tuple(initial_state.shape)}")
+    if not initial_state.is_floating_point():
+        raise TypeError(f"{fn}: initial_state must be a floating-point tensor, got {initial_state.dtype}")
+    if initial_state.device != q.device:
+        raise ValueError(f"{fn}: initial_state must be on q's device {q.device}, got {initial_state.device}")
 
 
 def _l2norm(x, acc):
@@ -293,7 +360,14 @@ def gated_delta_attention(
             op="gated_delta_attention" says which and why; the same on every rank).
         cu_seqlens: packed documents of one row (batch size 1), global offsets [0, ..., N]: the state
             restarts at every document start (g = -inf there; the given g there gets a zero gradient).
-            Not with initial_state / output_final_state (one state per document) yet.
+            Under a group every rank passes the same offsets and its contiguous piece (any length, empty
+            too; a document may span any number of ranks). Per-document states: initial_state is then
+            (num_docs, H, D, E) (any floating dtype, the same shape on every rank), document j's row read on
+            the rank where j starts (the others get a zero gradient for it; the gate of j's first token
+            multiplies it, as without cu_seqlens); output_final_state returns (num_docs, H, D, E) in the
+            accumulation dtype: the final states of the documents ending in this rank's piece, zeros
+            elsewhere (their sum over the group is every document's). The piece then runs as one call of
+            the ops per document in it.
         use_qk_l2norm: divide q and k by sqrt(sum of squares + 1e-6) over D first (fla's
             ``use_qk_l2norm_in_kernel``).
     Returns:
@@ -313,7 +387,8 @@ def gated_delta_attention(
     # Checks that need no other rank first; under a group their outcome travels with the call's
     # description, so that every rank raises alike (no rank waits for one that has raised).
     try:
-        q, k, v, g, beta = _checked(fn, q, k, v, g, beta, layout, strategy, initial_state, name is not None)
+        q, k, v, g, beta = _checked(fn, q, k, v, g, beta, layout, strategy,
+                                    initial_state if cu_seqlens is None else None, name is not None)
         local_err = None
     except (TypeError, ValueError) as e:
         local_err = e
@@ -324,28 +399,28 @@ def gated_delta_attention(
     if cu_seqlens is not None and local_err is None:
         try:
             cu = check_cu_seqlens(cu_seqlens, None, fn)
+            if initial_state is not None:  # one state per document
+                _check_doc_states(fn, initial_state, cu.numel() - 1, q, v)
         except (TypeError, ValueError) as e:
             local_err = e
     ok = local_err is None
     B, H, N, D = (q.shape[0], max(q.shape[1], v.shape[1]), q.shape[2], q.shape[3]) if ok else (0, 0, 0, 0)
     E = v.shape[3] if ok else 0
-    states_with_cu = int(cu is not None and (initial_state is not None or bool(output_final_state)))
-    # [N, ok, states with cu_seqlens, then what every rank must share]
+    doc_states = [int(cu is not None and initial_state is not None), int(cu is not None and bool(output_final_state))]
+    # [N, ok, then what every rank must share]
     heads3 = [q.shape[1], k.shape[1], v.shape[1]] if ok else [0, 0, 0]
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     dcode = dtypes.index(q.dtype) if ok and q.dtype in dtypes else -1
-    desc = [int(ok), states_with_cu, B, H, D, E, *heads3, dcode, int(cu is not None), int(bool(use_qk_l2norm)),
-            ("ring", "allgather", "scan", "auto").index(strategy) if ok else -1]
+    desc = [int(ok), B, H, D, E, *heads3, dcode, int(cu is not None), int(bool(use_qk_l2norm)),
+            ("ring", "allgather", "scan", "auto").index(strategy) if ok else -1, *doc_states]
     rows, rank = _gather_rows(group if name is not None else None, [N] + desc + _cu_signature(cu))
     _raise_if_invalid(rows, 1, local_err, f"{fn}: the call")
-    differ = [i for i, r in enumerate(rows) if r[3:] != rows[0][3:]]
+    differ = [i for i, r in enumerate(rows) if r[2:] != rows[0][2:]]
     if differ:
         raise ValueError(f"{fn}: every rank of the group must call alike (batch size, q / k / v heads, head dims, "
-                         "dtype, cu_seqlens, use_qk_l2norm, strategy; only the pieces' lengths may differ): group ranks "
+                         "dtype, cu_seqlens, use_qk_l2norm, strategy, and with cu_seqlens whether initial_state and "
+                         "output_final_state are given; only the pieces' lengths may differ): group ranks "
                          f"{differ} differ from group rank 0")
-    if any(r[2] for r in rows):
-        raise NotImplementedError(f"{fn}: initial_state and output_final_state with cu_seqlens (one state per "
-                                  "document) are not supported yet")
     total, offset = sum(r[0] for r in rows), sum(r[0] for r in rows[:rank])
     if cu is not None:
         if B != 1:
@@ -353,20 +428,48 @@ def gated_delta_attention(
         if int(cu[-1]) != total:
             raise ValueError(f"{fn}: the last offset of cu_seqlens ({int(cu[-1])}) must equal the packed length "
                              f"({total}{', the sum of the pieces over the group' if len(rows) > 1 else ''})")
+    per_doc = cu is not None and (initial_state is not None or bool(output_final_state))
+    if cu is not None and not per_doc:  # one call over the piece, the state dropped at every start
         g = g.masked_fill(_document_resets(cu, offset, offset + N, g.device), float("-inf"))
     scale = D ** -0.5 if scale is None else float(scale)
-    if name is None:  # one device: the op with its C++ autograd (it checks the values of g itself)
+    if name is None and not per_doc:  # one device: the op with its C++ autograd (it checks g's values itself)
         o, S = torch.ops.lasp.gated_delta_attention(q, k, v, g, beta, scale, initial_state, bool(use_qk_l2norm))
     else:
-        # every value "auto" reads is the same on every rank (compared above): the ranks pick alike
-        strategy = _resolve_strategy(fn, strategy, group, q, v, gates=True, op="gated_delta_attention")
-        exchange = _Exchange(group, strategy, rank, len(rows))
+        exchange = None
+        if name is not None:
+            # every value "auto" reads is the same on every rank (compared above): the ranks pick alike
+            strategy = _resolve_strategy(fn, strategy, group, q, v, gates=True, op="gated_delta_attention")
+            exchange = _Exchange(group, strategy, rank, len(rows))
         acc = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else torch.float32
-        s0 = (initial_state if initial_state is not None
-              else torch.zeros(B, H, D, E, dtype=acc, device=q.device))
+        states = None
+        if per_doc:
+            # segments between the document starts in the piece, each from its document's initial state (the
+            # first, before any start, from the state the exchange brings)
+            local = [(j, int(cu[j]) - offset) for j in range(cu.numel() - 1) if offset <= int(cu[j]) < offset + N]
+            cuts = [p for _, p in local] + [N]
+            segs = ([(0, cuts[0], -1)] if not local or cuts[0] > 0 else []) + [
+                (p, cuts[i + 1], j) for i, (j, p) in enumerate(local)]
+            states = None if initial_state is None else initial_state.to(acc)
+            s0 = torch.zeros(B, H, D, E, dtype=acc, device=q.device)
+        else:
+            segs = [(0, N, -1)]
+            s0 = initial_state if initial_state is not None else torch.zeros(B, H, D, E, dtype=acc, device=q.device)
         qq, kk = (_l2norm(q, acc), _l2norm(k, acc)) if use_qk_l2norm else (q, k)
-        o, S = _DeltaPiece.apply(qq, kk, v, g, beta, s0, scale, exchange)
+        o, F = _DeltaPiece.apply(qq, kk, v, g, beta, s0, states, scale, exchange, segs)
         o = o.to(q.dtype)
+        S = F[-1]
+        if per_doc and output_final_state:
+            # the final states of the documents ending in this piece, zeros elsewhere
+            first_doc = int(torch.searchsorted(cu, torch.tensor(offset), right=True)) - 1  # open at the piece's start
+            rows_idx, ends = [], []
+            for i, (a, b, j) in enumerate(segs):
+                doc = first_doc if j < 0 else j
+                if b - a > 0 and int(cu[doc + 1]) <= offset + N:
+                    rows_idx.append(doc)
+                    ends.append(i)
+            # (index_copy also where no document ends here: the zeros are then still an output of the graph)
+            S = torch.zeros(cu.numel() - 1, H, D, E, dtype=acc, device=q.device).index_copy(
+                0, torch.tensor(rows_idx, dtype=torch.long, device=q.device), F[torch.tensor(ends, dtype=torch.long), 0])
     if layout == "bnhd":
         o = o.transpose(1, 2)
     return (o, S) if output_final_state else o

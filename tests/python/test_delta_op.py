@@ -127,6 +127,44 @@ def test_packed_documents_match_each_alone(lasp, seed):
         torch.testing.assert_close(got[i], want, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
 
 
+def test_packed_documents_with_states_match_each_alone(lasp, seed):
+    """cu_seqlens with per-document initial states (num_docs, H, D, E) and final states: each document is
+    the op on it alone from its own initial state; outputs, final states and every gradient (the initial
+    states' rows included) match, GVA heads."""
+    lens = [5, 1, 70, 1, 130]
+    N, nd = sum(lens), len(lens)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist())
+    q, k, v, g, beta, _, do, _ = _inputs(seed, 1, 1, 1, 2, N, 6, 5, resets=False)
+    s0 = randn((nd, 2, 6, 5), gen(seed + 1), F64)
+    dS = randn((nd, 2, 6, 5), gen(seed + 2), F64)
+    for l2 in (False, True):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, g, beta, s0)]
+        o, f = lasp.gated_delta_attention(*leaves[:5], cu_seqlens=cu, initial_state=leaves[5], output_final_state=True,
+                                          use_qk_l2norm=l2)
+        got = torch.autograd.grad([o, f], leaves, [do, dS])
+        outs, fins, grads = [], [], [[] for _ in leaves]
+        for j, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+            ls = [t.detach().narrow(2, a, b - a).clone().requires_grad_() for t in (q, k, v, g, beta)]
+            ls.append(s0[j:j + 1].clone().requires_grad_())
+            od, fd = lasp.gated_delta_attention(*ls[:5], initial_state=ls[5], output_final_state=True, use_qk_l2norm=l2)
+            outs.append(od.detach())
+            fins.append(fd.detach())
+            for i, gr in enumerate(torch.autograd.grad([od, fd], ls, [do.narrow(2, a, b - a), dS[j:j + 1]])):
+                grads[i].append(gr)
+        torch.testing.assert_close(o.detach(), torch.cat(outs, 2), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(f.detach(), torch.cat(fins, 0), rtol=1e-10, atol=1e-10)
+        for i, name in enumerate(["dq", "dk", "dv", "dg", "dbeta", "dinitial"]):
+            want = torch.cat(grads[i], 0 if name == "dinitial" else 2)
+            torch.testing.assert_close(got[i], want, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name} l2={l2}: {m}")
+    # final states alone (no initial ones): zeros in, the same final states as each document alone from zeros
+    o2, f2 = lasp.gated_delta_attention(q, k, v, g, beta, cu_seqlens=cu, output_final_state=True)
+    o3 = lasp.gated_delta_attention(q, k, v, g, beta, cu_seqlens=cu)
+    torch.testing.assert_close(o2, o3, rtol=1e-10, atol=1e-10)
+    for j, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        _, fd = lasp.gated_delta_attention(*(t.narrow(2, a, b - a) for t in (q, k, v, g, beta)), output_final_state=True)
+        torch.testing.assert_close(f2[j:j + 1], fd, rtol=1e-10, atol=1e-10)
+
+
 def test_meta_tensors_give_shapes(lasp):
     """On meta tensors (shape inference, as torch.compile's fake tensors need): the output and final-state
     shapes of both layouts, GVA heads, without value checks."""
@@ -217,8 +255,10 @@ def test_bad_inputs_name_the_argument(lasp):
         q2 = torch.randn(2, 2, 10, 4)
         lasp.gated_delta_attention(q2, q2, q2, -torch.rand(2, 2, 10), torch.rand(2, 2, 10),
                                    cu_seqlens=torch.tensor([0, 10]))
-    with pytest.raises(NotImplementedError, match="with cu_seqlens"):
-        lasp.gated_delta_attention(q, q, q, g, beta, cu_seqlens=torch.tensor([0, 10]), output_final_state=True)
+    with pytest.raises(ValueError, match=r"with cu_seqlens, initial_state must have shape \(num_docs, H, D, E\) = "
+                                         r"\(2, 2, 4, 4\)"):
+        lasp.gated_delta_attention(q, q, q, g, beta, cu_seqlens=torch.tensor([0, 4, 10]),
+                                   initial_state=torch.zeros(1, 2, 4, 4))
     with pytest.raises(TypeError, match="beta must be a floating-point tensor"):
         lasp.gated_delta_attention(q, q, q, g, torch.ones(1, 2, 10, dtype=torch.int64))
 
@@ -257,6 +297,11 @@ def _dist_problem(world, ci, N):
     return _inputs(2000 + 10 * world + ci, 1, 2, 1, 2, N, 6, 5, resets=False)
 
 
+def _doc_states(world, ci, num_docs):
+    g_ = gen(3000 + 10 * world + ci)
+    return randn((num_docs, 2, 6, 5), g_, F64), randn((num_docs, 2, 6, 5), g_, F64)
+
+
 def _to_layout(x, layout):
     return x if layout == "bhnd" else x.transpose(1, 2).contiguous()
 
@@ -288,6 +333,13 @@ def _dist_worker(rank, world, port, out_dir):
                 cu = torch.tensor([0] + torch.tensor(docs).cumsum(0).tolist())
                 o = lasp.gated_delta_attention(*leaves, cu_seqlens=cu, **kw)
                 gr = torch.autograd.grad(o, leaves, sl(do)) + (None,)
+                # per-document states: initial (num_docs, H, D, E) and final states
+                s0d, dSd = _doc_states(world, ci, len(docs))
+                ls = [x.detach().clone().requires_grad_() for x in leaves] + [s0d.clone().requires_grad_()]
+                od, fd = lasp.gated_delta_attention(*ls[:5], cu_seqlens=cu, initial_state=ls[5],
+                                                    output_final_state=True, **kw)
+                grd = torch.autograd.grad([od, fd], ls, [sl(do), dSd])
+                results[(ci, strategy, "states")] = dict(o=od.detach(), f=fd.detach(), grads=[x.detach() for x in grd])
             results[(ci, strategy)] = dict(o=o.detach(), grads=[None if x is None else x.detach() for x in gr])
             os.environ.pop("LASP_NODE_SIZE", None)
     q1, g1, b1 = torch.randn(1, 2, 3, 4), -torch.rand(1, 2, 3), torch.rand(1, 2, 3)
@@ -339,10 +391,27 @@ def test_across_ranks_matches_one_rank(lasp, world):
                 torch.testing.assert_close(parts[0]["grads"][5], want[5], rtol=1e-9, atol=1e-9)
                 for p in parts[1:]:
                     assert torch.all(p["grads"][5] == 0)
+            else:  # per-document states: final states and initial-state gradients summed over the ranks
+                s0d, dSd = _doc_states(world, ci, len(docs))
+                ls = [t.clone().requires_grad_() for t in (q, k, v, g, beta)] + [s0d.clone().requires_grad_()]
+                od, fd = lasp.gated_delta_attention(*ls[:5], cu_seqlens=cu, initial_state=ls[5], output_final_state=True)
+                wd = torch.autograd.grad([od, fd], ls, [do, dSd])
+                sp = [res[r][(ci, strategy, "states")] for r in range(world)]
+                torch.testing.assert_close(torch.cat([back(p["o"]) for p in sp], 2), od.detach(), rtol=1e-9, atol=1e-9,
+                                           msg=lambda m: f"case {ci} {strategy} states o: {m}")
+                torch.testing.assert_close(sum(p["f"] for p in sp), fd.detach(), rtol=1e-9, atol=1e-9,
+                                           msg=lambda m: f"case {ci} {strategy} final states: {m}")
+                for i, nm in enumerate(["dq", "dk", "dv", "dg", "dbeta"]):
+                    got = torch.cat([back(p["grads"][i]) if i < 3 or layout == "bhnd" else p["grads"][i].transpose(1, 2)
+                                     for p in sp], 2)
+                    torch.testing.assert_close(got, wd[i], rtol=1e-9, atol=1e-9,
+                                               msg=lambda m: f"case {ci} {strategy} states {nm}: {m}")
+                torch.testing.assert_close(sum(p["grads"][5] for p in sp), wd[5], rtol=1e-9, atol=1e-9,
+                                           msg=lambda m: f"case {ci} {strategy} states dinitial: {m}")
     # the rank whose input is bad says why, every other rank names it
     expect = {"heads": lambda r: ("ValueError", "must call alike"),
               "local": lambda r: ("ValueError", "g must be <= 0" if r == 0 else "not valid on group ranks [0]"),
-              "states": lambda r: ("NotImplementedError", "with cu_seqlens")}
+              "states": lambda r: ("ValueError", "must call alike")}
     for name, want_of in expect.items():
         for r in range(world):
             typ, text = want_of(r)
