@@ -27,6 +27,7 @@
 #include <tuple>
 #include <vector>
 
+#include "delta.h"
 #include "lasp.h"
 
 namespace lasp {
@@ -184,17 +185,29 @@ Tensor state_or_zeros(const std::optional<Tensor>& s, const Chunks& c, const Ten
   return s.has_value() ? s->to(c.acc, /*non_blocking=*/false, /*copy=*/true) : at::zeros({c.B, c.H, c.D, c.E}, like.options().dtype(c.acc));
 }
 
-// The chain of states: the state entering each chunk (B, H, nc, D, E), U (B, H, nc, C, E), the final state.
-std::tuple<Tensor, Tensor, Tensor> state_chain(const Chunks& c, Tensor S) {
-  Tensor states = at::empty({c.B, c.H, c.nc, c.D, c.E}, S.options());
-  Tensor u = at::empty({c.B, c.H, c.nc, kChunk, c.E}, S.options());
-  for (int64_t j = 0; j < c.nc; ++j) {
-    states.select(2, j).copy_(S);
-    Tensor uj = c.wv.select(2, j) - at::matmul(c.wk.select(2, j), S);
-    u.select(2, j).copy_(uj);
-    S = c.plast.select(2, j) * S + at::matmul(c.ks.select(2, j), uj);
+ChainFn& device_chain(c10::DeviceType type) {
+  static ChainFn fns[static_cast<int>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)] = {};
+  return fns[static_cast<int>(type)];
+}
+
+// The chain on S0's device: its registered kernel where it takes the inputs, else the ATen composition.
+std::tuple<Tensor, Tensor, Tensor> chain(const ChainInputs& in, const Tensor& S0) {
+  if (ChainFn fn = device_chain(S0.device().type())) {
+    auto out = fn(in, S0);
+    if (std::get<0>(out).defined()) return out;
   }
-  return {states, u, S};
+  return delta_chain_aten(in, S0);
+}
+
+// The chain of states: the state entering each chunk (B, H, nc, D, E), U (B, H, nc, C, E), the final state.
+std::tuple<Tensor, Tensor, Tensor> state_chain(const Chunks& c, const Tensor& S0) {
+  ChainInputs in;
+  in.A = c.wv;
+  in.Bm = c.wk;
+  in.bsign = -1.0;
+  in.Cm = c.ks;
+  in.p = c.plast;
+  return chain(in, S0);
 }
 
 // (B, H, nc, C, X) -> (B, H, N, X)
@@ -245,14 +258,17 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
   const Tensor pdo = at::matmul(P.transpose(-1, -2), dO) * scale;                                // (.., C, E)
   const Tensor qdo = at::matmul(c.q.transpose(-1, -2), c.pre.unsqueeze(-1) * dO) * scale;      // (.., D, E)
   const Tensor sk = c.ks.transpose(-1, -2);                                                    // (.., C, D)
-  Tensor dU = at::empty({c.B, c.H, c.nc, C, c.E}, aopts);
-  Tensor dSe = at::empty({c.B, c.H, c.nc, c.D, c.E}, aopts);  // the gradient of the state leaving each chunk
-  for (int64_t j = c.nc - 1; j >= 0; --j) {
-    dSe.select(2, j).copy_(dS);
-    Tensor du = pdo.select(2, j) + at::matmul(sk.select(2, j), dS);
-    dU.select(2, j).copy_(du);
-    dS = qdo.select(2, j) + c.plast.select(2, j) * dS - at::matmul(c.wk.select(2, j).transpose(-1, -2), du);
-  }
+  ChainInputs in;  // the chain backwards: dU = pdo + diag(suf) K dS, dS <- qdo + pre[C-1] dS - Wk^T dU
+  in.A = pdo;
+  in.Bm = sk;
+  in.Cm = c.wk.transpose(-1, -2);
+  in.csign = -1.0;
+  in.p = c.plast;
+  in.R = qdo;
+  in.reverse = true;
+  // dSe: the gradient of the state leaving each chunk
+  auto [dSe, dU, dS0] = chain(in, dS);
+  dS = dS0;
   Tensor dinit = initial_state.has_value() ? dS.to(initial_state->scalar_type()) : dS;
   if (state_grad_only) {
     const auto none = q.options().dtype(c.acc);
@@ -305,14 +321,16 @@ std::tuple<Tensor, Tensor> map_impl(const Tensor& q, const Tensor& k, const Tens
   check_delta_inputs(q, k, v, g, beta, std::nullopt, /*check_values=*/true);
   const Chunks c = prepare(q, k, v, g, beta, /*need_q=*/false);
   const auto aopts = q.options().dtype(c.acc);
-  Tensor T = at::eye(c.D, aopts).expand({c.B, c.H, c.D, c.D}).contiguous();
-  Tensor L = at::zeros({c.B, c.H, c.D, c.E}, aopts);
-  for (int64_t j = 0; j < c.nc; ++j) {
-    const Tensor ks = c.ks.select(2, j), wk = c.wk.select(2, j), p = c.plast.select(2, j);
-    T = p * T - at::matmul(ks, at::matmul(wk, T));
-    L = p * L + at::matmul(ks, c.wv.select(2, j) - at::matmul(wk, L));
-  }
-  return {T, L};
+  // [T | L] as one chain: its columns are independent, T's from I with no values, L's from 0 with Wv
+  ChainInputs in;
+  in.A = at::cat({at::zeros({c.B, c.H, c.nc, kChunk, c.D}, aopts), c.wv}, -1);
+  in.Bm = c.wk;
+  in.bsign = -1.0;
+  in.Cm = c.ks;
+  in.p = c.plast;
+  const Tensor S0 = at::cat({at::eye(c.D, aopts).expand({c.B, c.H, c.D, c.D}), at::zeros({c.B, c.H, c.D, c.E}, aopts)}, -1);
+  const Tensor TL = std::get<2>(chain(in, S0));
+  return {TL.narrow(-1, 0, c.D).contiguous(), TL.narrow(-1, c.D, c.E).contiguous()};
 }
 
 // ---- Meta kernels ----
@@ -419,6 +437,32 @@ std::tuple<Tensor, Tensor> delta_autograd(const Tensor& q, const Tensor& k, cons
 }
 
 }  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> delta_chain_aten(const ChainInputs& in, const Tensor& S0) {
+  const int64_t nc = in.Bm.size(2), C = in.Bm.size(3);
+  const auto o = S0.options();
+  Tensor store = at::empty({S0.size(0), S0.size(1), nc, S0.size(2), S0.size(3)}, o);
+  Tensor X = at::empty({S0.size(0), S0.size(1), nc, C, S0.size(3)}, o);
+  Tensor S = S0;
+  for (int64_t jj = 0; jj < nc; ++jj) {
+    const int64_t j = in.reverse ? nc - 1 - jj : jj;
+    store.select(2, j).copy_(S);
+    Tensor x = at::matmul(in.Bm.select(2, j), S);
+    if (in.bsign != 1.0) x = x * in.bsign;
+    if (in.A.defined()) x = x + in.A.select(2, j);
+    X.select(2, j).copy_(x);
+    Tensor cx = at::matmul(in.Cm.select(2, j), x);
+    if (in.csign != 1.0) cx = cx * in.csign;
+    S = in.p.select(2, j) * S + cx;
+    if (in.R.defined()) S = S + in.R.select(2, j);
+  }
+  return {store, X, nc ? S : S.clone()};
+}
+
+bool register_delta_chain(c10::DeviceType type, ChainFn fn) {
+  device_chain(type) = fn;
+  return true;
+}
 
 std::tuple<at::Tensor, at::Tensor> gated_delta_attention(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& v, const at::Tensor& g,

@@ -1,0 +1,32 @@
+// Internal: the chain of states of the gated delta rule's chunked form (csrc/delta.cpp), the one sequential
+// part of its forward, backward and piece map, and the hook through which a device supplies a kernel for it.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/core/DeviceType.h>
+
+#include <tuple>
+
+namespace lasp {
+
+// Over the chunks j of each (b, h) (in order, or last to first with reverse), from the state S = S0:
+//   Sstore[j] = S;   X[j] = A[j] + bsign * Bm[j] S;   S = p[j] S + csign * Cm[j] X[j] + R[j]
+// Shapes (acc type, float32 or float64): A (B, H, nc, C, W) or undefined (zero), Bm (B, H, nc, C, D),
+// Cm (B, H, nc, D, C), p (B, H, nc, 1, 1), R (B, H, nc, D, W) or undefined (zero), S0 (B, H, D, W).
+// The columns of S are independent (W = E for the states, D + E for the piece's map [T | L]).
+// Returns (Sstore (B, H, nc, D, W), X (B, H, nc, C, W), the last S (B, H, D, W)).
+struct ChainInputs {
+  at::Tensor A, Bm, Cm, p, R;
+  double bsign = 1.0, csign = 1.0;
+  bool reverse = false;
+};
+using ChainFn = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(const ChainInputs& in, const at::Tensor& S0);
+
+// The ATen composition (any device).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> delta_chain_aten(const ChainInputs& in, const at::Tensor& S0);
+
+// Registers a kernel for the chain on devices of `type` (the last registration wins); returns true (to
+// initialise a static). It must give delta_chain_aten's result for every input it accepts, and may return
+// undefined tensors for the inputs it does not take (the composition then runs).
+bool register_delta_chain(c10::DeviceType type, ChainFn fn);
+
+}  // namespace lasp
