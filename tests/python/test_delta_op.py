@@ -263,16 +263,46 @@ def test_bad_inputs_name_the_argument(lasp):
         lasp.gated_delta_attention(q, q, q, g, torch.ones(1, 2, 10, dtype=torch.int64))
 
 
+CUDA_SHAPES = [
+    # (B, Hq, Hk, Hv, N, D, E)
+    (2, 2, 1, 2, 300, 64, 64),    # GQA, a partial last chunk
+    (1, 1, 1, 4, 200, 128, 64),   # GVA, D = 128
+    (1, 2, 2, 2, 130, 256, 33),   # D = 256, an odd E over two column tiles of the chain
+    (1, 2, 2, 2, 65, 7, 100),     # odd D
+]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_cuda_matches_recurrence(lasp, dtype, seed):
-    ins = _inputs(seed, 2, 2, 1, 2, 300, 64, 64, dtype=dtype, device="cuda")
+@pytest.mark.parametrize("chain", ["aten", "kernel"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=[f"q{s[1]}k{s[2]}v{s[3]}-N{s[4]}-D{s[5]}E{s[6]}" for s in CUDA_SHAPES])
+def test_cuda_matches_recurrence(lasp, shape, dtype, chain, seed, monkeypatch):
+    """On the GPU, every input's gradient and the outputs against the float64 recurrence, with the chain of
+    states as ATen operations or as the CUDA kernel (LASP_DELTA_CHAIN)."""
+    monkeypatch.setenv("LASP_DELTA_CHAIN", chain)
+    ins = _inputs(seed, *shape, dtype=dtype, device="cuda")
     got = _run(_ours(lasp), *ins)
     want = _run(_ref(), *(t.double().cpu() for t in ins))
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
     for key, w in want.items():
         err = ((got[key].double().cpu() - w).norm() / w.norm()).item()
         assert err < tol, f"{key}: relative error {err:.2e}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_chain_kernel_equals_aten(lasp, seed, monkeypatch):
+    """The chain kernel gives the ATen chain's results (float64: to rounding) for all four ops' uses: forward,
+    backward (all gradients), the piece's map, per-document states."""
+    ops = torch.ops.lasp
+    q, k, v, g, beta, s0, do, dS = _inputs(seed, 1, 2, 1, 2, 333, 40, 24, dtype=F64, device="cuda")
+    res = {}
+    for chain in ("aten", "kernel"):
+        monkeypatch.setenv("LASP_DELTA_CHAIN", chain)
+        res[chain] = [*ops.gated_delta_fwd(q, k, v, g, beta, 0.4, s0),
+                      *ops.gated_delta_bwd(q, k, v, g, beta, 0.4, s0, do, dS, False),
+                      *ops.gated_delta_map(q, k, v, g, beta)]
+    for i, (a, b) in enumerate(zip(res["aten"], res["kernel"])):
+        torch.testing.assert_close(b, a, rtol=1e-11, atol=1e-11, msg=lambda m: f"output {i}: {m}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,67 @@
+// CUDA kernel for the gated delta rule's chain of states (kernels/delta_chain.cu), registered as the CUDA
+// device's chain (csrc/delta.h). LASP_DELTA_CHAIN selects it per call: "kernel" runs it, "aten" (the
+// default) the ATen composition.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "delta.h"
+#include "delta_chain_api.h"
+
+namespace lasp {
+namespace {
+
+bool use_kernel() {
+  const char* v = std::getenv("LASP_DELTA_CHAIN");
+  if (v == nullptr || std::strcmp(v, "aten") == 0 || v[0] == '\0') return false;
+  TORCH_CHECK_VALUE(std::strcmp(v, "kernel") == 0, "LASP_DELTA_CHAIN must be 'aten' or 'kernel', got '", v, "'");
+  return true;
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const ChainInputs& in, const at::Tensor& S0) {
+  const int64_t B = S0.size(0), H = S0.size(1), D = S0.size(2), W = S0.size(3);
+  const int64_t nc = in.Bm.size(2), C = in.Bm.size(3);
+  const auto o = S0.options();
+  auto c = [](const at::Tensor& t) { return t.defined() ? t.contiguous() : t; };
+  const at::Tensor A = c(in.A), Bm = c(in.Bm), Cm = c(in.Cm), R = c(in.R), S = c(S0);
+  const at::Tensor p = in.p.reshape({B, H, nc}).contiguous();
+  at::Tensor store = at::empty({B, H, nc, D, W}, o), X = at::empty({B, H, nc, C, W}, o), fin = at::empty({B, H, D, W}, o);
+  cuda::ChainArgs<T> a;
+  a.BH = B * H;
+  a.nc = nc;
+  a.C = static_cast<int>(C);
+  a.D = static_cast<int>(D);
+  a.W = static_cast<int>(W);
+  a.A = A.defined() ? A.data_ptr<T>() : nullptr;
+  a.Bm = Bm.data_ptr<T>();
+  a.Cm = Cm.data_ptr<T>();
+  a.p = p.data_ptr<T>();
+  a.R = R.defined() ? R.data_ptr<T>() : nullptr;
+  a.S0 = S.data_ptr<T>();
+  a.Sstore = store.data_ptr<T>();
+  a.X = X.data_ptr<T>();
+  a.Sfin = fin.data_ptr<T>();
+  a.bsign = static_cast<T>(in.bsign);
+  a.csign = static_cast<T>(in.csign);
+  a.reverse = in.reverse;
+  if (a.BH > 0) C10_CUDA_CHECK(cuda::delta_chain(a, at::cuda::getCurrentCUDAStream()));
+  return {store, X, fin};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_cuda(const ChainInputs& in, const at::Tensor& S0) {
+  if (!use_kernel()) return {};
+  const c10::cuda::CUDAGuard guard(S0.device());
+  if (S0.scalar_type() == at::kDouble) return run<double>(in, S0);
+  if (S0.scalar_type() == at::kFloat) return run<float>(in, S0);
+  return {};
+}
+
+const bool registered = register_delta_chain(c10::DeviceType::CUDA, &chain_cuda);
+
+}  // namespace
+}  // namespace lasp
