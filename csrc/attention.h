@@ -19,14 +19,16 @@ class Ring;
 
 // One hop of the ring through peer memory (Transport::Peer). dir 0: forward (rank r-1 -> r -> r+1), 1:
 // backward. A rank with an upstream neighbour receives: out = gamma^n * (the state that rank sent) + add
-// and in_copy = that state, gamma^n = exp(-decay[h] * n); the first rank of the direction sends `add`
-// itself. A rank with a downstream neighbour sends the result on.
+// and in_copy = that state, gamma^n = exp(-decay[h] * n), or with per-token gates the (b, h) factors in
+// `gamma`; the first rank of the direction sends `add` itself. A rank with a downstream neighbour sends
+// the result on.
 struct PeerHop {
   PeerHop(const Ring& ring, int dir, Tensor decay, int64_t n, const char* what)
       : ring(&ring), dir(dir), decay(std::move(decay)), n(n), what(what) {}
   const Ring* ring;
   int dir;
   Tensor decay;              // float32 (H,) rates, or undefined (no decay)
+  Tensor gamma;              // float32 contiguous (B, H) factors (gates), or undefined (decay and n)
   int64_t n;                 // tokens of this rank's piece
   const char* what;
   Tensor add, in_copy, out;  // float32 (B, H, D, E) states (in_copy, out: receiving ranks only)

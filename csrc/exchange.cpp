@@ -82,8 +82,9 @@ class C10dRing final : public StateExchange {
 // Strategy "ring" over peer memory: one PeerHop kernel per direction and call.
 class PeerRing final : public StateExchange {
  public:
-  PeerRing(const Ring& ring, Tensor decay_acc, int64_t n, const std::function<void(const PeerHop&)>& hop)
-      : StateExchange(ring, std::move(decay_acc), n, Tensor(), /*gamma_before_waits=*/false), hop_(hop) {}
+  PeerRing(const Ring& ring, Tensor decay_acc, int64_t n, Tensor gate_sum,
+           const std::function<void(const PeerHop&)>& hop)
+      : StateExchange(ring, std::move(decay_acc), n, std::move(gate_sum), /*gamma_before_waits=*/false), hop_(hop) {}
 
   ForwardStates forward(Tensor local, const std::optional<Tensor>& initial_state) override {
     ForwardStates f;
@@ -95,6 +96,7 @@ class PeerRing final : public StateExchange {
     }
     // Receive S_in, S_out = gamma^n S_in + L_r, send S_out on: one kernel (the first rank only sends).
     PeerHop h(ring_, 0, decay_acc_, n_, "the forward state ring (peer transport)");
+    h.gamma = gate_factors();
     h.add = ring_.is_first() ? f.s_out : local;
     h.in_copy = f.s_in;
     h.out = f.s_out;
@@ -105,6 +107,7 @@ class PeerRing final : public StateExchange {
  protected:
   Suffix backward_exchange(Tensor x, const std::function<void()>& overlap) override {
     PeerHop h(ring_, 1, decay_acc_, n_, "the backward state ring (peer transport)");
+    h.gamma = gate_factors();
     h.add = x;
     Suffix s;
     if (ring_.is_last()) {  // sends X_r before its prepare pass
@@ -123,6 +126,10 @@ class PeerRing final : public StateExchange {
   }
 
  private:
+  // With gates, gamma^n per (b, h) for the kernel (made on the stream before the hop); else undefined: the
+  // kernel makes gamma^n per head from the decay.
+  Tensor gate_factors() { return gate_sum_.defined() ? gamma().reshape({-1}).contiguous() : Tensor(); }
+
   const std::function<void(const PeerHop&)>& hop_;
 };
 
@@ -272,11 +279,9 @@ class C10dScan final : public StateExchange {
 bool use_peer(const Kernels& backend_kernels, const Ring& ring, Strategy strategy, const Tensor& q, int64_t D,
               int64_t E, bool gates) {
   const Transport t = ring_transport();
-  // The peer hop scales by gamma^n per head; per-(b, h) gate transitions travel over the process group.
-  TORCH_CHECK_NOT_IMPLEMENTED(!gates || t != Transport::Peer || strategy != Strategy::Ring || ring.size() <= 1,
-                              "lasp_attention: the peer ring transport does not take g (per-token gates) yet; use "
-                              "set_ring_transport('nccl') or 'auto'");
-  if (gates) return false;
+  // With per-token gates the hop takes the (b, h) factors; "auto" keeps such calls on the process group until
+  // the gated peer ring has run across GPUs (kernels/peer_hop.h; "peer" asks for it).
+  if (gates && t == Transport::Auto) return false;
   if (t == Transport::Nccl || strategy != Strategy::Ring || ring.size() <= 1 || !backend_kernels.peer_ready ||
       acc_type(q.scalar_type()) != at::kFloat) {
     return false;
@@ -392,7 +397,7 @@ std::unique_ptr<StateExchange> make_exchange(const Kernels& backend, const Ring&
                                              const Tensor& q, int64_t D, int64_t E, const Tensor& decay_acc,
                                              int64_t n, const Tensor& gate_sum, int64_t scan_nodes) {
   if (use_peer(backend, ring, strategy, q, D, E, gate_sum.defined())) {
-    return std::make_unique<PeerRing>(ring, decay_acc, n, backend.peer_hop);
+    return std::make_unique<PeerRing>(ring, decay_acc, n, gate_sum, backend.peer_hop);
   }
   if (strategy == Strategy::AllGather) return std::make_unique<AllGather>(ring, decay_acc, n, gate_sum);
   if (strategy == Strategy::Scan) return std::make_unique<C10dScan>(ring, decay_acc, n, gate_sum, scan_nodes);

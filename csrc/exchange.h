@@ -19,8 +19,9 @@
 //             the last rank sends X_r to r - 1 and runs bwd_prepare beside the send; the others post the
 //             receive from r + 1, run bwd_prepare beside it, then update and send to r - 1.
 //   PeerRing  strategy "ring" over peer memory (Transport::Peer): one kernel per hop (PeerHop) receives,
-//             updates and sends on; gamma^n is made in the kernel (the host makes it only to fold a
-//             state in). The hop runs on the stream, in order with the passes: forward, between the
+//             updates and sends on; gamma^n is made in the kernel per head (the host makes it only to fold
+//             a state in), or with gates on the stream before the hop, per (b, h) (Transport::Auto keeps
+//             gated calls on the process group). The hop runs on the stream, in order with the passes: forward, between the
 //             local and the main pass; backward, the last rank sends X_r before its bwd_prepare pass
 //             (the chain starts at once), the others run bwd_prepare first, then their hop (which waits
 //             for the upstream rank, and would hold the prepare pass back behind it).

@@ -43,6 +43,7 @@ __device__ __forceinline__ float4 fma4(float g, float4 a, float4 b) {
 // gamma^n of element i's head: exp(-rate * n), the product rounded to float32 as the ops' decay_pow does,
 // the exponential in double (the kernels build with fast math, whose expf is approximate)
 __device__ __forceinline__ float gamma_of(const PeerHopParams& p, int64_t i) {
+  if (p.gamma) return __ldg(p.gamma + i / p.per_head);  // per (b, h)
   if (!p.decay) return 1.f;
   const float x = finite_rate(p.decay[(i / p.per_head) % p.H]) * static_cast<float>(-p.n);
   return static_cast<float>(exp(static_cast<double>(x)));

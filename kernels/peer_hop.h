@@ -4,7 +4,8 @@
 // and per slice of the state two flags: `in` (the upstream rank wrote this slice of call `seq`) and
 // `ack` (the downstream rank consumed this slice of call `seq`, so it may be written again). One
 // kernel does the whole hop, slice by slice in parallel (one block per slice, no grid-wide sync):
-//   recv: wait in[b] >= seq; out = gamma[h] * inbox + add; in_copy = inbox; ack the upstream rank;
+//   recv: wait in[b] >= seq; out = gamma * inbox + add (gamma per head from the decay, or per (b, h)
+//         given); in_copy = inbox; ack the upstream rank;
 //   send: wait for the downstream rank's ack of call seq - 1; write out into its inbox; set its in[b].
 // Without recv, out is `add` itself. Flags count calls (wrap-safe), so nothing is ever reset.
 #pragma once
@@ -21,6 +22,9 @@ struct PeerHopParams {
   int64_t H = 1;
   const float* decay = nullptr;  // (H,) rates: gamma^n = exp(-decay[h] * n) for this piece; null: 1
   int64_t n = 0;                 // tokens of this piece
+  // (numel / per_head) factors, one per (b, h) block of the state (per-token gates: exp of the piece's
+  // summed log gates and decay); when set, used instead of decay and n
+  const float* gamma = nullptr;
   const float* add = nullptr;    // this rank's contribution (recv) or the state to send (no recv)
   float* in_copy = nullptr;      // recv: the received state (may be null)
   float* out = nullptr;          // recv: gamma * received + add

@@ -184,6 +184,7 @@ void peer_hop_cuda(const PeerHop& h) {
   p.per_head = h.add.size(2) * h.add.size(3);
   p.decay = fptr(h.decay);
   p.n = h.n;
+  p.gamma = fptr(h.gamma);
   p.add = fptr(h.add);
   if (p.recv) {
     p.in_copy = const_cast<float*>(fptr(h.in_copy));

@@ -607,9 +607,8 @@ def _ring_transport(group, device_type: str, float32_states: bool, gates: bool, 
     from ._ops import get_ring_transport
 
     setting = get_ring_transport()
-    if gates and setting == "peer":
-        return "nccl", False  # the peer ring does not take gates: a ring call raises
-    if gates or setting == "nccl" or device_type != "cuda" or not float32_states:
+    # gated calls take the peer ring only when it is asked for ("auto" keeps them on the process group)
+    if (gates and setting == "auto") or setting == "nccl" or device_type != "cuda" or not float32_states:
         return "nccl", True
     if setting == "auto" and dist.get_backend(group) != "nccl":
         return "nccl", True
@@ -630,7 +629,7 @@ def choose_strategy(group, *, batch: int, heads: int, head_dim: int, value_dim: 
     float64 for float64 inputs), how the ring would pass it (:func:`lasp.set_ring_transport`, the device
     type, the backend, gates) and the op. Among "ring" and "allgather" it takes the one whose exchange
     ``lasp.scaling`` predicts to add the least time to a forward+backward (ties: "ring"), never one that
-    would raise (the peer transport set explicitly does not take gates or span nodes). The model is
+    would raise (the peer transport set explicitly does not span nodes). The model is
     calibrated on GPUs; CPU (Gloo) groups follow the same rule.
 
     Args:
@@ -638,7 +637,8 @@ def choose_strategy(group, *, batch: int, heads: int, head_dim: int, value_dim: 
             first call on a group is a collective over it.
         batch, heads, head_dim, value_dim: B, the output heads H = max(Hq, Hv), D and E (default D).
         dtype: the inputs' dtype. device_type: "cuda" or "cpu" (default: "cuda" for NCCL groups).
-        gates: whether the call has per-token gates (``g`` or ``cu_seqlens``), which the peer ring does not take.
+        gates: whether the call has per-token gates (``g`` or ``cu_seqlens``), which the ``"auto"`` transport
+            keeps on the process group (the peer ring takes them when ``"peer"`` is set).
         op: "lasp_attention" or "gated_delta_attention" (whose ring is the process group's send/recv and
             whose all-gather carries each piece's D x (D + 2E) map per head).
     Returns:

@@ -1,7 +1,8 @@
 // GoogleTest of the peer-memory ring hop (kernels/peer_hop.h) on one device: the buffers of W "ranks"
 // live on the same GPU, so one process drives the whole chain, and the sanitizers can run it. Each call
 // sends fresh random states; every rank's outputs are compared with the chain computed in float64 here:
-//   forward (dir 0): out_r = gamma_r * out_{r-1} + add_r, out_0 = add_0 (sent as is)
+//   forward (dir 0): out_r = gamma_r * out_{r-1} + add_r, out_0 = add_0 (sent as is), gamma_r per head from
+//                    the decay, or given per (b, h) block of the state (per-token gates)
 //   backward (dir 1): the same from rank W-1 down to rank 0.
 #include <gtest/gtest.h>
 
@@ -40,19 +41,24 @@ struct Chain {
   std::vector<char*> bases;
   std::vector<float*> add, out, in_copy;
   float* decay = nullptr;
+  std::vector<float*> factors;  // per rank: (numel / per_head) gamma per (b, h) block
   int* timed_out = nullptr;
   ~Chain() {
     for (char* b : bases) cudaFree(b);
     for (auto* v : {&add, &out, &in_copy})
       for (float* f : *v) cudaFree(f);
     cudaFree(decay);
+    for (float* f : factors) cudaFree(f);
     cudaFree(timed_out);
   }
 };
 
 // Runs `calls` hops in direction dir over W ranks; launch_reverse: the downstream ranks are launched
 // first, each on its own stream, so their kernels wait for their upstream in the flags.
-void run_chain(int W, int64_t H, int64_t D, int64_t E, int dir, int calls, bool launch_reverse, bool with_decay) {
+// per_bh: each rank's factors per (b, h) block (here the H blocks of the state; one of them exactly 0, a
+// reset) instead of the decay.
+void run_chain(int W, int64_t H, int64_t D, int64_t E, int dir, int calls, bool launch_reverse, bool with_decay,
+               bool per_bh = false) {
   const uint64_t seed = std::chrono::steady_clock::now().time_since_epoch().count();
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal;
@@ -82,6 +88,18 @@ void run_chain(int W, int64_t H, int64_t D, int64_t E, int dir, int calls, bool 
   CKP(cudaMemset(c.timed_out, 0, sizeof(int)));
   std::vector<int64_t> n(W);
   for (int r = 0; r < W; ++r) n[r] = 1 + static_cast<int64_t>(rng() % 50);
+  std::vector<std::vector<float>> fac(W, std::vector<float>(H));
+  if (per_bh) {
+    std::uniform_real_distribution<float> unit(0.05f, 1.f);
+    for (int r = 0; r < W; ++r) {
+      for (auto& x : fac[r]) x = unit(rng);
+      fac[r][rng() % H] = 0.f;
+      float* f = nullptr;
+      CKP(cudaMalloc(reinterpret_cast<void**>(&f), H * sizeof(float)));
+      CKP(cudaMemcpy(f, fac[r].data(), H * sizeof(float), cudaMemcpyHostToDevice));
+      c.factors.push_back(f);
+    }
+  }
 
   std::vector<cudaStream_t> streams(W);
   for (auto& s : streams) CKP(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
@@ -106,6 +124,7 @@ void run_chain(int W, int64_t H, int64_t D, int64_t E, int dir, int calls, bool 
       p.per_head = c.per_head;
       p.decay = with_decay ? c.decay : nullptr;
       p.n = n[r];
+      p.gamma = per_bh ? c.factors[r] : nullptr;
       p.add = c.add[r];
       p.out = c.out[r];
       p.in_copy = c.in_copy[r];
@@ -127,7 +146,8 @@ void run_chain(int W, int64_t H, int64_t D, int64_t E, int dir, int calls, bool 
       std::vector<double> want(c.numel);
       for (int64_t i = 0; i < c.numel; ++i) {
         const int64_t h = (i / c.per_head) % H;
-        const double g = with_decay ? std::exp(-static_cast<double>(rates[h]) * static_cast<double>(n[r])) : 1.0;
+        double g = with_decay ? std::exp(-static_cast<double>(rates[h]) * static_cast<double>(n[r])) : 1.0;
+        if (per_bh) g = fac[r][i / c.per_head];
         want[i] = pos == 0 ? adds[r][i] : g * prev[i] + adds[r][i];
       }
       if (pos > 0) {
@@ -156,6 +176,15 @@ TEST(PeerHop, ChainMatchesFloat64InLaunchOrder) {
   for (int dir : {0, 1}) {
     run_chain(3, 4, 16, 8, dir, 4, /*launch_reverse=*/false, /*with_decay=*/true);
     run_chain(2, 3, 5, 7, dir, 3, false, false);  // odd sizes: the scalar path
+  }
+}
+
+TEST(PeerHop, PerBlockFactorsOfGates) {
+  if (!have_device()) GTEST_SKIP() << "no CUDA device";
+  for (int dir : {0, 1}) {
+    // the factors override the decay (given too, and ignored)
+    run_chain(3, 6, 16, 8, dir, 3, /*launch_reverse=*/false, /*with_decay=*/true, /*per_bh=*/true);
+    run_chain(4, 5, 3, 7, dir, 2, /*launch_reverse=*/true, /*with_decay=*/false, /*per_bh=*/true);  // scalar path
   }
 }
 

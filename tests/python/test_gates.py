@@ -470,6 +470,9 @@ def test_property_matches_reference(lasp, p):
 # 5. The ring (and the all-gather) over Gloo
 
 STRATEGIES = ("ring", "allgather", "scan")
+# On NCCL also the ring over each transport named (lasp.set_ring_transport): "auto" keeps gated calls on
+# the process group, "peer" asks for the peer hop with its per-(b, h) factors
+NCCL_STRATEGIES = STRATEGIES + ("ring/nccl", "ring/peer")
 SPAWN_DEADLINE_S = 180
 PG_TIMEOUT_S = 90
 
@@ -540,13 +543,25 @@ def make_dist_problem(case, seed):
     return dict(q=q, k=k, v=v, g=g, do=do, s0=s0, decay=decay, dS=dS)
 
 
-def _dist_worker(rank, world, port, out_dir):
+def _dist_case(world, ci, backend):
+    """The case as run on `backend`: the CUDA kernels have no float64, so nccl runs those in float32."""
+    case = dict(DIST_CASES[world][ci])
+    if backend == "nccl" and case["dtype"] == F64:
+        case["dtype"] = F32
+    return case
+
+
+def _dist_worker(rank, world, port, backend, out_dir):
     torch.set_num_threads(1)  # several processes share the machine's cores
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    device = torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
     lasp = import_lasp()
     results = {}
-    for ci, case in enumerate(DIST_CASES[world]):
+    for ci in range(len(DIST_CASES[world])):
+        case = _dist_case(world, ci, backend)
         if case.get("groups") is None:
             pgs = [(list(range(world)), dist.group.WORLD)]
         else:
@@ -557,26 +572,33 @@ def _dist_worker(rank, world, port, out_dir):
             r = ranks.index(rank)
             prob = make_dist_problem(case, _dist_seed(world, ci, gi))
             P, n, layout = _offsets(case["pieces"])[r], case["pieces"][r], case["layout"]
-            q, k, v, do = (prob[x].narrow(_seq_dim(layout), P, n).clone() for x in ("q", "k", "v", "do"))
-            g = prob["g"].narrow(_seq_dim(layout), P, n).clone()
+            q, k, v, do = (prob[x].narrow(_seq_dim(layout), P, n).clone().to(device) for x in ("q", "k", "v", "do"))
+            g = prob["g"].narrow(_seq_dim(layout), P, n).clone().to(device)
             for t in (q, k, v, g):
                 t.requires_grad_(True)
             s0 = None
             if prob["s0"] is not None and (r == 0 or case["state"] == "all"):
-                s0 = prob["s0"].clone().requires_grad_(True)
-            for strategy in STRATEGIES:
-                o, f = lasp.lasp_attention(q, k, v, prob["decay"], g=g, group=pg, initial_state=s0,
-                                           output_final_state=True, layout=layout, strategy=strategy)
-                dS = prob["dS"][r]
-                outs, gos = [o], [do]
-                if dS is not None:
-                    outs.append(f)
-                    gos.append(dS)
-                ins = [q, k, v, g] + ([s0] if s0 is not None else [])
-                gr = torch.autograd.grad(outs, ins, gos, allow_unused=True)
+                s0 = prob["s0"].clone().to(device).requires_grad_(True)
+            decay = None if prob["decay"] is None else prob["decay"].to(device)
+            for strategy in NCCL_STRATEGIES if backend == "nccl" else STRATEGIES:
+                lasp.set_ring_transport(strategy.split("/")[1] if "/" in strategy else "auto")
+                try:
+                    o, f = lasp.lasp_attention(q, k, v, decay, g=g, group=pg, initial_state=s0,
+                                               output_final_state=True, layout=layout,
+                                               strategy=strategy.split("/")[0])
+                    dS = prob["dS"][r]
+                    outs, gos = [o], [do]
+                    if dS is not None:
+                        outs.append(f)
+                        gos.append(dS.to(device))
+                    ins = [q, k, v, g] + ([s0] if s0 is not None else [])
+                    gr = torch.autograd.grad(outs, ins, gos, allow_unused=True)
+                finally:
+                    lasp.set_ring_transport("auto")
+                cpu = lambda t: t if t is None else t.detach().cpu()  # noqa: E731
                 results[(ci, gi, r, strategy)] = dict(
-                    o=o.detach(), f=f.detach(), dq=gr[0], dk=gr[1], dv=gr[2], dg=gr[3],
-                    ds0=gr[4] if s0 is not None else "not passed",
+                    o=cpu(o), f=cpu(f), dq=cpu(gr[0]), dk=cpu(gr[1]), dv=cpu(gr[2]), dg=cpu(gr[3]),
+                    ds0=cpu(gr[4]) if s0 is not None else "not passed",
                 )
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
@@ -586,19 +608,21 @@ def _dist_worker(rank, world, port, out_dir):
 _DIST_CACHE = {}
 
 
-def run_dist_world(world):
-    if world in _DIST_CACHE:
-        if isinstance(_DIST_CACHE[world], BaseException):
-            raise RuntimeError(f"the gloo world={world} spawn failed earlier") from _DIST_CACHE[world]
-        return _DIST_CACHE[world]
+def run_dist_world(world, backend="gloo"):
+    key = (world, backend)
+    if key in _DIST_CACHE:
+        if isinstance(_DIST_CACHE[key], BaseException):
+            raise RuntimeError(f"the {backend} world={world} spawn failed earlier") from _DIST_CACHE[key]
+        return _DIST_CACHE[key]
     try:
         merged = {}
-        for res in spawn_world(_dist_worker, world, (), SPAWN_DEADLINE_S, f"gated ring (gloo, world={world})"):
+        for res in spawn_world(_dist_worker, world, (backend,), SPAWN_DEADLINE_S,
+                               f"gated ring ({backend}, world={world})"):
             merged.update(res)
     except BaseException as e:
-        _DIST_CACHE[world] = e
+        _DIST_CACHE[key] = e
         raise
-    _DIST_CACHE[world] = merged
+    _DIST_CACHE[key] = merged
     return merged
 
 
@@ -644,13 +668,31 @@ def _dist_params():
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("world,ci", _dist_params())
 def test_ring_gloo_gates(lasp, world, ci, strategy):
-    results = run_dist_world(world)
-    case = DIST_CASES[world][ci]
+    _check_dist_case(run_dist_world(world), world, ci, strategy, "gloo")
+
+
+_NGPU = torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.parametrize("strategy", NCCL_STRATEGIES)
+@pytest.mark.parametrize("world,ci", _dist_params())
+def test_ring_nccl_gates(lasp, world, ci, strategy):
+    """The gated ring on GPUs: over NCCL, and over peer memory ("ring/peer": each hop scales by the piece's
+    per-(b, h) factors in the hop kernel), against the float64 reference."""
+    if _NGPU < world:
+        pytest.skip(f"needs {world} CUDA devices for nccl, found {_NGPU}")
+    if not dist.is_nccl_available():
+        pytest.skip("nccl not available")
+    _check_dist_case(run_dist_world(world, "nccl"), world, ci, strategy, "nccl")
+
+
+def _check_dist_case(results, world, ci, strategy, backend):
+    case = _dist_case(world, ci, backend)
     dt, layout = case["dtype"], case["layout"]
     sd = gd = _seq_dim(layout)
     groups = case.get("groups") or [list(range(world))]
     for gi, ranks in enumerate(groups):
-        key = (world, ci, gi)
+        key = (world, ci, gi, dt)
         if key not in _DIST_EXPECTED:
             _DIST_EXPECTED[key] = dist_expected(case, _dist_seed(world, ci, gi))
         exp = _DIST_EXPECTED[key]
