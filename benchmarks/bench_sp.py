@@ -53,7 +53,7 @@ sys.path.insert(0, HERE)
 from bench_model import make_allgather_kv, make_ulysses  # noqa: E402  (the same baselines as the model benchmark)
 
 METHODS = ["ring", "ring-peer", "allgather", "scan", "ulysses", "allgather-kv"]
-GATED_METHODS = ["ring", "allgather", "scan"]  # the methods that take per-token gates
+GATED_METHODS = ["ring", "ring-peer", "allgather", "scan"]  # the methods that take per-token gates
 
 
 def _import_lasp():
