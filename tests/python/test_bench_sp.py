@@ -43,7 +43,8 @@ def test_bench_sp_gates_smoke(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     d = json.loads(out.read_text())
     assert d["info"]["gates"] is True
-    assert {c["method"] for c in d["checks"]} == {"ring", "allgather", "scan"}
+    assert {c["method"] for c in d["checks"]} == {"ring", "ring-peer", "allgather", "scan"}
     assert all(c["max_rel_err"] < 1e-4 for c in d["checks"]), d["checks"]
     got = {(r["scaling"], r["W"], r["method"]) for r in d["rows"] if "fwd_bwd_ms" in r}
-    assert got == {("weak", 1, "single"), ("weak", 2, "ring"), ("weak", 2, "allgather"), ("weak", 2, "scan")}, got
+    assert got == {("weak", 1, "single"), ("weak", 2, "ring"), ("weak", 2, "ring-peer"), ("weak", 2, "allgather"),
+                   ("weak", 2, "scan")}, got
