@@ -36,6 +36,11 @@
 #   hf-example   (2) examples/hf_minimax.py under torchrun on 2 GPUs, and on 4 where there are 4
 #   sanitize     (1) benchmarks/sanitize.sh (compute-sanitizer memcheck, racecheck, initcheck, synccheck)
 #   ncu          (1) benchmarks/ncu_kernels.sh (Nsight Compute; SHAPE, KERNELS as that script reads them)
+#   pending      (1) the tests of the paths whose defaults wait for a GPU run: gate mode 2
+#                    (LASP_DOC_STARTS), the delta chain kernel (LASP_DELTA_CHAIN), the peer hop's per-(b, h)
+#                    factors: GoogleTest 'CudaKernelsApi.*:Wgmma*:DocStarts*:DeltaChain*:PeerHop*', then
+#                    pytest test_packed_op, test_compile, test_gates_cuda, test_delta_op -k "cuda or starts"
+#   delta        (1) benchmarks/bench_delta.py against fla (DELTA_SHAPES, DELTA_ARGS)
 #
 # groups: check = gtest pytest demo;  robust = reliability groupchecks hf hf-example sanitize
 #
@@ -45,7 +50,8 @@
 # AB_PYTEST_S 200, AB_BENCH_S 60 (each bench run), SP_S 300, CONV_S 200, BENCH_S 240, BENCH_BF16_S 110,
 # BENCH_EAGER_S 60, PROBE_S 110, PROBE_OFFLOAD_S 90, FINDMAX_S 200, RELIABILITY_S 240,
 # GROUPCHECKS_S 200, HF_S 120, HF_EXAMPLE_S 75 (each world size), SANITIZE_BUDGET_S (sanitize.sh's own
-# budget; default: what is left minus 40, at most 180; the step's cap is 35 s more), NCU_S 450.
+# budget; default: what is left minus 40, at most 180; the step's cap is 35 s more), NCU_S 450,
+# PENDING_GTEST_S 200, PENDING_PYTEST_S 300, DELTA_S 300.
 #
 # Exit status: 0 every step passed; 1 a step failed or timed out; 2 bad arguments, too few GPUs for a
 # part, or the build failed; 3 nothing failed but a step was skipped for the time budget.
@@ -57,7 +63,7 @@ cd "$(dirname "$0")/.." || exit 2
 
 usage() { sed -n '/^#<usage>$/,/^#<\/usage>$/p' "$0" | sed -e '1d' -e '$d' -e 's/^# \{0,1\}//'; }
 
-ALL_PARTS="gtest pytest demo kernels ab sp models reliability groupchecks hf hf-example sanitize ncu"
+ALL_PARTS="gtest pytest demo kernels ab sp models reliability groupchecks hf hf-example sanitize ncu pending delta"
 # GPUs a part needs
 need_gpus() {
   case $1 in
@@ -331,6 +337,23 @@ part_sanitize() {
   local budget=${SANITIZE_BUDGET_S:-$b}
   step sanitize $((budget + 35)) "$RESULTS/sanitize.log" env SANITIZE_BUDGET_S="$budget" bash benchmarks/sanitize.sh
   [ -f "$RESULTS/sanitize_summary.txt" ] && cat "$RESULTS/sanitize_summary.txt"
+}
+
+part_pending() {
+  step pending-gtest "${PENDING_GTEST_S:-200}" "$RESULTS/gtest_pending.log" "$GTEST" \
+    --gtest_filter='CudaKernelsApi.*:Wgmma*:DocStarts*:DeltaChain*:PeerHop*'
+  show "Failure|FAILED|PASSED|SKIPPED" "$RESULTS/gtest_pending.log"
+  step pending-pytest "${PENDING_PYTEST_S:-300}" "$RESULTS/pytest_pending.log" "${PYTEST_CMD[@]}" \
+    tests/python/test_packed_op.py tests/python/test_compile.py tests/python/test_gates_cuda.py \
+    tests/python/test_delta_op.py -k "cuda or starts"
+  show "^(FAILED|ERROR|SKIPPED)|passed|failed" "$RESULTS/pytest_pending.log"
+}
+
+part_delta() {
+  # shellcheck disable=SC2086  # DELTA_ARGS is a list of arguments
+  step delta "${DELTA_S:-300}" "$RESULTS/bench_delta.log" python3 benchmarks/bench_delta.py \
+    --shapes "${DELTA_SHAPES:-4x32x8192x128,1x16x65536x128}" ${DELTA_ARGS:-} --json "$RESULTS/bench_delta.json"
+  show "^# [0-9]+x|vs fla|failed|Error" "$RESULTS/bench_delta.log" 30
 }
 
 part_ncu() {
