@@ -25,11 +25,13 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kernels import copy_bandwidth as cuda_copy_bandwidth, git_commit, rel  # noqa: E402  (shared helpers)
 
 SHAPES = [(4, 32, 8192, 128), (1, 16, 65536, 128)]
 
@@ -58,28 +60,7 @@ def bench(fn, nsets, device, warmup=2, reps=10):
 
 
 def copy_bandwidth(device):
-    if device.type != "cuda":
-        return float("nan")
-    n = 1 << 29
-    a = torch.empty(n, dtype=torch.float16, device=device).normal_()
-    b = torch.empty_like(a)
-    ms = bench(lambda i: b.copy_(a), 1, device, warmup=3, reps=10)
-    del a, b
-    return 2 * n * 2 / (ms * 1e-3)
-
-
-def git_commit():
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return os.environ.get("LASP_COMMIT", "unknown")
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+    return cuda_copy_bandwidth() if device.type == "cuda" else float("nan")
 
 
 def make_set(B, H, HQ, N, D, E, dtype, device, seed):
@@ -201,7 +182,6 @@ def main():
                 fl = floor[mode] / bw * 1e3
                 rows.append({"shape": name, "impl": impl, "mode": mode, "ms": ms, "floor_ms": fl, "x_floor": ms / fl})
                 print(f"# {name} {impl:<10} {mode:<8} {ms:9.3f} ms  floor {fl:.3f} ms", flush=True)
-            del leaves_sets
             if args.json:
                 with open(args.json, "w") as fh:
                     json.dump({"info": info, "rows": rows, "checks": checks, "complete": False}, fh, indent=1)
