@@ -478,3 +478,45 @@ def test_random_shapes_match_recurrence(lasp, shape, l2, seed):
     want = _run(_ref(use_qk_l2norm=l2), *ins)
     for key, w in want.items():
         torch.testing.assert_close(got[key], w, rtol=1e-8, atol=1e-8, msg=lambda m: f"{shape} {key}: {m}")
+
+
+@st.composite
+def _packed_layouts(draw):
+    H = draw(st.sampled_from([1, 2, 4]))
+    divisors = [d for d in range(1, H + 1) if H % d == 0]
+    Hq, Hk = draw(st.sampled_from(divisors)), draw(st.sampled_from(divisors))
+    lens = draw(st.lists(st.integers(1, 140), min_size=1, max_size=5))
+    return H, Hq, Hk, lens, draw(st.integers(1, 12)), draw(st.integers(1, 12)), draw(st.booleans())
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(layout=_packed_layouts(), seed=st.integers(0, 2**31 - 1))
+def test_random_packed_states_match_each_alone(lasp, layout, seed):
+    """Random document layouts (lengths 1..140, across chunk boundaries), head maps and head dims: the packed
+    call with per-document initial and final states is each document alone, outputs, final states and every
+    gradient (float64)."""
+    H, Hq, Hk, lens, D, E, with_init = layout
+    N, nd = sum(lens), len(lens)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist())
+    q, k, v, g, beta, _, do, _ = _inputs(seed, 1, Hq, Hk, H, N, D, E, resets=False)
+    s0 = randn((nd, H, D, E), gen(seed + 1), F64) if with_init else None
+    dS = randn((nd, H, D, E), gen(seed + 2), F64)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, g, beta)] + (
+        [s0.clone().requires_grad_()] if with_init else [])
+    o, f = lasp.gated_delta_attention(*leaves[:5], cu_seqlens=cu, initial_state=leaves[5] if with_init else None,
+                                      output_final_state=True)
+    got = torch.autograd.grad([o, f], leaves, [do, dS])
+    want_o, want_f, want_g = [], [], [[] for _ in leaves]
+    for j, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        ls = [t.detach().narrow(2, a, b - a).clone().requires_grad_() for t in (q, k, v, g, beta)] + (
+            [s0[j:j + 1].clone().requires_grad_()] if with_init else [])
+        od, fd = lasp_ref.gated_delta_recurrent(*ls[:5], initial_state=ls[5] if with_init else None)
+        want_o.append(od.detach())
+        want_f.append(fd.detach())
+        for i, gr in enumerate(torch.autograd.grad([od, fd], ls, [do.narrow(2, a, b - a), dS[j:j + 1]])):
+            want_g[i].append(gr)
+    torch.testing.assert_close(o.detach(), torch.cat(want_o, 2), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(f.detach(), torch.cat(want_f, 0), rtol=1e-9, atol=1e-9)
+    for i, name in enumerate(["dq", "dk", "dv", "dg", "dbeta", "dinitial"][:len(leaves)]):
+        want = torch.cat(want_g[i], 0 if name == "dinitial" else 2)
+        torch.testing.assert_close(got[i], want, rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
