@@ -28,7 +28,9 @@
 #include <vector>
 
 #include "delta.h"
+#include "exchange.h"
 #include "lasp.h"
+#include "ring.h"
 
 namespace lasp {
 namespace {
@@ -333,6 +335,40 @@ std::tuple<Tensor, Tensor> map_impl(const Tensor& q, const Tensor& k, const Tens
   return {TL.narrow(-1, 0, c.D).contiguous(), TL.narrow(-1, c.D, c.E).contiguous()};
 }
 
+// The exchange across the ranks of a group of the pieces' maps S -> T S + L (exchange.h, make_map_exchange).
+// Forward: x = L, returns S_in (the first rank: initial_state, or zeros). Backward: x = the gradient of S_in
+// from this rank's piece alone, returns the gradient of the state this rank sends on, from the ranks after it
+// (zeros on the last rank).
+Tensor exchange_impl(const Tensor& T, const Tensor& x, const std::optional<Tensor>& initial_state,
+                     const std::string& group_name, const std::string& strategy_name, bool backward) {
+  const Strategy strategy = parse_strategy(strategy_name);
+  TORCH_CHECK_VALUE(T.dim() == 4 && x.dim() == 4 && T.size(0) == x.size(0) && T.size(1) == x.size(1) &&
+                        T.size(2) == x.size(2) && T.size(3) == x.size(2),
+                    "gated_delta_exchange: T must be (B, H, D, D) and x (B, H, D, E), got ", T.sizes(), " and ",
+                    x.sizes());
+  TORCH_CHECK_TYPE(T.scalar_type() == x.scalar_type() &&
+                       (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+                   "gated_delta_exchange: T and x must be float32 or float64 alike, got ", T.scalar_type(), " and ",
+                   x.scalar_type());
+  const Ring ring(group_name);
+  const Tensor tr = backward ? T.transpose(-1, -2).contiguous() : T.contiguous();
+  auto ex = make_map_exchange(ring, strategy, tr, scan_node_size(strategy_name));
+  const Tensor xc = x.contiguous();
+  if (!backward) {
+    std::optional<Tensor> init;
+    if (initial_state.has_value()) init = initial_state->to(x.scalar_type()).contiguous();
+    const ForwardStates f = ex->forward(xc, init);
+    return f.s_in.defined() ? f.s_in.clone() : at::zeros_like(xc);
+  }
+  const BackwardStates b = ex->backward(xc, Tensor(), [] {});
+  return b.g.defined() ? b.g.clone() : at::zeros_like(xc);
+}
+
+Tensor exchange_meta(const Tensor& T, const Tensor& x, const std::optional<Tensor>& initial_state,
+                     const std::string& group_name, const std::string& strategy_name, bool backward) {
+  return at::empty_like(x, at::MemoryFormat::Contiguous);
+}
+
 // ---- Meta kernels ----
 Tensor state_meta(const Tensor& q, const Tensor& k, const Tensor& v, const c10::SymInt& cols) {
   return at::empty_symint({q.sym_size(0), q.sym_size(1).max(v.sym_size(1)), q.sym_size(3), cols},
@@ -497,6 +533,12 @@ TORCH_LIBRARY_FRAGMENT(lasp, m) {
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The piece's map of states S_out = T S_in + L: (T (B, H, D, D), L (B, H, D, E)), accumulation type.
   m.def("gated_delta_map(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta) -> (Tensor, Tensor)");
+  // The exchange of the pieces' maps over group_name (strategy "ring", "allgather", "scan", "scan:<m>"): with
+  // backward false, x = L and the result is S_in; with backward true, x = the gradient of S_in from this piece
+  // alone and the result the gradient of this piece's outgoing state from the ranks after it (zeros on the
+  // last). Every rank of the group calls it alike (a collective); no autograd.
+  m.def("gated_delta_exchange(Tensor T, Tensor x, Tensor? initial_state, str group_name, str strategy, "
+        "bool backward) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lasp, CompositeExplicitAutograd, m) {
@@ -504,12 +546,14 @@ TORCH_LIBRARY_IMPL(lasp, CompositeExplicitAutograd, m) {
   m.impl("gated_delta_fwd", &lasp::fwd_impl);
   m.impl("gated_delta_bwd", &lasp::bwd_impl);
   m.impl("gated_delta_map", &lasp::map_impl);
+  m.impl("gated_delta_exchange", &lasp::exchange_impl);
 }
 
 TORCH_LIBRARY_IMPL(lasp, Meta, m) {
   m.impl("gated_delta_fwd", &lasp::fwd_meta);
   m.impl("gated_delta_bwd", &lasp::bwd_meta);
   m.impl("gated_delta_map", &lasp::map_meta);
+  m.impl("gated_delta_exchange", &lasp::exchange_meta);
 }
 
 TORCH_LIBRARY_IMPL(lasp, Autograd, m) { m.impl("gated_delta_attention", &lasp::delta_autograd); }

@@ -11,9 +11,20 @@ namespace lasp {
 
 namespace {
 
-// gamma^n * s + add (gamma = 1 when there is no decay): the state update, for every host exchange.
+// Whether a transition is a matrix per (b, h) (B, H, D, D) rather than a factor per head or (b, h)
+// (., H, 1, 1). A 1 x 1 matrix reads either way alike.
+bool is_matrix(const Tensor& a) { return a.size(-1) != 1 || a.size(-2) != 1; }
+
+// gamma^n * s + add (gamma = 1 when there is no decay), or T s + add for a matrix transition: the state
+// update, for every host exchange.
 Tensor decayed_sum(const Tensor& s, const Tensor& gamma_n, const Tensor& add) {
-  return gamma_n.defined() ? at::addcmul(add, s, gamma_n) : s + add;
+  if (!gamma_n.defined()) return s + add;
+  return is_matrix(gamma_n) ? at::matmul(gamma_n, s) + add : at::addcmul(add, s, gamma_n);
+}
+
+// The transition of two maps in turn, `first` then `second`.
+Tensor compose(const Tensor& second, const Tensor& first) {
+  return is_matrix(second) ? at::matmul(second, first) : second * first;
 }
 
 // What a rank contributes to the all-gather strategy: its (B, H, D, E) state, flattened, then gamma^n
@@ -22,12 +33,15 @@ Tensor pack_state(const Tensor& x, const Tensor& gamma_flat) { return at::cat({x
 
 // LASP-2's combination of the gathered packs of ranks j = first, first + step, ... (not `end`):
 // s = gamma^n_j s + X_j from s = 0 (forward: the prefix before a rank; backward: the suffix after it).
-// ng: the entries of gamma^n in each pack (H, or B * H with gates).
-Tensor combine_packs(const std::vector<Tensor>& all, const Tensor& like, int first, int end, int step, int64_t ng) {
-  const int64_t numel = like.numel(), H = like.size(1);
+// a_shape: the shape of the transitions in each pack (StateExchange::transition_shape).
+Tensor combine_packs(const std::vector<Tensor>& all, const Tensor& like, int first, int end, int step,
+                     at::IntArrayRef a_shape) {
+  const int64_t numel = like.numel();
+  int64_t ng = 1;
+  for (const int64_t x : a_shape) ng *= x;
   Tensor s = at::zeros_like(like);
   for (int j = first; j != end; j += step) {
-    s = decayed_sum(s, all[j].narrow(0, numel, ng).view({ng / H, H, 1, 1}), all[j].narrow(0, 0, numel).view_as(like));
+    s = decayed_sum(s, all[j].narrow(0, numel, ng).view(a_shape), all[j].narrow(0, 0, numel).view_as(like));
   }
   return s;
 }
@@ -146,7 +160,8 @@ class AllGather final : public StateExchange {
     const Tensor gf = gamma_flat(local);
     Tensor pack = pack_state(local, gf);
     const auto all = ring_.allgather(pack, "the all-gather of the local states");
-    return from_prefix(local, ring_.is_first() ? Tensor() : combine_packs(all, local, 0, ring_.rank(), 1, gf.numel()),
+    return from_prefix(local,
+                       ring_.is_first() ? Tensor() : combine_packs(all, local, 0, ring_.rank(), 1, transition_shape(local)),
                        initial_state);
   }
 
@@ -159,7 +174,8 @@ class AllGather final : public StateExchange {
     overlap();  // beside the all-gather
     ring_.wait(work, "the all-gather of the local state gradients");
     return from_suffix(x, ring_.is_last() ? Tensor()
-                                          : combine_packs(gathered[0], x, ring_.size() - 1, ring_.rank(), -1, gf.numel()));
+                                          : combine_packs(gathered[0], x, ring_.size() - 1, ring_.rank(), -1,
+                                                          transition_shape(x)));
   }
 };
 
@@ -196,7 +212,7 @@ class C10dScan final : public StateExchange {
   // member's map. overlap (if not null) runs once the first round's messages are posted.
   Map rounds(const Map& own, int pos, int count, const std::function<int(int)>& rank_of, int tag, const char* what,
              const std::function<void()>* overlap) {
-    const int64_t numel = own.l.numel(), ng = own.a.numel(), H = own.l.size(1);
+    const int64_t numel = own.l.numel(), ng = own.a.numel();
     Map ex;
     for (int d = 1; d < count; d *= 2) {
       std::vector<c10::intrusive_ptr<c10d::Work>> works;
@@ -206,18 +222,18 @@ class C10dScan final : public StateExchange {
         works.push_back(ring_.recv_from(recv_pack, rank_of(pos - d), tag));
       }
       if (pos + d < count) {  // the map of members (pos - d, pos]: this one's after the ones composed so far
-        send_pack = ex.l.defined() ? at::cat({decayed_sum(ex.l, own.a, own.l).flatten(), (own.a * ex.a).flatten()})
+        send_pack = ex.l.defined() ? at::cat({decayed_sum(ex.l, own.a, own.l).flatten(), compose(own.a, ex.a).flatten()})
                                    : pack_state(own.l, own.a.flatten());
         works.push_back(ring_.send_to(send_pack, rank_of(pos + d), tag));
       }
       if (overlap != nullptr && d == 1) (*overlap)();
       for (const auto& w : works) ring_.wait(w, what);
       if (recv_pack.defined()) {  // members (pos - 2d, pos - d] come before the ones composed so far
-        const Tensor ra = recv_pack.narrow(0, numel, ng).view({ng / H, H, 1, 1});
+        const Tensor ra = recv_pack.narrow(0, numel, ng).view(own.a.sizes());
         const Tensor rl = recv_pack.narrow(0, 0, numel).view_as(own.l);
         if (ex.l.defined()) {
           ex.l = decayed_sum(rl, ex.a, ex.l);
-          ex.a = ex.a * ra;
+          ex.a = compose(ex.a, ra);
         } else {
           ex = Map{ra.clone(), rl.clone()};
         }
@@ -234,8 +250,7 @@ class C10dScan final : public StateExchange {
     const int m = node_size_ >= 1 && node_size_ < W ? static_cast<int>(node_size_) : W;
     const int K = (W + m - 1) / m, node = r / m;
     const int n0 = node * m, n1 = std::min(W, n0 + m), size = n1 - n0;
-    const Tensor own_a = gamma_flat(own_l);
-    const Map own{own_a.view({own_a.numel() / own_l.size(1), own_l.size(1), 1, 1}), own_l};
+    const Map own{gamma_flat(own_l).view(transition_shape(own_l)), own_l};
     bool overlapped = size == 1;  // phase 1 posts nothing in a node of one rank
     if (overlapped) overlap();
     // Phase 1: within the node, in direction order (node-local position j).
@@ -252,7 +267,7 @@ class C10dScan final : public StateExchange {
     Tensor entering;  // the state entering this node (undefined for the first node along dir)
     const bool is_leader = j == size - 1;
     if (is_leader) {
-      const Map inc = ex.l.defined() ? Map{own.a * ex.a, decayed_sum(ex.l, own.a, own.l)} : own;
+      const Map inc = ex.l.defined() ? Map{compose(own.a, ex.a), decayed_sum(ex.l, own.a, own.l)} : own;
       entering = rounds(inc, ni, K, leader, tag + 0x100, what, nullptr).l;
     }
     // Phase 3: the node's last rank sends it to the others.
@@ -317,6 +332,15 @@ StateExchange::StateExchange(const Ring& ring, Tensor decay_acc, int64_t n, Tens
       n_(n),
       gate_sum_(std::move(gate_sum)),
       gamma_before_waits_(gamma_before_waits) {}
+
+void StateExchange::set_transition(Tensor transition) {
+  gamma_ = std::move(transition);
+}
+
+std::vector<int64_t> StateExchange::transition_shape(const Tensor& like) {
+  const Tensor& gm = gamma();
+  return gm.defined() ? gm.sizes().vec() : std::vector<int64_t>{1, like.size(1), 1, 1};
+}
 
 const Tensor& StateExchange::gamma() {
   if (gamma_.defined()) return gamma_;
@@ -402,6 +426,20 @@ std::unique_ptr<StateExchange> make_exchange(const Kernels& backend, const Ring&
   if (strategy == Strategy::AllGather) return std::make_unique<AllGather>(ring, decay_acc, n, gate_sum);
   if (strategy == Strategy::Scan) return std::make_unique<C10dScan>(ring, decay_acc, n, gate_sum, scan_nodes);
   return std::make_unique<C10dRing>(ring, decay_acc, n, gate_sum);
+}
+
+std::unique_ptr<StateExchange> make_map_exchange(const Ring& ring, Strategy strategy, Tensor transition,
+                                                 int64_t scan_nodes) {
+  std::unique_ptr<StateExchange> ex;
+  if (strategy == Strategy::AllGather) {
+    ex = std::make_unique<AllGather>(ring, Tensor(), 0, Tensor());
+  } else if (strategy == Strategy::Scan) {
+    ex = std::make_unique<C10dScan>(ring, Tensor(), 0, Tensor(), scan_nodes);
+  } else {
+    ex = std::make_unique<C10dRing>(ring, Tensor(), 0, Tensor());
+  }
+  ex->set_transition(std::move(transition));
+  return ex;
 }
 
 }  // namespace lasp

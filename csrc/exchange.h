@@ -39,6 +39,9 @@
 //             nodes' last ranks (along the direction) over the nodes' composed maps, then each node's last
 //             rank sends the state entering its node to the others: log2(m) rounds within nodes, log2(W / m)
 //             across them, and one more within.
+// The gated delta rule's pieces map states by (B, H, D, D) matrices, S_out = T S_in + L_r (csrc/delta.cpp):
+// the same exchanges carry them (make_map_exchange; set_transition), the update T S + X, the backward's
+// with T^T, and the all-gather's and the scan's packs hold T beside the state.
 // Communication never runs beside the forward's compute kernels (it would take SMs from grids sized in
 // whole waves): receives are posted after the local pass, and the main pass waits for the send.
 #pragma once
@@ -48,6 +51,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "attention.h"
 
@@ -91,6 +95,10 @@ class StateExchange {
   // the implementation can (header comment).
   BackwardStates backward(Tensor m, const Tensor& g_user, const std::function<void()>& overlap);
 
+  // An explicit transition in place of gamma^n: contiguous (B, H, D, D) matrices in the accumulation type,
+  // the update then T S + X (the gated delta rule's pieces, make_map_exchange). Before forward / backward.
+  void set_transition(Tensor transition);
+
  protected:
   // What arrives from the later ranks for X_r = gamma^n U_r + M_r.
   struct Suffix {
@@ -105,8 +113,11 @@ class StateExchange {
   // gamma^n flattened, with one entry per head (no gates: ones without decay) or per (b, h) (gates): what
   // the all-gather exchanges beside each state.
   Tensor gamma_flat(const Tensor& like);  // like: a (B, H, D, E) state
-  // gamma^n s + add: the one update of a state by this piece.
+  // gamma^n s + add (T s + add with an explicit transition): the one update of a state by this piece.
   Tensor update(const Tensor& s, const Tensor& add);
+  // The shape of the transition exchanged beside each state (the all-gather's and the scan's packs): the
+  // transition's, or (1, H, 1, 1) with neither decay nor gates (ones).
+  std::vector<int64_t> transition_shape(const Tensor& like);
   // The first rank of a ring: S_in is the initial state (a copy) or zero, S_out = gamma^n S_in + L.
   ForwardStates first_rank(const Tensor& local, const std::optional<Tensor>& initial_state);
   // The strategies that combine a prefix themselves: `before` is S_in (unused on the first rank, whose
@@ -133,5 +144,11 @@ class StateExchange {
 std::unique_ptr<StateExchange> make_exchange(const Kernels& backend, const Ring& ring, Strategy strategy,
                                              const Tensor& q, int64_t D, int64_t E, const Tensor& decay_acc,
                                              int64_t n, const Tensor& gate_sum, int64_t scan_nodes = 0);
+
+// The exchange of a chain of pieces whose maps are S -> T S + L with (B, H, D, D) matrices T (the gated
+// delta rule): C10dRing, AllGather or C10dScan by strategy, over the process group (no peer hop), with
+// `transition` (the backward's: T^T) set.
+std::unique_ptr<StateExchange> make_map_exchange(const Ring& ring, Strategy strategy, Tensor transition,
+                                                 int64_t scan_nodes = 0);
 
 }  // namespace lasp

@@ -77,142 +77,25 @@ def _checked(fn, q, k, v, g, beta, layout, strategy, initial_state, check_values
     return q, k, v, g, beta
 
 
-def _scan_rounds(own, pos, count, rank_of, group, tag):
-    """The rounds of a recursive-doubling scan of affine maps Z -> A Z + X among ``count`` members, this one at
-    position ``pos`` (member q is group rank rank_of(q)) with map ``own`` = (A, X): the composed map of the
-    members before it, (A, X), or None (pos 0). Round d: the map of the d members up to this one to the
-    member d further, the one of the d before those from the member d back."""
-    import torch.distributed as dist
-
-    A, X = own
-    ex = None
-    d = 1
-    while d < count:
-        reqs, recv = [], None
-        if pos - d >= 0:
-            recv = torch.empty(X.shape[:-1] + (A.shape[-1] + X.shape[-1],), dtype=X.dtype, device=X.device)
-            reqs.append(dist.irecv(recv, src=dist.get_global_rank(group, rank_of(pos - d)), group=group, tag=tag))
-        if pos + d < count:  # this member's map after the ones composed so far
-            msg = torch.cat([A, X] if ex is None else [A @ ex[0], A @ ex[1] + X], dim=-1).contiguous()
-            reqs.append(dist.isend(msg, dst=dist.get_global_rank(group, rank_of(pos + d)), group=group, tag=tag))
-        for r in reqs:
-            r.wait()
-        if recv is not None:  # the d members before the ones composed so far
-            ra, rx = recv[..., :A.shape[-1]], recv[..., A.shape[-1]:]
-            ex = (ra, rx) if ex is None else (ex[0] @ ra, ex[0] @ rx + ex[1])
-        d *= 2
-    return ex
-
-
-def _scan_maps(A, X, group, rank, world, direction, tag, node_size=0):
-    """The scan of the affine maps Z -> A_j Z + X_j (A_j: (B, H, D, D), X_j: (B, H, D, E)) of the ranks before
-    this one along ``direction`` (1: lower ranks first, the forward; -1: higher ranks first, the backward),
-    composed and applied to a zero state; None where no rank comes before. node_size m (1 < m < world):
-    ranks fill nodes of m consecutive ranks, and the scan runs within each node, then among the nodes' last
-    ranks (along the direction) over the nodes' maps, then each node's last rank sends the state entering its
-    node to the others (as lasp_attention's "scan:<m>", csrc/exchange.h)."""
-    import torch.distributed as dist
-
-    m = node_size if 1 < node_size < world else world
-    K, node = -(-world // m), rank // m
-    n0, n1 = node * m, min(world, node * m + m)
-    size = n1 - n0
-    j = rank - n0 if direction > 0 else n1 - 1 - rank
-
-    def mate(q):
-        return n0 + q if direction > 0 else n1 - 1 - q
-
-    ex = _scan_rounds((A, X), j, size, mate, group, tag)
-    if K == 1:
-        return None if ex is None else ex[1]
-    ni = node if direction > 0 else K - 1 - node
-
-    def leader(q):  # the last rank along the direction of the node at position q
-        p = q if direction > 0 else K - 1 - q
-        return min(world, (p + 1) * m) - 1 if direction > 0 else p * m
-
-    entering = None
-    if j == size - 1:
-        inc = (A, X) if ex is None else (A @ ex[0], A @ ex[1] + X)
-        nodes_before = _scan_rounds(inc, ni, K, leader, group, tag + 0x100)
-        entering = None if nodes_before is None else nodes_before[1].contiguous()
-        if ni > 0:
-            reqs = [dist.isend(entering, dst=dist.get_global_rank(group, mate(q)), group=group, tag=tag + 0x200)
-                    for q in range(size - 1)]
-            for r in reqs:
-                r.wait()
-    elif ni > 0:
-        entering = torch.empty_like(X)
-        dist.recv(entering, src=dist.get_global_rank(group, leader(ni)), group=group, tag=tag + 0x200)
-    if entering is None:
-        return None if ex is None else ex[1]
-    return entering if ex is None else ex[0] @ entering + ex[1]
-
-
 class _Exchange:
     """The chain of the pieces' maps S -> T S + L across the group's ranks, without autograd (_DeltaPiece
-    calls it in its forward and backward). forward(T, L, s0): this rank's S_in (rank 0: s0). backward(T,
-    g_in): G_out, the gradient of this rank's outgoing state from the ranks after it (None on the last),
-    given g_in, the gradient of S_in from this rank's own piece; the chain passes g_in + T^T G_out back."""
+    calls it in its forward and backward): the C++ exchange of lasp_attention with matrix transitions
+    (torch.ops.lasp.gated_delta_exchange; csrc/exchange.h). forward(T, L, s0): this rank's S_in (rank 0: s0).
+    backward(T, g_in): G_out, the gradient of this rank's outgoing state from the ranks after it (None on the
+    last), given g_in, the gradient of S_in from this rank's own piece; the chain passes g_in + T^T G_out
+    back."""
 
     def __init__(self, group, strategy, rank, world):
-        self.group, self.rank, self.world = group, rank, world
-        self.kind = "ring" if strategy == "ring" else ("allgather" if strategy == "allgather" else "scan")
-        self.scan = int(strategy[5:]) if strategy.startswith("scan:") else 0
+        from ._ops import _group_name
 
-    def _peer(self, r):
-        import torch.distributed as dist
-
-        return dist.get_global_rank(self.group, r)
+        self.name, self.strategy, self.rank, self.world = _group_name(group), strategy, rank, world
 
     def forward(self, T, L, s0):
-        import torch.distributed as dist
-
-        group, rank, world = self.group, self.rank, self.world
-        if self.kind == "scan":  # every rank takes part (rank 0 sends only)
-            before = _scan_maps(T, T @ s0 + L if rank == 0 else L, group, rank, world, 1, 0x1D5, self.scan)
-            return s0.clone() if rank == 0 else before
-        if self.kind == "allgather":  # one all-gather of [T | L | s0]; every rank reads rank 0's initial state
-            D, E = T.shape[-1], L.shape[-1]
-            parts = [torch.empty(T.shape[:-1] + (D + 2 * E,), dtype=T.dtype, device=T.device) for _ in range(world)]
-            dist.all_gather(parts, torch.cat([T, L, s0], dim=-1).contiguous(), group=group)
-            s = parts[0][..., D + E:]
-            for j in range(rank):
-                s = parts[j][..., :D] @ s + parts[j][..., D:D + E]
-            return s.contiguous()
-        if rank == 0:
-            s_in = s0.clone()
-        else:
-            s_in = torch.empty_like(L)
-            dist.recv(s_in, src=self._peer(rank - 1), group=group)
-        if rank < world - 1:
-            dist.send((T @ s_in + L).contiguous(), dst=self._peer(rank + 1), group=group)
-        return s_in
+        return torch.ops.lasp.gated_delta_exchange(T, L, s0, self.name, self.strategy, False)
 
     def backward(self, T, g_in):
-        import torch.distributed as dist
-
-        group, rank, world = self.group, self.rank, self.world
-        Tt = T.transpose(-1, -2)
-        if self.kind == "scan":
-            return _scan_maps(Tt.contiguous(), g_in, group, rank, world, -1, 0x1D6, self.scan)
-        if self.kind == "allgather":  # one all-gather of [T^T | g_in]; fold the ranks after this one
-            D, E = T.shape[-1], g_in.shape[-1]
-            parts = [torch.empty(T.shape[:-1] + (D + E,), dtype=T.dtype, device=T.device) for _ in range(world)]
-            dist.all_gather(parts, torch.cat([Tt, g_in], dim=-1).contiguous(), group=group)
-            g_out = None
-            for j in range(world - 1, rank, -1):
-                gj = parts[j][..., D:]
-                g_out = gj if g_out is None else parts[j][..., :D] @ g_out + gj
-            return None if g_out is None else g_out.contiguous()
-        g_out = None
-        if rank < world - 1:
-            g_out = torch.empty_like(g_in)
-            dist.recv(g_out, src=self._peer(rank + 1), group=group)
-        if rank > 0:
-            total = g_in if g_out is None else g_in + Tt @ g_out
-            dist.send(total.contiguous(), dst=self._peer(rank - 1), group=group)
-        return g_out
+        g_out = torch.ops.lasp.gated_delta_exchange(T, g_in.to(T.dtype), None, self.name, self.strategy, True)
+        return None if self.rank == self.world - 1 else g_out
 
 
 class _DeltaPiece(torch.autograd.Function):
