@@ -4,8 +4,9 @@
 Forward and forward+backward per shape B x H x N x D (E = D) or B x H x N x D x E, bf16 q, k, v in fla's layout
 (B, N, H, .), log gates g = logsigmoid(x) / 16 and beta = sigmoid(x) in fp32 (B, N, H), q and k l2-normalised
 in the op (use_qk_l2norm, fla's use_qk_l2norm_in_kernel), gradients of q, k, v, g and beta:
-  lasp        lasp.gated_delta_attention(..., layout="bnhd") with LASP_DELTA_CHAIN=aten (the default)
-  lasp-chain  the same with LASP_DELTA_CHAIN=kernel (the chain of states as one CUDA kernel)
+  lasp        lasp.gated_delta_attention(..., layout="bnhd") with LASP_DELTA_KERNELS=aten (the default)
+  lasp-cuda   the same with LASP_DELTA_KERNELS=cuda (the chain of states and the chunks' solves as CUDA
+              kernels)
   fla         fla.ops.gated_delta_rule.chunk_gated_delta_rule(...). fla 0.6.0 refuses its gated backward on
               Hopper under Triton 3.4 to 3.7.0 (its issue 640); this script lifts that refusal to time it and
               records so in the JSON ("fla_hopper_refusal_lifted").
@@ -76,7 +77,7 @@ def make_set(B, H, HQ, N, D, E, dtype, device, seed):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=None, help="BxHxNxD[xE], comma-separated (default: the two headline shapes)")
-    ap.add_argument("--impls", default="lasp,lasp-chain,fla")
+    ap.add_argument("--impls", default="lasp,lasp-cuda,fla")
     ap.add_argument("--qk-heads", type=int, default=0, help="q / k heads (GVA; default: H)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke run: small shapes)")
@@ -86,8 +87,8 @@ def main():
     shapes = SHAPES if not args.shapes else [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     impls = [i for i in args.impls.split(",") if i]
     for i in impls:
-        if i not in ("lasp", "lasp-chain", "fla"):
-            raise SystemExit(f"bench_delta: --impls: unknown {i!r}; expected some of lasp, lasp-chain, fla")
+        if i not in ("lasp", "lasp-cuda", "fla"):
+            raise SystemExit(f"bench_delta: --impls: unknown {i!r}; expected some of lasp, lasp-cuda, fla")
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "cuda": torch.version.cuda,
             "commit": os.environ.get("LASP_COMMIT") or git_commit(),
@@ -108,7 +109,7 @@ def main():
             print(f"# fla not importable ({type(e).__name__}: {e}); skipping 'fla'")
             impls = [i for i in impls if i != "fla"]
     if device.type != "cuda":
-        impls = [i for i in impls if i == "lasp"]  # the chain kernel and fla need a GPU
+        impls = [i for i in impls if i == "lasp"]  # the CUDA kernels and fla need a GPU
     bw = copy_bandwidth(device)
     info["copy_GBps"] = bw / 1e9
     print("# " + "  ".join(f"{k}={v}" for k, v in info.items()), flush=True)
@@ -133,17 +134,17 @@ def main():
         nsets = max(2, min(4, math.ceil(200e6 / one))) if device.type == "cuda" else 1
         sets = [make_set(B, H, HQ, N, D, E, dtype, device, 100 + i) for i in range(nsets)]
 
-        def ours(chain):
+        def ours(kernels):
             def f(ins):
-                os.environ["LASP_DELTA_CHAIN"] = chain
+                os.environ["LASP_DELTA_KERNELS"] = kernels
                 return lasp.gated_delta_attention(*ins, scale=scale, layout="bnhd", use_qk_l2norm=True)
             return f
 
         fns = {}
         if "lasp" in impls:
             fns["lasp"] = ours("aten")
-        if "lasp-chain" in impls:
-            fns["lasp-chain"] = ours("kernel")
+        if "lasp-cuda" in impls:
+            fns["lasp-cuda"] = ours("cuda")
         if "fla" in impls:
             fns["fla"] = lambda ins: fla_fn(*ins, scale=scale, use_qk_l2norm_in_kernel=True)[0]
         # correctness first: outputs and the five gradients on set 0, against fla (GPU) or float64 (CPU)
@@ -188,7 +189,7 @@ def main():
         del sets
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    os.environ.pop("LASP_DELTA_CHAIN", None)
+    os.environ.pop("LASP_DELTA_KERNELS", None)
     print(f"\n{'shape':<22} {'impl':<11} {'mode':<8} {'ms':>9} {'x floor':>8} {'vs fla':>7}")
     for r in rows:
         fla_ms = next((x["ms"] for x in rows if x["impl"] == "fla" and x["mode"] == r["mode"]

@@ -37,8 +37,8 @@
 #   sanitize     (1) benchmarks/sanitize.sh (compute-sanitizer memcheck, racecheck, initcheck, synccheck)
 #   ncu          (1) benchmarks/ncu_kernels.sh (Nsight Compute; SHAPE, KERNELS as that script reads them)
 #   pending      (1) the tests of the paths whose defaults wait for a GPU run: gate mode 2
-#                    (LASP_DOC_STARTS), the delta chain kernel (LASP_DELTA_CHAIN), the peer hop's per-(b, h)
-#                    factors: GoogleTest 'CudaKernelsApi.*:Wgmma*:DocStarts*:DeltaChain*:PeerHop*', then
+#                    (LASP_DOC_STARTS), the delta rule's kernels (LASP_DELTA_KERNELS), the peer hop's per-(b, h)
+#                    factors: GoogleTest 'CudaKernelsApi.*:Wgmma*:DocStarts*:Delta*:PeerHop*', then
 #                    pytest test_packed_op, test_compile, test_gates_cuda, test_delta_op -k "cuda or starts"
 #   delta        (1) benchmarks/bench_delta.py against fla (DELTA_SHAPES, DELTA_ARGS)
 #
@@ -341,7 +341,7 @@ part_sanitize() {
 
 part_pending() {
   step pending-gtest "${PENDING_GTEST_S:-200}" "$RESULTS/gtest_pending.log" "$GTEST" \
-    --gtest_filter='CudaKernelsApi.*:Wgmma*:DocStarts*:DeltaChain*:PeerHop*'
+    --gtest_filter='CudaKernelsApi.*:Wgmma*:DocStarts*:Delta*:PeerHop*'
   show "Failure|FAILED|PASSED|SKIPPED" "$RESULTS/gtest_pending.log"
   step pending-pytest "${PENDING_PYTEST_S:-300}" "$RESULTS/pytest_pending.log" "${PYTEST_CMD[@]}" \
     tests/python/test_packed_op.py tests/python/test_compile.py tests/python/test_gates_cuda.py \

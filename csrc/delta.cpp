@@ -127,6 +127,22 @@ Tensor segsum(const Tensor& x) {
   return out.masked_fill(at::ones({C, C}, bopts).tril().logical_not(), -std::numeric_limits<double>::infinity());
 }
 
+SolveFn& device_solve(c10::DeviceType type) {
+  static SolveFn fns[static_cast<int>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)] = {};
+  return fns[static_cast<int>(type)];
+}
+
+// M^-1 R (M^-T R), M unit lower triangular: the device's kernel where it takes them, else ATen's solve.
+Tensor solve_unit(const Tensor& M, const Tensor& R, bool transpose) {
+  if (SolveFn fn = device_solve(M.device().type())) {
+    Tensor x = fn(M, R, transpose);
+    if (x.defined()) return x;
+  }
+  return transpose ? at::linalg_solve_triangular(M.transpose(-1, -2), R, /*upper=*/true, /*left=*/true,
+                                                 /*unitriangular=*/true)
+                   : at::linalg_solve_triangular(M, R, /*upper=*/false, /*left=*/true, /*unitriangular=*/true);
+}
+
 // The chunked quantities of one piece that do not depend on the incoming state, (B, H, nc, C, .) in acc.
 struct Chunks {
   int64_t B = 0, H = 0, N = 0, nc = 0, D = 0, E = 0;
@@ -175,7 +191,7 @@ Chunks prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
   Tensor A = (c.beta.unsqueeze(-1) * c.gam * c.kk).masked_fill(strict.logical_not(), 0.0);
   c.m = A + at::eye(C, q.options().dtype(c.acc));
   const Tensor rhs = at::cat({c.beta.unsqueeze(-1) * c.v, (c.beta * c.pre).unsqueeze(-1) * c.k}, -1);
-  const Tensor w = at::linalg_solve_triangular(c.m, rhs, /*upper=*/false, /*left=*/true, /*unitriangular=*/true);
+  const Tensor w = solve_unit(c.m, rhs, /*transpose=*/false);
   c.wv = w.narrow(-1, 0, c.E);
   c.wk = w.narrow(-1, c.E, c.D);
   c.ks = (c.suf.unsqueeze(-1) * c.k).transpose(-1, -2);
@@ -280,8 +296,7 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
   // Through the triangular solve: M [Wv | Wk] = R, dW = [dU | -dU S0^T], dR = M^-T dW, dA = -dR W^T.
   const Tensor w = at::cat({c.wv, c.wk}, -1);
   const Tensor dW = at::cat({dU, -at::matmul(dU, states.transpose(-1, -2))}, -1);
-  const Tensor dR = at::linalg_solve_triangular(c.m.transpose(-1, -2), dW, /*upper=*/true, /*left=*/true,
-                                                /*unitriangular=*/true);
+  const Tensor dR = solve_unit(c.m, dW, /*transpose=*/true);
   const auto bopts = q.options().dtype(at::kBool);
   const Tensor strict = at::ones({C, C}, bopts).tril(-1);
   const Tensor dA = (-at::matmul(dR, w.transpose(-1, -2))).masked_fill(strict.logical_not(), 0.0);
@@ -497,6 +512,11 @@ std::tuple<Tensor, Tensor, Tensor> delta_chain_aten(const ChainInputs& in, const
 
 bool register_delta_chain(c10::DeviceType type, ChainFn fn) {
   device_chain(type) = fn;
+  return true;
+}
+
+bool register_delta_solve(c10::DeviceType type, SolveFn fn) {
+  device_solve(type) = fn;
   return true;
 }
 

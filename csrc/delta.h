@@ -29,4 +29,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> delta_chain_aten(const ChainInput
 // undefined tensors for the inputs it does not take (the composition then runs).
 bool register_delta_chain(c10::DeviceType type, ChainFn fn);
 
+// The chunks' unit-triangular solves: X = M^-1 R, or M^-T R (transpose), M (B, H, nc, C, C) unit lower
+// triangular (only its strictly lower part is read), R (B, H, nc, C, W), acc type. A device's kernel for
+// them, registered as the chain's (undefined result: not taken, the ATen solve runs).
+using SolveFn = at::Tensor (*)(const at::Tensor& M, const at::Tensor& R, bool transpose);
+bool register_delta_solve(c10::DeviceType type, SolveFn fn);
+
 }  // namespace lasp

@@ -104,11 +104,12 @@ LASP_CHAIN_HD void chain_block(const ChainArgs<T>& a, int64_t bh, int tile, T* s
   });
 }
 
-// The block program on the host, one thread after another per phase (tests/cpp).
+// The block program on the host, one thread after another per phase (tests/cpp), for a block of n threads.
 struct HostExec {
+  int n = kChainThreads;
   template <typename F>
   void threads(F f) {
-    for (int t = 0; t < kChainThreads; ++t) f(t);
+    for (int t = 0; t < n; ++t) f(t);
   }
   void sync() {}
 };

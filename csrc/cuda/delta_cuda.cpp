@@ -1,6 +1,6 @@
-// CUDA kernel for the gated delta rule's chain of states (kernels/delta_chain.cu), registered as the CUDA
-// device's chain (csrc/delta.h). LASP_DELTA_CHAIN selects it per call: "kernel" runs it, "aten" (the
-// default) the ATen composition.
+// CUDA kernels for the gated delta rule's chain of states and its chunks' unit-triangular solves
+// (kernels/delta_chain.cu, delta_solve.cu), registered as the CUDA device's (csrc/delta.h).
+// LASP_DELTA_KERNELS selects them per call: "cuda" runs them, "aten" (the default) the ATen compositions.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -16,9 +16,9 @@ namespace lasp {
 namespace {
 
 bool use_kernel() {
-  const char* v = std::getenv("LASP_DELTA_CHAIN");
+  const char* v = std::getenv("LASP_DELTA_KERNELS");
   if (v == nullptr || std::strcmp(v, "aten") == 0 || v[0] == '\0') return false;
-  TORCH_CHECK_VALUE(std::strcmp(v, "kernel") == 0, "LASP_DELTA_CHAIN must be 'aten' or 'kernel', got '", v, "'");
+  TORCH_CHECK_VALUE(std::strcmp(v, "cuda") == 0, "LASP_DELTA_KERNELS must be 'aten' or 'cuda', got '", v, "'");
   return true;
 }
 
@@ -61,7 +61,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_cuda(const ChainInputs& in,
   return {};
 }
 
+template <typename T>
+at::Tensor solve(const at::Tensor& M, const at::Tensor& R, bool transpose) {
+  const at::Tensor Mc = M.contiguous(), Rc = R.contiguous();
+  at::Tensor X = at::empty_like(Rc);
+  cuda::SolveArgs<T> a;
+  a.chunks = Rc.numel() / (Rc.size(-1) * Rc.size(-2));
+  a.C = static_cast<int>(Rc.size(-2));
+  a.W = static_cast<int>(Rc.size(-1));
+  a.M = Mc.data_ptr<T>();
+  a.R = Rc.data_ptr<T>();
+  a.X = X.data_ptr<T>();
+  a.transpose = transpose;
+  if (a.chunks > 0) C10_CUDA_CHECK(cuda::delta_solve(a, at::cuda::getCurrentCUDAStream()));
+  return X;
+}
+
+at::Tensor solve_cuda(const at::Tensor& M, const at::Tensor& R, bool transpose) {
+  if (!use_kernel() || R.numel() == 0 || M.scalar_type() != R.scalar_type()) return {};
+  const c10::cuda::CUDAGuard guard(R.device());
+  if (R.scalar_type() == at::kDouble) return solve<double>(M, R, transpose);
+  if (R.scalar_type() == at::kFloat) return solve<float>(M, R, transpose);
+  return {};
+}
+
 const bool registered = register_delta_chain(c10::DeviceType::CUDA, &chain_cuda);
+const bool solve_registered = register_delta_solve(c10::DeviceType::CUDA, &solve_cuda);
 
 }  // namespace
 }  // namespace lasp

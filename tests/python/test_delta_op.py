@@ -273,13 +273,13 @@ CUDA_SHAPES = [
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("chain", ["aten", "kernel"])
+@pytest.mark.parametrize("kernels", ["aten", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
 @pytest.mark.parametrize("shape", CUDA_SHAPES, ids=[f"q{s[1]}k{s[2]}v{s[3]}-N{s[4]}-D{s[5]}E{s[6]}" for s in CUDA_SHAPES])
-def test_cuda_matches_recurrence(lasp, shape, dtype, chain, seed, monkeypatch):
+def test_cuda_matches_recurrence(lasp, shape, dtype, kernels, seed, monkeypatch):
     """On the GPU, every input's gradient and the outputs against the float64 recurrence, with the chain of
-    states as ATen operations or as the CUDA kernel (LASP_DELTA_CHAIN)."""
-    monkeypatch.setenv("LASP_DELTA_CHAIN", chain)
+    states and the chunks' solves as ATen operations or as CUDA kernels (LASP_DELTA_KERNELS)."""
+    monkeypatch.setenv("LASP_DELTA_KERNELS", kernels)
     ins = _inputs(seed, *shape, dtype=dtype, device="cuda")
     got = _run(_ours(lasp), *ins)
     want = _run(_ref(), *(t.double().cpu() for t in ins))
@@ -290,18 +290,18 @@ def test_cuda_matches_recurrence(lasp, shape, dtype, chain, seed, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_chain_kernel_equals_aten(lasp, seed, monkeypatch):
-    """The chain kernel gives the ATen chain's results (float64: to rounding) for all four ops' uses: forward,
-    backward (all gradients), the piece's map, per-document states."""
+def test_cuda_kernels_equal_aten(lasp, seed, monkeypatch):
+    """The CUDA kernels (chain, solves) give the ATen compositions' results (float64: to rounding) in the
+    three ops that use them: forward, backward (all gradients, the transposed solve), the piece's map."""
     ops = torch.ops.lasp
     q, k, v, g, beta, s0, do, dS = _inputs(seed, 1, 2, 1, 2, 333, 40, 24, dtype=F64, device="cuda")
     res = {}
-    for chain in ("aten", "kernel"):
-        monkeypatch.setenv("LASP_DELTA_CHAIN", chain)
-        res[chain] = [*ops.gated_delta_fwd(q, k, v, g, beta, 0.4, s0),
+    for kernels in ("aten", "cuda"):
+        monkeypatch.setenv("LASP_DELTA_KERNELS", kernels)
+        res[kernels] = [*ops.gated_delta_fwd(q, k, v, g, beta, 0.4, s0),
                       *ops.gated_delta_bwd(q, k, v, g, beta, 0.4, s0, do, dS, False),
                       *ops.gated_delta_map(q, k, v, g, beta)]
-    for i, (a, b) in enumerate(zip(res["aten"], res["kernel"])):
+    for i, (a, b) in enumerate(zip(res["aten"], res["cuda"])):
         torch.testing.assert_close(b, a, rtol=1e-11, atol=1e-11, msg=lambda m: f"output {i}: {m}")
 
 
