@@ -8,6 +8,8 @@
 //                                gradient of the incoming state (state_grad_only), the one number the
 //                                exchange across ranks needs before the gradient of the outgoing state is known
 //   lasp::gated_delta_map        the piece's affine map of states, S_out = T S_in + L: (T, L)
+//   lasp::gated_delta_exchange   the exchange of those maps across a group's ranks (exchange.h: S_in forward,
+//                                the later ranks' state gradient backward)
 //
 // Per chunk of C = 64 tokens, entered with state S0, in the accumulation type (float32; float64 for float64):
 //   Gam[i, j] = exp(g[j+1] + ... + g[i]) (j <= i), pre[i] = exp(g[0] + ... + g[i]), suf[j] = Gam[C-1, j]
@@ -16,7 +18,8 @@
 // Everything but the chain of states is batched over all chunks; the chain is one small product per chunk.
 // Every weight is the exp of a sum over its own range, so g = -inf (a reset) gives exact zeros, and the
 // gradient of g is a sum of (weight x gradient of the weight) over the weights whose range holds the token.
-// These ATen compositions serve every device; a device with kernels of its own registers them for its key.
+// These ATen compositions serve every device; the chain and the chunks' solves take a device's kernels where
+// it registered them (delta.h).
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
