@@ -29,6 +29,11 @@ struct PeerHop {
   int dir;
   Tensor decay;              // float32 (H,) rates, or undefined (no decay)
   Tensor gamma;              // float32 contiguous (B, H) factors (gates), or undefined (decay and n)
+  // 0: the whole hop in one kernel (receive, update, send on). A hop in two calls, for an update the kernel
+  // does not make (the delta rule's T S + L): 1 receives only (out = the received state; `add` zeros), 2
+  // sends `add` only, as the same call of the channel as the phase-1 hop before it. Every rank of the group
+  // makes both calls (a rank without an upstream or downstream neighbour makes a call that does nothing).
+  int phase = 0;
   int64_t n;                 // tokens of this rank's piece
   const char* what;
   Tensor add, in_copy, out;  // float32 (B, H, D, E) states (in_copy, out: receiving ranks only)

@@ -370,7 +370,7 @@ Tensor exchange_impl(const Tensor& T, const Tensor& x, const std::optional<Tenso
                    x.scalar_type());
   const Ring ring(group_name);
   const Tensor tr = backward ? T.transpose(-1, -2).contiguous() : T.contiguous();
-  auto ex = make_map_exchange(ring, strategy, tr, scan_node_size(strategy_name));
+  auto ex = make_map_exchange(ring, strategy, tr, x, scan_node_size(strategy_name));
   const Tensor xc = x.contiguous();
   if (!backward) {
     std::optional<Tensor> init;

@@ -147,6 +147,67 @@ class PeerRing final : public StateExchange {
   const std::function<void(const PeerHop&)>& hop_;
 };
 
+// Strategy "ring" over peer memory for explicit transitions (set_transition: the delta rule's T): each
+// hop in two peer calls around the update, which the hop kernel does not make: receive S_in (phase 1),
+// S_out = T S_in + L on the stream, send it on (phase 2). Every rank makes both calls of every hop.
+class PeerMapRing final : public StateExchange {
+ public:
+  PeerMapRing(const Ring& ring, const std::function<void(const PeerHop&)>& hop)
+      : StateExchange(ring, Tensor(), 0, Tensor(), /*gamma_before_waits=*/false), hop_(hop) {}
+
+  ForwardStates forward(Tensor local, const std::optional<Tensor>& initial_state) override {
+    ForwardStates f;
+    if (ring_.is_first()) {
+      receive(0, local, nullptr);
+      f = first_rank(local, initial_state);
+    } else {
+      f.s_in = at::empty_like(local);
+      receive(0, local, &f.s_in);
+      f.s_out = update(f.s_in, local);  // T S_in + L_r
+    }
+    send(0, f.s_out.contiguous());
+    return f;
+  }
+
+ protected:
+  Suffix backward_exchange(Tensor x, const std::function<void()>& overlap) override {
+    overlap();
+    Suffix s;
+    if (ring_.is_last()) {
+      receive(1, x, nullptr);
+      s.g_prev = x;
+    } else {
+      s.g_next = at::empty_like(x);
+      receive(1, x, &s.g_next);
+      s.g_prev = update(s.g_next, x);  // T^T G_in(r + 1) + X_r
+    }
+    send(1, s.g_prev.contiguous());
+    return s;
+  }
+
+ private:
+  // Phase 1 of a hop in direction dir: the state from the upstream rank into *out (none: this rank has no
+  // upstream neighbour, the call only keeps the channel's call count).
+  void receive(int dir, const Tensor& like, Tensor* out) {
+    PeerHop h(ring_, dir, Tensor(), 0, dir == 0 ? "the forward state ring (peer transport)"
+                                                : "the backward state ring (peer transport)");
+    h.phase = 1;
+    h.add = at::zeros_like(like);
+    if (out != nullptr) h.out = *out;
+    hop_(h);
+  }
+  // Phase 2: `state` to the downstream rank (none there: nothing is sent).
+  void send(int dir, const Tensor& state) {
+    PeerHop h(ring_, dir, Tensor(), 0, dir == 0 ? "the forward state ring (peer transport)"
+                                                : "the backward state ring (peer transport)");
+    h.phase = 2;
+    h.add = state;
+    hop_(h);
+  }
+
+  const std::function<void(const PeerHop&)>& hop_;
+};
+
 // Strategy "allgather" (LASP-2): one all-gather of (state, gamma^n) per direction.
 class AllGather final : public StateExchange {
  public:
@@ -428,10 +489,32 @@ std::unique_ptr<StateExchange> make_exchange(const Kernels& backend, const Ring&
   return std::make_unique<C10dRing>(ring, decay_acc, n, gate_sum);
 }
 
+struct PeerTransport {
+  std::function<void(const PeerHop&)> hop;
+  std::function<bool(const Ring&, const at::Device&, int64_t, bool)> ready;
+};
+
+PeerTransport& peer_transport(c10::DeviceType type) {
+  static PeerTransport t[static_cast<int>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)];
+  return t[static_cast<int>(type)];
+}
+
+bool register_peer_transport(c10::DeviceType type, std::function<void(const PeerHop&)> hop,
+                             std::function<bool(const Ring&, const at::Device&, int64_t, bool)> ready) {
+  peer_transport(type) = PeerTransport{std::move(hop), std::move(ready)};
+  return true;
+}
+
 std::unique_ptr<StateExchange> make_map_exchange(const Ring& ring, Strategy strategy, Tensor transition,
-                                                 int64_t scan_nodes) {
+                                                 const Tensor& like, int64_t scan_nodes) {
   std::unique_ptr<StateExchange> ex;
-  if (strategy == Strategy::AllGather) {
+  const PeerTransport& pt = peer_transport(like.device().type());
+  const bool peer = ring_transport() == Transport::Peer && strategy == Strategy::Ring && ring.size() > 1 &&
+                    like.scalar_type() == at::kFloat && pt.hop && pt.ready &&
+                    pt.ready(ring, like.device(), like.numel(), /*required=*/true);
+  if (peer) {
+    ex = std::make_unique<PeerMapRing>(ring, pt.hop);
+  } else if (strategy == Strategy::AllGather) {
     ex = std::make_unique<AllGather>(ring, Tensor(), 0, Tensor());
   } else if (strategy == Strategy::Scan) {
     ex = std::make_unique<C10dScan>(ring, Tensor(), 0, Tensor(), scan_nodes);

@@ -146,9 +146,17 @@ std::unique_ptr<StateExchange> make_exchange(const Kernels& backend, const Ring&
                                              int64_t n, const Tensor& gate_sum, int64_t scan_nodes = 0);
 
 // The exchange of a chain of pieces whose maps are S -> T S + L with (B, H, D, D) matrices T (the gated
-// delta rule): C10dRing, AllGather or C10dScan by strategy, over the process group (no peer hop), with
-// `transition` (the backward's: T^T) set.
+// delta rule), with `transition` (the backward's: T^T) set: C10dRing, AllGather or C10dScan by strategy, or,
+// for the ring with transport "peer" asked for explicitly (float32 states on a device with a registered
+// peer transport), PeerMapRing: each hop in two peer calls around the host-side update T S + L ("auto"
+// keeps these rings on the process group until the two-call hop has run across GPUs). like: a state of
+// the call (device, size).
 std::unique_ptr<StateExchange> make_map_exchange(const Ring& ring, Strategy strategy, Tensor transition,
-                                                 int64_t scan_nodes = 0);
+                                                 const Tensor& like, int64_t scan_nodes = 0);
+
+// The peer-memory transport of a device type (csrc/cuda registers CUDA's at static initialisation), for the
+// exchanges made without a backend's Kernels (make_map_exchange). Returns true (to initialise a static).
+bool register_peer_transport(c10::DeviceType type, std::function<void(const PeerHop&)> hop,
+                             std::function<bool(const Ring&, const at::Device&, int64_t, bool)> ready);
 
 }  // namespace lasp

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "attention.h"
+#include "exchange.h"
 #include "lasp_cuda.h"
 #include "peer_cuda.h"
 
@@ -76,6 +77,8 @@ bool split_on(const at::Device& device, const AttnParams& p, bool backward, int6
   return cuda_kernels().split(p, backward, nseg, seglen);
 }
 const bool split_registered = register_split(c10::DeviceType::CUDA, split_on);
+// The peer transport for the exchanges made without these Kernels (the gated delta rule's, exchange.h).
+const bool peer_registered = register_peer_transport(c10::DeviceType::CUDA, peer_hop_cuda, peer_ready_cuda);
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
                                                     const std::optional<Tensor>& decay, double scale,

@@ -190,7 +190,10 @@ void peer_hop_cuda(const PeerHop& h) {
     p.in_copy = const_cast<float*>(fptr(h.in_copy));
     p.out = const_cast<float*>(fptr(h.out));
   }
-  p.seq = ++ch.seq[h.dir];
+  TORCH_INTERNAL_ASSERT(h.phase >= 0 && h.phase <= 2);
+  if (h.phase == 1) p.send = false;
+  if (h.phase == 2) p.recv = false;
+  p.seq = h.phase == 2 ? ch.seq[h.dir] : ++ch.seq[h.dir];  // a phase-2 call is the phase-1 call's second half
   const auto timeout = group_checks().timeout;
   p.timeout_ns = timeout.has_value() ? static_cast<uint64_t>(timeout->count()) * 1000 * 1000 : kDefaultTimeoutNs;
   p.timed_out = ch.timed_out_dev;

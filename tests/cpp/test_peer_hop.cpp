@@ -179,6 +179,104 @@ TEST(PeerHop, ChainMatchesFloat64InLaunchOrder) {
   }
 }
 
+// The hop in two calls (the delta rule's ring, PeerMapRing): phase 1 receives only (out = the upstream's
+// state), the host makes S_out = T_r S_in + L_r, phase 2 sends it, as the same call of the channel. Every
+// rank in chain order, `calls` calls in a row (the flags' call counts), against the chain in float64.
+void run_split_chain(int W, int64_t H, int64_t D, int64_t E, int dir, int calls) {
+  std::mt19937_64 rng(12345 + 7 * W + dir);
+  std::normal_distribution<double> normal;
+  SCOPED_TRACE("split hop, W " + std::to_string(W) + " dir " + std::to_string(dir));
+  const int64_t numel = H * D * E;
+  const size_t sbytes = numel * sizeof(float);
+  Chain c;
+  c.W = W;
+  c.H = H;
+  c.per_head = D * E;
+  c.numel = numel;
+  c.bases.assign(W, nullptr);
+  for (int r = 0; r < W; ++r) {
+    CKP(cudaMalloc(reinterpret_cast<void**>(&c.bases[r]), lasp::cuda::peer_buffer_bytes(numel)));
+    CKP(cudaMemset(c.bases[r], 0, lasp::cuda::peer_buffer_bytes(numel)));
+    for (auto* v : {&c.add, &c.out, &c.in_copy}) {
+      float* f = nullptr;
+      CKP(cudaMalloc(reinterpret_cast<void**>(&f), sbytes));
+      v->push_back(f);
+    }
+  }
+  CKP(cudaMalloc(reinterpret_cast<void**>(&c.timed_out), sizeof(int)));
+  CKP(cudaMemset(c.timed_out, 0, sizeof(int)));
+  for (int call = 1; call <= calls; ++call) {
+    std::vector<double> prev;  // S_out of the previous rank in the chain
+    for (int pos = 0; pos < W; ++pos) {
+      const int r = dir == 0 ? pos : W - 1 - pos;
+      std::vector<double> T(H * D * D), L(numel);
+      for (auto& x : T) x = normal(rng) / std::sqrt(static_cast<double>(D));
+      for (auto& x : L) x = normal(rng);
+      lasp::cuda::PeerHopParams p;
+      lasp::cuda::peer_hop_addresses(p, c.bases.data(), numel, r, W, dir);
+      const bool up = p.recv, down = p.send;
+      p.numel = numel;
+      p.H = H;
+      p.per_head = c.per_head;
+      p.seq = static_cast<uint32_t>(call);
+      p.timeout_ns = 20ull * 1000 * 1000 * 1000;
+      p.timed_out = c.timed_out;
+      p.trap_on_timeout = false;
+      // phase 1: receive only, add = 0
+      std::vector<float> zeros(numel, 0.f), poison(numel, std::nanf(""));
+      CKP(cudaMemcpy(c.add[r], zeros.data(), sbytes, cudaMemcpyHostToDevice));
+      CKP(cudaMemcpy(c.out[r], poison.data(), sbytes, cudaMemcpyHostToDevice));
+      p.add = c.add[r];
+      p.out = c.out[r];
+      p.send = false;
+      CKP(lasp::cuda::peer_hop(p, 0));
+      CKP(cudaDeviceSynchronize());
+      std::vector<double> s_in(numel, 0.0);
+      if (up) {
+        std::vector<float> got(numel);
+        CKP(cudaMemcpy(got.data(), c.out[r], sbytes, cudaMemcpyDeviceToHost));
+        double err = 0, norm = 0;
+        for (int64_t i = 0; i < numel; ++i) {
+          s_in[i] = got[i];
+          err += (got[i] - prev[i]) * (got[i] - prev[i]);
+          norm += prev[i] * prev[i];
+        }
+        EXPECT_LT(std::sqrt(err / norm), 1e-6) << "received state of rank " << r << ", call " << call;
+      }
+      // the update the kernel does not make: S_out = T S_in + L per head
+      std::vector<double> s_out(numel);
+      std::vector<float> s_out_f(numel);
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t e = 0; e < E; ++e) {
+            double s = L[(h * D + d) * E + e];
+            for (int64_t j = 0; j < D; ++j) s += T[(h * D + d) * D + j] * s_in[(h * D + j) * E + e];
+            s_out[(h * D + d) * E + e] = s;
+            s_out_f[(h * D + d) * E + e] = static_cast<float>(s);
+          }
+      // phase 2: send only, the same call
+      CKP(cudaMemcpy(c.add[r], s_out_f.data(), sbytes, cudaMemcpyHostToDevice));
+      p.recv = false;
+      p.send = down;
+      p.out = nullptr;
+      CKP(lasp::cuda::peer_hop(p, 0));
+      CKP(cudaDeviceSynchronize());
+      prev.assign(s_out_f.begin(), s_out_f.end());
+    }
+    int timed_out = 0;
+    CKP(cudaMemcpy(&timed_out, c.timed_out, sizeof(int), cudaMemcpyDeviceToHost));
+    ASSERT_EQ(timed_out, 0) << "a hop gave up waiting (call " << call << ")";
+  }
+}
+
+TEST(PeerHop, TwoCallHopOfMatrixMaps) {
+  if (!have_device()) GTEST_SKIP() << "no CUDA device";
+  for (int dir : {0, 1}) {
+    run_split_chain(3, 2, 8, 4, dir, 3);
+    run_split_chain(4, 3, 5, 7, dir, 2);  // odd sizes: the scalar path
+  }
+}
+
 TEST(PeerHop, PerBlockFactorsOfGates) {
   if (!have_device()) GTEST_SKIP() << "no CUDA device";
   for (int dir : {0, 1}) {

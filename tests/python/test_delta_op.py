@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import gen, randn
+from conftest import gen, randn, rel_err
 
 lasp_ref = pytest.importorskip("lasp.reference")
 F64 = torch.float64
@@ -520,3 +520,61 @@ def test_random_packed_states_match_each_alone(lasp, layout, seed):
     for i, name in enumerate(["dq", "dk", "dv", "dg", "dbeta", "dinitial"][:len(leaves)]):
         want = torch.cat(want_g[i], 0 if name == "dinitial" else 2)
         torch.testing.assert_close(got[i], want, rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Across GPUs (NCCL): the ring over the process group and over peer memory (the two-call hop), the all-gather
+# and the scan, against the one-rank call on the same device (float32)
+
+_NGPU = torch.cuda.device_count() if torch.cuda.is_available() else 0
+NCCL_DELTA = ["ring/nccl", "ring/peer", "allgather", "scan"]
+
+
+def _nccl_worker(rank, world, port, out_dir):
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=90))
+    lasp = import_lasp()
+    pieces = [50, 1, 130, 64][:world]
+    N = sum(pieces)
+    q, k, v, g, beta, s0, do, dS = _inputs(4000 + world, 1, 2, 1, 4, N, 64, 64, dtype=torch.float32, resets=True)
+    P, n = sum(pieces[:rank]), pieces[rank]
+    results = {}
+    for strategy in NCCL_DELTA:
+        lasp.set_ring_transport(strategy.split("/")[1] if "/" in strategy else "auto")
+        try:
+            leaves = [t.narrow(2, P, n).clone().cuda().requires_grad_() for t in (q, k, v, g, beta)]
+            st = s0.float().cuda().requires_grad_()
+            o, f = lasp.gated_delta_attention(*leaves, initial_state=st, output_final_state=True,
+                                              group=dist.group.WORLD, strategy=strategy.split("/")[0])
+            cot = dS.float().cuda() if rank == world - 1 else torch.zeros_like(f)
+            gr = torch.autograd.grad([o, f], leaves + [st], [do.narrow(2, P, n).float().cuda(), cot])
+        finally:
+            lasp.set_ring_transport("auto")
+        results[strategy] = dict(o=o.detach().cpu(), grads=[x.detach().cpu() for x in gr])
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_nccl_matches_one_rank(lasp, world):
+    if _NGPU < world:
+        pytest.skip(f"needs {world} CUDA devices for nccl, found {_NGPU}")
+    res = spawn_world(_nccl_worker, world, (), 240, f"gated delta rule (nccl, world={world})")
+    pieces = [50, 1, 130, 64][:world]
+    N = sum(pieces)
+    q, k, v, g, beta, s0, do, dS = _inputs(4000 + world, 1, 2, 1, 4, N, 64, 64, dtype=torch.float32, resets=True)
+    leaves = [t.clone().cuda().requires_grad_() for t in (q, k, v, g, beta)]
+    st = s0.float().cuda().requires_grad_()
+    o, f = lasp.gated_delta_attention(*leaves, initial_state=st, output_final_state=True)
+    want = [x.cpu() for x in torch.autograd.grad([o, f], leaves + [st], [do.float().cuda(), dS.float().cuda()])]
+    for strategy in NCCL_DELTA:
+        parts = [res[r][strategy] for r in range(world)]
+        err = rel_err(torch.cat([p["o"] for p in parts], 2), o.detach().cpu())
+        assert err < 1e-5, f"{strategy} o: {err:.2e}"
+        for i, name in enumerate(["dq", "dk", "dv", "dg", "dbeta"]):
+            err = rel_err(torch.cat([p["grads"][i] for p in parts], 2), want[i])
+            assert err < 1e-5, f"{strategy} {name}: {err:.2e}"
+        err = rel_err(parts[0]["grads"][5], want[5])
+        assert err < 1e-5, f"{strategy} d initial state: {err:.2e}"
