@@ -1,5 +1,5 @@
 // The chain of states of the gated delta rule's chunked form (csrc/delta.h states it), as a block program
-// that runs as a CUDA kernel (delta_chain.cu) and, with the same code, on the host (tests/cpp: each phase
+// that runs as a CUDA kernel (delta_kernels.cu) and, with the same code, on the host (tests/cpp: each phase
 // run for every thread in turn, which is what the block's threads compute between its barriers). Torch-free.
 //
 // Per (b, h) and chunk j, from S = S0:

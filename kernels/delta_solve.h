@@ -1,6 +1,6 @@
 // The unit-triangular solves of the gated delta rule's chunked form (csrc/delta.cpp): per chunk, X = M^-1 R
 // with M unit lower triangular (the WY form's M = I + A), or X = M^-T R (the backward's). One block program
-// for the device (delta_solve.cu) and the host (tests/cpp), as delta_chain.h. Torch-free.
+// for the device (delta_kernels.cu) and the host (tests/cpp), as delta_chain.h. Torch-free.
 //
 // Block (chunk, column tile): M's C x C entries go to shared memory once; then each thread owns one column of
 // R and substitutes down it (up it, transposed), x[i] = r[i] - sum_j m[i, j] x[j] over j < i (m[j, i] over

@@ -1,5 +1,5 @@
 // CUDA kernels for the gated delta rule's chain of states and its chunks' unit-triangular solves
-// (kernels/delta_chain.cu, delta_solve.cu), registered as the CUDA device's (csrc/delta.h).
+// (kernels/delta_kernels.cu), registered as the CUDA device's (csrc/delta.h).
 // LASP_DELTA_KERNELS selects them per call: "cuda" runs them, "aten" (the default) the ATen compositions.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>

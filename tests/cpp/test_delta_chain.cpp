@@ -164,7 +164,7 @@ TEST(DeltaChain, HostBlockProgramMatchesDirectChainFloat) {
 }
 
 #if defined(LASP_WITH_CUDA)
-// The CUDA kernel (delta_chain.cu) on the device against the direct chain.
+// The CUDA kernel (delta_kernels.cu) on the device against the direct chain.
 template <typename T>
 void run_case_device(const Case& k, double tol, unsigned seed) {
   Data<T> d = make<T>(k, seed);

@@ -127,6 +127,30 @@ def test_packed_documents_match_each_alone(lasp, seed):
         torch.testing.assert_close(got[i], want, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
 
 
+def _packed_vs_each_alone(lasp, fn, q, k, v, g, beta, s0, do, dS, cu, tol, **kw):
+    """The packed call with per-document states (s0 (num_docs, H, D, E) or None, cotangents do and dS) against
+    ``fn`` on each document alone from its own initial state: outputs, final states and every gradient."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, g, beta)] + (
+        [s0.detach().clone().requires_grad_()] if s0 is not None else [])
+    o, f = lasp.gated_delta_attention(*leaves[:5], cu_seqlens=cu, initial_state=leaves[5] if s0 is not None else None,
+                                      output_final_state=True, **kw)
+    got = torch.autograd.grad([o, f], leaves, [do, dS])
+    outs, fins, grads = [], [], [[] for _ in leaves]
+    for j, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        ls = [t.detach().narrow(2, a, b - a).clone().requires_grad_() for t in (q, k, v, g, beta)] + (
+            [s0[j:j + 1].detach().clone().requires_grad_()] if s0 is not None else [])
+        od, fd = fn(*ls[:5], initial_state=ls[5] if s0 is not None else None, **kw)
+        outs.append(od.detach())
+        fins.append(fd.detach())
+        for i, gr in enumerate(torch.autograd.grad([od, fd], ls, [do.narrow(2, a, b - a), dS[j:j + 1]])):
+            grads[i].append(gr)
+    torch.testing.assert_close(o.detach(), torch.cat(outs, 2), rtol=tol, atol=tol)
+    torch.testing.assert_close(f.detach(), torch.cat(fins, 0), rtol=tol, atol=tol)
+    for i, name in enumerate(["dq", "dk", "dv", "dg", "dbeta", "dinitial"][:len(leaves)]):
+        want = torch.cat(grads[i], 0 if name == "dinitial" else 2)
+        torch.testing.assert_close(got[i], want, rtol=tol, atol=tol, msg=lambda m: f"{name} {kw}: {m}")
+
+
 def test_packed_documents_with_states_match_each_alone(lasp, seed):
     """cu_seqlens with per-document initial states (num_docs, H, D, E) and final states: each document is
     the op on it alone from its own initial state; outputs, final states and every gradient (the initial
@@ -138,24 +162,7 @@ def test_packed_documents_with_states_match_each_alone(lasp, seed):
     s0 = randn((nd, 2, 6, 5), gen(seed + 1), F64)
     dS = randn((nd, 2, 6, 5), gen(seed + 2), F64)
     for l2 in (False, True):
-        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, g, beta, s0)]
-        o, f = lasp.gated_delta_attention(*leaves[:5], cu_seqlens=cu, initial_state=leaves[5], output_final_state=True,
-                                          use_qk_l2norm=l2)
-        got = torch.autograd.grad([o, f], leaves, [do, dS])
-        outs, fins, grads = [], [], [[] for _ in leaves]
-        for j, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-            ls = [t.detach().narrow(2, a, b - a).clone().requires_grad_() for t in (q, k, v, g, beta)]
-            ls.append(s0[j:j + 1].clone().requires_grad_())
-            od, fd = lasp.gated_delta_attention(*ls[:5], initial_state=ls[5], output_final_state=True, use_qk_l2norm=l2)
-            outs.append(od.detach())
-            fins.append(fd.detach())
-            for i, gr in enumerate(torch.autograd.grad([od, fd], ls, [do.narrow(2, a, b - a), dS[j:j + 1]])):
-                grads[i].append(gr)
-        torch.testing.assert_close(o.detach(), torch.cat(outs, 2), rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(f.detach(), torch.cat(fins, 0), rtol=1e-10, atol=1e-10)
-        for i, name in enumerate(["dq", "dk", "dv", "dg", "dbeta", "dinitial"]):
-            want = torch.cat(grads[i], 0 if name == "dinitial" else 2)
-            torch.testing.assert_close(got[i], want, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name} l2={l2}: {m}")
+        _packed_vs_each_alone(lasp, _ours(lasp), q, k, v, g, beta, s0, do, dS, cu, 1e-10, use_qk_l2norm=l2)
     # final states alone (no initial ones): zeros in, the same final states as each document alone from zeros
     o2, f2 = lasp.gated_delta_attention(q, k, v, g, beta, cu_seqlens=cu, output_final_state=True)
     o3 = lasp.gated_delta_attention(q, k, v, g, beta, cu_seqlens=cu)
@@ -501,25 +508,7 @@ def test_random_packed_states_match_each_alone(lasp, layout, seed):
     q, k, v, g, beta, _, do, _ = _inputs(seed, 1, Hq, Hk, H, N, D, E, resets=False)
     s0 = randn((nd, H, D, E), gen(seed + 1), F64) if with_init else None
     dS = randn((nd, H, D, E), gen(seed + 2), F64)
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, g, beta)] + (
-        [s0.clone().requires_grad_()] if with_init else [])
-    o, f = lasp.gated_delta_attention(*leaves[:5], cu_seqlens=cu, initial_state=leaves[5] if with_init else None,
-                                      output_final_state=True)
-    got = torch.autograd.grad([o, f], leaves, [do, dS])
-    want_o, want_f, want_g = [], [], [[] for _ in leaves]
-    for j, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-        ls = [t.detach().narrow(2, a, b - a).clone().requires_grad_() for t in (q, k, v, g, beta)] + (
-            [s0[j:j + 1].clone().requires_grad_()] if with_init else [])
-        od, fd = lasp_ref.gated_delta_recurrent(*ls[:5], initial_state=ls[5] if with_init else None)
-        want_o.append(od.detach())
-        want_f.append(fd.detach())
-        for i, gr in enumerate(torch.autograd.grad([od, fd], ls, [do.narrow(2, a, b - a), dS[j:j + 1]])):
-            want_g[i].append(gr)
-    torch.testing.assert_close(o.detach(), torch.cat(want_o, 2), rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(f.detach(), torch.cat(want_f, 0), rtol=1e-9, atol=1e-9)
-    for i, name in enumerate(["dq", "dk", "dv", "dg", "dbeta", "dinitial"][:len(leaves)]):
-        want = torch.cat(want_g[i], 0 if name == "dinitial" else 2)
-        torch.testing.assert_close(got[i], want, rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
+    _packed_vs_each_alone(lasp, lasp_ref.gated_delta_recurrent, q, k, v, g, beta, s0, do, dS, cu, 1e-9)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,71 @@
+// The gated delta rule's CUDA kernels: the chain of states (delta_chain.h's block program, one block per
+// (b, h) and tile of 32 state columns) and the chunks' unit-triangular solves (delta_solve.h's, one block of
+// 128 threads per chunk and tile of 128 columns).
+#include <cuda_runtime.h>
+
+#include "delta_chain_api.h"
+
+namespace lasp {
+namespace cuda {
+namespace {
+
+// The block programs' executor on the device: each thread runs its own part of a phase.
+struct DeviceExec {
+  template <typename F>
+  __device__ __forceinline__ void threads(F f) {
+    f(static_cast<int>(threadIdx.x));
+  }
+  __device__ __forceinline__ void sync() { __syncthreads(); }
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kChainThreads) chain_kernel(ChainArgs<T> a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DeviceExec ex;
+  chain_block<T>(a, static_cast<int64_t>(blockIdx.x), static_cast<int>(blockIdx.y), reinterpret_cast<T*>(smem_raw),
+                 ex);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kSolveCols) solve_kernel(SolveArgs<T> a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DeviceExec ex;
+  solve_block<T>(a, static_cast<int64_t>(blockIdx.x), static_cast<int>(blockIdx.y), reinterpret_cast<T*>(smem_raw),
+                 ex, kSolveCols);
+}
+
+// Launches kernel<<<grid, threads, smem, st>>>(args), opting in to more than 48 KiB of shared memory first.
+template <typename A>
+cudaError_t launch(void (*kernel)(A), dim3 grid, int threads, size_t smem, cudaStream_t st, const A& args) {
+  if (smem > 48 * 1024) {
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e != cudaSuccess) return e;
+  }
+  kernel<<<grid, threads, smem, st>>>(args);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t run_chain(const ChainArgs<T>& a, cudaStream_t st) {
+  if (a.BH < 1 || a.C < 1 || a.D < 1 || a.W < 1 || a.nc < 0 || a.BH > INT32_MAX) return cudaErrorInvalidValue;
+  const dim3 grid((unsigned)a.BH, (unsigned)((a.W + kChainCols - 1) / kChainCols));
+  return launch(chain_kernel<T>, grid, kChainThreads, chain_smem_bytes<T>(a.C, a.D), st, a);
+}
+
+template <typename T>
+cudaError_t run_solve(const SolveArgs<T>& a, cudaStream_t st) {
+  if (a.chunks < 0 || a.C < 1 || a.W < 1 || a.chunks > INT32_MAX) return cudaErrorInvalidValue;
+  if (a.chunks == 0) return cudaSuccess;
+  const dim3 grid((unsigned)a.chunks, (unsigned)((a.W + kSolveCols - 1) / kSolveCols));
+  return launch(solve_kernel<T>, grid, kSolveCols, solve_smem_bytes<T>(a.C), st, a);
+}
+
+}  // namespace
+
+cudaError_t delta_chain(const ChainArgs<float>& a, cudaStream_t st) { return run_chain(a, st); }
+cudaError_t delta_chain(const ChainArgs<double>& a, cudaStream_t st) { return run_chain(a, st); }
+cudaError_t delta_solve(const SolveArgs<float>& a, cudaStream_t st) { return run_solve(a, st); }
+cudaError_t delta_solve(const SolveArgs<double>& a, cudaStream_t st) { return run_solve(a, st); }
+
+}  // namespace cuda
+}  // namespace lasp
