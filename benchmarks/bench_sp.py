@@ -25,9 +25,13 @@ the single-GPU op on the whole sequence.
 --gates: per-token log gates g = logsigmoid(x) / 16 ((B, tokens, H), fp32, with their gradient) on top of the
 decay, for the methods that take them (ring, allgather, scan: the peer transport and the two baselines do
 not).
+--delta: the gated delta rule instead, lasp.gated_delta_attention(q, k, v, g, beta, use_qk_l2norm=True) with
+g as for --gates (no decay) and beta = sigmoid(x) ((B, tokens, H), fp32, with gradients), for the methods that
+take it (ring, ring-peer, allgather, scan); issue 26's weak-scaling target is its W = 4 row at 16K tokens per
+rank.
 --fla (CUDA, W = 1): fla's chunk_simple_gla on the same inputs beside "single" (g_gamma = -decay, or
-g = g - decay with --gates; fla 0.6.0 refuses its gated backward on Hopper under Triton 3.4 to 3.7.0, its
-issue 640: the refusal is lifted to time it, and the JSON says so).
+g = g - decay with --gates; with --delta its chunk_gated_delta_rule; fla 0.6.0 refuses its gated backward on
+Hopper under Triton 3.4 to 3.7.0, its issue 640: the refusal is lifted to time it, and the JSON says so).
 
 --device cpu (gloo) runs the same script on tiny shapes (wall-clock timing): a smoke test, not a benchmark.
 """
@@ -66,14 +70,17 @@ def alibi_decay(H, device):
     return torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], dtype=torch.float32, device=device)
 
 
-def make_method(lasp, name, group):
+def make_method(lasp, name, group, delta=False):
     if name in ("single", "ring", "ring-peer", "allgather", "scan"):
         strategy = name if name in ("allgather", "scan") else "ring"
         grp = None if name == "single" else group
         transport = "peer" if name == "ring-peer" else "nccl"
 
-        def attn(q, k, v, decay, scale, _g, lg=None):
+        def attn(q, k, v, decay, scale, _g, lg=None, beta=None):
             lasp.set_ring_transport(transport)  # read by this call's forward and backward
+            if delta:
+                return lasp.gated_delta_attention(q, k, v, lg, beta, scale=scale, group=grp, layout="bnhd",
+                                                  strategy=strategy, use_qk_l2norm=True)
             return lasp.lasp_attention(q, k, v, decay, scale=scale, group=grp, layout="bnhd", strategy=strategy,
                                        g=lg)
 
@@ -85,9 +92,12 @@ def make_method(lasp, name, group):
     raise ValueError(f"unknown method {name!r}")
 
 
-def call(attn, q, k, v, decay, scale, group, lg):
-    """A method on one rank's piece; the gates only where there are (the baselines take none)."""
-    return attn(q, k, v, decay, scale, group) if lg is None else attn(q, k, v, decay, scale, group, lg=lg)
+def call(attn, q, k, v, decay, scale, group, lg, beta=None):
+    """A method on one rank's piece; the gates (and beta) only where there are (the baselines take none)."""
+    if lg is None:
+        return attn(q, k, v, decay, scale, group)
+    return attn(q, k, v, decay, scale, group, lg=lg) if beta is None else attn(q, k, v, decay, scale, group, lg=lg,
+                                                                                beta=beta)
 
 
 def git_commit():
@@ -136,20 +146,26 @@ class Timer:
         return statistics.median(tt.tolist())
 
 
-def local_inputs(B, n, H, D, dtype, device, seed, requires_grad=True, gates=False):
-    """q, k, v, do (B, n, H, D) and, with gates, log gates lg (B, n, H) fp32 (else None)."""
+def local_inputs(B, n, H, D, dtype, device, seed, requires_grad=True, gates=False, delta=False):
+    """q, k, v, do (B, n, H, D), with gates (or delta) log gates lg (B, n, H) fp32 (else None), with delta
+    beta (B, n, H) fp32 (else None)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     mk = lambda: torch.randn(B, n, H, D, generator=g, dtype=torch.float32).to(device, dtype)  # noqa: E731
     q, k, v, do = mk(), mk(), mk(), mk()
+    gates = gates or delta
     lg = torch.nn.functional.logsigmoid(torch.randn(B, n, H, generator=g)).div(16).to(device) if gates else None
-    for t in (q, k, v) + ((lg,) if gates else ()):
-        t.requires_grad_(requires_grad)
-    return q, k, v, do, lg
+    beta = torch.sigmoid(torch.randn(B, n, H, generator=g)).to(device) if delta else None
+    for t in (q, k, v, lg, beta):
+        if t is not None:
+            t.requires_grad_(requires_grad)
+    return q, k, v, do, lg, beta
 
 
-def fla_method(decay):
-    """fla's chunk_simple_gla as a method (layout (B, T, H, D), as here), or None where fla does not import."""
+def fla_method(decay, delta=False):
+    """fla's chunk_simple_gla (delta: chunk_gated_delta_rule) as a method (layout (B, T, H, D), as here), or
+    None where fla does not import."""
     try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
         from fla.ops.simple_gla import chunk_simple_gla
         import fla.ops.common.chunk_o as fla_chunk_o
     except Exception as e:  # noqa: BLE001
@@ -160,7 +176,9 @@ def fla_method(decay):
         fla_chunk_o.IS_NVIDIA_HOPPER = False  # the gated backward's Hopper refusal (read at call time)
         lifted = True
 
-    def attn(q, k, v, decay_, scale, _g, lg=None):
+    def attn(q, k, v, decay_, scale, _g, lg=None, beta=None):
+        if delta:
+            return chunk_gated_delta_rule(q, k, v, lg, beta, scale=scale, use_qk_l2norm_in_kernel=True)[0]
         if lg is None:
             return chunk_simple_gla(q, k, v, g_gamma=-decay_, scale=scale)[0]
         return chunk_simple_gla(q, k, v, g=lg - decay_, scale=scale)[0]
@@ -181,19 +199,22 @@ def check_methods(lasp, groups, methods, args, device, dtype, rank):
         if rank < W:
             torch.manual_seed(0)
             full = [None if t is None else t.detach()
-                    for t in local_inputs(B, W * n, H, D, dtype, device, seed=1234, gates=args.gates)]
-            qf, kf, vf, dof, lgf = (None if t is None else t.clone().requires_grad_(i != 3) for i, t in enumerate(full))
-            of = lasp.lasp_attention(qf, kf, vf, decay, scale=scale, layout="bnhd", g=lgf)
+                    for t in local_inputs(B, W * n, H, D, dtype, device, seed=1234, gates=args.gates,
+                                          delta=args.delta)]
+            qf, kf, vf, dof, lgf, bf = (None if t is None else t.clone().requires_grad_(i != 3)
+                                        for i, t in enumerate(full))
+            of = call(make_method(lasp, "single", None, args.delta), qf, kf, vf, decay, scale, None, lgf, bf)
             of.backward(dof)
-            want = [of.detach(), qf.grad, kf.grad, vf.grad] + ([lgf.grad] if args.gates else [])
+            want = [of.detach()] + [t.grad for t in (qf, kf, vf, lgf, bf) if t is not None]
             sl = slice(rank * n, (rank + 1) * n)
             for m in methods:
-                q, k, v, do, lg = (None if t is None else t[:, sl].clone().contiguous() for t in full)
-                for t in (q, k, v) + ((lg,) if args.gates else ()):
-                    t.requires_grad_(True)
-                o = call(make_method(lasp, m, group), q, k, v, decay, scale, group, lg)
+                q, k, v, do, lg, beta = (None if t is None else t[:, sl].clone().contiguous() for t in full)
+                for t in (q, k, v, lg, beta):
+                    if t is not None:
+                        t.requires_grad_(True)
+                o = call(make_method(lasp, m, group, args.delta), q, k, v, decay, scale, group, lg, beta)
                 o.backward(do)
-                got = [o.detach(), q.grad, k.grad, v.grad] + ([lg.grad] if args.gates else [])
+                got = [o.detach()] + [t.grad for t in (q, k, v, lg, beta) if t is not None]
                 err = max(float((a.float() - b[:, sl].float()).norm() / b[:, sl].float().norm().clamp_min(1e-30))
                           for a, b in zip(got, want))
                 e = torch.tensor([err], dtype=torch.float64, device=device)
@@ -260,6 +281,7 @@ def main(argv=None):
     ap.add_argument("--plot", default=None)
     ap.add_argument("--from-json", default=None, help="only redraw --plot from an earlier --json")
     ap.add_argument("--gates", action="store_true", help="per-token log gates (see above)")
+    ap.add_argument("--delta", action="store_true", help="the gated delta rule (see above)")
     ap.add_argument("--fla", action="store_true", help="fla's chunk_simple_gla beside 'single' at W = 1 (CUDA)")
     args = ap.parse_args(argv)
     if args.from_json:
@@ -283,11 +305,12 @@ def main(argv=None):
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"bench_sp: --methods: unknown method {m!r}; expected some of {METHODS}")
-    if args.gates:
+    if args.gates or args.delta:
+        flag = "--delta" if args.delta else "--gates"
         dropped = [m for m in methods if m not in GATED_METHODS]
         methods = [m for m in methods if m in GATED_METHODS]
         if dropped and rank == 0:
-            print(f"# --gates: {', '.join(dropped)} take no per-token gates; measuring {', '.join(methods)}")
+            print(f"# {flag}: {', '.join(dropped)} take no per-token gates; measuring {', '.join(methods)}")
     if args.worlds:
         worlds = sorted({int(w) for w in args.worlds.split(",")})
     else:
@@ -305,10 +328,11 @@ def main(argv=None):
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "B": B, "H": H, "D": D, "dtype": str(dtype).replace("torch.", ""), "decay": "alibi",
         "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE"), "gates": bool(args.gates),
+        "op": "gated_delta_attention" if args.delta else "lasp_attention",
     }
     fla_attn = None
     if args.fla and cuda:
-        fla_attn, lifted = fla_method(alibi_decay(H, device))
+        fla_attn, lifted = fla_method(alibi_decay(H, device), args.delta)
         info["fla_hopper_refusal_lifted"] = lifted
     if rank == 0:
         print("# " + "  ".join(f"{k}={v}" for k, v in info.items()), flush=True)
@@ -341,19 +365,20 @@ def main(argv=None):
             row = {"scaling": kind, "W": W, "n_local": n_local, "n_total": n_local * W, "method": name}
             if rank < W:
                 group = groups[W]
-                q, k, v, do, lg = local_inputs(B, n_local, H, D, dtype, device, seed=rank, gates=args.gates)
-                attn = fla_attn if name == "fla" else make_method(lasp, name, group)
+                q, k, v, do, lg, beta = local_inputs(B, n_local, H, D, dtype, device, seed=rank, gates=args.gates,
+                                                     delta=args.delta)
+                attn = fla_attn if name == "fla" else make_method(lasp, name, group, args.delta)
                 timer = Timer(device, group)
 
                 def fwd():
                     with torch.no_grad():
-                        call(attn, q, k, v, decay, scale, group, lg)
+                        call(attn, q, k, v, decay, scale, group, lg, beta)
 
                 def fwd_bwd():
-                    q.grad = k.grad = v.grad = None
-                    if lg is not None:
-                        lg.grad = None
-                    call(attn, q, k, v, decay, scale, group, lg).backward(do)
+                    for t in (q, k, v, lg, beta):
+                        if t is not None:
+                            t.grad = None
+                    call(attn, q, k, v, decay, scale, group, lg, beta).backward(do)
 
                 try:
                     row["fwd_ms"] = timer(fwd, args.warmup, args.reps)
@@ -362,7 +387,7 @@ def main(argv=None):
                         row["peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
                 except torch.OutOfMemoryError:
                     row["error"] = "out of memory"
-                del q, k, v, do, lg
+                del q, k, v, do, lg, beta
                 if cuda:
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats(device)
