@@ -27,8 +27,7 @@ decay, for the methods that take them (ring, allgather, scan: the peer transport
 not).
 --delta: the gated delta rule instead, lasp.gated_delta_attention(q, k, v, g, beta, use_qk_l2norm=True) with
 g as for --gates (no decay) and beta = sigmoid(x) ((B, tokens, H), fp32, with gradients), for the methods that
-take it (ring, ring-peer, allgather, scan); issue 26's weak-scaling target is its W = 4 row at 16K tokens per
-rank.
+take it (ring, ring-peer, allgather, scan); its weak-scaling target is 90% at W = 4 with 16K tokens per rank.
 --fla (CUDA, W = 1): fla's chunk_simple_gla on the same inputs beside "single" (g_gamma = -decay, or
 g = g - decay with --gates; with --delta its chunk_gated_delta_rule; fla 0.6.0 refuses its gated backward on
 Hopper under Triton 3.4 to 3.7.0, its issue 640: the refusal is lifted to time it, and the JSON says so).
