@@ -441,52 +441,125 @@ Tensor l2norm(const Tensor& x) {
   return xf * (xf * xf).sum(-1, true).add(1e-6).rsqrt();
 }
 
+BwdOut call_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta, double scale,
+                const std::optional<Tensor>& initial_state, const std::optional<Tensor>& dout,
+                const std::optional<Tensor>& grad_final_state, bool state_grad_only) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lasp::gated_delta_bwd", "")
+                       .typed<BwdOut(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
+                                     const std::optional<Tensor>&, const std::optional<Tensor>&,
+                                     const std::optional<Tensor>&, bool)>();
+  return op.call(q, k, v, g, beta, scale, initial_state, dout, grad_final_state, state_grad_only);
+}
+
+std::tuple<Tensor, Tensor> call_map(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                                    const Tensor& beta) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lasp::gated_delta_map", "")
+                       .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                         const Tensor&)>();
+  return op.call(q, k, v, g, beta);
+}
+
+Tensor call_exchange(const Tensor& T, const Tensor& x, const std::optional<Tensor>& initial_state,
+                     const std::string& group_name, const std::string& strategy, bool backward) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lasp::gated_delta_exchange", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, const std::string&,
+                                     const std::string&, bool)>();
+  return op.call(T, x, initial_state, group_name, strategy, backward);
+}
+
+// One rank's piece forward: alone, from the initial state; under a group of two or more ranks, its map
+// (T, L), the exchange that brings S_in (the first rank's: the initial state), then the piece from S_in.
+// Returns (o, final state, S_in, T); S_in and T undefined alone.
+std::tuple<Tensor, Tensor, Tensor, Tensor> piece_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                         const Tensor& g, const Tensor& beta, double scale,
+                                                         const std::optional<Tensor>& initial_state,
+                                                         const std::optional<std::string>& group_name,
+                                                         const std::string& strategy) {
+  if (!group_name.has_value() || Ring(group_name).size() <= 1) {
+    auto [o, fin] = call_fwd(q, k, v, g, beta, scale, initial_state);
+    return {o, fin, Tensor(), Tensor()};
+  }
+  auto [T, L] = call_map(q, k, v, g, beta);
+  Tensor s_in = call_exchange(T, L, initial_state, *group_name, strategy, /*backward=*/false);
+  auto [o, fin] = call_fwd(q, k, v, g, beta, scale, s_in);
+  return {o, fin, s_in, T};
+}
+
 std::tuple<Tensor, Tensor> delta_noautograd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
                                             const Tensor& beta, double scale,
-                                            const std::optional<Tensor>& initial_state, bool use_qk_l2norm) {
-  if (!use_qk_l2norm) return call_fwd(q, k, v, g, beta, scale, initial_state);
-  auto [o, fin] = call_fwd(l2norm(q), l2norm(k), v, g, beta, scale, initial_state);
-  return {o.to(q.scalar_type()), fin};
+                                            const std::optional<Tensor>& initial_state, bool use_qk_l2norm,
+                                            const std::optional<std::string>& group_name,
+                                            const std::string& strategy) {
+  if (!use_qk_l2norm) {
+    auto out = piece_forward(q, k, v, g, beta, scale, initial_state, group_name, strategy);
+    return {std::get<0>(out), std::get<1>(out)};
+  }
+  auto out = piece_forward(l2norm(q), l2norm(k), v, g, beta, scale, initial_state, group_name, strategy);
+  return {std::get<0>(out).to(q.scalar_type()), std::get<1>(out)};
 }
 
 class GatedDeltaFunction : public torch::autograd::Function<GatedDeltaFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
                                const Tensor& g, const Tensor& beta, double scale,
-                               const std::optional<Tensor>& initial_state) {
+                               const std::optional<Tensor>& initial_state,
+                               const std::optional<std::string>& group_name, const std::string& strategy) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->set_materialize_grads(false);
-    auto [o, fin] = call_fwd(q, k, v, g, beta, scale, initial_state);
-    ctx->save_for_backward({q, k, v, g, beta, initial_state.has_value() ? *initial_state : Tensor()});
+    auto [o, fin, s_in, T] = piece_forward(q, k, v, g, beta, scale, initial_state, group_name, strategy);
+    // alone the backward starts from the initial state; under a group from S_in, with T for the exchange
+    ctx->save_for_backward({q, k, v, g, beta, s_in.defined() ? s_in : (initial_state.has_value() ? *initial_state
+                                                                                                 : Tensor()),
+                            T});
     ctx->saved_data["scale"] = scale;
+    ctx->saved_data["has_initial_state"] = initial_state.has_value();
+    if (s_in.defined()) {
+      ctx->saved_data["group_name"] = *group_name;
+      ctx->saved_data["strategy"] = strategy;
+    }
     return {o, fin};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
-    std::optional<Tensor> init, dout, dfin;
-    if (s[5].defined()) init = s[5];
+    const double scale = ctx->saved_data["scale"].toDouble();
+    std::optional<Tensor> start, dout, dfin;
+    if (s[5].defined()) start = s[5];
     if (grads[0].defined()) dout = grads[0];
     if (grads[1].defined()) dfin = grads[1];
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("lasp::gated_delta_bwd", "")
-                         .typed<BwdOut(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                       double, const std::optional<Tensor>&, const std::optional<Tensor>&,
-                                       const std::optional<Tensor>&, bool)>();
-    auto [dq, dk, dv, dg, dbeta, dinit] =
-        op.call(s[0], s[1], s[2], s[3], s[4], ctx->saved_data["scale"].toDouble(), init, dout, dfin, false);
-    return {dq, dk, dv, dg, dbeta, Tensor(), init.has_value() ? dinit : Tensor()};
+    const bool grouped = s[6].defined();
+    bool first = true;
+    if (grouped) {
+      // The gradient of S_in from this piece alone goes back along the chain of maps (T^T), which brings the
+      // gradient of the state this piece sends on from the ranks after it: that state is the piece's final
+      // state, so one backward with both gives every gradient.
+      const std::string group_name = ctx->saved_data["group_name"].toStringRef();
+      const std::string strategy = ctx->saved_data["strategy"].toStringRef();
+      const Tensor g_in = std::get<5>(call_bwd(s[0], s[1], s[2], s[3], s[4], scale, start, dout, dfin, true));
+      const Tensor g_out = call_exchange(s[6], g_in, std::nullopt, group_name, strategy, /*backward=*/true);
+      dfin = dfin.has_value() ? *dfin + g_out : g_out;
+      first = Ring(group_name).is_first();
+    }
+    auto [dq, dk, dv, dg, dbeta, dinit] = call_bwd(s[0], s[1], s[2], s[3], s[4], scale, start, dout, dfin, false);
+    // only the first rank reads the initial state: the others' gradient for it is zero
+    Tensor dinit_out;
+    if (ctx->saved_data["has_initial_state"].toBool()) dinit_out = first ? dinit : at::zeros_like(dinit);
+    return {dq, dk, dv, dg, dbeta, Tensor(), dinit_out, Tensor(), Tensor()};
   }
 };
 
 std::tuple<Tensor, Tensor> delta_autograd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
                                           const Tensor& beta, double scale,
-                                          const std::optional<Tensor>& initial_state, bool use_qk_l2norm) {
+                                          const std::optional<Tensor>& initial_state, bool use_qk_l2norm,
+                                          const std::optional<std::string>& group_name, const std::string& strategy) {
   if (!use_qk_l2norm) {
-    auto out = GatedDeltaFunction::apply(q, k, v, g, beta, scale, initial_state);
+    auto out = GatedDeltaFunction::apply(q, k, v, g, beta, scale, initial_state, group_name, strategy);
     return {out[0], out[1]};
   }
-  auto out = GatedDeltaFunction::apply(l2norm(q), l2norm(k), v, g, beta, scale, initial_state);
+  auto out = GatedDeltaFunction::apply(l2norm(q), l2norm(k), v, g, beta, scale, initial_state, group_name, strategy);
   return {out[0].to(q.scalar_type()), out[1]};
 }
 
@@ -529,9 +602,11 @@ std::tuple<at::Tensor, at::Tensor> gated_delta_attention(const at::Tensor& q, co
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("lasp::gated_delta_attention", "")
                        .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                                         const Tensor&, double, const std::optional<Tensor>&, bool)>();
+                                                         const Tensor&, double, const std::optional<Tensor>&, bool,
+                                                         const std::optional<std::string>&, const std::string&)>();
   const double scale = options.scale.value_or(q.dim() == 4 ? 1.0 / std::sqrt(static_cast<double>(q.size(3))) : 1.0);
-  return op.call(q, k, v, g, beta, scale, options.initial_state, options.use_qk_l2norm);
+  return op.call(q, k, v, g, beta, scale, options.initial_state, options.use_qk_l2norm, options.group_name,
+                 options.strategy);
 }
 
 }  // namespace lasp
@@ -539,11 +614,14 @@ std::tuple<at::Tensor, at::Tensor> gated_delta_attention(const at::Tensor& q, co
 TORCH_LIBRARY_FRAGMENT(lasp, m) {
   // q (B, Hq, N, D), k (B, Hk, N, D), v (B, Hv, N, E); g (log decay <= 0, -inf resets) and beta (B, H, N),
   // H = max(Hq, Hv); initial_state (B, H, D, E). Returns (o (B, H, N, E) in q's dtype, final_state in the
-  // accumulation type). One device: sequence parallelism is python's lasp.gated_delta_attention, which
-  // composes the ops below.
+  // accumulation type). group_name: a registered c10d group over which the sequence is split (this rank's
+  // piece; strategy "ring", "allgather", "scan" or "scan:<m>"; only the first rank reads initial_state, the
+  // others get a zero gradient for it); every rank runs the backward. Packed documents with per-document
+  // states are composed in python (lasp.gated_delta_attention) from the ops below.
   m.def(
       "gated_delta_attention(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, float scale, "
-      "Tensor? initial_state=None, bool use_qk_l2norm=False) -> (Tensor, Tensor)");
+      "Tensor? initial_state=None, bool use_qk_l2norm=False, str? group_name=None, str strategy=\"ring\") -> "
+      "(Tensor, Tensor)");
   m.def(
       "gated_delta_fwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, float scale, "
       "Tensor? initial_state=None) -> (Tensor, Tensor)");

@@ -32,6 +32,8 @@ struct DeltaOptions {
   std::optional<double> scale;              // default 1/sqrt(D)
   std::optional<at::Tensor> initial_state;  // (B, H, D, E), any floating dtype; differentiable
   bool use_qk_l2norm = false;               // divide q and k by sqrt(sum of squares + 1e-6) over D first
+  std::optional<std::string> group_name;    // a registered c10d process group (sequence parallel)
+  std::string strategy = "ring";            // "ring", "allgather", "scan" or "scan:<m>" (as AttentionOptions)
 };
 
 // The gated delta rule (Gated DeltaNet; fla's chunk_gated_delta_rule), on one device:
@@ -39,8 +41,9 @@ struct DeltaOptions {
 // q (B, Hq, N, D), k (B, Hk, N, D), v (B, Hv, N, E); g (log decay <= 0, -inf resets) and beta (B, H, N) with
 // H = max(Hq, Hv), each head count dividing H (output head h reads q head h / (H / Hq), and so on). Returns
 // (o (B, H, N, E) in q's dtype, final_state (B, H, D, E) float32, float64 for float64 inputs).
-// Differentiable in q, k, v, g, beta and the initial state. (Sequence parallelism for this op is Python's
-// lasp.gated_delta_attention(group=...), built on the same dispatcher ops.)
+// Differentiable in q, k, v, g, beta and the initial state. With a group_name, this rank's piece of the
+// sequence: each piece maps its incoming state S -> T S + L (T: D x D per head) and the exchange passes the
+// states along (every rank must call alike and run the backward; only the first rank reads initial_state).
 std::tuple<at::Tensor, at::Tensor> gated_delta_attention(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& v, const at::Tensor& g,
                                                          const at::Tensor& beta, const DeltaOptions& options = {});

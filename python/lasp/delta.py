@@ -14,13 +14,12 @@ the chunk maps S0 affinely: S_end = T S0 + L with the d x d transition T = pre[C
 Every weight is the exp of a sum over its own range (never a difference of cumulative sums), so g = -inf
 (a reset, as at a packed document's start) gives exact zeros.
 
-The dispatcher ops of csrc/delta.cpp compute it (torch.ops.lasp.gated_delta_attention on one device, with
-its C++ autograd function; gated_delta_fwd / gated_delta_bwd / gated_delta_map under a group). Under a group
-each rank computes its piece's map (T, L) of states, the exchange gives S_in (the ring: S_in(r) =
-T(r-1) S_in(r-1) + L(r-1), rank to rank; the scan of the maps; or one all-gather of every (T, L)), then the
-piece runs from S_in. The backward first computes the gradient of S_in from this piece alone, passes the
-gradients back along the same chain with T^T, and then runs the piece's backward once with the gradient of
-its outgoing state from the ranks after it.
+The dispatcher ops of csrc/delta.cpp compute it: torch.ops.lasp.gated_delta_attention with its C++ autograd
+function, on one device and under a group (each rank computes its piece's map (T, L) of states, the C++
+exchange gives S_in (the ring: S_in(r) = T(r-1) S_in(r-1) + L(r-1), rank to rank; the scan of the maps; or
+one all-gather of every (T, L)), then the piece runs from S_in; the backward passes the gradients back along
+the same chain with T^T). Packed documents with per-document states are composed here (_DeltaPiece) from
+the same ops: the piece runs as segments between the document starts.
 """
 
 from __future__ import annotations
@@ -99,7 +98,7 @@ class _Exchange:
 
 
 class _DeltaPiece(torch.autograd.Function):
-    """One rank's piece as segments, each run by the ops from its own starting state. segs: [(a, b, j)],
+    """One rank's piece with per-document states, as segments, each run by the ops from its own starting state. segs: [(a, b, j)],
     tokens [a, b) of the piece starting from ``states[j]`` (the initial state of document j, which starts at a;
     zeros where states is None) or, for j = -1 (first segment only), from S_in: the state the exchange brings
     (exchange None: s0). Returns (o, F) with F (len(segs), B, H, D, E) the segments' final states.
@@ -315,33 +314,29 @@ def gated_delta_attention(
     if cu is not None and not per_doc:  # one call over the piece, the state dropped at every start
         g = g.masked_fill(_document_resets(cu, offset, offset + N, g.device), float("-inf"))
     scale = D ** -0.5 if scale is None else float(scale)
-    if name is None and not per_doc:  # one device: the op with its C++ autograd (it checks g's values itself)
-        o, S = torch.ops.lasp.gated_delta_attention(q, k, v, g, beta, scale, initial_state, bool(use_qk_l2norm))
-    else:
-        exchange = None
-        if name is not None:
-            # every value "auto" reads is the same on every rank (compared above): the ranks pick alike
-            strategy = _resolve_strategy(fn, strategy, group, q, v, gates=True, op="gated_delta_attention")
-            exchange = _Exchange(group, strategy, rank, len(rows))
+    if name is not None:
+        # every value "auto" reads is the same on every rank (compared above): the ranks pick alike
+        strategy = _resolve_strategy(fn, strategy, group, q, v, gates=True, op="gated_delta_attention")
+    if not per_doc:
+        # the op with its C++ autograd (one device: it checks g's values itself; under a group: the piece's map,
+        # the exchange and the piece, C++ too)
+        o, S = torch.ops.lasp.gated_delta_attention(q, k, v, g, beta, scale, initial_state, bool(use_qk_l2norm), name,
+                                                    strategy)
+    else:  # per-document states: segments between the document starts in the piece, each from its document's
+        # initial state (the first, before any start, from the state the exchange brings)
+        exchange = None if name is None else _Exchange(group, strategy, rank, len(rows))
         acc = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else torch.float32
-        states = None
-        if per_doc:
-            # segments between the document starts in the piece, each from its document's initial state (the
-            # first, before any start, from the state the exchange brings)
-            local = [(j, int(cu[j]) - offset) for j in range(cu.numel() - 1) if offset <= int(cu[j]) < offset + N]
-            cuts = [p for _, p in local] + [N]
-            segs = ([(0, cuts[0], -1)] if not local or cuts[0] > 0 else []) + [
-                (p, cuts[i + 1], j) for i, (j, p) in enumerate(local)]
-            states = None if initial_state is None else initial_state.to(acc)
-            s0 = torch.zeros(B, H, D, E, dtype=acc, device=q.device)
-        else:
-            segs = [(0, N, -1)]
-            s0 = initial_state if initial_state is not None else torch.zeros(B, H, D, E, dtype=acc, device=q.device)
+        local = [(j, int(cu[j]) - offset) for j in range(cu.numel() - 1) if offset <= int(cu[j]) < offset + N]
+        cuts = [p for _, p in local] + [N]
+        segs = ([(0, cuts[0], -1)] if not local or cuts[0] > 0 else []) + [
+            (p, cuts[i + 1], j) for i, (j, p) in enumerate(local)]
+        states = None if initial_state is None else initial_state.to(acc)
+        s0 = torch.zeros(B, H, D, E, dtype=acc, device=q.device)
         qq, kk = (_l2norm(q, acc), _l2norm(k, acc)) if use_qk_l2norm else (q, k)
         o, F = _DeltaPiece.apply(qq, kk, v, g, beta, s0, states, scale, exchange, segs)
         o = o.to(q.dtype)
         S = F[-1]
-        if per_doc and output_final_state:
+        if output_final_state:
             # the final states of the documents ending in this piece, zeros elsewhere
             first_doc = int(torch.searchsorted(cu, torch.tensor(offset), right=True)) - 1  # open at the piece's start
             rows_idx, ends = [], []
