@@ -29,43 +29,35 @@ def test_bench_sp_smoke(tmp_path):
     assert d["comm_floor"] and d["comm_floor"][0]["W"] == 2
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="gloo not available")
-def test_bench_sp_gates_smoke(tmp_path):
-    """--gates: the methods that take per-token gates (ring, allgather, scan) agree with the single-process op on o,
-    dq, dk, dv and dg; the others are left out."""
-    out = tmp_path / "sp_gates.json"
+def _gated_run(tmp_path, flag):
+    """bench_sp.py with ``flag`` (--gates or --delta) on 2 gloo ranks: the methods that take per-token gates
+    (ring, ring-peer, allgather, scan) and only those are checked against the single-process op (o and every
+    input gradient) and timed. Returns the JSON."""
+    out = tmp_path / "sp_gated.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(REPO, "benchmarks", "bench_sp.py"), "--device", "cpu", "--heads", "4", "--dim", "16",
-           "--weak", "128", "--strong", "", "--check-tokens", "96", "--reps", "2", "--warmup", "1", "--gates",
+           "--weak", "128", "--strong", "", "--check-tokens", "96", "--reps", "2", "--warmup", "1", flag,
            "--json", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     d = json.loads(out.read_text())
-    assert d["info"]["gates"] is True
     assert {c["method"] for c in d["checks"]} == {"ring", "ring-peer", "allgather", "scan"}
     assert all(c["max_rel_err"] < 1e-4 for c in d["checks"]), d["checks"]
     got = {(r["scaling"], r["W"], r["method"]) for r in d["rows"] if "fwd_bwd_ms" in r}
     assert got == {("weak", 1, "single"), ("weak", 2, "ring"), ("weak", 2, "ring-peer"), ("weak", 2, "allgather"),
                    ("weak", 2, "scan")}, got
+    return d
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="gloo not available")
+def test_bench_sp_gates_smoke(tmp_path):
+    """--gates: per-token gates on lasp_attention (o, dq, dk, dv, dg checked)."""
+    d = _gated_run(tmp_path, "--gates")
+    assert d["info"]["gates"] is True and d["info"]["op"] == "lasp_attention"
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="gloo not available")
 def test_bench_sp_delta_smoke(tmp_path):
-    """--delta: the gated delta rule's methods (ring, ring-peer, allgather, scan) check out against the one-device
-    op (outputs and the gradients of q, k, v, g, beta) and are timed."""
-    out = tmp_path / "sp_delta.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(REPO, "benchmarks", "bench_sp.py"), "--device", "cpu", "--heads", "4", "--dim", "16",
-           "--weak", "128", "--strong", "", "--check-tokens", "96", "--reps", "2", "--warmup", "1", "--delta",
-           "--json", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    d = json.loads(out.read_text())
-    assert d["info"]["op"] == "gated_delta_attention"
-    assert {c["method"] for c in d["checks"]} == {"ring", "ring-peer", "allgather", "scan"}
-    assert all(c["max_rel_err"] < 1e-4 for c in d["checks"]), d["checks"]
-    got = {(r["scaling"], r["W"], r["method"]) for r in d["rows"] if "fwd_bwd_ms" in r}
-    assert got == {("weak", 1, "single"), ("weak", 2, "ring"), ("weak", 2, "ring-peer"), ("weak", 2, "allgather"),
-                   ("weak", 2, "scan")}, got
+    """--delta: the gated delta rule (o and the gradients of q, k, v, g, beta checked)."""
+    assert _gated_run(tmp_path, "--delta")["info"]["op"] == "gated_delta_attention"
