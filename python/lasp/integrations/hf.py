@@ -1,8 +1,9 @@
 """HuggingFace transformers models on lasp: ``patch(model, sp_group=None)`` / ``unpatch(model)``.
 
-``patch`` dispatches on the model: the MiniMax family (``patch_minimax``, also callable by name) and the
+``patch`` dispatches on the model: the MiniMax family (``patch_minimax``, also callable by name), the
 Gated DeltaNet families Qwen3-Next, Qwen3.5 / Qwen3.5-MoE and OLMo hybrid (``hf_delta.patch_gated_deltanet``,
-see that module); ``SUPPORTED_MODELS`` lists what ``patch`` takes. The rest of this docstring is MiniMax's.
+see that module) and the Mamba-2 families Mamba2, Bamba, NemotronH, GraniteMoeHybrid, Zamba2 and FalconH1
+(``hf_mamba2.patch_mamba2``); ``SUPPORTED_MODELS`` lists what ``patch`` takes. The rest of this docstring is MiniMax's.
 
 ``patch_minimax`` swaps the linear-attention computation of every ``MiniMaxLightningAttention`` in a
 transformers MiniMax model (``MiniMaxForCausalLM``, ``MiniMaxModel``, ... or any module holding them) for
@@ -825,7 +826,7 @@ def unpatch_minimax(model: torch.nn.Module) -> torch.nn.Module:
 
 
 # Instance attributes a patch sets on the modules it swaps (removed again by unpatch)
-_PATCH_MODULE_ATTRS = ("forward", "_lasp_sp", "_lasp_has_full_attention", "_lasp_family")
+_PATCH_MODULE_ATTRS = ("forward", "_lasp_sp", "_lasp_has_full_attention", "_lasp_family", "_lasp_pending")
 
 
 def _unpatch(model: torch.nn.Module, state: dict) -> torch.nn.Module:
@@ -843,14 +844,23 @@ def is_patched(model: torch.nn.Module) -> bool:
 
 
 # The model families patch() takes: family -> the transformers layer class it swaps for lasp. MiniMax:
-# patch_minimax; the Gated DeltaNet families: lasp.integrations.hf_delta.patch_gated_deltanet.
+# patch_minimax; the Gated DeltaNet families: lasp.integrations.hf_delta.patch_gated_deltanet; the Mamba-2
+# families: lasp.integrations.hf_mamba2.patch_mamba2.
 SUPPORTED_MODELS = {
     "minimax": "MiniMaxLightningAttention",
     "qwen3_next": "Qwen3NextGatedDeltaNet",
     "qwen3_5": "Qwen3_5GatedDeltaNet",
     "qwen3_5_moe": "Qwen3_5MoeGatedDeltaNet",
     "olmo_hybrid": "OlmoHybridGatedDeltaNet",
+    "mamba2": "Mamba2Mixer",
+    "bamba": "BambaMixer",
+    "nemotron_h": "NemotronHMamba2Mixer",
+    "granitemoehybrid": "GraniteMoeHybridMambaLayer",
+    "zamba2": "Zamba2MambaMixer",
+    "falcon_h1": "FalconH1Mixer",
 }
+_DELTA_FAMILIES = ("qwen3_next", "qwen3_5", "qwen3_5_moe", "olmo_hybrid")
+_MAMBA2_FAMILIES = ("mamba2", "bamba", "nemotron_h", "granitemoehybrid", "zamba2", "falcon_h1")
 
 
 def patch(model: torch.nn.Module, sp_group=None, *, sp_strategy: str = "ring",
@@ -858,18 +868,23 @@ def patch(model: torch.nn.Module, sp_group=None, *, sp_strategy: str = "ring",
     """Run the linear-attention layers of a supported transformers model through lasp (in place; returns
     the model). Dispatches on the layers the model holds (``SUPPORTED_MODELS``): MiniMax to
     :func:`patch_minimax`, the Gated DeltaNet families (Qwen3-Next, Qwen3.5 / Qwen3.5-MoE, OLMo hybrid) to
-    :func:`lasp.integrations.hf_delta.patch_gated_deltanet`; both take these arguments. Raises ValueError
+    :func:`lasp.integrations.hf_delta.patch_gated_deltanet`, the Mamba-2 families to
+    :func:`lasp.integrations.hf_mamba2.patch_mamba2`; all take these arguments. Raises ValueError
     naming the supported families when the model holds none of their layers."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(_err(f"patch: model must be a torch.nn.Module, got {type(model).__name__}"))
     names = {type(m).__name__ for m in model.modules()}
     if SUPPORTED_MODELS["minimax"] in names:
         return patch_minimax(model, sp_group, sp_strategy=sp_strategy, allow_untested_version=allow_untested_version)
-    if any(SUPPORTED_MODELS[f] in names for f in SUPPORTED_MODELS if f != "minimax"):
+    if any(SUPPORTED_MODELS[f] in names for f in _DELTA_FAMILIES):
         from .hf_delta import patch_gated_deltanet
 
         return patch_gated_deltanet(model, sp_group, sp_strategy=sp_strategy,
                                     allow_untested_version=allow_untested_version)
+    if any(SUPPORTED_MODELS[f] in names for f in _MAMBA2_FAMILIES):
+        from .hf_mamba2 import patch_mamba2
+
+        return patch_mamba2(model, sp_group, sp_strategy=sp_strategy, allow_untested_version=allow_untested_version)
     raise ValueError(
         _err(f"patch: {type(model).__name__} holds no layer lasp can swap; supported families (layer class): "
              + ", ".join(f"{k} ({v})" for k, v in SUPPORTED_MODELS.items()))
