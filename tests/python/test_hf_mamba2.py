@@ -29,7 +29,7 @@ transformers = pytest.importorskip(
 import torch.distributed as dist  # noqa: E402
 
 from conftest import count_calls as _count_calls, import_lasp, rel_err, spawn_once  # noqa: E402
-from test_hf import F32, F64, PG_TIMEOUT_S, TOL, _hf, assert_close, assert_same_grads, cotangent, ids_for  # noqa: E402
+from test_hf import F32, F64, PG_TIMEOUT_S, _hf, assert_close, assert_same_grads, cotangent, ids_for  # noqa: E402
 
 FAMILIES = ["mamba2", "bamba", "nemotron_h", "granitemoehybrid", "zamba2", "falcon_h1"]
 V = 128
