@@ -296,10 +296,7 @@ def _sp_worker(rank, world, port, out_dir):
                             timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
     import_lasp()
     from lasp.integrations import hf
-    from lasp.integrations.hf_mamba2 import _mod
 
-    for fam in FAMILIES:  # the float64 reference is not needed here: both sides run lasp or compare in the parent
-        _mod(fam)
     res = {}
     for ci, pieces in enumerate(SP_PIECES[world]):
         cfg, model = make_model("mamba2", F64, seed=40 + ci)
