@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import datetime
 import importlib
-import inspect
 import io
 import os
 
@@ -29,7 +28,9 @@ transformers = pytest.importorskip(
 import torch.distributed as dist  # noqa: E402
 
 from conftest import count_calls as _count_calls, import_lasp, spawn_once  # noqa: E402
-from test_hf import F32, F64, PG_TIMEOUT_S, _hf, assert_close, assert_same_grads, cotangent, ids_for  # noqa: E402
+from test_hf import (  # noqa: E402
+    F32, F64, PG_TIMEOUT_S, _hf, assert_close, assert_same_grads, cotangent, ids_for, recompiled,
+)
 
 FAMILIES = ["mamba2", "bamba", "nemotron_h", "granitemoehybrid", "zamba2", "falcon_h1"]
 V = 128
@@ -91,15 +92,7 @@ def make_model(family, dtype, seed):
 
 def _float64_scan(mod):
     """transformers' mamba2_chunk_scan of ``mod`` (its torch path) with its float32 casts made float64."""
-    fn = mod.mamba2_chunk_scan
-    while hasattr(fn, "__wrapped__"):
-        fn = fn.__wrapped__
-    src = inspect.getsource(fn)
-    src = src[src.index("def "):]  # without the hub-kernel decorator
-    assert src.count(".float()") == 5, "transformers' scan changed: update this test"
-    ns = dict(vars(mod))
-    exec(compile(src.replace(".float()", ".double()"), f"<float64 {mod.__name__}>", "exec"), ns)
-    return ns["mamba2_chunk_scan"]
+    return recompiled(mod, "mamba2_chunk_scan", ".float()", ".double()", 5)
 
 
 @pytest.fixture

@@ -232,6 +232,23 @@ class _SpGroup:
         return (_SpGroup, (None, self._lost or self._group is not None, self.strategy))
 
 
+def _families_in(model, families: dict, key: str) -> list:
+    """The names of ``families`` (name -> {"module": transformers.models.<module>, key: class name}) whose class the
+    model holds; families whose module does not import are skipped."""
+    import importlib
+
+    found = []
+    for fam, f in families.items():
+        try:
+            mod = importlib.import_module("transformers.models." + f["module"])
+        except ImportError:
+            continue
+        cls = getattr(mod, f[key], None)
+        if cls is not None and any(isinstance(m, cls) for m in model.modules()):
+            found.append(fam)
+    return found
+
+
 def _check_strategy(sp_strategy) -> None:
     from ..distributed import STRATEGY_CHOICES
 
