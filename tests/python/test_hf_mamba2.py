@@ -196,13 +196,15 @@ def packed_positions(docs):
     return torch.cat([torch.arange(n) for n in docs]).unsqueeze(0)
 
 
+@pytest.mark.parametrize("family", ["mamba2", "bamba"])
 @pytest.mark.parametrize("how", ["position_ids", "cu_seq_lens_q"])
-def test_packed_documents_match_separate_runs(how, f64_reference, count_calls):
-    """Mamba2: documents packed into one row give the logits of each document alone through the unpatched model,
-    and the gradients of the sum of their losses (the scan and the convolution restart at every document start;
-    documents of 1 and 2 tokens, shorter than the convolution's window)."""
+def test_packed_documents_match_separate_runs(family, how, f64_reference, count_calls):
+    """Mamba2, Bamba: documents packed into one row give the logits of each document alone through the unpatched
+    model, and the gradients of the sum of their losses (the scan and the convolution restart at every document
+    start; documents of 1 and 2 tokens, shorter than the convolution's window; Bamba's attention keeps them apart
+    through transformers' own mask)."""
     hf = _hf()
-    cfg, model = make_model("mamba2", F64, seed=7)
+    cfg, model = make_model(family, F64, seed=7)
     docs = [5, 1, 9, 2, 17]
     N = sum(docs)
     ids = ids_for(1, N, seed=8)
@@ -265,7 +267,9 @@ def test_errors():
 # ----------------------------------------------------------------------------------------------
 # Sequence parallelism (gloo): the pure Mamba2 model
 
-SP_PIECES = {2: [[30, 7], [1, 40]], 3: [[10, 2, 25], [2, 1, 30]]}
+# (family, pieces): the pure Mamba2 model and Bamba (its attention layers gather K and V)
+SP_CASES = {2: [("mamba2", [30, 7]), ("mamba2", [1, 40]), ("bamba", [20, 13])],
+            3: [("mamba2", [10, 2, 25]), ("mamba2", [2, 1, 30]), ("bamba", [9, 1, 20])]}
 
 
 def _sp_worker(rank, world, port, out_dir):
@@ -276,19 +280,19 @@ def _sp_worker(rank, world, port, out_dir):
     from lasp.integrations import hf
 
     res = {}
-    for ci, pieces in enumerate(SP_PIECES[world]):
-        cfg, model = make_model("mamba2", F64, seed=40 + ci)
+    for ci, (family, pieces) in enumerate(SP_CASES[world]):
+        cfg, model = make_model(family, F64, seed=40 + ci)
         N = sum(pieces)
         ids = ids_for(2, N, seed=ci)
         w = cotangent(2, N, V, F64, seed=ci)
-        hf.patch(model, dist.group.WORLD, sp_strategy="ring" if ci == 0 else "scan")
+        hf.patch(model, dist.group.WORLD, sp_strategy="scan" if ci == 1 else "ring")
         P, n = sum(pieces[:rank]), pieces[rank]
         logits, grads = run(model, ids[:, P:P + n], w[:, P:P + n], use_cache=False)
         res[ci] = dict(logits=logits, grads=grads)
     # errors, the same on every rank
     errs = {}
     for name, call in {
-        "hybrid": lambda: hf.patch(make_model("bamba", F32, 1)[1], dist.group.WORLD),
+        "hybrid": lambda: hf.patch(make_model("zamba2", F32, 1)[1], dist.group.WORLD),
         "cache": lambda: (lambda m: m(ids_for(1, 4, 0), use_cache=True))(
             hf.patch(make_model("mamba2", F32, 1)[1], dist.group.WORLD)),
     }.items():
@@ -306,9 +310,9 @@ def _sp_worker(rank, world, port, out_dir):
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="gloo not available")
 @pytest.mark.parametrize("world", [2, 3])
 def test_sequence_parallel_matches_one_process(world, f64_reference):
-    res = spawn_once(_sp_worker, world, 150, f"Mamba2 sequence parallel (gloo, world={world})")
-    for ci, pieces in enumerate(SP_PIECES[world]):
-        cfg, model = make_model("mamba2", F64, seed=40 + ci)
+    res = spawn_once(_sp_worker, world, 150, f"Mamba-2 sequence parallel (gloo, world={world})")
+    for ci, (family, pieces) in enumerate(SP_CASES[world]):
+        cfg, model = make_model(family, F64, seed=40 + ci)
         N = sum(pieces)
         want_logits, want_grads = run(model, ids_for(2, N, seed=ci), cotangent(2, N, V, F64, seed=ci), use_cache=False)
         got = torch.cat([res[r][ci]["logits"] for r in range(world)], 1)

@@ -20,14 +20,15 @@ one-token decode step), run with three of the functions it calls replaced:
   convolution of a piece's first ``K - 1`` tokens reads the tokens before the piece (the halo exchange of
   the Gated DeltaNet integration) and no tap reads another document.
 
-Sequence parallelism (``sp_group``; pure Mamba-2 models: ``Mamba2Model`` and the models holding it): group
-rank ``r`` feeds the model the ``r``-th contiguous piece of every sequence; the scan passes its state along the
-group (lasp's ring, or ``sp_strategy``), the convolution's halo comes from the earlier ranks. No cache, no
-padding mask beyond ones; the hybrids (Bamba, NemotronH, GraniteMoeHybrid, Zamba2, FalconH1), whose attention
-layers would have to gather K and V, run on one device only (a group raises NotImplementedError).
+Sequence parallelism (``sp_group``; Mamba2 and Bamba): group rank ``r`` feeds the model the ``r``-th contiguous
+piece of every sequence; the scan passes its state along the group (lasp's ring, or ``sp_strategy``), the
+convolution's halo comes from the earlier ranks, and Bamba's attention layers attend to K and V all-gathered
+along the sequence (as MiniMax's, hf._sp_sdpa) with RoPE from the global position ids. No cache, no padding mask
+beyond ones. The other hybrids (NemotronH, GraniteMoeHybrid, Zamba2, FalconH1), whose attention layers are not
+swapped yet, run on one device only (a group raises NotImplementedError).
 
 Packed documents: position ids that restart (``DataCollatorWithFlattening``) or ``cu_seq_lens_q`` (global offsets
-under a group), on the pure Mamba-2 models: the state and the convolution restart at every document start
+under a group), on Mamba2 and Bamba: the state and the convolution restart at every document start
 (transformers' own Mamba-2 path does neither).
 
 Versions: read from transformers 5.17.0 and checked against 5.22.2; per release, sha256 fingerprints of the
@@ -51,10 +52,12 @@ from .hf import _PATCH_ATTR, _SpGroup, _check_strategy, _err, _group_rank_size
 __all__ = ["patch_mamba2", "unpatch_mamba2", "FAMILIES", "SUPPORTED_TRANSFORMERS"]
 
 # family -> transformers module, the Mamba-2 mixer class, the base model (the pre-forward hook's), whether the
-# family interleaves attention layers (hybrid: one device only)
+# family interleaves attention layers, and the attention class swapped under a group (hybrids without one: one
+# device only)
 FAMILIES = {
     "mamba2": dict(module="mamba2.modeling_mamba2", mixer="Mamba2Mixer", model="Mamba2Model", hybrid=False),
-    "bamba": dict(module="bamba.modeling_bamba", mixer="BambaMixer", model="BambaModel", hybrid=True),
+    "bamba": dict(module="bamba.modeling_bamba", mixer="BambaMixer", model="BambaModel", hybrid=True,
+                  attention="BambaAttention"),
     "nemotron_h": dict(module="nemotron_h.modeling_nemotron_h", mixer="NemotronHMamba2Mixer", model="NemotronHModel",
                        hybrid=True),
     "granitemoehybrid": dict(module="granitemoehybrid.modeling_granitemoehybrid", mixer="GraniteMoeHybridMambaLayer",
@@ -80,6 +83,8 @@ _FINGERPRINTS = {
             "mamba2_chunk_scan": "108ef04b5d5a71bbaa97d43dfa97761edb93e0ae5e4ba2a54ee081ab2364066c",
             "mamba2_split_conv1d_scan_combined": "032602e1a9a897400e70460ddb05a2627127920ef084b85f5f4833001973070d",
             "causal_conv1d_fn": "f932149bdf42900c8cdd95cce7adaa6270a337906c3e018534e0e28c83d820fd",
+            "BambaAttention.forward": "dc6807936ef6103d2675e82361b9c82359d43356a331140bbb1a974595522bff",
+            "apply_rotary_pos_emb": "ab8feb64f19555713efc4c559ce306b35205b1197f8431784585999d9a5b6662",
         },
         "nemotron_h": {
             "NemotronHMamba2Mixer.forward": "4c1413f8c1a70c668e17ca261737361040ea456bf32548319781f41111d497b6",
@@ -118,6 +123,8 @@ _FINGERPRINTS = {
             "mamba2_chunk_scan": "8f4198702b90b969b62c6825a8ac5c9267e55b697dc6bf09c5e07e34641fd3ca",
             "mamba2_split_conv1d_scan_combined": "032602e1a9a897400e70460ddb05a2627127920ef084b85f5f4833001973070d",
             "causal_conv1d_fn": "f932149bdf42900c8cdd95cce7adaa6270a337906c3e018534e0e28c83d820fd",
+            "BambaAttention.forward": "dc6807936ef6103d2675e82361b9c82359d43356a331140bbb1a974595522bff",
+            "apply_rotary_pos_emb": "ab8feb64f19555713efc4c559ce306b35205b1197f8431784585999d9a5b6662",
         },
         "nemotron_h": {
             "NemotronHMamba2Mixer.forward": "691f3ca98636d47322a3febd3c3036a9f928f257a66fdc1008a81274f1f696ff",
@@ -168,6 +175,9 @@ def _fingerprint_objects(family: str, mod) -> dict:
     objs = {f"{f['mixer']}.forward": getattr(mod, f["mixer"]).forward}
     for name in _SWAPPED:
         objs[name] = getattr(mod, name)
+    if "attention" in f:  # reproduced under a group (_sp_attention_forward)
+        objs[f"{f['attention']}.forward"] = getattr(mod, f["attention"]).forward
+        objs["apply_rotary_pos_emb"] = mod.apply_rotary_pos_emb
     return objs
 
 
@@ -295,6 +305,28 @@ def _lm_pre_hook(module, args, kwargs):
     return None
 
 
+def _sp_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                          **kwargs):
+    """Bamba's attention (BambaAttention, Llama-style: q / k / v projections, RoPE from the global position ids)
+    under a sequence-parallel group: the local queries attend to K and V all-gathered along the sequence (hf._sp_sdpa,
+    as for MiniMax's attention), causal over global positions, documents apart."""
+    mod = _mod(self._lasp_family)
+    if past_key_values is not None:
+        raise RuntimeError(_err("cache_params (generation) is not supported under a sequence-parallel group; "
+                                "generate with a model patched with sp_group=None"))
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    query_states, key_states = mod.apply_rotary_pos_emb(query_states, key_states, cos, sin)
+    out = _hf._sp_sdpa(self, self._lasp_sp.group, query_states, key_states, value_states, kwargs,
+                       lengths=kwargs.get("lasp_lengths"))
+    out = out.transpose(1, 2).reshape(*input_shape, -1).contiguous()
+    return self.o_proj(out), None
+
+
 def _model_pre_hook(module, args, kwargs):
     """Pre-forward hook of Mamba2Model: hf_delta's rules (the pieces' lengths and documents agreed over the group
     and handed to the layers; packed calls without a group), with Mamba-2's cache argument."""
@@ -337,8 +369,8 @@ def patch_mamba2(model: torch.nn.Module, sp_group=None, *, sp_strategy: str = "r
     Args:
         model: a Mamba2, Bamba, NemotronH, GraniteMoeHybrid, Zamba2 or FalconH1 model (its causal LM, its base model,
             or any module holding the family's mixers).
-        sp_group: None, or a torch.distributed ProcessGroup over which each sequence is split (pure Mamba-2 models
-            only; group rank r passes the r-th contiguous piece). No cache under a group.
+        sp_group: None, or a torch.distributed ProcessGroup over which each sequence is split (Mamba2 and Bamba;
+            group rank r passes the r-th contiguous piece). No cache under a group.
         sp_strategy: how the scan passes its state across sp_group ("ring", "allgather", "scan", "auto").
         allow_untested_version: run on a transformers not in SUPPORTED_TRANSFORMERS (at your own risk).
     """
@@ -357,9 +389,10 @@ def patch_mamba2(model: torch.nn.Module, sp_group=None, *, sp_strategy: str = "r
     f = FAMILIES[family]
     mod = _family_module(family, allow_untested_version)
     bases = [m for m in model.modules() if isinstance(m, getattr(mod, f["model"]))]
+    sp_ready = not f["hybrid"] or "attention" in f  # the pure models, and the hybrids whose attention is swapped
     if sp_group is not None:
         _group_rank_size(sp_group)
-        if f["hybrid"]:
+        if not sp_ready:
             raise NotImplementedError(_err(f"sp_group: {family} interleaves attention layers, which are not swapped "
                                            "for sequence parallelism yet; patch it with sp_group=None (one device)"))
         if not bases:
@@ -368,19 +401,21 @@ def patch_mamba2(model: torch.nn.Module, sp_group=None, *, sp_strategy: str = "r
     mixers = [m for m in model.modules() if isinstance(m, getattr(mod, f["mixer"]))]
     for m in mixers:
         _check_mixer(m, family)
+    attention = [m for m in model.modules() if isinstance(m, getattr(mod, f["attention"]))] if "attention" in f else []
 
     patched = []
     holder = _SpGroup(sp_group, strategy=sp_strategy)
-    for m in mixers:
+    swaps = [(m, _mixer_forward) for m in mixers] + [(m, _sp_attention_forward) for m in attention if sp_group]
+    for m, fwd in swaps:
         m._lasp_sp = holder
         m._lasp_family = family
-        m.forward = functools.partial(_mixer_forward, m)  # see hf.patch_minimax (deepcopy / pickling)
+        m.forward = functools.partial(fwd, m)  # see hf.patch_minimax (deepcopy / pickling)
         patched.append(m)
     handles = []
-    if not f["hybrid"]:  # the hook: the pieces' lengths and documents (SP, packed calls)
+    if sp_ready:  # the hook: the pieces' lengths and documents (SP, packed calls)
         for b in bases:
             b._lasp_sp = holder
-            b._lasp_has_full_attention = False
+            b._lasp_has_full_attention = bool(attention)
             handles.append(b.register_forward_pre_hook(_model_pre_hook, with_kwargs=True))
             patched.append(b)
         for top in model.modules():  # causal LMs that drop the packing arguments on the way to the model
