@@ -322,8 +322,8 @@ def _agree_call(group, n: int, status: int, device, batch: int = -1, packed: int
            (_CALL_CACHE, _CALL_MASK_KIND, _CALL_PADDING)}
     if bad[_CALL_CACHE]:
         raise RuntimeError(
-            _err(f"use_cache / past_key_values (generation) is not supported under a sequence-parallel group "
-                 f"(asked on group ranks {bad[_CALL_CACHE]}); generate with a model patched with sp_group=None")
+            _err(f"use_cache / past_key_values / cache_params (generation) is not supported under a sequence-parallel "
+                 f"group (asked on group ranks {bad[_CALL_CACHE]}); generate with a model patched with sp_group=None")
         )
     if bad[_CALL_MASK_KIND]:
         raise ValueError(
@@ -699,6 +699,12 @@ def _hook_call(module, args, kwargs):
     return call, packed, ref
 
 
+def _asks_cache(call) -> bool:
+    """Whether a hooked call asks for a cache: use_cache, or a cache given (past_key_values; Mamba-2's cache_params)."""
+    return (call.get("past_key_values") is not None or call.get("cache_params") is not None
+            or bool(call.get("use_cache")))
+
+
 def _settle_call(module, group, call, packed: bool, B: int, n: int, device, cache_advice: str):
     """The checks of a model pre-forward hook on a packed call or a call under a group; updates ``call`` in place.
 
@@ -709,7 +715,7 @@ def _settle_call(module, group, call, packed: bool, B: int, n: int, device, cach
     rank's local length (None without a group)."""
     mask = call.get("attention_mask")
     if group is None:
-        if call.get("past_key_values") is not None or call.get("use_cache"):
+        if _asks_cache(call):
             raise ValueError(_err("cu_seq_lens_q (packed documents) cannot be used with a cache (use_cache=True / "
                                   "past_key_values): a cache holds one state per row, a packed row holds several "
                                   f"documents; {cache_advice}"))
@@ -722,7 +728,7 @@ def _settle_call(module, group, call, packed: bool, B: int, n: int, device, cach
         lengths = None
     else:
         status = _CALL_OK
-        if call.get("past_key_values") is not None or call.get("use_cache"):
+        if _asks_cache(call):
             status = _CALL_CACHE
         elif mask is not None and module._lasp_has_full_attention:
             if not isinstance(mask, torch.Tensor) or mask.dim() != 2:

@@ -328,21 +328,14 @@ def _sp_attention_forward(self, hidden_states, position_embeddings=None, attenti
 
 
 def _model_pre_hook(module, args, kwargs):
-    """Pre-forward hook of Mamba2Model: hf_delta's rules (the pieces' lengths and documents agreed over the group
-    and handed to the layers; packed calls without a group), with Mamba-2's cache argument."""
+    """Pre-forward hook of the Mamba-2 base models: hf_delta's rules (the pieces' lengths and documents agreed over
+    the group and handed to the layers, a cache (Mamba-2's cache_params too) refused on every rank alike; packed calls
+    without a group), with the packing arguments the causal LM did not pass on."""
     from .hf_delta import _model_pre_hook as delta_hook
 
     pending = module.__dict__.pop("_lasp_pending", None)
     if pending:
         kwargs = dict(pending, **kwargs)
-
-    if module._lasp_sp.group is not None:
-        cache = kwargs.get("cache_params")
-        if cache is None and len(args) > 2:
-            cache = args[2]
-        if cache is not None:
-            raise RuntimeError(_err("cache_params (generation) is not supported under a sequence-parallel group; "
-                                    "generate with a model patched with sp_group=None"))
     return delta_hook(module, args, kwargs)
 
 
