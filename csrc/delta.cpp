@@ -270,9 +270,9 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
   } else {
     dO = at::zeros({c.B, c.H, c.nc, C, c.E}, aopts);
   }
-  Tensor dS = grad_final_state.has_value() ? grad_final_state->to(c.acc).clone() : at::zeros_like(fin);
-  TORCH_CHECK_VALUE(dS.sizes() == fin.sizes(), kOp, ": grad_final_state must have shape ", fin.sizes(), ", got ",
-                    dS.sizes());
+  const Tensor dS_end = grad_final_state.has_value() ? grad_final_state->to(c.acc) : at::zeros_like(fin);
+  TORCH_CHECK_VALUE(dS_end.sizes() == fin.sizes(), kOp, ": grad_final_state must have shape ", fin.sizes(), ", got ",
+                    dS_end.sizes());
   const Tensor qkraw = at::matmul(c.q, c.k.transpose(-1, -2));
   const Tensor P = qkraw * c.gam;
   // The parts of dU and dS that the chain does not carry, for all chunks at once.
@@ -288,8 +288,7 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
   in.R = qdo;
   in.reverse = true;
   // dSe: the gradient of the state leaving each chunk
-  auto [dSe, dU, dS0] = chain(in, dS);
-  dS = dS0;
+  auto [dSe, dU, dS] = chain(in, dS_end);  // dS: the gradient of the state entering the piece
   Tensor dinit = initial_state.has_value() ? dS.to(initial_state->scalar_type()) : dS;
   if (state_grad_only) {
     const auto none = q.options().dtype(c.acc);

@@ -97,6 +97,22 @@ def run(model, ids, w, **kw):
     return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def recompiled(mod, name, old, new, count):
+    """transformers' function ``name`` of ``mod`` (its torch path, without the hub-kernel decorator) compiled again
+    with its ``count`` occurrences of ``old`` replaced by ``new``, the same code otherwise (a float64 reference)."""
+    import inspect
+
+    fn = getattr(mod, name)
+    while hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    src = inspect.getsource(fn)
+    src = src[src.index("def "):]
+    assert src.count(old) == count, f"transformers' {name} changed: update this test"
+    ns = dict(vars(mod))
+    exec(compile(src.replace(old, new), f"<{new} {mod.__name__}>", "exec"), ns)
+    return ns[name]
+
+
 def assert_close(name, got, want, dtype):
     err = rel_err(got, want)
     assert err <= TOL[dtype], f"{name}: relative error {err:.3e} > {TOL[dtype]:.0e}"

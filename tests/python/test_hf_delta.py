@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import datetime
 import importlib
-import inspect
 import io
 import os
 
@@ -36,7 +35,7 @@ import torch.distributed as dist  # noqa: E402
 from conftest import count_calls as _count_calls, import_lasp, rel_err, spawn_once  # noqa: E402
 from test_hf import (  # noqa: E402
     F32, F64, FULL, LIN, PG_TIMEOUT_S, TOL, _hf, assert_close, assert_same_grads, cotangent, ids_for,
-    packed_positions, run,
+    packed_positions, recompiled, run,
 )
 
 SPAWN_DEADLINE_S = 150
@@ -97,15 +96,7 @@ def make_model(family, cfg, dtype, seed):
 def _float64_delta_rule(mod):
     """transformers' torch_recurrent_gated_delta_rule of ``mod`` (token by token) with its float32 cast made
     float64 (the same code otherwise); it takes the chunked function's arguments."""
-    fn = mod.torch_recurrent_gated_delta_rule
-    while hasattr(fn, "__wrapped__"):
-        fn = fn.__wrapped__
-    src = inspect.getsource(fn)
-    src = src[src.index("def "):]  # without the hub-kernel decorator
-    assert src.count("torch.float32") == 1, "transformers' delta rule changed: update this test"
-    ns = dict(vars(mod))
-    exec(compile(src.replace("torch.float32", "torch.float64"), f"<float64 {mod.__name__}>", "exec"), ns)
-    return ns["torch_recurrent_gated_delta_rule"]
+    return recompiled(mod, "torch_recurrent_gated_delta_rule", "torch.float32", "torch.float64", 1)
 
 
 @pytest.fixture

@@ -1,8 +1,9 @@
 """HuggingFace transformers models on lasp: ``patch(model, sp_group=None)`` / ``unpatch(model)``.
 
-``patch`` dispatches on the model: the MiniMax family (``patch_minimax``, also callable by name) and the
+``patch`` dispatches on the model: the MiniMax family (``patch_minimax``, also callable by name), the
 Gated DeltaNet families Qwen3-Next, Qwen3.5 / Qwen3.5-MoE and OLMo hybrid (``hf_delta.patch_gated_deltanet``,
-see that module); ``SUPPORTED_MODELS`` lists what ``patch`` takes. The rest of this docstring is MiniMax's.
+see that module) and the Mamba-2 families Mamba2, Bamba, NemotronH, GraniteMoeHybrid, Zamba2 and FalconH1
+(``hf_mamba2.patch_mamba2``); ``SUPPORTED_MODELS`` lists what ``patch`` takes. The rest of this docstring is MiniMax's.
 
 ``patch_minimax`` swaps the linear-attention computation of every ``MiniMaxLightningAttention`` in a
 transformers MiniMax model (``MiniMaxForCausalLM``, ``MiniMaxModel``, ... or any module holding them) for
@@ -231,6 +232,23 @@ class _SpGroup:
         return (_SpGroup, (None, self._lost or self._group is not None, self.strategy))
 
 
+def _families_in(model, families: dict, key: str) -> list:
+    """The names of ``families`` (name -> {"module": transformers.models.<module>, key: class name}) whose class the
+    model holds; families whose module does not import are skipped."""
+    import importlib
+
+    found = []
+    for fam, f in families.items():
+        try:
+            mod = importlib.import_module("transformers.models." + f["module"])
+        except ImportError:
+            continue
+        cls = getattr(mod, f[key], None)
+        if cls is not None and any(isinstance(m, cls) for m in model.modules()):
+            found.append(fam)
+    return found
+
+
 def _check_strategy(sp_strategy) -> None:
     from ..distributed import STRATEGY_CHOICES
 
@@ -304,8 +322,8 @@ def _agree_call(group, n: int, status: int, device, batch: int = -1, packed: int
            (_CALL_CACHE, _CALL_MASK_KIND, _CALL_PADDING)}
     if bad[_CALL_CACHE]:
         raise RuntimeError(
-            _err(f"use_cache / past_key_values (generation) is not supported under a sequence-parallel group "
-                 f"(asked on group ranks {bad[_CALL_CACHE]}); generate with a model patched with sp_group=None")
+            _err(f"use_cache / past_key_values / cache_params (generation) is not supported under a sequence-parallel "
+                 f"group (asked on group ranks {bad[_CALL_CACHE]}); generate with a model patched with sp_group=None")
         )
     if bad[_CALL_MASK_KIND]:
         raise ValueError(
@@ -681,6 +699,12 @@ def _hook_call(module, args, kwargs):
     return call, packed, ref
 
 
+def _asks_cache(call) -> bool:
+    """Whether a hooked call asks for a cache: use_cache, or a cache given (past_key_values; Mamba-2's cache_params)."""
+    return (call.get("past_key_values") is not None or call.get("cache_params") is not None
+            or bool(call.get("use_cache")))
+
+
 def _settle_call(module, group, call, packed: bool, B: int, n: int, device, cache_advice: str):
     """The checks of a model pre-forward hook on a packed call or a call under a group; updates ``call`` in place.
 
@@ -691,7 +715,7 @@ def _settle_call(module, group, call, packed: bool, B: int, n: int, device, cach
     rank's local length (None without a group)."""
     mask = call.get("attention_mask")
     if group is None:
-        if call.get("past_key_values") is not None or call.get("use_cache"):
+        if _asks_cache(call):
             raise ValueError(_err("cu_seq_lens_q (packed documents) cannot be used with a cache (use_cache=True / "
                                   "past_key_values): a cache holds one state per row, a packed row holds several "
                                   f"documents; {cache_advice}"))
@@ -704,7 +728,7 @@ def _settle_call(module, group, call, packed: bool, B: int, n: int, device, cach
         lengths = None
     else:
         status = _CALL_OK
-        if call.get("past_key_values") is not None or call.get("use_cache"):
+        if _asks_cache(call):
             status = _CALL_CACHE
         elif mask is not None and module._lasp_has_full_attention:
             if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
@@ -825,7 +849,7 @@ def unpatch_minimax(model: torch.nn.Module) -> torch.nn.Module:
 
 
 # Instance attributes a patch sets on the modules it swaps (removed again by unpatch)
-_PATCH_MODULE_ATTRS = ("forward", "_lasp_sp", "_lasp_has_full_attention", "_lasp_family")
+_PATCH_MODULE_ATTRS = ("forward", "_lasp_sp", "_lasp_has_full_attention", "_lasp_family", "_lasp_pending")
 
 
 def _unpatch(model: torch.nn.Module, state: dict) -> torch.nn.Module:
@@ -843,14 +867,23 @@ def is_patched(model: torch.nn.Module) -> bool:
 
 
 # The model families patch() takes: family -> the transformers layer class it swaps for lasp. MiniMax:
-# patch_minimax; the Gated DeltaNet families: lasp.integrations.hf_delta.patch_gated_deltanet.
+# patch_minimax; the Gated DeltaNet families: lasp.integrations.hf_delta.patch_gated_deltanet; the Mamba-2
+# families: lasp.integrations.hf_mamba2.patch_mamba2.
 SUPPORTED_MODELS = {
     "minimax": "MiniMaxLightningAttention",
     "qwen3_next": "Qwen3NextGatedDeltaNet",
     "qwen3_5": "Qwen3_5GatedDeltaNet",
     "qwen3_5_moe": "Qwen3_5MoeGatedDeltaNet",
     "olmo_hybrid": "OlmoHybridGatedDeltaNet",
+    "mamba2": "Mamba2Mixer",
+    "bamba": "BambaMixer",
+    "nemotron_h": "NemotronHMamba2Mixer",
+    "granitemoehybrid": "GraniteMoeHybridMambaLayer",
+    "zamba2": "Zamba2MambaMixer",
+    "falcon_h1": "FalconH1Mixer",
 }
+_DELTA_FAMILIES = ("qwen3_next", "qwen3_5", "qwen3_5_moe", "olmo_hybrid")
+_MAMBA2_FAMILIES = ("mamba2", "bamba", "nemotron_h", "granitemoehybrid", "zamba2", "falcon_h1")
 
 
 def patch(model: torch.nn.Module, sp_group=None, *, sp_strategy: str = "ring",
@@ -858,18 +891,23 @@ def patch(model: torch.nn.Module, sp_group=None, *, sp_strategy: str = "ring",
     """Run the linear-attention layers of a supported transformers model through lasp (in place; returns
     the model). Dispatches on the layers the model holds (``SUPPORTED_MODELS``): MiniMax to
     :func:`patch_minimax`, the Gated DeltaNet families (Qwen3-Next, Qwen3.5 / Qwen3.5-MoE, OLMo hybrid) to
-    :func:`lasp.integrations.hf_delta.patch_gated_deltanet`; both take these arguments. Raises ValueError
+    :func:`lasp.integrations.hf_delta.patch_gated_deltanet`, the Mamba-2 families to
+    :func:`lasp.integrations.hf_mamba2.patch_mamba2`; all take these arguments. Raises ValueError
     naming the supported families when the model holds none of their layers."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(_err(f"patch: model must be a torch.nn.Module, got {type(model).__name__}"))
     names = {type(m).__name__ for m in model.modules()}
     if SUPPORTED_MODELS["minimax"] in names:
         return patch_minimax(model, sp_group, sp_strategy=sp_strategy, allow_untested_version=allow_untested_version)
-    if any(SUPPORTED_MODELS[f] in names for f in SUPPORTED_MODELS if f != "minimax"):
+    if any(SUPPORTED_MODELS[f] in names for f in _DELTA_FAMILIES):
         from .hf_delta import patch_gated_deltanet
 
         return patch_gated_deltanet(model, sp_group, sp_strategy=sp_strategy,
                                     allow_untested_version=allow_untested_version)
+    if any(SUPPORTED_MODELS[f] in names for f in _MAMBA2_FAMILIES):
+        from .hf_mamba2 import patch_mamba2
+
+        return patch_mamba2(model, sp_group, sp_strategy=sp_strategy, allow_untested_version=allow_untested_version)
     raise ValueError(
         _err(f"patch: {type(model).__name__} holds no layer lasp can swap; supported families (layer class): "
              + ", ".join(f"{k} ({v})" for k, v in SUPPORTED_MODELS.items()))

@@ -566,16 +566,7 @@ def _model_pre_hook(module, args, kwargs):
 
 
 def _family_of(model):
-    found = []
-    for fam, f in FAMILIES.items():
-        try:
-            mod = _mod(fam)
-        except ImportError:
-            continue
-        cls = getattr(mod, f["layer"], None)
-        if cls is not None and any(isinstance(m, cls) for m in model.modules()):
-            found.append(fam)
-    return found
+    return _hf._families_in(model, FAMILIES, "layer")
 
 
 def patch_gated_deltanet(model: torch.nn.Module, sp_group=None, *, sp_strategy: str = "ring",
