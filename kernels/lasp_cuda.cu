@@ -132,12 +132,11 @@ cudaError_t pass_state(const AttnParams& p, const void* src, void* dst, cudaStre
   return src ? cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, st) : cudaMemsetAsync(dst, 0, bytes, st);
 }
 
-// mode, o_acc: as for the head-dim blocks below (plan mode 1; o one term of a sum over blocks, left as o_acc
-// says: fast_args.h, AccOut); else -1, nullptr.
+// pl: the call's plan (for a head-dim block, the block's: plan mode 1). o_acc: for the blocks, o one term of
+// a sum over blocks, left as o_acc says (fast_args.h, AccOut); else nullptr.
 template <typename T, typename A>
-cudaError_t run_fwd(const AttnParams& p, cudaStream_t st, int mode = -1, const fast::AccOut* o_acc = nullptr) {
+cudaError_t run_fwd(const AttnParams& p, const Plan& pl, cudaStream_t st, const fast::AccOut* o_acc = nullptr) {
   if (p.N == 0) return pass_state(p, p.state_in, p.state_out, st);
-  const Plan pl = plan_fwd(p, mode);
   if (!runnable(pl, p, pl.fwd_bytes()) || (o_acc && pl.main == Family::Generic)) return cudaErrorInvalidValue;
   const Ctx<A> c = make_ctx<A>(p, pl.nseg, pl.seglen);
   A* ws = static_cast<A*>(p.workspace);
@@ -163,12 +162,11 @@ cudaError_t run_fwd(const AttnParams& p, cudaStream_t st, int mode = -1, const f
   return cudaSuccess;
 }
 
-// mode, acc: as for the head-dim blocks below (plan mode 1; dq, dk, dv terms of sums over blocks, left as
-// acc[0..2] say, per query head); else -1, nullptr.
+// pl: the call's plan (for a head-dim block, the block's: plan mode 1). acc: for the blocks, dq, dk, dv terms
+// of sums over blocks, left as acc[0..2] say, per query head; else nullptr.
 template <typename T, typename A>
-cudaError_t run_bwd(const AttnParams& p, cudaStream_t st, int mode = -1, const fast::AccOut* acc = nullptr) {
+cudaError_t run_bwd(const AttnParams& p, const Plan& pl, cudaStream_t st, const fast::AccOut* acc = nullptr) {
   if (p.N == 0) return pass_state(p, p.grad_state_out, p.grad_state_in, st);
-  const Plan pl = plan_bwd(p, mode);
   if (!runnable(pl, p, pl.bwd_bytes()) || (acc && pl.main == Family::Generic)) return cudaErrorInvalidValue;
   const Ctx<A> c = make_ctx<A>(p, pl.nseg, pl.seglen);
   char* wsb = static_cast<char*>(p.workspace);
@@ -286,10 +284,9 @@ cudaError_t run_bwd(const AttnParams& p, cudaStream_t st, int mode = -1, const f
 // true): grad_state_in = M (the gradient with no outgoing-state gradient). With several segments, phase 1
 // stays in the workspace (bwd: after the forward states) for the fwd / bwd call with local_ready that follows.
 template <typename T, typename A>
-cudaError_t run_local(const AttnParams& p, bool reverse, cudaStream_t st) {
+cudaError_t run_local(const AttnParams& p, const Plan& pl, bool reverse, cudaStream_t st) {
   void* out_ptr = reverse ? p.grad_state_in : p.state_out;
   if (p.N == 0) return pass_state(p, nullptr, out_ptr, st);
-  const Plan pl = reverse ? plan_bwd(p) : plan_fwd(p);
   if (!runnable(pl, p, reverse ? pl.bwd_bytes() : pl.fwd_bytes())) return cudaErrorInvalidValue;
   const Ctx<A> c = make_ctx<A>(p, pl.nseg, pl.seglen);
   A* out = static_cast<A*>(out_ptr);
@@ -304,9 +301,8 @@ cudaError_t run_local(const AttnParams& p, bool reverse, cudaStream_t st) {
 
 // bwd_prepare: the forward segment states (they need only S_in) into the workspace.
 template <typename T, typename A>
-cudaError_t run_bwd_prepare(const AttnParams& p, cudaStream_t st) {
+cudaError_t run_bwd_prepare(const AttnParams& p, const Plan& pl, cudaStream_t st) {
   if (p.N == 0) return cudaSuccess;
-  const Plan pl = plan_bwd(p);
   if (!pl.ok) return cudaErrorInvalidValue;
   if (pl.nseg == 1 || p.seg_states) return cudaSuccess;  // nothing to do, or the forward's states are kept
   if (!runnable(pl, p, pl.bwd_bytes())) return cudaErrorInvalidValue;
@@ -460,8 +456,9 @@ BlockLayout block_layout(const AttnParams& p, bool backward) {
 }
 
 // Whether this call runs as blocks: the shape, the views the tensor-core kernels read and write (the
-// outputs too: the blocks write them by rows of pairs), and every block on a tensor-core family.
-bool use_blocks(const AttnParams& p, bool backward) {
+// outputs too: the blocks write them by rows of pairs), and every block on a tensor-core family. With
+// plans: each block's plan into plans[0 .. n) (for_blocks order).
+bool use_blocks(const AttnParams& p, bool backward, Plan* plans = nullptr, int* n = nullptr) {
   if (!blocks_shape(p) || p.N == 0) return false;
   const bool views = fast::view_ok(p.q, p, p.H) && fast::view_ok(p.k, p, p.Hkv) && fast::view_ok(p.v, p, p.Hkv) &&
                      (backward ? fast::view_ok(p.dout, p, p.H) && fast::view_ok(p.dq, p, p.H) &&
@@ -469,10 +466,14 @@ bool use_blocks(const AttnParams& p, bool backward) {
                                : fast::view_ok(p.o, p, p.H));
   if (!views) return false;
   bool ok = true;
+  int i = 0;
   for_blocks(p, [&](const Block& b) {
     const Plan pl = backward ? plan_bwd(b.s, 1) : plan_fwd(b.s, 1);
     ok = ok && pl.ok && pl.main != Family::Generic;
+    if (plans != nullptr) plans[i] = pl;
+    ++i;
   });
+  if (n != nullptr) *n = i;
   return ok;
 }
 
@@ -586,29 +587,33 @@ cudaError_t reduce_heads(const AttnParams& p, const float* acc, const TensorView
 }
 
 template <typename T, typename A>
-cudaError_t run_fwd_blocks(const AttnParams& p, cudaStream_t st) {
+cudaError_t run_fwd_blocks(const AttnParams& p, const CallPlan& call, cudaStream_t st) {
   const BlockLayout L = block_layout(p, false);
   if (!p.workspace || p.workspace_bytes < L.total) return cudaErrorInvalidValue;
   char* ws = static_cast<char*>(p.workspace);
   const DimBlocks bd = dim_blocks(p.D);
+  int i = 0;
   return run_blocks(p, [&](Block b) {
+    const Plan& pl = call.block[i++];
     LASP_TRY(block_start(p, b, ws, L, st));
     if (p.state_out) b.s.state_out = ws + L.state[1];
     // o: a sum over the blocks of D where there are two, else written by the block directly
     const fast::AccOut o = acc_out(ws, L.acc[0], p, p.E, b.e0, b.s.o, acc_mode(b.d0 > 0, bd.n, false));
-    LASP_TRY((run_fwd<T, A>(b.s, st, 1, bd.n > 1 ? &o : nullptr)));
+    LASP_TRY((run_fwd<T, A>(b.s, pl, st, bd.n > 1 ? &o : nullptr)));
     return p.state_out ? state_block(p, b, ws + L.state[1], p.state_out, false, st) : cudaSuccess;
   });
 }
 
 template <typename T, typename A>
-cudaError_t run_bwd_blocks(const AttnParams& p, cudaStream_t st) {
+cudaError_t run_bwd_blocks(const AttnParams& p, const CallPlan& call, cudaStream_t st) {
   const BlockLayout L = block_layout(p, true);
   if (!p.workspace || p.workspace_bytes < L.total) return cudaErrorInvalidValue;
   char* ws = static_cast<char*>(p.workspace);
   const DimBlocks bd = dim_blocks(p.D), be = dim_blocks(p.E);
   const bool gqa = p.H != p.Hkv;
+  int bi = 0;
   LASP_TRY(run_blocks(p, [&](Block b) {
+    const Plan& pl = call.block[bi++];
     LASP_TRY(block_start(p, b, ws, L, st));
     if (p.grad_state_out) {
       LASP_TRY(state_block(p, b, p.grad_state_out, ws + L.state[1], true, st));
@@ -619,7 +624,7 @@ cudaError_t run_bwd_blocks(const AttnParams& p, cudaStream_t st) {
     const fast::AccOut acc[3] = {acc_out(ws, L.acc[0], p, p.D, b.d0, b.s.dq, acc_mode(j, be.n, false)),
                                  acc_out(ws, L.acc[1], p, p.D, b.d0, b.s.dk, acc_mode(j, be.n, gqa)),
                                  acc_out(ws, L.acc[2], p, p.E, b.e0, b.s.dv, acc_mode(i, bd.n, gqa))};
-    LASP_TRY((run_bwd<T, A>(b.s, st, 1, acc)));
+    LASP_TRY((run_bwd<T, A>(b.s, pl, st, acc)));
     return p.grad_state_in ? state_block(p, b, ws + L.state[2], p.grad_state_in, false, st) : cudaSuccess;
   }));
   if (!gqa) return cudaSuccess;
@@ -629,17 +634,19 @@ cudaError_t run_bwd_blocks(const AttnParams& p, cudaStream_t st) {
 
 // fwd_local / bwd_local by blocks: each block's local state into its block of the output.
 template <typename T, typename A>
-cudaError_t run_local_blocks(const AttnParams& p, bool reverse, cudaStream_t st) {
+cudaError_t run_local_blocks(const AttnParams& p, const CallPlan& call, bool reverse, cudaStream_t st) {
   void* out = reverse ? p.grad_state_in : p.state_out;
   if (!out) return cudaSuccess;
   const BlockLayout L = block_layout(p, reverse);
   if (!p.workspace || p.workspace_bytes < L.total) return cudaErrorInvalidValue;
   char* ws = static_cast<char*>(p.workspace);
+  int i = 0;
   return run_blocks(p, [&](Block b) {
+    const Plan& pl = call.block[i++];
     b.s.workspace = ws;  // phase 1 reads no incoming state
     b.s.workspace_bytes = L.state[0];
     (reverse ? b.s.grad_state_in : b.s.state_out) = ws + L.state[0];
-    LASP_TRY((run_local<T, A>(b.s, reverse, st)));
+    LASP_TRY((run_local<T, A>(b.s, pl, reverse, st)));
     return state_block(p, b, ws + L.state[0], out, false, st);
   });
 }
@@ -655,42 +662,42 @@ AttnParams with_heads(const AttnParams& params) {
 }
 
 template <template <typename, typename> class F>
-cudaError_t dispatch(const AttnParams& params, cudaStream_t st) {
+cudaError_t dispatch(const AttnParams& params, const CallPlan& call, cudaStream_t st) {
   const AttnParams p = with_heads(params);
-  if (!supports(p)) return cudaErrorInvalidValue;
+  if (!supports(p) || !call.ok) return cudaErrorInvalidValue;
   switch (p.dtype) {
-    case ScalarType::Float32: return F<float, float>::run(p, st);
-    case ScalarType::Float16: return F<__half, float>::run(p, st);
-    case ScalarType::BFloat16: return F<__nv_bfloat16, float>::run(p, st);
-    case ScalarType::Float64: return F<double, double>::run(p, st);
+    case ScalarType::Float32: return F<float, float>::run(p, call, st);
+    case ScalarType::Float16: return F<__half, float>::run(p, call, st);
+    case ScalarType::BFloat16: return F<__nv_bfloat16, float>::run(p, call, st);
+    case ScalarType::Float64: return F<double, double>::run(p, call, st);
   }
   return cudaErrorInvalidValue;
 }
 
-// Each entry point: by head-dim blocks where use_blocks says so, else one problem.
+// Each entry point: by head-dim blocks where the call's plan says so, else one problem.
 template <typename T, typename A> struct FwdOp {
-  static cudaError_t run(const AttnParams& p, cudaStream_t s) {
-    return use_blocks(p, false) ? run_fwd_blocks<T, A>(p, s) : run_fwd<T, A>(p, s);
+  static cudaError_t run(const AttnParams& p, const CallPlan& c, cudaStream_t s) {
+    return c.blocks ? run_fwd_blocks<T, A>(p, c, s) : run_fwd<T, A>(p, c.whole, s);
   }
 };
 template <typename T, typename A> struct BwdOp {
-  static cudaError_t run(const AttnParams& p, cudaStream_t s) {
-    return use_blocks(p, true) ? run_bwd_blocks<T, A>(p, s) : run_bwd<T, A>(p, s);
+  static cudaError_t run(const AttnParams& p, const CallPlan& c, cudaStream_t s) {
+    return c.blocks ? run_bwd_blocks<T, A>(p, c, s) : run_bwd<T, A>(p, c.whole, s);
   }
 };
 template <typename T, typename A> struct FwdLocalOp {
-  static cudaError_t run(const AttnParams& p, cudaStream_t s) {
-    return use_blocks(p, false) ? run_local_blocks<T, A>(p, false, s) : run_local<T, A>(p, false, s);
+  static cudaError_t run(const AttnParams& p, const CallPlan& c, cudaStream_t s) {
+    return c.blocks ? run_local_blocks<T, A>(p, c, false, s) : run_local<T, A>(p, c.whole, false, s);
   }
 };
 template <typename T, typename A> struct BwdPrepareOp {  // blocks recompute everything in the bwd itself
-  static cudaError_t run(const AttnParams& p, cudaStream_t s) {
-    return use_blocks(p, true) ? cudaSuccess : run_bwd_prepare<T, A>(p, s);
+  static cudaError_t run(const AttnParams& p, const CallPlan& c, cudaStream_t s) {
+    return c.blocks ? cudaSuccess : run_bwd_prepare<T, A>(p, c.whole, s);
   }
 };
 template <typename T, typename A> struct BwdLocalOp {
-  static cudaError_t run(const AttnParams& p, cudaStream_t s) {
-    return use_blocks(p, true) ? run_local_blocks<T, A>(p, true, s) : run_local<T, A>(p, true, s);
+  static cudaError_t run(const AttnParams& p, const CallPlan& c, cudaStream_t s) {
+    return c.blocks ? run_local_blocks<T, A>(p, c, true, s) : run_local<T, A>(p, c.whole, true, s);
   }
 };
 
@@ -729,23 +736,45 @@ size_t bwd_workspace_bytes(const AttnParams& params) {
   return blocks_shape(p) && p.N > 0 ? std::max(one, block_layout(p, true).total) : one;
 }
 
+CallPlan plan_call(const AttnParams& params, bool backward) {
+  const AttnParams p = with_heads(params);
+  CallPlan c;
+  c.backward = backward;
+  if (!supports(p)) return c;
+  if (use_blocks(p, backward, c.block, &c.nblocks)) {
+    c.blocks = c.ok = true;
+    c.workspace_bytes = block_layout(p, backward).total;
+    return c;
+  }
+  c.nblocks = 0;
+  c.whole = backward ? plan_bwd(p) : plan_fwd(p);
+  c.ok = c.whole.ok || p.N == 0;  // no tokens: the state passes through, whatever the plan
+  c.workspace_bytes = c.whole.ok ? (backward ? c.whole.bwd_bytes() : c.whole.fwd_bytes()) : 0;
+  return c;
+}
+
 namespace {
 // The main-pass family of a call: its plan's, or by blocks the blocks' ("wgmma+mma" where they differ,
 // e.g. D = 136 as 128 + 8: wgmma takes 64 and 128 only).
-const char* main_kernel_name(const AttnParams& params, bool backward) {
-  const AttnParams p = with_heads(params);
-  if (!supports(p) || p.N == 0) return "generic";
-  if (use_blocks(p, backward)) {
+const char* main_kernel_name(const AttnParams& p, bool backward) {
+  if (!supports(with_heads(p)) || p.N == 0) return "generic";
+  const CallPlan c = plan_call(p, backward);
+  if (c.blocks) {
     bool wg = false, mma = false;
-    for_blocks(p, [&](const Block& b) {
-      const Family f = (backward ? plan_bwd(b.s, 1) : plan_fwd(b.s, 1)).main;
-      wg = wg || f == Family::Wgmma;
-      mma = mma || f == Family::Mma;
-    });
+    for (int i = 0; i < c.nblocks; ++i) {
+      wg = wg || c.block[i].main == Family::Wgmma;
+      mma = mma || c.block[i].main == Family::Mma;
+    }
     return wg && mma ? "wgmma+mma" : family_name(wg ? Family::Wgmma : Family::Mma);
   }
-  const Plan pl = backward ? plan_bwd(p) : plan_fwd(p);
-  return family_name(pl.ok ? pl.main : Family::Generic);
+  return family_name(c.whole.ok ? c.whole.main : Family::Generic);
+}
+
+// The plan an entry point called without one runs: the one made with its workspace, else its own.
+template <template <typename, typename> class F>
+cudaError_t dispatch_own(const AttnParams& p, bool backward, cudaStream_t st) {
+  if (p.call_plan != nullptr) return dispatch<F>(p, *static_cast<const CallPlan*>(p.call_plan), st);
+  return dispatch<F>(p, plan_call(p, backward), st);
 }
 }  // namespace
 
@@ -753,18 +782,17 @@ const char* fwd_main_kernel_name(const AttnParams& p) { return main_kernel_name(
 const char* bwd_main_kernel_name(const AttnParams& p) { return main_kernel_name(p, true); }
 
 namespace {
-bool split_of(const AttnParams& params, bool backward, int64_t* nseg, int64_t* seglen) {
-  const AttnParams p = with_heads(params);
-  if (!supports(p) || p.N == 0) return false;
-  if (use_blocks(p, backward)) {  // the blocks keep no segment states between the passes
+bool split_of(const AttnParams& p, bool backward, int64_t* nseg, int64_t* seglen) {
+  if (!supports(with_heads(p)) || p.N == 0) return false;
+  const CallPlan c = plan_call(p, backward);
+  if (c.blocks) {  // the blocks keep no segment states between the passes
     *nseg = 1;
     *seglen = p.N;
     return true;
   }
-  const Plan pl = backward ? plan_bwd(p) : plan_fwd(p);
-  if (!pl.ok) return false;
-  *nseg = pl.nseg;
-  *seglen = pl.seglen;
+  if (!c.whole.ok) return false;
+  *nseg = c.whole.nseg;
+  *seglen = c.whole.seglen;
   return true;
 }
 }  // namespace
@@ -772,11 +800,24 @@ bool split_of(const AttnParams& params, bool backward, int64_t* nseg, int64_t* s
 bool fwd_split(const AttnParams& p, int64_t* nseg, int64_t* seglen) { return split_of(p, false, nseg, seglen); }
 bool bwd_split(const AttnParams& p, int64_t* nseg, int64_t* seglen) { return split_of(p, true, nseg, seglen); }
 
-cudaError_t fwd(const AttnParams& p, cudaStream_t stream) { return dispatch<FwdOp>(p, stream); }
-cudaError_t fwd_local(const AttnParams& p, cudaStream_t stream) { return dispatch<FwdLocalOp>(p, stream); }
-cudaError_t bwd(const AttnParams& p, cudaStream_t stream) { return dispatch<BwdOp>(p, stream); }
-cudaError_t bwd_local(const AttnParams& p, cudaStream_t stream) { return dispatch<BwdLocalOp>(p, stream); }
-cudaError_t bwd_prepare(const AttnParams& p, cudaStream_t stream) { return dispatch<BwdPrepareOp>(p, stream); }
+cudaError_t fwd(const AttnParams& p, cudaStream_t stream) { return dispatch_own<FwdOp>(p, false, stream); }
+cudaError_t fwd_local(const AttnParams& p, cudaStream_t stream) { return dispatch_own<FwdLocalOp>(p, false, stream); }
+cudaError_t bwd(const AttnParams& p, cudaStream_t stream) { return dispatch_own<BwdOp>(p, true, stream); }
+cudaError_t bwd_local(const AttnParams& p, cudaStream_t stream) { return dispatch_own<BwdLocalOp>(p, true, stream); }
+cudaError_t bwd_prepare(const AttnParams& p, cudaStream_t stream) {
+  return dispatch_own<BwdPrepareOp>(p, true, stream);
+}
+cudaError_t fwd(const AttnParams& p, const CallPlan& c, cudaStream_t stream) { return dispatch<FwdOp>(p, c, stream); }
+cudaError_t fwd_local(const AttnParams& p, const CallPlan& c, cudaStream_t stream) {
+  return dispatch<FwdLocalOp>(p, c, stream);
+}
+cudaError_t bwd(const AttnParams& p, const CallPlan& c, cudaStream_t stream) { return dispatch<BwdOp>(p, c, stream); }
+cudaError_t bwd_local(const AttnParams& p, const CallPlan& c, cudaStream_t stream) {
+  return dispatch<BwdLocalOp>(p, c, stream);
+}
+cudaError_t bwd_prepare(const AttnParams& p, const CallPlan& c, cudaStream_t stream) {
+  return dispatch<BwdPrepareOp>(p, c, stream);
+}
 
 }  // namespace cuda
 }  // namespace lasp

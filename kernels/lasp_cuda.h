@@ -11,6 +11,7 @@
 #include <cuda_runtime_api.h>
 
 #include "lasp_params.h"
+#include "plan.h"
 
 namespace lasp {
 namespace cuda {
@@ -53,11 +54,34 @@ const char* bwd_main_kernel_name(const AttnParams& p);
 bool fwd_split(const AttnParams& p, int64_t* nseg, int64_t* seglen);
 bool bwd_split(const AttnParams& p, int64_t* nseg, int64_t* seglen);
 
+// The launch plan of one call, made once (plan_call) and given to every entry point of the call: a fwd_local
+// and the fwd with local_ready that follows it, or a bwd_local, bwd_prepare and bwd, share one (and one
+// workspace of at least workspace_bytes). Head dims above 128 run as blocks (lasp_cuda.cu), each with its
+// own Plan; otherwise `whole` is the call's. It reads what kernels/plan.h reads (sizes, dtype, strides,
+// pointer alignment, gates, no_state_grad, the kernel settings, the device), never the states' pointers or
+// the workspace, so it may be made before the states and the workspace exist.
+struct CallPlan {
+  bool ok = false;          // false: the call cannot run (an unsupported problem); the entry points refuse it
+  bool backward = false;
+  bool blocks = false;      // by head-dim blocks
+  int nblocks = 0;
+  Plan block[4];            // blocks: each block's plan, in the drivers' order
+  Plan whole;               // otherwise the call's plan
+  size_t workspace_bytes = 0;
+};
+CallPlan plan_call(const AttnParams& p, bool backward);
+
+// The entry points. Without a plan argument: p.call_plan where set, else plan_call(p, ...) of their own.
 cudaError_t fwd(const AttnParams& p, cudaStream_t stream);
 cudaError_t fwd_local(const AttnParams& p, cudaStream_t stream);
 cudaError_t bwd(const AttnParams& p, cudaStream_t stream);
 cudaError_t bwd_local(const AttnParams& p, cudaStream_t stream);
 cudaError_t bwd_prepare(const AttnParams& p, cudaStream_t stream);
+cudaError_t fwd(const AttnParams& p, const CallPlan& plan, cudaStream_t stream);
+cudaError_t fwd_local(const AttnParams& p, const CallPlan& plan, cudaStream_t stream);
+cudaError_t bwd(const AttnParams& p, const CallPlan& plan, cudaStream_t stream);
+cudaError_t bwd_local(const AttnParams& p, const CallPlan& plan, cudaStream_t stream);
+cudaError_t bwd_prepare(const AttnParams& p, const CallPlan& plan, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace lasp

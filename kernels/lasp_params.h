@@ -77,6 +77,9 @@ struct AttnParams {
   // Scratch memory for kernels that need it (see the *_workspace_bytes functions).
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
+  // The launch plan of the calls that share this workspace (a cuda::CallPlan, lasp_cuda.h), made once by
+  // whoever allocated it; nullptr: each entry point called without a plan makes its own.
+  const void* call_plan = nullptr;
 
   // bwd (and bwd_prepare): the segment input states a fwd of the same problem left in its workspace
   // ((B, H, nseg, D, E) in the acc type), or nullptr (the bwd computes them again from k, v, S_in). Only

@@ -14,8 +14,7 @@
 namespace lasp {
 namespace {
 
-using Launch = cudaError_t (*)(const AttnParams&, cudaStream_t);
-using Workspace = size_t (*)(const AttnParams&);
+using Launch = cudaError_t (*)(const AttnParams&, const cuda::CallPlan&, cudaStream_t);
 
 const char* dtype_name(ScalarType t) {
   switch (t) {
@@ -27,34 +26,54 @@ const char* dtype_name(ScalarType t) {
   return "?";
 }
 
-// Scratch memory of ws(p) bytes on the current device (none when 0), pointed to by p.workspace.
-at::Tensor alloc_workspace(Workspace ws, AttnParams& p) {
-  const size_t bytes = ws(p);
-  if (bytes == 0) return at::Tensor();
-  at::Tensor t = at::empty({static_cast<int64_t>(bytes)},
-                           at::TensorOptions().dtype(at::kByte).device(at::kCUDA, c10::cuda::current_device()));
-  p.workspace = t.data_ptr();
-  p.workspace_bytes = bytes;
-  return t;
-}
-
-void launch(Launch fn, Workspace ws, AttnParams& p) {
+void check_supported(const AttnParams& p) {
   TORCH_CHECK_VALUE(cuda::supports(p), "lasp_attention: the CUDA kernels do not support ", dtype_name(p.dtype),
                     " inputs with head dims D=", p.D, ", E=", p.E, " (supported: float32, float16, bfloat16; D, E <= 256)");
-  at::Tensor workspace;  // freed at scope end: the caching allocator orders its reuse after this stream's work
-  if (p.workspace == nullptr) workspace = alloc_workspace(ws, p);  // else the caller's (shared by a pair)
-  C10_CUDA_CHECK(fn(p, at::cuda::getCurrentCUDAStream()));
+}
+
+// The call's plan (cuda::plan_call, made once) and the scratch memory it needs on the current device,
+// pointed to by p.workspace and p.call_plan. The returned tensor owns both: the launches that share them
+// (fwd_local + fwd, bwd_local + bwd_prepare + bwd) run while it lives.
+at::Tensor alloc_workspace(AttnParams& p, bool backward) {
+  auto plan = std::make_shared<cuda::CallPlan>(cuda::plan_call(p, backward));
+  const size_t bytes = std::max<size_t>(plan->workspace_bytes, 1);
+  at::Tensor mem = at::empty({static_cast<int64_t>(bytes)},
+                             at::TensorOptions().dtype(at::kByte).device(at::kCUDA, c10::cuda::current_device()));
+  p.workspace = plan->workspace_bytes ? mem.data_ptr() : nullptr;
+  p.workspace_bytes = plan->workspace_bytes;
+  p.call_plan = plan.get();
+  // the plan lives as long as the memory: a view whose deleter holds both
+  return at::from_blob(
+      mem.data_ptr(), {static_cast<int64_t>(bytes)}, [mem, plan](void*) {}, mem.options());
+}
+
+// One launch: with the plan and workspace a shared workspace brought (p.call_plan), else its own plan, made
+// once here, and its scratch memory (freed at scope end: the caching allocator orders its reuse after this
+// stream's work).
+void launch(Launch fn, bool backward, AttnParams& p) {
+  check_supported(p);
+  if (p.call_plan != nullptr) {
+    C10_CUDA_CHECK(fn(p, *static_cast<const cuda::CallPlan*>(p.call_plan), at::cuda::getCurrentCUDAStream()));
+    return;
+  }
+  const at::Tensor scratch = alloc_workspace(p, backward);
+  const cuda::CallPlan& plan = *static_cast<const cuda::CallPlan*>(p.call_plan);
+  C10_CUDA_CHECK(fn(p, plan, at::cuda::getCurrentCUDAStream()));
+  p.call_plan = nullptr;  // the plan goes with the scratch memory
+  p.workspace = nullptr;
+  p.workspace_bytes = 0;
 }
 
 Kernels make_cuda_kernels() {
   Kernels k{
-      [](AttnParams& p) { launch(cuda::fwd, cuda::fwd_workspace_bytes, p); },
-      [](AttnParams& p) { launch(cuda::fwd_local, cuda::fwd_workspace_bytes, p); },
-      [](AttnParams& p) { launch(cuda::bwd, cuda::bwd_workspace_bytes, p); },
-      [](AttnParams& p) { launch(cuda::bwd_local, cuda::bwd_workspace_bytes, p); },
-      [](AttnParams& p) { launch(cuda::bwd_prepare, cuda::bwd_workspace_bytes, p); },
+      [](AttnParams& p) { launch(cuda::fwd, false, p); },
+      [](AttnParams& p) { launch(cuda::fwd_local, false, p); },
+      [](AttnParams& p) { launch(cuda::bwd, true, p); },
+      [](AttnParams& p) { launch(cuda::bwd_local, true, p); },
+      [](AttnParams& p) { launch(cuda::bwd_prepare, true, p); },
       [](AttnParams& p, bool backward) {
-        return alloc_workspace(backward ? cuda::bwd_workspace_bytes : cuda::fwd_workspace_bytes, p);
+        check_supported(p);
+        return alloc_workspace(p, backward);
       },
       peer_hop_cuda,
       peer_ready_cuda,
