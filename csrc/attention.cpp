@@ -186,13 +186,16 @@ Kernels empty_piece_kernels(const Tensor& q, int64_t H, int64_t D, int64_t E) {
 // Whether g holds document starts (bool: True where a document starts) rather than log gates.
 bool is_starts(const std::optional<Tensor>& g) { return g.has_value() && g->scalar_type() == at::kBool; }
 
-// Whether document starts run as such (AttnParams::g_resets: the sm_90a kernels' gate mode 2, no dg):
-// LASP_DOC_STARTS=1, read at every call. Otherwise (the default) they run as -inf log gates whose dg is
-// computed and dropped, which is the same function.
+// Whether document starts run as such (AttnParams::g_resets: the sm_90a kernels' gate mode 2, no dg): the
+// default, and LASP_DOC_STARTS=1 (read at every call). LASP_DOC_STARTS=0 runs them as -inf log gates whose dg
+// is computed and dropped, which is the same function.
 bool starts_as_resets(const std::optional<Tensor>& g) {
   if (!is_starts(g)) return false;
   const char* env = std::getenv("LASP_DOC_STARTS");
-  return env != nullptr && std::string(env) == "1";
+  if (env == nullptr || env[0] == '\0') return true;
+  const std::string v(env);
+  TORCH_CHECK_VALUE(v == "0" || v == "1", "LASP_DOC_STARTS must be '0' or '1', got '", v, "'");
+  return v == "1";
 }
 
 // The log gates in the accumulation type, contiguous (B, H, N) (the caller's tensor when it already is);

@@ -1,6 +1,6 @@
 // CUDA kernels for the gated delta rule's chain of states and its chunks' unit-triangular solves
 // (kernels/delta_kernels.cu), registered as the CUDA device's (csrc/delta.h).
-// LASP_DELTA_KERNELS selects them per call: "cuda" runs them, "aten" (the default) the ATen compositions.
+// LASP_DELTA_KERNELS selects them per call: "cuda" (the default) runs them, "aten" the ATen compositions.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -17,9 +17,9 @@ namespace {
 
 bool use_kernel() {
   const char* v = std::getenv("LASP_DELTA_KERNELS");
-  if (v == nullptr || std::strcmp(v, "aten") == 0 || v[0] == '\0') return false;
-  TORCH_CHECK_VALUE(std::strcmp(v, "cuda") == 0, "LASP_DELTA_KERNELS must be 'aten' or 'cuda', got '", v, "'");
-  return true;
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "cuda") == 0) return true;
+  TORCH_CHECK_VALUE(std::strcmp(v, "aten") == 0, "LASP_DELTA_KERNELS must be 'aten' or 'cuda', got '", v, "'");
+  return false;
 }
 
 template <typename T>

@@ -99,10 +99,10 @@ def test_packed_matches_each_document_alone(lasp, case, seed):
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[6] == "nogates"],
                          ids=[f"docs{len(c[0])}-q{c[1]}k{c[2]}v{c[3]}-{c[7]}" for c in CASES if c[6] == "nogates"])
-def test_packed_starts_as_resets_match_each_document_alone(lasp, case, seed, monkeypatch):
-    """LASP_DOC_STARTS=1 (the starts run as such, no dg) on the CPU: every output and gradient equals each
-    document alone in float64, as with the default."""
-    monkeypatch.setenv("LASP_DOC_STARTS", "1")
+def test_packed_starts_as_gates_match_each_document_alone(lasp, case, seed, monkeypatch):
+    """LASP_DOC_STARTS=0 (the starts run as -inf gates, dg computed and dropped) on the CPU: every output and
+    gradient equals each document alone in float64, as with the default (the starts as such)."""
+    monkeypatch.setenv("LASP_DOC_STARTS", "0")
     lens, Hq, Hk, Hv, D, E, _, layout = case
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
     q, k, v, g, decay, do = _problem(seed, sum(lens), Hq, Hk, Hv, D, E, False, layout)
@@ -119,6 +119,15 @@ def test_packed_gradient_at_document_starts_is_zero(lasp, seed):
     got = _grads(lasp, q, k, v, g, decay, do, "bhnd", cu_seqlens=cu)
     assert torch.all(got["dg"][:, :, [0, 7, 8]] == 0)
     assert torch.any(got["dg"][:, :, 9:] != 0)
+
+
+def test_packed_bad_doc_starts_setting(lasp, monkeypatch):
+    """A LASP_DOC_STARTS other than 0 or 1 is an error that names it (not a silent default)."""
+    monkeypatch.setenv("LASP_DOC_STARTS", "yes")
+    q = torch.randn(1, 2, 10, 4, dtype=F64)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with pytest.raises(ValueError, match="LASP_DOC_STARTS must be '0' or '1', got 'yes'"):
+        lasp.lasp_attention(q, q, q, lasp.alibi_slopes(2).double(), cu_seqlens=cu)
 
 
 def test_packed_bad_calls(lasp):
