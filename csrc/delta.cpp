@@ -150,6 +150,7 @@ Tensor solve_unit(const Tensor& M, const Tensor& R, bool transpose) {
 struct Chunks {
   int64_t B = 0, H = 0, N = 0, nc = 0, D = 0, E = 0;
   at::ScalarType acc = at::kFloat;
+  bool low = false;      // v is 16-bit (and nothing float64): the chain may take tf32 products
   Tensor q, k, v, beta;  // output heads, padded to whole chunks (q, k, v = 0, beta = 0, g = 0: no effect)
   Tensor gam, pre, suf;  // (.., C, C) lower with the diagonal; (.., C); (.., C)
   Tensor kk, m;          // K K^T; M = I + A (unit lower)
@@ -162,6 +163,7 @@ Chunks prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
                bool need_q) {
   Chunks c;
   c.acc = delta_acc(q, k, v);
+  c.low = c.acc == at::kFloat && at::isReducedFloatingType(v.scalar_type());
   c.B = q.size(0);
   c.H = std::max(q.size(1), v.size(1));
   c.N = q.size(2);
@@ -228,6 +230,7 @@ std::tuple<Tensor, Tensor, Tensor> state_chain(const Chunks& c, const Tensor& S0
   in.bsign = -1.0;
   in.Cm = c.ks;
   in.p = c.plast;
+  in.tensor_cores = c.low;
   return chain(in, S0);
 }
 
@@ -287,6 +290,7 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
   in.p = c.plast;
   in.R = qdo;
   in.reverse = true;
+  in.tensor_cores = c.low;
   // dSe: the gradient of the state leaving each chunk
   auto [dSe, dU, dS] = chain(in, dS_end);  // dS: the gradient of the state entering the piece
   Tensor dinit = initial_state.has_value() ? dS.to(initial_state->scalar_type()) : dS;
@@ -347,6 +351,7 @@ std::tuple<Tensor, Tensor> map_impl(const Tensor& q, const Tensor& k, const Tens
   in.bsign = -1.0;
   in.Cm = c.ks;
   in.p = c.plast;
+  in.tensor_cores = c.low;
   const Tensor S0 = at::cat({at::eye(c.D, aopts).expand({c.B, c.H, c.D, c.D}), at::zeros({c.B, c.H, c.D, c.E}, aopts)}, -1);
   const Tensor TL = std::get<2>(chain(in, S0));
   return {TL.narrow(-1, 0, c.D).contiguous(), TL.narrow(-1, c.D, c.E).contiguous()};

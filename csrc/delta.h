@@ -14,10 +14,12 @@ namespace lasp {
 // Cm (B, H, nc, D, C), p (B, H, nc, 1, 1), R (B, H, nc, D, W) or undefined (zero), S0 (B, H, D, W).
 // The columns of S are independent (W = E for the states, D + E for the piece's map [T | L]).
 // Returns (Sstore (B, H, nc, D, W), X (B, H, nc, C, W), the last S (B, H, D, W)).
+// tensor_cores: the inputs of the op were 16-bit, so a kernel may form the products at tf32 precision.
 struct ChainInputs {
   at::Tensor A, Bm, Cm, p, R;
   double bsign = 1.0, csign = 1.0;
   bool reverse = false;
+  bool tensor_cores = false;
 };
 using ChainFn = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(const ChainInputs& in, const at::Tensor& S0);
 

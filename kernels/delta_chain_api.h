@@ -14,6 +14,33 @@ namespace cuda {
 cudaError_t delta_chain(const ChainArgs<float>& args, cudaStream_t stream);
 cudaError_t delta_chain(const ChainArgs<double>& args, cudaStream_t stream);
 cudaError_t delta_solve(const SolveArgs<float>& args, cudaStream_t stream);
+
+// The chain on tensor cores (delta_chain_tc.cu): tf32 products with fp32 accumulation, for float chains
+// whose inputs were 16-bit (their own rounding is coarser than tf32's). A chunk matrix operand: element
+// (chunk ch, row r, column c) at p[ch * sch + r * sr + c * sc], ch = bh * nc + j.
+struct ChainMat {
+  const float* p = nullptr;
+  int64_t sch = 0, sr = 0, sc = 0;
+};
+// As ChainArgs<float>, with strided operands: A (C x W) and R (D x W) any strides (p null: zero), Bm (C x D)
+// and Cm (D x C) with rows or columns contiguous (sr == 1 or sc == 1). p (BH, nc), S0 / Sfin (BH, D, W),
+// Sstore (BH, nc, D, W) and X (BH, nc, C, W) contiguous.
+struct ChainTcArgs {
+  int64_t BH = 0, nc = 0;
+  int C = 0, D = 0, W = 0;
+  ChainMat A, Bm, Cm, R;
+  const float* p = nullptr;
+  const float* S0 = nullptr;
+  float* Sstore = nullptr;
+  float* X = nullptr;
+  float* Sfin = nullptr;
+  float bsign = 1, csign = 1;
+  bool reverse = false;
+};
+// Whether delta_chain_tc takes these sizes and layouts: C and D multiples of 16, C <= 64, D <= 256.
+bool delta_chain_tc_takes(const ChainTcArgs& args);
+// cudaErrorInvalidValue where it does not take them, cudaErrorInvalidDeviceFunction below sm_80.
+cudaError_t delta_chain_tc(const ChainTcArgs& args, cudaStream_t stream);
 cudaError_t delta_solve(const SolveArgs<double>& args, cudaStream_t stream);
 
 }  // namespace cuda

@@ -1,5 +1,6 @@
 // CUDA kernels for the gated delta rule's chain of states and its chunks' unit-triangular solves
-// (kernels/delta_kernels.cu), registered as the CUDA device's (csrc/delta.h).
+// (kernels/delta_kernels.cu; the chain on tensor cores, kernels/delta_chain_tc.cu, where the op's inputs were
+// 16-bit), registered as the CUDA device's (csrc/delta.h).
 // LASP_DELTA_KERNELS selects them per call: "cuda" (the default) runs them, "aten" the ATen compositions.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -53,9 +54,77 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const ChainInputs& in, const 
   return {store, X, fin};
 }
 
+// t (B, H, nc, R, K) as a ChainMat: (B, H, nc) must flatten to one stride (else t is copied contiguous), and
+// with unit_run one of the matrix strides must be 1 (else the same).
+cuda::ChainMat as_mat(at::Tensor& t, bool unit_run) {
+  auto flat = [](const at::Tensor& x, int64_t& sch) {
+    int64_t expect = -1;
+    sch = 0;
+    for (int d = 2; d >= 0; --d) {
+      if (x.size(d) == 1) continue;
+      if (expect >= 0 && x.stride(d) != expect) return false;
+      if (expect < 0) sch = x.stride(d);
+      expect = x.stride(d) * x.size(d);
+    }
+    return true;
+  };
+  int64_t sch = 0;
+  const bool unit = t.stride(3) == 1 || t.stride(4) == 1;
+  if (!flat(t, sch) || (unit_run && !unit)) {
+    t = t.contiguous();
+    flat(t, sch);
+  }
+  cuda::ChainMat m;
+  m.p = t.data_ptr<float>();
+  m.sch = sch;
+  m.sr = t.stride(3);
+  m.sc = t.stride(4);
+  return m;
+}
+
+// The tensor-core chain (16-bit inputs, float chains): undefined tensors where it does not take the call.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_tc(const ChainInputs& in, const at::Tensor& S0) {
+  const int64_t B = S0.size(0), H = S0.size(1), D = S0.size(2), W = S0.size(3);
+  const int64_t nc = in.Bm.size(2), C = in.Bm.size(3);
+  cuda::ChainTcArgs a;
+  a.BH = B * H;
+  a.nc = nc;
+  a.C = static_cast<int>(C);
+  a.D = static_cast<int>(D);
+  a.W = static_cast<int>(W);
+  a.Bm.sr = a.Cm.sc = 1;  // a layout for the size check; the real one below
+  a.Bm.p = a.Cm.p = S0.data_ptr<float>();
+  if (a.BH == 0 || !cuda::delta_chain_tc_takes(a)) return {};
+  at::Tensor A = in.A, Bm = in.Bm, Cm = in.Cm, R = in.R;
+  if (A.defined()) a.A = as_mat(A, false);
+  a.Bm = as_mat(Bm, true);
+  a.Cm = as_mat(Cm, true);
+  if (R.defined()) a.R = as_mat(R, false);
+  if (!cuda::delta_chain_tc_takes(a)) return {};
+  const auto o = S0.options();
+  const at::Tensor p = in.p.reshape({B, H, nc}).contiguous(), S = S0.contiguous();
+  at::Tensor store = at::empty({B, H, nc, D, W}, o), X = at::empty({B, H, nc, C, W}, o), fin = at::empty({B, H, D, W}, o);
+  a.p = p.data_ptr<float>();
+  a.S0 = S.data_ptr<float>();
+  a.Sstore = store.data_ptr<float>();
+  a.X = X.data_ptr<float>();
+  a.Sfin = fin.data_ptr<float>();
+  a.bsign = static_cast<float>(in.bsign);
+  a.csign = static_cast<float>(in.csign);
+  a.reverse = in.reverse;
+  const cudaError_t e = cuda::delta_chain_tc(a, at::cuda::getCurrentCUDAStream());
+  if (e == cudaErrorInvalidDeviceFunction) return {};  // below sm_80: the SIMT kernel
+  C10_CUDA_CHECK(e);
+  return {store, X, fin};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_cuda(const ChainInputs& in, const at::Tensor& S0) {
   if (!use_kernel()) return {};
   const c10::cuda::CUDAGuard guard(S0.device());
+  if (in.tensor_cores && S0.scalar_type() == at::kFloat) {
+    auto out = run_tc(in, S0);
+    if (std::get<0>(out).defined()) return out;
+  }
   if (S0.scalar_type() == at::kDouble) return run<double>(in, S0);
   if (S0.scalar_type() == at::kFloat) return run<float>(in, S0);
   return {};

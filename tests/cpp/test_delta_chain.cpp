@@ -223,6 +223,131 @@ TEST(DeltaChain, CudaKernelMatchesDirectChain) {
     run_case_device<float>(k, 2e-4, seed++);
   }
 }
+// The tensor-core chain (delta_chain_tc.cu: tf32 products) on the device against the direct chain, with Bm
+// and Cm row- or column-major and A / R with padded rows, as the op passes its views. tf32 rounds each
+// operand to 11 significant bits: the tolerance is relative to the largest entry.
+struct TcCase {
+  Case k;
+  bool bm_cols, cm_cols;  // Bm / Cm column-major (rows contiguous)
+  int pad;                // extra columns in A's and R's rows
+};
+
+void run_case_tc(const TcCase& tc, double bsign, double csign, unsigned seed) {
+  const Case& k = tc.k;
+  Data<float> d = make<float>(k, seed);
+  const int C = k.C, D = k.D, W = k.W, Wp = W + tc.pad;
+  const size_t nch = (size_t)k.BH * k.nc;
+  std::vector<float*> bufs;
+  auto up = [&](const std::vector<float>& h) -> float* {
+    if (h.empty()) return nullptr;
+    float* p = nullptr;
+    EXPECT_EQ(cudaMalloc(reinterpret_cast<void**>(&p), h.size() * sizeof(float)), cudaSuccess);
+    EXPECT_EQ(cudaMemcpy(p, h.data(), h.size() * sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
+    bufs.push_back(p);
+    return p;
+  };
+  // (nch, R, K) row-major -> the layout asked, as a ChainMat
+  auto mat = [&](const std::vector<float>& h, int R, int K, bool cols) {
+    lasp::cuda::ChainMat m;
+    if (!cols) {
+      m.p = up(h);
+      m.sch = (int64_t)R * K;
+      m.sr = K;
+      m.sc = 1;
+      return m;
+    }
+    std::vector<float> t(h.size());
+    for (size_t ch = 0; ch < nch; ++ch)
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < K; ++c) t[(ch * K + c) * R + r] = h[(ch * R + r) * K + c];
+    m.p = up(t);
+    m.sch = (int64_t)R * K;
+    m.sr = 1;
+    m.sc = R;
+    return m;
+  };
+  auto padded = [&](const std::vector<float>& h, int R) {  // (nch, R, W) -> rows of Wp
+    lasp::cuda::ChainMat m;
+    if (h.empty()) return m;
+    std::vector<float> t(nch * R * Wp, 1e30f);
+    for (size_t i = 0; i < nch * R; ++i)
+      for (int w = 0; w < W; ++w) t[i * Wp + w] = h[i * W + w];
+    m.p = up(t);
+    m.sch = (int64_t)R * Wp;
+    m.sr = Wp;
+    m.sc = 1;
+    return m;
+  };
+  lasp::cuda::ChainTcArgs a;
+  a.BH = k.BH;
+  a.nc = k.nc;
+  a.C = C;
+  a.D = D;
+  a.W = W;
+  a.A = padded(d.A, C);
+  a.Bm = mat(d.Bm, C, D, tc.bm_cols);
+  a.Cm = mat(d.Cm, D, C, tc.cm_cols);
+  a.R = padded(d.R, D);
+  a.p = up(d.p);
+  a.S0 = up(d.S0);
+  a.Sstore = up(d.Sstore);
+  a.X = up(d.X);
+  a.Sfin = up(d.Sfin);
+  a.bsign = (float)bsign;
+  a.csign = (float)csign;
+  a.reverse = k.reverse;
+  ASSERT_TRUE(lasp::cuda::delta_chain_tc_takes(a));
+  ASSERT_EQ(lasp::cuda::delta_chain_tc(a, nullptr), cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  auto down = [&](std::vector<float>& h, float* p) {
+    EXPECT_EQ(cudaMemcpy(h.data(), p, h.size() * sizeof(float), cudaMemcpyDeviceToHost), cudaSuccess);
+  };
+  down(d.Sstore, a.Sstore);
+  down(d.X, a.X);
+  down(d.Sfin, a.Sfin);
+  for (float* p : bufs) cudaFree(p);
+  std::vector<double> Sstore, X, Sfin;
+  reference(k, d, bsign, csign, Sstore, X, Sfin);
+  auto check = [&](const char* what, const std::vector<float>& got, const std::vector<double>& want) {
+    double err = 0, norm = 0;
+    for (size_t i = 0; i < got.size(); ++i) {
+      err = std::max(err, std::fabs((double)got[i] - want[i]));
+      norm = std::max(norm, std::fabs(want[i]));
+    }
+    EXPECT_LE(err, 4e-3 * std::max(1.0, norm))
+        << what << " (C " << C << ", D " << D << ", W " << W << ", nc " << k.nc << ", reverse " << k.reverse
+        << ", Bm cols " << tc.bm_cols << ", Cm cols " << tc.cm_cols << ")";
+    EXPECT_GT(norm, 0.0) << what;
+  };
+  check("Sstore", d.Sstore, Sstore);
+  check("X", d.X, X);
+  check("Sfin", d.Sfin, Sfin);
+}
+
+TEST(DeltaChain, TensorCoreKernelMatchesDirectChain) {
+  int n = 0, major = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    cudaGetLastError();
+    GTEST_SKIP() << "no CUDA device";
+  }
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
+  if (major < 8) GTEST_SKIP() << "tf32 tensor cores need sm_80";
+  const TcCase cases[] = {
+      // {BH, nc, C, D, W, A, R, reverse}, Bm cols, Cm cols, pad
+      {{2, 5, 64, 128, 128, true, false, false}, false, true, 128},  // the forward: Wk rows padded, K^T
+      {{2, 5, 64, 128, 128, true, true, true}, false, true, 0},      // the backward
+      {{1, 3, 64, 128, 256, true, false, false}, false, true, 0},    // the map [T | L]
+      {{3, 4, 64, 64, 40, true, true, false}, true, false, 3},       // two column tiles, the last of 8
+      {{1, 3, 64, 256, 64, false, true, true}, true, true, 0},       // D = 256
+      {{2, 2, 32, 48, 7, true, false, false}, false, false, 1},      // C = 32, D = 48, W = 7
+      {{1, 0, 64, 64, 32, true, false, false}, false, true, 0},      // no chunk: S passes through
+  };
+  unsigned seed = 300;
+  for (const TcCase& c : cases) {
+    run_case_tc(c, -1.0, 1.0, seed++);
+    run_case_tc(c, 1.0, -1.0, seed++);
+  }
+}
 #endif
 
 }  // namespace

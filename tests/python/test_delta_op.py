@@ -312,6 +312,28 @@ def test_cuda_kernels_equal_aten(lasp, seed, monkeypatch):
         torch.testing.assert_close(b, a, rtol=1e-11, atol=1e-11, msg=lambda m: f"output {i}: {m}")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dims", [(128, 128), (64, 64), (256, 40), (48, 16)], ids=lambda d: f"D{d[0]}E{d[1]}")
+def test_cuda_tensor_core_chain_near_aten(lasp, dims, seed, monkeypatch):
+    """16-bit inputs take the chain on tensor cores (tf32 products, kernels/delta_chain_tc.cu): forward,
+    backward and the piece's map stay within tf32's rounding of the ATen compositions' float32 results, over
+    many chunks."""
+    ops = torch.ops.lasp
+    D, E = dims
+    q, k, v, g, beta, s0, do, dS = _inputs(seed, 2, 2, 2, 2, 1000, D, E, dtype=torch.bfloat16, device="cuda")
+    q, k = (torch.nn.functional.normalize(x.float(), dim=-1) for x in (q, k))  # as use_qk_l2norm gives them
+    res = {}
+    for kernels in ("aten", "cuda"):
+        monkeypatch.setenv("LASP_DELTA_KERNELS", kernels)
+        res[kernels] = [*ops.gated_delta_fwd(q, k, v, g, beta, D ** -0.5, s0),
+                        *ops.gated_delta_bwd(q, k, v, g, beta, D ** -0.5, s0, do, dS, False),
+                        *ops.gated_delta_map(q, k, v, g, beta)]
+    names = ["o", "final", "dq", "dk", "dv", "dg", "dbeta", "ds0", "T", "L"]
+    for name, a, b in zip(names, res["aten"], res["cuda"]):
+        err = ((b.double() - a.double()).norm() / a.double().norm()).item()
+        assert err < 5e-3, f"{name}: relative difference {err:.2e}"
+
+
 # ----------------------------------------------------------------------------------------------
 # Across ranks (Gloo): each rank's piece against the same slice of the one-rank call
 
