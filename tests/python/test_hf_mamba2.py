@@ -3,12 +3,15 @@ the patched model equals the unpatched one.
 
 Tiny models from configs (random weights, no downloads), the mixers' weights drawn large enough that the SSD
 scan's term is not lost in the D x skip term, with more heads than B / C groups (2 groups of 2 heads) and a
-convolution kernel of 4 (a halo of 3 tokens). Checked against the same model unpatched: logits and every
-parameter gradient (float64, against transformers' own chunked scan with its float32 casts made float64; in eval
-and in training mode, where the patched mixers leave transformers' fused path for their unfused one), the
-generation cache, packed documents against each document alone, unpatch, copies, the errors; and sequence
-parallelism of the pure Mamba2 model over 2 and 3 gloo processes with uneven pieces (pieces shorter than the
-halo), whose logits and summed gradients must equal the one-process unpatched model's.
+convolution kernel of 4 (a halo of 3 tokens); the hybrids' attention with its own particulars (GraniteMoeHybrid:
+RoPE and attention_multiplier; Zamba2: one shared block in two hybrid layers with their own adapters, RoPE;
+FalconH1: key and attention multipliers). Checked against the same model unpatched: logits and every parameter
+gradient (float64, against transformers' own chunked scan with its float32 casts made float64; in eval and in
+training mode, where the patched mixers leave transformers' fused path for their unfused one), the generation
+cache, packed documents of every family against each document alone (and the packed calls refused), the
+fingerprints, unpatch, copies, the errors; and sequence parallelism of every family over 2 and 3 gloo processes
+with uneven pieces (pieces shorter than the halo), packed rows included, whose logits and summed gradients must
+equal the one-process unpatched model's.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from test_hf import (  # noqa: E402
 )
 
 FAMILIES = ["mamba2", "bamba", "nemotron_h", "granitemoehybrid", "zamba2", "falcon_h1"]
+HYBRIDS = FAMILIES[1:]
 V = 128
 
 
@@ -57,21 +61,25 @@ def tiny(family):
                                  intermediate_size=64, mamba_num_heads=4, mamba_head_dim=16, n_groups=2,
                                  ssm_state_size=8, expand=2, conv_kernel=4, chunk_size=16, hybrid_override_pattern="M*M-",
                                  head_dim=8), T.NemotronHForCausalLM
-    if family == "granitemoehybrid":
+    if family == "granitemoehybrid":  # RoPE, and a softmax scale other than head_dim^-0.5
         return T.GraniteMoeHybridConfig(**common, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
                                         shared_intermediate_size=64, num_local_experts=2, num_experts_per_tok=1,
                                         mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8,
                                         mamba_expand=2, mamba_d_conv=4, mamba_chunk_size=16,
-                                        layer_types=["mamba", "attention"], experts_implementation="eager"), T.GraniteMoeHybridForCausalLM
-    if family == "zamba2":
-        return T.Zamba2Config(**common, num_attention_heads=4, num_key_value_heads=4, intermediate_size=64,
-                              mamba_ngroups=2, mamba_d_state=8, mamba_headdim=16, n_mamba_heads=4, mamba_expand=2,
-                              mamba_d_conv=4, chunk_size=16, layers_block_type=["mamba", "hybrid"],
-                              hybrid_layer_ids=[1], attention_head_dim=8, num_mem_blocks=1,
-                              use_shared_attention_adapter=False, adapter_rank=4, use_mem_rope=False), T.Zamba2ForCausalLM
+                                        layer_types=["mamba", "attention"], experts_implementation="eager",
+                                        position_embedding_type="rope", attention_multiplier=0.3), T.GraniteMoeHybridForCausalLM
+    if family == "zamba2":  # one shared attention block in two hybrid layers, each with its own adapters; RoPE
+        return T.Zamba2Config(vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                              num_key_value_heads=4, intermediate_size=64, mamba_ngroups=2, mamba_d_state=8,
+                              mamba_headdim=16, n_mamba_heads=4, mamba_expand=2, mamba_d_conv=4, chunk_size=16,
+                              layers_block_type=["mamba", "hybrid", "hybrid"], hybrid_layer_ids=[1, 2],
+                              attention_head_dim=16, num_mem_blocks=1, use_shared_attention_adapter=True,
+                              adapter_rank=4, use_mem_rope=True), T.Zamba2ForCausalLM
+    # attention and mamba in parallel in every layer; a key multiplier other than 1
     return T.FalconH1Config(**common, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
                             mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=2, mamba_d_ssm=64, mamba_d_state=8,
-                            mamba_expand=2, mamba_d_conv=4, mamba_chunk_size=16, head_dim=8), T.FalconH1ForCausalLM
+                            mamba_expand=2, mamba_d_conv=4, mamba_chunk_size=16, head_dim=8, key_multiplier=0.7,
+                            attention_in_multiplier=1.3, attention_out_multiplier=0.8), T.FalconH1ForCausalLM
 
 
 def make_model(family, dtype, seed):
@@ -115,6 +123,26 @@ def run(model, ids, w, **kw):
     return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def f32_grads(model):
+    """The parameters whose gradients transformers itself computes in float32 whatever the model's dtype, compared
+    at float32's tolerance: A_log (it enters the mixers as A_log.float()), and the weights of RMSNorms that multiply
+    them in float32 (NemotronHRMSNorm from transformers 5.22.2 on: ``self.weight.to(torch.float32) * ...``; their
+    float32 sums over the tokens differ in order between a packed row and its documents, or across pieces)."""
+    import inspect
+
+    names = {n for n, _ in model.named_parameters() if n.endswith("A_log")}
+    for mname, m in model.named_modules():
+        if not isinstance(getattr(m, "weight", None), torch.nn.Parameter):
+            continue
+        try:
+            src = inspect.getsource(type(m).forward)
+        except (OSError, TypeError):
+            continue
+        if "self.weight.to(torch.float32)" in src:
+            names.add(f"{mname}.weight")
+    return names
+
+
 def n_mixers(model):
     return sum(1 for m in model.modules() if type(m).__name__ in _hf().SUPPORTED_MODELS.values())
 
@@ -137,7 +165,7 @@ def test_logits_and_grads_match_unpatched(family, N, f64_reference, count_calls)
     assert len(count_calls) == n_mixers(model), "the patched mixers did not call lasp_attention"
     assert_close("logits", got_logits, want_logits, F64)
     # A_log enters as A_log.float() in the mixers: its gradient is float32-rounded on both sides
-    assert_same_grads(got_grads, want_grads, F64, f32_names={n for n in want_grads if n.endswith("A_log")})
+    assert_same_grads(got_grads, want_grads, F64, f32_names=f32_grads(model))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -155,7 +183,7 @@ def test_training_mode_matches_unpatched(family, f64_reference, count_calls):
     got_logits, got_grads = run(model, ids, w)
     assert len(count_calls) == n_mixers(model)
     assert_close("logits", got_logits, want_logits, F64)
-    assert_same_grads(got_grads, want_grads, F64, f32_names={n for n in want_grads if n.endswith("A_log")})
+    assert_same_grads(got_grads, want_grads, F64, f32_names=f32_grads(model))
 
 
 @pytest.mark.parametrize("family", ["mamba2", "bamba"])
@@ -196,39 +224,84 @@ def packed_positions(docs):
     return torch.cat([torch.arange(n) for n in docs]).unsqueeze(0)
 
 
-@pytest.mark.parametrize("family", ["mamba2", "bamba"])
-@pytest.mark.parametrize("how", ["position_ids", "cu_seq_lens_q"])
-def test_packed_documents_match_separate_runs(family, how, f64_reference, count_calls):
-    """Mamba2, Bamba: documents packed into one row give the logits of each document alone through the unpatched
-    model, and the gradients of the sum of their losses (the scan and the convolution restart at every document
-    start; documents of 1 and 2 tokens, shorter than the convolution's window; Bamba's attention keeps them apart
-    through transformers' own mask)."""
-    hf = _hf()
-    cfg, model = make_model(family, F64, seed=7)
-    docs = [5, 1, 9, 2, 17]
-    N = sum(docs)
-    ids = ids_for(1, N, seed=8)
-    w = cotangent(1, N, V, F64, seed=9)
-    want_logits, want_grads = [], {}
+def separate_runs(model, ids, w, docs):
+    """The logits of each document of the packed row ``ids`` run alone through ``model`` (concatenated), and the
+    gradients of the sum of their losses."""
     model.zero_grad(set_to_none=True)
-    start = 0
+    logits, start = [], 0
     for n in docs:
         lg = model(ids[:, start:start + n], use_cache=False).logits
         (lg * w[:, start:start + n]).sum().backward()
-        want_logits.append(lg.detach())
+        logits.append(lg.detach())
         start += n
-    want_grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+    return torch.cat(logits, 1), {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def cu_kwargs(docs):
+    cu = torch.tensor([0] + torch.tensor(docs).cumsum(0).tolist(), dtype=torch.int32)
+    return dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(docs), max_length_k=max(docs))
+
+
+PACKED_DOCS = [5, 1, 9, 2, 17]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("how", ["position_ids", "cu_seq_lens_q", "position_ids_defaults"])
+def test_packed_documents_match_separate_runs(family, how, f64_reference, count_calls):
+    """Documents packed into one row give the logits of each document alone through the unpatched model, and the
+    gradients of the sum of their losses: the scan and the convolution restart at every document start (documents
+    of 1 and 2 tokens, shorter than the convolution's window), and the hybrids' attention layers keep the documents
+    apart (transformers' own mask from the packed position ids; GraniteMoeHybrid's built here with them), RoPE from
+    the restarting positions. "position_ids_defaults": packed position ids with an all-ones attention mask and
+    use_cache left to the config's default (True), which would make transformers' mask ignore the packing: the
+    hook drops the mask and turns the cache off."""
+    hf = _hf()
+    cfg, model = make_model(family, F64, seed=7)
+    docs = PACKED_DOCS
+    N = sum(docs)
+    ids = ids_for(1, N, seed=8)
+    w = cotangent(1, N, V, F64, seed=9)
+    want_logits, want_grads = separate_runs(model, ids, w, docs)
     hf.patch(model)
     if how == "position_ids":
         kw = dict(position_ids=packed_positions(docs), use_cache=False)
+    elif how == "position_ids_defaults":
+        assert cfg.use_cache
+        kw = dict(position_ids=packed_positions(docs), attention_mask=torch.ones(1, N, dtype=torch.long))
     else:
-        cu = torch.tensor([0] + torch.tensor(docs).cumsum(0).tolist(), dtype=torch.int32)
-        kw = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(docs), max_length_k=max(docs),
-                  use_cache=False)
+        kw = dict(cu_kwargs(docs), use_cache=False)
     got_logits, got_grads = run(model, ids, w, **kw)
     assert count_calls
-    assert_close("logits", got_logits, torch.cat(want_logits, 1), F64)
-    assert_same_grads(got_grads, want_grads, F64, f32_names={n for n in want_grads if n.endswith("A_log")})
+    assert_close("logits", got_logits, want_logits, F64)
+    assert_same_grads(got_grads, want_grads, F64, f32_names=f32_grads(model))
+
+
+@pytest.mark.parametrize("family", HYBRIDS)
+def test_packed_documents_refusals(family):
+    """A packed row that transformers' attention mask would not keep apart is refused, naming the argument: packed
+    position ids with a cache asked for, or with a padding mask whose zeros leave a document start between two
+    unpadded tokens. Restarts next to padding (left-padded rows, as generation makes them) are not refused."""
+    hf = _hf()
+    cfg, model = make_model(family, F32, seed=7)
+    docs = PACKED_DOCS
+    N = sum(docs)
+    ids = ids_for(1, N, seed=8)
+    pos = packed_positions(docs)
+    hf.patch(model)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="position_ids restart .* use_cache=False"):
+            model(ids, position_ids=pos, use_cache=True)
+        mask = torch.ones(1, N, dtype=torch.long)
+        mask[0, -1] = 0
+        with pytest.raises(ValueError, match="position_ids restart at token 5 of row 0 .* attention_mask has zeros"):
+            model(ids, position_ids=pos, attention_mask=mask, use_cache=False)
+        with pytest.raises(ValueError, match="cu_seq_lens_q .* cannot be used with a cache"):
+            model(ids, use_cache=True, **cu_kwargs(docs))
+        # left padding: position ids 1, 1, 0, 1, ... (transformers' generation) restart next to the padding only
+        mask = torch.ones(2, 12, dtype=torch.long)
+        mask[0, :2] = 0
+        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        model(ids_for(2, 12, seed=3), position_ids=pos, attention_mask=mask, use_cache=False)
 
 
 def test_unpatch_copy_and_save(count_calls):
@@ -264,12 +337,69 @@ def test_errors():
         hm.patch_mamba2(make_model("mamba2", F32, 1)[1], sp_strategy="fast")
 
 
-# ----------------------------------------------------------------------------------------------
-# Sequence parallelism (gloo): the pure Mamba2 model
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fingerprints_cover_what_is_reproduced(family, monkeypatch):
+    """Every supported release fingerprints each function the integration replaces or reproduces (the mixer's
+    forward, the three replaced functions; the hybrids' attention forward swapped under a group, the
+    apply_rotary_pos_emb it calls, the base model's forward); the installed release's sources hash to its own
+    fingerprints, and an attention forward that differs is refused."""
+    import hashlib
 
-# (family, pieces): the pure Mamba2 model and Bamba (its attention layers gather K and V)
-SP_CASES = {2: [("mamba2", [30, 7]), ("mamba2", [1, 40]), ("bamba", [20, 13])],
-            3: [("mamba2", [10, 2, 25]), ("mamba2", [2, 1, 30]), ("bamba", [9, 1, 20])]}
+    hm = _hf_mamba2()
+    mod = hm._mod(family)
+    objs = hm._fingerprint_objects(family, mod)
+    want_keys = {f"{hm.FAMILIES[family]['mixer']}.forward", *hm._SWAPPED}
+    if family != "mamba2":
+        want_keys |= {f"{hm.FAMILIES[family]['attention']}.forward", f"{hm.FAMILIES[family]['model']}.forward"}
+    assert want_keys <= set(objs)
+    for version, fps in hm._FINGERPRINTS.items():
+        assert set(objs) == set(fps[family]), (version, family)
+    installed = transformers.__version__
+    for key, obj in objs.items():
+        got = hashlib.sha256(hm._source_of(obj).encode()).hexdigest()
+        assert got == hm._FINGERPRINTS[installed][family][key], (family, key)
+    if family == "mamba2":
+        return
+    cls = getattr(mod, hm.FAMILIES[family]["attention"])
+    real = hm._source_of
+    monkeypatch.setattr(hm, "_source_of", lambda obj: real(obj) + ("#" if obj is cls.forward else ""))
+    model = make_model(family, F32, 1)[1]
+    with pytest.raises(RuntimeError, match=rf"{cls.__name__}\.forward differs from the released transformers"):
+        hm.patch_mamba2(model)
+    assert not _hf().is_patched(model)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequence parallelism (gloo)
+
+# (family, pieces, packing): every family, the hybrids' attention layers attending to K and V all-gathered along the
+# sequence (pieces shorter than the convolution's halo of 3 included); packing None: two rows, one sequence each,
+# against the unpatched model; "position_ids" / "cu_seq_lens_q": one row of PACKED_DOCS (documents crossing the
+# pieces' boundaries), each rank passing its piece of the restarting position ids or the global offsets, against
+# each document alone through the unpatched model
+SP_CASES = {2: [("mamba2", [30, 7], None), ("mamba2", [1, 40], None), ("bamba", [20, 13], None),
+                ("nemotron_h", [17, 16], None), ("granitemoehybrid", [3, 30], None), ("zamba2", [25, 8], None),
+                ("falcon_h1", [10, 23], None), ("zamba2", [20, 14], "position_ids"),
+                ("granitemoehybrid", [6, 28], "cu_seq_lens_q")],
+            3: [("mamba2", [10, 2, 25], None), ("mamba2", [2, 1, 30], None), ("bamba", [9, 1, 20], None),
+                ("nemotron_h", [2, 1, 30], None), ("granitemoehybrid", [12, 2, 19], None),
+                ("zamba2", [1, 15, 17], None), ("falcon_h1", [11, 11, 11], None),
+                ("falcon_h1", [5, 2, 27], "position_ids"), ("nemotron_h", [16, 2, 16], "cu_seq_lens_q")]}
+
+
+def _sp_case(ci, family, pieces, packing):
+    """(model, ids, cotangent, keyword arguments of the whole row) of SP case ``ci``."""
+    cfg, model = make_model(family, F64, seed=40 + ci)
+    N = sum(pieces)
+    B = 2 if packing is None else 1
+    if packing is not None:
+        assert N == sum(PACKED_DOCS)
+    kw = dict(use_cache=False)
+    if packing == "position_ids":
+        kw["position_ids"] = packed_positions(PACKED_DOCS)
+    elif packing == "cu_seq_lens_q":
+        kw.update(cu_kwargs(PACKED_DOCS))
+    return model, ids_for(B, N, seed=ci), cotangent(B, N, V, F64, seed=ci), kw
 
 
 def _sp_worker(rank, world, port, out_dir):
@@ -280,21 +410,22 @@ def _sp_worker(rank, world, port, out_dir):
     from lasp.integrations import hf
 
     res = {}
-    for ci, (family, pieces) in enumerate(SP_CASES[world]):
-        cfg, model = make_model(family, F64, seed=40 + ci)
-        N = sum(pieces)
-        ids = ids_for(2, N, seed=ci)
-        w = cotangent(2, N, V, F64, seed=ci)
+    for ci, (family, pieces, packing) in enumerate(SP_CASES[world]):
+        model, ids, w, kw = _sp_case(ci, family, pieces, packing)
         hf.patch(model, dist.group.WORLD, sp_strategy="scan" if ci == 1 else "ring")
         P, n = sum(pieces[:rank]), pieces[rank]
-        logits, grads = run(model, ids[:, P:P + n], w[:, P:P + n], use_cache=False)
+        if "position_ids" in kw:
+            kw["position_ids"] = kw["position_ids"][:, P:P + n]
+        logits, grads = run(model, ids[:, P:P + n], w[:, P:P + n], **kw)
         res[ci] = dict(logits=logits, grads=grads)
     # errors, the same on every rank
     errs = {}
     for name, call in {
-        "hybrid": lambda: hf.patch(make_model("zamba2", F32, 1)[1], dist.group.WORLD),
         "cache": lambda: (lambda m: m(ids_for(1, 4, 0), use_cache=True))(
             hf.patch(make_model("mamba2", F32, 1)[1], dist.group.WORLD)),
+        "padding": lambda: (lambda m: m(ids_for(1, 4, 0), use_cache=False,
+                                        attention_mask=torch.tensor([[1, 1, 1, 0 if rank == 1 else 1]])))(
+            hf.patch(make_model("zamba2", F32, 1)[1], dist.group.WORLD)),
     }.items():
         try:
             call()
@@ -310,17 +441,25 @@ def _sp_worker(rank, world, port, out_dir):
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="gloo not available")
 @pytest.mark.parametrize("world", [2, 3])
 def test_sequence_parallel_matches_one_process(world, f64_reference):
-    res = spawn_once(_sp_worker, world, 150, f"Mamba-2 sequence parallel (gloo, world={world})")
-    for ci, (family, pieces) in enumerate(SP_CASES[world]):
-        cfg, model = make_model(family, F64, seed=40 + ci)
-        N = sum(pieces)
-        want_logits, want_grads = run(model, ids_for(2, N, seed=ci), cotangent(2, N, V, F64, seed=ci), use_cache=False)
+    """Each case's logits (the ranks' pieces concatenated) and gradients (summed over the ranks) equal the
+    one-process unpatched model's (packed cases: each document alone); a cache, and a padding mask on one rank of a
+    hybrid, are refused on every rank alike."""
+    res = spawn_once(_sp_worker, world, 200, f"Mamba-2 sequence parallel (gloo, world={world})")
+    for ci, (family, pieces, packing) in enumerate(SP_CASES[world]):
+        model, ids, w, kw = _sp_case(ci, family, pieces, packing)
+        if packing is None:
+            want_logits, want_grads = run(model, ids, w, **kw)
+        else:
+            want_logits, want_grads = separate_runs(model, ids, w, PACKED_DOCS)
         got = torch.cat([res[r][ci]["logits"] for r in range(world)], 1)
-        assert_close(f"case {ci} logits", got, want_logits, F64)
+        what = f"case {ci} ({family}, pieces {pieces}, packing {packing}) "
+        assert_close(what + "logits", got, want_logits, F64)
+        assert set(res[0][ci]["grads"]) == set(want_grads), what
         summed = {k: sum(res[r][ci]["grads"][k] for r in range(world)) for k in want_grads}
-        assert_same_grads(summed, want_grads, F64, what=f"case {ci} ",
-                          f32_names={n for n in want_grads if n.endswith("A_log")})
+        assert_same_grads(summed, want_grads, F64, what=what,
+                          f32_names=f32_grads(model))
     for r in range(world):
         e = res[r]["errors"]
-        assert e["hybrid"][0] == "NotImplementedError" and "interleaves attention layers" in e["hybrid"][1], e
         assert e["cache"] is not None and "not supported under a sequence-parallel group" in e["cache"][1], e
+        assert e["padding"] is not None and "padding attention masks" in e["padding"][1] \
+            and "group ranks [1]" in e["padding"][1], e

@@ -20,20 +20,27 @@ one-token decode step), run with three of the functions it calls replaced:
   convolution of a piece's first ``K - 1`` tokens reads the tokens before the piece (the halo exchange of
   the Gated DeltaNet integration) and no tap reads another document.
 
-Sequence parallelism (``sp_group``; Mamba2 and Bamba): group rank ``r`` feeds the model the ``r``-th contiguous
-piece of every sequence; the scan passes its state along the group (lasp's ring, or ``sp_strategy``), the
-convolution's halo comes from the earlier ranks, and Bamba's attention layers attend to K and V all-gathered
-along the sequence (as MiniMax's, hf._sp_sdpa) with RoPE from the global position ids. No cache, no padding mask
-beyond ones. The other hybrids (NemotronH, GraniteMoeHybrid, Zamba2, FalconH1), whose attention layers are not
-swapped yet, run on one device only (a group raises NotImplementedError).
+Sequence parallelism (``sp_group``; every family): group rank ``r`` feeds the model the ``r``-th contiguous piece
+of every sequence; the scan passes its state along the group (lasp's ring, or ``sp_strategy``), the convolution's
+halo comes from the earlier ranks, and the hybrids' attention layers (BambaAttention, NemotronHAttention,
+GraniteMoeHybridAttention, Zamba2Attention, FalconH1Attention) attend to K and V all-gathered along the sequence
+(as MiniMax's, hf._sp_sdpa), causal over the global positions, with RoPE (where the model has it) from the global
+position ids. Each of those forwards is transformers' own up to the attention itself: the projections (Zamba2: the
+shared block's plus the hybrid layer's own adapters; FalconH1: the key multiplier), the model's softmax scale
+(GraniteMoeHybrid: attention_multiplier; Zamba2: (head_dim / 2)^-0.5). No cache, no padding mask beyond ones.
 
 Packed documents: position ids that restart (``DataCollatorWithFlattening``) or ``cu_seq_lens_q`` (global offsets
-under a group), on Mamba2 and Bamba: the state and the convolution restart at every document start
-(transformers' own Mamba-2 path does neither).
+under a group), on every family: the state and the convolution restart at every document start (transformers' own
+Mamba-2 path does neither), and the hybrids' attention keeps the documents apart. On one device that is
+transformers' own attention, whose causal mask cuts at documents only without a cache and without an attention
+mask: a packed call drops an all-ones mask and turns the cache off, and refuses a cache asked for or a padding mask
+with a document start between unpadded tokens (_packed_attention); GraniteMoeHybridModel, which builds its mask
+without the position ids, gets it built with them. Under a group the swapped attention masks across documents.
 
 Versions: read from transformers 5.17.0 and checked against 5.22.2; per release, sha256 fingerprints of the
-mixer's forward and of the three functions it calls (see hf.py); ``allow_untested_version=True`` skips the
-version and fingerprint checks, not the structural ones.
+mixer's forward and of the three functions it calls, and for the hybrids of the attention forward reproduced under
+a group, the apply_rotary_pos_emb it calls and the base model's forward (see hf.py); ``allow_untested_version=True``
+skips the version and fingerprint checks, not the structural ones.
 """
 from __future__ import annotations
 
