@@ -317,7 +317,7 @@ void run_case_tc(const TcCase& tc, double bsign, double csign, unsigned seed) {
     EXPECT_LE(err, 4e-3 * std::max(1.0, norm))
         << what << " (C " << C << ", D " << D << ", W " << W << ", nc " << k.nc << ", reverse " << k.reverse
         << ", Bm cols " << tc.bm_cols << ", Cm cols " << tc.cm_cols << ")";
-    EXPECT_GT(norm, 0.0) << what;
+    if (!got.empty()) EXPECT_GT(norm, 0.0) << what;  // the check compares something (no chunk: Sstore, X empty)
   };
   check("Sstore", d.Sstore, Sstore);
   check("X", d.X, X);
