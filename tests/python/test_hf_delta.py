@@ -233,11 +233,13 @@ def test_generation_cache(family, count_calls):
 
 
 @pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5", "olmo_hybrid"])
-@pytest.mark.parametrize("how", ["position_ids", "cu_seq_lens_q"])
+@pytest.mark.parametrize("how", ["position_ids", "position_ids_default_cache", "cu_seq_lens_q"])
 def test_packed_documents_match_separate_runs(family, how, f64_reference, count_calls):
     """Documents packed into one row give the logits of each document run alone through the unpatched model,
     and the gradients of the sum of their losses: the delta rule and the convolution restart at every document
-    start (documents of 1 and 2 tokens: shorter than the convolution's window)."""
+    start (documents of 1 and 2 tokens: shorter than the convolution's window). With restarting position ids
+    and the config's default cache (use_cache unset, an all-ones mask) the full-attention layers keep the
+    documents apart too (transformers' mask sees packed position ids only without a cache or a mask)."""
     hf = _hf()
     cfg = tiny_config(family)
     model = make_model(family, cfg, F64, seed=7)
@@ -248,6 +250,8 @@ def test_packed_documents_match_separate_runs(family, how, f64_reference, count_
     hf.patch(model)
     if how == "position_ids":
         kw = dict(position_ids=packed_positions(docs, 1), use_cache=False)
+    elif how == "position_ids_default_cache":
+        kw = dict(position_ids=packed_positions(docs, 1), attention_mask=torch.ones(1, N, dtype=torch.long))
     else:
         cu = torch.tensor([0, 5, 6, 15, 17, 34], dtype=torch.int32)
         kw = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=17, max_length_k=17)

@@ -99,6 +99,8 @@ def test_cu_seq_lens_match_separate_runs(name, count_lasp_calls):
         "offsets only": packed_kwargs(DOCS),
         "offsets only, int64": dict(cu_seq_lens_q=offsets(DOCS, torch.int64)),
         "position ids only": dict(position_ids=packed_positions(DOCS, 1), use_cache=False),
+        "position ids, the config's default cache and a mask of ones":
+            dict(position_ids=packed_positions(DOCS, 1), attention_mask=torch.ones(1, N, dtype=torch.long)),
     }
     got = {}
     for what, kw in calls.items():
@@ -119,6 +121,31 @@ def test_cu_seq_lens_match_separate_runs(name, count_lasp_calls):
     hf.unpatch(model)
     leaky, _ = run(model, ids, w, **packed_kwargs(DOCS))
     assert rel_err(leaky, want_logits) > 100 * TOL[F64]
+
+
+def test_packed_position_ids_refusals():
+    """Restarting position ids on a model with full-attention layers: a cache asked for, or a padding mask with a
+    document start between two unpadded tokens, is refused by name (transformers' mask would let the documents
+    see each other); a restart next to padding (left-padded rows) is transformers' padding mask, as given."""
+    hf = _hf()
+    cfg = tiny_config((LIN, FULL, LIN))
+    model = make_model(cfg, F64, seed=5)
+    hf.patch(model)
+    N = sum(DOCS)
+    ids = ids_for(1, N, seed=3)
+    pos = packed_positions(DOCS, 1)
+    with pytest.raises(ValueError, match=r"position_ids restart .* cache was asked for"):
+        model(ids, position_ids=pos, use_cache=True)
+    mask = torch.ones(1, N, dtype=torch.long)
+    mask[0, -1] = 0
+    with pytest.raises(ValueError, match=r"position_ids restart at token 5 of row 0 .* attention_mask has zeros"):
+        model(ids, position_ids=pos, attention_mask=mask, use_cache=False)
+    # left padding: positions restart right after the padded tokens only
+    left = torch.tensor([[0, 0, 1, 1, 1, 1]])
+    lpos = torch.tensor([[0, 0, 0, 1, 2, 3]])
+    with torch.no_grad():
+        out = model(ids[:, :6], position_ids=lpos, attention_mask=left, use_cache=False).logits
+    assert torch.isfinite(out).all()
 
 
 def test_single_document_and_one_token_documents(count_lasp_calls):

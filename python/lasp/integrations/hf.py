@@ -740,6 +740,41 @@ def _settle_call(module, group, call, packed: bool, B: int, n: int, device, cach
     return lengths
 
 
+def _keep_packed_apart(call, starts):
+    """A call on one device whose position ids restart (packed documents found in them, ``starts`` (B, n) bool, no
+    cu_seq_lens_q) to a model with full-attention layers: make transformers' own attention keep the documents
+    apart, or refuse the call. transformers' causal mask cuts at documents (its packed-sequence detection from the
+    position ids) only without a cache and without an attention mask, so an all-ones 2-D attention_mask is
+    dropped; a padding mask with zeros is refused where the position ids restart between two unpadded tokens (a
+    document start inside the padding mask, which transformers' mask does not cut; restarts next to padding, as
+    in left-padded generation, are left as they are); another (4-D, custom) mask is the caller's own and is used
+    as given; a cache (use_cache=True, past_key_values) is refused, and the cache is turned off otherwise (the
+    config's default would make one). Updates ``call`` in place and returns it."""
+    mask = call.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        if bool(torch.all(mask == 1)):
+            call["attention_mask"] = mask = None
+        else:
+            m = mask.to(torch.bool).to(starts.device)
+            inside = starts[:, 1:] & m[:, 1:] & m[:, :-1]
+            if bool(inside.any()):
+                b, t = (int(i) for i in torch.nonzero(inside)[0])
+                raise ValueError(_err(
+                    f"position_ids restart at token {t + 1} of row {b} (a packed document starts there) while "
+                    "attention_mask has zeros: transformers' attention mask keeps packed documents apart only "
+                    "without an attention mask. Pass attention_mask=None for packed rows (or cu_seq_lens_q)"))
+            return call  # restarts next to padding only: transformers' padding mask, as given
+    if mask is not None:
+        return call  # a 4-D / custom mask: the caller's own
+    if _asks_cache(call):
+        raise ValueError(_err(
+            "position_ids restart (packed documents) but a cache was asked for (use_cache=True / "
+            "past_key_values): transformers' attention mask keeps packed documents apart only without a cache, "
+            "and a cache holds one state per row. Pass use_cache=False (or leave it unset) for packed rows"))
+    call["use_cache"] = False
+    return call
+
+
 def _call_documents(group, call, packed: bool, positions, B: int, n: int, lengths, device):
     """The documents of a settled call (_settle_call) for the layers, as ``call["lasp_documents"]``; returns the
     hook's ``(args, kwargs)``. ``positions``: the (text) position ids given, or None.
@@ -769,15 +804,27 @@ def _model_pre_hook(module, args, kwargs):
     first (_agree_call): a refusal raises on every rank. Packed documents (position ids restarting, or
     cu_seq_lens_q) are agreed over the group and handed to every layer as ``lasp_documents``.
 
-    Without a group it acts on packed calls with cu_seq_lens_q / cu_seq_lens_k only (other calls pass
-    unchanged): it checks them, makes the position ids from them where none are given (so that transformers'
+    Without a group it acts on packed calls only (other calls pass unchanged). With cu_seq_lens_q /
+    cu_seq_lens_k: it checks them, makes the position ids from them where none are given (so that transformers'
     own full-attention layers, which read packed documents from the position ids, mask across documents), turns
     the cache off and drops an all-ones padding mask (transformers' mask reads packed position ids only without
-    either), and hands the documents to the linear layers."""
+    either), and hands the documents to the linear layers. With restarting position ids alone, on a model with
+    full-attention layers: the same for the mask and the cache (_keep_packed_apart)."""
     group = module._lasp_sp.group
     call, packed, ref = _hook_call(module, args, kwargs)
     if group is None and not packed:
-        return None
+        # position ids restarting (packed documents): the linear layers read them; the full-attention layers need
+        # transformers' mask to see them (_keep_packed_apart)
+        pos = call.get("position_ids")
+        if ref is None or not module._lasp_has_full_attention or not isinstance(pos, torch.Tensor) or pos.dim() != 2:
+            return None
+        B, n = ref.shape[0], ref.shape[1]
+        if n < 2 or pos.shape[-1] != n:
+            return None
+        starts = _doc_starts(pos, B)
+        if not bool(starts.any()):
+            return None
+        return (), _keep_packed_apart(call, starts)
     if ref is None:
         raise ValueError(_err("input_ids or inputs_embeds is required"))
     B, n = ref.shape[0], ref.shape[1]

@@ -529,7 +529,8 @@ def _model_pre_hook(module, args, kwargs):
     """Pre-forward hook of the decoder stack (Qwen3NextModel, Qwen3_5TextModel, Qwen3_5MoeTextModel,
     OlmoHybridModel); hf._model_pre_hook's rules, plus: the pieces' lengths for the layers under a group
     (``lasp_lengths``), and, without a group, packed documents from restarting position ids (the linear
-    layers of these models are not handed the position ids)."""
+    layers of these models are not handed the position ids; the full-attention layers get transformers' mask to
+    see them: hf._keep_packed_apart)."""
     group = module._lasp_sp.group
     call, packed, ref = _hook_call(module, args, kwargs)
     if ref is None:
@@ -547,6 +548,8 @@ def _model_pre_hook(module, args, kwargs):
             return None
         ids = starts.to(torch.int64).cumsum(1)
         call["lasp_documents"] = (starts, ids, ids)
+        if module._lasp_has_full_attention:
+            _hf._keep_packed_apart(call, starts)
         return (), call
 
     lengths = _settle_call(module, group, call, packed, B, n, ref.device, "pass use_cache=False")

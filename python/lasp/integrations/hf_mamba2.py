@@ -398,41 +398,16 @@ def _packed_attention(module, call):
     keep the documents apart, or refuse the call. transformers' causal mask cuts at documents (its packed-sequence
     detection from the position ids) only without a cache and without an attention mask, so:
 
-    * documents from restarting position ids (no cu_seq_lens_q): an all-ones 2-D attention_mask is dropped; a
-      padding mask with zeros is refused where the position ids restart between two unpadded tokens (a document
-      start inside the padding mask, which transformers' mask does not cut; restarts next to padding, as in
-      left-padded generation, are left as they are); another (4-D, custom) mask is the caller's own and is used
-      as given; a cache (use_cache=True, past_key_values) is refused, and the cache is turned off otherwise;
+    * documents from restarting position ids (no cu_seq_lens_q): hf._keep_packed_apart (applied by hf_delta's hook,
+      which this one runs first: the mask and the cache);
     * cu_seq_lens_q: the hook's rules have already refused caches and masks and made the position ids;
     * GraniteMoeHybridModel, which builds its causal mask without the position ids, gets the masks built here with
       them, through transformers' create_causal_mask (eager / sdpa / flex attention; its flash attention gets
       cu_seq_lens_q / cu_seq_lens_k where the caller passed them, and packed position ids alone are refused)."""
     family = module._lasp_family
-    starts = call["lasp_documents"][0]
     packed = call.get("cu_seq_lens_q") is not None or call.get("cu_seq_lens_k") is not None
-    if not packed:
-        mask = call.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            if bool(torch.all(mask == 1)):
-                call["attention_mask"] = mask = None
-            else:
-                m = mask.to(torch.bool).to(starts.device)
-                inside = starts[:, 1:] & m[:, 1:] & m[:, :-1]
-                if bool(inside.any()):
-                    b, t = (int(i) for i in torch.nonzero(inside)[0])
-                    raise ValueError(_err(
-                        f"position_ids restart at token {t + 1} of row {b} (a packed document starts there) while "
-                        "attention_mask has zeros: transformers' attention mask keeps packed documents apart only "
-                        "without an attention mask. Pass attention_mask=None for packed rows (or cu_seq_lens_q)"))
-                return call  # restarts next to padding only: transformers' padding mask, as given
-        if mask is not None:
-            return call  # a 4-D / custom mask: the caller's own
-        if _hf._asks_cache(call):
-            raise ValueError(_err(
-                "position_ids restart (packed documents) but a cache was asked for (use_cache=True / "
-                "past_key_values): transformers' attention mask keeps packed documents apart only without a cache, "
-                "and a cache holds one state per row. Pass use_cache=False (or leave it unset) for packed rows"))
-        call["use_cache"] = False
+    if not packed and call.get("attention_mask") is not None:
+        return call  # after hf._keep_packed_apart (hf_delta's hook): the caller's own mask, as given
     if not FAMILIES[family]["mask_reads_positions"]:
         call["attention_mask"] = _packed_masks(module, call, packed)
     return call
