@@ -7,6 +7,7 @@ in the op (use_qk_l2norm, fla's use_qk_l2norm_in_kernel), gradients of q, k, v, 
   lasp        lasp.gated_delta_attention(..., layout="bnhd") with LASP_DELTA_KERNELS=cuda (the default: the
               chain of states and the chunks' solves as CUDA kernels, the rest ATen operations)
   lasp-aten   the same with LASP_DELTA_KERNELS=aten (all of it ATen operations)
+  lasp-fused  the same with LASP_DELTA_KERNELS=fused (the chunks' fused WY kernel too)
   fla         fla.ops.gated_delta_rule.chunk_gated_delta_rule(...). fla 0.6.0 refuses its gated backward on
               Hopper under Triton 3.4 to 3.7.0 (its issue 640); this script lifts that refusal to time it and
               records so in the JSON ("fla_hopper_refusal_lifted").
@@ -77,7 +78,7 @@ def make_set(B, H, HQ, N, D, E, dtype, device, seed):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=None, help="BxHxNxD[xE], comma-separated (default: the two headline shapes)")
-    ap.add_argument("--impls", default="lasp,lasp-aten,fla")
+    ap.add_argument("--impls", default="lasp,lasp-fused,lasp-aten,fla")
     ap.add_argument("--qk-heads", type=int, default=0, help="q / k heads (GVA; default: H)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke run: small shapes)")
@@ -87,8 +88,8 @@ def main():
     shapes = SHAPES if not args.shapes else [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     impls = [i for i in args.impls.split(",") if i]
     for i in impls:
-        if i not in ("lasp", "lasp-aten", "fla"):
-            raise SystemExit(f"bench_delta: --impls: unknown {i!r}; expected some of lasp, lasp-aten, fla")
+        if i not in ("lasp", "lasp-aten", "lasp-fused", "fla"):
+            raise SystemExit(f"bench_delta: --impls: unknown {i!r}; expected some of lasp, lasp-aten, lasp-fused, fla")
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "cuda": torch.version.cuda,
             "commit": os.environ.get("LASP_COMMIT") or git_commit(),
@@ -145,6 +146,8 @@ def main():
             fns["lasp"] = ours("cuda")
         if "lasp-aten" in impls:
             fns["lasp-aten"] = ours("aten")
+        if "lasp-fused" in impls:
+            fns["lasp-fused"] = ours("fused")
         if "fla" in impls:
             fns["fla"] = lambda ins: fla_fn(*ins, scale=scale, use_qk_l2norm_in_kernel=True)[0]
         # correctness first: outputs and the five gradients on set 0, against fla (GPU) or float64 (CPU)

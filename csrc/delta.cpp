@@ -146,6 +146,11 @@ Tensor solve_unit(const Tensor& M, const Tensor& R, bool transpose) {
                    : at::linalg_solve_triangular(M, R, /*upper=*/false, /*left=*/true, /*unitriangular=*/true);
 }
 
+PrepFn& device_prep(c10::DeviceType type) {
+  static PrepFn fns[static_cast<int>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)] = {};
+  return fns[static_cast<int>(type)];
+}
+
 // The chunked quantities of one piece that do not depend on the incoming state, (B, H, nc, C, .) in acc.
 struct Chunks {
   int64_t B = 0, H = 0, N = 0, nc = 0, D = 0, E = 0;
@@ -186,17 +191,27 @@ Chunks prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
   c.v = chunked(to_out_heads(v, c.H, c.acc));
   const Tensor gc = chunked3(g);
   c.beta = chunked3(beta);
-  c.gam = segsum(gc).exp();
   c.pre = gc.cumsum(-1).exp();
+  PrepOut fused;
+  if (PrepFn fn = device_prep(q.device().type())) fused = fn(c.k, c.v, c.beta, gc, c.pre);
+  Tensor w;
+  if (fused.w.defined()) {
+    c.gam = fused.gam;
+    c.kk = fused.kk;
+    c.m = fused.m;
+    w = fused.w;
+  } else {
+    c.gam = segsum(gc).exp();
+    c.kk = at::matmul(c.k, c.k.transpose(-1, -2));
+    const auto bopts = q.options().dtype(at::kBool);
+    const Tensor strict = at::ones({C, C}, bopts).tril(-1);
+    Tensor A = (c.beta.unsqueeze(-1) * c.gam * c.kk).masked_fill(strict.logical_not(), 0.0);
+    c.m = A + at::eye(C, q.options().dtype(c.acc));
+    const Tensor rhs = at::cat({c.beta.unsqueeze(-1) * c.v, (c.beta * c.pre).unsqueeze(-1) * c.k}, -1);
+    w = solve_unit(c.m, rhs, /*transpose=*/false);
+  }
   c.suf = c.gam.select(-2, C - 1);
   c.plast = c.pre.narrow(-1, C - 1, 1).unsqueeze(-1);
-  c.kk = at::matmul(c.k, c.k.transpose(-1, -2));
-  const auto bopts = q.options().dtype(at::kBool);
-  const Tensor strict = at::ones({C, C}, bopts).tril(-1);
-  Tensor A = (c.beta.unsqueeze(-1) * c.gam * c.kk).masked_fill(strict.logical_not(), 0.0);
-  c.m = A + at::eye(C, q.options().dtype(c.acc));
-  const Tensor rhs = at::cat({c.beta.unsqueeze(-1) * c.v, (c.beta * c.pre).unsqueeze(-1) * c.k}, -1);
-  const Tensor w = solve_unit(c.m, rhs, /*transpose=*/false);
   c.wv = w.narrow(-1, 0, c.E);
   c.wk = w.narrow(-1, c.E, c.D);
   c.ks = (c.suf.unsqueeze(-1) * c.k).transpose(-1, -2);
@@ -597,6 +612,11 @@ bool register_delta_chain(c10::DeviceType type, ChainFn fn) {
 
 bool register_delta_solve(c10::DeviceType type, SolveFn fn) {
   device_solve(type) = fn;
+  return true;
+}
+
+bool register_delta_prep(c10::DeviceType type, PrepFn fn) {
+  device_prep(type) = fn;
   return true;
 }
 

@@ -37,4 +37,16 @@ bool register_delta_chain(c10::DeviceType type, ChainFn fn);
 using SolveFn = at::Tensor (*)(const at::Tensor& M, const at::Tensor& R, bool transpose);
 bool register_delta_solve(c10::DeviceType type, SolveFn fn);
 
+// The chunks' WY quantities in one step, from the chunked k (B, H, nc, C, D), v (.., C, E), beta (.., C), log
+// gates g (.., C) and pre = exp(cumsum g) (.., C), acc type: gam (.., C, C) = exp(segment sums of g), lower with
+// the diagonal; kk = K K^T; m = I + A, A the strictly lower part of diag(beta) (gam * kk); w = m^-1
+// [diag(beta) V | diag(beta pre) K] (.., C, E + D). A device's kernel for them, registered as the chain's
+// (undefined w: not taken, the ATen composition runs).
+struct PrepOut {
+  at::Tensor gam, kk, m, w;
+};
+using PrepFn = PrepOut (*)(const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta, const at::Tensor& g,
+                           const at::Tensor& pre);
+bool register_delta_prep(c10::DeviceType type, PrepFn fn);
+
 }  // namespace lasp

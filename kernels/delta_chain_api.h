@@ -6,6 +6,7 @@
 #include <cuda_runtime_api.h>
 
 #include "delta_chain.h"
+#include "delta_prep.h"
 #include "delta_solve.h"
 
 namespace lasp {
@@ -42,6 +43,13 @@ bool delta_chain_tc_takes(const ChainTcArgs& args);
 // cudaErrorInvalidValue where it does not take them, cudaErrorInvalidDeviceFunction below sm_80.
 cudaError_t delta_chain_tc(const ChainTcArgs& args, cudaStream_t stream);
 cudaError_t delta_solve(const SolveArgs<double>& args, cudaStream_t stream);
+
+// The chunks' fused WY quantities (delta_prep.h; prep_smem_bytes per block: 161 KiB at C = 64, D = E = 256 in
+// float32). delta_prep_takes: whether the kernel takes C, D, E in elements of elem_size bytes (C <= 64, the
+// shared memory within 227 KiB); delta_prep returns cudaErrorInvalidValue where it does not.
+bool delta_prep_takes(int C, int D, int E, size_t elem_size);
+cudaError_t delta_prep(const PrepArgs<float>& args, cudaStream_t stream);
+cudaError_t delta_prep(const PrepArgs<double>& args, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace lasp

@@ -1,6 +1,7 @@
 // The gated delta rule's CUDA kernels: the chain of states (delta_chain.h's block program, one block per
-// (b, h) and tile of 32 state columns) and the chunks' unit-triangular solves (delta_solve.h's, one block of
-// 128 threads per chunk and tile of 128 columns).
+// (b, h) and tile of 32 state columns), the chunks' unit-triangular solves (delta_solve.h's, one block of
+// 128 threads per chunk and tile of 128 columns) and the chunks' fused WY quantities (delta_prep.h's, one
+// block of 256 threads per chunk).
 #include <cuda_runtime.h>
 
 #include "delta_chain_api.h"
@@ -34,6 +35,13 @@ __global__ void __launch_bounds__(kSolveCols) solve_kernel(SolveArgs<T> a) {
                  ex, kSolveCols);
 }
 
+template <typename T>
+__global__ void __launch_bounds__(kPrepThreads) prep_kernel(PrepArgs<T> a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DeviceExec ex;
+  prep_block<T>(a, static_cast<int64_t>(blockIdx.x), reinterpret_cast<T*>(smem_raw), ex);
+}
+
 // Launches kernel<<<grid, threads, smem, st>>>(args), opting in to more than 48 KiB of shared memory first.
 template <typename A>
 cudaError_t launch(void (*kernel)(A), dim3 grid, int threads, size_t smem, cudaStream_t st, const A& args) {
@@ -60,8 +68,21 @@ cudaError_t run_solve(const SolveArgs<T>& a, cudaStream_t st) {
   return launch(solve_kernel<T>, grid, kSolveCols, solve_smem_bytes<T>(a.C), st, a);
 }
 
+template <typename T>
+cudaError_t run_prep(const PrepArgs<T>& a, cudaStream_t st) {
+  if (!delta_prep_takes(a.C, a.D, a.E, sizeof(T)) || a.chunks < 0 || a.chunks > INT32_MAX) return cudaErrorInvalidValue;
+  if (a.chunks == 0) return cudaSuccess;
+  return launch(prep_kernel<T>, dim3((unsigned)a.chunks), kPrepThreads, prep_smem_bytes<T>(a.C, a.D, a.E), st, a);
+}
+
 }  // namespace
 
+bool delta_prep_takes(int C, int D, int E, size_t elem_size) {
+  return C >= 1 && C <= kPrepMaxC && D >= 1 && E >= 1 && PrepLayout(C, D, E).elems * elem_size <= 227 * 1024;
+}
+
+cudaError_t delta_prep(const PrepArgs<float>& a, cudaStream_t st) { return run_prep(a, st); }
+cudaError_t delta_prep(const PrepArgs<double>& a, cudaStream_t st) { return run_prep(a, st); }
 cudaError_t delta_chain(const ChainArgs<float>& a, cudaStream_t st) { return run_chain(a, st); }
 cudaError_t delta_chain(const ChainArgs<double>& a, cudaStream_t st) { return run_chain(a, st); }
 cudaError_t delta_solve(const SolveArgs<float>& a, cudaStream_t st) { return run_solve(a, st); }

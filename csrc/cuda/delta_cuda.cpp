@@ -1,12 +1,15 @@
 // CUDA kernels for the gated delta rule's chain of states and its chunks' unit-triangular solves
 // (kernels/delta_kernels.cu; the chain on tensor cores, kernels/delta_chain_tc.cu, where the op's inputs were
 // 16-bit), registered as the CUDA device's (csrc/delta.h).
-// LASP_DELTA_KERNELS selects them per call: "cuda" (the default) runs them, "aten" the ATen compositions.
+// LASP_DELTA_KERNELS selects them per call: "cuda" (the default) runs them, "aten" the ATen compositions, and
+// "fused" the chunks' fused WY kernel (kernels/delta_prep.h) too, in place of the compositions that form those
+// quantities and the forward solve.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
@@ -16,12 +19,18 @@
 namespace lasp {
 namespace {
 
-bool use_kernel() {
+enum class Mode { Aten, Cuda, Fused };
+
+Mode mode() {
   const char* v = std::getenv("LASP_DELTA_KERNELS");
-  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "cuda") == 0) return true;
-  TORCH_CHECK_VALUE(std::strcmp(v, "aten") == 0, "LASP_DELTA_KERNELS must be 'aten' or 'cuda', got '", v, "'");
-  return false;
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "cuda") == 0) return Mode::Cuda;
+  if (std::strcmp(v, "fused") == 0) return Mode::Fused;
+  TORCH_CHECK_VALUE(std::strcmp(v, "aten") == 0, "LASP_DELTA_KERNELS must be 'aten', 'cuda' or 'fused', got '", v,
+                    "'");
+  return Mode::Aten;
 }
+
+bool use_kernel() { return mode() != Mode::Aten; }
 
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const ChainInputs& in, const at::Tensor& S0) {
@@ -154,8 +163,55 @@ at::Tensor solve_cuda(const at::Tensor& M, const at::Tensor& R, bool transpose) 
   return {};
 }
 
+template <typename T>
+PrepOut prep(const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta, const at::Tensor& g,
+             const at::Tensor& pre) {
+  const at::Tensor K = k.contiguous(), V = v.contiguous(), Bt = beta.contiguous(), G = g.contiguous(),
+                   P = pre.contiguous();
+  const int64_t C = K.size(3), D = K.size(4), E = V.size(4);
+  const auto o = K.options();
+  PrepOut out;
+  out.gam = at::empty({K.size(0), K.size(1), K.size(2), C, C}, o);
+  out.kk = at::empty_like(out.gam);
+  out.m = at::empty_like(out.gam);
+  out.w = at::empty({K.size(0), K.size(1), K.size(2), C, E + D}, o);
+  cuda::PrepArgs<T> a;
+  a.chunks = K.size(0) * K.size(1) * K.size(2);
+  a.C = static_cast<int>(C);
+  a.D = static_cast<int>(D);
+  a.E = static_cast<int>(E);
+  a.k = K.data_ptr<T>();
+  a.v = V.data_ptr<T>();
+  a.beta = Bt.data_ptr<T>();
+  a.g = G.data_ptr<T>();
+  a.pre = P.data_ptr<T>();
+  a.gam = out.gam.data_ptr<T>();
+  a.kk = out.kk.data_ptr<T>();
+  a.m = out.m.data_ptr<T>();
+  a.w = out.w.data_ptr<T>();
+  if (a.chunks > 0) C10_CUDA_CHECK(cuda::delta_prep(a, at::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+// The fused WY kernel where LASP_DELTA_KERNELS=fused and it takes the sizes; else nothing (the composition).
+PrepOut prep_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta, const at::Tensor& g,
+                  const at::Tensor& pre) {
+  if (mode() != Mode::Fused || k.dim() != 5 || v.dim() != 5) return {};
+  const auto t = k.scalar_type();
+  if ((t != at::kFloat && t != at::kDouble) || v.scalar_type() != t || beta.scalar_type() != t ||
+      g.scalar_type() != t || pre.scalar_type() != t)
+    return {};
+  if (k.size(3) > INT32_MAX || k.size(4) > INT32_MAX || v.size(4) > INT32_MAX ||
+      !cuda::delta_prep_takes(static_cast<int>(k.size(3)), static_cast<int>(k.size(4)), static_cast<int>(v.size(4)),
+                              t == at::kDouble ? sizeof(double) : sizeof(float)))
+    return {};
+  const c10::cuda::CUDAGuard guard(k.device());
+  return t == at::kDouble ? prep<double>(k, v, beta, g, pre) : prep<float>(k, v, beta, g, pre);
+}
+
 const bool registered = register_delta_chain(c10::DeviceType::CUDA, &chain_cuda);
 const bool solve_registered = register_delta_solve(c10::DeviceType::CUDA, &solve_cuda);
+const bool prep_registered = register_delta_prep(c10::DeviceType::CUDA, &prep_cuda);
 
 }  // namespace
 }  // namespace lasp

@@ -280,12 +280,13 @@ CUDA_SHAPES = [
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("kernels", ["aten", "cuda"])
+@pytest.mark.parametrize("kernels", ["aten", "cuda", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
 @pytest.mark.parametrize("shape", CUDA_SHAPES, ids=[f"q{s[1]}k{s[2]}v{s[3]}-N{s[4]}-D{s[5]}E{s[6]}" for s in CUDA_SHAPES])
 def test_cuda_matches_recurrence(lasp, shape, dtype, kernels, seed, monkeypatch):
     """On the GPU, every input's gradient and the outputs against the float64 recurrence, with the chain of
-    states and the chunks' solves as ATen operations or as CUDA kernels (LASP_DELTA_KERNELS)."""
+    states and the chunks' solves as ATen operations or as CUDA kernels, and with the fused WY kernel
+    (LASP_DELTA_KERNELS)."""
     monkeypatch.setenv("LASP_DELTA_KERNELS", kernels)
     ins = _inputs(seed, *shape, dtype=dtype, device="cuda")
     got = _run(_ours(lasp), *ins)
@@ -298,18 +299,29 @@ def test_cuda_matches_recurrence(lasp, shape, dtype, kernels, seed, monkeypatch)
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_kernels_equal_aten(lasp, seed, monkeypatch):
-    """The CUDA kernels (chain, solves) give the ATen compositions' results (float64: to rounding) in the
-    three ops that use them: forward, backward (all gradients, the transposed solve), the piece's map."""
+    """The CUDA kernels (chain, solves, the fused WY kernel) give the ATen compositions' results (float64: to
+    rounding) in the three ops that use them: forward, backward (all gradients, the transposed solve), the
+    piece's map."""
     ops = torch.ops.lasp
-    q, k, v, g, beta, s0, do, dS = _inputs(seed, 1, 2, 1, 2, 333, 40, 24, dtype=F64, device="cuda")
+    q, k, v, g, beta, s0, do, dS = _inputs(seed, 1, 2, 1, 2, 333, 40, 24, dtype=F64, device="cuda", resets=True)
     res = {}
-    for kernels in ("aten", "cuda"):
+    for kernels in ("aten", "cuda", "fused"):
         monkeypatch.setenv("LASP_DELTA_KERNELS", kernels)
         res[kernels] = [*ops.gated_delta_fwd(q, k, v, g, beta, 0.4, s0),
                       *ops.gated_delta_bwd(q, k, v, g, beta, 0.4, s0, do, dS, False),
                       *ops.gated_delta_map(q, k, v, g, beta)]
-    for i, (a, b) in enumerate(zip(res["aten"], res["cuda"])):
-        torch.testing.assert_close(b, a, rtol=1e-11, atol=1e-11, msg=lambda m: f"output {i}: {m}")
+    for kernels in ("cuda", "fused"):
+        for i, (a, b) in enumerate(zip(res["aten"], res[kernels])):
+            torch.testing.assert_close(b, a, rtol=1e-11, atol=1e-11, msg=lambda m: f"{kernels}, output {i}: {m}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_bad_kernels_setting(lasp, seed, monkeypatch):
+    """An unknown LASP_DELTA_KERNELS value is an error that names the setting and the values it takes."""
+    ins = _inputs(seed, 1, 1, 1, 1, 70, 8, 8, dtype=torch.float32, device="cuda")
+    monkeypatch.setenv("LASP_DELTA_KERNELS", "triton")
+    with pytest.raises(ValueError, match="LASP_DELTA_KERNELS must be 'aten', 'cuda' or 'fused', got 'triton'"):
+        lasp.gated_delta_attention(*ins[:5])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -325,18 +337,19 @@ def test_cuda_tensor_core_chain_near_aten(lasp, dims, resets, seed, monkeypatch)
                                            resets=resets)
     q, k = (torch.nn.functional.normalize(x.float(), dim=-1) for x in (q, k))  # as use_qk_l2norm gives them
     res = {}
-    for kernels in ("aten", "cuda"):
+    for kernels in ("aten", "cuda", "fused"):
         monkeypatch.setenv("LASP_DELTA_KERNELS", kernels)
         res[kernels] = [*ops.gated_delta_fwd(q, k, v, g, beta, D ** -0.5, s0),
                         *ops.gated_delta_bwd(q, k, v, g, beta, D ** -0.5, s0, do, dS, False),
                         *ops.gated_delta_map(q, k, v, g, beta)]
     names = ["o", "final", "dq", "dk", "dv", "dg", "dbeta", "ds0", "T", "L"]
-    for name, a, b in zip(names, res["aten"], res["cuda"]):
+    for kernels, name, a, b in [(kk, n, a, b) for kk in ("cuda", "fused")
+                                for n, a, b in zip(names, res["aten"], res[kk])]:
         diff, ref = (b.double() - a.double()).norm().item(), a.double().norm().item()
         if ref == 0:
-            assert diff == 0, f"{name}: {diff:.2e} where the composition gives exact zeros"
+            assert diff == 0, f"{kernels}, {name}: {diff:.2e} where the composition gives exact zeros"
         else:
-            assert diff / ref < 5e-3, f"{name}: relative difference {diff / ref:.2e}"
+            assert diff / ref < 5e-3, f"{kernels}, {name}: relative difference {diff / ref:.2e}"
         if name == "T" and not resets:
             assert ref > 0
 

@@ -1,0 +1,170 @@
+// The per-chunk quantities of the gated delta rule's WY form (csrc/delta.cpp, prepare), fused into one block
+// program per chunk, for the device (delta_kernels.cu) and the host (tests/cpp), as delta_chain.h. Torch-free.
+//
+// For one chunk of C tokens, from k (C x D), v (C x E), beta (C), the log gates g (C) and pre (C) =
+// exp(cumsum g):
+//   gam[i, j] = exp(g[j+1] + ... + g[i]) for j <= i (1 on the diagonal), 0 above it;
+//   kk = K K^T;   A = strictly lower part of diag(beta) (gam * kk);   m = I + A;
+//   w = m^-1 [diag(beta) V | diag(beta pre) K]      (C x (E + D))
+// The block (kPrepThreads threads) keeps K, V in shared memory (rows padded to an odd length: the threads of
+// a warp read different rows at one column without bank conflicts), forms gam and then kk, A (each thread an
+// 8 x 2 tile of kk: 8 rows shared by the warp, read as broadcasts), inverts m by substitution down its
+// columns (one thread per column), and multiplies w = m^-1 R (each thread an 8 x 8 tile, over the columns
+// j <= its rows only: m^-1 is lower triangular), forming R's entries from K, V, beta and pre as it reads them.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "delta_chain.h"  // LASP_CHAIN_HD, HostExec
+
+namespace lasp {
+namespace cuda {
+
+constexpr int kPrepThreads = 256;  // 8 warps: the tiles below assume exactly this many
+constexpr int kPrepMaxC = 64;      // 8 row groups of 8 rows
+
+// Contiguous row-major arrays, chunks = B * H * nc.
+template <typename T>
+struct PrepArgs {
+  int64_t chunks = 0;
+  int C = 0, D = 0, E = 0;
+  const T* k = nullptr;     // (chunks, C, D)
+  const T* v = nullptr;     // (chunks, C, E)
+  const T* beta = nullptr;  // (chunks, C)
+  const T* g = nullptr;     // (chunks, C): log gates (-inf: a reset)
+  const T* pre = nullptr;   // (chunks, C): exp(cumsum g)
+  T* gam = nullptr;         // (chunks, C, C)
+  T* kk = nullptr;          // (chunks, C, C)
+  T* m = nullptr;           // (chunks, C, C)
+  T* w = nullptr;           // (chunks, C, E + D)
+};
+
+struct PrepLayout {
+  int ldk, ldv, ldc;  // row lengths in shared memory of K, V and the C x C matrices
+  size_t k, v, gt, a, b, bp, elems;  // offsets (elements) of sK, sV, sGT (gam, then m^-1), sA, beta, beta pre
+  LASP_CHAIN_HD PrepLayout(int C, int D, int E) {
+    ldk = D | 1;
+    ldv = E | 1;
+    ldc = C | 1;
+    k = 0;
+    v = k + (size_t)C * ldk;
+    gt = v + (size_t)C * ldv;
+    a = gt + (size_t)C * ldc;
+    b = a + (size_t)C * ldc;
+    bp = b + C;
+    elems = bp + C;
+  }
+};
+
+template <typename T>
+LASP_CHAIN_HD size_t prep_smem_bytes(int C, int D, int E) {
+  return sizeof(T) * PrepLayout(C, D, E).elems;
+}
+
+LASP_CHAIN_HD float prep_exp(float x) { return expf(x); }
+LASP_CHAIN_HD double prep_exp(double x) { return exp(x); }
+
+// The program of the block of chunk `ch` on shared memory `smem` (prep_smem_bytes). ex.threads(f) runs f(t)
+// for each of the kPrepThreads threads; ex.sync() is the block's barrier.
+template <typename T, typename Exec>
+LASP_CHAIN_HD void prep_block(const PrepArgs<T>& a, int64_t ch, T* smem, Exec& ex) {
+  const int C = a.C, D = a.D, E = a.E, WD = E + D;
+  const PrepLayout L(C, D, E);
+  T* sK = smem + L.k;
+  T* sV = smem + L.v;
+  T* sGT = smem + L.gt;
+  T* sA = smem + L.a;
+  T* sb = smem + L.b;
+  T* sbp = smem + L.bp;
+  const T* K = a.k + (size_t)ch * C * D;
+  const T* V = a.v + (size_t)ch * C * E;
+  const T* G = a.g + (size_t)ch * C;
+  const size_t cc = (size_t)ch * C * C;
+  ex.threads([&](int t) {  // 1. K, V, beta, beta pre -> shared memory
+    for (int i = t; i < C * D; i += kPrepThreads) sK[(i / D) * L.ldk + i % D] = K[i];
+    for (int i = t; i < C * E; i += kPrepThreads) sV[(i / E) * L.ldv + i % E] = V[i];
+    for (int i = t; i < C; i += kPrepThreads) {
+      const T b = a.beta[(size_t)ch * C + i];
+      sb[i] = b;
+      sbp[i] = b * a.pre[(size_t)ch * C + i];
+    }
+  });
+  ex.threads([&](int t) {  // 2. gam (each entry the sum of its gates, in order, then one exp)
+    for (int e = t; e < C * C; e += kPrepThreads) {
+      const int i = e / C, j = e % C;
+      T x = 0;
+      if (j <= i) {
+        T s = 0;
+        for (int u = j + 1; u <= i; ++u) s += G[u];
+        x = prep_exp(s);
+      }
+      sGT[i * L.ldc + j] = x;
+      a.gam[cc + e] = x;
+    }
+  });
+  ex.sync();
+  ex.threads([&](int t) {  // 3. kk, A, m: rows 8 (t / 32) + r, columns t % 32 + 32 n
+    const int r0 = (t / 32) * 8, lane = t % 32;
+    T acc[8][2] = {};
+    int rr[8], cr[2];
+    for (int r = 0; r < 8; ++r) rr[r] = r0 + r < C ? r0 + r : C - 1;
+    for (int n = 0; n < 2; ++n) cr[n] = lane + 32 * n < C ? lane + 32 * n : C - 1;
+    for (int d = 0; d < D; ++d) {
+      T x[8], y[2];
+      for (int r = 0; r < 8; ++r) x[r] = sK[rr[r] * L.ldk + d];
+      for (int n = 0; n < 2; ++n) y[n] = sK[cr[n] * L.ldk + d];
+      for (int r = 0; r < 8; ++r)
+        for (int n = 0; n < 2; ++n) acc[r][n] += x[r] * y[n];
+    }
+    for (int r = 0; r < 8; ++r)
+      for (int n = 0; n < 2; ++n) {
+        const int i = r0 + r, j = lane + 32 * n;
+        if (i >= C || j >= C) continue;
+        const T A = j < i ? sb[i] * sGT[i * L.ldc + j] * acc[r][n] : T(0);
+        a.kk[cc + (size_t)i * C + j] = acc[r][n];
+        a.m[cc + (size_t)i * C + j] = i == j ? T(1) : A;
+        sA[i * L.ldc + j] = A;
+      }
+  });
+  ex.sync();
+  ex.threads([&](int t) {  // 4. m^-1 into sGT, one column per thread: x[i] = [i == c] - sum_{j<i} A[i, j] x[j]
+    if (t >= C) return;
+    for (int i = 0; i < C; ++i) {
+      T x = i == t ? T(1) : T(0);
+      for (int j = 0; j < i; ++j) x -= sA[i * L.ldc + j] * sGT[j * L.ldc + t];
+      sGT[i * L.ldc + t] = x;
+    }
+  });
+  ex.sync();
+  ex.threads([&](int t) {  // 5. w = m^-1 R: rows 8 (t / 32) + r, columns base + t % 32 + 32 n
+    const int r0 = (t / 32) * 8, lane = t % 32;
+    if (r0 >= C) return;
+    const int jmax = r0 + 8 < C ? r0 + 8 : C;  // m^-1 is 0 right of its diagonal
+    int rr[8];
+    for (int r = 0; r < 8; ++r) rr[r] = r0 + r < C ? r0 + r : C - 1;
+    for (int base = 0; base < WD; base += 256) {
+      T acc[8][8] = {};
+      for (int j = 0; j < jmax; ++j) {
+        T x[8], y[8];
+        for (int r = 0; r < 8; ++r) x[r] = sGT[rr[r] * L.ldc + j];
+        for (int n = 0; n < 8; ++n) {
+          const int col = base + lane + 32 * n;
+          y[n] = col < E ? sb[j] * sV[j * L.ldv + col] : (col < WD ? sbp[j] * sK[j * L.ldk + col - E] : T(0));
+        }
+        for (int r = 0; r < 8; ++r)
+          for (int n = 0; n < 8; ++n) acc[r][n] += x[r] * y[n];
+      }
+      for (int r = 0; r < 8; ++r) {
+        if (r0 + r >= C) break;
+        T* wrow = a.w + ((size_t)ch * C + r0 + r) * WD;
+        for (int n = 0; n < 8; ++n) {
+          const int col = base + lane + 32 * n;
+          if (col < WD) wrow[col] = acc[r][n];
+        }
+      }
+    }
+  });
+}
+
+}  // namespace cuda
+}  // namespace lasp

@@ -1,0 +1,245 @@
+// GoogleTest of the gated delta rule's fused WY block program (kernels/delta_prep.h) on the host (each phase for
+// every thread of the block, as between the kernel's barriers) and of its CUDA kernel on a device, against the
+// definitions computed directly in double: gam from the gates' segment sums, K K^T, m = I + A, and w checked by
+// its residual m w - R (R = [diag(beta) V | diag(beta pre) K]).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "delta_prep.h"
+#if defined(LASP_WITH_CUDA)
+#include <cuda_runtime_api.h>
+
+#include "delta_chain_api.h"
+#endif
+
+namespace {
+
+using lasp::cuda::PrepArgs;
+
+struct PrepCase {
+  int64_t chunks;
+  int C, D, E;
+  bool resets;  // some gates -inf
+};
+
+const PrepCase kPrepCases[] = {
+    {3, 64, 128, 128, false},  // the common shape
+    {2, 64, 256, 64, true},    // D = 256 (two passes over w's 320 columns), resets
+    {2, 64, 96, 256, true},    // E + D = 352
+    {4, 5, 3, 7, false},       // a small chunk, odd dims
+    {2, 17, 33, 1, true},      // one value column
+    {1, 64, 16, 512, false},   // three passes over w's columns
+    {2, 1, 8, 8, true},        // one token per chunk
+};
+
+template <typename T>
+struct PrepData {
+  std::vector<T> k, v, beta, g, pre, gam, kk, m, w;
+};
+
+template <typename T>
+PrepData<T> make_prep(const PrepCase& c, unsigned seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  std::uniform_real_distribution<double> ud(0.0, 1.0);
+  PrepData<T> d;
+  d.k.resize(c.chunks * c.C * c.D);
+  for (auto& e : d.k) e = static_cast<T>(nd(gen) / std::sqrt((double)c.D));  // keys of norm about 1
+  d.v.resize(c.chunks * c.C * c.E);
+  for (auto& e : d.v) e = static_cast<T>(nd(gen));
+  d.beta.resize(c.chunks * c.C);
+  for (auto& e : d.beta) e = static_cast<T>(ud(gen));
+  d.g.resize(c.chunks * c.C);
+  for (auto& e : d.g) e = static_cast<T>(-0.2 * ud(gen));
+  if (c.resets)
+    for (size_t i = 3; i < d.g.size(); i += 11) d.g[i] = -std::numeric_limits<T>::infinity();
+  d.pre.resize(d.g.size());
+  for (int64_t ch = 0; ch < c.chunks; ++ch) {
+    double s = 0;
+    for (int i = 0; i < c.C; ++i) {
+      s += d.g[ch * c.C + i];
+      d.pre[ch * c.C + i] = static_cast<T>(std::exp(s));
+    }
+  }
+  const T junk = T(-7);  // every output entry must be written
+  d.gam.assign(c.chunks * c.C * c.C, junk);
+  d.kk = d.gam;
+  d.m = d.gam;
+  d.w.assign(c.chunks * c.C * (c.E + c.D), junk);
+  return d;
+}
+
+template <typename T>
+PrepArgs<T> prep_args(const PrepCase& c, PrepData<T>& d) {
+  PrepArgs<T> a;
+  a.chunks = c.chunks;
+  a.C = c.C;
+  a.D = c.D;
+  a.E = c.E;
+  a.k = d.k.data();
+  a.v = d.v.data();
+  a.beta = d.beta.data();
+  a.g = d.g.data();
+  a.pre = d.pre.data();
+  a.gam = d.gam.data();
+  a.kk = d.kk.data();
+  a.m = d.m.data();
+  a.w = d.w.data();
+  return a;
+}
+
+// The largest error of each output against its definition, relative to the output's (or R's) largest entry.
+template <typename T>
+void check(const PrepCase& c, const PrepData<T>& d, double tol) {
+  const int C = c.C, D = c.D, E = c.E, WD = E + D;
+  double egam = 0, ekk = 0, em = 0, ew = 0, ngam = 0, nkk = 0, nm = 0, nr = 0;
+  for (int64_t ch = 0; ch < c.chunks; ++ch) {
+    const size_t cc = (size_t)ch * C * C;
+    std::vector<double> m(C * C);
+    for (int i = 0; i < C; ++i)
+      for (int j = 0; j < C; ++j) {
+        double s = 0;
+        for (int u = j + 1; u <= i; ++u) s += d.g[ch * C + u];
+        const double gam = j <= i ? std::exp(s) : 0.0;
+        double kk = 0;
+        for (int e = 0; e < D; ++e) kk += (double)d.k[(ch * C + i) * D + e] * d.k[(ch * C + j) * D + e];
+        m[i * C + j] = i == j ? 1.0 : (j < i ? (double)d.beta[ch * C + i] * gam * kk : 0.0);
+        egam = std::max(egam, std::fabs(d.gam[cc + i * C + j] - gam));
+        ekk = std::max(ekk, std::fabs(d.kk[cc + i * C + j] - kk));
+        em = std::max(em, std::fabs(d.m[cc + i * C + j] - m[i * C + j]));
+        ngam = std::max(ngam, std::fabs(gam));
+        nkk = std::max(nkk, std::fabs(kk));
+        nm = std::max(nm, std::fabs(m[i * C + j]));
+      }
+    for (int i = 0; i < C; ++i)
+      for (int col = 0; col < WD; ++col) {
+        double s = 0;
+        for (int j = 0; j <= i; ++j) s += m[i * C + j] * d.w[((size_t)ch * C + j) * WD + col];
+        const double b = d.beta[ch * C + i];
+        const double r = col < E ? b * d.v[(ch * C + i) * E + col]
+                                 : b * (double)d.pre[ch * C + i] * d.k[(ch * C + i) * D + col - E];
+        ew = std::max(ew, std::fabs(s - r));
+        nr = std::max(nr, std::fabs(r));
+      }
+  }
+  const std::string what = "C " + std::to_string(C) + ", D " + std::to_string(D) + ", E " + std::to_string(E);
+  EXPECT_LE(egam / ngam, tol) << "gam, " << what;
+  EXPECT_LE(ekk / nkk, tol) << "kk, " << what;
+  EXPECT_LE(em / nm, tol) << "m, " << what;
+  EXPECT_LE(ew / nr, tol) << "w (residual), " << what;
+}
+
+template <typename T>
+void host_case(const PrepCase& c, double tol, unsigned seed) {
+  PrepData<T> d = make_prep<T>(c, seed);
+  const PrepArgs<T> a = prep_args(c, d);
+  std::vector<T> smem(lasp::cuda::prep_smem_bytes<T>(c.C, c.D, c.E) / sizeof(T));
+  lasp::cuda::HostExec ex{lasp::cuda::kPrepThreads};
+  for (int64_t ch = 0; ch < c.chunks; ++ch) {
+    for (auto& e : smem) e = T(1e30);  // shared memory starts as garbage
+    lasp::cuda::prep_block<T>(a, ch, smem.data(), ex);
+  }
+  check(c, d, tol);
+}
+
+TEST(DeltaPrep, HostBlockProgramMatchesDefinitions) {
+  unsigned seed = 1;
+  for (const PrepCase& c : kPrepCases) {
+    host_case<double>(c, 1e-12, seed++);
+    host_case<float>(c, 2e-5, seed++);
+  }
+}
+
+// The gates' resets give exact zeros in gam (and so in A) across them, as exp(-inf) does in the composition.
+TEST(DeltaPrep, ResetsGiveExactZeros) {
+  const PrepCase c{1, 8, 4, 4, false};
+  PrepData<double> d = make_prep<double>(c, 7);
+  d.g[3] = -std::numeric_limits<double>::infinity();
+  const PrepArgs<double> a = prep_args(c, d);
+  std::vector<double> smem(lasp::cuda::prep_smem_bytes<double>(c.C, c.D, c.E) / sizeof(double));
+  lasp::cuda::HostExec ex{lasp::cuda::kPrepThreads};
+  lasp::cuda::prep_block<double>(a, 0, smem.data(), ex);
+  for (int i = 0; i < c.C; ++i)
+    for (int j = 0; j < c.C; ++j) {
+      const bool across = j < 3 && i >= 3;
+      if (across || j > i) {
+        EXPECT_EQ(d.gam[i * c.C + j], 0.0) << i << ", " << j;
+        if (i != j) {
+          EXPECT_EQ(d.m[i * c.C + j], 0.0) << i << ", " << j;
+        }
+      } else {
+        EXPECT_GT(d.gam[i * c.C + j], 0.0) << i << ", " << j;
+      }
+    }
+}
+
+#if defined(LASP_WITH_CUDA)
+template <typename T>
+void device_case(const PrepCase& c, double tol, unsigned seed) {
+  PrepData<T> d = make_prep<T>(c, seed);
+  PrepArgs<T> a = prep_args(c, d);
+  T *k = nullptr, *v = nullptr, *beta = nullptr, *g = nullptr, *pre = nullptr;
+  T *gam = nullptr, *kk = nullptr, *m = nullptr, *w = nullptr;
+  auto up = [](const std::vector<T>& h, T** p) {
+    ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(p), h.size() * sizeof(T)), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(*p, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
+  };
+  up(d.k, &k);
+  up(d.v, &v);
+  up(d.beta, &beta);
+  up(d.g, &g);
+  up(d.pre, &pre);
+  up(d.gam, &gam);
+  up(d.kk, &kk);
+  up(d.m, &m);
+  up(d.w, &w);
+  a.k = k;
+  a.v = v;
+  a.beta = beta;
+  a.g = g;
+  a.pre = pre;
+  a.gam = gam;
+  a.kk = kk;
+  a.m = m;
+  a.w = w;
+  EXPECT_EQ(lasp::cuda::delta_prep(a, nullptr), cudaSuccess);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  auto down = [](std::vector<T>& h, T* p) {
+    cudaMemcpy(h.data(), p, h.size() * sizeof(T), cudaMemcpyDeviceToHost);
+    cudaFree(p);
+  };
+  down(d.gam, gam);
+  down(d.kk, kk);
+  down(d.m, m);
+  down(d.w, w);
+  for (T* p : {k, v, beta, g, pre}) cudaFree(p);
+  check(c, d, tol);
+}
+
+TEST(DeltaPrep, CudaKernelMatchesDefinitions) {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    cudaGetLastError();
+    GTEST_SKIP() << "no CUDA device";
+  }
+  unsigned seed = 50;
+  for (const PrepCase& c : kPrepCases) {
+    if (lasp::cuda::delta_prep_takes(c.C, c.D, c.E, sizeof(double))) device_case<double>(c, 1e-12, seed);
+    device_case<float>(c, 2e-5, seed + 1);
+    seed += 2;
+  }
+  // what it does not take, it refuses
+  PrepArgs<float> big;
+  big.chunks = 1;
+  big.C = 65;
+  big.D = big.E = 8;
+  EXPECT_EQ(lasp::cuda::delta_prep(big, nullptr), cudaErrorInvalidValue);
+  cudaGetLastError();
+}
+#endif
+
+}  // namespace
