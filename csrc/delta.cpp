@@ -151,6 +151,11 @@ PrepFn& device_prep(c10::DeviceType type) {
   return fns[static_cast<int>(type)];
 }
 
+OutFn& device_out(c10::DeviceType type) {
+  static OutFn fns[static_cast<int>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)] = {};
+  return fns[static_cast<int>(type)];
+}
+
 // The chunked quantities of one piece that do not depend on the incoming state, (B, H, nc, C, .) in acc.
 struct Chunks {
   int64_t B = 0, H = 0, N = 0, nc = 0, D = 0, E = 0;
@@ -260,8 +265,12 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tens
   const Chunks c = prepare(q, k, v, g, beta, /*need_q=*/true);
   auto [states, u, fin] = state_chain(c, state_or_zeros(initial_state, c, q));
   if (c.nc == 0) return {at::empty({c.B, c.H, 0, c.E}, q.options()), fin};
-  const Tensor qk = at::matmul(c.q, c.k.transpose(-1, -2)) * c.gam;
-  const Tensor o = (c.pre.unsqueeze(-1) * at::matmul(c.q, states) + at::matmul(qk, u)) * scale;
+  Tensor o;
+  if (OutFn fn = device_out(q.device().type())) o = fn(c.q, c.k, c.gam, c.pre, states, u, scale);
+  if (!o.defined()) {
+    const Tensor qk = at::matmul(c.q, c.k.transpose(-1, -2)) * c.gam;
+    o = (c.pre.unsqueeze(-1) * at::matmul(c.q, states) + at::matmul(qk, u)) * scale;
+  }
   return {unchunk(o, c.N).to(q.scalar_type()).contiguous(), fin};
 }
 
@@ -617,6 +626,11 @@ bool register_delta_solve(c10::DeviceType type, SolveFn fn) {
 
 bool register_delta_prep(c10::DeviceType type, PrepFn fn) {
   device_prep(type) = fn;
+  return true;
+}
+
+bool register_delta_out(c10::DeviceType type, OutFn fn) {
+  device_out(type) = fn;
   return true;
 }
 

@@ -6,6 +6,7 @@
 #include <cuda_runtime_api.h>
 
 #include "delta_chain.h"
+#include "delta_out.h"
 #include "delta_prep.h"
 #include "delta_solve.h"
 
@@ -50,6 +51,12 @@ cudaError_t delta_solve(const SolveArgs<double>& args, cudaStream_t stream);
 bool delta_prep_takes(int C, int D, int E, size_t elem_size);
 cudaError_t delta_prep(const PrepArgs<float>& args, cudaStream_t stream);
 cudaError_t delta_prep(const PrepArgs<double>& args, cudaStream_t stream);
+
+// The forward's output per chunk (delta_out.h; out_smem_bytes per block: 83 KiB at C = 64, D = 128 in
+// float32). delta_out_takes as delta_prep_takes.
+bool delta_out_takes(int C, int D, int E, size_t elem_size);
+cudaError_t delta_out(const OutArgs<float>& args, cudaStream_t stream);
+cudaError_t delta_out(const OutArgs<double>& args, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace lasp

@@ -1,7 +1,7 @@
 // The gated delta rule's CUDA kernels: the chain of states (delta_chain.h's block program, one block per
 // (b, h) and tile of 32 state columns), the chunks' unit-triangular solves (delta_solve.h's, one block of
-// 128 threads per chunk and tile of 128 columns) and the chunks' fused WY quantities (delta_prep.h's, one
-// block of 256 threads per chunk).
+// 128 threads per chunk and tile of 128 columns), the chunks' fused WY quantities (delta_prep.h's) and the
+// forward's output (delta_out.h's), each one block of 256 threads per chunk.
 #include <cuda_runtime.h>
 
 #include "delta_chain_api.h"
@@ -42,6 +42,13 @@ __global__ void __launch_bounds__(kPrepThreads) prep_kernel(PrepArgs<T> a) {
   prep_block<T>(a, static_cast<int64_t>(blockIdx.x), reinterpret_cast<T*>(smem_raw), ex);
 }
 
+template <typename T>
+__global__ void __launch_bounds__(kOutThreads, sizeof(T) == 4 ? 2 : 1) out_kernel(OutArgs<T> a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DeviceExec ex;
+  out_block<T>(a, static_cast<int64_t>(blockIdx.x), reinterpret_cast<T*>(smem_raw), ex);
+}
+
 // Launches kernel<<<grid, threads, smem, st>>>(args), opting in to more than 48 KiB of shared memory first.
 template <typename A>
 cudaError_t launch(void (*kernel)(A), dim3 grid, int threads, size_t smem, cudaStream_t st, const A& args) {
@@ -75,7 +82,21 @@ cudaError_t run_prep(const PrepArgs<T>& a, cudaStream_t st) {
   return launch(prep_kernel<T>, dim3((unsigned)a.chunks), kPrepThreads, prep_smem_bytes<T>(a.C, a.D, a.E), st, a);
 }
 
+template <typename T>
+cudaError_t run_out(const OutArgs<T>& a, cudaStream_t st) {
+  if (!delta_out_takes(a.C, a.D, a.E, sizeof(T)) || a.chunks < 0 || a.chunks > INT32_MAX) return cudaErrorInvalidValue;
+  if (a.chunks == 0) return cudaSuccess;
+  return launch(out_kernel<T>, dim3((unsigned)a.chunks), kOutThreads, out_smem_bytes<T>(a.C, a.D), st, a);
+}
+
 }  // namespace
+
+bool delta_out_takes(int C, int D, int E, size_t elem_size) {
+  return C >= 1 && C <= kOutMaxC && D >= 1 && E >= 1 && OutLayout(C, D).elems * elem_size <= 227 * 1024;
+}
+
+cudaError_t delta_out(const OutArgs<float>& a, cudaStream_t st) { return run_out(a, st); }
+cudaError_t delta_out(const OutArgs<double>& a, cudaStream_t st) { return run_out(a, st); }
 
 bool delta_prep_takes(int C, int D, int E, size_t elem_size) {
   return C >= 1 && C <= kPrepMaxC && D >= 1 && E >= 1 && PrepLayout(C, D, E).elems * elem_size <= 227 * 1024;

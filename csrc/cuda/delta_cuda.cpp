@@ -2,8 +2,8 @@
 // (kernels/delta_kernels.cu; the chain on tensor cores, kernels/delta_chain_tc.cu, where the op's inputs were
 // 16-bit), registered as the CUDA device's (csrc/delta.h).
 // LASP_DELTA_KERNELS selects them per call: "cuda" (the default) runs them, "aten" the ATen compositions, and
-// "fused" the chunks' fused WY kernel (kernels/delta_prep.h) too, in place of the compositions that form those
-// quantities and the forward solve.
+// "fused" the chunks' fused WY kernel (kernels/delta_prep.h) and the forward's output kernel
+// (kernels/delta_out.h) too, in place of the compositions.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -209,9 +209,49 @@ PrepOut prep_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor& be
   return t == at::kDouble ? prep<double>(k, v, beta, g, pre) : prep<float>(k, v, beta, g, pre);
 }
 
+template <typename T>
+at::Tensor out(const at::Tensor& q, const at::Tensor& k, const at::Tensor& gam, const at::Tensor& pre,
+               const at::Tensor& S, const at::Tensor& U, double scale) {
+  const at::Tensor Q = q.contiguous(), K = k.contiguous(), G = gam.contiguous(), P = pre.contiguous(),
+                   Sc = S.contiguous(), Uc = U.contiguous();
+  at::Tensor o = at::empty_like(Uc);
+  cuda::OutArgs<T> a;
+  a.chunks = Q.size(0) * Q.size(1) * Q.size(2);
+  a.C = static_cast<int>(Q.size(3));
+  a.D = static_cast<int>(Q.size(4));
+  a.E = static_cast<int>(Uc.size(4));
+  a.scale = static_cast<T>(scale);
+  a.q = Q.data_ptr<T>();
+  a.k = K.data_ptr<T>();
+  a.gam = G.data_ptr<T>();
+  a.pre = P.data_ptr<T>();
+  a.S = Sc.data_ptr<T>();
+  a.U = Uc.data_ptr<T>();
+  a.o = o.data_ptr<T>();
+  if (a.chunks > 0) C10_CUDA_CHECK(cuda::delta_out(a, at::cuda::getCurrentCUDAStream()));
+  return o;
+}
+
+// The forward's output kernel where LASP_DELTA_KERNELS=fused and it takes the sizes; else nothing.
+at::Tensor out_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& gam, const at::Tensor& pre,
+                    const at::Tensor& S, const at::Tensor& U, double scale) {
+  if (mode() != Mode::Fused || q.dim() != 5 || U.dim() != 5) return {};
+  const auto t = q.scalar_type();
+  for (const at::Tensor* x : {&k, &gam, &pre, &S, &U})
+    if (x->scalar_type() != t) return {};
+  if ((t != at::kFloat && t != at::kDouble) || q.size(3) > INT32_MAX || q.size(4) > INT32_MAX ||
+      U.size(4) > INT32_MAX ||
+      !cuda::delta_out_takes(static_cast<int>(q.size(3)), static_cast<int>(q.size(4)), static_cast<int>(U.size(4)),
+                             t == at::kDouble ? sizeof(double) : sizeof(float)))
+    return {};
+  const c10::cuda::CUDAGuard guard(q.device());
+  return t == at::kDouble ? out<double>(q, k, gam, pre, S, U, scale) : out<float>(q, k, gam, pre, S, U, scale);
+}
+
 const bool registered = register_delta_chain(c10::DeviceType::CUDA, &chain_cuda);
 const bool solve_registered = register_delta_solve(c10::DeviceType::CUDA, &solve_cuda);
 const bool prep_registered = register_delta_prep(c10::DeviceType::CUDA, &prep_cuda);
+const bool out_registered = register_delta_out(c10::DeviceType::CUDA, &out_cuda);
 
 }  // namespace
 }  // namespace lasp

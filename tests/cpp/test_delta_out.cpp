@@ -1,0 +1,176 @@
+// GoogleTest of the gated delta rule's output block program (kernels/delta_out.h) on the host (each phase for
+// every thread of the block, as between the kernel's barriers) and of its CUDA kernel on a device, against
+// o = scale (diag(pre) Q S + (Q K^T * gam) U) computed directly in double. gam's entries above the diagonal
+// hold garbage that must not be read.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "delta_out.h"
+#if defined(LASP_WITH_CUDA)
+#include <cuda_runtime_api.h>
+
+#include "delta_chain_api.h"
+#endif
+
+namespace {
+
+using lasp::cuda::OutArgs;
+
+struct OutCase {
+  int64_t chunks;
+  int C, D, E;
+};
+
+const OutCase kOutCases[] = {
+    {3, 64, 128, 128},  // the common shape
+    {2, 64, 256, 64},   // D = 256
+    {2, 64, 64, 300},   // two passes over o's columns
+    {4, 5, 3, 7},       // a small chunk, odd dims
+    {2, 17, 33, 1},     // one value column
+    {2, 1, 8, 8},       // one token per chunk
+    {1, 40, 7, 520},    // three passes
+};
+
+template <typename T>
+struct OutData {
+  std::vector<T> q, k, gam, pre, S, U, o;
+};
+
+template <typename T>
+OutData<T> make_out(const OutCase& c, unsigned seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  std::uniform_real_distribution<double> ud(0.0, 1.0);
+  OutData<T> d;
+  auto fill = [&](std::vector<T>& x, size_t n, double s) {
+    x.resize(n);
+    for (auto& e : x) e = static_cast<T>(s * nd(gen));
+  };
+  fill(d.q, c.chunks * c.C * c.D, 1.0);
+  fill(d.k, c.chunks * c.C * c.D, 1.0 / std::sqrt((double)c.D));
+  fill(d.S, c.chunks * c.D * c.E, 1.0);
+  fill(d.U, c.chunks * c.C * c.E, 1.0);
+  d.gam.resize(c.chunks * c.C * c.C);
+  for (int64_t ch = 0; ch < c.chunks; ++ch)
+    for (int i = 0; i < c.C; ++i)
+      for (int j = 0; j < c.C; ++j) d.gam[(ch * c.C + i) * c.C + j] = static_cast<T>(j <= i ? ud(gen) : 5.0);
+  d.pre.resize(c.chunks * c.C);
+  for (auto& e : d.pre) e = static_cast<T>(ud(gen));
+  d.o.assign(c.chunks * c.C * c.E, T(-7));
+  return d;
+}
+
+template <typename T>
+OutArgs<T> out_args(const OutCase& c, OutData<T>& d) {
+  OutArgs<T> a;
+  a.chunks = c.chunks;
+  a.C = c.C;
+  a.D = c.D;
+  a.E = c.E;
+  a.scale = static_cast<T>(0.3);
+  a.q = d.q.data();
+  a.k = d.k.data();
+  a.gam = d.gam.data();
+  a.pre = d.pre.data();
+  a.S = d.S.data();
+  a.U = d.U.data();
+  a.o = d.o.data();
+  return a;
+}
+
+template <typename T>
+void check(const OutCase& c, const OutData<T>& d, double tol) {
+  const int C = c.C, D = c.D, E = c.E;
+  double err = 0, norm = 0;
+  for (int64_t ch = 0; ch < c.chunks; ++ch)
+    for (int i = 0; i < C; ++i)
+      for (int e = 0; e < E; ++e) {
+        double qs = 0, pu = 0;
+        for (int x = 0; x < D; ++x) qs += (double)d.q[(ch * C + i) * D + x] * d.S[(ch * D + x) * E + e];
+        for (int j = 0; j <= i; ++j) {
+          double qk = 0;
+          for (int x = 0; x < D; ++x) qk += (double)d.q[(ch * C + i) * D + x] * d.k[(ch * C + j) * D + x];
+          pu += qk * d.gam[(ch * C + i) * C + j] * d.U[(ch * C + j) * E + e];
+        }
+        const double want = 0.3 * (d.pre[ch * C + i] * qs + pu);
+        err = std::max(err, std::fabs(d.o[(ch * C + i) * E + e] - want));
+        norm = std::max(norm, std::fabs(want));
+      }
+  EXPECT_LE(err / norm, tol) << "C " << C << ", D " << D << ", E " << E;
+}
+
+template <typename T>
+void host_case(const OutCase& c, double tol, unsigned seed) {
+  OutData<T> d = make_out<T>(c, seed);
+  const OutArgs<T> a = out_args(c, d);
+  std::vector<T> smem(lasp::cuda::out_smem_bytes<T>(c.C, c.D) / sizeof(T));
+  lasp::cuda::HostExec ex{lasp::cuda::kOutThreads};
+  for (int64_t ch = 0; ch < c.chunks; ++ch) {
+    for (auto& e : smem) e = T(1e30);
+    lasp::cuda::out_block<T>(a, ch, smem.data(), ex);
+  }
+  check(c, d, tol);
+}
+
+TEST(DeltaOut, HostBlockProgramMatchesDefinition) {
+  unsigned seed = 1;
+  for (const OutCase& c : kOutCases) {
+    host_case<double>(c, 1e-13, seed++);
+    host_case<float>(c, 2e-5, seed++);
+  }
+}
+
+#if defined(LASP_WITH_CUDA)
+template <typename T>
+void device_case(const OutCase& c, double tol, unsigned seed) {
+  OutData<T> d = make_out<T>(c, seed);
+  OutArgs<T> a = out_args(c, d);
+  std::vector<T*> ptrs;
+  auto up = [&ptrs](const std::vector<T>& h) {
+    T* p = nullptr;
+    EXPECT_EQ(cudaMalloc(reinterpret_cast<void**>(&p), h.size() * sizeof(T)), cudaSuccess);
+    cudaMemcpy(p, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice);
+    ptrs.push_back(p);
+    return p;
+  };
+  a.q = up(d.q);
+  a.k = up(d.k);
+  a.gam = up(d.gam);
+  a.pre = up(d.pre);
+  a.S = up(d.S);
+  a.U = up(d.U);
+  T* o = up(d.o);
+  a.o = o;
+  EXPECT_EQ(lasp::cuda::delta_out(a, nullptr), cudaSuccess);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  cudaMemcpy(d.o.data(), o, d.o.size() * sizeof(T), cudaMemcpyDeviceToHost);
+  for (T* p : ptrs) cudaFree(p);
+  check(c, d, tol);
+}
+
+TEST(DeltaOut, CudaKernelMatchesDefinition) {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    cudaGetLastError();
+    GTEST_SKIP() << "no CUDA device";
+  }
+  unsigned seed = 50;
+  for (const OutCase& c : kOutCases) {
+    if (lasp::cuda::delta_out_takes(c.C, c.D, c.E, sizeof(double))) device_case<double>(c, 1e-13, seed);
+    device_case<float>(c, 2e-5, seed + 1);
+    seed += 2;
+  }
+  OutArgs<float> big;
+  big.chunks = 1;
+  big.C = 65;
+  big.D = big.E = 8;
+  EXPECT_EQ(lasp::cuda::delta_out(big, nullptr), cudaErrorInvalidValue);
+  cudaGetLastError();
+}
+#endif
+
+}  // namespace
