@@ -7,7 +7,7 @@ in the op (use_qk_l2norm, fla's use_qk_l2norm_in_kernel), gradients of q, k, v, 
   lasp        lasp.gated_delta_attention(..., layout="bnhd") with LASP_DELTA_KERNELS=cuda (the default: the
               chain of states and the chunks' solves as CUDA kernels, the rest ATen operations)
   lasp-aten   the same with LASP_DELTA_KERNELS=aten (all of it ATen operations)
-  lasp-fused  the same with LASP_DELTA_KERNELS=fused (the chunks' fused WY and output kernels too)
+  lasp-fused  the same with LASP_DELTA_KERNELS=fused (the chunks' fused WY, output and gradient kernels too)
   fla         fla.ops.gated_delta_rule.chunk_gated_delta_rule(...). fla 0.6.0 refuses its gated backward on
               Hopper under Triton 3.4 to 3.7.0 (its issue 640); this script lifts that refusal to time it and
               records so in the JSON ("fla_hopper_refusal_lifted").

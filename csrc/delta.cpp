@@ -156,6 +156,11 @@ OutFn& device_out(c10::DeviceType type) {
   return fns[static_cast<int>(type)];
 }
 
+BwdFn& device_bwd(c10::DeviceType type) {
+  static BwdFn fns[static_cast<int>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)] = {};
+  return fns[static_cast<int>(type)];
+}
+
 // The chunked quantities of one piece that do not depend on the incoming state, (B, H, nc, C, .) in acc.
 struct Chunks {
   int64_t B = 0, H = 0, N = 0, nc = 0, D = 0, E = 0;
@@ -164,7 +169,7 @@ struct Chunks {
   Tensor q, k, v, beta;  // output heads, padded to whole chunks (q, k, v = 0, beta = 0, g = 0: no effect)
   Tensor gam, pre, suf;  // (.., C, C) lower with the diagonal; (.., C); (.., C)
   Tensor kk, m;          // K K^T; M = I + A (unit lower)
-  Tensor wv, wk;         // (.., C, E), (.., C, D)
+  Tensor w, wv, wk;      // (.., C, E + D) = [Wv | Wk]; its two parts
   Tensor plast;          // (B, H, nc, 1, 1): pre[C-1]
   Tensor ks;             // (B, H, nc, D, C): (diag(suf) K)^T
 };
@@ -217,6 +222,7 @@ Chunks prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
   }
   c.suf = c.gam.select(-2, C - 1);
   c.plast = c.pre.narrow(-1, C - 1, 1).unsqueeze(-1);
+  c.w = w;
   c.wv = w.narrow(-1, 0, c.E);
   c.wk = w.narrow(-1, c.E, c.D);
   c.ks = (c.suf.unsqueeze(-1) * c.k).transpose(-1, -2);
@@ -324,36 +330,47 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
             at::empty({0}, none), dinit};
   }
   // Through the triangular solve: M [Wv | Wk] = R, dW = [dU | -dU S0^T], dR = M^-T dW, dA = -dR W^T.
-  const Tensor w = at::cat({c.wv, c.wk}, -1);
   const Tensor dW = at::cat({dU, -at::matmul(dU, states.transpose(-1, -2))}, -1);
   const Tensor dR = solve_unit(c.m, dW, /*transpose=*/true);
-  const auto bopts = q.options().dtype(at::kBool);
-  const Tensor strict = at::ones({C, C}, bopts).tril(-1);
-  const Tensor dA = (-at::matmul(dR, w.transpose(-1, -2))).masked_fill(strict.logical_not(), 0.0);
-  const Tensor dRv = dR.narrow(-1, 0, c.E), dRk = dR.narrow(-1, c.E, c.D);
-  const Tensor bcol = c.beta.unsqueeze(-1);
-  const Tensor dRk_k = (dRk * c.k).sum(-1);  // (.., C)
-  // o: dP = scale dO U^T (masked by Gam)
-  const Tensor dP = at::matmul(dO, u.transpose(-1, -2)) * scale;
-  const Tensor dPg = dP * c.gam;
-  const Tensor dkk = dA * bcol * c.gam;
-  const Tensor udS = at::matmul(u, dSe.transpose(-1, -2));  // (.., C, D): U dS_end^T
-  Tensor dq = c.pre.unsqueeze(-1) * at::matmul(dO, states.transpose(-1, -2)) * scale + at::matmul(dPg, c.k);
-  Tensor dk = at::matmul(dkk + dkk.transpose(-1, -2), c.k) + at::matmul(dPg.transpose(-1, -2), c.q) +
-              c.suf.unsqueeze(-1) * udS + (c.beta * c.pre).unsqueeze(-1) * dRk;
-  Tensor dv = bcol * dRv;
-  Tensor dbeta = (dRv * c.v).sum(-1) + c.pre * dRk_k + (dA * c.gam * c.kk).sum(-1);
-  // Gates: weight x gradient of the weight, summed over each weight's range of tokens.
-  const Tensor XG = c.gam * (dP * qkraw + dA * bcol * c.kk);                        // Gam[i, j]: j+1 .. i
-  Tensor dpre = (dO * at::matmul(c.q, states)).sum(-1) * scale + c.beta * dRk_k;    // pre[i]: 0 .. i
-  dpre.narrow(-1, C - 1, 1).add_((dSe * states).sum({-2, -1}).unsqueeze(-1));
-  const Tensor Xp = c.pre * dpre;
-  const Tensor Xs = c.suf * (c.k * udS).sum(-1);                                    // suf[j]: j+1 .. C-1
-  // dg[t] = sum_{i >= t} (Xp[i] + sum_{j < t} XG[i, j]) + sum_{j < t} Xs[j], each a sum of the terms
-  // themselves (a row-sum-minus-column-sum shortcut loses digits to cancellation)
-  const Tensor Z = XG.flip(-2).cumsum(-2).flip(-2);  // Z[t, j] = sum_{i >= t} XG[i, j]
-  Tensor dg = Xp.flip(-1).cumsum(-1).flip(-1) + Z.masked_fill(strict.logical_not(), 0.0).sum(-1) +
-              at::constant_pad_nd(Xs.narrow(-1, 0, C - 1), {1, 0}).cumsum(-1);
+  Tensor dq, dk, dv, dbeta, dg;
+  BwdChunkOut fused;
+  if (BwdFn fn = device_bwd(q.device().type()))
+    fused = fn(BwdChunkIn{c.q, c.k, c.v, c.beta, c.pre, c.gam, c.kk, c.w, states, dSe, u, dO, dR, scale});
+  if (fused.dq.defined()) {
+    dq = fused.dq;
+    dk = fused.dk;
+    dv = fused.dv;
+    dbeta = fused.dbeta;
+    dg = fused.dg;
+  } else {
+    const auto bopts = q.options().dtype(at::kBool);
+    const Tensor strict = at::ones({C, C}, bopts).tril(-1);
+    const Tensor dA = (-at::matmul(dR, c.w.transpose(-1, -2))).masked_fill(strict.logical_not(), 0.0);
+    const Tensor dRv = dR.narrow(-1, 0, c.E), dRk = dR.narrow(-1, c.E, c.D);
+    const Tensor bcol = c.beta.unsqueeze(-1);
+    const Tensor dRk_k = (dRk * c.k).sum(-1);  // (.., C)
+    // o: dP = scale dO U^T (masked by Gam)
+    const Tensor dP = at::matmul(dO, u.transpose(-1, -2)) * scale;
+    const Tensor dPg = dP * c.gam;
+    const Tensor dkk = dA * bcol * c.gam;
+    const Tensor udS = at::matmul(u, dSe.transpose(-1, -2));  // (.., C, D): U dS_end^T
+    dq = c.pre.unsqueeze(-1) * at::matmul(dO, states.transpose(-1, -2)) * scale + at::matmul(dPg, c.k);
+    dk = at::matmul(dkk + dkk.transpose(-1, -2), c.k) + at::matmul(dPg.transpose(-1, -2), c.q) +
+         c.suf.unsqueeze(-1) * udS + (c.beta * c.pre).unsqueeze(-1) * dRk;
+    dv = bcol * dRv;
+    dbeta = (dRv * c.v).sum(-1) + c.pre * dRk_k + (dA * c.gam * c.kk).sum(-1);
+    // Gates: weight x gradient of the weight, summed over each weight's range of tokens.
+    const Tensor XG = c.gam * (dP * qkraw + dA * bcol * c.kk);                        // Gam[i, j]: j+1 .. i
+    Tensor dpre = (dO * at::matmul(c.q, states)).sum(-1) * scale + c.beta * dRk_k;    // pre[i]: 0 .. i
+    dpre.narrow(-1, C - 1, 1).add_((dSe * states).sum({-2, -1}).unsqueeze(-1));
+    const Tensor Xp = c.pre * dpre;
+    const Tensor Xs = c.suf * (c.k * udS).sum(-1);                                    // suf[j]: j+1 .. C-1
+    // dg[t] = sum_{i >= t} (Xp[i] + sum_{j < t} XG[i, j]) + sum_{j < t} Xs[j], each a sum of the terms
+    // themselves (a row-sum-minus-column-sum shortcut loses digits to cancellation)
+    const Tensor Z = XG.flip(-2).cumsum(-2).flip(-2);  // Z[t, j] = sum_{i >= t} XG[i, j]
+    dg = Xp.flip(-1).cumsum(-1).flip(-1) + Z.masked_fill(strict.logical_not(), 0.0).sum(-1) +
+         at::constant_pad_nd(Xs.narrow(-1, 0, C - 1), {1, 0}).cumsum(-1);
+  }
   auto flat3 = [&](const Tensor& x) { return x.reshape({c.B, c.H, c.nc * C}).narrow(2, 0, c.N); };
   return {to_in_heads(unchunk(dq, c.N), q.size(1), q.scalar_type()).contiguous(),
           to_in_heads(unchunk(dk, c.N), k.size(1), k.scalar_type()).contiguous(),
@@ -631,6 +648,11 @@ bool register_delta_prep(c10::DeviceType type, PrepFn fn) {
 
 bool register_delta_out(c10::DeviceType type, OutFn fn) {
   device_out(type) = fn;
+  return true;
+}
+
+bool register_delta_bwd(c10::DeviceType type, BwdFn fn) {
+  device_bwd(type) = fn;
   return true;
 }
 

@@ -56,4 +56,19 @@ using OutFn = at::Tensor (*)(const at::Tensor& q, const at::Tensor& k, const at:
                              const at::Tensor& S, const at::Tensor& U, double scale);
 bool register_delta_out(c10::DeviceType type, OutFn fn);
 
+// The backward's gradients per chunk, after the chain of state gradients and the transposed solve (the
+// formulas: kernels/delta_bwd.h), from the chunked q, k (B, H, nc, C, D), v (.., C, E), beta, pre (.., C), gam,
+// kk (.., C, C), w = [Wv | Wk] (.., C, E + D), the states entering the chunks S and the gradients of those
+// leaving them dSe (.., D, E), U and dO (.., C, E) and dR = [dRv | dRk] (.., C, E + D), acc type: dq, dk
+// (.., C, D), dv (.., C, E), dbeta, dg (.., C). A device's kernel for them (undefined dq: not taken).
+struct BwdChunkIn {
+  at::Tensor q, k, v, beta, pre, gam, kk, w, S, dSe, u, dO, dR;
+  double scale = 1.0;
+};
+struct BwdChunkOut {
+  at::Tensor dq, dk, dv, dbeta, dg;
+};
+using BwdFn = BwdChunkOut (*)(const BwdChunkIn& in);
+bool register_delta_bwd(c10::DeviceType type, BwdFn fn);
+
 }  // namespace lasp

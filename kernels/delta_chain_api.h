@@ -5,6 +5,7 @@
 #pragma once
 #include <cuda_runtime_api.h>
 
+#include "delta_bwd.h"
 #include "delta_chain.h"
 #include "delta_out.h"
 #include "delta_prep.h"
@@ -57,6 +58,12 @@ cudaError_t delta_prep(const PrepArgs<double>& args, cudaStream_t stream);
 bool delta_out_takes(int C, int D, int E, size_t elem_size);
 cudaError_t delta_out(const OutArgs<float>& args, cudaStream_t stream);
 cudaError_t delta_out(const OutArgs<double>& args, cudaStream_t stream);
+
+// The backward's gradients per chunk (delta_bwd.h; bwd_smem_bytes per block: 148 KiB at C = 64, D = E = 128
+// in float32). delta_bwd_takes as delta_prep_takes.
+bool delta_bwd_takes(int C, int D, int E, size_t elem_size);
+cudaError_t delta_bwd(const BwdArgs<float>& args, cudaStream_t stream);
+cudaError_t delta_bwd(const BwdArgs<double>& args, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace lasp

@@ -1,7 +1,8 @@
 // The gated delta rule's CUDA kernels: the chain of states (delta_chain.h's block program, one block per
 // (b, h) and tile of 32 state columns), the chunks' unit-triangular solves (delta_solve.h's, one block of
-// 128 threads per chunk and tile of 128 columns), the chunks' fused WY quantities (delta_prep.h's) and the
-// forward's output (delta_out.h's), each one block of 256 threads per chunk.
+// 128 threads per chunk and tile of 128 columns), the chunks' fused WY quantities (delta_prep.h's), the
+// forward's output (delta_out.h's) and the backward's gradients (delta_bwd.h's), each one block of 256
+// threads per chunk.
 #include <cuda_runtime.h>
 
 #include "delta_chain_api.h"
@@ -49,6 +50,13 @@ __global__ void __launch_bounds__(kOutThreads, sizeof(T) == 4 ? 2 : 1) out_kerne
   out_block<T>(a, static_cast<int64_t>(blockIdx.x), reinterpret_cast<T*>(smem_raw), ex);
 }
 
+template <typename T>
+__global__ void __launch_bounds__(kBwdThreads) bwd_kernel(BwdArgs<T> a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DeviceExec ex;
+  bwd_block<T>(a, static_cast<int64_t>(blockIdx.x), reinterpret_cast<T*>(smem_raw), ex);
+}
+
 // Launches kernel<<<grid, threads, smem, st>>>(args), opting in to more than 48 KiB of shared memory first.
 template <typename A>
 cudaError_t launch(void (*kernel)(A), dim3 grid, int threads, size_t smem, cudaStream_t st, const A& args) {
@@ -89,7 +97,21 @@ cudaError_t run_out(const OutArgs<T>& a, cudaStream_t st) {
   return launch(out_kernel<T>, dim3((unsigned)a.chunks), kOutThreads, out_smem_bytes<T>(a.C, a.D), st, a);
 }
 
+template <typename T>
+cudaError_t run_bwd(const BwdArgs<T>& a, cudaStream_t st) {
+  if (!delta_bwd_takes(a.C, a.D, a.E, sizeof(T)) || a.chunks < 0 || a.chunks > INT32_MAX) return cudaErrorInvalidValue;
+  if (a.chunks == 0) return cudaSuccess;
+  return launch(bwd_kernel<T>, dim3((unsigned)a.chunks), kBwdThreads, bwd_smem_bytes<T>(a.C, a.D, a.E), st, a);
+}
+
 }  // namespace
+
+bool delta_bwd_takes(int C, int D, int E, size_t elem_size) {
+  return C >= 1 && C <= kBwdMaxC && D >= 1 && E >= 1 && BwdLayout(C, D, E).elems * elem_size <= 227 * 1024;
+}
+
+cudaError_t delta_bwd(const BwdArgs<float>& a, cudaStream_t st) { return run_bwd(a, st); }
+cudaError_t delta_bwd(const BwdArgs<double>& a, cudaStream_t st) { return run_bwd(a, st); }
 
 bool delta_out_takes(int C, int D, int E, size_t elem_size) {
   return C >= 1 && C <= kOutMaxC && D >= 1 && E >= 1 && OutLayout(C, D).elems * elem_size <= 227 * 1024;

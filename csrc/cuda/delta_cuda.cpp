@@ -2,8 +2,8 @@
 // (kernels/delta_kernels.cu; the chain on tensor cores, kernels/delta_chain_tc.cu, where the op's inputs were
 // 16-bit), registered as the CUDA device's (csrc/delta.h).
 // LASP_DELTA_KERNELS selects them per call: "cuda" (the default) runs them, "aten" the ATen compositions, and
-// "fused" the chunks' fused WY kernel (kernels/delta_prep.h) and the forward's output kernel
-// (kernels/delta_out.h) too, in place of the compositions.
+// "fused" the chunks' fused WY kernel (kernels/delta_prep.h), the forward's output kernel (kernels/delta_out.h)
+// and the backward's gradient kernel (kernels/delta_bwd.h) too, in place of the compositions.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -248,10 +248,66 @@ at::Tensor out_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   return t == at::kDouble ? out<double>(q, k, gam, pre, S, U, scale) : out<float>(q, k, gam, pre, S, U, scale);
 }
 
+template <typename T>
+BwdChunkOut bwd(const BwdChunkIn& in) {
+  auto c = [](const at::Tensor& t) { return t.contiguous(); };
+  const at::Tensor q = c(in.q), k = c(in.k), v = c(in.v), beta = c(in.beta), pre = c(in.pre), gam = c(in.gam),
+                   kk = c(in.kk), w = c(in.w), S = c(in.S), dSe = c(in.dSe), u = c(in.u), dO = c(in.dO), dR = c(in.dR);
+  BwdChunkOut out;
+  out.dq = at::empty_like(q);
+  out.dk = at::empty_like(q);
+  out.dv = at::empty_like(u);
+  out.dbeta = at::empty_like(beta);
+  out.dg = at::empty_like(beta);
+  cuda::BwdArgs<T> a;
+  a.chunks = q.size(0) * q.size(1) * q.size(2);
+  a.C = static_cast<int>(q.size(3));
+  a.D = static_cast<int>(q.size(4));
+  a.E = static_cast<int>(u.size(4));
+  a.scale = static_cast<T>(in.scale);
+  a.q = q.data_ptr<T>();
+  a.k = k.data_ptr<T>();
+  a.v = v.data_ptr<T>();
+  a.beta = beta.data_ptr<T>();
+  a.pre = pre.data_ptr<T>();
+  a.gam = gam.data_ptr<T>();
+  a.kk = kk.data_ptr<T>();
+  a.w = w.data_ptr<T>();
+  a.S = S.data_ptr<T>();
+  a.dSe = dSe.data_ptr<T>();
+  a.u = u.data_ptr<T>();
+  a.dO = dO.data_ptr<T>();
+  a.dR = dR.data_ptr<T>();
+  a.dq = out.dq.data_ptr<T>();
+  a.dk = out.dk.data_ptr<T>();
+  a.dv = out.dv.data_ptr<T>();
+  a.dbeta = out.dbeta.data_ptr<T>();
+  a.dg = out.dg.data_ptr<T>();
+  if (a.chunks > 0) C10_CUDA_CHECK(cuda::delta_bwd(a, at::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+// The backward's gradient kernel where LASP_DELTA_KERNELS=fused and it takes the sizes; else nothing.
+BwdChunkOut bwd_cuda(const BwdChunkIn& in) {
+  if (mode() != Mode::Fused || in.q.dim() != 5 || in.u.dim() != 5) return {};
+  const auto t = in.q.scalar_type();
+  for (const at::Tensor* x : {&in.k, &in.v, &in.beta, &in.pre, &in.gam, &in.kk, &in.w, &in.S, &in.dSe, &in.u,
+                              &in.dO, &in.dR})
+    if (!x->defined() || x->scalar_type() != t) return {};
+  if ((t != at::kFloat && t != at::kDouble) || in.q.size(3) > INT32_MAX || in.q.size(4) > INT32_MAX ||
+      in.u.size(4) > INT32_MAX ||
+      !cuda::delta_bwd_takes(static_cast<int>(in.q.size(3)), static_cast<int>(in.q.size(4)),
+                             static_cast<int>(in.u.size(4)), t == at::kDouble ? sizeof(double) : sizeof(float)))
+    return {};
+  const c10::cuda::CUDAGuard guard(in.q.device());
+  return t == at::kDouble ? bwd<double>(in) : bwd<float>(in);
+}
+
 const bool registered = register_delta_chain(c10::DeviceType::CUDA, &chain_cuda);
 const bool solve_registered = register_delta_solve(c10::DeviceType::CUDA, &solve_cuda);
 const bool prep_registered = register_delta_prep(c10::DeviceType::CUDA, &prep_cuda);
 const bool out_registered = register_delta_out(c10::DeviceType::CUDA, &out_cuda);
+const bool bwd_registered = register_delta_bwd(c10::DeviceType::CUDA, &bwd_cuda);
 
 }  // namespace
 }  // namespace lasp

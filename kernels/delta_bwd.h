@@ -1,0 +1,365 @@
+// The gradients of the gated delta rule's chunked form per chunk, after the backward's chain of state
+// gradients and its transposed solve (csrc/delta.cpp, bwd_impl, states them as ATen operations): one block
+// program per chunk for the device (delta_kernels.cu) and the host (tests/cpp), as delta_chain.h. Torch-free.
+//
+// For one chunk, from q, k (C x D), v (C x E), beta, pre (C), gam, kk (C x C), W = [Wv | Wk] (C x (E + D)),
+// the state entering the chunk S and the gradient of the one leaving it dSe (D x E), U and dO (C x E) and
+// dR = [dRv | dRk] (C x (E + D)), with suf = gam's last row:
+//   dA  = -(dR W^T), strictly lower;   dP = scale dO U^T;   dPg = dP * gam;   dkk = diag(beta) dA * gam
+//   dq  = scale diag(pre) dO S^T + dPg K
+//   dk  = (dkk + dkk^T) K + dPg^T Q + diag(suf) U dSe^T + diag(beta pre) dRk
+//   dv  = diag(beta) dRv
+//   dbeta = rowsum(dRv * V) + pre rowsum(dRk * K) + rowsum(dA * gam * kk)
+//   dg  from XG = gam * (dP * (Q K^T) + diag(beta) dA * kk), Xp = pre (scale rowsum(Q * dO S^T) + beta
+//       rowsum(dRk * K), + sum(dSe * S) at the last row), Xs = suf rowsum(K * U dSe^T):
+//       dg[t] = sum_{i >= t} Xp[i] + sum_{j < t} sum_{i >= t} XG[i, j] + sum_{j < t} Xs[j]
+// The C x C matrices live in shared memory; the operand read across a warp's lanes by rows (K, W, U, S^T,
+// dSe^T) is staged in one shared buffer in turn (odd row lengths: no bank conflicts), the other operand read
+// from global memory as broadcasts (a warp's 8 rows) or coalesced rows. C x C products in 8 x 2 register
+// tiles per thread, C x D ones in 8 x 8 (the 8 rows shared by a warp). The row sums that span a warp's lanes
+// go through per-lane partials in shared memory (no warp shuffles: the host runs the same program).
+#pragma once
+#include <cstdint>
+
+#include "delta_chain.h"  // LASP_CHAIN_HD, HostExec
+
+namespace lasp {
+namespace cuda {
+
+constexpr int kBwdThreads = 256;  // 8 warps: the tiles below assume exactly this many
+constexpr int kBwdMaxC = 64;
+
+// Contiguous row-major arrays, chunks = B * H * nc.
+template <typename T>
+struct BwdArgs {
+  int64_t chunks = 0;
+  int C = 0, D = 0, E = 0;
+  T scale = 1;
+  const T* q = nullptr;     // (chunks, C, D)
+  const T* k = nullptr;     // (chunks, C, D)
+  const T* v = nullptr;     // (chunks, C, E)
+  const T* beta = nullptr;  // (chunks, C)
+  const T* pre = nullptr;   // (chunks, C)
+  const T* gam = nullptr;   // (chunks, C, C), 0 above the diagonal
+  const T* kk = nullptr;    // (chunks, C, C)
+  const T* w = nullptr;     // (chunks, C, E + D)
+  const T* S = nullptr;     // (chunks, D, E)
+  const T* dSe = nullptr;   // (chunks, D, E)
+  const T* u = nullptr;     // (chunks, C, E)
+  const T* dO = nullptr;    // (chunks, C, E)
+  const T* dR = nullptr;    // (chunks, C, E + D)
+  T* dq = nullptr;          // (chunks, C, D)
+  T* dk = nullptr;          // (chunks, C, D)
+  T* dv = nullptr;          // (chunks, C, E)
+  T* dbeta = nullptr;       // (chunks, C)
+  T* dg = nullptr;          // (chunks, C)
+};
+
+struct BwdLayout {
+  int ldd, lde, ldw, ldc;
+  size_t stage, xg, da, dp, dk, b, p, suf, dpre, xs, part1, part2, part3, elems;
+  LASP_CHAIN_HD BwdLayout(int C, int D, int E) {
+    ldd = D | 1;
+    lde = E | 1;
+    ldw = (E + D) | 1;
+    ldc = C | 1;
+    const size_t st1 = (size_t)C * ldw, st2 = (size_t)E * ldd;  // W (the widest C-row operand); S^T, dSe^T
+    stage = 0;
+    xg = stage + (st1 > st2 ? st1 : st2);
+    da = xg + (size_t)C * ldc;
+    dp = da + (size_t)C * ldc;
+    dk = dp + (size_t)C * ldc;
+    b = dk + (size_t)C * ldc;
+    p = b + C;
+    suf = p + C;
+    dpre = suf + C;
+    xs = dpre + C;
+    part1 = xs + C;
+    part2 = part1 + (size_t)C * 32;
+    part3 = part2 + (size_t)C * 32;
+    elems = part3 + kBwdThreads;
+  }
+};
+
+template <typename T>
+LASP_CHAIN_HD size_t bwd_smem_bytes(int C, int D, int E) {
+  return sizeof(T) * BwdLayout(C, D, E).elems;
+}
+
+// acc[r][n] = sum_{x < K} A(r0 + r, x) sB[(lane + 32 n) * ldb + x], rows and columns clamped to C - 1: the
+// C x C product of a global row operand (read as broadcasts: one row per r for the whole warp) and a staged
+// one, for thread t's 8 x 2 tile.
+template <typename T, typename FA>
+LASP_CHAIN_HD void bwd_cc_tile(int t, int C, int K, FA A, const T* sB, int ldb, T (&acc)[8][2]) {
+  const int r0 = (t / 32) * 8, lane = t % 32;
+  int rr[8], cr[2];
+  for (int r = 0; r < 8; ++r) rr[r] = r0 + r < C ? r0 + r : C - 1;
+  for (int n = 0; n < 2; ++n) cr[n] = lane + 32 * n < C ? lane + 32 * n : C - 1;
+  for (int r = 0; r < 8; ++r)
+    for (int n = 0; n < 2; ++n) acc[r][n] = 0;
+  for (int x = 0; x < K; ++x) {
+    T a[8], b[2];
+    for (int r = 0; r < 8; ++r) a[r] = A(rr[r], x);
+    for (int n = 0; n < 2; ++n) b[n] = sB[cr[n] * ldb + x];
+    for (int r = 0; r < 8; ++r)
+      for (int n = 0; n < 2; ++n) acc[r][n] += a[r] * b[n];
+  }
+}
+
+template <typename T, typename Exec>
+LASP_CHAIN_HD void bwd_block(const BwdArgs<T>& a, int64_t ch, T* smem, Exec& ex) {
+  const int C = a.C, D = a.D, E = a.E, WD = E + D;
+  const BwdLayout L(C, D, E);
+  T* sSt = smem + L.stage;
+  T* sXG = smem + L.xg;
+  T* sDA = smem + L.da;
+  T* sDP = smem + L.dp;
+  T* sDK = smem + L.dk;
+  T* sb = smem + L.b;
+  T* sp = smem + L.p;
+  T* ssuf = smem + L.suf;
+  T* sdpre = smem + L.dpre;
+  T* sxs = smem + L.xs;
+  T* part1 = smem + L.part1;
+  T* part2 = smem + L.part2;
+  T* part3 = smem + L.part3;
+  const size_t cd = (size_t)ch * C * D, ce = (size_t)ch * C * E, cw = (size_t)ch * C * WD, cc = (size_t)ch * C * C,
+               de = (size_t)ch * D * E, c1 = (size_t)ch * C;
+  const T* Q = a.q + cd;
+  const T* K = a.k + cd;
+  const T* V = a.v + ce;
+  const T* G = a.gam + cc;
+  const T* KK = a.kk + cc;
+  const T* W = a.w + cw;
+  const T* S = a.S + de;
+  const T* dSe = a.dSe + de;
+  const T* U = a.u + ce;
+  const T* dO = a.dO + ce;
+  const T* dR = a.dR + cw;
+  // C x C entry (i, j) of thread t's 8 x 2 tile; false outside the matrix
+  auto entry = [C](int t, int r, int n, int& i, int& j) {
+    i = (t / 32) * 8 + r;
+    j = t % 32 + 32 * n;
+    return i < C && j < C;
+  };
+
+  ex.threads([&](int t) {  // 0. beta, pre, suf; K staged
+    for (int i = t; i < C; i += kBwdThreads) {
+      sb[i] = a.beta[c1 + i];
+      sp[i] = a.pre[c1 + i];
+      ssuf[i] = G[(size_t)(C - 1) * C + i];
+    }
+    for (int i = t; i < C * D; i += kBwdThreads) sSt[(i / D) * L.ldd + i % D] = K[i];
+  });
+  ex.sync();
+  ex.threads([&](int t) {  // 1. Q K^T -> sXG
+    T acc[8][2];
+    bwd_cc_tile<T>(t, C, D, [&](int i, int x) { return Q[(size_t)i * D + x]; }, sSt, L.ldd, acc);
+    for (int r = 0; r < 8; ++r)
+      for (int n = 0; n < 2; ++n) {
+        int i, j;
+        if (entry(t, r, n, i, j)) sXG[i * L.ldc + j] = acc[r][n];
+      }
+  });
+  ex.sync();
+  ex.threads([&](int t) {  // 2. W staged
+    for (int i = t; i < C * WD; i += kBwdThreads) sSt[(i / WD) * L.ldw + i % WD] = W[i];
+  });
+  ex.sync();
+  ex.threads([&](int t) {  // 3. dA = -(dR W^T), strictly lower
+    T acc[8][2];
+    bwd_cc_tile<T>(t, C, WD, [&](int i, int x) { return dR[(size_t)i * WD + x]; }, sSt, L.ldw, acc);
+    for (int r = 0; r < 8; ++r)
+      for (int n = 0; n < 2; ++n) {
+        int i, j;
+        if (entry(t, r, n, i, j)) sDA[i * L.ldc + j] = j < i ? -acc[r][n] : T(0);
+      }
+  });
+  ex.sync();
+  ex.threads([&](int t) {  // 4. U staged
+    for (int i = t; i < C * E; i += kBwdThreads) sSt[(i / E) * L.lde + i % E] = U[i];
+  });
+  ex.sync();
+  ex.threads([&](int t) {  // 5. dP = scale dO U^T; dPg, dkk, XG
+    T acc[8][2];
+    bwd_cc_tile<T>(t, C, E, [&](int i, int x) { return dO[(size_t)i * E + x]; }, sSt, L.lde, acc);
+    for (int r = 0; r < 8; ++r)
+      for (int n = 0; n < 2; ++n) {
+        int i, j;
+        if (!entry(t, r, n, i, j)) continue;
+        const T dP = acc[r][n] * a.scale;
+        const T g = j <= i ? G[(size_t)i * C + j] : T(0);
+        const T dab = sDA[i * L.ldc + j] * sb[i];  // 0 on and above the diagonal
+        sDP[i * L.ldc + j] = dP * g;
+        sDK[i * L.ldc + j] = dab * g;
+        sXG[i * L.ldc + j] = g * (dP * sXG[i * L.ldc + j] + dab * KK[(size_t)i * C + j]);
+      }
+  });
+  ex.sync();
+  ex.threads([&](int t) {  // 6. S^T staged
+    for (int i = t; i < D * E; i += kBwdThreads) sSt[(i % E) * L.ldd + i / E] = S[i];
+  });
+  ex.sync();
+  ex.threads([&](int t) {  // 7. dq = scale pre dO S^T + dPg K; partials of rowsum(Q * dO S^T)
+    const int r0 = (t / 32) * 8, lane = t % 32;
+    if (r0 >= C) return;
+    const int jmax = r0 + 8 < C ? r0 + 8 : C;  // dPg is 0 right of its diagonal
+    int rr[8];
+    for (int r = 0; r < 8; ++r) rr[r] = r0 + r < C ? r0 + r : C - 1;
+    T part[8] = {};
+    for (int base = 0; base < D; base += 256) {
+      T acc[8][8] = {};
+      for (int e = 0; e < E; ++e) {
+        T x[8], y[8];
+        for (int r = 0; r < 8; ++r) x[r] = dO[(size_t)rr[r] * E + e];
+        for (int n = 0; n < 8; ++n) {
+          const int col = base + lane + 32 * n;
+          y[n] = col < D ? sSt[e * L.ldd + col] : T(0);
+        }
+        for (int r = 0; r < 8; ++r)
+          for (int n = 0; n < 8; ++n) acc[r][n] += x[r] * y[n];
+      }
+      for (int r = 0; r < 8; ++r) {
+        const T f = a.scale * sp[rr[r]];
+        for (int n = 0; n < 8; ++n) {
+          const int col = base + lane + 32 * n;
+          if (col < D) part[r] += Q[(size_t)rr[r] * D + col] * acc[r][n];
+          acc[r][n] *= f;
+        }
+      }
+      for (int j = 0; j < jmax; ++j) {
+        T x[8], y[8];
+        for (int r = 0; r < 8; ++r) x[r] = sDP[rr[r] * L.ldc + j];
+        for (int n = 0; n < 8; ++n) {
+          const int col = base + lane + 32 * n;
+          y[n] = col < D ? K[(size_t)j * D + col] : T(0);
+        }
+        for (int r = 0; r < 8; ++r)
+          for (int n = 0; n < 8; ++n) acc[r][n] += x[r] * y[n];
+      }
+      for (int r = 0; r < 8; ++r) {
+        if (r0 + r >= C) break;
+        T* row = a.dq + cd + (size_t)(r0 + r) * D;
+        for (int n = 0; n < 8; ++n) {
+          const int col = base + lane + 32 * n;
+          if (col < D) row[col] = acc[r][n];
+        }
+      }
+    }
+    for (int r = 0; r < 8; ++r)
+      if (r0 + r < C) part1[(r0 + r) * 32 + lane] = part[r];
+  });
+  ex.sync();
+  ex.threads([&](int t) {  // 8. dSe^T staged
+    for (int i = t; i < D * E; i += kBwdThreads) sSt[(i % E) * L.ldd + i / E] = dSe[i];
+  });
+  ex.sync();
+  ex.threads([&](int t) {  // 9. dk = suf U dSe^T + beta pre dRk + (dkk + dkk^T) K + dPg^T Q; partials of
+                           //    rowsum(K * U dSe^T)
+    const int r0 = (t / 32) * 8, lane = t % 32;
+    if (r0 >= C) return;
+    int rr[8];
+    for (int r = 0; r < 8; ++r) rr[r] = r0 + r < C ? r0 + r : C - 1;
+    T part[8] = {};
+    for (int base = 0; base < D; base += 256) {
+      T acc[8][8] = {};
+      for (int e = 0; e < E; ++e) {
+        T x[8], y[8];
+        for (int r = 0; r < 8; ++r) x[r] = U[(size_t)rr[r] * E + e];
+        for (int n = 0; n < 8; ++n) {
+          const int col = base + lane + 32 * n;
+          y[n] = col < D ? sSt[e * L.ldd + col] : T(0);
+        }
+        for (int r = 0; r < 8; ++r)
+          for (int n = 0; n < 8; ++n) acc[r][n] += x[r] * y[n];
+      }
+      for (int r = 0; r < 8; ++r) {
+        const T f = ssuf[rr[r]], bp = sb[rr[r]] * sp[rr[r]];
+        for (int n = 0; n < 8; ++n) {
+          const int col = base + lane + 32 * n;
+          if (col >= D) continue;
+          part[r] += K[(size_t)rr[r] * D + col] * acc[r][n];
+          acc[r][n] = f * acc[r][n] + bp * dR[(size_t)rr[r] * WD + E + col];
+        }
+      }
+      for (int i = 0; i < C; ++i) {  // (dkk + dkk^T) K
+        T x[8], y[8];
+        for (int r = 0; r < 8; ++r) x[r] = sDK[rr[r] * L.ldc + i] + sDK[i * L.ldc + rr[r]];
+        for (int n = 0; n < 8; ++n) {
+          const int col = base + lane + 32 * n;
+          y[n] = col < D ? K[(size_t)i * D + col] : T(0);
+        }
+        for (int r = 0; r < 8; ++r)
+          for (int n = 0; n < 8; ++n) acc[r][n] += x[r] * y[n];
+      }
+      for (int i = r0; i < C; ++i) {  // dPg^T Q (dPg is 0 right of its diagonal: rows i >= r0 only)
+        T x[8], y[8];
+        for (int r = 0; r < 8; ++r) x[r] = sDP[i * L.ldc + rr[r]];
+        for (int n = 0; n < 8; ++n) {
+          const int col = base + lane + 32 * n;
+          y[n] = col < D ? Q[(size_t)i * D + col] : T(0);
+        }
+        for (int r = 0; r < 8; ++r)
+          for (int n = 0; n < 8; ++n) acc[r][n] += x[r] * y[n];
+      }
+      for (int r = 0; r < 8; ++r) {
+        if (r0 + r >= C) break;
+        T* row = a.dk + cd + (size_t)(r0 + r) * D;
+        for (int n = 0; n < 8; ++n) {
+          const int col = base + lane + 32 * n;
+          if (col < D) row[col] = acc[r][n];
+        }
+      }
+    }
+    for (int r = 0; r < 8; ++r)
+      if (r0 + r < C) part2[(r0 + r) * 32 + lane] = part[r];
+  });
+  ex.sync();
+  ex.threads([&](int t) {  // 10. dv; sum(dSe * S) partials; per row: dbeta, dpre, Xs
+    for (int i = t; i < C * E; i += kBwdThreads) a.dv[ce + i] = sb[i / E] * dR[(size_t)(i / E) * WD + i % E];
+    T s = 0;
+    for (int i = t; i < D * E; i += kBwdThreads) s += dSe[i] * S[i];
+    part3[t] = s;
+    if (t >= C) return;
+    const int i = t;
+    T rk = 0, rv = 0, ra = 0, p1 = 0, p2 = 0;
+    for (int x = 0; x < D; ++x) rk += dR[(size_t)i * WD + E + x] * K[(size_t)i * D + x];
+    for (int e = 0; e < E; ++e) rv += dR[(size_t)i * WD + e] * V[(size_t)i * E + e];
+    for (int j = 0; j < i; ++j) ra += sDA[i * L.ldc + j] * G[(size_t)i * C + j] * KK[(size_t)i * C + j];
+    for (int l = 0; l < 32; ++l) {
+      p1 += part1[i * 32 + l];
+      p2 += part2[i * 32 + l];
+    }
+    a.dbeta[c1 + i] = rv + sp[i] * rk + ra;
+    sdpre[i] = a.scale * p1 + sb[i] * rk;
+    sxs[i] = ssuf[i] * p2;
+  });
+  ex.sync();
+  ex.threads([&](int t) {  // 11. XG's column sums from the bottom, in place; the last row's dpre term
+    if (t >= C) return;
+    T z = 0;
+    for (int i = C - 1; i >= 0; --i) {
+      z += sXG[i * L.ldc + t];
+      sXG[i * L.ldc + t] = z;
+    }
+    if (t == 0) {
+      T s = 0;
+      for (int l = 0; l < kBwdThreads; ++l) s += part3[l];
+      sdpre[C - 1] += s;
+    }
+  });
+  ex.sync();
+  ex.threads([&](int t) {  // 12. dg
+    if (t >= C) return;
+    T xp = 0, z = 0, xs = 0;
+    for (int i = C - 1; i >= t; --i) xp += sp[i] * sdpre[i];
+    for (int j = 0; j < t; ++j) {
+      z += sXG[t * L.ldc + j];
+      xs += sxs[j];
+    }
+    a.dg[c1 + t] = xp + z + xs;
+  });
+}
+
+}  // namespace cuda
+}  // namespace lasp

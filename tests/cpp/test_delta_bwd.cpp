@@ -1,0 +1,291 @@
+// GoogleTest of the gated delta rule's per-chunk gradient block program (kernels/delta_bwd.h) on the host (each
+// phase for every thread of the block, as between the kernel's barriers) and of its CUDA kernel on a device,
+// against the header's formulas computed directly in double on random inputs (gam lower triangular with
+// zeros above, as the op gives it).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "delta_bwd.h"
+#if defined(LASP_WITH_CUDA)
+#include <cuda_runtime_api.h>
+
+#include "delta_chain_api.h"
+#endif
+
+namespace {
+
+using lasp::cuda::BwdArgs;
+
+struct BwdCase {
+  int64_t chunks;
+  int C, D, E;
+};
+
+const BwdCase kBwdCases[] = {
+    {2, 64, 128, 128},  // the common shape
+    {2, 64, 64, 64},
+    {1, 64, 40, 24},    // the sizes of the op's float64 test
+    {3, 5, 3, 7},       // a small chunk, odd dims
+    {2, 17, 33, 1},     // one value column
+    {2, 1, 8, 8},       // one token per chunk
+    {1, 16, 300, 8},    // two passes over D
+};
+
+template <typename T>
+struct BwdData {
+  std::vector<T> q, k, v, beta, pre, gam, kk, w, S, dSe, u, dO, dR;  // inputs
+  std::vector<T> dq, dk, dv, dbeta, dg;                            // outputs
+};
+
+template <typename T>
+BwdData<T> make_bwd(const BwdCase& c, unsigned seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  std::uniform_real_distribution<double> ud(0.0, 1.0);
+  BwdData<T> d;
+  auto fill = [&](std::vector<T>& x, size_t n, double s) {
+    x.resize(n);
+    for (auto& e : x) e = static_cast<T>(s * nd(gen));
+  };
+  const size_t n = c.chunks, C = c.C, D = c.D, E = c.E;
+  fill(d.q, n * C * D, 1.0);
+  fill(d.k, n * C * D, 1.0 / std::sqrt((double)D));
+  fill(d.v, n * C * E, 1.0);
+  fill(d.kk, n * C * C, 1.0);
+  fill(d.w, n * C * (E + D), 1.0);
+  fill(d.S, n * D * E, 1.0);
+  fill(d.dSe, n * D * E, 1.0);
+  fill(d.u, n * C * E, 1.0);
+  fill(d.dO, n * C * E, 1.0);
+  fill(d.dR, n * C * (E + D), 1.0);
+  d.beta.resize(n * C);
+  d.pre.resize(n * C);
+  for (auto& e : d.beta) e = static_cast<T>(ud(gen));
+  for (auto& e : d.pre) e = static_cast<T>(ud(gen));
+  d.gam.resize(n * C * C);
+  for (size_t ch = 0; ch < n; ++ch)
+    for (size_t i = 0; i < C; ++i)
+      for (size_t j = 0; j < C; ++j) d.gam[(ch * C + i) * C + j] = static_cast<T>(j < i ? ud(gen) : (j == i ? 1.0 : 0.0));
+  const T junk = T(-7);
+  d.dq.assign(n * C * D, junk);
+  d.dk = d.dq;
+  d.dv.assign(n * C * E, junk);
+  d.dbeta.assign(n * C, junk);
+  d.dg = d.dbeta;
+  return d;
+}
+
+template <typename T>
+BwdArgs<T> bwd_args(const BwdCase& c, BwdData<T>& d) {
+  BwdArgs<T> a;
+  a.chunks = c.chunks;
+  a.C = c.C;
+  a.D = c.D;
+  a.E = c.E;
+  a.scale = static_cast<T>(0.3);
+  a.q = d.q.data();
+  a.k = d.k.data();
+  a.v = d.v.data();
+  a.beta = d.beta.data();
+  a.pre = d.pre.data();
+  a.gam = d.gam.data();
+  a.kk = d.kk.data();
+  a.w = d.w.data();
+  a.S = d.S.data();
+  a.dSe = d.dSe.data();
+  a.u = d.u.data();
+  a.dO = d.dO.data();
+  a.dR = d.dR.data();
+  a.dq = d.dq.data();
+  a.dk = d.dk.data();
+  a.dv = d.dv.data();
+  a.dbeta = d.dbeta.data();
+  a.dg = d.dg.data();
+  return a;
+}
+
+// The formulas of delta_bwd.h in double, for one chunk; each output's largest error relative to its largest
+// entry.
+template <typename T>
+void check(const BwdCase& c, const BwdData<T>& d, double tol) {
+  const int C = c.C, D = c.D, E = c.E, WD = E + D;
+  const double scale = 0.3;
+  double err[5] = {}, norm[5] = {};
+  auto note = [&](int o, double got, double want) {
+    err[o] = std::max(err[o], std::fabs(got - want));
+    norm[o] = std::max(norm[o], std::fabs(want));
+  };
+  for (int64_t ch = 0; ch < c.chunks; ++ch) {
+    auto at = [ch](const std::vector<T>& x, int rows, int cols, int i, int j) {
+      return (double)x[((size_t)ch * rows + i) * cols + j];
+    };
+    auto q = [&](int i, int x) { return at(d.q, C, D, i, x); };
+    auto k = [&](int i, int x) { return at(d.k, C, D, i, x); };
+    auto v = [&](int i, int e) { return at(d.v, C, E, i, e); };
+    auto gam = [&](int i, int j) { return at(d.gam, C, C, i, j); };
+    auto kk = [&](int i, int j) { return at(d.kk, C, C, i, j); };
+    auto w = [&](int i, int x) { return at(d.w, C, WD, i, x); };
+    auto S = [&](int x, int e) { return at(d.S, D, E, x, e); };
+    auto dSe = [&](int x, int e) { return at(d.dSe, D, E, x, e); };
+    auto u = [&](int i, int e) { return at(d.u, C, E, i, e); };
+    auto dO = [&](int i, int e) { return at(d.dO, C, E, i, e); };
+    auto dR = [&](int i, int x) { return at(d.dR, C, WD, i, x); };
+    auto beta = [&](int i) { return (double)d.beta[ch * C + i]; };
+    auto pre = [&](int i) { return (double)d.pre[ch * C + i]; };
+    std::vector<double> dA(C * C), dP(C * C), dPg(C * C), dkk(C * C), XG(C * C), udS(C * D), dOS(C * D);
+    for (int i = 0; i < C; ++i)
+      for (int j = 0; j < C; ++j) {
+        double a = 0, p = 0, qk = 0;
+        for (int x = 0; x < WD; ++x) a += dR(i, x) * w(j, x);
+        for (int e = 0; e < E; ++e) p += dO(i, e) * u(j, e);
+        for (int x = 0; x < D; ++x) qk += q(i, x) * k(j, x);
+        dA[i * C + j] = j < i ? -a : 0.0;
+        dP[i * C + j] = scale * p;
+        dPg[i * C + j] = dP[i * C + j] * gam(i, j);
+        dkk[i * C + j] = beta(i) * dA[i * C + j] * gam(i, j);
+        XG[i * C + j] = gam(i, j) * (dP[i * C + j] * qk + beta(i) * dA[i * C + j] * kk(i, j));
+      }
+    for (int i = 0; i < C; ++i)
+      for (int x = 0; x < D; ++x) {
+        double a = 0, b = 0;
+        for (int e = 0; e < E; ++e) {
+          a += u(i, e) * dSe(x, e);
+          b += dO(i, e) * S(x, e);
+        }
+        udS[i * D + x] = a;
+        dOS[i * D + x] = b;
+      }
+    double sdS = 0;
+    for (int x = 0; x < D; ++x)
+      for (int e = 0; e < E; ++e) sdS += dSe(x, e) * S(x, e);
+    std::vector<double> Xp(C), Xs(C);
+    for (int i = 0; i < C; ++i) {
+      for (int x = 0; x < D; ++x) {
+        double dq = scale * pre(i) * dOS[i * D + x], dk = gam(C - 1, i) * udS[i * D + x] + beta(i) * pre(i) * dR(i, E + x);
+        for (int j = 0; j < C; ++j) {
+          dq += dPg[i * C + j] * k(j, x);
+          dk += (dkk[i * C + j] + dkk[j * C + i]) * k(j, x) + dPg[j * C + i] * q(j, x);
+        }
+        note(0, d.dq[((size_t)ch * C + i) * D + x], dq);
+        note(1, d.dk[((size_t)ch * C + i) * D + x], dk);
+      }
+      for (int e = 0; e < E; ++e) note(2, d.dv[((size_t)ch * C + i) * E + e], beta(i) * dR(i, e));
+      double rk = 0, rv = 0, ra = 0, qdos = 0, kud = 0;
+      for (int x = 0; x < D; ++x) {
+        rk += dR(i, E + x) * k(i, x);
+        qdos += q(i, x) * dOS[i * D + x];
+        kud += k(i, x) * udS[i * D + x];
+      }
+      for (int e = 0; e < E; ++e) rv += dR(i, e) * v(i, e);
+      for (int j = 0; j < C; ++j) ra += dA[i * C + j] * gam(i, j) * kk(i, j);
+      note(3, d.dbeta[ch * C + i], rv + pre(i) * rk + ra);
+      Xp[i] = pre(i) * (scale * qdos + beta(i) * rk + (i == C - 1 ? sdS : 0.0));
+      Xs[i] = gam(C - 1, i) * kud;
+    }
+    for (int t = 0; t < C; ++t) {
+      double g = 0;
+      for (int i = t; i < C; ++i) g += Xp[i];
+      for (int j = 0; j < t; ++j) {
+        for (int i = t; i < C; ++i) g += XG[i * C + j];
+        g += Xs[j];
+      }
+      note(4, d.dg[ch * C + t], g);
+    }
+  }
+  const char* names[5] = {"dq", "dk", "dv", "dbeta", "dg"};
+  for (int o = 0; o < 5; ++o)
+    EXPECT_LE(err[o] / norm[o], tol) << names[o] << ", C " << C << ", D " << D << ", E " << E;
+}
+
+template <typename T>
+void host_case(const BwdCase& c, double tol, unsigned seed) {
+  BwdData<T> d = make_bwd<T>(c, seed);
+  const BwdArgs<T> a = bwd_args(c, d);
+  std::vector<T> smem(lasp::cuda::bwd_smem_bytes<T>(c.C, c.D, c.E) / sizeof(T));
+  lasp::cuda::HostExec ex{lasp::cuda::kBwdThreads};
+  for (int64_t ch = 0; ch < c.chunks; ++ch) {
+    for (auto& e : smem) e = T(1e30);
+    lasp::cuda::bwd_block<T>(a, ch, smem.data(), ex);
+  }
+  check(c, d, tol);
+}
+
+TEST(DeltaBwd, HostBlockProgramMatchesFormulas) {
+  unsigned seed = 1;
+  for (const BwdCase& c : kBwdCases) {
+    host_case<double>(c, 1e-12, seed++);
+    host_case<float>(c, 5e-5, seed++);
+  }
+}
+
+#if defined(LASP_WITH_CUDA)
+template <typename T>
+void device_case(const BwdCase& c, double tol, unsigned seed) {
+  BwdData<T> d = make_bwd<T>(c, seed);
+  BwdArgs<T> a = bwd_args(c, d);
+  std::vector<T*> ptrs;
+  auto up = [&ptrs](const std::vector<T>& h) {
+    T* p = nullptr;
+    EXPECT_EQ(cudaMalloc(reinterpret_cast<void**>(&p), h.size() * sizeof(T)), cudaSuccess);
+    cudaMemcpy(p, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice);
+    ptrs.push_back(p);
+    return p;
+  };
+  a.q = up(d.q);
+  a.k = up(d.k);
+  a.v = up(d.v);
+  a.beta = up(d.beta);
+  a.pre = up(d.pre);
+  a.gam = up(d.gam);
+  a.kk = up(d.kk);
+  a.w = up(d.w);
+  a.S = up(d.S);
+  a.dSe = up(d.dSe);
+  a.u = up(d.u);
+  a.dO = up(d.dO);
+  a.dR = up(d.dR);
+  T *dq = up(d.dq), *dk = up(d.dk), *dv = up(d.dv), *dbeta = up(d.dbeta), *dg = up(d.dg);
+  a.dq = dq;
+  a.dk = dk;
+  a.dv = dv;
+  a.dbeta = dbeta;
+  a.dg = dg;
+  EXPECT_EQ(lasp::cuda::delta_bwd(a, nullptr), cudaSuccess);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  auto down = [](std::vector<T>& h, const T* p) { cudaMemcpy(h.data(), p, h.size() * sizeof(T), cudaMemcpyDeviceToHost); };
+  down(d.dq, dq);
+  down(d.dk, dk);
+  down(d.dv, dv);
+  down(d.dbeta, dbeta);
+  down(d.dg, dg);
+  for (T* p : ptrs) cudaFree(p);
+  check(c, d, tol);
+}
+
+TEST(DeltaBwd, CudaKernelMatchesFormulas) {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    cudaGetLastError();
+    GTEST_SKIP() << "no CUDA device";
+  }
+  unsigned seed = 50;
+  for (const BwdCase& c : kBwdCases) {
+    if (lasp::cuda::delta_bwd_takes(c.C, c.D, c.E, sizeof(double))) device_case<double>(c, 1e-12, seed);
+    if (lasp::cuda::delta_bwd_takes(c.C, c.D, c.E, sizeof(float))) device_case<float>(c, 5e-5, seed + 1);
+    seed += 2;
+  }
+  EXPECT_TRUE(lasp::cuda::delta_bwd_takes(64, 128, 128, sizeof(float)));
+  BwdArgs<float> big;
+  big.chunks = 1;
+  big.C = 65;
+  big.D = big.E = 8;
+  EXPECT_EQ(lasp::cuda::delta_bwd(big, nullptr), cudaErrorInvalidValue);
+  cudaGetLastError();
+}
+#endif
+
+}  // namespace
