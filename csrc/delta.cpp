@@ -161,6 +161,11 @@ BwdFn& device_bwd(c10::DeviceType type) {
   return fns[static_cast<int>(type)];
 }
 
+DrFn& device_dr(c10::DeviceType type) {
+  static DrFn fns[static_cast<int>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)] = {};
+  return fns[static_cast<int>(type)];
+}
+
 // The chunked quantities of one piece that do not depend on the incoming state, (B, H, nc, C, .) in acc.
 struct Chunks {
   int64_t B = 0, H = 0, N = 0, nc = 0, D = 0, E = 0;
@@ -169,6 +174,7 @@ struct Chunks {
   Tensor q, k, v, beta;  // output heads, padded to whole chunks (q, k, v = 0, beta = 0, g = 0: no effect)
   Tensor gam, pre, suf;  // (.., C, C) lower with the diagonal; (.., C); (.., C)
   Tensor kk, m;          // K K^T; M = I + A (unit lower)
+  Tensor minv;           // M^-1 where a device's kernel formed it, else undefined
   Tensor w, wv, wk;      // (.., C, E + D) = [Wv | Wk]; its two parts
   Tensor plast;          // (B, H, nc, 1, 1): pre[C-1]
   Tensor ks;             // (B, H, nc, D, C): (diag(suf) K)^T
@@ -209,6 +215,7 @@ Chunks prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
     c.gam = fused.gam;
     c.kk = fused.kk;
     c.m = fused.m;
+    c.minv = fused.minv;
     w = fused.w;
   } else {
     c.gam = segsum(gc).exp();
@@ -330,8 +337,13 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
             at::empty({0}, none), dinit};
   }
   // Through the triangular solve: M [Wv | Wk] = R, dW = [dU | -dU S0^T], dR = M^-T dW, dA = -dR W^T.
-  const Tensor dW = at::cat({dU, -at::matmul(dU, states.transpose(-1, -2))}, -1);
-  const Tensor dR = solve_unit(c.m, dW, /*transpose=*/true);
+  Tensor dR;
+  if (c.minv.defined())
+    if (DrFn fn = device_dr(q.device().type())) dR = fn(c.minv, dU, states);
+  if (!dR.defined()) {
+    const Tensor dW = at::cat({dU, -at::matmul(dU, states.transpose(-1, -2))}, -1);
+    dR = solve_unit(c.m, dW, /*transpose=*/true);
+  }
   Tensor dq, dk, dv, dbeta, dg;
   BwdChunkOut fused;
   if (BwdFn fn = device_bwd(q.device().type()))
@@ -653,6 +665,11 @@ bool register_delta_out(c10::DeviceType type, OutFn fn) {
 
 bool register_delta_bwd(c10::DeviceType type, BwdFn fn) {
   device_bwd(type) = fn;
+  return true;
+}
+
+bool register_delta_dr(c10::DeviceType type, DrFn fn) {
+  device_dr(type) = fn;
   return true;
 }
 

@@ -40,10 +40,11 @@ bool register_delta_solve(c10::DeviceType type, SolveFn fn);
 // The chunks' WY quantities in one step, from the chunked k (B, H, nc, C, D), v (.., C, E), beta (.., C), log
 // gates g (.., C) and pre = exp(cumsum g) (.., C), acc type: gam (.., C, C) = exp(segment sums of g), lower with
 // the diagonal; kk = K K^T; m = I + A, A the strictly lower part of diag(beta) (gam * kk); w = m^-1
-// [diag(beta) V | diag(beta pre) K] (.., C, E + D). A device's kernel for them, registered as the chain's
-// (undefined w: not taken, the ATen composition runs).
+// [diag(beta) V | diag(beta pre) K] (.., C, E + D); and m^-1 (.., C, C) where the kernel forms it (else
+// undefined). A device's kernel for them, registered as the chain's (undefined w: not taken, the ATen
+// composition runs).
 struct PrepOut {
-  at::Tensor gam, kk, m, w;
+  at::Tensor gam, kk, m, w, minv;
 };
 using PrepFn = PrepOut (*)(const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta, const at::Tensor& g,
                            const at::Tensor& pre);
@@ -70,5 +71,11 @@ struct BwdChunkOut {
 };
 using BwdFn = BwdChunkOut (*)(const BwdChunkIn& in);
 bool register_delta_bwd(c10::DeviceType type, BwdFn fn);
+
+// The backward's transposed solve where m^-1 is at hand: dR = m^-T [dU | -dU S^T] (.., C, E + D) from m^-1
+// (.., C, C), dU (.., C, E) and the states entering the chunks S (.., D, E), acc type. A device's kernel for it
+// (undefined: not taken; the composition and the solve run).
+using DrFn = at::Tensor (*)(const at::Tensor& minv, const at::Tensor& dU, const at::Tensor& S);
+bool register_delta_dr(c10::DeviceType type, DrFn fn);
 
 }  // namespace lasp

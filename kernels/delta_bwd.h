@@ -361,5 +361,111 @@ LASP_CHAIN_HD void bwd_block(const BwdArgs<T>& a, int64_t ch, T* smem, Exec& ex)
   });
 }
 
+// The backward's transposed solve through the WY form, per chunk, with m^-1 at hand (delta_prep.h writes
+// it): dR = m^-T [dU | -dU S^T] = [dRv | -dRv S^T], dRv = m^-T dU (m^-1 lower triangular: dRv[i] =
+// sum_{j >= i} m^-1[j, i] dU[j]). m^-1 and the staged S^T (odd row lengths) and dRv in shared memory; 8 x 8
+// register tiles, the rows shared by a warp.
+template <typename T>
+struct DrArgs {
+  int64_t chunks = 0;
+  int C = 0, D = 0, E = 0;
+  const T* minv = nullptr;  // (chunks, C, C)
+  const T* dU = nullptr;    // (chunks, C, E)
+  const T* S = nullptr;     // (chunks, D, E)
+  T* dR = nullptr;          // (chunks, C, E + D)
+};
+
+struct DrLayout {
+  int ldc, lde, ldd;
+  size_t t, rv, st, elems;
+  LASP_CHAIN_HD DrLayout(int C, int D, int E) {
+    ldc = C | 1;
+    lde = E | 1;
+    ldd = D | 1;
+    t = 0;
+    rv = t + (size_t)C * ldc;
+    st = rv + (size_t)C * lde;
+    elems = st + (size_t)E * ldd;
+  }
+};
+
+template <typename T>
+LASP_CHAIN_HD size_t dr_smem_bytes(int C, int D, int E) {
+  return sizeof(T) * DrLayout(C, D, E).elems;
+}
+
+template <typename T, typename Exec>
+LASP_CHAIN_HD void dr_block(const DrArgs<T>& a, int64_t ch, T* smem, Exec& ex) {
+  const int C = a.C, D = a.D, E = a.E, WD = E + D;
+  const DrLayout L(C, D, E);
+  T* sT = smem + L.t;
+  T* sRv = smem + L.rv;
+  T* sSt = smem + L.st;
+  const T* Mi = a.minv + (size_t)ch * C * C;
+  const T* dU = a.dU + (size_t)ch * C * E;
+  const T* S = a.S + (size_t)ch * D * E;
+  T* dR = a.dR + (size_t)ch * C * WD;
+  ex.threads([&](int t) {  // 0. m^-1, S^T -> shared memory
+    for (int i = t; i < C * C; i += kBwdThreads) sT[(i / C) * L.ldc + i % C] = Mi[i];
+    for (int i = t; i < D * E; i += kBwdThreads) sSt[(i % E) * L.ldd + i / E] = S[i];
+  });
+  ex.sync();
+  ex.threads([&](int t) {  // 1. dRv = m^-T dU: rows 8 (t / 32) + r, columns base + t % 32 + 32 n
+    const int r0 = (t / 32) * 8, lane = t % 32;
+    if (r0 >= C) return;
+    int rr[8];
+    for (int r = 0; r < 8; ++r) rr[r] = r0 + r < C ? r0 + r : C - 1;
+    for (int base = 0; base < E; base += 256) {
+      T acc[8][8] = {};
+      for (int j = r0; j < C; ++j) {
+        T x[8], y[8];
+        for (int r = 0; r < 8; ++r) x[r] = sT[j * L.ldc + rr[r]];
+        for (int n = 0; n < 8; ++n) {
+          const int col = base + lane + 32 * n;
+          y[n] = col < E ? dU[(size_t)j * E + col] : T(0);
+        }
+        for (int r = 0; r < 8; ++r)
+          for (int n = 0; n < 8; ++n) acc[r][n] += x[r] * y[n];
+      }
+      for (int r = 0; r < 8; ++r) {
+        if (r0 + r >= C) break;
+        for (int n = 0; n < 8; ++n) {
+          const int col = base + lane + 32 * n;
+          if (col >= E) continue;
+          dR[(size_t)(r0 + r) * WD + col] = acc[r][n];
+          sRv[(r0 + r) * L.lde + col] = acc[r][n];
+        }
+      }
+    }
+  });
+  ex.sync();
+  ex.threads([&](int t) {  // 2. dRk = -dRv S^T
+    const int r0 = (t / 32) * 8, lane = t % 32;
+    if (r0 >= C) return;
+    int rr[8];
+    for (int r = 0; r < 8; ++r) rr[r] = r0 + r < C ? r0 + r : C - 1;
+    for (int base = 0; base < D; base += 256) {
+      T acc[8][8] = {};
+      for (int e = 0; e < E; ++e) {
+        T x[8], y[8];
+        for (int r = 0; r < 8; ++r) x[r] = sRv[rr[r] * L.lde + e];
+        for (int n = 0; n < 8; ++n) {
+          const int col = base + lane + 32 * n;
+          y[n] = col < D ? sSt[e * L.ldd + col] : T(0);
+        }
+        for (int r = 0; r < 8; ++r)
+          for (int n = 0; n < 8; ++n) acc[r][n] += x[r] * y[n];
+      }
+      for (int r = 0; r < 8; ++r) {
+        if (r0 + r >= C) break;
+        for (int n = 0; n < 8; ++n) {
+          const int col = base + lane + 32 * n;
+          if (col < D) dR[(size_t)(r0 + r) * WD + E + col] = -acc[r][n];
+        }
+      }
+    }
+  });
+}
+
 }  // namespace cuda
 }  // namespace lasp

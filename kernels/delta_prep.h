@@ -5,7 +5,7 @@
 // exp(cumsum g):
 //   gam[i, j] = exp(g[j+1] + ... + g[i]) for j <= i (1 on the diagonal), 0 above it;
 //   kk = K K^T;   A = strictly lower part of diag(beta) (gam * kk);   m = I + A;
-//   w = m^-1 [diag(beta) V | diag(beta pre) K]      (C x (E + D))
+//   w = m^-1 [diag(beta) V | diag(beta pre) K]      (C x (E + D)), and m^-1 itself where asked
 // The block (kPrepThreads threads) keeps K, V in shared memory (rows padded to an odd length: the threads of
 // a warp read different rows at one column without bank conflicts), forms gam and then kk, A (each thread an
 // 8 x 2 tile of kk: 8 rows shared by the warp, read as broadcasts), inverts m by substitution down its
@@ -37,6 +37,7 @@ struct PrepArgs {
   T* kk = nullptr;          // (chunks, C, C)
   T* m = nullptr;           // (chunks, C, C)
   T* w = nullptr;           // (chunks, C, E + D)
+  T* minv = nullptr;        // (chunks, C, C): m^-1 (lower triangular), or null (not written)
 };
 
 struct PrepLayout {
@@ -136,6 +137,11 @@ LASP_CHAIN_HD void prep_block(const PrepArgs<T>& a, int64_t ch, T* smem, Exec& e
     }
   });
   ex.sync();
+  if (a.minv) {
+    ex.threads([&](int t) {
+      for (int e = t; e < C * C; e += kPrepThreads) a.minv[cc + e] = sGT[(e / C) * L.ldc + e % C];
+    });
+  }
   ex.threads([&](int t) {  // 5. w = m^-1 R: rows 8 (t / 32) + r, columns base + t % 32 + 32 n
     const int r0 = (t / 32) * 8, lane = t % 32;
     if (r0 >= C) return;

@@ -3,7 +3,8 @@
 // 16-bit), registered as the CUDA device's (csrc/delta.h).
 // LASP_DELTA_KERNELS selects them per call: "cuda" (the default) runs them, "aten" the ATen compositions, and
 // "fused" the chunks' fused WY kernel (kernels/delta_prep.h), the forward's output kernel (kernels/delta_out.h)
-// and the backward's gradient kernel (kernels/delta_bwd.h) too, in place of the compositions.
+// and the backward's transposed solve with m^-1 and its gradient kernel (kernels/delta_bwd.h) too, in place of
+// the compositions.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -175,6 +176,7 @@ PrepOut prep(const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta, c
   out.kk = at::empty_like(out.gam);
   out.m = at::empty_like(out.gam);
   out.w = at::empty({K.size(0), K.size(1), K.size(2), C, E + D}, o);
+  out.minv = at::empty_like(out.gam);
   cuda::PrepArgs<T> a;
   a.chunks = K.size(0) * K.size(1) * K.size(2);
   a.C = static_cast<int>(C);
@@ -189,6 +191,7 @@ PrepOut prep(const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta, c
   a.kk = out.kk.data_ptr<T>();
   a.m = out.m.data_ptr<T>();
   a.w = out.w.data_ptr<T>();
+  a.minv = out.minv.data_ptr<T>();
   if (a.chunks > 0) C10_CUDA_CHECK(cuda::delta_prep(a, at::cuda::getCurrentCUDAStream()));
   return out;
 }
@@ -303,11 +306,43 @@ BwdChunkOut bwd_cuda(const BwdChunkIn& in) {
   return t == at::kDouble ? bwd<double>(in) : bwd<float>(in);
 }
 
+template <typename T>
+at::Tensor dr(const at::Tensor& minv, const at::Tensor& dU, const at::Tensor& S) {
+  const at::Tensor Mi = minv.contiguous(), U = dU.contiguous(), Sc = S.contiguous();
+  const int64_t C = U.size(3), E = U.size(4), D = Sc.size(3);
+  at::Tensor dR = at::empty({U.size(0), U.size(1), U.size(2), C, E + D}, U.options());
+  cuda::DrArgs<T> a;
+  a.chunks = U.size(0) * U.size(1) * U.size(2);
+  a.C = static_cast<int>(C);
+  a.D = static_cast<int>(D);
+  a.E = static_cast<int>(E);
+  a.minv = Mi.data_ptr<T>();
+  a.dU = U.data_ptr<T>();
+  a.S = Sc.data_ptr<T>();
+  a.dR = dR.data_ptr<T>();
+  if (a.chunks > 0) C10_CUDA_CHECK(cuda::delta_dr(a, at::cuda::getCurrentCUDAStream()));
+  return dR;
+}
+
+// The backward's transposed solve with m^-1 where LASP_DELTA_KERNELS=fused and the kernel takes the sizes.
+at::Tensor dr_cuda(const at::Tensor& minv, const at::Tensor& dU, const at::Tensor& S) {
+  if (mode() != Mode::Fused || minv.dim() != 5 || dU.dim() != 5 || S.dim() != 5) return {};
+  const auto t = dU.scalar_type();
+  if ((t != at::kFloat && t != at::kDouble) || minv.scalar_type() != t || S.scalar_type() != t) return {};
+  if (dU.size(3) > INT32_MAX || S.size(3) > INT32_MAX || dU.size(4) > INT32_MAX ||
+      !cuda::delta_dr_takes(static_cast<int>(dU.size(3)), static_cast<int>(S.size(3)), static_cast<int>(dU.size(4)),
+                            t == at::kDouble ? sizeof(double) : sizeof(float)))
+    return {};
+  const c10::cuda::CUDAGuard guard(dU.device());
+  return t == at::kDouble ? dr<double>(minv, dU, S) : dr<float>(minv, dU, S);
+}
+
 const bool registered = register_delta_chain(c10::DeviceType::CUDA, &chain_cuda);
 const bool solve_registered = register_delta_solve(c10::DeviceType::CUDA, &solve_cuda);
 const bool prep_registered = register_delta_prep(c10::DeviceType::CUDA, &prep_cuda);
 const bool out_registered = register_delta_out(c10::DeviceType::CUDA, &out_cuda);
 const bool bwd_registered = register_delta_bwd(c10::DeviceType::CUDA, &bwd_cuda);
+const bool dr_registered = register_delta_dr(c10::DeviceType::CUDA, &dr_cuda);
 
 }  // namespace
 }  // namespace lasp

@@ -222,7 +222,135 @@ TEST(DeltaBwd, HostBlockProgramMatchesFormulas) {
   }
 }
 
+// The transposed solve with m^-1 (dr_block): dR = m^-T [dU | -dU S^T], in double from random m^-1 (lower
+// triangular, garbage above its diagonal: not read), dU and S.
+template <typename T>
+struct DrData {
+  std::vector<T> minv, dU, S, dR;
+};
+
+template <typename T>
+DrData<T> make_dr(const BwdCase& c, unsigned seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  DrData<T> d;
+  const size_t n = c.chunks, C = c.C, D = c.D, E = c.E;
+  d.minv.resize(n * C * C);
+  for (size_t ch = 0; ch < n; ++ch)
+    for (size_t i = 0; i < C; ++i)
+      for (size_t j = 0; j < C; ++j) d.minv[(ch * C + i) * C + j] = static_cast<T>(j <= i ? nd(gen) : 0.0);
+  d.dU.resize(n * C * E);
+  for (auto& e : d.dU) e = static_cast<T>(nd(gen));
+  d.S.resize(n * D * E);
+  for (auto& e : d.S) e = static_cast<T>(nd(gen));
+  d.dR.assign(n * C * (E + D), T(-7));
+  return d;
+}
+
+template <typename T>
+void check_dr(const BwdCase& c, const DrData<T>& d, double tol) {
+  const int C = c.C, D = c.D, E = c.E, WD = E + D;
+  double err = 0, norm = 0;
+  for (int64_t ch = 0; ch < c.chunks; ++ch) {
+    std::vector<double> dW((size_t)C * WD);
+    for (int j = 0; j < C; ++j)
+      for (int x = 0; x < WD; ++x) {
+        double s = 0;
+        if (x < E) {
+          s = d.dU[((size_t)ch * C + j) * E + x];
+        } else {
+          for (int e = 0; e < E; ++e) s -= (double)d.dU[((size_t)ch * C + j) * E + e] * d.S[((size_t)ch * D + x - E) * E + e];
+        }
+        dW[(size_t)j * WD + x] = s;
+      }
+    for (int i = 0; i < C; ++i)
+      for (int x = 0; x < WD; ++x) {
+        double s = 0;
+        for (int j = 0; j < C; ++j) s += (double)d.minv[((size_t)ch * C + j) * C + i] * dW[(size_t)j * WD + x];
+        err = std::max(err, std::fabs(d.dR[((size_t)ch * C + i) * WD + x] - s));
+        norm = std::max(norm, std::fabs(s));
+      }
+  }
+  EXPECT_LE(err / norm, tol) << "dR, C " << C << ", D " << D << ", E " << E;
+}
+
+template <typename T>
+lasp::cuda::DrArgs<T> dr_args(const BwdCase& c, DrData<T>& d) {
+  lasp::cuda::DrArgs<T> a;
+  a.chunks = c.chunks;
+  a.C = c.C;
+  a.D = c.D;
+  a.E = c.E;
+  a.minv = d.minv.data();
+  a.dU = d.dU.data();
+  a.S = d.S.data();
+  a.dR = d.dR.data();
+  return a;
+}
+
+TEST(DeltaBwd, HostTransposedSolveMatchesFormula) {
+  unsigned seed = 100;
+  for (const BwdCase& c : kBwdCases) {
+    for (int prec = 0; prec < 2; ++prec) {
+      if (prec == 0) {
+        DrData<double> d = make_dr<double>(c, seed++);
+        const auto a = dr_args(c, d);
+        std::vector<double> smem(lasp::cuda::dr_smem_bytes<double>(c.C, c.D, c.E) / sizeof(double), 1e30);
+        lasp::cuda::HostExec ex{lasp::cuda::kBwdThreads};
+        for (int64_t ch = 0; ch < c.chunks; ++ch) lasp::cuda::dr_block<double>(a, ch, smem.data(), ex);
+        check_dr(c, d, 1e-12);
+      } else {
+        DrData<float> d = make_dr<float>(c, seed++);
+        const auto a = dr_args(c, d);
+        std::vector<float> smem(lasp::cuda::dr_smem_bytes<float>(c.C, c.D, c.E) / sizeof(float), 1e30f);
+        lasp::cuda::HostExec ex{lasp::cuda::kBwdThreads};
+        for (int64_t ch = 0; ch < c.chunks; ++ch) lasp::cuda::dr_block<float>(a, ch, smem.data(), ex);
+        check_dr(c, d, 5e-5);
+      }
+    }
+  }
+}
+
 #if defined(LASP_WITH_CUDA)
+template <typename T>
+void device_dr_case(const BwdCase& c, double tol, unsigned seed) {
+  DrData<T> d = make_dr<T>(c, seed);
+  auto a = dr_args(c, d);
+  T *minv = nullptr, *dU = nullptr, *S = nullptr, *dR = nullptr;
+  auto up = [](const std::vector<T>& h, T** p) {
+    EXPECT_EQ(cudaMalloc(reinterpret_cast<void**>(p), h.size() * sizeof(T)), cudaSuccess);
+    cudaMemcpy(*p, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice);
+  };
+  up(d.minv, &minv);
+  up(d.dU, &dU);
+  up(d.S, &S);
+  up(d.dR, &dR);
+  a.minv = minv;
+  a.dU = dU;
+  a.S = S;
+  a.dR = dR;
+  EXPECT_EQ(lasp::cuda::delta_dr(a, nullptr), cudaSuccess);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  cudaMemcpy(d.dR.data(), dR, d.dR.size() * sizeof(T), cudaMemcpyDeviceToHost);
+  for (T* p : {minv, dU, S, dR}) cudaFree(p);
+  check_dr(c, d, tol);
+}
+
+TEST(DeltaBwd, CudaTransposedSolveMatchesFormula) {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    cudaGetLastError();
+    GTEST_SKIP() << "no CUDA device";
+  }
+  unsigned seed = 150;
+  for (const BwdCase& c : kBwdCases) {
+    if (lasp::cuda::delta_dr_takes(c.C, c.D, c.E, sizeof(double))) device_dr_case<double>(c, 1e-12, seed);
+    if (lasp::cuda::delta_dr_takes(c.C, c.D, c.E, sizeof(float))) device_dr_case<float>(c, 5e-5, seed + 1);
+    seed += 2;
+  }
+  EXPECT_TRUE(lasp::cuda::delta_dr_takes(64, 128, 128, sizeof(float)));
+}
+
 template <typename T>
 void device_case(const BwdCase& c, double tol, unsigned seed) {
   BwdData<T> d = make_bwd<T>(c, seed);

@@ -38,7 +38,7 @@ const PrepCase kPrepCases[] = {
 
 template <typename T>
 struct PrepData {
-  std::vector<T> k, v, beta, g, pre, gam, kk, m, w;
+  std::vector<T> k, v, beta, g, pre, gam, kk, m, w, minv;
 };
 
 template <typename T>
@@ -70,6 +70,7 @@ PrepData<T> make_prep(const PrepCase& c, unsigned seed) {
   d.kk = d.gam;
   d.m = d.gam;
   d.w.assign(c.chunks * c.C * (c.E + c.D), junk);
+  d.minv = d.gam;
   return d;
 }
 
@@ -89,6 +90,7 @@ PrepArgs<T> prep_args(const PrepCase& c, PrepData<T>& d) {
   a.kk = d.kk.data();
   a.m = d.m.data();
   a.w = d.w.data();
+  a.minv = d.minv.data();
   return a;
 }
 
@@ -126,7 +128,17 @@ void check(const PrepCase& c, const PrepData<T>& d, double tol) {
         nr = std::max(nr, std::fabs(r));
       }
   }
+  double einv = 0;  // m m^-1 - I
+  for (int64_t ch = 0; ch < c.chunks; ++ch)
+    for (int i = 0; i < C; ++i)
+      for (int j = 0; j < C; ++j) {
+        double s = 0;
+        for (int l = 0; l < C; ++l)
+          s += (double)d.m[((size_t)ch * C + i) * C + l] * d.minv[((size_t)ch * C + l) * C + j];
+        einv = std::max(einv, std::fabs(s - (i == j ? 1.0 : 0.0)));
+      }
   const std::string what = "C " + std::to_string(C) + ", D " + std::to_string(D) + ", E " + std::to_string(E);
+  EXPECT_LE(einv, tol) << "minv, " << what;
   EXPECT_LE(egam / ngam, tol) << "gam, " << what;
   EXPECT_LE(ekk / nkk, tol) << "kk, " << what;
   EXPECT_LE(em / nm, tol) << "m, " << what;
@@ -159,7 +171,8 @@ TEST(DeltaPrep, ResetsGiveExactZeros) {
   const PrepCase c{1, 8, 4, 4, false};
   PrepData<double> d = make_prep<double>(c, 7);
   d.g[3] = -std::numeric_limits<double>::infinity();
-  const PrepArgs<double> a = prep_args(c, d);
+  PrepArgs<double> a = prep_args(c, d);
+  a.minv = nullptr;  // not asked for: not written
   std::vector<double> smem(lasp::cuda::prep_smem_bytes<double>(c.C, c.D, c.E) / sizeof(double));
   lasp::cuda::HostExec ex{lasp::cuda::kPrepThreads};
   lasp::cuda::prep_block<double>(a, 0, smem.data(), ex);
@@ -174,6 +187,7 @@ TEST(DeltaPrep, ResetsGiveExactZeros) {
       } else {
         EXPECT_GT(d.gam[i * c.C + j], 0.0) << i << ", " << j;
       }
+      EXPECT_EQ(d.minv[i * c.C + j], -7.0);
     }
 }
 
@@ -183,7 +197,7 @@ void device_case(const PrepCase& c, double tol, unsigned seed) {
   PrepData<T> d = make_prep<T>(c, seed);
   PrepArgs<T> a = prep_args(c, d);
   T *k = nullptr, *v = nullptr, *beta = nullptr, *g = nullptr, *pre = nullptr;
-  T *gam = nullptr, *kk = nullptr, *m = nullptr, *w = nullptr;
+  T *gam = nullptr, *kk = nullptr, *m = nullptr, *w = nullptr, *minv = nullptr;
   auto up = [](const std::vector<T>& h, T** p) {
     ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(p), h.size() * sizeof(T)), cudaSuccess);
     ASSERT_EQ(cudaMemcpy(*p, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
@@ -197,6 +211,7 @@ void device_case(const PrepCase& c, double tol, unsigned seed) {
   up(d.kk, &kk);
   up(d.m, &m);
   up(d.w, &w);
+  up(d.minv, &minv);
   a.k = k;
   a.v = v;
   a.beta = beta;
@@ -206,6 +221,7 @@ void device_case(const PrepCase& c, double tol, unsigned seed) {
   a.kk = kk;
   a.m = m;
   a.w = w;
+  a.minv = minv;
   EXPECT_EQ(lasp::cuda::delta_prep(a, nullptr), cudaSuccess);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   auto down = [](std::vector<T>& h, T* p) {
@@ -216,6 +232,7 @@ void device_case(const PrepCase& c, double tol, unsigned seed) {
   down(d.kk, kk);
   down(d.m, m);
   down(d.w, w);
+  down(d.minv, minv);
   for (T* p : {k, v, beta, g, pre}) cudaFree(p);
   check(c, d, tol);
 }
