@@ -166,6 +166,11 @@ DrFn& device_dr(c10::DeviceType type) {
   return fns[static_cast<int>(type)];
 }
 
+ProFn& device_pro(c10::DeviceType type) {
+  static ProFn fns[static_cast<int>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)] = {};
+  return fns[static_cast<int>(type)];
+}
+
 // The chunked quantities of one piece that do not depend on the incoming state, (B, H, nc, C, .) in acc.
 struct Chunks {
   int64_t B = 0, H = 0, N = 0, nc = 0, D = 0, E = 0;
@@ -313,11 +318,16 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
   const Tensor dS_end = grad_final_state.has_value() ? grad_final_state->to(c.acc) : at::zeros_like(fin);
   TORCH_CHECK_VALUE(dS_end.sizes() == fin.sizes(), kOp, ": grad_final_state must have shape ", fin.sizes(), ", got ",
                     dS_end.sizes());
-  const Tensor qkraw = at::matmul(c.q, c.k.transpose(-1, -2));
-  const Tensor P = qkraw * c.gam;
+  auto qk_raw = [&c]() { return at::matmul(c.q, c.k.transpose(-1, -2)); };
   // The parts of dU and dS that the chain does not carry, for all chunks at once.
-  const Tensor pdo = at::matmul(P.transpose(-1, -2), dO) * scale;                                // (.., C, E)
-  const Tensor qdo = at::matmul(c.q.transpose(-1, -2), c.pre.unsqueeze(-1) * dO) * scale;      // (.., D, E)
+  ProOut pro;
+  if (ProFn fn = device_pro(q.device().type())) pro = fn(c.q, c.k, c.gam, c.pre, dO, scale);
+  if (!pro.pdo.defined()) {
+    const Tensor P = qk_raw() * c.gam;
+    pro.pdo = at::matmul(P.transpose(-1, -2), dO) * scale;                                // (.., C, E)
+    pro.qdo = at::matmul(c.q.transpose(-1, -2), c.pre.unsqueeze(-1) * dO) * scale;      // (.., D, E)
+  }
+  const Tensor pdo = pro.pdo, qdo = pro.qdo;
   const Tensor sk = c.ks.transpose(-1, -2);                                                    // (.., C, D)
   ChainInputs in;  // the chain backwards: dU = pdo + diag(suf) K dS, dS <- qdo + pre[C-1] dS - Wk^T dU
   in.A = pdo;
@@ -372,7 +382,7 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
     dv = bcol * dRv;
     dbeta = (dRv * c.v).sum(-1) + c.pre * dRk_k + (dA * c.gam * c.kk).sum(-1);
     // Gates: weight x gradient of the weight, summed over each weight's range of tokens.
-    const Tensor XG = c.gam * (dP * qkraw + dA * bcol * c.kk);                        // Gam[i, j]: j+1 .. i
+    const Tensor XG = c.gam * (dP * qk_raw() + dA * bcol * c.kk);                        // Gam[i, j]: j+1 .. i
     Tensor dpre = (dO * at::matmul(c.q, states)).sum(-1) * scale + c.beta * dRk_k;    // pre[i]: 0 .. i
     dpre.narrow(-1, C - 1, 1).add_((dSe * states).sum({-2, -1}).unsqueeze(-1));
     const Tensor Xp = c.pre * dpre;
@@ -665,6 +675,11 @@ bool register_delta_out(c10::DeviceType type, OutFn fn) {
 
 bool register_delta_bwd(c10::DeviceType type, BwdFn fn) {
   device_bwd(type) = fn;
+  return true;
+}
+
+bool register_delta_pro(c10::DeviceType type, ProFn fn) {
+  device_pro(type) = fn;
   return true;
 }
 

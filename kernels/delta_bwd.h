@@ -361,6 +361,124 @@ LASP_CHAIN_HD void bwd_block(const BwdArgs<T>& a, int64_t ch, T* smem, Exec& ex)
   });
 }
 
+// The parts of the backward's chain inputs that do not depend on the state gradients, per chunk:
+//   pdo = scale (Q K^T * gam)^T dO  (C x E),   qdo = scale Q^T diag(pre) dO  (D x E)
+// K staged in shared memory (odd row lengths) for P = Q K^T * gam (kept in shared memory), then 8 x 8
+// register tiles: pdo's rows j over P's rows i >= j, qdo's rows (groups of 8 dealt to the warps) over the
+// chunk's tokens; dO's rows read coalesced, shared by the warps through L1.
+template <typename T>
+struct ProArgs {
+  int64_t chunks = 0;
+  int C = 0, D = 0, E = 0;
+  T scale = 1;
+  const T* q = nullptr;    // (chunks, C, D)
+  const T* k = nullptr;    // (chunks, C, D)
+  const T* gam = nullptr;  // (chunks, C, C)
+  const T* pre = nullptr;  // (chunks, C)
+  const T* dO = nullptr;   // (chunks, C, E)
+  T* pdo = nullptr;        // (chunks, C, E)
+  T* qdo = nullptr;        // (chunks, D, E)
+};
+
+struct ProLayout {
+  int ldd, ldc;
+  size_t k, p, elems;
+  LASP_CHAIN_HD ProLayout(int C, int D) {
+    ldd = D | 1;
+    ldc = C | 1;
+    k = 0;
+    p = k + (size_t)C * ldd;
+    elems = p + (size_t)C * ldc;
+  }
+};
+
+template <typename T>
+LASP_CHAIN_HD size_t pro_smem_bytes(int C, int D) {
+  return sizeof(T) * ProLayout(C, D).elems;
+}
+
+template <typename T, typename Exec>
+LASP_CHAIN_HD void pro_block(const ProArgs<T>& a, int64_t ch, T* smem, Exec& ex) {
+  const int C = a.C, D = a.D, E = a.E;
+  const ProLayout L(C, D);
+  T* sK = smem + L.k;
+  T* sP = smem + L.p;
+  const T* Q = a.q + (size_t)ch * C * D;
+  const T* K = a.k + (size_t)ch * C * D;
+  const T* G = a.gam + (size_t)ch * C * C;
+  const T* pre = a.pre + (size_t)ch * C;
+  const T* dO = a.dO + (size_t)ch * C * E;
+  ex.threads([&](int t) {  // 0. K staged
+    for (int i = t; i < C * D; i += kBwdThreads) sK[(i / D) * L.ldd + i % D] = K[i];
+  });
+  ex.sync();
+  ex.threads([&](int t) {  // 1. P = Q K^T * gam
+    T acc[8][2];
+    bwd_cc_tile<T>(t, C, D, [&](int i, int x) { return Q[(size_t)i * D + x]; }, sK, L.ldd, acc);
+    for (int r = 0; r < 8; ++r)
+      for (int n = 0; n < 2; ++n) {
+        const int i = (t / 32) * 8 + r, j = t % 32 + 32 * n;
+        if (i < C && j < C) sP[i * L.ldc + j] = j <= i ? acc[r][n] * G[(size_t)i * C + j] : T(0);
+      }
+  });
+  ex.sync();
+  ex.threads([&](int t) {  // 2. pdo = scale P^T dO: rows j = 8 (t / 32) + r
+    const int r0 = (t / 32) * 8, lane = t % 32;
+    if (r0 >= C) return;
+    int rr[8];
+    for (int r = 0; r < 8; ++r) rr[r] = r0 + r < C ? r0 + r : C - 1;
+    for (int base = 0; base < E; base += 256) {
+      T acc[8][8] = {};
+      for (int i = r0; i < C; ++i) {  // P[i, j] = 0 for i < j
+        T x[8], y[8];
+        for (int r = 0; r < 8; ++r) x[r] = sP[i * L.ldc + rr[r]];
+        for (int n = 0; n < 8; ++n) {
+          const int col = base + lane + 32 * n;
+          y[n] = col < E ? dO[(size_t)i * E + col] : T(0);
+        }
+        for (int r = 0; r < 8; ++r)
+          for (int n = 0; n < 8; ++n) acc[r][n] += x[r] * y[n];
+      }
+      for (int r = 0; r < 8; ++r) {
+        if (r0 + r >= C) break;
+        T* row = a.pdo + ((size_t)ch * C + r0 + r) * E;
+        for (int n = 0; n < 8; ++n) {
+          const int col = base + lane + 32 * n;
+          if (col < E) row[col] = acc[r][n] * a.scale;
+        }
+      }
+    }
+  });
+  ex.threads([&](int t) {  // 3. qdo = scale Q^T diag(pre) dO: rows x = 8 (t / 32 + 8 m) + r
+    const int lane = t % 32;
+    for (int x0 = (t / 32) * 8; x0 < D; x0 += 64) {
+      int xr[8];
+      for (int r = 0; r < 8; ++r) xr[r] = x0 + r < D ? x0 + r : D - 1;
+      for (int base = 0; base < E; base += 256) {
+        T acc[8][8] = {};
+        for (int i = 0; i < C; ++i) {
+          T x[8], y[8];
+          for (int r = 0; r < 8; ++r) x[r] = Q[(size_t)i * D + xr[r]];
+          for (int n = 0; n < 8; ++n) {
+            const int col = base + lane + 32 * n;
+            y[n] = col < E ? pre[i] * dO[(size_t)i * E + col] : T(0);
+          }
+          for (int r = 0; r < 8; ++r)
+            for (int n = 0; n < 8; ++n) acc[r][n] += x[r] * y[n];
+        }
+        for (int r = 0; r < 8; ++r) {
+          if (x0 + r >= D) break;
+          T* row = a.qdo + ((size_t)ch * D + x0 + r) * E;
+          for (int n = 0; n < 8; ++n) {
+            const int col = base + lane + 32 * n;
+            if (col < E) row[col] = acc[r][n] * a.scale;
+          }
+        }
+      }
+    }
+  });
+}
+
 // The backward's transposed solve through the WY form, per chunk, with m^-1 at hand (delta_prep.h writes
 // it): dR = m^-T [dU | -dU S^T] = [dRv | -dRv S^T], dRv = m^-T dU (m^-1 lower triangular: dRv[i] =
 // sum_{j >= i} m^-1[j, i] dU[j]). m^-1 and the staged S^T (odd row lengths) and dRv in shared memory; 8 x 8

@@ -65,6 +65,12 @@ bool delta_bwd_takes(int C, int D, int E, size_t elem_size);
 cudaError_t delta_bwd(const BwdArgs<float>& args, cudaStream_t stream);
 cudaError_t delta_bwd(const BwdArgs<double>& args, cudaStream_t stream);
 
+// The backward's chain inputs pdo, qdo per chunk (delta_bwd.h, pro_block; pro_smem_bytes per block: 49 KiB at
+// C = 64, D = 128 in float32). delta_pro_takes as delta_prep_takes.
+bool delta_pro_takes(int C, int D, int E, size_t elem_size);
+cudaError_t delta_pro(const ProArgs<float>& args, cudaStream_t stream);
+cudaError_t delta_pro(const ProArgs<double>& args, cudaStream_t stream);
+
 // The backward's transposed solve with m^-1 (delta_bwd.h, dr_block; dr_smem_bytes per block: 113 KiB at C = 64,
 // D = E = 128 in float32). delta_dr_takes as delta_prep_takes.
 bool delta_dr_takes(int C, int D, int E, size_t elem_size);

@@ -1,8 +1,8 @@
 // The gated delta rule's CUDA kernels: the chain of states (delta_chain.h's block program, one block per
 // (b, h) and tile of 32 state columns), the chunks' unit-triangular solves (delta_solve.h's, one block of
 // 128 threads per chunk and tile of 128 columns), the chunks' fused WY quantities (delta_prep.h's), the
-// forward's output (delta_out.h's), the backward's transposed solve with m^-1 and its gradients (delta_bwd.h's),
-// each one block of 256 threads per chunk.
+// forward's output (delta_out.h's), the backward's chain inputs, its transposed solve with m^-1 and its
+// gradients (delta_bwd.h's), each one block of 256 threads per chunk.
 #include <cuda_runtime.h>
 
 #include "delta_chain_api.h"
@@ -64,6 +64,13 @@ __global__ void __launch_bounds__(kBwdThreads) dr_kernel(DrArgs<T> a) {
   dr_block<T>(a, static_cast<int64_t>(blockIdx.x), reinterpret_cast<T*>(smem_raw), ex);
 }
 
+template <typename T>
+__global__ void __launch_bounds__(kBwdThreads) pro_kernel(ProArgs<T> a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DeviceExec ex;
+  pro_block<T>(a, static_cast<int64_t>(blockIdx.x), reinterpret_cast<T*>(smem_raw), ex);
+}
+
 // Launches kernel<<<grid, threads, smem, st>>>(args), opting in to more than 48 KiB of shared memory first.
 template <typename A>
 cudaError_t launch(void (*kernel)(A), dim3 grid, int threads, size_t smem, cudaStream_t st, const A& args) {
@@ -118,7 +125,21 @@ cudaError_t run_dr(const DrArgs<T>& a, cudaStream_t st) {
   return launch(dr_kernel<T>, dim3((unsigned)a.chunks), kBwdThreads, dr_smem_bytes<T>(a.C, a.D, a.E), st, a);
 }
 
+template <typename T>
+cudaError_t run_pro(const ProArgs<T>& a, cudaStream_t st) {
+  if (!delta_pro_takes(a.C, a.D, a.E, sizeof(T)) || a.chunks < 0 || a.chunks > INT32_MAX) return cudaErrorInvalidValue;
+  if (a.chunks == 0) return cudaSuccess;
+  return launch(pro_kernel<T>, dim3((unsigned)a.chunks), kBwdThreads, pro_smem_bytes<T>(a.C, a.D), st, a);
+}
+
 }  // namespace
+
+bool delta_pro_takes(int C, int D, int E, size_t elem_size) {
+  return C >= 1 && C <= kBwdMaxC && D >= 1 && E >= 1 && ProLayout(C, D).elems * elem_size <= 227 * 1024;
+}
+
+cudaError_t delta_pro(const ProArgs<float>& a, cudaStream_t st) { return run_pro(a, st); }
+cudaError_t delta_pro(const ProArgs<double>& a, cudaStream_t st) { return run_pro(a, st); }
 
 bool delta_dr_takes(int C, int D, int E, size_t elem_size) {
   return C >= 1 && C <= kBwdMaxC && D >= 1 && E >= 1 && DrLayout(C, D, E).elems * elem_size <= 227 * 1024;

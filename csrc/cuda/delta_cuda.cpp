@@ -3,8 +3,8 @@
 // 16-bit), registered as the CUDA device's (csrc/delta.h).
 // LASP_DELTA_KERNELS selects them per call: "cuda" (the default) runs them, "aten" the ATen compositions, and
 // "fused" the chunks' fused WY kernel (kernels/delta_prep.h), the forward's output kernel (kernels/delta_out.h)
-// and the backward's transposed solve with m^-1 and its gradient kernel (kernels/delta_bwd.h) too, in place of
-// the compositions.
+// and the backward's chain inputs, its transposed solve with m^-1 and its gradient kernel (kernels/delta_bwd.h)
+// too, in place of the compositions.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -337,12 +337,55 @@ at::Tensor dr_cuda(const at::Tensor& minv, const at::Tensor& dU, const at::Tenso
   return t == at::kDouble ? dr<double>(minv, dU, S) : dr<float>(minv, dU, S);
 }
 
+template <typename T>
+ProOut pro(const at::Tensor& q, const at::Tensor& k, const at::Tensor& gam, const at::Tensor& pre,
+           const at::Tensor& dO, double scale) {
+  const at::Tensor Q = q.contiguous(), K = k.contiguous(), G = gam.contiguous(), P = pre.contiguous(),
+                   O = dO.contiguous();
+  const int64_t C = Q.size(3), D = Q.size(4), E = O.size(4);
+  ProOut out;
+  out.pdo = at::empty_like(O);
+  out.qdo = at::empty({Q.size(0), Q.size(1), Q.size(2), D, E}, O.options());
+  cuda::ProArgs<T> a;
+  a.chunks = Q.size(0) * Q.size(1) * Q.size(2);
+  a.C = static_cast<int>(C);
+  a.D = static_cast<int>(D);
+  a.E = static_cast<int>(E);
+  a.scale = static_cast<T>(scale);
+  a.q = Q.data_ptr<T>();
+  a.k = K.data_ptr<T>();
+  a.gam = G.data_ptr<T>();
+  a.pre = P.data_ptr<T>();
+  a.dO = O.data_ptr<T>();
+  a.pdo = out.pdo.data_ptr<T>();
+  a.qdo = out.qdo.data_ptr<T>();
+  if (a.chunks > 0) C10_CUDA_CHECK(cuda::delta_pro(a, at::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+// The backward's chain inputs kernel where LASP_DELTA_KERNELS=fused and it takes the sizes; else nothing.
+ProOut pro_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& gam, const at::Tensor& pre,
+                const at::Tensor& dO, double scale) {
+  if (mode() != Mode::Fused || q.dim() != 5 || dO.dim() != 5) return {};
+  const auto t = q.scalar_type();
+  for (const at::Tensor* x : {&k, &gam, &pre, &dO})
+    if (x->scalar_type() != t) return {};
+  if ((t != at::kFloat && t != at::kDouble) || q.size(3) > INT32_MAX || q.size(4) > INT32_MAX ||
+      dO.size(4) > INT32_MAX ||
+      !cuda::delta_pro_takes(static_cast<int>(q.size(3)), static_cast<int>(q.size(4)), static_cast<int>(dO.size(4)),
+                             t == at::kDouble ? sizeof(double) : sizeof(float)))
+    return {};
+  const c10::cuda::CUDAGuard guard(q.device());
+  return t == at::kDouble ? pro<double>(q, k, gam, pre, dO, scale) : pro<float>(q, k, gam, pre, dO, scale);
+}
+
 const bool registered = register_delta_chain(c10::DeviceType::CUDA, &chain_cuda);
 const bool solve_registered = register_delta_solve(c10::DeviceType::CUDA, &solve_cuda);
 const bool prep_registered = register_delta_prep(c10::DeviceType::CUDA, &prep_cuda);
 const bool out_registered = register_delta_out(c10::DeviceType::CUDA, &out_cuda);
 const bool bwd_registered = register_delta_bwd(c10::DeviceType::CUDA, &bwd_cuda);
 const bool dr_registered = register_delta_dr(c10::DeviceType::CUDA, &dr_cuda);
+const bool pro_registered = register_delta_pro(c10::DeviceType::CUDA, &pro_cuda);
 
 }  // namespace
 }  // namespace lasp

@@ -222,6 +222,111 @@ TEST(DeltaBwd, HostBlockProgramMatchesFormulas) {
   }
 }
 
+// The backward's chain inputs (pro_block): pdo = scale (Q K^T * gam)^T dO, qdo = scale Q^T diag(pre) dO, in
+// double; gam's entries above its diagonal hold garbage that must not be read.
+template <typename T>
+void pro_case(const BwdCase& c, double tol, unsigned seed, bool device) {
+  BwdData<T> d = make_bwd<T>(c, seed);
+  const int C = c.C, D = c.D, E = c.E;
+  for (int64_t ch = 0; ch < c.chunks; ++ch)
+    for (int i = 0; i < C; ++i)
+      for (int j = i + 1; j < C; ++j) d.gam[((size_t)ch * C + i) * C + j] = T(5);
+  std::vector<T> pdo(c.chunks * C * E, T(-7)), qdo(c.chunks * D * E, T(-7));
+  lasp::cuda::ProArgs<T> a;
+  a.chunks = c.chunks;
+  a.C = C;
+  a.D = D;
+  a.E = E;
+  a.scale = static_cast<T>(0.3);
+  a.q = d.q.data();
+  a.k = d.k.data();
+  a.gam = d.gam.data();
+  a.pre = d.pre.data();
+  a.dO = d.dO.data();
+  a.pdo = pdo.data();
+  a.qdo = qdo.data();
+  if (!device) {
+    std::vector<T> smem(lasp::cuda::pro_smem_bytes<T>(C, D) / sizeof(T), T(1e30));
+    lasp::cuda::HostExec ex{lasp::cuda::kBwdThreads};
+    for (int64_t ch = 0; ch < c.chunks; ++ch) lasp::cuda::pro_block<T>(a, ch, smem.data(), ex);
+  } else {
+#if defined(LASP_WITH_CUDA)
+    std::vector<T*> ptrs;
+    auto up = [&ptrs](const std::vector<T>& h) {
+      T* p = nullptr;
+      EXPECT_EQ(cudaMalloc(reinterpret_cast<void**>(&p), h.size() * sizeof(T)), cudaSuccess);
+      cudaMemcpy(p, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice);
+      ptrs.push_back(p);
+      return p;
+    };
+    a.q = up(d.q);
+    a.k = up(d.k);
+    a.gam = up(d.gam);
+    a.pre = up(d.pre);
+    a.dO = up(d.dO);
+    T* dp = up(pdo);
+    T* dq = up(qdo);
+    a.pdo = dp;
+    a.qdo = dq;
+    EXPECT_EQ(lasp::cuda::delta_pro(a, nullptr), cudaSuccess);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    cudaMemcpy(pdo.data(), dp, pdo.size() * sizeof(T), cudaMemcpyDeviceToHost);
+    cudaMemcpy(qdo.data(), dq, qdo.size() * sizeof(T), cudaMemcpyDeviceToHost);
+    for (T* p : ptrs) cudaFree(p);
+#endif
+  }
+  double ep = 0, np = 0, eq = 0, nq = 0;
+  for (int64_t ch = 0; ch < c.chunks; ++ch) {
+    auto at = [ch](const std::vector<T>& x, int rows, int cols, int i, int j) {
+      return (double)x[((size_t)ch * rows + i) * cols + j];
+    };
+    for (int j = 0; j < C; ++j)
+      for (int e = 0; e < E; ++e) {
+        double s = 0;
+        for (int i = j; i < C; ++i) {
+          double qk = 0;
+          for (int x = 0; x < D; ++x) qk += at(d.q, C, D, i, x) * at(d.k, C, D, j, x);
+          s += qk * at(d.gam, C, C, i, j) * at(d.dO, C, E, i, e);
+        }
+        ep = std::max(ep, std::fabs(at(pdo, C, E, j, e) - 0.3 * s));
+        np = std::max(np, std::fabs(0.3 * s));
+      }
+    for (int x = 0; x < D; ++x)
+      for (int e = 0; e < E; ++e) {
+        double s = 0;
+        for (int i = 0; i < C; ++i) s += at(d.q, C, D, i, x) * (double)d.pre[ch * C + i] * at(d.dO, C, E, i, e);
+        eq = std::max(eq, std::fabs(at(qdo, D, E, x, e) - 0.3 * s));
+        nq = std::max(nq, std::fabs(0.3 * s));
+      }
+  }
+  EXPECT_LE(ep / np, tol) << "pdo, C " << C << ", D " << D << ", E " << E;
+  EXPECT_LE(eq / nq, tol) << "qdo, C " << C << ", D " << D << ", E " << E;
+}
+
+TEST(DeltaBwd, HostChainInputsMatchFormulas) {
+  unsigned seed = 200;
+  for (const BwdCase& c : kBwdCases) {
+    pro_case<double>(c, 1e-12, seed++, false);
+    pro_case<float>(c, 5e-5, seed++, false);
+  }
+}
+
+#if defined(LASP_WITH_CUDA)
+TEST(DeltaBwd, CudaChainInputsMatchFormulas) {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    cudaGetLastError();
+    GTEST_SKIP() << "no CUDA device";
+  }
+  unsigned seed = 250;
+  for (const BwdCase& c : kBwdCases) {
+    if (lasp::cuda::delta_pro_takes(c.C, c.D, c.E, sizeof(double))) pro_case<double>(c, 1e-12, seed, true);
+    if (lasp::cuda::delta_pro_takes(c.C, c.D, c.E, sizeof(float))) pro_case<float>(c, 5e-5, seed + 1, true);
+    seed += 2;
+  }
+}
+#endif
+
 // The transposed solve with m^-1 (dr_block): dR = m^-T [dU | -dU S^T], in double from random m^-1 (lower
 // triangular, garbage above its diagonal: not read), dU and S.
 template <typename T>
