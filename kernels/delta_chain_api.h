@@ -39,8 +39,9 @@ struct ChainTcArgs {
   float* Sfin = nullptr;
   float bsign = 1, csign = 1;
   bool reverse = false;
+  bool wide = false;  // 128 state columns per block (8 warps; D <= 128) instead of 32
 };
-// Whether delta_chain_tc takes these sizes and layouts: C and D multiples of 16, C <= 64, D <= 256.
+// Whether delta_chain_tc takes these sizes and layouts: C and D multiples of 16, C <= 64, D <= 256 (wide: 128).
 bool delta_chain_tc_takes(const ChainTcArgs& args);
 // cudaErrorInvalidValue where it does not take them, cudaErrorInvalidDeviceFunction below sm_80.
 cudaError_t delta_chain_tc(const ChainTcArgs& args, cudaStream_t stream);

@@ -11,6 +11,8 @@
 // Bm[j] and Cm[j] are copied to shared memory with cp.async as they are laid out in global memory (rows or
 // columns contiguous): Bm[j+1] while step 3 runs, Cm[j+1] while steps 1-2 of the next chunk run. Three
 // barriers per chunk. Padded leading dimensions keep the fragment reads free of bank conflicts.
+// ChainTcArgs::wide asks for the wide form (chain_tc_wide_kernel, D <= 128): 8 warps and 128 columns per
+// block, so that the column tiles of one (b, h) do not each read every chunk's Bm and Cm again.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -27,6 +29,11 @@ constexpr int kTcThreads = 32 * kTcWarps;
 constexpr int kTcMaxD = 256;   // accumulators for D / 16 / 4 = 4 tiles of S per warp
 constexpr int kTcMaxC = 64;    // one 16-row tile of X per warp
 constexpr int kTcLdS = kTcCols + 8;  // (k, n) tiles: 8 k + n hits 32 banks
+constexpr int kWideCols = 128;       // the wide form: state columns per block
+constexpr int kWideWarps = 8;
+constexpr int kWideThreads = 32 * kWideWarps;
+constexpr int kWideMaxD = 128;       // one 16-row tile of S per warp
+constexpr int kWideLd = kWideCols + 8;
 
 __host__ __device__ inline int round32(int x) { return (x + 31) / 32 * 32; }
 
@@ -44,7 +51,7 @@ struct SmemMat {
 
 __host__ __device__ inline size_t tc_smem_floats(const ChainTcArgs& a) {
   const SmemMat b(a.Bm, a.C, a.D), c(a.Cm, a.D, a.C);
-  return (size_t)b.floats(a.C, a.D) + c.floats(a.D, a.C) + (size_t)(a.D + a.C) * kTcLdS;
+  return (size_t)b.floats(a.C, a.D) + c.floats(a.D, a.C) + (size_t)(a.D + a.C) * (a.wide ? kWideLd : kTcLdS);
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -75,7 +82,9 @@ __device__ __forceinline__ void commit() { asm volatile("cp.async.commit_group;\
 template <int N>
 __device__ __forceinline__ void wait_group() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-// Copies chunk ch of g (R x K) into s (layout sm), by 16-byte copies where the contiguous runs allow.
+// Copies chunk ch of g (R x K) into s (layout sm), by 16-byte copies where the contiguous runs allow, with the
+// block's NTHR threads.
+template <int NTHR = kTcThreads>
 __device__ __forceinline__ void load_mat(float* s, const SmemMat& sm, const ChainMat& g, int64_t ch, int R, int K) {
   const float* base = g.p + ch * g.sch;
   const int inner = sm.rowmajor ? K : R, outer = sm.rowmajor ? R : K;
@@ -83,12 +92,12 @@ __device__ __forceinline__ void load_mat(float* s, const SmemMat& sm, const Chai
   const bool vec = inner % 4 == 0 && so % 4 == 0 && (reinterpret_cast<uintptr_t>(base) & 15) == 0;
   if (vec) {
     const int per = inner / 4;
-    for (int i = threadIdx.x; i < outer * per; i += kTcThreads) {
+    for (int i = threadIdx.x; i < outer * per; i += NTHR) {
       const int o = i / per, e = (i % per) * 4;
       cp_async16(s + o * sm.ld + e, base + o * so + e);
     }
   } else {
-    for (int i = threadIdx.x; i < outer * inner; i += kTcThreads) {
+    for (int i = threadIdx.x; i < outer * inner; i += NTHR) {
       const int o = i / inner, e = i % inner;
       cp_async4(s + o * sm.ld + e, base + o * so + e);
     }
@@ -227,15 +236,135 @@ __global__ void __launch_bounds__(kTcThreads) chain_tc_kernel(ChainTcArgs a) {
       }
   }
 }
+// acc[nt] (16 x 8 each, nt < NT) += M (16 rows at m0, K columns) x T (K x 8 NT at column n0 of a shared
+// matrix of row length LD)
+template <int NT, int LD>
+__device__ __forceinline__ void tile_product_n(float (*acc)[4], const float* sM, const SmemMat& sm, int m0, int K,
+                                               const float* sT, int n0) {
+  const int l = threadIdx.x & 31, g = l >> 2, c = l & 3;
+  for (int k0 = 0; k0 < K; k0 += 8) {
+    uint32_t a[4];
+    frag_a(a, sM, sm, m0, k0);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const uint32_t b0 = to_tf32(sT[(k0 + c) * LD + n0 + nt * 8 + g]);
+      const uint32_t b1 = to_tf32(sT[(k0 + c + 4) * LD + n0 + nt * 8 + g]);
+      mma_tf32(acc[nt], a, b0, b1);
+    }
+  }
+}
+
+// The wide form: one block of 8 warps per (b, h) and tile of 128 state columns (D <= 128), so a chunk's Bm and
+// Cm are read once per 128 columns instead of once per 32. Warp w keeps S's row tile w (16 rows x 128
+// columns) in its accumulators; X's 16-row tile w % 4, columns 64 (w / 4) .. + 63, is warp w's. Otherwise the
+// same three steps, copies and barriers as chain_tc_kernel.
+__global__ void __launch_bounds__(kWideThreads) chain_tc_wide_kernel(ChainTcArgs a) {
+  extern __shared__ __align__(16) float smem[];
+  const int C = a.C, D = a.D, W = a.W;
+  const int64_t bh = blockIdx.x;
+  const int w0 = blockIdx.y * kWideCols, cols = min(kWideCols, W - w0);
+  const int warp = threadIdx.x >> 5, l = threadIdx.x & 31, g = l >> 2, c = l & 3;
+  const SmemMat smB(a.Bm, C, D), smC(a.Cm, D, C);
+  float* sB = smem;
+  float* sC = sB + smB.floats(C, D);
+  float* sS = sC + smC.floats(D, C);
+  float* sX = sS + D * kWideLd;
+  const bool ownS = warp < D / 16;
+  const int xt = warp % 4, n0 = (warp / 4) * 64;  // X tile: rows 16 xt, columns n0 .. n0 + 63
+  const bool ownX = xt < C / 16;
+  float accS[16][4];
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = warp * 16 + g + (e >> 1) * 8, col = nt * 8 + 2 * c + (e & 1);
+      accS[nt][e] = ownS && col < cols ? a.S0[((size_t)bh * D + r) * W + w0 + col] : 0.f;
+    }
+  auto chunk_of = [&](int64_t jj) { return bh * a.nc + (a.reverse ? a.nc - 1 - jj : jj); };
+  if (a.nc > 0) {
+    load_mat<kWideThreads>(sB, smB, a.Bm, chunk_of(0), C, D);
+    commit();
+    load_mat<kWideThreads>(sC, smC, a.Cm, chunk_of(0), D, C);
+    commit();
+  }
+  for (int64_t jj = 0; jj < a.nc; ++jj) {
+    const int64_t ch = chunk_of(jj);
+    // 1. S -> shared memory and Sstore[j]
+    if (ownS) {
+#pragma unroll
+      for (int nt = 0; nt < 16; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = warp * 16 + g + (e >> 1) * 8, col = nt * 8 + 2 * c + (e & 1);
+          sS[r * kWideLd + col] = accS[nt][e];
+          if (col < cols) a.Sstore[((size_t)ch * D + r) * W + w0 + col] = accS[nt][e];
+        }
+    }
+    wait_group<1>();
+    __syncthreads();
+    // 2. X = A + bsign Bm S
+    if (ownX) {
+      float accX[8][4] = {};
+      tile_product_n<8, kWideLd>(accX, sB, smB, xt * 16, D, sS, n0);
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = xt * 16 + g + (e >> 1) * 8, col = n0 + nt * 8 + 2 * c + (e & 1);
+          float x = 0.f;
+          if (col < cols) {
+            x = a.bsign * accX[nt][e];
+            if (a.A.p) x += a.A.p[ch * a.A.sch + r * a.A.sr + (int64_t)(w0 + col) * a.A.sc];
+            a.X[((size_t)ch * C + r) * W + w0 + col] = x;
+          }
+          sX[r * kWideLd + col] = x;
+        }
+    }
+    wait_group<0>();
+    __syncthreads();
+    if (jj + 1 < a.nc) load_mat<kWideThreads>(sB, smB, a.Bm, chunk_of(jj + 1), C, D);
+    commit();
+    // 3. S = p S + csign Cm X + R
+    if (ownS) {
+      const float pj = a.p[ch];
+      float prod[16][4] = {};
+      tile_product_n<16, kWideLd>(prod, sC, smC, warp * 16, C, sX, 0);
+#pragma unroll
+      for (int nt = 0; nt < 16; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = warp * 16 + g + (e >> 1) * 8, col = nt * 8 + 2 * c + (e & 1);
+          float s = pj * accS[nt][e] + a.csign * prod[nt][e];
+          if (a.R.p && col < cols) s += a.R.p[ch * a.R.sch + r * a.R.sr + (int64_t)(w0 + col) * a.R.sc];
+          accS[nt][e] = col < cols ? s : 0.f;
+        }
+    }
+    __syncthreads();
+    if (jj + 1 < a.nc) load_mat<kWideThreads>(sC, smC, a.Cm, chunk_of(jj + 1), D, C);
+    commit();
+  }
+  wait_group<0>();
+  if (ownS) {
+#pragma unroll
+    for (int nt = 0; nt < 16; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = warp * 16 + g + (e >> 1) * 8, col = nt * 8 + 2 * c + (e & 1);
+        if (col < cols) a.Sfin[((size_t)bh * D + r) * W + w0 + col] = accS[nt][e];
+      }
+  }
+}
 #else
 __global__ void chain_tc_kernel(ChainTcArgs) {}  // not launched below sm_80 (delta_chain_tc checks)
+__global__ void chain_tc_wide_kernel(ChainTcArgs) {}
 #endif
 
 }  // namespace
 
 bool delta_chain_tc_takes(const ChainTcArgs& a) {
   auto layout_ok = [&a](const ChainMat& m) { return (a.nc == 0 || m.p != nullptr) && (m.sr == 1 || m.sc == 1); };
-  return a.C >= 16 && a.C <= kTcMaxC && a.C % 16 == 0 && a.D >= 16 && a.D <= kTcMaxD && a.D % 16 == 0 && a.W >= 1 &&
+  return a.C >= 16 && a.C <= kTcMaxC && a.C % 16 == 0 && a.D >= 16 && a.D <= (a.wide ? kWideMaxD : kTcMaxD) &&
+         a.D % 16 == 0 && a.W >= 1 &&
          a.BH >= 1 && a.BH <= INT32_MAX && a.nc >= 0 && layout_ok(a.Bm) && layout_ok(a.Cm) &&
          tc_smem_floats(a) * sizeof(float) <= 227 * 1024;
 }
@@ -248,12 +377,14 @@ cudaError_t delta_chain_tc(const ChainTcArgs& a, cudaStream_t st) {
   if (e != cudaSuccess) return e;
   if (major < 8) return cudaErrorInvalidDeviceFunction;
   const size_t smem = tc_smem_floats(a) * sizeof(float);
+  void (*kernel)(ChainTcArgs) = a.wide ? chain_tc_wide_kernel : chain_tc_kernel;
   if (smem > 48 * 1024) {
-    e = cudaFuncSetAttribute(chain_tc_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return e;
   }
-  const dim3 grid((unsigned)a.BH, (unsigned)((a.W + kTcCols - 1) / kTcCols));
-  chain_tc_kernel<<<grid, kTcThreads, smem, st>>>(a);
+  const int cols = a.wide ? kWideCols : kTcCols;
+  const dim3 grid((unsigned)a.BH, (unsigned)((a.W + cols - 1) / cols));
+  kernel<<<grid, a.wide ? kWideThreads : kTcThreads, smem, st>>>(a);
   return cudaGetLastError();
 }
 

@@ -105,6 +105,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_tc(const ChainInputs& in, con
   a.Bm.sr = a.Cm.sc = 1;  // a layout for the size check; the real one below
   a.Bm.p = a.Cm.p = S0.data_ptr<float>();
   if (a.BH == 0 || !cuda::delta_chain_tc_takes(a)) return {};
+  a.wide = mode() == Mode::Fused;  // the wide form where it takes the sizes (opt-in until measured)
+  if (a.wide && !cuda::delta_chain_tc_takes(a)) a.wide = false;
   at::Tensor A = in.A, Bm = in.Bm, Cm = in.Cm, R = in.R;
   if (A.defined()) a.A = as_mat(A, false);
   a.Bm = as_mat(Bm, true);

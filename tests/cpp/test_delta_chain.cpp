@@ -232,7 +232,7 @@ struct TcCase {
   int pad;                // extra columns in A's and R's rows
 };
 
-void run_case_tc(const TcCase& tc, double bsign, double csign, unsigned seed) {
+void run_case_tc(const TcCase& tc, double bsign, double csign, unsigned seed, bool wide = false) {
   const Case& k = tc.k;
   Data<float> d = make<float>(k, seed);
   const int C = k.C, D = k.D, W = k.W, Wp = W + tc.pad;
@@ -296,6 +296,7 @@ void run_case_tc(const TcCase& tc, double bsign, double csign, unsigned seed) {
   a.bsign = (float)bsign;
   a.csign = (float)csign;
   a.reverse = k.reverse;
+  a.wide = wide;
   ASSERT_TRUE(lasp::cuda::delta_chain_tc_takes(a));
   ASSERT_EQ(lasp::cuda::delta_chain_tc(a, nullptr), cudaSuccess);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
@@ -316,6 +317,7 @@ void run_case_tc(const TcCase& tc, double bsign, double csign, unsigned seed) {
     }
     EXPECT_LE(err, 4e-3 * std::max(1.0, norm))
         << what << " (C " << C << ", D " << D << ", W " << W << ", nc " << k.nc << ", reverse " << k.reverse
+        << ", wide " << wide
         << ", Bm cols " << tc.bm_cols << ", Cm cols " << tc.cm_cols << ")";
     if (!got.empty()) EXPECT_GT(norm, 0.0) << what;  // the check compares something (no chunk: Sstore, X empty)
   };
@@ -347,6 +349,43 @@ TEST(DeltaChain, TensorCoreKernelMatchesDirectChain) {
     run_case_tc(c, -1.0, 1.0, seed++);
     run_case_tc(c, 1.0, -1.0, seed++);
   }
+}
+
+// The wide form (128 state columns per block, D <= 128): the same cases where it takes them, and more column
+// counts around its tile (a partial tile, two tiles, one column).
+TEST(DeltaChain, WideTensorCoreKernelMatchesDirectChain) {
+  int n = 0, major = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    cudaGetLastError();
+    GTEST_SKIP() << "no CUDA device";
+  }
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
+  if (major < 8) GTEST_SKIP() << "tf32 tensor cores need sm_80";
+  const TcCase cases[] = {
+      // {BH, nc, C, D, W, A, R, reverse}, Bm cols, Cm cols, pad
+      {{2, 5, 64, 128, 128, true, false, false}, false, true, 128},  // the forward: Wk rows padded, K^T
+      {{2, 5, 64, 128, 128, true, true, true}, false, true, 0},      // the backward
+      {{1, 3, 64, 128, 256, true, false, false}, false, true, 0},    // the map [T | L]: two column tiles
+      {{3, 4, 64, 64, 40, true, true, false}, true, false, 3},       // D = 64 (warps 4-7 hold no S), partial tile
+      {{2, 2, 32, 48, 7, true, false, false}, false, false, 1},      // C = 32 (X: warps 2, 3, 6, 7 idle)
+      {{1, 3, 16, 16, 200, true, true, true}, true, true, 0},        // C = D = 16, a partial second tile
+      {{1, 0, 64, 64, 32, true, false, false}, false, true, 0},      // no chunk: S passes through
+  };
+  unsigned seed = 400;
+  for (const TcCase& c : cases) {
+    run_case_tc(c, -1.0, 1.0, seed++, true);
+    run_case_tc(c, 1.0, -1.0, seed++, true);
+  }
+  lasp::cuda::ChainTcArgs big;  // D = 256 is the narrow form's only
+  big.BH = 1;
+  big.C = 64;
+  big.D = 256;
+  big.W = 8;
+  big.Bm.sr = big.Cm.sc = 1;
+  big.wide = true;
+  EXPECT_FALSE(lasp::cuda::delta_chain_tc_takes(big));
+  big.wide = false;
+  EXPECT_TRUE(lasp::cuda::delta_chain_tc_takes(big));
 }
 #endif
 
