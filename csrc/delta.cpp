@@ -25,6 +25,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -129,6 +131,20 @@ Tensor segsum(const Tensor& x) {
   Tensor out = x.unsqueeze(-1).expand(sizes).masked_fill(strict.logical_not(), 0.0).cumsum(-2);
   return out.masked_fill(at::ones({C, C}, bopts).tril().logical_not(), -std::numeric_limits<double>::infinity());
 }
+
+}  // namespace
+
+DeltaKernels delta_kernels_mode() {
+  const char* v = std::getenv("LASP_DELTA_KERNELS");
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "cuda") == 0) return DeltaKernels::Cuda;
+  if (std::strcmp(v, "fused") == 0) return DeltaKernels::Fused;
+  if (std::strcmp(v, "host") == 0) return DeltaKernels::Host;
+  TORCH_CHECK_VALUE(std::strcmp(v, "aten") == 0,
+                    "LASP_DELTA_KERNELS must be 'aten', 'cuda', 'fused' or 'host', got '", v, "'");
+  return DeltaKernels::Aten;
+}
+
+namespace {
 
 SolveFn& device_solve(c10::DeviceType type) {
   static SolveFn fns[static_cast<int>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)] = {};

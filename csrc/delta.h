@@ -8,6 +8,15 @@
 
 namespace lasp {
 
+// LASP_DELTA_KERNELS, read at every call: how the op's device hooks below take their calls. aten: none (the
+// ATen compositions); cuda (the default): the chain of states and the solves as CUDA kernels; fused: also the
+// per-chunk CUDA kernels (WY quantities, output, backward's chain inputs, transposed solve, gradients) and the
+// chain's wide form; host: on CPU tensors the CUDA kernels' block programs run on the host (each block's threads
+// one after another: a check of them without a GPU, not a fast path), on CUDA tensors as fused. Another value
+// is an error that names the setting.
+enum class DeltaKernels { Aten, Cuda, Fused, Host };
+DeltaKernels delta_kernels_mode();
+
 // Over the chunks j of each (b, h) (in order, or last to first with reverse), from the state S = S0:
 //   Sstore[j] = S;   X[j] = A[j] + bsign * Bm[j] S;   S = p[j] S + csign * Cm[j] X[j] + R[j]
 // Shapes (acc type, float32 or float64): A (B, H, nc, C, W) or undefined (zero), Bm (B, H, nc, C, D),

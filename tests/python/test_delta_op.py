@@ -315,12 +315,54 @@ def test_cuda_kernels_equal_aten(lasp, seed, monkeypatch):
             torch.testing.assert_close(b, a, rtol=1e-11, atol=1e-11, msg=lambda m: f"{kernels}, output {i}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=[f"q{s[1]}k{s[2]}v{s[3]}-N{s[4]}-D{s[5]}E{s[6]}" for s in CUDA_SHAPES])
+def test_host_block_programs_match_recurrence(lasp, shape, dtype, seed, monkeypatch):
+    """LASP_DELTA_KERNELS=host on CPU tensors: the whole op through the CUDA kernels' block programs run on the
+    host (the chain, the solves, the WY, output, chain-input, transposed-solve and gradient programs, wired as
+    on the GPU), every output and gradient against the float64 recurrence as tightly as the ATen path."""
+    ins = _inputs(seed, *shape, dtype=dtype)
+    want = _run(_ref(), *(t.double() for t in ins))
+    res = {}
+    for kernels in ("aten", "host"):
+        monkeypatch.setenv("LASP_DELTA_KERNELS", kernels)
+        res[kernels] = _run(_ours(lasp), *ins)
+    tol = {torch.float64: 1e-12, torch.float32: 2e-5}[dtype]
+    for key, w in want.items():
+        err = ((res["host"][key].double() - w).norm() / w.norm()).item()
+        assert err < tol, f"{key}: relative error {err:.2e}"
+    # the programs computed it (another order of operations than the compositions'), not a fallback
+    assert not torch.equal(res["host"]["o"], res["aten"]["o"])
+    assert not torch.equal(res["host"]["dq"], res["aten"]["dq"])
+
+
+def test_host_block_programs_in_the_map_op(lasp, seed, monkeypatch):
+    """The piece's map (T, L) through the host programs equals the compositions' to rounding."""
+    ops = torch.ops.lasp
+    q, k, v, g, beta = _inputs(seed, 1, 2, 1, 2, 200, 24, 16)[:5]
+    res = {}
+    for kernels in ("aten", "host"):
+        monkeypatch.setenv("LASP_DELTA_KERNELS", kernels)
+        res[kernels] = ops.gated_delta_map(q, k, v, g, beta)
+    for a, b in zip(res["aten"], res["host"]):
+        torch.testing.assert_close(b, a, rtol=1e-11, atol=1e-11)
+    assert not torch.equal(res["aten"][1], res["host"][1])
+
+
+def test_bad_kernels_setting(lasp, seed, monkeypatch):
+    """An unknown LASP_DELTA_KERNELS value is an error that names the setting and the values it takes."""
+    ins = _inputs(seed, 1, 1, 1, 1, 70, 8, 8, dtype=torch.float32)
+    monkeypatch.setenv("LASP_DELTA_KERNELS", "triton")
+    with pytest.raises(ValueError, match="LASP_DELTA_KERNELS must be 'aten', 'cuda', 'fused' or 'host', got 'triton'"):
+        lasp.gated_delta_attention(*ins[:5])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_bad_kernels_setting(lasp, seed, monkeypatch):
     """An unknown LASP_DELTA_KERNELS value is an error that names the setting and the values it takes."""
     ins = _inputs(seed, 1, 1, 1, 1, 70, 8, 8, dtype=torch.float32, device="cuda")
     monkeypatch.setenv("LASP_DELTA_KERNELS", "triton")
-    with pytest.raises(ValueError, match="LASP_DELTA_KERNELS must be 'aten', 'cuda' or 'fused', got 'triton'"):
+    with pytest.raises(ValueError, match="LASP_DELTA_KERNELS must be 'aten', 'cuda', 'fused' or 'host', got 'triton'"):
         lasp.gated_delta_attention(*ins[:5])
 
 
