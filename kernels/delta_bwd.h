@@ -16,12 +16,13 @@
 // The C x C matrices live in shared memory; the operand read across a warp's lanes by rows (K, W, U, S^T,
 // dSe^T) is staged in one shared buffer in turn (odd row lengths: no bank conflicts), the other operand read
 // from global memory as broadcasts (a warp's 8 rows) or coalesced rows. C x C products in 8 x 2 register
-// tiles per thread, C x D ones in 8 x 8 (the 8 rows shared by a warp). The row sums that span a warp's lanes
+// tiles per thread, C x D ones in 8 x 8 (the 8 rows shared by a warp; delta_tiles.h). The row sums that span a warp's lanes
 // go through per-lane partials in shared memory (no warp shuffles: the host runs the same program).
 #pragma once
 #include <cstdint>
 
 #include "delta_chain.h"  // LASP_CHAIN_HD, HostExec
+#include "delta_tiles.h"
 
 namespace lasp {
 namespace cuda {
@@ -86,26 +87,6 @@ LASP_CHAIN_HD size_t bwd_smem_bytes(int C, int D, int E) {
   return sizeof(T) * BwdLayout(C, D, E).elems;
 }
 
-// acc[r][n] = sum_{x < K} A(r0 + r, x) sB[(lane + 32 n) * ldb + x], rows and columns clamped to C - 1: the
-// C x C product of a global row operand (read as broadcasts: one row per r for the whole warp) and a staged
-// one, for thread t's 8 x 2 tile.
-template <typename T, typename FA>
-LASP_CHAIN_HD void bwd_cc_tile(int t, int C, int K, FA A, const T* sB, int ldb, T (&acc)[8][2]) {
-  const int r0 = (t / 32) * 8, lane = t % 32;
-  int rr[8], cr[2];
-  for (int r = 0; r < 8; ++r) rr[r] = r0 + r < C ? r0 + r : C - 1;
-  for (int n = 0; n < 2; ++n) cr[n] = lane + 32 * n < C ? lane + 32 * n : C - 1;
-  for (int r = 0; r < 8; ++r)
-    for (int n = 0; n < 2; ++n) acc[r][n] = 0;
-  for (int x = 0; x < K; ++x) {
-    T a[8], b[2];
-    for (int r = 0; r < 8; ++r) a[r] = A(rr[r], x);
-    for (int n = 0; n < 2; ++n) b[n] = sB[cr[n] * ldb + x];
-    for (int r = 0; r < 8; ++r)
-      for (int n = 0; n < 2; ++n) acc[r][n] += a[r] * b[n];
-  }
-}
-
 template <typename T, typename Exec>
 LASP_CHAIN_HD void bwd_block(const BwdArgs<T>& a, int64_t ch, T* smem, Exec& ex) {
   const int C = a.C, D = a.D, E = a.E, WD = E + D;
@@ -136,12 +117,6 @@ LASP_CHAIN_HD void bwd_block(const BwdArgs<T>& a, int64_t ch, T* smem, Exec& ex)
   const T* U = a.u + ce;
   const T* dO = a.dO + ce;
   const T* dR = a.dR + cw;
-  // C x C entry (i, j) of thread t's 8 x 2 tile; false outside the matrix
-  auto entry = [C](int t, int r, int n, int& i, int& j) {
-    i = (t / 32) * 8 + r;
-    j = t % 32 + 32 * n;
-    return i < C && j < C;
-  };
 
   ex.threads([&](int t) {  // 0. beta, pre, suf; K staged
     for (int i = t; i < C; i += kBwdThreads) {
@@ -153,13 +128,9 @@ LASP_CHAIN_HD void bwd_block(const BwdArgs<T>& a, int64_t ch, T* smem, Exec& ex)
   });
   ex.sync();
   ex.threads([&](int t) {  // 1. Q K^T -> sXG
-    T acc[8][2];
-    bwd_cc_tile<T>(t, C, D, [&](int i, int x) { return Q[(size_t)i * D + x]; }, sSt, L.ldd, acc);
-    for (int r = 0; r < 8; ++r)
-      for (int n = 0; n < 2; ++n) {
-        int i, j;
-        if (entry(t, r, n, i, j)) sXG[i * L.ldc + j] = acc[r][n];
-      }
+    cc_tile<T>(
+        t, C, D, [&](int i, int x) { return Q[(size_t)i * D + x]; }, [&](int j, int x) { return sSt[j * L.ldd + x]; },
+        [&](int i, int j, T v) { sXG[i * L.ldc + j] = v; });
   });
   ex.sync();
   ex.threads([&](int t) {  // 2. W staged
@@ -167,13 +138,9 @@ LASP_CHAIN_HD void bwd_block(const BwdArgs<T>& a, int64_t ch, T* smem, Exec& ex)
   });
   ex.sync();
   ex.threads([&](int t) {  // 3. dA = -(dR W^T), strictly lower
-    T acc[8][2];
-    bwd_cc_tile<T>(t, C, WD, [&](int i, int x) { return dR[(size_t)i * WD + x]; }, sSt, L.ldw, acc);
-    for (int r = 0; r < 8; ++r)
-      for (int n = 0; n < 2; ++n) {
-        int i, j;
-        if (entry(t, r, n, i, j)) sDA[i * L.ldc + j] = j < i ? -acc[r][n] : T(0);
-      }
+    cc_tile<T>(
+        t, C, WD, [&](int i, int x) { return dR[(size_t)i * WD + x]; }, [&](int j, int x) { return sSt[j * L.ldw + x]; },
+        [&](int i, int j, T v) { sDA[i * L.ldc + j] = j < i ? -v : T(0); });
   });
   ex.sync();
   ex.threads([&](int t) {  // 4. U staged
@@ -181,19 +148,16 @@ LASP_CHAIN_HD void bwd_block(const BwdArgs<T>& a, int64_t ch, T* smem, Exec& ex)
   });
   ex.sync();
   ex.threads([&](int t) {  // 5. dP = scale dO U^T; dPg, dkk, XG
-    T acc[8][2];
-    bwd_cc_tile<T>(t, C, E, [&](int i, int x) { return dO[(size_t)i * E + x]; }, sSt, L.lde, acc);
-    for (int r = 0; r < 8; ++r)
-      for (int n = 0; n < 2; ++n) {
-        int i, j;
-        if (!entry(t, r, n, i, j)) continue;
-        const T dP = acc[r][n] * a.scale;
-        const T g = j <= i ? G[(size_t)i * C + j] : T(0);
-        const T dab = sDA[i * L.ldc + j] * sb[i];  // 0 on and above the diagonal
-        sDP[i * L.ldc + j] = dP * g;
-        sDK[i * L.ldc + j] = dab * g;
-        sXG[i * L.ldc + j] = g * (dP * sXG[i * L.ldc + j] + dab * KK[(size_t)i * C + j]);
-      }
+    cc_tile<T>(
+        t, C, E, [&](int i, int x) { return dO[(size_t)i * E + x]; }, [&](int j, int x) { return sSt[j * L.lde + x]; },
+        [&](int i, int j, T v) {
+          const T dP = v * a.scale;
+          const T g = j <= i ? G[(size_t)i * C + j] : T(0);
+          const T dab = sDA[i * L.ldc + j] * sb[i];  // 0 on and above the diagonal
+          sDP[i * L.ldc + j] = dP * g;
+          sDK[i * L.ldc + j] = dab * g;
+          sXG[i * L.ldc + j] = g * (dP * sXG[i * L.ldc + j] + dab * KK[(size_t)i * C + j]);
+        });
   });
   ex.sync();
   ex.threads([&](int t) {  // 6. S^T staged
@@ -201,53 +165,29 @@ LASP_CHAIN_HD void bwd_block(const BwdArgs<T>& a, int64_t ch, T* smem, Exec& ex)
   });
   ex.sync();
   ex.threads([&](int t) {  // 7. dq = scale pre dO S^T + dPg K; partials of rowsum(Q * dO S^T)
-    const int r0 = (t / 32) * 8, lane = t % 32;
-    if (r0 >= C) return;
-    const int jmax = r0 + 8 < C ? r0 + 8 : C;  // dPg is 0 right of its diagonal
-    int rr[8];
-    for (int r = 0; r < 8; ++r) rr[r] = r0 + r < C ? r0 + r : C - 1;
+    const RowTile rt(t, C);
+    if (rt.r0 >= C) return;
+    const int jmax = rt.r0 + 8 < C ? rt.r0 + 8 : C;  // dPg is 0 right of its diagonal
     T part[8] = {};
     for (int base = 0; base < D; base += 256) {
       T acc[8][8] = {};
-      for (int e = 0; e < E; ++e) {
-        T x[8], y[8];
-        for (int r = 0; r < 8; ++r) x[r] = dO[(size_t)rr[r] * E + e];
-        for (int n = 0; n < 8; ++n) {
-          const int col = base + lane + 32 * n;
-          y[n] = col < D ? sSt[e * L.ldd + col] : T(0);
-        }
-        for (int r = 0; r < 8; ++r)
-          for (int n = 0; n < 8; ++n) acc[r][n] += x[r] * y[n];
-      }
+      tile_mac(
+          acc, rt, 0, E, base, D, [&](int i, int e) { return dO[(size_t)i * E + e]; },
+          [&](int e, int col) { return sSt[e * L.ldd + col]; });
       for (int r = 0; r < 8; ++r) {
-        const T f = a.scale * sp[rr[r]];
+        const T f = a.scale * sp[rt.rr[r]];
         for (int n = 0; n < 8; ++n) {
-          const int col = base + lane + 32 * n;
-          if (col < D) part[r] += Q[(size_t)rr[r] * D + col] * acc[r][n];
+          const int col = rt.col(base, n);
+          if (col < D) part[r] += Q[(size_t)rt.rr[r] * D + col] * acc[r][n];
           acc[r][n] *= f;
         }
       }
-      for (int j = 0; j < jmax; ++j) {
-        T x[8], y[8];
-        for (int r = 0; r < 8; ++r) x[r] = sDP[rr[r] * L.ldc + j];
-        for (int n = 0; n < 8; ++n) {
-          const int col = base + lane + 32 * n;
-          y[n] = col < D ? K[(size_t)j * D + col] : T(0);
-        }
-        for (int r = 0; r < 8; ++r)
-          for (int n = 0; n < 8; ++n) acc[r][n] += x[r] * y[n];
-      }
-      for (int r = 0; r < 8; ++r) {
-        if (r0 + r >= C) break;
-        T* row = a.dq + cd + (size_t)(r0 + r) * D;
-        for (int n = 0; n < 8; ++n) {
-          const int col = base + lane + 32 * n;
-          if (col < D) row[col] = acc[r][n];
-        }
-      }
+      tile_mac(
+          acc, rt, 0, jmax, base, D, [&](int i, int j) { return sDP[i * L.ldc + j]; },
+          [&](int j, int col) { return K[(size_t)j * D + col]; });
+      tile_store(acc, rt, C, base, D, [&](int i, int col, T v) { a.dq[cd + (size_t)i * D + col] = v; });
     }
-    for (int r = 0; r < 8; ++r)
-      if (r0 + r < C) part1[(r0 + r) * 32 + lane] = part[r];
+    for (int r = 0; r < 8 && rt.r0 + r < C; ++r) part1[(rt.r0 + r) * 32 + rt.lane] = part[r];
   });
   ex.sync();
   ex.threads([&](int t) {  // 8. dSe^T staged
@@ -256,63 +196,33 @@ LASP_CHAIN_HD void bwd_block(const BwdArgs<T>& a, int64_t ch, T* smem, Exec& ex)
   ex.sync();
   ex.threads([&](int t) {  // 9. dk = suf U dSe^T + beta pre dRk + (dkk + dkk^T) K + dPg^T Q; partials of
                            //    rowsum(K * U dSe^T)
-    const int r0 = (t / 32) * 8, lane = t % 32;
-    if (r0 >= C) return;
-    int rr[8];
-    for (int r = 0; r < 8; ++r) rr[r] = r0 + r < C ? r0 + r : C - 1;
+    const RowTile rt(t, C);
+    if (rt.r0 >= C) return;
     T part[8] = {};
     for (int base = 0; base < D; base += 256) {
       T acc[8][8] = {};
-      for (int e = 0; e < E; ++e) {
-        T x[8], y[8];
-        for (int r = 0; r < 8; ++r) x[r] = U[(size_t)rr[r] * E + e];
-        for (int n = 0; n < 8; ++n) {
-          const int col = base + lane + 32 * n;
-          y[n] = col < D ? sSt[e * L.ldd + col] : T(0);
-        }
-        for (int r = 0; r < 8; ++r)
-          for (int n = 0; n < 8; ++n) acc[r][n] += x[r] * y[n];
-      }
+      tile_mac(
+          acc, rt, 0, E, base, D, [&](int j, int e) { return U[(size_t)j * E + e]; },
+          [&](int e, int col) { return sSt[e * L.ldd + col]; });
       for (int r = 0; r < 8; ++r) {
-        const T f = ssuf[rr[r]], bp = sb[rr[r]] * sp[rr[r]];
+        const int j = rt.rr[r];
+        const T f = ssuf[j], bp = sb[j] * sp[j];
         for (int n = 0; n < 8; ++n) {
-          const int col = base + lane + 32 * n;
+          const int col = rt.col(base, n);
           if (col >= D) continue;
-          part[r] += K[(size_t)rr[r] * D + col] * acc[r][n];
-          acc[r][n] = f * acc[r][n] + bp * dR[(size_t)rr[r] * WD + E + col];
+          part[r] += K[(size_t)j * D + col] * acc[r][n];
+          acc[r][n] = f * acc[r][n] + bp * dR[(size_t)j * WD + E + col];
         }
       }
-      for (int i = 0; i < C; ++i) {  // (dkk + dkk^T) K
-        T x[8], y[8];
-        for (int r = 0; r < 8; ++r) x[r] = sDK[rr[r] * L.ldc + i] + sDK[i * L.ldc + rr[r]];
-        for (int n = 0; n < 8; ++n) {
-          const int col = base + lane + 32 * n;
-          y[n] = col < D ? K[(size_t)i * D + col] : T(0);
-        }
-        for (int r = 0; r < 8; ++r)
-          for (int n = 0; n < 8; ++n) acc[r][n] += x[r] * y[n];
-      }
-      for (int i = r0; i < C; ++i) {  // dPg^T Q (dPg is 0 right of its diagonal: rows i >= r0 only)
-        T x[8], y[8];
-        for (int r = 0; r < 8; ++r) x[r] = sDP[i * L.ldc + rr[r]];
-        for (int n = 0; n < 8; ++n) {
-          const int col = base + lane + 32 * n;
-          y[n] = col < D ? Q[(size_t)i * D + col] : T(0);
-        }
-        for (int r = 0; r < 8; ++r)
-          for (int n = 0; n < 8; ++n) acc[r][n] += x[r] * y[n];
-      }
-      for (int r = 0; r < 8; ++r) {
-        if (r0 + r >= C) break;
-        T* row = a.dk + cd + (size_t)(r0 + r) * D;
-        for (int n = 0; n < 8; ++n) {
-          const int col = base + lane + 32 * n;
-          if (col < D) row[col] = acc[r][n];
-        }
-      }
+      tile_mac(
+          acc, rt, 0, C, base, D, [&](int j, int i) { return sDK[j * L.ldc + i] + sDK[i * L.ldc + j]; },
+          [&](int i, int col) { return K[(size_t)i * D + col]; });
+      tile_mac(  // dPg[i, j] = 0 for i < j: rows i >= the tile's first only
+          acc, rt, rt.r0, C, base, D, [&](int j, int i) { return sDP[i * L.ldc + j]; },
+          [&](int i, int col) { return Q[(size_t)i * D + col]; });
+      tile_store(acc, rt, C, base, D, [&](int j, int col, T v) { a.dk[cd + (size_t)j * D + col] = v; });
     }
-    for (int r = 0; r < 8; ++r)
-      if (r0 + r < C) part2[(r0 + r) * 32 + lane] = part[r];
+    for (int r = 0; r < 8 && rt.r0 + r < C; ++r) part2[(rt.r0 + r) * 32 + rt.lane] = part[r];
   });
   ex.sync();
   ex.threads([&](int t) {  // 10. dv; sum(dSe * S) partials; per row: dbeta, dpre, Xs
@@ -413,67 +323,34 @@ LASP_CHAIN_HD void pro_block(const ProArgs<T>& a, int64_t ch, T* smem, Exec& ex)
   });
   ex.sync();
   ex.threads([&](int t) {  // 1. P = Q K^T * gam
-    T acc[8][2];
-    bwd_cc_tile<T>(t, C, D, [&](int i, int x) { return Q[(size_t)i * D + x]; }, sK, L.ldd, acc);
-    for (int r = 0; r < 8; ++r)
-      for (int n = 0; n < 2; ++n) {
-        const int i = (t / 32) * 8 + r, j = t % 32 + 32 * n;
-        if (i < C && j < C) sP[i * L.ldc + j] = j <= i ? acc[r][n] * G[(size_t)i * C + j] : T(0);
-      }
+    cc_tile<T>(
+        t, C, D, [&](int i, int x) { return Q[(size_t)i * D + x]; }, [&](int j, int x) { return sK[j * L.ldd + x]; },
+        [&](int i, int j, T v) { sP[i * L.ldc + j] = j <= i ? v * G[(size_t)i * C + j] : T(0); });
   });
   ex.sync();
-  ex.threads([&](int t) {  // 2. pdo = scale P^T dO: rows j = 8 (t / 32) + r
-    const int r0 = (t / 32) * 8, lane = t % 32;
-    if (r0 >= C) return;
-    int rr[8];
-    for (int r = 0; r < 8; ++r) rr[r] = r0 + r < C ? r0 + r : C - 1;
+  ex.threads([&](int t) {  // 2. pdo = scale P^T dO (P[i, j] = 0 for i < j: rows i >= the tile's first)
+    const RowTile rt(t, C);
+    if (rt.r0 >= C) return;
     for (int base = 0; base < E; base += 256) {
       T acc[8][8] = {};
-      for (int i = r0; i < C; ++i) {  // P[i, j] = 0 for i < j
-        T x[8], y[8];
-        for (int r = 0; r < 8; ++r) x[r] = sP[i * L.ldc + rr[r]];
-        for (int n = 0; n < 8; ++n) {
-          const int col = base + lane + 32 * n;
-          y[n] = col < E ? dO[(size_t)i * E + col] : T(0);
-        }
-        for (int r = 0; r < 8; ++r)
-          for (int n = 0; n < 8; ++n) acc[r][n] += x[r] * y[n];
-      }
-      for (int r = 0; r < 8; ++r) {
-        if (r0 + r >= C) break;
-        T* row = a.pdo + ((size_t)ch * C + r0 + r) * E;
-        for (int n = 0; n < 8; ++n) {
-          const int col = base + lane + 32 * n;
-          if (col < E) row[col] = acc[r][n] * a.scale;
-        }
-      }
+      tile_mac(
+          acc, rt, rt.r0, C, base, E, [&](int j, int i) { return sP[i * L.ldc + j]; },
+          [&](int i, int col) { return dO[(size_t)i * E + col]; });
+      tile_store(acc, rt, C, base, E,
+                 [&](int j, int col, T v) { a.pdo[((size_t)ch * C + j) * E + col] = v * a.scale; });
     }
   });
-  ex.threads([&](int t) {  // 3. qdo = scale Q^T diag(pre) dO: rows x = 8 (t / 32 + 8 m) + r
-    const int lane = t % 32;
-    for (int x0 = (t / 32) * 8; x0 < D; x0 += 64) {
-      int xr[8];
-      for (int r = 0; r < 8; ++r) xr[r] = x0 + r < D ? x0 + r : D - 1;
+  ex.threads([&](int t) {  // 3. qdo = scale Q^T diag(pre) dO: rows x in tiles of 64 (8 per warp)
+    for (int off = 0; off < D; off += 64) {
+      const RowTile rt(t, D, off);
+      if (rt.r0 >= D) break;
       for (int base = 0; base < E; base += 256) {
         T acc[8][8] = {};
-        for (int i = 0; i < C; ++i) {
-          T x[8], y[8];
-          for (int r = 0; r < 8; ++r) x[r] = Q[(size_t)i * D + xr[r]];
-          for (int n = 0; n < 8; ++n) {
-            const int col = base + lane + 32 * n;
-            y[n] = col < E ? pre[i] * dO[(size_t)i * E + col] : T(0);
-          }
-          for (int r = 0; r < 8; ++r)
-            for (int n = 0; n < 8; ++n) acc[r][n] += x[r] * y[n];
-        }
-        for (int r = 0; r < 8; ++r) {
-          if (x0 + r >= D) break;
-          T* row = a.qdo + ((size_t)ch * D + x0 + r) * E;
-          for (int n = 0; n < 8; ++n) {
-            const int col = base + lane + 32 * n;
-            if (col < E) row[col] = acc[r][n] * a.scale;
-          }
-        }
+        tile_mac(
+            acc, rt, 0, C, base, E, [&](int x, int i) { return Q[(size_t)i * D + x]; },
+            [&](int i, int col) { return pre[i] * dO[(size_t)i * E + col]; });
+        tile_store(acc, rt, D, base, E,
+                   [&](int x, int col, T v) { a.qdo[((size_t)ch * D + x) * E + col] = v * a.scale; });
       }
     }
   });
@@ -528,59 +405,30 @@ LASP_CHAIN_HD void dr_block(const DrArgs<T>& a, int64_t ch, T* smem, Exec& ex) {
     for (int i = t; i < D * E; i += kBwdThreads) sSt[(i % E) * L.ldd + i / E] = S[i];
   });
   ex.sync();
-  ex.threads([&](int t) {  // 1. dRv = m^-T dU: rows 8 (t / 32) + r, columns base + t % 32 + 32 n
-    const int r0 = (t / 32) * 8, lane = t % 32;
-    if (r0 >= C) return;
-    int rr[8];
-    for (int r = 0; r < 8; ++r) rr[r] = r0 + r < C ? r0 + r : C - 1;
+  ex.threads([&](int t) {  // 1. dRv = m^-T dU (m^-1[j, i] = 0 for j < i: rows j >= the tile's first)
+    const RowTile rt(t, C);
+    if (rt.r0 >= C) return;
     for (int base = 0; base < E; base += 256) {
       T acc[8][8] = {};
-      for (int j = r0; j < C; ++j) {
-        T x[8], y[8];
-        for (int r = 0; r < 8; ++r) x[r] = sT[j * L.ldc + rr[r]];
-        for (int n = 0; n < 8; ++n) {
-          const int col = base + lane + 32 * n;
-          y[n] = col < E ? dU[(size_t)j * E + col] : T(0);
-        }
-        for (int r = 0; r < 8; ++r)
-          for (int n = 0; n < 8; ++n) acc[r][n] += x[r] * y[n];
-      }
-      for (int r = 0; r < 8; ++r) {
-        if (r0 + r >= C) break;
-        for (int n = 0; n < 8; ++n) {
-          const int col = base + lane + 32 * n;
-          if (col >= E) continue;
-          dR[(size_t)(r0 + r) * WD + col] = acc[r][n];
-          sRv[(r0 + r) * L.lde + col] = acc[r][n];
-        }
-      }
+      tile_mac(
+          acc, rt, rt.r0, C, base, E, [&](int i, int j) { return sT[j * L.ldc + i]; },
+          [&](int j, int col) { return dU[(size_t)j * E + col]; });
+      tile_store(acc, rt, C, base, E, [&](int i, int col, T v) {
+        dR[(size_t)i * WD + col] = v;
+        sRv[i * L.lde + col] = v;
+      });
     }
   });
   ex.sync();
   ex.threads([&](int t) {  // 2. dRk = -dRv S^T
-    const int r0 = (t / 32) * 8, lane = t % 32;
-    if (r0 >= C) return;
-    int rr[8];
-    for (int r = 0; r < 8; ++r) rr[r] = r0 + r < C ? r0 + r : C - 1;
+    const RowTile rt(t, C);
+    if (rt.r0 >= C) return;
     for (int base = 0; base < D; base += 256) {
       T acc[8][8] = {};
-      for (int e = 0; e < E; ++e) {
-        T x[8], y[8];
-        for (int r = 0; r < 8; ++r) x[r] = sRv[rr[r] * L.lde + e];
-        for (int n = 0; n < 8; ++n) {
-          const int col = base + lane + 32 * n;
-          y[n] = col < D ? sSt[e * L.ldd + col] : T(0);
-        }
-        for (int r = 0; r < 8; ++r)
-          for (int n = 0; n < 8; ++n) acc[r][n] += x[r] * y[n];
-      }
-      for (int r = 0; r < 8; ++r) {
-        if (r0 + r >= C) break;
-        for (int n = 0; n < 8; ++n) {
-          const int col = base + lane + 32 * n;
-          if (col < D) dR[(size_t)(r0 + r) * WD + E + col] = -acc[r][n];
-        }
-      }
+      tile_mac(
+          acc, rt, 0, E, base, D, [&](int i, int e) { return sRv[i * L.lde + e]; },
+          [&](int e, int col) { return sSt[e * L.ldd + col]; });
+      tile_store(acc, rt, C, base, D, [&](int i, int col, T v) { dR[(size_t)i * WD + E + col] = -v; });
     }
   });
 }

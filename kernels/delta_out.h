@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "delta_chain.h"  // LASP_CHAIN_HD, HostExec
+#include "delta_tiles.h"
 
 namespace lasp {
 namespace cuda {
@@ -72,68 +73,31 @@ LASP_CHAIN_HD void out_block(const OutArgs<T>& a, int64_t ch, T* smem, Exec& ex)
     }
   });
   ex.sync();
-  ex.threads([&](int t) {  // 2. P = Q K^T * gam: rows 8 (t / 32) + r, columns t % 32 + 32 n
-    const int r0 = (t / 32) * 8, lane = t % 32;
-    int rr[8], cr[2];
-    for (int r = 0; r < 8; ++r) rr[r] = r0 + r < C ? r0 + r : C - 1;
-    for (int n = 0; n < 2; ++n) cr[n] = lane + 32 * n < C ? lane + 32 * n : C - 1;
-    T acc[8][2] = {};
-    if (r0 < C && lane <= r0 + 7) {  // a tile with an entry on or below the diagonal (else all 0)
-      for (int d = 0; d < D; ++d) {
-        T x[8], y[2];
-        for (int r = 0; r < 8; ++r) x[r] = sQ[rr[r] * L.ldq + d];
-        for (int n = 0; n < 2; ++n) y[n] = sK[cr[n] * L.ldq + d];
-        for (int r = 0; r < 8; ++r)
-          for (int n = 0; n < 2; ++n) acc[r][n] += x[r] * y[n];
-      }
-    }
-    for (int r = 0; r < 8; ++r)
-      for (int n = 0; n < 2; ++n) {
-        const int i = r0 + r, j = lane + 32 * n;
-        if (i < C && j < C) sP[i * L.ldp + j] = j <= i ? acc[r][n] * G[i * C + j] : T(0);
-      }
+  ex.threads([&](int t) {  // 2. P = Q K^T * gam (tiles wholly above the diagonal: 0, no products)
+    const bool below = t % 32 <= (t / 32) * 8 + 7;
+    cc_tile<T>(
+        t, C, below ? D : 0, [&](int i, int x) { return sQ[i * L.ldq + x]; },
+        [&](int j, int x) { return sK[j * L.ldq + x]; },
+        [&](int i, int j, T v) { sP[i * L.ldp + j] = j <= i ? v * G[i * C + j] : T(0); });
   });
   ex.sync();
-  ex.threads([&](int t) {  // 3. o = scale (pre Q S + P U): rows 8 (t / 32) + r, columns base + t % 32 + 32 n
-    const int r0 = (t / 32) * 8, lane = t % 32;
-    if (r0 >= C) return;
-    const int jmax = r0 + 8 < C ? r0 + 8 : C;  // P is 0 right of its diagonal
-    int rr[8];
-    for (int r = 0; r < 8; ++r) rr[r] = r0 + r < C ? r0 + r : C - 1;
+  ex.threads([&](int t) {  // 3. o = scale (pre Q S + P U), P over the columns up to the tile's rows
+    const RowTile rt(t, C);
+    if (rt.r0 >= C) return;
+    const int jmax = rt.r0 + 8 < C ? rt.r0 + 8 : C;
     for (int base = 0; base < E; base += 256) {
       T acc[8][8] = {};
-      for (int d = 0; d < D; ++d) {
-        T x[8], y[8];
-        for (int r = 0; r < 8; ++r) x[r] = sQ[rr[r] * L.ldq + d];
-        for (int n = 0; n < 8; ++n) {
-          const int col = base + lane + 32 * n;
-          y[n] = col < E ? S[(size_t)d * E + col] : T(0);
-        }
-        for (int r = 0; r < 8; ++r)
-          for (int n = 0; n < 8; ++n) acc[r][n] += x[r] * y[n];
-      }
+      tile_mac(
+          acc, rt, 0, D, base, E, [&](int i, int d) { return sQ[i * L.ldq + d]; },
+          [&](int d, int col) { return S[(size_t)d * E + col]; });
       for (int r = 0; r < 8; ++r) {
-        const T p = a.pre[(size_t)ch * C + rr[r]];
+        const T p = a.pre[(size_t)ch * C + rt.rr[r]];
         for (int n = 0; n < 8; ++n) acc[r][n] *= p;
       }
-      for (int j = 0; j < jmax; ++j) {
-        T x[8], y[8];
-        for (int r = 0; r < 8; ++r) x[r] = sP[rr[r] * L.ldp + j];
-        for (int n = 0; n < 8; ++n) {
-          const int col = base + lane + 32 * n;
-          y[n] = col < E ? U[(size_t)j * E + col] : T(0);
-        }
-        for (int r = 0; r < 8; ++r)
-          for (int n = 0; n < 8; ++n) acc[r][n] += x[r] * y[n];
-      }
-      for (int r = 0; r < 8; ++r) {
-        if (r0 + r >= C) break;
-        T* orow = a.o + ((size_t)ch * C + r0 + r) * E;
-        for (int n = 0; n < 8; ++n) {
-          const int col = base + lane + 32 * n;
-          if (col < E) orow[col] = acc[r][n] * a.scale;
-        }
-      }
+      tile_mac(
+          acc, rt, 0, jmax, base, E, [&](int i, int j) { return sP[i * L.ldp + j]; },
+          [&](int j, int col) { return U[(size_t)j * E + col]; });
+      tile_store(acc, rt, C, base, E, [&](int i, int col, T v) { a.o[((size_t)ch * C + i) * E + col] = v * a.scale; });
     }
   });
 }

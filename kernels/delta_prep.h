@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "delta_chain.h"  // LASP_CHAIN_HD, HostExec
+#include "delta_tiles.h"
 
 namespace lasp {
 namespace cuda {
@@ -104,28 +105,15 @@ LASP_CHAIN_HD void prep_block(const PrepArgs<T>& a, int64_t ch, T* smem, Exec& e
     }
   });
   ex.sync();
-  ex.threads([&](int t) {  // 3. kk, A, m: rows 8 (t / 32) + r, columns t % 32 + 32 n
-    const int r0 = (t / 32) * 8, lane = t % 32;
-    T acc[8][2] = {};
-    int rr[8], cr[2];
-    for (int r = 0; r < 8; ++r) rr[r] = r0 + r < C ? r0 + r : C - 1;
-    for (int n = 0; n < 2; ++n) cr[n] = lane + 32 * n < C ? lane + 32 * n : C - 1;
-    for (int d = 0; d < D; ++d) {
-      T x[8], y[2];
-      for (int r = 0; r < 8; ++r) x[r] = sK[rr[r] * L.ldk + d];
-      for (int n = 0; n < 2; ++n) y[n] = sK[cr[n] * L.ldk + d];
-      for (int r = 0; r < 8; ++r)
-        for (int n = 0; n < 2; ++n) acc[r][n] += x[r] * y[n];
-    }
-    for (int r = 0; r < 8; ++r)
-      for (int n = 0; n < 2; ++n) {
-        const int i = r0 + r, j = lane + 32 * n;
-        if (i >= C || j >= C) continue;
-        const T A = j < i ? sb[i] * sGT[i * L.ldc + j] * acc[r][n] : T(0);
-        a.kk[cc + (size_t)i * C + j] = acc[r][n];
-        a.m[cc + (size_t)i * C + j] = i == j ? T(1) : A;
-        sA[i * L.ldc + j] = A;
-      }
+  ex.threads([&](int t) {  // 3. kk, A, m
+    cc_tile<T>(
+        t, C, D, [&](int i, int x) { return sK[i * L.ldk + x]; }, [&](int j, int x) { return sK[j * L.ldk + x]; },
+        [&](int i, int j, T kk) {
+          const T A = j < i ? sb[i] * sGT[i * L.ldc + j] * kk : T(0);
+          a.kk[cc + (size_t)i * C + j] = kk;
+          a.m[cc + (size_t)i * C + j] = i == j ? T(1) : A;
+          sA[i * L.ldc + j] = A;
+        });
   });
   ex.sync();
   ex.threads([&](int t) {  // 4. m^-1 into sGT, one column per thread: x[i] = [i == c] - sum_{j<i} A[i, j] x[j]
@@ -142,32 +130,16 @@ LASP_CHAIN_HD void prep_block(const PrepArgs<T>& a, int64_t ch, T* smem, Exec& e
       for (int e = t; e < C * C; e += kPrepThreads) a.minv[cc + e] = sGT[(e / C) * L.ldc + e % C];
     });
   }
-  ex.threads([&](int t) {  // 5. w = m^-1 R: rows 8 (t / 32) + r, columns base + t % 32 + 32 n
-    const int r0 = (t / 32) * 8, lane = t % 32;
-    if (r0 >= C) return;
-    const int jmax = r0 + 8 < C ? r0 + 8 : C;  // m^-1 is 0 right of its diagonal
-    int rr[8];
-    for (int r = 0; r < 8; ++r) rr[r] = r0 + r < C ? r0 + r : C - 1;
+  ex.threads([&](int t) {  // 5. w = m^-1 R over the columns j <= the tile's rows (m^-1 is lower triangular)
+    const RowTile rt(t, C);
+    if (rt.r0 >= C) return;
+    const int jmax = rt.r0 + 8 < C ? rt.r0 + 8 : C;
     for (int base = 0; base < WD; base += 256) {
       T acc[8][8] = {};
-      for (int j = 0; j < jmax; ++j) {
-        T x[8], y[8];
-        for (int r = 0; r < 8; ++r) x[r] = sGT[rr[r] * L.ldc + j];
-        for (int n = 0; n < 8; ++n) {
-          const int col = base + lane + 32 * n;
-          y[n] = col < E ? sb[j] * sV[j * L.ldv + col] : (col < WD ? sbp[j] * sK[j * L.ldk + col - E] : T(0));
-        }
-        for (int r = 0; r < 8; ++r)
-          for (int n = 0; n < 8; ++n) acc[r][n] += x[r] * y[n];
-      }
-      for (int r = 0; r < 8; ++r) {
-        if (r0 + r >= C) break;
-        T* wrow = a.w + ((size_t)ch * C + r0 + r) * WD;
-        for (int n = 0; n < 8; ++n) {
-          const int col = base + lane + 32 * n;
-          if (col < WD) wrow[col] = acc[r][n];
-        }
-      }
+      tile_mac(
+          acc, rt, 0, jmax, base, WD, [&](int i, int j) { return sGT[i * L.ldc + j]; },
+          [&](int j, int col) { return col < E ? sb[j] * sV[j * L.ldv + col] : sbp[j] * sK[j * L.ldk + col - E]; });
+      tile_store(acc, rt, C, base, WD, [&](int i, int col, T v) { a.w[((size_t)ch * C + i) * WD + col] = v; });
     }
   });
 }
