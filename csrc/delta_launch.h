@@ -27,14 +27,16 @@ inline bool acc_types(const at::Tensor& t, std::initializer_list<const at::Tenso
 }
 
 template <typename T, typename Launch>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> run_chain_program(const ChainInputs& in, const at::Tensor& S0, Launch&& launch) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_chain_program(const ChainInputs& in, const at::Tensor& S0,
+                                                                 Launch&& launch) {
   const int64_t B = S0.size(0), H = S0.size(1), D = S0.size(2), W = S0.size(3);
   const int64_t nc = in.Bm.size(2), C = in.Bm.size(3);
   const auto o = S0.options();
   auto c = [](const at::Tensor& t) { return t.defined() ? t.contiguous() : t; };
   const at::Tensor A = c(in.A), Bm = c(in.Bm), Cm = c(in.Cm), R = c(in.R), S = c(S0);
   const at::Tensor p = in.p.reshape({B, H, nc}).contiguous();
-  at::Tensor store = at::empty({B, H, nc, D, W}, o), X = at::empty({B, H, nc, C, W}, o), fin = at::empty({B, H, D, W}, o);
+  at::Tensor store = at::empty({B, H, nc, D, W}, o), X = at::empty({B, H, nc, C, W}, o),
+             fin = at::empty({B, H, D, W}, o);
   cuda::ChainArgs<T> a;
   a.BH = B * H;
   a.nc = nc;
@@ -75,7 +77,7 @@ at::Tensor run_solve_program(const at::Tensor& M, const at::Tensor& R, bool tran
 
 template <typename T, typename Launch>
 PrepOut run_prep_program(const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta, const at::Tensor& g,
-             const at::Tensor& pre, Launch&& launch) {
+                         const at::Tensor& pre, Launch&& launch) {
   const at::Tensor K = k.contiguous(), V = v.contiguous(), Bt = beta.contiguous(), G = g.contiguous(),
                    P = pre.contiguous();
   const int64_t C = K.size(3), D = K.size(4), E = V.size(4);
@@ -107,7 +109,7 @@ PrepOut run_prep_program(const at::Tensor& k, const at::Tensor& v, const at::Ten
 
 template <typename T, typename Launch>
 at::Tensor run_out_program(const at::Tensor& q, const at::Tensor& k, const at::Tensor& gam, const at::Tensor& pre,
-               const at::Tensor& S, const at::Tensor& U, double scale, Launch&& launch) {
+                           const at::Tensor& S, const at::Tensor& U, double scale, Launch&& launch) {
   const at::Tensor Q = q.contiguous(), K = k.contiguous(), G = gam.contiguous(), P = pre.contiguous(),
                    Sc = S.contiguous(), Uc = U.contiguous();
   at::Tensor o = at::empty_like(Uc);
@@ -187,7 +189,7 @@ at::Tensor run_dr_program(const at::Tensor& minv, const at::Tensor& dU, const at
 
 template <typename T, typename Launch>
 ProOut run_pro_program(const at::Tensor& q, const at::Tensor& k, const at::Tensor& gam, const at::Tensor& pre,
-           const at::Tensor& dO, double scale, Launch&& launch) {
+                       const at::Tensor& dO, double scale, Launch&& launch) {
   const at::Tensor Q = q.contiguous(), K = k.contiguous(), G = gam.contiguous(), P = pre.contiguous(),
                    O = dO.contiguous();
   const int64_t C = Q.size(3), D = Q.size(4), E = O.size(4);

@@ -16,8 +16,8 @@
 // The C x C matrices live in shared memory; the operand read across a warp's lanes by rows (K, W, U, S^T,
 // dSe^T) is staged in one shared buffer in turn (odd row lengths: no bank conflicts), the other operand read
 // from global memory as broadcasts (a warp's 8 rows) or coalesced rows. C x C products in 8 x 2 register
-// tiles per thread, C x D ones in 8 x 8 (the 8 rows shared by a warp; delta_tiles.h). The row sums that span a warp's lanes
-// go through per-lane partials in shared memory (no warp shuffles: the host runs the same program).
+// tiles per thread, C x D ones in 8 x 8 (the 8 rows shared by a warp; delta_tiles.h). The row sums that span a warp's
+// lanes go through per-lane partials in shared memory (no warp shuffles: the host runs the same program).
 #pragma once
 #include <cstdint>
 
@@ -139,7 +139,8 @@ LASP_CHAIN_HD void bwd_block(const BwdArgs<T>& a, int64_t ch, T* smem, Exec& ex)
   ex.sync();
   ex.threads([&](int t) {  // 3. dA = -(dR W^T), strictly lower
     cc_tile<T>(
-        t, C, WD, [&](int i, int x) { return dR[(size_t)i * WD + x]; }, [&](int j, int x) { return sSt[j * L.ldw + x]; },
+        t, C, WD, [&](int i, int x) { return dR[(size_t)i * WD + x]; },
+        [&](int j, int x) { return sSt[j * L.ldw + x]; },
         [&](int i, int j, T v) { sDA[i * L.ldc + j] = j < i ? -v : T(0); });
   });
   ex.sync();

@@ -24,16 +24,15 @@ template <typename T>
 __global__ void __launch_bounds__(kChainThreads) chain_kernel(ChainArgs<T> a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   DeviceExec ex;
-  chain_block<T>(a, static_cast<int64_t>(blockIdx.x), static_cast<int>(blockIdx.y), reinterpret_cast<T*>(smem_raw),
-                 ex);
+  chain_block<T>(a, static_cast<int64_t>(blockIdx.x), static_cast<int>(blockIdx.y), reinterpret_cast<T*>(smem_raw), ex);
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kSolveCols) solve_kernel(SolveArgs<T> a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   DeviceExec ex;
-  solve_block<T>(a, static_cast<int64_t>(blockIdx.x), static_cast<int>(blockIdx.y), reinterpret_cast<T*>(smem_raw),
-                 ex, kSolveCols);
+  solve_block<T>(a, static_cast<int64_t>(blockIdx.x), static_cast<int>(blockIdx.y), reinterpret_cast<T*>(smem_raw), ex,
+                 kSolveCols);
 }
 
 template <typename T>
@@ -97,77 +96,85 @@ cudaError_t run_solve(const SolveArgs<T>& a, cudaStream_t st) {
   return launch(solve_kernel<T>, grid, kSolveCols, solve_smem_bytes<T>(a.C), st, a);
 }
 
-template <typename T>
-cudaError_t run_prep(const PrepArgs<T>& a, cudaStream_t st) {
-  if (!delta_prep_takes(a.C, a.D, a.E, sizeof(T)) || a.chunks < 0 || a.chunks > INT32_MAX) return cudaErrorInvalidValue;
+// A per-chunk program's kernel: one block of 256 threads per chunk, where `takes` (its sizes fit).
+template <typename A>
+cudaError_t run_per_chunk(void (*kernel)(A), const A& a, bool takes, size_t smem, cudaStream_t st) {
+  if (!takes || a.chunks < 0 || a.chunks > INT32_MAX) return cudaErrorInvalidValue;
   if (a.chunks == 0) return cudaSuccess;
-  return launch(prep_kernel<T>, dim3((unsigned)a.chunks), kPrepThreads, prep_smem_bytes<T>(a.C, a.D, a.E), st, a);
+  return launch(kernel, dim3((unsigned)a.chunks), 256, smem, st, a);
 }
 
-template <typename T>
-cudaError_t run_out(const OutArgs<T>& a, cudaStream_t st) {
-  if (!delta_out_takes(a.C, a.D, a.E, sizeof(T)) || a.chunks < 0 || a.chunks > INT32_MAX) return cudaErrorInvalidValue;
-  if (a.chunks == 0) return cudaSuccess;
-  return launch(out_kernel<T>, dim3((unsigned)a.chunks), kOutThreads, out_smem_bytes<T>(a.C, a.D), st, a);
-}
-
-template <typename T>
-cudaError_t run_bwd(const BwdArgs<T>& a, cudaStream_t st) {
-  if (!delta_bwd_takes(a.C, a.D, a.E, sizeof(T)) || a.chunks < 0 || a.chunks > INT32_MAX) return cudaErrorInvalidValue;
-  if (a.chunks == 0) return cudaSuccess;
-  return launch(bwd_kernel<T>, dim3((unsigned)a.chunks), kBwdThreads, bwd_smem_bytes<T>(a.C, a.D, a.E), st, a);
-}
-
-template <typename T>
-cudaError_t run_dr(const DrArgs<T>& a, cudaStream_t st) {
-  if (!delta_dr_takes(a.C, a.D, a.E, sizeof(T)) || a.chunks < 0 || a.chunks > INT32_MAX) return cudaErrorInvalidValue;
-  if (a.chunks == 0) return cudaSuccess;
-  return launch(dr_kernel<T>, dim3((unsigned)a.chunks), kBwdThreads, dr_smem_bytes<T>(a.C, a.D, a.E), st, a);
-}
-
-template <typename T>
-cudaError_t run_pro(const ProArgs<T>& a, cudaStream_t st) {
-  if (!delta_pro_takes(a.C, a.D, a.E, sizeof(T)) || a.chunks < 0 || a.chunks > INT32_MAX) return cudaErrorInvalidValue;
-  if (a.chunks == 0) return cudaSuccess;
-  return launch(pro_kernel<T>, dim3((unsigned)a.chunks), kBwdThreads, pro_smem_bytes<T>(a.C, a.D), st, a);
+// Whether a per-chunk program takes C, D, E with `elems` elements of elem_size bytes of shared memory.
+bool per_chunk_takes(int C, int D, int E, size_t elems, size_t elem_size) {
+  return C >= 1 && C <= 64 && D >= 1 && E >= 1 && elems * elem_size <= 227 * 1024;
 }
 
 }  // namespace
 
 bool delta_pro_takes(int C, int D, int E, size_t elem_size) {
-  return C >= 1 && C <= kBwdMaxC && D >= 1 && E >= 1 && ProLayout(C, D).elems * elem_size <= 227 * 1024;
+  return per_chunk_takes(C, D, E, ProLayout(C, D).elems, elem_size);
 }
 
-cudaError_t delta_pro(const ProArgs<float>& a, cudaStream_t st) { return run_pro(a, st); }
-cudaError_t delta_pro(const ProArgs<double>& a, cudaStream_t st) { return run_pro(a, st); }
+cudaError_t delta_pro(const ProArgs<float>& a, cudaStream_t st) {
+  return run_per_chunk(pro_kernel<float>, a, delta_pro_takes(a.C, a.D, a.E, sizeof(float)),
+                       pro_smem_bytes<float>(a.C, a.D), st);
+}
+cudaError_t delta_pro(const ProArgs<double>& a, cudaStream_t st) {
+  return run_per_chunk(pro_kernel<double>, a, delta_pro_takes(a.C, a.D, a.E, sizeof(double)),
+                       pro_smem_bytes<double>(a.C, a.D), st);
+}
 
 bool delta_dr_takes(int C, int D, int E, size_t elem_size) {
-  return C >= 1 && C <= kBwdMaxC && D >= 1 && E >= 1 && DrLayout(C, D, E).elems * elem_size <= 227 * 1024;
+  return per_chunk_takes(C, D, E, DrLayout(C, D, E).elems, elem_size);
 }
 
-cudaError_t delta_dr(const DrArgs<float>& a, cudaStream_t st) { return run_dr(a, st); }
-cudaError_t delta_dr(const DrArgs<double>& a, cudaStream_t st) { return run_dr(a, st); }
+cudaError_t delta_dr(const DrArgs<float>& a, cudaStream_t st) {
+  return run_per_chunk(dr_kernel<float>, a, delta_dr_takes(a.C, a.D, a.E, sizeof(float)),
+                       dr_smem_bytes<float>(a.C, a.D, a.E), st);
+}
+cudaError_t delta_dr(const DrArgs<double>& a, cudaStream_t st) {
+  return run_per_chunk(dr_kernel<double>, a, delta_dr_takes(a.C, a.D, a.E, sizeof(double)),
+                       dr_smem_bytes<double>(a.C, a.D, a.E), st);
+}
 
 bool delta_bwd_takes(int C, int D, int E, size_t elem_size) {
-  return C >= 1 && C <= kBwdMaxC && D >= 1 && E >= 1 && BwdLayout(C, D, E).elems * elem_size <= 227 * 1024;
+  return per_chunk_takes(C, D, E, BwdLayout(C, D, E).elems, elem_size);
 }
 
-cudaError_t delta_bwd(const BwdArgs<float>& a, cudaStream_t st) { return run_bwd(a, st); }
-cudaError_t delta_bwd(const BwdArgs<double>& a, cudaStream_t st) { return run_bwd(a, st); }
+cudaError_t delta_bwd(const BwdArgs<float>& a, cudaStream_t st) {
+  return run_per_chunk(bwd_kernel<float>, a, delta_bwd_takes(a.C, a.D, a.E, sizeof(float)),
+                       bwd_smem_bytes<float>(a.C, a.D, a.E), st);
+}
+cudaError_t delta_bwd(const BwdArgs<double>& a, cudaStream_t st) {
+  return run_per_chunk(bwd_kernel<double>, a, delta_bwd_takes(a.C, a.D, a.E, sizeof(double)),
+                       bwd_smem_bytes<double>(a.C, a.D, a.E), st);
+}
 
 bool delta_out_takes(int C, int D, int E, size_t elem_size) {
-  return C >= 1 && C <= kOutMaxC && D >= 1 && E >= 1 && OutLayout(C, D).elems * elem_size <= 227 * 1024;
+  return per_chunk_takes(C, D, E, OutLayout(C, D).elems, elem_size);
 }
 
-cudaError_t delta_out(const OutArgs<float>& a, cudaStream_t st) { return run_out(a, st); }
-cudaError_t delta_out(const OutArgs<double>& a, cudaStream_t st) { return run_out(a, st); }
+cudaError_t delta_out(const OutArgs<float>& a, cudaStream_t st) {
+  return run_per_chunk(out_kernel<float>, a, delta_out_takes(a.C, a.D, a.E, sizeof(float)),
+                       out_smem_bytes<float>(a.C, a.D), st);
+}
+cudaError_t delta_out(const OutArgs<double>& a, cudaStream_t st) {
+  return run_per_chunk(out_kernel<double>, a, delta_out_takes(a.C, a.D, a.E, sizeof(double)),
+                       out_smem_bytes<double>(a.C, a.D), st);
+}
 
 bool delta_prep_takes(int C, int D, int E, size_t elem_size) {
-  return C >= 1 && C <= kPrepMaxC && D >= 1 && E >= 1 && PrepLayout(C, D, E).elems * elem_size <= 227 * 1024;
+  return per_chunk_takes(C, D, E, PrepLayout(C, D, E).elems, elem_size);
 }
 
-cudaError_t delta_prep(const PrepArgs<float>& a, cudaStream_t st) { return run_prep(a, st); }
-cudaError_t delta_prep(const PrepArgs<double>& a, cudaStream_t st) { return run_prep(a, st); }
+cudaError_t delta_prep(const PrepArgs<float>& a, cudaStream_t st) {
+  return run_per_chunk(prep_kernel<float>, a, delta_prep_takes(a.C, a.D, a.E, sizeof(float)),
+                       prep_smem_bytes<float>(a.C, a.D, a.E), st);
+}
+cudaError_t delta_prep(const PrepArgs<double>& a, cudaStream_t st) {
+  return run_per_chunk(prep_kernel<double>, a, delta_prep_takes(a.C, a.D, a.E, sizeof(double)),
+                       prep_smem_bytes<double>(a.C, a.D, a.E), st);
+}
 cudaError_t delta_chain(const ChainArgs<float>& a, cudaStream_t st) { return run_chain(a, st); }
 cudaError_t delta_chain(const ChainArgs<double>& a, cudaStream_t st) { return run_chain(a, st); }
 cudaError_t delta_solve(const SolveArgs<float>& a, cudaStream_t st) { return run_solve(a, st); }

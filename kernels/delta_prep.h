@@ -42,7 +42,7 @@ struct PrepArgs {
 };
 
 struct PrepLayout {
-  int ldk, ldv, ldc;  // row lengths in shared memory of K, V and the C x C matrices
+  int ldk, ldv, ldc;                 // row lengths in shared memory of K, V and the C x C matrices
   size_t k, v, gt, a, b, bp, elems;  // offsets (elements) of sK, sV, sGT (gam, then m^-1), sA, beta, beta pre
   LASP_CHAIN_HD PrepLayout(int C, int D, int E) {
     ldk = D | 1;

@@ -114,8 +114,8 @@ at::Tensor out_host(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
 BwdChunkOut bwd_host(const BwdChunkIn& in) {
   if (!on() || !chunk_fits(in.q) || in.u.dim() != 5 ||
-      !delta_launch::acc_types(in.q, {&in.k, &in.v, &in.beta, &in.pre, &in.gam, &in.kk, &in.w, &in.S, &in.dSe,
-                                      &in.u, &in.dO, &in.dR}))
+      !delta_launch::acc_types(
+          in.q, {&in.k, &in.v, &in.beta, &in.pre, &in.gam, &in.kk, &in.w, &in.S, &in.dSe, &in.u, &in.dO, &in.dR}))
     return {};
   if (in.q.scalar_type() == at::kDouble) return delta_launch::run_bwd_program<double>(in, HostLaunch());
   return delta_launch::run_bwd_program<float>(in, HostLaunch());

@@ -26,19 +26,18 @@ struct BwdCase {
 };
 
 const BwdCase kBwdCases[] = {
-    {2, 64, 128, 128},  // the common shape
-    {2, 64, 64, 64},
-    {1, 64, 40, 24},    // the sizes of the op's float64 test
-    {3, 5, 3, 7},       // a small chunk, odd dims
-    {2, 17, 33, 1},     // one value column
-    {2, 1, 8, 8},       // one token per chunk
-    {1, 16, 300, 8},    // two passes over D
+    {2, 64, 128, 128},                   // the common shape
+    {2, 64, 64, 64},   {1, 64, 40, 24},  // the sizes of the op's float64 test
+    {3, 5, 3, 7},                        // a small chunk, odd dims
+    {2, 17, 33, 1},                      // one value column
+    {2, 1, 8, 8},                        // one token per chunk
+    {1, 16, 300, 8},                     // two passes over D
 };
 
 template <typename T>
 struct BwdData {
   std::vector<T> q, k, v, beta, pre, gam, kk, w, S, dSe, u, dO, dR;  // inputs
-  std::vector<T> dq, dk, dv, dbeta, dg;                            // outputs
+  std::vector<T> dq, dk, dv, dbeta, dg;                              // outputs
 };
 
 template <typename T>
@@ -69,7 +68,8 @@ BwdData<T> make_bwd(const BwdCase& c, unsigned seed) {
   d.gam.resize(n * C * C);
   for (size_t ch = 0; ch < n; ++ch)
     for (size_t i = 0; i < C; ++i)
-      for (size_t j = 0; j < C; ++j) d.gam[(ch * C + i) * C + j] = static_cast<T>(j < i ? ud(gen) : (j == i ? 1.0 : 0.0));
+      for (size_t j = 0; j < C; ++j)
+        d.gam[(ch * C + i) * C + j] = static_cast<T>(j < i ? ud(gen) : (j == i ? 1.0 : 0.0));
   const T junk = T(-7);
   d.dq.assign(n * C * D, junk);
   d.dk = d.dq;
@@ -165,7 +165,8 @@ void check(const BwdCase& c, const BwdData<T>& d, double tol) {
     std::vector<double> Xp(C), Xs(C);
     for (int i = 0; i < C; ++i) {
       for (int x = 0; x < D; ++x) {
-        double dq = scale * pre(i) * dOS[i * D + x], dk = gam(C - 1, i) * udS[i * D + x] + beta(i) * pre(i) * dR(i, E + x);
+        double dq = scale * pre(i) * dOS[i * D + x],
+               dk = gam(C - 1, i) * udS[i * D + x] + beta(i) * pre(i) * dR(i, E + x);
         for (int j = 0; j < C; ++j) {
           dq += dPg[i * C + j] * k(j, x);
           dk += (dkk[i * C + j] + dkk[j * C + i]) * k(j, x) + dPg[j * C + i] * q(j, x);
@@ -197,8 +198,7 @@ void check(const BwdCase& c, const BwdData<T>& d, double tol) {
     }
   }
   const char* names[5] = {"dq", "dk", "dv", "dbeta", "dg"};
-  for (int o = 0; o < 5; ++o)
-    EXPECT_LE(err[o] / norm[o], tol) << names[o] << ", C " << C << ", D " << D << ", E " << E;
+  for (int o = 0; o < 5; ++o) EXPECT_LE(err[o] / norm[o], tol) << names[o] << ", C " << C << ", D " << D << ", E " << E;
 }
 
 template <typename T>
@@ -364,7 +364,8 @@ void check_dr(const BwdCase& c, const DrData<T>& d, double tol) {
         if (x < E) {
           s = d.dU[((size_t)ch * C + j) * E + x];
         } else {
-          for (int e = 0; e < E; ++e) s -= (double)d.dU[((size_t)ch * C + j) * E + e] * d.S[((size_t)ch * D + x - E) * E + e];
+          for (int e = 0; e < E; ++e)
+            s -= (double)d.dU[((size_t)ch * C + j) * E + e] * d.S[((size_t)ch * D + x - E) * E + e];
         }
         dW[(size_t)j * WD + x] = s;
       }
@@ -489,7 +490,9 @@ void device_case(const BwdCase& c, double tol, unsigned seed) {
   a.dg = dg;
   EXPECT_EQ(lasp::cuda::delta_bwd(a, nullptr), cudaSuccess);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  auto down = [](std::vector<T>& h, const T* p) { cudaMemcpy(h.data(), p, h.size() * sizeof(T), cudaMemcpyDeviceToHost); };
+  auto down = [](std::vector<T>& h, const T* p) {
+    cudaMemcpy(h.data(), p, h.size() * sizeof(T), cudaMemcpyDeviceToHost);
+  };
   down(d.dq, dq);
   down(d.dk, dk);
   down(d.dv, dv);

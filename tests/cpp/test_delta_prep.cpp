@@ -122,8 +122,8 @@ void check(const PrepCase& c, const PrepData<T>& d, double tol) {
         double s = 0;
         for (int j = 0; j <= i; ++j) s += m[i * C + j] * d.w[((size_t)ch * C + j) * WD + col];
         const double b = d.beta[ch * C + i];
-        const double r = col < E ? b * d.v[(ch * C + i) * E + col]
-                                 : b * (double)d.pre[ch * C + i] * d.k[(ch * C + i) * D + col - E];
+        const double r =
+            col < E ? b * d.v[(ch * C + i) * E + col] : b * (double)d.pre[ch * C + i] * d.k[(ch * C + i) * D + col - E];
         ew = std::max(ew, std::fabs(s - r));
         nr = std::max(nr, std::fabs(r));
       }
