@@ -14,6 +14,7 @@
 #include <cuda_runtime_api.h>
 
 #include "delta_chain_api.h"
+#include "device_buffers.h"
 #endif
 
 namespace {
@@ -251,28 +252,18 @@ void pro_case(const BwdCase& c, double tol, unsigned seed, bool device) {
     for (int64_t ch = 0; ch < c.chunks; ++ch) lasp::cuda::pro_block<T>(a, ch, smem.data(), ex);
   } else {
 #if defined(LASP_WITH_CUDA)
-    std::vector<T*> ptrs;
-    auto up = [&ptrs](const std::vector<T>& h) {
-      T* p = nullptr;
-      EXPECT_EQ(cudaMalloc(reinterpret_cast<void**>(&p), h.size() * sizeof(T)), cudaSuccess);
-      cudaMemcpy(p, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice);
-      ptrs.push_back(p);
-      return p;
-    };
-    a.q = up(d.q);
-    a.k = up(d.k);
-    a.gam = up(d.gam);
-    a.pre = up(d.pre);
-    a.dO = up(d.dO);
-    T* dp = up(pdo);
-    T* dq = up(qdo);
-    a.pdo = dp;
-    a.qdo = dq;
+    DeviceBuffers<T> buf;
+    a.q = buf.up(d.q);
+    a.k = buf.up(d.k);
+    a.gam = buf.up(d.gam);
+    a.pre = buf.up(d.pre);
+    a.dO = buf.up(d.dO);
+    a.pdo = buf.up(pdo);
+    a.qdo = buf.up(qdo);
     EXPECT_EQ(lasp::cuda::delta_pro(a, nullptr), cudaSuccess);
     EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    cudaMemcpy(pdo.data(), dp, pdo.size() * sizeof(T), cudaMemcpyDeviceToHost);
-    cudaMemcpy(qdo.data(), dq, qdo.size() * sizeof(T), cudaMemcpyDeviceToHost);
-    for (T* p : ptrs) cudaFree(p);
+    buf.down(pdo, a.pdo);
+    buf.down(qdo, a.qdo);
 #endif
   }
   double ep = 0, np = 0, eq = 0, nq = 0;
@@ -422,23 +413,14 @@ template <typename T>
 void device_dr_case(const BwdCase& c, double tol, unsigned seed) {
   DrData<T> d = make_dr<T>(c, seed);
   auto a = dr_args(c, d);
-  T *minv = nullptr, *dU = nullptr, *S = nullptr, *dR = nullptr;
-  auto up = [](const std::vector<T>& h, T** p) {
-    EXPECT_EQ(cudaMalloc(reinterpret_cast<void**>(p), h.size() * sizeof(T)), cudaSuccess);
-    cudaMemcpy(*p, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice);
-  };
-  up(d.minv, &minv);
-  up(d.dU, &dU);
-  up(d.S, &S);
-  up(d.dR, &dR);
-  a.minv = minv;
-  a.dU = dU;
-  a.S = S;
-  a.dR = dR;
+  DeviceBuffers<T> buf;
+  a.minv = buf.up(d.minv);
+  a.dU = buf.up(d.dU);
+  a.S = buf.up(d.S);
+  a.dR = buf.up(d.dR);
   EXPECT_EQ(lasp::cuda::delta_dr(a, nullptr), cudaSuccess);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  cudaMemcpy(d.dR.data(), dR, d.dR.size() * sizeof(T), cudaMemcpyDeviceToHost);
-  for (T* p : {minv, dU, S, dR}) cudaFree(p);
+  buf.down(d.dR, a.dR);
   check_dr(c, d, tol);
 }
 
@@ -461,44 +443,32 @@ template <typename T>
 void device_case(const BwdCase& c, double tol, unsigned seed) {
   BwdData<T> d = make_bwd<T>(c, seed);
   BwdArgs<T> a = bwd_args(c, d);
-  std::vector<T*> ptrs;
-  auto up = [&ptrs](const std::vector<T>& h) {
-    T* p = nullptr;
-    EXPECT_EQ(cudaMalloc(reinterpret_cast<void**>(&p), h.size() * sizeof(T)), cudaSuccess);
-    cudaMemcpy(p, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice);
-    ptrs.push_back(p);
-    return p;
-  };
-  a.q = up(d.q);
-  a.k = up(d.k);
-  a.v = up(d.v);
-  a.beta = up(d.beta);
-  a.pre = up(d.pre);
-  a.gam = up(d.gam);
-  a.kk = up(d.kk);
-  a.w = up(d.w);
-  a.S = up(d.S);
-  a.dSe = up(d.dSe);
-  a.u = up(d.u);
-  a.dO = up(d.dO);
-  a.dR = up(d.dR);
-  T *dq = up(d.dq), *dk = up(d.dk), *dv = up(d.dv), *dbeta = up(d.dbeta), *dg = up(d.dg);
-  a.dq = dq;
-  a.dk = dk;
-  a.dv = dv;
-  a.dbeta = dbeta;
-  a.dg = dg;
+  DeviceBuffers<T> buf;
+  a.q = buf.up(d.q);
+  a.k = buf.up(d.k);
+  a.v = buf.up(d.v);
+  a.beta = buf.up(d.beta);
+  a.pre = buf.up(d.pre);
+  a.gam = buf.up(d.gam);
+  a.kk = buf.up(d.kk);
+  a.w = buf.up(d.w);
+  a.S = buf.up(d.S);
+  a.dSe = buf.up(d.dSe);
+  a.u = buf.up(d.u);
+  a.dO = buf.up(d.dO);
+  a.dR = buf.up(d.dR);
+  a.dq = buf.up(d.dq);
+  a.dk = buf.up(d.dk);
+  a.dv = buf.up(d.dv);
+  a.dbeta = buf.up(d.dbeta);
+  a.dg = buf.up(d.dg);
   EXPECT_EQ(lasp::cuda::delta_bwd(a, nullptr), cudaSuccess);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  auto down = [](std::vector<T>& h, const T* p) {
-    cudaMemcpy(h.data(), p, h.size() * sizeof(T), cudaMemcpyDeviceToHost);
-  };
-  down(d.dq, dq);
-  down(d.dk, dk);
-  down(d.dv, dv);
-  down(d.dbeta, dbeta);
-  down(d.dg, dg);
-  for (T* p : ptrs) cudaFree(p);
+  buf.down(d.dq, a.dq);
+  buf.down(d.dk, a.dk);
+  buf.down(d.dv, a.dv);
+  buf.down(d.dbeta, a.dbeta);
+  buf.down(d.dg, a.dg);
   check(c, d, tol);
 }
 

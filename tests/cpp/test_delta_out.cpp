@@ -14,6 +14,7 @@
 #include <cuda_runtime_api.h>
 
 #include "delta_chain_api.h"
+#include "device_buffers.h"
 #endif
 
 namespace {
@@ -129,26 +130,17 @@ template <typename T>
 void device_case(const OutCase& c, double tol, unsigned seed) {
   OutData<T> d = make_out<T>(c, seed);
   OutArgs<T> a = out_args(c, d);
-  std::vector<T*> ptrs;
-  auto up = [&ptrs](const std::vector<T>& h) {
-    T* p = nullptr;
-    EXPECT_EQ(cudaMalloc(reinterpret_cast<void**>(&p), h.size() * sizeof(T)), cudaSuccess);
-    cudaMemcpy(p, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice);
-    ptrs.push_back(p);
-    return p;
-  };
-  a.q = up(d.q);
-  a.k = up(d.k);
-  a.gam = up(d.gam);
-  a.pre = up(d.pre);
-  a.S = up(d.S);
-  a.U = up(d.U);
-  T* o = up(d.o);
-  a.o = o;
+  DeviceBuffers<T> buf;
+  a.q = buf.up(d.q);
+  a.k = buf.up(d.k);
+  a.gam = buf.up(d.gam);
+  a.pre = buf.up(d.pre);
+  a.S = buf.up(d.S);
+  a.U = buf.up(d.U);
+  a.o = buf.up(d.o);
   EXPECT_EQ(lasp::cuda::delta_out(a, nullptr), cudaSuccess);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  cudaMemcpy(d.o.data(), o, d.o.size() * sizeof(T), cudaMemcpyDeviceToHost);
-  for (T* p : ptrs) cudaFree(p);
+  buf.down(d.o, a.o);
   check(c, d, tol);
 }
 

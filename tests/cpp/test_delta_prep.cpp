@@ -14,6 +14,7 @@
 #include <cuda_runtime_api.h>
 
 #include "delta_chain_api.h"
+#include "device_buffers.h"
 #endif
 
 namespace {
@@ -196,44 +197,24 @@ template <typename T>
 void device_case(const PrepCase& c, double tol, unsigned seed) {
   PrepData<T> d = make_prep<T>(c, seed);
   PrepArgs<T> a = prep_args(c, d);
-  T *k = nullptr, *v = nullptr, *beta = nullptr, *g = nullptr, *pre = nullptr;
-  T *gam = nullptr, *kk = nullptr, *m = nullptr, *w = nullptr, *minv = nullptr;
-  auto up = [](const std::vector<T>& h, T** p) {
-    ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(p), h.size() * sizeof(T)), cudaSuccess);
-    ASSERT_EQ(cudaMemcpy(*p, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
-  };
-  up(d.k, &k);
-  up(d.v, &v);
-  up(d.beta, &beta);
-  up(d.g, &g);
-  up(d.pre, &pre);
-  up(d.gam, &gam);
-  up(d.kk, &kk);
-  up(d.m, &m);
-  up(d.w, &w);
-  up(d.minv, &minv);
-  a.k = k;
-  a.v = v;
-  a.beta = beta;
-  a.g = g;
-  a.pre = pre;
-  a.gam = gam;
-  a.kk = kk;
-  a.m = m;
-  a.w = w;
-  a.minv = minv;
+  DeviceBuffers<T> buf;
+  a.k = buf.up(d.k);
+  a.v = buf.up(d.v);
+  a.beta = buf.up(d.beta);
+  a.g = buf.up(d.g);
+  a.pre = buf.up(d.pre);
+  a.gam = buf.up(d.gam);
+  a.kk = buf.up(d.kk);
+  a.m = buf.up(d.m);
+  a.w = buf.up(d.w);
+  a.minv = buf.up(d.minv);
   EXPECT_EQ(lasp::cuda::delta_prep(a, nullptr), cudaSuccess);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  auto down = [](std::vector<T>& h, T* p) {
-    cudaMemcpy(h.data(), p, h.size() * sizeof(T), cudaMemcpyDeviceToHost);
-    cudaFree(p);
-  };
-  down(d.gam, gam);
-  down(d.kk, kk);
-  down(d.m, m);
-  down(d.w, w);
-  down(d.minv, minv);
-  for (T* p : {k, v, beta, g, pre}) cudaFree(p);
+  buf.down(d.gam, a.gam);
+  buf.down(d.kk, a.kk);
+  buf.down(d.m, a.m);
+  buf.down(d.w, a.w);
+  buf.down(d.minv, a.minv);
   check(c, d, tol);
 }
 
