@@ -1,11 +1,21 @@
-// Device copies of host vectors for the GoogleTest device cases: up() copies a vector to a new device
-// buffer, down() copies a device buffer back into a vector; the buffers are freed with the object.
+// Device copies of host vectors for the GoogleTest device cases, and their skip without a device: up() copies a vector
+// to a new device buffer, down() copies a device buffer back into a vector; the buffers are freed with the object.
 #pragma once
 #if defined(LASP_WITH_CUDA)
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
 #include <vector>
+
+// In a TEST body: skips the test (with the reason shown) where no CUDA device is present.
+#define LASP_SKIP_WITHOUT_CUDA_DEVICE()                                            \
+  do {                                                                             \
+    int lasp_devices_ = 0;                                                         \
+    if (cudaGetDeviceCount(&lasp_devices_) != cudaSuccess || lasp_devices_ == 0) { \
+      cudaGetLastError();                                                          \
+      GTEST_SKIP() << "no CUDA device";                                            \
+    }                                                                              \
+  } while (0)
 
 template <typename T>
 class DeviceBuffers {

@@ -304,11 +304,7 @@ TEST(DeltaBwd, HostChainInputsMatchFormulas) {
 
 #if defined(LASP_WITH_CUDA)
 TEST(DeltaBwd, CudaChainInputsMatchFormulas) {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
-    cudaGetLastError();
-    GTEST_SKIP() << "no CUDA device";
-  }
+  LASP_SKIP_WITHOUT_CUDA_DEVICE();
   unsigned seed = 250;
   for (const BwdCase& c : kBwdCases) {
     if (lasp::cuda::delta_pro_takes(c.C, c.D, c.E, sizeof(double))) pro_case<double>(c, 1e-12, seed, true);
@@ -425,11 +421,7 @@ void device_dr_case(const BwdCase& c, double tol, unsigned seed) {
 }
 
 TEST(DeltaBwd, CudaTransposedSolveMatchesFormula) {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
-    cudaGetLastError();
-    GTEST_SKIP() << "no CUDA device";
-  }
+  LASP_SKIP_WITHOUT_CUDA_DEVICE();
   unsigned seed = 150;
   for (const BwdCase& c : kBwdCases) {
     if (lasp::cuda::delta_dr_takes(c.C, c.D, c.E, sizeof(double))) device_dr_case<double>(c, 1e-12, seed);
@@ -473,11 +465,7 @@ void device_case(const BwdCase& c, double tol, unsigned seed) {
 }
 
 TEST(DeltaBwd, CudaKernelMatchesFormulas) {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
-    cudaGetLastError();
-    GTEST_SKIP() << "no CUDA device";
-  }
+  LASP_SKIP_WITHOUT_CUDA_DEVICE();
   unsigned seed = 50;
   for (const BwdCase& c : kBwdCases) {
     if (lasp::cuda::delta_bwd_takes(c.C, c.D, c.E, sizeof(double))) device_case<double>(c, 1e-12, seed);

@@ -145,11 +145,7 @@ void device_case(const OutCase& c, double tol, unsigned seed) {
 }
 
 TEST(DeltaOut, CudaKernelMatchesDefinition) {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
-    cudaGetLastError();
-    GTEST_SKIP() << "no CUDA device";
-  }
+  LASP_SKIP_WITHOUT_CUDA_DEVICE();
   unsigned seed = 50;
   for (const OutCase& c : kOutCases) {
     if (lasp::cuda::delta_out_takes(c.C, c.D, c.E, sizeof(double))) device_case<double>(c, 1e-13, seed);

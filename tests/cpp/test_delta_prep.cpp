@@ -219,11 +219,7 @@ void device_case(const PrepCase& c, double tol, unsigned seed) {
 }
 
 TEST(DeltaPrep, CudaKernelMatchesDefinitions) {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
-    cudaGetLastError();
-    GTEST_SKIP() << "no CUDA device";
-  }
+  LASP_SKIP_WITHOUT_CUDA_DEVICE();
   unsigned seed = 50;
   for (const PrepCase& c : kPrepCases) {
     if (lasp::cuda::delta_prep_takes(c.C, c.D, c.E, sizeof(double))) device_case<double>(c, 1e-12, seed);
