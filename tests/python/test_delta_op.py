@@ -481,6 +481,20 @@ def _dist_worker(rank, world, port, out_dir):
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_across_ranks_matches_one_rank(lasp, world):
     res = spawn_world(_dist_worker, world, (), 180, f"gated delta rule (gloo, world={world})")
+    _check_world(lasp, world, res)
+
+
+def test_across_ranks_through_host_programs(lasp, monkeypatch):
+    """Every strategy across 3 ranks (uneven and empty pieces, packed documents, per-document states) with the
+    CUDA kernels' block programs run on the host in every rank (LASP_DELTA_KERNELS=host: the piece's map, the
+    state-gradient-only backward and the full backward through them) against one rank's ATen result."""
+    monkeypatch.setenv("LASP_DELTA_KERNELS", "host")
+    res = spawn_world(_dist_worker, 3, (), 240, "gated delta rule (gloo, world=3, host programs)")
+    monkeypatch.delenv("LASP_DELTA_KERNELS")
+    _check_world(lasp, 3, res)
+
+
+def _check_world(lasp, world, res):
     for ci, (pieces, layout, docs) in enumerate(DIST[world]):
         N = sum(pieces)
         q, k, v, g, beta, s0, do, dS = _dist_problem(world, ci, N)
