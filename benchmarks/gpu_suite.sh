@@ -37,9 +37,10 @@
 #   sanitize     (1) benchmarks/sanitize.sh (compute-sanitizer memcheck, racecheck, initcheck, synccheck)
 #   ncu          (1) benchmarks/ncu_kernels.sh (Nsight Compute; SHAPE, KERNELS as that script reads them)
 #   pending      (1) the tests of the newest GPU paths: document starts (gate mode 2), the delta rule's
-#                    kernels (the chain of states, on tensor cores for 16-bit inputs, the solves, the fused WY kernel), the
-#                    peer hop's per-(b, h) factors: GoogleTest 'CudaKernelsApi.*:Wgmma*:DocStarts*:Delta*:PeerHop*',
-#                    then pytest test_packed_op, test_compile, test_gates_cuda, test_delta_op -k "cuda or starts"
+#                    kernels (the chain, its tensor-core and wide forms, the solves, the per-chunk programs of
+#                    LASP_DELTA_KERNELS=fused), the peer hop's per-(b, h) factors: GoogleTest
+#                    'CudaKernelsApi.*:Wgmma*:DocStarts*:Delta*:PeerHop*', then pytest test_packed_op,
+#                    test_compile, test_gates_cuda, test_delta_op -k "cuda or starts"
 #   delta        (1) benchmarks/bench_delta.py against fla (DELTA_SHAPES, DELTA_ARGS)
 #
 # groups: check = gtest pytest demo;  robust = reliability groupchecks hf hf-example sanitize

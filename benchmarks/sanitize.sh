@@ -17,7 +17,9 @@
 #    pass-through) and LocalThenMainMatchFloat64Reference for bf16 and f32: the kernels the sequence-
 #    parallel ring uses (fwd_local, bwd_local, bwd_prepare, main passes with the incoming state), driven
 #    directly with workspaces from cudaMalloc ("content undefined": initcheck checks they are written
-#    before being read).
+#    before being read); and, under racecheck and memcheck, the gated delta rule's kernel tests
+#    ('Delta*.Cuda*', the tensor-core chain's): their block programs are checked on the host too, where a
+#    missing barrier cannot show.
 #
 # initcheck does not see TMA stores (the probe below, benchmarks/tma_initcheck.cu), so the driver runs under
 # initcheck with the mma.sync kernels; the sm_90a kernels' outputs are covered by the poisoned-output tests.
@@ -285,6 +287,11 @@ if [ -x "$GTEST" ]; then
 else
   SUMMARY+=("$(printf '%-22s SKIPPED (%s not built)' gtest "$GTEST")")
 fi
+# the gated delta rule's kernels (chain, solves, per-chunk block programs): their GoogleTest device cases, whose
+# host runs cannot see a missing barrier (racecheck can) or an out-of-bounds shared/global access (memcheck)
+GT_FILTER_DELTA='Delta*.Cuda*:DeltaChain.*TensorCore*'
+[ -x "$GTEST" ] && step gtest-delta-racecheck racecheck 150 "$GTEST" --gtest_filter="$GT_FILTER_DELTA"
+[ -x "$GTEST" ] && step gtest-delta-memcheck memcheck 90 "$GTEST" --gtest_filter="$GT_FILTER_DELTA"
 step driver-racecheck racecheck 75 python3 "$DRIVER"
 # initcheck does not count TMA stores as writes: benchmarks/tma_initcheck.cu writes one tile by a TMA store
 # and one by ordinary stores, and on 2026-12-02 (1 x H200, CUDA 13.0) initcheck reported all 256 granules of
