@@ -586,6 +586,26 @@ def test_random_shapes_match_recurrence(lasp, shape, l2, seed):
 
 
 @st.composite
+def _host_shapes(draw):
+    B, Hq, Hk, Hv, N, D, E = draw(_delta_shapes())
+    # and wide dims: more than one pass of the programs' 256-column tiles (D + E, D, E past 256)
+    return B, Hq, Hk, Hv, N, draw(st.sampled_from([D, 130, 257, 300])), draw(st.sampled_from([E, 129, 260]))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=_host_shapes(), l2=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_random_shapes_through_host_programs(lasp, shape, l2, seed, monkeypatch):
+    """LASP_DELTA_KERNELS=host over random head maps, lengths and dims (up to 300): the op through the CUDA
+    kernels' block programs on the host against the float64 recurrence."""
+    monkeypatch.setenv("LASP_DELTA_KERNELS", "host")
+    ins = _inputs(seed, *shape)
+    got = _run(_ours(lasp, use_qk_l2norm=l2), *ins)
+    want = _run(_ref(use_qk_l2norm=l2), *ins)
+    for key, w in want.items():
+        torch.testing.assert_close(got[key], w, rtol=1e-8, atol=1e-8, msg=lambda m: f"{shape} {key}: {m}")
+
+
+@st.composite
 def _packed_layouts(draw):
     H = draw(st.sampled_from([1, 2, 4]))
     divisors = [d for d in range(1, H + 1) if H % d == 0]
