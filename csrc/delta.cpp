@@ -300,7 +300,7 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tens
   auto [states, u, fin] = state_chain(c, state_or_zeros(initial_state, c, q));
   if (c.nc == 0) return {at::empty({c.B, c.H, 0, c.E}, q.options()), fin};
   Tensor o;
-  if (OutFn fn = device_out(q.device().type())) o = fn(c.q, c.k, c.gam, c.pre, states, u, scale);
+  if (OutFn fn = device_out(q.device().type())) o = fn(c.q, c.k, c.gam, c.pre, states, u, scale, c.low);
   if (!o.defined()) {
     const Tensor qk = at::matmul(c.q, c.k.transpose(-1, -2)) * c.gam;
     o = (c.pre.unsqueeze(-1) * at::matmul(c.q, states) + at::matmul(qk, u)) * scale;

@@ -61,9 +61,10 @@ bool register_delta_prep(c10::DeviceType type, PrepFn fn);
 
 // The forward's output per chunk: o = scale (diag(pre) Q S + (Q K^T * gam) U), from the chunked q, k (B, H, nc,
 // C, D), gam (.., C, C), pre (.., C), the states entering the chunks S (.., D, E) and the chain's U (.., C, E),
-// acc type; o (.., C, E). A device's kernel for it (undefined: not taken, the ATen composition runs).
+// acc type; o (.., C, E). tensor_cores: the op's inputs were 16-bit, so the products may be formed at tf32
+// precision. A device's kernel for it (undefined: not taken, the ATen composition runs).
 using OutFn = at::Tensor (*)(const at::Tensor& q, const at::Tensor& k, const at::Tensor& gam, const at::Tensor& pre,
-                             const at::Tensor& S, const at::Tensor& U, double scale);
+                             const at::Tensor& S, const at::Tensor& U, double scale, bool tensor_cores);
 bool register_delta_out(c10::DeviceType type, OutFn fn);
 
 // The backward's gradients per chunk, after the chain of state gradients and the transposed solve (the

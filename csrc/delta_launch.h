@@ -7,6 +7,7 @@
 
 #include <initializer_list>
 #include <tuple>
+#include <type_traits>
 
 #include "delta.h"
 #include "delta_bwd.h"
@@ -109,7 +110,7 @@ PrepOut run_prep_program(const at::Tensor& k, const at::Tensor& v, const at::Ten
 
 template <typename T, typename Launch>
 at::Tensor run_out_program(const at::Tensor& q, const at::Tensor& k, const at::Tensor& gam, const at::Tensor& pre,
-                           const at::Tensor& S, const at::Tensor& U, double scale, Launch&& launch) {
+                           const at::Tensor& S, const at::Tensor& U, double scale, bool tensor_cores, Launch&& launch) {
   const at::Tensor Q = q.contiguous(), K = k.contiguous(), G = gam.contiguous(), P = pre.contiguous(),
                    Sc = S.contiguous(), Uc = U.contiguous();
   at::Tensor o = at::empty_like(Uc);
@@ -119,6 +120,7 @@ at::Tensor run_out_program(const at::Tensor& q, const at::Tensor& k, const at::T
   a.D = static_cast<int>(Q.size(4));
   a.E = static_cast<int>(Uc.size(4));
   a.scale = static_cast<T>(scale);
+  a.tensor_cores = tensor_cores && std::is_same<T, float>::value;
   a.q = Q.data_ptr<T>();
   a.k = K.data_ptr<T>();
   a.gam = G.data_ptr<T>();

@@ -111,6 +111,11 @@ struct HostExec {
   void threads(F f) {
     for (int t = 0; t < n; ++t) f(t);
   }
+  // f(w) once per warp, for warp-level code (warp_tile.h): the warp's 32 threads at once
+  template <typename F>
+  void warps(F f) {
+    for (int w = 0; w < n / 32; ++w) f(w);
+  }
   void sync() {}
 };
 

@@ -55,7 +55,8 @@ cudaError_t delta_prep(const PrepArgs<float>& args, cudaStream_t stream);
 cudaError_t delta_prep(const PrepArgs<double>& args, cudaStream_t stream);
 
 // The forward's output per chunk (delta_out.h; out_smem_bytes per block: 83 KiB at C = 64, D = 128 in
-// float32). delta_out_takes as delta_prep_takes.
+// float32). delta_out_takes as delta_prep_takes. With OutArgs::tensor_cores (float), C a multiple of 16 and
+// sm_80 or later, the tensor-core form (out_tc_block) runs instead.
 bool delta_out_takes(int C, int D, int E, size_t elem_size);
 cudaError_t delta_out(const OutArgs<float>& args, cudaStream_t stream);
 cudaError_t delta_out(const OutArgs<double>& args, cudaStream_t stream);

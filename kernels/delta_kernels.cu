@@ -17,6 +17,10 @@ struct DeviceExec {
   __device__ __forceinline__ void threads(F f) {
     f(static_cast<int>(threadIdx.x));
   }
+  template <typename F>
+  __device__ __forceinline__ void warps(F f) {  // every thread of warp w: f(w) (warp_tile.h)
+    f(static_cast<int>(threadIdx.x >> 5));
+  }
   __device__ __forceinline__ void sync() { __syncthreads(); }
 };
 
@@ -68,6 +72,12 @@ __global__ void __launch_bounds__(kBwdThreads) pro_kernel(ProArgs<T> a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   DeviceExec ex;
   pro_block<T>(a, static_cast<int64_t>(blockIdx.x), reinterpret_cast<T*>(smem_raw), ex);
+}
+
+__global__ void __launch_bounds__(kOutThreads) out_tc_kernel(OutArgs<float> a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DeviceExec ex;
+  out_tc_block(a, static_cast<int64_t>(blockIdx.x), reinterpret_cast<float*>(smem_raw), ex);
 }
 
 // Launches kernel<<<grid, threads, smem, st>>>(args), opting in to more than 48 KiB of shared memory first.
@@ -155,6 +165,17 @@ bool delta_out_takes(int C, int D, int E, size_t elem_size) {
 }
 
 cudaError_t delta_out(const OutArgs<float>& a, cudaStream_t st) {
+  if (a.tensor_cores && a.C % 16 == 0 && out_tc_smem_bytes(a.C, a.D) <= 227 * 1024 && a.chunks >= 0 &&
+      a.chunks <= INT32_MAX) {
+    int dev = 0, major = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    if (e != cudaSuccess) return e;
+    if (major >= 8) {  // tf32 mma.sync; below sm_80 the SIMT program
+      if (a.chunks == 0) return cudaSuccess;
+      return launch(out_tc_kernel, dim3((unsigned)a.chunks), kOutThreads, out_tc_smem_bytes(a.C, a.D), st, a);
+    }
+  }
   return run_per_chunk(out_kernel<float>, a, delta_out_takes(a.C, a.D, a.E, sizeof(float)),
                        out_smem_bytes<float>(a.C, a.D), st);
 }

@@ -14,6 +14,7 @@
 
 #include "delta_chain.h"  // LASP_CHAIN_HD, HostExec
 #include "delta_tiles.h"
+#include "warp_tile.h"
 
 namespace lasp {
 namespace cuda {
@@ -27,13 +28,14 @@ struct OutArgs {
   int64_t chunks = 0;
   int C = 0, D = 0, E = 0;
   T scale = 1;
-  const T* q = nullptr;    // (chunks, C, D)
-  const T* k = nullptr;    // (chunks, C, D)
-  const T* gam = nullptr;  // (chunks, C, C)
-  const T* pre = nullptr;  // (chunks, C)
-  const T* S = nullptr;    // (chunks, D, E)
-  const T* U = nullptr;    // (chunks, C, E)
-  T* o = nullptr;          // (chunks, C, E)
+  const T* q = nullptr;       // (chunks, C, D)
+  const T* k = nullptr;       // (chunks, C, D)
+  const T* gam = nullptr;     // (chunks, C, C)
+  const T* pre = nullptr;     // (chunks, C)
+  const T* S = nullptr;       // (chunks, D, E)
+  const T* U = nullptr;       // (chunks, C, E)
+  T* o = nullptr;             // (chunks, C, E)
+  bool tensor_cores = false;  // float, C a multiple of 16: out_tc_block (tf32 products; the op's inputs were 16-bit)
 };
 
 struct OutLayout {
@@ -98,6 +100,86 @@ LASP_CHAIN_HD void out_block(const OutArgs<T>& a, int64_t ch, T* smem, Exec& ex)
           acc, rt, 0, jmax, base, E, [&](int i, int j) { return sP[i * L.ldp + j]; },
           [&](int j, int col) { return U[(size_t)j * E + col]; });
       tile_store(acc, rt, C, base, E, [&](int i, int col, T v) { a.o[((size_t)ch * C + i) * E + col] = v * a.scale; });
+    }
+  });
+}
+
+// The tensor-core form (float): the same o with tf32 products, one WarpTile per warp and job. Q and K in shared
+// memory with rows of round32(D) + 4 floats (zero past D), P with rows of round32(C) + 4: the fragments' reads
+// (8 rows x 4 columns per instruction) hit 32 banks. Jobs: P's 16-row x 32-column tiles, then o's 16 x 64
+// tiles, dealt round-robin to the 8 warps; o's P U product over P's columns up to the tile's last row.
+struct OutTcLayout {
+  int Dp, ldq, ldp;
+  size_t q, k, p, elems;
+  LASP_CHAIN_HD OutTcLayout(int C, int D) {
+    Dp = (D + 7) / 8 * 8;
+    ldq = (D + 31) / 32 * 32 + 4;
+    ldp = (C + 31) / 32 * 32 + 4;
+    q = 0;
+    k = q + (size_t)C * ldq;
+    p = k + (size_t)C * ldq;
+    elems = p + (size_t)C * ldp;
+  }
+};
+
+LASP_CHAIN_HD size_t out_tc_smem_bytes(int C, int D) { return sizeof(float) * OutTcLayout(C, D).elems; }
+
+template <typename Exec>
+LASP_CHAIN_HD void out_tc_block(const OutArgs<float>& a, int64_t ch, float* smem, Exec& ex) {
+  const int C = a.C, D = a.D, E = a.E;
+  const OutTcLayout L(C, D);
+  float* sQ = smem + L.q;
+  float* sK = smem + L.k;
+  float* sP = smem + L.p;
+  const float* Q = a.q + (size_t)ch * C * D;
+  const float* K = a.k + (size_t)ch * C * D;
+  const float* G = a.gam + (size_t)ch * C * C;
+  const float* pre = a.pre + (size_t)ch * C;
+  const float* S = a.S + (size_t)ch * D * E;
+  const float* U = a.U + (size_t)ch * C * E;
+  float* O = a.o + (size_t)ch * C * E;
+  ex.threads([&](int t) {  // 1. Q, K -> shared memory, zero past D up to a multiple of 8
+    for (int i = t; i < C * L.Dp; i += kOutThreads) {
+      const int r = i / L.Dp, x = i % L.Dp;
+      sQ[r * L.ldq + x] = x < D ? Q[(size_t)r * D + x] : 0.f;
+      sK[r * L.ldq + x] = x < D ? K[(size_t)r * D + x] : 0.f;
+    }
+  });
+  ex.sync();
+  const int rtiles = C / 16;
+  ex.warps([&](int w) {  // 2. P = Q K^T * gam, 16 x 32 tiles (those wholly above the diagonal: 0)
+    const int ctiles = (C + 31) / 32;
+    for (int job = w; job < rtiles * ctiles; job += kOutThreads / 32) {
+      const int m0 = (job % rtiles) * 16, n0 = (job / rtiles) * 32;
+      WarpTile<4> tile;
+      tile.zero();
+      if (n0 <= m0 + 15)
+        tile.mma(
+            L.Dp, [&](int m, int k) { return sQ[(m0 + m) * L.ldq + k]; },
+            [&](int k, int n) { return n0 + n < C ? sK[(n0 + n) * L.ldq + k] : 0.f; });
+      tile.each([&](int m, int n, float& v) {
+        const int i = m0 + m, j = n0 + n;
+        if (j < C) sP[i * L.ldp + j] = j <= i ? v * G[(size_t)i * C + j] : 0.f;
+      });
+    }
+  });
+  ex.sync();
+  ex.warps([&](int w) {  // 3. o = scale (pre Q S + P U), 16 x 64 tiles
+    const int ctiles = (E + 63) / 64;
+    for (int job = w; job < rtiles * ctiles; job += kOutThreads / 32) {
+      const int m0 = (job % rtiles) * 16, n0 = (job / rtiles) * 64;
+      WarpTile<8> tile;
+      tile.zero();
+      tile.mma(
+          L.Dp, [&](int m, int k) { return sQ[(m0 + m) * L.ldq + k]; },
+          [&](int k, int n) { return k < D && n0 + n < E ? S[(size_t)k * E + n0 + n] : 0.f; });
+      tile.each([&](int m, int, float& v) { v *= pre[m0 + m]; });
+      tile.mma(
+          m0 + 16, [&](int m, int k) { return sP[(m0 + m) * L.ldp + k]; },
+          [&](int k, int n) { return n0 + n < E ? U[(size_t)k * E + n0 + n] : 0.f; });
+      tile.each([&](int m, int n, float& v) {
+        if (n0 + n < E) O[(size_t)(m0 + m) * E + n0 + n] = v * a.scale;
+      });
     }
   });
 }

@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "delta.h"
@@ -54,6 +55,15 @@ struct HostLaunch {
   }
   template <typename T>
   void operator()(const cuda::OutArgs<T>& a) const {
+    if constexpr (std::is_same<T, float>::value) {
+      if (a.tensor_cores && a.C % 16 == 0) {  // the tensor-core form, its tf32 products emulated
+        blocks<float>(a.chunks, cuda::out_tc_smem_bytes(a.C, a.D) / sizeof(float), [&](int64_t b, float* sm) {
+          cuda::HostExec ex{cuda::kOutThreads};
+          cuda::out_tc_block(a, b, sm, ex);
+        });
+        return;
+      }
+    }
     blocks<T>(a.chunks, cuda::out_smem_bytes<T>(a.C, a.D) / sizeof(T), [&](int64_t b, T* sm) {
       cuda::HostExec ex{cuda::kOutThreads};
       cuda::out_block<T>(a, b, sm, ex);
@@ -105,11 +115,11 @@ PrepOut prep_host(const at::Tensor& k, const at::Tensor& v, const at::Tensor& be
 }
 
 at::Tensor out_host(const at::Tensor& q, const at::Tensor& k, const at::Tensor& gam, const at::Tensor& pre,
-                    const at::Tensor& S, const at::Tensor& U, double scale) {
+                    const at::Tensor& S, const at::Tensor& U, double scale, bool tensor_cores) {
   if (!on() || !chunk_fits(q) || U.dim() != 5 || !delta_launch::acc_types(q, {&k, &gam, &pre, &S, &U})) return {};
   if (q.scalar_type() == at::kDouble)
-    return delta_launch::run_out_program<double>(q, k, gam, pre, S, U, scale, HostLaunch());
-  return delta_launch::run_out_program<float>(q, k, gam, pre, S, U, scale, HostLaunch());
+    return delta_launch::run_out_program<double>(q, k, gam, pre, S, U, scale, tensor_cores, HostLaunch());
+  return delta_launch::run_out_program<float>(q, k, gam, pre, S, U, scale, tensor_cores, HostLaunch());
 }
 
 BwdChunkOut bwd_host(const BwdChunkIn& in) {

@@ -176,7 +176,7 @@ PrepOut prep_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor& be
 
 // The forward's output kernel where LASP_DELTA_KERNELS=fused and it takes the sizes; else nothing.
 at::Tensor out_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& gam, const at::Tensor& pre,
-                    const at::Tensor& S, const at::Tensor& U, double scale) {
+                    const at::Tensor& S, const at::Tensor& U, double scale, bool tensor_cores) {
   if (mode() != Mode::Fused || q.dim() != 5 || U.dim() != 5) return {};
   const auto t = q.scalar_type();
   for (const at::Tensor* x : {&k, &gam, &pre, &S, &U})
@@ -187,8 +187,8 @@ at::Tensor out_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                              t == at::kDouble ? sizeof(double) : sizeof(float)))
     return {};
   const c10::cuda::CUDAGuard guard(q.device());
-  return t == at::kDouble ? delta_launch::run_out_program<double>(q, k, gam, pre, S, U, scale, CudaLaunch())
-                           : delta_launch::run_out_program<float>(q, k, gam, pre, S, U, scale, CudaLaunch());
+  return t == at::kDouble ? delta_launch::run_out_program<double>(q, k, gam, pre, S, U, scale, tensor_cores, CudaLaunch())
+                           : delta_launch::run_out_program<float>(q, k, gam, pre, S, U, scale, tensor_cores, CudaLaunch());
 }
 
 

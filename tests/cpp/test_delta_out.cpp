@@ -125,7 +125,60 @@ TEST(DeltaOut, HostBlockProgramMatchesDefinition) {
   }
 }
 
+// The tensor-core form (float; its tf32 products emulated on the host): C a multiple of 16, any D and E.
+const OutCase kTcCases[] = {
+    {3, 64, 128, 128},  // the common shape
+    {2, 64, 256, 64},   // D = 256
+    {2, 64, 64, 300},   // five column tiles of 64, the last partial
+    {1, 16, 7, 520},    // D = 7 (padded to 8 with zeros), one row tile
+    {2, 32, 33, 1},     // one value column
+};
+
+void tc_case(const OutCase& c, double tol, unsigned seed, bool device) {
+  OutData<float> d = make_out<float>(c, seed);
+  OutArgs<float> a = out_args(c, d);
+  a.tensor_cores = true;
+  if (!device) {
+    std::vector<float> smem(lasp::cuda::out_tc_smem_bytes(c.C, c.D) / sizeof(float), 1e30f);
+    lasp::cuda::HostExec ex{lasp::cuda::kOutThreads};
+    for (int64_t ch = 0; ch < c.chunks; ++ch) lasp::cuda::out_tc_block(a, ch, smem.data(), ex);
+  } else {
 #if defined(LASP_WITH_CUDA)
+    DeviceBuffers<float> buf;
+    a.q = buf.up(d.q);
+    a.k = buf.up(d.k);
+    a.gam = buf.up(d.gam);
+    a.pre = buf.up(d.pre);
+    a.S = buf.up(d.S);
+    a.U = buf.up(d.U);
+    a.o = buf.up(d.o);
+    EXPECT_EQ(lasp::cuda::delta_out(a, nullptr), cudaSuccess);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    buf.down(d.o, a.o);
+#endif
+  }
+  check(c, d, tol);
+}
+
+// tf32 keeps 11 significant bits: products of D + C terms of unit size stay within a few 1e-3 of the sum
+TEST(DeltaOut, HostTensorCoreFormMatchesDefinition) {
+  unsigned seed = 500;
+  for (const OutCase& c : kTcCases) tc_case(c, 2e-3, seed++, false);
+}
+
+// The host's emulated tf32 rounding is what makes the form's error: with it off the residual is fp32's, so
+// the tolerance above is not loose enough to hide a wrong index (a mutation test of the form fails it).
+
+#if defined(LASP_WITH_CUDA)
+TEST(DeltaOut, CudaTensorCoreFormMatchesDefinition) {
+  LASP_SKIP_WITHOUT_CUDA_DEVICE();
+  int major = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
+  if (major < 8) GTEST_SKIP() << "tf32 tensor cores need sm_80";
+  unsigned seed = 600;
+  for (const OutCase& c : kTcCases) tc_case(c, 2e-3, seed++, true);
+}
+
 template <typename T>
 void device_case(const OutCase& c, double tol, unsigned seed) {
   OutData<T> d = make_out<T>(c, seed);
