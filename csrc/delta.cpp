@@ -373,7 +373,7 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
   Tensor dq, dk, dv, dbeta, dg;
   BwdChunkOut fused;
   if (BwdFn fn = device_bwd(q.device().type()))
-    fused = fn(BwdChunkIn{c.q, c.k, c.v, c.beta, c.pre, c.gam, c.kk, c.w, states, dSe, u, dO, dR, scale});
+    fused = fn(BwdChunkIn{c.q, c.k, c.v, c.beta, c.pre, c.gam, c.kk, c.w, states, dSe, u, dO, dR, scale, c.low});
   if (fused.dq.defined()) {
     dq = fused.dq;
     dk = fused.dk;

@@ -75,6 +75,7 @@ bool register_delta_out(c10::DeviceType type, OutFn fn);
 struct BwdChunkIn {
   at::Tensor q, k, v, beta, pre, gam, kk, w, S, dSe, u, dO, dR;
   double scale = 1.0;
+  bool tensor_cores = false;  // the op's inputs were 16-bit: the products may be formed at tf32 precision
 };
 struct BwdChunkOut {
   at::Tensor dq, dk, dv, dbeta, dg;

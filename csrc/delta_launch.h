@@ -149,6 +149,7 @@ BwdChunkOut run_bwd_program(const BwdChunkIn& in, Launch&& launch) {
   a.D = static_cast<int>(q.size(4));
   a.E = static_cast<int>(u.size(4));
   a.scale = static_cast<T>(in.scale);
+  a.tensor_cores = in.tensor_cores && std::is_same<T, float>::value;
   a.q = q.data_ptr<T>();
   a.k = k.data_ptr<T>();
   a.v = v.data_ptr<T>();

@@ -23,6 +23,7 @@
 
 #include "delta_chain.h"  // LASP_CHAIN_HD, HostExec
 #include "delta_tiles.h"
+#include "warp_tile.h"
 
 namespace lasp {
 namespace cuda {
@@ -36,24 +37,25 @@ struct BwdArgs {
   int64_t chunks = 0;
   int C = 0, D = 0, E = 0;
   T scale = 1;
-  const T* q = nullptr;     // (chunks, C, D)
-  const T* k = nullptr;     // (chunks, C, D)
-  const T* v = nullptr;     // (chunks, C, E)
-  const T* beta = nullptr;  // (chunks, C)
-  const T* pre = nullptr;   // (chunks, C)
-  const T* gam = nullptr;   // (chunks, C, C), 0 above the diagonal
-  const T* kk = nullptr;    // (chunks, C, C)
-  const T* w = nullptr;     // (chunks, C, E + D)
-  const T* S = nullptr;     // (chunks, D, E)
-  const T* dSe = nullptr;   // (chunks, D, E)
-  const T* u = nullptr;     // (chunks, C, E)
-  const T* dO = nullptr;    // (chunks, C, E)
-  const T* dR = nullptr;    // (chunks, C, E + D)
-  T* dq = nullptr;          // (chunks, C, D)
-  T* dk = nullptr;          // (chunks, C, D)
-  T* dv = nullptr;          // (chunks, C, E)
-  T* dbeta = nullptr;       // (chunks, C)
-  T* dg = nullptr;          // (chunks, C)
+  const T* q = nullptr;       // (chunks, C, D)
+  const T* k = nullptr;       // (chunks, C, D)
+  const T* v = nullptr;       // (chunks, C, E)
+  const T* beta = nullptr;    // (chunks, C)
+  const T* pre = nullptr;     // (chunks, C)
+  const T* gam = nullptr;     // (chunks, C, C), 0 above the diagonal
+  const T* kk = nullptr;      // (chunks, C, C)
+  const T* w = nullptr;       // (chunks, C, E + D)
+  const T* S = nullptr;       // (chunks, D, E)
+  const T* dSe = nullptr;     // (chunks, D, E)
+  const T* u = nullptr;       // (chunks, C, E)
+  const T* dO = nullptr;      // (chunks, C, E)
+  const T* dR = nullptr;      // (chunks, C, E + D)
+  T* dq = nullptr;            // (chunks, C, D)
+  T* dk = nullptr;            // (chunks, C, D)
+  T* dv = nullptr;            // (chunks, C, E)
+  T* dbeta = nullptr;         // (chunks, C)
+  T* dg = nullptr;            // (chunks, C)
+  bool tensor_cores = false;  // float, C a multiple of 16: bwd_tc_block (tf32 products; the inputs were 16-bit)
 };
 
 struct BwdLayout {
@@ -85,6 +87,65 @@ struct BwdLayout {
 template <typename T>
 LASP_CHAIN_HD size_t bwd_smem_bytes(int C, int D, int E) {
   return sizeof(T) * BwdLayout(C, D, E).elems;
+}
+
+// The gradient programs' last phases (the SIMT and the tensor-core forms): dv; per row dbeta, dpre and Xs
+// (P1(i) = rowsum(Q * dO S^T)[i], P2(i) = rowsum(K * U dSe^T)[i]); XG's column sums from the bottom (in place in
+// sXG); dg. part3: kBwdThreads elements of shared memory for the partials of sum(dSe * S). Begins with the
+// block's barrier (after the caller's last phase).
+template <typename T, typename F1, typename F2, typename Exec>
+LASP_CHAIN_HD void bwd_finish(const BwdArgs<T>& a, int64_t ch, T* part3, T* sXG, int ldxg, const T* sDA, int ldda,
+                              const T* sb, const T* sp, const T* ssuf, T* sdpre, T* sxs, F1 P1, F2 P2, Exec& ex) {
+  const int C = a.C, D = a.D, E = a.E, WD = E + D;
+  const size_t ce = (size_t)ch * C * E, c1 = (size_t)ch * C;
+  const T* K = a.k + (size_t)ch * C * D;
+  const T* V = a.v + ce;
+  const T* G = a.gam + (size_t)ch * C * C;
+  const T* KK = a.kk + (size_t)ch * C * C;
+  const T* S = a.S + (size_t)ch * D * E;
+  const T* dSe = a.dSe + (size_t)ch * D * E;
+  const T* dR = a.dR + (size_t)ch * C * WD;
+  ex.sync();
+  ex.threads([&](int t) {  // dv; sum(dSe * S) partials; per row: dbeta, dpre, Xs
+    for (int i = t; i < C * E; i += kBwdThreads) a.dv[ce + i] = sb[i / E] * dR[(size_t)(i / E) * WD + i % E];
+    T s = 0;
+    for (int i = t; i < D * E; i += kBwdThreads) s += dSe[i] * S[i];
+    part3[t] = s;
+    if (t >= C) return;
+    const int i = t;
+    T rk = 0, rv = 0, ra = 0;
+    for (int x = 0; x < D; ++x) rk += dR[(size_t)i * WD + E + x] * K[(size_t)i * D + x];
+    for (int e = 0; e < E; ++e) rv += dR[(size_t)i * WD + e] * V[(size_t)i * E + e];
+    for (int j = 0; j < i; ++j) ra += sDA[i * ldda + j] * G[(size_t)i * C + j] * KK[(size_t)i * C + j];
+    a.dbeta[c1 + i] = rv + sp[i] * rk + ra;
+    sdpre[i] = a.scale * P1(i) + sb[i] * rk;
+    sxs[i] = ssuf[i] * P2(i);
+  });
+  ex.sync();
+  ex.threads([&](int t) {  // XG's column sums from the bottom, in place; the last row's dpre term
+    if (t >= C) return;
+    T z = 0;
+    for (int i = C - 1; i >= 0; --i) {
+      z += sXG[i * ldxg + t];
+      sXG[i * ldxg + t] = z;
+    }
+    if (t == 0) {
+      T s = 0;
+      for (int l = 0; l < kBwdThreads; ++l) s += part3[l];
+      sdpre[C - 1] += s;
+    }
+  });
+  ex.sync();
+  ex.threads([&](int t) {  // dg
+    if (t >= C) return;
+    T xp = 0, z = 0, xs = 0;
+    for (int i = C - 1; i >= t; --i) xp += sp[i] * sdpre[i];
+    for (int j = 0; j < t; ++j) {
+      z += sXG[t * ldxg + j];
+      xs += sxs[j];
+    }
+    a.dg[c1 + t] = xp + z + xs;
+  });
 }
 
 template <typename T, typename Exec>
@@ -225,51 +286,210 @@ LASP_CHAIN_HD void bwd_block(const BwdArgs<T>& a, int64_t ch, T* smem, Exec& ex)
     }
     for (int r = 0; r < 8 && rt.r0 + r < C; ++r) part2[(rt.r0 + r) * 32 + rt.lane] = part[r];
   });
-  ex.sync();
-  ex.threads([&](int t) {  // 10. dv; sum(dSe * S) partials; per row: dbeta, dpre, Xs
-    for (int i = t; i < C * E; i += kBwdThreads) a.dv[ce + i] = sb[i / E] * dR[(size_t)(i / E) * WD + i % E];
-    T s = 0;
-    for (int i = t; i < D * E; i += kBwdThreads) s += dSe[i] * S[i];
-    part3[t] = s;
-    if (t >= C) return;
-    const int i = t;
-    T rk = 0, rv = 0, ra = 0, p1 = 0, p2 = 0;
-    for (int x = 0; x < D; ++x) rk += dR[(size_t)i * WD + E + x] * K[(size_t)i * D + x];
-    for (int e = 0; e < E; ++e) rv += dR[(size_t)i * WD + e] * V[(size_t)i * E + e];
-    for (int j = 0; j < i; ++j) ra += sDA[i * L.ldc + j] * G[(size_t)i * C + j] * KK[(size_t)i * C + j];
-    for (int l = 0; l < 32; ++l) {
-      p1 += part1[i * 32 + l];
-      p2 += part2[i * 32 + l];
+  bwd_finish(
+      a, ch, smem + L.part3, sXG, L.ldc, sDA, L.ldc, sb, sp, ssuf, sdpre, sxs,
+      [&](int i) {
+        T p = 0;
+        for (int l = 0; l < 32; ++l) p += part1[i * 32 + l];
+        return p;
+      },
+      [&](int i) {
+        T p = 0;
+        for (int l = 0; l < 32; ++l) p += part2[i * 32 + l];
+        return p;
+      },
+      ex);
+}
+
+// The tensor-core form of bwd_block (float): the same gradients with tf32 products, one WarpTile per warp and
+// job (C x C results in 16 x 32 tiles, C x D ones in 16 x 64), over the same staged operands in shared
+// memory with rows of round32(.) + 4 floats (zero past their length, up to a multiple of 8): a fragment's
+// 8 x 4 reads of a staged row operand hit 32 banks. The products' row sums (rowsum(Q * dO S^T),
+// rowsum(K * U dSe^T)) go through a C x D scratch of the entries, summed per row in order.
+struct BwdTcLayout {
+  int Dp, Ep, WDp, ldd, lde, ldw, ldc;
+  size_t stage, xg, da, dp, dk, scratch, b, p, suf, dpre, xs, p1, part3, elems;
+  LASP_CHAIN_HD BwdTcLayout(int C, int D, int E) {
+    Dp = (D + 7) / 8 * 8;
+    Ep = (E + 7) / 8 * 8;
+    WDp = (E + D + 7) / 8 * 8;
+    ldd = (D + 31) / 32 * 32 + 4;      // K staged: C rows of D
+    lde = (E + 31) / 32 * 32 + 4;      // U: C rows of E; S, dSe: D rows of E
+    ldw = (E + D + 31) / 32 * 32 + 4;  // W: C rows of E + D
+    ldc = (C + 31) / 32 * 32 + 4;
+    size_t st = (size_t)C * ldw;
+    if ((size_t)D * lde > st) st = (size_t)D * lde;
+    if ((size_t)C * ldd > st) st = (size_t)C * ldd;
+    stage = 0;
+    xg = stage + st;
+    da = xg + (size_t)C * ldc;
+    dp = da + (size_t)C * ldc;
+    dk = dp + (size_t)C * ldc;
+    scratch = dk + (size_t)C * ldc;
+    b = scratch + (size_t)C * D;
+    p = b + C;
+    suf = p + C;
+    dpre = suf + C;
+    xs = dpre + C;
+    p1 = xs + C;
+    part3 = p1 + C;
+    elems = part3 + kBwdThreads;
+  }
+};
+
+LASP_CHAIN_HD size_t bwd_tc_smem_bytes(int C, int D, int E) { return sizeof(float) * BwdTcLayout(C, D, E).elems; }
+
+template <typename Exec>
+LASP_CHAIN_HD void bwd_tc_block(const BwdArgs<float>& a, int64_t ch, float* smem, Exec& ex) {
+  const int C = a.C, D = a.D, E = a.E, WD = E + D;
+  const BwdTcLayout L(C, D, E);
+  float* sSt = smem + L.stage;
+  float* sXG = smem + L.xg;
+  float* sDA = smem + L.da;
+  float* sDP = smem + L.dp;
+  float* sDK = smem + L.dk;
+  float* sX = smem + L.scratch;
+  float* sb = smem + L.b;
+  float* sp = smem + L.p;
+  float* ssuf = smem + L.suf;
+  float* sp1 = smem + L.p1;
+  const size_t cd = (size_t)ch * C * D, ce = (size_t)ch * C * E, cw = (size_t)ch * C * WD, cc = (size_t)ch * C * C,
+               de = (size_t)ch * D * E;
+  const float* Q = a.q + cd;
+  const float* K = a.k + cd;
+  const float* G = a.gam + cc;
+  const float* KK = a.kk + cc;
+  const float* W = a.w + cw;
+  const float* S = a.S + de;
+  const float* dSe = a.dSe + de;
+  const float* U = a.u + ce;
+  const float* dO = a.dO + ce;
+  const float* dR = a.dR + cw;
+  constexpr int kWarps = kBwdThreads / 32;
+  const int rtiles = C / 16;
+  // stages rows x cols of M (row stride ms) into sSt with rows of ld, zero past cols up to colsp
+  auto stage = [&](int t, const float* M, int rows, int cols, int colsp, size_t ms, int ld) {
+    for (int i = t; i < rows * colsp; i += kBwdThreads) {
+      const int r = i / colsp, x = i % colsp;
+      sSt[r * ld + x] = x < cols ? M[r * ms + x] : 0.f;
     }
-    a.dbeta[c1 + i] = rv + sp[i] * rk + ra;
-    sdpre[i] = a.scale * p1 + sb[i] * rk;
-    sxs[i] = ssuf[i] * p2;
+  };
+  // the C x C product tiles: f(i, j, value) for X Y^T, X(i, k) a global row, sSt rows j of length ld
+  auto cc_products = [&](int w, int K, const float* X, size_t xs, int xcols, int ld, auto f) {
+    const int ctiles = (C + 31) / 32;
+    for (int job = w; job < rtiles * ctiles; job += kWarps) {
+      const int m0 = (job % rtiles) * 16, n0 = (job / rtiles) * 32;
+      WarpTile<4> tile;
+      tile.zero();
+      tile.mma(
+          K, [&](int m, int k) { return k < xcols ? X[(size_t)(m0 + m) * xs + k] : 0.f; },
+          [&](int k, int n) { return n0 + n < C ? sSt[(n0 + n) * ld + k] : 0.f; });
+      tile.each([&](int m, int n, float& v) {
+        if (n0 + n < C) f(m0 + m, n0 + n, v);
+      });
+    }
+  };
+
+  ex.threads([&](int t) {  // 0. beta, pre, suf; K staged
+    for (int i = t; i < C; i += kBwdThreads) {
+      sb[i] = a.beta[(size_t)ch * C + i];
+      sp[i] = a.pre[(size_t)ch * C + i];
+      ssuf[i] = G[(size_t)(C - 1) * C + i];
+    }
+    stage(t, K, C, D, L.Dp, D, L.ldd);
   });
   ex.sync();
-  ex.threads([&](int t) {  // 11. XG's column sums from the bottom, in place; the last row's dpre term
-    if (t >= C) return;
-    T z = 0;
-    for (int i = C - 1; i >= 0; --i) {
-      z += sXG[i * L.ldc + t];
-      sXG[i * L.ldc + t] = z;
-    }
-    if (t == 0) {
-      T s = 0;
-      for (int l = 0; l < kBwdThreads; ++l) s += part3[l];
-      sdpre[C - 1] += s;
+  ex.warps([&](int w) {  // 1. Q K^T -> sXG
+    cc_products(w, L.Dp, Q, D, D, L.ldd, [&](int i, int j, float v) { sXG[i * L.ldc + j] = v; });
+  });
+  ex.sync();
+  ex.threads([&](int t) { stage(t, W, C, WD, L.WDp, WD, L.ldw); });  // 2. W staged
+  ex.sync();
+  ex.warps([&](int w) {  // 3. dA = -(dR W^T), strictly lower
+    cc_products(w, L.WDp, dR, WD, WD, L.ldw, [&](int i, int j, float v) { sDA[i * L.ldc + j] = j < i ? -v : 0.f; });
+  });
+  ex.sync();
+  ex.threads([&](int t) { stage(t, U, C, E, L.Ep, E, L.lde); });  // 4. U staged
+  ex.sync();
+  ex.warps([&](int w) {  // 5. dP = scale dO U^T; dPg, dkk, XG
+    cc_products(w, L.Ep, dO, E, E, L.lde, [&](int i, int j, float v) {
+      const float dP = v * a.scale;
+      const float g = j <= i ? G[(size_t)i * C + j] : 0.f;
+      const float dab = sDA[i * L.ldc + j] * sb[i];  // 0 on and above the diagonal
+      sDP[i * L.ldc + j] = dP * g;
+      sDK[i * L.ldc + j] = dab * g;
+      sXG[i * L.ldc + j] = g * (dP * sXG[i * L.ldc + j] + dab * KK[(size_t)i * C + j]);
+    });
+  });
+  ex.sync();
+  ex.threads([&](int t) { stage(t, S, D, E, L.Ep, E, L.lde); });  // 6. S staged (rows x, columns e)
+  ex.sync();
+  const int dtiles = (D + 63) / 64;
+  ex.warps([&](int w) {  // 7. dq = scale pre dO S^T + dPg K; the entries of Q * dO S^T
+    for (int job = w; job < rtiles * dtiles; job += kWarps) {
+      const int m0 = (job % rtiles) * 16, n0 = (job / rtiles) * 64;
+      WarpTile<8> tile;
+      tile.zero();
+      tile.mma(
+          L.Ep, [&](int m, int k) { return k < E ? dO[(size_t)(m0 + m) * E + k] : 0.f; },
+          [&](int k, int n) { return n0 + n < D ? sSt[(n0 + n) * L.lde + k] : 0.f; });
+      tile.each([&](int m, int n, float& v) {
+        const int i = m0 + m, x = n0 + n;
+        if (x < D) sX[i * D + x] = Q[(size_t)i * D + x] * v;
+        v *= a.scale * sp[i];
+      });
+      tile.mma(  // dPg is 0 right of its diagonal: columns up to the tile's last row
+          m0 + 16, [&](int m, int k) { return sDP[(m0 + m) * L.ldc + k]; },
+          [&](int k, int n) { return n0 + n < D ? K[(size_t)k * D + n0 + n] : 0.f; });
+      tile.each([&](int m, int n, float& v) {
+        if (n0 + n < D) a.dq[cd + (size_t)(m0 + m) * D + n0 + n] = v;
+      });
     }
   });
   ex.sync();
-  ex.threads([&](int t) {  // 12. dg
-    if (t >= C) return;
-    T xp = 0, z = 0, xs = 0;
-    for (int i = C - 1; i >= t; --i) xp += sp[i] * sdpre[i];
-    for (int j = 0; j < t; ++j) {
-      z += sXG[t * L.ldc + j];
-      xs += sxs[j];
+  ex.threads([&](int t) {  // 8. rowsum(Q * dO S^T); dSe staged
+    if (t < C) {
+      float s = 0.f;
+      for (int x = 0; x < D; ++x) s += sX[t * D + x];
+      sp1[t] = s;
     }
-    a.dg[c1 + t] = xp + z + xs;
+    stage(t, dSe, D, E, L.Ep, E, L.lde);
   });
+  ex.sync();
+  ex.warps([&](int w) {  // 9. dk = suf U dSe^T + beta pre dRk + (dkk + dkk^T) K + dPg^T Q; entries of K * U dSe^T
+    for (int job = w; job < rtiles * dtiles; job += kWarps) {
+      const int m0 = (job % rtiles) * 16, n0 = (job / rtiles) * 64;
+      WarpTile<8> tile;
+      tile.zero();
+      tile.mma(
+          L.Ep, [&](int m, int k) { return k < E ? U[(size_t)(m0 + m) * E + k] : 0.f; },
+          [&](int k, int n) { return n0 + n < D ? sSt[(n0 + n) * L.lde + k] : 0.f; });
+      tile.each([&](int m, int n, float& v) {
+        const int j = m0 + m, x = n0 + n;
+        if (x >= D) return;
+        sX[j * D + x] = K[(size_t)j * D + x] * v;
+        v = ssuf[j] * v + sb[j] * sp[j] * dR[(size_t)j * WD + E + x];
+      });
+      tile.mma(
+          C, [&](int m, int k) { return sDK[(m0 + m) * L.ldc + k] + sDK[k * L.ldc + m0 + m]; },
+          [&](int k, int n) { return n0 + n < D ? K[(size_t)k * D + n0 + n] : 0.f; });
+      tile.mma(  // dPg[i, j] = 0 for i < j: rows i from the tile's first
+          C - m0, [&](int m, int k) { return sDP[(m0 + k) * L.ldc + m0 + m]; },
+          [&](int k, int n) { return n0 + n < D ? Q[(size_t)(m0 + k) * D + n0 + n] : 0.f; });
+      tile.each([&](int m, int n, float& v) {
+        if (n0 + n < D) a.dk[cd + (size_t)(m0 + m) * D + n0 + n] = v;
+      });
+    }
+  });
+  bwd_finish(
+      a, ch, smem + L.part3, sXG, L.ldc, sDA, L.ldc, sb, sp, ssuf, smem + L.dpre, smem + L.xs,
+      [&](int i) { return sp1[i]; },
+      [&](int i) {
+        float p = 0.f;
+        for (int x = 0; x < D; ++x) p += sX[i * D + x];
+        return p;
+      },
+      ex);
 }
 
 // The parts of the backward's chain inputs that do not depend on the state gradients, per chunk:

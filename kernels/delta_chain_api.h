@@ -62,7 +62,9 @@ cudaError_t delta_out(const OutArgs<float>& args, cudaStream_t stream);
 cudaError_t delta_out(const OutArgs<double>& args, cudaStream_t stream);
 
 // The backward's gradients per chunk (delta_bwd.h; bwd_smem_bytes per block: 148 KiB at C = 64, D = E = 128
-// in float32). delta_bwd_takes as delta_prep_takes.
+// in float32). delta_bwd_takes as delta_prep_takes. With BwdArgs::tensor_cores (float), C a multiple of 16,
+// the tensor-core form's shared memory within 227 KiB (169 KiB at D = E = 128) and sm_80 or later, the
+// tensor-core form (bwd_tc_block) runs instead.
 bool delta_bwd_takes(int C, int D, int E, size_t elem_size);
 cudaError_t delta_bwd(const BwdArgs<float>& args, cudaStream_t stream);
 cudaError_t delta_bwd(const BwdArgs<double>& args, cudaStream_t stream);

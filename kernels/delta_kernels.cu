@@ -80,6 +80,20 @@ __global__ void __launch_bounds__(kOutThreads) out_tc_kernel(OutArgs<float> a) {
   out_tc_block(a, static_cast<int64_t>(blockIdx.x), reinterpret_cast<float*>(smem_raw), ex);
 }
 
+__global__ void __launch_bounds__(kBwdThreads) bwd_tc_kernel(BwdArgs<float> a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DeviceExec ex;
+  bwd_tc_block(a, static_cast<int64_t>(blockIdx.x), reinterpret_cast<float*>(smem_raw), ex);
+}
+
+// Whether the device is sm_80 or later (tf32 mma.sync); an error of the query in *e.
+bool tf32_device(cudaError_t* e) {
+  int dev = 0, major = 0;
+  *e = cudaGetDevice(&dev);
+  if (*e == cudaSuccess) *e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  return *e == cudaSuccess && major >= 8;
+}
+
 // Launches kernel<<<grid, threads, smem, st>>>(args), opting in to more than 48 KiB of shared memory first.
 template <typename A>
 cudaError_t launch(void (*kernel)(A), dim3 grid, int threads, size_t smem, cudaStream_t st, const A& args) {
@@ -152,6 +166,16 @@ bool delta_bwd_takes(int C, int D, int E, size_t elem_size) {
 }
 
 cudaError_t delta_bwd(const BwdArgs<float>& a, cudaStream_t st) {
+  if (a.tensor_cores && a.C % 16 == 0 && bwd_tc_smem_bytes(a.C, a.D, a.E) <= 227 * 1024 && a.chunks >= 0 &&
+      a.chunks <= INT32_MAX) {
+    cudaError_t e;
+    const bool tc = tf32_device(&e);
+    if (e != cudaSuccess) return e;
+    if (tc) {  // tf32 mma.sync; below sm_80 the SIMT program
+      if (a.chunks == 0) return cudaSuccess;
+      return launch(bwd_tc_kernel, dim3((unsigned)a.chunks), kBwdThreads, bwd_tc_smem_bytes(a.C, a.D, a.E), st, a);
+    }
+  }
   return run_per_chunk(bwd_kernel<float>, a, delta_bwd_takes(a.C, a.D, a.E, sizeof(float)),
                        bwd_smem_bytes<float>(a.C, a.D, a.E), st);
 }
@@ -167,11 +191,10 @@ bool delta_out_takes(int C, int D, int E, size_t elem_size) {
 cudaError_t delta_out(const OutArgs<float>& a, cudaStream_t st) {
   if (a.tensor_cores && a.C % 16 == 0 && out_tc_smem_bytes(a.C, a.D) <= 227 * 1024 && a.chunks >= 0 &&
       a.chunks <= INT32_MAX) {
-    int dev = 0, major = 0;
-    cudaError_t e = cudaGetDevice(&dev);
-    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaError_t e;
+    const bool tc = tf32_device(&e);
     if (e != cudaSuccess) return e;
-    if (major >= 8) {  // tf32 mma.sync; below sm_80 the SIMT program
+    if (tc) {  // tf32 mma.sync; below sm_80 the SIMT program
       if (a.chunks == 0) return cudaSuccess;
       return launch(out_tc_kernel, dim3((unsigned)a.chunks), kOutThreads, out_tc_smem_bytes(a.C, a.D), st, a);
     }

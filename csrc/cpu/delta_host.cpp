@@ -71,6 +71,15 @@ struct HostLaunch {
   }
   template <typename T>
   void operator()(const cuda::BwdArgs<T>& a) const {
+    if constexpr (std::is_same<T, float>::value) {
+      if (a.tensor_cores && a.C % 16 == 0) {  // the tensor-core form, its tf32 products emulated
+        blocks<float>(a.chunks, cuda::bwd_tc_smem_bytes(a.C, a.D, a.E) / sizeof(float), [&](int64_t b, float* sm) {
+          cuda::HostExec ex{cuda::kBwdThreads};
+          cuda::bwd_tc_block(a, b, sm, ex);
+        });
+        return;
+      }
+    }
     blocks<T>(a.chunks, cuda::bwd_smem_bytes<T>(a.C, a.D, a.E) / sizeof(T), [&](int64_t b, T* sm) {
       cuda::HostExec ex{cuda::kBwdThreads};
       cuda::bwd_block<T>(a, b, sm, ex);

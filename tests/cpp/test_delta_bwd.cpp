@@ -223,6 +223,71 @@ TEST(DeltaBwd, HostBlockProgramMatchesFormulas) {
   }
 }
 
+// The tensor-core form of the gradients (bwd_tc_block, float; its tf32 products emulated on the host).
+const BwdCase kBwdTcCases[] = {
+    {2, 64, 128, 128},                   // the common shape
+    {2, 64, 64, 64},   {1, 64, 40, 24},  // dims not multiples of 8 or 32 (zero-padded operands)
+    {1, 16, 300, 8},                     // five column tiles of dq, dk
+    {2, 32, 33, 1},                      // one value column
+};
+
+void bwd_tc_case(const BwdCase& c, double tol, unsigned seed, bool device) {
+  BwdData<float> d = make_bwd<float>(c, seed);
+  BwdArgs<float> a = bwd_args(c, d);
+  a.tensor_cores = true;
+  if (!device) {
+    std::vector<float> smem(lasp::cuda::bwd_tc_smem_bytes(c.C, c.D, c.E) / sizeof(float), 1e30f);
+    lasp::cuda::HostExec ex{lasp::cuda::kBwdThreads};
+    for (int64_t ch = 0; ch < c.chunks; ++ch) lasp::cuda::bwd_tc_block(a, ch, smem.data(), ex);
+  } else {
+#if defined(LASP_WITH_CUDA)
+    DeviceBuffers<float> buf;
+    a.q = buf.up(d.q);
+    a.k = buf.up(d.k);
+    a.v = buf.up(d.v);
+    a.beta = buf.up(d.beta);
+    a.pre = buf.up(d.pre);
+    a.gam = buf.up(d.gam);
+    a.kk = buf.up(d.kk);
+    a.w = buf.up(d.w);
+    a.S = buf.up(d.S);
+    a.dSe = buf.up(d.dSe);
+    a.u = buf.up(d.u);
+    a.dO = buf.up(d.dO);
+    a.dR = buf.up(d.dR);
+    a.dq = buf.up(d.dq);
+    a.dk = buf.up(d.dk);
+    a.dv = buf.up(d.dv);
+    a.dbeta = buf.up(d.dbeta);
+    a.dg = buf.up(d.dg);
+    EXPECT_EQ(lasp::cuda::delta_bwd(a, nullptr), cudaSuccess);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    buf.down(d.dq, a.dq);
+    buf.down(d.dk, a.dk);
+    buf.down(d.dv, a.dv);
+    buf.down(d.dbeta, a.dbeta);
+    buf.down(d.dg, a.dg);
+#endif
+  }
+  check(c, d, tol);
+}
+
+TEST(DeltaBwd, HostTensorCoreFormMatchesFormulas) {
+  unsigned seed = 700;
+  for (const BwdCase& c : kBwdTcCases) bwd_tc_case(c, 3e-3, seed++, false);
+}
+
+#if defined(LASP_WITH_CUDA)
+TEST(DeltaBwd, CudaTensorCoreFormMatchesFormulas) {
+  LASP_SKIP_WITHOUT_CUDA_DEVICE();
+  int major = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
+  if (major < 8) GTEST_SKIP() << "tf32 tensor cores need sm_80";
+  unsigned seed = 800;
+  for (const BwdCase& c : kBwdTcCases) bwd_tc_case(c, 3e-3, seed++, true);
+}
+#endif
+
 // The backward's chain inputs (pro_block): pdo = scale (Q K^T * gam)^T dO, qdo = scale Q^T diag(pre) dO, in
 // double; gam's entries above its diagonal hold garbage that must not be read.
 template <typename T>
