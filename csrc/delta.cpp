@@ -337,7 +337,7 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
   auto qk_raw = [&c]() { return at::matmul(c.q, c.k.transpose(-1, -2)); };
   // The parts of dU and dS that the chain does not carry, for all chunks at once.
   ProOut pro;
-  if (ProFn fn = device_pro(q.device().type())) pro = fn(c.q, c.k, c.gam, c.pre, dO, scale);
+  if (ProFn fn = device_pro(q.device().type())) pro = fn(c.q, c.k, c.gam, c.pre, dO, scale, c.low);
   if (!pro.pdo.defined()) {
     const Tensor P = qk_raw() * c.gam;
     pro.pdo = at::matmul(P.transpose(-1, -2), dO) * scale;                                // (.., C, E)
@@ -365,7 +365,7 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
   // Through the triangular solve: M [Wv | Wk] = R, dW = [dU | -dU S0^T], dR = M^-T dW, dA = -dR W^T.
   Tensor dR;
   if (c.minv.defined())
-    if (DrFn fn = device_dr(q.device().type())) dR = fn(c.minv, dU, states);
+    if (DrFn fn = device_dr(q.device().type())) dR = fn(c.minv, dU, states, c.low);
   if (!dR.defined()) {
     const Tensor dW = at::cat({dU, -at::matmul(dU, states.transpose(-1, -2))}, -1);
     dR = solve_unit(c.m, dW, /*transpose=*/true);

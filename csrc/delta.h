@@ -85,18 +85,19 @@ bool register_delta_bwd(c10::DeviceType type, BwdFn fn);
 
 // The backward's chain inputs that do not depend on the state gradients: pdo = scale (Q K^T * gam)^T dO
 // (.., C, E) and qdo = scale Q^T diag(pre) dO (.., D, E), from the chunked q, k (B, H, nc, C, D), gam (.., C, C),
-// pre (.., C) and dO (.., C, E), acc type. A device's kernel for them (undefined: not taken).
+// pre (.., C) and dO (.., C, E), acc type (tensor_cores: as for the output). A device's kernel for them
+// (undefined: not taken).
 struct ProOut {
   at::Tensor pdo, qdo;
 };
 using ProFn = ProOut (*)(const at::Tensor& q, const at::Tensor& k, const at::Tensor& gam, const at::Tensor& pre,
-                         const at::Tensor& dO, double scale);
+                         const at::Tensor& dO, double scale, bool tensor_cores);
 bool register_delta_pro(c10::DeviceType type, ProFn fn);
 
 // The backward's transposed solve where m^-1 is at hand: dR = m^-T [dU | -dU S^T] (.., C, E + D) from m^-1
-// (.., C, C), dU (.., C, E) and the states entering the chunks S (.., D, E), acc type. A device's kernel for it
-// (undefined: not taken; the composition and the solve run).
-using DrFn = at::Tensor (*)(const at::Tensor& minv, const at::Tensor& dU, const at::Tensor& S);
+// (.., C, C), dU (.., C, E) and the states entering the chunks S (.., D, E), acc type (tensor_cores: as for the
+// output). A device's kernel for it (undefined: not taken; the composition and the solve run).
+using DrFn = at::Tensor (*)(const at::Tensor& minv, const at::Tensor& dU, const at::Tensor& S, bool tensor_cores);
 bool register_delta_dr(c10::DeviceType type, DrFn fn);
 
 }  // namespace lasp

@@ -173,7 +173,8 @@ BwdChunkOut run_bwd_program(const BwdChunkIn& in, Launch&& launch) {
 }
 
 template <typename T, typename Launch>
-at::Tensor run_dr_program(const at::Tensor& minv, const at::Tensor& dU, const at::Tensor& S, Launch&& launch) {
+at::Tensor run_dr_program(const at::Tensor& minv, const at::Tensor& dU, const at::Tensor& S, bool tensor_cores,
+                          Launch&& launch) {
   const at::Tensor Mi = minv.contiguous(), U = dU.contiguous(), Sc = S.contiguous();
   const int64_t C = U.size(3), E = U.size(4), D = Sc.size(3);
   at::Tensor dR = at::empty({U.size(0), U.size(1), U.size(2), C, E + D}, U.options());
@@ -182,6 +183,7 @@ at::Tensor run_dr_program(const at::Tensor& minv, const at::Tensor& dU, const at
   a.C = static_cast<int>(C);
   a.D = static_cast<int>(D);
   a.E = static_cast<int>(E);
+  a.tensor_cores = tensor_cores && std::is_same<T, float>::value;
   a.minv = Mi.data_ptr<T>();
   a.dU = U.data_ptr<T>();
   a.S = Sc.data_ptr<T>();
@@ -192,7 +194,7 @@ at::Tensor run_dr_program(const at::Tensor& minv, const at::Tensor& dU, const at
 
 template <typename T, typename Launch>
 ProOut run_pro_program(const at::Tensor& q, const at::Tensor& k, const at::Tensor& gam, const at::Tensor& pre,
-                       const at::Tensor& dO, double scale, Launch&& launch) {
+                       const at::Tensor& dO, double scale, bool tensor_cores, Launch&& launch) {
   const at::Tensor Q = q.contiguous(), K = k.contiguous(), G = gam.contiguous(), P = pre.contiguous(),
                    O = dO.contiguous();
   const int64_t C = Q.size(3), D = Q.size(4), E = O.size(4);
@@ -205,6 +207,7 @@ ProOut run_pro_program(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   a.D = static_cast<int>(D);
   a.E = static_cast<int>(E);
   a.scale = static_cast<T>(scale);
+  a.tensor_cores = tensor_cores && std::is_same<T, float>::value;
   a.q = Q.data_ptr<T>();
   a.k = K.data_ptr<T>();
   a.gam = G.data_ptr<T>();

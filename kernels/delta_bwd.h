@@ -502,13 +502,14 @@ struct ProArgs {
   int64_t chunks = 0;
   int C = 0, D = 0, E = 0;
   T scale = 1;
-  const T* q = nullptr;    // (chunks, C, D)
-  const T* k = nullptr;    // (chunks, C, D)
-  const T* gam = nullptr;  // (chunks, C, C)
-  const T* pre = nullptr;  // (chunks, C)
-  const T* dO = nullptr;   // (chunks, C, E)
-  T* pdo = nullptr;        // (chunks, C, E)
-  T* qdo = nullptr;        // (chunks, D, E)
+  const T* q = nullptr;       // (chunks, C, D)
+  const T* k = nullptr;       // (chunks, C, D)
+  const T* gam = nullptr;     // (chunks, C, C)
+  const T* pre = nullptr;     // (chunks, C)
+  const T* dO = nullptr;      // (chunks, C, E)
+  T* pdo = nullptr;           // (chunks, C, E)
+  T* qdo = nullptr;           // (chunks, D, E)
+  bool tensor_cores = false;  // float, C a multiple of 16: pro_tc_block
 };
 
 struct ProLayout {
@@ -585,10 +586,11 @@ template <typename T>
 struct DrArgs {
   int64_t chunks = 0;
   int C = 0, D = 0, E = 0;
-  const T* minv = nullptr;  // (chunks, C, C)
-  const T* dU = nullptr;    // (chunks, C, E)
-  const T* S = nullptr;     // (chunks, D, E)
-  T* dR = nullptr;          // (chunks, C, E + D)
+  const T* minv = nullptr;    // (chunks, C, C)
+  const T* dU = nullptr;      // (chunks, C, E)
+  const T* S = nullptr;       // (chunks, D, E)
+  T* dR = nullptr;            // (chunks, C, E + D)
+  bool tensor_cores = false;  // float, C a multiple of 16: dr_tc_block
 };
 
 struct DrLayout {
@@ -650,6 +652,138 @@ LASP_CHAIN_HD void dr_block(const DrArgs<T>& a, int64_t ch, T* smem, Exec& ex) {
           acc, rt, 0, E, base, D, [&](int i, int e) { return sRv[i * L.lde + e]; },
           [&](int e, int col) { return sSt[e * L.ldd + col]; });
       tile_store(acc, rt, C, base, D, [&](int i, int col, T v) { dR[(size_t)i * WD + E + col] = -v; });
+    }
+  });
+}
+
+// Row lengths of staged operands for the tensor-core forms: a multiple of 32 plus 4 floats, so that a
+// fragment's reads of 8 rows x 4 columns hit 32 banks.
+LASP_CHAIN_HD int tc_ld(int n) { return (n + 31) / 32 * 32 + 4; }
+LASP_CHAIN_HD int round8(int n) { return (n + 7) / 8 * 8; }
+
+// The tensor-core form of pro_block (float, C a multiple of 16): K staged, P in shared memory, tf32 WarpTiles.
+LASP_CHAIN_HD size_t pro_tc_smem_bytes(int C, int D) {
+  return sizeof(float) * ((size_t)C * tc_ld(D) + (size_t)C * tc_ld(C));
+}
+
+template <typename Exec>
+LASP_CHAIN_HD void pro_tc_block(const ProArgs<float>& a, int64_t ch, float* smem, Exec& ex) {
+  const int C = a.C, D = a.D, E = a.E, Dp = round8(D), ldd = tc_ld(D), ldc = tc_ld(C);
+  float* sK = smem;
+  float* sP = smem + (size_t)C * ldd;
+  const float* Q = a.q + (size_t)ch * C * D;
+  const float* K = a.k + (size_t)ch * C * D;
+  const float* G = a.gam + (size_t)ch * C * C;
+  const float* pre = a.pre + (size_t)ch * C;
+  const float* dO = a.dO + (size_t)ch * C * E;
+  constexpr int kWarps = kBwdThreads / 32;
+  const int rtiles = C / 16;
+  ex.threads([&](int t) {  // 0. K staged, zero past D
+    for (int i = t; i < C * Dp; i += kBwdThreads) {
+      const int r = i / Dp, x = i % Dp;
+      sK[r * ldd + x] = x < D ? K[(size_t)r * D + x] : 0.f;
+    }
+  });
+  ex.sync();
+  ex.warps([&](int w) {  // 1. P = Q K^T * gam (16 x 32 tiles; those wholly above the diagonal: 0)
+    const int ctiles = (C + 31) / 32;
+    for (int job = w; job < rtiles * ctiles; job += kWarps) {
+      const int m0 = (job % rtiles) * 16, n0 = (job / rtiles) * 32;
+      WarpTile<4> tile;
+      tile.zero();
+      if (n0 <= m0 + 15)
+        tile.mma(
+            Dp, [&](int m, int k) { return k < D ? Q[(size_t)(m0 + m) * D + k] : 0.f; },
+            [&](int k, int n) { return n0 + n < C ? sK[(n0 + n) * ldd + k] : 0.f; });
+      tile.each([&](int m, int n, float& v) {
+        const int i = m0 + m, j = n0 + n;
+        if (j < C) sP[i * ldc + j] = j <= i ? v * G[(size_t)i * C + j] : 0.f;
+      });
+    }
+  });
+  ex.sync();
+  ex.warps([&](int w) {  // 2. pdo = scale P^T dO over P's rows i >= the tile's first; 3. qdo
+    const int etiles = (E + 63) / 64, xtiles = (D + 15) / 16;
+    for (int job = w; job < rtiles * etiles; job += kWarps) {
+      const int m0 = (job % rtiles) * 16, n0 = (job / rtiles) * 64;
+      WarpTile<8> tile;
+      tile.zero();
+      tile.mma(
+          C - m0, [&](int m, int k) { return sP[(m0 + k) * ldc + m0 + m]; },
+          [&](int k, int n) { return n0 + n < E ? dO[(size_t)(m0 + k) * E + n0 + n] : 0.f; });
+      tile.each([&](int m, int n, float& v) {
+        if (n0 + n < E) a.pdo[((size_t)ch * C + m0 + m) * E + n0 + n] = v * a.scale;
+      });
+    }
+    for (int job = w; job < xtiles * etiles; job += kWarps) {
+      const int x0 = (job % xtiles) * 16, n0 = (job / xtiles) * 64;
+      WarpTile<8> tile;
+      tile.zero();
+      tile.mma(
+          C, [&](int m, int k) { return x0 + m < D ? Q[(size_t)k * D + x0 + m] : 0.f; },
+          [&](int k, int n) { return n0 + n < E ? pre[k] * dO[(size_t)k * E + n0 + n] : 0.f; });
+      tile.each([&](int m, int n, float& v) {
+        if (x0 + m < D && n0 + n < E) a.qdo[((size_t)ch * D + x0 + m) * E + n0 + n] = v * a.scale;
+      });
+    }
+  });
+}
+
+// The tensor-core form of dr_block (float, C a multiple of 16): m^-1, S (rows x of E) and dRv staged.
+LASP_CHAIN_HD size_t dr_tc_smem_bytes(int C, int D, int E) {
+  return sizeof(float) * ((size_t)C * tc_ld(C) + (size_t)C * tc_ld(E) + (size_t)D * tc_ld(E));
+}
+
+template <typename Exec>
+LASP_CHAIN_HD void dr_tc_block(const DrArgs<float>& a, int64_t ch, float* smem, Exec& ex) {
+  const int C = a.C, D = a.D, E = a.E, WD = E + D, Ep = round8(E), ldc = tc_ld(C), lde = tc_ld(E);
+  float* sT = smem;
+  float* sRv = sT + (size_t)C * ldc;
+  float* sS = sRv + (size_t)C * lde;
+  const float* Mi = a.minv + (size_t)ch * C * C;
+  const float* dU = a.dU + (size_t)ch * C * E;
+  const float* S = a.S + (size_t)ch * D * E;
+  float* dR = a.dR + (size_t)ch * C * WD;
+  constexpr int kWarps = kBwdThreads / 32;
+  const int rtiles = C / 16;
+  ex.threads([&](int t) {  // 0. m^-1, S (zero past E), dRv's padding columns
+    for (int i = t; i < C * C; i += kBwdThreads) sT[(i / C) * ldc + i % C] = Mi[i];
+    for (int i = t; i < D * Ep; i += kBwdThreads) {
+      const int r = i / Ep, e = i % Ep;
+      sS[r * lde + e] = e < E ? S[(size_t)r * E + e] : 0.f;
+    }
+    for (int i = t; i < C * (Ep - E); i += kBwdThreads) sRv[(i / (Ep - E)) * lde + E + i % (Ep - E)] = 0.f;
+  });
+  ex.sync();
+  ex.warps([&](int w) {  // 1. dRv = m^-T dU over rows j >= the tile's first (m^-1 lower triangular)
+    const int etiles = (E + 63) / 64;
+    for (int job = w; job < rtiles * etiles; job += kWarps) {
+      const int m0 = (job % rtiles) * 16, n0 = (job / rtiles) * 64;
+      WarpTile<8> tile;
+      tile.zero();
+      tile.mma(
+          C - m0, [&](int m, int k) { return sT[(m0 + k) * ldc + m0 + m]; },
+          [&](int k, int n) { return n0 + n < E ? dU[(size_t)(m0 + k) * E + n0 + n] : 0.f; });
+      tile.each([&](int m, int n, float& v) {
+        if (n0 + n >= E) return;
+        dR[(size_t)(m0 + m) * WD + n0 + n] = v;
+        sRv[(m0 + m) * lde + n0 + n] = v;
+      });
+    }
+  });
+  ex.sync();
+  ex.warps([&](int w) {  // 2. dRk = -dRv S^T
+    const int xtiles = (D + 63) / 64;
+    for (int job = w; job < rtiles * xtiles; job += kWarps) {
+      const int m0 = (job % rtiles) * 16, n0 = (job / rtiles) * 64;
+      WarpTile<8> tile;
+      tile.zero();
+      tile.mma(
+          Ep, [&](int m, int k) { return sRv[(m0 + m) * lde + k]; },
+          [&](int k, int n) { return n0 + n < D ? sS[(n0 + n) * lde + k] : 0.f; });
+      tile.each([&](int m, int n, float& v) {
+        if (n0 + n < D) dR[(size_t)(m0 + m) * WD + E + n0 + n] = -v;
+      });
     }
   });
 }

@@ -86,6 +86,18 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_tc_kernel(BwdArgs<float> a) {
   bwd_tc_block(a, static_cast<int64_t>(blockIdx.x), reinterpret_cast<float*>(smem_raw), ex);
 }
 
+__global__ void __launch_bounds__(kBwdThreads) pro_tc_kernel(ProArgs<float> a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DeviceExec ex;
+  pro_tc_block(a, static_cast<int64_t>(blockIdx.x), reinterpret_cast<float*>(smem_raw), ex);
+}
+
+__global__ void __launch_bounds__(kBwdThreads) dr_tc_kernel(DrArgs<float> a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DeviceExec ex;
+  dr_tc_block(a, static_cast<int64_t>(blockIdx.x), reinterpret_cast<float*>(smem_raw), ex);
+}
+
 // Whether the device is sm_80 or later (tf32 mma.sync); an error of the query in *e.
 bool tf32_device(cudaError_t* e) {
   int dev = 0, major = 0;
@@ -120,6 +132,19 @@ cudaError_t run_solve(const SolveArgs<T>& a, cudaStream_t st) {
   return launch(solve_kernel<T>, grid, kSolveCols, solve_smem_bytes<T>(a.C), st, a);
 }
 
+// The tensor-core form of a per-chunk program where asked (a.tensor_cores), C is a multiple of 16, its shared
+// memory fits and the device has tf32 mma.sync (sm_80+): launches it and sets *done; else leaves the SIMT form.
+template <typename A>
+cudaError_t try_tc(void (*kernel)(A), const A& a, size_t smem, cudaStream_t st, bool* done) {
+  *done = false;
+  if (!a.tensor_cores || a.C % 16 != 0 || smem > 227 * 1024 || a.chunks < 0 || a.chunks > INT32_MAX) return cudaSuccess;
+  cudaError_t e;
+  if (!tf32_device(&e)) return e;
+  *done = true;
+  if (a.chunks == 0) return cudaSuccess;
+  return launch(kernel, dim3((unsigned)a.chunks), 256, smem, st, a);
+}
+
 // A per-chunk program's kernel: one block of 256 threads per chunk, where `takes` (its sizes fit).
 template <typename A>
 cudaError_t run_per_chunk(void (*kernel)(A), const A& a, bool takes, size_t smem, cudaStream_t st) {
@@ -140,6 +165,9 @@ bool delta_pro_takes(int C, int D, int E, size_t elem_size) {
 }
 
 cudaError_t delta_pro(const ProArgs<float>& a, cudaStream_t st) {
+  bool done;
+  const cudaError_t e = try_tc(pro_tc_kernel, a, pro_tc_smem_bytes(a.C, a.D), st, &done);
+  if (done || e != cudaSuccess) return e;
   return run_per_chunk(pro_kernel<float>, a, delta_pro_takes(a.C, a.D, a.E, sizeof(float)),
                        pro_smem_bytes<float>(a.C, a.D), st);
 }
@@ -153,6 +181,9 @@ bool delta_dr_takes(int C, int D, int E, size_t elem_size) {
 }
 
 cudaError_t delta_dr(const DrArgs<float>& a, cudaStream_t st) {
+  bool done;
+  const cudaError_t e = try_tc(dr_tc_kernel, a, dr_tc_smem_bytes(a.C, a.D, a.E), st, &done);
+  if (done || e != cudaSuccess) return e;
   return run_per_chunk(dr_kernel<float>, a, delta_dr_takes(a.C, a.D, a.E, sizeof(float)),
                        dr_smem_bytes<float>(a.C, a.D, a.E), st);
 }
@@ -166,16 +197,9 @@ bool delta_bwd_takes(int C, int D, int E, size_t elem_size) {
 }
 
 cudaError_t delta_bwd(const BwdArgs<float>& a, cudaStream_t st) {
-  if (a.tensor_cores && a.C % 16 == 0 && bwd_tc_smem_bytes(a.C, a.D, a.E) <= 227 * 1024 && a.chunks >= 0 &&
-      a.chunks <= INT32_MAX) {
-    cudaError_t e;
-    const bool tc = tf32_device(&e);
-    if (e != cudaSuccess) return e;
-    if (tc) {  // tf32 mma.sync; below sm_80 the SIMT program
-      if (a.chunks == 0) return cudaSuccess;
-      return launch(bwd_tc_kernel, dim3((unsigned)a.chunks), kBwdThreads, bwd_tc_smem_bytes(a.C, a.D, a.E), st, a);
-    }
-  }
+  bool done;
+  const cudaError_t e = try_tc(bwd_tc_kernel, a, bwd_tc_smem_bytes(a.C, a.D, a.E), st, &done);
+  if (done || e != cudaSuccess) return e;
   return run_per_chunk(bwd_kernel<float>, a, delta_bwd_takes(a.C, a.D, a.E, sizeof(float)),
                        bwd_smem_bytes<float>(a.C, a.D, a.E), st);
 }
@@ -189,16 +213,9 @@ bool delta_out_takes(int C, int D, int E, size_t elem_size) {
 }
 
 cudaError_t delta_out(const OutArgs<float>& a, cudaStream_t st) {
-  if (a.tensor_cores && a.C % 16 == 0 && out_tc_smem_bytes(a.C, a.D) <= 227 * 1024 && a.chunks >= 0 &&
-      a.chunks <= INT32_MAX) {
-    cudaError_t e;
-    const bool tc = tf32_device(&e);
-    if (e != cudaSuccess) return e;
-    if (tc) {  // tf32 mma.sync; below sm_80 the SIMT program
-      if (a.chunks == 0) return cudaSuccess;
-      return launch(out_tc_kernel, dim3((unsigned)a.chunks), kOutThreads, out_tc_smem_bytes(a.C, a.D), st, a);
-    }
-  }
+  bool done;
+  const cudaError_t e = try_tc(out_tc_kernel, a, out_tc_smem_bytes(a.C, a.D), st, &done);
+  if (done || e != cudaSuccess) return e;
   return run_per_chunk(out_kernel<float>, a, delta_out_takes(a.C, a.D, a.E, sizeof(float)),
                        out_smem_bytes<float>(a.C, a.D), st);
 }

@@ -87,6 +87,15 @@ struct HostLaunch {
   }
   template <typename T>
   void operator()(const cuda::DrArgs<T>& a) const {
+    if constexpr (std::is_same<T, float>::value) {
+      if (a.tensor_cores && a.C % 16 == 0) {  // the tensor-core form, its tf32 products emulated
+        blocks<float>(a.chunks, cuda::dr_tc_smem_bytes(a.C, a.D, a.E) / sizeof(float), [&](int64_t b, float* sm) {
+          cuda::HostExec ex{cuda::kBwdThreads};
+          cuda::dr_tc_block(a, b, sm, ex);
+        });
+        return;
+      }
+    }
     blocks<T>(a.chunks, cuda::dr_smem_bytes<T>(a.C, a.D, a.E) / sizeof(T), [&](int64_t b, T* sm) {
       cuda::HostExec ex{cuda::kBwdThreads};
       cuda::dr_block<T>(a, b, sm, ex);
@@ -94,6 +103,15 @@ struct HostLaunch {
   }
   template <typename T>
   void operator()(const cuda::ProArgs<T>& a) const {
+    if constexpr (std::is_same<T, float>::value) {
+      if (a.tensor_cores && a.C % 16 == 0) {  // the tensor-core form, its tf32 products emulated
+        blocks<float>(a.chunks, cuda::pro_tc_smem_bytes(a.C, a.D) / sizeof(float), [&](int64_t b, float* sm) {
+          cuda::HostExec ex{cuda::kBwdThreads};
+          cuda::pro_tc_block(a, b, sm, ex);
+        });
+        return;
+      }
+    }
     blocks<T>(a.chunks, cuda::pro_smem_bytes<T>(a.C, a.D) / sizeof(T), [&](int64_t b, T* sm) {
       cuda::HostExec ex{cuda::kBwdThreads};
       cuda::pro_block<T>(a, b, sm, ex);
@@ -140,18 +158,19 @@ BwdChunkOut bwd_host(const BwdChunkIn& in) {
   return delta_launch::run_bwd_program<float>(in, HostLaunch());
 }
 
-at::Tensor dr_host(const at::Tensor& minv, const at::Tensor& dU, const at::Tensor& S) {
+at::Tensor dr_host(const at::Tensor& minv, const at::Tensor& dU, const at::Tensor& S, bool tensor_cores) {
   if (!on() || !chunk_fits(dU) || S.dim() != 5 || !delta_launch::acc_types(dU, {&minv, &S})) return {};
-  if (dU.scalar_type() == at::kDouble) return delta_launch::run_dr_program<double>(minv, dU, S, HostLaunch());
-  return delta_launch::run_dr_program<float>(minv, dU, S, HostLaunch());
+  if (dU.scalar_type() == at::kDouble)
+    return delta_launch::run_dr_program<double>(minv, dU, S, tensor_cores, HostLaunch());
+  return delta_launch::run_dr_program<float>(minv, dU, S, tensor_cores, HostLaunch());
 }
 
 ProOut pro_host(const at::Tensor& q, const at::Tensor& k, const at::Tensor& gam, const at::Tensor& pre,
-                const at::Tensor& dO, double scale) {
+                const at::Tensor& dO, double scale, bool tensor_cores) {
   if (!on() || !chunk_fits(q) || dO.dim() != 5 || !delta_launch::acc_types(q, {&k, &gam, &pre, &dO})) return {};
   if (q.scalar_type() == at::kDouble)
-    return delta_launch::run_pro_program<double>(q, k, gam, pre, dO, scale, HostLaunch());
-  return delta_launch::run_pro_program<float>(q, k, gam, pre, dO, scale, HostLaunch());
+    return delta_launch::run_pro_program<double>(q, k, gam, pre, dO, scale, tensor_cores, HostLaunch());
+  return delta_launch::run_pro_program<float>(q, k, gam, pre, dO, scale, tensor_cores, HostLaunch());
 }
 
 const bool registered = register_delta_chain(c10::DeviceType::CPU, &chain_host);

@@ -211,7 +211,7 @@ BwdChunkOut bwd_cuda(const BwdChunkIn& in) {
 
 
 // The backward's transposed solve with m^-1 where LASP_DELTA_KERNELS=fused and the kernel takes the sizes.
-at::Tensor dr_cuda(const at::Tensor& minv, const at::Tensor& dU, const at::Tensor& S) {
+at::Tensor dr_cuda(const at::Tensor& minv, const at::Tensor& dU, const at::Tensor& S, bool tensor_cores) {
   if (mode() != Mode::Fused || minv.dim() != 5 || dU.dim() != 5 || S.dim() != 5) return {};
   const auto t = dU.scalar_type();
   if ((t != at::kFloat && t != at::kDouble) || minv.scalar_type() != t || S.scalar_type() != t) return {};
@@ -220,14 +220,14 @@ at::Tensor dr_cuda(const at::Tensor& minv, const at::Tensor& dU, const at::Tenso
                             t == at::kDouble ? sizeof(double) : sizeof(float)))
     return {};
   const c10::cuda::CUDAGuard guard(dU.device());
-  return t == at::kDouble ? delta_launch::run_dr_program<double>(minv, dU, S, CudaLaunch())
-                           : delta_launch::run_dr_program<float>(minv, dU, S, CudaLaunch());
+  return t == at::kDouble ? delta_launch::run_dr_program<double>(minv, dU, S, tensor_cores, CudaLaunch())
+                           : delta_launch::run_dr_program<float>(minv, dU, S, tensor_cores, CudaLaunch());
 }
 
 
 // The backward's chain inputs kernel where LASP_DELTA_KERNELS=fused and it takes the sizes; else nothing.
 ProOut pro_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& gam, const at::Tensor& pre,
-                const at::Tensor& dO, double scale) {
+                const at::Tensor& dO, double scale, bool tensor_cores) {
   if (mode() != Mode::Fused || q.dim() != 5 || dO.dim() != 5) return {};
   const auto t = q.scalar_type();
   for (const at::Tensor* x : {&k, &gam, &pre, &dO})
@@ -238,8 +238,8 @@ ProOut pro_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& gam,
                              t == at::kDouble ? sizeof(double) : sizeof(float)))
     return {};
   const c10::cuda::CUDAGuard guard(q.device());
-  return t == at::kDouble ? delta_launch::run_pro_program<double>(q, k, gam, pre, dO, scale, CudaLaunch())
-                           : delta_launch::run_pro_program<float>(q, k, gam, pre, dO, scale, CudaLaunch());
+  return t == at::kDouble ? delta_launch::run_pro_program<double>(q, k, gam, pre, dO, scale, tensor_cores, CudaLaunch())
+                           : delta_launch::run_pro_program<float>(q, k, gam, pre, dO, scale, tensor_cores, CudaLaunch());
 }
 
 const bool registered = register_delta_chain(c10::DeviceType::CUDA, &chain_cuda);

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "delta_bwd.h"
@@ -291,7 +292,7 @@ TEST(DeltaBwd, CudaTensorCoreFormMatchesFormulas) {
 // The backward's chain inputs (pro_block): pdo = scale (Q K^T * gam)^T dO, qdo = scale Q^T diag(pre) dO, in
 // double; gam's entries above its diagonal hold garbage that must not be read.
 template <typename T>
-void pro_case(const BwdCase& c, double tol, unsigned seed, bool device) {
+void pro_case(const BwdCase& c, double tol, unsigned seed, bool device, bool tc = false) {
   BwdData<T> d = make_bwd<T>(c, seed);
   const int C = c.C, D = c.D, E = c.E;
   for (int64_t ch = 0; ch < c.chunks; ++ch)
@@ -311,7 +312,14 @@ void pro_case(const BwdCase& c, double tol, unsigned seed, bool device) {
   a.dO = d.dO.data();
   a.pdo = pdo.data();
   a.qdo = qdo.data();
-  if (!device) {
+  if constexpr (std::is_same<T, float>::value) a.tensor_cores = tc;
+  if (!device && tc) {
+    if constexpr (std::is_same<T, float>::value) {
+      std::vector<float> smem(lasp::cuda::pro_tc_smem_bytes(C, D) / sizeof(float), 1e30f);
+      lasp::cuda::HostExec ex{lasp::cuda::kBwdThreads};
+      for (int64_t ch = 0; ch < c.chunks; ++ch) lasp::cuda::pro_tc_block(a, ch, smem.data(), ex);
+    }
+  } else if (!device) {
     std::vector<T> smem(lasp::cuda::pro_smem_bytes<T>(C, D) / sizeof(T), T(1e30));
     lasp::cuda::HostExec ex{lasp::cuda::kBwdThreads};
     for (int64_t ch = 0; ch < c.chunks; ++ch) lasp::cuda::pro_block<T>(a, ch, smem.data(), ex);
@@ -358,6 +366,19 @@ void pro_case(const BwdCase& c, double tol, unsigned seed, bool device) {
   EXPECT_LE(ep / np, tol) << "pdo, C " << C << ", D " << D << ", E " << E;
   EXPECT_LE(eq / nq, tol) << "qdo, C " << C << ", D " << D << ", E " << E;
 }
+
+TEST(DeltaBwd, HostTensorCoreChainInputsMatchFormulas) {
+  unsigned seed = 900;
+  for (const BwdCase& c : kBwdTcCases) pro_case<float>(c, 3e-3, seed++, false, true);
+}
+
+#if defined(LASP_WITH_CUDA)
+TEST(DeltaBwd, CudaTensorCoreChainInputsMatchFormulas) {
+  LASP_SKIP_WITHOUT_CUDA_DEVICE();
+  unsigned seed = 950;
+  for (const BwdCase& c : kBwdTcCases) pro_case<float>(c, 3e-3, seed++, true, true);
+}
+#endif
 
 TEST(DeltaBwd, HostChainInputsMatchFormulas) {
   unsigned seed = 200;
@@ -469,11 +490,25 @@ TEST(DeltaBwd, HostTransposedSolveMatchesFormula) {
   }
 }
 
+TEST(DeltaBwd, HostTensorCoreTransposedSolveMatchesFormula) {
+  unsigned seed = 1000;
+  for (const BwdCase& c : kBwdTcCases) {
+    DrData<float> d = make_dr<float>(c, seed++);
+    auto a = dr_args(c, d);
+    a.tensor_cores = true;
+    std::vector<float> smem(lasp::cuda::dr_tc_smem_bytes(c.C, c.D, c.E) / sizeof(float), 1e30f);
+    lasp::cuda::HostExec ex{lasp::cuda::kBwdThreads};
+    for (int64_t ch = 0; ch < c.chunks; ++ch) lasp::cuda::dr_tc_block(a, ch, smem.data(), ex);
+    check_dr(c, d, 3e-3);
+  }
+}
+
 #if defined(LASP_WITH_CUDA)
 template <typename T>
-void device_dr_case(const BwdCase& c, double tol, unsigned seed) {
+void device_dr_case(const BwdCase& c, double tol, unsigned seed, bool tc = false) {
   DrData<T> d = make_dr<T>(c, seed);
   auto a = dr_args(c, d);
+  if constexpr (std::is_same<T, float>::value) a.tensor_cores = tc;
   DeviceBuffers<T> buf;
   a.minv = buf.up(d.minv);
   a.dU = buf.up(d.dU);
@@ -494,6 +529,12 @@ TEST(DeltaBwd, CudaTransposedSolveMatchesFormula) {
     seed += 2;
   }
   EXPECT_TRUE(lasp::cuda::delta_dr_takes(64, 128, 128, sizeof(float)));
+}
+
+TEST(DeltaBwd, CudaTensorCoreTransposedSolveMatchesFormula) {
+  LASP_SKIP_WITHOUT_CUDA_DEVICE();
+  unsigned seed = 1050;
+  for (const BwdCase& c : kBwdTcCases) device_dr_case<float>(c, 3e-3, seed++, true);
 }
 
 template <typename T>
