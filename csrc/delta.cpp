@@ -230,7 +230,7 @@ Chunks prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
   c.beta = chunked3(beta);
   c.pre = gc.cumsum(-1).exp();
   PrepOut fused;
-  if (PrepFn fn = device_prep(q.device().type())) fused = fn(c.k, c.v, c.beta, gc, c.pre);
+  if (PrepFn fn = device_prep(q.device().type())) fused = fn(c.k, c.v, c.beta, gc, c.pre, c.low);
   Tensor w;
   if (fused.w.defined()) {
     c.gam = fused.gam;

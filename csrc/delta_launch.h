@@ -78,7 +78,7 @@ at::Tensor run_solve_program(const at::Tensor& M, const at::Tensor& R, bool tran
 
 template <typename T, typename Launch>
 PrepOut run_prep_program(const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta, const at::Tensor& g,
-                         const at::Tensor& pre, Launch&& launch) {
+                         const at::Tensor& pre, bool tensor_cores, Launch&& launch) {
   const at::Tensor K = k.contiguous(), V = v.contiguous(), Bt = beta.contiguous(), G = g.contiguous(),
                    P = pre.contiguous();
   const int64_t C = K.size(3), D = K.size(4), E = V.size(4);
@@ -94,6 +94,7 @@ PrepOut run_prep_program(const at::Tensor& k, const at::Tensor& v, const at::Ten
   a.C = static_cast<int>(C);
   a.D = static_cast<int>(D);
   a.E = static_cast<int>(E);
+  a.tensor_cores = tensor_cores && std::is_same<T, float>::value;
   a.k = K.data_ptr<T>();
   a.v = V.data_ptr<T>();
   a.beta = Bt.data_ptr<T>();

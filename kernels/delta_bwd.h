@@ -656,10 +656,6 @@ LASP_CHAIN_HD void dr_block(const DrArgs<T>& a, int64_t ch, T* smem, Exec& ex) {
   });
 }
 
-// Row lengths of staged operands for the tensor-core forms: a multiple of 32 plus 4 floats, so that a
-// fragment's reads of 8 rows x 4 columns hit 32 banks.
-LASP_CHAIN_HD int tc_ld(int n) { return (n + 31) / 32 * 32 + 4; }
-LASP_CHAIN_HD int round8(int n) { return (n + 7) / 8 * 8; }
 
 // The tensor-core form of pro_block (float, C a multiple of 16): K staged, P in shared memory, tf32 WarpTiles.
 LASP_CHAIN_HD size_t pro_tc_smem_bytes(int C, int D) {

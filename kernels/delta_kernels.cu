@@ -98,6 +98,12 @@ __global__ void __launch_bounds__(kBwdThreads) dr_tc_kernel(DrArgs<float> a) {
   dr_tc_block(a, static_cast<int64_t>(blockIdx.x), reinterpret_cast<float*>(smem_raw), ex);
 }
 
+__global__ void __launch_bounds__(kPrepThreads) prep_tc_kernel(PrepArgs<float> a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DeviceExec ex;
+  prep_block<float, DeviceExec, true>(a, static_cast<int64_t>(blockIdx.x), reinterpret_cast<float*>(smem_raw), ex);
+}
+
 // Whether the device is sm_80 or later (tf32 mma.sync); an error of the query in *e.
 bool tf32_device(cudaError_t* e) {
   int dev = 0, major = 0;
@@ -229,6 +235,9 @@ bool delta_prep_takes(int C, int D, int E, size_t elem_size) {
 }
 
 cudaError_t delta_prep(const PrepArgs<float>& a, cudaStream_t st) {
+  bool done;
+  const cudaError_t e = try_tc(prep_tc_kernel, a, prep_tc_smem_bytes(a.C, a.D, a.E), st, &done);
+  if (done || e != cudaSuccess) return e;
   return run_per_chunk(prep_kernel<float>, a, delta_prep_takes(a.C, a.D, a.E, sizeof(float)),
                        prep_smem_bytes<float>(a.C, a.D, a.E), st);
 }

@@ -17,6 +17,7 @@
 
 #include "delta_chain.h"  // LASP_CHAIN_HD, HostExec
 #include "delta_tiles.h"
+#include "warp_tile.h"
 
 namespace lasp {
 namespace cuda {
@@ -29,25 +30,27 @@ template <typename T>
 struct PrepArgs {
   int64_t chunks = 0;
   int C = 0, D = 0, E = 0;
-  const T* k = nullptr;     // (chunks, C, D)
-  const T* v = nullptr;     // (chunks, C, E)
-  const T* beta = nullptr;  // (chunks, C)
-  const T* g = nullptr;     // (chunks, C): log gates (-inf: a reset)
-  const T* pre = nullptr;   // (chunks, C): exp(cumsum g)
-  T* gam = nullptr;         // (chunks, C, C)
-  T* kk = nullptr;          // (chunks, C, C)
-  T* m = nullptr;           // (chunks, C, C)
-  T* w = nullptr;           // (chunks, C, E + D)
-  T* minv = nullptr;        // (chunks, C, C): m^-1 (lower triangular), or null (not written)
+  const T* k = nullptr;       // (chunks, C, D)
+  const T* v = nullptr;       // (chunks, C, E)
+  const T* beta = nullptr;    // (chunks, C)
+  const T* g = nullptr;       // (chunks, C): log gates (-inf: a reset)
+  const T* pre = nullptr;     // (chunks, C): exp(cumsum g)
+  T* gam = nullptr;           // (chunks, C, C)
+  T* kk = nullptr;            // (chunks, C, C)
+  T* m = nullptr;             // (chunks, C, C)
+  T* w = nullptr;             // (chunks, C, E + D)
+  T* minv = nullptr;          // (chunks, C, C): m^-1 (lower triangular), or null (not written)
+  bool tensor_cores = false;  // float, C a multiple of 16: the products on tensor cores (prep_block<.., true>)
 };
 
 struct PrepLayout {
   int ldk, ldv, ldc;                 // row lengths in shared memory of K, V and the C x C matrices
   size_t k, v, gt, a, b, bp, elems;  // offsets (elements) of sK, sV, sGT (gam, then m^-1), sA, beta, beta pre
-  LASP_CHAIN_HD PrepLayout(int C, int D, int E) {
-    ldk = D | 1;
-    ldv = E | 1;
-    ldc = C | 1;
+  // tc: the tensor-core form's rows (tc_ld: conflict-free fragment reads); else odd lengths (the SIMT tiles)
+  LASP_CHAIN_HD PrepLayout(int C, int D, int E, bool tc = false) {
+    ldk = tc ? tc_ld(D) : D | 1;
+    ldv = tc ? tc_ld(E) : E | 1;
+    ldc = tc ? tc_ld(C) : C | 1;
     k = 0;
     v = k + (size_t)C * ldk;
     gt = v + (size_t)C * ldv;
@@ -62,16 +65,18 @@ template <typename T>
 LASP_CHAIN_HD size_t prep_smem_bytes(int C, int D, int E) {
   return sizeof(T) * PrepLayout(C, D, E).elems;
 }
+LASP_CHAIN_HD size_t prep_tc_smem_bytes(int C, int D, int E) { return sizeof(float) * PrepLayout(C, D, E, true).elems; }
 
 LASP_CHAIN_HD float prep_exp(float x) { return expf(x); }
 LASP_CHAIN_HD double prep_exp(double x) { return exp(x); }
 
-// The program of the block of chunk `ch` on shared memory `smem` (prep_smem_bytes). ex.threads(f) runs f(t)
-// for each of the kPrepThreads threads; ex.sync() is the block's barrier.
-template <typename T, typename Exec>
+// The program of the block of chunk `ch` on shared memory `smem` (prep_smem_bytes; TC: prep_tc_smem_bytes).
+// ex.threads(f) runs f(t) for each of the kPrepThreads threads; ex.sync() is the block's barrier. TC (float, C a
+// multiple of 16): K K^T and m^-1 R as tf32 WarpTiles (16 x 32 and 16 x 64 tiles dealt to the warps).
+template <typename T, typename Exec, bool TC = false>
 LASP_CHAIN_HD void prep_block(const PrepArgs<T>& a, int64_t ch, T* smem, Exec& ex) {
-  const int C = a.C, D = a.D, E = a.E, WD = E + D;
-  const PrepLayout L(C, D, E);
+  const int C = a.C, D = a.D, E = a.E, WD = E + D, Dp = TC ? round8(D) : D;
+  const PrepLayout L(C, D, E, TC);
   T* sK = smem + L.k;
   T* sV = smem + L.v;
   T* sGT = smem + L.gt;
@@ -83,7 +88,8 @@ LASP_CHAIN_HD void prep_block(const PrepArgs<T>& a, int64_t ch, T* smem, Exec& e
   const T* G = a.g + (size_t)ch * C;
   const size_t cc = (size_t)ch * C * C;
   ex.threads([&](int t) {  // 1. K, V, beta, beta pre -> shared memory
-    for (int i = t; i < C * D; i += kPrepThreads) sK[(i / D) * L.ldk + i % D] = K[i];
+    for (int i = t; i < C * Dp; i += kPrepThreads)
+      sK[(i / Dp) * L.ldk + i % Dp] = i % Dp < D ? K[(i / Dp) * D + i % Dp] : T(0);
     for (int i = t; i < C * E; i += kPrepThreads) sV[(i / E) * L.ldv + i % E] = V[i];
     for (int i = t; i < C; i += kPrepThreads) {
       const T b = a.beta[(size_t)ch * C + i];
@@ -105,16 +111,34 @@ LASP_CHAIN_HD void prep_block(const PrepArgs<T>& a, int64_t ch, T* smem, Exec& e
     }
   });
   ex.sync();
-  ex.threads([&](int t) {  // 3. kk, A, m
-    cc_tile<T>(
-        t, C, D, [&](int i, int x) { return sK[i * L.ldk + x]; }, [&](int j, int x) { return sK[j * L.ldk + x]; },
-        [&](int i, int j, T kk) {
-          const T A = j < i ? sb[i] * sGT[i * L.ldc + j] * kk : T(0);
-          a.kk[cc + (size_t)i * C + j] = kk;
-          a.m[cc + (size_t)i * C + j] = i == j ? T(1) : A;
-          sA[i * L.ldc + j] = A;
+  auto kk_entry = [&](int i, int j, T kk) {
+    const T A = j < i ? sb[i] * sGT[i * L.ldc + j] * kk : T(0);
+    a.kk[cc + (size_t)i * C + j] = kk;
+    a.m[cc + (size_t)i * C + j] = i == j ? T(1) : A;
+    sA[i * L.ldc + j] = A;
+  };
+  if constexpr (TC) {
+    ex.warps([&](int w) {  // 3. kk, A, m
+      const int rtiles = C / 16, ctiles = (C + 31) / 32;
+      for (int job = w; job < rtiles * ctiles; job += kPrepThreads / 32) {
+        const int m0 = (job % rtiles) * 16, n0 = (job / rtiles) * 32;
+        WarpTile<4> tile;
+        tile.zero();
+        tile.mma(
+            Dp, [&](int m, int k) { return sK[(m0 + m) * L.ldk + k]; },
+            [&](int k, int n) { return n0 + n < C ? sK[(n0 + n) * L.ldk + k] : 0.f; });
+        tile.each([&](int m, int n, float& v) {
+          if (n0 + n < C) kk_entry(m0 + m, n0 + n, v);
         });
-  });
+      }
+    });
+  } else {
+    ex.threads([&](int t) {  // 3. kk, A, m
+      cc_tile<T>(
+          t, C, D, [&](int i, int x) { return sK[i * L.ldk + x]; }, [&](int j, int x) { return sK[j * L.ldk + x]; },
+          kk_entry);
+    });
+  }
   ex.sync();
   ex.threads([&](int t) {  // 4. m^-1 into sGT, one column per thread: x[i] = [i == c] - sum_{j<i} A[i, j] x[j]
     if (t >= C) return;
@@ -130,6 +154,26 @@ LASP_CHAIN_HD void prep_block(const PrepArgs<T>& a, int64_t ch, T* smem, Exec& e
       for (int e = t; e < C * C; e += kPrepThreads) a.minv[cc + e] = sGT[(e / C) * L.ldc + e % C];
     });
   }
+  auto rhs = [&](int j, int col) {
+    return col < E ? sb[j] * sV[j * L.ldv + col] : (col < WD ? sbp[j] * sK[j * L.ldk + col - E] : T(0));
+  };
+  if constexpr (TC) {
+    ex.warps([&](int w) {  // 5. w = m^-1 R over the columns j < the tile's last row (m^-1 is lower triangular)
+      const int rtiles = C / 16, ctiles = (WD + 63) / 64;
+      for (int job = w; job < rtiles * ctiles; job += kPrepThreads / 32) {
+        const int m0 = (job % rtiles) * 16, n0 = (job / rtiles) * 64;
+        WarpTile<8> tile;
+        tile.zero();
+        tile.mma(
+            m0 + 16, [&](int m, int k) { return sGT[(m0 + m) * L.ldc + k]; },
+            [&](int k, int n) { return rhs(k, n0 + n); });
+        tile.each([&](int m, int n, float& v) {
+          if (n0 + n < WD) a.w[((size_t)ch * C + m0 + m) * WD + n0 + n] = v;
+        });
+      }
+    });
+    return;
+  }
   ex.threads([&](int t) {  // 5. w = m^-1 R over the columns j <= the tile's rows (m^-1 is lower triangular)
     const RowTile rt(t, C);
     if (rt.r0 >= C) return;
@@ -137,8 +181,7 @@ LASP_CHAIN_HD void prep_block(const PrepArgs<T>& a, int64_t ch, T* smem, Exec& e
     for (int base = 0; base < WD; base += 256) {
       T acc[8][8] = {};
       tile_mac(
-          acc, rt, 0, jmax, base, WD, [&](int i, int j) { return sGT[i * L.ldc + j]; },
-          [&](int j, int col) { return col < E ? sb[j] * sV[j * L.ldv + col] : sbp[j] * sK[j * L.ldk + col - E]; });
+          acc, rt, 0, jmax, base, WD, [&](int i, int j) { return sGT[i * L.ldc + j]; }, rhs);
       tile_store(acc, rt, C, base, WD, [&](int i, int col, T v) { a.w[((size_t)ch * C + i) * WD + col] = v; });
     }
   });

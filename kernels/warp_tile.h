@@ -27,6 +27,11 @@ inline float tf32_round_host(float x) {
   return x;
 }
 
+// Row lengths of staged operands for the tensor-core forms: a multiple of 32 plus 4 floats, so that a
+// fragment's reads of 8 rows x 4 columns hit 32 banks; and a product's inner length rounded up to the MMA's 8.
+LASP_CHAIN_HD int tc_ld(int n) { return (n + 31) / 32 * 32 + 4; }
+LASP_CHAIN_HD int round8(int n) { return (n + 7) / 8 * 8; }
+
 template <int NT>
 struct WarpTile {
 #if defined(__CUDA_ARCH__)

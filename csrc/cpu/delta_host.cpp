@@ -48,6 +48,15 @@ struct HostLaunch {
   }
   template <typename T>
   void operator()(const cuda::PrepArgs<T>& a) const {
+    if constexpr (std::is_same<T, float>::value) {
+      if (a.tensor_cores && a.C % 16 == 0) {  // the tensor-core form, its tf32 products emulated
+        blocks<float>(a.chunks, cuda::prep_tc_smem_bytes(a.C, a.D, a.E) / sizeof(float), [&](int64_t b, float* sm) {
+          cuda::HostExec ex{cuda::kPrepThreads};
+          cuda::prep_block<float, cuda::HostExec, true>(a, b, sm, ex);
+        });
+        return;
+      }
+    }
     blocks<T>(a.chunks, cuda::prep_smem_bytes<T>(a.C, a.D, a.E) / sizeof(T), [&](int64_t b, T* sm) {
       cuda::HostExec ex{cuda::kPrepThreads};
       cuda::prep_block<T>(a, b, sm, ex);
@@ -135,10 +144,11 @@ at::Tensor solve_host(const at::Tensor& M, const at::Tensor& R, bool transpose) 
 }
 
 PrepOut prep_host(const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta, const at::Tensor& g,
-                  const at::Tensor& pre) {
+                  const at::Tensor& pre, bool tensor_cores) {
   if (!on() || !chunk_fits(k) || v.dim() != 5 || !delta_launch::acc_types(k, {&v, &beta, &g, &pre})) return {};
-  if (k.scalar_type() == at::kDouble) return delta_launch::run_prep_program<double>(k, v, beta, g, pre, HostLaunch());
-  return delta_launch::run_prep_program<float>(k, v, beta, g, pre, HostLaunch());
+  if (k.scalar_type() == at::kDouble)
+    return delta_launch::run_prep_program<double>(k, v, beta, g, pre, tensor_cores, HostLaunch());
+  return delta_launch::run_prep_program<float>(k, v, beta, g, pre, tensor_cores, HostLaunch());
 }
 
 at::Tensor out_host(const at::Tensor& q, const at::Tensor& k, const at::Tensor& gam, const at::Tensor& pre,

@@ -67,7 +67,6 @@ struct CudaLaunch {
   }
 };
 
-
 // t (B, H, nc, R, K) as a ChainMat: (B, H, nc) must flatten to one stride (else t is copied contiguous), and
 // with unit_run one of the matrix strides must be 1 (else the same).
 cuda::ChainMat as_mat(at::Tensor& t, bool unit_run) {
@@ -119,7 +118,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_tc(const ChainInputs& in, con
   if (!cuda::delta_chain_tc_takes(a)) return {};
   const auto o = S0.options();
   const at::Tensor p = in.p.reshape({B, H, nc}).contiguous(), S = S0.contiguous();
-  at::Tensor store = at::empty({B, H, nc, D, W}, o), X = at::empty({B, H, nc, C, W}, o), fin = at::empty({B, H, D, W}, o);
+  at::Tensor store = at::empty({B, H, nc, D, W}, o), X = at::empty({B, H, nc, C, W}, o),
+             fin = at::empty({B, H, D, W}, o);
   a.p = p.data_ptr<float>();
   a.S0 = S.data_ptr<float>();
   a.Sstore = store.data_ptr<float>();
@@ -146,7 +146,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_cuda(const ChainInputs& in,
   return {};
 }
 
-
 at::Tensor solve_cuda(const at::Tensor& M, const at::Tensor& R, bool transpose) {
   if (!use_kernel() || R.numel() == 0 || M.scalar_type() != R.scalar_type()) return {};
   const c10::cuda::CUDAGuard guard(R.device());
@@ -155,10 +154,9 @@ at::Tensor solve_cuda(const at::Tensor& M, const at::Tensor& R, bool transpose) 
   return {};
 }
 
-
 // The fused WY kernel where LASP_DELTA_KERNELS=fused and it takes the sizes; else nothing (the composition).
 PrepOut prep_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta, const at::Tensor& g,
-                  const at::Tensor& pre) {
+                  const at::Tensor& pre, bool tensor_cores) {
   if (mode() != Mode::Fused || k.dim() != 5 || v.dim() != 5) return {};
   const auto t = k.scalar_type();
   if ((t != at::kFloat && t != at::kDouble) || v.scalar_type() != t || beta.scalar_type() != t ||
@@ -169,10 +167,9 @@ PrepOut prep_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor& be
                               t == at::kDouble ? sizeof(double) : sizeof(float)))
     return {};
   const c10::cuda::CUDAGuard guard(k.device());
-  return t == at::kDouble ? delta_launch::run_prep_program<double>(k, v, beta, g, pre, CudaLaunch())
-                           : delta_launch::run_prep_program<float>(k, v, beta, g, pre, CudaLaunch());
+  return t == at::kDouble ? delta_launch::run_prep_program<double>(k, v, beta, g, pre, tensor_cores, CudaLaunch())
+                          : delta_launch::run_prep_program<float>(k, v, beta, g, pre, tensor_cores, CudaLaunch());
 }
-
 
 // The forward's output kernel where LASP_DELTA_KERNELS=fused and it takes the sizes; else nothing.
 at::Tensor out_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& gam, const at::Tensor& pre,
@@ -187,17 +184,17 @@ at::Tensor out_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                              t == at::kDouble ? sizeof(double) : sizeof(float)))
     return {};
   const c10::cuda::CUDAGuard guard(q.device());
-  return t == at::kDouble ? delta_launch::run_out_program<double>(q, k, gam, pre, S, U, scale, tensor_cores, CudaLaunch())
-                           : delta_launch::run_out_program<float>(q, k, gam, pre, S, U, scale, tensor_cores, CudaLaunch());
+  return t == at::kDouble
+             ? delta_launch::run_out_program<double>(q, k, gam, pre, S, U, scale, tensor_cores, CudaLaunch())
+             : delta_launch::run_out_program<float>(q, k, gam, pre, S, U, scale, tensor_cores, CudaLaunch());
 }
-
 
 // The backward's gradient kernel where LASP_DELTA_KERNELS=fused and it takes the sizes; else nothing.
 BwdChunkOut bwd_cuda(const BwdChunkIn& in) {
   if (mode() != Mode::Fused || in.q.dim() != 5 || in.u.dim() != 5) return {};
   const auto t = in.q.scalar_type();
-  for (const at::Tensor* x : {&in.k, &in.v, &in.beta, &in.pre, &in.gam, &in.kk, &in.w, &in.S, &in.dSe, &in.u,
-                              &in.dO, &in.dR})
+  for (const at::Tensor* x :
+       {&in.k, &in.v, &in.beta, &in.pre, &in.gam, &in.kk, &in.w, &in.S, &in.dSe, &in.u, &in.dO, &in.dR})
     if (!x->defined() || x->scalar_type() != t) return {};
   if ((t != at::kFloat && t != at::kDouble) || in.q.size(3) > INT32_MAX || in.q.size(4) > INT32_MAX ||
       in.u.size(4) > INT32_MAX ||
@@ -206,9 +203,8 @@ BwdChunkOut bwd_cuda(const BwdChunkIn& in) {
     return {};
   const c10::cuda::CUDAGuard guard(in.q.device());
   return t == at::kDouble ? delta_launch::run_bwd_program<double>(in, CudaLaunch())
-                           : delta_launch::run_bwd_program<float>(in, CudaLaunch());
+                          : delta_launch::run_bwd_program<float>(in, CudaLaunch());
 }
-
 
 // The backward's transposed solve with m^-1 where LASP_DELTA_KERNELS=fused and the kernel takes the sizes.
 at::Tensor dr_cuda(const at::Tensor& minv, const at::Tensor& dU, const at::Tensor& S, bool tensor_cores) {
@@ -221,9 +217,8 @@ at::Tensor dr_cuda(const at::Tensor& minv, const at::Tensor& dU, const at::Tenso
     return {};
   const c10::cuda::CUDAGuard guard(dU.device());
   return t == at::kDouble ? delta_launch::run_dr_program<double>(minv, dU, S, tensor_cores, CudaLaunch())
-                           : delta_launch::run_dr_program<float>(minv, dU, S, tensor_cores, CudaLaunch());
+                          : delta_launch::run_dr_program<float>(minv, dU, S, tensor_cores, CudaLaunch());
 }
-
 
 // The backward's chain inputs kernel where LASP_DELTA_KERNELS=fused and it takes the sizes; else nothing.
 ProOut pro_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& gam, const at::Tensor& pre,
@@ -239,7 +234,7 @@ ProOut pro_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& gam,
     return {};
   const c10::cuda::CUDAGuard guard(q.device());
   return t == at::kDouble ? delta_launch::run_pro_program<double>(q, k, gam, pre, dO, scale, tensor_cores, CudaLaunch())
-                           : delta_launch::run_pro_program<float>(q, k, gam, pre, dO, scale, tensor_cores, CudaLaunch());
+                          : delta_launch::run_pro_program<float>(q, k, gam, pre, dO, scale, tensor_cores, CudaLaunch());
 }
 
 const bool registered = register_delta_chain(c10::DeviceType::CUDA, &chain_cuda);

@@ -167,6 +167,65 @@ TEST(DeltaPrep, HostBlockProgramMatchesDefinitions) {
   }
 }
 
+// The tensor-core form (float; K K^T and m^-1 R as tf32 products, emulated on the host): C a multiple of 16.
+const PrepCase kPrepTcCases[] = {
+    {3, 64, 128, 128, false},  // the common shape
+    {2, 64, 256, 64, true},    // D = 256, resets
+    {2, 64, 96, 256, true},    // w over six column tiles of 64
+    {2, 16, 33, 1, true},      // D not a multiple of 8 (zero-padded), one value column
+};
+
+void prep_tc_case(const PrepCase& c, double tol, unsigned seed, bool device) {
+  PrepData<float> d = make_prep<float>(c, seed);
+  PrepArgs<float> a = prep_args(c, d);
+  a.tensor_cores = true;
+  if (!device) {
+    std::vector<float> smem(lasp::cuda::prep_tc_smem_bytes(c.C, c.D, c.E) / sizeof(float), 1e30f);
+    lasp::cuda::HostExec ex{lasp::cuda::kPrepThreads};
+    for (int64_t ch = 0; ch < c.chunks; ++ch)
+      lasp::cuda::prep_block<float, lasp::cuda::HostExec, true>(a, ch, smem.data(), ex);
+  } else {
+#if defined(LASP_WITH_CUDA)
+    DeviceBuffers<float> buf;
+    a.k = buf.up(d.k);
+    a.v = buf.up(d.v);
+    a.beta = buf.up(d.beta);
+    a.g = buf.up(d.g);
+    a.pre = buf.up(d.pre);
+    a.gam = buf.up(d.gam);
+    a.kk = buf.up(d.kk);
+    a.m = buf.up(d.m);
+    a.w = buf.up(d.w);
+    a.minv = buf.up(d.minv);
+    EXPECT_EQ(lasp::cuda::delta_prep(a, nullptr), cudaSuccess);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    buf.down(d.gam, a.gam);
+    buf.down(d.kk, a.kk);
+    buf.down(d.m, a.m);
+    buf.down(d.w, a.w);
+    buf.down(d.minv, a.minv);
+#endif
+  }
+  check(c, d, tol);
+}
+
+// kk, m and w carry tf32's rounding (11 significant bits); gam and m m^-1 = I stay at fp32's
+TEST(DeltaPrep, HostTensorCoreFormMatchesDefinitions) {
+  unsigned seed = 300;
+  for (const PrepCase& c : kPrepTcCases) prep_tc_case(c, 3e-3, seed++, false);
+}
+
+#if defined(LASP_WITH_CUDA)
+TEST(DeltaPrep, CudaTensorCoreFormMatchesDefinitions) {
+  LASP_SKIP_WITHOUT_CUDA_DEVICE();
+  int major = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
+  if (major < 8) GTEST_SKIP() << "tf32 tensor cores need sm_80";
+  unsigned seed = 350;
+  for (const PrepCase& c : kPrepTcCases) prep_tc_case(c, 3e-3, seed++, true);
+}
+#endif
+
 // The gates' resets give exact zeros in gam (and so in A) across them, as exp(-inf) does in the composition.
 TEST(DeltaPrep, ResetsGiveExactZeros) {
   const PrepCase c{1, 8, 4, 4, false};
