@@ -232,6 +232,40 @@ const BwdCase kBwdTcCases[] = {
     {2, 32, 33, 1},                      // one value column
 };
 
+#if defined(LASP_WITH_CUDA)
+// The kernel on the device: d's inputs copied up, its outputs copied back into d.
+template <typename T>
+void bwd_on_device(BwdArgs<T>& a, BwdData<T>& d) {
+  DeviceBuffers<T> buf;
+  a.q = buf.up(d.q);
+  a.k = buf.up(d.k);
+  a.v = buf.up(d.v);
+  a.beta = buf.up(d.beta);
+  a.pre = buf.up(d.pre);
+  a.gam = buf.up(d.gam);
+  a.kk = buf.up(d.kk);
+  a.w = buf.up(d.w);
+  a.S = buf.up(d.S);
+  a.dSe = buf.up(d.dSe);
+  a.u = buf.up(d.u);
+  a.dO = buf.up(d.dO);
+  a.dR = buf.up(d.dR);
+  a.dq = buf.up(d.dq);
+  a.dk = buf.up(d.dk);
+  a.dv = buf.up(d.dv);
+  a.dbeta = buf.up(d.dbeta);
+  a.dg = buf.up(d.dg);
+  EXPECT_EQ(lasp::cuda::delta_bwd(a, nullptr), cudaSuccess);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  buf.down(d.dq, a.dq);
+  buf.down(d.dk, a.dk);
+  buf.down(d.dv, a.dv);
+  buf.down(d.dbeta, a.dbeta);
+  buf.down(d.dg, a.dg);
+}
+
+#endif
+
 void bwd_tc_case(const BwdCase& c, double tol, unsigned seed, bool device) {
   BwdData<float> d = make_bwd<float>(c, seed);
   BwdArgs<float> a = bwd_args(c, d);
@@ -242,32 +276,7 @@ void bwd_tc_case(const BwdCase& c, double tol, unsigned seed, bool device) {
     for (int64_t ch = 0; ch < c.chunks; ++ch) lasp::cuda::bwd_tc_block(a, ch, smem.data(), ex);
   } else {
 #if defined(LASP_WITH_CUDA)
-    DeviceBuffers<float> buf;
-    a.q = buf.up(d.q);
-    a.k = buf.up(d.k);
-    a.v = buf.up(d.v);
-    a.beta = buf.up(d.beta);
-    a.pre = buf.up(d.pre);
-    a.gam = buf.up(d.gam);
-    a.kk = buf.up(d.kk);
-    a.w = buf.up(d.w);
-    a.S = buf.up(d.S);
-    a.dSe = buf.up(d.dSe);
-    a.u = buf.up(d.u);
-    a.dO = buf.up(d.dO);
-    a.dR = buf.up(d.dR);
-    a.dq = buf.up(d.dq);
-    a.dk = buf.up(d.dk);
-    a.dv = buf.up(d.dv);
-    a.dbeta = buf.up(d.dbeta);
-    a.dg = buf.up(d.dg);
-    EXPECT_EQ(lasp::cuda::delta_bwd(a, nullptr), cudaSuccess);
-    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    buf.down(d.dq, a.dq);
-    buf.down(d.dk, a.dk);
-    buf.down(d.dv, a.dv);
-    buf.down(d.dbeta, a.dbeta);
-    buf.down(d.dg, a.dg);
+    bwd_on_device(a, d);
 #endif
   }
   check(c, d, tol);
@@ -541,32 +550,7 @@ template <typename T>
 void device_case(const BwdCase& c, double tol, unsigned seed) {
   BwdData<T> d = make_bwd<T>(c, seed);
   BwdArgs<T> a = bwd_args(c, d);
-  DeviceBuffers<T> buf;
-  a.q = buf.up(d.q);
-  a.k = buf.up(d.k);
-  a.v = buf.up(d.v);
-  a.beta = buf.up(d.beta);
-  a.pre = buf.up(d.pre);
-  a.gam = buf.up(d.gam);
-  a.kk = buf.up(d.kk);
-  a.w = buf.up(d.w);
-  a.S = buf.up(d.S);
-  a.dSe = buf.up(d.dSe);
-  a.u = buf.up(d.u);
-  a.dO = buf.up(d.dO);
-  a.dR = buf.up(d.dR);
-  a.dq = buf.up(d.dq);
-  a.dk = buf.up(d.dk);
-  a.dv = buf.up(d.dv);
-  a.dbeta = buf.up(d.dbeta);
-  a.dg = buf.up(d.dg);
-  EXPECT_EQ(lasp::cuda::delta_bwd(a, nullptr), cudaSuccess);
-  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  buf.down(d.dq, a.dq);
-  buf.down(d.dk, a.dk);
-  buf.down(d.dv, a.dv);
-  buf.down(d.dbeta, a.dbeta);
-  buf.down(d.dg, a.dg);
+  bwd_on_device(a, d);
   check(c, d, tol);
 }
 

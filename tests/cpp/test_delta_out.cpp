@@ -134,6 +134,25 @@ const OutCase kTcCases[] = {
     {2, 32, 33, 1},     // one value column
 };
 
+#if defined(LASP_WITH_CUDA)
+// The kernel on the device: d's inputs copied up, its outputs copied back into d.
+template <typename T>
+void out_on_device(OutArgs<T>& a, OutData<T>& d) {
+  DeviceBuffers<T> buf;
+  a.q = buf.up(d.q);
+  a.k = buf.up(d.k);
+  a.gam = buf.up(d.gam);
+  a.pre = buf.up(d.pre);
+  a.S = buf.up(d.S);
+  a.U = buf.up(d.U);
+  a.o = buf.up(d.o);
+  EXPECT_EQ(lasp::cuda::delta_out(a, nullptr), cudaSuccess);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  buf.down(d.o, a.o);
+}
+
+#endif
+
 void tc_case(const OutCase& c, double tol, unsigned seed, bool device) {
   OutData<float> d = make_out<float>(c, seed);
   OutArgs<float> a = out_args(c, d);
@@ -144,17 +163,7 @@ void tc_case(const OutCase& c, double tol, unsigned seed, bool device) {
     for (int64_t ch = 0; ch < c.chunks; ++ch) lasp::cuda::out_tc_block(a, ch, smem.data(), ex);
   } else {
 #if defined(LASP_WITH_CUDA)
-    DeviceBuffers<float> buf;
-    a.q = buf.up(d.q);
-    a.k = buf.up(d.k);
-    a.gam = buf.up(d.gam);
-    a.pre = buf.up(d.pre);
-    a.S = buf.up(d.S);
-    a.U = buf.up(d.U);
-    a.o = buf.up(d.o);
-    EXPECT_EQ(lasp::cuda::delta_out(a, nullptr), cudaSuccess);
-    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    buf.down(d.o, a.o);
+    out_on_device(a, d);
 #endif
   }
   check(c, d, tol);
@@ -183,17 +192,7 @@ template <typename T>
 void device_case(const OutCase& c, double tol, unsigned seed) {
   OutData<T> d = make_out<T>(c, seed);
   OutArgs<T> a = out_args(c, d);
-  DeviceBuffers<T> buf;
-  a.q = buf.up(d.q);
-  a.k = buf.up(d.k);
-  a.gam = buf.up(d.gam);
-  a.pre = buf.up(d.pre);
-  a.S = buf.up(d.S);
-  a.U = buf.up(d.U);
-  a.o = buf.up(d.o);
-  EXPECT_EQ(lasp::cuda::delta_out(a, nullptr), cudaSuccess);
-  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  buf.down(d.o, a.o);
+  out_on_device(a, d);
   check(c, d, tol);
 }
 

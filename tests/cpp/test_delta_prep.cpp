@@ -175,6 +175,32 @@ const PrepCase kPrepTcCases[] = {
     {2, 16, 33, 1, true},      // D not a multiple of 8 (zero-padded), one value column
 };
 
+#if defined(LASP_WITH_CUDA)
+// The kernel on the device: d's inputs copied up, its outputs copied back into d.
+template <typename T>
+void prep_on_device(PrepArgs<T>& a, PrepData<T>& d) {
+  DeviceBuffers<T> buf;
+  a.k = buf.up(d.k);
+  a.v = buf.up(d.v);
+  a.beta = buf.up(d.beta);
+  a.g = buf.up(d.g);
+  a.pre = buf.up(d.pre);
+  a.gam = buf.up(d.gam);
+  a.kk = buf.up(d.kk);
+  a.m = buf.up(d.m);
+  a.w = buf.up(d.w);
+  a.minv = buf.up(d.minv);
+  EXPECT_EQ(lasp::cuda::delta_prep(a, nullptr), cudaSuccess);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  buf.down(d.gam, a.gam);
+  buf.down(d.kk, a.kk);
+  buf.down(d.m, a.m);
+  buf.down(d.w, a.w);
+  buf.down(d.minv, a.minv);
+}
+
+#endif
+
 void prep_tc_case(const PrepCase& c, double tol, unsigned seed, bool device) {
   PrepData<float> d = make_prep<float>(c, seed);
   PrepArgs<float> a = prep_args(c, d);
@@ -186,24 +212,7 @@ void prep_tc_case(const PrepCase& c, double tol, unsigned seed, bool device) {
       lasp::cuda::prep_block<float, lasp::cuda::HostExec, true>(a, ch, smem.data(), ex);
   } else {
 #if defined(LASP_WITH_CUDA)
-    DeviceBuffers<float> buf;
-    a.k = buf.up(d.k);
-    a.v = buf.up(d.v);
-    a.beta = buf.up(d.beta);
-    a.g = buf.up(d.g);
-    a.pre = buf.up(d.pre);
-    a.gam = buf.up(d.gam);
-    a.kk = buf.up(d.kk);
-    a.m = buf.up(d.m);
-    a.w = buf.up(d.w);
-    a.minv = buf.up(d.minv);
-    EXPECT_EQ(lasp::cuda::delta_prep(a, nullptr), cudaSuccess);
-    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    buf.down(d.gam, a.gam);
-    buf.down(d.kk, a.kk);
-    buf.down(d.m, a.m);
-    buf.down(d.w, a.w);
-    buf.down(d.minv, a.minv);
+    prep_on_device(a, d);
 #endif
   }
   check(c, d, tol);
@@ -256,24 +265,7 @@ template <typename T>
 void device_case(const PrepCase& c, double tol, unsigned seed) {
   PrepData<T> d = make_prep<T>(c, seed);
   PrepArgs<T> a = prep_args(c, d);
-  DeviceBuffers<T> buf;
-  a.k = buf.up(d.k);
-  a.v = buf.up(d.v);
-  a.beta = buf.up(d.beta);
-  a.g = buf.up(d.g);
-  a.pre = buf.up(d.pre);
-  a.gam = buf.up(d.gam);
-  a.kk = buf.up(d.kk);
-  a.m = buf.up(d.m);
-  a.w = buf.up(d.w);
-  a.minv = buf.up(d.minv);
-  EXPECT_EQ(lasp::cuda::delta_prep(a, nullptr), cudaSuccess);
-  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  buf.down(d.gam, a.gam);
-  buf.down(d.kk, a.kk);
-  buf.down(d.m, a.m);
-  buf.down(d.w, a.w);
-  buf.down(d.minv, a.minv);
+  prep_on_device(a, d);
   check(c, d, tol);
 }
 
