@@ -48,82 +48,57 @@ struct HostLaunch {
   }
   template <typename T>
   void operator()(const cuda::PrepArgs<T>& a) const {
-    if constexpr (std::is_same<T, float>::value) {
-      if (a.tensor_cores && a.C % 16 == 0) {  // the tensor-core form, its tf32 products emulated
-        blocks<float>(a.chunks, cuda::prep_tc_smem_bytes(a.C, a.D, a.E) / sizeof(float), [&](int64_t b, float* sm) {
-          cuda::HostExec ex{cuda::kPrepThreads};
-          cuda::prep_block<float, cuda::HostExec, true>(a, b, sm, ex);
-        });
-        return;
-      }
-    }
-    blocks<T>(a.chunks, cuda::prep_smem_bytes<T>(a.C, a.D, a.E) / sizeof(T), [&](int64_t b, T* sm) {
-      cuda::HostExec ex{cuda::kPrepThreads};
-      cuda::prep_block<T>(a, b, sm, ex);
-    });
+    per_chunk<T>(
+        a, cuda::prep_tc_smem_bytes(a.C, a.D, a.E),
+        [&](int64_t b, auto* sm, auto& ex) { cuda::prep_block<float, cuda::HostExec, true>(a, b, sm, ex); },
+        cuda::prep_smem_bytes<T>(a.C, a.D, a.E),
+        [&](int64_t b, T* sm, auto& ex) { cuda::prep_block<T>(a, b, sm, ex); });
   }
   template <typename T>
   void operator()(const cuda::OutArgs<T>& a) const {
-    if constexpr (std::is_same<T, float>::value) {
-      if (a.tensor_cores && a.C % 16 == 0) {  // the tensor-core form, its tf32 products emulated
-        blocks<float>(a.chunks, cuda::out_tc_smem_bytes(a.C, a.D) / sizeof(float), [&](int64_t b, float* sm) {
-          cuda::HostExec ex{cuda::kOutThreads};
-          cuda::out_tc_block(a, b, sm, ex);
-        });
-        return;
-      }
-    }
-    blocks<T>(a.chunks, cuda::out_smem_bytes<T>(a.C, a.D) / sizeof(T), [&](int64_t b, T* sm) {
-      cuda::HostExec ex{cuda::kOutThreads};
-      cuda::out_block<T>(a, b, sm, ex);
-    });
+    per_chunk<T>(
+        a, cuda::out_tc_smem_bytes(a.C, a.D), [&](int64_t b, auto* sm, auto& ex) { cuda::out_tc_block(a, b, sm, ex); },
+        cuda::out_smem_bytes<T>(a.C, a.D), [&](int64_t b, T* sm, auto& ex) { cuda::out_block<T>(a, b, sm, ex); });
   }
   template <typename T>
   void operator()(const cuda::BwdArgs<T>& a) const {
-    if constexpr (std::is_same<T, float>::value) {
-      if (a.tensor_cores && a.C % 16 == 0) {  // the tensor-core form, its tf32 products emulated
-        blocks<float>(a.chunks, cuda::bwd_tc_smem_bytes(a.C, a.D, a.E) / sizeof(float), [&](int64_t b, float* sm) {
-          cuda::HostExec ex{cuda::kBwdThreads};
-          cuda::bwd_tc_block(a, b, sm, ex);
-        });
-        return;
-      }
-    }
-    blocks<T>(a.chunks, cuda::bwd_smem_bytes<T>(a.C, a.D, a.E) / sizeof(T), [&](int64_t b, T* sm) {
-      cuda::HostExec ex{cuda::kBwdThreads};
-      cuda::bwd_block<T>(a, b, sm, ex);
-    });
+    per_chunk<T>(
+        a, cuda::bwd_tc_smem_bytes(a.C, a.D, a.E),
+        [&](int64_t b, auto* sm, auto& ex) { cuda::bwd_tc_block(a, b, sm, ex); },
+        cuda::bwd_smem_bytes<T>(a.C, a.D, a.E), [&](int64_t b, T* sm, auto& ex) { cuda::bwd_block<T>(a, b, sm, ex); });
   }
   template <typename T>
   void operator()(const cuda::DrArgs<T>& a) const {
-    if constexpr (std::is_same<T, float>::value) {
-      if (a.tensor_cores && a.C % 16 == 0) {  // the tensor-core form, its tf32 products emulated
-        blocks<float>(a.chunks, cuda::dr_tc_smem_bytes(a.C, a.D, a.E) / sizeof(float), [&](int64_t b, float* sm) {
-          cuda::HostExec ex{cuda::kBwdThreads};
-          cuda::dr_tc_block(a, b, sm, ex);
-        });
-        return;
-      }
-    }
-    blocks<T>(a.chunks, cuda::dr_smem_bytes<T>(a.C, a.D, a.E) / sizeof(T), [&](int64_t b, T* sm) {
-      cuda::HostExec ex{cuda::kBwdThreads};
-      cuda::dr_block<T>(a, b, sm, ex);
-    });
+    per_chunk<T>(
+        a, cuda::dr_tc_smem_bytes(a.C, a.D, a.E),
+        [&](int64_t b, auto* sm, auto& ex) { cuda::dr_tc_block(a, b, sm, ex); }, cuda::dr_smem_bytes<T>(a.C, a.D, a.E),
+        [&](int64_t b, T* sm, auto& ex) { cuda::dr_block<T>(a, b, sm, ex); });
   }
   template <typename T>
   void operator()(const cuda::ProArgs<T>& a) const {
+    per_chunk<T>(
+        a, cuda::pro_tc_smem_bytes(a.C, a.D), [&](int64_t b, auto* sm, auto& ex) { cuda::pro_tc_block(a, b, sm, ex); },
+        cuda::pro_smem_bytes<T>(a.C, a.D), [&](int64_t b, T* sm, auto& ex) { cuda::pro_block<T>(a, b, sm, ex); });
+  }
+
+ private:
+  // A per-chunk program (256 threads per block) over a's chunks: its tensor-core form `tc` (tf32 products
+  // emulated) where a asks for it (float, C a multiple of 16, as the device takes it), else `simt`; each with
+  // its shared memory in bytes. tc is a generic lambda, instantiated for float only.
+  template <typename T, typename A, typename FT, typename FS>
+  static void per_chunk(const A& a, size_t tc_bytes, FT tc, size_t simt_bytes, FS simt) {
     if constexpr (std::is_same<T, float>::value) {
-      if (a.tensor_cores && a.C % 16 == 0) {  // the tensor-core form, its tf32 products emulated
-        blocks<float>(a.chunks, cuda::pro_tc_smem_bytes(a.C, a.D) / sizeof(float), [&](int64_t b, float* sm) {
+      if (a.tensor_cores && a.C % 16 == 0) {
+        blocks<float>(a.chunks, tc_bytes / sizeof(float), [&](int64_t b, float* sm) {
           cuda::HostExec ex{cuda::kBwdThreads};
-          cuda::pro_tc_block(a, b, sm, ex);
+          tc(b, sm, ex);
         });
         return;
       }
     }
-    blocks<T>(a.chunks, cuda::pro_smem_bytes<T>(a.C, a.D) / sizeof(T), [&](int64_t b, T* sm) {
+    blocks<T>(a.chunks, simt_bytes / sizeof(T), [&](int64_t b, T* sm) {
       cuda::HostExec ex{cuda::kBwdThreads};
-      cuda::pro_block<T>(a, b, sm, ex);
+      simt(b, sm, ex);
     });
   }
 };
