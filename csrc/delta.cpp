@@ -201,8 +201,9 @@ struct Chunks {
   Tensor ks;             // (B, H, nc, D, C): (diag(suf) K)^T
 };
 
+// need_minv: the caller (the backward) takes m^-1 where a device's kernel forms it.
 Chunks prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta,
-               bool need_q) {
+               bool need_q, bool need_minv = false) {
   Chunks c;
   c.acc = delta_acc(q, k, v);
   c.low = c.acc == at::kFloat && at::isReducedFloatingType(v.scalar_type());
@@ -230,7 +231,7 @@ Chunks prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
   c.beta = chunked3(beta);
   c.pre = gc.cumsum(-1).exp();
   PrepOut fused;
-  if (PrepFn fn = device_prep(q.device().type())) fused = fn(c.k, c.v, c.beta, gc, c.pre, c.low);
+  if (PrepFn fn = device_prep(q.device().type())) fused = fn(c.k, c.v, c.beta, gc, c.pre, c.low, need_minv);
   Tensor w;
   if (fused.w.defined()) {
     c.gam = fused.gam;
@@ -314,7 +315,7 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
                 const std::optional<Tensor>& initial_state, const std::optional<Tensor>& dout,
                 const std::optional<Tensor>& grad_final_state, bool state_grad_only) {
   check_delta_inputs(q, k, v, g, beta, initial_state, /*check_values=*/false);
-  const Chunks c = prepare(q, k, v, g, beta, /*need_q=*/true);
+  const Chunks c = prepare(q, k, v, g, beta, /*need_q=*/true, /*need_minv=*/true);
   const int64_t C = kChunk;
   const auto aopts = q.options().dtype(c.acc);
   auto [states, u, fin] = state_chain(c, state_or_zeros(initial_state, c, q));

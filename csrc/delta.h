@@ -49,14 +49,14 @@ bool register_delta_solve(c10::DeviceType type, SolveFn fn);
 // The chunks' WY quantities in one step, from the chunked k (B, H, nc, C, D), v (.., C, E), beta (.., C), log
 // gates g (.., C) and pre = exp(cumsum g) (.., C), acc type: gam (.., C, C) = exp(segment sums of g), lower with
 // the diagonal; kk = K K^T; m = I + A, A the strictly lower part of diag(beta) (gam * kk); w = m^-1
-// [diag(beta) V | diag(beta pre) K] (.., C, E + D); and m^-1 (.., C, C) where the kernel forms it (else
-// undefined). tensor_cores: the op's inputs were 16-bit (the products may be formed at tf32 precision). A
+// [diag(beta) V | diag(beta pre) K] (.., C, E + D); and m^-1 (.., C, C) where want_minv and the kernel forms it
+// (else undefined). tensor_cores: the op's inputs were 16-bit (the products may be formed at tf32 precision). A
 // device's kernel for them, registered as the chain's (undefined w: not taken, the ATen composition runs).
 struct PrepOut {
   at::Tensor gam, kk, m, w, minv;
 };
 using PrepFn = PrepOut (*)(const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta, const at::Tensor& g,
-                           const at::Tensor& pre, bool tensor_cores);
+                           const at::Tensor& pre, bool tensor_cores, bool want_minv);
 bool register_delta_prep(c10::DeviceType type, PrepFn fn);
 
 // The forward's output per chunk: o = scale (diag(pre) Q S + (Q K^T * gam) U), from the chunked q, k (B, H, nc,

@@ -78,7 +78,7 @@ at::Tensor run_solve_program(const at::Tensor& M, const at::Tensor& R, bool tran
 
 template <typename T, typename Launch>
 PrepOut run_prep_program(const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta, const at::Tensor& g,
-                         const at::Tensor& pre, bool tensor_cores, Launch&& launch) {
+                         const at::Tensor& pre, bool tensor_cores, bool want_minv, Launch&& launch) {
   const at::Tensor K = k.contiguous(), V = v.contiguous(), Bt = beta.contiguous(), G = g.contiguous(),
                    P = pre.contiguous();
   const int64_t C = K.size(3), D = K.size(4), E = V.size(4);
@@ -88,7 +88,7 @@ PrepOut run_prep_program(const at::Tensor& k, const at::Tensor& v, const at::Ten
   out.kk = at::empty_like(out.gam);
   out.m = at::empty_like(out.gam);
   out.w = at::empty({K.size(0), K.size(1), K.size(2), C, E + D}, o);
-  out.minv = at::empty_like(out.gam);
+  if (want_minv) out.minv = at::empty_like(out.gam);
   cuda::PrepArgs<T> a;
   a.chunks = K.size(0) * K.size(1) * K.size(2);
   a.C = static_cast<int>(C);
@@ -104,7 +104,7 @@ PrepOut run_prep_program(const at::Tensor& k, const at::Tensor& v, const at::Ten
   a.kk = out.kk.data_ptr<T>();
   a.m = out.m.data_ptr<T>();
   a.w = out.w.data_ptr<T>();
-  a.minv = out.minv.data_ptr<T>();
+  a.minv = want_minv ? out.minv.data_ptr<T>() : nullptr;
   if (a.chunks > 0) launch(a);
   return out;
 }

@@ -119,11 +119,11 @@ at::Tensor solve_host(const at::Tensor& M, const at::Tensor& R, bool transpose) 
 }
 
 PrepOut prep_host(const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta, const at::Tensor& g,
-                  const at::Tensor& pre, bool tensor_cores) {
+                  const at::Tensor& pre, bool tensor_cores, bool want_minv) {
   if (!on() || !chunk_fits(k) || v.dim() != 5 || !delta_launch::acc_types(k, {&v, &beta, &g, &pre})) return {};
   if (k.scalar_type() == at::kDouble)
-    return delta_launch::run_prep_program<double>(k, v, beta, g, pre, tensor_cores, HostLaunch());
-  return delta_launch::run_prep_program<float>(k, v, beta, g, pre, tensor_cores, HostLaunch());
+    return delta_launch::run_prep_program<double>(k, v, beta, g, pre, tensor_cores, want_minv, HostLaunch());
+  return delta_launch::run_prep_program<float>(k, v, beta, g, pre, tensor_cores, want_minv, HostLaunch());
 }
 
 at::Tensor out_host(const at::Tensor& q, const at::Tensor& k, const at::Tensor& gam, const at::Tensor& pre,

@@ -156,7 +156,7 @@ at::Tensor solve_cuda(const at::Tensor& M, const at::Tensor& R, bool transpose) 
 
 // The fused WY kernel where LASP_DELTA_KERNELS=fused and it takes the sizes; else nothing (the composition).
 PrepOut prep_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta, const at::Tensor& g,
-                  const at::Tensor& pre, bool tensor_cores) {
+                  const at::Tensor& pre, bool tensor_cores, bool want_minv) {
   if (mode() != Mode::Fused || k.dim() != 5 || v.dim() != 5) return {};
   const auto t = k.scalar_type();
   if ((t != at::kFloat && t != at::kDouble) || v.scalar_type() != t || beta.scalar_type() != t ||
@@ -167,8 +167,9 @@ PrepOut prep_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor& be
                               t == at::kDouble ? sizeof(double) : sizeof(float)))
     return {};
   const c10::cuda::CUDAGuard guard(k.device());
-  return t == at::kDouble ? delta_launch::run_prep_program<double>(k, v, beta, g, pre, tensor_cores, CudaLaunch())
-                          : delta_launch::run_prep_program<float>(k, v, beta, g, pre, tensor_cores, CudaLaunch());
+  return t == at::kDouble
+             ? delta_launch::run_prep_program<double>(k, v, beta, g, pre, tensor_cores, want_minv, CudaLaunch())
+             : delta_launch::run_prep_program<float>(k, v, beta, g, pre, tensor_cores, want_minv, CudaLaunch());
 }
 
 // The forward's output kernel where LASP_DELTA_KERNELS=fused and it takes the sizes; else nothing.
