@@ -30,6 +30,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "delta.h"
@@ -46,6 +47,24 @@ using torch::autograd::variable_list;
 
 constexpr int64_t kChunk = 64;
 constexpr const char* kOp = "gated_delta_attention";
+
+// The kernels a device registered, one table per hook. The tables are keyed by the hook's function type, so
+// every hook must have its own signature (checked below).
+template <class Fn>
+Fn& device_hook(c10::DeviceType type) {
+  static Fn fns[static_cast<int>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)] = {};
+  return fns[static_cast<int>(type)];
+}
+template <class T, class... Ts>
+constexpr bool distinct_types() {
+  if constexpr (sizeof...(Ts) == 0) {
+    return true;
+  } else {
+    return (!std::is_same_v<T, Ts> && ...) && distinct_types<Ts...>();
+  }
+}
+static_assert(distinct_types<ChainFn, SolveFn, PrepFn, OutFn, BwdFn, ProFn, DrFn>(),
+              "each device hook needs its own function type: device_hook keys its table by it");
 
 at::ScalarType delta_acc(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 // float64 where any of q, k, v is float64 (q, k come in float32 after the l2 normalisation of 16-bit inputs)
@@ -146,45 +165,15 @@ DeltaKernels delta_kernels_mode() {
 
 namespace {
 
-SolveFn& device_solve(c10::DeviceType type) {
-  static SolveFn fns[static_cast<int>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)] = {};
-  return fns[static_cast<int>(type)];
-}
-
 // M^-1 R (M^-T R), M unit lower triangular: the device's kernel where it takes them, else ATen's solve.
 Tensor solve_unit(const Tensor& M, const Tensor& R, bool transpose) {
-  if (SolveFn fn = device_solve(M.device().type())) {
+  if (SolveFn fn = device_hook<SolveFn>(M.device().type())) {
     Tensor x = fn(M, R, transpose);
     if (x.defined()) return x;
   }
   return transpose ? at::linalg_solve_triangular(M.transpose(-1, -2), R, /*upper=*/true, /*left=*/true,
                                                  /*unitriangular=*/true)
                    : at::linalg_solve_triangular(M, R, /*upper=*/false, /*left=*/true, /*unitriangular=*/true);
-}
-
-PrepFn& device_prep(c10::DeviceType type) {
-  static PrepFn fns[static_cast<int>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)] = {};
-  return fns[static_cast<int>(type)];
-}
-
-OutFn& device_out(c10::DeviceType type) {
-  static OutFn fns[static_cast<int>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)] = {};
-  return fns[static_cast<int>(type)];
-}
-
-BwdFn& device_bwd(c10::DeviceType type) {
-  static BwdFn fns[static_cast<int>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)] = {};
-  return fns[static_cast<int>(type)];
-}
-
-DrFn& device_dr(c10::DeviceType type) {
-  static DrFn fns[static_cast<int>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)] = {};
-  return fns[static_cast<int>(type)];
-}
-
-ProFn& device_pro(c10::DeviceType type) {
-  static ProFn fns[static_cast<int>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)] = {};
-  return fns[static_cast<int>(type)];
 }
 
 // The chunked quantities of one piece that do not depend on the incoming state, (B, H, nc, C, .) in acc.
@@ -231,7 +220,7 @@ Chunks prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
   c.beta = chunked3(beta);
   c.pre = gc.cumsum(-1).exp();
   PrepOut fused;
-  if (PrepFn fn = device_prep(q.device().type())) fused = fn(c.k, c.v, c.beta, gc, c.pre, c.low, need_minv);
+  if (PrepFn fn = device_hook<PrepFn>(q.device().type())) fused = fn(c.k, c.v, c.beta, gc, c.pre, c.low, need_minv);
   Tensor w;
   if (fused.w.defined()) {
     c.gam = fused.gam;
@@ -263,14 +252,9 @@ Tensor state_or_zeros(const std::optional<Tensor>& s, const Chunks& c, const Ten
   return s.has_value() ? s->to(c.acc, /*non_blocking=*/false, /*copy=*/true) : at::zeros({c.B, c.H, c.D, c.E}, like.options().dtype(c.acc));
 }
 
-ChainFn& device_chain(c10::DeviceType type) {
-  static ChainFn fns[static_cast<int>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)] = {};
-  return fns[static_cast<int>(type)];
-}
-
 // The chain on S0's device: its registered kernel where it takes the inputs, else the ATen composition.
 std::tuple<Tensor, Tensor, Tensor> chain(const ChainInputs& in, const Tensor& S0) {
-  if (ChainFn fn = device_chain(S0.device().type())) {
+  if (ChainFn fn = device_hook<ChainFn>(S0.device().type())) {
     auto out = fn(in, S0);
     if (std::get<0>(out).defined()) return out;
   }
@@ -301,7 +285,7 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tens
   auto [states, u, fin] = state_chain(c, state_or_zeros(initial_state, c, q));
   if (c.nc == 0) return {at::empty({c.B, c.H, 0, c.E}, q.options()), fin};
   Tensor o;
-  if (OutFn fn = device_out(q.device().type())) o = fn(c.q, c.k, c.gam, c.pre, states, u, scale, c.low);
+  if (OutFn fn = device_hook<OutFn>(q.device().type())) o = fn(c.q, c.k, c.gam, c.pre, states, u, scale, c.low);
   if (!o.defined()) {
     const Tensor qk = at::matmul(c.q, c.k.transpose(-1, -2)) * c.gam;
     o = (c.pre.unsqueeze(-1) * at::matmul(c.q, states) + at::matmul(qk, u)) * scale;
@@ -315,7 +299,7 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
                 const std::optional<Tensor>& initial_state, const std::optional<Tensor>& dout,
                 const std::optional<Tensor>& grad_final_state, bool state_grad_only) {
   check_delta_inputs(q, k, v, g, beta, initial_state, /*check_values=*/false);
-  const Chunks c = prepare(q, k, v, g, beta, /*need_q=*/true, /*need_minv=*/true);
+  const Chunks c = prepare(q, k, v, g, beta, /*need_q=*/true, /*need_minv=*/!state_grad_only);
   const int64_t C = kChunk;
   const auto aopts = q.options().dtype(c.acc);
   auto [states, u, fin] = state_chain(c, state_or_zeros(initial_state, c, q));
@@ -338,7 +322,7 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
   auto qk_raw = [&c]() { return at::matmul(c.q, c.k.transpose(-1, -2)); };
   // The parts of dU and dS that the chain does not carry, for all chunks at once.
   ProOut pro;
-  if (ProFn fn = device_pro(q.device().type())) pro = fn(c.q, c.k, c.gam, c.pre, dO, scale, c.low);
+  if (ProFn fn = device_hook<ProFn>(q.device().type())) pro = fn(c.q, c.k, c.gam, c.pre, dO, scale, c.low);
   if (!pro.pdo.defined()) {
     const Tensor P = qk_raw() * c.gam;
     pro.pdo = at::matmul(P.transpose(-1, -2), dO) * scale;                                // (.., C, E)
@@ -366,14 +350,14 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
   // Through the triangular solve: M [Wv | Wk] = R, dW = [dU | -dU S0^T], dR = M^-T dW, dA = -dR W^T.
   Tensor dR;
   if (c.minv.defined())
-    if (DrFn fn = device_dr(q.device().type())) dR = fn(c.minv, dU, states, c.low);
+    if (DrFn fn = device_hook<DrFn>(q.device().type())) dR = fn(c.minv, dU, states, c.low);
   if (!dR.defined()) {
     const Tensor dW = at::cat({dU, -at::matmul(dU, states.transpose(-1, -2))}, -1);
     dR = solve_unit(c.m, dW, /*transpose=*/true);
   }
   Tensor dq, dk, dv, dbeta, dg;
   BwdChunkOut fused;
-  if (BwdFn fn = device_bwd(q.device().type()))
+  if (BwdFn fn = device_hook<BwdFn>(q.device().type()))
     fused = fn(BwdChunkIn{c.q, c.k, c.v, c.beta, c.pre, c.gam, c.kk, c.w, states, dSe, u, dO, dR, scale, c.low});
   if (fused.dq.defined()) {
     dq = fused.dq;
@@ -671,37 +655,37 @@ std::tuple<Tensor, Tensor, Tensor> delta_chain_aten(const ChainInputs& in, const
 }
 
 bool register_delta_chain(c10::DeviceType type, ChainFn fn) {
-  device_chain(type) = fn;
+  device_hook<ChainFn>(type) = fn;
   return true;
 }
 
 bool register_delta_solve(c10::DeviceType type, SolveFn fn) {
-  device_solve(type) = fn;
+  device_hook<SolveFn>(type) = fn;
   return true;
 }
 
 bool register_delta_prep(c10::DeviceType type, PrepFn fn) {
-  device_prep(type) = fn;
+  device_hook<PrepFn>(type) = fn;
   return true;
 }
 
 bool register_delta_out(c10::DeviceType type, OutFn fn) {
-  device_out(type) = fn;
+  device_hook<OutFn>(type) = fn;
   return true;
 }
 
 bool register_delta_bwd(c10::DeviceType type, BwdFn fn) {
-  device_bwd(type) = fn;
+  device_hook<BwdFn>(type) = fn;
   return true;
 }
 
 bool register_delta_pro(c10::DeviceType type, ProFn fn) {
-  device_pro(type) = fn;
+  device_hook<ProFn>(type) = fn;
   return true;
 }
 
 bool register_delta_dr(c10::DeviceType type, DrFn fn) {
-  device_dr(type) = fn;
+  device_hook<DrFn>(type) = fn;
   return true;
 }
 
