@@ -138,6 +138,10 @@ cudaError_t run_solve(const SolveArgs<T>& a, cudaStream_t st) {
   return launch(solve_kernel<T>, grid, kSolveCols, solve_smem_bytes<T>(a.C), st, a);
 }
 
+// try_tc and run_per_chunk launch every program with 256 threads, the count each program's tiles assume:
+static_assert(kPrepThreads == 256 && kOutThreads == 256 && kBwdThreads == 256,
+              "the per-chunk launches use 256 threads per block");
+
 // The tensor-core form of a per-chunk program where asked (a.tensor_cores), C is a multiple of 16, its shared
 // memory fits and the device has tf32 mma.sync (sm_80+): launches it and sets *done; else leaves the SIMT form.
 template <typename A>

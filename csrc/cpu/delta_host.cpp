@@ -49,7 +49,7 @@ struct HostLaunch {
   template <typename T>
   void operator()(const cuda::PrepArgs<T>& a) const {
     per_chunk<T>(
-        a, cuda::prep_tc_smem_bytes(a.C, a.D, a.E),
+        a, cuda::kPrepThreads, cuda::prep_tc_smem_bytes(a.C, a.D, a.E),
         [&](int64_t b, auto* sm, auto& ex) { cuda::prep_block<float, cuda::HostExec, true>(a, b, sm, ex); },
         cuda::prep_smem_bytes<T>(a.C, a.D, a.E),
         [&](int64_t b, T* sm, auto& ex) { cuda::prep_block<T>(a, b, sm, ex); });
@@ -57,47 +57,50 @@ struct HostLaunch {
   template <typename T>
   void operator()(const cuda::OutArgs<T>& a) const {
     per_chunk<T>(
-        a, cuda::out_tc_smem_bytes(a.C, a.D), [&](int64_t b, auto* sm, auto& ex) { cuda::out_tc_block(a, b, sm, ex); },
-        cuda::out_smem_bytes<T>(a.C, a.D), [&](int64_t b, T* sm, auto& ex) { cuda::out_block<T>(a, b, sm, ex); });
+        a, cuda::kOutThreads, cuda::out_tc_smem_bytes(a.C, a.D),
+        [&](int64_t b, auto* sm, auto& ex) { cuda::out_tc_block(a, b, sm, ex); }, cuda::out_smem_bytes<T>(a.C, a.D),
+        [&](int64_t b, T* sm, auto& ex) { cuda::out_block<T>(a, b, sm, ex); });
   }
   template <typename T>
   void operator()(const cuda::BwdArgs<T>& a) const {
     per_chunk<T>(
-        a, cuda::bwd_tc_smem_bytes(a.C, a.D, a.E),
+        a, cuda::kBwdThreads, cuda::bwd_tc_smem_bytes(a.C, a.D, a.E),
         [&](int64_t b, auto* sm, auto& ex) { cuda::bwd_tc_block(a, b, sm, ex); },
         cuda::bwd_smem_bytes<T>(a.C, a.D, a.E), [&](int64_t b, T* sm, auto& ex) { cuda::bwd_block<T>(a, b, sm, ex); });
   }
   template <typename T>
   void operator()(const cuda::DrArgs<T>& a) const {
     per_chunk<T>(
-        a, cuda::dr_tc_smem_bytes(a.C, a.D, a.E),
+        a, cuda::kBwdThreads, cuda::dr_tc_smem_bytes(a.C, a.D, a.E),
         [&](int64_t b, auto* sm, auto& ex) { cuda::dr_tc_block(a, b, sm, ex); }, cuda::dr_smem_bytes<T>(a.C, a.D, a.E),
         [&](int64_t b, T* sm, auto& ex) { cuda::dr_block<T>(a, b, sm, ex); });
   }
   template <typename T>
   void operator()(const cuda::ProArgs<T>& a) const {
     per_chunk<T>(
-        a, cuda::pro_tc_smem_bytes(a.C, a.D), [&](int64_t b, auto* sm, auto& ex) { cuda::pro_tc_block(a, b, sm, ex); },
-        cuda::pro_smem_bytes<T>(a.C, a.D), [&](int64_t b, T* sm, auto& ex) { cuda::pro_block<T>(a, b, sm, ex); });
+        a, cuda::kBwdThreads, cuda::pro_tc_smem_bytes(a.C, a.D),
+        [&](int64_t b, auto* sm, auto& ex) { cuda::pro_tc_block(a, b, sm, ex); }, cuda::pro_smem_bytes<T>(a.C, a.D),
+        [&](int64_t b, T* sm, auto& ex) { cuda::pro_block<T>(a, b, sm, ex); });
   }
 
  private:
-  // A per-chunk program (256 threads per block) over a's chunks: its tensor-core form `tc` (tf32 products
-  // emulated) where a asks for it (float, C a multiple of 16, as the device takes it), else `simt`; each with
-  // its shared memory in bytes. tc is a generic lambda, instantiated for float only.
+  // A per-chunk program (`threads` threads per block, the program's own constant) over a's chunks: its
+  // tensor-core form `tc` (tf32 products emulated) where a asks for it (float, C a multiple of 16, as the device
+  // takes it), else `simt`; each with its shared memory in bytes. tc is a generic lambda, instantiated for float
+  // only.
   template <typename T, typename A, typename FT, typename FS>
-  static void per_chunk(const A& a, size_t tc_bytes, FT tc, size_t simt_bytes, FS simt) {
+  static void per_chunk(const A& a, int threads, size_t tc_bytes, FT tc, size_t simt_bytes, FS simt) {
     if constexpr (std::is_same<T, float>::value) {
       if (a.tensor_cores && a.C % 16 == 0) {
         blocks<float>(a.chunks, tc_bytes / sizeof(float), [&](int64_t b, float* sm) {
-          cuda::HostExec ex{cuda::kBwdThreads};
+          cuda::HostExec ex{threads};
           tc(b, sm, ex);
         });
         return;
       }
     }
     blocks<T>(a.chunks, simt_bytes / sizeof(T), [&](int64_t b, T* sm) {
-      cuda::HostExec ex{cuda::kBwdThreads};
+      cuda::HostExec ex{threads};
       simt(b, sm, ex);
     });
   }
