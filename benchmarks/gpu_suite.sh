@@ -40,7 +40,8 @@
 #                    kernels (the chain, its tensor-core and wide forms, the solves, the per-chunk programs of
 #                    LASP_DELTA_KERNELS=fused), the peer hop's per-(b, h) factors: GoogleTest
 #                    'CudaKernelsApi.*:Wgmma*:DocStarts*:Delta*:PeerHop*', then pytest test_packed_op,
-#                    test_compile, test_gates_cuda, test_delta_op -k "cuda or starts"
+#                    test_compile, test_gates_cuda, test_delta_op -k "cuda or starts"; then test_vs_fla (the
+#                    ops against fla's kernels; skips where fla does not import)
 #   delta        (1) benchmarks/bench_delta.py against fla (DELTA_SHAPES, DELTA_ARGS)
 #
 # groups: check = gtest pytest demo;  robust = reliability groupchecks hf hf-example sanitize
@@ -52,7 +53,7 @@
 # BENCH_EAGER_S 60, PROBE_S 110, PROBE_OFFLOAD_S 90, FINDMAX_S 200, RELIABILITY_S 240,
 # GROUPCHECKS_S 200, HF_S 120, HF_EXAMPLE_S 75 (each world size), SANITIZE_BUDGET_S (sanitize.sh's own
 # budget; default: what is left minus 40, at most 180; the step's cap is 35 s more), NCU_S 450,
-# PENDING_GTEST_S 200, PENDING_PYTEST_S 300, DELTA_S 300.
+# PENDING_GTEST_S 200, PENDING_PYTEST_S 300, PENDING_FLA_S 240, DELTA_S 300.
 #
 # Exit status: 0 every step passed; 1 a step failed or timed out; 2 bad arguments, too few GPUs for a
 # part, or the build failed; 3 nothing failed but a step was skipped for the time budget.
@@ -348,6 +349,8 @@ part_pending() {
     tests/python/test_packed_op.py tests/python/test_compile.py tests/python/test_gates_cuda.py \
     tests/python/test_delta_op.py -k "cuda or starts"
   show "^(FAILED|ERROR|SKIPPED)|passed|failed" "$RESULTS/pytest_pending.log"
+  step pending-vs-fla "${PENDING_FLA_S:-240}" "$RESULTS/pytest_vs_fla.log" "${PYTEST_CMD[@]}" tests/python/test_vs_fla.py
+  show "^(FAILED|ERROR|SKIPPED)|passed|failed" "$RESULTS/pytest_vs_fla.log"
 }
 
 part_delta() {
