@@ -146,6 +146,7 @@ LASP_CHAIN_HD void bwd_finish(const BwdArgs<T>& a, int64_t ch, T* part3, T* sXG,
     }
     a.dg[c1 + t] = xp + z + xs;
   });
+  ex.done();
 }
 
 template <typename T, typename Exec>
@@ -164,12 +165,10 @@ LASP_CHAIN_HD void bwd_block(const BwdArgs<T>& a, int64_t ch, T* smem, Exec& ex)
   T* sxs = smem + L.xs;
   T* part1 = smem + L.part1;
   T* part2 = smem + L.part2;
-  T* part3 = smem + L.part3;
   const size_t cd = (size_t)ch * C * D, ce = (size_t)ch * C * E, cw = (size_t)ch * C * WD, cc = (size_t)ch * C * C,
                de = (size_t)ch * D * E, c1 = (size_t)ch * C;
   const T* Q = a.q + cd;
   const T* K = a.k + cd;
-  const T* V = a.v + ce;
   const T* G = a.gam + cc;
   const T* KK = a.kk + cc;
   const T* W = a.w + cw;
@@ -299,6 +298,7 @@ LASP_CHAIN_HD void bwd_block(const BwdArgs<T>& a, int64_t ch, T* smem, Exec& ex)
         return p;
       },
       ex);
+  ex.done();
 }
 
 // The tensor-core form of bwd_block (float): the same gradients with tf32 products, one WarpTile per warp and
@@ -490,6 +490,7 @@ LASP_CHAIN_HD void bwd_tc_block(const BwdArgs<float>& a, int64_t ch, float* smem
         return p;
       },
       ex);
+  ex.done();
 }
 
 // The parts of the backward's chain inputs that do not depend on the state gradients, per chunk:
@@ -576,6 +577,7 @@ LASP_CHAIN_HD void pro_block(const ProArgs<T>& a, int64_t ch, T* smem, Exec& ex)
       }
     }
   });
+  ex.done();
 }
 
 // The backward's transposed solve through the WY form, per chunk, with m^-1 at hand (delta_prep.h writes
@@ -654,6 +656,7 @@ LASP_CHAIN_HD void dr_block(const DrArgs<T>& a, int64_t ch, T* smem, Exec& ex) {
       tile_store(acc, rt, C, base, D, [&](int i, int col, T v) { dR[(size_t)i * WD + E + col] = -v; });
     }
   });
+  ex.done();
 }
 
 
@@ -723,6 +726,7 @@ LASP_CHAIN_HD void pro_tc_block(const ProArgs<float>& a, int64_t ch, float* smem
       });
     }
   });
+  ex.done();
 }
 
 // The tensor-core form of dr_block (float, C a multiple of 16): m^-1, S (rows x of E) and dRv staged.
@@ -782,6 +786,7 @@ LASP_CHAIN_HD void dr_tc_block(const DrArgs<float>& a, int64_t ch, float* smem, 
       });
     }
   });
+  ex.done();
 }
 
 }  // namespace cuda

@@ -102,8 +102,16 @@ LASP_CHAIN_HD void chain_block(const ChainArgs<T>& a, int64_t bh, int tile, T* s
     if (w >= cols) return;
     for (int d = t / kChainCols; d < D; d += kChainRows) a.Sfin[((size_t)bh * D + d) * W + w0 + w] = sS[d * kChainCols + w];
   });
+  ex.done();
 }
 
+// The executors. A block program issues its phases as ex.threads(f) (f(t) for each thread t) and ex.warps(f)
+// (f(w) for each warp, warp-level code), separated by ex.sync() (the block's barrier), and ends with ex.done()
+// (a helper that issues phases ends with it too, where its caller issues none before its next barrier). On the
+// device each thread runs its part of each phase and done() is nothing; tests/cpp/interval_exec.h runs the
+// phases between two barriers warp by warp in either order, which done() lets it finish while the
+// program's locals are alive.
+//
 // The block program on the host, one thread after another per phase (tests/cpp), for a block of n threads.
 struct HostExec {
   int n = kChainThreads;
@@ -117,6 +125,7 @@ struct HostExec {
     for (int w = 0; w < n / 32; ++w) f(w);
   }
   void sync() {}
+  void done() {}
 };
 
 }  // namespace cuda

@@ -22,6 +22,7 @@ struct DeviceExec {
     f(static_cast<int>(threadIdx.x >> 5));
   }
   __device__ __forceinline__ void sync() { __syncthreads(); }
+  __device__ __forceinline__ void done() {}
 };
 
 template <typename T>

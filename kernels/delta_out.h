@@ -102,6 +102,7 @@ LASP_CHAIN_HD void out_block(const OutArgs<T>& a, int64_t ch, T* smem, Exec& ex)
       tile_store(acc, rt, C, base, E, [&](int i, int col, T v) { a.o[((size_t)ch * C + i) * E + col] = v * a.scale; });
     }
   });
+  ex.done();
 }
 
 // The tensor-core form (float): the same o with tf32 products, one WarpTile per warp and job. Q and K in shared
@@ -182,6 +183,7 @@ LASP_CHAIN_HD void out_tc_block(const OutArgs<float>& a, int64_t ch, float* smem
       });
     }
   });
+  ex.done();
 }
 
 }  // namespace cuda

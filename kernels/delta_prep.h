@@ -172,6 +172,7 @@ LASP_CHAIN_HD void prep_block(const PrepArgs<T>& a, int64_t ch, T* smem, Exec& e
         });
       }
     });
+    ex.done();
     return;
   }
   ex.threads([&](int t) {  // 5. w = m^-1 R over the columns j <= the tile's rows (m^-1 is lower triangular)
@@ -185,6 +186,7 @@ LASP_CHAIN_HD void prep_block(const PrepArgs<T>& a, int64_t ch, T* smem, Exec& e
       tile_store(acc, rt, C, base, WD, [&](int i, int col, T v) { a.w[((size_t)ch * C + i) * WD + col] = v; });
     }
   });
+  ex.done();
 }
 
 }  // namespace cuda

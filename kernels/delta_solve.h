@@ -61,6 +61,7 @@ LASP_CHAIN_HD void solve_block(const SolveArgs<T>& a, int64_t chunk, int tile, T
       X[(size_t)i * W] = s;
     }
   });
+  ex.done();
 }
 
 }  // namespace cuda

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "delta_bwd.h"
+#include "interval_exec.h"
 #if defined(LASP_WITH_CUDA)
 #include <cuda_runtime_api.h>
 
@@ -205,15 +206,18 @@ void check(const BwdCase& c, const BwdData<T>& d, double tol) {
 
 template <typename T>
 void host_case(const BwdCase& c, double tol, unsigned seed) {
-  BwdData<T> d = make_bwd<T>(c, seed);
-  const BwdArgs<T> a = bwd_args(c, d);
-  std::vector<T> smem(lasp::cuda::bwd_smem_bytes<T>(c.C, c.D, c.E) / sizeof(T));
-  lasp::cuda::HostExec ex{lasp::cuda::kBwdThreads};
-  for (int64_t ch = 0; ch < c.chunks; ++ch) {
-    for (auto& e : smem) e = T(1e30);
-    lasp::cuda::bwd_block<T>(a, ch, smem.data(), ex);
+  for (bool rev : lasp_test::kOrders) {
+    BwdData<T> d = make_bwd<T>(c, seed);
+    const BwdArgs<T> a = bwd_args(c, d);
+    std::vector<T> smem(lasp::cuda::bwd_smem_bytes<T>(c.C, c.D, c.E) / sizeof(T));
+    lasp_test::IntervalExec ex{lasp::cuda::kBwdThreads, rev};
+    for (int64_t ch = 0; ch < c.chunks; ++ch) {
+      for (auto& e : smem) e = T(1e30);
+      lasp::cuda::bwd_block<T>(a, ch, smem.data(), ex);
+    }
+    EXPECT_TRUE(ex.idle());
+    check(c, d, tol);
   }
-  check(c, d, tol);
 }
 
 TEST(DeltaBwd, HostBlockProgramMatchesFormulas) {
@@ -266,14 +270,22 @@ void bwd_on_device(BwdArgs<T>& a, BwdData<T>& d) {
 
 #endif
 
+void bwd_tc_case(const BwdCase& c, double tol, unsigned seed, bool device, bool rev);
+
 void bwd_tc_case(const BwdCase& c, double tol, unsigned seed, bool device) {
+  for (bool rev : lasp_test::kOrders)
+    if (!(device && rev)) bwd_tc_case(c, tol, seed, device, rev);
+}
+
+void bwd_tc_case(const BwdCase& c, double tol, unsigned seed, bool device, bool rev) {
   BwdData<float> d = make_bwd<float>(c, seed);
   BwdArgs<float> a = bwd_args(c, d);
   a.tensor_cores = true;
   if (!device) {
     std::vector<float> smem(lasp::cuda::bwd_tc_smem_bytes(c.C, c.D, c.E) / sizeof(float), 1e30f);
-    lasp::cuda::HostExec ex{lasp::cuda::kBwdThreads};
+    lasp_test::IntervalExec ex{lasp::cuda::kBwdThreads, rev};
     for (int64_t ch = 0; ch < c.chunks; ++ch) lasp::cuda::bwd_tc_block(a, ch, smem.data(), ex);
+    EXPECT_TRUE(ex.idle());
   } else {
 #if defined(LASP_WITH_CUDA)
     bwd_on_device(a, d);
@@ -301,7 +313,16 @@ TEST(DeltaBwd, CudaTensorCoreFormMatchesFormulas) {
 // The backward's chain inputs (pro_block): pdo = scale (Q K^T * gam)^T dO, qdo = scale Q^T diag(pre) dO, in
 // double; gam's entries above its diagonal hold garbage that must not be read.
 template <typename T>
+void pro_case(const BwdCase& c, double tol, unsigned seed, bool device, bool tc, bool rev);
+
+template <typename T>
 void pro_case(const BwdCase& c, double tol, unsigned seed, bool device, bool tc = false) {
+  for (bool rev : lasp_test::kOrders)
+    if (!(device && rev)) pro_case<T>(c, tol, seed, device, tc, rev);
+}
+
+template <typename T>
+void pro_case(const BwdCase& c, double tol, unsigned seed, bool device, bool tc, bool rev) {
   BwdData<T> d = make_bwd<T>(c, seed);
   const int C = c.C, D = c.D, E = c.E;
   for (int64_t ch = 0; ch < c.chunks; ++ch)
@@ -325,13 +346,15 @@ void pro_case(const BwdCase& c, double tol, unsigned seed, bool device, bool tc 
   if (!device && tc) {
     if constexpr (std::is_same<T, float>::value) {
       std::vector<float> smem(lasp::cuda::pro_tc_smem_bytes(C, D) / sizeof(float), 1e30f);
-      lasp::cuda::HostExec ex{lasp::cuda::kBwdThreads};
+      lasp_test::IntervalExec ex{lasp::cuda::kBwdThreads, rev};
       for (int64_t ch = 0; ch < c.chunks; ++ch) lasp::cuda::pro_tc_block(a, ch, smem.data(), ex);
+      EXPECT_TRUE(ex.idle());
     }
   } else if (!device) {
     std::vector<T> smem(lasp::cuda::pro_smem_bytes<T>(C, D) / sizeof(T), T(1e30));
-    lasp::cuda::HostExec ex{lasp::cuda::kBwdThreads};
+    lasp_test::IntervalExec ex{lasp::cuda::kBwdThreads, rev};
     for (int64_t ch = 0; ch < c.chunks; ++ch) lasp::cuda::pro_block<T>(a, ch, smem.data(), ex);
+    EXPECT_TRUE(ex.idle());
   } else {
 #if defined(LASP_WITH_CUDA)
     DeviceBuffers<T> buf;
@@ -479,21 +502,23 @@ lasp::cuda::DrArgs<T> dr_args(const BwdCase& c, DrData<T>& d) {
 TEST(DeltaBwd, HostTransposedSolveMatchesFormula) {
   unsigned seed = 100;
   for (const BwdCase& c : kBwdCases) {
-    for (int prec = 0; prec < 2; ++prec) {
-      if (prec == 0) {
-        DrData<double> d = make_dr<double>(c, seed++);
-        const auto a = dr_args(c, d);
-        std::vector<double> smem(lasp::cuda::dr_smem_bytes<double>(c.C, c.D, c.E) / sizeof(double), 1e30);
-        lasp::cuda::HostExec ex{lasp::cuda::kBwdThreads};
-        for (int64_t ch = 0; ch < c.chunks; ++ch) lasp::cuda::dr_block<double>(a, ch, smem.data(), ex);
-        check_dr(c, d, 1e-12);
-      } else {
-        DrData<float> d = make_dr<float>(c, seed++);
-        const auto a = dr_args(c, d);
-        std::vector<float> smem(lasp::cuda::dr_smem_bytes<float>(c.C, c.D, c.E) / sizeof(float), 1e30f);
-        lasp::cuda::HostExec ex{lasp::cuda::kBwdThreads};
-        for (int64_t ch = 0; ch < c.chunks; ++ch) lasp::cuda::dr_block<float>(a, ch, smem.data(), ex);
-        check_dr(c, d, 5e-5);
+    for (int prec = 0; prec < 2; ++prec, ++seed) {
+      for (bool rev : lasp_test::kOrders) {
+        lasp_test::IntervalExec ex{lasp::cuda::kBwdThreads, rev};
+        if (prec == 0) {
+          DrData<double> d = make_dr<double>(c, seed);
+          const auto a = dr_args(c, d);
+          std::vector<double> smem(lasp::cuda::dr_smem_bytes<double>(c.C, c.D, c.E) / sizeof(double), 1e30);
+          for (int64_t ch = 0; ch < c.chunks; ++ch) lasp::cuda::dr_block<double>(a, ch, smem.data(), ex);
+          check_dr(c, d, 1e-12);
+        } else {
+          DrData<float> d = make_dr<float>(c, seed);
+          const auto a = dr_args(c, d);
+          std::vector<float> smem(lasp::cuda::dr_smem_bytes<float>(c.C, c.D, c.E) / sizeof(float), 1e30f);
+          for (int64_t ch = 0; ch < c.chunks; ++ch) lasp::cuda::dr_block<float>(a, ch, smem.data(), ex);
+          check_dr(c, d, 5e-5);
+        }
+        EXPECT_TRUE(ex.idle());
       }
     }
   }
@@ -502,13 +527,17 @@ TEST(DeltaBwd, HostTransposedSolveMatchesFormula) {
 TEST(DeltaBwd, HostTensorCoreTransposedSolveMatchesFormula) {
   unsigned seed = 1000;
   for (const BwdCase& c : kBwdTcCases) {
-    DrData<float> d = make_dr<float>(c, seed++);
-    auto a = dr_args(c, d);
-    a.tensor_cores = true;
-    std::vector<float> smem(lasp::cuda::dr_tc_smem_bytes(c.C, c.D, c.E) / sizeof(float), 1e30f);
-    lasp::cuda::HostExec ex{lasp::cuda::kBwdThreads};
-    for (int64_t ch = 0; ch < c.chunks; ++ch) lasp::cuda::dr_tc_block(a, ch, smem.data(), ex);
-    check_dr(c, d, 3e-3);
+    for (bool rev : lasp_test::kOrders) {
+      DrData<float> d = make_dr<float>(c, seed);
+      auto a = dr_args(c, d);
+      a.tensor_cores = true;
+      std::vector<float> smem(lasp::cuda::dr_tc_smem_bytes(c.C, c.D, c.E) / sizeof(float), 1e30f);
+      lasp_test::IntervalExec ex{lasp::cuda::kBwdThreads, rev};
+      for (int64_t ch = 0; ch < c.chunks; ++ch) lasp::cuda::dr_tc_block(a, ch, smem.data(), ex);
+      EXPECT_TRUE(ex.idle());
+      check_dr(c, d, 3e-3);
+    }
+    ++seed;
   }
 }
 

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "delta_chain.h"
+#include "interval_exec.h"
 #if defined(LASP_WITH_CUDA)
 #include <cuda_runtime_api.h>
 
@@ -112,11 +113,19 @@ void reference(const Case& k, const Data<T>& d, double bsign, double csign, std:
 }
 
 template <typename T>
+void run_case(const Case& k, double bsign, double csign, double tol, unsigned seed, bool rev);
+
+template <typename T>
 void run_case(const Case& k, double bsign, double csign, double tol, unsigned seed) {
+  for (bool rev : lasp_test::kOrders) run_case<T>(k, bsign, csign, tol, seed, rev);
+}
+
+template <typename T>
+void run_case(const Case& k, double bsign, double csign, double tol, unsigned seed, bool rev) {
   Data<T> d = make<T>(k, seed);
   ChainArgs<T> a = args(k, d, bsign, csign);
   std::vector<T> smem(lasp::cuda::chain_smem_bytes<T>(k.C, k.D) / sizeof(T));
-  lasp::cuda::HostExec ex;
+  lasp_test::IntervalExec ex{lasp::cuda::kChainThreads, rev};
   const int tiles = (k.W + lasp::cuda::kChainCols - 1) / lasp::cuda::kChainCols;
   for (int64_t bh = 0; bh < k.BH; ++bh)
     for (int tile = 0; tile < tiles; ++tile) {

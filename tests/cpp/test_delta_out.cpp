@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "delta_out.h"
+#include "interval_exec.h"
 #if defined(LASP_WITH_CUDA)
 #include <cuda_runtime_api.h>
 
@@ -106,15 +107,18 @@ void check(const OutCase& c, const OutData<T>& d, double tol) {
 
 template <typename T>
 void host_case(const OutCase& c, double tol, unsigned seed) {
-  OutData<T> d = make_out<T>(c, seed);
-  const OutArgs<T> a = out_args(c, d);
-  std::vector<T> smem(lasp::cuda::out_smem_bytes<T>(c.C, c.D) / sizeof(T));
-  lasp::cuda::HostExec ex{lasp::cuda::kOutThreads};
-  for (int64_t ch = 0; ch < c.chunks; ++ch) {
-    for (auto& e : smem) e = T(1e30);
-    lasp::cuda::out_block<T>(a, ch, smem.data(), ex);
+  for (bool rev : lasp_test::kOrders) {
+    OutData<T> d = make_out<T>(c, seed);
+    const OutArgs<T> a = out_args(c, d);
+    std::vector<T> smem(lasp::cuda::out_smem_bytes<T>(c.C, c.D) / sizeof(T));
+    lasp_test::IntervalExec ex{lasp::cuda::kOutThreads, rev};
+    for (int64_t ch = 0; ch < c.chunks; ++ch) {
+      for (auto& e : smem) e = T(1e30);
+      lasp::cuda::out_block<T>(a, ch, smem.data(), ex);
+    }
+    EXPECT_TRUE(ex.idle());
+    check(c, d, tol);
   }
-  check(c, d, tol);
 }
 
 TEST(DeltaOut, HostBlockProgramMatchesDefinition) {
@@ -153,14 +157,22 @@ void out_on_device(OutArgs<T>& a, OutData<T>& d) {
 
 #endif
 
+void tc_case(const OutCase& c, double tol, unsigned seed, bool device, bool rev);
+
 void tc_case(const OutCase& c, double tol, unsigned seed, bool device) {
+  for (bool rev : lasp_test::kOrders)
+    if (!(device && rev)) tc_case(c, tol, seed, device, rev);
+}
+
+void tc_case(const OutCase& c, double tol, unsigned seed, bool device, bool rev) {
   OutData<float> d = make_out<float>(c, seed);
   OutArgs<float> a = out_args(c, d);
   a.tensor_cores = true;
   if (!device) {
     std::vector<float> smem(lasp::cuda::out_tc_smem_bytes(c.C, c.D) / sizeof(float), 1e30f);
-    lasp::cuda::HostExec ex{lasp::cuda::kOutThreads};
+    lasp_test::IntervalExec ex{lasp::cuda::kOutThreads, rev};
     for (int64_t ch = 0; ch < c.chunks; ++ch) lasp::cuda::out_tc_block(a, ch, smem.data(), ex);
+    EXPECT_TRUE(ex.idle());
   } else {
 #if defined(LASP_WITH_CUDA)
     out_on_device(a, d);

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "delta_prep.h"
+#include "interval_exec.h"
 #if defined(LASP_WITH_CUDA)
 #include <cuda_runtime_api.h>
 
@@ -148,15 +149,18 @@ void check(const PrepCase& c, const PrepData<T>& d, double tol) {
 
 template <typename T>
 void host_case(const PrepCase& c, double tol, unsigned seed) {
-  PrepData<T> d = make_prep<T>(c, seed);
-  const PrepArgs<T> a = prep_args(c, d);
-  std::vector<T> smem(lasp::cuda::prep_smem_bytes<T>(c.C, c.D, c.E) / sizeof(T));
-  lasp::cuda::HostExec ex{lasp::cuda::kPrepThreads};
-  for (int64_t ch = 0; ch < c.chunks; ++ch) {
-    for (auto& e : smem) e = T(1e30);  // shared memory starts as garbage
-    lasp::cuda::prep_block<T>(a, ch, smem.data(), ex);
+  for (bool rev : lasp_test::kOrders) {
+    PrepData<T> d = make_prep<T>(c, seed);
+    const PrepArgs<T> a = prep_args(c, d);
+    std::vector<T> smem(lasp::cuda::prep_smem_bytes<T>(c.C, c.D, c.E) / sizeof(T));
+    lasp_test::IntervalExec ex{lasp::cuda::kPrepThreads, rev};
+    for (int64_t ch = 0; ch < c.chunks; ++ch) {
+      for (auto& e : smem) e = T(1e30);  // shared memory starts as garbage
+      lasp::cuda::prep_block<T>(a, ch, smem.data(), ex);
+      ASSERT_TRUE(ex.idle());
+    }
+    check(c, d, tol);
   }
-  check(c, d, tol);
 }
 
 TEST(DeltaPrep, HostBlockProgramMatchesDefinitions) {
@@ -202,20 +206,25 @@ void prep_on_device(PrepArgs<T>& a, PrepData<T>& d) {
 #endif
 
 void prep_tc_case(const PrepCase& c, double tol, unsigned seed, bool device) {
-  PrepData<float> d = make_prep<float>(c, seed);
-  PrepArgs<float> a = prep_args(c, d);
-  a.tensor_cores = true;
-  if (!device) {
-    std::vector<float> smem(lasp::cuda::prep_tc_smem_bytes(c.C, c.D, c.E) / sizeof(float), 1e30f);
-    lasp::cuda::HostExec ex{lasp::cuda::kPrepThreads};
-    for (int64_t ch = 0; ch < c.chunks; ++ch)
-      lasp::cuda::prep_block<float, lasp::cuda::HostExec, true>(a, ch, smem.data(), ex);
-  } else {
+  for (bool rev : lasp_test::kOrders) {
+    if (device && rev) break;
+    PrepData<float> d = make_prep<float>(c, seed);
+    PrepArgs<float> a = prep_args(c, d);
+    a.tensor_cores = true;
+    if (!device) {
+      std::vector<float> smem(lasp::cuda::prep_tc_smem_bytes(c.C, c.D, c.E) / sizeof(float), 1e30f);
+      lasp_test::IntervalExec ex{lasp::cuda::kPrepThreads, rev};
+      for (int64_t ch = 0; ch < c.chunks; ++ch) {
+        lasp::cuda::prep_block<float, lasp_test::IntervalExec, true>(a, ch, smem.data(), ex);
+        ASSERT_TRUE(ex.idle());
+      }
+    } else {
 #if defined(LASP_WITH_CUDA)
-    prep_on_device(a, d);
+      prep_on_device(a, d);
 #endif
+    }
+    check(c, d, tol);
   }
-  check(c, d, tol);
 }
 
 // kk, m and w carry tf32's rounding (11 significant bits); gam and m m^-1 = I stay at fp32's

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "delta_solve.h"
+#include "interval_exec.h"
 #if defined(LASP_WITH_CUDA)
 #include <cuda_runtime_api.h>
 
@@ -93,17 +94,20 @@ SolveArgs<T> solve_args(const SolveCase& k, SolveData<T>& d) {
 
 template <typename T>
 void host_case(const SolveCase& k, double tol, unsigned seed) {
-  SolveData<T> d = make_solve<T>(k, seed);
-  const SolveArgs<T> a = solve_args(k, d);
-  std::vector<T> smem(lasp::cuda::solve_smem_bytes<T>(k.C) / sizeof(T));
-  lasp::cuda::HostExec ex{lasp::cuda::kSolveCols};
-  const int tiles = (k.W + lasp::cuda::kSolveCols - 1) / lasp::cuda::kSolveCols;
-  for (int64_t c = 0; c < k.chunks; ++c)
-    for (int tile = 0; tile < tiles; ++tile) {
-      for (auto& e : smem) e = T(1e30);
-      lasp::cuda::solve_block<T>(a, c, tile, smem.data(), ex);
-    }
-  EXPECT_LE(residual(k, d), tol) << "C " << k.C << ", W " << k.W << ", transpose " << k.transpose;
+  for (bool rev : lasp_test::kOrders) {
+    SolveData<T> d = make_solve<T>(k, seed);
+    const SolveArgs<T> a = solve_args(k, d);
+    std::vector<T> smem(lasp::cuda::solve_smem_bytes<T>(k.C) / sizeof(T));
+    lasp_test::IntervalExec ex{lasp::cuda::kSolveCols, rev};
+    const int tiles = (k.W + lasp::cuda::kSolveCols - 1) / lasp::cuda::kSolveCols;
+    for (int64_t c = 0; c < k.chunks; ++c)
+      for (int tile = 0; tile < tiles; ++tile) {
+        for (auto& e : smem) e = T(1e30);
+        lasp::cuda::solve_block<T>(a, c, tile, smem.data(), ex);
+      }
+    EXPECT_TRUE(ex.idle());
+    EXPECT_LE(residual(k, d), tol) << "C " << k.C << ", W " << k.W << ", transpose " << k.transpose;
+  }
 }
 
 TEST(DeltaSolve, HostBlockProgramSolves) {
