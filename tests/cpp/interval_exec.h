@@ -13,6 +13,10 @@
 // garbage), has a race, across warps or across the lanes of one. Each host test of a block program runs it
 // under both orders.
 #pragma once
+#include <gtest/gtest.h>
+
+#include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <utility>
 #include <vector>
@@ -62,5 +66,18 @@ struct IntervalExec {
 
 // The two orders each host test runs a block program under.
 constexpr bool kOrders[] = {false, true};
+
+// block(ex, i, smem) for the blocks i = 0 .. n - 1 under IntervalExec{threads, rev}, each on `elems` elements of
+// shared memory filled with garbage first; a program that leaves phases queued (no ex.done()) fails the test.
+template <typename T, typename F>
+void run_blocks(int64_t n, size_t elems, int threads, bool rev, F block) {
+  std::vector<T> smem(elems);
+  IntervalExec ex{threads, rev};
+  for (int64_t i = 0; i < n; ++i) {
+    for (auto& e : smem) e = T(1e30);
+    block(ex, i, smem.data());
+    ASSERT_TRUE(ex.idle()) << "a block program left phases queued: it must end with ex.done()";
+  }
+}
 
 }  // namespace lasp_test

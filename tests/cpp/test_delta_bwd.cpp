@@ -209,13 +209,9 @@ void host_case(const BwdCase& c, double tol, unsigned seed) {
   for (bool rev : lasp_test::kOrders) {
     BwdData<T> d = make_bwd<T>(c, seed);
     const BwdArgs<T> a = bwd_args(c, d);
-    std::vector<T> smem(lasp::cuda::bwd_smem_bytes<T>(c.C, c.D, c.E) / sizeof(T));
-    lasp_test::IntervalExec ex{lasp::cuda::kBwdThreads, rev};
-    for (int64_t ch = 0; ch < c.chunks; ++ch) {
-      for (auto& e : smem) e = T(1e30);
-      lasp::cuda::bwd_block<T>(a, ch, smem.data(), ex);
-    }
-    EXPECT_TRUE(ex.idle());
+    lasp_test::run_blocks<T>(c.chunks, lasp::cuda::bwd_smem_bytes<T>(c.C, c.D, c.E) / sizeof(T),
+                             lasp::cuda::kBwdThreads, rev,
+                             [&](auto& ex, int64_t ch, T* smem) { lasp::cuda::bwd_block<T>(a, ch, smem, ex); });
     check(c, d, tol);
   }
 }
@@ -282,10 +278,9 @@ void bwd_tc_case(const BwdCase& c, double tol, unsigned seed, bool device, bool 
   BwdArgs<float> a = bwd_args(c, d);
   a.tensor_cores = true;
   if (!device) {
-    std::vector<float> smem(lasp::cuda::bwd_tc_smem_bytes(c.C, c.D, c.E) / sizeof(float), 1e30f);
-    lasp_test::IntervalExec ex{lasp::cuda::kBwdThreads, rev};
-    for (int64_t ch = 0; ch < c.chunks; ++ch) lasp::cuda::bwd_tc_block(a, ch, smem.data(), ex);
-    EXPECT_TRUE(ex.idle());
+    lasp_test::run_blocks<float>(c.chunks, lasp::cuda::bwd_tc_smem_bytes(c.C, c.D, c.E) / sizeof(float),
+                                 lasp::cuda::kBwdThreads, rev,
+                                 [&](auto& ex, int64_t ch, float* smem) { lasp::cuda::bwd_tc_block(a, ch, smem, ex); });
   } else {
 #if defined(LASP_WITH_CUDA)
     bwd_on_device(a, d);
@@ -345,16 +340,13 @@ void pro_case(const BwdCase& c, double tol, unsigned seed, bool device, bool tc,
   if constexpr (std::is_same<T, float>::value) a.tensor_cores = tc;
   if (!device && tc) {
     if constexpr (std::is_same<T, float>::value) {
-      std::vector<float> smem(lasp::cuda::pro_tc_smem_bytes(C, D) / sizeof(float), 1e30f);
-      lasp_test::IntervalExec ex{lasp::cuda::kBwdThreads, rev};
-      for (int64_t ch = 0; ch < c.chunks; ++ch) lasp::cuda::pro_tc_block(a, ch, smem.data(), ex);
-      EXPECT_TRUE(ex.idle());
+      lasp_test::run_blocks<float>(
+          c.chunks, lasp::cuda::pro_tc_smem_bytes(C, D) / sizeof(float), lasp::cuda::kBwdThreads, rev,
+          [&](auto& ex, int64_t ch, float* smem) { lasp::cuda::pro_tc_block(a, ch, smem, ex); });
     }
   } else if (!device) {
-    std::vector<T> smem(lasp::cuda::pro_smem_bytes<T>(C, D) / sizeof(T), T(1e30));
-    lasp_test::IntervalExec ex{lasp::cuda::kBwdThreads, rev};
-    for (int64_t ch = 0; ch < c.chunks; ++ch) lasp::cuda::pro_block<T>(a, ch, smem.data(), ex);
-    EXPECT_TRUE(ex.idle());
+    lasp_test::run_blocks<T>(c.chunks, lasp::cuda::pro_smem_bytes<T>(C, D) / sizeof(T), lasp::cuda::kBwdThreads, rev,
+                             [&](auto& ex, int64_t ch, T* smem) { lasp::cuda::pro_block<T>(a, ch, smem, ex); });
   } else {
 #if defined(LASP_WITH_CUDA)
     DeviceBuffers<T> buf;
@@ -499,28 +491,23 @@ lasp::cuda::DrArgs<T> dr_args(const BwdCase& c, DrData<T>& d) {
   return a;
 }
 
+// The SIMT program in precision T (double, then float) under both orders.
+template <typename T>
+void host_dr_case(const BwdCase& c, double tol, unsigned seed) {
+  for (bool rev : lasp_test::kOrders) {
+    DrData<T> d = make_dr<T>(c, seed);
+    const auto a = dr_args(c, d);
+    lasp_test::run_blocks<T>(c.chunks, lasp::cuda::dr_smem_bytes<T>(c.C, c.D, c.E) / sizeof(T), lasp::cuda::kBwdThreads,
+                             rev, [&](auto& ex, int64_t ch, T* smem) { lasp::cuda::dr_block<T>(a, ch, smem, ex); });
+    check_dr(c, d, tol);
+  }
+}
+
 TEST(DeltaBwd, HostTransposedSolveMatchesFormula) {
   unsigned seed = 100;
   for (const BwdCase& c : kBwdCases) {
-    for (int prec = 0; prec < 2; ++prec, ++seed) {
-      for (bool rev : lasp_test::kOrders) {
-        lasp_test::IntervalExec ex{lasp::cuda::kBwdThreads, rev};
-        if (prec == 0) {
-          DrData<double> d = make_dr<double>(c, seed);
-          const auto a = dr_args(c, d);
-          std::vector<double> smem(lasp::cuda::dr_smem_bytes<double>(c.C, c.D, c.E) / sizeof(double), 1e30);
-          for (int64_t ch = 0; ch < c.chunks; ++ch) lasp::cuda::dr_block<double>(a, ch, smem.data(), ex);
-          check_dr(c, d, 1e-12);
-        } else {
-          DrData<float> d = make_dr<float>(c, seed);
-          const auto a = dr_args(c, d);
-          std::vector<float> smem(lasp::cuda::dr_smem_bytes<float>(c.C, c.D, c.E) / sizeof(float), 1e30f);
-          for (int64_t ch = 0; ch < c.chunks; ++ch) lasp::cuda::dr_block<float>(a, ch, smem.data(), ex);
-          check_dr(c, d, 5e-5);
-        }
-        EXPECT_TRUE(ex.idle());
-      }
-    }
+    host_dr_case<double>(c, 1e-12, seed++);
+    host_dr_case<float>(c, 5e-5, seed++);
   }
 }
 
@@ -531,10 +518,9 @@ TEST(DeltaBwd, HostTensorCoreTransposedSolveMatchesFormula) {
       DrData<float> d = make_dr<float>(c, seed);
       auto a = dr_args(c, d);
       a.tensor_cores = true;
-      std::vector<float> smem(lasp::cuda::dr_tc_smem_bytes(c.C, c.D, c.E) / sizeof(float), 1e30f);
-      lasp_test::IntervalExec ex{lasp::cuda::kBwdThreads, rev};
-      for (int64_t ch = 0; ch < c.chunks; ++ch) lasp::cuda::dr_tc_block(a, ch, smem.data(), ex);
-      EXPECT_TRUE(ex.idle());
+      lasp_test::run_blocks<float>(
+          c.chunks, lasp::cuda::dr_tc_smem_bytes(c.C, c.D, c.E) / sizeof(float), lasp::cuda::kBwdThreads, rev,
+          [&](auto& ex, int64_t ch, float* smem) { lasp::cuda::dr_tc_block(a, ch, smem, ex); });
       check_dr(c, d, 3e-3);
     }
     ++seed;

@@ -110,13 +110,8 @@ void host_case(const OutCase& c, double tol, unsigned seed) {
   for (bool rev : lasp_test::kOrders) {
     OutData<T> d = make_out<T>(c, seed);
     const OutArgs<T> a = out_args(c, d);
-    std::vector<T> smem(lasp::cuda::out_smem_bytes<T>(c.C, c.D) / sizeof(T));
-    lasp_test::IntervalExec ex{lasp::cuda::kOutThreads, rev};
-    for (int64_t ch = 0; ch < c.chunks; ++ch) {
-      for (auto& e : smem) e = T(1e30);
-      lasp::cuda::out_block<T>(a, ch, smem.data(), ex);
-    }
-    EXPECT_TRUE(ex.idle());
+    lasp_test::run_blocks<T>(c.chunks, lasp::cuda::out_smem_bytes<T>(c.C, c.D) / sizeof(T), lasp::cuda::kOutThreads,
+                             rev, [&](auto& ex, int64_t ch, T* smem) { lasp::cuda::out_block<T>(a, ch, smem, ex); });
     check(c, d, tol);
   }
 }
@@ -169,10 +164,9 @@ void tc_case(const OutCase& c, double tol, unsigned seed, bool device, bool rev)
   OutArgs<float> a = out_args(c, d);
   a.tensor_cores = true;
   if (!device) {
-    std::vector<float> smem(lasp::cuda::out_tc_smem_bytes(c.C, c.D) / sizeof(float), 1e30f);
-    lasp_test::IntervalExec ex{lasp::cuda::kOutThreads, rev};
-    for (int64_t ch = 0; ch < c.chunks; ++ch) lasp::cuda::out_tc_block(a, ch, smem.data(), ex);
-    EXPECT_TRUE(ex.idle());
+    lasp_test::run_blocks<float>(c.chunks, lasp::cuda::out_tc_smem_bytes(c.C, c.D) / sizeof(float),
+                                 lasp::cuda::kOutThreads, rev,
+                                 [&](auto& ex, int64_t ch, float* smem) { lasp::cuda::out_tc_block(a, ch, smem, ex); });
   } else {
 #if defined(LASP_WITH_CUDA)
     out_on_device(a, d);

@@ -152,13 +152,9 @@ void host_case(const PrepCase& c, double tol, unsigned seed) {
   for (bool rev : lasp_test::kOrders) {
     PrepData<T> d = make_prep<T>(c, seed);
     const PrepArgs<T> a = prep_args(c, d);
-    std::vector<T> smem(lasp::cuda::prep_smem_bytes<T>(c.C, c.D, c.E) / sizeof(T));
-    lasp_test::IntervalExec ex{lasp::cuda::kPrepThreads, rev};
-    for (int64_t ch = 0; ch < c.chunks; ++ch) {
-      for (auto& e : smem) e = T(1e30);  // shared memory starts as garbage
-      lasp::cuda::prep_block<T>(a, ch, smem.data(), ex);
-      ASSERT_TRUE(ex.idle());
-    }
+    lasp_test::run_blocks<T>(c.chunks, lasp::cuda::prep_smem_bytes<T>(c.C, c.D, c.E) / sizeof(T),
+                             lasp::cuda::kPrepThreads, rev,
+                             [&](auto& ex, int64_t ch, T* smem) { lasp::cuda::prep_block<T>(a, ch, smem, ex); });
     check(c, d, tol);
   }
 }
@@ -212,12 +208,10 @@ void prep_tc_case(const PrepCase& c, double tol, unsigned seed, bool device) {
     PrepArgs<float> a = prep_args(c, d);
     a.tensor_cores = true;
     if (!device) {
-      std::vector<float> smem(lasp::cuda::prep_tc_smem_bytes(c.C, c.D, c.E) / sizeof(float), 1e30f);
-      lasp_test::IntervalExec ex{lasp::cuda::kPrepThreads, rev};
-      for (int64_t ch = 0; ch < c.chunks; ++ch) {
-        lasp::cuda::prep_block<float, lasp_test::IntervalExec, true>(a, ch, smem.data(), ex);
-        ASSERT_TRUE(ex.idle());
-      }
+      lasp_test::run_blocks<float>(c.chunks, lasp::cuda::prep_tc_smem_bytes(c.C, c.D, c.E) / sizeof(float),
+                                   lasp::cuda::kPrepThreads, rev, [&](auto& ex, int64_t ch, float* smem) {
+                                     lasp::cuda::prep_block<float, lasp_test::IntervalExec, true>(a, ch, smem, ex);
+                                   });
     } else {
 #if defined(LASP_WITH_CUDA)
       prep_on_device(a, d);
