@@ -183,6 +183,15 @@ __global__ void __launch_bounds__(kTcThreads) chain_tc_kernel(ChainTcArgs a) {
     __syncthreads();
     // 2. X = A + bsign Bm S
     if (warp < xTiles) {
+      // A's entries first: their loads are in flight while the products run
+      float av[4][4];
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = warp * 16 + g + (e >> 1) * 8, col = nt * 8 + 2 * c + (e & 1);
+          av[nt][e] = a.A.p && col < cols ? a.A.p[ch * a.A.sch + r * a.A.sr + (int64_t)(w0 + col) * a.A.sc] : 0.f;
+        }
       float accX[4][4] = {};
       tile_product(accX, sB, smB, warp * 16, D, sS);
 #pragma unroll
@@ -192,8 +201,7 @@ __global__ void __launch_bounds__(kTcThreads) chain_tc_kernel(ChainTcArgs a) {
           const int r = warp * 16 + g + (e >> 1) * 8, col = nt * 8 + 2 * c + (e & 1);
           float x = 0.f;
           if (col < cols) {
-            x = a.bsign * accX[nt][e];
-            if (a.A.p) x += a.A.p[ch * a.A.sch + r * a.A.sr + (int64_t)(w0 + col) * a.A.sc];
+            x = a.bsign * accX[nt][e] + av[nt][e];
             a.X[((size_t)ch * C + r) * W + w0 + col] = x;
           }
           sX[r * kTcLdS + col] = x;
@@ -209,15 +217,22 @@ __global__ void __launch_bounds__(kTcThreads) chain_tc_kernel(ChainTcArgs a) {
     for (int i = 0; i < 4; ++i) {
       const int t = warp + i * kTcWarps;
       if (t >= sTiles) continue;
+      float rv[4][4];  // R's entries first, in flight during the products
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = t * 16 + g + (e >> 1) * 8, col = nt * 8 + 2 * c + (e & 1);
+          rv[nt][e] = a.R.p && col < cols ? a.R.p[ch * a.R.sch + r * a.R.sr + (int64_t)(w0 + col) * a.R.sc] : 0.f;
+        }
       float prod[4][4] = {};
       tile_product(prod, sC, smC, t * 16, C, sX);
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int r = t * 16 + g + (e >> 1) * 8, col = nt * 8 + 2 * c + (e & 1);
-          float s = pj * accS[i][nt][e] + a.csign * prod[nt][e];
-          if (a.R.p && col < cols) s += a.R.p[ch * a.R.sch + r * a.R.sr + (int64_t)(w0 + col) * a.R.sc];
+          const int col = nt * 8 + 2 * c + (e & 1);
+          const float s = pj * accS[i][nt][e] + a.csign * prod[nt][e] + rv[nt][e];
           accS[i][nt][e] = col < cols ? s : 0.f;
         }
     }
