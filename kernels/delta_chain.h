@@ -13,8 +13,10 @@
 
 #if defined(__CUDACC__)
 #define LASP_CHAIN_HD __host__ __device__ __forceinline__
+#define LASP_CHAIN_UNROLL _Pragma("unroll")
 #else
 #define LASP_CHAIN_HD inline
+#define LASP_CHAIN_UNROLL
 #endif
 
 namespace lasp {

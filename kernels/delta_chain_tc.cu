@@ -2,9 +2,9 @@
 // fp32 accumulation), for float chains whose inputs came from 16-bit tensors (the op decides; delta_chain_api.h).
 // sm_80 and later.
 //
-// One block of 4 warps per (b, h) and tile of 32 state columns. The state tile S (D x 32) lives in the
-// warps' accumulators (16-row tiles dealt round-robin to the warps) and, as the next product's operand, in
-// shared memory; X (C x 32) the same. Per chunk:
+// One block of 4 warps per (b, h) and tile of 32 state columns, the tiles of one (b, h) consecutive. The
+// state tile S (D x 32) lives in the warps' accumulators (16-row tiles dealt round-robin to the warps) and,
+// as the next product's operand, in shared memory; X (C x 32) the same. Per chunk:
 //   1. S -> shared memory and Sstore[j];
 //   2. X = A[j] + bsign Bm[j] S        (warp w: rows 16w .. 16w + 15 of X, K = D)
 //   3. S = p[j] S + csign Cm[j] X + R[j] (each warp its S tiles, K = C)
@@ -131,8 +131,11 @@ __device__ __forceinline__ void tile_product(float (*acc)[4], const float* sM, c
 __global__ void __launch_bounds__(kTcThreads) chain_tc_kernel(ChainTcArgs a) {
   extern __shared__ __align__(16) float smem[];
   const int C = a.C, D = a.D, W = a.W;
-  const int64_t bh = blockIdx.x;
-  const int w0 = blockIdx.y * kTcCols, cols = min(kTcCols, W - w0);
+  // blocks in (b, h)-major order: the column tiles of one (b, h) run side by side and read each chunk's Bm and
+  // Cm from L2 after the first of them brought it in
+  const int ntiles = (W + kTcCols - 1) / kTcCols;
+  const int64_t bh = blockIdx.x / ntiles;
+  const int w0 = (int)(blockIdx.x % ntiles) * kTcCols, cols = min(kTcCols, W - w0);
   const int warp = threadIdx.x >> 5, l = threadIdx.x & 31, g = l >> 2, c = l & 3;
   const SmemMat smB(a.Bm, C, D), smC(a.Cm, D, C);
   float* sB = smem;
@@ -180,6 +183,15 @@ __global__ void __launch_bounds__(kTcThreads) chain_tc_kernel(ChainTcArgs a) {
     __syncthreads();
     // 2. X = A + bsign Bm S
     if (warp < xTiles) {
+      // A's entries first: their loads are in flight while the products run
+      float av[4][4];
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = warp * 16 + g + (e >> 1) * 8, col = nt * 8 + 2 * c + (e & 1);
+          av[nt][e] = a.A.p && col < cols ? a.A.p[ch * a.A.sch + r * a.A.sr + (int64_t)(w0 + col) * a.A.sc] : 0.f;
+        }
       float accX[4][4] = {};
       tile_product(accX, sB, smB, warp * 16, D, sS);
 #pragma unroll
@@ -189,8 +201,7 @@ __global__ void __launch_bounds__(kTcThreads) chain_tc_kernel(ChainTcArgs a) {
           const int r = warp * 16 + g + (e >> 1) * 8, col = nt * 8 + 2 * c + (e & 1);
           float x = 0.f;
           if (col < cols) {
-            x = a.bsign * accX[nt][e];
-            if (a.A.p) x += a.A.p[ch * a.A.sch + r * a.A.sr + (int64_t)(w0 + col) * a.A.sc];
+            x = a.bsign * accX[nt][e] + av[nt][e];
             a.X[((size_t)ch * C + r) * W + w0 + col] = x;
           }
           sX[r * kTcLdS + col] = x;
@@ -206,15 +217,22 @@ __global__ void __launch_bounds__(kTcThreads) chain_tc_kernel(ChainTcArgs a) {
     for (int i = 0; i < 4; ++i) {
       const int t = warp + i * kTcWarps;
       if (t >= sTiles) continue;
+      float rv[4][4];  // R's entries first, in flight during the products
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = t * 16 + g + (e >> 1) * 8, col = nt * 8 + 2 * c + (e & 1);
+          rv[nt][e] = a.R.p && col < cols ? a.R.p[ch * a.R.sch + r * a.R.sr + (int64_t)(w0 + col) * a.R.sc] : 0.f;
+        }
       float prod[4][4] = {};
       tile_product(prod, sC, smC, t * 16, C, sX);
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int r = t * 16 + g + (e >> 1) * 8, col = nt * 8 + 2 * c + (e & 1);
-          float s = pj * accS[i][nt][e] + a.csign * prod[nt][e];
-          if (a.R.p && col < cols) s += a.R.p[ch * a.R.sch + r * a.R.sr + (int64_t)(w0 + col) * a.R.sc];
+          const int col = nt * 8 + 2 * c + (e & 1);
+          const float s = pj * accS[i][nt][e] + a.csign * prod[nt][e] + rv[nt][e];
           accS[i][nt][e] = col < cols ? s : 0.f;
         }
     }
@@ -261,8 +279,9 @@ __device__ __forceinline__ void tile_product_n(float (*acc)[4], const float* sM,
 __global__ void __launch_bounds__(kWideThreads) chain_tc_wide_kernel(ChainTcArgs a) {
   extern __shared__ __align__(16) float smem[];
   const int C = a.C, D = a.D, W = a.W;
-  const int64_t bh = blockIdx.x;
-  const int w0 = blockIdx.y * kWideCols, cols = min(kWideCols, W - w0);
+  const int ntiles = (W + kWideCols - 1) / kWideCols;  // (b, h)-major, as chain_tc_kernel
+  const int64_t bh = blockIdx.x / ntiles;
+  const int w0 = (int)(blockIdx.x % ntiles) * kWideCols, cols = min(kWideCols, W - w0);
   const int warp = threadIdx.x >> 5, l = threadIdx.x & 31, g = l >> 2, c = l & 3;
   const SmemMat smB(a.Bm, C, D), smC(a.Cm, D, C);
   float* sB = smem;
@@ -363,9 +382,10 @@ __global__ void chain_tc_wide_kernel(ChainTcArgs) {}
 
 bool delta_chain_tc_takes(const ChainTcArgs& a) {
   auto layout_ok = [&a](const ChainMat& m) { return (a.nc == 0 || m.p != nullptr) && (m.sr == 1 || m.sc == 1); };
+  const int cols = a.wide ? kWideCols : kTcCols;
   return a.C >= 16 && a.C <= kTcMaxC && a.C % 16 == 0 && a.D >= 16 && a.D <= (a.wide ? kWideMaxD : kTcMaxD) &&
-         a.D % 16 == 0 && a.W >= 1 &&
-         a.BH >= 1 && a.BH <= INT32_MAX && a.nc >= 0 && layout_ok(a.Bm) && layout_ok(a.Cm) &&
+         a.D % 16 == 0 && a.W >= 1 && a.BH >= 1 && a.BH * ((a.W + cols - 1) / cols) <= INT32_MAX && a.nc >= 0 &&
+         layout_ok(a.Bm) && layout_ok(a.Cm) &&
          tc_smem_floats(a) * sizeof(float) <= 227 * 1024;
 }
 
@@ -383,8 +403,8 @@ cudaError_t delta_chain_tc(const ChainTcArgs& a, cudaStream_t st) {
     if (e != cudaSuccess) return e;
   }
   const int cols = a.wide ? kWideCols : kTcCols;
-  const dim3 grid((unsigned)a.BH, (unsigned)((a.W + cols - 1) / cols));
-  kernel<<<grid, a.wide ? kWideThreads : kTcThreads, smem, st>>>(a);
+  const unsigned blocks = (unsigned)(a.BH * ((a.W + cols - 1) / cols));
+  kernel<<<blocks, a.wide ? kWideThreads : kTcThreads, smem, st>>>(a);
   return cudaGetLastError();
 }
 

@@ -1,8 +1,8 @@
 // The gated delta rule's CUDA kernels: the chain of states (delta_chain.h's block program, one block per
-// (b, h) and tile of 32 state columns), the chunks' unit-triangular solves (delta_solve.h's, one block of
-// 128 threads per chunk and tile of 128 columns), the chunks' fused WY quantities (delta_prep.h's), the
-// forward's output (delta_out.h's), the backward's chain inputs, its transposed solve with m^-1 and its
-// gradients (delta_bwd.h's), each one block of 256 threads per chunk.
+// (b, h) and tile of 32 state columns, the tiles of one (b, h) consecutive), the chunks' unit-triangular
+// solves (delta_solve.h's, one block of 128 threads per chunk and tile of 128 columns), the chunks' fused WY
+// quantities (delta_prep.h's), the forward's output (delta_out.h's), the backward's chain inputs, its
+// transposed solve with m^-1 and its gradients (delta_bwd.h's), each one block of 256 threads per chunk.
 #include <cuda_runtime.h>
 
 #include "delta_chain_api.h"
@@ -29,7 +29,10 @@ template <typename T>
 __global__ void __launch_bounds__(kChainThreads) chain_kernel(ChainArgs<T> a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   DeviceExec ex;
-  chain_block<T>(a, static_cast<int64_t>(blockIdx.x), static_cast<int>(blockIdx.y), reinterpret_cast<T*>(smem_raw), ex);
+  // (b, h)-major: the column tiles of one (b, h) run side by side and share its Bm and Cm through L2
+  const int tiles = (a.W + kChainCols - 1) / kChainCols;
+  chain_block<T>(a, static_cast<int64_t>(blockIdx.x / tiles), static_cast<int>(blockIdx.x % tiles),
+                 reinterpret_cast<T*>(smem_raw), ex);
 }
 
 template <typename T>
@@ -126,8 +129,9 @@ cudaError_t launch(void (*kernel)(A), dim3 grid, int threads, size_t smem, cudaS
 
 template <typename T>
 cudaError_t run_chain(const ChainArgs<T>& a, cudaStream_t st) {
-  if (a.BH < 1 || a.C < 1 || a.D < 1 || a.W < 1 || a.nc < 0 || a.BH > INT32_MAX) return cudaErrorInvalidValue;
-  const dim3 grid((unsigned)a.BH, (unsigned)((a.W + kChainCols - 1) / kChainCols));
+  const int64_t tiles = (a.W + kChainCols - 1) / kChainCols;
+  if (a.BH < 1 || a.C < 1 || a.D < 1 || a.W < 1 || a.nc < 0 || a.BH * tiles > INT32_MAX) return cudaErrorInvalidValue;
+  const dim3 grid((unsigned)(a.BH * tiles));
   return launch(chain_kernel<T>, grid, kChainThreads, chain_smem_bytes<T>(a.C, a.D), st, a);
 }
 

@@ -191,17 +191,22 @@ __global__ void __launch_bounds__(kThreads, MINB)
   __syncthreads();
   // GM > 0: warp 0 makes chunk ci's tile (tile(ci)) before the chunk's barrier (so a tile is
   // rewritten only after every reader of the chunk two back passed the barrier of the one between), from
-  // log gates it loaded a chunk ahead (lane l: tokens 2l, 2l + 1 of the chunk; 0 past the segment's end).
+  // log gates it loaded a chunk ahead (lane l: tokens 2l, 2l + 1 of the chunk; 0 past the segment's end), kept
+  // as loaded with whether each lies before the end: their first use is the tile's build, so the loads stay
+  // in flight through the chunk before it.
   const float* grow = VIEW ? a.g + (size_t)bh * a.N : nullptr;
   float gn0 = 0.f, gn1 = 0.f;
+  bool gv0 = false, gv1 = false;
   auto load_gates = [&](int c0) {
     const int t = c0 + 2 * lane;
-    gn0 = t < n1 ? grow[t] + lg : 0.f;
-    gn1 = t + 1 < n1 ? grow[t + 1] + lg : 0.f;
+    gv0 = t < n1;
+    gv1 = t + 1 < n1;
+    if (gv0) gn0 = grow[t];
+    if (gv1) gn1 = grow[t + 1];
   };
   auto gate_chunk = [&](int i, int next_c0) {  // chunk i's tile; next_c0 < 0: no next chunk
     if (threadIdx.x < 32) {
-      wg::build_tile<GM>(tile(i), gn0, gn1);
+      wg::build_tile<GM>(tile(i), gv0 ? gn0 + lg : 0.f, gv1 ? gn1 + lg : 0.f);
       if (next_c0 >= 0) load_gates(next_c0);
     }
   };

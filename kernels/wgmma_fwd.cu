@@ -95,12 +95,17 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
   const int nch = (n1 - n0 + kC - 1) / kC;
   const uint32_t bar0 = base + SM::BAR;
   // GM > 0: warp 0 holds the next chunk's log gates (lane l: tokens 2l, 2l + 1; 0 past the segment's end)
+  // as loaded, with whether each lies before the end: their first use is the next tile's build, so the loads
+  // stay in flight through this chunk's barrier and products instead of holding warp 0 before the barrier.
   const float* grow = GATED ? a.g + (size_t)bh * a.N : nullptr;
   float gn0 = 0.f, gn1 = 0.f;
+  bool gv0 = false, gv1 = false;
   auto load_gates = [&](int ci) {
     const int t = n0 + ci * kC + 2 * lane;
-    gn0 = t < n1 ? grow[t] + lg : 0.f;
-    gn1 = t + 1 < n1 ? grow[t + 1] + lg : 0.f;
+    gv0 = t < n1;
+    gv1 = t + 1 < n1;
+    if (gv0) gn0 = grow[t];
+    if (gv1) gn1 = grow[t + 1];
   };
   if (GATED && warp == 0 && nch > 0) load_gates(0);
 
@@ -154,7 +159,7 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
     if constexpr (ACC) mma::prefetch_frag_acc<8>(oacc, b, h, c0, r0, e0, len);  // read at the chunk's end
     if constexpr (GATED) {  // the chunk's gate tile (the previous chunk's readers passed its last sync)
       if (warp == 0) {
-        wg::build_tile<GM>(tile, gn0, gn1);
+        wg::build_tile<GM>(tile, gv0 ? gn0 + lg : 0.f, gv1 ? gn1 + lg : 0.f);
         if (ci + 1 < nch) load_gates(ci + 1);
       }
     }
