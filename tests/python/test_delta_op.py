@@ -375,19 +375,23 @@ def test_cuda_bad_kernels_setting(lasp, seed, monkeypatch):
 def test_cuda_tensor_core_chain_near_aten(lasp, dims, resets, seed, monkeypatch):
     """16-bit inputs take the chain on tensor cores (tf32 products, kernels/delta_chain_tc.cu): forward,
     backward and the piece's map stay within tf32's rounding of the ATen compositions' float32 results, over
-    many chunks (with resets, -inf gates, the map's T is exactly 0 in both)."""
+    many chunks (with resets, -inf gates, the map's T is exactly 0 in both). Over 1000 tokens these gates sum
+    to about -400 per (b, h), so T underflows to 0 in float32 in every implementation; the map is checked
+    again with the gates scaled by 0.01 (sums about -4), where T is not 0."""
     ops = torch.ops.lasp
     D, E = dims
     q, k, v, g, beta, s0, do, dS = _inputs(seed, 2, 2, 2, 2, 1000, D, E, dtype=torch.bfloat16, device="cuda",
                                            resets=resets)
     q, k = (torch.nn.functional.normalize(x.float(), dim=-1) for x in (q, k))  # as use_qk_l2norm gives them
+    g_mild = (g.float() * 0.01).to(g.dtype)
     res = {}
     for kernels in ("aten", "cuda", "fused"):
         monkeypatch.setenv("LASP_DELTA_KERNELS", kernels)
         res[kernels] = [*ops.gated_delta_fwd(q, k, v, g, beta, D ** -0.5, s0),
                         *ops.gated_delta_bwd(q, k, v, g, beta, D ** -0.5, s0, do, dS, False),
-                        *ops.gated_delta_map(q, k, v, g, beta)]
-    names = ["o", "final", "dq", "dk", "dv", "dg", "dbeta", "ds0", "T", "L"]
+                        *ops.gated_delta_map(q, k, v, g, beta),
+                        *ops.gated_delta_map(q, k, v, g_mild, beta)]
+    names = ["o", "final", "dq", "dk", "dv", "dg", "dbeta", "ds0", "T", "L", "T (mild gates)", "L (mild gates)"]
     for kernels, name, a, b in [(kk, n, a, b) for kk in ("cuda", "fused")
                                 for n, a, b in zip(names, res["aten"], res[kk])]:
         diff, ref = (b.double() - a.double()).norm().item(), a.double().norm().item()
@@ -395,8 +399,8 @@ def test_cuda_tensor_core_chain_near_aten(lasp, dims, resets, seed, monkeypatch)
             assert diff == 0, f"{kernels}, {name}: {diff:.2e} where the composition gives exact zeros"
         else:
             assert diff / ref < 5e-3, f"{kernels}, {name}: relative difference {diff / ref:.2e}"
-        if name == "T" and not resets:
-            assert ref > 0
+        if name == "T (mild gates)" and not resets:
+            assert ref > 0, "the map's T with mild gates and no reset must not be 0"
 
 
 # ----------------------------------------------------------------------------------------------
