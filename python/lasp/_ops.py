@@ -185,12 +185,10 @@ def _document_gates(q, v, g, cu_seqlens, group, has_initial, wants_final):
     rank's piece; without g, the starts themselves (bool, the op's document starts, which take no gradient).
     One all-gather under a group gives the piece's offset and lets every rank check the same things, so that
     all raise alike."""
-    from .distributed import _document_resets
-
-    cu, offset, _, _ = _packed_plan(q, None, v, None, g, None, cu_seqlens, group, None, None, has_initial,
-                                    wants_final)
+    off, offset, _, _ = _packed_plan(q, None, v, None, g, None, cu_seqlens, group, None, None, has_initial,
+                                     wants_final)
     n = int(q.shape[2])
-    reset = _document_resets(cu, offset, offset + n, q.device)
+    reset = off.starts(offset, offset + n, q.device)
     if g is None:
         return reset.expand(1, max(int(q.shape[1]), int(v.shape[1])), n)
     if not isinstance(g, torch.Tensor):
@@ -231,13 +229,15 @@ def _check_states_call(q, k, v, decay, g, scale, strategy, initial_state, num_do
 
 def _packed_plan(q, k, v, decay, g, scale, cu_seqlens, group, strategy, initial_state, has_initial, wants_final):
     """The checks of a packed call, alike on every rank (one small all-gather under a group): returns the
-    checked offsets (CPU int64), this rank's piece offset, every rank's row and this rank's index."""
-    from .distributed import _cu_signature, _gather_rows, _raise_if_invalid, check_cu_seqlens
+    checked offsets (distributed._Offsets: .cu CPU int64), this rank's piece offset, every rank's row and this
+    rank's index."""
+    from .distributed import _checked_offsets, _cu_signature, _gather_rows, _raise_if_invalid
 
     n, B = int(q.shape[2]), int(q.shape[0])
-    cu, local_err, states_err = None, None, None
+    off, cu, local_err, states_err = None, None, None, None
     try:
-        cu = check_cu_seqlens(cu_seqlens, None, "lasp_attention")
+        off = _checked_offsets(cu_seqlens, "lasp_attention")
+        cu = off.cu
     except (TypeError, ValueError) as e:
         local_err = e
     if (has_initial or wants_final) and cu is not None and B == 1:
@@ -247,7 +247,8 @@ def _packed_plan(q, k, v, decay, g, scale, cu_seqlens, group, strategy, initial_
             states_err = e
     # [n, B, initial_state given, final states asked for, cu valid, states' call valid, then cu_seqlens'
     # signature, the same on every rank]
-    mine = [n, B, int(has_initial), int(wants_final), int(cu is not None), int(states_err is None)] + _cu_signature(cu)
+    mine = [n, B, int(has_initial), int(wants_final), int(cu is not None), int(states_err is None)] + (
+        off.signature if off is not None else _cu_signature(None))
     rows, rank = _gather_rows(group if _group_name(group) is not None else None, mine)
     _raise_if_invalid(rows, 4, local_err, "lasp_attention: cu_seqlens")
     if any(r[1] != 1 for r in rows):
@@ -269,7 +270,7 @@ def _packed_plan(q, k, v, decay, g, scale, cu_seqlens, group, strategy, initial_
     _raise_if_invalid(rows, 5, states_err, "lasp_attention: the call with per-document states (initial_state, "
                                            "q, k, v, decay, g)")
     offset = sum(r[0] for r in rows[:rank])
-    return cu, offset, rows, rank
+    return off, offset, rows, rank
 
 
 def _start_mask(local_starts, n, dev):
@@ -300,8 +301,9 @@ def _packed_with_states(q, k, v, decay, g, scale, cu_seqlens, group, strategy, i
     from torch.distributed.nn.functional import all_gather
 
     has_initial = initial_state is not None
-    cu, P, rows, rank = _packed_plan(q, k, v, decay, g, scale, cu_seqlens, group, strategy, initial_state,
-                                     has_initial, wants_final)
+    off, P, rows, rank = _packed_plan(q, k, v, decay, g, scale, cu_seqlens, group, strategy, initial_state,
+                                      has_initial, wants_final)
+    cu = off.cu
     acc, dev = _acc_dtype(q), q.device
     n, D, E = int(q.shape[2]), int(q.shape[3]), int(v.shape[3])
     H = max(int(q.shape[1]), int(v.shape[1]))

@@ -274,13 +274,13 @@ def gated_delta_attention(
         local_err = None
     except (TypeError, ValueError) as e:
         local_err = e
-    from .distributed import (_cu_signature, _document_resets, _gather_rows, _raise_if_invalid, _resolve_strategy,
-                              check_cu_seqlens)
+    from .distributed import _checked_offsets, _cu_signature, _gather_rows, _raise_if_invalid, _resolve_strategy
 
-    cu = None
+    cu = off = None
     if cu_seqlens is not None and local_err is None:
         try:
-            cu = check_cu_seqlens(cu_seqlens, None, fn)
+            off = _checked_offsets(cu_seqlens, fn)
+            cu = off.cu
             if initial_state is not None:  # one state per document
                 _check_doc_states(fn, initial_state, cu.numel() - 1, q, v)
         except (TypeError, ValueError) as e:
@@ -295,7 +295,8 @@ def gated_delta_attention(
     dcode = dtypes.index(q.dtype) if ok and q.dtype in dtypes else -1
     desc = [int(ok), B, H, D, E, *heads3, dcode, int(cu is not None), int(bool(use_qk_l2norm)),
             ("ring", "allgather", "scan", "auto").index(strategy) if ok else -1, *doc_states]
-    rows, rank = _gather_rows(group if name is not None else None, [N] + desc + _cu_signature(cu))
+    signature = off.signature if off is not None else _cu_signature(None)
+    rows, rank = _gather_rows(group if name is not None else None, [N] + desc + signature)
     _raise_if_invalid(rows, 1, local_err, f"{fn}: the call")
     differ = [i for i, r in enumerate(rows) if r[2:] != rows[0][2:]]
     if differ:
@@ -312,7 +313,7 @@ def gated_delta_attention(
                              f"({total}{', the sum of the pieces over the group' if len(rows) > 1 else ''})")
     per_doc = cu is not None and (initial_state is not None or bool(output_final_state))
     if cu is not None and not per_doc:  # one call over the piece, the state dropped at every start
-        g = g.masked_fill(_document_resets(cu, offset, offset + N, g.device), float("-inf"))
+        g = g.masked_fill(off.starts(offset, offset + N, g.device), float("-inf"))
     scale = D ** -0.5 if scale is None else float(scale)
     if name is not None:
         # every value "auto" reads is the same on every rank (compared above): the ranks pick alike

@@ -468,6 +468,55 @@ def _document_resets(cu: torch.Tensor, start: int, stop: int, device) -> torch.T
     return reset.to(device).view(1, 1, -1)
 
 
+class _Offsets:
+    """The checked offsets of one ``cu_seqlens`` tensor (CPU int64), their signature, and the start masks of
+    the pieces asked for so far."""
+
+    __slots__ = ("version", "cu", "signature", "resets")
+
+    def __init__(self, version: int, cu: torch.Tensor):
+        self.version, self.cu, self.signature, self.resets = version, cu, _cu_signature(cu), {}
+
+    def starts(self, start: int, stop: int, device) -> torch.Tensor:
+        """_document_resets of the piece [start, stop) on ``device``, made once (treat it as read-only)."""
+        key = (start, stop, str(device))
+        m = self.resets.get(key)
+        if m is None:
+            if len(self.resets) >= 16:
+                self.resets.clear()
+            m = self.resets[key] = _document_resets(self.cu, start, stop, device)
+        return m
+
+
+# cu_seqlens tensor -> _Offsets. A model calls its attention layers with the same offsets tensor, and checking
+# it reads it to the host (a device sync) each time: the result is kept while the tensor lives, and used
+# again only while its version counter (which every in-place change through torch advances) is unchanged.
+_OFFSETS = None
+
+
+def _checked_offsets(cu_seqlens, fn: str) -> _Offsets:
+    """check_cu_seqlens(cu_seqlens, None, fn) once per tensor and version (its errors unchanged)."""
+    global _OFFSETS
+    version = None
+    if isinstance(cu_seqlens, torch.Tensor) and not torch.compiler.is_compiling():
+        try:
+            version = cu_seqlens._version
+        except RuntimeError:  # an inference tensor has no version counter: checked at every call
+            version = None
+    if version is not None:
+        if _OFFSETS is None:
+            from torch.utils.weak import WeakIdKeyDictionary
+
+            _OFFSETS = WeakIdKeyDictionary()
+        hit = _OFFSETS.get(cu_seqlens)
+        if hit is not None and hit.version == version:
+            return hit
+    entry = _Offsets(-1 if version is None else version, check_cu_seqlens(cu_seqlens, None, fn))
+    if version is not None:
+        _OFFSETS[cu_seqlens] = entry
+    return entry
+
+
 def _cu_signature(cu: Optional[torch.Tensor]) -> list:
     """Three integers that differ when two ranks' checked offsets differ ([0, 0, 0] for None)."""
     if cu is None:

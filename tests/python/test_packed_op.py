@@ -158,6 +158,48 @@ def test_packed_bad_calls(lasp):
         lasp.lasp_attention(q, k[:, :, :9], v, cu_seqlens=good, output_final_state=True)
 
 
+def test_packed_offsets_checked_once_per_tensor_version(lasp, monkeypatch):
+    """The offsets' checks (a host read of cu_seqlens) run once per tensor: a second call with the same tensor
+    reuses them, a change in place (version counter) is checked again and its error raised, a new tensor with
+    the same values is checked on its own, and an inference tensor (no version counter) at every call."""
+    import lasp.distributed as ld
+
+    calls = []
+    real = ld.check_cu_seqlens
+    monkeypatch.setattr(ld, "check_cu_seqlens", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v, _, decay, do = _problem(3, 10, 2, 2, 2, 4, 4, None, "bhnd")
+    cu = torch.tensor([0, 4, 10])
+    ref = _per_document(lasp, q, k, v, None, decay, do, "bhnd", cu)["o"]
+    for n in (1, 1):
+        torch.testing.assert_close(lasp.lasp_attention(q, k, v, decay, cu_seqlens=cu), ref, rtol=1e-12, atol=1e-12)
+        assert len(calls) == n
+    cu[1] = 6  # still valid: the result follows the new offsets
+    want = _per_document(lasp, q, k, v, None, decay, do, "bhnd", cu)["o"]
+    torch.testing.assert_close(lasp.lasp_attention(q, k, v, decay, cu_seqlens=cu), want, rtol=1e-12, atol=1e-12)
+    assert len(calls) == 2
+    cu[1] = 0  # now invalid: raised, not served from before
+    with pytest.raises(ValueError, match="cu_seqlens must be strictly increasing"):
+        lasp.lasp_attention(q, k, v, decay, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="cu_seqlens must be strictly increasing"):
+        lasp.lasp_attention(q, k, v, decay, cu_seqlens=cu)
+    lasp.lasp_attention(q, k, v, decay, cu_seqlens=torch.tensor([0, 6, 10]))
+    assert len(calls) == 5
+    with torch.inference_mode():
+        cu_inf = torch.tensor([0, 6, 10])
+    for n in (6, 7):
+        torch.testing.assert_close(lasp.lasp_attention(q, k, v, decay, cu_seqlens=cu_inf), want, rtol=1e-12,
+                                   atol=1e-12)
+        assert len(calls) == n
+    # the delta-rule op shares the offsets' checks
+    g = -torch.rand(1, 2, 10, dtype=F64)
+    beta = torch.rand(1, 2, 10, dtype=F64)
+    cu2 = torch.tensor([0, 3, 10])
+    a = lasp.gated_delta_attention(q, k, v, g, beta, cu_seqlens=cu2)
+    b = lasp.gated_delta_attention(q, k, v, g, beta, cu_seqlens=cu2)
+    assert len(calls) == 8
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------------------------
 # Per-document states: initial_state (num_docs, H, D, E) and output_final_state with cu_seqlens
 
