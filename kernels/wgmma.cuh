@@ -266,22 +266,31 @@ __device__ __forceinline__ void mask_pack_reset(const float (&P)[32], uint32_t (
 
 // The decay view of one chunk, as the main kernels read it, by gate mode GM (0: powers of gamma, 1: per-token
 // gates, GateTile; 2: document starts, ResetTile): the weights w(t, s) (s <= t), pre(t), and the masked
-// product packed as RS A fragments. `tile` is the chunk's tile in shared memory (unused for GM = 0).
+// product packed as RS A fragments. `tile` is the chunk's tile in shared memory (unused for GM = 0); make a
+// view with at() once the tile is complete (after the barrier that follows its build): GM = 2 reads the
+// chunk's start mask into registers there, once, so that the weights are register arithmetic (a read of
+// the tile in each weight would be repeated after every wgmma fence, which clobbers memory).
 template <int GM>
 struct ChunkView {
   const float* Gp;
   const void* tile;
+  unsigned long long m;  // GM = 2: the chunk's start mask
+  __device__ __forceinline__ static ChunkView at(const float* Gp, const void* tile) {
+    unsigned long long m = 0;
+    if constexpr (GM == 2) m = static_cast<const ResetTile*>(tile)->m;
+    return ChunkView{Gp, tile, m};
+  }
   __device__ __forceinline__ float w(int t, int s) const {
     if constexpr (GM == 1) return gate_w(*static_cast<const GateTile*>(tile), t, s);
     if constexpr (GM == 2) {
-      if (last_start(static_cast<const ResetTile*>(tile)->m, t) > s) return 0.f;
+      if (last_start(m, t) > s) return 0.f;
     }
     return Gp[t - s];
   }
   __device__ __forceinline__ float pre(int t) const {
     if constexpr (GM == 1) return gate_pre(*static_cast<const GateTile*>(tile), t);
     if constexpr (GM == 2) {
-      if (last_start(static_cast<const ResetTile*>(tile)->m, t) >= 0) return 0.f;
+      if (last_start(m, t) >= 0) return 0.f;
     }
     return Gp[t + 1];
   }
@@ -290,7 +299,7 @@ struct ChunkView {
     if constexpr (GM == 1) {
       mask_pack_gated<T, CAUSAL>(P, pa, r0, scale, *static_cast<const GateTile*>(tile));
     } else if constexpr (GM == 2) {
-      mask_pack_reset<T, CAUSAL>(P, pa, r0, scale, Gp, static_cast<const ResetTile*>(tile)->m);
+      mask_pack_reset<T, CAUSAL>(P, pa, r0, scale, Gp, m);
     } else {
       mask_pack<T, CAUSAL>(P, pa, r0, scale, Gp);
     }

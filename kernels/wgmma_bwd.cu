@@ -276,7 +276,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
       }
       if constexpr (VIEW) gate_chunk(ci, ci + 1 < nch ? c0 + kC : -1);
       chunk_top(ci);
-      const wg::ChunkView<GM> view{Gp, tile(ci)};
+      const auto view = wg::ChunkView<GM>::at(Gp, tile(ci));
       float acc[ND][32], P[32];
 #pragma unroll
       for (int nb = 0; nb < ND; ++nb) wg::zero_acc(acc[nb]);
@@ -357,7 +357,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
       const uint32_t st = stage(ci);
       chunk_top(ci);
       if (ci + 1 == nch) continue;  // the state after the last chunk is not needed
-      const wg::ChunkView<GM> view{Gp, tile(ci)};
+      const auto view = wg::ChunkView<GM>::at(Gp, tile(ci));
       const bool weigh = VIEW || lg != 0.f;  // without decay every weight is 1 (rows past len are zero-filled)
       uint32_t xa[ND][4][4];
 #pragma unroll
@@ -468,7 +468,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
       tma::wait(barB + 8u * (uint32_t)(ci & 1), (uint32_t)(ci >> 1) & 1u);
       wg::fence_async_smem();
       block_sync();
-      const wg::ChunkView<GM> view{Gp, tile(ci)};
+      const auto view = wg::ChunkView<GM>::at(Gp, tile(ci));
       if (threadIdx.x == 0 && ci + 1 < nch) issue_B(ci + 1);
       float acc[NOUT][32], P[32];
 #pragma unroll

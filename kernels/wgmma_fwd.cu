@@ -78,7 +78,6 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
   float* Gp = reinterpret_cast<float*>(sm + SM::GP);
   constexpr bool GATED = GM != 0;
   void* const tile = sm + SM::GT;
-  const wg::ChunkView<GM> view{Gp, tile};
 
   const int ntile = a.E / kEt;
   const int et = blockIdx.x % ntile;
@@ -167,6 +166,7 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
     wg::fence_async_smem();  // this thread's S_b stores, for the async proxy
     __syncthreads();
     if (threadIdx.x == 0 && ci + 1 < nch) issue(ci + 1);
+    const auto view = wg::ChunkView<GM>::at(Gp, tile);
 
     // ---- P = Q K^T, then O = Q S_b: two commit groups, so that the mask of P and the state update's
     // K^T fragments are made while the tensor cores still work on O ----

@@ -103,14 +103,27 @@ __global__ void __launch_bounds__(kStateThreads<D>, 1)
   // the registers of the chunk before it (whose group is still in flight): chunks alternate between two
   // fragment sets, and each waits for all but its own group, so the set it will overwrite next is free.
   float carry = 0.f;  // with gates: the sum of lam over the chunks visited so far (the same in every lane)
+  // With gates, lane l's two gates of tokens 2l, 2l + 1 of the next visit, as loaded, and whether each lies
+  // before n1: loaded one visit ahead, so that their latency passes while a chunk is multiplied (read at the
+  // visit's start, they held every warp there).
+  float gx0 = 0.f, gx1 = 0.f;
+  bool gv0 = false, gv1 = false;
+  auto load_gates = [&](int i) {
+    const int64_t t0 = n0 + (int64_t)order(i) * kC + 2 * lane;
+    gv0 = t0 < n1;
+    gv1 = t0 + 1 < n1;
+    if (gv0) gx0 = gates[t0];
+    if (gv1) gx1 = gates[t0 + 1];
+  };
+  if (gates && nch > 0) load_gates(0);
   auto chunk = [&](int ci, uint32_t (&xa)[4][4]) {
     const int64_t c0 = n0 + (int64_t)order(ci) * kC;
-    // With gates, lane l's two log gates lam[c0 + 2l], lam[c0 + 2l + 1] (0 past n1), read before the wait.
+    // With gates, lane l's two log gates lam[c0 + 2l], lam[c0 + 2l + 1] (0 past n1).
     float x0 = 0.f, x1 = 0.f;
     if (gates) {
-      const int64_t t0 = c0 + 2 * lane;
-      if (t0 < n1) x0 = gates[t0] + lg;
-      if (t0 + 1 < n1) x1 = gates[t0 + 1] + lg;
+      x0 = gv0 ? gx0 + lg : 0.f;
+      x1 = gv1 ? gx1 + lg : 0.f;
+      if (ci + 1 < nch) load_gates(ci + 1);
     }
     tma::wait(bar(ci), (uint32_t)(ci / ST) & 1u);  // visit ci's tiles have landed
     // Every warpgroup has finished the wgmmas of visit ci - 2 (it waited for them in the previous one):
