@@ -4,7 +4,10 @@
 #   * sets RESULTS (from LASP_RESULTS_DIR, default bench_out/, git-ignored) and creates it;
 #   * exports the settings every GPU run here uses: NCCL_NVLS_ENABLE=0 (no NVLink multicast; the
 #     published sequence-parallel numbers were taken with it off), TORCH_SYMM_MEM_DISABLE_MULTICAST=1,
-#     PYTHONUNBUFFERED=1;
+#     PYTHONUNBUFFERED=1, and TRITON_CACHE_AUTOTUNING=1 (unless set): Triton then keeps the autotuning
+#     results of fla's kernels (the benchmarks' and tests' outside peer) in its cache directory
+#     (TRITON_CACHE_DIR) beside the compiled kernels, so that a later run skips the minutes of tuning a
+#     fresh machine spends on each new shape;
 #   * makes the package and the library built in place findable: PYTHONPATH=python/ (unless this python has lasp installed), LD_LIBRARY_PATH
 #     with build/cmake, torch's lib/ and the CUDA 13 runtime (a pip wheel's or /usr/local/cuda's), so a
 #     build made on another machine with nvcc and copied with the tree loads without installing;
@@ -13,6 +16,7 @@
 RESULTS=${LASP_RESULTS_DIR:-bench_out}
 mkdir -p "$RESULTS"
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0} TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
+export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
 
 # The tree's package unless this python has lasp installed (the rule tests/python/conftest.py follows): a
 # regular install in a virtual environment has its own library, built for that environment's torch.
