@@ -117,7 +117,9 @@ def lasp_attention(
             document's. Works with decay, g and every head map; the op then runs with gates (-inf at
             each document start in the piece; the given g's values there get a zero gradient). Under a
             group it costs one small all-gather (the pieces' lengths and the call's description: every
-            rank raises the same error on a bad call). Per-document states: initial_state is then
+            rank raises the same error on a bad call). The offsets are read to the host and checked once
+            per tensor while it lives and its version counter is unchanged (layers sharing it reuse the
+            result). Per-document states: initial_state is then
             (num_docs, H, D, E) in the accumulation dtype, the same shape on every rank, document j's row
             read on the rank where j starts (the others get a zero gradient for it; the gate of j's first
             token multiplies it, as in the plain op); output_final_state returns (num_docs, H, D, E): the
