@@ -82,6 +82,21 @@ __device__ __forceinline__ void commit() { asm volatile("cp.async.commit_group;\
 template <int N>
 __device__ __forceinline__ void wait_group() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
+// This thread's entries of the 16-row tile at row0 of chunk ch of m (an operand of W columns, read from column
+// w0), in the mma.sync accumulator layout of 4 column blocks of 8: rows row0 + g (+8), columns 8 nt + 2c (+1);
+// zeros past `cols` and where m is absent. Loaded ahead of the products that precede their use, so that their
+// latency overlaps those products.
+__device__ __forceinline__ void load_frag(float (&v)[4][4], const ChainMat& m, int64_t ch, int row0, int w0, int cols) {
+  const int l = threadIdx.x & 31, g = l >> 2, c = l & 3;
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = row0 + g + (e >> 1) * 8, col = nt * 8 + 2 * c + (e & 1);
+      v[nt][e] = m.p && col < cols ? m.p[ch * m.sch + r * m.sr + (int64_t)(w0 + col) * m.sc] : 0.f;
+    }
+}
+
 // Copies chunk ch of g (R x K) into s (layout sm), by 16-byte copies where the contiguous runs allow, with the
 // block's NTHR threads.
 template <int NTHR = kTcThreads>
@@ -183,15 +198,8 @@ __global__ void __launch_bounds__(kTcThreads) chain_tc_kernel(ChainTcArgs a) {
     __syncthreads();
     // 2. X = A + bsign Bm S
     if (warp < xTiles) {
-      // A's entries first: their loads are in flight while the products run
-      float av[4][4];
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = warp * 16 + g + (e >> 1) * 8, col = nt * 8 + 2 * c + (e & 1);
-          av[nt][e] = a.A.p && col < cols ? a.A.p[ch * a.A.sch + r * a.A.sr + (int64_t)(w0 + col) * a.A.sc] : 0.f;
-        }
+      float av[4][4];  // A's entries first: their loads are in flight while the products run
+      load_frag(av, a.A, ch, warp * 16, w0, cols);
       float accX[4][4] = {};
       tile_product(accX, sB, smB, warp * 16, D, sS);
 #pragma unroll
@@ -218,13 +226,7 @@ __global__ void __launch_bounds__(kTcThreads) chain_tc_kernel(ChainTcArgs a) {
       const int t = warp + i * kTcWarps;
       if (t >= sTiles) continue;
       float rv[4][4];  // R's entries first, in flight during the products
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = t * 16 + g + (e >> 1) * 8, col = nt * 8 + 2 * c + (e & 1);
-          rv[nt][e] = a.R.p && col < cols ? a.R.p[ch * a.R.sch + r * a.R.sr + (int64_t)(w0 + col) * a.R.sc] : 0.f;
-        }
+      load_frag(rv, a.R, ch, t * 16, w0, cols);
       float prod[4][4] = {};
       tile_product(prod, sC, smC, t * 16, C, sX);
 #pragma unroll
