@@ -48,6 +48,13 @@ LASP_HD unsigned long long starts_mask(unsigned even, unsigned odd) {
 // The last start at or before token t (0 <= t < 64), or -1.
 LASP_HD int last_start(unsigned long long m, int t) { return 63 - clz64(m & (~0ull >> (63 - t))); }
 
+// Gate mode 1 (wgmma.cuh, GateTile) factors a chunk's weights exp(cf[t] - cf[s]) into exp(cf[t]) exp(-cf[s])
+// where the chunk's sum of finite log gates, cf[63] (the smallest cf, as every log gate is <= 0), is at
+// least kGateFactorMin: both factors then lie in [exp(-64), exp(64)], normal floats with room for the
+// products of a few more (scale, P) before the float range ends; weaker chunks keep one exp per weight.
+constexpr float kGateFactorMin = -64.f;
+LASP_HD bool gate_factored(float total) { return total >= kGateFactorMin; }
+
 // The first start after token s (0 <= s < 64), or 64.
 LASP_HD int next_start(unsigned long long m, int s) {
   const unsigned long long x = s >= 63 ? 0ull : m >> (s + 1);

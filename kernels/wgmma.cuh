@@ -19,6 +19,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "doc_starts.h"
 #include "mma.cuh"
@@ -170,13 +171,22 @@ __device__ __forceinline__ void mask_pack(const float (&P)[32], uint32_t (&pa)[4
 
 // A chunk's per-token gates (lasp_params.h, g), as the tensor-core kernels read them: with lam[i] the log
 // gate of the chunk's token i (g - lambda; 0 past the chunk's end), cf[t] = the sum of the finite lam[i],
-// i <= t, and rs[t] = the last i <= t with lam[i] = -inf (a reset), or -1. Then
+// i <= t, m the 64-bit mask of the chunk's resets (bit i: lam[i] = -inf, as in ResetTile) and
+// rs[t] = last_start(m, t) (doc_starts.h), the last reset at or before t, or -1. Then
 //   w(t, s) = rs[t] > s ? 0 : exp(cf[t] - cf[s])   (s <= t),   pre(t) = rs[t] >= 0 ? 0 : exp(cf[t]),
 //   suf(s) = w(len - 1, s),   tot = pre(len - 1).
 // A reset gives exact zeros (never inf - inf); differences of chunk-local sums lose at most |cf| eps.
+// The tile holds ef[t] = exp(cf[t]) (pre) and, in two forms, what the weights are made of: where the
+// chunk's sum cf[63] (its smallest cf) is at least kGateFactorMin (gate_factored, doc_starts.h), the
+// weights are products of a row and a column factor, w(t, s) = ef[t] en[s] with en[s] = exp(-cf[s]), both
+// normal floats there: no exp per weight; in other chunks w(t, s) = exp2(c2[t] - c2[s]) with c2 = cf log2(e).
+// The two forms read the same places (a row value, a column value), so a masked product loads its values
+// once and branches (uniformly over the block) only for the arithmetic.
 struct GateTile {
-  float cf[64];
-  int rs[64];
+  float ef[64];
+  float x[64];  // fac: en; else c2
+  unsigned long long m;
+  int fac;  // gate_factored(cf[63])
 };
 
 // The GateTile of one chunk from warp 0: lane l holds the log gates lam[2l], lam[2l + 1].
@@ -185,47 +195,65 @@ __device__ __forceinline__ void gate_tile_scan(GateTile& gt, float x0, float x1)
   const bool z0 = x0 == -INFINITY, z1 = x1 == -INFINITY;
   const float f0 = z0 ? 0.f : x0, f1 = z1 ? 0.f : x1;
   float inc = f0 + f1;
-  int last = z1 ? 2 * lane + 1 : (z0 ? 2 * lane : -1);
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
     const float y = __shfl_up_sync(0xffffffffu, inc, o);
-    const int m = __shfl_up_sync(0xffffffffu, last, o);
-    if (lane >= o) {
-      inc += y;
-      last = max(last, m);
-    }
+    if (lane >= o) inc += y;
   }
   float ex = __shfl_up_sync(0xffffffffu, inc, 1);
-  int mex = __shfl_up_sync(0xffffffffu, last, 1);
+  if (lane == 0) ex = 0.f;
+  const float c0 = ex + f0, c1 = inc;
+  const bool fac = gate_factored(__shfl_sync(0xffffffffu, inc, 31));
+  const unsigned a = __ballot_sync(0xffffffffu, z0), b = __ballot_sync(0xffffffffu, z1);
+  constexpr float kLog2e = 1.4426950408889634f;
+  *reinterpret_cast<float2*>(&gt.ef[2 * lane]) = make_float2(__expf(c0), __expf(c1));
+  *reinterpret_cast<float2*>(&gt.x[2 * lane]) =
+      fac ? make_float2(__expf(-c0), __expf(-c1)) : make_float2(c0 * kLog2e, c1 * kLog2e);
   if (lane == 0) {
-    ex = 0.f;
-    mex = -1;
+    gt.m = starts_mask(a, b);
+    gt.fac = fac ? 1 : 0;
   }
-  gt.cf[2 * lane] = ex + f0;
-  gt.cf[2 * lane + 1] = inc;
-  gt.rs[2 * lane] = z0 ? 2 * lane : mex;
-  gt.rs[2 * lane + 1] = last;
 }
-__device__ __forceinline__ float gate_w(const GateTile& gt, int t, int s) {
-  return gt.rs[t] > s ? 0.f : expf(gt.cf[t] - gt.cf[s]);
-}
-__device__ __forceinline__ float gate_pre(const GateTile& gt, int t) { return gt.rs[t] >= 0 ? 0.f : expf(gt.cf[t]); }
 
-// mask_pack with the chunk's gate weights instead of the powers of gamma: CAUSAL keeps col <= row with
-// w(row, col), else col >= row with w(col, row).
+// w(t, s) (s <= t) from a row value of t and a column value of s, the chunk's form: fac: ef[t] en[s]; else
+// exp2(c2[t] - c2[s]).
+__device__ __forceinline__ float gate_weight(bool fac, float vt, float vs) { return fac ? vt * vs : exp2f(vt - vs); }
+
+// mask_pack with the chunk's gate weights instead of the powers of gamma: CAUSAL keeps row's columns
+// last_start(row) <= col <= row with w(row, col), else row's columns row <= col < next_start(row) with
+// w(col, row). Factored, the weight (at most 1: nothing overflows, and a normal float wherever it matters
+// next to flush-to-zero) comes first, then P scale times it.
 template <typename T, bool CAUSAL>
 __device__ __forceinline__ void mask_pack_gated(const float (&P)[32], uint32_t (&pa)[4][4], int r0, float scale,
-                                                const GateTile& gt) {
+                                                const GateTile& gt, unsigned long long m, bool fac) {
   const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
+  // the value of w's first argument t comes from ef (fac) or x (c2), of its second s from x
+  const float* rowp = CAUSAL && fac ? gt.ef : gt.x;
+  const float* colp = !CAUSAL && fac ? gt.ef : gt.x;
+  const int b0 = CAUSAL ? last_start(m, r0 + g) : next_start(m, r0 + g);
+  const int b1 = CAUSAL ? last_start(m, r0 + g + 8) : next_start(m, r0 + g + 8);
+  const float rv0 = rowp[r0 + g], rv1 = rowp[r0 + g + 8];
+  float2 cv[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) cv[j] = *reinterpret_cast<const float2*>(colp + 8 * j + 2 * tc);
   float pm[32];
+  auto fill = [&](auto form) {
 #pragma unroll
-  for (int j = 0; j < 8; ++j)
+    for (int j = 0; j < 8; ++j)
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int row = r0 + g + (r >> 1) * 8, col = 8 * j + 2 * tc + (r & 1);
-      const bool keep = CAUSAL ? col <= row : col >= row;
-      pm[4 * j + r] = keep ? P[4 * j + r] * scale * (CAUSAL ? gate_w(gt, row, col) : gate_w(gt, col, row)) : 0.f;
-    }
+      for (int r = 0; r < 4; ++r) {
+        const int row = r0 + g + (r >> 1) * 8, col = 8 * j + 2 * tc + (r & 1), bound = (r >> 1) ? b1 : b0;
+        const bool keep = CAUSAL ? (col <= row && col >= bound) : (col >= row && col < bound);
+        const float rv = (r >> 1) ? rv1 : rv0, c = (r & 1) ? cv[j].y : cv[j].x;
+        const float w = CAUSAL ? gate_weight(decltype(form)::value, rv, c) : gate_weight(decltype(form)::value, c, rv);
+        pm[4 * j + r] = keep ? P[4 * j + r] * scale * w : 0.f;
+      }
+  };
+  if (fac) {
+    fill(std::true_type{});
+  } else {
+    fill(std::false_type{});
+  }
   pack_a_frags<T>(pm, pa);
 }
 
@@ -269,26 +297,38 @@ __device__ __forceinline__ void mask_pack_reset(const float (&P)[32], uint32_t (
 // product packed as RS A fragments. `tile` is the chunk's tile in shared memory (unused for GM = 0); make a
 // view with at() once the tile is complete (after the barrier that follows its build): GM = 2 reads the
 // chunk's start mask into registers there, once, so that the weights are register arithmetic (a read of
-// the tile in each weight would be repeated after every wgmma fence, which clobbers memory).
+// the tile in each weight would be repeated after every wgmma fence, which clobbers memory); GM = 1 reads
+// its reset mask and whether the chunk is factored (a uniform branch between the two forms of its weights).
 template <int GM>
 struct ChunkView {
   const float* Gp;
   const void* tile;
-  unsigned long long m;  // GM = 2: the chunk's start mask
+  unsigned long long m;  // GM = 2: the chunk's start mask; GM = 1: its resets
+  bool fac;              // GM = 1: the weights are factored (GateTile::fac)
   __device__ __forceinline__ static ChunkView at(const float* Gp, const void* tile) {
     unsigned long long m = 0;
+    bool fac = false;
     if constexpr (GM == 2) m = static_cast<const ResetTile*>(tile)->m;
-    return ChunkView{Gp, tile, m};
+    if constexpr (GM == 1) {
+      const GateTile* gt = static_cast<const GateTile*>(tile);
+      m = gt->m;
+      fac = gt->fac != 0;
+    }
+    return ChunkView{Gp, tile, m, fac};
   }
+  __device__ __forceinline__ const GateTile& gates() const { return *static_cast<const GateTile*>(tile); }
   __device__ __forceinline__ float w(int t, int s) const {
-    if constexpr (GM == 1) return gate_w(*static_cast<const GateTile*>(tile), t, s);
+    if constexpr (GM == 1) {
+      if (last_start(m, t) > s) return 0.f;
+      return gate_weight(fac, fac ? gates().ef[t] : gates().x[t], gates().x[s]);
+    }
     if constexpr (GM == 2) {
       if (last_start(m, t) > s) return 0.f;
     }
     return Gp[t - s];
   }
   __device__ __forceinline__ float pre(int t) const {
-    if constexpr (GM == 1) return gate_pre(*static_cast<const GateTile*>(tile), t);
+    if constexpr (GM == 1) return last_start(m, t) >= 0 ? 0.f : gates().ef[t];
     if constexpr (GM == 2) {
       if (last_start(m, t) >= 0) return 0.f;
     }
@@ -297,7 +337,7 @@ struct ChunkView {
   template <typename T, bool CAUSAL>
   __device__ __forceinline__ void pack(const float (&P)[32], uint32_t (&pa)[4][4], int r0, float scale) const {
     if constexpr (GM == 1) {
-      mask_pack_gated<T, CAUSAL>(P, pa, r0, scale, *static_cast<const GateTile*>(tile));
+      mask_pack_gated<T, CAUSAL>(P, pa, r0, scale, gates(), m, fac);
     } else if constexpr (GM == 2) {
       mask_pack_reset<T, CAUSAL>(P, pa, r0, scale, Gp, m);
     } else {

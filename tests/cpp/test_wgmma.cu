@@ -171,9 +171,49 @@ TEST(Wgmma, BuildingBlocksMatchFloat64) {
   }
 }
 
-// tma::make_map keeps the maps it encoded per host thread (tma.cuh); every map it hands out must be the
-// one the driver's encoder makes for that view, whether it comes from the table or not: the same view
-// again, a view that differs in one field only, and more views than the table has slots (replacements).
+// Gate mode 1's factored weights (wgmma.cuh, GateTile): wherever gate_factored admits a chunk, its factors
+// exp(cf[t]) and exp(-cf[s]) are normal floats and their product, computed as the kernels do in float, is
+// exp(cf[t] - cf[s]) for every s <= t; the chunks it refuses are those whose sum is below the bound. Chunks of
+// random log gates whose sums sweep [-70, 0], and the extremes: the whole sum on the first or the last token.
+TEST(DocStarts, GateFactorsStayNormalAndMatchTheExp) {
+  std::mt19937_64 rng(11);
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  int admitted = 0, refused = 0;
+  for (int c = 0; c < 600; ++c) {
+    const double target = -70.0 * u(rng);
+    std::vector<double> lam(64);
+    for (double& x : lam) x = u(rng) * u(rng);
+    if (c % 5 == 1) std::fill(lam.begin(), lam.end(), 0.0), lam[0] = 1.0;
+    if (c % 5 == 2) std::fill(lam.begin(), lam.end(), 0.0), lam[63] = 1.0;
+    double sum = 0.0;
+    for (double x : lam) sum += x;
+    float cf[64];
+    float acc = 0.f;
+    for (int i = 0; i < 64; ++i) {
+      acc += static_cast<float>(lam[i] / sum * target);
+      cf[i] = acc;
+    }
+    if (!wg::gate_factored(cf[63])) {
+      ASSERT_LT(cf[63], wg::kGateFactorMin);
+      ++refused;
+      continue;
+    }
+    ++admitted;
+    for (int t = 0; t < 64; ++t) {
+      const float ef = std::exp(cf[t]), en = std::exp(-cf[t]);
+      ASSERT_TRUE(std::isnormal(ef) && std::isnormal(en)) << "cf=" << cf[t];
+      for (int s = 0; s <= t; ++s) {
+        const float w = ef * std::exp(-cf[s]);
+        const double want = std::exp(static_cast<double>(cf[t]) - static_cast<double>(cf[s]));
+        ASSERT_LE(w, 1.f + 4e-7f);  // at most 1, up to the rounding of the two factors
+        ASSERT_NEAR(w, want, 1e-6 * want + 1e-37) << "t=" << t << " s=" << s << " cf=" << cf[t] << "," << cf[s];
+      }
+    }
+  }
+  EXPECT_GT(admitted, 400);
+  EXPECT_GT(refused, 20);
+}
+
 // The bit logic of gate mode 2 (doc_starts.h), on the host against brute force over random and edge masks:
 // the mask from two ballots, and the starts that cut w(t, s), pre(t) and the masked products' bounds.
 TEST(DocStarts, MaskAndBoundsMatchBruteForce) {
@@ -215,6 +255,9 @@ TEST(DocStarts, MaskAndBoundsMatchBruteForce) {
   }
 }
 
+// tma::make_map keeps the maps it encoded per host thread (tma.cuh); every map it hands out must be the
+// one the driver's encoder makes for that view, whether it comes from the table or not: the same view
+// again, a view that differs in one field only, and more views than the table has slots (replacements).
 TEST(Tma, MapTableHandsOutTheEncodersMaps) {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {

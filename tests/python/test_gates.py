@@ -59,7 +59,9 @@ def gate_values(B, H, N, kind, g, resets=()):
     kinds: "zero"; "soft" (log sigmoid(x + 3): mostly close to 0, long memory); "strong" (in [-25, -5]:
     almost no memory); "mixed" (-softplus(2 x), with exact zeros, very negative values and -inf
     resets: at position 0 of (batch 0, head 0), at the last position of the last head, and mid-sequence
-    for every head of the last batch).
+    for every head of the last batch); "edge" (in [-1.15, -0.85]: a 64-token chunk sums to about -64, on
+    either side of the bound where the sm_90 kernels factor a chunk's gate weights, wgmma.cuh GateTile,
+    whose factors then span exp(-64) .. exp(64)).
     resets: extra (position, head or None for every head) pairs set to -inf in every batch.
     """
     if kind == "zero":
@@ -68,6 +70,8 @@ def gate_values(B, H, N, kind, g, resets=()):
         out = F.logsigmoid(torch.randn(B, H, N, generator=g, dtype=F64) + 3.0)
     elif kind == "strong":
         out = -(5.0 + 20.0 * torch.rand(B, H, N, generator=g, dtype=F64))
+    elif kind == "edge":
+        out = -(0.85 + 0.3 * torch.rand(B, H, N, generator=g, dtype=F64))
     elif kind == "mixed":
         out = -F.softplus(2.0 * torch.randn(B, H, N, generator=g, dtype=F64))
         out[..., 3::7] = 0.0

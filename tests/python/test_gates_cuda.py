@@ -87,6 +87,17 @@ LONG = [
       gates="mixed", resets=[(2047, 0), (3072, 1)]),
     C(dtype=F16, B=1, H=1, Hkv=1, N=3000, D=64, E=128, decay=None, state=False, dS=True, layout="bnhd",
       gates="soft"),
+    # the sm_90 kernels' factored chunk weights (wgmma.cuh, GateTile): chunks summing to about -64, on both
+    # sides of the bound, and soft gates with resets inside factored chunks (at a chunk's first and last
+    # token, two in a row, beside a segment boundary)
+    C(dtype=BF16, B=1, H=2, Hkv=1, N=3000, D=128, E=128, decay=None, state=True, dS=False, layout="bhnd",
+      gates="edge", resets=[(100, None), (1000, 1)]),
+    C(dtype=F16, B=2, H=2, Hkv=2, N=1100, D=64, E=128, decay="alibi", state=True, dS=True, layout="bnhd",
+      gates="edge"),
+    C(dtype=BF16, B=2, H=2, Hkv=2, N=700, D=64, E=64, decay="alibi", state=True, dS=False, layout="bnhd",
+      gates="soft", resets=[(0, None), (63, None), (64, 1), (130, 0), (131, 0), (699, None)]),
+    C(dtype=F16, B=1, H=4, Hkv=2, N=2600, D=128, E=64, decay="mixed", state=False, dS=False, layout="bhnd",
+      gates="soft", resets=[(511, None), (512, 2), (1300, 3), (2047, None)]),
     # head dims up to 256 (odd ones too)
     C(dtype=BF16, B=1, H=2, Hkv=1, N=300, D=256, E=256, decay="alibi", state=True, dS=True, layout="bhnd",
       gates="soft"),
