@@ -2,13 +2,16 @@
 """Where one lasp_attention forward+backward spends its GPU time: every CUDA kernel (and memset / copy)
 of a few profiled calls after warm-up, per call, beside the call's CUDA-event time.
 
-Same inputs as bench_kernels.py (bf16, ALiBi-like decay, D = E, dO random). The gap between the event
+Same inputs as bench_kernels.py (bf16, ALiBi-like decay, dO random; shapes BxHxNxD or BxHxNxDxE; `--gates`
+its per-token log gates g = logsigmoid(x) / 16 with their gradient; `--qk-heads` its GVA: q and k with that
+many heads, v and the output with H). The gap between the event
 time and the summed kernel time is time the GPU sat idle between kernels (host launches, allocation).
 "Event time with the host ahead" times the same call behind a queued sleep kernel: what is left of the
 gap there is launch latency, and the difference to the plain event time is host issue time on the GPU's
 critical path (bench_kernels.py times each call from an idle GPU, so it includes that).
 
   python3 benchmarks/profile_kernels.py --shapes 4x32x8192x128,1x16x65536x128 --json prof.json
+  python3 benchmarks/profile_kernels.py --gates --qk-heads 1 --shapes 2x80x16384x128x64
 """
 import argparse
 import json
@@ -30,6 +33,8 @@ def main():
     ap.add_argument("--shapes", default=None, help="e.g. 4x32x8192x128,1x16x65536x128 (default: bench_kernels' shapes)")
     ap.add_argument("--iters", type=int, default=5, help="profiled calls per shape")
     ap.add_argument("--mode", choices=("fwd", "fwd+bwd"), default="fwd+bwd")
+    ap.add_argument("--gates", action="store_true", help="per-token log gates (as bench_kernels.py --gates)")
+    ap.add_argument("--qk-heads", type=int, default=0, help="q and k with this many heads (GVA), v and o with H")
     ap.add_argument("--host", action="store_true",
                     help="also the host side: issue time per call and the top host events (ops, CUDA runtime calls)")
     ap.add_argument("--timeline", action="store_true",
@@ -47,21 +52,30 @@ def main():
             "commit": os.environ.get("LASP_COMMIT") or git_commit(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "mode": args.mode,
             "LASP_FWD_KERNEL": os.environ.get("LASP_FWD_KERNEL", "unset"),
-            "LASP_BWD_KERNEL": os.environ.get("LASP_BWD_KERNEL", "unset")}
+            "LASP_BWD_KERNEL": os.environ.get("LASP_BWD_KERNEL", "unset"), "gates": args.gates,
+            "qk_heads": args.qk_heads}
     print("# " + "  ".join(f"{k}={v}" for k, v in info.items()))
     out = []
-    for (B, H, N, D) in shapes:
-        q, k, v, do = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16) for _ in range(4))
-        q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+    for shape in shapes:
+        B, H, N, D = shape[:4]
+        E = shape[4] if len(shape) > 4 else D
+        if args.qk_heads and H % args.qk_heads:
+            raise SystemExit(f"--qk-heads {args.qk_heads} must divide H = {H}")
+        HQ = args.qk_heads or H
+        bf = dict(device=dev, dtype=torch.bfloat16)
+        q, k = (torch.randn(B, HQ, N, D, **bf) for _ in range(2))
+        v, do = (torch.randn(B, H, N, E, **bf) for _ in range(2))
+        g = torch.nn.functional.logsigmoid(torch.randn(B, H, N, device=dev)) / 16 if args.gates else None
+        leaves = tuple(x.requires_grad_(True) for x in (q, k, v) + ((g,) if g is not None else ()))
         decay, scale = alibi_decay(H, dev), 1.0 / math.sqrt(D)
 
         def call(_i=0):
             if args.mode == "fwd":
                 with torch.no_grad():
-                    lasp.lasp_attention(q, k, v, decay, scale=scale)
+                    lasp.lasp_attention(q, k, v, decay, g=g, scale=scale)
             else:
-                o = lasp.lasp_attention(q, k, v, decay, scale=scale)
-                torch.autograd.grad(o, (q, k, v), do)
+                o = lasp.lasp_attention(q, k, v, decay, g=g, scale=scale)
+                torch.autograd.grad(o, leaves, do)
 
         event_ms = bench(call, 1, warmup=3, reps=20)
         # The same call with the host ahead: a sleep kernel queued before the start event gives the host a
@@ -87,7 +101,8 @@ def main():
             d[0] += e.device_time / 1e3 / args.iters  # ms per call
             d[1] += 1
         total = sum(v[0] for v in per.values())
-        print(f"\n## {B}x{H}x{N}x{D} {args.mode}: event time {event_ms:.3f} ms, kernels {total:.3f} ms, "
+        print(f"\n## {'x'.join(map(str, shape))}{' gates' if g is not None else ''}"
+              f"{f' qk-heads {HQ}' if HQ != H else ''} {args.mode}: event time {event_ms:.3f} ms, kernels {total:.3f} ms, "
               f"idle {event_ms - total:.3f} ms; host issue {issue_ms:.3f} ms/call; event time with the host "
               f"ahead {queued_ms:.3f} ms")
         print(f"{'ms/call':>8} {'share':>6} {'n/call':>6}  kernel")
@@ -143,11 +158,11 @@ def main():
                 st, du = e.time_range.start - t0, e.time_range.end - e.time_range.start
                 print(f"{st:9.1f} {du:8.1f}  {where:<5}  {e.name[:100]}")
                 timeline.append({"start_us": st, "dur_us": du, "where": where, "event": e.name})
-        out.append({"shape": [B, H, N, D], "timeline": timeline, "event_ms": event_ms, "kernel_ms": total, "issue_ms": issue_ms,
+        out.append({"shape": list(shape), "timeline": timeline, "event_ms": event_ms, "kernel_ms": total, "issue_ms": issue_ms,
                     "queued_ms": queued_ms,
                     "idle_inside_ms": inside_ms,
                     "kernels": rows, "host": host})
-        del q, k, v, do
+        del q, k, v, do, g, leaves
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
