@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Nsight Compute profile of the lasp kernels of one forward+backward call (GPU machine):
 #   SHAPE=4x32x8192x128 KERNELS="wgmma_bwd wgmma_fwd" bash benchmarks/ncu_kernels.sh
+#   GATES=1 ...: with bench_kernels.py's per-token log gates (and their gradient)
 #   (or: bash benchmarks/gpu_suite.sh ncu)
 # For each kernel name (a regex): the details page (speed of light, occupancy, warp stalls, ...) and the
 # SASS source page with per-instruction stall samples, as text under LASP_RESULTS_DIR (default
@@ -19,16 +20,17 @@ import lasp
 from bench_kernels import alibi_decay
 B, H, N, D = (int(x) for x in os.environ["SHAPE"].split("x"))
 q, k, v, do = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+g = torch.nn.functional.logsigmoid(torch.randn(B, H, N, device="cuda")) / 16 if os.environ.get("GATES") == "1" else None
+leaves = tuple(x.requires_grad_(True) for x in (q, k, v) + ((g,) if g is not None else ()))
 decay = alibi_decay(H, "cuda")
 for _ in range(int(os.environ.get("CALLS", "2"))):
-    o = lasp.lasp_attention(q, k, v, decay, scale=1.0 / math.sqrt(D))
-    torch.autograd.grad(o, (q, k, v), do)
+    o = lasp.lasp_attention(q, k, v, decay, g=g, scale=1.0 / math.sqrt(D))
+    torch.autograd.grad(o, leaves, do)
 torch.cuda.synchronize()
 EOF
 for kn in ${KERNELS:-wgmma_bwd wgmma_fwd}; do
   tag=${kn//[^A-Za-z0-9_]/}
-  SHAPE=$SHAPE timeout ${NCU_TIMEOUT:-200} ncu --clock-control none -k "regex:$kn" --launch-skip 1 --launch-count 1 \
+  SHAPE=$SHAPE GATES=${GATES:-0} timeout ${NCU_TIMEOUT:-200} ncu --clock-control none -k "regex:$kn" --launch-skip 1 --launch-count 1 \
     --set full --import-source yes -f -o "/tmp/ncu_$tag" python3 /tmp/lasp_ncu_drive.py > "$RESULTS/ncu_${tag}_run.log" 2>&1
   echo "ncu $kn rc=$?"
   ncu --import "/tmp/ncu_$tag.ncu-rep" --page details > "$RESULTS/ncu_${tag}_details.txt" 2>&1
