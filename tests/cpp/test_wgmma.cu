@@ -3,13 +3,13 @@
 // register A operand (RS form), the transposed A fragments by ldmatrix.trans and the accumulator layout.
 // If the forward kernel built from them fails, these say which convention is off. Needs a build for
 // sm_90a and a compute capability 9.0 device; skips with the reason otherwise.
-#include <gtest/gtest.h>
-
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -168,6 +168,128 @@ TEST(Wgmma, BuildingBlocksMatchFloat64) {
     EXPECT_LT(rel, 1e-5) << what[t] << ": relative error " << rel << ", first bad element (row, col) = ("
                          << first_bad / 64 << ", " << first_bad % 64 << ") got " << got[t * 4096 + std::max(first_bad, 0)]
                          << " want " << ref[t * 4096 + std::max(first_bad, 0)];
+  }
+}
+
+// Gate mode 1's view of one chunk on the device (any CUDA device: no wgmma in it): warp 0 builds the
+// GateTile from 64 log gates (-inf: a reset), then each of the four warps packs its 16 rows of P (64 x 64
+// fp32, row-major) as the kernels do, causal and anti-causal. out: [0] the causal pack, [1] the anti-causal
+// one (bf16 values, row-major), [2] w(t, s) for s <= t, [3] pre(t) (64) and the tile's fac flag.
+__global__ void gate_view_kernel(const float* lam, const float* P, float scale, float* out) {
+  __shared__ wg::GateTile gt;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
+  if (warp == 0) wg::build_tile<1>(&gt, lam[2 * lane], lam[2 * lane + 1]);
+  __syncthreads();
+  const auto view = wg::ChunkView<1>::at(nullptr, &gt);
+  auto at = [&](int j, int r) { return (16 * warp + g + 8 * (r >> 1)) * 64 + 8 * j + 2 * tc + (r & 1); };
+  float p[32];
+  for (int j = 0; j < 8; ++j)
+    for (int r = 0; r < 4; ++r) p[4 * j + r] = P[at(j, r)];
+  for (int dir = 0; dir < 2; ++dir) {
+    uint32_t pa[4][4];
+    if (dir == 0) {
+      view.pack<bf16, true>(p, pa, 16 * warp, scale);
+    } else {
+      view.pack<bf16, false>(p, pa, 16 * warp, scale);
+    }
+    float pm[32];  // pack_a_frags' order: pa[kk][i] holds pm[8 kk + 2 i], pm[8 kk + 2 i + 1]
+    for (int kk = 0; kk < 4; ++kk)
+      for (int i = 0; i < 4; ++i) {
+        const float2 f = mm::unpack2<bf16>(pa[kk][i]);
+        pm[8 * kk + 2 * i] = f.x;
+        pm[8 * kk + 2 * i + 1] = f.y;
+      }
+    for (int j = 0; j < 8; ++j)
+      for (int r = 0; r < 4; ++r) out[dir * 4096 + at(j, r)] = pm[4 * j + r];
+  }
+  for (int i = threadIdx.x; i < 4096; i += blockDim.x)
+    out[2 * 4096 + i] = i % 64 <= i / 64 ? view.w(i / 64, i % 64) : 0.f;
+  if (threadIdx.x < 64) out[3 * 4096 + threadIdx.x] = view.pre(threadIdx.x);
+  if (threadIdx.x == 0) out[3 * 4096 + 64] = (float)gt.fac;
+}
+
+// The view against float64: chunks of soft gates (factored), soft gates with resets (at the chunk's first
+// and last token, two in a row), gates summing to just above and just below the factoring bound, strong gates
+// (not factored), a chunk ending at token 40 (zeros past it, as the kernels pass them), zero gates, one
+// very negative gate among soft ones. Weights and pre(t) within 2e-6 (1 + |cf[t]| + |cf[s]|) relative (the
+// chunk sums' own float rounding), the packs within bf16's rounding.
+TEST(Wgmma, GateViewMatchesFloat64) {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    cudaGetLastError();
+    GTEST_SKIP() << "no CUDA device";
+  }
+  std::mt19937_64 rng(std::random_device{}());
+  std::normal_distribution<double> nd;
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  const double inf = std::numeric_limits<double>::infinity();
+  auto soft = [&](int i) { return -std::log1p(std::exp(-(nd(rng) + 3.0))) + 0.0 * i; };
+  std::vector<std::pair<std::string, std::vector<double>>> cases;
+  auto add = [&](const std::string& name, auto f) {
+    std::vector<double> lam(64);
+    for (int i = 0; i < 64; ++i) lam[i] = f(i);
+    cases.emplace_back(name, lam);
+  };
+  add("soft", soft);
+  add("soft with resets", [&](int i) { return (i == 0 || i == 17 || i == 18 || i == 63) ? -inf : soft(i); });
+  for (double total : {-63.5, -64.5}) {
+    std::vector<double> x(64);
+    double sum = 0;
+    for (double& v : x) sum += (v = 0.85 + 0.3 * u(rng));
+    add("sum " + std::to_string(total), [&, x, sum, total](int i) { return x[i] / sum * total; });
+  }
+  add("strong with a reset", [&](int i) { return i == 30 ? -inf : -(5.0 + 20.0 * u(rng)); });
+  add("ends at 40", [&](int i) { return i < 40 ? soft(i) : 0.0; });
+  add("zero", [](int) { return 0.0; });
+  add("one very negative", [&](int i) { return i == 10 ? -1000.0 : soft(i); });
+  const float scale = 0.125f;
+  std::vector<float> P(4096);
+  for (float& x : P) x = (float)nd(rng);
+  Dev dl(64 * 4), dP(4096 * 4), dO((3 * 4096 + 65) * 4);
+  ASSERT_EQ(cudaMemcpy(dP.p, P.data(), 4096 * 4, cudaMemcpyHostToDevice), cudaSuccess);
+  for (const auto& c : cases) {
+    std::vector<float> lam(64);
+    for (int i = 0; i < 64; ++i) lam[i] = (float)c.second[i];
+    ASSERT_EQ(cudaMemcpy(dl.p, lam.data(), 64 * 4, cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_EQ(cudaMemset(dO.p, 0xff, (3 * 4096 + 65) * 4), cudaSuccess);  // NaN
+    gate_view_kernel<<<1, 128>>>((const float*)dl.p, (const float*)dP.p, scale, (float*)dO.p);
+    ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    std::vector<float> got(3 * 4096 + 65);
+    ASSERT_EQ(cudaMemcpy(got.data(), dO.p, got.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+    // float64 reference from the same float gates
+    double cf[64], acc = 0;
+    bool reset[64];
+    for (int i = 0; i < 64; ++i) {
+      reset[i] = std::isinf((double)lam[i]);
+      acc += reset[i] ? 0.0 : (double)lam[i];
+      cf[i] = acc;
+    }
+    auto cut = [&](int a, int b) {  // a reset in (a, b]
+      for (int i = a + 1; i <= b; ++i)
+        if (reset[i]) return true;
+      return false;
+    };
+    auto w = [&](int t, int s) { return cut(s, t) ? 0.0 : std::exp(cf[t] - cf[s]); };
+    const std::string& name = c.first;
+    EXPECT_EQ(got[3 * 4096 + 64], cf[63] >= -64.0 ? 1.f : 0.f) << name << ": fac, chunk sum " << cf[63];
+    auto tol = [&](int t, int s, double ref) { return 2e-6 * (1 + std::fabs(cf[t]) + std::fabs(cf[s])) * ref + 1e-30; };
+    for (int t = 0; t < 64; ++t) {
+      const double pre = cut(-1, t) ? 0.0 : std::exp(cf[t]);
+      ASSERT_NEAR(got[3 * 4096 + t], pre, tol(t, t, pre)) << name << ": pre(" << t << ")";
+      for (int s = 0; s <= t; ++s)
+        ASSERT_NEAR(got[2 * 4096 + t * 64 + s], w(t, s), tol(t, s, w(t, s))) << name << ": w(" << t << ", " << s << ")";
+    }
+    for (int r = 0; r < 64; ++r)
+      for (int col = 0; col < 64; ++col) {
+        // causal: row t = r, column s = col <= t; anti-causal: row s = r, column t = col >= s
+        const double causal = col <= r ? P[r * 64 + col] * (double)scale * w(r, col) : 0.0;
+        const double anti = col >= r ? P[r * 64 + col] * (double)scale * w(col, r) : 0.0;
+        ASSERT_NEAR(got[r * 64 + col], causal, 8e-3 * std::fabs(causal) + 1e-30)
+            << name << ": causal (" << r << ", " << col << ")";
+        ASSERT_NEAR(got[4096 + r * 64 + col], anti, 8e-3 * std::fabs(anti) + 1e-30)
+            << name << ": anti-causal (" << r << ", " << col << ")";
+      }
   }
 }
 
