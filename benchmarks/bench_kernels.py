@@ -169,6 +169,23 @@ def git_commit():
         return os.environ.get("LASP_COMMIT", "unknown")
 
 
+def library_id():
+    """The compiled library the imported lasp loaded: its file name and the first 12 hex digits of its
+    sha256, so that a result names the build it timed (a tree's .git can lag the build it runs)."""
+    import hashlib
+
+    from lasp import _ops
+
+    path = _ops._LIBRARY
+    if not path:
+        return {}
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"library": os.path.basename(path), "library_sha256": h.hexdigest()[:12]}
+
+
 def rel(a, b):
     a, b = a.float(), b.float()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
@@ -214,6 +231,8 @@ def main():
     if "lasp" in impls:
         try:
             import lasp as lasp_mod  # noqa: F401
+
+            info.update(library_id())
         except Exception as e:  # the package may not be built here
             print(f"# lasp package not importable ({type(e).__name__}: {e}); skipping 'lasp'")
             lasp_mod = None

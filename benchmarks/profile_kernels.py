@@ -25,7 +25,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernels import SHAPES, alibi_decay, bench, git_commit  # noqa: E402
+from bench_kernels import SHAPES, alibi_decay, bench, git_commit, library_id  # noqa: E402
 
 
 def main():
@@ -53,7 +53,7 @@ def main():
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "mode": args.mode,
             "LASP_FWD_KERNEL": os.environ.get("LASP_FWD_KERNEL", "unset"),
             "LASP_BWD_KERNEL": os.environ.get("LASP_BWD_KERNEL", "unset"), "gates": args.gates,
-            "qk_heads": args.qk_heads}
+            "qk_heads": args.qk_heads, **library_id()}
     print("# " + "  ".join(f"{k}={v}" for k, v in info.items()))
     out = []
     for shape in shapes:

@@ -24,7 +24,11 @@ def _check_torch_version() -> None:
         )
 
 
+_LIBRARY: Optional[str] = None  # the path of the compiled library this process loaded (benchmarks record it)
+
+
 def _load() -> None:
+    global _LIBRARY
     found = sorted(_PKG.glob("liblasp*.so"))
     path = os.environ.get("LASP_LIBRARY") or (str(found[0]) if found else str(_PKG / "liblasp.so"))
     if not os.path.exists(path):
@@ -35,6 +39,7 @@ def _load() -> None:
     if not os.environ.get("LASP_LIBRARY"):  # a library given by path was not built by setup.py
         _check_torch_version()
     torch.ops.load_library(path)
+    _LIBRARY = path
 
 
 _load()
