@@ -219,10 +219,29 @@ __device__ __forceinline__ void gate_tile_scan(GateTile& gt, float x0, float x1)
 // exp2(c2[t] - c2[s]).
 __device__ __forceinline__ float gate_weight(bool fac, float vt, float vs) { return fac ? vt * vs : exp2f(vt - vs); }
 
-// mask_pack with the chunk's gate weights instead of the powers of gamma: CAUSAL keeps row's columns
-// last_start(row) <= col <= row with w(row, col), else row's columns row <= col < next_start(row) with
-// w(col, row). Factored, the weight (at most 1: nothing overflows, and a normal float wherever it matters
-// next to flush-to-zero) comes first, then P scale times it.
+// The masked product in accumulator order (pm), its weights cut at a chunk's resets or document starts (m,
+// doc_starts.h): CAUSAL keeps row's columns last_start(row) <= col <= row, else row's columns row <= col <
+// next_start(row), each scaled by scale * wt(j, r, row, col) (the accumulator element 4j + r). Gate modes 1
+// and 2 differ only in wt; the caller packs pm (pack_a_frags).
+template <bool CAUSAL, typename W>
+__device__ __forceinline__ void mask_cut(const float (&P)[32], float (&pm)[32], int r0, float scale,
+                                         unsigned long long m, W&& wt) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
+  const int b0 = CAUSAL ? last_start(m, r0 + g) : next_start(m, r0 + g);
+  const int b1 = CAUSAL ? last_start(m, r0 + g + 8) : next_start(m, r0 + g + 8);
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int row = r0 + g + (r >> 1) * 8, col = 8 * j + 2 * tc + (r & 1), bound = (r >> 1) ? b1 : b0;
+      const bool keep = CAUSAL ? (col <= row && col >= bound) : (col >= row && col < bound);
+      pm[4 * j + r] = keep ? P[4 * j + r] * scale * wt(j, r, row, col) : 0.f;
+    }
+}
+
+// mask_pack with the chunk's gate weights (mask_cut): w(row, col) (CAUSAL), else w(col, row). Factored, the weight
+// (at most 1: nothing overflows, and a normal float wherever it matters next to flush-to-zero) comes first,
+// then P scale times it.
 template <typename T, bool CAUSAL>
 __device__ __forceinline__ void mask_pack_gated(const float (&P)[32], uint32_t (&pa)[4][4], int r0, float scale,
                                                 const GateTile& gt, unsigned long long m, bool fac) {
@@ -230,24 +249,16 @@ __device__ __forceinline__ void mask_pack_gated(const float (&P)[32], uint32_t (
   // the value of w's first argument t comes from ef (fac) or x (c2), of its second s from x
   const float* rowp = CAUSAL && fac ? gt.ef : gt.x;
   const float* colp = !CAUSAL && fac ? gt.ef : gt.x;
-  const int b0 = CAUSAL ? last_start(m, r0 + g) : next_start(m, r0 + g);
-  const int b1 = CAUSAL ? last_start(m, r0 + g + 8) : next_start(m, r0 + g + 8);
   const float rv0 = rowp[r0 + g], rv1 = rowp[r0 + g + 8];
   float2 cv[8];
 #pragma unroll
   for (int j = 0; j < 8; ++j) cv[j] = *reinterpret_cast<const float2*>(colp + 8 * j + 2 * tc);
   float pm[32];
   auto fill = [&](auto form) {
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int row = r0 + g + (r >> 1) * 8, col = 8 * j + 2 * tc + (r & 1), bound = (r >> 1) ? b1 : b0;
-        const bool keep = CAUSAL ? (col <= row && col >= bound) : (col >= row && col < bound);
-        const float rv = (r >> 1) ? rv1 : rv0, c = (r & 1) ? cv[j].y : cv[j].x;
-        const float w = CAUSAL ? gate_weight(decltype(form)::value, rv, c) : gate_weight(decltype(form)::value, c, rv);
-        pm[4 * j + r] = keep ? P[4 * j + r] * scale * w : 0.f;
-      }
+    mask_cut<CAUSAL>(P, pm, r0, scale, m, [&](int j, int r, int, int) {
+      const float rv = (r >> 1) ? rv1 : rv0, c = (r & 1) ? cv[j].y : cv[j].x;
+      return CAUSAL ? gate_weight(decltype(form)::value, rv, c) : gate_weight(decltype(form)::value, c, rv);
+    });
   };
   if (fac) {
     fill(std::true_type{});
@@ -270,26 +281,6 @@ struct ResetTile {
 __device__ __forceinline__ void reset_tile_build(ResetTile& rt, float x0, float x1) {
   const unsigned a = __ballot_sync(0xffffffffu, x0 == -INFINITY), b = __ballot_sync(0xffffffffu, x1 == -INFINITY);
   if ((threadIdx.x & 31) == 0) rt.m = starts_mask(a, b);
-}
-
-// mask_pack with the powers of gamma cut at the document starts: CAUSAL keeps row's columns
-// last_start(row) <= col <= row, else row's columns row <= col < next_start(row).
-template <typename T, bool CAUSAL>
-__device__ __forceinline__ void mask_pack_reset(const float (&P)[32], uint32_t (&pa)[4][4], int r0, float scale,
-                                                const float* Gp, unsigned long long m) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
-  const int b0 = CAUSAL ? last_start(m, r0 + g) : next_start(m, r0 + g);
-  const int b1 = CAUSAL ? last_start(m, r0 + g + 8) : next_start(m, r0 + g + 8);
-  float pm[32];
-#pragma unroll
-  for (int j = 0; j < 8; ++j)
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int row = r0 + g + (r >> 1) * 8, col = 8 * j + 2 * tc + (r & 1), bound = (r >> 1) ? b1 : b0;
-      const bool keep = CAUSAL ? (col <= row && col >= bound) : (col >= row && col < bound);
-      pm[4 * j + r] = keep ? P[4 * j + r] * scale * Gp[CAUSAL ? row - col : col - row] : 0.f;
-    }
-  pack_a_frags<T>(pm, pa);
 }
 
 // The decay view of one chunk, as the main kernels read it, by gate mode GM (0: powers of gamma, 1: per-token
@@ -318,20 +309,17 @@ struct ChunkView {
   }
   __device__ __forceinline__ const GateTile& gates() const { return *static_cast<const GateTile*>(tile); }
   __device__ __forceinline__ float w(int t, int s) const {
-    if constexpr (GM == 1) {
-      if (last_start(m, t) > s) return 0.f;
-      return gate_weight(fac, fac ? gates().ef[t] : gates().x[t], gates().x[s]);
+    if constexpr (GM != 0) {
+      if (last_start(m, t) > s) return 0.f;  // a reset / start in (s, t]
     }
-    if constexpr (GM == 2) {
-      if (last_start(m, t) > s) return 0.f;
-    }
+    if constexpr (GM == 1) return gate_weight(fac, fac ? gates().ef[t] : gates().x[t], gates().x[s]);
     return Gp[t - s];
   }
   __device__ __forceinline__ float pre(int t) const {
-    if constexpr (GM == 1) return last_start(m, t) >= 0 ? 0.f : gates().ef[t];
-    if constexpr (GM == 2) {
-      if (last_start(m, t) >= 0) return 0.f;
+    if constexpr (GM != 0) {
+      if (last_start(m, t) >= 0) return 0.f;  // a reset / start in [0, t]
     }
+    if constexpr (GM == 1) return gates().ef[t];
     return Gp[t + 1];
   }
   template <typename T, bool CAUSAL>
@@ -339,7 +327,11 @@ struct ChunkView {
     if constexpr (GM == 1) {
       mask_pack_gated<T, CAUSAL>(P, pa, r0, scale, gates(), m, fac);
     } else if constexpr (GM == 2) {
-      mask_pack_reset<T, CAUSAL>(P, pa, r0, scale, Gp, m);
+      const float* gp = Gp;  // the powers of gamma cut at the document starts
+      float pm[32];
+      mask_cut<CAUSAL>(P, pm, r0, scale, m,
+                       [gp](int, int, int row, int col) { return gp[CAUSAL ? row - col : col - row]; });
+      pack_a_frags<T>(pm, pa);
     } else {
       mask_pack<T, CAUSAL>(P, pa, r0, scale, Gp);
     }
