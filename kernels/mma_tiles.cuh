@@ -101,7 +101,7 @@ __device__ __forceinline__ void prefetch_frag_acc(const fast::AccOut& o, int64_t
     const int t = r0 + g + hh * 8;
     if (t >= len) continue;
     const float* row = o.acc + b * o.asb + h * o.ash + (n0 + t) * o.asn + c0;
-    for (int l = tc; l < (NT + 3) / 4; l += 4) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + 32 * l));
+    for (int l = tc; l < (NT + 3) / 4; l += 4) prefetch_l2(row + 32 * l);
   }
 }
 

@@ -91,9 +91,6 @@ __device__ __forceinline__ uint64_t state_kmajor_d(uint32_t buf, int nb, int kk)
   return wg::make_desc(buf + (uint32_t)(kk >> 2) * (D * 128) + (uint32_t)nb * 8192 + (uint32_t)(kk & 3) * 32, 16, 1024);
 }
 
-// A hint that the line at p will be read soon: into L2, no register waits for it.
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
-
 // All 256 threads (named barrier 1). The two warpgroups reach it from their own loops, i.e. from different
 // instructions: the non-aligned form (bar.sync is barrier.sync.aligned, which requires every thread to
 // execute the same instruction; compute-sanitizer synccheck reported that use as divergent).
@@ -443,7 +440,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
           if (c >= 1) {  // the next chunk's words into L2 now: they are read at once, one chunk from now
             const uint4* nx = crow + (size_t)(gc0 + c - 1) * kChunkWords + (threadIdx.x & 127);
 #pragma unroll
-            for (int w = 0; w < NE * 4; ++w) prefetch_l2(nx + (RMB * NE * 4 + w) * 128);
+            for (int w = 0; w < NE * 4; ++w) mma::prefetch_l2(nx + (RMB * NE * 4 + w) * 128);
           }
           if (c + 1 < nch) {
             const uint4* src = crow + (size_t)(gc0 + c) * kChunkWords + (threadIdx.x & 127);
