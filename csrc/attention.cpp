@@ -53,6 +53,7 @@ AttnParams base_params(const Tensor& q, const Tensor& k, const Tensor& v, const 
   p.Hkv = k.size(1);
   p.E = v.size(3);
   p.scale = scale;
+  p.deterministic = at::globalContext().deterministicAlgorithms();
   p.decay = ptr_or_null(decay_acc);
   p.g = ptr_or_null(g_acc);
   p.q = view4(q);

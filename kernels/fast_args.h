@@ -101,6 +101,9 @@ struct BwdArgs : ArgsBase {
   // MQA, GVA: summed by the caller); dq always goes to output head h (its view is the workspace where q
   // heads are shared)
   int dk_per_head, dv_per_head;
+  // bits 1 (dq), 2 (dk), 4 (dv): that gradient is added (TMA reduce-add, fp32) into the zeroed fp32 view of
+  // its own q / k / v heads that the launch maps (HeadWs::f32), not written per output head
+  int red;
   // with gates (wgmma backward, no grad_state_out): dg (B, H, N) gets q[t].dq_h[t] - k[t].dk_h[t] per token,
   // each without its pair (t, t); chunk_S (16-bit, the state after each 64-token chunk, in the fragment
   // order of the kernel's registers) and chunk_T ((B, H, ceil(N / 64)) fp32, zeroed: <S, R> at each
@@ -120,6 +123,7 @@ inline BwdArgs make_bwd_args(const AttnParams& p, int nseg, int seglen, const fl
   a.grad_state_in = static_cast<float*>(p.grad_state_in);
   a.dk_per_head = dk_per_head ? 1 : 0;
   a.dv_per_head = dv_per_head ? 1 : 0;
+  a.red = 0;
   a.dg = nullptr;
   a.chunk_S = nullptr;
   a.chunk_T = nullptr;

@@ -50,10 +50,14 @@ cudaError_t mma_state_local(const AttnParams& p, bool reverse, int nseg, int seg
 // Per-output-head outputs of the backward in the input dtype (16-bit), contiguous (B, H, N, D|E), that the
 // caller sums into each q, k, v head (in fp32, rounded once): dq where q heads are shared (GVA), dk where k
 // heads are (GQA, MQA, GVA), dv where v heads are; null: written directly to p.dq / p.dk / p.dv.
+// f32 (wgmma backward only, Plan::heads_f32): each non-null buffer is instead fp32 over the shared heads
+// themselves, (B, Hq, N, D), (B, Hkv, N, D), (B, Hv, N, E) contiguous and zeroed, and the kernel adds each
+// output head's part into it (TMA reduce-add in L2); the caller rounds it into the gradient.
 struct HeadWs {
   void* dq = nullptr;
   void* dk = nullptr;
   void* dv = nullptr;
+  bool f32 = false;
 };
 
 // Fused tensor-core backward (dq, dk, dv, and grad_state_in from the first segment's blocks).

@@ -199,13 +199,24 @@ cudaError_t run_bwd(const AttnParams& p, const Plan& pl, cudaStream_t st, const 
   }
   const int nb = 132 * 16;
   if (pl.main != Family::Generic) {
-    // per output head where heads are shared (ws_heads: [dq | dk | dv] in T), summed below
-    const size_t bhn = (size_t)p.B * p.H * p.N;
-    T* const wsT = reinterpret_cast<T*>(wsKV);
+    // where heads are shared: per output head (ws_heads: [dq | dk | dv] in T), summed below, or (heads_f32)
+    // fp32 sums over the shared heads, zeroed here, that the kernel adds into and that are rounded below
     fast::HeadWs hw;
-    if (p.Hq != p.H) hw.dq = wsT;
-    if (p.Hkv != p.H) hw.dk = wsT + bhn * p.D;
-    if (p.Hv != p.H) hw.dv = wsT + 2 * bhn * p.D;
+    if (pl.heads_f32) {
+      hw.f32 = true;
+      char* w = reinterpret_cast<char*>(wsKV);
+      const size_t bn = (size_t)p.B * p.N * sizeof(float);
+      if (p.Hq != p.H) hw.dq = w, w += align256(bn * p.Hq * p.D);
+      if (p.Hkv != p.H) hw.dk = w, w += align256(bn * p.Hkv * p.D);
+      if (p.Hv != p.H) hw.dv = w, w += align256(bn * p.Hv * p.E);
+      LASP_TRY(cudaMemsetAsync(wsKV, 0, (size_t)(w - reinterpret_cast<char*>(wsKV)), st));
+    } else {
+      const size_t bhn = (size_t)p.B * p.H * p.N;
+      T* const wsT = reinterpret_cast<T*>(wsKV);
+      if (p.Hq != p.H) hw.dq = wsT;
+      if (p.Hkv != p.H) hw.dk = wsT + bhn * p.D;
+      if (p.Hv != p.H) hw.dv = wsT + 2 * bhn * p.D;
+    }
     const float *segS = reinterpret_cast<const float*>(wsS), *segG = reinterpret_cast<const float*>(wsG);
     // gates (wgmma, no G): the chunk states and the chunks' <S, R> (zeroed: the kernel adds to them)
     void* chunk_S = pl.ws_chunk_states ? wsb + pl.bwd_chunks_offset() : nullptr;
@@ -228,8 +239,15 @@ cudaError_t run_bwd(const AttnParams& p, const Plan& pl, cudaStream_t st, const 
     const int houts[3] = {c.Hq, c.Hkv, c.Hv}, xs[3] = {c.D, c.D, c.E};
     for (int i = 0; i < 3; ++i) {
       if (!wss[i]) continue;
-      reduce_heads_generic_kernel<T, A, T>
-          <<<nb, 256, 0, st>>>(c, static_cast<const T*>(wss[i]), make_tv<T>(*outs[i]), houts[i], xs[i]);
+      if (hw.f32) {  // the sums, one head each: rounded into the gradient
+        Ctx<A> c1 = c;
+        c1.H = houts[i];
+        reduce_heads_generic_kernel<T, A, float>
+            <<<nb, 256, 0, st>>>(c1, static_cast<const float*>(wss[i]), make_tv<T>(*outs[i]), houts[i], xs[i]);
+      } else {
+        reduce_heads_generic_kernel<T, A, T>
+            <<<nb, 256, 0, st>>>(c, static_cast<const T*>(wss[i]), make_tv<T>(*outs[i]), houts[i], xs[i]);
+      }
       LASP_LAUNCHED();
     }
     return cudaSuccess;

@@ -90,6 +90,11 @@ struct AttnParams {
   // grad_state_out: the plan may then choose kernels that take only that case (kernels/plan.h).
   bool no_state_grad = false;
 
+  // Set when the caller asks for bitwise reproducible results (torch.use_deterministic_algorithms): the sm_90a
+  // backward then sums the gradients of shared q / k / v heads in a fixed order (per-output-head workspace and
+  // a second pass) instead of by fp32 atomic adds in L2 (kernels/plan.h, Plan::heads_f32).
+  bool deterministic = false;
+
   // Set on a fwd that follows a fwd_local (on a bwd that follows a bwd_local and a bwd_prepare) of the
   // same problem with the same workspace: the work those did is reused (only state_in / grad_state_out
   // / the state outputs may differ).

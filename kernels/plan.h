@@ -12,7 +12,8 @@
 // Head maps: both tensor-core families take every map (MHA, GQA, MQA, GVA, three head counts); where q,
 // k or v heads are shared, the backward writes those gradients per output head (tensor-core families: in
 // the 16-bit input dtype; generic kernels: in the accumulation type) and sums them in fp32
-// (Plan::ws_heads). Per-token gates (AttnParams::g) run every role on wgmma where it takes the problem
+// (Plan::ws_heads), except on wgmma without p.deterministic, which adds them into fp32 sums as it goes
+// (Plan::heads_f32). Per-token gates (AttnParams::g) run every role on wgmma where it takes the problem
 // (the backward only with no_state_grad: no outgoing-state gradient), else on the generic kernels.
 // Head dims above 128 (bf16/fp16, multiples of 8) are cut by the drivers into blocks of at most 128, each
 // planned on its own (lasp_cuda.cu, "head-dim blocks").
@@ -48,6 +49,11 @@ struct Plan {
   // tensor-core families write the parts of the shared heads in the 16-bit input dtype, the generic
   // kernels all three in the accumulation type
   size_t ws_heads = 0;
+  // wgmma backward where heads are shared and p.deterministic is not set: ws_heads holds instead fp32 sums
+  // over the shared heads themselves (dq (B, Hq, N, D) where Hq < H, dk (B, Hkv, N, D) where Hkv < H, dv
+  // (B, Hv, N, E) where Hv < H, each region 256-byte aligned, in that order), which the kernel adds each
+  // output head's part into (fast_path.h, HeadWs::f32)
+  bool heads_f32 = false;
   size_t ws_gates = 0;   // the segments' log-gate sums, (B, H, nseg) (0 when nseg == 1)
   size_t ws_dg = 0;      // backward with gates: the per-token (s, G) pair sums, (B, H, N)
   // wgmma backward with gates: the 16-bit state after every 64-token chunk, (B, H, ceil(N / 64), D, E),

@@ -1,8 +1,9 @@
 // Hopper tensor-memory-accelerator (TMA) helpers: host-side tensor maps over the (b, h, n, x) views of the
 // tensor-core paths, and the device-side bulk tensor copies and mbarriers that use them (sm_90a).
 //
-// A map describes one 16-bit (B, H, N, X) view with X contiguous as a 4-d tensor of dims (X, N, H, B) and
-// boxes of 64 X-elements (128 bytes: one swizzle atom row) by `rows` N-rows, 128-byte swizzle: a box lands
+// A map describes one (B, H, N, X) view with X contiguous as a 4-d tensor of dims (X, N, H, B) and boxes of
+// 128 bytes of X (64 16-bit elements or 32 fp32: one swizzle atom row) by `rows` N-rows, 128-byte swizzle: a
+// 16-bit box lands
 // in shared memory exactly as wg::cp_async_tile lays out one 64-column atom (16-byte chunk c of row r at
 // r * 128 + ((c ^ (r % 8)) * 16) from a 1024-byte aligned base). Rows past N read as zeros and are not
 // written by stores, so the tile of a sequence's last, partial chunk needs no bounds code.
@@ -40,23 +41,31 @@ inline PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
   return fn;
 }
 
-// The map of view t (sizes B, H, N, X; 16-bit elements, bf16 or fp16) with boxes of 64 x `rows`.
+// Element types of a map: the 16-bit inputs (fp16, bf16; a bool `bf16` converts to these two) and fp32 (the
+// backward's sums over shared heads, reduce_acc_rows_f32).
+enum MapType : int { kMapF16 = 0, kMapBF16 = 1, kMapF32 = 2 };
+
+// The map of view t (sizes B, H, N, X; elements of `type`) with boxes of 128 bytes of X by `rows`.
 // Strides of size-1 dims are never used, so any valid value stands in for them. False where the driver
 // refuses (the tensor-core paths only pass views with 16-byte aligned rows and nonzero strides).
-inline bool encode_map(CUtensorMap* m, const TensorView4& t, bool bf16, int64_t B, int64_t H, int64_t N, int64_t X,
+inline bool encode_map(CUtensorMap* m, const TensorView4& t, int type, int64_t B, int64_t H, int64_t N, int64_t X,
                        int rows) {
   const PFN_cuTensorMapEncodeTiled_v12000 enc = encode_fn();
   if (!enc || !t.ptr || t.stride[3] != 1) return false;
+  const int64_t esz = type == kMapF32 ? 4 : 2;
   const cuuint64_t dims[4] = {(cuuint64_t)X, (cuuint64_t)N, (cuuint64_t)H, (cuuint64_t)B};
   const int64_t sizes[3] = {N, H, B};
   const int64_t el[3] = {t.stride[2], t.stride[1], t.stride[0]};
   cuuint64_t strides[3];
-  for (int i = 0; i < 3; ++i) strides[i] = (cuuint64_t)((sizes[i] == 1 ? 8 * X : el[i]) * 2);
-  const cuuint32_t box[4] = {64, (cuuint32_t)rows, 1, 1};
+  for (int i = 0; i < 3; ++i) strides[i] = (cuuint64_t)((sizes[i] == 1 ? 8 * X : el[i]) * esz);
+  const cuuint32_t box[4] = {(cuuint32_t)(128 / esz), (cuuint32_t)rows, 1, 1};
   const cuuint32_t estr[4] = {1, 1, 1, 1};
-  const CUresult r = enc(m, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4, t.ptr, dims,
-                         strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                         CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const CUtensorMapDataType dt = type == kMapF32    ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32
+                                 : type == kMapBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                    : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const CUresult r =
+      enc(m, dt, 4, t.ptr, dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+          CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS;
 }
 
@@ -65,14 +74,14 @@ struct MapKey {
   const void* ptr;
   int64_t size[4];    // B, H, N, X
   int64_t stride[3];  // of b, h, n (x is contiguous)
-  int32_t rows, bf16;
+  int32_t rows, type;  // MapType
 };
 
 // The map is a pure function of its key, and an op call's views come back call after call (the caching
 // allocator returns the same blocks), while an encode costs microseconds of host time before a launch. So
 // each host thread keeps the maps it made in a small direct-mapped table (256 entries, allocated on first
 // use); a hit copies the stored map, a miss encodes and replaces the entry.
-inline bool make_map(CUtensorMap* m, const TensorView4& t, bool bf16, int64_t B, int64_t H, int64_t N, int64_t X,
+inline bool make_map(CUtensorMap* m, const TensorView4& t, int type, int64_t B, int64_t H, int64_t N, int64_t X,
                      int rows) {
   struct Entry {
     MapKey key;
@@ -87,7 +96,7 @@ inline bool make_map(CUtensorMap* m, const TensorView4& t, bool bf16, int64_t B,
   key.size[0] = B, key.size[1] = H, key.size[2] = N, key.size[3] = X;
   for (int i = 0; i < 3; ++i) key.stride[i] = t.stride[i];
   key.rows = rows;
-  key.bf16 = bf16 ? 1 : 0;
+  key.type = type;
   if (t.stride[3] != 1) return false;
   uint64_t h = 1469598103934665603ull;  // FNV-1a over the key's words
   const uint64_t* w = reinterpret_cast<const uint64_t*>(&key);
@@ -98,7 +107,7 @@ inline bool make_map(CUtensorMap* m, const TensorView4& t, bool bf16, int64_t B,
     *m = e.map;
     return true;
   }
-  if (!encode_map(m, t, bf16, B, H, N, X, rows)) return false;
+  if (!encode_map(m, t, type, B, H, N, X, rows)) return false;
   e.key = key;
   e.map = *m;
   e.used = true;
@@ -169,6 +178,17 @@ __device__ __forceinline__ void store(const CUtensorMap* map, uint32_t src, int 
                : "memory");
 #endif
 }
+// The same box added elementwise to what global memory holds (fp32 maps: the add happens in L2, atomically per
+// element, in no fixed order among the blocks that add to one box).
+__device__ __forceinline__ void reduce_add(const CUtensorMap* map, uint32_t src, int x0, int n0, int h, int b) {
+#if LASP_WGMMA
+  asm volatile(
+      "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n" ::"l"(
+          reinterpret_cast<uint64_t>(map)),
+      "r"(src), "r"(x0), "r"(n0), "r"(h), "r"(b)
+      : "memory");
+#endif
+}
 __device__ __forceinline__ void store_commit() {
 #if LASP_WGMMA
   asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
@@ -223,6 +243,40 @@ __device__ __forceinline__ void store_acc_rows(const float (&d)[32], const CUten
       store_commit();
     }
     ++cnt;
+  }
+}
+
+// The fp32 form of store_acc_rows for sums over shared heads: this warp's 16 rows of a 64 x 64 fp32 accumulator
+// added (reduce_add) into box (x0, row0) and (x0 + 32, row0) of head h, batch b of an fp32 map (boxes of 32 x
+// 16): each 32-column half goes through this warp's rows of the next staging atom (16 rows x 128 B, fp32,
+// swizzled alike), as store_acc_rows does with its one 16-bit block, so a call takes two atoms' turns.
+template <int NSTG>
+__device__ __forceinline__ void reduce_acc_rows_f32(const float (&d)[32], const CUtensorMap* map, unsigned char* sm,
+                                                    uint32_t base, uint32_t stg, int& cnt, int r0, int len, int x0,
+                                                    int row0, int h, int b) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const uint32_t atom = stg + (uint32_t)(cnt % NSTG) * wg::kTileAtom;
+    if (lane == 0) store_wait_read<NSTG - 1>();
+    __syncwarp();
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {  // columns 8j + 2tc, + 1 of this half: 16-byte chunk 2j + tc / 2
+        const int r = r0 + g + 8 * hh;
+        *reinterpret_cast<float2*>(sm + atom + wg::sw128_offset(r, 2 * j + (tc >> 1)) + 8 * (tc & 1)) =
+            make_float2(d[4 * (4 * half + j) + 2 * hh], d[4 * (4 * half + j) + 2 * hh + 1]);
+      }
+    wg::fence_async_smem();
+    __syncwarp();
+    if (r0 < len) {
+      if (lane == 0) {
+        reduce_add(map, base + atom + (uint32_t)r0 * 128u, x0 + 32 * half, row0, h, b);
+        store_commit();
+      }
+      ++cnt;
+    }
   }
 }
 

@@ -18,8 +18,10 @@
 // SS wgmmas read the tiles and S_b / R_b from shared memory; the masked products return as RS operands;
 // the state updates are RS wgmmas with K^T / Q^T fragments from ldmatrix.trans, scaled by the decay
 // weights in registers. Reads: dO, V, K (loop A) and Q, K, V, dO (loop B); writes dq, dk, dv once.
-// Where k or v heads (q heads) are shared, dk / dv (dq) of each output head go by the same TMA stores to a
-// 16-bit workspace that the caller sums (fast_path.h, HeadWs).
+// Where k or v heads (q heads) are shared, dk / dv (dq) of each output head are added by TMA reduce-adds
+// (fp32, in L2) into zeroed fp32 sums over the shared heads that the caller rounds into the gradients, or,
+// for bitwise reproducible sums (AttnParams::deterministic), go by the usual TMA stores to a 16-bit
+// per-output-head workspace that the caller sums (fast_path.h, HeadWs).
 // GM = 1 (per-token gates, planned only without an outgoing-state gradient G): the powers of g become the
 // chunk's gate weights (wgmma.cuh, ChunkView over a GateTile), which warp 0 scans into one of two tiles before
 // each chunk's barrier; loop A also loads Q, and WG0's threads of each row leave q[t].dq_h[t] in dg (loop A) and take
@@ -336,6 +338,8 @@ __global__ void __launch_bounds__(kThreads, MINB)
         if constexpr (ACC) {
           mma::store_frag_acc<T, 8>(reinterpret_cast<const float(*)[4]>(acc[nb]), accs.x[0], b, h, c0, r0, 64 * nb,
                                     len, a.D);
+        } else if (a.red & 1) {  // shared q heads: added into q head qh's fp32 sum
+          tma::reduce_acc_rows_f32<SM::NSTG>(acc[nb], &tm.dq, sm, base, stg, nstore, r0, len, 64 * nb, c0 + r0, qh, b);
         } else {
           tma::store_acc_rows<T, SM::NSTG>(acc[nb], &tm.dq, sm, base, stg, nstore, r0, len, 64 * nb, c0 + r0, h, b);
         }
@@ -557,6 +561,9 @@ __global__ void __launch_bounds__(kThreads, MINB)
         if constexpr (ACC) {  // per query head (the driver finishes in the kernel only without GQA)
           mma::store_frag_acc<T, 8>(reinterpret_cast<const float(*)[4]>(acc[nb]), accs.x[W == 0 ? 1 : 2], b, h, c0,
                                     r0, 64 * nb, len, W == 0 ? a.D : a.E);
+        } else if (a.red & (W == 0 ? 2 : 4)) {  // shared k / v heads: added into the head's fp32 sum
+          tma::reduce_acc_rows_f32<SM::NSTG>(acc[nb], W == 0 ? &tm.dk : &tm.dv, sm, base, stg, nstore, r0, len, 64 * nb,
+                                             c0 + r0, W == 0 ? kh : vh, b);
         } else {
           tma::store_acc_rows<T, SM::NSTG>(acc[nb], W == 0 ? &tm.dk : &tm.dv, sm, base, stg, nstore, r0, len, 64 * nb,
                                      c0 + r0, W == 0 ? hk : hv, b);
@@ -607,21 +614,25 @@ cudaError_t launch_minb(const AttnParams& p, const BwdArgs& a, const AccOut* acc
             tma::make_map(&tm.k, p.k, bf, p.B, p.Hkv, p.N, p.D, kC) &&
             tma::make_map(&tm.v, p.v, bf, p.B, v_heads(p), p.N, p.E, kC) &&
             tma::make_map(&tm.dout, p.dout, bf, p.B, p.H, p.N, p.E, kC);
-  // dq, dk, dv by TMA into the outputs, or per output head into the workspace (HeadWs) where heads are shared
-  auto contig = [&](void* ptr, int64_t X) {  // a contiguous (B, H, N, X) 16-bit workspace
+  // dq, dk, dv by TMA into the outputs, or where heads are shared per output head into the 16-bit workspace
+  // (HeadWs), or added into its fp32 sums over the shared heads (HeadWs::f32)
+  auto contig = [&](void* ptr, int64_t Hx, int64_t X) {  // a contiguous (B, Hx, N, X) workspace
     TensorView4 t;
     t.ptr = ptr;
-    t.stride[0] = p.H * p.N * X;
+    t.stride[0] = Hx * p.N * X;
     t.stride[1] = p.N * X;
     t.stride[2] = X;
     t.stride[3] = 1;
     return t;
   };
+  auto out_map = [&](CUtensorMap* m, void* w, const TensorView4& out, int64_t Hx, int64_t X) {
+    if (!w) return tma::make_map(m, out, bf, p.B, Hx, p.N, X, 16);
+    if (ws.f32) return tma::make_map(m, contig(w, Hx, X), tma::kMapF32, p.B, Hx, p.N, X, 16);
+    return tma::make_map(m, contig(w, p.H, X), bf, p.B, p.H, p.N, X, 16);
+  };
   if (ok && !ACC)
-    ok = tma::make_map(&tm.dq, ws.dq ? contig(ws.dq, p.D) : p.dq, bf, p.B, p.H, p.N, p.D, 16);
-  if (ok && !ACC)
-    ok = tma::make_map(&tm.dk, ws.dk ? contig(ws.dk, p.D) : p.dk, bf, p.B, ws.dk ? p.H : p.Hkv, p.N, p.D, 16) &&
-         tma::make_map(&tm.dv, ws.dv ? contig(ws.dv, p.E) : p.dv, bf, p.B, ws.dv ? p.H : v_heads(p), p.N, p.E, 16);
+    ok = out_map(&tm.dq, ws.dq, p.dq, q_heads(p), p.D) && out_map(&tm.dk, ws.dk, p.dk, p.Hkv, p.D) &&
+         out_map(&tm.dv, ws.dv, p.dv, v_heads(p), p.E);
   if (!ok) return cudaErrorNotSupported;  // fast::view_ok admits only views the driver maps
   AccOuts accs{};
   if (acc)
@@ -680,7 +691,8 @@ cudaError_t wgmma_bwd_main(const AttnParams& p, int nseg, int seglen, const floa
     using T = typename decltype(t)::type;
     if (acc)  // head-dim blocks: dq, dk, dv as acc[0..2] say, per output head
       return launch_dims<T, true>(p, make_bwd_args(p, nseg, seglen, seg_S, seg_G, true, true), st, acc);
-    BwdArgs a = make_bwd_args(p, nseg, seglen, seg_S, seg_G, ws.dk != nullptr, ws.dv != nullptr);
+    BwdArgs a = make_bwd_args(p, nseg, seglen, seg_S, seg_G, !ws.f32 && ws.dk, !ws.f32 && ws.dv);
+    if (ws.f32) a.red = (ws.dq ? 1 : 0) | (ws.dk ? 2 : 0) | (ws.dv ? 4 : 0);
     a.dg = static_cast<float*>(p.dg_part);
     a.chunk_S = chunk_S;
     a.chunk_T = chunk_T;

@@ -187,6 +187,28 @@ def _maps_in_dtype(q, k, v, g, rates, s0, do, dS, dtype):
 @pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=["fp32", "fp64", "bf16"])
 @pytest.mark.parametrize("shape", HEAD_MAPS, ids=[f"B{s[0]}-q{s[1]}k{s[2]}v{s[3]}-N{s[4]}-D{s[5]}E{s[6]}" for s in HEAD_MAPS])
 def test_cuda_head_maps(lasp, shape, dtype, gates, seed):
+    _check_head_maps(lasp, shape, dtype, gates, seed)
+
+
+# The sm_90a backward adds the gradients of shared q / k / v heads into fp32 sums in L2 (in no fixed order);
+# under torch.use_deterministic_algorithms it writes them per output head and sums them in a second pass
+# instead. Both against the float64 recurrence, and the second bitwise reproducible (without gates: dg's own
+# sums are atomic in every backend). The shapes: shared q and k heads (GVA), shared k and v heads, shared q.
+@pytest.mark.parametrize("shape", [HEAD_MAPS[5], HEAD_MAPS[7], HEAD_MAPS[8]],
+                         ids=["gva-D128E64", "q6k2v3-D64E64", "q2k4v4-D128E128"])
+def test_cuda_head_maps_deterministic_sums(lasp, shape, seed):
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        first = _check_head_maps(lasp, shape, BF16, False, seed)
+        again = _check_head_maps(lasp, shape, BF16, False, seed)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    for name in ("dq", "dk", "dv"):
+        assert torch.equal(first[name], again[name]), f"{name} differs between two deterministic runs"
+
+
+def _check_head_maps(lasp, shape, dtype, gates, seed):
     B, Hq, Hk, Hv, N, D, E = shape
     q, k, v, g, rates, s0, do, dS = _maps_problem(B, Hq, Hk, Hv, N, D, E, dtype, seed, gates)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)] + ([g.clone().requires_grad_()] if gates else [])
@@ -212,3 +234,4 @@ def test_cuda_head_maps(lasp, shape, dtype, gates, seed):
             failures.append(str(e).split("\n")[0])
     assert not failures, "\n".join(failures)
     assert o.shape == (B, max(Hq, Hv), N, E)
+    return {name: t.detach() for name, t in got.items()}
