@@ -401,7 +401,7 @@ TEST(Tma, MapTableHandsOutTheEncodersMaps) {
     return t;
   };
   auto same = [](const CUtensorMap& a, const CUtensorMap& b) { return std::memcmp(&a, &b, sizeof a) == 0; };
-  auto check = [&](const lasp::TensorView4& t, bool bf, int64_t nn, int rows) {
+  auto check = [&](const lasp::TensorView4& t, int bf, int64_t nn, int rows) {
     CUtensorMap got, want;
     std::memset(&got, 0xab, sizeof got);
     std::memset(&want, 0, sizeof want);
@@ -413,6 +413,7 @@ TEST(Tma, MapTableHandsOutTheEncodersMaps) {
   for (int rep = 0; rep < 3; ++rep) {  // the first of each is a miss, the others hits
     check(a, true, N, 64);
     check(a, false, N, 64);  // dtype differs
+    check(a, tma::kMapF32, N, 16);  // fp32 (boxes of 32 x 16)
     check(a, true, N, 16);   // box rows differ
     check(a, true, N - 1, 64);  // length differs
     check(b, true, N, 64);   // pointer differs
@@ -428,6 +429,79 @@ TEST(Tma, MapTableHandsOutTheEncodersMaps) {
   bad.stride[3] = 2;
   CUtensorMap m;
   EXPECT_FALSE(tma::make_map(&m, bad, true, B, H, N, X, 64));
+}
+
+// Block b's 64 x 64 fp32 fragment, element (row, col) = (b + 1) / 4 + row + col / 2 (sums over a few blocks stay
+// exact), added by reduce_acc_rows_f32 into columns 0..63 and 64..127 of rows row0 + (0..63), head 1, batch 0
+// of an fp32 map; warps whose rows start at or past len add nothing.
+__global__ void reduce_rows_kernel(const __grid_constant__ CUtensorMap map, int row0, int len) {
+#if LASP_WGMMA
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t raw = mm::smem_addr(smem_raw);
+  const uint32_t pad = (1024u - (raw & 1023u)) & 1023u;
+  unsigned char* sm = smem_raw + pad;
+  const uint32_t base = raw + pad;
+  float d[32];
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int i = acc_index(j, r);
+      d[4 * j + r] = 0.25f * (float)(blockIdx.x + 1) + (float)(i / 64) + 0.5f * (float)(i % 64);
+    }
+  const int warp = threadIdx.x >> 5;
+  int cnt = 0;
+  for (int nb = 0; nb < 2; ++nb)
+    lasp::cuda::tma::reduce_acc_rows_f32<2>(d, &map, sm, base, 0, cnt, 16 * warp, len, 64 * nb, row0 + 16 * warp, 1, 0);
+  if ((threadIdx.x & 31) == 0) lasp::cuda::tma::store_wait_all();
+#endif
+}
+
+// The backward's sums over shared heads: fp32 TMA reduce-adds from the staging atoms (two atoms, each 32-column
+// half through one) land on the right rows and columns of the right head, several blocks add up, rows past
+// the tensor's end and warps past the chunk's end add nothing.
+TEST(Tma, ReduceAddRowsSumBlocks) {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    cudaGetLastError();
+    GTEST_SKIP() << "no CUDA device";
+  }
+  if (!lasp::cuda::wgmma_available())
+    GTEST_SKIP() << "TMA stores need a build for sm_90a and a compute capability 9.0 device";
+  namespace tma = lasp::cuda::tma;
+  const int64_t B = 1, H = 2, N = 100, X = 128;
+  const int blocks = 5, row0 = 60, len = 48;  // rows 60..107 of the block's 64: 100.. past N; warp 3 past len
+  const size_t count = (size_t)B * H * N * X;
+  Dev buf(count * sizeof(float));
+  ASSERT_NE(buf.p, nullptr);
+  ASSERT_EQ(cudaMemset(buf.p, 0, count * sizeof(float)), cudaSuccess);
+  lasp::TensorView4 t;
+  t.ptr = buf.p;
+  t.stride[3] = 1;
+  t.stride[2] = X;
+  t.stride[1] = N * X;
+  t.stride[0] = H * N * X;
+  CUtensorMap map;
+  ASSERT_TRUE(tma::make_map(&map, t, tma::kMapF32, B, H, N, X, 16));
+  const int smem = 2 * (int)kAtom + 1024;
+  ASSERT_EQ(cudaFuncSetAttribute(reduce_rows_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), cudaSuccess);
+  reduce_rows_kernel<<<blocks, 128, smem>>>(map, row0, len);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<float> got(count);
+  ASSERT_EQ(cudaMemcpy(got.data(), buf.p, count * sizeof(float), cudaMemcpyDeviceToHost), cudaSuccess);
+  int bad = 0;
+  for (int h = 0; h < H; ++h)
+    for (int nn = 0; nn < N; ++nn)
+      for (int x = 0; x < X; ++x) {
+        const int row = nn - row0, col = x % 64;
+        double want = 0;
+        if (h == 1 && row >= 0 && row < len)
+          for (int b = 0; b < blocks; ++b) want += 0.25 * (b + 1) + row + 0.5 * col;
+        const float v = got[((size_t)h * N + nn) * X + x];
+        if (v != (float)want && bad++ < 5)
+          ADD_FAILURE() << "h " << h << " n " << nn << " x " << x << ": " << v << ", want " << want;
+      }
+  EXPECT_EQ(bad, 0);
 }
 
 }  // namespace
