@@ -53,8 +53,8 @@ struct WgSmem {
   static constexpr uint32_t SB = 2 * STAGE;
   static constexpr uint32_t OST = SB + D * 128;
   static constexpr uint32_t GP = OST + kAtom;
-  static constexpr uint32_t GT = GP + (kC + 2) * sizeof(float);  // two chunks' GateTiles / ResetTiles (GM > 0)
-  static constexpr uint32_t BAR = GT + 2 * sizeof(wg::GateTile);
+  static constexpr uint32_t GT = GP + (kC + 2) * sizeof(float);  // the chunk's GateTile / ResetTile (GM > 0)
+  static constexpr uint32_t BAR = GT + sizeof(wg::GateTile);
   static constexpr size_t bytes = BAR + 2 * 8 + 1024;  // + alignment slack
   static_assert(Q == 0 && K % 1024 == 0 && V % 1024 == 0 && SB % 1024 == 0 && OST % 1024 == 0 && BAR % 8 == 0,
                 "atoms are 1024-byte aligned");
@@ -77,8 +77,7 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
   const uint32_t base = raw + pad;
   float* Gp = reinterpret_cast<float*>(sm + SM::GP);
   constexpr bool GATED = GM != 0;
-  // chunk ci's tile: tile(ci & 1); warp 0 builds chunk ci + 1's while chunk ci's first products run
-  auto tile = [&](int i) -> void* { return sm + SM::GT + (uint32_t)i * sizeof(wg::GateTile); };
+  void* const tile = sm + SM::GT;
 
   const int ntile = a.E / kEt;
   const int et = blockIdx.x % ntile;
@@ -94,9 +93,9 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
   const int n1 = min(a.N, n0 + a.seglen);
   const int nch = (n1 - n0 + kC - 1) / kC;
   const uint32_t bar0 = base + SM::BAR;
-  // GM > 0: warp 0 holds the log gates of the chunk after the next one to be built (lane l: tokens 2l, 2l + 1;
-  // 0 past the segment's end) as loaded, with whether each lies before the end: their first use is that
-  // tile's build, a chunk later, so the loads stay in flight through a whole chunk.
+  // GM > 0: warp 0 holds the next chunk's log gates (lane l: tokens 2l, 2l + 1; 0 past the segment's end)
+  // as loaded, with whether each lies before the end: their first use is the next tile's build, so the loads
+  // stay in flight through this chunk's barrier and products instead of holding warp 0 before the barrier.
   const float* grow = GATED ? a.g + (size_t)bh * a.N : nullptr;
   float gn0 = 0.f, gn1 = 0.f;
   bool gv0 = false, gv1 = false;
@@ -107,11 +106,7 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
     if (gv0) gn0 = grow[t];
     if (gv1) gn1 = grow[t + 1];
   };
-  if (GATED && warp == 0 && nch > 0) {  // chunk 0's tile (read after the first chunk's barrier), chunk 1's gates
-    load_gates(0);
-    wg::build_tile<GM>(tile(0), gv0 ? gn0 + lg : 0.f, gv1 ? gn1 + lg : 0.f);
-    if (nch > 1) load_gates(1);
-  }
+  if (GATED && warp == 0 && nch > 0) load_gates(0);
 
   // Thread 0 only: chunk ci's tiles into stage ci & 1 (rows past N arrive as zeros).
   auto issue = [&](int ci) {
@@ -161,11 +156,17 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
     const int len = min(kC, n1 - c0);
     const uint32_t st = base + (uint32_t)(ci & 1) * SM::STAGE;
     if constexpr (ACC) mma::prefetch_frag_acc<8>(oacc, b, h, c0, r0, e0, len);  // read at the chunk's end
+    if constexpr (GATED) {  // the chunk's gate tile (the previous chunk's readers passed its last sync)
+      if (warp == 0) {
+        wg::build_tile<GM>(tile, gv0 ? gn0 + lg : 0.f, gv1 ? gn1 + lg : 0.f);
+        if (ci + 1 < nch) load_gates(ci + 1);
+      }
+    }
     tma::wait(bar0 + 8u * (uint32_t)(ci & 1), (uint32_t)(ci >> 1) & 1u);
     wg::fence_async_smem();  // this thread's S_b stores, for the async proxy
     __syncthreads();
     if (threadIdx.x == 0 && ci + 1 < nch) issue(ci + 1);
-    const auto view = wg::ChunkView<GM>::at(Gp, tile(ci & 1));
+    const auto view = wg::ChunkView<GM>::at(Gp, tile);
 
     // ---- P = Q K^T, then O = Q S_b: two commit groups, so that the mask of P and the state update's
     // K^T fragments are made while the tensor cores still work on O ----
@@ -183,14 +184,6 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
       wg::mma_ss_n64<T, 0, 1>(O, wg::kmajor(st + SM::Q, kk), wg::mnmajor(base + SM::SB, kAtom, 0, kk), 1);
     }
     wg::commit();
-    // ---- warp 0: chunk ci + 1's gate tile while the tensor cores run (tile((ci + 1) & 1) was chunk ci - 1's,
-    // whose readers all passed this chunk's barrier; chunk ci + 1's readers come after its barrier) ----
-    if constexpr (GATED) {
-      if (warp == 0 && ci + 1 < nch) {
-        wg::build_tile<GM>(tile((ci + 1) & 1), gv0 ? gn0 + lg : 0.f, gv1 ? gn1 + lg : 0.f);
-        if (ci + 2 < nch) load_gates(ci + 2);
-      }
-    }
 
     // ---- K^T diag(w) fragments for the state update (no wgmma in flight touches them) ----
     uint32_t ka[4][MI][4];
