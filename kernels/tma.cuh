@@ -214,42 +214,55 @@ __device__ __forceinline__ void prefetch_map(const CUtensorMap* map) {
 #endif
 }
 
-// A 16-bit 64 x 64 output block (a warpgroup's wgmma accumulator) by TMA: this warp's 16 rows r0.. go into
-// its rows of the next of its warpgroup's NSTG staging atoms from `stg` (a byte offset from the 1024-aligned
-// shared base, `sm` as a pointer, `base` as an address; swizzled, so the fragment stores are free of bank
-// conflicts), then lane 0 stores them as one box (x0, row0 = the chunk's first row + r0) of head h, batch b;
-// rows past N are dropped. `cnt` counts this warp's stores (the atoms are used in turn; lane 0 first waits
-// until the store that last read the atom has read it). Warps whose rows all lie past the chunk's end (len)
-// store nothing.
-template <typename T, int NSTG>
-__device__ __forceinline__ void store_acc_rows(const float (&d)[32], const CUtensorMap* map, unsigned char* sm,
-                                               uint32_t base, uint32_t stg, int& cnt, int r0, int len, int x0,
-                                               int row0, int h, int b) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
+// One box of this warp's 16 rows r0.. through the next of its warpgroup's NSTG staging atoms from `stg` (a
+// byte offset from the 1024-aligned shared base, `sm` as a pointer, `base` as an address): lane 0 first waits
+// until the store that last read the atom has read it, fill(atom) writes the warp's rows of it (swizzled, so
+// the fragment stores are free of bank conflicts), then lane 0 stores the box (x0, row0) of head h, batch b
+// (RED: adds it, reduce_add); rows past N are dropped. `cnt` counts this warp's boxes (the atoms are used in
+// turn). Warps whose rows all lie past the chunk's end (len) store nothing.
+template <int NSTG, bool RED, typename Fill>
+__device__ __forceinline__ void stage_box(const CUtensorMap* map, uint32_t base, uint32_t stg, int& cnt, int r0,
+                                          int len, int x0, int row0, int h, int b, Fill&& fill) {
+  const int lane = threadIdx.x & 31;
   const uint32_t atom = stg + (uint32_t)(cnt % NSTG) * wg::kTileAtom;
   if (lane == 0) store_wait_read<NSTG - 1>();
   __syncwarp();
-#pragma unroll
-  for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-      *reinterpret_cast<uint32_t*>(sm + atom + wg::sw128_offset(r0 + g + 8 * hh, j) + 4 * tc) =
-          mma::pack2<T>(d[4 * j + 2 * hh], d[4 * j + 2 * hh + 1]);
+  fill(atom);
   wg::fence_async_smem();
   __syncwarp();
   if (r0 < len) {
     if (lane == 0) {
-      store(map, base + atom + (uint32_t)r0 * 128u, x0, row0, h, b);
+      if constexpr (RED) {
+        reduce_add(map, base + atom + (uint32_t)r0 * 128u, x0, row0, h, b);
+      } else {
+        store(map, base + atom + (uint32_t)r0 * 128u, x0, row0, h, b);
+      }
       store_commit();
     }
     ++cnt;
   }
 }
 
-// The fp32 form of store_acc_rows for sums over shared heads: this warp's 16 rows of a 64 x 64 fp32 accumulator
-// added (reduce_add) into box (x0, row0) and (x0 + 32, row0) of head h, batch b of an fp32 map (boxes of 32 x
-// 16): each 32-column half goes through this warp's rows of the next staging atom (16 rows x 128 B, fp32,
-// swizzled alike), as store_acc_rows does with its one 16-bit block, so a call takes two atoms' turns.
+// A 16-bit 64 x 64 output block (a warpgroup's wgmma accumulator) by TMA: this warp's 16 rows as one box
+// (x0, row0 = the chunk's first row + r0) of a 16-bit map, through a staging atom (stage_box).
+template <typename T, int NSTG>
+__device__ __forceinline__ void store_acc_rows(const float (&d)[32], const CUtensorMap* map, unsigned char* sm,
+                                               uint32_t base, uint32_t stg, int& cnt, int r0, int len, int x0, int row0,
+                                               int h, int b) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
+  stage_box<NSTG, false>(map, base, stg, cnt, r0, len, x0, row0, h, b, [&](uint32_t atom) {
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        *reinterpret_cast<uint32_t*>(sm + atom + wg::sw128_offset(r0 + g + 8 * hh, j) + 4 * tc) =
+            mma::pack2<T>(d[4 * j + 2 * hh], d[4 * j + 2 * hh + 1]);
+  });
+}
+
+// The fp32 form for sums over shared heads: this warp's 16 rows of a 64 x 64 fp32 accumulator added into boxes
+// (x0, row0) and (x0 + 32, row0) of an fp32 map (boxes of 32 x 16), each 32-column half through its own
+// staging atom (16 rows x 128 B, swizzled alike), so a call takes two atoms' turns.
 template <int NSTG>
 __device__ __forceinline__ void reduce_acc_rows_f32(const float (&d)[32], const CUtensorMap* map, unsigned char* sm,
                                                     uint32_t base, uint32_t stg, int& cnt, int r0, int len, int x0,
@@ -257,26 +270,14 @@ __device__ __forceinline__ void reduce_acc_rows_f32(const float (&d)[32], const 
   const int lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    const uint32_t atom = stg + (uint32_t)(cnt % NSTG) * wg::kTileAtom;
-    if (lane == 0) store_wait_read<NSTG - 1>();
-    __syncwarp();
+    stage_box<NSTG, true>(map, base, stg, cnt, r0, len, x0 + 32 * half, row0, h, b, [&](uint32_t atom) {
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh)
+      for (int hh = 0; hh < 2; ++hh)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {  // columns 8j + 2tc, + 1 of this half: 16-byte chunk 2j + tc / 2
-        const int r = r0 + g + 8 * hh;
-        *reinterpret_cast<float2*>(sm + atom + wg::sw128_offset(r, 2 * j + (tc >> 1)) + 8 * (tc & 1)) =
-            make_float2(d[4 * (4 * half + j) + 2 * hh], d[4 * (4 * half + j) + 2 * hh + 1]);
-      }
-    wg::fence_async_smem();
-    __syncwarp();
-    if (r0 < len) {
-      if (lane == 0) {
-        reduce_add(map, base + atom + (uint32_t)r0 * 128u, x0 + 32 * half, row0, h, b);
-        store_commit();
-      }
-      ++cnt;
-    }
+        for (int j = 0; j < 4; ++j)  // columns 8j + 2tc, + 1 of this half: 16-byte chunk 2j + tc / 2
+          *reinterpret_cast<float2*>(sm + atom + wg::sw128_offset(r0 + g + 8 * hh, 2 * j + (tc >> 1)) + 8 * (tc & 1)) =
+              make_float2(d[4 * (4 * half + j) + 2 * hh], d[4 * (4 * half + j) + 2 * hh + 1]);
+    });
   }
 }
 
