@@ -731,8 +731,21 @@ TEST(CudaKernelsApi, HeadMapKernelChoice) {
       EXPECT_EQ(f.local, lasp::cuda::Family::Wgmma) << id;
       EXPECT_EQ(b.local, lasp::cuda::Family::Wgmma) << id;
       EXPECT_GT(b.ws_heads, 0u) << id;  // the shared heads' gradients are summed
+      // ... as fp32 sums over the shared heads themselves (reduce-adds), or, deterministic, per output head
+      const size_t bn = (size_t)p.B * p.N * sizeof(float);
+      const size_t f32 = (m.Hq != m.H ? lasp::cuda::align256(bn * m.Hq * p.D) : 0) +
+                         (m.Hkv != m.H ? lasp::cuda::align256(bn * m.Hkv * p.D) : 0) +
+                         (m.Hv != m.H ? lasp::cuda::align256(bn * m.Hv * p.E) : 0);
+      EXPECT_TRUE(b.heads_f32) << id;
+      EXPECT_EQ(b.ws_heads, f32) << id;
+      p.deterministic = true;
+      const lasp::cuda::Plan bd = lasp::cuda::plan_bwd(p);
+      EXPECT_FALSE(bd.heads_f32) << id;
+      EXPECT_EQ(bd.ws_heads, lasp::cuda::align256((size_t)p.B * p.H * p.N * (2 * p.D + p.E) * 2)) << id;
+      p.deterministic = false;
       lasp::cuda::set_fwd_kernel(lasp::cuda::FwdKernel::Mma);
       lasp::cuda::set_bwd_kernel(lasp::cuda::BwdKernel::Mma);
+      if (!gated) EXPECT_FALSE(lasp::cuda::plan_bwd(p).heads_f32) << id;  // mma.sync: per output head
       EXPECT_STREQ(lasp::cuda::fwd_main_kernel_name(p), gated ? "generic" : "mma") << id;
       EXPECT_STREQ(lasp::cuda::bwd_main_kernel_name(p), gated ? "generic" : "mma") << id;
     }
