@@ -205,11 +205,12 @@ cudaError_t run_bwd(const AttnParams& p, const Plan& pl, cudaStream_t st, const 
     if (pl.heads_f32) {
       hw.f32 = true;
       char* w = reinterpret_cast<char*>(wsKV);
-      const size_t bn = (size_t)p.B * p.N * sizeof(float);
-      if (p.Hq != p.H) hw.dq = w, w += align256(bn * p.Hq * p.D);
-      if (p.Hkv != p.H) hw.dk = w, w += align256(bn * p.Hkv * p.D);
-      if (p.Hv != p.H) hw.dv = w, w += align256(bn * p.Hv * p.E);
-      LASP_TRY(cudaMemsetAsync(wsKV, 0, (size_t)(w - reinterpret_cast<char*>(wsKV)), st));
+      void** regions[3] = {&hw.dq, &hw.dk, &hw.dv};
+      for (int i = 0; i < 3; ++i) {
+        const size_t bytes = heads_f32_bytes(p, i);
+        if (bytes) *regions[i] = w, w += bytes;
+      }
+      LASP_TRY(cudaMemsetAsync(wsKV, 0, pl.ws_heads, st));
     } else {
       const size_t bhn = (size_t)p.B * p.H * p.N;
       T* const wsT = reinterpret_cast<T*>(wsKV);

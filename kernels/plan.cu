@@ -214,10 +214,8 @@ Plan plan_bwd(const AttnParams& p, int mode) {
   // dtype for the tensor-core ones (written by their usual stores; lasp_cuda.cu sums them in fp32)
   if (p.Hq != p.H || p.Hkv != p.H || p.Hv != p.H) {
     pl.heads_f32 = pl.main == Family::Wgmma && !p.deterministic;
-    if (pl.heads_f32) {  // fp32 over the shared heads only (Plan::heads_f32)
-      const size_t bn = (size_t)p.B * p.N * sizeof(float);
-      pl.ws_heads = (p.Hq != p.H ? align256(bn * p.Hq * D) : 0) + (p.Hkv != p.H ? align256(bn * p.Hkv * D) : 0) +
-                    (p.Hv != p.H ? align256(bn * p.Hv * E) : 0);
+    if (pl.heads_f32) {  // fp32 over the shared heads only
+      pl.ws_heads = heads_f32_bytes(p, 0) + heads_f32_bytes(p, 1) + heads_f32_bytes(p, 2);
     } else {
       pl.ws_heads = align256((size_t)p.B * p.H * p.N * (2 * D + E) * (pl.main == Family::Generic ? esz : 2));
     }

@@ -66,6 +66,13 @@ struct Plan {
   size_t bwd_chunks_offset() const { return 2 * ws_states + ws_heads + ws_gates + ws_dg; }
 };
 
+// Plan::heads_f32: the bytes of region i (0: dq, 1: dk, 2: dv) of ws_heads, the fp32 sum over the q, k or v
+// heads when they are shared (256-byte aligned), else 0. The plan sizes ws_heads and the driver carves it by this.
+inline size_t heads_f32_bytes(const AttnParams& p, int i) {
+  const int64_t heads[3] = {p.Hq, p.Hkv, p.Hv}, cols[3] = {p.D, p.D, p.E};
+  return heads[i] != p.H ? align256((size_t)p.B * p.N * sizeof(float) * heads[i] * cols[i]) : 0;
+}
+
 // mode: -1 decide from p (shapes, dtype, strides, pointer alignment, device), 0 generic kernels only,
 // 1 tensor-core kernels for the main pass, the views assumed to suit them (workspace sizing asks every
 // mode, see *_workspace_bytes; the head-dim blocks of lasp_cuda.cu check their views once for the call).
