@@ -63,7 +63,7 @@ constexpr bool distinct_types() {
     return (!std::is_same_v<T, Ts> && ...) && distinct_types<Ts...>();
   }
 }
-static_assert(distinct_types<ChainFn, SolveFn, PrepFn, OutFn, BwdFn, ProFn, DrFn>(),
+static_assert(distinct_types<ChainFn, SolveFn, PrepFn, OutFn, BwdFn, ProFn, DrFn, MainFn>(),
               "each device hook needs its own function type: device_hook keys its table by it");
 
 at::ScalarType delta_acc(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -190,9 +190,17 @@ struct Chunks {
   Tensor ks;             // (B, H, nc, D, C): (diag(suf) K)^T
 };
 
-// need_minv: the caller (the backward) takes m^-1 where a device's kernel forms it.
-Chunks prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta,
-               bool need_q, bool need_minv = false) {
+// (B, H, N, X) -> (B, H, nc, C, X), zero-padded
+Tensor chunked(const Tensor& x, const Chunks& c) {
+  const int64_t pad = c.nc * kChunk - c.N;
+  Tensor y = pad ? at::constant_pad_nd(x, {0, 0, 0, pad}) : x;
+  return y.reshape({c.B, c.H, c.nc, kChunk, x.size(3)});
+}
+
+// need_minv: the caller (the backward) takes m^-1 where a device's kernel forms it. need_ks: c.ks, the chain's
+// operand (not needed where a device's main pass runs the chain itself).
+Chunks prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta, bool need_q,
+               bool need_minv = false, bool need_ks = true) {
   Chunks c;
   c.acc = delta_acc(q, k, v);
   c.low = c.acc == at::kFloat && at::isReducedFloatingType(v.scalar_type());
@@ -204,18 +212,14 @@ Chunks prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
   const int64_t C = kChunk;
   c.nc = (c.N + C - 1) / C;
   const int64_t pad = c.nc * C - c.N;
-  auto chunked = [&](const Tensor& x) {  // (B, H, N, X) -> (B, H, nc, C, X), zero-padded
-    Tensor y = pad ? at::constant_pad_nd(x, {0, 0, 0, pad}) : x;
-    return y.reshape({c.B, c.H, c.nc, C, x.size(3)});
-  };
   auto chunked3 = [&](const Tensor& x) {  // (B, H, N) -> (B, H, nc, C)
     Tensor y = x.to(c.acc);
     y = pad ? at::constant_pad_nd(y, {0, pad}) : y;
     return y.reshape({c.B, c.H, c.nc, C});
   };
-  if (need_q) c.q = chunked(to_out_heads(q, c.H, c.acc));
-  c.k = chunked(to_out_heads(k, c.H, c.acc));
-  c.v = chunked(to_out_heads(v, c.H, c.acc));
+  if (need_q) c.q = chunked(to_out_heads(q, c.H, c.acc), c);
+  c.k = chunked(to_out_heads(k, c.H, c.acc), c);
+  c.v = chunked(to_out_heads(v, c.H, c.acc), c);
   const Tensor gc = chunked3(g);
   c.beta = chunked3(beta);
   c.pre = gc.cumsum(-1).exp();
@@ -243,7 +247,7 @@ Chunks prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
   c.w = w;
   c.wv = w.narrow(-1, 0, c.E);
   c.wk = w.narrow(-1, c.E, c.D);
-  c.ks = (c.suf.unsqueeze(-1) * c.k).transpose(-1, -2);
+  if (need_ks) c.ks = (c.suf.unsqueeze(-1) * c.k).transpose(-1, -2);
   return c;
 }
 
@@ -281,8 +285,16 @@ Tensor unchunk(const Tensor& x, int64_t N) {
 std::tuple<Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
                                     const Tensor& beta, double scale, const std::optional<Tensor>& initial_state) {
   check_delta_inputs(q, k, v, g, beta, initial_state, /*check_values=*/true);
-  const Chunks c = prepare(q, k, v, g, beta, /*need_q=*/true);
-  auto [states, u, fin] = state_chain(c, state_or_zeros(initial_state, c, q));
+  MainFn main = device_hook<MainFn>(q.device().type());
+  Chunks c = prepare(q, k, v, g, beta, /*need_q=*/main == nullptr, /*need_minv=*/false, /*need_ks=*/main == nullptr);
+  const Tensor S0 = state_or_zeros(initial_state, c, q);
+  if (main && c.nc > 0) {
+    auto out = main(q, k, c.w, g, scale, S0);
+    if (std::get<0>(out).defined()) return out;
+  }
+  if (!c.ks.defined()) c.ks = (c.suf.unsqueeze(-1) * c.k).transpose(-1, -2);
+  if (!c.q.defined()) c.q = chunked(to_out_heads(q, c.H, c.acc), c);
+  auto [states, u, fin] = state_chain(c, S0);
   if (c.nc == 0) return {at::empty({c.B, c.H, 0, c.E}, q.options()), fin};
   Tensor o;
   if (OutFn fn = device_hook<OutFn>(q.device().type())) o = fn(c.q, c.k, c.gam, c.pre, states, u, scale, c.low);
@@ -681,6 +693,11 @@ bool register_delta_bwd(c10::DeviceType type, BwdFn fn) {
 
 bool register_delta_pro(c10::DeviceType type, ProFn fn) {
   device_hook<ProFn>(type) = fn;
+  return true;
+}
+
+bool register_delta_main(c10::DeviceType type, MainFn fn) {
+  device_hook<MainFn>(type) = fn;
   return true;
 }
 

@@ -17,12 +17,18 @@
 // each chunk. Bytes as the mma.sync kernel: q, k, v read once per column tile, o written once.
 // ACC (head dims above 128, cut into blocks by lasp_cuda.cu): o is one term of a sum over the blocks of D,
 // left as the AccOut says (fast_args.h) by direct stores from the accumulator registers.
+// DL (the gated delta rule's main pass, delta_fwd_wgmma): the values of the chunk are U = W_v - W_k S_b
+// (kernels/DESIGN.md, "The planned form"), made in the chunk from W_v (in V's stage slot) and W_k (one more
+// stage slot, D / 64 atoms) by one more SS group, X = W_k S_b, issued with P; U goes to a 16-bit MN-major
+// tile (the operand of P U and of the state update: a block barrier, since every warp reads every row),
+// and the chunk then runs as the gated one with U for V.
 #include <type_traits>
 
 #include "common.cuh"
 #include "dispatch.h"
 #include "fast_args.h"
 #include "fast_path.h"
+#include "lasp_cuda.h"
 #include "launch_cache.h"
 #include "mma.cuh"
 #include "mma_tiles.cuh"
@@ -46,29 +52,36 @@ constexpr uint32_t kAtom = wg::kTileAtom;
 // S_b (D rows x 128 B), the O staging tile (one swizzled atom, the TMA store's source), the decay powers,
 // the chunk's gate tile (GM > 0)
 // and the two stages' mbarriers.
-template <int D>
+// DL: each stage also holds W_k (D / 64 atoms; V's slot holds W_v), and the U tile (one atom) follows the
+// staging atom.
+template <int D, bool DL = false>
 struct WgSmem {
   static constexpr uint32_t Q = 0, K = (D / 64) * kAtom, V = 2 * (D / 64) * kAtom;
-  static constexpr uint32_t STAGE = V + kAtom;
+  static constexpr uint32_t WK = V + kAtom;
+  static constexpr uint32_t STAGE = WK + (DL ? (D / 64) * kAtom : 0);
   static constexpr uint32_t SB = 2 * STAGE;
   static constexpr uint32_t OST = SB + D * 128;
-  static constexpr uint32_t GP = OST + kAtom;
+  static constexpr uint32_t UT = OST + kAtom;
+  static constexpr uint32_t GP = UT + (DL ? kAtom : 0);
   static constexpr uint32_t GT = GP + (kC + 2) * sizeof(float);  // the chunk's GateTile / ResetTile (GM > 0)
   static constexpr uint32_t BAR = GT + sizeof(wg::GateTile);
   static constexpr size_t bytes = BAR + 2 * 8 + 1024;  // + alignment slack
-  static_assert(Q == 0 && K % 1024 == 0 && V % 1024 == 0 && SB % 1024 == 0 && OST % 1024 == 0 && BAR % 8 == 0,
+  static_assert(Q == 0 && K % 1024 == 0 && V % 1024 == 0 && WK % 1024 == 0 && SB % 1024 == 0 && OST % 1024 == 0 &&
+                    UT % 1024 == 0 && BAR % 8 == 0,
                 "atoms are 1024-byte aligned");
 };
 
 #if LASP_WGMMA  // device helpers of the kernel below (its body is empty in other targets)
 #endif
 
-template <typename T, int D, bool ACC, int GM>
-__global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
+template <typename T, int D, bool ACC, int GM, bool DL = false>
+__global__ void __launch_bounds__(kThreads, DL ? 1 : (D == 128 ? 2 : 3))
     wgmma_fwd_kernel(FwdArgs a, const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
-                     const __grid_constant__ CUtensorMap tv, const __grid_constant__ CUtensorMap to, AccOut oacc) {
+                     const __grid_constant__ CUtensorMap tv, const __grid_constant__ CUtensorMap to, AccOut oacc,
+                     const __grid_constant__ CUtensorMap twk) {
 #if LASP_WGMMA
-  using SM = WgSmem<D>;
+  static_assert(!DL || (GM == 1 && !ACC), "the delta rule's main pass is gated and has no head-dim blocks");
+  using SM = WgSmem<D, DL>;
   constexpr int MI = D / 64;  // 64-row blocks of the state
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t raw = mma::smem_addr(smem_raw);
@@ -116,12 +129,14 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
     tma::load_atoms(st + SM::Q, &tq, bar, MI, 0, c0, qh, b);
     tma::load_atoms(st + SM::K, &tk, bar, MI, 0, c0, kh, b);
     tma::load(st + SM::V, &tv, bar, e0, c0, vh, b);
+    if constexpr (DL) tma::load_atoms(st + SM::WK, &twk, bar, MI, 0, c0, h, b);
   };
   if (threadIdx.x == 0) {
     tma::prefetch_map(&tq);
     tma::prefetch_map(&tk);
     tma::prefetch_map(&tv);
     tma::prefetch_map(&to);
+    if constexpr (DL) tma::prefetch_map(&twk);
     tma::init_barriers(bar0, 2);
   }
   __syncthreads();
@@ -171,19 +186,58 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
     // ---- P = Q K^T, then O = Q S_b: two commit groups, so that the mask of P and the state update's
     // K^T fragments are made while the tensor cores still work on O ----
     float O[32], P[32];
-    wg::zero_acc(O);
-    wg::zero_acc(P);
-    wg::fence();
+    // the chunk's values: V, or (DL) the U tile made below
+    const uint32_t vals = DL ? base + SM::UT : st + SM::V;
+    if constexpr (DL) {  // X = W_k S_b and P = Q K^T; then U = W_v - X into the U tile
+      float X[32];
+      wg::zero_acc(X);
+      wg::zero_acc(P);
+      wg::fence();
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      wg::mma_ss_n64<T, 0, 0>(P, wg::kmajor(st + SM::Q, kk), wg::kmajor(st + SM::K, kk), 1);
-    }
-    wg::commit();
+      for (int kk = 0; kk < D / 16; ++kk) {
+        wg::mma_ss_n64<T, 0, 1>(X, wg::kmajor(st + SM::WK, kk), wg::mnmajor(base + SM::SB, kAtom, 0, kk), 1);
+      }
+      wg::commit();
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      wg::mma_ss_n64<T, 0, 1>(O, wg::kmajor(st + SM::Q, kk), wg::mnmajor(base + SM::SB, kAtom, 0, kk), 1);
+      for (int kk = 0; kk < D / 16; ++kk) {
+        wg::mma_ss_n64<T, 0, 0>(P, wg::kmajor(st + SM::Q, kk), wg::kmajor(st + SM::K, kk), 1);
+      }
+      wg::commit();
+      wg::wait<1>();
+      wg::fence_regs(X);
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {  // rows r0 + g (+ 8) of the chunk, columns 8j + 2tc (+ 1) of the tile
+          const uint32_t off = wg::sw128_offset(r0 + g + 8 * hh, j) + 4 * tc;
+          const float2 wv = mma::unpack2<T>(*reinterpret_cast<const uint32_t*>(sm + (st - base) + SM::V + off));
+          *reinterpret_cast<uint32_t*>(sm + SM::UT + off) =
+              mma::pack2<T>(wv.x - X[4 * j + 2 * hh], wv.y - X[4 * j + 2 * hh + 1]);
+        }
+      wg::fence_async_smem();  // the U tile, for the wgmmas below
+      __syncthreads();
+      wg::zero_acc(O);
+      wg::fence();
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        wg::mma_ss_n64<T, 0, 1>(O, wg::kmajor(st + SM::Q, kk), wg::mnmajor(base + SM::SB, kAtom, 0, kk), 1);
+      }
+      wg::commit();
+    } else {
+      wg::zero_acc(O);
+      wg::zero_acc(P);
+      wg::fence();
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        wg::mma_ss_n64<T, 0, 0>(P, wg::kmajor(st + SM::Q, kk), wg::kmajor(st + SM::K, kk), 1);
+      }
+      wg::commit();
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        wg::mma_ss_n64<T, 0, 1>(O, wg::kmajor(st + SM::Q, kk), wg::mnmajor(base + SM::SB, kAtom, 0, kk), 1);
+      }
+      wg::commit();
     }
-    wg::commit();
 
     // ---- K^T diag(w) fragments for the state update (no wgmma in flight touches them) ----
     uint32_t ka[4][MI][4];
@@ -219,11 +273,11 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
     wg::fence();
     // ---- O += P V (first group), S += (K^T diag(w)) V (second: it runs while O is stored) ----
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) wg::mma_rs_n64<T, 1>(O, pa[kk], wg::mnmajor(st + SM::V, kAtom, 0, kk), 1);
+    for (int kk = 0; kk < 4; ++kk) wg::mma_rs_n64<T, 1>(O, pa[kk], wg::mnmajor(vals, kAtom, 0, kk), 1);
     wg::commit();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      const uint64_t dv = wg::mnmajor(st + SM::V, kAtom, 0, kk);
+      const uint64_t dv = wg::mnmajor(vals, kAtom, 0, kk);
 #pragma unroll
       for (int i = 0; i < MI; ++i) wg::mma_rs_n64<T, 1>(S[i], ka[kk][i], dv, 1);
     }
@@ -241,7 +295,7 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
     wg::wait<0>();
 #pragma unroll
     for (int i = 0; i < MI; ++i) wg::fence_regs(S[i]);
-    __syncthreads();  // every warp's wgmmas of this chunk (S_b reads) are done
+    __syncthreads();  // every warp's wgmmas of this chunk (S_b and U tile reads) are done
     if (ci + 1 < nch) write_sb();
   }
   if (a.state_out && seg == a.nseg - 1) {  // the state after the sequence's last chunk
@@ -254,20 +308,23 @@ __global__ void __launch_bounds__(kThreads, D == 128 ? 2 : 3)
 #endif
 }
 
-template <typename T, int D, bool ACC, int GM>
-cudaError_t launch(const AttnParams& p, const FwdArgs& a, const AccOut* oacc, cudaStream_t st) {
-  auto kern = wgmma_fwd_kernel<T, D, ACC, GM>;
-  const size_t smem = WgSmem<D>::bytes;
-  cudaError_t e = opt_in_smem<wgmma_fwd_kernel<T, D, ACC, GM>>(smem);
+// wk (DL only): W_k, (B, H, N, D) like p.q's dtype; p.v is then W_v (B, H, N, E).
+template <typename T, int D, bool ACC, int GM, bool DL = false>
+cudaError_t launch(const AttnParams& p, const FwdArgs& a, const AccOut* oacc, cudaStream_t st,
+                   const TensorView4* wk = nullptr) {
+  auto kern = wgmma_fwd_kernel<T, D, ACC, GM, DL>;
+  const size_t smem = WgSmem<D, DL>::bytes;
+  cudaError_t e = opt_in_smem<wgmma_fwd_kernel<T, D, ACC, GM, DL>>(smem);
   if (e != cudaSuccess) return e;
   const unsigned blocks = (unsigned)(p.B * p.H * a.nseg * (p.E / kEt));
   const bool bf = std::is_same<T, __nv_bfloat16>::value;
-  CUtensorMap tq, tk, tv, to;
+  CUtensorMap tq, tk, tv, to, twk;
   if (!tma::make_map(&tq, p.q, bf, p.B, q_heads(p), p.N, p.D, kC) ||
       !tma::make_map(&tk, p.k, bf, p.B, p.Hkv, p.N, p.D, kC) ||
       !tma::make_map(&tv, p.v, bf, p.B, v_heads(p), p.N, p.E, kC) || !tma::make_map(&to, p.o, bf, p.B, p.H, p.N, p.E, 16))
     return cudaErrorNotSupported;  // fast::view_ok admits only views the driver maps
-  kern<<<blocks, kThreads, smem, st>>>(a, tq, tk, tv, to, oacc ? *oacc : AccOut{});
+  if (DL ? !tma::make_map(&twk, *wk, bf, p.B, p.H, p.N, p.D, kC) : false) return cudaErrorNotSupported;
+  kern<<<blocks, kThreads, smem, st>>>(a, tq, tk, tv, to, oacc ? *oacc : AccOut{}, DL ? twk : tk);
   return cudaGetLastError();
 }
 
@@ -303,6 +360,21 @@ cudaError_t wgmma_fwd_main(const AttnParams& p, int nseg, int seglen, const floa
   const FwdArgs a = make_fwd_args(p, nseg, seglen, seg_states);
   return with_type(p, [&](auto t) {
     return with_dim(p.D, [&](auto d) { return launch_acc<typename decltype(t)::type, decltype(d)::value>(p, a, o_acc, st); });
+  });
+}
+
+bool delta_fwd_wgmma_takes(const AttnParams& p) {
+  return wgmma_available() && wgmma_shape(p) && p.g && !p.decay && !p.g_resets && p.Hv == p.H && p.N > 0 &&
+         p.N < (int64_t)INT32_MAX && p.B * p.H * (p.E / kEt) < (int64_t)INT32_MAX && fwd_supported(p);
+}
+
+cudaError_t delta_fwd_wgmma(const AttnParams& p, const TensorView4& wk, cudaStream_t st) {
+  if (!delta_fwd_wgmma_takes(p) || !view_ok(wk, p, p.H)) return cudaErrorInvalidValue;
+  const FwdArgs a = make_fwd_args(p, 1, (int)p.N);
+  return with_type(p, [&](auto t) {
+    return with_dim(p.D, [&](auto d) {
+      return launch<typename decltype(t)::type, decltype(d)::value, false, 1, true>(p, a, nullptr, st, &wk);
+    });
   });
 }
 

@@ -15,6 +15,7 @@
 #include "delta.h"
 #include "delta_chain_api.h"
 #include "delta_launch.h"
+#include "fast_path.h"
 
 namespace lasp {
 namespace {
@@ -238,6 +239,42 @@ ProOut pro_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& gam,
                           : delta_launch::run_pro_program<float>(q, k, gam, pre, dO, scale, tensor_cores, CudaLaunch());
 }
 
+// The forward's main pass on sm_90a (kernels/wgmma_fwd.cu) where q and k are 16-bit and it takes the shapes
+// (D and E in {64, 128}); else nothing. W_v and W_k go to q's dtype, as the kernel's operands.
+std::tuple<at::Tensor, at::Tensor> main_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
+                                             const at::Tensor& g, double scale, const at::Tensor& S0) {
+  const auto t = q.scalar_type();
+  if (!use_kernel() || (t != at::kBFloat16 && t != at::kHalf) || k.scalar_type() != t || w.dim() != 5 ||
+      w.scalar_type() != at::kFloat || S0.scalar_type() != at::kFloat)
+    return {};
+  const int64_t B = w.size(0), H = w.size(1), nc = w.size(2), C = w.size(3), N = q.size(2), D = q.size(3),
+                E = S0.size(3);
+  auto view = [](const at::Tensor& x) {
+    TensorView4 v;
+    v.ptr = x.data_ptr();
+    for (int i = 0; i < 4; ++i) v.stride[i] = x.stride(i);
+    return v;
+  };
+  AttnParams p;
+  p.dtype = t == at::kBFloat16 ? ScalarType::BFloat16 : ScalarType::Float16;
+  p.B = B, p.H = H, p.Hq = q.size(1), p.Hkv = k.size(1), p.Hv = H, p.N = N, p.D = D, p.E = E;
+  p.scale = scale;
+  const at::Tensor qc = q.stride(3) == 1 ? q : q.contiguous(), kc = k.stride(3) == 1 ? k : k.contiguous();
+  const at::Tensor gf = g.to(at::kFloat).contiguous(), s0 = S0.contiguous();
+  const auto o16 = q.options().dtype(t);
+  at::Tensor o = at::empty({B, H, N, E}, o16), fin = at::empty({B, H, D, E}, S0.options()),
+             wv = at::empty({B, H, N, E}, o16), wk = at::empty({B, H, N, D}, o16);
+  p.q = view(qc), p.k = view(kc), p.v = view(wv), p.o = view(o);
+  p.g = gf.data_ptr(), p.state_in = s0.data_ptr(), p.state_out = fin.data_ptr();
+  const c10::cuda::CUDAGuard guard(q.device());
+  if (!cuda::fast::delta_fwd_wgmma_takes(p)) return {};
+  const at::Tensor rows = w.view({B, H, nc * C, w.size(4)}).narrow(2, 0, N);
+  wv.copy_(rows.narrow(3, 0, E));
+  wk.copy_(rows.narrow(3, E, D));
+  C10_CUDA_CHECK(cuda::fast::delta_fwd_wgmma(p, view(wk), at::cuda::getCurrentCUDAStream()));
+  return {o, fin};
+}
+
 const bool registered = register_delta_chain(c10::DeviceType::CUDA, &chain_cuda);
 const bool solve_registered = register_delta_solve(c10::DeviceType::CUDA, &solve_cuda);
 const bool prep_registered = register_delta_prep(c10::DeviceType::CUDA, &prep_cuda);
@@ -245,6 +282,7 @@ const bool out_registered = register_delta_out(c10::DeviceType::CUDA, &out_cuda)
 const bool bwd_registered = register_delta_bwd(c10::DeviceType::CUDA, &bwd_cuda);
 const bool dr_registered = register_delta_dr(c10::DeviceType::CUDA, &dr_cuda);
 const bool pro_registered = register_delta_pro(c10::DeviceType::CUDA, &pro_cuda);
+const bool main_registered = register_delta_main(c10::DeviceType::CUDA, &main_cuda);
 
 }  // namespace
 }  // namespace lasp

@@ -369,6 +369,46 @@ def test_cuda_bad_kernels_setting(lasp, seed, monkeypatch):
         lasp.gated_delta_attention(*ins[:5])
 
 
+def _sm90() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+WGMMA_SHAPES = [
+    # (B, Hq, Hk, Hv, N, D, E): 16-bit inputs with D and E in {64, 128}
+    (2, 2, 2, 2, 1000, 128, 128),  # 16 chunks, a partial last one
+    (1, 4, 2, 4, 333, 64, 64),     # GQA
+    (1, 1, 1, 4, 200, 128, 64),    # GVA
+    (1, 2, 2, 2, 64, 64, 128),     # one whole chunk, two column tiles of E
+    (1, 2, 2, 2, 1, 128, 64),      # one token
+]
+
+
+@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 (Hopper) CUDA device")
+@pytest.mark.parametrize("resets", [False, True], ids=["gates", "resets"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", WGMMA_SHAPES,
+                         ids=[f"B{s[0]}q{s[1]}k{s[2]}v{s[3]}-N{s[4]}-D{s[5]}E{s[6]}" for s in WGMMA_SHAPES])
+def test_cuda_wgmma_main_pass_matches_recurrence(lasp, shape, dtype, resets, seed, monkeypatch):
+    """On sm_90a, 16-bit inputs with D and E in {64, 128}: the forward's chain of states and its output are
+    one wgmma kernel (kernels/wgmma_fwd.cu with U = W_v - W_k S_b; W and the chunk states in 16 bits). That
+    kernel is the one that runs (under LASP_DELTA_KERNELS=cuda and =fused, not under =aten), and o and the
+    final state from an initial state match the float64 recurrence within the op's bf16 / fp16 bound."""
+    q, k, v, g, beta, s0, do, dS = _inputs(seed, *shape, dtype=dtype, device="cuda", resets=resets)
+    D = shape[5]
+    want_o, want_f = lasp_ref.gated_delta_recurrent(*(t.double().cpu() for t in (q, k, v, g, beta)), scale=D ** -0.5,
+                                                    initial_state=s0.double().cpu())
+    for kernels in ("cuda", "fused", "aten"):
+        monkeypatch.setenv("LASP_DELTA_KERNELS", kernels)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            o, f = torch.ops.lasp.gated_delta_fwd(q, k, v, g, beta, D ** -0.5, s0)
+            torch.cuda.synchronize()
+        ran = any("wgmma_fwd_kernel" in e.name for e in prof.events())
+        assert ran == (kernels != "aten"), f"{kernels}: the wgmma main pass ran: {ran}"
+        for name, got, want in (("o", o, want_o), ("final", f, want_f)):
+            err = rel_err(got, want)
+            assert err < 3e-2, f"{kernels}, {name}: relative error {err:.2e}"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("resets", [False, True], ids=["gates", "resets"])
 @pytest.mark.parametrize("dims", [(128, 128), (64, 64), (256, 40), (48, 16)], ids=lambda d: f"D{d[0]}E{d[1]}")
