@@ -197,10 +197,9 @@ Tensor chunked(const Tensor& x, const Chunks& c) {
   return y.reshape({c.B, c.H, c.nc, kChunk, x.size(3)});
 }
 
-// need_minv: the caller (the backward) takes m^-1 where a device's kernel forms it. need_ks: c.ks, the chain's
-// operand (not needed where a device's main pass runs the chain itself).
+// need_minv: the caller (the backward) takes m^-1 where a device's kernel forms it.
 Chunks prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta, bool need_q,
-               bool need_minv = false, bool need_ks = true) {
+               bool need_minv = false) {
   Chunks c;
   c.acc = delta_acc(q, k, v);
   c.low = c.acc == at::kFloat && at::isReducedFloatingType(v.scalar_type());
@@ -247,7 +246,7 @@ Chunks prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
   c.w = w;
   c.wv = w.narrow(-1, 0, c.E);
   c.wk = w.narrow(-1, c.E, c.D);
-  if (need_ks) c.ks = (c.suf.unsqueeze(-1) * c.k).transpose(-1, -2);
+  c.ks = (c.suf.unsqueeze(-1) * c.k).transpose(-1, -2);
   return c;
 }
 
@@ -285,16 +284,18 @@ Tensor unchunk(const Tensor& x, int64_t N) {
 std::tuple<Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
                                     const Tensor& beta, double scale, const std::optional<Tensor>& initial_state) {
   check_delta_inputs(q, k, v, g, beta, initial_state, /*check_values=*/true);
-  MainFn main = device_hook<MainFn>(q.device().type());
-  Chunks c = prepare(q, k, v, g, beta, /*need_q=*/main == nullptr, /*need_minv=*/false, /*need_ks=*/main == nullptr);
-  const Tensor S0 = state_or_zeros(initial_state, c, q);
-  if (main && c.nc > 0) {
-    auto out = main(q, k, c.w, g, scale, S0);
+  if (MainFn main = device_hook<MainFn>(q.device().type()); main && q.size(2) > 0) {
+    const at::ScalarType acc = delta_acc(q, k, v);
+    // a copy, as state_or_zeros makes: the kernel's final state must not alias the input
+    const Tensor S0 =
+        initial_state.has_value()
+            ? initial_state->to(acc, /*non_blocking=*/false, /*copy=*/true)
+            : at::zeros({q.size(0), std::max(q.size(1), v.size(1)), q.size(3), v.size(3)}, q.options().dtype(acc));
+    auto out = main(q, k, v, g, beta, scale, S0);
     if (std::get<0>(out).defined()) return out;
   }
-  if (!c.ks.defined()) c.ks = (c.suf.unsqueeze(-1) * c.k).transpose(-1, -2);
-  if (!c.q.defined()) c.q = chunked(to_out_heads(q, c.H, c.acc), c);
-  auto [states, u, fin] = state_chain(c, S0);
+  const Chunks c = prepare(q, k, v, g, beta, /*need_q=*/true);
+  auto [states, u, fin] = state_chain(c, state_or_zeros(initial_state, c, q));
   if (c.nc == 0) return {at::empty({c.B, c.H, 0, c.E}, q.options()), fin};
   Tensor o;
   if (OutFn fn = device_hook<OutFn>(q.device().type())) o = fn(c.q, c.k, c.gam, c.pre, states, u, scale, c.low);

@@ -100,12 +100,13 @@ bool register_delta_pro(c10::DeviceType type, ProFn fn);
 using DrFn = at::Tensor (*)(const at::Tensor& minv, const at::Tensor& dU, const at::Tensor& S, bool tensor_cores);
 bool register_delta_dr(c10::DeviceType type, DrFn fn);
 
-// The forward's main pass of one piece where a device has one kernel for it (sm_90a: kernels/wgmma_fwd.cu, the
-// gated main kernel with U = W_v - W_k S_b for the values): from q (B, Hq, N, D) and k (B, Hk, N, D) as the op
-// got them, w = [Wv | Wk] (B, H, nc, C, E + D) of the WY form (acc type), the log gates g (B, H, N), scale and
-// the incoming state S0 (B, H, D, E) (acc type): (o (B, H, N, E) in q's dtype, the final state (B, H, D, E)).
-// Undefined o: not taken (the chain and the output of the chunked form run).
-using MainFn = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
-                                                      const at::Tensor& g, double scale, const at::Tensor& S0);
+// The forward of one piece where a device has kernels for all of it (sm_90a: the WY form in 16 bits, then the
+// gated wgmma main kernel with U = W_v - W_k S_b for the values, kernels/wgmma_fwd.cu): from q, k, v, g, beta
+// as the op got them (bhnd views), scale and the incoming state S0 (B, H, D, E) in the acc type, N > 0:
+// (o (B, H, N, E) in q's dtype, the final state (B, H, D, E) in the acc type). Undefined o: not taken (the
+// chunked form's ATen compositions and kernels run).
+using MainFn = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const at::Tensor& g, const at::Tensor& beta, double scale,
+                                                      const at::Tensor& S0);
 bool register_delta_main(c10::DeviceType type, MainFn fn);
 }  // namespace lasp

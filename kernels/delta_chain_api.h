@@ -54,6 +54,27 @@ bool delta_prep_takes(int C, int D, int E, size_t elem_size);
 cudaError_t delta_prep(const PrepArgs<float>& args, cudaStream_t stream);
 cudaError_t delta_prep(const PrepArgs<double>& args, cudaStream_t stream);
 
+// The WY form of the sm_90a forward in 16 bits (the operands of its main pass, wgmma_fwd.cu): per chunk of C
+// tokens of each (b, h), prep_block's tensor-core program reading k (B, Hk, N, D) and v (B, Hv, N, E) in their
+// 16-bit dtype through the head maps (strides in elements; the last dim contiguous), beta and the log gates g
+// (fp32, contiguous (B, H, N)), and writing W_v (B, H, N, E) and W_k (B, H, N, D), contiguous, in that dtype
+// (rows past N are zeros in the chunk and not written). C = 64, D and E multiples of 8 up to 128.
+struct Wy16Args {
+  int64_t B = 0, H = 0, N = 0;
+  int C = 64, D = 0, E = 0;
+  int kgroup = 1, vgroup = 1;  // output head h reads k head h / kgroup, v head h / vgroup
+  bool bf16 = true;            // else fp16
+  const void* k = nullptr;
+  const void* v = nullptr;
+  int64_t ks[3] = {0, 0, 0}, vs[3] = {0, 0, 0};  // strides of b, head, n
+  const float* beta = nullptr;
+  const float* g = nullptr;
+  void* wv = nullptr;
+  void* wk = nullptr;
+};
+bool delta_wy16_takes(const Wy16Args& args);
+cudaError_t delta_wy16(const Wy16Args& args, cudaStream_t stream);
+
 // The forward's output per chunk (delta_out.h; out_smem_bytes per block: 83 KiB at C = 64, D = 128 in
 // float32). delta_out_takes as delta_prep_takes. With OutArgs::tensor_cores (float), C a multiple of 16 and
 // sm_80 or later, the tensor-core form (out_tc_block) runs instead.

@@ -3,6 +3,8 @@
 // solves (delta_solve.h's, one block of 128 threads per chunk and tile of 128 columns), the chunks' fused WY
 // quantities (delta_prep.h's), the forward's output (delta_out.h's), the backward's chain inputs, its
 // transposed solve with m^-1 and its gradients (delta_bwd.h's), each one block of 256 threads per chunk.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "delta_chain_api.h"
@@ -106,6 +108,62 @@ __global__ void __launch_bounds__(kPrepThreads) prep_tc_kernel(PrepArgs<float> a
   extern __shared__ __align__(16) unsigned char smem_raw[];
   DeviceExec ex;
   prep_block<float, DeviceExec, true>(a, static_cast<int64_t>(blockIdx.x), reinterpret_cast<float*>(smem_raw), ex);
+}
+
+// prep_block's inputs and w through Wy16Args (16-bit k, v through the head maps; W_v, W_k in 16 bits); chunk
+// ch = (b H + h) nc + c.
+template <typename T16>
+struct Wy16Io {
+  int C, D, E, nc, kgroup, vgroup;
+  int64_t H, N;
+  const T16* k;
+  const T16* v;
+  int64_t ks[3], vs[3];
+  const float* beta;
+  const float* g;
+  T16* wv;
+  T16* wk;
+  float *gam = nullptr, *kk = nullptr, *m = nullptr, *minv = nullptr;  // not written
+
+  __device__ int64_t row(int64_t ch, int i) const { return (ch % nc) * C + i; }  // n of row i (may be >= N)
+  __device__ float k_at(int64_t ch, int i, int x) const {
+    const int64_t n = row(ch, i), bh = ch / nc;
+    return n < N ? static_cast<float>(k[bh / H * ks[0] + bh % H / kgroup * ks[1] + n * ks[2] + x]) : 0.f;
+  }
+  __device__ float v_at(int64_t ch, int i, int x) const {
+    const int64_t n = row(ch, i), bh = ch / nc;
+    return n < N ? static_cast<float>(v[bh / H * vs[0] + bh % H / vgroup * vs[1] + n * vs[2] + x]) : 0.f;
+  }
+  __device__ float beta_at(int64_t ch, int i) const {
+    const int64_t n = row(ch, i);
+    return n < N ? beta[ch / nc * N + n] : 0.f;
+  }
+  __device__ float g_at(int64_t ch, int i) const {
+    const int64_t n = row(ch, i);
+    return n < N ? g[ch / nc * N + n] : 0.f;
+  }
+  __device__ float pre_at(int64_t ch, int i) const {  // exp of the chunk's gates up to i, summed in order
+    float s = 0.f;
+    for (int u = 0; u <= i; ++u) s += g_at(ch, u);
+    return expf(s);
+  }
+  __device__ void put_w(int64_t ch, int i, int col, float x) const {
+    const int64_t n = row(ch, i), bh = ch / nc;
+    if (n >= N) return;
+    if (col < E) {
+      wv[(bh * N + n) * E + col] = static_cast<T16>(x);
+    } else {
+      wk[(bh * N + n) * D + col - E] = static_cast<T16>(x);
+    }
+  }
+};
+
+template <typename T16>
+__global__ void __launch_bounds__(kPrepThreads) wy16_kernel(Wy16Io<T16> a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DeviceExec ex;
+  prep_block<float, DeviceExec, true, Wy16Io<T16>>(a, static_cast<int64_t>(blockIdx.x),
+                                                   reinterpret_cast<float*>(smem_raw), ex);
 }
 
 // Whether the device is sm_80 or later (tf32 mma.sync); an error of the query in *e.
@@ -254,6 +312,34 @@ cudaError_t delta_prep(const PrepArgs<double>& a, cudaStream_t st) {
   return run_per_chunk(prep_kernel<double>, a, delta_prep_takes(a.C, a.D, a.E, sizeof(double)),
                        prep_smem_bytes<double>(a.C, a.D, a.E), st);
 }
+bool delta_wy16_takes(const Wy16Args& a) {
+  return a.C == 64 && a.D >= 8 && a.D <= 128 && a.D % 8 == 0 && a.E >= 8 && a.E <= 128 && a.E % 8 == 0 && a.B >= 0 &&
+         a.H >= 1 && a.N >= 0 && a.kgroup >= 1 && a.vgroup >= 1 && a.B * a.H * ((a.N + a.C - 1) / a.C) <= INT32_MAX;
+}
+
+cudaError_t delta_wy16(const Wy16Args& a, cudaStream_t st) {
+  if (!delta_wy16_takes(a)) return cudaErrorInvalidValue;
+  cudaError_t e;
+  if (!tf32_device(&e)) return e != cudaSuccess ? e : cudaErrorInvalidDeviceFunction;
+  const int64_t nc = (a.N + a.C - 1) / a.C, chunks = a.B * a.H * nc;
+  if (chunks == 0) return cudaSuccess;
+  auto run = [&](auto t16) {
+    using T16 = decltype(t16);
+    Wy16Io<T16> io;
+    io.C = a.C, io.D = a.D, io.E = a.E, io.nc = (int)nc, io.kgroup = a.kgroup, io.vgroup = a.vgroup;
+    io.H = a.H, io.N = a.N;
+    io.k = static_cast<const T16*>(a.k);
+    io.v = static_cast<const T16*>(a.v);
+    for (int i = 0; i < 3; ++i) io.ks[i] = a.ks[i], io.vs[i] = a.vs[i];
+    io.beta = a.beta;
+    io.g = a.g;
+    io.wv = static_cast<T16*>(a.wv);
+    io.wk = static_cast<T16*>(a.wk);
+    return launch(wy16_kernel<T16>, dim3((unsigned)chunks), kPrepThreads, prep_tc_smem_bytes(a.C, a.D, a.E), st, io);
+  };
+  return a.bf16 ? run(__nv_bfloat16()) : run(__half());
+}
+
 cudaError_t delta_chain(const ChainArgs<float>& a, cudaStream_t st) { return run_chain(a, st); }
 cudaError_t delta_chain(const ChainArgs<double>& a, cudaStream_t st) { return run_chain(a, st); }
 cudaError_t delta_solve(const SolveArgs<float>& a, cudaStream_t st) { return run_solve(a, st); }

@@ -25,7 +25,9 @@ namespace cuda {
 constexpr int kPrepThreads = 256;  // 8 warps: the tiles below assume exactly this many
 constexpr int kPrepMaxC = 64;      // 8 row groups of 8 rows
 
-// Contiguous row-major arrays, chunks = B * H * nc.
+// Contiguous row-major arrays, chunks = B * H * nc. The block program reads its inputs and writes w through
+// the accessors below (the sm_90a forward's 16-bit WY kernel has its own, kernels/wgmma_fwd.cu); gam, kk, m
+// and minv are written where not null.
 template <typename T>
 struct PrepArgs {
   int64_t chunks = 0;
@@ -41,11 +43,18 @@ struct PrepArgs {
   T* w = nullptr;             // (chunks, C, E + D)
   T* minv = nullptr;          // (chunks, C, C): m^-1 (lower triangular), or null (not written)
   bool tensor_cores = false;  // float, C a multiple of 16: the products on tensor cores (prep_block<.., true>)
+
+  LASP_CHAIN_HD T k_at(int64_t ch, int i, int x) const { return k[((size_t)ch * C + i) * D + x]; }
+  LASP_CHAIN_HD T v_at(int64_t ch, int i, int x) const { return v[((size_t)ch * C + i) * E + x]; }
+  LASP_CHAIN_HD T beta_at(int64_t ch, int i) const { return beta[(size_t)ch * C + i]; }
+  LASP_CHAIN_HD T g_at(int64_t ch, int i) const { return g[(size_t)ch * C + i]; }
+  LASP_CHAIN_HD T pre_at(int64_t ch, int i) const { return pre[(size_t)ch * C + i]; }
+  LASP_CHAIN_HD void put_w(int64_t ch, int i, int col, T x) const { w[((size_t)ch * C + i) * (E + D) + col] = x; }
 };
 
 struct PrepLayout {
   int ldk, ldv, ldc;                 // row lengths in shared memory of K, V and the C x C matrices
-  size_t k, v, gt, a, b, bp, elems;  // offsets (elements) of sK, sV, sGT (gam, then m^-1), sA, beta, beta pre
+  size_t k, v, gt, a, b, bp, g, elems;  // offsets (elements) of sK, sV, sGT (gam, then m^-1), sA, beta, beta pre, g
   // tc: the tensor-core form's rows (tc_ld: conflict-free fragment reads); else odd lengths (the SIMT tiles)
   LASP_CHAIN_HD PrepLayout(int C, int D, int E, bool tc = false) {
     ldk = tc ? tc_ld(D) : D | 1;
@@ -57,7 +66,8 @@ struct PrepLayout {
     a = gt + (size_t)C * ldc;
     b = a + (size_t)C * ldc;
     bp = b + C;
-    elems = bp + C;
+    g = bp + C;
+    elems = g + C;
   }
 };
 
@@ -70,11 +80,58 @@ LASP_CHAIN_HD size_t prep_tc_smem_bytes(int C, int D, int E) { return sizeof(flo
 LASP_CHAIN_HD float prep_exp(float x) { return expf(x); }
 LASP_CHAIN_HD double prep_exp(double x) { return exp(x); }
 
+// The inverse of the unit lower triangular m = I + A (A in sA, strictly lower; rows of ldc) into sGT, in blocks
+// of 16 rows: each diagonal block by substitution down its columns (one thread per column: 16 steps, not C),
+// then the blocks below the diagonal one diagonal at a time, L[i][j] = -L[i][i] (sum_{j <= l < i} A[i][l]
+// L[l][j]) over blocks, as two products between barriers (SIMT, in T: m^-1 keeps T's precision). The sum goes
+// to block (j, i) of sA, above its diagonal, which nothing reads. Blocks above the diagonal are written 0.
+template <typename T, typename Exec>
+LASP_CHAIN_HD void invert_unit_lower(int C, int ldc, T* sA, T* sGT, Exec& ex) {
+  constexpr int kB = 16;
+  const int nb = (C + kB - 1) / kB;
+  ex.threads([&](int t) {
+    if (t >= C) return;
+    const int r0 = t / kB * kB, r1 = r0 + kB < C ? r0 + kB : C;
+    for (int i = 0; i < r0; ++i) sGT[i * ldc + t] = T(0);
+    for (int i = r0; i < r1; ++i) {
+      T x = i == t ? T(1) : T(0);
+      for (int j = r0; j < i; ++j) x -= sA[i * ldc + j] * sGT[j * ldc + t];
+      sGT[i * ldc + t] = x;
+    }
+  });
+  ex.sync();
+  for (int d = 1; d < nb; ++d) {
+    const int entries = (nb - d) * kB * kB;  // blocks (j + d, j), j < nb - d
+    ex.threads([&](int t) {                  // X = sum_l A[i][l] L[l][j] -> sA block (j, i)
+      for (int e = t; e < entries; e += kPrepThreads) {
+        const int j = e / (kB * kB), i = j + d, r = e / kB % kB, c = e % kB;
+        if (i * kB + r >= C) continue;
+        T x = 0;
+        for (int l = j * kB; l < i * kB; ++l) x += sA[(i * kB + r) * ldc + l] * sGT[l * ldc + j * kB + c];
+        sA[(j * kB + r) * ldc + i * kB + c] = x;
+      }
+    });
+    ex.sync();
+    ex.threads([&](int t) {  // L[i][j] = -L[i][i] X
+      for (int e = t; e < entries; e += kPrepThreads) {
+        const int j = e / (kB * kB), i = j + d, r = e / kB % kB, c = e % kB;
+        if (i * kB + r >= C) continue;
+        T x = 0;
+        for (int l = 0; l < kB && i * kB + l < C; ++l)
+          x += sGT[(i * kB + r) * ldc + i * kB + l] * sA[(j * kB + l) * ldc + i * kB + c];
+        sGT[(i * kB + r) * ldc + j * kB + c] = -x;
+      }
+    });
+    ex.sync();
+  }
+}
+
 // The program of the block of chunk `ch` on shared memory `smem` (prep_smem_bytes; TC: prep_tc_smem_bytes).
 // ex.threads(f) runs f(t) for each of the kPrepThreads threads; ex.sync() is the block's barrier. TC (float, C a
 // multiple of 16): K K^T and m^-1 R as tf32 WarpTiles (16 x 32 and 16 x 64 tiles dealt to the warps).
-template <typename T, typename Exec, bool TC = false>
-LASP_CHAIN_HD void prep_block(const PrepArgs<T>& a, int64_t ch, T* smem, Exec& ex) {
+// Args: PrepArgs<T>, or any type with its members C, D, E, gam, kk, m, minv and its accessors.
+template <typename T, typename Exec, bool TC = false, typename Args = PrepArgs<T>>
+LASP_CHAIN_HD void prep_block(const Args& a, int64_t ch, T* smem, Exec& ex) {
   const int C = a.C, D = a.D, E = a.E, WD = E + D, Dp = TC ? round8(D) : D;
   const PrepLayout L(C, D, E, TC);
   T* sK = smem + L.k;
@@ -83,38 +140,38 @@ LASP_CHAIN_HD void prep_block(const PrepArgs<T>& a, int64_t ch, T* smem, Exec& e
   T* sA = smem + L.a;
   T* sb = smem + L.b;
   T* sbp = smem + L.bp;
-  const T* K = a.k + (size_t)ch * C * D;
-  const T* V = a.v + (size_t)ch * C * E;
-  const T* G = a.g + (size_t)ch * C;
+  T* sg = smem + L.g;
   const size_t cc = (size_t)ch * C * C;
-  ex.threads([&](int t) {  // 1. K, V, beta, beta pre -> shared memory
+  ex.threads([&](int t) {  // 1. K, V, beta, beta pre, g -> shared memory
     for (int i = t; i < C * Dp; i += kPrepThreads)
-      sK[(i / Dp) * L.ldk + i % Dp] = i % Dp < D ? K[(i / Dp) * D + i % Dp] : T(0);
-    for (int i = t; i < C * E; i += kPrepThreads) sV[(i / E) * L.ldv + i % E] = V[i];
+      sK[(i / Dp) * L.ldk + i % Dp] = i % Dp < D ? T(a.k_at(ch, i / Dp, i % Dp)) : T(0);
+    for (int i = t; i < C * E; i += kPrepThreads) sV[(i / E) * L.ldv + i % E] = T(a.v_at(ch, i / E, i % E));
     for (int i = t; i < C; i += kPrepThreads) {
-      const T b = a.beta[(size_t)ch * C + i];
+      const T b = T(a.beta_at(ch, i));
       sb[i] = b;
-      sbp[i] = b * a.pre[(size_t)ch * C + i];
+      sbp[i] = b * T(a.pre_at(ch, i));
+      sg[i] = T(a.g_at(ch, i));
     }
   });
+  ex.sync();
   ex.threads([&](int t) {  // 2. gam (each entry the sum of its gates, in order, then one exp)
     for (int e = t; e < C * C; e += kPrepThreads) {
       const int i = e / C, j = e % C;
       T x = 0;
       if (j <= i) {
         T s = 0;
-        for (int u = j + 1; u <= i; ++u) s += G[u];
+        for (int u = j + 1; u <= i; ++u) s += sg[u];
         x = prep_exp(s);
       }
       sGT[i * L.ldc + j] = x;
-      a.gam[cc + e] = x;
+      if (a.gam) a.gam[cc + e] = x;
     }
   });
   ex.sync();
   auto kk_entry = [&](int i, int j, T kk) {
     const T A = j < i ? sb[i] * sGT[i * L.ldc + j] * kk : T(0);
-    a.kk[cc + (size_t)i * C + j] = kk;
-    a.m[cc + (size_t)i * C + j] = i == j ? T(1) : A;
+    if (a.kk) a.kk[cc + (size_t)i * C + j] = kk;
+    if (a.m) a.m[cc + (size_t)i * C + j] = i == j ? T(1) : A;
     sA[i * L.ldc + j] = A;
   };
   if constexpr (TC) {
@@ -140,15 +197,7 @@ LASP_CHAIN_HD void prep_block(const PrepArgs<T>& a, int64_t ch, T* smem, Exec& e
     });
   }
   ex.sync();
-  ex.threads([&](int t) {  // 4. m^-1 into sGT, one column per thread: x[i] = [i == c] - sum_{j<i} A[i, j] x[j]
-    if (t >= C) return;
-    for (int i = 0; i < C; ++i) {
-      T x = i == t ? T(1) : T(0);
-      for (int j = 0; j < i; ++j) x -= sA[i * L.ldc + j] * sGT[j * L.ldc + t];
-      sGT[i * L.ldc + t] = x;
-    }
-  });
-  ex.sync();
+  invert_unit_lower(C, L.ldc, sA, sGT, ex);  // 4. m^-1 into sGT
   if (a.minv) {
     ex.threads([&](int t) {
       for (int e = t; e < C * C; e += kPrepThreads) a.minv[cc + e] = sGT[(e / C) * L.ldc + e % C];
@@ -168,7 +217,7 @@ LASP_CHAIN_HD void prep_block(const PrepArgs<T>& a, int64_t ch, T* smem, Exec& e
             m0 + 16, [&](int m, int k) { return sGT[(m0 + m) * L.ldc + k]; },
             [&](int k, int n) { return rhs(k, n0 + n); });
         tile.each([&](int m, int n, float& v) {
-          if (n0 + n < WD) a.w[((size_t)ch * C + m0 + m) * WD + n0 + n] = v;
+          if (n0 + n < WD) a.put_w(ch, m0 + m, n0 + n, v);
         });
       }
     });
@@ -183,7 +232,7 @@ LASP_CHAIN_HD void prep_block(const PrepArgs<T>& a, int64_t ch, T* smem, Exec& e
       T acc[8][8] = {};
       tile_mac(
           acc, rt, 0, jmax, base, WD, [&](int i, int j) { return sGT[i * L.ldc + j]; }, rhs);
-      tile_store(acc, rt, C, base, WD, [&](int i, int col, T v) { a.w[((size_t)ch * C + i) * WD + col] = v; });
+      tile_store(acc, rt, C, base, WD, [&](int i, int col, T v) { a.put_w(ch, i, col, v); });
     }
   });
   ex.done();

@@ -239,39 +239,50 @@ ProOut pro_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& gam,
                           : delta_launch::run_pro_program<float>(q, k, gam, pre, dO, scale, tensor_cores, CudaLaunch());
 }
 
-// The forward's main pass on sm_90a (kernels/wgmma_fwd.cu) where q and k are 16-bit and it takes the shapes
-// (D and E in {64, 128}); else nothing. W_v and W_k go to q's dtype, as the kernel's operands.
-std::tuple<at::Tensor, at::Tensor> main_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
-                                             const at::Tensor& g, double scale, const at::Tensor& S0) {
+// The forward on sm_90a where q, k, v are 16-bit (one dtype) and the kernels take the shapes (D and E in
+// {64, 128}): the WY kernel writes W_v, W_k in that dtype (delta_wy16), the wgmma main pass the rest
+// (kernels/wgmma_fwd.cu); else nothing.
+std::tuple<at::Tensor, at::Tensor> main_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             const at::Tensor& g, const at::Tensor& beta, double scale,
+                                             const at::Tensor& S0) {
   const auto t = q.scalar_type();
-  if (!use_kernel() || (t != at::kBFloat16 && t != at::kHalf) || k.scalar_type() != t || w.dim() != 5 ||
-      w.scalar_type() != at::kFloat || S0.scalar_type() != at::kFloat)
+  if (!use_kernel() || (t != at::kBFloat16 && t != at::kHalf) || k.scalar_type() != t || v.scalar_type() != t ||
+      S0.scalar_type() != at::kFloat)
     return {};
-  const int64_t B = w.size(0), H = w.size(1), nc = w.size(2), C = w.size(3), N = q.size(2), D = q.size(3),
-                E = S0.size(3);
+  const int64_t B = q.size(0), H = S0.size(1), N = q.size(2), D = q.size(3), E = v.size(3);
   auto view = [](const at::Tensor& x) {
-    TensorView4 v;
-    v.ptr = x.data_ptr();
-    for (int i = 0; i < 4; ++i) v.stride[i] = x.stride(i);
-    return v;
+    TensorView4 tv;
+    tv.ptr = x.data_ptr();
+    for (int i = 0; i < 4; ++i) tv.stride[i] = x.stride(i);
+    return tv;
   };
+  const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor qc = q.stride(3) == 1 ? q : q.contiguous(), kc = k.stride(3) == 1 ? k : k.contiguous(),
+                   vc = v.stride(3) == 1 ? v : v.contiguous();
+  const auto o16 = q.options().dtype(t);
+  at::Tensor o = at::empty({B, H, N, E}, o16), wv = at::empty({B, H, N, E}, o16), wk = at::empty({B, H, N, D}, o16);
   AttnParams p;
   p.dtype = t == at::kBFloat16 ? ScalarType::BFloat16 : ScalarType::Float16;
   p.B = B, p.H = H, p.Hq = q.size(1), p.Hkv = k.size(1), p.Hv = H, p.N = N, p.D = D, p.E = E;
   p.scale = scale;
-  const at::Tensor qc = q.stride(3) == 1 ? q : q.contiguous(), kc = k.stride(3) == 1 ? k : k.contiguous();
-  const at::Tensor gf = g.to(at::kFloat).contiguous(), s0 = S0.contiguous();
-  const auto o16 = q.options().dtype(t);
-  at::Tensor o = at::empty({B, H, N, E}, o16), fin = at::empty({B, H, D, E}, S0.options()),
-             wv = at::empty({B, H, N, E}, o16), wk = at::empty({B, H, N, D}, o16);
   p.q = view(qc), p.k = view(kc), p.v = view(wv), p.o = view(o);
-  p.g = gf.data_ptr(), p.state_in = s0.data_ptr(), p.state_out = fin.data_ptr();
-  const c10::cuda::CUDAGuard guard(q.device());
+  p.g = o.data_ptr();  // set for the check below; the gates' pointer replaces it after
   if (!cuda::fast::delta_fwd_wgmma_takes(p)) return {};
-  const at::Tensor rows = w.view({B, H, nc * C, w.size(4)}).narrow(2, 0, N);
-  wv.copy_(rows.narrow(3, 0, E));
-  wk.copy_(rows.narrow(3, E, D));
-  C10_CUDA_CHECK(cuda::fast::delta_fwd_wgmma(p, view(wk), at::cuda::getCurrentCUDAStream()));
+  cuda::Wy16Args w;
+  w.B = B, w.H = H, w.N = N, w.D = static_cast<int>(D), w.E = static_cast<int>(E);
+  w.kgroup = static_cast<int>(H / k.size(1)), w.vgroup = static_cast<int>(H / v.size(1));
+  w.bf16 = t == at::kBFloat16;
+  w.k = kc.data_ptr(), w.v = vc.data_ptr();
+  for (int i = 0; i < 3; ++i) w.ks[i] = kc.stride(i), w.vs[i] = vc.stride(i);
+  if (!cuda::delta_wy16_takes(w)) return {};
+  const at::Tensor gf = g.to(at::kFloat).contiguous(), bf = beta.to(at::kFloat).contiguous(), s0 = S0.contiguous();
+  at::Tensor fin = at::empty({B, H, D, E}, S0.options());
+  w.beta = bf.data_ptr<float>(), w.g = gf.data_ptr<float>();
+  w.wv = wv.data_ptr(), w.wk = wk.data_ptr();
+  p.g = gf.data_ptr(), p.state_in = s0.data_ptr(), p.state_out = fin.data_ptr();
+  const cudaStream_t st = at::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(cuda::delta_wy16(w, st));
+  C10_CUDA_CHECK(cuda::fast::delta_fwd_wgmma(p, view(wk), st));
   return {o, fin};
 }
 
