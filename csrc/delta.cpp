@@ -517,9 +517,11 @@ std::tuple<Tensor, Tensor> call_fwd(const Tensor& q, const Tensor& k, const Tens
 // q / sqrt(sum of squares over the head dim + 1e-6) (fla's use_qk_l2norm_in_kernel); ATen ops, so that
 // autograd differentiates it where the caller records.
 // The result is in the accumulation type (the op computes in it anyway).
+// In the accumulation type, then back in x's dtype (16-bit q and k stay 16-bit, as fla's kernel gives them, so
+// the 16-bit kernels take them).
 Tensor l2norm(const Tensor& x) {
   const Tensor xf = x.to(delta_acc(x.scalar_type()));
-  return xf * (xf * xf).sum(-1, true).add(1e-6).rsqrt();
+  return (xf * (xf * xf).sum(-1, true).add(1e-6).rsqrt()).to(x.scalar_type());
 }
 
 BwdOut call_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta, double scale,

@@ -110,60 +110,57 @@ __global__ void __launch_bounds__(kPrepThreads) prep_tc_kernel(PrepArgs<float> a
   prep_block<float, DeviceExec, true>(a, static_cast<int64_t>(blockIdx.x), reinterpret_cast<float*>(smem_raw), ex);
 }
 
-// prep_block's inputs and w through Wy16Args (16-bit k, v through the head maps; W_v, W_k in 16 bits); chunk
-// ch = (b H + h) nc + c.
+// prep_block's inputs and w through Wy16Args for one chunk (the block's: its rows' pointers made once, so the
+// accessors ignore ch and do 32-bit index arithmetic only); rows at and past `rows` (past N) read zeros and
+// are not written.
 template <typename T16>
 struct Wy16Io {
-  int C, D, E, nc, kgroup, vgroup;
-  int64_t H, N;
-  const T16* k;
+  int C, D, E, rows;
+  const T16* k;  // row 0 of the chunk in k's head, rows ks apart
   const T16* v;
-  int64_t ks[3], vs[3];
-  const float* beta;
+  int64_t ks, vs;
+  const float* beta;  // row 0 of the chunk, contiguous
   const float* g;
-  T16* wv;
+  T16* wv;  // row 0 of the chunk, contiguous rows of E (W_v) and D (W_k)
   T16* wk;
   float *gam = nullptr, *kk = nullptr, *m = nullptr, *minv = nullptr;  // not written
 
-  __device__ int64_t row(int64_t ch, int i) const { return (ch % nc) * C + i; }  // n of row i (may be >= N)
-  __device__ float k_at(int64_t ch, int i, int x) const {
-    const int64_t n = row(ch, i), bh = ch / nc;
-    return n < N ? static_cast<float>(k[bh / H * ks[0] + bh % H / kgroup * ks[1] + n * ks[2] + x]) : 0.f;
-  }
-  __device__ float v_at(int64_t ch, int i, int x) const {
-    const int64_t n = row(ch, i), bh = ch / nc;
-    return n < N ? static_cast<float>(v[bh / H * vs[0] + bh % H / vgroup * vs[1] + n * vs[2] + x]) : 0.f;
-  }
-  __device__ float beta_at(int64_t ch, int i) const {
-    const int64_t n = row(ch, i);
-    return n < N ? beta[ch / nc * N + n] : 0.f;
-  }
-  __device__ float g_at(int64_t ch, int i) const {
-    const int64_t n = row(ch, i);
-    return n < N ? g[ch / nc * N + n] : 0.f;
-  }
-  __device__ float pre_at(int64_t ch, int i) const {  // exp of the chunk's gates up to i, summed in order
+  __device__ float k_at(int64_t, int i, int x) const { return i < rows ? static_cast<float>(k[i * ks + x]) : 0.f; }
+  __device__ float v_at(int64_t, int i, int x) const { return i < rows ? static_cast<float>(v[i * vs + x]) : 0.f; }
+  __device__ float beta_at(int64_t, int i) const { return i < rows ? beta[i] : 0.f; }
+  __device__ float g_at(int64_t, int i) const { return i < rows ? g[i] : 0.f; }
+  __device__ float pre_at(int64_t, int i) const {  // exp of the chunk's gates up to i, summed in order
     float s = 0.f;
-    for (int u = 0; u <= i; ++u) s += g_at(ch, u);
+    for (int u = 0; u <= i && u < rows; ++u) s += g[u];
     return expf(s);
   }
-  __device__ void put_w(int64_t ch, int i, int col, float x) const {
-    const int64_t n = row(ch, i), bh = ch / nc;
-    if (n >= N) return;
+  __device__ void put_w(int64_t, int i, int col, float x) const {
+    if (i >= rows) return;
     if (col < E) {
-      wv[(bh * N + n) * E + col] = static_cast<T16>(x);
+      wv[i * E + col] = static_cast<T16>(x);
     } else {
-      wk[(bh * N + n) * D + col - E] = static_cast<T16>(x);
+      wk[i * D + col - E] = static_cast<T16>(x);
     }
   }
 };
 
+// One block per chunk ch = (b H + h) nc + c.
 template <typename T16>
-__global__ void __launch_bounds__(kPrepThreads) wy16_kernel(Wy16Io<T16> a) {
+__global__ void __launch_bounds__(kPrepThreads) wy16_kernel(Wy16Args a, int64_t nc) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   DeviceExec ex;
-  prep_block<float, DeviceExec, true, Wy16Io<T16>>(a, static_cast<int64_t>(blockIdx.x),
-                                                   reinterpret_cast<float*>(smem_raw), ex);
+  const int64_t ch = blockIdx.x, bh = ch / nc, c = ch % nc, b = bh / a.H, h = bh % a.H, n0 = c * a.C;
+  Wy16Io<T16> io;
+  io.C = a.C, io.D = a.D, io.E = a.E;
+  io.rows = (int)(a.N - n0 < a.C ? a.N - n0 : a.C);
+  io.k = static_cast<const T16*>(a.k) + b * a.ks[0] + h / a.kgroup * a.ks[1] + n0 * a.ks[2];
+  io.v = static_cast<const T16*>(a.v) + b * a.vs[0] + h / a.vgroup * a.vs[1] + n0 * a.vs[2];
+  io.ks = a.ks[2], io.vs = a.vs[2];
+  io.beta = a.beta + bh * a.N + n0;
+  io.g = a.g + bh * a.N + n0;
+  io.wv = static_cast<T16*>(a.wv) + (bh * a.N + n0) * a.E;
+  io.wk = static_cast<T16*>(a.wk) + (bh * a.N + n0) * a.D;
+  prep_block<float, DeviceExec, true, Wy16Io<T16>>(io, ch, reinterpret_cast<float*>(smem_raw), ex);
 }
 
 // Whether the device is sm_80 or later (tf32 mma.sync); an error of the query in *e.
@@ -175,6 +172,16 @@ bool tf32_device(cudaError_t* e) {
 }
 
 // Launches kernel<<<grid, threads, smem, st>>>(args), opting in to more than 48 KiB of shared memory first.
+template <typename A, typename X>
+cudaError_t launch(void (*kernel)(A, X), dim3 grid, int threads, size_t smem, cudaStream_t st, const A& args, X x) {
+  if (smem > 48 * 1024) {
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e != cudaSuccess) return e;
+  }
+  kernel<<<grid, threads, smem, st>>>(args, x);
+  return cudaGetLastError();
+}
+
 template <typename A>
 cudaError_t launch(void (*kernel)(A), dim3 grid, int threads, size_t smem, cudaStream_t st, const A& args) {
   if (smem > 48 * 1024) {
@@ -323,21 +330,9 @@ cudaError_t delta_wy16(const Wy16Args& a, cudaStream_t st) {
   if (!tf32_device(&e)) return e != cudaSuccess ? e : cudaErrorInvalidDeviceFunction;
   const int64_t nc = (a.N + a.C - 1) / a.C, chunks = a.B * a.H * nc;
   if (chunks == 0) return cudaSuccess;
-  auto run = [&](auto t16) {
-    using T16 = decltype(t16);
-    Wy16Io<T16> io;
-    io.C = a.C, io.D = a.D, io.E = a.E, io.nc = (int)nc, io.kgroup = a.kgroup, io.vgroup = a.vgroup;
-    io.H = a.H, io.N = a.N;
-    io.k = static_cast<const T16*>(a.k);
-    io.v = static_cast<const T16*>(a.v);
-    for (int i = 0; i < 3; ++i) io.ks[i] = a.ks[i], io.vs[i] = a.vs[i];
-    io.beta = a.beta;
-    io.g = a.g;
-    io.wv = static_cast<T16*>(a.wv);
-    io.wk = static_cast<T16*>(a.wk);
-    return launch(wy16_kernel<T16>, dim3((unsigned)chunks), kPrepThreads, prep_tc_smem_bytes(a.C, a.D, a.E), st, io);
-  };
-  return a.bf16 ? run(__nv_bfloat16()) : run(__half());
+  const size_t smem = prep_tc_smem_bytes(a.C, a.D, a.E);
+  return a.bf16 ? launch(wy16_kernel<__nv_bfloat16>, dim3((unsigned)chunks), kPrepThreads, smem, st, a, nc)
+                : launch(wy16_kernel<__half>, dim3((unsigned)chunks), kPrepThreads, smem, st, a, nc);
 }
 
 cudaError_t delta_chain(const ChainArgs<float>& a, cudaStream_t st) { return run_chain(a, st); }

@@ -409,6 +409,31 @@ def test_cuda_wgmma_main_pass_matches_recurrence(lasp, shape, dtype, resets, see
             assert err < 3e-2, f"{kernels}, {name}: relative error {err:.2e}"
 
 
+@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 (Hopper) CUDA device")
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_cuda_wgmma_main_pass_with_l2norm(lasp, layout, seed):
+    """The user-facing op with use_qk_l2norm (q and k normalised in the op, kept in their 16-bit dtype) and
+    either layout takes the sm_90a forward too, and its output, final state and gradients match the float64
+    recurrence (the backward is the chunked form's)."""
+    B, H, N, D = 2, 4, 300, 128
+    q, k, v, g, beta, s0, do, dS = _inputs(seed, B, H, H, H, N, D, D, dtype=torch.bfloat16, device="cuda")
+    t = (lambda x: x.transpose(1, 2).contiguous()) if layout == "bnhd" else (lambda x: x)
+    fn = lambda *a, **kw: lasp.gated_delta_attention(*(t(x) for x in a), output_final_state=True,  # noqa: E731
+                                                     use_qk_l2norm=True, layout=layout, **kw)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn(q, k, v, g, beta)
+        torch.cuda.synchronize()
+    assert any("wgmma_fwd_kernel" in e.name for e in prof.events()), "the sm_90a forward did not run"
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta, s0)]
+    o, f = fn(*leaves[:5], initial_state=leaves[5])
+    got = dict(zip(["o", "f", "dq", "dk", "dv", "dg", "dbeta", "ds0"],
+                   [t(o.detach()), f.detach(), *torch.autograd.grad([o, f], leaves, [t(do.to(o.dtype)), dS.float()])]))
+    want = _run(_ref(use_qk_l2norm=True), *(x.double().cpu() for x in (q, k, v, g, beta, s0, do, dS)))
+    for key, w in want.items():
+        err = rel_err(got[key], w)
+        assert err < 3e-2, f"{key}: relative error {err:.2e}"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("resets", [False, True], ids=["gates", "resets"])
 @pytest.mark.parametrize("dims", [(128, 128), (64, 64), (256, 40), (48, 16)], ids=lambda d: f"D{d[0]}E{d[1]}")
