@@ -285,13 +285,7 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tens
                                     const Tensor& beta, double scale, const std::optional<Tensor>& initial_state) {
   check_delta_inputs(q, k, v, g, beta, initial_state, /*check_values=*/true);
   if (MainFn main = device_hook<MainFn>(q.device().type()); main && q.size(2) > 0) {
-    const at::ScalarType acc = delta_acc(q, k, v);
-    // a copy, as state_or_zeros makes: the kernel's final state must not alias the input
-    const Tensor S0 =
-        initial_state.has_value()
-            ? initial_state->to(acc, /*non_blocking=*/false, /*copy=*/true)
-            : at::zeros({q.size(0), std::max(q.size(1), v.size(1)), q.size(3), v.size(3)}, q.options().dtype(acc));
-    auto out = main(q, k, v, g, beta, scale, S0);
+    auto out = main(q, k, v, g, beta, scale, initial_state);
     if (std::get<0>(out).defined()) return out;
   }
   const Chunks c = prepare(q, k, v, g, beta, /*need_q=*/true);
@@ -516,9 +510,8 @@ std::tuple<Tensor, Tensor> call_fwd(const Tensor& q, const Tensor& k, const Tens
 
 // q / sqrt(sum of squares over the head dim + 1e-6) (fla's use_qk_l2norm_in_kernel); ATen ops, so that
 // autograd differentiates it where the caller records.
-// The result is in the accumulation type (the op computes in it anyway).
-// In the accumulation type, then back in x's dtype (16-bit q and k stay 16-bit, as fla's kernel gives them, so
-// the 16-bit kernels take them).
+// Computed in the accumulation type, returned in x's dtype: 16-bit q and k stay 16-bit, as fla's kernel gives
+// them, so that the 16-bit kernels take them.
 Tensor l2norm(const Tensor& x) {
   const Tensor xf = x.to(delta_acc(x.scalar_type()));
   return (xf * (xf * xf).sum(-1, true).add(1e-6).rsqrt()).to(x.scalar_type());

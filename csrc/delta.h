@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/DeviceType.h>
 
+#include <optional>
 #include <tuple>
 
 namespace lasp {
@@ -102,11 +103,11 @@ bool register_delta_dr(c10::DeviceType type, DrFn fn);
 
 // The forward of one piece where a device has kernels for all of it (sm_90a: the WY form in 16 bits, then the
 // gated wgmma main kernel with U = W_v - W_k S_b for the values, kernels/wgmma_fwd.cu): from q, k, v, g, beta
-// as the op got them (bhnd views), scale and the incoming state S0 (B, H, D, E) in the acc type, N > 0:
+// as the op got them (bhnd views, checked), scale and the incoming state (B, H, D, E) or none (zero), N > 0:
 // (o (B, H, N, E) in q's dtype, the final state (B, H, D, E) in the acc type). Undefined o: not taken (the
 // chunked form's ATen compositions and kernels run).
 using MainFn = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       const at::Tensor& g, const at::Tensor& beta, double scale,
-                                                      const at::Tensor& S0);
+                                                      const std::optional<at::Tensor>& initial_state);
 bool register_delta_main(c10::DeviceType type, MainFn fn);
 }  // namespace lasp

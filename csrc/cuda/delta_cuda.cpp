@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 
@@ -244,12 +245,11 @@ ProOut pro_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& gam,
 // (kernels/wgmma_fwd.cu); else nothing.
 std::tuple<at::Tensor, at::Tensor> main_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                              const at::Tensor& g, const at::Tensor& beta, double scale,
-                                             const at::Tensor& S0) {
+                                             const std::optional<at::Tensor>& initial_state) {
   const auto t = q.scalar_type();
-  if (!use_kernel() || (t != at::kBFloat16 && t != at::kHalf) || k.scalar_type() != t || v.scalar_type() != t ||
-      S0.scalar_type() != at::kFloat)
+  if (!use_kernel() || (t != at::kBFloat16 && t != at::kHalf) || k.scalar_type() != t || v.scalar_type() != t)
     return {};
-  const int64_t B = q.size(0), H = S0.size(1), N = q.size(2), D = q.size(3), E = v.size(3);
+  const int64_t B = q.size(0), H = std::max(q.size(1), v.size(1)), N = q.size(2), D = q.size(3), E = v.size(3);
   auto view = [](const at::Tensor& x) {
     TensorView4 tv;
     tv.ptr = x.data_ptr();
@@ -275,11 +275,13 @@ std::tuple<at::Tensor, at::Tensor> main_cuda(const at::Tensor& q, const at::Tens
   w.k = kc.data_ptr(), w.v = vc.data_ptr();
   for (int i = 0; i < 3; ++i) w.ks[i] = kc.stride(i), w.vs[i] = vc.stride(i);
   if (!cuda::delta_wy16_takes(w)) return {};
-  const at::Tensor gf = g.to(at::kFloat).contiguous(), bf = beta.to(at::kFloat).contiguous(), s0 = S0.contiguous();
-  at::Tensor fin = at::empty({B, H, D, E}, S0.options());
+  const at::Tensor gf = g.to(at::kFloat).contiguous(), bf = beta.to(at::kFloat).contiguous();
+  const at::Tensor s0 = initial_state.has_value() ? initial_state->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor fin = at::empty({B, H, D, E}, q.options().dtype(at::kFloat));
   w.beta = bf.data_ptr<float>(), w.g = gf.data_ptr<float>();
   w.wv = wv.data_ptr(), w.wk = wk.data_ptr();
-  p.g = gf.data_ptr(), p.state_in = s0.data_ptr(), p.state_out = fin.data_ptr();
+  p.g = gf.data_ptr(), p.state_out = fin.data_ptr();
+  p.state_in = s0.defined() ? s0.data_ptr() : nullptr;  // none: the kernel starts from zero
   const cudaStream_t st = at::cuda::getCurrentCUDAStream();
   C10_CUDA_CHECK(cuda::delta_wy16(w, st));
   C10_CUDA_CHECK(cuda::fast::delta_fwd_wgmma(p, view(wk), st));
