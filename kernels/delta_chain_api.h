@@ -10,6 +10,7 @@
 #include "delta_out.h"
 #include "delta_prep.h"
 #include "delta_solve.h"
+#include "delta_wy16.h"
 
 namespace lasp {
 namespace cuda {
@@ -54,24 +55,7 @@ bool delta_prep_takes(int C, int D, int E, size_t elem_size);
 cudaError_t delta_prep(const PrepArgs<float>& args, cudaStream_t stream);
 cudaError_t delta_prep(const PrepArgs<double>& args, cudaStream_t stream);
 
-// The WY form of the sm_90a forward in 16 bits (the operands of its main pass, wgmma_fwd.cu): per chunk of C
-// tokens of each (b, h), prep_block's tensor-core program reading k (B, Hk, N, D) and v (B, Hv, N, E) in their
-// 16-bit dtype through the head maps (strides in elements; the last dim contiguous), beta and the log gates g
-// (fp32, contiguous (B, H, N)), and writing W_v (B, H, N, E) and W_k (B, H, N, D), contiguous, in that dtype
-// (rows past N are zeros in the chunk and not written). C = 64, D and E multiples of 8 up to 128.
-struct Wy16Args {
-  int64_t B = 0, H = 0, N = 0;
-  int C = 64, D = 0, E = 0;
-  int kgroup = 1, vgroup = 1;  // output head h reads k head h / kgroup, v head h / vgroup
-  bool bf16 = true;            // else fp16
-  const void* k = nullptr;
-  const void* v = nullptr;
-  int64_t ks[3] = {0, 0, 0}, vs[3] = {0, 0, 0};  // strides of b, head, n
-  const float* beta = nullptr;
-  const float* g = nullptr;
-  void* wv = nullptr;
-  void* wk = nullptr;
-};
+// The WY form of the sm_90a forward in 16 bits (delta_wy16.h: one block per chunk, prep_block's shared memory).
 bool delta_wy16_takes(const Wy16Args& args);
 cudaError_t delta_wy16(const Wy16Args& args, cudaStream_t stream);
 

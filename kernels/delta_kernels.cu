@@ -3,8 +3,6 @@
 // solves (delta_solve.h's, one block of 128 threads per chunk and tile of 128 columns), the chunks' fused WY
 // quantities (delta_prep.h's), the forward's output (delta_out.h's), the backward's chain inputs, its
 // transposed solve with m^-1 and its gradients (delta_bwd.h's), each one block of 256 threads per chunk.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "delta_chain_api.h"
@@ -110,57 +108,13 @@ __global__ void __launch_bounds__(kPrepThreads) prep_tc_kernel(PrepArgs<float> a
   prep_block<float, DeviceExec, true>(a, static_cast<int64_t>(blockIdx.x), reinterpret_cast<float*>(smem_raw), ex);
 }
 
-// prep_block's inputs and w through Wy16Args for one chunk (the block's: its rows' pointers made once, so the
-// accessors ignore ch and do 32-bit index arithmetic only); rows at and past `rows` (past N) read zeros and
-// are not written.
+// One block per chunk ch = (b H + h) nc + c (delta_wy16.h).
 template <typename T16>
-struct Wy16Io {
-  int C, D, E, rows;
-  const T16* k;  // row 0 of the chunk in k's head, rows ks apart
-  const T16* v;
-  int64_t ks, vs;
-  const float* beta;  // row 0 of the chunk, contiguous
-  const float* g;
-  T16* wv;  // row 0 of the chunk, contiguous rows of E (W_v) and D (W_k)
-  T16* wk;
-  float *gam = nullptr, *kk = nullptr, *m = nullptr, *minv = nullptr;  // not written
-
-  __device__ float k_at(int64_t, int i, int x) const { return i < rows ? static_cast<float>(k[i * ks + x]) : 0.f; }
-  __device__ float v_at(int64_t, int i, int x) const { return i < rows ? static_cast<float>(v[i * vs + x]) : 0.f; }
-  __device__ float beta_at(int64_t, int i) const { return i < rows ? beta[i] : 0.f; }
-  __device__ float g_at(int64_t, int i) const { return i < rows ? g[i] : 0.f; }
-  __device__ float pre_at(int64_t, int i) const {  // exp of the chunk's gates up to i, summed in order
-    float s = 0.f;
-    for (int u = 0; u <= i && u < rows; ++u) s += g[u];
-    return expf(s);
-  }
-  __device__ void put_w(int64_t, int i, int col, float x) const {
-    if (i >= rows) return;
-    if (col < E) {
-      wv[i * E + col] = static_cast<T16>(x);
-    } else {
-      wk[i * D + col - E] = static_cast<T16>(x);
-    }
-  }
-};
-
-// One block per chunk ch = (b H + h) nc + c.
-template <typename T16>
-__global__ void __launch_bounds__(kPrepThreads) wy16_kernel(Wy16Args a, int64_t nc) {
+__global__ void __launch_bounds__(kPrepThreads) wy16_kernel(Wy16Args a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   DeviceExec ex;
-  const int64_t ch = blockIdx.x, bh = ch / nc, c = ch % nc, b = bh / a.H, h = bh % a.H, n0 = c * a.C;
-  Wy16Io<T16> io;
-  io.C = a.C, io.D = a.D, io.E = a.E;
-  io.rows = (int)(a.N - n0 < a.C ? a.N - n0 : a.C);
-  io.k = static_cast<const T16*>(a.k) + b * a.ks[0] + h / a.kgroup * a.ks[1] + n0 * a.ks[2];
-  io.v = static_cast<const T16*>(a.v) + b * a.vs[0] + h / a.vgroup * a.vs[1] + n0 * a.vs[2];
-  io.ks = a.ks[2], io.vs = a.vs[2];
-  io.beta = a.beta + bh * a.N + n0;
-  io.g = a.g + bh * a.N + n0;
-  io.wv = static_cast<T16*>(a.wv) + (bh * a.N + n0) * a.E;
-  io.wk = static_cast<T16*>(a.wk) + (bh * a.N + n0) * a.D;
-  prep_block<float, DeviceExec, true, Wy16Io<T16>>(io, ch, reinterpret_cast<float*>(smem_raw), ex);
+  const int64_t ch = blockIdx.x;
+  prep_block<float, DeviceExec, true, Wy16Io<T16>>(wy16_io<T16>(a, ch), ch, reinterpret_cast<float*>(smem_raw), ex);
 }
 
 // Whether the device is sm_80 or later (tf32 mma.sync); an error of the query in *e.
@@ -172,16 +126,6 @@ bool tf32_device(cudaError_t* e) {
 }
 
 // Launches kernel<<<grid, threads, smem, st>>>(args), opting in to more than 48 KiB of shared memory first.
-template <typename A, typename X>
-cudaError_t launch(void (*kernel)(A, X), dim3 grid, int threads, size_t smem, cudaStream_t st, const A& args, X x) {
-  if (smem > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    if (e != cudaSuccess) return e;
-  }
-  kernel<<<grid, threads, smem, st>>>(args, x);
-  return cudaGetLastError();
-}
-
 template <typename A>
 cudaError_t launch(void (*kernel)(A), dim3 grid, int threads, size_t smem, cudaStream_t st, const A& args) {
   if (smem > 48 * 1024) {
@@ -331,8 +275,8 @@ cudaError_t delta_wy16(const Wy16Args& a, cudaStream_t st) {
   const int64_t nc = (a.N + a.C - 1) / a.C, chunks = a.B * a.H * nc;
   if (chunks == 0) return cudaSuccess;
   const size_t smem = prep_tc_smem_bytes(a.C, a.D, a.E);
-  return a.bf16 ? launch(wy16_kernel<__nv_bfloat16>, dim3((unsigned)chunks), kPrepThreads, smem, st, a, nc)
-                : launch(wy16_kernel<__half>, dim3((unsigned)chunks), kPrepThreads, smem, st, a, nc);
+  return a.bf16 ? launch(wy16_kernel<__nv_bfloat16>, dim3((unsigned)chunks), kPrepThreads, smem, st, a)
+                : launch(wy16_kernel<__half>, dim3((unsigned)chunks), kPrepThreads, smem, st, a);
 }
 
 cudaError_t delta_chain(const ChainArgs<float>& a, cudaStream_t st) { return run_chain(a, st); }

@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <random>
 #include <vector>
@@ -294,108 +293,117 @@ TEST(DeltaPrep, CudaKernelMatchesDefinitions) {
 #endif
 
 #if defined(LASP_WITH_CUDA)
-// bf16 bits of x (round to nearest even) and back: the 16-bit kernel's inputs and outputs on the host.
-uint16_t to_bf16(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-double from_bf16(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float x;
-  std::memcpy(&x, &u, 4);
-  return x;
-}
-
-// The 16-bit WY kernel of the sm_90a forward (delta_wy16): k (B, Hk, N, D) and v (B, Hv, N, E) in bf16 read
+// The 16-bit WY program of the sm_90a forward (delta_wy16.h): k (B, Hk, N, D) and v (B, Hv, N, E) in bf16 read
 // through the head maps (k in a (B, N, Hk, D) layout, as the op's "bnhd" views give it), beta and the gates
-// (B, H, N) fp32, a partial last chunk and -inf gates; W_v (B, H, N, E) and W_k (B, H, N, D) against
+// (B, H, N) fp32, partial last chunks and -inf gates; W_v (B, H, N, E) and W_k (B, H, N, D) against
 // M^-1 [diag(beta) V | diag(beta pre) K] computed in double from the same bf16 inputs, per chunk. W carries
 // bf16's rounding (2^-9 relative) and tf32's in its products: within 1e-2 of W's largest entry per (b, h).
+// On the host (wy16_io's decode and the program under IntervalExec, both orders) and as the kernel on a device.
+struct Wy16Case {
+  int B, H, Hk, Hv, N, D, E;
+};
+const Wy16Case kWy16Cases[] = {
+    {2, 4, 2, 4, 150, 128, 64}, {1, 4, 1, 2, 64, 64, 128}, {1, 2, 2, 2, 1, 128, 128}, {1, 2, 1, 1, 200, 32, 24}};
+
+double from_bf16(__nv_bfloat16 b) { return static_cast<float>(b); }
+
+void wy16_case(const Wy16Case& c, unsigned seed, bool device) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  std::uniform_real_distribution<double> ud(0.0, 1.0);
+  const int C = 64, nc = (c.N + C - 1) / C;
+  std::vector<__nv_bfloat16> k((size_t)c.B * c.N * c.Hk * c.D), v((size_t)c.B * c.Hv * c.N * c.E);
+  for (auto& e : k) e = __float2bfloat16((float)(nd(gen) / std::sqrt((double)c.D)));
+  for (auto& e : v) e = __float2bfloat16((float)nd(gen));
+  std::vector<float> beta((size_t)c.B * c.H * c.N), g(beta.size());
+  for (auto& e : beta) e = (float)ud(gen);
+  for (size_t i = 0; i < g.size(); ++i) g[i] = i % 37 == 5 ? -INFINITY : (float)(-0.2 * ud(gen));
+  const __nv_bfloat16 junk = __float2bfloat16(-7.f);
+  std::vector<__nv_bfloat16> wv((size_t)c.B * c.H * c.N * c.E, junk), wk((size_t)c.B * c.H * c.N * c.D, junk);
+  lasp::cuda::Wy16Args a;
+  a.B = c.B, a.H = c.H, a.N = c.N, a.D = c.D, a.E = c.E, a.kgroup = c.H / c.Hk, a.vgroup = c.H / c.Hv;
+  const int64_t ks[3] = {(int64_t)c.N * c.Hk * c.D, c.D, (int64_t)c.Hk * c.D};  // (B, N, Hk, D) memory
+  const int64_t vs[3] = {(int64_t)c.Hv * c.N * c.E, (int64_t)c.N * c.E, c.E};
+  for (int i = 0; i < 3; ++i) a.ks[i] = ks[i], a.vs[i] = vs[i];
+  ASSERT_TRUE(lasp::cuda::delta_wy16_takes(a));
+  const int64_t chunks = (int64_t)c.B * c.H * nc;
+  if (device) {
+    DeviceBuffers<__nv_bfloat16> b16;
+    DeviceBuffers<float> b32;
+    a.k = b16.up(k), a.v = b16.up(v);
+    a.beta = b32.up(beta), a.g = b32.up(g);
+    __nv_bfloat16* dwv = b16.up(wv);
+    __nv_bfloat16* dwk = b16.up(wk);
+    a.wv = dwv, a.wk = dwk;
+    ASSERT_EQ(lasp::cuda::delta_wy16(a, nullptr), cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    b16.down(wv, dwv);
+    b16.down(wk, dwk);
+  } else {
+    a.k = k.data(), a.v = v.data(), a.beta = beta.data(), a.g = g.data(), a.wv = wv.data(), a.wk = wk.data();
+    lasp_test::run_blocks<float>(chunks, lasp::cuda::prep_tc_smem_bytes(C, c.D, c.E) / sizeof(float),
+                                 lasp::cuda::kPrepThreads, (seed & 1) != 0, [&](auto& ex, int64_t ch, float* smem) {
+                                   using Io = lasp::cuda::Wy16Io<__nv_bfloat16>;
+                                   lasp::cuda::prep_block<float, lasp_test::IntervalExec, true, Io>(
+                                       lasp::cuda::wy16_io<__nv_bfloat16>(a, ch), ch, smem, ex);
+                                 });
+  }
+  const int WD = c.E + c.D;
+  for (int b = 0; b < c.B; ++b)
+    for (int h = 0; h < c.H; ++h) {
+      const size_t bh = (size_t)b * c.H + h;
+      double err = 0, big = 0;
+      for (int ci = 0; ci < nc; ++ci) {
+        const int n0 = ci * C, rows = std::min(C, c.N - n0);
+        auto kx = [&](int i, int x) {
+          return from_bf16(k[(size_t)b * ks[0] + (size_t)(h / a.kgroup) * ks[1] + (size_t)(n0 + i) * ks[2] + x]);
+        };
+        auto vx = [&](int i, int x) {
+          return from_bf16(v[(size_t)b * vs[0] + (size_t)(h / a.vgroup) * vs[1] + (size_t)(n0 + i) * vs[2] + x]);
+        };
+        auto gi = [&](int i) { return (double)g[bh * c.N + n0 + i]; };
+        // W = M^-1 R by substitution down the rows, in double
+        std::vector<double> W((size_t)rows * WD), pre(rows);
+        double s = 0;
+        for (int i = 0; i < rows; ++i) pre[i] = std::exp(s += gi(i));
+        for (int i = 0; i < rows; ++i) {
+          const double bi = beta[bh * c.N + n0 + i];
+          for (int col = 0; col < WD; ++col)
+            W[(size_t)i * WD + col] = col < c.E ? bi * vx(i, col) : bi * pre[i] * kx(i, col - c.E);
+          for (int j = 0; j < i; ++j) {
+            double gs = 0;
+            for (int u = j + 1; u <= i; ++u) gs += gi(u);
+            double kk = 0;
+            for (int x = 0; x < c.D; ++x) kk += kx(i, x) * kx(j, x);
+            const double A = bi * std::exp(gs) * kk;
+            for (int col = 0; col < WD; ++col) W[(size_t)i * WD + col] -= A * W[(size_t)j * WD + col];
+          }
+        }
+        for (int i = 0; i < rows; ++i)
+          for (int col = 0; col < WD; ++col) {
+            const size_t n = bh * c.N + n0 + i;
+            const double got = col < c.E ? from_bf16(wv[n * c.E + col]) : from_bf16(wk[n * c.D + col - c.E]);
+            err = std::max(err, std::fabs(got - W[(size_t)i * WD + col]));
+            big = std::max(big, std::fabs(W[(size_t)i * WD + col]));
+          }
+      }
+      EXPECT_LE(err, 1e-2 * big) << (device ? "device" : "host") << ", b " << b << ", h " << h << ", N " << c.N
+                                 << ", D " << c.D << ", E " << c.E;
+    }
+}
+
+TEST(DeltaPrep, HostWy16ProgramMatchesDefinitions) {
+  unsigned seed = 600;
+  for (const Wy16Case& c : kWy16Cases) wy16_case(c, seed++, false);
+}
+
 TEST(DeltaPrep, CudaWy16MatchesDefinitions) {
   LASP_SKIP_WITHOUT_CUDA_DEVICE();
   int major = 0;
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
   if (major < 8) GTEST_SKIP() << "tf32 tensor cores need sm_80";
-  struct Case {
-    int B, H, Hk, Hv, N, D, E;
-  };
-  const Case cases[] = {
-      {2, 4, 2, 4, 150, 128, 64}, {1, 4, 1, 2, 64, 64, 128}, {1, 2, 2, 2, 1, 128, 128}, {1, 2, 1, 1, 200, 32, 24}};
   unsigned seed = 700;
-  for (const Case& c : cases) {
-    std::mt19937 gen(seed++);
-    std::normal_distribution<double> nd(0.0, 1.0);
-    std::uniform_real_distribution<double> ud(0.0, 1.0);
-    const int C = 64, nc = (c.N + C - 1) / C;
-    std::vector<uint16_t> k((size_t)c.B * c.N * c.Hk * c.D), v((size_t)c.B * c.Hv * c.N * c.E);
-    for (auto& e : k) e = to_bf16((float)(nd(gen) / std::sqrt((double)c.D)));
-    for (auto& e : v) e = to_bf16((float)nd(gen));
-    std::vector<float> beta((size_t)c.B * c.H * c.N), g(beta.size());
-    for (auto& e : beta) e = (float)ud(gen);
-    for (size_t i = 0; i < g.size(); ++i) g[i] = i % 37 == 5 ? -INFINITY : (float)(-0.2 * ud(gen));
-    const uint16_t junk = to_bf16(-7.f);
-    std::vector<uint16_t> wv((size_t)c.B * c.H * c.N * c.E, junk), wk((size_t)c.B * c.H * c.N * c.D, junk);
-    DeviceBuffers<uint16_t> b16;
-    DeviceBuffers<float> b32;
-    lasp::cuda::Wy16Args a;
-    a.B = c.B, a.H = c.H, a.N = c.N, a.D = c.D, a.E = c.E, a.kgroup = c.H / c.Hk, a.vgroup = c.H / c.Hv;
-    a.k = b16.up(k), a.v = b16.up(v);
-    const int64_t ks[3] = {(int64_t)c.N * c.Hk * c.D, c.D, (int64_t)c.Hk * c.D};  // (B, N, Hk, D) memory
-    const int64_t vs[3] = {(int64_t)c.Hv * c.N * c.E, (int64_t)c.N * c.E, c.E};
-    for (int i = 0; i < 3; ++i) a.ks[i] = ks[i], a.vs[i] = vs[i];
-    a.beta = b32.up(beta), a.g = b32.up(g);
-    uint16_t* dwv = b16.up(wv);
-    uint16_t* dwk = b16.up(wk);
-    a.wv = dwv, a.wk = dwk;
-    ASSERT_TRUE(lasp::cuda::delta_wy16_takes(a));
-    ASSERT_EQ(lasp::cuda::delta_wy16(a, nullptr), cudaSuccess);
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    b16.down(wv, dwv);
-    b16.down(wk, dwk);
-    const int WD = c.E + c.D;
-    for (int b = 0; b < c.B; ++b)
-      for (int h = 0; h < c.H; ++h) {
-        const size_t bh = (size_t)b * c.H + h;
-        double err = 0, big = 0;
-        for (int ci = 0; ci < nc; ++ci) {
-          const int n0 = ci * C, rows = std::min(C, c.N - n0);
-          auto kx = [&](int i, int x) {
-            return from_bf16(k[(size_t)b * ks[0] + (size_t)(h / a.kgroup) * ks[1] + (size_t)(n0 + i) * ks[2] + x]);
-          };
-          auto vx = [&](int i, int x) {
-            return from_bf16(v[(size_t)b * vs[0] + (size_t)(h / a.vgroup) * vs[1] + (size_t)(n0 + i) * vs[2] + x]);
-          };
-          auto gi = [&](int i) { return (double)g[bh * c.N + n0 + i]; };
-          // W = M^-1 R by substitution down the rows, in double
-          std::vector<double> W((size_t)rows * WD), pre(rows);
-          double s = 0;
-          for (int i = 0; i < rows; ++i) pre[i] = std::exp(s += gi(i));
-          for (int i = 0; i < rows; ++i) {
-            const double bi = beta[bh * c.N + n0 + i];
-            for (int col = 0; col < WD; ++col)
-              W[(size_t)i * WD + col] = col < c.E ? bi * vx(i, col) : bi * pre[i] * kx(i, col - c.E);
-            for (int j = 0; j < i; ++j) {
-              double gs = 0;
-              for (int u = j + 1; u <= i; ++u) gs += gi(u);
-              double kk = 0;
-              for (int x = 0; x < c.D; ++x) kk += kx(i, x) * kx(j, x);
-              const double A = bi * std::exp(gs) * kk;
-              for (int col = 0; col < WD; ++col) W[(size_t)i * WD + col] -= A * W[(size_t)j * WD + col];
-            }
-          }
-          for (int i = 0; i < rows; ++i)
-            for (int col = 0; col < WD; ++col) {
-              const size_t n = bh * c.N + n0 + i;
-              const double got = col < c.E ? from_bf16(wv[n * c.E + col]) : from_bf16(wk[n * c.D + col - c.E]);
-              err = std::max(err, std::fabs(got - W[(size_t)i * WD + col]));
-              big = std::max(big, std::fabs(W[(size_t)i * WD + col]));
-            }
-        }
-        EXPECT_LE(err, 1e-2 * big) << "b " << b << ", h " << h << ", N " << c.N << ", D " << c.D << ", E " << c.E;
-      }
-  }
+  for (const Wy16Case& c : kWy16Cases) wy16_case(c, seed++, true);
 }
 #endif
 
