@@ -14,12 +14,6 @@
 
 namespace lasp {
 
-namespace {
-
-bool supported_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
-}
-
 ScalarType to_lasp(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return ScalarType::Float32;
@@ -35,6 +29,12 @@ TensorView4 view4(const Tensor& t) {
   v.ptr = t.data_ptr();
   for (int i = 0; i < 4; ++i) v.stride[i] = t.stride(i);
   return v;
+}
+
+namespace {
+
+bool supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
 }
 
 void* ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }

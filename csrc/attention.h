@@ -17,6 +17,11 @@ using at::Tensor;
 
 class Ring;
 
+// The lasp dtype of a tensor's dtype (float32, float16, bfloat16, float64; another raises a TypeError).
+ScalarType to_lasp(at::ScalarType t);
+// The (b, h, n, last) view of a 4-D tensor as the kernels read it: its data pointer and element strides.
+TensorView4 view4(const Tensor& t);
+
 // One hop of the ring through peer memory (Transport::Peer). dir 0: forward (rank r-1 -> r -> r+1), 1:
 // backward. A rank with an upstream neighbour receives: out = gamma^n * (the state that rank sent) + add
 // and in_copy = that state, gamma^n = exp(-decay[h] * n), or with per-token gates the (b, h) factors in

@@ -190,16 +190,9 @@ struct Chunks {
   Tensor ks;             // (B, H, nc, D, C): (diag(suf) K)^T
 };
 
-// (B, H, N, X) -> (B, H, nc, C, X), zero-padded
-Tensor chunked(const Tensor& x, const Chunks& c) {
-  const int64_t pad = c.nc * kChunk - c.N;
-  Tensor y = pad ? at::constant_pad_nd(x, {0, 0, 0, pad}) : x;
-  return y.reshape({c.B, c.H, c.nc, kChunk, x.size(3)});
-}
-
 // need_minv: the caller (the backward) takes m^-1 where a device's kernel forms it.
-Chunks prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta, bool need_q,
-               bool need_minv = false) {
+Chunks prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta,
+               bool need_q, bool need_minv = false) {
   Chunks c;
   c.acc = delta_acc(q, k, v);
   c.low = c.acc == at::kFloat && at::isReducedFloatingType(v.scalar_type());
@@ -211,14 +204,18 @@ Chunks prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
   const int64_t C = kChunk;
   c.nc = (c.N + C - 1) / C;
   const int64_t pad = c.nc * C - c.N;
+  auto chunked = [&](const Tensor& x) {  // (B, H, N, X) -> (B, H, nc, C, X), zero-padded
+    Tensor y = pad ? at::constant_pad_nd(x, {0, 0, 0, pad}) : x;
+    return y.reshape({c.B, c.H, c.nc, C, x.size(3)});
+  };
   auto chunked3 = [&](const Tensor& x) {  // (B, H, N) -> (B, H, nc, C)
     Tensor y = x.to(c.acc);
     y = pad ? at::constant_pad_nd(y, {0, pad}) : y;
     return y.reshape({c.B, c.H, c.nc, C});
   };
-  if (need_q) c.q = chunked(to_out_heads(q, c.H, c.acc), c);
-  c.k = chunked(to_out_heads(k, c.H, c.acc), c);
-  c.v = chunked(to_out_heads(v, c.H, c.acc), c);
+  if (need_q) c.q = chunked(to_out_heads(q, c.H, c.acc));
+  c.k = chunked(to_out_heads(k, c.H, c.acc));
+  c.v = chunked(to_out_heads(v, c.H, c.acc));
   const Tensor gc = chunked3(g);
   c.beta = chunked3(beta);
   c.pre = gc.cumsum(-1).exp();

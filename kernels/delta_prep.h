@@ -26,7 +26,7 @@ constexpr int kPrepThreads = 256;  // 8 warps: the tiles below assume exactly th
 constexpr int kPrepMaxC = 64;      // 8 row groups of 8 rows
 
 // Contiguous row-major arrays, chunks = B * H * nc. The block program reads its inputs and writes w through
-// the accessors below (the sm_90a forward's 16-bit WY kernel has its own, kernels/wgmma_fwd.cu); gam, kk, m
+// the accessors below (the sm_90a forward's 16-bit WY kernel has its own, delta_wy16.h); gam, kk, m
 // and minv are written where not null.
 template <typename T>
 struct PrepArgs {

@@ -79,7 +79,7 @@ cudaError_t wgmma_fwd_main(const AttnParams& p, int nseg, int seglen, const floa
                            const AccOut* o_acc = nullptr);
 cudaError_t wgmma_state_local(const AttnParams& p, bool reverse, int nseg, int seglen, int skip, float* out,
                               cudaStream_t stream);
-// The gated delta rule's main forward pass (kernels/DESIGN.md, "The planned form"): p as for a gated
+// The gated delta rule's main forward pass (kernels/DESIGN.md, "The sm_90a forward"): p as for a gated
 // forward of one segment (p.g the log gates, contiguous (B, H, N) fp32, no decay; q, k through their head
 // maps) with p.v = W_v (B, H, N, E) and wk = W_k (B, H, N, D), both in q's dtype; writes o (p.o) and, from
 // p.state_in (or zero), p.state_out. takes: an sm_90a device, 16-bit, D and E in {64, 128}, views the TMA

@@ -18,7 +18,7 @@
 // ACC (head dims above 128, cut into blocks by lasp_cuda.cu): o is one term of a sum over the blocks of D,
 // left as the AccOut says (fast_args.h) by direct stores from the accumulator registers.
 // DL (the gated delta rule's main pass, delta_fwd_wgmma): the values of the chunk are U = W_v - W_k S_b
-// (kernels/DESIGN.md, "The planned form"), made in the chunk from W_v (in V's stage slot) and W_k (one more
+// (kernels/DESIGN.md, "The sm_90a forward"), made in the chunk from W_v (in V's stage slot) and W_k (one more
 // stage slot, D / 64 atoms) by one more SS group, X = W_k S_b, issued with P; U goes to a 16-bit MN-major
 // tile (the operand of P U and of the state update: a block barrier, since every warp reads every row),
 // and the chunk then runs as the gated one with U for V.
@@ -188,7 +188,21 @@ __global__ void __launch_bounds__(kThreads, DL ? 1 : (D == 128 ? 2 : 3))
     float O[32], P[32];
     // the chunk's values: V, or (DL) the U tile made below
     const uint32_t vals = DL ? base + SM::UT : st + SM::V;
-    if constexpr (DL) {  // X = W_k S_b and P = Q K^T; then U = W_v - X into the U tile
+    auto issue_qk = [&]() {  // P = Q K^T, one commit group
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        wg::mma_ss_n64<T, 0, 0>(P, wg::kmajor(st + SM::Q, kk), wg::kmajor(st + SM::K, kk), 1);
+      }
+      wg::commit();
+    };
+    auto issue_qs = [&]() {  // O = Q S_b, one commit group
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        wg::mma_ss_n64<T, 0, 1>(O, wg::kmajor(st + SM::Q, kk), wg::mnmajor(base + SM::SB, kAtom, 0, kk), 1);
+      }
+      wg::commit();
+    };
+    if constexpr (DL) {  // X = W_k S_b and P = Q K^T; then U = W_v - X into the U tile, then O = Q S_b
       float X[32];
       wg::zero_acc(X);
       wg::zero_acc(P);
@@ -198,11 +212,7 @@ __global__ void __launch_bounds__(kThreads, DL ? 1 : (D == 128 ? 2 : 3))
         wg::mma_ss_n64<T, 0, 1>(X, wg::kmajor(st + SM::WK, kk), wg::mnmajor(base + SM::SB, kAtom, 0, kk), 1);
       }
       wg::commit();
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        wg::mma_ss_n64<T, 0, 0>(P, wg::kmajor(st + SM::Q, kk), wg::kmajor(st + SM::K, kk), 1);
-      }
-      wg::commit();
+      issue_qk();
       wg::wait<1>();
       wg::fence_regs(X);
 #pragma unroll
@@ -218,25 +228,13 @@ __global__ void __launch_bounds__(kThreads, DL ? 1 : (D == 128 ? 2 : 3))
       __syncthreads();
       wg::zero_acc(O);
       wg::fence();
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        wg::mma_ss_n64<T, 0, 1>(O, wg::kmajor(st + SM::Q, kk), wg::mnmajor(base + SM::SB, kAtom, 0, kk), 1);
-      }
-      wg::commit();
+      issue_qs();
     } else {
       wg::zero_acc(O);
       wg::zero_acc(P);
       wg::fence();
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        wg::mma_ss_n64<T, 0, 0>(P, wg::kmajor(st + SM::Q, kk), wg::kmajor(st + SM::K, kk), 1);
-      }
-      wg::commit();
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        wg::mma_ss_n64<T, 0, 1>(O, wg::kmajor(st + SM::Q, kk), wg::mnmajor(base + SM::SB, kAtom, 0, kk), 1);
-      }
-      wg::commit();
+      issue_qk();
+      issue_qs();
     }
 
     // ---- K^T diag(w) fragments for the state update (no wgmma in flight touches them) ----

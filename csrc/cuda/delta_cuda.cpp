@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include "attention.h"
 #include "delta.h"
 #include "delta_chain_api.h"
 #include "delta_launch.h"
@@ -250,23 +251,18 @@ std::tuple<at::Tensor, at::Tensor> main_cuda(const at::Tensor& q, const at::Tens
   if (!use_kernel() || (t != at::kBFloat16 && t != at::kHalf) || k.scalar_type() != t || v.scalar_type() != t)
     return {};
   const int64_t B = q.size(0), H = std::max(q.size(1), v.size(1)), N = q.size(2), D = q.size(3), E = v.size(3);
-  auto view = [](const at::Tensor& x) {
-    TensorView4 tv;
-    tv.ptr = x.data_ptr();
-    for (int i = 0; i < 4; ++i) tv.stride[i] = x.stride(i);
-    return tv;
-  };
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor qc = q.stride(3) == 1 ? q : q.contiguous(), kc = k.stride(3) == 1 ? k : k.contiguous(),
                    vc = v.stride(3) == 1 ? v : v.contiguous();
   const auto o16 = q.options().dtype(t);
   at::Tensor o = at::empty({B, H, N, E}, o16), wv = at::empty({B, H, N, E}, o16), wk = at::empty({B, H, N, D}, o16);
+  const at::Tensor gf = g.to(at::kFloat).contiguous();
   AttnParams p;
-  p.dtype = t == at::kBFloat16 ? ScalarType::BFloat16 : ScalarType::Float16;
+  p.dtype = to_lasp(t);
   p.B = B, p.H = H, p.Hq = q.size(1), p.Hkv = k.size(1), p.Hv = H, p.N = N, p.D = D, p.E = E;
   p.scale = scale;
-  p.q = view(qc), p.k = view(kc), p.v = view(wv), p.o = view(o);
-  p.g = o.data_ptr();  // set for the check below; the gates' pointer replaces it after
+  p.q = view4(qc), p.k = view4(kc), p.v = view4(wv), p.o = view4(o);
+  p.g = gf.data_ptr();
   if (!cuda::fast::delta_fwd_wgmma_takes(p)) return {};
   cuda::Wy16Args w;
   w.B = B, w.H = H, w.N = N, w.D = static_cast<int>(D), w.E = static_cast<int>(E);
@@ -275,16 +271,16 @@ std::tuple<at::Tensor, at::Tensor> main_cuda(const at::Tensor& q, const at::Tens
   w.k = kc.data_ptr(), w.v = vc.data_ptr();
   for (int i = 0; i < 3; ++i) w.ks[i] = kc.stride(i), w.vs[i] = vc.stride(i);
   if (!cuda::delta_wy16_takes(w)) return {};
-  const at::Tensor gf = g.to(at::kFloat).contiguous(), bf = beta.to(at::kFloat).contiguous();
+  const at::Tensor bf = beta.to(at::kFloat).contiguous();
   const at::Tensor s0 = initial_state.has_value() ? initial_state->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor fin = at::empty({B, H, D, E}, q.options().dtype(at::kFloat));
   w.beta = bf.data_ptr<float>(), w.g = gf.data_ptr<float>();
   w.wv = wv.data_ptr(), w.wk = wk.data_ptr();
-  p.g = gf.data_ptr(), p.state_out = fin.data_ptr();
+  p.state_out = fin.data_ptr();
   p.state_in = s0.defined() ? s0.data_ptr() : nullptr;  // none: the kernel starts from zero
   const cudaStream_t st = at::cuda::getCurrentCUDAStream();
   C10_CUDA_CHECK(cuda::delta_wy16(w, st));
-  C10_CUDA_CHECK(cuda::fast::delta_fwd_wgmma(p, view(wk), st));
+  C10_CUDA_CHECK(cuda::fast::delta_fwd_wgmma(p, view4(wk), st));
   return {o, fin};
 }
 

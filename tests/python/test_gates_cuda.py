@@ -193,7 +193,8 @@ def test_cuda_head_maps(lasp, shape, dtype, gates, seed):
 # The sm_90a backward adds the gradients of shared q / k / v heads into fp32 sums in L2 (in no fixed order);
 # under torch.use_deterministic_algorithms it writes them per output head and sums them in a second pass
 # instead. Both against the float64 recurrence (the first in test_cuda_head_maps), and the second bitwise
-# reproducible (without gates: the CUDA kernels sum dg with atomic adds either way). The shapes: shared q and k heads (GVA), shared k and v heads, shared q.
+# reproducible (without gates: the CUDA kernels sum dg with atomic adds either way). The shapes: shared q and
+# k heads (GVA), shared k and v heads, shared q.
 @pytest.mark.parametrize("shape", [HEAD_MAPS[5], HEAD_MAPS[7], HEAD_MAPS[8]],
                          ids=["gva-D128E64", "q6k2v3-D64E64", "q2k4v4-D128E128"])
 def test_cuda_head_maps_deterministic_sums(lasp, shape, seed):
