@@ -27,9 +27,11 @@ constexpr int kPrepMaxC = 64;      // 8 row groups of 8 rows
 
 // Contiguous row-major arrays, chunks = B * H * nc. The block program reads its inputs and writes w through
 // the accessors below (the sm_90a forward's 16-bit WY kernel has its own, delta_wy16.h); gam, kk, m
-// and minv are written where not null.
+// and minv are written where not null. An Args type with kStagesInputs instead stages K, V, beta and g itself
+// (stage(), one thread's share) and lets the program form pre = exp(cumsum g) from the staged gates.
 template <typename T>
 struct PrepArgs {
+  static constexpr bool kStagesInputs = false;
   int64_t chunks = 0;
   int C = 0, D = 0, E = 0;
   const T* k = nullptr;       // (chunks, C, D)
@@ -142,29 +144,45 @@ LASP_CHAIN_HD void prep_block(const Args& a, int64_t ch, T* smem, Exec& ex) {
   T* sbp = smem + L.bp;
   T* sg = smem + L.g;
   const size_t cc = (size_t)ch * C * C;
-  ex.threads([&](int t) {  // 1. K, V, beta, beta pre, g -> shared memory
-    for (int i = t; i < C * Dp; i += kPrepThreads)
-      sK[(i / Dp) * L.ldk + i % Dp] = i % Dp < D ? T(a.k_at(ch, i / Dp, i % Dp)) : T(0);
-    for (int i = t; i < C * E; i += kPrepThreads) sV[(i / E) * L.ldv + i % E] = T(a.v_at(ch, i / E, i % E));
-    for (int i = t; i < C; i += kPrepThreads) {
-      const T b = T(a.beta_at(ch, i));
-      sb[i] = b;
-      sbp[i] = b * T(a.pre_at(ch, i));
-      sg[i] = T(a.g_at(ch, i));
-    }
-  });
+  if constexpr (Args::kStagesInputs) {
+    ex.threads([&](int t) { a.stage(t, kPrepThreads, Dp, sK, L.ldk, sV, L.ldv, sb, sg); });  // 1. K, V, beta, g
+  } else {
+    ex.threads([&](int t) {  // 1. K, V, beta, beta pre, g -> shared memory
+      for (int i = t; i < C * Dp; i += kPrepThreads)
+        sK[(i / Dp) * L.ldk + i % Dp] = i % Dp < D ? T(a.k_at(ch, i / Dp, i % Dp)) : T(0);
+      for (int i = t; i < C * E; i += kPrepThreads) sV[(i / E) * L.ldv + i % E] = T(a.v_at(ch, i / E, i % E));
+      for (int i = t; i < C; i += kPrepThreads) {
+        const T b = T(a.beta_at(ch, i));
+        sb[i] = b;
+        sbp[i] = b * T(a.pre_at(ch, i));
+        sg[i] = T(a.g_at(ch, i));
+      }
+    });
+  }
   ex.sync();
-  ex.threads([&](int t) {  // 2. gam (each entry the sum of its gates, in order, then one exp)
-    for (int e = t; e < C * C; e += kPrepThreads) {
-      const int i = e / C, j = e % C;
+  // 2. gam, each entry exp of the sum of its gates added in order, g[j+1] + ... + g[i]: thread (part, j) runs down
+  // column j over its part of the rows, first summing the gates above the part (the same additions in the same
+  // order as the entry's own sum, so each part gives the bits of a sum from j + 1). Column j = -1 is pre
+  // (g[0] + ... + g[i]) where the program forms it.
+  ex.threads([&](int t) {
+    const int parts = kPrepThreads / (C + 1), rpp = (C + parts - 1) / parts, part = t / (C + 1), j = t % (C + 1) - 1;
+    const int r0 = part * rpp, r1 = r0 + rpp < C ? r0 + rpp : C;
+    if (part >= parts || r0 >= C || (j < 0 && !Args::kStagesInputs)) return;
+    T s = 0;
+    for (int u = j + 1; u < r0; ++u) s += sg[u];
+    for (int i = r0; i < r1; ++i) {
+      if (j < 0) {
+        s += sg[i];
+        sbp[i] = sb[i] * prep_exp(s);
+        continue;
+      }
       T x = 0;
-      if (j <= i) {
-        T s = 0;
-        for (int u = j + 1; u <= i; ++u) s += sg[u];
+      if (i >= j) {
+        if (i > j) s += sg[i];
         x = prep_exp(s);
       }
       sGT[i * L.ldc + j] = x;
-      if (a.gam) a.gam[cc + e] = x;
+      if (a.gam) a.gam[cc + (size_t)i * C + j] = x;
     }
   });
   ex.sync();

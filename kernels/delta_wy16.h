@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "delta_prep.h"
 
@@ -32,28 +33,71 @@ struct Wy16Args {
   void* wk = nullptr;
 };
 
-// prep_block's inputs and w for one chunk: row pointers made once per block (wy16_io), so the accessors ignore
-// ch and do 32-bit index arithmetic only; rows at and past `rows` (past N) read zeros and are not written.
+// prep_block's inputs and w for one chunk: row pointers made once per block (wy16_io), so the staging and
+// put_w do 32-bit index arithmetic only; rows at and past `rows` (past N) read zeros and are not written.
 template <typename T16>
 struct Wy16Io {
+  static constexpr bool kStagesInputs = true;  // prep_block calls stage() and forms pre from the staged gates
   int C, D, E, rows;
   const T16* k;  // row 0 of the chunk in k's head, rows ks apart
   const T16* v;
   int64_t ks, vs;
+  bool kvec, vvec;    // k's (v's) rows start on 16-byte boundaries: 8 entries per load
   const float* beta;  // row 0 of the chunk, contiguous
   const float* g;
   T16* wv;  // row 0 of the chunk, contiguous rows of E (W_v) and D (W_k)
   T16* wk;
   float *gam = nullptr, *kk = nullptr, *m = nullptr, *minv = nullptr;  // not written
 
-  LASP_CHAIN_HD float k_at(int64_t, int i, int x) const { return i < rows ? static_cast<float>(k[i * ks + x]) : 0.f; }
-  LASP_CHAIN_HD float v_at(int64_t, int i, int x) const { return i < rows ? static_cast<float>(v[i * vs + x]) : 0.f; }
-  LASP_CHAIN_HD float beta_at(int64_t, int i) const { return i < rows ? beta[i] : 0.f; }
-  LASP_CHAIN_HD float g_at(int64_t, int i) const { return i < rows ? g[i] : 0.f; }
-  LASP_CHAIN_HD float pre_at(int64_t, int i) const {  // exp of the chunk's gates up to i, summed in order
-    float s = 0.f;
-    for (int u = 0; u <= i && u < rows; ++u) s += g[u];
-    return expf(s);
+  // Thread t's share (of nthreads) of staging the chunk: X (rows x cols, row stride xs) as floats into dst
+  // (C rows of ld, zeros past rows and from cols to cols_pad), 8 entries per load where vec. Every load of a
+  // thread is issued before its first store (at most kMax vector loads: C = 64, cols <= 128, 256 threads).
+  LASP_CHAIN_HD void stage_rows(int t, int nthreads, const T16* x, int64_t xs, bool vec, int cols, int cols_pad,
+                                float* dst, int ld) const {
+    constexpr int kMax = 4;
+    if (!vec || ld % 4 != 0 || C * (cols / 8) > kMax * nthreads) {  // the scalar form
+      for (int e = t; e < C * cols_pad; e += nthreads) {
+        const int i = e / cols_pad, c = e % cols_pad;
+        dst[i * ld + c] = i < rows && c < cols ? static_cast<float>(x[i * xs + c]) : 0.f;
+      }
+      return;
+    }
+    struct alignas(16) Raw {
+      uint32_t w[4];
+    };
+    const int per_row = cols / 8, total = C * per_row;  // cols_pad == cols: cols is a multiple of 8
+    Raw r[kMax];
+    LASP_CHAIN_UNROLL
+    for (int u = 0; u < kMax; ++u) {
+      const int e = t + u * nthreads, i = e / per_row;
+      r[u] = Raw{{0u, 0u, 0u, 0u}};
+      if (e < total && i < rows) r[u] = *reinterpret_cast<const Raw*>(x + i * xs + (e % per_row) * 8);
+    }
+    LASP_CHAIN_UNROLL
+    for (int u = 0; u < kMax; ++u) {
+      const int e = t + u * nthreads;
+      if (e >= total) continue;
+      T16 h[8];
+      memcpy(h, &r[u], sizeof(h));
+      struct alignas(16) F4 {
+        float x[4];
+      } f[2];
+      LASP_CHAIN_UNROLL
+      for (int c = 0; c < 8; ++c) f[c / 4].x[c % 4] = static_cast<float>(h[c]);
+      F4* row = reinterpret_cast<F4*>(dst + (e / per_row) * ld + (e % per_row) * 8);  // ld % 4 == 0 (tc_ld)
+      row[0] = f[0];
+      row[1] = f[1];
+    }
+  }
+  // prep_block's step 1: K (C x Dp, Dp = D), V, beta and g.
+  LASP_CHAIN_HD void stage(int t, int nthreads, int Dp, float* sK, int ldk, float* sV, int ldv, float* sb,
+                           float* sg) const {
+    stage_rows(t, nthreads, k, ks, kvec, D, Dp, sK, ldk);
+    stage_rows(t, nthreads, v, vs, vvec, E, E, sV, ldv);
+    for (int i = t; i < C; i += nthreads) {
+      sb[i] = i < rows ? beta[i] : 0.f;
+      sg[i] = i < rows ? g[i] : 0.f;
+    }
   }
   LASP_CHAIN_HD void put_w(int64_t, int i, int col, float x) const {
     if (i >= rows) return;
@@ -75,6 +119,8 @@ LASP_CHAIN_HD Wy16Io<T16> wy16_io(const Wy16Args& a, int64_t ch) {
   io.k = static_cast<const T16*>(a.k) + b * a.ks[0] + h / a.kgroup * a.ks[1] + n0 * a.ks[2];
   io.v = static_cast<const T16*>(a.v) + b * a.vs[0] + h / a.vgroup * a.vs[1] + n0 * a.vs[2];
   io.ks = a.ks[2], io.vs = a.vs[2];
+  io.kvec = reinterpret_cast<uintptr_t>(io.k) % 16 == 0 && io.ks % 8 == 0 && a.D % 8 == 0;
+  io.vvec = reinterpret_cast<uintptr_t>(io.v) % 16 == 0 && io.vs % 8 == 0 && a.E % 8 == 0;
   io.beta = a.beta + bh * a.N + n0;
   io.g = a.g + bh * a.N + n0;
   io.wv = static_cast<T16*>(a.wv) + (bh * a.N + n0) * a.E;

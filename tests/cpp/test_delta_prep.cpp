@@ -299,11 +299,15 @@ TEST(DeltaPrep, CudaKernelMatchesDefinitions) {
 // M^-1 [diag(beta) V | diag(beta pre) K] computed in double from the same bf16 inputs, per chunk. W carries
 // bf16's rounding (2^-9 relative) and tf32's in its products: within 1e-2 of W's largest entry per (b, h).
 // On the host (wy16_io's decode and the program under IntervalExec, both orders) and as the kernel on a device.
+// kpad: k's rows padded by that many entries (kpad % 8 != 0: rows off 16-byte boundaries, the scalar staging)
 struct Wy16Case {
-  int B, H, Hk, Hv, N, D, E;
+  int B, H, Hk, Hv, N, D, E, kpad;
 };
-const Wy16Case kWy16Cases[] = {
-    {2, 4, 2, 4, 150, 128, 64}, {1, 4, 1, 2, 64, 64, 128}, {1, 2, 2, 2, 1, 128, 128}, {1, 2, 1, 1, 200, 32, 24}};
+const Wy16Case kWy16Cases[] = {{2, 4, 2, 4, 150, 128, 64, 0},
+                               {1, 4, 1, 2, 64, 64, 128, 0},
+                               {1, 2, 2, 2, 1, 128, 128, 0},
+                               {1, 2, 1, 1, 200, 32, 24, 0},
+                               {1, 4, 2, 4, 130, 128, 128, 3}};
 
 double from_bf16(__nv_bfloat16 b) { return static_cast<float>(b); }
 
@@ -312,7 +316,8 @@ void wy16_case(const Wy16Case& c, unsigned seed, bool device) {
   std::normal_distribution<double> nd(0.0, 1.0);
   std::uniform_real_distribution<double> ud(0.0, 1.0);
   const int C = 64, nc = (c.N + C - 1) / C;
-  std::vector<__nv_bfloat16> k((size_t)c.B * c.N * c.Hk * c.D), v((size_t)c.B * c.Hv * c.N * c.E);
+  const int64_t krow = (int64_t)c.Hk * c.D + c.kpad;
+  std::vector<__nv_bfloat16> k((size_t)c.B * c.N * krow), v((size_t)c.B * c.Hv * c.N * c.E);
   for (auto& e : k) e = __float2bfloat16((float)(nd(gen) / std::sqrt((double)c.D)));
   for (auto& e : v) e = __float2bfloat16((float)nd(gen));
   std::vector<float> beta((size_t)c.B * c.H * c.N), g(beta.size());
@@ -322,7 +327,7 @@ void wy16_case(const Wy16Case& c, unsigned seed, bool device) {
   std::vector<__nv_bfloat16> wv((size_t)c.B * c.H * c.N * c.E, junk), wk((size_t)c.B * c.H * c.N * c.D, junk);
   lasp::cuda::Wy16Args a;
   a.B = c.B, a.H = c.H, a.N = c.N, a.D = c.D, a.E = c.E, a.kgroup = c.H / c.Hk, a.vgroup = c.H / c.Hv;
-  const int64_t ks[3] = {(int64_t)c.N * c.Hk * c.D, c.D, (int64_t)c.Hk * c.D};  // (B, N, Hk, D) memory
+  const int64_t ks[3] = {(int64_t)c.N * krow, c.D, krow};  // (B, N, Hk, D) memory, rows krow apart
   const int64_t vs[3] = {(int64_t)c.Hv * c.N * c.E, (int64_t)c.N * c.E, c.E};
   for (int i = 0; i < 3; ++i) a.ks[i] = ks[i], a.vs[i] = vs[i];
   ASSERT_TRUE(lasp::cuda::delta_wy16_takes(a));
