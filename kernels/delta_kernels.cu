@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include "delta_chain_api.h"
+#include "mma.cuh"
 
 namespace lasp {
 namespace cuda {
@@ -115,6 +116,164 @@ __global__ void __launch_bounds__(kPrepThreads) wy16_kernel(Wy16Args a) {
   DeviceExec ex;
   const int64_t ch = blockIdx.x;
   prep_block<float, DeviceExec, true, Wy16Io<T16>>(wy16_io<T16>(a, ch), ch, reinterpret_cast<float*>(smem_raw), ex);
+}
+
+// The WY form in 16 bits on 16-bit mma.sync (m16n8k16, fp32 accumulation), one block of 256 threads per chunk
+// ch = (b H + h) nc + c, for rows on 16-byte boundaries and D, E multiples of 16 (wy16_mma_takes):
+//   1. K, V (C = 64 rows, zeros past N) by cp.async into 16-bit tiles (rows of D + 8, E + 8: odd multiples of 16
+//      bytes, so ldmatrix is conflict-free), beta and g;
+//   2. gam (fp32) and pre as prep_block forms them (column parts, the gates added in order);
+//   3. A = strictly lower part of diag(beta) (gam * K K^T), K K^T on tensor cores (six warps: the tiles on and
+//      below the diagonal);
+//   4. m^-1 (invert_unit_lower, fp32, in blocks of 16);
+//   5. M = m^-1 diag(beta) in 16 bits (over A's tile), K's rows scaled by pre in place (16 bits);
+//   6. W_v = M V, W_k = M (diag(pre) K) on tensor cores over the columns left of each row tile's end (m^-1 is
+//      lower triangular), stored as bf16 / fp16 pairs.
+// 16-bit operands where prep_block's tensor-core program has tf32 ones (as fla's WY kernels round them);
+// shared memory about 70 KiB at D = E = 128, three blocks per SM.
+constexpr int kWyC = 64, kWyLdc = 68, kWyLdm = 72;  // fp32 rows of A, gam, m^-1; 16-bit rows of M
+struct Wy16MmaLayout {
+  int ldk, ldv;
+  size_t k, v, a, gt, b, g, pre, bytes;  // byte offsets
+  __host__ __device__ Wy16MmaLayout(int D, int E, int T16size) {
+    ldk = D + 8, ldv = E + 8;
+    k = 0;
+    v = k + (size_t)kWyC * ldk * T16size;
+    a = v + (size_t)kWyC * ldv * T16size;
+    gt = a + (size_t)kWyC * kWyLdc * 4;
+    b = gt + (size_t)kWyC * kWyLdc * 4;
+    g = b + kWyC * 4;
+    pre = g + kWyC * 4;
+    bytes = pre + kWyC * 4;
+  }
+};
+
+template <typename T16>
+__global__ void __launch_bounds__(kPrepThreads, 3) wy16_mma_kernel(Wy16Args a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const Wy16Io<T16> io = wy16_io<T16>(a, blockIdx.x);
+  const int D = a.D, E = a.E, rows = io.rows, t = threadIdx.x, w = t >> 5, lane = t & 31;
+  const Wy16MmaLayout L(D, E, sizeof(T16));
+  T16* sK = reinterpret_cast<T16*>(smem_raw + L.k);
+  T16* sV = reinterpret_cast<T16*>(smem_raw + L.v);
+  float* sA = reinterpret_cast<float*>(smem_raw + L.a);
+  T16* sM = reinterpret_cast<T16*>(smem_raw + L.a);  // step 5 on: M over A's tile (rows of kWyLdm)
+  float* sGT = reinterpret_cast<float*>(smem_raw + L.gt);
+  float* sb = reinterpret_cast<float*>(smem_raw + L.b);
+  float* sg = reinterpret_cast<float*>(smem_raw + L.g);
+  float* spre = reinterpret_cast<float*>(smem_raw + L.pre);
+  DeviceExec ex;
+  // 1.
+  {
+    const int kv = D / 8, vv = E / 8;
+    for (int i = t; i < kWyC * kv; i += kPrepThreads) {
+      const int r = i / kv, c = i - r * kv;
+      const bool ok = r < rows;
+      mma::cp_async16(sK + r * L.ldk + c * 8, io.k + (ok ? r * io.ks + c * 8 : 0), ok);
+    }
+    for (int i = t; i < kWyC * vv; i += kPrepThreads) {
+      const int r = i / vv, c = i - r * vv;
+      const bool ok = r < rows;
+      mma::cp_async16(sV + r * L.ldv + c * 8, io.v + (ok ? r * io.vs + c * 8 : 0), ok);
+    }
+    mma::cp_async_commit();
+    if (t < kWyC) {
+      sb[t] = t < rows ? io.beta[t] : 0.f;
+      sg[t] = t < rows ? io.g[t] : 0.f;
+    }
+    mma::cp_async_wait<0>();
+    __syncthreads();
+  }
+  {  // 2. as prep_block's step 2 (C = 64: three parts of 22 rows per column, column -1 is pre)
+    constexpr int parts = kPrepThreads / (kWyC + 1), rpp = (kWyC + parts - 1) / parts;
+    const int part = t / (kWyC + 1), j = t % (kWyC + 1) - 1, r0 = part * rpp, r1 = min(r0 + rpp, kWyC);
+    if (part < parts) {
+      float s = 0.f;
+      for (int u = j + 1; u < r0; ++u) s += sg[u];
+      for (int i = r0; i < r1; ++i) {
+        if (j < 0) {
+          s += sg[i];
+          spre[i] = expf(s);
+          continue;
+        }
+        float x = 0.f;
+        if (i >= j) {
+          if (i > j) s += sg[i];
+          x = expf(s);
+        }
+        sGT[i * kWyLdc + j] = x;
+      }
+    }
+    __syncthreads();
+  }
+  const int g = lane >> 2, c = lane & 3;
+  if (w < 6) {  // 3. tiles (rows 16 rt, columns 32 ch) on and below the diagonal: rt = 0..3 with ch = 0, rt = 2, 3 with
+                // ch = 1
+    const int rt = w < 4 ? w : w - 2, m0 = rt * 16, n0 = w < 4 ? 0 : 32;
+    float acc[4][4] = {};
+    for (int k0 = 0; k0 < D; k0 += 16) {
+      uint32_t af[4], bf[4];
+      mma::load_a(af, sK, L.ldk, m0, k0);
+#pragma unroll
+      for (int np = 0; np < 2; ++np) {
+        mma::load_b_nk(bf, sK, L.ldk, k0, n0 + 16 * np);
+        mma::mma16816<T16>(acc[2 * np], af, bf[0], bf[1]);
+        mma::mma16816<T16>(acc[2 * np + 1], af, bf[2], bf[3]);
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = m0 + g + (e >> 1) * 8, j = n0 + 8 * nt + 2 * c + (e & 1);
+        sA[i * kWyLdc + j] = j < i ? sb[i] * sGT[i * kWyLdc + j] * acc[nt][e] : 0.f;
+      }
+  }
+  __syncthreads();
+  invert_unit_lower(kWyC, kWyLdc, sA, sGT, ex);  // 4. (ends with a barrier)
+  // 5.
+  for (int e = t; e < kWyC * kWyC; e += kPrepThreads) {
+    const int i = e / kWyC, j = e % kWyC;
+    sM[i * kWyLdm + j] = static_cast<T16>(j <= i ? sGT[i * kWyLdc + j] * sb[j] : 0.f);
+  }
+  for (int e = t; e < kWyC * D; e += kPrepThreads) {
+    const int i = e / D, x = e % D;
+    T16& y = sK[i * L.ldk + x];
+    y = static_cast<T16>(static_cast<float>(y) * spre[i]);
+  }
+  __syncthreads();
+  // 6. jobs: (row tile, 64 columns) of W_v, then of W_k
+  const int vt = (E + 63) / 64, kt = (D + 63) / 64;
+  for (int job = w; job < 4 * (vt + kt); job += kPrepThreads / 32) {
+    const int rt = job % 4, ct = job / 4, m0 = rt * 16;
+    const bool isv = ct < vt;
+    const T16* sB = isv ? sV : sK;
+    const int ldb = isv ? L.ldv : L.ldk, cols = isv ? E : D, n0 = (isv ? ct : ct - vt) * 64;
+    float acc[8][4] = {};
+    for (int k0 = 0; k0 <= m0; k0 += 16) {
+      uint32_t af[4], bf[4];
+      mma::load_a(af, sM, kWyLdm, m0, k0);
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        if (n0 + 16 * np >= cols) break;
+        mma::load_b_kn(bf, sB, ldb, k0, n0 + 16 * np);
+        mma::mma16816<T16>(acc[2 * np], af, bf[0], bf[1]);
+        mma::mma16816<T16>(acc[2 * np + 1], af, bf[2], bf[3]);
+      }
+    }
+    T16* out = isv ? io.wv : io.wk;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int r = m0 + g + hh * 8;
+      if (r >= rows) continue;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        const int col = n0 + 8 * nt + 2 * c;
+        if (col < cols)
+          *reinterpret_cast<uint32_t*>(out + r * cols + col) = mma::pack2<T16>(acc[nt][2 * hh], acc[nt][2 * hh + 1]);
+      }
+    }
+  }
 }
 
 // Whether the device is sm_80 or later (tf32 mma.sync); an error of the query in *e.
@@ -268,12 +427,25 @@ bool delta_wy16_takes(const Wy16Args& a) {
          a.H >= 1 && a.N >= 0 && a.kgroup >= 1 && a.vgroup >= 1 && a.B * a.H * ((a.N + a.C - 1) / a.C) <= INT32_MAX;
 }
 
+bool wy16_mma_takes(const Wy16Args& a) {
+  auto on16 = [](const void* p, const int64_t* s) {
+    return reinterpret_cast<uintptr_t>(p) % 16 == 0 && s[0] % 8 == 0 && s[1] % 8 == 0 && s[2] % 8 == 0;
+  };
+  return a.D % 16 == 0 && a.E % 16 == 0 && on16(a.k, a.ks) && on16(a.v, a.vs) &&
+         reinterpret_cast<uintptr_t>(a.wv) % 4 == 0 && reinterpret_cast<uintptr_t>(a.wk) % 4 == 0;
+}
+
 cudaError_t delta_wy16(const Wy16Args& a, cudaStream_t st) {
   if (!delta_wy16_takes(a)) return cudaErrorInvalidValue;
   cudaError_t e;
   if (!tf32_device(&e)) return e != cudaSuccess ? e : cudaErrorInvalidDeviceFunction;
   const int64_t nc = (a.N + a.C - 1) / a.C, chunks = a.B * a.H * nc;
   if (chunks == 0) return cudaSuccess;
+  if (!a.program_only && wy16_mma_takes(a)) {
+    const size_t smem = Wy16MmaLayout(a.D, a.E, 2).bytes;
+    return a.bf16 ? launch(wy16_mma_kernel<__nv_bfloat16>, dim3((unsigned)chunks), kPrepThreads, smem, st, a)
+                  : launch(wy16_mma_kernel<__half>, dim3((unsigned)chunks), kPrepThreads, smem, st, a);
+  }
   const size_t smem = prep_tc_smem_bytes(a.C, a.D, a.E);
   return a.bf16 ? launch(wy16_kernel<__nv_bfloat16>, dim3((unsigned)chunks), kPrepThreads, smem, st, a)
                 : launch(wy16_kernel<__half>, dim3((unsigned)chunks), kPrepThreads, smem, st, a);

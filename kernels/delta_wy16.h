@@ -31,6 +31,10 @@ struct Wy16Args {
   const float* g = nullptr;
   void* wv = nullptr;
   void* wk = nullptr;
+  // The kernel (delta_wy16): where k's and v's rows lie on 16-byte boundaries and D, E are multiples of 16, a
+  // 16-bit mma.sync form (delta_kernels.cu, wy16_mma_kernel), else prep_block's tensor-core program through
+  // Wy16Io; program_only: the latter always (its device check).
+  bool program_only = false;
 };
 
 // prep_block's inputs and w for one chunk: row pointers made once per block (wy16_io), so the staging and
