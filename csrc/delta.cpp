@@ -509,9 +509,20 @@ std::tuple<Tensor, Tensor> call_fwd(const Tensor& q, const Tensor& k, const Tens
 // autograd differentiates it where the caller records.
 // Computed in the accumulation type, returned in x's dtype: 16-bit q and k stay 16-bit, as fla's kernel gives
 // them, so that the 16-bit kernels take them.
+// x / sqrt(sum of squares over D + 1e-6), computed in the acc type and rounded once to x's dtype. Where autograd
+// records it, as differentiable ATen operations (the derivative of the sum of squares is defined at zero rows);
+// otherwise in two passes: the rows' norms (one read of x), then the product into x's dtype (one read, one write).
 Tensor l2norm(const Tensor& x) {
-  const Tensor xf = x.to(delta_acc(x.scalar_type()));
-  return (xf * (xf * xf).sum(-1, true).add(1e-6).rsqrt()).to(x.scalar_type());
+  const auto acc = delta_acc(x.scalar_type());
+  if (at::GradMode::is_enabled() && x.requires_grad()) {
+    const Tensor xf = x.to(acc);
+    return (xf * (xf * xf).sum(-1, true).add(1e-6).rsqrt()).to(x.scalar_type());
+  }
+  const Tensor r =
+      at::linalg_vector_norm(x, 2, at::IntArrayRef{-1}, /*keepdim=*/true, acc).square_().add_(1e-6).rsqrt_();
+  Tensor out = at::empty_like(x);
+  at::mul_out(out, x, r);
+  return out;
 }
 
 BwdOut call_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta, double scale,

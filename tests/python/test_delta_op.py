@@ -434,6 +434,31 @@ def test_cuda_wgmma_main_pass_with_l2norm(lasp, layout, seed):
         assert err < 3e-2, f"{key}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_l2norm_without_grad_matches_recorded(lasp, dtype, seed):
+    """use_qk_l2norm normalises q and k in two passes where autograd does not record the op (no grad, or
+    inputs without requires_grad) and with differentiable ATen operations where it does: both give the same
+    output (to the dtype's rounding), rows of zeros included, and match the float64 recurrence."""
+    B, H, N, D = 1, 2, 100, 32
+    q, k, v, g, beta, s0, do, dS = _inputs(seed, B, H, H, H, N, D, D, dtype=dtype)
+    q[:, :, 5] = 0  # a zero row: 0 / sqrt(1e-6)
+    with torch.no_grad():
+        o1, f1 = lasp.gated_delta_attention(q, k, v, g, beta, initial_state=s0, use_qk_l2norm=True,
+                                            output_final_state=True)
+    leaves = [x.clone().requires_grad_() for x in (q, k)]
+    o2, f2 = lasp.gated_delta_attention(*leaves, v, g, beta, initial_state=s0, use_qk_l2norm=True,
+                                        output_final_state=True)
+    tol = {torch.bfloat16: 1e-2, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    for name, a, b in (("o", o1, o2), ("final", f1, f2)):
+        err = rel_err(a, b.detach())
+        assert err < tol, f"{name}: no grad vs recorded, relative error {err:.2e}"
+    want = _run(_ref(use_qk_l2norm=True), *(x.double() for x in (q, k, v, g, beta, s0, do, dS)))
+    tol64 = {torch.bfloat16: 3e-2, torch.float32: 1e-4, torch.float64: 1e-10}[dtype]
+    for name, got in (("o", o1), ("f", f1)):
+        err = rel_err(got, want[name])
+        assert err < tol64, f"{name}: relative error {err:.2e} against float64"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("resets", [False, True], ids=["gates", "resets"])
 @pytest.mark.parametrize("dims", [(128, 128), (64, 64), (256, 40), (48, 16)], ids=lambda d: f"D{d[0]}E{d[1]}")
