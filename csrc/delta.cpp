@@ -63,7 +63,7 @@ constexpr bool distinct_types() {
     return (!std::is_same_v<T, Ts> && ...) && distinct_types<Ts...>();
   }
 }
-static_assert(distinct_types<ChainFn, SolveFn, PrepFn, OutFn, BwdFn, ProFn, DrFn, MainFn>(),
+static_assert(distinct_types<ChainFn, SolveFn, PrepFn, OutFn, BwdFn, ProFn, DrFn, MainFn, L2NormFn>(),
               "each device hook needs its own function type: device_hook keys its table by it");
 
 at::ScalarType delta_acc(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -511,12 +511,17 @@ std::tuple<Tensor, Tensor> call_fwd(const Tensor& q, const Tensor& k, const Tens
 // them, so that the 16-bit kernels take them.
 // x / sqrt(sum of squares over D + 1e-6), computed in the acc type and rounded once to x's dtype. Where autograd
 // records it, as differentiable ATen operations (the derivative of the sum of squares is defined at zero rows);
-// otherwise in two passes: the rows' norms (one read of x), then the product into x's dtype (one read, one write).
+// otherwise by the device's kernel where it has one (CUDA: 16-bit rows, one pass), else in two passes: the rows'
+// norms (one read of x), then the product into x's dtype (one read, one write).
 Tensor l2norm(const Tensor& x) {
   const auto acc = delta_acc(x.scalar_type());
   if (at::GradMode::is_enabled() && x.requires_grad()) {
     const Tensor xf = x.to(acc);
     return (xf * (xf * xf).sum(-1, true).add(1e-6).rsqrt()).to(x.scalar_type());
+  }
+  if (L2NormFn fn = device_hook<L2NormFn>(x.device().type())) {
+    Tensor y = fn(x);
+    if (y.defined()) return y;
   }
   const Tensor r =
       at::linalg_vector_norm(x, 2, at::IntArrayRef{-1}, /*keepdim=*/true, acc).square_().add_(1e-6).rsqrt_();
@@ -702,6 +707,11 @@ bool register_delta_pro(c10::DeviceType type, ProFn fn) {
 
 bool register_delta_main(c10::DeviceType type, MainFn fn) {
   device_hook<MainFn>(type) = fn;
+  return true;
+}
+
+bool register_delta_l2norm(c10::DeviceType type, L2NormFn fn) {
+  device_hook<L2NormFn>(type) = fn;
   return true;
 }
 

@@ -110,4 +110,10 @@ using MainFn = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor& q, const
                                                       const at::Tensor& g, const at::Tensor& beta, double scale,
                                                       const std::optional<at::Tensor>& initial_state);
 bool register_delta_main(c10::DeviceType type, MainFn fn);
+
+// The l2 normalisation of q or k (use_qk_l2norm) where autograd does not record the call: x / sqrt(sum of
+// squares over the last dim + 1e-6), computed in the acc type and rounded once to x's dtype, from a tensor x
+// of any shape. A device's kernel for it (undefined: not taken; two ATen passes run).
+using L2NormFn = at::Tensor (*)(const at::Tensor& x);
+bool register_delta_l2norm(c10::DeviceType type, L2NormFn fn);
 }  // namespace lasp

@@ -276,6 +276,33 @@ __global__ void __launch_bounds__(kPrepThreads, 3) wy16_mma_kernel(Wy16Args a) {
   }
 }
 
+// y = x / sqrt(sum of x^2 over the row + 1e-6) per row of D (a power of two, 8..256) contiguous 16-bit entries,
+// in fp32, rounded once: D / 8 threads per row (8 entries, one 16-byte load each), a shuffle sum over them.
+template <typename T16>
+__global__ void __launch_bounds__(256)
+    l2norm16_kernel(const T16* __restrict__ x, T16* __restrict__ y, int64_t rows, int D) {
+  const int tpr = D / 8;
+  const int64_t i = (int64_t)blockIdx.x * (256 / tpr) + threadIdx.x / tpr;
+  const int part = threadIdx.x % tpr;
+  struct alignas(16) Raw {
+    uint32_t w[4];
+  };
+  Raw r = Raw{{0u, 0u, 0u, 0u}};
+  if (i < rows) r = *reinterpret_cast<const Raw*>(x + i * D + part * 8);
+  float f[8], ss = 0.f;
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const float2 u = mma::unpack2<T16>(r.w[c]);
+    f[2 * c] = u.x, f[2 * c + 1] = u.y;
+    ss += u.x * u.x + u.y * u.y;
+  }
+  for (int o = tpr / 2; o > 0; o /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  const float s = rsqrtf(ss + 1e-6f);
+#pragma unroll
+  for (int c = 0; c < 4; ++c) r.w[c] = mma::pack2<T16>(f[2 * c] * s, f[2 * c + 1] * s);
+  if (i < rows) *reinterpret_cast<Raw*>(y + i * D + part * 8) = r;
+}
+
 // Whether the device is sm_80 or later (tf32 mma.sync); an error of the query in *e.
 bool tf32_device(cudaError_t* e) {
   int dev = 0, major = 0;
@@ -425,6 +452,22 @@ cudaError_t delta_prep(const PrepArgs<double>& a, cudaStream_t st) {
 bool delta_wy16_takes(const Wy16Args& a) {
   return a.C == 64 && a.D >= 8 && a.D <= 128 && a.D % 8 == 0 && a.E >= 8 && a.E <= 128 && a.E % 8 == 0 && a.B >= 0 &&
          a.H >= 1 && a.N >= 0 && a.kgroup >= 1 && a.vgroup >= 1 && a.B * a.H * ((a.N + a.C - 1) / a.C) <= INT32_MAX;
+}
+
+cudaError_t delta_l2norm16(const void* x, void* y, int64_t rows, int D, bool bf16, cudaStream_t st) {
+  if (rows < 0 || D < 8 || D > 256 || (D & (D - 1)) != 0 || reinterpret_cast<uintptr_t>(x) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(y) % 16 != 0)
+    return cudaErrorInvalidValue;
+  if (rows == 0) return cudaSuccess;
+  const int64_t per_block = 256 / (D / 8), blocks = (rows + per_block - 1) / per_block;
+  if (blocks > INT32_MAX) return cudaErrorInvalidValue;
+  if (bf16) {
+    l2norm16_kernel<<<(unsigned)blocks, 256, 0, st>>>(static_cast<const __nv_bfloat16*>(x),
+                                                      static_cast<__nv_bfloat16*>(y), rows, D);
+  } else {
+    l2norm16_kernel<<<(unsigned)blocks, 256, 0, st>>>(static_cast<const __half*>(x), static_cast<__half*>(y), rows, D);
+  }
+  return cudaGetLastError();
 }
 
 bool wy16_mma_takes(const Wy16Args& a) {

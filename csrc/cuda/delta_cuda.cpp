@@ -284,6 +284,22 @@ std::tuple<at::Tensor, at::Tensor> main_cuda(const at::Tensor& q, const at::Tens
   return {o, fin};
 }
 
+// 16-bit rows of a power-of-two length up to 256, laid out densely with the last dim contiguous (so the rows tile
+// the storage, whatever the order of the other dims), on 16-byte boundaries; else nothing.
+at::Tensor l2norm_cuda(const at::Tensor& x) {
+  const auto t = x.scalar_type();
+  const int64_t D = x.dim() > 0 ? x.size(-1) : 0;
+  if (!use_kernel() || (t != at::kBFloat16 && t != at::kHalf) || D < 8 || D > 256 || (D & (D - 1)) != 0 ||
+      x.stride(-1) != 1 || !x.is_non_overlapping_and_dense() || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0)
+    return {};
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty_like(x);
+  if (y.strides() != x.strides() || reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 != 0) return {};
+  C10_CUDA_CHECK(cuda::delta_l2norm16(x.data_ptr(), y.data_ptr(), x.numel() / D, static_cast<int>(D),
+                                      t == at::kBFloat16, at::cuda::getCurrentCUDAStream()));
+  return y;
+}
+
 const bool registered = register_delta_chain(c10::DeviceType::CUDA, &chain_cuda);
 const bool solve_registered = register_delta_solve(c10::DeviceType::CUDA, &solve_cuda);
 const bool prep_registered = register_delta_prep(c10::DeviceType::CUDA, &prep_cuda);
@@ -292,6 +308,7 @@ const bool bwd_registered = register_delta_bwd(c10::DeviceType::CUDA, &bwd_cuda)
 const bool dr_registered = register_delta_dr(c10::DeviceType::CUDA, &dr_cuda);
 const bool pro_registered = register_delta_pro(c10::DeviceType::CUDA, &pro_cuda);
 const bool main_registered = register_delta_main(c10::DeviceType::CUDA, &main_cuda);
+const bool l2norm_registered = register_delta_l2norm(c10::DeviceType::CUDA, &l2norm_cuda);
 
 }  // namespace
 }  // namespace lasp

@@ -434,29 +434,56 @@ def test_cuda_wgmma_main_pass_with_l2norm(lasp, layout, seed):
         assert err < 3e-2, f"{key}: relative error {err:.2e}"
 
 
+def _l2norm_paths(lasp, dtype, seed, device, D, layout):
+    """(o, final) of use_qk_l2norm without autograd recording, the same with q and k requiring grad, and the
+    float64 recurrence's, for one input set."""
+    B, H, N = 1, 2, 100
+    q, k, v, g, beta, s0, do, dS = _inputs(seed, B, H, H, H, N, D, D, dtype=dtype, device=device)
+    q[:, :, 5] = 0  # a zero row: 0 / sqrt(1e-6)
+    t = (lambda x: x.transpose(1, 2).contiguous()) if layout == "bnhd" else (lambda x: x)
+    kw = dict(initial_state=s0, use_qk_l2norm=True, output_final_state=True, layout=layout)
+    with torch.no_grad():
+        o1, f1 = lasp.gated_delta_attention(*(t(x) for x in (q, k, v, g, beta)), **kw)
+    leaves = [t(x).requires_grad_() for x in (q, k)]
+    o2, f2 = lasp.gated_delta_attention(*leaves, *(t(x) for x in (v, g, beta)), **kw)
+    want = _run(_ref(use_qk_l2norm=True), *(x.double().cpu() for x in (q, k, v, g, beta, s0, do, dS)))
+    back = (lambda x: x.transpose(1, 2)) if layout == "bnhd" else (lambda x: x)
+    return (back(o1), f1), (back(o2.detach()), f2.detach()), (want["o"], want["f"])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
 def test_l2norm_without_grad_matches_recorded(lasp, dtype, seed):
     """use_qk_l2norm normalises q and k in two passes where autograd does not record the op (no grad, or
     inputs without requires_grad) and with differentiable ATen operations where it does: both give the same
     output (to the dtype's rounding), rows of zeros included, and match the float64 recurrence."""
-    B, H, N, D = 1, 2, 100, 32
-    q, k, v, g, beta, s0, do, dS = _inputs(seed, B, H, H, H, N, D, D, dtype=dtype)
-    q[:, :, 5] = 0  # a zero row: 0 / sqrt(1e-6)
-    with torch.no_grad():
-        o1, f1 = lasp.gated_delta_attention(q, k, v, g, beta, initial_state=s0, use_qk_l2norm=True,
-                                            output_final_state=True)
-    leaves = [x.clone().requires_grad_() for x in (q, k)]
-    o2, f2 = lasp.gated_delta_attention(*leaves, v, g, beta, initial_state=s0, use_qk_l2norm=True,
-                                        output_final_state=True)
+    nograd, recorded, want = _l2norm_paths(lasp, dtype, seed, "cpu", 32, "bhnd")
     tol = {torch.bfloat16: 1e-2, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
-    for name, a, b in (("o", o1, o2), ("final", f1, f2)):
-        err = rel_err(a, b.detach())
-        assert err < tol, f"{name}: no grad vs recorded, relative error {err:.2e}"
-    want = _run(_ref(use_qk_l2norm=True), *(x.double() for x in (q, k, v, g, beta, s0, do, dS)))
     tol64 = {torch.bfloat16: 3e-2, torch.float32: 1e-4, torch.float64: 1e-10}[dtype]
-    for name, got in (("o", o1), ("f", f1)):
-        err = rel_err(got, want[name])
+    for name, a, b, w in zip(("o", "final"), nograd, recorded, want):
+        err = rel_err(a, b)
+        assert err < tol, f"{name}: no grad vs recorded, relative error {err:.2e}"
+        err = rel_err(a, w)
         assert err < tol64, f"{name}: relative error {err:.2e} against float64"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+@pytest.mark.parametrize("D", [32, 128, 256, 48])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cuda_l2norm_kernel(lasp, dtype, D, layout, seed):
+    """Without autograd recording, 16-bit q and k of a power-of-two D up to 256 are normalised by one CUDA
+    kernel (delta_l2norm16; the profiler must see it, and must not for D = 48, which takes the ATen passes),
+    in either layout: the op's output matches the recorded form's and the float64 recurrence."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        nograd, recorded, want = _l2norm_paths(lasp, dtype, seed, "cuda", D, layout)
+        torch.cuda.synchronize()
+    ran = any("l2norm16_kernel" in e.name for e in prof.events())
+    assert ran == (D != 48), f"the l2norm kernel ran: {ran}"
+    for name, a, b, w in zip(("o", "final"), nograd, recorded, want):
+        err = rel_err(a, b)
+        assert err < 1e-2, f"{name}: no grad vs recorded, relative error {err:.2e}"
+        err = rel_err(a, w)
+        assert err < 3e-2, f"{name}: relative error {err:.2e} against float64"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
