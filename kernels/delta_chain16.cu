@@ -1,18 +1,22 @@
-// The gated delta rule backward's reverse chain in 16 bits (delta_rev16.h): one block of 8 warps per (b, h, 64
-// columns of E), the chunks last to first, G (D x 64, fp32) in the warps' mma.sync accumulators. Per chunk:
-//   L. q, k, W_k (C x D) and dO (C x 64) by cp.async into 16-bit tiles (rows of D + 8 and 72 entries: odd
-//      multiples of 16 bytes, so ldmatrix is conflict-free), zeros past N; the log gates;
-//   1. Gam (fp32: each entry's gates added in order, so a -inf gate gives exact zeros; its last row is suf) and
-//      pre; G rounded to 16 bits into shared memory and written out as dSe[c];
+// The gated delta rule's two chains in 16 bits (delta_chain16.h): one block of 8 warps per (b, h, 64 columns of
+// E), the state or its gradient (D x 64, fp32) in the warps' mma.sync accumulators, 16-bit tiles in shared memory
+// with rows of D + 8 and 72 entries (odd multiples of 16 bytes, so ldmatrix is conflict-free), filled by cp.async
+// with zeros past N. The log gates' sums are formed as the WY kernel forms them (each entry's gates added in
+// order, so a -inf gate gives exact zeros). The 16-bit operands are rounded as fla's chunk kernels round theirs;
+// accumulation in fp32.
+//
+// Forward (states16_kernel), per chunk: K, W_k (C x D), W_v (C x 64); suf and pre[C-1]; S to 16 bits (shared
+// memory, and out as Sb[c]); U = W_v - W_k S (out), diag(suf) U to 16 bits; S <- pre[C-1] S + K^T (diag(suf) U)
+// (K^T by ldmatrix.trans). Three barriers per chunk, about 72 KiB of shared memory at D = 128.
+//
+// Reverse (rev16_kernel), per chunk:
+//   L. q, k, W_k (C x D) and dO (C x 64); the log gates;
+//   1. Gam (fp32; its last row is suf) and pre; G rounded to 16 bits into shared memory and out as dSe[c];
 //   2. P^T = scale (K Q^T) * Gam^T on and above the diagonal (16-bit, shared), diag(scale pre) dO (16-bit);
-//   3. dU = diag(suf) K G + P^T dO (m16n8k16), written out and kept in shared memory (16-bit);
+//   3. dU = diag(suf) K G + P^T dO (m16n8k16), out and kept in shared memory (16-bit);
 //   4. G <- pre[C-1] G + Q^T (diag(scale pre) dO) - W_k^T dU, the transposed operands by ldmatrix.trans.
-// Five barriers per chunk; about 122 KiB of shared memory at D = 128 (one block per SM). The 16-bit operands
-// (G, P^T, the scaled dO, dU) are rounded as fla's chunk kernels round theirs; accumulation in fp32.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#include "delta_rev16.h"
+// Five barriers per chunk; about 122 KiB of shared memory at D = 128 (one block per SM).
+#include "delta_chain16.h"
 #include "mma.cuh"
 
 namespace lasp {
@@ -245,6 +249,167 @@ __global__ void __launch_bounds__(kThreads, 1) rev16_kernel(Rev16Args a) {
     }
 }
 
+template <int D>
+struct StatesLayout {
+  static constexpr int kLdD = D + 8;
+  static constexpr size_t k = 0;  // byte offsets
+  static constexpr size_t w = k + (size_t)kC * kLdD * 2;
+  static constexpr size_t v = w + (size_t)kC * kLdD * 2;
+  static constexpr size_t us = v + (size_t)kC * kLdE * 2;
+  static constexpr size_t S = us + (size_t)kC * kLdE * 2;
+  static constexpr size_t g = S + (size_t)D * kLdE * 2;
+  static constexpr size_t suf = g + kC * 4;
+  static constexpr size_t pl = suf + kC * 4;
+  static constexpr size_t bytes = pl + 16;
+};
+
+template <typename T16, int D>
+__global__ void __launch_bounds__(kThreads, 1) states16_kernel(States16Args a) {
+  using L = StatesLayout<D>;
+  constexpr int LdD = L::kLdD;
+  extern __shared__ __align__(16) unsigned char sm[];
+  T16* sK = reinterpret_cast<T16*>(sm + L::k);
+  T16* sW = reinterpret_cast<T16*>(sm + L::w);
+  T16* sV = reinterpret_cast<T16*>(sm + L::v);
+  T16* sUs = reinterpret_cast<T16*>(sm + L::us);
+  T16* sS = reinterpret_cast<T16*>(sm + L::S);
+  float* sg = reinterpret_cast<float*>(sm + L::g);
+  float* ssuf = reinterpret_cast<float*>(sm + L::suf);
+  float* spl = reinterpret_cast<float*>(sm + L::pl);
+
+  const int ets = a.E / kEt, et = blockIdx.x % ets, e0 = et * kEt;
+  const int64_t bh = blockIdx.x / ets, b = bh / a.H, h = bh % a.H;
+  const int t = threadIdx.x, w = t >> 5, lane = t & 31, gq = lane >> 2, cq = lane & 3;
+  const int64_t nc = (a.N + kC - 1) / kC;
+  const T16* kh = static_cast<const T16*>(a.k) + b * a.ks[0] + (h / a.kgroup) * a.ks[1];
+  const T16* wh = static_cast<const T16*>(a.wk) + bh * a.N * D;
+  const T16* vh = static_cast<const T16*>(a.wv) + bh * a.N * a.E + e0;
+  const float* gh = a.g + bh * a.N;
+  T16* uh = static_cast<T16*>(a.u) + bh * a.N * a.E + e0;
+  T16* sbh = static_cast<T16*>(a.sb) + bh * nc * D * a.E + e0;
+
+  constexpr int WPM = D / 16, NS = 8 / WPM, NTW = 8 / NS;  // S's tiles, as G's in rev16_kernel
+  const int gm0 = (w % WPM) * 16, gn0 = (w / WPM) * (kEt / NS);
+  float S[NTW][4];
+#pragma unroll
+  for (int nt = 0; nt < NTW; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = gm0 + gq + (e >> 1) * 8, col = gn0 + 8 * nt + 2 * cq + (e & 1);
+      S[nt][e] = a.S0 ? a.S0[(bh * D + row) * a.E + e0 + col] : 0.f;
+    }
+
+  for (int64_t c = 0; c < nc; ++c) {
+    const int64_t n0 = c * kC;
+    const int rows = (int)(a.N - n0 < kC ? a.N - n0 : kC);
+    {  // loads
+      constexpr int VD = D / 8;
+      for (int i = t; i < kC * VD; i += kThreads) {
+        const int r = i / VD, x = (i % VD) * 8;
+        const bool ok = r < rows;
+        const int64_t n = ok ? n0 + r : 0;
+        mma::cp_async16(sK + r * LdD + x, kh + n * a.ks[2] + x, ok);
+        mma::cp_async16(sW + r * LdD + x, wh + n * D + x, ok);
+      }
+      for (int i = t; i < kC * (kEt / 8); i += kThreads) {
+        const int r = i / (kEt / 8), x = (i % (kEt / 8)) * 8;
+        const bool ok = r < rows;
+        mma::cp_async16(sV + r * kLdE + x, vh + (ok ? n0 + r : 0) * a.E + x, ok);
+      }
+      mma::cp_async_commit();
+      if (t < kC) sg[t] = t < rows ? gh[n0 + t] : 0.f;
+      mma::cp_async_wait<0>();
+      __syncthreads();
+    }
+    // suf[j] = exp(g[j+1] + ... + g[C-1]) and pre[C-1], the gates added in order; S to 16 bits, out as Sb[c]
+    if (t <= kC) {
+      float s = 0.f;
+      for (int u = t < kC ? t + 1 : 0; u < kC; ++u) s += sg[u];
+      if (t < kC) {
+        ssuf[t] = expf(s);
+      } else {
+        spl[0] = expf(s);
+      }
+    }
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int row = gm0 + gq + hh * 8;
+#pragma unroll
+      for (int nt = 0; nt < NTW; ++nt) {
+        const int col = gn0 + 8 * nt + 2 * cq;
+        const uint32_t v = mma::pack2<T16>(S[nt][2 * hh], S[nt][2 * hh + 1]);
+        *reinterpret_cast<uint32_t*>(sS + row * kLdE + col) = v;
+        *reinterpret_cast<uint32_t*>(sbh + (c * D + row) * a.E + col) = v;
+      }
+    }
+    __syncthreads();
+    {  // U = W_v - W_k S: rows m0.., columns h0.. (4 n-tiles) per warp
+      const int m0 = (w % 4) * 16, h0 = (w / 4) * 32;
+      float acc[4][4] = {};
+      for (int k0 = 0; k0 < D; k0 += 16) {
+        uint32_t af[4], bf[4];
+        mma::load_a(af, sW, LdD, m0, k0);
+#pragma unroll
+        for (int np = 0; np < 2; ++np) {
+          mma::load_b_kn(bf, sS, kLdE, k0, h0 + 16 * np);
+          mma::mma16816<T16>(acc[2 * np], af, bf[0], bf[1]);
+          mma::mma16816<T16>(acc[2 * np + 1], af, bf[2], bf[3]);
+        }
+      }
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int row = m0 + gq + hh * 8;
+        const float sf = ssuf[row];
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          const int col = h0 + 8 * nt + 2 * cq;
+          const float2 wv = mma::unpack2<T16>(*reinterpret_cast<const uint32_t*>(sV + row * kLdE + col));
+          const float u0 = wv.x - acc[nt][2 * hh], u1 = wv.y - acc[nt][2 * hh + 1];
+          if (row < rows) *reinterpret_cast<uint32_t*>(uh + (n0 + row) * a.E + col) = mma::pack2<T16>(u0, u1);
+          *reinterpret_cast<uint32_t*>(sUs + row * kLdE + col) = mma::pack2<T16>(sf * u0, sf * u1);
+        }
+      }
+      __syncthreads();
+    }
+    {  // S <- pre[C-1] S + K^T (diag(suf) U)
+      const float pl = spl[0];
+#pragma unroll
+      for (int nt = 0; nt < NTW; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) S[nt][e] *= pl;
+      for (int k0 = 0; k0 < kC; k0 += 16) {
+        uint32_t af[4], bf[4];
+        mma::load_a_t(af, sK, LdD, gm0, k0);
+#pragma unroll
+        for (int np = 0; np < NTW / 2; ++np) {
+          mma::load_b_kn(bf, sUs, kLdE, k0, gn0 + 16 * np);
+          mma::mma16816<T16>(S[2 * np], af, bf[0], bf[1]);
+          mma::mma16816<T16>(S[2 * np + 1], af, bf[2], bf[3]);
+        }
+      }
+      __syncthreads();
+    }
+  }
+#pragma unroll
+  for (int nt = 0; nt < NTW; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = gm0 + gq + (e >> 1) * 8, col = gn0 + 8 * nt + 2 * cq + (e & 1);
+      a.fin[(bh * D + row) * a.E + e0 + col] = S[nt][e];
+    }
+}
+
+template <typename T16, int D>
+cudaError_t launch_states16(const States16Args& a, cudaStream_t st) {
+  const size_t smem = StatesLayout<D>::bytes;
+  const cudaError_t e =
+      cudaFuncSetAttribute(states16_kernel<T16, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (e != cudaSuccess) return e;
+  const int64_t blocks = a.B * a.H * (a.E / kEt);
+  states16_kernel<T16, D><<<(unsigned)blocks, kThreads, smem, st>>>(a);
+  return cudaGetLastError();
+}
+
 template <typename T16, int D>
 cudaError_t launch_rev16(const Rev16Args& a, cudaStream_t st) {
   const size_t smem = RevLayout<D>::bytes;
@@ -257,6 +422,22 @@ cudaError_t launch_rev16(const Rev16Args& a, cudaStream_t st) {
 }
 
 }  // namespace
+
+bool delta_states16_takes(const States16Args& a) {
+  const bool k16 =
+      reinterpret_cast<uintptr_t>(a.k) % 16 == 0 && a.ks[0] % 8 == 0 && a.ks[1] % 8 == 0 && a.ks[2] % 8 == 0;
+  return (a.D == 64 || a.D == 128) && a.E >= kEt && a.E % kEt == 0 && a.B >= 0 && a.H >= 1 && a.N >= 0 &&
+         a.kgroup >= 1 && k16 && reinterpret_cast<uintptr_t>(a.wk) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(a.wv) % 16 == 0 && reinterpret_cast<uintptr_t>(a.u) % 4 == 0 &&
+         reinterpret_cast<uintptr_t>(a.sb) % 4 == 0 && a.fin != nullptr && a.B * a.H * (a.E / kEt) <= INT32_MAX;
+}
+
+cudaError_t delta_states16(const States16Args& a, cudaStream_t st) {
+  if (!delta_states16_takes(a)) return cudaErrorInvalidValue;
+  if (a.B == 0) return cudaSuccess;
+  if (a.D == 128) return a.bf16 ? launch_states16<__nv_bfloat16, 128>(a, st) : launch_states16<__half, 128>(a, st);
+  return a.bf16 ? launch_states16<__nv_bfloat16, 64>(a, st) : launch_states16<__half, 64>(a, st);
+}
 
 bool delta_rev16_takes(const Rev16Args& a) {
   auto rows16 = [](const void* p, const int64_t* s) {
