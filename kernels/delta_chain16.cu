@@ -17,6 +17,7 @@
 //   4. G <- pre[C-1] G + Q^T (diag(scale pre) dO) - W_k^T dU, the transposed operands by ldmatrix.trans.
 // Five barriers per chunk; about 122 KiB of shared memory at D = 128 (one block per SM).
 #include "delta_chain16.h"
+#include "delta_prep.h"  // gate_parts
 #include "mma.cuh"
 
 namespace lasp {
@@ -24,6 +25,103 @@ namespace cuda {
 namespace {
 
 constexpr int kC = 64, kEt = 64, kLdE = kEt + 8, kThreads = 256, kLdGam = kC + 1;
+
+// cp.async of the chunk's rows n0 .. n0 + rows - 1 (W 16-bit entries each, rows `stride` apart from src) into
+// the kC rows of dst (rows of ld), zeros past `rows`; thread t's share.
+template <int W, typename T16>
+__device__ __forceinline__ void load_rows(T16* dst, int ld, const T16* src, int64_t stride, int64_t n0, int rows,
+                                          int t) {
+  constexpr int V = W / 8;
+  for (int i = t; i < kC * V; i += kThreads) {
+    const int r = i / V, x = (i % V) * 8;
+    const bool ok = r < rows;
+    mma::cp_async16(dst + r * ld + x, src + (ok ? n0 + r : 0) * stride + x, ok);
+  }
+}
+
+// Warp w's part of the block's D x 64 state (or state gradient) in its accumulators X[NT][4]: rows m0 .. m0 + 15
+// (m16n8 fragments: rows gq and gq + 8), NT n-tiles of 8 columns from n0.
+template <int D>
+struct StateTile {
+  static constexpr int WPM = D / 16, NS = 8 / WPM, NT = 8 / NS;
+  int m0, n0, gq, cq;
+  __device__ explicit StateTile(int t)
+      : m0(((t >> 5) % WPM) * 16), n0(((t >> 5) / WPM) * (kEt / NS)), gq((t & 31) >> 2), cq(t & 3) {}
+  __device__ int row(int e) const { return m0 + gq + (e >> 1) * 8; }
+  __device__ int col(int nt, int e) const { return n0 + 8 * nt + 2 * cq + (e & 1); }
+  // X from src (rows of ld floats), zeros where src is null; X to dst.
+  __device__ void load(float (&X)[NT][4], const float* src, int64_t ld) const {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) X[nt][e] = src ? src[row(e) * ld + col(nt, e)] : 0.f;
+  }
+  __device__ void store(const float (&X)[NT][4], float* dst, int64_t ld) const {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dst[row(e) * ld + col(nt, e)] = X[nt][e];
+  }
+  // X rounded to 16 bits into shared memory (rows of kLdE) and global memory (rows of ld).
+  template <typename T16>
+  __device__ void put16(const float (&X)[NT][4], T16* s, T16* g, int64_t ld) const {
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int r = row(2 * hh), c = col(nt, 0);
+        const uint32_t v = mma::pack2<T16>(X[nt][2 * hh], X[nt][2 * hh + 1]);
+        *reinterpret_cast<uint32_t*>(s + r * kLdE + c) = v;
+        *reinterpret_cast<uint32_t*>(g + r * ld + c) = v;
+      }
+  }
+  __device__ void scale(float (&X)[NT][4], float f) const {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) X[nt][e] *= f;
+  }
+  // X += (+/-) A^T B over the chunk's kC rows: A (kC x D) in shared memory with rows of lda, read transposed by
+  // ldmatrix.trans (negated by the fragments' sign bits where neg), B (kC x 64) with rows of kLdE.
+  template <typename T16>
+  __device__ void mac_t(float (&X)[NT][4], const T16* sA, int lda, const T16* sB, bool neg) const {
+    for (int k0 = 0; k0 < kC; k0 += 16) {
+      uint32_t af[4], bf[4];
+      mma::load_a_t(af, sA, lda, m0, k0);
+      if (neg)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) af[i] ^= 0x80008000u;
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        mma::load_b_kn(bf, sB, kLdE, k0, n0 + 16 * np);
+        mma::mma16816<T16>(X[2 * np], af, bf[0], bf[1]);
+        mma::mma16816<T16>(X[2 * np + 1], af, bf[2], bf[3]);
+      }
+    }
+  }
+};
+
+// acc (rows m0 .. m0 + 15, columns h0 .. h0 + 31 of a kC x 64 product) += A B over k in [k_begin, K): A (kC x K)
+// with rows of lda, B (K x 64) with rows of ldb, or with BT its transpose (64 x K, rows of ldb: B = that^T), all
+// 16-bit in shared memory.
+template <bool BT = false, typename T16>
+__device__ __forceinline__ void mac_rows(float (&acc)[4][4], const T16* sA, int lda, const T16* sB, int ldb, int m0,
+                                         int h0, int k_begin, int K) {
+  for (int k0 = k_begin; k0 < K; k0 += 16) {
+    uint32_t af[4], bf[4];
+    mma::load_a(af, sA, lda, m0, k0);
+#pragma unroll
+    for (int np = 0; np < 2; ++np) {
+      if constexpr (BT) {
+        mma::load_b_nk(bf, sB, ldb, k0, h0 + 16 * np);
+      } else {
+        mma::load_b_kn(bf, sB, ldb, k0, h0 + 16 * np);
+      }
+      mma::mma16816<T16>(acc[2 * np], af, bf[0], bf[1]);
+      mma::mma16816<T16>(acc[2 * np + 1], af, bf[2], bf[3]);
+    }
+  }
+}
 
 template <int D>
 struct RevLayout {
@@ -59,9 +157,9 @@ __global__ void __launch_bounds__(kThreads, 1) rev16_kernel(Rev16Args a) {
   float* sg = reinterpret_cast<float*>(sm + L::g);
   float* spre = reinterpret_cast<float*>(sm + L::pre);
 
-  const int ets = a.E / kEt, et = blockIdx.x % ets, e0 = et * kEt;
+  const int ets = a.E / kEt, e0 = blockIdx.x % ets * kEt;
   const int64_t bh = blockIdx.x / ets, b = bh / a.H, h = bh % a.H;
-  const int t = threadIdx.x, w = t >> 5, lane = t & 31, gq = lane >> 2, cq = lane & 3;
+  const int t = threadIdx.x, w = t >> 5, gq = (t & 31) >> 2, cq = t & 3;
   const int64_t nc = (a.N + kC - 1) / kC;
   const T16* qh = static_cast<const T16*>(a.q) + b * a.qs[0] + (h / a.qgroup) * a.qs[1];
   const T16* kh = static_cast<const T16*>(a.k) + b * a.ks[0] + (h / a.kgroup) * a.ks[1];
@@ -71,89 +169,32 @@ __global__ void __launch_bounds__(kThreads, 1) rev16_kernel(Rev16Args a) {
   T16* duh = static_cast<T16*>(a.du) + bh * a.N * a.E + e0;
   T16* dseh = static_cast<T16*>(a.dse) + bh * nc * D * a.E + e0;
 
-  // G's tiles: warp w holds rows gm0 .. gm0 + 15 and NTW n-tiles from column gn0 (of the block's 64)
-  constexpr int WPM = D / 16, NS = 8 / WPM, NTW = 8 / NS;
-  const int gm0 = (w % WPM) * 16, gn0 = (w / WPM) * (kEt / NS);
-  float G[NTW][4];
-#pragma unroll
-  for (int nt = 0; nt < NTW; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int row = gm0 + gq + (e >> 1) * 8, col = gn0 + 8 * nt + 2 * cq + (e & 1);
-      G[nt][e] = a.dS_end ? a.dS_end[(bh * D + row) * a.E + e0 + col] : 0.f;
-    }
+  const StateTile<D> st(t);
+  float G[StateTile<D>::NT][4];
+  st.load(G, a.dS_end ? a.dS_end + bh * D * a.E + e0 : nullptr, a.E);
 
   for (int64_t c = nc - 1; c >= 0; --c) {
     const int64_t n0 = c * kC;
     const int rows = (int)(a.N - n0 < kC ? a.N - n0 : kC);
-    {  // L.
-      constexpr int VD = D / 8;
-      for (int i = t; i < kC * VD; i += kThreads) {
-        const int r = i / VD, x = (i % VD) * 8;
-        const bool ok = r < rows;
-        const int64_t n = ok ? n0 + r : 0;
-        mma::cp_async16(sQ + r * LdD + x, qh + n * a.qs[2] + x, ok);
-        mma::cp_async16(sK + r * LdD + x, kh + n * a.ks[2] + x, ok);
-        mma::cp_async16(sW + r * LdD + x, wh + n * D + x, ok);
-      }
-      for (int i = t; i < kC * (kEt / 8); i += kThreads) {
-        const int r = i / (kEt / 8), x = (i % (kEt / 8)) * 8;
-        const bool ok = r < rows;
-        mma::cp_async16(sdO + r * kLdE + x, dh + (ok ? n0 + r : 0) * a.ds[2] + x, ok);
-      }
-      mma::cp_async_commit();
-      if (t < kC) sg[t] = t < rows ? gh[n0 + t] : 0.f;
-      mma::cp_async_wait<0>();
-      __syncthreads();
-    }
-    {  // 1. Gam down its columns in parts (column -1: pre), as the WY kernel forms them; G to 16 bits
-      constexpr int parts = kThreads / (kC + 1), rpp = (kC + parts - 1) / parts;
-      const int part = t / (kC + 1), j = t % (kC + 1) - 1, r0 = part * rpp, r1 = r0 + rpp < kC ? r0 + rpp : kC;
-      if (part < parts) {
-        float s = 0.f;
-        for (int u = j + 1; u < r0; ++u) s += sg[u];
-        for (int i = r0; i < r1; ++i) {
-          if (j < 0) {
-            s += sg[i];
-            spre[i] = expf(s);
-            continue;
-          }
-          float x = 0.f;
-          if (i >= j) {
-            if (i > j) s += sg[i];
-            x = expf(s);
-          }
-          sgam[i * kLdGam + j] = x;
-        }
-      }
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        const int row = gm0 + gq + hh * 8;
-#pragma unroll
-        for (int nt = 0; nt < NTW; ++nt) {
-          const int col = gn0 + 8 * nt + 2 * cq;
-          const uint32_t v = mma::pack2<T16>(G[nt][2 * hh], G[nt][2 * hh + 1]);
-          *reinterpret_cast<uint32_t*>(sG + row * kLdE + col) = v;
-          *reinterpret_cast<uint32_t*>(dseh + (c * D + row) * a.E + col) = v;
-        }
-      }
-      __syncthreads();
-    }
-    const int mt = w % 4, m0 = mt * 16, h0 = (w / 4) * 32;  // steps 2 and 3: rows m0.., columns h0.. (4 n-tiles)
-    {                                                       // 2.
+    // L.
+    load_rows<D>(sQ, LdD, qh, a.qs[2], n0, rows, t);
+    load_rows<D>(sK, LdD, kh, a.ks[2], n0, rows, t);
+    load_rows<D>(sW, LdD, wh, D, n0, rows, t);
+    load_rows<kEt>(sdO, kLdE, dh, a.ds[2], n0, rows, t);
+    mma::cp_async_commit();
+    if (t < kC) sg[t] = t < rows ? gh[n0 + t] : 0.f;
+    mma::cp_async_wait<0>();
+    __syncthreads();
+    // 1.
+    gate_parts<float>(
+        t, kThreads, kC, sg, true, [&](int i, int j, float x) { sgam[i * kLdGam + j] = x; },
+        [&](int i, float p) { spre[i] = p; });
+    st.put16(G, sG, dseh + c * D * a.E, a.E);
+    __syncthreads();
+    const int m0 = (w % 4) * 16, h0 = (w / 4) * 32;  // steps 2 and 3: rows m0.., columns h0.. (4 n-tiles)
+    {                                                // 2.
       float acc[4][4] = {};
-      if (h0 + 31 >= m0) {
-        for (int k0 = 0; k0 < D; k0 += 16) {
-          uint32_t af[4], bf[4];
-          mma::load_a(af, sK, LdD, m0, k0);
-#pragma unroll
-          for (int np = 0; np < 2; ++np) {
-            mma::load_b_nk(bf, sQ, LdD, k0, h0 + 16 * np);
-            mma::mma16816<T16>(acc[2 * np], af, bf[0], bf[1]);
-            mma::mma16816<T16>(acc[2 * np + 1], af, bf[2], bf[3]);
-          }
-        }
-      }
+      if (h0 + 31 >= m0) mac_rows<true>(acc, sK, LdD, sQ, LdD, m0, h0, 0, D);  // K Q^T, tiles not wholly below
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
         const int j = m0 + gq + hh * 8;  // K's token (row of P^T)
@@ -167,38 +208,20 @@ __global__ void __launch_bounds__(kThreads, 1) rev16_kernel(Rev16Args a) {
       }
       for (int e = t; e < kC * kEt / 2; e += kThreads) {
         const int r = e / (kEt / 2), x = (e % (kEt / 2)) * 2;
-        const float s = a.scale * spre[r];
+        const float f = a.scale * spre[r];
         const float2 u = mma::unpack2<T16>(*reinterpret_cast<const uint32_t*>(sdO + r * kLdE + x));
-        *reinterpret_cast<uint32_t*>(sdOp + r * kLdE + x) = mma::pack2<T16>(u.x * s, u.y * s);
+        *reinterpret_cast<uint32_t*>(sdOp + r * kLdE + x) = mma::pack2<T16>(u.x * f, u.y * f);
       }
       __syncthreads();
     }
     {  // 3.
       float acc[4][4] = {};
-      for (int k0 = 0; k0 < D; k0 += 16) {
-        uint32_t af[4], bf[4];
-        mma::load_a(af, sK, LdD, m0, k0);
-#pragma unroll
-        for (int np = 0; np < 2; ++np) {
-          mma::load_b_kn(bf, sG, kLdE, k0, h0 + 16 * np);
-          mma::mma16816<T16>(acc[2 * np], af, bf[0], bf[1]);
-          mma::mma16816<T16>(acc[2 * np + 1], af, bf[2], bf[3]);
-        }
-      }
+      mac_rows(acc, sK, LdD, sG, kLdE, m0, h0, 0, D);
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[nt][e] *= sgam[(kC - 1) * kLdGam + m0 + gq + (e >> 1) * 8];  // suf
-      for (int k0 = m0; k0 < kC; k0 += 16) {
-        uint32_t af[4], bf[4];
-        mma::load_a(af, sP, kLdE, m0, k0);
-#pragma unroll
-        for (int np = 0; np < 2; ++np) {
-          mma::load_b_kn(bf, sdO, kLdE, k0, h0 + 16 * np);
-          mma::mma16816<T16>(acc[2 * np], af, bf[0], bf[1]);
-          mma::mma16816<T16>(acc[2 * np + 1], af, bf[2], bf[3]);
-        }
-      }
+      mac_rows(acc, sP, kLdE, sdO, kLdE, m0, h0, m0, kC);
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
         const int row = m0 + gq + hh * 8;
@@ -212,41 +235,13 @@ __global__ void __launch_bounds__(kThreads, 1) rev16_kernel(Rev16Args a) {
       }
       __syncthreads();
     }
-    {  // 4.
-      const float pl = spre[kC - 1];
-#pragma unroll
-      for (int nt = 0; nt < NTW; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) G[nt][e] *= pl;
-      for (int k0 = 0; k0 < kC; k0 += 16) {
-        uint32_t af[4], bf[4];
-        mma::load_a_t(af, sQ, LdD, gm0, k0);
-#pragma unroll
-        for (int np = 0; np < NTW / 2; ++np) {
-          mma::load_b_kn(bf, sdOp, kLdE, k0, gn0 + 16 * np);
-          mma::mma16816<T16>(G[2 * np], af, bf[0], bf[1]);
-          mma::mma16816<T16>(G[2 * np + 1], af, bf[2], bf[3]);
-        }
-        mma::load_a_t(af, sW, LdD, gm0, k0);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) af[i] ^= 0x80008000u;  // -W_k^T: both 16-bit halves' signs
-#pragma unroll
-        for (int np = 0; np < NTW / 2; ++np) {
-          mma::load_b_kn(bf, sdU, kLdE, k0, gn0 + 16 * np);
-          mma::mma16816<T16>(G[2 * np], af, bf[0], bf[1]);
-          mma::mma16816<T16>(G[2 * np + 1], af, bf[2], bf[3]);
-        }
-      }
-      __syncthreads();
-    }
+    // 4.
+    st.scale(G, spre[kC - 1]);
+    st.mac_t(G, sQ, LdD, sdOp, false);
+    st.mac_t(G, sW, LdD, sdU, true);
+    __syncthreads();
   }
-#pragma unroll
-  for (int nt = 0; nt < NTW; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int row = gm0 + gq + (e >> 1) * 8, col = gn0 + 8 * nt + 2 * cq + (e & 1);
-      a.dS0[(bh * D + row) * a.E + e0 + col] = G[nt][e];
-    }
+  st.store(G, a.dS0 + bh * D * a.E + e0, a.E);
 }
 
 template <int D>
@@ -277,9 +272,9 @@ __global__ void __launch_bounds__(kThreads, 1) states16_kernel(States16Args a) {
   float* ssuf = reinterpret_cast<float*>(sm + L::suf);
   float* spl = reinterpret_cast<float*>(sm + L::pl);
 
-  const int ets = a.E / kEt, et = blockIdx.x % ets, e0 = et * kEt;
+  const int ets = a.E / kEt, e0 = blockIdx.x % ets * kEt;
   const int64_t bh = blockIdx.x / ets, b = bh / a.H, h = bh % a.H;
-  const int t = threadIdx.x, w = t >> 5, lane = t & 31, gq = lane >> 2, cq = lane & 3;
+  const int t = threadIdx.x, w = t >> 5, gq = (t & 31) >> 2, cq = t & 3;
   const int64_t nc = (a.N + kC - 1) / kC;
   const T16* kh = static_cast<const T16*>(a.k) + b * a.ks[0] + (h / a.kgroup) * a.ks[1];
   const T16* wh = static_cast<const T16*>(a.wk) + bh * a.N * D;
@@ -288,74 +283,32 @@ __global__ void __launch_bounds__(kThreads, 1) states16_kernel(States16Args a) {
   T16* uh = static_cast<T16*>(a.u) + bh * a.N * a.E + e0;
   T16* sbh = static_cast<T16*>(a.sb) + bh * nc * D * a.E + e0;
 
-  constexpr int WPM = D / 16, NS = 8 / WPM, NTW = 8 / NS;  // S's tiles, as G's in rev16_kernel
-  const int gm0 = (w % WPM) * 16, gn0 = (w / WPM) * (kEt / NS);
-  float S[NTW][4];
-#pragma unroll
-  for (int nt = 0; nt < NTW; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int row = gm0 + gq + (e >> 1) * 8, col = gn0 + 8 * nt + 2 * cq + (e & 1);
-      S[nt][e] = a.S0 ? a.S0[(bh * D + row) * a.E + e0 + col] : 0.f;
-    }
+  const StateTile<D> st(t);
+  float S[StateTile<D>::NT][4];
+  st.load(S, a.S0 ? a.S0 + bh * D * a.E + e0 : nullptr, a.E);
 
   for (int64_t c = 0; c < nc; ++c) {
     const int64_t n0 = c * kC;
     const int rows = (int)(a.N - n0 < kC ? a.N - n0 : kC);
-    {  // loads
-      constexpr int VD = D / 8;
-      for (int i = t; i < kC * VD; i += kThreads) {
-        const int r = i / VD, x = (i % VD) * 8;
-        const bool ok = r < rows;
-        const int64_t n = ok ? n0 + r : 0;
-        mma::cp_async16(sK + r * LdD + x, kh + n * a.ks[2] + x, ok);
-        mma::cp_async16(sW + r * LdD + x, wh + n * D + x, ok);
-      }
-      for (int i = t; i < kC * (kEt / 8); i += kThreads) {
-        const int r = i / (kEt / 8), x = (i % (kEt / 8)) * 8;
-        const bool ok = r < rows;
-        mma::cp_async16(sV + r * kLdE + x, vh + (ok ? n0 + r : 0) * a.E + x, ok);
-      }
-      mma::cp_async_commit();
-      if (t < kC) sg[t] = t < rows ? gh[n0 + t] : 0.f;
-      mma::cp_async_wait<0>();
-      __syncthreads();
-    }
+    load_rows<D>(sK, LdD, kh, a.ks[2], n0, rows, t);
+    load_rows<D>(sW, LdD, wh, D, n0, rows, t);
+    load_rows<kEt>(sV, kLdE, vh, a.E, n0, rows, t);
+    mma::cp_async_commit();
+    if (t < kC) sg[t] = t < rows ? gh[n0 + t] : 0.f;
+    mma::cp_async_wait<0>();
+    __syncthreads();
     // suf[j] = exp(g[j+1] + ... + g[C-1]) and pre[C-1], the gates added in order; S to 16 bits, out as Sb[c]
     if (t <= kC) {
-      float s = 0.f;
-      for (int u = t < kC ? t + 1 : 0; u < kC; ++u) s += sg[u];
-      if (t < kC) {
-        ssuf[t] = expf(s);
-      } else {
-        spl[0] = expf(s);
-      }
+      float x = 0.f;
+      for (int u = t < kC ? t + 1 : 0; u < kC; ++u) x += sg[u];
+      (t < kC ? ssuf[t] : spl[0]) = expf(x);
     }
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int row = gm0 + gq + hh * 8;
-#pragma unroll
-      for (int nt = 0; nt < NTW; ++nt) {
-        const int col = gn0 + 8 * nt + 2 * cq;
-        const uint32_t v = mma::pack2<T16>(S[nt][2 * hh], S[nt][2 * hh + 1]);
-        *reinterpret_cast<uint32_t*>(sS + row * kLdE + col) = v;
-        *reinterpret_cast<uint32_t*>(sbh + (c * D + row) * a.E + col) = v;
-      }
-    }
+    st.put16(S, sS, sbh + c * D * a.E, a.E);
     __syncthreads();
-    {  // U = W_v - W_k S: rows m0.., columns h0.. (4 n-tiles) per warp
+    {  // U = W_v - W_k S (rows m0.., columns h0.. per warp), out; diag(suf) U to 16 bits
       const int m0 = (w % 4) * 16, h0 = (w / 4) * 32;
       float acc[4][4] = {};
-      for (int k0 = 0; k0 < D; k0 += 16) {
-        uint32_t af[4], bf[4];
-        mma::load_a(af, sW, LdD, m0, k0);
-#pragma unroll
-        for (int np = 0; np < 2; ++np) {
-          mma::load_b_kn(bf, sS, kLdE, k0, h0 + 16 * np);
-          mma::mma16816<T16>(acc[2 * np], af, bf[0], bf[1]);
-          mma::mma16816<T16>(acc[2 * np + 1], af, bf[2], bf[3]);
-        }
-      }
+      mac_rows(acc, sW, LdD, sS, kLdE, m0, h0, 0, D);
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
         const int row = m0 + gq + hh * 8;
@@ -371,63 +324,35 @@ __global__ void __launch_bounds__(kThreads, 1) states16_kernel(States16Args a) {
       }
       __syncthreads();
     }
-    {  // S <- pre[C-1] S + K^T (diag(suf) U)
-      const float pl = spl[0];
-#pragma unroll
-      for (int nt = 0; nt < NTW; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) S[nt][e] *= pl;
-      for (int k0 = 0; k0 < kC; k0 += 16) {
-        uint32_t af[4], bf[4];
-        mma::load_a_t(af, sK, LdD, gm0, k0);
-#pragma unroll
-        for (int np = 0; np < NTW / 2; ++np) {
-          mma::load_b_kn(bf, sUs, kLdE, k0, gn0 + 16 * np);
-          mma::mma16816<T16>(S[2 * np], af, bf[0], bf[1]);
-          mma::mma16816<T16>(S[2 * np + 1], af, bf[2], bf[3]);
-        }
-      }
-      __syncthreads();
-    }
+    // S <- pre[C-1] S + K^T (diag(suf) U)
+    st.scale(S, spl[0]);
+    st.mac_t(S, sK, LdD, sUs, false);
+    __syncthreads();
   }
-#pragma unroll
-  for (int nt = 0; nt < NTW; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int row = gm0 + gq + (e >> 1) * 8, col = gn0 + 8 * nt + 2 * cq + (e & 1);
-      a.fin[(bh * D + row) * a.E + e0 + col] = S[nt][e];
-    }
+  st.store(S, a.fin + bh * D * a.E + e0, a.E);
 }
 
-template <typename T16, int D>
-cudaError_t launch_states16(const States16Args& a, cudaStream_t st) {
-  const size_t smem = StatesLayout<D>::bytes;
-  const cudaError_t e =
-      cudaFuncSetAttribute(states16_kernel<T16, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+// Launches kernel over (b, h, 64 columns of E) with smem bytes of dynamic shared memory.
+template <typename A>
+cudaError_t launch_chain(void (*kernel)(A), size_t smem, const A& a, cudaStream_t st) {
+  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (e != cudaSuccess) return e;
-  const int64_t blocks = a.B * a.H * (a.E / kEt);
-  states16_kernel<T16, D><<<(unsigned)blocks, kThreads, smem, st>>>(a);
-  return cudaGetLastError();
-}
-
-template <typename T16, int D>
-cudaError_t launch_rev16(const Rev16Args& a, cudaStream_t st) {
-  const size_t smem = RevLayout<D>::bytes;
-  const cudaError_t e =
-      cudaFuncSetAttribute(rev16_kernel<T16, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  if (e != cudaSuccess) return e;
-  const int64_t blocks = a.B * a.H * (a.E / kEt);
-  rev16_kernel<T16, D><<<(unsigned)blocks, kThreads, smem, st>>>(a);
+  kernel<<<(unsigned)(a.B * a.H * (a.E / kEt)), kThreads, smem, st>>>(a);
   return cudaGetLastError();
 }
 
 }  // namespace
 
+namespace {
+// Rows of 16-bit entries on 16-byte boundaries: the pointer aligned and every stride (b, head, n) a multiple of 8.
+bool rows16(const void* p, const int64_t* s) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && s[0] % 8 == 0 && s[1] % 8 == 0 && s[2] % 8 == 0;
+}
+}  // namespace
+
 bool delta_states16_takes(const States16Args& a) {
-  const bool k16 =
-      reinterpret_cast<uintptr_t>(a.k) % 16 == 0 && a.ks[0] % 8 == 0 && a.ks[1] % 8 == 0 && a.ks[2] % 8 == 0;
   return (a.D == 64 || a.D == 128) && a.E >= kEt && a.E % kEt == 0 && a.B >= 0 && a.H >= 1 && a.N >= 0 &&
-         a.kgroup >= 1 && k16 && reinterpret_cast<uintptr_t>(a.wk) % 16 == 0 &&
+         a.kgroup >= 1 && rows16(a.k, a.ks) && reinterpret_cast<uintptr_t>(a.wk) % 16 == 0 &&
          reinterpret_cast<uintptr_t>(a.wv) % 16 == 0 && reinterpret_cast<uintptr_t>(a.u) % 4 == 0 &&
          reinterpret_cast<uintptr_t>(a.sb) % 4 == 0 && a.fin != nullptr && a.B * a.H * (a.E / kEt) <= INT32_MAX;
 }
@@ -435,14 +360,14 @@ bool delta_states16_takes(const States16Args& a) {
 cudaError_t delta_states16(const States16Args& a, cudaStream_t st) {
   if (!delta_states16_takes(a)) return cudaErrorInvalidValue;
   if (a.B == 0) return cudaSuccess;
-  if (a.D == 128) return a.bf16 ? launch_states16<__nv_bfloat16, 128>(a, st) : launch_states16<__half, 128>(a, st);
-  return a.bf16 ? launch_states16<__nv_bfloat16, 64>(a, st) : launch_states16<__half, 64>(a, st);
+  if (a.D == 128)
+    return a.bf16 ? launch_chain(states16_kernel<__nv_bfloat16, 128>, StatesLayout<128>::bytes, a, st)
+                  : launch_chain(states16_kernel<__half, 128>, StatesLayout<128>::bytes, a, st);
+  return a.bf16 ? launch_chain(states16_kernel<__nv_bfloat16, 64>, StatesLayout<64>::bytes, a, st)
+                : launch_chain(states16_kernel<__half, 64>, StatesLayout<64>::bytes, a, st);
 }
 
 bool delta_rev16_takes(const Rev16Args& a) {
-  auto rows16 = [](const void* p, const int64_t* s) {
-    return reinterpret_cast<uintptr_t>(p) % 16 == 0 && s[0] % 8 == 0 && s[1] % 8 == 0 && s[2] % 8 == 0;
-  };
   return (a.D == 64 || a.D == 128) && a.E >= kEt && a.E % kEt == 0 && a.B >= 0 && a.H >= 1 && a.N >= 0 &&
          a.qgroup >= 1 && a.kgroup >= 1 && rows16(a.q, a.qs) && rows16(a.k, a.ks) && rows16(a.dout, a.ds) &&
          reinterpret_cast<uintptr_t>(a.wk) % 16 == 0 && reinterpret_cast<uintptr_t>(a.du) % 4 == 0 &&
@@ -452,8 +377,11 @@ bool delta_rev16_takes(const Rev16Args& a) {
 cudaError_t delta_rev16(const Rev16Args& a, cudaStream_t st) {
   if (!delta_rev16_takes(a)) return cudaErrorInvalidValue;
   if (a.B == 0) return cudaSuccess;
-  if (a.D == 128) return a.bf16 ? launch_rev16<__nv_bfloat16, 128>(a, st) : launch_rev16<__half, 128>(a, st);
-  return a.bf16 ? launch_rev16<__nv_bfloat16, 64>(a, st) : launch_rev16<__half, 64>(a, st);
+  if (a.D == 128)
+    return a.bf16 ? launch_chain(rev16_kernel<__nv_bfloat16, 128>, RevLayout<128>::bytes, a, st)
+                  : launch_chain(rev16_kernel<__half, 128>, RevLayout<128>::bytes, a, st);
+  return a.bf16 ? launch_chain(rev16_kernel<__nv_bfloat16, 64>, RevLayout<64>::bytes, a, st)
+                : launch_chain(rev16_kernel<__half, 64>, RevLayout<64>::bytes, a, st);
 }
 
 }  // namespace cuda

@@ -184,31 +184,13 @@ __global__ void __launch_bounds__(kPrepThreads, 3) wy16_mma_kernel(Wy16Args a) {
     mma::cp_async_wait<0>();
     __syncthreads();
   }
-  {  // 2. as prep_block's step 2 (C = 64: three parts of 22 rows per column, column -1 is pre)
-    constexpr int parts = kPrepThreads / (kWyC + 1), rpp = (kWyC + parts - 1) / parts;
-    const int part = t / (kWyC + 1), j = t % (kWyC + 1) - 1, r0 = part * rpp, r1 = min(r0 + rpp, kWyC);
-    if (part < parts) {
-      float s = 0.f;
-      for (int u = j + 1; u < r0; ++u) s += sg[u];
-      for (int i = r0; i < r1; ++i) {
-        if (j < 0) {
-          s += sg[i];
-          spre[i] = expf(s);
-          continue;
-        }
-        float x = 0.f;
-        if (i >= j) {
-          if (i > j) s += sg[i];
-          x = expf(s);
-        }
-        sGT[i * kWyLdc + j] = x;
-      }
-    }
-    __syncthreads();
-  }
+  gate_parts<float>(  // 2. as prep_block's step 2
+      t, kPrepThreads, kWyC, sg, true, [&](int i, int j, float x) { sGT[i * kWyLdc + j] = x; },
+      [&](int i, float p) { spre[i] = p; });
+  __syncthreads();
   const int g = lane >> 2, c = lane & 3;
-  if (w < 6) {  // 3. tiles (rows 16 rt, columns 32 ch) on and below the diagonal: rt = 0..3 with ch = 0, rt = 2, 3 with
-                // ch = 1
+  // 3. the tiles (rows 16 rt, columns 32 ch) on and below the diagonal: rt = 0..3 with ch = 0, rt = 2, 3 with ch = 1
+  if (w < 6) {
     const int rt = w < 4 ? w : w - 2, m0 = rt * 16, n0 = w < 4 ? 0 : 32;
     float acc[4][4] = {};
     for (int k0 = 0; k0 < D; k0 += 16) {

@@ -82,6 +82,34 @@ LASP_CHAIN_HD size_t prep_tc_smem_bytes(int C, int D, int E) { return sizeof(flo
 LASP_CHAIN_HD float prep_exp(float x) { return expf(x); }
 LASP_CHAIN_HD double prep_exp(double x) { return exp(x); }
 
+// The gates' sums within a chunk, thread t's share of nthreads (at least C + 1): put_gam(i, j, x) for every
+// i, j < C, x = exp(g[j+1] + ... + g[i]) for j <= i (1 on the diagonal) and 0 above it, and where with_pre
+// put_pre(i, exp(g[0] + ... + g[i])). Each sum is its gates added in order, so a -inf gate gives exact zeros
+// across it: thread (part, j) runs down column j (j = -1: pre) over its part of the rows, first adding the
+// gates above the part (the same additions in the same order as the entry's own sum, so every part gives the
+// bits of a sum started at the column's first gate). sg: the chunk's gates (C entries).
+template <typename T, typename FG, typename FP>
+LASP_CHAIN_HD void gate_parts(int t, int nthreads, int C, const T* sg, bool with_pre, FG put_gam, FP put_pre) {
+  const int parts = nthreads / (C + 1), rpp = (C + parts - 1) / parts, part = t / (C + 1), j = t % (C + 1) - 1;
+  const int r0 = part * rpp, r1 = r0 + rpp < C ? r0 + rpp : C;
+  if (part >= parts || r0 >= C || (j < 0 && !with_pre)) return;
+  T s = 0;
+  for (int u = j + 1; u < r0; ++u) s += sg[u];
+  for (int i = r0; i < r1; ++i) {
+    if (j < 0) {
+      s += sg[i];
+      put_pre(i, prep_exp(s));
+      continue;
+    }
+    T x = 0;
+    if (i >= j) {
+      if (i > j) s += sg[i];
+      x = prep_exp(s);
+    }
+    put_gam(i, j, x);
+  }
+}
+
 // The inverse of the unit lower triangular m = I + A (A in sA, strictly lower; rows of ldc) into sGT, in blocks
 // of 16 rows: each diagonal block by substitution down its columns (one thread per column: 16 steps, not C),
 // then the blocks below the diagonal one diagonal at a time, L[i][j] = -L[i][i] (sum_{j <= l < i} A[i][l]
@@ -160,30 +188,14 @@ LASP_CHAIN_HD void prep_block(const Args& a, int64_t ch, T* smem, Exec& ex) {
     });
   }
   ex.sync();
-  // 2. gam, each entry exp of the sum of its gates added in order, g[j+1] + ... + g[i]: thread (part, j) runs down
-  // column j over its part of the rows, first summing the gates above the part (the same additions in the same
-  // order as the entry's own sum, so each part gives the bits of a sum from j + 1). Column j = -1 is pre
-  // (g[0] + ... + g[i]) where the program forms it.
-  ex.threads([&](int t) {
-    const int parts = kPrepThreads / (C + 1), rpp = (C + parts - 1) / parts, part = t / (C + 1), j = t % (C + 1) - 1;
-    const int r0 = part * rpp, r1 = r0 + rpp < C ? r0 + rpp : C;
-    if (part >= parts || r0 >= C || (j < 0 && !Args::kStagesInputs)) return;
-    T s = 0;
-    for (int u = j + 1; u < r0; ++u) s += sg[u];
-    for (int i = r0; i < r1; ++i) {
-      if (j < 0) {
-        s += sg[i];
-        sbp[i] = sb[i] * prep_exp(s);
-        continue;
-      }
-      T x = 0;
-      if (i >= j) {
-        if (i > j) s += sg[i];
-        x = prep_exp(s);
-      }
-      sGT[i * L.ldc + j] = x;
-      if (a.gam) a.gam[cc + (size_t)i * C + j] = x;
-    }
+  ex.threads([&](int t) {  // 2. gam, and pre where the program forms it
+    gate_parts<T>(
+        t, kPrepThreads, C, sg, Args::kStagesInputs,
+        [&](int i, int j, T x) {
+          sGT[i * L.ldc + j] = x;
+          if (a.gam) a.gam[cc + (size_t)i * C + j] = x;
+        },
+        [&](int i, T p) { sbp[i] = sb[i] * p; });
   });
   ex.sync();
   auto kk_entry = [&](int i, int j, T kk) {
