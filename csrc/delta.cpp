@@ -505,11 +505,9 @@ std::tuple<Tensor, Tensor> call_fwd(const Tensor& q, const Tensor& k, const Tens
   return op.call(q, k, v, g, beta, scale, initial_state);
 }
 
-// q / sqrt(sum of squares over the head dim + 1e-6) (fla's use_qk_l2norm_in_kernel); ATen ops, so that
-// autograd differentiates it where the caller records.
-// Computed in the accumulation type, returned in x's dtype: 16-bit q and k stay 16-bit, as fla's kernel gives
-// them, so that the 16-bit kernels take them.
-// x / sqrt(sum of squares over D + 1e-6), computed in the acc type and rounded once to x's dtype. Where autograd
+// x / sqrt(sum of squares over D + 1e-6) (fla's use_qk_l2norm_in_kernel), computed in the acc type and rounded
+// once to x's dtype: 16-bit q and k stay 16-bit, as fla's kernel gives them, so that the 16-bit kernels take
+// them. Where autograd
 // records it, as differentiable ATen operations (the derivative of the sum of squares is defined at zero rows);
 // otherwise by the device's kernel where it has one (CUDA: 16-bit rows, one pass), else in two passes: the rows'
 // norms (one read of x), then the product into x's dtype (one read, one write).

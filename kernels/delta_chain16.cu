@@ -26,19 +26,6 @@ namespace {
 
 constexpr int kC = 64, kEt = 64, kLdE = kEt + 8, kThreads = 256, kLdGam = kC + 1;
 
-// cp.async of the chunk's rows n0 .. n0 + rows - 1 (W 16-bit entries each, rows `stride` apart from src) into
-// the kC rows of dst (rows of ld), zeros past `rows`; thread t's share.
-template <int W, typename T16>
-__device__ __forceinline__ void load_rows(T16* dst, int ld, const T16* src, int64_t stride, int64_t n0, int rows,
-                                          int t) {
-  constexpr int V = W / 8;
-  for (int i = t; i < kC * V; i += kThreads) {
-    const int r = i / V, x = (i % V) * 8;
-    const bool ok = r < rows;
-    mma::cp_async16(dst + r * ld + x, src + (ok ? n0 + r : 0) * stride + x, ok);
-  }
-}
-
 // Warp w's part of the block's D x 64 state (or state gradient) in its accumulators X[NT][4]: rows m0 .. m0 + 15
 // (m16n8 fragments: rows gq and gq + 8), NT n-tiles of 8 columns from n0.
 template <int D>
@@ -177,10 +164,10 @@ __global__ void __launch_bounds__(kThreads, 1) rev16_kernel(Rev16Args a) {
     const int64_t n0 = c * kC;
     const int rows = (int)(a.N - n0 < kC ? a.N - n0 : kC);
     // L.
-    load_rows<D>(sQ, LdD, qh, a.qs[2], n0, rows, t);
-    load_rows<D>(sK, LdD, kh, a.ks[2], n0, rows, t);
-    load_rows<D>(sW, LdD, wh, D, n0, rows, t);
-    load_rows<kEt>(sdO, kLdE, dh, a.ds[2], n0, rows, t);
+    mma::cp_rows(sQ, LdD, qh + n0 * a.qs[2], a.qs[2], rows, kC, D, t, kThreads);
+    mma::cp_rows(sK, LdD, kh + n0 * a.ks[2], a.ks[2], rows, kC, D, t, kThreads);
+    mma::cp_rows(sW, LdD, wh + n0 * D, D, rows, kC, D, t, kThreads);
+    mma::cp_rows(sdO, kLdE, dh + n0 * a.ds[2], a.ds[2], rows, kC, kEt, t, kThreads);
     mma::cp_async_commit();
     if (t < kC) sg[t] = t < rows ? gh[n0 + t] : 0.f;
     mma::cp_async_wait<0>();
@@ -290,9 +277,9 @@ __global__ void __launch_bounds__(kThreads, 1) states16_kernel(States16Args a) {
   for (int64_t c = 0; c < nc; ++c) {
     const int64_t n0 = c * kC;
     const int rows = (int)(a.N - n0 < kC ? a.N - n0 : kC);
-    load_rows<D>(sK, LdD, kh, a.ks[2], n0, rows, t);
-    load_rows<D>(sW, LdD, wh, D, n0, rows, t);
-    load_rows<kEt>(sV, kLdE, vh, a.E, n0, rows, t);
+    mma::cp_rows(sK, LdD, kh + n0 * a.ks[2], a.ks[2], rows, kC, D, t, kThreads);
+    mma::cp_rows(sW, LdD, wh + n0 * D, D, rows, kC, D, t, kThreads);
+    mma::cp_rows(sV, kLdE, vh + n0 * a.E, a.E, rows, kC, kEt, t, kThreads);
     mma::cp_async_commit();
     if (t < kC) sg[t] = t < rows ? gh[n0 + t] : 0.f;
     mma::cp_async_wait<0>();
@@ -343,16 +330,9 @@ cudaError_t launch_chain(void (*kernel)(A), size_t smem, const A& a, cudaStream_
 
 }  // namespace
 
-namespace {
-// Rows of 16-bit entries on 16-byte boundaries: the pointer aligned and every stride (b, head, n) a multiple of 8.
-bool rows16(const void* p, const int64_t* s) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && s[0] % 8 == 0 && s[1] % 8 == 0 && s[2] % 8 == 0;
-}
-}  // namespace
-
 bool delta_states16_takes(const States16Args& a) {
   return (a.D == 64 || a.D == 128) && a.E >= kEt && a.E % kEt == 0 && a.B >= 0 && a.H >= 1 && a.N >= 0 &&
-         a.kgroup >= 1 && rows16(a.k, a.ks) && reinterpret_cast<uintptr_t>(a.wk) % 16 == 0 &&
+         a.kgroup >= 1 && mma::rows_on_16_bytes(a.k, a.ks) && reinterpret_cast<uintptr_t>(a.wk) % 16 == 0 &&
          reinterpret_cast<uintptr_t>(a.wv) % 16 == 0 && reinterpret_cast<uintptr_t>(a.u) % 4 == 0 &&
          reinterpret_cast<uintptr_t>(a.sb) % 4 == 0 && a.fin != nullptr && a.B * a.H * (a.E / kEt) <= INT32_MAX;
 }
@@ -369,9 +349,10 @@ cudaError_t delta_states16(const States16Args& a, cudaStream_t st) {
 
 bool delta_rev16_takes(const Rev16Args& a) {
   return (a.D == 64 || a.D == 128) && a.E >= kEt && a.E % kEt == 0 && a.B >= 0 && a.H >= 1 && a.N >= 0 &&
-         a.qgroup >= 1 && a.kgroup >= 1 && rows16(a.q, a.qs) && rows16(a.k, a.ks) && rows16(a.dout, a.ds) &&
-         reinterpret_cast<uintptr_t>(a.wk) % 16 == 0 && reinterpret_cast<uintptr_t>(a.du) % 4 == 0 &&
-         reinterpret_cast<uintptr_t>(a.dse) % 4 == 0 && a.dS0 != nullptr && a.B * a.H * (a.E / kEt) <= INT32_MAX;
+         a.qgroup >= 1 && a.kgroup >= 1 && mma::rows_on_16_bytes(a.q, a.qs) && mma::rows_on_16_bytes(a.k, a.ks) &&
+         mma::rows_on_16_bytes(a.dout, a.ds) && reinterpret_cast<uintptr_t>(a.wk) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(a.du) % 4 == 0 && reinterpret_cast<uintptr_t>(a.dse) % 4 == 0 &&
+         a.dS0 != nullptr && a.B * a.H * (a.E / kEt) <= INT32_MAX;
 }
 
 cudaError_t delta_rev16(const Rev16Args& a, cudaStream_t st) {

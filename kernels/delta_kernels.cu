@@ -7,6 +7,7 @@
 
 #include "delta_chain_api.h"
 #include "mma.cuh"
+#include "mma_tiles.cuh"  // store_frag
 
 namespace lasp {
 namespace cuda {
@@ -165,17 +166,8 @@ __global__ void __launch_bounds__(kPrepThreads, 3) wy16_mma_kernel(Wy16Args a) {
   DeviceExec ex;
   // 1.
   {
-    const int kv = D / 8, vv = E / 8;
-    for (int i = t; i < kWyC * kv; i += kPrepThreads) {
-      const int r = i / kv, c = i - r * kv;
-      const bool ok = r < rows;
-      mma::cp_async16(sK + r * L.ldk + c * 8, io.k + (ok ? r * io.ks + c * 8 : 0), ok);
-    }
-    for (int i = t; i < kWyC * vv; i += kPrepThreads) {
-      const int r = i / vv, c = i - r * vv;
-      const bool ok = r < rows;
-      mma::cp_async16(sV + r * L.ldv + c * 8, io.v + (ok ? r * io.vs + c * 8 : 0), ok);
-    }
+    mma::cp_rows(sK, L.ldk, io.k, io.ks, rows, kWyC, D, t, kPrepThreads);
+    mma::cp_rows(sV, L.ldv, io.v, io.vs, rows, kWyC, E, t, kPrepThreads);
     mma::cp_async_commit();
     if (t < kWyC) {
       sb[t] = t < rows ? io.beta[t] : 0.f;
@@ -243,18 +235,7 @@ __global__ void __launch_bounds__(kPrepThreads, 3) wy16_mma_kernel(Wy16Args a) {
         mma::mma16816<T16>(acc[2 * np + 1], af, bf[2], bf[3]);
       }
     }
-    T16* out = isv ? io.wv : io.wk;
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int r = m0 + g + hh * 8;
-      if (r >= rows) continue;
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        const int col = n0 + 8 * nt + 2 * c;
-        if (col < cols)
-          *reinterpret_cast<uint32_t*>(out + r * cols + col) = mma::pack2<T16>(acc[nt][2 * hh], acc[nt][2 * hh + 1]);
-      }
-    }
+    mma::store_frag<T16, 8>(acc, isv ? io.wv : io.wk, cols, m0, n0, rows, cols);
   }
 }
 
@@ -453,10 +434,7 @@ cudaError_t delta_l2norm16(const void* x, void* y, int64_t rows, int D, bool bf1
 }
 
 bool wy16_mma_takes(const Wy16Args& a) {
-  auto on16 = [](const void* p, const int64_t* s) {
-    return reinterpret_cast<uintptr_t>(p) % 16 == 0 && s[0] % 8 == 0 && s[1] % 8 == 0 && s[2] % 8 == 0;
-  };
-  return a.D % 16 == 0 && a.E % 16 == 0 && on16(a.k, a.ks) && on16(a.v, a.vs) &&
+  return a.D % 16 == 0 && a.E % 16 == 0 && mma::rows_on_16_bytes(a.k, a.ks) && mma::rows_on_16_bytes(a.v, a.vs) &&
          reinterpret_cast<uintptr_t>(a.wv) % 4 == 0 && reinterpret_cast<uintptr_t>(a.wk) % 4 == 0;
 }
 

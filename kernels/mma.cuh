@@ -111,6 +111,25 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pr
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
+// cp.async of `rows` rows of `cols` 16-bit entries (a multiple of 8), `stride` entries apart from src, into the
+// first `tile_rows` rows of dst (rows of ld entries, on 16-byte boundaries), zeros in the rows past `rows`;
+// thread t's share of nthreads. The caller commits and waits.
+template <typename T>
+__device__ __forceinline__ void cp_rows(T* dst, int ld, const T* src, int64_t stride, int rows, int tile_rows, int cols,
+                                        int t, int nthreads) {
+  const int v = cols / 8;
+  for (int i = t; i < tile_rows * v; i += nthreads) {
+    const int r = i / v, x = (i - r * v) * 8;
+    const bool ok = r < rows;
+    cp_async16(dst + r * ld + x, src + (ok ? r * stride + x : 0), ok);
+  }
+}
+
+// Whether rows of 16-bit entries at p with strides s (b, head, n) all start on 16-byte boundaries.
+inline bool rows_on_16_bytes(const void* p, const int64_t* s) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && s[0] % 8 == 0 && s[1] % 8 == 0 && s[2] % 8 == 0;
+}
+
 // A hint that the line at p will be read soon: into L2, no register waits for it.
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
 template <int N>
