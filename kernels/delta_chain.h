@@ -130,5 +130,21 @@ struct HostExec {
   void done() {}
 };
 
+#if defined(__CUDACC__)
+// The block programs' executor on the device: each thread runs its own part of a phase.
+struct DeviceExec {
+  template <typename F>
+  __device__ __forceinline__ void threads(F f) {
+    f(static_cast<int>(threadIdx.x));
+  }
+  template <typename F>
+  __device__ __forceinline__ void warps(F f) {  // every thread of warp w: f(w) (warp_tile.h)
+    f(static_cast<int>(threadIdx.x >> 5));
+  }
+  __device__ __forceinline__ void sync() { __syncthreads(); }
+  __device__ __forceinline__ void done() {}
+};
+#endif
+
 }  // namespace cuda
 }  // namespace lasp

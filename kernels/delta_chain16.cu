@@ -88,28 +88,6 @@ struct StateTile {
   }
 };
 
-// acc (rows m0 .. m0 + 15, columns h0 .. h0 + 31 of a kC x 64 product) += A B over k in [k_begin, K): A (kC x K)
-// with rows of lda, B (K x 64) with rows of ldb, or with BT its transpose (64 x K, rows of ldb: B = that^T), all
-// 16-bit in shared memory.
-template <bool BT = false, typename T16>
-__device__ __forceinline__ void mac_rows(float (&acc)[4][4], const T16* sA, int lda, const T16* sB, int ldb, int m0,
-                                         int h0, int k_begin, int K) {
-  for (int k0 = k_begin; k0 < K; k0 += 16) {
-    uint32_t af[4], bf[4];
-    mma::load_a(af, sA, lda, m0, k0);
-#pragma unroll
-    for (int np = 0; np < 2; ++np) {
-      if constexpr (BT) {
-        mma::load_b_nk(bf, sB, ldb, k0, h0 + 16 * np);
-      } else {
-        mma::load_b_kn(bf, sB, ldb, k0, h0 + 16 * np);
-      }
-      mma::mma16816<T16>(acc[2 * np], af, bf[0], bf[1]);
-      mma::mma16816<T16>(acc[2 * np + 1], af, bf[2], bf[3]);
-    }
-  }
-}
-
 template <int D>
 struct RevLayout {
   static constexpr int kLdD = D + 8;
@@ -181,7 +159,7 @@ __global__ void __launch_bounds__(kThreads, 1) rev16_kernel(Rev16Args a) {
     const int m0 = (w % 4) * 16, h0 = (w / 4) * 32;  // steps 2 and 3: rows m0.., columns h0.. (4 n-tiles)
     {                                                // 2.
       float acc[4][4] = {};
-      if (h0 + 31 >= m0) mac_rows<true>(acc, sK, LdD, sQ, LdD, m0, h0, 0, D);  // K Q^T, tiles not wholly below
+      if (h0 + 31 >= m0) mma::mac<false, true>(acc, sK, LdD, sQ, LdD, m0, h0, 0, D);  // K Q^T, tiles not wholly below
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
         const int j = m0 + gq + hh * 8;  // K's token (row of P^T)
@@ -203,12 +181,12 @@ __global__ void __launch_bounds__(kThreads, 1) rev16_kernel(Rev16Args a) {
     }
     {  // 3.
       float acc[4][4] = {};
-      mac_rows(acc, sK, LdD, sG, kLdE, m0, h0, 0, D);
+      mma::mac<false, false>(acc, sK, LdD, sG, kLdE, m0, h0, 0, D);
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[nt][e] *= sgam[(kC - 1) * kLdGam + m0 + gq + (e >> 1) * 8];  // suf
-      mac_rows(acc, sP, kLdE, sdO, kLdE, m0, h0, m0, kC);
+      mma::mac<false, false>(acc, sP, kLdE, sdO, kLdE, m0, h0, m0, kC);
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
         const int row = m0 + gq + hh * 8;
@@ -295,7 +273,7 @@ __global__ void __launch_bounds__(kThreads, 1) states16_kernel(States16Args a) {
     {  // U = W_v - W_k S (rows m0.., columns h0.. per warp), out; diag(suf) U to 16 bits
       const int m0 = (w % 4) * 16, h0 = (w / 4) * 32;
       float acc[4][4] = {};
-      mac_rows(acc, sW, LdD, sS, kLdE, m0, h0, 0, D);
+      mma::mac<false, false>(acc, sW, LdD, sS, kLdE, m0, h0, 0, D);
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
         const int row = m0 + gq + hh * 8;

@@ -13,20 +13,6 @@ namespace lasp {
 namespace cuda {
 namespace {
 
-// The block programs' executor on the device: each thread runs its own part of a phase.
-struct DeviceExec {
-  template <typename F>
-  __device__ __forceinline__ void threads(F f) {
-    f(static_cast<int>(threadIdx.x));
-  }
-  template <typename F>
-  __device__ __forceinline__ void warps(F f) {  // every thread of warp w: f(w) (warp_tile.h)
-    f(static_cast<int>(threadIdx.x >> 5));
-  }
-  __device__ __forceinline__ void sync() { __syncthreads(); }
-  __device__ __forceinline__ void done() {}
-};
-
 template <typename T>
 __global__ void __launch_bounds__(kChainThreads) chain_kernel(ChainArgs<T> a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];

@@ -125,6 +125,32 @@ __device__ __forceinline__ void cp_rows(T* dst, int ld, const T* src, int64_t st
   }
 }
 
+// acc (rows m0 .. m0 + 15, columns n0 .. n0 + 8 NT - 1) += A B over k in [k_begin, k_end) (multiples of 16), all
+// 16-bit in shared memory: A (rows of lda) row-major [m][k], or with AT its transpose stored [k][m]; B (rows of
+// ldb) row-major [k][n], or with BT its transpose stored [n][k]. NT even.
+template <bool AT, bool BT, int NT, typename T16>
+__device__ __forceinline__ void mac(float (&acc)[NT][4], const T16* sA, int lda, const T16* sB, int ldb, int m0, int n0,
+                                    int k_begin, int k_end) {
+  for (int k0 = k_begin; k0 < k_end; k0 += 16) {
+    uint32_t af[4], bf[4];
+    if constexpr (AT) {
+      load_a_t(af, sA, lda, m0, k0);
+    } else {
+      load_a(af, sA, lda, m0, k0);
+    }
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+      if constexpr (BT) {
+        load_b_nk(bf, sB, ldb, k0, n0 + 16 * np);
+      } else {
+        load_b_kn(bf, sB, ldb, k0, n0 + 16 * np);
+      }
+      mma16816<T16>(acc[2 * np], af, bf[0], bf[1]);
+      mma16816<T16>(acc[2 * np + 1], af, bf[2], bf[3]);
+    }
+  }
+}
+
 // Whether rows of 16-bit entries at p with strides s (b, head, n) all start on 16-byte boundaries.
 inline bool rows_on_16_bytes(const void* p, const int64_t* s) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0 && s[0] % 8 == 0 && s[1] % 8 == 0 && s[2] % 8 == 0;
