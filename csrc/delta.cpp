@@ -63,8 +63,9 @@ constexpr bool distinct_types() {
     return (!std::is_same_v<T, Ts> && ...) && distinct_types<Ts...>();
   }
 }
-static_assert(distinct_types<ChainFn, SolveFn, PrepFn, OutFn, BwdFn, ProFn, DrFn, MainFn, L2NormFn>(),
-              "each device hook needs its own function type: device_hook keys its table by it");
+static_assert(
+    distinct_types<ChainFn, SolveFn, PrepFn, OutFn, BwdFn, ProFn, DrFn, MainFn, MainBwdFn, L2NormFn, L2NormBwdFn>(),
+    "each device hook needs its own function type: device_hook keys its table by it");
 
 at::ScalarType delta_acc(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 // float64 where any of q, k, v is float64 (q, k come in float32 after the l2 normalisation of 16-bit inputs)
@@ -303,6 +304,34 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
                 const std::optional<Tensor>& initial_state, const std::optional<Tensor>& dout,
                 const std::optional<Tensor>& grad_final_state, bool state_grad_only) {
   check_delta_inputs(q, k, v, g, beta, initial_state, /*check_values=*/false);
+  {
+    const int64_t B = q.size(0), H = std::max(q.size(1), v.size(1)), N = q.size(2), D = q.size(3), E = v.size(3);
+    TORCH_CHECK_VALUE(!dout.has_value() || (dout->dim() == 4 && dout->size(0) == B && dout->size(1) == H &&
+                                            dout->size(2) == N && dout->size(3) == E),
+                      kOp, ": dout must have shape (B, H, N, E) = (", B, ", ", H, ", ", N, ", ", E, "), got ",
+                      dout.has_value() ? dout->sizes() : at::IntArrayRef{});
+    TORCH_CHECK_VALUE(!grad_final_state.has_value() || grad_final_state->sizes() == at::IntArrayRef({B, H, D, E}), kOp,
+                      ": grad_final_state must have shape (B, H, D, E) = (", B, ", ", H, ", ", D, ", ", E, "), got ",
+                      grad_final_state.has_value() ? grad_final_state->sizes() : at::IntArrayRef{});
+  }
+  if (MainBwdFn fn = device_hook<MainBwdFn>(q.device().type()); fn && q.size(2) > 0) {
+    auto [dq, dk, dv, dg, dbeta, dS] =
+        fn(q, k, v, g, beta, scale, initial_state, dout, grad_final_state, state_grad_only);
+    if (dS.defined()) {
+      const Tensor dinit = initial_state.has_value() ? dS.to(initial_state->scalar_type()) : dS;
+      if (state_grad_only) {
+        const auto none = q.options().dtype(dS.scalar_type());
+        return {at::empty({0}, none), at::empty({0}, none), at::empty({0}, none),
+                at::empty({0}, none), at::empty({0}, none), dinit};
+      }
+      return {to_in_heads(dq, q.size(1), q.scalar_type()).contiguous(),
+              to_in_heads(dk, k.size(1), k.scalar_type()).contiguous(),
+              to_in_heads(dv, v.size(1), v.scalar_type()).contiguous(),
+              dg.to(g.scalar_type()).contiguous(),
+              dbeta.to(beta.scalar_type()).contiguous(),
+              dinit};
+    }
+  }
   const Chunks c = prepare(q, k, v, g, beta, /*need_q=*/true, /*need_minv=*/!state_grad_only);
   const int64_t C = kChunk;
   const auto aopts = q.options().dtype(c.acc);
@@ -310,10 +339,6 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
   // dO chunked (zeros where the loss does not use o)
   Tensor dO;
   if (dout.has_value()) {
-    TORCH_CHECK_VALUE(dout->dim() == 4 && dout->size(0) == c.B && dout->size(1) == c.H && dout->size(2) == c.N &&
-                          dout->size(3) == c.E,
-                      kOp, ": dout must have shape (B, H, N, E) = (", c.B, ", ", c.H, ", ", c.N, ", ", c.E, "), got ",
-                      dout->sizes());
     const int64_t pad = c.nc * C - c.N;
     Tensor d = dout->to(c.acc);
     dO = (pad ? at::constant_pad_nd(d, {0, 0, 0, pad}) : d).reshape({c.B, c.H, c.nc, C, c.E});
@@ -321,8 +346,6 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
     dO = at::zeros({c.B, c.H, c.nc, C, c.E}, aopts);
   }
   const Tensor dS_end = grad_final_state.has_value() ? grad_final_state->to(c.acc) : at::zeros_like(fin);
-  TORCH_CHECK_VALUE(dS_end.sizes() == fin.sizes(), kOp, ": grad_final_state must have shape ", fin.sizes(), ", got ",
-                    dS_end.sizes());
   auto qk_raw = [&c]() { return at::matmul(c.q, c.k.transpose(-1, -2)); };
   // The parts of dU and dS that the chain does not carry, for all chunks at once.
   ProOut pro;
@@ -507,16 +530,10 @@ std::tuple<Tensor, Tensor> call_fwd(const Tensor& q, const Tensor& k, const Tens
 
 // x / sqrt(sum of squares over D + 1e-6) (fla's use_qk_l2norm_in_kernel), computed in the acc type and rounded
 // once to x's dtype: 16-bit q and k stay 16-bit, as fla's kernel gives them, so that the 16-bit kernels take
-// them. Where autograd
-// records it, as differentiable ATen operations (the derivative of the sum of squares is defined at zero rows);
-// otherwise by the device's kernel where it has one (CUDA: 16-bit rows, one pass), else in two passes: the rows'
-// norms (one read of x), then the product into x's dtype (one read, one write).
-Tensor l2norm(const Tensor& x) {
+// them. Without autograd: by the device's kernel where it has one (CUDA: 16-bit rows, one pass), else in two passes
+// (the rows' norms, one read of x; then the product into x's dtype, one read, one write).
+Tensor l2norm_values(const Tensor& x) {
   const auto acc = delta_acc(x.scalar_type());
-  if (at::GradMode::is_enabled() && x.requires_grad()) {
-    const Tensor xf = x.to(acc);
-    return (xf * (xf * xf).sum(-1, true).add(1e-6).rsqrt()).to(x.scalar_type());
-  }
   if (L2NormFn fn = device_hook<L2NormFn>(x.device().type())) {
     Tensor y = fn(x);
     if (y.defined()) return y;
@@ -526,6 +543,42 @@ Tensor l2norm(const Tensor& x) {
   Tensor out = at::empty_like(x);
   at::mul_out(out, x, r);
   return out;
+}
+
+// Where autograd records it on a device with a backward kernel: the forward by l2norm_values, the backward
+// dx = r (dy - y sum(dy y)) by the device's kernel (each one pass), or where it does not take x by ATen operations.
+// A second derivative exists only through the ATen form.
+class L2NormFunction : public torch::autograd::Function<L2NormFunction> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x});
+    return l2norm_values(x);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Tensor x = ctx->get_saved_variables()[0];
+    Tensor dy = grads[0].to(x.scalar_type());
+    if (dy.strides() != x.strides()) dy = at::empty_like(x).copy_(dy);  // laid out as x, for the kernel's rows
+    L2NormBwdFn fn = device_hook<L2NormBwdFn>(x.device().type());
+    Tensor dx = fn ? fn(x, dy) : Tensor();
+    if (!dx.defined()) {
+      const Tensor xf = x.to(delta_acc(x.scalar_type())), dyf = dy.to(xf.scalar_type());
+      const Tensor r = (xf * xf).sum(-1, true).add(1e-6).rsqrt();
+      const Tensor y = xf * r;
+      dx = (r * (dyf - y * (dyf * y).sum(-1, true))).to(x.scalar_type());
+    }
+    return {dx};
+  }
+};
+
+// The l2 normalisation of q or k. Where autograd records it: L2NormFunction on devices with a backward kernel
+// (where the kernel does not take x, its backward is the ATen formula), else differentiable ATen operations (the
+// derivative of the sum of squares is defined at zero rows).
+Tensor l2norm(const Tensor& x) {
+  if (!(at::GradMode::is_enabled() && x.requires_grad())) return l2norm_values(x);
+  if (device_hook<L2NormBwdFn>(x.device().type())) return L2NormFunction::apply(x);
+  const Tensor xf = x.to(delta_acc(x.scalar_type()));
+  return (xf * (xf * xf).sum(-1, true).add(1e-6).rsqrt()).to(x.scalar_type());
 }
 
 BwdOut call_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta, double scale,
@@ -705,6 +758,16 @@ bool register_delta_pro(c10::DeviceType type, ProFn fn) {
 
 bool register_delta_main(c10::DeviceType type, MainFn fn) {
   device_hook<MainFn>(type) = fn;
+  return true;
+}
+
+bool register_delta_l2norm_bwd(c10::DeviceType type, L2NormBwdFn fn) {
+  device_hook<L2NormBwdFn>(type) = fn;
+  return true;
+}
+
+bool register_delta_main_bwd(c10::DeviceType type, MainBwdFn fn) {
+  device_hook<MainBwdFn>(type) = fn;
   return true;
 }
 

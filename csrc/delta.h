@@ -111,9 +111,27 @@ using MainFn = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor& q, const
                                                       const std::optional<at::Tensor>& initial_state);
 bool register_delta_main(c10::DeviceType type, MainFn fn);
 
+// The backward of one piece where a device has kernels for all of it (sm_80+: the WY form, the forward's and the
+// reverse chain of states and the per-chunk gradients, all in 16 bits; kernels/delta_chain16.h, delta_grad16.h),
+// from what bwd_impl gets (q, k, v, g, beta as bhnd views, checked; dout (B, H, N, E) and the final state's
+// cotangent (B, H, D, E), checked, or none: zero), N > 0: (dq, dk (B, H, N, D), dv (B, H, N, E), dg, dbeta
+// (B, H, N), per output head, and the gradient of the incoming state dS0 (B, H, D, E), in the acc type or, for dq,
+// dk, dv, in the input's dtype); with
+// state_grad_only dS0 alone (the others undefined). Undefined dS0: not taken (the chunked form runs).
+using MainBwdFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g, const at::Tensor& beta,
+    double scale, const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& dout,
+    const std::optional<at::Tensor>& grad_final_state, bool state_grad_only);
+bool register_delta_main_bwd(c10::DeviceType type, MainBwdFn fn);
+
 // The l2 normalisation of q or k (use_qk_l2norm) where autograd does not record the call: x / sqrt(sum of
 // squares over the last dim + 1e-6), computed in the acc type and rounded once to x's dtype, from a tensor x
 // of any shape. A device's kernel for it (undefined: not taken; two ATen passes run).
 using L2NormFn = at::Tensor (*)(const at::Tensor& x);
 bool register_delta_l2norm(c10::DeviceType type, L2NormFn fn);
+// Its gradient for the autograd of the l2 normalisation: dx = r (dy - y sum(dy y)) per row over the last dim
+// (r = 1 / sqrt(sum of squares + 1e-6), y = r x), from x and dy, in the acc type and rounded once to x's dtype. A
+// device's kernel for it (undefined: not taken; the differentiable ATen form runs, also in the forward).
+using L2NormBwdFn = at::Tensor (*)(const at::Tensor& x, const at::Tensor& dy);
+bool register_delta_l2norm_bwd(c10::DeviceType type, L2NormBwdFn fn);
 }  // namespace lasp

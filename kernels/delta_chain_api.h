@@ -61,8 +61,12 @@ cudaError_t delta_wy16(const Wy16Args& args, cudaStream_t stream);
 
 // y = x / sqrt(sum of squares over each row + 1e-6) for `rows` contiguous rows of D 16-bit entries (bf16, else
 // fp16), computed in fp32 and rounded once; D a power of two in 8..256, x and y on 16-byte boundaries (else
-// cudaErrorInvalidValue). The l2 normalisation of q and k (use_qk_l2norm) where autograd does not record it.
+// cudaErrorInvalidValue). The l2 normalisation of q and k (use_qk_l2norm).
 cudaError_t delta_l2norm16(const void* x, void* y, int64_t rows, int D, bool bf16, cudaStream_t stream);
+// Its gradient: dx = r (dy - y sum(dy y)) per row (r = 1 / sqrt(sum of x^2 + 1e-6), y = r x), from x and dy laid out
+// alike (the same conditions), in fp32, rounded once.
+cudaError_t delta_l2norm16_bwd(const void* x, const void* dy, void* dx, int64_t rows, int D, bool bf16,
+                               cudaStream_t stream);
 
 // The forward's output per chunk (delta_out.h; out_smem_bytes per block: 83 KiB at C = 64, D = 128 in
 // float32). delta_out_takes as delta_prep_takes. With OutArgs::tensor_cores (float), C a multiple of 16 and

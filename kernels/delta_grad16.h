@@ -25,7 +25,8 @@ namespace cuda {
 // contiguous), read through the head maps (output head h reads q head h / qgroup, k head h / kgroup, v head
 // h / vgroup); dO (B, H, N, E) (strides of b, h, n); U and dU (B, H, N, E), Sb and dSe (B, H, nc, D, E), contiguous
 // in q's dtype (the chains' outputs); g and beta (B, H, N) fp32 contiguous. Writes dq, dk (B, H, N, D), dv
-// (B, H, N, E), dbeta and dg (B, H, N), fp32 contiguous, per output head.
+// (B, H, N, E), dbeta and dg (B, H, N), contiguous, per output head: fp32, or dq, dk, dv in q's dtype where out16
+// has their bit (1, 2, 4).
 struct Grad16Args {
   int64_t B = 0, H = 0, N = 0;
   int D = 0, E = 0;
@@ -43,9 +44,10 @@ struct Grad16Args {
   const float* g = nullptr;
   const float* beta = nullptr;
   float scale = 1.f;
-  float* dq = nullptr;
-  float* dk = nullptr;
-  float* dv = nullptr;
+  int out16 = 0;
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
   float* dbeta = nullptr;
   float* dg = nullptr;
 };

@@ -226,18 +226,22 @@ __global__ void __launch_bounds__(kPrepThreads, 3) wy16_mma_kernel(Wy16Args a) {
 }
 
 // y = x / sqrt(sum of x^2 over the row + 1e-6) per row of D (a power of two, 8..256) contiguous 16-bit entries,
-// in fp32, rounded once: D / 8 threads per row (8 entries, one 16-byte load each), a shuffle sum over them.
-template <typename T16>
+// in fp32, rounded once: D / 8 threads per row (8 entries, one 16-byte load each), a shuffle sum over them. With
+// dy (BWD): its gradient instead, dx = r (dy - y sum(dy y)), r = 1 / sqrt(sum of x^2 + 1e-6), y = r x unrounded.
+template <typename T16, bool BWD>
 __global__ void __launch_bounds__(256)
-    l2norm16_kernel(const T16* __restrict__ x, T16* __restrict__ y, int64_t rows, int D) {
+    l2norm16_kernel(const T16* __restrict__ x, const T16* __restrict__ dy, T16* __restrict__ y, int64_t rows, int D) {
   const int tpr = D / 8;
   const int64_t i = (int64_t)blockIdx.x * (256 / tpr) + threadIdx.x / tpr;
   const int part = threadIdx.x % tpr;
   struct alignas(16) Raw {
     uint32_t w[4];
   };
-  Raw r = Raw{{0u, 0u, 0u, 0u}};
-  if (i < rows) r = *reinterpret_cast<const Raw*>(x + i * D + part * 8);
+  Raw r = Raw{{0u, 0u, 0u, 0u}}, d = r;
+  if (i < rows) {
+    r = *reinterpret_cast<const Raw*>(x + i * D + part * 8);
+    if constexpr (BWD) d = *reinterpret_cast<const Raw*>(dy + i * D + part * 8);
+  }
   float f[8], ss = 0.f;
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
@@ -247,8 +251,23 @@ __global__ void __launch_bounds__(256)
   }
   for (int o = tpr / 2; o > 0; o /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, o);
   const float s = rsqrtf(ss + 1e-6f);
+  if constexpr (BWD) {
+    float g[8], dot = 0.f;
 #pragma unroll
-  for (int c = 0; c < 4; ++c) r.w[c] = mma::pack2<T16>(f[2 * c] * s, f[2 * c + 1] * s);
+    for (int c = 0; c < 4; ++c) {
+      const float2 u = mma::unpack2<T16>(d.w[c]);
+      g[2 * c] = u.x, g[2 * c + 1] = u.y;
+      dot += u.x * f[2 * c] + u.y * f[2 * c + 1];
+    }
+    for (int o = tpr / 2; o > 0; o /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+    dot *= s;  // sum(dy y)
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+      r.w[c] = mma::pack2<T16>(s * (g[2 * c] - s * f[2 * c] * dot), s * (g[2 * c + 1] - s * f[2 * c + 1] * dot));
+  } else {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) r.w[c] = mma::pack2<T16>(f[2 * c] * s, f[2 * c + 1] * s);
+  }
   if (i < rows) *reinterpret_cast<Raw*>(y + i * D + part * 8) = r;
 }
 
@@ -403,20 +422,35 @@ bool delta_wy16_takes(const Wy16Args& a) {
          a.H >= 1 && a.N >= 0 && a.kgroup >= 1 && a.vgroup >= 1 && a.B * a.H * ((a.N + a.C - 1) / a.C) <= INT32_MAX;
 }
 
-cudaError_t delta_l2norm16(const void* x, void* y, int64_t rows, int D, bool bf16, cudaStream_t st) {
+namespace {
+template <bool BWD>
+cudaError_t l2norm16(const void* x, const void* dy, void* y, int64_t rows, int D, bool bf16, cudaStream_t st) {
   if (rows < 0 || D < 8 || D > 256 || (D & (D - 1)) != 0 || reinterpret_cast<uintptr_t>(x) % 16 != 0 ||
-      reinterpret_cast<uintptr_t>(y) % 16 != 0)
+      reinterpret_cast<uintptr_t>(y) % 16 != 0 || (BWD && reinterpret_cast<uintptr_t>(dy) % 16 != 0))
     return cudaErrorInvalidValue;
   if (rows == 0) return cudaSuccess;
   const int64_t per_block = 256 / (D / 8), blocks = (rows + per_block - 1) / per_block;
   if (blocks > INT32_MAX) return cudaErrorInvalidValue;
   if (bf16) {
-    l2norm16_kernel<<<(unsigned)blocks, 256, 0, st>>>(static_cast<const __nv_bfloat16*>(x),
-                                                      static_cast<__nv_bfloat16*>(y), rows, D);
+    using T = __nv_bfloat16;
+    l2norm16_kernel<T, BWD><<<(unsigned)blocks, 256, 0, st>>>(static_cast<const T*>(x), static_cast<const T*>(dy),
+                                                              static_cast<T*>(y), rows, D);
   } else {
-    l2norm16_kernel<<<(unsigned)blocks, 256, 0, st>>>(static_cast<const __half*>(x), static_cast<__half*>(y), rows, D);
+    using T = __half;
+    l2norm16_kernel<T, BWD><<<(unsigned)blocks, 256, 0, st>>>(static_cast<const T*>(x), static_cast<const T*>(dy),
+                                                              static_cast<T*>(y), rows, D);
   }
   return cudaGetLastError();
+}
+}  // namespace
+
+cudaError_t delta_l2norm16(const void* x, void* y, int64_t rows, int D, bool bf16, cudaStream_t st) {
+  return l2norm16<false>(x, nullptr, y, rows, D, bf16, st);
+}
+
+cudaError_t delta_l2norm16_bwd(const void* x, const void* dy, void* dx, int64_t rows, int D, bool bf16,
+                               cudaStream_t st) {
+  return l2norm16<true>(x, dy, dx, rows, D, bf16, st);
 }
 
 bool wy16_mma_takes(const Wy16Args& a) {

@@ -15,7 +15,9 @@
 
 #include "attention.h"
 #include "delta.h"
+#include "delta_chain16.h"
 #include "delta_chain_api.h"
+#include "delta_grad16.h"
 #include "delta_launch.h"
 #include "fast_path.h"
 
@@ -284,20 +286,120 @@ std::tuple<at::Tensor, at::Tensor> main_cuda(const at::Tensor& q, const at::Tens
   return {o, fin};
 }
 
+// The backward on sm_80+ where q, k, v are 16-bit (one dtype) and the kernels take the shapes (D and E in {64, 128},
+// rows on 16-byte boundaries): the WY kernel (W_v, W_k), the forward chain (U, Sb), the reverse chain (dU, dSe, dS0)
+// and the per-chunk gradients, everything between them in that dtype; else nothing.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> main_bwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g, const at::Tensor& beta,
+    double scale, const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& dout,
+    const std::optional<at::Tensor>& grad_final_state, bool state_grad_only) {
+  const auto t = q.scalar_type();
+  if (!use_kernel() || (t != at::kBFloat16 && t != at::kHalf) || k.scalar_type() != t || v.scalar_type() != t)
+    return {};
+  const c10::cuda::CUDAGuard guard(q.device());
+  if (at::cuda::getCurrentDeviceProperties()->major < 8) return {};
+  const int64_t B = q.size(0), H = std::max(q.size(1), v.size(1)), N = q.size(2), D = q.size(3), E = v.size(3);
+  const int64_t nc = (N + 63) / 64;
+  auto rows16 = [](const at::Tensor& x) { return x.stride(3) == 1 ? x : x.contiguous(); };
+  const at::Tensor qc = rows16(q), kc = rows16(k), vc = rows16(v);
+  const at::Tensor dO = dout.has_value() ? rows16(dout->to(t)) : at::zeros({B, H, N, E}, q.options());
+  const auto o16 = q.options().dtype(t), o32 = q.options().dtype(at::kFloat);
+  const bool bf16 = t == at::kBFloat16;
+  const int Di = static_cast<int>(D), Ei = static_cast<int>(E);
+  at::Tensor wv = at::empty({B, H, N, E}, o16), wk = at::empty({B, H, N, D}, o16);
+  at::Tensor u = at::empty({B, H, N, E}, o16), sb = at::empty({B, H, nc, D, E}, o16),
+             fin = at::empty({B, H, D, E}, o32);
+  at::Tensor du = at::empty({B, H, N, E}, o16), dse = at::empty({B, H, nc, D, E}, o16),
+             ds0 = at::empty({B, H, D, E}, o32);
+  const at::Tensor gf = g.to(at::kFloat).contiguous(), bf = beta.to(at::kFloat).contiguous();
+  const at::Tensor s0 = initial_state.has_value() ? initial_state->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor dend = grad_final_state.has_value() ? grad_final_state->to(at::kFloat).contiguous() : at::Tensor();
+  const int qgroup = static_cast<int>(H / q.size(1)), kgroup = static_cast<int>(H / k.size(1)),
+            vgroup = static_cast<int>(H / v.size(1));
+  cuda::Wy16Args w;
+  w.B = B, w.H = H, w.N = N, w.D = Di, w.E = Ei, w.kgroup = kgroup, w.vgroup = vgroup, w.bf16 = bf16;
+  w.k = kc.data_ptr(), w.v = vc.data_ptr();
+  for (int i = 0; i < 3; ++i) w.ks[i] = kc.stride(i), w.vs[i] = vc.stride(i);
+  w.beta = bf.data_ptr<float>(), w.g = gf.data_ptr<float>();
+  w.wv = wv.data_ptr(), w.wk = wk.data_ptr();
+  cuda::States16Args s;
+  s.B = B, s.H = H, s.N = N, s.D = Di, s.E = Ei, s.kgroup = kgroup, s.bf16 = bf16;
+  s.k = kc.data_ptr(), s.wv = wv.data_ptr(), s.wk = wk.data_ptr(), s.g = gf.data_ptr<float>();
+  for (int i = 0; i < 3; ++i) s.ks[i] = kc.stride(i);
+  s.S0 = s0.defined() ? s0.data_ptr<float>() : nullptr;
+  s.u = u.data_ptr(), s.sb = sb.data_ptr(), s.fin = fin.data_ptr<float>();
+  cuda::Rev16Args r;
+  r.B = B, r.H = H, r.N = N, r.D = Di, r.E = Ei, r.qgroup = qgroup, r.kgroup = kgroup, r.bf16 = bf16;
+  r.q = qc.data_ptr(), r.k = kc.data_ptr(), r.wk = wk.data_ptr(), r.dout = dO.data_ptr(), r.g = gf.data_ptr<float>();
+  for (int i = 0; i < 3; ++i) r.qs[i] = qc.stride(i), r.ks[i] = kc.stride(i), r.ds[i] = dO.stride(i);
+  r.dS_end = dend.defined() ? dend.data_ptr<float>() : nullptr;
+  r.scale = static_cast<float>(scale);
+  r.du = du.data_ptr(), r.dse = dse.data_ptr(), r.dS0 = ds0.data_ptr<float>();
+  at::Tensor dq, dk, dv, dbeta, dg;
+  cuda::Grad16Args a;
+  if (!state_grad_only) {
+    // in the inputs' dtype where no sum over the output heads follows (to_in_heads), else fp32
+    const bool q16 = q.size(1) == H, k16 = k.size(1) == H, v16 = v.size(1) == H;
+    dq = at::empty({B, H, N, D}, q16 ? o16 : o32), dk = at::empty({B, H, N, D}, k16 ? o16 : o32);
+    dv = at::empty({B, H, N, E}, v16 ? o16 : o32);
+    a.out16 = (q16 ? 1 : 0) | (k16 ? 2 : 0) | (v16 ? 4 : 0);
+    dbeta = at::empty({B, H, N}, o32), dg = at::empty({B, H, N}, o32);
+    a.B = B, a.H = H, a.N = N, a.D = Di, a.E = Ei, a.qgroup = qgroup, a.kgroup = kgroup, a.vgroup = vgroup;
+    a.bf16 = bf16;
+    a.q = qc.data_ptr(), a.k = kc.data_ptr(), a.v = vc.data_ptr(), a.dout = dO.data_ptr();
+    for (int i = 0; i < 3; ++i)
+      a.qs[i] = qc.stride(i), a.ks[i] = kc.stride(i), a.vs[i] = vc.stride(i), a.ds[i] = dO.stride(i);
+    a.u = u.data_ptr(), a.du = du.data_ptr(), a.sb = sb.data_ptr(), a.dse = dse.data_ptr();
+    a.g = gf.data_ptr<float>(), a.beta = bf.data_ptr<float>(), a.scale = static_cast<float>(scale);
+    a.dq = dq.data_ptr(), a.dk = dk.data_ptr(), a.dv = dv.data_ptr();
+    a.dbeta = dbeta.data_ptr<float>(), a.dg = dg.data_ptr<float>();
+  }
+  if (!cuda::delta_wy16_takes(w) || !cuda::delta_states16_takes(s) || !cuda::delta_rev16_takes(r) ||
+      (!state_grad_only && !cuda::delta_grad16_takes(a)))
+    return {};
+  const cudaStream_t st = at::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(cuda::delta_wy16(w, st));
+  C10_CUDA_CHECK(cuda::delta_states16(s, st));
+  C10_CUDA_CHECK(cuda::delta_rev16(r, st));
+  if (!state_grad_only) C10_CUDA_CHECK(cuda::delta_grad16(a, st));
+  return {dq, dk, dv, dg, dbeta, ds0};
+}
+
 // 16-bit rows of a power-of-two length up to 256, laid out densely with the last dim contiguous (so the rows tile
 // the storage, whatever the order of the other dims), on 16-byte boundaries; else nothing.
-at::Tensor l2norm_cuda(const at::Tensor& x) {
+bool l2norm_cuda_takes(const at::Tensor& x) {
   const auto t = x.scalar_type();
   const int64_t D = x.dim() > 0 ? x.size(-1) : 0;
-  if (!use_kernel() || (t != at::kBFloat16 && t != at::kHalf) || D < 8 || D > 256 || (D & (D - 1)) != 0 ||
-      x.stride(-1) != 1 || !x.is_non_overlapping_and_dense() || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0)
-    return {};
+  return use_kernel() && (t == at::kBFloat16 || t == at::kHalf) && D >= 8 && D <= 256 && (D & (D - 1)) == 0 &&
+         x.stride(-1) == 1 && x.is_non_overlapping_and_dense() && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+}
+
+at::Tensor l2norm_cuda(const at::Tensor& x) {
+  if (!l2norm_cuda_takes(x)) return {};
+  const int64_t D = x.size(-1);
+  const auto t = x.scalar_type();
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty_like(x);
   if (y.strides() != x.strides() || reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 != 0) return {};
   C10_CUDA_CHECK(cuda::delta_l2norm16(x.data_ptr(), y.data_ptr(), x.numel() / D, static_cast<int>(D),
                                       t == at::kBFloat16, at::cuda::getCurrentCUDAStream()));
   return y;
+}
+
+// The l2 normalisation's gradient on the same rows as l2norm_cuda, dy laid out as x; else nothing.
+at::Tensor l2norm_bwd_cuda(const at::Tensor& x, const at::Tensor& dy) {
+  if (!dy.defined() || dy.scalar_type() != x.scalar_type() || dy.sizes() != x.sizes() || dy.strides() != x.strides())
+    return {};
+  const at::Tensor dx = l2norm_cuda_takes(x) ? at::empty_like(x) : at::Tensor();
+  if (!dx.defined() || dx.strides() != x.strides() || reinterpret_cast<uintptr_t>(dy.data_ptr()) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(dx.data_ptr()) % 16 != 0)
+    return {};
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t D = x.size(-1);
+  C10_CUDA_CHECK(cuda::delta_l2norm16_bwd(x.data_ptr(), dy.data_ptr(), dx.data_ptr(), x.numel() / D,
+                                          static_cast<int>(D), x.scalar_type() == at::kBFloat16,
+                                          at::cuda::getCurrentCUDAStream()));
+  return dx;
 }
 
 const bool registered = register_delta_chain(c10::DeviceType::CUDA, &chain_cuda);
@@ -308,7 +410,9 @@ const bool bwd_registered = register_delta_bwd(c10::DeviceType::CUDA, &bwd_cuda)
 const bool dr_registered = register_delta_dr(c10::DeviceType::CUDA, &dr_cuda);
 const bool pro_registered = register_delta_pro(c10::DeviceType::CUDA, &pro_cuda);
 const bool main_registered = register_delta_main(c10::DeviceType::CUDA, &main_cuda);
+const bool main_bwd_registered = register_delta_main_bwd(c10::DeviceType::CUDA, &main_bwd_cuda);
 const bool l2norm_registered = register_delta_l2norm(c10::DeviceType::CUDA, &l2norm_cuda);
+const bool l2norm_bwd_registered = register_delta_l2norm_bwd(c10::DeviceType::CUDA, &l2norm_bwd_cuda);
 
 }  // namespace
 }  // namespace lasp

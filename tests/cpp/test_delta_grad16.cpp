@@ -3,7 +3,7 @@
 // W = m^-1 [diag(beta) V | diag(beta pre) K] and dR = m^-T [dU | -dU Sb^T] formed explicitly, m^-1 by substitution,
 // dA = -(dR W^T) strictly lower. q, k, v in a (B, N, H, .) memory layout read through head maps (GQA, GVA), dO, U,
 // dU (B, H, N, E), Sb and dSe per chunk, partial last chunks, -inf gates (resets), one token, every (D, E) the
-// kernel takes.
+// kernel takes, dq, dk, dv in fp32 and in bf16.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -24,11 +24,13 @@ namespace {
 
 struct Grad16Case {
   int B, H, Hq, Hk, Hv, N, D, E;
+  bool out16;  // dq, dk, dv in bf16
 };
-const Grad16Case kGrad16Cases[] = {{1, 2, 2, 2, 2, 200, 128, 128},
-                                   {2, 4, 1, 2, 4, 64, 64, 64},
-                                   {1, 2, 2, 1, 1, 1, 128, 64},
-                                   {1, 4, 1, 1, 4, 300, 64, 128}};
+const Grad16Case kGrad16Cases[] = {{1, 2, 2, 2, 2, 200, 128, 128, false},
+                                   {2, 4, 1, 2, 4, 64, 64, 64, false},
+                                   {1, 2, 2, 1, 1, 1, 128, 64, true},
+                                   {1, 4, 1, 1, 4, 300, 64, 128, false},
+                                   {1, 2, 2, 2, 2, 130, 128, 128, true}};
 
 double f(__nv_bfloat16 x) { return static_cast<float>(x); }
 
@@ -78,7 +80,10 @@ Grad16Errors grad16_case(const Grad16Case& c, unsigned seed) {
   a.u = b16.up(u), a.du = b16.up(du), a.sb = b16.up(sb), a.dse = b16.up(dse);
   a.g = b32.up(g), a.beta = b32.up(beta);
   float *ddq = b32.up(dq), *ddk = b32.up(dk), *ddv = b32.up(dv), *ddb = b32.up(dbeta), *ddg = b32.up(dg);
+  std::vector<__nv_bfloat16> hq(dq.size()), hk(dk.size()), hv(dv.size());  // the bf16 outputs (out16)
+  __nv_bfloat16 *eq = b16.up(hq), *ek = b16.up(hk), *ev = b16.up(hv);
   a.dq = ddq, a.dk = ddk, a.dv = ddv, a.dbeta = ddb, a.dg = ddg;
+  if (c.out16) a.out16 = 7, a.dq = eq, a.dk = ek, a.dv = ev;
   EXPECT_TRUE(lasp::cuda::delta_grad16_takes(a));
   EXPECT_EQ(lasp::cuda::delta_grad16(a, nullptr), cudaSuccess);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
@@ -87,6 +92,13 @@ Grad16Errors grad16_case(const Grad16Case& c, unsigned seed) {
   b32.down(dv, ddv);
   b32.down(dbeta, ddb);
   b32.down(dg, ddg);
+  if (c.out16) {
+    b16.down(hq, eq);
+    b16.down(hk, ek);
+    b16.down(hv, ev);
+    for (size_t i = 0; i < hq.size(); ++i) dq[i] = static_cast<float>(hq[i]), dk[i] = static_cast<float>(hk[i]);
+    for (size_t i = 0; i < hv.size(); ++i) dv[i] = static_cast<float>(hv[i]);
+  }
 
   Grad16Errors err, big;
   auto cmp = [](double got, double want, double& e, double& m) {
@@ -235,9 +247,9 @@ TEST(DeltaGrad16, CudaGradientsMatchFormulas) {
   for (const Grad16Case& c : kGrad16Cases) {
     const Grad16Errors e = grad16_case(c, seed++);
     std::printf(
-        "grad16 B %d H %d (q %d, k %d, v %d) N %d D %d E %d: relative errors dq %.2e dk %.2e dv %.2e "
+        "grad16 B %d H %d (q %d, k %d, v %d) N %d D %d E %d%s: relative errors dq %.2e dk %.2e dv %.2e "
         "dbeta %.2e dg %.2e\n",
-        c.B, c.H, c.Hq, c.Hk, c.Hv, c.N, c.D, c.E, e.dq, e.dk, e.dv, e.dbeta, e.dg);
+        c.B, c.H, c.Hq, c.Hk, c.Hv, c.N, c.D, c.E, c.out16 ? " (bf16 out)" : "", e.dq, e.dk, e.dv, e.dbeta, e.dg);
     const char* what = "N, D, E = ";
     EXPECT_LE(e.dq, 2e-2) << "dq, " << what << c.N << ", " << c.D << ", " << c.E;
     EXPECT_LE(e.dk, 2e-2) << "dk, " << what << c.N << ", " << c.D << ", " << c.E;
@@ -250,7 +262,7 @@ TEST(DeltaGrad16, CudaGradientsMatchFormulas) {
 TEST(DeltaGrad16, RefusesShapesItDoesNotTake) {
   lasp::cuda::Grad16Args a;
   a.B = 1, a.H = 1, a.N = 64, a.D = 96, a.E = 64;
-  float x[4];
+  alignas(16) static float x[4];
   a.g = a.beta = x;
   a.dq = a.dk = a.dv = a.dbeta = a.dg = x;
   EXPECT_FALSE(lasp::cuda::delta_grad16_takes(a));  // D = 96

@@ -413,8 +413,8 @@ def test_cuda_wgmma_main_pass_matches_recurrence(lasp, shape, dtype, resets, see
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
 def test_cuda_wgmma_main_pass_with_l2norm(lasp, layout, seed):
     """The user-facing op with use_qk_l2norm (q and k normalised in the op, kept in their 16-bit dtype) and
-    either layout takes the sm_90a forward too, and its output, final state and gradients match the float64
-    recurrence (the backward is the chunked form's)."""
+    either layout takes the sm_90a forward and the 16-bit backward too (the l2 normalisation's backward one
+    kernel), and its output, final state and gradients match the float64 recurrence."""
     B, H, N, D = 2, 4, 300, 128
     q, k, v, g, beta, s0, do, dS = _inputs(seed, B, H, H, H, N, D, D, dtype=torch.bfloat16, device="cuda")
     t = (lambda x: x.transpose(1, 2).contiguous()) if layout == "bnhd" else (lambda x: x)
@@ -425,9 +425,15 @@ def test_cuda_wgmma_main_pass_with_l2norm(lasp, layout, seed):
         torch.cuda.synchronize()
     assert any("wgmma_fwd_kernel" in e.name for e in prof.events()), "the sm_90a forward did not run"
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta, s0)]
-    o, f = fn(*leaves[:5], initial_state=leaves[5])
-    got = dict(zip(["o", "f", "dq", "dk", "dv", "dg", "dbeta", "ds0"],
-                   [t(o.detach()), f.detach(), *torch.autograd.grad([o, f], leaves, [t(do.to(o.dtype)), dS.float()])]))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        o, f = fn(*leaves[:5], initial_state=leaves[5])
+        got = dict(zip(["o", "f", "dq", "dk", "dv", "dg", "dbeta", "ds0"],
+                       [t(o.detach()), f.detach(),
+                        *torch.autograd.grad([o, f], leaves, [t(do.to(o.dtype)), dS.float()])]))
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    assert any("grad16_kernel" in n for n in names), "the 16-bit backward did not run"
+    assert any("l2norm16_kernel" in n and "true>" in n for n in names), "the l2 normalisation's backward kernel did not run"
     want = _run(_ref(use_qk_l2norm=True), *(x.double().cpu() for x in (q, k, v, g, beta, s0, do, dS)))
     for key, w in want.items():
         err = rel_err(got[key], w)
@@ -464,6 +470,58 @@ def test_l2norm_without_grad_matches_recorded(lasp, dtype, seed):
         assert err < tol, f"{name}: no grad vs recorded, relative error {err:.2e}"
         err = rel_err(a, w)
         assert err < tol64, f"{name}: relative error {err:.2e} against float64"
+
+
+@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 (Hopper) CUDA device")
+@pytest.mark.parametrize("resets", [False, True], ids=["gates", "resets"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", WGMMA_SHAPES,
+                         ids=[f"B{s[0]}q{s[1]}k{s[2]}v{s[3]}-N{s[4]}-D{s[5]}E{s[6]}" for s in WGMMA_SHAPES])
+def test_cuda_bwd16_matches_recurrence(lasp, shape, dtype, resets, seed, monkeypatch):
+    """16-bit inputs with D and E in {64, 128}: the backward is the WY kernel, the two chains of states and the
+    per-chunk gradients in 16 bits (kernels/delta_chain16.h, delta_grad16.h), under LASP_DELTA_KERNELS=cuda and
+    =fused, not =aten; every input's gradient (the initial state's, and with the final state's cotangent)
+    matches the float64 recurrence within the op's bf16 / fp16 bound."""
+    ins = _inputs(seed, *shape, dtype=dtype, device="cuda", resets=resets)
+    want = _run(_ref(), *(t.double().cpu() for t in ins))
+    for kernels in ("cuda", "fused", "aten"):
+        monkeypatch.setenv("LASP_DELTA_KERNELS", kernels)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            got = _run(_ours(lasp), *ins)
+            torch.cuda.synchronize()
+        ran = any("grad16_kernel" in e.name for e in prof.events())
+        assert ran == (kernels != "aten"), f"{kernels}: the 16-bit backward ran: {ran}"
+        for key, w in want.items():
+            err = rel_err(got[key], w)
+            assert err < 3e-2, f"{kernels}, {key}: relative error {err:.2e}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+@pytest.mark.parametrize("D", [32, 128, 48])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cuda_l2norm_backward_kernel(lasp, dtype, D, layout, seed):
+    """Where autograd records use_qk_l2norm on CUDA, the normalisation is an autograd function whose backward
+    is one kernel for 16-bit rows of a power-of-two D (delta_l2norm16_bwd; the profiler must see it, and must
+    not for D = 48, which takes the ATen formula): the gradients of q and k (a zero row included) match the
+    float64 recurrence's in either layout."""
+    B, H, N = 1, 2, 100
+    q, k, v, g, beta, s0, do, dS = _inputs(seed, B, H, H, H, N, D, D, dtype=dtype, device="cuda")
+    q[:, :, 5] = 0
+    t = (lambda x: x.transpose(1, 2).contiguous()) if layout == "bnhd" else (lambda x: x)
+    back = (lambda x: x.transpose(1, 2)) if layout == "bnhd" else (lambda x: x)
+    leaves = [t(x).requires_grad_() for x in (q, k)]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        o, f = lasp.gated_delta_attention(*leaves, *(t(x) for x in (v, g, beta)), initial_state=s0,
+                                          use_qk_l2norm=True, output_final_state=True, layout=layout)
+        dq, dk = torch.autograd.grad([o, f], leaves, [t(do.to(o.dtype)), dS.float()])
+        torch.cuda.synchronize()
+    ran = any("l2norm16_kernel" in e.name and "true>" in e.name for e in prof.events())
+    assert ran == (D != 48), f"the l2 normalisation's backward kernel ran: {ran}"
+    want = _run(_ref(use_qk_l2norm=True), *(x.double().cpu() for x in (q, k, v, g, beta, s0, do, dS)))
+    for name, got in (("dq", back(dq)), ("dk", back(dk))):
+        err = rel_err(got, want[name])
+        assert err < 3e-2, f"{name}: relative error {err:.2e} against float64"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
