@@ -94,14 +94,16 @@ __device__ __forceinline__ void row_dot(const float (&y)[NT][4], const T16* s, i
   if (cq == 0) part[m0 + gq] = p[0], part[m0 + gq + 8] = p[1];
 }
 
-// A 16 x 64 fragment tile to rows of ld entries at out + off: in T16 where o16, else fp32.
+// A 16 x 64 fragment tile (rows m0.., columns c0..) to the rows of (b, h) from token n0 of an output with strides
+// s (b, h, n): in T16 where o16, else fp32; rows past `rows` left out.
 template <typename T16>
-__device__ __forceinline__ void store_out(const float (&acc)[8][4], void* out, bool o16, int64_t off, int ld, int m0,
-                                          int n0, int rows) {
+__device__ __forceinline__ void store_out(const float (&acc)[8][4], void* out, bool o16, const int64_t* s, int64_t b,
+                                          int64_t h, int64_t n0, int m0, int c0, int rows) {
+  const int64_t off = b * s[0] + h * s[1] + n0 * s[2];
   if (o16) {
-    mma::store_frag<T16, 8>(acc, static_cast<T16*>(out) + off, ld, m0, n0, rows, ld);
+    mma::store_frag<T16, 8>(acc, static_cast<T16*>(out) + off, s[2], m0, c0, rows, c0 + 64);
   } else {
-    mma::store_frag<float, 8>(acc, static_cast<float*>(out) + off, ld, m0, n0, rows, ld);
+    mma::store_frag<float, 8>(acc, static_cast<float*>(out) + off, s[2], m0, c0, rows, c0 + 64);
   }
 }
 
@@ -247,7 +249,7 @@ __global__ void __launch_bounds__(kThreads, 1) grad16_kernel(Grad16Args a) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) y[nt][e] *= a.scale * spre[m0 + gq + (e >> 1) * 8];
     mma::mac<false, false>(y, sDP, kLdC, sK, LdD, m0, n0c, 0, m0 + 16);  // dP[i, j] = 0 for j > i
-    store_out<T16>(y, a.dq, a.out16 & 1, tok * D, D, m0, n0c, rows);
+    store_out<T16>(y, a.dq, a.out16 & 1, a.dqs, b, h, n0, m0, n0c, rows);
   }
   {
     float s = 0.f;
@@ -277,7 +279,7 @@ __global__ void __launch_bounds__(kThreads, 1) grad16_kernel(Grad16Args a) {
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) r[nt][e] *= sbeta[m0 + gq + (e >> 1) * 8];
-    store_out<T16>(r, a.dv, a.out16 & 4, tok * E, E, m0, n0c, rows);
+    store_out<T16>(r, a.dv, a.out16 & 4, a.dvs, b, h, n0, m0, n0c, rows);
   }
   __syncthreads();
   if (dj) put16<T16>(dk, sW, LdD, m0, n0c);  // 9.
@@ -338,7 +340,7 @@ __global__ void __launch_bounds__(kThreads, 1) grad16_kernel(Grad16Args a) {
     mma::mac<false, false>(dk, sDkk, kLdC, sK, LdD, m0, n0c, 0, m0 + 16);  // dkk[j, i] = 0 for i >= j
     mma::mac<true, false>(dk, sDkk, kLdC, sK, LdD, m0, n0c, m0, kC);       // dkk^T[j, i] = 0 for i <= j
     mma::mac<true, false>(dk, sDP, kLdC, sQ, LdD, m0, n0c, m0, kC);        // dP^T[j, i] = 0 for i < j
-    store_out<T16>(dk, a.dk, a.out16 & 2, tok * D, D, m0, n0c, rows);
+    store_out<T16>(dk, a.dk, a.out16 & 2, a.dks, b, h, n0, m0, n0c, rows);
   }
   __syncthreads();
   // 13. per row: dbeta; Xp's weight (pre's gradient over pre) into sP1, Xs into sP2
@@ -404,7 +406,8 @@ bool delta_grad16_takes(const Grad16Args& a) {
          a.kgroup >= 1 && a.vgroup >= 1 && mma::rows_on_16_bytes(a.q, a.qs) && mma::rows_on_16_bytes(a.k, a.ks) &&
          mma::rows_on_16_bytes(a.v, a.vs) && mma::rows_on_16_bytes(a.dout, a.ds) && aligned16(a.u) && aligned16(a.du) &&
          aligned16(a.sb) && aligned16(a.dse) && a.g && a.beta && a.dq && a.dk && a.dv && a.dbeta && a.dg &&
-         aligned16(a.dq) && aligned16(a.dk) && aligned16(a.dv) && a.B * a.H * ((a.N + kC - 1) / kC) <= INT32_MAX;
+         mma::rows_on_16_bytes(a.dq, a.dqs) && mma::rows_on_16_bytes(a.dk, a.dks) &&
+         mma::rows_on_16_bytes(a.dv, a.dvs) && a.B * a.H * ((a.N + kC - 1) / kC) <= INT32_MAX;
 }
 
 cudaError_t delta_grad16(const Grad16Args& a, cudaStream_t st) {

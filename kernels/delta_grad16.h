@@ -25,8 +25,8 @@ namespace cuda {
 // contiguous), read through the head maps (output head h reads q head h / qgroup, k head h / kgroup, v head
 // h / vgroup); dO (B, H, N, E) (strides of b, h, n); U and dU (B, H, N, E), Sb and dSe (B, H, nc, D, E), contiguous
 // in q's dtype (the chains' outputs); g and beta (B, H, N) fp32 contiguous. Writes dq, dk (B, H, N, D), dv
-// (B, H, N, E), dbeta and dg (B, H, N), contiguous, per output head: fp32, or dq, dk, dv in q's dtype where out16
-// has their bit (1, 2, 4).
+// (B, H, N, E) per output head with the strides of b, h, n in dqs, dks, dvs (the last dim contiguous), fp32, or in
+// q's dtype where out16 has their bit (1, 2, 4); dbeta and dg (B, H, N) fp32 contiguous.
 struct Grad16Args {
   int64_t B = 0, H = 0, N = 0;
   int D = 0, E = 0;
@@ -45,6 +45,7 @@ struct Grad16Args {
   const float* beta = nullptr;
   float scale = 1.f;
   int out16 = 0;
+  int64_t dqs[3] = {0, 0, 0}, dks[3] = {0, 0, 0}, dvs[3] = {0, 0, 0};
   void* dq = nullptr;
   void* dk = nullptr;
   void* dv = nullptr;
@@ -52,7 +53,8 @@ struct Grad16Args {
   float* dg = nullptr;
 };
 
-// D and E in {64, 128}, rows of q, k, v, dO on 16-byte boundaries, U, dU, Sb, dSe on 16-byte boundaries, N >= 0.
+// D and E in {64, 128}, rows of q, k, v, dO, dq, dk, dv on 16-byte boundaries, U, dU, Sb, dSe on 16-byte
+// boundaries, N >= 0.
 bool delta_grad16_takes(const Grad16Args& args);
 // One block of 256 threads per chunk ((b, h)-major); sm_80 or later; up to 223 KiB of shared memory (D = E = 128).
 // cudaErrorInvalidValue where delta_grad16_takes is false.

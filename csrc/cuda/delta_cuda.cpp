@@ -343,6 +343,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     dq = at::empty({B, H, N, D}, q16 ? o16 : o32), dk = at::empty({B, H, N, D}, k16 ? o16 : o32);
     dv = at::empty({B, H, N, E}, v16 ? o16 : o32);
     a.out16 = (q16 ? 1 : 0) | (k16 ? 2 : 0) | (v16 ? 4 : 0);
+    for (int i = 0; i < 3; ++i) a.dqs[i] = dq.stride(i), a.dks[i] = dk.stride(i), a.dvs[i] = dv.stride(i);
     dbeta = at::empty({B, H, N}, o32), dg = at::empty({B, H, N}, o32);
     a.B = B, a.H = H, a.N = N, a.D = Di, a.E = Ei, a.qgroup = qgroup, a.kgroup = kgroup, a.vgroup = vgroup;
     a.bf16 = bf16;

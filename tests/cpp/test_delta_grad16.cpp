@@ -3,7 +3,7 @@
 // W = m^-1 [diag(beta) V | diag(beta pre) K] and dR = m^-T [dU | -dU Sb^T] formed explicitly, m^-1 by substitution,
 // dA = -(dR W^T) strictly lower. q, k, v in a (B, N, H, .) memory layout read through head maps (GQA, GVA), dO, U,
 // dU (B, H, N, E), Sb and dSe per chunk, partial last chunks, -inf gates (resets), one token, every (D, E) the
-// kernel takes, dq, dk, dv in fp32 and in bf16.
+// kernel takes, dq, dk, dv in fp32 (B, H, N, .) and in bf16 in a (B, N, H, .) layout.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -83,6 +83,11 @@ Grad16Errors grad16_case(const Grad16Case& c, unsigned seed) {
   std::vector<__nv_bfloat16> hq(dq.size()), hk(dk.size()), hv(dv.size());  // the bf16 outputs (out16)
   __nv_bfloat16 *eq = b16.up(hq), *ek = b16.up(hk), *ev = b16.up(hv);
   a.dq = ddq, a.dk = ddk, a.dv = ddv, a.dbeta = ddb, a.dg = ddg;
+  // fp32 outputs (B, H, N, .); the bf16 ones (out16) in a (B, N, H, .) memory layout
+  const int64_t os32[2][3] = {{(int64_t)H * N * D, (int64_t)N * D, D}, {(int64_t)H * N * E, (int64_t)N * E, E}};
+  const int64_t os16[2][3] = {{(int64_t)N * H * D, D, (int64_t)H * D}, {(int64_t)N * H * E, E, (int64_t)H * E}};
+  const auto& os = c.out16 ? os16 : os32;
+  for (int i = 0; i < 3; ++i) a.dqs[i] = a.dks[i] = os[0][i], a.dvs[i] = os[1][i];
   if (c.out16) a.out16 = 7, a.dq = eq, a.dk = ek, a.dv = ev;
   EXPECT_TRUE(lasp::cuda::delta_grad16_takes(a));
   EXPECT_EQ(lasp::cuda::delta_grad16(a, nullptr), cudaSuccess);
@@ -96,8 +101,15 @@ Grad16Errors grad16_case(const Grad16Case& c, unsigned seed) {
     b16.down(hq, eq);
     b16.down(hk, ek);
     b16.down(hv, ev);
-    for (size_t i = 0; i < hq.size(); ++i) dq[i] = static_cast<float>(hq[i]), dk[i] = static_cast<float>(hk[i]);
-    for (size_t i = 0; i < hv.size(); ++i) dv[i] = static_cast<float>(hv[i]);
+    for (int b = 0; b < B; ++b)
+      for (int h = 0; h < H; ++h)
+        for (int n = 0; n < N; ++n) {
+          const size_t to = ((size_t)(b * H + h) * N + n), from = ((size_t)(b * N + n) * H + h);
+          for (int x = 0; x < D; ++x)
+            dq[to * D + x] = static_cast<float>(hq[from * D + x]),
+                        dk[to * D + x] = static_cast<float>(hk[from * D + x]);
+          for (int e = 0; e < E; ++e) dv[to * E + e] = static_cast<float>(hv[from * E + e]);
+        }
   }
 
   Grad16Errors err, big;
@@ -268,6 +280,7 @@ TEST(DeltaGrad16, RefusesShapesItDoesNotTake) {
   EXPECT_FALSE(lasp::cuda::delta_grad16_takes(a));  // D = 96
   a.D = 64, a.E = 256;
   EXPECT_FALSE(lasp::cuda::delta_grad16_takes(a));  // E = 256
+  a.dqs[2] = a.dks[2] = 64, a.dvs[2] = 64;
   a.E = 64, a.qs[2] = 3;
   EXPECT_FALSE(lasp::cuda::delta_grad16_takes(a));  // q's rows off 16-byte boundaries
   a.qs[2] = 64;
