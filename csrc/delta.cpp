@@ -557,8 +557,7 @@ class L2NormFunction : public torch::autograd::Function<L2NormFunction> {
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const Tensor x = ctx->get_saved_variables()[0];
-    Tensor dy = grads[0].to(x.scalar_type());
-    if (dy.strides() != x.strides()) dy = at::empty_like(x).copy_(dy);  // laid out as x, for the kernel's rows
+    const Tensor dy = grads[0].to(x.scalar_type());
     L2NormBwdFn fn = device_hook<L2NormBwdFn>(x.device().type());
     Tensor dx = fn ? fn(x, dy) : Tensor();
     if (!dx.defined()) {

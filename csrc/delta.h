@@ -124,9 +124,9 @@ using MainBwdFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at:
     const std::optional<at::Tensor>& grad_final_state, bool state_grad_only);
 bool register_delta_main_bwd(c10::DeviceType type, MainBwdFn fn);
 
-// The l2 normalisation of q or k (use_qk_l2norm) where autograd does not record the call: x / sqrt(sum of
-// squares over the last dim + 1e-6), computed in the acc type and rounded once to x's dtype, from a tensor x
-// of any shape. A device's kernel for it (undefined: not taken; two ATen passes run).
+// The l2 normalisation of q or k (use_qk_l2norm; without autograd recording, and as the forward of its autograd
+// function): x / sqrt(sum of squares over the last dim + 1e-6), computed in the acc type and rounded once to x's
+// dtype, from a tensor x of any shape. A device's kernel for it (undefined: not taken; two ATen passes run).
 using L2NormFn = at::Tensor (*)(const at::Tensor& x);
 bool register_delta_l2norm(c10::DeviceType type, L2NormFn fn);
 // Its gradient for the autograd of the l2 normalisation: dx = r (dy - y sum(dy y)) per row over the last dim

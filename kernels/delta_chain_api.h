@@ -59,14 +59,23 @@ cudaError_t delta_prep(const PrepArgs<double>& args, cudaStream_t stream);
 bool delta_wy16_takes(const Wy16Args& args);
 cudaError_t delta_wy16(const Wy16Args& args, cudaStream_t stream);
 
-// y = x / sqrt(sum of squares over each row + 1e-6) for `rows` contiguous rows of D 16-bit entries (bf16, else
-// fp16), computed in fp32 and rounded once; D a power of two in 8..256, x and y on 16-byte boundaries (else
-// cudaErrorInvalidValue). The l2 normalisation of q and k (use_qk_l2norm).
-cudaError_t delta_l2norm16(const void* x, void* y, int64_t rows, int D, bool bf16, cudaStream_t stream);
-// Its gradient: dx = r (dy - y sum(dy y)) per row (r = 1 / sqrt(sum of x^2 + 1e-6), y = r x), from x and dy laid out
-// alike (the same conditions), in fp32, rounded once.
-cudaError_t delta_l2norm16_bwd(const void* x, const void* dy, void* dx, int64_t rows, int D, bool bf16,
-                               cudaStream_t stream);
+// Rows of D 16-bit entries (bf16, else fp16) of (B, H, N, D) tensors x, dy, y given by their strides of b, h, n
+// (the last dim contiguous); D a power of two in 8..256, rows on 16-byte boundaries (else cudaErrorInvalidValue).
+struct L2NormRows {
+  int64_t B = 0, H = 1, N = 0;
+  int D = 0;
+  bool bf16 = true;
+  const void* x = nullptr;
+  const void* dy = nullptr;
+  void* y = nullptr;
+  int64_t xs[3] = {0, 0, 0}, dys[3] = {0, 0, 0}, ys[3] = {0, 0, 0};
+};
+// y = x / sqrt(sum of squares over each row + 1e-6), computed in fp32 and rounded once: the l2 normalisation of q
+// and k (use_qk_l2norm).
+cudaError_t delta_l2norm16(const L2NormRows& args, cudaStream_t stream);
+// Its gradient into y: dx = r (dy - x r sum(dy x r)) per row (r = 1 / sqrt(sum of x^2 + 1e-6)), in fp32, rounded
+// once.
+cudaError_t delta_l2norm16_bwd(const L2NormRows& args, cudaStream_t stream);
 
 // The forward's output per chunk (delta_out.h; out_smem_bytes per block: 83 KiB at C = 64, D = 128 in
 // float32). delta_out_takes as delta_prep_takes. With OutArgs::tensor_cores (float), C a multiple of 16 and

@@ -225,22 +225,24 @@ __global__ void __launch_bounds__(kPrepThreads, 3) wy16_mma_kernel(Wy16Args a) {
   }
 }
 
-// y = x / sqrt(sum of x^2 over the row + 1e-6) per row of D (a power of two, 8..256) contiguous 16-bit entries,
-// in fp32, rounded once: D / 8 threads per row (8 entries, one 16-byte load each), a shuffle sum over them. With
+// y = x / sqrt(sum of x^2 over the row + 1e-6) per row (b, h, n) of D (a power of two, 8..256) contiguous 16-bit
+// entries, each tensor's rows at its own strides, in fp32, rounded once: D / 8 threads per row (8 entries, one
+// 16-byte load each), a shuffle sum over them. With
 // dy (BWD): its gradient instead, dx = r (dy - y sum(dy y)), r = 1 / sqrt(sum of x^2 + 1e-6), y = r x unrounded.
 template <typename T16, bool BWD>
-__global__ void __launch_bounds__(256)
-    l2norm16_kernel(const T16* __restrict__ x, const T16* __restrict__ dy, T16* __restrict__ y, int64_t rows, int D) {
-  const int tpr = D / 8;
-  const int64_t i = (int64_t)blockIdx.x * (256 / tpr) + threadIdx.x / tpr;
+__global__ void __launch_bounds__(256) l2norm16_kernel(L2NormRows a) {
+  const int D = a.D, tpr = D / 8;
+  const int64_t i = (int64_t)blockIdx.x * (256 / tpr) + threadIdx.x / tpr, rows = a.B * a.H * a.N;
   const int part = threadIdx.x % tpr;
+  const int64_t n = i % a.N, bh = i / a.N, h = bh % a.H, b = bh / a.H;
+  auto at = [&](const int64_t* st) { return b * st[0] + h * st[1] + n * st[2] + part * 8; };
   struct alignas(16) Raw {
     uint32_t w[4];
   };
   Raw r = Raw{{0u, 0u, 0u, 0u}}, d = r;
   if (i < rows) {
-    r = *reinterpret_cast<const Raw*>(x + i * D + part * 8);
-    if constexpr (BWD) d = *reinterpret_cast<const Raw*>(dy + i * D + part * 8);
+    r = *reinterpret_cast<const Raw*>(static_cast<const T16*>(a.x) + at(a.xs));
+    if constexpr (BWD) d = *reinterpret_cast<const Raw*>(static_cast<const T16*>(a.dy) + at(a.dys));
   }
   float f[8], ss = 0.f;
 #pragma unroll
@@ -268,7 +270,7 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
     for (int c = 0; c < 4; ++c) r.w[c] = mma::pack2<T16>(f[2 * c] * s, f[2 * c + 1] * s);
   }
-  if (i < rows) *reinterpret_cast<Raw*>(y + i * D + part * 8) = r;
+  if (i < rows) *reinterpret_cast<Raw*>(static_cast<T16*>(a.y) + at(a.ys)) = r;
 }
 
 // Whether the device is sm_80 or later (tf32 mma.sync); an error of the query in *e.
@@ -424,34 +426,27 @@ bool delta_wy16_takes(const Wy16Args& a) {
 
 namespace {
 template <bool BWD>
-cudaError_t l2norm16(const void* x, const void* dy, void* y, int64_t rows, int D, bool bf16, cudaStream_t st) {
-  if (rows < 0 || D < 8 || D > 256 || (D & (D - 1)) != 0 || reinterpret_cast<uintptr_t>(x) % 16 != 0 ||
-      reinterpret_cast<uintptr_t>(y) % 16 != 0 || (BWD && reinterpret_cast<uintptr_t>(dy) % 16 != 0))
+cudaError_t l2norm16(const L2NormRows& a, cudaStream_t st) {
+  const int64_t rows = a.B * a.H * a.N;
+  if (a.B < 0 || a.H < 1 || a.N < 0 || a.D < 8 || a.D > 256 || (a.D & (a.D - 1)) != 0 ||
+      !mma::rows_on_16_bytes(a.x, a.xs) || !mma::rows_on_16_bytes(a.y, a.ys) ||
+      (BWD && !mma::rows_on_16_bytes(a.dy, a.dys)))
     return cudaErrorInvalidValue;
   if (rows == 0) return cudaSuccess;
-  const int64_t per_block = 256 / (D / 8), blocks = (rows + per_block - 1) / per_block;
+  const int64_t per_block = 256 / (a.D / 8), blocks = (rows + per_block - 1) / per_block;
   if (blocks > INT32_MAX) return cudaErrorInvalidValue;
-  if (bf16) {
-    using T = __nv_bfloat16;
-    l2norm16_kernel<T, BWD><<<(unsigned)blocks, 256, 0, st>>>(static_cast<const T*>(x), static_cast<const T*>(dy),
-                                                              static_cast<T*>(y), rows, D);
+  if (a.bf16) {
+    l2norm16_kernel<__nv_bfloat16, BWD><<<(unsigned)blocks, 256, 0, st>>>(a);
   } else {
-    using T = __half;
-    l2norm16_kernel<T, BWD><<<(unsigned)blocks, 256, 0, st>>>(static_cast<const T*>(x), static_cast<const T*>(dy),
-                                                              static_cast<T*>(y), rows, D);
+    l2norm16_kernel<__half, BWD><<<(unsigned)blocks, 256, 0, st>>>(a);
   }
   return cudaGetLastError();
 }
 }  // namespace
 
-cudaError_t delta_l2norm16(const void* x, void* y, int64_t rows, int D, bool bf16, cudaStream_t st) {
-  return l2norm16<false>(x, nullptr, y, rows, D, bf16, st);
-}
+cudaError_t delta_l2norm16(const L2NormRows& a, cudaStream_t st) { return l2norm16<false>(a, st); }
 
-cudaError_t delta_l2norm16_bwd(const void* x, const void* dy, void* dx, int64_t rows, int D, bool bf16,
-                               cudaStream_t st) {
-  return l2norm16<true>(x, dy, dx, rows, D, bf16, st);
-}
+cudaError_t delta_l2norm16_bwd(const L2NormRows& a, cudaStream_t st) { return l2norm16<true>(a, st); }
 
 bool wy16_mma_takes(const Wy16Args& a) {
   return a.D % 16 == 0 && a.E % 16 == 0 && mma::rows_on_16_bytes(a.k, a.ks) && mma::rows_on_16_bytes(a.v, a.vs) &&

@@ -366,41 +366,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {dq, dk, dv, dg, dbeta, ds0};
 }
 
-// 16-bit rows of a power-of-two length up to 256, laid out densely with the last dim contiguous (so the rows tile
-// the storage, whatever the order of the other dims), on 16-byte boundaries; else nothing.
-bool l2norm_cuda_takes(const at::Tensor& x) {
+// The rows of x (16-bit, last dim a power of two up to 256, contiguous) as a (B, H, N, D) view: a 4-D x by its
+// strides, any other by its rows where they tile the storage; rows on 16-byte boundaries. Else false.
+bool l2norm_rows(const at::Tensor& x, int64_t* dims, int64_t* st) {
   const auto t = x.scalar_type();
   const int64_t D = x.dim() > 0 ? x.size(-1) : 0;
-  return use_kernel() && (t == at::kBFloat16 || t == at::kHalf) && D >= 8 && D <= 256 && (D & (D - 1)) == 0 &&
-         x.stride(-1) == 1 && x.is_non_overlapping_and_dense() && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+  if (!use_kernel() || (t != at::kBFloat16 && t != at::kHalf) || D < 8 || D > 256 || (D & (D - 1)) != 0 ||
+      x.stride(-1) != 1)
+    return false;
+  if (x.dim() == 4) {
+    for (int i = 0; i < 3; ++i) dims[i] = x.size(i), st[i] = x.stride(i);
+  } else {
+    if (!x.is_non_overlapping_and_dense()) return false;
+    dims[0] = 1, dims[1] = 1, dims[2] = x.numel() / D, st[0] = st[1] = 0, st[2] = D;
+  }
+  return dims[1] >= 1 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && st[0] % 8 == 0 && st[1] % 8 == 0 &&
+         st[2] % 8 == 0;
 }
 
-at::Tensor l2norm_cuda(const at::Tensor& x) {
-  if (!l2norm_cuda_takes(x)) return {};
-  const int64_t D = x.size(-1);
-  const auto t = x.scalar_type();
-  const c10::cuda::CUDAGuard guard(x.device());
+// y = the l2 normalisation of x's rows (delta_l2norm16), y laid out as x where x is dense; or, with dy (the same
+// shape), the gradient: dx = r (dy - y sum(dy y)) (delta_l2norm16_bwd). Nothing where the kernel does not take the
+// rows of x, y or dy.
+at::Tensor l2norm_kernel(const at::Tensor& x, const at::Tensor* dy) {
+  cuda::L2NormRows a;
+  int64_t dims[3];
+  if (!l2norm_rows(x, dims, a.xs)) return {};
   at::Tensor y = at::empty_like(x);
-  if (y.strides() != x.strides() || reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 != 0) return {};
-  C10_CUDA_CHECK(cuda::delta_l2norm16(x.data_ptr(), y.data_ptr(), x.numel() / D, static_cast<int>(D),
-                                      t == at::kBFloat16, at::cuda::getCurrentCUDAStream()));
+  int64_t ydims[3], ddims[3];
+  if (!l2norm_rows(y, ydims, a.ys) ||
+      (dy && (dy->sizes() != x.sizes() || dy->scalar_type() != x.scalar_type() || !l2norm_rows(*dy, ddims, a.dys))))
+    return {};
+  for (int i = 0; i < 3; ++i)
+    if (ydims[i] != dims[i] || (dy && ddims[i] != dims[i])) return {};
+  a.B = dims[0], a.H = dims[1], a.N = dims[2], a.D = static_cast<int>(x.size(-1));
+  a.bf16 = x.scalar_type() == at::kBFloat16;
+  a.x = x.data_ptr(), a.y = y.data_ptr(), a.dy = dy ? dy->data_ptr() : nullptr;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t st = at::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(dy ? cuda::delta_l2norm16_bwd(a, st) : cuda::delta_l2norm16(a, st));
   return y;
 }
 
-// The l2 normalisation's gradient on the same rows as l2norm_cuda, dy laid out as x; else nothing.
+at::Tensor l2norm_cuda(const at::Tensor& x) { return l2norm_kernel(x, nullptr); }
+
 at::Tensor l2norm_bwd_cuda(const at::Tensor& x, const at::Tensor& dy) {
-  if (!dy.defined() || dy.scalar_type() != x.scalar_type() || dy.sizes() != x.sizes() || dy.strides() != x.strides())
-    return {};
-  const at::Tensor dx = l2norm_cuda_takes(x) ? at::empty_like(x) : at::Tensor();
-  if (!dx.defined() || dx.strides() != x.strides() || reinterpret_cast<uintptr_t>(dy.data_ptr()) % 16 != 0 ||
-      reinterpret_cast<uintptr_t>(dx.data_ptr()) % 16 != 0)
-    return {};
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t D = x.size(-1);
-  C10_CUDA_CHECK(cuda::delta_l2norm16_bwd(x.data_ptr(), dy.data_ptr(), dx.data_ptr(), x.numel() / D,
-                                          static_cast<int>(D), x.scalar_type() == at::kBFloat16,
-                                          at::cuda::getCurrentCUDAStream()));
-  return dx;
+  return dy.defined() ? l2norm_kernel(x, &dy) : at::Tensor();
 }
 
 const bool registered = register_delta_chain(c10::DeviceType::CUDA, &chain_cuda);
