@@ -6,7 +6,7 @@
 //
 //   L. cp.async in three groups: K; Q, dO, U; Sb, dSe, dU, V; the gates and beta.
 //   1. Gam (fp32; its last row is suf) and pre, each entry's gates added in order (gate_parts, as the WY kernel).
-//   2. A = diag(beta) (Gam * K K^T), strictly lower (fp32).   3. Minv = m^-1 (invert_unit_lower, fp32).
+//   2. A = diag(beta) (Gam * K K^T), strictly lower (fp32; wy_a16).   3. Minv = m^-1 (invert_unit_lower, fp32).
 //   4. Minv to 16 bits.
 //   5. C x C tiles: dP = scale (dO U^T) * Gam (16 bits) and XG's first term dP * (Q K^T) (kept in registers).
 //   6. C x D tiles: dO Sb^T -> rowsum(Q * dO Sb^T), dq = scale diag(pre) dO Sb^T + dP K (out); dU Sb^T (kept);
@@ -26,7 +26,7 @@
 // 64-column tile in shared memory, added in the tiles' order. Thirteen barriers; about 222 KiB of shared memory at
 // D = E = 128 (one block per SM).
 #include "delta_grad16.h"
-#include "delta_prep.h"  // gate_parts, invert_unit_lower, DeviceExec
+#include "delta_prep.h"  // gate_parts, wy_a16, invert_unit_lower, DeviceExec
 #include "mma.cuh"
 #include "mma_tiles.cuh"  // store_frag
 
@@ -176,20 +176,9 @@ __global__ void __launch_bounds__(kThreads, 1) grad16_kernel(Grad16Args a) {
       t, kThreads, kC, sg, true, [&](int i, int j, float x) { sGam[i * kLdG + j] = x; },
       [&](int i, float p) { spre[i] = p; });
   __syncthreads();
-  // 2. the 16 x 32 tiles on and below the diagonal: rows 16 rt, columns 32 ch (rt = 0..3 with ch = 0, 2..3 with 1)
+  // 2.
   if (t < kC) ssuf[t] = sGam[(kC - 1) * kLdG + t];
-  if (w < 6) {
-    const int rt = w < 4 ? w : w - 2, m0 = rt * 16, h0 = w < 4 ? 0 : 32;
-    float acc[4][4] = {};
-    mma::mac<false, true>(acc, sK, LdD, sK, LdD, m0, h0, 0, D);
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = m0 + gq + (e >> 1) * 8, j = h0 + 8 * nt + 2 * cq + (e & 1);
-        sA[i * kLdG + j] = j < i ? sbeta[i] * sGam[i * kLdG + j] * acc[nt][e] : 0.f;
-      }
-  }
+  wy_a16(sK, LdD, D, sbeta, sGam, sA, kLdG);
   __syncthreads();
   DeviceExec ex;
   invert_unit_lower(kC, kLdG, sA, sMi, ex);  // 3. (ends with a barrier)

@@ -139,7 +139,7 @@ template <typename T16>
 __global__ void __launch_bounds__(kPrepThreads, 3) wy16_mma_kernel(Wy16Args a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const Wy16Io<T16> io = wy16_io<T16>(a, blockIdx.x);
-  const int D = a.D, E = a.E, rows = io.rows, t = threadIdx.x, w = t >> 5, lane = t & 31;
+  const int D = a.D, E = a.E, rows = io.rows, t = threadIdx.x, w = t >> 5;
   const Wy16MmaLayout L(D, E, sizeof(T16));
   T16* sK = reinterpret_cast<T16*>(smem_raw + L.k);
   T16* sV = reinterpret_cast<T16*>(smem_raw + L.v);
@@ -166,29 +166,7 @@ __global__ void __launch_bounds__(kPrepThreads, 3) wy16_mma_kernel(Wy16Args a) {
       t, kPrepThreads, kWyC, sg, true, [&](int i, int j, float x) { sGT[i * kWyLdc + j] = x; },
       [&](int i, float p) { spre[i] = p; });
   __syncthreads();
-  const int g = lane >> 2, c = lane & 3;
-  // 3. the tiles (rows 16 rt, columns 32 ch) on and below the diagonal: rt = 0..3 with ch = 0, rt = 2, 3 with ch = 1
-  if (w < 6) {
-    const int rt = w < 4 ? w : w - 2, m0 = rt * 16, n0 = w < 4 ? 0 : 32;
-    float acc[4][4] = {};
-    for (int k0 = 0; k0 < D; k0 += 16) {
-      uint32_t af[4], bf[4];
-      mma::load_a(af, sK, L.ldk, m0, k0);
-#pragma unroll
-      for (int np = 0; np < 2; ++np) {
-        mma::load_b_nk(bf, sK, L.ldk, k0, n0 + 16 * np);
-        mma::mma16816<T16>(acc[2 * np], af, bf[0], bf[1]);
-        mma::mma16816<T16>(acc[2 * np + 1], af, bf[2], bf[3]);
-      }
-    }
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = m0 + g + (e >> 1) * 8, j = n0 + 8 * nt + 2 * c + (e & 1);
-        sA[i * kWyLdc + j] = j < i ? sb[i] * sGT[i * kWyLdc + j] * acc[nt][e] : 0.f;
-      }
-  }
+  wy_a16(sK, L.ldk, D, sb, sGT, sA, kWyLdc);  // 3.
   __syncthreads();
   invert_unit_lower(kWyC, kWyLdc, sA, sGT, ex);  // 4. (ends with a barrier)
   // 5.

@@ -18,6 +18,9 @@
 #include "delta_chain.h"  // LASP_CHAIN_HD, HostExec
 #include "delta_tiles.h"
 #include "warp_tile.h"
+#if defined(__CUDACC__)
+#include "mma.cuh"
+#endif
 
 namespace lasp {
 namespace cuda {
@@ -267,6 +270,30 @@ LASP_CHAIN_HD void prep_block(const Args& a, int64_t ch, T* smem, Exec& ex) {
   });
   ex.done();
 }
+
+#if defined(__CUDACC__)
+// The 16-bit kernels' A = diag(beta) (Gam * K K^T), strictly lower (fp32, rows of ldc), from K (kC = 64 rows of
+// 16-bit entries, rows of ldk, D a multiple of 16) in shared memory: warp w < 6 forms one 16 x 32 tile on or below
+// the diagonal (rows 16 rt, columns 32 ch: rt = 0..3 with ch = 0, rt = 2, 3 with ch = 1) on mma.sync, its entries
+// on and above the diagonal 0; the other warps nothing. The entries of tiles wholly above the diagonal are not
+// written.
+template <typename T16>
+__device__ __forceinline__ void wy_a16(const T16* sK, int ldk, int D, const float* sbeta, const float* sGam, float* sA,
+                                       int ldc) {
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, cq = lane & 3;
+  if (w >= 6) return;
+  const int rt = w < 4 ? w : w - 2, m0 = rt * 16, h0 = w < 4 ? 0 : 32;
+  float acc[4][4] = {};
+  mma::mac<false, true>(acc, sK, ldk, sK, ldk, m0, h0, 0, D);
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = m0 + gq + (e >> 1) * 8, j = h0 + 8 * nt + 2 * cq + (e & 1);
+      sA[i * ldc + j] = j < i ? sbeta[i] * sGam[i * ldc + j] * acc[nt][e] : 0.f;
+    }
+}
+#endif
 
 }  // namespace cuda
 }  // namespace lasp
