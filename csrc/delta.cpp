@@ -532,9 +532,18 @@ std::tuple<Tensor, Tensor> call_fwd(const Tensor& q, const Tensor& k, const Tens
 // once to x's dtype: 16-bit q and k stay 16-bit, as fla's kernel gives them, so that the 16-bit kernels take
 // them. Without autograd: by the device's kernel where it has one (CUDA: 16-bit rows, one pass), else in two passes
 // (the rows' norms, one read of x; then the product into x's dtype, one read, one write).
+// Whether a device's kernel may read x's data: not a tensor being traced (fake or functional tensors of
+// torch.compile, which carry the Python or Functionalize dispatch keys, and meta tensors), where only ATen
+// operations may run.
+bool has_data(const Tensor& x) {
+  return !x.is_meta() &&
+         !x.key_set().has_any(c10::DispatchKeySet(
+             {c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot, c10::DispatchKey::Functionalize}));
+}
+
 Tensor l2norm_values(const Tensor& x) {
   const auto acc = delta_acc(x.scalar_type());
-  if (L2NormFn fn = device_hook<L2NormFn>(x.device().type())) {
+  if (L2NormFn fn = has_data(x) ? device_hook<L2NormFn>(x.device().type()) : nullptr) {
     Tensor y = fn(x);
     if (y.defined()) return y;
   }
@@ -558,7 +567,7 @@ class L2NormFunction : public torch::autograd::Function<L2NormFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const Tensor x = ctx->get_saved_variables()[0];
     const Tensor dy = grads[0].to(x.scalar_type());
-    L2NormBwdFn fn = device_hook<L2NormBwdFn>(x.device().type());
+    L2NormBwdFn fn = has_data(x) && has_data(dy) ? device_hook<L2NormBwdFn>(x.device().type()) : nullptr;
     Tensor dx = fn ? fn(x, dy) : Tensor();
     if (!dx.defined()) {
       const Tensor xf = x.to(delta_acc(x.scalar_type())), dyf = dy.to(xf.scalar_type());
@@ -571,11 +580,11 @@ class L2NormFunction : public torch::autograd::Function<L2NormFunction> {
 };
 
 // The l2 normalisation of q or k. Where autograd records it: L2NormFunction on devices with a backward kernel
-// (where the kernel does not take x, its backward is the ATen formula), else differentiable ATen operations (the
-// derivative of the sum of squares is defined at zero rows).
+// (where the kernel does not take x, its backward is the ATen formula), else, and while torch.compile traces the
+// call, differentiable ATen operations (the derivative of the sum of squares is defined at zero rows).
 Tensor l2norm(const Tensor& x) {
   if (!(at::GradMode::is_enabled() && x.requires_grad())) return l2norm_values(x);
-  if (device_hook<L2NormBwdFn>(x.device().type())) return L2NormFunction::apply(x);
+  if (has_data(x) && device_hook<L2NormBwdFn>(x.device().type())) return L2NormFunction::apply(x);
   const Tensor xf = x.to(delta_acc(x.scalar_type()));
   return (xf * (xf * xf).sum(-1, true).add(1e-6).rsqrt()).to(x.scalar_type());
 }
