@@ -196,6 +196,21 @@ def test_torch_compile_matches_eager(lasp, seed):
         torch.testing.assert_close(got[name], w, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_torch_compile_with_l2norm(lasp, seed):
+    """On CUDA with 16-bit inputs and use_qk_l2norm, torch.compile(fullgraph=True) traces the op (the l2
+    normalisation as ATen operations while tracing: its kernels do not read fake tensors) and runs it: outputs
+    and every gradient match the eager call, which takes the kernels, to the inputs' rounding."""
+    torch._dynamo.reset()
+    ins = _inputs(seed, 1, 2, 2, 2, 150, 64, 64, dtype=torch.bfloat16, device="cuda")
+    want = _run(_ours(lasp, use_qk_l2norm=True), *ins)
+    fn = torch.compile(lasp.gated_delta_attention, fullgraph=True)
+    got = _run(lambda *a, **kw: fn(*a, output_final_state=True, use_qk_l2norm=True, **kw), *ins)
+    for name, w in want.items():
+        err = rel_err(got[name], w)
+        assert err < 1e-2, f"{name}: compiled vs eager, relative error {err:.2e}"
+
+
 OPCHECK = [
     # B, Hq, Hk, Hv, N, D, E, dtype, with initial state
     pytest.param(1, 2, 1, 2, 70, 5, 3, F64, True, id="gqa-f64-state"),
