@@ -528,10 +528,6 @@ std::tuple<Tensor, Tensor> call_fwd(const Tensor& q, const Tensor& k, const Tens
   return op.call(q, k, v, g, beta, scale, initial_state);
 }
 
-// x / sqrt(sum of squares over D + 1e-6) (fla's use_qk_l2norm_in_kernel), computed in the acc type and rounded
-// once to x's dtype: 16-bit q and k stay 16-bit, as fla's kernel gives them, so that the 16-bit kernels take
-// them. Without autograd: by the device's kernel where it has one (CUDA: 16-bit rows, one pass), else in two passes
-// (the rows' norms, one read of x; then the product into x's dtype, one read, one write).
 // Whether a device's kernel may read x's data: not a tensor being traced (fake or functional tensors of
 // torch.compile, which carry the Python or Functionalize dispatch keys, and meta tensors), where only ATen
 // operations may run.
@@ -541,6 +537,10 @@ bool has_data(const Tensor& x) {
              {c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot, c10::DispatchKey::Functionalize}));
 }
 
+// x / sqrt(sum of squares over D + 1e-6) (fla's use_qk_l2norm_in_kernel), computed in the acc type and rounded
+// once to x's dtype: 16-bit q and k stay 16-bit, as fla's kernel gives them, so that the 16-bit kernels take
+// them. Without autograd: by the device's kernel where it has one (CUDA: 16-bit rows, one pass), else in two passes
+// (the rows' norms, one read of x; then the product into x's dtype, one read, one write).
 Tensor l2norm_values(const Tensor& x) {
   const auto acc = delta_acc(x.scalar_type());
   if (L2NormFn fn = has_data(x) ? device_hook<L2NormFn>(x.device().type()) : nullptr) {
