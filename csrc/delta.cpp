@@ -314,23 +314,27 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
                       ": grad_final_state must have shape (B, H, D, E) = (", B, ", ", H, ", ", D, ", ", E, "), got ",
                       grad_final_state.has_value() ? grad_final_state->sizes() : at::IntArrayRef{});
   }
+  // The op's outputs: the gradients of q, k, v in (B, H, N, .) per output head, of g and beta in (B, H, N), and of
+  // the state entering the piece (dS, in the acc type).
+  auto finish = [&](const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dg, const Tensor& dbeta,
+                    const Tensor& dS) -> BwdOut {
+    const Tensor dinit = initial_state.has_value() ? dS.to(initial_state->scalar_type()) : dS;
+    if (state_grad_only) {
+      const auto none = q.options().dtype(dS.scalar_type());
+      return {at::empty({0}, none), at::empty({0}, none), at::empty({0}, none),
+              at::empty({0}, none), at::empty({0}, none), dinit};
+    }
+    return {to_in_heads(dq, q.size(1), q.scalar_type()).contiguous(),
+            to_in_heads(dk, k.size(1), k.scalar_type()).contiguous(),
+            to_in_heads(dv, v.size(1), v.scalar_type()).contiguous(),
+            dg.to(g.scalar_type()).contiguous(),
+            dbeta.to(beta.scalar_type()).contiguous(),
+            dinit};
+  };
   if (MainBwdFn fn = device_hook<MainBwdFn>(q.device().type()); fn && q.size(2) > 0) {
     auto [dq, dk, dv, dg, dbeta, dS] =
         fn(q, k, v, g, beta, scale, initial_state, dout, grad_final_state, state_grad_only);
-    if (dS.defined()) {
-      const Tensor dinit = initial_state.has_value() ? dS.to(initial_state->scalar_type()) : dS;
-      if (state_grad_only) {
-        const auto none = q.options().dtype(dS.scalar_type());
-        return {at::empty({0}, none), at::empty({0}, none), at::empty({0}, none),
-                at::empty({0}, none), at::empty({0}, none), dinit};
-      }
-      return {to_in_heads(dq, q.size(1), q.scalar_type()).contiguous(),
-              to_in_heads(dk, k.size(1), k.scalar_type()).contiguous(),
-              to_in_heads(dv, v.size(1), v.scalar_type()).contiguous(),
-              dg.to(g.scalar_type()).contiguous(),
-              dbeta.to(beta.scalar_type()).contiguous(),
-              dinit};
-    }
+    if (dS.defined()) return finish(dq, dk, dv, dg, dbeta, dS);
   }
   const Chunks c = prepare(q, k, v, g, beta, /*need_q=*/true, /*need_minv=*/!state_grad_only);
   const int64_t C = kChunk;
@@ -368,12 +372,7 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
   in.tensor_cores = c.low;
   // dSe: the gradient of the state leaving each chunk
   auto [dSe, dU, dS] = chain(in, dS_end);  // dS: the gradient of the state entering the piece
-  Tensor dinit = initial_state.has_value() ? dS.to(initial_state->scalar_type()) : dS;
-  if (state_grad_only) {
-    const auto none = q.options().dtype(c.acc);
-    return {at::empty({0}, none), at::empty({0}, none), at::empty({0}, none), at::empty({0}, none),
-            at::empty({0}, none), dinit};
-  }
+  if (state_grad_only) return finish(Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), dS);
   // Through the triangular solve: M [Wv | Wk] = R, dW = [dU | -dU S0^T], dR = M^-T dW, dA = -dR W^T.
   Tensor dR;
   if (c.minv.defined())
@@ -422,12 +421,7 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
          at::constant_pad_nd(Xs.narrow(-1, 0, C - 1), {1, 0}).cumsum(-1);
   }
   auto flat3 = [&](const Tensor& x) { return x.reshape({c.B, c.H, c.nc * C}).narrow(2, 0, c.N); };
-  return {to_in_heads(unchunk(dq, c.N), q.size(1), q.scalar_type()).contiguous(),
-          to_in_heads(unchunk(dk, c.N), k.size(1), k.scalar_type()).contiguous(),
-          to_in_heads(unchunk(dv, c.N), v.size(1), v.scalar_type()).contiguous(),
-          flat3(dg).to(g.scalar_type()).contiguous(),
-          flat3(dbeta).to(beta.scalar_type()).contiguous(),
-          dinit};
+  return finish(unchunk(dq, c.N), unchunk(dk, c.N), unchunk(dv, c.N), flat3(dg), flat3(dbeta), dS);
 }
 
 std::tuple<Tensor, Tensor> map_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
@@ -554,8 +548,15 @@ Tensor l2norm_values(const Tensor& x) {
   return out;
 }
 
+// The same as differentiable ATen operations (the derivative of the sum of squares is defined at zero rows).
+Tensor l2norm_aten(const Tensor& x) {
+  const Tensor xf = x.to(delta_acc(x.scalar_type()));
+  return (xf * (xf * xf).sum(-1, true).add(1e-6).rsqrt()).to(x.scalar_type());
+}
+
 // Where autograd records it on a device with a backward kernel: the forward by l2norm_values, the backward
-// dx = r (dy - y sum(dy y)) by the device's kernel (each one pass), or where it does not take x by ATen operations.
+// dx = r (dy - y sum(dy y)) by the device's kernel (each one pass), or where it does not take x as l2norm_aten's
+// derivative.
 // A second derivative exists only through the ATen form.
 class L2NormFunction : public torch::autograd::Function<L2NormFunction> {
  public:
@@ -569,24 +570,22 @@ class L2NormFunction : public torch::autograd::Function<L2NormFunction> {
     const Tensor dy = grads[0].to(x.scalar_type());
     L2NormBwdFn fn = has_data(x) && has_data(dy) ? device_hook<L2NormBwdFn>(x.device().type()) : nullptr;
     Tensor dx = fn ? fn(x, dy) : Tensor();
-    if (!dx.defined()) {
-      const Tensor xf = x.to(delta_acc(x.scalar_type())), dyf = dy.to(xf.scalar_type());
-      const Tensor r = (xf * xf).sum(-1, true).add(1e-6).rsqrt();
-      const Tensor y = xf * r;
-      dx = (r * (dyf - y * (dyf * y).sum(-1, true))).to(x.scalar_type());
+    if (!dx.defined()) {  // the derivative of the ATen form
+      at::AutoGradMode grad_mode(true);
+      const Tensor xv = x.detach().requires_grad_(true);
+      dx = torch::autograd::grad({l2norm_aten(xv)}, {xv}, {dy})[0];
     }
     return {dx};
   }
 };
 
 // The l2 normalisation of q or k. Where autograd records it: L2NormFunction on devices with a backward kernel
-// (where the kernel does not take x, its backward is the ATen formula), else, and while torch.compile traces the
-// call, differentiable ATen operations (the derivative of the sum of squares is defined at zero rows).
+// (where the kernel does not take x, its backward is l2norm_aten's derivative), else, and while torch.compile traces
+// the call, l2norm_aten.
 Tensor l2norm(const Tensor& x) {
   if (!(at::GradMode::is_enabled() && x.requires_grad())) return l2norm_values(x);
   if (has_data(x) && device_hook<L2NormBwdFn>(x.device().type())) return L2NormFunction::apply(x);
-  const Tensor xf = x.to(delta_acc(x.scalar_type()));
-  return (xf * (xf * xf).sum(-1, true).add(1e-6).rsqrt()).to(x.scalar_type());
+  return l2norm_aten(x);
 }
 
 BwdOut call_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta, double scale,

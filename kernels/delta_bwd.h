@@ -124,11 +124,7 @@ LASP_CHAIN_HD void bwd_finish(const BwdArgs<T>& a, int64_t ch, T* part3, T* sXG,
   ex.sync();
   ex.threads([&](int t) {  // XG's column sums from the bottom, in place; the last row's dpre term
     if (t >= C) return;
-    T z = 0;
-    for (int i = C - 1; i >= 0; --i) {
-      z += sXG[i * ldxg + t];
-      sXG[i * ldxg + t] = z;
-    }
+    xg_column_suffix(sXG, ldxg, C, t);
     if (t == 0) {
       T s = 0;
       for (int l = 0; l < kBwdThreads; ++l) s += part3[l];
@@ -137,14 +133,7 @@ LASP_CHAIN_HD void bwd_finish(const BwdArgs<T>& a, int64_t ch, T* part3, T* sXG,
   });
   ex.sync();
   ex.threads([&](int t) {  // dg
-    if (t >= C) return;
-    T xp = 0, z = 0, xs = 0;
-    for (int i = C - 1; i >= t; --i) xp += sp[i] * sdpre[i];
-    for (int j = 0; j < t; ++j) {
-      z += sXG[t * ldxg + j];
-      xs += sxs[j];
-    }
-    a.dg[c1 + t] = xp + z + xs;
+    if (t < C) a.dg[c1 + t] = dg_row(sp, sdpre, sXG, ldxg, sxs, C, t);
   });
   ex.done();
 }

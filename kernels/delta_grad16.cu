@@ -346,11 +346,7 @@ __global__ void __launch_bounds__(kThreads, 1) grad16_kernel(Grad16Args a) {
   }
   __syncthreads();
   if (t < kC) {  // XG's column sums from the bottom, in place; the last row's state term
-    float z = 0.f;
-    for (int i = kC - 1; i >= 0; --i) {
-      z += sGam[i * kLdG + t];
-      sGam[i * kLdG + t] = z;
-    }
+    xg_column_suffix(sGam, kLdG, kC, t);
     if (t == 0) {
       float s = 0.f;
       for (int x = 0; x < kThreads / 32; ++x) s += sred[x];
@@ -358,15 +354,7 @@ __global__ void __launch_bounds__(kThreads, 1) grad16_kernel(Grad16Args a) {
     }
   }
   __syncthreads();
-  if (t < rows) {
-    float xp = 0.f, z = 0.f, xs = 0.f;
-    for (int i = kC - 1; i >= t; --i) xp += spre[i] * sdpre[i];
-    for (int j = 0; j < t; ++j) {
-      z += sGam[t * kLdG + j];
-      xs += sxs[j];
-    }
-    a.dg[tok + t] = xp + z + xs;
-  }
+  if (t < rows) a.dg[tok + t] = dg_row(spre, sdpre, sGam, kLdG, sxs, kC, t);
 }
 
 template <typename T16, int D, int E>

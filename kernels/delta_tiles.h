@@ -69,5 +69,30 @@ LASP_CHAIN_HD void cc_tile(int t, int C, int K, FA A, FB B, F f) {
     }
 }
 
+// The gate gradient's last steps (delta_bwd.h's bwd_finish and the 16-bit gradients kernel), one thread per
+// column or row t of a C-row chunk. XG's column t summed from the bottom, in place: XG[i, t] = sum_{i' >= i} XG[i', t].
+template <typename T>
+LASP_CHAIN_HD void xg_column_suffix(T* xg, int ld, int C, int t) {
+  T z = 0;
+  for (int i = C - 1; i >= 0; --i) {
+    z += xg[i * ld + t];
+    xg[i * ld + t] = z;
+  }
+}
+
+// dg[t] = sum_{i >= t} pre[i] dpre[i] + sum_{j < t} (Z[t, j] + xs[j]), Z: XG after xg_column_suffix. Each weight
+// times its gradient, summed over the tokens that weight spans (pre[i]: 0 .. i, Gam[i, j]: j+1 .. i, suf[j]: j+1 ..
+// C-1), as sums of the terms themselves.
+template <typename T>
+LASP_CHAIN_HD T dg_row(const T* pre, const T* dpre, const T* z, int ldz, const T* xs, int C, int t) {
+  T xp = 0, zs = 0, xss = 0;
+  for (int i = C - 1; i >= t; --i) xp += pre[i] * dpre[i];
+  for (int j = 0; j < t; ++j) {
+    zs += z[t * ldz + j];
+    xss += xs[j];
+  }
+  return xp + zs + xss;
+}
+
 }  // namespace cuda
 }  // namespace lasp
