@@ -6,7 +6,7 @@
 //
 //   L. cp.async in three groups: K; Q, dO, U; Sb, dSe, dU, V; the gates and beta.
 //   1. Gam (fp32; its last row is suf) and pre, each entry's gates added in order (gate_parts, as the WY kernel).
-//   2. A = diag(beta) (Gam * K K^T), strictly lower (fp32; wy_a16).   3. Minv = m^-1 (invert_unit_lower, fp32).
+//   2. A = diag(beta) (Gam * K K^T), strictly lower (fp32; wy_a16).   3. Minv = m^-1 (invert_unit_lower64, fp32).
 //   4. Minv to 16 bits.
 //   5. C x C tiles: dP = scale (dO U^T) * Gam (16 bits) and XG's first term dP * (Q K^T) (kept in registers).
 //   6. C x D tiles: dO Sb^T -> rowsum(Q * dO Sb^T), dq = scale diag(pre) dO Sb^T + dP K (out); dU Sb^T (kept);
@@ -26,7 +26,7 @@
 // 64-column tile in shared memory, added in the tiles' order. Thirteen barriers; about 222 KiB of shared memory at
 // D = E = 128 (one block per SM).
 #include "delta_grad16.h"
-#include "delta_prep.h"  // gate_parts, wy_a16, invert_unit_lower, DeviceExec
+#include "delta_prep.h"  // gate_parts, wy_a16, invert_unit_lower64
 #include "mma.cuh"
 #include "mma_tiles.cuh"  // store_frag
 
@@ -180,8 +180,7 @@ __global__ void __launch_bounds__(kThreads, 1) grad16_kernel(Grad16Args a) {
   if (t < kC) ssuf[t] = sGam[(kC - 1) * kLdG + t];
   wy_a16(sK, LdD, D, sbeta, sGam, sA, kLdG);
   __syncthreads();
-  DeviceExec ex;
-  invert_unit_lower(kC, kLdG, sA, sMi, ex);  // 3. (ends with a barrier)
+  invert_unit_lower64(sA, sMi, kLdG);  // 3. (ends with a barrier)
   // 4.
   for (int e = t; e < kC * kC; e += kThreads) {
     const int i = e / kC, j = e % kC;

@@ -112,7 +112,8 @@ __global__ void __launch_bounds__(kPrepThreads) wy16_kernel(Wy16Args a) {
 //   2. gam (fp32) and pre as prep_block forms them (column parts, the gates added in order);
 //   3. A = strictly lower part of diag(beta) (gam * K K^T), K K^T on tensor cores (six warps: the tiles on and
 //      below the diagonal);
-//   4. m^-1 (invert_unit_lower, fp32, in blocks of 16);
+//   4. m^-1 (invert_unit_lower64: fp32, in blocks of 16, the off-diagonal blocks on tf32 tensor cores in three
+//      passes);
 //   5. M = m^-1 diag(beta) in 16 bits (over A's tile), K's rows scaled by pre in place (16 bits);
 //   6. W_v = M V, W_k = M (diag(pre) K) on tensor cores over the columns left of each row tile's end (m^-1 is
 //      lower triangular), stored as bf16 / fp16 pairs.
@@ -149,7 +150,6 @@ __global__ void __launch_bounds__(kPrepThreads, 3) wy16_mma_kernel(Wy16Args a) {
   float* sb = reinterpret_cast<float*>(smem_raw + L.b);
   float* sg = reinterpret_cast<float*>(smem_raw + L.g);
   float* spre = reinterpret_cast<float*>(smem_raw + L.pre);
-  DeviceExec ex;
   // 1.
   {
     mma::cp_rows(sK, L.ldk, io.k, io.ks, rows, kWyC, D, t, kPrepThreads);
@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(kPrepThreads, 3) wy16_mma_kernel(Wy16Args a) {
   __syncthreads();
   wy_a16(sK, L.ldk, D, sb, sGT, sA, kWyLdc);  // 3.
   __syncthreads();
-  invert_unit_lower(kWyC, kWyLdc, sA, sGT, ex);  // 4. (ends with a barrier)
+  invert_unit_lower64(sA, sGT, kWyLdc);  // 4. (ends with a barrier)
   // 5.
   for (int e = t; e < kWyC * kWyC; e += kPrepThreads) {
     const int i = e / kWyC, j = e % kWyC;
