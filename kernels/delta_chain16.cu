@@ -7,7 +7,8 @@
 //
 // Forward (states16_kernel), per chunk: K, W_k (C x D), W_v (C x 64); suf and pre[C-1]; S to 16 bits (shared
 // memory, and out as Sb[c]); U = W_v - W_k S (out), diag(suf) U to 16 bits; S <- pre[C-1] S + K^T (diag(suf) U)
-// (K^T by ldmatrix.trans). Three barriers per chunk, about 114 KiB of shared memory at D = 128.
+// (K^T by ldmatrix.trans). Three barriers per chunk, about 72 KiB of shared memory at D = 128 (two blocks per SM,
+// so one block's loads run under the other's products).
 //
 // Reverse (rev16_kernel), per chunk:
 //   L. q, k, W_k (C x D) and dO (C x 64); the log gates;
@@ -17,8 +18,8 @@
 //   4. G <- pre[C-1] G + Q^T (diag(scale pre) dO) - W_k^T dU, the transposed operands by ldmatrix.trans.
 // Five barriers per chunk; about 182 KiB of shared memory at D = 128 (one block per SM).
 //
-// Both chains stage a chunk's inputs twice over: the next chunk's cp.async group is issued after the barrier that
-// ends the wait for the current one, so its loads run under the current chunk's products.
+// The reverse chain (one block per SM) stages a chunk's inputs twice over: the next chunk's cp.async group is issued
+// after the barrier that ends the wait for the current one, so its loads run under the current chunk's products.
 #include "delta_chain16.h"
 #include "delta_prep.h"  // gate_parts
 #include "mma.cuh"
@@ -227,12 +228,10 @@ __global__ void __launch_bounds__(kThreads, 1) rev16_kernel(Rev16Args a) {
 template <int D>
 struct StatesLayout {
   static constexpr int kLdD = D + 8;
-  // two stages (chunk c's inputs, and the next chunk's arriving), each K, W_k, W_v; byte offsets in a stage
-  static constexpr size_t k = 0;
+  static constexpr size_t k = 0;  // byte offsets
   static constexpr size_t w = k + (size_t)kC * kLdD * 2;
   static constexpr size_t v = w + (size_t)kC * kLdD * 2;
-  static constexpr size_t stage = v + (size_t)kC * kLdE * 2;
-  static constexpr size_t us = 2 * stage;  // byte offsets in the block's shared memory
+  static constexpr size_t us = v + (size_t)kC * kLdE * 2;
   static constexpr size_t S = us + (size_t)kC * kLdE * 2;
   static constexpr size_t g = S + (size_t)D * kLdE * 2;
   static constexpr size_t suf = g + kC * 4;
@@ -245,6 +244,9 @@ __global__ void __launch_bounds__(kThreads, 1) states16_kernel(States16Args a) {
   using L = StatesLayout<D>;
   constexpr int LdD = L::kLdD;
   extern __shared__ __align__(16) unsigned char sm[];
+  T16* sK = reinterpret_cast<T16*>(sm + L::k);
+  T16* sW = reinterpret_cast<T16*>(sm + L::w);
+  T16* sV = reinterpret_cast<T16*>(sm + L::v);
   T16* sUs = reinterpret_cast<T16*>(sm + L::us);
   T16* sS = reinterpret_cast<T16*>(sm + L::S);
   float* sg = reinterpret_cast<float*>(sm + L::g);
@@ -266,30 +268,16 @@ __global__ void __launch_bounds__(kThreads, 1) states16_kernel(States16Args a) {
   float S[StateTile<D>::NT][4];
   st.load(S, a.S0 ? a.S0 + bh * D * a.E + e0 : nullptr, a.E);
 
-  // Chunk c's K, W_k, W_v into stage c % 2 (one cp.async group); its gate of thread t's row (t < kC) returned.
-  auto load = [&](int64_t c) {
-    const int64_t n0 = c * kC;
-    const int rows = (int)(a.N - n0 < kC ? a.N - n0 : kC);
-    unsigned char* st = sm + (c & 1) * L::stage;
-    mma::cp_rows(reinterpret_cast<T16*>(st + L::k), LdD, kh + n0 * a.ks[2], a.ks[2], rows, kC, D, t, kThreads);
-    mma::cp_rows(reinterpret_cast<T16*>(st + L::w), LdD, wh + n0 * D, D, rows, kC, D, t, kThreads);
-    mma::cp_rows(reinterpret_cast<T16*>(st + L::v), kLdE, vh + n0 * a.E, a.E, rows, kC, kEt, t, kThreads);
-    mma::cp_async_commit();
-    return t < rows ? gh[n0 + t] : 0.f;
-  };
-  float gnext = nc > 0 ? load(0) : 0.f;
   for (int64_t c = 0; c < nc; ++c) {
     const int64_t n0 = c * kC;
     const int rows = (int)(a.N - n0 < kC ? a.N - n0 : kC);
-    const unsigned char* stage = sm + (c & 1) * L::stage;
-    const T16* sK = reinterpret_cast<const T16*>(stage + L::k);
-    const T16* sW = reinterpret_cast<const T16*>(stage + L::w);
-    const T16* sV = reinterpret_cast<const T16*>(stage + L::v);
-    if (t < kC) sg[t] = gnext;
+    mma::cp_rows(sK, LdD, kh + n0 * a.ks[2], a.ks[2], rows, kC, D, t, kThreads);
+    mma::cp_rows(sW, LdD, wh + n0 * D, D, rows, kC, D, t, kThreads);
+    mma::cp_rows(sV, kLdE, vh + n0 * a.E, a.E, rows, kC, kEt, t, kThreads);
+    mma::cp_async_commit();
+    if (t < kC) sg[t] = t < rows ? gh[n0 + t] : 0.f;
     mma::cp_async_wait<0>();
     __syncthreads();
-    // The next chunk's loads, into the stage that the previous chunk's last step read (before its last barrier).
-    if (c + 1 < nc) gnext = load(c + 1);
     // suf[j] = exp(g[j+1] + ... + g[C-1]) and pre[C-1], the gates added in order; S to 16 bits, out as Sb[c]
     if (t <= kC) {
       float x = 0.f;
