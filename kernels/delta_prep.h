@@ -294,26 +294,12 @@ __device__ __forceinline__ void wy_a16(const T16* sK, int ldk, int D, const floa
     }
 }
 
-// x as tf32 bits (cvt.rna: to nearest, ties away from zero).
-__device__ __forceinline__ uint32_t tf32_bits(float x) {
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
-  return r;
-}
-
 // acc (16 x 16, two m16n8 fragments) += A B over k < K (a multiple of 8), fp32 operands in shared memory (A rows of
 // lda, B rows of ldb, both from their first entry) on tf32 mma.sync in three passes (hi hi + hi lo + lo hi, each
 // operand split as x = hi + lo with hi = tf32(x)): products close to fp32 ones.
 __device__ __forceinline__ void mac_tf32x3(float (&acc)[2][4], const float* A, int lda, const float* B, int ldb,
                                            int K) {
   const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-  auto mma = [](float(&d)[4], const uint32_t(&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  };
   for (int k0 = 0; k0 < K; k0 += 8) {
     const float ax[4] = {A[g * lda + k0 + c], A[(g + 8) * lda + k0 + c], A[g * lda + k0 + c + 4],
                          A[(g + 8) * lda + k0 + c + 4]};
@@ -328,9 +314,9 @@ __device__ __forceinline__ void mac_tf32x3(float (&acc)[2][4], const float* A, i
       const float b0 = B[(k0 + c) * ldb + 8 * n + g], b1 = B[(k0 + c + 4) * ldb + 8 * n + g];
       const uint32_t bh0 = tf32_bits(b0), bh1 = tf32_bits(b1);
       const uint32_t bl0 = tf32_bits(b0 - __uint_as_float(bh0)), bl1 = tf32_bits(b1 - __uint_as_float(bh1));
-      mma(acc[n], al, bh0, bh1);
-      mma(acc[n], ah, bl0, bl1);
-      mma(acc[n], ah, bh0, bh1);
+      tf32_mma(acc[n], al, bh0, bh1);
+      tf32_mma(acc[n], ah, bl0, bl1);
+      tf32_mma(acc[n], ah, bh0, bh1);
     }
   }
 }
@@ -343,6 +329,9 @@ __device__ __forceinline__ void mac_tf32x3(float (&acc)[2][4], const float* A, i
 __device__ __forceinline__ void invert_unit_lower64(float* sA, float* sGT, int ldc) {
   constexpr int kB = 16;
   const int t = threadIdx.x, w = t >> 5, col = t >> 2, p = t & 3, r0 = col & ~(kB - 1);
+  // entry e of n-tile n of a warp's 16 x 16 fragment pair: row and column offsets in the block
+  auto frow = [&](int e) { return (t & 31) / 4 + (e >> 1) * 8; };
+  auto fcol = [&](int n, int e) { return 8 * n + 2 * (t & 3) + (e & 1); };
   {
     float gc[4] = {0.f, 0.f, 0.f, 0.f};  // L[r0 + 4 q + p][col], q < 4
 #pragma unroll
@@ -369,8 +358,7 @@ __device__ __forceinline__ void invert_unit_lower64(float* sA, float* sGT, int l
 #pragma unroll
       for (int n = 0; n < 2; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
-          sA[(j * kB + (t & 31) / 4 + (e >> 1) * 8) * ldc + i * kB + 8 * n + 2 * (t & 3) + (e & 1)] = acc[n][e];
+        for (int e = 0; e < 4; ++e) sA[(j * kB + frow(e)) * ldc + i * kB + fcol(n, e)] = acc[n][e];
     }
     __syncthreads();
     if (i < 64 / kB) {
@@ -379,8 +367,7 @@ __device__ __forceinline__ void invert_unit_lower64(float* sA, float* sGT, int l
 #pragma unroll
       for (int n = 0; n < 2; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
-          sGT[(i * kB + (t & 31) / 4 + (e >> 1) * 8) * ldc + j * kB + 8 * n + 2 * (t & 3) + (e & 1)] = -acc[n][e];
+        for (int e = 0; e < 4; ++e) sGT[(i * kB + frow(e)) * ldc + j * kB + fcol(n, e)] = -acc[n][e];
     }
     __syncthreads();
   }

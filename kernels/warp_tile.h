@@ -32,6 +32,27 @@ inline float tf32_round_host(float x) {
 LASP_CHAIN_HD int tc_ld(int n) { return (n + 31) / 32 * 32 + 4; }
 LASP_CHAIN_HD int round8(int n) { return (n + 7) / 8 * 8; }
 
+#if defined(__CUDACC__)
+// x as tf32 bits (cvt.rna: to nearest, ties away from zero).
+__device__ __forceinline__ uint32_t tf32_bits(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
+}
+
+// d += a b on one m16n8k8 tf32 mma.sync with fp32 accumulation (sm_80 and later): a the 16 x 8 fragment, b0, b1
+// the 8 x 8 one, d the 16 x 8 accumulator, in the PTX fragment layouts.
+__device__ __forceinline__ void tf32_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+#endif
+
 template <int NT>
 struct WarpTile {
 #if defined(__CUDA_ARCH__)
@@ -60,17 +81,11 @@ struct WarpTile {
 #if __CUDA_ARCH__ >= 800
     const int l = threadIdx.x & 31, g = l >> 2, c = l & 3;
     for (int k0 = 0; k0 < K; k0 += 8) {
-      const uint32_t a0 = tf32(A(g, k0 + c)), a1 = tf32(A(g + 8, k0 + c)), a2 = tf32(A(g, k0 + c + 4)),
-                     a3 = tf32(A(g + 8, k0 + c + 4));
+      const uint32_t a[4] = {tf32_bits(A(g, k0 + c)), tf32_bits(A(g + 8, k0 + c)), tf32_bits(A(g, k0 + c + 4)),
+                             tf32_bits(A(g + 8, k0 + c + 4))};
 #pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        const uint32_t b0 = tf32(B(k0 + c, 8 * n + g)), b1 = tf32(B(k0 + c + 4, 8 * n + g));
-        asm volatile(
-            "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};\n"
-            : "+f"(f[n][0]), "+f"(f[n][1]), "+f"(f[n][2]), "+f"(f[n][3])
-            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-      }
+      for (int n = 0; n < NT; ++n)
+        tf32_mma(f[n], a, tf32_bits(B(k0 + c, 8 * n + g)), tf32_bits(B(k0 + c + 4, 8 * n + g)));
     }
 #endif
 #else
@@ -99,14 +114,6 @@ struct WarpTile {
       for (int n = 0; n < 8 * NT; ++n) fn(m, n, f[m][n]);
 #endif
   }
-
-#if defined(__CUDA_ARCH__)
-  __device__ static uint32_t tf32(float x) {
-    uint32_t r;
-    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
-    return r;
-  }
-#endif
 };
 
 }  // namespace cuda
