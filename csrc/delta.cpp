@@ -3,8 +3,10 @@
 //
 //   lasp::gated_delta_attention  the user-facing op (one device): (o, final_state); autograd through
 //                                GatedDeltaFunction, q / k l2-normalised first when asked (autograd ops)
-//   lasp::gated_delta_fwd        the forward from a given incoming state: (o, final_state)
-//   lasp::gated_delta_bwd        its backward: (dq, dk, dv, dg, dbeta, grad_initial_state); or only the
+//   lasp::gated_delta_fwd        the forward from a given incoming state: (o, final_state, minv), minv the
+//                                chunks' m^-1 where the device's backward takes it (else no elements)
+//   lasp::gated_delta_bwd        its backward (given minv: not formed again): (dq, dk, dv, dg, dbeta,
+//                                grad_initial_state); or only the
 //                                gradient of the incoming state (state_grad_only), the one number the
 //                                exchange across ranks needs before the gradient of the outgoing state is known
 //   lasp::gated_delta_map        the piece's affine map of states, S_out = T S_in + L: (T, L)
@@ -63,9 +65,9 @@ constexpr bool distinct_types() {
     return (!std::is_same_v<T, Ts> && ...) && distinct_types<Ts...>();
   }
 }
-static_assert(
-    distinct_types<ChainFn, SolveFn, PrepFn, OutFn, BwdFn, ProFn, DrFn, MainFn, MainBwdFn, L2NormFn, L2NormBwdFn>(),
-    "each device hook needs its own function type: device_hook keys its table by it");
+static_assert(distinct_types<ChainFn, SolveFn, PrepFn, OutFn, BwdFn, ProFn, DrFn, MainFn, MainBwdFn, L2NormFn,
+                             L2NormBwdFn, KeepsMinvFn, MinvFn>(),
+              "each device hook needs its own function type: device_hook keys its table by it");
 
 at::ScalarType delta_acc(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 // float64 where any of q, k, v is float64 (q, k come in float32 after the l2 normalisation of 16-bit inputs)
@@ -125,6 +127,35 @@ void check_delta_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const
     const bool bad = (g.isnan() | (g > 0)).any().item<bool>();
     TORCH_CHECK_VALUE(!bad, kOp, ": g must be <= 0 (log decay; -inf resets) and not NaN");
   }
+}
+
+// Whether the forward keeps m^-1 for the backward (KeepsMinvFn): the same answer for real, fake and meta tensors.
+bool keeps_minv(const Tensor& q, const Tensor& k, const Tensor& v) {
+  KeepsMinvFn fn = device_hook<KeepsMinvFn>(q.device().type());
+  return fn && fn(q, k, v);
+}
+
+// gated_delta_fwd's third output where the forward keeps no m^-1: no elements.
+Tensor no_minv(const Tensor& q) { return at::empty({0}, q.options()); }
+
+// gated_delta_bwd's minv: None, the no-element tensor, or what gated_delta_fwd returned for these inputs.
+void check_minv(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& minv) {
+  if (!minv.has_value() || (minv->dim() == 1 && minv->sym_size(0) == 0)) return;
+  const auto B = q.sym_size(0), H = q.sym_size(1).max(v.sym_size(1)), N = q.sym_size(2);
+  const bool keep = keeps_minv(q, k, v);
+  TORCH_CHECK_VALUE(keep, kOp,
+                    ": minv must be None or gated_delta_fwd's third output for the same inputs, which "
+                    "has no elements here; got shape ",
+                    minv->sym_sizes());
+  TORCH_CHECK_VALUE(minv->dim() == 4 && minv->sym_size(0) == B && minv->sym_size(1) == H && minv->sym_size(2) == N &&
+                        minv->sym_size(3) == kChunk,
+                    kOp, ": minv must have shape (B, H, N, ", kChunk, ") = (", B, ", ", H, ", ", N, ", ", kChunk,
+                    ") (gated_delta_fwd's third output), got ", minv->sym_sizes());
+  TORCH_CHECK_TYPE(minv->scalar_type() == q.scalar_type(), kOp, ": minv must have q's dtype ", q.scalar_type(),
+                   ", got ", minv->scalar_type());
+  TORCH_CHECK_VALUE(minv->device() == q.device(), kOp, ": minv must be on q's device ", q.device(), ", got ",
+                    minv->device());
+  TORCH_CHECK_VALUE(minv->is_contiguous(), kOp, ": minv must be contiguous (gated_delta_fwd's third output)");
 }
 
 // x (B, Hx, N, X) -> (B, H, N, X) in acc: the output heads' view of a shared head.
@@ -279,31 +310,41 @@ Tensor unchunk(const Tensor& x, int64_t N) {
   return x.reshape({x.size(0), x.size(1), x.size(2) * x.size(3), x.size(4)}).narrow(2, 0, N);
 }
 
-std::tuple<Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
-                                    const Tensor& beta, double scale, const std::optional<Tensor>& initial_state) {
+std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                                            const Tensor& beta, double scale,
+                                            const std::optional<Tensor>& initial_state) {
   check_delta_inputs(q, k, v, g, beta, initial_state, /*check_values=*/true);
+  const bool keep = keeps_minv(q, k, v);
   if (MainFn main = device_hook<MainFn>(q.device().type()); main && q.size(2) > 0) {
-    auto out = main(q, k, v, g, beta, scale, initial_state);
-    if (std::get<0>(out).defined()) return out;
+    auto [o, fin, minv] = main(q, k, v, g, beta, scale, initial_state);
+    if (o.defined() && minv.defined() == keep) return {o, fin, keep ? minv : no_minv(q)};
+  }
+  Tensor minv = no_minv(q);
+  if (keep) {
+    MinvFn fn = device_hook<MinvFn>(q.device().type());
+    minv = fn ? fn(k, v, g, beta) : Tensor();
+    TORCH_CHECK(minv.defined(), kOp, ": internal error: the device keeps m^-1 for these inputs but could not form it");
   }
   const Chunks c = prepare(q, k, v, g, beta, /*need_q=*/true);
   auto [states, u, fin] = state_chain(c, state_or_zeros(initial_state, c, q));
-  if (c.nc == 0) return {at::empty({c.B, c.H, 0, c.E}, q.options()), fin};
+  if (c.nc == 0) return {at::empty({c.B, c.H, 0, c.E}, q.options()), fin, minv};
   Tensor o;
   if (OutFn fn = device_hook<OutFn>(q.device().type())) o = fn(c.q, c.k, c.gam, c.pre, states, u, scale, c.low);
   if (!o.defined()) {
     const Tensor qk = at::matmul(c.q, c.k.transpose(-1, -2)) * c.gam;
     o = (c.pre.unsqueeze(-1) * at::matmul(c.q, states) + at::matmul(qk, u)) * scale;
   }
-  return {unchunk(o, c.N).to(q.scalar_type()).contiguous(), fin};
+  return {unchunk(o, c.N).to(q.scalar_type()).contiguous(), fin, minv};
 }
 
 using BwdOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta, double scale,
                 const std::optional<Tensor>& initial_state, const std::optional<Tensor>& dout,
-                const std::optional<Tensor>& grad_final_state, bool state_grad_only) {
+                const std::optional<Tensor>& grad_final_state, bool state_grad_only,
+                const std::optional<Tensor>& minv) {
   check_delta_inputs(q, k, v, g, beta, initial_state, /*check_values=*/false);
+  check_minv(q, k, v, minv);
   {
     const int64_t B = q.size(0), H = std::max(q.size(1), v.size(1)), N = q.size(2), D = q.size(3), E = v.size(3);
     TORCH_CHECK_VALUE(!dout.has_value() || (dout->dim() == 4 && dout->size(0) == B && dout->size(1) == H &&
@@ -332,8 +373,9 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
             dinit};
   };
   if (MainBwdFn fn = device_hook<MainBwdFn>(q.device().type()); fn && q.size(2) > 0) {
+    const Tensor mi = minv.has_value() && minv->dim() == 4 ? *minv : Tensor();
     auto [dq, dk, dv, dg, dbeta, dS] =
-        fn(q, k, v, g, beta, scale, initial_state, dout, grad_final_state, state_grad_only);
+        fn(q, k, v, g, beta, scale, initial_state, dout, grad_final_state, state_grad_only, mi);
     if (dS.defined()) return finish(dq, dk, dv, dg, dbeta, dS);
   }
   const Chunks c = prepare(q, k, v, g, beta, /*need_q=*/true, /*need_minv=*/!state_grad_only);
@@ -482,18 +524,23 @@ Tensor state_meta(const Tensor& q, const Tensor& k, const Tensor& v, const c10::
                           q.options().dtype(delta_acc(q, k, v)));
 }
 
-std::tuple<Tensor, Tensor> fwd_meta(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
-                                    const Tensor& beta, double scale, const std::optional<Tensor>& initial_state) {
+std::tuple<Tensor, Tensor, Tensor> fwd_meta(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                                            const Tensor& beta, double scale,
+                                            const std::optional<Tensor>& initial_state) {
   check_delta_inputs(q, k, v, g, beta, initial_state, false);
-  return {at::empty_symint({q.sym_size(0), q.sym_size(1).max(v.sym_size(1)), q.sym_size(2), v.sym_size(3)},
-                           q.options()),
-          state_meta(q, k, v, v.sym_size(3))};
+  const auto H = q.sym_size(1).max(v.sym_size(1));
+  return {at::empty_symint({q.sym_size(0), H, q.sym_size(2), v.sym_size(3)}, q.options()),
+          state_meta(q, k, v, v.sym_size(3)),
+          keeps_minv(q, k, v) ? at::empty_symint({q.sym_size(0), H, q.sym_size(2), c10::SymInt(kChunk)}, q.options())
+                              : no_minv(q)};
 }
 
 BwdOut bwd_meta(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta, double scale,
                 const std::optional<Tensor>& initial_state, const std::optional<Tensor>& dout,
-                const std::optional<Tensor>& grad_final_state, bool state_grad_only) {
+                const std::optional<Tensor>& grad_final_state, bool state_grad_only,
+                const std::optional<Tensor>& minv) {
   check_delta_inputs(q, k, v, g, beta, initial_state, false);
+  check_minv(q, k, v, minv);
   Tensor ds = state_meta(q, k, v, v.sym_size(3));
   if (initial_state.has_value()) ds = ds.to(initial_state->scalar_type());
   if (state_grad_only) {
@@ -513,12 +560,14 @@ std::tuple<Tensor, Tensor> map_meta(const Tensor& q, const Tensor& k, const Tens
 }
 
 // ---- The user-facing op ----
-std::tuple<Tensor, Tensor> call_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
-                                    const Tensor& beta, double scale, const std::optional<Tensor>& initial_state) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("lasp::gated_delta_fwd", "")
-                       .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                                         const Tensor&, double, const std::optional<Tensor>&)>();
+std::tuple<Tensor, Tensor, Tensor> call_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                                            const Tensor& beta, double scale,
+                                            const std::optional<Tensor>& initial_state) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("lasp::gated_delta_fwd", "")
+          .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                    const Tensor&, double, const std::optional<Tensor>&)>();
   return op.call(q, k, v, g, beta, scale, initial_state);
 }
 
@@ -590,13 +639,15 @@ Tensor l2norm(const Tensor& x) {
 
 BwdOut call_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta, double scale,
                 const std::optional<Tensor>& initial_state, const std::optional<Tensor>& dout,
-                const std::optional<Tensor>& grad_final_state, bool state_grad_only) {
+                const std::optional<Tensor>& grad_final_state, bool state_grad_only, const Tensor& minv) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("lasp::gated_delta_bwd", "")
                        .typed<BwdOut(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
                                      const std::optional<Tensor>&, const std::optional<Tensor>&,
-                                     const std::optional<Tensor>&, bool)>();
-  return op.call(q, k, v, g, beta, scale, initial_state, dout, grad_final_state, state_grad_only);
+                                     const std::optional<Tensor>&, bool, const std::optional<Tensor>&)>();
+  std::optional<Tensor> mi;
+  if (minv.defined()) mi = minv;
+  return op.call(q, k, v, g, beta, scale, initial_state, dout, grad_final_state, state_grad_only, mi);
 }
 
 std::tuple<Tensor, Tensor> call_map(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
@@ -619,20 +670,20 @@ Tensor call_exchange(const Tensor& T, const Tensor& x, const std::optional<Tenso
 
 // One rank's piece forward: alone, from the initial state; under a group of two or more ranks, its map
 // (T, L), the exchange that brings S_in (the first rank's: the initial state), then the piece from S_in.
-// Returns (o, final state, S_in, T); S_in and T undefined alone.
-std::tuple<Tensor, Tensor, Tensor, Tensor> piece_forward(const Tensor& q, const Tensor& k, const Tensor& v,
-                                                         const Tensor& g, const Tensor& beta, double scale,
-                                                         const std::optional<Tensor>& initial_state,
-                                                         const std::optional<std::string>& group_name,
-                                                         const std::string& strategy) {
+// Returns (o, final state, S_in, T, m^-1); S_in and T undefined alone; m^-1 gated_delta_fwd's third output.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> piece_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                                 const Tensor& g, const Tensor& beta, double scale,
+                                                                 const std::optional<Tensor>& initial_state,
+                                                                 const std::optional<std::string>& group_name,
+                                                                 const std::string& strategy) {
   if (!group_name.has_value() || Ring(group_name).size() <= 1) {
-    auto [o, fin] = call_fwd(q, k, v, g, beta, scale, initial_state);
-    return {o, fin, Tensor(), Tensor()};
+    auto [o, fin, minv] = call_fwd(q, k, v, g, beta, scale, initial_state);
+    return {o, fin, Tensor(), Tensor(), minv};
   }
   auto [T, L] = call_map(q, k, v, g, beta);
   Tensor s_in = call_exchange(T, L, initial_state, *group_name, strategy, /*backward=*/false);
-  auto [o, fin] = call_fwd(q, k, v, g, beta, scale, s_in);
-  return {o, fin, s_in, T};
+  auto [o, fin, minv] = call_fwd(q, k, v, g, beta, scale, s_in);
+  return {o, fin, s_in, T, minv};
 }
 
 std::tuple<Tensor, Tensor> delta_noautograd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
@@ -656,11 +707,12 @@ class GatedDeltaFunction : public torch::autograd::Function<GatedDeltaFunction> 
                                const std::optional<std::string>& group_name, const std::string& strategy) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->set_materialize_grads(false);
-    auto [o, fin, s_in, T] = piece_forward(q, k, v, g, beta, scale, initial_state, group_name, strategy);
-    // alone the backward starts from the initial state; under a group from S_in, with T for the exchange
-    ctx->save_for_backward({q, k, v, g, beta, s_in.defined() ? s_in : (initial_state.has_value() ? *initial_state
-                                                                                                 : Tensor()),
-                            T});
+    auto [o, fin, s_in, T, minv] = piece_forward(q, k, v, g, beta, scale, initial_state, group_name, strategy);
+    // alone the backward starts from the initial state; under a group from S_in, with T for the exchange; m^-1
+    // where the forward keeps it (the backward then does not form it again)
+    ctx->save_for_backward({q, k, v, g, beta,
+                            s_in.defined() ? s_in : (initial_state.has_value() ? *initial_state : Tensor()), T,
+                            minv.dim() == 4 ? minv : Tensor()});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["has_initial_state"] = initial_state.has_value();
     if (s_in.defined()) {
@@ -685,12 +737,12 @@ class GatedDeltaFunction : public torch::autograd::Function<GatedDeltaFunction> 
       // state, so one backward with both gives every gradient.
       const std::string group_name = ctx->saved_data["group_name"].toStringRef();
       const std::string strategy = ctx->saved_data["strategy"].toStringRef();
-      const Tensor g_in = std::get<5>(call_bwd(s[0], s[1], s[2], s[3], s[4], scale, start, dout, dfin, true));
+      const Tensor g_in = std::get<5>(call_bwd(s[0], s[1], s[2], s[3], s[4], scale, start, dout, dfin, true, s[7]));
       const Tensor g_out = call_exchange(s[6], g_in, std::nullopt, group_name, strategy, /*backward=*/true);
       dfin = dfin.has_value() ? *dfin + g_out : g_out;
       first = Ring(group_name).is_first();
     }
-    auto [dq, dk, dv, dg, dbeta, dinit] = call_bwd(s[0], s[1], s[2], s[3], s[4], scale, start, dout, dfin, false);
+    auto [dq, dk, dv, dg, dbeta, dinit] = call_bwd(s[0], s[1], s[2], s[3], s[4], scale, start, dout, dfin, false, s[7]);
     // only the first rank reads the initial state: the others' gradient for it is zero
     Tensor dinit_out;
     if (ctx->saved_data["has_initial_state"].toBool()) dinit_out = first ? dinit : at::zeros_like(dinit);
@@ -773,6 +825,16 @@ bool register_delta_l2norm_bwd(c10::DeviceType type, L2NormBwdFn fn) {
   return true;
 }
 
+bool register_delta_keeps_minv(c10::DeviceType type, KeepsMinvFn fn) {
+  device_hook<KeepsMinvFn>(type) = fn;
+  return true;
+}
+
+bool register_delta_minv(c10::DeviceType type, MinvFn fn) {
+  device_hook<MinvFn>(type) = fn;
+  return true;
+}
+
 bool register_delta_main_bwd(c10::DeviceType type, MainBwdFn fn) {
   device_hook<MainBwdFn>(type) = fn;
   return true;
@@ -814,15 +876,19 @@ TORCH_LIBRARY_FRAGMENT(lasp, m) {
       "gated_delta_attention(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, float scale, "
       "Tensor? initial_state=None, bool use_qk_l2norm=False, str? group_name=None, str strategy=\"ring\") -> "
       "(Tensor, Tensor)");
+  // (o, final_state, minv): minv is each chunk's m^-1 in q's dtype, (B, H, N, 64), where the device's backward
+  // kernels take it (16-bit q, k, v of one dtype, D and E in {64, 128}, CUDA sm_80 or later), else a tensor with no
+  // elements; the backward reads it instead of forming it again.
   m.def(
       "gated_delta_fwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, float scale, "
-      "Tensor? initial_state=None) -> (Tensor, Tensor)");
+      "Tensor? initial_state=None) -> (Tensor, Tensor, Tensor)");
   // (dq, dk, dv, dg, dbeta, grad_initial_state) in the inputs' dtypes (grad_initial_state: initial_state's,
   // the accumulation type without one); dout / grad_final_state None: zero. state_grad_only: only
-  // grad_initial_state (the others have 0 elements).
+  // grad_initial_state (the others have 0 elements). minv: None, or gated_delta_fwd's third output for the same
+  // q, k, v, g, beta (its values are trusted: anything else gives wrong gradients).
   m.def(
       "gated_delta_bwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, float scale, Tensor? initial_state, "
-      "Tensor? dout, Tensor? grad_final_state, bool state_grad_only=False) -> "
+      "Tensor? dout, Tensor? grad_final_state, bool state_grad_only=False, Tensor? minv=None) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The piece's map of states S_out = T S_in + L: (T (B, H, D, D), L (B, H, D, E)), accumulation type.
   m.def("gated_delta_map(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta) -> (Tensor, Tensor)");

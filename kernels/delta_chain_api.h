@@ -56,6 +56,8 @@ cudaError_t delta_prep(const PrepArgs<float>& args, cudaStream_t stream);
 cudaError_t delta_prep(const PrepArgs<double>& args, cudaStream_t stream);
 
 // The WY form of the sm_90a forward in 16 bits (delta_wy16.h: one block per chunk, prep_block's shared memory).
+// With minv or minv_in set, only where the mma.sync form takes the arguments (rows of k and v on 16-byte
+// boundaries, D and E multiples of 16, m^-1's buffer 16-byte aligned).
 bool delta_wy16_takes(const Wy16Args& args);
 cudaError_t delta_wy16(const Wy16Args& args, cudaStream_t stream);
 

@@ -4,10 +4,10 @@
 // columns need no second pass. Products on mma.sync m16n8k16 with fp32 accumulation; the operands formed inside the
 // kernel (Minv, dP, dWk, dRv, dRk, X, dkk) rounded to 16 bits, as fla's backward rounds its own.
 //
-//   L. cp.async in three groups: K; Q, dO, U; Sb, dSe, dU, V; the gates and beta.
+//   L. cp.async in three groups: K (and Minv where given); Q, dO, U; Sb, dSe, dU, V; the gates and beta.
 //   1. Gam (fp32; its last row is suf) and pre, each entry's gates added in order (gate_parts, as the WY kernel).
 //   2. A = diag(beta) (Gam * K K^T), strictly lower (fp32; wy_a16).   3. Minv = m^-1 (invert_unit_lower64, fp32).
-//   4. Minv to 16 bits.
+//   4. Minv to 16 bits. (2 to 4 only where Minv is not given: the forward's, in 16 bits, is the same.)
 //   5. C x C tiles: dP = scale (dO U^T) * Gam (16 bits) and XG's first term dP * (Q K^T) (kept in registers).
 //   6. C x D tiles: dO Sb^T -> rowsum(Q * dO Sb^T), dq = scale diag(pre) dO Sb^T + dP K (out); dU Sb^T (kept);
 //      sum(dSe * Sb).
@@ -153,8 +153,10 @@ __global__ void __launch_bounds__(kThreads, 1) grad16_kernel(Grad16Args a) {
   const T16* sb = static_cast<const T16*>(a.sb) + (bh * nc + c) * D * E;
   const T16* dse = static_cast<const T16*>(a.dse) + (bh * nc + c) * D * E;
 
+  const bool given = a.minv != nullptr;
   // L.
   mma::cp_rows(sK, LdD, k, a.ks[2], rows, kC, D, t, kThreads);
+  if (given) mma::cp_rows(sMi16, kLdC, static_cast<const T16*>(a.minv) + tok * kC, kC, rows, kC, kC, t, kThreads);
   mma::cp_async_commit();
   mma::cp_rows(sQ, LdD, q, a.qs[2], rows, kC, D, t, kThreads);
   mma::cp_rows(sdO, LdE, dO, a.ds[2], rows, kC, E, t, kThreads);
@@ -171,6 +173,7 @@ __global__ void __launch_bounds__(kThreads, 1) grad16_kernel(Grad16Args a) {
   }
   mma::cp_async_wait<2>();
   __syncthreads();
+  if (given && t < kC && t >= rows) sMi16[t * kLdC + t] = static_cast<T16>(1.f);  // m's rows past N: identity
   // 1.
   gate_parts<float>(
       t, kThreads, kC, sg, true, [&](int i, int j, float x) { sGam[i * kLdG + j] = x; },
@@ -178,13 +181,15 @@ __global__ void __launch_bounds__(kThreads, 1) grad16_kernel(Grad16Args a) {
   __syncthreads();
   // 2.
   if (t < kC) ssuf[t] = sGam[(kC - 1) * kLdG + t];
-  wy_a16(sK, LdD, D, sbeta, sGam, sA, kLdG);
-  __syncthreads();
-  invert_unit_lower64(sA, sMi, kLdG);  // 3. (ends with a barrier)
-  // 4.
-  for (int e = t; e < kC * kC; e += kThreads) {
-    const int i = e / kC, j = e % kC;
-    sMi16[i * kLdC + j] = static_cast<T16>(sMi[i * kLdG + j]);
+  if (!given) {
+    wy_a16(sK, LdD, D, sbeta, sGam, sA, kLdG);
+    __syncthreads();
+    invert_unit_lower64(sA, sMi, kLdG);  // 3. (ends with a barrier)
+    // 4.
+    for (int e = t; e < kC * kC; e += kThreads) {
+      const int i = e / kC, j = e % kC;
+      sMi16[i * kLdC + j] = static_cast<T16>(sMi[i * kLdG + j]);
+    }
   }
   mma::cp_async_wait<1>();
   __syncthreads();
@@ -381,8 +386,8 @@ bool delta_grad16_takes(const Grad16Args& a) {
   return (a.D == 64 || a.D == 128) && (a.E == 64 || a.E == 128) && a.B >= 0 && a.H >= 1 && a.N >= 0 && a.qgroup >= 1 &&
          a.kgroup >= 1 && a.vgroup >= 1 && mma::rows_on_16_bytes(a.q, a.qs) && mma::rows_on_16_bytes(a.k, a.ks) &&
          mma::rows_on_16_bytes(a.v, a.vs) && mma::rows_on_16_bytes(a.dout, a.ds) && aligned16(a.u) && aligned16(a.du) &&
-         aligned16(a.sb) && aligned16(a.dse) && a.g && a.beta && a.dq && a.dk && a.dv && a.dbeta && a.dg &&
-         mma::rows_on_16_bytes(a.dq, a.dqs) && mma::rows_on_16_bytes(a.dk, a.dks) &&
+         aligned16(a.sb) && aligned16(a.dse) && aligned16(a.minv) && a.g && a.beta && a.dq && a.dk && a.dv && a.dbeta &&
+         a.dg && mma::rows_on_16_bytes(a.dq, a.dqs) && mma::rows_on_16_bytes(a.dk, a.dks) &&
          mma::rows_on_16_bytes(a.dv, a.dvs) && a.B * a.H * ((a.N + kC - 1) / kC) <= INT32_MAX;
 }
 

@@ -51,10 +51,13 @@ struct Grad16Args {
   void* dv = nullptr;
   float* dbeta = nullptr;
   float* dg = nullptr;
+  // Optional: m^-1 in q's dtype as the WY kernel writes it (Wy16Args::minv: (B, H, N, C) contiguous, 16-byte
+  // aligned), read instead of formed (no K K^T for m, no inversion).
+  const void* minv = nullptr;
 };
 
-// D and E in {64, 128}, rows of q, k, v, dO, dq, dk, dv on 16-byte boundaries, U, dU, Sb, dSe on 16-byte
-// boundaries, N >= 0.
+// D and E in {64, 128}, rows of q, k, v, dO, dq, dk, dv on 16-byte boundaries, U, dU, Sb, dSe and minv on
+// 16-byte boundaries, N >= 0.
 bool delta_grad16_takes(const Grad16Args& args);
 // One block of 256 threads per chunk ((b, h)-major); sm_80 or later; up to 223 KiB of shared memory (D = E = 128).
 // cudaErrorInvalidValue where delta_grad16_takes is false.

@@ -114,11 +114,14 @@ __global__ void __launch_bounds__(kPrepThreads) wy16_kernel(Wy16Args a) {
 //      below the diagonal);
 //   4. m^-1 (invert_unit_lower64: fp32, in blocks of 16, the off-diagonal blocks on tf32 tensor cores in three
 //      passes);
-//   5. M = m^-1 diag(beta) in 16 bits (over A's tile), K's rows scaled by pre in place (16 bits);
-//   6. W_v = M V, W_k = M (diag(pre) K) on tensor cores over the columns left of each row tile's end (m^-1 is
-//      lower triangular), stored as bf16 / fp16 pairs.
-// 16-bit operands where prep_block's tensor-core program has tf32 ones (as fla's WY kernels round them);
-// shared memory about 70 KiB at D = E = 128, three blocks per SM.
+//   5. m^-1 in 16 bits (over A's tile; out to minv where asked), V's rows scaled by beta and K's by beta pre in
+//      place (16 bits);
+//   6. W_v = m^-1 (diag(beta) V), W_k = m^-1 (diag(beta pre) K) on tensor cores over the columns left of each row
+//      tile's end (m^-1 is lower triangular), stored as bf16 / fp16 pairs.
+// With minv_in, m^-1 in 16 bits comes by cp.async with K and V (identity rows past N), and steps 3 and 4 are
+// skipped: the same operands as the forward's, so the same W. 16-bit operands where prep_block's tensor-core
+// program has tf32 ones (as fla's WY kernels round them); shared memory about 70 KiB at D = E = 128, three blocks
+// per SM.
 constexpr int kWyC = 64, kWyLdc = 68, kWyLdm = 72;  // fp32 rows of A, gam, m^-1; 16-bit rows of M
 struct Wy16MmaLayout {
   int ldk, ldv;
@@ -145,15 +148,20 @@ __global__ void __launch_bounds__(kPrepThreads, 3) wy16_mma_kernel(Wy16Args a) {
   T16* sK = reinterpret_cast<T16*>(smem_raw + L.k);
   T16* sV = reinterpret_cast<T16*>(smem_raw + L.v);
   float* sA = reinterpret_cast<float*>(smem_raw + L.a);
-  T16* sM = reinterpret_cast<T16*>(smem_raw + L.a);  // step 5 on: M over A's tile (rows of kWyLdm)
+  T16* sM = reinterpret_cast<T16*>(smem_raw + L.a);  // step 5 on (with minv_in: from the start): m^-1, rows of kWyLdm
   float* sGT = reinterpret_cast<float*>(smem_raw + L.gt);
   float* sb = reinterpret_cast<float*>(smem_raw + L.b);
   float* sg = reinterpret_cast<float*>(smem_raw + L.g);
   float* spre = reinterpret_cast<float*>(smem_raw + L.pre);
+  // the chunk's rows of minv / minv_in
+  const int64_t nc = (a.N + kWyC - 1) / kWyC, row0 = (blockIdx.x / nc * a.N + blockIdx.x % nc * kWyC) * kWyC;
+  const bool given = a.minv_in != nullptr;
   // 1.
   {
     mma::cp_rows(sK, L.ldk, io.k, io.ks, rows, kWyC, D, t, kPrepThreads);
     mma::cp_rows(sV, L.ldv, io.v, io.vs, rows, kWyC, E, t, kPrepThreads);
+    if (given)
+      mma::cp_rows(sM, kWyLdm, static_cast<const T16*>(a.minv_in) + row0, kWyC, rows, kWyC, kWyC, t, kPrepThreads);
     mma::cp_async_commit();
     if (t < kWyC) {
       sb[t] = t < rows ? io.beta[t] : 0.f;
@@ -162,22 +170,33 @@ __global__ void __launch_bounds__(kPrepThreads, 3) wy16_mma_kernel(Wy16Args a) {
     mma::cp_async_wait<0>();
     __syncthreads();
   }
+  if (given && t < kWyC && t >= rows) sM[t * kWyLdm + t] = static_cast<T16>(1.f);  // m's rows past N: identity
   gate_parts<float>(  // 2. as prep_block's step 2
       t, kPrepThreads, kWyC, sg, true, [&](int i, int j, float x) { sGT[i * kWyLdc + j] = x; },
       [&](int i, float p) { spre[i] = p; });
   __syncthreads();
-  wy_a16(sK, L.ldk, D, sb, sGT, sA, kWyLdc);  // 3.
-  __syncthreads();
-  invert_unit_lower64(sA, sGT, kWyLdc);  // 4. (ends with a barrier)
-  // 5.
-  for (int e = t; e < kWyC * kWyC; e += kPrepThreads) {
-    const int i = e / kWyC, j = e % kWyC;
-    sM[i * kWyLdm + j] = static_cast<T16>(j <= i ? sGT[i * kWyLdc + j] * sb[j] : 0.f);
+  if (!given) {
+    wy_a16(sK, L.ldk, D, sb, sGT, sA, kWyLdc);  // 3.
+    __syncthreads();
+    invert_unit_lower64(sA, sGT, kWyLdc);  // 4. (ends with a barrier)
+    // 5.
+    T16* out = static_cast<T16*>(a.minv);
+    for (int e = t; e < kWyC * kWyC; e += kPrepThreads) {
+      const int i = e / kWyC, j = e % kWyC;
+      const T16 x = static_cast<T16>(j <= i ? sGT[i * kWyLdc + j] : 0.f);
+      sM[i * kWyLdm + j] = x;
+      if (out && i < rows) out[row0 + e] = x;
+    }
   }
   for (int e = t; e < kWyC * D; e += kPrepThreads) {
     const int i = e / D, x = e % D;
     T16& y = sK[i * L.ldk + x];
-    y = static_cast<T16>(static_cast<float>(y) * spre[i]);
+    y = static_cast<T16>(static_cast<float>(y) * (sb[i] * spre[i]));
+  }
+  for (int e = t; e < kWyC * E; e += kPrepThreads) {
+    const int i = e / E, x = e % E;
+    T16& y = sV[i * L.ldv + x];
+    y = static_cast<T16>(static_cast<float>(y) * sb[i]);
   }
   __syncthreads();
   // 6. jobs: (row tile, 64 columns) of W_v, then of W_k
@@ -397,7 +416,10 @@ cudaError_t delta_prep(const PrepArgs<double>& a, cudaStream_t st) {
   return run_per_chunk(prep_kernel<double>, a, delta_prep_takes(a.C, a.D, a.E, sizeof(double)),
                        prep_smem_bytes<double>(a.C, a.D, a.E), st);
 }
+bool wy16_mma_takes(const Wy16Args& a);
+
 bool delta_wy16_takes(const Wy16Args& a) {
+  if ((a.minv || a.minv_in) && (a.program_only || !wy16_mma_takes(a))) return false;
   return a.C == 64 && a.D >= 8 && a.D <= 128 && a.D % 8 == 0 && a.E >= 8 && a.E <= 128 && a.E % 8 == 0 && a.B >= 0 &&
          a.H >= 1 && a.N >= 0 && a.kgroup >= 1 && a.vgroup >= 1 && a.B * a.H * ((a.N + a.C - 1) / a.C) <= INT32_MAX;
 }
@@ -428,7 +450,8 @@ cudaError_t delta_l2norm16_bwd(const L2NormRows& a, cudaStream_t st) { return l2
 
 bool wy16_mma_takes(const Wy16Args& a) {
   return a.D % 16 == 0 && a.E % 16 == 0 && mma::rows_on_16_bytes(a.k, a.ks) && mma::rows_on_16_bytes(a.v, a.vs) &&
-         reinterpret_cast<uintptr_t>(a.wv) % 4 == 0 && reinterpret_cast<uintptr_t>(a.wk) % 4 == 0;
+         reinterpret_cast<uintptr_t>(a.wv) % 4 == 0 && reinterpret_cast<uintptr_t>(a.wk) % 4 == 0 &&
+         reinterpret_cast<uintptr_t>(a.minv) % 16 == 0 && reinterpret_cast<uintptr_t>(a.minv_in) % 16 == 0;
 }
 
 cudaError_t delta_wy16(const Wy16Args& a, cudaStream_t st) {

@@ -31,6 +31,12 @@ struct Wy16Args {
   const float* g = nullptr;
   void* wv = nullptr;
   void* wk = nullptr;
+  // m^-1 per chunk in k's dtype, (B, H, N, C) contiguous: row n holds row n mod C of its chunk's m^-1 (unit lower
+  // triangular; zeros above the diagonal). minv: written (the forward keeps it for the backward); minv_in: read
+  // instead of formed (the backward, from the forward's), so W comes out bit for bit as the forward's. Either needs
+  // the mma.sync form (wy16_mma_takes) and 16-byte aligned pointers; rows past N are neither written nor read.
+  void* minv = nullptr;
+  const void* minv_in = nullptr;
   // The kernel (delta_wy16): where k's and v's rows lie on 16-byte boundaries and D, E are multiples of 16, a
   // 16-bit mma.sync form (delta_kernels.cu, wy16_mma_kernel), else prep_block's tensor-core program through
   // Wy16Io; program_only: the latter always (its device check).

@@ -243,19 +243,71 @@ ProOut pro_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& gam,
                           : delta_launch::run_pro_program<float>(q, k, gam, pre, dO, scale, tensor_cores, CudaLaunch());
 }
 
+// x (B, H, N, X) itself where its rows are contiguous and start on 16-byte boundaries, else a contiguous copy (whose
+// rows do): the 16-bit kernels' loads.
+at::Tensor rows16(const at::Tensor& x) {
+  const bool ok = x.stride(3) == 1 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && x.stride(0) % 8 == 0 &&
+                  x.stride(1) % 8 == 0 && x.stride(2) % 8 == 0;
+  return ok ? x : x.clone(at::MemoryFormat::Contiguous);
+}
+
+// KeepsMinvFn: where the backward's 16-bit kernels run (main_bwd_cuda: 16-bit q, k, v of one dtype, D and E in
+// {64, 128}, sm_80 or later), which read the forward's m^-1 instead of forming it again.
+bool keeps_minv_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  const auto t = q.scalar_type();
+  if (!use_kernel() || (t != at::kBFloat16 && t != at::kHalf) || k.scalar_type() != t || v.scalar_type() != t ||
+      q.dim() != 4 || v.dim() != 4)
+    return false;
+  const auto D = q.sym_size(3), E = v.sym_size(3);
+  if (!((D == 64 || D == 128) && (E == 64 || E == 128))) return false;
+  return at::cuda::getDeviceProperties(q.device().index())->major >= 8;
+}
+
+// The WY kernel's arguments for k, v (rows on 16-byte boundaries), g, beta (fp32 contiguous (B, H, N)) and outputs
+// W_v, W_k.
+cuda::Wy16Args wy16_args(const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& gf, const at::Tensor& bf,
+                         const at::Tensor& wv, const at::Tensor& wk) {
+  cuda::Wy16Args w;
+  w.B = gf.size(0), w.H = gf.size(1), w.N = gf.size(2);
+  w.D = static_cast<int>(kc.size(3)), w.E = static_cast<int>(vc.size(3));
+  w.kgroup = static_cast<int>(w.H / kc.size(1)), w.vgroup = static_cast<int>(w.H / vc.size(1));
+  w.bf16 = kc.scalar_type() == at::kBFloat16;
+  w.k = kc.data_ptr(), w.v = vc.data_ptr();
+  for (int i = 0; i < 3; ++i) w.ks[i] = kc.stride(i), w.vs[i] = vc.stride(i);
+  w.beta = bf.data_ptr<float>(), w.g = gf.data_ptr<float>();
+  w.wv = wv.data_ptr(), w.wk = wk.data_ptr();
+  return w;
+}
+
+// MinvFn: m^-1 by the WY kernel (its W discarded), where the forward's main pass did not run (sm_80 / sm_89, or
+// shapes it does not take) but the backward reads m^-1 (keeps_minv_cuda).
+at::Tensor minv_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor& g, const at::Tensor& beta) {
+  const int64_t B = g.size(0), H = g.size(1), N = g.size(2);
+  const c10::cuda::CUDAGuard guard(k.device());
+  const at::Tensor kc = rows16(k), vc = rows16(v);
+  const auto o16 = k.options();
+  const at::Tensor gf = g.to(at::kFloat).contiguous(), bf = beta.to(at::kFloat).contiguous();
+  at::Tensor wv = at::empty({B, H, N, v.size(3)}, o16), wk = at::empty({B, H, N, k.size(3)}, o16),
+             minv = at::empty({B, H, N, 64}, o16);
+  cuda::Wy16Args w = wy16_args(kc, vc, gf, bf, wv, wk);
+  w.minv = minv.data_ptr();
+  if (!cuda::delta_wy16_takes(w)) return {};
+  C10_CUDA_CHECK(cuda::delta_wy16(w, at::cuda::getCurrentCUDAStream()));
+  return minv;
+}
+
 // The forward on sm_90a where q, k, v are 16-bit (one dtype) and the kernels take the shapes (D and E in
-// {64, 128}): the WY kernel writes W_v, W_k in that dtype (delta_wy16), the wgmma main pass the rest
-// (kernels/wgmma_fwd.cu); else nothing.
-std::tuple<at::Tensor, at::Tensor> main_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                             const at::Tensor& g, const at::Tensor& beta, double scale,
-                                             const std::optional<at::Tensor>& initial_state) {
+// {64, 128}): the WY kernel writes W_v, W_k in that dtype and m^-1 for the backward (delta_wy16), the wgmma main
+// pass the rest (kernels/wgmma_fwd.cu); else nothing.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> main_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                         const at::Tensor& g, const at::Tensor& beta, double scale,
+                                                         const std::optional<at::Tensor>& initial_state) {
   const auto t = q.scalar_type();
   if (!use_kernel() || (t != at::kBFloat16 && t != at::kHalf) || k.scalar_type() != t || v.scalar_type() != t)
     return {};
   const int64_t B = q.size(0), H = std::max(q.size(1), v.size(1)), N = q.size(2), D = q.size(3), E = v.size(3);
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor qc = q.stride(3) == 1 ? q : q.contiguous(), kc = k.stride(3) == 1 ? k : k.contiguous(),
-                   vc = v.stride(3) == 1 ? v : v.contiguous();
+  const at::Tensor qc = rows16(q), kc = rows16(k), vc = rows16(v);
   const auto o16 = q.options().dtype(t);
   at::Tensor o = at::empty({B, H, N, E}, o16), wv = at::empty({B, H, N, E}, o16), wk = at::empty({B, H, N, D}, o16);
   const at::Tensor gf = g.to(at::kFloat).contiguous();
@@ -266,33 +318,29 @@ std::tuple<at::Tensor, at::Tensor> main_cuda(const at::Tensor& q, const at::Tens
   p.q = view4(qc), p.k = view4(kc), p.v = view4(wv), p.o = view4(o);
   p.g = gf.data_ptr();
   if (!cuda::fast::delta_fwd_wgmma_takes(p)) return {};
-  cuda::Wy16Args w;
-  w.B = B, w.H = H, w.N = N, w.D = static_cast<int>(D), w.E = static_cast<int>(E);
-  w.kgroup = static_cast<int>(H / k.size(1)), w.vgroup = static_cast<int>(H / v.size(1));
-  w.bf16 = t == at::kBFloat16;
-  w.k = kc.data_ptr(), w.v = vc.data_ptr();
-  for (int i = 0; i < 3; ++i) w.ks[i] = kc.stride(i), w.vs[i] = vc.stride(i);
-  if (!cuda::delta_wy16_takes(w)) return {};
   const at::Tensor bf = beta.to(at::kFloat).contiguous();
+  at::Tensor minv = at::empty({B, H, N, 64}, o16);
+  cuda::Wy16Args w = wy16_args(kc, vc, gf, bf, wv, wk);
+  w.minv = minv.data_ptr();
+  if (!cuda::delta_wy16_takes(w)) return {};
   const at::Tensor s0 = initial_state.has_value() ? initial_state->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor fin = at::empty({B, H, D, E}, q.options().dtype(at::kFloat));
-  w.beta = bf.data_ptr<float>(), w.g = gf.data_ptr<float>();
-  w.wv = wv.data_ptr(), w.wk = wk.data_ptr();
   p.state_out = fin.data_ptr();
   p.state_in = s0.defined() ? s0.data_ptr() : nullptr;  // none: the kernel starts from zero
   const cudaStream_t st = at::cuda::getCurrentCUDAStream();
   C10_CUDA_CHECK(cuda::delta_wy16(w, st));
   C10_CUDA_CHECK(cuda::fast::delta_fwd_wgmma(p, view4(wk), st));
-  return {o, fin};
+  return {o, fin, minv};
 }
 
 // The backward on sm_80+ where q, k, v are 16-bit (one dtype) and the kernels take the shapes (D and E in {64, 128},
 // rows on 16-byte boundaries): the WY kernel (W_v, W_k), the forward chain (U, Sb), the reverse chain (dU, dSe, dS0)
-// and the per-chunk gradients, everything between them in that dtype; else nothing.
+// and the per-chunk gradients, everything between them in that dtype; given the forward's m^-1 (minv), the WY
+// kernel and the gradients kernel read it instead of forming it; else nothing.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> main_bwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g, const at::Tensor& beta,
     double scale, const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& dout,
-    const std::optional<at::Tensor>& grad_final_state, bool state_grad_only) {
+    const std::optional<at::Tensor>& grad_final_state, bool state_grad_only, const at::Tensor& minv) {
   const auto t = q.scalar_type();
   if (!use_kernel() || (t != at::kBFloat16 && t != at::kHalf) || k.scalar_type() != t || v.scalar_type() != t)
     return {};
@@ -300,7 +348,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (at::cuda::getCurrentDeviceProperties()->major < 8) return {};
   const int64_t B = q.size(0), H = std::max(q.size(1), v.size(1)), N = q.size(2), D = q.size(3), E = v.size(3);
   const int64_t nc = (N + 63) / 64;
-  auto rows16 = [](const at::Tensor& x) { return x.stride(3) == 1 ? x : x.contiguous(); };
   const at::Tensor qc = rows16(q), kc = rows16(k), vc = rows16(v);
   const at::Tensor dO = dout.has_value() ? rows16(dout->to(t)) : at::zeros({B, H, N, E}, q.options());
   const auto o16 = q.options().dtype(t), o32 = q.options().dtype(at::kFloat);
@@ -316,12 +363,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor dend = grad_final_state.has_value() ? grad_final_state->to(at::kFloat).contiguous() : at::Tensor();
   const int qgroup = static_cast<int>(H / q.size(1)), kgroup = static_cast<int>(H / k.size(1)),
             vgroup = static_cast<int>(H / v.size(1));
-  cuda::Wy16Args w;
-  w.B = B, w.H = H, w.N = N, w.D = Di, w.E = Ei, w.kgroup = kgroup, w.vgroup = vgroup, w.bf16 = bf16;
-  w.k = kc.data_ptr(), w.v = vc.data_ptr();
-  for (int i = 0; i < 3; ++i) w.ks[i] = kc.stride(i), w.vs[i] = vc.stride(i);
-  w.beta = bf.data_ptr<float>(), w.g = gf.data_ptr<float>();
-  w.wv = wv.data_ptr(), w.wk = wk.data_ptr();
+  // the forward's m^-1 where it is the shape and dtype the kernels read (checked by the op) and 16-byte aligned
+  const void* mi = minv.defined() && minv.scalar_type() == t && minv.is_contiguous() && minv.dim() == 4 &&
+                           minv.size(3) == 64 && reinterpret_cast<uintptr_t>(minv.data_ptr()) % 16 == 0
+                       ? minv.data_ptr()
+                       : nullptr;
+  cuda::Wy16Args w = wy16_args(kc, vc, gf, bf, wv, wk);
+  w.minv_in = mi;
   cuda::States16Args s;
   s.B = B, s.H = H, s.N = N, s.D = Di, s.E = Ei, s.kgroup = kgroup, s.bf16 = bf16;
   s.k = kc.data_ptr(), s.wv = wv.data_ptr(), s.wk = wk.data_ptr(), s.g = gf.data_ptr<float>();
@@ -354,6 +402,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     a.g = gf.data_ptr<float>(), a.beta = bf.data_ptr<float>(), a.scale = static_cast<float>(scale);
     a.dq = dq.data_ptr(), a.dk = dk.data_ptr(), a.dv = dv.data_ptr();
     a.dbeta = dbeta.data_ptr<float>(), a.dg = dg.data_ptr<float>();
+    a.minv = mi;
   }
   if (!cuda::delta_wy16_takes(w) || !cuda::delta_states16_takes(s) || !cuda::delta_rev16_takes(r) ||
       (!state_grad_only && !cuda::delta_grad16_takes(a)))
@@ -422,6 +471,8 @@ const bool dr_registered = register_delta_dr(c10::DeviceType::CUDA, &dr_cuda);
 const bool pro_registered = register_delta_pro(c10::DeviceType::CUDA, &pro_cuda);
 const bool main_registered = register_delta_main(c10::DeviceType::CUDA, &main_cuda);
 const bool main_bwd_registered = register_delta_main_bwd(c10::DeviceType::CUDA, &main_bwd_cuda);
+const bool keeps_minv_registered = register_delta_keeps_minv(c10::DeviceType::CUDA, &keeps_minv_cuda);
+const bool minv_registered = register_delta_minv(c10::DeviceType::CUDA, &minv_cuda);
 const bool l2norm_registered = register_delta_l2norm(c10::DeviceType::CUDA, &l2norm_cuda);
 const bool l2norm_bwd_registered = register_delta_l2norm_bwd(c10::DeviceType::CUDA, &l2norm_bwd_cuda);
 

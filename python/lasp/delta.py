@@ -105,7 +105,8 @@ class _DeltaPiece(torch.autograd.Function):
 
     Under a group the piece maps the state it receives to the one it sends, S_out = T S_in + L: with one
     segment from S_in, (T, L) is gated_delta_map's; where a document starts in the piece, T = 0 and L is the
-    last segment's final state. The exchange passes S_in along; then each segment runs (gated_delta_fwd).
+    last segment's final state. The exchange passes S_in along; then each segment runs (gated_delta_fwd, whose
+    third output, each chunk's m^-1 where the device keeps it, its backward reads again).
     Backward: the gradient of S_in from this piece alone (one segment: gated_delta_bwd's state_grad_only; else
     the first segment's full backward) goes into the exchange's backward, which returns G_out, the gradient
     of S_out from the ranks after this one; the last segment's backward then takes it with its own. Only
@@ -135,14 +136,14 @@ class _DeltaPiece(torch.autograd.Function):
                ops.gated_delta_fwd(*parts[i], scale, start(j, s_in)) for i, (_, _, j) in enumerate(segs)]
         o = res[0][0] if len(res) == 1 else torch.cat([r[0] for r in res], dim=2)
         F = torch.stack([r[1] for r in res])
-        ctx.save_for_backward(q, k, v, g, beta, s_in, T, states)
+        ctx.save_for_backward(q, k, v, g, beta, s_in, T, states, *[r[2] for r in res])
         ctx.scale, ctx.exchange, ctx.segs, ctx.s0_like = scale, exchange, segs, (s0.dtype, s0.shape)
         return o, F
 
     @staticmethod
     def backward(ctx, do, dF):
         ops = torch.ops.lasp
-        q, k, v, g, beta, s_in, T, states = ctx.saved_tensors
+        q, k, v, g, beta, s_in, T, states, *minv = ctx.saved_tensors
         segs, exchange, scale = ctx.segs, ctx.exchange, ctx.scale
         parts = [tuple(t.narrow(2, a, b - a) for t in (q, k, v, g, beta, do)) for a, b, _ in segs]
 
@@ -153,7 +154,7 @@ class _DeltaPiece(torch.autograd.Function):
 
         def bwd(i, dfin, state_only=False):
             *ins, dos = parts[i]
-            return ops.gated_delta_bwd(*ins, scale, start(segs[i][2]), dos, dfin, state_only)
+            return ops.gated_delta_bwd(*ins, scale, start(segs[i][2]), dos, dfin, state_only, minv[i])
 
         res = [None] * len(segs)
         from_s_in = segs[0][2] < 0

@@ -17,6 +17,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
+#include "delta_chain_api.h"  // delta_wy16 (m^-1 for the with_minv cases)
 #include "delta_grad16.h"
 #include "device_buffers.h"
 
@@ -42,7 +43,9 @@ struct Grad16Errors {
   double dq = 0, dk = 0, dv = 0, dbeta = 0, dg = 0;
 };
 
-Grad16Errors grad16_case(const Grad16Case& c, unsigned seed) {
+// with_minv: m^-1 read from what the WY kernel writes for the same k, v, g, beta (Wy16Args::minv), as the op's
+// backward reads the forward's, instead of formed in the kernel.
+Grad16Errors grad16_case(const Grad16Case& c, unsigned seed, bool with_minv) {
   std::mt19937 gen(seed);
   std::normal_distribution<double> nd(0.0, 1.0);
   std::uniform_real_distribution<double> ud(0.0, 1.0);
@@ -89,6 +92,17 @@ Grad16Errors grad16_case(const Grad16Case& c, unsigned seed) {
   const auto& os = c.out16 ? os16 : os32;
   for (int i = 0; i < 3; ++i) a.dqs[i] = a.dks[i] = os[0][i], a.dvs[i] = os[1][i];
   if (c.out16) a.out16 = 7, a.dq = eq, a.dk = ek, a.dv = ev;
+  if (with_minv) {
+    lasp::cuda::Wy16Args w;
+    w.B = B, w.H = H, w.N = N, w.D = D, w.E = E, w.kgroup = a.kgroup, w.vgroup = a.vgroup;
+    w.k = a.k, w.v = a.v, w.beta = a.beta, w.g = a.g;
+    for (int i = 0; i < 3; ++i) w.ks[i] = ks[i], w.vs[i] = vs[i];
+    std::vector<__nv_bfloat16> wv((size_t)B * H * N * E), wk((size_t)B * H * N * D), minv((size_t)B * H * N * C);
+    w.wv = b16.up(wv), w.wk = b16.up(wk), w.minv = b16.up(minv);
+    EXPECT_TRUE(lasp::cuda::delta_wy16_takes(w));
+    EXPECT_EQ(lasp::cuda::delta_wy16(w, nullptr), cudaSuccess);
+    a.minv = w.minv;
+  }
   EXPECT_TRUE(lasp::cuda::delta_grad16_takes(a));
   EXPECT_EQ(lasp::cuda::delta_grad16(a, nullptr), cudaSuccess);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
@@ -256,19 +270,21 @@ TEST(DeltaGrad16, CudaGradientsMatchFormulas) {
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
   if (major < 8) GTEST_SKIP() << "16-bit mma.sync needs sm_80";
   unsigned seed = 1200;
-  for (const Grad16Case& c : kGrad16Cases) {
-    const Grad16Errors e = grad16_case(c, seed++);
-    std::printf(
-        "grad16 B %d H %d (q %d, k %d, v %d) N %d D %d E %d%s: relative errors dq %.2e dk %.2e dv %.2e "
-        "dbeta %.2e dg %.2e\n",
-        c.B, c.H, c.Hq, c.Hk, c.Hv, c.N, c.D, c.E, c.out16 ? " (bf16 out)" : "", e.dq, e.dk, e.dv, e.dbeta, e.dg);
-    const char* what = "N, D, E = ";
-    EXPECT_LE(e.dq, 2e-2) << "dq, " << what << c.N << ", " << c.D << ", " << c.E;
-    EXPECT_LE(e.dk, 2e-2) << "dk, " << what << c.N << ", " << c.D << ", " << c.E;
-    EXPECT_LE(e.dv, 2e-2) << "dv, " << what << c.N << ", " << c.D << ", " << c.E;
-    EXPECT_LE(e.dbeta, 2e-2) << "dbeta, " << what << c.N << ", " << c.D << ", " << c.E;
-    EXPECT_LE(e.dg, 2e-2) << "dg, " << what << c.N << ", " << c.D << ", " << c.E;
-  }
+  for (bool with_minv : {false, true})
+    for (const Grad16Case& c : kGrad16Cases) {
+      const Grad16Errors e = grad16_case(c, seed++, with_minv);
+      std::printf(
+          "grad16 B %d H %d (q %d, k %d, v %d) N %d D %d E %d%s%s: relative errors dq %.2e dk %.2e dv %.2e "
+          "dbeta %.2e dg %.2e\n",
+          c.B, c.H, c.Hq, c.Hk, c.Hv, c.N, c.D, c.E, c.out16 ? " (bf16 out)" : "", with_minv ? " (m^-1 given)" : "",
+          e.dq, e.dk, e.dv, e.dbeta, e.dg);
+      const char* what = with_minv ? "m^-1 given, N, D, E = " : "N, D, E = ";
+      EXPECT_LE(e.dq, 2e-2) << "dq, " << what << c.N << ", " << c.D << ", " << c.E;
+      EXPECT_LE(e.dk, 2e-2) << "dk, " << what << c.N << ", " << c.D << ", " << c.E;
+      EXPECT_LE(e.dv, 2e-2) << "dv, " << what << c.N << ", " << c.D << ", " << c.E;
+      EXPECT_LE(e.dbeta, 2e-2) << "dbeta, " << what << c.N << ", " << c.D << ", " << c.E;
+      EXPECT_LE(e.dg, 2e-2) << "dg, " << what << c.N << ", " << c.D << ", " << c.E;
+    }
 }
 
 TEST(DeltaGrad16, RefusesShapesItDoesNotTake) {

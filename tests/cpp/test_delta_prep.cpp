@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <vector>
@@ -335,6 +336,9 @@ double wy16_case(const Wy16Case& c, unsigned seed, bool device, bool program_onl
   a.program_only = program_only;
   EXPECT_TRUE(lasp::cuda::delta_wy16_takes(a));
   const int64_t chunks = (int64_t)c.B * c.H * nc;
+  // the mma.sync form (k's rows on 16-byte boundaries, D and E multiples of 16) also writes m^-1 (Wy16Args::minv)
+  const bool keeps_minv = device && !program_only && c.D % 16 == 0 && c.E % 16 == 0 && c.kpad % 8 == 0;
+  std::vector<__nv_bfloat16> minv(keeps_minv ? (size_t)c.B * c.H * c.N * C : 0, junk);
   if (device) {
     DeviceBuffers<__nv_bfloat16> b16;
     DeviceBuffers<float> b32;
@@ -342,11 +346,32 @@ double wy16_case(const Wy16Case& c, unsigned seed, bool device, bool program_onl
     a.beta = b32.up(beta), a.g = b32.up(g);
     __nv_bfloat16* dwv = b16.up(wv);
     __nv_bfloat16* dwk = b16.up(wk);
-    a.wv = dwv, a.wk = dwk;
+    __nv_bfloat16* dminv = keeps_minv ? b16.up(minv) : nullptr;
+    a.wv = dwv, a.wk = dwk, a.minv = dminv;
+    EXPECT_EQ(lasp::cuda::delta_wy16_takes(a), keeps_minv || !a.minv);
     EXPECT_EQ(lasp::cuda::delta_wy16(a, nullptr), cudaSuccess);
     EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     b16.down(wv, dwv);
     b16.down(wk, dwk);
+    if (keeps_minv) {
+      b16.down(minv, dminv);
+      // again from that m^-1 (the backward's form): the same W bit for bit
+      std::vector<__nv_bfloat16> wv2(wv.size(), junk), wk2(wk.size(), junk);
+      __nv_bfloat16* dwv2 = b16.up(wv2);
+      __nv_bfloat16* dwk2 = b16.up(wk2);
+      lasp::cuda::Wy16Args a2 = a;
+      a2.wv = dwv2, a2.wk = dwk2, a2.minv = nullptr, a2.minv_in = dminv;
+      EXPECT_TRUE(lasp::cuda::delta_wy16_takes(a2));
+      EXPECT_EQ(lasp::cuda::delta_wy16(a2, nullptr), cudaSuccess);
+      EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      b16.down(wv2, dwv2);
+      b16.down(wk2, dwk2);
+      size_t diff = 0;
+      for (size_t i = 0; i < wv.size(); ++i) diff += memcmp(&wv[i], &wv2[i], sizeof(wv[i])) != 0;
+      for (size_t i = 0; i < wk.size(); ++i) diff += memcmp(&wk[i], &wk2[i], sizeof(wk[i])) != 0;
+      EXPECT_EQ(diff, 0u) << "W from the kernel's own m^-1 differs in " << diff << " entries, N " << c.N << ", D "
+                          << c.D << ", E " << c.E;
+    }
   } else {
     a.k = k.data(), a.v = v.data(), a.beta = beta.data(), a.g = g.data(), a.wv = wv.data(), a.wk = wk.data();
     lasp_test::run_blocks<float>(chunks, lasp::cuda::prep_tc_smem_bytes(C, c.D, c.E) / sizeof(float),
@@ -375,6 +400,34 @@ double wy16_case(const Wy16Case& c, unsigned seed, bool device, bool program_onl
         std::vector<double> W((size_t)rows * WD), pre(rows);
         double s = 0;
         for (int i = 0; i < rows; ++i) pre[i] = std::exp(s += gi(i));
+        if (keeps_minv) {  // m^-1 by substitution down each column; zeros above the diagonal, exactly
+          std::vector<double> A((size_t)rows * rows, 0.0), Mi((size_t)rows * rows, 0.0);
+          for (int i = 0; i < rows; ++i)
+            for (int j = 0; j < i; ++j) {
+              double gs = 0, kk = 0;
+              for (int u = j + 1; u <= i; ++u) gs += gi(u);
+              for (int x = 0; x < c.D; ++x) kk += kx(i, x) * kx(j, x);
+              A[(size_t)i * rows + j] = beta[bh * c.N + n0 + i] * std::exp(gs) * kk;
+            }
+          double merr = 0, mbig = 0;
+          for (int j = 0; j < rows; ++j)
+            for (int i = 0; i < rows; ++i) {
+              double x = i == j ? 1.0 : 0.0;
+              for (int l = j; l < i; ++l) x -= A[(size_t)i * rows + l] * Mi[(size_t)l * rows + j];
+              if (i >= j) Mi[(size_t)i * rows + j] = x;
+              const double got = from_bf16(minv[(bh * c.N + n0 + i) * C + j]);
+              if (i < j) {
+                EXPECT_EQ(got, 0.0) << "m^-1 above the diagonal, row " << n0 + i << ", column " << j;
+              } else {
+                merr = std::max(merr, std::fabs(got - x));
+                mbig = std::max(mbig, std::fabs(x));
+              }
+            }
+          for (int i = 0; i < rows; ++i)
+            for (int j = rows; j < C; ++j)
+              EXPECT_EQ(from_bf16(minv[(bh * c.N + n0 + i) * C + j]), 0.0) << "m^-1 past the chunk's rows";
+          EXPECT_LE(merr, 1e-2 * mbig) << "m^-1, b " << b << ", h " << h << ", chunk " << ci << ", N " << c.N;
+        }
         for (int i = 0; i < rows; ++i) {
           const double bi = beta[bh * c.N + n0 + i];
           for (int col = 0; col < WD; ++col)

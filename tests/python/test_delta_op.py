@@ -247,7 +247,8 @@ def test_piece_map_and_state_gradient(lasp, seed):
     q, k, v, g, beta, s0, do, dS = _inputs(seed, 2, 2, 1, 2, 150, 6, 5)
     ops = torch.ops.lasp
     T, L = ops.gated_delta_map(q, k, v, g, beta)
-    _, fin = ops.gated_delta_fwd(q, k, v, g, beta, 0.3, s0)
+    _, fin, minv = ops.gated_delta_fwd(q, k, v, g, beta, 0.3, s0)
+    assert minv.numel() == 0, "the CPU forward keeps no m^-1"
     torch.testing.assert_close(T @ s0 + L, fin, rtol=1e-12, atol=1e-12)
     full = ops.gated_delta_bwd(q, k, v, g, beta, 0.3, s0, do, dS, False)
     only = ops.gated_delta_bwd(q, k, v, g, beta, 0.3, s0, do, dS, True)
@@ -256,6 +257,21 @@ def test_piece_map_and_state_gradient(lasp, seed):
     # with dout = 0 the state gradient is T^T grad_final_state
     zero = ops.gated_delta_bwd(q, k, v, g, beta, 0.3, s0, None, dS, True)[5]
     torch.testing.assert_close(zero, T.transpose(-1, -2) @ dS, rtol=1e-12, atol=1e-12)
+
+
+def test_bwd_minv_argument(lasp, seed):
+    """gated_delta_bwd's minv (gated_delta_fwd's third output): where the device keeps no m^-1 (CPU) the forward
+    gives a tensor with no elements, which the backward takes as None; anything else is an error naming minv."""
+    q, k, v, g, beta, s0, do, dS = _inputs(seed, 1, 2, 2, 2, 70, 8, 6)
+    ops = torch.ops.lasp
+    o, fin, minv = ops.gated_delta_fwd(q, k, v, g, beta, 0.3, s0)
+    assert minv.shape == (0,) and minv.dtype == q.dtype
+    ref = ops.gated_delta_bwd(q, k, v, g, beta, 0.3, s0, do, dS, False)
+    got = ops.gated_delta_bwd(q, k, v, g, beta, 0.3, s0, do, dS, False, minv)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="minv"):
+        ops.gated_delta_bwd(q, k, v, g, beta, 0.3, s0, do, dS, False, torch.zeros(1, 2, 70, 64, dtype=q.dtype))
 
 
 def test_bad_inputs_name_the_argument(lasp):
@@ -322,7 +338,7 @@ def test_cuda_kernels_equal_aten(lasp, seed, monkeypatch):
     res = {}
     for kernels in ("aten", "cuda", "fused"):
         monkeypatch.setenv("LASP_DELTA_KERNELS", kernels)
-        res[kernels] = [*ops.gated_delta_fwd(q, k, v, g, beta, 0.4, s0),
+        res[kernels] = [*ops.gated_delta_fwd(q, k, v, g, beta, 0.4, s0)[:2],
                       *ops.gated_delta_bwd(q, k, v, g, beta, 0.4, s0, do, dS, False),
                       *ops.gated_delta_map(q, k, v, g, beta)]
     for kernels in ("cuda", "fused"):
@@ -415,7 +431,7 @@ def test_cuda_wgmma_main_pass_matches_recurrence(lasp, shape, dtype, resets, see
     for kernels in ("cuda", "fused", "aten"):
         monkeypatch.setenv("LASP_DELTA_KERNELS", kernels)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            o, f = torch.ops.lasp.gated_delta_fwd(q, k, v, g, beta, D ** -0.5, s0)
+            o, f, _ = torch.ops.lasp.gated_delta_fwd(q, k, v, g, beta, D ** -0.5, s0)
             torch.cuda.synchronize()
         ran = any("wgmma_fwd_kernel" in e.name for e in prof.events())
         assert ran == (kernels != "aten"), f"{kernels}: the wgmma main pass ran: {ran}"
@@ -511,6 +527,62 @@ def test_cuda_bwd16_matches_recurrence(lasp, shape, dtype, resets, seed, monkeyp
             assert err < 3e-2, f"{kernels}, {key}: relative error {err:.2e}"
 
 
+def _minv_ref(k, g, beta, H):
+    """Each chunk's m^-1 (m = I + A, A[i, j] = beta[i] exp(g[j+1] + .. + g[i]) k[i] . k[j], j < i) in float64, as
+    (B, H, N, 64): row n holds row n mod 64 of its chunk's."""
+    k, g, beta = (t.double().cpu() for t in (k, g, beta))
+    k = k.repeat_interleave(H // k.shape[1], 1)
+    B, _, N, _ = k.shape
+    out = torch.zeros(B, H, N, 64, dtype=torch.float64)
+    for n0 in range(0, N, 64):
+        R = min(64, N - n0)
+        kc, gc, bc = k[:, :, n0:n0 + R], g[:, :, n0:n0 + R], beta[:, :, n0:n0 + R]
+        gam = torch.zeros(B, H, R, R, dtype=torch.float64)  # each entry the exp of its own range's sum (-inf: 0)
+        for i in range(R):
+            for j in range(i):
+                gam[..., i, j] = torch.exp(gc[..., j + 1:i + 1].sum(-1))
+        A = (bc.unsqueeze(-1) * gam * (kc @ kc.transpose(-1, -2))).tril(-1)
+        eye = torch.eye(R, dtype=torch.float64)
+        out[:, :, n0:n0 + R, :R] = torch.linalg.solve_triangular(eye + A, eye.expand_as(A), upper=False)
+    return out
+
+
+@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 (Hopper) CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(1, 2, 1, 2, 150, 128, 64), (1, 1, 1, 2, 64, 64, 128)],
+                         ids=["GQA-N150-D128E64", "GVA-N64-D64E128"])
+def test_cuda_forward_keeps_minv(lasp, shape, dtype, seed, monkeypatch):
+    """Where the 16-bit backward runs, gated_delta_fwd's third output is each chunk's m^-1 in the inputs' dtype
+    (B, H, N, 64) (against float64, within its rounding); the backward reading it gives what it gives forming
+    m^-1 again; opcheck passes with it; a wrong one is an error naming minv. Under LASP_DELTA_KERNELS=aten the
+    forward keeps none."""
+    from torch.library import opcheck
+
+    ops = torch.ops.lasp
+    q, k, v, g, beta, s0, do, dS = _inputs(seed, *shape, dtype=dtype, device="cuda")
+    q, k = (torch.nn.functional.normalize(x.float(), dim=-1).to(dtype) for x in (q, k))
+    B, H, N = g.shape
+    scale = shape[5] ** -0.5
+    o, fin, minv = ops.gated_delta_fwd(q, k, v, g, beta, scale, s0)
+    assert minv.shape == (B, H, N, 64) and minv.dtype == dtype
+    want = _minv_ref(k, g, beta, H)
+    err = (minv.double().cpu() - want).abs().max().item() / want.abs().max().item()
+    assert err < 1e-2, f"m^-1: largest error {err:.2e} of its largest entry"
+    without = ops.gated_delta_bwd(q, k, v, g, beta, scale, s0, do.to(dtype), dS.float(), False)
+    with_minv = ops.gated_delta_bwd(q, k, v, g, beta, scale, s0, do.to(dtype), dS.float(), False, minv)
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "ds0"), without, with_minv):
+        err = rel_err(b, a)
+        assert err < 2e-3, f"{name}: with the forward's m^-1 vs formed again, relative difference {err:.2e}"
+    opcheck(ops.gated_delta_fwd.default, (q, k, v, g, beta, scale, s0))
+    opcheck(ops.gated_delta_bwd.default, (q, k, v, g, beta, scale, s0, do.to(dtype), dS.float(), False, minv))
+    with pytest.raises(ValueError, match="minv must have shape"):
+        ops.gated_delta_bwd(q, k, v, g, beta, scale, s0, do.to(dtype), dS.float(), False, minv[:, :, :-1])
+    with pytest.raises(TypeError, match="minv must have q's dtype"):
+        ops.gated_delta_bwd(q, k, v, g, beta, scale, s0, do.to(dtype), dS.float(), False, minv.float())
+    monkeypatch.setenv("LASP_DELTA_KERNELS", "aten")
+    assert ops.gated_delta_fwd(q, k, v, g, beta, scale, s0)[2].numel() == 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
 @pytest.mark.parametrize("D", [32, 128, 48])
@@ -577,7 +649,7 @@ def test_cuda_tensor_core_chain_near_aten(lasp, dims, resets, seed, monkeypatch)
     res = {}
     for kernels in ("aten", "cuda", "fused"):
         monkeypatch.setenv("LASP_DELTA_KERNELS", kernels)
-        res[kernels] = [*ops.gated_delta_fwd(q, k, v, g, beta, D ** -0.5, s0),
+        res[kernels] = [*ops.gated_delta_fwd(q, k, v, g, beta, D ** -0.5, s0)[:2],
                         *ops.gated_delta_bwd(q, k, v, g, beta, D ** -0.5, s0, do, dS, False),
                         *ops.gated_delta_map(q, k, v, g, beta),
                         *ops.gated_delta_map(q, k, v, g_mild, beta)]
