@@ -12,14 +12,15 @@
 //
 // Reverse (rev16_kernel), per chunk:
 //   L. q, k, W_k (C x D) and dO (C x 64); the log gates;
-//   1. Gam (fp32; its last row is suf) and pre; G rounded to 16 bits into shared memory and out as dSe[c];
-//   2. P^T = scale (K Q^T) * Gam^T on and above the diagonal (16-bit, shared), diag(scale pre) dO (16-bit);
-//   3. dU = diag(suf) K G + P^T dO (m16n8k16), out and kept in shared memory (16-bit);
-//   4. G <- pre[C-1] G + Q^T (diag(scale pre) dO) - W_k^T dU, the transposed operands by ldmatrix.trans.
-// Five barriers per chunk; about 182 KiB of shared memory at D = 128 (one block per SM).
-//
-// The reverse chain (one block per SM) stages a chunk's inputs twice over: the next chunk's cp.async group is issued
-// after the barrier that ends the wait for the current one, so its loads run under the current chunk's products.
+//   1. Gam (fp32, its lower triangle; its last row is suf) and pre; G rounded to 16 bits into shared memory and out
+//      as dSe[c];
+//   2. P^T = scale (K Q^T) * Gam^T on and above the diagonal (16-bit, shared);
+//   3. Q's rows scaled by scale pre in place (16-bit); dU = diag(suf) K G + P^T dO (m16n8k16), out and kept in
+//      shared memory (16-bit);
+//   4. G <- pre[C-1] G + (diag(scale pre) Q)^T dO - W_k^T dU, the transposed operands by ldmatrix.trans.
+// Five barriers per chunk; about 105 KiB of shared memory at D = 128 and at most 128 registers, so two blocks share
+// an SM and the 2 B H blocks of a (B, H, 128-column) problem run in one wave on 132 SMs (one block per SM took two),
+// one block's loads under the other's products.
 #include "delta_chain16.h"
 #include "delta_prep.h"  // gate_parts
 #include "mma.cuh"
@@ -92,31 +93,38 @@ struct StateTile {
   }
 };
 
+// Gam's lower triangle (Gam[i][j], j <= i), packed by rows: kTri fp32 entries, row i from tri(i, 0).
+constexpr int kTri = kC * (kC + 1) / 2;
+__device__ __forceinline__ int tri(int i, int j) { return i * (i + 1) / 2 + j; }
+
 template <int D>
 struct RevLayout {
   static constexpr int kLdD = D + 8;
-  // two stages (chunk c's inputs, and the next chunk's arriving), each q, k, W_k, dO; byte offsets in a stage
+  // one stage of q (scaled in place by scale pre in step 3), k, W_k, dO; byte offsets
   static constexpr size_t q = 0;
   static constexpr size_t k = q + (size_t)kC * kLdD * 2;
   static constexpr size_t w = k + (size_t)kC * kLdD * 2;
   static constexpr size_t dO = w + (size_t)kC * kLdD * 2;
-  static constexpr size_t stage = dO + (size_t)kC * kLdE * 2;
-  static constexpr size_t dOp = 2 * stage;  // byte offsets in the block's shared memory
-  static constexpr size_t P = dOp + (size_t)kC * kLdE * 2;
+  static constexpr size_t P = dO + (size_t)kC * kLdE * 2;
   static constexpr size_t G = P + (size_t)kC * kLdE * 2;
   static constexpr size_t dU = G + (size_t)D * kLdE * 2;
   static constexpr size_t gam = dU + (size_t)kC * kLdE * 2;
-  static constexpr size_t g = gam + (size_t)kC * kLdGam * 4;
+  static constexpr size_t g = gam + (size_t)kTri * 4;
   static constexpr size_t pre = g + kC * 4;
   static constexpr size_t bytes = pre + kC * 4;
+  // two blocks per SM (228 KiB of shared memory, 1 KiB of it reserved per block)
+  static_assert(2 * (bytes + 1024) <= 228 * 1024, "two reverse-chain blocks fit an SM");
 };
 
 template <typename T16, int D>
-__global__ void __launch_bounds__(kThreads, 1) rev16_kernel(Rev16Args a) {
+__global__ void __launch_bounds__(kThreads, 2) rev16_kernel(Rev16Args a) {
   using L = RevLayout<D>;
   constexpr int LdD = L::kLdD;
   extern __shared__ __align__(16) unsigned char sm[];
-  T16* sdOp = reinterpret_cast<T16*>(sm + L::dOp);
+  T16* sQ = reinterpret_cast<T16*>(sm + L::q);
+  T16* sK = reinterpret_cast<T16*>(sm + L::k);
+  T16* sW = reinterpret_cast<T16*>(sm + L::w);
+  T16* sdO = reinterpret_cast<T16*>(sm + L::dO);
   T16* sP = reinterpret_cast<T16*>(sm + L::P);
   T16* sG = reinterpret_cast<T16*>(sm + L::G);
   T16* sdU = reinterpret_cast<T16*>(sm + L::dU);
@@ -140,35 +148,24 @@ __global__ void __launch_bounds__(kThreads, 1) rev16_kernel(Rev16Args a) {
   float G[StateTile<D>::NT][4];
   st.load(G, a.dS_end ? a.dS_end + bh * D * a.E + e0 : nullptr, a.E);
 
-  // L. Chunk c's q, k, W_k, dO into stage c % 2 (one cp.async group); its gate of thread t's row (t < kC) returned.
-  auto load = [&](int64_t c) {
-    const int64_t n0 = c * kC;
-    const int rows = (int)(a.N - n0 < kC ? a.N - n0 : kC);
-    unsigned char* st = sm + (c & 1) * L::stage;
-    mma::cp_rows(reinterpret_cast<T16*>(st + L::q), LdD, qh + n0 * a.qs[2], a.qs[2], rows, kC, D, t, kThreads);
-    mma::cp_rows(reinterpret_cast<T16*>(st + L::k), LdD, kh + n0 * a.ks[2], a.ks[2], rows, kC, D, t, kThreads);
-    mma::cp_rows(reinterpret_cast<T16*>(st + L::w), LdD, wh + n0 * D, D, rows, kC, D, t, kThreads);
-    mma::cp_rows(reinterpret_cast<T16*>(st + L::dO), kLdE, dh + n0 * a.ds[2], a.ds[2], rows, kC, kEt, t, kThreads);
-    mma::cp_async_commit();
-    return t < rows ? gh[n0 + t] : 0.f;
-  };
-  float gnext = nc > 0 ? load(nc - 1) : 0.f;
   for (int64_t c = nc - 1; c >= 0; --c) {
     const int64_t n0 = c * kC;
     const int rows = (int)(a.N - n0 < kC ? a.N - n0 : kC);
-    const unsigned char* stage = sm + (c & 1) * L::stage;
-    const T16* sQ = reinterpret_cast<const T16*>(stage + L::q);
-    const T16* sK = reinterpret_cast<const T16*>(stage + L::k);
-    const T16* sW = reinterpret_cast<const T16*>(stage + L::w);
-    const T16* sdO = reinterpret_cast<const T16*>(stage + L::dO);
-    if (t < kC) sg[t] = gnext;
+    // L.
+    mma::cp_rows(sQ, LdD, qh + n0 * a.qs[2], a.qs[2], rows, kC, D, t, kThreads);
+    mma::cp_rows(sK, LdD, kh + n0 * a.ks[2], a.ks[2], rows, kC, D, t, kThreads);
+    mma::cp_rows(sW, LdD, wh + n0 * D, D, rows, kC, D, t, kThreads);
+    mma::cp_rows(sdO, kLdE, dh + n0 * a.ds[2], a.ds[2], rows, kC, kEt, t, kThreads);
+    mma::cp_async_commit();
+    if (t < kC) sg[t] = t < rows ? gh[n0 + t] : 0.f;
     mma::cp_async_wait<0>();
     __syncthreads();
-    // The next chunk's loads, into the stage that the previous chunk's last step read (before its last barrier).
-    if (c > 0) gnext = load(c - 1);
     // 1.
     gate_parts<float>(
-        t, kThreads, kC, sg, true, [&](int i, int j, float x) { sgam[i * kLdGam + j] = x; },
+        t, kThreads, kC, sg, true,
+        [&](int i, int j, float x) {
+          if (j <= i) sgam[tri(i, j)] = x;
+        },
         [&](int i, float p) { spre[i] = p; });
     st.put16(G, sG, dseh + c * D * a.E, a.E);
     __syncthreads();
@@ -182,26 +179,28 @@ __global__ void __launch_bounds__(kThreads, 1) rev16_kernel(Rev16Args a) {
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) {
           const int i = h0 + 8 * nt + 2 * cq;  // Q's token (column)
-          const float x0 = i >= j ? a.scale * acc[nt][2 * hh] * sgam[i * kLdGam + j] : 0.f;
-          const float x1 = i + 1 >= j ? a.scale * acc[nt][2 * hh + 1] * sgam[(i + 1) * kLdGam + j] : 0.f;
+          const float x0 = i >= j ? a.scale * acc[nt][2 * hh] * sgam[tri(i, j)] : 0.f;
+          const float x1 = i + 1 >= j ? a.scale * acc[nt][2 * hh + 1] * sgam[tri(i + 1, j)] : 0.f;
           *reinterpret_cast<uint32_t*>(sP + j * kLdE + i) = mma::pack2<T16>(x0, x1);
         }
-      }
-      for (int e = t; e < kC * kEt / 2; e += kThreads) {
-        const int r = e / (kEt / 2), x = (e % (kEt / 2)) * 2;
-        const float f = a.scale * spre[r];
-        const float2 u = mma::unpack2<T16>(*reinterpret_cast<const uint32_t*>(sdO + r * kLdE + x));
-        *reinterpret_cast<uint32_t*>(sdOp + r * kLdE + x) = mma::pack2<T16>(u.x * f, u.y * f);
       }
       __syncthreads();
     }
     {  // 3.
+      // Q's rows times scale pre, in place (step 2 was its last other reader; step 4 reads it)
+      for (int e = t; e < kC * D / 2; e += kThreads) {
+        const int r = e / (D / 2), x = (e % (D / 2)) * 2;
+        const float f = a.scale * spre[r];
+        uint32_t* p = reinterpret_cast<uint32_t*>(sQ + r * LdD + x);
+        const float2 u = mma::unpack2<T16>(*p);
+        *p = mma::pack2<T16>(u.x * f, u.y * f);
+      }
       float acc[4][4] = {};
       mma::mac<false, false>(acc, sK, LdD, sG, kLdE, m0, h0, 0, D);
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[nt][e] *= sgam[(kC - 1) * kLdGam + m0 + gq + (e >> 1) * 8];  // suf
+        for (int e = 0; e < 4; ++e) acc[nt][e] *= sgam[tri(kC - 1, m0 + gq + (e >> 1) * 8)];  // suf
       mma::mac<false, false>(acc, sP, kLdE, sdO, kLdE, m0, h0, m0, kC);
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
@@ -218,7 +217,7 @@ __global__ void __launch_bounds__(kThreads, 1) rev16_kernel(Rev16Args a) {
     }
     // 4.
     st.scale(G, spre[kC - 1]);
-    st.mac_t(G, sQ, LdD, sdOp, false);
+    st.mac_t(G, sQ, LdD, sdO, false);
     st.mac_t(G, sW, LdD, sdU, true);
     __syncthreads();
   }
