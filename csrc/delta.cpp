@@ -4,7 +4,7 @@
 //   lasp::gated_delta_attention  the user-facing op (one device): (o, final_state); autograd through
 //                                GatedDeltaFunction, q / k l2-normalised first when asked (autograd ops)
 //   lasp::gated_delta_fwd        the forward from a given incoming state: (o, final_state, minv), minv the
-//                                chunks' m^-1 where the device's backward takes it (else no elements)
+//                                chunks' m^-1 for 16-bit inputs with D, E in {64, 128} (else no elements)
 //   lasp::gated_delta_bwd        its backward (given minv: not formed again): (dq, dk, dv, dg, dbeta,
 //                                grad_initial_state); or only the
 //                                gradient of the incoming state (state_grad_only), the one number the
@@ -66,7 +66,7 @@ constexpr bool distinct_types() {
   }
 }
 static_assert(distinct_types<ChainFn, SolveFn, PrepFn, OutFn, BwdFn, ProFn, DrFn, MainFn, MainBwdFn, L2NormFn,
-                             L2NormBwdFn, KeepsMinvFn, MinvFn>(),
+                             L2NormBwdFn, MinvFn>(),
               "each device hook needs its own function type: device_hook keys its table by it");
 
 at::ScalarType delta_acc(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -129,10 +129,16 @@ void check_delta_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const
   }
 }
 
-// Whether the forward keeps m^-1 for the backward (KeepsMinvFn): the same answer for real, fake and meta tensors.
+// Whether gated_delta_fwd returns m^-1 (its third output) for these inputs: 16-bit q, k, v of one dtype with D and E
+// in {64, 128}, the inputs the 16-bit backward kernels take, whatever the device (the meta kernel, which sees meta
+// tensors, gives the same shape).
 bool keeps_minv(const Tensor& q, const Tensor& k, const Tensor& v) {
-  KeepsMinvFn fn = device_hook<KeepsMinvFn>(q.device().type());
-  return fn && fn(q, k, v);
+  const auto t = q.scalar_type();
+  if ((t != at::kBFloat16 && t != at::kHalf) || k.scalar_type() != t || v.scalar_type() != t || q.dim() != 4 ||
+      v.dim() != 4)
+    return false;
+  const auto D = q.sym_size(3), E = v.sym_size(3);
+  return (D == 64 || D == 128) && (E == 64 || E == 128);
 }
 
 // gated_delta_fwd's third output where the forward keeps no m^-1: no elements.
@@ -279,6 +285,20 @@ Chunks prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
   return c;
 }
 
+// Each chunk's m^-1 by ATen operations, in dtype t, (B, H, N, C): row n holds row n mod C of its chunk's (the third
+// output of gated_delta_fwd where no device kernel forms it).
+Tensor minv_aten(const Chunks& c, const Tensor& g, at::ScalarType t) {
+  const int64_t C = kChunk, pad = c.nc * C - c.N;
+  Tensor gc = g.to(c.acc);
+  gc = (pad ? at::constant_pad_nd(gc, {0, pad}) : gc).reshape({c.B, c.H, c.nc, C});
+  const Tensor strict = at::ones({C, C}, c.k.options().dtype(at::kBool)).tril(-1);
+  const Tensor A = (c.beta.unsqueeze(-1) * segsum(gc).exp() * at::matmul(c.k, c.k.transpose(-1, -2)))
+                       .masked_fill(strict.logical_not(), 0.0);
+  const Tensor eye = at::eye(C, c.k.options());
+  const Tensor minv = solve_unit(A + eye, eye.expand_as(A).contiguous(), /*transpose=*/false);
+  return minv.to(t).reshape({c.B, c.H, c.nc * C, C}).narrow(2, 0, c.N).contiguous();
+}
+
 Tensor state_or_zeros(const std::optional<Tensor>& s, const Chunks& c, const Tensor& like) {
   // a copy: with no chunk (an empty piece) the final state is this tensor, which must not alias the input
   return s.has_value() ? s->to(c.acc, /*non_blocking=*/false, /*copy=*/true) : at::zeros({c.B, c.H, c.D, c.E}, like.options().dtype(c.acc));
@@ -321,11 +341,11 @@ std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, co
   }
   Tensor minv = no_minv(q);
   if (keep) {
-    MinvFn fn = device_hook<MinvFn>(q.device().type());
+    MinvFn fn = q.size(2) > 0 ? device_hook<MinvFn>(q.device().type()) : nullptr;
     minv = fn ? fn(k, v, g, beta) : Tensor();
-    TORCH_CHECK(minv.defined(), kOp, ": internal error: the device keeps m^-1 for these inputs but could not form it");
   }
   const Chunks c = prepare(q, k, v, g, beta, /*need_q=*/true);
+  if (keep && !minv.defined()) minv = minv_aten(c, g, q.scalar_type());
   auto [states, u, fin] = state_chain(c, state_or_zeros(initial_state, c, q));
   if (c.nc == 0) return {at::empty({c.B, c.H, 0, c.E}, q.options()), fin, minv};
   Tensor o;
@@ -825,11 +845,6 @@ bool register_delta_l2norm_bwd(c10::DeviceType type, L2NormBwdFn fn) {
   return true;
 }
 
-bool register_delta_keeps_minv(c10::DeviceType type, KeepsMinvFn fn) {
-  device_hook<KeepsMinvFn>(type) = fn;
-  return true;
-}
-
 bool register_delta_minv(c10::DeviceType type, MinvFn fn) {
   device_hook<MinvFn>(type) = fn;
   return true;
@@ -876,9 +891,9 @@ TORCH_LIBRARY_FRAGMENT(lasp, m) {
       "gated_delta_attention(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, float scale, "
       "Tensor? initial_state=None, bool use_qk_l2norm=False, str? group_name=None, str strategy=\"ring\") -> "
       "(Tensor, Tensor)");
-  // (o, final_state, minv): minv is each chunk's m^-1 in q's dtype, (B, H, N, 64), where the device's backward
-  // kernels take it (16-bit q, k, v of one dtype, D and E in {64, 128}, CUDA sm_80 or later), else a tensor with no
-  // elements; the backward reads it instead of forming it again.
+  // (o, final_state, minv): minv is each chunk's m^-1 in q's dtype, (B, H, N, 64), for the inputs the 16-bit
+  // backward kernels take (16-bit q, k, v of one dtype, D and E in {64, 128}; on every device), else a tensor with
+  // no elements; the backward's kernels read it instead of forming it again.
   m.def(
       "gated_delta_fwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, float scale, "
       "Tensor? initial_state=None) -> (Tensor, Tensor, Tensor)");

@@ -104,21 +104,19 @@ bool register_delta_dr(c10::DeviceType type, DrFn fn);
 // The forward of one piece where a device has kernels for all of it (sm_90a: the WY form in 16 bits, then the
 // gated wgmma main kernel with U = W_v - W_k S_b for the values, kernels/wgmma_fwd.cu): from q, k, v, g, beta
 // as the op got them (bhnd views, checked), scale and the incoming state (B, H, D, E) or none (zero), N > 0:
-// (o (B, H, N, E) in q's dtype, the final state (B, H, D, E) in the acc type, and where KeepsMinvFn says so m^-1
-// (below), else undefined). Undefined o: not taken (the chunked form's ATen compositions and kernels run).
+// (o (B, H, N, E) in q's dtype, the final state (B, H, D, E) in the acc type, and m^-1 (below) for 16-bit q, k, v
+// with D, E in {64, 128}, else undefined). Undefined o: not taken (the chunked form's ATen compositions and kernels
+// run).
 using MainFn = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(const at::Tensor& q, const at::Tensor& k,
                                                                   const at::Tensor& v, const at::Tensor& g,
                                                                   const at::Tensor& beta, double scale,
                                                                   const std::optional<at::Tensor>& initial_state);
 bool register_delta_main(c10::DeviceType type, MainFn fn);
 
-// Whether the forward keeps m^-1 (the inverse of each chunk's m = I + A, in q's dtype, (B, H, N, 64): row n holds
-// row n mod 64 of its chunk's) for the backward on this device: a function of the dtypes, shapes and device alone
-// (the meta kernel asks it too), true where the backward's kernels take it (MainBwdFn).
-using KeepsMinvFn = bool (*)(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
-bool register_delta_keeps_minv(c10::DeviceType type, KeepsMinvFn fn);
-// m^-1 as above from k, v, g, beta (bhnd views, checked) where the forward did not form it (MainFn not taken);
-// undefined where the device cannot.
+// m^-1, the inverse of each chunk's m = I + A in q's dtype, (B, H, N, 64) (row n holds row n mod 64 of its chunk's):
+// gated_delta_fwd's third output for 16-bit q, k, v with D, E in {64, 128}, which the backward's kernels read
+// (MainBwdFn). A device's kernel for it from k, v, g, beta (bhnd views, checked) where MainFn did not run; undefined
+// where not taken (ATen operations form it).
 using MinvFn = at::Tensor (*)(const at::Tensor& k, const at::Tensor& v, const at::Tensor& g, const at::Tensor& beta);
 bool register_delta_minv(c10::DeviceType type, MinvFn fn);
 
@@ -128,7 +126,7 @@ bool register_delta_minv(c10::DeviceType type, MinvFn fn);
 // cotangent (B, H, D, E), checked, or none: zero), N > 0: (dq, dk (B, H, N, D), dv (B, H, N, E), dg, dbeta
 // (B, H, N), per output head, and the gradient of the incoming state dS0 (B, H, D, E), in the acc type or, for dq,
 // dk, dv, in the input's dtype); with
-// state_grad_only dS0 alone (the others undefined). minv: the forward's m^-1 (KeepsMinvFn), checked, or undefined
+// state_grad_only dS0 alone (the others undefined). minv: the forward's m^-1 (MinvFn), checked, or undefined
 // (formed again). Undefined dS0: not taken (the chunked form runs).
 using MainBwdFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g, const at::Tensor& beta,

@@ -181,23 +181,39 @@ __global__ void __launch_bounds__(kPrepThreads, 3) wy16_mma_kernel(Wy16Args a) {
     invert_unit_lower64(sA, sGT, kWyLdc);  // 4. (ends with a barrier)
     // 5.
     T16* out = static_cast<T16*>(a.minv);
-    for (int e = t; e < kWyC * kWyC; e += kPrepThreads) {
-      const int i = e / kWyC, j = e % kWyC;
-      const T16 x = static_cast<T16>(j <= i ? sGT[i * kWyLdc + j] : 0.f);
-      sM[i * kWyLdm + j] = x;
-      if (out && i < rows) out[row0 + e] = x;
+    for (int e = t; e < kWyC * kWyC / 8; e += kPrepThreads) {  // 8 entries (16 bytes) of a row at a time
+      const int i = e / (kWyC / 8), j0 = (e % (kWyC / 8)) * 8;
+      uint4 u;
+      uint32_t* x = reinterpret_cast<uint32_t*>(&u);
+#pragma unroll
+      for (int j = 0; j < 8; j += 2) {
+        const float lo = j0 + j <= i ? sGT[i * kWyLdc + j0 + j] : 0.f;
+        const float hi = j0 + j + 1 <= i ? sGT[i * kWyLdc + j0 + j + 1] : 0.f;
+        x[j / 2] = mma::pack2<T16>(lo, hi);
+      }
+      *reinterpret_cast<uint4*>(sM + i * kWyLdm + j0) = u;
+      if (out && i < rows) *reinterpret_cast<uint4*>(out + row0 + i * kWyC + j0) = u;
     }
   }
-  for (int e = t; e < kWyC * D; e += kPrepThreads) {
-    const int i = e / D, x = e % D;
-    T16& y = sK[i * L.ldk + x];
-    y = static_cast<T16>(static_cast<float>(y) * (sb[i] * spre[i]));
-  }
-  for (int e = t; e < kWyC * E; e += kPrepThreads) {
-    const int i = e / E, x = e % E;
-    T16& y = sV[i * L.ldv + x];
-    y = static_cast<T16>(static_cast<float>(y) * sb[i]);
-  }
+  // rows of K times beta pre, of V times beta, in place, 8 entries (16 bytes) at a time
+  auto scale_rows = [&](T16* s, int ld, int cols, bool with_pre) {
+    const int per = cols / 8;
+    for (int e = t; e < kWyC * per; e += kPrepThreads) {
+      const int i = e / per;
+      const float f = with_pre ? sb[i] * spre[i] : sb[i];
+      uint4* p = reinterpret_cast<uint4*>(s + i * ld + (e - i * per) * 8);
+      uint4 u = *p;
+      uint32_t* x = reinterpret_cast<uint32_t*>(&u);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 y = mma::unpack2<T16>(x[j]);
+        x[j] = mma::pack2<T16>(y.x * f, y.y * f);
+      }
+      *p = u;
+    }
+  };
+  scale_rows(sK, L.ldk, D, true);
+  scale_rows(sV, L.ldv, E, false);
   __syncthreads();
   // 6. jobs: (row tile, 64 columns) of W_v, then of W_k
   const int vt = (E + 63) / 64, kt = (D + 63) / 64;

@@ -251,18 +251,6 @@ at::Tensor rows16(const at::Tensor& x) {
   return ok ? x : x.clone(at::MemoryFormat::Contiguous);
 }
 
-// KeepsMinvFn: where the backward's 16-bit kernels run (main_bwd_cuda: 16-bit q, k, v of one dtype, D and E in
-// {64, 128}, sm_80 or later), which read the forward's m^-1 instead of forming it again.
-bool keeps_minv_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  const auto t = q.scalar_type();
-  if (!use_kernel() || (t != at::kBFloat16 && t != at::kHalf) || k.scalar_type() != t || v.scalar_type() != t ||
-      q.dim() != 4 || v.dim() != 4)
-    return false;
-  const auto D = q.sym_size(3), E = v.sym_size(3);
-  if (!((D == 64 || D == 128) && (E == 64 || E == 128))) return false;
-  return at::cuda::getDeviceProperties(q.device().index())->major >= 8;
-}
-
 // The WY kernel's arguments for k, v (rows on 16-byte boundaries), g, beta (fp32 contiguous (B, H, N)) and outputs
 // W_v, W_k.
 cuda::Wy16Args wy16_args(const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& gf, const at::Tensor& bf,
@@ -280,10 +268,12 @@ cuda::Wy16Args wy16_args(const at::Tensor& kc, const at::Tensor& vc, const at::T
 }
 
 // MinvFn: m^-1 by the WY kernel (its W discarded), where the forward's main pass did not run (sm_80 / sm_89, or
-// shapes it does not take) but the backward reads m^-1 (keeps_minv_cuda).
+// inputs it does not take); sm_80 or later.
 at::Tensor minv_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor& g, const at::Tensor& beta) {
   const int64_t B = g.size(0), H = g.size(1), N = g.size(2);
+  if (!use_kernel()) return {};
   const c10::cuda::CUDAGuard guard(k.device());
+  if (at::cuda::getCurrentDeviceProperties()->major < 8) return {};
   const at::Tensor kc = rows16(k), vc = rows16(v);
   const auto o16 = k.options();
   const at::Tensor gf = g.to(at::kFloat).contiguous(), bf = beta.to(at::kFloat).contiguous();
@@ -471,7 +461,6 @@ const bool dr_registered = register_delta_dr(c10::DeviceType::CUDA, &dr_cuda);
 const bool pro_registered = register_delta_pro(c10::DeviceType::CUDA, &pro_cuda);
 const bool main_registered = register_delta_main(c10::DeviceType::CUDA, &main_cuda);
 const bool main_bwd_registered = register_delta_main_bwd(c10::DeviceType::CUDA, &main_bwd_cuda);
-const bool keeps_minv_registered = register_delta_keeps_minv(c10::DeviceType::CUDA, &keeps_minv_cuda);
 const bool minv_registered = register_delta_minv(c10::DeviceType::CUDA, &minv_cuda);
 const bool l2norm_registered = register_delta_l2norm(c10::DeviceType::CUDA, &l2norm_cuda);
 const bool l2norm_bwd_registered = register_delta_l2norm_bwd(c10::DeviceType::CUDA, &l2norm_bwd_cuda);

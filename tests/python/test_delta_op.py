@@ -216,6 +216,7 @@ OPCHECK = [
     pytest.param(1, 2, 1, 2, 70, 5, 3, F64, True, id="gqa-f64-state"),
     pytest.param(2, 1, 1, 3, 9, 4, 6, torch.float32, False, id="gva-f32"),
     pytest.param(1, 2, 2, 2, 65, 8, 8, torch.bfloat16, True, id="bf16-state"),
+    pytest.param(1, 2, 1, 2, 70, 64, 64, torch.bfloat16, False, id="bf16-minv"),  # gated_delta_fwd returns m^-1
     pytest.param(1, 2, 2, 2, 0, 4, 4, torch.float32, True, id="empty-piece"),
 ]
 
@@ -238,6 +239,8 @@ def test_opcheck_delta_ops(lasp, B, Hq, Hk, Hv, N, D, E, dtype, with_state, seed
     for only in (False, True):
         opcheck(ops.gated_delta_bwd.default, (q, k, v, g, beta, 0.5, s0, do.to(dtype), dS.float(), only))
     opcheck(ops.gated_delta_bwd.default, (q, k, v, g, beta, 0.5, None, None, None, False))
+    minv = ops.gated_delta_fwd(q, k, v, g, beta, 0.5, s0)[2]
+    opcheck(ops.gated_delta_bwd.default, (q, k, v, g, beta, 0.5, s0, do.to(dtype), dS.float(), False, minv))
 
 
 def test_piece_map_and_state_gradient(lasp, seed):
@@ -248,7 +251,7 @@ def test_piece_map_and_state_gradient(lasp, seed):
     ops = torch.ops.lasp
     T, L = ops.gated_delta_map(q, k, v, g, beta)
     _, fin, minv = ops.gated_delta_fwd(q, k, v, g, beta, 0.3, s0)
-    assert minv.numel() == 0, "the CPU forward keeps no m^-1"
+    assert minv.numel() == 0, "float64 inputs: no m^-1 (the 16-bit kernels do not take them)"
     torch.testing.assert_close(T @ s0 + L, fin, rtol=1e-12, atol=1e-12)
     full = ops.gated_delta_bwd(q, k, v, g, beta, 0.3, s0, do, dS, False)
     only = ops.gated_delta_bwd(q, k, v, g, beta, 0.3, s0, do, dS, True)
@@ -260,8 +263,10 @@ def test_piece_map_and_state_gradient(lasp, seed):
 
 
 def test_bwd_minv_argument(lasp, seed):
-    """gated_delta_bwd's minv (gated_delta_fwd's third output): where the device keeps no m^-1 (CPU) the forward
-    gives a tensor with no elements, which the backward takes as None; anything else is an error naming minv."""
+    """gated_delta_bwd's minv (gated_delta_fwd's third output): for inputs the 16-bit kernels do not take (here
+    float64) the forward gives a tensor with no elements, which the backward takes as None; for 16-bit inputs with
+    D and E in {64, 128} it is each chunk's m^-1 on every device (on the CPU by ATen operations), against float64
+    within 16-bit rounding; a wrong one is an error naming minv."""
     q, k, v, g, beta, s0, do, dS = _inputs(seed, 1, 2, 2, 2, 70, 8, 6)
     ops = torch.ops.lasp
     o, fin, minv = ops.gated_delta_fwd(q, k, v, g, beta, 0.3, s0)
@@ -272,6 +277,15 @@ def test_bwd_minv_argument(lasp, seed):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     with pytest.raises(ValueError, match="minv"):
         ops.gated_delta_bwd(q, k, v, g, beta, 0.3, s0, do, dS, False, torch.zeros(1, 2, 70, 64, dtype=q.dtype))
+    # 16-bit, D = E = 64, a partial second chunk
+    q, k, v, g, beta, s0, do, dS = _inputs(seed, 1, 2, 1, 2, 100, 64, 64, dtype=torch.bfloat16)
+    o, fin, minv = ops.gated_delta_fwd(q, k, v, g, beta, 0.3, s0)
+    assert minv.shape == (1, 2, 100, 64) and minv.dtype == torch.bfloat16
+    want = _minv_ref(k, g, beta, 2)
+    err = (minv.double() - want).abs().max().item() / want.abs().max().item()
+    assert err < 1e-2, f"m^-1: largest error {err:.2e} of its largest entry"
+    with pytest.raises(TypeError, match="minv must have q's dtype"):
+        ops.gated_delta_bwd(q, k, v, g, beta, 0.3, s0, do.bfloat16(), dS.float(), False, minv.half())
 
 
 def test_bad_inputs_name_the_argument(lasp):
@@ -555,7 +569,7 @@ def test_cuda_forward_keeps_minv(lasp, shape, dtype, seed, monkeypatch):
     """Where the 16-bit backward runs, gated_delta_fwd's third output is each chunk's m^-1 in the inputs' dtype
     (B, H, N, 64) (against float64, within its rounding); the backward reading it gives what it gives forming
     m^-1 again; opcheck passes with it; a wrong one is an error naming minv. Under LASP_DELTA_KERNELS=aten the
-    forward keeps none."""
+    forward forms it by ATen operations, to the same values within their rounding."""
     from torch.library import opcheck
 
     ops = torch.ops.lasp
@@ -580,7 +594,10 @@ def test_cuda_forward_keeps_minv(lasp, shape, dtype, seed, monkeypatch):
     with pytest.raises(TypeError, match="minv must have q's dtype"):
         ops.gated_delta_bwd(q, k, v, g, beta, scale, s0, do.to(dtype), dS.float(), False, minv.float())
     monkeypatch.setenv("LASP_DELTA_KERNELS", "aten")
-    assert ops.gated_delta_fwd(q, k, v, g, beta, scale, s0)[2].numel() == 0
+    aten = ops.gated_delta_fwd(q, k, v, g, beta, scale, s0)[2]
+    assert aten.shape == minv.shape
+    err = (aten.double() - minv.double()).abs().max().item() / want.abs().max().item()
+    assert err < 1e-2, f"m^-1 by ATen operations vs the kernel's: largest difference {err:.2e}"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
