@@ -4,8 +4,10 @@
 Forward and forward+backward per shape B x H x N x D (E = D) or B x H x N x D x E, bf16 q, k, v in fla's layout
 (B, N, H, .), log gates g = logsigmoid(x) / 16 and beta = sigmoid(x) in fp32 (B, N, H), q and k l2-normalised
 in the op (use_qk_l2norm, fla's use_qk_l2norm_in_kernel), gradients of q, k, v, g and beta:
-  lasp        lasp.gated_delta_attention(..., layout="bnhd") with LASP_DELTA_KERNELS=cuda (the default: the
-              chain of states and the chunks' solves as CUDA kernels, the rest ATen operations)
+  lasp        lasp.gated_delta_attention(..., layout="bnhd") with LASP_DELTA_KERNELS=cuda (the default: for
+              16-bit q, k, v with D and E in {64, 128} the 16-bit kernels, the forward's on sm_90 and the
+              backward's on sm_80 and later; elsewhere the chain of states and the chunks' solves as CUDA
+              kernels, the rest ATen operations)
   lasp-aten   the same with LASP_DELTA_KERNELS=aten (all of it ATen operations)
   lasp-fused  the same with LASP_DELTA_KERNELS=fused (the chunks' fused WY, output and gradient kernels too)
   fla         fla.ops.gated_delta_rule.chunk_gated_delta_rule(...). fla 0.6.0 refuses its gated backward on
