@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include "delta_chain_api.h"
+#include "warp_tile.h"  // tf32_bits, tf32_mma
 
 namespace lasp {
 namespace cuda {
@@ -55,20 +56,6 @@ __host__ __device__ inline size_t tc_smem_floats(const ChainTcArgs& a) {
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-__device__ __forceinline__ uint32_t to_tf32(float x) {
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
-  return r;
-}
-
-__device__ __forceinline__ void mma_tf32(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 __device__ __forceinline__ unsigned smem_u32(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
@@ -124,7 +111,7 @@ __device__ __forceinline__ void frag_a(uint32_t* a, const float* s, const SmemMa
   const int l = threadIdx.x & 31, g = l >> 2, c = l & 3;
   const int m[4] = {m0 + g, m0 + g + 8, m0 + g, m0 + g + 8}, k[4] = {k0 + c, k0 + c, k0 + c + 4, k0 + c + 4};
 #pragma unroll
-  for (int i = 0; i < 4; ++i) a[i] = to_tf32(s[sm.rowmajor ? m[i] * sm.ld + k[i] : k[i] * sm.ld + m[i]]);
+  for (int i = 0; i < 4; ++i) a[i] = tf32_bits(s[sm.rowmajor ? m[i] * sm.ld + k[i] : k[i] * sm.ld + m[i]]);
 }
 
 // acc[nt] (16 x 8 each, nt < 4) += M (16 rows at m0, K columns) x T (K x 32 in shared memory, ld kTcLdS)
@@ -136,9 +123,9 @@ __device__ __forceinline__ void tile_product(float (*acc)[4], const float* sM, c
     frag_a(a, sM, sm, m0, k0);
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
-      const uint32_t b0 = to_tf32(sT[(k0 + c) * kTcLdS + nt * 8 + g]);
-      const uint32_t b1 = to_tf32(sT[(k0 + c + 4) * kTcLdS + nt * 8 + g]);
-      mma_tf32(acc[nt], a, b0, b1);
+      const uint32_t b0 = tf32_bits(sT[(k0 + c) * kTcLdS + nt * 8 + g]);
+      const uint32_t b1 = tf32_bits(sT[(k0 + c + 4) * kTcLdS + nt * 8 + g]);
+      tf32_mma(acc[nt], a, b0, b1);
     }
   }
 }
@@ -267,9 +254,9 @@ __device__ __forceinline__ void tile_product_n(float (*acc)[4], const float* sM,
     frag_a(a, sM, sm, m0, k0);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      const uint32_t b0 = to_tf32(sT[(k0 + c) * LD + n0 + nt * 8 + g]);
-      const uint32_t b1 = to_tf32(sT[(k0 + c + 4) * LD + n0 + nt * 8 + g]);
-      mma_tf32(acc[nt], a, b0, b1);
+      const uint32_t b0 = tf32_bits(sT[(k0 + c) * LD + n0 + nt * 8 + g]);
+      const uint32_t b1 = tf32_bits(sT[(k0 + c + 4) * LD + n0 + nt * 8 + g]);
+      tf32_mma(acc[nt], a, b0, b1);
     }
   }
 }
