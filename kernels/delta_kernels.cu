@@ -118,50 +118,47 @@ __global__ void __launch_bounds__(kPrepThreads) wy16_kernel(Wy16Args a) {
 //      place (16 bits);
 //   6. W_v = m^-1 (diag(beta) V), W_k = m^-1 (diag(beta pre) K) on tensor cores over the columns left of each row
 //      tile's end (m^-1 is lower triangular), stored as bf16 / fp16 pairs.
-// With minv_in, m^-1 in 16 bits comes by cp.async with K and V (identity rows past N), and steps 3 and 4 are
+// With minv_in (the backward), a kernel of its own (GIVEN): m^-1 in 16 bits comes by cp.async with K and V
+// (identity rows past N), gam is not formed (pre alone, with gate_parts' bits: gate_pre) and steps 3 and 4 are
 // skipped: the same operands as the forward's, so the same W. 16-bit operands where prep_block's tensor-core
 // program has tf32 ones (as fla's WY kernels round them); shared memory about 70 KiB at D = E = 128, three blocks
-// per SM.
+// per SM (GIVEN: about 44 KiB without the fp32 tiles, four blocks).
 constexpr int kWyC = 64, kWyLdc = 68, kWyLdm = 72;  // fp32 rows of A, gam, m^-1; 16-bit rows of M
 struct Wy16MmaLayout {
   int ldk, ldv;
-  size_t k, v, a, gt, b, g, pre, bytes;  // byte offsets
-  __host__ __device__ Wy16MmaLayout(int D, int E, int T16size) {
+  size_t k, v, a, gt, b, g, pre, bytes;  // byte offsets; given: a is M's 16-bit tile, gt unused
+  __host__ __device__ Wy16MmaLayout(int D, int E, int T16size, bool given) {
     ldk = D + 8, ldv = E + 8;
     k = 0;
     v = k + (size_t)kWyC * ldk * T16size;
     a = v + (size_t)kWyC * ldv * T16size;
-    gt = a + (size_t)kWyC * kWyLdc * 4;
-    b = gt + (size_t)kWyC * kWyLdc * 4;
+    gt = given ? a + (size_t)kWyC * kWyLdm * T16size : a + (size_t)kWyC * kWyLdc * 4;
+    b = given ? gt : gt + (size_t)kWyC * kWyLdc * 4;
     g = b + kWyC * 4;
     pre = g + kWyC * 4;
     bytes = pre + kWyC * 4;
   }
 };
 
-template <typename T16>
-__global__ void __launch_bounds__(kPrepThreads, 3) wy16_mma_kernel(Wy16Args a) {
+template <typename T16, bool GIVEN>
+__global__ void __launch_bounds__(kPrepThreads, GIVEN ? 4 : 3) wy16_mma_kernel(Wy16Args a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const Wy16Io<T16> io = wy16_io<T16>(a, blockIdx.x);
   const int D = a.D, E = a.E, rows = io.rows, t = threadIdx.x, w = t >> 5;
-  const Wy16MmaLayout L(D, E, sizeof(T16));
+  const Wy16MmaLayout L(D, E, sizeof(T16), GIVEN);
   T16* sK = reinterpret_cast<T16*>(smem_raw + L.k);
   T16* sV = reinterpret_cast<T16*>(smem_raw + L.v);
   float* sA = reinterpret_cast<float*>(smem_raw + L.a);
-  T16* sM = reinterpret_cast<T16*>(smem_raw + L.a);  // step 5 on (with minv_in: from the start): m^-1, rows of kWyLdm
+  T16* sM = reinterpret_cast<T16*>(smem_raw + L.a);  // step 5 on (GIVEN: from the start): m^-1, rows of kWyLdm
   float* sGT = reinterpret_cast<float*>(smem_raw + L.gt);
   float* sb = reinterpret_cast<float*>(smem_raw + L.b);
   float* sg = reinterpret_cast<float*>(smem_raw + L.g);
   float* spre = reinterpret_cast<float*>(smem_raw + L.pre);
-  // the chunk's rows of minv / minv_in
-  const int64_t nc = (a.N + kWyC - 1) / kWyC, row0 = (blockIdx.x / nc * a.N + blockIdx.x % nc * kWyC) * kWyC;
-  const bool given = a.minv_in != nullptr;
   // 1.
   {
     mma::cp_rows(sK, L.ldk, io.k, io.ks, rows, kWyC, D, t, kPrepThreads);
     mma::cp_rows(sV, L.ldv, io.v, io.vs, rows, kWyC, E, t, kPrepThreads);
-    if (given)
-      mma::cp_rows(sM, kWyLdm, static_cast<const T16*>(a.minv_in) + row0, kWyC, rows, kWyC, kWyC, t, kPrepThreads);
+    if constexpr (GIVEN) mma::cp_rows(sM, kWyLdm, io.minv16_in, kWyC, rows, kWyC, kWyC, t, kPrepThreads);
     mma::cp_async_commit();
     if (t < kWyC) {
       sb[t] = t < rows ? io.beta[t] : 0.f;
@@ -170,17 +167,19 @@ __global__ void __launch_bounds__(kPrepThreads, 3) wy16_mma_kernel(Wy16Args a) {
     mma::cp_async_wait<0>();
     __syncthreads();
   }
-  if (given && t < kWyC && t >= rows) sM[t * kWyLdm + t] = static_cast<T16>(1.f);  // m's rows past N: identity
-  gate_parts<float>(  // 2. as prep_block's step 2
-      t, kPrepThreads, kWyC, sg, true, [&](int i, int j, float x) { sGT[i * kWyLdc + j] = x; },
-      [&](int i, float p) { spre[i] = p; });
-  __syncthreads();
-  if (!given) {
+  if constexpr (GIVEN) {
+    if (t < kWyC && t >= rows) sM[t * kWyLdm + t] = static_cast<T16>(1.f);  // m's rows past N: identity
+    gate_pre<float>(t, kWyC, sg, [&](int i, float p) { spre[i] = p; });     // 2. pre alone
+    __syncthreads();
+  } else {
+    gate_parts<float>(  // 2. as prep_block's step 2
+        t, kPrepThreads, kWyC, sg, true, [&](int i, int j, float x) { sGT[i * kWyLdc + j] = x; },
+        [&](int i, float p) { spre[i] = p; });
+    __syncthreads();
     wy_a16(sK, L.ldk, D, sb, sGT, sA, kWyLdc);  // 3.
     __syncthreads();
     invert_unit_lower64(sA, sGT, kWyLdc);  // 4. (ends with a barrier)
     // 5.
-    T16* out = static_cast<T16*>(a.minv);
     for (int e = t; e < kWyC * kWyC / 8; e += kPrepThreads) {  // 8 entries (16 bytes) of a row at a time
       const int i = e / (kWyC / 8), j0 = (e % (kWyC / 8)) * 8;
       uint4 u;
@@ -192,7 +191,7 @@ __global__ void __launch_bounds__(kPrepThreads, 3) wy16_mma_kernel(Wy16Args a) {
         x[j / 2] = mma::pack2<T16>(lo, hi);
       }
       *reinterpret_cast<uint4*>(sM + i * kWyLdm + j0) = u;
-      if (out && i < rows) *reinterpret_cast<uint4*>(out + row0 + i * kWyC + j0) = u;
+      if (io.minv16 && i < rows) *reinterpret_cast<uint4*>(io.minv16 + i * kWyC + j0) = u;
     }
   }
   // rows of K times beta pre, of V times beta, in place, 8 entries (16 bytes) at a time
@@ -477,9 +476,22 @@ cudaError_t delta_wy16(const Wy16Args& a, cudaStream_t st) {
   const int64_t nc = (a.N + a.C - 1) / a.C, chunks = a.B * a.H * nc;
   if (chunks == 0) return cudaSuccess;
   if (!a.program_only && wy16_mma_takes(a)) {
-    const size_t smem = Wy16MmaLayout(a.D, a.E, 2).bytes;
-    return a.bf16 ? launch(wy16_mma_kernel<__nv_bfloat16>, dim3((unsigned)chunks), kPrepThreads, smem, st, a)
-                  : launch(wy16_mma_kernel<__half>, dim3((unsigned)chunks), kPrepThreads, smem, st, a);
+    const bool given = a.minv_in != nullptr;
+    const size_t smem = Wy16MmaLayout(a.D, a.E, 2, given).bytes;
+    const dim3 grid((unsigned)chunks);
+    if (given) {  // four blocks per SM: shared memory over the L1 cache (44 KiB each at D = E = 128)
+      const auto carve = [](auto kernel) {
+        return cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                    (int)cudaSharedmemCarveoutMaxShared);
+      };
+      const cudaError_t ce =
+          a.bf16 ? carve(wy16_mma_kernel<__nv_bfloat16, true>) : carve(wy16_mma_kernel<__half, true>);
+      if (ce != cudaSuccess) return ce;
+      return a.bf16 ? launch(wy16_mma_kernel<__nv_bfloat16, true>, grid, kPrepThreads, smem, st, a)
+                    : launch(wy16_mma_kernel<__half, true>, grid, kPrepThreads, smem, st, a);
+    }
+    return a.bf16 ? launch(wy16_mma_kernel<__nv_bfloat16, false>, grid, kPrepThreads, smem, st, a)
+                  : launch(wy16_mma_kernel<__half, false>, grid, kPrepThreads, smem, st, a);
   }
   const size_t smem = prep_tc_smem_bytes(a.C, a.D, a.E);
   return a.bf16 ? launch(wy16_kernel<__nv_bfloat16>, dim3((unsigned)chunks), kPrepThreads, smem, st, a)

@@ -113,6 +113,16 @@ LASP_CHAIN_HD void gate_parts(int t, int nthreads, int C, const T* sg, bool with
   }
 }
 
+// gate_parts' pre column alone, one thread per row (t < C): put_pre(t, exp(g[0] + ... + g[t])), the gates added
+// in order from g[0] as gate_parts adds them, so the same bits.
+template <typename T, typename FP>
+LASP_CHAIN_HD void gate_pre(int t, int C, const T* sg, FP put_pre) {
+  if (t >= C) return;
+  T s = 0;
+  for (int u = 0; u <= t; ++u) s += sg[u];
+  put_pre(t, prep_exp(s));
+}
+
 // The inverse of the unit lower triangular m = I + A (A in sA, strictly lower; rows of ldc) into sGT, in blocks
 // of 16 rows: each diagonal block by substitution down its columns (one thread per column: 16 steps, not C),
 // then the blocks below the diagonal one diagonal at a time, L[i][j] = -L[i][i] (sum_{j <= l < i} A[i][l]

@@ -58,6 +58,9 @@ struct Wy16Io {
   T16* wv;  // row 0 of the chunk, contiguous rows of E (W_v) and D (W_k)
   T16* wk;
   float *gam = nullptr, *kk = nullptr, *m = nullptr, *minv = nullptr;  // not written
+  // the chunk's row 0 of Wy16Args::minv / minv_in (rows of C), or null (the mma.sync form reads them)
+  T16* minv16 = nullptr;
+  const T16* minv16_in = nullptr;
 
   // Thread t's share (of nthreads) of staging the chunk: X (rows x cols, row stride xs) as floats into dst
   // (C rows of ld, zeros past rows and from cols to cols_pad), 8 entries per load where vec. Every load of a
@@ -135,6 +138,8 @@ LASP_CHAIN_HD Wy16Io<T16> wy16_io(const Wy16Args& a, int64_t ch) {
   io.g = a.g + bh * a.N + n0;
   io.wv = static_cast<T16*>(a.wv) + (bh * a.N + n0) * a.E;
   io.wk = static_cast<T16*>(a.wk) + (bh * a.N + n0) * a.D;
+  if (a.minv) io.minv16 = static_cast<T16*>(a.minv) + (bh * a.N + n0) * a.C;
+  if (a.minv_in) io.minv16_in = static_cast<const T16*>(a.minv_in) + (bh * a.N + n0) * a.C;
   return io;
 }
 

@@ -353,11 +353,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor dend = grad_final_state.has_value() ? grad_final_state->to(at::kFloat).contiguous() : at::Tensor();
   const int qgroup = static_cast<int>(H / q.size(1)), kgroup = static_cast<int>(H / k.size(1)),
             vgroup = static_cast<int>(H / v.size(1));
-  // the forward's m^-1 where it is the shape and dtype the kernels read (checked by the op) and 16-byte aligned
-  const void* mi = minv.defined() && minv.scalar_type() == t && minv.is_contiguous() && minv.dim() == 4 &&
-                           minv.size(3) == 64 && reinterpret_cast<uintptr_t>(minv.data_ptr()) % 16 == 0
-                       ? minv.data_ptr()
-                       : nullptr;
+  // the forward's m^-1 (its shape, dtype, device and contiguity checked by the op: check_minv) where 16-byte aligned
+  const void* mi = minv.defined() && reinterpret_cast<uintptr_t>(minv.data_ptr()) % 16 == 0 ? minv.data_ptr() : nullptr;
   cuda::Wy16Args w = wy16_args(kc, vc, gf, bf, wv, wk);
   w.minv_in = mi;
   cuda::States16Args s;
