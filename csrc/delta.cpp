@@ -602,19 +602,20 @@ bool has_data(const Tensor& x) {
 
 // x / sqrt(sum of squares over D + 1e-6) (fla's use_qk_l2norm_in_kernel), computed in the acc type and rounded
 // once to x's dtype: 16-bit q and k stay 16-bit, as fla's kernel gives them, so that the 16-bit kernels take
-// them. Without autograd: by the device's kernel where it has one (CUDA: 16-bit rows, one pass), else in two passes
-// (the rows' norms, one read of x; then the product into x's dtype, one read, one write).
-Tensor l2norm_values(const Tensor& x) {
+// them. By the device's kernel where it has one (CUDA: 16-bit rows, one pass; where want_r also the rows' r =
+// 1 / sqrt(...) in fp32), else in two passes (the rows' norms, one read of x; then the product into x's dtype, one
+// read, one write; r in the acc type).
+std::tuple<Tensor, Tensor> l2norm_values(const Tensor& x, bool want_r = false) {
   const auto acc = delta_acc(x.scalar_type());
   if (L2NormFn fn = has_data(x) ? device_hook<L2NormFn>(x.device().type()) : nullptr) {
-    Tensor y = fn(x);
-    if (y.defined()) return y;
+    auto [y, r] = fn(x, want_r);
+    if (y.defined()) return {y, r};
   }
   const Tensor r =
       at::linalg_vector_norm(x, 2, at::IntArrayRef{-1}, /*keepdim=*/true, acc).square_().add_(1e-6).rsqrt_();
   Tensor out = at::empty_like(x);
   at::mul_out(out, x, r);
-  return out;
+  return {out, want_r ? r : Tensor()};
 }
 
 // The same as differentiable ATen operations (the derivative of the sum of squares is defined at zero rows).
@@ -623,36 +624,39 @@ Tensor l2norm_aten(const Tensor& x) {
   return (xf * (xf * xf).sum(-1, true).add(1e-6).rsqrt()).to(x.scalar_type());
 }
 
-// Where autograd records it on a device with a backward kernel: the forward by l2norm_values, the backward
-// dx = r (dy - y sum(dy y)) by the device's kernel (each one pass), or where it does not take x as l2norm_aten's
-// derivative.
-// A second derivative exists only through the ATen form.
+// Where autograd records it on a device with a backward kernel: the forward by l2norm_values, which also gives
+// the rows' r; autograd keeps y (the op keeps it anyway) and r (4 bytes a row), not x. The backward
+// dx = r (dy - y sum(dy y)) by the device's kernel (one pass), or where it does not take the rows by the same
+// formula in ATen operations. y is x's normalisation rounded to x's dtype, so the gradient differs from the
+// derivative of the unrounded form by about that rounding (as fla's, which also rounds).
+// A second derivative exists only through the ATen form (l2norm_aten).
 class L2NormFunction : public torch::autograd::Function<L2NormFunction> {
  public:
   static Tensor forward(AutogradContext* ctx, const Tensor& x) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({x});
-    return l2norm_values(x);
+    auto [y, r] = l2norm_values(x, /*want_r=*/true);
+    ctx->save_for_backward({y, r});
+    return y;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const Tensor x = ctx->get_saved_variables()[0];
-    const Tensor dy = grads[0].to(x.scalar_type());
-    L2NormBwdFn fn = has_data(x) && has_data(dy) ? device_hook<L2NormBwdFn>(x.device().type()) : nullptr;
-    Tensor dx = fn ? fn(x, dy) : Tensor();
-    if (!dx.defined()) {  // the derivative of the ATen form
-      at::AutoGradMode grad_mode(true);
-      const Tensor xv = x.detach().requires_grad_(true);
-      dx = torch::autograd::grad({l2norm_aten(xv)}, {xv}, {dy})[0];
+    const auto saved = ctx->get_saved_variables();
+    const Tensor y = saved[0], r = saved[1];
+    const Tensor dy = grads[0].to(y.scalar_type());
+    L2NormBwdFn fn = has_data(y) && has_data(dy) ? device_hook<L2NormBwdFn>(y.device().type()) : nullptr;
+    Tensor dx = fn ? fn(y, r, dy) : Tensor();
+    if (!dx.defined()) {
+      const auto acc = delta_acc(y.scalar_type());
+      const Tensor yf = y.to(acc), dyf = dy.to(acc);
+      dx = (r.to(acc) * (dyf - yf * (dyf * yf).sum(-1, true))).to(y.scalar_type());
     }
     return {dx};
   }
 };
 
-// The l2 normalisation of q or k. Where autograd records it: L2NormFunction on devices with a backward kernel
-// (where the kernel does not take x, its backward is l2norm_aten's derivative), else, and while torch.compile traces
-// the call, l2norm_aten.
+// The l2 normalisation of q or k. Where autograd records it: L2NormFunction on devices with a backward kernel,
+// else, and while torch.compile traces the call, l2norm_aten.
 Tensor l2norm(const Tensor& x) {
-  if (!(at::GradMode::is_enabled() && x.requires_grad())) return l2norm_values(x);
+  if (!(at::GradMode::is_enabled() && x.requires_grad())) return std::get<0>(l2norm_values(x));
   if (has_data(x) && device_hook<L2NormBwdFn>(x.device().type())) return L2NormFunction::apply(x);
   return l2norm_aten(x);
 }

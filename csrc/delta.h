@@ -135,13 +135,14 @@ using MainBwdFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at:
 bool register_delta_main_bwd(c10::DeviceType type, MainBwdFn fn);
 
 // The l2 normalisation of q or k (use_qk_l2norm; without autograd recording, and as the forward of its autograd
-// function): x / sqrt(sum of squares over the last dim + 1e-6), computed in the acc type and rounded once to x's
-// dtype, from a tensor x of any shape. A device's kernel for it (undefined: not taken; two ATen passes run).
-using L2NormFn = at::Tensor (*)(const at::Tensor& x);
+// function): y = r x, r = 1 / sqrt(sum of squares over the last dim + 1e-6), computed in the acc type and rounded
+// once to x's dtype, from a tensor x of any shape; where want_r also r (fp32, x's shape with the last dim 1, for
+// the backward below). A device's kernel for it (undefined y: not taken; two ATen passes run).
+using L2NormFn = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor& x, bool want_r);
 bool register_delta_l2norm(c10::DeviceType type, L2NormFn fn);
-// Its gradient for the autograd of the l2 normalisation: dx = r (dy - y sum(dy y)) per row over the last dim
-// (r = 1 / sqrt(sum of squares + 1e-6), y = r x), from x and dy, in the acc type and rounded once to x's dtype. A
-// device's kernel for it (undefined: not taken; the differentiable ATen form runs, also in the forward).
-using L2NormBwdFn = at::Tensor (*)(const at::Tensor& x, const at::Tensor& dy);
+// Its gradient for the autograd of the l2 normalisation, from the forward's y and r (not x, which autograd then
+// need not keep): dx = r (dy - y sum(dy y)) per row over the last dim, in the acc type and rounded once to y's
+// dtype. A device's kernel for it (undefined: not taken; the same formula by ATen operations runs).
+using L2NormBwdFn = at::Tensor (*)(const at::Tensor& y, const at::Tensor& r, const at::Tensor& dy);
 bool register_delta_l2norm_bwd(c10::DeviceType type, L2NormBwdFn fn);
 }  // namespace lasp

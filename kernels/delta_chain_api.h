@@ -63,6 +63,7 @@ cudaError_t delta_wy16(const Wy16Args& args, cudaStream_t stream);
 
 // Rows of D 16-bit entries (bf16, else fp16) of (B, H, N, D) tensors x, dy, y given by their strides of b, h, n
 // (the last dim contiguous); D a power of two in 8..256, rows on 16-byte boundaries (else cudaErrorInvalidValue).
+// r: one fp32 per row, at b rs[0] + h rs[1] + n rs[2].
 struct L2NormRows {
   int64_t B = 0, H = 1, N = 0;
   int D = 0;
@@ -70,13 +71,15 @@ struct L2NormRows {
   const void* x = nullptr;
   const void* dy = nullptr;
   void* y = nullptr;
-  int64_t xs[3] = {0, 0, 0}, dys[3] = {0, 0, 0}, ys[3] = {0, 0, 0};
+  float* r = nullptr;
+  int64_t xs[3] = {0, 0, 0}, dys[3] = {0, 0, 0}, ys[3] = {0, 0, 0}, rs[3] = {0, 0, 0};
 };
-// y = x / sqrt(sum of squares over each row + 1e-6), computed in fp32 and rounded once: the l2 normalisation of q
-// and k (use_qk_l2norm).
+// y = r x, r = 1 / sqrt(sum of squares over each row + 1e-6), computed in fp32 and rounded once: the l2
+// normalisation of q and k (use_qk_l2norm); r written where not null (what the backward reads).
 cudaError_t delta_l2norm16(const L2NormRows& args, cudaStream_t stream);
-// Its gradient into y: dx = r (dy - x r sum(dy x r)) per row (r = 1 / sqrt(sum of x^2 + 1e-6)), in fp32, rounded
-// once.
+// Its gradient into y from the forward's output (in x) and r (required): dx = r (dy - x sum(dy x)) per row, in fp32,
+// rounded once. (x is the forward's y rounded to 16 bits, so this differs from the gradient through the unrounded
+// y by about that rounding.)
 cudaError_t delta_l2norm16_bwd(const L2NormRows& args, cudaStream_t stream);
 
 // The forward's output per chunk (delta_out.h; out_smem_bytes per block: 83 KiB at C = 64, D = 128 in

@@ -238,33 +238,35 @@ __global__ void __launch_bounds__(kPrepThreads, GIVEN ? 4 : 3) wy16_mma_kernel(W
 }
 
 // y = x / sqrt(sum of x^2 over the row + 1e-6) per row (b, h, n) of D (a power of two, 8..256) contiguous 16-bit
-// entries, each tensor's rows at its own strides, in fp32, rounded once: D / 8 threads per row (8 entries, one
-// 16-byte load each), a shuffle sum over them. With
-// dy (BWD): its gradient instead, dx = r (dy - y sum(dy y)), r = 1 / sqrt(sum of x^2 + 1e-6), y = r x unrounded.
+// entries, each tensor's rows at its own strides, in fp32, rounded once, and r = 1 / sqrt(...) where a.r: D / 8
+// threads per row (8 entries, one 16-byte load each), a shuffle sum over them. With dy (BWD): its gradient
+// instead, from the forward's y (in x) and r, dx = r (dy - y sum(dy y)).
 template <typename T16, bool BWD>
 __global__ void __launch_bounds__(256) l2norm16_kernel(L2NormRows a) {
   const int D = a.D, tpr = D / 8;
   const int64_t i = (int64_t)blockIdx.x * (256 / tpr) + threadIdx.x / tpr, rows = a.B * a.H * a.N;
   const int part = threadIdx.x % tpr;
   const int64_t n = i % a.N, bh = i / a.N, h = bh % a.H, b = bh / a.H;
-  auto at = [&](const int64_t* st) { return b * st[0] + h * st[1] + n * st[2] + part * 8; };
+  auto at = [&](const int64_t* st) { return b * st[0] + h * st[1] + n * st[2]; };
   struct alignas(16) Raw {
     uint32_t w[4];
   };
   Raw r = Raw{{0u, 0u, 0u, 0u}}, d = r;
+  float rn = 0.f;
   if (i < rows) {
-    r = *reinterpret_cast<const Raw*>(static_cast<const T16*>(a.x) + at(a.xs));
-    if constexpr (BWD) d = *reinterpret_cast<const Raw*>(static_cast<const T16*>(a.dy) + at(a.dys));
+    r = *reinterpret_cast<const Raw*>(static_cast<const T16*>(a.x) + at(a.xs) + part * 8);
+    if constexpr (BWD) {
+      d = *reinterpret_cast<const Raw*>(static_cast<const T16*>(a.dy) + at(a.dys) + part * 8);
+      rn = a.r[at(a.rs)];
+    }
   }
   float f[8], ss = 0.f;
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
     const float2 u = mma::unpack2<T16>(r.w[c]);
     f[2 * c] = u.x, f[2 * c + 1] = u.y;
-    ss += u.x * u.x + u.y * u.y;
+    if constexpr (!BWD) ss += u.x * u.x + u.y * u.y;
   }
-  for (int o = tpr / 2; o > 0; o /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-  const float s = rsqrtf(ss + 1e-6f);
   if constexpr (BWD) {
     float g[8], dot = 0.f;
 #pragma unroll
@@ -273,16 +275,18 @@ __global__ void __launch_bounds__(256) l2norm16_kernel(L2NormRows a) {
       g[2 * c] = u.x, g[2 * c + 1] = u.y;
       dot += u.x * f[2 * c] + u.y * f[2 * c + 1];
     }
-    for (int o = tpr / 2; o > 0; o /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-    dot *= s;  // sum(dy y)
+    for (int o = tpr / 2; o > 0; o /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, o);  // sum(dy y)
 #pragma unroll
     for (int c = 0; c < 4; ++c)
-      r.w[c] = mma::pack2<T16>(s * (g[2 * c] - s * f[2 * c] * dot), s * (g[2 * c + 1] - s * f[2 * c + 1] * dot));
+      r.w[c] = mma::pack2<T16>(rn * (g[2 * c] - f[2 * c] * dot), rn * (g[2 * c + 1] - f[2 * c + 1] * dot));
   } else {
+    for (int o = tpr / 2; o > 0; o /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    const float s = rsqrtf(ss + 1e-6f);
 #pragma unroll
     for (int c = 0; c < 4; ++c) r.w[c] = mma::pack2<T16>(f[2 * c] * s, f[2 * c + 1] * s);
+    if (a.r && i < rows && part == 0) a.r[at(a.rs)] = s;
   }
-  if (i < rows) *reinterpret_cast<Raw*>(static_cast<T16*>(a.y) + at(a.ys)) = r;
+  if (i < rows) *reinterpret_cast<Raw*>(static_cast<T16*>(a.y) + at(a.ys) + part * 8) = r;
 }
 
 // Whether the device is sm_80 or later (tf32 mma.sync); an error of the query in *e.
@@ -445,7 +449,7 @@ cudaError_t l2norm16(const L2NormRows& a, cudaStream_t st) {
   const int64_t rows = a.B * a.H * a.N;
   if (a.B < 0 || a.H < 1 || a.N < 0 || a.D < 8 || a.D > 256 || (a.D & (a.D - 1)) != 0 ||
       !mma::rows_on_16_bytes(a.x, a.xs) || !mma::rows_on_16_bytes(a.y, a.ys) ||
-      (BWD && !mma::rows_on_16_bytes(a.dy, a.dys)))
+      (BWD && (!mma::rows_on_16_bytes(a.dy, a.dys) || !a.r)))
     return cudaErrorInvalidValue;
   if (rows == 0) return cudaSuccess;
   const int64_t per_block = 256 / (a.D / 8), blocks = (rows + per_block - 1) / per_block;

@@ -403,7 +403,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 // The rows of x (16-bit, last dim a power of two up to 256, contiguous) as a (B, H, N, D) view: a 4-D x by its
-// strides, any other by its rows where they tile the storage; rows on 16-byte boundaries. Else false.
+// strides, any other by its rows in memory order where they tile the storage; rows on 16-byte boundaries. Else
+// false.
 bool l2norm_rows(const at::Tensor& x, int64_t* dims, int64_t* st) {
   const auto t = x.scalar_type();
   const int64_t D = x.dim() > 0 ? x.size(-1) : 0;
@@ -420,33 +421,72 @@ bool l2norm_rows(const at::Tensor& x, int64_t* dims, int64_t* st) {
          st[2] % 8 == 0;
 }
 
-// y = the l2 normalisation of x's rows (delta_l2norm16), y laid out as x where x is dense; or, with dy (the same
-// shape), the gradient: dx = r (dy - y sum(dy y)) (delta_l2norm16_bwd). Nothing where the kernel does not take the
-// rows of x, y or dy.
-at::Tensor l2norm_kernel(const at::Tensor& x, const at::Tensor* dy) {
-  cuda::L2NormRows a;
-  int64_t dims[3];
-  if (!l2norm_rows(x, dims, a.xs)) return {};
-  at::Tensor y = at::empty_like(x);
-  int64_t ydims[3], ddims[3];
-  if (!l2norm_rows(y, ydims, a.ys) ||
-      (dy && (dy->sizes() != x.sizes() || dy->scalar_type() != x.scalar_type() || !l2norm_rows(*dy, ddims, a.dys))))
-    return {};
-  for (int i = 0; i < 3; ++i)
-    if (ydims[i] != dims[i] || (dy && ddims[i] != dims[i])) return {};
-  a.B = dims[0], a.H = dims[1], a.N = dims[2], a.D = static_cast<int>(x.size(-1));
-  a.bf16 = x.scalar_type() == at::kBFloat16;
-  a.x = x.data_ptr(), a.y = y.data_ptr(), a.dy = dy ? dy->data_ptr() : nullptr;
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t st = at::cuda::getCurrentCUDAStream();
-  C10_CUDA_CHECK(dy ? cuda::delta_l2norm16_bwd(a, st) : cuda::delta_l2norm16(a, st));
-  return y;
+// Whether x and y (the same shape) give the kernel the same rows: any strides where 4-D (each by its own), else
+// the same strides (rows in memory order).
+bool same_rows(const at::Tensor& x, const at::Tensor& y) {
+  return x.sizes() == y.sizes() && (x.dim() == 4 || x.strides() == y.strides());
 }
 
-at::Tensor l2norm_cuda(const at::Tensor& x) { return l2norm_kernel(x, nullptr); }
+// The layout of r (fp32, one per row of x: x's shape with the last dim 1) for the kernel's view of x's rows:
+// contiguous where x is 4-D, else in the memory order of x's rows; rs: its strides of the view's (b, h, n).
+struct RowNorms {
+  std::vector<int64_t> sizes, strides;
+  int64_t rs[3];
+  explicit RowNorms(const at::Tensor& x) : sizes(x.sizes().begin(), x.sizes().end()), strides(x.dim(), 1) {
+    sizes.back() = 1;
+    if (x.dim() == 4) {
+      for (int i = 2; i >= 0; --i) strides[i] = strides[i + 1] * sizes[i + 1];
+      for (int i = 0; i < 3; ++i) rs[i] = strides[i];
+    } else {  // x dense with its last dim contiguous: its row strides are multiples of D
+      for (int64_t i = 0; i + 1 < x.dim(); ++i) strides[i] = x.stride(i) / x.size(-1);
+      rs[0] = rs[1] = 0, rs[2] = 1;
+    }
+  }
+};
 
-at::Tensor l2norm_bwd_cuda(const at::Tensor& x, const at::Tensor& dy) {
-  return dy.defined() ? l2norm_kernel(x, &dy) : at::Tensor();
+// L2NormFn: y = the l2 normalisation of x's rows (delta_l2norm16), y laid out as x where x is dense, and where
+// want_r the rows' r = 1 / sqrt(sum of squares + 1e-6) (laid out as RowNorms says). Nothing where the kernel does
+// not take the rows of x or y.
+std::tuple<at::Tensor, at::Tensor> l2norm_cuda(const at::Tensor& x, bool want_r) {
+  cuda::L2NormRows a;
+  int64_t dims[3], ydims[3];
+  if (!l2norm_rows(x, dims, a.xs)) return {};
+  at::Tensor y = at::empty_like(x);
+  if (!l2norm_rows(y, ydims, a.ys) || !same_rows(x, y)) return {};
+  at::Tensor r;
+  if (want_r) {
+    const RowNorms L(y);
+    r = at::empty_strided(L.sizes, L.strides, x.options().dtype(at::kFloat));
+    for (int i = 0; i < 3; ++i) a.rs[i] = L.rs[i];
+    a.r = r.data_ptr<float>();
+  }
+  a.B = dims[0], a.H = dims[1], a.N = dims[2], a.D = static_cast<int>(x.size(-1));
+  a.bf16 = x.scalar_type() == at::kBFloat16;
+  a.x = x.data_ptr(), a.y = y.data_ptr();
+  const c10::cuda::CUDAGuard guard(x.device());
+  C10_CUDA_CHECK(cuda::delta_l2norm16(a, at::cuda::getCurrentCUDAStream()));
+  return {y, r};
+}
+
+// L2NormBwdFn: dx = r (dy - y sum(dy y)) per row (delta_l2norm16_bwd) from l2norm_cuda's y and r, dx laid out as y.
+// Nothing where the kernel does not take the rows (or r is not laid out as l2norm_cuda lays it out for y).
+at::Tensor l2norm_bwd_cuda(const at::Tensor& y, const at::Tensor& r, const at::Tensor& dy) {
+  cuda::L2NormRows a;
+  int64_t dims[3], ddims[3], xdims[3];
+  if (!dy.defined() || !r.defined() || r.scalar_type() != at::kFloat || dy.scalar_type() != y.scalar_type() ||
+      !l2norm_rows(y, dims, a.xs) || !l2norm_rows(dy, ddims, a.dys) || !same_rows(y, dy))
+    return {};
+  const RowNorms L(y);
+  if (r.sizes() != at::IntArrayRef(L.sizes) || r.strides() != at::IntArrayRef(L.strides)) return {};
+  at::Tensor dx = at::empty_like(y);
+  if (!l2norm_rows(dx, xdims, a.ys) || !same_rows(y, dx)) return {};
+  for (int i = 0; i < 3; ++i) a.rs[i] = L.rs[i];
+  a.B = dims[0], a.H = dims[1], a.N = dims[2], a.D = static_cast<int>(y.size(-1));
+  a.bf16 = y.scalar_type() == at::kBFloat16;
+  a.x = y.data_ptr(), a.dy = dy.data_ptr(), a.y = dx.data_ptr(), a.r = const_cast<float*>(r.data_ptr<float>());
+  const c10::cuda::CUDAGuard guard(y.device());
+  C10_CUDA_CHECK(cuda::delta_l2norm16_bwd(a, at::cuda::getCurrentCUDAStream()));
+  return dx;
 }
 
 const bool registered = register_delta_chain(c10::DeviceType::CUDA, &chain_cuda);

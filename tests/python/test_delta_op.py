@@ -630,6 +630,33 @@ def test_cuda_l2norm_backward_kernel(lasp, dtype, D, layout, seed):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_cuda_l2norm_keeps_not_its_input(lasp, layout, seed):
+    """With use_qk_l2norm under autograd, the normalisation keeps its output and each row's 1 / norm for the
+    backward, not its input: q and k made by an earlier operation (as a projection makes them) are freed once the
+    caller drops them, before the backward runs; the gradients still match the float64 recurrence's."""
+    B, H, N, D = 1, 4, 1024, 128
+    q, k, v, g, beta, s0, do, dS = _inputs(seed, B, H, H, H, N, D, D, dtype=torch.bfloat16, device="cuda")
+    t = (lambda x: x.transpose(1, 2).contiguous()) if layout == "bnhd" else (lambda x: x)
+    back = (lambda x: x.transpose(1, 2)) if layout == "bnhd" else (lambda x: x)
+    leaves = [t(x).requires_grad_() for x in (q, k)]
+    qq, kk = (x * 1.0 for x in leaves)  # non-leaf results whose backward keeps nothing of them
+    o, f = lasp.gated_delta_attention(qq, kk, *(t(x) for x in (v, g, beta)), initial_state=s0, use_qk_l2norm=True,
+                                      output_final_state=True, layout=layout)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    nbytes = qq.numel() * qq.element_size() + kk.numel() * kk.element_size()
+    del qq, kk
+    freed = before - torch.cuda.memory_allocated()
+    assert freed == nbytes, f"dropping q and k freed {freed} bytes, not their {nbytes}: autograd keeps them"
+    dq, dk = torch.autograd.grad([o, f], leaves, [t(do.to(o.dtype)), dS.float()])
+    want = _run(_ref(use_qk_l2norm=True), *(x.double().cpu() for x in (q, k, v, g, beta, s0, do, dS)))
+    for name, got in (("dq", back(dq)), ("dk", back(dk))):
+        err = rel_err(got, want[name])
+        assert err < 3e-2, f"{name}: relative error {err:.2e} against float64"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
 @pytest.mark.parametrize("D", [32, 128, 256, 48])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_cuda_l2norm_kernel(lasp, dtype, D, layout, seed):
