@@ -29,7 +29,7 @@ namespace lasp {
 namespace cuda {
 namespace {
 
-constexpr int kC = 64, kEt = 64, kLdE = kEt + 8, kThreads = 256, kLdGam = kC + 1;
+constexpr int kC = 64, kEt = 64, kLdE = kEt + 8, kThreads = 256;
 
 // Warp w's part of the block's D x 64 state (or state gradient) in its accumulators X[NT][4]: rows m0 .. m0 + 15
 // (m16n8 fragments: rows gq and gq + 8), NT n-tiles of 8 columns from n0.
