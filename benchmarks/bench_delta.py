@@ -20,6 +20,10 @@ the float64 recurrence instead. CUDA events, warm-up, median of --reps; inputs r
 L2. The memory floor: the forward reads q, k, v (bf16), g and beta (fp32) and writes o; the backward reads
 them and do and writes dq, dk, dv, dg, dbeta, at the measured copy rate.
 
+On CUDA, also the memory each implementation keeps for the backward ("held", MiB; JSON "held"): the bytes
+allocated after one recorded forward, less those before it and the output, with q, k and v made by an earlier
+operation (as projections make them) and dropped by the caller, so that only what autograd keeps remains.
+
 --qk-heads HQ: GVA (q and k with HQ heads, v, g, beta and the output with H), as Qwen3-Next's linear attention
 (16 q/k heads, 32 value heads):
 
@@ -61,6 +65,22 @@ def bench(fn, nsets, device, warmup=2, reps=10):
             times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     return times[len(times) // 2]
+
+
+def held_for_backward(f, ins):
+    """Bytes that the forward f keeps for the backward (CUDA): allocated after it, less before it and the
+    output, with q, k and v made by an earlier operation (x * 1.0: new storage, whose backward keeps nothing)
+    and dropped before the count."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in ins]
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    made = [x * 1.0 for x in leaves[:3]] + leaves[3:]
+    o = f(made)
+    del made
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - before - o.numel() * o.element_size()
+    del o
+    return held
 
 
 def copy_bandwidth(device):
@@ -116,7 +136,7 @@ def main():
     bw = copy_bandwidth(device)
     info["copy_GBps"] = bw / 1e9
     print("# " + "  ".join(f"{k}={v}" for k, v in info.items()), flush=True)
-    rows, checks = [], []
+    rows, checks, held = [], [], []
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     for shape in shapes:
         if len(shape) not in (4, 5):
@@ -175,6 +195,11 @@ def main():
             checks.append({"shape": name, "impl": impl, "vs": ref_name, "rel_err": errs})
             print(f"# {name} {impl} vs {ref_name}: " + "  ".join(f"{n} {e:.2e}" for n, e in errs.items()), flush=True)
         del outs
+        if device.type == "cuda":
+            for impl, f in fns.items():
+                mib = held_for_backward(f, sets[0][0]) / 2**20
+                held.append({"shape": name, "impl": impl, "held_MiB": mib})
+                print(f"# {name} {impl}: {mib:.1f} MiB kept for the backward", flush=True)
         for impl, f in fns.items():
             leaves_sets = [([t.detach().clone().requires_grad_(True) for t in s[0]], s[1]) for s in sets]
             with torch.no_grad():
@@ -190,7 +215,8 @@ def main():
                 print(f"# {name} {impl:<10} {mode:<8} {ms:9.3f} ms  floor {fl:.3f} ms", flush=True)
             if args.json:
                 with open(args.json, "w") as fh:
-                    json.dump({"info": info, "rows": rows, "checks": checks, "complete": False}, fh, indent=1)
+                    json.dump({"info": info, "rows": rows, "checks": checks, "held": held, "complete": False}, fh,
+                              indent=1)
         del sets
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -201,9 +227,13 @@ def main():
                        and x["shape"] == r["shape"]), None)
         vs = f"{fla_ms / r['ms']:.2f}x" if fla_ms else "-"
         print(f"{r['shape']:<22} {r['impl']:<11} {r['mode']:<8} {r['ms']:9.3f} {r['x_floor']:8.2f} {vs:>7}")
+    if held:
+        print(f"\n{'shape':<22} {'impl':<11} {'kept for the backward (MiB)':>28}")
+        for h in held:
+            print(f"{h['shape']:<22} {h['impl']:<11} {h['held_MiB']:28.1f}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"info": info, "rows": rows, "checks": checks, "complete": True}, fh, indent=1)
+            json.dump({"info": info, "rows": rows, "checks": checks, "held": held, "complete": True}, fh, indent=1)
     return 0
 
 

@@ -18,6 +18,7 @@ def test_bench_delta_cpu_smoke(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     d = json.loads(out.read_text())
     assert d["complete"] is True
+    assert d["held"] == []  # the memory kept for the backward is counted on CUDA only
     assert {(c["shape"], c["impl"], c["vs"]) for c in d["checks"]} == {
         ("1x2x130x16", "lasp", "float64"), ("1x4x70x8x12-qk2", "lasp", "float64")}
     for c in d["checks"]:  # float32 against the float64 recurrence
