@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 def _check(fn, name, t, shape):
     if not isinstance(t, torch.Tensor):
@@ -196,9 +197,30 @@ def _check_doc_states(fn, initial_state, num_docs, q, v):
         raise ValueError(f"{fn}: initial_state must be on q's device {q.device}, got {initial_state.device}")
 
 
+class _L2Norm(torch.autograd.Function):
+    """x / sqrt(sum of squares over the last dim + 1e-6) in the acc dtype. It keeps for the backward its output
+    (which the pieces keep anyway) and each row's 1 / norm, not x nor x's copy in acc; the backward is
+    dx = r (dy - y sum(dy y)) in acc, as exact as the derivative of the ATen form, in x's dtype."""
+
+    @staticmethod
+    def forward(ctx, x, acc):
+        xa = x.to(acc)
+        r = torch.rsqrt((xa * xa).sum(-1, keepdim=True) + 1e-6)
+        y = xa * r
+        ctx.save_for_backward(y, r)
+        ctx.dtype = x.dtype
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        y, r = ctx.saved_tensors
+        dy = dy.to(y.dtype)
+        return (r * (dy - y * (dy * y).sum(-1, keepdim=True))).to(ctx.dtype), None
+
+
 def _l2norm(x, acc):
-    x = x.to(acc)
-    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6)
+    return _L2Norm.apply(x, acc)
 
 
 def gated_delta_attention(

@@ -172,6 +172,34 @@ def test_packed_documents_with_states_match_each_alone(lasp, seed):
         torch.testing.assert_close(f2[j:j + 1], fd, rtol=1e-10, atol=1e-10)
 
 
+def test_packed_l2norm_keeps_output_and_norms(lasp, seed):
+    """With per-document states (the Python composition over segments), use_qk_l2norm keeps for the backward the
+    normalised q and k (which the pieces keep anyway) and each row's 1 / norm, not q and k themselves: the bytes
+    that autograd saves (each storage once) grow by the rows' norms alone against the same call without it."""
+    lens = [40, 1, 87]
+    N, H, D, E = sum(lens), 2, 16, 8
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist())
+    q, k, v, g, beta, _, _, _ = _inputs(seed, 1, H, H, H, N, D, E, dtype=torch.float32, resets=False)
+
+    def saved_bytes(l2):
+        seen = {}
+
+        def pack(t):
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+            return t
+
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, g, beta)]
+        made = [x * 1.0 for x in leaves[:2]] + leaves[2:]  # q and k made by an earlier operation
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            lasp.gated_delta_attention(*made, cu_seqlens=cu, output_final_state=True, use_qk_l2norm=l2)
+        return sum(seen.values())
+
+    grown = saved_bytes(True) - saved_bytes(False)
+    norms = 2 * 1 * H * N * 4  # one fp32 per row of q and of k
+    assert grown == norms, f"use_qk_l2norm made autograd keep {grown} more bytes, not the rows' norms' {norms}"
+
+
 def test_meta_tensors_give_shapes(lasp):
     """On meta tensors (shape inference, as torch.compile's fake tensors need): the output and final-state
     shapes of both layouts, GVA heads, without value checks."""
