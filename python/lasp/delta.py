@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
+
 def _check(fn, name, t, shape):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -219,10 +220,6 @@ class _L2Norm(torch.autograd.Function):
         return (r * (dy - y * (dy * y).sum(-1, keepdim=True))).to(ctx.dtype), None
 
 
-def _l2norm(x, acc):
-    return _L2Norm.apply(x, acc)
-
-
 def gated_delta_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -356,7 +353,7 @@ def gated_delta_attention(
             (p, cuts[i + 1], j) for i, (j, p) in enumerate(local)]
         states = None if initial_state is None else initial_state.to(acc)
         s0 = torch.zeros(B, H, D, E, dtype=acc, device=q.device)
-        qq, kk = (_l2norm(q, acc), _l2norm(k, acc)) if use_qk_l2norm else (q, k)
+        qq, kk = (_L2Norm.apply(q, acc), _L2Norm.apply(k, acc)) if use_qk_l2norm else (q, k)
         o, F = _DeltaPiece.apply(qq, kk, v, g, beta, s0, states, scale, exchange, segs)
         o = o.to(q.dtype)
         S = F[-1]
