@@ -330,7 +330,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> main_cuda(const at::Tensor& q, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> main_bwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g, const at::Tensor& beta,
     double scale, const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& dout,
-    const std::optional<at::Tensor>& grad_final_state, bool state_grad_only, const at::Tensor& minv) {
+    const std::optional<at::Tensor>& grad_final_state, bool state_grad_only, const at::Tensor& minv,
+    const at::Tensor& rq, const at::Tensor& rk) {
   const auto t = q.scalar_type();
   if (!use_kernel() || (t != at::kBFloat16 && t != at::kHalf) || k.scalar_type() != t || v.scalar_type() != t)
     return {};
@@ -371,6 +372,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   r.scale = static_cast<float>(scale);
   r.du = du.data_ptr(), r.dse = dse.data_ptr(), r.dS0 = ds0.data_ptr<float>();
   at::Tensor dq, dk, dv, dbeta, dg;
+  at::Tensor l2_keep[2];  // rq, rk in fp32 while the kernels run
   cuda::Grad16Args a;
   if (!state_grad_only) {
     // in the inputs' dtype where no sum over the output heads follows (to_in_heads), else fp32
@@ -390,6 +392,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     a.dq = dq.data_ptr(), a.dk = dk.data_ptr(), a.dv = dv.data_ptr();
     a.dbeta = dbeta.data_ptr<float>(), a.dg = dg.data_ptr<float>();
     a.minv = mi;
+    // the l2 normalisation's backward folded in (q / k with a head per output head): r in fp32 (any strides)
+    const at::Tensor rqf = rq.defined() ? rq.to(at::kFloat) : rq, rkf = rk.defined() ? rk.to(at::kFloat) : rk;
+    if (rqf.defined()) {
+      a.rq = rqf.data_ptr<float>();
+      for (int i = 0; i < 3; ++i) a.rqs[i] = rqf.stride(i);
+    }
+    if (rkf.defined()) {
+      a.rk = rkf.data_ptr<float>();
+      for (int i = 0; i < 3; ++i) a.rks[i] = rkf.stride(i);
+    }
+    l2_keep[0] = rqf, l2_keep[1] = rkf;
   }
   if (!cuda::delta_wy16_takes(w) || !cuda::delta_states16_takes(s) || !cuda::delta_rev16_takes(r) ||
       (!state_grad_only && !cuda::delta_grad16_takes(a)))
@@ -427,15 +440,20 @@ bool same_rows(const at::Tensor& x, const at::Tensor& y) {
   return x.sizes() == y.sizes() && (x.dim() == 4 || x.strides() == y.strides());
 }
 
-// The layout of r (fp32, one per row of x: x's shape with the last dim 1) for the kernel's view of x's rows:
-// contiguous where x is 4-D, else in the memory order of x's rows; rs: its strides of the view's (b, h, n).
+// The layout of r (fp32, one per row of x: x's shape with the last dim 1) for the kernel's view of x's rows: dense
+// in the memory order of x's rows (where x is 4-D, its first three dims ordered by x's strides, as the kernel
+// takes the rows, so that r is written in order too); rs: its strides of the view's (b, h, n).
 struct RowNorms {
   std::vector<int64_t> sizes, strides;
   int64_t rs[3];
   explicit RowNorms(const at::Tensor& x) : sizes(x.sizes().begin(), x.sizes().end()), strides(x.dim(), 1) {
     sizes.back() = 1;
     if (x.dim() == 4) {
-      for (int i = 2; i >= 0; --i) strides[i] = strides[i + 1] * sizes[i + 1];
+      int order[3] = {0, 1, 2};  // outermost first
+      auto key = [&](int j) { return x.size(j) == 1 ? (int64_t)-1 : x.stride(j); };
+      std::stable_sort(order, order + 3, [&](int i, int j) { return key(i) > key(j); });
+      int64_t s = 1;
+      for (int o = 2; o >= 0; --o) strides[order[o]] = s, s *= sizes[order[o]];
       for (int i = 0; i < 3; ++i) rs[i] = strides[i];
     } else {  // x dense with its last dim contiguous: its row strides are multiples of D
       for (int64_t i = 0; i + 1 < x.dim(); ++i) strides[i] = x.stride(i) / x.size(-1);
