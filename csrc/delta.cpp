@@ -215,6 +215,15 @@ DeltaKernels delta_kernels_mode() {
   return DeltaKernels::Aten;
 }
 
+// LASP_DELTA_L2_FOLD (read at every call): "1" folds use_qk_l2norm's backward into the gradients kernel on
+// CUDA (see delta_autograd); "0" or unset keeps it a kernel of its own.
+bool delta_l2_fold() {
+  const char* v = std::getenv("LASP_DELTA_L2_FOLD");
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "0") == 0) return false;
+  TORCH_CHECK_VALUE(std::strcmp(v, "1") == 0, "LASP_DELTA_L2_FOLD must be '0' or '1', got '", v, "'");
+  return true;
+}
+
 namespace {
 
 // M^-1 R (M^-T R), M unit lower triangular: the device's kernel where it takes them, else ATen's solve.
@@ -438,11 +447,12 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
   };
   if (MainBwdFn fn = device_hook<MainBwdFn>(q.device().type()); fn && q.size(2) > 0) {
     const Tensor mi = minv.has_value() && minv->dim() == 4 ? *minv : Tensor();
-    // the l2 normalisation's backward folded into the kernels where q (k) has a head per output head (no sum over
-    // heads follows)
+    // the l2 normalisation's backward folded into the kernels (LASP_DELTA_L2_FOLD=1) where q (k) has a head per
+    // output head (no sum over heads follows)
     const int64_t H = std::max(q.size(1), v.size(1));
-    const Tensor r_q = rq.has_value() && q.size(1) == H ? *rq : Tensor(),
-                 r_k = rk.has_value() && k.size(1) == H ? *rk : Tensor();
+    const bool fold = (rq.has_value() || rk.has_value()) && delta_l2_fold();
+    const Tensor r_q = fold && rq.has_value() && q.size(1) == H ? *rq : Tensor(),
+                 r_k = fold && rk.has_value() && k.size(1) == H ? *rk : Tensor();
     auto [dq, dk, dv, dg, dbeta, dS] =
         fn(q, k, v, g, beta, scale, initial_state, dout, grad_final_state, state_grad_only, mi, r_q, r_k);
     if (dS.defined()) {
@@ -829,8 +839,10 @@ std::tuple<Tensor, Tensor> delta_autograd(const Tensor& q, const Tensor& k, cons
     auto out = GatedDeltaFunction::apply(q, k, v, g, beta, scale, initial_state, group_name, strategy, false);
     return {out[0], out[1]};
   }
-  // the normalisation inside the function where its backward has a kernel (as l2norm() would record it)
-  const bool inside = at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad()) && has_data(q) &&
+  // the normalisation inside the function where its backward has a kernel (as l2norm() would record it) and
+  // LASP_DELTA_L2_FOLD=1 asks for it to be folded into the backward's gradients kernel
+  const bool fold = delta_l2_fold();
+  const bool inside = fold && at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad()) && has_data(q) &&
                       has_data(k) && device_hook<L2NormBwdFn>(q.device().type());
   auto out = inside ? GatedDeltaFunction::apply(q, k, v, g, beta, scale, initial_state, group_name, strategy, true)
                     : GatedDeltaFunction::apply(l2norm(q), l2norm(k), v, g, beta, scale, initial_state, group_name,

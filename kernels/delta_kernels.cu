@@ -5,8 +5,6 @@
 // transposed solve with m^-1 and its gradients (delta_bwd.h's), each one block of 256 threads per chunk.
 #include <cuda_runtime.h>
 
-#include <utility>  // std::swap
-
 #include "delta_chain_api.h"
 #include "mma.cuh"
 #include "mma_tiles.cuh"  // store_frag
@@ -242,23 +240,13 @@ __global__ void __launch_bounds__(kPrepThreads, GIVEN ? 4 : 3) wy16_mma_kernel(W
 // y = x / sqrt(sum of x^2 over the row + 1e-6) per row (b, h, n) of D (a power of two, 8..256) contiguous 16-bit
 // entries, each tensor's rows at its own strides, in fp32, rounded once, and r = 1 / sqrt(...) where a.r: D / 8
 // threads per row (8 entries, one 16-byte load each), a shuffle sum over them. With dy (BWD): its gradient
-// instead, from the forward's y (in x) and r, dx = r (dy - y sum(dy y)). Rows are taken in the order of the
-// (B, H, N) index, which the launcher has permuted into x's memory order (so that a (B, N, H, D) tensor seen as
-// (B, H, N, D) is read and written in its storage's order, not 256 bytes out of every H * D * 2); the index is
-// decoded in 32 bits where the rows allow (SMALL).
-template <typename T16, bool BWD, bool SMALL>
+// instead, from the forward's y (in x) and r, dx = r (dy - y sum(dy y)).
+template <typename T16, bool BWD>
 __global__ void __launch_bounds__(256) l2norm16_kernel(L2NormRows a) {
   const int D = a.D, tpr = D / 8;
   const int64_t i = (int64_t)blockIdx.x * (256 / tpr) + threadIdx.x / tpr, rows = a.B * a.H * a.N;
   const int part = threadIdx.x % tpr;
-  int64_t n, h, b;
-  if constexpr (SMALL) {
-    const uint32_t u = (uint32_t)i, nn = (uint32_t)a.N, hh = (uint32_t)a.H, bh = u / nn;
-    n = u - bh * nn, h = bh % hh, b = bh / hh;
-  } else {
-    const int64_t bh = i / a.N;
-    n = i - bh * a.N, h = bh % a.H, b = bh / a.H;
-  }
+  const int64_t n = i % a.N, bh = i / a.N, h = bh % a.H, b = bh / a.H;
   auto at = [&](const int64_t* st) { return b * st[0] + h * st[1] + n * st[2]; };
   struct alignas(16) Raw {
     uint32_t w[4];
@@ -457,33 +445,19 @@ bool delta_wy16_takes(const Wy16Args& a) {
 
 namespace {
 template <bool BWD>
-cudaError_t l2norm16(const L2NormRows& args, cudaStream_t st) {
-  L2NormRows a = args;
+cudaError_t l2norm16(const L2NormRows& a, cudaStream_t st) {
   const int64_t rows = a.B * a.H * a.N;
   if (a.B < 0 || a.H < 1 || a.N < 0 || a.D < 8 || a.D > 256 || (a.D & (a.D - 1)) != 0 ||
       !mma::rows_on_16_bytes(a.x, a.xs) || !mma::rows_on_16_bytes(a.y, a.ys) ||
       (BWD && (!mma::rows_on_16_bytes(a.dy, a.dys) || !a.r)))
     return cudaErrorInvalidValue;
   if (rows == 0) return cudaSuccess;
-  // The three row dims in x's memory order (largest stride outermost; a stable sort of three, sizes of 1 last
-  // among equals): every tensor's strides and the sizes move together, so the rows are the same, read in order.
-  int64_t* dims[3] = {&a.B, &a.H, &a.N};
-  int64_t* st3[4] = {a.xs, a.ys, a.dys, a.rs};
-  auto key = [&](int j) { return *dims[j] == 1 ? (int64_t)-1 : a.xs[j]; };
-  for (int pass = 0; pass < 2; ++pass)
-    for (int j = 0; j + 1 < 3; ++j)
-      if (key(j) < key(j + 1)) {
-        std::swap(*dims[j], *dims[j + 1]);
-        for (int64_t* s : st3) std::swap(s[j], s[j + 1]);
-      }
   const int64_t per_block = 256 / (a.D / 8), blocks = (rows + per_block - 1) / per_block;
   if (blocks > INT32_MAX) return cudaErrorInvalidValue;
-  const bool small = blocks * per_block <= (int64_t)UINT32_MAX;
-  auto go = [&](auto kernel) { kernel<<<(unsigned)blocks, 256, 0, st>>>(a); };
   if (a.bf16) {
-    small ? go(l2norm16_kernel<__nv_bfloat16, BWD, true>) : go(l2norm16_kernel<__nv_bfloat16, BWD, false>);
+    l2norm16_kernel<__nv_bfloat16, BWD><<<(unsigned)blocks, 256, 0, st>>>(a);
   } else {
-    small ? go(l2norm16_kernel<__half, BWD, true>) : go(l2norm16_kernel<__half, BWD, false>);
+    l2norm16_kernel<__half, BWD><<<(unsigned)blocks, 256, 0, st>>>(a);
   }
   return cudaGetLastError();
 }

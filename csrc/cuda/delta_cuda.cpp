@@ -440,20 +440,15 @@ bool same_rows(const at::Tensor& x, const at::Tensor& y) {
   return x.sizes() == y.sizes() && (x.dim() == 4 || x.strides() == y.strides());
 }
 
-// The layout of r (fp32, one per row of x: x's shape with the last dim 1) for the kernel's view of x's rows: dense
-// in the memory order of x's rows (where x is 4-D, its first three dims ordered by x's strides, as the kernel
-// takes the rows, so that r is written in order too); rs: its strides of the view's (b, h, n).
+// The layout of r (fp32, one per row of x: x's shape with the last dim 1) for the kernel's view of x's rows:
+// contiguous where x is 4-D, else in the memory order of x's rows; rs: its strides of the view's (b, h, n).
 struct RowNorms {
   std::vector<int64_t> sizes, strides;
   int64_t rs[3];
   explicit RowNorms(const at::Tensor& x) : sizes(x.sizes().begin(), x.sizes().end()), strides(x.dim(), 1) {
     sizes.back() = 1;
     if (x.dim() == 4) {
-      int order[3] = {0, 1, 2};  // outermost first
-      auto key = [&](int j) { return x.size(j) == 1 ? (int64_t)-1 : x.stride(j); };
-      std::stable_sort(order, order + 3, [&](int i, int j) { return key(i) > key(j); });
-      int64_t s = 1;
-      for (int o = 2; o >= 0; --o) strides[order[o]] = s, s *= sizes[order[o]];
+      for (int i = 2; i >= 0; --i) strides[i] = strides[i + 1] * sizes[i + 1];
       for (int i = 0; i < 3; ++i) rs[i] = strides[i];
     } else {  // x dense with its last dim contiguous: its row strides are multiples of D
       for (int64_t i = 0; i + 1 < x.dim(); ++i) strides[i] = x.stride(i) / x.size(-1);

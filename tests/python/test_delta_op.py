@@ -508,9 +508,7 @@ def test_cuda_wgmma_main_pass_with_l2norm(lasp, layout, seed):
         torch.cuda.synchronize()
     names = [e.name for e in prof.events()]
     assert any("grad16_kernel" in n for n in names), "the 16-bit backward did not run"
-    # q and k have a head per output head: the normalisation's backward is folded into the gradients kernel
-    assert not any("l2norm16_kernel" in n and "true>" in n for n in names), \
-        "the l2 normalisation's backward ran as its own kernel, not folded into grad16_kernel"
+    assert any("l2norm16_kernel" in n and "true>" in n for n in names), "the l2 normalisation's backward kernel did not run"
     want = _run(_ref(use_qk_l2norm=True), *(x.double().cpu() for x in (q, k, v, g, beta, s0, do, dS)))
     for key, w in want.items():
         err = rel_err(got[key], w)
@@ -637,10 +635,10 @@ def test_cuda_forward_keeps_minv(lasp, shape, dtype, seed, monkeypatch):
 @pytest.mark.parametrize("D", [32, 128, 48])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_cuda_l2norm_backward_kernel(lasp, dtype, D, layout, seed):
-    """Where autograd records use_qk_l2norm on CUDA, the normalisation's backward is one kernel for 16-bit rows
-    of a power-of-two D (delta_l2norm16_bwd; the profiler must see it at D = 32, must not for D = 48, which takes
-    the ATen formula, nor at D = 128, where the 16-bit gradients kernel folds it in): the gradients of q and k (a
-    zero row included) match the float64 recurrence's in either layout."""
+    """Where autograd records use_qk_l2norm on CUDA, the normalisation is an autograd function whose backward
+    is one kernel for 16-bit rows of a power-of-two D (delta_l2norm16_bwd; the profiler must see it, and must
+    not for D = 48, which takes the ATen formula): the gradients of q and k (a zero row included) match the
+    float64 recurrence's in either layout."""
     B, H, N = 1, 2, 100
     q, k, v, g, beta, s0, do, dS = _inputs(seed, B, H, H, H, N, D, D, dtype=dtype, device="cuda")
     q[:, :, 5] = 0
@@ -653,8 +651,7 @@ def test_cuda_l2norm_backward_kernel(lasp, dtype, D, layout, seed):
         dq, dk = torch.autograd.grad([o, f], leaves, [t(do.to(o.dtype)), dS.float()])
         torch.cuda.synchronize()
     ran = any("l2norm16_kernel" in e.name and "true>" in e.name for e in prof.events())
-    folded = D == 128 and torch.cuda.get_device_capability() >= (8, 0)
-    assert ran == (D != 48 and not folded), f"the l2 normalisation's backward kernel ran: {ran}"
+    assert ran == (D != 48), f"the l2 normalisation's backward kernel ran: {ran}"
     want = _run(_ref(use_qk_l2norm=True), *(x.double().cpu() for x in (q, k, v, g, beta, s0, do, dS)))
     for name, got in (("dq", back(dq)), ("dk", back(dk))):
         err = rel_err(got, want[name])
@@ -686,15 +683,31 @@ def test_bwd_op_through_l2norm(lasp, heads, seed):
         ops.gated_delta_bwd(qh, kh, v, g, beta, scale, s0, do, dS, False, minv, rq, rk.squeeze(-1))
 
 
+def test_bad_l2_fold_setting(lasp, seed, monkeypatch):
+    """LASP_DELTA_L2_FOLD other than 0 / 1 is an error that names it, at a use_qk_l2norm call under autograd."""
+    q, k, v, g, beta, s0, do, dS = _inputs(seed, 1, 2, 2, 2, 20, 8, 8)
+    monkeypatch.setenv("LASP_DELTA_L2_FOLD", "yes")
+    with pytest.raises(ValueError, match="LASP_DELTA_L2_FOLD must be '0' or '1', got 'yes'"):
+        _run(_ours(lasp, use_qk_l2norm=True), q, k, v, g, beta, s0, do, dS)
+    monkeypatch.setenv("LASP_DELTA_L2_FOLD", "1")  # on the CPU there is nothing to fold: the same gradients
+    got = _run(_ours(lasp, use_qk_l2norm=True), q, k, v, g, beta, s0, do, dS)
+    want = _run(_ref(use_qk_l2norm=True), q, k, v, g, beta, s0, do, dS)
+    for key, w in want.items():
+        assert rel_err(got[key], w) < 1e-10, key
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
                     reason="needs an sm_80 or later CUDA device")
 @pytest.mark.parametrize("DE", [(64, 64), (128, 128), (128, 64)], ids=lambda t: f"D{t[0]}E{t[1]}")
 @pytest.mark.parametrize("heads", [(4, 4, 4), (1, 4, 4), (4, 1, 4), (2, 2, 4)], ids=["mha", "q1", "k1", "gva"])
-def test_cuda_l2norm_folded_into_gradients(lasp, heads, DE, seed):
-    """With use_qk_l2norm the 16-bit backward folds the normalisation's backward into its gradients kernel for q
-    and k where they have a head per output head (no separate l2norm16 backward kernel runs), and runs that
-    kernel after the sum over output heads for a shared head; either way dq and dk (zero rows included, 333
-    tokens: a partial last chunk) and the other gradients match the float64 recurrence's."""
+@pytest.mark.parametrize("fold", ["0", "1"], ids=["fold-off", "fold-on"])
+def test_cuda_l2norm_folded_into_gradients(lasp, heads, DE, fold, seed, monkeypatch):
+    """With use_qk_l2norm and LASP_DELTA_L2_FOLD=1 the 16-bit backward folds the normalisation's backward into
+    its gradients kernel for q and k where they have a head per output head (no separate l2norm16 backward
+    kernel runs), and runs that kernel after the sum over output heads for a shared head; with 0 (the default)
+    the kernel runs for both. Either way dq and dk (zero rows included, 333 tokens: a partial last chunk) and
+    the other gradients match the float64 recurrence's."""
+    monkeypatch.setenv("LASP_DELTA_L2_FOLD", fold)
     Hq, Hk, Hv = heads
     H, (D, E) = max(Hq, Hv), DE
     q, k, v, g, beta, s0, do, dS = _inputs(seed, 2, Hq, Hk, Hv, 333, D, E, dtype=torch.bfloat16, device="cuda")
@@ -710,7 +723,7 @@ def test_cuda_l2norm_folded_into_gradients(lasp, heads, DE, seed):
     names = [e.name for e in prof.events()]
     assert any("grad16_kernel" in n for n in names), "the 16-bit gradients kernel did not run"
     ran = any("l2norm16_kernel" in n and "true>" in n for n in names)
-    assert ran == (Hq < H or Hk < H), f"the separate l2 backward kernel ran: {ran} (heads {heads})"
+    assert ran == (fold == "0" or Hq < H or Hk < H), f"the separate l2 backward kernel ran: {ran} (heads {heads})"
     want = _run(_ref(use_qk_l2norm=True), *(x.double().cpu() for x in (q, k, v, g, beta, s0, do, dS)))
     for key, got_x in got.items():
         err = rel_err(got_x, want[key])
