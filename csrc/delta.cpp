@@ -771,9 +771,10 @@ std::tuple<Tensor, Tensor> delta_noautograd(const Tensor& q, const Tensor& k, co
   return {std::get<0>(out).to(q.scalar_type()), std::get<1>(out)};
 }
 
-// With l2 (use_qk_l2norm on a device with the normalisation's backward kernel), q and k are normalised here
-// (l2norm_values: y and each row's r) and the backward's op takes r (rq, rk), so that it gives the gradients of
-// the rows before the normalisation (on CUDA folded into its gradients kernel); autograd keeps y and r, not q, k.
+// With l2 (use_qk_l2norm under LASP_DELTA_L2_FOLD=1 on a device with the normalisation's backward kernel: see
+// delta_autograd), q and k are normalised here (l2norm_values: y and each row's r) and the backward's op takes r
+// (rq, rk), so that it gives the gradients of the rows before the normalisation (on CUDA folded into its
+// gradients kernel); autograd keeps y and r, not q, k.
 class GatedDeltaFunction : public torch::autograd::Function<GatedDeltaFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& q_in, const Tensor& k_in, const Tensor& v,
