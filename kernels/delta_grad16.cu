@@ -23,7 +23,9 @@
 //  13. per row: dbeta, pre's and suf's weights; XG's column sums from the bottom; dg (delta_bwd.h's bwd_finish
 //      order).
 // Row sums across a tile's columns: a shuffle over the quad of lanes that holds a row, then one partial per
-// 64-column tile in shared memory, added in the tiles' order. Thirteen barriers; about 222 KiB of shared memory at
+// 64-column tile in shared memory, added in the tiles' order. Given rq / rk (delta_grad16.h), dq / dk go through the
+// l2 normalisation's backward before their stores, which move after the barriers that follow steps 6 and 12 (the
+// rows' sums with Q / K in two more partials). Thirteen barriers; about 223 KiB of shared memory at
 // D = E = 128 (one block per SM).
 #include "delta_grad16.h"
 #include "delta_prep.h"  // gate_parts, wy_a16, invert_unit_lower64

@@ -372,7 +372,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   r.scale = static_cast<float>(scale);
   r.du = du.data_ptr(), r.dse = dse.data_ptr(), r.dS0 = ds0.data_ptr<float>();
   at::Tensor dq, dk, dv, dbeta, dg;
-  at::Tensor l2_keep[2];  // rq, rk in fp32 while the kernels run
+  at::Tensor rqf, rkf;  // rq, rk in fp32 (alive while the kernels run)
   cuda::Grad16Args a;
   if (!state_grad_only) {
     // in the inputs' dtype where no sum over the output heads follows (to_in_heads), else fp32
@@ -393,16 +393,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     a.dbeta = dbeta.data_ptr<float>(), a.dg = dg.data_ptr<float>();
     a.minv = mi;
     // the l2 normalisation's backward folded in (q / k with a head per output head): r in fp32 (any strides)
-    const at::Tensor rqf = rq.defined() ? rq.to(at::kFloat) : rq, rkf = rk.defined() ? rk.to(at::kFloat) : rk;
-    if (rqf.defined()) {
-      a.rq = rqf.data_ptr<float>();
-      for (int i = 0; i < 3; ++i) a.rqs[i] = rqf.stride(i);
-    }
-    if (rkf.defined()) {
-      a.rk = rkf.data_ptr<float>();
-      for (int i = 0; i < 3; ++i) a.rks[i] = rkf.stride(i);
-    }
-    l2_keep[0] = rqf, l2_keep[1] = rkf;
+    auto take_r = [](const at::Tensor& r, at::Tensor& rf, const float*& p, int64_t* st) {
+      if (!r.defined()) return;
+      rf = r.to(at::kFloat);
+      p = rf.data_ptr<float>();
+      for (int i = 0; i < 3; ++i) st[i] = rf.stride(i);
+    };
+    take_r(rq, rqf, a.rq, a.rqs);
+    take_r(rk, rkf, a.rk, a.rks);
   }
   if (!cuda::delta_wy16_takes(w) || !cuda::delta_states16_takes(s) || !cuda::delta_rev16_takes(r) ||
       (!state_grad_only && !cuda::delta_grad16_takes(a)))
