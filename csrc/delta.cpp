@@ -164,20 +164,6 @@ void check_minv(const Tensor& q, const Tensor& k, const Tensor& v, const std::op
   TORCH_CHECK_VALUE(minv->is_contiguous(), kOp, ": minv must be contiguous (gated_delta_fwd's third output)");
 }
 
-// gated_delta_bwd's rq / rk: None, or each row's 1 / sqrt(sum of squares + 1e-6) of the rows that q / k normalise
-// (use_qk_l2norm; x's shape with the last dim 1, float32 or x's acc type, on x's device, any strides).
-void check_r(const char* name, const Tensor& x, const std::optional<Tensor>& r) {
-  if (!r.has_value()) return;
-  TORCH_CHECK_VALUE(r->dim() == 4 && r->sym_size(0) == x.sym_size(0) && r->sym_size(1) == x.sym_size(1) &&
-                        r->sym_size(2) == x.sym_size(2) && r->sym_size(3) == 1,
-                    kOp, ": ", name, " must have shape (B, heads, N, 1) = (", x.sym_size(0), ", ", x.sym_size(1), ", ",
-                    x.sym_size(2), ", 1) (each row's inverse norm), got ", r->sym_sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(r->scalar_type()), kOp, ": ", name, " must be a floating-point tensor, got ",
-                   r->scalar_type());
-  TORCH_CHECK_VALUE(r->device() == x.device(), kOp, ": ", name, " must be on the device of its rows ", x.device(),
-                    ", got ", r->device());
-}
-
 // x (B, Hx, N, X) -> (B, H, N, X) in acc: the output heads' view of a shared head.
 Tensor to_out_heads(const Tensor& x, int64_t H, at::ScalarType acc) {
   Tensor y = x.to(acc);
@@ -213,15 +199,6 @@ DeltaKernels delta_kernels_mode() {
   TORCH_CHECK_VALUE(std::strcmp(v, "aten") == 0,
                     "LASP_DELTA_KERNELS must be 'aten', 'cuda', 'fused' or 'host', got '", v, "'");
   return DeltaKernels::Aten;
-}
-
-// LASP_DELTA_L2_FOLD (read at every call): "1" folds use_qk_l2norm's backward into the gradients kernel on
-// CUDA (see delta_autograd); "0" or unset keeps it a kernel of its own.
-bool delta_l2_fold() {
-  const char* v = std::getenv("LASP_DELTA_L2_FOLD");
-  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "0") == 0) return false;
-  TORCH_CHECK_VALUE(std::strcmp(v, "1") == 0, "LASP_DELTA_L2_FOLD must be '0' or '1', got '", v, "'");
-  return true;
 }
 
 namespace {
@@ -382,37 +359,12 @@ std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, co
 
 using BwdOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
-// Whether a device's kernel may read x's data: not a tensor being traced (fake or functional tensors of
-// torch.compile, which carry the Python or Functionalize dispatch keys, and meta tensors), where only ATen
-// operations may run.
-bool has_data(const Tensor& x) {
-  return !x.is_meta() &&
-         !x.key_set().has_any(c10::DispatchKeySet(
-             {c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot, c10::DispatchKey::Functionalize}));
-}
-
-// The l2 normalisation's backward: dx = r (dy - y sum(dy y)) per row, from its output y (x's dtype) and each row's
-// r; by the device's kernel (one pass) where it takes the rows, else in ATen operations in the acc type.
-Tensor l2norm_back(const Tensor& y, const Tensor& r, const Tensor& grad) {
-  const Tensor dy = grad.to(y.scalar_type());
-  L2NormBwdFn fn = has_data(y) && has_data(dy) ? device_hook<L2NormBwdFn>(y.device().type()) : nullptr;
-  Tensor dx = fn ? fn(y, r, dy) : Tensor();
-  if (!dx.defined()) {
-    const auto acc = delta_acc(y.scalar_type());
-    const Tensor yf = y.to(acc), dyf = dy.to(acc);
-    dx = (r.to(acc) * (dyf - yf * (dyf * yf).sum(-1, true))).to(y.scalar_type());
-  }
-  return dx;
-}
-
 BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta, double scale,
                 const std::optional<Tensor>& initial_state, const std::optional<Tensor>& dout,
-                const std::optional<Tensor>& grad_final_state, bool state_grad_only, const std::optional<Tensor>& minv,
-                const std::optional<Tensor>& rq, const std::optional<Tensor>& rk) {
+                const std::optional<Tensor>& grad_final_state, bool state_grad_only,
+                const std::optional<Tensor>& minv) {
   check_delta_inputs(q, k, v, g, beta, initial_state, /*check_values=*/false);
   check_minv(q, k, v, minv);
-  check_r("rq", q, rq);
-  check_r("rk", k, rk);
   {
     const int64_t B = q.size(0), H = std::max(q.size(1), v.size(1)), N = q.size(2), D = q.size(3), E = v.size(3);
     TORCH_CHECK_VALUE(!dout.has_value() || (dout->dim() == 4 && dout->size(0) == B && dout->size(1) == H &&
@@ -424,9 +376,7 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
                       grad_final_state.has_value() ? grad_final_state->sizes() : at::IntArrayRef{});
   }
   // The op's outputs: the gradients of q, k, v in (B, H, N, .) per output head, of g and beta in (B, H, N), and of
-  // the state entering the piece (dS, in the acc type). Given rq / rk, those of q and k through the l2
-  // normalisation (after the sum over the output heads), unless the device's kernels folded it in (l2_done).
-  bool l2_done[2] = {false, false};
+  // the state entering the piece (dS, in the acc type).
   auto finish = [&](const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dg, const Tensor& dbeta,
                     const Tensor& dS) -> BwdOut {
     const Tensor dinit = initial_state.has_value() ? dS.to(initial_state->scalar_type()) : dS;
@@ -435,11 +385,8 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
       return {at::empty({0}, none), at::empty({0}, none), at::empty({0}, none),
               at::empty({0}, none), at::empty({0}, none), dinit};
     }
-    Tensor dq_in = to_in_heads(dq, q.size(1), q.scalar_type()), dk_in = to_in_heads(dk, k.size(1), k.scalar_type());
-    if (rq.has_value() && !l2_done[0]) dq_in = l2norm_back(q, *rq, dq_in);
-    if (rk.has_value() && !l2_done[1]) dk_in = l2norm_back(k, *rk, dk_in);
-    return {dq_in.contiguous(),
-            dk_in.contiguous(),
+    return {to_in_heads(dq, q.size(1), q.scalar_type()).contiguous(),
+            to_in_heads(dk, k.size(1), k.scalar_type()).contiguous(),
             to_in_heads(dv, v.size(1), v.scalar_type()).contiguous(),
             dg.to(g.scalar_type()).contiguous(),
             dbeta.to(beta.scalar_type()).contiguous(),
@@ -447,18 +394,9 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
   };
   if (MainBwdFn fn = device_hook<MainBwdFn>(q.device().type()); fn && q.size(2) > 0) {
     const Tensor mi = minv.has_value() && minv->dim() == 4 ? *minv : Tensor();
-    // the l2 normalisation's backward folded into the kernels (LASP_DELTA_L2_FOLD=1) where q (k) has a head per
-    // output head (no sum over heads follows)
-    const int64_t H = std::max(q.size(1), v.size(1));
-    const bool fold = (rq.has_value() || rk.has_value()) && delta_l2_fold();
-    const Tensor r_q = fold && rq.has_value() && q.size(1) == H ? *rq : Tensor(),
-                 r_k = fold && rk.has_value() && k.size(1) == H ? *rk : Tensor();
     auto [dq, dk, dv, dg, dbeta, dS] =
-        fn(q, k, v, g, beta, scale, initial_state, dout, grad_final_state, state_grad_only, mi, r_q, r_k);
-    if (dS.defined()) {
-      l2_done[0] = r_q.defined(), l2_done[1] = r_k.defined();
-      return finish(dq, dk, dv, dg, dbeta, dS);
-    }
+        fn(q, k, v, g, beta, scale, initial_state, dout, grad_final_state, state_grad_only, mi);
+    if (dS.defined()) return finish(dq, dk, dv, dg, dbeta, dS);
   }
   const Chunks c = prepare(q, k, v, g, beta, /*need_q=*/true, /*need_minv=*/!state_grad_only);
   const int64_t C = kChunk;
@@ -619,12 +557,10 @@ std::tuple<Tensor, Tensor, Tensor> fwd_meta(const Tensor& q, const Tensor& k, co
 
 BwdOut bwd_meta(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta, double scale,
                 const std::optional<Tensor>& initial_state, const std::optional<Tensor>& dout,
-                const std::optional<Tensor>& grad_final_state, bool state_grad_only, const std::optional<Tensor>& minv,
-                const std::optional<Tensor>& rq, const std::optional<Tensor>& rk) {
+                const std::optional<Tensor>& grad_final_state, bool state_grad_only,
+                const std::optional<Tensor>& minv) {
   check_delta_inputs(q, k, v, g, beta, initial_state, false);
   check_minv(q, k, v, minv);
-  check_r("rq", q, rq);
-  check_r("rk", k, rk);
   Tensor ds = state_meta(q, k, v, v.sym_size(3));
   if (initial_state.has_value()) ds = ds.to(initial_state->scalar_type());
   if (state_grad_only) {
@@ -653,6 +589,15 @@ std::tuple<Tensor, Tensor, Tensor> call_fwd(const Tensor& q, const Tensor& k, co
           .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                     const Tensor&, double, const std::optional<Tensor>&)>();
   return op.call(q, k, v, g, beta, scale, initial_state);
+}
+
+// Whether a device's kernel may read x's data: not a tensor being traced (fake or functional tensors of
+// torch.compile, which carry the Python or Functionalize dispatch keys, and meta tensors), where only ATen
+// operations may run.
+bool has_data(const Tensor& x) {
+  return !x.is_meta() &&
+         !x.key_set().has_any(c10::DispatchKeySet(
+             {c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot, c10::DispatchKey::Functionalize}));
 }
 
 // x / sqrt(sum of squares over D + 1e-6) (fla's use_qk_l2norm_in_kernel), computed in the acc type and rounded
@@ -695,7 +640,16 @@ class L2NormFunction : public torch::autograd::Function<L2NormFunction> {
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    return {l2norm_back(saved[0], saved[1], grads[0])};
+    const Tensor y = saved[0], r = saved[1];
+    const Tensor dy = grads[0].to(y.scalar_type());
+    L2NormBwdFn fn = has_data(y) && has_data(dy) ? device_hook<L2NormBwdFn>(y.device().type()) : nullptr;
+    Tensor dx = fn ? fn(y, r, dy) : Tensor();
+    if (!dx.defined()) {
+      const auto acc = delta_acc(y.scalar_type());
+      const Tensor yf = y.to(acc), dyf = dy.to(acc);
+      dx = (r.to(acc) * (dyf - yf * (dyf * yf).sum(-1, true))).to(y.scalar_type());
+    }
+    return {dx};
   }
 };
 
@@ -709,17 +663,15 @@ Tensor l2norm(const Tensor& x) {
 
 BwdOut call_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta, double scale,
                 const std::optional<Tensor>& initial_state, const std::optional<Tensor>& dout,
-                const std::optional<Tensor>& grad_final_state, bool state_grad_only, const Tensor& minv,
-                const Tensor& rq = Tensor(), const Tensor& rk = Tensor()) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("lasp::gated_delta_bwd", "")
-          .typed<BwdOut(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
-                        const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&, bool,
-                        const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&)>();
-  auto opt = [](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; };
-  return op.call(q, k, v, g, beta, scale, initial_state, dout, grad_final_state, state_grad_only, opt(minv), opt(rq),
-                 opt(rk));
+                const std::optional<Tensor>& grad_final_state, bool state_grad_only, const Tensor& minv) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lasp::gated_delta_bwd", "")
+                       .typed<BwdOut(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
+                                     const std::optional<Tensor>&, const std::optional<Tensor>&,
+                                     const std::optional<Tensor>&, bool, const std::optional<Tensor>&)>();
+  std::optional<Tensor> mi;
+  if (minv.defined()) mi = minv;
+  return op.call(q, k, v, g, beta, scale, initial_state, dout, grad_final_state, state_grad_only, mi);
 }
 
 std::tuple<Tensor, Tensor> call_map(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
@@ -771,29 +723,20 @@ std::tuple<Tensor, Tensor> delta_noautograd(const Tensor& q, const Tensor& k, co
   return {std::get<0>(out).to(q.scalar_type()), std::get<1>(out)};
 }
 
-// With l2 (use_qk_l2norm under LASP_DELTA_L2_FOLD=1 on a device with the normalisation's backward kernel: see
-// delta_autograd), q and k are normalised here (l2norm_values: y and each row's r) and the backward's op takes r
-// (rq, rk), so that it gives the gradients of the rows before the normalisation (on CUDA folded into its
-// gradients kernel); autograd keeps y and r, not q, k.
 class GatedDeltaFunction : public torch::autograd::Function<GatedDeltaFunction> {
  public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& q_in, const Tensor& k_in, const Tensor& v,
+  static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
                                const Tensor& g, const Tensor& beta, double scale,
-                               const std::optional<Tensor>& initial_state, const std::optional<std::string>& group_name,
-                               const std::string& strategy, bool l2) {
+                               const std::optional<Tensor>& initial_state,
+                               const std::optional<std::string>& group_name, const std::string& strategy) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->set_materialize_grads(false);
-    Tensor q = q_in, k = k_in, rq, rk;
-    if (l2) {
-      std::tie(q, rq) = l2norm_values(q_in, /*want_r=*/true);
-      std::tie(k, rk) = l2norm_values(k_in, /*want_r=*/true);
-    }
     auto [o, fin, s_in, T, minv] = piece_forward(q, k, v, g, beta, scale, initial_state, group_name, strategy);
     // alone the backward starts from the initial state; under a group from S_in, with T for the exchange; m^-1
     // where the forward keeps it (the backward then does not form it again)
     ctx->save_for_backward({q, k, v, g, beta,
                             s_in.defined() ? s_in : (initial_state.has_value() ? *initial_state : Tensor()), T,
-                            minv.dim() == 4 ? minv : Tensor(), rq, rk});
+                            minv.dim() == 4 ? minv : Tensor()});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["has_initial_state"] = initial_state.has_value();
     if (s_in.defined()) {
@@ -823,12 +766,11 @@ class GatedDeltaFunction : public torch::autograd::Function<GatedDeltaFunction> 
       dfin = dfin.has_value() ? *dfin + g_out : g_out;
       first = Ring(group_name).is_first();
     }
-    auto [dq, dk, dv, dg, dbeta, dinit] =
-        call_bwd(s[0], s[1], s[2], s[3], s[4], scale, start, dout, dfin, false, s[7], s[8], s[9]);
+    auto [dq, dk, dv, dg, dbeta, dinit] = call_bwd(s[0], s[1], s[2], s[3], s[4], scale, start, dout, dfin, false, s[7]);
     // only the first rank reads the initial state: the others' gradient for it is zero
     Tensor dinit_out;
     if (ctx->saved_data["has_initial_state"].toBool()) dinit_out = first ? dinit : at::zeros_like(dinit);
-    return {dq, dk, dv, dg, dbeta, Tensor(), dinit_out, Tensor(), Tensor(), Tensor()};
+    return {dq, dk, dv, dg, dbeta, Tensor(), dinit_out, Tensor(), Tensor()};
   }
 };
 
@@ -837,17 +779,10 @@ std::tuple<Tensor, Tensor> delta_autograd(const Tensor& q, const Tensor& k, cons
                                           const std::optional<Tensor>& initial_state, bool use_qk_l2norm,
                                           const std::optional<std::string>& group_name, const std::string& strategy) {
   if (!use_qk_l2norm) {
-    auto out = GatedDeltaFunction::apply(q, k, v, g, beta, scale, initial_state, group_name, strategy, false);
+    auto out = GatedDeltaFunction::apply(q, k, v, g, beta, scale, initial_state, group_name, strategy);
     return {out[0], out[1]};
   }
-  // the normalisation inside the function where its backward has a kernel (as l2norm() would record it) and
-  // LASP_DELTA_L2_FOLD=1 asks for it to be folded into the backward's gradients kernel
-  const bool fold = delta_l2_fold();
-  const bool inside = fold && at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad()) && has_data(q) &&
-                      has_data(k) && device_hook<L2NormBwdFn>(q.device().type());
-  auto out = inside ? GatedDeltaFunction::apply(q, k, v, g, beta, scale, initial_state, group_name, strategy, true)
-                    : GatedDeltaFunction::apply(l2norm(q), l2norm(k), v, g, beta, scale, initial_state, group_name,
-                                                strategy, false);
+  auto out = GatedDeltaFunction::apply(l2norm(q), l2norm(k), v, g, beta, scale, initial_state, group_name, strategy);
   return {out[0].to(q.scalar_type()), out[1]};
 }
 
@@ -969,14 +904,10 @@ TORCH_LIBRARY_FRAGMENT(lasp, m) {
   // (dq, dk, dv, dg, dbeta, grad_initial_state) in the inputs' dtypes (grad_initial_state: initial_state's,
   // the accumulation type without one); dout / grad_final_state None: zero. state_grad_only: only
   // grad_initial_state (the others have 0 elements). minv: None, or gated_delta_fwd's third output for the same
-  // q, k, v, g, beta (its values are trusted: anything else gives wrong gradients). rq / rk (use_qk_l2norm): None,
-  // or, where q / k are l2-normalised rows y = r x, each row's r ((B, heads, N, 1)): dq / dk are then the gradients of
-  // the rows x before the normalisation, r (dy - y sum(dy y)) (on CUDA folded into the gradients kernel where q / k
-  // have a head per output head).
+  // q, k, v, g, beta (its values are trusted: anything else gives wrong gradients).
   m.def(
       "gated_delta_bwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, float scale, Tensor? initial_state, "
-      "Tensor? dout, Tensor? grad_final_state, bool state_grad_only=False, Tensor? minv=None, Tensor? rq=None, "
-      "Tensor? rk=None) -> "
+      "Tensor? dout, Tensor? grad_final_state, bool state_grad_only=False, Tensor? minv=None) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The piece's map of states S_out = T S_in + L: (T (B, H, D, D), L (B, H, D, E)), accumulation type.
   m.def("gated_delta_map(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta) -> (Tensor, Tensor)");

@@ -127,14 +127,11 @@ bool register_delta_minv(c10::DeviceType type, MinvFn fn);
 // (B, H, N), per output head, and the gradient of the incoming state dS0 (B, H, D, E), in the acc type or, for dq,
 // dk, dv, in the input's dtype); with
 // state_grad_only dS0 alone (the others undefined). minv: the forward's m^-1 (MinvFn), checked, or undefined
-// (formed again). rq / rk: undefined, or (q / k having a head per output head and being l2-normalised rows) each
-// row's r, checked (gated_delta_bwd's): dq / dk are then the gradients through the normalisation. Undefined dS0:
-// not taken (the chunked form runs).
+// (formed again). Undefined dS0: not taken (the chunked form runs).
 using MainBwdFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g, const at::Tensor& beta,
     double scale, const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& dout,
-    const std::optional<at::Tensor>& grad_final_state, bool state_grad_only, const at::Tensor& minv,
-    const at::Tensor& rq, const at::Tensor& rk);
+    const std::optional<at::Tensor>& grad_final_state, bool state_grad_only, const at::Tensor& minv);
 bool register_delta_main_bwd(c10::DeviceType type, MainBwdFn fn);
 
 // The l2 normalisation of q or k (use_qk_l2norm; without autograd recording, and as the forward of its autograd

@@ -23,9 +23,7 @@
 //  13. per row: dbeta, pre's and suf's weights; XG's column sums from the bottom; dg (delta_bwd.h's bwd_finish
 //      order).
 // Row sums across a tile's columns: a shuffle over the quad of lanes that holds a row, then one partial per
-// 64-column tile in shared memory, added in the tiles' order. Given rq / rk (delta_grad16.h), dq / dk go through the
-// l2 normalisation's backward before their stores, which move after the barriers that follow steps 6 and 12 (the
-// rows' sums with Q / K in two more partials). Thirteen barriers; about 223 KiB of shared memory at
+// 64-column tile in shared memory, added in the tiles' order. Thirteen barriers; about 222 KiB of shared memory at
 // D = E = 128 (one block per SM).
 #include "delta_grad16.h"
 #include "delta_prep.h"  // gate_parts, wy_a16, invert_unit_lower64
@@ -53,7 +51,7 @@ struct Grad16Layout {
   static constexpr size_t a = gam + (size_t)kC * kLdG * 4;     // fp32; step 4 on: Minv in 16 bits (rows of kLdC)
   static constexpr size_t minv = a + (size_t)kC * kLdG * 4;    // fp32; step 5 on: dP in 16 bits (rows of kLdC)
   static constexpr size_t vec = minv + (size_t)kC * kLdG * 4;  // fp32: g, beta, pre, suf, then 5 x 2 x kC partials
-  static constexpr size_t bytes = vec + (size_t)(18 * kC + 8) * 4;  // + rowsum(dq^ q^), rowsum(dk^ k^) (rq, rk)
+  static constexpr size_t bytes = vec + (size_t)(14 * kC + 8) * 4;
   static_assert((size_t)kC * kLdD <= (size_t)D * kLdE, "dWk and dRk fit over Sb");
   static_assert(kLdC <= kLdE, "X and dkk fit over dU and V");
   static_assert((size_t)kC * kLdC * 2 <= (size_t)kC * kLdG * 4, "Minv and dP in 16 bits fit over fp32 tiles");
@@ -109,29 +107,6 @@ __device__ __forceinline__ void store_out(const float (&acc)[8][4], void* out, b
   }
 }
 
-// The l2 normalisation's backward on a 16 x 64 fragment tile of dx^ (rows m0.., columns c0..): x = r (dx^ - x^
-// sum(dx^ x^)) with x^ (16-bit, rows of ld) the normalised rows, the row sums' per-tile partials in part (NT64
-// tiles of kC), r from global memory at r + row * rn (rows past `rows`: 0).
-template <typename T16, int NT64>
-__device__ __forceinline__ void l2_back(float (&y)[8][4], const T16* s, int ld, int m0, int c0, const float* part,
-                                        const float* r, int64_t rn, int rows) {
-  const int lane = threadIdx.x & 31, gq = lane >> 2, cq = lane & 3;
-#pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    const int i = m0 + gq + 8 * hh;
-    float dot = 0.f;
-#pragma unroll
-    for (int x = 0; x < NT64; ++x) dot += part[x * kC + i];
-    const float ri = i < rows ? r[i * rn] : 0.f;
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      const float2 xh = mma::unpack2<T16>(*reinterpret_cast<const uint32_t*>(s + i * ld + c0 + 8 * nt + 2 * cq));
-      y[nt][2 * hh] = ri * (y[nt][2 * hh] - xh.x * dot);
-      y[nt][2 * hh + 1] = ri * (y[nt][2 * hh + 1] - xh.y * dot);
-    }
-  }
-}
-
 template <typename T16, int D, int E>
 __global__ void __launch_bounds__(kThreads, 1) grad16_kernel(Grad16Args a) {
   using L = Grad16Layout<D, E>;
@@ -164,8 +139,6 @@ __global__ void __launch_bounds__(kThreads, 1) grad16_kernel(Grad16Args a) {
   float* sRV = sRK + 2 * kC;   // rowsum(dRv * V)
   float* sRA = sRV + 2 * kC;   // rowsum(dA * Gam * K K^T), per 32-column tile
   float* sred = sRA + 2 * kC;  // sum(dSe * Sb), per warp
-  float* sLq = sred + 8;       // rowsum(dq^ * Q), per 64-column tile (a.rq)
-  float* sLk = sLq + 2 * kC;   // rowsum(dk^ * K) (a.rk)
 
   const int t = threadIdx.x, w = t >> 5, lane = t & 31, gq = lane >> 2, cq = lane & 3;
   const int64_t nc = (a.N + kC - 1) / kC, c = blockIdx.x % nc, bh = blockIdx.x / nc, b = bh / a.H, h = bh % a.H;
@@ -248,8 +221,8 @@ __global__ void __launch_bounds__(kThreads, 1) grad16_kernel(Grad16Args a) {
   const int m0 = (w & 3) * 16, dct = w >> 2, n0c = dct * 64;
   float dk[8][4] = {};
   float wk[8][4] = {};
-  float dqa[8][4] = {};  // dq (dq^ where a.rq: stored after the next barrier)
-  if (dj) {              // 6.
+  if (dj) {  // 6.
+    float y[8][4] = {};
     for (int k0 = 0; k0 < E; k0 += 16) {
       uint32_t a1[4], a2[4], bf[4];
       mma::load_a(a1, sdO, LdE, m0, k0);
@@ -257,23 +230,19 @@ __global__ void __launch_bounds__(kThreads, 1) grad16_kernel(Grad16Args a) {
 #pragma unroll
       for (int np = 0; np < 4; ++np) {
         mma::load_b_nk(bf, sSb, LdE, k0, n0c + 16 * np);
-        mma::mma16816<T16>(dqa[2 * np], a1, bf[0], bf[1]);
-        mma::mma16816<T16>(dqa[2 * np + 1], a1, bf[2], bf[3]);
+        mma::mma16816<T16>(y[2 * np], a1, bf[0], bf[1]);
+        mma::mma16816<T16>(y[2 * np + 1], a1, bf[2], bf[3]);
         mma::mma16816<T16>(wk[2 * np], a2, bf[0], bf[1]);
         mma::mma16816<T16>(wk[2 * np + 1], a2, bf[2], bf[3]);
       }
     }
-    row_dot<T16>(dqa, sQ, LdD, m0, n0c, sP1 + dct * kC);
+    row_dot<T16>(y, sQ, LdD, m0, n0c, sP1 + dct * kC);
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dqa[nt][e] *= a.scale * spre[m0 + gq + (e >> 1) * 8];
-    mma::mac<false, false>(dqa, sDP, kLdC, sK, LdD, m0, n0c, 0, m0 + 16);  // dP[i, j] = 0 for j > i
-    if (a.rq) {
-      row_dot<T16>(dqa, sQ, LdD, m0, n0c, sLq + dct * kC);
-    } else {
-      store_out<T16>(dqa, a.dq, a.out16 & 1, a.dqs, b, h, n0, m0, n0c, rows);
-    }
+      for (int e = 0; e < 4; ++e) y[nt][e] *= a.scale * spre[m0 + gq + (e >> 1) * 8];
+    mma::mac<false, false>(y, sDP, kLdC, sK, LdD, m0, n0c, 0, m0 + 16);  // dP[i, j] = 0 for j > i
+    store_out<T16>(y, a.dq, a.out16 & 1, a.dqs, b, h, n0, m0, n0c, rows);
   }
   {
     float s = 0.f;
@@ -287,10 +256,6 @@ __global__ void __launch_bounds__(kThreads, 1) grad16_kernel(Grad16Args a) {
     if (lane == 0) sred[w] = s;
   }
   __syncthreads();
-  if (dj && a.rq) {
-    l2_back<T16, DT>(dqa, sQ, LdD, m0, n0c, sLq, a.rq + b * a.rqs[0] + h * a.rqs[1] + n0 * a.rqs[2], a.rqs[2], rows);
-    store_out<T16>(dqa, a.dq, a.out16 & 1, a.dqs, b, h, n0, m0, n0c, rows);
-  }
   if (dj) put16<T16>(wk, sW, LdD, m0, n0c, -1.f);  // 7.
   __syncthreads();
   // 8.
@@ -368,17 +333,9 @@ __global__ void __launch_bounds__(kThreads, 1) grad16_kernel(Grad16Args a) {
     mma::mac<false, false>(dk, sDkk, kLdC, sK, LdD, m0, n0c, 0, m0 + 16);  // dkk[j, i] = 0 for i >= j
     mma::mac<true, false>(dk, sDkk, kLdC, sK, LdD, m0, n0c, m0, kC);       // dkk^T[j, i] = 0 for i <= j
     mma::mac<true, false>(dk, sDP, kLdC, sQ, LdD, m0, n0c, m0, kC);        // dP^T[j, i] = 0 for i < j
-    if (a.rk) {
-      row_dot<T16>(dk, sK, LdD, m0, n0c, sLk + dct * kC);
-    } else {
-      store_out<T16>(dk, a.dk, a.out16 & 2, a.dks, b, h, n0, m0, n0c, rows);
-    }
-  }
-  __syncthreads();
-  if (dj && a.rk) {
-    l2_back<T16, DT>(dk, sK, LdD, m0, n0c, sLk, a.rk + b * a.rks[0] + h * a.rks[1] + n0 * a.rks[2], a.rks[2], rows);
     store_out<T16>(dk, a.dk, a.out16 & 2, a.dks, b, h, n0, m0, n0c, rows);
   }
+  __syncthreads();
   // 13. per row: dbeta; Xp's weight (pre's gradient over pre) into sP1, Xs into sP2
   float* sdpre = sP1;
   float* sxs = sP2;
@@ -431,8 +388,7 @@ bool delta_grad16_takes(const Grad16Args& a) {
          mma::rows_on_16_bytes(a.v, a.vs) && mma::rows_on_16_bytes(a.dout, a.ds) && aligned16(a.u) && aligned16(a.du) &&
          aligned16(a.sb) && aligned16(a.dse) && aligned16(a.minv) && a.g && a.beta && a.dq && a.dk && a.dv && a.dbeta &&
          a.dg && mma::rows_on_16_bytes(a.dq, a.dqs) && mma::rows_on_16_bytes(a.dk, a.dks) &&
-         mma::rows_on_16_bytes(a.dv, a.dvs) && a.B * a.H * ((a.N + kC - 1) / kC) <= INT32_MAX &&
-         (!a.rq || a.qgroup == 1) && (!a.rk || a.kgroup == 1);
+         mma::rows_on_16_bytes(a.dv, a.dvs) && a.B * a.H * ((a.N + kC - 1) / kC) <= INT32_MAX;
 }
 
 cudaError_t delta_grad16(const Grad16Args& a, cudaStream_t st) {

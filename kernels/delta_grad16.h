@@ -54,17 +54,10 @@ struct Grad16Args {
   // Optional: m^-1 in q's dtype as the WY kernel writes it (Wy16Args::minv: (B, H, N, C) contiguous, 16-byte
   // aligned), read instead of formed (no K K^T for m, no inversion).
   const void* minv = nullptr;
-  // Optional (use_qk_l2norm, q / k one head per output head: qgroup / kgroup 1): q and k are then the l2
-  // normalised rows x^ = r x and rq / rk each row's r (fp32, strides of b, h, n in rqs / rks), and dq / dk are the
-  // gradients of the rows before it, r (dx^ - x^ sum(dx^ x^)), from the fp32 dx^ (the l2 normalisation's backward
-  // folded in: no dx^ written and read again).
-  const float* rq = nullptr;
-  const float* rk = nullptr;
-  int64_t rqs[3] = {0, 0, 0}, rks[3] = {0, 0, 0};
 };
 
 // D and E in {64, 128}, rows of q, k, v, dO, dq, dk, dv on 16-byte boundaries, U, dU, Sb, dSe and minv on
-// 16-byte boundaries, N >= 0; rq only with qgroup 1, rk only with kgroup 1.
+// 16-byte boundaries, N >= 0.
 bool delta_grad16_takes(const Grad16Args& args);
 // One block of 256 threads per chunk ((b, h)-major); sm_80 or later; up to 223 KiB of shared memory (D = E = 128).
 // cudaErrorInvalidValue where delta_grad16_takes is false.

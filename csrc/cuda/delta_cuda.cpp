@@ -330,8 +330,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> main_cuda(const at::Tensor& q, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> main_bwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g, const at::Tensor& beta,
     double scale, const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& dout,
-    const std::optional<at::Tensor>& grad_final_state, bool state_grad_only, const at::Tensor& minv,
-    const at::Tensor& rq, const at::Tensor& rk) {
+    const std::optional<at::Tensor>& grad_final_state, bool state_grad_only, const at::Tensor& minv) {
   const auto t = q.scalar_type();
   if (!use_kernel() || (t != at::kBFloat16 && t != at::kHalf) || k.scalar_type() != t || v.scalar_type() != t)
     return {};
@@ -372,7 +371,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   r.scale = static_cast<float>(scale);
   r.du = du.data_ptr(), r.dse = dse.data_ptr(), r.dS0 = ds0.data_ptr<float>();
   at::Tensor dq, dk, dv, dbeta, dg;
-  at::Tensor rqf, rkf;  // rq, rk in fp32 (alive while the kernels run)
   cuda::Grad16Args a;
   if (!state_grad_only) {
     // in the inputs' dtype where no sum over the output heads follows (to_in_heads), else fp32
@@ -392,15 +390,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     a.dq = dq.data_ptr(), a.dk = dk.data_ptr(), a.dv = dv.data_ptr();
     a.dbeta = dbeta.data_ptr<float>(), a.dg = dg.data_ptr<float>();
     a.minv = mi;
-    // the l2 normalisation's backward folded in (q / k with a head per output head): r in fp32 (any strides)
-    auto take_r = [](const at::Tensor& r, at::Tensor& rf, const float*& p, int64_t* st) {
-      if (!r.defined()) return;
-      rf = r.to(at::kFloat);
-      p = rf.data_ptr<float>();
-      for (int i = 0; i < 3; ++i) st[i] = rf.stride(i);
-    };
-    take_r(rq, rqf, a.rq, a.rqs);
-    take_r(rk, rkf, a.rk, a.rks);
   }
   if (!cuda::delta_wy16_takes(w) || !cuda::delta_states16_takes(s) || !cuda::delta_rev16_takes(r) ||
       (!state_grad_only && !cuda::delta_grad16_takes(a)))

@@ -3,8 +3,7 @@
 // W = m^-1 [diag(beta) V | diag(beta pre) K] and dR = m^-T [dU | -dU Sb^T] formed explicitly, m^-1 by substitution,
 // dA = -(dR W^T) strictly lower. q, k, v in a (B, N, H, .) memory layout read through head maps (GQA, GVA), dO, U,
 // dU (B, H, N, E), Sb and dSe per chunk, partial last chunks, -inf gates (resets), one token, every (D, E) the
-// kernel takes, dq, dk, dv in fp32 (B, H, N, .) and in bf16 in a (B, N, H, .) layout; and with the l2
-// normalisation's backward folded in (rq, rk: q / k with a head per output head), r (dx - x sum(dx x)) per row.
+// kernel takes, dq, dk, dv in fp32 (B, H, N, .) and in bf16 in a (B, N, H, .) layout.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -45,9 +44,8 @@ struct Grad16Errors {
 };
 
 // with_minv: m^-1 read from what the WY kernel writes for the same k, v, g, beta (Wy16Args::minv), as the op's
-// backward reads the forward's, instead of formed in the kernel. with_r: rq (rk) where q (k) has a head per output
-// head, random in [0.5, 2), in a (B, N, H) and a (B, H, N) layout.
-Grad16Errors grad16_case(const Grad16Case& c, unsigned seed, bool with_minv, bool with_r = false) {
+// backward reads the forward's, instead of formed in the kernel.
+Grad16Errors grad16_case(const Grad16Case& c, unsigned seed, bool with_minv) {
   std::mt19937 gen(seed);
   std::normal_distribution<double> nd(0.0, 1.0);
   std::uniform_real_distribution<double> ud(0.0, 1.0);
@@ -104,18 +102,6 @@ Grad16Errors grad16_case(const Grad16Case& c, unsigned seed, bool with_minv, boo
     EXPECT_TRUE(lasp::cuda::delta_wy16_takes(w));
     EXPECT_EQ(lasp::cuda::delta_wy16(w, nullptr), cudaSuccess);
     a.minv = w.minv;
-  }
-  std::vector<float> rqh((size_t)B * N * H), rkh(rqh.size());  // rq (B, N, H), rk (B, H, N)
-  for (auto& e : rqh) e = (float)(0.5 + 1.5 * ud(gen));
-  for (auto& e : rkh) e = (float)(0.5 + 1.5 * ud(gen));
-  const bool use_rq = with_r && a.qgroup == 1, use_rk = with_r && a.kgroup == 1;
-  if (use_rq) {
-    a.rq = b32.up(rqh);
-    a.rqs[0] = (int64_t)N * H, a.rqs[1] = 1, a.rqs[2] = H;
-  }
-  if (use_rk) {
-    a.rk = b32.up(rkh);
-    a.rks[0] = (int64_t)H * N, a.rks[1] = N, a.rks[2] = 1;
   }
   EXPECT_TRUE(lasp::cuda::delta_grad16_takes(a));
   EXPECT_EQ(lasp::cuda::delta_grad16(a, nullptr), cudaSuccess);
@@ -237,7 +223,6 @@ Grad16Errors grad16_case(const Grad16Case& c, unsigned seed, bool with_minv, boo
         for (int i = 0; i < R; ++i) {
           const size_t row = bh * N + n0 + i;
           double rk = 0, rv = 0, ra = 0, p1 = 0, p2 = 0;
-          std::vector<double> dqv(D), dkv(D);
           for (int x = 0; x < D; ++x) {
             double dqx = scale * pre[i] * Y1[i][x], dkx = suf[i] * Y2[i][x] + bb[i] * pre[i] * dR[i][E + x];
             for (int j = 0; j < R; ++j) {
@@ -245,22 +230,11 @@ Grad16Errors grad16_case(const Grad16Case& c, unsigned seed, bool with_minv, boo
               dkx +=
                   bb[i] * dA[i][j] * Gam[i][j] * K[j][x] + bb[j] * dA[j][i] * Gam[j][i] * K[j][x] + dP[j][i] * Q[j][x];
             }
-            dqv[x] = dqx, dkv[x] = dkx;
+            cmp(dq[row * D + x], dqx, err.dq, big.dq);
+            cmp(dk[row * D + x], dkx, err.dk, big.dk);
             rk += dR[i][E + x] * K[i][x];
             p1 += Q[i][x] * Y1[i][x];
             p2 += K[i][x] * Y2[i][x];
-          }
-          // through the l2 normalisation of the rows Q[i], K[i] hold (their r given): r (dx - x sum(dx x))
-          auto l2_back = [&](std::vector<double>& dx, const std::vector<double>& x, double r) {
-            double s = 0;
-            for (int y = 0; y < D; ++y) s += dx[y] * x[y];
-            for (int y = 0; y < D; ++y) dx[y] = r * (dx[y] - x[y] * s);
-          };
-          if (use_rq) l2_back(dqv, Q[i], rqh[((size_t)b * N + n0 + i) * H + h]);
-          if (use_rk) l2_back(dkv, K[i], rkh[row]);
-          for (int x = 0; x < D; ++x) {
-            cmp(dq[row * D + x], dqv[x], err.dq, big.dq);
-            cmp(dk[row * D + x], dkv[x], err.dk, big.dk);
           }
           for (int e = 0; e < E; ++e) {
             cmp(dv[row * E + e], bb[i] * dR[i][e], err.dv, big.dv);
@@ -296,16 +270,15 @@ TEST(DeltaGrad16, CudaGradientsMatchFormulas) {
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
   if (major < 8) GTEST_SKIP() << "16-bit mma.sync needs sm_80";
   unsigned seed = 1200;
-  for (int mode = 0; mode < 3; ++mode)  // formed m^-1; given m^-1; given m^-1 and the l2 backward folded in
+  for (bool with_minv : {false, true})
     for (const Grad16Case& c : kGrad16Cases) {
-      const bool with_minv = mode > 0, with_r = mode == 2;
-      const Grad16Errors e = grad16_case(c, seed++, with_minv, with_r);
+      const Grad16Errors e = grad16_case(c, seed++, with_minv);
       std::printf(
-          "grad16 B %d H %d (q %d, k %d, v %d) N %d D %d E %d%s%s%s: relative errors dq %.2e dk %.2e dv %.2e "
+          "grad16 B %d H %d (q %d, k %d, v %d) N %d D %d E %d%s%s: relative errors dq %.2e dk %.2e dv %.2e "
           "dbeta %.2e dg %.2e\n",
           c.B, c.H, c.Hq, c.Hk, c.Hv, c.N, c.D, c.E, c.out16 ? " (bf16 out)" : "", with_minv ? " (m^-1 given)" : "",
-          with_r ? " (l2 backward folded in)" : "", e.dq, e.dk, e.dv, e.dbeta, e.dg);
-      const char* what = with_r ? "l2 folded, N, D, E = " : with_minv ? "m^-1 given, N, D, E = " : "N, D, E = ";
+          e.dq, e.dk, e.dv, e.dbeta, e.dg);
+      const char* what = with_minv ? "m^-1 given, N, D, E = " : "N, D, E = ";
       EXPECT_LE(e.dq, 2e-2) << "dq, " << what << c.N << ", " << c.D << ", " << c.E;
       EXPECT_LE(e.dk, 2e-2) << "dk, " << what << c.N << ", " << c.D << ", " << c.E;
       EXPECT_LE(e.dv, 2e-2) << "dv, " << what << c.N << ", " << c.D << ", " << c.E;
@@ -328,12 +301,6 @@ TEST(DeltaGrad16, RefusesShapesItDoesNotTake) {
   EXPECT_FALSE(lasp::cuda::delta_grad16_takes(a));  // q's rows off 16-byte boundaries
   a.qs[2] = 64;
   EXPECT_TRUE(lasp::cuda::delta_grad16_takes(a));  // null 16-bit pointers are on 16-byte boundaries
-  a.rq = x, a.qgroup = 2;
-  EXPECT_FALSE(lasp::cuda::delta_grad16_takes(a));  // the l2 backward folded in needs a q head per output head
-  a.qgroup = 1, a.rk = x, a.kgroup = 2;
-  EXPECT_FALSE(lasp::cuda::delta_grad16_takes(a));  // and a k head per output head
-  a.kgroup = 1;
-  EXPECT_TRUE(lasp::cuda::delta_grad16_takes(a));
   a.D = 96;
   EXPECT_EQ(lasp::cuda::delta_grad16(a, nullptr), cudaErrorInvalidValue);
 }

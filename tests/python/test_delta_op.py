@@ -269,8 +269,6 @@ def test_opcheck_delta_ops(lasp, B, Hq, Hk, Hv, N, D, E, dtype, with_state, seed
     opcheck(ops.gated_delta_bwd.default, (q, k, v, g, beta, 0.5, None, None, None, False))
     minv = ops.gated_delta_fwd(q, k, v, g, beta, 0.5, s0)[2]
     opcheck(ops.gated_delta_bwd.default, (q, k, v, g, beta, 0.5, s0, do.to(dtype), dS.float(), False, minv))
-    rq, rk = (torch.rand(*x.shape[:3], 1, dtype=torch.float32) + 0.5 for x in (q, k))
-    opcheck(ops.gated_delta_bwd.default, (q, k, v, g, beta, 0.5, s0, do.to(dtype), dS.float(), False, minv, rq, rk))
 
 
 def test_piece_map_and_state_gradient(lasp, seed):
@@ -656,78 +654,6 @@ def test_cuda_l2norm_backward_kernel(lasp, dtype, D, layout, seed):
     for name, got in (("dq", back(dq)), ("dk", back(dk))):
         err = rel_err(got, want[name])
         assert err < 3e-2, f"{name}: relative error {err:.2e} against float64"
-
-
-@pytest.mark.parametrize("heads", [(2, 2, 2), (1, 2, 2), (2, 1, 4)], ids=["mha", "q-shared", "k-shared"])
-def test_bwd_op_through_l2norm(lasp, heads, seed):
-    """gated_delta_bwd given rq / rk (each row's 1 / norm, for l2-normalised q / k) returns the gradients of the
-    rows before the normalisation: in float64 against the recurrence with use_qk_l2norm (a zero row of q
-    included), also where a sum over output heads comes before the normalisation's backward (shared q or k
-    heads); an rq or rk of the wrong shape is an error that names it."""
-    Hq, Hk, Hv = heads
-    q, k, v, g, beta, s0, do, dS = _inputs(seed, 1, Hq, Hk, Hv, 150, 8, 6)
-    q[:, :, 3] = 0
-    want = _run(_ref(use_qk_l2norm=True), q, k, v, g, beta, s0, do, dS)
-    inv_norm = lambda x: (x * x).sum(-1, keepdim=True).add(1e-6).rsqrt()  # noqa: E731
-    rq, rk = inv_norm(q), inv_norm(k)
-    qh, kh = q * rq, k * rk
-    ops, scale = torch.ops.lasp, 8 ** -0.5
-    minv = ops.gated_delta_fwd(qh, kh, v, g, beta, scale, s0)[2]
-    dq, dk, *_ = ops.gated_delta_bwd(qh, kh, v, g, beta, scale, s0, do, dS, False, minv, rq, rk)
-    for name, got in (("dq", dq), ("dk", dk)):
-        err = rel_err(got, want[name])
-        assert err < 1e-10, f"{name}: relative error {err:.2e} against float64"
-    with pytest.raises(ValueError, match="rq must have shape"):
-        ops.gated_delta_bwd(qh, kh, v, g, beta, scale, s0, do, dS, False, minv, rq[:, :, 1:], rk)
-    with pytest.raises(ValueError, match="rk must have shape"):
-        ops.gated_delta_bwd(qh, kh, v, g, beta, scale, s0, do, dS, False, minv, rq, rk.squeeze(-1))
-
-
-def test_bad_l2_fold_setting(lasp, seed, monkeypatch):
-    """LASP_DELTA_L2_FOLD other than 0 / 1 is an error that names it, at a use_qk_l2norm call under autograd."""
-    q, k, v, g, beta, s0, do, dS = _inputs(seed, 1, 2, 2, 2, 20, 8, 8)
-    monkeypatch.setenv("LASP_DELTA_L2_FOLD", "yes")
-    with pytest.raises(ValueError, match="LASP_DELTA_L2_FOLD must be '0' or '1', got 'yes'"):
-        _run(_ours(lasp, use_qk_l2norm=True), q, k, v, g, beta, s0, do, dS)
-    monkeypatch.setenv("LASP_DELTA_L2_FOLD", "1")  # on the CPU there is nothing to fold: the same gradients
-    got = _run(_ours(lasp, use_qk_l2norm=True), q, k, v, g, beta, s0, do, dS)
-    want = _run(_ref(use_qk_l2norm=True), q, k, v, g, beta, s0, do, dS)
-    for key, w in want.items():
-        assert rel_err(got[key], w) < 1e-10, key
-
-
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
-                    reason="needs an sm_80 or later CUDA device")
-@pytest.mark.parametrize("DE", [(64, 64), (128, 128), (128, 64)], ids=lambda t: f"D{t[0]}E{t[1]}")
-@pytest.mark.parametrize("heads", [(4, 4, 4), (1, 4, 4), (4, 1, 4), (2, 2, 4)], ids=["mha", "q1", "k1", "gva"])
-@pytest.mark.parametrize("fold", ["0", "1"], ids=["fold-off", "fold-on"])
-def test_cuda_l2norm_folded_into_gradients(lasp, heads, DE, fold, seed, monkeypatch):
-    """With use_qk_l2norm and LASP_DELTA_L2_FOLD=1 the 16-bit backward folds the normalisation's backward into
-    its gradients kernel for q and k where they have a head per output head (no separate l2norm16 backward
-    kernel runs), and runs that kernel after the sum over output heads for a shared head; with 0 (the default)
-    the kernel runs for both. Either way dq and dk (zero rows included, 333 tokens: a partial last chunk) and
-    the other gradients match the float64 recurrence's."""
-    monkeypatch.setenv("LASP_DELTA_L2_FOLD", fold)
-    Hq, Hk, Hv = heads
-    H, (D, E) = max(Hq, Hv), DE
-    q, k, v, g, beta, s0, do, dS = _inputs(seed, 2, Hq, Hk, Hv, 333, D, E, dtype=torch.bfloat16, device="cuda")
-    q[:, :, 5] = 0
-    k[:, :, 70] = 0
-    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta, s0)]
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        o, f = lasp.gated_delta_attention(*leaves[:5], initial_state=leaves[5], use_qk_l2norm=True,
-                                          output_final_state=True)
-        got = dict(zip(["dq", "dk", "dv", "dg", "dbeta", "ds0"],
-                       torch.autograd.grad([o, f], leaves, [do.to(o.dtype), dS.float()])))
-        torch.cuda.synchronize()
-    names = [e.name for e in prof.events()]
-    assert any("grad16_kernel" in n for n in names), "the 16-bit gradients kernel did not run"
-    ran = any("l2norm16_kernel" in n and "true>" in n for n in names)
-    assert ran == (fold == "0" or Hq < H or Hk < H), f"the separate l2 backward kernel ran: {ran} (heads {heads})"
-    want = _run(_ref(use_qk_l2norm=True), *(x.double().cpu() for x in (q, k, v, g, beta, s0, do, dS)))
-    for key, got_x in got.items():
-        err = rel_err(got_x, want[key])
-        assert err < 3e-2, f"{key}: relative error {err:.2e} against float64"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
