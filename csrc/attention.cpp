@@ -338,12 +338,16 @@ const Tensor& out_layout_like(const Tensor& q, const Tensor& v) {
 c10::SymInt out_heads(const Tensor& q, const Tensor& v) { return q.sym_size(1).max(v.sym_size(1)); }
 
 Tensor alloc_out(const Tensor& like, const c10::SymInt& H, const c10::SymInt& last) {
+  return alloc_out(like, H, last, like.options());
+}
+
+Tensor alloc_out(const Tensor& like, const c10::SymInt& H, const c10::SymInt& last, const at::TensorOptions& opts) {
   const auto& B = like.sym_size(0);
   const auto& N = like.sym_size(2);
   if (tokens_outer(like)) {
-    return at::empty_symint({B, N, H, last}, like.options()).transpose(1, 2);
+    return at::empty_symint({B, N, H, last}, opts).transpose(1, 2);
   }
-  return at::empty_symint({B, H, N, last}, like.options());
+  return at::empty_symint({B, H, N, last}, opts);
 }
 
 namespace {

@@ -97,8 +97,9 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::
                   const std::optional<Tensor>& initial_state, bool check_values,
                   const std::optional<Tensor>& g = std::nullopt);
 
-// (B, H, N, last) output with the memory order of `like` ((B, *, N, *) or (B, N, *, *)).
+// (B, H, N, last) output with the memory order of `like` ((B, *, N, *) or (B, N, *, *)), like's options or opts.
 Tensor alloc_out(const Tensor& like, const c10::SymInt& H, const c10::SymInt& last);
+Tensor alloc_out(const Tensor& like, const c10::SymInt& H, const c10::SymInt& last, const at::TensorOptions& opts);
 
 at::ScalarType acc_type(at::ScalarType t);
 

@@ -22,7 +22,10 @@
 // gradient of g is a sum of (weight x gradient of the weight) over the weights whose range holds the token.
 // These ATen compositions serve every device; the chain and the chunks' solves take a device's kernels where
 // it registered them (delta.h).
+#include "delta.h"
+
 #include <ATen/ATen.h>
+#include <ATen/ExpandUtils.h>  // infer_dense_strides
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -35,7 +38,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "delta.h"
+#include "attention.h"  // alloc_out, out_layout_like
 #include "exchange.h"
 #include "lasp.h"
 #include "ring.h"
@@ -171,11 +174,18 @@ Tensor to_out_heads(const Tensor& x, int64_t H, at::ScalarType acc) {
   return hx == H ? y : y.repeat_interleave(H / hx, 1);
 }
 
-// dx (B, H, N, X) -> (B, Hx, N, X) in dtype: the sum over the output heads that read each head.
-Tensor to_in_heads(const Tensor& dx, int64_t hx, at::ScalarType dtype) {
-  const int64_t H = dx.size(1);
-  Tensor y = hx == H ? dx : dx.view({dx.size(0), hx, H / hx, dx.size(2), dx.size(3)}).sum(2);
-  return y.to(dtype);
+// The gradient of input x from dx (per output head: (B, H, N, X) for x (B, Hx, N, X), summed over the output heads
+// that read each of x's heads; or x's shape) in x's dtype and memory order: at::empty_like's (x's strides where x is
+// dense, else dense ones in x's order), as the meta kernel says. dx itself where it already is that (the CUDA
+// kernels write it so).
+Tensor grad_like(const Tensor& dx, const Tensor& x) {
+  const Tensor y = dx.size(1) == x.size(1)
+                       ? dx
+                       : dx.view({dx.size(0), x.size(1), dx.size(1) / x.size(1), dx.size(2), dx.size(3)}).sum(2);
+  const std::vector<int64_t> st =
+      x.is_non_overlapping_and_dense() ? x.strides().vec() : at::infer_dense_strides(x.sizes(), x.strides());
+  if (y.scalar_type() == x.scalar_type() && y.strides() == at::IntArrayRef(st)) return y;
+  return at::empty_strided(x.sizes(), st, x.options()).copy_(y);
 }
 
 // (..., C) -> (..., C, C): x[j+1] + ... + x[i] for j <= i (0 on the diagonal), -inf above it.
@@ -347,14 +357,16 @@ std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, co
   const Chunks c = prepare(q, k, v, g, beta, /*need_q=*/true);
   if (keep && !minv.defined()) minv = minv_aten(c, g, q.scalar_type());
   auto [states, u, fin] = state_chain(c, state_or_zeros(initial_state, c, q));
-  if (c.nc == 0) return {at::empty({c.B, c.H, 0, c.E}, q.options()), fin, minv};
+  // o (B, H, N, E) in q's dtype, laid out as q (v where v has more heads) is: alloc_out
+  const Tensor o_out = alloc_out(out_layout_like(q, v), c.H, c.E, q.options());
+  if (c.nc == 0) return {o_out, fin, minv};
   Tensor o;
   if (OutFn fn = device_hook<OutFn>(q.device().type())) o = fn(c.q, c.k, c.gam, c.pre, states, u, scale, c.low);
   if (!o.defined()) {
     const Tensor qk = at::matmul(c.q, c.k.transpose(-1, -2)) * c.gam;
     o = (c.pre.unsqueeze(-1) * at::matmul(c.q, states) + at::matmul(qk, u)) * scale;
   }
-  return {unchunk(o, c.N).to(q.scalar_type()).contiguous(), fin, minv};
+  return {o_out.copy_(unchunk(o, c.N)), fin, minv};
 }
 
 using BwdOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
@@ -375,8 +387,8 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
                       ": grad_final_state must have shape (B, H, D, E) = (", B, ", ", H, ", ", D, ", ", E, "), got ",
                       grad_final_state.has_value() ? grad_final_state->sizes() : at::IntArrayRef{});
   }
-  // The op's outputs: the gradients of q, k, v in (B, H, N, .) per output head, of g and beta in (B, H, N), and of
-  // the state entering the piece (dS, in the acc type).
+  // The op's outputs from the gradients of q, k, v in (B, H, N, .) per output head, of g and beta in (B, H, N), and
+  // of the state entering the piece (dS, in the acc type): each input's gradient in its dtype and memory order.
   auto finish = [&](const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dg, const Tensor& dbeta,
                     const Tensor& dS) -> BwdOut {
     const Tensor dinit = initial_state.has_value() ? dS.to(initial_state->scalar_type()) : dS;
@@ -385,12 +397,7 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
       return {at::empty({0}, none), at::empty({0}, none), at::empty({0}, none),
               at::empty({0}, none), at::empty({0}, none), dinit};
     }
-    return {to_in_heads(dq, q.size(1), q.scalar_type()).contiguous(),
-            to_in_heads(dk, k.size(1), k.scalar_type()).contiguous(),
-            to_in_heads(dv, v.size(1), v.scalar_type()).contiguous(),
-            dg.to(g.scalar_type()).contiguous(),
-            dbeta.to(beta.scalar_type()).contiguous(),
-            dinit};
+    return {grad_like(dq, q), grad_like(dk, k), grad_like(dv, v), grad_like(dg, g), grad_like(dbeta, beta), dinit};
   };
   if (MainBwdFn fn = device_hook<MainBwdFn>(q.device().type()); fn && q.size(2) > 0) {
     const Tensor mi = minv.has_value() && minv->dim() == 4 ? *minv : Tensor();
@@ -549,8 +556,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd_meta(const Tensor& q, const Tensor& k, co
                                             const std::optional<Tensor>& initial_state) {
   check_delta_inputs(q, k, v, g, beta, initial_state, false);
   const auto H = q.sym_size(1).max(v.sym_size(1));
-  return {at::empty_symint({q.sym_size(0), H, q.sym_size(2), v.sym_size(3)}, q.options()),
-          state_meta(q, k, v, v.sym_size(3)),
+  return {alloc_out(out_layout_like(q, v), H, v.sym_size(3), q.options()), state_meta(q, k, v, v.sym_size(3)),
           keeps_minv(q, k, v) ? at::empty_symint({q.sym_size(0), H, q.sym_size(2), c10::SymInt(kChunk)}, q.options())
                               : no_minv(q)};
 }
@@ -568,9 +574,8 @@ BwdOut bwd_meta(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
     return {at::empty({0}, none), at::empty({0}, none), at::empty({0}, none), at::empty({0}, none),
             at::empty({0}, none), ds};
   }
-  return {at::empty_like(q, at::MemoryFormat::Contiguous), at::empty_like(k, at::MemoryFormat::Contiguous),
-          at::empty_like(v, at::MemoryFormat::Contiguous), at::empty_like(g, at::MemoryFormat::Contiguous),
-          at::empty_like(beta, at::MemoryFormat::Contiguous), ds};
+  // each input's gradient as grad_like lays it out
+  return {at::empty_like(q), at::empty_like(k), at::empty_like(v), at::empty_like(g), at::empty_like(beta), ds};
 }
 
 std::tuple<Tensor, Tensor> map_meta(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,

@@ -299,7 +299,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> main_cuda(const at::Tensor& q, co
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor qc = rows16(q), kc = rows16(k), vc = rows16(v);
   const auto o16 = q.options().dtype(t);
-  at::Tensor o = at::empty({B, H, N, E}, o16), wv = at::empty({B, H, N, E}, o16), wk = at::empty({B, H, N, D}, o16);
+  // o laid out as the op's output is (alloc_out: the memory order of q, or of v where v has more heads)
+  at::Tensor o = alloc_out(out_layout_like(q, v), H, E, o16);
+  at::Tensor wv = at::empty({B, H, N, E}, o16), wk = at::empty({B, H, N, D}, o16);
   const at::Tensor gf = g.to(at::kFloat).contiguous();
   AttnParams p;
   p.dtype = to_lasp(t);
@@ -373,10 +375,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dq, dk, dv, dbeta, dg;
   cuda::Grad16Args a;
   if (!state_grad_only) {
-    // in the inputs' dtype where no sum over the output heads follows (to_in_heads), else fp32
+    // in the input's dtype and memory order where no sum over the output heads follows (the op's grad_like then
+    // returns it as it is), else fp32 (B, H, N, .)
     const bool q16 = q.size(1) == H, k16 = k.size(1) == H, v16 = v.size(1) == H;
-    dq = at::empty({B, H, N, D}, q16 ? o16 : o32), dk = at::empty({B, H, N, D}, k16 ? o16 : o32);
-    dv = at::empty({B, H, N, E}, v16 ? o16 : o32);
+    dq = q16 ? at::empty_like(qc) : at::empty({B, H, N, D}, o32);
+    dk = k16 ? at::empty_like(kc) : at::empty({B, H, N, D}, o32);
+    dv = v16 ? at::empty_like(vc) : at::empty({B, H, N, E}, o32);
     a.out16 = (q16 ? 1 : 0) | (k16 ? 2 : 0) | (v16 ? 4 : 0);
     for (int i = 0; i < 3; ++i) a.dqs[i] = dq.stride(i), a.dks[i] = dk.stride(i), a.dvs[i] = dv.stride(i);
     dbeta = at::empty({B, H, N}, o32), dg = at::empty({B, H, N}, o32);

@@ -254,7 +254,9 @@ def gated_delta_attention(
         initial_state: (B, H, D, E), the state before the sequence (differentiable); None: zeros. Under a
             group only rank 0's is read (the others get a zero gradient).
         output_final_state: also return the (B, H, D, E) state after this rank's piece.
-        layout: "bhnd" or "bnhd" (fla's layout); the output comes back in it.
+        layout: "bhnd" or "bnhd" (fla's layout); the output comes back in it, in the memory order of q (of v
+            where v has more heads): contiguous for contiguous inputs, so o.view(B, N, H * E) works for "bnhd".
+            Each input's gradient has that input's memory order (dense inputs: its strides).
         strategy: "ring", "allgather" (see group), "scan" (a recursive-doubling scan of the pieces' maps:
             ceil(log2 W) rounds of one (T, L) message per rank) or "auto": of the ring and the all-gather,
             the one the cost model of lasp.scaling predicts

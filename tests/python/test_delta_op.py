@@ -78,6 +78,59 @@ def test_layout_bnhd_is_fla_layout(lasp, seed):
     torch.testing.assert_close(f2, f, rtol=0, atol=0)
 
 
+def _tokens_outer(x):
+    """x (B, H, N, ...) with the memory order of (B, N, H, ...): the bhnd view of a bnhd tensor."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _dense_order(x):
+    """The dims of x from the largest stride to the smallest (x's memory order)."""
+    return sorted(range(x.dim()), key=lambda i: -x.stride(i))
+
+
+LAYOUT_SHAPES = [
+    # (B, Hq, Hk, Hv, N, D, E)
+    (2, 2, 2, 2, 70, 8, 6),    # MHA
+    (1, 1, 1, 4, 70, 5, 7),    # GVA: o laid out as v, dq / dk summed over the output heads
+    (1, 4, 2, 2, 65, 6, 6),    # GQA: dk, dv summed
+]
+
+
+@pytest.mark.parametrize("l2", [False, True], ids=["raw", "l2norm"])
+@pytest.mark.parametrize("shape", LAYOUT_SHAPES, ids=["mha", "gva", "gqa"])
+def test_outputs_and_gradients_keep_the_input_layout(lasp, shape, l2, seed):
+    """o comes back in the layout asked for with the memory order of q (of v where v has more heads), and each
+    input's gradient with that input's: for (B, N, H, D) tensors (layout bnhd, fla's) all of them are contiguous
+    in that layout, not transposed views; for a non-dense input (q, k, v sliced out of one fused projection) the
+    gradient is dense in the input's order. The values are those of the bhnd call."""
+    ins = _inputs(seed, *shape)
+    q, k, v, g, beta, s0, do, dS = ins
+    want = _run(_ours(lasp, use_qk_l2norm=l2), *ins)
+    t = lambda x: x.transpose(1, 2).contiguous()  # noqa: E731
+    got = _run(_ours(lasp, use_qk_l2norm=l2, layout="bnhd"), t(q), t(k), t(v), t(g), t(beta), s0, t(do), dS)
+    for key in ("o", "dq", "dk", "dv", "dg", "dbeta"):
+        assert got[key].is_contiguous(), f"{key}: strides {got[key].stride()} for layout bnhd, want contiguous"
+        torch.testing.assert_close(got[key], t(want[key]), rtol=1e-12, atol=1e-12, msg=lambda m: f"{key}: {m}")
+    for key in ("o", "dq", "dk", "dv", "dg", "dbeta"):
+        assert want[key].is_contiguous(), f"{key}: strides {want[key].stride()} for layout bhnd, want contiguous"
+    # q, k, v as slices of one (B, N, 3, Hmax, X) projection: not dense
+    B, Hq, Hk, Hv, N, D, E = shape
+    fused = torch.zeros(B, N, 3, max(Hq, Hk, Hv), max(D, E), dtype=q.dtype)
+    for i, x in enumerate((q, k, v)):
+        fused[:, :, i, :x.shape[1], :x.shape[3]] = t(x)
+    fused.requires_grad_()
+    parts = [fused[:, :, i, :x.shape[1], :x.shape[3]] for i, x in enumerate((q, k, v))]
+    assert not parts[0].is_contiguous()
+    o = lasp.gated_delta_attention(*parts, t(g), t(beta), initial_state=s0, layout="bnhd", use_qk_l2norm=l2)
+    grads = torch.autograd.grad(o, parts, t(do))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    o_ref = lasp.gated_delta_attention(*leaves, g, beta, initial_state=s0, use_qk_l2norm=l2)
+    for name, got_x, want_x, x in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(o_ref, leaves, do), parts):
+        assert _dense_order(got_x) == _dense_order(x), f"{name}: strides {got_x.stride()} for {x.stride()}"
+        assert got_x.is_contiguous(), f"{name}: strides {got_x.stride()}, want dense (B, N, H, X)"
+        torch.testing.assert_close(got_x, t(want_x), rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
 def test_float32_close_to_recurrence(lasp, seed):
     q, k, v, g, beta, s0, do, dS = _inputs(seed, 1, 2, 2, 2, 200, 32, 32, dtype=torch.float32, resets=False)
     got = _run(_ours(lasp), q, k, v, g, beta, s0.float(), do, dS)
@@ -240,22 +293,27 @@ def test_cuda_torch_compile_with_l2norm(lasp, seed):
 
 
 OPCHECK = [
-    # B, Hq, Hk, Hv, N, D, E, dtype, with initial state
-    pytest.param(1, 2, 1, 2, 70, 5, 3, F64, True, id="gqa-f64-state"),
-    pytest.param(2, 1, 1, 3, 9, 4, 6, torch.float32, False, id="gva-f32"),
-    pytest.param(1, 2, 2, 2, 65, 8, 8, torch.bfloat16, True, id="bf16-state"),
-    pytest.param(1, 2, 1, 2, 70, 64, 64, torch.bfloat16, False, id="bf16-minv"),  # gated_delta_fwd returns m^-1
-    pytest.param(1, 2, 2, 2, 0, 4, 4, torch.float32, True, id="empty-piece"),
+    # B, Hq, Hk, Hv, N, D, E, dtype, with initial state, tokens outer (the tensors in (B, N, H, .) memory)
+    pytest.param(1, 2, 1, 2, 70, 5, 3, F64, True, False, id="gqa-f64-state"),
+    pytest.param(2, 1, 1, 3, 9, 4, 6, torch.float32, False, False, id="gva-f32"),
+    pytest.param(1, 2, 2, 2, 65, 8, 8, torch.bfloat16, True, False, id="bf16-state"),
+    pytest.param(1, 2, 1, 2, 70, 64, 64, torch.bfloat16, False, False, id="bf16-minv"),  # gated_delta_fwd returns m^-1
+    pytest.param(1, 2, 2, 2, 0, 4, 4, torch.float32, True, False, id="empty-piece"),
+    pytest.param(1, 2, 1, 2, 70, 5, 3, F64, True, True, id="gqa-f64-state-tokens-outer"),
+    pytest.param(2, 1, 1, 3, 9, 4, 6, torch.float32, False, True, id="gva-f32-tokens-outer"),
 ]
 
 
-@pytest.mark.parametrize("B,Hq,Hk,Hv,N,D,E,dtype,with_state", OPCHECK)
-def test_opcheck_delta_ops(lasp, B, Hq, Hk, Hv, N, D, E, dtype, with_state, seed):
+@pytest.mark.parametrize("B,Hq,Hk,Hv,N,D,E,dtype,with_state,outer", OPCHECK)
+def test_opcheck_delta_ops(lasp, B, Hq, Hk, Hv, N, D, E, dtype, with_state, outer, seed):
     """torch.library.opcheck (schema, autograd registration, fake tensors, AOT dispatch) on the user-facing op
-    with inputs that require grad, and on the internal fwd / bwd / map ops (no autograd of their own)."""
+    with inputs that require grad, and on the internal fwd / bwd / map ops (no autograd of their own); with
+    tensors in (B, N, H, .) memory the fake tensors must give the outputs' strides too."""
     from torch.library import opcheck
 
     q, k, v, g, beta, s0, do, dS = _inputs(seed, B, Hq, Hk, Hv, N, D, E, dtype=dtype, resets=N > 2)
+    if outer:
+        q, k, v, g, beta, do = (_tokens_outer(x) for x in (q, k, v, g, beta, do))
     s0 = s0.to(torch.float64 if dtype == F64 else torch.float32) if with_state else None
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, g, beta)]
     sl = s0.detach().clone().requires_grad_() if with_state else None
@@ -480,6 +538,27 @@ def test_cuda_wgmma_main_pass_matches_recurrence(lasp, shape, dtype, resets, see
         for name, got, want in (("o", o, want_o), ("final", f, want_f)):
             err = rel_err(got, want)
             assert err < 3e-2, f"{kernels}, {name}: relative error {err:.2e}"
+
+
+@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 (Hopper) CUDA device")
+@pytest.mark.parametrize("l2", [False, True], ids=["raw", "l2norm"])
+@pytest.mark.parametrize("shape", [(1, 2, 2, 2, 200, 128, 128), (1, 1, 1, 4, 130, 128, 64), (2, 4, 2, 4, 100, 64, 64)],
+                         ids=["mha", "gva", "gqa"])
+def test_cuda_outputs_keep_the_input_layout(lasp, shape, l2, seed):
+    """The 16-bit kernels write o and the gradients of the inputs with a head per output head straight into the
+    inputs' memory order: for layout bnhd (fla's (B, N, H, .) tensors) o, dq, dk, dv, dg, dbeta come back
+    contiguous in that layout, and equal to the bhnd call's (same kernels, same order of operations)."""
+    q, k, v, g, beta, s0, do, dS = _inputs(seed, *shape, dtype=torch.bfloat16, device="cuda")
+    s0, dS = s0.float(), dS.float()
+    want = _run(_ours(lasp, use_qk_l2norm=l2), q, k, v, g, beta, s0, do, dS)
+    t = lambda x: x.transpose(1, 2).contiguous()  # noqa: E731
+    got = _run(_ours(lasp, use_qk_l2norm=l2, layout="bnhd"), t(q), t(k), t(v), t(g), t(beta), s0, t(do), dS)
+    for key in ("o", "dq", "dk", "dv", "dg", "dbeta"):
+        assert got[key].is_contiguous(), f"{key}: strides {got[key].stride()} for layout bnhd, want contiguous"
+        assert want[key].is_contiguous(), f"{key}: strides {want[key].stride()} for layout bhnd, want contiguous"
+        torch.testing.assert_close(got[key], t(want[key]), rtol=0, atol=0, msg=lambda m: f"{key}: {m}")
+    for key in ("f", "ds0"):
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=lambda m: f"{key}: {m}")
 
 
 @pytest.mark.skipif(not _sm90(), reason="needs an sm_90 (Hopper) CUDA device")
