@@ -99,6 +99,22 @@ class _Exchange:
         return None if self.rank == self.world - 1 else g_out
 
 
+def _cat_tokens(xs, like):
+    """The segments xs (B, H, n_i, ...) joined along the tokens, in the memory order of ``like`` (the op's outputs
+    and gradients keep the inputs' order; torch.cat's result would be contiguous in (B, H, N, ...))."""
+    if len(xs) == 1:
+        return xs[0]
+    shape = list(xs[0].shape)
+    shape[2] = sum(int(x.shape[2]) for x in xs)
+    order = sorted(range(like.dim()), key=lambda i: -like.stride(i))  # outermost first
+    out = xs[0].new_empty([shape[i] for i in order]).permute([order.index(i) for i in range(like.dim())])
+    a = 0
+    for x in xs:
+        out.narrow(2, a, x.shape[2]).copy_(x)
+        a += x.shape[2]
+    return out
+
+
 class _DeltaPiece(torch.autograd.Function):
     """One rank's piece with per-document states, as segments, each run by the ops from its own starting state. segs: [(a, b, j)],
     tokens [a, b) of the piece starting from ``states[j]`` (the initial state of document j, which starts at a;
@@ -136,7 +152,7 @@ class _DeltaPiece(torch.autograd.Function):
             s_in = exchange.forward(T, L, s0.to(L.dtype))
         res = [last if i == len(segs) - 1 and last is not None else
                ops.gated_delta_fwd(*parts[i], scale, start(j, s_in)) for i, (_, _, j) in enumerate(segs)]
-        o = res[0][0] if len(res) == 1 else torch.cat([r[0] for r in res], dim=2)
+        o = _cat_tokens([r[0] for r in res], v if v.shape[1] > q.shape[1] else q)
         F = torch.stack([r[1] for r in res])
         ctx.save_for_backward(q, k, v, g, beta, s_in, T, states, *[r[2] for r in res])
         ctx.scale, ctx.exchange, ctx.segs, ctx.s0_like = scale, exchange, segs, (s0.dtype, s0.shape)
@@ -171,7 +187,7 @@ class _DeltaPiece(torch.autograd.Function):
             if res[i] is None:
                 dfin = dF[i] if g_out is None or i < len(segs) - 1 else dF[i] + g_out
                 res[i] = bwd(i, dfin)
-        grads = [res[0][c] if len(res) == 1 else torch.cat([x[c] for x in res], dim=2) for c in range(5)]
+        grads = [_cat_tokens([x[c] for x in res], t) for c, t in enumerate((q, k, v, g, beta))]
         dtype, shape = ctx.s0_like
         ds0 = torch.zeros(shape, dtype=dtype, device=q.device)
         if from_s_in and (exchange is None or exchange.rank == 0):
@@ -335,7 +351,8 @@ def gated_delta_attention(
                              f"({total}{', the sum of the pieces over the group' if len(rows) > 1 else ''})")
     per_doc = cu is not None and (initial_state is not None or bool(output_final_state))
     if cu is not None and not per_doc:  # one call over the piece, the state dropped at every start
-        g = g.masked_fill(off.starts(offset, offset + N, g.device), float("-inf"))
+        # torch.where keeps g's memory order (masked_fill's result, and so the gradient of g, would be contiguous)
+        g = torch.where(off.starts(offset, offset + N, g.device), float("-inf"), g)
     scale = D ** -0.5 if scale is None else float(scale)
     if name is not None:
         # every value "auto" reads is the same on every rank (compared above): the ranks pick alike

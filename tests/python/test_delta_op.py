@@ -180,6 +180,25 @@ def test_packed_documents_match_each_alone(lasp, seed):
         torch.testing.assert_close(got[i], want, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("l2", [False, True], ids=["raw", "l2norm"])
+def test_packed_outputs_keep_the_input_layout(lasp, l2, seed):
+    """Packed documents (segments joined in python) also give o and the gradients in the inputs' memory order:
+    contiguous for (B, N, H, .) tensors with layout bnhd, equal to the bhnd call."""
+    lens = [5, 1, 70, 30]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist())
+    q, k, v, g, beta, _, do, _ = _inputs(seed, 1, 1, 1, 3, sum(lens), 6, 5, resets=False)
+    t = lambda x: x.transpose(1, 2).contiguous()  # noqa: E731
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta)]
+    o = lasp.gated_delta_attention(*leaves, cu_seqlens=cu, use_qk_l2norm=l2)
+    want = [o.detach()] + list(torch.autograd.grad(o, leaves, do))
+    leaves = [t(x).requires_grad_() for x in (q, k, v, g, beta)]
+    o = lasp.gated_delta_attention(*leaves, cu_seqlens=cu, use_qk_l2norm=l2, layout="bnhd")
+    got = [o.detach()] + list(torch.autograd.grad(o, leaves, t(do)))
+    for name, x, w in zip(("o", "dq", "dk", "dv", "dg", "dbeta"), got, want):
+        assert x.is_contiguous(), f"{name}: strides {x.stride()} for layout bnhd, want contiguous"
+        torch.testing.assert_close(x, t(w), rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
 def _packed_vs_each_alone(lasp, fn, q, k, v, g, beta, s0, do, dS, cu, tol, **kw):
     """The packed call with per-document states (s0 (num_docs, H, D, E) or None, cotangents do and dS) against
     ``fn`` on each document alone from its own initial state: outputs, final states and every gradient."""
