@@ -357,16 +357,16 @@ std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, co
   const Chunks c = prepare(q, k, v, g, beta, /*need_q=*/true);
   if (keep && !minv.defined()) minv = minv_aten(c, g, q.scalar_type());
   auto [states, u, fin] = state_chain(c, state_or_zeros(initial_state, c, q));
-  // o (B, H, N, E) in q's dtype, laid out as q (v where v has more heads) is: alloc_out
-  const Tensor o_out = alloc_out(out_layout_like(q, v), c.H, c.E, q.options());
-  if (c.nc == 0) return {o_out, fin, minv};
+  // o (B, H, N, E) in q's dtype, laid out as q (v where v has more heads) is; made once o is formed
+  auto o_out = [&] { return alloc_out(out_layout_like(q, v), c.H, c.E, q.options()); };
+  if (c.nc == 0) return {o_out(), fin, minv};
   Tensor o;
   if (OutFn fn = device_hook<OutFn>(q.device().type())) o = fn(c.q, c.k, c.gam, c.pre, states, u, scale, c.low);
   if (!o.defined()) {
     const Tensor qk = at::matmul(c.q, c.k.transpose(-1, -2)) * c.gam;
     o = (c.pre.unsqueeze(-1) * at::matmul(c.q, states) + at::matmul(qk, u)) * scale;
   }
-  return {o_out.copy_(unchunk(o, c.N)), fin, minv};
+  return {o_out().copy_(unchunk(o, c.N)), fin, minv};
 }
 
 using BwdOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;

@@ -71,16 +71,21 @@ def test_matches_recurrence(lasp, shape, l2, seed):
 def test_layout_bnhd_is_fla_layout(lasp, seed):
     q, k, v, g, beta, s0, do, dS = _inputs(seed, 2, 2, 2, 2, 90, 8, 8)
     o, f = lasp.gated_delta_attention(q, k, v, g, beta, initial_state=s0, output_final_state=True)
-    t = lambda x: x.transpose(1, 2).contiguous()  # noqa: E731
+    t = _to_bnhd
     o2, f2 = lasp.gated_delta_attention(t(q), t(k), t(v), t(g), t(beta), initial_state=s0, output_final_state=True,
                                         layout="bnhd")
     torch.testing.assert_close(o2, t(o), rtol=0, atol=0)
     torch.testing.assert_close(f2, f, rtol=0, atol=0)
 
 
+def _to_bnhd(x):
+    """A (B, H, N, ...) tensor as a contiguous (B, N, H, ...) one (fla's layout)."""
+    return x.transpose(1, 2).contiguous()
+
+
 def _tokens_outer(x):
     """x (B, H, N, ...) with the memory order of (B, N, H, ...): the bhnd view of a bnhd tensor."""
-    return x.transpose(1, 2).contiguous().transpose(1, 2)
+    return _to_bnhd(x).transpose(1, 2)
 
 
 def _dense_order(x):
@@ -106,7 +111,7 @@ def test_outputs_and_gradients_keep_the_input_layout(lasp, shape, l2, seed):
     ins = _inputs(seed, *shape)
     q, k, v, g, beta, s0, do, dS = ins
     want = _run(_ours(lasp, use_qk_l2norm=l2), *ins)
-    t = lambda x: x.transpose(1, 2).contiguous()  # noqa: E731
+    t = _to_bnhd
     got = _run(_ours(lasp, use_qk_l2norm=l2, layout="bnhd"), t(q), t(k), t(v), t(g), t(beta), s0, t(do), dS)
     for key in ("o", "dq", "dk", "dv", "dg", "dbeta"):
         assert got[key].is_contiguous(), f"{key}: strides {got[key].stride()} for layout bnhd, want contiguous"
@@ -187,7 +192,7 @@ def test_packed_outputs_keep_the_input_layout(lasp, l2, seed):
     lens = [5, 1, 70, 30]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist())
     q, k, v, g, beta, _, do, _ = _inputs(seed, 1, 1, 1, 3, sum(lens), 6, 5, resets=False)
-    t = lambda x: x.transpose(1, 2).contiguous()  # noqa: E731
+    t = _to_bnhd
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta)]
     o = lasp.gated_delta_attention(*leaves, cu_seqlens=cu, use_qk_l2norm=l2)
     want = [o.detach()] + list(torch.autograd.grad(o, leaves, do))
@@ -570,7 +575,7 @@ def test_cuda_outputs_keep_the_input_layout(lasp, shape, l2, seed):
     q, k, v, g, beta, s0, do, dS = _inputs(seed, *shape, dtype=torch.bfloat16, device="cuda")
     s0, dS = s0.float(), dS.float()
     want = _run(_ours(lasp, use_qk_l2norm=l2), q, k, v, g, beta, s0, do, dS)
-    t = lambda x: x.transpose(1, 2).contiguous()  # noqa: E731
+    t = _to_bnhd
     got = _run(_ours(lasp, use_qk_l2norm=l2, layout="bnhd"), t(q), t(k), t(v), t(g), t(beta), s0, t(do), dS)
     for key in ("o", "dq", "dk", "dv", "dg", "dbeta"):
         assert got[key].is_contiguous(), f"{key}: strides {got[key].stride()} for layout bnhd, want contiguous"
