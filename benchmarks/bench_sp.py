@@ -31,6 +31,10 @@ take it (ring, ring-peer, allgather, scan); its weak-scaling target is 90% at W 
 --fla (CUDA, W = 1): fla's chunk_simple_gla on the same inputs beside "single" (g_gamma = -decay, or
 g = g - decay with --gates; with --delta its chunk_gated_delta_rule; fla 0.6.0 refuses its gated backward on
 Hopper under Triton 3.4 to 3.7.0, its issue 640: the refusal is lifted to time it, and the JSON says so).
+With --delta, --fla also adds the method "fla-cp" at W > 1: fla's own context parallel for that op
+(chunk_gated_delta_rule(..., cp_context=build_cp_context(cu_seqlens=[0, W * tokens], group)), contiguous
+pieces; it needs B = 1 and takes no initial or final state), checked and timed like lasp's methods; its
+weak-scaling efficiency and strong-scaling speed-up are taken against the "fla" row at W = 1.
 
 --device cpu (gloo) runs the same script on tiny shapes (wall-clock timing): a smoke test, not a benchmark.
 """
@@ -185,6 +189,40 @@ def fla_method(decay, delta=False):
     return attn, lifted
 
 
+def fla_cp_importable(rank):
+    try:
+        from fla.ops.cp import build_cp_context  # noqa: F401
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        if rank == 0:
+            print(f"# fla's context parallel not importable ({type(e).__name__}: {e}); no fla-cp rows")
+        return False
+    return True
+
+
+def fla_cp_method(group, n_total, device):
+    """fla's context-parallel chunk_gated_delta_rule on this rank's contiguous piece of a B = 1 row of n_total
+    tokens (fla needs n_total divisible by the group's size), as a method."""
+    from fla.ops.cp import build_cp_context
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    cu = torch.tensor([0, n_total], dtype=torch.int32)
+    ctx = build_cp_context(cu_seqlens=cu.to(device), cu_seqlens_cpu=cu, group=group)
+
+    def attn(q, k, v, decay_, scale, _g, lg=None, beta=None):
+        return chunk_gated_delta_rule(q, k, v, lg, beta, scale=scale, use_qk_l2norm_in_kernel=True,
+                                      cp_context=ctx)[0]
+
+    return attn
+
+
+def pick_method(lasp, name, group, args, n_total, device):
+    """make_method, or fla's context parallel for the method "fla-cp"."""
+    if name == "fla-cp":
+        return fla_cp_method(group, n_total, device)
+    return make_method(lasp, name, group, args.delta)
+
+
 def check_methods(lasp, groups, methods, args, device, dtype, rank):
     """Every method's output and input gradients vs the single-device op on the whole sequence."""
     B, H, D = args.batch, args.heads, args.dim
@@ -211,7 +249,7 @@ def check_methods(lasp, groups, methods, args, device, dtype, rank):
                 for t in (q, k, v, lg, beta):
                     if t is not None:
                         t.requires_grad_(True)
-                o = call(make_method(lasp, m, group, args.delta), q, k, v, decay, scale, group, lg, beta)
+                o = call(pick_method(lasp, m, group, args, W * n, device), q, k, v, decay, scale, group, lg, beta)
                 o.backward(do)
                 got = [o.detach()] + [t.grad for t in (q, k, v, lg, beta) if t is not None]
                 err = max(float((a.float() - b[:, sl].float()).norm() / b[:, sl].float().norm().clamp_min(1e-30))
@@ -310,6 +348,12 @@ def main(argv=None):
         methods = [m for m in methods if m in GATED_METHODS]
         if dropped and rank == 0:
             print(f"# {flag}: {', '.join(dropped)} take no per-token gates; measuring {', '.join(methods)}")
+    if args.delta and args.fla and cuda and world > 1:
+        if args.batch != 1:
+            if rank == 0:
+                print(f"# --fla: fla's context parallel needs B = 1 (--batch {args.batch}); no fla-cp rows")
+        elif fla_cp_importable(rank):
+            methods.append("fla-cp")
     if args.worlds:
         worlds = sorted({int(w) for w in args.worlds.split(",")})
     else:
@@ -366,7 +410,7 @@ def main(argv=None):
                 group = groups[W]
                 q, k, v, do, lg, beta = local_inputs(B, n_local, H, D, dtype, device, seed=rank, gates=args.gates,
                                                      delta=args.delta)
-                attn = fla_attn if name == "fla" else make_method(lasp, name, group, args.delta)
+                attn = fla_attn if name == "fla" else pick_method(lasp, name, group, args, n_local * W, device)
                 timer = Timer(device, group)
 
                 def fwd():
@@ -429,10 +473,11 @@ def summarize(rows):
         if "fwd_bwd_ms" not in r or r["method"] == "single":
             continue
         s = {"scaling": r["scaling"], "W": r["W"], "n_local": r["n_local"], "method": r["method"]}
+        ref = "fla" if r["method"] == "fla-cp" else "single"  # fla's context parallel scales against fla alone
         if r["scaling"] == "weak":
-            base = _find(rows, scaling="weak", W=1, n_local=r["n_local"], method="single")
+            base = _find(rows, scaling="weak", W=1, n_local=r["n_local"], method=ref)
         else:
-            base = _find(rows, scaling="strong", W=1, n_total=r["n_total"], method="single")
+            base = _find(rows, scaling="strong", W=1, n_total=r["n_total"], method=ref)
         if base and r["method"] == "fla":
             s["lasp_over_fla"] = r["fwd_bwd_ms"] / base["fwd_bwd_ms"]  # how much faster lasp's single is
         elif base:

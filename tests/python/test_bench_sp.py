@@ -61,3 +61,21 @@ def test_bench_sp_gates_smoke(tmp_path):
 def test_bench_sp_delta_smoke(tmp_path):
     """--delta: the gated delta rule (o and the gradients of q, k, v, g, beta checked)."""
     assert _gated_run(tmp_path, "--delta")["info"]["op"] == "gated_delta_attention"
+
+
+def test_bench_sp_summary_scales_fla_cp_against_fla():
+    """fla's context parallel (method fla-cp) is scaled against fla on one device, lasp's methods against
+    lasp's: a weak-scaling efficiency of 0.5 for fla-cp here, 0.9 for the ring."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        import bench_sp
+    finally:
+        sys.path.pop(0)
+    row = lambda m, W, ms: {"scaling": "weak", "W": W, "n_local": 16, "n_total": 16 * W, "method": m,  # noqa: E731
+                             "fwd_ms": ms / 3, "fwd_bwd_ms": ms}
+    rows = [row("single", 1, 0.9), row("fla", 1, 2.0), row("ring", 2, 1.0), row("fla-cp", 2, 4.0)]
+    s = {x["method"]: x for x in bench_sp.summarize(rows)}
+    assert s["fla-cp"]["vs_single"] == pytest.approx(0.5)
+    assert s["ring"]["vs_single"] == pytest.approx(0.9)
+    assert s["fla-cp"]["ring_speedup"] == pytest.approx(4.0)
+    assert s["fla"]["lasp_over_fla"] == pytest.approx(2.0 / 0.9)
