@@ -164,6 +164,15 @@ def local_inputs(B, n, H, D, dtype, device, seed, requires_grad=True, gates=Fals
     return q, k, v, do, lg, beta
 
 
+def lift_fla_hopper_refusal(fla_chunk_o):
+    """fla 0.6.0 refuses its gated backward on Hopper under Triton 3.4 to 3.7.0 (its issue 640); the flag is
+    read at call time. Returns whether it was lifted."""
+    if getattr(fla_chunk_o, "IS_NVIDIA_HOPPER", False):
+        fla_chunk_o.IS_NVIDIA_HOPPER = False
+        return True
+    return False
+
+
 def fla_method(decay, delta=False):
     """fla's chunk_simple_gla (delta: chunk_gated_delta_rule) as a method (layout (B, T, H, D), as here), or
     None where fla does not import."""
@@ -174,10 +183,7 @@ def fla_method(decay, delta=False):
     except Exception as e:  # noqa: BLE001
         print(f"# fla not importable ({type(e).__name__}: {e}); no fla rows")
         return None, False
-    lifted = False
-    if getattr(fla_chunk_o, "IS_NVIDIA_HOPPER", False):
-        fla_chunk_o.IS_NVIDIA_HOPPER = False  # the gated backward's Hopper refusal (read at call time)
-        lifted = True
+    lifted = lift_fla_hopper_refusal(fla_chunk_o)
 
     def attn(q, k, v, decay_, scale, _g, lg=None, beta=None):
         if delta:
@@ -203,9 +209,11 @@ def fla_cp_importable(rank):
 def fla_cp_method(group, n_total, device):
     """fla's context-parallel chunk_gated_delta_rule on this rank's contiguous piece of a B = 1 row of n_total
     tokens (fla needs n_total divisible by the group's size), as a method."""
+    import fla.ops.common.chunk_o as fla_chunk_o
     from fla.ops.cp import build_cp_context
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
+    lift_fla_hopper_refusal(fla_chunk_o)  # main() records it in the JSON through fla_method
     cu = torch.tensor([0, n_total], dtype=torch.int32)
     ctx = build_cp_context(cu_seqlens=cu.to(device), cu_seqlens_cpu=cu, group=group)
 
