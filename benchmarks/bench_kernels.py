@@ -54,6 +54,16 @@ import torch
 SHAPES = [(4, 32, 8192, 128), (1, 16, 65536, 128), (8, 16, 2048, 64)]
 
 
+def packed_row(B, N, docs):
+    """--docs: the B rows of N tokens as one row of B * N tokens holding `docs` documents of random lengths
+    (seed 0, at least one token each). Returns 1, B * N and the int64 cu_seqlens on the CPU."""
+    N = B * N
+    if not 1 <= docs <= N:
+        raise SystemExit(f"--docs: must be in 1..{N} (the row's tokens), got {docs}")
+    cuts = torch.randperm(N - 1, generator=torch.Generator().manual_seed(0))[: docs - 1] + 1
+    return 1, N, torch.cat([torch.tensor([0]), cuts.sort().values, torch.tensor([N])]).to(torch.int64)
+
+
 def alibi_decay(H, device):
     # ALiBi-like slopes, the rates lambda_h of docs/design.md (TransNormerLLM / Lightning Attention)
     return torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], dtype=torch.float32, device=device)
@@ -264,11 +274,7 @@ def main():
         E = shape[4] if len(shape) == 5 else D
         cu = cu_cpu = None
         if args.docs:  # one row of B * N tokens, args.docs documents
-            B, N = 1, B * N
-            if not 1 <= args.docs <= N:
-                raise SystemExit(f"--docs: must be in 1..{N} (the row's tokens), got {args.docs}")
-            cuts = torch.randperm(N - 1, generator=torch.Generator().manual_seed(0))[: args.docs - 1] + 1
-            cu_cpu = torch.cat([torch.tensor([0]), cuts.sort().values, torch.tensor([N])]).to(torch.int64)
+            B, N, cu_cpu = packed_row(B, N, args.docs)
             cu = cu_cpu.to(dev)
         HQ = args.qk_heads or H
         if H % HQ != 0:

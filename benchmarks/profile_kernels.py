@@ -4,7 +4,8 @@ of a few profiled calls after warm-up, per call, beside the call's CUDA-event ti
 
 Same inputs as bench_kernels.py (bf16, ALiBi-like decay, dO random; shapes BxHxNxD or BxHxNxDxE; `--gates`
 its per-token log gates g = logsigmoid(x) / 16 with their gradient; `--qk-heads` its GVA: q and k with that
-many heads, v and the output with H). The gap between the event
+many heads, v and the output with H; `--docs K` its packed documents: each shape's rows as one row of K
+documents, `cu_seqlens`). The gap between the event
 time and the summed kernel time is time the GPU sat idle between kernels (host launches, allocation).
 "Event time with the host ahead" times the same call behind a queued sleep kernel: what is left of the
 gap there is launch latency, and the difference to the plain event time is host issue time on the GPU's
@@ -12,6 +13,7 @@ critical path (bench_kernels.py times each call from an idle GPU, so it includes
 
   python3 benchmarks/profile_kernels.py --shapes 4x32x8192x128,1x16x65536x128 --json prof.json
   python3 benchmarks/profile_kernels.py --gates --qk-heads 1 --shapes 2x80x16384x128x64
+  python3 benchmarks/profile_kernels.py --docs 14 --shapes 4x32x8192x128   # dense row: --shapes 1x32x32768x128
 """
 import argparse
 import json
@@ -25,7 +27,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernels import SHAPES, alibi_decay, bench, git_commit, library_id  # noqa: E402
+from bench_kernels import SHAPES, alibi_decay, bench, git_commit, library_id, packed_row  # noqa: E402
 
 
 def main():
@@ -35,6 +37,7 @@ def main():
     ap.add_argument("--mode", choices=("fwd", "fwd+bwd"), default="fwd+bwd")
     ap.add_argument("--gates", action="store_true", help="per-token log gates (as bench_kernels.py --gates)")
     ap.add_argument("--qk-heads", type=int, default=0, help="q and k with this many heads (GVA), v and o with H")
+    ap.add_argument("--docs", type=int, default=0, help="packed documents (as bench_kernels.py --docs)")
     ap.add_argument("--host", action="store_true",
                     help="also the host side: issue time per call and the top host events (ops, CUDA runtime calls)")
     ap.add_argument("--timeline", action="store_true",
@@ -53,7 +56,7 @@ def main():
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "mode": args.mode,
             "LASP_FWD_KERNEL": os.environ.get("LASP_FWD_KERNEL", "unset"),
             "LASP_BWD_KERNEL": os.environ.get("LASP_BWD_KERNEL", "unset"), "gates": args.gates,
-            "qk_heads": args.qk_heads, **library_id()}
+            "qk_heads": args.qk_heads, "docs": args.docs, **library_id()}
     print("# " + "  ".join(f"{k}={v}" for k, v in info.items()))
     out = []
     for shape in shapes:
@@ -62,6 +65,10 @@ def main():
         if args.qk_heads and H % args.qk_heads:
             raise SystemExit(f"--qk-heads {args.qk_heads} must divide H = {H}")
         HQ = args.qk_heads or H
+        cu = None
+        if args.docs:
+            B, N, cu = packed_row(B, N, args.docs)
+            cu = cu.to(dev)
         bf = dict(device=dev, dtype=torch.bfloat16)
         q, k = (torch.randn(B, HQ, N, D, **bf) for _ in range(2))
         v, do = (torch.randn(B, H, N, E, **bf) for _ in range(2))
@@ -72,9 +79,9 @@ def main():
         def call(_i=0):
             if args.mode == "fwd":
                 with torch.no_grad():
-                    lasp.lasp_attention(q, k, v, decay, g=g, scale=scale)
+                    lasp.lasp_attention(q, k, v, decay, g=g, scale=scale, cu_seqlens=cu)
             else:
-                o = lasp.lasp_attention(q, k, v, decay, g=g, scale=scale)
+                o = lasp.lasp_attention(q, k, v, decay, g=g, scale=scale, cu_seqlens=cu)
                 torch.autograd.grad(o, leaves, do)
 
         event_ms = bench(call, 1, warmup=3, reps=20)
@@ -102,6 +109,7 @@ def main():
             d[1] += 1
         total = sum(v[0] for v in per.values())
         print(f"\n## {'x'.join(map(str, shape))}{' gates' if g is not None else ''}"
+              f"{f' as one row of {N} tokens, {args.docs} documents' if args.docs else ''}"
               f"{f' qk-heads {HQ}' if HQ != H else ''} {args.mode}: event time {event_ms:.3f} ms, kernels {total:.3f} ms, "
               f"idle {event_ms - total:.3f} ms; host issue {issue_ms:.3f} ms/call; event time with the host "
               f"ahead {queued_ms:.3f} ms")
@@ -125,9 +133,9 @@ def main():
         print(f"idle between kernels inside a call {inside_ms:.3f} ms; before the first / after the last "
               f"kernel {event_ms - total - inside_ms:.3f} ms" + ("" if per_call else " (calls differ: not split)"))
         big = {}
-        for g, n0, n1 in gaps:
+        for gap, n0, n1 in gaps:
             key = (n0[:50], n1[:50])
-            big[key] = big.get(key, 0.0) + g / 1e3 / args.iters
+            big[key] = big.get(key, 0.0) + gap / 1e3 / args.iters
         for (n0, n1), ms in sorted(big.items(), key=lambda kv: -kv[1])[:6]:
             print(f"{ms:8.3f} ms/call idle after {n0} before {n1}")
         host = []

@@ -34,3 +34,21 @@ def test_profile_kernels_names_lasp_kernels(tmp_path):
     assert shape["kernel_ms"] > 0 and shape["event_ms"] > 0 and shape["queued_ms"] > 0
     gpu = [e for e in shape["timeline"] if e["where"] == "gpu"]
     assert any("lasp::cuda" in e["event"] for e in gpu), shape["timeline"]
+
+
+def test_packed_row_of_bench_and_profile():
+    """--docs K (bench_kernels.py, profile_kernels.py): B rows of N tokens become one row of B * N tokens holding
+    K documents of at least one token each, the same cuts every time; K outside 1..B * N is refused."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        from bench_kernels import packed_row
+    finally:
+        sys.path.pop(0)
+    B, N, cu = packed_row(4, 96, 14)
+    assert (B, N) == (1, 384) and cu.dtype == torch.int64 and len(cu) == 15
+    assert cu[0] == 0 and cu[-1] == 384 and bool((cu[1:] > cu[:-1]).all())
+    assert torch.equal(cu, packed_row(4, 96, 14)[2])
+    assert packed_row(1, 5, 5)[2].tolist() == [0, 1, 2, 3, 4, 5]
+    for bad in (0, 385):
+        with pytest.raises(SystemExit, match="--docs: must be in 1..384"):
+            packed_row(4, 96, bad)
