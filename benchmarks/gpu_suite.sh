@@ -43,6 +43,10 @@
 #                    test_compile, test_gates_cuda, test_delta_op -k "cuda or starts"; then test_vs_fla (the
 #                    ops against fla's kernels; skips where fla does not import)
 #   delta        (1) benchmarks/bench_delta.py against fla (DELTA_SHAPES, DELTA_ARGS)
+#   targets      (1) the speed targets, side by side with fla in one run: bench_kernels.py at the dense
+#                    headline shapes, with gates, GVA (Hq = Hk = 1), 14 packed documents, bench_delta.py, then
+#                    the other head dims; then benchmarks/targets.py prints what each target asks, what was
+#                    measured and whether it is met (targets.md, targets.json)
 #
 # groups: check = gtest pytest demo;  robust = reliability groupchecks hf hf-example sanitize
 #
@@ -53,7 +57,8 @@
 # BENCH_EAGER_S 60, PROBE_S 110, PROBE_OFFLOAD_S 90, FINDMAX_S 200, RELIABILITY_S 240,
 # GROUPCHECKS_S 200, HF_S 120, HF_EXAMPLE_S 75 (each world size), SANITIZE_BUDGET_S (sanitize.sh's own
 # budget; default: what is left minus 40, at most 180; the step's cap is 35 s more), NCU_S 450,
-# PENDING_GTEST_S 200, PENDING_PYTEST_S 300, PENDING_FLA_S 240, DELTA_S 300.
+# PENDING_GTEST_S 200, PENDING_PYTEST_S 300, PENDING_FLA_S 240, DELTA_S 300; targets: T_DENSE_S 120,
+# T_GATES_S 150, T_GVA_S 120, T_DOCS_S 120, T_DELTA_S 150, T_HEADDIMS_S 300.
 #
 # Exit status: 0 every step passed; 1 a step failed or timed out; 2 bad arguments, too few GPUs for a
 # part, or the build failed; 3 nothing failed but a step was skipped for the time budget.
@@ -65,7 +70,7 @@ cd "$(dirname "$0")/.." || exit 2
 
 usage() { sed -n '/^#<usage>$/,/^#<\/usage>$/p' "$0" | sed -e '1d' -e '$d' -e 's/^# \{0,1\}//'; }
 
-ALL_PARTS="gtest pytest demo kernels ab sp models reliability groupchecks hf hf-example sanitize ncu pending delta"
+ALL_PARTS="gtest pytest demo kernels ab sp models reliability groupchecks hf hf-example sanitize ncu pending delta targets"
 # GPUs a part needs
 need_gpus() {
   case $1 in
@@ -358,6 +363,24 @@ part_delta() {
   step delta "${DELTA_S:-300}" "$RESULTS/bench_delta.log" python3 benchmarks/bench_delta.py \
     --shapes "${DELTA_SHAPES:-4x32x8192x128,1x16x65536x128}" ${DELTA_ARGS:-} --json "$RESULTS/bench_delta.json"
   show "^# [0-9]+x|vs fla|failed|Error" "$RESULTS/bench_delta.log" 30
+}
+
+part_targets() {
+  local bk=(python3 benchmarks/bench_kernels.py --impls lasp,fla)
+  step t-dense "${T_DENSE_S:-120}" "$RESULTS/targets_dense.log" "${bk[@]}" --reps 20 \
+    --shapes 4x32x8192x128,1x16x65536x128 --json "$RESULTS/targets_dense.json"
+  step t-gates "${T_GATES_S:-150}" "$RESULTS/targets_gates.log" "${bk[@]}" --gates --reps 10 \
+    --shapes 4x32x8192x128,1x16x65536x128 --json "$RESULTS/targets_gates.json"
+  step t-gva "${T_GVA_S:-120}" "$RESULTS/targets_gva.log" "${bk[@]}" --gates --qk-heads 1 --reps 5 \
+    --shapes 2x80x16384x128x64 --json "$RESULTS/targets_gva.json"
+  step t-docs "${T_DOCS_S:-120}" "$RESULTS/targets_docs14.log" "${bk[@]}" --docs 14 --reps 10 \
+    --shapes 4x32x8192x128 --json "$RESULTS/targets_docs14.json"
+  step t-delta "${T_DELTA_S:-150}" "$RESULTS/targets_delta.log" python3 benchmarks/bench_delta.py --impls lasp,fla \
+    --reps 5 --shapes 4x32x8192x128 --json "$RESULTS/targets_delta.json"
+  step t-headdims "${T_HEADDIMS_S:-300}" "$RESULTS/targets_headdims.log" "${bk[@]}" --reps 10 \
+    --shapes 2x16x8192x256,4x16x8192x32,4x16x8192x96,2x16x8192x192,4x16x8192x128x64,4x16x8192x256x64 \
+    --json "$RESULTS/targets_headdims.json"
+  python3 benchmarks/targets.py "$RESULTS" --json "$RESULTS/targets.json" | tee "$RESULTS/targets.md"
 }
 
 part_ncu() {
