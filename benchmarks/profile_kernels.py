@@ -5,7 +5,8 @@ of a few profiled calls after warm-up, per call, beside the call's CUDA-event ti
 Same inputs as bench_kernels.py (bf16, ALiBi-like decay, dO random; shapes BxHxNxD or BxHxNxDxE; `--gates`
 its per-token log gates g = logsigmoid(x) / 16 with their gradient; `--qk-heads` its GVA: q and k with that
 many heads, v and the output with H; `--docs K` its packed documents: each shape's rows as one row of K
-documents, `cu_seqlens`). The gap between the event
+documents, `cu_seqlens`; `--delta` the gated delta rule instead, as bench_delta.py times it:
+gated_delta_attention(q, k, v, g, beta, layout="bnhd", use_qk_l2norm=True) with the gradients of all five). The gap between the event
 time and the summed kernel time is time the GPU sat idle between kernels (host launches, allocation).
 "Event time with the host ahead" times the same call behind a queued sleep kernel: what is left of the
 gap there is launch latency, and the difference to the plain event time is host issue time on the GPU's
@@ -14,6 +15,7 @@ critical path (bench_kernels.py times each call from an idle GPU, so it includes
   python3 benchmarks/profile_kernels.py --shapes 4x32x8192x128,1x16x65536x128 --json prof.json
   python3 benchmarks/profile_kernels.py --gates --qk-heads 1 --shapes 2x80x16384x128x64
   python3 benchmarks/profile_kernels.py --docs 14 --shapes 4x32x8192x128   # dense row: --shapes 1x32x32768x128
+  python3 benchmarks/profile_kernels.py --delta --shapes 4x32x8192x128
 """
 import argparse
 import json
@@ -28,6 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernels import SHAPES, alibi_decay, bench, git_commit, library_id, packed_row  # noqa: E402
+from bench_delta import make_set  # noqa: E402
 
 
 def main():
@@ -38,6 +41,7 @@ def main():
     ap.add_argument("--gates", action="store_true", help="per-token log gates (as bench_kernels.py --gates)")
     ap.add_argument("--qk-heads", type=int, default=0, help="q and k with this many heads (GVA), v and o with H")
     ap.add_argument("--docs", type=int, default=0, help="packed documents (as bench_kernels.py --docs)")
+    ap.add_argument("--delta", action="store_true", help="the gated delta rule (as bench_delta.py)")
     ap.add_argument("--host", action="store_true",
                     help="also the host side: issue time per call and the top host events (ops, CUDA runtime calls)")
     ap.add_argument("--timeline", action="store_true",
@@ -49,6 +53,9 @@ def main():
         return 2
     import lasp
 
+    if args.delta and args.gates:
+        raise SystemExit("profile_kernels.py: --delta has its own gates g; leave out --gates")
+
     shapes = SHAPES if not args.shapes else [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     dev = torch.device("cuda")
     info = {"gpu": torch.cuda.get_device_name(dev), "torch": torch.__version__,
@@ -56,7 +63,8 @@ def main():
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "mode": args.mode,
             "LASP_FWD_KERNEL": os.environ.get("LASP_FWD_KERNEL", "unset"),
             "LASP_BWD_KERNEL": os.environ.get("LASP_BWD_KERNEL", "unset"), "gates": args.gates,
-            "qk_heads": args.qk_heads, "docs": args.docs, **library_id()}
+            "qk_heads": args.qk_heads, "docs": args.docs, "op": "gated_delta_attention" if args.delta else
+            "lasp_attention", **library_id()}
     print("# " + "  ".join(f"{k}={v}" for k, v in info.items()))
     out = []
     for shape in shapes:
@@ -70,14 +78,30 @@ def main():
             B, N, cu = packed_row(B, N, args.docs)
             cu = cu.to(dev)
         bf = dict(device=dev, dtype=torch.bfloat16)
-        q, k = (torch.randn(B, HQ, N, D, **bf) for _ in range(2))
-        v, do = (torch.randn(B, H, N, E, **bf) for _ in range(2))
-        g = torch.nn.functional.logsigmoid(torch.randn(B, H, N, device=dev)) / 16 if args.gates else None
-        leaves = tuple(x.requires_grad_(True) for x in (q, k, v) + ((g,) if g is not None else ()))
         decay, scale = alibi_decay(H, dev), 1.0 / math.sqrt(D)
+        if args.delta:  # bench_delta.py's inputs: (B, N, H, .) tensors, g and beta (B, N, H) fp32
+            (q, k, v, g, beta), do = make_set(B, H, HQ, N, D, E, torch.bfloat16, dev, 0)
+            leaves = tuple(x.requires_grad_(True) for x in (q, k, v, g, beta))
+
+            def delta(grad):
+                o = lasp.gated_delta_attention(q, k, v, g, beta, scale=scale, layout="bnhd", use_qk_l2norm=True,
+                                               cu_seqlens=cu)
+                if grad:
+                    torch.autograd.grad(o, leaves, do)
+        else:
+            q, k = (torch.randn(B, HQ, N, D, **bf) for _ in range(2))
+            v, do = (torch.randn(B, H, N, E, **bf) for _ in range(2))
+            g = torch.nn.functional.logsigmoid(torch.randn(B, H, N, device=dev)) / 16 if args.gates else None
+            leaves = tuple(x.requires_grad_(True) for x in (q, k, v) + ((g,) if g is not None else ()))
 
         def call(_i=0):
-            if args.mode == "fwd":
+            if args.delta:
+                if args.mode == "fwd":
+                    with torch.no_grad():
+                        delta(False)
+                else:
+                    delta(True)
+            elif args.mode == "fwd":
                 with torch.no_grad():
                     lasp.lasp_attention(q, k, v, decay, g=g, scale=scale, cu_seqlens=cu)
             else:
@@ -108,7 +132,8 @@ def main():
             d[0] += e.device_time / 1e3 / args.iters  # ms per call
             d[1] += 1
         total = sum(v[0] for v in per.values())
-        print(f"\n## {'x'.join(map(str, shape))}{' gates' if g is not None else ''}"
+        print(f"\n## {'x'.join(map(str, shape))}{' gated delta rule' if args.delta else ''}"
+              f"{' gates' if g is not None and not args.delta else ''}"
               f"{f' as one row of {N} tokens, {args.docs} documents' if args.docs else ''}"
               f"{f' qk-heads {HQ}' if HQ != H else ''} {args.mode}: event time {event_ms:.3f} ms, kernels {total:.3f} ms, "
               f"idle {event_ms - total:.3f} ms; host issue {issue_ms:.3f} ms/call; event time with the host "
@@ -171,6 +196,8 @@ def main():
                     "idle_inside_ms": inside_ms,
                     "kernels": rows, "host": host})
         del q, k, v, do, g, leaves
+        if args.delta:
+            del beta
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:

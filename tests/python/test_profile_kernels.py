@@ -22,10 +22,12 @@ def test_profile_kernels_refuses_without_cuda():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="profile_kernels.py profiles CUDA kernels (no CUDA device here)")
-def test_profile_kernels_names_lasp_kernels(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--gates"], ["--docs", "3"], ["--delta"], ["--delta", "--docs", "3"]],
+                         ids=["plain", "gates", "docs", "delta", "delta-docs"])
+def test_profile_kernels_names_lasp_kernels(tmp_path, extra):
     out = tmp_path / "prof.json"
     r = subprocess.run([sys.executable, SCRIPT, "--shapes", "1x2x1024x64", "--iters", "2", "--host", "--timeline", "--json",
-                        str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
+                        str(out)] + extra, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     d = json.loads(out.read_text())
     (shape,) = d["shapes"]
