@@ -40,8 +40,9 @@
 #                    kernels (the chain, its tensor-core and wide forms, the solves, the per-chunk programs of
 #                    LASP_DELTA_KERNELS=fused), the peer hop's per-(b, h) factors: GoogleTest
 #                    'CudaKernelsApi.*:Wgmma*:DocStarts*:Delta*:PeerHop*', then pytest test_packed_op,
-#                    test_compile, test_gates_cuda, test_delta_op -k "cuda or starts"; then test_vs_fla (the
-#                    ops against fla's kernels; skips where fla does not import)
+#                    test_compile, test_gates_cuda, test_delta_op, test_profile_kernels -k "cuda or starts or
+#                    profile_kernels"; then test_vs_fla (the ops against fla's kernels; skips where fla does
+#                    not import)
 #   delta        (1) benchmarks/bench_delta.py against fla (DELTA_SHAPES, DELTA_ARGS)
 #   targets      (1) the speed targets, side by side with fla in one run: bench_kernels.py at the dense
 #                    headline shapes, with gates, GVA (Hq = Hk = 1), 14 packed documents, bench_delta.py, then
@@ -352,7 +353,7 @@ part_pending() {
   show "Failure|FAILED|PASSED|SKIPPED" "$RESULTS/gtest_pending.log"
   step pending-pytest "${PENDING_PYTEST_S:-300}" "$RESULTS/pytest_pending.log" "${PYTEST_CMD[@]}" \
     tests/python/test_packed_op.py tests/python/test_compile.py tests/python/test_gates_cuda.py \
-    tests/python/test_delta_op.py -k "cuda or starts"
+    tests/python/test_delta_op.py tests/python/test_profile_kernels.py -k "cuda or starts or profile_kernels"
   show "^(FAILED|ERROR|SKIPPED)|passed|failed" "$RESULTS/pytest_pending.log"
   step pending-vs-fla "${PENDING_FLA_S:-240}" "$RESULTS/pytest_vs_fla.log" "${PYTEST_CMD[@]}" tests/python/test_vs_fla.py
   show "^(FAILED|ERROR|SKIPPED)|passed|failed" "$RESULTS/pytest_vs_fla.log"
