@@ -83,30 +83,24 @@ def main():
             (q, k, v, g, beta), do = make_set(B, H, HQ, N, D, E, torch.bfloat16, dev, 0)
             leaves = tuple(x.requires_grad_(True) for x in (q, k, v, g, beta))
 
-            def delta(grad):
-                o = lasp.gated_delta_attention(q, k, v, g, beta, scale=scale, layout="bnhd", use_qk_l2norm=True,
-                                               cu_seqlens=cu)
-                if grad:
-                    torch.autograd.grad(o, leaves, do)
+            def op():
+                return lasp.gated_delta_attention(q, k, v, g, beta, scale=scale, layout="bnhd", use_qk_l2norm=True,
+                                                  cu_seqlens=cu)
         else:
             q, k = (torch.randn(B, HQ, N, D, **bf) for _ in range(2))
             v, do = (torch.randn(B, H, N, E, **bf) for _ in range(2))
             g = torch.nn.functional.logsigmoid(torch.randn(B, H, N, device=dev)) / 16 if args.gates else None
             leaves = tuple(x.requires_grad_(True) for x in (q, k, v) + ((g,) if g is not None else ()))
 
+            def op():
+                return lasp.lasp_attention(q, k, v, decay, g=g, scale=scale, cu_seqlens=cu)
+
         def call(_i=0):
-            if args.delta:
-                if args.mode == "fwd":
-                    with torch.no_grad():
-                        delta(False)
-                else:
-                    delta(True)
-            elif args.mode == "fwd":
+            if args.mode == "fwd":
                 with torch.no_grad():
-                    lasp.lasp_attention(q, k, v, decay, g=g, scale=scale, cu_seqlens=cu)
+                    op()
             else:
-                o = lasp.lasp_attention(q, k, v, decay, g=g, scale=scale, cu_seqlens=cu)
-                torch.autograd.grad(o, leaves, do)
+                torch.autograd.grad(op(), leaves, do)
 
         event_ms = bench(call, 1, warmup=3, reps=20)
         # The same call with the host ahead: a sleep kernel queued before the start event gives the host a

@@ -76,8 +76,8 @@ def evaluate(records: dict) -> list:
     out = []
     for area, what, name, shape, kind, value in TARGETS:
         rec = records.get(name)
-        row = {"area": area, "target": what, "shape": shape, "record": name, "card": None, "measured": None,
-               "met": "not measured"}
+        row = {"area": area, "target": what, "shape": shape, "record": name, "kind": kind, "card": None,
+               "measured": None, "met": "not measured"}
         out.append(row)
         if rec is None:
             continue
@@ -107,7 +107,7 @@ def _fmt(row) -> str:
     m = row["measured"]
     if m is None:
         return "-"
-    if row["target"].startswith("headline"):
+    if row["kind"] == "ms":
         return f"{m:.3f} ms"
     return f"{m:.2f}x"
 
