@@ -8,6 +8,7 @@
 #include <array>
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
 
 #include "exchange.h"
 #include "ring.h"
@@ -224,6 +225,43 @@ void check_backend_takes(const Kernels& kernels, const std::optional<Tensor>& g,
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+namespace {
+// decay tensors whose values were read and found valid. A model passes the same rates at every call (often
+// as a new view of one buffer), and reading them off a GPU is a host sync: each is read once, and again after
+// any in-place change (the version counter, which views share, moves). An entry holds its storage, so the
+// memory is not reused by another tensor while it is cached; only small storages are kept. Inference
+// tensors have no version counter and are read at every call.
+struct SeenDecay {
+  c10::Storage storage;
+  const void* data = nullptr;
+  int64_t numel = 0;
+  int64_t version = 0;
+};
+constexpr size_t kSeenDecays = 8;
+constexpr size_t kSeenDecayBytes = 1 << 16;
+thread_local std::array<SeenDecay, kSeenDecays> seen_decays;
+thread_local size_t next_seen_decay = 0;
+
+bool cacheable_decay(const Tensor& d) {
+  return !d.is_inference() && !d.device().is_cpu() && d.has_storage() && d.storage().nbytes() <= kSeenDecayBytes;
+}
+
+bool known_valid_decay(const Tensor& d) {
+  if (!cacheable_decay(d)) return false;  // (the CPU reads its values without a sync)
+  for (const SeenDecay& s : seen_decays) {
+    if (s.data == d.const_data_ptr() && s.numel == d.numel() &&
+        s.storage.unsafeGetStorageImpl() == d.storage().unsafeGetStorageImpl() && s.version == d._version())
+      return true;
+  }
+  return false;
+}
+
+void remember_valid_decay(const Tensor& d) {
+  if (!cacheable_decay(d)) return;
+  seen_decays[next_seen_decay++ % kSeenDecays] = SeenDecay{d.storage(), d.const_data_ptr(), d.numel(), d._version()};
+}
+}  // namespace
+
 void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& decay,
                   const std::optional<Tensor>& initial_state, bool check_values, const std::optional<Tensor>& g) {
   TORCH_CHECK(q.defined() && k.defined() && v.defined(), "lasp_attention: q, k and v must be tensors");
@@ -284,9 +322,11 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::
                      d.scalar_type());
     TORCH_CHECK_VALUE(d.device() == q.device(), "lasp_attention: decay must be on the device of q (", q.device(),
                       "), got ", d.device());
-    if (check_values && d.device().is_cpu()) {
-      TORCH_CHECK_VALUE(!(d < 0).any().item<bool>(),
-                        "lasp_attention: decay must hold rates >= 0 (gamma = exp(-decay) <= 1), got ", d);
+    if (check_values && d.numel() > 0 && !known_valid_decay(d)) {
+      const double lo = d.min().item<double>();  // min propagates NaN
+      TORCH_CHECK_VALUE(lo >= 0, "lasp_attention: decay must hold rates >= 0 (gamma = exp(-decay) <= 1), got ",
+                        std::isnan(lo) ? std::string("NaN") : "a smallest value of " + std::to_string(lo));
+      remember_valid_decay(d);
     }
   }
   if (g.has_value()) {
@@ -304,10 +344,7 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::
     TORCH_CHECK_VALUE(gt.device() == q.device(), "lasp_attention: g must be on the device of q (", q.device(),
                       "), got ", gt.device());
     if (check_values && gt.device().is_cpu() && gt.numel() > 0 && gt.scalar_type() != at::kBool) {
-      TORCH_CHECK_VALUE(!(gt > 0).any().item<bool>(), "lasp_attention: g must hold log gates <= 0 (-inf: a reset), "
-                        "got a largest value of ", gt.max().item<double>());
-      TORCH_CHECK_VALUE(!gt.isnan().any().item<bool>(), "lasp_attention: g must hold log gates <= 0 (-inf: a reset), "
-                        "got NaN");
+      check_gate_value("lasp_attention", gt.max().item<double>());  // max propagates NaN
     }
   }
   if (initial_state.has_value()) {
@@ -366,6 +403,30 @@ constexpr uintptr_t kFreshAlignment = 256;
 bool register_split(c10::DeviceType type, SplitFn fn) {
   split_registry().at(static_cast<size_t>(type)) = fn;
   return true;
+}
+
+namespace {
+std::array<DeferredBadFn, static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)>& bad_registry() {
+  static std::array<DeferredBadFn, static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)> fns{};
+  return fns;
+}
+}  // namespace
+
+bool register_deferred_bad_value(c10::DeviceType type, DeferredBadFn fn) {
+  bad_registry().at(static_cast<size_t>(type)) = fn;
+  return true;
+}
+
+DeferredBad deferred_bad_value(const Tensor& x) {
+  if (x.numel() == 0) return [] { return 0.0; };
+  if (const DeferredBadFn fn = bad_registry().at(static_cast<size_t>(x.device().type()))) return fn(x);
+  const double m = x.max().item<double>();  // max propagates NaN
+  return [m] { return m; };
+}
+
+void check_gate_value(const char* op, double bad) {
+  TORCH_CHECK_VALUE(!std::isnan(bad), op, ": g must hold log gates <= 0 (-inf: a reset), got NaN");
+  TORCH_CHECK_VALUE(bad <= 0, op, ": g must hold log gates <= 0 (-inf: a reset), got a value > 0");
 }
 
 bool forward_split(const Tensor& q, const Tensor& k, const Tensor& v, bool gated, int64_t* nseg, int64_t* seglen) {
@@ -428,6 +489,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_
   check_inputs(q, k, v, decay, initial_state, /*check_values=*/true, g);
   check_seg_split_args(seg_nseg, seg_seglen);
   check_backend_takes(backend_kernels, g, q, k, v);
+  // g's values off the CPU (check_inputs reads CPU ones): a look at them is queued here and read once this
+  // rank's kernels are queued (alone) or before the exchange (under a group), so no host sync precedes them.
+  const DeferredBad gate_bad = g.has_value() && !g->device().is_cpu() && g->scalar_type() != at::kBool
+                                   ? deferred_bad_value(*g)
+                                   : DeferredBad();
+  auto check_gates = [&] {
+    if (gate_bad) check_gate_value("lasp_attention", gate_bad());
+  };
   const Strategy strategy = parse_strategy(strategy_name);
   const int64_t scan_nodes = scan_node_size(strategy_name);
   const auto acc = acc_type(q.scalar_type());
@@ -477,6 +546,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_
       seg_states = ws.narrow(0, 0, bytes).view(acc).view({q.size(0), H, nseg, D, E});
     }
     kernels.fwd(p);
+    check_gates();
     return {o, s_out, s_in, seg_states};
   }
 
@@ -486,6 +556,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_
   Tensor local = state_like(q, H, D, E);
   p.state_out = local.data_ptr();
   kernels.fwd_local(p);  // L_r
+  check_gates();
   const ForwardStates st =
       make_exchange(backend_kernels, ring, strategy, q, D, E, decay_acc, N, gate_sums(g_acc), scan_nodes)
           ->forward(local, initial_state);

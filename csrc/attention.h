@@ -75,6 +75,21 @@ using SplitFn = bool (*)(const at::Device& device, const AttnParams& p, bool bac
 // Registers fn for device type `type` (the last registration wins); returns true (to initialise a static).
 bool register_split(c10::DeviceType type, SplitFn fn);
 
+// A value check that does not wait for the whole stream: deferred_bad_value(x) queues a look at x's values where
+// x lives and returns a function that waits for that look only, not for the work queued after it, and returns
+// NaN where x holds a NaN, a positive value where it holds one (> 0), else a value <= 0. So an op can queue its
+// kernels between the two and raise on bad values before it returns, with no host sync ahead of its kernels.
+// Backends register it per device type (csrc/cuda/attention_cuda.cpp: one kernel and an event; inside a CUDA
+// graph capture, where no host may wait, the function returns 0: values are not checked there). Other devices
+// (the CPU) read x's largest value at once.
+using DeferredBad = std::function<double()>;
+using DeferredBadFn = DeferredBad (*)(const Tensor& x);
+bool register_deferred_bad_value(c10::DeviceType type, DeferredBadFn fn);
+DeferredBad deferred_bad_value(const Tensor& x);
+// The log-gate check of the ops (g <= 0, no NaN; -inf is a reset) from such a value (or g's largest value):
+// raises a ValueError that names g and what it held. op names the op in the message.
+void check_gate_value(const char* op, double bad);
+
 // The split (nseg, seglen) the forward op would use for q, k, v on one rank (no group), or false where the
 // backend of q's device has no split function or cannot say (N = 0, an unsupported problem). It reads the
 // sizes, strides, dtypes and the alignment of the data pointers (the tensor-core kernels need aligned

@@ -34,6 +34,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -78,6 +79,8 @@ at::ScalarType delta_acc(const Tensor& q, const Tensor& k, const Tensor& v) {
   const bool f64 = q.scalar_type() == at::kDouble || k.scalar_type() == at::kDouble || v.scalar_type() == at::kDouble;
   return f64 ? at::kDouble : at::kFloat;
 }
+
+void check_gate_values(double largest);
 
 // Shapes, dtypes and devices (symbolic sizes allowed: the meta kernels share it). check_values also reads g
 // (no value above 0, no NaN), which costs a device sync on accelerators.
@@ -126,10 +129,23 @@ void check_delta_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const
     TORCH_CHECK_VALUE(s.device() == q.device(), kOp, ": initial_state must be on q's device ", q.device(), ", got ",
                       s.device());
   }
-  if (check_values && g.numel() > 0) {
-    const bool bad = (g.isnan() | (g > 0)).any().item<bool>();
-    TORCH_CHECK_VALUE(!bad, kOp, ": g must be <= 0 (log decay; -inf resets) and not NaN");
-  }
+  if (check_values && g.numel() > 0 && g.device().is_cpu()) check_gate_values(g.max().item<double>());
+}
+
+// g's largest value (max propagates NaN), or deferred_bad_value's, against the op's domain.
+void check_gate_values(double bad) {
+  TORCH_CHECK_VALUE(bad <= 0, kOp, ": g must be <= 0 (log decay; -inf resets) and not NaN, got ",
+                    std::isnan(bad) ? "NaN" : "a value > 0");
+}
+
+// check_values off the CPU (check_delta_inputs reads CPU values): a look at g queued before the op's kernels
+// and read after them (attention.h, deferred_bad_value), so that no host sync precedes them.
+template <class Body>
+auto with_gate_check(const Tensor& g, Body&& body) {
+  const DeferredBad bad = g.numel() > 0 && !g.device().is_cpu() ? deferred_bad_value(g) : DeferredBad();
+  auto out = body();
+  if (bad) check_gate_values(bad());
+  return out;
 }
 
 // Whether gated_delta_fwd returns m^-1 (its third output) for these inputs: 16-bit q, k, v of one dtype with D and E
@@ -340,10 +356,22 @@ Tensor unchunk(const Tensor& x, int64_t N) {
   return x.reshape({x.size(0), x.size(1), x.size(2) * x.size(3), x.size(4)}).narrow(2, 0, N);
 }
 
+std::tuple<Tensor, Tensor, Tensor> fwd_body(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                                            const Tensor& beta, double scale,
+                                            const std::optional<Tensor>& initial_state);
+std::tuple<Tensor, Tensor> map_body(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                                    const Tensor& beta);
+
 std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
                                             const Tensor& beta, double scale,
                                             const std::optional<Tensor>& initial_state) {
   check_delta_inputs(q, k, v, g, beta, initial_state, /*check_values=*/true);
+  return with_gate_check(g, [&] { return fwd_body(q, k, v, g, beta, scale, initial_state); });
+}
+
+std::tuple<Tensor, Tensor, Tensor> fwd_body(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                                            const Tensor& beta, double scale,
+                                            const std::optional<Tensor>& initial_state) {
   const bool keep = keeps_minv(q, k, v);
   if (MainFn main = device_hook<MainFn>(q.device().type()); main && q.size(2) > 0) {
     auto [o, fin, minv] = main(q, k, v, g, beta, scale, initial_state);
@@ -496,6 +524,11 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
 std::tuple<Tensor, Tensor> map_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
                                     const Tensor& beta) {
   check_delta_inputs(q, k, v, g, beta, std::nullopt, /*check_values=*/true);
+  return with_gate_check(g, [&] { return map_body(q, k, v, g, beta); });
+}
+
+std::tuple<Tensor, Tensor> map_body(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                                    const Tensor& beta) {
   const Chunks c = prepare(q, k, v, g, beta, /*need_q=*/false);
   const auto aopts = q.options().dtype(c.acc);
   // [T | L] as one chain: its columns are independent, T's from I with no values, L's from 0 with Wv

@@ -2,14 +2,21 @@
 // running the CUDA kernels of kernels/ on the current stream, on the inputs' device.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
+#include <ATen/core/CachingHostAllocator.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <limits>
+#include <memory>
 
 #include "attention.h"
 #include "exchange.h"
 #include "lasp_cuda.h"
 #include "peer_cuda.h"
+#include "value_check.h"
 
 namespace lasp {
 namespace {
@@ -96,6 +103,47 @@ bool split_on(const at::Device& device, const AttnParams& p, bool backward, int6
   return cuda_kernels().split(p, backward, nseg, seglen);
 }
 const bool split_registered = register_split(c10::DeviceType::CUDA, split_on);
+// deferred_bad_value on CUDA (attention.h): one kernel (kernels/value_check.h) flags bad values into pinned,
+// host-mapped memory, then an event is recorded behind it; the returned function waits for that event only.
+// The pinned block is marked in use by the stream (the host allocator reuses it only once the stream has
+// passed the kernel, even if the function is never called). Views that are not dense take a reduction and a
+// copy instead. Inside a graph capture no host may wait: nothing is queued and the function returns 0 (the
+// values are not checked there).
+DeferredBad deferred_bad_value_cuda(const Tensor& x) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return [] { return 0.0; };
+  const auto stream = at::cuda::getCurrentCUDAStream(x.device().index());
+  auto done = std::make_shared<at::cuda::CUDAEvent>();
+  const auto st = x.scalar_type();
+  const bool kernel_dtype = st == at::kHalf || st == at::kBFloat16 || st == at::kFloat || st == at::kDouble;
+  if (kernel_dtype && x.is_non_overlapping_and_dense()) {
+    const Tensor flag = at::empty({1}, x.options().dtype(at::kInt).device(at::kCPU).pinned_memory(true));
+    *static_cast<volatile unsigned*>(flag.data_ptr()) = 0;
+    void* dev = nullptr;
+    if (cudaHostGetDevicePointer(&dev, flag.data_ptr(), 0) == cudaSuccess) {
+      const auto dt = st == at::kHalf ? cuda::ValueDtype::F16 : st == at::kBFloat16 ? cuda::ValueDtype::BF16
+                      : st == at::kFloat ? cuda::ValueDtype::F32 : cuda::ValueDtype::F64;
+      C10_CUDA_CHECK(cuda::flag_bad_gates(x.const_data_ptr(), x.numel(), dt, static_cast<unsigned*>(dev), stream));
+      at::getHostAllocator(at::kCUDA)->record_event(flag.data_ptr(), flag.storage().data_ptr().get_context(),
+                                                   stream.unwrap());
+      done->record(stream);
+      return [flag, done] {
+        done->synchronize();
+        const unsigned bits = *static_cast<const volatile unsigned*>(flag.data_ptr());
+        return (bits & 2u) ? std::numeric_limits<double>::quiet_NaN() : (bits & 1u) ? 1.0 : 0.0;
+      };
+    }
+    (void)cudaGetLastError();  // not mapped: the reduction below
+  }
+  const Tensor host = at::empty({}, x.options().device(at::kCPU).pinned_memory(true));
+  host.copy_(x.max(), /*non_blocking=*/true);  // max propagates NaN
+  done->record(stream);
+  return [host, done] {
+    done->synchronize();
+    return host.item<double>();
+  };
+}
+const bool bad_registered = register_deferred_bad_value(c10::DeviceType::CUDA, deferred_bad_value_cuda);
 // The peer transport for the exchanges made without these Kernels (the gated delta rule's, exchange.h).
 const bool peer_registered = register_peer_transport(c10::DeviceType::CUDA, peer_hop_cuda, peer_ready_cuda);
 

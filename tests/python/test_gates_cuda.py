@@ -236,3 +236,66 @@ def _check_head_maps(lasp, shape, dtype, gates, seed):
     assert not failures, "\n".join(failures)
     assert o.shape == (B, max(Hq, Hv), N, E)
     return {name: t.detach() for name, t in got.items()}
+
+
+BAD_G = {"positive": 0.5, "plus-inf": float("inf"), "nan": float("nan"), "positive-tiny": 1e-30}
+
+
+@pytest.mark.parametrize("what", list(BAD_G))
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_cuda_bad_gate_values(lasp, what, dtype):
+    """A positive or NaN log gate on CUDA raises a ValueError that names g, as on the CPU, from both ops, with
+    and without autograd; the device still works afterwards. (The value is read after the op's kernels are
+    queued, not with a host sync before them.)"""
+    B, H, N, D = 2, 3, 200, 64
+    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=dtype) for _ in range(3))
+    g = -torch.rand(B, H, N, device="cuda")
+    g[1, 2, 130] = BAD_G[what]
+    beta = torch.rand(B, H, N, device="cuda")
+    for grad in (False, True):
+        leaves = [t.clone().requires_grad_(grad) for t in (q, k, v, g)]
+        with pytest.raises(ValueError, match=r"(^|\W)g(\W|$).*<= 0"):
+            lasp.lasp_attention(*leaves[:3], g=leaves[3])
+        with pytest.raises(ValueError, match=r"g must be <= 0"):
+            lasp.gated_delta_attention(*leaves[:3], leaves[3], beta, use_qk_l2norm=True)
+    g[1, 2, 130] = float("-inf")  # a reset is allowed
+    o = lasp.lasp_attention(q, k, v, g=g)
+    od = lasp.gated_delta_attention(q, k, v, g, beta, use_qk_l2norm=True)
+    torch.cuda.synchronize()
+    assert torch.isfinite(o).all() and torch.isfinite(od).all()
+
+
+@pytest.mark.parametrize("view", ["bnhd", "strided"])
+def test_cuda_bad_gate_values_of_views(lasp, view):
+    """The check reads g as given: a transposed (bnhd) view, and a strided slice (not dense)."""
+    B, H, N, D = 1, 2, 130, 64
+    q, k, v = (torch.randn(B, N, H, D, device="cuda", dtype=BF16) for _ in range(3))
+    big = -torch.rand(B, N, 2 * H, device="cuda")
+    g = big[..., :H] if view == "strided" else big[..., :H].contiguous()
+    g[0, 129, 1] = 0.25
+    with pytest.raises(ValueError, match=r"(^|\W)g(\W|$).*<= 0"):
+        lasp.lasp_attention(q, k, v, g=g, layout="bnhd")
+    g[0, 129, 1] = float("nan")
+    with pytest.raises(ValueError, match="got NaN"):
+        lasp.lasp_attention(q, k, v, g=g, layout="bnhd")
+
+
+def test_cuda_gated_call_in_a_cuda_graph(lasp):
+    """A gated forward captured in a CUDA graph (where no host may wait, so g's values are not read there)
+    replays to the eager result."""
+    B, H, N, D = 1, 2, 300, 64
+    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=BF16) for _ in range(3))
+    g = F.logsigmoid(torch.randn(B, H, N, device="cuda")) / 8
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        lasp.lasp_attention(q, k, v, g=g)  # warm-up off the default stream, as CUDA graphs ask
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = lasp.lasp_attention(q, k, v, g=g)
+    q.copy_(torch.randn_like(q))
+    want = lasp.lasp_attention(q, k, v, g=g)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, want, rtol=0, atol=0)

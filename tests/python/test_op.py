@@ -641,6 +641,7 @@ def _bad_cases():
     add("decay_shape", r"\bdecay\b", lambda q, k, v: ((q, k, v, torch.full((5,), 0.1)), {}))
     add("decay_2d", r"\bdecay\b", lambda q, k, v: ((q, k, v, torch.full((2, 4), 0.1)), {}))
     add("decay_negative", r"\bdecay\b", lambda q, k, v: ((q, k, v, torch.tensor([0.1, -0.2, 0.3, 0.0])), {}))
+    add("decay_nan", r"\bdecay\b", lambda q, k, v: ((q, k, v, torch.tensor([0.1, float("nan"), 0.3, 0.0])), {}))
     add("decay_int", r"\bdecay\b", lambda q, k, v: ((q, k, v, torch.ones(4, dtype=torch.int64)), {}))
     add("decay_requires_grad", r"\bdecay\b", lambda q, k, v: ((q, k, v, torch.full((4,), 0.1, requires_grad=True)), {}))
     add("int_dtype", r"\b(q|dtype)\b", lambda q, k, v: ((q.to(torch.int32), k.to(torch.int32), v.to(torch.int32)), {}))
@@ -691,6 +692,24 @@ def test_mixed_devices(lasp, which):
     msg = str(ei.value)
     assert msg.startswith("lasp_attention: ")
     assert re.search(rf"\b{which}\b", msg.splitlines()[0])
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+def test_cuda_decay_values(lasp):
+    """A negative or NaN rate raises on CUDA too, also after the same tensor was read valid (the op reads a decay
+    tensor's values once per in-place version) and then changed in place."""
+    q, k, v = _valid("cuda")
+    decay = torch.full((4,), 0.1, device="cuda")
+    o = lasp.lasp_attention(q, k, v, decay)
+    assert torch.isfinite(o).all()
+    for bad in (-0.2, float("nan")):
+        decay[1] = bad  # in place: a new version of a tensor read before
+        with pytest.raises(ValueError, match=r"^lasp_attention: decay must hold rates >= 0"):
+            lasp.lasp_attention(q, k, v, decay)
+        with pytest.raises(ValueError, match=r"^lasp_attention: decay must hold rates >= 0"):
+            lasp.lasp_attention(q, k, v, torch.tensor([0.1, bad, 0.3, 0.0], device="cuda"))
+    decay[1] = 0.0
+    torch.testing.assert_close(lasp.lasp_attention(q, k, v, decay.clone().fill_(0.1)), o)
 
 
 def test_valid_call_for_validation_inputs(lasp):

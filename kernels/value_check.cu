@@ -1,0 +1,57 @@
+// flag_bad_gates (value_check.h): a grid-stride pass over the values, one store per warp that finds one.
+#include "value_check.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+
+namespace lasp {
+namespace cuda {
+namespace {
+
+__device__ __forceinline__ float as_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float as_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float as_float(float x) { return x; }
+__device__ __forceinline__ double as_float(double x) { return x; }
+
+template <typename T>
+__global__ void flag_bad_gates_kernel(const T* __restrict__ x, int64_t n, unsigned* flag) {
+  unsigned bits = 0;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    const auto v = as_float(x[i]);
+    if (v > 0) bits |= 1u;
+    if (isnan(v)) bits |= 2u;
+  }
+  // (the warp's stores below are whole-warp: every lane reaches them)
+  bits = (__any_sync(0xffffffffu, bits & 1u) ? 1u : 0u) | (__any_sync(0xffffffffu, bits & 2u) ? 2u : 0u);
+  if (bits != 0 && (threadIdx.x & 31) == 0) *reinterpret_cast<volatile unsigned*>(flag) = bits;
+}
+
+template <typename T>
+cudaError_t launch(const void* x, int64_t n, unsigned* flag, cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, 1024);
+  if (blocks == 0) return cudaSuccess;
+  flag_bad_gates_kernel<T><<<(unsigned)blocks, kThreads, 0, stream>>>(static_cast<const T*>(x), n, flag);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t flag_bad_gates(const void* x, int64_t n, ValueDtype dtype, unsigned* flag, cudaStream_t stream) {
+  switch (dtype) {
+    case ValueDtype::F16:
+      return launch<__half>(x, n, flag, stream);
+    case ValueDtype::BF16:
+      return launch<__nv_bfloat16>(x, n, flag, stream);
+    case ValueDtype::F32:
+      return launch<float>(x, n, flag, stream);
+    case ValueDtype::F64:
+      return launch<double>(x, n, flag, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace lasp
