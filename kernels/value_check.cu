@@ -10,18 +10,45 @@ namespace lasp {
 namespace cuda {
 namespace {
 
-__device__ __forceinline__ float as_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float as_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float as_float(float x) { return x; }
-__device__ __forceinline__ double as_float(double x) { return x; }
+// The checks read bit patterns (sign, |x| against the infinity's pattern), so that no flush-to-zero of the
+// fast-math build hides a subnormal positive value: U the unsigned type of T's size, INF |inf|'s bits.
+template <typename T>
+struct Bits;
+template <>
+struct Bits<__half> {
+  using U = unsigned short;
+  static constexpr U kInf = 0x7c00u;
+};
+template <>
+struct Bits<__nv_bfloat16> {
+  using U = unsigned short;
+  static constexpr U kInf = 0x7f80u;
+};
+template <>
+struct Bits<float> {
+  using U = unsigned int;
+  static constexpr U kInf = 0x7f800000u;
+};
+template <>
+struct Bits<double> {
+  using U = unsigned long long;
+  static constexpr U kInf = 0x7ff0000000000000ull;
+};
 
 template <typename T>
 __global__ void flag_bad_gates_kernel(const T* __restrict__ x, int64_t n, unsigned* flag) {
+  using U = typename Bits<T>::U;
+  constexpr U kSign = static_cast<U>(U(1) << (8 * sizeof(U) - 1));
+  const U* xb = reinterpret_cast<const U*>(x);
   unsigned bits = 0;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    const auto v = as_float(x[i]);
-    if (v > 0) bits |= 1u;
-    if (isnan(v)) bits |= 2u;
+    const U u = xb[i];
+    const U mag = static_cast<U>(u & static_cast<U>(~kSign));
+    if (mag > Bits<T>::kInf) {
+      bits |= 2u;  // NaN
+    } else if (!(u & kSign) && mag != 0) {
+      bits |= 1u;  // > 0 (+inf included)
+    }
   }
   // (the warp's stores below are whole-warp: every lane reaches them)
   bits = (__any_sync(0xffffffffu, bits & 1u) ? 1u : 0u) | (__any_sync(0xffffffffu, bits & 2u) ? 2u : 0u);
