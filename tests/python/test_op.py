@@ -641,7 +641,6 @@ def _bad_cases():
     add("decay_shape", r"\bdecay\b", lambda q, k, v: ((q, k, v, torch.full((5,), 0.1)), {}))
     add("decay_2d", r"\bdecay\b", lambda q, k, v: ((q, k, v, torch.full((2, 4), 0.1)), {}))
     add("decay_negative", r"\bdecay\b", lambda q, k, v: ((q, k, v, torch.tensor([0.1, -0.2, 0.3, 0.0])), {}))
-    add("decay_nan", r"\bdecay\b", lambda q, k, v: ((q, k, v, torch.tensor([0.1, float("nan"), 0.3, 0.0])), {}))
     add("decay_int", r"\bdecay\b", lambda q, k, v: ((q, k, v, torch.ones(4, dtype=torch.int64)), {}))
     add("decay_requires_grad", r"\bdecay\b", lambda q, k, v: ((q, k, v, torch.full((4,), 0.1, requires_grad=True)), {}))
     add("int_dtype", r"\b(q|dtype)\b", lambda q, k, v: ((q.to(torch.int32), k.to(torch.int32), v.to(torch.int32)), {}))
@@ -696,13 +695,14 @@ def test_mixed_devices(lasp, which):
 
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
 def test_cuda_decay_values(lasp):
-    """A negative or NaN rate raises on CUDA too, also after the same tensor was read valid (the op reads a decay
-    tensor's values once per in-place version) and then changed in place."""
+    """A negative rate raises on CUDA too, also after the same tensor was read valid (the op reads a decay
+    tensor's values once per in-place version) and then changed in place (a NaN rate propagates instead:
+    test_reliability)."""
     q, k, v = _valid("cuda")
     decay = torch.full((4,), 0.1, device="cuda")
     o = lasp.lasp_attention(q, k, v, decay)
     assert torch.isfinite(o).all()
-    for bad in (-0.2, float("nan")):
+    for bad in (-0.2, -float("inf")):
         decay[1] = bad  # in place: a new version of a tensor read before
         with pytest.raises(ValueError, match=r"^lasp_attention: decay must hold rates >= 0"):
             lasp.lasp_attention(q, k, v, decay)
