@@ -38,10 +38,10 @@
 #   ncu          (1) benchmarks/ncu_kernels.sh (Nsight Compute; SHAPE, KERNELS as that script reads them)
 #   pending      (1) the tests of the newest GPU paths: document starts (gate mode 2), the delta rule's
 #                    kernels (the chain, its tensor-core and wide forms, the solves, the per-chunk programs of
-#                    LASP_DELTA_KERNELS=fused), the peer hop's per-(b, h) factors: GoogleTest
-#                    'CudaKernelsApi.*:Wgmma*:DocStarts*:Delta*:PeerHop*', then pytest test_packed_op,
-#                    test_compile, test_gates_cuda, test_delta_op, test_profile_kernels -k "cuda or starts or
-#                    profile_kernels"; then test_vs_fla (the ops against fla's kernels; skips where fla does
+#                    LASP_DELTA_KERNELS=fused), the peer hop's per-(b, h) factors, the gate value check:
+#                    GoogleTest 'CudaKernelsApi.*:Wgmma*:DocStarts*:Delta*:PeerHop*:ValueCheck*', then pytest
+#                    test_packed_op, test_compile, test_gates_cuda, test_delta_op, test_profile_kernels and
+#                    test_op's test_cuda_decay_values -k "cuda or starts or profile_kernels"; then test_vs_fla (the ops against fla's kernels; skips where fla does
 #                    not import)
 #   delta        (1) benchmarks/bench_delta.py against fla (DELTA_SHAPES, DELTA_ARGS)
 #   targets      (1) the speed targets, side by side with fla in one run: bench_kernels.py at the dense
@@ -349,11 +349,12 @@ part_sanitize() {
 
 part_pending() {
   step pending-gtest "${PENDING_GTEST_S:-200}" "$RESULTS/gtest_pending.log" "$GTEST" \
-    --gtest_filter='CudaKernelsApi.*:Wgmma*:DocStarts*:Delta*:PeerHop*'
+    --gtest_filter='CudaKernelsApi.*:Wgmma*:DocStarts*:Delta*:PeerHop*:ValueCheck*'
   show "Failure|FAILED|PASSED|SKIPPED" "$RESULTS/gtest_pending.log"
   step pending-pytest "${PENDING_PYTEST_S:-300}" "$RESULTS/pytest_pending.log" "${PYTEST_CMD[@]}" \
     tests/python/test_packed_op.py tests/python/test_compile.py tests/python/test_gates_cuda.py \
-    tests/python/test_delta_op.py tests/python/test_profile_kernels.py -k "cuda or starts or profile_kernels"
+    tests/python/test_delta_op.py tests/python/test_profile_kernels.py tests/python/test_op.py::test_cuda_decay_values \
+    -k "cuda or starts or profile_kernels"
   show "^(FAILED|ERROR|SKIPPED)|passed|failed" "$RESULTS/pytest_pending.log"
   step pending-vs-fla "${PENDING_FLA_S:-240}" "$RESULTS/pytest_vs_fla.log" "${PYTEST_CMD[@]}" tests/python/test_vs_fla.py
   show "^(FAILED|ERROR|SKIPPED)|passed|failed" "$RESULTS/pytest_vs_fla.log"
