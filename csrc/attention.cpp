@@ -11,6 +11,7 @@
 #include <limits>
 
 #include "exchange.h"
+#include "lasp.h"
 #include "ring.h"
 
 namespace lasp {
@@ -322,7 +323,7 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::
                      d.scalar_type());
     TORCH_CHECK_VALUE(d.device() == q.device(), "lasp_attention: decay must be on the device of q (", q.device(),
                       "), got ", d.device());
-    if (check_values && d.numel() > 0 && !known_valid_decay(d)) {
+    if (check_values && get_value_checks() && d.numel() > 0 && !known_valid_decay(d)) {
       // (a NaN rate is not an error: like other non-finite inputs it propagates, to its own head)
       TORCH_CHECK_VALUE(!(d < 0).any().item<bool>(),
                         "lasp_attention: decay must hold rates >= 0 (gamma = exp(-decay) <= 1), got ", d);
@@ -343,7 +344,8 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::
                      gt.scalar_type());
     TORCH_CHECK_VALUE(gt.device() == q.device(), "lasp_attention: g must be on the device of q (", q.device(),
                       "), got ", gt.device());
-    if (check_values && gt.device().is_cpu() && gt.numel() > 0 && gt.scalar_type() != at::kBool) {
+    if (check_values && get_value_checks() && gt.device().is_cpu() && gt.numel() > 0 &&
+        gt.scalar_type() != at::kBool) {
       check_gate_value("lasp_attention", gt.max().item<double>());  // max propagates NaN
     }
   }
@@ -491,7 +493,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_
   check_backend_takes(backend_kernels, g, q, k, v);
   // g's values off the CPU (check_inputs reads CPU ones): a look at them is queued here and read once this
   // rank's kernels are queued (alone) or before the exchange (under a group), so no host sync precedes them.
-  const DeferredBad gate_bad = g.has_value() && !g->device().is_cpu() && g->scalar_type() != at::kBool
+  const DeferredBad gate_bad = get_value_checks() && g.has_value() && !g->device().is_cpu() &&
+                                       g->scalar_type() != at::kBool
                                    ? deferred_bad_value(*g)
                                    : DeferredBad();
   auto check_gates = [&] {

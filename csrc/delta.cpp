@@ -129,7 +129,8 @@ void check_delta_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const
     TORCH_CHECK_VALUE(s.device() == q.device(), kOp, ": initial_state must be on q's device ", q.device(), ", got ",
                       s.device());
   }
-  if (check_values && g.numel() > 0 && g.device().is_cpu()) check_gate_values(g.max().item<double>());
+  if (check_values && get_value_checks() && g.numel() > 0 && g.device().is_cpu())
+    check_gate_values(g.max().item<double>());
 }
 
 // g's largest value (max propagates NaN), or deferred_bad_value's, against the op's domain.
@@ -142,7 +143,8 @@ void check_gate_values(double bad) {
 // and read after them (attention.h, deferred_bad_value), so that no host sync precedes them.
 template <class Body>
 auto with_gate_check(const Tensor& g, Body&& body) {
-  const DeferredBad bad = g.numel() > 0 && !g.device().is_cpu() ? deferred_bad_value(g) : DeferredBad();
+  const DeferredBad bad =
+      get_value_checks() && g.numel() > 0 && !g.device().is_cpu() ? deferred_bad_value(g) : DeferredBad();
   auto out = body();
   if (bad) check_gate_values(bad());
   return out;

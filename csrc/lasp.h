@@ -55,6 +55,15 @@ std::tuple<at::Tensor, at::Tensor> gated_delta_attention(const at::Tensor& q, co
 // Start-up defaults: env LASP_CHECK_GROUP (0/1) and LASP_CHECK_TIMEOUT_S.
 void set_group_checks(std::optional<bool> enabled, std::optional<double> timeout_s);
 
+// Value checks of both ops: g must hold log gates <= 0 (-inf a reset; a positive or NaN g raises) and decay
+// rates >= 0. On the CPU the values are read at once; on a GPU one small kernel flags bad gates ahead of the
+// op's kernels and the op waits for it once they are queued (so a host that runs ahead of the GPU waits at
+// each gated call until the GPU reaches it), and decay is read once per tensor and in-place version.
+// enabled = false reads no values (bad values then give undefined results). Start-up default: on, or env
+// LASP_CHECK_VALUES (0/1).
+void set_value_checks(bool enabled);
+bool get_value_checks();
+
 // How the ring's states travel between ranks with CUDA tensors: "auto" (the default: "peer" where every
 // rank of an NCCL group can use it, else "nccl"), "nccl" (the process group's send/recv) or "peer" (one
 // kernel per hop writes the state into the next rank's memory; every rank of the group on one node with

@@ -8,6 +8,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 
 #include "attention.h"
@@ -218,6 +219,19 @@ void set_group_checks(std::optional<bool> enabled, std::optional<double> timeout
   }
 }
 
+namespace {
+std::atomic<bool>& value_checks_flag() {
+  static std::atomic<bool> on{[] {
+    const char* env = std::getenv("LASP_CHECK_VALUES");
+    return !(env != nullptr && std::string(env) == "0");
+  }()};
+  return on;
+}
+}  // namespace
+
+void set_value_checks(bool enabled) { value_checks_flag().store(enabled); }
+bool get_value_checks() { return value_checks_flag().load(); }
+
 void set_ring_transport(const std::string& transport) {
   ring_transport() = parse_transport(transport, "set_ring_transport: transport");
 }
@@ -276,6 +290,8 @@ TORCH_LIBRARY(lasp, m) {
       "int seg_seglen=0, Tensor? g=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("set_group_checks(bool? enabled, float? timeout_s) -> ()", &lasp::set_group_checks);
   m.def("set_ring_transport(str transport) -> ()", &lasp::set_ring_transport);
+  m.def("set_value_checks(bool enabled) -> ()", &lasp::set_value_checks);
+  m.def("get_value_checks() -> bool", &lasp::get_value_checks);
   m.def("get_ring_transport() -> str", &lasp::get_ring_transport);
   m.def("alibi_slopes(int num_heads) -> Tensor", &lasp::alibi_slopes);
 }

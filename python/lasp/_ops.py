@@ -440,6 +440,26 @@ def set_group_checks(enabled: Optional[bool] = True, timeout_s: Optional[float] 
                                     None if timeout_s is None else float(timeout_s))
 
 
+def set_value_checks(enabled: bool = True) -> None:
+    """Whether lasp_attention and gated_delta_attention read the values of g and decay.
+
+    On (the default): a positive or NaN log gate in g, or a negative decay rate, raises a ValueError. On the
+    CPU the values are read at once. On a GPU one small kernel flags bad gates ahead of the op's kernels and
+    the op waits for it once they are queued: no host sync comes before its kernels, but a host that runs
+    ahead of the GPU waits at each gated call until the GPU reaches it. decay is read once per tensor and
+    in-place version. Off: no value is read (bad values then give undefined results), for the last bit of
+    host-side overlap. Start-up default from the environment: LASP_CHECK_VALUES=0/1.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_value_checks: enabled must be a bool, got {type(enabled).__name__}")
+    torch.ops.lasp.set_value_checks(enabled)
+
+
+def get_value_checks() -> bool:
+    """Whether the ops read the values of g and decay (set_value_checks)."""
+    return bool(torch.ops.lasp.get_value_checks())
+
+
 def set_ring_transport(transport: str) -> None:
     """How the ring's states travel between ranks that hold CUDA tensors.
 

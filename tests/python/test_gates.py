@@ -886,6 +886,36 @@ def test_bad_gate_values(lasp, what, layout):
         lasp.lasp_attention(q, k, v, g=g, layout=layout)
 
 
+def test_value_checks_switch(lasp):
+    """set_value_checks(False) reads no values: a positive g or a negative decay then runs (both ops); True
+    (the default) raises again; get_value_checks tells the setting; a non-bool is refused."""
+    q, k, v, (B, H, N) = _small()
+    g = -torch.rand(B, H, N)
+    g[0, 1, 2] = 0.25
+    beta = torch.rand(B, H, N)
+    decay = torch.tensor([0.1, -0.2, 0.3, 0.0])[:H] if H <= 4 else None
+    assert lasp.get_value_checks() is True
+    try:
+        lasp.set_value_checks(False)
+        assert lasp.get_value_checks() is False
+        assert torch.isfinite(lasp.lasp_attention(q, k, v, g=g)).all()
+        assert torch.isfinite(lasp.gated_delta_attention(q, k, v, g, beta, use_qk_l2norm=True)).all()
+        if decay is not None:
+            lasp.lasp_attention(q, k, v, decay.abs().neg())
+    finally:
+        lasp.set_value_checks(True)
+    assert lasp.get_value_checks() is True
+    with pytest.raises(ValueError, match=G_WORD):
+        lasp.lasp_attention(q, k, v, g=g)
+    with pytest.raises(ValueError, match="g must be <= 0"):
+        lasp.gated_delta_attention(q, k, v, g, beta)
+    if decay is not None:
+        with pytest.raises(ValueError, match="decay must hold rates >= 0"):
+            lasp.lasp_attention(q, k, v, decay)
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        lasp.set_value_checks(1)
+
+
 def test_allowed_gate_values(lasp):
     """0, -0.0, -inf and huge negative values are fine; g and q may differ in float dtype."""
     q, k, v, (B, H, N) = _small()
