@@ -9,31 +9,16 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
-#include <string>
 #include <vector>
 
+#include "device_buffers.h"
 #include "value_check.h"
 
 namespace {
-
-#define CKV(expr)                                                            \
-  do {                                                                       \
-    cudaError_t e__ = (expr);                                                \
-    ASSERT_EQ(e__, cudaSuccess) << #expr << ": " << cudaGetErrorString(e__); \
-  } while (0)
-
-bool have_device() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return n > 0;
-}
 
 template <typename T>
 T from_double(double x);
@@ -49,13 +34,12 @@ __nv_bfloat16 from_double<__nv_bfloat16>(double x) { return __float2bfloat16(sta
 // The flag bits flag_bad_gates leaves for the values xs (as T).
 template <typename T>
 unsigned run_check(const std::vector<double>& xs, lasp::cuda::ValueDtype dt) {
-  std::vector<T> host(xs.size());
+  std::vector<T> host(std::max<size_t>(1, xs.size()));
   for (size_t i = 0; i < xs.size(); ++i) host[i] = from_double<T>(xs[i]);
-  T* dev = nullptr;
+  DeviceBuffers<T> bufs;
+  const T* dev = bufs.up(host);
   unsigned* flag = nullptr;
   unsigned* flag_dev = nullptr;
-  EXPECT_EQ(cudaMalloc(reinterpret_cast<void**>(&dev), std::max<size_t>(1, xs.size()) * sizeof(T)), cudaSuccess);
-  EXPECT_EQ(cudaMemcpy(dev, host.data(), xs.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
   EXPECT_EQ(cudaHostAlloc(reinterpret_cast<void**>(&flag), sizeof(unsigned), cudaHostAllocMapped), cudaSuccess);
   EXPECT_EQ(cudaHostGetDevicePointer(reinterpret_cast<void**>(&flag_dev), flag, 0), cudaSuccess);
   *flag = 0;
@@ -63,14 +47,13 @@ unsigned run_check(const std::vector<double>& xs, lasp::cuda::ValueDtype dt) {
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const unsigned bits = *static_cast<volatile unsigned*>(flag);
   cudaFreeHost(flag);
-  cudaFree(dev);
   return bits;
 }
 
 template <typename T>
 void check_dtype(lasp::cuda::ValueDtype dt, bool narrow) {
   const double inf = std::numeric_limits<double>::infinity(), nan = std::numeric_limits<double>::quiet_NaN();
-  // the smallest positive value the dtype holds (a subnormal where it has them)
+  // a positive value the check must not lose: the smallest subnormal (fp32, fp64), 1e-7 (subnormal in fp16)
   const double tiny = narrow ? 1e-7 : (sizeof(T) == 8 ? 4.9e-324 : 1.4e-45);
   for (int64_t n : {1, 2, 255, 256, 257, 4099, 262144 + 3}) {
     std::vector<double> xs(n);
@@ -89,7 +72,7 @@ void check_dtype(lasp::cuda::ValueDtype dt, bool narrow) {
 }
 
 TEST(ValueCheck, FlagsPositiveAndNaNInEveryDtype) {
-  if (!have_device()) GTEST_SKIP() << "no CUDA device";
+  LASP_SKIP_WITHOUT_CUDA_DEVICE();
   check_dtype<float>(lasp::cuda::ValueDtype::F32, false);
   check_dtype<double>(lasp::cuda::ValueDtype::F64, false);
   check_dtype<__half>(lasp::cuda::ValueDtype::F16, true);
