@@ -1,4 +1,4 @@
-// flag_bad_gates (value_check.h): a grid-stride pass over the values, one store per warp that finds one.
+// flag_bad_gates (value_check.h): a grid-stride pass over the values, one atomicOr per warp that finds one.
 #include "value_check.h"
 
 #include <cuda_bf16.h>
@@ -52,7 +52,7 @@ __global__ void flag_bad_gates_kernel(const T* __restrict__ x, int64_t n, unsign
   }
   // (the warp's stores below are whole-warp: every lane reaches them)
   bits = (__any_sync(0xffffffffu, bits & 1u) ? 1u : 0u) | (__any_sync(0xffffffffu, bits & 2u) ? 2u : 0u);
-  if (bits != 0 && (threadIdx.x & 31) == 0) *reinterpret_cast<volatile unsigned*>(flag) = bits;
+  if (bits != 0 && (threadIdx.x & 31) == 0) atomicOr(flag, bits);
 }
 
 template <typename T>

@@ -103,12 +103,12 @@ bool split_on(const at::Device& device, const AttnParams& p, bool backward, int6
   return cuda_kernels().split(p, backward, nseg, seglen);
 }
 const bool split_registered = register_split(c10::DeviceType::CUDA, split_on);
-// deferred_bad_value on CUDA (attention.h): one kernel (kernels/value_check.h) flags bad values into pinned,
-// host-mapped memory, then an event is recorded behind it; the returned function waits for that event only.
-// The pinned block is marked in use by the stream (the host allocator reuses it only once the stream has
-// passed the kernel, even if the function is never called). Views that are not dense take a reduction and a
-// copy instead. Inside a graph capture no host may wait: nothing is queued and the function returns 0 (the
-// values are not checked there).
+// deferred_bad_value on CUDA (attention.h): one kernel (kernels/value_check.h) ORs its flags into a zeroed
+// device word, which is copied into pinned host memory, then an event is recorded behind the copy; the
+// returned function waits for that event only. The pinned block is marked in use by the stream (the host
+// allocator reuses it only once the stream has passed the copy, even if the function is never called).
+// Views that are not dense take a reduction and a copy instead. Inside a graph capture no host may wait:
+// nothing is queued and the function returns 0 (the values are not checked there).
 DeferredBad deferred_bad_value_cuda(const Tensor& x) {
   const c10::cuda::CUDAGuard guard(x.device());
   if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return [] { return 0.0; };
@@ -117,23 +117,22 @@ DeferredBad deferred_bad_value_cuda(const Tensor& x) {
   const auto st = x.scalar_type();
   const bool kernel_dtype = st == at::kHalf || st == at::kBFloat16 || st == at::kFloat || st == at::kDouble;
   if (kernel_dtype && x.is_non_overlapping_and_dense()) {
+    const Tensor word = at::empty({1}, x.options().dtype(at::kInt));
     const Tensor flag = at::empty({1}, x.options().dtype(at::kInt).device(at::kCPU).pinned_memory(true));
-    *static_cast<volatile unsigned*>(flag.data_ptr()) = 0;
-    void* dev = nullptr;
-    if (cudaHostGetDevicePointer(&dev, flag.data_ptr(), 0) == cudaSuccess) {
-      const auto dt = st == at::kHalf ? cuda::ValueDtype::F16 : st == at::kBFloat16 ? cuda::ValueDtype::BF16
-                      : st == at::kFloat ? cuda::ValueDtype::F32 : cuda::ValueDtype::F64;
-      C10_CUDA_CHECK(cuda::flag_bad_gates(x.const_data_ptr(), x.numel(), dt, static_cast<unsigned*>(dev), stream));
-      at::getHostAllocator(at::kCUDA)->record_event(flag.data_ptr(), flag.storage().data_ptr().get_context(),
-                                                   stream.unwrap());
-      done->record(stream);
-      return [flag, done] {
-        done->synchronize();
-        const unsigned bits = *static_cast<const volatile unsigned*>(flag.data_ptr());
-        return (bits & 2u) ? std::numeric_limits<double>::quiet_NaN() : (bits & 1u) ? 1.0 : 0.0;
-      };
-    }
-    (void)cudaGetLastError();  // not mapped: the reduction below
+    const auto dt = st == at::kHalf ? cuda::ValueDtype::F16 : st == at::kBFloat16 ? cuda::ValueDtype::BF16
+                    : st == at::kFloat ? cuda::ValueDtype::F32 : cuda::ValueDtype::F64;
+    C10_CUDA_CHECK(cudaMemsetAsync(word.data_ptr(), 0, sizeof(int), stream));
+    C10_CUDA_CHECK(cuda::flag_bad_gates(x.const_data_ptr(), x.numel(), dt, static_cast<unsigned*>(word.data_ptr()),
+                                        stream));
+    C10_CUDA_CHECK(cudaMemcpyAsync(flag.data_ptr(), word.data_ptr(), sizeof(int), cudaMemcpyDeviceToHost, stream));
+    at::getHostAllocator(at::kCUDA)->record_event(flag.data_ptr(), flag.storage().data_ptr().get_context(),
+                                                 stream.unwrap());
+    done->record(stream);
+    return [flag, done] {
+      done->synchronize();
+      const unsigned bits = *static_cast<const volatile unsigned*>(flag.data_ptr());
+      return (bits & 2u) ? std::numeric_limits<double>::quiet_NaN() : (bits & 1u) ? 1.0 : 0.0;
+    };
   }
   const Tensor host = at::empty({}, x.options().device(at::kCPU).pinned_memory(true));
   host.copy_(x.max(), /*non_blocking=*/true);  // max propagates NaN

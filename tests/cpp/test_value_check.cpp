@@ -1,7 +1,6 @@
 // GoogleTest of the ops' log-gate value check kernel (kernels/value_check.h): for each dtype, arrays that
 // hold only allowed values (<= 0, -0, -inf, 0) and arrays with one bad value (> 0, +inf, the smallest
-// positive, NaN) at the first, a middle and the last position, at lengths around the grid's stride; the flag
-// lives in host-mapped pinned memory, as the op passes it.
+// positive, NaN) at the first, a middle and the last position, at lengths around the grid's stride.
 #include <gtest/gtest.h>
 
 #if defined(LASP_WITH_CUDA)
@@ -38,15 +37,12 @@ unsigned run_check(const std::vector<double>& xs, lasp::cuda::ValueDtype dt) {
   for (size_t i = 0; i < xs.size(); ++i) host[i] = from_double<T>(xs[i]);
   DeviceBuffers<T> bufs;
   const T* dev = bufs.up(host);
-  unsigned* flag = nullptr;
-  unsigned* flag_dev = nullptr;
-  EXPECT_EQ(cudaHostAlloc(reinterpret_cast<void**>(&flag), sizeof(unsigned), cudaHostAllocMapped), cudaSuccess);
-  EXPECT_EQ(cudaHostGetDevicePointer(reinterpret_cast<void**>(&flag_dev), flag, 0), cudaSuccess);
-  *flag = 0;
-  EXPECT_EQ(lasp::cuda::flag_bad_gates(dev, static_cast<int64_t>(xs.size()), dt, flag_dev, nullptr), cudaSuccess);
-  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  const unsigned bits = *static_cast<volatile unsigned*>(flag);
-  cudaFreeHost(flag);
+  DeviceBuffers<unsigned> flag;
+  unsigned* word = flag.up({0u});
+  EXPECT_EQ(lasp::cuda::flag_bad_gates(dev, static_cast<int64_t>(xs.size()), dt, word, nullptr), cudaSuccess);
+  std::vector<unsigned> bits_h(1);
+  flag.down(bits_h, word);
+  const unsigned bits = bits_h[0];
   return bits;
 }
 
