@@ -95,9 +95,10 @@ def lasp_attention(
             shared B and C). States, decay and g are per output head. On CUDA every map runs on the
             tensor-core kernels (bf16 / fp16; with g only on wgmma, D, E in {64, 128}, sm_90); at head dims
             above 128 only MHA, GQA and MQA without g do, other maps there run on the generic kernels.
-        decay: None (no decay) or a float tensor (H,) of rates >= 0 (see alibi_slopes); a constant.
+        decay: None (no decay) or a float tensor (H,) of rates >= 0 (see alibi_slopes; a negative rate raises); a
+            constant.
         g: None or per-token log gates (B, H, N) for layout "bhnd", (B, N, H) for "bnhd", values <= 0
-            (-inf resets the state), any float dtype, computed in float32 (float64 for float64 inputs);
+            (-inf resets the state; a positive or NaN value raises a ValueError: set_value_checks), any float dtype, computed in float32 (float64 for float64 inputs);
             differentiable, also across ranks. Under a group each rank passes the gates of its piece.
         scale: defaults to 1/sqrt(D).
         group: a torch.distributed ProcessGroup over which the sequence is split (group rank i holds

@@ -259,7 +259,7 @@ def gated_delta_attention(
         q: (B, Hq, N, D) for layout "bhnd", (B, N, Hq, D) for "bnhd"; k: (B, Hk, N, D); v: (B, Hv, N, E).
             Output heads H = max(Hq, Hv), head maps as in :func:`lasp.lasp_attention` (GVA included).
         g: per-token log decay (B, H, N) ("bhnd") or (B, N, H) ("bnhd"), values <= 0 (-inf resets the
-            state); differentiable.
+            state; a positive or NaN value raises a ValueError: lasp.set_value_checks); differentiable.
         beta: the write strength (B, H, N) or (B, N, H), usually in (0, 1); differentiable.
         scale: default D^-0.5.
         group: a torch.distributed group over which the sequence is split (group rank i holds the i-th
