@@ -344,10 +344,6 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::
                      gt.scalar_type());
     TORCH_CHECK_VALUE(gt.device() == q.device(), "lasp_attention: g must be on the device of q (", q.device(),
                       "), got ", gt.device());
-    if (check_values && get_value_checks() && gt.device().is_cpu() && gt.numel() > 0 &&
-        gt.scalar_type() != at::kBool) {
-      check_gate_value("lasp_attention", gt.max().item<double>());  // max propagates NaN
-    }
   }
   if (initial_state.has_value()) {
     const Tensor& s = *initial_state;
@@ -491,10 +487,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_
   check_inputs(q, k, v, decay, initial_state, /*check_values=*/true, g);
   check_seg_split_args(seg_nseg, seg_seglen);
   check_backend_takes(backend_kernels, g, q, k, v);
-  // g's values off the CPU (check_inputs reads CPU ones): a look at them is queued here and read once this
-  // rank's kernels are queued (alone) or before the exchange (under a group), so no host sync precedes them.
-  const DeferredBad gate_bad = get_value_checks() && g.has_value() && !g->device().is_cpu() &&
-                                       g->scalar_type() != at::kBool
+  // g's values: a look at them is queued here and read once this rank's kernels are queued (alone) or before
+  // the exchange (under a group), so no host sync precedes them (attention.h, deferred_bad_value).
+  const DeferredBad gate_bad = get_value_checks() && g.has_value() && g->scalar_type() != at::kBool
                                    ? deferred_bad_value(*g)
                                    : DeferredBad();
   auto check_gates = [&] {

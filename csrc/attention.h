@@ -106,8 +106,8 @@ c10::SymInt out_heads(const Tensor& q, const Tensor& v);
 const Tensor& out_layout_like(const Tensor& q, const Tensor& v);
 
 // Checks shapes, dtypes and devices of the op's inputs (symbolic sizes allowed, so the meta kernels
-// share it). check_values also checks decay >= 0 and g <= 0 (no NaN), which reads their values (CPU
-// tensors only). g: per-token log gates, (B, H, N), any floating dtype, or bool document starts (ops.cpp).
+// share it). check_values also checks decay >= 0, which reads its values (once per tensor and version off
+// the CPU); g's values are read by attention_fwd (deferred_bad_value). g: per-token log gates, (B, H, N), any floating dtype, or bool document starts (ops.cpp).
 void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& decay,
                   const std::optional<Tensor>& initial_state, bool check_values,
                   const std::optional<Tensor>& g = std::nullopt);

@@ -80,12 +80,9 @@ at::ScalarType delta_acc(const Tensor& q, const Tensor& k, const Tensor& v) {
   return f64 ? at::kDouble : at::kFloat;
 }
 
-void check_gate_values(double largest);
-
-// Shapes, dtypes and devices (symbolic sizes allowed: the meta kernels share it). check_values also reads g
-// (no value above 0, no NaN), which costs a device sync on accelerators.
+// Shapes, dtypes and devices (symbolic sizes allowed: the meta kernels share it); g's values: with_gate_check.
 void check_delta_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta,
-                        const std::optional<Tensor>& initial_state, bool check_values) {
+                        const std::optional<Tensor>& initial_state) {
   const char* names[] = {"q", "k", "v"};
   const Tensor* qkv[] = {&q, &k, &v};
   for (int i = 0; i < 3; ++i)
@@ -129,22 +126,19 @@ void check_delta_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const
     TORCH_CHECK_VALUE(s.device() == q.device(), kOp, ": initial_state must be on q's device ", q.device(), ", got ",
                       s.device());
   }
-  if (check_values && get_value_checks() && g.numel() > 0 && g.device().is_cpu())
-    check_gate_values(g.max().item<double>());
 }
 
-// g's largest value (max propagates NaN), or deferred_bad_value's, against the op's domain.
+// deferred_bad_value's value of g against the op's domain.
 void check_gate_values(double bad) {
   TORCH_CHECK_VALUE(bad <= 0, kOp, ": g must be <= 0 (log decay; -inf resets) and not NaN, got ",
                     std::isnan(bad) ? "NaN" : "a value > 0");
 }
 
-// check_values off the CPU (check_delta_inputs reads CPU values): a look at g queued before the op's kernels
-// and read after them (attention.h, deferred_bad_value), so that no host sync precedes them.
+// g's values (the ops that read them): a look at g queued before the op's kernels and read after them
+// (attention.h, deferred_bad_value), so that no host sync precedes them.
 template <class Body>
 auto with_gate_check(const Tensor& g, Body&& body) {
-  const DeferredBad bad =
-      get_value_checks() && g.numel() > 0 && !g.device().is_cpu() ? deferred_bad_value(g) : DeferredBad();
+  const DeferredBad bad = get_value_checks() ? deferred_bad_value(g) : DeferredBad();
   auto out = body();
   if (bad) check_gate_values(bad());
   return out;
@@ -367,7 +361,7 @@ std::tuple<Tensor, Tensor> map_body(const Tensor& q, const Tensor& k, const Tens
 std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
                                             const Tensor& beta, double scale,
                                             const std::optional<Tensor>& initial_state) {
-  check_delta_inputs(q, k, v, g, beta, initial_state, /*check_values=*/true);
+  check_delta_inputs(q, k, v, g, beta, initial_state);
   return with_gate_check(g, [&] { return fwd_body(q, k, v, g, beta, scale, initial_state); });
 }
 
@@ -405,7 +399,7 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
                 const std::optional<Tensor>& initial_state, const std::optional<Tensor>& dout,
                 const std::optional<Tensor>& grad_final_state, bool state_grad_only,
                 const std::optional<Tensor>& minv) {
-  check_delta_inputs(q, k, v, g, beta, initial_state, /*check_values=*/false);
+  check_delta_inputs(q, k, v, g, beta, initial_state);
   check_minv(q, k, v, minv);
   {
     const int64_t B = q.size(0), H = std::max(q.size(1), v.size(1)), N = q.size(2), D = q.size(3), E = v.size(3);
@@ -525,7 +519,7 @@ BwdOut bwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
 
 std::tuple<Tensor, Tensor> map_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
                                     const Tensor& beta) {
-  check_delta_inputs(q, k, v, g, beta, std::nullopt, /*check_values=*/true);
+  check_delta_inputs(q, k, v, g, beta, std::nullopt);
   return with_gate_check(g, [&] { return map_body(q, k, v, g, beta); });
 }
 
@@ -589,7 +583,7 @@ Tensor state_meta(const Tensor& q, const Tensor& k, const Tensor& v, const c10::
 std::tuple<Tensor, Tensor, Tensor> fwd_meta(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
                                             const Tensor& beta, double scale,
                                             const std::optional<Tensor>& initial_state) {
-  check_delta_inputs(q, k, v, g, beta, initial_state, false);
+  check_delta_inputs(q, k, v, g, beta, initial_state);
   const auto H = q.sym_size(1).max(v.sym_size(1));
   return {alloc_out(out_layout_like(q, v), H, v.sym_size(3), q.options()), state_meta(q, k, v, v.sym_size(3)),
           keeps_minv(q, k, v) ? at::empty_symint({q.sym_size(0), H, q.sym_size(2), c10::SymInt(kChunk)}, q.options())
@@ -600,7 +594,7 @@ BwdOut bwd_meta(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
                 const std::optional<Tensor>& initial_state, const std::optional<Tensor>& dout,
                 const std::optional<Tensor>& grad_final_state, bool state_grad_only,
                 const std::optional<Tensor>& minv) {
-  check_delta_inputs(q, k, v, g, beta, initial_state, false);
+  check_delta_inputs(q, k, v, g, beta, initial_state);
   check_minv(q, k, v, minv);
   Tensor ds = state_meta(q, k, v, v.sym_size(3));
   if (initial_state.has_value()) ds = ds.to(initial_state->scalar_type());
@@ -615,7 +609,7 @@ BwdOut bwd_meta(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
 
 std::tuple<Tensor, Tensor> map_meta(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
                                     const Tensor& beta) {
-  check_delta_inputs(q, k, v, g, beta, std::nullopt, false);
+  check_delta_inputs(q, k, v, g, beta, std::nullopt);
   return {state_meta(q, k, v, q.sym_size(3)), state_meta(q, k, v, v.sym_size(3))};
 }
 

@@ -99,7 +99,8 @@ def lasp_attention(
             constant.
         g: None or per-token log gates (B, H, N) for layout "bhnd", (B, N, H) for "bnhd", values <= 0
             (-inf resets the state; a positive or NaN value raises a ValueError: set_value_checks), any
-            float dtype, computed in float32 (float64 for float64 inputs); differentiable, also across ranks. Under a group each rank passes the gates of its piece.
+            float dtype, computed in float32 (float64 for float64 inputs); differentiable, also across ranks.
+            Under a group each rank passes the gates of its piece.
         scale: defaults to 1/sqrt(D).
         group: a torch.distributed ProcessGroup over which the sequence is split (group rank i holds
             the i-th contiguous piece; pieces may differ in length). None: the whole sequence is here.
