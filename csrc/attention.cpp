@@ -145,8 +145,10 @@ Tensor state_like(const Tensor& q, int64_t H, int64_t D, int64_t E) {
 }
 
 // With group checks on: every rank compares what it was called with (one small all-gather).
+// g_valid: 0 where this rank's g holds a bad value (the forward reads it first under group checks, so that every
+// rank raises instead of the others waiting at the exchange for the rank that raised), else 1.
 void check_group_call(const Ring& ring, const Tensor& q, const Tensor& k, const Tensor& v, bool has_decay,
-                      bool has_g, Strategy strategy, int64_t scan_nodes, int64_t pass) {
+                      bool has_g, Strategy strategy, int64_t scan_nodes, int64_t pass, int64_t g_valid = 1) {
   if (!ring.checks_on()) return;
   ring.check_same_call({{"batch size", q.size(0)},
                         {"q heads", q.size(1)},
@@ -160,7 +162,8 @@ void check_group_call(const Ring& ring, const Tensor& q, const Tensor& k, const 
                         {"decay given", has_decay ? 1 : 0},
                         {"g given", has_g ? 1 : 0},
                         {"ring transport (0 nccl, 1 peer, 2 auto)", static_cast<int64_t>(ring_transport())},
-                        {"pass (0 forward, 1 backward)", pass}},
+                        {"pass (0 forward, 1 backward)", pass},
+                        {"g's values (1 valid; 0 a positive or NaN log gate, which that rank reports)", g_valid}},
                        pass == 0 ? "the forward call" : "the backward call", q.device());
 }
 
@@ -492,8 +495,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_
   const DeferredBad gate_bad = get_value_checks() && g.has_value() && g->scalar_type() != at::kBool
                                    ? deferred_bad_value(*g)
                                    : DeferredBad();
+  bool gates_read = false;  // read already (under group checks, with the call's description)
   auto check_gates = [&] {
-    if (gate_bad) check_gate_value("lasp_attention", gate_bad());
+    if (gate_bad && !gates_read) check_gate_value("lasp_attention", gate_bad());
   };
   const Strategy strategy = parse_strategy(strategy_name);
   const int64_t scan_nodes = scan_node_size(strategy_name);
@@ -513,7 +517,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_
   p.g_resets = starts_as_resets(g);
   p.o = view4(o);
 
-  check_group_call(ring, q, k, v, decay.has_value(), g.has_value(), strategy, scan_nodes, 0);
+  if (ring.size() > 1 && ring.checks_on() && gate_bad) {
+    // Under group checks g's values travel with the call's description (the check waits for the look at g
+    // here, before the kernels): a rank with a bad g raises why, every other rank that the ranks disagree.
+    const double bad = gate_bad();
+    gates_read = true;
+    const bool valid = !(bad > 0.0 || std::isnan(bad));
+    try {
+      check_group_call(ring, q, k, v, decay.has_value(), g.has_value(), strategy, scan_nodes, 0, valid ? 1 : 0);
+    } catch (const c10::Error&) {
+      if (!valid) check_gate_value("lasp_attention", bad);
+      throw;
+    }
+    check_gate_value("lasp_attention", bad);  // every rank's g is bad (they agree): each says why
+  } else {
+    check_group_call(ring, q, k, v, decay.has_value(), g.has_value(), strategy, scan_nodes, 0);
+  }
   if (ring.size() == 1) {
     // Alone: the incoming state is the user's initial state; one fused pass.
     // A copy, not a view: the op's outputs never alias its inputs (the saved state is an output).

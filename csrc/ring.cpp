@@ -142,7 +142,7 @@ void Ring::check_same_call(const std::vector<std::pair<const char*, int64_t>>& f
     }
     TORCH_CHECK(diff.str().empty(), "lasp_attention: the ranks of the group disagree on ", what, ":", diff.str(),
                 ". Every rank must pass the same batch size, heads, head dims, dtype, strategy and optional "
-                "arguments; only the sequence length may differ.");
+                "arguments, and valid values where the op reads them; only the sequence length may differ.");
   }
 }
 
