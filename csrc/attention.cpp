@@ -144,27 +144,26 @@ Tensor state_like(const Tensor& q, int64_t H, int64_t D, int64_t E) {
   return at::empty({q.size(0), H, D, E}, q.options().dtype(acc_type(q.scalar_type())));
 }
 
-// With group checks on: every rank compares what it was called with (one small all-gather).
-// g_valid: 0 where this rank's g holds a bad value (the forward reads it first under group checks, so that every
-// rank raises instead of the others waiting at the exchange for the rank that raised), else 1.
+// With group checks on: every rank compares what it was called with (one small all-gather). valid: false
+// where this rank's own checks of the call failed (its fields are then not read; every rank raises).
 void check_group_call(const Ring& ring, const Tensor& q, const Tensor& k, const Tensor& v, bool has_decay,
-                      bool has_g, Strategy strategy, int64_t scan_nodes, int64_t pass, int64_t g_valid = 1) {
+                      bool has_g, Strategy strategy, int64_t scan_nodes, int64_t pass, bool valid = true) {
   if (!ring.checks_on()) return;
-  ring.check_same_call({{"batch size", q.size(0)},
-                        {"q heads", q.size(1)},
-                        {"k heads", k.size(1)},
-                        {"v heads", v.size(1)},
-                        {"head dim D", q.size(3)},
-                        {"value dim E", v.size(3)},
-                        {"dtype", static_cast<int64_t>(q.scalar_type())},
-                        {"strategy (0 ring, 1 allgather, 2 scan)", static_cast<int64_t>(strategy)},
-                        {"scan's ranks per node (0: one level)", scan_nodes},
-                        {"decay given", has_decay ? 1 : 0},
-                        {"g given", has_g ? 1 : 0},
-                        {"ring transport (0 nccl, 1 peer, 2 auto)", static_cast<int64_t>(ring_transport())},
-                        {"pass (0 forward, 1 backward)", pass},
-                        {"g's values (1 valid; 0 a positive or NaN log gate, which that rank reports)", g_valid}},
-                       pass == 0 ? "the forward call" : "the backward call", q.device());
+  auto f = [valid](int64_t x) { return valid ? x : int64_t{0}; };
+  ring.check_same_call({{"batch size", f(q.dim() == 4 ? q.size(0) : 0)},
+                        {"q heads", f(q.dim() == 4 ? q.size(1) : 0)},
+                        {"k heads", f(k.dim() == 4 ? k.size(1) : 0)},
+                        {"v heads", f(v.dim() == 4 ? v.size(1) : 0)},
+                        {"head dim D", f(q.dim() == 4 ? q.size(3) : 0)},
+                        {"value dim E", f(v.dim() == 4 ? v.size(3) : 0)},
+                        {"dtype", f(static_cast<int64_t>(q.scalar_type()))},
+                        {"strategy (0 ring, 1 allgather, 2 scan)", f(static_cast<int64_t>(strategy))},
+                        {"scan's ranks per node (0: one level)", f(scan_nodes)},
+                        {"decay given", f(has_decay ? 1 : 0)},
+                        {"g given", f(has_g ? 1 : 0)},
+                        {"ring transport (0 nccl, 1 peer, 2 auto)", f(static_cast<int64_t>(ring_transport()))},
+                        {"pass (0 forward, 1 backward)", f(pass)}},
+                       pass == 0 ? "the forward call" : "the backward call", q.device(), valid);
 }
 
 // N == 0 (an empty piece, e.g. a rank holding no tokens): no kernel runs; the states pass through
@@ -487,28 +486,51 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_
                                                          const std::optional<std::string>& group_name,
                                                          const std::string& strategy_name, int64_t seg_nseg,
                                                          int64_t seg_seglen, const std::optional<Tensor>& g) {
-  check_inputs(q, k, v, decay, initial_state, /*check_values=*/true, g);
-  check_seg_split_args(seg_nseg, seg_seglen);
-  check_backend_takes(backend_kernels, g, q, k, v);
+  // The rank's own checks first (shapes, dtypes, values of decay and g). Under group checks a failure travels
+  // with the call's description, so that every rank raises (this rank why, the others which ranks failed)
+  // instead of the others waiting at a collective for the rank that raised.
+  const Ring ring(group_name);
+  const bool agree = ring.size() > 1 && ring.checks_on();
+  std::exception_ptr local_err;
+  Strategy strategy{};
+  int64_t scan_nodes = 0;
   // g's values: a look at them is queued here and read once this rank's kernels are queued (alone) or before
-  // the exchange (under a group), so no host sync precedes them (attention.h, deferred_bad_value).
-  const DeferredBad gate_bad = get_value_checks() && g.has_value() && g->scalar_type() != at::kBool
-                                   ? deferred_bad_value(*g)
-                                   : DeferredBad();
-  bool gates_read = false;  // read already (under group checks, with the call's description)
+  // the exchange (under a group), so no host sync precedes them (attention.h, deferred_bad_value); under
+  // group checks, at once, with the other checks.
+  DeferredBad gate_bad;
+  try {
+    check_inputs(q, k, v, decay, initial_state, /*check_values=*/true, g);
+    check_seg_split_args(seg_nseg, seg_seglen);
+    TORCH_CHECK_VALUE(seg_nseg <= 1 || ring.size() == 1, "lasp_attention_fwd: seg_nseg > 1 keeps the segment "
+                      "states of a call on one rank; across the ", ring.size(), " ranks of group '", ring.group_name(),
+                      "' the backward computes them again: pass seg_nseg = 0, got seg_nseg = ", seg_nseg);
+    check_backend_takes(backend_kernels, g, q, k, v);
+    strategy = parse_strategy(strategy_name);
+    scan_nodes = scan_node_size(strategy_name);
+    if (get_value_checks() && g.has_value() && g->scalar_type() != at::kBool) gate_bad = deferred_bad_value(*g);
+    if (agree && gate_bad) {
+      check_gate_value("lasp_attention", gate_bad());
+      gate_bad = DeferredBad();
+    }
+  } catch (const c10::Error&) {
+    if (!agree) throw;
+    local_err = std::current_exception();
+  }
+  if (agree) {
+    try {
+      check_group_call(ring, q, k, v, decay.has_value(), g.has_value(), strategy, scan_nodes, 0, !local_err);
+    } catch (const c10::Error&) {
+      if (local_err) std::rethrow_exception(local_err);
+      throw;
+    }
+    TORCH_INTERNAL_ASSERT(!local_err, "lasp_attention: the group check passed a rank whose own checks failed");
+  }
   auto check_gates = [&] {
-    if (gate_bad && !gates_read) check_gate_value("lasp_attention", gate_bad());
+    if (gate_bad) check_gate_value("lasp_attention", gate_bad());
   };
-  const Strategy strategy = parse_strategy(strategy_name);
-  const int64_t scan_nodes = scan_node_size(strategy_name);
   const auto acc = acc_type(q.scalar_type());
   const int64_t N = q.size(2), D = q.size(3), E = v.size(3), H = out_heads(q, v).expect_int();
   const Kernels kernels = N == 0 ? empty_piece_kernels(q, H, D, E) : backend_kernels;
-  const Ring ring(group_name);
-  // Before any collective, so that every rank of a call made alike raises here.
-  TORCH_CHECK_VALUE(seg_nseg <= 1 || ring.size() == 1, "lasp_attention_fwd: seg_nseg > 1 keeps the segment states "
-                    "of a call on one rank; across the ", ring.size(), " ranks of group '", ring.group_name(),
-                    "' the backward computes them again: pass seg_nseg = 0, got seg_nseg = ", seg_nseg);
   Tensor seg_states = at::empty({0}, q.options().dtype(acc));  // none kept
   const Tensor decay_acc = decay_in_acc(decay, acc, /*clamp=*/ring.size() > 1);
   const Tensor g_acc = gates_in_acc(g, acc);
@@ -517,22 +539,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_fwd(const Kernels& backend_
   p.g_resets = starts_as_resets(g);
   p.o = view4(o);
 
-  if (ring.size() > 1 && ring.checks_on() && gate_bad) {
-    // Under group checks g's values travel with the call's description (the check waits for the look at g
-    // here, before the kernels): a rank with a bad g raises why, every other rank that the ranks disagree.
-    const double bad = gate_bad();
-    gates_read = true;
-    const bool valid = !(bad > 0.0 || std::isnan(bad));
-    try {
-      check_group_call(ring, q, k, v, decay.has_value(), g.has_value(), strategy, scan_nodes, 0, valid ? 1 : 0);
-    } catch (const c10::Error&) {
-      if (!valid) check_gate_value("lasp_attention", bad);
-      throw;
-    }
-    check_gate_value("lasp_attention", bad);  // every rank's g is bad (they agree): each says why
-  } else {
-    check_group_call(ring, q, k, v, decay.has_value(), g.has_value(), strategy, scan_nodes, 0);
-  }
   if (ring.size() == 1) {
     // Alone: the incoming state is the user's initial state; one fused pass.
     // A copy, not a view: the op's outputs never alias its inputs (the saved state is an output).

@@ -124,25 +124,33 @@ std::vector<at::Tensor> Ring::allgather(at::Tensor& t, const char* what) const {
 }
 
 void Ring::check_same_call(const std::vector<std::pair<const char*, int64_t>>& fields, const char* what,
-                           const at::Device& device) const {
+                           const at::Device& device, bool valid) const {
   if (size_ <= 1) return;
-  std::vector<int64_t> values;
+  std::vector<int64_t> values{valid ? 1 : 0};
   for (const auto& f : fields) values.push_back(f.second);
   // Gathered on the tensors' device for NCCL, on the CPU for other backends; the host reads it (a sync).
   at::Tensor mine = at::tensor(values, at::TensorOptions().dtype(at::kLong));
   if (backend_is_nccl()) mine = mine.to(device);
   auto all = allgather(mine, "the all-gather of the call descriptions (group checks)");
-  const at::Tensor first = all[0].cpu();
+  std::vector<at::Tensor> rows;
+  std::ostringstream failed;
+  for (int r = 0; r < size_; ++r) {
+    rows.push_back(all[r].cpu());
+    if (rows.back()[0].item<int64_t>() == 0) failed << (failed.tellp() > 0 ? ", " : "") << r;
+  }
+  TORCH_CHECK_VALUE(failed.tellp() == 0, "lasp_attention: ", what, " is not valid on group ranks [", failed.str(),
+                    "] (see their errors)");
+  const at::Tensor& first = rows[0];
   for (int r = 1; r < size_; ++r) {
-    const at::Tensor other = all[r].cpu();
+    const at::Tensor& other = rows[r];
     std::ostringstream diff;
     for (size_t i = 0; i < fields.size(); ++i) {
-      const int64_t a = first[i].item<int64_t>(), b = other[i].item<int64_t>();
+      const int64_t a = first[i + 1].item<int64_t>(), b = other[i + 1].item<int64_t>();
       if (a != b) diff << " " << fields[i].first << " (rank 0: " << a << ", rank " << r << ": " << b << ")";
     }
     TORCH_CHECK(diff.str().empty(), "lasp_attention: the ranks of the group disagree on ", what, ":", diff.str(),
                 ". Every rank must pass the same batch size, heads, head dims, dtype, strategy and optional "
-                "arguments, and valid values where the op reads them; only the sequence length may differ.");
+                "arguments; only the sequence length may differ.");
   }
 }
 

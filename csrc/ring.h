@@ -66,9 +66,11 @@ class Ring {
   c10::intrusive_ptr<c10d::Work> allgather_start(at::Tensor& t, std::vector<std::vector<at::Tensor>>& out) const;
 
   // Opt-in group checks (see GroupChecks): every rank exchanges a small description of its call and
-  // raises the same error when they disagree. `what` names the call in the message.
+  // raises the same error when they disagree. `what` names the call in the message. valid: false where the
+  // rank's own checks of the call failed; then every rank raises (a ValueError naming those ranks; the
+  // caller raises its own error instead) and no field is compared.
   void check_same_call(const std::vector<std::pair<const char*, int64_t>>& fields, const char* what,
-                       const at::Device& device) const;
+                       const at::Device& device, bool valid = true) const;
 
   // Waits for `work`; with group checks on, at most the configured timeout (then raises).
   void wait(const c10::intrusive_ptr<c10d::Work>& work, const char* what) const;

@@ -67,14 +67,18 @@ def _worker(rank, world, port, case, backend, results):
             lasp.lasp_attention(q, k, v, group=dist.group.WORLD).sum().backward()
             results.put((rank, "ok", "\n".join(msgs)))
             return
-        if case in ("bad_g_one", "bad_g_all"):
-            # a positive log gate on one rank (or on all): with group checks on, g's values travel with the
-            # call's description, so no rank is left waiting at the exchange for one that raised
+        if case in ("bad_g_one", "bad_g_all", "bad_decay_one"):
+            # a positive log gate or a negative decay rate on one rank (or bad gates on all): with group checks
+            # on, the outcome of each rank's own checks travels with the call's description, so no rank is left
+            # waiting at a collective for one that raised
             g = -torch.rand(1, 2, 6, device=dev)
-            if case == "bad_g_all" or rank == 1:
+            decay = torch.tensor([0.1, 0.2], device=dev)
+            if case == "bad_g_all" or (case == "bad_g_one" and rank == 1):
                 g[0, 1, 3] = 0.5 if rank % 2 else float("nan")
+            if case == "bad_decay_one" and rank == 1:
+                decay[1] = -0.2
             try:
-                lasp.lasp_attention(q, k, v, g=g, group=dist.group.WORLD)
+                lasp.lasp_attention(q, k, v, decay=decay, g=g, group=dist.group.WORLD)
                 results.put((rank, "ok", ""))
             except (ValueError, RuntimeError) as e:
                 results.put((rank, type(e).__name__, str(e)))
@@ -187,25 +191,25 @@ def test_ring_transport_setting_round_trips_and_rejects_unknown_values(lasp):
 
 
 @pytest.mark.parametrize("backend,world", BACKENDS)
-def test_bad_gate_values_on_one_rank_raise_on_every_rank(backend, world):
-    """A positive log gate on rank 1 only: rank 1 raises why (ValueError), every other rank that the ranks
-    disagree on g's values (with group checks on: Gloo's default, opted in for NCCL here); none waits at the
-    exchange."""
-    out = _run("bad_g_one", backend, world)
+@pytest.mark.parametrize("case,why", [("bad_g_one", "g must hold log gates <= 0 (-inf: a reset), got a value > 0"),
+                                      ("bad_decay_one", "decay")])
+def test_bad_values_on_one_rank_raise_on_every_rank(backend, world, case, why):
+    """A positive log gate or a negative decay rate on rank 1 only: rank 1 raises why, every other rank that the
+    call is not valid on rank 1 (with group checks on: Gloo's default, opted in for NCCL here); none waits at a
+    collective for the rank that raised."""
+    out = _run(case, backend, world)
     for rank, (status, msg) in out.items():
+        assert status == "ValueError", (rank, status, msg)
         if rank == 1:
-            assert status == "ValueError", (rank, status, msg)
-            assert "lasp_attention: g must hold log gates <= 0 (-inf: a reset), got a value > 0" in msg, msg
+            assert msg.startswith("lasp_attention") and why in msg and "not valid on group ranks" not in msg, msg
         else:
-            assert status == "RuntimeError", (rank, status, msg)
-            assert "lasp_attention: the ranks of the group disagree on the forward call" in msg, msg
-            assert "g's values (1 valid; 0 a positive or NaN log gate, which that rank reports) (rank 0: 1, rank 1: 0)" in msg, msg
+            assert "lasp_attention: the forward call is not valid on group ranks [1] (see their errors)" in msg, msg
 
 
 @pytest.mark.parametrize("backend,world", BACKENDS)
 def test_bad_gate_values_on_every_rank_raise_why(backend, world):
-    """Bad log gates on every rank (positive on odd ranks, NaN on even ones): the ranks agree, and each raises
-    the ValueError that says what its g holds."""
+    """Bad log gates on every rank (positive on odd ranks, NaN on even ones): each rank raises the ValueError that
+    says what its g holds."""
     out = _run("bad_g_all", backend, world)
     for rank, (status, msg) in out.items():
         assert status == "ValueError", (rank, status, msg)
