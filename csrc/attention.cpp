@@ -145,17 +145,19 @@ Tensor state_like(const Tensor& q, int64_t H, int64_t D, int64_t E) {
 }
 
 // With group checks on: every rank compares what it was called with (one small all-gather). valid: false
-// where this rank's own checks of the call failed (its fields are then not read; every rank raises).
+// where this rank's own checks of the call failed (every rank raises; no field is compared).
 void check_group_call(const Ring& ring, const Tensor& q, const Tensor& k, const Tensor& v, bool has_decay,
                       bool has_g, Strategy strategy, int64_t scan_nodes, int64_t pass, bool valid = true) {
   if (!ring.checks_on()) return;
+  // A rank whose own checks failed sends zeros: its inputs may not even be 4-D, and no field is compared then.
   auto f = [valid](int64_t x) { return valid ? x : int64_t{0}; };
-  ring.check_same_call({{"batch size", f(q.dim() == 4 ? q.size(0) : 0)},
-                        {"q heads", f(q.dim() == 4 ? q.size(1) : 0)},
-                        {"k heads", f(k.dim() == 4 ? k.size(1) : 0)},
-                        {"v heads", f(v.dim() == 4 ? v.size(1) : 0)},
-                        {"head dim D", f(q.dim() == 4 ? q.size(3) : 0)},
-                        {"value dim E", f(v.dim() == 4 ? v.size(3) : 0)},
+  auto size = [valid](const Tensor& t, int64_t d) { return valid ? t.size(d) : int64_t{0}; };
+  ring.check_same_call({{"batch size", size(q, 0)},
+                        {"q heads", size(q, 1)},
+                        {"k heads", size(k, 1)},
+                        {"v heads", size(v, 1)},
+                        {"head dim D", size(q, 3)},
+                        {"value dim E", size(v, 3)},
                         {"dtype", f(static_cast<int64_t>(q.scalar_type()))},
                         {"strategy (0 ring, 1 allgather, 2 scan)", f(static_cast<int64_t>(strategy))},
                         {"scan's ranks per node (0: one level)", f(scan_nodes)},
