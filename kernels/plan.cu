@@ -3,6 +3,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 
 #include "fast_args.h"
 #include "fast_path.h"
@@ -63,29 +66,78 @@ bool pick_tile(F smem, int full, size_t esz, size_t limit, int& C, int& tile, si
 // The extra time of a segment split, relative to the main pass it cuts: phase 1 (the local states of every
 // segment) and the scan of the segments' states, which the unsplit pass does not run.
 constexpr double kSplitCost = 0.35;
+// A block's start (its state loaded, its pipeline filled), in chunk steps.
+constexpr double kBlockStart = 1.0;
+// The most segments the search tries per (b, h) (more where the slots hold more blocks than B * H).
+constexpr int64_t kMaxSegments = 16;
 
-// Segments per (b, h) so that the grid has about blocks_per_sm blocks per SM.
-void split_segments(const AttnParams& p, int blocks_per_segment, int sms, int& nseg, int& seglen,
-                    int blocks_per_sm = 2) {
-  // Whole waves: floor(blocks_per_sm * SMs / blocks) segments, so the last wave is not a small tail.
-  const int64_t pairs = p.B * p.H * (int64_t)blocks_per_segment;
-  const int64_t slots = blocks_per_sm * (int64_t)sms;
+// A forced segment count (LASP_FWD_SEGMENTS / LASP_BWD_SEGMENTS = a positive integer; unset, empty or
+// "auto": the plan's own choice, 0), read at first use: for measuring the split, not for tuning a model.
+int segments_from_env(const char* var) {
+  const char* env = std::getenv(var);
+  if (!env || !*env || std::strcmp(env, "auto") == 0) return 0;
+  char* end = nullptr;
+  const long n = std::strtol(env, &end, 10);
+  if (end && *end == '\0' && n >= 1 && n <= 1 << 20) return (int)n;
+  std::fprintf(stderr, "lasp: %s must be \"auto\" or a positive integer (got \"%s\"); using \"auto\"\n", var, env);
+  return 0;
+}
+int forced_segments(bool backward) {
+  static const int fwd = segments_from_env("LASP_FWD_SEGMENTS");
+  static const int bwd = segments_from_env("LASP_BWD_SEGMENTS");
+  return backward ? bwd : fwd;
+}
+
+}  // namespace
+
+// segments_for (plan.h): the model and the measurements behind it are there.
+int64_t segments_for(int64_t pairs, int64_t slots, int64_t chunks, bool fill_waves) {
+  pairs = std::max<int64_t>(pairs, 1);
+  slots = std::max<int64_t>(slots, 1);
+  chunks = std::max<int64_t>(chunks, 1);
   const int64_t want = slots / pairs;
-  const int64_t nch64 = (p.N + 63) / 64;
-  int64_t ns = std::min<int64_t>(want, nch64);
-  if (want == 0) {
-    // More blocks than one wave holds: unsplit, the last wave may be a small tail that takes as long as a
-    // full one (160 blocks on 132 slots: two waves of work for 1.2). Cut into the segments whose waves,
-    // plus the split's own cost, take least time.
+  int64_t ns = 1;
+  if (fill_waves) {
+    auto time = [&](int64_t s) {
+      const double waves = (double)((pairs * s + slots - 1) / slots);
+      const double steps = (double)((chunks + s - 1) / s) + kBlockStart;
+      return waves * steps * (s > 1 ? 1.0 + kSplitCost : 1.0);
+    };
+    double best = time(1);
+    const int64_t most = std::min<int64_t>(std::max<int64_t>(kMaxSegments, want), chunks);
+    for (int64_t s = 2; s <= most; ++s) {
+      const double t = time(s);
+      if (t < best * (1.0 - 1e-9)) {
+        best = t;
+        ns = s;
+      }
+    }
+  } else if (want >= 1) {
+    ns = std::min<int64_t>(want, chunks);
+  } else {
     double best = (double)((pairs + slots - 1) / slots);
-    ns = 1;
-    for (int64_t s = 2; s <= std::min<int64_t>(8, nch64); ++s) {
+    for (int64_t s = 2; s <= std::min<int64_t>(8, chunks); ++s) {
       const double t = (double)((pairs * s + slots - 1) / slots) / (double)s * (1.0 + kSplitCost);
       if (t < best - 1e-9) {
         best = t;
         ns = s;
       }
     }
+  }
+  return ns;
+}
+
+namespace {
+
+// The plan's segments: forced (LASP_FWD_SEGMENTS / LASP_BWD_SEGMENTS) or segments_for, in whole 64-token chunks.
+void split_segments(const AttnParams& p, int blocks_per_segment, int sms, int& nseg, int& seglen,
+                    int blocks_per_sm, bool backward, bool fill_waves) {
+  const int64_t nch64 = std::max<int64_t>((p.N + 63) / 64, 1);
+  int64_t ns = forced_segments(backward);
+  if (ns > 0) {
+    ns = std::min<int64_t>(ns, nch64);
+  } else {
+    ns = segments_for(p.B * p.H * (int64_t)blocks_per_segment, blocks_per_sm * (int64_t)sms, nch64, fill_waves);
   }
   if (ns <= 1) {
     nseg = 1;
@@ -171,7 +223,10 @@ Plan plan_fwd(const AttnParams& p, int mode) {
     if (!pick_tile(sm_main, E, esz, di.smem_optin, pl.C_main, pl.t_main, pl.sm_main)) return pl;
     tiles = (E + pl.t_main - 1) / pl.t_main;
   }
-  split_segments(p, tiles, di.sms, pl.nseg, pl.seglen, blocks_per_sm);
+  // per-token gates on wgmma (gate mode 1) fill the waves (split_segments); document starts alone (mode 2)
+  // and everything else keep the default rule
+  const bool fill = pl.main == Family::Wgmma && p.g != nullptr && !p.g_resets;
+  split_segments(p, tiles, di.sms, pl.nseg, pl.seglen, blocks_per_sm, false, fill);
   if (!plan_local(p, false, di, pl, pl.local)) return pl;
   pl.local_fwd = pl.local;
   if (pl.nseg > 1) {
@@ -191,7 +246,7 @@ Plan plan_bwd(const AttnParams& p, int mode) {
   pl.main = main_family(p, mode, true, di);
   if (pl.main != Family::Generic) {
     split_segments(p, 1, di.sms, pl.nseg, pl.seglen,
-                   pl.main == Family::Wgmma ? fast::wgmma_bwd_blocks_per_sm(p) : fast::mma_bwd_blocks_per_sm(p));
+                   pl.main == Family::Wgmma ? fast::wgmma_bwd_blocks_per_sm(p) : fast::mma_bwd_blocks_per_sm(p), true, false);
   } else {
     // with gates also q / k columns, the chunk's dg sums and G's rows
     const bool dg = p.g != nullptr;
@@ -202,7 +257,7 @@ Plan plan_bwd(const AttnParams& p, int mode) {
     if (!pick_tile(sm_dqdk, D, esz, di.smem_optin, pl.C_main, pl.t_main, pl.sm_main)) return pl;
     if (!pick_tile(sm_dv, E, esz, di.smem_optin, pl.C_dv, pl.t_dv, pl.sm_dv)) return pl;
     const int tiles = (D + pl.t_main - 1) / pl.t_main;
-    split_segments(p, tiles, di.sms, pl.nseg, pl.seglen);
+    split_segments(p, tiles, di.sms, pl.nseg, pl.seglen, 2, true, false);
   }
   // M and the forward's L share the generic phase-1 tile (same shared-memory formula).
   if (!plan_local(p, true, di, pl, pl.local) || !plan_local(p, false, di, pl, pl.local_fwd)) return pl;

@@ -19,6 +19,7 @@
 // planned on its own (lasp_cuda.cu, "head-dim blocks").
 #pragma once
 #include <cstddef>
+#include <cstdint>
 
 #include "lasp_params.h"
 
@@ -72,6 +73,24 @@ inline size_t heads_f32_bytes(const AttnParams& p, int i) {
   const int64_t heads[3] = {p.Hq, p.Hkv, p.Hv}, cols[3] = {p.D, p.D, p.E};
   return heads[i] != p.H ? align256((size_t)p.B * p.N * sizeof(float) * heads[i] * cols[i]) : 0;
 }
+
+// Segments per (b, h) sequence of `chunks` 64-token chunks, for a grid of `pairs` blocks per segment (B * H
+// * column tiles) on `slots` resident blocks (blocks per SM * SMs).
+//
+// By default: where the slots hold the blocks, as many segments as fill them (floor(slots / blocks));
+// where they do not, the split whose waves, each 1 / s as long, plus the split's own cost, take least
+// time (s <= 8; 160 blocks on 132 slots run two waves of work for 1.2).
+//
+// fill_waves (the gated forward on wgmma): the least modelled time over every s, in chunk steps of one
+// block: the waves of blocks, ceil(pairs s / slots), each as long as a segment's chunks plus kBlockStart, times
+// 1 + kSplitCost where s > 1. A wave counts whole even when part full: with two blocks per SM, the SMs that
+// hold two set its length, so 160 blocks on 132 SMs of two slots each take as long as 264 would, and more,
+// shorter segments pay even where the blocks fit the slots. Measured on one H100 (bf16, gates, ms of the
+// forward): (2, 80, 16384, D 128, E 64, one q/k head) 1.18 unsplit, 1.00 in 8 segments; (2, 24, 16384, 128)
+// 0.73 in 2 (the default rule), 0.64 in 8; (4, 32, 8192, 128) 0.57 unsplit, as chosen. Without gates the
+// main pass is cheaper against the split's phase 1 (the first shape: 0.60 unsplit, 0.71 in 8), so the
+// default rule stays.
+int64_t segments_for(int64_t pairs, int64_t slots, int64_t chunks, bool fill_waves);
 
 // mode: -1 decide from p (shapes, dtype, strides, pointer alignment, device), 0 generic kernels only,
 // 1 tensor-core kernels for the main pass, the views assumed to suit them (workspace sizing asks every

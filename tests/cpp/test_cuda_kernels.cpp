@@ -670,6 +670,36 @@ struct BwdKernelGuard {
   ~BwdKernelGuard() { lasp::cuda::set_bwd_kernel(saved); }
 };
 
+// The segment split's model (plan.h, segments_for) needs no device: its choices at the shapes it was
+// measured on, and its bounds.
+TEST(CudaKernelsApi, SegmentSplitModel) {
+  using lasp::cuda::segments_for;
+  // 132 SMs of two slots (the sm_90 forward at D = 128). The gated forward fills the waves: 160 blocks of
+  // 256 chunks (2 x 80 heads, E = 64) in 8 segments, 96 blocks (2 x 24 heads, two E tiles) in 8; 256 blocks
+  // of 128 chunks stay unsplit.
+  EXPECT_EQ(segments_for(160, 264, 256, true), 8);
+  EXPECT_EQ(segments_for(96, 264, 256, true), 8);
+  EXPECT_EQ(segments_for(256, 264, 128, true), 1);
+  // the whole-waves rule: floor(slots / blocks) where the slots hold the blocks ...
+  EXPECT_EQ(segments_for(160, 264, 256, false), 1);
+  EXPECT_EQ(segments_for(96, 264, 256, false), 2);
+  EXPECT_EQ(segments_for(32, 264, 1024, false), 8);
+  EXPECT_EQ(segments_for(32, 264, 1024, true), 8);
+  // ... the least waves' time where they do not (160 blocks on 132 slots: two waves of work for 1.2)
+  EXPECT_EQ(segments_for(160, 132, 256, false), 4);
+  EXPECT_EQ(segments_for(128, 132, 128, false), 1);
+  // never more segments than chunks, never fewer than one
+  for (bool fill : {false, true}) {
+    for (int64_t chunks : {1, 2, 3, 7, 64})
+      for (int64_t pairs : {1, 5, 64, 160, 1000}) {
+        const int64_t s = segments_for(pairs, 264, chunks, fill);
+        EXPECT_GE(s, 1) << pairs << " " << chunks;
+        EXPECT_LE(s, chunks) << pairs << " " << chunks;
+      }
+    EXPECT_EQ(segments_for(0, 0, 0, fill), 1);
+  }
+}
+
 // Per-token gates: wgmma takes the main passes (the backward only without an outgoing-state gradient, as
 // the driver calls it with gates) and phase 1 (the local states of a split sequence); mma.sync does not.
 TEST(CudaKernelsApi, GatedKernelChoice) {
