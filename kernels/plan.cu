@@ -245,8 +245,11 @@ Plan plan_bwd(const AttnParams& p, int mode) {
   // About 176 KB of shared memory at D = E = 128 (fits sm_90; not sm_80's 163 KB): else the generic kernels.
   pl.main = main_family(p, mode, true, di);
   if (pl.main != Family::Generic) {
+    // the gated backward on wgmma fills the waves as the gated forward does (segments_for)
+    const bool fill = pl.main == Family::Wgmma && p.g != nullptr && !p.g_resets;
     split_segments(p, 1, di.sms, pl.nseg, pl.seglen,
-                   pl.main == Family::Wgmma ? fast::wgmma_bwd_blocks_per_sm(p) : fast::mma_bwd_blocks_per_sm(p), true, false);
+                   pl.main == Family::Wgmma ? fast::wgmma_bwd_blocks_per_sm(p) : fast::mma_bwd_blocks_per_sm(p), true,
+                   fill);
   } else {
     // with gates also q / k columns, the chunk's dg sums and G's rows
     const bool dg = p.g != nullptr;

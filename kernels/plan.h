@@ -81,15 +81,22 @@ inline size_t heads_f32_bytes(const AttnParams& p, int i) {
 // where they do not, the split whose waves, each 1 / s as long, plus the split's own cost, take least
 // time (s <= 8; 160 blocks on 132 slots run two waves of work for 1.2).
 //
-// fill_waves (the gated forward on wgmma): the least modelled time over every s, in chunk steps of one
-// block: the waves of blocks, ceil(pairs s / slots), each as long as a segment's chunks plus kBlockStart, times
-// 1 + kSplitCost where s > 1. A wave counts whole even when part full: with two blocks per SM, the SMs that
-// hold two set its length, so 160 blocks on 132 SMs of two slots each take as long as 264 would, and more,
-// shorter segments pay even where the blocks fit the slots. Measured on one H100 (bf16, gates, ms of the
-// forward): (2, 80, 16384, D 128, E 64, one q/k head) 1.18 unsplit, 1.00 in 8 segments; (2, 24, 16384, 128)
-// 0.73 in 2 (the default rule), 0.64 in 8; (4, 32, 8192, 128) 0.57 unsplit, as chosen. Without gates the
-// main pass is cheaper against the split's phase 1 (the first shape: 0.60 unsplit, 0.71 in 8), so the
-// default rule stays.
+// fill_waves (the gated forward and backward on wgmma): the least modelled time over every s, in chunk
+// steps of one block: the waves of blocks, ceil(pairs s / slots), each as long as a segment's chunks plus
+// kBlockStart, times 1 + kSplitCost where s > 1. A wave counts whole even when part full: with two blocks
+// per SM (the forward at D = 128), the SMs that hold two set its length, so 160 blocks on 132 SMs of two
+// slots each take as long as 264 would, and more, shorter segments pay even where the blocks fit the
+// slots; with one (the backward), idle SMs count. Measured on one H100, bf16, with gates, ms:
+//   forward, (2, 80, 16384, D 128, E 64), one q/k head: 1.18 unsplit, 1.00 in 8 segments (chosen);
+//   forward, (2, 24, 16384, 128): 0.73 in 2 (the default rule), 0.64 in 8 (chosen);
+//   forward, (4, 32, 8192, 128): 0.57 unsplit (chosen), 0.71 in 2;
+//   forward + backward, (2, 24, 16384, 128), backward in 1 / 2 (default) / 4 / 8 (chosen) segments:
+//   3.57 / 2.46 / 2.60 / 2.26;
+//   forward + backward, (1, 80, 16384, 128, 64), one q/k head, backward in 1 (default) / 4 / 8 (chosen) /
+//   13 segments: 3.17 / 2.72 / 2.63 / 2.55.
+// Without gates the main passes are cheaper against the split's phase 1 and the default rule stays:
+// forward (2, 80, 16384, 128, 64) 0.60 unsplit, 0.71 in 8; forward + backward (2, 24, 16384, 128) 1.41
+// with the backward in 2, 1.74 in 4.
 int64_t segments_for(int64_t pairs, int64_t slots, int64_t chunks, bool fill_waves);
 
 // mode: -1 decide from p (shapes, dtype, strides, pointer alignment, device), 0 generic kernels only,

@@ -680,6 +680,13 @@ TEST(CudaKernelsApi, SegmentSplitModel) {
   EXPECT_EQ(segments_for(160, 264, 256, true), 8);
   EXPECT_EQ(segments_for(96, 264, 256, true), 8);
   EXPECT_EQ(segments_for(256, 264, 128, true), 1);
+  // The gated backward (one block per SM, 132 slots): 48 blocks of 256 chunks in 8 segments, 80 in 8, 160 in
+  // 4; 128 blocks of 128 chunks unsplit, 16 blocks of 1024 chunks in 8.
+  EXPECT_EQ(segments_for(48, 132, 256, true), 8);
+  EXPECT_EQ(segments_for(80, 132, 256, true), 8);
+  EXPECT_EQ(segments_for(160, 132, 256, true), 4);
+  EXPECT_EQ(segments_for(128, 132, 128, true), 1);
+  EXPECT_EQ(segments_for(16, 132, 1024, true), 8);
   // the whole-waves rule: floor(slots / blocks) where the slots hold the blocks ...
   EXPECT_EQ(segments_for(160, 264, 256, false), 1);
   EXPECT_EQ(segments_for(96, 264, 256, false), 2);
