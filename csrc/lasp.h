@@ -62,7 +62,12 @@ void set_group_checks(std::optional<bool> enabled, std::optional<double> timeout
 // enabled = false reads no values (bad values then give undefined results). Start-up default: on, or env
 // LASP_CHECK_VALUES (0/1).
 void set_value_checks(bool enabled);
+// The setting for the calling thread: its own (thread_value_checks) where it has one, else the above.
 bool get_value_checks();
+// The calling thread's own setting: 1 on, 0 off, -1 none (follow set_value_checks); returns the one it
+// replaces. For a caller that has read the values itself (gated_delta_attention under a group reads g once
+// before its C++ ops, which then need not read it again).
+int64_t thread_value_checks(int64_t mode);
 
 // How the ring's states travel between ranks with CUDA tensors: "auto" (the default: "peer" where every
 // rank of an NCCL group can use it, else "nccl"), "nccl" (the process group's send/recv) or "peer" (one

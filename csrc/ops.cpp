@@ -229,8 +229,19 @@ std::atomic<bool>& value_checks_flag() {
 }
 }  // namespace
 
+namespace {
+thread_local int64_t thread_value_mode = -1;  // thread_value_checks: -1 follow the process-wide setting
+}  // namespace
+
 void set_value_checks(bool enabled) { value_checks_flag().store(enabled); }
-bool get_value_checks() { return value_checks_flag().load(); }
+bool get_value_checks() { return thread_value_mode >= 0 ? thread_value_mode == 1 : value_checks_flag().load(); }
+int64_t thread_value_checks(int64_t mode) {
+  TORCH_CHECK_VALUE(mode >= -1 && mode <= 1, "_thread_value_checks: mode must be 1 (on), 0 (off) or -1 (follow "
+                    "set_value_checks), got ", mode);
+  const int64_t before = thread_value_mode;
+  thread_value_mode = mode;
+  return before;
+}
 
 void set_ring_transport(const std::string& transport) {
   ring_transport() = parse_transport(transport, "set_ring_transport: transport");
@@ -292,6 +303,7 @@ TORCH_LIBRARY(lasp, m) {
   m.def("set_ring_transport(str transport) -> ()", &lasp::set_ring_transport);
   m.def("set_value_checks(bool enabled) -> ()", &lasp::set_value_checks);
   m.def("get_value_checks() -> bool", &lasp::get_value_checks);
+  m.def("_thread_value_checks(int mode) -> int", &lasp::thread_value_checks);
   m.def("get_ring_transport() -> str", &lasp::get_ring_transport);
   m.def("alibi_slopes(int num_heads) -> Tensor", &lasp::alibi_slopes);
 }

@@ -458,7 +458,8 @@ def set_value_checks(enabled: bool = True) -> None:
 
 
 def get_value_checks() -> bool:
-    """Whether the ops read the values of g and decay (set_value_checks)."""
+    """Whether the ops read the values of g and decay in the calling thread (set_value_checks; inside
+    gated_delta_attention under a group, which reads g itself first, its C++ ops do not)."""
     return bool(torch.ops.lasp.get_value_checks())
 
 

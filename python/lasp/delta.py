@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import contextlib
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -35,6 +37,17 @@ def _check(fn, name, t, shape):
         raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{fn}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+@contextlib.contextmanager
+def _values_read():
+    """The C++ ops called on this thread inside it read no values of g or decay (their caller has): the thread's
+    own value-check setting off, the one before it back after."""
+    before = torch.ops.lasp._thread_value_checks(0)
+    try:
+        yield
+    finally:
+        torch.ops.lasp._thread_value_checks(before)
 
 
 def _checked(fn, q, k, v, g, beta, layout, strategy, initial_state, check_values):
@@ -307,10 +320,12 @@ def gated_delta_attention(
         name = _group_name(group)  # None: a group of one rank
     # Checks that need no other rank first; under a group their outcome travels with the call's
     # description, so that every rank raises alike (no rank waits for one that has raised).
+    values_read = False
     try:
         q, k, v, g, beta = _checked(fn, q, k, v, g, beta, layout, strategy,
                                     initial_state if cu_seqlens is None else None, name is not None)
         local_err = None
+        values_read = name is not None and g.device.type != "meta" and torch.ops.lasp.get_value_checks()
     except (TypeError, ValueError) as e:
         local_err = e
     from .distributed import _checked_offsets, _cu_signature, _gather_rows, _raise_if_invalid, _resolve_strategy
@@ -358,37 +373,45 @@ def gated_delta_attention(
     if name is not None:
         # every value "auto" reads is the same on every rank (compared above): the ranks pick alike
         strategy = _resolve_strategy(fn, strategy, group, q, v, gates=True, op="gated_delta_attention")
-    if not per_doc:
-        # the op with its C++ autograd (one device: it checks g's values itself; under a group: the piece's map,
-        # the exchange and the piece, C++ too)
-        o, S = torch.ops.lasp.gated_delta_attention(q, k, v, g, beta, scale, initial_state, bool(use_qk_l2norm), name,
-                                                    strategy)
-    else:  # per-document states: segments between the document starts in the piece, each from its document's
-        # initial state (the first, before any start, from the state the exchange brings)
-        exchange = None if name is None else _Exchange(group, strategy, rank, len(rows))
-        acc = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else torch.float32
-        local = [(j, int(cu[j]) - offset) for j in range(cu.numel() - 1) if offset <= int(cu[j]) < offset + N]
-        cuts = [p for _, p in local] + [N]
-        segs = ([(0, cuts[0], -1)] if not local or cuts[0] > 0 else []) + [
-            (p, cuts[i + 1], j) for i, (j, p) in enumerate(local)]
-        states = None if initial_state is None else initial_state.to(acc)
-        s0 = torch.zeros(B, H, D, E, dtype=acc, device=q.device)
-        qq, kk = (_L2Norm.apply(q, acc), _L2Norm.apply(k, acc)) if use_qk_l2norm else (q, k)
-        o, F = _DeltaPiece.apply(qq, kk, v, g, beta, s0, states, scale, exchange, segs)
-        o = o.to(q.dtype)
-        S = F[-1]
-        if output_final_state:
-            # the final states of the documents ending in this piece, zeros elsewhere
-            first_doc = int(torch.searchsorted(cu, torch.tensor(offset), right=True)) - 1  # open at the piece's start
-            rows_idx, ends = [], []
-            for i, (a, b, j) in enumerate(segs):
-                doc = first_doc if j < 0 else j
-                if b - a > 0 and int(cu[doc + 1]) <= offset + N:
-                    rows_idx.append(doc)
-                    ends.append(i)
-            # (index_copy also where no document ends here: the zeros are then still an output of the graph)
-            S = torch.zeros(cu.numel() - 1, H, D, E, dtype=acc, device=q.device).index_copy(
-                0, torch.tensor(rows_idx, dtype=torch.long, device=q.device), F[torch.tensor(ends, dtype=torch.long), 0])
+    def run():
+        if not per_doc:
+            # the op with its C++ autograd (one device: it checks g's values itself; under a group: the piece's map,
+            # the exchange and the piece, C++ too)
+            o, S = torch.ops.lasp.gated_delta_attention(q, k, v, g, beta, scale, initial_state, bool(use_qk_l2norm),
+                                                        name, strategy)
+        else:  # per-document states: segments between the document starts in the piece, each from its document's
+            # initial state (the first, before any start, from the state the exchange brings)
+            exchange = None if name is None else _Exchange(group, strategy, rank, len(rows))
+            acc = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else torch.float32
+            local = [(j, int(cu[j]) - offset) for j in range(cu.numel() - 1) if offset <= int(cu[j]) < offset + N]
+            cuts = [p for _, p in local] + [N]
+            segs = ([(0, cuts[0], -1)] if not local or cuts[0] > 0 else []) + [
+                (p, cuts[i + 1], j) for i, (j, p) in enumerate(local)]
+            states = None if initial_state is None else initial_state.to(acc)
+            s0 = torch.zeros(B, H, D, E, dtype=acc, device=q.device)
+            qq, kk = (_L2Norm.apply(q, acc), _L2Norm.apply(k, acc)) if use_qk_l2norm else (q, k)
+            o, F = _DeltaPiece.apply(qq, kk, v, g, beta, s0, states, scale, exchange, segs)
+            o = o.to(q.dtype)
+            S = F[-1]
+            if output_final_state:
+                # the final states of the documents ending in this piece, zeros elsewhere
+                # the document open at the piece's start
+                first_doc = int(torch.searchsorted(cu, torch.tensor(offset), right=True)) - 1
+                rows_idx, ends = [], []
+                for i, (a, b, j) in enumerate(segs):
+                    doc = first_doc if j < 0 else j
+                    if b - a > 0 and int(cu[doc + 1]) <= offset + N:
+                        rows_idx.append(doc)
+                        ends.append(i)
+                # (index_copy also where no document ends here: the zeros are then still an output of the graph)
+                S = torch.zeros(cu.numel() - 1, H, D, E, dtype=acc, device=q.device).index_copy(
+                    0, torch.tensor(rows_idx, dtype=torch.long, device=q.device),
+                    F[torch.tensor(ends, dtype=torch.long), 0])
+        return o, S
+
+    # under a group _checked has read g's values on every rank: the C++ ops of this call need not read them again
+    with _values_read() if values_read else contextlib.nullcontext():
+        o, S = run()
     if layout == "bnhd":
         o = o.transpose(1, 2)
     return (o, S) if output_final_state else o

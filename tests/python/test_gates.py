@@ -991,3 +991,40 @@ def test_final_state_terms_by_token_blocks(lasp, maps, seed, monkeypatch):
     blocked = run()
     for name, a, b in zip(["dq", "dk", "dv", "dg", "ds0"], blocked, whole):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+def test_thread_value_checks(lasp):
+    """A thread's own value-check setting (what gated_delta_attention sets around its C++ ops under a group,
+    after reading g itself): it turns the checks off in that thread only, the process-wide setting stays in
+    the others, -1 follows it again, and the call returns the setting it replaces; other modes raise."""
+    import threading
+
+    q, k, v, (B, H, N) = _small()
+    g = -torch.rand(B, H, N)
+    g[0, 0, 1] = 0.5
+    beta = torch.rand(B, H, N)
+    seen = {}
+
+    def other():
+        seen["checks"] = lasp.get_value_checks()
+        try:
+            lasp.gated_delta_attention(q, k, v, g, beta)
+        except ValueError as e:
+            seen["error"] = str(e)
+
+    assert torch.ops.lasp._thread_value_checks(0) == -1
+    try:
+        assert lasp.get_value_checks() is False
+        assert torch.isfinite(torch.ops.lasp.gated_delta_attention(q, k, v, g, beta, 0.5, None, False, None,
+                                                                   "ring")[0]).all()
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        assert seen["checks"] is True and "g must be <= 0" in seen["error"]
+    finally:
+        assert torch.ops.lasp._thread_value_checks(-1) == 0
+    assert lasp.get_value_checks() is True
+    with pytest.raises(ValueError, match="g must be <= 0"):
+        torch.ops.lasp.gated_delta_attention(q, k, v, g, beta, 0.5, None, False, None, "ring")
+    with pytest.raises(ValueError, match="mode must be 1 .on., 0 .off. or -1"):
+        torch.ops.lasp._thread_value_checks(2)
