@@ -44,6 +44,10 @@
 #                    test_op's test_cuda_decay_values -k "cuda or starts or profile_kernels"; then test_vs_fla (the ops against fla's kernels; skips where fla does
 #                    not import)
 #   delta        (1) benchmarks/bench_delta.py against fla (DELTA_SHAPES, DELTA_ARGS)
+#   split        (1) benchmarks/bench_split.py: the segment split's forced counts against the plan's choice,
+#                    with gates: the GVA forward (2x80x16384x128x64, one q / k head), the backward at
+#                    2x24x16384x128 and 1x80x16384x128x64, the dense headline 1x16x65536x128 without gates
+#                    (SPLIT_ROUNDS, default 1)
 #   targets      (1) the speed targets, side by side with fla in one run: bench_kernels.py at the dense
 #                    headline shapes, with gates, GVA (Hq = Hk = 1), 14 packed documents, bench_delta.py, then
 #                    the other head dims; then benchmarks/targets.py prints what each target asks, what was
@@ -74,7 +78,7 @@ cd "$(dirname "$0")/.." || exit 2
 
 usage() { sed -n '/^#<usage>$/,/^#<\/usage>$/p' "$0" | sed -e '1d' -e '$d' -e 's/^# \{0,1\}//'; }
 
-ALL_PARTS="gtest pytest demo kernels ab sp models reliability groupchecks hf hf-example sanitize ncu pending delta targets"
+ALL_PARTS="gtest pytest demo kernels ab sp models reliability groupchecks hf hf-example sanitize ncu pending delta split targets"
 # GPUs a part needs
 need_gpus() {
   case $1 in
@@ -368,6 +372,19 @@ part_delta() {
   step delta "${DELTA_S:-300}" "$RESULTS/bench_delta.log" python3 benchmarks/bench_delta.py \
     --shapes "${DELTA_SHAPES:-4x32x8192x128,1x16x65536x128}" ${DELTA_ARGS:-} --json "$RESULTS/bench_delta.json"
   show "^# [0-9]+x|vs fla|failed|Error" "$RESULTS/bench_delta.log" 30
+}
+
+part_split() {
+  local bs=(python3 benchmarks/bench_split.py --rounds "${SPLIT_ROUNDS:-1}")
+  step split-gva "${SPLIT_S:-150}" "$RESULTS/split_gva.log" "${bs[@]}" --gates --qk-heads 1 \
+    --shapes 2x80x16384x128x64 --fwd 1,3,8,16 --bwd 4,8 --json "$RESULTS/split_gva.json"
+  step split-gates "${SPLIT_S:-150}" "$RESULTS/split_gates.log" "${bs[@]}" --gates \
+    --shapes 2x24x16384x128,1x80x16384x128x64 --bwd 1,2,4,8 --json "$RESULTS/split_gates.json"
+  step split-dense "${SPLIT_S:-150}" "$RESULTS/split_dense.log" "${bs[@]}" \
+    --shapes 1x16x65536x128 --fwd 4,12,16 --bwd 4,12,16 --json "$RESULTS/split_dense.json"
+  show "^[0-9]+x|Error|failed" "$RESULTS/split_gva.log" 12
+  show "^[0-9]+x|Error|failed" "$RESULTS/split_gates.log" 12
+  show "^[0-9]+x|Error|failed" "$RESULTS/split_dense.log" 12
 }
 
 part_targets() {
