@@ -76,7 +76,7 @@ def test_gpu_suite_arguments(tmp_path):
     r = _run(["bash", "benchmarks/gpu_suite.sh", "--help"])
     assert r.returncode == 0 and "parts (GPUs needed):" in r.stdout, r.stdout + r.stderr
     for part in ("gtest", "pytest", "demo", "kernels", "ab", "sp", "models", "reliability", "groupchecks", "hf",
-                 "hf-example", "sanitize", "ncu", "pending", "delta", "targets"):
+                 "hf-example", "sanitize", "ncu", "pending", "delta", "split", "targets"):
         assert f"\n  {part} " in r.stdout, part
     r = _run(["bash", "benchmarks/gpu_suite.sh", "no-such-part"])
     assert r.returncode == 2 and "unknown part 'no-such-part'" in r.stderr, r.stderr
