@@ -72,7 +72,7 @@ constexpr double kBlockStart = 1.0;
 constexpr int64_t kMaxSegments = 16;
 
 // A forced segment count (LASP_FWD_SEGMENTS / LASP_BWD_SEGMENTS = a positive integer; unset, empty or
-// "auto": the plan's own choice, 0), read at first use: for measuring the split, not for tuning a model.
+// "auto": the plan's own choice, 0), read at first use; for measuring the split (benchmarks/bench_split.py).
 int segments_from_env(const char* var) {
   const char* env = std::getenv(var);
   if (!env || !*env || std::strcmp(env, "auto") == 0) return 0;
