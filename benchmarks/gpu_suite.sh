@@ -382,9 +382,7 @@ part_split() {
     --shapes 2x24x16384x128,1x80x16384x128x64 --bwd 1,2,4,8 --json "$RESULTS/split_gates.json"
   step split-dense "${SPLIT_S:-150}" "$RESULTS/split_dense.log" "${bs[@]}" \
     --shapes 1x16x65536x128 --fwd 4,12,16 --bwd 4,12,16 --json "$RESULTS/split_dense.json"
-  show "^[0-9]+x|Error|failed" "$RESULTS/split_gva.log" 12
-  show "^[0-9]+x|Error|failed" "$RESULTS/split_gates.log" 12
-  show "^[0-9]+x|Error|failed" "$RESULTS/split_dense.log" 12
+  for t in gva gates dense; do show "^[0-9]+x|Error|failed" "$RESULTS/split_$t.log" 12; done
 }
 
 part_targets() {

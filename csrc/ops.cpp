@@ -227,9 +227,6 @@ std::atomic<bool>& value_checks_flag() {
   }()};
   return on;
 }
-}  // namespace
-
-namespace {
 thread_local int64_t thread_value_mode = -1;  // thread_value_checks: -1 follow the process-wide setting
 }  // namespace
 

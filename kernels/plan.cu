@@ -96,12 +96,12 @@ int64_t segments_for(int64_t pairs, int64_t slots, int64_t chunks, bool fill_wav
   slots = std::max<int64_t>(slots, 1);
   chunks = std::max<int64_t>(chunks, 1);
   const int64_t want = slots / pairs;
+  auto waves = [&](int64_t s) { return (double)((pairs * s + slots - 1) / slots); };  // of s segments' blocks
   int64_t ns = 1;
   if (fill_waves) {
     auto time = [&](int64_t s) {
-      const double waves = (double)((pairs * s + slots - 1) / slots);
       const double steps = (double)((chunks + s - 1) / s) + kBlockStart;
-      return waves * steps * (s > 1 ? 1.0 + kSplitCost : 1.0);
+      return waves(s) * steps * (s > 1 ? 1.0 + kSplitCost : 1.0);
     };
     double best = time(1);
     const int64_t most = std::min<int64_t>(std::max<int64_t>(kMaxSegments, want), chunks);
@@ -115,9 +115,9 @@ int64_t segments_for(int64_t pairs, int64_t slots, int64_t chunks, bool fill_wav
   } else if (want >= 1) {
     ns = std::min<int64_t>(want, chunks);
   } else {
-    double best = (double)((pairs + slots - 1) / slots);
+    double best = waves(1);
     for (int64_t s = 2; s <= std::min<int64_t>(8, chunks); ++s) {
-      const double t = (double)((pairs * s + slots - 1) / slots) / (double)s * (1.0 + kSplitCost);
+      const double t = waves(s) / (double)s * (1.0 + kSplitCost);
       if (t < best - 1e-9) {
         best = t;
         ns = s;
@@ -128,6 +128,10 @@ int64_t segments_for(int64_t pairs, int64_t slots, int64_t chunks, bool fill_wav
 }
 
 namespace {
+
+// Whether the main pass of p fills the waves (segments_for): per-token gates (gate mode 1) on wgmma; document
+// starts alone (mode 2) and everything else keep the default rule.
+bool fills_waves(Family main, const AttnParams& p) { return main == Family::Wgmma && p.g != nullptr && !p.g_resets; }
 
 // The plan's segments: forced (LASP_FWD_SEGMENTS / LASP_BWD_SEGMENTS) or segments_for, in whole 64-token chunks.
 void split_segments(const AttnParams& p, int blocks_per_segment, int sms, int& nseg, int& seglen,
@@ -223,10 +227,7 @@ Plan plan_fwd(const AttnParams& p, int mode) {
     if (!pick_tile(sm_main, E, esz, di.smem_optin, pl.C_main, pl.t_main, pl.sm_main)) return pl;
     tiles = (E + pl.t_main - 1) / pl.t_main;
   }
-  // per-token gates on wgmma (gate mode 1) fill the waves (split_segments); document starts alone (mode 2)
-  // and everything else keep the default rule
-  const bool fill = pl.main == Family::Wgmma && p.g != nullptr && !p.g_resets;
-  split_segments(p, tiles, di.sms, pl.nseg, pl.seglen, blocks_per_sm, false, fill);
+  split_segments(p, tiles, di.sms, pl.nseg, pl.seglen, blocks_per_sm, false, fills_waves(pl.main, p));
   if (!plan_local(p, false, di, pl, pl.local)) return pl;
   pl.local_fwd = pl.local;
   if (pl.nseg > 1) {
@@ -245,11 +246,9 @@ Plan plan_bwd(const AttnParams& p, int mode) {
   // About 176 KB of shared memory at D = E = 128 (fits sm_90; not sm_80's 163 KB): else the generic kernels.
   pl.main = main_family(p, mode, true, di);
   if (pl.main != Family::Generic) {
-    // the gated backward on wgmma fills the waves as the gated forward does (segments_for)
-    const bool fill = pl.main == Family::Wgmma && p.g != nullptr && !p.g_resets;
     split_segments(p, 1, di.sms, pl.nseg, pl.seglen,
                    pl.main == Family::Wgmma ? fast::wgmma_bwd_blocks_per_sm(p) : fast::mma_bwd_blocks_per_sm(p), true,
-                   fill);
+                   fills_waves(pl.main, p));
   } else {
     // with gates also q / k columns, the chunk's dg sums and G's rows
     const bool dg = p.g != nullptr;

@@ -51,8 +51,9 @@ def _values_read():
 
 
 def _checked(fn, q, k, v, g, beta, layout, strategy, initial_state, check_values):
-    """The rank-local checks; returns q, k, v, g, beta in the bhnd view. check_values: also that g holds no
-    positive or NaN value (under a group, so that every rank raises alike; on one device the op checks)."""
+    """The rank-local checks; returns q, k, v, g, beta in the bhnd view and whether g's values were read.
+    check_values: also that g holds no positive or NaN value (under a group, so that every rank raises alike;
+    on one device the op checks)."""
     if layout not in ("bhnd", "bnhd"):
         raise ValueError(f"{fn}: layout must be 'bhnd' or 'bnhd', got {layout!r}")
     if not isinstance(strategy, str) or strategy not in ("ring", "allgather", "scan", "auto"):
@@ -84,12 +85,12 @@ def _checked(fn, q, k, v, g, beta, layout, strategy, initial_state, check_values
             raise ValueError(f"{fn}: {name} must be on q's device {q.device}, got {t.device}")
     gd = g.detach()
     # values are checked where there are values (not on meta tensors: shapes only)
-    if (check_values and gd.device.type != "meta" and torch.ops.lasp.get_value_checks()
-            and not bool((gd <= 0).all())):  # one read: NaN fails "<= 0" too
+    read = check_values and gd.device.type != "meta" and torch.ops.lasp.get_value_checks()
+    if read and not bool((gd <= 0).all()):  # one read: NaN fails "<= 0" too
         raise ValueError(f"{fn}: g must be <= 0 (log decay; -inf resets) and not NaN")
     if initial_state is not None:
         _check(fn, "initial_state", initial_state, (B, H, D, E))
-    return q, k, v, g, beta
+    return q, k, v, g, beta, read
 
 
 class _Exchange:
@@ -322,10 +323,9 @@ def gated_delta_attention(
     # description, so that every rank raises alike (no rank waits for one that has raised).
     values_read = False
     try:
-        q, k, v, g, beta = _checked(fn, q, k, v, g, beta, layout, strategy,
-                                    initial_state if cu_seqlens is None else None, name is not None)
+        q, k, v, g, beta, values_read = _checked(fn, q, k, v, g, beta, layout, strategy,
+                                                 initial_state if cu_seqlens is None else None, name is not None)
         local_err = None
-        values_read = name is not None and g.device.type != "meta" and torch.ops.lasp.get_value_checks()
     except (TypeError, ValueError) as e:
         local_err = e
     from .distributed import _checked_offsets, _cu_signature, _gather_rows, _raise_if_invalid, _resolve_strategy
@@ -373,7 +373,8 @@ def gated_delta_attention(
     if name is not None:
         # every value "auto" reads is the same on every rank (compared above): the ranks pick alike
         strategy = _resolve_strategy(fn, strategy, group, q, v, gates=True, op="gated_delta_attention")
-    def run():
+    # under a group _checked has read g's values on every rank: the C++ ops of this call need not read them again
+    with _values_read() if values_read else contextlib.nullcontext():
         if not per_doc:
             # the op with its C++ autograd (one device: it checks g's values itself; under a group: the piece's map,
             # the exchange and the piece, C++ too)
@@ -407,11 +408,6 @@ def gated_delta_attention(
                 S = torch.zeros(cu.numel() - 1, H, D, E, dtype=acc, device=q.device).index_copy(
                     0, torch.tensor(rows_idx, dtype=torch.long, device=q.device),
                     F[torch.tensor(ends, dtype=torch.long), 0])
-        return o, S
-
-    # under a group _checked has read g's values on every rank: the C++ ops of this call need not read them again
-    with _values_read() if values_read else contextlib.nullcontext():
-        o, S = run()
     if layout == "bnhd":
         o = o.transpose(1, 2)
     return (o, S) if output_final_state else o
