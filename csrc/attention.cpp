@@ -654,6 +654,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(const Kernels& 
   p.no_state_grad = gated || (ring.size() == 1 && !g_user.defined());
   Tensor seg_in;  // the forward's segment states where the backward cuts the sequence alike (else recomputed)
   if (seg_given && kernels.split) {
+    p.kept_nseg = seg_states->size(2);  // the plan leans toward the forward's split (kernels/plan.h)
     int64_t nseg = 0, seglen = 0;
     if (kernels.split(p, true, &nseg, &seglen) && nseg > 1 && nseg == seg_states->size(2) && seglen == seg_seglen) {
       seg_in = seg_states->contiguous();  // the forward's output is; a copy for any other layout

@@ -12,6 +12,15 @@ namespace lasp {
 namespace cuda {
 namespace fast {
 
+// The chunk states that the gated wgmma backward keeps for one segment of `seglen` tokens: one after each
+// even 64-token chunk before the segment's last (BwdArgs::chunk_S).
+#ifdef __CUDACC__
+__host__ __device__
+#endif
+inline int chunk_state_slots(int64_t seglen) {
+  return (int)(((seglen + 63) / 64) / 2);
+}
+
 // One output that the head-dim blocks of lasp_cuda.cu sum over blocks (o over the blocks of D; dq, dk over
 // those of E; dv over those of D), as an accumulating main kernel (ACC) leaves it. acc: the fp32 running
 // sum, (b, h, n, x) with one head per query head and x contiguous; out: the 16-bit output view (x
@@ -105,9 +114,10 @@ struct BwdArgs : ArgsBase {
   // its own q / k / v heads that the launch maps (HeadWs::f32), not written per output head
   int red;
   // with gates (wgmma backward, no grad_state_out): dg (B, H, N) gets q[t].dq_h[t] - k[t].dk_h[t] per token,
-  // each without its pair (t, t); chunk_S (16-bit, the state after each 64-token chunk, in the fragment
-  // order of the kernel's registers) and chunk_T ((B, H, ceil(N / 64)) fp32, zeroed: <S, R> at each
-  // chunk's end, the sum of those per-token terms over every later token), or null
+  // each without its pair (t, t); chunk_S (16-bit, the state after each even 64-token chunk of a segment
+  // before its last, in the fragment order of the kernel's registers: (B, H, nseg, chunk_state_slots(seglen))
+  // states) and chunk_T ((B, H, ceil(N / 64)) fp32, zeroed: <S, R> at each chunk's end, the sum of those
+  // per-token terms over every later token), or null
   float* dg;
   void* chunk_S;
   float* chunk_T;

@@ -85,6 +85,10 @@ struct AttnParams {
   // ((B, H, nseg, D, E) in the acc type), or nullptr (the bwd computes them again from k, v, S_in). Only
   // valid where the fwd and the bwd split the sequence alike (fwd_split and bwd_split agree).
   const void* seg_states = nullptr;
+  // bwd: the segments of the states a fwd of the same problem kept (0: none kept). The backward's plan
+  // leans toward that split (segments_for, kept), so that it can take them (seg_states) instead of
+  // computing them again.
+  int64_t kept_nseg = 0;
 
   // Set on every backward call of one problem (bwd_prepare, bwd_local, bwd) when none of them has a
   // grad_state_out: the plan may then choose kernels that take only that case (kernels/plan.h).

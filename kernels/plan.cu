@@ -70,6 +70,9 @@ constexpr double kSplitCost = 0.35;
 constexpr double kBlockStart = 1.0;
 // The most segments the search tries per (b, h) (more where the slots hold more blocks than B * H).
 constexpr int64_t kMaxSegments = 16;
+// The share of a split backward's time that the forward's kept segment states save (its phase 1: about
+// 0.17 of 3.6 ms at (2, 80, 16384, 128, 64) with gates on one H100).
+constexpr double kKeptGain = 0.05;
 
 // A forced segment count (LASP_FWD_SEGMENTS / LASP_BWD_SEGMENTS = a positive integer; unset, empty or
 // "auto": the plan's own choice, 0), read at first use; for measuring the split (benchmarks/bench_split.py).
@@ -91,7 +94,7 @@ int forced_segments(bool backward) {
 }  // namespace
 
 // segments_for (plan.h): the model and the measurements behind it are there.
-int64_t segments_for(int64_t pairs, int64_t slots, int64_t chunks, bool fill_waves) {
+int64_t segments_for(int64_t pairs, int64_t slots, int64_t chunks, bool fill_waves, int64_t kept) {
   pairs = std::max<int64_t>(pairs, 1);
   slots = std::max<int64_t>(slots, 1);
   chunks = std::max<int64_t>(chunks, 1);
@@ -101,7 +104,7 @@ int64_t segments_for(int64_t pairs, int64_t slots, int64_t chunks, bool fill_wav
   if (fill_waves) {
     auto time = [&](int64_t s) {
       const double steps = (double)((chunks + s - 1) / s) + kBlockStart;
-      return waves(s) * steps * (s > 1 ? 1.0 + kSplitCost : 1.0);
+      return waves(s) * steps * (s > 1 ? 1.0 + kSplitCost : 1.0) * (kept > 1 && s == kept ? 1.0 - kKeptGain : 1.0);
     };
     double best = time(1);
     const int64_t most = std::min<int64_t>(std::max<int64_t>(kMaxSegments, want), chunks);
@@ -141,7 +144,8 @@ void split_segments(const AttnParams& p, int blocks_per_segment, int sms, int& n
   if (ns > 0) {
     ns = std::min<int64_t>(ns, nch64);
   } else {
-    ns = segments_for(p.B * p.H * (int64_t)blocks_per_segment, blocks_per_sm * (int64_t)sms, nch64, fill_waves);
+    ns = segments_for(p.B * p.H * (int64_t)blocks_per_segment, blocks_per_sm * (int64_t)sms, nch64, fill_waves,
+                      backward ? p.kept_nseg : 0);
   }
   if (ns <= 1) {
     nseg = 1;
@@ -281,7 +285,9 @@ Plan plan_bwd(const AttnParams& p, int mode) {
   if (wants_dg) pl.ws_dg = align256((size_t)p.B * p.H * p.N * esz);
   if (wants_dg && pl.main == Family::Wgmma) {
     const size_t nct = (size_t)(p.N + 63) / 64;
-    pl.ws_chunk_states = align256((size_t)p.B * p.H * nct * D * E * 2);
+    // at least one state, so that a row of single-chunk segments still takes the chunk sums' path
+    const size_t slots = std::max(1, fast::chunk_state_slots(pl.seglen));
+    pl.ws_chunk_states = align256((size_t)p.B * p.H * pl.nseg * slots * D * E * 2);
     pl.ws_chunk_sums = align256((size_t)p.B * p.H * nct * sizeof(float));
   }
   pl.ok = true;

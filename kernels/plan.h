@@ -57,8 +57,9 @@ struct Plan {
   bool heads_f32 = false;
   size_t ws_gates = 0;   // the segments' log-gate sums, (B, H, nseg) (0 when nseg == 1)
   size_t ws_dg = 0;      // backward with gates: the per-token (s, G) pair sums, (B, H, N)
-  // wgmma backward with gates: the 16-bit state after every 64-token chunk, (B, H, ceil(N / 64), D, E),
-  // and the fp32 <S, R> at each chunk's end, (B, H, ceil(N / 64)) (wgmma_bwd.cu: dg's terms across chunks)
+  // wgmma backward with gates: the 16-bit state after every even 64-token chunk of a segment before its
+  // last, (B, H, nseg, chunk_state_slots(seglen), D, E), and the fp32 <S, R> at each chunk's end,
+  // (B, H, ceil(N / 64)) (wgmma_bwd.cu: dg's terms across chunks)
   size_t ws_chunk_states = 0, ws_chunk_sums = 0;
   // Layouts: forward [S | gate sums], backward [S | G | heads | gate sums | dg pairs | chunk states | chunk sums].
   size_t fwd_bytes() const { return ws_states + ws_gates; }
@@ -97,7 +98,12 @@ inline size_t heads_f32_bytes(const AttnParams& p, int i) {
 // Without gates the main passes are cheaper against the split's phase 1 and the default rule stays:
 // forward (2, 80, 16384, 128, 64) 0.60 unsplit, 0.71 in 8; forward + backward (2, 24, 16384, 128) 1.41
 // with the backward in 2, 1.74 in 4.
-int64_t segments_for(int64_t pairs, int64_t slots, int64_t chunks, bool fill_waves);
+//
+// kept > 1 (fill_waves, a backward whose forward kept its segment states in `kept` segments): that count
+// skips phase 1 of the split, and its time counts 1 - kKeptGain of the model's. On one H100, (2, 80, 16384,
+// 128, 64), one q/k head, the forward in 8 segments: forward + backward 4.80 ms with the backward in 4 (the
+// model without the kept states), 4.67 in 8.
+int64_t segments_for(int64_t pairs, int64_t slots, int64_t chunks, bool fill_waves, int64_t kept = 0);
 
 // mode: -1 decide from p (shapes, dtype, strides, pointer alignment, device), 0 generic kernels only,
 // 1 tensor-core kernels for the main pass, the views assumed to suit them (workspace sizing asks every

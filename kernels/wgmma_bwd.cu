@@ -214,14 +214,18 @@ __global__ void __launch_bounds__(kThreads, MINB)
   };
   // dg rows of this thread (DG, WG0, tc == 0): loop A stores q[t].dq_h[t], loop B subtracts k[t].dk_h[t]
   float* dgrow = DG && a.dg ? a.dg + (size_t)bh * a.N : nullptr;
-  // DG with chunk_S: loop A's WG1 keeps the state after each chunk (16-bit, in its registers' fragment
-  // order: 16-byte words (mb, nb, j4) of 128 threads each), loop B dots it with R at the chunk's end into
+  // DG with chunk_S: loop A's WG1 keeps the state after each even chunk of the segment (16-bit, in its
+  // registers' fragment order: 16-byte words (mb, nb, j4) of 128 threads each), loop B dots it with R at
+  // the chunk's end (an odd chunk: the state before it, and its own term; see loop B) into
   // chunk_T, so that dg's sums reach across chunks through <S, R> and not through the per-token terms of
   // every later token (whose 16-bit rounding would add up along the row).
   const int nct = (a.N + kC - 1) / kC, gc0 = n0 / kC;  // chunks of the row; this segment's first
   constexpr size_t kChunkWords = (size_t)ND * NE * 4 * 128;  // 16-byte words per chunk state
-  uint4* const crow = DG && dgrow && a.chunk_S ? reinterpret_cast<uint4*>(a.chunk_S) + (size_t)bh * nct * kChunkWords
-                                                  : nullptr;
+  // this segment's kept states (chunks 0, 2, 4, .. before its last: chunk_state_slots, fast_args.h)
+  const int seg_slots = chunk_state_slots(a.seglen);
+  uint4* const crow = DG && dgrow && a.chunk_S ? reinterpret_cast<uint4*>(a.chunk_S) +
+                                                     ((size_t)bh * a.nseg + seg) * seg_slots * kChunkWords
+                                               : nullptr;
   auto stage = [&](int i) { return base + (uint32_t)(i & 1) * SM::STAGE; };
   auto sbuf = [&](int i) { return base + SM::SB + (uint32_t)(i & 1) * SM::SBUF; };
   auto state_kmajor = [&](uint32_t buf, int nb, int kk) { return state_kmajor_d<D>(buf, nb, kk); };
@@ -380,8 +384,8 @@ __global__ void __launch_bounds__(kThreads, MINB)
         for (int nb = 0; nb < NE; ++nb) wg::fence_regs(S[mb][nb]);
         write_rows(S[mb], sbuf(ci + 1), mb);
       }
-      if (DG && crow) {  // the state after chunk ci, for loop B's <S, R>
-        uint4* dst = crow + (size_t)(gc0 + ci) * kChunkWords + (threadIdx.x & 127);
+      if (DG && crow && !(ci & 1)) {  // the state after an even chunk ci, for loop B's <S, R>
+        uint4* dst = crow + (size_t)(ci >> 1) * kChunkWords + (threadIdx.x & 127);
 #pragma unroll
         for (int mb = 0; mb < ND; ++mb)
 #pragma unroll
@@ -437,17 +441,21 @@ __global__ void __launch_bounds__(kThreads, MINB)
         for (int nb = 0; nb < NOUT; ++nb) mma::prefetch_frag_acc<8>(accs.x[W == 0 ? 1 : 2], b, h, c0, r0, 64 * nb, len);
       }
       if constexpr (VIEW && W == 0) gate_chunk(ci, ci + 1 < nch ? c0 - kC : -1);
+      // DG with crow: <S_c, R> at chunk c's end (R: the gradient there), over this warpgroup's rows. Loop A
+      // kept the states after the even chunks only; an odd c dots the one before it,
+      // <S_c, R> = a_c <S_(c-1), R> + <L_c, R> (a_c: the chunk's total gate, applied once the chunk's tile
+      // is read below; the <L_c, R> term is WG1's, from dv's state term).
+      const int c = nch - 1 - ci;
+      float part = 0.f;
       if constexpr (DG && RMB >= 0) {
-        if (crow) {  // <S, R> at this chunk's end (R: the gradient there), over this warpgroup's rows
-          const int c = nch - 1 - ci;
-          float part = 0.f;
-          if (c >= 1) {  // the next chunk's words into L2 now: they are read at once, one chunk from now
-            const uint4* nx = crow + (size_t)(gc0 + c - 1) * kChunkWords + (threadIdx.x & 127);
+        if (crow) {
+          if (c >= 1) {  // the words chunk c - 1 reads into L2 now: they are read one chunk from now
+            const uint4* nx = crow + (size_t)((c - 1) >> 1) * kChunkWords + (threadIdx.x & 127);
 #pragma unroll
             for (int w = 0; w < NE * 4; ++w) mma::prefetch_l2(nx + (RMB * NE * 4 + w) * 128);
           }
           if (c + 1 < nch) {
-            const uint4* src = crow + (size_t)(gc0 + c) * kChunkWords + (threadIdx.x & 127);
+            const uint4* src = crow + (size_t)(c >> 1) * kChunkWords + (threadIdx.x & 127);
 #pragma unroll
             for (int nb = 0; nb < NE; ++nb)
 #pragma unroll
@@ -469,16 +477,24 @@ __global__ void __launch_bounds__(kThreads, MINB)
               for (int i = 0; i < 32; ++i) part += s[i] * R[nb][i];
             }
           }  // (the row's last chunk: no gradient after it; chunk_T stays 0)
-#pragma unroll
-          for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-          if (lane == 0 && part != 0.f) atomicAdd(a.chunk_T + (size_t)bh * nct + gc0 + c, part);
         }
       }
+      // chunk c's <L_c, R> (WG1, odd c with a kept state before it)
+      const bool lterm = DG && W == 1 && crow && (c & 1) && c + 1 < nch;
+      (void)lterm;
       tma::wait(barB + 8u * (uint32_t)(ci & 1), (uint32_t)(ci >> 1) & 1u);
       wg::fence_async_smem();
       block_sync();
       const auto view = wg::ChunkView<GM>::at(Gp, tile(ci));
       if (threadIdx.x == 0 && ci + 1 < nch) issue_B(ci + 1);
+      if constexpr (DG && RMB >= 0) {
+        if (crow) {
+          if ((c & 1) && c + 1 < nch) part *= view.pre(len - 1);  // a_c <S_(c-1), R>
+#pragma unroll
+          for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+          if (lane == 0 && part != 0.f) atomicAdd(a.chunk_T + (size_t)bh * nct + gc0 + c, part);
+        }
+      }
       float acc[NOUT][32], P[32];
 #pragma unroll
       for (int nb = 0; nb < NOUT; ++nb) wg::zero_acc(acc[nb]);
@@ -530,6 +546,16 @@ __global__ void __launch_bounds__(kThreads, MINB)
         for (int nb = 0; nb < NOUT; ++nb) wg::scale_rows(acc[nb], ws0, ws1);
       }
       if constexpr (RMB >= 0) wg::scale_state(R, view.pre(len - 1));
+      if constexpr (DG && W == 1) {
+        if (lterm) {  // <L_c, R> = sum_s v[s] . (diag(suf) K R_b)[s], acc's rows before P dO is added
+          float d0, d1;
+          wg::row_dots<T, NOUT>(acc, sm + (st - base) + SM::V, r0, d0, d1);
+          float lp = tc == 0 ? d0 + d1 : 0.f;
+#pragma unroll
+          for (int o = 16; o > 0; o >>= 1) lp += __shfl_xor_sync(0xffffffffu, lp, o);
+          if (lane == 0 && lp != 0.f) atomicAdd(a.chunk_T + (size_t)bh * nct + gc0 + c, lp);
+        }
+      }
 #pragma unroll
       for (int nb = 0; nb < NOUT; ++nb) wg::fence_regs(acc[nb]);
       wg::fence();

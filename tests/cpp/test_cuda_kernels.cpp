@@ -687,6 +687,14 @@ TEST(CudaKernelsApi, SegmentSplitModel) {
   EXPECT_EQ(segments_for(160, 132, 256, true), 4);
   EXPECT_EQ(segments_for(128, 132, 128, true), 1);
   EXPECT_EQ(segments_for(16, 132, 1024, true), 8);
+  // ... and 160 in 8 where the forward kept 8 segments' states (GVA: the forward's split), not where it
+  // kept another count or none; a kept count never moves the forward's choice (kept = 0 there) or the
+  // whole-waves rule
+  EXPECT_EQ(segments_for(160, 132, 256, true, 8), 8);
+  EXPECT_EQ(segments_for(160, 132, 256, true, 6), 4);
+  EXPECT_EQ(segments_for(160, 132, 256, true, 1), 4);
+  EXPECT_EQ(segments_for(128, 132, 128, true, 2), 1);
+  EXPECT_EQ(segments_for(160, 264, 256, false, 8), 1);
   // the whole-waves rule: floor(slots / blocks) where the slots hold the blocks ...
   EXPECT_EQ(segments_for(160, 264, 256, false), 1);
   EXPECT_EQ(segments_for(96, 264, 256, false), 2);
