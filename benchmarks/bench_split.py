@@ -9,6 +9,7 @@ per shape and setting the median over rounds of bench_kernels' forward and forwa
   auto          the plan's choice for both directions
   fwd=S         the forward forced to S segments, the backward at the plan's choice
   bwd=S         the backward forced to S segments, the forward at the plan's choice
+  both=S        both forced to S segments (the backward then takes the forward's kept segment states)
 
     python3 benchmarks/bench_split.py --gates --shapes 2x24x16384x128 --fwd 1,2,8 --bwd 2,8 --rounds 2
 
@@ -27,11 +28,13 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def settings(fwd, bwd):
-    """[(name, env)] in the order run: auto first, then each forced forward count, then each backward one."""
+def settings(fwd, bwd, both=()):
+    """[(name, env)] in the order run: auto first, then each forced forward count, each backward one, and
+    each count forced on both."""
     out = [("auto", {})]
     out += [(f"fwd={s}", {"LASP_FWD_SEGMENTS": str(s)}) for s in fwd]
     out += [(f"bwd={s}", {"LASP_BWD_SEGMENTS": str(s)}) for s in bwd]
+    out += [(f"both={s}", {"LASP_FWD_SEGMENTS": str(s), "LASP_BWD_SEGMENTS": str(s)}) for s in both]
     return out
 
 
@@ -83,6 +86,7 @@ def main(argv=None, run=subprocess.run):
     ap.add_argument("--shapes", required=True, help="BxHxNxD[xE], comma-separated")
     ap.add_argument("--fwd", default="", help="forward segment counts to force, e.g. 1,2,8")
     ap.add_argument("--bwd", default="", help="backward segment counts to force, e.g. 1,2,8")
+    ap.add_argument("--both", default="", help="segment counts to force on both directions, e.g. 8,16")
     ap.add_argument("--gates", action="store_true", help="per-token gates (bench_kernels.py --gates)")
     ap.add_argument("--qk-heads", type=int, default=0, help="q / k heads (GVA), as bench_kernels.py")
     ap.add_argument("--reps", type=int, default=20, help="bench_kernels.py --reps")
@@ -90,7 +94,7 @@ def main(argv=None, run=subprocess.run):
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     try:
-        todo = settings(counts(args.fwd, "--fwd"), counts(args.bwd, "--bwd"))
+        todo = settings(counts(args.fwd, "--fwd"), counts(args.bwd, "--bwd"), counts(args.both, "--both"))
     except ValueError as e:
         ap.error(str(e))
     if args.rounds < 1 or args.reps < 1:

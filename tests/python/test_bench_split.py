@@ -18,6 +18,8 @@ def test_settings_and_counts():
     assert bench_split.settings([1, 8], [2]) == [
         ("auto", {}), ("fwd=1", {"LASP_FWD_SEGMENTS": "1"}), ("fwd=8", {"LASP_FWD_SEGMENTS": "8"}),
         ("bwd=2", {"LASP_BWD_SEGMENTS": "2"})]
+    assert bench_split.settings([], [], [16]) == [
+        ("auto", {}), ("both=16", {"LASP_FWD_SEGMENTS": "16", "LASP_BWD_SEGMENTS": "16"})]
     assert bench_split.counts("1, 2,8", "--fwd") == [1, 2, 8]
     assert bench_split.counts("", "--fwd") == []
     for bad in ("0", "a", "2,-1", ","):
@@ -42,23 +44,25 @@ def test_runs_one_process_per_setting_and_takes_medians(tmp_path):
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     js = tmp_path / "split.json"
-    rows = bench_split.main(["--shapes", "2x3x256x64", "--fwd", "1,8", "--bwd", "2", "--gates", "--qk-heads", "1",
-                             "--rounds", "3", "--reps", "5", "--json", str(js)], run=fake_run)
-    assert len(calls) == 12  # 3 rounds x 4 settings, alternating
-    assert [c[1] for c in calls[:4]] == [
+    rows = bench_split.main(["--shapes", "2x3x256x64", "--fwd", "1,8", "--bwd", "2", "--both", "3", "--gates",
+                             "--qk-heads", "1", "--rounds", "3", "--reps", "5", "--json", str(js)], run=fake_run)
+    assert len(calls) == 15  # 3 rounds x 5 settings, alternating
+    assert [c[1] for c in calls[:5]] == [
         {"LASP_FWD_SEGMENTS": None, "LASP_BWD_SEGMENTS": None}, {"LASP_FWD_SEGMENTS": "1", "LASP_BWD_SEGMENTS": None},
-        {"LASP_FWD_SEGMENTS": "8", "LASP_BWD_SEGMENTS": None}, {"LASP_FWD_SEGMENTS": None, "LASP_BWD_SEGMENTS": "2"}]
+        {"LASP_FWD_SEGMENTS": "8", "LASP_BWD_SEGMENTS": None}, {"LASP_FWD_SEGMENTS": None, "LASP_BWD_SEGMENTS": "2"},
+        {"LASP_FWD_SEGMENTS": "3", "LASP_BWD_SEGMENTS": "3"}]
     cmd = calls[0][0]
     assert "--gates" in cmd and cmd[cmd.index("--qk-heads") + 1] == "1" and cmd[cmd.index("--reps") + 1] == "5"
     assert cmd[cmd.index("--impls") + 1] == "lasp" and cmd[cmd.index("--shapes") + 1] == "2x3x256x64"
     by = {r["setting"]: r for r in rows}
-    # the median over the rounds (calls 2, 6, 10 for fwd=1): 1 + 0.6
-    assert by["fwd=1"]["fwd"] == pytest.approx(1.6) and by["fwd=1"]["fwd+bwd"] == pytest.approx(5.6)
-    assert by["bwd=2"]["fwd+bwd"] == pytest.approx(4 + 2 + 0.8)
+    # the median over the rounds (calls 2, 7, 12 for fwd=1): 1 + 0.7
+    assert by["fwd=1"]["fwd"] == pytest.approx(1.7) and by["fwd=1"]["fwd+bwd"] == pytest.approx(5.7)
+    assert by["bwd=2"]["fwd+bwd"] == pytest.approx(4 + 2 + 0.9)
+    assert by["both=3"]["fwd+bwd"] == pytest.approx(3 + 3 + 1.0)
     assert by["auto"]["rounds"] == 3
     d = json.loads(js.read_text())
     assert d["info"]["gpu"] == "stand-in" and d["info"]["rounds"] == 3 and d["info"]["gates"] is True
-    assert len(d["runs"]) == 12 and len(d["rows"]) == 4
+    assert len(d["runs"]) == 15 and len(d["rows"]) == 5
 
 
 def test_a_failed_process_raises(tmp_path):
