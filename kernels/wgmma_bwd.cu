@@ -479,9 +479,6 @@ __global__ void __launch_bounds__(kThreads, MINB)
           }  // (the row's last chunk: no gradient after it; chunk_T stays 0)
         }
       }
-      // chunk c's <L_c, R> (WG1, odd c with a kept state before it)
-      const bool lterm = DG && W == 1 && crow && (c & 1) && c + 1 < nch;
-      (void)lterm;
       tma::wait(barB + 8u * (uint32_t)(ci & 1), (uint32_t)(ci >> 1) & 1u);
       wg::fence_async_smem();
       block_sync();
@@ -546,8 +543,8 @@ __global__ void __launch_bounds__(kThreads, MINB)
         for (int nb = 0; nb < NOUT; ++nb) wg::scale_rows(acc[nb], ws0, ws1);
       }
       if constexpr (RMB >= 0) wg::scale_state(R, view.pre(len - 1));
-      if constexpr (DG && W == 1) {
-        if (lterm) {  // <L_c, R> = sum_s v[s] . (diag(suf) K R_b)[s], acc's rows before P dO is added
+      if constexpr (DG && W == 1) {  // an odd chunk's <L_c, R> (its <S_c, R> reads the kept state before it)
+        if (crow && (c & 1) && c + 1 < nch) {  // = sum_s v[s] . (diag(suf) K R_b)[s], before P dO is added
           float d0, d1;
           wg::row_dots<T, NOUT>(acc, sm + (st - base) + SM::V, r0, d0, d1);
           float lp = tc == 0 ? d0 + d1 : 0.f;
