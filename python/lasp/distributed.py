@@ -380,7 +380,11 @@ def check_cu_seqlens(cu_seqlens, total: Optional[int], fn: str = "check_cu_seqle
     document has at least one token). Each violation raises a ValueError / TypeError naming ``cu_seqlens``.
     ``total`` None: any last offset. ``fn``: the function named in the errors (``lasp.distributed.fn``, or
     ``fn`` itself where it has a dot)."""
-    where = fn if "." in fn else f"lasp.distributed.{fn}"
+    return _check_cu_seqlens(cu_seqlens, total, fn if "." in fn else f"lasp.distributed.{fn}")
+
+
+def _check_cu_seqlens(cu_seqlens, total: Optional[int], where: str) -> torch.Tensor:
+    """check_cu_seqlens with the errors' prefix ``where`` as given (the ops name themselves)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{where}: cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -494,8 +498,9 @@ class _Offsets:
 _OFFSETS = None
 
 
-def _checked_offsets(cu_seqlens, fn: str) -> _Offsets:
-    """check_cu_seqlens(cu_seqlens, None, fn) once per tensor and version (its errors unchanged)."""
+def _checked_offsets(cu_seqlens, where: str) -> _Offsets:
+    """The checks of check_cu_seqlens(cu_seqlens, None) once per tensor and version, their errors starting
+    with ``where`` (the op's own name: "lasp_attention", "lasp.gated_delta_attention")."""
     global _OFFSETS
     version = None
     if isinstance(cu_seqlens, torch.Tensor) and not torch.compiler.is_compiling():
@@ -511,7 +516,7 @@ def _checked_offsets(cu_seqlens, fn: str) -> _Offsets:
         hit = _OFFSETS.get(cu_seqlens)
         if hit is not None and hit.version == version:
             return hit
-    entry = _Offsets(-1 if version is None else version, check_cu_seqlens(cu_seqlens, None, fn))
+    entry = _Offsets(-1 if version is None else version, _check_cu_seqlens(cu_seqlens, None, where))
     if version is not None:
         _OFFSETS[cu_seqlens] = entry
     return entry

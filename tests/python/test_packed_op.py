@@ -137,13 +137,13 @@ def test_packed_bad_calls(lasp):
     with pytest.raises(ValueError, match="cu_seqlens needs one packed row .batch size 1."):
         q2 = torch.randn(2, 2, 10, 4, dtype=F64)
         lasp.lasp_attention(q2, q2, q2, cu_seqlens=good)
-    with pytest.raises(ValueError, match="cu_seqlens must be strictly increasing"):
+    with pytest.raises(ValueError, match="^lasp_attention: cu_seqlens must be strictly increasing"):
         lasp.lasp_attention(q, k, v, cu_seqlens=torch.tensor([0, 6, 4, 10]))
     with pytest.raises(ValueError, match=r"last offset of cu_seqlens \(9\) must equal the packed length"):
         lasp.lasp_attention(q, k, v, cu_seqlens=torch.tensor([0, 4, 9]))
-    with pytest.raises(TypeError, match="cu_seqlens must be int32 or int64"):
+    with pytest.raises(TypeError, match="^lasp_attention: cu_seqlens must be int32 or int64"):
         lasp.lasp_attention(q, k, v, cu_seqlens=torch.tensor([0.0, 4.0, 10.0]))
-    with pytest.raises(ValueError, match="cu_seqlens must start at 0"):
+    with pytest.raises(ValueError, match="^lasp_attention: cu_seqlens must start at 0"):
         lasp.lasp_attention(q, k, v, cu_seqlens=torch.tensor([1, 4, 10]))
     with pytest.raises(ValueError, match=r"initial_state must have shape \(num_docs, H, D, E\) = \(2, 2, 4, 4\)"):
         lasp.lasp_attention(q, k, v, cu_seqlens=good, initial_state=torch.zeros(1, 2, 4, 4, dtype=F64))
@@ -165,8 +165,8 @@ def test_packed_offsets_checked_once_per_tensor_version(lasp, monkeypatch):
     import lasp.distributed as ld
 
     calls = []
-    real = ld.check_cu_seqlens
-    monkeypatch.setattr(ld, "check_cu_seqlens", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = ld._check_cu_seqlens
+    monkeypatch.setattr(ld, "_check_cu_seqlens", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     q, k, v, _, decay, do = _problem(3, 10, 2, 2, 2, 4, 4, None, "bhnd")
     cu = torch.tensor([0, 4, 10])
     ref = _per_document(lasp, q, k, v, None, decay, do, "bhnd", cu)["o"]
