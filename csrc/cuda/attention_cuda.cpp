@@ -35,7 +35,7 @@ const char* dtype_name(ScalarType t) {
 
 void check_supported(const AttnParams& p) {
   TORCH_CHECK_VALUE(cuda::supports(p), "lasp_attention: the CUDA kernels do not support ", dtype_name(p.dtype),
-                    " inputs with head dims D=", p.D, ", E=", p.E, " (supported: float32, float16, bfloat16; D, E <= 256)");
+                    " inputs with head dims D=", p.D, ", E=", p.E, " (supported: float32, float16, bfloat16, float64; D, E <= 256)");
 }
 
 // The call's plan (cuda::plan_call, made once) and the scratch memory it needs on the current device,
