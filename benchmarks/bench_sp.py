@@ -23,8 +23,7 @@ an all-reduce behind a sleep kernel (so host skew does not count), the slowest r
 the single-GPU op on the whole sequence.
 
 --gates: per-token log gates g = logsigmoid(x) / 16 ((B, tokens, H), fp32, with their gradient) on top of the
-decay, for the methods that take them (ring, allgather, scan: the peer transport and the two baselines do
-not).
+decay, for the methods that take them (ring, ring-peer, allgather, scan: the two baselines do not).
 --delta: the gated delta rule instead, lasp.gated_delta_attention(q, k, v, g, beta, use_qk_l2norm=True) with
 g as for --gates (no decay) and beta = sigmoid(x) ((B, tokens, H), fp32, with gradients), for the methods that
 take it (ring, ring-peer, allgather, scan); its weak-scaling target is 90% at W = 4 with 16K tokens per rank.

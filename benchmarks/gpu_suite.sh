@@ -377,7 +377,7 @@ part_delta() {
 part_split() {
   local bs=(python3 benchmarks/bench_split.py --rounds "${SPLIT_ROUNDS:-1}")
   step split-gva "${SPLIT_S:-150}" "$RESULTS/split_gva.log" "${bs[@]}" --gates --qk-heads 1 \
-    --shapes 2x80x16384x128x64 --fwd 1,3,8,16 --bwd 4,8 --json "$RESULTS/split_gva.json"
+    --shapes 2x80x16384x128x64 --fwd 1,3,8,16 --bwd 4,8 --both 16 --json "$RESULTS/split_gva.json"
   step split-gates "${SPLIT_S:-150}" "$RESULTS/split_gates.log" "${bs[@]}" --gates \
     --shapes 2x24x16384x128,1x80x16384x128x64 --bwd 1,2,4,8 --json "$RESULTS/split_gates.json"
   step split-dense "${SPLIT_S:-150}" "$RESULTS/split_dense.log" "${bs[@]}" \
