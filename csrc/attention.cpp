@@ -329,8 +329,12 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::
                       "), got ", d.device());
     if (check_values && get_value_checks() && d.numel() > 0 && !known_valid_decay(d)) {
       // (a NaN rate is not an error: like other non-finite inputs it propagates, to its own head)
-      TORCH_CHECK_VALUE(!(d < 0).any().item<bool>(),
-                        "lasp_attention: decay must hold rates >= 0 (gamma = exp(-decay) <= 1), got ", d);
+      const at::Tensor neg = (d < 0).nonzero();
+      if (neg.size(0) > 0) {  // the first negative rate, by head
+        const int64_t h0 = neg[0][0].item<int64_t>();
+        TORCH_CHECK_VALUE(false, "lasp_attention: decay must hold rates >= 0 (gamma = exp(-decay) <= 1), got decay[",
+                          h0, "] = ", d[h0].item<double>());
+      }
       remember_valid_decay(d);
     }
   }

@@ -169,6 +169,8 @@ def lasp_attention(
         if q.dim() < 1 or q.shape[-1] == 0:
             raise ValueError(f"lasp_attention: q must have a head dim of at least 1, got shape {tuple(q.shape)}")
         scale = q.shape[-1] ** -0.5
+    else:
+        scale = _real_scale("lasp_attention", scale)
     from .distributed import _resolve_strategy
 
     strategy = _resolve_strategy("lasp_attention", strategy, group, q, v, gates=g is not None or cu_seqlens is not None,
@@ -207,6 +209,14 @@ def _document_gates(q, v, g, cu_seqlens, group, has_initial, wants_final):
 
 def _acc_dtype(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _real_scale(fn: str, scale) -> float:
+    """``scale`` as a float, or a TypeError that names it (checked before any rank talks to another)."""
+    try:
+        return float(scale)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{fn}: scale must be a real number or None, got {scale!r}") from None
 
 
 def _check_states_call(q, k, v, decay, g, scale, strategy, initial_state, num_docs):

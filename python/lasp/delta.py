@@ -325,6 +325,10 @@ def gated_delta_attention(
     try:
         q, k, v, g, beta, values_read = _checked(fn, q, k, v, g, beta, layout, strategy,
                                                  initial_state if cu_seqlens is None else None, name is not None)
+        if scale is not None:
+            from ._ops import _real_scale
+
+            scale = _real_scale(fn, scale)
         local_err = None
     except (TypeError, ValueError) as e:
         local_err = e

@@ -423,6 +423,8 @@ def test_bad_inputs_name_the_argument(lasp):
                                    initial_state=torch.zeros(1, 2, 4, 4))
     with pytest.raises(TypeError, match="beta must be a floating-point tensor"):
         lasp.gated_delta_attention(q, q, q, g, torch.ones(1, 2, 10, dtype=torch.int64))
+    with pytest.raises(TypeError, match=r"^lasp.gated_delta_attention: scale must be a real number or None, got 'a'"):
+        lasp.gated_delta_attention(q, q, q, g, beta, scale="a")
 
 
 CUDA_SHAPES = [

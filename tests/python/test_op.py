@@ -640,7 +640,7 @@ def _bad_cases():
     add("heads_not_divisible", r"\b(k|Hkv|heads?)\b", lambda q, k, v: ((q, torch.cat([k, k[:, :1]], 1), torch.cat([v, v[:, :1]], 1)), {}))
     add("decay_shape", r"\bdecay\b", lambda q, k, v: ((q, k, v, torch.full((5,), 0.1)), {}))
     add("decay_2d", r"\bdecay\b", lambda q, k, v: ((q, k, v, torch.full((2, 4), 0.1)), {}))
-    add("decay_negative", r"\bdecay\b", lambda q, k, v: ((q, k, v, torch.tensor([0.1, -0.2, 0.3, 0.0])), {}))
+    add("decay_negative", r"\bdecay\[1\] = -0\.2\b", lambda q, k, v: ((q, k, v, torch.tensor([0.1, -0.2, 0.3, 0.0])), {}))
     add("decay_int", r"\bdecay\b", lambda q, k, v: ((q, k, v, torch.ones(4, dtype=torch.int64)), {}))
     add("decay_requires_grad", r"\bdecay\b", lambda q, k, v: ((q, k, v, torch.full((4,), 0.1, requires_grad=True)), {}))
     add("int_dtype", r"\b(q|dtype)\b", lambda q, k, v: ((q.to(torch.int32), k.to(torch.int32), v.to(torch.int32)), {}))
@@ -652,6 +652,8 @@ def _bad_cases():
     add("state_dtype_double", r"\binitial_state\b", lambda q, k, v: ((q, k, v), {"initial_state": torch.zeros(2, 4, 8, 6, dtype=torch.float64)}))
     add("state_dtype_for_bf16", r"\binitial_state\b", lambda q, k, v: ((q.bfloat16(), k.bfloat16(), v.bfloat16()), {"initial_state": torch.zeros(2, 4, 8, 6, dtype=torch.bfloat16)}))
     add("layout_unknown", r"\blayout\b", lambda q, k, v: ((q, k, v), {"layout": "bnd"}))
+    add("scale_str", r"\bscale\b", lambda q, k, v: ((q, k, v), {"scale": "a"}))
+    add("scale_tensor", r"\bscale\b", lambda q, k, v: ((q, k, v), {"scale": torch.ones(2)}))
     add("layout_bnhd_mismatch", r"\b(k|v)\b", lambda q, k, v: ((q, k, v), {"layout": "bnhd"}))
     return cases
 
