@@ -144,6 +144,9 @@ def lasp_attention(
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"lasp_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("decay", decay), ("initial_state", initial_state)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"lasp_attention: {name} must be a torch.Tensor or None, got {type(t).__name__}")
     if layout == "bnhd":
         for name, t in (("q", q), ("k", k), ("v", v)):
             if t.dim() != 4:

@@ -425,6 +425,10 @@ def test_bad_inputs_name_the_argument(lasp):
         lasp.gated_delta_attention(q, q, q, g, torch.ones(1, 2, 10, dtype=torch.int64))
     with pytest.raises(TypeError, match=r"^lasp.gated_delta_attention: scale must be a real number or None, got 'a'"):
         lasp.gated_delta_attention(q, q, q, g, beta, scale="a")
+    with pytest.raises(ValueError, match=r"^lasp.gated_delta_attention: q must have a head dim of at least 1"):
+        lasp.gated_delta_attention(q[..., :0], q[..., :0], q, g, beta)
+    with pytest.raises(ValueError, match=r"^lasp.gated_delta_attention: v must have a head dim of at least 1"):
+        lasp.gated_delta_attention(q, q, q[..., :0], g, beta)
 
 
 CUDA_SHAPES = [

@@ -653,6 +653,8 @@ def _bad_cases():
     add("state_dtype_for_bf16", r"\binitial_state\b", lambda q, k, v: ((q.bfloat16(), k.bfloat16(), v.bfloat16()), {"initial_state": torch.zeros(2, 4, 8, 6, dtype=torch.bfloat16)}))
     add("layout_unknown", r"\blayout\b", lambda q, k, v: ((q, k, v), {"layout": "bnd"}))
     add("scale_str", r"\bscale\b", lambda q, k, v: ((q, k, v), {"scale": "a"}))
+    add("decay_list", r"\bdecay\b", lambda q, k, v: ((q, k, v, [0.1, 0.2, 0.3, 0.4]), {}))
+    add("state_list", r"\binitial_state\b", lambda q, k, v: ((q, k, v), {"initial_state": [0.0]}))
     add("scale_tensor", r"\bscale\b", lambda q, k, v: ((q, k, v), {"scale": torch.ones(2)}))
     add("layout_bnhd_mismatch", r"\b(k|v)\b", lambda q, k, v: ((q, k, v), {"layout": "bnhd"}))
     return cases
