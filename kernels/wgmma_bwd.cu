@@ -419,6 +419,12 @@ __global__ void __launch_bounds__(kThreads, MINB)
   if (VIEW && threadIdx.x < 32 && nch > 0) load_gates(n0 + (nch - 1) * kC);
   // dk / dv: per output head into the workspace (shared k / v heads), else the k / v head
   const int hk = a.dk_per_head ? h : kh, hv = a.dv_per_head ? h : vh;
+  // DG: a warp's terms of <S_c, R> added into chunk c's sum (chunk_T)
+  auto add_chunk_T = [&](int c, float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    if (lane == 0 && x != 0.f) atomicAdd(a.chunk_T + (size_t)bh * nct + gc0 + c, x);
+  };
   auto loop_B = [&](auto role) {
     constexpr int W = decltype(role)::value;
     // WG0: dk (N = D) from V (A), R_b^T, V dO^T, Q;  WG1: dv (N = E) from K (A), R_b, K Q^T, dO.
@@ -487,9 +493,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
       if constexpr (DG && RMB >= 0) {
         if (crow) {
           if ((c & 1) && c + 1 < nch) part *= view.pre(len - 1);  // a_c <S_(c-1), R>
-#pragma unroll
-          for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-          if (lane == 0 && part != 0.f) atomicAdd(a.chunk_T + (size_t)bh * nct + gc0 + c, part);
+          add_chunk_T(c, part);
         }
       }
       float acc[NOUT][32], P[32];
@@ -547,10 +551,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
         if (crow && (c & 1) && c + 1 < nch) {  // = sum_s v[s] . (diag(suf) K R_b)[s], before P dO is added
           float d0, d1;
           wg::row_dots<T, NOUT>(acc, sm + (st - base) + SM::V, r0, d0, d1);
-          float lp = tc == 0 ? d0 + d1 : 0.f;
-#pragma unroll
-          for (int o = 16; o > 0; o >>= 1) lp += __shfl_xor_sync(0xffffffffu, lp, o);
-          if (lane == 0 && lp != 0.f) atomicAdd(a.chunk_T + (size_t)bh * nct + gc0 + c, lp);
+          add_chunk_T(c, tc == 0 ? d0 + d1 : 0.f);
         }
       }
 #pragma unroll

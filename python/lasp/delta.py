@@ -70,9 +70,9 @@ def _checked(fn, q, k, v, g, beta, layout, strategy, initial_state, check_values
         q, k, v, g, beta = (t.transpose(1, 2) for t in (q, k, v, g, beta))
     B, Hq, N, D = q.shape
     Hk, Hv, E = k.shape[1], v.shape[1], v.shape[3]
-    for name, x in (("q", D), ("v", E)):
-        if x < 1:
-            raise ValueError(f"{fn}: {name} must have a head dim of at least 1, got shape {tuple(q.shape if name == 'q' else v.shape)}")
+    for name, t in (("q", q), ("v", v)):
+        if t.shape[3] < 1:
+            raise ValueError(f"{fn}: {name} must have a head dim of at least 1, got shape {tuple(t.shape)}")
     H = max(Hq, Hv)
     for name, h in (("q", Hq), ("k", Hk), ("v", Hv)):
         if h < 1 or H % h:
