@@ -316,11 +316,11 @@ def gated_delta_attention(
     Computed by the ops of csrc/delta.cpp (float32 inside for 16-bit inputs; chunks of 64). On one device
     (no group) it is torch.ops.lasp.gated_delta_attention, which torch.compile traces whole.
     """
+    from ._ops import _group_name, _real_scale
+
     fn = "lasp.gated_delta_attention"
     name = None
     if group is not None:
-        from ._ops import _group_name
-
         name = _group_name(group)  # None: a group of one rank
     # Checks that need no other rank first; under a group their outcome travels with the call's
     # description, so that every rank raises alike (no rank waits for one that has raised).
@@ -329,8 +329,6 @@ def gated_delta_attention(
         q, k, v, g, beta, values_read = _checked(fn, q, k, v, g, beta, layout, strategy,
                                                  initial_state if cu_seqlens is None else None, name is not None)
         if scale is not None:
-            from ._ops import _real_scale
-
             scale = _real_scale(fn, scale)
         local_err = None
     except (TypeError, ValueError) as e:
